@@ -1,0 +1,99 @@
+"""Published claims: `results/published/<paper>.yaml`, one entry per headline number of a paper."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+COMPARE_KINDS = ("ratio", "absolute", "peak_fraction")
+AGGREGATES = ("mean", "geomean", "max", "min", "last")
+SCALES = ("smoke", "small", "paper")
+
+
+@dataclass(frozen=True)
+class Compare:
+    kind: str
+    metric: str
+    providers: tuple[str, ...]
+    where: dict[str, Any] = field(default_factory=dict)
+    aggregate: str = "mean"
+    tolerance: float = 0.1
+    comparable_at: tuple[str, ...] = ("small", "paper")
+
+
+@dataclass(frozen=True)
+class Claim:
+    paper: str
+    id: str
+    claim: str
+    value: float
+    unit: str
+    higher_is_better: bool
+    hardware: str
+    setting: str
+    source: str
+    verified: bool
+    task: str
+    compare: Compare
+    note: str = ""
+
+
+_CLAIM_KEYS = {"id", "claim", "value", "unit", "higher_is_better", "hardware", "setting", "source", "verified",
+               "task", "compare", "note"}
+_COMPARE_KEYS = {"kind", "metric", "providers", "where", "aggregate", "tolerance", "comparable_at"}
+
+
+def _check_keys(where: str, data: dict, allowed: set, required: set) -> None:
+    unknown, missing = set(data) - allowed, required - set(data)
+    if unknown or missing:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; missing keys {sorted(missing)}"
+                         f" (allowed: {sorted(allowed)})")
+
+
+def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
+    _check_keys(where, raw, _CLAIM_KEYS, _CLAIM_KEYS - {"note"})
+    cmp = dict(raw["compare"])
+    _check_keys(f"{where}.compare", cmp, _COMPARE_KEYS, {"kind", "metric", "providers"})
+    if cmp["kind"] not in COMPARE_KINDS:
+        raise ValueError(f"{where}.compare.kind={cmp['kind']!r} is not one of {COMPARE_KINDS}")
+    if cmp.get("aggregate", "mean") not in AGGREGATES:
+        raise ValueError(f"{where}.compare.aggregate={cmp['aggregate']!r} is not one of {AGGREGATES}")
+    bad_scales = set(cmp.get("comparable_at", ())) - set(SCALES)
+    if bad_scales:
+        raise ValueError(f"{where}.compare.comparable_at has {sorted(bad_scales)}; scales are {SCALES}")
+    if not isinstance(raw["value"], (int, float)) or isinstance(raw["value"], bool):
+        raise ValueError(f"{where}.value={raw['value']!r} is not a number")
+    for key in ("providers", "comparable_at"):
+        if key in cmp:
+            cmp[key] = tuple([cmp[key]] if isinstance(cmp[key], str) else cmp[key])
+    return Claim(paper=paper, **{**raw, "value": float(raw["value"]), "compare": Compare(**cmp)})
+
+
+def load_paper(path: Path) -> tuple[str, dict[str, Any], list[Claim]]:
+    """One paper's file: its name, its header (title, source) and its claims."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or data.get("paper") != path.stem:
+        raise ValueError(f"{path}: top-level key 'paper' must equal the file name {path.stem!r}")
+    header = {k: v for k, v in data.items() if k != "claims"}
+    claims = [_parse_claim(path.stem, f"{path.name}: claims[{i}]", raw) for i, raw in enumerate(data["claims"])]
+    ids = [c.id for c in claims]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: duplicate claim ids {duplicates}")
+    return path.stem, header, claims
+
+
+def load_published(root: Path) -> dict[str, tuple[dict[str, Any], list[Claim]]]:
+    """All papers under `root`, by paper name: (header, claims)."""
+    papers = {}
+    for path in sorted(Path(root).glob("*.yaml")):
+        name, header, claims = load_paper(path)
+        papers[name] = (header, claims)
+    return papers
+
+
+def claims_for_task(published: dict, task: str) -> list[Claim]:
+    return [c for _, claims in published.values() for c in claims if c.task == task]

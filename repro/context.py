@@ -1,0 +1,114 @@
+"""What a job knows about where it runs: device, seed, environment, output folder."""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """Bad input from the user, reported as one clear line and a non-zero exit."""
+
+
+@dataclass
+class RunContext:
+    device: torch.device
+    scale: str
+    seed: int
+    output_dir: Path
+    env: dict[str, Any]
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def capture_environment() -> dict[str, Any]:
+    import triton
+
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    env: dict[str, Any] = {
+        "git_sha": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "gpu_name": None,
+        "gpu_count": 0,
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "time": utc_now(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            gpu_name=props.name,
+            gpu_count=torch.cuda.device_count(),
+            gpu_memory_gb=round(props.total_memory / 2**30, 1),
+            gpu_sm_count=props.multi_processor_count,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    return env
+
+
+def resolve_device(scale_cfg) -> torch.device:
+    """The scale's device; a GPU-only scale on a machine without one fails here, before any work."""
+    wanted = scale_cfg.device
+    if wanted not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"scale.device={wanted!r} is not one of: cpu, cuda, auto")
+    has_gpu = torch.cuda.is_available()
+    if wanted == "cuda" and not has_gpu:
+        raise ConfigError(
+            f"scale={scale_cfg.name} needs a CUDA GPU and this machine has none; "
+            "run scale=smoke here, or launch on a GPU machine"
+        )
+    if wanted == "auto":
+        wanted = "cuda" if has_gpu else "cpu"
+    return torch.device(wanted)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def reset_device_memory(device: torch.device) -> None:
+    """Hydra's default launcher runs every job of a sweep in one process: start each from a clean slate so
+    that peak-memory numbers belong to this job alone."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,127 @@
+"""Run records: one JSON file per job, schema-versioned, written atomically."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+ROW_STATUSES = ("ok", "oom", "unsupported", "error")
+RUN_STATUSES = ("running", "ok", "oom", "error")
+
+
+@dataclass
+class Row:
+    """One measured value, in long format (Liger-Kernel style): one row per provider, point and metric."""
+
+    provider: str
+    x_name: str
+    x_value: Any
+    metric: str
+    unit: str
+    p50: float | None = None
+    p20: float | None = None
+    p80: float | None = None
+    n: int = 0
+    status: str = "ok"
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.status not in ROW_STATUSES:
+            raise ValueError(f"row status {self.status!r} is not one of {ROW_STATUSES}")
+        for name in ("p50", "p20", "p80"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"row {self.provider}/{self.metric}: {name}={value} is not finite")
+
+    def field(self, key: str) -> Any:
+        """A row's value by name, looking in its own fields, then `x_name`, then `extra`."""
+        if key in ("provider", "metric", "unit", "status", "x_name", "x_value"):
+            return getattr(self, key)
+        if key == self.x_name:
+            return self.x_value
+        return self.extra.get(key)
+
+
+@dataclass
+class RunRecord:
+    task: str
+    paper: str
+    scale: str
+    claim_ids: list[str]
+    config: dict[str, Any]
+    overrides: list[str]
+    env: dict[str, Any]
+    started: str
+    finished: str | None = None
+    status: str = "running"
+    error: str | None = None
+    rows: list[Row] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunRecord":
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            found = data.get("schema_version") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not an effrepro run record of schema {SCHEMA_VERSION} (found {found!r})")
+        fields = dict(data)
+        fields["rows"] = [Row(**row) for row in fields.get("rows", [])]
+        try:
+            record = cls(**fields)
+        except TypeError as exc:
+            raise ValueError(f"malformed run record: {exc}") from None
+        if record.status not in RUN_STATUSES:
+            raise ValueError(f"run status {record.status!r} is not one of {RUN_STATUSES}")
+        return record
+
+    @property
+    def gpu_name(self) -> str:
+        return self.env.get("gpu_name") or "cpu"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename: a reader (or a killed run)
+    sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=False, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_record(record: RunRecord, path: Path) -> None:
+    write_json_atomic(path, record.to_json())
+
+
+def load_record(path: Path) -> RunRecord:
+    with open(path) as fh:
+        data = json.load(fh)
+    return RunRecord.from_json(data)
+
+
+def load_records(root: Path) -> tuple[list[tuple[Path, RunRecord]], list[str]]:
+    """All run records under `root`, oldest first, and one message per file that could not be read."""
+    records, problems = [], []
+    for path in sorted(Path(root).rglob("*.json")):
+        try:
+            records.append((path, load_record(path)))
+        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            problems.append(f"skipped {path}: {exc}")
+    records.sort(key=lambda item: item[1].started)
+    return records, problems

@@ -1,0 +1,283 @@
+"""Compare run records with the published claims; write REPORT.md, a CSV of all rows, plots, and the
+README's summary table. `repro-report` rebuilds all of it from the committed records."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .claims import Claim, load_published
+from .context import PROJECT_ROOT
+from .records import RunRecord, load_records
+
+REPRODUCED = "reproduced"
+WITHIN = "within tolerance"
+NOT_REPRODUCED = "not reproduced"
+NOT_COMPARABLE = "not comparable at this scale"
+OTHER_HARDWARE = "not comparable (other hardware)"
+NOT_RUN = "not yet run"
+SCALE_ORDER = {"smoke": 0, "small": 1, "paper": 2}
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, datasheets), for claims stated as a fraction of peak.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0}
+GPU_FAMILIES = ("H200", "H100", "A100", "A10", "V100", "T4", "RTX 3090", "RTX 4090", "MI250", "MI300")
+
+
+@dataclass
+class Outcome:
+    claim: Claim
+    status: str
+    value: float | None = None
+    gpu: str | None = None
+    scale: str | None = None
+    record: Path | None = None
+    detail: str = ""
+
+
+def gpu_family(name: str | None) -> str | None:
+    name = (name or "").upper()
+    return next((f for f in GPU_FAMILIES if f.upper() in name), None)
+
+
+def peak_tflops(gpu_name: str | None) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k.upper() in (gpu_name or "").upper()), None)
+
+
+def _matches(row, where: dict) -> bool:
+    for key, wanted in where.items():
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        if row.field(key) not in allowed:
+            return False
+    return True
+
+
+def _aggregate(values: list[float], how: str) -> float:
+    if how == "geomean":
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+    return {"mean": lambda v: sum(v) / len(v), "max": max, "min": min, "last": lambda v: v[-1]}[how](values)
+
+
+def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str]:
+    """The reproduced value of `claim` in `record`, and which provider and how many points gave it."""
+    cmp = claim.compare
+    rows = [r for r in record.rows if r.metric == cmp.metric and r.status == "ok" and r.p50 is not None
+            and _matches(r, cmp.where)]
+    for provider in cmp.providers:
+        values = [r.p50 for r in rows if r.provider == provider]
+        if values:
+            return _aggregate(values, cmp.aggregate), f"{provider}, {cmp.aggregate} of {len(values)}"
+    return None, f"no rows of {cmp.metric} for {list(cmp.providers)} where {cmp.where}"
+
+
+def judge(claim: Claim, value: float) -> str:
+    published = claim.value
+    better = value >= published if claim.higher_is_better else value <= published
+    if better:
+        return REPRODUCED
+    return WITHIN if abs(value - published) <= claim.compare.tolerance * abs(published) else NOT_REPRODUCED
+
+
+def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
+    """Judge a claim by the best record of its task: a comparable scale first, then the newest."""
+    mine = [(p, r) for p, r in records if r.task == claim.task and r.status == "ok"]
+    if not mine:
+        return Outcome(claim, NOT_RUN)
+    comparable = claim.compare.comparable_at
+    path, record = max(mine, key=lambda pr: (pr[1].scale in comparable, SCALE_ORDER.get(pr[1].scale, -1),
+                                             pr[1].started))
+    value, detail = claim_value(claim, record)
+    out = Outcome(claim, NOT_COMPARABLE, value, record.gpu_name, record.scale, path, detail)
+    if value is None or record.scale not in comparable:
+        return out
+    if claim.compare.kind == "peak_fraction":
+        peak = peak_tflops(record.env.get("gpu_name"))
+        if peak is None:
+            out.detail += "; no known peak for this GPU"
+            return out
+        out.value = value = 100.0 * value / peak
+    if claim.compare.kind == "absolute" and claim.hardware != "n/a" and \
+            gpu_family(claim.hardware) != gpu_family(record.env.get("gpu_name")):
+        out.status = OTHER_HARDWARE
+        return out
+    out.status = judge(claim, value)
+    return out
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    text = f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return f"{text}{unit if unit in ('x', '%') else ' ' + unit if unit else ''}"
+
+
+def claims_table(outcomes: list[Outcome], root: Path = PROJECT_ROOT) -> str:
+    lines = ["| Claim | Published | Published on | Reproduced | Reproduced on | Status |",
+             "|---|---|---|---|---|---|"]
+    for o in outcomes:
+        c = o.claim
+        unverified = "" if c.verified else " (unverified)"
+        where = f"{o.gpu}, {o.scale}" if o.scale else "—"
+        if o.record is not None:
+            try:
+                where += f" ([record]({Path(o.record).resolve().relative_to(root)}))"
+            except ValueError:
+                pass
+        unit = "%" if c.compare.kind == "peak_fraction" else c.unit
+        lines.append(f"| {c.claim} <br><sub>{c.paper}:{c.id}, {c.source}{unverified}</sub> | {_fmt(c.value, c.unit)} "
+                     f"| {c.hardware} | {_fmt(o.value, unit)} | {where} | {o.status} |")
+    return "\n".join(lines)
+
+
+def console_table(outcomes: list[Outcome]) -> str:
+    """A plain table for the terminal, one line per claim."""
+    head = f"{'claim':44} {'published':>12} {'reproduced':>12}  status"
+    lines = [head, "-" * len(head)]
+    for o in outcomes:
+        unit = "%" if o.claim.compare.kind == "peak_fraction" else o.claim.unit
+        lines.append(f"{o.claim.id[:44]:44} {_fmt(o.claim.value, o.claim.unit):>12} {_fmt(o.value, unit):>12}  "
+                     f"{o.status}" + (f" ({o.gpu}, {o.scale})" if o.scale else ""))
+    return "\n".join(lines)
+
+
+def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
+    columns = ["paper", "task", "scale", "gpu_name", "record", "provider", "x_name", "x_value", "metric", "unit",
+               "p50", "p20", "p80", "n", "status", "message", "extra"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    for rec_path, rec in records:
+        for r in rec.rows:
+            writer.writerow([rec.paper, rec.task, rec.scale, rec.gpu_name, rec_path.name, r.provider, r.x_name,
+                             r.x_value, r.metric, r.unit, r.p50, r.p20, r.p80, r.n, r.status, r.message,
+                             json.dumps(r.extra, sort_keys=True)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(buf.getvalue())
+    tmp.replace(path)
+
+
+def plot_record(record: RunRecord, out_dir: Path) -> list[Path]:
+    """One PNG per metric: p50 against x, a line per provider, columns by mode, rows by series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+    import seaborn as sns
+
+    ok = [r for r in record.rows if r.status == "ok" and r.p50 is not None]
+    if not ok:
+        return []
+    df = pd.DataFrame([{"provider": r.provider, "x": r.x_value, "metric": r.metric, "unit": r.unit, "p50": r.p50,
+                        "mode": str(r.extra.get("mode", "")), "series": str(r.extra.get("series", ""))}
+                       for r in ok])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for metric, part in df.groupby("metric"):
+        grid = sns.relplot(data=part, x="x", y="p50", hue="provider", col="mode", row="series", kind="line",
+                           marker="o", height=2.6, aspect=1.3, facet_kws={"sharey": False, "margin_titles": True})
+        grid.set(xscale="log", xlabel=ok[0].x_name, ylabel=f"{metric} ({part['unit'].iloc[0]})")
+        if metric in ("time", "peak_memory"):
+            grid.set(yscale="log")
+        grid.figure.suptitle(f"{record.task} · {metric} · {record.gpu_name} · {record.scale}", y=1.02)
+        path = out_dir / f"{record.task}_{metric}.png"
+        grid.savefig(path, dpi=90, bbox_inches="tight")
+        matplotlib.pyplot.close(grid.figure)
+        paths.append(path)
+    return paths
+
+
+README_START, README_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+
+
+def summary_table(by_paper: dict[str, list[Outcome]]) -> str:
+    statuses = [REPRODUCED, WITHIN, NOT_REPRODUCED, NOT_COMPARABLE, OTHER_HARDWARE, NOT_RUN]
+    lines = ["| Paper | Claims | " + " | ".join(statuses) + " |", "|---" * (len(statuses) + 2) + "|"]
+    for paper, outcomes in by_paper.items():
+        counts = [sum(o.status == s for o in outcomes) for s in statuses]
+        lines.append(f"| {paper} | {len(outcomes)} | " + " | ".join(str(c) for c in counts) + " |")
+    run = [o for outcomes in by_paper.values() for o in outcomes if o.status != NOT_RUN]
+    if run:
+        lines += ["", claims_table(run)]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, table: str) -> bool:
+    text = readme.read_text()
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+    if not pattern.search(text):
+        return False
+    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{table}\n{README_END}", text))
+    return True
+
+
+def build_report(runs: Path, published: Path, out: Path, readme: Path | None) -> tuple[str, list[str]]:
+    papers = load_published(published)
+    records, problems = load_records(runs)
+    by_paper = {name: [evaluate(c, records) for c in claims] for name, (_, claims) in papers.items()}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    parts = [f"# Published vs reproduced\n\nGenerated by `repro-report` on {now} from {len(records)} run "
+             f"record(s) under `{_rel(runs)}`. Ratios are measured against a baseline in the same run; "
+             "absolute numbers are compared only on the same hardware.\n"]
+    for name, outcomes in by_paper.items():
+        header = papers[name][0]
+        parts.append(f"## {header.get('title', name)}\n\n`{name}` · {header.get('source', '')}\n\n"
+                     f"{claims_table(outcomes)}\n")
+    if problems:
+        parts.append("## Skipped files\n\n" + "\n".join(f"- {p}" for p in problems) + "\n")
+    plots = []
+    latest = {}
+    for path, rec in records:
+        if rec.status == "ok" and rec.scale != "smoke":
+            latest[rec.task] = rec
+    for rec in latest.values():
+        plots += plot_record(rec, out / "report" / "plots")
+    if plots:
+        parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}](report/plots/{p.name})" for p in plots) + "\n")
+    report = "\n".join(parts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "REPORT.md.tmp").write_text(report)
+    (out / "REPORT.md.tmp").replace(out / "REPORT.md")
+    write_csv(records, out / "report" / "rows.csv")
+    if readme is not None and not update_readme(readme, summary_table(by_paper)):
+        problems.append(f"{readme} has no {README_START} … {README_END} markers; its table was not updated")
+    return report, problems
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="repro-report", description=__doc__)
+    parser.add_argument("--runs", type=Path, default=PROJECT_ROOT / "results" / "runs",
+                        help="folder of run records (searched recursively)")
+    parser.add_argument("--published", type=Path, default=PROJECT_ROOT / "results" / "published")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results",
+                        help="where REPORT.md, report/rows.csv and report/plots/ go")
+    parser.add_argument("--readme", type=Path, default=PROJECT_ROOT / "README.md",
+                        help="README whose results table is refreshed; --readme '' leaves it alone")
+    args = parser.parse_args(argv)
+    readme = args.readme if str(args.readme) else None
+    try:
+        _, problems = build_report(args.runs, args.published, args.out, readme)
+    except (OSError, ValueError) as exc:
+        print(f"repro-report: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"repro-report: {problem}", file=sys.stderr)
+    print(f"wrote {_rel(args.out / 'REPORT.md')}, {_rel(args.out / 'report' / 'rows.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Weights & Biases, as a copy of what the run records hold: offline unless asked, never blocking a run."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .records import Row
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class NullLogger:
+    run_dir: Path | None = None
+
+    def log_rows(self, rows: list[Row]) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        pass
+
+
+class WandbLogger(NullLogger):
+    def __init__(self, cfg, *, name: str, group: str | None, job_type: str, config: dict[str, Any],
+                 output_dir: Path):
+        if cfg.mode not in WANDB_MODES:
+            raise ValueError(f"logger.mode={cfg.mode!r} is not one of {WANDB_MODES}")
+        # Offline W&B still tries to report its own errors over the network; keep it quiet and local.
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, mode=cfg.mode, name=name, group=group, job_type=job_type,
+            config=config, dir=str(output_dir), reinit="finish_previous",
+            settings=wandb.Settings(init_timeout=cfg.init_timeout_s, start_method="thread"),
+        )
+        self.run_dir = Path(self.run.dir).parent if self.run is not None and cfg.mode != "disabled" else None
+
+    def log_rows(self, rows: list[Row]) -> None:
+        for r in rows:
+            if r.status != "ok" or r.p50 is None:
+                continue
+            series = "/".join(f"{k}={v}" for k, v in sorted(r.extra.items()) if k not in ("clock", "baseline"))
+            self.run.log({f"{r.metric}/{r.provider}/{series}": r.p50, r.x_name: r.x_value})
+
+    def finish(self, status: str) -> None:
+        self.run.summary["status"] = status
+        self.run.finish(exit_code=0 if status == "ok" else 1)
+
+
+def make_logger(cfg, **kwargs) -> NullLogger:
+    """The configured logger; if W&B cannot start (no network for `online`, a broken install), the run goes
+    on without it and says so."""
+    if cfg.name == "none":
+        return NullLogger()
+    if cfg.name != "wandb":
+        raise ValueError(f"logger.name={cfg.name!r} is not one of: wandb, none")
+    try:
+        return WandbLogger(cfg, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - W&B must never stop a run
+        warnings.warn(f"W&B did not start ({type(exc).__name__}: {exc}); the run goes on without it",
+                      stacklevel=2)
+        return NullLogger()
