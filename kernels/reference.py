@@ -1,0 +1,39 @@
+"""Plain PyTorch references for the kernels of this package: the ground truth of every kernel test, and
+"standard attention" (the N×N matrix in memory) as the benchmarks' baseline."""
+from __future__ import annotations
+
+import torch
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                        softmax_scale: float | None = None, dropout_p: float = 0.0,
+                        key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v over (batch, heads, seq, head_dim) tensors, computed in their dtype.
+
+    - `causal`: query i sees keys j ≤ i + (Nk − Nq), aligned to the bottom right as FlashAttention 2 defines it.
+    - `key_padding_mask`: bool (batch, Nk), True where a key is real.
+    - Grouped-query attention: k and v may have fewer heads than q, a divisor of them.
+    - A row with every key masked gives zeros, not NaN.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    keep = None
+    if causal:
+        rows = torch.arange(n_q, device=q.device)[:, None]
+        cols = torch.arange(n_k, device=q.device)[None, :]
+        keep = cols <= rows + (n_k - n_q)
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :]
+        keep = pad if keep is None else keep & pad
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if keep is not None:
+        probs = probs.nan_to_num(0.0)  # fully masked rows: softmax of all -inf
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, v)

@@ -1,0 +1,140 @@
+"""Attention forward, backward and forward+backward: each provider timed against standard attention, the
+paper's baseline, on the FA2/FA3 benchmark grid and on the paper's own Figure-3 setting."""
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels import attention_reference
+from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
+from repro.context import ConfigError, RunContext
+from repro.records import Row
+
+MODES = ("fwd", "bwd", "fwd_bwd")
+# FLOPs of one call relative to the forward (FlashAttention's convention: the backward is 2.5 forwards).
+MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SDPA_BACKENDS = {
+    "sdpa_math": SDPBackend.MATH,
+    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+AttentionFn = Callable[..., torch.Tensor]
+GRID_KEYS = ("seq_len", "head_dim", "causal", "mode")
+SPEC_KEYS = GRID_KEYS + ("tokens", "hidden", "batch", "heads", "dtype", "dropout", "padding_mask")
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, causal: bool, mode: str) -> float:
+    """4·B·H·N²·d for the forward (two N×N×d matrix products), halved when causal, ×2.5 for the backward."""
+    return 4.0 * batch * heads * seq_len**2 * head_dim * (0.5 if causal else 1.0) * MODE_FLOPS[mode]
+
+
+def grid(kernel: DictConfig) -> list[Point]:
+    """The main grid ("sweep") and each named setting, as benchmark points over seq_len."""
+    kernel = OmegaConf.to_container(kernel, resolve=True)
+    base = {k: kernel.get(k) for k in SPEC_KEYS}
+    settings = {"sweep": {}, **(kernel.get("settings") or {})}
+    points = []
+    for name, overrides in settings.items():
+        unknown = set(overrides) - set(SPEC_KEYS)
+        if unknown:
+            raise ConfigError(f"kernel.settings.{name} has unknown keys {sorted(unknown)}; allowed: {SPEC_KEYS}")
+        spec = {**base, **overrides}
+        if spec["dtype"] not in DTYPES:
+            raise ConfigError(f"kernel dtype={spec['dtype']!r} (setting {name}) is not one of {list(DTYPES)}")
+        bad_modes = set(_as_list(spec["mode"])) - set(MODES)
+        if bad_modes:
+            raise ConfigError(f"kernel mode={sorted(bad_modes)} (setting {name}) is not one of {MODES}")
+        for seq_len, head_dim, causal, mode in itertools.product(*(_as_list(spec[k]) for k in GRID_KEYS)):
+            batch = spec["batch"] or max(1, spec["tokens"] // seq_len)
+            heads = spec["heads"] or max(1, spec["hidden"] // head_dim)
+            extra = dict(setting=name, mode=mode, causal=bool(causal), head_dim=head_dim, batch=batch, heads=heads,
+                         dtype=spec["dtype"], dropout=spec["dropout"], padding_mask=bool(spec["padding_mask"]),
+                         series=f"{name} d={head_dim}" + (" causal" if causal else ""))
+            points.append(Point("seq_len", seq_len, extra,
+                                flops=attention_flops(batch, heads, seq_len, head_dim, causal, mode)))
+    return points
+
+
+def sdpa(backend: SDPBackend) -> AttentionFn:
+    def attend(q, k, v, *, causal, dropout_p, key_padding_mask):
+        mask = None
+        if key_padding_mask is not None:  # SDPA takes one mask: fold causality into it
+            mask = key_padding_mask[:, None, None, :]
+            if causal:
+                n_q, n_k = q.shape[-2], k.shape[-2]
+                mask = mask & torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                  is_causal=causal and mask is None)
+    return attend
+
+
+def standard(q, k, v, *, causal, dropout_p, key_padding_mask):
+    return attention_reference(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask)
+
+
+def make_inputs(point: Point, device: torch.device, seed: int):
+    e = point.extra
+    gen = torch.Generator(device=device).manual_seed(seed + point.x_value)
+    shape = (e["batch"], e["heads"], point.x_value, e["head_dim"])
+    q, k, v = (torch.randn(shape, device=device, dtype=DTYPES[e["dtype"]], generator=gen).requires_grad_()
+               for _ in range(3))
+    mask = None
+    if e["padding_mask"]:  # the paper's padding: each sequence keeps a random length in [N-20, N]
+        n = point.x_value
+        lengths = torch.randint(max(1, n - 20), n + 1, (e["batch"],), device=device, generator=gen)
+        mask = torch.arange(n, device=device)[None, :] < lengths[:, None]
+    return q, k, v, mask
+
+
+def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, baseline: bool = False) -> Provider:
+    def build(point: Point) -> Call:
+        q, k, v, mask = make_inputs(point, ctx.device, seed)
+        e = point.extra
+        run = lambda: attend(q, k, v, causal=e["causal"], dropout_p=e["dropout"], key_padding_mask=mask)  # noqa: E731
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # SDPA warns once per reason a backend declines
+                out = run()
+        except RuntimeError as exc:
+            if name in SDPA_BACKENDS and "No available kernel" in str(exc):
+                raise Unsupported(f"{name} declines dtype={e['dtype']} head_dim={e['head_dim']} "
+                                  f"mask={e['padding_mask']} dropout={e['dropout']} on {ctx.device.type}") from None
+            raise
+        dout = torch.randn_like(out)
+        if e["mode"] == "fwd":
+            return Call(run)
+        if e["mode"] == "bwd":
+            return Call(lambda: out.backward(dout, retain_graph=True), grad_to_none=(q, k, v))
+        return Call(lambda: run().backward(dout), grad_to_none=(q, k, v))
+
+    return Provider(name, build, baseline=baseline)
+
+
+def providers(names: list[str], ctx: RunContext, seed: int) -> list[Provider]:
+    known: dict[str, AttentionFn] = {"standard": standard, **{n: sdpa(b) for n, b in SDPA_BACKENDS.items()}}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {list(known)}")
+    if "standard" not in names:
+        raise ConfigError("kernel.providers must include 'standard', the baseline every speedup is measured against")
+    return [provider(n, known[n], ctx, seed, baseline=(n == "standard")) for n in names]
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
+    kernel = cfg.kernel
+    names = _as_list(OmegaConf.to_container(kernel.providers))
+    yield from run_benchmark(grid(kernel), providers(names, ctx, cfg.seed), ctx.device,
+                             warmup_ms=kernel.warmup_ms, rep_ms=kernel.rep_ms)
