@@ -52,7 +52,8 @@ def capture_environment() -> dict[str, Any]:
 
     status = _git("status", "--porcelain", "--untracked-files=no")
     env: dict[str, Any] = {
-        "git_sha": _git("rev-parse", "HEAD"),
+        # A copy of the tree without .git (a remote GPU machine) is told its commit through REPRO_GIT_SHA.
+        "git_sha": _git("rev-parse", "HEAD") or os.environ.get("REPRO_GIT_SHA"),
         "git_dirty": None if status is None else bool(status),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
