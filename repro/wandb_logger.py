@@ -35,7 +35,7 @@ class WandbLogger(NullLogger):
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, mode=cfg.mode, name=name, group=group, job_type=job_type,
             config=config, dir=str(output_dir), reinit="finish_previous",
-            settings=wandb.Settings(init_timeout=cfg.init_timeout_s, start_method="thread"),
+            settings=wandb.Settings(init_timeout=cfg.init_timeout_s),
         )
         self.run_dir = Path(self.run.dir).parent if self.run is not None and cfg.mode != "disabled" else None
 
