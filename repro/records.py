@@ -87,6 +87,15 @@ class RunRecord:
         return self.env.get("gpu_name") or "cpu"
 
 
+def _dumps(data: Any) -> str:
+    """Indented JSON, except a record's rows: one compact line each, so records stay small and diffable."""
+    if not (isinstance(data, dict) and isinstance(data.get("rows"), list) and data["rows"]):
+        return json.dumps(data, indent=1, default=str) + "\n"
+    head = json.dumps({k: v for k, v in data.items() if k != "rows"}, indent=1, default=str)
+    rows = ",\n".join("  " + json.dumps(r, separators=(",", ":"), default=str) for r in data["rows"])
+    return head[:-2] + ',\n "rows": [\n' + rows + "\n ]\n}\n"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename: a reader (or a killed run)
     sees the old file or the new one, never half of one."""
@@ -95,10 +104,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=False, default=str)
-            fh.write("\n")
+            fh.write(_dumps(data))
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; records are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
