@@ -116,7 +116,42 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def unknown_key_error(args: list[str]) -> str | None:
+    """Hydra rejects an unknown key without listing the known ones; name both before Hydra runs.
+    Config-group choices (task=, scale=, ...) are left to Hydra, whose message already lists the options."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - a syntax error: Hydra's own message is the right one
+        return None
+    conf = PROJECT_ROOT / "conf"
+    groups = [o.input_line for o in overrides if (conf / o.key_or_group).is_dir() or o.key_or_group.startswith("hydra")]
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+            cfg = compose("config", overrides=[g for g in groups if not g.startswith("hydra")])
+    except Exception:  # noqa: BLE001 - an unknown group option: Hydra reports it with the valid ones
+        return None
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_add() or o.is_force_add() or o.input_line in groups:
+            continue
+        node, path = cfg, []
+        for part in key.split("."):
+            if not OmegaConf.is_dict(node) or part not in node:
+                where = ".".join(path) or "the top level"
+                known = ", ".join(map(str, node.keys())) if OmegaConf.is_dict(node) else "none (not a mapping)"
+                return f"unknown config key {key!r}: {where} has no {part!r}; its keys are: {known}"
+            node, path = node[part], path + [part]
+    return None
+
+
 def main() -> None:
+    error = unknown_key_error(sys.argv[1:])
+    if error:
+        print(f"repro: error: {error}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 
