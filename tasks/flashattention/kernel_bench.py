@@ -47,6 +47,8 @@ def grid(kernel: DictConfig) -> list[Point]:
     settings = {"sweep": {}, **(kernel.get("settings") or {})}
     points = []
     for name, overrides in settings.items():
+        if overrides is None:  # `kernel.settings.<name>=null` drops one setting
+            continue
         unknown = set(overrides) - set(SPEC_KEYS)
         if unknown:
             raise ConfigError(f"kernel.settings.{name} has unknown keys {sorted(unknown)}; allowed: {SPEC_KEYS}")
@@ -109,7 +111,8 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, baselin
                 warnings.simplefilter("ignore")  # SDPA warns once per reason a backend declines
                 out = run()
         except RuntimeError as exc:
-            if name in SDPA_BACKENDS and "No available kernel" in str(exc):
+            # PyTorch says "No available kernel" on CUDA and "No viable backend" on the CPU
+            if name in SDPA_BACKENDS and ("No available kernel" in str(exc) or "No viable backend" in str(exc)):
                 raise Unsupported(f"{name} declines dtype={e['dtype']} head_dim={e['head_dim']} "
                                   f"mask={e['padding_mask']} dropout={e['dropout']} on {ctx.device.type}") from None
             raise
