@@ -1,0 +1,52 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# Tests never reach a network or a hub, and never upload.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def option_names(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+TASKS = option_names("task")
+SCALES = option_names("scale")
+PAPERS = option_names("paper")
+
+
+@pytest.fixture
+def compose():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import repro.cli  # noqa: F401 - registers the ${repro_root:} resolver
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            return hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+
+    return _compose
+
+
+def run_repro(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real command line, in a subprocess, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "repro.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+gpu = pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")

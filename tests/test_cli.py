@@ -1,0 +1,96 @@
+"""The real command line in a subprocess: every task at smoke scale, a multirun through submitit, W&B offline,
+and the error paths a user meets first."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TASKS, has_gpu, run_repro
+
+pytestmark = pytest.mark.slow
+TINY = {  # the smallest useful smoke run of each task, to keep the suite quick on two cores
+    "flash_kernel": ["kernel.seq_len=[48]", "kernel.head_dim=[32]", "kernel.causal=[true]",
+                     "kernel.settings.long=null", "kernel.settings.paper_fig3_plain=null", "kernel.settings.paper_fig2=null",
+                     "kernel.settings.paper_fig3.seq_len=[40]"],
+}
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_smoke_run_of_every_task_writes_an_ok_record(task, tmp_path):
+    out = run_repro(f"task={task}", "logger=none", f"hydra.run.dir={tmp_path}", f"paths.records={tmp_path}/runs",
+                    *TINY.get(task, []))
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = load(tmp_path / "record.json")
+    assert record["status"] == "ok" and record["task"] == task and record["scale"] == "smoke"
+    assert record["rows"] and any(r["status"] == "ok" for r in record["rows"])
+    assert record["env"]["torch"] and "git_sha" in record["env"]
+    assert not (tmp_path / "runs").exists(), "smoke runs must not write records to commit"
+    assert "published" in out.stdout and "status" in out.stdout  # the claims table
+
+
+def test_flash_kernel_smoke_records_speedups_and_unsupported_backends(tmp_path):
+    out = run_repro("logger=none", f"hydra.run.dir={tmp_path}", *TINY["flash_kernel"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = load(tmp_path / "record.json")["rows"]
+    providers = {r["provider"] for r in rows}
+    assert {"standard", "sdpa_math", "sdpa_efficient", "sdpa_flash", "sdpa_cudnn"} <= providers
+    baseline = [r for r in rows if r["metric"] == "speedup" and r["provider"] == "standard"]
+    assert baseline and all(abs(r["p50"] - 1.0) < 1e-12 for r in baseline)
+    if not has_gpu():  # the CUDA-only backends decline on a CPU and say so
+        cudnn = [r for r in rows if r["provider"] == "sdpa_cudnn"]
+        assert cudnn and all(r["status"] == "unsupported" and "declines" in r["message"] for r in cudnn)
+    times = [r for r in rows if r["metric"] == "time" and r["status"] == "ok"]
+    assert all(r["extra"]["clock"] == ("cuda_event" if has_gpu() else "wall_clock") for r in times)
+
+
+def test_multirun_through_submitit_local(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    out = run_repro("-m", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}", "logger=none",
+                    "kernel.seq_len=32,48", *TINY["flash_kernel"][1:], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = sorted(tmp_path.glob("*/record.json"))
+    assert len(records) == 2
+    assert sorted(load(p)["rows"][0]["x_value"] for p in records) == [32, 48]
+    assert list(tmp_path.glob(".submitit/*")), "jobs did not go through submitit"
+
+
+def test_wandb_offline_writes_a_run_directory(tmp_path):
+    out = run_repro("logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path}", *TINY["flash_kernel"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list(tmp_path.glob("wandb/offline-run-*/files")), list(tmp_path.rglob("*"))[:20]
+    assert load(tmp_path / "record.json")["status"] == "ok"
+
+
+def test_wandb_that_cannot_start_does_not_stop_the_run(tmp_path):
+    out = run_repro("logger=wandb", "logger.mode=sideways", f"hydra.run.dir={tmp_path}", *TINY["flash_kernel"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "W&B did not start" in out.stderr
+    assert load(tmp_path / "record.json")["status"] == "ok"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("task=no_such_task", ["no_such_task", "flash_kernel"]),
+    ("scale=huge", ["huge", "smoke", "small", "paper"]),
+    ("paper=no_such_paper", ["no_such_paper", "flashattention"]),
+    ("kernel.no_such_key=1", ["no_such_key", "seq_len", "providers"]),
+    ("no_such_key=1", ["no_such_key", "kernel", "scale"]),
+    ("kernel.providers=[standard,fastest]", ["fastest", "sdpa_flash"]),
+    ("kernel.dtype=float8", ["float8", "bfloat16"]),
+])
+def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_path):
+    out = run_repro(override, "logger=none", f"hydra.run.dir={tmp_path}")
+    assert out.returncode != 0
+    for word in expected:
+        assert word in out.stderr + out.stdout, (word, out.stderr[-2000:])
+
+
+@pytest.mark.skipif(has_gpu(), reason="checks the machine without a GPU")
+def test_gpu_scale_without_a_gpu_fails_before_any_work(tmp_path):
+    out = run_repro("scale=small", "logger=none", f"hydra.run.dir={tmp_path}", f"paths.records={tmp_path}/runs")
+    assert out.returncode == 2
+    assert "needs a CUDA GPU" in out.stderr and "scale=small" in out.stderr
+    assert not (tmp_path / "runs").exists()
