@@ -24,6 +24,7 @@ NOT_COMPARABLE = "not comparable at this scale"
 OTHER_HARDWARE = "not comparable (other hardware)"
 NOT_RUN = "not yet run"
 SCALE_ORDER = {"smoke": 0, "small": 1, "paper": 2}
+PLOT_METRICS = ("tflops", "bandwidth", "speedup", "peak_memory", "accuracy", "loss", "ppl")
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, datasheets), for claims stated as a fraction of peak.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0}
@@ -93,8 +94,10 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
     path, record = max(mine, key=lambda pr: (pr[1].scale in comparable, SCALE_ORDER.get(pr[1].scale, -1),
                                              pr[1].started))
     value, detail = claim_value(claim, record)
+    if value is None:  # the task ran, but not yet the provider or setting this claim needs
+        return Outcome(claim, NOT_RUN, detail=detail)
     out = Outcome(claim, NOT_COMPARABLE, value, record.gpu_name, record.scale, path, detail)
-    if value is None or record.scale not in comparable:
+    if record.scale not in comparable:
         return out
     if claim.compare.kind == "peak_fraction":
         peak = peak_tflops(record.env.get("gpu_name"))
@@ -130,19 +133,21 @@ def claims_table(outcomes: list[Outcome], root: Path = PROJECT_ROOT) -> str:
             except ValueError:
                 pass
         unit = "%" if c.compare.kind == "peak_fraction" else c.unit
+        how = f" <br><sub>{o.detail}</sub>" if o.detail else ""
         lines.append(f"| {c.claim} <br><sub>{c.paper}:{c.id}, {c.source}{unverified}</sub> | {_fmt(c.value, c.unit)} "
-                     f"| {c.hardware} | {_fmt(o.value, unit)} | {where} | {o.status} |")
+                     f"| {c.hardware} | {_fmt(o.value, unit)}{how} | {where} | {o.status} |")
     return "\n".join(lines)
 
 
 def console_table(outcomes: list[Outcome]) -> str:
     """A plain table for the terminal, one line per claim."""
-    head = f"{'claim':44} {'published':>12} {'reproduced':>12}  status"
+    head = f"{'claim':44} {'published':>10} {'reproduced':>10}  status"
     lines = [head, "-" * len(head)]
     for o in outcomes:
         unit = "%" if o.claim.compare.kind == "peak_fraction" else o.claim.unit
-        lines.append(f"{o.claim.id[:44]:44} {_fmt(o.claim.value, o.claim.unit):>12} {_fmt(o.value, unit):>12}  "
-                     f"{o.status}" + (f" ({o.gpu}, {o.scale})" if o.scale else ""))
+        how = f"  [{o.detail}]" if o.value is not None else ""
+        lines.append(f"{o.claim.id[:44]:44} {_fmt(o.claim.value, o.claim.unit):>10} {_fmt(o.value, unit):>10}  "
+                     f"{o.status}{how}")
     return "\n".join(lines)
 
 
@@ -171,7 +176,7 @@ def plot_record(record: RunRecord, out_dir: Path) -> list[Path]:
     import pandas as pd
     import seaborn as sns
 
-    ok = [r for r in record.rows if r.status == "ok" and r.p50 is not None]
+    ok = [r for r in record.rows if r.status == "ok" and r.p50 is not None and r.metric in PLOT_METRICS]
     if not ok:
         return []
     df = pd.DataFrame([{"provider": r.provider, "x": r.x_value, "metric": r.metric, "unit": r.unit, "p50": r.p50,
@@ -183,7 +188,7 @@ def plot_record(record: RunRecord, out_dir: Path) -> list[Path]:
         grid = sns.relplot(data=part, x="x", y="p50", hue="provider", col="mode", row="series", kind="line",
                            marker="o", height=2.6, aspect=1.3, facet_kws={"sharey": False, "margin_titles": True})
         grid.set(xscale="log", xlabel=ok[0].x_name, ylabel=f"{metric} ({part['unit'].iloc[0]})")
-        if metric in ("time", "peak_memory"):
+        if metric == "peak_memory":
             grid.set(yscale="log")
         grid.figure.suptitle(f"{record.task} · {metric} · {record.gpu_name} · {record.scale}", y=1.02)
         path = out_dir / f"{record.task}_{metric}.png"
@@ -232,6 +237,8 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     if problems:
         parts.append("## Skipped files\n\n" + "\n".join(f"- {p}" for p in problems) + "\n")
     plots = []
+    for stale in (out / "report" / "plots").glob("*.png"):
+        stale.unlink()
     latest = {}
     for path, rec in records:
         if rec.status == "ok" and rec.scale != "smoke":
@@ -264,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--published", type=Path, default=PROJECT_ROOT / "results" / "published")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results",
                         help="where REPORT.md, report/rows.csv and report/plots/ go")
-    parser.add_argument("--readme", type=Path, default=PROJECT_ROOT / "README.md",
+    parser.add_argument("--readme", default=str(PROJECT_ROOT / "README.md"),
                         help="README whose results table is refreshed; --readme '' leaves it alone")
     args = parser.parse_args(argv)
-    readme = args.readme if str(args.readme) else None
+    readme = Path(args.readme) if args.readme else None
     try:
         _, problems = build_report(args.runs, args.published, args.out, readme)
     except (OSError, ValueError) as exc:

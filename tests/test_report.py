@@ -1,0 +1,131 @@
+"""The comparator and report, from fixture records and a fixture claims file."""
+import csv
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from repro.claims import load_paper, load_published
+from repro.records import Row, RunRecord, save_record
+from repro.report import README_END, README_START, build_report, main
+
+H100 = {"gpu_name": "NVIDIA H100 80GB HBM3"}
+CLAIMS = textwrap.dedent("""
+    paper: toy
+    title: A toy paper
+    source: arXiv:0000.00000
+    claims:
+      - {id: fast, claim: "3x faster", value: 3.0, unit: x, higher_is_better: true, hardware: A100, setting: s,
+         source: Fig 1, verified: true, task: bench,
+         compare: {kind: ratio, metric: speedup, providers: [ours], where: {mode: fwd}, aggregate: mean}}
+      - {id: near, claim: "2x faster", value: 2.0, unit: x, higher_is_better: true, hardware: A100, setting: s,
+         source: Fig 1, verified: true, task: bench,
+         compare: {kind: ratio, metric: speedup, providers: [ours], where: {mode: bwd}, tolerance: 0.1}}
+      - {id: slow, claim: "4x faster", value: 4.0, unit: x, higher_is_better: true, hardware: A100, setting: s,
+         source: Fig 1, verified: false, task: bench,
+         compare: {kind: ratio, metric: speedup, providers: [ours], where: {mode: bwd}}}
+      - {id: abs_time, claim: "7 ms", value: 7.0, unit: ms, higher_is_better: false, hardware: A100-40GB,
+         setting: s, source: T2, verified: true, task: bench,
+         compare: {kind: absolute, metric: time, providers: [ours], where: {mode: fwd}}}
+      - {id: peak, claim: "20% of peak", value: 20.0, unit: "%", higher_is_better: true, hardware: A100,
+         setting: s, source: T3, verified: true, task: bench,
+         compare: {kind: peak_fraction, metric: tflops, providers: [ours], aggregate: max}}
+      - {id: quality, claim: "accuracy 60%", value: 60.0, unit: "%", higher_is_better: true, hardware: n/a,
+         setting: s, source: T4, verified: true, task: train,
+         compare: {kind: absolute, metric: accuracy, providers: [ours], comparable_at: [paper]}}
+      - {id: later, claim: "later", value: 1.0, unit: x, higher_is_better: true, hardware: A100, setting: s,
+         source: T5, verified: true, task: not_written_yet,
+         compare: {kind: ratio, metric: speedup, providers: [ours]}}
+      - {id: no_provider, claim: "theirs", value: 1.0, unit: x, higher_is_better: true, hardware: A100,
+         setting: s, source: T6, verified: true, task: bench,
+         compare: {kind: ratio, metric: speedup, providers: [not_written_yet]}}
+""")
+
+
+def rec(task, scale, rows, started="2026-11-26T10:00:00+00:00", env=H100):
+    return RunRecord(task=task, paper="toy", scale=scale, claim_ids=[], config={}, overrides=[], env=dict(env),
+                     started=started, status="ok", rows=rows)
+
+
+def row(metric, value, mode="fwd", provider="ours"):
+    return Row(provider, "n", 1024, metric, "x", value, value, value, 10, extra={"mode": mode, "series": "a"})
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "published").mkdir()
+    (tmp_path / "published" / "toy.yaml").write_text(CLAIMS)
+    runs = tmp_path / "runs"
+    save_record(rec("bench", "small", [row("speedup", 3.5), row("speedup", 1.9, "bwd"), row("time", 5.0),
+                                       row("tflops", 400.0), row("speedup", 1.0, provider="base")]),
+                runs / "toy" / "bench" / "a.json")
+    # an older record at the same scale, and a newer one at smoke scale, must both lose to it
+    save_record(rec("bench", "small", [row("speedup", 0.1)], started="2026-11-01T00:00:00+00:00"),
+                runs / "toy" / "bench" / "old.json")
+    save_record(rec("bench", "smoke", [row("speedup", 0.1)], started="2026-11-30T00:00:00+00:00", env={}),
+                runs / "toy" / "bench" / "smoke.json")
+    save_record(rec("train", "small", [row("accuracy", 55.0)]), runs / "toy" / "train" / "t.json")
+    (runs / "broken.json").write_text("{not json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{README_START}\nold table\n{README_END}\n\nrest\n")
+    return tmp_path
+
+
+def test_statuses_from_fixture_records(tree):
+    report, problems = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
+    line = {c: next(l for l in report.splitlines() if f"toy:{c}," in l) for c in
+            ("fast", "near", "slow", "abs_time", "peak", "quality", "later", "no_provider")}
+    assert line["fast"].endswith("| reproduced |") and "3.5x" in line["fast"]
+    assert line["near"].endswith("| within tolerance |")
+    assert line["slow"].endswith("| not reproduced |") and "(unverified)" in line["slow"]
+    assert line["abs_time"].endswith("| not comparable (other hardware) |")
+    assert line["peak"].endswith("| reproduced |") and "40.4%" in line["peak"]  # 400 / 989.4
+    assert line["quality"].endswith("| not comparable at this scale |")
+    assert line["later"].endswith("| not yet run |")
+    assert line["no_provider"].endswith("| not yet run |") and "not_written_yet" in line["no_provider"]
+    assert any("broken.json" in p for p in problems) and "broken.json" in report
+
+
+def test_outputs_csv_plots_and_readme(tree):
+    build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
+    with open(tree / "out" / "report" / "rows.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 5 + 1 + 1 + 1 and {r["task"] for r in rows} == {"bench", "train"}
+    assert sorted(p.name for p in (tree / "out" / "report" / "plots").glob("*.png")) == \
+        ["bench_speedup.png", "bench_tflops.png", "train_accuracy.png"]
+    readme = (tree / "README.md").read_text()
+    assert "old table" not in readme and "| toy | 8 | 2 | 1 | 1 | 1 | 1 | 2 |" in readme
+    assert readme.startswith("# Title") and readme.rstrip().endswith("rest")
+
+
+def test_cli_exit_codes(tree, capsys):
+    assert main(["--runs", str(tree / "runs"), "--published", str(tree / "published"), "--out",
+                 str(tree / "out"), "--readme", ""]) == 0
+    assert "broken.json" in capsys.readouterr().err
+    (tree / "published" / "bad.yaml").write_text("paper: bad\nclaims: [{id: x}]\n")
+    assert main(["--runs", str(tree / "runs"), "--published", str(tree / "published"), "--out",
+                 str(tree / "out"), "--readme", ""]) == 2
+    assert "missing keys" in capsys.readouterr().err
+
+
+def test_claim_files_are_strict(tmp_path):
+    data = yaml.safe_load(CLAIMS)
+    data["claims"][0]["compare"]["kind"] = "vibes"
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match="vibes"):
+        load_paper(tmp_path / "toy.yaml")
+    data = yaml.safe_load(CLAIMS)
+    data["claims"][1]["id"] = "fast"
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match="duplicate"):
+        load_paper(tmp_path / "toy.yaml")
+
+
+def test_published_claims_cover_all_six_papers():
+    root = Path(__file__).resolve().parents[1] / "results" / "published"
+    papers = load_published(root)
+    assert set(papers) == {"flashattention", "lean_attention", "scissorhands", "pregated_moe",
+                           "compress_then_prompt", "greenformers"}
+    for name, (header, claims) in papers.items():
+        assert header.get("title") and claims, name
