@@ -1,0 +1,56 @@
+"""The benchmark harness: ratios to the baseline, and points that cannot run are recorded, not fatal."""
+import time
+
+import pytest
+import torch
+
+from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
+from repro.timing import measure
+
+
+def sleeper(seconds):
+    return lambda point: Call(lambda: time.sleep(seconds))
+
+
+def raiser(exc):
+    def build(point):
+        raise exc
+    return Provider(type(exc).__name__, build)
+
+
+def run(providers, points=None):
+    points = points or [Point("n", 8, {"mode": "fwd"}, flops=2e9)]
+    return list(run_benchmark(points, providers, torch.device("cpu"), warmup_ms=1, rep_ms=20, progress=False))
+
+
+def test_speedup_and_throughput_against_the_baseline():
+    rows = run([Provider("slow", sleeper(0.004), baseline=True), Provider("fast", sleeper(0.001))])
+    by = {(r.provider, r.metric): r for r in rows}
+    assert by[("slow", "speedup")].p50 == pytest.approx(1.0)
+    assert 2.0 < by[("fast", "speedup")].p50 < 5.0
+    tflops = by[("fast", "tflops")]
+    assert tflops.p20 <= tflops.p50 <= tflops.p80
+    assert tflops.p50 == pytest.approx(2e9 / (by[("fast", "time")].p50 * 1e-3) / 1e12)
+    assert by[("fast", "time")].extra["clock"] == "wall_clock"
+
+
+def test_oom_unsupported_and_errors_are_rows_and_the_sweep_goes_on():
+    rows = run([Provider("base", sleeper(0.001), baseline=True),
+                raiser(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64 GiB")),
+                raiser(Unsupported("no such backend here")),
+                raiser(ZeroDivisionError("bug"))])
+    status = {r.provider: (r.status, r.message) for r in rows if r.metric == "time"}
+    assert status["OutOfMemoryError"][0] == "oom" and "64 GiB" in status["OutOfMemoryError"][1]
+    assert status["Unsupported"] == ("unsupported", "no such backend here")
+    assert status["ZeroDivisionError"][0] == "error" and "bug" in status["ZeroDivisionError"][1]
+    assert status["base"][0] == "ok"
+
+
+def test_exactly_one_baseline():
+    with pytest.raises(ValueError, match="baseline"):
+        run([Provider("a", sleeper(0)), Provider("b", sleeper(0))])
+
+
+def test_cpu_timing_is_marked_as_wall_clock_and_ordered():
+    t = measure(lambda: sum(range(1000)), torch.device("cpu"), warmup_ms=1, rep_ms=5)
+    assert t.clock == "wall_clock" and t.n >= 3 and t.p20 <= t.p50 <= t.p80

@@ -1,0 +1,65 @@
+import json
+import os
+
+import pytest
+
+from repro.records import Row, RunRecord, load_record, load_records, save_record, write_json_atomic
+
+
+def make_record(**changes) -> RunRecord:
+    fields = dict(task="flash_kernel", paper="flashattention", scale="small", claim_ids=["c1"],
+                  config={"kernel": {"seq_len": [1024]}}, overrides=["scale=small"],
+                  env={"gpu_name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"}, started="2026-11-26T10:00:00+00:00",
+                  status="ok", rows=[Row("standard", "seq_len", 1024, "time", "ms", 2.0, 1.9, 2.1, 50,
+                                         extra={"mode": "fwd"}),
+                                     Row("sdpa_flash", "seq_len", 1024, "time", "ms", status="oom", message="OOM")])
+    fields.update(changes)
+    return RunRecord(**fields)
+
+
+def test_round_trip(tmp_path):
+    record = make_record()
+    save_record(record, tmp_path / "r.json")
+    assert load_record(tmp_path / "r.json") == record
+    assert oct((tmp_path / "r.json").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    save_record(make_record(), path)
+    before = path.read_text()
+
+    def crash(*_):
+        raise KeyboardInterrupt  # the run is killed in the middle of writing
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_record(make_record(status="error"), path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"], "temporary file left behind"
+
+
+def test_rows_reject_unknown_status_and_non_finite_values():
+    with pytest.raises(ValueError, match="status"):
+        Row("p", "x", 1, "time", "ms", status="maybe")
+    with pytest.raises(ValueError, match="finite"):
+        Row("p", "x", 1, "time", "ms", p50=float("nan"))
+
+
+def test_load_records_skips_corrupt_and_foreign_files_by_name(tmp_path):
+    save_record(make_record(), tmp_path / "good.json")
+    (tmp_path / "truncated.json").write_text('{"schema_version": 1, "task": ')
+    write_json_atomic(tmp_path / "foreign.json", {"hello": "world"})
+    write_json_atomic(tmp_path / "future.json", {**make_record().to_json(), "schema_version": 99})
+    records, problems = load_records(tmp_path)
+    assert [p.name for p, _ in records] == ["good.json"]
+    assert len(problems) == 3
+    for name in ("truncated.json", "foreign.json", "future.json"):
+        assert any(name in p for p in problems)
+
+
+def test_records_are_compact_and_one_row_per_line(tmp_path):
+    save_record(make_record(), tmp_path / "r.json")
+    lines = (tmp_path / "r.json").read_text().splitlines()
+    assert sum(line.lstrip().startswith('{"provider"') for line in lines) == 2
+    json.loads((tmp_path / "r.json").read_text())
