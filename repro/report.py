@@ -40,6 +40,7 @@ class Outcome:
     scale: str | None = None
     record: Path | None = None
     detail: str = ""
+    unit: str = ""
 
 
 def gpu_family(name: str | None) -> str | None:
@@ -65,16 +66,17 @@ def _aggregate(values: list[float], how: str) -> float:
     return {"mean": lambda v: sum(v) / len(v), "max": max, "min": min, "last": lambda v: v[-1]}[how](values)
 
 
-def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str]:
-    """The reproduced value of `claim` in `record`, and which provider and how many points gave it."""
+def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str]:
+    """The reproduced value of `claim` in `record`, its unit, and which provider and how many points gave it."""
     cmp = claim.compare
     rows = [r for r in record.rows if r.metric == cmp.metric and r.status == "ok" and r.p50 is not None
             and _matches(r, cmp.where)]
     for provider in cmp.providers:
-        values = [r.p50 for r in rows if r.provider == provider]
-        if values:
-            return _aggregate(values, cmp.aggregate), f"{provider}, {cmp.aggregate} of {len(values)}"
-    return None, f"no rows of {cmp.metric} for {list(cmp.providers)} where {cmp.where}"
+        mine = [r for r in rows if r.provider == provider]
+        if mine:
+            value = _aggregate([r.p50 for r in mine], cmp.aggregate)
+            return value, mine[0].unit, f"{provider}, {cmp.aggregate} of {len(mine)}"
+    return None, "", f"no rows of {cmp.metric} for {list(cmp.providers)} where {cmp.where}"
 
 
 def judge(claim: Claim, value: float) -> str:
@@ -93,18 +95,19 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
     comparable = claim.compare.comparable_at
     path, record = max(mine, key=lambda pr: (pr[1].scale in comparable, SCALE_ORDER.get(pr[1].scale, -1),
                                              pr[1].started))
-    value, detail = claim_value(claim, record)
-    if value is None:  # the task ran, but not yet the provider or setting this claim needs
-        return Outcome(claim, NOT_RUN, detail=detail)
-    out = Outcome(claim, NOT_COMPARABLE, value, record.gpu_name, record.scale, path, detail)
+    value, unit, detail = claim_value(claim, record)
     if record.scale not in comparable:
-        return out
+        return Outcome(claim, NOT_COMPARABLE, value, record.gpu_name, record.scale, path, detail, unit)
+    if value is None:  # the task ran at a comparable scale, but not yet the provider or setting the claim needs
+        return Outcome(claim, NOT_RUN, detail=detail)
+    out = Outcome(claim, NOT_COMPARABLE, value, record.gpu_name, record.scale, path, detail, unit)
     if claim.compare.kind == "peak_fraction":
         peak = peak_tflops(record.env.get("gpu_name"))
         if peak is None:
             out.detail += "; no known peak for this GPU"
             return out
-        out.value = value = 100.0 * value / peak
+        value = 100.0 * value / peak
+        out.value, out.unit = value, "%"
     if claim.compare.kind == "absolute" and claim.hardware != "n/a" and \
             gpu_family(claim.hardware) != gpu_family(record.env.get("gpu_name")):
         out.status = OTHER_HARDWARE
@@ -132,10 +135,9 @@ def claims_table(outcomes: list[Outcome], root: Path = PROJECT_ROOT) -> str:
                 where += f" ([record]({Path(o.record).resolve().relative_to(root)}))"
             except ValueError:
                 pass
-        unit = "%" if c.compare.kind == "peak_fraction" else c.unit
         how = f" <br><sub>{o.detail}</sub>" if o.detail else ""
         lines.append(f"| {c.claim} <br><sub>{c.paper}:{c.id}, {c.source}{unverified}</sub> | {_fmt(c.value, c.unit)} "
-                     f"| {c.hardware} | {_fmt(o.value, unit)}{how} | {where} | {o.status} |")
+                     f"| {c.hardware} | {_fmt(o.value, o.unit)}{how} | {where} | {o.status} |")
     return "\n".join(lines)
 
 
@@ -144,9 +146,8 @@ def console_table(outcomes: list[Outcome]) -> str:
     head = f"{'claim':44} {'published':>10} {'reproduced':>10}  status"
     lines = [head, "-" * len(head)]
     for o in outcomes:
-        unit = "%" if o.claim.compare.kind == "peak_fraction" else o.claim.unit
         how = f"  [{o.detail}]" if o.value is not None else ""
-        lines.append(f"{o.claim.id[:44]:44} {_fmt(o.claim.value, o.claim.unit):>10} {_fmt(o.value, unit):>10}  "
+        lines.append(f"{o.claim.id[:44]:44} {_fmt(o.claim.value, o.claim.unit):>10} {_fmt(o.value, o.unit):>10}  "
                      f"{o.status}{how}")
     return "\n".join(lines)
 
