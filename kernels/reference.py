@@ -7,13 +7,17 @@ import torch
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                         softmax_scale: float | None = None, dropout_p: float = 0.0,
-                        key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                        dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale + mask) v over (batch, heads, seq, head_dim) tensors, computed in their dtype.
 
     - `causal`: query i sees keys j ≤ i + (Nk − Nq), aligned to the bottom right as FlashAttention 2 defines it.
     - `key_padding_mask`: bool (batch, Nk), True where a key is real.
     - Grouped-query attention: k and v may have fewer heads than q, a divisor of them.
     - A row with every key masked gives zeros, not NaN.
+    - `attn_mask`: bool, broadcastable to (batch, heads, Nq, Nk), True where a query may see a key.
+    - `dropout_mask`: bool (batch, heads, Nq, Nk), True where a probability is kept; without it, dropout
+      draws its own mask.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     if k.shape[1] != q.shape[1]:
@@ -29,11 +33,21 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     if key_padding_mask is not None:
         pad = key_padding_mask[:, None, None, :]
         keep = pad if keep is None else keep & pad
+    if attn_mask is not None:
+        keep = attn_mask if keep is None else keep & attn_mask
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if keep is not None:
         probs = probs.nan_to_num(0.0)  # fully masked rows: softmax of all -inf
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and dropout_mask is not None:
+        probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v)
+
+
+def block_mask_to_dense(block_mask: torch.Tensor, n_q: int, n_k: int, block_size: int) -> torch.Tensor:
+    """A block-sparse mask of (…, ceil(Nq/b), ceil(Nk/b)) blocks as an element mask of (…, Nq, Nk)."""
+    dense = block_mask.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)
+    return dense[..., :n_q, :n_k]

@@ -4,6 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter (numpy, on the CPU). It must be chosen before any
+# kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -44,8 +50,6 @@ def run_repro(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def has_gpu() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 

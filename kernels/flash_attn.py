@@ -1,0 +1,482 @@
+"""FlashAttention in Triton: exact attention with tiling and an online softmax, never holding the N×N matrix.
+
+The forward keeps, per query row, a running maximum and sum of exponentials and stores the log-sum-exp; the
+backward recomputes the probabilities from it (FlashAttention's algorithm, with FlashAttention-2's loop order:
+one pass over query tiles for dK and dV, one over key tiles for dQ; no atomics, so it is deterministic).
+Dropout is fused (a counter-based random number per (batch·head, row, column), reproducible from the seed), and
+so are causal masks (bottom-right aligned), key padding masks and block-sparse masks, whose zero blocks are
+skipped rather than masked.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+LAYOUTS = ("bhsd", "bshd")  # (batch, heads, seq, dim) as SDPA takes it, or (batch, seq, heads, dim) as FlashAttention
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------- dropout
+@triton.jit
+def _keep(seed, bh, rows, cols, N_K, dropout_p):
+    """True where an element survives dropout: one Philox draw per (batch·head, row, column)."""
+    n_k = (cols * 0 + N_K).to(tl.uint32)  # N_K may arrive as a constexpr (Triton specialises 1)
+    c0 = rows.to(tl.uint32) * n_k + cols.to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    r, _, _, _ = tl.philox(seed, c0, zero + bh.to(tl.uint32), zero, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, seed, N_Q, N_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, bh, rows[:, None], cols[None, :], N_K, dropout_p)
+    ptrs = OUT + bh.to(tl.int64) * N_Q * N_K + rows[:, None] * N_K + cols[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < N_Q) & (cols[None, :] < N_K))
+
+
+def dropout_keep_mask(seed: int, batch: int, heads: int, n_q: int, n_k: int, dropout_p: float,
+                      device) -> torch.Tensor:
+    """The keep-mask the kernel draws for `seed`, as a bool (batch, heads, n_q, n_k) tensor: for tests."""
+    out = torch.empty(batch * heads, n_q, n_k, dtype=torch.int8, device=device)
+    grid = (triton.cdiv(n_q, 32), triton.cdiv(n_k, 32), batch * heads)
+    _dropout_mask_kernel[grid](out, seed, n_q, n_k, dropout_p, BLOCK_M=32, BLOCK_N=32)
+    return out.view(batch, heads, n_q, n_k).bool()
+
+
+# ----------------------------------------------------------------------------------------------------- configs
+def _configs(pairs):
+    if INTERPRET:  # one small config: the interpreter runs programs one by one, and cannot autotune
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+
+def _prune_for_sparsity(configs, named_args, **kwargs):
+    """A block-sparse mask's blocks must hold whole tiles."""
+    block = named_args.get("SPARSE_BLOCK") or kwargs.get("SPARSE_BLOCK")
+    kept = [c for c in configs if not block or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= block]
+    return kept or configs[-1:]
+
+
+FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
+                        (64, 32, 4, 3)])
+BWD_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3)])
+AUTOTUNE_KEY = ["N_Q", "N_K", "HEAD_DIM", "CAUSAL", "HAS_KPM", "DROPOUT", "SPARSE_BLOCK"]
+
+
+# ----------------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn, stride_vd,
+               offs_m, offs_d, lo, hi, N_Q, N_K, qk_scale, seed, bh, dropout_p,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+               SPARSE: tl.constexpr, SUB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    dmask = offs_d < HEAD_DIM
+    for i in range(lo, hi):
+        if SPARSE:
+            coarse = tl.load(IDX + i)
+        else:
+            coarse = i
+        for sub in tl.static_range(SUB):
+            offs_n = (coarse * SUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = offs_n < N_K
+            k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                        mask=dmask[:, None] & nmask[None, :], other=0.0)
+            s = tl.dot(q, k) * qk_scale
+            if MASK:
+                valid = nmask[None, :]
+                if CAUSAL:
+                    valid = valid & (offs_n[None, :] <= offs_m[:, None] + (N_K - N_Q))
+                if HAS_KPM:
+                    valid = valid & (tl.load(KPM + offs_n, mask=nmask, other=0) != 0)[None, :]
+                s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if MASK:  # a row with no visible key yet: keep exp2 away from inf - inf
+                m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new_safe = m_new
+            p = tl.math.exp2(s - m_new_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_new_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                p = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p), p, 0.0)
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_sparsity})
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, KPM, CNT, IDX,
+              stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+              stride_sb, stride_sh, stride_sm,
+              H, GROUPS, N_Q, N_K, sm_scale, seed, dropout_p,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+              DROPOUT: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // GROUPS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask, dmask = offs_m < N_Q, offs_d < HEAD_DIM
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=mmask[:, None] & dmask[None, :], other=0.0)
+    K += b.to(tl.int64) * stride_kb + hk * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk * stride_vh
+    KPM += b.to(tl.int64) * N_K
+    qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x·log2 e)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    shift = N_K - N_Q  # causal: row r sees keys j <= r + shift
+    n_tiles = tl.cdiv(N_K, BLOCK_N)
+    if CAUSAL:
+        n_tiles = tl.minimum(n_tiles, tl.maximum(tl.cdiv(pid_m * BLOCK_M + BLOCK_M + shift, BLOCK_N), 0))
+    if SPARSE_BLOCK:
+        row = (b * H + h) * tl.cdiv(N_Q, SPARSE_BLOCK) + pid_m * BLOCK_M // SPARSE_BLOCK
+        start, end = tl.load(CNT + row), tl.load(CNT + row + 1)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_m, offs_d, start, end, N_Q, N_K, qk_scale, seed, bh, dropout_p,
+                                   True, CAUSAL, HAS_KPM, DROPOUT, True, SPARSE_BLOCK // BLOCK_N, HEAD_DIM,
+                                   BLOCK_D, BLOCK_N)
+    elif HAS_KPM:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_m, offs_d, 0, n_tiles, N_Q, N_K, qk_scale, seed, bh, dropout_p,
+                                   True, CAUSAL, True, DROPOUT, False, 1, HEAD_DIM, BLOCK_D, BLOCK_N)
+    else:
+        # tiles that every row of this block sees whole need no mask; the rest (diagonal, tail) do
+        full = N_K // BLOCK_N
+        if CAUSAL:
+            full = tl.minimum(full, tl.maximum(pid_m * BLOCK_M + shift + 1, 0) // BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_m, offs_d, 0, full, N_Q, N_K, qk_scale, seed, bh, dropout_p,
+                                   False, CAUSAL, False, DROPOUT, False, 1, HEAD_DIM, BLOCK_D, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_m, offs_d, full, n_tiles, N_Q, N_K, qk_scale, seed, bh, dropout_p,
+                                   True, CAUSAL, False, DROPOUT, False, 1, HEAD_DIM, BLOCK_D, BLOCK_N)
+    seen = l_i > 0  # a row that saw no key at all (fully masked) gives zeros, and an infinite LSE
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if DROPOUT:
+        out = out / (1.0 - dropout_p)
+    tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))  # base 2
+    tl.store(LSE + b * stride_sb + h * stride_sh + offs_m * stride_sm, lse, mask=mmask)
+
+
+# ----------------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_tile_scores(q_rows, k_cols, offs_m, offs_n, lse, KPM, N_Q, N_K, qk_scale, seed, bh, dropout_p,
+                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr):
+    """Probabilities P recomputed from the saved LSE for a (rows × cols) tile given as broadcastable index
+    tensors, zero where masked; and the dropout keep-mask (all True without dropout)."""
+    s = tl.dot(q_rows, k_cols) * qk_scale
+    valid = (offs_m < N_Q) & (offs_n < N_K)
+    if CAUSAL:
+        valid = valid & (offs_n <= offs_m + (N_K - N_Q))
+    if HAS_KPM:
+        valid = valid & (tl.load(KPM + offs_n, mask=offs_n < N_K, other=0) != 0)
+    p = tl.where(valid, tl.math.exp2(s - lse), 0.0)
+    if DROPOUT:
+        keep = _keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
+    else:
+        keep = valid | True
+    return p, keep
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_sparsity})
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
+                   stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+                   stride_sb, stride_sh, stride_sm,
+                   H, GROUPS, N_Q, N_K, sm_scale, seed, dropout_p,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                   DROPOUT: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (key tile, batch · KV head): sums dK, dV over every query row of the group's heads."""
+    pid_n, bhk = tl.program_id(0), tl.program_id(1)
+    HK = H // GROUPS
+    b, hk = bhk // HK, bhk % HK
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    nmask, dmask = offs_n < N_K, offs_d < HEAD_DIM
+    kv_mask = nmask[:, None] & dmask[None, :]
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    KPM += b.to(tl.int64) * N_K
+    qk_scale = sm_scale * 1.4426950408889634
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    SUB: tl.constexpr = (SPARSE_BLOCK + BLOCK_M * (SPARSE_BLOCK == 0)) // BLOCK_M  # query tiles per sparse block
+    for g in range(GROUPS):
+        h = hk * GROUPS + g
+        bh = b * H + h
+        Qh = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        DOh = DO + b.to(tl.int64) * stride_ob + h * stride_oh
+        if SPARSE_BLOCK:  # the transposed layout: for this key block, the query blocks that see it
+            col = (b * H + h) * tl.cdiv(N_K, SPARSE_BLOCK) + pid_n * BLOCK_N // SPARSE_BLOCK
+            lo, hi = tl.load(CNT + col), tl.load(CNT + col + 1)
+        else:
+            lo, hi = 0, tl.cdiv(N_Q, BLOCK_M)
+            if CAUSAL:  # rows before this key tile's first visible row contribute nothing
+                lo = tl.maximum(pid_n * BLOCK_N - (N_K - N_Q), 0) // BLOCK_M
+        for i in range(lo, hi):
+            if SPARSE_BLOCK:
+                coarse = tl.load(IDX + i)
+            else:
+                coarse = i
+            for sub in tl.static_range(SUB):
+                offs_m = (coarse * SUB + sub) * BLOCK_M + tl.arange(0, BLOCK_M)
+                mmask = offs_m < N_Q
+                qT = tl.load(Qh + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                             mask=mmask[None, :] & dmask[:, None], other=0.0)
+                lse = tl.load(LSE + b * stride_sb + h * stride_sh + offs_m * stride_sm, mask=mmask,
+                              other=float("inf"))
+                pT, keepT = _bwd_tile_scores(k, qT, offs_m[None, :], offs_n[:, None], lse[None, :], KPM, N_Q, N_K,
+                                             qk_scale, seed, bh, dropout_p, CAUSAL, HAS_KPM, DROPOUT)
+                do = tl.load(DOh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                             mask=mmask[:, None] & dmask[None, :], other=0.0)
+                if DROPOUT:
+                    dv += tl.dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do)
+                else:
+                    dv += tl.dot(pT.to(do.dtype), do)
+                dpT = tl.dot(v, tl.trans(do))
+                if DROPOUT:
+                    dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+                delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=mmask, other=0.0)
+                dsT = pT * (dpT - delta[None, :])
+                dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+    dk *= sm_scale
+    tl.store(DK + b.to(tl.int64) * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b.to(tl.int64) * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK_M": c.kwargs["BLOCK_N"], "BLOCK_N": c.kwargs["BLOCK_M"]},
+                                        num_warps=c.num_warps, num_stages=c.num_stages) for c in BWD_CONFIGS],
+                 key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_sparsity})
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CNT, IDX,
+                 stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+                 stride_sb, stride_sh, stride_sm,
+                 H, GROUPS, N_Q, N_K, sm_scale, seed, dropout_p,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                 DROPOUT: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query tile, batch · head): dQ over the key tiles it sees."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    hk = h // GROUPS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask, dmask = offs_m < N_Q, offs_d < HEAD_DIM
+    q_mask = mmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                 + offs_d[None, :] * stride_od, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + b * stride_sb + h * stride_sh + offs_m * stride_sm, mask=mmask, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=mmask, other=0.0)
+    K += b.to(tl.int64) * stride_kb + hk * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk * stride_vh
+    KPM += b.to(tl.int64) * N_K
+    qk_scale = sm_scale * 1.4426950408889634
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    SUB: tl.constexpr = (SPARSE_BLOCK + BLOCK_N * (SPARSE_BLOCK == 0)) // BLOCK_N  # key tiles per sparse block
+    if SPARSE_BLOCK:
+        row = (b * H + h) * tl.cdiv(N_Q, SPARSE_BLOCK) + pid_m * BLOCK_M // SPARSE_BLOCK
+        lo, hi = tl.load(CNT + row), tl.load(CNT + row + 1)
+    else:
+        lo, hi = 0, tl.cdiv(N_K, BLOCK_N)
+        if CAUSAL:
+            hi = tl.minimum(hi, tl.maximum(tl.cdiv(pid_m * BLOCK_M + BLOCK_M + N_K - N_Q, BLOCK_N), 0))
+    for i in range(lo, hi):
+        if SPARSE_BLOCK:
+            coarse = tl.load(IDX + i)
+        else:
+            coarse = i
+        for sub in tl.static_range(SUB):
+            offs_n = (coarse * SUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = offs_n < N_K
+            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=nmask[None, :] & dmask[:, None], other=0.0)
+            vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                         mask=nmask[None, :] & dmask[:, None], other=0.0)
+            p, keep = _bwd_tile_scores(q, kT, offs_m[:, None], offs_n[None, :], lse[:, None], KPM, N_Q, N_K,
+                                       qk_scale, seed, bh, dropout_p, CAUSAL, HAS_KPM, DROPOUT)
+            dp = tl.dot(do, vT)
+            if DROPOUT:
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+    dq *= sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------------------- host side
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+class BlockSparseLayout:
+    """A block mask prepared for the kernels: row-compressed (CSR) lists of the kept blocks per (batch, head),
+    for the forward and dQ (by query block) and for dK/dV (by key block). Build it once and pass it as
+    `block_mask` to skip the preparation (and its device sync) on every call."""
+
+    def __init__(self, block_mask: torch.Tensor, batch: int, heads: int, block_size: int = 128):
+        self.mask, self.block_size = block_mask, block_size
+        self.by_query, self.by_key = _csr_layouts(block_mask, batch, heads)
+
+
+def _csr_layouts(block_mask: torch.Tensor, batch: int, heads: int):
+    mask = block_mask.expand(batch, heads, *block_mask.shape[-2:]).bool()
+
+    def csr(m):
+        counts = m.sum(-1).flatten()
+        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=m.device)
+        offsets[1:] = counts.cumsum(0)
+        indices = m.reshape(-1, m.shape[-1]).nonzero()[:, 1].to(torch.int32).contiguous()
+        return offsets, indices if indices.numel() else torch.zeros(1, dtype=torch.int32, device=m.device)
+
+    return csr(mask), csr(mask.transpose(-1, -2))
+
+
+def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout):
+    if isinstance(block_mask, BlockSparseLayout):
+        block_mask, block_size = block_mask.mask, block_mask.block_size
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not supported; use one of {LAYOUTS}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor in layout {layout!r}, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name}.dtype={t.dtype} is not supported; use one of {DTYPES}")
+        if t.device.type != "cuda" and not INTERPRET:
+            raise ValueError(f"{name} is on {t.device}; flash_attn runs on CUDA devices "
+                             "(or on the CPU under TRITON_INTERPRET=1, for tests)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, h, n_q, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k must match q in batch and head_dim: q {tuple(q.shape)}, k {tuple(k.shape)} "
+                         "(layout (batch, heads, seq, head_dim))")
+    if h % k.shape[1]:
+        raise ValueError(f"q's {h} heads are not a multiple of k's {k.shape[1]} (grouped-query attention)")
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={d} is not supported; use {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
+    n_k = k.shape[2]
+    if key_padding_mask is not None and (key_padding_mask.shape != (b, n_k) or key_padding_mask.dtype != torch.bool):
+        raise ValueError(f"key_padding_mask must be bool of shape (batch, seq_k)={(b, n_k)}, got "
+                         f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    if block_mask is not None:
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size={block_size} must be a power of two, at least 16")
+        want = (triton.cdiv(n_q, block_size), triton.cdiv(n_k, block_size))
+        if block_mask.dim() != 4 or tuple(block_mask.shape[-2:]) != want or block_mask.shape[0] not in (1, b) \
+                or block_mask.shape[1] not in (1, h):
+            raise ValueError(f"block_mask must have shape (1 or {b}, 1 or {h}, {want[0]}, {want[1]}) for "
+                             f"block_size={block_size}, got {tuple(block_mask.shape)}")
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale, dropout_p, key_padding_mask, block_mask, block_size, seed):
+        b, h, n_q, d = q.shape
+        n_k, groups = k.shape[2], h // k.shape[1]
+        block_d = max(16, triton.next_power_of_2(d))
+        o = torch.empty_like(q)
+        lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
+        kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else lse
+        layouts = None
+        if block_mask is not None:
+            prepared = block_mask if isinstance(block_mask, BlockSparseLayout) else \
+                BlockSparseLayout(block_mask, b, h, block_size)
+            layouts, block_size = (prepared.by_query, prepared.by_key), prepared.block_size
+        (cnt, idx) = layouts[0] if layouts else (lse, lse)
+        meta = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
+                    DROPOUT=dropout_p > 0.0, SPARSE_BLOCK=block_size if block_mask is not None else 0)
+        grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
+        _attn_fwd[grid](q, k, v, o, lse, kpm, cnt, idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                        *lse.stride(), h, groups, n_q, n_k, sm_scale, seed, dropout_p, **meta)
+        ctx.save_for_backward(q, k, v, o, lse, kpm)
+        ctx.mark_non_differentiable(lse)
+        ctx.layouts, ctx.meta, ctx.sm_scale, ctx.seed, ctx.dropout_p = layouts, meta, sm_scale, seed, dropout_p
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, kpm = ctx.saved_tensors
+        b, h, n_q, d = q.shape
+        n_k, groups = k.shape[2], h // k.shape[1]
+        do = do.contiguous() if do.stride(-1) != 1 else do
+        delta = (o.float() * do.float()).sum(-1).contiguous()  # rowsum(dO ∘ O), FlashAttention-2's D
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        rows, cols = ctx.layouts if ctx.layouts else ((lse, lse), (lse, lse))
+        common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *lse.stride(), h, groups, n_q, n_k,
+                  ctx.sm_scale, ctx.seed, ctx.dropout_p)
+        grid_kv = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
+        _attn_bwd_dkdv[grid_kv](q, k, v, do, dk, dv, lse, delta, kpm, cols[0], cols[1], *common, **ctx.meta)
+        grid_q = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
+        _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, kpm, rows[0], rows[1], *common, **ctx.meta)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+               softmax_scale: float | None = None, dropout_p: float = 0.0,
+               key_padding_mask: torch.Tensor | None = None,
+               block_mask: torch.Tensor | BlockSparseLayout | None = None,
+               block_size: int = 128, seed: int | None = None, layout: str = "bhsd", return_lse: bool = False):
+    """Exact attention softmax(q kᵀ · scale) v, forward and backward, never materialising the N×N matrix.
+
+    q: (batch, heads, seq_q, head_dim); k, v: (batch, kv_heads, seq_k, head_dim) with kv_heads dividing heads
+    (multi-query and grouped-query attention); `layout="bshd"` takes (batch, seq, heads, head_dim) instead.
+    fp16 or bf16 (fp32 too, with tf32 matrix products on a GPU); head_dim 16 to 256; any lengths.
+    - causal: bottom-right aligned, query i sees keys j <= i + seq_k - seq_q (FlashAttention 2's convention).
+    - key_padding_mask: bool (batch, seq_k), True for real keys. A row that sees no key gives zeros.
+    - dropout_p: fused dropout on the attention probabilities, drawn from `seed` (random if None); the same
+      seed gives the same mask in the forward and the backward, and from run to run.
+    - block_mask: bool (1|batch, 1|heads, ceil(seq_q/block_size), ceil(seq_k/block_size)): block-sparse
+      attention; blocks that are False are skipped, so time falls with the density. A `BlockSparseLayout`
+      built once from such a mask saves preparing it on every call.
+    The backward uses no atomics: it is deterministic.
+    Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`.
+    """
+    _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+    out, lse = FlashAttention.apply(q, k, v, causal, scale, dropout_p, key_padding_mask, block_mask, block_size,
+                                    seed)
+    if layout == "bshd":
+        out = out.transpose(1, 2)
+    return (out, lse / LOG2E) if return_lse else out

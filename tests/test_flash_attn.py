@@ -1,0 +1,147 @@
+"""The Triton FlashAttention kernel against the float64 reference: outputs and gradients, on fresh random inputs,
+odd sizes, causal with unequal lengths, grouped heads, padding, dropout and block sparsity. On the CPU the kernels
+run in Triton's interpreter (fp16 and fp32, small shapes); on a GPU bf16 and larger shapes too."""
+import pytest
+import torch
+
+from conftest import gpu, has_gpu
+from kernels import (attention_reference, block_mask_to_dense, butterfly_block_mask, dropout_keep_mask, flash_attn,
+                     random_block_mask)
+
+DEVICE = "cuda" if has_gpu() else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if has_gpu() else [])
+# ‖out − ref‖ / ‖ref‖ against float64: fp32 (tf32 matrix products on a GPU), fp16, bf16; gradients twice that.
+TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(got, want):
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def run_both(b, h, hk, n_q, n_k, d, dtype, *, causal=False, kpm=None, dropout_p=0.0, block_mask=None,
+             block_size=128, seed=1234):
+    gen = torch.Generator(device=DEVICE).manual_seed(hash((b, h, hk, n_q, n_k, d, causal)) % 2**31)
+    make = lambda heads, n: torch.randn(b, heads, n, d, device=DEVICE, dtype=dtype, generator=gen)  # noqa: E731
+    q, k, v = make(h, n_q), make(hk, n_k), make(hk, n_k)
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = flash_attn(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=dropout_p, block_mask=block_mask,
+                     block_size=block_size, seed=seed)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    keep = dropout_keep_mask(seed, b, h, n_q, n_k, dropout_p, DEVICE) if dropout_p else None
+    dense = block_mask_to_dense(block_mask, n_q, n_k, block_size) if block_mask is not None else None
+    ref = attention_reference(q64, k64, v64, causal=causal, key_padding_mask=kpm, attn_mask=dense,
+                              dropout_p=dropout_p, dropout_mask=keep)
+    dout = torch.randn(ref.shape, device=DEVICE, dtype=torch.float64, generator=gen)
+    out.backward(dout.to(dtype))
+    ref.backward(dout)
+    tol = TOL[dtype]
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < tol, rel_err(out, ref)
+    for name, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert not got.isnan().any(), name
+        assert rel_err(got, want) < 2 * tol, (name, rel_err(got, want))
+    return out, ref
+
+
+SHAPES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
+    (1, 2, 2, 37, 37, 32, False),
+    (2, 2, 2, 37, 37, 64, True),
+    (1, 4, 1, 20, 45, 16, True),    # multi-query, fewer queries than keys
+    (1, 4, 2, 45, 20, 128, True),   # grouped-query; more queries than keys: the first rows see nothing
+    (2, 2, 2, 1, 33, 80, False),    # one query; a head dim that is not a power of two
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(shape, dtype):
+    *dims, causal = shape
+    run_both(*dims, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_padding_dropout_and_a_fully_masked_sequence(dtype):
+    kpm = torch.rand(3, 41, device=DEVICE) > 0.3
+    kpm[1] = False  # every key of sequence 1 is padding: its rows must be zeros, with zero gradients
+    out, _ = run_both(3, 2, 2, 29, 41, 32, dtype, kpm=kpm, dropout_p=0.17)
+    assert (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_matches_a_masked_reference(causal):
+    n, block = 70, 32
+    mask = butterfly_block_mask(3, 3, device=DEVICE).repeat(2, 1, 1, 1)
+    mask[1, :, 2, :] = False  # a query block with no key block at all
+    run_both(2, 2, 1, n, n, 32, torch.float16, causal=causal, block_mask=mask, block_size=block)
+
+
+def test_layouts_and_lse():
+    q, k, v = (torch.randn(2, 19, 3, 32, device=DEVICE, dtype=torch.float16) for _ in range(3))
+    out, lse = flash_attn(q, k, v, layout="bshd", causal=True, return_lse=True)
+    ref = flash_attn(*(t.transpose(1, 2) for t in (q, k, v)), causal=True).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 32**0.5
+    s = s.masked_fill(~torch.ones(19, 19, dtype=torch.bool, device=DEVICE).tril(), float("-inf"))
+    torch.testing.assert_close(lse, s.logsumexp(-1).float(), rtol=1e-3, atol=1e-3)
+
+
+def test_dropout_is_reproducible_from_its_seed_and_backward_is_deterministic():
+    q, k, v = (torch.randn(1, 2, 40, 32, device=DEVICE, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    outs, grads = [], []
+    for seed in (7, 7, 8):
+        out = flash_attn(q, k, v, dropout_p=0.3, seed=seed)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.sum(), (q, k, v)))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
+    keep = dropout_keep_mask(7, 1, 2, 300, 300, 0.3, DEVICE)
+    assert abs(keep.float().mean().item() - 0.7) < 0.01
+
+
+def test_random_block_mask_has_the_asked_density():
+    mask = random_block_mask(16, 16, 0.25, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (1, 1, 16, 16) and (mask.sum(-1) == 4).all() and mask[0, 0].diagonal().all()
+    with pytest.raises(ValueError, match="density"):
+        random_block_mask(4, 4, 0.0)
+
+
+def _qkv(*shape, dtype=torch.float16):
+    return [torch.randn(*shape, device=DEVICE, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32, dtype=torch.float64)), "dtype=torch.float64"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 8)), "head_dim=8"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 512)), "head_dim=512"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32)[:2], torch.randn(1, 2, 9, 32, device=DEVICE, dtype=torch.float16)),
+     "same shape"),
+    (lambda: flash_attn(torch.randn(1, 3, 8, 32, device=DEVICE, dtype=torch.float16), *_qkv(1, 2, 8, 32)[1:]),
+     "multiple"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), key_padding_mask=torch.ones(1, 9, dtype=torch.bool, device=DEVICE)),
+     "key_padding_mask"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE)),
+     "block_mask"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), dropout_p=1.0), "dropout_p"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), layout="sbhd"), "layout"),
+    (lambda: flash_attn(*_qkv(2, 8, 32)), "4-d"),
+])
+def test_bad_input_is_a_clear_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 8, 8, 1000, 1000, 128, False), (1, 8, 2, 777, 2049, 64, True),
+                                   (2, 4, 4, 4096, 4096, 128, True), (1, 4, 4, 513, 300, 32, True)], ids=str)
+def test_gpu_large_shapes(shape, dtype):
+    *dims, causal = shape
+    run_both(*dims, dtype, causal=causal)
+
+
+@gpu
+def test_gpu_block_sparse_and_dropout_at_scale():
+    n = 1000
+    mask = random_block_mask(8, 8, 0.4, device=DEVICE)
+    run_both(2, 4, 4, n, n, 64, torch.bfloat16, block_mask=mask, dropout_p=0.1)
