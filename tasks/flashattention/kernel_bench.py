@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import attention_reference
+from kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
 from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
 from repro.context import ConfigError, RunContext
 from repro.records import Row
@@ -87,6 +87,29 @@ def standard(q, k, v, *, causal, dropout_p, key_padding_mask):
     return attention_reference(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask)
 
 
+def triton(q, k, v, *, causal, dropout_p, key_padding_mask):
+    return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask)
+
+
+SPARSE_BLOCK = 128
+
+
+def triton_sparse(density: float) -> AttentionFn:
+    """Block-sparse FlashAttention keeping `density` of the blocks (the same count in every block row)."""
+    layouts: dict[tuple, BlockSparseLayout] = {}
+
+    def attend(q, k, v, *, causal, dropout_p, key_padding_mask):
+        key = (q.shape, k.shape, q.device)
+        if key not in layouts:  # prepared once per shape, outside the timed calls
+            blocks = [-(-n // SPARSE_BLOCK) for n in (q.shape[2], k.shape[2])]
+            gen = torch.Generator().manual_seed(0)
+            mask = random_block_mask(*blocks, density, generator=gen, device=q.device)
+            layouts[key] = BlockSparseLayout(mask, q.shape[0], q.shape[1], SPARSE_BLOCK)
+        return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
+                          block_mask=layouts[key])
+    return attend
+
+
 def make_inputs(point: Point, device: torch.device, seed: int):
     e = point.extra
     gen = torch.Generator(device=device).manual_seed(seed + point.x_value)
@@ -126,11 +149,19 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, baselin
     return Provider(name, build, baseline=baseline)
 
 
-def providers(names: list[str], ctx: RunContext, seed: int) -> list[Provider]:
-    known: dict[str, AttentionFn] = {"standard": standard, **{n: sdpa(b) for n, b in SDPA_BACKENDS.items()}}
+def providers(names: list[str], ctx: RunContext, seed: int, sparse_densities: list[float]) -> list[Provider]:
+    known: dict[str, AttentionFn] = {"standard": standard, **{n: sdpa(b) for n, b in SDPA_BACKENDS.items()},
+                                     "triton": triton}
+    names = list(names)
+    if "triton_sparse" in names:  # one provider per density
+        at = names.index("triton_sparse")
+        sparse = {f"triton_sparse_{d:g}": triton_sparse(d) for d in sparse_densities}
+        names[at:at + 1] = list(sparse)
+        known.update(sparse)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {list(known)}")
+        raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {list(known)} and "
+                          "triton_sparse (one per kernel.sparse_densities)")
     if "standard" not in names:
         raise ConfigError("kernel.providers must include 'standard', the baseline every speedup is measured against")
     return [provider(n, known[n], ctx, seed, baseline=(n == "standard")) for n in names]
@@ -139,5 +170,6 @@ def providers(names: list[str], ctx: RunContext, seed: int) -> list[Provider]:
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     kernel = cfg.kernel
     names = _as_list(OmegaConf.to_container(kernel.providers))
-    yield from run_benchmark(grid(kernel), providers(names, ctx, cfg.seed), ctx.device,
+    densities = _as_list(OmegaConf.to_container(kernel.sparse_densities))
+    yield from run_benchmark(grid(kernel), providers(names, ctx, cfg.seed, densities), ctx.device,
                              warmup_ms=kernel.warmup_ms, rep_ms=kernel.rep_ms)
