@@ -82,26 +82,30 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms) ->
     return rows
 
 
-def _ratios(point_rows: list[Row], baseline: str) -> list[Row]:
-    """Speedup (baseline time / provider time) and memory saving (baseline memory / provider memory)."""
+def _ratios(point_rows: list[Row], baseline: str, compare_to: Sequence[str]) -> list[Row]:
+    """Speedup (baseline time / provider time) and memory saving (baseline memory / provider memory); and
+    `speedup_over_<name>` for each further reference provider named in `compare_to`."""
     def ok(metric):
         return {r.provider: r.p50 for r in point_rows if r.metric == metric and r.status == "ok"}
 
+    pairs = [(baseline, "time", "speedup"), (baseline, "peak_memory", "memory_saving")]
+    pairs += [(name, "time", f"speedup_over_{name}") for name in compare_to]
     out = []
-    for metric, derived in (("time", "speedup"), ("peak_memory", "memory_saving")):
+    for reference, metric, derived in pairs:
         values = ok(metric)
-        if baseline not in values:
+        if reference not in values:
             continue
         for r in point_rows:
             if r.metric == metric and r.status == "ok":
-                extra = {**r.extra, "baseline": baseline}
-                out.append(Row(r.provider, r.x_name, r.x_value, derived, "x", values[baseline] / r.p50,
+                extra = {**r.extra, "baseline": reference}
+                out.append(Row(r.provider, r.x_name, r.x_value, derived, "x", values[reference] / r.p50,
                                n=r.n, extra=extra))
     return out
 
 
 def run_benchmark(points: Iterable[Point], providers: Sequence[Provider], device: torch.device, *,
-                  warmup_ms: float = 25, rep_ms: float = 100, progress: bool = True) -> Iterator[Row]:
+                  warmup_ms: float = 25, rep_ms: float = 100, progress: bool = True,
+                  compare_to: Sequence[str] = ()) -> Iterator[Row]:
     """Yield the rows of each point as soon as it is measured, so that a killed run keeps what it did."""
     baselines = [p.name for p in providers if p.baseline]
     if len(baselines) != 1:
@@ -115,5 +119,5 @@ def run_benchmark(points: Iterable[Point], providers: Sequence[Provider], device
             bar.set_postfix_str(f"{point.x_name}={point.x_value} {provider.name}", refresh=False)
             point_rows += _measure_one(provider, point, device, warmup_ms, rep_ms)
             bar.update()
-        yield from point_rows + _ratios(point_rows, baselines[0])
+        yield from point_rows + _ratios(point_rows, baselines[0], compare_to)
     bar.close()

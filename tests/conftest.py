@@ -10,6 +10,7 @@ import torch
 # kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FLASH_ATTN_AUTOTUNE", "0")  # correctness tests need no tuning, and every shape would get it
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

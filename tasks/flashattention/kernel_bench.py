@@ -171,5 +171,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     kernel = cfg.kernel
     names = _as_list(OmegaConf.to_container(kernel.providers))
     densities = _as_list(OmegaConf.to_container(kernel.sparse_densities))
+    # block-sparse against our dense kernel too: time should fall in proportion to density
+    compare_to = ["triton"] if "triton" in names else []
     yield from run_benchmark(grid(kernel), providers(names, ctx, cfg.seed, densities), ctx.device,
-                             warmup_ms=kernel.warmup_ms, rep_ms=kernel.rep_ms)
+                             warmup_ms=kernel.warmup_ms, rep_ms=kernel.rep_ms, compare_to=compare_to)
