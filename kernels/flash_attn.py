@@ -393,6 +393,9 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
         raise ValueError(f"q's {h} heads are not a multiple of k's {k.shape[1]} (grouped-query attention)")
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim={d} is not supported; use {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
+    if q.dtype == torch.float32 and q.device.type == "cuda" and d > 64:
+        raise ValueError(f"head_dim={d} with float32 on a GPU is not supported (its tiles overflow shared "
+                         "memory); use float16 or bfloat16, or head_dim <= 64")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
     n_k = k.shape[2]

@@ -93,9 +93,12 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
     if not mine:
         return Outcome(claim, NOT_RUN)
     comparable = claim.compare.comparable_at
-    path, record = max(mine, key=lambda pr: (pr[1].scale in comparable, SCALE_ORDER.get(pr[1].scale, -1),
-                                             pr[1].started))
-    value, unit, detail = claim_value(claim, record)
+    # the best record that measured what the claim needs (a run may cover only some settings)
+    ranked = sorted(mine, key=lambda pr: (pr[1].scale in comparable, SCALE_ORDER.get(pr[1].scale, -1),
+                                          pr[1].started), reverse=True)
+    measured = [(pr, claim_value(claim, pr[1])) for pr in ranked]
+    (path, record), (value, unit, detail) = next(((pr, cv) for pr, cv in measured if cv[0] is not None),
+                                                 measured[0])
     if record.scale not in comparable:
         return Outcome(claim, NOT_COMPARABLE, value, record.gpu_name, record.scale, path, detail, unit)
     if value is None:  # the task ran at a comparable scale, but not yet the provider or setting the claim needs

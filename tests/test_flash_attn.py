@@ -57,6 +57,8 @@ SHAPES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(shape, dtype):
     *dims, causal = shape
+    if dtype == torch.float32 and DEVICE == "cuda" and dims[-1] > 64:
+        pytest.skip("float32 on a GPU takes head_dim <= 64")
     run_both(*dims, dtype, causal=causal)
 
 
