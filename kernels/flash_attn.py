@@ -412,6 +412,16 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
                              f"block_size={block_size}, got {tuple(block_mask.shape)}")
 
 
+def _with_grad_buffer(t: torch.Tensor):
+    """A gradient buffer laid out like `t` (the kernels index both with one set of strides): a view with gaps,
+    such as q split from a fused projection, is copied to a dense tensor first."""
+    grad = torch.empty_like(t)
+    if grad.stride() != t.stride():
+        t = t.contiguous()
+        grad = torch.empty_like(t)
+    return t, grad
+
+
 class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale, dropout_p, key_padding_mask, block_mask, block_size, seed):
@@ -444,7 +454,7 @@ class FlashAttention(torch.autograd.Function):
         n_k, groups = k.shape[2], h // k.shape[1]
         do = do.contiguous() if do.stride(-1) != 1 else do
         delta = (o.float() * do.float()).sum(-1).contiguous()  # rowsum(dO ∘ O), FlashAttention-2's D
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        (q, dq), (k, dk), (v, dv) = _with_grad_buffer(q), _with_grad_buffer(k), _with_grad_buffer(v)
         rows, cols = ctx.layouts if ctx.layouts else ((lse, lse), (lse, lse))
         common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *lse.stride(), h, groups, n_q, n_k,
                   ctx.sm_scale, ctx.seed, ctx.dropout_p)

@@ -147,3 +147,18 @@ def test_gpu_block_sparse_and_dropout_at_scale():
     n = 1000
     mask = random_block_mask(8, 8, 0.4, device=DEVICE)
     run_both(2, 4, 4, n, n, 64, torch.bfloat16, block_mask=mask, dropout_p=0.1)
+
+
+def test_views_of_a_fused_projection_get_correct_gradients():
+    """q, k, v split from one (batch, seq, 3·hidden) tensor are strided views with gaps, as in GPT-2."""
+    x = torch.randn(2, 21, 3 * 64, device=DEVICE, dtype=torch.float32, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    outs = []
+    for src, attend in ((x, lambda q, k, v: flash_attn(q, k, v, causal=True)),
+                        (x64, lambda q, k, v: attention_reference(q, k, v, causal=True))):
+        q, k, v = (t.view(2, 21, 2, 32).transpose(1, 2) for t in src.split(64, dim=2))
+        out = attend(q, k, v)
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+    assert rel_err(outs[0], outs[1]) < TOL[torch.float32]
+    assert rel_err(x.grad, x64.grad) < 2 * TOL[torch.float32]

@@ -1,0 +1,56 @@
+"""Our FlashAttention as a Hugging Face transformers attention implementation:
+
+    from kernels.hf_attention import register
+    register()                      # once per process
+    model = AutoModel.from_config(config, attn_implementation="effrepro_flash")
+
+The model builds the same boolean masks as for `sdpa`; they are mapped onto the kernel's own causal flag and
+key padding mask. A mask the kernel cannot express (sliding windows, packed sequences, custom patterns) is an
+error, never a silent change of result.
+"""
+from __future__ import annotations
+
+import torch
+
+from .flash_attn import flash_attn
+
+NAME = "effrepro_flash"
+
+
+def _key_padding_mask(mask: torch.Tensor, causal: bool) -> torch.Tensor | None:
+    """The (batch, Nk) key mask behind a (batch, 1, Nq, Nk) boolean mask, after checking that causality and
+    key padding are all that mask holds."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"{NAME} takes boolean (batch, 1, q, k) masks, got {mask.dtype} {tuple(mask.shape)}")
+    n_q, n_k = mask.shape[-2:]
+    keys = mask[:, 0].any(dim=-2)  # a key any query may see is a real key
+    expected = keys[:, None, None, :]
+    if causal:
+        expected = expected & torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device).tril(n_k - n_q)
+    # rows that see no key at all (left padding under a causal mask) come out as zeros here: they are padding
+    seen = mask.any(dim=-1, keepdim=True)
+    if not torch.equal(expected & seen, mask):
+        raise ValueError(f"{NAME} supports causal and key-padding masks only; this mask has another pattern")
+    return None if bool(keys.all()) else keys
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      is_causal: bool | None = None, **kwargs):
+    """transformers' attention signature: (batch, heads, seq, head_dim) in, (batch, seq, heads, head_dim) out."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    causal = bool(causal) and query.shape[2] > 1
+    kpm = _key_padding_mask(attention_mask, causal) if attention_mask is not None else None
+    out = flash_attn(query, key, value, causal=causal, softmax_scale=scaling, dropout_p=dropout,
+                     key_padding_mask=kpm)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(name: str = NAME) -> str:
+    """Make `attn_implementation=name` available to every transformers model in this process."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name

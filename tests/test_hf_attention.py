@@ -1,0 +1,61 @@
+"""Our kernel inside transformers models: logits and gradients against `eager`, with causal and padding masks."""
+import pytest
+import torch
+
+from conftest import has_gpu
+from kernels.hf_attention import NAME, register
+
+DEVICE = "cuda" if has_gpu() else "cpu"
+
+
+def build(kind: str, implementation: str):
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=97, n_positions=64)
+        model = GPT2LMHeadModel(config)
+    elif kind == "bert":
+        config = BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128,
+                            vocab_size=97, max_position_embeddings=64)
+        model = BertModel(config, add_pooling_layer=False)
+    else:
+        config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=128,
+                             intermediate_size=128, vocab_size=97, max_position_embeddings=64)
+        model = LlamaForCausalLM(config)
+    model.config._attn_implementation = implementation
+    model.set_attn_implementation(implementation) if hasattr(model, "set_attn_implementation") else None
+    return model.to(DEVICE).eval()
+
+
+def outputs(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask)
+    hidden = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    real = mask.bool()
+    loss = hidden[real].square().mean()
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    return hidden[real], grads
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+def test_matches_eager_with_padding(kind):
+    register()
+    ids = torch.randint(0, 97, (2, 21), device=DEVICE)
+    mask = torch.ones(2, 21, dtype=torch.long, device=DEVICE)
+    mask[1, 15:] = 0  # right padding in the second sequence
+    ours, ours_grads = outputs(build(kind, NAME), ids, mask)
+    ref, ref_grads = outputs(build(kind, "eager"), ids, mask)
+    torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3)
+    for a, b in zip(ours_grads, ref_grads):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-4)
+
+
+def test_an_unsupported_mask_pattern_is_an_error():
+    from kernels.hf_attention import _key_padding_mask
+
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    mask[0, 0, 5, 0] = False  # a sliding window, which the kernel does not do
+    with pytest.raises(ValueError, match="causal and key-padding"):
+        _key_padding_mask(mask, causal=True)
+    assert _key_padding_mask(torch.ones(1, 1, 6, 6, dtype=torch.bool).tril(), causal=True) is None
