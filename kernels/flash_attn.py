@@ -365,6 +365,11 @@ def _csr_layouts(block_mask: torch.Tensor, batch: int, heads: int):
     return csr(mask), csr(mask.transpose(-1, -2))
 
 
+def runs_on(device) -> bool:
+    """Whether the kernels can run on `device`: a CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
+    return torch.device(device).type == "cuda" or INTERPRET
+
+
 def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout):
     if isinstance(block_mask, BlockSparseLayout):
         block_mask, block_size = block_mask.mask, block_mask.block_size

@@ -44,10 +44,14 @@ def compose():
     return _compose
 
 
-def run_repro(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real command line, in a subprocess, as a user would run it."""
+def run_repro(*args: str, timeout: float = 300, interpret: bool = False) -> subprocess.CompletedProcess:
+    """The real command line, in a subprocess, as a user would run it. Triton kernels are left out on a CPU
+    (recorded as unsupported) unless `interpret`: the interpreter takes seconds per call."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not interpret:
+        env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, "-m", "repro.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          timeout=timeout, env=env)
 
 
 def has_gpu() -> bool:

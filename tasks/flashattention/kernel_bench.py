@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
+from kernels.flash_attn import runs_on
 from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
 from repro.context import ConfigError, RunContext
 from repro.records import Row
@@ -126,6 +127,8 @@ def make_inputs(point: Point, device: torch.device, seed: int):
 
 def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, baseline: bool = False) -> Provider:
     def build(point: Point) -> Call:
+        if name.startswith("triton") and not runs_on(ctx.device):
+            raise Unsupported(f"{name} needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")
         q, k, v, mask = make_inputs(point, ctx.device, seed)
         e = point.extra
         run = lambda: attend(q, k, v, causal=e["causal"], dropout_p=e["dropout"], key_padding_mask=mask)  # noqa: E731
