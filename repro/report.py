@@ -172,7 +172,23 @@ def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
     tmp.replace(path)
 
 
-def plot_record(record: RunRecord, out_dir: Path) -> list[Path]:
+def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tuple[list, list[RunRecord]]]:
+    """Per task, the rows to plot: each series (a row's `series` extra) from the newest GPU record that has
+    it, so a run that measured only some settings does not hide the others. Also the records used."""
+    out: dict[str, tuple[list, list[RunRecord]]] = {}
+    for _, rec in sorted(records, key=lambda pr: pr[1].started, reverse=True):
+        if rec.status != "ok" or rec.scale == "smoke":
+            continue
+        rows, used = out.setdefault(rec.task, ([], []))
+        taken = {r.extra.get("series", "") for r in rows}
+        new = [r for r in rec.rows if r.extra.get("series", "") not in taken]
+        if new:
+            rows += new
+            used.append(rec)
+    return out
+
+
+def plot_rows(task: str, rows: list, title: str, out_dir: Path) -> list[Path]:
     """One PNG per metric: p50 against x, a line per provider, columns by mode, rows by series."""
     import matplotlib
 
@@ -180,7 +196,7 @@ def plot_record(record: RunRecord, out_dir: Path) -> list[Path]:
     import pandas as pd
     import seaborn as sns
 
-    ok = [r for r in record.rows if r.status == "ok" and r.p50 is not None and r.metric in PLOT_METRICS]
+    ok = [r for r in rows if r.status == "ok" and r.p50 is not None and r.metric in PLOT_METRICS]
     if not ok:
         return []
     df = pd.DataFrame([{"provider": r.provider, "x": r.x_value, "metric": r.metric, "unit": r.unit, "p50": r.p50,
@@ -194,8 +210,8 @@ def plot_record(record: RunRecord, out_dir: Path) -> list[Path]:
         grid.set(xscale="log", xlabel=ok[0].x_name, ylabel=f"{metric} ({part['unit'].iloc[0]})")
         if metric == "peak_memory":
             grid.set(yscale="log")
-        grid.figure.suptitle(f"{record.task} · {metric} · {record.gpu_name} · {record.scale}", y=1.02)
-        path = out_dir / f"{record.task}_{metric}.png"
+        grid.figure.suptitle(f"{task} · {metric} · {title}", y=1.02)
+        path = out_dir / f"{task}_{metric}.png"
         grid.savefig(path, dpi=90, bbox_inches="tight")
         matplotlib.pyplot.close(grid.figure)
         paths.append(path)
@@ -243,12 +259,9 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     plots = []
     for stale in (out / "report" / "plots").glob("*.png"):
         stale.unlink()
-    latest = {}
-    for path, rec in records:
-        if rec.status == "ok" and rec.scale != "smoke":
-            latest[rec.task] = rec
-    for rec in latest.values():
-        plots += plot_record(rec, out / "report" / "plots")
+    for task, (rows, used) in newest_rows_by_series(records).items():
+        title = ", ".join(sorted({f"{r.gpu_name} {r.scale}" for r in used}))
+        plots += plot_rows(task, rows, title, out / "report" / "plots")
     if plots:
         parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}](report/plots/{p.name})" for p in plots) + "\n")
     report = "\n".join(parts)

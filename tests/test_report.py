@@ -129,3 +129,16 @@ def test_published_claims_cover_all_six_papers():
                            "compress_then_prompt", "greenformers"}
     for name, (header, claims) in papers.items():
         assert header.get("title") and claims, name
+
+
+def test_plots_take_each_series_from_the_newest_record_that_has_it():
+    from repro.report import newest_rows_by_series
+
+    def series_row(series, value):
+        return Row("ours", "n", 1, "speedup", "x", value, value, value, 1, extra={"series": series})
+
+    old = rec("bench", "small", [series_row("a", 1.0), series_row("b", 2.0)], started="2026-11-01T00:00:00+00:00")
+    new = rec("bench", "small", [series_row("a", 3.0)], started="2026-11-02T00:00:00+00:00")
+    rows, used = newest_rows_by_series([(Path("old"), old), (Path("new"), new)])["bench"]
+    assert sorted((r.extra["series"], r.p50) for r in rows) == [("a", 3.0), ("b", 2.0)]
+    assert used == [new, old]
