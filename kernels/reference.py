@@ -51,3 +51,12 @@ def block_mask_to_dense(block_mask: torch.Tensor, n_q: int, n_k: int, block_size
     """A block-sparse mask of (…, ceil(Nq/b), ceil(Nk/b)) blocks as an element mask of (…, Nq, Nk)."""
     dense = block_mask.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)
     return dense[..., :n_q, :n_k]
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               lengths: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
+    """One query per head, (batch, heads, head_dim), over the first `lengths[b]` entries of each cache."""
+    keys = torch.arange(k_cache.shape[2], device=k_cache.device)[None, :] < lengths.to(k_cache.device)[:, None]
+    out = attention_reference(q[:, :, None, :], k_cache, v_cache, softmax_scale=softmax_scale,
+                              key_padding_mask=keys)
+    return out[:, :, 0, :]

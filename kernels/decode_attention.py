@@ -1,0 +1,244 @@
+"""Decode attention: one query token per head over a KV cache, under three schedules of the same kernel.
+
+- `fa2`: one program per (batch, KV head) walks the whole cache (FlashAttention-2's parallelism, the Lean
+  Attention paper's baseline): few programs at small batch, so most SMs idle.
+- `split`: FlashDecoding: each (batch, KV head) split into `num_splits` chunks, then a reduction.
+- `lean`: stream-K (Lean Attention): all (batch, KV head, KV tile) tiles in one line, cut into equal shares
+  for a fixed number of programs; a share may span several heads, and a head several shares. Partial results
+  are merged exactly through their log-sum-exp, in a fixed order (deterministic).
+
+The query heads that share a KV head are processed together (grouped-query attention), so K and V are read
+once. A `DecodeSchedule` is built on the host from the sequence lengths and reused across calls.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SCHEDULES = ("fa2", "split", "lean")
+HEAD_DIMS = (16, 32, 64, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_N = 16 if INTERPRET else 64
+
+
+@triton.jit
+def _decode_partial(Q, K, V, LEN, ITEMS, PTR, WO, WL, OUT, LSE,
+                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                    stride_ob, stride_oh, HKV, G, MAX_PIECES, sm_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
+    """Each program walks its work items (segment = batch·KV head, tile range, piece number): softmax over the
+    tiles with a running maximum and sum, then either the final output (DIRECT: one piece per segment) or a
+    normalised partial and its base-2 log-sum-exp for the combine kernel."""
+    p = tl.program_id(0)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    gmask = offs_g < G
+    qk_scale = sm_scale * 1.4426950408889634
+    for i in range(tl.load(PTR + p), tl.load(PTR + p + 1)):
+        seg = tl.load(ITEMS + 4 * i)
+        lo = tl.load(ITEMS + 4 * i + 1)
+        hi = tl.load(ITEMS + 4 * i + 2)
+        piece = tl.load(ITEMS + 4 * i + 3)
+        b, hk = seg // HKV, seg % HKV
+        length = tl.load(LEN + b)
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + (hk * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                    mask=gmask[:, None], other=0.0)
+        Kh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        Vh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+        for t in range(lo, hi):
+            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = offs_n < length
+            k = tl.load(Kh + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=nmask[None, :],
+                        other=0.0)
+            s = tl.where(nmask[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))  # every tile holds a real key: m_new is finite
+            prob = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m - m_new)
+            l = l * alpha + tl.sum(prob, 1)
+            v = tl.load(Vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=nmask[:, None],
+                        other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
+            m = m_new
+        out = acc / l[:, None]
+        lse = m + tl.math.log2(l)
+        if DIRECT:
+            tl.store(OUT + b.to(tl.int64) * stride_ob + (hk * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+                     out.to(OUT.dtype.element_ty), mask=gmask[:, None])
+            tl.store(LSE + b * (HKV * G) + hk * G + offs_g, lse, mask=gmask)
+        else:
+            slot = seg.to(tl.int64) * MAX_PIECES + piece
+            tl.store(WO + (slot * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], out, mask=gmask[:, None])
+            tl.store(WL + slot * G + offs_g, lse, mask=gmask)
+
+
+@triton.jit
+def _decode_combine(WO, WL, NPIECES, OUT, LSE, stride_ob, stride_oh, HKV, G, MAX_PIECES,
+                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Per segment: merge its pieces in order, weighting each by exp2(its LSE − the running maximum)."""
+    seg = tl.program_id(0)
+    b, hk = seg // HKV, seg % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    gmask = offs_g < G
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    w_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for j in range(tl.load(NPIECES + seg)):
+        slot = seg.to(tl.int64) * MAX_PIECES + j
+        lse = tl.load(WL + slot * G + offs_g, mask=gmask, other=0.0)
+        o = tl.load(WO + (slot * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], mask=gmask[:, None], other=0.0)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.math.exp2(m - m_new)
+        w = tl.math.exp2(lse - m_new)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        w_sum = w_sum * alpha + w
+        m = m_new
+    tl.store(OUT + b.to(tl.int64) * stride_ob + (hk * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             (acc / w_sum[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
+    tl.store(LSE + b * (HKV * G) + hk * G + offs_g, m + tl.math.log2(w_sum), mask=gmask)
+
+
+@dataclass
+class DecodeSchedule:
+    """Which program computes which tiles: a CSR list of work items per program, built on the host."""
+
+    kind: str
+    num_programs: int
+    items: torch.Tensor  # int32 (n_items, 4): segment, first tile, end tile, piece number
+    ptr: torch.Tensor  # int32 (num_programs + 1,)
+    pieces: torch.Tensor  # int32 (num_segments,): how many pieces each segment was cut into
+    max_pieces: int
+    block_n: int
+
+    @property
+    def direct(self) -> bool:
+        return self.max_pieces == 1
+
+
+def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | None = None,
+                  num_splits: int | None = None, block_n: int = BLOCK_N, device=None) -> DecodeSchedule:
+    """`fa2`: a program per (batch, KV head). `split`: `num_splits` chunks per (batch, KV head) (default: enough
+    to give every SM two programs). `lean`: `num_programs` equal shares of all tiles (default: two per SM)."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule={kind!r} is not one of {SCHEDULES}")
+    lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+    tiles = [math.ceil(n / block_n) for n in lengths for _ in range(num_kv_heads)]  # per segment b·Hkv + hk
+    n_seg = len(tiles)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 8
+    per_program: list[list[tuple[int, int, int, int]]] = []
+    pieces = [0] * n_seg
+    if kind == "fa2":
+        per_program = [[(g, 0, t, 0)] for g, t in enumerate(tiles)]
+        pieces = [1] * n_seg
+    elif kind == "split":
+        splits = num_splits or max(1, math.ceil(2 * sms / n_seg))
+        for g, t in enumerate(tiles):
+            chunk = math.ceil(t / splits)
+            for s in range(splits):
+                lo, hi = s * chunk, min(t, (s + 1) * chunk)
+                if lo < hi:
+                    per_program.append([(g, lo, hi, pieces[g])])
+                    pieces[g] += 1
+    else:
+        total = sum(tiles)
+        programs = min(num_programs or 2 * sms, total)
+        starts = [0]
+        for t in tiles:
+            starts.append(starts[-1] + t)
+        g = 0
+        for p in range(programs):
+            lo, hi = p * total // programs, (p + 1) * total // programs
+            work = []
+            while lo < hi:
+                while starts[g + 1] <= lo:
+                    g += 1
+                end = min(hi, starts[g + 1])
+                work.append((g, lo - starts[g], end - starts[g], pieces[g]))
+                pieces[g] += 1
+                lo = end
+            per_program.append(work)
+    flat = [item for work in per_program for item in work]
+    ptr = [0]
+    for work in per_program:
+        ptr.append(ptr[-1] + len(work))
+    as_int = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return DecodeSchedule(kind, len(per_program), as_int(flat).reshape(-1, 4), as_int(ptr), as_int(pieces),
+                          max(pieces), block_n)
+
+
+def runs_on(device) -> bool:
+    """Whether the kernels can run on `device`: a CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
+    return torch.device(device).type == "cuda" or INTERPRET
+
+
+def _check(q, k_cache, v_cache, lengths):
+    if q.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError(f"q must be (batch, heads, head_dim) and k_cache (batch, kv_heads, max_len, head_dim); "
+                         f"got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache differ: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in DTYPES:
+        raise ValueError(f"q, k_cache, v_cache must share one dtype of {DTYPES}; got {q.dtype}, {k_cache.dtype}, "
+                         f"{v_cache.dtype}")
+    b, h, d = q.shape
+    if k_cache.shape[0] != b or k_cache.shape[3] != d:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
+    if h % k_cache.shape[1]:
+        raise ValueError(f"q's {h} heads are not a multiple of the cache's {k_cache.shape[1]} KV heads")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head_dim={d} is not supported; use one of {HEAD_DIMS}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must have shape (batch,)=({b},), got {tuple(lengths.shape)}")
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 1 or hi > k_cache.shape[2]:
+        raise ValueError(f"lengths must be in [1, {k_cache.shape[2]}] (the cache's max_len); got {lo}..{hi}")
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     schedule: str | DecodeSchedule = "lean", softmax_scale: float | None = None,
+                     return_lse: bool = False):
+    """softmax(q kᵀ · scale) v for one query per head, over the first `lengths[b]` entries of the cache.
+
+    q: (batch, heads, head_dim); k_cache, v_cache: (batch, kv_heads, max_len, head_dim), kv_heads dividing
+    heads; lengths: int (batch,), each in [1, max_len]. `schedule` is "fa2", "split", "lean" or a prepared
+    `DecodeSchedule` (build it once with `make_schedule` when the lengths repeat). Returns the output
+    (batch, heads, head_dim) and, if asked, the log-sum-exp (natural log, float32, (batch, heads)).
+    """
+    _check(q, k_cache, v_cache, lengths)
+    b, h, d = q.shape
+    hkv = k_cache.shape[1]
+    groups = h // hkv
+    if isinstance(schedule, str):
+        schedule = make_schedule(schedule, lengths, hkv, device=q.device)
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, device=q.device, dtype=torch.float32)
+    block_g = max(16, triton.next_power_of_2(groups))
+    if schedule.direct:
+        wo = wl = lse
+    else:
+        n_slots = b * hkv * schedule.max_pieces * groups
+        wo = torch.empty(n_slots, d, device=q.device, dtype=torch.float32)
+        wl = torch.empty(n_slots, device=q.device, dtype=torch.float32)
+    lengths = lengths.to(device=q.device, dtype=torch.int32)
+    _decode_partial[(schedule.num_programs,)](
+        q, k_cache, v_cache, lengths, schedule.items, schedule.ptr, wo, wl, out, lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        hkv, groups, schedule.max_pieces, scale,
+        HEAD_DIM=d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, DIRECT=schedule.direct)
+    if not schedule.direct:
+        _decode_combine[(b * hkv,)](wo, wl, schedule.pieces, out, lse, out.stride(0), out.stride(1), hkv, groups,
+                                    schedule.max_pieces, HEAD_DIM=d, BLOCK_G=block_g)
+    return (out, lse * math.log(2.0)) if return_lse else out

@@ -1,0 +1,73 @@
+"""Decode attention, each schedule against the float64 reference: GQA, odd lengths, length 1, a batch whose
+lengths differ by 100x."""
+import pytest
+import torch
+
+from conftest import gpu, has_gpu
+from kernels.decode_attention import SCHEDULES, decode_attention, make_schedule
+from kernels.reference import decode_attention_reference
+
+DEVICE = "cuda" if has_gpu() else "cpu"
+TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def check(b, hq, hkv, lengths, d, dtype, schedule, max_len=None):
+    gen = torch.Generator(device=DEVICE).manual_seed(b * 1000 + hq + d)
+    max_len = max_len or max(lengths) + 3
+    q = torch.randn(b, hq, d, device=DEVICE, dtype=dtype, generator=gen)
+    k, v = (torch.randn(b, hkv, max_len, d, device=DEVICE, dtype=dtype, generator=gen) for _ in range(2))
+    lengths = torch.tensor(lengths, device=DEVICE)
+    out, lse = decode_attention(q, k, v, lengths, schedule=schedule, return_lse=True)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype], err
+    scores = torch.einsum("bhd,bhnd->bhn", q.double(), k.double().repeat_interleave(hq // hkv, 1)) / d**0.5
+    scores = scores.masked_fill(torch.arange(max_len, device=DEVICE) >= lengths[:, None, None], float("-inf"))
+    torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_schedules_match_reference(schedule, dtype):
+    check(3, 8, 2, [1, 37, 100], 64, dtype, schedule)    # length 1; lengths not a multiple of the tile
+    check(2, 4, 4, [300, 3], 128, dtype, schedule)       # lengths 100x apart; MHA
+
+
+def test_lean_shares_cross_segments_and_merge_exactly():
+    lengths = [50, 7, 200]
+    sched = make_schedule("lean", lengths, 2, num_programs=5, block_n=16)
+    tiles = sched.items[:, 2] - sched.items[:, 1]
+    assert int(tiles.sum()) == 2 * sum(-(-n // 16) for n in lengths)
+    assert sched.max_pieces > 1 and int(sched.pieces.sum()) == len(sched.items)
+    q = torch.randn(3, 4, 64, device=DEVICE)
+    k, v = (torch.randn(3, 2, 200, 64, device=DEVICE) for _ in range(2))
+    n = torch.tensor(lengths, device=DEVICE)
+    outs = [decode_attention(q, k, v, n, schedule=s) for s in ("fa2", "split", sched)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(decode_attention(q, k, v, n, schedule=sched), outs[2])  # deterministic
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(q=(2, 5, 64)), "multiple"),
+    (dict(q=(2, 4, 48), cache=(2, 2, 16, 48)), "head_dim=48"),
+    (dict(lengths=[0, 3]), r"\[1, 16\]"),
+    (dict(lengths=[17, 3]), r"\[1, 16\]"),
+    (dict(cache_dtype=torch.float32), "dtype"),
+    (dict(v=(2, 2, 8, 64)), "differ"),
+])
+def test_bad_input_is_a_clear_value_error(change, match):
+    q = torch.randn(*change.get("q", (2, 4, 64)), device=DEVICE, dtype=torch.float16)
+    shape = change.get("cache", (2, 2, 16, 64))
+    k = torch.randn(*shape, device=DEVICE, dtype=change.get("cache_dtype", torch.float16))
+    v = torch.randn(*change.get("v", shape), device=DEVICE, dtype=k.dtype)
+    with pytest.raises(ValueError, match=match):
+        decode_attention(q, k, v, torch.tensor(change.get("lengths", [5, 9]), device=DEVICE))
+    with pytest.raises(ValueError, match="schedule"):
+        make_schedule("fastest", [4], 1)
+
+
+@gpu
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gpu_long_contexts_bf16(schedule):
+    check(4, 32, 8, [65536, 655, 70000, 1], 128, torch.bfloat16, schedule, max_len=70000)
