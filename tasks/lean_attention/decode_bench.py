@@ -1,0 +1,116 @@
+"""Decode attention over context length: each schedule of our kernel and each SDPA backend, timed with the
+L2 flushed before every call, against the device-to-device copy bandwidth measured in the same run."""
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels import decode_attention, make_schedule
+from kernels.decode_attention import SCHEDULES, runs_on
+from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
+from repro.context import ConfigError, RunContext
+from repro.records import Row
+from repro.timing import measure
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+SDPA_BACKENDS = {"sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+                 "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_math": SDPBackend.MATH}
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def grid(cfg: DictConfig) -> list[Point]:
+    spec = OmegaConf.to_container(cfg, resolve=True)
+    if spec["dtype"] not in DTYPES:
+        raise ConfigError(f"decode.dtype={spec['dtype']!r} is not one of {list(DTYPES)}")
+    points = []
+    for context, batch, heads in itertools.product(*(_as_list(spec[k]) for k in ("context", "batch", "heads"))):
+        hq, hkv = (int(x) for x in str(heads).split("/"))
+        kv_bytes = 2 * batch * hkv * context * spec["head_dim"] * torch.finfo(DTYPES[spec["dtype"]]).bits // 8
+        extra = dict(batch=batch, heads=f"{hq}/{hkv}", head_dim=spec["head_dim"], dtype=spec["dtype"],
+                     series=f"B={batch} H={hq}/{hkv}")
+        points.append(Point("context", context, extra, bytes=kv_bytes))
+    return points
+
+
+def make_inputs(point: Point, device: torch.device, seed: int):
+    e = point.extra
+    hq, hkv = (int(x) for x in e["heads"].split("/"))
+    gen = torch.Generator(device=device).manual_seed(seed + point.x_value)
+    dtype = DTYPES[e["dtype"]]
+    q = torch.randn(e["batch"], hq, e["head_dim"], device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(e["batch"], hkv, point.x_value, e["head_dim"], device=device, dtype=dtype, generator=gen)
+            for _ in range(2))
+    lengths = torch.full((e["batch"],), point.x_value, device=device, dtype=torch.int32)
+    return q, k, v, lengths
+
+
+def ours(kind: str, ctx: RunContext, seed: int) -> Provider:
+    def build(point: Point) -> Call:
+        if not runs_on(ctx.device):
+            raise Unsupported(f"{kind} needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")
+        q, k, v, lengths = make_inputs(point, ctx.device, seed)
+        schedule = make_schedule(kind, lengths, k.shape[1], device=ctx.device)  # built once, outside the timing
+        decode_attention(q, k, v, lengths, schedule=schedule)
+        return Call(lambda: decode_attention(q, k, v, lengths, schedule=schedule))
+    return Provider(kind, build, baseline=(kind == "fa2"))
+
+
+def sdpa(name: str, backend: SDPBackend, ctx: RunContext, seed: int) -> Provider:
+    def build(point: Point) -> Call:
+        q, k, v, _ = make_inputs(point, ctx.device, seed)
+        q4 = q[:, :, None, :]
+        run = lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=k.shape[1] != q.shape[1])  # noqa: E731
+        try:
+            with sdpa_kernel(backend), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run()
+        except RuntimeError as exc:
+            if "No available kernel" in str(exc) or "No viable backend" in str(exc):
+                raise Unsupported(f"{name} declines heads={point.extra['heads']} on {ctx.device.type}") from None
+            raise
+
+        def call():
+            with sdpa_kernel(backend):
+                return run()
+        return Call(call)
+    return Provider(name, build)
+
+
+def copy_bandwidth(ctx: RunContext, size_bytes: int) -> Row:
+    """Device-to-device copy, counting bytes read and written: the bandwidth a decode kernel can hope for."""
+    src = torch.randn(size_bytes // 4, device=ctx.device)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), ctx.device)
+    gbps = lambda ms: 2 * size_bytes / (ms * 1e-3) / 1e9  # noqa: E731
+    return Row("device_copy", "bytes", size_bytes, "copy_bandwidth", "GB/s", gbps(t.p50), gbps(t.p80), gbps(t.p20),
+               t.n, extra={"clock": t.clock})
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
+    spec = cfg.decode
+    names = _as_list(OmegaConf.to_container(spec.providers))
+    known = {*SCHEDULES, *SDPA_BACKENDS}
+    if set(names) - known or "fa2" not in names:
+        raise ConfigError(f"decode.providers={names}: known providers are {sorted(known)}, and 'fa2' (the "
+                          "baseline of every speedup) must be among them")
+    copy = copy_bandwidth(ctx, int(spec.copy_bytes))
+    yield copy
+    providers = [ours(n, ctx, cfg.seed) if n in SCHEDULES else sdpa(n, SDPA_BACKENDS[n], ctx, cfg.seed)
+                 for n in names]
+    compare_to = [n for n in ("fa2", "split") if n in names]
+    for row in run_benchmark(grid(spec), providers, ctx.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
+                             compare_to=compare_to):
+        yield row
+        if row.metric == "bandwidth":
+            fraction = lambda x: x / copy.p50  # noqa: E731
+            yield Row(row.provider, row.x_name, row.x_value, "bandwidth_fraction", "x", fraction(row.p50),
+                      fraction(row.p20), fraction(row.p80), row.n, extra=dict(row.extra))
