@@ -13,14 +13,14 @@ once. A `DecodeSchedule` is built on the host from the sequence lengths and reus
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .runtime import INTERPRET, runs_on
+
 SCHEDULES = ("fa2", "split", "lean")
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -175,11 +175,6 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
                           max(pieces), block_n)
 
 
-def runs_on(device) -> bool:
-    """Whether the kernels can run on `device`: a CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
-    return torch.device(device).type == "cuda" or INTERPRET
-
-
 def _check(q, k_cache, v_cache, lengths):
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"q must be (batch, heads, head_dim) and k_cache (batch, kv_heads, max_len, head_dim); "
@@ -196,6 +191,9 @@ def _check(q, k_cache, v_cache, lengths):
         raise ValueError(f"q's {h} heads are not a multiple of the cache's {k_cache.shape[1]} KV heads")
     if d not in HEAD_DIMS:
         raise ValueError(f"head_dim={d} is not supported; use one of {HEAD_DIMS}")
+    if not runs_on(q.device):
+        raise ValueError(f"q is on {q.device}; decode_attention runs on CUDA devices "
+                         "(or on the CPU under TRITON_INTERPRET=1, for tests)")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
     if lengths.shape != (b,):

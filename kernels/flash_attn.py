@@ -9,14 +9,14 @@ skipped rather than masked.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .runtime import INTERPRET
+
 # FLASH_ATTN_AUTOTUNE=0 takes each kernel's first config instead of timing them all: for tests, where every
 # new shape would otherwise be tuned.
 AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"
@@ -363,11 +363,6 @@ def _csr_layouts(block_mask: torch.Tensor, batch: int, heads: int):
         return offsets, indices if indices.numel() else torch.zeros(1, dtype=torch.int32, device=m.device)
 
     return csr(mask), csr(mask.transpose(-1, -2))
-
-
-def runs_on(device) -> bool:
-    """Whether the kernels can run on `device`: a CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
-    return torch.device(device).type == "cuda" or INTERPRET
 
 
 def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout):

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
-from kernels.flash_attn import runs_on
+from kernels.runtime import runs_on
 from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
 from repro.context import ConfigError, RunContext
 from repro.records import Row

@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import decode_attention, make_schedule
-from kernels.decode_attention import SCHEDULES, runs_on
+from kernels.decode_attention import SCHEDULES
+from kernels.runtime import runs_on
 from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
 from repro.context import ConfigError, RunContext
 from repro.records import Row
