@@ -14,6 +14,17 @@ from .records import Row
 from .timing import is_out_of_memory, measure, peak_memory_mb
 
 
+def as_list(value: Any) -> list:
+    """A grid axis from config: one value or a list of them."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def sdpa_declined(exc: BaseException) -> bool:
+    """PyTorch's SDPA refusing a shape under the chosen backend ("No available kernel" on CUDA, "No viable
+    backend" on the CPU): a provider that cannot run the point, not a failure."""
+    return isinstance(exc, RuntimeError) and ("No available kernel" in str(exc) or "No viable backend" in str(exc))
+
+
 class Unsupported(Exception):
     """A provider cannot run this point (shape, dtype, mask, backend missing): recorded, never fatal."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
 from kernels.runtime import runs_on
-from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
+from repro.bench import Call, Point, Provider, Unsupported, as_list, run_benchmark, sdpa_declined
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 
@@ -30,10 +30,6 @@ SDPA_BACKENDS = {
 AttentionFn = Callable[..., torch.Tensor]
 GRID_KEYS = ("seq_len", "head_dim", "causal", "mode")
 SPEC_KEYS = GRID_KEYS + ("tokens", "hidden", "batch", "heads", "dtype", "dropout", "padding_mask")
-
-
-def _as_list(value: Any) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, causal: bool, mode: str) -> float:
@@ -56,10 +52,10 @@ def grid(kernel: DictConfig) -> list[Point]:
         spec = {**base, **overrides}
         if spec["dtype"] not in DTYPES:
             raise ConfigError(f"kernel dtype={spec['dtype']!r} (setting {name}) is not one of {list(DTYPES)}")
-        bad_modes = set(_as_list(spec["mode"])) - set(MODES)
+        bad_modes = set(as_list(spec["mode"])) - set(MODES)
         if bad_modes:
             raise ConfigError(f"kernel mode={sorted(bad_modes)} (setting {name}) is not one of {MODES}")
-        for seq_len, head_dim, causal, mode in itertools.product(*(_as_list(spec[k]) for k in GRID_KEYS)):
+        for seq_len, head_dim, causal, mode in itertools.product(*(as_list(spec[k]) for k in GRID_KEYS)):
             batch = spec["batch"] or max(1, spec["tokens"] // seq_len)
             heads = spec["heads"] or max(1, spec["hidden"] // head_dim)
             extra = dict(setting=name, mode=mode, causal=bool(causal), head_dim=head_dim, batch=batch, heads=heads,
@@ -137,8 +133,7 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, baselin
                 warnings.simplefilter("ignore")  # SDPA warns once per reason a backend declines
                 out = run()
         except RuntimeError as exc:
-            # PyTorch says "No available kernel" on CUDA and "No viable backend" on the CPU
-            if name in SDPA_BACKENDS and ("No available kernel" in str(exc) or "No viable backend" in str(exc)):
+            if name in SDPA_BACKENDS and sdpa_declined(exc):
                 raise Unsupported(f"{name} declines dtype={e['dtype']} head_dim={e['head_dim']} "
                                   f"mask={e['padding_mask']} dropout={e['dropout']} on {ctx.device.type}") from None
             raise
@@ -172,8 +167,8 @@ def providers(names: list[str], ctx: RunContext, seed: int, sparse_densities: li
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     kernel = cfg.kernel
-    names = _as_list(OmegaConf.to_container(kernel.providers))
-    densities = _as_list(OmegaConf.to_container(kernel.sparse_densities))
+    names = as_list(OmegaConf.to_container(kernel.providers))
+    densities = as_list(OmegaConf.to_container(kernel.sparse_densities))
     # block-sparse against our dense kernel too: time should fall in proportion to density
     compare_to = ["triton"] if "triton" in names else []
     yield from run_benchmark(grid(kernel), providers(names, ctx, cfg.seed, densities), ctx.device,

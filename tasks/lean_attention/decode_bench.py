@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kernels import decode_attention, make_schedule
 from kernels.decode_attention import SCHEDULES
 from kernels.runtime import runs_on
-from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
+from repro.bench import Call, Point, Provider, Unsupported, as_list, run_benchmark, sdpa_declined
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 from repro.timing import measure
@@ -24,16 +24,12 @@ SDPA_BACKENDS = {"sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_flash":
                  "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_math": SDPBackend.MATH}
 
 
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 def grid(cfg: DictConfig) -> list[Point]:
     spec = OmegaConf.to_container(cfg, resolve=True)
     if spec["dtype"] not in DTYPES:
         raise ConfigError(f"decode.dtype={spec['dtype']!r} is not one of {list(DTYPES)}")
     points = []
-    for context, batch, heads in itertools.product(*(_as_list(spec[k]) for k in ("context", "batch", "heads"))):
+    for context, batch, heads in itertools.product(*(as_list(spec[k]) for k in ("context", "batch", "heads"))):
         hq, hkv = (int(x) for x in str(heads).split("/"))
         kv_bytes = 2 * batch * hkv * context * spec["head_dim"] * torch.finfo(DTYPES[spec["dtype"]]).bits // 8
         extra = dict(batch=batch, heads=f"{hq}/{hkv}", head_dim=spec["head_dim"], dtype=spec["dtype"],
@@ -75,7 +71,7 @@ def sdpa(name: str, backend: SDPBackend, ctx: RunContext, seed: int) -> Provider
                 warnings.simplefilter("ignore")
                 run()
         except RuntimeError as exc:
-            if "No available kernel" in str(exc) or "No viable backend" in str(exc):
+            if sdpa_declined(exc):
                 raise Unsupported(f"{name} declines heads={point.extra['heads']} on {ctx.device.type}") from None
             raise
 
@@ -98,7 +94,7 @@ def copy_bandwidth(ctx: RunContext, size_bytes: int) -> Row:
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     spec = cfg.decode
-    names = _as_list(OmegaConf.to_container(spec.providers))
+    names = as_list(OmegaConf.to_container(spec.providers))
     known = {*SCHEDULES, *SDPA_BACKENDS}
     if set(names) - known or "fa2" not in names:
         raise ConfigError(f"decode.providers={names}: known providers are {sorted(known)}, and 'fa2' (the "
