@@ -58,7 +58,7 @@ def _free(device: torch.device, failed: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms) -> list[Row]:
+def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, cuda_graph) -> list[Row]:
     def row(metric, unit, p50=None, p20=None, p80=None, n=0, status="ok", message=""):
         return Row(provider.name, point.x_name, point.x_value, metric, unit, p50, p20, p80, n, status, message,
                    dict(point.extra))
@@ -66,7 +66,8 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms) ->
     failed = False
     try:
         call = provider.build(point)
-        timing = measure(call.fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=call.grad_to_none)
+        timing = measure(call.fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=call.grad_to_none,
+                         cuda_graph=cuda_graph)
         memory = peak_memory_mb(call.fn, device)
     except Unsupported as exc:
         return [row("time", "ms", status="unsupported", message=str(exc))]
@@ -116,8 +117,10 @@ def _ratios(point_rows: list[Row], baseline: str, compare_to: Sequence[str]) -> 
 
 def run_benchmark(points: Iterable[Point], providers: Sequence[Provider], device: torch.device, *,
                   warmup_ms: float = 25, rep_ms: float = 100, progress: bool = True,
-                  compare_to: Sequence[str] = ()) -> Iterator[Row]:
-    """Yield the rows of each point as soon as it is measured, so that a killed run keeps what it did."""
+                  compare_to: Sequence[str] = (), cuda_graph: bool = False) -> Iterator[Row]:
+    """Yield the rows of each point as soon as it is measured, so that a killed run keeps what it did.
+    `cuda_graph`: time every provider from CUDA graphs (see `repro.timing.measure`), for calls so short that
+    the host's launch overhead would dominate."""
     baselines = [p.name for p in providers if p.baseline]
     if len(baselines) != 1:
         raise ValueError(f"exactly one provider must be the baseline, got {baselines or 'none'}")
@@ -128,7 +131,7 @@ def run_benchmark(points: Iterable[Point], providers: Sequence[Provider], device
         point_rows = []
         for provider in providers:
             bar.set_postfix_str(f"{point.x_name}={point.x_value} {provider.name}", refresh=False)
-            point_rows += _measure_one(provider, point, device, warmup_ms, rep_ms)
+            point_rows += _measure_one(provider, point, device, warmup_ms, rep_ms, cuda_graph)
             bar.update()
         yield from point_rows + _ratios(point_rows, baselines[0], compare_to)
     bar.close()
