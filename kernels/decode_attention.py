@@ -12,6 +12,7 @@ once. A `DecodeSchedule` is built on the host from the sequence lengths and reus
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -118,19 +119,32 @@ class DecodeSchedule:
     pieces: torch.Tensor  # int32 (num_segments,): how many pieces each segment was cut into
     max_pieces: int
     block_n: int
+    lengths: torch.Tensor  # int32 (batch,): the sequence lengths it was built for, on its device
+    host_lengths: tuple[int, ...]  # the same, on the host: checking them needs no device sync
+    num_warps: int = 4
+    num_stages: int = 3
 
     @property
     def direct(self) -> bool:
         return self.max_pieces == 1
 
+    def to(self, device) -> "DecodeSchedule":
+        if self.items.device == torch.device(device):
+            return self
+        moved = {name: getattr(self, name).to(device) for name in ("items", "ptr", "pieces", "lengths")}
+        return dataclasses.replace(self, **moved)
+
 
 def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | None = None,
                   num_splits: int | None = None, block_n: int = BLOCK_N, device=None) -> DecodeSchedule:
     """`fa2`: a program per (batch, KV head). `split`: `num_splits` chunks per (batch, KV head) (default: enough
-    to give every SM two programs). `lean`: `num_programs` equal shares of all tiles (default: two per SM)."""
+    for one program per SM). `lean`: `num_programs` equal shares of all tiles (default: one per SM, which
+    measured best on an H100 among one, two and four)."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule={kind!r} is not one of {SCHEDULES}")
     lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"lengths must be a non-empty list of lengths >= 1, got {lengths}")
     tiles = [math.ceil(n / block_n) for n in lengths for _ in range(num_kv_heads)]  # per segment b·Hkv + hk
     n_seg = len(tiles)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 8
@@ -140,7 +154,7 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
         per_program = [[(g, 0, t, 0)] for g, t in enumerate(tiles)]
         pieces = [1] * n_seg
     elif kind == "split":
-        splits = num_splits or max(1, math.ceil(2 * sms / n_seg))
+        splits = num_splits or max(1, math.ceil(sms / n_seg))
         for g, t in enumerate(tiles):
             chunk = math.ceil(t / splits)
             for s in range(splits):
@@ -150,7 +164,7 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
                     pieces[g] += 1
     else:
         total = sum(tiles)
-        programs = min(num_programs or 2 * sms, total)
+        programs = min(num_programs or sms, total)
         starts = [0]
         for t in tiles:
             starts.append(starts[-1] + t)
@@ -172,10 +186,10 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
         ptr.append(ptr[-1] + len(work))
     as_int = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     return DecodeSchedule(kind, len(per_program), as_int(flat).reshape(-1, 4), as_int(ptr), as_int(pieces),
-                          max(pieces), block_n)
+                          max(pieces), block_n, as_int(lengths), tuple(lengths))
 
 
-def _check(q, k_cache, v_cache, lengths):
+def _check(q, k_cache, v_cache, host_lengths):
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(f"q must be (batch, heads, head_dim) and k_cache (batch, kv_heads, max_len, head_dim); "
                          f"got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
@@ -196,29 +210,47 @@ def _check(q, k_cache, v_cache, lengths):
                          "(or on the CPU under TRITON_INTERPRET=1, for tests)")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
-    if lengths.shape != (b,):
-        raise ValueError(f"lengths must have shape (batch,)=({b},), got {tuple(lengths.shape)}")
-    lo, hi = int(lengths.min()), int(lengths.max())
-    if lo < 1 or hi > k_cache.shape[2]:
-        raise ValueError(f"lengths must be in [1, {k_cache.shape[2]}] (the cache's max_len); got {lo}..{hi}")
+    if len(host_lengths) != b:
+        raise ValueError(f"lengths must have shape (batch,)=({b},), got ({len(host_lengths)},)")
+    if min(host_lengths) < 1 or max(host_lengths) > k_cache.shape[2]:
+        raise ValueError(f"lengths must be in [1, {k_cache.shape[2]}] (the cache's max_len); "
+                         f"got {min(host_lengths)}..{max(host_lengths)}")
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     schedule: str | DecodeSchedule = "lean", softmax_scale: float | None = None,
-                     return_lse: bool = False):
+def _lengths_on_host(lengths) -> tuple[int, ...]:
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1:
+        raise ValueError(f"lengths must be a 1-d integer tensor (batch,), got {lengths!r}")
+    return tuple(int(n) for n in lengths.tolist())
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     lengths: torch.Tensor | None = None, schedule: str | DecodeSchedule = "lean",
+                     softmax_scale: float | None = None, return_lse: bool = False):
     """softmax(q kᵀ · scale) v for one query per head, over the first `lengths[b]` entries of the cache.
 
     q: (batch, heads, head_dim); k_cache, v_cache: (batch, kv_heads, max_len, head_dim), kv_heads dividing
     heads; lengths: int (batch,), each in [1, max_len]. `schedule` is "fa2", "split", "lean" or a prepared
-    `DecodeSchedule` (build it once with `make_schedule` when the lengths repeat). Returns the output
-    (batch, heads, head_dim) and, if asked, the log-sum-exp (natural log, float32, (batch, heads)).
+    `DecodeSchedule`. Building a schedule reads the lengths on the host (a device sync); in a decode loop,
+    build it once with `make_schedule` and pass it alone (`lengths` may then be left out), so that a call
+    launches kernels and nothing else. Returns the output (batch, heads, head_dim) and, if asked, the
+    log-sum-exp (natural log, float32, (batch, heads)).
     """
-    _check(q, k_cache, v_cache, lengths)
+    if isinstance(schedule, DecodeSchedule):
+        if lengths is not None and lengths is not schedule.lengths and _lengths_on_host(lengths) != \
+                schedule.host_lengths:
+            raise ValueError(f"lengths {_lengths_on_host(lengths)} differ from those the schedule was built for "
+                             f"{schedule.host_lengths}; build a new schedule with make_schedule")
+        schedule = schedule.to(q.device)
+    elif lengths is None:
+        raise ValueError(f"schedule={schedule!r} needs the lengths; pass lengths or a prepared DecodeSchedule")
+    else:
+        host_lengths = _lengths_on_host(lengths)
+        _check(q, k_cache, v_cache, host_lengths)  # before building: its errors name the cache's max_len
+        schedule = make_schedule(schedule, host_lengths, k_cache.shape[1], device=q.device)
+    _check(q, k_cache, v_cache, schedule.host_lengths)
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     groups = h // hkv
-    if isinstance(schedule, str):
-        schedule = make_schedule(schedule, lengths, hkv, device=q.device)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     out = torch.empty_like(q)
     lse = torch.empty(b, h, device=q.device, dtype=torch.float32)
@@ -229,13 +261,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         n_slots = b * hkv * schedule.max_pieces * groups
         wo = torch.empty(n_slots, d, device=q.device, dtype=torch.float32)
         wl = torch.empty(n_slots, device=q.device, dtype=torch.float32)
-    lengths = lengths.to(device=q.device, dtype=torch.int32)
     _decode_partial[(schedule.num_programs,)](
-        q, k_cache, v_cache, lengths, schedule.items, schedule.ptr, wo, wl, out, lse,
+        q, k_cache, v_cache, schedule.lengths, schedule.items, schedule.ptr, wo, wl, out, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         hkv, groups, schedule.max_pieces, scale,
-        HEAD_DIM=d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, DIRECT=schedule.direct)
+        HEAD_DIM=d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, DIRECT=schedule.direct,
+        num_warps=schedule.num_warps, num_stages=schedule.num_stages)
     if not schedule.direct:
         _decode_combine[(b * hkv,)](wo, wl, schedule.pieces, out, lse, out.stride(0), out.stride(1), hkv, groups,
                                     schedule.max_pieces, HEAD_DIM=d, BLOCK_G=block_g)

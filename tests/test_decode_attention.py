@@ -45,7 +45,9 @@ def test_lean_shares_cross_segments_and_merge_exactly():
     outs = [decode_attention(q, k, v, n, schedule=s) for s in ("fa2", "split", sched)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-4, atol=1e-4)
-    assert torch.equal(decode_attention(q, k, v, n, schedule=sched), outs[2])  # deterministic
+    assert torch.equal(decode_attention(q, k, v, schedule=sched), outs[2])  # deterministic; lengths from sched
+    with pytest.raises(ValueError, match="differ from those the schedule was built for"):
+        decode_attention(q, k, v, torch.tensor([50, 8, 200], device=DEVICE), schedule=sched)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -65,6 +67,8 @@ def test_bad_input_is_a_clear_value_error(change, match):
         decode_attention(q, k, v, torch.tensor(change.get("lengths", [5, 9]), device=DEVICE))
     with pytest.raises(ValueError, match="schedule"):
         make_schedule("fastest", [4], 1)
+    with pytest.raises(ValueError, match="needs the lengths"):
+        decode_attention(q, k, v)
 
 
 @gpu
