@@ -1,8 +1,14 @@
-"""Decode attention over context length: each schedule of our kernel and each SDPA backend, timed with the
-L2 flushed before every call, against the device-to-device copy bandwidth measured in the same run."""
+"""Decode attention over context length: each schedule of our kernel and each SDPA backend, against the
+device-to-device copy bandwidth measured in the same run.
+
+A decode step takes microseconds, less than launching it from Python, so every provider is timed from CUDA
+graphs of back-to-back calls (as serving engines run decode). L2 is never flushed inside a graph, so each
+call reads the next of several copies of the KV cache, together at least `decode.rotate_bytes`: no call
+finds its K and V in L2. Peak memory therefore counts all the copies."""
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from typing import Iterator
 
@@ -38,47 +44,54 @@ def grid(cfg: DictConfig) -> list[Point]:
     return points
 
 
-def make_inputs(point: Point, device: torch.device, seed: int):
+def make_inputs(point: Point, device: torch.device, seed: int, rotate_bytes: int):
+    """Enough copies of (q, K cache, V cache) to hold `rotate_bytes` between them, and the lengths."""
     e = point.extra
     hq, hkv = (int(x) for x in e["heads"].split("/"))
     gen = torch.Generator(device=device).manual_seed(seed + point.x_value)
     dtype = DTYPES[e["dtype"]]
-    q = torch.randn(e["batch"], hq, e["head_dim"], device=device, dtype=dtype, generator=gen)
-    k, v = (torch.randn(e["batch"], hkv, point.x_value, e["head_dim"], device=device, dtype=dtype, generator=gen)
-            for _ in range(2))
+    copies = []
+    for _ in range(max(1, math.ceil(rotate_bytes / point.bytes))):
+        q = torch.randn(e["batch"], hq, e["head_dim"], device=device, dtype=dtype, generator=gen)
+        k, v = (torch.randn(e["batch"], hkv, point.x_value, e["head_dim"], device=device, dtype=dtype,
+                            generator=gen) for _ in range(2))
+        copies.append((q, k, v))
     lengths = torch.full((e["batch"],), point.x_value, device=device, dtype=torch.int32)
-    return q, k, v, lengths
+    return copies, lengths
 
 
-def ours(kind: str, ctx: RunContext, seed: int) -> Provider:
+def rotating(copies: list, fn) -> Call:
+    """A call that applies `fn` to the next copy each time."""
+    turn = itertools.cycle(copies)
+    return Call(lambda: fn(*next(turn)))
+
+
+def ours(kind: str, ctx: RunContext, seed: int, rotate_bytes: int) -> Provider:
     def build(point: Point) -> Call:
         if not runs_on(ctx.device):
             raise Unsupported(f"{kind} needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")
-        q, k, v, lengths = make_inputs(point, ctx.device, seed)
-        schedule = make_schedule(kind, lengths, k.shape[1], device=ctx.device)  # built once, outside the timing
-        decode_attention(q, k, v, lengths, schedule=schedule)
-        return Call(lambda: decode_attention(q, k, v, lengths, schedule=schedule))
+        copies, lengths = make_inputs(point, ctx.device, seed, rotate_bytes)
+        schedule = make_schedule(kind, lengths, copies[0][1].shape[1], device=ctx.device)  # once, not timed
+        return rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=schedule))
     return Provider(kind, build, baseline=(kind == "fa2"))
 
 
-def sdpa(name: str, backend: SDPBackend, ctx: RunContext, seed: int) -> Provider:
+def sdpa(name: str, backend: SDPBackend, ctx: RunContext, seed: int, rotate_bytes: int) -> Provider:
     def build(point: Point) -> Call:
-        q, k, v, _ = make_inputs(point, ctx.device, seed)
-        q4 = q[:, :, None, :]
-        run = lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=k.shape[1] != q.shape[1])  # noqa: E731
+        copies, _ = make_inputs(point, ctx.device, seed, rotate_bytes)
+
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q[:, :, None, :], k, v, enable_gqa=k.shape[1] != q.shape[1])
         try:
-            with sdpa_kernel(backend), warnings.catch_warnings():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                run()
+                run(*copies[0])
         except RuntimeError as exc:
             if sdpa_declined(exc):
                 raise Unsupported(f"{name} declines heads={point.extra['heads']} on {ctx.device.type}") from None
             raise
-
-        def call():
-            with sdpa_kernel(backend):
-                return run()
-        return Call(call)
+        return rotating(copies, run)
     return Provider(name, build)
 
 
@@ -101,11 +114,12 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
                           "baseline of every speedup) must be among them")
     copy = copy_bandwidth(ctx, int(spec.copy_bytes))
     yield copy
-    providers = [ours(n, ctx, cfg.seed) if n in SCHEDULES else sdpa(n, SDPA_BACKENDS[n], ctx, cfg.seed)
-                 for n in names]
+    rotate = int(spec.rotate_bytes)
+    providers = [ours(n, ctx, cfg.seed, rotate) if n in SCHEDULES else
+                 sdpa(n, SDPA_BACKENDS[n], ctx, cfg.seed, rotate) for n in names]
     compare_to = [n for n in ("fa2", "split") if n in names]
     for row in run_benchmark(grid(spec), providers, ctx.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
-                             compare_to=compare_to):
+                             compare_to=compare_to, cuda_graph=True):
         yield row
         if row.metric == "bandwidth":
             fraction = lambda x: x / copy.p50  # noqa: E731
