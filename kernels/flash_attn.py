@@ -92,8 +92,12 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn
         for sub in tl.static_range(SUB):
             offs_n = (coarse * SUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = offs_n < N_K
-            k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                        mask=dmask[:, None] & nmask[None, :], other=0.0)
+            k_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            if MASK or HEAD_DIM != BLOCK_D:
+                k = tl.load(k_ptrs, mask=dmask[:, None] & nmask[None, :], other=0.0)
+            else:  # a whole tile: an unpredicated load pipelines better
+                k = tl.load(k_ptrs)
             s = tl.dot(q, k) * qk_scale
             if MASK:
                 valid = nmask[None, :]
@@ -112,8 +116,10 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
                 p = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p), p, 0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            if MASK or HEAD_DIM != BLOCK_D:
+                v = tl.load(v_ptrs, mask=nmask[:, None] & dmask[None, :], other=0.0)
+            else:
+                v = tl.load(v_ptrs)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
     return acc, l_i, m_i
