@@ -65,10 +65,10 @@ def _configs(pairs):
 
 
 def _prune_for_sparsity(configs, named_args, **kwargs):
-    """A block-sparse mask's blocks must hold whole tiles."""
+    """A block-sparse mask's blocks must hold whole tiles: where no config's tiles fit, tiles of one block."""
     block = named_args.get("SPARSE_BLOCK") or kwargs.get("SPARSE_BLOCK")
     kept = [c for c in configs if not block or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= block]
-    return kept or configs[-1:]
+    return kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
 
 
 FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)])

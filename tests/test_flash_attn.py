@@ -108,6 +108,17 @@ def test_random_block_mask_has_the_asked_density():
         random_block_mask(4, 4, 0.0)
 
 
+def test_block_sparse_tiles_never_exceed_the_mask_blocks():
+    import triton
+
+    from kernels.flash_attn import _prune_for_sparsity
+    configs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}), triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
+    assert _prune_for_sparsity(configs, {"SPARSE_BLOCK": 64}) == configs[1:]
+    assert _prune_for_sparsity(configs, {"SPARSE_BLOCK": 0}) == configs
+    (small,) = _prune_for_sparsity(configs, {"SPARSE_BLOCK": 32})
+    assert small.kwargs == {"BLOCK_M": 32, "BLOCK_N": 32}
+
+
 def _qkv(*shape, dtype=torch.float16):
     return [torch.randn(*shape, device=DEVICE, dtype=dtype) for _ in range(3)]
 
