@@ -60,15 +60,17 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, n_q: int, n_k: int, dro
 def _configs(pairs):
     if INTERPRET:  # one small config: the interpreter runs programs one by one, and cannot autotune
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-    return configs if AUTOTUNE else configs[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
-def _prune_for_sparsity(configs, named_args, **kwargs):
-    """A block-sparse mask's blocks must hold whole tiles: where no config's tiles fit, tiles of one block."""
+def _prune(configs, named_args, **kwargs):
+    """A block-sparse mask's blocks must hold whole tiles: where no config's tiles fit, tiles of one block.
+    Without autotuning, the first config that fits. (Triton prunes only a list of several configs, so the
+    choice is made here rather than by shortening the list.)"""
     block = named_args.get("SPARSE_BLOCK") or kwargs.get("SPARSE_BLOCK")
     kept = [c for c in configs if not block or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= block]
-    return kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
+    kept = kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
+    return kept if AUTOTUNE else kept[:1]
 
 
 FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
@@ -125,7 +127,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_sparsity})
+@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, KPM, CNT, IDX,
               stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
@@ -206,7 +208,7 @@ def _bwd_tile_scores(q_rows, k_cols, offs_m, offs_n, lse, KPM, N_Q, N_K, qk_scal
     return p, keep
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_sparsity})
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
@@ -281,7 +283,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
 
 @triton.autotune(configs=[triton.Config({"BLOCK_M": c.kwargs["BLOCK_N"], "BLOCK_N": c.kwargs["BLOCK_M"]},
                                         num_warps=c.num_warps, num_stages=c.num_stages) for c in BWD_CONFIGS],
-                 key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_sparsity})
+                 key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CNT, IDX,
                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,

@@ -44,7 +44,7 @@ def test_lean_shares_cross_segments_and_merge_exactly():
     n = torch.tensor(lengths, device=DEVICE)
     outs = [decode_attention(q, k, v, n, schedule=s) for s in ("fa2", "split", sched)]
     for o in outs[1:]:
-        torch.testing.assert_close(o, outs[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(o, outs[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])  # tf32 on a GPU
     assert torch.equal(decode_attention(q, k, v, schedule=sched), outs[2])  # deterministic; lengths from sched
     with pytest.raises(ValueError, match="differ from those the schedule was built for"):
         decode_attention(q, k, v, torch.tensor([50, 8, 200], device=DEVICE), schedule=sched)
