@@ -51,10 +51,12 @@ def capture_environment() -> dict[str, Any]:
     import triton
 
     status = _git("status", "--porcelain", "--untracked-files=no")
+    # A copy of the tree whose .git is missing or stale (a remote GPU machine) is told its commit through
+    # REPRO_GIT_SHA, which then wins; whether that copy was dirty is not known.
+    told = os.environ.get("REPRO_GIT_SHA")
     env: dict[str, Any] = {
-        # A copy of the tree without .git (a remote GPU machine) is told its commit through REPRO_GIT_SHA.
-        "git_sha": _git("rev-parse", "HEAD") or os.environ.get("REPRO_GIT_SHA"),
-        "git_dirty": None if status is None else bool(status),
+        "git_sha": told or _git("rev-parse", "HEAD"),
+        "git_dirty": None if told or status is None else bool(status),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "triton": triton.__version__,

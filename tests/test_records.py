@@ -63,3 +63,10 @@ def test_records_are_compact_and_one_row_per_line(tmp_path):
     lines = (tmp_path / "r.json").read_text().splitlines()
     assert sum(line.lstrip().startswith('{"provider"') for line in lines) == 2
     json.loads((tmp_path / "r.json").read_text())
+
+
+def test_a_commit_told_through_the_environment_wins_over_the_local_git(monkeypatch):
+    from repro.context import capture_environment
+    monkeypatch.setenv("REPRO_GIT_SHA", "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c")
+    env = capture_environment()
+    assert env["git_sha"] == "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c" and env["git_dirty"] is None
