@@ -15,8 +15,8 @@ from .timing import is_out_of_memory, measure, peak_memory_mb
 
 
 def as_list(value: Any) -> list:
-    """A grid axis from config: one value or a list of them."""
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    """A grid axis from config: one value or a list of them (a list, tuple or OmegaConf ListConfig)."""
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
 
 
 def sdpa_declined(exc: BaseException) -> bool:

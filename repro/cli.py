@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 import time
@@ -71,6 +72,8 @@ def run_job(cfg: DictConfig) -> RunRecord:
                        claim_ids=[c.id for c in claims], config=OmegaConf.to_container(cfg, resolve=True),
                        overrides=list(hc.overrides.task), env=ctx.env, started=utc_now())
     paths = record_paths(cfg, record, output_dir, hc.job.num if multirun else None)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 alone writes records and logs
+        paths, cfg = [], OmegaConf.merge(cfg, {"logger": {"name": "none"}})
     paper_choice = hc.runtime.choices.get("paper")
     logger = make_logger(
         cfg.logger, name=f"{cfg.task.name}-{cfg.scale.name}" + (f"-{hc.job.override_dirname}" if multirun else ""),
@@ -84,7 +87,7 @@ def run_job(cfg: DictConfig) -> RunRecord:
         for row in entry(cfg, ctx):
             record.rows.append(row)
             logger.log_rows([row])
-            if time.monotonic() - last_save > CHECKPOINT_EVERY_S:
+            if paths and time.monotonic() - last_save > CHECKPOINT_EVERY_S:
                 save_record(record, paths[0])
                 last_save = time.monotonic()
         record.status = "ok"
@@ -101,8 +104,9 @@ def run_job(cfg: DictConfig) -> RunRecord:
             logger.finish(record.status)
         except Exception as exc:  # noqa: BLE001 - W&B must never stop a run
             print(f"[repro] W&B did not finish cleanly: {exc}", file=sys.stderr)
-        print(f"[repro] {record.status}: {len(record.rows)} rows -> " + ", ".join(map(str, paths)), flush=True)
-    if claims:
+        if paths:
+            print(f"[repro] {record.status}: {len(record.rows)} rows -> " + ", ".join(map(str, paths)), flush=True)
+    if claims and paths:
         print("\n" + console_table([evaluate(c, [(paths[-1], record)]) for c in claims]) + "\n", flush=True)
     return record
 

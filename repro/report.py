@@ -24,7 +24,8 @@ NOT_COMPARABLE = "not comparable at this scale"
 OTHER_HARDWARE = "not comparable (other hardware)"
 NOT_RUN = "not yet run"
 SCALE_ORDER = {"smoke": 0, "small": 1, "paper": 2}
-PLOT_METRICS = ("tflops", "bandwidth", "speedup", "peak_memory", "accuracy", "loss", "ppl")
+PLOT_METRICS = ("tflops", "bandwidth", "speedup", "peak_memory", "accuracy", "loss", "ppl", "val_loss",
+                "val_perplexity", "val_mlm_accuracy", "tokens_per_s")
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, datasheets), for claims stated as a fraction of peak.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0}
@@ -199,7 +200,8 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path) -> list[Path]:
     ok = [r for r in rows if r.status == "ok" and r.p50 is not None and r.metric in PLOT_METRICS]
     if not ok:
         return []
-    df = pd.DataFrame([{"provider": r.provider, "x": r.x_value, "metric": r.metric, "unit": r.unit, "p50": r.p50,
+    df = pd.DataFrame([{"provider": r.provider, "x": r.x_value, "x_name": r.x_name, "metric": r.metric,
+                        "unit": r.unit, "p50": r.p50,
                         "mode": str(r.extra.get("mode", "")), "series": str(r.extra.get("series", ""))}
                        for r in ok])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +209,10 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path) -> list[Path]:
     for metric, part in df.groupby("metric"):
         grid = sns.relplot(data=part, x="x", y="p50", hue="provider", col="mode", row="series", kind="line",
                            marker="o", height=2.6, aspect=1.3, facet_kws={"sharey": False, "margin_titles": True})
-        grid.set(xscale="log", xlabel=ok[0].x_name, ylabel=f"{metric} ({part['unit'].iloc[0]})")
+        x_name = part["x_name"].iloc[0]
+        # sizes span decades (log axis); training steps are evenly spaced (linear)
+        grid.set(xscale="linear" if x_name == "step" else "log", xlabel=x_name,
+                 ylabel=f"{metric} ({part['unit'].iloc[0]})")
         if metric == "peak_memory":
             grid.set(yscale="log")
         grid.figure.suptitle(f"{task} · {metric} · {title}", y=1.02)

@@ -1,0 +1,137 @@
+"""A text corpus as one stream of token ids, for language-model tasks: read through `datasets`, tokenised once
+and cached.
+
+Offline (the default) the corpus is a local folder of text files, by default the Python standard library's
+own source, present on every machine, and the tokenizer a byte-level BPE trained on that corpus with
+`tokenizers`. With network, `source` names a hub dataset (`openwebtext`, `wikipedia`) and `tokenizer` a hub
+tokenizer (`gpt2`), as the papers used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .context import ConfigError
+from .records import write_json_atomic
+
+CACHE_VERSION = 1
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+
+
+def default_corpus() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@dataclass
+class TokenStream:
+    """Token ids of the training and validation parts of a corpus, and the tokenizer that made them."""
+
+    train: torch.Tensor  # int32 (n,)
+    val: torch.Tensor
+    tokenizer: object  # a transformers PreTrainedTokenizerFast
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+
+def _local_files(folder: str | None, pattern: str, max_files: int | None) -> list[Path]:
+    root = Path(folder).expanduser() if folder else default_corpus()
+    if not root.is_dir():
+        raise ConfigError(f"data.folder={str(root)!r} is not a folder; give a folder of text files")
+    installed = {"site-packages", "dist-packages"}  # the standard library's folder also holds installed packages
+    files = sorted(p for p in root.rglob(pattern)
+                   if p.is_file() and p.stat().st_size > 0 and not installed & set(p.relative_to(root).parts))
+    if max_files:
+        files = files[:max_files]
+    if not files:
+        raise ConfigError(f"data.folder={str(root)!r} holds no non-empty files matching {pattern!r}; give a "
+                          "folder of text files (data.pattern sets which)")
+    return files
+
+
+def _texts(spec) -> tuple[list[str], str]:
+    """The corpus as a list of documents, and a fingerprint of what was read."""
+    import datasets
+
+    if spec.source == "local":
+        files = _local_files(spec.folder, spec.pattern, spec.max_files)
+        stamp = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
+        # sample_by="document": one row per file, so documents stay whole
+        ds = datasets.load_dataset("text", data_files=[str(p) for p in files], split="train",
+                                   sample_by="document", encoding_errors="replace")
+        return [t for t in ds["text"] if t.strip()], stamp.hexdigest()[:16]
+    try:
+        ds = datasets.load_dataset(spec.source, split=spec.split)
+    except Exception as exc:  # noqa: BLE001 - offline, or a name the hub does not know
+        raise ConfigError(f"data.source={spec.source!r} could not be loaded ({type(exc).__name__}: {exc}). "
+                          "Offline, use data.source=local (a folder of text files)") from None
+    if spec.max_documents:
+        ds = ds.select(range(min(len(ds), spec.max_documents)))
+    return list(ds[spec.text_column]), f"{spec.source}:{spec.split}:{len(ds)}"
+
+
+def _tokenizer(spec, texts: list[str], cache: Path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if spec.tokenizer != "bpe":
+        try:
+            tok = AutoTokenizer.from_pretrained(spec.tokenizer)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"data.tokenizer={spec.tokenizer!r} could not be loaded ({exc}); offline, use "
+                              "data.tokenizer=bpe (trained on the corpus)") from None
+        missing = {k: v for k, v in (("pad_token", "<pad>"), ("mask_token", "<mask>")) if getattr(tok, k) is None}
+        tok.add_special_tokens(missing)
+        return tok
+    path = cache / "tokenizer.json"
+    if not path.exists():
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        bpe.train_from_iterator(texts, trainer=trainer)
+        tmp = path.with_suffix(".tmp")
+        bpe.save(str(tmp))
+        os.replace(tmp, path)
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+
+
+def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
+    """Tokenise the corpus once (documents joined by the end-of-text token) and cache the ids; the last
+    `val_fraction` of the documents are the validation part. The cache is keyed by what was read, the
+    tokenizer settings and CACHE_VERSION, so a changed corpus or setting is tokenised afresh."""
+    texts, fingerprint = _texts(spec)
+    settings = dict(version=CACHE_VERSION, corpus=fingerprint, tokenizer=spec.tokenizer, vocab_size=spec.vocab_size,
+                    val_fraction=spec.val_fraction)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cache_root) / f"tokens-{key}"
+    cache.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(spec, texts, cache)
+    ids_path = cache / "ids.pt"
+    if ids_path.exists():
+        ids = torch.load(ids_path)
+    else:
+        n_val = max(1, int(len(texts) * spec.val_fraction))
+        eos = tokenizer.eos_token_id
+
+        def join(docs):
+            out = []
+            for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+                out += enc + [eos]
+            return torch.tensor(out, dtype=torch.int32)
+        ids = {"train": join(texts[:-n_val]), "val": join(texts[-n_val:])}
+        tmp = ids_path.with_suffix(".tmp")
+        torch.save(ids, tmp)
+        os.replace(tmp, ids_path)
+        write_json_atomic(cache / "settings.json", settings)
+    return TokenStream(ids["train"], ids["val"], tokenizer)

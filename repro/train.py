@@ -1,0 +1,257 @@
+"""One training loop for every task that trains a model: mixed precision, gradient accumulation, a warm-up then
+cosine learning rate, periodic evaluation, throughput, checkpoints that survive a kill, and DDP under torchrun.
+
+A task supplies the model, a function giving the micro-batches of a step (a pure function of the step, the
+rank and the world size, so a resumed run sees exactly the data it would have seen), and an evaluation
+function; the loop yields run-record rows as it goes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .context import ConfigError
+from .records import Row
+from .timing import is_out_of_memory
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclass
+class TrainSpec:
+    steps: int
+    lr: float
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    eval_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    timing_skip_steps: int = 2  # compile and autotune steps, left out of the throughput
+    checkpoint_every_s: float = 300.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "TrainSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(cfg) - known
+        if unknown:
+            raise ConfigError(f"unknown train keys {sorted(unknown)}; known: {sorted(known)}")
+        spec = cls(**{k: (tuple(v) if k == "betas" else v) for k, v in cfg.items()})
+        if spec.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision={spec.precision!r} is not one of {list(PRECISIONS)}")
+        return spec
+
+
+@dataclass
+class Trainee:
+    """What a task hands to `train`: a named model and how to feed and judge it."""
+
+    name: str  # the provider name on every row (e.g. the attention implementation)
+    model: torch.nn.Module
+    batches: Callable[[int, int, int], list[dict]]  # (step, rank, world) -> this rank's micro-batches
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]  # -> metric name: value (run on rank 0)
+    tokens_per_micro_batch: int
+    flops_per_token: float  # forward + backward, for model TFLOP/s
+    extra: dict = dataclasses.field(default_factory=dict)  # copied onto every row (series, seq_len, ...)
+    fingerprint: str = ""  # what a checkpoint must match to be resumed (model and data settings)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): torchrun sets RANK and WORLD_SIZE; a plain run is rank 0 of 1."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: torch.device) -> None:
+    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs) once per process."""
+    rank, size = world()
+    if size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _lr_at(step: int, spec: TrainSpec) -> float:
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * cosine)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, fingerprint: str):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete it to start "
+                          "afresh, or set train_run.resume=false") from None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        found = state.get("fingerprint") if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f"checkpoint {path} is from another model or setting ({found!r}, this run is "
+                          f"{fingerprint!r}); delete it, or set train_run.resume=false")
+    return state
+
+
+def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: Path | None,
+          resume: bool = True, progress: bool = True) -> Iterator[Row]:
+    """Train `trainee.model` for `spec.steps` optimizer steps and yield rows: loss and learning rate every
+    `log_every` steps, evaluation metrics every `eval_every` steps and at the end, then throughput (tokens/s,
+    model TFLOP/s, median over steps after `timing_skip_steps`) and peak memory.
+
+    With `checkpoint` set, the state is saved there every `checkpoint_every_s` seconds and at the end
+    (atomically, rank 0); a run that finds a matching checkpoint resumes from it and re-yields the rows it
+    had produced, so a kill loses at most one interval."""
+    rank, size = world()
+    model = trainee.model.to(device)
+    dtype = PRECISIONS[spec.precision]
+    if dtype is not None and device.type == "cpu":
+        dtype = None  # CPU autocast in half precision is slow and not what any paper timed
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=spec.betas,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start, past_rows = 0, []
+    if checkpoint is not None and resume and checkpoint.exists():
+        state = _load_checkpoint(checkpoint, trainee.fingerprint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start, past_rows = state["step"], [Row(**r) for r in state["rows"]]
+        print(f"[train] {trainee.name}: resumed at step {start} from {checkpoint}", flush=True)
+    yield from past_rows
+    rows_so_far = list(past_rows)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if size > 1 else model
+
+    def row(metric, unit, value, step, **more):
+        r = Row(trainee.name, "step", step, metric, unit, value, value, value, 1,
+                extra={**trainee.extra, **more})
+        rows_so_far.append(r)
+        return r
+
+    def save(step):
+        if checkpoint is not None and rank == 0:
+            _save_atomic({"fingerprint": trainee.fingerprint, "step": step, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                          "rows": [dataclasses.asdict(r) for r in rows_so_far]}, checkpoint)
+
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    step_times: list[float] = []
+    last_save = time.monotonic()
+    bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc=trainee.name,
+               disable=None if progress and rank == 0 else True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, spec)
+        model.train()
+        sync()
+        t0 = time.perf_counter()
+        micro = trainee.batches(step, rank, size)
+        loss_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            # DDP: all-reduce gradients only on the last micro-batch of the step
+            no_sync = wrapped.no_sync if size > 1 and i < len(micro) - 1 else nullcontext
+            with no_sync(), autocast():
+                loss = wrapped(**batch).loss / len(micro)
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        step_times.append(time.perf_counter() - t0)
+        if size > 1:
+            dist.all_reduce(loss_sum)  # gloo has no AVG
+            loss_sum /= size
+        done = step + 1
+        if done % spec.log_every == 0 or done == spec.steps or done == 1:
+            loss_value = loss_sum.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"{trainee.name}: loss is {loss_value} at step {done}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            yield row("loss", "nats", loss_value, done)
+            yield row("lr", "", optimizer.param_groups[0]["lr"], done)
+        if (spec.eval_every and done % spec.eval_every == 0) or done == spec.steps:
+            model.eval()
+            with torch.no_grad(), autocast():
+                metrics = trainee.evaluate(model) if rank == 0 else {}
+            for name, value in metrics.items():
+                yield row(name, "", value, done)
+        if time.monotonic() - last_save > spec.checkpoint_every_s:
+            save(done)
+            last_save = time.monotonic()
+    bar.close()
+    summary = []
+    timed = sorted(step_times[spec.timing_skip_steps:] or step_times)
+    if timed:  # empty when resumed from a finished run: its summary is among the rows already yielded
+        median_s = timed[len(timed) // 2]
+        tokens = trainee.tokens_per_micro_batch * spec.grad_accum * size
+        tps = tokens / median_s
+        summary = [row("tokens_per_s", "tokens/s", tps, spec.steps, timed_steps=len(timed), world_size=size),
+                   row("model_tflops", "TFLOP/s", tps * trainee.flops_per_token / 1e12 / size, spec.steps),
+                   row("step_time", "ms", median_s * 1e3, spec.steps)]
+        if device.type == "cuda":
+            summary.append(row("peak_memory", "MB", torch.cuda.max_memory_allocated(device) / 2**20, spec.steps))
+    save(spec.steps)  # with the summary rows, so that a rerun of a finished run reproduces its record
+    yield from summary
+
+
+@dataclass
+class Candidate:
+    """A trainee not yet built: built only when its turn comes, so one model at a time holds memory."""
+
+    name: str
+    extra: dict
+    build: Callable[[], Trainee]  # raises bench.Unsupported where it cannot run
+
+
+def train_all(candidates: Iterable[Candidate], spec: TrainSpec, device: torch.device, checkpoint_dir: Path | None,
+              resume: bool = True) -> Iterator[Row]:
+    """Train each candidate in turn. One that runs out of memory, or that declares itself unsupported, becomes
+    a row and the next one runs."""
+    from .bench import Unsupported
+
+    for candidate in candidates:
+        def failed(status, message):
+            return Row(candidate.name, "step", 0, "loss", "nats", status=status, message=message,
+                       extra=dict(candidate.extra))
+        try:
+            trainee = candidate.build()
+            ckpt = checkpoint_dir / f"{trainee.name}-{trainee.fingerprint}.pt" if checkpoint_dir else None
+            yield from train(trainee, spec, device, ckpt, resume)
+        except Unsupported as exc:
+            yield failed("unsupported", str(exc))
+        except Exception as exc:  # noqa: BLE001
+            if not is_out_of_memory(exc):
+                raise
+            yield failed("oom", str(exc).splitlines()[0][:300])
+        finally:
+            trainee = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()

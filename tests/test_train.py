@@ -1,0 +1,109 @@
+"""The shared training loop: resume after a kill, refusing foreign or corrupt checkpoints, failures as rows;
+and the text corpus it is usually fed from."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from repro.bench import Unsupported
+from repro.context import ConfigError
+from repro.train import Candidate, Trainee, TrainSpec, train, train_all
+
+SPEC = TrainSpec(steps=8, lr=1e-2, warmup_steps=2, precision="fp32", log_every=1, eval_every=4,
+                 checkpoint_every_s=0.0)
+
+
+class Regressor(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, x, y):
+        return SimpleNamespace(loss=((self.lin(x) - y) ** 2).mean())
+
+
+def trainee(fingerprint="f1"):
+    torch.manual_seed(0)
+
+    def batches(step, rank, world):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randn(2, 8, 4, generator=gen)
+        return [dict(x=x[i], y=x[i].sum(-1, keepdim=True)) for i in range(2)]
+
+    return Trainee("lin", Regressor(), batches, lambda model: {"val_loss": 0.5}, 16, 6 * 5.0,
+                   extra={"series": "s"}, fingerprint=fingerprint)
+
+
+def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_unbroken_one(tmp_path):
+    whole = trainee()
+    unbroken = list(train(whole, SPEC, torch.device("cpu"), None, progress=False))
+
+    first = trainee()
+    for row in train(first, SPEC, torch.device("cpu"), tmp_path / "ckpt.pt", progress=False):
+        if row.metric == "loss" and row.x_value == 5:
+            break  # killed: the checkpoint of step 4 is on disk, step 5's is not
+    resumed = trainee()
+    rows = list(train(resumed, SPEC, torch.device("cpu"), tmp_path / "ckpt.pt", progress=False))
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    losses = lambda rs: [(r.x_value, r.p50) for r in rs if r.metric == "loss"]  # noqa: E731
+    assert losses(rows) == losses(unbroken)
+    assert [r.metric for r in rows if r.metric in ("tokens_per_s", "model_tflops", "val_loss")] == \
+        ["val_loss", "val_loss", "tokens_per_s", "model_tflops"]
+
+
+def test_a_checkpoint_of_another_setting_or_a_corrupt_one_is_refused(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    list(train(trainee("f1"), SPEC, torch.device("cpu"), path, progress=False))
+    with pytest.raises(ConfigError, match="another model or setting"):
+        next(iter(train(trainee("f2"), SPEC, torch.device("cpu"), path, progress=False)))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        next(iter(train(trainee("f1"), SPEC, torch.device("cpu"), path, progress=False)))
+
+
+def test_unsupported_and_out_of_memory_candidates_become_rows_and_the_rest_run():
+    def unsupported():
+        raise Unsupported("needs a GPU")
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    rows = list(train_all([Candidate("a", {}, unsupported), Candidate("b", {}, oom), Candidate("lin", {}, trainee)],
+                          SPEC, torch.device("cpu"), None))
+    assert [(r.provider, r.status) for r in rows[:2]] == [("a", "unsupported"), ("b", "oom")]
+    assert any(r.provider == "lin" and r.metric == "tokens_per_s" for r in rows)
+
+
+def test_train_spec_names_unknown_keys_and_bad_precision():
+    with pytest.raises(ConfigError, match="stepz"):
+        TrainSpec.from_config({"steps": 1, "lr": 1.0, "stepz": 2})
+    with pytest.raises(ConfigError, match="fp8"):
+        TrainSpec.from_config({"steps": 1, "lr": 1.0, "precision": "fp8"})
+
+
+def test_corpus_from_a_local_folder_is_tokenised_once_and_cached(tmp_path):
+    from repro.text_data import load_token_stream
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"def f{i}(x):\n    return x * {i} + sum(range({i}))\n" * 20)
+    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
+                           vocab_size=300, val_fraction=0.2)
+    first = load_token_stream(spec, tmp_path / "cache")
+    assert first.train.dtype == torch.int32 and len(first.train) > len(first.val) > 0
+    assert "return x" in first.tokenizer.decode(first.train[:40].tolist())
+    (cached,) = (tmp_path / "cache").glob("tokens-*/ids.pt")
+    stamp = cached.stat().st_mtime_ns
+    again = load_token_stream(spec, tmp_path / "cache")
+    assert torch.equal(again.train, first.train) and cached.stat().st_mtime_ns == stamp
+
+
+def test_an_empty_corpus_folder_is_a_clear_error(tmp_path):
+    from repro.text_data import load_token_stream
+
+    spec = SimpleNamespace(source="local", folder=str(tmp_path), pattern="*.txt", max_files=None, tokenizer="bpe",
+                           vocab_size=300, val_fraction=0.2)
+    with pytest.raises(ConfigError, match="no non-empty files"):
+        load_token_stream(spec, tmp_path / "cache")
