@@ -22,7 +22,7 @@ def load(path: Path) -> dict:
 @pytest.mark.parametrize("task", TASKS)
 def test_smoke_run_of_every_task_writes_an_ok_record(task, tmp_path):
     out = run_repro(f"task={task}", "logger=none", f"hydra.run.dir={tmp_path}", f"paths.records={tmp_path}/runs",
-                    *TINY.get(task, []))
+                    f"paths.outputs={tmp_path}/outputs", *TINY.get(task, []))
     assert out.returncode == 0, out.stderr[-3000:]
     record = load(tmp_path / "record.json")
     assert record["status"] == "ok" and record["task"] == task and record["scale"] == "smoke"
@@ -99,9 +99,12 @@ def test_wandb_that_cannot_start_does_not_stop_the_run(tmp_path):
     ("no_such_key=1", ["no_such_key", "kernel", "scale"]),
     ("kernel.providers=[standard,fastest]", ["fastest", "sdpa_flash"]),
     ("kernel.dtype=float8", ["float8", "bfloat16"]),
+    ("task=flash_gpt2 attention=[eager,flash9]", ["flash9", "effrepro_flash"]),
+    ("task=flash_gpt2 model.seq_len=128 model.positions=64", ["seq_len=128", "64 positions"]),
+    ("task=flash_gpt2 data.folder=/no/such/folder", ["/no/such/folder", "folder of text files"]),
 ])
 def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_path):
-    out = run_repro(override, "logger=none", f"hydra.run.dir={tmp_path}")
+    out = run_repro(*override.split(), "logger=none", f"hydra.run.dir={tmp_path}")
     assert out.returncode != 0
     for word in expected:
         assert word in out.stderr + out.stdout, (word, out.stderr[-2000:])
@@ -113,3 +116,28 @@ def test_gpu_scale_without_a_gpu_fails_before_any_work(tmp_path):
     assert out.returncode == 2
     assert "needs a CUDA GPU" in out.stderr and "scale=small" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_lm_training_resumes_from_its_checkpoint(tmp_path):
+    args = ("task=flash_gpt2", "logger=none", "attention=[eager]", f"checkpoint.dir={tmp_path}/ckpt")
+    first = run_repro(*args, f"hydra.run.dir={tmp_path}/a")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_repro(*args, f"hydra.run.dir={tmp_path}/b")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed at step 6" in again.stdout
+    rows = lambda run: [(r["metric"], r["x_value"], r["p50"]) for r in load(tmp_path / run / "record.json")["rows"]]  # noqa: E731
+    assert rows("b") == rows("a")
+
+
+def test_lm_training_under_torchrun_with_two_gloo_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "repro.cli",
+           "task=flash_gpt2", "logger=none", "attention=[eager]", "checkpoint.dir=null", f"hydra.run.dir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = load(tmp_path / "record.json")["rows"]
+    (tps,) = [r for r in rows if r["metric"] == "tokens_per_s"]
+    assert tps["extra"]["world_size"] == 2

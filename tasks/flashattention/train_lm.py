@@ -1,0 +1,195 @@
+"""FlashAttention end to end: GPT-2 (causal LM) and BERT (masked LM) from their transformers configs, trained
+with each attention implementation on the same data and seed (tasks flash_gpt2, flash_bert, flash_gpt2_long).
+
+The attention implementation is the swept variable: `eager` (HuggingFace's own, the paper's baseline), `sdpa`
+(PyTorch's fused kernels) and `effrepro_flash` (our Triton kernel). `megatron` stands for the paper's
+Megatron-LM baseline and is recorded as not available (see MEGATRON_NOTE).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kernels.runtime import runs_on
+from repro.bench import Unsupported, as_list
+from repro.context import ConfigError, RunContext
+from repro.records import Row
+from repro.text_data import TokenStream, load_token_stream
+from repro.train import Candidate, Trainee, TrainSpec, init_distributed, train_all
+
+OURS = "effrepro_flash"
+ATTENTION = ("eager", "sdpa", OURS, "megatron")
+MEGATRON_NOTE = ("megatron: Megatron-LM's GPT is not a transformers model and megatron-core is not wired into "
+                 "this suite yet; the paper's Megatron column cannot be measured here")
+# (layers, hidden, heads) of the models the paper trains, and tiny ones for CPU smoke runs
+SIZES = {"gpt2": {"tiny": (2, 64, 2), "small": (12, 768, 12), "medium": (24, 1024, 16)},
+         "bert": {"tiny": (2, 64, 2), "large": (24, 1024, 16)}}
+
+
+def _build_model(spec, tokenizer, seq_len: int, attention: str):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, GPT2Config
+
+    layers, hidden, heads = SIZES[spec.family][spec.size]
+    vocab_size = len(tokenizer)
+    positions = spec.positions or seq_len
+    if spec.family == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=hidden, n_layer=layers,
+                            n_head=heads, resid_pdrop=spec.dropout, embd_pdrop=spec.dropout,
+                            attn_pdrop=spec.dropout, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=positions,
+                        hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=spec.dropout,
+                        pad_token_id=tokenizer.pad_token_id)
+    return AutoModelForMaskedLM.from_config(config, attn_implementation=attention)
+
+
+def _windows(ids: torch.Tensor, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(ids) - length, (n,), generator=gen)
+    return torch.stack([ids[s:s + length] for s in starts.tolist()]).long()
+
+
+def _mask_tokens(x: torch.Tensor, tokenizer, gen: torch.Generator, rate: float = 0.15):
+    """BERT's masking: `rate` of the positions are predicted; of those 80% become <mask>, 10% a random token,
+    10% stay."""
+    special = torch.tensor(tokenizer.all_special_ids)
+    chosen = (torch.rand(x.shape, generator=gen) < rate) & ~torch.isin(x, special)
+    labels = torch.where(chosen, x, -100)
+    roll = torch.rand(x.shape, generator=gen)
+    x = torch.where(chosen & (roll < 0.8), tokenizer.mask_token_id, x)
+    random_tokens = torch.randint(len(tokenizer), x.shape, generator=gen)
+    x = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_tokens, x)
+    return x, labels
+
+
+def make_batch(family: str, ids: torch.Tensor, batch: int, seq_len: int, tokenizer, gen: torch.Generator) -> dict:
+    if family == "gpt2":
+        x = _windows(ids, batch, seq_len, gen)
+        return {"input_ids": x, "labels": x}  # transformers shifts the labels itself
+    body = _windows(ids, batch, seq_len - 2, gen)
+    cls = torch.full((batch, 1), tokenizer.cls_token_id)
+    sep = torch.full((batch, 1), tokenizer.sep_token_id)
+    x, labels = _mask_tokens(torch.cat([cls, body, sep], 1), tokenizer, gen)
+    return {"input_ids": x, "labels": labels}
+
+
+def flops_per_token(model: torch.nn.Module, layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per parameter outside the embeddings, plus attention's 12·layers·hidden·seq
+    (the usual model-FLOPs count, PaLM appendix B; no discount for causal masking)."""
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    params = sum(p.numel() for p in model.parameters()) - embedding
+    return 6 * params + 12 * layers * hidden * seq_len
+
+
+def _check_attention(name: str, ctx: RunContext) -> None:
+    if name == "megatron":
+        raise Unsupported(MEGATRON_NOTE)
+    if name == OURS and not runs_on(ctx.device):
+        raise Unsupported(f"{OURS} needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")
+
+
+def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[Candidate]:
+    m, b = cfg.model, cfg.batch
+    layers, hidden, _ = SIZES[m.family][m.size]
+    for seq_len, attention in itertools.product(as_list(m.seq_len), as_list(cfg.attention)):
+        micro = b.tokens // seq_len
+        extra = dict(seq_len=seq_len, model=f"{m.family}-{m.size}", series=f"{m.family}-{m.size} N={seq_len}")
+
+        def build(seq_len=seq_len, attention=attention, micro=micro, extra=extra) -> Trainee:
+            _check_attention(attention, ctx)
+            torch.manual_seed(cfg.seed)  # the same initial weights for every implementation
+            model = _build_model(m, data.tokenizer, seq_len, attention)
+            settings = dict(model=OmegaConf.to_container(m), seq_len=seq_len, micro=micro, data=cfg.data.tokenizer,
+                            vocab=data.vocab_size, train=OmegaConf.to_container(cfg.train), seed=cfg.seed)
+
+            def batches(step, rank, world):
+                gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+                return [make_batch(m.family, data.train, micro, seq_len, data.tokenizer, gen)
+                        for _ in range(cfg.train.grad_accum)]
+
+            def evaluate(model):
+                gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same validation batches every time
+                loss, hits, total = 0.0, 0, 0
+                for _ in range(cfg.eval.batches):
+                    batch = {k: v.to(ctx.device) for k, v in
+                             make_batch(m.family, data.val, micro, seq_len, data.tokenizer, gen).items()}
+                    out = model(**batch)
+                    loss += out.loss.item()
+                    if m.family == "bert":
+                        mask = batch["labels"] != -100
+                        hits += int((out.logits.argmax(-1)[mask] == batch["labels"][mask]).sum())
+                        total += int(mask.sum())
+                loss /= cfg.eval.batches
+                if m.family == "bert":
+                    return {"val_loss": loss, "val_mlm_accuracy": 100 * hits / max(total, 1)}
+                return {"val_loss": loss, "val_perplexity": float(torch.tensor(loss).exp())}
+
+            fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+            return Trainee(attention, model, batches, evaluate, micro * seq_len,
+                           flops_per_token(model, layers, hidden, seq_len), extra, fingerprint)
+        yield Candidate(attention, extra, build)
+
+
+def validate(cfg: DictConfig) -> None:
+    m = cfg.model
+    if m.family not in SIZES or m.size not in SIZES[m.family]:
+        raise ConfigError(f"model.family={m.family!r} model.size={m.size!r}: known are "
+                          + "; ".join(f"{f}: {sorted(s)}" for f, s in SIZES.items()))
+    unknown = [a for a in as_list(cfg.attention) if a not in ATTENTION]
+    if unknown:
+        raise ConfigError(f"attention={unknown} unknown; choose from {list(ATTENTION)}")
+    for seq_len in as_list(m.seq_len):
+        if m.positions and seq_len > m.positions:
+            raise ConfigError(f"model.seq_len={seq_len} is beyond the model's {m.positions} positions "
+                              "(model.positions); raise model.positions or shorten the sequence")
+        if cfg.batch.tokens < seq_len:
+            raise ConfigError(f"batch.tokens={cfg.batch.tokens} is less than one sequence of {seq_len}")
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
+    validate(cfg)
+    init_distributed(ctx.device)
+    if OURS in as_list(cfg.attention):
+        from kernels.hf_attention import register
+        register()
+    data = load_token_stream(cfg.data, cfg.paths.cache)
+    for seq_len in as_list(cfg.model.seq_len):
+        if len(data.val) <= seq_len + 1 or len(data.train) <= seq_len + 1:
+            raise ConfigError(f"the corpus gives {len(data.train)} training and {len(data.val)} validation tokens, "
+                              f"too few for sequences of {seq_len}; use a larger corpus (data.folder)")
+    spec = TrainSpec.from_config(cfg.train)
+    checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    rows = []
+    for row in train_all(candidates(cfg, ctx, data), spec, ctx.device, checkpoint_dir, cfg.checkpoint.resume):
+        rows.append(row)
+        yield row
+    yield from derived_rows(rows)
+
+
+def derived_rows(rows: list[Row]) -> Iterator[Row]:
+    """Per sequence length: throughput speedups over `eager` (the paper's HuggingFace baseline) and over
+    `sdpa`; and per implementation, the final validation perplexity's gain over the shortest context."""
+    def final(metric):
+        return {(r.provider, r.extra["seq_len"]): r for r in rows if r.metric == metric and r.status == "ok"}
+
+    tps = final("tokens_per_s")
+    for (provider, seq_len), r in tps.items():
+        for baseline in ("eager", "sdpa"):
+            base = tps.get((baseline, seq_len))
+            if base:
+                name = "speedup" if baseline == "eager" else f"speedup_over_{baseline}"
+                yield Row(provider, "seq_len", seq_len, name, "x", r.p50 / base.p50, n=1,
+                          extra={**r.extra, "baseline": baseline})
+    ppl = final("val_perplexity")
+    shortest = min((s for _, s in ppl), default=None)
+    for (provider, seq_len), r in ppl.items():
+        if seq_len != shortest and (provider, shortest) in ppl:
+            yield Row(provider, "seq_len", seq_len, "val_ppl_gain_vs_shortest", "ppl",
+                      ppl[(provider, shortest)].p50 - r.p50, n=1, extra={**r.extra, "shortest": shortest})
