@@ -2,7 +2,7 @@
 
     from kernels.hf_attention import register
     register()                      # once per process
-    model = AutoModel.from_config(config, attn_implementation="effrepro_flash")
+    model = AutoModel.from_config(config, attn_implementation="effrepro")
 
 The model builds the same boolean masks as for `sdpa`; they are mapped onto the kernel's own causal flag and
 key padding mask. A mask the kernel cannot express (sliding windows, packed sequences, custom patterns) is an
@@ -14,7 +14,9 @@ import torch
 
 from .flash_attn import flash_attn
 
-NAME = "effrepro_flash"
+# Not "...flash...": transformers takes any implementation name containing "flash" for a flash-attn kernel
+# to be fetched from the hub.
+NAME = "effrepro"
 
 
 def _key_padding_mask(mask: torch.Tensor, causal: bool) -> torch.Tensor | None:

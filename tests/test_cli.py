@@ -99,7 +99,7 @@ def test_wandb_that_cannot_start_does_not_stop_the_run(tmp_path):
     ("no_such_key=1", ["no_such_key", "kernel", "scale"]),
     ("kernel.providers=[standard,fastest]", ["fastest", "sdpa_flash"]),
     ("kernel.dtype=float8", ["float8", "bfloat16"]),
-    ("task=flash_gpt2 attention=[eager,flash9]", ["flash9", "effrepro_flash"]),
+    ("task=flash_gpt2 attention=[eager,flash9]", ["flash9", "effrepro"]),
     ("task=flash_gpt2 model.seq_len=128 model.positions=64", ["seq_len=128", "64 positions"]),
     ("task=flash_gpt2 data.folder=/no/such/folder", ["/no/such/folder", "folder of text files"]),
 ])

@@ -9,22 +9,22 @@ DEVICE = "cuda" if has_gpu() else "cpu"
 
 
 def build(kind: str, implementation: str):
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """As a user builds one: `attn_implementation=` at construction (which also checks the name)."""
+    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig
 
     torch.manual_seed(0)
     if kind == "gpt2":
         config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=97, n_positions=64)
-        model = GPT2LMHeadModel(config)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     elif kind == "bert":
         config = BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128,
                             vocab_size=97, max_position_embeddings=64)
-        model = BertModel(config, add_pooling_layer=False)
+        model = AutoModel.from_config(config, attn_implementation=implementation, add_pooling_layer=False)
     else:
         config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=128,
                              intermediate_size=128, vocab_size=97, max_position_embeddings=64)
-        model = LlamaForCausalLM(config)
-    model.config._attn_implementation = implementation
-    model.set_attn_implementation(implementation) if hasattr(model, "set_attn_implementation") else None
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+    assert model.config._attn_implementation == implementation
     return model.to(DEVICE).eval()
 
 

@@ -2,7 +2,7 @@
 with each attention implementation on the same data and seed (tasks flash_gpt2, flash_bert, flash_gpt2_long).
 
 The attention implementation is the swept variable: `eager` (HuggingFace's own, the paper's baseline), `sdpa`
-(PyTorch's fused kernels) and `effrepro_flash` (our Triton kernel). `megatron` stands for the paper's
+(PyTorch's fused kernels) and `effrepro` (our Triton kernel). `megatron` stands for the paper's
 Megatron-LM baseline and is recorded as not available (see MEGATRON_NOTE).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from repro.records import Row
 from repro.text_data import TokenStream, load_token_stream
 from repro.train import Candidate, Trainee, TrainSpec, init_distributed, train_all
 
-OURS = "effrepro_flash"
+OURS = "effrepro"
 ATTENTION = ("eager", "sdpa", OURS, "megatron")
 MEGATRON_NOTE = ("megatron: Megatron-LM's GPT is not a transformers model and megatron-core is not wired into "
                  "this suite yet; the paper's Megatron column cannot be measured here")
