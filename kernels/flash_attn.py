@@ -3,7 +3,7 @@
 The forward keeps, per query row, a running maximum and sum of exponentials and stores the log-sum-exp; the
 backward recomputes the probabilities from it (FlashAttention's algorithm, with FlashAttention-2's loop order:
 one pass over query tiles for dK and dV, one over key tiles for dQ; no atomics, so it is deterministic).
-Dropout is fused (a counter-based random number per (batch·head, row, column), reproducible from the seed), and
+Dropout is fused (counter-based Philox numbers per (batch·head, row, column), reproducible from the seed), and
 so are causal masks (bottom-right aligned), key padding masks and block-sparse masks, whose zero blocks are
 skipped rather than masked.
 """
@@ -28,12 +28,17 @@ LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------------------------------- dropout
 @triton.jit
-def _keep(seed, bh, rows, cols, N_K, dropout_p):
-    """True where an element survives dropout: one Philox draw per (batch·head, row, column)."""
-    n_k = (cols * 0 + N_K).to(tl.uint32)  # N_K may arrive as a constexpr (Triton specialises 1)
-    c0 = rows.to(tl.uint32) * n_k + cols.to(tl.uint32)
+def _keep(seed, bh, row0, col0, N_K, dropout_p, BM: tl.constexpr, BN: tl.constexpr):
+    """Where the (BM × BN) tile at (row0, col0) survives dropout. One Philox call gives four random numbers, for
+    four neighbouring columns (counter = row · ceil(N_K / 4) + column // 4, key = seed, batch·head), so the
+    generation costs a quarter of one call per element; col0 is a multiple of 4, as every tile's start is."""
+    rows = (row0 + tl.arange(0, BM)).to(tl.uint32)
+    quads = (col0 // 4 + tl.arange(0, BN // 4)).to(tl.uint32)
+    n4 = ((quads * 0 + N_K + 3) // 4).to(tl.uint32)  # N_K may arrive as a constexpr (Triton specialises 1)
+    c0 = rows[:, None] * n4[None, :] + quads[None, :]
     zero = tl.zeros_like(c0)
-    r, _, _, _ = tl.philox(seed, c0, zero + bh.to(tl.uint32), zero, zero)
+    r0, r1, r2, r3 = tl.philox(seed, c0, zero + bh.to(tl.uint32), zero, zero)
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, BN))  # columns 4j..4j+3 take r0, r2, r1, r3
     return tl.uint_to_uniform_float(r) >= dropout_p
 
 
@@ -42,7 +47,7 @@ def _dropout_mask_kernel(OUT, seed, N_Q, N_K, dropout_p, BLOCK_M: tl.constexpr, 
     pid_m, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, bh, rows[:, None], cols[None, :], N_K, dropout_p)
+    keep = _keep(seed, bh, pid_m * BLOCK_M, pid_n * BLOCK_N, N_K, dropout_p, BLOCK_M, BLOCK_N)
     ptrs = OUT + bh.to(tl.int64) * N_Q * N_K + rows[:, None] * N_K + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < N_Q) & (cols[None, :] < N_K))
 
@@ -84,7 +89,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn
                offs_m, offs_d, lo, hi, N_Q, N_K, qk_scale, seed, bh, dropout_p,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
                SPARSE: tl.constexpr, SUB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     dmask = offs_d < HEAD_DIM
     for i in range(lo, hi):
         if SPARSE:
@@ -92,7 +97,8 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn
         else:
             coarse = i
         for sub in tl.static_range(SUB):
-            offs_n = (coarse * SUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)
+            start_n = (coarse * SUB + sub) * BLOCK_N
+            offs_n = start_n + tl.arange(0, BLOCK_N)
             nmask = offs_n < N_K
             k_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
             v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -117,7 +123,8 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn
             alpha = tl.math.exp2(m_i - m_new_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
-                p = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p), p, 0.0)
+                start_m = tl.program_id(0) * BLOCK_M
+                p = tl.where(_keep(seed, bh, start_m, start_n, N_K, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
             if MASK or HEAD_DIM != BLOCK_D:
                 v = tl.load(v_ptrs, mask=nmask[:, None] & dmask[None, :], other=0.0)
             else:
@@ -162,11 +169,11 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CNT, IDX,
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn, stride_vd,
                                    offs_m, offs_d, start, end, N_Q, N_K, qk_scale, seed, bh, dropout_p,
                                    True, CAUSAL, HAS_KPM, DROPOUT, True, SPARSE_BLOCK // BLOCK_N, HEAD_DIM,
-                                   BLOCK_D, BLOCK_N)
+                                   BLOCK_D, BLOCK_M, BLOCK_N)
     elif HAS_KPM:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn, stride_vd,
                                    offs_m, offs_d, 0, n_tiles, N_Q, N_K, qk_scale, seed, bh, dropout_p,
-                                   True, CAUSAL, True, DROPOUT, False, 1, HEAD_DIM, BLOCK_D, BLOCK_N)
+                                   True, CAUSAL, True, DROPOUT, False, 1, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
     else:
         # tiles that every row of this block sees whole need no mask; the rest (diagonal, tail) do
         full = N_K // BLOCK_N
@@ -174,10 +181,10 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CNT, IDX,
             full = tl.minimum(full, tl.maximum(pid_m * BLOCK_M + shift + 1, 0) // BLOCK_N)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn, stride_vd,
                                    offs_m, offs_d, 0, full, N_Q, N_K, qk_scale, seed, bh, dropout_p,
-                                   False, CAUSAL, False, DROPOUT, False, 1, HEAD_DIM, BLOCK_D, BLOCK_N)
+                                   False, CAUSAL, False, DROPOUT, False, 1, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn, stride_vd,
                                    offs_m, offs_d, full, n_tiles, N_Q, N_K, qk_scale, seed, bh, dropout_p,
-                                   True, CAUSAL, False, DROPOUT, False, 1, HEAD_DIM, BLOCK_D, BLOCK_N)
+                                   True, CAUSAL, False, DROPOUT, False, 1, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
     seen = l_i > 0  # a row that saw no key at all (fully masked) gives zeros, and an infinite LSE
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if DROPOUT:
@@ -190,22 +197,17 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CNT, IDX,
 
 # ----------------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _bwd_tile_scores(q_rows, k_cols, offs_m, offs_n, lse, KPM, N_Q, N_K, qk_scale, seed, bh, dropout_p,
-                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr):
+def _bwd_tile_scores(q_rows, k_cols, offs_m, offs_n, lse, KPM, N_Q, N_K, qk_scale,
+                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
     """Probabilities P recomputed from the saved LSE for a (rows × cols) tile given as broadcastable index
-    tensors, zero where masked; and the dropout keep-mask (all True without dropout)."""
+    tensors, zero where masked."""
     s = tl.dot(q_rows, k_cols) * qk_scale
     valid = (offs_m < N_Q) & (offs_n < N_K)
     if CAUSAL:
         valid = valid & (offs_n <= offs_m + (N_K - N_Q))
     if HAS_KPM:
         valid = valid & (tl.load(KPM + offs_n, mask=offs_n < N_K, other=0) != 0)
-    p = tl.where(valid, tl.math.exp2(s - lse), 0.0)
-    if DROPOUT:
-        keep = _keep(seed, bh, offs_m, offs_n, N_K, dropout_p)
-    else:
-        keep = valid | True
-    return p, keep
+    return tl.where(valid, tl.math.exp2(s - lse), 0.0)
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
@@ -254,14 +256,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
             else:
                 coarse = i
             for sub in tl.static_range(SUB):
-                offs_m = (coarse * SUB + sub) * BLOCK_M + tl.arange(0, BLOCK_M)
+                start_m = (coarse * SUB + sub) * BLOCK_M
+                offs_m = start_m + tl.arange(0, BLOCK_M)
                 mmask = offs_m < N_Q
                 qT = tl.load(Qh + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
                              mask=mmask[None, :] & dmask[:, None], other=0.0)
                 lse = tl.load(LSE + b * stride_sb + h * stride_sh + offs_m * stride_sm, mask=mmask,
                               other=float("inf"))
-                pT, keepT = _bwd_tile_scores(k, qT, offs_m[None, :], offs_n[:, None], lse[None, :], KPM, N_Q, N_K,
-                                             qk_scale, seed, bh, dropout_p, CAUSAL, HAS_KPM, DROPOUT)
+                pT = _bwd_tile_scores(k, qT, offs_m[None, :], offs_n[:, None], lse[None, :], KPM, N_Q, N_K,
+                                      qk_scale, CAUSAL, HAS_KPM)
+                if DROPOUT:
+                    keepT = tl.trans(_keep(seed, bh, start_m, pid_n * BLOCK_N, N_K, dropout_p, BLOCK_M, BLOCK_N))
                 do = tl.load(DOh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
                              mask=mmask[:, None] & dmask[None, :], other=0.0)
                 if DROPOUT:
@@ -327,16 +332,18 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CNT, IDX,
         else:
             coarse = i
         for sub in tl.static_range(SUB):
-            offs_n = (coarse * SUB + sub) * BLOCK_N + tl.arange(0, BLOCK_N)
+            start_n = (coarse * SUB + sub) * BLOCK_N
+            offs_n = start_n + tl.arange(0, BLOCK_N)
             nmask = offs_n < N_K
             kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                          mask=nmask[None, :] & dmask[:, None], other=0.0)
             vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
                          mask=nmask[None, :] & dmask[:, None], other=0.0)
-            p, keep = _bwd_tile_scores(q, kT, offs_m[:, None], offs_n[None, :], lse[:, None], KPM, N_Q, N_K,
-                                       qk_scale, seed, bh, dropout_p, CAUSAL, HAS_KPM, DROPOUT)
+            p = _bwd_tile_scores(q, kT, offs_m[:, None], offs_n[None, :], lse[:, None], KPM, N_Q, N_K, qk_scale,
+                                 CAUSAL, HAS_KPM)
             dp = tl.dot(do, vT)
             if DROPOUT:
+                keep = _keep(seed, bh, pid_m * BLOCK_M, start_n, N_K, dropout_p, BLOCK_M, BLOCK_N)
                 dp = tl.where(keep, dp * inv_keep, 0.0)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
