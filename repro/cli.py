@@ -91,6 +91,9 @@ def run_job(cfg: DictConfig) -> RunRecord:
                 save_record(record, paths[0])
                 last_save = time.monotonic()
         record.status = "ok"
+    except ConfigError:
+        record.status, paths = "error", paths[:1]  # bad input measured nothing: no record to commit
+        raise
     except Exception as exc:
         record.status = "oom" if is_out_of_memory(exc) else "error"
         record.error = f"{type(exc).__name__}: {exc}"

@@ -141,3 +141,10 @@ def test_lm_training_under_torchrun_with_two_gloo_processes(tmp_path):
     rows = load(tmp_path / "record.json")["rows"]
     (tps,) = [r for r in rows if r["metric"] == "tokens_per_s"]
     assert tps["extra"]["world_size"] == 2
+
+
+def test_bad_input_found_by_a_task_leaves_no_record_to_commit(tmp_path):
+    out = run_repro("task=flash_gpt2", "attention=[eager,flash9]", "scale.commit_records=true", "logger=none",
+                    f"hydra.run.dir={tmp_path}", f"paths.records={tmp_path}/runs")
+    assert out.returncode == 2 and "flash9" in out.stderr
+    assert not (tmp_path / "runs").exists()
