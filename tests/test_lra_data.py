@@ -1,0 +1,204 @@
+"""LRA data: ListOps and Pathfinder generators (labels, bounds, determinism), the dataset cache, and the real-data
+loaders' offline behaviour. CPU only, a few seconds."""
+import json
+
+import numpy as np
+import pytest
+
+from tasks.lra import data
+
+
+def reachable(lit: np.ndarray, start: tuple[int, int], step: int) -> np.ndarray:
+    """Lit pixels reached from `start` by hops of at most `step` pixels (Chebyshev) between lit pixels."""
+    seen = np.zeros_like(lit)
+    seen[start] = True
+    todo = [start]
+    while todo:
+        y, x = todo.pop()
+        y0, x0 = max(y - step, 0), max(x - step, 0)
+        window = lit[y0:y + step + 1, x0:x + step + 1] & ~seen[y0:y + step + 1, x0:x + step + 1]
+        for dy, dx in zip(*np.nonzero(window)):
+            seen[y0 + dy, x0 + dx] = True
+            todo.append((y0 + dy, x0 + dx))
+    return seen
+
+
+def markers(image: np.ndarray) -> list[tuple[int, int]]:
+    """A pixel of each marker: the only white blobs where paths are dimmer than white (32 to 128 px)."""
+    white, found = image == 255, []
+    while white.any():
+        found.append(tuple(np.argwhere(white)[0]))
+        white &= ~reachable(white, found[-1], 1)
+    return found
+
+
+def check_connectivity(images: np.ndarray, labels: np.ndarray, size: int) -> None:
+    step = data.PATHFINDER_SIZES[size].bridge
+    for image, label in zip(images, labels):
+        a, b = markers(image)
+        assert reachable(image > 0, a, step)[b] == bool(label)
+
+
+# ---------------------------------------------------------------------------------------------------- ListOps
+
+def test_listops_labels_lengths_and_structure():
+    rows = data.generate_listops(40, 0, workers=1)
+    for source, label in rows:
+        tokens = source.split()
+        assert 500 < len(tokens) < 2000
+        assert 0 <= label <= 9 and label == data.evaluate_listops(source)
+        assert data.encode_listops(source) == [data.LISTOPS_VOCAB.index(t) for t in tokens]
+        arguments = []  # per open operator, its arguments so far
+        for token in tokens:
+            if token == "]":
+                assert 2 <= arguments.pop() <= 10
+                continue
+            if arguments:
+                arguments[-1] += 1
+            if token in data.OPERATORS:
+                arguments.append(0)
+                assert len(arguments) < 10  # operators at depths 1-9, so leaves at most at 10
+    assert len({label for _, label in rows}) > 5
+
+
+def test_evaluator_on_known_expressions():
+    assert data.evaluate_listops("[MAX 2 9 [MIN 4 7 ] 0 ]") == 9
+    assert data.evaluate_listops("[MED 1 2 3 4 ]") == 2  # median 2.5 rounds down, as LRA's int(np.median)
+    assert data.evaluate_listops("[MED 3 [SM 5 7 ] 9 ]") == 3
+    assert data.evaluate_listops("[SM 5 7 [MIN 9 8 ] ]") == 0
+    assert data.evaluate_listops(["7"]) == 7
+
+
+def test_listops_deterministic_by_seed_whatever_the_workers():
+    short = dict(min_length=20, max_length=200)
+    rows = data.generate_listops(70, 1, workers=1, **short)  # three chunks
+    assert rows == data.generate_listops(70, 1, workers=2, **short)
+    assert rows != data.generate_listops(70, 2, workers=1, **short)
+    assert rows != data.generate_listops(70, 1, split="val", workers=1, **short)
+    assert all(20 < len(source.split()) < 200 for source, _ in rows)
+
+
+def test_listops_rejects_impossible_lengths():
+    with pytest.raises(ValueError, match="min_length=5"):
+        data.generate_listops(1, 0, max_depth=1, min_length=5)
+
+
+# ------------------------------------------------------------------------------------------------- Pathfinder
+
+@pytest.fixture(scope="module")
+def pathfinder32():
+    return data.generate_pathfinder(64, 0, size=32, workers=2)
+
+
+def test_pathfinder_shapes_and_balance(pathfinder32):
+    images, labels = pathfinder32
+    assert images.shape == (64, 32, 32) and images.dtype == np.uint8
+    assert labels.shape == (64,) and set(labels) == {0, 1} and labels.sum() == 32
+
+
+def test_pathfinder_label_is_connectivity(pathfinder32):
+    check_connectivity(*pathfinder32, size=32)
+
+
+def test_pathfinder_deterministic_whatever_the_workers(pathfinder32):
+    images, labels = data.generate_pathfinder(32, 0, size=32, workers=1)  # the first chunk alone, in-process
+    assert np.array_equal(images, pathfinder32[0][:32]) and np.array_equal(labels, pathfinder32[1][:32])
+    assert not np.array_equal(data.generate_pathfinder(2, 1, workers=1)[0], data.generate_pathfinder(2, 0)[0])
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_path_x_sizes(size):
+    images, labels = data.generate_pathfinder(2, 0, size=size, workers=1)
+    assert images.shape == (2, size, size) and images.dtype == np.uint8 and sorted(labels) == [0, 1]
+    check_connectivity(images, labels, size)
+
+
+def test_path_256_and_difficulties():
+    images, labels = data.generate_pathfinder(2, 0, size=256, difficulty="intermediate", workers=1)
+    assert images.shape == (2, 256, 256) and sorted(labels) == [0, 1]
+    easy, _ = data.generate_pathfinder(4, 0, difficulty="easy", workers=1)
+    hard, _ = data.generate_pathfinder(4, 0, difficulty="hard", workers=1)
+    assert (easy > 0).sum() < (hard > 0).sum()  # shorter paths, fewer pixels
+
+
+def test_pathfinder_rejects_bad_size_and_difficulty():
+    with pytest.raises(ValueError, match=r"size=48 .*\[32, 64, 128, 256\]"):
+        data.generate_pathfinder(1, 0, size=48)
+    with pytest.raises(ValueError, match=r"difficulty='medium' .*'easy', 'intermediate', 'hard'"):
+        data.generate_pathfinder(1, 0, difficulty="medium")
+    with pytest.raises(ValueError, match="split='dev'"):
+        data.generate_pathfinder(1, 0, split="dev")
+
+
+# ------------------------------------------------------------------------------------------------------ cache
+
+def test_cache_reuses_only_an_identical_build(tmp_path, capsys, monkeypatch):
+    short = dict(min_length=10, max_length=60)
+
+    def load(seed):
+        ds = data.load_or_generate("listops", "train", 40, seed, tmp_path, workers=1, **short)
+        return ds["source"], capsys.readouterr().out
+
+    first, out = load(0)
+    assert "Generating" in out
+    again, out = load(0)
+    assert again == first and "Generating" not in out
+    other, out = load(1)
+    assert other != first and "Generating" in out
+
+    meta_path = next(tmp_path.glob("listops-*seed0-v1.json"))
+    meta = json.loads(meta_path.read_text())
+    assert meta["seed"] == 0 and meta["generator_version"] == data.GENERATOR_VERSION
+    assert meta["params"] == {"max_depth": 10, "max_args": 10, **short}
+    meta_path.write_text(json.dumps({**meta, "generator_version": 0}))
+    rebuilt, out = load(0)
+    assert "regenerating" in out and rebuilt == first
+
+    monkeypatch.setattr(data, "GENERATOR_VERSION", 2)
+    _, out = load(0)
+    assert "Generating" in out and any(tmp_path.glob("listops-*seed0-v2.json"))
+
+
+def test_cached_pathfinder_is_an_image_dataset(tmp_path):
+    ds = data.load_or_generate("pathfinder", "val", 4, 0, tmp_path, workers=1, difficulty="easy")
+    assert ds.features["image"].dtype == "uint8"
+    images = ds.with_format("numpy", dtype=np.uint8)[:]["image"]
+    assert images.shape == (4, 32, 32)
+    assert np.array_equal(images, data.generate_pathfinder(4, 0, difficulty="easy", split="val")[0])
+    with pytest.raises(TypeError, match="'colour'"):
+        data.load_or_generate("pathfinder", "val", 4, 0, tmp_path, colour=1)
+
+
+def test_generation_rate():
+    assert data.generation_rate("listops", n=8, min_length=10, max_length=60) > 0
+
+
+# ------------------------------------------------------------------------------------------------- real data
+
+@pytest.mark.parametrize("task", ["text", "image"])
+def test_hub_offline_error_says_what_to_do(task):
+    import datasets
+
+    if not datasets.config.HF_HUB_OFFLINE:
+        pytest.skip("would download: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is off")
+    with pytest.raises(RuntimeError, match="Run once with network.*tiny_fixture"):
+        data.load_lra_hub(task, "train")
+
+
+def test_retrieval_needs_lra_release_files(tmp_path):
+    with pytest.raises(ValueError, match="not on the Hugging Face hub.*data_dir"):
+        data.load_lra_hub("retrieval", "train")
+    (tmp_path / "new_aan_pairs.eval.tsv").write_text("1.0\ta\tb\tsome text\tother text\n0.0\tc\td\tx\ty\n")
+    ds = data.load_lra_hub("retrieval", "val", data_dir=tmp_path)
+    assert ds["label"] == [1, 0] and ds[0]["input_ids1"] == [b + 1 for b in b"some text"]
+
+
+def test_tiny_fixtures():
+    text = data.tiny_fixture("text", 4, seed=0)
+    assert len(text) == 4 and all(1 <= i <= 256 for ids in text["input_ids"] for i in ids)
+    assert text["input_ids"] == data.tiny_fixture("text", 4, seed=0)["input_ids"]
+    pairs = data.tiny_fixture("retrieval", 3)
+    assert set(pairs.column_names) == {"input_ids1", "input_ids2", "label"} and set(pairs["label"]) <= {0, 1}
+    images = data.tiny_fixture("image", 5)
+    assert images.features["image"].dtype == "uint8"
+    assert np.asarray(images["image"]).shape == (5, 32, 32) and set(images["label"]) <= set(range(10))
