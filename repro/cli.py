@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,9 @@ def run_job(cfg: DictConfig) -> RunRecord:
     except ConfigError:
         record.status, paths = "error", paths[:1]  # bad input measured nothing: no record to commit
         raise
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): the rows so far are kept, marked as such
+        record.status = "killed"
+        raise
     except Exception as exc:
         record.status = "oom" if is_out_of_memory(exc) else "error"
         record.error = f"{type(exc).__name__}: {exc}"
@@ -154,7 +158,14 @@ def unknown_key_error(args: list[str]) -> str | None:
     return None
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
+    # `timeout`, SLURM and torchrun stop a job with SIGTERM: turn it into an interrupt, so that the record is
+    # written with what was measured instead of being left half-way.
+    signal.signal(signal.SIGTERM, _interrupt)
     error = unknown_key_error(sys.argv[1:])
     if error:
         print(f"repro: error: {error}", file=sys.stderr)

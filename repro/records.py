@@ -11,7 +11,7 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 ROW_STATUSES = ("ok", "oom", "unsupported", "error")
-RUN_STATUSES = ("running", "ok", "oom", "error")
+RUN_STATUSES = ("running", "ok", "oom", "error", "killed")  # killed: stopped by a signal; its rows stand
 
 
 @dataclass

@@ -24,6 +24,7 @@ NOT_COMPARABLE = "not comparable at this scale"
 OTHER_HARDWARE = "not comparable (other hardware)"
 NOT_RUN = "not yet run"
 SCALE_ORDER = {"smoke": 0, "small": 1, "paper": 2}
+USABLE = ("ok", "killed")  # a killed run's rows were each complete when written
 PLOT_METRICS = ("tflops", "bandwidth", "speedup", "peak_memory", "accuracy", "loss", "ppl", "val_loss",
                 "val_perplexity", "val_mlm_accuracy", "tokens_per_s")
 
@@ -90,7 +91,7 @@ def judge(claim: Claim, value: float) -> str:
 
 def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
     """Judge a claim by the best record of its task: a comparable scale first, then the newest."""
-    mine = [(p, r) for p, r in records if r.task == claim.task and r.status == "ok"]
+    mine = [(p, r) for p, r in records if r.task == claim.task and r.status in USABLE]
     if not mine:
         return Outcome(claim, NOT_RUN)
     comparable = claim.compare.comparable_at
@@ -178,7 +179,7 @@ def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tu
     it, so a run that measured only some settings does not hide the others. Also the records used."""
     out: dict[str, tuple[list, list[RunRecord]]] = {}
     for _, rec in sorted(records, key=lambda pr: pr[1].started, reverse=True):
-        if rec.status != "ok" or rec.scale == "smoke":
+        if rec.status not in USABLE or rec.scale == "smoke":
             continue
         rows, used = out.setdefault(rec.task, ([], []))
         taken = {r.extra.get("series", "") for r in rows}

@@ -1,6 +1,7 @@
 """The real command line in a subprocess: every task at smoke scale, a multirun through submitit, W&B offline,
 and the error paths a user meets first."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,25 @@ def test_bad_input_found_by_a_task_leaves_no_record_to_commit(tmp_path):
                     f"hydra.run.dir={tmp_path}", f"paths.records={tmp_path}/runs")
     assert out.returncode == 2 and "flash9" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_stopped_by_sigterm_keeps_its_rows_as_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, "-m", "repro.cli", "task=flash_gpt2", "logger=none", "attention=[eager]",
+                             "checkpoint.dir=null", "train.steps=100000", "train.log_every=1",
+                             f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "record.json"  # checkpointed every few seconds while the run goes on
+    deadline = time.time() + 120
+    while time.time() < deadline and not (partial.exists() and '"loss"' in partial.read_text()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    record = load(tmp_path / "record.json")
+    assert record["status"] == "killed" and any(r["metric"] == "loss" for r in record["rows"])
