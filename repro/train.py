@@ -25,6 +25,35 @@ from .records import Row
 from .timing import is_out_of_memory
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+OPTIMIZERS = ("adamw", "lamb")
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020, MLPerf BERT's optimizer): Adam's step, weight decay included, rescaled for each
+    tensor by the trust ratio ‖w‖ / ‖step‖, so that large batches can take large learning rates."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["step"] += 1
+                m, v, t = state["m"], state["v"], state["step"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + group["eps"])
+                update.add_(p, alpha=group["weight_decay"])
+                w_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.add_(update * trust, alpha=-group["lr"])
 
 
 @dataclass
@@ -38,6 +67,7 @@ class TrainSpec:
     grad_accum: int = 1
     grad_clip: float = 1.0
     precision: str = "bf16"
+    optimizer: str = "adamw"  # or "lamb"
     eval_every: int = 0  # 0: only at the end
     log_every: int = 10
     timing_skip_steps: int = 2  # compile and autotune steps, left out of the throughput
@@ -52,6 +82,8 @@ class TrainSpec:
         spec = cls(**{k: (tuple(v) if k == "betas" else v) for k, v in cfg.items()})
         if spec.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={spec.precision!r} is not one of {list(PRECISIONS)}")
+        if spec.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer={spec.optimizer!r} is not one of {list(OPTIMIZERS)}")
         return spec
 
 
@@ -127,9 +159,11 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
         dtype = None  # CPU autocast in half precision is slow and not what any paper timed
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=spec.betas,
-                                  fused=device.type == "cuda")
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if spec.optimizer == "lamb":
+        optimizer = Lamb(groups, lr=spec.lr, betas=spec.betas)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, past_rows = 0, []
     if checkpoint is not None and resume and checkpoint.exists():

@@ -1,5 +1,6 @@
 """The shared training loop: resume after a kill, refusing foreign or corrupt checkpoints, failures as rows;
 and the text corpus it is usually fed from."""
+from dataclasses import replace as dataclass_replace
 from types import SimpleNamespace
 
 import pytest
@@ -107,3 +108,17 @@ def test_an_empty_corpus_folder_is_a_clear_error(tmp_path):
                            vocab_size=300, val_fraction=0.2)
     with pytest.raises(ConfigError, match="no non-empty files"):
         load_token_stream(spec, tmp_path / "cache")
+
+
+def test_lamb_takes_adams_step_scaled_by_the_trust_ratio():
+    from repro.train import Lamb
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ‖w‖ = 5
+    opt = Lamb([w], lr=0.1, betas=(0.9, 0.999), eps=0.0, weight_decay=0.0)
+    w.grad = torch.tensor([1.0, -2.0])
+    opt.step()
+    adam = torch.tensor([1.0, -1.0])  # the first bias-corrected Adam step is sign(g)
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0, 4.0]) - 0.1 * adam * 5 / adam.norm())
+    run = dataclass_replace(SPEC, optimizer="lamb", steps=30, lr=0.05)
+    rows = list(train(trainee(), run, torch.device("cpu"), None, progress=False))
+    losses = [r.p50 for r in rows if r.metric == "loss"]
+    assert losses[-1] < losses[0]
