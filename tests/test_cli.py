@@ -103,6 +103,7 @@ def test_wandb_that_cannot_start_does_not_stop_the_run(tmp_path):
     ("task=flash_gpt2 attention=[eager,flash9]", ["flash9", "effrepro"]),
     ("task=flash_gpt2 model.seq_len=128 model.positions=64", ["seq_len=128", "64 positions"]),
     ("task=flash_gpt2 data.folder=/no/such/folder", ["/no/such/folder", "folder of text files"]),
+    ("task=pathx lra.pretrain={task:listops,steps:1}", ["listops", "path64"]),
 ])
 def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_path):
     out = run_repro(*override.split(), "logger=none", f"hydra.run.dir={tmp_path}")

@@ -66,3 +66,14 @@ def test_speedups_and_their_geometric_mean():
     assert out[("flash", "speedup", "image")] == 8.0
     assert math.isclose(out[("flash", "speedup_geomean", 2)], 4.0)
     assert out[("standard", "speedup_geomean", 2)] == 1.0
+
+
+def test_pathx_recipe_pretrains_on_path64_and_grows_the_positions(tmp_path):
+    from conftest import run_repro
+    out = run_repro("task=pathx", "logger=none", f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/o",
+                    "lra.pretrain={task: path64, steps: 1}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+    rows = json.loads((tmp_path / "record.json").read_text())["rows"]
+    stages = {r["extra"]["lra_task"] for r in rows if r["metric"] == "val_accuracy"}
+    assert stages == {"path64", "pathx"}

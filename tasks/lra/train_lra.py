@@ -8,6 +8,7 @@ their speed is real, their accuracy is chance.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,7 +26,7 @@ from repro.records import Row
 from repro.train import Candidate, Trainee, TrainSpec, train_all
 
 from .data import (LISTOPS_VOCAB, MAX_BYTES, encode_listops, load_lra_hub, load_or_generate, tiny_fixture)
-from .model import ATTENTIONS, LRAClassifier
+from .model import ATTENTIONS, LRAClassifier, upsample_positions
 
 # The LRA repo's base configs (dim / heads / layers / mlp), moe_lowrank_lra.md §3.4. Pathfinder's qkv width is
 # 32 rather than 16, so that its two heads have 16 dimensions, the least our kernel takes.
@@ -84,9 +85,13 @@ def _check_attention(name: str, ctx: RunContext) -> None:
         raise Unsupported(f"{name} needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")
 
 
-def candidates(cfg: DictConfig, ctx: RunContext, cache: Path) -> Iterator[Candidate]:
+def candidates(cfg: DictConfig, ctx: RunContext, cache: Path, tasks: list[str], keep: dict | None = None,
+               start_from: dict | None = None) -> Iterator[Candidate]:
+    """One candidate per (task, attention). `keep` collects each built model by attention (to pre-train it);
+    `start_from` starts each model from the one kept for its attention, its position table grown to the
+    task's image (the Path-X / Path-256 recipe)."""
     spec = cfg.lra
-    for name in as_list(spec.tasks):
+    for name in tasks:
         train_set, vocab, seq_len = load_split(name, "train", spec.n_train, spec, cache)
         val_set, _, _ = load_split(name, "val", spec.n_val, spec, cache)
         family = "pathfinder" if name in PATH_SIZES else name
@@ -102,6 +107,12 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path) -> Iterator[Candid
                 torch.manual_seed(cfg.seed)
                 model = LRAClassifier(vocab=vocab, classes=classes, seq_len=seq_len, attention=attention,
                                       pair=name == "retrieval", **model_cfg)
+                if start_from is not None:
+                    pretrained = start_from[attention]
+                    upsample_positions(pretrained, math.isqrt(seq_len))
+                    model.load_state_dict(pretrained.state_dict())
+                if keep is not None:
+                    keep[attention] = model
                 n = len(train_set["labels"])
 
                 def batches(step, rank, world):
@@ -169,6 +180,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"lra.attention={unknown} unknown; choose from {list(ATTENTIONS)}")
     if spec.source not in ("fixture", "hub"):
         raise ConfigError(f"lra.source={spec.source!r} is not one of: fixture, hub")
+    if spec.pretrain:
+        if spec.pretrain.task not in PATH_SIZES or any(t not in PATH_SIZES for t in as_list(spec.tasks)):
+            raise ConfigError(f"lra.pretrain.task={spec.pretrain.task!r}: pre-training grows a Pathfinder "
+                              f"model's position table, so it and lra.tasks must be among {list(PATH_SIZES)}")
+        if "linformer" in as_list(spec.attention):
+            raise ConfigError("lra.pretrain cannot carry Linformer's length-bound projections to another length")
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
@@ -176,8 +193,15 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     cache = Path(cfg.paths.cache) / "lra"
     spec = TrainSpec.from_config(cfg.train)
     checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    tasks, pretrained = as_list(cfg.lra.tasks), None
+    if cfg.lra.pretrain:  # the Path-X / Path-256 recipe: train on a smaller image first, then grow
+        pretrained = {}
+        stage = dataclasses.replace(spec, steps=cfg.lra.pretrain.steps)
+        yield from train_all(candidates(cfg, ctx, cache, [cfg.lra.pretrain.task], keep=pretrained), stage,
+                             ctx.device, checkpoint_dir, cfg.checkpoint.resume)
     rows = []
-    for row in train_all(candidates(cfg, ctx, cache), spec, ctx.device, checkpoint_dir, cfg.checkpoint.resume):
+    for row in train_all(candidates(cfg, ctx, cache, tasks, start_from=pretrained), spec, ctx.device,
+                         checkpoint_dir, cfg.checkpoint.resume):
         rows.append(row)
         yield row
     yield from derived_rows(rows)
