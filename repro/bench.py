@@ -29,6 +29,14 @@ class Unsupported(Exception):
     """A provider cannot run this point (shape, dtype, mask, backend missing): recorded, never fatal."""
 
 
+def require_triton(name: str, device: torch.device) -> None:
+    """A provider built on our Triton kernels is unsupported where they cannot run."""
+    from kernels.runtime import runs_on
+
+    if not runs_on(device):
+        raise Unsupported(f"{name} needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")
+
+
 @dataclass
 class Point:
     x_name: str

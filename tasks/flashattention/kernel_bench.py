@@ -12,8 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
-from kernels.runtime import runs_on
-from repro.bench import Call, Point, Provider, Unsupported, as_list, run_benchmark, sdpa_declined
+from repro.bench import Call, Point, Provider, Unsupported, as_list, require_triton, run_benchmark, sdpa_declined
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 
@@ -123,8 +122,8 @@ def make_inputs(point: Point, device: torch.device, seed: int):
 
 def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, baseline: bool = False) -> Provider:
     def build(point: Point) -> Call:
-        if name.startswith("triton") and not runs_on(ctx.device):
-            raise Unsupported(f"{name} needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")
+        if name.startswith("triton"):
+            require_triton(name, ctx.device)
         q, k, v, mask = make_inputs(point, ctx.device, seed)
         e = point.extra
         run = lambda: attend(q, k, v, causal=e["causal"], dropout_p=e["dropout"], key_padding_mask=mask)  # noqa: E731

@@ -16,8 +16,7 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kernels.runtime import runs_on
-from repro.bench import Unsupported, as_list
+from repro.bench import Unsupported, as_list, require_triton
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 from repro.text_data import TokenStream, load_token_stream
@@ -91,8 +90,8 @@ def flops_per_token(model: torch.nn.Module, layers: int, hidden: int, seq_len: i
 def _check_attention(name: str, ctx: RunContext) -> None:
     if name == "megatron":
         raise Unsupported(MEGATRON_NOTE)
-    if name == OURS and not runs_on(ctx.device):
-        raise Unsupported(f"{OURS} needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")
+    if name == OURS:
+        require_triton(name, ctx.device)
 
 
 def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[Candidate]:

@@ -19,8 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import decode_attention, make_schedule
 from kernels.decode_attention import SCHEDULES
-from kernels.runtime import runs_on
-from repro.bench import Call, Point, Provider, Unsupported, as_list, run_benchmark, sdpa_declined
+from repro.bench import Call, Point, Provider, Unsupported, as_list, require_triton, run_benchmark, sdpa_declined
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 from repro.timing import measure
@@ -68,8 +67,7 @@ def rotating(copies: list, fn) -> Call:
 
 def ours(kind: str, ctx: RunContext, seed: int, rotate_bytes: int) -> Provider:
     def build(point: Point) -> Call:
-        if not runs_on(ctx.device):
-            raise Unsupported(f"{kind} needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")
+        require_triton(kind, ctx.device)
         copies, lengths = make_inputs(point, ctx.device, seed, rotate_bytes)
         schedule = make_schedule(kind, lengths, copies[0][1].shape[1], device=ctx.device)  # once, not timed
         return rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=schedule))

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kernels.runtime import runs_on
-from repro.bench import Unsupported, as_list
+from repro.bench import as_list, require_triton
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 from repro.train import Candidate, Trainee, TrainSpec, train_all
@@ -81,8 +80,8 @@ def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[s
 
 
 def _check_attention(name: str, ctx: RunContext) -> None:
-    if name.startswith("flash") and not runs_on(ctx.device):
-        raise Unsupported(f"{name} needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")
+    if name.startswith("flash"):
+        require_triton(name, ctx.device)
 
 
 def candidates(cfg: DictConfig, ctx: RunContext, cache: Path, tasks: list[str], keep: dict | None = None,
