@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import re
 import signal
 import sys
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .claims import claims_for_task, load_published
 from .context import (PROJECT_ROOT, ConfigError, RunContext, capture_environment, reset_device_memory,
-                      resolve_device, seed_everything, utc_now)
+                      resolve_device, seed_everything, utc_now, world)
 from .records import Row, RunRecord, save_record
 from .report import console_table, evaluate
 from .timing import is_out_of_memory
@@ -73,7 +72,7 @@ def run_job(cfg: DictConfig) -> RunRecord:
                        claim_ids=[c.id for c in claims], config=OmegaConf.to_container(cfg, resolve=True),
                        overrides=list(hc.overrides.task), env=ctx.env, started=utc_now())
     paths = record_paths(cfg, record, output_dir, hc.job.num if multirun else None)
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 alone writes records and logs
+    if world()[0] != 0:  # under torchrun, rank 0 alone writes records and logs
         paths, cfg = [], OmegaConf.merge(cfg, {"logger": {"name": "none"}})
     paper_choice = hc.runtime.choices.get("paper")
     logger = make_logger(

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import os
 import platform
 import random
@@ -33,6 +35,16 @@ class RunContext:
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): torchrun sets RANK and WORLD_SIZE; a plain run is rank 0 of 1."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def fingerprint(settings: Any) -> str:
+    """A short stable digest of JSON-able settings: for cache keys and for matching checkpoints to runs."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def utc_now() -> str:

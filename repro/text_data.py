@@ -9,7 +9,6 @@ tokenizer (`gpt2`), as the papers used.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .context import ConfigError
+from .context import ConfigError, fingerprint
 from .records import write_json_atomic
 
 CACHE_VERSION = 1
@@ -110,11 +109,10 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
     """Tokenise the corpus once (documents joined by the end-of-text token) and cache the ids; the last
     `val_fraction` of the documents are the validation part. The cache is keyed by what was read, the
     tokenizer settings and CACHE_VERSION, so a changed corpus or setting is tokenised afresh."""
-    texts, fingerprint = _texts(spec)
-    settings = dict(version=CACHE_VERSION, corpus=fingerprint, tokenizer=spec.tokenizer, vocab_size=spec.vocab_size,
+    texts, corpus = _texts(spec)
+    settings = dict(version=CACHE_VERSION, corpus=corpus, tokenizer=spec.tokenizer, vocab_size=spec.vocab_size,
                     val_fraction=spec.val_fraction)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    cache = Path(cache_root) / f"tokens-{key}"
+    cache = Path(cache_root) / f"tokens-{fingerprint(settings)}"
     cache.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(spec, texts, cache)
     ids_path = cache / "ids.pt"

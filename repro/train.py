@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .context import ConfigError
+from .context import ConfigError, world
 from .records import Row
 from .timing import is_out_of_memory
 
@@ -101,9 +101,24 @@ class Trainee:
     fingerprint: str = ""  # what a checkpoint must match to be resumed (model and data settings)
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size): torchrun sets RANK and WORLD_SIZE; a plain run is rank 0 of 1."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The random stream of one rank's batches at one step: what makes `Trainee.batches` a pure function of
+    (step, rank), so that a resumed run draws the data the unbroken one would have."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+
+
+def final_rows(rows: Iterable[Row], metric: str, by: str) -> dict[tuple[str, object], Row]:
+    """The good rows of `metric`, keyed by (provider, the `by` extra): one per trainee, the last if several."""
+    return {(r.provider, r.extra[by]): r for r in rows if r.metric == metric and r.status == "ok"}
+
+
+def throughput_ratios(rows: list[Row], by: str, baseline: str, metric: str) -> Iterator[Row]:
+    """Per value of the `by` extra (a sequence length, a task): each trainee's tokens/s over `baseline`'s."""
+    tps = final_rows(rows, "tokens_per_s", by)
+    for (provider, key), r in tps.items():
+        base = tps.get((baseline, key))
+        if base:
+            yield Row(provider, by, key, metric, "x", r.p50 / base.p50, n=1, extra={**r.extra, "baseline": baseline})
 
 
 def init_distributed(device: torch.device) -> None:

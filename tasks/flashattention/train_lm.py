@@ -7,9 +7,7 @@ Megatron-LM baseline and is recorded as not available (see MEGATRON_NOTE).
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -17,10 +15,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from repro.bench import Unsupported, as_list, require_triton
-from repro.context import ConfigError, RunContext
+from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
 from repro.text_data import TokenStream, load_token_stream
-from repro.train import Candidate, Trainee, TrainSpec, init_distributed, train_all
+from repro.train import (Candidate, Trainee, TrainSpec, final_rows, init_distributed, step_generator,
+                         throughput_ratios, train_all)
 
 OURS = "effrepro"
 ATTENTION = ("eager", "sdpa", OURS, "megatron")
@@ -109,7 +108,7 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
                             vocab=data.vocab_size, train=OmegaConf.to_container(cfg.train), seed=cfg.seed)
 
             def batches(step, rank, world):
-                gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+                gen = step_generator(cfg.seed, step, rank)
                 return [make_batch(m.family, data.train, micro, seq_len, data.tokenizer, gen)
                         for _ in range(cfg.train.grad_accum)]
 
@@ -130,9 +129,8 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
                     return {"val_loss": loss, "val_mlm_accuracy": 100 * hits / max(total, 1)}
                 return {"val_loss": loss, "val_perplexity": float(torch.tensor(loss).exp())}
 
-            fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
             return Trainee(attention, model, batches, evaluate, micro * seq_len,
-                           flops_per_token(model, layers, hidden, seq_len), extra, fingerprint)
+                           flops_per_token(model, layers, hidden, seq_len), extra, fingerprint(settings))
         yield Candidate(attention, extra, build)
 
 
@@ -175,18 +173,9 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
 def derived_rows(rows: list[Row]) -> Iterator[Row]:
     """Per sequence length: throughput speedups over `eager` (the paper's HuggingFace baseline) and over
     `sdpa`; and per implementation, the final validation perplexity's gain over the shortest context."""
-    def final(metric):
-        return {(r.provider, r.extra["seq_len"]): r for r in rows if r.metric == metric and r.status == "ok"}
-
-    tps = final("tokens_per_s")
-    for (provider, seq_len), r in tps.items():
-        for baseline in ("eager", "sdpa"):
-            base = tps.get((baseline, seq_len))
-            if base:
-                name = "speedup" if baseline == "eager" else f"speedup_over_{baseline}"
-                yield Row(provider, "seq_len", seq_len, name, "x", r.p50 / base.p50, n=1,
-                          extra={**r.extra, "baseline": baseline})
-    ppl = final("val_perplexity")
+    yield from throughput_ratios(rows, "seq_len", "eager", "speedup")
+    yield from throughput_ratios(rows, "seq_len", "sdpa", "speedup_over_sdpa")
+    ppl = final_rows(rows, "val_perplexity", "seq_len")
     shortest = min((s for _, s in ppl), default=None)
     for (provider, seq_len), r in ppl.items():
         if seq_len != shortest and (provider, shortest) in ppl:

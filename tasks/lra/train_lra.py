@@ -9,8 +9,6 @@ their speed is real, their accuracy is chance.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Iterator
@@ -20,9 +18,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from repro.bench import as_list, require_triton
-from repro.context import ConfigError, RunContext
+from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
-from repro.train import Candidate, Trainee, TrainSpec, train_all
+from repro.train import Candidate, Trainee, TrainSpec, final_rows, step_generator, throughput_ratios, train_all
 
 from .data import (LISTOPS_VOCAB, MAX_BYTES, encode_listops, load_lra_hub, load_or_generate, tiny_fixture)
 from .model import ATTENTIONS, LRAClassifier, upsample_positions
@@ -115,7 +113,7 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path, tasks: list[str], 
                 n = len(train_set["labels"])
 
                 def batches(step, rank, world):
-                    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+                    gen = step_generator(cfg.seed, step, rank)
                     picks = [torch.randint(0, n, (spec.batch,), generator=gen) for _ in range(cfg.train.grad_accum)]
                     return [{k: v[i] for k, v in train_set.items()} for i in picks]
 
@@ -134,34 +132,26 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path, tasks: list[str], 
                 towers = 2 if name == "retrieval" else 1
                 settings = dict(task=name, attention=attention, seq_len=seq_len, model=model_cfg, seed=cfg.seed,
                                 lra=OmegaConf.to_container(spec), train=OmegaConf.to_container(cfg.train))
-                fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
                 return Trainee(attention, model, batches, evaluate, spec.batch * seq_len * towers, flops, extra,
-                               fingerprint)
+                               fingerprint(settings))
             yield Candidate(attention, extra, build)
 
 
 def derived_rows(rows: list[Row]) -> Iterator[Row]:
     """Per task: each attention's throughput over standard attention's. Over the tasks this run trained: the
     geometric mean of those speedups (the paper's Table 3 figure) and the mean final accuracy."""
-    def final(metric):
-        return {(r.provider, r.extra["lra_task"]): r for r in rows if r.metric == metric and r.status == "ok"}
-
-    tps, acc = final("tokens_per_s"), final("val_accuracy")
     speedups: dict[str, list[float]] = {}
-    for (attention, task), r in tps.items():
-        base = tps.get(("standard", task))
-        if base:
-            ratio = r.p50 / base.p50
-            speedups.setdefault(attention, []).append(ratio)
-            yield Row(attention, "lra_task", task, "speedup", "x", ratio, n=1, extra={**r.extra, "baseline": "standard"})
-    tasks = sorted({t for _, t in tps})
+    for r in throughput_ratios(rows, "lra_task", "standard", "speedup"):
+        speedups.setdefault(r.provider, []).append(r.p50)
+        yield r
+    tasks = sorted({t for _, t in final_rows(rows, "tokens_per_s", "lra_task")})
     for attention, ratios in speedups.items():
         if len(ratios) == len(tasks) and len(tasks) > 1:
             geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
             yield Row(attention, "tasks", len(tasks), "speedup_geomean", "x", geomean, n=len(ratios),
                       extra={"tasks": ",".join(tasks), "baseline": "standard"})
     by_attention: dict[str, list[float]] = {}
-    for (attention, _), r in acc.items():
+    for (attention, _), r in final_rows(rows, "val_accuracy", "lra_task").items():
         by_attention.setdefault(attention, []).append(r.p50)
     for attention, values in by_attention.items():
         if len(values) == len(tasks) and len(tasks) > 1:
