@@ -235,19 +235,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     launches kernels and nothing else. Returns the output (batch, heads, head_dim) and, if asked, the
     log-sum-exp (natural log, float32, (batch, heads)).
     """
-    if isinstance(schedule, DecodeSchedule):
-        if lengths is not None and lengths is not schedule.lengths and _lengths_on_host(lengths) != \
-                schedule.host_lengths:
+    prepared = isinstance(schedule, DecodeSchedule)
+    if prepared:
+        host_lengths = schedule.host_lengths
+        if lengths is not None and lengths is not schedule.lengths and _lengths_on_host(lengths) != host_lengths:
             raise ValueError(f"lengths {_lengths_on_host(lengths)} differ from those the schedule was built for "
-                             f"{schedule.host_lengths}; build a new schedule with make_schedule")
-        schedule = schedule.to(q.device)
+                             f"{host_lengths}; build a new schedule with make_schedule")
     elif lengths is None:
         raise ValueError(f"schedule={schedule!r} needs the lengths; pass lengths or a prepared DecodeSchedule")
     else:
         host_lengths = _lengths_on_host(lengths)
-        _check(q, k_cache, v_cache, host_lengths)  # before building: its errors name the cache's max_len
-        schedule = make_schedule(schedule, host_lengths, k_cache.shape[1], device=q.device)
-    _check(q, k_cache, v_cache, schedule.host_lengths)
+    _check(q, k_cache, v_cache, host_lengths)
+    schedule = schedule.to(q.device) if prepared else \
+        make_schedule(schedule, host_lengths, k_cache.shape[1], device=q.device)
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     groups = h // hkv
