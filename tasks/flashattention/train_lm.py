@@ -2,8 +2,8 @@
 with each attention implementation on the same data and seed (tasks flash_gpt2, flash_bert, flash_gpt2_long).
 
 The attention implementation is the swept variable: `eager` (HuggingFace's own, the paper's baseline), `sdpa`
-(PyTorch's fused kernels) and `effrepro` (our Triton kernel). `megatron` stands for the paper's
-Megatron-LM baseline and is recorded as not available (see MEGATRON_NOTE).
+(PyTorch's fused kernels), `effrepro` (our Triton kernel) and `megatron`, the paper's Megatron-LM baseline:
+GPT-2 built by megatron-core (megatron_gpt.py), on GPUs, where it is installed.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from repro.bench import Unsupported, as_list, require_triton
+from repro.bench import as_list, require_triton
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
 from repro.text_data import TokenStream, load_token_stream
@@ -23,19 +23,21 @@ from repro.train import (Candidate, Trainee, TrainSpec, final_rows, init_distrib
 
 OURS = "effrepro"
 ATTENTION = ("eager", "sdpa", OURS, "megatron")
-MEGATRON_NOTE = ("megatron: Megatron-LM's GPT is not a transformers model and megatron-core is not wired into "
-                 "this suite yet; the paper's Megatron column cannot be measured here")
 # (layers, hidden, heads) of the models the paper trains, and tiny ones for CPU smoke runs
 SIZES = {"gpt2": {"tiny": (2, 64, 2), "small": (12, 768, 12), "medium": (24, 1024, 16)},
          "bert": {"tiny": (2, 64, 2), "large": (24, 1024, 16)}}
 
 
-def _build_model(spec, tokenizer, seq_len: int, attention: str):
+def _build_model(spec, tokenizer, seq_len: int, attention: str, device: torch.device, seed: int):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, GPT2Config
 
     layers, hidden, heads = SIZES[spec.family][spec.size]
     vocab_size = len(tokenizer)
     positions = spec.positions or seq_len
+    if attention == "megatron":
+        from .megatron_gpt import build_megatron_gpt2
+        return build_megatron_gpt2(device, spec.family, layers, hidden, heads, vocab_size, positions, spec.dropout,
+                                   seed)
     if spec.family == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=hidden, n_layer=layers,
                             n_head=heads, resid_pdrop=spec.dropout, embd_pdrop=spec.dropout,
@@ -78,19 +80,17 @@ def make_batch(family: str, ids: torch.Tensor, batch: int, seq_len: int, tokeniz
     return {"input_ids": x, "labels": labels}
 
 
+def non_embedding_params(model: torch.nn.Module) -> int:
+    if hasattr(model, "non_embedding_params"):  # megatron-core's embeddings are not torch.nn.Embedding
+        return model.non_embedding_params()
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return sum(p.numel() for p in model.parameters()) - embedding
+
+
 def flops_per_token(model: torch.nn.Module, layers: int, hidden: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 per parameter outside the embeddings, plus attention's 12·layers·hidden·seq
     (the usual model-FLOPs count, PaLM appendix B; no discount for causal masking)."""
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    params = sum(p.numel() for p in model.parameters()) - embedding
-    return 6 * params + 12 * layers * hidden * seq_len
-
-
-def _check_attention(name: str, ctx: RunContext) -> None:
-    if name == "megatron":
-        raise Unsupported(MEGATRON_NOTE)
-    if name == OURS:
-        require_triton(name, ctx.device)
+    return 6 * non_embedding_params(model) + 12 * layers * hidden * seq_len
 
 
 def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[Candidate]:
@@ -101,9 +101,10 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
         extra = dict(seq_len=seq_len, model=f"{m.family}-{m.size}", series=f"{m.family}-{m.size} N={seq_len}")
 
         def build(seq_len=seq_len, attention=attention, micro=micro, extra=extra) -> Trainee:
-            _check_attention(attention, ctx)
-            torch.manual_seed(cfg.seed)  # the same initial weights for every implementation
-            model = _build_model(m, data.tokenizer, seq_len, attention)
+            if attention == OURS:
+                require_triton(attention, ctx.device)
+            torch.manual_seed(cfg.seed)  # the same initial weights for every transformers implementation
+            model = _build_model(m, data.tokenizer, seq_len, attention, ctx.device, cfg.seed)
             settings = dict(model=OmegaConf.to_container(m), seq_len=seq_len, micro=micro, data=cfg.data.tokenizer,
                             vocab=data.vocab_size, train=OmegaConf.to_container(cfg.train), seed=cfg.seed)
 
@@ -171,10 +172,21 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
 
 
 def derived_rows(rows: list[Row]) -> Iterator[Row]:
-    """Per sequence length: throughput speedups over `eager` (the paper's HuggingFace baseline) and over
-    `sdpa`; and per implementation, the final validation perplexity's gain over the shortest context."""
+    """Per sequence length: throughput speedups over `eager` (the paper's HuggingFace baseline), over
+    `megatron` and over `sdpa`; every implementation's throughput over megatron's at the shortest context (the
+    paper's Table 4 compares longer contexts with Megatron at 1K); and per implementation, the final
+    validation perplexity's gain over the shortest context."""
     yield from throughput_ratios(rows, "seq_len", "eager", "speedup")
+    yield from throughput_ratios(rows, "seq_len", "megatron", "speedup")
     yield from throughput_ratios(rows, "seq_len", "sdpa", "speedup_over_sdpa")
+    tps = final_rows(rows, "tokens_per_s", "seq_len")
+    shortest = min((s for _, s in tps), default=None)
+    megatron_shortest = tps.get(("megatron", shortest))
+    if megatron_shortest:
+        for (provider, seq_len), r in tps.items():
+            if seq_len != shortest:
+                yield Row(provider, "seq_len", seq_len, "speedup", "x", r.p50 / megatron_shortest.p50, n=1,
+                          extra={**r.extra, "baseline": "megatron_at_shortest", "shortest": shortest})
     ppl = final_rows(rows, "val_perplexity", "seq_len")
     shortest = min((s for _, s in ppl), default=None)
     for (provider, seq_len), r in ppl.items():

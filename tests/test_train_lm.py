@@ -1,0 +1,58 @@
+"""The language-model training task's own pieces: the speedups it derives, and the Megatron-LM baseline
+(megatron-core's GPT-2, GPU only)."""
+import pytest
+import torch
+
+from repro.bench import Unsupported
+from repro.records import Row
+from tasks.flashattention.megatron_gpt import build_megatron_gpt2
+from tasks.flashattention.train_lm import derived_rows
+
+
+def tokens_per_s(provider, seq_len, value):
+    return Row(provider, "step", 10, "tokens_per_s", "tokens/s", value, extra={"seq_len": seq_len})
+
+
+def test_speedups_over_eager_megatron_sdpa_and_megatron_at_the_shortest_context():
+    rows = [tokens_per_s("eager", 1024, 100.0), tokens_per_s("sdpa", 1024, 300.0),
+            tokens_per_s("megatron", 1024, 150.0), tokens_per_s("effrepro", 1024, 330.0),
+            tokens_per_s("megatron", 4096, 60.0), tokens_per_s("effrepro", 4096, 240.0)]
+    got = {(r.provider, r.x_value, r.extra["baseline"]): r.p50 for r in derived_rows(rows)}
+    assert got[("effrepro", 1024, "eager")] == pytest.approx(3.3)
+    assert got[("effrepro", 1024, "megatron")] == pytest.approx(2.2)
+    assert got[("effrepro", 4096, "megatron")] == pytest.approx(4.0)
+    assert got[("effrepro", 1024, "sdpa")] == pytest.approx(1.1)
+    assert got[("effrepro", 4096, "megatron_at_shortest")] == pytest.approx(1.6)
+    assert got[("megatron", 4096, "megatron_at_shortest")] == pytest.approx(0.4)
+    assert ("effrepro", 1024, "megatron_at_shortest") not in got  # the shortest context is the baseline itself
+
+
+def test_megatron_is_gpt2_only_and_says_why_it_cannot_run():
+    with pytest.raises(Unsupported, match="GPT-2 only, not bert"):
+        build_megatron_gpt2(torch.device("cpu"), "bert", 2, 64, 2, 100, 32, 0.0, 0)
+    if not torch.cuda.is_available():
+        with pytest.raises(Unsupported, match="no GPU"):
+            build_megatron_gpt2(torch.device("cpu"), "gpt2", 2, 64, 2, 100, 32, 0.0, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="megatron-core's attention runs on CUDA only")
+def test_megatron_gpt2_loss_is_next_token_cross_entropy_and_it_learns():
+    pytest.importorskip("megatron.core")
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_megatron_gpt2(device, "gpt2", 2, 64, 2, 97, 48, 0.0, 0)
+    x = torch.randint(0, 97, (3, 48), device=device)
+    loss = model(input_ids=x, labels=x).loss
+    positions = torch.arange(48, device=device).expand_as(x)
+    logits = model.gpt(x, positions, None)  # (batch, seq, vocab) when no labels are given
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97).float(), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    assert model.non_embedding_params() < sum(p.numel() for p in model.parameters())
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = loss.item()
+    for _ in range(30):  # memorise one batch
+        optimizer.zero_grad()
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+    assert model(input_ids=x, labels=x).loss.item() < 0.5 * first
