@@ -10,6 +10,7 @@ PyTorch's. megatron-core allocates its attention buffers on CUDA: the baseline r
 """
 from __future__ import annotations
 
+import atexit
 from types import SimpleNamespace
 
 import torch
@@ -36,6 +37,7 @@ def _init_parallel_state(seed: int) -> None:
 
     if not dist.is_initialized():  # a plain single-process run: a world of one
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+        atexit.register(dist.destroy_process_group)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)  # dropout and weight init draw from its RNG tracker
