@@ -191,7 +191,8 @@ def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tu
 
 
 def plot_rows(task: str, rows: list, title: str, out_dir: Path) -> list[Path]:
-    """One PNG per metric: p50 against x, a line per provider, columns by mode, rows by series."""
+    """One PNG per metric: p50 against x, a line per provider, columns by mode, rows by series. A ratio taken
+    over several baselines (a row's `baseline` extra) gets one PNG per baseline, never an average of them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,21 +204,24 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path) -> list[Path]:
         return []
     df = pd.DataFrame([{"provider": r.provider, "x": r.x_value, "x_name": r.x_name, "metric": r.metric,
                         "unit": r.unit, "p50": r.p50,
-                        "mode": str(r.extra.get("mode", "")), "series": str(r.extra.get("series", ""))}
+                        "mode": str(r.extra.get("mode", "")), "series": str(r.extra.get("series", "")),
+                        "baseline": str(r.extra.get("baseline", ""))}
                        for r in ok])
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for metric, part in df.groupby("metric"):
+    for (metric, baseline), part in df.groupby(["metric", "baseline"]):
+        several = df[df["metric"] == metric]["baseline"].nunique() > 1
         grid = sns.relplot(data=part, x="x", y="p50", hue="provider", col="mode", row="series", kind="line",
                            marker="o", height=2.6, aspect=1.3, facet_kws={"sharey": False, "margin_titles": True})
         x_name = part["x_name"].iloc[0]
         # sizes span decades (log axis); training steps are evenly spaced (linear)
+        over = f" over {baseline}" if baseline else ""
         grid.set(xscale="linear" if x_name == "step" else "log", xlabel=x_name,
-                 ylabel=f"{metric} ({part['unit'].iloc[0]})")
+                 ylabel=f"{metric}{over} ({part['unit'].iloc[0]})")
         if metric == "peak_memory":
             grid.set(yscale="log")
-        grid.figure.suptitle(f"{task} · {metric} · {title}", y=1.02)
-        path = out_dir / f"{task}_{metric}.png"
+        grid.figure.suptitle(f"{task} · {metric}{over} · {title}", y=1.02)
+        path = out_dir / (f"{task}_{metric}_vs_{baseline}.png" if several else f"{task}_{metric}.png")
         grid.savefig(path, dpi=90, bbox_inches="tight")
         matplotlib.pyplot.close(grid.figure)
         paths.append(path)

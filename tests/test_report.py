@@ -142,3 +142,15 @@ def test_plots_take_each_series_from_the_newest_record_that_has_it():
     rows, used = newest_rows_by_series([(Path("old"), old), (Path("new"), new)])["bench"]
     assert sorted((r.extra["series"], r.p50) for r in rows) == [("a", 3.0), ("b", 2.0)]
     assert used == [new, old]
+
+
+def test_a_ratio_over_several_baselines_gets_one_plot_per_baseline(tmp_path):
+    from repro.report import plot_rows
+
+    def speedup(provider, x, baseline, value):
+        return Row(provider, "n", x, "speedup", "x", value, extra={"baseline": baseline})
+
+    rows = [speedup("ours", n, base, v) for n in (1, 2) for base, v in (("eager", 3.0), ("megatron", 1.5))]
+    rows.append(Row("ours", "n", 1, "tokens_per_s", "tokens/s", 10.0))
+    names = sorted(p.name for p in plot_rows("bench", rows, "t", tmp_path))
+    assert names == ["bench_speedup_vs_eager.png", "bench_speedup_vs_megatron.png", "bench_tokens_per_s.png"]
