@@ -64,7 +64,7 @@ class TrainSpec:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per step: what a task's `batches` returns, one backward each
     grad_clip: float = 1.0
     precision: str = "bf16"
     optimizer: str = "adamw"  # or "lamb"
@@ -95,7 +95,7 @@ class Trainee:
     model: torch.nn.Module
     batches: Callable[[int, int, int], list[dict]]  # (step, rank, world) -> this rank's micro-batches
     evaluate: Callable[[torch.nn.Module], dict[str, float]]  # -> metric name: value (run on rank 0)
-    tokens_per_micro_batch: int
+    tokens_per_step: int  # on one rank, over all its micro-batches
     flops_per_token: float  # forward + backward, for model TFLOP/s
     extra: dict = dataclasses.field(default_factory=dict)  # copied onto every row (series, seq_len, ...)
     fingerprint: str = ""  # what a checkpoint must match to be resumed (model and data settings)
@@ -260,7 +260,7 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
     timed = sorted(step_times[spec.timing_skip_steps:] or step_times)
     if timed:  # empty when resumed from a finished run: its summary is among the rows already yielded
         median_s = timed[len(timed) // 2]
-        tokens = trainee.tokens_per_micro_batch * spec.grad_accum * size
+        tokens = trainee.tokens_per_step * size
         tps = tokens / median_s
         summary = [row("tokens_per_s", "tokens/s", tps, spec.steps, timed_steps=len(timed), world_size=size),
                    row("model_tflops", "TFLOP/s", tps * trainee.flops_per_token / 1e12 / size, spec.steps),

@@ -77,3 +77,22 @@ def test_pathx_recipe_pretrains_on_path64_and_grows_the_positions(tmp_path):
     rows = json.loads((tmp_path / "record.json").read_text())["rows"]
     stages = {r["extra"]["lra_task"] for r in rows if r["metric"] == "val_accuracy"}
     assert stages == {"path64", "pathx"}
+
+
+def test_a_step_is_split_into_micro_batches_without_changing_its_examples(compose, tmp_path):
+    from repro.context import RunContext
+    from tasks.lra.train_lra import candidates
+
+    def first_step(micro):
+        cfg = compose("task=lra_retrieval", "lra.attention=[standard]", "lra.batch=4", "train.grad_accum=2",
+                      f"lra.micro_batch.retrieval={micro}", f"paths.cache={tmp_path}")
+        ctx = RunContext(torch.device("cpu"), "smoke", 0, tmp_path, {})
+        (candidate,) = candidates(cfg, ctx, tmp_path, ["retrieval"])
+        trainee = candidate.build()
+        return trainee.batches(0, 0, 1), trainee.tokens_per_step
+
+    whole, tokens = first_step("null")
+    split, split_tokens = first_step(3)
+    assert [len(b["labels"]) for b in whole] == [4, 4] and [len(b["labels"]) for b in split] == [3, 3, 2]
+    assert torch.equal(torch.cat([b["input_ids2"] for b in split]), torch.cat([b["input_ids2"] for b in whole]))
+    assert tokens == split_tokens == 8 * 2 * whole[0]["input_ids"].shape[1]  # 8 pairs, two documents each

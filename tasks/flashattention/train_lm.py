@@ -130,7 +130,7 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
                     return {"val_loss": loss, "val_mlm_accuracy": 100 * hits / max(total, 1)}
                 return {"val_loss": loss, "val_perplexity": float(torch.tensor(loss).exp())}
 
-            return Trainee(attention, model, batches, evaluate, micro * seq_len,
+            return Trainee(attention, model, batches, evaluate, micro * seq_len * cfg.train.grad_accum,
                            flops_per_token(model, layers, hidden, seq_len), extra, fingerprint(settings))
         yield Candidate(attention, extra, build)
 

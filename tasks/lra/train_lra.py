@@ -112,10 +112,12 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path, tasks: list[str], 
                     keep[attention] = model
                 n = len(train_set["labels"])
 
+                micro = spec.micro_batch.get(name) or spec.batch
+
                 def batches(step, rank, world):
                     gen = step_generator(cfg.seed, step, rank)
-                    picks = [torch.randint(0, n, (spec.batch,), generator=gen) for _ in range(cfg.train.grad_accum)]
-                    return [{k: v[i] for k, v in train_set.items()} for i in picks]
+                    picks = torch.randint(0, n, (cfg.train.grad_accum * spec.batch,), generator=gen)
+                    return [{k: v[i] for k, v in train_set.items()} for i in picks.split(micro)]
 
                 def evaluate(model):
                     hits = 0
@@ -132,7 +134,8 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path, tasks: list[str], 
                 towers = 2 if name == "retrieval" else 1
                 settings = dict(task=name, attention=attention, seq_len=seq_len, model=model_cfg, seed=cfg.seed,
                                 lra=OmegaConf.to_container(spec), train=OmegaConf.to_container(cfg.train))
-                return Trainee(attention, model, batches, evaluate, spec.batch * seq_len * towers, flops, extra,
+                return Trainee(attention, model, batches, evaluate,
+                               cfg.train.grad_accum * spec.batch * seq_len * towers, flops, extra,
                                fingerprint(settings))
             yield Candidate(attention, extra, build)
 
