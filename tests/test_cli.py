@@ -104,6 +104,8 @@ def test_wandb_that_cannot_start_does_not_stop_the_run(tmp_path):
     ("task=flash_gpt2 model.seq_len=128 model.positions=64", ["seq_len=128", "64 positions"]),
     ("task=flash_gpt2 data.folder=/no/such/folder", ["/no/such/folder", "folder of text files"]),
     ("task=pathx lra.pretrain={task:listops,steps:1}", ["listops", "path64"]),
+    ("task=lra_listops lra.micro_batch.listops2=4", ["listops2", "retrieval"]),
+    ("task=lra_data lra_data.settings=[{task:pathfinder,size:48}]", ["size=48", "32, 64, 128, 256"]),
 ])
 def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_path):
     out = run_repro(*override.split(), "logger=none", f"hydra.run.dir={tmp_path}")

@@ -416,7 +416,7 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
 
 
-def _params(task: str, params: dict) -> dict:
+def generator_params(task: str, params: dict) -> dict:
     """`params` completed with the generator's defaults, so that naming a default changes nothing."""
     if task not in GENERATORS:
         raise ValueError(f"task={task!r}: the generated LRA tasks are {list(GENERATORS)}")
@@ -447,7 +447,7 @@ def load_or_generate(task: str, split: str, n: int, seed: int, cache_dir: str | 
     import datasets as hf
 
     _check_split(split)
-    params = _params(task, params)
+    params = generator_params(task, params)
     meta = {"task": task, "split": split, "n": n, "seed": seed, "params": params,
             "generator_version": GENERATOR_VERSION}
     name = "-".join([task, split, f"n{n}", *(f"{k}{v}" for k, v in sorted(params.items())), f"seed{seed}",

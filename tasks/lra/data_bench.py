@@ -1,0 +1,42 @@
+"""How fast the generated LRA datasets can be made (task lra_data): examples per second on one core and on
+every core of this machine, per generator setting, and the hours the paper-size sets would take here."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from repro.context import ConfigError, RunContext
+from repro.records import Row
+
+from .data import GENERATORS, generator_params
+
+# LRA's training-set sizes: ListOps 96K expressions; Pathfinder (and Path-X, Path-256) 200K images.
+FULL_SET = {"listops": 96_000, "pathfinder": 200_000}
+
+
+def _label(task: str, params: dict) -> str:
+    return f"pathfinder-{params['size']}-{params['difficulty']}" if task == "pathfinder" else task
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
+    spec = cfg.lra_data
+    settings = [OmegaConf.to_container(s) for s in spec.settings]
+    for setting in settings:
+        task = setting.pop("task", None)
+        try:
+            params = generator_params(task, setting)  # names the bad task, size or difficulty
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"lra_data.settings: {exc}") from exc
+        for workers in sorted({1, os.cpu_count() or 1}):
+            n = spec.examples_per_worker * workers
+            start = time.perf_counter()
+            GENERATORS[task](n, spec.seed, workers=workers, **params)
+            rate = n / (time.perf_counter() - start)
+            extra = dict(task=task, **params, examples=n, series=task)
+            yield Row(_label(task, params), "workers", workers, "examples_per_s", "examples/s", rate, n=1,
+                      extra=extra)
+            yield Row(_label(task, params), "workers", workers, "hours_for_full_set", "h",
+                      FULL_SET[task] / rate / 3600, n=1, extra={**extra, "full_set": FULL_SET[task]})
