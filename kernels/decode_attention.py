@@ -2,10 +2,11 @@
 
 - `fa2`: one program per (batch, KV head) walks the whole cache (FlashAttention-2's parallelism, the Lean
   Attention paper's baseline): few programs at small batch, so most SMs idle.
-- `split`: FlashDecoding: each (batch, KV head) split into `num_splits` chunks, then a reduction.
+- `split`: FlashDecoding: each (batch, KV head) split into `num_splits` chunks, then merged.
 - `lean`: stream-K (Lean Attention): all (batch, KV head, KV tile) tiles in one line, cut into equal shares
   for a fixed number of programs; a share may span several heads, and a head several shares. Partial results
-  are merged exactly through their log-sum-exp, in a fixed order (deterministic).
+  are merged exactly through their log-sum-exp, in a fixed order (deterministic), by whichever program
+  finishes a head last, inside the same launch (the paper's host-block fix-up).
 
 The query heads that share a KV head are processed together (grouped-query attention), so K and V are read
 once. A `DecodeSchedule` is built on the host from the sequence lengths and reused across calls.
@@ -29,13 +30,22 @@ BLOCK_N = 16 if INTERPRET else 64
 
 
 @triton.jit
-def _decode_partial(Q, K, V, LEN, ITEMS, PTR, WO, WL, OUT, LSE,
-                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                    stride_ob, stride_oh, HKV, G, MAX_PIECES, sm_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
+def _store_final(OUT, LSE, out, lse, b, hk, offs_g, offs_d, gmask, stride_ob, stride_oh, HKV, G):
+    tl.store(OUT + b.to(tl.int64) * stride_ob + (hk * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=gmask[:, None])
+    tl.store(LSE + b * (HKV * G) + hk * G + offs_g, lse, mask=gmask)
+
+
+@triton.jit
+def _decode(Q, K, V, LEN, ITEMS, PTR, NPIECES, ARRIVED, WO, WL, OUT, LSE,
+            stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, HKV, G, MAX_PIECES, sm_scale,
+            HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     """Each program walks its work items (segment = batch·KV head, tile range, piece number): softmax over the
-    tiles with a running maximum and sum, then either the final output (DIRECT: one piece per segment) or a
-    normalised partial and its base-2 log-sum-exp for the combine kernel."""
+    tiles with a running maximum and sum. A segment in one piece is written out at once. Otherwise the piece
+    is stored, normalised, with its base-2 log-sum-exp, and counted; the program that stores a segment's last
+    piece merges all its pieces, in piece order (so the result does not depend on which program that is),
+    and resets the count for the next call. One launch, no second merge kernel."""
     p = tl.program_id(0)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -69,48 +79,41 @@ def _decode_partial(Q, K, V, LEN, ITEMS, PTR, WO, WL, OUT, LSE,
                         other=0.0)
             acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
             m = m_new
-        out = acc / l[:, None]
-        lse = m + tl.math.log2(l)
-        if DIRECT:
-            tl.store(OUT + b.to(tl.int64) * stride_ob + (hk * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
-                     out.to(OUT.dtype.element_ty), mask=gmask[:, None])
-            tl.store(LSE + b * (HKV * G) + hk * G + offs_g, lse, mask=gmask)
+        n_pieces = tl.load(NPIECES + seg)
+        if n_pieces == 1:
+            _store_final(OUT, LSE, acc / l[:, None], m + tl.math.log2(l), b, hk, offs_g, offs_d, gmask,
+                         stride_ob, stride_oh, HKV, G)
         else:
             slot = seg.to(tl.int64) * MAX_PIECES + piece
-            tl.store(WO + (slot * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], out, mask=gmask[:, None])
-            tl.store(WL + slot * G + offs_g, lse, mask=gmask)
-
-
-@triton.jit
-def _decode_combine(WO, WL, NPIECES, OUT, LSE, stride_ob, stride_oh, HKV, G, MAX_PIECES,
-                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Per segment: merge its pieces in order, weighting each by exp2(its LSE − the running maximum)."""
-    seg = tl.program_id(0)
-    b, hk = seg // HKV, seg % HKV
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
-    gmask = offs_g < G
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    w_sum = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for j in range(tl.load(NPIECES + seg)):
-        slot = seg.to(tl.int64) * MAX_PIECES + j
-        lse = tl.load(WL + slot * G + offs_g, mask=gmask, other=0.0)
-        o = tl.load(WO + (slot * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], mask=gmask[:, None], other=0.0)
-        m_new = tl.maximum(m, lse)
-        alpha = tl.math.exp2(m - m_new)
-        w = tl.math.exp2(lse - m_new)
-        acc = acc * alpha[:, None] + o * w[:, None]
-        w_sum = w_sum * alpha + w
-        m = m_new
-    tl.store(OUT + b.to(tl.int64) * stride_ob + (hk * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
-             (acc / w_sum[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
-    tl.store(LSE + b * (HKV * G) + hk * G + offs_g, m + tl.math.log2(w_sum), mask=gmask)
+            tl.store(WO + (slot * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], acc / l[:, None],
+                     mask=gmask[:, None])
+            tl.store(WL + slot * G + offs_g, m + tl.math.log2(l), mask=gmask)
+            tl.debug_barrier()  # all of this program's stores are issued before it is counted (release below)
+            if tl.atomic_add(ARRIVED + seg, 1, sem="acq_rel", scope="gpu") == n_pieces - 1:
+                m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                w_sum = tl.zeros([BLOCK_G], tl.float32)
+                acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+                for j in range(n_pieces):
+                    slot = seg.to(tl.int64) * MAX_PIECES + j
+                    # .cg: read from L2, where the other programs' pieces are, never a stale L1 line
+                    lse = tl.load(WL + slot * G + offs_g, mask=gmask, other=0.0, cache_modifier=".cg")
+                    o = tl.load(WO + (slot * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], mask=gmask[:, None],
+                                other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m, lse)
+                    alpha = tl.math.exp2(m - m_new)
+                    w = tl.math.exp2(lse - m_new)
+                    acc = acc * alpha[:, None] + o * w[:, None]
+                    w_sum = w_sum * alpha + w
+                    m = m_new
+                _store_final(OUT, LSE, acc / w_sum[:, None], m + tl.math.log2(w_sum), b, hk, offs_g, offs_d, gmask,
+                             stride_ob, stride_oh, HKV, G)
+                tl.store(ARRIVED + seg, 0)
 
 
 @dataclass
 class DecodeSchedule:
-    """Which program computes which tiles: a CSR list of work items per program, built on the host."""
+    """Which program computes which tiles: a CSR list of work items per program, built on the host. Its
+    `arrived` counters are used and reset by each call: one call at a time per schedule (one decode stream)."""
 
     kind: str
     num_programs: int
@@ -120,18 +123,15 @@ class DecodeSchedule:
     max_pieces: int
     block_n: int
     lengths: torch.Tensor  # int32 (batch,): the sequence lengths it was built for, on its device
+    arrived: torch.Tensor  # int32 (num_segments,), zero between calls: pieces of each segment stored so far
     host_lengths: tuple[int, ...]  # the same, on the host: checking them needs no device sync
     num_warps: int = 4
     num_stages: int = 3
 
-    @property
-    def direct(self) -> bool:
-        return self.max_pieces == 1
-
     def to(self, device) -> "DecodeSchedule":
         if self.items.device == torch.device(device):
             return self
-        moved = {name: getattr(self, name).to(device) for name in ("items", "ptr", "pieces", "lengths")}
+        moved = {name: getattr(self, name).to(device) for name in ("items", "ptr", "pieces", "lengths", "arrived")}
         return dataclasses.replace(self, **moved)
 
 
@@ -186,7 +186,7 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
         ptr.append(ptr[-1] + len(work))
     as_int = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     return DecodeSchedule(kind, len(per_program), as_int(flat).reshape(-1, 4), as_int(ptr), as_int(pieces),
-                          max(pieces), block_n, as_int(lengths), tuple(lengths))
+                          max(pieces), block_n, as_int(lengths), as_int([0] * n_seg), tuple(lengths))
 
 
 def _check(q, k_cache, v_cache, host_lengths):
@@ -255,20 +255,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     lse = torch.empty(b, h, device=q.device, dtype=torch.float32)
     block_g = max(16, triton.next_power_of_2(groups))
-    if schedule.direct:
-        wo = wl = lse
-    else:
-        n_slots = b * hkv * schedule.max_pieces * groups
-        wo = torch.empty(n_slots, d, device=q.device, dtype=torch.float32)
-        wl = torch.empty(n_slots, device=q.device, dtype=torch.float32)
-    _decode_partial[(schedule.num_programs,)](
-        q, k_cache, v_cache, schedule.lengths, schedule.items, schedule.ptr, wo, wl, out, lse,
+    n_slots = b * hkv * schedule.max_pieces * groups if schedule.max_pieces > 1 else 0
+    wo = torch.empty(n_slots, d, device=q.device, dtype=torch.float32)
+    wl = torch.empty(n_slots, device=q.device, dtype=torch.float32)
+    _decode[(schedule.num_programs,)](
+        q, k_cache, v_cache, schedule.lengths, schedule.items, schedule.ptr, schedule.pieces, schedule.arrived,
+        wo, wl, out, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         hkv, groups, schedule.max_pieces, scale,
-        HEAD_DIM=d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, DIRECT=schedule.direct,
+        HEAD_DIM=d, BLOCK_G=block_g, BLOCK_N=schedule.block_n,
         num_warps=schedule.num_warps, num_stages=schedule.num_stages)
-    if not schedule.direct:
-        _decode_combine[(b * hkv,)](wo, wl, schedule.pieces, out, lse, out.stride(0), out.stride(1), hkv, groups,
-                                    schedule.max_pieces, HEAD_DIM=d, BLOCK_G=block_g)
     return (out, lse * math.log(2.0)) if return_lse else out

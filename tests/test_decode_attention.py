@@ -46,6 +46,7 @@ def test_lean_shares_cross_segments_and_merge_exactly():
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])  # tf32 on a GPU
     assert torch.equal(decode_attention(q, k, v, schedule=sched), outs[2])  # deterministic; lengths from sched
+    assert not sched.arrived.any()  # the merging programs reset their counts for the next call
     with pytest.raises(ValueError, match="differ from those the schedule was built for"):
         decode_attention(q, k, v, torch.tensor([50, 8, 200], device=DEVICE), schedule=sched)
 
@@ -75,3 +76,19 @@ def test_bad_input_is_a_clear_value_error(change, match):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_gpu_long_contexts_bf16(schedule):
     check(4, 32, 8, [65536, 655, 70000, 1], 128, torch.bfloat16, schedule, max_len=70000)
+
+
+@gpu
+def test_gpu_in_kernel_merge_is_deterministic_whichever_program_finishes_last():
+    # many programs, each head cut into many pieces: the program that merges changes from call to call
+    lengths = [4096, 1000, 77, 20000]
+    sched = make_schedule("lean", lengths, 8, num_programs=528, device=DEVICE)
+    assert sched.max_pieces > 8
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(4, 32, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(4, 8, 20000, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    first = decode_attention(q, k, v, schedule=sched)
+    for _ in range(50):
+        assert torch.equal(decode_attention(q, k, v, schedule=sched), first)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), sched.lengths)
+    assert ((first.double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
