@@ -40,7 +40,7 @@ def _store_final(OUT, LSE, out, lse, b, hk, offs_g, offs_d, gmask, stride_ob, st
 def _decode(Q, K, V, LEN, ITEMS, PTR, NPIECES, ARRIVED, WO, WL, OUT, LSE,
             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_ob, stride_oh, HKV, G, MAX_PIECES, sm_scale,
-            HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, MERGE_CHUNK: tl.constexpr):
+            HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     """Each program walks its work items (segment = batch·KV head, tile range, piece number): softmax over the
     tiles with a running maximum and sum. A segment in one piece is written out at once. Otherwise the piece
     is stored, normalised, with its base-2 log-sum-exp, and counted; the program that stores a segment's last
@@ -90,26 +90,20 @@ def _decode(Q, K, V, LEN, ITEMS, PTR, NPIECES, ARRIVED, WO, WL, OUT, LSE,
             tl.store(WL + slot * G + offs_g, m + tl.math.log2(l), mask=gmask)
             tl.debug_barrier()  # all of this program's stores are issued before it is counted (release below)
             if tl.atomic_add(ARRIVED + seg, 1, sem="acq_rel", scope="gpu") == n_pieces - 1:
-                # MERGE_CHUNK pieces per iteration, their loads issued together: a head cut into ~17 pieces
-                # (few heads, many programs) would otherwise wait out 17 L2 round trips one after another
                 m = tl.full([BLOCK_G], float("-inf"), tl.float32)
                 w_sum = tl.zeros([BLOCK_G], tl.float32)
                 acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-                for first in range(0, n_pieces, MERGE_CHUNK):
-                    offs_p = first + tl.arange(0, MERGE_CHUNK)
-                    pmask = offs_p < n_pieces
-                    rows = (seg.to(tl.int64) * MAX_PIECES + offs_p)[:, None] * G + offs_g[None, :]
-                    both = pmask[:, None] & gmask[None, :]
+                for j in range(n_pieces):
+                    slot = seg.to(tl.int64) * MAX_PIECES + j
                     # .cg: read from L2, where the other programs' pieces are, never a stale L1 line
-                    lse = tl.load(WL + rows, mask=both, other=0.0, cache_modifier=".cg")
-                    lse = tl.where(pmask[:, None], lse, float("-inf"))  # pieces past the last weigh nothing
-                    o = tl.load(WO + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=both[:, :, None],
+                    lse = tl.load(WL + slot * G + offs_g, mask=gmask, other=0.0, cache_modifier=".cg")
+                    o = tl.load(WO + (slot * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], mask=gmask[:, None],
                                 other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(m, tl.max(lse, 0))
+                    m_new = tl.maximum(m, lse)
                     alpha = tl.math.exp2(m - m_new)
-                    w = tl.math.exp2(lse - m_new[None, :])
-                    acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
-                    w_sum = w_sum * alpha + tl.sum(w, 0)
+                    w = tl.math.exp2(lse - m_new)
+                    acc = acc * alpha[:, None] + o * w[:, None]
+                    w_sum = w_sum * alpha + w
                     m = m_new
                 _store_final(OUT, LSE, acc / w_sum[:, None], m + tl.math.log2(w_sum), b, hk, offs_g, offs_d, gmask,
                              stride_ob, stride_oh, HKV, G)
@@ -270,6 +264,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         hkv, groups, schedule.max_pieces, scale,
-        HEAD_DIM=d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, MERGE_CHUNK=max(1, 8192 // (block_g * d)),
+        HEAD_DIM=d, BLOCK_G=block_g, BLOCK_N=schedule.block_n,
         num_warps=schedule.num_warps, num_stages=schedule.num_stages)
     return (out, lse * math.log(2.0)) if return_lse else out
