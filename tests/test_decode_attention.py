@@ -51,6 +51,19 @@ def test_lean_shares_cross_segments_and_merge_exactly():
         decode_attention(q, k, v, torch.tensor([50, 8, 200], device=DEVICE), schedule=sched)
 
 
+def test_a_head_cut_into_many_pieces_merges_exactly():
+    sched = make_schedule("lean", [200], 1, num_programs=11, block_n=16)
+    assert int(sched.pieces[0]) == 11
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    q = torch.randn(1, 2, 128, device=DEVICE, generator=gen)
+    k, v = (torch.randn(1, 1, 203, 128, device=DEVICE, generator=gen) for _ in range(2))
+    out, lse = decode_attention(q, k, v, schedule=sched, return_lse=True)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), sched.lengths)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float32]
+    whole, whole_lse = decode_attention(q, k, v, sched.lengths, schedule="fa2", return_lse=True)
+    torch.testing.assert_close(lse, whole_lse, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(q=(2, 5, 64)), "multiple"),
     (dict(q=(2, 4, 48), cache=(2, 2, 16, 48)), "head_dim=48"),
