@@ -1,5 +1,6 @@
 """One training loop for every task that trains a model: mixed precision, gradient accumulation, a warm-up then
-cosine learning rate, periodic evaluation, throughput, checkpoints that survive a kill, and DDP under torchrun.
+cosine learning rate, periodic evaluation, throughput, checkpoints that survive a kill, and under torchrun
+either DDP or FSDP (`train.parallel`).
 
 A task supplies the model, a function giving the micro-batches of a step (a pure function of the step, the
 rank and the world size, so a resumed run sees exactly the data it would have seen), and an evaluation
@@ -26,6 +27,7 @@ from .timing import is_out_of_memory
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "lamb")
+PARALLEL = ("ddp", "fsdp")
 
 
 class Lamb(torch.optim.Optimizer):
@@ -72,6 +74,7 @@ class TrainSpec:
     log_every: int = 10
     timing_skip_steps: int = 2  # compile and autotune steps, left out of the throughput
     checkpoint_every_s: float = 300.0
+    parallel: str = "ddp"  # several processes: ddp (replicas) or fsdp (parameters, gradients, optimizer sharded)
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSpec":
@@ -84,6 +87,8 @@ class TrainSpec:
             raise ConfigError(f"train.precision={spec.precision!r} is not one of {list(PRECISIONS)}")
         if spec.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer={spec.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        if spec.parallel not in PARALLEL:
+            raise ConfigError(f"train.parallel={spec.parallel!r} is not one of {list(PARALLEL)}")
         return spec
 
 
@@ -94,7 +99,7 @@ class Trainee:
     name: str  # the provider name on every row (e.g. the attention implementation)
     model: torch.nn.Module
     batches: Callable[[int, int, int], list[dict]]  # (step, rank, world) -> this rank's micro-batches
-    evaluate: Callable[[torch.nn.Module], dict[str, float]]  # -> metric name: value (run on rank 0)
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]  # -> metric name: value (rank 0; all under FSDP)
     tokens_per_step: int  # on one rank, over all its micro-batches
     flops_per_token: float  # forward + backward, for model TFLOP/s
     extra: dict = dataclasses.field(default_factory=dict)  # copied onto every row (series, seq_len, ...)
@@ -150,12 +155,53 @@ def _load_checkpoint(path: Path, fingerprint: str):
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise ConfigError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete it to start "
-                          "afresh, or set train_run.resume=false") from None
+                          "afresh, or set checkpoint.resume=false") from None
     if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
         found = state.get("fingerprint") if isinstance(state, dict) else type(state).__name__
         raise ConfigError(f"checkpoint {path} is from another model or setting ({found!r}, this run is "
-                          f"{fingerprint!r}); delete it, or set train_run.resume=false")
+                          f"{fingerprint!r}); delete it, or set checkpoint.resume=false")
     return state
+
+
+def _shard(model: torch.nn.Module) -> None:
+    """FSDP2: each layer of every ModuleList (a transformer's blocks) becomes a unit of its own, then the rest
+    of the model one more; inner modules first, as fully_shard wants."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in reversed(list(model.modules())):
+        if isinstance(module, torch.nn.ModuleList):
+            for layer in module:
+                fully_shard(layer)
+    fully_shard(model)
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _get_state(model, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """The whole model's and optimizer's state, as one process holds it. Sharded, it is gathered: every rank
+    must call this, and rank 0 receives the state (the others an empty dict)."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _full_state_options()
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _set_state(model, optimizer, model_state: dict, optimizer_state: dict, sharded: bool) -> None:
+    if not sharded:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    options = _full_state_options()
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: Path | None,
@@ -165,10 +211,13 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
     model TFLOP/s, median over steps after `timing_skip_steps`) and peak memory.
 
     With `checkpoint` set, the state is saved there every `checkpoint_every_s` seconds and at the end
-    (atomically, rank 0); a run that finds a matching checkpoint resumes from it and re-yields the rows it
+    (atomically, by rank 0); a run that finds a matching checkpoint resumes from it and re-yields the rows it
     had produced, so a kill loses at most one interval."""
     rank, size = world()
     model = trainee.model.to(device)
+    sharded = size > 1 and spec.parallel == "fsdp"
+    if sharded:
+        _shard(model)  # before the optimizer is built: it must hold the sharded parameters
     dtype = PRECISIONS[spec.precision]
     if dtype is not None and device.type == "cpu":
         dtype = None  # CPU autocast in half precision is slow and not what any paper timed
@@ -183,14 +232,19 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
     start, past_rows = 0, []
     if checkpoint is not None and resume and checkpoint.exists():
         state = _load_checkpoint(checkpoint, trainee.fingerprint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _set_state(model, optimizer, state["model"], state["optimizer"], sharded)
         scaler.load_state_dict(state["scaler"])
         start, past_rows = state["step"], [Row(**r) for r in state["rows"]]
         print(f"[train] {trainee.name}: resumed at step {start} from {checkpoint}", flush=True)
     yield from past_rows
     rows_so_far = list(past_rows)
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if size > 1 else model
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if size > 1 and not sharded else model
+
+    def reduce_gradients(now: bool):
+        """Gradients are reduced across ranks only on the last micro-batch of a step."""
+        if sharded:
+            model.set_requires_gradient_sync(now)
+        return wrapped.no_sync() if size > 1 and not sharded and not now else nullcontext()
 
     def row(metric, unit, value, step, **more):
         r = Row(trainee.name, "step", step, metric, unit, value, value, value, 1,
@@ -199,10 +253,21 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
         return r
 
     def save(step):
-        if checkpoint is not None and rank == 0:
-            _save_atomic({"fingerprint": trainee.fingerprint, "step": step, "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        if checkpoint is None:
+            return
+        model_state, optimizer_state = _get_state(model, optimizer, sharded)  # a collective when sharded
+        if rank == 0:
+            _save_atomic({"fingerprint": trainee.fingerprint, "step": step, "model": model_state,
+                          "optimizer": optimizer_state, "scaler": scaler.state_dict(),
                           "rows": [dataclasses.asdict(r) for r in rows_so_far]}, checkpoint)
+
+    def save_due() -> bool:
+        due = time.monotonic() - last_save > spec.checkpoint_every_s
+        if sharded:  # gathering the state is a collective: every rank follows rank 0's clock
+            flag = torch.tensor([int(due)], device=device)
+            dist.broadcast(flag, 0)
+            due = bool(flag.item())
+        return due
 
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -222,9 +287,7 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
         loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            # DDP: all-reduce gradients only on the last micro-batch of the step
-            no_sync = wrapped.no_sync if size > 1 and i < len(micro) - 1 else nullcontext
-            with no_sync(), autocast():
+            with reduce_gradients(i == len(micro) - 1), autocast():
                 loss = wrapped(**batch).loss / len(micro)
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
@@ -249,10 +312,12 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
         if (spec.eval_every and done % spec.eval_every == 0) or done == spec.steps:
             model.eval()
             with torch.no_grad(), autocast():
-                metrics = trainee.evaluate(model) if rank == 0 else {}
+                # sharded, every rank runs the forward passes (they gather the parameters); rank 0 reports
+                metrics = trainee.evaluate(model) if rank == 0 or sharded else {}
+            metrics = metrics if rank == 0 else {}
             for name, value in metrics.items():
                 yield row(name, "", value, done)
-        if time.monotonic() - last_save > spec.checkpoint_every_s:
+        if save_due():
             save(done)
             last_save = time.monotonic()
     bar.close()

@@ -133,18 +133,29 @@ def test_lm_training_resumes_from_its_checkpoint(tmp_path):
     assert rows("b") == rows("a")
 
 
-def test_lm_training_under_torchrun_with_two_gloo_processes(tmp_path):
+def test_lm_training_under_torchrun_with_two_gloo_processes_ddp_and_fsdp(tmp_path):
     import subprocess
     import sys
 
     from conftest import ROOT
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "repro.cli",
-           "task=flash_gpt2", "logger=none", "attention=[eager]", "checkpoint.dir=null", f"hydra.run.dir={tmp_path}"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = load(tmp_path / "record.json")["rows"]
-    (tps,) = [r for r in rows if r["metric"] == "tokens_per_s"]
+
+    def torchrun(name, *overrides):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "repro.cli",
+               "task=flash_gpt2", "logger=none", "attention=[eager]", f"hydra.run.dir={tmp_path / name}",
+               *overrides]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return load(tmp_path / name / "record.json")["rows"]
+
+    ddp = torchrun("ddp", "checkpoint.dir=null")
+    (tps,) = [r for r in ddp if r["metric"] == "tokens_per_s"]
     assert tps["extra"]["world_size"] == 2
+    fsdp = torchrun("fsdp", "train.parallel=fsdp", f"checkpoint.dir={tmp_path}/ckpt")
+    losses = lambda rows: [r["p50"] for r in rows if r["metric"] in ("loss", "val_loss")]  # noqa: E731
+    assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-4)  # the same training, sharded
+    # the rerun resumes from the finished run's checkpoint, gathered from the shards and scattered back
+    resumed = torchrun("fsdp_again", "train.parallel=fsdp", f"checkpoint.dir={tmp_path}/ckpt")
+    assert losses(resumed) == losses(fsdp)
 
 
 def test_bad_input_found_by_a_task_leaves_no_record_to_commit(tmp_path):
