@@ -114,6 +114,8 @@ def run_job(cfg: DictConfig) -> RunRecord:
             print(f"[repro] {record.status}: {len(record.rows)} rows -> " + ", ".join(map(str, paths)), flush=True)
     if claims and paths:
         print("\n" + console_table([evaluate(c, [(paths[-1], record)]) for c in claims]) + "\n", flush=True)
+    elif paths:
+        print(f"[repro] {cfg.task.name} has no published claims to compare with", flush=True)
     return record
 
 
