@@ -66,7 +66,7 @@ class TrainSpec:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    grad_accum: int = 1  # micro-batches per step: what a task's `batches` returns, one backward each
+    grad_accum: int = 1  # accumulation steps: tasks draw this many batches per step (and may split them)
     grad_clip: float = 1.0
     precision: str = "bf16"
     optimizer: str = "adamw"  # or "lamb"
@@ -175,10 +175,10 @@ def _shard(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-def _full_state_options():
+def _full_state_options(**more):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **more)
 
 
 def _get_state(model, optimizer, sharded: bool) -> tuple[dict, dict]:
@@ -193,15 +193,36 @@ def _get_state(model, optimizer, sharded: bool) -> tuple[dict, dict]:
 
 
 def _set_state(model, optimizer, model_state: dict, optimizer_state: dict, sharded: bool) -> None:
+    """Sharded, rank 0 holds the whole state and scatters it; the other ranks pass empty dicts."""
     if not sharded:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    options = _full_state_options()
+    options = _full_state_options(broadcast_from_rank0=True)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def _read_checkpoint(path: Path | None, fingerprint: str, rank: int, sharded: bool) -> dict | None:
+    """The checkpoint to resume from, or None. Sharded, only rank 0 reads it (the others need not see its
+    filesystem): every rank gets its verdict and the step, rows and scaler; only rank 0 gets the weights."""
+    if not sharded:
+        return _load_checkpoint(path, fingerprint) if path is not None and path.exists() else None
+    state, error = None, None
+    if rank == 0 and path is not None and path.exists():
+        try:
+            state = _load_checkpoint(path, fingerprint)
+        except ConfigError as exc:
+            error = str(exc)  # raised on every rank below, so that none waits for the others
+    head = [None if state is None else {k: state[k] for k in ("step", "rows", "scaler")}, error]
+    dist.broadcast_object_list(head, src=0)
+    if head[1]:
+        raise ConfigError(head[1])
+    if head[0] is None:
+        return None
+    return {"model": {}, "optimizer": {}, **head[0], **(state or {})}
 
 
 def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: Path | None,
@@ -230,8 +251,8 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
         optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, past_rows = 0, []
-    if checkpoint is not None and resume and checkpoint.exists():
-        state = _load_checkpoint(checkpoint, trainee.fingerprint)
+    state = _read_checkpoint(checkpoint, trainee.fingerprint, rank, sharded) if resume else None
+    if state is not None:
         _set_state(model, optimizer, state["model"], state["optimizer"], sharded)
         scaler.load_state_dict(state["scaler"])
         start, past_rows = state["step"], [Row(**r) for r in state["rows"]]
@@ -262,6 +283,8 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
                           "rows": [dataclasses.asdict(r) for r in rows_so_far]}, checkpoint)
 
     def save_due() -> bool:
+        if checkpoint is None:
+            return False
         due = time.monotonic() - last_save > spec.checkpoint_every_s
         if sharded:  # gathering the state is a collective: every rank follows rank 0's clock
             flag = torch.tensor([int(due)], device=device)
