@@ -398,13 +398,18 @@ def _chunk_seed(seed: int, split: str, index: int) -> int:
     return int(np.random.SeedSequence([seed, SPLITS.index(split), index]).generate_state(1, np.uint64)[0])
 
 
+def available_cores() -> int:
+    """The cores this process may run on (a cgroup or SLURM limit included, where the OS tells)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _rows(task: str, n: int, seed: int, split: str, workers: int | None, params: dict):
     """The examples of `task`, chunk by chunk in order, in `workers` processes (default: one per CPU)."""
     _check_split(split)
     jobs = [(seed, split, i, min(CHUNK, n - start), params) for i, start in enumerate(range(0, n, CHUNK))]
     if not jobs:
         return
-    workers = min((os.cpu_count() or 1) if workers is None else workers, len(jobs))
+    workers = min(available_cores() if workers is None else workers, len(jobs))
     with (ProcessPoolExecutor(workers) if workers > 1 else nullcontext()) as pool:
         chunks = (pool.map if pool else map)(_CHUNKS[task], *zip(*jobs))
         for rows in tqdm(chunks, total=len(jobs), desc=f"{task} {split}", unit="chunk", disable=len(jobs) < 2):

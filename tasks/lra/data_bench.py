@@ -2,7 +2,6 @@
 every core of this machine, per generator setting, and the hours the paper-size sets would take here."""
 from __future__ import annotations
 
-import os
 import time
 from typing import Iterator
 
@@ -11,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 
-from .data import GENERATORS, generator_params
+from .data import GENERATORS, available_cores, generator_params
 
 # LRA's training-set sizes: ListOps 96K expressions; Pathfinder (and Path-X, Path-256) 200K images.
 FULL_SET = {"listops": 96_000, "pathfinder": 200_000}
@@ -30,7 +29,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
             params = generator_params(task, setting)  # names the bad task, size or difficulty
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"lra_data.settings: {exc}") from exc
-        for workers in sorted({1, os.cpu_count() or 1}):
+        for workers in sorted({1, available_cores()}):
             n = spec.examples_per_worker * workers
             start = time.perf_counter()
             GENERATORS[task](n, spec.seed, workers=workers, **params)

@@ -112,7 +112,7 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path, tasks: list[str], 
                     keep[attention] = model
                 n = len(train_set["labels"])
 
-                micro = spec.micro_batch.get(name) or spec.batch
+                micro = spec.micro_batch.get(name) or spec.batch  # validate(): it divides the step
 
                 def batches(step, rank, world):
                     gen = step_generator(cfg.seed, step, rank)
@@ -170,6 +170,12 @@ def validate(cfg: DictConfig) -> None:
     unknown = [a for a in as_list(spec.attention) if a not in ATTENTIONS]
     if unknown:
         raise ConfigError(f"lra.attention={unknown} unknown; choose from {list(ATTENTIONS)}")
+    step = spec.batch * cfg.train.grad_accum
+    for task, micro in spec.micro_batch.items():
+        if micro is not None and (micro < 1 or (micro < step and step % micro)):
+            raise ConfigError(f"lra.micro_batch.{task}={micro} must be null or a positive divisor of the {step} "
+                              "examples of a step (lra.batch x train.grad_accum; a larger value leaves the step "
+                              "whole), so that every example weighs the same")
     if spec.source not in ("fixture", "hub"):
         raise ConfigError(f"lra.source={spec.source!r} is not one of: fixture, hub")
     if spec.pretrain:
@@ -178,6 +184,9 @@ def validate(cfg: DictConfig) -> None:
                               f"model's position table, so it and lra.tasks must be among {list(PATH_SIZES)}")
         if "linformer" in as_list(spec.attention):
             raise ConfigError("lra.pretrain cannot carry Linformer's length-bound projections to another length")
+        if cfg.train.parallel == "fsdp":
+            raise ConfigError("lra.pretrain hands the pre-trained model itself to the next stage, which "
+                              "train.parallel=fsdp would have sharded; use train.parallel=ddp")
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
