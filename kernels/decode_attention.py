@@ -246,6 +246,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         host_lengths = _lengths_on_host(lengths)
     _check(q, k_cache, v_cache, host_lengths)
+    if prepared and schedule.arrived.numel() != q.shape[0] * k_cache.shape[1]:
+        raise ValueError(f"the schedule was built for {schedule.arrived.numel() // q.shape[0]} KV heads, the cache "
+                         f"has {k_cache.shape[1]}; build it with make_schedule(..., num_kv_heads={k_cache.shape[1]})")
     schedule = schedule.to(q.device) if prepared else \
         make_schedule(schedule, host_lengths, k_cache.shape[1], device=q.device)
     b, h, d = q.shape

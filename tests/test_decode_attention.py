@@ -35,7 +35,7 @@ def test_schedules_match_reference(schedule, dtype):
 
 def test_lean_shares_cross_segments_and_merge_exactly():
     lengths = [50, 7, 200]
-    sched = make_schedule("lean", lengths, 2, num_programs=5, block_n=16)
+    sched = make_schedule("lean", lengths, 2, num_programs=5, block_n=16, device=DEVICE)
     tiles = sched.items[:, 2] - sched.items[:, 1]
     assert int(tiles.sum()) == 2 * sum(-(-n // 16) for n in lengths)
     assert sched.max_pieces > 1 and int(sched.pieces.sum()) == len(sched.items)
@@ -83,6 +83,14 @@ def test_bad_input_is_a_clear_value_error(change, match):
         make_schedule("fastest", [4], 1)
     with pytest.raises(ValueError, match="needs the lengths"):
         decode_attention(q, k, v)
+
+
+
+def test_a_schedule_built_for_other_kv_heads_is_refused():
+    q = torch.randn(2, 4, 64, device=DEVICE, dtype=torch.float16)
+    k, v = (torch.randn(2, 2, 16, 64, device=DEVICE, dtype=torch.float16) for _ in range(2))
+    with pytest.raises(ValueError, match="built for 4 KV heads, the cache has 2"):
+        decode_attention(q, k, v, schedule=make_schedule("lean", [5, 9], 4))
 
 
 @gpu
