@@ -48,6 +48,11 @@ def test_megatron_gpt2_loss_is_next_token_cross_entropy_and_it_learns():
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97).float(), x[:, 1:].reshape(-1))
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
     assert model.non_embedding_params() < sum(p.numel() for p in model.parameters())
+    changed = x.clone()
+    changed[:, -1] = (x[:, -1] + 1) % 97  # a later token must not reach the logits of earlier positions
+    later = model.gpt(changed, positions, None)
+    torch.testing.assert_close(later[:, :-1], logits[:, :-1])
+    assert not torch.allclose(later[:, -1], logits[:, -1])
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = loss.item()

@@ -32,7 +32,7 @@ def _require(device: torch.device, family: str) -> None:
 
 def _init_parallel_state(seed: int) -> None:
     """megatron-core wants its process groups even on one GPU: tensor and pipeline parallel size 1, and every
-    rank of a torchrun world as data parallel (our loop wraps the model in DDP as for the other providers)."""
+    rank of a torchrun world as data parallel (our loop wraps the model in DDP or FSDP, as the others)."""
     from megatron.core import parallel_state, tensor_parallel
 
     if not dist.is_initialized():  # a plain single-process run: a world of one
