@@ -221,7 +221,7 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path) -> list[Path]:
         if metric == "peak_memory":
             grid.set(yscale="log")
         grid.figure.suptitle(f"{task} · {metric}{over} · {title}", y=1.02)
-        path = out_dir / (f"{task}_{metric}_vs_{baseline}.png" if several else f"{task}_{metric}.png")
+        path = out_dir / (f"{task}_{metric}_vs_{baseline}.png" if several and baseline else f"{task}_{metric}.png")
         grid.savefig(path, dpi=90, bbox_inches="tight")
         matplotlib.pyplot.close(grid.figure)
         paths.append(path)
