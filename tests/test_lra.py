@@ -92,7 +92,7 @@ def test_a_step_is_split_into_micro_batches_without_changing_its_examples(compos
         return trainee.batches(0, 0, 1), trainee.tokens_per_step
 
     whole, tokens = first_step("null")
-    split, split_tokens = first_step(3)
-    assert [len(b["labels"]) for b in whole] == [4, 4] and [len(b["labels"]) for b in split] == [3, 3, 2]
+    split, split_tokens = first_step(2)
+    assert [len(b["labels"]) for b in whole] == [4, 4] and [len(b["labels"]) for b in split] == [2, 2, 2, 2]
     assert torch.equal(torch.cat([b["input_ids2"] for b in split]), torch.cat([b["input_ids2"] for b in whole]))
     assert tokens == split_tokens == 8 * 2 * whole[0]["input_ids"].shape[1]  # 8 pairs, two documents each
