@@ -7,7 +7,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SCHEMA_VERSION = 1
 ROW_STATUSES = ("ok", "oom", "unsupported", "error")
@@ -96,22 +96,26 @@ def _dumps(data: Any) -> str:
     return head[:-2] + ',\n "rows": [\n' + rows + "\n ]\n}\n"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename: a reader (or a killed run)
-    sees the old file or the new one, never half of one."""
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` a temporary file beside `path`, flush it to disk, then rename it over `path`: a reader (or a
+    killed run) sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(_dumps(data))
-            fh.flush()
+        write(Path(tmp))
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; records are meant to be shared
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; results and caches are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(_dumps(data)))
 
 
 def save_record(record: RunRecord, path: Path) -> None:

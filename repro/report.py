@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .claims import Claim, load_published
 from .context import PROJECT_ROOT
-from .records import RunRecord, load_records
+from .records import RunRecord, load_records, replace_atomically
 
 REPRODUCED = "reproduced"
 WITHIN = "within tolerance"
@@ -168,10 +168,7 @@ def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
             writer.writerow([rec.paper, rec.task, rec.scale, rec.gpu_name, rec_path.name, r.provider, r.x_name,
                              r.x_value, r.metric, r.unit, r.p50, r.p20, r.p80, r.n, r.status, r.message,
                              json.dumps(r.extra, sort_keys=True)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(buf.getvalue())
-    tmp.replace(path)
+    replace_atomically(path, lambda tmp: tmp.write_text(buf.getvalue()))
 
 
 def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tuple[list, list[RunRecord]]]:
@@ -275,9 +272,7 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     if plots:
         parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}](report/plots/{p.name})" for p in plots) + "\n")
     report = "\n".join(parts)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "REPORT.md.tmp").write_text(report)
-    (out / "REPORT.md.tmp").replace(out / "REPORT.md")
+    replace_atomically(out / "REPORT.md", lambda tmp: tmp.write_text(report))
     write_csv(records, out / "report" / "rows.csv")
     if readme is not None and not update_readme(readme, summary_table(by_paper)):
         problems.append(f"{readme} has no {README_START} … {README_END} markers; its table was not updated")

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .context import ConfigError, world
-from .records import Row
+from .records import Row, replace_atomically
 from .timing import is_out_of_memory
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -141,13 +141,6 @@ def _lr_at(step: int, spec: TrainSpec) -> float:
     progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * cosine)
-
-
-def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _load_checkpoint(path: Path, fingerprint: str):
@@ -278,9 +271,10 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
             return
         model_state, optimizer_state = _get_state(model, optimizer, sharded)  # a collective when sharded
         if rank == 0:
-            _save_atomic({"fingerprint": trainee.fingerprint, "step": step, "model": model_state,
-                          "optimizer": optimizer_state, "scaler": scaler.state_dict(),
-                          "rows": [dataclasses.asdict(r) for r in rows_so_far]}, checkpoint)
+            state = {"fingerprint": trainee.fingerprint, "step": step, "model": model_state,
+                     "optimizer": optimizer_state, "scaler": scaler.state_dict(),
+                     "rows": [dataclasses.asdict(r) for r in rows_so_far]}
+            replace_atomically(checkpoint, lambda tmp: torch.save(state, tmp))
 
     def save_due() -> bool:
         if checkpoint is None:
