@@ -126,6 +126,19 @@ def throughput_ratios(rows: list[Row], by: str, baseline: str, metric: str) -> I
             yield Row(provider, by, key, metric, "x", r.p50 / base.p50, n=1, extra={**r.extra, "baseline": baseline})
 
 
+def model_flops_per_token(model: torch.nn.Module, layers: int, width: int, seq_len: int) -> float:
+    """Training FLOPs per token, the usual model-FLOPs count (PaLM appendix B): 6 per weight outside the
+    embeddings, plus attention's 12·layers·width·seq_len (what standard attention computes; no discount for
+    causal masking). A model whose embeddings are not `torch.nn.Embedding` says its own count through a
+    `non_embedding_params()` method."""
+    if hasattr(model, "non_embedding_params"):
+        weights = model.non_embedding_params()
+    else:
+        embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        weights = sum(p.numel() for p in model.parameters()) - embedding
+    return 6 * weights + 12 * layers * width * seq_len
+
+
 def init_distributed(device: torch.device) -> None:
     """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs) once per process."""
     rank, size = world()

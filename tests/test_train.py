@@ -122,3 +122,12 @@ def test_lamb_takes_adams_step_scaled_by_the_trust_ratio():
     rows = list(train(trainee(), run, torch.device("cpu"), None, progress=False))
     losses = [r.p50 for r in rows if r.metric == "loss"]
     assert losses[-1] < losses[0]
+
+
+def test_model_flops_count_weights_outside_embeddings_and_attention():
+    from repro.train import model_flops_per_token
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))  # 20 weights outside
+    assert model_flops_per_token(model, layers=2, width=4, seq_len=8) == 6 * 20 + 12 * 2 * 4 * 8
+    model.non_embedding_params = lambda: 7  # a model that counts its own (megatron-core's embeddings)
+    assert model_flops_per_token(model, layers=1, width=1, seq_len=1) == 6 * 7 + 12

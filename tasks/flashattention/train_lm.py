@@ -18,8 +18,8 @@ from repro.bench import as_list, require_triton
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
 from repro.text_data import TokenStream, load_token_stream
-from repro.train import (Candidate, Trainee, TrainSpec, final_rows, init_distributed, step_generator,
-                         throughput_ratios, train_all)
+from repro.train import (Candidate, Trainee, TrainSpec, final_rows, init_distributed, model_flops_per_token,
+                         step_generator, throughput_ratios, train_all)
 
 OURS = "effrepro"
 ATTENTION = ("eager", "sdpa", OURS, "megatron")
@@ -80,19 +80,6 @@ def make_batch(family: str, ids: torch.Tensor, batch: int, seq_len: int, tokeniz
     return {"input_ids": x, "labels": labels}
 
 
-def non_embedding_params(model: torch.nn.Module) -> int:
-    if hasattr(model, "non_embedding_params"):  # megatron-core's embeddings are not torch.nn.Embedding
-        return model.non_embedding_params()
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    return sum(p.numel() for p in model.parameters()) - embedding
-
-
-def flops_per_token(model: torch.nn.Module, layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per parameter outside the embeddings, plus attention's 12·layers·hidden·seq
-    (the usual model-FLOPs count, PaLM appendix B; no discount for causal masking)."""
-    return 6 * non_embedding_params(model) + 12 * layers * hidden * seq_len
-
-
 def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[Candidate]:
     m, b = cfg.model, cfg.batch
     layers, hidden, _ = SIZES[m.family][m.size]
@@ -131,7 +118,7 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
                 return {"val_loss": loss, "val_perplexity": float(torch.tensor(loss).exp())}
 
             return Trainee(attention, model, batches, evaluate, micro * seq_len * cfg.train.grad_accum,
-                           flops_per_token(model, layers, hidden, seq_len), extra, fingerprint(settings))
+                           model_flops_per_token(model, layers, hidden, seq_len), extra, fingerprint(settings))
         yield Candidate(attention, extra, build)
 
 

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from repro.bench import as_list, require_triton
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
-from repro.train import Candidate, Trainee, TrainSpec, final_rows, step_generator, throughput_ratios, train_all
+from repro.train import (Candidate, Trainee, TrainSpec, final_rows, model_flops_per_token, step_generator,
+                         throughput_ratios, train_all)
 
 from .data import (LISTOPS_VOCAB, MAX_BYTES, encode_listops, load_lra_hub, load_or_generate, tiny_fixture)
 from .model import ATTENTIONS, LRAClassifier, upsample_positions
@@ -126,11 +127,7 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path, tasks: list[str], 
                         hits += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
                     return {"val_accuracy": 100.0 * hits / len(val_set["labels"])}
 
-                dims = model_cfg["dim"]
-                # 6 per weight and token, plus attention's 12·layers·dim·N (what standard attention computes)
-                params = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel() \
-                    - model.position.weight.numel()
-                flops = 6 * params + 12 * model_cfg["depth"] * dims * seq_len
+                flops = model_flops_per_token(model, model_cfg["depth"], model_cfg["dim"], seq_len)
                 towers = 2 if name == "retrieval" else 1
                 settings = dict(task=name, attention=attention, seq_len=seq_len, model=model_cfg, seed=cfg.seed,
                                 lra=OmegaConf.to_container(spec), train=OmegaConf.to_container(cfg.train))
