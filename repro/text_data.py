@@ -8,16 +8,16 @@ tokenizer (`gpt2`), as the papers used.
 """
 from __future__ import annotations
 
-import hashlib
-import os
+import functools
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .context import ConfigError, fingerprint
-from .records import write_json_atomic
+from .records import replace_atomically, write_json_atomic
 
 CACHE_VERSION = 1
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
@@ -55,17 +55,20 @@ def _local_files(folder: str | None, pattern: str, max_files: int | None) -> lis
     return files
 
 
-def _texts(spec) -> tuple[list[str], str]:
-    """The corpus as a list of documents, and a fingerprint of what was read."""
+def _corpus(spec) -> tuple[str, Callable[[], list[str]]]:
+    """A fingerprint of the corpus, and how to read it as a list of documents (done only when the cache lacks
+    the tokenizer or the ids)."""
     import datasets
 
     if spec.source == "local":
         files = _local_files(spec.folder, spec.pattern, spec.max_files)
-        stamp = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
-        # sample_by="document": one row per file, so documents stay whole
-        ds = datasets.load_dataset("text", data_files=[str(p) for p in files], split="train",
-                                   sample_by="document", encoding_errors="replace")
-        return [t for t in ds["text"] if t.strip()], stamp.hexdigest()[:16]
+
+        def read():
+            # sample_by="document": one row per file, so documents stay whole
+            ds = datasets.load_dataset("text", data_files=[str(p) for p in files], split="train",
+                                       sample_by="document", encoding_errors="replace")
+            return [t for t in ds["text"] if t.strip()]
+        return fingerprint([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]), read
     try:
         ds = datasets.load_dataset(spec.source, split=spec.split)
     except Exception as exc:  # noqa: BLE001 - offline, or a name the hub does not know
@@ -73,10 +76,10 @@ def _texts(spec) -> tuple[list[str], str]:
                           "Offline, use data.source=local (a folder of text files)") from None
     if spec.max_documents:
         ds = ds.select(range(min(len(ds), spec.max_documents)))
-    return list(ds[spec.text_column]), f"{spec.source}:{spec.split}:{len(ds)}"
+    return f"{spec.source}:{spec.split}:{len(ds)}", lambda: list(ds[spec.text_column])
 
 
-def _tokenizer(spec, texts: list[str], cache: Path):
+def _tokenizer(spec, documents: Callable[[], list[str]], cache: Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if spec.tokenizer != "bpe":
@@ -97,10 +100,8 @@ def _tokenizer(spec, texts: list[str], cache: Path):
         bpe.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        bpe.train_from_iterator(texts, trainer=trainer)
-        tmp = path.with_suffix(".tmp")
-        bpe.save(str(tmp))
-        os.replace(tmp, path)
+        bpe.train_from_iterator(documents(), trainer=trainer)
+        replace_atomically(path, lambda tmp: bpe.save(str(tmp)))
     return PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
 
@@ -109,16 +110,18 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
     """Tokenise the corpus once (documents joined by the end-of-text token) and cache the ids; the last
     `val_fraction` of the documents are the validation part. The cache is keyed by what was read, the
     tokenizer settings and CACHE_VERSION, so a changed corpus or setting is tokenised afresh."""
-    texts, corpus = _texts(spec)
+    corpus, read = _corpus(spec)
+    documents = functools.cache(read)
     settings = dict(version=CACHE_VERSION, corpus=corpus, tokenizer=spec.tokenizer, vocab_size=spec.vocab_size,
                     val_fraction=spec.val_fraction)
     cache = Path(cache_root) / f"tokens-{fingerprint(settings)}"
     cache.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(spec, texts, cache)
+    tokenizer = _tokenizer(spec, documents, cache)
     ids_path = cache / "ids.pt"
     if ids_path.exists():
         ids = torch.load(ids_path)
     else:
+        texts = documents()
         n_val = max(1, int(len(texts) * spec.val_fraction))
         eos = tokenizer.eos_token_id
 
@@ -128,8 +131,6 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
                 out += enc + [eos]
             return torch.tensor(out, dtype=torch.int32)
         ids = {"train": join(texts[:-n_val]), "val": join(texts[-n_val:])}
-        tmp = ids_path.with_suffix(".tmp")
-        torch.save(ids, tmp)
-        os.replace(tmp, ids_path)
+        replace_atomically(ids_path, lambda tmp: torch.save(ids, tmp))
         write_json_atomic(cache / "settings.json", settings)
     return TokenStream(ids["train"], ids["val"], tokenizer)

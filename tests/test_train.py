@@ -83,7 +83,9 @@ def test_train_spec_names_unknown_keys_and_bad_precision():
         TrainSpec.from_config({"steps": 1, "lr": 1.0, "precision": "fp8"})
 
 
-def test_corpus_from_a_local_folder_is_tokenised_once_and_cached(tmp_path):
+def test_corpus_from_a_local_folder_is_tokenised_once_and_cached(tmp_path, monkeypatch):
+    import datasets
+
     from repro.text_data import load_token_stream
 
     corpus = tmp_path / "corpus"
@@ -97,6 +99,7 @@ def test_corpus_from_a_local_folder_is_tokenised_once_and_cached(tmp_path):
     assert "return x" in first.tokenizer.decode(first.train[:40].tolist())
     (cached,) = (tmp_path / "cache").glob("tokens-*/ids.pt")
     stamp = cached.stat().st_mtime_ns
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("a cached corpus was read again"))
     again = load_token_stream(spec, tmp_path / "cache")
     assert torch.equal(again.train, first.train) and cached.stat().st_mtime_ns == stamp
 
