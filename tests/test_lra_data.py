@@ -190,7 +190,7 @@ def test_retrieval_needs_lra_release_files(tmp_path):
         data.load_lra_hub("retrieval", "train")
     (tmp_path / "new_aan_pairs.eval.tsv").write_text("1.0\ta\tb\tsome text\tother text\n0.0\tc\td\tx\ty\n")
     ds = data.load_lra_hub("retrieval", "val", data_dir=tmp_path)
-    assert ds["label"] == [1, 0] and ds[0]["input_ids1"] == [b + 1 for b in b"some text"]
+    assert ds["label"] == [1, 0] and ds[0]["input_ids"] == [b + 1 for b in b"some text"]
 
 
 def test_tiny_fixtures():
@@ -198,7 +198,7 @@ def test_tiny_fixtures():
     assert len(text) == 4 and all(1 <= i <= 256 for ids in text["input_ids"] for i in ids)
     assert text["input_ids"] == data.tiny_fixture("text", 4, seed=0)["input_ids"]
     pairs = data.tiny_fixture("retrieval", 3)
-    assert set(pairs.column_names) == {"input_ids1", "input_ids2", "label"} and set(pairs["label"]) <= {0, 1}
+    assert set(pairs.column_names) == {"input_ids", "input_ids2", "label"} and set(pairs["label"]) <= {0, 1}
     images = data.tiny_fixture("image", 5)
     assert images.features["image"].dtype == "uint8"
     assert np.asarray(images["image"]).shape == (5, 32, 32) and set(images["label"]) <= set(range(10))

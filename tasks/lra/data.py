@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from repro.records import write_json_atomic
+
 # Bump whenever a change alters what (task, params, seed) generates: caches of another version are regenerated.
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -475,16 +477,16 @@ def load_or_generate(task: str, split: str, n: int, seed: int, cache_dir: str | 
         hf.Dataset.from_generator(_rows, features=_features(task, params), cache_dir=tmp,
                                   gen_kwargs=dict(task=task, n=n, seed=seed, split=split, workers=workers,
                                                   params=params)).save_to_disk(str(path))
-    meta_path.write_text(json.dumps(meta, indent=1))
+    write_json_atomic(meta_path, meta)
     seconds = time.perf_counter() - start
     print(f"Generated {n} examples in {seconds:.1f} s ({n / seconds:.1f}/s)")
     return hf.load_from_disk(str(path))
 
 
-def generation_rate(task: str, n: int = 64, seed: int = 0, **params) -> float:
-    """Examples generated per second by one process (one core): a set of N takes about N / (rate · cores)."""
+def generation_rate(task: str, n: int = 64, seed: int = 0, workers: int = 1, **params) -> float:
+    """Examples generated per second by `workers` processes (one: a set of N takes about N / (rate · cores))."""
     start = time.perf_counter()
-    GENERATORS[task](n, seed, workers=1, **params)
+    GENERATORS[task](n, seed, workers=workers, **params)
     return n / (time.perf_counter() - start)
 
 
@@ -515,7 +517,7 @@ def _lra_features(task: str):
     ids = hf.List(hf.Value("int16"))
     return hf.Features({
         "text": {"input_ids": ids, "label": hf.ClassLabel(names=["neg", "pos"])},
-        "retrieval": {"input_ids1": ids, "input_ids2": ids, "label": hf.ClassLabel(num_classes=2)},
+        "retrieval": {"input_ids": ids, "input_ids2": ids, "label": hf.ClassLabel(num_classes=2)},
         "image": {"image": hf.Array2D((32, 32), "uint8"), "label": hf.ClassLabel(num_classes=10)},
     }[task])
 
@@ -524,7 +526,7 @@ def _to_lra(task: str, row: dict) -> dict:
     if task == "text":
         return {"input_ids": _byte_ids(row["text"], task), "label": row["label"]}
     if task == "retrieval":
-        return {"input_ids1": _byte_ids(row["text1"], task), "input_ids2": _byte_ids(row["text2"], task),
+        return {"input_ids": _byte_ids(row["text1"], task), "input_ids2": _byte_ids(row["text2"], task),
                 "label": int(float(row["label"]))}
     # grey as ITU-R 601 luma, the weights of LRA's tf.image.rgb_to_grayscale
     return {"image": np.asarray(row["img"].convert("L")), "label": row["label"]}
@@ -575,7 +577,7 @@ def tiny_fixture(task: str, n: int = 8, seed: int = 0):
     if task == "text":
         rows = {"input_ids": [_byte_ids(text(), task) for _ in range(n)], "label": rng.integers(0, 2, n)}
     elif task == "retrieval":
-        rows = {"input_ids1": [_byte_ids(text(), task) for _ in range(n)],
+        rows = {"input_ids": [_byte_ids(text(), task) for _ in range(n)],
                 "input_ids2": [_byte_ids(text(), task) for _ in range(n)], "label": rng.integers(0, 2, n)}
     else:
         rows = {"image": rng.integers(0, 256, (n, 32, 32), dtype=np.uint8), "label": rng.integers(0, 10, n)}

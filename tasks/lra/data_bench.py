@@ -2,7 +2,6 @@
 every core of this machine, per generator setting, and the hours the paper-size sets would take here."""
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
@@ -10,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 
-from .data import GENERATORS, available_cores, generator_params
+from .data import available_cores, generation_rate, generator_params
 
 # LRA's training-set sizes: ListOps 96K expressions; Pathfinder (and Path-X, Path-256) 200K images.
 FULL_SET = {"listops": 96_000, "pathfinder": 200_000}
@@ -31,9 +30,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
             raise ConfigError(f"lra_data.settings: {exc}") from exc
         for workers in sorted({1, available_cores()}):
             n = spec.examples_per_worker * workers
-            start = time.perf_counter()
-            GENERATORS[task](n, spec.seed, workers=workers, **params)
-            rate = n / (time.perf_counter() - start)
+            rate = generation_rate(task, n, spec.seed, workers, **params)
             extra = dict(task=task, **params, examples=n, series=task)
             yield Row(_label(task, params), "workers", workers, "examples_per_s", "examples/s", rate, n=1,
                       extra=extra)

@@ -73,7 +73,7 @@ def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[s
     length = MAX_BYTES[name]
     out = {"labels": torch.tensor(ds["label"])}
     for suffix in ("", "2") if name == "retrieval" else ("",):
-        ids = _pad(ds["input_ids1" if suffix == "" and name == "retrieval" else f"input_ids{suffix}"], length)
+        ids = _pad(ds[f"input_ids{suffix}"], length)
         out[f"input_ids{suffix}"], out[f"real{suffix}"] = ids, ids != 0
     return out, 257, length
 
