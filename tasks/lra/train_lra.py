@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from pathlib import Path
 from typing import Iterator
 
@@ -78,11 +79,6 @@ def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[s
     return out, 257, length
 
 
-def _check_attention(name: str, ctx: RunContext) -> None:
-    if name.startswith("flash"):
-        require_triton(name, ctx.device)
-
-
 def candidates(cfg: DictConfig, ctx: RunContext, cache: Path, tasks: list[str], keep: dict | None = None,
                start_from: dict | None = None) -> Iterator[Candidate]:
     """One candidate per (task, attention). `keep` collects each built model by attention (to pre-train it);
@@ -94,14 +90,14 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path, tasks: list[str], 
         val_set, _, _ = load_split(name, "val", spec.n_val, spec, cache)
         family = "pathfinder" if name in PATH_SIZES else name
         model_cfg = {**MODELS[family], **OmegaConf.to_container(spec.model)}
-        classes = int(max(train_set["labels"].max(), val_set["labels"].max())) + 1
-        classes = max(classes, 10 if name in ("listops", "image") else 2)
+        classes = 10 if name in ("listops", "image") else 2  # digits 0-9, CIFAR-10; the rest are yes/no
         for attention in as_list(spec.attention):
             extra = dict(lra_task=name, seq_len=seq_len, series=f"{name} N={seq_len}")
 
             def build(name=name, attention=attention, train_set=train_set, val_set=val_set, vocab=vocab,
                       seq_len=seq_len, model_cfg=model_cfg, classes=classes, extra=extra) -> Trainee:
-                _check_attention(attention, ctx)
+                if attention.startswith("flash"):
+                    require_triton(attention, ctx.device)
                 torch.manual_seed(cfg.seed)
                 model = LRAClassifier(vocab=vocab, classes=classes, seq_len=seq_len, attention=attention,
                                       pair=name == "retrieval", **model_cfg)
@@ -147,8 +143,8 @@ def derived_rows(rows: list[Row]) -> Iterator[Row]:
     tasks = sorted({t for _, t in final_rows(rows, "tokens_per_s", "lra_task")})
     for attention, ratios in speedups.items():
         if len(ratios) == len(tasks) and len(tasks) > 1:
-            geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
-            yield Row(attention, "tasks", len(tasks), "speedup_geomean", "x", geomean, n=len(ratios),
+            yield Row(attention, "tasks", len(tasks), "speedup_geomean", "x", statistics.geometric_mean(ratios),
+                      n=len(ratios),
                       extra={"tasks": ",".join(tasks), "baseline": "standard"})
     by_attention: dict[str, list[float]] = {}
     for (attention, _), r in final_rows(rows, "val_accuracy", "lra_task").items():
