@@ -78,7 +78,8 @@ def _prune(configs, named_args, **kwargs):
     return kept if AUTOTUNE else kept[:1]
 
 
-FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)])
+FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4),
+                        (64, 64, 4, 3)])
 BWD_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)])
 AUTOTUNE_KEY = ["N_Q", "N_K", "HEAD_DIM", "CAUSAL", "HAS_KPM", "DROPOUT", "SPARSE_BLOCK"]
 
@@ -106,7 +107,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn
                 k = tl.load(k_ptrs, mask=dmask[:, None] & nmask[None, :], other=0.0)
             else:  # a whole tile: an unpredicated load pipelines better
                 k = tl.load(k_ptrs)
-            s = tl.dot(q, k) * qk_scale
+            s = tl.dot(q, k)  # unscaled: the scale is folded into the exponent's multiply-add below
             if MASK:
                 valid = nmask[None, :]
                 if CAUSAL:
@@ -114,12 +115,12 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn
                 if HAS_KPM:
                     valid = valid & (tl.load(KPM + offs_n, mask=nmask, other=0) != 0)[None, :]
                 s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0, so max commutes with it
             if MASK:  # a row with no visible key yet: keep exp2 away from inf - inf
                 m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
                 m_new_safe = m_new
-            p = tl.math.exp2(s - m_new_safe[:, None])
+            p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])
             alpha = tl.math.exp2(m_i - m_new_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
@@ -129,7 +130,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn
                 v = tl.load(v_ptrs, mask=nmask[:, None] & dmask[None, :], other=0.0)
             else:
                 v = tl.load(v_ptrs)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in the matrix unit
             m_i = m_new
     return acc, l_i, m_i
 
@@ -501,6 +502,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`.
     """
     _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale={softmax_scale} must be positive")
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale

@@ -141,6 +141,7 @@ def _qkv(*shape, dtype=torch.float16):
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), dropout_p=1.0), "dropout_p"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), layout="sbhd"), "layout"),
     (lambda: flash_attn(*_qkv(2, 8, 32)), "4-d"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), softmax_scale=-0.1), "softmax_scale"),
 ])
 def test_bad_input_is_a_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):
