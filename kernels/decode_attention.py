@@ -135,11 +135,21 @@ class DecodeSchedule:
         return dataclasses.replace(self, **moved)
 
 
+def lean_programs(tiles: list[int], sms: int) -> int:
+    """The default number of lean programs: one per SM (which measured best on an H100 among one, two and four
+    per SM), except where fewer segments (batch · KV head) than SMs are equally long: then the largest multiple
+    of the segment count that fits, so that no program spans two segments. A spanning program stores, counts
+    and starts a second piece, and the launch waits for the slowest program (kernels/NOTES.md: measured on an
+    H100, whose 132 SMs give 128 programs at 8, 32 or 128 segments)."""
+    if len(tiles) <= sms and len(set(tiles)) == 1:
+        return len(tiles) * (sms // len(tiles))
+    return sms
+
+
 def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | None = None,
                   num_splits: int | None = None, block_n: int = BLOCK_N, device=None) -> DecodeSchedule:
     """`fa2`: a program per (batch, KV head). `split`: `num_splits` chunks per (batch, KV head) (default: enough
-    for one program per SM). `lean`: `num_programs` equal shares of all tiles (default: one per SM, which
-    measured best on an H100 among one, two and four)."""
+    for one program per SM). `lean`: `num_programs` equal shares of all tiles (default: `lean_programs`)."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule={kind!r} is not one of {SCHEDULES}")
     lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
@@ -164,7 +174,7 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
                     pieces[g] += 1
     else:
         total = sum(tiles)
-        programs = min(num_programs or sms, total)
+        programs = min(num_programs or lean_programs(tiles, sms), total)
         starts = [0]
         for t in tiles:
             starts.append(starts[-1] + t)

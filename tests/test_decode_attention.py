@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import gpu, has_gpu
-from kernels.decode_attention import SCHEDULES, decode_attention, make_schedule
+from kernels.decode_attention import SCHEDULES, decode_attention, lean_programs, make_schedule
 from kernels.reference import decode_attention_reference
 
 DEVICE = "cuda" if has_gpu() else "cpu"
@@ -49,6 +49,14 @@ def test_lean_shares_cross_segments_and_merge_exactly():
     assert not sched.arrived.any()  # the merging programs reset their counts for the next call
     with pytest.raises(ValueError, match="differ from those the schedule was built for"):
         decode_attention(q, k, v, torch.tensor([50, 8, 200], device=DEVICE), schedule=sched)
+
+
+def test_default_lean_programs_never_span_two_equal_segments():
+    assert lean_programs([64] * 8, sms=132) == 128 and lean_programs([64] * 132, sms=132) == 132
+    assert lean_programs([64, 65], sms=132) == 132 and lean_programs([4] * 200, sms=132) == 132
+    sched = make_schedule("lean", [100] * 3, 2, block_n=16)  # 6 segments of 7 tiles
+    spans = [len({int(g) for g in sched.items[int(a):int(b), 0]}) for a, b in zip(sched.ptr[:-1], sched.ptr[1:])]
+    assert sched.num_programs % 6 == 0 and max(spans) == 1
 
 
 def test_a_head_cut_into_many_pieces_merges_exactly():
