@@ -37,10 +37,11 @@ def _store_final(OUT, LSE, out, lse, b, hk, offs_g, offs_d, gmask, stride_ob, st
 
 
 @triton.jit
-def _decode(Q, K, V, LEN, ITEMS, PTR, NPIECES, ARRIVED, WO, WL, OUT, LSE,
+def _decode(Q, K, V, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_ob, stride_oh, HKV, G, MAX_PIECES, sm_scale,
-            HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+            HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+            BLOCK_P: tl.constexpr):
     """Each program walks its work items (segment = batch·KV head, tile range, piece number): softmax over the
     tiles with a running maximum and sum. A segment in one piece is written out at once. Otherwise the piece
     is stored, normalised, with its base-2 log-sum-exp, and counted; the program that stores a segment's last
@@ -51,75 +52,92 @@ def _decode(Q, K, V, LEN, ITEMS, PTR, NPIECES, ARRIVED, WO, WL, OUT, LSE,
     offs_d = tl.arange(0, HEAD_DIM)
     gmask = offs_g < G
     qk_scale = sm_scale * 1.4426950408889634
-    for i in range(tl.load(PTR + p), tl.load(PTR + p + 1)):
-        seg = tl.load(ITEMS + 4 * i)
-        lo = tl.load(ITEMS + 4 * i + 1)
-        hi = tl.load(ITEMS + 4 * i + 2)
-        piece = tl.load(ITEMS + 4 * i + 3)
-        b, hk = seg // HKV, seg % HKV
-        length = tl.load(LEN + b)
-        q = tl.load(Q + b.to(tl.int64) * stride_qb + (hk * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                    mask=gmask[:, None], other=0.0)
-        Kh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        Vh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        for t in range(lo, hi):
-            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = offs_n < length
-            k = tl.load(Kh + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=nmask[None, :],
-                        other=0.0)
-            s = tl.where(nmask[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))  # every tile holds a real key: m_new is finite
-            prob = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m - m_new)
-            l = l * alpha + tl.sum(prob, 1)
-            v = tl.load(Vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=nmask[:, None],
-                        other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
-            m = m_new
-        n_pieces = tl.load(NPIECES + seg)
-        if n_pieces == 1:
-            _store_final(OUT, LSE, acc / l[:, None], m + tl.math.log2(l), b, hk, offs_g, offs_d, gmask,
-                         stride_ob, stride_oh, HKV, G)
-        else:
-            slot = seg.to(tl.int64) * MAX_PIECES + piece
-            tl.store(WO + (slot * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], acc / l[:, None],
-                     mask=gmask[:, None])
-            tl.store(WL + slot * G + offs_g, m + tl.math.log2(l), mask=gmask)
-            tl.debug_barrier()  # all of this program's stores are issued before it is counted (release below)
-            if tl.atomic_add(ARRIVED + seg, 1, sem="acq_rel", scope="gpu") == n_pieces - 1:
-                m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-                w_sum = tl.zeros([BLOCK_G], tl.float32)
-                acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-                for j in range(n_pieces):
-                    slot = seg.to(tl.int64) * MAX_PIECES + j
-                    # .cg: read from L2, where the other programs' pieces are, never a stale L1 line
-                    lse = tl.load(WL + slot * G + offs_g, mask=gmask, other=0.0, cache_modifier=".cg")
-                    o = tl.load(WO + (slot * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], mask=gmask[:, None],
-                                other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(m, lse)
-                    alpha = tl.math.exp2(m - m_new)
-                    w = tl.math.exp2(lse - m_new)
-                    acc = acc * alpha[:, None] + o * w[:, None]
-                    w_sum = w_sum * alpha + w
-                    m = m_new
-                _store_final(OUT, LSE, acc / w_sum[:, None], m + tl.math.log2(w_sum), b, hk, offs_g, offs_d, gmask,
+    for i in range(MAX_ITEMS):
+        # an item carries all it needs (pieces of its segment, sequence length): one memory round trip
+        # before the first K and V loads, not a chain of dependent ones
+        item = WORK + (p * MAX_ITEMS + i) * 6
+        seg = tl.load(item)
+        lo = tl.load(item + 1)
+        hi = tl.load(item + 2)
+        piece = tl.load(item + 3)
+        n_pieces = tl.load(item + 4)
+        length = tl.load(item + 5)
+        if lo < hi:  # programs with fewer items than MAX_ITEMS have empty ones
+            b, hk = seg // HKV, seg % HKV
+            q = tl.load(Q + b.to(tl.int64) * stride_qb + (hk * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                        mask=gmask[:, None], other=0.0)
+            Kh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+            Vh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+            m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            l = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+            for t in range(lo, hi):
+                offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+                nmask = offs_n < length
+                k = tl.load(Kh + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=nmask[None, :],
+                            other=0.0)
+                s = tl.where(nmask[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))  # every tile holds a real key: m_new is finite
+                prob = tl.math.exp2(s - m_new[:, None])
+                alpha = tl.math.exp2(m - m_new)
+                l = l * alpha + tl.sum(prob, 1)
+                v = tl.load(Vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=nmask[:, None],
+                            other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
+                m = m_new
+            if n_pieces == 1:
+                _store_final(OUT, LSE, acc / l[:, None], m + tl.math.log2(l), b, hk, offs_g, offs_d, gmask,
                              stride_ob, stride_oh, HKV, G)
-                tl.store(ARRIVED + seg, 0)
+            else:
+                slot = seg.to(tl.int64) * MAX_PIECES + piece
+                tl.store(WO + (slot * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], acc / l[:, None],
+                         mask=gmask[:, None])
+                tl.store(WL + slot * G + offs_g, m + tl.math.log2(l), mask=gmask)
+                tl.debug_barrier()  # all of this program's stores are issued before it is counted (release below)
+                if tl.atomic_add(ARRIVED + seg, 1, sem="acq_rel", scope="gpu") == n_pieces - 1:
+                    _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, stride_ob, stride_oh, HKV, G, MAX_PIECES,
+                           HEAD_DIM, GROUP, BLOCK_P)
+                    tl.store(ARRIVED + seg, 0)
+
+
+@triton.jit
+def _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, stride_ob, stride_oh, HKV, G, MAX_PIECES,
+           HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Combine a segment's pieces through their log-sum-exps, BLOCK_P pieces per step, loaded together: the
+    merge sits on the launch's critical path, and one piece per step costs a memory round trip each."""
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_g = tl.arange(0, GROUP)
+    gmask = offs_g < G
+    m = tl.full([GROUP], float("-inf"), tl.float32)
+    w_sum = tl.zeros([GROUP], tl.float32)
+    acc = tl.zeros([GROUP, HEAD_DIM], tl.float32)
+    for first in range(0, n_pieces, BLOCK_P):
+        mask = ((first + offs_p) < n_pieces)[:, None] & gmask[None, :]
+        rows = (seg.to(tl.int64) * MAX_PIECES + first + offs_p)[:, None] * G + offs_g[None, :]  # (piece, head)
+        # .cg: read from L2, where the other programs' pieces are, never a stale L1 line
+        lse = tl.load(WL + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(WO + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=mask[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        alpha = tl.math.exp2(m - m_new)
+        w = tl.math.exp2(lse - m_new[None, :])
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
+        w_sum = w_sum * alpha + tl.sum(w, 0)
+        m = m_new
+    _store_final(OUT, LSE, acc / w_sum[:, None], m + tl.math.log2(w_sum), b, hk, offs_g, offs_d, gmask,
+                 stride_ob, stride_oh, HKV, G)
 
 
 @dataclass
 class DecodeSchedule:
-    """Which program computes which tiles: a CSR list of work items per program, built on the host. Its
-    `arrived` counters are used and reset by each call: one call at a time per schedule (one decode stream)."""
+    """Which program computes which tiles, built on the host. Its `arrived` counters are used and reset by each
+    call: one call at a time per schedule (one decode stream)."""
 
     kind: str
     num_programs: int
-    items: torch.Tensor  # int32 (n_items, 4): segment, first tile, end tile, piece number
-    ptr: torch.Tensor  # int32 (num_programs + 1,)
-    pieces: torch.Tensor  # int32 (num_segments,): how many pieces each segment was cut into
+    # int32 (num_programs, max items per program, 6): segment, first tile, end tile, piece number, pieces of
+    # the segment, sequence length; a program with fewer items has empty ones (first tile == end tile)
+    work: torch.Tensor
     max_pieces: int
     block_n: int
     lengths: torch.Tensor  # int32 (batch,): the sequence lengths it was built for, on its device
@@ -129,10 +147,15 @@ class DecodeSchedule:
     num_stages: int = 3
 
     def to(self, device) -> "DecodeSchedule":
-        if self.items.device == torch.device(device):
+        if self.work.device == torch.device(device):
             return self
-        moved = {name: getattr(self, name).to(device) for name in ("items", "ptr", "pieces", "lengths", "arrived")}
+        moved = {name: getattr(self, name).to(device) for name in ("work", "lengths", "arrived")}
         return dataclasses.replace(self, **moved)
+
+    def items(self) -> torch.Tensor:
+        """The non-empty work items, program by program: (n_items, 6), columns as in `work`."""
+        flat = self.work.reshape(-1, 6)
+        return flat[flat[:, 1] < flat[:, 2]]
 
 
 def lean_programs(tiles: list[int], sms: int) -> int:
@@ -181,22 +204,22 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
         g = 0
         for p in range(programs):
             lo, hi = p * total // programs, (p + 1) * total // programs
-            work = []
+            items = []
             while lo < hi:
                 while starts[g + 1] <= lo:
                     g += 1
                 end = min(hi, starts[g + 1])
-                work.append((g, lo - starts[g], end - starts[g], pieces[g]))
+                items.append((g, lo - starts[g], end - starts[g], pieces[g]))
                 pieces[g] += 1
                 lo = end
-            per_program.append(work)
-    flat = [item for work in per_program for item in work]
-    ptr = [0]
-    for work in per_program:
-        ptr.append(ptr[-1] + len(work))
+            per_program.append(items)
+    seg_lengths = [n for n in lengths for _ in range(num_kv_heads)]
+    max_items = max(len(items) for items in per_program)
+    work = [[[g, lo, hi, piece, pieces[g], seg_lengths[g]] for g, lo, hi, piece in items]
+            + [[0] * 6] * (max_items - len(items)) for items in per_program]
     as_int = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    return DecodeSchedule(kind, len(per_program), as_int(flat).reshape(-1, 4), as_int(ptr), as_int(pieces),
-                          max(pieces), block_n, as_int(lengths), as_int([0] * n_seg), tuple(lengths))
+    return DecodeSchedule(kind, len(per_program), as_int(work), max(pieces), block_n, as_int(lengths),
+                          as_int([0] * n_seg), tuple(lengths))
 
 
 def _check(q, k_cache, v_cache, host_lengths):
@@ -267,16 +290,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     out = torch.empty_like(q)
     lse = torch.empty(b, h, device=q.device, dtype=torch.float32)
-    block_g = max(16, triton.next_power_of_2(groups))
+    block_g = max(16, triton.next_power_of_2(groups))  # tl.dot takes 16 rows or more
+    group = triton.next_power_of_2(groups)
+    block_p = min(triton.next_power_of_2(schedule.max_pieces), max(1, 16384 // (group * d)))  # <= 128 fp32/thread
     n_slots = b * hkv * schedule.max_pieces * groups if schedule.max_pieces > 1 else 0
     wo = torch.empty(n_slots, d, device=q.device, dtype=torch.float32)
     wl = torch.empty(n_slots, device=q.device, dtype=torch.float32)
     _decode[(schedule.num_programs,)](
-        q, k_cache, v_cache, schedule.lengths, schedule.items, schedule.ptr, schedule.pieces, schedule.arrived,
-        wo, wl, out, lse,
+        q, k_cache, v_cache, schedule.work, schedule.work.shape[1], schedule.arrived, wo, wl, out, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         hkv, groups, schedule.max_pieces, scale,
-        HEAD_DIM=d, BLOCK_G=block_g, BLOCK_N=schedule.block_n,
+        HEAD_DIM=d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, GROUP=group, BLOCK_P=block_p,
         num_warps=schedule.num_warps, num_stages=schedule.num_stages)
     return (out, lse * math.log(2.0)) if return_lse else out

@@ -36,10 +36,14 @@ def test_schedules_match_reference(schedule, dtype):
 def test_lean_shares_cross_segments_and_merge_exactly():
     lengths = [50, 7, 200]
     sched = make_schedule("lean", lengths, 2, num_programs=5, block_n=16, device=DEVICE)
-    tiles = sched.items[:, 2] - sched.items[:, 1]
-    assert int(tiles.sum()) == 2 * sum(-(-n // 16) for n in lengths)
-    assert sched.max_pieces > 1 and int(sched.pieces.sum()) == len(sched.items)
-    q = torch.randn(3, 4, 64, device=DEVICE)
+    items = sched.items()
+    assert int((items[:, 2] - items[:, 1]).sum()) == 2 * sum(-(-n // 16) for n in lengths)
+    for seg in range(6):  # each segment's pieces are numbered 0..n-1, and every item knows n
+        of_seg = items[items[:, 0] == seg]
+        assert sorted(of_seg[:, 3].tolist()) == list(range(len(of_seg))) and set(of_seg[:, 4].tolist()) == {len(of_seg)}
+        assert set(of_seg[:, 5].tolist()) == {lengths[seg // 2]}
+    assert sched.max_pieces > 1
+    q = torch.randn(3, 6, 64, device=DEVICE)  # 3 query heads per KV head: not a power of two
     k, v = (torch.randn(3, 2, 200, 64, device=DEVICE) for _ in range(2))
     n = torch.tensor(lengths, device=DEVICE)
     outs = [decode_attention(q, k, v, n, schedule=s) for s in ("fa2", "split", sched)]
@@ -55,15 +59,14 @@ def test_default_lean_programs_never_span_two_equal_segments():
     assert lean_programs([64] * 8, sms=132) == 128 and lean_programs([64] * 132, sms=132) == 132
     assert lean_programs([64, 65], sms=132) == 132 and lean_programs([4] * 200, sms=132) == 132
     sched = make_schedule("lean", [100] * 3, 2, block_n=16)  # 6 segments of 7 tiles
-    spans = [len({int(g) for g in sched.items[int(a):int(b), 0]}) for a, b in zip(sched.ptr[:-1], sched.ptr[1:])]
-    assert sched.num_programs % 6 == 0 and max(spans) == 1
+    assert sched.num_programs % 6 == 0 and sched.work.shape[1] == 1  # one item per program
 
 
 def test_a_head_cut_into_many_pieces_merges_exactly():
     sched = make_schedule("lean", [200], 1, num_programs=11, block_n=16)
-    assert int(sched.pieces[0]) == 11
+    assert sched.max_pieces == 11
     gen = torch.Generator(device=DEVICE).manual_seed(3)
-    q = torch.randn(1, 2, 128, device=DEVICE, generator=gen)
+    q = torch.randn(1, 16, 128, device=DEVICE, generator=gen)  # 16 heads x 128: merged 8 pieces a step, in 2 steps
     k, v = (torch.randn(1, 1, 203, 128, device=DEVICE, generator=gen) for _ in range(2))
     out, lse = decode_attention(q, k, v, schedule=sched, return_lse=True)
     ref = decode_attention_reference(q.double(), k.double(), v.double(), sched.lengths)
