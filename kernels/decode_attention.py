@@ -116,6 +116,7 @@ def _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, stride_ob, stride_oh,
         rows = (seg.to(tl.int64) * MAX_PIECES + first + offs_p)[:, None] * G + offs_g[None, :]  # (piece, head)
         # .cg: read from L2, where the other programs' pieces are, never a stale L1 line
         lse = tl.load(WL + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        lse = tl.where(gmask[None, :], lse, 0.0)  # padding heads: finite, not -inf - -inf = NaN (never stored)
         o = tl.load(WO + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=mask[:, :, None], other=0.0,
                     cache_modifier=".cg")
         m_new = tl.maximum(m, tl.max(lse, 0))
