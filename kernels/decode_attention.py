@@ -26,7 +26,8 @@ from .runtime import INTERPRET, runs_on
 SCHEDULES = ("fa2", "split", "lean")
 HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BLOCK_N = 16 if INTERPRET else 64
+TILE_KEYS = {"fa2": 128, "split": 64, "lean": 64}  # measured best on an H100 at head_dim 128, fp16 (NOTES.md)
+PIPELINE_SMEM = 160 * 1024  # bytes of shared memory the K and V tiles of two pipeline stages may take
 
 
 @triton.jit
@@ -170,12 +171,27 @@ def lean_programs(tiles: list[int], sms: int) -> int:
     return sms
 
 
+def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.float16) -> int:
+    """Keys per tile. `fa2`'s few programs each stream a whole head, so their speed is the bytes each keeps in
+    flight: larger tiles. `split` and `lean` fill every SM either way. Halved where two pipeline stages of K
+    and V would not fit in shared memory (long heads, float32); 16 under the CPU interpreter, for speed."""
+    if INTERPRET:
+        return 16
+    keys = TILE_KEYS[kind]
+    while keys > 16 and 2 * 2 * keys * head_dim * torch.finfo(dtype).bits // 8 > PIPELINE_SMEM:
+        keys //= 2
+    return keys
+
+
 def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | None = None,
-                  num_splits: int | None = None, block_n: int = BLOCK_N, device=None) -> DecodeSchedule:
+                  num_splits: int | None = None, block_n: int | None = None, head_dim: int = 128,
+                  dtype: torch.dtype = torch.float16, device=None) -> DecodeSchedule:
     """`fa2`: a program per (batch, KV head). `split`: `num_splits` chunks per (batch, KV head) (default: enough
-    for one program per SM). `lean`: `num_programs` equal shares of all tiles (default: `lean_programs`)."""
+    for one program per SM). `lean`: `num_programs` equal shares of all tiles (default: `lean_programs`).
+    Tiles of `block_n` keys (default: `default_block_n` for the head_dim and dtype the schedule will serve)."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule={kind!r} is not one of {SCHEDULES}")
+    block_n = block_n or default_block_n(kind, head_dim, dtype)
     lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
     if not lengths or min(lengths) < 1:
         raise ValueError(f"lengths must be a non-empty list of lengths >= 1, got {lengths}")
@@ -284,8 +300,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"the schedule was built for {schedule.arrived.numel() // q.shape[0]} KV heads, the cache "
                          f"has {k_cache.shape[1]}; build it with make_schedule(..., num_kv_heads={k_cache.shape[1]})")
     schedule = schedule.to(q.device) if prepared else \
-        make_schedule(schedule, host_lengths, k_cache.shape[1], device=q.device)
+        make_schedule(schedule, host_lengths, k_cache.shape[1], head_dim=q.shape[2], dtype=q.dtype, device=q.device)
     b, h, d = q.shape
+    tile_bytes = 2 * 2 * schedule.block_n * d * q.element_size()
+    if tile_bytes > PIPELINE_SMEM:
+        raise ValueError(f"the schedule's {schedule.block_n}-key tiles need {tile_bytes // 1024} KB of shared memory "
+                         f"at head_dim={d}, {q.dtype} (at most {PIPELINE_SMEM // 1024} KB); build it with "
+                         f"make_schedule(..., head_dim={d}, dtype={q.dtype})")
     hkv = k_cache.shape[1]
     groups = h // hkv
     scale = d ** -0.5 if softmax_scale is None else softmax_scale

@@ -1,10 +1,12 @@
 """Decode attention, each schedule against the float64 reference: GQA, odd lengths, length 1, a batch whose
 lengths differ by 100x."""
+import importlib
+
 import pytest
 import torch
 
 from conftest import gpu, has_gpu
-from kernels.decode_attention import SCHEDULES, decode_attention, lean_programs, make_schedule
+from kernels.decode_attention import SCHEDULES, decode_attention, default_block_n, lean_programs, make_schedule
 from kernels.reference import decode_attention_reference
 
 DEVICE = "cuda" if has_gpu() else "cpu"
@@ -60,6 +62,18 @@ def test_default_lean_programs_never_span_two_equal_segments():
     assert lean_programs([64, 65], sms=132) == 132 and lean_programs([4] * 200, sms=132) == 132
     sched = make_schedule("lean", [100] * 3, 2, block_n=16)  # 6 segments of 7 tiles
     assert sched.num_programs % 6 == 0 and sched.work.shape[1] == 1  # one item per program
+
+
+def test_tiles_are_larger_for_fa2_and_shrink_to_fit_shared_memory(monkeypatch):
+    # the module, not the function `kernels.decode_attention` that the package exports under the same name
+    monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "INTERPRET", False)
+    assert default_block_n("fa2") == 128 and default_block_n("lean") == default_block_n("split") == 64
+    assert default_block_n("fa2", 256) == 64 and default_block_n("fa2", 128, torch.float32) == 64
+    assert default_block_n("lean", 256, torch.float32) == 32
+    q = torch.randn(1, 2, 256, device=DEVICE)
+    k = torch.randn(1, 1, 8, 256, device=DEVICE)
+    with pytest.raises(ValueError, match="64-key tiles need 256 KB"):
+        decode_attention(q, k, k, schedule=make_schedule("lean", [8], 1, block_n=64))
 
 
 def test_a_head_cut_into_many_pieces_merges_exactly():

@@ -69,7 +69,9 @@ def ours(kind: str, ctx: RunContext, seed: int, rotate_bytes: int) -> Provider:
     def build(point: Point) -> Call:
         require_triton(kind, ctx.device)
         copies, lengths = make_inputs(point, ctx.device, seed, rotate_bytes)
-        schedule = make_schedule(kind, lengths, copies[0][1].shape[1], device=ctx.device)  # once, not timed
+        k = copies[0][1]
+        schedule = make_schedule(kind, lengths, k.shape[1], head_dim=k.shape[3], dtype=k.dtype,
+                                 device=ctx.device)  # once, not timed
         return rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=schedule))
     return Provider(kind, build, baseline=(kind == "fa2"))
 
