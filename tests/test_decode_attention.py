@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import gpu, has_gpu
-from kernels.decode_attention import SCHEDULES, decode_attention, default_block_n, lean_programs, make_schedule
+from kernels.decode_attention import (SCHEDULES, decode_attention, default_block_n, lean_programs, make_schedule,
+                                      merge_step)
 from kernels.reference import decode_attention_reference
 
 DEVICE = "cuda" if has_gpu() else "cpu"
@@ -76,12 +77,14 @@ def test_tiles_are_larger_for_fa2_and_shrink_to_fit_shared_memory(monkeypatch):
         decode_attention(q, k, k, schedule=make_schedule("lean", [8], 1, block_n=64))
 
 
-def test_a_head_cut_into_many_pieces_merges_exactly():
-    sched = make_schedule("lean", [200], 1, num_programs=11, block_n=16)
-    assert sched.max_pieces == 11
+@pytest.mark.parametrize("programs, heads, head_dim", [(11, 16, 128), (21, 2, 64)], ids=["one-per-step", "16-per-step"])
+def test_a_head_cut_into_many_pieces_merges_exactly(programs, heads, head_dim):
+    sched = make_schedule("lean", [350], 1, num_programs=programs, block_n=16)
+    assert sched.max_pieces == programs
+    assert merge_step(programs, heads, head_dim) == (16 if programs >= 16 else 1)  # 21 pieces: 16, then 5 masked
     gen = torch.Generator(device=DEVICE).manual_seed(3)
-    q = torch.randn(1, 16, 128, device=DEVICE, generator=gen)  # 16 heads x 128: merged 8 pieces a step, in 2 steps
-    k, v = (torch.randn(1, 1, 203, 128, device=DEVICE, generator=gen) for _ in range(2))
+    q = torch.randn(1, heads, head_dim, device=DEVICE, generator=gen)
+    k, v = (torch.randn(1, 1, 353, head_dim, device=DEVICE, generator=gen) for _ in range(2))
     out, lse = decode_attention(q, k, v, schedule=sched, return_lse=True)
     ref = decode_attention_reference(q.double(), k.double(), v.double(), sched.lengths)
     assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float32]
