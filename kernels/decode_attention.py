@@ -46,7 +46,7 @@ def _decode(Q, K, V, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
     """Each program walks its work items (segment = batch·KV head, tile range, piece number): softmax over the
     tiles with a running maximum and sum. A segment in one piece is written out at once. Otherwise the piece
     is stored, normalised, with its base-2 log-sum-exp, and counted; the program that stores a segment's last
-    piece merges all its pieces, in piece order (so the result does not depend on which program that is),
+    piece merges all its pieces, in a fixed order (so the result does not depend on which program that is),
     and resets the count for the next call. One launch, no second merge kernel."""
     p = tl.program_id(0)
     offs_g = tl.arange(0, BLOCK_G)
@@ -104,7 +104,7 @@ def _decode(Q, K, V, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
 @triton.jit
 def _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, stride_ob, stride_oh, HKV, G, MAX_PIECES,
            HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Combine a segment's pieces through their log-sum-exps, in piece order, BLOCK_P pieces per step (loaded
+    """Combine a segment's pieces through their log-sum-exps in a fixed order: BLOCK_P pieces per step (loaded
     together; see `merge_step`)."""
     offs_p = tl.arange(0, BLOCK_P)
     offs_g = tl.arange(0, GROUP)
