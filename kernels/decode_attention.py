@@ -30,6 +30,11 @@ TILE_KEYS = {"fa2": 128, "split": 64, "lean": 64}  # measured best on an H100 at
 PIPELINE_SMEM = 160 * 1024  # bytes of shared memory the K and V tiles of two pipeline stages may take
 
 
+def pipeline_bytes(block_n: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Shared memory of two pipeline stages of K and V tiles."""
+    return 2 * 2 * block_n * head_dim * torch.finfo(dtype).bits // 8
+
+
 @triton.jit
 def _store_final(OUT, LSE, out, lse, b, hk, offs_g, offs_d, gmask, stride_ob, stride_oh, HKV, G):
     tl.store(OUT + b.to(tl.int64) * stride_ob + (hk * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
@@ -154,11 +159,6 @@ class DecodeSchedule:
         moved = {name: getattr(self, name).to(device) for name in ("work", "lengths", "arrived")}
         return dataclasses.replace(self, **moved)
 
-    def items(self) -> torch.Tensor:
-        """The non-empty work items, program by program: (n_items, 6), columns as in `work`."""
-        flat = self.work.reshape(-1, 6)
-        return flat[flat[:, 1] < flat[:, 2]]
-
 
 def lean_programs(tiles: list[int], sms: int) -> int:
     """The default number of lean programs: one per SM (which measured best on an H100 among one, two and four
@@ -178,7 +178,7 @@ def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.f
     if INTERPRET:
         return 16
     keys = TILE_KEYS[kind]
-    while keys > 16 and 2 * 2 * keys * head_dim * torch.finfo(dtype).bits // 8 > PIPELINE_SMEM:
+    while keys > 16 and pipeline_bytes(keys, head_dim, dtype) > PIPELINE_SMEM:
         keys //= 2
     return keys
 
@@ -309,7 +309,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     schedule = schedule.to(q.device) if prepared else \
         make_schedule(schedule, host_lengths, k_cache.shape[1], head_dim=q.shape[2], dtype=q.dtype, device=q.device)
     b, h, d = q.shape
-    tile_bytes = 2 * 2 * schedule.block_n * d * q.element_size()
+    tile_bytes = pipeline_bytes(schedule.block_n, d, q.dtype)
     if tile_bytes > PIPELINE_SMEM:
         raise ValueError(f"the schedule's {schedule.block_n}-key tiles need {tile_bytes // 1024} KB of shared memory "
                          f"at head_dim={d}, {q.dtype} (at most {PIPELINE_SMEM // 1024} KB); build it with "
