@@ -14,11 +14,6 @@ from .records import Row
 from .timing import is_out_of_memory, measure, peak_memory_mb
 
 
-def as_list(value: Any) -> list:
-    """A grid axis from config: one value or a list of them (a list, tuple or OmegaConf ListConfig)."""
-    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-
-
 def sdpa_declined(exc: BaseException) -> bool:
     """PyTorch's SDPA refusing a shape under the chosen backend ("No available kernel" on CUDA, "No viable
     backend" on the CPU): a provider that cannot run the point, not a failure."""

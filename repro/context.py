@@ -59,15 +59,19 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def code_version() -> str | None:
+    """The commit the code runs from. A copy of the tree whose .git is missing or stale (a remote GPU machine)
+    is told its commit through REPRO_GIT_SHA, which then wins."""
+    return os.environ.get("REPRO_GIT_SHA") or _git("rev-parse", "HEAD")
+
+
 def capture_environment() -> dict[str, Any]:
     import triton
 
     status = _git("status", "--porcelain", "--untracked-files=no")
-    # A copy of the tree whose .git is missing or stale (a remote GPU machine) is told its commit through
-    # REPRO_GIT_SHA, which then wins; whether that copy was dirty is not known.
-    told = os.environ.get("REPRO_GIT_SHA")
+    told = os.environ.get("REPRO_GIT_SHA")  # then whether that copy was dirty is not known
     env: dict[str, Any] = {
-        "git_sha": told or _git("rev-parse", "HEAD"),
+        "git_sha": code_version(),
         "git_dirty": None if told or status is None else bool(status),
         "python": sys.version.split()[0],
         "torch": torch.__version__,

@@ -34,6 +34,7 @@ class TokenStream:
     train: torch.Tensor  # int32 (n,)
     val: torch.Tensor
     tokenizer: object  # a transformers PreTrainedTokenizerFast
+    fingerprint: str  # the corpus read and the tokenizer settings: what a checkpoint of a run on it must match
 
     @property
     def vocab_size(self) -> int:
@@ -114,7 +115,8 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
     documents = functools.cache(read)
     settings = dict(version=CACHE_VERSION, corpus=corpus, tokenizer=spec.tokenizer, vocab_size=spec.vocab_size,
                     val_fraction=spec.val_fraction)
-    cache = Path(cache_root) / f"tokens-{fingerprint(settings)}"
+    key = fingerprint(settings)
+    cache = Path(cache_root) / f"tokens-{key}"
     cache.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(spec, documents, cache)
     ids_path = cache / "ids.pt"
@@ -133,4 +135,4 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
         ids = {"train": join(texts[:-n_val]), "val": join(texts[-n_val:])}
         replace_atomically(ids_path, lambda tmp: torch.save(ids, tmp))
         write_json_atomic(cache / "settings.json", settings)
-    return TokenStream(ids["train"], ids["val"], tokenizer)
+    return TokenStream(ids["train"], ids["val"], tokenizer, key)

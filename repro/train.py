@@ -4,30 +4,35 @@ either DDP or FSDP (`train.parallel`).
 
 A task supplies the model, a function giving the micro-batches of a step (a pure function of the step, the
 rank and the world size, so a resumed run sees exactly the data it would have seen), and an evaluation
-function; the loop yields run-record rows as it goes.
+function; the loop yields run-record rows as it goes. Only parameters that require gradients are optimised and
+checkpointed: a soft prompt on a frozen language model checkpoints the prompt, and names the frozen weights by
+their hash.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .context import ConfigError, world
+from .context import ConfigError, code_version, fingerprint, world
 from .records import Row, replace_atomically
 from .timing import is_out_of_memory
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "lamb")
 PARALLEL = ("ddp", "fsdp")
+CHECKPOINT_VERSION = 2
 
 
 class Lamb(torch.optim.Optimizer):
@@ -58,6 +63,14 @@ class Lamb(torch.optim.Optimizer):
                 p.add_(update * trust, alpha=-group["lr"])
 
 
+def _positive(name, value, integer=False, allow_zero=False):
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"train.{name}={value!r} must be {what} {'>= 0' if allow_zero else '> 0'}")
+
+
 @dataclass
 class TrainSpec:
     steps: int
@@ -78,32 +91,45 @@ class TrainSpec:
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSpec":
+        """The spec from a `train:` config block, every value checked before any work."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(cfg) - known
         if unknown:
             raise ConfigError(f"unknown train keys {sorted(unknown)}; known: {sorted(known)}")
         spec = cls(**{k: (tuple(v) if k == "betas" else v) for k, v in cfg.items()})
-        if spec.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision={spec.precision!r} is not one of {list(PRECISIONS)}")
-        if spec.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"train.optimizer={spec.optimizer!r} is not one of {list(OPTIMIZERS)}")
-        if spec.parallel not in PARALLEL:
-            raise ConfigError(f"train.parallel={spec.parallel!r} is not one of {list(PARALLEL)}")
+        spec.validate()
         return spec
+
+    def validate(self) -> None:
+        for name in ("steps", "grad_accum", "log_every"):
+            _positive(name, getattr(self, name), integer=True)
+        for name in ("warmup_steps", "eval_every", "timing_skip_steps"):
+            _positive(name, getattr(self, name), integer=True, allow_zero=True)
+        _positive("lr", self.lr)
+        for name in ("weight_decay", "grad_clip", "checkpoint_every_s"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas={list(self.betas)!r} must be two numbers in [0, 1)")
+        for name, allowed in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("parallel", PARALLEL)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
 
 
 @dataclass
 class Trainee:
-    """What a task hands to `train`: a named model and how to feed and judge it."""
+    """What a task hands to `train`: a named model and how to feed and judge it. After `train`, `model` holds
+    the trained weights (what a next stage starts from)."""
 
     name: str  # the provider name on every row (e.g. the attention implementation)
     model: torch.nn.Module
     batches: Callable[[int, int, int], list[dict]]  # (step, rank, world) -> this rank's micro-batches
-    evaluate: Callable[[torch.nn.Module], dict[str, float]]  # -> metric name: value (rank 0; all under FSDP)
+    evaluate: Callable[[torch.nn.Module], list[Row]]  # metric rows with units (their x is set to the step)
     tokens_per_step: int  # on one rank, over all its micro-batches
     flops_per_token: float  # forward + backward, for model TFLOP/s
     extra: dict = dataclasses.field(default_factory=dict)  # copied onto every row (series, seq_len, ...)
-    fingerprint: str = ""  # what a checkpoint must match to be resumed (model and data settings)
+    fingerprint: str = ""  # the model and data settings; the loop adds the training settings, device and code
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -156,17 +182,25 @@ def _lr_at(step: int, spec: TrainSpec) -> float:
     return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * cosine)
 
 
-def _load_checkpoint(path: Path, fingerprint: str):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete it to start "
-                          "afresh, or set checkpoint.resume=false") from None
-    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-        found = state.get("fingerprint") if isinstance(state, dict) else type(state).__name__
-        raise ConfigError(f"checkpoint {path} is from another model or setting ({found!r}, this run is "
-                          f"{fingerprint!r}); delete it, or set checkpoint.resume=false")
-    return state
+def frozen_hash(model: torch.nn.Module) -> str:
+    """A digest of the weights that do not train (a frozen base model), or "" when every weight trains."""
+    digest = hashlib.sha256()
+    frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    for name, p in frozen:
+        digest.update(name.encode())
+        digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12] if frozen else ""
+
+
+def run_identity(trainee: Trainee, spec: TrainSpec, device: torch.device) -> str:
+    """What a checkpoint must match to be resumed: everything that changes the numbers. The task's settings
+    (model, data, seed), every training setting but the checkpoint interval, the frozen weights, the device and
+    how many processes share the work, and the code."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "checkpoint_every_s"}
+    return fingerprint(dict(version=CHECKPOINT_VERSION, task=trainee.fingerprint, train=settings,
+                            frozen=frozen_hash(trainee.model), device=[device.type, gpu], world=world()[1],
+                            code=code_version()))
 
 
 def _shard(model: torch.nn.Module) -> None:
@@ -181,91 +215,182 @@ def _shard(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-def _full_state_options(**more):
+def _state_options(**more):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **more)
 
 
-def _get_state(model, optimizer, sharded: bool) -> tuple[dict, dict]:
-    """The whole model's and optimizer's state, as one process holds it. Sharded, it is gathered: every rank
-    must call this, and rank 0 receives the state (the others an empty dict)."""
-    if not sharded:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+class Checkpoint:
+    """The saved state of one training run: its trainable weights, optimizer and scaler, the step, the rows
+    so far, and the run's identity. A finished run's checkpoint is marked so, and is never resumed: a rerun
+    trains afresh and measures afresh. Sharded (FSDP), the state is gathered to rank 0, which alone writes and
+    reads the file and scatters what it read."""
 
-    options = _full_state_options()
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    def __init__(self, path: Path | None, identity: str, model, optimizer, scaler, sharded: bool):
+        self.path, self.identity = path, identity
+        self.model, self.optimizer, self.scaler, self.sharded = model, optimizer, scaler, sharded
+        self.trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        self.partial = len(self.trainable) < sum(1 for _ in model.parameters())
 
+    def _model_state(self) -> dict:
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+            state = get_model_state_dict(self.model, options=_state_options())
+        else:
+            state = self.model.state_dict()
+        return {k: v for k, v in state.items() if k in self.trainable} if self.partial else state
 
-def _set_state(model, optimizer, model_state: dict, optimizer_state: dict, sharded: bool) -> None:
-    """Sharded, rank 0 holds the whole state and scatters it; the other ranks pass empty dicts."""
-    if not sharded:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
-        return
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    def _optimizer_state(self) -> dict:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        return get_optimizer_state_dict(self.model, self.optimizer, options=_state_options())
 
-    options = _full_state_options(broadcast_from_rank0=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    def save(self, step: int, rows: list[Row], finished: bool) -> None:
+        if self.path is None:
+            return
+        model_state, optimizer_state = self._model_state(), self._optimizer_state()  # collectives when sharded
+        if world()[0] == 0:
+            state = {"identity": self.identity, "step": step, "finished": finished, "model": model_state,
+                     "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
+                     "rows": [dataclasses.asdict(r) for r in rows]}
+            replace_atomically(self.path, lambda tmp: torch.save(state, tmp))
 
-
-def _read_checkpoint(path: Path | None, fingerprint: str, rank: int, sharded: bool) -> dict | None:
-    """The checkpoint to resume from, or None. Sharded, only rank 0 reads it (the others need not see its
-    filesystem): every rank gets its verdict and the step, rows and scaler; only rank 0 gets the weights."""
-    if not sharded:
-        return _load_checkpoint(path, fingerprint) if path is not None and path.exists() else None
-    state, error = None, None
-    if rank == 0 and path is not None and path.exists():
+    def _read(self) -> dict | None:
+        if self.path is None or not self.path.exists():
+            return None
         try:
-            state = _load_checkpoint(path, fingerprint)
-        except ConfigError as exc:
-            error = str(exc)  # raised on every rank below, so that none waits for the others
-    head = [None if state is None else {k: state[k] for k in ("step", "rows", "scaler")}, error]
-    dist.broadcast_object_list(head, src=0)
-    if head[1]:
-        raise ConfigError(head[1])
-    if head[0] is None:
-        return None
-    return {"model": {}, "optimizer": {}, **head[0], **(state or {})}
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+            raise ConfigError(f"checkpoint {self.path} cannot be read ({type(exc).__name__}: {exc}); delete it to "
+                              "start afresh, or set checkpoint.resume=false") from None
+        if not isinstance(state, dict) or state.get("identity") != self.identity:
+            found = state.get("identity") if isinstance(state, dict) else type(state).__name__
+            raise ConfigError(f"checkpoint {self.path} is from another model, setting, device or code version "
+                              f"({found!r}, this run is {self.identity!r}); delete it, or set checkpoint.resume=false")
+        if state.get("finished"):
+            print(f"[train] {self.path} is the checkpoint of a finished run: training afresh", flush=True)
+            return None
+        return state
+
+    def resume(self) -> tuple[int, list[Row]]:
+        """Load the saved state into the model and optimizer; the step to go on from, and the rows so far."""
+        state, error = None, None
+        if world()[0] == 0 or not self.sharded:
+            try:
+                state = self._read()
+            except ConfigError as exc:
+                if not self.sharded:
+                    raise
+                error = str(exc)  # raised on every rank below, so that none waits for the others
+        if self.sharded:
+            head = [None if state is None else {k: state[k] for k in ("step", "rows", "scaler")}, error]
+            dist.broadcast_object_list(head, src=0)
+            if head[1]:
+                raise ConfigError(head[1])
+            if head[0] is None:
+                return 0, []
+            state = {"model": {}, "optimizer": {}, **head[0], **(state or {})}
+        if state is None:
+            return 0, []
+        self._load(state["model"], state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        print(f"[train] resumed at step {state['step']} from {self.path}", flush=True)
+        return state["step"], [Row(**r) for r in state["rows"]]
+
+    def _load(self, model_state: dict, optimizer_state: dict) -> None:
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+            options = _state_options(broadcast_from_rank0=True, strict=not self.partial)
+            set_model_state_dict(self.model, model_state, options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
+            return
+        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+        if unexpected or (set(missing) & self.trainable) or (missing and not self.partial):
+            raise ConfigError(f"checkpoint {self.path} does not fit the model: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}; delete it, or set checkpoint.resume=false")
+        self.optimizer.load_state_dict(optimizer_state)
 
 
-def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: Path | None,
+def _optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on a GPU) or LAMB over the parameters that train; matrices decay, vectors do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no parameter that requires gradients: nothing to train")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": spec.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if spec.optimizer == "lamb":
+        return Lamb(groups, lr=spec.lr, betas=spec.betas)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, fused=device.type == "cuda")
+
+
+def _evaluation_rows(trainee: Trainee, model, step: int, sharded: bool, autocast) -> list[Row]:
+    """The trainee's evaluation at `step`, as rows on the step axis. Sharded, every rank runs the forward
+    passes (they gather the parameters); rank 0 alone reports."""
+    rank = world()[0]
+    model.eval()
+    with torch.no_grad(), autocast():
+        rows = trainee.evaluate(model) if rank == 0 or sharded else []
+    return [dataclasses.replace(r, provider=trainee.name, x_name="step", x_value=step,
+                                extra={**trainee.extra, **r.extra}) for r in rows] if rank == 0 else []
+
+
+def throughput_rows(trainee: Trainee, step_times: list[float], spec: TrainSpec, device: torch.device) -> list[Row]:
+    """Tokens/s, model TFLOP/s and step time over the timed steps (median, with the 20th and 80th percentiles
+    of the step times: a faster step is a higher rate), and the peak device memory."""
+    timed = sorted(step_times[spec.timing_skip_steps:] or step_times)
+    if not timed:
+        return []
+    size = world()[1]
+    q = statistics.quantiles(timed, n=10, method="inclusive") if len(timed) > 1 else timed * 9
+    p50, p20, p80 = statistics.median(timed), q[1], q[7]
+    tokens = trainee.tokens_per_step * size
+
+    def rate(per_second: float, unit_scale: float = 1.0):
+        return [per_second / s / unit_scale for s in (p50, p80, p20)]
+
+    def row(metric, unit, values, **more):
+        return Row(trainee.name, "step", spec.steps, metric, unit, *values, n=len(timed),
+                   extra={**trainee.extra, **more})
+    rows = [row("tokens_per_s", "tokens/s", rate(tokens), timed_steps=len(timed), world_size=size),
+            row("model_tflops", "TFLOP/s", rate(tokens * trainee.flops_per_token / size, 1e12)),
+            row("step_time", "ms", [s * 1e3 for s in (p50, p20, p80)])]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        rows.append(Row(trainee.name, "step", spec.steps, "peak_memory", "MB", peak, n=1, extra=dict(trainee.extra)))
+    return rows
+
+
+def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_dir: Path | None,
           resume: bool = True, progress: bool = True) -> Iterator[Row]:
-    """Train `trainee.model` for `spec.steps` optimizer steps and yield rows: loss and learning rate every
-    `log_every` steps, evaluation metrics every `eval_every` steps and at the end, then throughput (tokens/s,
-    model TFLOP/s, median over steps after `timing_skip_steps`) and peak memory.
+    """Train the trainable parameters of `trainee.model` for `spec.steps` optimizer steps and yield rows: loss
+    and learning rate every `log_every` steps, evaluation every `eval_every` steps and at the end, then
+    throughput and peak memory.
 
-    With `checkpoint` set, the state is saved there every `checkpoint_every_s` seconds and at the end
-    (atomically, by rank 0); a run that finds a matching checkpoint resumes from it and re-yields the rows it
-    had produced, so a kill loses at most one interval."""
+    With `checkpoint_dir` set, the state is saved there (`<name>-<run identity>.pt`) every
+    `checkpoint_every_s` seconds and at the end (atomically, by rank 0); a run that finds an unfinished
+    checkpoint of its own identity resumes from it and re-yields the rows it had produced, so a kill loses at
+    most one interval."""
     rank, size = world()
     model = trainee.model.to(device)
     sharded = size > 1 and spec.parallel == "fsdp"
+    identity = run_identity(trainee, spec, device)
+    checkpoint = Path(checkpoint_dir) / f"{trainee.name}-{identity}.pt" if checkpoint_dir else None
     if sharded:
         _shard(model)  # before the optimizer is built: it must hold the sharded parameters
     dtype = PRECISIONS[spec.precision]
     if dtype is not None and device.type == "cpu":
         dtype = None  # CPU autocast in half precision is slow and not what any paper timed
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if spec.optimizer == "lamb":
-        optimizer = Lamb(groups, lr=spec.lr, betas=spec.betas)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, fused=device.type == "cuda")
+    optimizer = _optimizer(model, spec, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start, past_rows = 0, []
-    state = _read_checkpoint(checkpoint, trainee.fingerprint, rank, sharded) if resume else None
-    if state is not None:
-        _set_state(model, optimizer, state["model"], state["optimizer"], sharded)
-        scaler.load_state_dict(state["scaler"])
-        start, past_rows = state["step"], [Row(**r) for r in state["rows"]]
-        print(f"[train] {trainee.name}: resumed at step {start} from {checkpoint}", flush=True)
-    yield from past_rows
-    rows_so_far = list(past_rows)
+    ckpt = Checkpoint(checkpoint, identity, model, optimizer, scaler, sharded)
+    start, rows = ckpt.resume() if resume else (0, [])
+    yield from rows
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if size > 1 and not sharded else model
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def reduce_gradients(now: bool):
         """Gradients are reduced across ranks only on the last micro-batch of a step."""
@@ -273,34 +398,18 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
             model.set_requires_gradient_sync(now)
         return wrapped.no_sync() if size > 1 and not sharded and not now else nullcontext()
 
-    def row(metric, unit, value, step, **more):
-        r = Row(trainee.name, "step", step, metric, unit, value, value, value, 1,
-                extra={**trainee.extra, **more})
-        rows_so_far.append(r)
-        return r
-
-    def save(step):
-        if checkpoint is None:
-            return
-        model_state, optimizer_state = _get_state(model, optimizer, sharded)  # a collective when sharded
-        if rank == 0:
-            state = {"fingerprint": trainee.fingerprint, "step": step, "model": model_state,
-                     "optimizer": optimizer_state, "scaler": scaler.state_dict(),
-                     "rows": [dataclasses.asdict(r) for r in rows_so_far]}
-            replace_atomically(checkpoint, lambda tmp: torch.save(state, tmp))
-
     def save_due() -> bool:
-        if checkpoint is None:
-            return False
-        due = time.monotonic() - last_save > spec.checkpoint_every_s
-        if sharded:  # gathering the state is a collective: every rank follows rank 0's clock
+        due = checkpoint is not None and time.monotonic() - last_save > spec.checkpoint_every_s
+        if sharded and checkpoint is not None:  # gathering the state is a collective: all follow rank 0's clock
             flag = torch.tensor([int(due)], device=device)
             dist.broadcast(flag, 0)
             due = bool(flag.item())
         return due
 
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    def emit(new: list[Row]):
+        rows.extend(new)
+        return new
+
     step_times: list[float] = []
     last_save = time.monotonic()
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc=trainee.name,
@@ -322,7 +431,7 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -337,64 +446,82 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint: P
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"{trainee.name}: loss is {loss_value} at step {done}")
             bar.set_postfix(loss=f"{loss_value:.3f}")
-            yield row("loss", "nats", loss_value, done)
-            yield row("lr", "", optimizer.param_groups[0]["lr"], done)
+            yield from emit([Row(trainee.name, "step", done, "loss", "nats", loss_value, n=1, extra=dict(trainee.extra)),
+                             Row(trainee.name, "step", done, "lr", "", optimizer.param_groups[0]["lr"], n=1,
+                                 extra=dict(trainee.extra))])
         if (spec.eval_every and done % spec.eval_every == 0) or done == spec.steps:
-            model.eval()
-            with torch.no_grad(), autocast():
-                # sharded, every rank runs the forward passes (they gather the parameters); rank 0 reports
-                metrics = trainee.evaluate(model) if rank == 0 or sharded else {}
-            metrics = metrics if rank == 0 else {}
-            for name, value in metrics.items():
-                yield row(name, "", value, done)
-        if save_due():
-            save(done)
+            yield from emit(_evaluation_rows(trainee, model, done, sharded, autocast))
+        if done < spec.steps and save_due():
+            ckpt.save(done, rows, finished=False)
             last_save = time.monotonic()
     bar.close()
-    summary = []
-    timed = sorted(step_times[spec.timing_skip_steps:] or step_times)
-    if timed:  # empty when resumed from a finished run: its summary is among the rows already yielded
-        median_s = timed[len(timed) // 2]
-        tokens = trainee.tokens_per_step * size
-        tps = tokens / median_s
-        summary = [row("tokens_per_s", "tokens/s", tps, spec.steps, timed_steps=len(timed), world_size=size),
-                   row("model_tflops", "TFLOP/s", tps * trainee.flops_per_token / 1e12 / size, spec.steps),
-                   row("step_time", "ms", median_s * 1e3, spec.steps)]
-        if device.type == "cuda":
-            summary.append(row("peak_memory", "MB", torch.cuda.max_memory_allocated(device) / 2**20, spec.steps))
-    save(spec.steps)  # with the summary rows, so that a rerun of a finished run reproduces its record
+    summary = emit(throughput_rows(trainee, step_times, spec, device))
+    ckpt.save(spec.steps, rows, finished=True)
     yield from summary
 
 
 @dataclass
+class Stage:
+    """A further stage of a candidate: built from the trained trainee of the stage before (a model grown to a
+    longer sequence, a prompt trained on a compressed model), trained with its own spec (None: the run's)."""
+
+    build: Callable[[Trainee], Trainee]
+    spec: TrainSpec | None = None
+
+
+@dataclass
 class Candidate:
-    """A trainee not yet built: built only when its turn comes, so one model at a time holds memory."""
+    """A trainee not yet built: built only when its turn comes, so one model at a time holds memory. Its
+    `then` stages run after it, each from the model the one before trained."""
 
     name: str
     extra: dict
     build: Callable[[], Trainee]  # raises bench.Unsupported where it cannot run
+    spec: TrainSpec | None = None  # None: the run's spec
+    then: Sequence[Stage] = ()
+
+
+def failure_row(name: str, extra: dict, exc: BaseException) -> Row | None:
+    """A row for a trainee that could not run (unsupported, out of memory), or None for a real error."""
+    from .bench import Unsupported
+
+    if isinstance(exc, Unsupported):
+        return Row(name, "step", 0, "loss", "nats", status="unsupported", message=str(exc), extra=dict(extra))
+    if is_out_of_memory(exc):
+        return Row(name, "step", 0, "loss", "nats", status="oom", message=str(exc).splitlines()[0][:300],
+                   extra=dict(extra))
+    return None
+
+
+def train_from_config(cfg, candidates: Iterable[Candidate], device: torch.device,
+                      derived: Callable[[list[Row]], Iterable[Row]] = lambda rows: ()) -> Iterator[Row]:
+    """What a training task's `run` ends with: its candidates trained under the `train:` and `checkpoint:`
+    config blocks, then the rows `derived` computes from all of theirs (speedups, averages)."""
+    spec = TrainSpec.from_config(cfg.train)
+    rows = []
+    for row in train_all(candidates, spec, device, Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None,
+                         cfg.checkpoint.resume):
+        rows.append(row)
+        yield row
+    yield from derived(rows)
 
 
 def train_all(candidates: Iterable[Candidate], spec: TrainSpec, device: torch.device, checkpoint_dir: Path | None,
               resume: bool = True) -> Iterator[Row]:
-    """Train each candidate in turn. One that runs out of memory, or that declares itself unsupported, becomes
-    a row and the next one runs."""
-    from .bench import Unsupported
-
+    """Train each candidate, and its stages, in turn. One that runs out of memory, or that declares itself
+    unsupported, becomes a row and the next one runs."""
     for candidate in candidates:
-        def failed(status, message):
-            return Row(candidate.name, "step", 0, "loss", "nats", status=status, message=message,
-                       extra=dict(candidate.extra))
+        trainee = None
         try:
-            trainee = candidate.build()
-            ckpt = checkpoint_dir / f"{trainee.name}-{trainee.fingerprint}.pt" if checkpoint_dir else None
-            yield from train(trainee, spec, device, ckpt, resume)
-        except Unsupported as exc:
-            yield failed("unsupported", str(exc))
+            for build, stage_spec in [(lambda _: candidate.build(), candidate.spec),
+                                      *((s.build, s.spec) for s in candidate.then)]:
+                trainee = build(trainee)
+                yield from train(trainee, stage_spec or spec, device, checkpoint_dir, resume)
         except Exception as exc:  # noqa: BLE001
-            if not is_out_of_memory(exc):
+            row = failure_row(candidate.name, candidate.extra, exc)
+            if row is None:
                 raise
-            yield failed("oom", str(exc).splitlines()[0][:300])
+            yield row
         finally:
             trainee = None
             if device.type == "cuda":

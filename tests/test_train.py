@@ -1,5 +1,5 @@
-"""The shared training loop: resume after a kill, refusing foreign or corrupt checkpoints, failures as rows;
-and the text corpus it is usually fed from."""
+"""The shared training loop: resume after a kill, never from a finished run, refusing foreign or corrupt
+checkpoints, training only what trains, stages, failures as rows; and the text corpus it is usually fed from."""
 from dataclasses import replace as dataclass_replace
 from types import SimpleNamespace
 
@@ -8,7 +8,8 @@ import torch
 
 from repro.bench import Unsupported
 from repro.context import ConfigError
-from repro.train import Candidate, Trainee, TrainSpec, train, train_all
+from repro.records import Row
+from repro.train import Candidate, Stage, Trainee, TrainSpec, train, train_all
 
 SPEC = TrainSpec(steps=8, lr=1e-2, warmup_steps=2, precision="fp32", log_every=1, eval_every=4,
                  checkpoint_every_s=0.0)
@@ -31,8 +32,8 @@ def trainee(fingerprint="f1"):
         x = torch.randn(2, 8, 4, generator=gen)
         return [dict(x=x[i], y=x[i].sum(-1, keepdim=True)) for i in range(2)]
 
-    return Trainee("lin", Regressor(), batches, lambda model: {"val_loss": 0.5}, 16, 6 * 5.0,
-                   extra={"series": "s"}, fingerprint=fingerprint)
+    return Trainee("lin", Regressor(), batches, lambda model: [Row("lin", "step", 0, "val_loss", "nats", 0.5, n=1)],
+                   16, 6 * 5.0, extra={"series": "s"}, fingerprint=fingerprint)
 
 
 def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_unbroken_one(tmp_path):
@@ -40,11 +41,11 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_unbroken_one(tmp_p
     unbroken = list(train(whole, SPEC, torch.device("cpu"), None, progress=False))
 
     first = trainee()
-    for row in train(first, SPEC, torch.device("cpu"), tmp_path / "ckpt.pt", progress=False):
+    for row in train(first, SPEC, torch.device("cpu"), tmp_path, progress=False):
         if row.metric == "loss" and row.x_value == 5:
             break  # killed: the checkpoint of step 4 is on disk, step 5's is not
     resumed = trainee()
-    rows = list(train(resumed, SPEC, torch.device("cpu"), tmp_path / "ckpt.pt", progress=False))
+    rows = list(train(resumed, SPEC, torch.device("cpu"), tmp_path, progress=False))
     for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     losses = lambda rs: [(r.x_value, r.p50) for r in rs if r.metric == "loss"]  # noqa: E731
@@ -53,14 +54,81 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_unbroken_one(tmp_p
         ["val_loss", "val_loss", "tokens_per_s", "model_tflops"]
 
 
-def test_a_checkpoint_of_another_setting_or_a_corrupt_one_is_refused(tmp_path):
-    path = tmp_path / "ckpt.pt"
-    list(train(trainee("f1"), SPEC, torch.device("cpu"), path, progress=False))
-    with pytest.raises(ConfigError, match="another model or setting"):
-        next(iter(train(trainee("f2"), SPEC, torch.device("cpu"), path, progress=False)))
-    path.write_bytes(b"not a checkpoint")
+def test_a_finished_run_is_never_resumed_a_rerun_measures_afresh(tmp_path, capsys):
+    first = list(train(trainee(), SPEC, torch.device("cpu"), tmp_path, progress=False))
+    again = list(train(trainee(), SPEC, torch.device("cpu"), tmp_path, progress=False))
+    assert "finished run: training afresh" in capsys.readouterr().out
+    losses = lambda rs: [(r.x_value, r.p50) for r in rs if r.metric == "loss"]  # noqa: E731
+    assert losses(again) == losses(first)  # the same training, done again
+    tps = lambda rs: [r for r in rs if r.metric == "tokens_per_s"]  # noqa: E731
+    assert len(tps(again)) == 1 and tps(again)[0].p50 != tps(first)[0].p50  # timed again, not replayed
+
+
+def test_the_checkpoint_identity_covers_the_data_the_settings_and_the_frozen_weights(tmp_path):
+    from repro.train import run_identity
+    cpu = torch.device("cpu")
+    base = run_identity(trainee("f1"), SPEC, cpu)
+    assert run_identity(trainee("f2"), SPEC, cpu) != base  # another model or data setting
+    assert run_identity(trainee("f1"), dataclass_replace(SPEC, lr=0.5), cpu) != base
+    assert run_identity(trainee("f1"), dataclass_replace(SPEC, checkpoint_every_s=99.0), cpu) == base
+    frozen = trainee("f1")
+    frozen.model.lin.bias.requires_grad_(False)
+    other = trainee("f1")
+    other.model.lin.bias.requires_grad_(False)
+    with torch.no_grad():
+        other.model.lin.bias.add_(1.0)
+    assert run_identity(frozen, SPEC, cpu) != run_identity(other, SPEC, cpu)  # the frozen base differs
+
+
+def test_a_checkpoint_of_another_identity_or_a_corrupt_one_is_refused(tmp_path):
+    list(train(trainee("f1"), dataclass_replace(SPEC, steps=3, checkpoint_every_s=1e9), torch.device("cpu"), tmp_path,
+               progress=False))
+    (path,) = tmp_path.glob("*.pt")
+    state = torch.load(path, weights_only=False)
+    state["finished"] = False
+    torch.save(state, path)
+    other = trainee("f2")
+    from repro.train import run_identity
+    path.rename(tmp_path / f"lin-{run_identity(other, SPEC, torch.device('cpu'))}.pt")
+    with pytest.raises(ConfigError, match="another model, setting"):
+        next(iter(train(other, SPEC, torch.device("cpu"), tmp_path, progress=False)))
+    (tmp_path / f"lin-{run_identity(other, SPEC, torch.device('cpu'))}.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot be read"):
-        next(iter(train(trainee("f1"), SPEC, torch.device("cpu"), path, progress=False)))
+        next(iter(train(other, SPEC, torch.device("cpu"), tmp_path, progress=False)))
+
+
+def test_only_trainable_parameters_are_optimised_and_checkpointed(tmp_path):
+    t = trainee()
+    t.model.lin.weight.requires_grad_(False)
+    frozen = t.model.lin.weight.detach().clone()
+    run = dataclass_replace(SPEC, checkpoint_every_s=0.0)
+    for row in train(t, run, torch.device("cpu"), tmp_path, progress=False):
+        if row.metric == "loss" and row.x_value == 5:
+            break
+    assert torch.equal(t.model.lin.weight, frozen)
+    (path,) = tmp_path.glob("*.pt")
+    assert set(torch.load(path, weights_only=False)["model"]) == {"lin.bias"}
+    resumed = trainee()
+    resumed.model.lin.weight.requires_grad_(False)
+    rows = list(train(resumed, run, torch.device("cpu"), tmp_path, progress=False))
+    assert any(r.metric == "tokens_per_s" for r in rows)
+
+
+def test_a_stage_starts_from_the_model_the_stage_before_trained():
+    seen = []
+
+    def grow(previous):
+        seen.append(previous.model.lin.weight.detach().clone())
+        nxt = trainee("stage2")
+        nxt.model.load_state_dict(previous.model.state_dict())
+        return nxt
+
+    first = dataclass_replace(SPEC, steps=2)
+    rows = list(train_all([Candidate("lin", {}, trainee, spec=first, then=[Stage(grow)])], SPEC, torch.device("cpu"),
+                          None))
+    untrained = trainee().model.lin.weight
+    assert len(seen) == 1 and not torch.equal(seen[0], untrained)  # stage 2 got the trained model
+    assert [r.x_value for r in rows if r.metric == "tokens_per_s"] == [2, 8]  # each stage with its own steps
 
 
 def test_unsupported_and_out_of_memory_candidates_become_rows_and_the_rest_run():

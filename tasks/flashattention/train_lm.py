@@ -8,18 +8,20 @@ GPT-2 built by megatron-core (megatron_gpt.py), on GPUs, where it is installed.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
+import math
 from typing import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from repro.bench import as_list, require_triton
+from repro import checks
+from repro.bench import require_triton
+from repro.checks import as_list, choice
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
 from repro.text_data import TokenStream, load_token_stream
 from repro.train import (Candidate, Trainee, TrainSpec, final_rows, init_distributed, model_flops_per_token,
-                         step_generator, throughput_ratios, train_all)
+                         step_generator, throughput_ratios, train_from_config)
 
 OURS = "effrepro"
 ATTENTION = ("eager", "sdpa", OURS, "megatron")
@@ -92,8 +94,8 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
                 require_triton(attention, ctx.device)
             torch.manual_seed(cfg.seed)  # the same initial weights for every transformers implementation
             model = _build_model(m, data.tokenizer, seq_len, attention, ctx.device, cfg.seed)
-            settings = dict(model=OmegaConf.to_container(m), seq_len=seq_len, micro=micro, data=cfg.data.tokenizer,
-                            vocab=data.vocab_size, train=OmegaConf.to_container(cfg.train), seed=cfg.seed)
+            settings = dict(model=OmegaConf.to_container(m), seq_len=seq_len, micro=micro, data=data.fingerprint,
+                            eval=OmegaConf.to_container(cfg.eval), seed=cfg.seed)
 
             def batches(step, rank, world):
                 gen = step_generator(cfg.seed, step, rank)
@@ -114,8 +116,10 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
                         total += int(mask.sum())
                 loss /= cfg.eval.batches
                 if m.family == "bert":
-                    return {"val_loss": loss, "val_mlm_accuracy": 100 * hits / max(total, 1)}
-                return {"val_loss": loss, "val_perplexity": float(torch.tensor(loss).exp())}
+                    return [Row(attention, "step", 0, "val_loss", "nats", loss, n=1),
+                            Row(attention, "step", 0, "val_mlm_accuracy", "%", 100 * hits / max(total, 1), n=1)]
+                return [Row(attention, "step", 0, "val_loss", "nats", loss, n=1),
+                        Row(attention, "step", 0, "val_perplexity", "ppl", math.exp(loss), n=1)]
 
             return Trainee(attention, model, batches, evaluate, micro * seq_len * cfg.train.grad_accum,
                            model_flops_per_token(model, layers, hidden, seq_len), extra, fingerprint(settings))
@@ -127,9 +131,14 @@ def validate(cfg: DictConfig) -> None:
     if m.family not in SIZES or m.size not in SIZES[m.family]:
         raise ConfigError(f"model.family={m.family!r} model.size={m.size!r}: known are "
                           + "; ".join(f"{f}: {sorted(s)}" for f, s in SIZES.items()))
-    unknown = [a for a in as_list(cfg.attention) if a not in ATTENTION]
-    if unknown:
-        raise ConfigError(f"attention={unknown} unknown; choose from {list(ATTENTION)}")
+    choice("attention", OmegaConf.to_container(cfg.attention), ATTENTION)
+    checks.number("model.seq_len", m.seq_len, at_least=2)
+    if m.positions is not None:
+        checks.number("model.positions", m.positions, at_least=2)
+    checks.number("model.dropout", m.dropout, integer=False, at_least=0, below=1)
+    checks.number("batch.tokens", cfg.batch.tokens, at_least=1)
+    checks.number("eval.batches", cfg.eval.batches, at_least=1)
+    TrainSpec.from_config(cfg.train)
     for seq_len in as_list(m.seq_len):
         if m.positions and seq_len > m.positions:
             raise ConfigError(f"model.seq_len={seq_len} is beyond the model's {m.positions} positions "
@@ -139,7 +148,6 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
-    validate(cfg)
     init_distributed(ctx.device)
     if OURS in as_list(cfg.attention):
         from kernels.hf_attention import register
@@ -149,13 +157,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
         if len(data.val) <= seq_len + 1 or len(data.train) <= seq_len + 1:
             raise ConfigError(f"the corpus gives {len(data.train)} training and {len(data.val)} validation tokens, "
                               f"too few for sequences of {seq_len}; use a larger corpus (data.folder)")
-    spec = TrainSpec.from_config(cfg.train)
-    checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
-    rows = []
-    for row in train_all(candidates(cfg, ctx, data), spec, ctx.device, checkpoint_dir, cfg.checkpoint.resume):
-        rows.append(row)
-        yield row
-    yield from derived_rows(rows)
+    yield from train_from_config(cfg, candidates(cfg, ctx, data), ctx.device, derived_rows)
 
 
 def derived_rows(rows: list[Row]) -> Iterator[Row]:

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from repro.bench import as_list, require_triton
+from repro.bench import require_triton
+from repro import checks
+from repro.checks import as_list
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
-from repro.train import (Candidate, Trainee, TrainSpec, final_rows, model_flops_per_token, step_generator,
-                         throughput_ratios, train_all)
+from repro.train import (Candidate, Stage, Trainee, TrainSpec, final_rows, model_flops_per_token,
+                         step_generator, throughput_ratios, train_from_config)
 
 from .data import (LISTOPS_VOCAB, MAX_BYTES, encode_listops, load_lra_hub, load_or_generate, tiny_fixture)
 from .model import ATTENTIONS, LRAClassifier, upsample_positions
@@ -79,58 +81,73 @@ def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[s
     return out, 257, length
 
 
-def candidates(cfg: DictConfig, ctx: RunContext, cache: Path, tasks: list[str], keep: dict | None = None,
-               start_from: dict | None = None) -> Iterator[Candidate]:
-    """One candidate per (task, attention). `keep` collects each built model by attention (to pre-train it);
-    `start_from` starts each model from the one kept for its attention, its position table grown to the
-    task's image (the Path-X / Path-256 recipe)."""
+def _trainee(cfg: DictConfig, ctx: RunContext, name: str, attention: str, split: dict,
+             pretrained: Trainee | None = None) -> Trainee:
+    """The LRA model for task `name` with `attention`; with `pretrained`, started from that trained model, its
+    position table grown to this task's image (the Path-X / Path-256 recipe)."""
     spec = cfg.lra
-    for name in tasks:
-        train_set, vocab, seq_len = load_split(name, "train", spec.n_train, spec, cache)
-        val_set, _, _ = load_split(name, "val", spec.n_val, spec, cache)
-        family = "pathfinder" if name in PATH_SIZES else name
-        model_cfg = {**MODELS[family], **OmegaConf.to_container(spec.model)}
-        classes = 10 if name in ("listops", "image") else 2  # digits 0-9, CIFAR-10; the rest are yes/no
+    train_set, val_set, vocab, seq_len = split["train"], split["val"], split["vocab"], split["seq_len"]
+    family = "pathfinder" if name in PATH_SIZES else name
+    model_cfg = {**MODELS[family], **OmegaConf.to_container(spec.model)}
+    classes = 10 if name in ("listops", "image") else 2  # digits 0-9, CIFAR-10; the rest are yes/no
+    if attention.startswith("flash"):
+        require_triton(attention, ctx.device)
+    torch.manual_seed(cfg.seed)
+    model = LRAClassifier(vocab=vocab, classes=classes, seq_len=seq_len, attention=attention,
+                          pair=name == "retrieval", **model_cfg)
+    if pretrained is not None:
+        upsample_positions(pretrained.model, math.isqrt(seq_len))
+        model.load_state_dict(pretrained.model.state_dict())
+    n = len(train_set["labels"])
+    micro = spec.micro_batch.get(name) or spec.batch  # validate(): it divides the step
+
+    def batches(step, rank, world):
+        gen = step_generator(cfg.seed, step, rank)
+        picks = torch.randint(0, n, (cfg.train.grad_accum * spec.batch,), generator=gen)
+        return [{k: v[i] for k, v in train_set.items()} for i in picks.split(micro)]
+
+    def evaluate(model):
+        hits = 0
+        for start in range(0, len(val_set["labels"]), spec.batch):
+            batch = {k: v[start:start + spec.batch].to(ctx.device) for k, v in val_set.items()}
+            hits += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
+        return [Row(attention, "step", 0, "val_accuracy", "%", 100.0 * hits / len(val_set["labels"]), n=1)]
+
+    flops = model_flops_per_token(model, model_cfg["depth"], model_cfg["dim"], seq_len)
+    towers = 2 if name == "retrieval" else 1
+    settings = dict(task=name, attention=attention, seq_len=seq_len, model=model_cfg, seed=cfg.seed,
+                    lra=OmegaConf.to_container(spec), pretrained=pretrained and pretrained.fingerprint)
+    extra = dict(lra_task=name, seq_len=seq_len, series=f"{name} N={seq_len}")
+    return Trainee(attention, model, batches, evaluate, cfg.train.grad_accum * spec.batch * seq_len * towers, flops,
+                   extra, fingerprint(settings))
+
+
+def candidates(cfg: DictConfig, ctx: RunContext, cache: Path) -> Iterator[Candidate]:
+    """One candidate per (task, attention); with `lra.pretrain`, each first trains on the pre-training task,
+    then goes on to its own from there."""
+    spec = cfg.lra
+    splits: dict[str, dict] = {}
+
+    def split(name):
+        if name not in splits:
+            train_set, vocab, seq_len = load_split(name, "train", spec.n_train, spec, cache)
+            val_set, _, _ = load_split(name, "val", spec.n_val, spec, cache)
+            splits[name] = dict(train=train_set, val=val_set, vocab=vocab, seq_len=seq_len)
+        return splits[name]
+
+    for name in as_list(spec.tasks):
         for attention in as_list(spec.attention):
-            extra = dict(lra_task=name, seq_len=seq_len, series=f"{name} N={seq_len}")
-
-            def build(name=name, attention=attention, train_set=train_set, val_set=val_set, vocab=vocab,
-                      seq_len=seq_len, model_cfg=model_cfg, classes=classes, extra=extra) -> Trainee:
-                if attention.startswith("flash"):
-                    require_triton(attention, ctx.device)
-                torch.manual_seed(cfg.seed)
-                model = LRAClassifier(vocab=vocab, classes=classes, seq_len=seq_len, attention=attention,
-                                      pair=name == "retrieval", **model_cfg)
-                if start_from is not None:
-                    pretrained = start_from[attention]
-                    upsample_positions(pretrained, math.isqrt(seq_len))
-                    model.load_state_dict(pretrained.state_dict())
-                if keep is not None:
-                    keep[attention] = model
-                n = len(train_set["labels"])
-
-                micro = spec.micro_batch.get(name) or spec.batch  # validate(): it divides the step
-
-                def batches(step, rank, world):
-                    gen = step_generator(cfg.seed, step, rank)
-                    picks = torch.randint(0, n, (cfg.train.grad_accum * spec.batch,), generator=gen)
-                    return [{k: v[i] for k, v in train_set.items()} for i in picks.split(micro)]
-
-                def evaluate(model):
-                    hits = 0
-                    for start in range(0, len(val_set["labels"]), spec.batch):
-                        batch = {k: v[start:start + spec.batch].to(ctx.device) for k, v in val_set.items()}
-                        hits += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
-                    return {"val_accuracy": 100.0 * hits / len(val_set["labels"])}
-
-                flops = model_flops_per_token(model, model_cfg["depth"], model_cfg["dim"], seq_len)
-                towers = 2 if name == "retrieval" else 1
-                settings = dict(task=name, attention=attention, seq_len=seq_len, model=model_cfg, seed=cfg.seed,
-                                lra=OmegaConf.to_container(spec), train=OmegaConf.to_container(cfg.train))
-                return Trainee(attention, model, batches, evaluate,
-                               cfg.train.grad_accum * spec.batch * seq_len * towers, flops, extra,
-                               fingerprint(settings))
-            yield Candidate(attention, extra, build)
+            extra = dict(lra_task=name, seq_len=split(name)["seq_len"], series=f"{name} N={split(name)['seq_len']}")
+            build = lambda name=name, attention=attention: _trainee(cfg, ctx, name, attention, split(name))  # noqa: E731
+            if not spec.pretrain:
+                yield Candidate(attention, extra, build)
+                continue
+            first = spec.pretrain.task
+            yield Candidate(attention, extra,
+                            lambda attention=attention: _trainee(cfg, ctx, first, attention, split(first)),
+                            spec=dataclasses.replace(TrainSpec.from_config(cfg.train), steps=spec.pretrain.steps),
+                            then=[Stage(lambda pre, name=name, attention=attention:
+                                        _trainee(cfg, ctx, name, attention, split(name), pretrained=pre))])
 
 
 def derived_rows(rows: list[Row]) -> Iterator[Row]:
@@ -157,12 +174,12 @@ def derived_rows(rows: list[Row]) -> Iterator[Row]:
 
 def validate(cfg: DictConfig) -> None:
     spec = cfg.lra
-    unknown = [t for t in as_list(spec.tasks) if t not in LRA_TASKS]
-    if unknown:
-        raise ConfigError(f"lra.tasks={unknown} unknown; choose from {list(LRA_TASKS)}")
-    unknown = [a for a in as_list(spec.attention) if a not in ATTENTIONS]
-    if unknown:
-        raise ConfigError(f"lra.attention={unknown} unknown; choose from {list(ATTENTIONS)}")
+    checks.choice("lra.tasks", OmegaConf.to_container(spec.tasks), LRA_TASKS)
+    checks.choice("lra.attention", OmegaConf.to_container(spec.attention), ATTENTIONS)
+    for key in ("n_train", "n_val", "batch", "listops_min_length"):
+        checks.number(f"lra.{key}", spec[key], at_least=1)
+    checks.number("lra.listops_max_length", spec.listops_max_length, at_least=spec.listops_min_length)
+    TrainSpec.from_config(cfg.train)
     step = spec.batch * cfg.train.grad_accum
     for task, micro in spec.micro_batch.items():
         if micro is not None and (micro < 1 or (micro < step and step % micro)):
@@ -177,25 +194,11 @@ def validate(cfg: DictConfig) -> None:
                               f"model's position table, so it and lra.tasks must be among {list(PATH_SIZES)}")
         if "linformer" in as_list(spec.attention):
             raise ConfigError("lra.pretrain cannot carry Linformer's length-bound projections to another length")
+        checks.number("lra.pretrain.steps", spec.pretrain.steps, at_least=1)
         if cfg.train.parallel == "fsdp":
             raise ConfigError("lra.pretrain hands the pre-trained model itself to the next stage, which "
                               "train.parallel=fsdp would have sharded; use train.parallel=ddp")
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
-    validate(cfg)
-    cache = Path(cfg.paths.cache) / "lra"
-    spec = TrainSpec.from_config(cfg.train)
-    checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
-    tasks, pretrained = as_list(cfg.lra.tasks), None
-    if cfg.lra.pretrain:  # the Path-X / Path-256 recipe: train on a smaller image first, then grow
-        pretrained = {}
-        stage = dataclasses.replace(spec, steps=cfg.lra.pretrain.steps)
-        yield from train_all(candidates(cfg, ctx, cache, [cfg.lra.pretrain.task], keep=pretrained), stage,
-                             ctx.device, checkpoint_dir, cfg.checkpoint.resume)
-    rows = []
-    for row in train_all(candidates(cfg, ctx, cache, tasks, start_from=pretrained), spec, ctx.device,
-                         checkpoint_dir, cfg.checkpoint.resume):
-        rows.append(row)
-        yield row
-    yield from derived_rows(rows)
+    yield from train_from_config(cfg, candidates(cfg, ctx, Path(cfg.paths.cache) / "lra"), ctx.device, derived_rows)

@@ -1,0 +1,38 @@
+"""Checks of config values, run before any work: each failure names the key, the value and what is allowed."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+from .context import ConfigError
+
+
+def as_list(value: Any) -> list:
+    """A grid axis from config: one value or a list of them (a list, tuple or OmegaConf ListConfig)."""
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+
+
+def number(key: str, value: Any, *, integer: bool = True, at_least: float | None = None,
+           below: float | None = None, at_most: float | None = None, divides: int | None = None) -> None:
+    """`value` (or each of a list of values) is a number of the right kind within the bounds given."""
+    for v in as_list(value):
+        wanted = "an integer" if integer else "a number"
+        bounds = [f">= {at_least:g}" if at_least is not None else "", f"< {below:g}" if below is not None else "",
+                  f"<= {at_most:g}" if at_most is not None else ""]
+        what = " ".join([wanted, *[b for b in bounds if b]])
+        kind_ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not kind_ok:
+            raise ConfigError(f"{key}={v!r} must be {what}")
+        if (at_least is not None and v < at_least) or (below is not None and v >= below) or \
+                (at_most is not None and v > at_most):
+            raise ConfigError(f"{key}={v!r} must be {what}")
+        if divides is not None and divides % v:
+            raise ConfigError(f"{key}={v!r} must divide {divides}")
+
+
+def choice(key: str, value: Any, allowed: Iterable) -> None:
+    """`value` (or each of a list of values) is one of `allowed`."""
+    allowed = list(allowed)
+    unknown = [v for v in as_list(value) if v not in allowed]
+    if unknown:
+        shown = unknown[0] if len(unknown) == 1 and not isinstance(value, (list, tuple)) else unknown
+        raise ConfigError(f"{key}={shown!r} is not one of {allowed}")
