@@ -4,6 +4,10 @@
     repro task=flash_kernel scale=small          # one GPU; the record lands in results/runs/
     repro paper=flashattention                   # all of a paper's tasks, as one multirun
     repro -m task=flash_kernel kernel.seq_len=1024,4096
+
+Exit status: 0 when every job measured something; 2 for bad input (nothing is measured); 1 when a job failed
+(a crash, or every point it tried failed). A multirun runs every job whatever the others did, then lists
+them all with their status and record.
 """
 from __future__ import annotations
 
@@ -12,32 +16,41 @@ import re
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .claims import claims_for_task, load_published
 from .context import (PROJECT_ROOT, ConfigError, RunContext, capture_environment, reset_device_memory,
                       resolve_device, seed_everything, utc_now, world)
-from .records import Row, RunRecord, save_record
+from .records import FAILED_ROW_STATUSES, RunRecord, load_record, save_record
 from .report import console_table, evaluate
 from .timing import is_out_of_memory
-from .wandb_logger import make_logger
+from .wandb_logger import NullLogger, make_logger
 
 CHECKPOINT_EVERY_S = 10.0
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 OmegaConf.register_new_resolver("repro_root", lambda: str(PROJECT_ROOT), replace=True)
 
 
-def load_entry(spec: str) -> Callable[[DictConfig, RunContext], Iterable[Row]]:
-    """`package.module:function`, the task's code as its config names it."""
+class RunFailed(Exception):
+    """A job ran but measured nothing: every point it tried failed."""
+
+
+def load_task(spec: str) -> tuple[Callable, Callable | None]:
+    """The task's `run` (`package.module:function`, as its config names it) and the module's `validate`, if
+    it has one: checked before any work."""
     module_name, _, attr = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr or "run")
+        module = importlib.import_module(module_name)
+        return getattr(module, attr or "run"), getattr(module, "validate", None)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"task.entry={spec!r} cannot be loaded: {exc}") from None
 
@@ -46,53 +59,76 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def record_paths(cfg: DictConfig, record: RunRecord, output_dir: Path, job_num: int | None) -> list[Path]:
+def record_paths(cfg, record: RunRecord, output_dir: Path, job_num: int | None) -> list[Path]:
+    """The job folder's record, then, at scales whose records are committed, its copy under results/runs/."""
     paths = [output_dir / "record.json"]
-    if cfg.scale.commit_records:
+    if cfg["scale"]["commit_records"]:
         stamp = record.started.replace("-", "").replace(":", "").replace("+0000", "")[:15]
         name = f"{stamp}_{record.scale}_{_slug(record.gpu_name)}" + (f"_{job_num}" if job_num is not None else "")
-        paths.append(Path(cfg.paths.records) / record.paper / record.task / f"{name}.json")
+        paths.append(Path(cfg["paths"]["records"]) / record.paper / record.task / f"{name}.json")
     return paths
 
 
+def _outcome(record: RunRecord) -> None:
+    """Set a finished run's status from its rows: a run that measured nothing, because every point failed,
+    is a failure, not a success."""
+    failed = [r for r in record.rows if r.status in FAILED_ROW_STATUSES]
+    if any(r.status == "ok" for r in record.rows):
+        record.status = "ok"
+        return
+    if not record.rows:
+        record.status, record.error = "error", "the task measured nothing (it yielded no rows)"
+        return
+    record.status = "oom" if failed and all(r.status == "oom" for r in failed) else "error"
+    reasons = sorted({r.message.splitlines()[0][:120] for r in failed if r.message})
+    record.error = (f"all {len(record.rows)} points failed ({len(failed)} error or oom, "
+                    f"{len(record.rows) - len(failed)} unsupported)" + (f": {'; '.join(reasons[:3])}" if reasons else ""))
+
+
+def _collect(entry, cfg, ctx, record: RunRecord, logger, checkpoint: Path | None) -> None:
+    last_save = time.monotonic()
+    for row in entry(cfg, ctx):
+        record.rows.append(row)
+        logger.log_rows([row])
+        if checkpoint and time.monotonic() - last_save > CHECKPOINT_EVERY_S:
+            save_record(record, checkpoint)
+            last_save = time.monotonic()
+
+
 def run_job(cfg: DictConfig) -> RunRecord:
+    """One job: check the config, run the task, write its record (every few seconds while it runs, and at the
+    end whatever happened), then print its claims table."""
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    device = resolve_device(cfg.scale)
-    entry = load_entry(cfg.task.entry)
-    published = load_published(Path(cfg.paths.published))
-    claims = claims_for_task(published, cfg.task.name)
-
-    seed_everything(cfg.seed)
-    reset_device_memory(device)
-    ctx = RunContext(device=device, scale=cfg.scale.name, seed=cfg.seed, output_dir=output_dir,
-                     env=capture_environment())
-    record = RunRecord(task=cfg.task.name, paper=cfg.task.paper, scale=cfg.scale.name,
-                       claim_ids=[c.id for c in claims], config=OmegaConf.to_container(cfg, resolve=True),
-                       overrides=list(hc.overrides.task), env=ctx.env, started=utc_now())
+    record = RunRecord(task=cfg.task.name, paper=cfg.task.paper, scale=cfg.scale.name, claim_ids=[],
+                       config=OmegaConf.to_container(cfg, resolve=True), overrides=list(hc.overrides.task),
+                       env=capture_environment(), started=utc_now())
     paths = record_paths(cfg, record, output_dir, hc.job.num if multirun else None)
     if world()[0] != 0:  # under torchrun, rank 0 alone writes records and logs
         paths, cfg = [], OmegaConf.merge(cfg, {"logger": {"name": "none"}})
-    paper_choice = hc.runtime.choices.get("paper")
-    logger = make_logger(
-        cfg.logger, name=f"{cfg.task.name}-{cfg.scale.name}" + (f"-{hc.job.override_dirname}" if multirun else ""),
-        group=f"{paper_choice or cfg.task.name}-{Path(hc.sweep.dir).name}" if multirun else None,
-        job_type=cfg.scale.name, config=record.config, output_dir=output_dir)
-
-    print(f"[repro] {cfg.task.name} at scale={cfg.scale.name} on {device} "
-          f"({ctx.env['gpu_name'] or 'CPU'}); output: {output_dir}", flush=True)
-    last_save = time.monotonic()
+    logger = NullLogger()
     try:
-        for row in entry(cfg, ctx):
-            record.rows.append(row)
-            logger.log_rows([row])
-            if paths and time.monotonic() - last_save > CHECKPOINT_EVERY_S:
-                save_record(record, paths[0])
-                last_save = time.monotonic()
-        record.status = "ok"
-    except ConfigError:
-        record.status, paths = "error", paths[:1]  # bad input measured nothing: no record to commit
+        device = resolve_device(cfg.scale)
+        entry, validate = load_task(cfg.task.entry)
+        if validate is not None:
+            validate(cfg)
+        claims = claims_for_task(load_published(Path(cfg.paths.published)), cfg.task.name)
+        record.claim_ids = [c.id for c in claims]
+        seed_everything(cfg.seed)
+        reset_device_memory(device)
+        ctx = RunContext(device=device, scale=cfg.scale.name, seed=cfg.seed, output_dir=output_dir, env=record.env)
+        paper_choice = hc.runtime.choices.get("paper")
+        logger = make_logger(
+            cfg.logger, name=f"{cfg.task.name}-{cfg.scale.name}" + (f"-{hc.job.override_dirname}" if multirun else ""),
+            group=f"{paper_choice or cfg.task.name}-{Path(hc.sweep.dir).name}" if multirun else None,
+            job_type=cfg.scale.name, config=record.config, output_dir=output_dir)
+        print(f"[repro] {cfg.task.name} at scale={cfg.scale.name} on {device} "
+              f"({ctx.env['gpu_name'] or 'CPU'}); output: {output_dir}", flush=True)
+        _collect(entry, cfg, ctx, record, logger, paths[0] if paths else None)
+        _outcome(record)
+    except ConfigError as exc:
+        record.status, record.error, paths = "error", str(exc), paths[:1]  # bad input measured nothing to commit
         raise
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): the rows so far are kept, marked as such
         record.status = "killed"
@@ -100,8 +136,7 @@ def run_job(cfg: DictConfig) -> RunRecord:
     except Exception as exc:
         record.status = "oom" if is_out_of_memory(exc) else "error"
         record.error = f"{type(exc).__name__}: {exc}"
-        if record.status == "error":
-            raise
+        raise
     finally:
         record.finished = utc_now()
         for path in paths:
@@ -110,8 +145,10 @@ def run_job(cfg: DictConfig) -> RunRecord:
             logger.finish(record.status)
         except Exception as exc:  # noqa: BLE001 - W&B must never stop a run
             print(f"[repro] W&B did not finish cleanly: {exc}", file=sys.stderr)
-        if paths:
-            print(f"[repro] {record.status}: {len(record.rows)} rows -> " + ", ".join(map(str, paths)), flush=True)
+        if paths and (record.rows or record.status != "error"):
+            _report_rows(record, paths)
+    if record.status != "ok":
+        raise RunFailed(record.error)
     if claims and paths:
         print("\n" + console_table([evaluate(c, [(paths[-1], record)]) for c in claims]) + "\n", flush=True)
     elif paths:
@@ -119,18 +156,99 @@ def run_job(cfg: DictConfig) -> RunRecord:
     return record
 
 
+def _report_rows(record: RunRecord, paths: list[Path]) -> None:
+    failed = sum(r.status in FAILED_ROW_STATUSES for r in record.rows)
+    note = f" ({failed} of {len(record.rows)} rows failed: error or oom)" if failed else ""
+    print(f"[repro] {record.status}: {len(record.rows)} rows{note} -> " + ", ".join(map(str, paths)), flush=True)
+
+
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    """A single run exits with the job's status. In a multirun a failed job is reported and the next one
+    runs; `SweepSummary` lists them all at the end."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run_job(cfg)
     except ConfigError as exc:
         print(f"repro: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if not multirun:
+            sys.exit(EXIT_BAD_INPUT)
+    except RunFailed as exc:
+        print(f"repro: failed: {exc}", file=sys.stderr)
+        if not multirun:
+            sys.exit(EXIT_FAILED)
+    except Exception:  # noqa: BLE001 - the record holds the error; a sweep goes on
+        if not multirun:
+            raise
+        traceback.print_exc()
 
 
-def unknown_key_error(args: list[str]) -> str | None:
-    """Hydra rejects an unknown key without listing the known ones; name both before Hydra runs.
-    Config-group choices (task=, scale=, ...) are left to Hydra, whose message already lists the options."""
+class SweepSummary(Callback):
+    """At the end of a multirun, under any launcher: each job with its status and records, read back from
+    the job folders (jobs run by submitit print to their own logs, not to this console)."""
+
+    failed = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        SweepSummary.failed = False
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name[:1].isdigit()),
+                      key=lambda p: int(p.name.split("_")[0])) if sweep.is_dir() else []
+        lines, not_ok = [], 0
+        for job in jobs:
+            try:
+                record = load_record(job / "record.json")
+            except (OSError, ValueError):
+                status, text = "missing", f"no record: it stopped before its run began (see {_rel(job)})"
+            else:
+                committed = record_paths(record.config, record, job, int(job.name.split("_")[0]))[-1]
+                where = committed if record.status != "error" and committed.exists() else job / "record.json"
+                why = f"  ({record.error.splitlines()[0][:100]})" if record.error else ""
+                status, text = record.status, f"{len(record.rows):5} rows  {_rel(where)}{why}"
+            not_ok += status != "ok"
+            lines.append(f"  {job.name:28} {status:8} {text}")
+        SweepSummary.failed = not_ok > 0
+        print(f"\n[repro] multirun of {len(jobs)} jobs, {not_ok} not ok ({_rel(sweep)}):\n" + "\n".join(lines) + "\n",
+              flush=True)
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _kind(value) -> str:
+    return "a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float)) else \
+        "a string" if isinstance(value, str) else type(value).__name__
+
+
+def _fits(value, default) -> bool:
+    """Whether an override `value` has the kind of the config's `default`: a number where a number is (the
+    task's own checks say which numbers), a string where a string is. A key whose default is one value may take
+    a list of them (a grid axis)."""
+    if value is None or default is None or (isinstance(value, str) and value.startswith("${")):
+        return True
+    if isinstance(default, (list, tuple)):
+        return not default or all(_fits(v, default[0]) for v in (value if isinstance(value, list) else [value]))
+    if isinstance(value, list):
+        return all(_fits(v, default) for v in value)
+    if isinstance(default, dict):
+        return isinstance(value, dict)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def check_overrides(args: list[str]) -> str | None:
+    """Name a bad override before Hydra runs: an unknown key (with the known ones, which Hydra does not list)
+    or a value whose type differs from the key's default. Config-group choices (task=, scale=, ...) are left
+    to Hydra, whose message already lists the options."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -146,16 +264,21 @@ def unknown_key_error(args: list[str]) -> str | None:
     except Exception:  # noqa: BLE001 - an unknown group option: Hydra reports it with the valid ones
         return None
     for o in overrides:
-        key = o.key_or_group
         if o.is_add() or o.is_force_add() or o.input_line in groups:
             continue
         node, path = cfg, []
-        for part in key.split("."):
+        for part in o.key_or_group.split("."):
             if not OmegaConf.is_dict(node) or part not in node:
                 where = ".".join(path) or "the top level"
                 known = ", ".join(map(str, node.keys())) if OmegaConf.is_dict(node) else "none (not a mapping)"
-                return f"unknown config key {key!r}: {where} has no {part!r}; its keys are: {known}"
+                return f"unknown config key {o.key_or_group!r}: {where} has no {part!r}; its keys are: {known}"
             node, path = node[part], path + [part]
+        default = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+        values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+        for value in values:
+            if not _fits(value, default):
+                expected = _kind(default[0] if isinstance(default, list) and default else default)
+                return f"{o.key_or_group}={value!r} must be {expected}, like its default {default!r}"
     return None
 
 
@@ -167,12 +290,21 @@ def main() -> None:
     # `timeout`, SLURM and torchrun stop a job with SIGTERM: turn it into an interrupt, so that the record is
     # written with what was measured instead of being left half-way.
     signal.signal(signal.SIGTERM, _interrupt)
-    error = unknown_key_error(sys.argv[1:])
+    error = check_overrides(sys.argv[1:])
     if error:
         print(f"repro: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        _hydra_main()
+    except KeyboardInterrupt as exc:
+        print(f"repro: stopped ({exc or 'interrupted'}); the record keeps the rows measured so far", file=sys.stderr)
+        sys.exit(130)
+    if SweepSummary.failed:
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":
-    main()
+    # Hydra builds SweepSummary from `repro.cli`; run main from that same module, not from a `__main__` copy,
+    # so that the sweep's verdict reaches it
+    from repro.cli import main as repro_main
+    repro_main()

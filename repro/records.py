@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 SCHEMA_VERSION = 1
 ROW_STATUSES = ("ok", "oom", "unsupported", "error")
+FAILED_ROW_STATUSES = ("oom", "error")  # tried and failed; "unsupported" was never tried
 RUN_STATUSES = ("running", "ok", "oom", "error", "killed")  # killed: stopped by a signal; its rows stand
 
 
@@ -36,10 +37,13 @@ class Row:
             raise ValueError(f"row status {self.status!r} is not one of {ROW_STATUSES}")
         for name in ("p50", "p20", "p80"):
             value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"row {self.provider}/{self.metric}: {name}={value} is not finite")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"row {self.provider}/{self.metric}: {name}={value!r} is not a finite number")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"row {self.provider}/{self.metric}: extra is {type(self.extra).__name__}, not an object")
 
-    def field(self, key: str) -> Any:
+    def get(self, key: str) -> Any:
         """A row's value by name, looking in its own fields, then `x_name`, then `extra`."""
         if key in ("provider", "metric", "unit", "status", "x_name", "x_value"):
             return getattr(self, key)
@@ -69,13 +73,19 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunRecord":
+        """A record from its JSON; ValueError naming what is wrong with it, whatever that is."""
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
             found = data.get("schema_version") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"not an effrepro run record of schema {SCHEMA_VERSION} (found {found!r})")
-        fields = dict(data)
-        fields["rows"] = [Row(**row) for row in fields.get("rows", [])]
+        for key, kind in _FIELD_TYPES.items():
+            if key in data and not isinstance(data[key], kind):
+                raise ValueError(f"malformed run record: {key} is {type(data[key]).__name__}, not {kind.__name__}")
+        rows = data.get("rows", [])
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ValueError(f"malformed run record: rows[{i}] is {type(row).__name__}, not an object")
         try:
-            record = cls(**fields)
+            record = cls(**{**data, "rows": [Row(**row) for row in rows]})
         except TypeError as exc:
             raise ValueError(f"malformed run record: {exc}") from None
         if record.status not in RUN_STATUSES:
@@ -85,6 +95,10 @@ class RunRecord:
     @property
     def gpu_name(self) -> str:
         return self.env.get("gpu_name") or "cpu"
+
+
+_FIELD_TYPES = {"task": str, "paper": str, "scale": str, "claim_ids": list, "config": dict, "overrides": list,
+                "env": dict, "started": str, "status": str, "rows": list}
 
 
 def _dumps(data: Any) -> str:
@@ -128,13 +142,13 @@ def load_record(path: Path) -> RunRecord:
     return RunRecord.from_json(data)
 
 
-def load_records(root: Path) -> tuple[list[tuple[Path, RunRecord]], list[str]]:
-    """All run records under `root`, oldest first, and one message per file that could not be read."""
+def load_records(root: Path) -> tuple[list[tuple[Path, RunRecord]], list[tuple[Path, str]]]:
+    """All run records under `root`, oldest first, and (file, why) for each file that could not be used."""
     records, problems = [], []
     for path in sorted(Path(root).rglob("*.json")):
         try:
             records.append((path, load_record(path)))
-        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-            problems.append(f"skipped {path}: {exc}")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+            problems.append((path, str(exc)))
     records.sort(key=lambda item: item[1].started)
     return records, problems

@@ -59,3 +59,24 @@ def has_gpu() -> bool:
 
 
 gpu = pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")
+
+
+def run_inline(*args: str):
+    """The command line in this process (no interpreter start-up, no Triton kernels unless TRITON_INTERPRET):
+    for the engine's own behaviour, quickly. Returns (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    import repro.cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["repro", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            repro.cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()

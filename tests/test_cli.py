@@ -71,15 +71,17 @@ def test_triton_providers_without_a_gpu_are_unsupported(tmp_path):
     assert rows and all(r["status"] == ("ok" if has_gpu() else "unsupported") for r in rows if r["metric"] == "time")
 
 
-def test_multirun_through_submitit_local(tmp_path):
+def test_multirun_through_submitit_local_runs_every_job_and_lists_them(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     out = run_repro("-m", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}", "logger=none",
-                    "kernel.seq_len=32,48", *TINY["flash_kernel"][1:], timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+                    "kernel.seq_len=32,-1,48", *TINY["flash_kernel"][1:], timeout=600)
+    assert out.returncode == 1, out.stderr[-3000:]  # one job had bad input; the others still ran
     records = sorted(tmp_path.glob("*/record.json"))
-    assert len(records) == 2
-    assert sorted(load(p)["rows"][0]["x_value"] for p in records) == [32, 48]
+    assert [load(p)["status"] for p in records] == ["ok", "error", "ok"]
+    assert sorted(load(p)["rows"][0]["x_value"] for p in records if load(p)["rows"]) == [32, 48]
     assert list(tmp_path.glob(".submitit/*")), "jobs did not go through submitit"
+    summary = out.stdout[out.stdout.index("multirun of 3 jobs"):]  # read back from the jobs' records
+    assert "1 not ok" in summary and "kernel.seq_len=-1" in summary and "record.json" in summary
 
 
 def test_wandb_offline_writes_a_run_directory(tmp_path):
@@ -128,15 +130,19 @@ def test_gpu_scale_without_a_gpu_fails_before_any_work(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_lm_training_resumes_from_its_checkpoint(tmp_path):
+def test_rerunning_a_finished_training_run_measures_afresh(tmp_path):
     args = ("task=flash_gpt2", "logger=none", "attention=[eager]", f"checkpoint.dir={tmp_path}/ckpt")
     first = run_repro(*args, f"hydra.run.dir={tmp_path}/a")
     assert first.returncode == 0, first.stderr[-3000:]
     again = run_repro(*args, f"hydra.run.dir={tmp_path}/b")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed at step 6" in again.stdout
-    rows = lambda run: [(r["metric"], r["x_value"], r["p50"]) for r in load(tmp_path / run / "record.json")["rows"]]  # noqa: E731
-    assert rows("b") == rows("a")
+    assert "finished run: training afresh" in again.stdout and "resumed" not in again.stdout
+    rows = lambda run, metric: [r["p50"] for r in load(tmp_path / run / "record.json")["rows"] if r["metric"] == metric]  # noqa: E731
+    assert rows("b", "loss") == rows("a", "loss")  # the same training
+    assert rows("b", "tokens_per_s") != rows("a", "tokens_per_s")  # timed again, not replayed
+    other_corpus = run_repro(*args, "data.max_files=30", f"hydra.run.dir={tmp_path}/c")
+    assert other_corpus.returncode == 0, other_corpus.stderr[-3000:]
+    assert len(list((tmp_path / "ckpt").glob("*.pt"))) == 2  # another corpus is another run, never a resume
 
 
 def test_lm_training_under_torchrun_with_two_gloo_processes_ddp_and_fsdp(tmp_path):
@@ -159,11 +165,12 @@ def test_lm_training_under_torchrun_with_two_gloo_processes_ddp_and_fsdp(tmp_pat
     fsdp = torchrun("fsdp", "train.parallel=fsdp", f"checkpoint.dir={tmp_path}/ckpt")
     losses = lambda rows: [r["p50"] for r in rows if r["metric"] in ("loss", "val_loss")]  # noqa: E731
     assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-4)  # the same training, sharded
-    # The rerun resumes from the finished run's checkpoint: rank 0 reads it and scatters it to the shards,
-    # and the end of the run gathers and saves it again, which must give back the same weights and moments.
+    # A run killed after its last step resumes there: rank 0 reads the checkpoint and scatters it to the
+    # shards, and the end of the run gathers and saves it again, which must give back the same weights and moments.
     import torch
     (path,) = (tmp_path / "ckpt").glob("*.pt")
     saved = torch.load(path, weights_only=False)
+    torch.save({**saved, "finished": False}, path)
     resumed = torchrun("fsdp_again", "train.parallel=fsdp", f"checkpoint.dir={tmp_path}/ckpt")
     assert losses(resumed) == losses(fsdp)
     again = torch.load(path, weights_only=False)

@@ -51,11 +51,20 @@ def test_load_records_skips_corrupt_and_foreign_files_by_name(tmp_path):
     (tmp_path / "truncated.json").write_text('{"schema_version": 1, "task": ')
     write_json_atomic(tmp_path / "foreign.json", {"hello": "world"})
     write_json_atomic(tmp_path / "future.json", {**make_record().to_json(), "schema_version": 99})
+    good = make_record().to_json()
+    write_json_atomic(tmp_path / "unknown_row_key.json", {**good, "rows": [{**good["rows"][0], "colour": "red"}]})
+    write_json_atomic(tmp_path / "rows_not_objects.json", {**good, "rows": [1, 2]})
+    write_json_atomic(tmp_path / "started_null.json", {**good, "started": None})
+    write_json_atomic(tmp_path / "text_p50.json", {**good, "rows": [{**good["rows"][0], "p50": "fast"}]})
+    write_json_atomic(tmp_path / "extra_list.json", {**good, "rows": [{**good["rows"][0], "extra": [1]}]})
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
     records, problems = load_records(tmp_path)
     assert [p.name for p, _ in records] == ["good.json"]
-    assert len(problems) == 3
-    for name in ("truncated.json", "foreign.json", "future.json"):
-        assert any(name in p for p in problems)
+    skipped = sorted(path.name for path, why in problems)
+    assert skipped == sorted(["truncated.json", "foreign.json", "future.json", "unknown_row_key.json",
+                              "rows_not_objects.json", "started_null.json", "text_p50.json", "extra_list.json",
+                              "binary.json"])
+    assert all(why for _, why in problems)
 
 
 def test_records_are_compact_and_one_row_per_line(tmp_path):

@@ -12,7 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
-from repro.bench import Call, Point, Provider, Unsupported, as_list, require_triton, run_benchmark, sdpa_declined
+from repro.bench import Call, Point, Provider, Unsupported, require_triton, run_benchmark, sdpa_declined
+from repro import checks
+from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 
@@ -54,6 +56,11 @@ def grid(kernel: DictConfig) -> list[Point]:
         bad_modes = set(as_list(spec["mode"])) - set(MODES)
         if bad_modes:
             raise ConfigError(f"kernel mode={sorted(bad_modes)} (setting {name}) is not one of {MODES}")
+        key = "kernel" if name == "sweep" else f"kernel.settings.{name}"
+        for field in ("seq_len", "tokens", "hidden", *(k for k in ("batch", "heads") if spec[k] is not None)):
+            checks.number(f"{key}.{field}", spec[field], at_least=1)
+        checks.number(f"{key}.head_dim", spec["head_dim"], at_least=16, at_most=256)
+        checks.number(f"{key}.dropout", spec["dropout"], integer=False, at_least=0, below=1)
         for seq_len, head_dim, causal, mode in itertools.product(*(as_list(spec[k]) for k in GRID_KEYS)):
             batch = spec["batch"] or max(1, spec["tokens"] // seq_len)
             heads = spec["heads"] or max(1, spec["hidden"] // head_dim)
@@ -146,29 +153,43 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, baselin
     return Provider(name, build, baseline=baseline)
 
 
-def providers(names: list[str], ctx: RunContext, seed: int, sparse_densities: list[float]) -> list[Provider]:
+def providers(kernel: DictConfig, ctx: RunContext, seed: int) -> list[Provider]:
     known: dict[str, AttentionFn] = {"standard": standard, **{n: sdpa(b) for n, b in SDPA_BACKENDS.items()},
                                      "triton": triton}
-    names = list(names)
-    if "triton_sparse" in names:  # one provider per density
+    known.update({f"triton_sparse_{d:g}": triton_sparse(d) for d in as_list(kernel.sparse_densities)})
+    return [provider(n, known[n], ctx, seed, baseline=(n == "standard")) for n in provider_names(kernel)]
+
+
+def validate(cfg: DictConfig) -> None:
+    kernel = cfg.kernel
+    grid(kernel)
+    checks.number("kernel.sparse_densities", OmegaConf.to_container(kernel.sparse_densities), integer=False,
+                  at_least=1e-9, at_most=1)
+    for key in ("warmup_ms", "rep_ms"):
+        checks.number(f"kernel.{key}", kernel[key], integer=False, at_least=1e-3)
+    provider_names(kernel)
+
+
+def provider_names(kernel: DictConfig) -> list[str]:
+    """The providers asked for, `triton_sparse` expanded to one per density; unknown ones are an error."""
+    names = as_list(OmegaConf.to_container(kernel.providers))
+    densities = as_list(OmegaConf.to_container(kernel.sparse_densities))
+    if "triton_sparse" in names:
         at = names.index("triton_sparse")
-        sparse = {f"triton_sparse_{d:g}": triton_sparse(d) for d in sparse_densities}
-        names[at:at + 1] = list(sparse)
-        known.update(sparse)
+        names[at:at + 1] = [f"triton_sparse_{d:g}" for d in densities]
+    known = ["standard", *SDPA_BACKENDS, "triton", *(f"triton_sparse_{d:g}" for d in densities)]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {list(known)} and "
-                          "triton_sparse (one per kernel.sparse_densities)")
+        raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {known[:-len(densities) or None]} "
+                          "and triton_sparse (one per kernel.sparse_densities)")
     if "standard" not in names:
         raise ConfigError("kernel.providers must include 'standard', the baseline every speedup is measured against")
-    return [provider(n, known[n], ctx, seed, baseline=(n == "standard")) for n in names]
+    return names
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     kernel = cfg.kernel
-    names = as_list(OmegaConf.to_container(kernel.providers))
-    densities = as_list(OmegaConf.to_container(kernel.sparse_densities))
     # block-sparse against our dense kernel too: time should fall in proportion to density
-    compare_to = ["triton"] if "triton" in names else []
-    yield from run_benchmark(grid(kernel), providers(names, ctx, cfg.seed, densities), ctx.device,
+    compare_to = ["triton"] if "triton" in provider_names(kernel) else []
+    yield from run_benchmark(grid(kernel), providers(kernel, ctx, cfg.seed), ctx.device,
                              warmup_ms=kernel.warmup_ms, rep_ms=kernel.rep_ms, compare_to=compare_to)

@@ -19,7 +19,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import decode_attention, make_schedule
 from kernels.decode_attention import SCHEDULES
-from repro.bench import Call, Point, Provider, Unsupported, as_list, require_triton, run_benchmark, sdpa_declined
+from repro.bench import Call, Point, Provider, Unsupported, require_triton, run_benchmark, sdpa_declined
+from repro import checks
+from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 from repro.timing import measure
@@ -105,13 +107,31 @@ def copy_bandwidth(ctx: RunContext, size_bytes: int) -> Row:
                t.n, extra={"clock": t.clock})
 
 
-def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
+def validate(cfg: DictConfig) -> None:
     spec = cfg.decode
     names = as_list(OmegaConf.to_container(spec.providers))
     known = {*SCHEDULES, *SDPA_BACKENDS}
     if set(names) - known or "fa2" not in names:
         raise ConfigError(f"decode.providers={names}: known providers are {sorted(known)}, and 'fa2' (the "
                           "baseline of every speedup) must be among them")
+    for key in ("context", "batch"):
+        checks.number(f"decode.{key}", spec[key], at_least=1)
+    checks.number("decode.head_dim", spec.head_dim, at_least=16, at_most=256)
+    for key in ("copy_bytes", "rotate_bytes"):
+        checks.number(f"decode.{key}", spec[key], at_least=1024)
+    for key in ("warmup_ms", "rep_ms"):
+        checks.number(f"decode.{key}", spec[key], integer=False, at_least=1e-3)
+    for heads in as_list(spec.heads):
+        parts = str(heads).split("/")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) or int(parts[0]) % int(parts[1]):
+            raise ConfigError(f"decode.heads={heads!r} must be 'query heads/KV heads', two positive integers, the "
+                              "first a multiple of the second (e.g. '32/8')")
+    grid(spec)
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
+    spec = cfg.decode
+    names = as_list(OmegaConf.to_container(spec.providers))
     copy = copy_bandwidth(ctx, int(spec.copy_bytes))
     yield copy
     rotate = int(spec.rotate_bytes)

@@ -1,0 +1,32 @@
+"""Tasks that exist only for the engine's tests: what a job does when its points fail, or when it crashes.
+Selected with `task.entry=fake_tasks:<name>` where tests/ is on the path (the test process)."""
+from repro.context import ConfigError
+from repro.records import Row
+
+
+def _rows(statuses):
+    for i, status in enumerate(statuses):
+        yield Row("p", "x", i, "time", "ms", 1.0 if status == "ok" else None, status=status,
+                  message="" if status == "ok" else f"point {i} {status}")
+
+
+def all_fail(cfg, ctx):
+    yield from _rows(["error", "oom", "unsupported"])
+
+
+def some_fail(cfg, ctx):
+    yield from _rows(["ok", "error", "ok"])
+
+
+def all_ok(cfg, ctx):
+    yield from _rows(["ok", "ok"])
+
+
+def crash(cfg, ctx):
+    yield from _rows(["ok"])
+    raise RuntimeError("the task crashed half-way")
+
+
+def bad_input(cfg, ctx):
+    raise ConfigError("fake.size=-1 must be an integer >= 1")
+    yield
