@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 COMPARE_KINDS = ("ratio", "absolute", "peak_fraction")
-AGGREGATES = ("mean", "geomean", "max", "min", "last")
+AGGREGATES = ("mean", "geomean", "max", "min", "last", "largest_x_within")
 SCALES = ("smoke", "small", "paper")
 
 
@@ -21,6 +21,9 @@ class Compare:
     aggregate: str = "mean"
     tolerance: float = 0.1
     comparable_at: tuple[str, ...] = ("small", "paper")
+    # for aggregate `largest_x_within`: the claim is the largest x (a compression, a budget) whose `metric` stays
+    # within `tolerance` (relative) of the `reference` provider's, in the quality's own direction
+    quality: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,8 @@ class Claim:
 
 _CLAIM_KEYS = {"id", "claim", "value", "unit", "higher_is_better", "hardware", "setting", "source", "verified",
                "task", "compare", "note"}
-_COMPARE_KEYS = {"kind", "metric", "providers", "where", "aggregate", "tolerance", "comparable_at"}
+_COMPARE_KEYS = {"kind", "metric", "providers", "where", "aggregate", "tolerance", "comparable_at", "quality"}
+_QUALITY_KEYS = {"reference", "tolerance", "higher_is_better"}
 
 
 def _check_keys(where: str, data: dict, allowed: set, required: set) -> None:
@@ -60,6 +64,10 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
         raise ValueError(f"{where}.compare.kind={cmp['kind']!r} is not one of {COMPARE_KINDS}")
     if cmp.get("aggregate", "mean") not in AGGREGATES:
         raise ValueError(f"{where}.compare.aggregate={cmp['aggregate']!r} is not one of {AGGREGATES}")
+    if (cmp.get("aggregate") == "largest_x_within") != ("quality" in cmp):
+        raise ValueError(f"{where}.compare: aggregate largest_x_within and a quality block go together")
+    if "quality" in cmp:
+        _check_keys(f"{where}.compare.quality", cmp["quality"], _QUALITY_KEYS, _QUALITY_KEYS)
     bad_scales = set(cmp.get("comparable_at", ())) - set(SCALES)
     if bad_scales:
         raise ValueError(f"{where}.compare.comparable_at has {sorted(bad_scales)}; scales are {SCALES}")

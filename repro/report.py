@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
+
 from .claims import Claim, load_published
 from .context import PROJECT_ROOT
 from .records import RunRecord, load_records, replace_atomically
@@ -24,9 +26,7 @@ NOT_COMPARABLE = "not comparable at this scale"
 OTHER_HARDWARE = "not comparable (other hardware)"
 NOT_RUN = "not yet run"
 SCALE_ORDER = {"smoke": 0, "small": 1, "paper": 2}
-USABLE = ("ok", "killed")  # a killed run's rows were each complete when written
-PLOT_METRICS = ("tflops", "bandwidth", "speedup", "peak_memory", "accuracy", "loss", "ppl", "val_loss",
-                "val_perplexity", "val_mlm_accuracy", "tokens_per_s")
+USABLE = ("ok", "killed")  # a killed run's rows were each complete when written; used only where no whole run is
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, datasheets), for claims stated as a fraction of peak.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0}
@@ -43,6 +43,7 @@ class Outcome:
     record: Path | None = None
     detail: str = ""
     unit: str = ""
+    record_status: str = "ok"  # "killed": the value comes from a run stopped before its end
 
 
 def gpu_family(name: str | None) -> str | None:
@@ -57,7 +58,7 @@ def peak_tflops(gpu_name: str | None) -> float | None:
 def _matches(row, where: dict) -> bool:
     for key, wanted in where.items():
         allowed = wanted if isinstance(wanted, list) else [wanted]
-        if row.field(key) not in allowed:
+        if row.get(key) not in allowed:
             return False
     return True
 
@@ -68,6 +69,17 @@ def _aggregate(values: list[float], how: str) -> float:
     return {"mean": lambda v: sum(v) / len(v), "max": max, "min": min, "last": lambda v: v[-1]}[how](values)
 
 
+def _largest_x_within(rows: list, reference: list, quality: dict) -> float | None:
+    """The largest x among `rows` whose value stays within the quality tolerance of the reference's."""
+    if not reference:
+        return None
+    ref = sum(r.p50 for r in reference) / len(reference)
+    slack = quality["tolerance"] * abs(ref)
+    kept = [r.x_value for r in rows
+            if (r.p50 >= ref - slack if quality["higher_is_better"] else r.p50 <= ref + slack)]
+    return max(kept) if kept else None
+
+
 def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str]:
     """The reproduced value of `claim` in `record`, its unit, and which provider and how many points gave it."""
     cmp = claim.compare
@@ -75,9 +87,18 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
             and _matches(r, cmp.where)]
     for provider in cmp.providers:
         mine = [r for r in rows if r.provider == provider]
-        if mine:
-            value = _aggregate([r.p50 for r in mine], cmp.aggregate)
-            return value, mine[0].unit, f"{provider}, {cmp.aggregate} of {len(mine)}"
+        if not mine:
+            continue
+        if cmp.aggregate == "largest_x_within":
+            reference = [r for r in rows if r.provider == cmp.quality["reference"]]
+            value = _largest_x_within(mine, reference, cmp.quality)
+            if value is None:
+                return None, "", f"no {provider} row of {cmp.metric} within {cmp.quality['tolerance']:g} of " \
+                                 f"{cmp.quality['reference']}'s"
+            return value, claim.unit, f"{provider}, largest {mine[0].x_name} of {len(mine)} within " \
+                                      f"{cmp.quality['tolerance']:.0%} of {cmp.quality['reference']}"
+        value = _aggregate([r.p50 for r in mine], cmp.aggregate)
+        return value, mine[0].unit, f"{provider}, {cmp.aggregate} of {len(mine)}"
     return None, "", f"no rows of {cmp.metric} for {list(cmp.providers)} where {cmp.where}"
 
 
@@ -89,23 +110,29 @@ def judge(claim: Claim, value: float) -> str:
     return WITHIN if abs(value - published) <= claim.compare.tolerance * abs(published) else NOT_REPRODUCED
 
 
+def preference(record: RunRecord, comparable: tuple[str, ...] = ()) -> tuple:
+    """How a record ranks as the source of a claim or a plot: a comparable scale first, then the larger scale,
+    then a whole run before one that was killed, then the newest."""
+    return (record.scale in comparable, SCALE_ORDER.get(record.scale, -1), record.status == "ok", record.started)
+
+
 def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
-    """Judge a claim by the best record of its task: a comparable scale first, then the newest."""
+    """Judge a claim by the best record of its task (see `preference`) that measured what the claim needs."""
     mine = [(p, r) for p, r in records if r.task == claim.task and r.status in USABLE]
     if not mine:
         return Outcome(claim, NOT_RUN)
     comparable = claim.compare.comparable_at
-    # the best record that measured what the claim needs (a run may cover only some settings)
-    ranked = sorted(mine, key=lambda pr: (pr[1].scale in comparable, SCALE_ORDER.get(pr[1].scale, -1),
-                                          pr[1].started), reverse=True)
+    ranked = sorted(mine, key=lambda pr: preference(pr[1], comparable), reverse=True)
     measured = [(pr, claim_value(claim, pr[1])) for pr in ranked]
     (path, record), (value, unit, detail) = next(((pr, cv) for pr, cv in measured if cv[0] is not None),
                                                  measured[0])
+    found = dict(value=value, gpu=record.gpu_name, scale=record.scale, record=path, detail=detail, unit=unit,
+                 record_status=record.status)
     if record.scale not in comparable:
-        return Outcome(claim, NOT_COMPARABLE, value, record.gpu_name, record.scale, path, detail, unit)
+        return Outcome(claim, NOT_COMPARABLE, **found)
     if value is None:  # the task ran at a comparable scale, but not yet the provider or setting the claim needs
         return Outcome(claim, NOT_RUN, detail=detail)
-    out = Outcome(claim, NOT_COMPARABLE, value, record.gpu_name, record.scale, path, detail, unit)
+    out = Outcome(claim, NOT_COMPARABLE, **found)
     if claim.compare.kind == "peak_fraction":
         peak = peak_tflops(record.env.get("gpu_name"))
         if peak is None:
@@ -134,7 +161,8 @@ def claims_table(outcomes: list[Outcome], root: Path = PROJECT_ROOT) -> str:
     for o in outcomes:
         c = o.claim
         unverified = "" if c.verified else " (unverified)"
-        where = f"{o.gpu}, {o.scale}" if o.scale else "—"
+        where = f"{o.gpu}, {o.scale}" + (f", **{o.record_status} run**" if o.record_status != "ok" else "") \
+            if o.scale else "—"
         if o.record is not None:
             try:
                 where += f" ([record]({Path(o.record).resolve().relative_to(root)}))"
@@ -152,8 +180,9 @@ def console_table(outcomes: list[Outcome]) -> str:
     lines = [head, "-" * len(head)]
     for o in outcomes:
         how = f"  [{o.detail}]" if o.value is not None else ""
+        killed = f" ({o.record_status} run)" if o.record_status != "ok" else ""
         lines.append(f"{o.claim.id[:44]:44} {_fmt(o.claim.value, o.claim.unit):>10} {_fmt(o.value, o.unit):>10}  "
-                     f"{o.status}{how}")
+                     f"{o.status}{killed}{how}")
     return "\n".join(lines)
 
 
@@ -172,10 +201,11 @@ def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
 
 
 def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tuple[list, list[RunRecord]]]:
-    """Per task, the rows to plot: each series (a row's `series` extra) from the newest GPU record that has
-    it, so a run that measured only some settings does not hide the others. Also the records used."""
+    """Per task, the rows to plot: each series (a row's `series` extra) from the best GPU record that has it
+    (see `preference`: a whole run before a killed one, then the newest), so a run that measured only some
+    settings does not hide the others. Also the records used."""
     out: dict[str, tuple[list, list[RunRecord]]] = {}
-    for _, rec in sorted(records, key=lambda pr: pr[1].started, reverse=True):
+    for _, rec in sorted(records, key=lambda pr: (pr[1].status == "ok", pr[1].started), reverse=True):
         if rec.status not in USABLE or rec.scale == "smoke":
             continue
         rows, used = out.setdefault(rec.task, ([], []))
@@ -187,7 +217,18 @@ def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tu
     return out
 
 
-def plot_rows(task: str, rows: list, title: str, out_dir: Path) -> list[Path]:
+def plotted_metrics(record: RunRecord, conf: Path = PROJECT_ROOT / "conf") -> list[str]:
+    """The metrics a task declares worth a plot (`task.plot` in its config): as the record's config has it,
+    or, for records made before tasks declared it, as the task's config file has it now."""
+    declared = (record.config.get("task") or {}).get("plot")
+    if declared is None:
+        path = conf / "task" / f"{record.task}.yaml"
+        task = (yaml.safe_load(path.read_text()) or {}).get("task", {}) if path.exists() else {}
+        declared = task.get("plot")
+    return list(declared or [])
+
+
+def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[str]) -> list[Path]:
     """One PNG per metric: p50 against x, a line per provider, columns by mode, rows by series. A ratio taken
     over several baselines (a row's `baseline` extra) gets one PNG per baseline, never an average of them."""
     import matplotlib
@@ -196,7 +237,7 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path) -> list[Path]:
     import pandas as pd
     import seaborn as sns
 
-    ok = [r for r in rows if r.status == "ok" and r.p50 is not None and r.metric in PLOT_METRICS]
+    ok = [r for r in rows if r.status == "ok" and r.p50 is not None and r.metric in metrics]
     if not ok:
         return []
     df = pd.DataFrame([{"provider": r.provider, "x": r.x_value, "x_name": r.x_name, "metric": r.metric,
@@ -250,13 +291,18 @@ def update_readme(readme: Path, table: str) -> bool:
 
 
 def build_report(runs: Path, published: Path, out: Path, readme: Path | None) -> tuple[str, list[str]]:
+    """Write REPORT.md, the CSV of every row, the plots and the README's table; return the report and the
+    problems met (files skipped, with why), as repository-relative messages."""
     papers = load_published(published)
-    records, problems = load_records(runs)
+    records, skipped = load_records(runs)
+    problems = [f"skipped {_rel(path)}: {why}" for path, why in skipped]
     by_paper = {name: [evaluate(c, records) for c in claims] for name, (_, claims) in papers.items()}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     parts = [f"# Published vs reproduced\n\nGenerated by `repro-report` on {now} from {len(records)} run "
              f"record(s) under `{_rel(runs)}`. Ratios are measured against a baseline in the same run; "
-             "absolute numbers are compared only on the same hardware.\n"]
+             "absolute numbers are compared only on the same hardware. Each claim is judged from the newest whole "
+             "run of its task at the best scale; a killed run is used only where no whole one exists, and is "
+             "marked.\n"]
     for name, outcomes in by_paper.items():
         header = papers[name][0]
         parts.append(f"## {header.get('title', name)}\n\n`{name}` · {header.get('source', '')}\n\n"
@@ -267,15 +313,17 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     for stale in (out / "report" / "plots").glob("*.png"):
         stale.unlink()
     for task, (rows, used) in newest_rows_by_series(records).items():
-        title = ", ".join(sorted({f"{r.gpu_name} {r.scale}" for r in used}))
-        plots += plot_rows(task, rows, title, out / "report" / "plots")
+        title = ", ".join(sorted({f"{r.gpu_name} {r.scale}" + (f" ({r.status} run)" if r.status != "ok" else "")
+                                  for r in used}))
+        metrics = sorted({m for r in used for m in plotted_metrics(r)})
+        plots += plot_rows(task, rows, title, out / "report" / "plots", metrics)
     if plots:
         parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}](report/plots/{p.name})" for p in plots) + "\n")
     report = "\n".join(parts)
     replace_atomically(out / "REPORT.md", lambda tmp: tmp.write_text(report))
     write_csv(records, out / "report" / "rows.csv")
     if readme is not None and not update_readme(readme, summary_table(by_paper)):
-        problems.append(f"{readme} has no {README_START} … {README_END} markers; its table was not updated")
+        problems.append(f"{_rel(readme)} has no {README_START} … {README_END} markers; its table was not updated")
     return report, problems
 
 
@@ -295,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where REPORT.md, report/rows.csv and report/plots/ go")
     parser.add_argument("--readme", default=str(PROJECT_ROOT / "README.md"),
                         help="README whose results table is refreshed; --readme '' leaves it alone")
+    parser.add_argument("--allow-skipped", action="store_true",
+                        help="exit 0 even when some records could not be used (they are still listed)")
     args = parser.parse_args(argv)
     readme = Path(args.readme) if args.readme else None
     try:
@@ -305,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     for problem in problems:
         print(f"repro-report: {problem}", file=sys.stderr)
     print(f"wrote {_rel(args.out / 'REPORT.md')}, {_rel(args.out / 'report' / 'rows.csv')}")
+    if problems and not args.allow_skipped:
+        print(f"repro-report: {len(problems)} problem(s) above; --allow-skipped to accept them", file=sys.stderr)
+        return 1
     return 0
 
 

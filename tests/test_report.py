@@ -43,9 +43,12 @@ CLAIMS = textwrap.dedent("""
 """)
 
 
-def rec(task, scale, rows, started="2026-11-26T10:00:00+00:00", env=H100):
-    return RunRecord(task=task, paper="toy", scale=scale, claim_ids=[], config={}, overrides=[], env=dict(env),
-                     started=started, status="ok", rows=rows)
+PLOTS = {"bench": ["speedup", "tflops"], "train": ["accuracy", "tokens_per_s"]}
+
+
+def rec(task, scale, rows, started="2026-11-26T10:00:00+00:00", env=H100, status="ok"):
+    return RunRecord(task=task, paper="toy", scale=scale, claim_ids=[], config={"task": {"plot": PLOTS.get(task, [])}},
+                     overrides=[], env=dict(env), started=started, status=status, rows=rows)
 
 
 def row(metric, value, mode="fwd", provider="ours"):
@@ -85,6 +88,9 @@ def test_statuses_from_fixture_records(tree):
     assert line["later"].endswith("| not yet run |")
     assert line["no_provider"].endswith("| not yet run |") and "not_written_yet" in line["no_provider"]
     assert any("broken.json" in p for p in problems) and "broken.json" in report
+    from repro.report import _rel
+    from repro.context import PROJECT_ROOT
+    assert _rel(PROJECT_ROOT / "results" / "runs" / "x.json") == "results/runs/x.json"  # no local paths in the report
 
 
 def test_outputs_csv_plots_and_readme(tree):
@@ -100,12 +106,15 @@ def test_outputs_csv_plots_and_readme(tree):
 
 
 def test_cli_exit_codes(tree, capsys):
-    assert main(["--runs", str(tree / "runs"), "--published", str(tree / "published"), "--out",
-                 str(tree / "out"), "--readme", ""]) == 0
+    args = ["--runs", str(tree / "runs"), "--published", str(tree / "published"), "--out", str(tree / "out"),
+            "--readme", ""]
+    assert main(args) == 1  # a record it could not use: named on stderr, and the exit status says so
     assert "broken.json" in capsys.readouterr().err
+    assert main([*args, "--allow-skipped"]) == 0
+    (tree / "runs" / "broken.json").unlink()
+    assert main(args) == 0
     (tree / "published" / "bad.yaml").write_text("paper: bad\nclaims: [{id: x}]\n")
-    assert main(["--runs", str(tree / "runs"), "--published", str(tree / "published"), "--out",
-                 str(tree / "out"), "--readme", ""]) == 2
+    assert main(args) == 2
     assert "missing keys" in capsys.readouterr().err
 
 
@@ -152,5 +161,45 @@ def test_a_ratio_over_several_baselines_gets_one_plot_per_baseline(tmp_path):
 
     rows = [speedup("ours", n, base, v) for n in (1, 2) for base, v in (("eager", 3.0), ("megatron", 1.5))]
     rows.append(Row("ours", "n", 1, "tokens_per_s", "tokens/s", 10.0))
-    names = sorted(p.name for p in plot_rows("bench", rows, "t", tmp_path))
+    names = sorted(p.name for p in plot_rows("bench", rows, "t", tmp_path, ["speedup", "tokens_per_s"]))
     assert names == ["bench_speedup_vs_eager.png", "bench_speedup_vs_megatron.png", "bench_tokens_per_s.png"]
+
+
+def test_a_killed_newer_record_never_displaces_a_complete_one(tree):
+    runs = tree / "runs" / "toy" / "bench"
+    cut_short = rec("bench", "small", [row("speedup", 0.5)], started="2026-12-01T00:00:00+00:00", status="killed")
+    save_record(cut_short, runs / "killed.json")
+    report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
+    fast = next(line for line in report.splitlines() if "toy:fast," in line)
+    assert "3.5x" in fast and "killed" not in fast
+    only_killed = rec("train", "paper", [row("accuracy", 61.0)], started="2026-12-01T00:00:00+00:00",
+                      status="killed")
+    save_record(only_killed, tree / "runs" / "toy" / "train" / "killed.json")
+    report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
+    quality = next(line for line in report.splitlines() if "toy:quality," in line)
+    assert "killed run" in quality and quality.endswith("| reproduced |")  # used, since no whole run exists
+
+
+def test_largest_x_within_quality_of_the_reference():
+    from repro.claims import _parse_claim
+    from repro.report import claim_value
+
+    claim = _parse_claim("toy", "c", {
+        "id": "c", "claim": "5x smaller at equal quality", "value": 5, "unit": "x", "higher_is_better": True,
+        "hardware": "n/a", "setting": "s", "source": "s", "verified": True, "task": "kv",
+        "compare": {"kind": "ratio", "metric": "perplexity", "providers": ["ours"], "aggregate": "largest_x_within",
+                    "quality": {"reference": "full", "tolerance": 0.05, "higher_is_better": False}}})
+
+    def ppl(provider, x, value):
+        return Row(provider, "kv_compression", x, "perplexity", "ppl", value)
+    record = rec("kv", "paper", [ppl("full", 1, 10.0), ppl("ours", 2, 10.2), ppl("ours", 4, 10.49),
+                                 ppl("ours", 5, 10.51), ppl("ours", 10, 30.0)])
+    value, unit, detail = claim_value(claim, record)
+    assert value == 4 and unit == "x" and "within" in detail
+    record.rows = [ppl("full", 1, 10.0), ppl("ours", 2, 11.0)]
+    assert claim_value(claim, record)[0] is None
+    raw = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_better": True, "hardware": "n/a",
+           "setting": "s", "source": "s", "verified": True, "task": "kv",
+           "compare": {"kind": "ratio", "metric": "perplexity", "providers": ["ours"], "aggregate": "largest_x_within"}}
+    with pytest.raises(ValueError, match="largest_x_within"):
+        _parse_claim("toy", "c", raw)  # the aggregate needs its quality block
