@@ -19,7 +19,7 @@ from .flash_attn import flash_attn
 NAME = "effrepro"
 
 
-def _key_padding_mask(mask: torch.Tensor, causal: bool) -> torch.Tensor | None:
+def key_padding_mask_of(mask: torch.Tensor, causal: bool) -> torch.Tensor | None:
     """The (batch, Nk) key mask behind a (batch, 1, Nq, Nk) boolean mask, after checking that causality and
     key padding are all that mask holds."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
@@ -42,7 +42,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention signature: (batch, heads, seq, head_dim) in, (batch, seq, heads, head_dim) out."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     causal = bool(causal) and query.shape[2] > 1
-    kpm = _key_padding_mask(attention_mask, causal) if attention_mask is not None else None
+    kpm = key_padding_mask_of(attention_mask, causal) if attention_mask is not None else None
     out = flash_attn(query, key, value, causal=causal, softmax_scale=scaling, dropout_p=dropout,
                      key_padding_mask=kpm)
     return out.transpose(1, 2).contiguous(), None

@@ -52,10 +52,10 @@ def test_matches_eager_with_padding(kind):
 
 
 def test_an_unsupported_mask_pattern_is_an_error():
-    from kernels.hf_attention import _key_padding_mask
+    from kernels.hf_attention import key_padding_mask_of
 
     mask = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
     mask[0, 0, 5, 0] = False  # a sliding window, which the kernel does not do
     with pytest.raises(ValueError, match="causal and key-padding"):
-        _key_padding_mask(mask, causal=True)
-    assert _key_padding_mask(torch.ones(1, 1, 6, 6, dtype=torch.bool).tril(), causal=True) is None
+        key_padding_mask_of(mask, causal=True)
+    assert key_padding_mask_of(torch.ones(1, 1, 6, 6, dtype=torch.bool).tril(), causal=True) is None

@@ -34,7 +34,20 @@ def test_every_attention_gives_a_finite_loss_and_gradients(attention):
     m = model(attention, pair=True)
     out = m(**batch(pair=True))
     out.loss.backward()
-    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert torch.isfinite(out.loss)
+    for name, p in m.named_parameters():  # every weight, the attention's own included, is trained
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_padding_changes_no_prediction(attention):
+    m = model(attention).eval()
+    inputs = batch()
+    other = dict(inputs, input_ids=inputs["input_ids"].masked_fill(~inputs["real"], 7))  # other padded tokens
+    with torch.no_grad():
+        a, b = m(**inputs).logits, m(**other).logits
+    assert not torch.equal(other["input_ids"], inputs["input_ids"])
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_flash_matches_standard_attention_with_padding():
@@ -42,6 +55,25 @@ def test_flash_matches_standard_attention_with_padding():
     with torch.no_grad():
         a, b = ref(**batch()).logits, ours(**batch()).logits
     torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+
+
+def test_linformer_with_identity_projections_matches_standard_attention_with_padding():
+    ref = model("standard").eval()
+    torch.manual_seed(0)
+    ours = LRAClassifier(vocab=20, classes=3, seq_len=40, dim=32, heads=2, depth=2, mlp_dim=32,
+                         attention="linformer", linformer_k=40).to(DEVICE).eval()
+    missing = ours.load_state_dict(ref.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(f"blocks.{i}.attn.attend.{p}" for i in range(2) for p in "ef")
+    with torch.no_grad():
+        for block in ours.blocks:
+            block.attn.attend.e.copy_(torch.eye(40))
+            block.attn.attend.f.copy_(torch.eye(40))
+        torch.testing.assert_close(ours(**batch()).logits, ref(**batch()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_attention_is_an_error():
+    with pytest.raises(ValueError, match="attention='performer' is not one of"):
+        model("performer")
 
 
 def test_position_table_grows_on_its_grid():
@@ -68,15 +100,30 @@ def test_speedups_and_their_geometric_mean():
     assert out[("standard", "speedup_geomean", 2)] == 1.0
 
 
-def test_pathx_recipe_pretrains_on_path64_and_grows_the_positions(tmp_path):
-    from conftest import run_repro
-    out = run_repro("task=pathx", "logger=none", f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/o",
-                    "lra.pretrain={task: path64, steps: 1}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    import json
-    rows = json.loads((tmp_path / "record.json").read_text())["rows"]
-    stages = {r["extra"]["lra_task"] for r in rows if r["metric"] == "val_accuracy"}
-    assert stages == {"path64", "pathx"}
+def test_pathx_recipe_starts_from_the_pretrained_model_with_its_positions_grown(compose, tmp_path):
+    from repro.context import RunContext
+    from tasks.lra.train_lra import candidates
+
+    cfg = compose("task=pathx", "lra.pretrain={task: path64, steps: 1}", f"paths.cache={tmp_path}")
+    ctx = RunContext(torch.device("cpu"), "smoke", 0, tmp_path, {})
+    (candidate,) = candidates(cfg, ctx, tmp_path)
+    assert candidate.spec.steps == 1 and len(candidate.then) == 1
+    pretrained = candidate.build()
+    assert pretrained.extra["lra_task"] == "path64" and pretrained.model.position.weight.shape[0] == 64 * 64
+    with torch.no_grad():  # stands for the pre-training: weights the fresh Path-X model cannot have by chance
+        for p in pretrained.model.parameters():
+            p.add_(torch.randn_like(p))
+    trained = {k: v.clone() for k, v in pretrained.model.state_dict().items()}
+    grown = candidate.then[0].build(pretrained)
+    assert grown.extra["lra_task"] == "pathx"
+    state = grown.model.state_dict()
+    assert state["position.weight"].shape[0] == 128 * 128
+    for name, value in trained.items():
+        if name != "position.weight":
+            assert torch.equal(state[name], value), name
+    side = torch.nn.functional.interpolate(trained["position.weight"].T.reshape(1, -1, 64, 64), size=(128, 128),
+                                           mode="bilinear", align_corners=False)
+    torch.testing.assert_close(state["position.weight"], side.reshape(trained["position.weight"].shape[1], -1).T)
 
 
 def test_a_step_is_split_into_micro_batches_without_changing_its_examples(compose, tmp_path):
@@ -87,7 +134,7 @@ def test_a_step_is_split_into_micro_batches_without_changing_its_examples(compos
         cfg = compose("task=lra_retrieval", "lra.attention=[standard]", "lra.batch=4", "train.grad_accum=2",
                       f"lra.micro_batch.retrieval={micro}", f"paths.cache={tmp_path}")
         ctx = RunContext(torch.device("cpu"), "smoke", 0, tmp_path, {})
-        (candidate,) = candidates(cfg, ctx, tmp_path, ["retrieval"])
+        (candidate,) = candidates(cfg, ctx, tmp_path)
         trainee = candidate.build()
         return trainee.batches(0, 0, 1), trainee.tokens_per_step
 

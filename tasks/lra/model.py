@@ -1,14 +1,17 @@
 """The Long Range Arena transformer: token and learned position embeddings, pre-norm encoder blocks, mean
 pooling over real tokens, a classifier; Retrieval encodes two documents with one tower and classifies the
-pair. The attention is the swept choice:
+pair. The attention is the swept choice, one of ATTENTIONS:
 
 - `standard`: softmax(QKᵀ)V written out, materialising the N×N matrix (the paper's baseline);
 - `flash`: our FlashAttention kernel;
 - `flash_sparse`: our kernel skipping the zero blocks of the butterfly block mask (the paper's pattern);
 - `linformer`: keys and values projected along the sequence to `linformer_k` rows (Wang et al. 2020).
+
+Each is a module computing attention from q, k, v (batch, heads, seq, head_dim) and the real-token mask.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from types import SimpleNamespace
 
@@ -16,60 +19,81 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import BlockSparseLayout, butterfly_block_mask, flash_attn
+from kernels import BlockSparseLayout, attention_reference, butterfly_block_mask, flash_attn
+from tasks.common.linformer import LinformerAttention
 
-ATTENTIONS = ("standard", "flash", "flash_sparse", "linformer")
+
+class StandardAttention(nn.Module):
+    """The N×N score matrix in memory (kernels' plain reference)."""
+
+    def forward(self, q, k, v, real, dropout_p=0.0):
+        return attention_reference(q, k, v, key_padding_mask=real, dropout_p=dropout_p)
+
+
+class FlashAttention(nn.Module):
+    """Our exact kernel; a subclass narrows it to a block-sparse pattern through `sparsity`."""
+
+    def forward(self, q, k, v, real, dropout_p=0.0):
+        padding = None if bool(real.all()) else real
+        return flash_attn(q, k, v, dropout_p=dropout_p, key_padding_mask=padding, **self.sparsity(q))
+
+    def sparsity(self, q: torch.Tensor) -> dict:
+        return {}
+
+
+class ButterflyFlashAttention(FlashAttention):
+    """Our kernel skipping the blocks outside the butterfly pattern, sized for `seq_len` tokens."""
+
+    def __init__(self, seq_len: int, block_size: int = 128):
+        super().__init__()
+        blocks = math.ceil(seq_len / block_size)
+        self.block_size = block_size
+        self.register_buffer("block_mask", butterfly_block_mask(blocks, blocks), persistent=False)
+        self._layout, self._shape = None, None
+
+    def sparsity(self, q):
+        # the kernel's layout of the mask, built once per device and (batch, heads)
+        shape = (q.device, *q.shape[:2])
+        if self._shape != shape:
+            self._layout, self._shape = BlockSparseLayout(self.block_mask, *q.shape[:2], self.block_size), shape
+        return dict(block_mask=self._layout, block_size=self.block_size)
+
+
+ATTENTIONS = {"standard": StandardAttention, "flash": FlashAttention, "flash_sparse": ButterflyFlashAttention,
+              "linformer": LinformerAttention}
+
+
+def build_attention(name: str, **settings) -> nn.Module:
+    """The attention called `name`, built as Hydra builds a `_target_`: its class takes, from the model
+    config's `settings`, the ones that are its own parameters (the others belong to other attentions)."""
+    if name not in ATTENTIONS:
+        raise ValueError(f"attention={name!r} is not one of {list(ATTENTIONS)}")
+    cls = ATTENTIONS[name]
+    own = inspect.signature(cls).parameters
+    return cls(**{key: value for key, value in settings.items() if key in own})
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, kind: str, seq_len: int, linformer_k: int, block_size: int,
-                 dropout: float):
+    """Multi-head self-attention: the q, k, v and output projections around one of ATTENTIONS."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, attention: nn.Module):
         super().__init__()
-        if kind not in ATTENTIONS:
-            raise ValueError(f"attention={kind!r} is not one of {ATTENTIONS}")
-        self.kind, self.heads, self.dropout, self.block_size = kind, heads, dropout, block_size
+        self.heads, self.dropout, self.attend = heads, dropout, attention
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
-        if kind == "linformer":
-            self.project_k = nn.Linear(seq_len, linformer_k, bias=False)
-            self.project_v = nn.Linear(seq_len, linformer_k, bias=False)
-        if kind == "flash_sparse":
-            blocks = math.ceil(seq_len / block_size)
-            self.register_buffer("block_mask", butterfly_block_mask(blocks, blocks), persistent=False)
-            self._layout = None
 
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         b, n, dim = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        p = self.dropout if self.training else 0.0
-        if self.kind == "standard":
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-            scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
-            attn = F.dropout(scores.softmax(-1).nan_to_num(0.0), p)
-            y = attn @ v
-        elif self.kind == "linformer":
-            keep = real[:, None, :, None].to(k.dtype)  # padding contributes nothing to the projections
-            k = self.project_k((k * keep).transpose(-1, -2)).transpose(-1, -2)
-            v = self.project_v((v * keep).transpose(-1, -2)).transpose(-1, -2)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        else:
-            kpm = None if bool(real.all()) else real
-            block_mask = None
-            if self.kind == "flash_sparse":
-                if self._layout is None or self._layout.mask.device != x.device or self._batch != (b, self.heads):
-                    self._layout, self._batch = BlockSparseLayout(self.block_mask, b, self.heads, self.block_size), \
-                        (b, self.heads)
-                block_mask = self._layout
-            y = flash_attn(q, k, v, dropout_p=p, key_padding_mask=kpm, block_mask=block_mask,
-                           block_size=self.block_size)
+        y = self.attend(q, k, v, real, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, n, dim))
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, mlp_dim: int, dropout: float, **attention):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, attention: nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, dropout=dropout, **attention)
+        self.attn = SelfAttention(dim, heads, dropout, attention)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
         self.drop = nn.Dropout(dropout)
 
@@ -85,8 +109,9 @@ class LRAClassifier(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.position = nn.Embedding(seq_len, dim)
-        self.blocks = nn.ModuleList(Block(dim, mlp_dim, dropout, heads=heads, kind=attention, seq_len=seq_len,
-                                          linformer_k=linformer_k, block_size=block_size) for _ in range(depth))
+        settings = dict(seq_len=seq_len, k=linformer_k, block_size=block_size)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, build_attention(attention, **settings))
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         features = 4 * dim if pair else dim
         self.head = nn.Sequential(nn.Linear(features, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, classes))
