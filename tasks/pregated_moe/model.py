@@ -1,0 +1,305 @@
+"""A Switch-shaped mixture-of-experts language model in plain PyTorch, for the Pre-gated MoE reproduction.
+
+Decoder-only causal LM: pre-norm blocks of causal self-attention and a feed-forward layer; the feed-forward of
+every `moe_every`-th block is a mixture of experts (Switch Transformers put one in every other layer, and so does
+the paper's artifact). Routing is Switch's: a softmax gate sends each token to its top-k experts, each chosen
+expert's output is scaled by its gate probability (which is what trains the gate), and an auxiliary loss balances
+the load. There is no expert capacity: no token is ever dropped, so routing is the same at any batch size.
+
+With `pregate=True` the gate of MoE block N, reading block N's input, chooses the experts of MoE block N+1 (the
+paper's pre-gate), so that block N+1's experts are known one block early and can be copied to the GPU while block
+N computes. The first MoE block also has an ordinary gate for itself; the last has no pre-gate.
+
+Written here rather than taken from transformers: transformers' Switch model is an encoder-decoder whose MoE layer
+gives no hook between routing and expert compute, which is where the offloading runtime (offload.py) steps in.
+`load_switch_weights` brings a transformers Switch model's expert and router weights over.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# d_model, d_ff, layers, heads. The expert sizes are Switch's; layers and heads those of its T5 stacks.
+SIZES = {
+    "tiny": (32, 64, 4, 2),
+    "switch-base": (768, 3072, 12, 12),
+    "switch-large": (1024, 4096, 24, 16),
+}
+
+
+@dataclass
+class MoEConfig:
+    d_model: int = 32
+    d_ff: int = 64
+    n_layer: int = 4
+    n_head: int = 2
+    n_experts: int = 8
+    top_k: int = 1
+    pregate: bool = False
+    moe_every: int = 2  # blocks moe_every-1, 2*moe_every-1, ... have experts (Switch: 1, 3, 5, ...)
+    vocab_size: int = 32128  # Switch's (T5's) vocabulary
+    max_len: int = 1024
+    aux_loss_coef: float = 0.01  # Switch's alpha, per gate
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
+        if not 1 <= self.moe_every <= self.n_layer:
+            raise ValueError(f"moe_every={self.moe_every} must be between 1 and n_layer={self.n_layer}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
+
+    @classmethod
+    def of_size(cls, size: str, **overrides) -> "MoEConfig":
+        if size not in SIZES:
+            raise ValueError(f"size={size!r} is not one of {list(SIZES)}")
+        d_model, d_ff, n_layer, n_head = SIZES[size]
+        return cls(**{**dict(d_model=d_model, d_ff=d_ff, n_layer=n_layer, n_head=n_head), **overrides})
+
+
+@dataclass
+class Routing:
+    """One gate's decision for a batch of tokens."""
+
+    experts: torch.Tensor  # (tokens, top_k) chosen expert ids
+    weights: torch.Tensor  # (tokens, top_k) their gate probabilities, which scale the experts' outputs
+    aux_loss: torch.Tensor  # the gate's load-balancing loss
+
+
+def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Switch's auxiliary loss, n_experts · Σ_i f_i · P_i: f_i the fraction of routing choices that went to expert
+    i, P_i the mean gate probability of expert i. 1 when balanced. With top_k > 1, f counts all k choices of
+    each token and still sums to 1, so the loss keeps its scale."""
+    n_experts = probs.shape[-1]
+    f = F.one_hot(experts, n_experts).float().mean((0, 1))
+    return n_experts * (f * probs.mean(0)).sum()
+
+
+class Gate(nn.Module):
+    def __init__(self, d_model: int, n_experts: int, top_k: int):
+        super().__init__()
+        self.classifier = nn.Linear(d_model, n_experts, bias=False)  # the name transformers' Switch router uses
+        self.top_k = top_k
+
+    def forward(self, h: torch.Tensor) -> Routing:
+        probs = self.classifier(h).float().softmax(-1)  # float32, as Switch keeps its router
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return Routing(experts, weights, load_balancing_loss(probs, experts))
+
+
+def active_experts(routing: Routing) -> list[int]:
+    """The experts a routing uses, ascending (this reads the routing back to the host)."""
+    return routing.experts.unique().tolist()
+
+
+def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.relu(F.linear(x, w_in)), w_out)  # Switch's expert: wi, ReLU, wo, no biases
+
+
+def mix_experts(h: torch.Tensor, routing: Routing, active: list[int], weights_of) -> torch.Tensor:
+    """Σ over each token's chosen experts of gate probability × expert output. `weights_of(e)` gives expert e's
+    (w_in, w_out) wherever they are (the model's own tensors or an offloading slot); the experts go in ascending
+    order whatever the source, so every strategy adds in the same order and gives the same bits."""
+    out = torch.zeros_like(h)
+    for e in active:
+        token, choice = (routing.experts == e).nonzero(as_tuple=True)
+        y = expert_ffn(h[token], *weights_of(e)) * routing.weights[token, choice, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+def span(offload, kind: str, index: int):
+    """The offloading runtime's timing span (see offload.py), or nothing when running without one."""
+    return nullcontext() if offload is None else offload.span(kind, index)
+
+
+class SwitchFFN(nn.Module):
+    """The experts of one MoE block and the gates it runs. The experts of a block are two stacked tensors, so that
+    one expert is one slice of each: what the offloading runtime copies."""
+
+    def __init__(self, cfg: MoEConfig, moe_index: int, n_moe: int):
+        super().__init__()
+        self.moe_index = moe_index
+        self.w_in = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_ff, cfg.d_model))
+        self.w_out = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_ff))
+        self.gate = Gate(cfg.d_model, cfg.n_experts, cfg.top_k) if not cfg.pregate or moe_index == 0 else None
+        self.pregate = Gate(cfg.d_model, cfg.n_experts, cfg.top_k) if cfg.pregate and moe_index < n_moe - 1 else None
+
+    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w_in[e], self.w_out[e]
+
+    def forward(self, h: torch.Tensor, carried: Routing | None, offload=None):
+        """h: (tokens, d_model). `carried`: this block's routing, chosen by the previous MoE block's pre-gate.
+        Returns the output, the routing of the next MoE block (None without a pre-gate) and the gates' aux loss."""
+        routing = self.gate(h) if self.gate is not None else carried
+        next_routing = self.pregate(h) if self.pregate is not None else None
+        if offload is None:
+            active, weights_of = active_experts(routing), self.expert_weights
+        else:
+            active, weights_of = offload.fetch(self.moe_index, routing, next_routing)
+        # The loss of each gate run here; a carried routing's was counted by the block whose pre-gate chose it.
+        ran = ([routing] if self.gate is not None else []) + ([next_routing] if next_routing is not None else [])
+        aux = sum(r.aux_loss for r in ran)
+        return mix_experts(h, routing, active, weights_of), next_routing, aux
+
+
+class KVCache:
+    """Keys and values of every attention layer for the positions seen so far, in buffers allocated once."""
+
+    def __init__(self, cfg: MoEConfig, batch: int, max_len: int, device, dtype: torch.dtype):
+        if max_len > cfg.max_len:
+            raise ValueError(f"a cache of {max_len} positions exceeds the model's max_len={cfg.max_len}")
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.d_model // cfg.n_head)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled; the model advances it after each forward
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[2]
+        if end > self.keys.shape[3]:
+            raise ValueError(f"the cache holds {self.keys.shape[3]} positions; {end} were asked for")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: MoEConfig, index: int):
+        super().__init__()
+        self.index, self.n_head = index, cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.update(self.index, k, v)
+        n = k.shape[2]
+        # New queries see every cached key and the new keys up to their own position.
+        mask = None if t == 1 or t == n else torch.ones(t, n, dtype=torch.bool, device=x.device).tril(n - t)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t > 1 and t == n)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MoEConfig, index: int, moe_index: int | None, n_moe: int):
+        super().__init__()
+        self.index = index
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg, index)
+        self.moe = moe_index is not None
+        self.ffn = SwitchFFN(cfg, moe_index, n_moe) if self.moe else nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_ff, bias=False), nn.ReLU(), nn.Linear(cfg.d_ff, cfg.d_model, bias=False))
+
+    def forward(self, x, carried, cache, offload):
+        x = x + self.attn(self.norm1(x), cache)
+        h = self.norm2(x)
+        if not self.moe:
+            return x + self.ffn(h), carried, 0.0
+        with span(offload, "moe", self.ffn.moe_index):
+            y, carried, aux = self.ffn(h.flatten(0, 1), carried, offload)
+        return x + y.view_as(x), carried, aux
+
+
+class SwitchLM(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.config = cfg
+        moe_blocks = [i for i in range(cfg.n_layer) if i % cfg.moe_every == cfg.moe_every - 1]
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.position = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(cfg, i, moe_blocks.index(i) if i in moe_blocks else None, len(moe_blocks))
+            for i in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight
+        for p in self.parameters():
+            if p.dim() > 1:  # norms keep their ones
+                nn.init.normal_(p, std=0.02)
+
+    @property
+    def moe_layers(self) -> list[SwitchFFN]:
+        return [b.ffn for b in self.blocks if b.moe]
+
+    def non_embedding_params(self) -> int:
+        """The weights one token multiplies (what `repro.train.model_flops_per_token` counts): all but the
+        embeddings, with only top_k of the n_experts experts of each MoE block."""
+        cfg = self.config
+        embeddings = self.embed.weight.numel() + self.position.weight.numel()
+        experts = sum(f.w_in.numel() + f.w_out.numel() for f in self.moe_layers)
+        total = sum(p.numel() for p in self.parameters())
+        return total - embeddings - experts + experts * cfg.top_k // cfg.n_experts
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None,
+                offload=None) -> SimpleNamespace:
+        """Logits of every position; with `labels` (the input ids themselves: they are shifted here) the loss,
+        next-token cross-entropy plus aux_loss_coef × the gates' load-balancing losses. `offload`: the runtime
+        that supplies expert weights at inference (offload.py)."""
+        t = input_ids.shape[1]
+        start = 0 if cache is None else cache.length
+        if start + t > self.config.max_len:
+            raise ValueError(f"positions up to {start + t} exceed max_len={self.config.max_len}")
+        x = self.embed(input_ids) + self.position(torch.arange(start, start + t, device=input_ids.device))
+        carried, aux_loss = None, 0.0
+        for block in self.blocks:
+            with span(offload, "block", block.index):
+                x, carried, aux = block(x, carried, cache, offload)
+            aux_loss = aux_loss + aux
+        if cache is not None:
+            cache.length += t
+        logits = self.lm_head(self.norm(x))
+        out = SimpleNamespace(logits=logits, aux_loss=aux_loss, loss=None, lm_loss=None)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+            out.loss = out.lm_loss + self.config.aux_loss_coef * aux_loss
+        return out
+
+
+def _copy_weight(dst: torch.Tensor, state_dict: dict, name: str) -> None:
+    if name not in state_dict:
+        raise ValueError(f"{name!r} is missing from the state dict")
+    src = state_dict[name]
+    if src.shape != dst.shape:
+        raise ValueError(f"{name!r} has shape {tuple(src.shape)}; the model expects {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+@torch.no_grad()
+def load_switch_weights(model: SwitchLM, state_dict: dict, stack: str = "decoder") -> None:
+    """Copy the expert and router weights of one stack of a transformers `SwitchTransformersForConditionalGeneration`
+    (names `{stack}.block.{i}.layer.{j}.mlp.router.classifier.weight` and `...mlp.experts.expert_{e}.{wi,wo}.weight`,
+    any prefix) into `model`'s MoE blocks, in order. Attention, norms and dense feed-forwards are not mapped.
+
+    A pre-gated model gets the artifact's emulation of pre-gating: the pre-gate of MoE block N is Switch's router of
+    block N, so block N's own routing decision is used for block N+1; the first block's gate is its own router too.
+    """
+    if stack not in ("encoder", "decoder"):
+        raise ValueError(f"stack={stack!r} is not 'encoder' or 'decoder'")
+    pattern = re.compile(rf"(?:^|\.){stack}\.block\.(\d+)\.layer\.\d+\.mlp\.router\.classifier\.weight$")
+    routers = sorted((int(m[1]), name) for name in state_dict if (m := pattern.search(name)))
+    layers, cfg = model.moe_layers, model.config
+    if not routers:
+        raise ValueError(f"no {stack} router weights in the state dict (names like "
+                         f"'{stack}.block.1.layer.1.mlp.router.classifier.weight')")
+    if len(routers) != len(layers):
+        raise ValueError(f"the state dict's {stack} has {len(routers)} MoE blocks; the model has {len(layers)}")
+    n_experts = state_dict[routers[0][1]].shape[0]
+    if n_experts != cfg.n_experts:
+        raise ValueError(f"the state dict has {n_experts} experts per MoE block; the model has "
+                         f"n_experts={cfg.n_experts}")
+    for ffn, (_, router) in zip(layers, routers):
+        prefix = router.removesuffix("router.classifier.weight")
+        for e in range(n_experts):
+            _copy_weight(ffn.w_in[e], state_dict, f"{prefix}experts.expert_{e}.wi.weight")
+            _copy_weight(ffn.w_out[e], state_dict, f"{prefix}experts.expert_{e}.wo.weight")
+        for gate in (ffn.gate, ffn.pregate):
+            if gate is not None:
+                _copy_weight(gate.classifier.weight, state_dict, router)

@@ -1,0 +1,379 @@
+"""Expert offloading for inference: the four strategies the Pre-gated MoE paper compares, behind one runtime.
+
+- `gpu_only`: every expert resident on the device (the paper's upper bound);
+- `on_demand`: experts in pinned host memory; after a block's gate, its chosen experts are copied to the device,
+  then computed (MoE-OnDemand);
+- `prefetch_all`: while MoE block N runs, every expert of block N+1 is copied (MoE-Prefetch);
+- `pregated`: block N's pre-gate has chosen block N+1's experts; they are copied on a second CUDA stream while
+  block N computes, and block N+1 waits for them through CUDA events. The first MoE block fetches on demand, the
+  last prefetches nothing (as in the artifact).
+
+Copies land in a fixed pool of device slots shared by all MoE blocks. The pool is also a cache over (block,
+expert), with an lru or lfu policy: an expert still resident is not copied again (beyond the paper, whose default
+runs copy every time; its artifact has LFU/LRU caches for Figure 15).
+
+Everything a run records is here: bytes and copies host-to-device, cache hits and misses, and a `Span` (two
+`Marker`s: CUDA events on the stream where the work ran) for every transformer block, MoE block, stall of the
+compute stream and expert copy, from which `copy_time_hidden` tells how much copy time ran under compute.
+
+On a CPU the same logic runs: "device" and "host" are the same memory, copies are real tensor copies, there is
+one stream, waits do nothing and markers read the wall clock. Every strategy gives gpu_only's outputs bit for bit.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import KVCache, Routing, SwitchLM, active_experts
+
+STRATEGIES = ("gpu_only", "on_demand", "prefetch_all", "pregated")
+CACHE_POLICIES = ("lru", "lfu")
+
+
+class Marker:
+    """A point on a stream: a CUDA event (what other streams wait on, and what times the work) on a GPU; the wall
+    clock on a CPU, where there is one stream and nothing to wait for."""
+
+    def __init__(self, device: torch.device, stream: torch.cuda.Stream | None = None):
+        self.event = self.stream = self.time = None
+        if device.type == "cuda":
+            self.stream = stream if stream is not None else torch.cuda.current_stream(device)
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record(self.stream)
+        else:
+            self.time = time.perf_counter()
+
+    def wait(self) -> None:
+        """Make the current stream wait until this point."""
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+
+    def ms_since(self, origin: "Marker") -> float:
+        """Milliseconds from `origin` to here (on a GPU, once both have run: synchronise first)."""
+        if self.event is not None:
+            return origin.event.elapsed_time(self.event)
+        return (self.time - origin.time) * 1e3
+
+
+@dataclass
+class Span:
+    """A stretch of work between two markers. Kinds: "block" (a transformer block), "moe" (an MoE feed-forward,
+    gates to output: the paper's MoE-block latency), "stall" (inside an MoE block, the compute stream waiting for
+    the routing to reach the host and for copies), "copy" (one expert, host to device, on the copy stream)."""
+
+    kind: str
+    index: int  # the transformer block for "block"; otherwise the MoE block (0 is the first MoE block)
+    forward: int  # which forward call of the runtime (in a generation, the step)
+    start: Marker
+    end: Marker
+    expert: int | None = None  # copies: which expert
+    issued_during: int | None = None  # copies: the MoE block that was running when the copy was issued
+
+    def ms(self) -> float:
+        return self.end.ms_since(self.start)
+
+
+def _overlap_ms(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> float:
+    """Total length of the intersection of two sets of intervals, each set's intervals disjoint."""
+    xs, ys = sorted(xs), sorted(ys)
+    i = j = 0
+    total = 0.0
+    while i < len(xs) and j < len(ys):
+        total += max(0.0, min(xs[i][1], ys[j][1]) - max(xs[i][0], ys[j][0]))
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def copy_time_hidden(spans: list[Span]) -> tuple[float, float]:
+    """(copy time, the part of it during which the compute stream computed), in ms. Computing = inside a block but
+    not stalled; stalls lie inside blocks, and the spans of one kind never overlap (one stream each)."""
+    if not spans:
+        return 0.0, 0.0
+    origin = spans[0].start
+
+    def intervals(kind):
+        return [(s.start.ms_since(origin), s.end.ms_since(origin)) for s in spans if s.kind == kind]
+
+    copies = intervals("copy")
+    hidden = _overlap_ms(copies, intervals("block")) - _overlap_ms(copies, intervals("stall"))
+    return sum(b - a for a, b in copies), hidden
+
+
+def min_slots(strategy: str, n_experts: int, top_k: int, tokens: int) -> int:
+    """The fewest device slots a strategy can run with: the experts one MoE block can select for `tokens` tokens
+    (every expert for prefetch_all), for one block at a time (on_demand) or for two, the running block and the next
+    one being fetched (prefetch_all, pregated)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+    if strategy == "gpu_only":
+        return 0
+    per_block = n_experts if strategy == "prefetch_all" else min(n_experts, tokens * top_k)
+    return per_block * (1 if strategy == "on_demand" else 2)
+
+
+class SlotCache:
+    """Which (MoE block, expert) each device slot holds, and which to evict: a free slot if any, else among the
+    slots not pinned (in use or being fetched) the least recently used (lru) or the least often requested over the
+    whole run, then least recently used (lfu). A linear scan: pools are at most a few hundred slots."""
+
+    def __init__(self, n_slots: int, policy: str):
+        if policy not in CACHE_POLICIES:
+            raise ValueError(f"cache={policy!r} is not one of {CACHE_POLICIES}")
+        self.policy = policy
+        self.holder: list[tuple[int, int] | None] = [None] * n_slots
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.last_use = [0] * n_slots
+        self.requests: Counter = Counter()
+        self.clock = self.hits = self.misses = 0
+
+    def request(self, key: tuple[int, int], pinned: set) -> tuple[int, bool]:
+        """The slot for `key` and whether it was already there; on a miss the caller fills the slot."""
+        self.clock += 1
+        self.requests[key] += 1
+        hit = key in self.slot_of
+        if hit:
+            slot = self.slot_of[key]
+            self.hits += 1
+        else:
+            slot = self._victim(pinned)
+            self.slot_of.pop(self.holder[slot], None)
+            self.holder[slot], self.slot_of[key] = key, slot
+            self.misses += 1
+        self.last_use[slot] = self.clock
+        return slot, hit
+
+    def _victim(self, pinned: set) -> int:
+        if None in self.holder:
+            return self.holder.index(None)
+        free = [s for s, key in enumerate(self.holder) if key not in pinned]
+        if not free:
+            raise ValueError(f"all {len(self.holder)} slots hold pinned experts; none can be evicted")
+        if self.policy == "lru":
+            return min(free, key=lambda s: self.last_use[s])
+        return min(free, key=lambda s: (self.requests[self.holder[s]], self.last_use[s]))
+
+
+@dataclass
+class Stats:
+    tokens: int = 0  # tokens processed (batch × new positions, summed over forwards)
+    forwards: int = 0
+    copies: int = 0  # experts copied host to device
+    bytes_copied: int = 0
+    moe_blocks: int = 0  # MoE blocks run, summed over forwards
+    active_experts: int = 0  # experts those blocks used, summed
+    max_active_experts: int = 0  # the most one block used
+    spans: list[Span] = field(default_factory=list)
+
+
+class ExpertOffload:
+    """Runs a `SwitchLM` for inference with its experts placed by `strategy`.
+
+    It takes the model over: for gpu_only the whole model moves to `device`; otherwise everything but the experts
+    does, and the experts move to pinned host memory (pageable, with a warning and `pin_warning` set, if pinning
+    fails). `slots`: the device pool, by default the fewest a batch of one token needs (`min_slots`); a forward with
+    more tokens than the pool allows is refused with a ValueError. `record_events=False` records no spans (for
+    timing without the events' own cost); the counters are always kept.
+    """
+
+    def __init__(self, model: SwitchLM, strategy: str, device, slots: int | None = None, cache: str = "lru",
+                 record_events: bool = True):
+        cfg = model.config
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+        if strategy == "pregated" and not cfg.pregate:
+            raise ValueError("strategy 'pregated' needs a model built with pregate=True (its blocks' pre-gates "
+                             "choose the next block's experts)")
+        self.model, self.strategy, self.device = model.eval(), strategy, torch.device(device)
+        self.layers = model.moe_layers
+        if strategy == "gpu_only":
+            slots = 0
+        elif slots is None:
+            slots = min_slots(strategy, cfg.n_experts, cfg.top_k, tokens=1)
+        self.n_slots = slots
+        self.cache = SlotCache(self.n_slots, cache)
+        self.record_events = record_events
+        self.stats = Stats()
+        self.requested: dict[int, set[int]] = {}  # MoE block -> experts requested for it; pinned until it has run
+        self.pin_warning: str | None = None
+        self._check_slots(tokens=1)
+        self.expert_bytes = self.layers[0].w_in[0].nbytes + self.layers[0].w_out[0].nbytes if self.layers else 0
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.ready: list[Marker | None] = [None] * self.n_slots  # where each slot's last copy ends
+        experts = {id(p) for f in self.layers for p in (f.w_in, f.w_out)}
+        for p in model.parameters():  # one at a time, so that pinning holds at most one extra tensor
+            offloaded = strategy != "gpu_only" and id(p) in experts
+            p.data = self._host_copy(p.data) if offloaded else p.data.to(self.device)
+        self.host_memory = "pinned" if self.device.type == "cuda" and self.pin_warning is None else "pageable"
+        dtype = model.embed.weight.dtype
+        self.slot_in = torch.empty((self.n_slots, cfg.d_ff, cfg.d_model), device=self.device, dtype=dtype)
+        self.slot_out = torch.empty((self.n_slots, cfg.d_model, cfg.d_ff), device=self.device, dtype=dtype)
+
+    def _host_copy(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t  # host and device are the same memory
+        try:
+            return t.pin_memory()
+        except RuntimeError as err:
+            if self.pin_warning is None:
+                self.pin_warning = (f"pinning the experts failed ({err}); they stay in pageable memory, from which "
+                                    f"copies are slower and block the host")
+                warnings.warn(self.pin_warning)
+            return t
+
+    def _check_slots(self, tokens: int) -> None:
+        cfg = self.model.config
+        need = min_slots(self.strategy, cfg.n_experts, cfg.top_k, tokens)
+        if self.n_slots < need:
+            raise ValueError(f"{self.n_slots} expert slots are too few for strategy {self.strategy!r} with {tokens} "
+                             f"tokens per forward (top-{cfg.top_k} of {cfg.n_experts} experts): it needs {need}")
+
+    def _mark(self, stream=None) -> Marker | None:
+        return Marker(self.device, stream) if self.record_events else None
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits of every position of `input_ids` (batch, new positions), after `cache`'s positions if given."""
+        tokens = input_ids.numel()
+        self._check_slots(tokens)
+        self.requested = {}
+        logits = self.model(input_ids.to(self.device), cache=cache, offload=self).logits
+        self.stats.tokens += tokens
+        self.stats.forwards += 1
+        return logits
+
+    def span(self, kind: str, index: int):
+        """Called by the model around each transformer block ("block") and MoE feed-forward ("moe")."""
+        return self._span(kind, index) if self.record_events else nullcontext()
+
+    @contextmanager
+    def _span(self, kind: str, index: int):
+        start = Marker(self.device)
+        yield
+        self.stats.spans.append(Span(kind, index, self.stats.forwards, start, Marker(self.device)))
+
+    def fetch(self, layer: int, routing: Routing, next_routing: Routing | None):
+        """Called by MoE block `layer` after its gates: make its experts available (copying those not resident),
+        start the copies the strategy makes for the next block, and say where each expert's weights are."""
+        stall = self._mark()
+        active = active_experts(routing)
+        self.stats.moe_blocks += 1
+        self.stats.active_experts += len(active)
+        self.stats.max_active_experts = max(self.stats.max_active_experts, len(active))
+        if self.strategy == "gpu_only":
+            weights_of = self.layers[layer].expert_weights
+        else:
+            for done in [b for b in self.requested if b < layer]:
+                del self.requested[done]  # unpinned: those blocks have run
+            self._request(layer, active, issued_during=layer)
+            slot_of = {e: self.cache.slot_of[layer, e] for e in active}
+            for slot in slot_of.values():
+                self.ready[slot].wait()
+            self._request(layer + 1, self._next_block_experts(layer, next_routing), issued_during=layer)
+
+            def weights_of(e):
+                return self.slot_in[slot_of[e]], self.slot_out[slot_of[e]]
+        if stall is not None:
+            self.stats.spans.append(Span("stall", layer, self.stats.forwards, stall, Marker(self.device)))
+        return active, weights_of
+
+    def _next_block_experts(self, layer: int, next_routing: Routing | None) -> list[int]:
+        if self.strategy == "prefetch_all" and layer + 1 < len(self.layers):
+            return list(range(self.model.config.n_experts))
+        if self.strategy == "pregated" and next_routing is not None:
+            return active_experts(next_routing)
+        return []
+
+    def _request(self, layer: int, experts: list[int], issued_during: int) -> None:
+        """Ask the cache for experts of `layer` not yet asked for in this forward; copy the misses in."""
+        wanted = self.requested.setdefault(layer, set())
+        new = [e for e in experts if e not in wanted]
+        if not new:
+            return
+        wanted.update(new)
+        pinned = {(b, e) for b, es in self.requested.items() for e in es}
+        if self.copy_stream is not None:  # a slot is rewritten only after the computations queued on it are done
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        ffn = self.layers[layer]
+        for e in new:
+            slot, hit = self.cache.request((layer, e), pinned)
+            if hit:
+                continue
+            with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():
+                start = self._mark(self.copy_stream)
+                self.slot_in[slot].copy_(ffn.w_in[e], non_blocking=True)
+                self.slot_out[slot].copy_(ffn.w_out[e], non_blocking=True)
+                self.ready[slot] = Marker(self.device, self.copy_stream)
+            self.stats.copies += 1
+            self.stats.bytes_copied += self.expert_bytes
+            if start is not None:
+                self.stats.spans.append(Span("copy", layer, self.stats.forwards, start, self.ready[slot], expert=e,
+                                             issued_during=issued_during))
+
+    def reset_stats(self) -> None:
+        """Start counting afresh (after a warm-up, say); the resident experts and lfu's counts stay."""
+        self.stats = Stats()
+        self.cache.hits = self.cache.misses = 0
+
+    def summary(self) -> dict:
+        """What a run records, since the last `reset_stats` (this synchronises the device)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        s, cache = self.stats, self.cache
+        copy_ms, hidden_ms = copy_time_hidden(s.spans)
+        moe_ms = [span.ms() for span in s.spans if span.kind == "moe"]
+        requests = cache.hits + cache.misses
+        return dict(
+            # the setting
+            strategy=self.strategy, slots=self.n_slots, cache_policy=cache.policy, host_memory=self.host_memory,
+            pin_warning=self.pin_warning, expert_bytes=self.expert_bytes, slot_bytes=self.n_slots * self.expert_bytes,
+            # traffic
+            tokens=s.tokens, forwards=s.forwards, copies=s.copies, bytes_copied=s.bytes_copied,
+            bytes_per_token=s.bytes_copied / max(s.tokens, 1), cache_hits=cache.hits, cache_misses=cache.misses,
+            hit_rate=cache.hits / requests if requests else None, max_active_experts=s.max_active_experts,
+            mean_active_experts=s.active_experts / s.moe_blocks if s.moe_blocks else None,
+            # time (empty without record_events)
+            copy_ms=copy_ms, hidden_copy_ms=hidden_ms, hidden_copy_fraction=hidden_ms / copy_ms if copy_ms else None,
+            moe_block_ms_mean=statistics.fmean(moe_ms) if moe_ms else None,
+            moe_block_ms_median=statistics.median(moe_ms) if moe_ms else None,
+        )
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (batch, prompt + new tokens)
+    steps: list[tuple[Marker, Marker]]  # per forward: the prompt's first, then one per further token
+
+    def step_ms(self) -> list[float]:
+        if self.steps and self.steps[0][0].event is not None:
+            torch.cuda.synchronize()
+        return [end.ms_since(start) for start, end in self.steps]
+
+
+@torch.no_grad()
+def generate(runtime: ExpertOffload, prompt: torch.Tensor, new_tokens: int) -> Generation:
+    """Greedy decoding of `new_tokens` tokens after `prompt` (batch, length), with a KV cache; each forward is
+    timed by a pair of markers on the compute stream. The first forward reads the whole prompt, so the runtime's
+    slots must serve batch × length tokens (`min_slots`); the others, batch tokens. No beam search: the paper's
+    beam 4 moves 4 tokens through each MoE block per step, which a batch of 4 reproduces in expert traffic."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens={new_tokens} must be at least 1")
+    batch, length = prompt.shape
+    cache = KVCache(runtime.model.config, batch, length + new_tokens, runtime.device,
+                    runtime.model.embed.weight.dtype)
+    tokens = step_input = prompt.to(runtime.device)
+    steps = []
+    for _ in range(new_tokens):
+        start = Marker(runtime.device)
+        step_input = runtime(step_input, cache)[:, -1].argmax(-1, keepdim=True)
+        steps.append((start, Marker(runtime.device)))
+        tokens = torch.cat([tokens, step_input], 1)
+    return Generation(tokens, steps)

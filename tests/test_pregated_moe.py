@@ -1,0 +1,327 @@
+"""Pre-gated MoE: the Switch-shaped model (routing, pre-gate, load-balancing loss, KV cache, training, loading
+transformers' Switch weights) and the offloading runtime (every strategy gives gpu_only's bits, the cache's
+policies, slot checks, what is recorded, copies on a side stream on a GPU)."""
+import pytest
+import torch
+from conftest import gpu
+
+from tasks.pregated_moe.model import (KVCache, MoEConfig, Routing, SwitchLM, active_experts, expert_ffn,
+                                      load_balancing_loss, load_switch_weights, mix_experts)
+from tasks.pregated_moe.offload import (CACHE_POLICIES, ExpertOffload, Marker, SlotCache, Span, copy_time_hidden,
+                                        generate, min_slots)
+
+VOCAB, EXPERTS = 97, 16
+
+
+def build(**overrides) -> SwitchLM:
+    """Six blocks, so three MoE blocks of 16 experts: 48 (block, expert) pairs, more than the slot pools below."""
+    torch.manual_seed(0)
+    return SwitchLM(MoEConfig(**{**dict(n_layer=6, n_experts=EXPERTS, vocab_size=VOCAB, max_len=64), **overrides}))
+
+
+def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- the model ---------------------------------------------------------------------------------------------------
+
+def test_load_balancing_loss_matches_a_hand_computation():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.5, 0.3, 0.2], [0.25, 0.15, 0.6]])
+    # top-1 picks 0, 1, 0, 2: f = (1/2, 1/4, 1/4); P = column means (0.3875, 0.3125, 0.3)
+    top1 = probs.topk(1, -1).indices
+    assert load_balancing_loss(probs, top1).item() == pytest.approx(3 * (0.5 * 0.3875 + 0.25 * 0.3125 + 0.25 * 0.3))
+    # top-2 picks {0,1}, {1,2}, {0,1}, {2,0}: f = (3/8, 3/8, 2/8)
+    top2 = probs.topk(2, -1).indices
+    assert load_balancing_loss(probs, top2).item() == pytest.approx(3 * (3 / 8 * 0.3875 + 3 / 8 * 0.3125 + 2 / 8 * 0.3))
+
+
+def test_load_balancing_loss_matches_transformers_switch_for_top1():
+    from transformers.models.switch_transformers.modeling_switch_transformers import load_balancing_loss_func
+
+    probs = torch.randn(37, 7).softmax(-1)
+    experts = probs.argmax(-1)
+    ours = load_balancing_loss(probs, experts[:, None])
+    torch.testing.assert_close(ours, load_balancing_loss_func(probs[None], experts[None]), rtol=1e-5, atol=1e-6)
+
+
+def test_mixing_experts_matches_a_dense_reference_for_top2():
+    torch.manual_seed(2)
+    n_experts, d, f = 5, 7, 11
+    h, w_in, w_out = torch.randn(13, d), torch.randn(n_experts, f, d), torch.randn(n_experts, d, f)
+    weights, experts = torch.randn(13, n_experts).softmax(-1).topk(2, -1)
+    routing = Routing(experts, weights, aux_loss=torch.tensor(0.0))
+    every = torch.stack([torch.relu(h @ w_in[e].T) @ w_out[e].T for e in range(n_experts)])  # (experts, tokens, d)
+    reference = sum(weights[:, j, None] * every[experts[:, j], torch.arange(13)] for j in range(2))
+    out = mix_experts(h, routing, active_experts(routing), lambda e: (w_in[e], w_out[e]))
+    torch.testing.assert_close(out, reference, rtol=2e-5, atol=2e-5)
+
+
+def test_the_pregate_of_a_block_chooses_the_next_blocks_experts():
+    model = build(pregate=True, n_experts=4)
+    first, second, last = model.moe_layers
+    assert second.gate is None and last.gate is None and last.pregate is None  # only the first has its own gate
+    with torch.no_grad():  # each gate favours one expert for inputs with positive entries
+        for gate, favourite in ((first.gate, 1), (first.pregate, 2), (second.pregate, 3)):
+            gate.classifier.weight.zero_()
+            gate.classifier.weight[favourite] = 1.0
+    h = torch.rand(5, 32) + 0.1
+    y, next_routing, _ = first(h, None)
+    assert (next_routing.experts == 2).all()
+    torch.testing.assert_close(next_routing.weights[:, 0], (h @ first.pregate.classifier.weight.T).softmax(-1)[:, 2])
+    own = (h @ first.gate.classifier.weight.T).softmax(-1)[:, 1:2]
+    torch.testing.assert_close(y, expert_ffn(h, *first.expert_weights(1)) * own)
+    h2 = torch.rand(5, 32) + 0.1  # the next block computes with the experts the first block's pre-gate chose
+    y2, after, _ = second(h2, next_routing)
+    torch.testing.assert_close(y2, expert_ffn(h2, *second.expert_weights(2)) * next_routing.weights)
+    assert (after.experts == 3).all()
+
+
+def test_the_model_hands_each_pregate_routing_to_the_next_moe_block():
+    model = build(pregate=True)
+    seen = {}
+    for ffn in model.moe_layers:
+        ffn.register_forward_hook(lambda m, args, out: seen.__setitem__(m.moe_index, (args, out)))
+    model(tokens(2, 5))
+    for i in (1, 2):
+        (h_before, _, _), (_, chosen, _) = seen[i - 1]
+        (_, carried, _), _ = seen[i]
+        assert carried is chosen
+        assert torch.equal(carried.experts, model.moe_layers[i - 1].pregate(h_before).experts)
+
+
+def test_the_kv_cache_gives_the_logits_of_a_full_forward():
+    model = build().eval()
+    prompt, more = tokens(3, 5), tokens(3, 2, seed=2)
+    cache = KVCache(model.config, 3, 9, "cpu", torch.float32)
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        cached = model(more, cache=cache).logits
+        full = model(torch.cat([prompt, more], 1)).logits[:, -2:]
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_with_the_cache_matches_recomputing_everything():
+    runtime = ExpertOffload(build(), "gpu_only", "cpu")
+    prompt = tokens(2, 4)
+    generation = generate(runtime, prompt, 6)
+    sequence = prompt
+    for _ in range(6):
+        sequence = torch.cat([sequence, runtime(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generation.tokens, sequence)
+    assert len(generation.step_ms()) == 6 and all(ms >= 0 for ms in generation.step_ms())
+
+
+@pytest.mark.parametrize("pregate", [False, True])
+def test_a_few_training_steps_lower_the_loss(pregate):
+    model = build(pregate=pregate, n_layer=4, n_experts=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(3)
+    losses = []
+    for step in range(25):
+        x = (torch.randint(0, VOCAB, (8, 1), generator=gen) + torch.arange(12)) % VOCAB  # next token = this + 1
+        out = model(x, labels=x)
+        out.loss.backward()
+        if step == 0:
+            gates = [g for f in model.moe_layers for g in (f.gate, f.pregate) if g is not None]
+            assert all(g.classifier.weight.grad.abs().sum() > 0 for g in gates)  # routing carries gradients
+            assert out.aux_loss > 0
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.lm_loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_active_params_count_top_k_of_the_experts():
+    model = build(top_k=2)
+    one_expert = model.moe_layers[0].w_in[0].numel() + model.moe_layers[0].w_out[0].numel()
+    dense = sum(p.numel() for n, p in model.named_parameters() if "w_in" not in n and "w_out" not in n)
+    embeddings = model.embed.weight.numel() + model.position.weight.numel()
+    assert model.non_embedding_params() == dense - embeddings + 3 * 2 * one_expert
+
+
+# --- loading transformers' Switch weights --------------------------------------------------------------------------
+
+def hf_switch(num_experts: int):
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(4)
+    config = SwitchTransformersConfig(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=4,
+                                      num_decoder_layers=4, num_experts=num_experts, encoder_sparse_step=2,
+                                      decoder_sparse_step=2)
+    return SwitchTransformersForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("stack", ["decoder", "encoder"])
+@pytest.mark.parametrize("pregate", [False, True])
+def test_switch_weights_load_and_route_as_transformers_does(stack, pregate):
+    hf = hf_switch(EXPERTS)
+    model = build(n_layer=4, pregate=pregate)
+    load_switch_weights(model, hf.state_dict(), stack)
+    h = torch.randn(1, 9, 32)
+    for ffn, block in zip(model.moe_layers, (1, 3)):  # Switch's MoE blocks are the odd ones, like ours
+        mlp = getattr(hf, stack).block[block].layer[-1].mlp
+        for e in range(EXPERTS):
+            assert torch.equal(ffn.w_in[e], mlp.experts[f"expert_{e}"].wi.weight)
+            assert torch.equal(ffn.w_out[e], mlp.experts[f"expert_{e}"].wo.weight)
+        gates = [g for g in (ffn.gate, ffn.pregate) if g is not None]  # pre-gated: block N's router, for N+1
+        assert len(gates) == (1 if not pregate else 2 if block == 1 else 0)
+        for gate in gates:
+            assert torch.equal(gate.classifier.weight, mlp.router.classifier.weight)
+            routing = gate(h[0])
+            ours = mix_experts(h[0], routing, active_experts(routing), ffn.expert_weights)
+            with torch.no_grad():
+                torch.testing.assert_close(ours, mlp(h)[0], rtol=1e-5, atol=1e-6)
+
+
+# --- the offloading runtime --------------------------------------------------------------------------------------
+
+CASES = [(False, "on_demand", 1), (False, "prefetch_all", 1), (True, "on_demand", 1), (True, "prefetch_all", 1),
+         (True, "pregated", 1), (True, "pregated", 2)]
+
+
+@pytest.mark.parametrize("policy", CACHE_POLICIES)
+@pytest.mark.parametrize("pregate,strategy,top_k", CASES)
+def test_every_strategy_gives_gpu_only_outputs_bit_for_bit(pregate, strategy, top_k, policy):
+    prompt = tokens(3, 4)
+    reference = ExpertOffload(build(pregate=pregate, top_k=top_k), "gpu_only", "cpu")
+    slots = min_slots(strategy, EXPERTS, top_k, prompt.numel())
+    runtime = ExpertOffload(build(pregate=pregate, top_k=top_k), strategy, "cpu", slots=slots, cache=policy)
+    assert torch.equal(runtime(prompt), reference(prompt))
+    assert torch.equal(generate(runtime, prompt, 5).tokens, generate(reference, prompt, 5).tokens)
+    summary = runtime.summary()
+    assert summary["copies"] > slots  # slots were reused: experts were evicted
+    assert summary["cache_misses"] == summary["copies"]
+    assert summary["bytes_copied"] == summary["copies"] * runtime.expert_bytes
+    assert summary["tokens"] == 12 + 12 + 4 * 3  # the forward, the generation's prompt, 4 more steps of 3 tokens
+    assert summary["bytes_per_token"] == summary["bytes_copied"] / summary["tokens"]
+
+
+def test_a_pool_holding_every_expert_copies_each_once():
+    runtime = ExpertOffload(build(), "on_demand", "cpu", slots=3 * EXPERTS)
+    prompt = tokens(4, 6)
+    runtime(prompt)
+    first = runtime.summary()
+    runtime.reset_stats()
+    runtime(prompt)
+    again = runtime.summary()
+    assert first["copies"] == first["cache_misses"] > 0
+    assert again["copies"] == 0 and again["cache_hits"] == first["copies"] and again["hit_rate"] == 1.0
+    assert ExpertOffload(build(), "gpu_only", "cpu").summary()["copies"] == 0
+
+
+@pytest.mark.parametrize("strategy,lead", [("on_demand", 0), ("prefetch_all", 1), ("pregated", 1)])
+def test_copies_are_issued_in_the_block_the_strategy_says(strategy, lead):
+    runtime = ExpertOffload(build(pregate=True), strategy, "cpu", slots=2 * EXPERTS)
+    runtime(tokens(2, 3))
+    copies = [s for s in runtime.stats.spans if s.kind == "copy"]
+    assert {s.index for s in copies} == {0, 1, 2}
+    for s in copies:  # the first MoE block always fetches on demand
+        assert s.issued_during == (s.index if s.index == 0 else s.index - lead)
+
+
+def test_the_runtime_records_blocks_moe_blocks_stalls_and_copies():
+    runtime = ExpertOffload(build(pregate=True), "pregated", "cpu", slots=2 * EXPERTS)
+    runtime(tokens(2, 3))
+    kinds = [s.kind for s in runtime.stats.spans]
+    assert kinds.count("block") == 6 and kinds.count("moe") == 3 and kinds.count("stall") == 3
+    assert all(s.ms() >= 0 for s in runtime.stats.spans)
+    summary = runtime.summary()
+    assert summary["hidden_copy_ms"] == pytest.approx(0.0, abs=1e-9)  # one stream on a CPU: nothing overlaps
+    assert summary["copy_ms"] > 0 and summary["moe_block_ms_mean"] > 0
+    assert 1 <= summary["mean_active_experts"] <= summary["max_active_experts"] <= 6  # 6 tokens, top-1
+    quiet = ExpertOffload(build(pregate=True), "pregated", "cpu", slots=2 * EXPERTS, record_events=False)
+    quiet(tokens(2, 3))
+    assert quiet.stats.spans == [] and quiet.stats.copies == summary["copies"]
+
+
+def test_copy_time_hidden_counts_only_overlap_with_compute_not_stalls():
+    def at(ms):
+        marker = Marker(torch.device("cpu"))
+        marker.time = ms / 1e3
+        return marker
+
+    spans = [Span("block", 0, 0, at(0), at(10)), Span("stall", 0, 0, at(4), at(6)),
+             Span("copy", 1, 0, at(3), at(5)),  # 1 ms computing, 1 ms stalled
+             Span("copy", 1, 0, at(5), at(12)), Span("block", 1, 0, at(11), at(20))]  # 4 + 1 computing, 1 stalled
+    copy_ms, hidden_ms = copy_time_hidden(spans)
+    assert copy_ms == pytest.approx(9.0) and hidden_ms == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("policy,expected", [
+    ("lru", [False, True, True, False, False, False, False]),  # D evicts A (least recent), so A misses
+    ("lfu", [False, True, True, False, False, False, True]),  # D evicts B (A was asked for three times)
+])
+def test_the_cache_policy_decides_the_hits(policy, expected):
+    a, b, c, d = (0, 0), (0, 1), (0, 2), (1, 0)
+    cache = SlotCache(3, policy)
+    assert [cache.request(key, pinned=set())[1] for key in (a, a, a, b, c, d, a)] == expected
+    assert (cache.hits, cache.misses) == (sum(expected), len(expected) - sum(expected))
+
+
+def test_the_cache_never_evicts_a_pinned_expert():
+    cache = SlotCache(2, "lru")
+    cache.request((0, 0), set())
+    cache.request((0, 1), set())
+    cache.request((1, 0), pinned={(0, 0)})  # (0, 0) is the least recent but in use
+    assert (0, 0) in cache.slot_of and (0, 1) not in cache.slot_of
+    with pytest.raises(ValueError, match="pinned"):
+        cache.request((1, 1), pinned={(0, 0), (1, 0)})
+
+
+def test_bad_settings_are_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="top_k=9 must be between 1 and n_experts=8"):
+        MoEConfig(n_experts=8, top_k=9)
+    with pytest.raises(ValueError, match="size='switch-xxl'"):
+        MoEConfig.of_size("switch-xxl")
+    with pytest.raises(ValueError, match="strategy='offload_all' is not one of"):
+        ExpertOffload(build(), "offload_all", "cpu")
+    with pytest.raises(ValueError, match="cache='fifo' is not one of"):
+        ExpertOffload(build(), "on_demand", "cpu", cache="fifo")
+    with pytest.raises(ValueError, match="needs a model built with pregate=True"):
+        ExpertOffload(build(), "pregated", "cpu")
+    with pytest.raises(ValueError, match="0 expert slots are too few .* it needs 1"):
+        ExpertOffload(build(), "on_demand", "cpu", slots=0)
+    with pytest.raises(ValueError, match="31 expert slots are too few for strategy 'prefetch_all'.* it needs 32"):
+        ExpertOffload(build(), "prefetch_all", "cpu", slots=31)
+    runtime = ExpertOffload(build(pregate=True), "pregated", "cpu")  # sized for one token
+    with pytest.raises(ValueError, match="2 expert slots are too few .* with 6 tokens .* it needs 12"):
+        runtime(tokens(2, 3))
+
+
+def test_loading_switch_weights_with_another_expert_count_is_refused():
+    with pytest.raises(ValueError, match="state dict has 8 experts per MoE block; the model has n_experts=16"):
+        load_switch_weights(build(n_layer=4), hf_switch(8).state_dict())
+    with pytest.raises(ValueError, match="decoder has 2 MoE blocks; the model has 3"):
+        load_switch_weights(build(), hf_switch(EXPERTS).state_dict())
+    with pytest.raises(ValueError, match="stack='middle'"):
+        load_switch_weights(build(n_layer=4), {}, "middle")
+
+
+# --- on a GPU ----------------------------------------------------------------------------------------------------
+
+@gpu
+def test_pregated_copies_run_on_a_side_stream():
+    prompt = tokens(4, 3)
+    reference = ExpertOffload(build(pregate=True), "gpu_only", "cuda")
+    runtime = ExpertOffload(build(pregate=True), "pregated", "cuda", slots=min_slots("pregated", EXPERTS, 1, 12))
+    torch.testing.assert_close(runtime(prompt), reference(prompt), rtol=1e-5, atol=1e-5)
+    summary = runtime.summary()
+    compute = torch.cuda.current_stream()
+    copies = [s for s in runtime.stats.spans if s.kind == "copy"]
+    assert copies and runtime.copy_stream != compute
+    assert all(s.start.stream == runtime.copy_stream and s.end.stream == runtime.copy_stream for s in copies)
+    assert all(s.start.stream == compute for s in runtime.stats.spans if s.kind != "copy")
+    assert runtime.host_memory == "pinned" and all(f.w_in.is_pinned() for f in runtime.layers)
+    assert 0 <= summary["hidden_copy_ms"] <= summary["copy_ms"] + 1e-3
+
+
+@gpu
+def test_experts_stay_pageable_with_a_warning_when_pinning_fails(monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("no pinned memory left")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+    with pytest.warns(UserWarning, match="pinning the experts failed"):
+        runtime = ExpertOffload(build(), "on_demand", "cuda")
+    assert runtime.host_memory == "pageable" and "no pinned memory left" in runtime.summary()["pin_warning"]
+    assert runtime(tokens(1, 1)).isfinite().all()
