@@ -1,6 +1,7 @@
 """A small operator-benchmark harness in the manner of tritonbench: a task declares its providers (one of
-them the baseline) and its points once; the harness times each provider at each point, measures memory,
-derives TFLOP/s, bandwidth and ratios to the baseline, and records what could not run instead of stopping."""
+them the baseline) and its points once; the harness times each provider at each point, checks its output
+against the baseline's on the same inputs, measures memory, derives TFLOP/s, bandwidth and ratios to the
+baseline, and records what could not run instead of stopping."""
 from __future__ import annotations
 
 import gc
@@ -14,14 +15,18 @@ from .records import Row
 from .timing import is_out_of_memory, measure, peak_memory_mb
 
 
-def sdpa_declined(exc: BaseException) -> bool:
-    """PyTorch's SDPA refusing a shape under the chosen backend ("No available kernel" on CUDA, "No viable
-    backend" on the CPU): a provider that cannot run the point, not a failure."""
-    return isinstance(exc, RuntimeError) and ("No available kernel" in str(exc) or "No viable backend" in str(exc))
-
-
 class Unsupported(Exception):
     """A provider cannot run this point (shape, dtype, mask, backend missing): recorded, never fatal."""
+
+
+def failure(exc: BaseException) -> tuple[str, str] | None:
+    """The row status and message of something that could not run (unsupported, out of memory), or None for
+    a real error."""
+    if isinstance(exc, Unsupported):
+        return "unsupported", str(exc)
+    if is_out_of_memory(exc):
+        return "oom", str(exc).splitlines()[0][:300]
+    return None
 
 
 def require_triton(name: str, device: torch.device) -> None:
@@ -45,6 +50,9 @@ class Point:
 class Call:
     fn: Callable[[], Any]
     grad_to_none: Sequence[torch.Tensor] = field(default_factory=tuple)
+    # what the provider computed at this point (an output, gradients), compared with the baseline's: every
+    # provider of a point is built from the same inputs
+    result: Callable[[], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class Provider:
     name: str
     build: Callable[[Point], Call]  # raises Unsupported where it cannot run the point
     baseline: bool = False
+    needs_triton: bool = False  # built on our Triton kernels: unsupported where they cannot run
 
 
 def _free(device: torch.device, failed: bool) -> None:
@@ -61,24 +70,43 @@ def _free(device: torch.device, failed: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, cuda_graph) -> list[Row]:
+def _relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
+    result, reference = result.detach().double(), reference.detach().double().to(result.device)
+    return float((result - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+# Relative (Frobenius) error a provider may have against the baseline, by the point's `dtype`: the rounding of
+# that dtype (float32 through tf32 matrix units) over a reduction as long as attention's
+TOLERANCE = {"float32": 2e-3, "float16": 1e-2, "bfloat16": 3e-2}
+
+
+def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, cuda_graph,
+                 reference: dict) -> list[Row]:
+    """The rows of one provider at one point. `reference` holds the baseline's result at this point, once
+    measured, for the others to be checked against."""
     def row(metric, unit, p50=None, p20=None, p80=None, n=0, status="ok", message=""):
         return Row(provider.name, point.x_name, point.x_value, metric, unit, p50, p20, p80, n, status, message,
                    dict(point.extra))
 
-    failed = False
+    failed, error = False, None
     try:
+        if provider.needs_triton:
+            require_triton(provider.name, device)
         call = provider.build(point)
+        if call.result is not None:
+            result = call.result()
+            if provider.baseline:
+                reference["result"] = result
+            elif "result" in reference:
+                error = _relative_error(result, reference["result"])
+            result = None
         timing = measure(call.fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=call.grad_to_none,
                          cuda_graph=cuda_graph)
         memory = peak_memory_mb(call.fn, device)
-    except Unsupported as exc:
-        return [row("time", "ms", status="unsupported", message=str(exc))]
     except Exception as exc:  # noqa: BLE001 - one broken point must not end the sweep
         failed = True
-        if is_out_of_memory(exc):
-            return [row("time", "ms", status="oom", message=str(exc).splitlines()[0][:300])]
-        return [row("time", "ms", status="error", message=f"{type(exc).__name__}: {exc}"[:500])]
+        status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+        return [row("time", "ms", status=status, message=message)]
     finally:
         call = None
         _free(device, failed)
@@ -94,6 +122,13 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, cu
         rows.append(row("bandwidth", "GB/s", bw(timing.p50), bw(timing.p80), bw(timing.p20), timing.n))
     if memory is not None:
         rows.append(row("peak_memory", "MB", memory, memory, memory, 1))
+    if error is not None:
+        tolerance = TOLERANCE.get(point.extra.get("dtype"), max(TOLERANCE.values()))
+        accurate = error <= tolerance
+        rows.append(row("rel_error", "", error, n=1, message="" if accurate else
+                        f"output differs from the baseline's by {error:.2g} (tolerance {tolerance:g})"))
+        for r in rows:
+            r.extra["matches_baseline"] = accurate
     return rows
 
 
@@ -130,11 +165,13 @@ def run_benchmark(points: Iterable[Point], providers: Sequence[Provider], device
     points = list(points)
     # disable=None: a bar on a terminal, none in a log file
     bar = tqdm(total=len(points) * len(providers), disable=None if progress else True, desc="benchmark", unit="call")
+    ordered = sorted(providers, key=lambda p: not p.baseline)  # the baseline first: the others are checked against it
     for point in points:
-        point_rows = []
-        for provider in providers:
+        point_rows, reference = [], {}
+        for provider in ordered:
             bar.set_postfix_str(f"{point.x_name}={point.x_value} {provider.name}", refresh=False)
-            point_rows += _measure_one(provider, point, device, warmup_ms, rep_ms, cuda_graph)
+            point_rows += _measure_one(provider, point, device, warmup_ms, rep_ms, cuda_graph, reference)
             bar.update()
+        reference.clear()
         yield from point_rows + _ratios(point_rows, baselines[0], compare_to)
     bar.close()

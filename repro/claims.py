@@ -15,7 +15,7 @@ SCALES = ("smoke", "small", "paper")
 @dataclass(frozen=True)
 class Compare:
     kind: str
-    metric: str
+    metrics: tuple[str, ...]  # `metric:` in the file: one name, or several in priority order (a renamed metric)
     providers: tuple[str, ...]
     where: dict[str, Any] = field(default_factory=dict)
     aggregate: str = "mean"
@@ -73,9 +73,10 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
         raise ValueError(f"{where}.compare.comparable_at has {sorted(bad_scales)}; scales are {SCALES}")
     if not isinstance(raw["value"], (int, float)) or isinstance(raw["value"], bool):
         raise ValueError(f"{where}.value={raw['value']!r} is not a number")
-    for key in ("providers", "comparable_at"):
+    for key in ("providers", "comparable_at", "metric"):
         if key in cmp:
             cmp[key] = tuple([cmp[key]] if isinstance(cmp[key], str) else cmp[key])
+    cmp["metrics"] = cmp.pop("metric")
     return Claim(paper=paper, **{**raw, "value": float(raw["value"]), "compare": Compare(**cmp)})
 
 

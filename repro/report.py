@@ -81,25 +81,27 @@ def _largest_x_within(rows: list, reference: list, quality: dict) -> float | Non
 
 
 def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str]:
-    """The reproduced value of `claim` in `record`, its unit, and which provider and how many points gave it."""
+    """The reproduced value of `claim` in `record`, its unit, and which provider and how many points gave it:
+    from the first of the claim's metrics, then the first of its providers, that the record has rows of."""
     cmp = claim.compare
-    rows = [r for r in record.rows if r.metric == cmp.metric and r.status == "ok" and r.p50 is not None
-            and _matches(r, cmp.where)]
-    for provider in cmp.providers:
-        mine = [r for r in rows if r.provider == provider]
-        if not mine:
-            continue
-        if cmp.aggregate == "largest_x_within":
-            reference = [r for r in rows if r.provider == cmp.quality["reference"]]
-            value = _largest_x_within(mine, reference, cmp.quality)
+    for metric in cmp.metrics:
+        rows = [r for r in record.rows if r.metric == metric and r.status == "ok" and r.p50 is not None
+                and _matches(r, cmp.where)]
+        for provider in cmp.providers:
+            mine = [r for r in rows if r.provider == provider]
+            if not mine:
+                continue
+            if cmp.aggregate != "largest_x_within":
+                return _aggregate([r.p50 for r in mine], cmp.aggregate), mine[0].unit, \
+                    f"{provider}, {cmp.aggregate} of {len(mine)}"
+            quality = cmp.quality
+            value = _largest_x_within(mine, [r for r in rows if r.provider == quality["reference"]], quality)
             if value is None:
-                return None, "", f"no {provider} row of {cmp.metric} within {cmp.quality['tolerance']:g} of " \
-                                 f"{cmp.quality['reference']}'s"
+                return None, "", f"no {provider} row of {metric} within {quality['tolerance']:g} of " \
+                                 f"{quality['reference']}'s"
             return value, claim.unit, f"{provider}, largest {mine[0].x_name} of {len(mine)} within " \
-                                      f"{cmp.quality['tolerance']:.0%} of {cmp.quality['reference']}"
-        value = _aggregate([r.p50 for r in mine], cmp.aggregate)
-        return value, mine[0].unit, f"{provider}, {cmp.aggregate} of {len(mine)}"
-    return None, "", f"no rows of {cmp.metric} for {list(cmp.providers)} where {cmp.where}"
+                                      f"{quality['tolerance']:.0%} of {quality['reference']}"
+    return None, "", f"no rows of {'/'.join(cmp.metrics)} for {list(cmp.providers)} where {cmp.where}"
 
 
 def judge(claim: Claim, value: float) -> str:

@@ -483,14 +483,11 @@ class Candidate:
 
 def failure_row(name: str, extra: dict, exc: BaseException) -> Row | None:
     """A row for a trainee that could not run (unsupported, out of memory), or None for a real error."""
-    from .bench import Unsupported
+    from .bench import failure
 
-    if isinstance(exc, Unsupported):
-        return Row(name, "step", 0, "loss", "nats", status="unsupported", message=str(exc), extra=dict(extra))
-    if is_out_of_memory(exc):
-        return Row(name, "step", 0, "loss", "nats", status="oom", message=str(exc).splitlines()[0][:300],
-                   extra=dict(extra))
-    return None
+    found = failure(exc)
+    return None if found is None else Row(name, "step", 0, "loss", "nats", status=found[0], message=found[1],
+                                          extra=dict(extra))
 
 
 def train_from_config(cfg, candidates: Iterable[Candidate], device: torch.device,

@@ -51,6 +51,31 @@ def test_exactly_one_baseline():
         run([Provider("a", sleeper(0)), Provider("b", sleeper(0))])
 
 
-def test_cpu_timing_is_marked_as_wall_clock_and_ordered():
+def test_cpu_timing_is_marked_as_wall_clock():
     t = measure(lambda: sum(range(1000)), torch.device("cpu"), warmup_ms=1, rep_ms=5)
     assert t.clock == "wall_clock" and t.n >= 3 and t.p20 <= t.p50 <= t.p80
+
+
+def test_each_provider_is_checked_against_the_baselines_output_on_the_same_inputs():
+    x = torch.randn(64, 64, dtype=torch.float64)
+
+    def provider(name, result, baseline=False):
+        return Provider(name, lambda point: Call(lambda: None, result=lambda: result), baseline=baseline)
+
+    point = Point("n", 8, {"dtype": "float32"})
+    rows = run([provider("base", x, baseline=True), provider("same", x + 1e-6 * torch.randn_like(x)),
+                provider("wrong", x.flip(0))], [point])
+    error = {r.provider: r for r in rows if r.metric == "rel_error"}
+    assert set(error) == {"same", "wrong"}  # the baseline is the reference, not checked against itself
+    assert error["same"].p50 < 1e-5 and all(r.extra["matches_baseline"] for r in rows if r.provider == "same")
+    assert error["wrong"].p50 > 0.5 and "differs from the baseline" in error["wrong"].message
+    assert not any(r.extra["matches_baseline"] for r in rows if r.provider == "wrong")
+
+
+def test_a_provider_on_our_kernels_is_unsupported_where_they_cannot_run(monkeypatch):
+    import kernels.runtime
+    monkeypatch.setattr(kernels.runtime, "INTERPRET", False)
+    rows = run([Provider("base", sleeper(0.001), baseline=True),
+                Provider("ours", lambda point: pytest.fail("built where it cannot run"), needs_triton=True)])
+    (ours,) = [r for r in rows if r.provider == "ours"]
+    assert ours.status == "unsupported" and "CUDA GPU" in ours.message

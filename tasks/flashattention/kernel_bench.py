@@ -3,31 +3,24 @@ paper's baseline, on the FA2/FA3 benchmark grid and on the paper's own Figure-3 
 from __future__ import annotations
 
 import itertools
-import warnings
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
-from repro.bench import Call, Point, Provider, Unsupported, require_triton, run_benchmark, sdpa_declined
 from repro import checks
+from repro.bench import Call, Point, Provider, run_benchmark
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
+from tasks.common.sdpa import SDPA_BACKENDS, first_call, sdpa
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 # FLOPs of one call relative to the forward (FlashAttention's convention: the backward is 2.5 forwards).
 MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SDPA_BACKENDS = {
-    "sdpa_math": SDPBackend.MATH,
-    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
-    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
-}
+OURS = "effrepro"  # our FlashAttention kernel, as every task names it
 AttentionFn = Callable[..., torch.Tensor]
 GRID_KEYS = ("seq_len", "head_dim", "causal", "mode")
 SPEC_KEYS = GRID_KEYS + ("tokens", "hidden", "batch", "heads", "dtype", "dropout", "padding_mask")
@@ -72,7 +65,7 @@ def grid(kernel: DictConfig) -> list[Point]:
     return points
 
 
-def sdpa(backend: SDPBackend) -> AttentionFn:
+def sdpa_attention(name: str) -> AttentionFn:
     def attend(q, k, v, *, causal, dropout_p, key_padding_mask):
         mask = None
         if key_padding_mask is not None:  # SDPA takes one mask: fold causality into it
@@ -80,9 +73,8 @@ def sdpa(backend: SDPBackend) -> AttentionFn:
             if causal:
                 n_q, n_k = q.shape[-2], k.shape[-2]
                 mask = mask & torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                                  is_causal=causal and mask is None)
+        return sdpa(SDPA_BACKENDS[name])(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=causal and mask is None)
     return attend
 
 
@@ -90,14 +82,14 @@ def standard(q, k, v, *, causal, dropout_p, key_padding_mask):
     return attention_reference(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask)
 
 
-def triton(q, k, v, *, causal, dropout_p, key_padding_mask):
+def ours(q, k, v, *, causal, dropout_p, key_padding_mask):
     return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask)
 
 
 SPARSE_BLOCK = 128
 
 
-def triton_sparse(density: float) -> AttentionFn:
+def ours_sparse(density: float) -> AttentionFn:
     """Block-sparse FlashAttention keeping `density` of the blocks (the same count in every block row)."""
     layouts: dict[tuple, BlockSparseLayout] = {}
 
@@ -127,37 +119,41 @@ def make_inputs(point: Point, device: torch.device, seed: int):
     return q, k, v, mask
 
 
-def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, baseline: bool = False) -> Provider:
+def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int) -> Provider:
+    """`attend` timed in the point's mode. Exact providers (all but block-sparse) without dropout are checked
+    against the baseline: their output, or their gradients in the backward modes."""
+    exact = not name.startswith(f"{OURS}_sparse")
+
     def build(point: Point) -> Call:
-        if name.startswith("triton"):
-            require_triton(name, ctx.device)
         q, k, v, mask = make_inputs(point, ctx.device, seed)
         e = point.extra
         run = lambda: attend(q, k, v, causal=e["causal"], dropout_p=e["dropout"], key_padding_mask=mask)  # noqa: E731
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # SDPA warns once per reason a backend declines
-                out = run()
-        except RuntimeError as exc:
-            if name in SDPA_BACKENDS and sdpa_declined(exc):
-                raise Unsupported(f"{name} declines dtype={e['dtype']} head_dim={e['head_dim']} "
-                                  f"mask={e['padding_mask']} dropout={e['dropout']} on {ctx.device.type}") from None
-            raise
-        dout = torch.randn_like(out)
-        if e["mode"] == "fwd":
-            return Call(run)
-        if e["mode"] == "bwd":
-            return Call(lambda: out.backward(dout, retain_graph=True), grad_to_none=(q, k, v))
-        return Call(lambda: run().backward(dout), grad_to_none=(q, k, v))
+        out = first_call(name, run, f"dtype={e['dtype']} head_dim={e['head_dim']} mask={e['padding_mask']} "
+                                    f"dropout={e['dropout']} on {ctx.device.type}")
+        # the same output gradient for every provider, so that their gradients can be compared
+        dout = torch.randn(out.shape, device=out.device, dtype=out.dtype,
+                           generator=torch.Generator(device=out.device).manual_seed(seed + 1))
 
-    return Provider(name, build, baseline=baseline)
+        def gradients():
+            for t in (q, k, v):
+                t.grad = None
+            run().backward(dout)
+            return torch.cat([t.grad.flatten() for t in (q, k, v)])
+        result = None if not exact or e["dropout"] else (run if e["mode"] == "fwd" else gradients)
+        if e["mode"] == "fwd":
+            return Call(run, result=result)
+        if e["mode"] == "bwd":
+            return Call(lambda: out.backward(dout, retain_graph=True), grad_to_none=(q, k, v), result=result)
+        return Call(lambda: run().backward(dout), grad_to_none=(q, k, v), result=result)
+
+    return Provider(name, build, baseline=(name == "standard"), needs_triton=name.startswith(OURS))
 
 
 def providers(kernel: DictConfig, ctx: RunContext, seed: int) -> list[Provider]:
-    known: dict[str, AttentionFn] = {"standard": standard, **{n: sdpa(b) for n, b in SDPA_BACKENDS.items()},
-                                     "triton": triton}
-    known.update({f"triton_sparse_{d:g}": triton_sparse(d) for d in as_list(kernel.sparse_densities)})
-    return [provider(n, known[n], ctx, seed, baseline=(n == "standard")) for n in provider_names(kernel)]
+    known: dict[str, AttentionFn] = {"standard": standard, **{n: sdpa_attention(n) for n in SDPA_BACKENDS},
+                                     OURS: ours}
+    known.update({f"{OURS}_sparse_{d:g}": ours_sparse(d) for d in as_list(kernel.sparse_densities)})
+    return [provider(n, known[n], ctx, seed) for n in provider_names(kernel)]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -171,17 +167,18 @@ def validate(cfg: DictConfig) -> None:
 
 
 def provider_names(kernel: DictConfig) -> list[str]:
-    """The providers asked for, `triton_sparse` expanded to one per density; unknown ones are an error."""
+    """The providers asked for, `effrepro_sparse` expanded to one per density; unknown ones are an error."""
     names = as_list(OmegaConf.to_container(kernel.providers))
     densities = as_list(OmegaConf.to_container(kernel.sparse_densities))
-    if "triton_sparse" in names:
-        at = names.index("triton_sparse")
-        names[at:at + 1] = [f"triton_sparse_{d:g}" for d in densities]
-    known = ["standard", *SDPA_BACKENDS, "triton", *(f"triton_sparse_{d:g}" for d in densities)]
-    unknown = [n for n in names if n not in known]
+    sparse = [f"{OURS}_sparse_{d:g}" for d in densities]
+    if f"{OURS}_sparse" in names:
+        at = names.index(f"{OURS}_sparse")
+        names[at:at + 1] = sparse
+    known = ["standard", *SDPA_BACKENDS, OURS]
+    unknown = [n for n in names if n not in known + sparse]
     if unknown:
-        raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {known[:-len(densities) or None]} "
-                          "and triton_sparse (one per kernel.sparse_densities)")
+        raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {known} and {OURS}_sparse "
+                          "(one per kernel.sparse_densities)")
     if "standard" not in names:
         raise ConfigError("kernel.providers must include 'standard', the baseline every speedup is measured against")
     return names
@@ -190,6 +187,6 @@ def provider_names(kernel: DictConfig) -> list[str]:
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     kernel = cfg.kernel
     # block-sparse against our dense kernel too: time should fall in proportion to density
-    compare_to = ["triton"] if "triton" in provider_names(kernel) else []
+    compare_to = [OURS] if OURS in provider_names(kernel) else []
     yield from run_benchmark(grid(kernel), providers(kernel, ctx, cfg.seed), ctx.device,
                              warmup_ms=kernel.warmup_ms, rep_ms=kernel.rep_ms, compare_to=compare_to)

@@ -9,26 +9,22 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import decode_attention, make_schedule
 from kernels.decode_attention import SCHEDULES
-from repro.bench import Call, Point, Provider, Unsupported, require_triton, run_benchmark, sdpa_declined
 from repro import checks
+from repro.bench import Call, Point, Provider, run_benchmark
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 from repro.timing import measure
+from tasks.common.sdpa import SDPA_BACKENDS, first_call, sdpa
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-SDPA_BACKENDS = {"sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
-                 "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_math": SDPBackend.MATH}
 
 
 def grid(cfg: DictConfig) -> list[Point]:
@@ -62,37 +58,30 @@ def make_inputs(point: Point, device: torch.device, seed: int, rotate_bytes: int
 
 
 def rotating(copies: list, fn) -> Call:
-    """A call that applies `fn` to the next copy each time."""
+    """A call that applies `fn` to the next copy each time; its result, checked against the baseline's, is
+    `fn` on the first copy (every provider draws the same copies)."""
     turn = itertools.cycle(copies)
-    return Call(lambda: fn(*next(turn)))
+    return Call(lambda: fn(*next(turn)), result=lambda: fn(*copies[0]))
 
 
 def ours(kind: str, ctx: RunContext, seed: int, rotate_bytes: int) -> Provider:
     def build(point: Point) -> Call:
-        require_triton(kind, ctx.device)
         copies, lengths = make_inputs(point, ctx.device, seed, rotate_bytes)
         k = copies[0][1]
         schedule = make_schedule(kind, lengths, k.shape[1], head_dim=k.shape[3], dtype=k.dtype,
                                  device=ctx.device)  # once, not timed
         return rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=schedule))
-    return Provider(kind, build, baseline=(kind == "fa2"))
+    return Provider(kind, build, baseline=(kind == "fa2"), needs_triton=True)
 
 
-def sdpa(name: str, backend: SDPBackend, ctx: RunContext, seed: int, rotate_bytes: int) -> Provider:
+def sdpa_provider(name: str, ctx: RunContext, seed: int, rotate_bytes: int) -> Provider:
     def build(point: Point) -> Call:
         copies, _ = make_inputs(point, ctx.device, seed, rotate_bytes)
+        attend = sdpa(SDPA_BACKENDS[name])
 
         def run(q, k, v):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q[:, :, None, :], k, v, enable_gqa=k.shape[1] != q.shape[1])
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                run(*copies[0])
-        except RuntimeError as exc:
-            if sdpa_declined(exc):
-                raise Unsupported(f"{name} declines heads={point.extra['heads']} on {ctx.device.type}") from None
-            raise
+            return attend(q[:, :, None, :], k, v, enable_gqa=k.shape[1] != q.shape[1])[:, :, 0, :]
+        first_call(name, lambda: run(*copies[0]), f"heads={point.extra['heads']} on {ctx.device.type}")
         return rotating(copies, run)
     return Provider(name, build)
 
@@ -135,8 +124,8 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     copy = copy_bandwidth(ctx, int(spec.copy_bytes))
     yield copy
     rotate = int(spec.rotate_bytes)
-    providers = [ours(n, ctx, cfg.seed, rotate) if n in SCHEDULES else
-                 sdpa(n, SDPA_BACKENDS[n], ctx, cfg.seed, rotate) for n in names]
+    providers = [ours(n, ctx, cfg.seed, rotate) if n in SCHEDULES else sdpa_provider(n, ctx, cfg.seed, rotate)
+                 for n in names]
     compare_to = [n for n in ("fa2", "split") if n in names]
     for row in run_benchmark(grid(spec), providers, ctx.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
                              compare_to=compare_to, cuda_graph=True):

@@ -3,8 +3,8 @@ pooling over real tokens, a classifier; Retrieval encodes two documents with one
 pair. The attention is the swept choice, one of ATTENTIONS:
 
 - `standard`: softmax(QKᵀ)V written out, materialising the N×N matrix (the paper's baseline);
-- `flash`: our FlashAttention kernel;
-- `flash_sparse`: our kernel skipping the zero blocks of the butterfly block mask (the paper's pattern);
+- `effrepro`: our FlashAttention kernel;
+- `effrepro_sparse`: our kernel skipping the zero blocks of the butterfly block mask (the paper's pattern);
 - `linformer`: keys and values projected along the sequence to `linformer_k` rows (Wang et al. 2020).
 
 Each is a module computing attention from q, k, v (batch, heads, seq, head_dim) and the real-token mask.
@@ -33,6 +33,8 @@ class StandardAttention(nn.Module):
 class FlashAttention(nn.Module):
     """Our exact kernel; a subclass narrows it to a block-sparse pattern through `sparsity`."""
 
+    needs_triton = True  # runs where our Triton kernels run (repro.bench.require_triton)
+
     def forward(self, q, k, v, real, dropout_p=0.0):
         padding = None if bool(real.all()) else real
         return flash_attn(q, k, v, dropout_p=dropout_p, key_padding_mask=padding, **self.sparsity(q))
@@ -59,7 +61,7 @@ class ButterflyFlashAttention(FlashAttention):
         return dict(block_mask=self._layout, block_size=self.block_size)
 
 
-ATTENTIONS = {"standard": StandardAttention, "flash": FlashAttention, "flash_sparse": ButterflyFlashAttention,
+ATTENTIONS = {"standard": StandardAttention, "effrepro": FlashAttention, "effrepro_sparse": ButterflyFlashAttention,
               "linformer": LinformerAttention}
 
 

@@ -90,7 +90,7 @@ def _trainee(cfg: DictConfig, ctx: RunContext, name: str, attention: str, split:
     family = "pathfinder" if name in PATH_SIZES else name
     model_cfg = {**MODELS[family], **OmegaConf.to_container(spec.model)}
     classes = 10 if name in ("listops", "image") else 2  # digits 0-9, CIFAR-10; the rest are yes/no
-    if attention.startswith("flash"):
+    if getattr(ATTENTIONS[attention], "needs_triton", False):
         require_triton(attention, ctx.device)
     torch.manual_seed(cfg.seed)
     model = LRAClassifier(vocab=vocab, classes=classes, seq_len=seq_len, attention=attention,
