@@ -10,54 +10,87 @@
 
 The query heads that share a KV head are processed together (grouped-query attention), so K and V are read
 once. A `DecodeSchedule` is built on the host from the sequence lengths and reused across calls.
+
+Also here: each key's attention probability (`return_probs`, for eviction by attention such as Scissorhands'),
+attention straight over a KIVI-quantized cache (`decode_attention_quantized`, the same kernel dequantizing in
+registers), and `merge_attention`, which combines attention over disjoint sets of keys.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
+from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
+from .kv_quant import QuantizedKV, kv_tile
 from .runtime import INTERPRET, runs_on
 
 SCHEDULES = ("fa2", "split", "lean")
-HEAD_DIMS = (16, 32, 64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE_KEYS = {"fa2": 128, "split": 64, "lean": 64}  # measured best on an H100 at head_dim 128, fp16 (NOTES.md)
+PROBS_TILE_KEYS = 64  # keys per program of the probabilities kernel (not measured)
 PIPELINE_SMEM = 160 * 1024  # bytes of shared memory the K and V tiles of two pipeline stages may take
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n: `triton.next_power_of_2`, which costs microseconds a call on the host."""
+    return 1 << (n - 1).bit_length()
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Lanes a head takes in the kernels' tiles: the next power of two (tl.arange and tl.dot need one)."""
+    return max(16, _pow2(head_dim))
 
 
 def pipeline_bytes(block_n: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Shared memory of two pipeline stages of K and V tiles."""
-    return 2 * 2 * block_n * head_dim * torch.finfo(dtype).bits // 8
+    """Shared memory of two pipeline stages of K and V tiles (padded to `padded_head_dim`)."""
+    return 2 * 2 * block_n * padded_head_dim(head_dim) * torch.finfo(dtype).bits // 8
 
 
 @triton.jit
-def _store_final(OUT, LSE, out, lse, b, hk, offs_g, offs_d, gmask, stride_ob, stride_oh, HKV, G):
+def _load_q(Q, b, hk, offs_g, offs_d, gmask, dmask, stride_qb, stride_qh, G):
+    """The G query heads of KV head hk, padded to BLOCK_G rows and BLOCK_D columns with zeros."""
+    return tl.load(Q + b.to(tl.int64) * stride_qb + (hk * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                   mask=gmask[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _store_final(OUT, LSE, out, lse2, b, hk, offs_g, offs_d, gmask, dmask, stride_ob, stride_oh, HKV, G):
     tl.store(OUT + b.to(tl.int64) * stride_ob + (hk * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=gmask[:, None])
-    tl.store(LSE + b * (HKV * G) + hk * G + offs_g, lse, mask=gmask)
+             out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    tl.store(LSE + b * (HKV * G) + hk * G + offs_g, lse2 * LN2, mask=gmask)
 
 
 @triton.jit
-def _decode(Q, K, V, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
-            stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
+            stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_ksb, stride_ksh, stride_ksn,
+            stride_vb, stride_vh, stride_vn, stride_vsb, stride_vsh, stride_vsn,
             stride_ob, stride_oh, HKV, G, MAX_PIECES, sm_scale,
-            HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-            BLOCK_P: tl.constexpr):
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+            GROUP: tl.constexpr, BLOCK_P: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
+            V_BITS: tl.constexpr, V_GROUP: tl.constexpr):
     """Each program walks its work items (segment = batch·KV head, tile range, piece number): softmax over the
     tiles with a running maximum and sum. A segment in one piece is written out at once. Otherwise the piece
     is stored, normalised, with its base-2 log-sum-exp, and counted; the program that stores a segment's last
     piece merges all its pieces, in a fixed order (so the result does not depend on which program that is),
-    and resets the count for the next call. One launch, no second merge kernel."""
+    and resets the count for the next call. One launch, no second merge kernel.
+
+    Head dims that are not a power of two are padded to BLOCK_D lanes, masked on load (zeros add nothing to
+    q·k, and padded output lanes are not stored). K and V are full precision (K_BITS, V_BITS = 0) or
+    `quantize_kv`'s packed codes, keys per channel and values per token, dequantized in registers (`kv_tile`);
+    KS, KZ, VS, VZ are their scales and zero-points."""
     p = tl.program_id(0)
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     gmask = offs_g < G
-    qk_scale = sm_scale * 1.4426950408889634
+    dmask = offs_d < HEAD_DIM
+    qk_scale = sm_scale * LOG2E
     for i in range(MAX_ITEMS):
         # an item carries all it needs (pieces of its segment, sequence length): one memory round trip
         # before the first K and V loads, not a chain of dependent ones
@@ -70,45 +103,46 @@ def _decode(Q, K, V, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
         length = tl.load(item + 5)
         if lo < hi:  # programs with fewer items than MAX_ITEMS have empty ones
             b, hk = seg // HKV, seg % HKV
-            q = tl.load(Q + b.to(tl.int64) * stride_qb + (hk * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                        mask=gmask[:, None], other=0.0)
+            q = _load_q(Q, b, hk, offs_g, offs_d, gmask, dmask, stride_qb, stride_qh, G)
             Kh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
             Vh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+            k_stats = b.to(tl.int64) * stride_ksb + hk.to(tl.int64) * stride_ksh
+            v_stats = b.to(tl.int64) * stride_vsb + hk.to(tl.int64) * stride_vsh
             m = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l = tl.zeros([BLOCK_G], tl.float32)
-            acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
             for t in range(lo, hi):
                 offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
                 nmask = offs_n < length
-                k = tl.load(Kh + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None], mask=nmask[None, :],
-                            other=0.0)
+                k = kv_tile(Kh, KS + k_stats, KZ + k_stats, offs_n[None, :], offs_d[:, None],
+                            dmask[:, None] & nmask[None, :], stride_kn, stride_ksn, K_BITS, K_GROUP, False)
                 s = tl.where(nmask[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, 1))  # every tile holds a real key: m_new is finite
                 prob = tl.math.exp2(s - m_new[:, None])
                 alpha = tl.math.exp2(m - m_new)
                 l = l * alpha + tl.sum(prob, 1)
-                v = tl.load(Vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=nmask[:, None],
-                            other=0.0)
+                v = kv_tile(Vh, VS + v_stats, VZ + v_stats, offs_n[:, None], offs_d[None, :],
+                            nmask[:, None] & dmask[None, :], stride_vn, stride_vsn, V_BITS, V_GROUP, True)
                 acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
                 m = m_new
             if n_pieces == 1:
-                _store_final(OUT, LSE, acc / l[:, None], m + tl.math.log2(l), b, hk, offs_g, offs_d, gmask,
+                _store_final(OUT, LSE, acc / l[:, None], m + tl.math.log2(l), b, hk, offs_g, offs_d, gmask, dmask,
                              stride_ob, stride_oh, HKV, G)
             else:
                 slot = seg.to(tl.int64) * MAX_PIECES + piece
-                tl.store(WO + (slot * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], acc / l[:, None],
+                tl.store(WO + (slot * G + offs_g)[:, None] * BLOCK_D + offs_d[None, :], acc / l[:, None],
                          mask=gmask[:, None])
                 tl.store(WL + slot * G + offs_g, m + tl.math.log2(l), mask=gmask)
                 tl.debug_barrier()  # all of this program's stores are issued before it is counted (release below)
                 if tl.atomic_add(ARRIVED + seg, 1, sem="acq_rel", scope="gpu") == n_pieces - 1:
-                    _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, stride_ob, stride_oh, HKV, G, MAX_PIECES,
-                           HEAD_DIM, GROUP, BLOCK_P)
+                    _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, dmask, stride_ob, stride_oh, HKV, G,
+                           MAX_PIECES, BLOCK_D, GROUP, BLOCK_P)
                     tl.store(ARRIVED + seg, 0)
 
 
 @triton.jit
-def _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, stride_ob, stride_oh, HKV, G, MAX_PIECES,
-           HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr):
+def _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, dmask, stride_ob, stride_oh, HKV, G, MAX_PIECES,
+           BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr):
     """Combine a segment's pieces through their log-sum-exps in a fixed order: BLOCK_P pieces per step (loaded
     together; see `merge_step`)."""
     offs_p = tl.arange(0, BLOCK_P)
@@ -116,14 +150,14 @@ def _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, stride_ob, stride_oh,
     gmask = offs_g < G
     m = tl.full([GROUP], float("-inf"), tl.float32)
     w_sum = tl.zeros([GROUP], tl.float32)
-    acc = tl.zeros([GROUP, HEAD_DIM], tl.float32)
+    acc = tl.zeros([GROUP, BLOCK_D], tl.float32)
     for first in range(0, n_pieces, BLOCK_P):
         mask = ((first + offs_p) < n_pieces)[:, None] & gmask[None, :]
         rows = (seg.to(tl.int64) * MAX_PIECES + first + offs_p)[:, None] * G + offs_g[None, :]  # (piece, head)
         # .cg: read from L2, where the other programs' pieces are, never a stale L1 line
         lse = tl.load(WL + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
         lse = tl.where(gmask[None, :], lse, 0.0)  # padding heads: finite, not -inf - -inf = NaN (never stored)
-        o = tl.load(WO + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=mask[:, :, None], other=0.0,
+        o = tl.load(WO + rows[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=mask[:, :, None], other=0.0,
                     cache_modifier=".cg")
         m_new = tl.maximum(m, tl.max(lse, 0))
         alpha = tl.math.exp2(m - m_new)
@@ -131,14 +165,42 @@ def _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, stride_ob, stride_oh,
         acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 0)
         w_sum = w_sum * alpha + tl.sum(w, 0)
         m = m_new
-    _store_final(OUT, LSE, acc / w_sum[:, None], m + tl.math.log2(w_sum), b, hk, offs_g, offs_d, gmask,
+    _store_final(OUT, LSE, acc / w_sum[:, None], m + tl.math.log2(w_sum), b, hk, offs_g, offs_d, gmask, dmask,
                  stride_ob, stride_oh, HKV, G)
+
+
+@triton.jit
+def _key_probs(Q, K, KS, KZ, LENGTHS, LSE, PROBS, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+               stride_ksb, stride_ksh, stride_ksn, HKV, G, MAX_LEN, sm_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+               K_BITS: tl.constexpr, K_GROUP: tl.constexpr):
+    """Each key's softmax probability for each query head of its group, exp(q·k · scale − lse), from the
+    log-sum-exp of `_decode`: the keys are read once more, the values not at all. A program per (tile of keys,
+    batch · KV head); it writes zeros past the sequence's length."""
+    t, seg = tl.program_id(0), tl.program_id(1)
+    b, hk = seg // HKV, seg % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    gmask = offs_g < G
+    dmask = offs_d < HEAD_DIM
+    nmask = offs_n < tl.load(LENGTHS + b)
+    q = _load_q(Q, b, hk, offs_g, offs_d, gmask, dmask, stride_qb, stride_qh, G)
+    k_stats = b.to(tl.int64) * stride_ksb + hk.to(tl.int64) * stride_ksh
+    k = kv_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, KS + k_stats, KZ + k_stats,
+                offs_n[None, :], offs_d[:, None], dmask[:, None] & nmask[None, :], stride_kn, stride_ksn, K_BITS,
+                K_GROUP, False)
+    heads = b * (HKV * G) + hk * G + offs_g
+    lse2 = tl.load(LSE + heads, mask=gmask, other=0.0) * LOG2E
+    probs = tl.where(nmask[None, :], tl.math.exp2(tl.dot(q, k) * (sm_scale * LOG2E) - lse2[:, None]), 0.0)
+    tl.store(PROBS + heads[:, None].to(tl.int64) * MAX_LEN + offs_n[None, :], probs,
+             mask=gmask[:, None] & (offs_n < MAX_LEN)[None, :])
 
 
 @dataclass
 class DecodeSchedule:
-    """Which program computes which tiles, built on the host. Its `arrived` counters are used and reset by each
-    call: one call at a time per schedule (one decode stream)."""
+    """Which program computes which tiles, built on the host. Its `arrived` counters and its workspace are used
+    by each call: one call at a time per schedule (one decode stream)."""
 
     kind: str
     num_programs: int
@@ -152,12 +214,17 @@ class DecodeSchedule:
     host_lengths: tuple[int, ...]  # the same, on the host: checking them needs no device sync
     num_warps: int = 4
     num_stages: int = 3
+    # Set by the first call with a new signature (shapes, strides, dtypes, devices of q, k_cache, v_cache): the
+    # signature that passed the checks, and the scratch memory made for it (`_workspace`). Calls with the same
+    # signature skip both, so a call costs the output's allocation and the launches.
+    checked_for: tuple | None = field(default=None, repr=False, compare=False)
+    workspace: tuple = field(default=(), repr=False, compare=False)
 
     def to(self, device) -> "DecodeSchedule":
         if self.work.device == torch.device(device):
             return self
         moved = {name: getattr(self, name).to(device) for name in ("work", "lengths", "arrived")}
-        return dataclasses.replace(self, **moved)
+        return dataclasses.replace(self, **moved, checked_for=None, workspace=())
 
 
 def lean_programs(tiles: list[int], sms: int) -> int:
@@ -247,10 +314,11 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
 
 
 def _check(q, k_cache, v_cache, host_lengths):
-    if q.dim() != 3 or k_cache.dim() != 4:
+    """k_cache and v_cache are tensors or `QuantizedKV`s, whose shape and dtype are those they dequantize to."""
+    if q.dim() != 3 or len(k_cache.shape) != 4:
         raise ValueError(f"q must be (batch, heads, head_dim) and k_cache (batch, kv_heads, max_len, head_dim); "
                          f"got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
-    if k_cache.shape != v_cache.shape:
+    if tuple(k_cache.shape) != tuple(v_cache.shape):
         raise ValueError(f"k_cache and v_cache differ: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.dtype not in DTYPES:
         raise ValueError(f"q, k_cache, v_cache must share one dtype of {DTYPES}; got {q.dtype}, {k_cache.dtype}, "
@@ -260,13 +328,16 @@ def _check(q, k_cache, v_cache, host_lengths):
         raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
     if h % k_cache.shape[1]:
         raise ValueError(f"q's {h} heads are not a multiple of the cache's {k_cache.shape[1]} KV heads")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head_dim={d} is not supported; use one of {HEAD_DIMS}")
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={d} is not supported; use {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
     if not runs_on(q.device):
         raise ValueError(f"q is on {q.device}; decode_attention runs on CUDA devices "
                          "(or on the CPU under TRITON_INTERPRET=1, for tests)")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
+    parts = [q] + [t for c in (k_cache, v_cache) for t in ((c.data, c.scale, c.zero) if isinstance(c, QuantizedKV)
+                                                           else (c,))]
+    if any(t.stride(-1) != 1 for t in parts):
+        raise ValueError("q and the caches (their data, scales and zeros, if quantized) need a contiguous last "
+                         "dimension")
     if len(host_lengths) != b:
         raise ValueError(f"lengths must have shape (batch,)=({b},), got ({len(host_lengths)},)")
     if min(host_lengths) < 1 or max(host_lengths) > k_cache.shape[2]:
@@ -280,56 +351,152 @@ def _lengths_on_host(lengths) -> tuple[int, ...]:
     return tuple(int(n) for n in lengths.tolist())
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     lengths: torch.Tensor | None = None, schedule: str | DecodeSchedule = "lean",
-                     softmax_scale: float | None = None, return_lse: bool = False):
-    """softmax(q kᵀ · scale) v for one query per head, over the first `lengths[b]` entries of the cache.
+def _cache_args(cache):
+    """A cache as the kernels take it: pointers to its data, scales and zero-points; the (batch, head, token)
+    strides of its data and of its scales; its bits (0: full precision) and group size. A full-precision cache
+    stands in for its own scales, which are never read."""
+    if isinstance(cache, QuantizedKV):
+        return ((cache.data, cache.scale, cache.zero), (*cache.data.stride()[:3], *cache.scale.stride()[:3]),
+                (cache.bits, cache.group_size))
+    return (cache, cache, cache), (*cache.stride()[:3], 0, 0, 0), (0, 1)
 
-    q: (batch, heads, head_dim); k_cache, v_cache: (batch, kv_heads, max_len, head_dim), kv_heads dividing
-    heads; lengths: int (batch,), each in [1, max_len]. `schedule` is "fa2", "split", "lean" or a prepared
-    `DecodeSchedule`. Building a schedule reads the lengths on the host (a device sync); in a decode loop,
-    build it once with `make_schedule` and pass it alone (`lengths` may then be left out), so that a call
-    launches kernels and nothing else. Returns the output (batch, heads, head_dim) and, if asked, the
-    log-sum-exp (natural log, float32, (batch, heads)).
-    """
-    prepared = isinstance(schedule, DecodeSchedule)
-    if prepared:
-        host_lengths = schedule.host_lengths
-        if lengths is not None and lengths is not schedule.lengths and _lengths_on_host(lengths) != host_lengths:
-            raise ValueError(f"lengths {_lengths_on_host(lengths)} differ from those the schedule was built for "
-                             f"{host_lengths}; build a new schedule with make_schedule")
-    elif lengths is None:
-        raise ValueError(f"schedule={schedule!r} needs the lengths; pass lengths or a prepared DecodeSchedule")
-    else:
-        host_lengths = _lengths_on_host(lengths)
-    _check(q, k_cache, v_cache, host_lengths)
-    if prepared and schedule.arrived.numel() != q.shape[0] * k_cache.shape[1]:
-        raise ValueError(f"the schedule was built for {schedule.arrived.numel() // q.shape[0]} KV heads, the cache "
-                         f"has {k_cache.shape[1]}; build it with make_schedule(..., num_kv_heads={k_cache.shape[1]})")
-    schedule = schedule.to(q.device) if prepared else \
-        make_schedule(schedule, host_lengths, k_cache.shape[1], head_dim=q.shape[2], dtype=q.dtype, device=q.device)
+
+def _workspace(q: torch.Tensor, max_pieces: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A call's scratch memory: each piece's output and base-2 log-sum-exp (where heads are cut into pieces),
+    and the log-sum-exp for calls that do not return it."""
     b, h, d = q.shape
-    tile_bytes = pipeline_bytes(schedule.block_n, d, q.dtype)
-    if tile_bytes > PIPELINE_SMEM:
-        raise ValueError(f"the schedule's {schedule.block_n}-key tiles need {tile_bytes // 1024} KB of shared memory "
-                         f"at head_dim={d}, {q.dtype} (at most {PIPELINE_SMEM // 1024} KB); build it with "
-                         f"make_schedule(..., head_dim={d}, dtype={q.dtype})")
+    n_slots = b * h * max_pieces if max_pieces > 1 else 0
+    f32 = dict(device=q.device, dtype=torch.float32)
+    return torch.empty(n_slots, padded_head_dim(d), **f32), torch.empty(n_slots, **f32), torch.empty(b, h, **f32)
+
+
+def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_scale, return_lse: bool,
+            return_probs: bool):
+    """Launch the kernels on checked inputs: out, then lse and probs if asked."""
+    b, h, d = q.shape
     hkv = k_cache.shape[1]
     groups = h // hkv
+    block_d = padded_head_dim(d)
+    block_g = max(16, _pow2(groups))  # tl.dot takes 16 rows or more
+    group = _pow2(groups)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     out = torch.empty_like(q)
-    lse = torch.empty(b, h, device=q.device, dtype=torch.float32)
-    block_g = max(16, triton.next_power_of_2(groups))  # tl.dot takes 16 rows or more
-    group = triton.next_power_of_2(groups)
-    block_p = merge_step(schedule.max_pieces, group, d)
-    n_slots = b * hkv * schedule.max_pieces * groups if schedule.max_pieces > 1 else 0
-    wo = torch.empty(n_slots, d, device=q.device, dtype=torch.float32)
-    wl = torch.empty(n_slots, device=q.device, dtype=torch.float32)
+    wo, wl, lse = workspace
+    if return_lse:
+        lse = torch.empty_like(lse)
+    k_ptrs, k_strides, (k_bits, k_group) = _cache_args(k_cache)
+    v_ptrs, v_strides, (v_bits, v_group) = _cache_args(v_cache)
     _decode[(schedule.num_programs,)](
-        q, k_cache, v_cache, schedule.work, schedule.work.shape[1], schedule.arrived, wo, wl, out, lse,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        q, *k_ptrs, *v_ptrs, schedule.work, schedule.work.shape[1], schedule.arrived, wo, wl, out, lse,
+        q.stride(0), q.stride(1), *k_strides, *v_strides, out.stride(0), out.stride(1),
         hkv, groups, schedule.max_pieces, scale,
-        HEAD_DIM=d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, GROUP=group, BLOCK_P=block_p,
-        num_warps=schedule.num_warps, num_stages=schedule.num_stages)
-    return (out, lse * math.log(2.0)) if return_lse else out
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, GROUP=group,
+        BLOCK_P=merge_step(schedule.max_pieces, group, block_d), K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits,
+        V_GROUP=v_group, num_warps=schedule.num_warps, num_stages=schedule.num_stages)
+    results = (out, lse) if return_lse else (out,)
+    if return_probs:
+        max_len = k_cache.shape[2]
+        probs = torch.empty(b, h, max_len, device=q.device, dtype=torch.float32)
+        _key_probs[(triton.cdiv(max_len, PROBS_TILE_KEYS), b * hkv)](
+            q, *k_ptrs, schedule.lengths, lse, probs, q.stride(0), q.stride(1), *k_strides, hkv, groups, max_len,
+            scale, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=PROBS_TILE_KEYS, K_BITS=k_bits,
+            K_GROUP=k_group)
+        results += (probs,)
+    return results if len(results) > 1 else out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     lengths: torch.Tensor | None = None, schedule: str | DecodeSchedule = "lean",
+                     softmax_scale: float | None = None, return_lse: bool = False, return_probs: bool = False):
+    """softmax(q kᵀ · scale) v for one query per head, over the first `lengths[b]` entries of the cache.
+
+    q: (batch, heads, head_dim), head_dim 16 to 256; k_cache, v_cache: (batch, kv_heads, max_len, head_dim),
+    kv_heads dividing heads; lengths: int (batch,), each in [1, max_len]. `schedule` is "fa2", "split", "lean"
+    or a prepared `DecodeSchedule`. Building a schedule reads the lengths on the host (a device sync); in a
+    decode loop, build it once with `make_schedule` and pass it alone (`lengths` may then be left out), so
+    that a call launches kernels and nothing else.
+
+    Returns the output (batch, heads, head_dim); then, if asked, the log-sum-exp (natural log, float32,
+    (batch, heads)); then, if asked, each query head's softmax probability of each cached key (float32,
+    (batch, heads, max_len), 0 from lengths[b] on), computed by a second, light kernel that reads the keys
+    again (not the values) and uses the first one's log-sum-exp.
+    """
+    if not (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)):
+        raise ValueError(f"k_cache and v_cache must be tensors, got {type(k_cache).__name__}, "
+                         f"{type(v_cache).__name__}; a quantized cache goes to decode_attention_quantized")
+    if isinstance(schedule, DecodeSchedule):
+        if lengths is not None and lengths is not schedule.lengths and \
+                _lengths_on_host(lengths) != schedule.host_lengths:
+            raise ValueError(f"lengths {_lengths_on_host(lengths)} differ from those the schedule was built for "
+                             f"{schedule.host_lengths}; build a new schedule with make_schedule")
+        schedule = schedule.to(q.device)
+        signature = tuple((t.shape, t.stride(), t.dtype, t.device) for t in (q, k_cache, v_cache))
+        if schedule.checked_for != signature:  # once per schedule and signature, not per call
+            _check(q, k_cache, v_cache, schedule.host_lengths)
+            _check_schedule_fits(schedule, q, k_cache)
+            schedule.checked_for, schedule.workspace = signature, _workspace(q, schedule.max_pieces)
+        workspace = schedule.workspace
+    else:
+        if lengths is None:
+            raise ValueError(f"schedule={schedule!r} needs the lengths; pass lengths or a prepared DecodeSchedule")
+        host_lengths = _lengths_on_host(lengths)
+        _check(q, k_cache, v_cache, host_lengths)
+        schedule = make_schedule(schedule, host_lengths, k_cache.shape[1], head_dim=q.shape[2], dtype=q.dtype,
+                                 device=q.device)
+        workspace = _workspace(q, schedule.max_pieces)
+    return _attend(q, k_cache, v_cache, schedule, workspace, softmax_scale, return_lse, return_probs)
+
+
+def _check_schedule_fits(schedule: DecodeSchedule, q: torch.Tensor, k_cache: torch.Tensor):
+    if schedule.arrived.numel() != q.shape[0] * k_cache.shape[1]:
+        raise ValueError(f"the schedule was built for {schedule.arrived.numel() // q.shape[0]} KV heads, the cache "
+                         f"has {k_cache.shape[1]}; build it with make_schedule(..., num_kv_heads={k_cache.shape[1]})")
+    tile_bytes = pipeline_bytes(schedule.block_n, q.shape[2], q.dtype)
+    if tile_bytes > PIPELINE_SMEM:
+        raise ValueError(f"the schedule's {schedule.block_n}-key tiles need {tile_bytes // 1024} KB of shared memory "
+                         f"at head_dim={q.shape[2]}, {q.dtype} (at most {PIPELINE_SMEM // 1024} KB); build it with "
+                         f"make_schedule(..., head_dim={q.shape[2]}, dtype={q.dtype})")
+
+
+def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: QuantizedKV, lengths: torch.Tensor,
+                               softmax_scale: float | None = None, return_lse: bool = False,
+                               return_probs: bool = False):
+    """`decode_attention` over a cache quantized by `kv_quant.quantize_kv` in KIVI's layout: keys with
+    axis="channel", values with axis="token" (any bits and group sizes). The same kernel dequantizes each tile
+    in registers, so the full-precision cache never exists and a call reads the packed codes and the groups'
+    scales: about bits/16 of an fp16 cache's bytes at long contexts, plus the scales' share.
+
+    Always under the `lean` schedule: decode is bound by memory, and lean gives every SM the same number of
+    tiles whatever the batch and lengths (built per call, as for a schedule given by name). Returns what
+    `decode_attention` returns. KIVI keeps the newest tokens in full precision: attend to those with
+    `decode_attention(..., return_lse=True)` and combine the two with `merge_attention`.
+    """
+    if not (isinstance(k_q, QuantizedKV) and isinstance(v_q, QuantizedKV)):
+        raise ValueError(f"k_q and v_q must be QuantizedKV (from quantize_kv); got {type(k_q).__name__}, "
+                         f"{type(v_q).__name__}")
+    if k_q.axis != "channel" or v_q.axis != "token":
+        raise ValueError(f"keys must be quantized with axis='channel' and values with axis='token' (KIVI); got "
+                         f"{k_q.axis!r} and {v_q.axis!r}")
+    if k_q.zero.stride() != k_q.scale.stride() or v_q.zero.stride() != v_q.scale.stride():
+        raise ValueError("a QuantizedKV's zero must be laid out like its scale (same strides)")
+    host_lengths = _lengths_on_host(lengths)
+    _check(q, k_q, v_q, host_lengths)
+    schedule = make_schedule("lean", host_lengths, k_q.shape[1], head_dim=q.shape[2], dtype=q.dtype,
+                             device=q.device)
+    return _attend(q, k_q, v_q, schedule, _workspace(q, schedule.max_pieces), softmax_scale, return_lse,
+                   return_probs)
+
+
+def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of disjoint key sets, from attention over each: outs (batch, heads, head_dim)
+    and their natural log-sum-exps (batch, heads), as `decode_attention(..., return_lse=True)` gives them.
+    Returns the merged output (in the dtype of outs[0]) and its log-sum-exp. A part with no keys (lse = -inf)
+    adds nothing. A part's key probabilities, times exp(lse_part - lse), are probabilities over the union."""
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"merge_attention needs one lse per output, at least one; got {len(outs)} outputs and "
+                         f"{len(lses)} lses")
+    part_lse = torch.stack(lses).float()
+    lse = torch.logsumexp(part_lse, 0)
+    weights = torch.exp(part_lse - lse)[..., None]  # NaN where no part has keys: dropped below, as -inf parts
+    merged = sum(torch.where(w > 0, w * o.float(), 0.0) for w, o in zip(weights, outs))
+    return merged.to(outs[0].dtype), lse

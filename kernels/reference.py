@@ -60,3 +60,55 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     out = attention_reference(q[:, :, None, :], k_cache, v_cache, softmax_scale=softmax_scale,
                               key_padding_mask=keys)
     return out[:, :, 0, :]
+
+
+def decode_scores_reference(q: torch.Tensor, k_cache: torch.Tensor, lengths: torch.Tensor,
+                            softmax_scale: float | None = None) -> torch.Tensor:
+    """q kᵀ · scale for one query per head, (batch, heads, max_len), −inf at positions ≥ lengths[b]: its softmax
+    is each key's attention probability, its logsumexp the decode log-sum-exp."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    keys = k_cache.repeat_interleave(q.shape[1] // k_cache.shape[1], dim=1)
+    scores = torch.einsum("bhd,bhnd->bhn", q, keys) * scale
+    past_end = torch.arange(k_cache.shape[2], device=q.device) >= lengths.to(q.device)[:, None, None]
+    return scores.masked_fill(past_end, float("-inf"))
+
+
+def _grouped(x: torch.Tensor, group_size: int, axis: str) -> torch.Tensor:
+    """x (batch, heads, n, head_dim) with each quantization group along the last dimension: (…, n / g, d, g) for
+    groups of tokens per channel, (…, n, d / g, g) for groups of channels per token."""
+    b, h, n, d = x.shape
+    if axis == "channel":
+        return x.reshape(b, h, n // group_size, group_size, d).transpose(-1, -2)
+    return x.reshape(b, h, n, d // group_size, group_size)
+
+
+def _ungrouped(x: torch.Tensor, axis: str) -> torch.Tensor:
+    if axis == "channel":
+        x = x.transpose(-1, -2)
+        return x.reshape(*x.shape[:2], -1, x.shape[-1])
+    return x.flatten(-2)
+
+
+def quantize_kv_reference(x: torch.Tensor, bits: int, group_size: int, axis: str):
+    """Group-wise asymmetric quantization (kernels/kv_quant.py's docstring): codes (uint8, x's shape, one per
+    value, unpacked), scale and zero (x's dtype, one per group)."""
+    groups = _grouped(x.float(), group_size, axis)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    levels = 2**bits - 1
+    scale, zero = ((hi - lo) / levels).to(x.dtype), lo.to(x.dtype)
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    codes = torch.floor((groups - z) / torch.where(s > 0, s, 1.0) + 0.5).clamp(0, levels)
+    return _ungrouped(codes, axis).to(torch.uint8), scale, zero
+
+
+def dequantize_kv_reference(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                            axis: str) -> torch.Tensor:
+    """codes · scale + zero, per group, in the dtype of scale."""
+    groups = _grouped(codes.float(), group_size, axis)
+    return _ungrouped(groups * scale.float()[..., None] + zero.float()[..., None], axis).to(scale.dtype)
+
+
+def unpack_codes(data: torch.Tensor, bits: int) -> torch.Tensor:
+    """kv_quant's packing undone: channel c of a token is in byte c // (8 // bits), at bit (c % (8 // bits))·bits."""
+    shifts = torch.arange(0, 8, bits, device=data.device, dtype=torch.uint8)
+    return ((data[..., None] >> shifts) & (2**bits - 1)).flatten(-2)

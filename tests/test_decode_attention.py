@@ -1,5 +1,6 @@
 """Decode attention, each schedule against the float64 reference: GQA, odd lengths, length 1, a batch whose
-lengths differ by 100x."""
+lengths differ by 100x, head dims that are not powers of two; each key's probability; merging attention over
+disjoint key sets."""
 import importlib
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 from conftest import gpu, has_gpu
 from kernels.decode_attention import (SCHEDULES, decode_attention, default_block_n, lean_programs, make_schedule,
-                                      merge_step)
-from kernels.reference import decode_attention_reference
+                                      merge_attention, merge_step)
+from kernels.reference import decode_attention_reference, decode_scores_reference
 
 DEVICE = "cuda" if has_gpu() else "cpu"
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -20,13 +21,22 @@ def check(b, hq, hkv, lengths, d, dtype, schedule, max_len=None):
     q = torch.randn(b, hq, d, device=DEVICE, dtype=dtype, generator=gen)
     k, v = (torch.randn(b, hkv, max_len, d, device=DEVICE, dtype=dtype, generator=gen) for _ in range(2))
     lengths = torch.tensor(lengths, device=DEVICE)
-    out, lse = decode_attention(q, k, v, lengths, schedule=schedule, return_lse=True)
+    out, lse, probs = decode_attention(q, k, v, lengths, schedule=schedule, return_lse=True, return_probs=True)
     ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < TOL[dtype], err
-    scores = torch.einsum("bhd,bhnd->bhn", q.double(), k.double().repeat_interleave(hq // hkv, 1)) / d**0.5
-    scores = scores.masked_fill(torch.arange(max_len, device=DEVICE) >= lengths[:, None, None], float("-inf"))
+    scores = decode_scores_reference(q.double(), k.double(), lengths)
     torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-3, atol=1e-3)
+    check_probs(probs, scores, lengths)
+
+
+def check_probs(probs, scores, lengths):
+    """probs against softmax of the float64 scores (tf32 products on a GPU for float32: rtol 2e-3), exactly 0
+    past each length."""
+    assert probs.dtype == torch.float32 and probs.shape == scores.shape
+    torch.testing.assert_close(probs, scores.softmax(-1).float(), rtol=2e-3, atol=1e-6)
+    past_end = torch.arange(probs.shape[-1], device=probs.device) >= lengths[:, None, None]
+    assert not probs.masked_select(past_end).any()
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -34,6 +44,47 @@ def check(b, hq, hkv, lengths, d, dtype, schedule, max_len=None):
 def test_schedules_match_reference(schedule, dtype):
     check(3, 8, 2, [1, 37, 100], 64, dtype, schedule)    # length 1; lengths not a multiple of the tile
     check(2, 4, 4, [300, 3], 128, dtype, schedule)       # lengths 100x apart; MHA
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_head_dims_that_are_not_powers_of_two_match_reference(schedule, dtype):
+    for head_dim in (48, 72, 80, 96):  # padded to 64, 128, 128, 128 lanes
+        check(2, 6, 2, [5, 37], head_dim, dtype, schedule)  # 3 query heads per KV head
+
+
+def test_return_order_is_out_then_lse_then_probs():
+    q = torch.randn(1, 2, 32, device=DEVICE)
+    k, v = (torch.randn(1, 1, 20, 32, device=DEVICE) for _ in range(2))
+    n = torch.tensor([20], device=DEVICE)
+    out, probs = decode_attention(q, k, v, n, return_probs=True)
+    assert out.shape == (1, 2, 32) and probs.shape == (1, 2, 20)
+    out2, lse, probs2 = decode_attention(q, k, v, n, return_lse=True, return_probs=True)
+    assert lse.shape == (1, 2) and torch.equal(probs, probs2) and torch.equal(out, out2)
+
+
+def test_merging_attention_over_two_halves_equals_attention_over_the_whole():
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    q = torch.randn(2, 6, 48, device=DEVICE, generator=gen)
+    k, v = (torch.randn(2, 2, 53, 48, device=DEVICE, generator=gen) for _ in range(2))
+    lengths, split = torch.tensor([53, 30], device=DEVICE), 21
+    whole, whole_lse, whole_probs = decode_attention(q, k, v, lengths, return_lse=True, return_probs=True)
+    first, first_lse, first_probs = decode_attention(q, k[:, :, :split], v[:, :, :split],
+                                                     torch.full_like(lengths, split), return_lse=True,
+                                                     return_probs=True)
+    second, second_lse = decode_attention(q, k[:, :, split:], v[:, :, split:], lengths - split, return_lse=True)
+    merged, merged_lse = merge_attention([first, second], [first_lse, second_lse])
+    torch.testing.assert_close(merged, whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merged_lse, whole_lse, rtol=1e-5, atol=1e-5)
+    # a part's probabilities, rescaled by exp(lse_part - lse), are those over the whole
+    torch.testing.assert_close(first_probs * (first_lse - merged_lse).exp()[..., None], whole_probs[..., :split],
+                               rtol=1e-4, atol=1e-7)
+    # a part with no keys (lse = -inf, output undefined) adds nothing
+    empty = torch.full_like(first, float("nan"))
+    alone, alone_lse = merge_attention([first, empty], [first_lse, torch.full_like(first_lse, float("-inf"))])
+    assert torch.equal(alone_lse, first_lse) and torch.allclose(alone, first, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="one lse per output"):
+        merge_attention([first, second], [first_lse])
 
 
 def test_lean_shares_cross_segments_and_merge_exactly():
@@ -95,7 +146,8 @@ def test_a_head_cut_into_many_pieces_merges_exactly(programs, heads, head_dim):
 
 @pytest.mark.parametrize("change, match", [
     (dict(q=(2, 5, 64)), "multiple"),
-    (dict(q=(2, 4, 48), cache=(2, 2, 16, 48)), "head_dim=48"),
+    (dict(q=(2, 4, 8), cache=(2, 2, 16, 8)), "head_dim=8"),
+    (dict(q=(2, 4, 264), cache=(2, 2, 16, 264)), "head_dim=264"),
     (dict(lengths=[0, 3]), r"\[1, 16\]"),
     (dict(lengths=[17, 3]), r"\[1, 16\]"),
     (dict(cache_dtype=torch.float32), "dtype"),
@@ -114,6 +166,30 @@ def test_bad_input_is_a_clear_value_error(change, match):
         decode_attention(q, k, v)
 
 
+def test_a_prepared_schedule_checks_each_new_signature_once_and_keeps_its_workspace(monkeypatch):
+    module = importlib.import_module("kernels.decode_attention")
+    real_check, checked = module._check, []
+
+    def counted_check(*args):
+        checked.append(args)
+        real_check(*args)
+
+    monkeypatch.setattr(module, "_check", counted_check)
+    sched = make_schedule("lean", [40, 9], 2, num_programs=5, block_n=16, device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    q = torch.randn(2, 4, 32, device=DEVICE, generator=gen)
+    k, v = (torch.randn(2, 2, 40, 32, device=DEVICE, generator=gen) for _ in range(2))
+    out, lse = decode_attention(q, k, v, schedule=sched, return_lse=True)
+    workspace = sched.workspace
+    again, _ = decode_attention(q, k.clone(), v.clone(), schedule=sched, return_lse=True)  # same signature
+    assert len(checked) == 1 and sched.workspace is workspace and torch.equal(again, out)
+    returned = lse.clone()
+    decode_attention(-q, k, v, schedule=sched)  # fills the schedule's scratch log-sum-exp
+    assert torch.equal(lse, returned)  # a returned lse is the caller's, not that scratch
+    with pytest.raises(ValueError, match="dtype"):
+        decode_attention(q.half(), k, v, schedule=sched)  # a new signature is checked
+    assert len(checked) == 2
+
 
 def test_a_schedule_built_for_other_kv_heads_is_refused():
     q = torch.randn(2, 4, 64, device=DEVICE, dtype=torch.float16)
@@ -126,6 +202,13 @@ def test_a_schedule_built_for_other_kv_heads_is_refused():
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_gpu_long_contexts_bf16(schedule):
     check(4, 32, 8, [65536, 655, 70000, 1], 128, torch.bfloat16, schedule, max_len=70000)
+
+
+@gpu
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gpu_head_dims_that_are_not_powers_of_two_bf16(schedule):
+    for head_dim in (48, 72, 80, 96, 200):
+        check(4, 32, 8, [4099, 1, 300, 2048], head_dim, torch.bfloat16, schedule)
 
 
 @gpu

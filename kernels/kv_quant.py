@@ -1,0 +1,214 @@
+"""Group-wise asymmetric quantization of a KV cache to 2, 4 or 8 bits, in KIVI's layout (Liu et al., 2024).
+
+KIVI quantizes keys per channel, since their outliers sit in fixed channels, and values per token, which have
+no such channels: `axis="channel"` gives each channel's groups of `group_size` consecutive tokens one scale and
+zero-point (the caller keeps the newest tokens, fewer than a group, in full precision), `axis="token"` gives each
+token's groups of `group_size` consecutive channels one. A value x is stored as the code round((x - zero) /
+scale), clamped to [0, 2^bits - 1], where zero is the group's minimum and scale (max - min) / (2^bits - 1); scale and
+zero are kept in the cache's dtype, so `dequantize_kv` returns that dtype.
+
+Codes are packed along head_dim, the same for both axes: channel c of a token sits in byte c // (8 // bits) of
+the token's row, at bit (c % (8 // bits)) · bits. A token's packed row is contiguous, so a tile of tokens is one
+coalesced read, and appending a group of tokens appends rows.
+
+Written here rather than taken from a package: the packages behind HF's `QuantizedCache` (optimum-quanto, HQQ;
+neither installed here) keep their own packed formats, which our decode kernel cannot dequantize in registers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import runs_on
+
+BITS = (2, 4, 8)
+AXES = ("channel", "token")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TILE_ELEMENTS = 4096  # values a quantize or dequantize program holds at once
+
+
+@dataclass
+class QuantizedKV:
+    """A quantized (batch, kv_heads, n, head_dim) cache tensor.
+
+    data: uint8 (batch, kv_heads, n, head_dim · bits / 8), the packed codes;
+    scale, zero: the cache's dtype, (batch, kv_heads, n / group_size, head_dim) for axis="channel",
+    (batch, kv_heads, n, head_dim / group_size) for axis="token";
+    shape: the full-precision shape.
+    The kernels index data, scale and zero with their strides, but need each contiguous in its last dimension
+    and zero laid out like scale: `quantize_kv` makes them so, and concatenating along n keeps them so.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    axis: str
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype it dequantizes to."""
+        return self.scale.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed codes, scales and zero-points."""
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero))
+
+
+@triton.jit
+def kv_tile(X, XS, XZ, n, c, mask, stride_n, stride_sn, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+            PER_TOKEN: tl.constexpr):
+    """Entries (token n, channel c) of one (batch, KV head) of a cache, n and c broadcast to the tile's shape (so
+    one function loads key tiles transposed and value tiles as they are). BITS == 0: X is the full-precision
+    cache. Otherwise X holds packed codes, dequantized here in registers: each code's byte is loaded where it
+    lies (the lanes sharing a byte read one address, so memory sees only the packed bytes), and its group's
+    scale and zero-point, in rows of stride `stride_sn`, per token (PER_TOKEN) or per channel."""
+    if BITS == 0:
+        x = tl.load(X + n.to(tl.int64) * stride_n + c, mask=mask, other=0.0)
+    else:
+        per_byte: tl.constexpr = 8 // BITS
+        byte = tl.load(X + n.to(tl.int64) * stride_n + c // per_byte, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((c % per_byte) * BITS)) & ((1 << BITS) - 1)
+        if PER_TOKEN:
+            group = n.to(tl.int64) * stride_sn + c // GROUP_SIZE
+        else:
+            group = (n // GROUP_SIZE).to(tl.int64) * stride_sn + c
+        scale = tl.load(XS + group, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(XZ + group, mask=mask, other=0.0).to(tl.float32)
+        x = (code.to(tl.float32) * scale + zero).to(XS.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _quantize(X, DATA, SCALE, ZERO, stride_xb, stride_xh, stride_xn, H, N, HEAD_DIM: tl.constexpr,
+              BITS: tl.constexpr, PER_TOKEN: tl.constexpr, ROWS: tl.constexpr, CHANNELS: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    """One program quantizes ROWS tokens of one (batch, KV head), read once as a (token, group, byte, code)
+    tile: channel = group · CHANNELS + byte · per_byte + code, CHANNELS being the channels of a group (per
+    token) or all of them (per channel: one group column, each channel its own statistics over the ROWS tokens,
+    which are one token group). Each group's min and max give its scale and zero-point; the codes of a byte are
+    shifted into place and summed (their bits do not overlap), so each packed byte is written once."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    GROUPS: tl.constexpr = HEAD_DIM // CHANNELS
+    BYTES: tl.constexpr = CHANNELS // PER_BYTE  # bytes of a group in a token's row
+    t, seg = tl.program_id(0), tl.program_id(1)
+    r = tl.arange(0, BLOCK_R)[:, None, None]
+    g = tl.arange(0, BLOCK_GROUPS)[None, :, None]
+    j = tl.arange(0, BLOCK_BYTES)[None, None, :]
+    token = t * ROWS + r
+    byte = g * BYTES + j  # (1, groups, bytes): the byte's place in a token's packed row
+    mask = (r < ROWS) & (token < N) & (g < GROUPS) & (j < BYTES)
+    in_byte = tl.arange(0, PER_BYTE)[None, None, None, :]  # a code's place in its byte
+    channel = byte[:, :, :, None] * PER_BYTE + in_byte
+    x_seg = X + (seg // H).to(tl.int64) * stride_xb + (seg % H).to(tl.int64) * stride_xh
+    x = tl.load(x_seg + token[:, :, :, None].to(tl.int64) * stride_xn + channel, mask=mask[:, :, :, None],
+                other=0.0).to(tl.float32)
+    if PER_TOKEN:  # statistics over each token's group: the byte and code axes
+        lo = tl.min(tl.min(tl.where(mask[:, :, :, None], x, float("inf")), 3, keep_dims=True), 2, keep_dims=True)
+        hi = tl.max(tl.max(tl.where(mask[:, :, :, None], x, float("-inf")), 3, keep_dims=True), 2, keep_dims=True)
+        stats = seg.to(tl.int64) * N * GROUPS + token[:, :, :, None] * GROUPS + g[:, :, :, None]
+        stats_mask = ((r < ROWS) & (token < N) & (g < GROUPS))[:, :, :, None]
+    else:  # statistics over the group's tokens, per channel
+        lo = tl.min(tl.where(mask[:, :, :, None], x, float("inf")), 0, keep_dims=True)
+        hi = tl.max(tl.where(mask[:, :, :, None], x, float("-inf")), 0, keep_dims=True)
+        stats = (seg.to(tl.int64) * (N // ROWS) + t) * HEAD_DIM + channel
+        stats_mask = (j < BYTES)[:, :, :, None]
+    scale = ((hi - lo) / LEVELS).to(SCALE.dtype.element_ty)
+    zero = lo.to(ZERO.dtype.element_ty)
+    tl.store(SCALE + stats, scale, mask=stats_mask)
+    tl.store(ZERO + stats, zero, mask=stats_mask)
+    # codes from the scale and zero as stored, so dequantizing them reproduces x to within scale / 2
+    scale, zero = scale.to(tl.float32), zero.to(tl.float32)
+    code = tl.floor((x - zero) / tl.where(scale > 0, scale, 1.0) + 0.5)  # a constant group: x - zero = 0
+    code = tl.minimum(tl.maximum(code, 0.0), LEVELS).to(tl.int32)
+    packed = tl.sum(code << (in_byte * BITS), 3)
+    tl.store(DATA + (seg.to(tl.int64) * N + token) * (HEAD_DIM // PER_BYTE) + byte, packed.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _dequantize(DATA, SCALE, ZERO, OUT, H, N, stride_db, stride_dh, stride_dn, stride_sb, stride_sh, stride_sn,
+                HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PER_TOKEN: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    t, seg = tl.program_id(0), tl.program_id(1)
+    b, h = (seg // H).to(tl.int64), (seg % H).to(tl.int64)
+    n = t * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+    c = tl.arange(0, BLOCK_D)[None, :]
+    mask = (n < N) & (c < HEAD_DIM)
+    stats = b * stride_sb + h * stride_sh
+    x = kv_tile(DATA + b * stride_db + h * stride_dh, SCALE + stats, ZERO + stats, n, c, mask, stride_dn, stride_sn,
+                BITS, GROUP_SIZE, PER_TOKEN)
+    tl.store(OUT + (seg.to(tl.int64) * N + n) * HEAD_DIM + c, x, mask=mask)
+
+
+def _check(x: torch.Tensor, bits: int, group_size: int, axis: str):
+    if bits not in BITS:
+        raise ValueError(f"bits={bits} is not supported; use one of {BITS}")
+    if axis not in AXES:
+        raise ValueError(f"axis={axis!r} is not one of {AXES} (keys per channel, values per token)")
+    if x.dim() != 4:
+        raise ValueError(f"x must be (batch, kv_heads, n, head_dim), got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}; use one of {DTYPES}")
+    if not runs_on(x.device):
+        raise ValueError(f"x is on {x.device}; quantize_kv runs on CUDA devices "
+                         "(or on the CPU under TRITON_INTERPRET=1, for tests)")
+    if x.stride(-1) != 1:
+        raise ValueError("x needs a contiguous last (head_dim) dimension")
+    n, d = x.shape[2:]
+    per_byte = 8 // bits
+    if d % per_byte:
+        raise ValueError(f"head_dim={d} must be a multiple of {per_byte} to pack {bits}-bit codes in whole bytes")
+    if group_size < 1:
+        raise ValueError(f"group_size={group_size} must be at least 1")
+    grouped, name = (n, "n (tokens)") if axis == "channel" else (d, "head_dim")
+    if grouped % group_size:
+        raise ValueError(f"{name}={grouped} is not a multiple of group_size={group_size} (axis={axis!r})")
+    if axis == "token" and group_size % per_byte:
+        raise ValueError(f"group_size={group_size} must be a multiple of {per_byte} with bits={bits} and "
+                         "axis='token', so that no byte holds codes of two groups")
+
+
+def quantize_kv(x: torch.Tensor, bits: int, group_size: int, axis: str) -> QuantizedKV:
+    """Quantize x (batch, kv_heads, n, head_dim) to `bits` per value in groups of `group_size` along `axis`
+    ("channel": tokens of a channel, n a multiple of group_size; "token": channels of a token, head_dim a
+    multiple of group_size): one read of x, one write of the packed codes and of the groups' scales and zeros."""
+    _check(x, bits, group_size, axis)
+    b, h, n, d = x.shape
+    per_token = axis == "token"
+    per_byte = 8 // bits
+    channels = group_size if per_token else d  # channels of one group column in the tile
+    block_groups = triton.next_power_of_2(d // channels)
+    block_bytes = triton.next_power_of_2(channels // per_byte)
+    if per_token:
+        rows = max(1, TILE_ELEMENTS // (block_groups * block_bytes * per_byte))
+        stats_shape = (b, h, n, d // group_size)
+    else:
+        rows = group_size
+        stats_shape = (b, h, n // group_size, d)
+    data = torch.empty(b, h, n, d // per_byte, device=x.device, dtype=torch.uint8)
+    scale = torch.empty(stats_shape, device=x.device, dtype=x.dtype)
+    zero = torch.empty_like(scale)
+    _quantize[(triton.cdiv(n, rows), b * h)](
+        x, data, scale, zero, x.stride(0), x.stride(1), x.stride(2), h, n, HEAD_DIM=d, BITS=bits,
+        PER_TOKEN=per_token, ROWS=rows, CHANNELS=channels, BLOCK_R=triton.next_power_of_2(rows),
+        BLOCK_GROUPS=block_groups, BLOCK_BYTES=block_bytes)
+    return QuantizedKV(data, scale, zero, bits, group_size, axis, tuple(x.shape))
+
+
+def dequantize_kv(qkv: QuantizedKV) -> torch.Tensor:
+    """The full-precision (batch, kv_heads, n, head_dim) tensor, in the dtype of qkv.scale."""
+    b, h, n, d = qkv.shape
+    out = torch.empty(qkv.shape, device=qkv.data.device, dtype=qkv.dtype)
+    block_d = triton.next_power_of_2(d)
+    block_t = max(1, TILE_ELEMENTS // block_d)
+    _dequantize[(triton.cdiv(n, block_t), b * h)](
+        qkv.data, qkv.scale, qkv.zero, out, h, n, *qkv.data.stride()[:3], *qkv.scale.stride()[:3], HEAD_DIM=d,
+        BITS=qkv.bits, GROUP_SIZE=qkv.group_size, PER_TOKEN=qkv.axis == "token", BLOCK_T=block_t, BLOCK_D=block_d)
+    return out

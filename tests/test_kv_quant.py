@@ -1,0 +1,175 @@
+"""KV-cache quantization (KIVI's layout) against the plain PyTorch reference, and decode attention straight over a
+quantized cache against attention over the dequantized one."""
+import pytest
+import torch
+
+from conftest import gpu, has_gpu
+from kernels.decode_attention import decode_attention, decode_attention_quantized, merge_attention
+from kernels.kv_quant import QuantizedKV, dequantize_kv, quantize_kv
+from kernels.reference import (decode_attention_reference, decode_scores_reference, dequantize_kv_reference,
+                               quantize_kv_reference, unpack_codes)
+
+DEVICE = "cuda" if has_gpu() else "cpu"
+TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# (batch, kv_heads, n, head_dim), group_size, axis: odd head dims, and group sizes that are not powers of two
+CASES = [((2, 3, 24, 80), 12, "channel"), ((1, 2, 16, 48), 16, "channel"), ((2, 3, 5, 80), 20, "token"),
+         ((1, 2, 7, 96), 32, "token"), ((2, 1, 3, 72), 72, "token")]
+
+
+def random_cache(shape, dtype, seed):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(*shape, device=DEVICE, dtype=torch.float32, generator=gen)
+    return (x * torch.rand(shape[-1], device=DEVICE, generator=gen) * 4).to(dtype)  # channels of unequal range
+
+
+def per_value(stats, group_size, axis):
+    """A group's scale or zero at each of its values."""
+    return stats.repeat_interleave(group_size, 2 if axis == "channel" else 3)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_quantize_matches_reference_and_round_trips(bits, dtype):
+    """Codes, scales and zeros as the reference's; dequantized values within half a step of x; and quantizing
+    the dequantized values gives back the same packed bytes."""
+    for i, (shape, group_size, axis) in enumerate(CASES):
+        x = random_cache(shape, dtype, seed=bits * 10 + i)
+        q = quantize_kv(x, bits, group_size, axis)
+        codes, scale, zero = quantize_kv_reference(x, bits, group_size, axis)
+        assert q.data.dtype == torch.uint8 and q.data.shape == (*shape[:3], shape[3] * bits // 8)
+        torch.testing.assert_close(q.scale, scale, rtol=1e-3, atol=0)
+        assert torch.equal(q.zero, zero)
+        ours = unpack_codes(q.data, bits)
+        # codes equal, bar a rare rounding tie a GPU's division may break the other way
+        assert (ours.int() - codes.int()).abs().max() <= 1 and (ours != codes).float().mean() <= 1e-3
+        y = dequantize_kv(q)
+        assert y.dtype == dtype and y.shape == x.shape
+        torch.testing.assert_close(y, dequantize_kv_reference(ours, q.scale, q.zero, group_size, axis))
+        step = per_value(scale, group_size, axis).float()
+        slack = torch.finfo(dtype).eps * x.float().abs()  # y is rounded to the cache's dtype
+        assert ((y.float() - x.float()).abs() <= step / 2 + slack).all(), (shape, group_size, axis)
+        again = quantize_kv(y, bits, group_size, axis)
+        assert torch.equal(again.data, q.data) and torch.equal(again.zero, q.zero), (shape, group_size, axis)
+        torch.testing.assert_close(again.scale, q.scale, rtol=1e-3, atol=0)
+
+
+def test_a_constant_group_quantizes_exactly():
+    x = random_cache((1, 1, 8, 32), torch.float16, seed=0)
+    x[:, :, :, :16] = 1.5  # the first two token groups of 8 channels are constant: scale 0
+    q = quantize_kv(x, 2, 8, "token")
+    assert (q.scale[..., :2] == 0).all() and torch.equal(dequantize_kv(q)[..., :16], x[..., :16])
+
+
+def test_a_view_of_the_oldest_groups_dequantizes_like_the_whole_cache():
+    """A cache preallocated for more tokens than it holds: the kernels follow the views' strides."""
+    x = random_cache((2, 3, 32, 24), torch.float16, seed=2)
+    for axis, group_size in (("channel", 8), ("token", 12)):
+        q = quantize_kv(x, 4, group_size, axis)
+        groups = 16 // group_size if axis == "channel" else 16
+        view = QuantizedKV(q.data[:, :, :16], q.scale[:, :, :groups], q.zero[:, :, :groups], 4, group_size, axis,
+                           (2, 3, 16, 24))
+        assert not view.data.is_contiguous()
+        assert torch.equal(dequantize_kv(view), dequantize_kv(q)[:, :, :16])
+
+
+def test_nbytes_counts_codes_scales_and_zeros():
+    x = random_cache((2, 3, 32, 80), torch.float16, seed=1)
+    keys, values = quantize_kv(x, 4, 16, "channel"), quantize_kv(x, 2, 20, "token")
+    assert keys.nbytes == 2 * 3 * 32 * 40 + 2 * (2 * 3 * 2 * 80) * 2
+    assert values.nbytes == 2 * 3 * 32 * 20 + 2 * (2 * 3 * 32 * 4) * 2
+    assert keys.dtype == torch.float16 and keys.shape == (2, 3, 32, 80)
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(bits=3), r"bits=3 .*\(2, 4, 8\)"),
+    (dict(axis="head"), "axis='head'"),
+    (dict(group_size=5), r"n \(tokens\)=16 is not a multiple of group_size=5"),
+    (dict(axis="token", group_size=7), "head_dim=24 is not a multiple of group_size=7"),
+    (dict(axis="token", group_size=6, bits=2), "group_size=6 must be a multiple of 4"),
+    (dict(shape=(1, 1, 16, 18), bits=2), "head_dim=18 must be a multiple of 4"),
+    (dict(group_size=0), "group_size=0"),
+    (dict(shape=(16, 24)), "batch, kv_heads, n, head_dim"),
+])
+def test_bad_input_is_a_clear_value_error(args, match):
+    x = torch.randn(*args.get("shape", (1, 2, 16, 24)), device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match=match):
+        quantize_kv(x, args.get("bits", 4), args.get("group_size", 8), args.get("axis", "channel"))
+
+
+def quantized_inputs(batch, heads, kv_heads, n, head_dim, bits, dtype, key_group, value_group, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randn(batch, heads, head_dim, device=DEVICE, dtype=dtype, generator=gen)
+    k = random_cache((batch, kv_heads, n, head_dim), dtype, seed + 1)
+    v = random_cache((batch, kv_heads, n, head_dim), dtype, seed + 2)
+    return q, quantize_kv(k, bits, key_group, "channel"), quantize_kv(v, bits, value_group, "token")
+
+
+def dequantized_reference(qkv: QuantizedKV) -> torch.Tensor:
+    return dequantize_kv_reference(unpack_codes(qkv.data, qkv.bits), qkv.scale, qkv.zero, qkv.group_size,
+                                   qkv.axis).double()
+
+
+def check_quantized(q, k_q, v_q, lengths, dtype):
+    out, lse, probs = decode_attention_quantized(q, k_q, v_q, lengths, return_lse=True, return_probs=True)
+    k, v = dequantized_reference(k_q), dequantized_reference(v_q)
+    ref = decode_attention_reference(q.double(), k, v, lengths)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
+    scores = decode_scores_reference(q.double(), k, lengths)
+    torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(probs, scores.softmax(-1).float(), rtol=2e-3, atol=1e-6)
+    assert not probs[1, :, int(lengths[1]):].any()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_quantized_decode_matches_attention_over_the_dequantized_cache(bits, dtype):
+    # 3 query heads per KV head; head_dim 80; the second sequence ends inside a key group and a tile
+    q, k_q, v_q = quantized_inputs(2, 6, 2, 48, 80, bits, dtype, key_group=16, value_group=40, seed=bits)
+    check_quantized(q, k_q, v_q, torch.tensor([48, 29], device=DEVICE), dtype)
+
+
+def test_quantized_part_and_full_precision_residual_merge_to_attention_over_both():
+    """KIVI's cache: the oldest tokens quantized in whole groups, the newest (fewer than a group) in full
+    precision; attention over each, merged, is attention over the concatenated cache."""
+    q, k_q, v_q = quantized_inputs(2, 4, 2, 32, 64, 4, torch.float16, key_group=16, value_group=32)
+    gen = torch.Generator(device=DEVICE).manual_seed(9)
+    k_res, v_res = (torch.randn(2, 2, 5, 64, device=DEVICE, dtype=torch.float16, generator=gen) for _ in range(2))
+    old, old_lse = decode_attention_quantized(q, k_q, v_q, torch.tensor([32, 32], device=DEVICE), return_lse=True)
+    new, new_lse = decode_attention(q, k_res, v_res, torch.tensor([5, 5], device=DEVICE), return_lse=True)
+    out, lse = merge_attention([old, new], [old_lse, new_lse])
+    k = torch.cat([dequantized_reference(k_q), k_res.double()], 2)
+    v = torch.cat([dequantized_reference(v_q), v_res.double()], 2)
+    lengths = torch.tensor([37, 37], device=DEVICE)
+    ref = decode_attention_reference(q.double(), k, v, lengths)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float16]
+    torch.testing.assert_close(lse, decode_scores_reference(q.double(), k, lengths).logsumexp(-1).float(),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_quantized_decode_refuses_other_layouts():
+    q, k_q, v_q = quantized_inputs(1, 2, 1, 16, 32, 4, torch.float16, key_group=16, value_group=16)
+    lengths = torch.tensor([16], device=DEVICE)
+    values_per_channel = quantize_kv(dequantize_kv(v_q), 4, 16, "channel")
+    with pytest.raises(ValueError, match="values with axis='token'"):
+        decode_attention_quantized(q, k_q, values_per_channel, lengths)
+    with pytest.raises(ValueError, match="must be QuantizedKV"):
+        decode_attention_quantized(q, dequantize_kv(k_q), v_q, lengths)
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, 16\]"):
+        decode_attention_quantized(q, k_q, v_q, torch.tensor([17], device=DEVICE))
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gpu_quantized_decode_bf16_long_context(bits):
+    q, k_q, v_q = quantized_inputs(4, 32, 8, 8192, 128, bits, torch.bfloat16, key_group=32, value_group=32)
+    check_quantized(q, k_q, v_q, torch.tensor([8192, 1000, 1, 4099], device=DEVICE), torch.bfloat16)
+
+
+@gpu
+def test_gpu_quantize_round_trip_bf16():
+    x = random_cache((2, 8, 4096, 128), torch.bfloat16, seed=0)
+    for axis in ("channel", "token"):
+        q = quantize_kv(x, 4, 32, axis)
+        step = per_value(q.scale, 32, axis).float()
+        slack = torch.finfo(torch.bfloat16).eps * x.float().abs()
+        assert ((dequantize_kv(q).float() - x.float()).abs() <= step / 2 + slack).all()
