@@ -1,0 +1,124 @@
+"""Few-shot multiple choice through lm-evaluation-harness, as Scissorhands (HellaSwag, MathQA, PIQA, Winogrande)
+and Compress-then-Prompt (OpenBookQA, HellaSwag, PIQA) report it.
+
+lm-eval does the tasks (prompts, few-shot examples, metrics); our model wrapper answers its log-likelihood
+requests through a callable `score(model, ids) -> logits`, so whatever a task changes in how the model runs
+(a KV-cache policy, compressed weights, a soft prompt) is what lm-eval scores. `lm_tasks/` holds our own small
+task, `effrepro_mc`, which runs offline; the papers' tasks are lm-eval's, and need the Hub.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lm_eval.api.model import TemplateLM
+from tqdm.auto import tqdm
+
+from .context import ConfigError
+from .evaluation import Forward, context_length, hub_error, model_device, plain_forward
+from .records import Row
+
+LOCAL_TASKS = Path(__file__).parent / "lm_tasks"
+
+
+class EffreproLM(TemplateLM):
+    """lm-eval's view of one of our models. lm-eval splits each (context, continuation) request into tokens
+    (TemplateLM); here every batch of sequences goes through `score` (default: a plain forward pass) and a
+    continuation's log-likelihood is the sum of its tokens' log-probabilities. `score(model, ids) -> logits`
+    gets the ids on the model's device, as `perplexity`'s `forward` does. Only log-likelihood requests are
+    served: the multiple-choice tasks the papers report need nothing else."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, score: Forward | None = None, batch_size: int = 8):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.score = score or plain_forward
+        self.batch_size = batch_size
+        self.max_length = context_length(model) or 2048  # lm-eval's own default where a config does not say
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        # The model reads context + continuation but its last token (kept to its context length, from the left);
+        # the continuation's tokens are predicted at the last positions.
+        inputs = [(context + continuation)[-(self.max_length + 1):-1] for _, context, continuation in requests]
+        targets = [continuation for _, _, continuation in requests]
+        order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))  # similar lengths share a batch
+        device = model_device(self.model)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        with torch.no_grad():
+            for start in tqdm(range(0, len(order), self.batch_size), desc="lm-eval", disable=disable_tqdm or None):
+                batch = order[start:start + self.batch_size]
+                # padded on the right: in a causal model no real position sees the padding
+                ids = torch.full((len(batch), len(inputs[batch[0]])), self.eot_token_id, dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, :len(inputs[i])] = torch.tensor(inputs[i])
+                log_probs = self.score(self.model, ids.to(device)).float().log_softmax(-1)
+                for row, i in enumerate(batch):
+                    target = torch.tensor(targets[i], device=log_probs.device)
+                    predicted = log_probs[row, len(inputs[i]) - len(target):len(inputs[i])]
+                    results[i] = (predicted.gather(-1, target[:, None]).sum().item(),
+                                  bool((predicted.argmax(-1) == target).all()))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError("EffreproLM serves log-likelihood requests (multiple-choice tasks) only; for a "
+                                  "perplexity use repro.evaluation.perplexity")
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError("EffreproLM serves log-likelihood requests (multiple-choice tasks) only; "
+                                  "generation tasks are not supported")
+
+
+def _task_manager(tasks: list[str]):
+    """A TaskManager that knows our tasks; lm-eval's own ~15,000 are indexed (about 8 s) only when asked for."""
+    from lm_eval.tasks import TaskManager
+
+    local = TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
+    if all(task in local.all_tasks for task in tasks):
+        return local
+    manager = TaskManager(include_path=str(LOCAL_TASKS))
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"lm-eval tasks {unknown} are unknown; ours: {local.all_tasks}, the papers': hellaswag, "
+                          "piqa, winogrande, mathqa, openbookqa (`lm-eval ls tasks` lists all)")
+    return manager
+
+
+def evaluate_multiple_choice(lm: EffreproLM, tasks: list[str], num_fewshot: int = 0, limit: int | None = None
+                             ) -> dict[str, dict]:
+    """Run lm-eval's `tasks` on `lm`, each with `num_fewshot` examples (the first `limit` questions only, if
+    given). Per task (a group's tasks one by one): accuracy (acc), accuracy with each choice's log-likelihood
+    per character (acc_norm, None where the task has none), the standard error of acc, and the number of
+    questions scored (n)."""
+    import lm_eval
+
+    manager = _task_manager(tasks)
+    try:
+        loaded = manager.load(tasks)["tasks"]  # reads the tasks' datasets: where the Hub is needed, it fails here
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds offline
+        raise hub_error(f"lm-eval tasks {tasks}", exc, "our local task effrepro_mc") from None
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(loaded.values()), num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=manager, log_samples=False)
+    return {task: {"acc": results["results"][task]["acc,none"],
+                   "acc_norm": results["results"][task].get("acc_norm,none"),
+                   "stderr": results["results"][task]["acc_stderr,none"],
+                   "n": results["n-samples"][task]["effective"]}
+            for task in loaded}
+
+
+def multiple_choice_rows(scores: dict[str, dict], provider: str, x_name: str, x_value, extra: dict | None = None
+                         ) -> list[Row]:
+    """Scores of `evaluate_multiple_choice` as run-record rows: accuracy and accuracy_norm (fractions) per
+    task (the `benchmark` extra), n the questions scored, the standard error in the extras."""
+    rows = []
+    for task, s in scores.items():
+        more = {**(extra or {}), "benchmark": task, "stderr": s["stderr"]}
+        for metric, value in (("accuracy", s["acc"]), ("accuracy_norm", s["acc_norm"])):
+            if value is not None:
+                rows.append(Row(provider, x_name, x_value, metric, "fraction", value, n=s["n"], extra=more))
+    return rows

