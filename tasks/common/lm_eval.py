@@ -1,0 +1,68 @@
+"""Evaluate a pretrained causal LM as it ships (task lm_eval): perplexity on each evaluation text and
+accuracy on multiple-choice tasks through lm-evaluation-harness. Its record is the uncompressed row that
+Scissorhands and Compress-then-Prompt compare their compressed models against. For the `trained` model it
+also records how the model was trained and the unigram perplexity of the same text, the floor a real model
+must clear."""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from repro import checks
+from repro.context import ConfigError, RunContext
+from repro.evaluation import TEXTS, eval_text, perplexity, perplexity_rows
+from repro.models import known_models, load_model, trained_metadata
+from repro.records import Row
+
+
+def validate(cfg: DictConfig) -> None:
+    if cfg.get("model") is None:
+        raise ConfigError(f"task={cfg.task.name} evaluates a pretrained model: choose one with model=<name>, one of "
+                          f"{known_models()}")
+    e = cfg.eval
+    checks.choice("eval.texts", OmegaConf.to_container(e.texts), TEXTS)
+    checks.number("eval.seqlen", e.seqlen, at_least=2)
+    checks.number("eval.batch_size", e.batch_size, at_least=1)
+    if e.max_chunks is not None:
+        checks.number("eval.max_chunks", e.max_chunks, at_least=1)
+    checks.number("eval.num_fewshot", e.num_fewshot, at_least=0)
+    if e.limit is not None:
+        checks.number("eval.limit", e.limit, at_least=1)
+
+
+def text_rows(cfg: DictConfig, ctx: RunContext, model, tokenizer, provider: str, extra: dict,
+              forward=None) -> Iterator[Row]:
+    """Perplexity rows of `model` (run through `forward`, if given) on each evaluation text of `cfg.eval`,
+    at most `eval.max_chunks` chunks of `eval.seqlen` tokens each."""
+    e = cfg.eval
+    for name in checks.as_list(e.texts):
+        ids = eval_text(name, tokenizer, data=cfg.model.get("data") or cfg.data, cache=cfg.paths.cache)
+        if e.max_chunks:
+            ids = ids[: e.max_chunks * e.seqlen]
+        start = time.perf_counter()
+        result = perplexity(model, ids, e.seqlen, batch_size=e.batch_size, forward=forward)
+        seconds = time.perf_counter() - start
+        yield from perplexity_rows(result, provider, "text", name,
+                                   {**extra, "seqlen": e.seqlen, "eval_seconds": round(seconds, 2)})
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
+    from repro.lm_harness import EffreproLM, evaluate_multiple_choice, multiple_choice_rows
+
+    model, tokenizer = load_model(cfg.model, ctx.device)
+    name = cfg.model.name
+    extra = {"model": name, "params": sum(p.numel() for p in model.parameters())}
+    yield from text_rows(cfg, ctx, model, tokenizer, name, extra)
+    if cfg.model.source == "trained":
+        meta = trained_metadata(cfg.model)
+        ctx.env["trained_model"] = {k: meta[k] for k in meta if k != "rows"}
+        for metric in ("val_perplexity", "unigram_val_perplexity"):
+            yield Row(name if metric == "val_perplexity" else "unigram", "text", "stdlib_val", "perplexity", "ppl",
+                      meta[metric], n=1, extra={**extra, "source": "training's own validation"})
+    tasks = checks.as_list(cfg.eval.tasks)
+    if tasks:
+        lm = EffreproLM(model, tokenizer, batch_size=cfg.eval.batch_size)
+        scores = evaluate_multiple_choice(lm, tasks, num_fewshot=cfg.eval.num_fewshot, limit=cfg.eval.limit)
+        yield from multiple_choice_rows(scores, name, "shots", cfg.eval.num_fewshot, extra)
