@@ -1,0 +1,333 @@
+"""KV-cache eviction policies: which cached tokens each attention head keeps.
+
+One interface serves both ways of evaluating a policy (`simulate.py`: one masked forward pass; `generate.py`: a real
+cache during decoding), so the two run the same rules. A policy sees one layer's cache as *slots*:
+
+- `held`, `positions`: (batch, kv_heads, slots): which slots hold a token, and that token's position in the text;
+- statistics: tensors (batch, heads, slots, ...) per *query* head, made by `init_stats` and updated by `observe`
+  from each query's attention probabilities. A policy's score for a KV head sums its query heads' statistics
+  (grouped-query attention: the query heads sharing a KV head share its cache; with multi-head attention, as in the
+  paper's OPT models, that sum is one head's statistic).
+
+Each step (a query at position t) runs in this order, in both modes:
+1. make room: if a head already holds its budget, `drops` picks the tokens it loses, from the statistics of the
+   queries before t, so a head never holds more than its budget;
+2. append token t (it is always seen by its own query);
+3. attend over the held tokens;
+4. `observe` that query's probabilities (softmax over the held tokens only, as a real cache computes them).
+
+Positions are explicit, not slot order, because the quantized cache regroups tokens when it evicts (generate.py).
+Ties in a score go against the oldest token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+THRESHOLDS = ("1/t", "p90")
+BUDGET_SCHEDULES = ("uniform", "growing")
+
+
+def per_kv_head(stat: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Sum a (batch, heads, slots) statistic over the query heads that share each KV head."""
+    b, h, n = stat.shape
+    return stat.view(b, kv_heads, h // kv_heads, n).sum(2)
+
+
+def lowest(score: torch.Tensor, candidates: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """The k candidates of lowest score in each (batch, KV head) row, ties going to the oldest, as a bool mask."""
+    by_age = positions.argsort(-1)
+    ranked = score.float().masked_fill(~candidates, math.inf).gather(-1, by_age).argsort(dim=-1, stable=True)
+    order = by_age.gather(-1, ranked)
+    return torch.zeros_like(candidates).scatter_(-1, order[..., :k], True) & candidates
+
+
+@functools.cache
+def layer_budgets(budget: int, schedule: str, n_layers: int) -> tuple[int, ...]:
+    """Per-layer budgets with the same total: `uniform`, or `growing` linearly with depth from B/2 to 3B/2 (the
+    paper gives later layers more, whose importance persists less, Fig. 2). Rounded cumulatively, so they sum to
+    exactly n_layers · B."""
+    if schedule == "uniform" or n_layers == 1:
+        return (budget,) * n_layers
+    weights = [0.5 + layer / (n_layers - 1) for layer in range(n_layers)]
+    ends = [round(budget * sum(weights[:layer + 1])) for layer in range(n_layers)]
+    return tuple(end - start for start, end in zip([0] + ends[:-1], ends))
+
+
+@dataclass
+class Policy:
+    """The interface. Subclasses are dataclasses of their parameters, checked when made."""
+
+    name: ClassVar[str]
+    needs_probs: ClassVar[bool] = False  # whether `observe` reads attention probabilities
+    lockstep: ClassVar[bool] = True  # whether every head of a layer always holds as many tokens as the others
+
+    def budgets(self, n_layers: int) -> list[int | None]:
+        """Tokens a head of each layer may hold (None: no limit). Checks them: call it before any work."""
+        return [None] * n_layers
+
+    def init_stats(self, batch: int, heads: int, slots: int, device) -> dict[str, torch.Tensor]:
+        return {}
+
+    def observe(self, stats: dict[str, torch.Tensor], probs: torch.Tensor, visible: torch.Tensor, step: int) -> None:
+        """probs: float32 (batch, heads, slots), 0 where not `visible`; step: the query's position."""
+
+    def drops(self, stats: dict[str, torch.Tensor], held: torch.Tensor, positions: torch.Tensor, step: int,
+              layer: int, n_layers: int) -> torch.Tensor | None:
+        """Before token `step` is appended: a (batch, kv_heads, slots) mask of held tokens to drop, or None."""
+        return None
+
+
+@dataclass
+class Full(Policy):
+    """The whole cache: every token kept."""
+
+    name: ClassVar[str] = "full"
+
+
+@dataclass
+class _Budgeted(Policy):
+    """A fixed budget per head, spent as: when a head is full, drop `amount` of its unprotected tokens of lowest
+    `score`."""
+
+    budget: int
+    budget_schedule: str = "uniform"
+
+    def __post_init__(self):
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"{self.name}: budget={self.budget!r} must be a positive integer")
+        if self.budget_schedule not in BUDGET_SCHEDULES:
+            raise ValueError(f"{self.name}: budget_schedule={self.budget_schedule!r} is not one of {BUDGET_SCHEDULES}")
+        self.check(self.budget)
+
+    def check(self, budget: int, whose: str = "") -> None:
+        """Raise ValueError if the policy's other parameters do not fit `budget` (`whose`: said after it)."""
+
+    def budgets(self, n_layers: int) -> list[int | None]:
+        budgets = layer_budgets(self.budget, self.budget_schedule, n_layers)
+        for layer, budget in enumerate(budgets):
+            self.check(budget, f" (layer {layer}'s, from budget_schedule={self.budget_schedule!r})")
+        return list(budgets)
+
+    def score(self, stats: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def protected(self, positions: torch.Tensor, step: int, budget: int) -> torch.Tensor:
+        return torch.zeros_like(positions, dtype=torch.bool)
+
+    def amount(self, budget: int) -> int:
+        return 1
+
+    def drops(self, stats, held, positions, step, layer, n_layers):
+        budget = layer_budgets(self.budget, self.budget_schedule, n_layers)[layer]
+        full = held.sum(-1, keepdim=True) >= budget
+        if not full.any():
+            return None
+        candidates = held & ~self.protected(positions, step, budget)
+        return lowest(self.score(stats, positions), candidates, positions, self.amount(budget)) & full
+
+
+class _PivotalCounts:
+    """Scissorhands' importance: per query head and cached token, how many of the last `window` queries gave the
+    token more than the threshold probability ("pivotal"). The bits of those queries are kept in a ring, 8 to a
+    byte, so the window slides exactly: each step adds its bit and takes away the one `window` steps old."""
+
+    window: int
+    threshold: str
+
+    def check_counting(self):
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"{self.name}: window={self.window!r} (w, the history window) must be an integer >= 1")
+        if self.threshold not in THRESHOLDS:
+            raise ValueError(f"{self.name}: threshold={self.threshold!r} is not one of {THRESHOLDS}")
+
+    def init_stats(self, batch, heads, slots, device):
+        return {"count": torch.zeros(batch, heads, slots, dtype=torch.int32, device=device),
+                "history": torch.zeros(batch, heads, slots, -(-self.window // 8), dtype=torch.uint8, device=device)}
+
+    def observe(self, stats, probs, visible, step):
+        n_visible = visible.sum(-1, keepdim=True)
+        if self.threshold == "1/t":  # the paper: more than the uniform share of the t keys softmaxed over
+            threshold = 1.0 / n_visible
+        else:  # the authors' code: the row's 90th percentile, index int(0.9 · t) of the sorted visible entries
+            ascending = probs.masked_fill(~visible, -1.0).sort(-1).values
+            threshold = ascending.gather(-1, probs.shape[-1] - n_visible + 9 * n_visible // 10)
+        pivotal = ((probs > threshold) & visible).to(torch.uint8)
+        byte, bit = divmod(step % self.window, 8)
+        ring = stats["history"][..., byte]
+        stats["count"] += pivotal.int() - ((ring >> bit) & 1).int()
+        stats["history"][..., byte] = (ring & (255 ^ (1 << bit))) | (pivotal << bit)
+
+    def kv_counts(self, stats, kv_heads):
+        return per_kv_head(stats["count"], kv_heads)
+
+
+@dataclass
+class Scissorhands(_PivotalCounts, _Budgeted):
+    """The paper's Algorithm 1-2: budget B per head; when a head is full, drop the m (`drop`, default B/2) tokens
+    least often pivotal (probability > 1/t, t the keys the query saw) over the last w (`window`) queries, never one
+    of the r (`recent`) newest. Paper: r=10, w=400, m=B/2."""
+
+    name: ClassVar[str] = "scissorhands"
+    needs_probs: ClassVar[bool] = True
+    recent: int = 10
+    window: int = 400
+    drop: int | None = None
+    threshold: str = "1/t"
+
+    def __post_init__(self):
+        self.check_counting()
+        if not isinstance(self.recent, int) or self.recent < 0:
+            raise ValueError(f"scissorhands: recent={self.recent!r} (r) must be an integer >= 0")
+        super().__post_init__()
+
+    def amount(self, budget):
+        """m, scaled with the layer's budget where budgets differ by layer."""
+        return budget // 2 if self.drop is None else max(1, round(self.drop * budget / self.budget))
+
+    def check(self, budget, whose=""):
+        if budget <= self.recent:
+            raise ValueError(f"scissorhands: budget={budget}{whose} must be larger than recent={self.recent} (B > r)")
+        if self.drop is not None and (not isinstance(self.drop, int) or not 1 <= self.drop < self.budget):
+            raise ValueError(f"scissorhands: drop={self.drop!r} (m) must be an integer in [1, budget) = "
+                             f"[1, {self.budget})")
+        m = self.amount(budget)
+        if not 1 <= m <= budget - self.recent:
+            raise ValueError(f"scissorhands: drop={m} (m) must be in [1, budget - recent] = "
+                             f"[1, {budget - self.recent}] for budget={budget}{whose}")
+
+    def protected(self, positions, step, budget):
+        return positions >= step - self.recent
+
+    def score(self, stats, positions):
+        return self.kv_counts(stats, positions.shape[1])
+
+
+@dataclass
+class ScissorhandsReleased(_PivotalCounts, Policy):
+    """The authors' released evaluation code (`hf_opt_dropkv.py`), which departs from the paper: a token is pivotal
+    above its row's 90th percentile; from position `start` on, a head drops every token outside the `recent` window
+    that was pivotal for none of the last `window` queries; only layers in the `layers` band (fractions of depth:
+    5-35 of OPT-66B's 64) compress. No budget: the compression is adaptive, and measured (the keep ratio).
+
+    Unlike that script, a dropped token stays dropped and the counts come from the probabilities over the tokens
+    held, as in a real cache; its heads then hold different numbers of tokens, so it runs in mode=simulate only."""
+
+    name: ClassVar[str] = "scissorhands_released"
+    needs_probs: ClassVar[bool] = True
+    lockstep: ClassVar[bool] = False
+    recent: int = 10
+    window: int = 100
+    threshold: str = "p90"
+    layers: tuple[float, float] = (5 / 64, 35 / 64)
+    start: int = 100
+
+    def __post_init__(self):
+        self.check_counting()
+        if not isinstance(self.recent, int) or self.recent < 0:
+            raise ValueError(f"{self.name}: recent={self.recent!r} (r) must be an integer >= 0")
+        lo, hi = self.layers
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"{self.name}: layers={self.layers!r} must be a band (lo, hi), 0 <= lo <= hi <= 1, "
+                             "of fractions of the model's depth")
+        if not isinstance(self.start, int) or self.start < 0:
+            raise ValueError(f"{self.name}: start={self.start!r} must be an integer >= 0")
+
+    def compresses(self, layer: int, n_layers: int) -> bool:
+        return self.layers[0] * n_layers <= layer <= self.layers[1] * n_layers
+
+    def drops(self, stats, held, positions, step, layer, n_layers):
+        if step < self.start or not self.compresses(layer, n_layers):
+            return None
+        return held & (positions < step - self.recent) & (self.kv_counts(stats, held.shape[1]) == 0)
+
+
+@dataclass
+class H2O(_Budgeted):
+    """Heavy-Hitter Oracle (Zhang et al., 2023): keep the `recent` newest tokens (default half the budget) and the
+    heavy hitters, the tokens of largest attention summed over all queries so far; a full head drops one a step."""
+
+    name: ClassVar[str] = "h2o"
+    needs_probs: ClassVar[bool] = True
+    recent: int | None = None
+
+    def recent_tokens(self, budget: int) -> int:
+        return budget // 2 if self.recent is None else self.recent
+
+    def check(self, budget, whose=""):
+        if self.recent is not None and (not isinstance(self.recent, int) or self.recent < 0):
+            raise ValueError(f"h2o: recent={self.recent!r} must be an integer >= 0")
+        if budget <= self.recent_tokens(budget):
+            raise ValueError(f"h2o: budget={budget}{whose} must be larger than recent={self.recent_tokens(budget)}")
+
+    def init_stats(self, batch, heads, slots, device):
+        return {"attention": torch.zeros(batch, heads, slots, device=device)}
+
+    def observe(self, stats, probs, visible, step):
+        stats["attention"] += probs
+
+    def protected(self, positions, step, budget):
+        return positions >= step - self.recent_tokens(budget)
+
+    def score(self, stats, positions):
+        return per_kv_head(stats["attention"], positions.shape[1])
+
+
+@dataclass
+class StreamingLLM(_Budgeted):
+    """StreamingLLM (Xiao et al., 2024): the first `n_sink` tokens (attention sinks) and the newest ones. Positions
+    stay the true ones (the paper re-numbers them inside the cache)."""
+
+    name: ClassVar[str] = "streaming"
+    n_sink: int = 4
+
+    def check(self, budget, whose=""):
+        if not isinstance(self.n_sink, int) or self.n_sink < 0:
+            raise ValueError(f"streaming: n_sink={self.n_sink!r} must be an integer >= 0")
+        if budget <= self.n_sink:
+            raise ValueError(f"streaming: budget={budget}{whose} must be larger than n_sink={self.n_sink}")
+
+    def protected(self, positions, step, budget):
+        return positions < self.n_sink
+
+    def score(self, stats, positions):
+        return positions  # the oldest goes first
+
+
+@dataclass
+class TOVA(_Budgeted):
+    """Token Omission Via Attention (Oren et al., 2024): a full layer drops the token the last query attended to
+    least, its probability averaged over all the layer's heads, so every head of a layer keeps the same tokens."""
+
+    name: ClassVar[str] = "tova"
+    needs_probs: ClassVar[bool] = True
+
+    def init_stats(self, batch, heads, slots, device):
+        return {"last": torch.zeros(batch, heads, slots, device=device)}
+
+    def observe(self, stats, probs, visible, step):
+        stats["last"].copy_(probs)
+
+    def score(self, stats, positions):
+        return stats["last"].mean(1, keepdim=True).expand_as(positions)
+
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in
+                                     (Full, Scissorhands, ScissorhandsReleased, H2O, StreamingLLM, TOVA)}
+
+
+def make_policy(name: str, **params) -> Policy:
+    """The policy `name` (one of POLICIES) with its parameters, checked."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown KV-cache policy {name!r}; valid ones: {sorted(POLICIES)}")
+    cls = POLICIES[name]
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"policy {name!r} has no parameter {unknown[0]!r}; its parameters: {allowed}")
+    return cls(**params)
