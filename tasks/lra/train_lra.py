@@ -73,7 +73,7 @@ def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[s
         tiny_fixture(name, n, seed=spec.seed + (split == "val"))
     if name == "image":
         return _images(ds), 256, 1024
-    length = MAX_BYTES[name]
+    length = spec.max_bytes or MAX_BYTES[name]
     out = {"labels": torch.tensor(ds["label"])}
     for suffix in ("", "2") if name == "retrieval" else ("",):
         ids = _pad(ds[f"input_ids{suffix}"], length)
@@ -176,6 +176,8 @@ def validate(cfg: DictConfig) -> None:
     spec = cfg.lra
     checks.choice("lra.tasks", OmegaConf.to_container(spec.tasks), LRA_TASKS)
     checks.choice("lra.attention", OmegaConf.to_container(spec.attention), ATTENTIONS)
+    if spec.max_bytes is not None:
+        checks.number("lra.max_bytes", spec.max_bytes, at_least=1)
     for key in ("n_train", "n_val", "batch", "listops_min_length"):
         checks.number(f"lra.{key}", spec[key], at_least=1)
     checks.number("lra.listops_max_length", spec.listops_max_length, at_least=spec.listops_min_length)
