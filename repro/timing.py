@@ -30,6 +30,21 @@ def _summarise(times_ms: Sequence[float], clock: str) -> Timing:
     return Timing(p50=statistics.median(ordered), p20=q[1], p80=q[7], n=len(ordered), clock=clock)
 
 
+def joined(fn: Callable[[], object], streams: Sequence) -> Callable[[], object]:
+    """`fn`, then the current stream waits for each of `streams` (side streams `fn` issued work on: a
+    prefetch, a copy), so that an event recorded after it marks the end of all of that work."""
+    if not streams:
+        return fn
+
+    def call():
+        out = fn()
+        current = torch.cuda.current_stream()
+        for stream in streams:
+            current.wait_stream(stream)
+        return out
+    return call
+
+
 def measure(
     fn: Callable[[], object],
     device: torch.device,
@@ -38,10 +53,14 @@ def measure(
     rep_ms: float = 100,
     grad_to_none: Sequence[torch.Tensor] | None = None,
     cuda_graph: bool = False,
+    streams: Sequence = (),
 ) -> Timing:
     """Time `fn`. On a GPU: `triton.testing.do_bench`, which warms up, flushes L2 before every call and
-    times each call with CUDA events; or, with `cuda_graph`, `_graph_times` (see there). On a CPU:
-    perf_counter around each call, after a warm-up."""
+    times each call with CUDA events; or, with `cuda_graph`, `_graph_times` (see there). Work `fn` issues on
+    side `streams` is joined into each timed call. On a CPU: perf_counter around each call, after a warm-up
+    (streams do not exist there)."""
+    if device.type == "cuda":
+        fn = joined(fn, streams)
     if device.type == "cuda" and cuda_graph:
         return _summarise(_graph_times(fn, warmup_ms, rep_ms), CLOCK_GRAPH)
     if device.type == "cuda":
@@ -65,6 +84,35 @@ def measure(
         call()
     reps = max(3, min(1000, int(rep_ms / max(first, 1e-3))))
     return _summarise([call() for _ in range(reps)], CLOCK_CPU)
+
+
+def measure_steps(step: Callable[[int], object], steps: int, device: torch.device, *, warmup: int = 2,
+                  streams: Sequence = ()) -> Timing:
+    """Time a sequence of `steps` steps that each change state (a decode step that grows a cache, a layer that
+    fetches the next one's weights), each once, in order: step(i) for i in range(warmup + steps), the first
+    `warmup` untimed. Repeating one step, as `measure` does, would not be the same work twice. Device events
+    around each step on a GPU (side `streams` joined), the wall clock on a CPU."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+    for i in range(warmup):
+        step(i)
+    if device.type != "cuda":
+        times = []
+        for i in range(warmup, warmup + steps):
+            start = time.perf_counter()
+            step(i)
+            times.append((time.perf_counter() - start) * 1e3)
+        return _summarise(times, CLOCK_CPU)
+    torch.cuda.synchronize(device)
+    events = []
+    for i in range(warmup, warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        joined(lambda: step(i), streams)()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize(device)
+    return _summarise([a.elapsed_time(b) for a, b in events], CLOCK_GPU)
 
 
 def _graph_times(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> list[float]:
@@ -119,3 +167,41 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (RuntimeError, MemoryError)) and (
         "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
     )
+
+
+def host_link(device: torch.device, size_bytes: int = 1 << 28) -> dict:
+    """For tasks that move weights between host and device: the PCIe link as the driver reports it, and the
+    host-to-device copy bandwidth measured now from pinned and from pageable memory (random bytes, medians of
+    event-timed copies). Empty off a GPU."""
+    if device.type != "cuda":
+        return {}
+    import subprocess
+
+    info: dict = {}
+    fields = ("pcie.link.gen.current", "pcie.link.gen.max", "pcie.link.width.current", "pcie.link.width.max")
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
+                              "-i", str(device.index or 0)], capture_output=True, text=True, timeout=20)
+        values = [v.strip() for v in out.stdout.strip().split(",")]
+        if out.returncode == 0 and len(values) == len(fields):
+            info.update({name.replace(".", "_"): value for name, value in zip(fields, values)})
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # no nvidia-smi: the bandwidths below still say what the link delivers
+    target = torch.empty(size_bytes, dtype=torch.uint8, device=device)
+    for kind, pinned in (("pinned", True), ("pageable", False)):
+        source = torch.randint(0, 256, (size_bytes,), dtype=torch.uint8).pin_memory() if pinned else \
+            torch.randint(0, 256, (size_bytes,), dtype=torch.uint8)
+        t = measure(lambda: target.copy_(source, non_blocking=pinned), device, warmup_ms=5, rep_ms=50)
+        info[f"h2d_{kind}_gb_s"] = round(size_bytes / (t.p50 * 1e-3) / 1e9, 2)
+    return info
+
+
+def host_memory() -> dict:
+    """The process's peak resident memory and, on a GPU machine, the peak of pinned host memory held by
+    PyTorch's pinned allocator (MB)."""
+    import resource
+
+    info = {"host_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        info["pinned_peak_mb"] = round(torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0) / 2**20, 1)
+    return info

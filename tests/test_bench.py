@@ -79,3 +79,34 @@ def test_a_provider_on_our_kernels_is_unsupported_where_they_cannot_run(monkeypa
                 Provider("ours", lambda point: pytest.fail("built where it cannot run"), needs_triton=True)])
     (ours,) = [r for r in rows if r.provider == "ours"]
     assert ours.status == "unsupported" and "CUDA GPU" in ours.message
+
+
+def test_a_sequence_of_stateful_steps_is_timed_step_by_step_in_order():
+    from repro.timing import measure_steps
+    seen = []
+    t = measure_steps(lambda i: (seen.append(i), time.sleep(0.001 * (i + 1))), 4, torch.device("cpu"), warmup=2)
+    assert seen == [0, 1, 2, 3, 4, 5]  # each step once: the warm-up ones, then the timed ones
+    assert t.n == 4 and 3.0 <= t.p20 <= t.p50 <= t.p80 < 60  # the timed steps sleep 3, 4, 5, 6 ms
+    with pytest.raises(ValueError, match="steps"):
+        measure_steps(lambda i: None, 0, torch.device("cpu"))
+
+
+def test_host_memory_reports_the_peak_resident_size():
+    from repro.timing import host_memory
+    assert host_memory()["host_peak_rss_mb"] > 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_work_on_a_side_stream_is_inside_the_timed_call():
+    from repro.timing import measure
+    side = torch.cuda.Stream()
+    x = torch.randn(4096, 4096, device="cuda")
+
+    def on_side():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(20):
+                x @ x
+    unjoined = measure(on_side, torch.device("cuda"), warmup_ms=5, rep_ms=20)
+    joined = measure(on_side, torch.device("cuda"), warmup_ms=5, rep_ms=20, streams=[side])
+    assert joined.p50 > 5 * unjoined.p50  # 20 matrix products, not an empty main stream
