@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from . import checks
 from .claims import claims_for_task, load_published
 from .context import (PROJECT_ROOT, ConfigError, RunContext, capture_environment, reset_device_memory,
                       resolve_device, seed_everything, utc_now, world)
@@ -34,7 +35,6 @@ from .report import console_table, evaluate
 from .timing import is_out_of_memory
 from .wandb_logger import NullLogger, make_logger
 
-CHECKPOINT_EVERY_S = 10.0
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 OmegaConf.register_new_resolver("repro_root", lambda: str(PROJECT_ROOT), replace=True)
@@ -85,12 +85,12 @@ def _outcome(record: RunRecord) -> None:
                     f"{len(record.rows) - len(failed)} unsupported)" + (f": {'; '.join(reasons[:3])}" if reasons else ""))
 
 
-def _collect(entry, cfg, ctx, record: RunRecord, logger, checkpoint: Path | None) -> None:
+def _collect(entry, cfg, ctx, record: RunRecord, logger, checkpoint: Path | None, every_s: float) -> None:
     last_save = time.monotonic()
     for row in entry(cfg, ctx):
         record.rows.append(row)
         logger.log_rows([row])
-        if checkpoint and time.monotonic() - last_save > CHECKPOINT_EVERY_S:
+        if checkpoint and time.monotonic() - last_save > every_s:
             save_record(record, checkpoint)
             last_save = time.monotonic()
 
@@ -109,6 +109,7 @@ def run_job(cfg: DictConfig) -> RunRecord:
         paths, cfg = [], OmegaConf.merge(cfg, {"logger": {"name": "none"}})
     logger = NullLogger()
     try:
+        checks.number("record_every_s", cfg.record_every_s, integer=False, at_least=0)
         device = resolve_device(cfg.scale)
         entry, validate = load_task(cfg.task.entry)
         if validate is not None:
@@ -125,7 +126,7 @@ def run_job(cfg: DictConfig) -> RunRecord:
             job_type=cfg.scale.name, config=record.config, output_dir=output_dir)
         print(f"[repro] {cfg.task.name} at scale={cfg.scale.name} on {device} "
               f"({ctx.env['gpu_name'] or 'CPU'}); output: {output_dir}", flush=True)
-        _collect(entry, cfg, ctx, record, logger, paths[0] if paths else None)
+        _collect(entry, cfg, ctx, record, logger, paths[0] if paths else None, cfg.record_every_s)
         _outcome(record)
     except ConfigError as exc:
         record.status, record.error, paths = "error", str(exc), paths[:1]  # bad input measured nothing to commit

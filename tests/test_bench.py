@@ -51,9 +51,24 @@ def test_exactly_one_baseline():
         run([Provider("a", sleeper(0)), Provider("b", sleeper(0))])
 
 
-def test_cpu_timing_is_marked_as_wall_clock():
-    t = measure(lambda: sum(range(1000)), torch.device("cpu"), warmup_ms=1, rep_ms=5)
-    assert t.clock == "wall_clock" and t.n >= 3 and t.p20 <= t.p50 <= t.p80
+def test_cpu_timing_is_marked_as_wall_clock_and_times_the_call():
+    t = measure(lambda: time.sleep(0.002), torch.device("cpu"), warmup_ms=1, rep_ms=20)
+    assert t.clock == "wall_clock" and t.n >= 3 and 2.0 <= t.p50 < 50
+
+
+def test_the_flop_and_byte_counts_behind_tflops_and_bandwidth():
+    from omegaconf import OmegaConf
+
+    from tasks.flashattention.kernel_bench import attention_flops
+    from tasks.lean_attention.decode_bench import grid
+
+    # two N x N x d products, 2 FLOPs per multiply-add: 2 * 2 * B*H*N^2*d
+    assert attention_flops(2, 3, 5, 7, causal=False, mode="fwd") == 2 * 2 * 2 * 3 * 5 * 5 * 7
+    assert attention_flops(2, 3, 5, 7, causal=True, mode="fwd") == 2 * 3 * 5 * 5 * 7 * 2
+    assert attention_flops(2, 3, 5, 7, causal=False, mode="fwd_bwd") == 3.5 * 4 * 2 * 3 * 5 * 5 * 7
+    cfg = OmegaConf.create({"dtype": "float16", "context": [1000], "batch": [2], "heads": ["8/4"], "head_dim": 64})
+    (point,) = grid(cfg)
+    assert point.bytes == 2 * 2 * 4 * 1000 * 64 * 2  # K and V, batch 2, 4 KV heads, 1000 tokens, 64 dims, fp16
 
 
 def test_each_provider_is_checked_against_the_baselines_output_on_the_same_inputs():

@@ -3,6 +3,7 @@ failed points counted, runs that measured nothing failing, sweeps that run every
 import json
 
 import pytest
+import torch
 
 from conftest import run_inline
 
@@ -95,3 +96,92 @@ def test_a_sweep_of_good_jobs_exits_zero(tmp_path):
     code, out, _ = run_inline("-m", "logger=none", f"hydra.sweep.dir={tmp_path}", *KERNEL[:1],
                               "kernel.seq_len=[32],[40]", *KERNEL[2:])
     assert code == 0 and "multirun of 2 jobs, 0 not ok" in out
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("task=no_such_task", ["no_such_task", "flash_kernel"]),
+    ("scale=huge", ["huge", "smoke", "small", "paper"]),
+    ("paper=no_such_paper", ["no_such_paper", "flashattention"]),
+    ("kernel.no_such_key=1", ["no_such_key", "seq_len", "providers"]),
+    ("no_such_key=1", ["no_such_key", "kernel", "scale"]),
+    ("kernel.providers=[standard,fastest]", ["fastest", "sdpa_flash"]),
+    ("kernel.dtype=float8", ["float8", "bfloat16"]),
+    ("task=flash_gpt2 attention=[eager,flash9]", ["flash9", "effrepro"]),
+    ("task=flash_gpt2 model.seq_len=128 model.positions=64", ["seq_len=128", "64 positions"]),
+    ("task=flash_gpt2 data.folder=/no/such/folder", ["/no/such/folder", "folder of text files"]),
+    ("task=pathx lra.pretrain={task:listops,steps:1}", ["listops", "path64"]),
+    ("task=lra_listops lra.micro_batch.listops2=4", ["listops2", "retrieval"]),
+    ("task=lra_listops lra.micro_batch.listops=3", ["micro_batch.listops=3", "divisor"]),
+    ("task=pathx train.parallel=fsdp lra.pretrain={task:path64,steps:1}", ["fsdp", "ddp"]),
+    ("task=lra_data lra_data.settings=[{task:pathfinder,size:48}]", ["size=48", "32, 64, 128, 256"]),
+    ("task=lm_eval model=no_such_model", ["no_such_model", "tiny_llama"]),
+    ("task=lm_eval model=tiny_llama eval.texts=[novel]", ["novel", "pydoc"]),
+    ("task=lm_eval model=tiny_llama eval.seqlen=1024", ["1024", "context"]),
+    ("record_every_s=-1", ["record_every_s=-1"]),
+])
+def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_path):
+    code, out, err = run_inline(*override.split(), "logger=none", f"hydra.run.dir={tmp_path}")
+    assert code != 0
+    for word in expected:
+        assert word in err + out, (word, err[-2000:])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_a_gpu_scale_without_a_gpu_fails_before_any_work(tmp_path):
+    code, _, err = run_inline("scale=small", "logger=none", f"hydra.run.dir={tmp_path}", f"paths.records={tmp_path}/runs")
+    assert code == 2 and "needs a CUDA GPU" in err and "scale=small" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_flash_kernel_smoke_records_speedups_and_unsupported_backends(tmp_path):
+    code, _, err = run_inline("logger=none", f"hydra.run.dir={tmp_path}", "kernel.providers=[standard,sdpa_math,"
+                              "sdpa_efficient,sdpa_flash,sdpa_cudnn]", *KERNEL[1:])
+    assert code == 0, err
+    rows = record(tmp_path)["rows"]
+    baseline = [r for r in rows if r["metric"] == "speedup" and r["provider"] == "standard"]
+    assert baseline and all(abs(r["p50"] - 1.0) < 1e-12 for r in baseline)
+    if not torch.cuda.is_available():  # the CUDA-only backends decline on a CPU and say so
+        cudnn = [r for r in rows if r["provider"] == "sdpa_cudnn"]
+        assert cudnn and all(r["status"] == "unsupported" and "declines" in r["message"] for r in cudnn)
+    math_rows = [r for r in rows if r["provider"] == "sdpa_math" and r["metric"] == "rel_error"]
+    assert math_rows and all(r["extra"]["matches_baseline"] for r in math_rows)  # checked against standard
+    times = [r for r in rows if r["metric"] == "time" and r["status"] == "ok"]
+    assert all(r["extra"]["clock"] == ("cuda_event" if torch.cuda.is_available() else "wall_clock") for r in times)
+
+
+def test_our_kernels_run_through_the_interpreter_and_match_the_baseline(tmp_path):
+    import kernels.runtime
+    if not kernels.runtime.runs_on("cpu") and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+    code, _, err = run_inline("logger=none", f"hydra.run.dir={tmp_path}", "kernel.providers=[standard,effrepro,"
+                              "effrepro_sparse]", "kernel.sparse_densities=[0.5]", "kernel.tokens=64",
+                              "kernel.hidden=64", *KERNEL[1:])
+    assert code == 0, err
+    rows = record(tmp_path)["rows"]
+    for provider in ("effrepro", "effrepro_sparse_0.5"):
+        assert [r["status"] for r in rows if r["provider"] == provider and r["metric"] == "time"] == ["ok"]
+    assert any(r["metric"] == "speedup_over_effrepro" and r["provider"] == "effrepro_sparse_0.5" for r in rows)
+    checked = [r for r in rows if r["metric"] == "rel_error" and r["provider"] == "effrepro"]
+    assert checked and all(r["extra"]["matches_baseline"] for r in checked)  # block-sparse computes another function
+
+
+def test_wandb_offline_keeps_a_copy_and_a_wandb_that_cannot_start_never_stops_the_run(tmp_path):
+    code, _, err = run_inline("logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path}/a", *KERNEL)
+    assert code == 0, err
+    assert list((tmp_path / "a").glob("wandb/offline-run-*/files")) and record(tmp_path / "a")["status"] == "ok"
+    with pytest.warns(UserWarning, match="W&B did not start"):
+        code, _, err = run_inline("logger=wandb", "logger.mode=sideways", f"hydra.run.dir={tmp_path}/b", *KERNEL)
+    assert code == 0 and record(tmp_path / "b")["status"] == "ok"
+
+
+def test_rerunning_a_finished_training_run_measures_afresh(tmp_path):
+    args = ("task=flash_gpt2", "logger=none", "attention=[eager]", "train.steps=3", f"checkpoint.dir={tmp_path}/ckpt")
+    assert run_inline(*args, f"hydra.run.dir={tmp_path}/a")[0] == 0
+    code, out, err = run_inline(*args, f"hydra.run.dir={tmp_path}/b")
+    assert code == 0, err
+    assert "finished run: training afresh" in out and "resumed" not in out
+    rows = lambda run, metric: [r["p50"] for r in record(tmp_path / run)["rows"] if r["metric"] == metric]  # noqa: E731
+    assert rows("b", "loss") == rows("a", "loss")  # the same training
+    assert rows("b", "tokens_per_s") != rows("a", "tokens_per_s")  # timed again, not replayed
+    assert run_inline(*args, "data.max_files=30", f"hydra.run.dir={tmp_path}/c")[0] == 0
+    assert len(list((tmp_path / "ckpt").glob("*.pt"))) == 2  # another corpus is another run, never a resume

@@ -169,8 +169,13 @@ def test_cached_pathfinder_is_an_image_dataset(tmp_path):
         data.load_or_generate("pathfinder", "val", 4, 0, tmp_path, colour=1)
 
 
-def test_generation_rate():
-    assert data.generation_rate("listops", n=8, min_length=10, max_length=60) > 0
+def test_generation_rate_is_examples_over_the_seconds_they_took(monkeypatch):
+    calls = []
+    monkeypatch.setitem(data.GENERATORS, "listops", lambda n, seed, workers, **params: calls.append((n, seed, workers, params)))
+    clock = iter([10.0, 12.5])
+    monkeypatch.setattr(data.time, "perf_counter", lambda: next(clock))
+    assert data.generation_rate("listops", n=8, seed=3, workers=2, max_length=60) == 8 / 2.5
+    assert calls == [(8, 3, 2, {"max_length": 60})]
 
 
 # ------------------------------------------------------------------------------------------------- real data

@@ -29,7 +29,7 @@ from repro.train import (Candidate, Stage, Trainee, TrainSpec, final_rows, model
 from .data import (LISTOPS_VOCAB, MAX_BYTES, encode_listops, load_lra_hub, load_or_generate, tiny_fixture)
 from .model import ATTENTIONS, LRAClassifier, upsample_positions
 
-# The LRA repo's base configs (dim / heads / layers / mlp), moe_lowrank_lra.md §3.4. Pathfinder's qkv width is
+# The LRA repository's base configs per task (dim / heads / layers / mlp). Pathfinder's qkv width is
 # 32 rather than 16, so that its two heads have 16 dimensions, the least our kernel takes.
 MODELS = {"listops": dict(dim=512, heads=8, depth=4, mlp_dim=1024),
           "text": dict(dim=256, heads=4, depth=4, mlp_dim=1024),
