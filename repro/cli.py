@@ -95,37 +95,42 @@ def _collect(entry, cfg, ctx, record: RunRecord, logger, checkpoint: Path | None
             last_save = time.monotonic()
 
 
+def _start(cfg: DictConfig, record: RunRecord, output_dir: Path):
+    """Check the config and prepare the job, before any work: the task's code, its context and the logger."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    checks.number("record_every_s", cfg.record_every_s, integer=False, at_least=0)
+    device = resolve_device(cfg.scale)
+    entry, validate = load_task(cfg.task.entry)
+    if validate is not None:
+        validate(cfg)
+    record.claim_ids = [c.id for c in claims_for_task(load_published(Path(cfg.paths.published)), cfg.task.name)]
+    seed_everything(cfg.seed)
+    reset_device_memory(device)
+    ctx = RunContext(device=device, scale=cfg.scale.name, seed=cfg.seed, output_dir=output_dir, env=record.env)
+    logger = make_logger(
+        cfg.logger, name=f"{cfg.task.name}-{cfg.scale.name}" + (f"-{hc.job.override_dirname}" if multirun else ""),
+        group=f"{hc.runtime.choices.get('paper') or cfg.task.name}-{Path(hc.sweep.dir).name}" if multirun else None,
+        job_type=cfg.scale.name, config=record.config, output_dir=output_dir)
+    print(f"[repro] {cfg.task.name} at scale={cfg.scale.name} on {device} "
+          f"({ctx.env['gpu_name'] or 'CPU'}); output: {output_dir}", flush=True)
+    return entry, ctx, logger
+
+
 def run_job(cfg: DictConfig) -> RunRecord:
     """One job: check the config, run the task, write its record (every few seconds while it runs, and at the
     end whatever happened), then print its claims table."""
     hc = HydraConfig.get()
     output_dir = Path(hc.runtime.output_dir)
-    multirun = hc.mode == RunMode.MULTIRUN
     record = RunRecord(task=cfg.task.name, paper=cfg.task.paper, scale=cfg.scale.name, claim_ids=[],
                        config=OmegaConf.to_container(cfg, resolve=True), overrides=list(hc.overrides.task),
                        env=capture_environment(), started=utc_now())
-    paths = record_paths(cfg, record, output_dir, hc.job.num if multirun else None)
+    paths = record_paths(cfg, record, output_dir, hc.job.num if hc.mode == RunMode.MULTIRUN else None)
     if world()[0] != 0:  # under torchrun, rank 0 alone writes records and logs
         paths, cfg = [], OmegaConf.merge(cfg, {"logger": {"name": "none"}})
     logger = NullLogger()
     try:
-        checks.number("record_every_s", cfg.record_every_s, integer=False, at_least=0)
-        device = resolve_device(cfg.scale)
-        entry, validate = load_task(cfg.task.entry)
-        if validate is not None:
-            validate(cfg)
-        claims = claims_for_task(load_published(Path(cfg.paths.published)), cfg.task.name)
-        record.claim_ids = [c.id for c in claims]
-        seed_everything(cfg.seed)
-        reset_device_memory(device)
-        ctx = RunContext(device=device, scale=cfg.scale.name, seed=cfg.seed, output_dir=output_dir, env=record.env)
-        paper_choice = hc.runtime.choices.get("paper")
-        logger = make_logger(
-            cfg.logger, name=f"{cfg.task.name}-{cfg.scale.name}" + (f"-{hc.job.override_dirname}" if multirun else ""),
-            group=f"{paper_choice or cfg.task.name}-{Path(hc.sweep.dir).name}" if multirun else None,
-            job_type=cfg.scale.name, config=record.config, output_dir=output_dir)
-        print(f"[repro] {cfg.task.name} at scale={cfg.scale.name} on {device} "
-              f"({ctx.env['gpu_name'] or 'CPU'}); output: {output_dir}", flush=True)
+        entry, ctx, logger = _start(cfg, record, output_dir)
         _collect(entry, cfg, ctx, record, logger, paths[0] if paths else None, cfg.record_every_s)
         _outcome(record)
     except ConfigError as exc:
@@ -139,22 +144,27 @@ def run_job(cfg: DictConfig) -> RunRecord:
         record.error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        record.finished = utc_now()
-        for path in paths:
-            save_record(record, path)
-        try:
-            logger.finish(record.status)
-        except Exception as exc:  # noqa: BLE001 - W&B must never stop a run
-            print(f"[repro] W&B did not finish cleanly: {exc}", file=sys.stderr)
-        if paths and (record.rows or record.status != "error"):
-            _report_rows(record, paths)
+        _finish(record, paths, logger)
     if record.status != "ok":
         raise RunFailed(record.error)
+    claims = claims_for_task(load_published(Path(cfg.paths.published)), cfg.task.name)
     if claims and paths:
         print("\n" + console_table([evaluate(c, [(paths[-1], record)]) for c in claims]) + "\n", flush=True)
     elif paths:
         print(f"[repro] {cfg.task.name} has no published claims to compare with", flush=True)
     return record
+
+
+def _finish(record: RunRecord, paths: list[Path], logger) -> None:
+    record.finished = utc_now()
+    for path in paths:
+        save_record(record, path)
+    try:
+        logger.finish(record.status)
+    except Exception as exc:  # noqa: BLE001 - W&B must never stop a run
+        print(f"[repro] W&B did not finish cleanly: {exc}", file=sys.stderr)
+    if paths and (record.rows or record.status != "error"):
+        _report_rows(record, paths)
 
 
 def _report_rows(record: RunRecord, paths: list[Path]) -> None:

@@ -362,6 +362,63 @@ def throughput_rows(trainee: Trainee, step_times: list[float], spec: TrainSpec, 
     return rows
 
 
+class Parallel:
+    """How the model is shared among the processes torchrun started: one process (nothing to share), DDP
+    (replicas) or FSDP (shards). Built before the optimizer, which must hold the sharded parameters."""
+
+    def __init__(self, model: torch.nn.Module, spec: TrainSpec, device: torch.device):
+        self.model, self.device = model, device
+        self.size = world()[1]
+        self.sharded = self.size > 1 and spec.parallel == "fsdp"
+        if self.sharded:
+            _shard(model)
+        self.replicated = self.size > 1 and not self.sharded
+
+    def wrap(self) -> torch.nn.Module:
+        """What the forward passes run through (DDP's wrapper reduces gradients in its backward)."""
+        return torch.nn.parallel.DistributedDataParallel(self.model) if self.replicated else self.model
+
+    def reduce_gradients(self, wrapped, now: bool):
+        """Gradients are reduced across ranks only on the last micro-batch of a step."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(now)
+        return wrapped.no_sync() if self.replicated and not now else nullcontext()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(value)  # gloo has no AVG
+            value /= self.size
+        return value
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's verdict on every rank (a checkpoint gathered under FSDP is a collective: all must join)."""
+        if not self.sharded:
+            return flag
+        tensor = torch.tensor([int(flag)], device=self.device)
+        dist.broadcast(tensor, 0)
+        return bool(tensor.item())
+
+
+def _step(trainee: Trainee, step: int, parallel: Parallel, wrapped, optimizer, scaler, autocast, spec: TrainSpec):
+    """One optimizer step over the trainee's micro-batches of `step`; the mean loss over ranks."""
+    for group in optimizer.param_groups:
+        group["lr"] = _lr_at(step, spec)
+    micro = trainee.batches(step, world()[0], parallel.size)
+    loss_sum = torch.zeros((), device=parallel.device)
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(parallel.device, non_blocking=True) for k, v in batch.items()}
+        with parallel.reduce_gradients(wrapped, i == len(micro) - 1), autocast():
+            loss = wrapped(**batch).loss / len(micro)
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for p in parallel.model.parameters() if p.requires_grad], spec.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return parallel.mean(loss_sum)
+
+
 def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_dir: Path | None,
           resume: bool = True, progress: bool = True) -> Iterator[Row]:
     """Train the trainable parameters of `trainee.model` for `spec.steps` optimizer steps and yield rows: loss
@@ -372,91 +429,55 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     `checkpoint_every_s` seconds and at the end (atomically, by rank 0); a run that finds an unfinished
     checkpoint of its own identity resumes from it and re-yields the rows it had produced, so a kill loses at
     most one interval."""
-    rank, size = world()
     model = trainee.model.to(device)
-    sharded = size > 1 and spec.parallel == "fsdp"
     identity = run_identity(trainee, spec, device)
-    checkpoint = Path(checkpoint_dir) / f"{trainee.name}-{identity}.pt" if checkpoint_dir else None
-    if sharded:
-        _shard(model)  # before the optimizer is built: it must hold the sharded parameters
+    parallel = Parallel(model, spec, device)
     dtype = PRECISIONS[spec.precision]
     if dtype is not None and device.type == "cpu":
         dtype = None  # CPU autocast in half precision is slow and not what any paper timed
     optimizer = _optimizer(model, spec, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ckpt = Checkpoint(checkpoint, identity, model, optimizer, scaler, sharded)
-    start, rows = ckpt.resume() if resume else (0, [])
+    checkpoint = Checkpoint(Path(checkpoint_dir) / f"{trainee.name}-{identity}.pt" if checkpoint_dir else None,
+                            identity, model, optimizer, scaler, parallel.sharded)
+    start, rows = checkpoint.resume() if resume else (0, [])
     yield from rows
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if size > 1 and not sharded else model
+    wrapped = parallel.wrap()
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def reduce_gradients(now: bool):
-        """Gradients are reduced across ranks only on the last micro-batch of a step."""
-        if sharded:
-            model.set_requires_gradient_sync(now)
-        return wrapped.no_sync() if size > 1 and not sharded and not now else nullcontext()
-
-    def save_due() -> bool:
-        due = checkpoint is not None and time.monotonic() - last_save > spec.checkpoint_every_s
-        if sharded and checkpoint is not None:  # gathering the state is a collective: all follow rank 0's clock
-            flag = torch.tensor([int(due)], device=device)
-            dist.broadcast(flag, 0)
-            due = bool(flag.item())
-        return due
-
-    def emit(new: list[Row]):
-        rows.extend(new)
-        return new
-
     step_times: list[float] = []
     last_save = time.monotonic()
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc=trainee.name,
-               disable=None if progress and rank == 0 else True)
+               disable=None if progress and world()[0] == 0 else True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, spec)
         model.train()
         sync()
         t0 = time.perf_counter()
-        micro = trainee.batches(step, rank, size)
-        loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with reduce_gradients(i == len(micro) - 1), autocast():
-                loss = wrapped(**batch).loss / len(micro)
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss = _step(trainee, step, parallel, wrapped, optimizer, scaler, autocast, spec)
         sync()
         step_times.append(time.perf_counter() - t0)
-        if size > 1:
-            dist.all_reduce(loss_sum)  # gloo has no AVG
-            loss_sum /= size
-        done = step + 1
+        done, new = step + 1, []
         if done % spec.log_every == 0 or done == spec.steps or done == 1:
-            loss_value = loss_sum.item()
+            loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"{trainee.name}: loss is {loss_value} at step {done}")
             bar.set_postfix(loss=f"{loss_value:.3f}")
-            yield from emit([Row(trainee.name, "step", done, "loss", "nats", loss_value, n=1, extra=dict(trainee.extra)),
-                             Row(trainee.name, "step", done, "lr", "", optimizer.param_groups[0]["lr"], n=1,
-                                 extra=dict(trainee.extra))])
+            new += [Row(trainee.name, "step", done, metric, unit, value, n=1, extra=dict(trainee.extra))
+                    for metric, unit, value in (("loss", "nats", loss_value),
+                                                ("lr", "", optimizer.param_groups[0]["lr"]))]
         if (spec.eval_every and done % spec.eval_every == 0) or done == spec.steps:
-            yield from emit(_evaluation_rows(trainee, model, done, sharded, autocast))
-        if done < spec.steps and save_due():
-            ckpt.save(done, rows, finished=False)
+            new += _evaluation_rows(trainee, model, done, parallel.sharded, autocast)
+        rows += new
+        yield from new
+        due = checkpoint.path is not None and time.monotonic() - last_save > spec.checkpoint_every_s
+        if done < spec.steps and parallel.agree(due):
+            checkpoint.save(done, rows, finished=False)
             last_save = time.monotonic()
     bar.close()
-    summary = emit(throughput_rows(trainee, step_times, spec, device))
-    ckpt.save(spec.steps, rows, finished=True)
+    summary = throughput_rows(trainee, step_times, spec, device)
+    rows += summary
+    checkpoint.save(spec.steps, rows, finished=True)
     yield from summary
 
 
