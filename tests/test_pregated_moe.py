@@ -103,12 +103,11 @@ def test_the_kv_cache_gives_the_logits_of_a_full_forward():
 def test_greedy_generation_with_the_cache_matches_recomputing_everything():
     runtime = ExpertOffload(build(), "gpu_only", "cpu")
     prompt = tokens(2, 4)
-    generation = generate(runtime, prompt, 6)
+    generated = generate(runtime, prompt, 6)
     sequence = prompt
     for _ in range(6):
         sequence = torch.cat([sequence, runtime(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(generation.tokens, sequence)
-    assert len(generation.step_ms()) == 6 and all(ms >= 0 for ms in generation.step_ms())
+    assert torch.equal(generated, sequence)
 
 
 @pytest.mark.parametrize("pregate", [False, True])
@@ -187,7 +186,7 @@ def test_every_strategy_gives_gpu_only_outputs_bit_for_bit(pregate, strategy, to
     slots = min_slots(strategy, EXPERTS, top_k, prompt.numel())
     runtime = ExpertOffload(build(pregate=pregate, top_k=top_k), strategy, "cpu", slots=slots, cache=policy)
     assert torch.equal(runtime(prompt), reference(prompt))
-    assert torch.equal(generate(runtime, prompt, 5).tokens, generate(reference, prompt, 5).tokens)
+    assert torch.equal(generate(runtime, prompt, 5), generate(reference, prompt, 5))
     summary = runtime.summary()
     assert summary["copies"] > slots  # slots were reused: experts were evicted
     assert summary["cache_misses"] == summary["copies"]

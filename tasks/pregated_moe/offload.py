@@ -14,7 +14,9 @@ runs copy every time; its artifact has LFU/LRU caches for Figure 15).
 
 Everything a run records is here: bytes and copies host-to-device, cache hits and misses, and a `Span` (two
 `Marker`s: CUDA events on the stream where the work ran) for every transformer block, MoE block, stall of the
-compute stream and expert copy, from which `copy_time_hidden` tells how much copy time ran under compute.
+compute stream and batch of expert copies, from which `copy_time_hidden` tells how much copy time ran under compute.
+
+`GreedyDecoder` generates through the runtime, one forward a step.
 
 On a CPU the same logic runs: "device" and "host" are the same memory, copies are real tensor copies, there is
 one stream, waits do nothing and markers read the wall clock. Every strategy gives gpu_only's outputs bit for bit.
@@ -27,6 +29,7 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -65,14 +68,15 @@ class Marker:
 class Span:
     """A stretch of work between two markers. Kinds: "block" (a transformer block), "moe" (an MoE feed-forward,
     gates to output: the paper's MoE-block latency), "stall" (inside an MoE block, the compute stream waiting for
-    the routing to reach the host and for copies), "copy" (one expert, host to device, on the copy stream)."""
+    the routing to reach the host and for copies), "copy" (the experts one request copies host to device, back to
+    back on the copy stream)."""
 
     kind: str
     index: int  # the transformer block for "block"; otherwise the MoE block (0 is the first MoE block)
     forward: int  # which forward call of the runtime (in a generation, the step)
     start: Marker
     end: Marker
-    expert: int | None = None  # copies: which expert
+    experts: tuple[int, ...] = ()  # copies: which experts
     issued_during: int | None = None  # copies: the MoE block that was running when the copy was issued
 
     def ms(self) -> float:
@@ -179,9 +183,10 @@ class ExpertOffload:
 
     It takes the model over: for gpu_only the whole model moves to `device`; otherwise everything but the experts
     does, and the experts move to pinned host memory (pageable, with a warning and `pin_warning` set, if pinning
-    fails). `slots`: the device pool, by default the fewest a batch of one token needs (`min_slots`); a forward with
-    more tokens than the pool allows is refused with a ValueError. `record_events=False` records no spans (for
-    timing without the events' own cost); the counters are always kept.
+    fails); experts already pinned (`pinned_in_place`) stay where they are. `slots`: the device pool, by default
+    the fewest a batch of one token needs (`min_slots`); a forward with more tokens than the pool allows is refused
+    with a ValueError. `record_events=False` records no spans (for timing without the events' own cost); the
+    counters are always kept.
     """
 
     def __init__(self, model: SwitchLM, strategy: str, device, slots: int | None = None, cache: str = "lru",
@@ -293,7 +298,10 @@ class ExpertOffload:
         return []
 
     def _request(self, layer: int, experts: list[int], issued_during: int) -> None:
-        """Ask the cache for experts of `layer` not yet asked for in this forward; copy the misses in."""
+        """Ask the cache for experts of `layer` not yet asked for in this forward; copy the misses in, each as soon
+        as its slot is known, back to back on the copy stream. One span covers them, and its end marks every one
+        ready (the block that needs them needs them all): a pair of events per request, not per expert, keeps the
+        events' own cost off the host."""
         wanted = self.requested.setdefault(layer, set())
         new = [e for e in experts if e not in wanted]
         if not new:
@@ -302,21 +310,25 @@ class ExpertOffload:
         pinned = {(b, e) for b, es in self.requested.items() for e in es}
         if self.copy_stream is not None:  # a slot is rewritten only after the computations queued on it are done
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        ffn = self.layers[layer]
-        for e in new:
-            slot, hit = self.cache.request((layer, e), pinned)
-            if hit:
-                continue
-            with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():
-                start = self._mark(self.copy_stream)
-                self.slot_in[slot].copy_(ffn.w_in[e], non_blocking=True)
-                self.slot_out[slot].copy_(ffn.w_out[e], non_blocking=True)
-                self.ready[slot] = Marker(self.device, self.copy_stream)
-            self.stats.copies += 1
-            self.stats.bytes_copied += self.expert_bytes
-            if start is not None:
-                self.stats.spans.append(Span("copy", layer, self.stats.forwards, start, self.ready[slot], expert=e,
-                                             issued_during=issued_during))
+        ffn, copied = self.layers[layer], []
+        with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():
+            start = self._mark(self.copy_stream)
+            for e in new:
+                slot, hit = self.cache.request((layer, e), pinned)
+                if not hit:
+                    self.slot_in[slot].copy_(ffn.w_in[e], non_blocking=True)
+                    self.slot_out[slot].copy_(ffn.w_out[e], non_blocking=True)
+                    copied.append((e, slot))
+            if not copied:
+                return
+            end = Marker(self.device, self.copy_stream)
+        for _, slot in copied:
+            self.ready[slot] = end
+        self.stats.copies += len(copied)
+        self.stats.bytes_copied += len(copied) * self.expert_bytes
+        if start is not None:
+            self.stats.spans.append(Span("copy", layer, self.stats.forwards, start, end,
+                                         experts=tuple(e for e, _ in copied), issued_during=issued_during))
 
     def reset_stats(self) -> None:
         """Start counting afresh (after a warm-up, say); the resident experts and lfu's counts stay."""
@@ -347,33 +359,65 @@ class ExpertOffload:
         )
 
 
-@dataclass
-class Generation:
-    tokens: torch.Tensor  # (batch, prompt + new tokens)
-    steps: list[tuple[Marker, Marker]]  # per forward: the prompt's first, then one per further token
+@contextmanager
+def pinned_in_place(tensors: list[torch.Tensor], device) -> Iterator[str | None]:
+    """Page-lock host tensors where they lie (cudaHostRegister) while the block runs; yields None, or a warning
+    saying why they stay pageable. `ExpertOffload` then takes them as they are, instead of copying them into
+    PyTorch's pinned-memory allocator with `pin_memory()`, which rounds every allocation up to a power of two and
+    keeps freed blocks cached: a switch-base block's 9·n MiB of experts would take 16·n, and a sweep over expert
+    counts would keep each size it met. The tensors are held here until unregistered, so that none is freed while
+    pinned. Off a GPU it does nothing."""
+    if torch.device(device).type != "cuda":
+        yield None
+        return
+    cudart, held, warning = torch.cuda.cudart(), [], None
+    try:
+        for t in tensors:
+            if t.is_pinned():
+                continue
+            storage = t.untyped_storage()
+            error = int(cudart.cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0))
+            if error:
+                warning = (f"pinning the experts failed (cudaHostRegister returned CUDA error {error}); they stay in "
+                           f"pageable memory, from which copies are slower and block the host")
+                warnings.warn(warning)
+                try:  # a failed runtime call leaves its error for the next kernel launch to report: take it here
+                    torch.zeros(1, device=device)
+                except RuntimeError:
+                    pass
+                break
+            held.append(t)
+        yield warning
+    finally:
+        for t in held:
+            cudart.cudaHostUnregister(t.untyped_storage().data_ptr())
 
-    def step_ms(self) -> list[float]:
-        if self.steps and self.steps[0][0].event is not None:
-            torch.cuda.synchronize()
-        return [end.ms_since(start) for start, end in self.steps]
+
+class GreedyDecoder:
+    """Greedy decoding with a KV cache, one forward of the runtime per `step()`: the first reads the whole prompt
+    (so the runtime's slots must serve batch × length tokens, see `min_slots`), the others one token per sequence.
+
+    No beam search: the paper's artifact passes `--beam_width 4`, but its script (`scripts/eval_all.py`) times
+    FasterTransformer's sampling path (`--test_time 3`) with top-k 1, which sets the beam to 1: what it measured is
+    greedy decoding, one sequence per request."""
+
+    def __init__(self, runtime: ExpertOffload, prompt: torch.Tensor, max_new_tokens: int):
+        batch, length = prompt.shape
+        self.runtime = runtime
+        self.cache = KVCache(runtime.model.config, batch, length + max_new_tokens, runtime.device,
+                             runtime.model.embed.weight.dtype)
+        self.tokens = self.next_input = prompt.to(runtime.device)
+
+    def step(self) -> None:
+        self.next_input = self.runtime(self.next_input, self.cache)[:, -1].argmax(-1, keepdim=True)
+        self.tokens = torch.cat([self.tokens, self.next_input], 1)
 
 
-@torch.no_grad()
-def generate(runtime: ExpertOffload, prompt: torch.Tensor, new_tokens: int) -> Generation:
-    """Greedy decoding of `new_tokens` tokens after `prompt` (batch, length), with a KV cache; each forward is
-    timed by a pair of markers on the compute stream. The first forward reads the whole prompt, so the runtime's
-    slots must serve batch × length tokens (`min_slots`); the others, batch tokens. No beam search: the paper's
-    beam 4 moves 4 tokens through each MoE block per step, which a batch of 4 reproduces in expert traffic."""
+def generate(runtime: ExpertOffload, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """`prompt` (batch, length) followed by `new_tokens` greedily decoded tokens."""
     if new_tokens < 1:
         raise ValueError(f"new_tokens={new_tokens} must be at least 1")
-    batch, length = prompt.shape
-    cache = KVCache(runtime.model.config, batch, length + new_tokens, runtime.device,
-                    runtime.model.embed.weight.dtype)
-    tokens = step_input = prompt.to(runtime.device)
-    steps = []
+    decoder = GreedyDecoder(runtime, prompt, new_tokens)
     for _ in range(new_tokens):
-        start = Marker(runtime.device)
-        step_input = runtime(step_input, cache)[:, -1].argmax(-1, keepdim=True)
-        steps.append((start, Marker(runtime.device)))
-        tokens = torch.cat([tokens, step_input], 1)
-    return Generation(tokens, steps)
+        decoder.step()
+    return decoder.tokens

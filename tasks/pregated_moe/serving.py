@@ -1,0 +1,312 @@
+"""The serving benchmark of Pre-gated MoE: each strategy of offload.py generating greedily from a Switch-shaped model
+whose experts live in host memory, over model sizes, expert counts and batch sizes, in fp32 as the paper's artifact.
+
+For each strategy, model and batch: MoE-block latency (the mean over a step's MoE blocks, as the artifact's
+"BLK AVG", one value per step), generation throughput, peak device memory, bytes copied per token, the share of copy
+time hidden behind compute (from the copy spans), the cache's hit rate, the experts a block uses, and the
+host-to-device bandwidth of the expert copies, also as a fraction of the pinned bandwidth `repro.timing.host_link`
+measured at the start of the same run. Then the paper's ratios, between rows of the same run: MoE-block speedup
+over on_demand, throughput and peak memory relative to gpu_only (%), memory saving over gpu_only.
+
+The model is decoder-only: it stands for the decoder of Switch's encoder-decoder, which is where the artifact
+pre-gates (its encoder fetches on demand under every offloading strategy, and is not modelled here). Each sequence
+starts from one random token, standing for a decoder's start token and for the encoder context that makes
+sequences differ, and generates `new_tokens` more. One model is built per size and expert count and shared by every
+strategy and batch: a pre-gated one, so that all strategies compute the same tokens with the same experts and
+differ only in when those are copied. gpu_only runs last on each model, since it moves the experts onto the device;
+under `memory_cap_gb` a model whose experts do not fit gives gpu_only rows of status oom, and the sweep goes on.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from repro import checks
+from repro.bench import failure
+from repro.checks import as_list
+from repro.context import ConfigError, RunContext
+from repro.records import Row
+from repro.timing import host_link, host_memory, measure_steps
+
+from .model import SIZES, MoEConfig, SwitchLM, load_switch_weights
+from .offload import CACHE_POLICIES, STRATEGIES, ExpertOffload, GreedyDecoder, min_slots, pinned_in_place
+from .weights import check_switch_config, random_switch, switch_config, switch_state_dict
+
+# The names the paper and results/published/pregated_moe.yaml give the strategies
+PROVIDERS = {"gpu_only": "gpu_only", "on_demand": "moe_ondemand", "prefetch_all": "moe_prefetch",
+             "pregated": "pregated"}
+WEIGHTS = ("random", "hub")
+# (measured metric, baseline provider, derived metric, unit, derived value from (provider's, baseline's))
+RATIOS = (
+    ("moe_block_latency", "moe_ondemand", "speedup", "x", lambda mine, base: base / mine),
+    ("throughput", "gpu_only", "relative_throughput", "%", lambda mine, base: 100 * mine / base),
+    ("peak_memory", "gpu_only", "relative_peak_memory", "%", lambda mine, base: 100 * mine / base),
+    ("peak_memory", "gpu_only", "memory_saving", "x", lambda mine, base: base / mine),
+)
+
+
+def parse_model(name: str) -> tuple[str, int]:
+    """'switch-base-8' -> ('switch-base', 8)."""
+    size, _, experts = str(name).rpartition("-")
+    if size not in SIZES or not experts.isdigit() or int(experts) < 1:
+        raise ConfigError(f"moe.runs: model {name!r} is not '<size>-<experts>' with a size of {list(SIZES)} and a "
+                          "positive expert count (e.g. switch-base-8)")
+    return size, int(experts)
+
+
+def plan(runs) -> dict[str, list[int]]:
+    """Each model the runs name, in order of first mention, with the batches of every run that names it: a model is
+    built once for all of them."""
+    batches: dict[str, set[int]] = {}
+    for run in runs:
+        for name in as_list(run["models"]):
+            batches.setdefault(name, set()).update(as_list(run["batch"]))
+    return {name: sorted(sizes) for name, sizes in batches.items()}
+
+
+def model_config(name: str, spec) -> MoEConfig:
+    size, experts = parse_model(name)
+    if not 1 <= spec.top_k <= experts:
+        raise ConfigError(f"moe.top_k={spec.top_k} must be between 1 and the {experts} experts of {name}")
+    return MoEConfig.of_size(size, n_experts=experts, top_k=spec.top_k, pregate=True,
+                             max_len=1 + spec.warmup_tokens + spec.new_tokens)
+
+
+def strategies_in_order(spec) -> list[str]:
+    """The offloading strategies as configured, then gpu_only, which moves the experts onto the device."""
+    names = list(as_list(spec.strategy))
+    return [s for s in names if s != "gpu_only"] + [s for s in names if s == "gpu_only"]
+
+
+def slots_for(spec, strategy: str, cfg: MoEConfig, batch: int) -> int:
+    return spec.slots if spec.slots is not None else min_slots(strategy, cfg.n_experts, cfg.top_k, batch)
+
+
+def validate(spec) -> None:
+    checks.choice("moe.strategy", list(as_list(spec.strategy)), STRATEGIES)
+    checks.choice("moe.cache", spec.cache, CACHE_POLICIES)
+    checks.choice("moe.weights", spec.weights, WEIGHTS)
+    checks.number("moe.top_k", spec.top_k, at_least=1)
+    checks.number("moe.new_tokens", spec.new_tokens, at_least=1)
+    checks.number("moe.warmup_tokens", spec.warmup_tokens, at_least=0)
+    if spec.slots is not None:
+        checks.number("moe.slots", spec.slots, at_least=1)
+    if spec.memory_cap_gb is not None:
+        checks.number("moe.memory_cap_gb", spec.memory_cap_gb, integer=False, at_least=0.01)
+    if not as_list(spec.runs):
+        raise ConfigError("moe.runs is empty: give at least one {models: [...], batch: [...]}")
+    for run in as_list(spec.runs):
+        if not isinstance(run, Mapping) or set(run) != {"models", "batch"}:
+            raise ConfigError(f"moe.runs: each run is {{models: [...], batch: [...]}}, not {run}")
+        checks.number("moe.runs.batch", run["batch"], at_least=1)
+    for name, batches in plan(spec.runs).items():
+        cfg = model_config(name, spec)
+        for strategy in as_list(spec.strategy):
+            if strategy == "gpu_only" or spec.slots is None:
+                continue
+            need = min_slots(strategy, cfg.n_experts, cfg.top_k, max(batches))
+            if spec.slots < need:
+                raise ConfigError(f"moe.slots={spec.slots} is too few for {strategy} on {name} at batch "
+                                  f"{max(batches)}: it must hold {need} experts at once")
+        if spec.weights == "hub":
+            validate_checkpoint(spec, name, cfg)
+
+
+def validate_checkpoint(spec, name: str, cfg: MoEConfig) -> None:
+    """A local checkpoint folder is checked here, before any work; one on the Hub when the run reaches it (offline,
+    the run uses random weights and says so)."""
+    try:
+        path = spec.checkpoint.format(model=name)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"moe.checkpoint={spec.checkpoint!r} must be a path or Hub name in which {{model}} "
+                          f"stands for the model's name ({exc!r})") from None
+    if Path(path).is_dir():
+        try:
+            check_switch_config(switch_config(path), path, name, cfg)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"moe.checkpoint: {exc}") from None
+
+
+def build(name: str, spec, device: torch.device, seed: int) -> tuple[SwitchLM, str]:
+    """The model and where its weights come from: random, or (moe.weights=hub) a Switch checkpoint's decoder experts
+    and routers with the rest random; random, and said so, when the checkpoint cannot be read."""
+    cfg = model_config(name, spec)
+    model = random_switch(cfg, seed, device)
+    if spec.weights == "random":
+        return model, "random"
+    path = spec.checkpoint.format(model=name)
+    try:
+        config, state = switch_config(path), switch_state_dict(path)
+    except Exception as exc:  # noqa: BLE001 - offline, or no such checkpoint: measure with random weights
+        return model, f"random: {path} could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+    check_switch_config(config, path, name, cfg)
+    load_switch_weights(model, state, "decoder")
+    return model, f"{path} (decoder experts and routers; the rest random)"
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentiles."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), q[1], q[7]
+
+
+def moe_latency_per_step(runtime: ExpertOffload) -> list[float]:
+    """Each forward's mean MoE-block latency, ms (after `summary()` has synchronised the device)."""
+    per_forward = defaultdict(list)
+    for s in runtime.stats.spans:
+        if s.kind == "moe":
+            per_forward[s.forward].append(s.ms())
+    return [statistics.fmean(ms) for _, ms in sorted(per_forward.items())]
+
+
+def free(device: torch.device, failed: bool = False) -> None:
+    """Return what the last point held to the device, and start the peak anew. After a failure, whose traceback
+    holds tensors through reference cycles, collect them first."""
+    if failed:
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure_point(model: SwitchLM, strategy: str, batch: int, spec, device: torch.device, seed: int,
+                  pinned_gb_s: float | None, row) -> list[Row]:
+    """Generate `warmup_tokens` untimed, then `new_tokens` timed, one step at a time; the rows of what was measured.
+    `row(metric, unit, p50, p20=None, p80=None, n=1, **extra)` makes a row of this point."""
+    cfg = model.config
+    free(device)
+    runtime = ExpertOffload(model, strategy, device, slots=slots_for(spec, strategy, cfg, batch), cache=spec.cache)
+    prompt = torch.randint(cfg.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(seed))
+    decoder = GreedyDecoder(runtime, prompt, spec.warmup_tokens + spec.new_tokens)
+    for _ in range(spec.warmup_tokens):
+        decoder.step()
+    runtime.reset_stats()
+    streams = [runtime.copy_stream] if runtime.copy_stream is not None else []
+    timing = measure_steps(lambda i: decoder.step(), spec.new_tokens, device, warmup=0, streams=streams)
+    s = runtime.summary()
+    rate = lambda ms: batch * 1e3 / ms  # noqa: E731 - output tokens a second; a faster step is a higher rate
+    latency = moe_latency_per_step(runtime)
+    rows = [row("throughput", "tokens/s", rate(timing.p50), rate(timing.p80), rate(timing.p20), timing.n,
+                clock=timing.clock),
+            row("moe_block_latency", "ms", *spread(latency), len(latency), clock=timing.clock),
+            row("copied_per_token", "MB", s["bytes_per_token"] / 2**20),
+            row("active_experts", "experts", s["mean_active_experts"], max_active=s["max_active_experts"])]
+    if device.type == "cuda":
+        rows.append(row("peak_memory", "MB", torch.cuda.max_memory_allocated(device) / 2**20))
+    if s["hit_rate"] is not None:
+        rows.append(row("hit_rate", "fraction", s["hit_rate"], hits=s["cache_hits"], misses=s["cache_misses"]))
+    if s["copy_ms"]:
+        gb_s = s["bytes_copied"] / (s["copy_ms"] * 1e-3) / 1e9
+        rows += [row("hidden_copy_fraction", "fraction", s["hidden_copy_fraction"], copy_ms=s["copy_ms"]),
+                 row("copy_bandwidth", "GB/s", gb_s)]
+        if pinned_gb_s:
+            rows.append(row("copy_bandwidth_fraction", "fraction", gb_s / pinned_gb_s, pinned_gb_s=pinned_gb_s))
+    for r in rows:
+        r.extra.update(slots=s["slots"], host_memory=s["host_memory"])
+        if s["pin_warning"]:
+            r.extra["pin_warning"] = s["pin_warning"]
+    return rows
+
+
+def ratio_rows(rows: list[Row]) -> Iterator[Row]:
+    """The paper's ratios at each point (model, batch) whose baseline row was measured in the same run."""
+    ok = {(r.provider, r.extra["model"], r.extra["batch"], r.metric): r for r in rows
+          if r.status == "ok" and r.p50 is not None}
+    for (provider, model, batch, metric), r in ok.items():
+        for measured, baseline, derived, unit, ratio in RATIOS:
+            base = ok.get((baseline, model, batch, measured))
+            if metric == measured and base is not None:
+                yield Row(provider, r.x_name, r.x_value, derived, unit, ratio(r.p50, base.p50), n=r.n,
+                          extra={**r.extra, "baseline": baseline})
+
+
+class MemoryCap:
+    """`torch.cuda.set_per_process_memory_fraction` for the block: allocations beyond `gb` (GB of 2^30 bytes, as
+    the rows' MB are 2^20) fail as out of memory. Nothing off a GPU, or with no cap."""
+
+    def __init__(self, gb: float | None, device: torch.device):
+        self.gb, self.device = gb, device
+        self.applied = gb is not None and device.type == "cuda"
+
+    def __enter__(self):
+        if self.applied:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.gb * 2**30 / total), self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.applied:
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+
+
+def run(spec, ctx: RunContext, seed: int) -> Iterator[Row]:
+    device = ctx.device
+    try:
+        link = host_link(device)
+    except RuntimeError as exc:  # no pinned memory for its reference copy: the copies' fraction of it is left out
+        link = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    ctx.env.update(host_link=link, memory_cap_gb=spec.memory_cap_gb if device.type == "cuda" else None, models={})
+    with MemoryCap(spec.memory_cap_gb, device):
+        for name, batches in plan(spec.runs).items():
+            yield from serve_model(name, batches, spec, ctx, seed, link.get("h2d_pinned_gb_s"))
+    ctx.env["host_memory"] = host_memory()
+
+
+def serve_model(name: str, batches: list[int], spec, ctx: RunContext, seed: int,
+                pinned_gb_s: float | None) -> Iterator[Row]:
+    """Every strategy at every batch on one model, built once; then the ratios between them."""
+    device = ctx.device
+    size, experts = parse_model(name)
+    rows: list[Row] = []
+
+    def maker(strategy: str, batch: int, weights: str):
+        base = dict(model=name, size=size, batch=batch, strategy=strategy, weights=weights,
+                    series=f"{size} batch {batch}")
+
+        def row(metric, unit, p50=None, p20=None, p80=None, n=1, status="ok", message="", **extra):
+            return Row(PROVIDERS[strategy], "experts", experts, metric, unit, p50, p20, p80, n, status, message,
+                       {**base, **extra})
+        return row
+
+    started = time.perf_counter()
+    try:
+        model, weights = build(name, spec, device, seed)
+    except Exception as exc:  # noqa: BLE001 - host memory, a bad checkpoint: this model's rows say so
+        status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+        for strategy in strategies_in_order(spec):
+            for batch in batches:
+                yield maker(strategy, batch, "none")("throughput", "tokens/s", status=status, message=message)
+        free(device, failed=True)
+        return
+    info = ctx.env["models"][name] = dict(weights=weights, build_s=round(time.perf_counter() - started, 1))
+    started = time.perf_counter()
+    host_experts = [t for ffn in model.moe_layers for t in (ffn.w_in.data, ffn.w_out.data)]
+    with pinned_in_place(host_experts, device) as pin_warning:
+        info.update(pin_s=round(time.perf_counter() - started, 1),
+                    host_experts_gb=round(sum(t.nbytes for t in host_experts) / 2**30, 2))
+        if pin_warning:
+            ctx.env["pin_warning"] = pin_warning
+        for strategy in strategies_in_order(spec):
+            for batch in batches:
+                row = maker(strategy, batch, weights)
+                try:
+                    new = measure_point(model, strategy, batch, spec, device, seed, pinned_gb_s, row)
+                except Exception as exc:  # noqa: BLE001 - one point that cannot run must not end the sweep
+                    status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+                    new = [row("throughput", "tokens/s", status=status, message=message)]
+                    free(device, failed=True)
+                rows += new
+                yield from new
+        del model
+    free(device)
+    info["seconds"] = round(time.perf_counter() - started, 1)
+    yield from ratio_rows(rows)

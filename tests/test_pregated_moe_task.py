@@ -1,0 +1,315 @@
+"""Task pregated_moe: its smoke run end to end, the paper's ratios from hand-made rows, bad input refused before any
+work, a gpu_only that runs out of memory recorded while the sweep goes on, random and checkpoint weights, and the
+quality experiment's two models differing only in pre-gating."""
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import gpu, run_inline
+from repro.records import Row
+from repro.text_data import TokenStream
+from tasks.pregated_moe import quality, serving
+from tasks.pregated_moe.model import MoEConfig, SwitchLM, load_switch_weights
+from tasks.pregated_moe.offload import ExpertOffload, pinned_in_place
+from tasks.pregated_moe.weights import LazyTensors, random_switch, switch_state_dict
+
+TINY = ["task=pregated_moe", "logger=none", "checkpoint.dir=null", "moe.runs=[{models:[tiny-4],batch:[1,2]}]",
+        "moe.new_tokens=2"]
+
+
+def record(folder):
+    return json.loads((folder / "record.json").read_text())
+
+
+def rows_of(saved, **where):
+    return [r for r in saved["rows"] if all(r.get(k, r["extra"].get(k)) == v for k, v in where.items())]
+
+
+# --- end to end --------------------------------------------------------------------------------------------------
+
+def test_the_smoke_run_measures_every_strategy_and_batch_and_trains_both_gates(tmp_path):
+    code, out, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}")
+    assert code == 0, err[-3000:]
+    saved = record(tmp_path)
+    assert saved["status"] == "ok" and all(r["status"] == "ok" for r in saved["rows"])
+    assert all(r["unit"] for r in saved["rows"] if r["metric"] != "lr")  # the training loop's lr has none
+    for provider in serving.PROVIDERS.values():
+        for batch in (1, 2):
+            measured = {r["metric"] for r in rows_of(saved, provider=provider, batch=batch)}
+            assert {"throughput", "moe_block_latency", "copied_per_token", "active_experts", "speedup",
+                    "relative_throughput"} <= measured, (provider, measured)
+            copied = rows_of(saved, provider=provider, batch=batch, metric="copied_per_token")[0]["p50"] > 0
+            assert ("hidden_copy_fraction" in measured) == ("copy_bandwidth" in measured) == copied
+            assert ("hit_rate" in measured) == (provider != "gpu_only")
+    speedups = rows_of(saved, metric="speedup")
+    assert all(r["extra"]["baseline"] == "moe_ondemand" and r["extra"]["model"] == "tiny-4" for r in speedups)
+    assert [r["p50"] for r in speedups if r["provider"] == "moe_ondemand"] == [1.0, 1.0]
+    # all strategies generate the same tokens with the same experts: only when they are copied differs
+    active = {r["p50"] for r in rows_of(saved, metric="active_experts", batch=2)}
+    assert len(active) == 1
+    ppl = {r["provider"]: r["p50"] for r in rows_of(saved, metric="val_perplexity")}
+    change = rows_of(saved, metric="val_perplexity_change")
+    assert set(ppl) == {"gate", "pregate"} and len(change) == 1
+    assert change[0]["p50"] == pytest.approx(100 * (ppl["pregate"] / ppl["gate"] - 1))
+    assert "host_link" in saved["env"] and "host_peak_rss_mb" in saved["env"]["host_memory"]
+    assert saved["env"]["models"]["tiny-4"]["weights"] == "random"
+
+
+def test_a_gpu_only_out_of_memory_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    class CappedOffload(ExpertOffload):
+        def __init__(self, model, strategy, *args, **kwargs):
+            if strategy == "gpu_only":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 51.50 GiB")
+            super().__init__(model, strategy, *args, **kwargs)
+
+    monkeypatch.setattr(serving, "ExpertOffload", CappedOffload)
+    code, _, err = run_inline(*TINY, "parts=[serving]", "moe.runs=[{models:[tiny-4,tiny-8],batch:[1]}]",
+                              f"hydra.run.dir={tmp_path}")
+    assert code == 0, err[-3000:]
+    saved = record(tmp_path)
+    failed = [r for r in saved["rows"] if r["status"] != "ok"]
+    assert [(r["provider"], r["extra"]["model"], r["status"]) for r in failed] == \
+        [("gpu_only", "tiny-4", "oom"), ("gpu_only", "tiny-8", "oom")]
+    assert "51.50 GiB" in failed[0]["message"]
+    assert rows_of(saved, provider="pregated", metric="speedup", model="tiny-8")  # the next model still ran
+    assert not rows_of(saved, metric="relative_throughput")  # no gpu_only row to be relative to
+
+
+# --- the ratios --------------------------------------------------------------------------------------------------
+
+def measured(provider, metric, p50, model="switch-base-8", batch=1, status="ok"):
+    return Row(provider, "experts", 8, metric, "", p50, n=5, status=status, extra={"model": model, "batch": batch})
+
+
+def test_the_ratios_pair_each_point_with_its_baseline_of_the_same_model_and_batch():
+    rows = [measured("moe_ondemand", "moe_block_latency", 2.0), measured("pregated", "moe_block_latency", 1.25),
+            measured("gpu_only", "moe_block_latency", 0.8), measured("gpu_only", "throughput", 120.0),
+            measured("pregated", "throughput", 90.0), measured("gpu_only", "peak_memory", 1000.0),
+            measured("pregated", "peak_memory", 250.0),
+            # another batch, whose gpu_only ran out of memory, and another model
+            measured("pregated", "throughput", 30.0, batch=8), measured("gpu_only", "throughput", None, batch=8,
+                                                                     status="oom"),
+            measured("pregated", "moe_block_latency", 1.0, model="switch-base-16")]
+    derived = {(r.provider, r.metric, r.extra["batch"], r.extra["model"]): r for r in serving.ratio_rows(rows)}
+    got = {key[:2]: (r.p50, r.unit, r.extra["baseline"]) for key, r in derived.items()}
+    assert got == {
+        ("moe_ondemand", "speedup"): (1.0, "x", "moe_ondemand"),
+        ("pregated", "speedup"): (pytest.approx(1.6), "x", "moe_ondemand"),
+        ("gpu_only", "speedup"): (pytest.approx(2.5), "x", "moe_ondemand"),
+        ("gpu_only", "relative_throughput"): (100.0, "%", "gpu_only"),
+        ("pregated", "relative_throughput"): (pytest.approx(75.0), "%", "gpu_only"),
+        ("gpu_only", "relative_peak_memory"): (100.0, "%", "gpu_only"),
+        ("pregated", "relative_peak_memory"): (pytest.approx(25.0), "%", "gpu_only"),
+        ("gpu_only", "memory_saving"): (1.0, "x", "gpu_only"),
+        ("pregated", "memory_saving"): (pytest.approx(4.0), "x", "gpu_only"),
+    }
+    assert all(batch == 1 and model == "switch-base-8" for _, _, batch, model in derived)
+
+
+def test_each_model_is_built_once_for_every_batch_named_with_it():
+    runs = [{"models": ["switch-base-8", "switch-large-128"], "batch": [1]},
+            {"models": ["switch-base-32", "switch-base-8"], "batch": [32, 8]}]
+    assert serving.plan(runs) == {"switch-base-8": [1, 8, 32], "switch-large-128": [1], "switch-base-32": [8, 32]}
+    assert serving.parse_model("switch-large-128") == ("switch-large", 128)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, expected", [
+    ("moe.top_k=5", "moe.top_k=5 must be between 1 and the 4 experts of tiny-4"),
+    ("moe.strategy=[pregated,offload_all]", "moe.strategy=['offload_all'] is not one of"),
+    ("moe.strategy=[on_demand,prefetch_all] moe.slots=3",
+     "moe.slots=3 is too few for prefetch_all on tiny-4 at batch 2: it must hold 8 experts at once"),
+    ("moe.runs=[{models:[switch-huge-8],batch:[1]}]", "model 'switch-huge-8' is not '<size>-<experts>'"),
+    ("moe.new_tokens=0", "moe.new_tokens=0 must be an integer >= 1"),
+    ("quality.top_k=5", "quality.top_k=5 exceeds quality.n_experts=4"),
+])
+def test_bad_input_is_named_before_any_work(override, expected, tmp_path):
+    code, out, err = run_inline(*TINY, *override.split(), f"hydra.run.dir={tmp_path}")
+    assert code == 2, (out, err[-2000:])
+    assert expected in err, err[-2000:]
+    assert "Traceback" not in err and not record(tmp_path)["rows"]
+
+
+def test_every_setting_is_checked(compose):
+    from repro.context import ConfigError
+    from tasks.pregated_moe.task import validate
+
+    base = compose("task=pregated_moe", "moe.runs=[{models:[tiny-4],batch:[1,2]}]", "moe.strategy=[pregated]")
+    validate(base)
+    for key, value, expected in [
+        ("moe.slots", 3, "moe.slots=3 is too few for pregated on tiny-4 at batch 2: it must hold 4 experts at once"),
+        ("moe.runs", [{"models": ["tiny-4"], "batch": [0]}], "moe.runs.batch=0 must be an integer >= 1"),
+        ("moe.runs", [{"models": ["tiny-4"]}], "each run is {models: [...], batch: [...]}"),
+        ("moe.runs", [{"models": ["tiny-0"], "batch": [1]}], "model 'tiny-0' is not '<size>-<experts>'"),
+        ("moe.runs", [], "moe.runs is empty"),
+        ("moe.warmup_tokens", -1, "moe.warmup_tokens=-1 must be an integer >= 0"),
+        ("moe.memory_cap_gb", -1, "moe.memory_cap_gb=-1 must be a number >= 0.01"),
+        ("moe.cache", "fifo", "moe.cache='fifo' is not one of ['lru', 'lfu']"),
+        ("moe.weights", "pretrained", "moe.weights='pretrained' is not one of ['random', 'hub']"),
+        ("moe.checkpoint", "google/{size}", "moe.checkpoint='google/{size}' must be a path or Hub name"),
+        ("parts", ["serving", "speed"], "parts=['speed'] is not one of ['serving', 'quality']"),
+        ("quality.n_layer", 2, "quality.n_layer=2 must be an integer >= 4"),
+        ("quality.n_head", 3, "quality.d_model=32 must be a multiple of quality.n_head=3"),
+        ("quality.batch_tokens", 16, "quality.batch_tokens=16 is less than one sequence of 32"),
+        ("train.steps", 0, "train.steps=0 must be an integer > 0"),
+    ]:
+        cfg = base.copy()
+        if key == "moe.checkpoint":
+            OmegaConf.update(cfg, "moe.weights", "hub")
+        OmegaConf.update(cfg, key, value)
+        with pytest.raises(ConfigError) as error:
+            validate(cfg)
+        assert expected in str(error.value), (key, str(error.value))
+
+
+def hf_switch_folder(folder, num_experts: int):
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(4)
+    config = SwitchTransformersConfig(vocab_size=97, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=4,
+                                      num_decoder_layers=4, num_experts=num_experts, encoder_sparse_step=2,
+                                      decoder_sparse_step=2)
+    hf = SwitchTransformersForConditionalGeneration(config).eval()
+    hf.save_pretrained(folder)
+    return hf
+
+
+def test_a_checkpoint_with_another_expert_count_is_refused_before_any_work(tmp_path):
+    hf_switch_folder(tmp_path / "ckpt" / "tiny-4", num_experts=8)
+    code, _, err = run_inline(*TINY, "moe.weights=hub", f"moe.checkpoint='{tmp_path}/ckpt/{{model}}'",
+                              f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2
+    assert f"checkpoint '{tmp_path}/ckpt/tiny-4' is not a tiny-4: num_experts=8 where tiny-4 has 4" in err
+
+
+# --- weights -----------------------------------------------------------------------------------------------------
+
+def test_random_weights_are_initialised_as_the_model_does_and_follow_the_seed():
+    cfg = MoEConfig.of_size("tiny", n_experts=8, vocab_size=1000)
+    model = random_switch(cfg, seed=3, device="cpu")
+    assert model.lm_head.weight is model.embed.weight  # still tied
+    assert all(torch.equal(p, torch.ones_like(p)) for p in model.parameters() if p.dim() == 1)
+    experts = torch.cat([f.w_in.flatten() for f in model.moe_layers])
+    assert experts.std().item() == pytest.approx(0.02, rel=0.02) and abs(experts.mean().item()) < 1e-3
+    again, other = random_switch(cfg, seed=3, device="cpu"), random_switch(cfg, seed=4, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert not torch.equal(model.moe_layers[0].w_in, other.moe_layers[0].w_in)
+    reference = SwitchLM(cfg)  # the same parameters, in the same order
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in reference.named_parameters()]
+
+
+def spec(**overrides):
+    return OmegaConf.create({"top_k": 1, "new_tokens": 2, "warmup_tokens": 1, "weights": "hub",
+                             "checkpoint": "{model}", **overrides})
+
+
+def test_checkpoint_weights_come_from_the_folder_and_an_unreachable_one_leaves_random_weights_said_so(tmp_path):
+    hf = hf_switch_folder(tmp_path / "tiny-8", num_experts=8)
+    model, weights = serving.build("tiny-8", spec(checkpoint=f"{tmp_path}/{{model}}"), torch.device("cpu"), 0)
+    assert weights.startswith(f"{tmp_path}/tiny-8")
+    for ffn, block in zip(model.moe_layers, (1, 3)):
+        mlp = hf.decoder.block[block].layer[-1].mlp
+        assert torch.equal(ffn.w_in[5], mlp.experts["expert_5"].wi.weight)
+    assert isinstance(switch_state_dict(str(tmp_path / "tiny-8")), LazyTensors)  # read a tensor at a time
+    model, weights = serving.build("tiny-8", spec(checkpoint=f"{tmp_path}/missing/{{model}}"), torch.device("cpu"), 0)
+    assert weights.startswith(f"random: {tmp_path}/missing/tiny-8 could not be read")
+
+
+def test_switch_weights_read_lazily_match_reading_them_whole(tmp_path):
+    hf = hf_switch_folder(tmp_path / "ckpt", num_experts=4)
+    lazy, whole = (random_switch(MoEConfig(n_experts=4, vocab_size=97), seed=0, device="cpu") for _ in range(2))
+    load_switch_weights(lazy, switch_state_dict(str(tmp_path / "ckpt")))
+    load_switch_weights(whole, hf.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(lazy.parameters(), whole.parameters()))
+
+
+# --- the quality experiment --------------------------------------------------------------------------------------
+
+def quality_setup():
+    cfg = OmegaConf.create({
+        "seed": 5, "quality": {"d_model": 32, "d_ff": 64, "n_layer": 6, "n_head": 2, "n_experts": 4, "top_k": 1,
+                               "seq_len": 16, "batch_tokens": 64, "eval_batches": 1},
+        "train": {"steps": 2, "lr": 1e-3}})
+    ids = torch.randint(0, 50, (4000,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    data = TokenStream(ids[:3000], ids[3000:], tokenizer=[None] * 50, fingerprint="fake")
+    ctx = type("Ctx", (), {"device": torch.device("cpu")})()
+    return [c.build() for c in quality.candidates(cfg, ctx, data)]
+
+
+def test_the_quality_runs_differ_only_in_pre_gating():
+    gate, pregate = quality_setup()
+    assert (gate.name, pregate.name) == ("gate", "pregate")
+    assert {**vars(gate.model.config), "pregate": True} == vars(pregate.model.config)
+    assert gate.fingerprint != pregate.fingerprint and gate.extra == pregate.extra
+    for step in (0, 7):  # the same batches
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in
+                   zip(gate.batches(step, 0, 1), pregate.batches(step, 0, 1)))
+    ordinary, twin = gate.model.state_dict(), pregate.model.state_dict()
+    first, second, third = (b.index for b in gate.model.blocks if b.moe)
+    gates = {f"blocks.{first}.ffn.pregate.classifier.weight": f"blocks.{second}.ffn.gate.classifier.weight",
+             f"blocks.{second}.ffn.pregate.classifier.weight": f"blocks.{third}.ffn.gate.classifier.weight"}
+    for name, value in twin.items():  # every weight the same; each pre-gate starts as the next block's gate
+        assert torch.equal(value, ordinary[gates.get(name, name)]), name
+    assert set(ordinary) - set(twin) == set(gates.values())
+    x = gate.batches(0, 0, 1)[0]["input_ids"]
+    out_gate, out_pregate = gate.model(x, labels=x), pregate.model(x, labels=x)
+    assert math.isfinite(out_pregate.lm_loss.item()) and out_gate.lm_loss.item() != out_pregate.lm_loss.item()
+
+
+# --- on a GPU ----------------------------------------------------------------------------------------------------
+
+@gpu
+def test_experts_are_pinned_where_they_lie_and_unpinned_after():
+    model = random_switch(MoEConfig(n_experts=8, pregate=True), seed=0, device="cuda")
+    host = [t for f in model.moe_layers for t in (f.w_in.data, f.w_out.data)]
+    pointers = [t.data_ptr() for t in host]
+    with pinned_in_place(host, "cuda") as warning:
+        assert warning is None and all(t.is_pinned() for t in host)
+        runtime = ExpertOffload(model, "pregated", "cuda")
+        assert [t.data_ptr() for f in runtime.layers for t in (f.w_in, f.w_out)] == pointers  # not copied
+        assert runtime.host_memory == "pinned" and runtime(torch.ones(1, 1, dtype=torch.long)).isfinite().all()
+    assert not any(t.is_pinned() for t in host)
+
+
+@gpu
+def test_experts_that_cannot_be_pinned_in_place_stay_pageable_with_a_warning(monkeypatch):
+    class Refusing:
+        def cudaHostRegister(self, *args):
+            return 2  # cudaErrorMemoryAllocation
+
+        def cudaHostUnregister(self, *args):
+            raise AssertionError("nothing was registered")
+
+    monkeypatch.setattr(torch.cuda, "cudart", Refusing)
+    tensors = [torch.randn(1000)]
+    with pytest.warns(UserWarning, match="pinning the experts failed"), pinned_in_place(tensors, "cuda") as warning:
+        assert "CUDA error 2" in warning and not tensors[0].is_pinned()
+    torch.zeros(1, device="cuda")  # the failed call left no error behind for the next kernel
+
+
+@gpu
+def test_the_memory_cap_refuses_larger_allocations_and_is_lifted_after():
+    device = torch.device("cuda")
+    with serving.MemoryCap(1.0, device):
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    assert torch.empty(2 * 2**30, dtype=torch.uint8, device=device).numel() == 2 * 2**30  # allowed again
+
+
+@gpu
+def test_on_a_gpu_every_strategy_records_memory_hidden_copies_and_the_copy_bandwidth(tmp_path):
+    code, _, err = run_inline(*TINY, "scale=small", "parts=[serving]", "moe.runs=[{models:[tiny-16],batch:[1,4]}]",
+                              f"paths.records={tmp_path}/runs", f"hydra.run.dir={tmp_path}/job")
+    assert code == 0, err[-3000:]
+    saved = record(tmp_path / "job")
+    assert saved["env"]["host_link"]["h2d_pinned_gb_s"] > 0 and saved["env"]["memory_cap_gb"] == 40
+    for provider in serving.PROVIDERS.values():
+        measured = {r["metric"] for r in rows_of(saved, provider=provider)}
+        assert {"peak_memory", "relative_peak_memory", "memory_saving"} <= measured, provider
+    for r in rows_of(saved, provider="pregated", metric="hidden_copy_fraction"):
+        assert 0 <= r["p50"] <= 1 and r["extra"]["host_memory"] == "pinned"
+    assert rows_of(saved, provider="moe_ondemand", metric="copy_bandwidth_fraction")
