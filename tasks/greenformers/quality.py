@@ -1,0 +1,129 @@
+"""What the variants cost in accuracy, at small scale: each trained from scratch on the same generated
+classification set with the shared training loop (same steps, data and seed), its validation accuracy in the
+record; then the trained dense model factorised by truncated SVD at falling ranks, without further training:
+how far its outputs move from the dense model's, and its accuracy.
+
+The set is generated here, offline and at any size, so that the task needs no download. LRA's ListOps
+generator (tasks/lra/data.py) would be the paper-like choice, but a paper's package may not import another's.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from repro.bench import require_triton
+from repro.context import RunContext, fingerprint
+from repro.records import Row
+from repro.train import Candidate, Trainee, step_generator, train_from_config
+from tasks.common.low_rank import count_parameters
+
+from .variants import Variant, build, count_flops, factorised, on_meta, parse_variant
+
+CLS, MARKERS = 1, (2, 3)  # 0 is BERT's padding id; filler tokens follow the markers
+FIRST_FILLER = 4
+
+
+def counting_set(n: int, seq_len: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """`n` examples: [CLS], then random filler tokens among which two marker tokens are scattered, one 1/2 to 9/10
+    as often as the other; the label says which marker is the more frequent (0: the first, 1: the second).
+    Counting over the whole sequence asks each variant's attention to gather every marker into [CLS]."""
+    if vocab <= FIRST_FILLER or seq_len < 9:
+        raise ValueError(f"vocab={vocab} must exceed {FIRST_FILLER} and seq_len={seq_len} be at least 9")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(FIRST_FILLER, vocab, (n, seq_len), generator=gen)
+    ids[:, 0] = CLS
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    body = seq_len - 1
+    more = torch.randint(2, max(2, body // 8) + 1, (n,), generator=gen)
+    fewer = (more * (0.5 + 0.4 * torch.rand(n, generator=gen))).long()
+    frequent = torch.tensor(MARKERS)[labels]
+    rare = sum(MARKERS) - frequent
+    slot = torch.arange(body)
+    markers = torch.where(slot < more[:, None], frequent[:, None],
+                          torch.where(slot < (more + fewer)[:, None], rare[:, None], -1))
+    positions = torch.rand(n, body, generator=gen).argsort(dim=1) + 1  # the markers' places, after [CLS]
+    ids.scatter_(1, positions, torch.where(markers >= 0, markers, ids.gather(1, positions)))
+    return {"input_ids": ids, "labels": labels}
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor], batch: int) -> float:
+    """Percent of `data` classified right."""
+    device = next(model.parameters()).device
+    hits = 0
+    for start in range(0, len(data["labels"]), batch):
+        logits = model(input_ids=data["input_ids"][start:start + batch].to(device)).logits
+        hits += int((logits.argmax(-1).cpu() == data["labels"][start:start + batch]).sum())
+    return 100.0 * hits / len(data["labels"])
+
+
+def _trainee(variant: Variant, cfg: DictConfig, ctx: RunContext, data: dict) -> Trainee:
+    spec = cfg.greenformers.quality
+    model_cfg = OmegaConf.to_container(spec.model)
+    attention = variant.attention or cfg.greenformers.attention
+    if attention == "effrepro":
+        require_triton(variant.name, ctx.device)
+    torch.manual_seed(cfg.seed)
+    model = build(variant, model_cfg, spec.seq_len, positions=spec.seq_len, attention=cfg.greenformers.attention)
+    train_set, n_train = data["train"], len(data["train"]["labels"])
+
+    def batches(step, rank, world):
+        picks = torch.randint(0, n_train, (spec.batch,), generator=step_generator(cfg.seed, step, rank))
+        return [{key: value[picks] for key, value in train_set.items()}]
+
+    def evaluate(model):
+        return [Row(variant.name, "step", 0, "val_accuracy", "%", accuracy(model, data["val"], spec.batch), n=1)]
+
+    tokens = spec.batch * spec.seq_len
+    flops = count_flops(on_meta(variant, model_cfg, spec.seq_len, spec.seq_len), spec.batch, spec.seq_len)["fwd_bwd"]
+    extra = dict(setting="quality", model=model_cfg["name"], seq_len=spec.seq_len, series="quality",
+                 **variant.extra(cfg.greenformers.attention))
+    settings = dict(variant=variant.name, attention=cfg.greenformers.attention, seed=cfg.seed,
+                    quality=OmegaConf.to_container(spec))
+    return Trainee(variant.name, model, batches, evaluate, tokens, flops / tokens, extra, fingerprint(settings))
+
+
+@torch.no_grad()
+def svd_rows(dense: torch.nn.Module, ranks: list[int], data: dict, batch: int, extra: dict) -> Iterator[Row]:
+    """The trained dense model factorised by truncated SVD at each rank, highest first, not trained further:
+    the relative (Frobenius) error of its encoder's last hidden states against the dense model's on `data`, its
+    accuracy and its encoder's parameters."""
+    dense.eval()
+    device = next(dense.parameters()).device
+    for rank in sorted(ranks, reverse=True):
+        low = factorised(copy.deepcopy(dense), Variant(f"lrt_r{rank}", rank=rank), init="svd")
+        error = reference = 0.0
+        for start in range(0, len(data["labels"]), batch):
+            ids = data["input_ids"][start:start + batch].to(device)
+            want = dense.bert(input_ids=ids).last_hidden_state.double()
+            error += float((low.bert(input_ids=ids).last_hidden_state.double() - want).square().sum())
+            reference += float(want.square().sum())
+        tags = {**extra, "rank": rank, "init": "svd"}
+        yield Row("lrt_svd", "rank", rank, "output_rel_error", "fraction", (error / reference) ** 0.5, n=1,
+                  extra=tags)
+        yield Row("lrt_svd", "rank", rank, "val_accuracy", "%", accuracy(low, data, batch), n=1, extra=tags)
+        yield Row("lrt_svd", "rank", rank, "params", "count", count_parameters(low.bert), n=1, extra=tags)
+
+
+def run_quality(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
+    """Train every quality variant, then factorise the trained base model at each of `svd_ranks`."""
+    spec = cfg.greenformers.quality
+    vocab = spec.model.vocab_size
+    data = {"train": counting_set(spec.n_train, spec.seq_len, vocab, cfg.seed),
+            "val": counting_set(spec.n_val, spec.seq_len, vocab, cfg.seed + 1)}
+    trained: dict[str, Trainee] = {}
+
+    def candidate(variant: Variant) -> Candidate:
+        def make() -> Trainee:
+            trained[variant.name] = _trainee(variant, cfg, ctx, data)  # kept: base's trained weights are needed below
+            return trained[variant.name]
+        return Candidate(variant.name, dict(setting="quality", series="quality"), make)
+
+    yield from train_from_config(cfg, [candidate(parse_variant(name)) for name in spec.variants], ctx.device)
+    base = trained.get("base")
+    if base is not None and spec.svd_ranks:
+        extra = dict(setting="quality_svd", model=spec.model.name, seq_len=spec.seq_len, series="quality")
+        yield from svd_rows(base.model, list(spec.svd_ranks), data["val"], spec.batch, extra)

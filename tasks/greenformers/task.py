@@ -1,0 +1,144 @@
+"""Task `greenformers`: the Low-Rank Transformer (LRT) against Linformer on a BERT-shaped encoder (Greenformers,
+arXiv 2108.10808), in up to three parts (`greenformers.parts`):
+
+- crossover: every variant (tasks/greenformers/variants.py) at every sequence length, inference and a training
+  step, against the dense model; then the shortest length from which Linformer beats LRT (and base) in time
+  and in peak memory, and what LRT saves at short sequences in measured time and counted FLOPs (cost_reduction);
+- notebook: the author's greenformer notebook on BERT-base: parameter counts, and the partial model's speedups
+  at its batch sizes;
+- quality: the variants trained on a generated classification set, and the SVD-initialised LRT's error as the
+  rank falls (tasks/greenformers/quality.py).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from repro import checks
+from repro.bench import Point
+from repro.checks import as_list
+from repro.context import ConfigError, RunContext
+from repro.records import Row
+from repro.train import TrainSpec
+
+from .efficiency import BASELINE, DTYPES, Models, cost_rows, crossover_rows, measure_points
+from .quality import run_quality
+from .variants import ATTENTIONS, MODES, Variant, on_meta, parse_variant
+
+PARTS = ("crossover", "notebook", "quality")
+MODEL_KEYS = {"name", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"}
+
+
+def _check_model(key: str, model: DictConfig) -> dict:
+    model = OmegaConf.to_container(model)
+    if set(model) != MODEL_KEYS:
+        raise ConfigError(f"{key} has keys {sorted(model)}; it needs exactly {sorted(MODEL_KEYS)}")
+    for field in MODEL_KEYS - {"name"}:
+        checks.number(f"{key}.{field}", model[field], at_least=1)
+    checks.number(f"{key}.num_attention_heads", model["num_attention_heads"], at_least=1, divides=model["hidden_size"])
+    return model
+
+
+def _check_variants(key: str, names: list, model: dict, seq_len: int, need_base: bool = True) -> None:
+    """Each variant parsed and built on the meta device (no memory, no work) for inputs of `seq_len` tokens:
+    a rank or k that does not fit the model is an error here, before anything runs."""
+    names = [str(name) for name in names]
+    for name in names:
+        try:
+            variant = parse_variant(name)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        try:
+            on_meta(variant, model, seq_len, seq_len)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: variant {name!r} does not fit this model at {seq_len} tokens: {exc}") from None
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"{key} names {twice} more than once")
+    if need_base and BASELINE not in names:
+        raise ConfigError(f"{key} must include {BASELINE!r}, the dense model every ratio is taken against")
+
+
+def validate(cfg: DictConfig) -> None:
+    g = cfg.greenformers
+    checks.choice("greenformers.parts", OmegaConf.to_container(g.parts), PARTS)
+    checks.choice("greenformers.attention", g.attention, ATTENTIONS)
+    checks.choice("greenformers.dtype", g.dtype, DTYPES)
+    for key in ("warmup_ms", "rep_ms"):
+        checks.number(f"greenformers.{key}", g[key], integer=False, at_least=0)
+    model = _check_model("greenformers.model", g.model)
+    parts = as_list(OmegaConf.to_container(g.parts))
+    if "crossover" in parts:
+        sweep = g.crossover
+        lengths = as_list(OmegaConf.to_container(sweep.seq_len))
+        checks.number("greenformers.crossover.seq_len", lengths, at_least=1)
+        checks.number("greenformers.crossover.tokens", sweep.tokens, at_least=1)
+        checks.number("greenformers.crossover.cost_max_seq_len", sweep.cost_max_seq_len, at_least=1)
+        checks.choice("greenformers.crossover.modes", OmegaConf.to_container(sweep.modes), MODES)
+        _check_variants("greenformers.crossover.variants", list(sweep.variants), model, max(lengths))
+    if "notebook" in parts:
+        book = g.notebook
+        checks.number("greenformers.notebook.seq_len", book.seq_len, at_least=1)
+        checks.number("greenformers.notebook.positions", book.positions, at_least=book.seq_len)
+        checks.choice("greenformers.notebook.batch", list(book.batch), MODES)
+        for mode, batch in book.batch.items():
+            checks.number(f"greenformers.notebook.batch.{mode}", batch, at_least=1)
+        # base is always measured, first
+        _check_variants("greenformers.notebook.variants", [BASELINE, *book.variants], model, book.seq_len)
+    if "quality" in parts:
+        spec = g.quality
+        small = _check_model("greenformers.quality.model", spec.model)
+        for key in ("n_train", "n_val", "batch"):
+            checks.number(f"greenformers.quality.{key}", spec[key], at_least=1)
+        # the generated set needs room for [CLS] and the markers, and tokens besides them
+        checks.number("greenformers.quality.seq_len", spec.seq_len, at_least=9)
+        checks.number("greenformers.quality.model.vocab_size", small["vocab_size"], at_least=5)
+        _check_variants("greenformers.quality.variants", list(spec.variants), small, spec.seq_len)
+        ranks = OmegaConf.to_container(spec.svd_ranks)
+        checks.number("greenformers.quality.svd_ranks", ranks, at_least=1)
+        _check_variants("greenformers.quality.svd_ranks", [f"lrt_r{r}" for r in ranks], small, spec.seq_len,
+                        need_base=False)
+        TrainSpec.from_config(cfg.train)
+
+
+def _point(ctx: RunContext, setting: str, seq_len: int, mode: str, batch: int, g: DictConfig) -> Point:
+    device_name = ctx.env.get("gpu_name") or f"CPU, {torch.get_num_threads()} threads"
+    return Point("seq_len", seq_len, dict(setting=setting, mode=mode, batch=batch, dtype=g.dtype, model=g.model.name,
+                                          device=ctx.device.type, device_name=device_name,
+                                          series=f"{device_name} {setting}"))
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
+    g = cfg.greenformers
+    parts = as_list(OmegaConf.to_container(g.parts))
+    model = OmegaConf.to_container(g.model)
+    ctx.env["torch_threads"] = torch.get_num_threads()
+
+    def measure(variants: list[Variant], points: list[Point], positions: int) -> Iterator[Row]:
+        models = Models(model, positions, g.attention, DTYPES[g.dtype], cfg.seed)
+        yield from measure_points(points, variants, models, ctx.device, seed=cfg.seed, warmup_ms=g.warmup_ms,
+                                  rep_ms=g.rep_ms, default_attention=g.attention)
+
+    if "crossover" in parts:
+        sweep = g.crossover
+        lengths = sorted(as_list(OmegaConf.to_container(sweep.seq_len)))
+        variants = [parse_variant(name) for name in sweep.variants]
+        points = [_point(ctx, "sweep", n, mode, max(1, sweep.tokens // n), g) for n in lengths for mode in sweep.modes]
+        rows = []
+        for row in measure(variants, points, max(lengths)):
+            rows.append(row)
+            yield row
+        # LRT alone, under the attention base has: what the factorisation itself changes
+        lrt = [v.name for v in variants if v.rank is not None and v.k is None and v.last is None and not v.attention]
+        linformer = [v.name for v in variants if v.k is not None and v.rank is None]
+        yield from crossover_rows(rows, [(a, b) for a in linformer for b in [*lrt, BASELINE]])
+        yield from cost_rows(rows, lrt, sweep.cost_max_seq_len)
+    if "notebook" in parts:
+        book = g.notebook
+        variants = [parse_variant(name) for name in [BASELINE, *book.variants]]
+        points = [_point(ctx, "notebook", book.seq_len, mode, batch, g) for mode, batch in book.batch.items()]
+        yield from measure(variants, points, book.positions)
+    if "quality" in parts:
+        yield from run_quality(cfg, ctx)

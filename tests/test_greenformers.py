@@ -1,0 +1,230 @@
+"""Greenformers (task greenformers): the smoke run end to end; the counted FLOPs against a hand count; the
+crossover and cost rows from hand-made rows; the notebook's BERT-base parameter counts; the CPU memory tracker
+against a hand count; the generated classification set; the SVD error as rank falls; bad input named before any
+work."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import gpu, run_inline
+from repro.records import Row
+from tasks.common.low_rank import count_parameters
+from tasks.greenformers.efficiency import cost_rows, crossover_rows, shortest_win, tensor_peak_mb
+from tasks.greenformers.quality import MARKERS, counting_set, svd_rows
+from tasks.greenformers.variants import Variant, build, count_flops, on_meta, parse_variant, with_attention
+
+BERT_BASE = dict(name="bert-base", vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072)
+# odd sizes: 3 heads of 12, an FFN of 52
+TINY = dict(name="tiny", vocab_size=50, hidden_size=36, num_hidden_layers=2, num_attention_heads=3,
+            intermediate_size=52)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models, many small ops: threads only contend on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_smoke_run_writes_every_kind_of_row(tmp_path):
+    code, out, err = run_inline("task=greenformers", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    record = json.loads((tmp_path / "record.json").read_text())
+    rows = [Row(**r) for r in record["rows"]]
+    metrics = {r.metric for r in rows if r.status == "ok"}
+    assert {"time", "peak_memory", "speedup", "memory_saving", "flops", "params", "params_ratio", "crossover_time",
+            "crossover_peak_memory", "cost_reduction", "val_accuracy", "output_rel_error"} <= metrics
+    # the dense model under SDPA computes base's function, checked by the harness
+    checks = [r for r in rows if r.metric == "rel_error"]
+    assert checks and all(r.provider == "base+sdpa" and r.p50 < 1e-4 for r in checks)
+    # every timed row says which variant, rank, k and attention it is
+    lrt = next(r for r in rows if r.provider == "lrt_r8" and r.metric == "time")
+    assert lrt.extra["rank"] == 8 and lrt.extra["attention"] == "eager" and lrt.extra["variant"] == "lrt"
+    crossover = [r for r in rows if r.metric == "crossover_time"]
+    assert {r.extra["against"] for r in crossover} == {"lrt_r8", "base"} and all(r.message for r in crossover)
+    notebook = {r.provider for r in rows if r.extra.get("setting") == "notebook" and r.metric == "speedup"}
+    assert notebook == {"base", "lrt_r0.2_last1"}
+
+
+def hand_flops(model: dict, variant: Variant, batch: int, n: int) -> int:
+    """Forward FLOPs of BertForSequenceClassification written out: 2·rows·in·out per dense linear layer,
+    2·rows·r·(in + out) per factorised one, 4·B·n²·d for attention's two products, and for Linformer
+    4·B·k·n·d for projecting keys and values plus 4·B·n·k·d for attention over the k rows."""
+    d, ff, layers = model["hidden_size"], model["intermediate_size"], model["num_hidden_layers"]
+
+    def linear(rows, n_in, n_out, factorise):
+        rank = variant.rank
+        if factorise and isinstance(rank, float):
+            rank = math.floor(rank * n_in * n_out / (n_in + n_out))
+        if factorise and rank is not None and 1 <= rank and rank * (n_in + n_out) < n_in * n_out:
+            return 2 * rows * rank * (n_in + n_out)
+        return 2 * rows * n_in * n_out
+
+    total = 0
+    for layer in range(layers):
+        factorise = variant.last is None or layer >= layers - variant.last
+        total += sum(linear(batch * n, i, o, factorise) for i, o in [(d, d)] * 4 + [(d, ff), (ff, d)])
+        total += 8 * batch * variant.k * n * d if variant.k else 4 * batch * n * n * d
+    # the pooler; the classifier, factorised with the whole model only (at these ranks that never pays)
+    return total + linear(batch, d, d, True) + linear(batch, d, 2, variant.last is None)
+
+
+@pytest.mark.parametrize("name", ["base", "lrt_r5", "lrt_r0.5", "lrt_r5_last1", "linformer_k7", "lrt_r5+linformer_k7",
+                                  "base+effrepro"])
+def test_counted_flops_match_a_hand_count(name):
+    variant, batch, n = parse_variant(name), 3, 21
+    model = on_meta(variant, TINY, n, positions=32)
+    forward = hand_flops(TINY, variant, batch, n)
+    # the backward of every product is two products of its size (every input, the embeddings', needs a gradient)
+    assert count_flops(model, batch, n) == {"inference": forward, "fwd_bwd": 3 * forward}
+
+
+@pytest.mark.parametrize("name, params", [
+    ("base", 109_482_240), ("lrt_r256", 66_818_304), ("lrt_r0.4", 58_052_352), ("lrt_r0.2_last6", 74_965_248)])
+def test_bert_base_parameters_are_the_greenformer_notebooks(name, params):
+    model = on_meta(parse_variant(name), BERT_BASE, 256, positions=512)
+    assert count_parameters(model.bert) == params  # the encoder, as the notebook counts BertModel
+
+
+def test_variant_names_parse_into_their_parts():
+    assert parse_variant("base") == Variant("base")
+    assert parse_variant("lrt_r256+linformer_k128") == Variant("lrt_r256+linformer_k128", rank=256, k=128)
+    assert parse_variant("lrt_r0.2_last6+sdpa") == Variant("lrt_r0.2_last6+sdpa", rank=0.2, last=6, attention="sdpa")
+    assert parse_variant("base+effrepro").extra("eager")["attention"] == "effrepro"
+    assert parse_variant("linformer_k64").extra("eager") == dict(variant="linformer", rank=None, last_layers=None,
+                                                                  k=64, attention="linformer")
+
+
+def test_a_linformer_model_refuses_a_longer_sequence_than_it_was_built_for():
+    model = build(parse_variant("linformer_k4"), TINY, 16, positions=32, attention="eager").eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(4, 50, (2, 16)))
+        with pytest.raises(ValueError, match="20 tokens but Linformer was built for at most seq_len=16"):
+            model(input_ids=torch.randint(4, 50, (2, 20)))
+
+
+def times(values: dict[int, float | None], provider: str, mode="inference", metric="time") -> list[Row]:
+    """Hand-made harness rows: a value per length, None for a point that ran out of memory."""
+    return [Row(provider, "seq_len", n, metric, "ms", v, n=1, status="ok" if v is not None else "oom",
+                extra=dict(setting="sweep", mode=mode)) for n, v in values.items()]
+
+
+def test_the_crossover_is_the_shortest_length_from_which_on_linformer_wins():
+    rows = (times({128: 1.0, 256: 2.0, 512: 4.0, 1024: 7.0, 2048: 12.0}, "lrt_r256")
+            + times({128: 0.9, 256: 2.5, 512: 3.0, 1024: 5.0, 2048: 8.0}, "linformer_k128")  # a lone early win
+            + times({128: 1.5, 256: 2.5, 512: 4.5, 1024: 9.0, 2048: None}, "base")  # out of memory at 2048
+            + times({128: 2.0, 256: 3.0, 512: 5.0, 1024: 5.0, 2048: 6.0}, "linformer_k64"))
+    found = {(r.provider, r.extra["against"]): r for r in
+             crossover_rows(rows, [("linformer_k128", "lrt_r256"), ("linformer_k64", "base"),
+                                   ("linformer_k64", "lrt_r256")])}
+    assert found["linformer_k128", "lrt_r256"].p50 == 512
+    assert "from 512 tokens on" in found["linformer_k128", "lrt_r256"].message
+    assert found["linformer_k64", "base"].p50 == 1024  # a tie at 1024 is no win; base's OOM at 2048 is a loss
+    assert found["linformer_k64", "lrt_r256"].p50 == 1024
+    assert all(r.metric == "crossover_time" and r.x_value == "inference" for r in found.values())
+
+
+def test_the_crossover_says_so_when_linformer_never_wins_and_ignores_lengths_where_both_failed():
+    assert shortest_win({256: 2.0, 512: 3.0}, {256: 1.0, 512: 2.0}) == (None, [256, 512])
+    assert shortest_win({256: 1.0, 512: 3.0, 1024: math.inf}, {256: 2.0, 512: 4.0, 1024: math.inf}) == \
+        (256, [256, 512])
+    assert shortest_win({256: 1.0}, {512: 2.0}) == (None, [])  # no length in common: nothing to say
+    rows = times({256: 2.0, 512: 3.0}, "linformer_k128") + times({256: 1.0, 512: 2.0}, "lrt_r256")
+    [row] = crossover_rows(rows, [("linformer_k128", "lrt_r256")])
+    assert row.p50 is None and "not faster than lrt_r256 at the longest length" in row.message
+
+
+def test_cost_rows_are_what_lrt_saves_in_time_and_flops_at_short_sequences():
+    def row(provider, n, metric, value):
+        return Row(provider, "seq_len", n, metric, "x", value, n=1, extra=dict(setting="sweep", mode="fwd_bwd"))
+    rows = [row("lrt_r256", 256, "speedup", 1.25), row("lrt_r256", 1024, "speedup", 1.1),
+            row("base", 256, "flops", 40.0), row("lrt_r256", 256, "flops", 30.0), row("lrt_r128", 256, "speedup", 2.0)]
+    found = {(r.x_value, r.extra["basis"]): r.p50 for r in cost_rows(rows, ["lrt_r256"], max_seq_len=512)}
+    assert found == {(256, "time"): pytest.approx(20.0), (256, "flops"): pytest.approx(25.0)}
+
+
+def test_tensor_peak_is_the_most_bytes_alive_at_once():
+    a = torch.randn(1024, 1024)  # 4 MB, alive throughout
+
+    def fn():
+        b = a * 2
+        c = b + 1  # a, b and c: 12 MB at the peak
+        del b
+        return c.sum()
+    assert tensor_peak_mb(fn, a) == pytest.approx(12.0, rel=1e-3)
+
+
+def test_the_generated_set_labels_the_more_frequent_marker():
+    data = counting_set(200, 40, 20, seed=3)
+    ids, labels = data["input_ids"], data["labels"]
+    first, second = (ids == MARKERS[0]).sum(1), (ids == MARKERS[1]).sum(1)
+    assert ids.shape == (200, 40) and (ids[:, 0] == 1).all() and ((ids >= 1) & (ids < 20)).all()
+    assert torch.equal(labels, (second > first).long()) and (first != second).all()
+    assert 0.3 < labels.float().mean() < 0.7
+    assert torch.equal(counting_set(200, 40, 20, seed=3)["input_ids"], ids)
+
+
+def test_svd_error_is_the_factorised_encoders_and_falls_as_the_rank_rises():
+    torch.manual_seed(0)
+    dense = build(Variant("base"), TINY, 24, positions=24, attention="eager").eval()
+    data = counting_set(8, 24, TINY["vocab_size"], seed=0)
+    rows = list(svd_rows(dense, [2, 6, 12], data, batch=3, extra={}))  # 3 does not divide 8
+    errors = [r.p50 for r in rows if r.metric == "output_rel_error"]
+    params = [r.p50 for r in rows if r.metric == "params"]
+    assert [r.x_value for r in rows if r.metric == "output_rel_error"] == [12, 6, 2]
+    assert 0 < errors[0] < errors[1] < errors[2] and params[0] > params[1] > params[2]
+    # the reference: rank 6 by a plain truncated SVD of every weight that a rank-6 factorisation makes smaller
+    low = copy.deepcopy(dense)
+    for module in low.modules():
+        if isinstance(module, torch.nn.Linear) and 6 * sum(module.weight.shape) < module.weight.numel():
+            u, s, vh = torch.linalg.svd(module.weight.detach(), full_matrices=False)
+            module.weight.data = (u[:, :6] * s[:6]) @ vh[:6]
+    with torch.no_grad():
+        want, got = dense.bert(input_ids=data["input_ids"]), low.bert(input_ids=data["input_ids"])
+        expected = (got.last_hidden_state - want.last_hidden_state).norm() / want.last_hidden_state.norm()
+    assert errors[1] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_the_cpu_setting_composes(compose):
+    cfg = compose("task=greenformers", "scale=small", "scale.device=cpu", "task_scale/greenformers@_global_=cpu")
+    assert cfg.scale.device == "cpu" and list(cfg.greenformers.parts) == ["crossover"]
+    assert cfg.greenformers.model.hidden_size == 768 and cfg.greenformers.dtype == "float32"
+
+
+@gpu
+def test_our_kernel_in_bert_matches_eager_attention():
+    torch.manual_seed(0)
+    dense = build(Variant("base"), TINY | dict(hidden_size=48), 40, positions=64, attention="eager").cuda().half()
+    ids = torch.randint(4, 50, (2, 40), device="cuda")
+    with torch.no_grad():
+        expected = dense(input_ids=ids).logits
+        ours = with_attention(dense, parse_variant("base+effrepro"), 40)
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("greenformers.crossover.variants=[base,lrt_r0]", "rank=0 must be >= 1"),
+    ("greenformers.crossover.variants=[base,lrt_r40]", "'lrt_r40' does not fit this model"),  # min(in, out) = 32
+    ("greenformers.crossover.variants=[base,linformer_k0]", "k=0 must be between 1 and seq_len=64"),
+    ("greenformers.crossover.variants=[base,linformer_k65]", "k=65 must be between 1 and seq_len=64"),
+    ("greenformers.quality.variants=[base,linformer_k33]", "k=33 must be between 1 and seq_len=32"),
+    ("greenformers.crossover.variants=[base,performer_k8]", "'performer_k8' is not a part of a variant"),
+    ("greenformers.crossover.variants=[base,linformer_k8+effrepro]", "Linformer computes its own attention"),
+    ("greenformers.crossover.variants=[lrt_r8]", "must include 'base'"),
+    ("greenformers.notebook.variants=[lrt_r0.2_last3]", "_last3 must be between 1 and the model's 2 layers"),
+    ("greenformers.parts=[speed]", "greenformers.parts=['speed'] is not one of"),
+    ("greenformers.crossover.tokens=0", "greenformers.crossover.tokens=0 must be an integer >= 1"),
+    ("greenformers.notebook.batch.fwd_bwd=0", "greenformers.notebook.batch.fwd_bwd=0 must be an integer >= 1"),
+    ("greenformers.model.num_attention_heads=5", "greenformers.model.num_attention_heads=5 must divide 32"),
+])
+def test_bad_input_is_named_before_any_work(override, expected, tmp_path):
+    code, out, err = run_inline("task=greenformers", override, "logger=none", f"hydra.run.dir={tmp_path}")
+    assert code == 2, (out, err)
+    assert expected in err, err
+    assert "Traceback" not in err
