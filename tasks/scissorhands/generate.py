@@ -25,6 +25,7 @@ attend before evicting, which is what mode=simulate is for).
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -32,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from kernels.decode_attention import decode_attention, decode_attention_quantized, merge_attention
+from kernels.decode_attention import (DecodeSchedule, decode_attention, decode_attention_quantized, make_schedule,
+                                      merge_attention)
 from kernels.kv_quant import QuantizedKV, dequantize_kv, quantize_kv
 
 from .hooks import active, attention_replaced
@@ -45,6 +47,14 @@ KV_BITS = (2, 4, 8, 16)
 def _lengths(batch: int, n: int) -> torch.Tensor:
     """On the host: the kernel reads lengths there to build its schedule, so a device tensor would cost a sync."""
     return torch.full((batch,), n, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=4096)
+def prepared_schedule(kind: str, batch: int, kv_heads: int, n: int, head_dim: int, dtype: torch.dtype,
+                      device: torch.device) -> DecodeSchedule:
+    """The decode kernel's schedule for `batch` caches of `n` tokens, built once and reused by every layer and step
+    at that length: building one is host work that takes longer than the kernel at these sizes."""
+    return make_schedule(kind, [n] * batch, kv_heads, head_dim=head_dim, dtype=dtype, device=device)
 
 
 def _gather_slots(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -69,10 +79,14 @@ class FloatStore:
         self.keys[:, :, n] = key
         self.values[:, :, n] = value
 
+    def attention(self, q, n, scale, **returns):
+        """decode_attention of q (batch, heads, head_dim) over the first n slots (`returns`: its return_ flags)."""
+        schedule = prepared_schedule(self.schedule, q.shape[0], self.keys.shape[1], n, q.shape[2], q.dtype, q.device)
+        return decode_attention(q, self.keys, self.values, schedule=schedule, softmax_scale=scale, **returns)
+
     def attend(self, q, n, scale, with_probs):
         """Attention of q (batch, heads, head_dim) over the first n slots: out, and probs (batch, heads, slots)."""
-        result = decode_attention(q, self.keys, self.values, _lengths(q.shape[0], n), self.schedule,
-                                  softmax_scale=scale, return_probs=with_probs)
+        result = self.attention(q, n, scale, return_probs=with_probs)
         return result if with_probs else (result, None)
 
     def loose(self, drop: torch.Tensor, n: int) -> torch.Tensor:
@@ -95,15 +109,24 @@ def _write(dst: QuantizedKV, src: QuantizedKV, start: int) -> None:
     dst.zero[:, :, rows[0]:rows[1]] = src.zero
 
 
+def _zeros_quantized(shape: tuple[int, ...], dtype, device, bits: int, group_size: int, axis: str) -> QuantizedKV:
+    """What quantize_kv makes of zeros (codes, scales and zero-points all 0, in its layout), without running it."""
+    b, h, n, d = shape
+    stats = (b, h, n // group_size, d) if axis == "channel" else (b, h, n, d // group_size)
+    return QuantizedKV(torch.zeros(b, h, n, d * bits // 8, dtype=torch.uint8, device=device),
+                       torch.zeros(stats, dtype=dtype, device=device), torch.zeros(stats, dtype=dtype, device=device),
+                       bits, group_size, axis, shape)
+
+
 class QuantizedStore:
     """KIVI's cache: the oldest whole groups quantized (slots 0..n_quantized-1), the rest (fewer than a group) in
     full precision (slots n_quantized..n-1, held by `residual` from its row 0)."""
 
     def __init__(self, batch, kv_heads, slots, head_dim, dtype, device, schedule, bits, group_size):
         self.bits, self.group_size, self.slots = bits, group_size, slots
-        zeros = torch.zeros(batch, kv_heads, slots // group_size * group_size, head_dim, dtype=dtype, device=device)
-        self.keys = quantize_kv(zeros, bits, group_size, "channel") if zeros.shape[2] else None
-        self.values = quantize_kv(zeros, bits, group_size, "token") if zeros.shape[2] else None
+        shape = (batch, kv_heads, slots // group_size * group_size, head_dim)
+        self.keys, self.values = (_zeros_quantized(shape, dtype, device, bits, group_size, axis) if shape[2] else None
+                                  for axis in ("channel", "token"))
         self.residual = FloatStore(batch, kv_heads, group_size, head_dim, dtype, device, schedule)
         self.n_quantized = 0
 
@@ -130,9 +153,8 @@ class QuantizedStore:
                 q, self.keys, self.values, _lengths(b, self.n_quantized), softmax_scale=scale,
                 return_lse=True, return_probs=with_probs)))
         if n > self.n_quantized:
-            parts.append((self.n_quantized, *decode_attention(
-                q, self.residual.keys, self.residual.values, _lengths(b, n - self.n_quantized),
-                self.residual.schedule, softmax_scale=scale, return_lse=True, return_probs=with_probs)))
+            parts.append((self.n_quantized, *self.residual.attention(q, n - self.n_quantized, scale, return_lse=True,
+                                                                     return_probs=with_probs)))
         out, lse = merge_attention([part[1] for part in parts], [part[2] for part in parts])
         if not with_probs:
             return out, None
@@ -250,6 +272,10 @@ class EvictingCache:
         self.budgets = policy.budgets(n_layers)
         self.layers: list[LayerCache | None] = [None] * n_layers
         self.seen_tokens = 0
+        # for the keep ratio, as Simulation measures it: tokens a head held after each step, summed over steps and
+        # layers, and those a full cache would have held
+        self.kept = 0
+        self.causal = 0
 
     def kv_bytes(self) -> int:
         """Bytes of the keys and values held (codes, scales, full-precision part), measured from the tensors."""
@@ -294,17 +320,25 @@ def decode_step(model: PreTrainedModel, cache: EvictingCache, tokens: torch.Tens
     position = torch.full((tokens.shape[0], 1), cache.seen_tokens, dtype=torch.long, device=tokens.device)
     logits = model(tokens[:, None], position_ids=position, use_cache=False).logits[:, -1]
     cache.seen_tokens += 1
+    cache.kept += sum(cache.held_tokens())
+    cache.causal += cache.seen_tokens * len(cache.layers)
     return logits
+
+
+def decode_logits(model: PreTrainedModel, ids: torch.Tensor, policy: Policy, kv_bits: int = 16,
+                  group_size: int = 32, schedule: str = "lean") -> tuple[torch.Tensor, EvictingCache]:
+    """Teacher-forced decoding of `ids` (batch, n) one token at a time under `policy`: the logits (batch, n, vocab)
+    a forward pass would give, and the cache (what it kept, its bytes)."""
+    cache = EvictingCache(policy, model.config.num_hidden_layers, ids.shape[1], kv_bits, group_size, schedule)
+    with generating(model, cache):
+        logits = torch.stack([decode_step(model, cache, ids[:, t]) for t in range(ids.shape[1])], 1)
+    return logits, cache
 
 
 def decode_nll(model: PreTrainedModel, ids: torch.Tensor, policy: Policy, kv_bits: int = 16, group_size: int = 32,
                schedule: str = "lean") -> tuple[float, int]:
-    """Teacher-forced decoding of `ids` (batch, n) one token at a time under `policy`: the summed negative
-    log-likelihood of each next token, and the tokens scored (the first of each row is not)."""
-    cache = EvictingCache(policy, model.config.num_hidden_layers, ids.shape[1], kv_bits, group_size, schedule)
-    nll = torch.zeros((), device=ids.device)
-    with generating(model, cache):
-        for t in range(ids.shape[1] - 1):
-            logits = decode_step(model, cache, ids[:, t])
-            nll += F.cross_entropy(logits.float(), ids[:, t + 1], reduction="sum")
+    """The summed negative log-likelihood of each next token of `ids` (batch, n) under teacher-forced decoding,
+    and the tokens scored (the first of each row is not): the same quantity as simulate.simulated_nll."""
+    logits, _ = decode_logits(model, ids[:, :-1], policy, kv_bits, group_size, schedule)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
     return nll.item(), ids[:, 1:].numel()

@@ -331,3 +331,20 @@ def make_policy(name: str, **params) -> Policy:
     if unknown:
         raise ValueError(f"policy {name!r} has no parameter {unknown[0]!r}; its parameters: {allowed}")
     return cls(**params)
+
+
+def policy_at_budget(name: str, params: dict, budget: int | None = None) -> Policy:
+    """The policy `name` with the parameters a config gives it, at `budget` tokens per head (the policies without
+    a budget, `full` and `scissorhands_released`, take none). Two parameters are fractions of the budget, so one
+    setting serves every budget of a sweep: scissorhands' `drop_fraction` (m = fraction · B; the paper's
+    m = B/2) and h2o's `recent_fraction` (its window of newest tokens)."""
+    params = dict(params)
+    if "drop_fraction" in params:
+        params["drop"] = max(1, round(params.pop("drop_fraction") * budget))
+    if "recent_fraction" in params:
+        params["recent"] = round(params.pop("recent_fraction") * budget)
+    if "layers" in params:
+        params["layers"] = tuple(params["layers"])
+    if name in POLICIES and issubclass(POLICIES[name], _Budgeted):
+        params["budget"] = budget
+    return make_policy(name, **params)

@@ -1,0 +1,331 @@
+"""The decode experiment: what a budget cache saves during generation, on model-shaped attention heads (no model
+around them) at contexts of 4K to 128K tokens.
+
+- memory: KV bytes per token of context and the largest batch whose caches fit `decode.memory_gb`, measured by
+  allocating the stores mode=generate allocates (memory.py), next to the paper's Table 2 arithmetic;
+- attention: one decode step's attention over the full cache and over Scissorhands' budget B = context /
+  compression, 16-bit and quantized, timed in the same run, with the speedup over the full cache. Scissorhands'
+  step also returns each key's probability (the kernel's second, keys-only pass), since its counts need them;
+- bookkeeping: what Scissorhands adds to a step at budget B (the policy and cache code of mode=generate, run on
+  the device): counting pivotal tokens, checking whether the cache is full, choosing the m tokens to drop and
+  compacting the cache, the last two once every m steps; its share of the step (that attention plus itself);
+- quantize: the bandwidth of the 4-bit quantize kernel against a device-to-device copy measured in the same run.
+
+Attention is timed as lean_decode times it: from CUDA graphs of back-to-back calls over rotated copies of the
+inputs (no call finds its cache in L2), so that microsecond kernels are not hidden behind launch overhead. The
+bookkeeping and the quantize kernel are timed call by call (`repro.timing.measure`: device events, L2 flushed),
+as a decode loop runs them; a part that waits on the host (checking, compacting) includes that wait. Where our
+Triton kernels cannot run (a CPU without TRITON_INTERPRET=1) their rows say so (`unsupported`).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kernels import decode_attention, decode_attention_quantized, make_schedule, quantize_kv
+from kernels.decode_attention import _attend, _workspace
+from kernels.runtime import runs_on
+from repro import checks
+from repro.bench import Call, Point, Provider, failure, run_benchmark
+from repro.context import ConfigError, RunContext
+from repro.records import Row
+from repro.timing import measure
+
+from .generate import KV_BITS, EvictingCache, LayerCache
+from .memory import GIB, allocate_caches, cache_bytes, max_batch, measured_bytes
+from .policies import policy_at_budget
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+NO_KERNELS = "needs our Triton kernels: a CUDA GPU (or TRITON_INTERPRET=1 on the CPU, slowly)"
+
+
+@dataclass(frozen=True)
+class CacheKind:
+    """A cache the experiment measures: the full one or Scissorhands' at `compression`, at `bits`."""
+
+    compression: float
+    bits: int
+
+    @property
+    def name(self) -> str:
+        base = "full" if self.compression == 1 else f"scissorhands_{self.compression:g}x"
+        return base if self.bits == 16 else f"{base}_{self.bits}bit"
+
+    def slots(self, context: int, group_size: int) -> int:
+        """Tokens a head holds at `context`: the budget, rounded up to whole groups when quantized (the attention
+        measured here runs over quantized groups only)."""
+        tokens = math.ceil(context / self.compression)
+        return tokens if self.bits == 16 else -(-tokens // group_size) * group_size
+
+    def extra(self) -> dict:
+        return {"kv_compression": self.compression, "kv_bits": self.bits}
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, spec: DictConfig) -> "Shape":
+        heads, kv_heads = (int(x) for x in str(spec.heads).split("/"))
+        return cls(spec.batch, heads, kv_heads, spec.head_dim, spec.layers, DTYPES[spec.dtype])
+
+    def extra(self) -> dict:
+        return {"batch": self.batch, "heads": f"{self.heads}/{self.kv_heads}", "head_dim": self.head_dim,
+                "layers": self.layers, "dtype": str(self.dtype).removeprefix("torch."),
+                "series": f"B={self.batch} H={self.heads}/{self.kv_heads}"}
+
+
+def kinds(spec: DictConfig) -> list[CacheKind]:
+    return [CacheKind(c, bits) for bits in checks.as_list(spec.bits) for c in [1, *checks.as_list(spec.compressions)]]
+
+
+def validate(cfg: DictConfig) -> None:
+    spec, kv = cfg.decode, cfg.kv
+    heads = str(spec.heads).split("/")
+    if len(heads) != 2 or not all(p.isdigit() and int(p) > 0 for p in heads) or int(heads[0]) % int(heads[1]):
+        raise ConfigError(f"decode.heads={spec.heads!r} must be 'query heads/KV heads', two positive integers, the "
+                          "first a multiple of the second (e.g. '32/8')")
+    checks.number("decode.head_dim", spec.head_dim, at_least=16, at_most=256)
+    for key in ("layers", "batch", "contexts", "bookkeeping_budgets"):
+        checks.number(f"decode.{key}", spec[key], at_least=1)
+    checks.choice("decode.dtype", spec.dtype, DTYPES)
+    checks.choice("decode.bits", checks.as_list(spec.bits), KV_BITS)
+    if 16 not in checks.as_list(spec.bits):
+        raise ConfigError(f"decode.bits={list(checks.as_list(spec.bits))} must include 16: the full 16-bit cache is "
+                          "the baseline of every speedup")
+    for c in checks.as_list(spec.compressions):
+        checks.number("decode.compressions", c, integer=False)
+        if c <= 1:
+            raise ConfigError(f"decode.compressions={c!r} must be above 1 (the full cache, 1, is always measured)")
+    checks.number("decode.memory_gb", spec.memory_gb, integer=False, at_least=1e-6)
+    for key in ("rotate_bytes", "copy_bytes"):
+        checks.number(f"decode.{key}", spec[key], at_least=1024)
+    for key in ("warmup_ms", "rep_ms"):
+        checks.number(f"decode.{key}", spec[key], integer=False, at_least=0)
+    group = kv.group_size
+    for bits in checks.as_list(spec.bits):
+        if bits < 16 and (spec.head_dim % group or group % (8 // bits)):
+            raise ConfigError(f"kv.group_size={group} must divide decode.head_dim={spec.head_dim} and be a multiple "
+                              f"of {8 // bits} for {bits}-bit values (groups of a token's channels, whole bytes)")
+        if bits < 16 and any(n % group for n in checks.as_list(spec.contexts)):
+            raise ConfigError(f"decode.contexts={list(checks.as_list(spec.contexts))} must be multiples of "
+                              f"kv.group_size={group} for {bits}-bit keys (groups of a channel's tokens)")
+    for budget in checks.as_list(spec.bookkeeping_budgets):
+        try:
+            policy_at_budget("scissorhands", OmegaConf.to_container(kv.scissorhands), budget)
+        except ValueError as exc:
+            raise ConfigError(f"decode.bookkeeping_budgets={budget}: {exc} (kv.scissorhands)") from None
+
+
+def unsupported(provider: str, x_name: str, x_value, metric: str, unit: str, why: str, extra=None) -> Row:
+    return Row(provider, x_name, x_value, metric, unit, status="unsupported", message=why, extra=dict(extra or {}))
+
+
+def guarded(rows: Iterator[Row], provider: str, x_name: str, metric: str, unit: str) -> Iterator[Row]:
+    """`rows`; if making them fails, a row of `metric` saying how (out of memory, or the error), and the run goes on
+    to its next part."""
+    try:
+        yield from rows
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one part that fails must not end the run
+        status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+        yield Row(provider, x_name, None, metric, unit, status=status, message=message)
+
+
+def memory_rows(spec: DictConfig, group_size: int, device: torch.device) -> Iterator[Row]:
+    shape = Shape.of(spec)
+    budget = int(spec.memory_gb * GIB)
+    for context, kind in itertools.product(checks.as_list(spec.contexts), kinds(spec)):
+        extra = {**shape.extra(), **kind.extra(), "memory_gb": spec.memory_gb}
+        slots = math.ceil(context / kind.compression)
+        args = (shape.layers, shape.kv_heads, shape.head_dim, slots, shape.dtype, device, kind.bits, group_size)
+        one = measured_bytes(lambda: allocate_caches(1, *args), device)
+        yield Row(kind.name, "context", context, "kv_bytes_per_token", "bytes", one / context, n=1, extra=extra)
+        analytic = budget // cache_bytes(shape.layers, shape.kv_heads, shape.head_dim, slots, shape.dtype.itemsize,
+                                         kind.bits, group_size)
+        yield Row(kind.name, "context", context, "max_batch_analytic", "sequences", analytic, n=1, extra=extra)
+        yield Row(kind.name, "context", context, "max_batch", "sequences", max_batch(budget, *args), n=1,
+                  extra={**extra, "how": "allocated until the next sequence would not fit"})
+
+
+def _inputs(shape: Shape, kind: CacheKind, tokens: int, device, seed: int, rotate_bytes: int, group_size: int):
+    """Enough copies of (q, K cache, V cache) to hold `rotate_bytes` between them; quantized ones as QuantizedKV."""
+    gen = torch.Generator(device=device).manual_seed(seed + tokens)
+    per_copy = cache_bytes(1, shape.kv_heads, shape.head_dim, tokens, shape.dtype.itemsize, kind.bits,
+                           group_size) * shape.batch
+    copies = []
+    for _ in range(max(1, math.ceil(rotate_bytes / per_copy))):
+        q = torch.randn(shape.batch, shape.heads, shape.head_dim, device=device, dtype=shape.dtype, generator=gen)
+        k, v = (torch.randn(shape.batch, shape.kv_heads, tokens, shape.head_dim, device=device, dtype=shape.dtype,
+                            generator=gen) for _ in range(2))
+        if kind.bits < 16:
+            k, v = quantize_kv(k, kind.bits, group_size, "channel"), quantize_kv(v, kind.bits, group_size, "token")
+        copies.append((q, k, v))
+    return copies
+
+
+def attention_provider(kind: CacheKind, shape: Shape, schedule_kind: str, ctx: RunContext, seed: int,
+                       rotate_bytes: int, group_size: int) -> Provider:
+    with_probs = kind.compression > 1  # Scissorhands counts pivotal tokens from each key's probability
+
+    def build(point: Point) -> Call:
+        tokens = kind.slots(point.x_value, group_size)
+        copies = _inputs(shape, kind, tokens, ctx.device, seed, rotate_bytes, group_size)
+        lengths = torch.full((shape.batch,), tokens, dtype=torch.int32)
+        schedule = make_schedule(schedule_kind, lengths, shape.kv_heads, head_dim=shape.head_dim, dtype=shape.dtype,
+                                 device=ctx.device)  # once, not timed
+        if kind.bits == 16:
+            def attend(q, k, v):
+                return decode_attention(q, k, v, schedule=schedule, return_probs=with_probs)
+        else:
+            decode_attention_quantized(*copies[0], lengths)  # checks the inputs (and compiles), once
+            workspace = _workspace(copies[0][0], schedule.max_pieces)
+
+            def attend(q, k, v):
+                # decode_attention_quantized builds its schedule on the host at every call, which takes longer
+                # than the kernel at these sizes: its launcher, under the schedule built above
+                return _attend(q, k, v, schedule, workspace, None, False, with_probs)
+        turn = itertools.cycle(copies)
+        return Call(lambda: attend(*next(turn)))
+    return Provider(kind.name, build, baseline=kind == CacheKind(1, 16), needs_triton=True)
+
+
+def attention_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: int) -> Iterator[Row]:
+    shape = Shape.of(spec)
+    cache_kinds = kinds(spec)
+    points = [Point("context", n, shape.extra()) for n in checks.as_list(spec.contexts)]
+    providers = [attention_provider(k, shape, kv.schedule, ctx, seed, int(spec.rotate_bytes), kv.group_size)
+                 for k in cache_kinds]
+    by_name = {k.name: k for k in cache_kinds}
+    for row in run_benchmark(points, providers, ctx.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
+                             cuda_graph=True):
+        kind = by_name[row.provider]
+        row.metric = "attention_time" if row.metric == "time" else row.metric
+        row.extra.update(kind.extra(), tokens=kind.slots(row.x_value, kv.group_size))
+        yield row
+
+
+def full_layer(policy, budget: int, shape: Shape, kv: DictConfig, device, gen) -> LayerCache:
+    """One layer of mode=generate's cache under `policy`, holding `budget` random tokens with random counts:
+    full, so that the next token (at position `budget`) makes room first."""
+    cache = EvictingCache(policy, 1, budget, 16, kv.group_size, kv.schedule)
+    query = torch.empty(shape.batch, shape.heads, 1, shape.head_dim, device=device, dtype=shape.dtype)
+    key = torch.empty(shape.batch, shape.kv_heads, 1, shape.head_dim, device=device, dtype=shape.dtype)
+    layer = LayerCache(cache, 0, query, key)
+    layer.store.keys.normal_(generator=gen)
+    layer.store.values.normal_(generator=gen)
+    layer.positions.copy_(torch.arange(budget, device=device))
+    layer.stats["count"].random_(0, policy.window + 1, generator=gen)
+    layer.n = budget
+    return layer
+
+
+def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: int) -> Iterator[Row]:
+    """Per budget B: the time of the step's attention (with each key's probability) and of each part of
+    Scissorhands' bookkeeping on a full cache, run by generate.py's own code; then the bookkeeping's share of a
+    step, the choosing and compacting spread over the m steps between evictions."""
+    shape, device = Shape.of(spec), ctx.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for budget in checks.as_list(spec.bookkeeping_budgets):
+        policy = policy_at_budget("scissorhands", OmegaConf.to_container(kv.scissorhands), budget)
+        m = policy.amount(budget)
+        extra = {**shape.extra(), "policy": "scissorhands", "recent": policy.recent, "window": policy.window,
+                 "drop": m, "kv_bits": 16}
+        layer = full_layer(policy, budget, shape, kv, device, gen)
+        query = torch.randn(shape.batch, shape.heads, shape.head_dim, device=device, dtype=shape.dtype, generator=gen)
+        schedule = make_schedule(kv.schedule, [budget] * shape.batch, shape.kv_heads, head_dim=shape.head_dim,
+                                 dtype=shape.dtype, device=device)
+
+        def attention():
+            return decode_attention(query, layer.store.keys, layer.store.values, schedule=schedule,
+                                    return_probs=True)
+        probs = attention()[1]
+        visible = torch.ones_like(probs, dtype=torch.bool)
+        full = torch.ones_like(layer.positions, dtype=torch.bool)
+        not_full = full.clone()
+        not_full[..., -1] = False
+        drop = policy.drops(layer.stats, full, layer.positions, budget, 0, 1)
+
+        def compacting():
+            layer.n = budget
+            layer._evict(drop, full)
+        parts = {"attention": attention,
+                 "counting": lambda: policy.observe(layer.stats, probs, visible, budget),
+                 "checking": lambda: policy.drops(layer.stats, not_full, layer.positions, budget, 0, 1),
+                 "choosing": lambda: policy.drops(layer.stats, full, layer.positions, budget, 0, 1),
+                 "compacting": compacting}
+        ms = {}
+        for part, fn in parts.items():
+            t = measure(fn, device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms)
+            ms[part] = t.p50
+            yield Row(part, "budget", budget, "step_part_time", "ms", t.p50, t.p20, t.p80, t.n,
+                      extra={**extra, "clock": t.clock})
+        per_step = ms["counting"] + ms["checking"] * (m - 1) / m + (ms["choosing"] + ms["compacting"]) / m
+        yield Row("scissorhands", "budget", budget, "eviction_overhead", "fraction",
+                  per_step / (ms["attention"] + per_step), n=1,
+                  extra={**extra, "bookkeeping_ms": per_step, "attention_ms": ms["attention"]})
+
+
+def rates(size_bytes: int, t) -> list[float]:
+    """GB/s at the median, 20th and 80th percentile of a timing (a faster call is a higher rate)."""
+    return [size_bytes / (ms * 1e-3) / 1e9 for ms in (t.p50, t.p80, t.p20)]
+
+
+def copy_bandwidth(device: torch.device, size_bytes: int, warmup_ms: float, rep_ms: float) -> Row:
+    """Device-to-device copy, counting bytes read and written: the bandwidth a streaming kernel can hope for."""
+    src = torch.randn(size_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    return Row("device_copy", "bytes", size_bytes, "copy_bandwidth", "GB/s", *rates(2 * size_bytes, t), t.n,
+               extra={"clock": t.clock})
+
+
+def quantize_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: int) -> Iterator[Row]:
+    """The quantize kernel over a whole (batch, KV heads, context, head_dim) cache tensor: bytes read plus bytes
+    written per second, and that as a fraction of the copy bandwidth measured first."""
+    copy = copy_bandwidth(ctx.device, int(spec.copy_bytes), spec.warmup_ms, spec.rep_ms)
+    yield copy
+    shape = Shape.of(spec)
+    gen = torch.Generator(device=ctx.device).manual_seed(seed)
+    for context, bits in itertools.product(checks.as_list(spec.contexts), checks.as_list(spec.bits)):
+        if bits == 16:
+            continue
+        x = torch.randn(shape.batch, shape.kv_heads, context, shape.head_dim, device=ctx.device, dtype=shape.dtype,
+                        generator=gen)
+        for axis, provider in (("channel", "quantize_keys"), ("token", "quantize_values")):
+            def quantize():
+                return quantize_kv(x, bits, kv.group_size, axis)
+            moved = x.nbytes + quantize().nbytes
+            t = measure(quantize, ctx.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms)
+            extra = {**shape.extra(), "kv_bits": bits, "axis": axis, "group_size": kv.group_size, "clock": t.clock}
+            bandwidth = rates(moved, t)
+            yield Row(provider, "context", context, "bandwidth", "GB/s", *bandwidth, t.n, extra=extra)
+            yield Row(provider, "context", context, "bandwidth_fraction", "x", *(b / copy.p50 for b in bandwidth),
+                      t.n, extra={**extra, "baseline": "device_copy"})
+
+
+def rows(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
+    spec, kv = cfg.decode, cfg.kv
+    yield from guarded(memory_rows(spec, kv.group_size, ctx.device), "full", "context", "max_batch", "sequences")
+    if not runs_on(ctx.device):
+        yield unsupported("full", "context", None, "attention_time", "ms", f"decode attention {NO_KERNELS}")
+        yield unsupported("scissorhands", "budget", None, "eviction_overhead", "fraction",
+                          f"the step's attention {NO_KERNELS}")
+        yield unsupported("quantize_keys", "context", None, "bandwidth", "GB/s", f"the quantize kernel {NO_KERNELS}")
+        return
+    yield from attention_rows(spec, kv, ctx, cfg.seed)  # run_benchmark records each failure itself
+    yield from guarded(bookkeeping_rows(spec, kv, ctx, cfg.seed), "scissorhands", "budget", "eviction_overhead",
+                       "fraction")
+    yield from guarded(quantize_rows(spec, kv, ctx, cfg.seed), "quantize_keys", "context", "bandwidth_fraction", "x")

@@ -1,0 +1,412 @@
+"""Task scissorhands_kv: the experiments of Scissorhands (Liu et al., NeurIPS 2023), chosen by `kv.experiments`.
+
+- table1: the paper's Table 1 and 2 arithmetic (KV cache of OPT-175B, LLaMA-65B, BLOOM; largest batches);
+- persistence: §3.2's persistence of importance per layer, on the evaluation text;
+- quality: perplexity against KV compression for every policy (the full cache, Scissorhands, H2O, StreamingLLM,
+  TOVA, optionally the authors' released code), with and without a quantized cache;
+- multiple_choice: accuracy against KV compression through lm-evaluation-harness, eviction applied during its
+  forward passes;
+- decode: memory and speed of a budget cache on model-shaped heads (bench.py).
+
+A policy's budget is a compression of the text: B = ceil(length / compression) tokens per head, the length being
+the perplexity chunk (`eval.seqlen`) or, in multiple choice, each batch of requests. `kv.mode` says how 16-bit
+caches are evaluated: `simulate` (one masked forward pass, exact: simulate.py) or `generate` (real eviction,
+token by token: generate.py). A quantized cache (`kv.bits` below 16) always runs in mode=generate: its groups are
+re-formed as tokens leave it, which only the real cache reproduces. Its `kv_compression` counts both savings:
+the eviction's, times the bytes a quantized value saves (codes, scales and zero-points: 3.2x at 4 bits in groups
+of 32, 16-bit cache); rows keep both apart (`eviction_compression`, `bits_compression`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kernels.decode_attention import SCHEDULES
+from kernels.runtime import runs_on
+from repro import checks
+from repro.bench import Unsupported, failure
+from repro.context import ConfigError, RunContext
+from repro.evaluation import TEXTS, context_length, eval_text, perplexity, perplexity_rows
+from repro.models import known_models, load_model
+from repro.records import Row
+
+from . import bench
+from .generate import KV_BITS, decode_logits
+from .memory import bits_compression, table_rows
+from .policies import BUDGET_SCHEDULES, POLICIES, THRESHOLDS, Full, Policy, policy_at_budget
+from .simulate import persistence_ratio, simulate
+
+EXPERIMENTS = ("table1", "persistence", "quality", "multiple_choice", "decode")
+MODEL_EXPERIMENTS = ("persistence", "quality", "multiple_choice")
+MODES = ("simulate", "generate")
+UNBUDGETED = ("full", "scissorhands_released")  # one run each, at whatever compression they reach
+NO_KERNELS = "mode=generate runs our Triton decode kernel: it needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)"
+
+
+def budget(length: int, compression: float) -> int:
+    """Tokens a head may hold when a text of `length` tokens is compressed `compression` times."""
+    return max(1, math.ceil(length / compression))
+
+
+def params(kv: DictConfig, name: str) -> dict:
+    """A policy's parameters as the config gives them (`kv.<policy>`; none for `full`)."""
+    return OmegaConf.to_container(kv[name]) if name in kv else {}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of a sweep: a policy, the bits of its cache, its compression (None: the policy has no budget)."""
+
+    policy: str
+    bits: int
+    compression: float | None
+
+    @property
+    def provider(self) -> str:
+        return self.policy if self.bits == 16 else f"{self.policy}_{self.bits}bit"
+
+    def generates(self, mode: str) -> bool:
+        return self.bits < 16 or mode == "generate"
+
+
+def sweep(kv: DictConfig, policies, compressions, bits) -> list[Setting]:
+    """Every policy at every compression and bits; below 16 bits only those also in `kv.quantized_policies`
+    (null: all)."""
+    quantized = checks.as_list(kv.quantized_policies) if kv.quantized_policies is not None else policies
+    return [Setting(name, b, c) for b in bits for name in policies if b == 16 or name in quantized
+            for c in ([None] if name in UNBUDGETED else compressions)]
+
+
+# --- validation ---------------------------------------------------------------------------------------------------
+
+def _check_compressions(key: str, values) -> None:
+    for value in checks.as_list(values):
+        checks.number(key, value, integer=False)
+        if value <= 0:
+            raise ConfigError(f"{key}={value!r} must be a number > 0: a budget is the text's length / compression")
+
+
+def _check_params(kv: DictConfig) -> None:
+    s = kv.scissorhands
+    checks.number("kv.scissorhands.recent", s.recent, at_least=0)
+    if not isinstance(s.window, int) or isinstance(s.window, bool) or s.window < 1:
+        raise ConfigError(f"kv.scissorhands.window={s.window!r} (w, the history window) must be an integer >= 1")
+    checks.number("kv.scissorhands.drop_fraction", s.drop_fraction, integer=False)
+    if not 0 < s.drop_fraction < 1:
+        raise ConfigError(f"kv.scissorhands.drop_fraction={s.drop_fraction!r} must be in (0, 1): m = drop_fraction · B "
+                          "tokens are dropped at a time, and m >= B would empty the cache (the paper: 0.5)")
+    checks.choice("kv.scissorhands.threshold", s.threshold, THRESHOLDS)
+    checks.choice("kv.scissorhands.budget_schedule", s.budget_schedule, BUDGET_SCHEDULES)
+    r = kv.scissorhands_released
+    checks.number("kv.scissorhands_released.recent", r.recent, at_least=0)
+    checks.number("kv.scissorhands_released.window", r.window, at_least=1)
+    checks.choice("kv.scissorhands_released.threshold", r.threshold, THRESHOLDS)
+    checks.number("kv.scissorhands_released.start", r.start, at_least=0)
+    band = checks.as_list(r.layers)
+    if len(band) != 2 or not all(isinstance(x, (int, float)) for x in band) or not 0 <= band[0] <= band[1] <= 1:
+        raise ConfigError(f"kv.scissorhands_released.layers={band!r} must be a band [lo, hi] of fractions of the "
+                          "model's depth, 0 <= lo <= hi <= 1")
+    checks.number("kv.h2o.recent_fraction", kv.h2o.recent_fraction, integer=False, at_least=0, below=1)
+    checks.number("kv.streaming.n_sink", kv.streaming.n_sink, at_least=0)
+
+
+def _check_generate(kv: DictConfig, settings: list[Setting], where: str) -> None:
+    for s in settings:
+        if s.generates(kv.mode) and not POLICIES[s.policy].lockstep:
+            why = "kv.mode=generate" if s.bits == 16 else f"a {s.bits}-bit cache (always mode=generate)"
+            raise ConfigError(f"{where}: policy {s.policy!r} lets the heads of a layer hold different numbers of "
+                              f"tokens, so it runs in kv.mode=simulate only, not with {why}; leave it out "
+                              "(kv.quantized_policies lists the policies run below 16 bits)")
+
+
+def check_budgets(cfg: DictConfig, n_layers: int | None) -> None:
+    """Every policy of the quality sweep at each budget B = ceil(eval.seqlen / compression), and its budget per
+    layer where the model's depth is known: a ConfigError naming the compression and what the policy needs."""
+    kv, length = cfg.kv, cfg.eval.seqlen
+    for s in sweep(kv, checks.as_list(kv.policies), checks.as_list(kv.compressions), [16]):
+        b = None if s.compression is None else budget(length, s.compression)
+        try:
+            policy = policy_at_budget(s.policy, params(kv, s.policy), b)
+            if n_layers is not None:
+                policy.budgets(n_layers)
+        except ValueError as exc:
+            at = f"kv.compressions={s.compression:g} gives B = ceil(eval.seqlen={length} / {s.compression:g}) = {b}"
+            raise ConfigError(f"{at if b is not None else f'kv.{s.policy}'}: {exc}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    if cfg.get("model") is None:
+        raise ConfigError(f"task={cfg.task.name} evaluates a language model: choose one with model=<name>, one of "
+                          f"{known_models()}")
+    kv = cfg.kv
+    experiments = checks.as_list(kv.experiments)
+    if not experiments:
+        raise ConfigError(f"kv.experiments is empty; choose from {list(EXPERIMENTS)}")
+    checks.choice("kv.experiments", experiments, EXPERIMENTS)
+    checks.choice("kv.mode", kv.mode, MODES)
+    policies = checks.as_list(kv.policies)
+    checks.choice("kv.policies", policies, POLICIES)
+    checks.choice("kv.bits", checks.as_list(kv.bits), KV_BITS)
+    if kv.quantized_policies is not None:
+        checks.choice("kv.quantized_policies", checks.as_list(kv.quantized_policies), POLICIES)
+    _check_compressions("kv.compressions", kv.compressions)
+    checks.number("kv.group_size", kv.group_size, at_least=1)
+    checks.choice("kv.schedule", kv.schedule, SCHEDULES)
+    checks.number("kv.quality_tolerance", kv.quality_tolerance, integer=False, at_least=0)
+    _check_params(kv)
+    _check_generate(kv, sweep(kv, policies, checks.as_list(kv.compressions), checks.as_list(kv.bits)), "kv.policies")
+    e, mc = cfg.eval, cfg.mc
+    checks.choice("eval.texts", checks.as_list(e.texts), TEXTS)
+    checks.number("eval.seqlen", e.seqlen, at_least=2)
+    checks.number("eval.batch_size", e.batch_size, at_least=1)
+    if e.max_chunks is not None:
+        checks.number("eval.max_chunks", e.max_chunks, at_least=1)
+    checks.choice("mc.policies", checks.as_list(mc.policies), policies)
+    _check_compressions("mc.compressions", mc.compressions)
+    checks.choice("mc.bits", checks.as_list(mc.bits), KV_BITS)
+    checks.number("mc.num_fewshot", mc.num_fewshot, at_least=0)
+    checks.number("mc.batch_size", mc.batch_size, at_least=1)
+    if mc.limit is not None:
+        checks.number("mc.limit", mc.limit, at_least=1)
+    _check_generate(kv, sweep(kv, checks.as_list(mc.policies), checks.as_list(mc.compressions),
+                              checks.as_list(mc.bits)), "mc.policies")
+    arch = cfg.model.get("arch")  # the models built here say their shape; a Hub model's is checked once loaded
+    if arch is not None and e.seqlen > arch.context:
+        raise ConfigError(f"eval.seqlen={e.seqlen} is longer than the model's context of {arch.context} tokens "
+                          f"(model.arch.context); use eval.seqlen <= {arch.context}")
+    if "quality" in experiments:
+        check_budgets(cfg, arch.layers if arch is not None else None)
+    if "decode" in experiments:
+        bench.validate(cfg)
+
+
+# --- evaluation under a policy -----------------------------------------------------------------------------------
+
+@dataclass
+class KVForward:
+    """`forward(model, ids) -> logits`, as perplexity() and EffreproLM take it, with the KV cache under the policy
+    `policy_for(length)` gives for each batch: simulated, or generated token by token with `bits`-bit KV. Sums
+    what the caches held, for the compression measured."""
+
+    policy_for: Callable[[int], Policy]
+    generate: bool
+    bits: int = 16
+    group_size: int = 32
+    schedule: str = "lean"
+    kept: float = 0.0
+    causal: float = 0.0
+
+    def __call__(self, model, ids: torch.Tensor) -> torch.Tensor:
+        policy = self.policy_for(ids.shape[1])
+        if self.generate:
+            logits, cache = decode_logits(model, ids, policy, self.bits, self.group_size, self.schedule)
+            self.kept, self.causal = self.kept + cache.kept, self.causal + cache.causal
+        else:
+            logits, sim = simulate(model, ids, policy)
+            self.kept, self.causal = self.kept + sum(sim.kept), self.causal + sum(sim.causal)
+        return logits
+
+    @property
+    def compression(self) -> float:
+        """The full cache's average size over the policy's, as measured (the inverse of the keep ratio)."""
+        return self.causal / self.kept if self.kept else 1.0
+
+
+def fitted_policy(kv: DictConfig, s: Setting, length: int, n_layers: int) -> Policy:
+    """The policy for a text of `length` tokens at budget ceil(length / compression), or at the smallest larger
+    budget it accepts: a short multiple-choice prompt may hold too few tokens to keep the r newest and drop m = B/2
+    of a small budget. The full cache where no budget below the length will do. Rows report the compression
+    measured."""
+    if s.compression is None:
+        return policy_at_budget(s.policy, params(kv, s.policy))
+    for b in range(budget(length, s.compression), length):
+        try:
+            policy = policy_at_budget(s.policy, params(kv, s.policy), b)
+            policy.budgets(n_layers)
+            return policy
+        except ValueError:
+            continue
+    return Full()
+
+
+@dataclass
+class Model:
+    """The model under test and what the rows say of it."""
+
+    module: torch.nn.Module
+    tokenizer: object
+    label: str  # facebook/opt-6.7b -> opt-6.7b, as the claims name models
+    dtype_bits: int
+    n_layers: int
+
+
+def kv_forward(kv: DictConfig, s: Setting, policy_for: Callable[[int], Policy]) -> KVForward:
+    return KVForward(policy_for, s.generates(kv.mode), s.bits, kv.group_size, kv.schedule)
+
+
+def kv_compression(s: Setting, forward: KVForward | None, m: Model, group_size: int) -> tuple[float | None, dict]:
+    """A setting's x: the eviction's compression (as set, or as measured for a policy without a budget) times the
+    quantization's; and the extras that break it down."""
+    measured = round(forward.compression, 4) if forward is not None and forward.kept else None
+    if s.compression is not None:
+        eviction = s.compression
+    else:
+        eviction = 1.0 if s.policy == "full" else measured
+    by_bits = bits_compression(s.bits, m.dtype_bits, group_size)
+    x = None if eviction is None else round(eviction * by_bits, 4)
+    return x, {"policy": s.policy, "kv_bits": s.bits, "eviction_compression": eviction,
+               "bits_compression": round(by_bits, 4), "measured_compression": measured}
+
+
+def sweep_rows(kv: DictConfig, ctx: RunContext, m: Model, settings: list[Setting], policy_for, evaluate, to_rows,
+               metric: str, unit: str, extra) -> Iterator[Row]:
+    """Each setting, its cache under `policy_for(setting)(length)`, measured by `evaluate(forward)` and written by
+    `to_rows(result, provider, x, extra)` with the extras `extra(setting)` and the compression's. A setting that
+    cannot run here, or fails, is a row of `metric` saying so, and the sweep goes on."""
+    for s in settings:
+        forward = kv_forward(kv, s, policy_for(s))
+        more = {**extra(s), "kv_mode": "generate" if forward.generate else "simulate"}
+        start = time.perf_counter()
+        try:
+            if forward.generate and not runs_on(ctx.device):
+                raise Unsupported(NO_KERNELS)
+            result = evaluate(forward)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one setting that fails must not end the sweep
+            status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+            x, breakdown = kv_compression(s, forward, m, kv.group_size)
+            yield Row(s.provider, "kv_compression", x, metric, unit, status=status, message=message,
+                      extra={**more, **breakdown})
+            continue
+        x, breakdown = kv_compression(s, forward, m, kv.group_size)
+        seconds = time.perf_counter() - start
+        print(f"[scissorhands_kv] {metric}: {s.provider} at {x:g}x ({seconds:.1f} s)", flush=True)
+        yield from to_rows(result, s.provider, x, {**more, **breakdown, "eval_seconds": round(seconds, 2)})
+
+
+# --- the experiments on a model ------------------------------------------------------------------------------------
+
+def persistence_rows(cfg: DictConfig, m: Model, text: str, chunks: torch.Tensor) -> Iterator[Row]:
+    """Per layer, % of the first half's tokens pivotal for the second half that were pivotal for the first too."""
+    chunks = chunks[:cfg.eval.batch_size]
+    ratios = persistence_ratio(m.module, chunks)
+    extra = {"model": m.label, "text": text, "chunks": len(chunks), "seqlen": chunks.shape[1], "threshold": "1/t",
+             "series": text}
+    for layer, ratio in enumerate(ratios):
+        yield Row("full", "layer", layer, "persistence_ratio", "%", 100 * ratio, n=chunks.numel(), extra=extra)
+    yield Row("full", "text", text, "mean_persistence_ratio", "%", 100 * sum(ratios) / len(ratios),
+              n=len(ratios), extra={**extra, "layers": len(ratios)})
+
+
+def min_fraction_rows(rows: list[Row], tolerance: float, extra: dict) -> Iterator[Row]:
+    """Per provider: the smallest KV cache, in % of the full one, whose perplexity stays within `tolerance`
+    (relative) of the full cache's (the paper's "maintained down to 75% of the KV cache")."""
+    ppl = [r for r in rows if r.metric == "perplexity" and r.status == "ok"]
+    reference = [r.p50 for r in ppl if r.provider == "full"]
+    if not reference:
+        return
+    for provider in dict.fromkeys(r.provider for r in ppl if r.provider != "full"):
+        kept = [r.x_value for r in ppl if r.provider == provider and r.p50 <= reference[0] * (1 + tolerance)]
+        if kept:
+            yield Row(provider, "text", extra["text"], "min_kv_fraction_ppl_maintained", "%", 100 / max(kept), n=1,
+                      extra={**extra, "tolerance": tolerance, "reference": "full"})
+
+
+def quality_rows(cfg: DictConfig, ctx: RunContext, m: Model, text: str, chunks: torch.Tensor) -> Iterator[Row]:
+    """Perplexity of every setting of the sweep on `chunks` (chunks, seqlen)."""
+    kv, seqlen = cfg.kv, chunks.shape[1]
+    base = {"model": m.label, "text": text, "seqlen": seqlen, "series": text}
+
+    def budget_of(s):
+        return None if s.compression is None else budget(seqlen, s.compression)
+
+    def evaluate(forward):
+        return perplexity(m.module, chunks.flatten(), seqlen, batch_size=cfg.eval.batch_size, forward=forward,
+                          progress=False)
+
+    def to_rows(result, provider, x, extra):
+        return perplexity_rows(result, provider, "kv_compression", x, extra)
+
+    settings = sweep(kv, checks.as_list(kv.policies), checks.as_list(kv.compressions), checks.as_list(kv.bits))
+    rows = []
+    for row in sweep_rows(kv, ctx, m, settings,
+                          lambda s: lambda n: policy_at_budget(s.policy, params(kv, s.policy), budget_of(s)),
+                          evaluate, to_rows, "perplexity", "ppl", lambda s: {**base, "budget": budget_of(s)}):
+        rows.append(row)
+        yield row
+    yield from min_fraction_rows(rows, kv.quality_tolerance, base)
+
+
+def multiple_choice_rows(cfg: DictConfig, ctx: RunContext, m: Model) -> Iterator[Row]:
+    """Accuracy on `mc.tasks` of every setting, the policy fitted to each batch of requests."""
+    from repro.lm_harness import EffreproLM, evaluate_multiple_choice
+    from repro.lm_harness import multiple_choice_rows as score_rows
+
+    kv, mc = cfg.kv, cfg.mc
+
+    def evaluate(forward):
+        lm = EffreproLM(m.module, m.tokenizer, score=forward, batch_size=mc.batch_size)
+        return evaluate_multiple_choice(lm, checks.as_list(mc.tasks), num_fewshot=mc.num_fewshot, limit=mc.limit)
+
+    def to_rows(scores, provider, x, extra):
+        rows = score_rows(scores, provider, "kv_compression", x, extra)
+        for row in rows:
+            row.extra["series"] = row.extra["benchmark"]
+        return rows
+
+    settings = sweep(kv, checks.as_list(mc.policies), checks.as_list(mc.compressions), checks.as_list(mc.bits))
+    yield from sweep_rows(kv, ctx, m, settings, lambda s: lambda n: fitted_policy(kv, s, n, m.n_layers), evaluate,
+                          to_rows, "accuracy", "fraction",
+                          lambda s: {"model": m.label, "num_fewshot": mc.num_fewshot, "limit": mc.limit})
+
+
+def evaluation_chunks(cfg: DictConfig, m: Model, name: str, device) -> torch.Tensor:
+    """The first `eval.max_chunks` chunks of `eval.seqlen` tokens of the text `name`: (chunks, seqlen)."""
+    ids = eval_text(name, m.tokenizer, data=cfg.model.get("data") or cfg.data, cache=cfg.paths.cache)
+    seqlen = cfg.eval.seqlen
+    count = min(len(ids) // seqlen, cfg.eval.max_chunks or len(ids))
+    if count == 0:
+        raise ConfigError(f"the evaluation text {name!r} has {len(ids)} tokens, fewer than one chunk of "
+                          f"eval.seqlen={seqlen}; use a shorter eval.seqlen")
+    return ids[:count * seqlen].view(count, seqlen).to(device)
+
+
+def model_rows(cfg: DictConfig, ctx: RunContext, experiments: list[str]) -> Iterator[Row]:
+    module, tokenizer = load_model(cfg.model, ctx.device)
+    m = Model(module, tokenizer, str(cfg.model.name).split("/")[-1].lower(),
+              torch.finfo(next(module.parameters()).dtype).bits, module.config.num_hidden_layers)
+    limit, seqlen = context_length(module), cfg.eval.seqlen
+    if limit is not None and seqlen > limit:
+        raise ConfigError(f"eval.seqlen={seqlen} is longer than model={cfg.model.name}'s context of {limit} tokens; "
+                          f"use eval.seqlen <= {limit}")
+    if "quality" in experiments:
+        check_budgets(cfg, m.n_layers)
+        beyond = [c for c in checks.as_list(cfg.kv.compressions) if limit is not None and budget(seqlen, c) > limit]
+        if beyond:
+            print(f"[scissorhands_kv] kv.compressions {beyond} give budgets beyond the model's context of {limit} "
+                  "tokens: nothing is ever evicted, they are the full cache", flush=True)
+    for name in checks.as_list(cfg.eval.texts) if {"persistence", "quality"} & set(experiments) else []:
+        chunks = evaluation_chunks(cfg, m, name, ctx.device)
+        if "persistence" in experiments:
+            yield from bench.guarded(persistence_rows(cfg, m, name, chunks), "full", "text", "mean_persistence_ratio",
+                                     "%")
+        if "quality" in experiments:
+            yield from quality_rows(cfg, ctx, m, name, chunks)
+    if "multiple_choice" in experiments:
+        yield from multiple_choice_rows(cfg, ctx, m)
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
+    experiments = checks.as_list(cfg.kv.experiments)
+    if "table1" in experiments:
+        yield from table_rows()
+    if set(MODEL_EXPERIMENTS) & set(experiments):
+        yield from model_rows(cfg, ctx, experiments)
+    if "decode" in experiments:
+        yield from bench.rows(cfg, ctx)

@@ -1,0 +1,245 @@
+"""Task scissorhands_kv: its smoke run end to end (every experiment's rows, as a CPU without our kernels gives
+them), the quantized cache and the decode benchmark through Triton's interpreter on tiny sizes, bad input refused
+before any work, the Table 1 arithmetic, the claims reading the task's rows, and the task's own small pieces."""
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, run_inline
+from repro.claims import load_paper
+from repro.records import RunRecord
+from repro.report import claim_value
+from tasks.scissorhands.generate import FloatStore, QuantizedStore
+from tasks.scissorhands.memory import bits_compression, cache_bytes, largest_batch, table_rows
+from tasks.scissorhands.policies import Full, Scissorhands
+from tasks.scissorhands.task import Setting, fitted_policy, sweep
+
+TINY = ["task=scissorhands_kv", "model=tiny_llama", "logger=none"]
+# The 4-bit cache and the decode benchmark on the least that runs them: 8 tokens, one chunk, groups of 4.
+INTERPRETED = ["kv.experiments=[quality,decode]", "kv.policies=[full,scissorhands]", "kv.compressions=[2]",
+               "eval.seqlen=8", "eval.max_chunks=1", "kv.scissorhands.recent=1", "kv.group_size=4",
+               "decode.contexts=[16]", "decode.bookkeeping_budgets=[8]"]
+
+
+def run(folder, *overrides):
+    code, out, err = run_inline(*TINY, f"hydra.run.dir={folder}", *overrides)
+    record = json.loads((folder / "record.json").read_text()) if (folder / "record.json").exists() else None
+    return code, out, err, record
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Thousands of tiny ops: threads only contend on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke run as a CPU without a GPU or TRITON_INTERPRET gives it (our kernels' rows: unsupported), with one
+    compression whose budget exceeds the model's context of 256 tokens."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("kernels.runtime.INTERPRET", False)
+        code, out, err, record = run(tmp_path_factory.mktemp("smoke"), "kv.compressions=[0.2,2,4]",
+                                     "kv.policies=[full,scissorhands,scissorhands_released,h2o,streaming,tova]",
+                                     "kv.scissorhands_released.start=16", "kv.scissorhands_released.recent=4")
+    assert code == 0, err[-3000:]
+    return out, record
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    code, out, err, record = run(tmp_path_factory.mktemp("interpreted"), *INTERPRETED)
+    assert code == 0, err[-3000:]
+    return record
+
+
+def rows_of(record, metric, **where):
+    return [r for r in record["rows"] if r["metric"] == metric
+            and all(r["extra"].get(k, r["x_value"] if r["x_name"] == k else None) == v for k, v in where.items())]
+
+
+def value(record, provider, metric, x):
+    (row,) = [r for r in rows_of(record, metric) if r["provider"] == provider and r["x_value"] == x]
+    return row["p50"]
+
+
+def test_smoke_run_writes_every_experiment_and_no_errors(smoke):
+    out, record = smoke
+    assert record["status"] == "ok" and not [r for r in record["rows"] if r["status"] in ("error", "oom")]
+    assert value(record, "full", "kv_cache_size", "opt-175b") == 1152
+    layers = rows_of(record, "persistence_ratio")
+    (mean,) = rows_of(record, "mean_persistence_ratio")
+    assert len(layers) == 2 and all(0 < r["p50"] <= 100 and r["unit"] == "%" for r in layers)
+    assert mean["p50"] == pytest.approx(sum(r["p50"] for r in layers) / 2)
+    ppl = {(r["provider"], r["x_value"]): r["p50"] for r in rows_of(record, "perplexity") if r["status"] == "ok"}
+    (released,) = rows_of(record, "perplexity", policy="scissorhands_released")
+    assert set(ppl) == {("full", 1), ("scissorhands_released", released["x_value"])} | {
+        (p, x) for p in ("scissorhands", "h2o", "streaming", "tova") for x in (0.2, 2, 4)}
+    assert released["x_value"] == released["extra"]["measured_compression"] > 1  # no budget: what it reached
+    assert all(ppl[(p, 0.2)] == ppl[("full", 1)] for p in ("scissorhands", "h2o", "streaming", "tova"))
+    assert len({ppl[(p, 4)] for p in ("scissorhands", "h2o", "streaming", "tova")} - {ppl[("full", 1)]}) == 4
+    assert out.count("beyond the model's context") == 1  # said once, and run as the full cache
+    four_bit = [r for r in rows_of(record, "perplexity") if r["provider"] == "scissorhands_4bit"]
+    assert four_bit and all(r["status"] == "unsupported" and "Triton" in r["message"] for r in four_bit)
+    assert rows_of(record, "min_kv_fraction_ppl_maintained", text="pydoc")
+    (accuracy,) = rows_of(record, "accuracy", benchmark="effrepro_mc")
+    assert accuracy["provider"] == "scissorhands" and accuracy["extra"]["measured_compression"] > 1
+    assert value(record, "full", "max_batch", 64) == value(record, "full", "max_batch_analytic", 64) > 0
+    assert value(record, "scissorhands_2x", "kv_bytes_per_token", 64) * 2 == value(record, "full",
+                                                                                   "kv_bytes_per_token", 64)
+    kernels = rows_of(record, "attention_time") + rows_of(record, "eviction_overhead")
+    assert kernels and all(r["status"] == "unsupported" for r in kernels)
+    assert "table1_opt175b_kv_cache_gb" in out and "persistence_of_importance_ratio" in out  # the claims table
+
+
+def test_quantized_cache_and_decode_kernels_run_in_the_interpreter(interpreted):
+    record = interpreted
+    assert record["status"] == "ok" and all(r["status"] == "ok" for r in record["rows"])
+    (quantized,) = rows_of(record, "perplexity", policy="scissorhands", kv_bits=4)
+    (exact,) = rows_of(record, "perplexity", policy="scissorhands", kv_bits=16)
+    # float32 model, groups of 4: 4-bit values take 32 / (4 + 2 * 32 / 4) = 1/1.6 of the bytes
+    assert quantized["x_value"] == pytest.approx(2 * 1.6) and quantized["extra"]["kv_mode"] == "generate"
+    assert quantized["p50"] == pytest.approx(exact["p50"], rel=0.05) and quantized["p50"] != exact["p50"]
+    # the same budget holds the same numbers of tokens, whether simulated or generated
+    assert quantized["extra"]["measured_compression"] == pytest.approx(exact["extra"]["measured_compression"])
+    providers = {"full", "scissorhands_2x", "full_4bit", "scissorhands_2x_4bit"}
+    assert {r["provider"] for r in rows_of(record, "attention_time")} == providers
+    assert {r["provider"] for r in rows_of(record, "speedup")} == providers
+    for provider in providers:
+        assert value(record, provider, "max_batch", 16) == value(record, provider, "max_batch_analytic", 16) > 0
+    (overhead,) = rows_of(record, "eviction_overhead")
+    assert 0 < overhead["p50"] < 1 and overhead["extra"]["drop"] == 4
+    assert {r["provider"] for r in rows_of(record, "step_part_time")} == {"attention", "counting", "checking",
+                                                                          "choosing", "compacting"}
+    assert {r["provider"] for r in rows_of(record, "bandwidth_fraction")} == {"quantize_keys", "quantize_values"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["kv.scissorhands.recent=40"], "kv.compressions=2 gives B = ceil(eval.seqlen=64 / 2) = 32: scissorhands: "
+                                    "budget=32 must be larger than recent=40"),
+    (["kv.scissorhands.drop_fraction=1.0"], "kv.scissorhands.drop_fraction=1.0 must be in (0, 1)"),
+    (["kv.scissorhands.window=0"], "kv.scissorhands.window=0 (w, the history window) must be an integer >= 1"),
+    (["kv.bits=[16,3]"], "kv.bits=[3] is not one of [2, 4, 8, 16]"),
+    (["kv.policies=[full,snapkv]"], "kv.policies=['snapkv'] is not one of"),
+    (["kv.experiments=[quality,speed]"], "kv.experiments=['speed'] is not one of"),
+    (["kv.compressions=[2,0]"], "kv.compressions=0 must be a number > 0"),
+    (["kv.mode=generate", "kv.policies=[full,scissorhands_released]"], "runs in kv.mode=simulate only"),
+    (["kv.quantized_policies=[snapkv]"], "kv.quantized_policies=['snapkv'] is not one of"),
+    (["eval.seqlen=512"], "eval.seqlen=512 is longer than the model's context of 256 tokens"),
+    (["decode.bits=[4]"], "decode.bits=[4] must include 16"),
+])
+def test_bad_input_is_refused_before_any_work_naming_the_key(tmp_path, overrides, message):
+    code, _, err, record = run(tmp_path, *overrides)
+    assert code == 2 and message in err and "Traceback" not in err, err[-2000:]
+    assert record["rows"] == []
+
+
+def test_table1_and_2_arithmetic():
+    rows = {(r.x_value, r.metric): r.p50 for r in table_rows()}
+    assert rows["opt-175b", "kv_cache_size"] == 2 * 96 * 12288 * 128 * 2048 * 2 / 2**30 == 1152  # Table 1
+    assert rows["llama-65b", "kv_cache_size"] == 640  # Table 1
+    assert rows["bloom", "kv_cache_size"] == 980  # Table 1 says 950: its 70 x 14336 gives 980
+    assert rows["opt-175b", "table2_max_batch"] == 34  # Table 2
+
+
+def with_text(record: dict, text: str) -> RunRecord:
+    """A record's rows as if measured on `text` (the claims read C4 or the held-out corpus; smoke runs use prose)."""
+    parsed = RunRecord.from_json(record)
+    for row in parsed.rows:
+        if row.extra.get("text"):
+            row.extra["text"] = text
+            row.x_value = text if row.x_name == "text" else row.x_value
+    return parsed
+
+
+def test_claims_read_the_rows_the_task_writes(smoke, interpreted):
+    _, _, claims = load_paper(ROOT / "results" / "published" / "scissorhands.yaml")
+    claims = {c.id: c for c in claims}
+    record = with_text(smoke[1], "stdlib")
+    ppl = {(r.provider, r.x_value): r.p50 for r in record.rows if r.metric == "perplexity" and r.status == "ok"}
+    within = [x for (p, x), v in ppl.items() if p == "scissorhands" and v <= ppl["full", 1] * 1.02]
+    assert claim_value(claims["kv_compression_up_to_5x"], record)[0] == max(within)
+    quantized = with_text(interpreted, "c4")
+    assert claim_value(claims["kv_compression_up_to_20x_with_4bit"], quantized)[0] == pytest.approx(3.2)
+    assert claim_value(claims["table1_opt175b_kv_cache_gb"], record)[0] == 1152
+    mean = [r.p50 for r in record.rows if r.metric == "mean_persistence_ratio"]
+    assert claim_value(claims["persistence_of_importance_ratio"], record)[0] == mean[0]
+    for row in record.rows:  # as an OPT run at paper scale would write them
+        row.extra["model"] = "opt-6.7b"
+        if row.x_name == "text":
+            row.x_value = row.extra["text"] = "c4"
+        if row.metric == "accuracy":
+            row.extra["benchmark"] = "hellaswag"
+    assert claim_value(claims["table3_hellaswag_opt6b_scissorhands_2x"], record)[0] == \
+        next(r.p50 for r in record.rows if r.metric == "accuracy")
+    fraction = next(r.p50 for r in record.rows if r.metric == "min_kv_fraction_ppl_maintained"
+                    and r.provider == "scissorhands")
+    assert claim_value(claims["c4_ppl_maintained_kv_fraction_opt6b"], record)[0] == fraction == 100 / max(within)
+
+
+def test_the_sweep_quantizes_only_the_policies_it_is_told_to():
+    kv = OmegaConf.create({"quantized_policies": ["scissorhands"]})
+    settings = sweep(kv, ["full", "scissorhands", "scissorhands_released"], [2, 5], [16, 4])
+    assert [s.provider for s in settings] == ["full", "scissorhands", "scissorhands", "scissorhands_released",
+                                              "scissorhands_4bit", "scissorhands_4bit"]
+    assert [s.compression for s in settings] == [None, 2, 5, None, 2, 5]
+
+
+def test_a_short_prompt_gets_the_smallest_budget_the_policy_accepts():
+    kv = OmegaConf.create({"scissorhands": {"recent": 10, "window": 400, "drop_fraction": 0.5}})
+    s = Setting("scissorhands", 16, 10)
+    assert fitted_policy(kv, s, 1000, 2).budget == 100  # 1000 / 10
+    short = fitted_policy(kv, s, 60, 2)  # 6 tokens cannot keep 10 recent and drop 3: B = 20 is the least, m = 10
+    assert isinstance(short, Scissorhands) and short.budget == 20 and short.amount(20) == 10
+    assert isinstance(fitted_policy(kv, s, 15, 2), Full)  # no budget below the text will do
+
+
+def test_bytes_of_a_quantized_value_count_its_scales():
+    assert bits_compression(4, 16, 32) == pytest.approx(3.2)
+    assert bits_compression(2, 16, 64) == pytest.approx(16 / 2.5)
+    assert bits_compression(16, 32, 8) == 1
+
+
+@pytest.mark.parametrize("bits, slots", [(16, 37), (4, 37), (2, 8)])
+def test_analytic_cache_bytes_are_the_bytes_generate_allocates(bits, slots):
+    batch, kv_heads, head_dim, group = 2, 3, 16, 8
+    args = (batch, kv_heads, slots, head_dim, torch.float32, "cpu", "fa2")
+    store = FloatStore(*args) if bits == 16 else QuantizedStore(*args, bits, group)
+    assert store.nbytes == batch * cache_bytes(1, kv_heads, head_dim, slots, 4, bits, group)
+
+
+def test_largest_batch_search_finds_the_boundary_from_any_guess():
+    for guess in (0, 1, 7, 13, 40):
+        assert largest_batch(lambda b: b * 3 <= 39, guess) == 13
+    assert largest_batch(lambda b: False, 5) == 0
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_an_empty_quantized_store_holds_what_quantizing_zeros_gives(axis):
+    from kernels.kv_quant import quantize_kv
+    from tasks.scissorhands.generate import _zeros_quantized
+
+    made = _zeros_quantized((2, 3, 16, 16), torch.float32, "cpu", 4, 8, axis)
+    quantized = quantize_kv(torch.zeros(2, 3, 16, 16), 4, 8, axis)
+    for part in ("data", "scale", "zero"):
+        a, b = getattr(made, part), getattr(quantized, part)
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+
+
+def test_a_part_that_fails_becomes_a_row_and_the_run_goes_on():
+    from repro.records import Row
+    from tasks.scissorhands.bench import guarded
+
+    def part(exc):
+        yield Row("full", "context", 64, "max_batch", "sequences", 3)
+        raise exc
+    rows = list(guarded(part(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")), "full", "context",
+                        "max_batch", "sequences"))
+    assert [r.status for r in rows] == ["ok", "oom"]
+    (_, failed) = guarded(part(KeyError("stats")), "full", "context", "max_batch", "sequences")
+    assert failed.status == "error" and "KeyError" in failed.message
