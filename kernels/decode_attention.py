@@ -424,27 +424,38 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)):
         raise ValueError(f"k_cache and v_cache must be tensors, got {type(k_cache).__name__}, "
                          f"{type(v_cache).__name__}; a quantized cache goes to decode_attention_quantized")
+    schedule, workspace = _prepare(q, k_cache, v_cache, lengths, schedule)
+    return _attend(q, k_cache, v_cache, schedule, workspace, softmax_scale, return_lse, return_probs)
+
+
+def _tensors(cache) -> tuple[torch.Tensor, ...]:
+    return (cache.data, cache.scale, cache.zero) if isinstance(cache, QuantizedKV) else (cache,)
+
+
+def _prepare(q, k_cache, v_cache, lengths, schedule) -> tuple[DecodeSchedule, tuple]:
+    """The schedule and scratch memory of a call. A prepared schedule checks its inputs once per call signature
+    (shapes, strides, dtypes, devices) and owns its scratch memory, so that a decode loop's calls launch kernels
+    and nothing else; a schedule given by name is built here from the lengths (a device sync)."""
     if isinstance(schedule, DecodeSchedule):
         if lengths is not None and lengths is not schedule.lengths and \
                 _lengths_on_host(lengths) != schedule.host_lengths:
             raise ValueError(f"lengths {_lengths_on_host(lengths)} differ from those the schedule was built for "
                              f"{schedule.host_lengths}; build a new schedule with make_schedule")
         schedule = schedule.to(q.device)
-        signature = tuple((t.shape, t.stride(), t.dtype, t.device) for t in (q, k_cache, v_cache))
+        signature = tuple((t.shape, t.stride(), t.dtype, t.device)
+                          for t in (q, *_tensors(k_cache), *_tensors(v_cache)))
         if schedule.checked_for != signature:  # once per schedule and signature, not per call
             _check(q, k_cache, v_cache, schedule.host_lengths)
             _check_schedule_fits(schedule, q, k_cache)
             schedule.checked_for, schedule.workspace = signature, _workspace(q, schedule.max_pieces)
-        workspace = schedule.workspace
-    else:
-        if lengths is None:
-            raise ValueError(f"schedule={schedule!r} needs the lengths; pass lengths or a prepared DecodeSchedule")
-        host_lengths = _lengths_on_host(lengths)
-        _check(q, k_cache, v_cache, host_lengths)
-        schedule = make_schedule(schedule, host_lengths, k_cache.shape[1], head_dim=q.shape[2], dtype=q.dtype,
-                                 device=q.device)
-        workspace = _workspace(q, schedule.max_pieces)
-    return _attend(q, k_cache, v_cache, schedule, workspace, softmax_scale, return_lse, return_probs)
+        return schedule, schedule.workspace
+    if lengths is None:
+        raise ValueError(f"schedule={schedule!r} needs the lengths; pass lengths or a prepared DecodeSchedule")
+    host_lengths = _lengths_on_host(lengths)
+    _check(q, k_cache, v_cache, host_lengths)
+    schedule = make_schedule(schedule, host_lengths, k_cache.shape[1], head_dim=q.shape[2], dtype=q.dtype,
+                             device=q.device)
+    return schedule, _workspace(q, schedule.max_pieces)
 
 
 def _check_schedule_fits(schedule: DecodeSchedule, q: torch.Tensor, k_cache: torch.Tensor):
@@ -458,7 +469,8 @@ def _check_schedule_fits(schedule: DecodeSchedule, q: torch.Tensor, k_cache: tor
                          f"make_schedule(..., head_dim={q.shape[2]}, dtype={q.dtype})")
 
 
-def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: QuantizedKV, lengths: torch.Tensor,
+def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: QuantizedKV,
+                               lengths: torch.Tensor | None = None, schedule: str | DecodeSchedule = "lean",
                                softmax_scale: float | None = None, return_lse: bool = False,
                                return_probs: bool = False):
     """`decode_attention` over a cache quantized by `kv_quant.quantize_kv` in KIVI's layout: keys with
@@ -466,9 +478,8 @@ def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: Quantized
     in registers, so the full-precision cache never exists and a call reads the packed codes and the groups'
     scales: about bits/16 of an fp16 cache's bytes at long contexts, plus the scales' share.
 
-    Always under the `lean` schedule: decode is bound by memory, and lean gives every SM the same number of
-    tiles whatever the batch and lengths (built per call, as for a schedule given by name). Returns what
-    `decode_attention` returns. KIVI keeps the newest tokens in full precision: attend to those with
+    `schedule` as for `decode_attention`: a name, or a prepared `DecodeSchedule` (in a decode loop). Returns
+    what `decode_attention` returns. KIVI keeps the newest tokens in full precision: attend to those with
     `decode_attention(..., return_lse=True)` and combine the two with `merge_attention`.
     """
     if not (isinstance(k_q, QuantizedKV) and isinstance(v_q, QuantizedKV)):
@@ -479,12 +490,8 @@ def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: Quantized
                          f"{k_q.axis!r} and {v_q.axis!r}")
     if k_q.zero.stride() != k_q.scale.stride() or v_q.zero.stride() != v_q.scale.stride():
         raise ValueError("a QuantizedKV's zero must be laid out like its scale (same strides)")
-    host_lengths = _lengths_on_host(lengths)
-    _check(q, k_q, v_q, host_lengths)
-    schedule = make_schedule("lean", host_lengths, k_q.shape[1], head_dim=q.shape[2], dtype=q.dtype,
-                             device=q.device)
-    return _attend(q, k_q, v_q, schedule, _workspace(q, schedule.max_pieces), softmax_scale, return_lse,
-                   return_probs)
+    schedule, workspace = _prepare(q, k_q, v_q, lengths, schedule)
+    return _attend(q, k_q, v_q, schedule, workspace, softmax_scale, return_lse, return_probs)
 
 
 def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kernels import decode_attention, decode_attention_quantized, make_schedule, quantize_kv
-from kernels.decode_attention import _attend, _workspace
 from kernels.runtime import runs_on
 from repro import checks
 from repro.bench import Call, Point, Provider, failure, run_benchmark
@@ -190,13 +189,8 @@ def attention_provider(kind: CacheKind, shape: Shape, schedule_kind: str, ctx: R
             def attend(q, k, v):
                 return decode_attention(q, k, v, schedule=schedule, return_probs=with_probs)
         else:
-            decode_attention_quantized(*copies[0], lengths)  # checks the inputs (and compiles), once
-            workspace = _workspace(copies[0][0], schedule.max_pieces)
-
             def attend(q, k, v):
-                # decode_attention_quantized builds its schedule on the host at every call, which takes longer
-                # than the kernel at these sizes: its launcher, under the schedule built above
-                return _attend(q, k, v, schedule, workspace, None, False, with_probs)
+                return decode_attention_quantized(q, k, v, schedule=schedule, return_probs=with_probs)
         turn = itertools.cycle(copies)
         return Call(lambda: attend(*next(turn)))
     return Provider(kind.name, build, baseline=kind == CacheKind(1, 16), needs_triton=True)

@@ -44,11 +44,6 @@ NAME = "effrepro_kv_generate"
 KV_BITS = (2, 4, 8, 16)
 
 
-def _lengths(batch: int, n: int) -> torch.Tensor:
-    """On the host: the kernel reads lengths there to build its schedule, so a device tensor would cost a sync."""
-    return torch.full((batch,), n, dtype=torch.int32)
-
-
 @functools.lru_cache(maxsize=4096)
 def prepared_schedule(kind: str, batch: int, kv_heads: int, n: int, head_dim: int, dtype: torch.dtype,
                       device: torch.device) -> DecodeSchedule:
@@ -128,7 +123,7 @@ class QuantizedStore:
         self.keys, self.values = (_zeros_quantized(shape, dtype, device, bits, group_size, axis) if shape[2] else None
                                   for axis in ("channel", "token"))
         self.residual = FloatStore(batch, kv_heads, group_size, head_dim, dtype, device, schedule)
-        self.n_quantized = 0
+        self.n_quantized, self.schedule = 0, schedule
 
     @property
     def nbytes(self) -> int:
@@ -149,9 +144,11 @@ class QuantizedStore:
         b, heads = q.shape[:2]
         parts = []  # (first slot, out, lse[, probs]) of the quantized and of the full-precision part
         if self.n_quantized:
-            parts.append((0, *decode_attention_quantized(
-                q, self.keys, self.values, _lengths(b, self.n_quantized), softmax_scale=scale,
-                return_lse=True, return_probs=with_probs)))
+            schedule = prepared_schedule(self.schedule, b, self.keys.shape[1], self.n_quantized, q.shape[2], q.dtype,
+                                         q.device)
+            parts.append((0, *decode_attention_quantized(q, self.keys, self.values, schedule=schedule,
+                                                         softmax_scale=scale, return_lse=True,
+                                                         return_probs=with_probs)))
         if n > self.n_quantized:
             parts.append((self.n_quantized, *self.residual.attention(q, n - self.n_quantized, scale, return_lse=True,
                                                                      return_probs=with_probs)))
