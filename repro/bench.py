@@ -114,12 +114,9 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, cu
     rows = [row("time", "ms", timing.p50, timing.p20, timing.p80, timing.n)]
     rows[0].extra["clock"] = timing.clock
     if point.flops:
-        # a faster call is a higher rate: the 20th percentile of time gives the 80th of throughput
-        rate = lambda ms: point.flops / (ms * 1e-3) / 1e12  # noqa: E731
-        rows.append(row("tflops", "TFLOP/s", rate(timing.p50), rate(timing.p80), rate(timing.p20), timing.n))
+        rows.append(row("tflops", "TFLOP/s", *timing.rates(point.flops / 1e12), timing.n))
     if point.bytes:
-        bw = lambda ms: point.bytes / (ms * 1e-3) / 1e9  # noqa: E731
-        rows.append(row("bandwidth", "GB/s", bw(timing.p50), bw(timing.p80), bw(timing.p20), timing.n))
+        rows.append(row("bandwidth", "GB/s", *timing.rates(point.bytes / 1e9), timing.n))
     if memory is not None:
         rows.append(row("peak_memory", "MB", memory, memory, memory, 1))
     if error is not None:
@@ -175,3 +172,13 @@ def run_benchmark(points: Iterable[Point], providers: Sequence[Provider], device
         reference.clear()
         yield from point_rows + _ratios(point_rows, baselines[0], compare_to)
     bar.close()
+
+
+def copy_bandwidth(device: torch.device, size_bytes: int, warmup_ms: float = 25, rep_ms: float = 100) -> Row:
+    """A device-to-device copy of `size_bytes`, counting bytes read and written: the bandwidth a memory-bound
+    kernel can hope for, measured in the same run as it."""
+    src = torch.randn(size_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    return Row("device_copy", "bytes", size_bytes, "copy_bandwidth", "GB/s", *t.rates(2 * size_bytes / 1e9), t.n,
+               extra={"clock": t.clock})

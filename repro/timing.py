@@ -23,6 +23,11 @@ class Timing:
     n: int
     clock: str
 
+    def rates(self, amount: float) -> tuple[float, float, float]:
+        """`amount` (FLOPs, bytes, tokens) per call as a rate per second: median, 20th and 80th percentile (a
+        faster call is a higher rate, so the 20th percentile of rate comes from the 80th of time)."""
+        return tuple(amount / (ms * 1e-3) for ms in (self.p50, self.p80, self.p20))
+
 
 def _summarise(times_ms: Sequence[float], clock: str) -> Timing:
     ordered = sorted(times_ms)

@@ -17,11 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from kernels import decode_attention, make_schedule
 from kernels.decode_attention import SCHEDULES
 from repro import checks
-from repro.bench import Call, Point, Provider, run_benchmark
+from repro.bench import Call, Point, Provider, copy_bandwidth, run_benchmark
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
-from repro.timing import measure
 from tasks.common.sdpa import SDPA_BACKENDS, first_call, sdpa
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -86,16 +85,6 @@ def sdpa_provider(name: str, ctx: RunContext, seed: int, rotate_bytes: int) -> P
     return Provider(name, build)
 
 
-def copy_bandwidth(ctx: RunContext, size_bytes: int) -> Row:
-    """Device-to-device copy, counting bytes read and written: the bandwidth a decode kernel can hope for."""
-    src = torch.randn(size_bytes // 4, device=ctx.device)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), ctx.device)
-    gbps = lambda ms: 2 * size_bytes / (ms * 1e-3) / 1e9  # noqa: E731
-    return Row("device_copy", "bytes", size_bytes, "copy_bandwidth", "GB/s", gbps(t.p50), gbps(t.p80), gbps(t.p20),
-               t.n, extra={"clock": t.clock})
-
-
 def validate(cfg: DictConfig) -> None:
     spec = cfg.decode
     names = as_list(OmegaConf.to_container(spec.providers))
@@ -121,7 +110,7 @@ def validate(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     spec = cfg.decode
     names = as_list(OmegaConf.to_container(spec.providers))
-    copy = copy_bandwidth(ctx, int(spec.copy_bytes))
+    copy = copy_bandwidth(ctx.device, int(spec.copy_bytes))
     yield copy
     rotate = int(spec.rotate_bytes)
     providers = [ours(n, ctx, cfg.seed, rotate) if n in SCHEDULES else sdpa_provider(n, ctx, cfg.seed, rotate)

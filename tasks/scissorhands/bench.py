@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from kernels import decode_attention, decode_attention_quantized, make_schedule, quantize_kv
 from kernels.runtime import runs_on
 from repro import checks
-from repro.bench import Call, Point, Provider, failure, run_benchmark
+from repro.bench import Call, Point, Provider, copy_bandwidth, failure, run_benchmark
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 from repro.timing import measure
@@ -272,20 +272,6 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
                   extra={**extra, "bookkeeping_ms": per_step, "attention_ms": ms["attention"]})
 
 
-def rates(size_bytes: int, t) -> list[float]:
-    """GB/s at the median, 20th and 80th percentile of a timing (a faster call is a higher rate)."""
-    return [size_bytes / (ms * 1e-3) / 1e9 for ms in (t.p50, t.p80, t.p20)]
-
-
-def copy_bandwidth(device: torch.device, size_bytes: int, warmup_ms: float, rep_ms: float) -> Row:
-    """Device-to-device copy, counting bytes read and written: the bandwidth a streaming kernel can hope for."""
-    src = torch.randn(size_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-    return Row("device_copy", "bytes", size_bytes, "copy_bandwidth", "GB/s", *rates(2 * size_bytes, t), t.n,
-               extra={"clock": t.clock})
-
-
 def quantize_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: int) -> Iterator[Row]:
     """The quantize kernel over a whole (batch, KV heads, context, head_dim) cache tensor: bytes read plus bytes
     written per second, and that as a fraction of the copy bandwidth measured first."""
@@ -304,7 +290,7 @@ def quantize_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: int) 
             moved = x.nbytes + quantize().nbytes
             t = measure(quantize, ctx.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms)
             extra = {**shape.extra(), "kv_bits": bits, "axis": axis, "group_size": kv.group_size, "clock": t.clock}
-            bandwidth = rates(moved, t)
+            bandwidth = t.rates(moved / 1e9)
             yield Row(provider, "context", context, "bandwidth", "GB/s", *bandwidth, t.n, extra=extra)
             yield Row(provider, "context", context, "bandwidth_fraction", "x", *(b / copy.p50 for b in bandwidth),
                       t.n, extra={**extra, "baseline": "device_copy"})
