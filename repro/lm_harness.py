@@ -95,15 +95,17 @@ def evaluate_multiple_choice(lm: EffreproLM, tasks: list[str], num_fewshot: int 
     given). Per task (a group's tasks one by one): accuracy (acc), accuracy with each choice's log-likelihood
     per character (acc_norm, None where the task has none), the standard error of acc, and the number of
     questions scored (n)."""
-    import lm_eval
+    import lm_eval.evaluator
 
     manager = _task_manager(tasks)
     try:
         loaded = manager.load(tasks)["tasks"]  # reads the tasks' datasets: where the Hub is needed, it fails here
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds offline
         raise hub_error(f"lm-eval tasks {tasks}", exc, "our local task effrepro_mc") from None
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(loaded.values()), num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False)
+    for task in loaded.values():  # what simple_evaluate would set, without its environment report (seconds a call)
+        task.set_config(key="num_fewshot", value=num_fewshot)
+        task.set_fewshot_seed(seed=1234)
+    results = lm_eval.evaluator.evaluate(lm, loaded, limit=limit, log_samples=False, verbosity="WARNING")
     return {task: {"acc": results["results"][task]["acc,none"],
                    "acc_norm": results["results"][task].get("acc_norm,none"),
                    "stderr": results["results"][task]["acc_stderr,none"],
