@@ -95,6 +95,17 @@ def input_width(layer: nn.Module) -> int:
     return layer.weight.shape[0 if isinstance(layer, Conv1D) else 1]
 
 
+def check_n_m_fits(model: nn.Module, n_m: tuple[int, int]) -> None:
+    """Raise ValueError unless M divides the input width of every layer `compress` would prune: checked for every
+    layer before any is changed."""
+    for i, block in enumerate(transformer_blocks(model)[1]):
+        for name, layer in linear_layers(block).items():
+            width = input_width(layer)
+            if width % n_m[1]:
+                raise ValueError(f"n_m={tuple(n_m)}: M={n_m[1]} does not divide the input width {width} of "
+                                 f"block {i} {name}")
+
+
 class _Captured(Exception):
     pass
 
@@ -186,13 +197,8 @@ def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: 
     if not 0 < n_samples <= len(calibration):
         raise ValueError(f"n_samples={n_samples} asked for, but calibration has {len(calibration)} samples")
     blocks_name, blocks = transformer_blocks(model)
-    if n_m is not None:  # checked for every layer before any is changed
-        for i, block in enumerate(blocks):
-            for name, layer in linear_layers(block).items():
-                width = input_width(layer)
-                if width % n_m[1]:
-                    raise ValueError(f"n_m={n_m}: M={n_m[1]} does not divide the input width {width} of "
-                                     f"block {i} {name}")
+    if n_m is not None:
+        check_n_m_fits(model, n_m)
 
     start, was_training = time.perf_counter(), model.training
     model.eval()

@@ -1,0 +1,285 @@
+"""Compress, Then Prompt's task: the soft prompt trains nothing but itself, perplexity with a prompt scores the input
+tokens only (held to a hand computation), prompts save and reload for their own model only, LoRA beside compressed
+layers, the smoke run end to end with its rows and claims, and bad input refused before any work."""
+import json
+
+import pytest
+import torch
+from conftest import ROOT, run_inline
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from repro.claims import load_paper
+from repro.evaluation import perplexity
+from repro.records import RunRecord
+from repro.report import claim_value
+from repro.train import Trainee, TrainSpec, train
+from tasks.compress_then_prompt import compress
+from tasks.compress_then_prompt.data import batch_source
+from tasks.compress_then_prompt.lora import add_lora
+from tasks.compress_then_prompt.prompt import (add_soft_prompt, hard_prompt_forward, load_prompt, prompt_embedding,
+                                               save_prompt, soft_prompt_forward)
+from tasks.compress_then_prompt.task import Level
+
+VOCAB, HIDDEN = 97, 48
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second thread only adds waiting, much of it when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(seed=0, hidden=HIDDEN):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def random_ids(*shape, seed=1):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def compressed_llama():
+    model = tiny_llama()
+    compress(model, "sparsegpt", random_ids(4, 24), bits=4, sparsity=0.5, group_size=16, progress=False)
+    return model
+
+
+def snapshot(model):
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+IDENTITY = {"model": "tiny-abc", "hidden_size": HIDDEN, "vocab_size": VOCAB}
+
+
+# --- the soft prompt -------------------------------------------------------------------------------------------
+
+
+def test_training_a_soft_prompt_changes_and_checkpoints_only_the_prompt(tmp_path):
+    model = compressed_llama()
+    before = snapshot(model)
+    prompted = add_soft_prompt(model, tokens=5)
+    start = prompt_embedding(prompted).detach().clone()
+    trainee = Trainee("compressed_prompt", prompted, batch_source(random_ids(400), 2, 16, 1, seed=0),
+                      evaluate=lambda m: [], tokens_per_step=32, flops_per_token=1.0)
+    spec = TrainSpec(steps=3, lr=1e-2, weight_decay=0.1, precision="fp32", log_every=1)
+    rows = list(train(trainee, spec, torch.device("cpu"), tmp_path, progress=False))
+    assert [r.p50 for r in rows if r.metric == "loss"]
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before), "a base weight or buffer changed"
+    assert not torch.equal(prompt_embedding(prompted), start)
+    (checkpoint,) = tmp_path.glob("*.pt")
+    saved = torch.load(checkpoint, weights_only=False)["model"]
+    assert list(saved) == ["prompt_encoder.default.embedding.weight"]
+    assert torch.equal(saved["prompt_encoder.default.embedding.weight"], prompt_embedding(prompted))
+
+
+def test_the_prompt_starts_from_the_first_rows_of_the_vocabulary_or_from_sampled_ones():
+    model = tiny_llama()
+    vocabulary = model.get_input_embeddings().weight
+    assert torch.equal(prompt_embedding(add_soft_prompt(tiny_llama(), tokens=7)), vocabulary[:7])
+    sampled = prompt_embedding(add_soft_prompt(tiny_llama(), tokens=7, init="sample_vocab"))
+    assert all((row == vocabulary).all(1).any() for row in sampled)
+    with pytest.raises(ValueError, match="init='text' is not one of"):
+        add_soft_prompt(tiny_llama(), tokens=7, init="text")
+
+
+def test_perplexity_with_a_soft_prompt_scores_the_same_tokens_as_without_one():
+    """By hand: the prompt's vectors, then the chunk's embeddings, through the base model; logits at the prompt's
+    positions ignored, and of the chunk's, token t scored from position t-1 (t >= 1), as without a prompt."""
+    model = tiny_llama()
+    prompted = add_soft_prompt(model, tokens=6)
+    with torch.no_grad():
+        prompt_embedding(prompted).add_(torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(3)))
+    seqlen, ids = 13, random_ids(3 * 13 + 5, seed=4)
+    result = perplexity(prompted, ids, seqlen, batch_size=2, forward=soft_prompt_forward(6), progress=False)
+    nll, scored = 0.0, 0
+    for chunk in ids[:3 * seqlen].view(3, seqlen):
+        embeds = torch.cat([prompt_embedding(prompted), model.get_input_embeddings()(chunk)])
+        with torch.no_grad():
+            log_probs = model(inputs_embeds=embeds[None]).logits[0, 6:].double().log_softmax(-1)
+        for t in range(1, seqlen):
+            nll -= log_probs[t - 1, chunk[t]].item()
+            scored += 1
+    assert (result.tokens, result.chunks) == (scored, 3)
+    assert result.nll_sum == pytest.approx(nll, rel=1e-5)
+    plain = perplexity(model, ids, seqlen, progress=False)
+    assert plain.tokens == scored and abs(plain.nll_sum - nll) > 1e-3  # the prompt changes the scores
+
+
+def test_the_hard_prompt_is_read_before_the_input_and_cut_from_the_logits():
+    model = tiny_llama()
+    prefix, ids = random_ids(9, seed=5), random_ids(2, 11, seed=6)
+    got = hard_prompt_forward(prefix)(model, ids)
+    for row in range(2):
+        want = model(torch.cat([prefix, ids[row]])[None]).logits[0, 9:]
+        torch.testing.assert_close(got[row], want)
+
+
+def test_a_saved_prompt_reloads_as_it_was_and_only_for_its_own_model(tmp_path):
+    model = tiny_llama()
+    prompted = add_soft_prompt(model, tokens=4, init="random")
+    save_prompt(prompted, tmp_path, {**IDENTITY, "level": "joint_8x"})
+    ids = random_ids(2, 10)
+    again = load_prompt(tiny_llama(), tmp_path, IDENTITY)
+    assert torch.equal(again(input_ids=ids).logits, prompted(input_ids=ids).logits)
+    with pytest.raises(ValueError, match=r"trained for another model: model 'tiny-abc' \(this one: 'other'\)"):
+        load_prompt(tiny_llama(), tmp_path, {**IDENTITY, "model": "other"})
+    with pytest.raises(ValueError, match=r"hidden_size 48 \(this one: 64\)"):
+        load_prompt(tiny_llama(hidden=64), tmp_path, {**IDENTITY, "hidden_size": 64})
+    with pytest.raises(ValueError, match="not a prompt saved by this suite"):
+        load_prompt(tiny_llama(), tmp_path / "missing", IDENTITY)
+
+
+def test_lora_beside_compressed_layers_starts_as_the_compressed_model_and_trains_only_its_adapters():
+    model = compressed_llama()
+    ids = random_ids(2, 12)
+    reference = model(ids).logits
+    leaves = [(m, snapshot(m)) for m in model.modules() if not list(m.children())]  # LoRA wraps, never replaces
+    adapted = add_lora(model, rank=4, alpha=8, dropout=0.0)
+    assert torch.equal(adapted(input_ids=ids).logits, reference)  # B starts at zero
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert len(trainable) == 2 * 2 * 2  # A and B, on q_proj and v_proj, in each of 2 blocks
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    optimizer = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        adapted(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(adapted(input_ids=ids).logits, reference)
+    for module, before in leaves:
+        assert all(torch.equal(t, before[k]) for k, t in module.state_dict().items())
+
+
+@pytest.mark.parametrize("level, ratio", [(Level("j", "sparsegpt", bits=4, sparsity=0.5), 8.0),
+                                          (Level("g", "gptq", bits=3), 5.333),
+                                          (Level("s", "sparsegpt", sparsity=0.75), 4.0),
+                                          (Level("n", "wanda", n_m=(2, 4)), 2.0)])
+def test_levels_count_compression_as_the_paper_does(level, ratio):
+    assert level.ratio == ratio
+
+
+# --- the task end to end ---------------------------------------------------------------------------------------
+
+
+TINY = ["task=compress_then_prompt", "model=tiny_llama", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smoke")
+    code, out, err = run_inline(*TINY, f"hydra.run.dir={folder}", f"paths.outputs={folder}/outputs")
+    assert code == 0, err[-3000:]
+    return folder, json.loads((folder / "record.json").read_text())
+
+
+def rows_of(record, provider=None, metric=None, **where):
+    return [r for r in record["rows"] if (provider is None or r["provider"] == provider)
+            and (metric is None or r["metric"] == metric) and all(r["extra"].get(k) == v for k, v in where.items())]
+
+
+def test_the_smoke_run_measures_dense_compressed_and_each_recovery_at_each_level(smoke):
+    _, record = smoke
+    assert record["status"] == "ok" and all(r["status"] == "ok" for r in record["rows"])
+    for level, ratio in (("joint_8x", 8.0), ("gptq_4bit", 4.0)):
+        for provider in ("dense", "compressed", "compressed_prompt", "compressed_hard_prompt"):
+            (ppl,) = rows_of(record, provider, "perplexity", level=level)
+            assert ppl["x_name"] == "compression" and ppl["x_value"] == ratio and ppl["unit"] == "ppl"
+            assert rows_of(record, provider, "accuracy", level=level, benchmark="effrepro_mc")
+            assert rows_of(record, provider, "time", level=level)
+        (gap,) = rows_of(record, "compressed_prompt", "ppl_gap_closed", level=level)
+        dense, compressed, prompt = (rows_of(record, p, "perplexity", level=level)[0]["p50"]
+                                     for p in ("dense", "compressed", "compressed_prompt"))
+        assert gap["p50"] == pytest.approx((compressed - prompt) / (compressed - dense))
+        assert gap["extra"]["better_than_compressed"] == (prompt < compressed)
+    (ratio,) = rows_of(record, "compressed", "compression_ratio", level="joint_8x")
+    assert ratio["p50"] == 8 and 1 < ratio["extra"]["measured_ratio"] < 8  # masks and scales cost bytes
+    (count,) = rows_of(record, "compressed_prompt", "trainable_params", level="joint_8x")
+    assert count["p50"] == 4 * 64  # tokens x hidden
+    assert rows_of(record, "compressed_lora", "perplexity", level="joint_8x")
+    assert not rows_of(record, "compressed_lora", "perplexity", level="gptq_4bit")
+    assert {r["x_value"] for r in rows_of(record, "compressed_prompt", "loss")} == {1, 2, 3}
+
+
+def test_the_smoke_run_moves_each_prompt_to_the_other_level_and_the_dense_model(smoke):
+    folder, record = smoke
+    transfer = {(r["provider"], r["extra"]["level"]) for r in rows_of(record, metric="perplexity", mode="transfer")}
+    assert transfer == {("prompt@joint_8x", "gptq_4bit"), ("prompt@joint_8x", "dense"),
+                        ("prompt@gptq_4bit", "joint_8x"), ("prompt@gptq_4bit", "dense")}
+    assert sorted(p.name for p in (folder / "prompts").iterdir()) == ["gptq_4bit", "joint_8x"]
+    assert not (folder / "compressed").exists()  # the compressed models were scratch for the transfer
+
+
+def test_a_saved_prompt_of_an_earlier_run_is_evaluated_at_every_level(smoke, tmp_path):
+    folder, _ = smoke
+    code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs",
+                              "experiments=[perplexity,transfer]", "compression.levels=[gptq_4bit]", "prompt.levels=[]",
+                              "hard_prompt=null", f"transfer.prompts=[{folder}/prompts/joint_8x]")
+    assert code == 0, err[-3000:]
+    record = json.loads((tmp_path / "record.json").read_text())
+    levels = {r["extra"]["level"] for r in rows_of(record, "loaded0_prompt@joint_8x", "perplexity")}
+    assert levels == {"dense", "gptq_4bit"}
+    assert not rows_of(record, "compressed_lora")  # LoRA is asked for at joint_8x only, which this run leaves out
+
+
+def test_the_claims_are_read_from_the_rows(smoke):
+    _, record = smoke
+    _, _, claims = load_paper(ROOT / "results" / "published" / "compress_then_prompt.yaml")
+    as_llama = json.loads(json.dumps(record).replace('"model": "tiny_llama"', '"model": "llama-7b"'))
+    run = RunRecord.from_json({**as_llama, "scale": "paper"})
+    values = {c.id: claim_value(c, run)[0] for c in claims}
+    (stored,) = rows_of(as_llama, "compressed", "stored_compression_ratio", level="joint_8x")
+    assert values["llama7b_joint_compression_8x"] == stored["p50"] < 8  # the bytes held, masks and scales included
+
+    def mean(provider, metric):
+        rows = rows_of(as_llama, provider, metric, level="joint_8x")
+        return sum(r["p50"] for r in rows) / len(rows)
+    assert values["llama7b_8x_soft_prompt_matches_dense_ppl"] == pytest.approx(
+        mean("compressed_prompt", "ppl_ratio_to_dense"))
+    assert values["llama7b_8x_soft_prompt_matches_dense_accuracy"] == pytest.approx(
+        mean("compressed_prompt", "accuracy_recovery"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["compression.catalog.joint_8x.bits=5"], "compression.catalog.joint_8x: bits=5 is not one of (2, 3, 4, 8)"),
+    (["compression.catalog.joint_8x.sparsity=1.0"], "compression.catalog.joint_8x: sparsity=1.0 is outside [0, 1)"),
+    (["compression.catalog.joint_8x.sparsity=-0.5"], "sparsity=-0.5 is outside [0, 1)"),
+    (["compression.levels=[joint_8x,nm]", "+compression.catalog.nm={method:sparsegpt,n_m:[2,3]}"],
+     "compression.catalog.nm: n_m=(2, 3): M=3 does not divide the input width 64 of block 0 self_attn.q_proj"),
+    (["compression.calibration.samples=100000"], "compression.calibration: 100000 samples of 32 tokens need"),
+    (["prompt.tokens=240"], "prompt.tokens=240 plus prompt.seqlen=32 is 272 positions, more than the model's "
+                            "context of 256; use at most 224 prompt tokens"),
+    (["eval.seqlen=300"], "eval.seqlen=300 is longer than the model's context of 256"),
+    (["lora.levels=[joint8x]"], "lora.levels=['joint8x'] is not one of ['gptq_4bit', "),
+    (["experiments=[transfer]"], "experiments: transfer is read against the perplexities"),
+])
+def test_bad_input_is_refused_before_any_work(overrides, message, tmp_path):
+    code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs", *overrides)
+    assert code == 2, err[-2000:]
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "outputs" / "checkpoints").exists() and not (tmp_path / "prompts").exists()
+
+
+@pytest.mark.parametrize("identity, message", [
+    ({"model": "another-0123", "hidden_size": 64}, "model 'another-0123'"),
+    (None, "hidden_size 32 (this one: 64)"),
+])
+def test_a_prompt_trained_for_another_model_or_hidden_size_is_refused(identity, message, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from tasks.compress_then_prompt.task import model_identity
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        tiny = compose("model/tiny_llama").model
+    prompt = tmp_path / "prompt"
+    save_prompt(add_soft_prompt(tiny_llama(hidden=32), tokens=3), prompt,
+                {"vocab_size": VOCAB, "level": "joint_8x", "tokens": 3,
+                 **(identity or {"model": model_identity(tiny), "hidden_size": 32})})
+    code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs",
+                              f"transfer.prompts=[{prompt}]")
+    assert code == 2, err[-2000:]
+    assert "transfer.prompts[0]: the prompt in" in err and message in err
