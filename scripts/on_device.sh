@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run repro commands on a lent GPU machine that starts bare and offline (the device tool of this workplace):
+# install the wheels carried in .whl/ (build them with ../shared/device/make-wheels.sh lm-eval), run each
+# argument as one command, going on when one fails, and leave the new run records and every log in $OUT.
+#   scripts/on_device.sh "repro task=lm_eval model=trained scale=small logger=none" "pytest -q tests/test_kv_quant.py"
+# The commit the records name comes from REPRO_GIT_SHA (the copy of the tree there has no usable .git).
+# Every command gets what is left of DEADLINE_S seconds (default 540, inside the tool's 10 minutes) and is then
+# stopped with SIGTERM, which a repro job turns into a `killed` record that keeps its rows: records and logs
+# always come back.
+set -u
+deadline=$(( $(date +%s) + ${DEADLINE_S:-540} ))
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --find-links .whl hydra-core datasets submitit hydra-submitit-launcher \
+  lm-eval && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
+start=$(mktemp)
+mkdir -p "$OUT/logs"
+i=0
+for command in "$@"; do
+  i=$((i + 1))
+  begun=$(date +%s)
+  left=$(( deadline - begun ))
+  if [ "$left" -lt 10 ]; then echo "== [$i] not run, no time left: $command"; continue; fi
+  timeout -s TERM -k 20 "$left" bash -c "$command" > "$OUT/logs/$i.log" 2>&1
+  status=$?
+  echo "== [$i] exit $status after $(( $(date +%s) - begun )) s: $command"
+  grep -E "^\[repro\]|passed|failed|Error|error:" "$OUT/logs/$i.log" | tail -6
+done
+find results/runs -name '*.json' -newer "$start" | tar czf "$OUT/records.tgz" -T -
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -r "$OUT/logs"
