@@ -10,8 +10,10 @@
 set -u
 deadline=$(( $(date +%s) + ${DEADLINE_S:-540} ))
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
+# resolved against what the machine has; where that fails (a pin the image cannot meet), every wheel as it is
 python3 -m pip install -q --no-index --find-links .whl hydra-core datasets submitit hydra-submitit-launcher \
-  lm-eval && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+  lm-eval || python3 -m pip install -q --no-index --no-deps .whl/*.whl
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
 start=$(mktemp)
 mkdir -p "$OUT/logs"
