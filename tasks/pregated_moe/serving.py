@@ -234,8 +234,10 @@ class MemoryCap:
     the rows' MB are 2^20) fail as out of memory. Nothing off a GPU, or with no cap."""
 
     def __init__(self, gb: float | None, device: torch.device):
-        self.gb, self.device = gb, device
-        self.applied = gb is not None and device.type == "cuda"
+        self.gb, self.applied = gb, gb is not None and device.type == "cuda"
+        # the cap's call wants a device index: `cuda` alone is the current device
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.applied and device.index is None \
+            else device
 
     def __enter__(self):
         if self.applied:
