@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from .context import ConfigError, code_version, fingerprint, world
 from .records import Row, replace_atomically
-from .timing import is_out_of_memory
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "lamb")

@@ -16,13 +16,6 @@ from tasks.compress_then_prompt.methods import (dequantize, group_params, keep_m
 from tasks.compress_then_prompt.storage import pack, unpack
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: a second thread only adds waiting, much of it when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def correlated_inputs(tokens: int, width: int, seed: int) -> torch.Tensor:

@@ -23,13 +23,6 @@ from tasks.compress_then_prompt.task import Level
 VOCAB, HIDDEN = 97, 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds waiting, much of it when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_llama(seed=0, hidden=HIDDEN):

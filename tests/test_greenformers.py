@@ -23,13 +23,6 @@ TINY = dict(name="tiny", vocab_size=50, hidden_size=36, num_hidden_layers=2, num
             intermediate_size=52)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models, many small ops: threads only contend on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_smoke_run_writes_every_kind_of_row(tmp_path):

@@ -19,13 +19,6 @@ DEVICE = "cuda" if has_gpu() else "cpu"
 SCHEDULE = "lean" if has_gpu() else "fa2"  # fa2 launches the fewest programs: the fastest in the interpreter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny ops: threads only contend on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the rules, on random attention, against plain Python -------------------------------------------------------

@@ -29,15 +29,6 @@ def run(folder, *overrides):
     return code, out, err, record
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny ops: threads only contend on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """The smoke run as a CPU without a GPU or TRITON_INTERPRET gives it (our kernels' rows: unsupported), with one

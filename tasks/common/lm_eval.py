@@ -21,7 +21,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("model") is None:
         raise ConfigError(f"task={cfg.task.name} evaluates a pretrained model: choose one with model=<name>, one of "
                           f"{known_models()}")
-    e = cfg.eval
+    validate_eval(cfg.eval)
+
+
+def validate_eval(e: DictConfig) -> None:
+    """The `eval:` block every task evaluating a language model shares (texts, chunks, multiple choice)."""
     checks.choice("eval.texts", OmegaConf.to_container(e.texts), TEXTS)
     checks.number("eval.seqlen", e.seqlen, at_least=2)
     checks.number("eval.batch_size", e.batch_size, at_least=1)

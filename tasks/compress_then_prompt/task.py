@@ -33,10 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 from repro import checks
 from repro.bench import Call, Point, Provider, failure, run_benchmark
 from repro.context import ConfigError, RunContext, fingerprint
-from repro.evaluation import TEXTS, context_length, eval_text, perplexity, perplexity_rows, plain_forward
+from repro.evaluation import context_length, eval_text, perplexity, perplexity_rows, plain_forward
 from repro.models import known_models, load_model, trained_metadata
 from repro.records import Row
 from repro.train import Trainee, TrainSpec, model_flops_per_token, train
+
+from tasks.common.lm_eval import validate_eval
 
 from .compress import check_arguments, check_n_m_fits, compress
 from .data import TRAIN_TEXTS, batch_source, calibration, check_length, training_ids
@@ -204,15 +206,7 @@ def validate(cfg: DictConfig) -> None:
     checks.number("cost.batch", cfg.cost.batch, at_least=1)
     checks.number("cost.warmup_ms", cfg.cost.warmup_ms, integer=False, at_least=0)
     checks.number("cost.rep_ms", cfg.cost.rep_ms, integer=False, at_least=1)
-    e = cfg.eval
-    checks.choice("eval.texts", checks.as_list(e.texts), TEXTS)
-    checks.number("eval.seqlen", e.seqlen, at_least=2)
-    checks.number("eval.batch_size", e.batch_size, at_least=1)
-    if e.max_chunks is not None:
-        checks.number("eval.max_chunks", e.max_chunks, at_least=1)
-    checks.number("eval.num_fewshot", e.num_fewshot, at_least=0)
-    if e.limit is not None:
-        checks.number("eval.limit", e.limit, at_least=1)
+    validate_eval(cfg.eval)
     TrainSpec.from_config(cfg.train)
     context = OmegaConf.select(cfg.model, "arch.context")
     if context is not None:  # a model built from the config; the others are checked once loaded
