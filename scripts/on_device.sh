@@ -4,9 +4,10 @@
 # argument as one command, going on when one fails, and leave the new run records and every log in $OUT.
 #   scripts/on_device.sh "repro task=lm_eval model=trained scale=small logger=none" "pytest -q tests/test_kv_quant.py"
 # The commit the records name comes from REPRO_GIT_SHA (the copy of the tree there has no usable .git).
-# Every command gets what is left of DEADLINE_S seconds (default 540, inside the tool's 10 minutes) and is then
-# stopped with SIGTERM, which a repro job turns into a `killed` record that keeps its rows: records and logs
-# always come back.
+# Every command gets what is left of DEADLINE_S seconds (default 540) and is then stopped with SIGTERM, which a
+# repro job turns into a `killed` record that keeps its rows. Keep DEADLINE_S well inside the call's own limit
+# (the tool's 10 minutes, or less where less device time is left, minus the install): the records found so far are
+# packed after every command, so a call cut short still brings back those of the commands that ended.
 set -u
 deadline=$(( $(date +%s) + ${DEADLINE_S:-540} ))
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
@@ -27,6 +28,6 @@ for command in "$@"; do
   status=$?
   echo "== [$i] exit $status after $(( $(date +%s) - begun )) s: $command"
   grep -E "^\[repro\]|passed|failed|Error|error:" "$OUT/logs/$i.log" | tail -6
+  find results/runs -name '*.json' -newer "$start" | tar czf "$OUT/records.tgz" -T -
 done
-find results/runs -name '*.json' -newer "$start" | tar czf "$OUT/records.tgz" -T -
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -r "$OUT/logs"
