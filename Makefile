@@ -24,8 +24,8 @@ install: $(VENV)/.installed  ## create .venv and install the project
 smoke: install  ## run the default reproduction at smoke scale (CPU, offline) and print its table
 	$(BIN)/repro
 
-test: install  ## run the whole test suite
-	$(BIN)/pytest -q
+test: install  ## run the whole test suite (a worker per core; a test file's tests stay on one worker)
+	$(BIN)/pytest -q -n auto --dist loadfile
 
 report: install  ## rebuild results/REPORT.md, the CSV, the plots and the README table from results/runs/
 	$(BIN)/repro-report

@@ -104,7 +104,8 @@ def test_pathx_recipe_starts_from_the_pretrained_model_with_its_positions_grown(
     from repro.context import RunContext
     from tasks.lra.train_lra import candidates
 
-    cfg = compose("task=pathx", "lra.pretrain={task: path64, steps: 1}", f"paths.cache={tmp_path}")
+    cfg = compose("task=pathx", "lra.attention=[standard]", "lra.pretrain={task: path64, steps: 1}",
+                  f"paths.cache={tmp_path}")
     ctx = RunContext(torch.device("cpu"), "smoke", 0, tmp_path, {})
     (candidate,) = candidates(cfg, ctx, tmp_path)
     assert candidate.spec.steps == 1 and len(candidate.then) == 1
