@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -12,8 +13,6 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
-import yaml
 
 from .claims import Claim, load_published
 from .context import PROJECT_ROOT
@@ -219,15 +218,24 @@ def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tu
     return out
 
 
-def plotted_metrics(record: RunRecord, conf: Path = PROJECT_ROOT / "conf") -> list[str]:
+def plotted_metrics(record: RunRecord) -> list[str]:
     """The metrics a task declares worth a plot (`task.plot` in its config): as the record's config has it,
-    or, for records made before tasks declared it, as the task's config file has it now."""
+    or, for records made before tasks declared it, as the task's config composes now."""
     declared = (record.config.get("task") or {}).get("plot")
-    if declared is None:
-        path = conf / "task" / f"{record.task}.yaml"
-        task = (yaml.safe_load(path.read_text()) or {}).get("task", {}) if path.exists() else {}
-        declared = task.get("plot")
-    return list(declared or [])
+    return list(declared if declared is not None else _declared_plots(record.task))
+
+
+@functools.cache
+def _declared_plots(task: str) -> tuple[str, ...]:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("repro_root", lambda: str(PROJECT_ROOT), replace=True)
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+            return tuple(compose("config", overrides=[f"task={task}"]).task.get("plot") or ())
+    except Exception:  # noqa: BLE001 - a task that no longer exists: nothing to plot
+        return ()
 
 
 def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[str]) -> list[Path]:
