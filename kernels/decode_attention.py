@@ -74,7 +74,7 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
             stride_ob, stride_oh, HKV, G, MAX_PIECES, sm_scale,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
             GROUP: tl.constexpr, BLOCK_P: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
-            V_BITS: tl.constexpr, V_GROUP: tl.constexpr):
+            V_BITS: tl.constexpr, V_GROUP: tl.constexpr, PRECISION: tl.constexpr):
     """Each program walks its work items (segment = batch·KV head, tile range, piece number): softmax over the
     tiles with a running maximum and sum. A segment in one piece is written out at once. Otherwise the piece
     is stored, normalised, with its base-2 log-sum-exp, and counted; the program that stores a segment's last
@@ -116,14 +116,14 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
                 nmask = offs_n < length
                 k = kv_tile(Kh, KS + k_stats, KZ + k_stats, offs_n[None, :], offs_d[:, None],
                             dmask[:, None] & nmask[None, :], stride_kn, stride_ksn, K_BITS, K_GROUP, False)
-                s = tl.where(nmask[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
+                s = tl.where(nmask[None, :], tl.dot(q, k, input_precision=PRECISION) * qk_scale, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, 1))  # every tile holds a real key: m_new is finite
                 prob = tl.math.exp2(s - m_new[:, None])
                 alpha = tl.math.exp2(m - m_new)
                 l = l * alpha + tl.sum(prob, 1)
                 v = kv_tile(Vh, VS + v_stats, VZ + v_stats, offs_n[:, None], offs_d[None, :],
                             nmask[:, None] & dmask[None, :], stride_vn, stride_vsn, V_BITS, V_GROUP, True)
-                acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
+                acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION)
                 m = m_new
             if n_pieces == 1:
                 _store_final(OUT, LSE, acc / l[:, None], m + tl.math.log2(l), b, hk, offs_g, offs_d, gmask, dmask,
@@ -173,7 +173,7 @@ def _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, dmask, stride_ob, str
 def _key_probs(Q, K, KS, KZ, LENGTHS, LSE, PROBS, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                stride_ksb, stride_ksh, stride_ksn, HKV, G, MAX_LEN, sm_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-               K_BITS: tl.constexpr, K_GROUP: tl.constexpr):
+               K_BITS: tl.constexpr, K_GROUP: tl.constexpr, PRECISION: tl.constexpr):
     """Each key's softmax probability for each query head of its group, exp(q·k · scale − lse), from the
     log-sum-exp of `_decode`: the keys are read once more, the values not at all. A program per (tile of keys,
     batch · KV head); it writes zeros past the sequence's length."""
@@ -192,7 +192,8 @@ def _key_probs(Q, K, KS, KZ, LENGTHS, LSE, PROBS, stride_qb, stride_qh, stride_k
                 K_GROUP, False)
     heads = b * (HKV * G) + hk * G + offs_g
     lse2 = tl.load(LSE + heads, mask=gmask, other=0.0) * LOG2E
-    probs = tl.where(nmask[None, :], tl.math.exp2(tl.dot(q, k) * (sm_scale * LOG2E) - lse2[:, None]), 0.0)
+    s = tl.dot(q, k, input_precision=PRECISION) * (sm_scale * LOG2E)
+    probs = tl.where(nmask[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
     tl.store(PROBS + heads[:, None].to(tl.int64) * MAX_LEN + offs_n[None, :], probs,
              mask=gmask[:, None] & (offs_n < MAX_LEN)[None, :])
 
@@ -380,6 +381,9 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
     block_g = max(16, _pow2(groups))  # tl.dot takes 16 rows or more
     group = _pow2(groups)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    # float32 in float32 arithmetic, as torch's own attention gives it, not tf32: decode is bound by memory, so
+    # exact products cost little, and the probabilities that evict keys stay exact to float32 rounding
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     out = torch.empty_like(q)
     wo, wl, lse = workspace
     if return_lse:
@@ -392,7 +396,7 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
         hkv, groups, schedule.max_pieces, scale,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, GROUP=group,
         BLOCK_P=merge_step(schedule.max_pieces, group, block_d), K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits,
-        V_GROUP=v_group, num_warps=schedule.num_warps, num_stages=schedule.num_stages)
+        V_GROUP=v_group, PRECISION=precision, num_warps=schedule.num_warps, num_stages=schedule.num_stages)
     results = (out, lse) if return_lse else (out,)
     if return_probs:
         max_len = k_cache.shape[2]
@@ -400,7 +404,7 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
         _key_probs[(triton.cdiv(max_len, PROBS_TILE_KEYS), b * hkv)](
             q, *k_ptrs, schedule.lengths, lse, probs, q.stride(0), q.stride(1), *k_strides, hkv, groups, max_len,
             scale, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=PROBS_TILE_KEYS, K_BITS=k_bits,
-            K_GROUP=k_group)
+            K_GROUP=k_group, PRECISION=precision)
         results += (probs,)
     return results if len(results) > 1 else out
 
