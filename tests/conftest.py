@@ -63,6 +63,9 @@ def has_gpu() -> bool:
 
 
 gpu = pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")
+# Where the tests run our Triton kernels: the GPU where there is one, else the CPU (under TRITON_INTERPRET=1).
+# A smoke run takes it as `scale.device=`, since the smoke scale runs on the CPU.
+DEVICE = "cuda" if has_gpu() else "cpu"
 
 
 def run_inline(*args: str):

@@ -6,12 +6,11 @@ import importlib
 import pytest
 import torch
 
-from conftest import gpu, has_gpu
+from conftest import DEVICE, gpu
 from kernels.decode_attention import (SCHEDULES, decode_attention, default_block_n, lean_programs, make_schedule,
                                       merge_attention, merge_step)
 from kernels.reference import decode_attention_reference, decode_scores_reference
 
-DEVICE = "cuda" if has_gpu() else "cpu"
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 

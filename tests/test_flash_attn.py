@@ -6,11 +6,10 @@ import importlib
 import pytest
 import torch
 
-from conftest import gpu, has_gpu
+from conftest import DEVICE, gpu, has_gpu
 from kernels import (attention_reference, block_mask_to_dense, butterfly_block_mask, dropout_keep_mask, flash_attn,
                      random_block_mask)
 
-DEVICE = "cuda" if has_gpu() else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if has_gpu() else [])
 # ‖out − ref‖ / ‖ref‖ against float64: fp32 (tf32 matrix products on a GPU), fp16, bf16; gradients twice that.
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}

@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from conftest import has_gpu
+from conftest import DEVICE
 from kernels.hf_attention import NAME, register
 
-DEVICE = "cuda" if has_gpu() else "cpu"
 
 
 def build(kind: str, implementation: str):

@@ -3,13 +3,12 @@ quantized cache against attention over the dequantized one."""
 import pytest
 import torch
 
-from conftest import gpu, has_gpu
+from conftest import DEVICE, gpu
 from kernels.decode_attention import decode_attention, decode_attention_quantized, merge_attention
 from kernels.kv_quant import QuantizedKV, dequantize_kv, quantize_kv
 from kernels.reference import (decode_attention_reference, decode_scores_reference, dequantize_kv_reference,
                                quantize_kv_reference, unpack_codes)
 
-DEVICE = "cuda" if has_gpu() else "cpu"
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 # (batch, kv_heads, n, head_dim), group_size, axis: odd head dims, and group sizes that are not powers of two
 CASES = [((2, 3, 24, 80), 12, "channel"), ((1, 2, 16, 48), 16, "channel"), ((2, 3, 5, 80), 20, "token"),

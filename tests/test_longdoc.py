@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_inline
+from conftest import DEVICE, ROOT, run_inline
 from repro.records import Row
 from tasks.flashattention import longdoc_data as data
 from tasks.flashattention.longdoc import derived_rows, extend_position_table, f1_scores
@@ -207,13 +207,15 @@ def test_our_kernel_gives_the_classifier_standard_attentions_logits_on_padded_do
     register()
     shape = SimpleNamespace(pretrained=None, hidden=32, layers=1, heads=2, intermediate=64, dropout=0.0)
     docs = data.Documents("toy", [np.arange(4, 30), np.arange(5, 12)], torch.eye(2)[[0, 1]], ["a", "b"])
-    batch = data.encode(docs, [0, 1], 24)  # one document cut, one padded
+    batch = {k: v.to(DEVICE) for k, v in data.encode(docs, [0, 1], 24).items()}  # one document cut, one padded
     logits = {}
     for attention in ("eager", "effrepro"):
         torch.manual_seed(0)
         model = build_classifier(shape, labels=2, vocab_size=40, positions=16, seq_len=24, attention=attention)
+        model.to(DEVICE)
         logits[attention] = model(**batch).logits
-    torch.testing.assert_close(logits["effrepro"], logits["eager"], rtol=2e-3, atol=1e-5)
+    ours, eager = logits["effrepro"].double(), logits["eager"].double()
+    assert (ours - eager).norm() / eager.norm() < 2e-3  # the kernel tests' float32 bound: tf32 products on a GPU
 
 
 def test_the_table5_claims_read_only_rows_of_their_own_data_set():

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from conftest import has_gpu
+from conftest import DEVICE, has_gpu
 from kernels.kv_quant import dequantize_kv
 from tasks.scissorhands.generate import (EvictingCache, LayerCache, QuantizedStore, compaction_order, decode_nll,
                                          decode_step, generating)
@@ -15,7 +15,6 @@ from tasks.scissorhands.policies import (H2O, TOVA, Full, Scissorhands, Scissorh
                                          layer_budgets, make_policy)
 from tasks.scissorhands.simulate import persistence_ratio, simulate, simulated_nll
 
-DEVICE = "cuda" if has_gpu() else "cpu"
 SCHEDULE = "lean" if has_gpu() else "fa2"  # fa2 launches the fewest programs: the fastest in the interpreter
 
 

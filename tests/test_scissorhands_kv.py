@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, has_gpu, run_inline
+from conftest import DEVICE, ROOT, run_inline
 from repro.claims import load_paper
 from repro.records import RunRecord
 from repro.report import claim_value
@@ -16,12 +16,12 @@ from tasks.scissorhands.memory import bits_compression, cache_bytes, largest_bat
 from tasks.scissorhands.policies import Full, Scissorhands
 from tasks.scissorhands.task import Setting, fitted_policy, sweep
 
-DEVICE = "cuda" if has_gpu() else "cpu"
 TINY = ["task=scissorhands_kv", "model=tiny_llama", "logger=none"]
-# The 4-bit cache and the decode benchmark on the least that runs them: 8 tokens, one chunk, groups of 4.
+# The 4-bit cache and the decode benchmark on the least that runs them: 8 tokens, one chunk, groups of 4, in
+# float32 on either device (the interpreter has no bf16), so the byte counts below hold on both.
 INTERPRETED = ["kv.experiments=[quality,decode]", "kv.policies=[full,scissorhands]", "kv.compressions=[2]",
                "eval.seqlen=8", "eval.max_chunks=1", "kv.scissorhands.recent=1", "kv.group_size=4",
-               "decode.contexts=[16]", "decode.bookkeeping_budgets=[8]"]
+               "decode.contexts=[16]", "decode.bookkeeping_budgets=[8]", f"scale.device={DEVICE}", "model.dtype=fp32"]
 
 
 def run(folder, *overrides):
