@@ -105,7 +105,9 @@ def test_quantized_cache_and_decode_kernels_run_in_the_interpreter(interpreted):
     assert {r["provider"] for r in rows_of(record, "attention_time")} == providers
     assert {r["provider"] for r in rows_of(record, "speedup")} == providers
     for provider in providers:
-        assert value(record, provider, "max_batch", 16) == value(record, provider, "max_batch_analytic", 16) > 0
+        allocated, analytic = (value(record, provider, m, 16) for m in ("max_batch", "max_batch_analytic"))
+        # the CUDA allocator rounds every tensor up to 512 bytes, which tensors this small feel; the CPU does not
+        assert 0 < allocated <= analytic and (allocated == analytic or DEVICE == "cuda")
     (overhead,) = rows_of(record, "eviction_overhead")
     assert 0 < overhead["p50"] < 1 and overhead["extra"]["drop"] == 4
     assert {r["provider"] for r in rows_of(record, "step_part_time")} == {"attention", "counting", "checking",
