@@ -202,16 +202,20 @@ def run_identity(trainee: Trainee, spec: TrainSpec, device: torch.device) -> str
                             code=code_version()))
 
 
-def _shard(model: torch.nn.Module) -> None:
+def _shard(model: torch.nn.Module, device: torch.device) -> None:
     """FSDP2: each layer of every ModuleList (a transformer's blocks) becomes a unit of its own, then the rest
     of the model one more; inner modules first, as fully_shard wants."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # on the run's device: fully_shard's default mesh moves the shards to CUDA wherever CUDA exists, even for a
+    # run on the CPU
+    mesh = init_device_mesh(device.type, (world()[1],))
     for module in reversed(list(model.modules())):
         if isinstance(module, torch.nn.ModuleList):
             for layer in module:
-                fully_shard(layer)
-    fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def _state_options(**more):
@@ -370,7 +374,7 @@ class Parallel:
         self.size = world()[1]
         self.sharded = self.size > 1 and spec.parallel == "fsdp"
         if self.sharded:
-            _shard(model)
+            _shard(model, device)
         self.replicated = self.size > 1 and not self.sharded
 
     def wrap(self) -> torch.nn.Module:
