@@ -31,7 +31,7 @@ def failure(exc: BaseException) -> tuple[str, str] | None:
 
 def require_triton(name: str, device: torch.device) -> None:
     """A provider built on our Triton kernels is unsupported where they cannot run."""
-    from kernels.runtime import runs_on
+    from effrepro_kernels.runtime import runs_on
 
     if not runs_on(device):
         raise Unsupported(f"{name} needs a CUDA GPU (or TRITON_INTERPRET=1, slowly, on the CPU)")

@@ -88,8 +88,8 @@ def test_each_provider_is_checked_against_the_baselines_output_on_the_same_input
 
 
 def test_a_provider_on_our_kernels_is_unsupported_where_they_cannot_run(monkeypatch):
-    import kernels.runtime
-    monkeypatch.setattr(kernels.runtime, "INTERPRET", False)
+    import effrepro_kernels.runtime
+    monkeypatch.setattr(effrepro_kernels.runtime, "INTERPRET", False)
     rows = run([Provider("base", sleeper(0.001), baseline=True),
                 Provider("ours", lambda point: pytest.fail("built where it cannot run"), needs_triton=True)])
     (ours,) = [r for r in rows if r.provider == "ours"]

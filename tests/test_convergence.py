@@ -3,7 +3,7 @@ kernel follows the same loss curve, step for step, within the rounding of the pr
 import pytest
 import torch
 
-import kernels.runtime
+import effrepro_kernels.runtime
 from conftest import has_gpu
 from repro.records import Row
 from repro.train import Trainee, TrainSpec, train
@@ -14,7 +14,7 @@ STEPS = 8
 def losses(attention: str, device: torch.device, precision: str) -> list[float]:
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from kernels.hf_attention import register
+    from effrepro_kernels.hf_attention import register
 
     register()
     torch.manual_seed(0)
@@ -33,7 +33,7 @@ def losses(attention: str, device: torch.device, precision: str) -> list[float]:
     return [r.p50 for r in train(trainee, spec, device, None, progress=False) if r.metric == "loss"]
 
 
-@pytest.mark.skipif(not kernels.runtime.runs_on("cpu") and not has_gpu(), reason="needs a GPU or the interpreter")
+@pytest.mark.skipif(not effrepro_kernels.runtime.runs_on("cpu") and not has_gpu(), reason="needs a GPU or the interpreter")
 def test_eager_sdpa_and_our_kernel_follow_the_same_loss_curve():
     device = torch.device("cuda" if has_gpu() else "cpu")
     precision = "bf16" if has_gpu() else "fp32"  # the interpreter has no bf16

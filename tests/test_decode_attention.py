@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu
-from kernels.decode_attention import (SCHEDULES, decode_attention, default_block_n, lean_programs, make_schedule,
+from effrepro_kernels.decode_attention import (SCHEDULES, decode_attention, default_block_n, lean_programs, make_schedule,
                                       merge_attention, merge_step)
-from kernels.reference import decode_attention_reference, decode_scores_reference
+from effrepro_kernels.reference import decode_attention_reference, decode_scores_reference
 
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
@@ -117,8 +117,8 @@ def test_default_lean_programs_never_span_two_equal_segments():
 
 
 def test_tiles_are_larger_for_fa2_and_shrink_to_fit_shared_memory(monkeypatch):
-    # the module, not the function `kernels.decode_attention` that the package exports under the same name
-    monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "INTERPRET", False)
+    # the module, not the function `effrepro_kernels.decode_attention` that the package exports under the same name
+    monkeypatch.setattr(importlib.import_module("effrepro_kernels.decode_attention"), "INTERPRET", False)
     assert default_block_n("fa2") == 128 and default_block_n("lean") == default_block_n("split") == 64
     assert default_block_n("fa2", 256) == 64 and default_block_n("fa2", 128, torch.float32) == 64
     assert default_block_n("lean", 256, torch.float32) == 32
@@ -166,7 +166,7 @@ def test_bad_input_is_a_clear_value_error(change, match):
 
 
 def test_a_prepared_schedule_checks_each_new_signature_once_and_keeps_its_workspace(monkeypatch):
-    module = importlib.import_module("kernels.decode_attention")
+    module = importlib.import_module("effrepro_kernels.decode_attention")
     real_check, checked = module._check, []
 
     def counted_check(*args):

@@ -150,8 +150,8 @@ def test_flash_kernel_smoke_records_speedups_and_unsupported_backends(tmp_path):
 
 
 def test_our_kernels_run_through_the_interpreter_and_match_the_baseline(tmp_path):
-    import kernels.runtime
-    if not kernels.runtime.runs_on(DEVICE):
+    import effrepro_kernels.runtime
+    if not effrepro_kernels.runtime.runs_on(DEVICE):
         pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
     code, _, err = run_inline("logger=none", f"scale.device={DEVICE}", f"hydra.run.dir={tmp_path}",
                               "kernel.providers=[standard,effrepro,effrepro_sparse]", "kernel.sparse_densities=[0.5]",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu, has_gpu
-from kernels import (attention_reference, block_mask_to_dense, butterfly_block_mask, dropout_keep_mask, flash_attn,
+from effrepro_kernels import (attention_reference, block_mask_to_dense, butterfly_block_mask, dropout_keep_mask, flash_attn,
                      random_block_mask)
 
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if has_gpu() else [])
@@ -112,7 +112,7 @@ def test_random_block_mask_has_the_asked_density():
 def test_block_sparse_tiles_never_exceed_the_mask_blocks():
     import triton
 
-    module = importlib.import_module("kernels.flash_attn")  # `kernels.flash_attn` the attribute is the function
+    module = importlib.import_module("effrepro_kernels.flash_attn")  # `effrepro_kernels.flash_attn` the attribute is the function
     configs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}), triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
     first = configs if module.AUTOTUNE else configs[:1]
     assert module._prune(configs, {"SPARSE_BLOCK": 64}) == configs[1:]

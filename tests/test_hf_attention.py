@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from kernels.hf_attention import NAME, register
+from effrepro_kernels.hf_attention import NAME, register
 
 
 
@@ -51,7 +51,7 @@ def test_matches_eager_with_padding(kind):
 
 
 def test_an_unsupported_mask_pattern_is_an_error():
-    from kernels.hf_attention import key_padding_mask_of
+    from effrepro_kernels.hf_attention import key_padding_mask_of
 
     mask = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
     mask[0, 0, 5, 0] = False  # a sliding window, which the kernel does not do

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu
-from kernels.decode_attention import decode_attention, decode_attention_quantized, merge_attention
-from kernels.kv_quant import QuantizedKV, dequantize_kv, quantize_kv
-from kernels.reference import (decode_attention_reference, decode_scores_reference, dequantize_kv_reference,
+from effrepro_kernels.decode_attention import decode_attention, decode_attention_quantized, merge_attention
+from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, quantize_kv
+from effrepro_kernels.reference import (decode_attention_reference, decode_scores_reference, dequantize_kv_reference,
                                quantize_kv_reference, unpack_codes)
 
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}

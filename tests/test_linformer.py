@@ -3,7 +3,7 @@ padding that changes nothing, inside a transformers BERT (forward, backward, aga
 import pytest
 import torch
 
-from kernels import attention_reference
+from effrepro_kernels import attention_reference
 from tasks.common.linformer import LinformerAttention, apply_linformer
 
 

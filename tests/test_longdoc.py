@@ -201,7 +201,7 @@ def test_bad_input_is_named_before_any_work(overrides, expected, tmp_path):
 def test_our_kernel_gives_the_classifier_standard_attentions_logits_on_padded_documents():
     from types import SimpleNamespace
 
-    from kernels.hf_attention import register
+    from effrepro_kernels.hf_attention import register
     from tasks.flashattention.longdoc import build_classifier
 
     register()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention_reference
+from effrepro_kernels import attention_reference
 
 
 def naive(q, k, v, causal, mask):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, has_gpu
-from kernels.kv_quant import dequantize_kv
+from effrepro_kernels.kv_quant import dequantize_kv
 from tasks.scissorhands.generate import (EvictingCache, LayerCache, QuantizedStore, compaction_order, decode_nll,
                                          decode_step, generating)
 from tasks.scissorhands.policies import (H2O, TOVA, Full, Scissorhands, ScissorhandsReleased, StreamingLLM,

@@ -35,7 +35,7 @@ def smoke(tmp_path_factory):
     """The smoke run as a CPU without a GPU or TRITON_INTERPRET gives it (our kernels' rows: unsupported), with one
     compression whose budget exceeds the model's context of 256 tokens."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("kernels.runtime.INTERPRET", False)
+        mp.setattr("effrepro_kernels.runtime.INTERPRET", False)
         code, out, err, record = run(tmp_path_factory.mktemp("smoke"), "kv.compressions=[0.2,2,4]",
                                      "kv.policies=[full,scissorhands,scissorhands_released,h2o,streaming,tova]",
                                      "kv.scissorhands_released.start=16", "kv.scissorhands_released.recent=4")
@@ -217,7 +217,7 @@ def test_largest_batch_search_finds_the_boundary_from_any_guess():
 
 @pytest.mark.parametrize("axis", ["channel", "token"])
 def test_an_empty_quantized_store_holds_what_quantizing_zeros_gives(axis):
-    from kernels.kv_quant import quantize_kv
+    from effrepro_kernels.kv_quant import quantize_kv
     from tasks.scissorhands.generate import _zeros_quantized
 
     made = _zeros_quantized((2, 3, 16, 16), torch.float32, DEVICE, 4, 8, axis)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.hf_attention import key_padding_mask_of
+from effrepro_kernels.hf_attention import key_padding_mask_of
 
 # Not "...flash...": transformers takes any implementation name containing "flash" for a hub kernel.
 NAME = "linformer"

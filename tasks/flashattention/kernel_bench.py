@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
+from effrepro_kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
 from repro import checks
 from repro.bench import Call, Point, Provider, run_benchmark
 from repro.checks import as_list

@@ -34,7 +34,7 @@ from repro.checks import as_list
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
 from repro.train import Candidate, Trainee, TrainSpec, model_flops_per_token, step_generator, train_from_config
-from kernels.flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
+from effrepro_kernels.flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 
 from . import longdoc_data as data
 
@@ -400,7 +400,7 @@ def _validate_model(spec: DictConfig, datasets: list[str]) -> None:
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     spec = cfg.longdoc
     if OURS in as_list(spec.attention) + as_list(spec.timed):
-        from kernels.hf_attention import register
+        from effrepro_kernels.hf_attention import register
         register()
     documents = {}
     for dataset in as_list(spec.datasets):

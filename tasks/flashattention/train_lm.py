@@ -150,7 +150,7 @@ def validate(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     init_distributed(ctx.device)
     if OURS in as_list(cfg.attention):
-        from kernels.hf_attention import register
+        from effrepro_kernels.hf_attention import register
         register()
     data = load_token_stream(cfg.data, cfg.paths.cache)
     for seq_len in as_list(cfg.model.seq_len):

@@ -79,7 +79,7 @@ def parse_variant(name: str) -> Variant:
 
 def _attention(name: str) -> str:
     if name == "effrepro":
-        from kernels.hf_attention import register
+        from effrepro_kernels.hf_attention import register
         register()  # our kernel as a transformers attention implementation
     return name
 

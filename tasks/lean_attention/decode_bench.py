@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kernels import decode_attention, make_schedule
-from kernels.decode_attention import SCHEDULES
+from effrepro_kernels import decode_attention, make_schedule
+from effrepro_kernels.decode_attention import SCHEDULES
 from repro import checks
 from repro.bench import Call, Point, Provider, copy_bandwidth, run_benchmark
 from repro.checks import as_list

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import BlockSparseLayout, attention_reference, butterfly_block_mask, flash_attn
+from effrepro_kernels import BlockSparseLayout, attention_reference, butterfly_block_mask, flash_attn
 from tasks.common.linformer import LinformerAttention
 
 

@@ -27,8 +27,8 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kernels import decode_attention, decode_attention_quantized, make_schedule, quantize_kv
-from kernels.runtime import runs_on
+from effrepro_kernels import decode_attention, decode_attention_quantized, make_schedule, quantize_kv
+from effrepro_kernels.runtime import runs_on
 from repro import checks
 from repro.bench import Call, Point, Provider, copy_bandwidth, failure, run_benchmark
 from repro.context import ConfigError, RunContext

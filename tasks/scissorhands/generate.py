@@ -2,7 +2,7 @@
 
 Each layer's cache holds, per KV head, at most its policy's budget of tokens: preallocated tensors of that many
 slots, so the memory a policy saves is what its tensors hold (`EvictingCache.kv_bytes`). Attention over them runs
-on our decode kernel (`kernels.decode_attention`), which also returns each cached key's probability; the policy's
+on our decode kernel (`effrepro_kernels.decode_attention`), which also returns each cached key's probability; the policy's
 statistics come from those (never an N x N matrix). A step runs the order policies.py describes: make room, append,
 attend, observe.
 
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from kernels.decode_attention import (DecodeSchedule, decode_attention, decode_attention_quantized, make_schedule,
+from effrepro_kernels.decode_attention import (DecodeSchedule, decode_attention, decode_attention_quantized, make_schedule,
                                       merge_attention)
-from kernels.kv_quant import QuantizedKV, dequantize_kv, quantize_kv
+from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, quantize_kv
 
 from .hooks import active, attention_replaced
 from .policies import Policy

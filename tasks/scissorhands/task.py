@@ -26,8 +26,8 @@ from typing import Callable, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kernels.decode_attention import SCHEDULES
-from kernels.runtime import runs_on
+from effrepro_kernels.decode_attention import SCHEDULES
+from effrepro_kernels.runtime import runs_on
 from repro import checks
 from repro.bench import Unsupported, failure
 from repro.context import ConfigError, RunContext

@@ -232,7 +232,7 @@ def lean_programs(tiles: list[int], sms: int) -> int:
     """The default number of lean programs: one per SM (which measured best on an H100 among one, two and four
     per SM), except where fewer segments (batch · KV head) than SMs are equally long: then the largest multiple
     of the segment count that fits, so that no program spans two segments. A spanning program stores, counts
-    and starts a second piece, and the launch waits for the slowest program (kernels/NOTES.md: measured on an
+    and starts a second piece, and the launch waits for the slowest program (effrepro_kernels/NOTES.md: measured on an
     H100, whose 132 SMs give 128 programs at 8, 32 or 128 segments)."""
     if len(tiles) <= sms and len(set(tiles)) == 1:
         return len(tiles) * (sms // len(tiles))
@@ -253,7 +253,7 @@ def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.f
 
 def merge_step(max_pieces: int, group: int, head_dim: int) -> int:
     """Pieces the merge loads per step: 16 where heads have at least 16 pieces and 16 of them fit in 128 float32
-    registers a thread, else one. Measured on an H100 (kernels/NOTES.md): the 16-piece step shortened the
+    registers a thread, else one. Measured on an H100 (effrepro_kernels/NOTES.md): the 16-piece step shortened the
     launch's tail there; with fewer pieces, or pieces too large, one per step was as fast or faster."""
     return 16 if max_pieces >= 16 and 16 * group * head_dim <= 128 * 128 else 1
 

@@ -90,7 +90,7 @@ def _ungrouped(x: torch.Tensor, axis: str) -> torch.Tensor:
 
 
 def quantize_kv_reference(x: torch.Tensor, bits: int, group_size: int, axis: str):
-    """Group-wise asymmetric quantization (kernels/kv_quant.py's docstring): codes (uint8, x's shape, one per
+    """Group-wise asymmetric quantization (effrepro_kernels/kv_quant.py's docstring): codes (uint8, x's shape, one per
     value, unpacked), scale and zero (x's dtype, one per group)."""
     groups = _grouped(x.float(), group_size, axis)
     lo, hi = groups.amin(-1), groups.amax(-1)

@@ -1,6 +1,6 @@
 """Our FlashAttention as a Hugging Face transformers attention implementation:
 
-    from kernels.hf_attention import register
+    from effrepro_kernels.hf_attention import register
     register()                      # once per process
     model = AutoModel.from_config(config, attn_implementation="effrepro")
 
