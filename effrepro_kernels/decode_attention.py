@@ -220,12 +220,20 @@ class DecodeSchedule:
     # signature skip both, so a call costs the output's allocation and the launches.
     checked_for: tuple | None = field(default=None, repr=False, compare=False)
     workspace: tuple = field(default=(), repr=False, compare=False)
+    copies: dict = field(default_factory=dict, repr=False, compare=False)  # device -> this schedule there
 
     def to(self, device) -> "DecodeSchedule":
-        if self.work.device == torch.device(device):
+        """This schedule on `device`: a copy made once per device and kept, so that a schedule built on the
+        CPU costs no copies (nor checks) on later calls."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # the key tensors' devices carry
+        if self.work.device == device:
             return self
-        moved = {name: getattr(self, name).to(device) for name in ("work", "lengths", "arrived")}
-        return dataclasses.replace(self, **moved, checked_for=None, workspace=())
+        if device not in self.copies:
+            moved = {name: getattr(self, name).to(device) for name in ("work", "lengths", "arrived")}
+            self.copies[device] = dataclasses.replace(self, **moved, checked_for=None, workspace=(), copies={})
+        return self.copies[device]
 
 
 def lean_programs(tiles: list[int], sms: int) -> int:
@@ -263,10 +271,13 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
                   dtype: torch.dtype = torch.float16, device=None) -> DecodeSchedule:
     """`fa2`: a program per (batch, KV head). `split`: `num_splits` chunks per (batch, KV head) (default: enough
     for one program per SM). `lean`: `num_programs` equal shares of all tiles (default: `lean_programs`).
-    Tiles of `block_n` keys (default: `default_block_n` for the head_dim and dtype the schedule will serve)."""
+    Tiles of `block_n` keys (default: `default_block_n` for the head_dim and dtype the schedule will serve).
+    The schedule lives on `device` (default: that of `lengths`, if a tensor; else the CPU)."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule={kind!r} is not one of {SCHEDULES}")
     block_n = block_n or default_block_n(kind, head_dim, dtype)
+    if device is None and isinstance(lengths, torch.Tensor):
+        device = lengths.device  # where the lengths are, the calls will be
     lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
     if not lengths or min(lengths) < 1:
         raise ValueError(f"lengths must be a non-empty list of lengths >= 1, got {lengths}")

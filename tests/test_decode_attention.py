@@ -190,6 +190,22 @@ def test_a_prepared_schedule_checks_each_new_signature_once_and_keeps_its_worksp
     assert len(checked) == 2
 
 
+def test_a_schedule_lives_where_its_lengths_are_unless_told():
+    assert make_schedule("lean", torch.tensor([5, 9], device=DEVICE), 2).work.device.type == DEVICE
+    assert make_schedule("lean", [5, 9], 2).work.device.type == "cpu"
+
+
+@gpu
+def test_gpu_a_schedule_built_on_the_cpu_is_copied_once_and_checked_once():
+    sched = make_schedule("lean", [40, 9], 2, num_programs=5, block_n=16)  # from a list: on the CPU
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    k, v = (torch.randn(2, 2, 40, 32, device=DEVICE) for _ in range(2))
+    first = decode_attention(q, k, v, schedule=sched)
+    on_gpu = sched.to(DEVICE)
+    assert on_gpu is sched.to(q.device) and on_gpu.checked_for is not None
+    assert torch.equal(decode_attention(q, k, v, schedule=sched), first)
+
+
 def test_a_schedule_built_for_other_kv_heads_is_refused():
     q = torch.randn(2, 4, 64, device=DEVICE, dtype=torch.float16)
     k, v = (torch.randn(2, 2, 16, 64, device=DEVICE, dtype=torch.float16) for _ in range(2))
