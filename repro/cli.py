@@ -301,6 +301,7 @@ def main() -> None:
     # `timeout`, SLURM and torchrun stop a job with SIGTERM: turn it into an interrupt, so that the record is
     # written with what was measured instead of being left half-way.
     signal.signal(signal.SIGTERM, _interrupt)
+    SweepSummary.failed = False  # an earlier multirun in this process (tests run several) says nothing of this one
     error = check_overrides(sys.argv[1:])
     if error:
         print(f"repro: error: {error}", file=sys.stderr)
