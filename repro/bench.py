@@ -80,7 +80,7 @@ def _relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
 TOLERANCE = {"float32": 2e-3, "float16": 1e-2, "bfloat16": 3e-2}
 
 
-def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, cuda_graph,
+def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, back_to_back,
                  reference: dict) -> list[Row]:
     """The rows of one provider at one point. `reference` holds the baseline's result at this point, once
     measured, for the others to be checked against."""
@@ -101,7 +101,7 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, cu
                 error = _relative_error(result, reference["result"])
             result = None
         timing = measure(call.fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=call.grad_to_none,
-                         cuda_graph=cuda_graph)
+                         back_to_back=back_to_back)
         memory = peak_memory_mb(call.fn, device)
     except Exception as exc:  # noqa: BLE001 - one broken point must not end the sweep
         failed = True
@@ -152,10 +152,10 @@ def _ratios(point_rows: list[Row], baseline: str, compare_to: Sequence[str]) -> 
 
 def run_benchmark(points: Iterable[Point], providers: Sequence[Provider], device: torch.device, *,
                   warmup_ms: float = 25, rep_ms: float = 100, progress: bool = True,
-                  compare_to: Sequence[str] = (), cuda_graph: bool = False) -> Iterator[Row]:
+                  compare_to: Sequence[str] = (), back_to_back: str | None = None) -> Iterator[Row]:
     """Yield the rows of each point as soon as it is measured, so that a killed run keeps what it did.
-    `cuda_graph`: time every provider from CUDA graphs (see `repro.timing.measure`), for calls so short that
-    the host's launch overhead would dominate."""
+    `back_to_back`: time every provider in loops of back-to-back calls ("graph" or "eager", see
+    `repro.timing.measure`), for calls of a few microseconds."""
     baselines = [p.name for p in providers if p.baseline]
     if len(baselines) != 1:
         raise ValueError(f"exactly one provider must be the baseline, got {baselines or 'none'}")
@@ -167,7 +167,7 @@ def run_benchmark(points: Iterable[Point], providers: Sequence[Provider], device
         point_rows, reference = [], {}
         for provider in ordered:
             bar.set_postfix_str(f"{point.x_name}={point.x_value} {provider.name}", refresh=False)
-            point_rows += _measure_one(provider, point, device, warmup_ms, rep_ms, cuda_graph, reference)
+            point_rows += _measure_one(provider, point, device, warmup_ms, rep_ms, back_to_back, reference)
             bar.update()
         reference.clear()
         yield from point_rows + _ratios(point_rows, baselines[0], compare_to)

@@ -10,6 +10,8 @@ import torch
 
 CLOCK_GPU = "cuda_event"
 CLOCK_GRAPH = "cuda_graph"
+CLOCK_EAGER = "eager_loop"
+BACK_TO_BACK = {"graph": CLOCK_GRAPH, "eager": CLOCK_EAGER}
 CLOCK_CPU = "wall_clock"
 
 
@@ -57,17 +59,21 @@ def measure(
     warmup_ms: float = 25,
     rep_ms: float = 100,
     grad_to_none: Sequence[torch.Tensor] | None = None,
-    cuda_graph: bool = False,
+    back_to_back: str | None = None,
     streams: Sequence = (),
 ) -> Timing:
     """Time `fn`. On a GPU: `triton.testing.do_bench`, which warms up, flushes L2 before every call and
-    times each call with CUDA events; or, with `cuda_graph`, `_graph_times` (see there). Work `fn` issues on
-    side `streams` is joined into each timed call. On a CPU: perf_counter around each call, after a warm-up
-    (streams do not exist there)."""
+    times each call with CUDA events; or, with `back_to_back`, `_loop_times` (see there): "graph" replays
+    calls from a CUDA graph (the kernels' own time), "eager" issues them from Python (what an eager loop sees,
+    the host's launch cost included where it exceeds the kernels'). Work `fn` issues on side `streams` is
+    joined into each timed call. On a CPU: perf_counter around each call, after a warm-up (streams do not
+    exist there)."""
+    if back_to_back is not None and back_to_back not in BACK_TO_BACK:
+        raise ValueError(f"back_to_back={back_to_back!r} is not one of {[None, *BACK_TO_BACK]}")
     if device.type == "cuda":
         fn = joined(fn, streams)
-    if device.type == "cuda" and cuda_graph:
-        return _summarise(_graph_times(fn, warmup_ms, rep_ms), CLOCK_GRAPH)
+    if device.type == "cuda" and back_to_back:
+        return _summarise(_loop_times(fn, warmup_ms, rep_ms, back_to_back == "graph"), BACK_TO_BACK[back_to_back])
     if device.type == "cuda":
         import triton.testing
 
@@ -120,13 +126,15 @@ def measure_steps(step: Callable[[int], object], steps: int, device: torch.devic
     return _summarise([a.elapsed_time(b) for a, b in events], CLOCK_GPU)
 
 
-def _graph_times(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> list[float]:
-    """Milliseconds per call of `fn` replayed from a CUDA graph of back-to-back calls, one sample per replay.
+def _loop_times(fn: Callable[[], object], warmup_ms: float, rep_ms: float, graph: bool) -> list[float]:
+    """Milliseconds per call of `fn` in loops of back-to-back calls, about 1 ms of work each, one sample per
+    loop: replayed from a CUDA graph (`graph`), or issued from Python.
 
-    For calls of a few microseconds, where the host's launch overhead would be timed instead of the kernels
-    (a decode step in a serving engine runs from a graph for the same reason). Nothing flushes L2 between the
-    calls of a graph: a caller timing memory-bound work rotates through inputs that together exceed L2."""
-    fn()  # compiles and autotunes outside the capture
+    For calls of a few microseconds. From a graph, the kernels are timed and not the host's launch overhead (a
+    decode step in a serving engine runs from a graph for the same reason); from Python, whichever of the two
+    is longer. Nothing flushes L2 between the calls of a loop: a caller timing memory-bound work rotates
+    through inputs that together exceed L2."""
+    fn()  # compiles and autotunes outside any capture
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -135,23 +143,28 @@ def _graph_times(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> l
     end.record()
     torch.cuda.synchronize()
     per_call = max(start.elapsed_time(end) / 5, 1e-4)
-    calls = max(1, min(1000, round(1.0 / per_call)))  # about 1 ms of work per replay
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    calls = max(1, min(1000, round(1.0 / per_call)))
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            for _ in range(calls):
+                fn()
+        loop = captured.replay
+    else:
+        def loop():
+            for _ in range(calls):
+                fn()
     replays = max(10, min(1000, round(rep_ms / (per_call * calls))))
     for _ in range(max(1, round(warmup_ms / (per_call * calls)))):
-        graph.replay()
+        loop()
+    torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
     for a, b in events:
         a.record()
-        graph.replay()
+        loop()
         b.record()
     torch.cuda.synchronize()
-    times = [a.elapsed_time(b) / calls for a, b in events]
-    del graph
-    return times
+    return [a.elapsed_time(b) / calls for a, b in events]
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:

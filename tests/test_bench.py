@@ -4,6 +4,7 @@ import time
 import pytest
 import torch
 
+from conftest import gpu
 from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
 from repro.timing import measure
 
@@ -54,6 +55,18 @@ def test_exactly_one_baseline():
 def test_cpu_timing_is_marked_as_wall_clock_and_times_the_call():
     t = measure(lambda: time.sleep(0.002), torch.device("cpu"), warmup_ms=1, rep_ms=20)
     assert t.clock == "wall_clock" and t.n >= 3 and 2.0 <= t.p50 < 50
+    with pytest.raises(ValueError, match="back_to_back='python' is not one of"):
+        measure(lambda: None, torch.device("cpu"), back_to_back="python")
+
+
+@gpu
+@pytest.mark.parametrize("back_to_back, clock", [("graph", "cuda_graph"), ("eager", "eager_loop")])
+def test_gpu_back_to_back_loops_time_each_call(back_to_back, clock):
+    x = torch.randn(1 << 26, device="cuda")
+    one = measure(lambda: x.mul_(1.0), torch.device("cuda"), rep_ms=20)
+    t = measure(lambda: x.mul_(1.0), torch.device("cuda"), rep_ms=20, back_to_back=back_to_back)
+    # 256 MB read and written a call: beyond L2 either way, so a call costs the same alone or in a loop
+    assert t.clock == clock and t.p50 == pytest.approx(one.p50, rel=0.3)
 
 
 def test_the_flop_and_byte_counts_behind_tflops_and_bandwidth():
@@ -67,8 +80,9 @@ def test_the_flop_and_byte_counts_behind_tflops_and_bandwidth():
     assert attention_flops(2, 3, 5, 7, causal=True, mode="fwd") == 2 * 3 * 5 * 5 * 7 * 2
     assert attention_flops(2, 3, 5, 7, causal=False, mode="fwd_bwd") == 3.5 * 4 * 2 * 3 * 5 * 5 * 7
     cfg = OmegaConf.create({"dtype": "float16", "context": [1000], "batch": [2], "heads": ["8/4"], "head_dim": 64})
-    (point,) = grid(cfg)
+    (point,) = grid(cfg, "eager")
     assert point.bytes == 2 * 2 * 4 * 1000 * 64 * 2  # K and V, batch 2, 4 KV heads, 1000 tokens, 64 dims, fp16
+    assert point.extra["mode"] == "eager"
 
 
 def test_each_provider_is_checked_against_the_baselines_output_on_the_same_inputs():

@@ -184,7 +184,7 @@ def attention_provider(kind: CacheKind, shape: Shape, schedule_kind: str, ctx: R
         copies = _inputs(shape, kind, tokens, ctx.device, seed, rotate_bytes, group_size)
         lengths = torch.full((shape.batch,), tokens, dtype=torch.int32)
         schedule = make_schedule(schedule_kind, lengths, shape.kv_heads, head_dim=shape.head_dim, dtype=shape.dtype,
-                                 device=ctx.device)  # once, not timed
+                                 device=ctx.device, quantized=kind.bits < 16)  # once, not timed
         if kind.bits == 16:
             def attend(q, k, v):
                 return decode_attention(q, k, v, schedule=schedule, return_probs=with_probs)
@@ -204,7 +204,7 @@ def attention_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: int)
                  for k in cache_kinds]
     by_name = {k.name: k for k in cache_kinds}
     for row in run_benchmark(points, providers, ctx.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
-                             cuda_graph=True):
+                             back_to_back="graph"):
         kind = by_name[row.provider]
         row.metric = "attention_time" if row.metric == "time" else row.metric
         row.extra.update(kind.extra(), tokens=kind.slots(row.x_value, kv.group_size))
