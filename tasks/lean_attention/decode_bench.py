@@ -1,8 +1,10 @@
 """Decode attention over context length: each schedule of our kernel and each SDPA backend, against the
 device-to-device copy bandwidth measured in the same run.
 
-A decode step takes microseconds, less than launching it from Python, so every provider is timed from CUDA
-graphs of back-to-back calls (as serving engines run decode). L2 is never flushed inside a graph, so each
+A decode step takes microseconds, about as long as launching it from Python, so every provider is timed in
+loops of back-to-back calls, each way of `decode.timing` (a row's `mode`): `graph`, replayed from CUDA graphs
+as serving engines run decode (the kernels' time), and `eager`, issued from Python as transformers' `generate`
+does (the launch cost included wherever it exceeds the kernels'). L2 is never flushed inside a loop, so each
 call reads the next of several copies of the KV cache, together at least `decode.rotate_bytes`: no call
 finds its K and V in L2. Peak memory therefore counts all the copies."""
 from __future__ import annotations
@@ -21,12 +23,13 @@ from repro.bench import Call, Point, Provider, copy_bandwidth, run_benchmark
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
+from repro.timing import BACK_TO_BACK
 from tasks.common.sdpa import SDPA_BACKENDS, first_call, sdpa
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def grid(cfg: DictConfig) -> list[Point]:
+def grid(cfg: DictConfig, timing: str) -> list[Point]:
     spec = OmegaConf.to_container(cfg, resolve=True)
     if spec["dtype"] not in DTYPES:
         raise ConfigError(f"decode.dtype={spec['dtype']!r} is not one of {list(DTYPES)}")
@@ -35,7 +38,7 @@ def grid(cfg: DictConfig) -> list[Point]:
         hq, hkv = (int(x) for x in str(heads).split("/"))
         kv_bytes = 2 * batch * hkv * context * spec["head_dim"] * torch.finfo(DTYPES[spec["dtype"]]).bits // 8
         extra = dict(batch=batch, heads=f"{hq}/{hkv}", head_dim=spec["head_dim"], dtype=spec["dtype"],
-                     series=f"B={batch} H={hq}/{hkv}")
+                     mode=timing, series=f"B={batch} H={hq}/{hkv}")
         points.append(Point("context", context, extra, bytes=kv_bytes))
     return points
 
@@ -99,12 +102,15 @@ def validate(cfg: DictConfig) -> None:
         checks.number(f"decode.{key}", spec[key], at_least=1024)
     for key in ("warmup_ms", "rep_ms"):
         checks.number(f"decode.{key}", spec[key], integer=False, at_least=1e-3)
+    timings = as_list(OmegaConf.to_container(spec.timing))
+    if not timings or set(timings) - set(BACK_TO_BACK):
+        raise ConfigError(f"decode.timing={timings}: choose one or more of {list(BACK_TO_BACK)}")
     for heads in as_list(spec.heads):
         parts = str(heads).split("/")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) or int(parts[0]) % int(parts[1]):
             raise ConfigError(f"decode.heads={heads!r} must be 'query heads/KV heads', two positive integers, the "
                               "first a multiple of the second (e.g. '32/8')")
-    grid(spec)
+    grid(spec, timings[0])
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
@@ -116,10 +122,11 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     providers = [ours(n, ctx, cfg.seed, rotate) if n in SCHEDULES else sdpa_provider(n, ctx, cfg.seed, rotate)
                  for n in names]
     compare_to = [n for n in ("fa2", "split") if n in names]
-    for row in run_benchmark(grid(spec), providers, ctx.device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
-                             compare_to=compare_to, cuda_graph=True):
-        yield row
-        if row.metric == "bandwidth":
-            fraction = lambda x: x / copy.p50  # noqa: E731
-            yield Row(row.provider, row.x_name, row.x_value, "bandwidth_fraction", "x", fraction(row.p50),
-                      fraction(row.p20), fraction(row.p80), row.n, extra=dict(row.extra))
+    for timing in as_list(OmegaConf.to_container(spec.timing)):
+        for row in run_benchmark(grid(spec, timing), providers, ctx.device, warmup_ms=spec.warmup_ms,
+                                 rep_ms=spec.rep_ms, compare_to=compare_to, back_to_back=timing):
+            yield row
+            if row.metric == "bandwidth":
+                fraction = lambda x: x / copy.p50  # noqa: E731
+                yield Row(row.provider, row.x_name, row.x_value, "bandwidth_fraction", "x", fraction(row.p50),
+                          fraction(row.p20), fraction(row.p80), row.n, extra=dict(row.extra))
