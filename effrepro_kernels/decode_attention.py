@@ -27,11 +27,14 @@ import triton.language as tl
 
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .kv_quant import QuantizedKV, kv_tile
-from .runtime import INTERPRET, runs_on
+from .runtime import INTERPRET, launch, runs_on
 
 SCHEDULES = ("fa2", "split", "lean")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE_KEYS = {"fa2": 128, "split": 64, "lean": 64}  # measured best on an H100 at head_dim 128, fp16 (NOTES.md)
+# Peak memory bandwidth per SM above which `split` and `lean` tiles hold twice the keys: an H100 SXM has 25 GB/s
+# per SM and an H200 37, whose programs need more bytes in flight to keep its faster memory busy (NOTES.md)
+FAST_MEMORY_GB_S_PER_SM = 30
 PROBS_TILE_KEYS = 64  # keys per program of the probabilities kernel (not measured)
 PIPELINE_SMEM = 160 * 1024  # bytes of shared memory the K and V tiles of two pipeline stages may take
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -220,6 +223,7 @@ class DecodeSchedule:
     # signature skip both, so a call costs the output's allocation and the launches.
     checked_for: tuple | None = field(default=None, repr=False, compare=False)
     workspace: tuple = field(default=(), repr=False, compare=False)
+    launchers: dict = field(default_factory=dict, repr=False, compare=False)  # `runtime.launch`'s, per signature
     copies: dict = field(default_factory=dict, repr=False, compare=False)  # device -> this schedule there
 
     def to(self, device) -> "DecodeSchedule":
@@ -232,7 +236,8 @@ class DecodeSchedule:
             return self
         if device not in self.copies:
             moved = {name: getattr(self, name).to(device) for name in ("work", "lengths", "arrived")}
-            self.copies[device] = dataclasses.replace(self, **moved, checked_for=None, workspace=(), copies={})
+            self.copies[device] = dataclasses.replace(self, **moved, checked_for=None, workspace=(), copies={},
+                                                      launchers={})
         return self.copies[device]
 
 
@@ -247,14 +252,32 @@ def lean_programs(tiles: list[int], sms: int) -> int:
     return sms
 
 
-def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.float16) -> int:
+def peak_gb_s_per_sm(device=None) -> float:
+    """The device's peak memory bandwidth per SM (GB/s) from its properties (double data rate × bus width ×
+    memory clock); 0 without a GPU, or where torch does not report them."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return 0.0
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 / props.multi_processor_count
+
+
+def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.float16, device=None,
+                    quantized: bool = False) -> int:
     """Keys per tile. `fa2`'s few programs each stream a whole head, so their speed is the bytes each keeps in
-    flight: larger tiles. `split` and `lean` fill every SM either way. Halved where two pipeline stages of K
-    and V would not fit in shared memory (long heads, float32); 16 under the CPU interpreter, for speed."""
+    flight: larger tiles. `split` and `lean` fill every SM, and need larger tiles only where the memory is fast
+    for the SM count (`FAST_MEMORY_GB_S_PER_SM`). The measured key counts are for head_dim 128; a tile keeps
+    their bytes at other head dims (twice the keys at 64). Halved where two pipeline stages of K and V would
+    not fit in shared memory (long heads, float32), or half of it for a quantized cache, whose tiles are
+    dequantized beside the packed ones; 16 under the CPU interpreter, for speed."""
     if INTERPRET:
         return 16
     keys = TILE_KEYS[kind]
-    while keys > 16 and pipeline_bytes(keys, head_dim, dtype) > PIPELINE_SMEM:
+    if kind != "fa2" and not quantized and peak_gb_s_per_sm(device) > FAST_MEMORY_GB_S_PER_SM:
+        keys *= 2
+    keys = min(256, keys * 128 // padded_head_dim(head_dim)) if head_dim < 128 else keys
+    room = PIPELINE_SMEM // 2 if quantized else PIPELINE_SMEM
+    while keys > 16 and pipeline_bytes(keys, head_dim, dtype) > room:
         keys //= 2
     return keys
 
@@ -268,16 +291,17 @@ def merge_step(max_pieces: int, group: int, head_dim: int) -> int:
 
 def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | None = None,
                   num_splits: int | None = None, block_n: int | None = None, head_dim: int = 128,
-                  dtype: torch.dtype = torch.float16, device=None) -> DecodeSchedule:
+                  dtype: torch.dtype = torch.float16, device=None, quantized: bool = False) -> DecodeSchedule:
     """`fa2`: a program per (batch, KV head). `split`: `num_splits` chunks per (batch, KV head) (default: enough
     for one program per SM). `lean`: `num_programs` equal shares of all tiles (default: `lean_programs`).
-    Tiles of `block_n` keys (default: `default_block_n` for the head_dim and dtype the schedule will serve).
-    The schedule lives on `device` (default: that of `lengths`, if a tensor; else the CPU)."""
+    Tiles of `block_n` keys (default: `default_block_n` for the head_dim, dtype, device and kind of cache, full
+    precision or `quantized`, the schedule will serve). The schedule lives on `device` (default: that of
+    `lengths`, if a tensor; else the CPU)."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule={kind!r} is not one of {SCHEDULES}")
-    block_n = block_n or default_block_n(kind, head_dim, dtype)
     if device is None and isinstance(lengths, torch.Tensor):
         device = lengths.device  # where the lengths are, the calls will be
+    block_n = block_n or default_block_n(kind, head_dim, dtype, device, quantized)
     lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
     if not lengths or min(lengths) < 1:
         raise ValueError(f"lengths must be a non-empty list of lengths >= 1, got {lengths}")
@@ -401,21 +425,23 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
         lse = torch.empty_like(lse)
     k_ptrs, k_strides, (k_bits, k_group) = _cache_args(k_cache)
     v_ptrs, v_strides, (v_bits, v_group) = _cache_args(v_cache)
-    _decode[(schedule.num_programs,)](
+    kept = schedule.launchers if schedule.checked_for is not None else None  # a prepared schedule's
+    launch(_decode, (schedule.num_programs,), (
         q, *k_ptrs, *v_ptrs, schedule.work, schedule.work.shape[1], schedule.arrived, wo, wl, out, lse,
         q.stride(0), q.stride(1), *k_strides, *v_strides, out.stride(0), out.stride(1),
-        hkv, groups, schedule.max_pieces, scale,
+        hkv, groups, schedule.max_pieces, scale), dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, GROUP=group,
         BLOCK_P=merge_step(schedule.max_pieces, group, block_d), K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits,
-        V_GROUP=v_group, PRECISION=precision, num_warps=schedule.num_warps, num_stages=schedule.num_stages)
+        V_GROUP=v_group, PRECISION=precision, num_warps=schedule.num_warps, num_stages=schedule.num_stages),
+        kept, "decode")
     results = (out, lse) if return_lse else (out,)
     if return_probs:
         max_len = k_cache.shape[2]
         probs = torch.empty(b, h, max_len, device=q.device, dtype=torch.float32)
-        _key_probs[(triton.cdiv(max_len, PROBS_TILE_KEYS), b * hkv)](
+        launch(_key_probs, (triton.cdiv(max_len, PROBS_TILE_KEYS), b * hkv), (
             q, *k_ptrs, schedule.lengths, lse, probs, q.stride(0), q.stride(1), *k_strides, hkv, groups, max_len,
-            scale, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=PROBS_TILE_KEYS, K_BITS=k_bits,
-            K_GROUP=k_group, PRECISION=precision)
+            scale), dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=PROBS_TILE_KEYS, K_BITS=k_bits,
+                         K_GROUP=k_group, PRECISION=precision), kept, "probs")
         results += (probs,)
     return results if len(results) > 1 else out
 
@@ -457,12 +483,14 @@ def _prepare(q, k_cache, v_cache, lengths, schedule) -> tuple[DecodeSchedule, tu
             raise ValueError(f"lengths {_lengths_on_host(lengths)} differ from those the schedule was built for "
                              f"{schedule.host_lengths}; build a new schedule with make_schedule")
         schedule = schedule.to(q.device)
-        signature = tuple((t.shape, t.stride(), t.dtype, t.device)
+        # with the 16-byte alignment Triton specialises pointers on: a kept compiled kernel assumes it
+        signature = tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
                           for t in (q, *_tensors(k_cache), *_tensors(v_cache)))
         if schedule.checked_for != signature:  # once per schedule and signature, not per call
             _check(q, k_cache, v_cache, schedule.host_lengths)
             _check_schedule_fits(schedule, q, k_cache)
             schedule.checked_for, schedule.workspace = signature, _workspace(q, schedule.max_pieces)
+            schedule.launchers = {}
         return schedule, schedule.workspace
     if lengths is None:
         raise ValueError(f"schedule={schedule!r} needs the lengths; pass lengths or a prepared DecodeSchedule")
@@ -505,12 +533,11 @@ def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: Quantized
                          f"{k_q.axis!r} and {v_q.axis!r}")
     if k_q.zero.stride() != k_q.scale.stride() or v_q.zero.stride() != v_q.scale.stride():
         raise ValueError("a QuantizedKV's zero must be laid out like its scale (same strides)")
-    if isinstance(schedule, str) and q.dtype == torch.float32 and lengths is not None:
-        # float32 tiles dequantized from packed codes need about twice the shared memory of the default tile
-        # (measured on an H200: 300 KB where 227 KB exist): half as many keys a tile
+    if isinstance(schedule, str) and lengths is not None:
+        # tiles dequantized from packed codes take shared memory beside them: a float32 tile of the full-precision
+        # size needed 300 KB on an H200, where 227 KB exist (`default_block_n` with quantized=True)
         schedule = make_schedule(schedule, _lengths_on_host(lengths), k_q.shape[1], head_dim=q.shape[2],
-                                 dtype=q.dtype, device=q.device,
-                                 block_n=max(16, default_block_n(schedule, q.shape[2], q.dtype) // 2))
+                                 dtype=q.dtype, device=q.device, quantized=True)
     schedule, workspace = _prepare(q, k_q, v_q, lengths, schedule)
     return _attend(q, k_q, v_q, schedule, workspace, softmax_scale, return_lse, return_probs)
 

@@ -10,3 +10,26 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def runs_on(device) -> bool:
     """Whether the kernels can run on `device`: a CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
     return torch.device(device).type == "cuda" or INTERPRET
+
+
+# Launches of a prepared decode schedule skip Triton's argument binding (see `launch`); set
+# EFFREPRO_FAST_LAUNCH=0 to send every launch through Triton's JIT entry, should a Triton release change the
+# compiled kernel's calling convention (checked on the GPU with Triton 3.6; the same code in 3.9's source).
+FAST_LAUNCH = os.environ.get("EFFREPRO_FAST_LAUNCH", "1") != "0" and not INTERPRET
+
+
+def launch(kernel, grid: tuple, args: tuple, meta: dict, kept: dict | None = None, name: str = ""):
+    """`kernel[grid](*args, **meta)`. With `kept`, a dict whose owner ensures that every launch given it has the
+    same grid, argument types, alignments, integer values that Triton specialises on (strides, sizes) and `meta`
+    (a prepared decode schedule, per call signature): the first launch's compiled kernel is kept there under
+    `name`, and later launches call it directly. That skips Triton's binding and specialisation of every argument
+    and its cache lookup, most of the host's time for a kernel of 40 arguments (effrepro_kernels/NOTES.md)."""
+    fast = kept.get(name) if kept is not None else None
+    if fast is not None:
+        runner, constexprs = fast
+        runner(*args, *constexprs)
+        return
+    compiled = kernel[grid](*args, **meta)
+    if kept is not None and FAST_LAUNCH and hasattr(compiled, "__getitem__"):
+        # the compiled kernel takes every parameter in order, constexprs included, and no launch options
+        kept[name] = (compiled[grid], tuple(meta[n] for n in kernel.arg_names[len(args):]))

@@ -118,10 +118,27 @@ def test_default_lean_programs_never_span_two_equal_segments():
 
 def test_tiles_are_larger_for_fa2_and_shrink_to_fit_shared_memory(monkeypatch):
     # the module, not the function `effrepro_kernels.decode_attention` that the package exports under the same name
-    monkeypatch.setattr(importlib.import_module("effrepro_kernels.decode_attention"), "INTERPRET", False)
+    module = importlib.import_module("effrepro_kernels.decode_attention")
+    monkeypatch.setattr(module, "INTERPRET", False)
+    monkeypatch.setattr(module, "peak_gb_s_per_sm", lambda device=None: 25.4)  # an H100 SXM's
     assert default_block_n("fa2") == 128 and default_block_n("lean") == default_block_n("split") == 64
     assert default_block_n("fa2", 256) == 64 and default_block_n("fa2", 128, torch.float32) == 64
     assert default_block_n("lean", 256, torch.float32) == 32
+    # the same bytes a tile at smaller heads; a quantized cache leaves room for its dequantized tiles
+    assert default_block_n("lean", 64) == 128 and default_block_n("lean", 96) == 64
+    assert default_block_n("fa2", 32) == default_block_n("fa2", 16) == 256
+    assert default_block_n("lean", quantized=True) == 64 and default_block_n("lean", 128, torch.float32, quantized=True) == 32
+    monkeypatch.setattr(module, "peak_gb_s_per_sm", lambda device=None: 37.3)  # an H200's: more bytes in flight
+    assert default_block_n("lean") == default_block_n("split") == default_block_n("fa2") == 128
+    assert default_block_n("lean", 64) == 256 and default_block_n("lean", 80) == 128
+    assert default_block_n("lean", quantized=True) == 64 and default_block_n("lean", 256, torch.float32) == 32
+
+
+def test_peak_bandwidth_per_sm_comes_from_the_device():
+    from effrepro_kernels.decode_attention import peak_gb_s_per_sm
+    assert peak_gb_s_per_sm("cpu") == 0
+    if DEVICE == "cuda":  # an H100 SXM has 25 GB/s per SM, an H200 37
+        assert 5 < peak_gb_s_per_sm(DEVICE) < 100
     q = torch.randn(1, 2, 256, device=DEVICE)
     k = torch.randn(1, 1, 8, 256, device=DEVICE)
     with pytest.raises(ValueError, match="64-key tiles need 256 KB"):
@@ -240,3 +257,25 @@ def test_gpu_in_kernel_merge_is_deterministic_whichever_program_finishes_last():
         assert torch.equal(decode_attention(q, k, v, schedule=sched), first)
     ref = decode_attention_reference(q.double(), k.double(), v.double(), sched.lengths)
     assert ((first.double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
+
+
+def test_a_kept_launch_passes_every_parameter_in_order_and_only_for_the_owner(monkeypatch):
+    runtime = importlib.import_module("effrepro_kernels.runtime")
+    monkeypatch.setattr(runtime, "FAST_LAUNCH", True)
+    calls = []
+
+    class Compiled:  # stands for Triton's compiled kernel: indexed by the grid, called with every parameter
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("kept", grid, args))
+
+    class Kernel:  # stands for a @triton.jit function
+        arg_names = ["X", "n", "BLOCK", "MODE"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: calls.append(("jit", grid, args, meta)) or Compiled()
+
+    kept, meta = {}, dict(MODE="a", BLOCK=16, num_warps=4)
+    for _ in range(2):
+        runtime.launch(Kernel(), (3,), ("x", 5), meta, kept, "k")
+    runtime.launch(Kernel(), (3,), ("x", 5), meta)  # no owner: always through the JIT
+    assert calls == [("jit", (3,), ("x", 5), meta), ("kept", (3,), ("x", 5, 16, "a")), ("jit", (3,), ("x", 5), meta)]

@@ -46,10 +46,12 @@ KV_BITS = (2, 4, 8, 16)
 
 @functools.lru_cache(maxsize=4096)
 def prepared_schedule(kind: str, batch: int, kv_heads: int, n: int, head_dim: int, dtype: torch.dtype,
-                      device: torch.device) -> DecodeSchedule:
-    """The decode kernel's schedule for `batch` caches of `n` tokens, built once and reused by every layer and step
-    at that length: building one is host work that takes longer than the kernel at these sizes."""
-    return make_schedule(kind, [n] * batch, kv_heads, head_dim=head_dim, dtype=dtype, device=device)
+                      device: torch.device, quantized: bool = False) -> DecodeSchedule:
+    """The decode kernel's schedule for `batch` caches of `n` tokens (full precision or `quantized`), built once
+    and reused by every layer and step at that length: building one is host work that takes longer than the
+    kernel at these sizes."""
+    return make_schedule(kind, [n] * batch, kv_heads, head_dim=head_dim, dtype=dtype, device=device,
+                         quantized=quantized)
 
 
 def _gather_slots(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -145,7 +147,7 @@ class QuantizedStore:
         parts = []  # (first slot, out, lse[, probs]) of the quantized and of the full-precision part
         if self.n_quantized:
             schedule = prepared_schedule(self.schedule, b, self.keys.shape[1], self.n_quantized, q.shape[2], q.dtype,
-                                         q.device)
+                                         q.device, quantized=True)
             parts.append((0, *decode_attention_quantized(q, self.keys, self.values, schedule=schedule,
                                                          softmax_scale=scale, return_lse=True,
                                                          return_probs=with_probs)))
