@@ -1,0 +1,177 @@
+"""Probe the launch levers of decode attention on this GPU: keys per tile, warps, pipeline stages and lean
+programs per SM, at a few shapes, each timed from CUDA graphs against the copy bandwidth of the same run; then
+head sizes at the default levers, and the host cost of one call from eager PyTorch. Prints tables (what
+effrepro_kernels/NOTES.md quotes); it writes no record: `repro task=lean_decode` is the measurement.
+
+    python scripts/tune_decode.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import time
+
+import torch
+
+from effrepro_kernels import decode_attention, make_schedule
+from effrepro_kernels.decode_attention import lean_programs, pipeline_bytes, PIPELINE_SMEM
+from repro.timing import measure
+
+ROTATE_BYTES = 512 << 20  # KV copies per shape, together beyond any L2
+
+
+def inputs(batch, hq, hkv, context, head_dim, dtype=torch.float16):
+    kv_bytes = 2 * batch * hkv * context * head_dim * 2
+    copies = []
+    for _ in range(max(1, math.ceil(ROTATE_BYTES / kv_bytes))):
+        q = torch.randn(batch, hq, head_dim, device="cuda", dtype=dtype)
+        k, v = (torch.randn(batch, hkv, context, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        copies.append((q, k, v))
+    return copies, torch.full((batch,), context, device="cuda", dtype=torch.int32), kv_bytes
+
+
+def rotating(copies, fn):
+    turn = itertools.cycle(copies)
+    return lambda: fn(*next(turn))
+
+
+def gb_s(kv_bytes, timing):
+    return kv_bytes / (timing.p50 * 1e-3) / 1e9
+
+
+def levers(shapes, copy_gb_s, quick):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    grid = dict(block_n=[32, 64, 128], num_warps=[2, 4, 8], num_stages=[2, 3, 4, 5], per_sm=[1, 2])
+    if quick:
+        grid = dict(block_n=[64, 128], num_warps=[4], num_stages=[3, 4], per_sm=[1])
+    print(f"\n## lean levers (fraction of copy bandwidth {copy_gb_s:.0f} GB/s; graph-timed)")
+    print("| shape | " + " | ".join(grid) + " | GB/s | fraction |\n|" + "---|" * (len(grid) + 3))
+    for batch, hq, hkv, context in shapes:
+        copies, lengths, kv_bytes = inputs(batch, hq, hkv, context, 128)
+        results = []
+        for block_n, warps, stages, per_sm in itertools.product(*grid.values()):
+            if pipeline_bytes(block_n, 128, torch.float16) * stages / 2 > PIPELINE_SMEM * 1.4:
+                continue
+            tiles = [math.ceil(context / block_n)] * (batch * hkv)
+            schedule = make_schedule("lean", lengths, hkv, block_n=block_n,
+                                     num_programs=lean_programs(tiles, sms) * per_sm, device="cuda")
+            schedule = dataclasses.replace(schedule, num_warps=warps, num_stages=stages)
+            try:
+                t = measure(rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=schedule)),
+                            torch.device("cuda"), warmup_ms=5, rep_ms=30, back_to_back="graph")
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                print(f"<!-- {block_n} {warps} {stages} {per_sm}: {type(exc).__name__} -->")
+                continue
+            results.append(((block_n, warps, stages, per_sm), gb_s(kv_bytes, t)))
+        results.sort(key=lambda r: -r[1])
+        for config, rate in results[:4]:
+            print(f"| B={batch} {hq}/{hkv} L={context} | " + " | ".join(map(str, config)) +
+                  f" | {rate:.0f} | {rate / copy_gb_s:.3f} |")
+        default = make_schedule("lean", lengths, hkv, device="cuda")
+        t = measure(rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=default)),
+                    torch.device("cuda"), warmup_ms=5, rep_ms=30, back_to_back="graph")
+        print(f"| B={batch} {hq}/{hkv} L={context} default | {default.block_n} | {default.num_warps} | "
+              f"{default.num_stages} | {default.num_programs} progs | {gb_s(kv_bytes, t):.0f} | "
+              f"{gb_s(kv_bytes, t) / copy_gb_s:.3f} |")
+        del copies
+        torch.cuda.empty_cache()
+
+
+def head_dims(copy_gb_s):
+    print("\n## head sizes at the default levers (B=1 and 4, 32/8, 64K; graph-timed)")
+    print("| head_dim | B | GB/s | fraction |\n|---|---|---|---|")
+    for head_dim, batch in itertools.product((64, 80, 96, 128), (1, 4)):
+        copies, lengths, kv_bytes = inputs(batch, 32, 8, 65536, head_dim)
+        schedule = make_schedule("lean", lengths, 8, head_dim=head_dim, device="cuda")
+        t = measure(rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=schedule)),
+                    torch.device("cuda"), warmup_ms=5, rep_ms=30, back_to_back="graph")
+        print(f"| {head_dim} | {batch} | {gb_s(kv_bytes, t):.0f} | {gb_s(kv_bytes, t) / copy_gb_s:.3f} |")
+        del copies
+        torch.cuda.empty_cache()
+
+
+def per_call_us(call) -> tuple[float, float]:
+    """The host's time to issue one call (wall clock over 2000 calls, no sync) and the device's time per call
+    in a back-to-back loop (events around 200 calls), in microseconds."""
+    for _ in range(50):
+        call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(2000):
+        call()
+    host = (time.perf_counter() - start) / 2000 * 1e6
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(200):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return host, begin.elapsed_time(end) / 200 * 1e3
+
+
+def host_cost():
+    """One call from eager PyTorch: ours whole, its checks alone and its launch alone; cuDNN through SDPA with
+    its backend chosen per call (as the benchmark does) and once around the loop (as a server would)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from effrepro_kernels.decode_attention import _attend, _prepare
+
+    def attend(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+
+    def cudnn(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return attend(q, k, v)
+
+    print("\n## one call from eager PyTorch (B=1, 32/8 heads, head_dim 128)")
+    print("| context | provider | host us/call | loop us/call |\n|---|---|---|---|")
+    for context in (8192, 32768):
+        copies, lengths, _ = inputs(1, 32, 8, context, 128)
+        schedule = make_schedule("lean", lengths, 8, device="cuda")
+        prepared = _prepare(*copies[0], None, schedule)
+        from effrepro_kernels import runtime
+        through_jit = make_schedule("lean", lengths, 8, device="cuda")
+
+        def jit_launch(q, k, v):
+            runtime.FAST_LAUNCH = False  # this schedule keeps no compiled kernel
+            try:
+                return decode_attention(q, k, v, schedule=through_jit)
+            finally:
+                runtime.FAST_LAUNCH = True
+        for name, fn in (("lean", lambda q, k, v: decode_attention(q, k, v, schedule=schedule)),
+                         ("lean, every launch through Triton's JIT", jit_launch),
+                         ("lean: checks only", lambda q, k, v: _prepare(q, k, v, None, schedule)),
+                         ("lean: launch only", lambda q, k, v: _attend(q, k, v, *prepared, None, False, False)),
+                         ("sdpa_cudnn", cudnn)):
+            print(f"| {context} | {name} | " + " | ".join(f"{t:.1f}" for t in per_call_us(rotating(copies, fn))) + " |")
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            times = per_call_us(rotating(copies, attend))
+        print(f"| {context} | sdpa_cudnn, backend chosen once | {times[0]:.1f} | {times[1]:.1f} |")
+        del copies
+        torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few levers only")
+    args = parser.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}: {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB, "
+          f"shared memory per block {getattr(props, 'shared_memory_per_block_optin', 0) >> 10} KB")
+    src = torch.randn(1 << 30, device="cuda")
+    dst = torch.empty_like(src)
+    copy = measure(lambda: dst.copy_(src), torch.device("cuda"), warmup_ms=25, rep_ms=100)
+    copy_gb_s = 2 * src.numel() * 4 / (copy.p50 * 1e-3) / 1e9
+    del src, dst
+    host_cost()
+    shapes = [(1, 32, 8, 65536), (1, 64, 8, 65536), (1, 32, 8, 262144), (4, 32, 8, 65536), (16, 32, 32, 65536),
+              (1, 32, 8, 8192), (16, 32, 8, 8192)]
+    levers(shapes, copy_gb_s, args.quick)
+    head_dims(copy_gb_s)
+
+
+if __name__ == "__main__":
+    main()
