@@ -34,11 +34,13 @@ def grid(cfg: DictConfig, timing: str) -> list[Point]:
     if spec["dtype"] not in DTYPES:
         raise ConfigError(f"decode.dtype={spec['dtype']!r} is not one of {list(DTYPES)}")
     points = []
-    for context, batch, heads in itertools.product(*(as_list(spec[k]) for k in ("context", "batch", "heads"))):
+    keys = ("context", "batch", "heads", "head_dim")
+    for context, batch, heads, head_dim in itertools.product(*(as_list(spec[k]) for k in keys)):
         hq, hkv = (int(x) for x in str(heads).split("/"))
-        kv_bytes = 2 * batch * hkv * context * spec["head_dim"] * torch.finfo(DTYPES[spec["dtype"]]).bits // 8
-        extra = dict(batch=batch, heads=f"{hq}/{hkv}", head_dim=spec["head_dim"], dtype=spec["dtype"],
-                     mode=timing, series=f"B={batch} H={hq}/{hkv}")
+        kv_bytes = 2 * batch * hkv * context * head_dim * torch.finfo(DTYPES[spec["dtype"]]).bits // 8
+        series = f"B={batch} H={hq}/{hkv}" + (f" d={head_dim}" if head_dim != 128 else "")  # d=128: the paper's
+        extra = dict(batch=batch, heads=f"{hq}/{hkv}", head_dim=head_dim, dtype=spec["dtype"], mode=timing,
+                     series=series)
         points.append(Point("context", context, extra, bytes=kv_bytes))
     return points
 
