@@ -31,5 +31,6 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, kept: dict | None = Non
         return
     compiled = kernel[grid](*args, **meta)
     if kept is not None and FAST_LAUNCH and hasattr(compiled, "__getitem__"):
-        # the compiled kernel takes every parameter in order, constexprs included, and no launch options
-        kept[name] = (compiled[grid], tuple(meta[n] for n in kernel.arg_names[len(args):]))
+        # the compiled kernel takes a grid of three dimensions, and every parameter in order (constexprs
+        # included, launch options not)
+        kept[name] = (compiled[(*grid, 1, 1)[:3]], tuple(meta[n] for n in kernel.arg_names[len(args):]))

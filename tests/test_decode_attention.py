@@ -278,4 +278,5 @@ def test_a_kept_launch_passes_every_parameter_in_order_and_only_for_the_owner(mo
     for _ in range(2):
         runtime.launch(Kernel(), (3,), ("x", 5), meta, kept, "k")
     runtime.launch(Kernel(), (3,), ("x", 5), meta)  # no owner: always through the JIT
-    assert calls == [("jit", (3,), ("x", 5), meta), ("kept", (3,), ("x", 5, 16, "a")), ("jit", (3,), ("x", 5), meta)]
+    assert calls == [("jit", (3,), ("x", 5), meta), ("kept", (3, 1, 1), ("x", 5, 16, "a")),
+                     ("jit", (3,), ("x", 5), meta)]
