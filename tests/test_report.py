@@ -203,3 +203,16 @@ def test_largest_x_within_quality_of_the_reference():
            "compare": {"kind": "ratio", "metric": "perplexity", "providers": ["ours"], "aggregate": "largest_x_within"}}
     with pytest.raises(ValueError, match="largest_x_within"):
         _parse_claim("toy", "c", raw)  # the aggregate needs its quality block
+
+
+def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree):
+    h200 = {**H100, "gpu_name": "NVIDIA H200"}
+    save_record(rec("bench", "small", [row("speedup", 2.0)], started="2026-12-02T00:00:00+00:00", env=h200),
+                tree / "runs" / "toy" / "bench" / "h200.json")
+    report, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
+    lines = report.splitlines()
+    first = next(i for i, line in enumerate(lines) if "toy:fast," in line)
+    assert "NVIDIA H200" in lines[first] and "2x" in lines[first] and lines[first].endswith("| not reproduced |")
+    assert "the same, on another card" in lines[first + 1] and "H100" in lines[first + 1] and "3.5x" in lines[first + 1]
+    readme = (tree / "README.md").read_text()
+    assert "H200" in readme and "3.5x" not in readme  # the README keeps one row per claim, the chosen card's
