@@ -7,6 +7,9 @@ from typing import Any
 
 import yaml
 
+# libyaml's loader where PyYAML was built with it: ten times faster, and every run reads all the claims
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 COMPARE_KINDS = ("ratio", "absolute", "peak_fraction")
 AGGREGATES = ("mean", "geomean", "max", "min", "last", "largest_x_within")
 SCALES = ("smoke", "small", "paper")
@@ -83,7 +86,7 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
 def load_paper(path: Path) -> tuple[str, dict[str, Any], list[Claim]]:
     """One paper's file: its name, its header (title, source) and its claims."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text())
+    data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     if not isinstance(data, dict) or data.get("paper") != path.stem:
         raise ValueError(f"{path}: top-level key 'paper' must equal the file name {path.stem!r}")
     header = {k: v for k, v in data.items() if k != "claims"}

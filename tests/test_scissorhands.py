@@ -214,7 +214,7 @@ def test_persistence_ratio_is_a_fraction_per_layer():
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_full_cache_and_a_budget_beyond_the_text_give_the_simulated_nll(kind):
-    model, ids = tiny(kind), text(20 if kind == "opt" else 28)
+    model, ids = tiny(kind), text(20)
     expected = simulated_nll(model, ids, Full())
     policies = [Full()] + ([Scissorhands(budget=40, recent=4)] if kind == "llama" else [])
     for policy in policies:
@@ -227,7 +227,7 @@ def test_full_cache_and_a_budget_beyond_the_text_give_the_simulated_nll(kind):
                                     StreamingLLM(budget=10)], ids=lambda p: p.name)
 def test_real_eviction_gives_the_simulated_nll_and_never_exceeds_the_budget(policy):
     """The strong check: the simulation is exact, so eviction during decoding matches it on the same text."""
-    model, ids = tiny(), text(28)
+    model, ids = tiny(), text(22)  # two rounds of eviction at these budgets, or one every step
     cache = EvictingCache(policy, 2, ids.shape[1], schedule=SCHEDULE)
     nll = 0.0
     with generating(model, cache):
@@ -238,16 +238,16 @@ def test_real_eviction_gives_the_simulated_nll_and_never_exceeds_the_budget(poli
                 assert layer.store.keys.shape[2] <= policy.budget and layer.store.values.shape[2] <= policy.budget
                 assert layer.n <= min(t + 1, policy.budget)
                 assert layer.positions[0, 0, :layer.n].max().item() == t  # true positions
-    assert cache.seen_tokens == 27 and max(cache.held_tokens()) <= policy.budget
+    assert cache.seen_tokens == ids.shape[1] - 1 and max(cache.held_tokens()) <= policy.budget
     assert nll == pytest.approx(simulated_nll(model, ids, policy)[0], rel=1e-5)
     assert nll != pytest.approx(simulated_nll(model, ids, Full())[0], rel=1e-4)
 
 
 def test_4bit_kv_under_eviction_changes_the_nll_a_little():
-    model, ids, policy = tiny(), text(28), Scissorhands(budget=20, recent=2)
+    model, ids, policy = tiny(), text(22), Scissorhands(budget=16, recent=2)
     exact = simulated_nll(model, ids, policy)[0]
     nll, _ = decode_nll(model, ids, policy, kv_bits=4, group_size=8, schedule=SCHEDULE)
-    assert 1e-3 < abs(nll - exact) / exact < 0.05  # measured: 0.5% (2-bit: 6%, 8-bit: 0.4%)
+    assert 1e-3 < abs(nll - exact) / exact < 0.05  # measured: 0.8%
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
