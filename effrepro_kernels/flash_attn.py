@@ -438,47 +438,85 @@ def _with_grad_buffer(t: torch.Tensor):
     return t, grad
 
 
-class FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, dropout_p, key_padding_mask, block_mask, block_size, seed):
-        b, h, n_q, d = q.shape
-        n_k, groups = k.shape[2], h // k.shape[1]
-        block_d = max(16, triton.next_power_of_2(d))
-        o = torch.empty_like(q)
-        lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
-        kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else lse
-        layouts = None
-        if block_mask is not None:
-            prepared = block_mask if isinstance(block_mask, BlockSparseLayout) else \
-                BlockSparseLayout(block_mask, b, h, block_size)
-            layouts, block_size = (prepared.by_query, prepared.by_key), prepared.block_size
-        (cnt, idx) = layouts[0] if layouts else (lse, lse)
-        meta = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
-                    DROPOUT=dropout_p > 0.0, SPARSE_BLOCK=block_size if block_mask is not None else 0)
-        grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
-        _attn_fwd[grid](q, k, v, o, lse, kpm, cnt, idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                        *lse.stride(), h, groups, n_q, n_k, sm_scale, seed, dropout_p, **meta)
-        ctx.save_for_backward(q, k, v, o, lse, kpm)
-        ctx.mark_non_differentiable(lse)
-        ctx.layouts, ctx.meta, ctx.sm_scale, ctx.seed, ctx.dropout_p = layouts, meta, sm_scale, seed, dropout_p
-        return o, lse
+# The kernels as PyTorch operators (torch.library), so that torch.compile traces through a model that calls them
+# without a graph break: the forward, the backward, what each returns for shapes alone, and the autograd rule
+# joining them. A block-sparse layout travels as its four CSR tensors (block_size 0: dense).
+@torch.library.custom_op("effrepro::flash_attn", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+             rows: list[torch.Tensor], cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float,
+             dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, n_q, d = q.shape
+    n_k, groups = k.shape[2], h // k.shape[1]
+    o = torch.empty_like(q)
+    lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
+    kpm = _int8_mask(key_padding_mask, lse)
+    (cnt, idx) = rows if block_size else (lse, lse)
+    grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
+    _attn_fwd[grid](q, k, v, o, lse, kpm, cnt, idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                    *lse.stride(), h, groups, n_q, n_k, sm_scale, seed, dropout_p,
+                    **_meta(d, causal, key_padding_mask, dropout_p, block_size))
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse, kpm = ctx.saved_tensors
-        b, h, n_q, d = q.shape
-        n_k, groups = k.shape[2], h // k.shape[1]
-        do = do.contiguous() if do.stride(-1) != 1 else do
-        delta = (o.float() * do.float()).sum(-1).contiguous()  # rowsum(dO ∘ O), FlashAttention-2's D
-        (q, dq), (k, dk), (v, dv) = _with_grad_buffer(q), _with_grad_buffer(k), _with_grad_buffer(v)
-        rows, cols = ctx.layouts if ctx.layouts else ((lse, lse), (lse, lse))
-        common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *lse.stride(), h, groups, n_q, n_k,
-                  ctx.sm_scale, ctx.seed, ctx.dropout_p)
-        grid_kv = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
-        _attn_bwd_dkdv[grid_kv](q, k, v, do, dk, dv, lse, delta, kpm, cols[0], cols[1], *common, **ctx.meta)
-        grid_q = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
-        _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, kpm, rows[0], rows[1], *common, **ctx.meta)
-        return dq, dk, dv, None, None, None, None, None, None, None
+
+@_forward.register_fake
+def _(q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("effrepro::flash_attn_backward", mutates_args=())
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, key_padding_mask: torch.Tensor | None, rows: list[torch.Tensor],
+              cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float, dropout_p: float,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, n_q, d = q.shape
+    n_k, groups = k.shape[2], h // k.shape[1]
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    delta = (o.float() * do.float()).sum(-1).contiguous()  # rowsum(dO ∘ O), FlashAttention-2's D
+    (q, dq), (k, dk), (v, dv) = _with_grad_buffer(q), _with_grad_buffer(k), _with_grad_buffer(v)
+    kpm = _int8_mask(key_padding_mask, lse)
+    (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))
+    meta = _meta(d, causal, key_padding_mask, dropout_p, block_size)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *lse.stride(), h, groups, n_q, n_k,
+              sm_scale, seed, dropout_p)
+    grid_kv = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
+    _attn_bwd_dkdv[grid_kv](q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *common, **meta)
+    grid_q = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
+    _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *common, **meta)
+    return dq, dk, dv
+
+
+@_backward.register_fake
+def _(do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed):
+    return tuple(_with_grad_buffer(t)[1] for t in (q, k, v))
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k, v, *output, key_padding_mask, *rows, *cols)
+    ctx.settings = (len(rows), block_size, causal, sm_scale, dropout_p, seed)
+    ctx.set_materialize_grads(False)
+
+
+def _gradients(ctx, do, dlse):
+    q, k, v, o, lse, key_padding_mask, *layout = ctx.saved_tensors
+    n_rows, block_size, causal, sm_scale, dropout_p, seed = ctx.settings
+    dq, dk, dv = _backward(do, q, k, v, o, lse, key_padding_mask, layout[:n_rows], layout[n_rows:], block_size,
+                           causal, sm_scale, dropout_p, seed)
+    no_layout = [None] * n_rows  # a list input takes a list of gradients
+    return dq, dk, dv, None, no_layout, no_layout, None, None, None, None, None
+
+
+_forward.register_autograd(_gradients, setup_context=_save_for_backward)
+
+
+def _int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """The key padding mask as the kernels read it (int8), or a placeholder they never read."""
+    return key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else placeholder
+
+
+def _meta(head_dim: int, causal: bool, key_padding_mask, dropout_p: float, block_size: int) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=causal,
+                HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0, SPARSE_BLOCK=block_size)
 
 
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -509,8 +547,13 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-    out, lse = FlashAttention.apply(q, k, v, causal, scale, dropout_p, key_padding_mask, block_mask, block_size,
-                                    seed)
+    rows, cols = [], []
+    if block_mask is not None:
+        prepared = block_mask if isinstance(block_mask, BlockSparseLayout) else \
+            BlockSparseLayout(block_mask, q.shape[0], q.shape[1], block_size)
+        (rows, cols), block_size = (list(prepared.by_query), list(prepared.by_key)), prepared.block_size
+    out, lse = _forward(q, k, v, key_padding_mask, rows, cols, block_size if block_mask is not None else 0,
+                        causal, scale, dropout_p, seed)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse / LOG2E) if return_lse else out

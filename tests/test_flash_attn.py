@@ -176,3 +176,24 @@ def test_views_of_a_fused_projection_get_correct_gradients():
         outs.append(out)
     assert rel_err(outs[0], outs[1]) < TOL[torch.float32]
     assert rel_err(x.grad, x64.grad) < 2 * TOL[torch.float32]
+
+
+def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_graph_break():
+    """Registered with torch.library: schema, shapes-only (fake) versions and the autograd rule pass PyTorch's
+    own checks, and a compiled function that calls flash_attn forward and backward is one graph."""
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 24, 32, device=DEVICE, dtype=torch.float32, generator=gen, requires_grad=True)
+               for _ in range(3))
+    mask = torch.ones(1, 24, dtype=torch.bool, device=DEVICE)
+    mask[0, 20:] = False
+    torch.library.opcheck(torch.ops.effrepro.flash_attn.default, (q, k, v, mask, [], [], 0, True, 0.2, 0.0, 0),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def loss(q, k, v):
+        return flash_attn(q, k, v, causal=True, key_padding_mask=mask).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
+    grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    expected = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
