@@ -1,12 +1,7 @@
-"""The real command line in a subprocess, for what only a separate process shows: every task's smoke run once
-as a user types it, a multirun through submitit, training under torchrun, and a run stopped by SIGTERM. The
+"""The real command line in a subprocess: every task's smoke run once, as a user types it. Launchers and
+signals are in test_launchers.py (a file of their own, so that the two spread over the test workers); the
 engine's other behaviour is tested in this process (test_engine.py), which is much quicker."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +11,6 @@ from repro.claims import claims_for_task, load_published
 
 pytestmark = pytest.mark.slow
 MODEL_TASKS = ["lm_eval", "scissorhands_kv", "compress_then_prompt"]  # they take model=tiny_llama here
-KERNEL = ["kernel.head_dim=[32]", "kernel.causal=[true]", "kernel.settings=null", "kernel.mode=[fwd]"]
 
 
 def load(path: Path) -> dict:
@@ -52,62 +46,3 @@ def test_smoke_run_of_every_task_writes_an_ok_record(task, smoke_runs):
         assert record["claim_ids"] and "published" in out.stdout  # the claims table
     else:
         assert f"{task} has no published claims" in out.stdout
-
-
-def test_multirun_through_submitit_local_runs_every_job_and_lists_them(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    out = run_repro("-m", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}", "logger=none",
-                    "kernel.seq_len=32,-1,48", *KERNEL, timeout=600)
-    assert out.returncode == 1, out.stderr[-3000:]  # one job had bad input; the others still ran
-    records = sorted(tmp_path.glob("*/record.json"))
-    assert [load(p)["status"] for p in records] == ["ok", "error", "ok"]
-    assert sorted(load(p)["rows"][0]["x_value"] for p in records if load(p)["rows"]) == [32, 48]
-    assert list(tmp_path.glob(".submitit/*")), "jobs did not go through submitit"
-    summary = out.stdout[out.stdout.index("multirun of 3 jobs"):]  # read back from the jobs' records
-    assert "1 not ok" in summary and "kernel.seq_len=-1" in summary and "record.json" in summary
-
-
-def test_lm_training_under_torchrun_with_two_gloo_processes_ddp_and_fsdp(tmp_path):
-    def torchrun(*overrides):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "repro.cli", *overrides,
-               "task=flash_gpt2", "logger=none", "attention=[eager]", "train.steps=4", f"checkpoint.dir={tmp_path}/ckpt"]
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-
-    rows = lambda folder: load(folder / "record.json")["rows"]  # noqa: E731
-    torchrun("-m", f"hydra.sweep.dir={tmp_path}/sweep", "train.parallel=ddp,fsdp")  # both in one launch
-    (ddp,), (fsdp,) = (list((tmp_path / "sweep").glob(f"{n}_*")) for n in (0, 1))
-    (tps,) = [r for r in rows(ddp) if r["metric"] == "tokens_per_s"]
-    assert tps["extra"]["world_size"] == 2
-    losses = lambda rows: [r["p50"] for r in rows if r["metric"] in ("loss", "val_loss")]  # noqa: E731
-    assert losses(rows(fsdp)) == pytest.approx(losses(rows(ddp)), rel=1e-4)  # the same training, sharded
-    # A run killed after its last step resumes there: rank 0 reads the checkpoint and scatters it to the
-    # shards, and the end of the run gathers and saves it again, which must give back the same weights and moments.
-    import torch
-    path = max((tmp_path / "ckpt").glob("*.pt"), key=lambda p: p.stat().st_mtime)  # the FSDP job's, saved last
-    saved = torch.load(path, weights_only=False)
-    torch.save({**saved, "finished": False}, path)
-    torchrun(f"hydra.run.dir={tmp_path}/again", "train.parallel=fsdp")
-    assert losses(rows(tmp_path / "again")) == losses(rows(fsdp))
-    again = torch.load(path, weights_only=False)
-    assert saved["model"].keys() == again["model"].keys()
-    assert all(torch.equal(saved["model"][k], again["model"][k]) for k in saved["model"])
-    moments = lambda state: [t for s in state["optimizer"]["state"].values() for t in s.values()]  # noqa: E731
-    assert all(torch.equal(a, b) for a, b in zip(moments(saved), moments(again), strict=True))
-
-
-def test_a_run_stopped_by_sigterm_keeps_its_rows_as_killed_and_says_so_in_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.Popen([sys.executable, "-m", "repro.cli", "task=flash_gpt2", "logger=none", "attention=[eager]",
-                             "checkpoint.dir=null", "train.steps=100000", "train.log_every=1", "record_every_s=0.2",
-                             f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    partial = tmp_path / "record.json"  # saved every record_every_s while the run goes on
-    deadline = time.time() + 120
-    while time.time() < deadline and not (partial.exists() and '"loss"' in partial.read_text()):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    record = load(tmp_path / "record.json")
-    assert record["status"] == "killed" and any(r["metric"] == "loss" for r in record["rows"])
-    assert proc.returncode == 130 and "Traceback" not in err and "stopped (signal 15)" in err
