@@ -63,8 +63,9 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, n_q: int, n_k: int, dro
 
 # ----------------------------------------------------------------------------------------------------- configs
 def _configs(pairs):
-    if INTERPRET:  # one small config: the interpreter runs programs one by one, and cannot autotune
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if INTERPRET:  # one config (the interpreter cannot autotune), of 32-row tiles: half the tests' time of 16-row
+        # ones there (programs run one by one, each step a numpy call), and still several tiles at their lengths
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
