@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import gzip
 import io
 import json
 import math
@@ -212,7 +213,9 @@ def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
             writer.writerow([rec.paper, rec.task, rec.scale, rec.gpu_name, rec_path.name, r.provider, r.x_name,
                              r.x_value, r.metric, r.unit, r.p50, r.p20, r.p80, r.n, r.status, r.message,
                              json.dumps(r.extra, sort_keys=True)])
-    replace_atomically(path, lambda tmp: tmp.write_text(buf.getvalue()))
+    # compressed (a tenth of the size; pandas and `zcat` read it as it is), with no timestamp inside, so that
+    # the same rows give the same bytes and the file changes in git only when its rows do
+    replace_atomically(path, lambda tmp: tmp.write_bytes(gzip.compress(buf.getvalue().encode(), mtime=0)))
 
 
 def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tuple[list, list[RunRecord]]]:
@@ -346,7 +349,7 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
         parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}](report/plots/{p.name})" for p in plots) + "\n")
     report = "\n".join(parts)
     replace_atomically(out / "REPORT.md", lambda tmp: tmp.write_text(report))
-    write_csv(records, out / "report" / "rows.csv")
+    write_csv(records, out / "report" / "rows.csv.gz")
     if readme is not None and not update_readme(readme, summary_table(by_paper)):
         problems.append(f"{_rel(readme)} has no {README_START} … {README_END} markers; its table was not updated")
     return report, problems
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of run records (searched recursively)")
     parser.add_argument("--published", type=Path, default=PROJECT_ROOT / "results" / "published")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results",
-                        help="where REPORT.md, report/rows.csv and report/plots/ go")
+                        help="where REPORT.md, report/rows.csv.gz and report/plots/ go")
     parser.add_argument("--readme", default=str(PROJECT_ROOT / "README.md"),
                         help="README whose results table is refreshed; --readme '' leaves it alone")
     parser.add_argument("--allow-skipped", action="store_true",
@@ -379,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for problem in problems:
         print(f"repro-report: {problem}", file=sys.stderr)
-    print(f"wrote {_rel(args.out / 'REPORT.md')}, {_rel(args.out / 'report' / 'rows.csv')}")
+    print(f"wrote {_rel(args.out / 'REPORT.md')}, {_rel(args.out / 'report' / 'rows.csv.gz')}")
     if problems and not args.allow_skipped:
         print(f"repro-report: {len(problems)} problem(s) above; --allow-skipped to accept them", file=sys.stderr)
         return 1

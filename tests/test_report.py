@@ -1,5 +1,6 @@
 """The comparator and report, from fixture records and a fixture claims file."""
 import csv
+import gzip
 import textwrap
 from pathlib import Path
 
@@ -95,7 +96,10 @@ def test_statuses_from_fixture_records(tree):
 
 def test_outputs_csv_plots_and_readme(tree):
     build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
-    with open(tree / "out" / "report" / "rows.csv") as fh:
+    written = (tree / "out" / "report" / "rows.csv.gz").read_bytes()
+    build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
+    assert (tree / "out" / "report" / "rows.csv.gz").read_bytes() == written  # no timestamp: no churn in git
+    with gzip.open(tree / "out" / "report" / "rows.csv.gz", "rt") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 5 + 1 + 1 + 1 and {r["task"] for r in rows} == {"bench", "train"}
     assert sorted(p.name for p in (tree / "out" / "report" / "plots").glob("*.png")) == \
