@@ -548,13 +548,12 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-    rows, cols = [], []
+    rows, cols, sparse_block = [], [], 0  # dense
     if block_mask is not None:
         prepared = block_mask if isinstance(block_mask, BlockSparseLayout) else \
             BlockSparseLayout(block_mask, q.shape[0], q.shape[1], block_size)
-        (rows, cols), block_size = (list(prepared.by_query), list(prepared.by_key)), prepared.block_size
-    out, lse = _forward(q, k, v, key_padding_mask, rows, cols, block_size if block_mask is not None else 0,
-                        causal, scale, dropout_p, seed)
+        rows, cols, sparse_block = list(prepared.by_query), list(prepared.by_key), prepared.block_size
+    out, lse = _forward(q, k, v, key_padding_mask, rows, cols, sparse_block, causal, scale, dropout_p, seed)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse / LOG2E) if return_lse else out
