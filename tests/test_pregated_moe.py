@@ -44,16 +44,19 @@ def test_load_balancing_loss_matches_transformers_switch_for_top1():
     torch.testing.assert_close(ours, load_balancing_loss_func(probs[None], experts[None]), rtol=1e-5, atol=1e-6)
 
 
-def test_mixing_experts_matches_a_dense_reference_for_top2():
+@pytest.mark.parametrize("top_k, n_experts", [(2, 5), (1, 5), (1, 1)])  # (1, 1): every token to one expert
+def test_mixing_experts_matches_a_dense_reference(top_k, n_experts):
     torch.manual_seed(2)
-    n_experts, d, f = 5, 7, 11
+    d, f = 7, 11
     h, w_in, w_out = torch.randn(13, d), torch.randn(n_experts, f, d), torch.randn(n_experts, d, f)
-    weights, experts = torch.randn(13, n_experts).softmax(-1).topk(2, -1)
-    routing = Routing(experts, weights, aux_loss=torch.tensor(0.0))
+    weights, experts = torch.randn(13, n_experts).softmax(-1).topk(top_k, -1)
+    routing = Routing(experts, weights, aux_loss=0.0)
     every = torch.stack([torch.relu(h @ w_in[e].T) @ w_out[e].T for e in range(n_experts)])  # (experts, tokens, d)
-    reference = sum(weights[:, j, None] * every[experts[:, j], torch.arange(13)] for j in range(2))
-    out = mix_experts(h, routing, active_experts(routing), lambda e: (w_in[e], w_out[e]))
+    reference = sum(weights[:, j, None] * every[experts[:, j], torch.arange(13)] for j in range(top_k))
+    out = mix_experts(h, routing, lambda e: (w_in[e], w_out[e]))
     torch.testing.assert_close(out, reference, rtol=2e-5, atol=2e-5)
+    assert active_experts(routing) == sorted(set(experts.flatten().tolist()))
+    assert sum(routing.dispatch().counts) == 13 * top_k
 
 
 def test_the_pregate_of_a_block_chooses_the_next_blocks_experts():
@@ -167,7 +170,7 @@ def test_switch_weights_load_and_route_as_transformers_does(stack, pregate):
         for gate in gates:
             assert torch.equal(gate.classifier.weight, mlp.router.classifier.weight)
             routing = gate(h[0])
-            ours = mix_experts(h[0], routing, active_experts(routing), ffn.expert_weights)
+            ours = mix_experts(h[0], routing, ffn.expert_weights)
             with torch.no_grad():
                 torch.testing.assert_close(ours, mlp(h)[0], rtol=1e-5, atol=1e-6)
 

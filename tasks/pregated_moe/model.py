@@ -64,12 +64,34 @@ class MoEConfig:
 
 
 @dataclass
+class Dispatch:
+    """Where a routing sends its tokens, as the host needs it: the experts used, ascending, with the number of
+    (token, choice) pairs each takes; and on the device those pairs' flat indices sorted by expert (ties in token
+    order)."""
+
+    experts: list[int]
+    counts: list[int]
+    order: torch.Tensor
+
+
+@dataclass
 class Routing:
     """One gate's decision for a batch of tokens."""
 
     experts: torch.Tensor  # (tokens, top_k) chosen expert ids
     weights: torch.Tensor  # (tokens, top_k) their gate probabilities, which scale the experts' outputs
-    aux_loss: torch.Tensor  # the gate's load-balancing loss
+    aux_loss: torch.Tensor | float  # the gate's load-balancing loss; 0.0 out of training, where nothing uses it
+    _dispatch: Dispatch | None = None
+
+    def dispatch(self) -> Dispatch:
+        """Read back to the host once, in one transfer: each read makes the host wait for the device, and at
+        batch 1 an MoE block's time is mostly the host's."""
+        if self._dispatch is None:
+            flat = self.experts.flatten()
+            used, counts = flat.unique(return_counts=True)
+            experts, counts = torch.stack((used, counts)).tolist()
+            self._dispatch = Dispatch(experts, counts, flat.argsort(stable=True))
+        return self._dispatch
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -90,27 +112,34 @@ class Gate(nn.Module):
     def forward(self, h: torch.Tensor) -> Routing:
         probs = self.classifier(h).float().softmax(-1)  # float32, as Switch keeps its router
         weights, experts = probs.topk(self.top_k, dim=-1)
-        return Routing(experts, weights, load_balancing_loss(probs, experts))
+        return Routing(experts, weights, load_balancing_loss(probs, experts) if self.training else 0.0)
 
 
 def active_experts(routing: Routing) -> list[int]:
-    """The experts a routing uses, ascending (this reads the routing back to the host)."""
-    return routing.experts.unique().tolist()
+    """The experts a routing uses, ascending (read back to the host on first use)."""
+    return routing.dispatch().experts
 
 
 def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     return F.linear(F.relu(F.linear(x, w_in)), w_out)  # Switch's expert: wi, ReLU, wo, no biases
 
 
-def mix_experts(h: torch.Tensor, routing: Routing, active: list[int], weights_of) -> torch.Tensor:
+def mix_experts(h: torch.Tensor, routing: Routing, weights_of) -> torch.Tensor:
     """Σ over each token's chosen experts of gate probability × expert output. `weights_of(e)` gives expert e's
     (w_in, w_out) wherever they are (the model's own tensors or an offloading slot); the experts go in ascending
-    order whatever the source, so every strategy adds in the same order and gives the same bits."""
-    out = torch.zeros_like(h)
-    for e in active:
-        token, choice = (routing.experts == e).nonzero(as_tuple=True)
-        y = expert_ffn(h[token], *weights_of(e)) * routing.weights[token, choice, None]
-        out.index_add_(0, token, y.to(out.dtype))
+    order whatever the source, one addition each, so every strategy adds in the same order and gives the same
+    bits."""
+    d = routing.dispatch()
+    if len(d.experts) == 1 and routing.experts.shape[1] == 1:  # all to one expert (batch 1): no gather, no scatter
+        return (expert_ffn(h, *weights_of(d.experts[0])) * routing.weights).to(h.dtype)
+    tokens = d.order // routing.experts.shape[1]
+    inputs, weights = h[tokens], routing.weights.flatten()[d.order, None]
+    out, start = torch.zeros_like(h), 0
+    for e, n in zip(d.experts, d.counts):
+        part = slice(start, start + n)
+        y = expert_ffn(inputs[part], *weights_of(e)) * weights[part]
+        out.index_add_(0, tokens[part], y.to(out.dtype))  # a token at most once per expert: no racing additions
+        start += n
     return out
 
 
@@ -139,14 +168,11 @@ class SwitchFFN(nn.Module):
         Returns the output, the routing of the next MoE block (None without a pre-gate) and the gates' aux loss."""
         routing = self.gate(h) if self.gate is not None else carried
         next_routing = self.pregate(h) if self.pregate is not None else None
-        if offload is None:
-            active, weights_of = active_experts(routing), self.expert_weights
-        else:
-            active, weights_of = offload.fetch(self.moe_index, routing, next_routing)
+        weights_of = self.expert_weights if offload is None else offload.fetch(self.moe_index, routing, next_routing)
         # The loss of each gate run here; a carried routing's was counted by the block whose pre-gate chose it.
         ran = ([routing] if self.gate is not None else []) + ([next_routing] if next_routing is not None else [])
         aux = sum(r.aux_loss for r in ran)
-        return mix_experts(h, routing, active, weights_of), next_routing, aux
+        return mix_experts(h, routing, weights_of), next_routing, aux
 
 
 class KVCache:

@@ -267,9 +267,12 @@ class ExpertOffload:
 
     def fetch(self, layer: int, routing: Routing, next_routing: Routing | None):
         """Called by MoE block `layer` after its gates: make its experts available (copying those not resident),
-        start the copies the strategy makes for the next block, and say where each expert's weights are."""
+        start the copies the strategy makes for the next block, and return where each expert's weights are."""
         stall = self._mark()
         active = active_experts(routing)
+        # Read before waiting for this block's copies, so that the host is never held by them: pregated's one read
+        # of a block (its own routing was read by the block before, to prefetch).
+        upcoming = self._next_block_experts(layer, next_routing)
         self.stats.moe_blocks += 1
         self.stats.active_experts += len(active)
         self.stats.max_active_experts = max(self.stats.max_active_experts, len(active))
@@ -279,16 +282,16 @@ class ExpertOffload:
             for done in [b for b in self.requested if b < layer]:
                 del self.requested[done]  # unpinned: those blocks have run
             self._request(layer, active, issued_during=layer)
+            self._request(layer + 1, upcoming, issued_during=layer)
             slot_of = {e: self.cache.slot_of[layer, e] for e in active}
             for slot in slot_of.values():
                 self.ready[slot].wait()
-            self._request(layer + 1, self._next_block_experts(layer, next_routing), issued_during=layer)
 
             def weights_of(e):
                 return self.slot_in[slot_of[e]], self.slot_out[slot_of[e]]
         if stall is not None:
             self.stats.spans.append(Span("stall", layer, self.stats.forwards, stall, Marker(self.device)))
-        return active, weights_of
+        return weights_of
 
     def _next_block_experts(self, layer: int, next_routing: Routing | None) -> list[int]:
         if self.strategy == "prefetch_all" and layer + 1 < len(self.layers):
@@ -342,6 +345,7 @@ class ExpertOffload:
         s, cache = self.stats, self.cache
         copy_ms, hidden_ms = copy_time_hidden(s.spans)
         moe_ms = [span.ms() for span in s.spans if span.kind == "moe"]
+        stall_ms = [span.ms() for span in s.spans if span.kind == "stall"]
         requests = cache.hits + cache.misses
         return dict(
             # the setting
@@ -356,6 +360,7 @@ class ExpertOffload:
             copy_ms=copy_ms, hidden_copy_ms=hidden_ms, hidden_copy_fraction=hidden_ms / copy_ms if copy_ms else None,
             moe_block_ms_mean=statistics.fmean(moe_ms) if moe_ms else None,
             moe_block_ms_median=statistics.median(moe_ms) if moe_ms else None,
+            stall_ms_mean=statistics.fmean(stall_ms) if stall_ms else None,
         )
 
 
