@@ -3,10 +3,11 @@ whose experts live in host memory, over model sizes, expert counts and batch siz
 
 For each strategy, model and batch: MoE-block latency (the mean over a step's MoE blocks, as the artifact's
 "BLK AVG", one value per step), generation throughput, peak device memory, bytes copied per token, the share of copy
-time hidden behind compute (from the copy spans), the cache's hit rate, the experts a block uses, and the
-host-to-device bandwidth of the expert copies, also as a fraction of the pinned bandwidth `repro.timing.host_link`
-measured at the start of the same run. Then the paper's ratios, between rows of the same run: MoE-block speedup
-over on_demand, throughput and peak memory relative to gpu_only (%), memory saving over gpu_only.
+time hidden behind compute (from the copy spans), how long the compute stream stalls in an MoE block, the cache's
+hit rate, the experts a block uses, and the host-to-device bandwidth of the expert copies, also as a fraction of the
+pinned bandwidth `repro.timing.host_link` measured at the start of the same run. Then the paper's ratios, between
+rows of the same run: MoE-block speedup over on_demand, throughput and peak memory relative to gpu_only (%), memory
+saving over gpu_only.
 
 The model is decoder-only: it stands for the decoder of Switch's encoder-decoder, which is where the artifact
 pre-gates (its encoder fetches on demand under every offloading strategy, and is not modelled here). Each sequence
@@ -202,6 +203,8 @@ def measure_point(model: SwitchLM, strategy: str, batch: int, spec, device: torc
             row("active_experts", "experts", s["mean_active_experts"], max_active=s["max_active_experts"])]
     if device.type == "cuda":
         rows.append(row("peak_memory", "MB", torch.cuda.max_memory_allocated(device) / 2**20))
+    if s["stall_ms_mean"] is not None:  # the compute stream idle inside an MoE block: reading routing, copying
+        rows.append(row("stall_per_moe_block", "ms", s["stall_ms_mean"]))
     if s["hit_rate"] is not None:
         rows.append(row("hit_rate", "fraction", s["hit_rate"], hits=s["cache_hits"], misses=s["cache_misses"]))
     if s["copy_ms"]:

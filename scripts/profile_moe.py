@@ -1,0 +1,69 @@
+"""Where a generation step of the Pre-gated MoE serving benchmark spends its time, per strategy: the mean of the
+runtime's own spans (MoE block, its stall, expert copies) and the host's busiest calls from torch.profiler. A probe
+for tuning tasks/pregated_moe, not a run record; it prints Markdown.
+
+    python scripts/profile_moe.py --model switch-base-64 --batch 1 --steps 8
+"""
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tasks.pregated_moe.model import MoEConfig  # noqa: E402
+from tasks.pregated_moe.offload import STRATEGIES, ExpertOffload, GreedyDecoder, pinned_in_place  # noqa: E402
+from tasks.pregated_moe.serving import parse_model  # noqa: E402
+from tasks.pregated_moe.weights import random_switch  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="switch-base-64")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=12, help="host calls listed per strategy")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    size, experts = parse_model(args.model)
+    cfg = MoEConfig.of_size(size, n_experts=experts, pregate=True, max_len=2 * args.steps + 4)
+    model = random_switch(cfg, 0, device)
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"# MoE step profile: {args.model}, batch {args.batch}, {args.steps} steps\n\n"
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Python {platform.python_version()}, "
+          f"commit {sha or 'unknown'}; `python {' '.join(sys.argv)}`\n")
+    host = [t for ffn in model.moe_layers for t in (ffn.w_in.data, ffn.w_out.data)]
+    with pinned_in_place(host, device):
+        for strategy in [s for s in STRATEGIES if s != "gpu_only"] + ["gpu_only"]:  # gpu_only moves the experts
+            runtime = ExpertOffload(model, strategy, device)
+            prompt = torch.randint(cfg.vocab_size, (args.batch, 1), generator=torch.Generator().manual_seed(0))
+            decoder = GreedyDecoder(runtime, prompt, 2 * args.steps + 2)
+            for _ in range(args.steps):
+                decoder.step()  # warm-up
+            runtime.reset_stats()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(args.steps):
+                    decoder.step()
+                end.record()
+                torch.cuda.synchronize()
+            s = runtime.summary()
+            spans = {k: [x.ms() for x in runtime.stats.spans if x.kind == k] for k in ("moe", "stall", "copy")}
+            mean = {k: statistics.fmean(v) if v else 0.0 for k, v in spans.items()}
+            print(f"## {strategy}\n\nstep {start.elapsed_time(end) / args.steps:.3f} ms; MoE block {mean['moe']:.3f} "
+                  f"ms, of which stalled {mean['stall']:.3f}; a copy request {mean['copy']:.3f} ms; hidden copy "
+                  f"fraction {s['hidden_copy_fraction'] or 0:.2f}\n\n| host call | calls/step | µs/step |\n|---|---|---|")
+            top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:args.rows]
+            for e in top:
+                print(f"| {e.key[:60]} | {e.count / args.steps:.1f} | {e.self_cpu_time_total / args.steps:.0f} |")
+            print()
+
+
+if __name__ == "__main__":
+    main()
