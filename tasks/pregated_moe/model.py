@@ -64,34 +64,47 @@ class MoEConfig:
 
 
 @dataclass
-class Dispatch:
-    """Where a routing sends its tokens, as the host needs it: the experts used, ascending, with the number of
-    (token, choice) pairs each takes; and on the device those pairs' flat indices sorted by expert (ties in token
-    order)."""
-
-    experts: list[int]
-    counts: list[int]
-    order: torch.Tensor
-
-
-@dataclass
 class Routing:
-    """One gate's decision for a batch of tokens."""
+    """One gate's decision for a batch of tokens. The host needs to know which experts it uses (to pick or copy
+    their weights); that read is started as soon as the routing exists (`start_read`) and waited for only when the
+    experts are needed (`active_experts`), so that a routing chosen a block early (a pre-gate's) reaches the host
+    while the device computes, and no block waits for it."""
 
     experts: torch.Tensor  # (tokens, top_k) chosen expert ids
     weights: torch.Tensor  # (tokens, top_k) their gate probabilities, which scale the experts' outputs
     aux_loss: torch.Tensor | float  # the gate's load-balancing loss; 0.0 out of training, where nothing uses it
-    _dispatch: Dispatch | None = None
+    n_experts: int
+    _counts: torch.Tensor | None = None  # (n_experts,) how many (token, choice) pairs each expert takes, on the host
+    _arrived: torch.cuda.Event | None = None
+    _read: list[int] | None = None
 
-    def dispatch(self) -> Dispatch:
-        """Read back to the host once, in one transfer: each read makes the host wait for the device, and at
-        batch 1 an MoE block's time is mostly the host's."""
-        if self._dispatch is None:
-            flat = self.experts.flatten()
-            used, counts = flat.unique(return_counts=True)
-            experts, counts = torch.stack((used, counts)).tolist()
-            self._dispatch = Dispatch(experts, counts, flat.argsort(stable=True))
-        return self._dispatch
+    def start_read(self) -> None:
+        """Copy the per-expert counts to the host without waiting for them (one small copy: counted on the device
+        by a scatter, which unlike `unique` or `bincount` does not itself wait for the device)."""
+        if self._counts is not None:
+            return
+        flat = self.experts.flatten()
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        if counts.is_cuda:
+            self._counts = torch.empty(self.n_experts, dtype=torch.long, pin_memory=True)
+            self._counts.copy_(counts, non_blocking=True)
+            self._arrived = torch.cuda.Event()
+            self._arrived.record()
+        else:
+            self._counts = counts
+
+    def read_done(self) -> bool:
+        """Whether `active_experts` would not wait."""
+        return self._counts is not None and (self._arrived is None or self._arrived.query())
+
+    def counts(self) -> list[int]:
+        if self._read is None:
+            self.start_read()
+            if self._arrived is not None:
+                self._arrived.synchronize()
+            self._read = self._counts.tolist()
+        return self._read
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -112,12 +125,13 @@ class Gate(nn.Module):
     def forward(self, h: torch.Tensor) -> Routing:
         probs = self.classifier(h).float().softmax(-1)  # float32, as Switch keeps its router
         weights, experts = probs.topk(self.top_k, dim=-1)
-        return Routing(experts, weights, load_balancing_loss(probs, experts) if self.training else 0.0)
+        aux_loss = load_balancing_loss(probs, experts) if self.training else 0.0
+        return Routing(experts, weights, aux_loss, probs.shape[-1])
 
 
 def active_experts(routing: Routing) -> list[int]:
-    """The experts a routing uses, ascending (read back to the host on first use)."""
-    return routing.dispatch().experts
+    """The experts a routing uses, ascending (waiting for its read to the host, the first time)."""
+    return [e for e, n in enumerate(routing.counts()) if n]
 
 
 def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
@@ -129,13 +143,16 @@ def mix_experts(h: torch.Tensor, routing: Routing, weights_of) -> torch.Tensor:
     (w_in, w_out) wherever they are (the model's own tensors or an offloading slot); the experts go in ascending
     order whatever the source, one addition each, so every strategy adds in the same order and gives the same
     bits."""
-    d = routing.dispatch()
-    if len(d.experts) == 1 and routing.experts.shape[1] == 1:  # all to one expert (batch 1): no gather, no scatter
-        return (expert_ffn(h, *weights_of(d.experts[0])) * routing.weights).to(h.dtype)
-    tokens = d.order // routing.experts.shape[1]
-    inputs, weights = h[tokens], routing.weights.flatten()[d.order, None]
+    active, top_k = active_experts(routing), routing.experts.shape[1]
+    if len(active) == 1 and top_k == 1:  # every token to one expert (batch 1): no gather, no scatter
+        return (expert_ffn(h, *weights_of(active[0])) * routing.weights).to(h.dtype)
+    order = routing.experts.flatten().argsort(stable=True)  # the (token, choice) pairs by expert, then by token
+    tokens = order // top_k
+    inputs, weights = h[tokens], routing.weights.flatten()[order, None]
+    counts = routing.counts()
     out, start = torch.zeros_like(h), 0
-    for e, n in zip(d.experts, d.counts):
+    for e in active:
+        n = counts[e]
         part = slice(start, start + n)
         y = expert_ffn(inputs[part], *weights_of(e)) * weights[part]
         out.index_add_(0, tokens[part], y.to(out.dtype))  # a token at most once per expert: no racing additions
@@ -168,6 +185,8 @@ class SwitchFFN(nn.Module):
         Returns the output, the routing of the next MoE block (None without a pre-gate) and the gates' aux loss."""
         routing = self.gate(h) if self.gate is not None else carried
         next_routing = self.pregate(h) if self.pregate is not None else None
+        if next_routing is not None:
+            next_routing.start_read()
         weights_of = self.expert_weights if offload is None else offload.fetch(self.moe_index, routing, next_routing)
         # The loss of each gate run here; a carried routing's was counted by the block whose pre-gate chose it.
         ran = ([routing] if self.gate is not None else []) + ([next_routing] if next_routing is not None else [])

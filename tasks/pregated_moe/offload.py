@@ -5,8 +5,14 @@
   then computed (MoE-OnDemand);
 - `prefetch_all`: while MoE block N runs, every expert of block N+1 is copied (MoE-Prefetch);
 - `pregated`: block N's pre-gate has chosen block N+1's experts; they are copied on a second CUDA stream while
-  block N computes, and block N+1 waits for them through CUDA events. The first MoE block fetches on demand, the
-  last prefetches nothing (as in the artifact).
+  block N and the blocks before N+1 compute, and block N+1 waits for them through CUDA events. The copies are
+  issued at the first block start after the chosen ids reach the host (a read started when the pre-gate ran), so
+  the host never waits for them. The first MoE block fetches on demand, the last prefetches nothing (as in the
+  artifact).
+
+Every strategy reads a routing back to the host without waiting, as soon as it exists: the same pre-gated model
+serves all of them, so a block's routing is known a block early whatever the strategy, and only when its experts
+are copied differs.
 
 Copies land in a fixed pool of device slots shared by all MoE blocks. The pool is also a cache over (block,
 expert), with an lru or lfu policy: an expert still resident is not copied again (beyond the paper, whose default
@@ -208,6 +214,7 @@ class ExpertOffload:
         self.record_events = record_events
         self.stats = Stats()
         self.requested: dict[int, set[int]] = {}  # MoE block -> experts requested for it; pinned until it has run
+        self.upcoming: tuple[int, Routing] | None = None  # pregated: the next MoE block and its pre-gate's routing
         self.pin_warning: str | None = None
         self._check_slots(tokens=1)
         self.expert_bytes = self.layers[0].w_in[0].nbytes + self.layers[0].w_out[0].nbytes if self.layers else 0
@@ -249,14 +256,17 @@ class ExpertOffload:
         """Logits of every position of `input_ids` (batch, new positions), after `cache`'s positions if given."""
         tokens = input_ids.numel()
         self._check_slots(tokens)
-        self.requested = {}
+        self.requested, self.upcoming = {}, None
         logits = self.model(input_ids.to(self.device), cache=cache, offload=self).logits
         self.stats.tokens += tokens
         self.stats.forwards += 1
         return logits
 
     def span(self, kind: str, index: int):
-        """Called by the model around each transformer block ("block") and MoE feed-forward ("moe")."""
+        """Called by the model around each transformer block ("block") and MoE feed-forward ("moe"). The start of
+        a block is also where pregated issues the copies its last pre-gate chose, once their ids are on the host."""
+        if kind == "block" and self.upcoming is not None and self.upcoming[1].read_done():
+            self._prefetch()
         return self._span(kind, index) if self.record_events else nullcontext()
 
     @contextmanager
@@ -269,10 +279,7 @@ class ExpertOffload:
         """Called by MoE block `layer` after its gates: make its experts available (copying those not resident),
         start the copies the strategy makes for the next block, and return where each expert's weights are."""
         stall = self._mark()
-        active = active_experts(routing)
-        # Read before waiting for this block's copies, so that the host is never held by them: pregated's one read
-        # of a block (its own routing was read by the block before, to prefetch).
-        upcoming = self._next_block_experts(layer, next_routing)
+        active = active_experts(routing)  # no wait when a pre-gate chose them a block ago
         self.stats.moe_blocks += 1
         self.stats.active_experts += len(active)
         self.stats.max_active_experts = max(self.stats.max_active_experts, len(active))
@@ -281,8 +288,14 @@ class ExpertOffload:
         else:
             for done in [b for b in self.requested if b < layer]:
                 del self.requested[done]  # unpinned: those blocks have run
+            self.upcoming = None  # a prefetch not issued yet is this request: on demand
             self._request(layer, active, issued_during=layer)
-            self._request(layer + 1, upcoming, issued_during=layer)
+            if self.strategy == "prefetch_all" and layer + 1 < len(self.layers):
+                self._request(layer + 1, list(range(self.model.config.n_experts)), issued_during=layer)
+            if self.strategy == "pregated" and next_routing is not None:
+                # Its ids are on their way to the host; the copies go out at the first block start after they
+                # arrive, so that the host never waits for them while the device could compute.
+                self.upcoming = (layer + 1, next_routing)
             slot_of = {e: self.cache.slot_of[layer, e] for e in active}
             for slot in slot_of.values():
                 self.ready[slot].wait()
@@ -293,12 +306,10 @@ class ExpertOffload:
             self.stats.spans.append(Span("stall", layer, self.stats.forwards, stall, Marker(self.device)))
         return weights_of
 
-    def _next_block_experts(self, layer: int, next_routing: Routing | None) -> list[int]:
-        if self.strategy == "prefetch_all" and layer + 1 < len(self.layers):
-            return list(range(self.model.config.n_experts))
-        if self.strategy == "pregated" and next_routing is not None:
-            return active_experts(next_routing)
-        return []
+    def _prefetch(self) -> None:
+        layer, routing = self.upcoming
+        self.upcoming = None
+        self._request(layer, active_experts(routing), issued_during=layer - 1)
 
     def _request(self, layer: int, experts: list[int], issued_during: int) -> None:
         """Ask the cache for experts of `layer` not yet asked for in this forward; copy the misses in, each as soon
