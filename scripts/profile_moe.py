@@ -5,6 +5,7 @@ for tuning tasks/pregated_moe, not a run record; it prints Markdown.
     python scripts/profile_moe.py --model switch-base-64 --batch 1 --steps 8
 """
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -32,7 +33,8 @@ def main() -> None:
     size, experts = parse_model(args.model)
     cfg = MoEConfig.of_size(size, n_experts=experts, pregate=True, max_len=2 * args.steps + 4)
     model = random_switch(cfg, 0, device)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    sha = os.environ.get("REPRO_GIT_SHA") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                             capture_output=True, text=True).stdout.strip()
     print(f"# MoE step profile: {args.model}, batch {args.batch}, {args.steps} steps\n\n"
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Python {platform.python_version()}, "
           f"commit {sha or 'unknown'}; `python {' '.join(sys.argv)}`\n")
@@ -54,11 +56,20 @@ def main() -> None:
                 end.record()
                 torch.cuda.synchronize()
             s = runtime.summary()
-            spans = {k: [x.ms() for x in runtime.stats.spans if x.kind == k] for k in ("moe", "stall", "copy")}
-            mean = {k: statistics.fmean(v) if v else 0.0 for k, v in spans.items()}
-            print(f"## {strategy}\n\nstep {start.elapsed_time(end) / args.steps:.3f} ms; MoE block {mean['moe']:.3f} "
-                  f"ms, of which stalled {mean['stall']:.3f}; a copy request {mean['copy']:.3f} ms; hidden copy "
-                  f"fraction {s['hidden_copy_fraction'] or 0:.2f}\n\n| host call | calls/step | µs/step |\n|---|---|---|")
+            spans = runtime.stats.spans
+            moe_blocks = {b.index for b in model.blocks if b.moe}
+            mean = {k: statistics.fmean([x.ms() for x in spans if x.kind == k] or [0.0])
+                    for k in ("moe", "stall", "copy")}
+            dense = statistics.fmean(x.ms() for x in spans if x.kind == "block" and x.index not in moe_blocks)
+            print(f"## {strategy}\n\nstep {start.elapsed_time(end) / args.steps:.3f} ms; a block without experts "
+                  f"{dense:.3f} ms; MoE block {mean['moe']:.3f} ms, of which stalled {mean['stall']:.3f}; a copy "
+                  f"request {mean['copy']:.3f} ms; hidden copy fraction {s['hidden_copy_fraction'] or 0:.2f}\n")
+            last = [x for x in spans if x.forward == spans[-1].forward and x.kind != "block"]  # one step's timeline
+            origin = min(last, key=lambda x: x.start.ms_since(spans[0].start)).start
+            print("| span | block | from ms | to ms |\n|---|---|---|---|")
+            for x in sorted(last, key=lambda x: x.start.ms_since(origin)):
+                print(f"| {x.kind} | {x.index} | {x.start.ms_since(origin):.3f} | {x.end.ms_since(origin):.3f} |")
+            print("\n| host call | calls/step | µs/step |\n|---|---|---|")
             top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:args.rows]
             for e in top:
                 print(f"| {e.key[:60]} | {e.count / args.steps:.1f} | {e.self_cpu_time_total / args.steps:.0f} |")
