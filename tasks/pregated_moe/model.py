@@ -74,37 +74,35 @@ class Routing:
     weights: torch.Tensor  # (tokens, top_k) their gate probabilities, which scale the experts' outputs
     aux_loss: torch.Tensor | float  # the gate's load-balancing loss; 0.0 out of training, where nothing uses it
     n_experts: int
-    _counts: torch.Tensor | None = None  # (n_experts,) how many (token, choice) pairs each expert takes, on the host
+    _ids: torch.Tensor | None = None  # the chosen expert ids, flat, on the host (or on their way there)
     _arrived: torch.cuda.Event | None = None
-    _read: list[int] | None = None
+    _counts: list[int] | None = None
 
     def start_read(self) -> None:
-        """Copy the per-expert counts to the host without waiting for them (one small copy: counted on the device
-        by a scatter, which unlike `unique` or `bincount` does not itself wait for the device)."""
-        if self._counts is not None:
+        """Copy the chosen ids to the host without waiting for them: one small copy and no kernel (counting them
+        on the device would take three launches, or a wait: `unique` and `bincount` read sizes back)."""
+        if self._ids is not None:
             return
-        flat = self.experts.flatten()
-        counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        if counts.is_cuda:
-            self._counts = torch.empty(self.n_experts, dtype=torch.long, pin_memory=True)
-            self._counts.copy_(counts, non_blocking=True)
+        ids = self.experts.flatten()
+        if ids.is_cuda:
+            self._ids = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True).copy_(ids, non_blocking=True)
             self._arrived = torch.cuda.Event()
             self._arrived.record()
         else:
-            self._counts = counts
+            self._ids = ids
 
     def read_done(self) -> bool:
-        """Whether `active_experts` would not wait."""
-        return self._counts is not None and (self._arrived is None or self._arrived.query())
+        """Whether `counts` would not wait."""
+        return self._ids is not None and (self._arrived is None or self._arrived.query())
 
     def counts(self) -> list[int]:
-        if self._read is None:
+        """How many (token, choice) pairs each expert takes."""
+        if self._counts is None:
             self.start_read()
             if self._arrived is not None:
                 self._arrived.synchronize()
-            self._read = self._counts.tolist()
-        return self._read
+            self._counts = torch.bincount(self._ids, minlength=self.n_experts).tolist()
+        return self._counts
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
