@@ -13,8 +13,10 @@ if not torch.cuda.is_available():
 os.environ.setdefault("FLASH_ATTN_AUTOTUNE", "0")  # correctness tests need no tuning, and every shape would get it
 if not torch.cuda.is_available():
     # the tests' models and matrices are tiny: on a CPU a second thread only adds waiting, most of all when other
-    # work shares the cores (measured several times slower on this project's two-core machines)
+    # work shares the cores (measured several times slower on this project's two-core machines). The same holds
+    # for the subprocesses the tests start (the CLI, torchrun, submitit's jobs): they read it from the environment.
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
