@@ -76,7 +76,14 @@ def tree(tmp_path):
     return tmp_path
 
 
-def test_statuses_from_fixture_records(tree):
+@pytest.fixture
+def no_plots(monkeypatch):
+    """For the tests of the report's text and exit status: drawing the plots takes most of a build's time, and
+    test_outputs_csv_plots_and_readme checks them."""
+    monkeypatch.setattr("repro.report.plot_rows", lambda *args: [])
+
+
+def test_statuses_from_fixture_records(tree, no_plots):
     report, problems = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
     line = {c: next(l for l in report.splitlines() if f"toy:{c}," in l) for c in
             ("fast", "near", "slow", "abs_time", "peak", "quality", "later", "no_provider")}
@@ -109,7 +116,7 @@ def test_outputs_csv_plots_and_readme(tree):
     assert readme.startswith("# Title") and readme.rstrip().endswith("rest")
 
 
-def test_cli_exit_codes(tree, capsys):
+def test_cli_exit_codes(tree, capsys, no_plots):
     args = ["--runs", str(tree / "runs"), "--published", str(tree / "published"), "--out", str(tree / "out"),
             "--readme", ""]
     assert main(args) == 1  # a record it could not use: named on stderr, and the exit status says so
@@ -169,7 +176,7 @@ def test_a_ratio_over_several_baselines_gets_one_plot_per_baseline(tmp_path):
     assert names == ["bench_speedup_vs_eager.png", "bench_speedup_vs_megatron.png", "bench_tokens_per_s.png"]
 
 
-def test_a_killed_newer_record_never_displaces_a_complete_one(tree):
+def test_a_killed_newer_record_never_displaces_a_complete_one(tree, no_plots):
     runs = tree / "runs" / "toy" / "bench"
     cut_short = rec("bench", "small", [row("speedup", 0.5)], started="2026-12-01T00:00:00+00:00", status="killed")
     save_record(cut_short, runs / "killed.json")
@@ -209,7 +216,7 @@ def test_largest_x_within_quality_of_the_reference():
         _parse_claim("toy", "c", raw)  # the aggregate needs its quality block
 
 
-def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree):
+def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree, no_plots):
     h200 = {**H100, "gpu_name": "NVIDIA H200"}
     save_record(rec("bench", "small", [row("speedup", 2.0)], started="2026-12-02T00:00:00+00:00", env=h200),
                 tree / "runs" / "toy" / "bench" / "h200.json")
