@@ -1,7 +1,7 @@
 """Scissorhands and the other KV-cache policies: each rule against a plain reference on random attention, the
 simulation against a plain forward pass, simulation against real eviction during decoding (the same NLL), the
-cache's budget and bytes, 4-bit KV, bad input. Generation runs our Triton kernels (in the interpreter on a CPU):
-texts of 28 tokens."""
+cache's budget and bytes, 4-bit KV, bad input. Generation runs our Triton kernels (in the interpreter on a CPU,
+where each decoding step takes a good part of a second): texts of 10 to 14 tokens."""
 import functools
 
 import pytest
@@ -214,7 +214,7 @@ def test_persistence_ratio_is_a_fraction_per_layer():
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_full_cache_and_a_budget_beyond_the_text_give_the_simulated_nll(kind):
-    model, ids = tiny(kind), text(20)
+    model, ids = tiny(kind), text(10)
     expected = simulated_nll(model, ids, Full())
     policies = [Full()] + ([Scissorhands(budget=40, recent=4)] if kind == "llama" else [])
     for policy in policies:
@@ -223,11 +223,11 @@ def test_full_cache_and_a_budget_beyond_the_text_give_the_simulated_nll(kind):
         assert nll == pytest.approx(expected[0], rel=1e-5)
 
 
-@pytest.mark.parametrize("policy", [Scissorhands(budget=12, recent=2), H2O(budget=10), TOVA(budget=10),
-                                    StreamingLLM(budget=10)], ids=lambda p: p.name)
+@pytest.mark.parametrize("policy", [Scissorhands(budget=8, recent=2), H2O(budget=6), TOVA(budget=6),
+                                    StreamingLLM(budget=6)], ids=lambda p: p.name)
 def test_real_eviction_gives_the_simulated_nll_and_never_exceeds_the_budget(policy):
     """The strong check: the simulation is exact, so eviction during decoding matches it on the same text."""
-    model, ids = tiny(), text(22)  # two rounds of eviction at these budgets, or one every step
+    model, ids = tiny(), text(14)  # two rounds of eviction at these budgets, or one every step
     cache = EvictingCache(policy, 2, ids.shape[1], schedule=SCHEDULE)
     nll = 0.0
     with generating(model, cache):
@@ -244,10 +244,10 @@ def test_real_eviction_gives_the_simulated_nll_and_never_exceeds_the_budget(poli
 
 
 def test_4bit_kv_under_eviction_changes_the_nll_a_little():
-    model, ids, policy = tiny(), text(22), Scissorhands(budget=16, recent=2)
+    model, ids, policy = tiny(), text(12), Scissorhands(budget=10, recent=2)
     exact = simulated_nll(model, ids, policy)[0]
     nll, _ = decode_nll(model, ids, policy, kv_bits=4, group_size=8, schedule=SCHEDULE)
-    assert 1e-3 < abs(nll - exact) / exact < 0.05  # measured: 0.8%
+    assert 1e-3 < abs(nll - exact) / exact < 0.05  # measured: 1.1%
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
