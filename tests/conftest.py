@@ -60,6 +60,21 @@ def run_repro(*args: str, timeout: float = 300, interpret: bool = False) -> subp
                           timeout=timeout, env=env)
 
 
+def check_smoke_record(record: dict, out: str) -> None:
+    """What every task's smoke run must give, whichever test runs it: an ok record at smoke scale with rows, a unit
+    on every row, the environment, and the task's claims table on stdout (or a line saying it has none)."""
+    from repro.claims import claims_for_task, load_published
+
+    assert record["status"] == "ok" and record["scale"] == "smoke", record.get("error")
+    assert record["rows"] and any(r["status"] == "ok" for r in record["rows"])
+    assert all(r["unit"] is not None for r in record["rows"])
+    assert record["env"]["torch"] and "git_sha" in record["env"]
+    if claims_for_task(load_published(ROOT / "results" / "published"), record["task"]):
+        assert record["claim_ids"] and "published" in out  # the claims table
+    else:
+        assert f"{record['task']} has no published claims" in out
+
+
 def has_gpu() -> bool:
     return torch.cuda.is_available()
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, run_inline
+from conftest import ROOT, check_smoke_record, run_inline
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from repro.claims import load_paper
@@ -168,7 +168,9 @@ def smoke(tmp_path_factory):
     folder = tmp_path_factory.mktemp("smoke")
     code, out, err = run_inline(*TINY, f"hydra.run.dir={folder}", f"paths.outputs={folder}/outputs")
     assert code == 0, err[-3000:]
-    return folder, json.loads((folder / "record.json").read_text())
+    record = json.loads((folder / "record.json").read_text())
+    check_smoke_record(record, out)  # this file runs the task's smoke run for test_cli.py
+    return folder, record
 
 
 def rows_of(record, provider=None, metric=None, **where):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import gpu, run_inline
+from conftest import check_smoke_record, gpu, run_inline
 from repro.records import Row
 from tasks.common.low_rank import count_parameters
 from tasks.greenformers.efficiency import cost_rows, crossover_rows, shortest_win, tensor_peak_mb
@@ -29,6 +29,7 @@ def test_smoke_run_writes_every_kind_of_row(tmp_path):
     code, out, err = run_inline("task=greenformers", "logger=none", f"hydra.run.dir={tmp_path}")
     assert code == 0, err
     record = json.loads((tmp_path / "record.json").read_text())
+    check_smoke_record(record, out)  # this file runs the task's smoke run for test_cli.py
     rows = [Row(**r) for r in record["rows"]]
     metrics = {r.metric for r in rows if r.status == "ok"}
     assert {"time", "peak_memory", "speedup", "memory_saving", "flops", "params", "params_ratio", "crossover_time",
