@@ -3,7 +3,7 @@ transformers' Switch weights) and the offloading runtime (every strategy gives g
 policies, slot checks, what is recorded, copies on a side stream on a GPU)."""
 import pytest
 import torch
-from conftest import gpu
+from conftest import DEVICE, gpu
 
 from tasks.pregated_moe.model import (KVCache, MoEConfig, Routing, SwitchLM, active_experts, expert_ffn,
                                       load_balancing_loss, load_switch_weights, mix_experts)
@@ -196,6 +196,15 @@ def test_every_strategy_gives_gpu_only_outputs_bit_for_bit(pregate, strategy, to
     assert summary["bytes_copied"] == summary["copies"] * runtime.expert_bytes
     assert summary["tokens"] == 12 + 12 + 4 * 3  # the forward, the generation's prompt, 4 more steps of 3 tokens
     assert summary["bytes_per_token"] == summary["bytes_copied"] / summary["tokens"]
+
+
+def test_strategies_take_turns_on_one_model_as_gpu_only_leaves_its_experts_on_the_host():
+    model, prompt = build(pregate=True), tokens(4, 3)
+    expected = ExpertOffload(model, "gpu_only", DEVICE)(prompt)
+    assert all(f.w_in.device.type == "cpu" for f in model.moe_layers)
+    for strategy in ("pregated", "on_demand", "gpu_only"):
+        runtime = ExpertOffload(model, strategy, DEVICE, slots=min_slots("pregated", EXPERTS, 1, 12))
+        assert torch.equal(runtime(prompt), expected), strategy
 
 
 def test_a_pool_holding_every_expert_copies_each_once():

@@ -187,12 +187,13 @@ class Stats:
 class ExpertOffload:
     """Runs a `SwitchLM` for inference with its experts placed by `strategy`.
 
-    It takes the model over: for gpu_only the whole model moves to `device`; otherwise everything but the experts
-    does, and the experts move to pinned host memory (pageable, with a warning and `pin_warning` set, if pinning
-    fails); experts already pinned (`pinned_in_place`) stay where they are. `slots`: the device pool, by default
-    the fewest a batch of one token needs (`min_slots`); a forward with more tokens than the pool allows is refused
-    with a ValueError. `record_events=False` records no spans (for timing without the events' own cost); the
-    counters are always kept.
+    It takes the model over: everything but the experts moves to `device`, and the experts move to pinned host
+    memory (pageable, with a warning and `pin_warning` set, if pinning fails); experts already pinned
+    (`pinned_in_place`) stay where they are. `slots`: the device pool, by default the fewest a batch of one token
+    needs (`min_slots`); a forward with more tokens than the pool allows is refused with a ValueError. gpu_only's
+    pool holds every expert, copied in once here; as the model's own experts stay on the host, runtimes of every
+    strategy can take turns on one model (an out-of-memory error here is gpu_only not fitting).
+    `record_events=False` records no spans (for timing without the events' own cost); the counters are always kept.
     """
 
     def __init__(self, model: SwitchLM, strategy: str, device, slots: int | None = None, cache: str = "lru",
@@ -206,7 +207,7 @@ class ExpertOffload:
         self.model, self.strategy, self.device = model.eval(), strategy, torch.device(device)
         self.layers = model.moe_layers
         if strategy == "gpu_only":
-            slots = 0
+            slots = len(self.layers) * cfg.n_experts
         elif slots is None:
             slots = min_slots(strategy, cfg.n_experts, cfg.top_k, tokens=1)
         self.n_slots = slots
@@ -222,12 +223,15 @@ class ExpertOffload:
         self.ready: list[Marker | None] = [None] * self.n_slots  # where each slot's last copy ends
         experts = {id(p) for f in self.layers for p in (f.w_in, f.w_out)}
         for p in model.parameters():  # one at a time, so that pinning holds at most one extra tensor
-            offloaded = strategy != "gpu_only" and id(p) in experts
-            p.data = self._host_copy(p.data) if offloaded else p.data.to(self.device)
+            p.data = self._host_copy(p.data) if id(p) in experts else p.data.to(self.device)
         self.host_memory = "pinned" if self.device.type == "cuda" and self.pin_warning is None else "pageable"
         dtype = model.embed.weight.dtype
         self.slot_in = torch.empty((self.n_slots, cfg.d_ff, cfg.d_model), device=self.device, dtype=dtype)
         self.slot_out = torch.empty((self.n_slots, cfg.d_model, cfg.d_ff), device=self.device, dtype=dtype)
+        if strategy == "gpu_only":  # block b's expert e in slot b·n_experts + e
+            for b, ffn in enumerate(self.layers):
+                self.slot_in[b * cfg.n_experts:(b + 1) * cfg.n_experts].copy_(ffn.w_in)
+                self.slot_out[b * cfg.n_experts:(b + 1) * cfg.n_experts].copy_(ffn.w_out)
 
     def _host_copy(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -284,7 +288,10 @@ class ExpertOffload:
         self.stats.active_experts += len(active)
         self.stats.max_active_experts = max(self.stats.max_active_experts, len(active))
         if self.strategy == "gpu_only":
-            weights_of = self.layers[layer].expert_weights
+            first = layer * self.model.config.n_experts
+
+            def weights_of(e):
+                return self.slot_in[first + e], self.slot_out[first + e]
         else:
             for done in [b for b in self.requested if b < layer]:
                 del self.requested[done]  # unpinned: those blocks have run

@@ -14,7 +14,9 @@ pre-gates (its encoder fetches on demand under every offloading strategy, and is
 starts from one random token, standing for a decoder's start token and for the encoder context that makes
 sequences differ, and generates `new_tokens` more. One model is built per size and expert count and shared by every
 strategy and batch: a pre-gated one, so that all strategies compute the same tokens with the same experts and
-differ only in when those are copied. gpu_only runs last on each model, since it moves the experts onto the device;
+differ only in when those are copied. At each batch the strategies take turns in the configured order, close
+together in time, as a busy host's speed drifts over a run (measured: a block's latency moved 2x between models
+when each strategy ran all its batches in one go). gpu_only copies every expert into a device pool of its own;
 under `memory_cap_gb` a model whose experts do not fit gives gpu_only rows of status oom, and the sweep goes on.
 """
 from __future__ import annotations
@@ -78,12 +80,6 @@ def model_config(name: str, spec) -> MoEConfig:
         raise ConfigError(f"moe.top_k={spec.top_k} must be between 1 and the {experts} experts of {name}")
     return MoEConfig.of_size(size, n_experts=experts, top_k=spec.top_k, pregate=True,
                              max_len=1 + spec.warmup_tokens + spec.new_tokens)
-
-
-def strategies_in_order(spec) -> list[str]:
-    """The offloading strategies as configured, then gpu_only, which moves the experts onto the device."""
-    names = list(as_list(spec.strategy))
-    return [s for s in names if s != "gpu_only"] + [s for s in names if s == "gpu_only"]
 
 
 def slots_for(spec, strategy: str, cfg: MoEConfig, batch: int) -> int:
@@ -287,7 +283,7 @@ def serve_model(name: str, batches: list[int], spec, ctx: RunContext, seed: int,
         model, weights = build(name, spec, device, seed)
     except Exception as exc:  # noqa: BLE001 - host memory, a bad checkpoint: this model's rows say so
         status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
-        for strategy in strategies_in_order(spec):
+        for strategy in as_list(spec.strategy):
             for batch in batches:
                 yield maker(strategy, batch, "none")("throughput", "tokens/s", status=status, message=message)
         free(device, failed=True)
@@ -300,8 +296,8 @@ def serve_model(name: str, batches: list[int], spec, ctx: RunContext, seed: int,
                     host_experts_gb=round(sum(t.nbytes for t in host_experts) / 2**30, 2))
         if pin_warning:
             ctx.env["pin_warning"] = pin_warning
-        for strategy in strategies_in_order(spec):
-            for batch in batches:
+        for batch in batches:  # the strategies of a batch run one after another: the host's speed drifts
+            for strategy in as_list(spec.strategy):
                 row = maker(strategy, batch, weights)
                 try:
                     new = measure_point(model, strategy, batch, spec, device, seed, pinned_gb_s, row)
