@@ -196,7 +196,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 class SweepSummary(Callback):
     """At the end of a multirun, under any launcher: each job with its status and records, read back from
-    the job folders (jobs run by submitit print to their own logs, not to this console)."""
+    the job folders (jobs run by submitit print to their own logs, not to this console). Under torchrun, rank 0
+    alone: it writes the records, and another rank could look before the last one is written."""
 
     failed = False
 
@@ -204,6 +205,8 @@ class SweepSummary(Callback):
         SweepSummary.failed = False
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if world()[0] != 0:
+            return
         sweep = Path(config.hydra.sweep.dir)
         jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name[:1].isdigit()),
                       key=lambda p: int(p.name.split("_")[0])) if sweep.is_dir() else []

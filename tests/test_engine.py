@@ -92,6 +92,16 @@ def test_a_sweep_runs_every_job_lists_them_all_and_fails_if_one_did(tmp_path):
     assert all((tmp_path / f"{i}_flash_kernel" / "record.json").exists() for i in range(4))
 
 
+def test_under_torchrun_rank_0_alone_lists_a_sweep(tmp_path, monkeypatch):
+    """Another rank writes no records: it would find rank 0's missing, or half-written, and fail the launch."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, _ = run_inline("-m", "logger=none", f"hydra.sweep.dir={tmp_path}",
+                              FAKE + "all_ok," + FAKE[len("task.entry="):] + "some_fail")
+    assert code == 0 and "multirun of" not in out
+    assert not list(tmp_path.glob("*/record.json"))
+
+
 def test_a_sweep_of_good_jobs_exits_zero(tmp_path):
     code, out, _ = run_inline("-m", "logger=none", f"hydra.sweep.dir={tmp_path}", *KERNEL[:1],
                               "kernel.seq_len=[32],[40]", *KERNEL[2:])
