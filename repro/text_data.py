@@ -9,6 +9,7 @@ tokenizer (`gpt2`), as the papers used.
 from __future__ import annotations
 
 import functools
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,11 @@ def _local_files(folder: str | None, pattern: str, max_files: int | None) -> lis
     if not root.is_dir():
         raise ConfigError(f"data.folder={str(root)!r} is not a folder; give a folder of text files")
     installed = {"site-packages", "dist-packages"}  # the standard library's folder also holds installed packages
-    files = sorted(p for p in root.rglob(pattern)
-                   if p.is_file() and p.stat().st_size > 0 and not installed & set(p.relative_to(root).parts))
+    found = set()
+    for directory, subfolders, _ in os.walk(root):
+        subfolders[:] = [f for f in subfolders if f not in installed]  # not even walked: most of the stdlib's files
+        found.update(p for p in Path(directory).glob(pattern) if p.is_file() and p.stat().st_size > 0)
+    files = sorted(found)
     if max_files:
         files = files[:max_files]
     if not files:

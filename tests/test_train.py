@@ -181,6 +181,18 @@ def test_an_empty_corpus_folder_is_a_clear_error(tmp_path):
         load_token_stream(spec, tmp_path / "cache")
 
 
+def test_a_local_corpus_is_every_matching_file_below_the_folder_but_installed_packages(tmp_path):
+    from repro.text_data import _local_files
+
+    for name in ("a.py", "sub/b.py", "sub/deeper/c.py", "site-packages/pkg/d.py", "sub/dist-packages/e.py", "f.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    (tmp_path / "empty.py").touch()
+    files = [p.relative_to(tmp_path).as_posix() for p in _local_files(str(tmp_path), "*.py", None)]
+    assert files == ["a.py", "sub/b.py", "sub/deeper/c.py"]
+    assert len(_local_files(str(tmp_path), "*.py", 2)) == 2
+
+
 def test_lamb_takes_adams_step_scaled_by_the_trust_ratio():
     from repro.train import Lamb
     w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ‖w‖ = 5
