@@ -112,3 +112,20 @@ def unpack_codes(data: torch.Tensor, bits: int) -> torch.Tensor:
     """kv_quant's packing undone: channel c of a token is in byte c // (8 // bits), at bit (c % (8 // bits))·bits."""
     shifts = torch.arange(0, 8, bits, device=data.device, dtype=torch.uint8)
     return ((data[..., None] >> shifts) & (2**bits - 1)).flatten(-2)
+
+
+# --- the training fusions: GPT-2's LayerNorm, bias + GELU and loss over the vocabulary ----------------------------
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU (the tanh approximation) of x + bias."""
+    return torch.nn.functional.gelu(x + bias, approximate="tanh")
+
+
+def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                   ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of the logits h @ weightᵀ over the targets not ignored, every logit in memory."""
+    return torch.nn.functional.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index)

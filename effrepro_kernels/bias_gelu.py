@@ -1,0 +1,63 @@
+"""GELU (the tanh approximation GPT-2 uses, transformers' "gelu_new") of x + bias, forward and backward in one
+elementwise kernel each: the unfused module reads and writes the 4·hidden activations twice (bias add, then GELU)
+and saves both for the backward; this reads x once, writes y once, and saves x alone.
+
+0.5·z·(1 + tanh(u)) is computed as z·sigmoid(2u), the same function without a tanh (which Triton's interpreter
+lacks), with u = sqrt(2/pi)·(z + 0.044715·z³).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK = 1024
+SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+@triton.jit
+def _kernel(X, Bias, DY, Out, total, n, K: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+    """Out = gelu(X + Bias) forward; Out = DY · gelu'(X + Bias) backward. X, DY, Out: contiguous (rows, n)."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < total
+    z = tl.load(X + offsets, mask=inside, other=0.0).to(tl.float32) + \
+        tl.load(Bias + offsets % n, mask=inside, other=0.0).to(tl.float32)
+    s = tl.sigmoid(2.0 * K * (z + 0.044715 * z * z * z))
+    if BACKWARD:
+        dy = tl.load(DY + offsets, mask=inside, other=0.0).to(tl.float32)
+        out = dy * (s + z * 2.0 * s * (1.0 - s) * K * (1.0 + 3.0 * 0.044715 * z * z))
+    else:
+        out = z * s
+    tl.store(Out + offsets, out.to(Out.dtype.element_ty), mask=inside)
+
+
+def _launch(x: torch.Tensor, bias: torch.Tensor, dy: torch.Tensor | None) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias, dy if dy is not None else x, out, x.numel(), x.shape[-1],
+                                             K=SQRT_2_OVER_PI, BACKWARD=dy is not None, BLOCK=BLOCK)
+    return out
+
+
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias):
+        if x.dtype not in DTYPES or bias.shape != x.shape[-1:]:
+            raise ValueError(f"bias_gelu takes x of {[str(d) for d in DTYPES]} and a bias of its last dimension; "
+                             f"got x {x.dtype} {tuple(x.shape)}, bias {tuple(bias.shape)}")
+        x = x.contiguous()
+        ctx.save_for_backward(x, bias)
+        return _launch(x, bias, None)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dx = _launch(x, bias, dy.contiguous())
+        return dx, dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation, of x + bias (bias over x's last dimension), in x's dtype."""
+    return _BiasGelu.apply(x, bias)

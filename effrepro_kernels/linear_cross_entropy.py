@@ -1,0 +1,87 @@
+"""Cross-entropy of a linear layer's logits (a language model's head over its vocabulary) without materialising
+the logits of every token: the tokens go through in chunks; a chunk's logits are one matmul in the input's dtype,
+a Triton kernel turns each row into its loss and overwrites it with its gradient (softmax minus one-hot, scaled
+for the mean), and two more matmuls give the chunk's input gradient and add its share of the weight gradient. So
+the forward computes the gradients too, and the backward only scales them by the loss's incoming gradient: the
+loss must be the end of the graph or be scaled linearly after it (as a training loss is).
+
+At GPT-2's vocabulary of 50257 and 16K tokens, the logits are 1.6 GB in bf16 and twice that in float32, and the
+unfused loss keeps both; here a chunk's 40-80 MB is all. Under autocast the matmuls run in the autocast dtype,
+as the unfused head's would.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import INTERPRET
+
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk (64 MB in bf16)
+BLOCK = 256 if INTERPRET else 4096
+
+
+@triton.jit
+def _loss_and_gradient(Logits, stride, Targets, Loss, InvCount, vocab, ignore_index, BLOCK: tl.constexpr):
+    """Row r of Logits: Loss[r] = logsumexp - logit[target] (0 for an ignored row); the row becomes
+    (softmax - one_hot(target)) · InvCount, the gradient of the mean loss (0 for an ignored row)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits = Logits + row * stride
+    target = tl.load(Targets + row)
+    largest = tl.zeros([], dtype=tl.float32) - float("inf")
+    total = tl.zeros([], dtype=tl.float32)
+    for start in range(0, vocab, BLOCK):  # one pass: the running maximum rescales the running sum
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(logits + cols, mask=cols < vocab, other=-float("inf")).to(tl.float32)
+        new_largest = tl.maximum(largest, tl.max(x, 0))
+        total = total * tl.exp(largest - new_largest) + tl.sum(tl.exp(x - new_largest), 0)
+        largest = new_largest
+    lse = largest + tl.log(total)
+    kept = target != ignore_index
+    picked = tl.load(logits + tl.where(kept, target, 0)).to(tl.float32)
+    tl.store(Loss + row, tl.where(kept, lse - picked, 0.0))
+    scale = tl.where(kept, tl.load(InvCount), 0.0)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(logits + cols, mask=cols < vocab, other=0.0).to(tl.float32)
+        grad = tl.exp(x - lse) * scale - tl.where(cols == target, scale, 0.0)
+        tl.store(logits + cols, grad.to(Logits.dtype.element_ty), mask=cols < vocab)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, chunk_rows):
+        n = h.shape[0]
+        kept = (targets != ignore_index).sum()
+        inv_count = 1.0 / kept.to(torch.float32)  # no host read: a mean over no token is nan, as in torch
+        losses = torch.empty(n, device=h.device, dtype=torch.float32)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        for start in range(0, n, chunk_rows):
+            part = slice(start, min(start + chunk_rows, n))
+            logits = h[part] @ weight.T  # the autocast dtype under autocast
+            _loss_and_gradient[(logits.shape[0],)](logits, logits.stride(0), targets[part], losses[part], inv_count,
+                                                   logits.shape[1], ignore_index, BLOCK=BLOCK)
+            grad_h[part] = logits @ weight.to(logits.dtype)
+            grad_w += (logits.T @ h[part].to(logits.dtype)).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return losses.sum() * inv_count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """`F.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index)` (mean over the targets kept) for h
+    (tokens, hidden), weight (vocab, hidden), targets (tokens,). `chunk_rows`: tokens per chunk (default: as
+    many as keep a chunk's logits within CHUNK_ELEMENTS)."""
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1] or targets.shape != h.shape[:1]:
+        raise ValueError(f"linear_cross_entropy takes h (tokens, hidden), weight (vocab, hidden) and targets "
+                         f"(tokens,); got {tuple(h.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    if h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"linear_cross_entropy takes float16, bfloat16 or float32, not {h.dtype}")
+    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    return _LinearCrossEntropy.apply(h, weight, targets.contiguous(), ignore_index, chunk_rows)

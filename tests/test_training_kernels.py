@@ -1,0 +1,104 @@
+"""The training fusions GPT-2 uses (LayerNorm, bias + GELU, linear + cross-entropy over the vocabulary) against
+their plain PyTorch references, computed in float64: forward and gradients, odd sizes, ignored targets."""
+import pytest
+import torch
+
+from conftest import DEVICE, gpu
+from effrepro_kernels.bias_gelu import bias_gelu
+from effrepro_kernels.layer_norm import MAX_FEATURES, layer_norm
+from effrepro_kernels.linear_cross_entropy import linear_cross_entropy
+from effrepro_kernels.reference import bias_gelu_reference, layer_norm_reference, linear_cross_entropy_reference
+
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # no bf16 interpreted
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def random(*shape, dtype, seed, scale=1.0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return (torch.randn(*shape, device=DEVICE, generator=gen) * scale).to(dtype).requires_grad_()
+
+
+def outputs_and_grads(fn, inputs, grad_out=None):
+    """fn's output and the gradients of its inputs, in float64 for comparing."""
+    out = fn(*inputs)
+    out.backward(grad_out if grad_out is not None else torch.ones_like(out))
+    results = [out.detach().double()] + [x.grad.double() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    return results
+
+
+def in_float64(inputs):
+    return [x.detach().double().requires_grad_() for x in inputs]
+
+
+def assert_close_all(ours, reference, dtype):
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype] * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 72), (4, 768), (2, 1000)])  # 1000 and 72: not powers of two
+def test_layer_norm_matches_reference(shape, dtype):
+    x = random(*shape, dtype=dtype, seed=1, scale=3.0)
+    weight, bias = random(shape[-1], dtype=dtype, seed=2), random(shape[-1], dtype=dtype, seed=3)
+    grad_out = torch.randn(shape, device=DEVICE).to(dtype)
+    ours = outputs_and_grads(layer_norm, [x, weight, bias], grad_out)
+    reference = outputs_and_grads(layer_norm_reference, in_float64([x, weight, bias]), grad_out.double())
+    assert_close_all(ours, reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 300), (2, 3, 3072)])
+def test_bias_gelu_matches_reference(shape, dtype):
+    x, bias = random(*shape, dtype=dtype, seed=4, scale=2.0), random(shape[-1], dtype=dtype, seed=5)
+    grad_out = torch.randn(shape, device=DEVICE).to(dtype)
+    ours = outputs_and_grads(bias_gelu, [x, bias], grad_out)
+    reference = outputs_and_grads(bias_gelu_reference, in_float64([x, bias]), grad_out.double())
+    assert_close_all(ours, reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,vocab,chunk", [(37, 333, 10), (64, 1000, None), (5, 50, 5)])
+def test_linear_cross_entropy_matches_reference(tokens, vocab, chunk, dtype):
+    """Chunks that do not divide the tokens, vocabularies that are not a multiple of the kernel's block, and
+    ignored targets, which count neither in the loss nor in the mean."""
+    h, weight = random(tokens, 48, dtype=dtype, seed=6), random(vocab, 48, dtype=dtype, seed=7, scale=0.3)
+    targets = torch.randint(vocab, (tokens,), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(8))
+    targets[::4] = -100
+    ours = outputs_and_grads(lambda h, w: linear_cross_entropy(h, w, targets, chunk_rows=chunk), [h, weight])
+    reference = outputs_and_grads(lambda h, w: linear_cross_entropy_reference(h, w, targets), in_float64([h, weight]))
+    assert_close_all(ours, reference, dtype)
+
+
+def test_linear_cross_entropy_of_no_target_is_nan_as_in_torch():
+    h, weight = random(6, 16, dtype=torch.float32, seed=9), random(40, 16, dtype=torch.float32, seed=10)
+    none = torch.full((6,), -100, device=DEVICE)
+    assert linear_cross_entropy(h, weight, none).isnan() and linear_cross_entropy_reference(h, weight, none).isnan()
+
+
+@gpu
+def test_linear_cross_entropy_under_autocast_matches_the_unfused_head():
+    """bf16 matmuls under autocast, as the unfused head of a model trained with autocast computes them."""
+    h, weight = random(300, 256, dtype=torch.float32, seed=11), random(5000, 256, dtype=torch.float32, seed=12)
+    targets = torch.randint(5000, (300,), device=DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = outputs_and_grads(lambda h, w: linear_cross_entropy(h, w, targets, chunk_rows=128), [h, weight])
+        unfused = outputs_and_grads(lambda h, w: linear_cross_entropy_reference(h, w, targets).float(), [h, weight])
+    assert_close_all(ours, unfused, torch.bfloat16)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: layer_norm(torch.ones(2, 4, dtype=torch.int32), torch.ones(4), torch.ones(4)), "not torch.int32"),
+    (lambda: layer_norm(torch.ones(2, MAX_FEATURES + 1), torch.ones(MAX_FEATURES + 1), torch.ones(MAX_FEATURES + 1)),
+     f"up to {MAX_FEATURES} features"),
+    (lambda: layer_norm(torch.ones(2, 4), torch.ones(5), torch.ones(5)), "weight of shape \\(5,\\)"),
+    (lambda: bias_gelu(torch.ones(2, 4), torch.ones(3)), "bias \\(3,\\)"),
+    (lambda: linear_cross_entropy(torch.ones(2, 4), torch.ones(9, 5), torch.zeros(2, dtype=torch.long)),
+     "got \\(2, 4\\), \\(9, 5\\)"),
+    (lambda: linear_cross_entropy(torch.ones(2, 4, dtype=torch.float64), torch.ones(9, 4, dtype=torch.float64),
+                                  torch.zeros(2, dtype=torch.long)), "not torch.float64"),
+])
+def test_bad_input_names_what_is_wrong(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
