@@ -102,3 +102,33 @@ def test_linear_cross_entropy_under_autocast_matches_the_unfused_head():
 def test_bad_input_names_what_is_wrong(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_fused_gpt2_gives_transformers_loss_and_gradients_with_the_same_parameters():
+    import copy
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from effrepro_kernels.hf_gpt2 import FusedMLP, fuse_gpt2
+    from effrepro_kernels.layer_norm import LayerNorm
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=300, n_positions=32, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).to(DEVICE)
+    fused = fuse_gpt2(copy.deepcopy(model))
+    modules = list(fused.modules())
+    assert sum(isinstance(m, LayerNorm) for m in modules) == 5 and sum(isinstance(m, FusedMLP) for m in modules) == 2
+    assert [n for n, _ in fused.named_parameters()] == [f"model.{n}" for n, _ in model.named_parameters()]
+    x = torch.randint(300, (3, 20), device=DEVICE)
+    labels = x.clone()
+    labels[0, :5] = -100
+    ours, theirs = fused(x, labels=labels).loss, model(x, labels=labels).loss
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(fused.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(fused(x).logits, model(x).logits)  # without labels: the model's own forward
+    with pytest.raises(ValueError, match="'gelu'"):
+        fuse_gpt2(GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=1, activation_function="gelu")))
