@@ -1,9 +1,12 @@
 """FlashAttention end to end: GPT-2 (causal LM) and BERT (masked LM) from their transformers configs, trained
 with each attention implementation on the same data and seed (tasks flash_gpt2, flash_bert, flash_gpt2_long).
 
-The attention implementation is the swept variable: `eager` (HuggingFace's own, the paper's baseline), `sdpa`
-(PyTorch's fused kernels), `effrepro` (our Triton kernel) and `megatron`, the paper's Megatron-LM baseline:
-GPT-2 built by megatron-core (megatron_gpt.py), on GPUs, where it is installed.
+The implementation is the swept variable (`attention=[...]`): `eager` (HuggingFace's own, the paper's baseline),
+`sdpa` (PyTorch's fused kernels), `effrepro` (our Triton kernel) and `megatron`, the paper's Megatron-LM baseline:
+GPT-2 built by megatron-core (megatron_gpt.py), on GPUs, where it is installed. A transformers attention may take
+modifiers: `+fused` swaps in our other training kernels (LayerNorm, bias + GELU, the loss over the vocabulary:
+effrepro_kernels/hf_gpt2.py; GPT-2 only), `+compile` compiles the model with torch.compile (`compile_backend`);
+for example `sdpa+compile`, `effrepro+fused+compile`.
 """
 from __future__ import annotations
 
@@ -25,12 +28,31 @@ from repro.train import (Candidate, Trainee, TrainSpec, final_rows, init_distrib
 
 OURS = "effrepro"
 ATTENTION = ("eager", "sdpa", OURS, "megatron")
+MODIFIERS = ("fused", "compile")
 # (layers, hidden, heads) of the models the paper trains, and tiny ones for CPU smoke runs
 SIZES = {"gpt2": {"tiny": (2, 64, 2), "small": (12, 768, 12), "medium": (24, 1024, 16)},
          "bert": {"tiny": (2, 64, 2), "large": (24, 1024, 16)}}
 
 
-def _build_model(spec, tokenizer, seq_len: int, attention: str, device: torch.device, seed: int):
+def parse_implementation(name: str) -> tuple[str, tuple[str, ...]]:
+    """'effrepro+fused+compile' -> ('effrepro', ('fused', 'compile'))."""
+    attention, *modifiers = str(name).split("+")
+    return attention, tuple(modifiers)
+
+
+def _build_model(spec, tokenizer, seq_len: int, implementation: str, device: torch.device, seed: int,
+                 compile_backend: str):
+    attention, modifiers = parse_implementation(implementation)
+    model = _build_transformers_model(spec, tokenizer, seq_len, attention, device, seed)
+    if "fused" in modifiers:
+        from effrepro_kernels.hf_gpt2 import fuse_gpt2
+        model = fuse_gpt2(model)
+    if "compile" in modifiers:
+        model.compile(backend=compile_backend)  # in place: the module, its parameters' names, its state stay
+    return model
+
+
+def _build_transformers_model(spec, tokenizer, seq_len: int, attention: str, device: torch.device, seed: int):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, GPT2Config
 
     layers, hidden, heads = SIZES[spec.family][spec.size]
@@ -90,10 +112,11 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
         extra = dict(seq_len=seq_len, model=f"{m.family}-{m.size}", series=f"{m.family}-{m.size} N={seq_len}")
 
         def build(seq_len=seq_len, attention=attention, micro=micro, extra=extra) -> Trainee:
-            if attention == OURS:
+            base, modifiers = parse_implementation(attention)
+            if base == OURS or "fused" in modifiers:
                 require_triton(attention, ctx.device)
             torch.manual_seed(cfg.seed)  # the same initial weights for every transformers implementation
-            model = _build_model(m, data.tokenizer, seq_len, attention, ctx.device, cfg.seed)
+            model = _build_model(m, data.tokenizer, seq_len, attention, ctx.device, cfg.seed, cfg.compile_backend)
             settings = dict(model=OmegaConf.to_container(m), seq_len=seq_len, micro=micro, data=data.fingerprint,
                             eval=OmegaConf.to_container(cfg.eval), seed=cfg.seed)
 
@@ -131,7 +154,15 @@ def validate(cfg: DictConfig) -> None:
     if m.family not in SIZES or m.size not in SIZES[m.family]:
         raise ConfigError(f"model.family={m.family!r} model.size={m.size!r}: known are "
                           + "; ".join(f"{f}: {sorted(s)}" for f, s in SIZES.items()))
-    choice("attention", OmegaConf.to_container(cfg.attention), ATTENTION)
+    for name in as_list(cfg.attention):
+        attention, modifiers = parse_implementation(name)
+        choice("attention", attention, ATTENTION)
+        if any(x not in MODIFIERS for x in modifiers) or len(set(modifiers)) < len(modifiers) or \
+                (modifiers and attention == "megatron"):
+            raise ConfigError(f"attention={name!r}: an implementation is one of {list(ATTENTION)}, then optionally "
+                              f"+fused and +compile, each once (megatron takes neither)")
+        if "fused" in modifiers and m.family != "gpt2":
+            raise ConfigError(f"attention={name!r}: +fused swaps GPT-2's modules; model.family={m.family!r}")
     checks.number("model.seq_len", m.seq_len, at_least=2)
     if m.positions is not None:
         checks.number("model.positions", m.positions, at_least=2)
@@ -149,7 +180,7 @@ def validate(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     init_distributed(ctx.device)
-    if OURS in as_list(cfg.attention):
+    if any(parse_implementation(name)[0] == OURS for name in as_list(cfg.attention)):
         from effrepro_kernels.hf_attention import register
         register()
     data = load_token_stream(cfg.data, cfg.paths.cache)
@@ -168,6 +199,7 @@ def derived_rows(rows: list[Row]) -> Iterator[Row]:
     yield from throughput_ratios(rows, "seq_len", "eager", "speedup")
     yield from throughput_ratios(rows, "seq_len", "megatron", "speedup")
     yield from throughput_ratios(rows, "seq_len", "sdpa", "speedup_over_sdpa")
+    yield from throughput_ratios(rows, "seq_len", "sdpa+compile", "speedup_over_sdpa_compile")
     tps = final_rows(rows, "tokens_per_s", "seq_len")
     shortest = min((s for _, s in tps), default=None)
     megatron_shortest = tps.get(("megatron", shortest))
