@@ -12,8 +12,7 @@ from .reference import (attention_reference, block_mask_to_dense, decode_attenti
                         decode_scores_reference, dequantize_kv_reference, quantize_kv_reference)
 
 __all__ = ["BlockSparseLayout", "DecodeSchedule", "LayerNorm", "QuantizedKV", "attention_reference", "bias_gelu",
-           "block_mask_to_dense",
-           "butterfly_block_mask", "decode_attention", "decode_attention_quantized", "decode_attention_reference",
-           "decode_scores_reference", "dequantize_kv", "dequantize_kv_reference", "dropout_keep_mask", "flash_attn",
-           "layer_norm", "linear_cross_entropy", "make_schedule", "merge_attention", "quantize_kv",
-           "quantize_kv_reference", "random_block_mask"]
+           "block_mask_to_dense", "butterfly_block_mask", "decode_attention", "decode_attention_quantized",
+           "decode_attention_reference", "decode_scores_reference", "dequantize_kv", "dequantize_kv_reference",
+           "dropout_keep_mask", "flash_attn", "layer_norm", "linear_cross_entropy", "make_schedule", "merge_attention",
+           "quantize_kv", "quantize_kv_reference", "random_block_mask"]
