@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -103,27 +103,38 @@ def measure_steps(step: Callable[[int], object], steps: int, device: torch.devic
     fetches the next one's weights), each once, in order: step(i) for i in range(warmup + steps), the first
     `warmup` untimed. Repeating one step, as `measure` does, would not be the same work twice. Device events
     around each step on a GPU (side `streams` joined), the wall clock on a CPU."""
+    return measure_steps_in_turn({"": (step, streams)}, steps, device, warmup=warmup)[""]
+
+
+def measure_steps_in_turn(sequences: Mapping[str, tuple[Callable[[int], object], Sequence]], steps: int,
+                          device: torch.device, *, warmup: int = 2) -> dict[str, Timing]:
+    """`measure_steps` of several sequences, each given as (step, side streams), taking turns a step at a time:
+    step i of every sequence, then step i + 1 of every one. A host whose speed drifts during a run (a shared
+    machine, host-bound steps) then slows them all alike, and the ratios between them hold."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
     for i in range(warmup):
-        step(i)
-    if device.type != "cuda":
-        times = []
-        for i in range(warmup, warmup + steps):
-            start = time.perf_counter()
+        for step, _ in sequences.values():
             step(i)
-            times.append((time.perf_counter() - start) * 1e3)
-        return _summarise(times, CLOCK_CPU)
+    if device.type != "cuda":
+        times = {name: [] for name in sequences}
+        for i in range(warmup, warmup + steps):
+            for name, (step, _) in sequences.items():
+                start = time.perf_counter()
+                step(i)
+                times[name].append((time.perf_counter() - start) * 1e3)
+        return {name: _summarise(t, CLOCK_CPU) for name, t in times.items()}
     torch.cuda.synchronize(device)
-    events = []
+    events = {name: [] for name in sequences}
     for i in range(warmup, warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        joined(lambda: step(i), streams)()
-        end.record()
-        events.append((start, end))
+        for name, (step, streams) in sequences.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            joined(lambda: step(i), streams)()  # noqa: B023 - called at once, in this iteration
+            end.record()
+            events[name].append((start, end))
     torch.cuda.synchronize(device)
-    return _summarise([a.elapsed_time(b) for a, b in events], CLOCK_GPU)
+    return {name: _summarise([a.elapsed_time(b) for a, b in pairs], CLOCK_GPU) for name, pairs in events.items()}
 
 
 def _loop_times(fn: Callable[[], object], warmup_ms: float, rep_ms: float, graph: bool) -> list[float]:

@@ -120,6 +120,17 @@ def test_a_sequence_of_stateful_steps_is_timed_step_by_step_in_order():
         measure_steps(lambda i: None, 0, torch.device("cpu"))
 
 
+def test_sequences_timed_in_turn_take_one_step_each_in_order():
+    from repro.timing import measure_steps_in_turn
+    seen = []
+    sequences = {name: (lambda i, name=name, ms=ms: (seen.append((name, i)), time.sleep(ms / 1e3)), [])
+                 for name, ms in (("slow", 8), ("fast", 2))}
+    t = measure_steps_in_turn(sequences, 3, torch.device("cpu"), warmup=1)
+    assert seen == [("slow", 0), ("fast", 0), ("slow", 1), ("fast", 1), ("slow", 2), ("fast", 2), ("slow", 3),
+                    ("fast", 3)]
+    assert t["slow"].n == t["fast"].n == 3 and t["fast"].p50 < t["slow"].p50
+
+
 def test_host_memory_reports_the_peak_resident_size():
     from repro.timing import host_memory
     assert host_memory()["host_peak_rss_mb"] > 10
