@@ -184,6 +184,15 @@ class Stats:
     spans: list[Span] = field(default_factory=list)
 
 
+def place_all_but_experts(model: SwitchLM, device) -> None:
+    """Every weight of `model` but its experts onto `device` (each runtime does it first; a caller measuring the
+    memory several runtimes add can do it before them)."""
+    experts = {id(p) for f in model.moe_layers for p in (f.w_in, f.w_out)}
+    for p in model.parameters():
+        if id(p) not in experts:
+            p.data = p.data.to(device)
+
+
 class ExpertOffload:
     """Runs a `SwitchLM` for inference with its experts placed by `strategy`.
 
@@ -221,9 +230,9 @@ class ExpertOffload:
         self.expert_bytes = self.layers[0].w_in[0].nbytes + self.layers[0].w_out[0].nbytes if self.layers else 0
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.ready: list[Marker | None] = [None] * self.n_slots  # where each slot's last copy ends
-        experts = {id(p) for f in self.layers for p in (f.w_in, f.w_out)}
-        for p in model.parameters():  # one at a time, so that pinning holds at most one extra tensor
-            p.data = self._host_copy(p.data) if id(p) in experts else p.data.to(self.device)
+        place_all_but_experts(model, self.device)
+        for p in (p for f in self.layers for p in (f.w_in, f.w_out)):  # one at a time: pinning holds one extra
+            p.data = self._host_copy(p.data)
         self.host_memory = "pinned" if self.device.type == "cuda" and self.pin_warning is None else "pageable"
         dtype = model.embed.weight.dtype
         self.slot_in = torch.empty((self.n_slots, cfg.d_ff, cfg.d_model), device=self.device, dtype=dtype)

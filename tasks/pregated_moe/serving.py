@@ -14,9 +14,10 @@ pre-gates (its encoder fetches on demand under every offloading strategy, and is
 starts from one random token, standing for a decoder's start token and for the encoder context that makes
 sequences differ, and generates `new_tokens` more. One model is built per size and expert count and shared by every
 strategy and batch: a pre-gated one, so that all strategies compute the same tokens with the same experts and
-differ only in when those are copied. At each batch the strategies take turns in the configured order, close
-together in time, as a busy host's speed drifts over a run (measured: a block's latency moved 2x between models
-when each strategy ran all its batches in one go). gpu_only copies every expert into a device pool of its own;
+differ only in when those are copied. At each batch the strategies take turns a generation step at a time, as a
+busy host's speed drifts over a run and the steps are host-bound at batch 1 (measured: the same MoE block took 0.26
+ms in one strategy's turn and 0.53 ms in another's, seconds apart, when each generated all its tokens in one go);
+prefetch_all takes its turns alone, after the others. gpu_only copies every expert into a device pool of its own;
 under `memory_cap_gb` a model whose experts do not fit gives gpu_only rows of status oom, and the sweep goes on.
 """
 from __future__ import annotations
@@ -36,10 +37,11 @@ from repro.bench import failure
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
-from repro.timing import host_link, host_memory, measure_steps
+from repro.timing import host_link, host_memory, measure_steps_in_turn
 
 from .model import SIZES, MoEConfig, SwitchLM, load_switch_weights
-from .offload import CACHE_POLICIES, STRATEGIES, ExpertOffload, GreedyDecoder, min_slots, pinned_in_place
+from .offload import (CACHE_POLICIES, STRATEGIES, ExpertOffload, GreedyDecoder, min_slots, pinned_in_place,
+                      place_all_but_experts)
 from .weights import check_switch_config, random_switch, switch_config, switch_state_dict
 
 # The names the paper and results/published/pregated_moe.yaml give the strategies
@@ -175,20 +177,70 @@ def free(device: torch.device, failed: bool = False) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure_point(model: SwitchLM, strategy: str, batch: int, spec, device: torch.device, seed: int,
-                  pinned_gb_s: float | None, row) -> list[Row]:
-    """Generate `warmup_tokens` untimed, then `new_tokens` timed, one step at a time; the rows of what was measured.
-    `row(metric, unit, p50, p20=None, p80=None, n=1, **extra)` makes a row of this point."""
+def start_point(model: SwitchLM, strategy: str, batch: int, spec, device: torch.device, seed: int):
+    """A runtime and its decoder, after `warmup_tokens` untimed steps, with the runtime's counts started anew."""
     cfg = model.config
-    free(device)
     runtime = ExpertOffload(model, strategy, device, slots=slots_for(spec, strategy, cfg, batch), cache=spec.cache)
     prompt = torch.randint(cfg.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(seed))
     decoder = GreedyDecoder(runtime, prompt, spec.warmup_tokens + spec.new_tokens)
     for _ in range(spec.warmup_tokens):
         decoder.step()
     runtime.reset_stats()
-    streams = [runtime.copy_stream] if runtime.copy_stream is not None else []
-    timing = measure_steps(lambda i: decoder.step(), spec.new_tokens, device, warmup=0, streams=streams)
+    return runtime, decoder
+
+
+def turns(strategies: list[str]) -> list[list[str]]:
+    """The groups of strategies that take turns step by step: all but prefetch_all, then prefetch_all alone (its
+    pool holds two blocks' experts; beside gpu_only's, that can exceed the memory cap)."""
+    together = [s for s in strategies if s != "prefetch_all"]
+    return [group for group in (together, [s for s in strategies if s == "prefetch_all"]) if group]
+
+
+def measure_batch(model: SwitchLM, strategies: list[str], batch: int, spec, device: torch.device, seed: int,
+                  pinned_gb_s: float | None, row_of) -> list[Row]:
+    """Every strategy's point at one batch: each group of `turns` generates its `new_tokens` timed steps in turn,
+    a step of each strategy after another, so that a host whose speed drifts (the steps are host-bound at batch
+    1) slows them alike. A point's peak memory is the model's resident weights plus what its runtime added while
+    it started alone. `row_of(strategy)(metric, unit, p50, p20=None, p80=None, n=1, **extra)` makes a row."""
+    place_all_but_experts(model, device)
+    rows: list[Row] = []
+    for group in turns(strategies):
+        free(device)
+        resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        points = {}
+        for strategy in group:
+            try:
+                before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                free(device)
+                runtime, decoder = start_point(model, strategy, batch, spec, device, seed)
+                peak = torch.cuda.max_memory_allocated(device) - before + resident if device.type == "cuda" else None
+                points[strategy] = runtime, decoder, peak
+            except Exception as exc:  # noqa: BLE001 - one point that cannot run must not end the sweep
+                rows.append(failed_row(row_of(strategy), exc))
+                free(device, failed=True)
+        try:
+            timings = measure_steps_in_turn(
+                {s: (lambda i, decoder=decoder: decoder.step(), [r.copy_stream] if r.copy_stream else [])
+                 for s, (r, decoder, _) in points.items()}, spec.new_tokens, device, warmup=0) if points else {}
+        except Exception as exc:  # noqa: BLE001 - a failure while they take turns fails the group's points
+            rows += [failed_row(row_of(s), exc) for s in points]
+            timings = {}
+        for strategy, timing in timings.items():
+            runtime, _, peak = points[strategy]
+            rows += point_rows(runtime, timing, batch, peak, pinned_gb_s, row_of(strategy))
+        del points
+    free(device)
+    return rows
+
+
+def failed_row(row, exc: Exception) -> Row:
+    status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+    return row("throughput", "tokens/s", status=status, message=message)
+
+
+def point_rows(runtime: ExpertOffload, timing, batch: int, peak_bytes: int | None, pinned_gb_s: float | None,
+               row) -> list[Row]:
+    """The rows of what one point measured."""
     s = runtime.summary()
     rate = lambda ms: batch * 1e3 / ms  # noqa: E731 - output tokens a second; a faster step is a higher rate
     latency = moe_latency_per_step(runtime)
@@ -197,8 +249,8 @@ def measure_point(model: SwitchLM, strategy: str, batch: int, spec, device: torc
             row("moe_block_latency", "ms", *spread(latency), len(latency), clock=timing.clock),
             row("copied_per_token", "MB", s["bytes_per_token"] / 2**20),
             row("active_experts", "experts", s["mean_active_experts"], max_active=s["max_active_experts"])]
-    if device.type == "cuda":
-        rows.append(row("peak_memory", "MB", torch.cuda.max_memory_allocated(device) / 2**20))
+    if peak_bytes is not None:
+        rows.append(row("peak_memory", "MB", peak_bytes / 2**20))
     if s["stall_ms_mean"] is not None:  # the compute stream idle inside an MoE block: reading routing, copying
         rows.append(row("stall_per_moe_block", "ms", s["stall_ms_mean"]))
     if s["hit_rate"] is not None:
@@ -296,17 +348,11 @@ def serve_model(name: str, batches: list[int], spec, ctx: RunContext, seed: int,
                     host_experts_gb=round(sum(t.nbytes for t in host_experts) / 2**30, 2))
         if pin_warning:
             ctx.env["pin_warning"] = pin_warning
-        for batch in batches:  # the strategies of a batch run one after another: the host's speed drifts
-            for strategy in as_list(spec.strategy):
-                row = maker(strategy, batch, weights)
-                try:
-                    new = measure_point(model, strategy, batch, spec, device, seed, pinned_gb_s, row)
-                except Exception as exc:  # noqa: BLE001 - one point that cannot run must not end the sweep
-                    status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
-                    new = [row("throughput", "tokens/s", status=status, message=message)]
-                    free(device, failed=True)
-                rows += new
-                yield from new
+        for batch in batches:
+            new = measure_batch(model, list(as_list(spec.strategy)), batch, spec, device, seed, pinned_gb_s,
+                                lambda strategy, batch=batch: maker(strategy, batch, weights))
+            rows += new
+            yield from new
         del model
     free(device)
     info["seconds"] = round(time.perf_counter() - started, 1)
