@@ -63,17 +63,19 @@ def _local_files(folder: str | None, pattern: str, max_files: int | None) -> lis
 def _corpus(spec) -> tuple[str, Callable[[], list[str]]]:
     """A fingerprint of the corpus, and how to read it as a list of documents (done only when the cache lacks
     the tokenizer or the ids)."""
-    import datasets
-
     if spec.source == "local":
         files = _local_files(spec.folder, spec.pattern, spec.max_files)
 
         def read():
+            import datasets  # here: its import takes most of a second, and a cached corpus is never read
+
             # sample_by="document": one row per file, so documents stay whole
             ds = datasets.load_dataset("text", data_files=[str(p) for p in files], split="train",
                                        sample_by="document", encoding_errors="replace")
             return [t for t in ds["text"] if t.strip()]
         return fingerprint([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]), read
+    import datasets
+
     try:
         ds = datasets.load_dataset(spec.source, split=spec.split)
     except Exception as exc:  # noqa: BLE001 - offline, or a name the hub does not know
