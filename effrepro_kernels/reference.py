@@ -129,3 +129,15 @@ def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, target
                                    ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of the logits h @ weightᵀ over the targets not ignored, every logit in memory."""
     return torch.nn.functional.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index)
+
+
+def pivotal_counts_reference(probs: torch.Tensor, count: torch.Tensor, history: torch.Tensor, n_visible: int,
+                             step: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scissorhands' counts and bit ring after the query at `step` (see pivotal_counts.py), as new tensors."""
+    visible = torch.arange(probs.shape[-1], device=probs.device) < n_visible
+    pivotal = ((probs > 1.0 / torch.tensor(n_visible, device=probs.device)) & visible).to(torch.uint8)
+    byte, bit = divmod(step % window, 8)
+    ring = history[..., byte]
+    history = history.clone()
+    history[..., byte] = (ring & (255 ^ (1 << bit))) | (pivotal << bit)
+    return count + pivotal.int() - ((ring >> bit) & 1).int(), history

@@ -1,0 +1,53 @@
+"""Scissorhands' pivotal-token counts, updated for one decode step by one kernel.
+
+Per query head and cached slot: `count`, how many of the last `window` queries gave the slot's token more than
+1/t of their attention (t: the tokens the query saw, the first `n_visible` slots), and `history`, those queries'
+bits in a ring of ceil(window / 8) bytes, so that the window slides exactly: this step's bit replaces the one
+`window` steps old, and the count gains the new bit and loses the old. In PyTorch that is a dozen launches and
+passes over the statistics per layer and step, several times the decode attention it follows; here it is one
+read of the probabilities and one of the count and of the ring's byte.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 256
+
+
+@triton.jit
+def _update(Probs, Count, History, slots, n_visible, threshold, byte, bit, stride_probs, ring_bytes,
+            BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = slot < slots
+    p = tl.load(Probs + row * stride_probs + slot, mask=inside, other=0.0)
+    pivotal = ((p > threshold) & (slot < n_visible)).to(tl.int32)
+    ring = History + (row * slots + slot) * ring_bytes + byte
+    old = tl.load(ring, mask=inside, other=0).to(tl.int32)
+    count = Count + row * slots + slot
+    tl.store(count, tl.load(count, mask=inside, other=0) + pivotal - ((old >> bit) & 1), mask=inside)
+    tl.store(ring, ((old & (255 ^ (1 << bit))) | (pivotal << bit)).to(tl.uint8), mask=inside)
+
+
+def update_pivotal_counts(probs: torch.Tensor, count: torch.Tensor, history: torch.Tensor, n_visible: int,
+                          step: int, window: int) -> None:
+    """In place, for the query at position `step`: probs float32 (batch, heads, slots), count int32 (batch, heads,
+    slots), history uint8 (batch, heads, slots, ceil(window / 8)), count and history contiguous."""
+    b, heads, slots = probs.shape
+    ring_bytes = -(-window // 8)
+    if (count.shape != probs.shape or history.shape != (b, heads, slots, ring_bytes) or probs.dtype != torch.float32
+            or count.dtype != torch.int32 or history.dtype != torch.uint8):
+        raise ValueError(f"update_pivotal_counts takes probs float32 (b, h, s), count int32 (b, h, s) and history "
+                         f"uint8 (b, h, s, ceil(window/8) = {ring_bytes}); got {probs.dtype} {tuple(probs.shape)}, "
+                         f"{count.dtype} {tuple(count.shape)}, {history.dtype} {tuple(history.shape)}")
+    if not (count.is_contiguous() and history.is_contiguous()) or probs.stride(-1) != 1 or \
+            probs.stride(0) != heads * probs.stride(1):
+        raise ValueError("update_pivotal_counts needs count and history contiguous, and probs' rows evenly strided")
+    if not 1 <= n_visible <= slots:
+        raise ValueError(f"n_visible={n_visible} must be between 1 and the {slots} slots")
+    byte, bit = divmod(step % window, 8)
+    threshold = (torch.ones((), dtype=torch.float32) / n_visible).item()  # 1/t rounded as float32 divides it
+    _update[(b * heads, triton.cdiv(slots, BLOCK))](probs, count, history, slots, n_visible, threshold, byte, bit,
+                                                    probs.stride(1), ring_bytes, BLOCK=BLOCK)
