@@ -103,6 +103,28 @@ def test_each_policy_drops_the_tokens_its_rule_names(policy):
         assert max(len(k) for step in kept for row in step for k in row) < policy.budget  # room for token t
 
 
+@pytest.mark.parametrize("policy", [Scissorhands(budget=12, recent=2, window=5), H2O(budget=12)], ids=str)
+def test_what_a_lockstep_cache_knows_on_the_host_changes_nothing(policy):
+    """mode=generate tells a policy how many tokens every head holds (n_held, n_visible): the same drops and
+    counts as from the masks (on a GPU, the counts then come from the pivotal-count kernel)."""
+    batch, heads, slots = 2, 4, 16
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    masks, hints = (policy.init_stats(batch, heads, slots, DEVICE) for _ in range(2))
+    positions = torch.arange(slots, device=DEVICE).expand(batch, 2, slots)
+    for n in range(1, slots):
+        held = (torch.arange(slots, device=DEVICE) < n).expand(batch, 2, slots)
+        drop = policy.drops(masks, held, positions, n, 0, 1)
+        assert (drop is None) == (n < 12) and (drop is None or drop.sum() == 2 * batch * policy.amount(12))
+        hinted = policy.drops(hints, held, positions, n, 0, 1, n_held=n)
+        assert (hinted is None and drop is None) or torch.equal(hinted, drop)
+        visible = held.repeat_interleave(2, 1)
+        probs = (torch.randn(batch, heads, slots, device=DEVICE, generator=gen) * 2).masked_fill(~visible, -1e9)
+        probs = probs.softmax(-1).masked_fill(~visible, 0.0)
+        policy.observe(masks, probs, visible, n)
+        policy.observe(hints, probs, visible, n, n_visible=n)
+        assert all(torch.equal(masks[k], hints[k]) for k in masks)
+
+
 def test_streaming_keeps_the_sinks_and_the_newest():
     _, kept = run_rule(StreamingLLM(budget=8, n_sink=4), steps=20)
     assert all(k == {0, 1, 2, 3, 16, 17, 18} for row in kept[-1] for k in row)

@@ -7,7 +7,8 @@ around them) at contexts of 4K to 128K tokens.
   compression, 16-bit and quantized, timed in the same run, with the speedup over the full cache. Scissorhands'
   step also returns each key's probability (the kernel's second, keys-only pass), since its counts need them;
 - bookkeeping: what Scissorhands adds to a step at budget B (the policy and cache code of mode=generate, run on
-  the device): counting pivotal tokens, checking whether the cache is full, choosing the m tokens to drop and
+  the device): counting pivotal tokens (one kernel on a GPU, effrepro_kernels/pivotal_counts.py), checking whether
+  the cache is full (on the host: generate knows how many tokens its heads hold), choosing the m tokens to drop and
   compacting the cache, the last two once every m steps; its share of the step (that attention plus itself);
 - quantize: the bandwidth of the 4-bit quantize kernel against a device-to-device copy measured in the same run.
 
@@ -250,15 +251,16 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
         full = torch.ones_like(layer.positions, dtype=torch.bool)
         not_full = full.clone()
         not_full[..., -1] = False
-        drop = policy.drops(layer.stats, full, layer.positions, budget, 0, 1)
+        drop = policy.drops(layer.stats, full, layer.positions, budget, 0, 1, n_held=budget)
 
         def compacting():
             layer.n = budget
             layer._evict(drop, full)
-        parts = {"attention": attention,
-                 "counting": lambda: policy.observe(layer.stats, probs, visible, budget),
-                 "checking": lambda: policy.drops(layer.stats, not_full, layer.positions, budget, 0, 1),
-                 "choosing": lambda: policy.drops(layer.stats, full, layer.positions, budget, 0, 1),
+        parts = {"attention": attention,  # and the rest as generate.py calls them, knowing how many tokens it holds
+                 "counting": lambda: policy.observe(layer.stats, probs, visible, budget, n_visible=budget),
+                 "checking": lambda: policy.drops(layer.stats, not_full, layer.positions, budget, 0, 1,
+                                                  n_held=budget - 1),
+                 "choosing": lambda: policy.drops(layer.stats, full, layer.positions, budget, 0, 1, n_held=budget),
                  "compacting": compacting}
         ms = {}
         for part, fn in parts.items():

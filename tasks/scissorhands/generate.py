@@ -209,6 +209,7 @@ class LayerCache:
         self.positions = torch.zeros(b, kv_heads, self.slots, dtype=torch.long, device=key.device)
         self.stats = self.policy.init_stats(b, heads, self.slots, key.device)
         self.group = heads // kv_heads  # query heads per KV head
+        self.slot_index = torch.arange(self.slots, device=key.device)
         self.n = 0
 
     @property
@@ -218,9 +219,8 @@ class LayerCache:
     def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position: int, scale: float):
         """query (batch, heads, head_dim), key and value (batch, kv_heads, head_dim) of the token at `position`:
         make room, append, attend, observe. Returns the attention output (batch, heads, head_dim)."""
-        slot = torch.arange(self.slots, device=key.device)
-        held = (slot < self.n).expand_as(self.positions)
-        drop = self.policy.drops(self.stats, held, self.positions, position, self.layer, self.n_layers)
+        held = (self.slot_index < self.n).expand_as(self.positions)
+        drop = self.policy.drops(self.stats, held, self.positions, position, self.layer, self.n_layers, n_held=self.n)
         if drop is not None and drop.any():
             self._evict(drop, held)
         if self.n == self.slots:
@@ -233,7 +233,8 @@ class LayerCache:
         self.n += 1
         out, probs = self.store.attend(query, self.n, scale, self.policy.needs_probs)
         if probs is not None:
-            self.policy.observe(self.stats, probs, (slot < self.n).expand_as(probs), position)
+            self.policy.observe(self.stats, probs, (self.slot_index < self.n).expand_as(probs), position,
+                                n_visible=self.n)
         return out
 
     def _evict(self, drop: torch.Tensor, held: torch.Tensor) -> None:

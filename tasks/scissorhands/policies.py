@@ -29,6 +29,8 @@ from typing import ClassVar
 
 import torch
 
+from effrepro_kernels.pivotal_counts import update_pivotal_counts
+
 THRESHOLDS = ("1/t", "p90")
 BUDGET_SCHEDULES = ("uniform", "growing")
 
@@ -74,12 +76,17 @@ class Policy:
     def init_stats(self, batch: int, heads: int, slots: int, device) -> dict[str, torch.Tensor]:
         return {}
 
-    def observe(self, stats: dict[str, torch.Tensor], probs: torch.Tensor, visible: torch.Tensor, step: int) -> None:
-        """probs: float32 (batch, heads, slots), 0 where not `visible`; step: the query's position."""
+    def observe(self, stats: dict[str, torch.Tensor], probs: torch.Tensor, visible: torch.Tensor, step: int,
+                n_visible: int | None = None) -> None:
+        """probs: float32 (batch, heads, slots), 0 where not `visible`; step: the query's position. `n_visible`:
+        given when the visible slots are the first n_visible of every row (mode=generate), which an implementation
+        may use instead of the mask."""
 
     def drops(self, stats: dict[str, torch.Tensor], held: torch.Tensor, positions: torch.Tensor, step: int,
-              layer: int, n_layers: int) -> torch.Tensor | None:
-        """Before token `step` is appended: a (batch, kv_heads, slots) mask of held tokens to drop, or None."""
+              layer: int, n_layers: int, n_held: int | None = None) -> torch.Tensor | None:
+        """Before token `step` is appended: a (batch, kv_heads, slots) mask of held tokens to drop, or None.
+        `n_held`: given when every head holds the first n_held slots (mode=generate), so that whether a head is
+        full is known on the host, without waiting for the device every step."""
         return None
 
 
@@ -123,11 +130,16 @@ class _Budgeted(Policy):
     def amount(self, budget: int) -> int:
         return 1
 
-    def drops(self, stats, held, positions, step, layer, n_layers):
+    def drops(self, stats, held, positions, step, layer, n_layers, n_held=None):
         budget = layer_budgets(self.budget, self.budget_schedule, n_layers)[layer]
-        full = held.sum(-1, keepdim=True) >= budget
-        if not full.any():
-            return None
+        if n_held is not None:
+            if n_held < budget:
+                return None
+            full = True  # every head
+        else:
+            full = held.sum(-1, keepdim=True) >= budget
+            if not full.any():
+                return None
         candidates = held & ~self.protected(positions, step, budget)
         return lowest(self.score(stats, positions), candidates, positions, self.amount(budget)) & full
 
@@ -150,7 +162,10 @@ class _PivotalCounts:
         return {"count": torch.zeros(batch, heads, slots, dtype=torch.int32, device=device),
                 "history": torch.zeros(batch, heads, slots, -(-self.window // 8), dtype=torch.uint8, device=device)}
 
-    def observe(self, stats, probs, visible, step):
+    def observe(self, stats, probs, visible, step, n_visible=None):
+        if self.threshold == "1/t" and n_visible is not None and probs.is_cuda:  # one kernel, not a dozen
+            update_pivotal_counts(probs.contiguous(), stats["count"], stats["history"], n_visible, step, self.window)
+            return
         n_visible = visible.sum(-1, keepdim=True)
         if self.threshold == "1/t":  # the paper: more than the uniform share of the t keys softmaxed over
             threshold = 1.0 / n_visible
@@ -241,7 +256,7 @@ class ScissorhandsReleased(_PivotalCounts, Policy):
     def compresses(self, layer: int, n_layers: int) -> bool:
         return self.layers[0] * n_layers <= layer <= self.layers[1] * n_layers
 
-    def drops(self, stats, held, positions, step, layer, n_layers):
+    def drops(self, stats, held, positions, step, layer, n_layers, n_held=None):
         if step < self.start or not self.compresses(layer, n_layers):
             return None
         return held & (positions < step - self.recent) & (self.kv_counts(stats, held.shape[1]) == 0)
@@ -268,7 +283,7 @@ class H2O(_Budgeted):
     def init_stats(self, batch, heads, slots, device):
         return {"attention": torch.zeros(batch, heads, slots, device=device)}
 
-    def observe(self, stats, probs, visible, step):
+    def observe(self, stats, probs, visible, step, n_visible=None):
         stats["attention"] += probs
 
     def protected(self, positions, step, budget):
@@ -310,7 +325,7 @@ class TOVA(_Budgeted):
     def init_stats(self, batch, heads, slots, device):
         return {"last": torch.zeros(batch, heads, slots, device=device)}
 
-    def observe(self, stats, probs, visible, step):
+    def observe(self, stats, probs, visible, step, n_visible=None):
         stats["last"].copy_(probs)
 
     def score(self, stats, positions):
