@@ -98,7 +98,7 @@ def test_dropout_is_reproducible_from_its_seed_and_backward_is_deterministic():
         grads.append(torch.autograd.grad(out.sum(), (q, k, v)))
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
     assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
-    keep = dropout_keep_mask(7, 1, 2, 300, 300, 0.3, DEVICE)
+    keep = dropout_keep_mask(7, 1, 2, 170, 170, 0.3, DEVICE)  # 58k draws: 0.01 is 5 standard deviations
     assert abs(keep.float().mean().item() - 0.7) < 0.01
 
 
