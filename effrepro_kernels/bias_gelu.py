@@ -41,23 +41,42 @@ def _launch(x: torch.Tensor, bias: torch.Tensor, dy: torch.Tensor | None) -> tor
     return out
 
 
-class _BiasGelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias):
-        if x.dtype not in DTYPES or bias.shape != x.shape[-1:]:
-            raise ValueError(f"bias_gelu takes x of {[str(d) for d in DTYPES]} and a bias of its last dimension; "
-                             f"got x {x.dtype} {tuple(x.shape)}, bias {tuple(bias.shape)}")
-        x = x.contiguous()
-        ctx.save_for_backward(x, bias)
-        return _launch(x, bias, None)
+# PyTorch operators (torch.library), so that torch.compile traces a model that calls them without a graph break
+@torch.library.custom_op("effrepro::bias_gelu", mutates_args=())
+def _bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return _launch(x.contiguous(), bias, None)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, bias = ctx.saved_tensors
-        dx = _launch(x, bias, dy.contiguous())
-        return dx, dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
+
+@_bias_gelu.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("effrepro::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dx = _launch(x.contiguous(), bias, dy.contiguous())
+    return dx, dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
+
+
+@_bias_gelu_backward.register_fake
+def _(dy, x, bias):
+    return torch.empty_like(x), torch.empty_like(bias)
+
+
+def _save_for_backward(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gradients(ctx, dy):
+    return _bias_gelu_backward(dy, *ctx.saved_tensors)
+
+
+_bias_gelu.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation, of x + bias (bias over x's last dimension), in x's dtype."""
-    return _BiasGelu.apply(x, bias)
+    if x.dtype not in DTYPES or bias.shape != x.shape[-1:]:
+        raise ValueError(f"bias_gelu takes x of {[str(d) for d in DTYPES]} and a bias of its last dimension; "
+                         f"got x {x.dtype} {tuple(x.shape)}, bias {tuple(bias.shape)}")
+    return _bias_gelu(x, bias)

@@ -65,46 +65,64 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
                          f"{n} features and a weight of shape {tuple(weight.shape)}")
 
 
-class _LayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        _check(x, weight)
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
-        y = torch.empty_like(rows)
-        mean = torch.empty(rows.shape[0], device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
-        block = triton.next_power_of_2(rows.shape[1])
-        _forward[(rows.shape[0],)](rows, weight, bias, y, mean, rstd, rows.stride(0), y.stride(0), rows.shape[1],
-                                   eps, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
-        ctx.save_for_backward(rows, weight, mean, rstd)
-        ctx.shape = x.shape
-        return y.view(x.shape)
+# PyTorch operators (torch.library), so that torch.compile traces a model that calls them without a graph break
+@torch.library.custom_op("effrepro::layer_norm", mutates_args=())
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty_like(rows)
+    mean = torch.empty(rows.shape[0], device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    block = triton.next_power_of_2(rows.shape[1])
+    _forward[(rows.shape[0],)](rows, weight, bias, y, mean, rstd, rows.stride(0), y.stride(0), rows.shape[1], eps,
+                               BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+    return y.view(x.shape), mean, rstd
 
-    @staticmethod
-    def backward(ctx, dy):
-        rows, weight, mean, rstd = ctx.saved_tensors
-        dy = dy.reshape(rows.shape)
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        n_rows, n = rows.shape
-        # enough programs to fill a GPU (each sums its rows' weight gradients), few in the interpreter
-        programs = max(1, min(n_rows, 8 if INTERPRET else 4 * torch.cuda.get_device_properties(rows.device)
-                              .multi_processor_count))
-        per_program = triton.cdiv(n_rows, programs)
-        dx = torch.empty_like(rows)
-        dw = torch.empty((programs, n), device=rows.device, dtype=torch.float32)
-        db = torch.empty_like(dw)
-        block = triton.next_power_of_2(n)
-        _backward[(programs,)](rows, weight, dy, dx, mean, rstd, dw, db, rows.stride(0), dy.stride(0), dx.stride(0),
-                               n, n_rows, per_program, BLOCK=block, num_warps=min(max(block // 256, 1), 8))
-        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None
+
+@_layer_norm.register_fake
+def _(x, weight, bias, eps):
+    rows = x.numel() // x.shape[-1]
+    return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("effrepro::layer_norm_backward", mutates_args=())
+def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, dy = x.reshape(-1, x.shape[-1]).contiguous(), dy.reshape(-1, x.shape[-1]).contiguous()
+    n_rows, n = rows.shape
+    # enough programs to fill a GPU (each sums its rows' weight gradients), few in the interpreter
+    programs = max(1, min(n_rows, 8 if INTERPRET else 4 * torch.cuda.get_device_properties(rows.device)
+                          .multi_processor_count))
+    dx = torch.empty_like(rows)
+    dw = torch.empty((programs, n), device=rows.device, dtype=torch.float32)
+    db = torch.empty_like(dw)
+    block = triton.next_power_of_2(n)
+    _backward[(programs,)](rows, weight, dy, dx, mean, rstd, dw, db, rows.stride(0), dy.stride(0), dx.stride(0), n,
+                           n_rows, triton.cdiv(n_rows, programs), BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+    return dx.view(x.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+@_layer_norm_backward.register_fake
+def _(dy, x, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    ctx.save_for_backward(x, weight, *output[1:])
+
+
+def _gradients(ctx, dy, dmean, drstd):
+    return *_layer_norm_backward(dy, *ctx.saved_tensors), None
+
+
+_layer_norm.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """`torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)`, in x's dtype."""
-    return _LayerNorm.apply(x, weight, bias, eps)
+    _check(x, weight)
+    return _layer_norm(x, weight, bias, eps)[0]
 
 
 class LayerNorm(torch.nn.LayerNorm):

@@ -48,29 +48,42 @@ def _loss_and_gradient(Logits, stride, Targets, Loss, InvCount, vocab, ignore_in
         tl.store(logits + cols, grad.to(Logits.dtype.element_ty), mask=cols < vocab)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, chunk_rows):
-        n = h.shape[0]
-        kept = (targets != ignore_index).sum()
-        inv_count = 1.0 / kept.to(torch.float32)  # no host read: a mean over no token is nan, as in torch
-        losses = torch.empty(n, device=h.device, dtype=torch.float32)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        for start in range(0, n, chunk_rows):
-            part = slice(start, min(start + chunk_rows, n))
-            logits = h[part] @ weight.T  # the autocast dtype under autocast
-            _loss_and_gradient[(logits.shape[0],)](logits, logits.stride(0), targets[part], losses[part], inv_count,
-                                                   logits.shape[1], ignore_index, BLOCK=BLOCK)
-            grad_h[part] = logits @ weight.to(logits.dtype)
-            grad_w += (logits.T @ h[part].to(logits.dtype)).float()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return losses.sum() * inv_count
+# A PyTorch operator (torch.library), so that torch.compile traces a model that calls it without a graph break. It
+# returns the gradients with the loss; the autograd rule scales them.
+@torch.library.custom_op("effrepro::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                          chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = h.shape[0]
+    kept = (targets != ignore_index).sum()
+    inv_count = 1.0 / kept.to(torch.float32)  # no host read: a mean over no token is nan, as in torch
+    losses = torch.empty(n, device=h.device, dtype=torch.float32)
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    for start in range(0, n, chunk_rows):
+        part = slice(start, min(start + chunk_rows, n))
+        logits = h[part] @ weight.T  # the autocast dtype under autocast
+        _loss_and_gradient[(logits.shape[0],)](logits, logits.stride(0), targets[part], losses[part], inv_count,
+                                               logits.shape[1], ignore_index, BLOCK=BLOCK)
+        grad_h[part] = logits @ weight.to(logits.dtype)
+        grad_w += (logits.T @ h[part].to(logits.dtype)).float()
+    return losses.sum() * inv_count, grad_h, grad_w.to(weight.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+
+@_linear_cross_entropy.register_fake
+def _(h, weight, targets, ignore_index, chunk_rows):
+    return h.new_empty((), dtype=torch.float32), torch.empty_like(h), torch.empty_like(weight)
+
+
+def _save_for_backward(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+
+
+def _gradients(ctx, grad_loss, _grad_h, _grad_w):
+    grad_h, grad_w = ctx.saved_tensors
+    return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+
+
+_linear_cross_entropy.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -84,4 +97,4 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"linear_cross_entropy takes float16, bfloat16 or float32, not {h.dtype}")
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(h, weight, targets.contiguous(), ignore_index, chunk_rows)
+    return _linear_cross_entropy(h, weight, targets.contiguous(), ignore_index, chunk_rows)[0]

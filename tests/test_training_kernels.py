@@ -132,3 +132,24 @@ def test_fused_gpt2_gives_transformers_loss_and_gradients_with_the_same_paramete
     torch.testing.assert_close(fused(x).logits, model(x).logits)  # without labels: the model's own forward
     with pytest.raises(ValueError, match="'gelu'"):
         fuse_gpt2(GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=1, activation_function="gelu")))
+
+
+def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_graph_break():
+    """Registered with torch.library: schema, fake (shapes-only) versions and autograd rules pass PyTorch's own
+    checks, and a compiled function calling all three, forward and backward, is one graph."""
+    x, weight, bias = random(6, 40, dtype=torch.float32, seed=13), random(40, dtype=torch.float32, seed=14), \
+        random(40, dtype=torch.float32, seed=15)
+    head, targets = random(50, 40, dtype=torch.float32, seed=16), torch.randint(50, (6,), device=DEVICE)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.effrepro.layer_norm.default, (x, weight, bias, 1e-5), test_utils=checks)
+    torch.library.opcheck(torch.ops.effrepro.bias_gelu.default, (x, bias), test_utils=checks)
+    torch.library.opcheck(torch.ops.effrepro.linear_cross_entropy.default, (x, head, targets, -100, 4),
+                          test_utils=checks)
+
+    def loss(x, weight, bias, head):
+        return linear_cross_entropy(bias_gelu(layer_norm(x, weight, bias), bias), head, targets)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
+    inputs = (x, weight, bias, head)
+    for got, want in zip(torch.autograd.grad(compiled(*inputs), inputs), torch.autograd.grad(loss(*inputs), inputs)):
+        torch.testing.assert_close(got, want)
