@@ -50,6 +50,24 @@ def compose():
     return _compose
 
 
+@pytest.fixture
+def refusal(compose):
+    """The error a task's `validate` refuses a configuration with: what the command line prints, with exit status
+    2, before any work. Many bad settings are checked so, a composition each (a run costs three): each task's
+    tests still refuse one through the command line."""
+    from repro.cli import load_task
+    from repro.context import ConfigError
+
+    def _refusal(*overrides: str) -> str:
+        cfg = compose(*overrides)
+        _, validate = load_task(cfg.task.entry)
+        with pytest.raises(ConfigError) as error:
+            validate(cfg)
+        return str(error.value)
+
+    return _refusal
+
+
 def run_repro(*args: str, timeout: float = 300, interpret: bool = False) -> subprocess.CompletedProcess:
     """The real command line, in a subprocess, as a user would run it. Triton kernels are left out on a CPU
     (recorded as unsupported) unless `interpret`: the interpreter takes seconds per call."""

@@ -244,14 +244,21 @@ def test_the_claims_are_read_from_the_rows(smoke):
     (["compression.catalog.joint_8x.bits=5"], "compression.catalog.joint_8x: bits=5 is not one of (2, 3, 4, 8)"),
     (["compression.catalog.joint_8x.sparsity=1.0"], "compression.catalog.joint_8x: sparsity=1.0 is outside [0, 1)"),
     (["compression.catalog.joint_8x.sparsity=-0.5"], "sparsity=-0.5 is outside [0, 1)"),
-    (["compression.levels=[joint_8x,nm]", "+compression.catalog.nm={method:sparsegpt,n_m:[2,3]}"],
-     "compression.catalog.nm: n_m=(2, 3): M=3 does not divide the input width 64 of block 0 self_attn.q_proj"),
-    (["compression.calibration.samples=100000"], "compression.calibration: 100000 samples of 32 tokens need"),
     (["prompt.tokens=240"], "prompt.tokens=240 plus prompt.seqlen=32 is 272 positions, more than the model's "
                             "context of 256; use at most 224 prompt tokens"),
     (["eval.seqlen=300"], "eval.seqlen=300 is longer than the model's context of 256"),
     (["lora.levels=[joint8x]"], "lora.levels=['joint8x'] is not one of ['gptq_4bit', "),
     (["experiments=[transfer]"], "experiments: transfer is read against the perplexities"),
+])
+def test_bad_input_is_refused(refusal, overrides, message):
+    assert message in refusal(*TINY, *overrides)
+
+
+# what only the loaded model and text can tell, found when the run starts, still before any work
+@pytest.mark.parametrize("overrides, message", [
+    (["compression.levels=[joint_8x,nm]", "+compression.catalog.nm={method:sparsegpt,n_m:[2,3]}"],
+     "compression.catalog.nm: n_m=(2, 3): M=3 does not divide the input width 64 of block 0 self_attn.q_proj"),
+    (["compression.calibration.samples=100000"], "compression.calibration: 100000 samples of 32 tokens need"),
 ])
 def test_bad_input_is_refused_before_any_work(overrides, message, tmp_path):
     code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs", *overrides)

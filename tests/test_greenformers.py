@@ -217,8 +217,13 @@ def test_our_kernel_in_bert_matches_eager_attention():
     ("greenformers.notebook.batch.fwd_bwd=0", "greenformers.notebook.batch.fwd_bwd=0 must be an integer >= 1"),
     ("greenformers.model.num_attention_heads=5", "greenformers.model.num_attention_heads=5 must divide 32"),
 ])
-def test_bad_input_is_named_before_any_work(override, expected, tmp_path):
-    code, out, err = run_inline("task=greenformers", override, "logger=none", f"hydra.run.dir={tmp_path}")
+def test_bad_input_is_named(refusal, override, expected):
+    assert expected in refusal("task=greenformers", override)
+
+
+def test_bad_input_is_named_before_any_work(tmp_path):
+    code, out, err = run_inline("task=greenformers", "greenformers.crossover.tokens=0", "logger=none",
+                                f"hydra.run.dir={tmp_path}")
     assert code == 2, (out, err)
-    assert expected in err, err
+    assert "greenformers.crossover.tokens=0 must be an integer >= 1" in err
     assert "Traceback" not in err

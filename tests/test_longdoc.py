@@ -190,11 +190,17 @@ def test_mimic_reads_local_json_lines_with_the_training_codes_as_labels(tmp_path
     (["longdoc.seeds=[3,3]"], ["longdoc.seeds=[3, 3]", "repeats"]),
     (["longdoc.attention=[flash9]"], ["flash9", "effrepro"]),
 ])
-def test_bad_input_is_named_before_any_work(overrides, expected, tmp_path):
-    code, out, err = run_inline(*SMOKE, *overrides, f"paths.cache={tmp_path}/cache", f"hydra.run.dir={tmp_path}")
-    assert code == 2, (out, err)
+def test_bad_input_is_named(refusal, overrides, expected):
+    error = refusal(*SMOKE, *overrides)
     for text in expected:
-        assert text in err, err
+        assert text in error, error
+
+
+def test_bad_input_is_named_before_any_work(tmp_path):
+    code, out, err = run_inline(*SMOKE, "longdoc.synthetic.min_tokens=40", f"paths.cache={tmp_path}/cache",
+                                f"hydra.run.dir={tmp_path}")
+    assert code == 2, (out, err)
+    assert "min_tokens=40" in err and "Traceback" not in err, err
     assert not (tmp_path / "cache").exists()  # nothing generated
 
 

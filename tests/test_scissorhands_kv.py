@@ -129,9 +129,14 @@ def test_quantized_cache_and_decode_kernels_run_in_the_interpreter(interpreted):
     (["eval.seqlen=512"], "eval.seqlen=512 is longer than the model's context of 256 tokens"),
     (["decode.bits=[4]"], "decode.bits=[4] must include 16"),
 ])
-def test_bad_input_is_refused_before_any_work_naming_the_key(tmp_path, overrides, message):
-    code, _, err, record = run(tmp_path, *overrides)
-    assert code == 2 and message in err and "Traceback" not in err, err[-2000:]
+def test_bad_input_is_refused_naming_the_key(refusal, overrides, message):
+    assert message in refusal(*TINY, *overrides)
+
+
+def test_bad_input_is_refused_before_any_work(tmp_path):
+    code, _, err, record = run(tmp_path, "kv.scissorhands.window=0")
+    assert code == 2 and "kv.scissorhands.window=0 (w, the history window)" in err and "Traceback" not in err, \
+        err[-2000:]
     assert record["rows"] == []
 
 
