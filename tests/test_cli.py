@@ -35,7 +35,8 @@ def smoke_runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("effrepro_kernels.runtime.INTERPRET", False)
         runs.append((folder, run_inline(*args)[1]))
-    return {load(path)["task"]: (load(path), out, folder) for folder, out in runs for path in folder.glob("*/record.json")}
+    return {load(path)["task"]: (load(path), out, folder)
+            for folder, out in runs for path in folder.glob("*/record.json")}
 
 
 @pytest.mark.parametrize("task", [t for t in TASKS if t not in SMOKE_ELSEWHERE])

@@ -37,8 +37,8 @@ def test_lm_training_under_torchrun_with_two_gloo_processes_ddp_and_fsdp(tmp_pat
     def torchrun(*overrides):
         # --standalone: the rendezvous on a free port (recent torch does so on one node anyway; older torch takes the
         # fixed 29500, which another test run's torchrun may hold)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "repro.cli",
-               *overrides, "task=flash_gpt2", "logger=none", "attention=[eager]", "train.steps=4",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "repro.cli", *overrides, "task=flash_gpt2", "logger=none", "attention=[eager]", "train.steps=4",
                f"checkpoint.dir={tmp_path}/ckpt"]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
