@@ -2,6 +2,10 @@
 over it, in float32 whatever the input's dtype; the backward's weight and bias gradients are summed per program and
 then across programs, so no atomics and the same bits every run.
 
+Under autocast it writes the autocast dtype: what follows a LayerNorm in a transformer is a matmul, which would
+cast the float32 output PyTorch's LayerNorm gives to that dtype anyway, at the cost of one more pass over the
+activations (same numbers either way; the gradient flows back in float32).
+
 Written here rather than taken from a package: the issue this answers asks for the GPT-2 fusions as our own
 kernels, beside their references, and Apex's fused LayerNorm (what the paper's runs used) needs a CUDA build.
 """
@@ -67,10 +71,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 # PyTorch operators (torch.library), so that torch.compile traces a model that calls them without a graph break
 @torch.library.custom_op("effrepro::layer_norm", mutates_args=())
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.empty_like(rows)
+    y = torch.empty_like(rows, dtype=out_dtype)
     mean = torch.empty(rows.shape[0], device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block = triton.next_power_of_2(rows.shape[1])
@@ -80,9 +84,10 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 
 @_layer_norm.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, out_dtype):
     rows = x.numel() // x.shape[-1]
-    return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+    return (torch.empty_like(x, dtype=out_dtype), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("effrepro::layer_norm_backward", mutates_args=())
@@ -108,21 +113,26 @@ def _(dy, x, weight, mean, rstd):
 
 
 def _save_for_backward(ctx, inputs, output):
-    x, weight, _, _ = inputs
+    x, weight, *_ = inputs
     ctx.save_for_backward(x, weight, *output[1:])
 
 
 def _gradients(ctx, dy, dmean, drstd):
-    return *_layer_norm_backward(dy, *ctx.saved_tensors), None
+    return *_layer_norm_backward(dy, *ctx.saved_tensors), None, None
 
 
 _layer_norm.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """`torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)`, in x's dtype."""
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)` in `out_dtype`: by default the
+    autocast dtype under autocast, else x's."""
     _check(x, weight)
-    return _layer_norm(x, weight, bias, eps)[0]
+    if out_dtype is None:
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return _layer_norm(x, weight, bias, eps, out_dtype)[0]
 
 
 class LayerNorm(torch.nn.LayerNorm):

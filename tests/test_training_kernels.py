@@ -48,6 +48,21 @@ def test_layer_norm_matches_reference(shape, dtype):
     assert_close_all(ours, reference, dtype)
 
 
+def test_layer_norm_writes_the_autocast_dtype_and_gives_gradients_in_the_inputs():
+    """What autocast does to the next matmul's input, done by the kernel: the output rounded to the lower dtype,
+    gradients in the input's float32 (here float16 by hand; autocast's bfloat16 has no interpreter)."""
+    x, weight, bias = random(5, 72, dtype=torch.float32, seed=17), random(72, dtype=torch.float32, seed=18), \
+        random(72, dtype=torch.float32, seed=19)
+    grad_out = torch.randn(5, 72, device=DEVICE).half()
+    ours = outputs_and_grads(lambda *a: layer_norm(*a, out_dtype=torch.float16), [x, weight, bias], grad_out)
+    reference = outputs_and_grads(lambda *a: layer_norm_reference(*a).half(), in_float64([x, weight, bias]),
+                                  grad_out)
+    assert_close_all(ours, reference, torch.float16)
+    y = layer_norm(x, weight, bias, out_dtype=torch.float16)
+    y.backward(grad_out)
+    assert y.dtype == torch.float16 and x.grad.dtype == weight.grad.dtype == torch.float32
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(7, 300), (2, 3, 3072)])
 def test_bias_gelu_matches_reference(shape, dtype):
@@ -141,7 +156,8 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
         random(40, dtype=torch.float32, seed=15)
     head, targets = random(50, 40, dtype=torch.float32, seed=16), torch.randint(50, (6,), device=DEVICE)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.effrepro.layer_norm.default, (x, weight, bias, 1e-5), test_utils=checks)
+    torch.library.opcheck(torch.ops.effrepro.layer_norm.default, (x, weight, bias, 1e-5, torch.float16),
+                          test_utils=checks)
     torch.library.opcheck(torch.ops.effrepro.bias_gelu.default, (x, bias), test_utils=checks)
     torch.library.opcheck(torch.ops.effrepro.linear_cross_entropy.default, (x, head, targets, -100, 4),
                           test_utils=checks)
