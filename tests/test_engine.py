@@ -16,24 +16,13 @@ def record(folder):
     return json.loads((folder / "record.json").read_text())
 
 
+# Through the command line: what the command line itself checks (numbers given as text), and one a task's
+# validate refuses, with its record
 @pytest.mark.parametrize("override, expected", [
     ("kernel.seq_len=-4", "kernel.seq_len=-4 must be an integer >= 1"),
-    ("kernel.seq_len=0", "kernel.seq_len=0 must be an integer >= 1"),
     ("kernel.seq_len=abc", "kernel.seq_len='abc' must be a number"),
-    ("kernel.seq_len=[64.5]", "kernel.seq_len=64.5 must be an integer"),
-    ("kernel.head_dim=[8]", "kernel.head_dim=8 must be an integer >= 16 <= 256"),
-    ("kernel.dropout=1.5", "kernel.dropout=1.5 must be a number >= 0 < 1"),
-    ("kernel.settings.paper_fig3.seq_len=[0]", "kernel.settings.paper_fig3.seq_len=0"),
-    ("kernel.rep_ms=fast", "kernel.rep_ms='fast' must be a number"),
     ("task=flash_gpt2 train.steps=abc", "train.steps='abc' must be a number"),
     ("task=flash_gpt2 train.precision=8", "train.precision=8 must be a string"),
-    ("task=flash_gpt2 train.steps=0", "train.steps=0 must be an integer > 0"),
-    ("task=flash_gpt2 train.lr=-1.0", "train.lr=-1.0 must be a number > 0"),
-    ("task=flash_gpt2 batch.tokens=0", "batch.tokens=0 must be an integer >= 1"),
-    ("task=lean_decode decode.context=0", "decode.context=0 must be an integer >= 1"),
-    ("task=lean_decode decode.heads=[32/5]", "decode.heads='32/5'"),
-    ("task=lra_listops lra.n_train=0", "lra.n_train=0 must be an integer >= 1"),
-    ("task=lra_listops lra.batch=2.5", "lra.batch=2.5 must be an integer"),
 ])
 def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path):
     code, out, err = run_inline(*override.split(), "logger=none", f"hydra.run.dir={tmp_path}")
@@ -42,6 +31,37 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     assert "Traceback" not in err
     if (tmp_path / "record.json").exists():  # the job's own record says why; nothing is committed
         assert record(tmp_path)["status"] == "error" and expected.split("=")[0] in record(tmp_path)["error"]
+
+
+# The tasks' validate, on a composed config (a composition each; the command line composes three times)
+@pytest.mark.parametrize("override, expected", [
+    ("kernel.seq_len=0", ["kernel.seq_len=0 must be an integer >= 1"]),
+    ("kernel.seq_len=[64.5]", ["kernel.seq_len=64.5 must be an integer"]),
+    ("kernel.head_dim=[8]", ["kernel.head_dim=8 must be an integer >= 16 <= 256"]),
+    ("kernel.dropout=1.5", ["kernel.dropout=1.5 must be a number >= 0 < 1"]),
+    ("kernel.settings.paper_fig3.seq_len=[0]", ["kernel.settings.paper_fig3.seq_len=0"]),
+    ("kernel.rep_ms=fast", ["kernel.rep_ms='fast' must be a number"]),
+    ("task=flash_gpt2 train.steps=0", ["train.steps=0 must be an integer > 0"]),
+    ("task=flash_gpt2 train.lr=-1.0", ["train.lr=-1.0 must be a number > 0"]),
+    ("task=flash_gpt2 batch.tokens=0", ["batch.tokens=0 must be an integer >= 1"]),
+    ("task=lean_decode decode.context=0", ["decode.context=0 must be an integer >= 1"]),
+    ("task=lean_decode decode.heads=[32/5]", ["decode.heads='32/5'"]),
+    ("task=lra_listops lra.n_train=0", ["lra.n_train=0 must be an integer >= 1"]),
+    ("task=lra_listops lra.batch=2.5", ["lra.batch=2.5 must be an integer"]),
+    ("kernel.providers=[standard,fastest]", ["fastest", "sdpa_flash"]),
+    ("kernel.dtype=float8", ["float8", "bfloat16"]),
+    ("task=flash_gpt2 attention=[sdpa+fast]", ["sdpa+fast", "+fused and +compile"]),
+    ("task=flash_gpt2 attention=[megatron+compile]", ["megatron+compile", "megatron takes neither"]),
+    ("task=flash_bert attention=[effrepro+fused]", ["effrepro+fused", "model.family='bert'"]),
+    ("task=flash_gpt2 model.seq_len=128 model.positions=64", ["seq_len=128", "64 positions"]),
+    ("task=pathx lra.pretrain={task:listops,steps:1}", ["listops", "path64"]),
+    ("task=lra_listops lra.micro_batch.listops=3", ["micro_batch.listops=3", "divisor"]),
+    ("task=pathx lra.attention=[standard] train.parallel=fsdp lra.pretrain={task:path64,steps:1}", ["fsdp", "ddp"]),
+    ("task=lm_eval model=tiny_llama eval.texts=[novel]", ["novel", "pydoc"]),
+])
+def test_a_tasks_validate_names_the_value_and_the_valid_ones(override, expected, refusal):
+    message = refusal(*override.split())
+    assert all(word in message for word in expected), message
 
 
 def test_documented_keys_are_accepted_without_a_plus(tmp_path):
@@ -114,21 +134,11 @@ def test_a_sweep_of_good_jobs_exits_zero(tmp_path):
     ("paper=no_such_paper", ["no_such_paper", "flashattention"]),
     ("kernel.no_such_key=1", ["no_such_key", "seq_len", "providers"]),
     ("no_such_key=1", ["no_such_key", "kernel", "scale"]),
-    ("kernel.providers=[standard,fastest]", ["fastest", "sdpa_flash"]),
-    ("kernel.dtype=float8", ["float8", "bfloat16"]),
     ("task=flash_gpt2 attention=[eager,flash9]", ["flash9", "effrepro"]),
-    ("task=flash_gpt2 attention=[sdpa+fast]", ["sdpa+fast", "+fused and +compile"]),
-    ("task=flash_gpt2 attention=[megatron+compile]", ["megatron+compile", "megatron takes neither"]),
-    ("task=flash_bert attention=[effrepro+fused]", ["effrepro+fused", "model.family='bert'"]),
-    ("task=flash_gpt2 model.seq_len=128 model.positions=64", ["seq_len=128", "64 positions"]),
     ("task=flash_gpt2 data.folder=/no/such/folder", ["/no/such/folder", "folder of text files"]),
-    ("task=pathx lra.pretrain={task:listops,steps:1}", ["listops", "path64"]),
     ("task=lra_listops lra.micro_batch.listops2=4", ["listops2", "retrieval"]),
-    ("task=lra_listops lra.micro_batch.listops=3", ["micro_batch.listops=3", "divisor"]),
-    ("task=pathx lra.attention=[standard] train.parallel=fsdp lra.pretrain={task:path64,steps:1}", ["fsdp", "ddp"]),
     ("task=lra_data lra_data.settings=[{task:pathfinder,size:48}]", ["size=48", "32, 64, 128, 256"]),
     ("task=lm_eval model=no_such_model", ["no_such_model", "tiny_llama"]),
-    ("task=lm_eval model=tiny_llama eval.texts=[novel]", ["novel", "pydoc"]),
     ("task=lm_eval model=tiny_llama eval.seqlen=1024", ["1024", "context"]),
     ("record_every_s=-1", ["record_every_s=-1"]),
 ])
