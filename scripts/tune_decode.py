@@ -17,6 +17,7 @@ import torch
 
 from effrepro_kernels import decode_attention, make_schedule
 from effrepro_kernels.decode_attention import lean_programs, pipeline_bytes, PIPELINE_SMEM
+from repro.bench import copy_bandwidth
 from repro.timing import measure
 
 ROTATE_BYTES = 512 << 20  # KV copies per shape, together beyond any L2
@@ -155,11 +156,7 @@ def main():
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB, "
           f"shared memory per block {getattr(props, 'shared_memory_per_block_optin', 0) >> 10} KB")
-    src = torch.randn(1 << 30, device="cuda")
-    dst = torch.empty_like(src)
-    copy = measure(lambda: dst.copy_(src), torch.device("cuda"), warmup_ms=25, rep_ms=100)
-    copy_gb_s = 2 * src.numel() * 4 / (copy.p50 * 1e-3) / 1e9
-    del src, dst
+    copy_gb_s = copy_bandwidth(torch.device("cuda"), 4 << 30).p50
     host_cost()
     shapes = [(1, 32, 8, 65536), (1, 64, 8, 65536), (1, 32, 8, 262144), (4, 32, 8, 65536), (16, 32, 32, 65536),
               (1, 32, 8, 8192), (16, 32, 8, 8192)]
