@@ -5,20 +5,20 @@ for tuning tasks/pregated_moe, not a run record; it prints Markdown.
     python scripts/profile_moe.py --model switch-base-64 --batch 1 --steps 8
 """
 import argparse
-import os
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from repro.context import code_version  # noqa: E402
 from tasks.pregated_moe.model import MoEConfig  # noqa: E402
-from tasks.pregated_moe.offload import STRATEGIES, ExpertOffload, GreedyDecoder, pinned_in_place  # noqa: E402
-from tasks.pregated_moe.serving import parse_model  # noqa: E402
+from tasks.pregated_moe.offload import STRATEGIES, pinned_in_place  # noqa: E402
+from tasks.pregated_moe.serving import parse_model, start_point  # noqa: E402
 from tasks.pregated_moe.weights import random_switch  # noqa: E402
 
 
@@ -33,20 +33,15 @@ def main() -> None:
     size, experts = parse_model(args.model)
     cfg = MoEConfig.of_size(size, n_experts=experts, pregate=True, max_len=2 * args.steps + 4)
     model = random_switch(cfg, 0, device)
-    sha = os.environ.get("REPRO_GIT_SHA") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                             capture_output=True, text=True).stdout.strip()
+    # the task's settings that start a point: the fewest slots for the batch, warm-up steps, then those profiled
+    spec = SimpleNamespace(slots=None, cache="lru", warmup_tokens=args.steps, new_tokens=args.steps)
     print(f"# MoE step profile: {args.model}, batch {args.batch}, {args.steps} steps\n\n"
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Python {platform.python_version()}, "
-          f"commit {sha or 'unknown'}; `python {' '.join(sys.argv)}`\n")
+          f"commit {code_version() or 'unknown'}; `python {' '.join(sys.argv)}`\n")
     host = [t for ffn in model.moe_layers for t in (ffn.w_in.data, ffn.w_out.data)]
     with pinned_in_place(host, device):
-        for strategy in [s for s in STRATEGIES if s != "gpu_only"] + ["gpu_only"]:  # gpu_only moves the experts
-            runtime = ExpertOffload(model, strategy, device)
-            prompt = torch.randint(cfg.vocab_size, (args.batch, 1), generator=torch.Generator().manual_seed(0))
-            decoder = GreedyDecoder(runtime, prompt, 2 * args.steps + 2)
-            for _ in range(args.steps):
-                decoder.step()  # warm-up
-            runtime.reset_stats()
+        for strategy in STRATEGIES:
+            runtime, decoder = start_point(model, strategy, args.batch, spec, device, seed=0)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
