@@ -58,6 +58,8 @@ class FusedLossLM(nn.Module):
 
 def fuse_gpt2(model: nn.Module) -> FusedLossLM:
     """`model` (a transformers GPT2LMHeadModel), its modules swapped as the module docstring says, wrapped."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
     config = model.config
     if config.model_type != "gpt2" or config.activation_function not in TANH_GELU:
         raise ValueError(f"fuse_gpt2 takes GPT-2 models with a tanh GELU {TANH_GELU}; this one is "
@@ -68,6 +70,6 @@ def fuse_gpt2(model: nn.Module) -> FusedLossLM:
                 fused = LayerNorm(child.normalized_shape, eps=child.eps, device="meta")
                 fused.weight, fused.bias = child.weight, child.bias
                 setattr(parent, name, fused)
-            elif type(child).__name__ == "GPT2MLP":
+            elif isinstance(child, GPT2MLP):
                 setattr(parent, name, FusedMLP(child))
     return FusedLossLM(model)

@@ -60,6 +60,10 @@ def _backward(X, W, DY, DX, Mean, Rstd, DW, DB, stride_x, stride_dy, stride_dx, 
     tl.store(DB + program * n + cols, db, mask=inside)
 
 
+def _warps(block: int) -> int:
+    return min(max(block // 256, 1), 8)  # a warp per 256 features of a row, up to 8
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dtype not in DTYPES:
         raise ValueError(f"layer_norm takes {[str(d) for d in DTYPES]}, not {x.dtype}")
@@ -79,7 +83,7 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     rstd = torch.empty_like(mean)
     block = triton.next_power_of_2(rows.shape[1])
     _forward[(rows.shape[0],)](rows, weight, bias, y, mean, rstd, rows.stride(0), y.stride(0), rows.shape[1], eps,
-                               BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+                               BLOCK=block, num_warps=_warps(block))
     return y.view(x.shape), mean, rstd
 
 
@@ -103,7 +107,7 @@ def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     db = torch.empty_like(dw)
     block = triton.next_power_of_2(n)
     _backward[(programs,)](rows, weight, dy, dx, mean, rstd, dw, db, rows.stride(0), dy.stride(0), dx.stride(0), n,
-                           n_rows, triton.cdiv(n_rows, programs), BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+                           n_rows, triton.cdiv(n_rows, programs), BLOCK=block, num_warps=_warps(block))
     return dx.view(x.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 
