@@ -19,7 +19,7 @@ SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
 
 @triton.jit
-def _kernel(X, Bias, DY, Out, total, n, K: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+def _bias_gelu_kernel(X, Bias, DY, Out, total, n, K: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
     """Out = gelu(X + Bias) forward; Out = DY · gelu'(X + Bias) backward. X, DY, Out: contiguous (rows, n)."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < total
@@ -36,8 +36,9 @@ def _kernel(X, Bias, DY, Out, total, n, K: tl.constexpr, BACKWARD: tl.constexpr,
 
 def _launch(x: torch.Tensor, bias: torch.Tensor, dy: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty_like(x)
-    _kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias, dy if dy is not None else x, out, x.numel(), x.shape[-1],
-                                             K=SQRT_2_OVER_PI, BACKWARD=dy is not None, BLOCK=BLOCK)
+    _bias_gelu_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias, dy if dy is not None else x, out, x.numel(),
+                                                       x.shape[-1], K=SQRT_2_OVER_PI, BACKWARD=dy is not None,
+                                                       BLOCK=BLOCK)
     return out
 
 

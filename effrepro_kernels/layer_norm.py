@@ -22,7 +22,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _forward(X, W, B, Y, Mean, Rstd, stride_x, stride_y, n, eps, BLOCK: tl.constexpr):
+def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, stride_x, stride_y, n, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < n
@@ -38,7 +38,7 @@ def _forward(X, W, B, Y, Mean, Rstd, stride_x, stride_y, n, eps, BLOCK: tl.const
 
 
 @triton.jit
-def _backward(X, W, DY, DX, Mean, Rstd, DW, DB, stride_x, stride_dy, stride_dx, n, rows, rows_per_program,
+def _layer_norm_bwd(X, W, DY, DX, Mean, Rstd, DW, DB, stride_x, stride_dy, stride_dx, n, rows, rows_per_program,
               BLOCK: tl.constexpr):
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -82,7 +82,7 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     mean = torch.empty(rows.shape[0], device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block = triton.next_power_of_2(rows.shape[1])
-    _forward[(rows.shape[0],)](rows, weight, bias, y, mean, rstd, rows.stride(0), y.stride(0), rows.shape[1], eps,
+    _layer_norm_fwd[(rows.shape[0],)](rows, weight, bias, y, mean, rstd, rows.stride(0), y.stride(0), rows.shape[1], eps,
                                BLOCK=block, num_warps=_warps(block))
     return y.view(x.shape), mean, rstd
 
@@ -106,7 +106,7 @@ def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     dw = torch.empty((programs, n), device=rows.device, dtype=torch.float32)
     db = torch.empty_like(dw)
     block = triton.next_power_of_2(n)
-    _backward[(programs,)](rows, weight, dy, dx, mean, rstd, dw, db, rows.stride(0), dy.stride(0), dx.stride(0), n,
+    _layer_norm_bwd[(programs,)](rows, weight, dy, dx, mean, rstd, dw, db, rows.stride(0), dy.stride(0), dx.stride(0), n,
                            n_rows, triton.cdiv(n_rows, programs), BLOCK=block, num_warps=_warps(block))
     return dx.view(x.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 

@@ -1,6 +1,7 @@
 """Timing and memory measurement: device events on a GPU, the wall clock on a CPU (marked as such)."""
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -187,6 +188,48 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+# Kernel families by name, first match wins: cuBLAS/CUTLASS matrix products, the attention kernels (ours, SDPA's,
+# cuDNN's), what torch.compile generates (its names carry the ops it fused, so a fused LayerNorm still reads as
+# layer_norm), and so on. A guide to where a step's time goes, not an exact accounting.
+KERNEL_FAMILIES = (
+    ("loss", r"cross_entropy|log_?softmax|nll_loss|loss_and_gradient"),
+    ("attention", r"attn|attention|fmha|flash|sdpa|softmax"),
+    ("layer_norm", r"layer_?norm"),
+    ("gelu", r"gelu"),
+    ("optimizer", r"adam|multi_tensor|foreach|lpnorm"),
+    ("matmul", r"gemm|matmul|cutlass|nvjet|xmma|wgmma|cublas|sm\d\d_"),
+    ("copy", r"memcpy|memset|copy|cat_|index|gather|scatter|embedding"),
+    ("elementwise", r"elementwise|vectorized|reduce|triton_"),
+)
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    return next((family for family, pattern in KERNEL_FAMILIES if re.search(pattern, lowered)), "other")
+
+
+def kernel_time_by_family(fn: Callable[[], object], device: torch.device) -> tuple[object, dict[str, float]]:
+    """What `fn` returns, run once, and the milliseconds of device kernel time per family it took
+    (KERNEL_FAMILIES, and "all"), from torch.profiler; off CUDA, no times."""
+    if device.type != "cuda":
+        return fn(), {}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize(device)
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type == DeviceType.CUDA and event.self_device_time_total > 0:
+            family = kernel_family(event.key)
+            times[family] = times.get(family, 0.0) + event.self_device_time_total / 1e3
+    if times:
+        times["all"] = sum(times.values())
+    return result, times
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .context import ConfigError, code_version, fingerprint, world
 from .records import Row, replace_atomically
+from .timing import kernel_time_by_family
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "lamb")
@@ -85,6 +86,7 @@ class TrainSpec:
     eval_every: int = 0  # 0: only at the end
     log_every: int = 10
     timing_skip_steps: int = 2  # compile and autotune steps, left out of the throughput
+    profile: bool = False  # on a GPU, the device time by kernel family of the last step left out of the timing
     checkpoint_every_s: float = 300.0
     parallel: str = "ddp"  # several processes: ddp (replicas) or fsdp (parameters, gradients, optimizer sharded)
 
@@ -111,6 +113,9 @@ class TrainSpec:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas={list(self.betas)!r} must be two numbers in [0, 1)")
+        if self.profile and not 1 <= self.timing_skip_steps <= self.steps:
+            raise ConfigError(f"train.profile profiles the last untimed step, and train.timing_skip_steps="
+                              f"{self.timing_skip_steps} leaves none of the {self.steps} steps untimed")
         for name, allowed in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("parallel", PARALLEL)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
@@ -455,12 +460,20 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
         torch.cuda.reset_peak_memory_stats(device)
     for step in bar:
         model.train()
+
+        def run_step():
+            return _step(trainee, step, parallel, wrapped, optimizer, scaler, autocast, spec)
         sync()
         t0 = time.perf_counter()
-        loss = _step(trainee, step, parallel, wrapped, optimizer, scaler, autocast, spec)
+        if spec.profile and step == spec.timing_skip_steps - 1:
+            loss, by_family = kernel_time_by_family(run_step, device)
+        else:
+            loss, by_family = run_step(), {}
         sync()
         step_times.append(time.perf_counter() - t0)
-        done, new = step + 1, []
+        done = step + 1
+        new = [Row(trainee.name, "kernel_family", family, "kernel_time", "ms", ms, n=1,
+                   extra={**trainee.extra, "step": done}) for family, ms in by_family.items()]
         if done % spec.log_every == 0 or done == spec.steps or done == 1:
             loss_value = loss.item()
             if not math.isfinite(loss_value):

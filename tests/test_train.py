@@ -9,6 +9,7 @@ import torch
 from repro.bench import Unsupported
 from repro.context import ConfigError
 from repro.records import Row
+from repro.timing import kernel_family, kernel_time_by_family
 from repro.train import Candidate, Stage, Trainee, TrainSpec, train, train_all
 
 SPEC = TrainSpec(steps=8, lr=1e-2, warmup_steps=2, precision="fp32", log_every=1, eval_every=4,
@@ -149,6 +150,25 @@ def test_train_spec_names_unknown_keys_and_bad_precision():
         TrainSpec.from_config({"steps": 1, "lr": 1.0, "stepz": 2})
     with pytest.raises(ConfigError, match="fp8"):
         TrainSpec.from_config({"steps": 1, "lr": 1.0, "precision": "fp8"})
+    with pytest.raises(ConfigError, match="timing_skip_steps=0"):
+        TrainSpec.from_config({"steps": 4, "lr": 1.0, "profile": True, "timing_skip_steps": 0})
+
+
+@pytest.mark.parametrize("kernel, family", [
+    ("_attn_fwd", "attention"), ("flash_fwd_kernel", "attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"), ("nvjet_tst_128x256_64x4", "matmul"),
+    ("_layer_norm_bwd", "layer_norm"), ("triton_red_fused_native_layer_norm_backward_3", "layer_norm"),
+    ("_bias_gelu_kernel", "gelu"), ("_loss_and_gradient", "loss"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<LogSoftMaxForwardEpilogue>", "loss"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("Memcpy HtoD (Pageable -> Device)", "copy"), ("triton_poi_fused_add_mul_0", "elementwise"),
+    ("some_new_kernel", "other")])
+def test_kernels_are_grouped_by_family_from_their_names(kernel, family):
+    assert kernel_family(kernel) == family
+
+
+def test_profiling_a_step_off_the_gpu_gives_the_step_and_no_times():
+    assert kernel_time_by_family(lambda: 7, torch.device("cpu")) == (7, {})
 
 
 def test_corpus_from_a_local_folder_is_tokenised_once_and_cached(tmp_path, monkeypatch):
@@ -214,3 +234,10 @@ def test_model_flops_count_weights_outside_embeddings_and_attention():
     assert model_flops_per_token(model, layers=2, width=4, seq_len=8) == 6 * 20 + 12 * 2 * 4 * 8
     model.non_embedding_params = lambda: 7  # a model that counts its own (megatron-core's embeddings)
     assert model_flops_per_token(model, layers=1, width=1, seq_len=1) == 6 * 7 + 12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_profiling_a_step_on_the_gpu_times_its_kernels_by_family():
+    a = torch.randn(2048, 2048, device="cuda")
+    out, times = kernel_time_by_family(lambda: a @ a, torch.device("cuda"))
+    assert out.shape == a.shape and times["matmul"] > 0 and times["all"] >= times["matmul"]
