@@ -48,11 +48,31 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), None
 
 
+def attention_mask(batch_size: int, q_length: int, kv_length: int, *args, mask_function=None,
+                   attention_mask: torch.Tensor | None = None, local_size: int | None = None,
+                   allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False, **kwargs):
+    """transformers' mask hook: no mask where the kernel's causal flag says it all (causal or full attention of
+    a sequence over itself, no padding, no window), else sdpa's boolean mask. transformers' own sdpa mask is
+    built under torch.compile on torch < 2.14 even then, and reading it (`attention_forward`) would break the
+    graph in every layer."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    plain = attention_mask is None and local_size is None and q_length == kv_length and (
+        (mask_function is causal_mask_function and allow_is_causal_skip)
+        or (mask_function is bidirectional_mask_function and allow_is_bidirectional_skip))
+    if plain:
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, *args, mask_function=mask_function or causal_mask_function,
+                     attention_mask=attention_mask, local_size=local_size,
+                     allow_is_causal_skip=allow_is_causal_skip,
+                     allow_is_bidirectional_skip=allow_is_bidirectional_skip, **kwargs)
+
+
 def register(name: str = NAME) -> str:
     """Make `attn_implementation=name` available to every transformers model in this process."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, attention_mask)
     return name

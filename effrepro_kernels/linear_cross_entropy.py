@@ -7,7 +7,8 @@ loss must be the end of the graph or be scaled linearly after it (as a training 
 
 At GPT-2's vocabulary of 50257 and 16K tokens, the logits are 1.6 GB in bf16 and twice that in float32, and the
 unfused loss keeps both; here a chunk's 40-80 MB is all. Under autocast the matmuls run in the autocast dtype,
-as the unfused head's would.
+as the unfused head's would: the wrapper casts both inputs, because inside torch.compile's graphs an operator runs
+with autocast off.
 """
 from __future__ import annotations
 
@@ -61,11 +62,11 @@ def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     for start in range(0, n, chunk_rows):
         part = slice(start, min(start + chunk_rows, n))
-        logits = h[part] @ weight.T  # the autocast dtype under autocast
+        logits = h[part] @ weight.T
         _loss_and_gradient[(logits.shape[0],)](logits, logits.stride(0), targets[part], losses[part], inv_count,
                                                logits.shape[1], ignore_index, BLOCK=BLOCK)
-        grad_h[part] = logits @ weight.to(logits.dtype)
-        grad_w += (logits.T @ h[part].to(logits.dtype)).float()
+        grad_h[part] = logits @ weight
+        grad_w += (logits.T @ h[part]).float()
     return losses.sum() * inv_count, grad_h, grad_w.to(weight.dtype)
 
 
@@ -96,5 +97,12 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          f"(tokens,); got {tuple(h.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
     if h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"linear_cross_entropy takes float16, bfloat16 or float32, not {h.dtype}")
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        h, weight = h.to(dtype), weight.to(dtype)
+    elif h.dtype != weight.dtype:
+        raise ValueError(f"linear_cross_entropy takes h and weight of one dtype outside autocast; got {h.dtype} "
+                         f"and {weight.dtype}")
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
     return _linear_cross_entropy(h, weight, targets.contiguous(), ignore_index, chunk_rows)[0]

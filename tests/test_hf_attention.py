@@ -58,3 +58,16 @@ def test_an_unsupported_mask_pattern_is_an_error():
     with pytest.raises(ValueError, match="causal and key-padding"):
         key_padding_mask_of(mask, causal=True)
     assert key_padding_mask_of(torch.ones(1, 1, 6, 6, dtype=torch.bool).tril(), causal=True) is None
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_without_padding_no_mask_is_read_and_the_model_compiles_as_one_graph(kind, monkeypatch):
+    # as torch < 2.14 answers inside torch.compile, which makes transformers build the sdpa mask
+    monkeypatch.setattr("transformers.masking_utils.is_torchdynamo_exporting", lambda: True)
+    register()
+    ids = torch.randint(0, 97, (2, 21), device=DEVICE)
+    compiled = torch.compile(build(kind, NAME), fullgraph=True, backend="eager")  # a graph break is an error
+    ours, ref = compiled(input_ids=ids), build(kind, "eager")(input_ids=ids)
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(ref, name):
+            torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=2e-3, atol=2e-3)

@@ -113,6 +113,8 @@ def test_linear_cross_entropy_under_autocast_matches_the_unfused_head():
      "got \\(2, 4\\), \\(9, 5\\)"),
     (lambda: linear_cross_entropy(torch.ones(2, 4, dtype=torch.float64), torch.ones(9, 4, dtype=torch.float64),
                                   torch.zeros(2, dtype=torch.long)), "not torch.float64"),
+    (lambda: linear_cross_entropy(torch.ones(2, 4, dtype=torch.float16), torch.ones(9, 4),
+                                  torch.zeros(2, dtype=torch.long)), "torch.float16 and torch.float32"),
 ])
 def test_bad_input_names_what_is_wrong(call, message):
     with pytest.raises(ValueError, match=message):
@@ -165,7 +167,12 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
     def loss(x, weight, bias, head):
         return linear_cross_entropy(bias_gelu(layer_norm(x, weight, bias), bias), head, targets)
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
+    def loss_in_half(*inputs):  # inside compiled graphs operators run with autocast off: the wrappers cast
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            return loss(*inputs)
+
     inputs = (x, weight, bias, head)
-    for got, want in zip(torch.autograd.grad(compiled(*inputs), inputs), torch.autograd.grad(loss(*inputs), inputs)):
-        torch.testing.assert_close(got, want)
+    for fn in (loss, loss_in_half):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
+        for got, want in zip(torch.autograd.grad(compiled(*inputs), inputs), torch.autograd.grad(fn(*inputs), inputs)):
+            torch.testing.assert_close(got, want)
