@@ -210,9 +210,10 @@ def kernel_family(name: str) -> str:
     return next((family for family, pattern in KERNEL_FAMILIES if re.search(pattern, lowered)), "other")
 
 
-def kernel_time_by_family(fn: Callable[[], object], device: torch.device) -> tuple[object, dict[str, float]]:
-    """What `fn` returns, run once, and the milliseconds of device kernel time per family it took
-    (KERNEL_FAMILIES, and "all"), from torch.profiler; off CUDA, no times."""
+def kernel_time_by_family(fn: Callable[[], object], device: torch.device, top: int = 3
+                          ) -> tuple[object, dict[str, tuple[float, list]]]:
+    """What `fn` returns, run once, and per kernel family (KERNEL_FAMILIES, and "all") the milliseconds of device
+    kernel time it took with its `top` kernels as [name, ms], from torch.profiler; off CUDA, no families."""
     if device.type != "cuda":
         return fn(), {}
     from torch.autograd import DeviceType
@@ -222,14 +223,15 @@ def kernel_time_by_family(fn: Callable[[], object], device: torch.device) -> tup
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         result = fn()
         torch.cuda.synchronize(device)
-    times: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.device_type == DeviceType.CUDA and event.self_device_time_total > 0:
-            family = kernel_family(event.key)
-            times[family] = times.get(family, 0.0) + event.self_device_time_total / 1e3
-    if times:
-        times["all"] = sum(times.values())
-    return result, times
+    kernels = sorted(((e.self_device_time_total / 1e3, e.key) for e in prof.key_averages()
+                      if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0), reverse=True)
+    families: dict[str, tuple[float, list]] = {}
+    for ms, name in kernels:
+        total, named = families.get(kernel_family(name), (0.0, []))
+        families[kernel_family(name)] = (total + ms, named + [[name[:120], ms]] if len(named) < top else named)
+    if kernels:
+        families["all"] = (sum(ms for ms, _ in kernels), [[name[:120], ms] for ms, name in kernels[:top]])
+    return result, families
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

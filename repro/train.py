@@ -473,7 +473,8 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
         step_times.append(time.perf_counter() - t0)
         done = step + 1
         new = [Row(trainee.name, "kernel_family", family, "kernel_time", "ms", ms, n=1,
-                   extra={**trainee.extra, "step": done}) for family, ms in by_family.items()]
+                   extra={**trainee.extra, "step": done, "top_kernels": top})
+               for family, (ms, top) in by_family.items()]
         if done % spec.log_every == 0 or done == spec.steps or done == 1:
             loss_value = loss.item()
             if not math.isfinite(loss_value):
