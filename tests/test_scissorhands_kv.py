@@ -110,8 +110,12 @@ def test_quantized_cache_and_decode_kernels_run_in_the_interpreter(interpreted):
         assert 0 < allocated <= analytic and (allocated == analytic or DEVICE == "cuda")
     (overhead,) = rows_of(record, "eviction_overhead")
     assert 0 < overhead["p50"] < 1 and overhead["extra"]["drop"] == 4
-    assert {r["provider"] for r in rows_of(record, "step_part_time")} == {"attention", "counting", "checking",
-                                                                          "choosing", "compacting"}
+    parts = {r["provider"]: r["p50"] for r in rows_of(record, "step_part_time")}
+    assert set(parts) == {"projections", "attention", "counting", "checking", "choosing", "compacting"}
+    e = overhead["extra"]
+    assert overhead["p50"] == pytest.approx(e["bookkeeping_ms"] / (
+        parts["projections"] + parts["attention"] + e["bookkeeping_ms"]))
+    assert overhead["p50"] < e["share_of_attention_and_bookkeeping"]
     assert {r["provider"] for r in rows_of(record, "bandwidth_fraction")} == {"quantize_keys", "quantize_values"}
 
 

@@ -9,13 +9,15 @@ around them) at contexts of 4K to 128K tokens.
 - bookkeeping: what Scissorhands adds to a step at budget B (the policy and cache code of mode=generate, run on
   the device): counting pivotal tokens (one kernel on a GPU, effrepro_kernels/pivotal_counts.py), checking whether
   the cache is full (on the host: generate knows how many tokens its heads hold), choosing the m tokens to drop and
-  compacting the cache, the last two once every m steps; its share of the step (that attention plus itself);
+  compacting the cache, the last two once every m steps; its share of the layer's decode step: the layer's
+  projections (q, k, v, o and the MLP, weights read once a step), that attention and itself;
 - quantize: the bandwidth of the 4-bit quantize kernel against a device-to-device copy measured in the same run.
 
 Attention is timed as lean_decode times it: from CUDA graphs of back-to-back calls over rotated copies of the
 inputs (no call finds its cache in L2), so that microsecond kernels are not hidden behind launch overhead. The
-bookkeeping and the quantize kernel are timed call by call (`repro.timing.measure`: device events, L2 flushed),
-as a decode loop runs them; a part that waits on the host (checking, compacting) includes that wait. Where our
+step's other kernels (projections, counting) are timed the same way; the quantize kernel and the bookkeeping parts
+that wait on the host (checking, choosing, compacting) are timed call by call (`repro.timing.measure`: device
+events, L2 flushed), as a decode loop runs them, that wait included. Where our
 Triton kernels cannot run (a CPU without TRITON_INTERPRET=1) their rows say so (`unsupported`).
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .memory import GIB, allocate_caches, cache_bytes, max_batch, measured_bytes
 from .policies import policy_at_budget
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+WAIT_ON_HOST = ("checking", "choosing", "compacting")  # bookkeeping parts timed call by call
 NO_KERNELS = "needs our Triton kernels: a CUDA GPU (or TRITON_INTERPRET=1 on the CPU, slowly)"
 
 
@@ -97,7 +100,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"decode.heads={spec.heads!r} must be 'query heads/KV heads', two positive integers, the "
                           "first a multiple of the second (e.g. '32/8')")
     checks.number("decode.head_dim", spec.head_dim, at_least=16, at_most=256)
-    for key in ("layers", "batch", "contexts", "bookkeeping_budgets"):
+    for key in ("intermediate", "layers", "batch", "contexts", "bookkeeping_budgets"):
         checks.number(f"decode.{key}", spec[key], at_least=1)
     checks.choice("decode.dtype", spec.dtype, DTYPES)
     checks.choice("decode.bits", checks.as_list(spec.bits), KV_BITS)
@@ -228,9 +231,10 @@ def full_layer(policy, budget: int, shape: Shape, kv: DictConfig, device, gen) -
 
 
 def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: int) -> Iterator[Row]:
-    """Per budget B: the time of the step's attention (with each key's probability) and of each part of
-    Scissorhands' bookkeeping on a full cache, run by generate.py's own code; then the bookkeeping's share of a
-    step, the choosing and compacting spread over the m steps between evictions."""
+    """Per budget B: the time of the layer's projections, of the step's attention (with each key's probability)
+    and of each part of Scissorhands' bookkeeping on a full cache, run by generate.py's own code; then the
+    bookkeeping's share of the layer's step, the choosing and compacting spread over the m steps between
+    evictions."""
     shape, device = Shape.of(spec), ctx.device
     gen = torch.Generator(device=device).manual_seed(seed)
     for budget in checks.as_list(spec.bookkeeping_budgets):
@@ -242,6 +246,16 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
         query = torch.randn(shape.batch, shape.heads, shape.head_dim, device=device, dtype=shape.dtype, generator=gen)
         schedule = make_schedule(kv.schedule, [budget] * shape.batch, shape.kv_heads, head_dim=shape.head_dim,
                                  dtype=shape.dtype, device=device)
+
+        hidden, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        x = torch.randn(shape.batch, max(hidden, spec.intermediate), device=device, dtype=shape.dtype, generator=gen)
+        weights = [torch.randn(n_in, n_out, device=device, dtype=shape.dtype, generator=gen) / n_in ** 0.5
+                   for n_in, n_out in ((hidden, hidden + 2 * kv_width), (hidden, hidden),  # q, k, v; o
+                                       (hidden, 2 * spec.intermediate), (spec.intermediate, hidden))]  # MLP
+
+        def projections():
+            for w in weights:
+                x[:, :w.shape[0]] @ w
 
         def attention():
             return decode_attention(query, layer.store.keys, layer.store.values, schedule=schedule,
@@ -256,7 +270,8 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
         def compacting():
             layer.n = budget
             layer._evict(drop, full)
-        parts = {"attention": attention,  # and the rest as generate.py calls them, knowing how many tokens it holds
+        parts = {"projections": projections, "attention": attention,  # and the rest as generate.py calls them,
+                 # knowing how many tokens it holds
                  "counting": lambda: policy.observe(layer.stats, probs, visible, budget, n_visible=budget),
                  "checking": lambda: policy.drops(layer.stats, not_full, layer.positions, budget, 0, 1,
                                                   n_held=budget - 1),
@@ -264,14 +279,17 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
                  "compacting": compacting}
         ms = {}
         for part, fn in parts.items():
-            t = measure(fn, device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms)
+            t = measure(fn, device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
+                        back_to_back=None if part in WAIT_ON_HOST else "graph")
             ms[part] = t.p50
             yield Row(part, "budget", budget, "step_part_time", "ms", t.p50, t.p20, t.p80, t.n,
                       extra={**extra, "clock": t.clock})
         per_step = ms["counting"] + ms["checking"] * (m - 1) / m + (ms["choosing"] + ms["compacting"]) / m
         yield Row("scissorhands", "budget", budget, "eviction_overhead", "fraction",
-                  per_step / (ms["attention"] + per_step), n=1,
-                  extra={**extra, "bookkeeping_ms": per_step, "attention_ms": ms["attention"]})
+                  per_step / (ms["projections"] + ms["attention"] + per_step), n=1,
+                  extra={**extra, "bookkeeping_ms": per_step, "attention_ms": ms["attention"],
+                         "projections_ms": ms["projections"],
+                         "share_of_attention_and_bookkeeping": per_step / (ms["attention"] + per_step)})
 
 
 def quantize_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: int) -> Iterator[Row]:
