@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import runs_on
+from .runtime import INTERPRET, runs_on
 
 BITS = (2, 4, 8)
 AXES = ("channel", "token")
@@ -85,6 +85,11 @@ def kv_tile(X, XS, XZ, n, c, mask, stride_n, stride_sn, BITS: tl.constexpr, GROU
     return x
 
 
+# warps per program, tuned per shape on a GPU (one config in the interpreter, which cannot autotune)
+QUANTIZE_CONFIGS = [triton.Config({}, num_warps=w) for w in ((4,) if INTERPRET else (1, 2, 4, 8))]
+
+
+@triton.autotune(configs=QUANTIZE_CONFIGS, key=["HEAD_DIM", "BITS", "PER_TOKEN", "ROWS", "CHANNELS"])
 @triton.jit
 def _quantize(X, DATA, SCALE, ZERO, stride_xb, stride_xh, stride_xn, H, N, HEAD_DIM: tl.constexpr,
               BITS: tl.constexpr, PER_TOKEN: tl.constexpr, ROWS: tl.constexpr, CHANNELS: tl.constexpr,
