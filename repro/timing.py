@@ -192,12 +192,13 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
 
 # Kernel families by name, first match wins: cuBLAS/CUTLASS matrix products, the attention kernels (ours, SDPA's,
 # cuDNN's), what torch.compile generates (its names carry the ops it fused, so a fused LayerNorm still reads as
-# layer_norm), and so on. A guide to where a step's time goes, not an exact accounting.
+# layer_norm, and a fused cast reads as copy unless an earlier family claims it), and so on. A guide to where a
+# step's time goes, not an exact accounting: the rows name each family's top kernels.
 KERNEL_FAMILIES = (
     ("loss", r"cross_entropy|log_?softmax|nll_loss|loss_and_gradient"),
     ("attention", r"attn|attention|fmha|flash|sdpa|softmax"),
     ("layer_norm", r"layer_?norm"),
-    ("gelu", r"gelu"),
+    ("gelu", r"gelu|tanh"),  # torch.compile's GELU kernels are named after the tanh of its formula
     ("optimizer", r"adam|multi_tensor|foreach|lpnorm"),
     ("matmul", r"gemm|matmul|cutlass|nvjet|xmma|wgmma|cublas|sm\d\d_"),
     ("copy", r"memcpy|memset|copy|cat_|index|gather|scatter|embedding"),
