@@ -6,6 +6,10 @@ bits in a ring of ceil(window / 8) bytes, so that the window slides exactly: thi
 `window` steps old, and the count gains the new bit and loses the old. In PyTorch that is a dozen launches and
 passes over the statistics per layer and step, several times the decode attention it follows; here it is one
 read of the probabilities and one of the count and of the ring's byte.
+
+The ring may be laid out byte-plane by byte-plane (`ring_history`: a step's bytes of all slots contiguous), which
+is what makes that last read cheap: slot by slot (contiguous), each step touches one byte in 32 of every sector it
+reads. The kernel takes either.
 """
 from __future__ import annotations
 
@@ -16,15 +20,20 @@ import triton.language as tl
 BLOCK = 256
 
 
+def ring_history(batch: int, heads: int, slots: int, window: int, device) -> torch.Tensor:
+    """A zero ring of (batch, heads, slots, ceil(window / 8)) bytes, stored byte-plane by byte-plane."""
+    return torch.zeros(batch, heads, -(-window // 8), slots, dtype=torch.uint8, device=device).transpose(2, 3)
+
+
 @triton.jit
-def _update(Probs, Count, History, slots, n_visible, threshold, byte, bit, stride_probs, ring_bytes,
-            BLOCK: tl.constexpr):
+def _update(Probs, Count, History, slots, n_visible, threshold, byte, bit, stride_probs, stride_h_row,
+            stride_h_slot, stride_h_byte, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     slot = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = slot < slots
     p = tl.load(Probs + row * stride_probs + slot, mask=inside, other=0.0)
     pivotal = ((p > threshold) & (slot < n_visible)).to(tl.int32)
-    ring = History + (row * slots + slot) * ring_bytes + byte
+    ring = History + row * stride_h_row + slot.to(tl.int64) * stride_h_slot + byte * stride_h_byte
     old = tl.load(ring, mask=inside, other=0).to(tl.int32)
     count = Count + row * slots + slot
     tl.store(count, tl.load(count, mask=inside, other=0) + pivotal - ((old >> bit) & 1), mask=inside)
@@ -34,7 +43,7 @@ def _update(Probs, Count, History, slots, n_visible, threshold, byte, bit, strid
 def update_pivotal_counts(probs: torch.Tensor, count: torch.Tensor, history: torch.Tensor, n_visible: int,
                           step: int, window: int) -> None:
     """In place, for the query at position `step`: probs float32 (batch, heads, slots), count int32 (batch, heads,
-    slots), history uint8 (batch, heads, slots, ceil(window / 8)), count and history contiguous."""
+    slots) contiguous, history uint8 (batch, heads, slots, ceil(window / 8)), contiguous or from `ring_history`."""
     b, heads, slots = probs.shape
     ring_bytes = -(-window // 8)
     if (count.shape != probs.shape or history.shape != (b, heads, slots, ring_bytes) or probs.dtype != torch.float32
@@ -42,12 +51,13 @@ def update_pivotal_counts(probs: torch.Tensor, count: torch.Tensor, history: tor
         raise ValueError(f"update_pivotal_counts takes probs float32 (b, h, s), count int32 (b, h, s) and history "
                          f"uint8 (b, h, s, ceil(window/8) = {ring_bytes}); got {probs.dtype} {tuple(probs.shape)}, "
                          f"{count.dtype} {tuple(count.shape)}, {history.dtype} {tuple(history.shape)}")
-    if not (count.is_contiguous() and history.is_contiguous()) or probs.stride(-1) != 1 or \
-            probs.stride(0) != heads * probs.stride(1):
-        raise ValueError("update_pivotal_counts needs count and history contiguous, and probs' rows evenly strided")
+    if not count.is_contiguous() or probs.stride(-1) != 1 or probs.stride(0) != heads * probs.stride(1) or \
+            history.stride(0) != heads * history.stride(1):
+        raise ValueError("update_pivotal_counts needs count contiguous, and the rows of probs and of history (batch "
+                         "and heads) evenly strided")
     if not 1 <= n_visible <= slots:
         raise ValueError(f"n_visible={n_visible} must be between 1 and the {slots} slots")
     byte, bit = divmod(step % window, 8)
     threshold = (torch.ones((), dtype=torch.float32) / n_visible).item()  # 1/t rounded as float32 divides it
     _update[(b * heads, triton.cdiv(slots, BLOCK))](probs, count, history, slots, n_visible, threshold, byte, bit,
-                                                    probs.stride(1), ring_bytes, BLOCK=BLOCK)
+                                                    probs.stride(1), *history.stride()[1:], BLOCK=BLOCK)

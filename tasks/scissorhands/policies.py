@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from effrepro_kernels.pivotal_counts import update_pivotal_counts
+from effrepro_kernels.pivotal_counts import ring_history, update_pivotal_counts
 
 THRESHOLDS = ("1/t", "p90")
 BUDGET_SCHEDULES = ("uniform", "growing")
@@ -160,7 +160,7 @@ class _PivotalCounts:
 
     def init_stats(self, batch, heads, slots, device):
         return {"count": torch.zeros(batch, heads, slots, dtype=torch.int32, device=device),
-                "history": torch.zeros(batch, heads, slots, -(-self.window // 8), dtype=torch.uint8, device=device)}
+                "history": ring_history(batch, heads, slots, self.window, device)}
 
     def observe(self, stats, probs, visible, step, n_visible=None):
         if self.threshold == "1/t" and n_visible is not None and probs.is_cuda:  # one kernel, not a dozen
