@@ -52,6 +52,7 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("kernel.dtype=float8", ["float8", "bfloat16"]),
     ("task=flash_gpt2 attention=[sdpa+fast]", ["sdpa+fast", "+fused and +compile"]),
     ("task=flash_gpt2 attention=[megatron+compile]", ["megatron+compile", "megatron takes neither"]),
+    ("task=flash_gpt2 compile.mode=fast", ["compile.mode='fast'", "max-autotune"]),
     ("task=flash_bert attention=[effrepro+fused]", ["effrepro+fused", "model.family='bert'"]),
     ("task=flash_gpt2 model.seq_len=128 model.positions=64", ["seq_len=128", "64 positions"]),
     ("task=pathx lra.pretrain={task:listops,steps:1}", ["listops", "path64"]),

@@ -5,7 +5,8 @@ The implementation is the swept variable (`attention=[...]`): `eager` (HuggingFa
 `sdpa` (PyTorch's fused kernels), `effrepro` (our Triton kernel) and `megatron`, the paper's Megatron-LM baseline:
 GPT-2 built by megatron-core (megatron_gpt.py), on GPUs, where it is installed. A transformers attention may take
 modifiers: `+fused` swaps in our other training kernels (LayerNorm, bias + GELU, the loss over the vocabulary:
-effrepro_kernels/hf_gpt2.py; GPT-2 only), `+compile` compiles the model with torch.compile (`compile_backend`);
+effrepro_kernels/hf_gpt2.py; GPT-2 only), `+compile` compiles the model with torch.compile (`compile.backend`,
+`compile.mode`);
 for example `sdpa+compile`, `effrepro+fused+compile`.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from repro.train import (Candidate, Trainee, TrainSpec, final_rows, init_distrib
 OURS = "effrepro"
 ATTENTION = ("eager", "sdpa", OURS, "megatron")
 MODIFIERS = ("fused", "compile")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # (layers, hidden, heads) of the models the paper trains, and tiny ones for CPU smoke runs
 SIZES = {"gpt2": {"tiny": (2, 64, 2), "small": (12, 768, 12), "medium": (24, 1024, 16)},
          "bert": {"tiny": (2, 64, 2), "large": (24, 1024, 16)}}
@@ -41,14 +43,14 @@ def parse_implementation(name: str) -> tuple[str, tuple[str, ...]]:
 
 
 def _build_model(spec, tokenizer, seq_len: int, implementation: str, device: torch.device, seed: int,
-                 compile_backend: str):
+                 compile_options: dict):
     attention, modifiers = parse_implementation(implementation)
     model = _build_transformers_model(spec, tokenizer, seq_len, attention, device, seed)
     if "fused" in modifiers:
         from effrepro_kernels.hf_gpt2 import fuse_gpt2
         model = fuse_gpt2(model)
     if "compile" in modifiers:
-        model.compile(backend=compile_backend)  # in place: the module, its parameters' names, its state stay
+        model.compile(**compile_options)  # in place: the module, its parameters' names, its state stay
     return model
 
 
@@ -116,7 +118,8 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
             if base == OURS or "fused" in modifiers:
                 require_triton(attention, ctx.device)
             torch.manual_seed(cfg.seed)  # the same initial weights for every transformers implementation
-            model = _build_model(m, data.tokenizer, seq_len, attention, ctx.device, cfg.seed, cfg.compile_backend)
+            model = _build_model(m, data.tokenizer, seq_len, attention, ctx.device, cfg.seed,
+                                 OmegaConf.to_container(cfg.compile))
             settings = dict(model=OmegaConf.to_container(m), seq_len=seq_len, micro=micro, data=data.fingerprint,
                             eval=OmegaConf.to_container(cfg.eval), seed=cfg.seed)
 
@@ -163,6 +166,7 @@ def validate(cfg: DictConfig) -> None:
                               f"+fused and +compile, each once (megatron takes neither)")
         if "fused" in modifiers and m.family != "gpt2":
             raise ConfigError(f"attention={name!r}: +fused swaps GPT-2's modules; model.family={m.family!r}")
+    choice("compile.mode", cfg.compile.mode, COMPILE_MODES)
     checks.number("model.seq_len", m.seq_len, at_least=2)
     if m.positions is not None:
         checks.number("model.positions", m.positions, at_least=2)
