@@ -89,52 +89,58 @@ def kv_tile(X, XS, XZ, n, c, mask, stride_n, stride_sn, BITS: tl.constexpr, GROU
 QUANTIZE_CONFIGS = [triton.Config({}, num_warps=w) for w in ((4,) if INTERPRET else (1, 2, 4, 8))]
 
 
-@triton.autotune(configs=QUANTIZE_CONFIGS, key=["HEAD_DIM", "BITS", "PER_TOKEN", "ROWS", "CHANNELS"])
+@triton.autotune(configs=QUANTIZE_CONFIGS, key=["HEAD_DIM", "BITS", "PER_TOKEN", "GROUP_SIZE", "ROWS"])
 @triton.jit
 def _quantize(X, DATA, SCALE, ZERO, stride_xb, stride_xh, stride_xn, H, N, HEAD_DIM: tl.constexpr,
-              BITS: tl.constexpr, PER_TOKEN: tl.constexpr, ROWS: tl.constexpr, CHANNELS: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_BYTES: tl.constexpr):
-    """One program quantizes ROWS tokens of one (batch, KV head), read once as a (token, group, byte, code)
-    tile: channel = group · CHANNELS + byte · per_byte + code, CHANNELS being the channels of a group (per
-    token) or all of them (per channel: one group column, each channel its own statistics over the ROWS tokens,
-    which are one token group). Each group's min and max give its scale and zero-point; the codes of a byte are
-    shifted into place and summed (their bits do not overlap), so each packed byte is written once."""
+              BITS: tl.constexpr, PER_TOKEN: tl.constexpr, GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program quantizes ROWS tokens of one (batch, KV head), read once as a (token, channel) tile of whole
+    rows (wide, coalesced loads). Per token: each group of GROUP_SIZE channels gets its scale and zero-point from
+    its min and max; per channel: each channel over the ROWS tokens, which are one token group. The codes of a
+    byte are shifted into place and summed (their bits do not overlap), so each packed byte is written once."""
     PER_BYTE: tl.constexpr = 8 // BITS
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    GROUPS: tl.constexpr = HEAD_DIM // CHANNELS
-    BYTES: tl.constexpr = CHANNELS // PER_BYTE  # bytes of a group in a token's row
     t, seg = tl.program_id(0), tl.program_id(1)
-    r = tl.arange(0, BLOCK_R)[:, None, None]
-    g = tl.arange(0, BLOCK_GROUPS)[None, :, None]
-    j = tl.arange(0, BLOCK_BYTES)[None, None, :]
+    r = tl.arange(0, BLOCK_R)[:, None]
+    c = tl.arange(0, BLOCK_D)[None, :]
     token = t * ROWS + r
-    byte = g * BYTES + j  # (1, groups, bytes): the byte's place in a token's packed row
-    mask = (r < ROWS) & (token < N) & (g < GROUPS) & (j < BYTES)
-    in_byte = tl.arange(0, PER_BYTE)[None, None, None, :]  # a code's place in its byte
-    channel = byte[:, :, :, None] * PER_BYTE + in_byte
+    rows = (r < ROWS) & (token < N)
+    mask = rows & (c < HEAD_DIM)
     x_seg = X + (seg // H).to(tl.int64) * stride_xb + (seg % H).to(tl.int64) * stride_xh
-    x = tl.load(x_seg + token[:, :, :, None].to(tl.int64) * stride_xn + channel, mask=mask[:, :, :, None],
-                other=0.0).to(tl.float32)
-    if PER_TOKEN:  # statistics over each token's group: the byte and code axes
-        lo = tl.min(tl.min(tl.where(mask[:, :, :, None], x, float("inf")), 3, keep_dims=True), 2, keep_dims=True)
-        hi = tl.max(tl.max(tl.where(mask[:, :, :, None], x, float("-inf")), 3, keep_dims=True), 2, keep_dims=True)
-        stats = seg.to(tl.int64) * N * GROUPS + token[:, :, :, None] * GROUPS + g[:, :, :, None]
-        stats_mask = ((r < ROWS) & (token < N) & (g < GROUPS))[:, :, :, None]
-    else:  # statistics over the group's tokens, per channel
-        lo = tl.min(tl.where(mask[:, :, :, None], x, float("inf")), 0, keep_dims=True)
-        hi = tl.max(tl.where(mask[:, :, :, None], x, float("-inf")), 0, keep_dims=True)
-        stats = (seg.to(tl.int64) * (N // ROWS) + t) * HEAD_DIM + channel
-        stats_mask = (j < BYTES)[:, :, :, None]
-    scale = ((hi - lo) / LEVELS).to(SCALE.dtype.element_ty)
-    zero = lo.to(ZERO.dtype.element_ty)
-    tl.store(SCALE + stats, scale, mask=stats_mask)
-    tl.store(ZERO + stats, zero, mask=stats_mask)
+    x = tl.load(x_seg + token.to(tl.int64) * stride_xn + c, mask=mask, other=0.0).to(tl.float32)
+    if PER_TOKEN:  # a group's statistics at each of its channels, group by group
+        GROUPS: tl.constexpr = HEAD_DIM // GROUP_SIZE
+        group = c // GROUP_SIZE
+        scale = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        zero = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for g in tl.static_range(GROUPS):
+            inside = mask & (group == g)
+            lo = tl.min(tl.where(inside, x, float("inf")), 1, keep_dims=True)
+            hi = tl.max(tl.where(inside, x, float("-inf")), 1, keep_dims=True)
+            g_scale = ((hi - lo) / LEVELS).to(SCALE.dtype.element_ty)
+            g_zero = lo.to(ZERO.dtype.element_ty)
+            stats = (seg.to(tl.int64) * N + token) * GROUPS + g
+            tl.store(SCALE + stats, g_scale, mask=rows)
+            tl.store(ZERO + stats, g_zero, mask=rows)
+            scale = tl.where(group == g, g_scale.to(tl.float32), scale)
+            zero = tl.where(group == g, g_zero.to(tl.float32), zero)
+    else:  # each channel's statistics over the group's tokens
+        lo = tl.min(tl.where(mask, x, float("inf")), 0, keep_dims=True)
+        hi = tl.max(tl.where(mask, x, float("-inf")), 0, keep_dims=True)
+        c_scale = ((hi - lo) / LEVELS).to(SCALE.dtype.element_ty)
+        c_zero = lo.to(ZERO.dtype.element_ty)
+        stats = (seg.to(tl.int64) * (N // ROWS) + t) * HEAD_DIM + c
+        tl.store(SCALE + stats, c_scale, mask=c < HEAD_DIM)
+        tl.store(ZERO + stats, c_zero, mask=c < HEAD_DIM)
+        scale, zero = c_scale.to(tl.float32), c_zero.to(tl.float32)
     # codes from the scale and zero as stored, so dequantizing them reproduces x to within scale / 2
-    scale, zero = scale.to(tl.float32), zero.to(tl.float32)
     code = tl.floor((x - zero) / tl.where(scale > 0, scale, 1.0) + 0.5)  # a constant group: x - zero = 0
     code = tl.minimum(tl.maximum(code, 0.0), LEVELS).to(tl.int32)
-    packed = tl.sum(code << (in_byte * BITS), 3)
-    tl.store(DATA + (seg.to(tl.int64) * N + token) * (HEAD_DIM // PER_BYTE) + byte, packed.to(tl.uint8), mask=mask)
+    shift = (tl.arange(0, PER_BYTE) * BITS)[None, None, :]
+    packed = tl.sum(tl.reshape(code, [BLOCK_R, BLOCK_D // PER_BYTE, PER_BYTE]) << shift, 2)
+    byte = tl.arange(0, BLOCK_D // PER_BYTE)[None, :]
+    tl.store(DATA + (seg.to(tl.int64) * N + token) * (HEAD_DIM // PER_BYTE) + byte, packed.to(tl.uint8),
+             mask=rows & (byte < HEAD_DIM // PER_BYTE))
 
 
 @triton.jit
@@ -188,22 +194,15 @@ def quantize_kv(x: torch.Tensor, bits: int, group_size: int, axis: str) -> Quant
     b, h, n, d = x.shape
     per_token = axis == "token"
     per_byte = 8 // bits
-    channels = group_size if per_token else d  # channels of one group column in the tile
-    block_groups = triton.next_power_of_2(d // channels)
-    block_bytes = triton.next_power_of_2(channels // per_byte)
-    if per_token:
-        rows = max(1, TILE_ELEMENTS // (block_groups * block_bytes * per_byte))
-        stats_shape = (b, h, n, d // group_size)
-    else:
-        rows = group_size
-        stats_shape = (b, h, n // group_size, d)
+    block_d = triton.next_power_of_2(d)
+    rows = max(1, TILE_ELEMENTS // block_d) if per_token else group_size
+    stats_shape = (b, h, n, d // group_size) if per_token else (b, h, n // group_size, d)
     data = torch.empty(b, h, n, d // per_byte, device=x.device, dtype=torch.uint8)
     scale = torch.empty(stats_shape, device=x.device, dtype=x.dtype)
     zero = torch.empty_like(scale)
     _quantize[(triton.cdiv(n, rows), b * h)](
         x, data, scale, zero, x.stride(0), x.stride(1), x.stride(2), h, n, HEAD_DIM=d, BITS=bits,
-        PER_TOKEN=per_token, ROWS=rows, CHANNELS=channels, BLOCK_R=triton.next_power_of_2(rows),
-        BLOCK_GROUPS=block_groups, BLOCK_BYTES=block_bytes)
+        PER_TOKEN=per_token, GROUP_SIZE=group_size, ROWS=rows, BLOCK_R=triton.next_power_of_2(rows), BLOCK_D=block_d)
     return QuantizedKV(data, scale, zero, bits, group_size, axis, tuple(x.shape))
 
 
