@@ -117,15 +117,15 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
             for t in range(lo, hi):
                 offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
                 nmask = offs_n < length
-                k = kv_tile(Kh, KS + k_stats, KZ + k_stats, offs_n[None, :], offs_d[:, None],
-                            dmask[:, None] & nmask[None, :], stride_kn, stride_ksn, K_BITS, K_GROUP, False)
+                k = kv_tile(Kh, KS + k_stats, KZ + k_stats, offs_n, offs_d, nmask, dmask, stride_kn, stride_ksn,
+                            HEAD_DIM * K_BITS // 8, K_BITS, K_GROUP, False, True)
                 s = tl.where(nmask[None, :], tl.dot(q, k, input_precision=PRECISION) * qk_scale, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, 1))  # every tile holds a real key: m_new is finite
                 prob = tl.math.exp2(s - m_new[:, None])
                 alpha = tl.math.exp2(m - m_new)
                 l = l * alpha + tl.sum(prob, 1)
-                v = kv_tile(Vh, VS + v_stats, VZ + v_stats, offs_n[:, None], offs_d[None, :],
-                            nmask[:, None] & dmask[None, :], stride_vn, stride_vsn, V_BITS, V_GROUP, True)
+                v = kv_tile(Vh, VS + v_stats, VZ + v_stats, offs_n, offs_d, nmask, dmask, stride_vn, stride_vsn,
+                            HEAD_DIM * V_BITS // 8, V_BITS, V_GROUP, True, False)
                 acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION)
                 m = m_new
             if n_pieces == 1:
@@ -191,8 +191,8 @@ def _key_probs(Q, K, KS, KZ, LENGTHS, LSE, PROBS, stride_qb, stride_qh, stride_k
     q = _load_q(Q, b, hk, offs_g, offs_d, gmask, dmask, stride_qb, stride_qh, G)
     k_stats = b.to(tl.int64) * stride_ksb + hk.to(tl.int64) * stride_ksh
     k = kv_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, KS + k_stats, KZ + k_stats,
-                offs_n[None, :], offs_d[:, None], dmask[:, None] & nmask[None, :], stride_kn, stride_ksn, K_BITS,
-                K_GROUP, False)
+                offs_n, offs_d, nmask, dmask, stride_kn, stride_ksn, HEAD_DIM * K_BITS // 8, K_BITS, K_GROUP, False,
+                True)
     heads = b * (HKV * G) + hk * G + offs_g
     lse2 = tl.load(LSE + heads, mask=gmask, other=0.0) * LOG2E
     s = tl.dot(q, k, input_precision=PRECISION) * (sm_scale * LOG2E)

@@ -62,26 +62,56 @@ class QuantizedKV:
 
 
 @triton.jit
-def kv_tile(X, XS, XZ, n, c, mask, stride_n, stride_sn, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-            PER_TOKEN: tl.constexpr):
-    """Entries (token n, channel c) of one (batch, KV head) of a cache, n and c broadcast to the tile's shape (so
-    one function loads key tiles transposed and value tiles as they are). BITS == 0: X is the full-precision
-    cache. Otherwise X holds packed codes, dequantized here in registers: each code's byte is loaded where it
-    lies (the lanes sharing a byte read one address, so memory sees only the packed bytes), and its group's
-    scale and zero-point, in rows of stride `stride_sn`, per token (PER_TOKEN) or per channel."""
+def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, row_bytes, BITS: tl.constexpr,
+            GROUP_SIZE: tl.constexpr, PER_TOKEN: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The (token, channel) tile at offs_n × offs_d of one (batch, KV head) of a cache, or its transpose
+    (channel, token) with TRANSPOSED, as a key tile is used. BITS == 0: X is the full-precision cache, loaded in
+    the orientation asked for. Otherwise X holds packed codes: a token's packed row is loaded whole (wide loads:
+    each byte once), unpacked in registers by shifts, and dequantized with its group's scale and zero-point, in
+    rows of stride `stride_sn`, per token (PER_TOKEN) or per channel; `row_bytes`: the packed bytes of a token."""
     if BITS == 0:
-        x = tl.load(X + n.to(tl.int64) * stride_n + c, mask=mask, other=0.0)
+        if TRANSPOSED:
+            x = tl.load(X + offs_n[None, :].to(tl.int64) * stride_n + offs_d[:, None],
+                        mask=dmask[:, None] & nmask[None, :], other=0.0)
+        else:
+            x = tl.load(X + offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :],
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
     else:
         per_byte: tl.constexpr = 8 // BITS
-        byte = tl.load(X + n.to(tl.int64) * stride_n + c // per_byte, mask=mask, other=0).to(tl.int32)
-        code = (byte >> ((c % per_byte) * BITS)) & ((1 << BITS) - 1)
-        if PER_TOKEN:
-            group = n.to(tl.int64) * stride_sn + c // GROUP_SIZE
+        n = offs_n[:, None]
+        c = offs_d[None, :]
+        mask = nmask[:, None] & dmask[None, :]
+        j = tl.arange(0, offs_d.shape[0] // per_byte)[None, :]  # bytes of a token's row
+        byte = tl.load(X + n.to(tl.int64) * stride_n + j, mask=nmask[:, None] & (j < row_bytes), other=0)
+        byte = byte.to(tl.int32)
+        if BITS == 8:
+            code = byte
+        elif BITS == 4:
+            code = tl.reshape(tl.join(byte & 15, byte >> 4), [offs_n.shape[0], offs_d.shape[0]])
         else:
-            group = (n // GROUP_SIZE).to(tl.int64) * stride_sn + c
-        scale = tl.load(XS + group, mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(XZ + group, mask=mask, other=0.0).to(tl.float32)
-        x = (code.to(tl.float32) * scale + zero).to(XS.dtype.element_ty)
+            # join(a, b) stacks a and b along a new last axis, so join(join(c0, c2), join(c1, c3)) flattens to
+            # c0, c1, c2, c3: the codes in the order of their channels
+            code = tl.reshape(tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6)),
+                              [offs_n.shape[0], offs_d.shape[0]])
+        if PER_TOKEN and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and GROUP_SIZE <= offs_d.shape[0]:
+            # a token's groups loaded once each (a row of them), then repeated across their channels
+            GROUPS: tl.constexpr = offs_d.shape[0] // GROUP_SIZE
+            g = tl.arange(0, GROUPS)[None, :]
+            at = n.to(tl.int64) * stride_sn + g
+            real = nmask[:, None] & (g < row_bytes * per_byte // GROUP_SIZE)
+            shape: tl.constexpr = [offs_n.shape[0], GROUPS, GROUP_SIZE]
+            scale = tl.reshape(tl.broadcast_to(tl.load(XS + at, mask=real, other=0.0)[:, :, None], shape), code.shape)
+            zero = tl.reshape(tl.broadcast_to(tl.load(XZ + at, mask=real, other=0.0)[:, :, None], shape), code.shape)
+        else:
+            if PER_TOKEN:
+                group = n.to(tl.int64) * stride_sn + c // GROUP_SIZE
+            else:
+                group = (n // GROUP_SIZE).to(tl.int64) * stride_sn + c
+            scale = tl.load(XS + group, mask=mask, other=0.0)
+            zero = tl.load(XZ + group, mask=mask, other=0.0)
+        x = (code.to(tl.float32) * scale.to(tl.float32) + zero.to(tl.float32)).to(XS.dtype.element_ty)
+        if TRANSPOSED:
+            x = tl.trans(x)
     return x
 
 
@@ -149,13 +179,13 @@ def _dequantize(DATA, SCALE, ZERO, OUT, H, N, stride_db, stride_dh, stride_dn, s
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     t, seg = tl.program_id(0), tl.program_id(1)
     b, h = (seg // H).to(tl.int64), (seg % H).to(tl.int64)
-    n = t * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
-    c = tl.arange(0, BLOCK_D)[None, :]
-    mask = (n < N) & (c < HEAD_DIM)
+    n = t * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.arange(0, BLOCK_D)
     stats = b * stride_sb + h * stride_sh
-    x = kv_tile(DATA + b * stride_db + h * stride_dh, SCALE + stats, ZERO + stats, n, c, mask, stride_dn, stride_sn,
-                BITS, GROUP_SIZE, PER_TOKEN)
-    tl.store(OUT + (seg.to(tl.int64) * N + n) * HEAD_DIM + c, x, mask=mask)
+    x = kv_tile(DATA + b * stride_db + h * stride_dh, SCALE + stats, ZERO + stats, n, c, n < N, c < HEAD_DIM,
+                stride_dn, stride_sn, HEAD_DIM // (8 // BITS), BITS, GROUP_SIZE, PER_TOKEN, False)
+    tl.store(OUT + (seg.to(tl.int64) * N + n[:, None]) * HEAD_DIM + c[None, :], x,
+             mask=(n < N)[:, None] & (c < HEAD_DIM)[None, :])
 
 
 def _check(x: torch.Tensor, bits: int, group_size: int, axis: str):
