@@ -71,13 +71,13 @@ def _store_final(OUT, LSE, out, lse2, b, hk, offs_g, offs_d, gmask, dmask, strid
 
 
 @triton.jit
-def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
+def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE, SCORES,
             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_ksb, stride_ksh, stride_ksn,
             stride_vb, stride_vh, stride_vn, stride_vsb, stride_vsh, stride_vsn,
-            stride_ob, stride_oh, HKV, G, MAX_PIECES, sm_scale,
+            stride_ob, stride_oh, HKV, G, MAX_PIECES, MAX_LEN, sm_scale,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
             GROUP: tl.constexpr, BLOCK_P: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
-            V_BITS: tl.constexpr, V_GROUP: tl.constexpr, PRECISION: tl.constexpr):
+            V_BITS: tl.constexpr, V_GROUP: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr):
     """Each program walks its work items (segment = batch·KV head, tile range, piece number): softmax over the
     tiles with a running maximum and sum. A segment in one piece is written out at once. Otherwise the piece
     is stored, normalised, with its base-2 log-sum-exp, and counted; the program that stores a segment's last
@@ -87,7 +87,8 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
     Head dims that are not a power of two are padded to BLOCK_D lanes, masked on load (zeros add nothing to
     q·k, and padded output lanes are not stored). K and V are full precision (K_BITS, V_BITS = 0) or
     `quantize_kv`'s packed codes, keys per channel and values per token, dequantized in registers (`kv_tile`);
-    KS, KZ, VS, VZ are their scales and zero-points."""
+    KS, KZ, VS, VZ are their scales and zero-points. With STORE_SCORES, each key's scaled score (base 2) for each
+    query head goes to SCORES (batch, heads, MAX_LEN) as it is computed, for `_probs_from_scores`."""
     p = tl.program_id(0)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -120,6 +121,10 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
                 k = kv_tile(Kh, KS + k_stats, KZ + k_stats, offs_n, offs_d, nmask, dmask, stride_kn, stride_ksn,
                             HEAD_DIM * K_BITS // 8, K_BITS, K_GROUP, False, True)
                 s = tl.where(nmask[None, :], tl.dot(q, k, input_precision=PRECISION) * qk_scale, float("-inf"))
+                if STORE_SCORES:
+                    heads = b * (HKV * G) + hk * G + offs_g
+                    tl.store(SCORES + heads[:, None].to(tl.int64) * MAX_LEN + offs_n[None, :], s,
+                             mask=gmask[:, None] & nmask[None, :])
                 m_new = tl.maximum(m, tl.max(s, 1))  # every tile holds a real key: m_new is finite
                 prob = tl.math.exp2(s - m_new[:, None])
                 alpha = tl.math.exp2(m - m_new)
@@ -173,32 +178,22 @@ def _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, dmask, stride_ob, str
 
 
 @triton.jit
-def _key_probs(Q, K, KS, KZ, LENGTHS, LSE, PROBS, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
-               stride_ksb, stride_ksh, stride_ksn, HKV, G, MAX_LEN, sm_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-               K_BITS: tl.constexpr, K_GROUP: tl.constexpr, PRECISION: tl.constexpr):
-    """Each key's softmax probability for each query head of its group, exp(q·k · scale − lse), from the
-    log-sum-exp of `_decode`: the keys are read once more, the values not at all. A program per (tile of keys,
-    batch · KV head); it writes zeros past the sequence's length."""
+def _probs_from_scores(SCORES, LENGTHS, LSE, HKV, G, MAX_LEN, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """In place: each key's score, stored by `_decode`, becomes its softmax probability exp2(score − lse) for each
+    query head of its group, with zeros from the sequence's length on. A program per (tile of keys, batch · KV
+    head): the scores are read once, the keys not again."""
     t, seg = tl.program_id(0), tl.program_id(1)
     b, hk = seg // HKV, seg % HKV
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     gmask = offs_g < G
-    dmask = offs_d < HEAD_DIM
     nmask = offs_n < tl.load(LENGTHS + b)
-    q = _load_q(Q, b, hk, offs_g, offs_d, gmask, dmask, stride_qb, stride_qh, G)
-    k_stats = b.to(tl.int64) * stride_ksb + hk.to(tl.int64) * stride_ksh
-    k = kv_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, KS + k_stats, KZ + k_stats,
-                offs_n, offs_d, nmask, dmask, stride_kn, stride_ksn, HEAD_DIM * K_BITS // 8, K_BITS, K_GROUP, False,
-                True)
     heads = b * (HKV * G) + hk * G + offs_g
+    at = SCORES + heads[:, None].to(tl.int64) * MAX_LEN + offs_n[None, :]
     lse2 = tl.load(LSE + heads, mask=gmask, other=0.0) * LOG2E
-    s = tl.dot(q, k, input_precision=PRECISION) * (sm_scale * LOG2E)
-    probs = tl.where(nmask[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
-    tl.store(PROBS + heads[:, None].to(tl.int64) * MAX_LEN + offs_n[None, :], probs,
-             mask=gmask[:, None] & (offs_n < MAX_LEN)[None, :])
+    scores = tl.load(at, mask=gmask[:, None] & nmask[None, :], other=float("-inf"))
+    probs = tl.where(nmask[None, :], tl.math.exp2(scores - lse2[:, None]), 0.0)
+    tl.store(at, probs, mask=gmask[:, None] & (offs_n < MAX_LEN)[None, :])
 
 
 @dataclass
@@ -426,22 +421,22 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
     k_ptrs, k_strides, (k_bits, k_group) = _cache_args(k_cache)
     v_ptrs, v_strides, (v_bits, v_group) = _cache_args(v_cache)
     kept = schedule.launchers if schedule.checked_for is not None else None  # a prepared schedule's
+    max_len = k_cache.shape[2] if return_probs else 0
+    # the scores, then in place the probabilities
+    probs = torch.empty(b, h, max_len, device=q.device, dtype=torch.float32) if return_probs else out
     launch(_decode, (schedule.num_programs,), (
-        q, *k_ptrs, *v_ptrs, schedule.work, schedule.work.shape[1], schedule.arrived, wo, wl, out, lse,
+        q, *k_ptrs, *v_ptrs, schedule.work, schedule.work.shape[1], schedule.arrived, wo, wl, out, lse, probs,
         q.stride(0), q.stride(1), *k_strides, *v_strides, out.stride(0), out.stride(1),
-        hkv, groups, schedule.max_pieces, scale), dict(
+        hkv, groups, schedule.max_pieces, max_len, scale), dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, GROUP=group,
         BLOCK_P=merge_step(schedule.max_pieces, group, block_d), K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits,
-        V_GROUP=v_group, PRECISION=precision, num_warps=schedule.num_warps, num_stages=schedule.num_stages),
-        kept, "decode")
+        V_GROUP=v_group, PRECISION=precision, STORE_SCORES=return_probs, num_warps=schedule.num_warps,
+        num_stages=schedule.num_stages), kept, "decode+scores" if return_probs else "decode")
     results = (out, lse) if return_lse else (out,)
     if return_probs:
-        max_len = k_cache.shape[2]
-        probs = torch.empty(b, h, max_len, device=q.device, dtype=torch.float32)
-        launch(_key_probs, (triton.cdiv(max_len, PROBS_TILE_KEYS), b * hkv), (
-            q, *k_ptrs, schedule.lengths, lse, probs, q.stride(0), q.stride(1), *k_strides, hkv, groups, max_len,
-            scale), dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=PROBS_TILE_KEYS, K_BITS=k_bits,
-                         K_GROUP=k_group, PRECISION=precision), kept, "probs")
+        launch(_probs_from_scores, (triton.cdiv(max_len, PROBS_TILE_KEYS), b * hkv), (
+            probs, schedule.lengths, lse, hkv, groups, max_len), dict(BLOCK_G=block_g, BLOCK_N=PROBS_TILE_KEYS),
+            kept, "probs")
         results += (probs,)
     return results if len(results) > 1 else out
 
@@ -459,8 +454,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     Returns the output (batch, heads, head_dim); then, if asked, the log-sum-exp (natural log, float32,
     (batch, heads)); then, if asked, each query head's softmax probability of each cached key (float32,
-    (batch, heads, max_len), 0 from lengths[b] on), computed by a second, light kernel that reads the keys
-    again (not the values) and uses the first one's log-sum-exp.
+    (batch, heads, max_len), 0 from lengths[b] on): the attention kernel stores each key's score as it goes, and
+    a second, light kernel turns the scores into probabilities with the log-sum-exp (the keys are read once).
     """
     if not (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)):
         raise ValueError(f"k_cache and v_cache must be tensors, got {type(k_cache).__name__}, "

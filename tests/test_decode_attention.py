@@ -52,7 +52,7 @@ def test_head_dims_that_are_not_powers_of_two_match_reference(schedule, dtype):
         check(2, 6, 2, [5, 37], head_dim, dtype, schedule)  # 3 query heads per KV head
 
 
-def test_return_order_is_out_then_lse_then_probs():
+def test_return_order_is_out_then_lse_then_probs_and_one_prepared_schedule_serves_every_kind_of_call():
     q = torch.randn(1, 2, 32, device=DEVICE)
     k, v = (torch.randn(1, 1, 20, 32, device=DEVICE) for _ in range(2))
     n = torch.tensor([20], device=DEVICE)
@@ -60,6 +60,12 @@ def test_return_order_is_out_then_lse_then_probs():
     assert out.shape == (1, 2, 32) and probs.shape == (1, 2, 20)
     out2, lse, probs2 = decode_attention(q, k, v, n, return_lse=True, return_probs=True)
     assert lse.shape == (1, 2) and torch.equal(probs, probs2) and torch.equal(out, out2)
+    schedule = make_schedule("lean", [20], 1, head_dim=32, dtype=q.dtype, device=DEVICE)
+    for return_probs in (False, True, False, True):  # a launch kept for one kind never serves the other
+        got = decode_attention(q, k, v, schedule=schedule, return_probs=return_probs)
+        torch.testing.assert_close(got[0] if return_probs else got, out)
+        if return_probs:
+            torch.testing.assert_close(got[1], probs)
 
 
 def test_merging_attention_over_two_halves_equals_attention_over_the_whole():

@@ -5,7 +5,8 @@ around them) at contexts of 4K to 128K tokens.
   allocating the stores mode=generate allocates (memory.py), next to the paper's Table 2 arithmetic;
 - attention: one decode step's attention over the full cache and over Scissorhands' budget B = context /
   compression, 16-bit and quantized, timed in the same run, with the speedup over the full cache. Scissorhands'
-  step also returns each key's probability (the kernel's second, keys-only pass), since its counts need them;
+  step also returns each key's probability (scores stored by the kernel, normalised by a second light one), since
+  its counts need them;
 - bookkeeping: what Scissorhands adds to a step at budget B (the policy and cache code of mode=generate, run on
   the device): counting pivotal tokens (one kernel on a GPU, effrepro_kernels/pivotal_counts.py), checking whether
   the cache is full (on the host: generate knows how many tokens its heads hold), choosing the m tokens to drop and
