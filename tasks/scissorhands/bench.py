@@ -16,10 +16,11 @@ around them) at contexts of 4K to 128K tokens.
 
 Attention is timed as lean_decode times it: from CUDA graphs of back-to-back calls over rotated copies of the
 inputs (no call finds its cache in L2), so that microsecond kernels are not hidden behind launch overhead. The
-step's other kernels (projections, counting) are timed the same way; the quantize kernel and the bookkeeping parts
-that wait on the host (checking, choosing, compacting) are timed call by call (`repro.timing.measure`: device
-events, L2 flushed), as a decode loop runs them, that wait included. Where our
-Triton kernels cannot run (a CPU without TRITON_INTERPRET=1) their rows say so (`unsupported`).
+step's other kernels are timed the same way (the counts over rotated copies of the layer's cache and statistics;
+the projections' weights exceed L2 by themselves); the quantize kernel and the bookkeeping parts that wait on the
+host (checking, choosing, compacting) are timed call by call (`repro.timing.measure`: device events, L2 flushed),
+as a decode loop runs them, that wait included. Where our Triton kernels cannot run (a CPU without
+TRITON_INTERPRET=1) their rows say so (`unsupported`).
 """
 from __future__ import annotations
 
@@ -243,25 +244,39 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
         m = policy.amount(budget)
         extra = {**shape.extra(), "policy": "scissorhands", "recent": policy.recent, "window": policy.window,
                  "drop": m, "kv_bits": 16}
-        layer = full_layer(policy, budget, shape, kv, device, gen)
         query = torch.randn(shape.batch, shape.heads, shape.head_dim, device=device, dtype=shape.dtype, generator=gen)
         schedule = make_schedule(kv.schedule, [budget] * shape.batch, shape.kv_heads, head_dim=shape.head_dim,
                                  dtype=shape.dtype, device=device)
 
+        def attend(layer):
+            return decode_attention(query, layer.store.keys, layer.store.values, schedule=schedule,
+                                    return_probs=True)
+
+        def layer_and_probs():
+            layer = full_layer(policy, budget, shape, kv, device, gen)
+            return layer, attend(layer)[1]
+        layer, probs = first = layer_and_probs()
+        # attention and counting are timed back to back, so they take turns over copies that together exceed L2,
+        # as a step's 32 layers would
+        size = sum(t.numel() * t.element_size()
+                   for t in (layer.store.keys, layer.store.values, probs, *layer.stats.values()))
+        copies = [first] + [layer_and_probs() for _ in range(math.ceil(spec.rotate_bytes / size) - 1)]
+        attention_turn, counting_turn = itertools.cycle(copies), itertools.cycle(copies)
+
+        def counting():
+            copy, copy_probs = next(counting_turn)
+            policy.observe(copy.stats, copy_probs, visible, budget, n_visible=budget)
+
         hidden, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         x = torch.randn(shape.batch, max(hidden, spec.intermediate), device=device, dtype=shape.dtype, generator=gen)
-        weights = [torch.randn(n_in, n_out, device=device, dtype=shape.dtype, generator=gen) / n_in ** 0.5
+        weights = [torch.randn(n_out, n_in, device=device, dtype=shape.dtype, generator=gen) / n_in ** 0.5
                    for n_in, n_out in ((hidden, hidden + 2 * kv_width), (hidden, hidden),  # q, k, v; o
                                        (hidden, 2 * spec.intermediate), (spec.intermediate, hidden))]  # MLP
 
-        def projections():
+        def projections():  # as nn.Linear computes them; the weights (436 MB for Llama-3-8B) exceed L2 alone
             for w in weights:
-                x[:, :w.shape[0]] @ w
+                torch.nn.functional.linear(x[:, :w.shape[1]], w)
 
-        def attention():
-            return decode_attention(query, layer.store.keys, layer.store.values, schedule=schedule,
-                                    return_probs=True)
-        probs = attention()[1]
         visible = torch.ones_like(probs, dtype=torch.bool)
         full = torch.ones_like(layer.positions, dtype=torch.bool)
         not_full = full.clone()
@@ -271,9 +286,9 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
         def compacting():
             layer.n = budget
             layer._evict(drop, full)
-        parts = {"projections": projections, "attention": attention,  # and the rest as generate.py calls them,
-                 # knowing how many tokens it holds
-                 "counting": lambda: policy.observe(layer.stats, probs, visible, budget, n_visible=budget),
+        # and the bookkeeping as generate.py calls it, knowing how many tokens it holds
+        parts = {"projections": projections, "attention": lambda: attend(next(attention_turn)[0]),
+                 "counting": counting,
                  "checking": lambda: policy.drops(layer.stats, not_full, layer.positions, budget, 0, 1,
                                                   n_held=budget - 1),
                  "choosing": lambda: policy.drops(layer.stats, full, layer.positions, budget, 0, 1, n_held=budget),
