@@ -195,6 +195,7 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
 # layer_norm, and a fused cast reads as copy unless an earlier family claims it), and so on. A guide to where a
 # step's time goes, not an exact accounting: the rows name each family's top kernels.
 KERNEL_FAMILIES = (
+    ("matmul", r"triton_tem_"),  # torch.compile's matmul templates (max-autotune), whatever epilogue they fused
     ("loss", r"cross_entropy|log_?softmax|nll_loss|loss_and_gradient"),
     ("attention", r"attn|attention|fmha|flash|sdpa|softmax"),
     ("layer_norm", r"layer_?norm"),
@@ -228,8 +229,9 @@ def kernel_time_by_family(fn: Callable[[], object], device: torch.device, top: i
                       if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0), reverse=True)
     families: dict[str, tuple[float, list]] = {}
     for ms, name in kernels:
-        total, named = families.get(kernel_family(name), (0.0, []))
-        families[kernel_family(name)] = (total + ms, named + [[name[:120], ms]] if len(named) < top else named)
+        family = kernel_family(name)
+        total, named = families.get(family, (0.0, []))
+        families[family] = (total + ms, named + [[name[:120], ms]] if len(named) < top else named)
     if kernels:
         families["all"] = (sum(ms for ms, _ in kernels), [[name[:120], ms] for ms, name in kernels[:top]])
     return result, families

@@ -113,9 +113,10 @@ class TrainSpec:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas={list(self.betas)!r} must be two numbers in [0, 1)")
-        if self.profile and not 1 <= self.timing_skip_steps <= self.steps:
-            raise ConfigError(f"train.profile profiles the last untimed step, and train.timing_skip_steps="
-                              f"{self.timing_skip_steps} leaves none of the {self.steps} steps untimed")
+        if self.profile and not 1 <= self.timing_skip_steps < self.steps:
+            raise ConfigError(f"train.profile profiles the last untimed step, before the timed ones: "
+                              f"train.timing_skip_steps={self.timing_skip_steps} must be between 1 and "
+                              f"train.steps - 1 = {self.steps - 1}")
         for name, allowed in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("parallel", PARALLEL)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
@@ -431,7 +432,8 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
           resume: bool = True, progress: bool = True) -> Iterator[Row]:
     """Train the trainable parameters of `trainee.model` for `spec.steps` optimizer steps and yield rows: loss
     and learning rate every `log_every` steps, evaluation every `eval_every` steps and at the end, then
-    throughput and peak memory.
+    throughput and peak memory; with `spec.profile`, on a GPU, the device time by kernel family of the last
+    untimed step (`kernel_time` rows).
 
     With `checkpoint_dir` set, the state is saved there (`<name>-<run identity>.pt`) every
     `checkpoint_every_s` seconds and at the end (atomically, by rank 0); a run that finds an unfinished

@@ -55,6 +55,23 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_unbroken_one(tmp_p
         ["val_loss", "val_loss", "tokens_per_s", "model_tflops"]
 
 
+def test_a_profiled_run_profiles_its_last_untimed_step_once_and_trains_as_an_unprofiled_one(monkeypatch):
+    profiled_steps = []
+
+    def fake_profile(step, device):  # as on a GPU: the step's result, and its kernel time by family
+        profiled_steps.append(step)
+        return step(), {"matmul": (2.0, [["gemm", 2.0]]), "all": (3.0, [["gemm", 2.0]])}
+    monkeypatch.setattr("repro.train.kernel_time_by_family", fake_profile)
+    plain = list(train(trainee(), SPEC, torch.device("cpu"), None, progress=False))
+    spec = dataclass_replace(SPEC, profile=True, timing_skip_steps=3)
+    rows = list(train(trainee(), spec, torch.device("cpu"), None, progress=False))
+    assert len(profiled_steps) == 1
+    kernel_rows = [r for r in rows if r.metric == "kernel_time"]
+    assert [(r.x_value, r.p50, r.extra["step"]) for r in kernel_rows] == [("matmul", 2.0, 3), ("all", 3.0, 3)]
+    losses = lambda rs: [(r.x_value, r.p50) for r in rs if r.metric == "loss"]  # noqa: E731
+    assert losses(rows) == losses(plain)
+
+
 def test_a_finished_run_is_never_resumed_a_rerun_measures_afresh(tmp_path, capsys):
     first = list(train(trainee(), SPEC, torch.device("cpu"), tmp_path, progress=False))
     again = list(train(trainee(), SPEC, torch.device("cpu"), tmp_path, progress=False))
@@ -145,13 +162,14 @@ def test_unsupported_and_out_of_memory_candidates_become_rows_and_the_rest_run()
     assert any(r.provider == "lin" and r.metric == "tokens_per_s" for r in rows)
 
 
-def test_train_spec_names_unknown_keys_and_bad_precision():
+def test_train_spec_names_unknown_keys_bad_precision_and_a_profile_with_no_untimed_step():
     with pytest.raises(ConfigError, match="stepz"):
         TrainSpec.from_config({"steps": 1, "lr": 1.0, "stepz": 2})
     with pytest.raises(ConfigError, match="fp8"):
         TrainSpec.from_config({"steps": 1, "lr": 1.0, "precision": "fp8"})
-    with pytest.raises(ConfigError, match="timing_skip_steps=0"):
-        TrainSpec.from_config({"steps": 4, "lr": 1.0, "profile": True, "timing_skip_steps": 0})
+    for skipped in (0, 4):  # none untimed; or every step, when the throughput would fall back to all of them
+        with pytest.raises(ConfigError, match=f"timing_skip_steps={skipped}"):
+            TrainSpec.from_config({"steps": 4, "lr": 1.0, "profile": True, "timing_skip_steps": skipped})
 
 
 @pytest.mark.parametrize("kernel, family", [
@@ -159,7 +177,7 @@ def test_train_spec_names_unknown_keys_and_bad_precision():
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"), ("nvjet_tst_128x256_64x4", "matmul"),
     ("_layer_norm_bwd", "layer_norm"), ("triton_red_fused_native_layer_norm_backward_3", "layer_norm"),
     ("_bias_gelu_kernel", "gelu"), ("triton_poi_fused__to_copy_add_mul_pow_tanh_view_13", "gelu"),
-    ("_loss_and_gradient", "loss"),
+    ("_loss_and_gradient", "loss"), ("triton_tem_fused_addmm_gelu_tanh_2", "matmul"),
     ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<LogSoftMaxForwardEpilogue>", "loss"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
     ("Memcpy HtoD (Pageable -> Device)", "copy"), ("triton_poi_fused_add_mul_0", "elementwise"),
