@@ -43,7 +43,7 @@ def parse_implementation(name: str) -> tuple[str, tuple[str, ...]]:
 
 
 def _build_model(spec, tokenizer, seq_len: int, implementation: str, device: torch.device, seed: int,
-                 compile_options: dict):
+                 compile_options: dict | None):
     attention, modifiers = parse_implementation(implementation)
     model = _build_transformers_model(spec, tokenizer, seq_len, attention, device, seed)
     if "fused" in modifiers:
@@ -111,17 +111,21 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
     layers, hidden, _ = SIZES[m.family][m.size]
     for seq_len, attention in itertools.product(as_list(m.seq_len), as_list(cfg.attention)):
         micro = b.tokens // seq_len
-        extra = dict(seq_len=seq_len, model=f"{m.family}-{m.size}", series=f"{m.family}-{m.size} N={seq_len}")
+        compiled = "compile" in parse_implementation(attention)[1]
+        compile_options = OmegaConf.to_container(cfg.compile) if compiled else None
+        extra = dict(seq_len=seq_len, model=f"{m.family}-{m.size}", series=f"{m.family}-{m.size} N={seq_len}",
+                     **({"compile": compile_options} if compiled else {}))
 
-        def build(seq_len=seq_len, attention=attention, micro=micro, extra=extra) -> Trainee:
+        def build(seq_len=seq_len, attention=attention, micro=micro, extra=extra,
+                  compile_options=compile_options) -> Trainee:
             base, modifiers = parse_implementation(attention)
             if base == OURS or "fused" in modifiers:
                 require_triton(attention, ctx.device)
             torch.manual_seed(cfg.seed)  # the same initial weights for every transformers implementation
-            model = _build_model(m, data.tokenizer, seq_len, attention, ctx.device, cfg.seed,
-                                 OmegaConf.to_container(cfg.compile))
+            model = _build_model(m, data.tokenizer, seq_len, attention, ctx.device, cfg.seed, compile_options)
+            # the compile options are part of what a checkpoint was trained with
             settings = dict(model=OmegaConf.to_container(m), seq_len=seq_len, micro=micro, data=data.fingerprint,
-                            eval=OmegaConf.to_container(cfg.eval), seed=cfg.seed)
+                            eval=OmegaConf.to_container(cfg.eval), seed=cfg.seed, compile=compile_options)
 
             def batches(step, rank, world):
                 gen = step_generator(cfg.seed, step, rank)
