@@ -52,9 +52,9 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, *args, mask_f
                    attention_mask: torch.Tensor | None = None, local_size: int | None = None,
                    allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False, **kwargs):
     """transformers' mask hook: no mask where the kernel's causal flag says it all (causal or full attention of
-    a sequence over itself, no padding, no window), else sdpa's boolean mask. transformers' own sdpa mask is
-    built under torch.compile on torch < 2.14 even then, and reading it (`attention_forward`) would break the
-    graph in every layer."""
+    a sequence over itself, no attention mask given, no window), else sdpa's boolean mask. transformers' own sdpa
+    mask is built under torch.compile on torch < 2.14 even then, and reading it (`attention_forward`) would break
+    the graph in every layer. (An all-ones attention mask given under compile is still read, with that break.)"""
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
     plain = attention_mask is None and local_size is None and q_length == kv_length and (

@@ -68,7 +68,9 @@ def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, row_by
     (channel, token) with TRANSPOSED, as a key tile is used. BITS == 0: X is the full-precision cache, loaded in
     the orientation asked for. Otherwise X holds packed codes: a token's packed row is loaded whole (wide loads:
     each byte once), unpacked in registers by shifts, and dequantized with its group's scale and zero-point, in
-    rows of stride `stride_sn`, per token (PER_TOKEN) or per channel; `row_bytes`: the packed bytes of a token."""
+    rows of stride `stride_sn`, per token (PER_TOKEN) or per channel; `row_bytes`: the packed bytes of a token.
+    The packed path reads whole rows: offs_d must be arange(0, BLOCK_D), the lanes past head_dim masked by
+    `dmask`."""
     if BITS == 0:
         if TRANSPOSED:
             x = tl.load(X + offs_n[None, :].to(tl.int64) * stride_n + offs_d[:, None],
@@ -93,7 +95,7 @@ def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, row_by
             # c0, c1, c2, c3: the codes in the order of their channels
             code = tl.reshape(tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6)),
                               [offs_n.shape[0], offs_d.shape[0]])
-        if PER_TOKEN and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0 and GROUP_SIZE <= offs_d.shape[0]:
+        if PER_TOKEN and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
             # a token's groups loaded once each (a row of them), then repeated across their channels
             GROUPS: tl.constexpr = offs_d.shape[0] // GROUP_SIZE
             g = tl.arange(0, GROUPS)[None, :]

@@ -39,7 +39,7 @@ def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, stride_x, stride_y, n, eps, BLOCK: t
 
 @triton.jit
 def _layer_norm_bwd(X, W, DY, DX, Mean, Rstd, DW, DB, stride_x, stride_dy, stride_dx, n, rows, rows_per_program,
-              BLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr):
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < n
@@ -82,8 +82,8 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     mean = torch.empty(rows.shape[0], device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block = triton.next_power_of_2(rows.shape[1])
-    _layer_norm_fwd[(rows.shape[0],)](rows, weight, bias, y, mean, rstd, rows.stride(0), y.stride(0), rows.shape[1], eps,
-                               BLOCK=block, num_warps=_warps(block))
+    _layer_norm_fwd[(rows.shape[0],)](rows, weight, bias, y, mean, rstd, rows.stride(0), y.stride(0), rows.shape[1],
+                                      eps, BLOCK=block, num_warps=_warps(block))
     return y.view(x.shape), mean, rstd
 
 
@@ -106,8 +106,9 @@ def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     dw = torch.empty((programs, n), device=rows.device, dtype=torch.float32)
     db = torch.empty_like(dw)
     block = triton.next_power_of_2(n)
-    _layer_norm_bwd[(programs,)](rows, weight, dy, dx, mean, rstd, dw, db, rows.stride(0), dy.stride(0), dx.stride(0), n,
-                           n_rows, triton.cdiv(n_rows, programs), BLOCK=block, num_warps=_warps(block))
+    _layer_norm_bwd[(programs,)](rows, weight, dy, dx, mean, rstd, dw, db, rows.stride(0), dy.stride(0),
+                                 dx.stride(0), n, n_rows, triton.cdiv(n_rows, programs), BLOCK=block,
+                                 num_warps=_warps(block))
     return dx.view(x.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 

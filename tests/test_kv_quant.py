@@ -122,9 +122,11 @@ def check_quantized(q, k_q, v_q, lengths, dtype):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_quantized_decode_matches_attention_over_the_dequantized_cache(bits, dtype):
-    # 3 query heads per KV head; head_dim 80; the second sequence ends inside a key group and a tile
-    q, k_q, v_q = quantized_inputs(2, 6, 2, 48, 80, bits, dtype, key_group=16, value_group=40, seed=bits)
-    check_quantized(q, k_q, v_q, torch.tensor([48, 29], device=DEVICE), dtype)
+    # 3 query heads per KV head; head_dim 80 (128 lanes); the second sequence ends inside a key group and a tile;
+    # value groups of 40 channels (scales gathered per channel) and of 16 (loaded per group, then repeated)
+    for value_group in (40, 16):
+        q, k_q, v_q = quantized_inputs(2, 6, 2, 48, 80, bits, dtype, key_group=16, value_group=value_group, seed=bits)
+        check_quantized(q, k_q, v_q, torch.tensor([48, 29], device=DEVICE), dtype)
 
 
 def test_quantized_part_and_full_precision_residual_merge_to_attention_over_both():
