@@ -34,6 +34,8 @@ def run(folder, *overrides):
 def smoke(tmp_path_factory):
     """The smoke run as a CPU without a GPU or TRITON_INTERPRET gives it (our kernels' rows: unsupported), with one
     compression whose budget exceeds the model's context of 256 tokens."""
+    pytest.importorskip("lm_eval", reason="its multiple-choice experiment needs lm-evaluation-harness, a dependency "
+                        "that the lent GPU image lacks")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("effrepro_kernels.runtime.INTERPRET", False)
         code, out, err, record = run(tmp_path_factory.mktemp("smoke"), "kv.compressions=[0.2,2,4]",
