@@ -61,3 +61,12 @@ def test_megatron_gpt2_loss_is_next_token_cross_entropy_and_it_learns():
         model(input_ids=x, labels=x).loss.backward()
         optimizer.step()
     assert model(input_ids=x, labels=x).loss.item() < 0.5 * first
+
+
+def test_a_compiled_implementation_names_its_compile_options_in_its_rows(compose):
+    from tasks.flashattention.train_lm import candidates
+
+    cfg = compose("task=flash_gpt2", "attention=[sdpa,sdpa+compile]", "compile.mode=max-autotune")
+    plain, compiled = candidates(cfg, ctx=None, data=None)  # nothing built: the data and device come at build
+    assert "compile" not in plain.extra
+    assert compiled.extra["compile"] == {"backend": "inductor", "mode": "max-autotune"}
