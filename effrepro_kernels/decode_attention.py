@@ -11,7 +11,8 @@
 The query heads that share a KV head are processed together (grouped-query attention), so K and V are read
 once. A `DecodeSchedule` is built on the host from the sequence lengths and reused across calls.
 
-Also here: each key's attention probability (`return_probs`, for eviction by attention such as Scissorhands'),
+Also here: each key's score (`return_scores`, the logit q·k·scale, stored as the kernel computes it: with the
+log-sum-exp it gives each key's probability, for eviction by attention such as Scissorhands'),
 attention straight over a KIVI-quantized cache (`decode_attention_quantized`, the same kernel dequantizing in
 registers), and `merge_attention`, which combines attention over disjoint sets of keys.
 """
@@ -35,9 +36,9 @@ TILE_KEYS = {"fa2": 128, "split": 64, "lean": 64}  # measured best on an H100 at
 # Peak memory bandwidth per SM above which `split` and `lean` tiles hold twice the keys: an H100 SXM has 25 GB/s
 # per SM and an H200 37, whose programs need more bytes in flight to keep its faster memory busy (NOTES.md)
 FAST_MEMORY_GB_S_PER_SM = 30
-PROBS_TILE_KEYS = 64  # keys per program of the probabilities kernel (not measured)
 PIPELINE_SMEM = 160 * 1024  # bytes of shared memory the K and V tiles of two pipeline stages may take
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -87,8 +88,8 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
     Head dims that are not a power of two are padded to BLOCK_D lanes, masked on load (zeros add nothing to
     q·k, and padded output lanes are not stored). K and V are full precision (K_BITS, V_BITS = 0) or
     `quantize_kv`'s packed codes, keys per channel and values per token, dequantized in registers (`kv_tile`);
-    KS, KZ, VS, VZ are their scales and zero-points. With STORE_SCORES, each key's scaled score (base 2) for each
-    query head goes to SCORES (batch, heads, MAX_LEN) as it is computed, for `_probs_from_scores`."""
+    KS, KZ, VS, VZ are their scales and zero-points. With STORE_SCORES, each key's logit for each query head
+    goes to SCORES (batch, heads, MAX_LEN) as it is computed."""
     p = tl.program_id(0)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -123,7 +124,7 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
                 s = tl.where(nmask[None, :], tl.dot(q, k, input_precision=PRECISION) * qk_scale, float("-inf"))
                 if STORE_SCORES:
                     heads = b * (HKV * G) + hk * G + offs_g
-                    tl.store(SCORES + heads[:, None].to(tl.int64) * MAX_LEN + offs_n[None, :], s,
+                    tl.store(SCORES + heads[:, None].to(tl.int64) * MAX_LEN + offs_n[None, :], s * LN2,
                              mask=gmask[:, None] & nmask[None, :])
                 m_new = tl.maximum(m, tl.max(s, 1))  # every tile holds a real key: m_new is finite
                 prob = tl.math.exp2(s - m_new[:, None])
@@ -175,25 +176,6 @@ def _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, dmask, stride_ob, str
         m = m_new
     _store_final(OUT, LSE, acc / w_sum[:, None], m + tl.math.log2(w_sum), b, hk, offs_g, offs_d, gmask, dmask,
                  stride_ob, stride_oh, HKV, G)
-
-
-@triton.jit
-def _probs_from_scores(SCORES, LENGTHS, LSE, HKV, G, MAX_LEN, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    """In place: each key's score, stored by `_decode`, becomes its softmax probability exp2(score − lse) for each
-    query head of its group, with zeros from the sequence's length on. A program per (tile of keys, batch · KV
-    head): the scores are read once, the keys not again."""
-    t, seg = tl.program_id(0), tl.program_id(1)
-    b, hk = seg // HKV, seg % HKV
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    gmask = offs_g < G
-    nmask = offs_n < tl.load(LENGTHS + b)
-    heads = b * (HKV * G) + hk * G + offs_g
-    at = SCORES + heads[:, None].to(tl.int64) * MAX_LEN + offs_n[None, :]
-    lse2 = tl.load(LSE + heads, mask=gmask, other=0.0) * LOG2E
-    scores = tl.load(at, mask=gmask[:, None] & nmask[None, :], other=float("-inf"))
-    probs = tl.where(nmask[None, :], tl.math.exp2(scores - lse2[:, None]), 0.0)
-    tl.store(at, probs, mask=gmask[:, None] & (offs_n < MAX_LEN)[None, :])
 
 
 @dataclass
@@ -402,8 +384,10 @@ def _workspace(q: torch.Tensor, max_pieces: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_scale, return_lse: bool,
-            return_probs: bool):
-    """Launch the kernels on checked inputs: out, then lse and probs if asked."""
+            return_scores: bool):
+    """Launch the kernel on checked inputs: out, then lse and scores if asked."""
+    if return_scores and not return_lse:
+        raise ValueError("return_scores=True needs return_lse=True: a key's probability is exp(score - lse)")
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     groups = h // hkv
@@ -421,29 +405,24 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
     k_ptrs, k_strides, (k_bits, k_group) = _cache_args(k_cache)
     v_ptrs, v_strides, (v_bits, v_group) = _cache_args(v_cache)
     kept = schedule.launchers if schedule.checked_for is not None else None  # a prepared schedule's
-    max_len = k_cache.shape[2] if return_probs else 0
-    # the scores, then in place the probabilities
-    probs = torch.empty(b, h, max_len, device=q.device, dtype=torch.float32) if return_probs else out
+    max_len = k_cache.shape[2] if return_scores else 0
+    scores = torch.empty(b, h, max_len, device=q.device, dtype=torch.float32) if return_scores else out
     launch(_decode, (schedule.num_programs,), (
-        q, *k_ptrs, *v_ptrs, schedule.work, schedule.work.shape[1], schedule.arrived, wo, wl, out, lse, probs,
+        q, *k_ptrs, *v_ptrs, schedule.work, schedule.work.shape[1], schedule.arrived, wo, wl, out, lse, scores,
         q.stride(0), q.stride(1), *k_strides, *v_strides, out.stride(0), out.stride(1),
         hkv, groups, schedule.max_pieces, max_len, scale), dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, GROUP=group,
         BLOCK_P=merge_step(schedule.max_pieces, group, block_d), K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits,
-        V_GROUP=v_group, PRECISION=precision, STORE_SCORES=return_probs, num_warps=schedule.num_warps,
-        num_stages=schedule.num_stages), kept, "decode+scores" if return_probs else "decode")
-    results = (out, lse) if return_lse else (out,)
-    if return_probs:
-        launch(_probs_from_scores, (triton.cdiv(max_len, PROBS_TILE_KEYS), b * hkv), (
-            probs, schedule.lengths, lse, hkv, groups, max_len), dict(BLOCK_G=block_g, BLOCK_N=PROBS_TILE_KEYS),
-            kept, "probs")
-        results += (probs,)
-    return results if len(results) > 1 else out
+        V_GROUP=v_group, PRECISION=precision, STORE_SCORES=return_scores, num_warps=schedule.num_warps,
+        num_stages=schedule.num_stages), kept, "decode+scores" if return_scores else "decode")
+    if return_scores:
+        return out, lse, scores
+    return (out, lse) if return_lse else out
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      lengths: torch.Tensor | None = None, schedule: str | DecodeSchedule = "lean",
-                     softmax_scale: float | None = None, return_lse: bool = False, return_probs: bool = False):
+                     softmax_scale: float | None = None, return_lse: bool = False, return_scores: bool = False):
     """softmax(q kᵀ · scale) v for one query per head, over the first `lengths[b]` entries of the cache.
 
     q: (batch, heads, head_dim), head_dim 16 to 256; k_cache, v_cache: (batch, kv_heads, max_len, head_dim),
@@ -453,15 +432,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     that a call launches kernels and nothing else.
 
     Returns the output (batch, heads, head_dim); then, if asked, the log-sum-exp (natural log, float32,
-    (batch, heads)); then, if asked, each query head's softmax probability of each cached key (float32,
-    (batch, heads, max_len), 0 from lengths[b] on): the attention kernel stores each key's score as it goes, and
-    a second, light kernel turns the scores into probabilities with the log-sum-exp (the keys are read once).
+    (batch, heads)); then, if asked (with the log-sum-exp), each query head's score of each cached key, the
+    logit q·k·scale (float32, (batch, heads, max_len); undefined from lengths[b] on), stored as the kernel
+    computes it, so the keys are read once: a key's probability is exp(score − lse). Eviction by attention reads
+    the scores as they are (`pivotal_counts`) or turns them into probabilities (one pass over b·h·max_len floats).
     """
     if not (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)):
         raise ValueError(f"k_cache and v_cache must be tensors, got {type(k_cache).__name__}, "
                          f"{type(v_cache).__name__}; a quantized cache goes to decode_attention_quantized")
     schedule, workspace = _prepare(q, k_cache, v_cache, lengths, schedule)
-    return _attend(q, k_cache, v_cache, schedule, workspace, softmax_scale, return_lse, return_probs)
+    return _attend(q, k_cache, v_cache, schedule, workspace, softmax_scale, return_lse, return_scores)
 
 
 def _tensors(cache) -> tuple[torch.Tensor, ...]:
@@ -510,7 +490,7 @@ def _check_schedule_fits(schedule: DecodeSchedule, q: torch.Tensor, k_cache: tor
 def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: QuantizedKV,
                                lengths: torch.Tensor | None = None, schedule: str | DecodeSchedule = "lean",
                                softmax_scale: float | None = None, return_lse: bool = False,
-                               return_probs: bool = False):
+                               return_scores: bool = False):
     """`decode_attention` over a cache quantized by `kv_quant.quantize_kv` in KIVI's layout: keys with
     axis="channel", values with axis="token" (any bits and group sizes). The same kernel dequantizes each tile
     in registers, so the full-precision cache never exists and a call reads the packed codes and the groups'
@@ -534,14 +514,15 @@ def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: Quantized
         schedule = make_schedule(schedule, _lengths_on_host(lengths), k_q.shape[1], head_dim=q.shape[2],
                                  dtype=q.dtype, device=q.device, quantized=True)
     schedule, workspace = _prepare(q, k_q, v_q, lengths, schedule)
-    return _attend(q, k_q, v_q, schedule, workspace, softmax_scale, return_lse, return_probs)
+    return _attend(q, k_q, v_q, schedule, workspace, softmax_scale, return_lse, return_scores)
 
 
 def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the union of disjoint key sets, from attention over each: outs (batch, heads, head_dim)
     and their natural log-sum-exps (batch, heads), as `decode_attention(..., return_lse=True)` gives them.
     Returns the merged output (in the dtype of outs[0]) and its log-sum-exp. A part with no keys (lse = -inf)
-    adds nothing. A part's key probabilities, times exp(lse_part - lse), are probabilities over the union."""
+    adds nothing. A key's score does not depend on the part; exp(score − lse) with the merged lse is its
+    probability over the union."""
     if not outs or len(outs) != len(lses):
         raise ValueError(f"merge_attention needs one lse per output, at least one; got {len(outs)} outputs and "
                          f"{len(lses)} lses")

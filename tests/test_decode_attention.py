@@ -1,5 +1,5 @@
 """Decode attention, each schedule against the float64 reference: GQA, odd lengths, length 1, a batch whose
-lengths differ by 100x, head dims that are not powers of two; each key's probability; merging attention over
+lengths differ by 100x, head dims that are not powers of two; each key's score; merging attention over
 disjoint key sets."""
 import importlib
 
@@ -20,22 +20,23 @@ def check(b, hq, hkv, lengths, d, dtype, schedule, max_len=None):
     q = torch.randn(b, hq, d, device=DEVICE, dtype=dtype, generator=gen)
     k, v = (torch.randn(b, hkv, max_len, d, device=DEVICE, dtype=dtype, generator=gen) for _ in range(2))
     lengths = torch.tensor(lengths, device=DEVICE)
-    out, lse, probs = decode_attention(q, k, v, lengths, schedule=schedule, return_lse=True, return_probs=True)
+    out, lse, got_scores = decode_attention(q, k, v, lengths, schedule=schedule, return_lse=True, return_scores=True)
     ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < TOL[dtype], err
     scores = decode_scores_reference(q.double(), k.double(), lengths)
     torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-3, atol=1e-3)
-    check_probs(probs, scores, lengths)
+    check_scores(got_scores, lse, scores, lengths)
 
 
-def check_probs(probs, scores, lengths):
-    """probs against softmax of the float64 scores (float32 products, never tf32, so rtol 2e-3 holds on a GPU
-    too), exactly 0 past each length."""
-    assert probs.dtype == torch.float32 and probs.shape == scores.shape
+def check_scores(got, lse, scores, lengths):
+    """Scores up to each length against the float64 ones (float32 products, never tf32, so the tolerance holds on
+    a GPU too), and the probabilities they give with the lse against softmax."""
+    assert got.dtype == torch.float32 and got.shape == scores.shape
+    held = (torch.arange(got.shape[-1], device=got.device) < lengths[:, None, None]).expand_as(got)
+    torch.testing.assert_close(got[held], scores[held].float(), rtol=2e-3, atol=2e-3)
+    probs = torch.where(held, (got - lse[..., None]).exp(), 0.0)
     torch.testing.assert_close(probs, scores.softmax(-1).float(), rtol=2e-3, atol=1e-6)
-    past_end = torch.arange(probs.shape[-1], device=probs.device) >= lengths[:, None, None]
-    assert not probs.masked_select(past_end).any()
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -52,20 +53,21 @@ def test_head_dims_that_are_not_powers_of_two_match_reference(schedule, dtype):
         check(2, 6, 2, [5, 37], head_dim, dtype, schedule)  # 3 query heads per KV head
 
 
-def test_return_order_is_out_then_lse_then_probs_and_one_prepared_schedule_serves_every_kind_of_call():
+def test_return_order_is_out_then_lse_then_scores_and_one_prepared_schedule_serves_every_kind_of_call():
     q = torch.randn(1, 2, 32, device=DEVICE)
     k, v = (torch.randn(1, 1, 20, 32, device=DEVICE) for _ in range(2))
     n = torch.tensor([20], device=DEVICE)
-    out, probs = decode_attention(q, k, v, n, return_probs=True)
-    assert out.shape == (1, 2, 32) and probs.shape == (1, 2, 20)
-    out2, lse, probs2 = decode_attention(q, k, v, n, return_lse=True, return_probs=True)
-    assert lse.shape == (1, 2) and torch.equal(probs, probs2) and torch.equal(out, out2)
+    out = decode_attention(q, k, v, n)
+    out2, lse, scores = decode_attention(q, k, v, n, return_lse=True, return_scores=True)
+    assert lse.shape == (1, 2) and scores.shape == (1, 2, 20) and torch.equal(out, out2)
+    with pytest.raises(ValueError, match="return_scores=True needs return_lse=True"):
+        decode_attention(q, k, v, n, return_scores=True)
     schedule = make_schedule("lean", [20], 1, head_dim=32, dtype=q.dtype, device=DEVICE)
-    for return_probs in (False, True, False, True):  # a launch kept for one kind never serves the other
-        got = decode_attention(q, k, v, schedule=schedule, return_probs=return_probs)
-        torch.testing.assert_close(got[0] if return_probs else got, out)
-        if return_probs:
-            torch.testing.assert_close(got[1], probs)
+    for return_scores in (False, True, False, True):  # a launch kept for one kind never serves the other
+        got = decode_attention(q, k, v, schedule=schedule, return_lse=return_scores, return_scores=return_scores)
+        torch.testing.assert_close(got[0] if return_scores else got, out)
+        if return_scores:
+            torch.testing.assert_close(got[2], scores)
 
 
 def test_merging_attention_over_two_halves_equals_attention_over_the_whole():
@@ -73,17 +75,18 @@ def test_merging_attention_over_two_halves_equals_attention_over_the_whole():
     q = torch.randn(2, 6, 48, device=DEVICE, generator=gen)
     k, v = (torch.randn(2, 2, 53, 48, device=DEVICE, generator=gen) for _ in range(2))
     lengths, split = torch.tensor([53, 30], device=DEVICE), 21
-    whole, whole_lse, whole_probs = decode_attention(q, k, v, lengths, return_lse=True, return_probs=True)
-    first, first_lse, first_probs = decode_attention(q, k[:, :, :split], v[:, :, :split],
-                                                     torch.full_like(lengths, split), return_lse=True,
-                                                     return_probs=True)
+    whole, whole_lse, whole_scores = decode_attention(q, k, v, lengths, return_lse=True, return_scores=True)
+    first, first_lse, first_scores = decode_attention(q, k[:, :, :split], v[:, :, :split],
+                                                      torch.full_like(lengths, split), return_lse=True,
+                                                      return_scores=True)
     second, second_lse = decode_attention(q, k[:, :, split:], v[:, :, split:], lengths - split, return_lse=True)
     merged, merged_lse = merge_attention([first, second], [first_lse, second_lse])
     torch.testing.assert_close(merged, whole, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(merged_lse, whole_lse, rtol=1e-5, atol=1e-5)
-    # a part's probabilities, rescaled by exp(lse_part - lse), are those over the whole
-    torch.testing.assert_close(first_probs * (first_lse - merged_lse).exp()[..., None], whole_probs[..., :split],
-                               rtol=1e-4, atol=1e-7)
+    # a key's score is the same in the part as in the whole: with the merged lse, its probability over the whole
+    torch.testing.assert_close(first_scores, whole_scores[..., :split], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((first_scores - merged_lse[..., None]).exp(),
+                               (whole_scores[..., :split] - whole_lse[..., None]).exp(), rtol=1e-4, atol=1e-7)
     # a part with no keys (lse = -inf, output undefined) adds nothing
     empty = torch.full_like(first, float("nan"))
     alone, alone_lse = merge_attention([first, empty], [first_lse, torch.full_like(first_lse, float("-inf"))])

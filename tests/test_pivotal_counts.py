@@ -6,13 +6,17 @@ from conftest import DEVICE
 from effrepro_kernels.pivotal_counts import ring_history, update_pivotal_counts
 from effrepro_kernels.reference import pivotal_counts_reference
 
+LOG2E = 1.4426950408889634
+
 
 @pytest.mark.parametrize("slots,n_visible,window,steps", [(300, 257, 13, [5, 12, 13, 40]), (64, 64, 400, [0, 399]),
                                                           (9, 1, 8, [3])])
 @pytest.mark.parametrize("planes", [True, False], ids=["ring_history", "contiguous"])
-def test_update_matches_reference_exactly(slots, n_visible, window, steps, planes):
+@pytest.mark.parametrize("given", ["probs", "scores"])
+def test_update_matches_reference_exactly(slots, n_visible, window, steps, planes, given):
     """Slots beyond the block and beyond the visible ones, windows not a multiple of 8, steps that wrap the ring;
-    the ring byte-plane by byte-plane and slot by slot."""
+    the ring byte-plane by byte-plane and slot by slot; probabilities given, or scores and their log-sum-exp
+    (undefined scores past the visible slots are never read)."""
     gen = torch.Generator(device=DEVICE).manual_seed(slots)
     b, heads = 2, 3
     count = torch.randint(0, window, (b, heads, slots), device=DEVICE, generator=gen, dtype=torch.int32)
@@ -22,9 +26,19 @@ def test_update_matches_reference_exactly(slots, n_visible, window, steps, plane
     history.copy_(torch.randint(0, 256, history.shape, device=DEVICE, generator=gen, dtype=torch.uint8))
     for step in steps:
         probs = torch.rand(b, heads, slots, device=DEVICE, generator=gen) * 2 / n_visible  # about half pivotal
-        probs[..., 0] = 1.0 / n_visible  # exactly at the threshold: not pivotal
-        expected = pivotal_counts_reference(probs, count, history, n_visible, step, window)
-        update_pivotal_counts(probs, count, history, n_visible, step, window)
+        if given == "probs":
+            probs[..., 0] = 1.0 / n_visible  # exactly at the threshold: not pivotal
+            expected = pivotal_counts_reference(probs, count, history, n_visible, step, window)
+            update_pivotal_counts(probs, count, history, n_visible, step, window)
+        else:
+            lse = torch.randn(b, heads, device=DEVICE, generator=gen) * 5
+            scores = probs.log() + lse[..., None]
+            scores[..., n_visible:] = float("nan")
+            # the probabilities as the kernel makes them, in float32 (an exp2 that rounds differently could move one
+            # across the threshold only if it lay within a rounding step of it)
+            probs = torch.exp2((scores - lse[..., None]) * LOG2E).nan_to_num(0.0)
+            expected = pivotal_counts_reference(probs, count, history, n_visible, step, window)
+            update_pivotal_counts(scores, count, history, n_visible, step, window, lse=lse)
         assert torch.equal(count, expected[0]) and torch.equal(history, expected[1])
 
 
@@ -35,3 +49,5 @@ def test_bad_input_is_refused():
         update_pivotal_counts(probs, count, history, 8, 0, window=8)
     with pytest.raises(ValueError, match="n_visible=9"):
         update_pivotal_counts(probs, count, history, 9, 0, window=16)
+    with pytest.raises(ValueError, match="lse float32 \\(batch, heads\\) = \\(1, 2\\)"):
+        update_pivotal_counts(probs, count, history, 8, 0, window=16, lse=torch.zeros(2, device=DEVICE))

@@ -5,8 +5,8 @@ around them) at contexts of 4K to 128K tokens.
   allocating the stores mode=generate allocates (memory.py), next to the paper's Table 2 arithmetic;
 - attention: one decode step's attention over the full cache and over Scissorhands' budget B = context /
   compression, 16-bit and quantized, timed in the same run, with the speedup over the full cache. Scissorhands'
-  step also returns each key's probability (scores stored by the kernel, normalised by a second light one), since
-  its counts need them;
+  step also returns each key's score (stored by the kernel in its one pass over the keys) and the log-sum-exp,
+  which its counts read;
 - bookkeeping: what Scissorhands adds to a step at budget B (the policy and cache code of mode=generate, run on
   the device): counting pivotal tokens (one kernel on a GPU, effrepro_kernels/pivotal_counts.py), checking whether
   the cache is full (on the host: generate knows how many tokens its heads hold), choosing the m tokens to drop and
@@ -183,7 +183,8 @@ def _inputs(shape: Shape, kind: CacheKind, tokens: int, device, seed: int, rotat
 
 def attention_provider(kind: CacheKind, shape: Shape, schedule_kind: str, ctx: RunContext, seed: int,
                        rotate_bytes: int, group_size: int) -> Provider:
-    with_probs = kind.compression > 1  # Scissorhands counts pivotal tokens from each key's probability
+    # Scissorhands counts pivotal tokens from each key's score and the log-sum-exp, as generate.py asks for them
+    returns = dict(return_lse=True, return_scores=True) if kind.compression > 1 else {}
 
     def build(point: Point) -> Call:
         tokens = kind.slots(point.x_value, group_size)
@@ -193,10 +194,10 @@ def attention_provider(kind: CacheKind, shape: Shape, schedule_kind: str, ctx: R
                                  device=ctx.device, quantized=kind.bits < 16)  # once, not timed
         if kind.bits == 16:
             def attend(q, k, v):
-                return decode_attention(q, k, v, schedule=schedule, return_probs=with_probs)
+                return decode_attention(q, k, v, schedule=schedule, **returns)
         else:
             def attend(q, k, v):
-                return decode_attention_quantized(q, k, v, schedule=schedule, return_probs=with_probs)
+                return decode_attention_quantized(q, k, v, schedule=schedule, **returns)
         turn = itertools.cycle(copies)
         return Call(lambda: attend(*next(turn)))
     return Provider(kind.name, build, baseline=kind == CacheKind(1, 16), needs_triton=True)
@@ -233,7 +234,7 @@ def full_layer(policy, budget: int, shape: Shape, kv: DictConfig, device, gen) -
 
 
 def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: int) -> Iterator[Row]:
-    """Per budget B: the time of the layer's projections, of the step's attention (with each key's probability)
+    """Per budget B: the time of the layer's projections, of the step's attention (with each key's score)
     and of each part of Scissorhands' bookkeeping on a full cache, run by generate.py's own code; then the
     bookkeeping's share of the layer's step, the choosing and compacting spread over the m steps between
     evictions."""
@@ -245,27 +246,24 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
         extra = {**shape.extra(), "policy": "scissorhands", "recent": policy.recent, "window": policy.window,
                  "drop": m, "kv_bits": 16}
         query = torch.randn(shape.batch, shape.heads, shape.head_dim, device=device, dtype=shape.dtype, generator=gen)
-        schedule = make_schedule(kv.schedule, [budget] * shape.batch, shape.kv_heads, head_dim=shape.head_dim,
-                                 dtype=shape.dtype, device=device)
 
         def attend(layer):
-            return decode_attention(query, layer.store.keys, layer.store.values, schedule=schedule,
-                                    return_probs=True)
+            return layer.store.attend(query, budget, None, with_scores=True)
 
-        def layer_and_probs():
+        def layer_and_scores():
             layer = full_layer(policy, budget, shape, kv, device, gen)
-            return layer, attend(layer)[1]
-        layer, probs = first = layer_and_probs()
+            return layer, *attend(layer)[1:]
+        layer, scores, lse = first = layer_and_scores()
         # attention and counting are timed back to back, so they take turns over copies that together exceed L2,
         # as a step's 32 layers would
         size = sum(t.numel() * t.element_size()
-                   for t in (layer.store.keys, layer.store.values, probs, *layer.stats.values()))
-        copies = [first] + [layer_and_probs() for _ in range(math.ceil(spec.rotate_bytes / size) - 1)]
+                   for t in (layer.store.keys, layer.store.values, scores, *layer.stats.values()))
+        copies = [first] + [layer_and_scores() for _ in range(math.ceil(spec.rotate_bytes / size) - 1)]
         attention_turn, counting_turn = itertools.cycle(copies), itertools.cycle(copies)
 
         def counting():
-            copy, copy_probs = next(counting_turn)
-            policy.observe(copy.stats, copy_probs, visible, budget, n_visible=budget)
+            copy, copy_scores, copy_lse = next(counting_turn)
+            policy.observe_scores(copy.stats, copy_scores, copy_lse, budget, budget)
 
         hidden, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         x = torch.randn(shape.batch, max(hidden, spec.intermediate), device=device, dtype=shape.dtype, generator=gen)
@@ -277,7 +275,6 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
             for w in weights:
                 torch.nn.functional.linear(x[:, :w.shape[1]], w)
 
-        visible = torch.ones_like(probs, dtype=torch.bool)
         full = torch.ones_like(layer.positions, dtype=torch.bool)
         not_full = full.clone()
         not_full[..., -1] = False

@@ -81,10 +81,13 @@ class FloatStore:
         schedule = prepared_schedule(self.schedule, q.shape[0], self.keys.shape[1], n, q.shape[2], q.dtype, q.device)
         return decode_attention(q, self.keys, self.values, schedule=schedule, softmax_scale=scale, **returns)
 
-    def attend(self, q, n, scale, with_probs):
-        """Attention of q (batch, heads, head_dim) over the first n slots: out, and probs (batch, heads, slots)."""
-        result = self.attention(q, n, scale, return_probs=with_probs)
-        return result if with_probs else (result, None)
+    def attend(self, q, n, scale, with_scores):
+        """Attention of q (batch, heads, head_dim) over the first n slots: out, and, `with_scores`, each key's
+        score (batch, heads, slots) and their log-sum-exp (batch, heads) (else None, None)."""
+        if not with_scores:
+            return self.attention(q, n, scale), None, None
+        out, lse, scores = self.attention(q, n, scale, return_lse=True, return_scores=True)
+        return out, scores, lse
 
     def loose(self, drop: torch.Tensor, n: int) -> torch.Tensor:
         """Slots whose tokens must be stored anew after `drop`: none here."""
@@ -142,26 +145,25 @@ class QuantizedStore:
             self._quantize(self.residual.keys, self.residual.values, self.n_quantized)
             self.n_quantized += self.group_size
 
-    def attend(self, q, n, scale, with_probs):
+    def attend(self, q, n, scale, with_scores):
         b, heads = q.shape[:2]
-        parts = []  # (first slot, out, lse[, probs]) of the quantized and of the full-precision part
+        parts = []  # (first slot, out, lse[, scores]) of the quantized and of the full-precision part
+        returns = dict(return_lse=True, return_scores=with_scores)
         if self.n_quantized:
             schedule = prepared_schedule(self.schedule, b, self.keys.shape[1], self.n_quantized, q.shape[2], q.dtype,
                                          q.device, quantized=True)
             parts.append((0, *decode_attention_quantized(q, self.keys, self.values, schedule=schedule,
-                                                         softmax_scale=scale, return_lse=True,
-                                                         return_probs=with_probs)))
+                                                         softmax_scale=scale, **returns)))
         if n > self.n_quantized:
-            parts.append((self.n_quantized, *self.residual.attention(q, n - self.n_quantized, scale, return_lse=True,
-                                                                     return_probs=with_probs)))
+            parts.append((self.n_quantized, *self.residual.attention(q, n - self.n_quantized, scale, **returns)))
         out, lse = merge_attention([part[1] for part in parts], [part[2] for part in parts])
-        if not with_probs:
-            return out, None
-        probs = torch.zeros(b, heads, self.slots, device=q.device)
-        for first, _, part_lse, part_probs in parts:
+        if not with_scores:
+            return out, None, None
+        scores = torch.empty(b, heads, self.slots, device=q.device)  # a key's score is the same in either part
+        for first, _, _, part_scores in parts:  # (first, out, lse, scores)
             last = self.n_quantized if first == 0 else n
-            probs[..., first:last] = part_probs[..., :last - first] * torch.exp(part_lse - lse)[..., None]
-        return out, probs
+            scores[..., first:last] = part_scores[..., :last - first]
+        return out, scores, lse
 
     def loose(self, drop, n):
         """The full-precision tokens, and the survivors of every key group that loses a token."""
@@ -231,10 +233,9 @@ class LayerCache:
         for stat in self.stats.values():
             stat[:, :, self.n] = 0
         self.n += 1
-        out, probs = self.store.attend(query, self.n, scale, self.policy.needs_probs)
-        if probs is not None:
-            self.policy.observe(self.stats, probs, (self.slot_index < self.n).expand_as(probs), position,
-                                n_visible=self.n)
+        out, scores, lse = self.store.attend(query, self.n, scale, self.policy.needs_probs)
+        if scores is not None:
+            self.policy.observe_scores(self.stats, scores, lse, self.n, position)
         return out
 
     def _evict(self, drop: torch.Tensor, held: torch.Tensor) -> None:

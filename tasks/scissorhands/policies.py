@@ -14,7 +14,9 @@ Each step (a query at position t) runs in this order, in both modes:
    queries before t, so a head never holds more than its budget;
 2. append token t (it is always seen by its own query);
 3. attend over the held tokens;
-4. `observe` that query's probabilities (softmax over the held tokens only, as a real cache computes them).
+4. `observe` that query's probabilities (softmax over the held tokens only, as a real cache computes them);
+   mode=generate calls `observe_scores` with what the decode kernel gives (each key's logit and the log-sum-exp),
+   which makes the probabilities unless the policy reads the scores as they are (Scissorhands' counts on a GPU).
 
 Positions are explicit, not slot order, because the quantized cache regroups tokens when it evicts (generate.py).
 Ties in a score go against the oldest token.
@@ -76,11 +78,15 @@ class Policy:
     def init_stats(self, batch: int, heads: int, slots: int, device) -> dict[str, torch.Tensor]:
         return {}
 
-    def observe(self, stats: dict[str, torch.Tensor], probs: torch.Tensor, visible: torch.Tensor, step: int,
-                n_visible: int | None = None) -> None:
-        """probs: float32 (batch, heads, slots), 0 where not `visible`; step: the query's position. `n_visible`:
-        given when the visible slots are the first n_visible of every row (mode=generate), which an implementation
-        may use instead of the mask."""
+    def observe(self, stats: dict[str, torch.Tensor], probs: torch.Tensor, visible: torch.Tensor, step: int) -> None:
+        """probs: float32 (batch, heads, slots), 0 where not `visible`; step: the query's position."""
+
+    def observe_scores(self, stats: dict[str, torch.Tensor], scores: torch.Tensor, lse: torch.Tensor, n_visible: int,
+                       step: int) -> None:
+        """mode=generate's `observe`: scores float32 (batch, heads, slots), each key's logit, undefined after the
+        first `n_visible` slots; lse (batch, heads), their log-sum-exp: a key's probability is exp(score − lse)."""
+        visible = (torch.arange(scores.shape[-1], device=scores.device) < n_visible).expand_as(scores)
+        self.observe(stats, torch.where(visible, torch.exp(scores - lse[..., None]), 0.0), visible, step)
 
     def drops(self, stats: dict[str, torch.Tensor], held: torch.Tensor, positions: torch.Tensor, step: int,
               layer: int, n_layers: int, n_held: int | None = None) -> torch.Tensor | None:
@@ -162,10 +168,13 @@ class _PivotalCounts:
         return {"count": torch.zeros(batch, heads, slots, dtype=torch.int32, device=device),
                 "history": ring_history(batch, heads, slots, self.window, device)}
 
-    def observe(self, stats, probs, visible, step, n_visible=None):
-        if self.threshold == "1/t" and n_visible is not None and probs.is_cuda:  # one kernel, not a dozen
-            update_pivotal_counts(probs.contiguous(), stats["count"], stats["history"], n_visible, step, self.window)
-            return
+    def observe_scores(self, stats, scores, lse, n_visible, step):
+        if self.threshold == "1/t" and scores.is_cuda:  # one kernel, not a dozen, and no pass making probabilities
+            update_pivotal_counts(scores, stats["count"], stats["history"], n_visible, step, self.window, lse=lse)
+        else:
+            super().observe_scores(stats, scores, lse, n_visible, step)
+
+    def observe(self, stats, probs, visible, step):
         n_visible = visible.sum(-1, keepdim=True)
         if self.threshold == "1/t":  # the paper: more than the uniform share of the t keys softmaxed over
             threshold = 1.0 / n_visible
@@ -283,7 +292,7 @@ class H2O(_Budgeted):
     def init_stats(self, batch, heads, slots, device):
         return {"attention": torch.zeros(batch, heads, slots, device=device)}
 
-    def observe(self, stats, probs, visible, step, n_visible=None):
+    def observe(self, stats, probs, visible, step):
         stats["attention"] += probs
 
     def protected(self, positions, step, budget):
@@ -325,7 +334,7 @@ class TOVA(_Budgeted):
     def init_stats(self, batch, heads, slots, device):
         return {"last": torch.zeros(batch, heads, slots, device=device)}
 
-    def observe(self, stats, probs, visible, step, n_visible=None):
+    def observe(self, stats, probs, visible, step):
         stats["last"].copy_(probs)
 
     def score(self, stats, positions):
