@@ -70,7 +70,7 @@ def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, row_by
     each byte once), unpacked in registers by shifts, and dequantized with its group's scale and zero-point, in
     rows of stride `stride_sn`, per token (PER_TOKEN) or per channel; `row_bytes`: the packed bytes of a token.
     The packed path reads whole rows: offs_d must be arange(0, BLOCK_D), the lanes past head_dim masked by
-    `dmask`."""
+    `dmask`; and offs_n must be BLOCK_N consecutive tokens from a multiple of BLOCK_N (a tile of the cache)."""
     if BITS == 0:
         if TRANSPOSED:
             x = tl.load(X + offs_n[None, :].to(tl.int64) * stride_n + offs_d[:, None],
@@ -104,6 +104,21 @@ def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, row_by
             shape: tl.constexpr = [offs_n.shape[0], GROUPS, GROUP_SIZE]
             scale = tl.reshape(tl.broadcast_to(tl.load(XS + at, mask=real, other=0.0)[:, :, None], shape), code.shape)
             zero = tl.reshape(tl.broadcast_to(tl.load(XZ + at, mask=real, other=0.0)[:, :, None], shape), code.shape)
+        elif not PER_TOKEN and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
+            # the tile's tokens fall in BLOCK_N / GROUP_SIZE whole groups, or in one: each group's row of
+            # per-channel statistics loaded once, then repeated over its tokens (not one load per value)
+            BLOCK_N: tl.constexpr = offs_n.shape[0]
+            SPAN: tl.constexpr = GROUP_SIZE if GROUP_SIZE < BLOCK_N else BLOCK_N
+            ROWS: tl.constexpr = BLOCK_N // SPAN
+            first = tl.min(tl.reshape(offs_n, [ROWS, SPAN]), 1)
+            real = tl.max(tl.reshape(nmask.to(tl.int32), [ROWS, SPAN]), 1) > 0
+            at = (first // GROUP_SIZE).to(tl.int64)[:, None] * stride_sn + c
+            shape: tl.constexpr = [ROWS, SPAN, offs_d.shape[0]]
+            stats_mask = real[:, None] & dmask[None, :]
+            scale = tl.reshape(tl.broadcast_to(tl.load(XS + at, mask=stats_mask, other=0.0)[:, None, :], shape),
+                               code.shape)
+            zero = tl.reshape(tl.broadcast_to(tl.load(XZ + at, mask=stats_mask, other=0.0)[:, None, :], shape),
+                              code.shape)
         else:
             if PER_TOKEN:
                 group = n.to(tl.int64) * stride_sn + c // GROUP_SIZE
@@ -140,7 +155,22 @@ def _quantize(X, DATA, SCALE, ZERO, stride_xb, stride_xh, stride_xn, H, N, HEAD_
     mask = rows & (c < HEAD_DIM)
     x_seg = X + (seg // H).to(tl.int64) * stride_xb + (seg % H).to(tl.int64) * stride_xh
     x = tl.load(x_seg + token.to(tl.int64) * stride_xn + c, mask=mask, other=0.0).to(tl.float32)
-    if PER_TOKEN:  # a group's statistics at each of its channels, group by group
+    if PER_TOKEN and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
+        # each token's groups side by side: one reduction over the tile for all of them, their statistics stored
+        # as one contiguous tile, then repeated across their channels
+        GROUPS_PADDED: tl.constexpr = BLOCK_D // GROUP_SIZE
+        shape: tl.constexpr = [BLOCK_R, GROUPS_PADDED, GROUP_SIZE]
+        lo = tl.min(tl.reshape(tl.where(mask, x, float("inf")), shape), 2)
+        hi = tl.max(tl.reshape(tl.where(mask, x, float("-inf")), shape), 2)
+        g_scale = ((hi - lo) / LEVELS).to(SCALE.dtype.element_ty)
+        g_zero = lo.to(ZERO.dtype.element_ty)
+        g = tl.arange(0, GROUPS_PADDED)[None, :]
+        stats = (seg.to(tl.int64) * N + token) * (HEAD_DIM // GROUP_SIZE) + g
+        tl.store(SCALE + stats, g_scale, mask=rows & (g < HEAD_DIM // GROUP_SIZE))
+        tl.store(ZERO + stats, g_zero, mask=rows & (g < HEAD_DIM // GROUP_SIZE))
+        scale = tl.reshape(tl.broadcast_to(g_scale.to(tl.float32)[:, :, None], shape), [BLOCK_R, BLOCK_D])
+        zero = tl.reshape(tl.broadcast_to(g_zero.to(tl.float32)[:, :, None], shape), [BLOCK_R, BLOCK_D])
+    elif PER_TOKEN:  # a group's statistics at each of its channels, group by group
         GROUPS: tl.constexpr = HEAD_DIM // GROUP_SIZE
         group = c // GROUP_SIZE
         scale = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
