@@ -28,6 +28,7 @@ for command in "$@"; do
   status=$?
   echo "== [$i] exit $status after $(( $(date +%s) - begun )) s: $command"
   grep -E "^\[repro\]|passed|failed|Error|error:" "$OUT/logs/$i.log" | tail -6
-  find results/runs -name '*.json' -newer "$start" | tar czf "$OUT/records.tgz" -T -
+  # and the records jobs save while they run (outputs/), which are all that is left of one that dies silently
+  find results/runs outputs -name '*.json' -newer "$start" 2>/dev/null | tar czf "$OUT/records.tgz" -T -
 done
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -r "$OUT/logs"
