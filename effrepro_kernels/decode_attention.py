@@ -39,7 +39,6 @@ FAST_MEMORY_GB_S_PER_SM = 30
 PIPELINE_SMEM = 160 * 1024  # bytes of shared memory the K and V tiles of two pipeline stages may take
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _pow2(n: int) -> int:
@@ -52,9 +51,23 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, _pow2(head_dim))
 
 
-def pipeline_bytes(block_n: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Shared memory of two pipeline stages of K and V tiles (padded to `padded_head_dim`)."""
-    return 2 * 2 * block_n * padded_head_dim(head_dim) * torch.finfo(dtype).bits // 8
+def head_dim_chunks(head_dim: int, quantized: bool = False) -> tuple[int, int]:
+    """A head's lanes in the kernel's tiles: one power-of-two chunk, or two where that saves lanes (the second 0
+    where it does not). Padding 80 or 96 to 128 lanes spends a quarter to a third of the tiles' shared memory and
+    matrix work on zeros; 64 + 32 lanes do not. The second chunk takes at least 32 lanes: compiled for sm_90, a
+    16-lane chunk's products took 2.5x the matrix instructions of the padded tile (its few columns spread over
+    4 warps). Packed (quantized) tiles take whole rows."""
+    padded = padded_head_dim(head_dim)
+    first = padded // 2
+    if quantized or head_dim == padded or first < 32:
+        return padded, 0
+    second = max(32, _pow2(head_dim - first))
+    return (first, second) if first + second < padded else (padded, 0)
+
+
+def pipeline_bytes(block_n: int, head_dim: int, dtype: torch.dtype, quantized: bool = False) -> int:
+    """Shared memory of two pipeline stages of K and V tiles (`head_dim_chunks` lanes)."""
+    return 2 * 2 * block_n * sum(head_dim_chunks(head_dim, quantized)) * torch.finfo(dtype).bits // 8
 
 
 @triton.jit
@@ -65,9 +78,14 @@ def _load_q(Q, b, hk, offs_g, offs_d, gmask, dmask, stride_qb, stride_qh, G):
 
 
 @triton.jit
-def _store_final(OUT, LSE, out, lse2, b, hk, offs_g, offs_d, gmask, dmask, stride_ob, stride_oh, HKV, G):
+def _store_out(OUT, out, b, hk, offs_g, offs_d, gmask, dmask, stride_ob, stride_oh, G):
     tl.store(OUT + b.to(tl.int64) * stride_ob + (hk * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _store_final(OUT, LSE, out, lse2, b, hk, offs_g, offs_d, gmask, dmask, stride_ob, stride_oh, HKV, G):
+    _store_out(OUT, out, b, hk, offs_g, offs_d, gmask, dmask, stride_ob, stride_oh, G)
     tl.store(LSE + b * (HKV * G) + hk * G + offs_g, lse2 * LN2, mask=gmask)
 
 
@@ -76,17 +94,19 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_ksb, stride_ksh, stride_ksn,
             stride_vb, stride_vh, stride_vn, stride_vsb, stride_vsh, stride_vsn,
             stride_ob, stride_oh, HKV, G, MAX_PIECES, MAX_LEN, sm_scale,
-            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-            GROUP: tl.constexpr, BLOCK_P: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
-            V_BITS: tl.constexpr, V_GROUP: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr):
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, WO_D: tl.constexpr,
+            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr,
+            K_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
+            PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr):
     """Each program walks its work items (segment = batch·KV head, tile range, piece number): softmax over the
     tiles with a running maximum and sum. A segment in one piece is written out at once. Otherwise the piece
     is stored, normalised, with its base-2 log-sum-exp, and counted; the program that stores a segment's last
     piece merges all its pieces, in a fixed order (so the result does not depend on which program that is),
     and resets the count for the next call. One launch, no second merge kernel.
 
-    Head dims that are not a power of two are padded to BLOCK_D lanes, masked on load (zeros add nothing to
-    q·k, and padded output lanes are not stored). K and V are full precision (K_BITS, V_BITS = 0) or
+    A head's lanes are one power-of-two chunk of BLOCK_D, or two (BLOCK_D, then BLOCK_E: `head_dim_chunks`), each
+    with its own products, so that a head of 80 takes 64 + 16 lanes rather than 128; lanes past HEAD_DIM are
+    masked on load (zeros add nothing to q·k, and are not stored). Pieces are stored WO_D lanes wide. K and V are full precision (K_BITS, V_BITS = 0) or
     `quantize_kv`'s packed codes, keys per channel and values per token, dequantized in registers (`kv_tile`);
     KS, KZ, VS, VZ are their scales and zero-points. With STORE_SCORES, each key's logit for each query head
     goes to SCORES (batch, heads, MAX_LEN) as it is computed."""
@@ -95,6 +115,9 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
     offs_d = tl.arange(0, BLOCK_D)
     gmask = offs_g < G
     dmask = offs_d < HEAD_DIM
+    if BLOCK_E > 0:
+        offs_e = BLOCK_D + tl.arange(0, BLOCK_E)
+        emask = offs_e < HEAD_DIM
     qk_scale = sm_scale * LOG2E
     for i in range(MAX_ITEMS):
         # an item carries all it needs (pieces of its segment, sequence length): one memory round trip
@@ -109,6 +132,9 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
         if lo < hi:  # programs with fewer items than MAX_ITEMS have empty ones
             b, hk = seg // HKV, seg % HKV
             q = _load_q(Q, b, hk, offs_g, offs_d, gmask, dmask, stride_qb, stride_qh, G)
+            if BLOCK_E > 0:
+                q_e = _load_q(Q, b, hk, offs_g, offs_e, gmask, emask, stride_qb, stride_qh, G)
+                acc_e = tl.zeros([BLOCK_G, BLOCK_E], tl.float32)
             Kh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
             Vh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
             k_stats = b.to(tl.int64) * stride_ksb + hk.to(tl.int64) * stride_ksh
@@ -121,7 +147,11 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
                 nmask = offs_n < length
                 k = kv_tile(Kh, KS + k_stats, KZ + k_stats, offs_n, offs_d, nmask, dmask, stride_kn, stride_ksn,
                             HEAD_DIM * K_BITS // 8, K_BITS, K_GROUP, False, True)
-                s = tl.where(nmask[None, :], tl.dot(q, k, input_precision=PRECISION) * qk_scale, float("-inf"))
+                qk = tl.dot(q, k, input_precision=PRECISION)
+                if BLOCK_E > 0:  # full precision only (the packed path reads whole rows into one chunk)
+                    k_e = kv_tile(Kh, KS, KZ, offs_n, offs_e, nmask, emask, stride_kn, 0, 0, 0, 1, False, True)
+                    qk += tl.dot(q_e, k_e, input_precision=PRECISION)
+                s = tl.where(nmask[None, :], qk * qk_scale, float("-inf"))
                 if STORE_SCORES:
                     heads = b * (HKV * G) + hk * G + offs_g
                     tl.store(SCORES + heads[:, None].to(tl.int64) * MAX_LEN + offs_n[None, :], s * LN2,
@@ -133,19 +163,28 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
                 v = kv_tile(Vh, VS + v_stats, VZ + v_stats, offs_n, offs_d, nmask, dmask, stride_vn, stride_vsn,
                             HEAD_DIM * V_BITS // 8, V_BITS, V_GROUP, True, False)
                 acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION)
+                if BLOCK_E > 0:
+                    v_e = kv_tile(Vh, VS, VZ, offs_n, offs_e, nmask, emask, stride_vn, 0, 0, 0, 1, False, False)
+                    acc_e = acc_e * alpha[:, None] + tl.dot(prob.to(v_e.dtype), v_e, input_precision=PRECISION)
                 m = m_new
             if n_pieces == 1:
                 _store_final(OUT, LSE, acc / l[:, None], m + tl.math.log2(l), b, hk, offs_g, offs_d, gmask, dmask,
                              stride_ob, stride_oh, HKV, G)
+                if BLOCK_E > 0:
+                    _store_out(OUT, acc_e / l[:, None], b, hk, offs_g, offs_e, gmask, emask, stride_ob, stride_oh, G)
             else:
                 slot = seg.to(tl.int64) * MAX_PIECES + piece
-                tl.store(WO + (slot * G + offs_g)[:, None] * BLOCK_D + offs_d[None, :], acc / l[:, None],
+                tl.store(WO + (slot * G + offs_g)[:, None] * WO_D + offs_d[None, :], acc / l[:, None],
                          mask=gmask[:, None])
+                if BLOCK_E > 0:
+                    tl.store(WO + (slot * G + offs_g)[:, None] * WO_D + offs_e[None, :], acc_e / l[:, None],
+                             mask=gmask[:, None])
                 tl.store(WL + slot * G + offs_g, m + tl.math.log2(l), mask=gmask)
                 tl.debug_barrier()  # all of this program's stores are issued before it is counted (release below)
                 if tl.atomic_add(ARRIVED + seg, 1, sem="acq_rel", scope="gpu") == n_pieces - 1:
-                    _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, dmask, stride_ob, stride_oh, HKV, G,
-                           MAX_PIECES, BLOCK_D, GROUP, BLOCK_P)
+                    offs_w = tl.arange(0, WO_D)
+                    _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_w, offs_w < HEAD_DIM, stride_ob, stride_oh,
+                           HKV, G, MAX_PIECES, WO_D, GROUP, BLOCK_P)
                     tl.store(ARRIVED + seg, 0)
 
 
@@ -254,7 +293,7 @@ def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.f
         keys *= 2
     keys = min(256, keys * 128 // padded_head_dim(head_dim)) if head_dim < 128 else keys
     room = PIPELINE_SMEM // 2 if quantized else PIPELINE_SMEM
-    while keys > 16 and pipeline_bytes(keys, head_dim, dtype) > room:
+    while keys > 16 and pipeline_bytes(keys, head_dim, dtype, quantized) > room:
         keys //= 2
     return keys
 
@@ -391,7 +430,8 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     groups = h // hkv
-    block_d = padded_head_dim(d)
+    padded = padded_head_dim(d)
+    block_d, block_e = head_dim_chunks(d, quantized=isinstance(k_cache, QuantizedKV))
     block_g = max(16, _pow2(groups))  # tl.dot takes 16 rows or more
     group = _pow2(groups)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
@@ -411,8 +451,8 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
         q, *k_ptrs, *v_ptrs, schedule.work, schedule.work.shape[1], schedule.arrived, wo, wl, out, lse, scores,
         q.stride(0), q.stride(1), *k_strides, *v_strides, out.stride(0), out.stride(1),
         hkv, groups, schedule.max_pieces, max_len, scale), dict(
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=schedule.block_n, GROUP=group,
-        BLOCK_P=merge_step(schedule.max_pieces, group, block_d), K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_E=block_e, WO_D=padded, BLOCK_G=block_g, BLOCK_N=schedule.block_n,
+        GROUP=group, BLOCK_P=merge_step(schedule.max_pieces, group, padded), K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits,
         V_GROUP=v_group, PRECISION=precision, STORE_SCORES=return_scores, num_warps=schedule.num_warps,
         num_stages=schedule.num_stages), kept, "decode+scores" if return_scores else "decode")
     if return_scores:
@@ -480,7 +520,7 @@ def _check_schedule_fits(schedule: DecodeSchedule, q: torch.Tensor, k_cache: tor
     if schedule.arrived.numel() != q.shape[0] * k_cache.shape[1]:
         raise ValueError(f"the schedule was built for {schedule.arrived.numel() // q.shape[0]} KV heads, the cache "
                          f"has {k_cache.shape[1]}; build it with make_schedule(..., num_kv_heads={k_cache.shape[1]})")
-    tile_bytes = pipeline_bytes(schedule.block_n, q.shape[2], q.dtype)
+    tile_bytes = pipeline_bytes(schedule.block_n, q.shape[2], q.dtype, quantized=isinstance(k_cache, QuantizedKV))
     if tile_bytes > PIPELINE_SMEM:
         raise ValueError(f"the schedule's {schedule.block_n}-key tiles need {tile_bytes // 1024} KB of shared memory "
                          f"at head_dim={q.shape[2]}, {q.dtype} (at most {PIPELINE_SMEM // 1024} KB); build it with "

@@ -3,7 +3,7 @@ programs per SM, at a few shapes, each timed from CUDA graphs against the copy b
 head sizes at the default levers, and the host cost of one call from eager PyTorch. Prints tables (what
 effrepro_kernels/NOTES.md quotes); it writes no record: `repro task=lean_decode` is the measurement.
 
-    python scripts/tune_decode.py [--quick]
+    python scripts/tune_decode.py [--quick] [--head-dims]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 import torch
 
 from effrepro_kernels import decode_attention, make_schedule
-from effrepro_kernels.decode_attention import lean_programs, pipeline_bytes, PIPELINE_SMEM
+from effrepro_kernels.decode_attention import head_dim_chunks, lean_programs, pipeline_bytes, PIPELINE_SMEM
 from repro.bench import copy_bandwidth
 from repro.timing import measure
 
@@ -80,15 +80,30 @@ def levers(shapes, copy_gb_s, quick):
         torch.cuda.empty_cache()
 
 
-def head_dims(copy_gb_s):
-    print("\n## head sizes at the default levers (B=1 and 4, 32/8, 64K; graph-timed)")
-    print("| head_dim | B | GB/s | fraction |\n|---|---|---|---|")
+def head_dims(copy_gb_s, quick):
+    """Head sizes at 64K: the default levers, then keys per tile and stages, as the head's lanes
+    (`head_dim_chunks`) leave room for them in shared memory."""
+    print("\n## head sizes (32/8, 64K; graph-timed): default levers, then the best keys per tile and stages")
+    print("| head_dim | lanes | B | block_n | stages | GB/s | fraction |\n|---|---|---|---|---|---|---|")
+    grid = dict(block_n=[128], num_stages=[3, 4]) if quick else dict(block_n=[64, 128, 256], num_stages=[3, 4, 5])
     for head_dim, batch in itertools.product((64, 80, 96, 128), (1, 4)):
         copies, lengths, kv_bytes = inputs(batch, 32, 8, 65536, head_dim)
-        schedule = make_schedule("lean", lengths, 8, head_dim=head_dim, device="cuda")
-        t = measure(rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=schedule)),
-                    torch.device("cuda"), warmup_ms=5, rep_ms=30, back_to_back="graph")
-        print(f"| {head_dim} | {batch} | {gb_s(kv_bytes, t):.0f} | {gb_s(kv_bytes, t) / copy_gb_s:.3f} |")
+        lanes = "+".join(str(c) for c in head_dim_chunks(head_dim) if c)
+        default = make_schedule("lean", lengths, 8, head_dim=head_dim, device="cuda")
+        tried = [(default.block_n, default.num_stages, default)]
+        for block_n, stages in itertools.product(*grid.values()):
+            schedule = make_schedule("lean", lengths, 8, head_dim=head_dim, block_n=block_n, device="cuda")
+            tried.append((block_n, stages, dataclasses.replace(schedule, num_stages=stages)))
+        for i, (block_n, stages, schedule) in enumerate(tried):
+            try:
+                t = measure(rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=schedule)),
+                            torch.device("cuda"), warmup_ms=5, rep_ms=30, back_to_back="graph")
+            except Exception as exc:  # noqa: BLE001 - a config that does not fit or compile is skipped
+                print(f"<!-- {head_dim} B={batch} {block_n} {stages}: {type(exc).__name__} -->")
+                continue
+            label = "default " if i == 0 else ""
+            print(f"| {head_dim} | {lanes} | {batch} | {label}{block_n} | {stages} | {gb_s(kv_bytes, t):.0f} | "
+                  f"{gb_s(kv_bytes, t) / copy_gb_s:.3f} |")
         del copies
         torch.cuda.empty_cache()
 
@@ -152,16 +167,18 @@ def host_cost():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few levers only")
+    parser.add_argument("--head-dims", action="store_true", help="only the head sizes and their levers")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB, "
           f"shared memory per block {getattr(props, 'shared_memory_per_block_optin', 0) >> 10} KB")
     copy_gb_s = copy_bandwidth(torch.device("cuda"), 4 << 30).p50
-    host_cost()
-    shapes = [(1, 32, 8, 65536), (1, 64, 8, 65536), (1, 32, 8, 262144), (4, 32, 8, 65536), (16, 32, 32, 65536),
-              (1, 32, 8, 8192), (16, 32, 8, 8192)]
-    levers(shapes, copy_gb_s, args.quick)
-    head_dims(copy_gb_s)
+    if not args.head_dims:
+        host_cost()
+        shapes = [(1, 32, 8, 65536), (1, 64, 8, 65536), (1, 32, 8, 262144), (4, 32, 8, 65536),
+                  (16, 32, 32, 65536), (1, 32, 8, 8192), (16, 32, 8, 8192)]
+        levers(shapes, copy_gb_s, args.quick)
+    head_dims(copy_gb_s, args.quick)
 
 
 if __name__ == "__main__":

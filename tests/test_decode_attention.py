@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu
-from effrepro_kernels.decode_attention import (SCHEDULES, decode_attention, default_block_n, lean_programs, make_schedule,
-                                      merge_attention, merge_step)
+from effrepro_kernels.decode_attention import (SCHEDULES, decode_attention, default_block_n, head_dim_chunks,
+                                               lean_programs, make_schedule, merge_attention, merge_step,
+                                               padded_head_dim)
 from effrepro_kernels.reference import decode_attention_reference, decode_scores_reference
 
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -49,7 +50,7 @@ def test_schedules_match_reference(schedule, dtype):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_head_dims_that_are_not_powers_of_two_match_reference(schedule, dtype):
-    for head_dim in (48, 72, 80, 96):  # padded to 64, 128, 128, 128 lanes
+    for head_dim in (48, 72, 80, 96, 160):  # 64 lanes; 64 + 32 (three times); 128 + 32 (head_dim_chunks)
         check(2, 6, 2, [5, 37], head_dim, dtype, schedule)  # 3 query heads per KV head
 
 
@@ -93,6 +94,15 @@ def test_merging_attention_over_two_halves_equals_attention_over_the_whole():
     assert torch.equal(alone_lse, first_lse) and torch.allclose(alone, first, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="one lse per output"):
         merge_attention([first, second], [first_lse])
+
+
+def test_head_dim_chunks_cover_the_head_in_powers_of_two_and_save_lanes():
+    for head_dim in range(16, 257):
+        first, second = head_dim_chunks(head_dim)
+        assert first + second >= head_dim and first & (first - 1) == 0 and second & (second - 1) == 0
+        assert first + second <= padded_head_dim(head_dim) and (second == 0 or second >= 32)
+        assert head_dim_chunks(head_dim, quantized=True) == (padded_head_dim(head_dim), 0)  # whole packed rows
+    assert head_dim_chunks(80) == head_dim_chunks(96) == (64, 32) and head_dim_chunks(128) == (128, 0)
 
 
 def test_lean_shares_cross_segments_and_merge_exactly():
