@@ -83,6 +83,7 @@ FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128
                         (64, 64, 4, 3)])
 BWD_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)])
 AUTOTUNE_KEY = ["N_Q", "N_K", "HEAD_DIM", "CAUSAL", "HAS_KPM", "DROPOUT", "SPARSE_BLOCK"]
+DELTA_ROWS = 64  # query rows per program of the backward's rowsum(dO ∘ O) (a light, memory-bound pass)
 
 
 # ----------------------------------------------------------------------------------------------------- forward
@@ -212,12 +213,31 @@ def _bwd_tile_scores(q_rows, k_cols, offs_m, offs_n, lse, KPM, N_Q, N_K, qk_scal
     return tl.where(valid, tl.math.exp2(s - lse), 0.0)
 
 
+@triton.jit
+def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od, stride_gb, stride_gh, stride_gm, stride_gd,
+               H, N_Q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """DELTA (batch · heads, N_Q) = rowsum(dO ∘ O) in float32 (FlashAttention-2's D), from one read of each: in
+    PyTorch it is four passes and two float32 copies of the output."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+                 mask=mask, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+             mask=offs_m < N_Q)
+
+
 @triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-                   stride_sb, stride_sh, stride_sm,
+                   stride_sb, stride_sh, stride_sm, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                    H, GROUPS, N_Q, N_K, sm_scale, seed, dropout_p,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                    DROPOUT: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
@@ -282,10 +302,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
                 dsT = pT * (dpT - delta[None, :])
                 dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
     dk *= sm_scale
-    tl.store(DK + b.to(tl.int64) * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b.to(tl.int64) * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.autotune(configs=[triton.Config({"BLOCK_M": c.kwargs["BLOCK_N"], "BLOCK_N": c.kwargs["BLOCK_M"]},
@@ -295,7 +315,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CNT, IDX,
                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-                 stride_sb, stride_sh, stride_sm,
+                 stride_sb, stride_sh, stride_sm, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                  H, GROUPS, N_Q, N_K, sm_scale, seed, dropout_p,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                  DROPOUT: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
@@ -350,8 +370,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CNT, IDX,
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
     dq *= sm_scale
-    tl.store(DQ + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------------------------------------- host side
@@ -429,14 +449,14 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
                              f"block_size={block_size}, got {tuple(block_mask.shape)}")
 
 
-def _with_grad_buffer(t: torch.Tensor):
-    """A gradient buffer laid out like `t` (the kernels index both with one set of strides): a view with gaps,
-    such as q split from a fused projection, is copied to a dense tensor first."""
-    grad = torch.empty_like(t)
-    if grad.stride() != t.stride():
-        t = t.contiguous()
-        grad = torch.empty_like(t)
-    return t, grad
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised dense tensor of t's shape and dtype, its dimensions in memory in the order of t's strides:
+    an output or gradient laid out like an input that is a view with gaps (q split from GPT-2's fused projection,
+    in (batch, seq, heads, head_dim) memory), which `empty_like` would make contiguous instead. So the caller's
+    transpose back to (batch, seq, heads, head_dim) is free, and the input is never copied."""
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    dense = torch.empty([t.shape[i] for i in order], dtype=t.dtype, device=t.device)
+    return dense.permute(*[order.index(i) for i in range(t.dim())])
 
 
 # The kernels as PyTorch operators (torch.library), so that torch.compile traces through a model that calls them
@@ -448,7 +468,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
              dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, n_q, d = q.shape
     n_k, groups = k.shape[2], h // k.shape[1]
-    o = torch.empty_like(q)
+    o = _dense_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     kpm = _int8_mask(key_padding_mask, lse)
     (cnt, idx) = rows if block_size else (lse, lse)
@@ -461,7 +481,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
 
 @_forward.register_fake
 def _(q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _dense_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("effrepro::flash_attn_backward", mutates_args=())
@@ -472,23 +492,27 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     b, h, n_q, d = q.shape
     n_k, groups = k.shape[2], h // k.shape[1]
     do = do.contiguous() if do.stride(-1) != 1 else do
-    delta = (o.float() * do.float()).sum(-1).contiguous()  # rowsum(dO ∘ O), FlashAttention-2's D
-    (q, dq), (k, dk), (v, dv) = _with_grad_buffer(q), _with_grad_buffer(k), _with_grad_buffer(v)
+    meta = _meta(d, causal, key_padding_mask, dropout_p, block_size)
+    delta = torch.empty(b * h, n_q, device=q.device, dtype=torch.float32)
+    _bwd_delta[(triton.cdiv(n_q, DELTA_ROWS), b * h)](o, do, delta, *_strides(o), *_strides(do), h, n_q,
+                                                      HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=DELTA_ROWS)
+    dq, dk, dv = _dense_like(q), _dense_like(k), _dense_like(v)
     kpm = _int8_mask(key_padding_mask, lse)
     (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))
-    meta = _meta(d, causal, key_padding_mask, dropout_p, block_size)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *lse.stride(), h, groups, n_q, n_k,
-              sm_scale, seed, dropout_p)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *lse.stride())
+    scalars = (h, groups, n_q, n_k, sm_scale, seed, dropout_p)
     grid_kv = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
-    _attn_bwd_dkdv[grid_kv](q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *common, **meta)
+    _attn_bwd_dkdv[grid_kv](q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *strides, *_strides(dk),
+                            *_strides(dv), *scalars, **meta)
     grid_q = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
-    _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *common, **meta)
+    _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *strides, *_strides(dq), *scalars,
+                         **meta)
     return dq, dk, dv
 
 
 @_backward.register_fake
 def _(do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed):
-    return tuple(_with_grad_buffer(t)[1] for t in (q, k, v))
+    return _dense_like(q), _dense_like(k), _dense_like(v)
 
 
 def _save_for_backward(ctx, inputs, output):

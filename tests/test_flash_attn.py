@@ -164,7 +164,9 @@ def test_gpu_block_sparse_and_dropout_at_scale():
 
 
 def test_views_of_a_fused_projection_get_correct_gradients():
-    """q, k, v split from one (batch, seq, 3·hidden) tensor are strided views with gaps, as in GPT-2."""
+    """q, k, v split from one (batch, seq, 3·hidden) tensor are strided views with gaps, as in GPT-2. The output
+    is laid out in (batch, seq, heads, head_dim) memory like them, so a transformers model's transpose back is
+    free, and so are the gradients the backward returns."""
     x = torch.randn(2, 21, 3 * 64, device=DEVICE, dtype=torch.float32, requires_grad=True)
     x64 = x.detach().double().requires_grad_()
     outs = []
@@ -172,6 +174,11 @@ def test_views_of_a_fused_projection_get_correct_gradients():
                         (x64, lambda q, k, v: attention_reference(q, k, v, causal=True))):
         q, k, v = (t.view(2, 21, 2, 32).transpose(1, 2) for t in src.split(64, dim=2))
         out = attend(q, k, v)
+        if src is x:
+            assert out.transpose(1, 2).is_contiguous()
+            lse = torch.zeros(2, 2, 21, device=DEVICE)
+            grads = torch.ops.effrepro.flash_attn_backward(out, q, k, v, out, lse, None, [], [], 0, True, 1.0, 0.0, 0)
+            assert all(g.transpose(1, 2).is_contiguous() for g in grads)
         out.backward(torch.ones_like(out))
         outs.append(out)
     assert rel_err(outs[0], outs[1]) < TOL[torch.float32]
