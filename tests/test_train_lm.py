@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from repro.bench import Unsupported
+from repro.context import ConfigError
 from repro.records import Row
 from tasks.flashattention.megatron_gpt import build_megatron_gpt2
 from tasks.flashattention.train_lm import derived_rows
@@ -70,3 +71,15 @@ def test_a_compiled_implementation_names_its_compile_options_in_its_rows(compose
     plain, compiled = candidates(cfg, ctx=None, data=None)  # nothing built: the data and device come at build
     assert "compile" not in plain.extra
     assert compiled.extra["compile"] == {"backend": "inductor", "mode": "max-autotune"}
+
+
+def test_graphs_compiles_with_cuda_graphs_and_needs_compile(compose):
+    from tasks.flashattention.train_lm import candidates, validate
+
+    cfg = compose("task=flash_gpt2", "attention=[sdpa+compile,sdpa+compile+graphs]")
+    plain, graphed = candidates(cfg, ctx=None, data=None)
+    assert plain.extra["compile"]["mode"] is None and graphed.extra["compile"]["mode"] == "reduce-overhead"
+    with pytest.raises(ConfigError, match=r"\+graphs \(with \+compile\)"):
+        validate(compose("task=flash_gpt2", "attention=[sdpa+graphs]"))
+    with pytest.raises(ConfigError, match="leave compile.mode null"):
+        validate(compose("task=flash_gpt2", "attention=[sdpa+compile+graphs]", "compile.mode=max-autotune"))

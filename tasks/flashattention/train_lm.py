@@ -29,7 +29,7 @@ from repro.train import (Candidate, Trainee, TrainSpec, final_rows, init_distrib
 
 OURS = "effrepro"
 ATTENTION = ("eager", "sdpa", OURS, "megatron")
-MODIFIERS = ("fused", "compile")
+MODIFIERS = ("fused", "compile", "graphs")  # graphs: compiled with mode=reduce-overhead (CUDA graphs)
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # (layers, hidden, heads) of the models the paper trains, and tiny ones for CPU smoke runs
 SIZES = {"gpt2": {"tiny": (2, 64, 2), "small": (12, 768, 12), "medium": (24, 1024, 16)},
@@ -111,8 +111,13 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
     layers, hidden, _ = SIZES[m.family][m.size]
     for seq_len, attention in itertools.product(as_list(m.seq_len), as_list(cfg.attention)):
         micro = b.tokens // seq_len
-        compiled = "compile" in parse_implementation(attention)[1]
-        compile_options = OmegaConf.to_container(cfg.compile) if compiled else None
+        modifiers = parse_implementation(attention)[1]
+        compile_options = None
+        if "compile" in modifiers:
+            compile_options = OmegaConf.to_container(cfg.compile)
+            if "graphs" in modifiers:  # replays each compiled graph's launches: no host time per kernel
+                compile_options["mode"] = "reduce-overhead"
+        compiled = compile_options is not None
         extra = dict(seq_len=seq_len, model=f"{m.family}-{m.size}", series=f"{m.family}-{m.size} N={seq_len}",
                      **({"compile": compile_options} if compiled else {}))
 
@@ -165,9 +170,12 @@ def validate(cfg: DictConfig) -> None:
         attention, modifiers = parse_implementation(name)
         choice("attention", attention, ATTENTION)
         if any(x not in MODIFIERS for x in modifiers) or len(set(modifiers)) < len(modifiers) or \
-                (modifiers and attention == "megatron"):
+                (modifiers and attention == "megatron") or ("graphs" in modifiers and "compile" not in modifiers):
             raise ConfigError(f"attention={name!r}: an implementation is one of {list(ATTENTION)}, then optionally "
-                              f"+fused and +compile, each once (megatron takes neither)")
+                              f"+fused, +compile and +graphs (with +compile), each once (megatron takes none)")
+        if "graphs" in modifiers and cfg.compile.mode not in (None, "reduce-overhead"):
+            raise ConfigError(f"attention={name!r} compiles with mode reduce-overhead, but compile.mode="
+                              f"{cfg.compile.mode!r} is set for every +compile; leave compile.mode null")
         if "fused" in modifiers and m.family != "gpt2":
             raise ConfigError(f"attention={name!r}: +fused swaps GPT-2's modules; model.family={m.family!r}")
     choice("compile.mode", cfg.compile.mode, COMPILE_MODES)
