@@ -5,7 +5,8 @@ backward recomputes the probabilities from it (FlashAttention's algorithm, with 
 one pass over query tiles for dK and dV, one over key tiles for dQ; no atomics, so it is deterministic).
 Dropout is fused (counter-based Philox numbers per (batch·head, row, column), reproducible from the seed), and
 so are causal masks (bottom-right aligned), key padding masks and block-sparse masks, whose zero blocks are
-skipped rather than masked.
+skipped rather than masked. On Hopper, the dense forward without dropout or key padding can run as the Gluon
+kernel of flash_attn_gluon.py instead (EFFREPRO_GLUON=1, until it has been measured on a GPU).
 """
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import flash_attn_gluon
 from .runtime import INTERPRET
 
+# forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs only
+# with EFFREPRO_GLUON=1, as it has been compiled, never run (effrepro_kernels/NOTES.md)
+GLUON = os.environ.get("EFFREPRO_GLUON", "0") == "1"
+FORWARD_KERNELS = ("auto", "tl", "gluon")
 # FLASH_ATTN_AUTOTUNE=0 takes each kernel's first config instead of timing them all: for tests, where every
 # new shape would otherwise be tuned.
 AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"
@@ -465,7 +471,9 @@ def _dense_like(t: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("effrepro::flash_attn", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
              rows: list[torch.Tensor], cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float,
-             dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+             dropout_p: float, seed: int, forward_kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_gluon(forward_kernel, q, k, v, key_padding_mask, block_size, dropout_p):
+        return flash_attn_gluon.forward(q, k, v, causal, sm_scale)
     b, h, n_q, d = q.shape
     n_k, groups = k.shape[2], h // k.shape[1]
     o = _dense_like(q)
@@ -480,8 +488,20 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
 
 
 @_forward.register_fake
-def _(q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed):
+def _(q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed, forward_kernel):
     return _dense_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, dropout_p: float) -> bool:
+    """Whether the Gluon forward runs: decided on the real tensors, inside the operator (their alignment and
+    device are not known while torch.compile traces)."""
+    covered = not block_size and key_padding_mask is None and dropout_p == 0 and \
+        flash_attn_gluon.gluon_supported(q, k, v)
+    if forward_kernel == "gluon" and not covered:
+        raise ValueError("forward_kernel='gluon' covers dense attention without dropout or key padding: fp16 or "
+                         "bf16, head_dim 64 or 128, contiguous tensors on a Hopper GPU, with a Triton whose Gluon it "
+                         "knows; use 'auto' or 'tl'")
+    return covered and (forward_kernel == "gluon" or (forward_kernel == "auto" and GLUON))
 
 
 @torch.library.custom_op("effrepro::flash_attn_backward", mutates_args=())
@@ -516,7 +536,7 @@ def _(do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed = inputs
+    q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed, _ = inputs
     ctx.save_for_backward(q, k, v, *output, key_padding_mask, *rows, *cols)
     ctx.settings = (len(rows), block_size, causal, sm_scale, dropout_p, seed)
     ctx.set_materialize_grads(False)
@@ -528,7 +548,7 @@ def _gradients(ctx, do, dlse):
     dq, dk, dv = _backward(do, q, k, v, o, lse, key_padding_mask, layout[:n_rows], layout[n_rows:], block_size,
                            causal, sm_scale, dropout_p, seed)
     no_layout = [None] * n_rows  # a list input takes a list of gradients
-    return dq, dk, dv, None, no_layout, no_layout, None, None, None, None, None
+    return dq, dk, dv, None, no_layout, no_layout, None, None, None, None, None, None
 
 
 _forward.register_autograd(_gradients, setup_context=_save_for_backward)
@@ -548,7 +568,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
                softmax_scale: float | None = None, dropout_p: float = 0.0,
                key_padding_mask: torch.Tensor | None = None,
                block_mask: torch.Tensor | BlockSparseLayout | None = None,
-               block_size: int = 128, seed: int | None = None, layout: str = "bhsd", return_lse: bool = False):
+               block_size: int = 128, seed: int | None = None, layout: str = "bhsd", return_lse: bool = False,
+               forward_kernel: str = "auto"):
     """Exact attention softmax(q kᵀ · scale) v, forward and backward, never materialising the N×N matrix.
 
     q: (batch, heads, seq_q, head_dim); k, v: (batch, kv_heads, seq_k, head_dim) with kv_heads dividing heads
@@ -562,9 +583,13 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
       attention; blocks that are False are skipped, so time falls with the density. A `BlockSparseLayout`
       built once from such a mask saves preparing it on every call.
     The backward uses no atomics: it is deterministic.
+    - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error where it
+      does not cover the call), or "auto": the Gluon one where it covers the call and EFFREPRO_GLUON=1, else tl.
     Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`.
     """
     _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
+    if forward_kernel not in FORWARD_KERNELS:
+        raise ValueError(f"forward_kernel={forward_kernel!r} is not one of {FORWARD_KERNELS}")
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"softmax_scale={softmax_scale} must be positive")
     if layout == "bshd":
@@ -577,7 +602,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
         prepared = block_mask if isinstance(block_mask, BlockSparseLayout) else \
             BlockSparseLayout(block_mask, q.shape[0], q.shape[1], block_size)
         rows, cols, sparse_block = list(prepared.by_query), list(prepared.by_key), prepared.block_size
-    out, lse = _forward(q, k, v, key_padding_mask, rows, cols, sparse_block, causal, scale, dropout_p, seed)
+    out, lse = _forward(q, k, v, key_padding_mask, rows, cols, sparse_block, causal, scale, dropout_p, seed,
+                        forward_kernel)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse / LOG2E) if return_lse else out

@@ -20,14 +20,14 @@ def rel_err(got, want):
 
 
 def run_both(b, h, hk, n_q, n_k, d, dtype, *, causal=False, kpm=None, dropout_p=0.0, block_mask=None,
-             block_size=128, seed=1234):
+             block_size=128, seed=1234, forward_kernel="auto"):
     gen = torch.Generator(device=DEVICE).manual_seed(hash((b, h, hk, n_q, n_k, d, causal)) % 2**31)
     make = lambda heads, n: torch.randn(b, heads, n, d, device=DEVICE, dtype=dtype, generator=gen)  # noqa: E731
     q, k, v = make(h, n_q), make(hk, n_k), make(hk, n_k)
     for t in (q, k, v):
         t.requires_grad_()
     out = flash_attn(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=dropout_p, block_mask=block_mask,
-                     block_size=block_size, seed=seed)
+                     block_size=block_size, seed=seed, forward_kernel=forward_kernel)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     keep = dropout_keep_mask(seed, b, h, n_q, n_k, dropout_p, DEVICE) if dropout_p else None
     dense = block_mask_to_dense(block_mask, n_q, n_k, block_size) if block_mask is not None else None
@@ -193,7 +193,7 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
                for _ in range(3))
     mask = torch.ones(1, 24, dtype=torch.bool, device=DEVICE)
     mask[0, 20:] = False
-    torch.library.opcheck(torch.ops.effrepro.flash_attn.default, (q, k, v, mask, [], [], 0, True, 0.2, 0.0, 0),
+    torch.library.opcheck(torch.ops.effrepro.flash_attn.default, (q, k, v, mask, [], [], 0, True, 0.2, 0.0, 0, "tl"),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
     def loss(q, k, v):

@@ -9,8 +9,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from effrepro_kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
+from effrepro_kernels.flash_attn_gluon import gluon_supported
 from repro import checks
-from repro.bench import Call, Point, Provider, run_benchmark
+from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
@@ -83,7 +84,16 @@ def standard(q, k, v, *, causal, dropout_p, key_padding_mask):
 
 
 def ours(q, k, v, *, causal, dropout_p, key_padding_mask):
-    return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask)
+    return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
+                      forward_kernel="tl")
+
+
+def ours_gluon(q, k, v, *, causal, dropout_p, key_padding_mask):
+    """Our forward in Gluon for Hopper (flash_attn_gluon.py), the same backward."""
+    if dropout_p or key_padding_mask is not None or not gluon_supported(q, k, v):
+        raise Unsupported(f"{OURS}_gluon covers dense attention without dropout or key padding, fp16 or bf16, "
+                          "head_dim 64 or 128, on a Hopper GPU")
+    return flash_attn(q, k, v, causal=causal, forward_kernel="gluon")
 
 
 SPARSE_BLOCK = 128
@@ -151,7 +161,7 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int) -> Prov
 
 def providers(kernel: DictConfig, ctx: RunContext, seed: int) -> list[Provider]:
     known: dict[str, AttentionFn] = {"standard": standard, **{n: sdpa_attention(n) for n in SDPA_BACKENDS},
-                                     OURS: ours}
+                                     OURS: ours, f"{OURS}_gluon": ours_gluon}
     known.update({f"{OURS}_sparse_{d:g}": ours_sparse(d) for d in as_list(kernel.sparse_densities)})
     return [provider(n, known[n], ctx, seed) for n in provider_names(kernel)]
 
@@ -174,7 +184,7 @@ def provider_names(kernel: DictConfig) -> list[str]:
     if f"{OURS}_sparse" in names:
         at = names.index(f"{OURS}_sparse")
         names[at:at + 1] = sparse
-    known = ["standard", *SDPA_BACKENDS, OURS]
+    known = ["standard", *SDPA_BACKENDS, OURS, f"{OURS}_gluon"]
     unknown = [n for n in names if n not in known + sparse]
     if unknown:
         raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {known} and {OURS}_sparse "

@@ -1,0 +1,272 @@
+"""FlashAttention forward for Hopper (sm_90) in Gluon: TMA loads, wgmma, warp specialisation.
+
+The structure of FlashAttention-3 and cuDNN: one program per (128-row query tile, batch·head). A one-warp
+producer partition loads the tile's two 64-row halves of Q once, then K and V tiles into a ring of NUM_STAGES
+shared-memory buffers with TMA, signalling mbarriers with the bytes it expects. Two consumer warpgroups (the
+default partition and a four-warp worker) each own 64 query rows: S = Q·Kᵀ with wgmma, the online softmax in
+registers (base 2, the scale folded into the exponent), O += P·V with P from registers; each releases a stage
+with an mbarrier arrive once its P·V product has read it.
+
+Conventions follow flash_attn.py: q (batch, heads, seq_q, head_dim), k and v (batch, kv_heads, seq_k, head_dim)
+with kv_heads dividing heads; causal is bottom-right aligned (query i sees keys j <= i + seq_k - seq_q); the
+log-sum-exp is float32 (batch, heads, seq_q) in base 2, as flash_attn's kernels keep it for their backward; a row
+that sees no key gives zeros and an LSE of +inf (so that the backward's exp2(s - lse) gives zeros).
+
+Gluon's API moved between Triton 3.6 and 3.9 (effrepro_kernels/NOTES.md, "Gluon on Hopper"): the renamed calls
+are bridged by aliases chosen from what the installed Triton has, and without a Gluon this file knows, importing
+still works and `gluon_supported` says False. Compiled offline for sm_90 with Triton 3.6 to 3.9; not yet run
+on a GPU, so `flash_attn` uses it only when EFFREPRO_GLUON=1 (the GPU tests run it either way).
+"""
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import torch
+import triton
+
+from .runtime import INTERPRET
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # TMA copies are async_copy_global_to_shared / async_copy_shared_to_global up to 3.7, async_load /
+    # async_store from 3.8 (the old names raise in 3.9); the CTA barrier is thread_barrier in 3.6, barrier later.
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    _tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
+    _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
+    # 3.6 onwards take a list of (function, args) with the default partition first; older releases differ
+    _GLUON_OK = next(iter(inspect.signature(gl.warp_specialize).parameters)) == "functions_and_args"
+except (ImportError, AttributeError):
+    _GLUON_OK = False
+    # stand-ins so that the kernel definitions below still evaluate (to plain functions never called)
+    gluon = gl = SimpleNamespace(jit=lambda fn: fn, constexpr=None)
+
+GLUON_DTYPES = (torch.float16, torch.bfloat16)
+GLUON_HEAD_DIMS = (64, 128)
+ROWS_PER_WARPGROUP = 64  # a consumer warpgroup's share of the 128-row query tile
+BLOCK_N = 128
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _key_tiles(row0, rows, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """How many key tiles rows row0 .. row0 + rows - 1 see: causal rows stop at the diagonal (the clamp first,
+    as integer division truncates toward zero)."""
+    n = gl.cdiv(N_K, BLOCK_N)
+    if CAUSAL:
+        n = gl.minimum(n, gl.cdiv(gl.maximum(row0 + rows + N_K - N_Q, 0), BLOCK_N))
+    return n
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+              H, KV_GROUPS, N_Q, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    ROWS: gl.constexpr = q_desc.block_type.shape[1]
+    pid_m, bh = gl.program_id(0), gl.program_id(1)
+    kv_bh = (bh // H) * (H // KV_GROUPS) + (bh % H) // KV_GROUPS
+    for wg in gl.static_range(2):
+        mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [bh, pid_m * 2 * ROWS + wg * ROWS, 0], q_ready.index(wg), q_smem.index(wg))
+    # both warpgroups together see exactly the tiles of the whole 128-row tile
+    n_tiles = _key_tiles(pid_m * 2 * ROWS, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+    for i in range(n_tiles):
+        s = i % NUM_STAGES
+        # a fresh barrier counts as having completed the phase before phase 0, so the first round passes
+        mbarrier.wait(kv_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        _tma_load(k_desc, [kv_bh, i * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        _tma_load(v_desc, [kv_bh, i * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _attend(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, lo, hi, row0, N_Q, N_K, qk_scale,
+            MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """Key tiles lo .. hi - 1 into the running (acc, m_i, l_i) of one warpgroup's rows; MASK for the tiles
+    that cross the diagonal or the end of the keys."""
+    ROWS: gl.constexpr = q.shape[0]
+    HEAD_DIM: gl.constexpr = q.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = acc.type.layout
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    for i in range(lo, hi):
+        s = i % NUM_STAGES
+        phase = (i // NUM_STAGES) & 1
+        mbarrier.wait(k_ready.index(s), phase)
+        k = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        qk = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                           is_async=True)
+        qk = warpgroup_mma_wait(0, deps=(qk,))
+        if MASK:
+            cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            valid = cols[None, :] < N_K  # TMA filled the keys past the end with zeros, not -inf
+            if CAUSAL:
+                rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+                valid = valid & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
+            qk = gl.where(valid, qk, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)  # qk_scale > 0, so max commutes with it
+        if MASK:  # a row with no visible key yet: keep exp2 away from inf - inf
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = gl.exp2(qk * qk_scale - m_use[:, None])
+        alpha = gl.exp2(m_i - m_use)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p = gl.convert_layout(p.to(q.dtype), p_layout)
+        mbarrier.wait(v_ready.index(s), phase)
+        acc = warpgroup_mma(p, v_smem.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(kv_empty.index(s))
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+              N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """Warpgroup WG (0 or 1): rows WG·64 .. WG·64 + 63 of the query tile."""
+    ROWS: gl.constexpr = o_desc.block_type.shape[1]
+    HEAD_DIM: gl.constexpr = o_desc.block_type.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    pid_m, bh = gl.program_id(0), gl.program_id(1)
+    tile0 = pid_m * 2 * ROWS
+    row0 = tile0 + WG * ROWS
+    q_buf = q_smem.index(WG)
+    q = q_buf.reshape([ROWS, HEAD_DIM])
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([ROWS], gl.float32, row_layout)
+
+    # tiles every row here sees whole need no mask; the rest (diagonal, end of the keys) do
+    hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+    full = N_K // BLOCK_N
+    if CAUSAL:
+        full = gl.minimum(full, gl.maximum(row0 + N_K - N_Q + 1, 0) // BLOCK_N)
+    mbarrier.wait(q_ready.index(WG), 0)  # even with no tile: Q's buffer is reused for O below
+    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, 0, full, row0, N_Q, N_K,
+                            qk_scale, False, CAUSAL, BLOCK_N, NUM_STAGES)
+    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, full, hi, row0, N_Q, N_K,
+                            qk_scale, True, CAUSAL, BLOCK_N, NUM_STAGES)
+    # Causal: the upper warpgroup's last tiles lie above this one's diagonal. It still releases them, after
+    # they have arrived (so its arrival counts toward the phase of that load, not of the one before).
+    for i in range(hi, _key_tiles(tile0, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
+        s = i % NUM_STAGES
+        mbarrier.wait(v_ready.index(s), (i // NUM_STAGES) & 1)
+        mbarrier.arrive(kv_empty.index(s))
+
+    seen = l_i > 0  # a row that saw no key at all gives zeros, and an infinite LSE
+    l_safe = gl.where(seen, l_i, 1.0)
+    out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+    lse = gl.where(seen, m_i + gl.log2(l_safe), float("inf"))
+    rows = row0 + gl.arange(0, ROWS, layout=row_layout)
+    gl.store(lse_ptr + bh.to(gl.int64) * N_Q + rows, lse, mask=rows < N_Q)
+    # O goes out through Q's buffer (the last wgmma reading it has completed); the 3-D descriptor clips
+    # rows past seq_q, so they never reach the next head's rows
+    q.store(out.to(o_desc.dtype))
+    fence_async_shared()
+    _tma_store(o_desc, [bh, row0, 0], q_buf)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, qk_scale,
+              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    ROWS: gl.constexpr = q_desc.block_type.shape[1]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for wg in gl.static_range(2):
+        mbarrier.init(q_ready.index(wg), count=1)  # the producer's expect is the one arrival
+    for s in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(kv_empty.index(s), count=2)  # one arrival from each consumer warpgroup
+    fence_async_shared()  # the inits, before TMA (the async proxy) touches the barriers
+    _cta_barrier()
+    gl.warp_specialize([
+        (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, N_Q, N_K,
+                     qk_scale, BLOCK_N, NUM_STAGES, CAUSAL)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+                     H, KV_GROUPS, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL)),
+        (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, N_Q, N_K,
+                     qk_scale, BLOCK_N, NUM_STAGES, CAUSAL)),
+    ], [1, 4], [24, CONSUMER_REGS])
+    for wg in gl.static_range(2):
+        mbarrier.invalidate(q_ready.index(wg))
+    for s in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(k_ready.index(s))
+        mbarrier.invalidate(v_ready.index(s))
+        mbarrier.invalidate(kv_empty.index(s))
+
+
+# ----------------------------------------------------------------------------------------------------- host side
+def kernel_config(head_dim: int) -> dict:
+    """The kernel's constexprs for a head_dim: two K/V stages of 128 keys fit shared memory at head_dim 128
+    (Q 32 KiB + 2 · 64 KiB), three at 64."""
+    return dict(BLOCK_N=BLOCK_N, NUM_STAGES=2 if head_dim > 64 else 3, CONSUMER_REGS=240)
+
+
+def smem_layout(block_shape, dtype):
+    """The swizzled shared-memory layout of a TMA tile; `dtype` is a Gluon dtype."""
+    return gl.NVMMASharedLayout.get_default_for(block_shape, dtype)
+
+
+def gluon_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `forward` covers these inputs: a Gluon this file knows, a Hopper GPU, fp16 or
+    bf16, head_dim 64 or 128, contiguous (batch, heads, seq, head_dim) tensors of matching shapes."""
+    if not _GLUON_OK or INTERPRET:  # Gluon does not run under the interpreter
+        return False
+    tensors = (q, k, v)
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_cuda and t.is_contiguous() for t in tensors):
+        return False
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in GLUON_DTYPES and q.device == k.device == v.device):
+        return False
+    b, h, n_q, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[1] or d not in GLUON_HEAD_DIMS:
+        return False
+    if min(n_q, k.shape[2], b * h) == 0 or any(t.data_ptr() % 16 for t in tensors):  # TMA needs 16-byte bases
+        return False
+    if b * h > 65535:  # the grid's second dimension
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] == 9
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ · softmax_scale) v and the base-2 LSE (float32, (batch, heads, seq_q)) for inputs that
+    `gluon_supported` accepts; softmax_scale > 0 (the kernel takes the row maximum before scaling)."""
+    b, h, n_q, d = q.shape
+    kv_h, n_k = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
+    dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    cfg = kernel_config(d)
+    q_block, kv_block = [1, ROWS_PER_WARPGROUP, d], [1, cfg["BLOCK_N"], d]
+    # 3-D views (batch·heads, seq, head_dim): a tile never runs into the next head's rows, as TMA fills
+    # reads past seq with zeros and clips stores there
+    q_desc = TensorDescriptor.from_tensor(q.view(b * h, n_q, d), q_block, smem_layout(q_block, dtype))
+    o_desc = TensorDescriptor.from_tensor(out.view(b * h, n_q, d), q_block, smem_layout(q_block, dtype))
+    kv_layout = smem_layout(kv_block, dtype)
+    k_desc = TensorDescriptor.from_tensor(k.view(b * kv_h, n_k, d), kv_block, kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v.view(b * kv_h, n_k, d), kv_block, kv_layout)
+    grid = (triton.cdiv(n_q, 2 * ROWS_PER_WARPGROUP), b * h)
+    _attn_fwd[grid](q_desc, k_desc, v_desc, o_desc, lse, h, h // kv_h, n_q, n_k, softmax_scale * LOG2E,
+                    CAUSAL=causal, num_warps=4, **cfg)
+    return out, lse

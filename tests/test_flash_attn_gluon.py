@@ -1,0 +1,97 @@
+"""The Gluon forward for Hopper (flash_attn_gluon.py) against the float64 reference, alone and inside flash_attn
+with the `tl` backward. Gluon does not run in Triton's interpreter: without a Hopper GPU only the dispatch's
+refusals are tested."""
+import pytest
+import torch
+
+from conftest import DEVICE, has_gpu
+from effrepro_kernels import attention_reference, flash_attn
+from effrepro_kernels.flash_attn_gluon import forward, gluon_supported
+from test_flash_attn import rel_err, run_both
+
+LOG2E = 1.4426950408889634
+TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def on_hopper() -> bool:
+    if not has_gpu() or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    x = torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.float16)
+    return gluon_supported(x, x, x)
+
+
+hopper = pytest.mark.skipif(not on_hopper(), reason="needs a Hopper GPU and a Triton whose Gluon this kernel knows")
+
+
+def test_the_gluon_path_refuses_what_it_does_not_cover():
+    q = torch.randn(1, 4, 8, 64, device=DEVICE, dtype=torch.float16)
+    assert not gluon_supported(q.float(), q.float(), q.float())  # fp32
+    assert not gluon_supported(q[..., :48].contiguous(), q[..., :48].contiguous(), q[..., :48].contiguous())
+    assert not gluon_supported(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2))  # not contiguous
+    assert not gluon_supported(q, q[:, :3].contiguous(), q[:, :3].contiguous())  # 3 KV heads for 4 query heads
+    if DEVICE == "cpu":
+        assert not gluon_supported(q, q, q)
+    with pytest.raises(ValueError, match="forward_kernel='gluon' covers dense attention without dropout"):
+        flash_attn(q, q, q, dropout_p=0.1, forward_kernel="gluon")
+    with pytest.raises(ValueError, match="forward_kernel='triton' is not one of"):
+        flash_attn(q, q, q, forward_kernel="triton")
+
+
+CASES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
+    (1, 2, 2, 1, 1, 64, False),
+    (2, 4, 4, 63, 63, 64, True),         # fewer rows than one warpgroup's 64
+    (1, 8, 2, 129, 1000, 128, True),     # grouped-query; many key tiles through a 2-stage ring
+    (1, 8, 1, 1000, 129, 128, True),     # multi-query; more queries than keys: the first rows see nothing
+    (2, 2, 2, 65, 127, 128, False),
+    (1, 4, 2, 127, 65, 64, True),
+    (1, 2, 2, 4096, 4096, 128, True),
+]
+
+
+def reference_lse(q, k, causal):
+    """Natural-log LSE of each row's scores in float64, -inf for a row that sees no key."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    if causal:
+        n_q, n_k = q.shape[2], k.shape[2]
+        keep = torch.arange(n_k, device=q.device)[None, :] <= torch.arange(n_q, device=q.device)[:, None] + n_k - n_q
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores.logsumexp(-1)
+
+
+@hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_matches_reference(case, dtype):
+    b, h, hk, n_q, n_k, d, causal = case
+    gen = torch.Generator(device="cuda").manual_seed(n_q * 1009 + n_k)
+    q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype, generator=gen)
+               for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
+    out, lse2 = forward(q, k, v, causal, d ** -0.5)
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=causal)
+    assert not out.isnan().any() and rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+    want = reference_lse(q.double(), k.double(), causal)
+    seen = want > float("-inf")
+    torch.testing.assert_close(lse2[seen] / LOG2E, want[seen].float(), rtol=1e-3, atol=1e-2)
+    assert (lse2[~seen] == float("inf")).all() and not out[~seen].any()  # what the tl backward expects
+
+
+@hopper
+def test_forward_gives_the_same_result_every_time():
+    """Races between the producer, the two consumer warpgroups and the reuse of Q's buffer for O would show as
+    results that differ from call to call, or as NaNs (triton-lang/triton#10106)."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    first = forward(q, k, v, True, 128 ** -0.5)
+    for _ in range(50):
+        again = forward(q, k, v, True, 128 ** -0.5)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    assert not first[0].isnan().any()
+
+
+@hopper
+@pytest.mark.parametrize("shape", [(2, 4, 2, 300, 300, 64, True), (1, 4, 4, 129, 257, 128, False),
+                                   (1, 4, 1, 200, 100, 128, True)], ids=str)
+def test_inside_flash_attn_with_the_tl_backward(shape):
+    *dims, causal = shape
+    run_both(*dims, torch.bfloat16, causal=causal, forward_kernel="gluon")
