@@ -6,8 +6,8 @@ The implementation is the swept variable (`attention=[...]`): `eager` (HuggingFa
 GPT-2 built by megatron-core (megatron_gpt.py), on GPUs, where it is installed. A transformers attention may take
 modifiers: `+fused` swaps in our other training kernels (LayerNorm, bias + GELU, the loss over the vocabulary:
 effrepro_kernels/hf_gpt2.py; GPT-2 only), `+compile` compiles the model with torch.compile (`compile.backend`,
-`compile.mode`);
-for example `sdpa+compile`, `effrepro+fused+compile`.
+`compile.mode`), and `+graphs` after it with mode reduce-overhead (CUDA graphs), whatever `compile.mode` says;
+for example `sdpa+compile`, `effrepro+fused+compile`, `effrepro+compile+graphs`.
 """
 from __future__ import annotations
 
