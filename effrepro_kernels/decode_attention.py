@@ -105,7 +105,7 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
     and resets the count for the next call. One launch, no second merge kernel.
 
     A head's lanes are one power-of-two chunk of BLOCK_D, or two (BLOCK_D, then BLOCK_E: `head_dim_chunks`), each
-    with its own products, so that a head of 80 takes 64 + 16 lanes rather than 128; lanes past HEAD_DIM are
+    with its own products, so that a head of 80 takes 64 + 32 lanes rather than 128; lanes past HEAD_DIM are
     masked on load (zeros add nothing to q·k, and are not stored). Pieces are stored WO_D lanes wide. K and V are full precision (K_BITS, V_BITS = 0) or
     `quantize_kv`'s packed codes, keys per channel and values per token, dequantized in registers (`kv_tile`);
     KS, KZ, VS, VZ are their scales and zero-points. With STORE_SCORES, each key's logit for each query head
@@ -205,7 +205,8 @@ def _merge(WO, WL, OUT, LSE, seg, n_pieces, b, hk, offs_d, dmask, stride_ob, str
         # .cg: read from L2, where the other programs' pieces are, never a stale L1 line
         lse = tl.load(WL + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
         lse = tl.where(gmask[None, :], lse, 0.0)  # padding heads: finite, not -inf - -inf = NaN (never stored)
-        o = tl.load(WO + rows[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=mask[:, :, None], other=0.0,
+        o = tl.load(WO + rows[:, :, None] * BLOCK_D + offs_d[None, None, :],
+                    mask=mask[:, :, None] & dmask[None, None, :], other=0.0,
                     cache_modifier=".cg")
         m_new = tl.maximum(m, tl.max(lse, 0))
         alpha = tl.math.exp2(m - m_new)
