@@ -89,7 +89,7 @@ FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128
                         (64, 64, 4, 3)])
 BWD_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)])
 AUTOTUNE_KEY = ["N_Q", "N_K", "HEAD_DIM", "CAUSAL", "HAS_KPM", "DROPOUT", "SPARSE_BLOCK"]
-DELTA_ROWS = 64  # query rows per program of the backward's rowsum(dO ∘ O) (a light, memory-bound pass)
+DELTA_ELEMENTS = 4096  # of O and of dO a program of the backward's rowsum(dO ∘ O) holds (a light pass)
 
 
 # ----------------------------------------------------------------------------------------------------- forward
@@ -460,6 +460,8 @@ def _dense_like(t: torch.Tensor) -> torch.Tensor:
     an output or gradient laid out like an input that is a view with gaps (q split from GPT-2's fused projection,
     in (batch, seq, heads, head_dim) memory), which `empty_like` would make contiguous instead. So the caller's
     transpose back to (batch, seq, heads, head_dim) is free, and the input is never copied."""
+    if 0 in t.stride():  # a broadcast input has no memory order to follow
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
     order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
     dense = torch.empty([t.shape[i] for i in order], dtype=t.dtype, device=t.device)
     return dense.permute(*[order.index(i) for i in range(t.dim())])
@@ -495,13 +497,15 @@ def _(q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropo
 def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, dropout_p: float) -> bool:
     """Whether the Gluon forward runs: decided on the real tensors, inside the operator (their alignment and
     device are not known while torch.compile traces)."""
+    if forward_kernel == "tl" or (forward_kernel == "auto" and not GLUON):
+        return False
     covered = not block_size and key_padding_mask is None and dropout_p == 0 and \
         flash_attn_gluon.gluon_supported(q, k, v)
     if forward_kernel == "gluon" and not covered:
         raise ValueError("forward_kernel='gluon' covers dense attention without dropout or key padding: fp16 or "
                          "bf16, head_dim 64 or 128, contiguous tensors on a Hopper GPU, with a Triton whose Gluon it "
                          "knows; use 'auto' or 'tl'")
-    return covered and (forward_kernel == "gluon" or (forward_kernel == "auto" and GLUON))
+    return covered
 
 
 @torch.library.custom_op("effrepro::flash_attn_backward", mutates_args=())
@@ -514,8 +518,9 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     do = do.contiguous() if do.stride(-1) != 1 else do
     meta = _meta(d, causal, key_padding_mask, dropout_p, block_size)
     delta = torch.empty(b * h, n_q, device=q.device, dtype=torch.float32)
-    _bwd_delta[(triton.cdiv(n_q, DELTA_ROWS), b * h)](o, do, delta, *_strides(o), *_strides(do), h, n_q,
-                                                      HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=DELTA_ROWS)
+    delta_rows = max(16, DELTA_ELEMENTS // meta["BLOCK_D"])
+    _bwd_delta[(triton.cdiv(n_q, delta_rows), b * h)](o, do, delta, *_strides(o), *_strides(do), h, n_q,
+                                                      HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_rows)
     dq, dk, dv = _dense_like(q), _dense_like(k), _dense_like(v)
     kpm = _int8_mask(key_padding_mask, lse)
     (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))

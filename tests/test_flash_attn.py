@@ -176,6 +176,8 @@ def test_views_of_a_fused_projection_get_correct_gradients():
         out = attend(q, k, v)
         if src is x:
             assert out.transpose(1, 2).is_contiguous()
+            torch.library.opcheck(torch.ops.effrepro.flash_attn.default,
+                                  (q, k, v, None, [], [], 0, True, 0.2, 0.0, 0, "tl"), test_utils=("test_faketensor",))
             lse = torch.zeros(2, 2, 21, device=DEVICE)
             grads = torch.ops.effrepro.flash_attn_backward(out, q, k, v, out, lse, None, [], [], 0, True, 1.0, 0.0, 0)
             assert all(g.transpose(1, 2).is_contiguous() for g in grads)
@@ -183,6 +185,15 @@ def test_views_of_a_fused_projection_get_correct_gradients():
         outs.append(out)
     assert rel_err(outs[0], outs[1]) < TOL[torch.float32]
     assert rel_err(x.grad, x64.grad) < 2 * TOL[torch.float32]
+
+
+def test_an_output_laid_out_like_a_broadcast_input_keeps_its_last_dimension_contiguous():
+    dense_like = importlib.import_module("effrepro_kernels.flash_attn")._dense_like
+    k = torch.randn(2, 1, 21, 32).expand(2, 4, 21, 32)  # stride 0 over heads
+    out = dense_like(k)
+    assert out.shape == k.shape and out.stride(-1) == 1 and out.is_contiguous()
+    view = torch.randn(2, 21, 3 * 64)[..., 64:128].view(2, 21, 2, 32).transpose(1, 2)  # GPT-2's k
+    assert dense_like(view).transpose(1, 2).is_contiguous()
 
 
 def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_graph_break():
