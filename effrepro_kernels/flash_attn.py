@@ -17,15 +17,12 @@ import triton
 import triton.language as tl
 
 from . import flash_attn_gluon
-from .runtime import INTERPRET
+from .runtime import AUTOTUNE, INTERPRET
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs only
 # with EFFREPRO_GLUON=1, as it has been compiled, never run (effrepro_kernels/NOTES.md)
 GLUON = os.environ.get("EFFREPRO_GLUON", "0") == "1"
 FORWARD_KERNELS = ("auto", "tl", "gluon")
-# FLASH_ATTN_AUTOTUNE=0 takes each kernel's first config instead of timing them all: for tests, where every
-# new shape would otherwise be tuned.
-AUTOTUNE = os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LAYOUTS = ("bhsd", "bshd")  # (batch, heads, seq, dim) as SDPA takes it, or (batch, seq, heads, dim) as FlashAttention

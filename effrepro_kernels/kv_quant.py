@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, runs_on
+from .runtime import AUTOTUNE, INTERPRET, runs_on
 
 BITS = (2, 4, 8)
 AXES = ("channel", "token")
@@ -132,8 +132,8 @@ def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, row_by
     return x
 
 
-# warps per program, tuned per shape on a GPU (one config in the interpreter, which cannot autotune)
-QUANTIZE_CONFIGS = [triton.Config({}, num_warps=w) for w in ((4,) if INTERPRET else (1, 2, 4, 8))]
+# warps per program, tuned per shape on a GPU (one config in the interpreter, which cannot autotune, and in tests)
+QUANTIZE_CONFIGS = [triton.Config({}, num_warps=w) for w in ((4,) if INTERPRET or not AUTOTUNE else (1, 2, 4, 8))]
 
 
 @triton.autotune(configs=QUANTIZE_CONFIGS, key=["HEAD_DIM", "BITS", "PER_TOKEN", "GROUP_SIZE", "ROWS"])

@@ -5,6 +5,10 @@ import torch
 
 # Triton's interpreter runs kernels on the CPU (slowly, with numpy): for tests on machines without a GPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# EFFREPRO_AUTOTUNE=0 gives each autotuned kernel its first config instead of timing them all: for tests, where
+# every new shape would otherwise be tuned (on a GPU, compiling and timing each config of each shape took most of a
+# test call's minutes).
+AUTOTUNE = os.environ.get("EFFREPRO_AUTOTUNE", "1") != "0"
 
 
 def runs_on(device) -> bool:

@@ -10,7 +10,7 @@ import torch
 # kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("FLASH_ATTN_AUTOTUNE", "0")  # correctness tests need no tuning, and every shape would get it
+os.environ.setdefault("EFFREPRO_AUTOTUNE", "0")  # correctness tests need no tuning, and every shape would get it
 if not torch.cuda.is_available():
     # the tests' models and matrices are tiny: on a CPU a second thread only adds waiting, most of all when other
     # work shares the cores (measured several times slower on this project's two-core machines). The same holds
