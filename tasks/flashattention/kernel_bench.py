@@ -9,7 +9,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from effrepro_kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
-from effrepro_kernels.flash_attn_gluon import gluon_supported
 from repro import checks
 from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
 from repro.checks import as_list
@@ -89,11 +88,13 @@ def ours(q, k, v, *, causal, dropout_p, key_padding_mask):
 
 
 def ours_gluon(q, k, v, *, causal, dropout_p, key_padding_mask):
-    """Our forward in Gluon for Hopper (flash_attn_gluon.py), the same backward."""
-    if dropout_p or key_padding_mask is not None or not gluon_supported(q, k, v):
-        raise Unsupported(f"{OURS}_gluon covers dense attention without dropout or key padding, fp16 or bf16, "
-                          "head_dim 64 or 128, on a Hopper GPU")
-    return flash_attn(q, k, v, causal=causal, forward_kernel="gluon")
+    """Our forward in Gluon for Hopper (flash_attn_gluon.py), the same backward; a point it does not cover is
+    unsupported (flash_attn says what it covers)."""
+    try:
+        return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
+                          forward_kernel="gluon")
+    except ValueError as exc:
+        raise Unsupported(f"{OURS}_gluon: {exc}") from None
 
 
 SPARSE_BLOCK = 128
