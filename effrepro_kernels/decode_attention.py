@@ -106,10 +106,11 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
 
     A head's lanes are one power-of-two chunk of BLOCK_D, or two (BLOCK_D, then BLOCK_E: `head_dim_chunks`), each
     with its own products, so that a head of 80 takes 64 + 32 lanes rather than 128; lanes past HEAD_DIM are
-    masked on load (zeros add nothing to q·k, and are not stored). Pieces are stored WO_D lanes wide. K and V are full precision (K_BITS, V_BITS = 0) or
-    `quantize_kv`'s packed codes, keys per channel and values per token, dequantized in registers (`kv_tile`);
-    KS, KZ, VS, VZ are their scales and zero-points. With STORE_SCORES, each key's logit for each query head
-    goes to SCORES (batch, heads, MAX_LEN) as it is computed."""
+    masked on load (zeros add nothing to q·k, and are not stored). Pieces are stored WO_D lanes wide. K and V
+    are full precision (K_BITS, V_BITS = 0) or `quantize_kv`'s packed codes, keys per channel and values per
+    token, dequantized in registers (`kv_tile`); KS, KZ, VS, VZ are their scales and zero-points. With
+    STORE_SCORES, each key's logit for each query head goes to SCORES (batch, heads, MAX_LEN) as it is
+    computed."""
     p = tl.program_id(0)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -453,8 +454,8 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
         q.stride(0), q.stride(1), *k_strides, *v_strides, out.stride(0), out.stride(1),
         hkv, groups, schedule.max_pieces, max_len, scale), dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_E=block_e, WO_D=padded, BLOCK_G=block_g, BLOCK_N=schedule.block_n,
-        GROUP=group, BLOCK_P=merge_step(schedule.max_pieces, group, padded), K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits,
-        V_GROUP=v_group, PRECISION=precision, STORE_SCORES=return_scores, num_warps=schedule.num_warps,
+        GROUP=group, BLOCK_P=merge_step(schedule.max_pieces, group, padded), K_BITS=k_bits, K_GROUP=k_group,
+        V_BITS=v_bits, V_GROUP=v_group, PRECISION=precision, STORE_SCORES=return_scores, num_warps=schedule.num_warps,
         num_stages=schedule.num_stages), kept, "decode+scores" if return_scores else "decode")
     if return_scores:
         return out, lse, scores

@@ -3,8 +3,8 @@
 Each layer's cache holds, per KV head, at most its policy's budget of tokens: preallocated tensors of that many
 slots, so the memory a policy saves is what its tensors hold (`EvictingCache.kv_bytes`). Attention over them runs
 on our decode kernel (`effrepro_kernels.decode_attention`), which also returns each cached key's score and the
-log-sum-exp; the policy's statistics come from those (never an N x N matrix). A step runs the order policies.py describes: make room, append,
-attend, observe.
+log-sum-exp; the policy's statistics come from those (never an N x N matrix). A step runs the order policies.py
+describes: make room, append, attend, observe.
 
 With `kv_bits` < 16 the cache is KIVI's: keys quantized per channel in groups of `group_size` consecutive tokens,
 values per token in groups of `group_size` channels, and the newest tokens (fewer than a group) in full precision;
