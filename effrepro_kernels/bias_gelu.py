@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .torch_op import differentiable, kernel_op
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 1024
 SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
@@ -42,26 +44,15 @@ def _launch(x: torch.Tensor, bias: torch.Tensor, dy: torch.Tensor | None) -> tor
     return out
 
 
-# PyTorch operators (torch.library), so that torch.compile traces a model that calls them without a graph break
-@torch.library.custom_op("effrepro::bias_gelu", mutates_args=())
+@kernel_op("bias_gelu", fake=lambda x, bias: torch.empty_like(x))
 def _bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return _launch(x.contiguous(), bias, None)
 
 
-@_bias_gelu.register_fake
-def _(x, bias):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("effrepro::bias_gelu_backward", mutates_args=())
+@kernel_op("bias_gelu_backward", fake=lambda dy, x, bias: (torch.empty_like(x), torch.empty_like(bias)))
 def _bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dx = _launch(x.contiguous(), bias, dy.contiguous())
     return dx, dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
-
-
-@_bias_gelu_backward.register_fake
-def _(dy, x, bias):
-    return torch.empty_like(x), torch.empty_like(bias)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -72,7 +63,7 @@ def _gradients(ctx, dy):
     return _bias_gelu_backward(dy, *ctx.saved_tensors)
 
 
-_bias_gelu.register_autograd(_gradients, setup_context=_save_for_backward)
+_bias_gelu_function = differentiable(_bias_gelu, _save_for_backward, _gradients)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -80,4 +71,4 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if x.dtype not in DTYPES or bias.shape != x.shape[-1:]:
         raise ValueError(f"bias_gelu takes x of {[str(d) for d in DTYPES]} and a bias of its last dimension; "
                          f"got x {x.dtype} {tuple(x.shape)}, bias {tuple(bias.shape)}")
-    return _bias_gelu(x, bias)
+    return _bias_gelu_function(x, bias)

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from . import flash_attn_gluon
 from .runtime import AUTOTUNE, INTERPRET
+from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs only
 # with EFFREPRO_GLUON=1, as it has been compiled, never run (effrepro_kernels/NOTES.md)
@@ -464,10 +465,10 @@ def _dense_like(t: torch.Tensor) -> torch.Tensor:
     return dense.permute(*[order.index(i) for i in range(t.dim())])
 
 
-# The kernels as PyTorch operators (torch.library), so that torch.compile traces through a model that calls them
-# without a graph break: the forward, the backward, what each returns for shapes alone, and the autograd rule
-# joining them. A block-sparse layout travels as its four CSR tensors (block_size 0: dense).
-@torch.library.custom_op("effrepro::flash_attn", mutates_args=())
+# The kernels as operators (torch_op.py): the forward, the backward, what each returns for shapes alone, and the
+# autograd rule joining them. A block-sparse layout travels as its four CSR tensors (block_size 0: dense).
+@kernel_op("flash_attn", fake=lambda q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p,
+           seed, forward_kernel: (_dense_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)))
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
              rows: list[torch.Tensor], cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float,
              dropout_p: float, seed: int, forward_kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,11 +487,6 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
     return o, lse
 
 
-@_forward.register_fake
-def _(q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed, forward_kernel):
-    return _dense_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
 def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, dropout_p: float) -> bool:
     """Whether the Gluon forward runs: decided on the real tensors, inside the operator (their alignment and
     device are not known while torch.compile traces)."""
@@ -505,7 +501,8 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
     return covered
 
 
-@torch.library.custom_op("effrepro::flash_attn_backward", mutates_args=())
+@kernel_op("flash_attn_backward", fake=lambda do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal,
+           sm_scale, dropout_p, seed: (_dense_like(q), _dense_like(k), _dense_like(v)))
 def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
               lse: torch.Tensor, key_padding_mask: torch.Tensor | None, rows: list[torch.Tensor],
               cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float, dropout_p: float,
@@ -532,16 +529,10 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return dq, dk, dv
 
 
-@_backward.register_fake
-def _(do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed):
-    return _dense_like(q), _dense_like(k), _dense_like(v)
-
-
 def _save_for_backward(ctx, inputs, output):
     q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed, _ = inputs
     ctx.save_for_backward(q, k, v, *output, key_padding_mask, *rows, *cols)
     ctx.settings = (len(rows), block_size, causal, sm_scale, dropout_p, seed)
-    ctx.set_materialize_grads(False)
 
 
 def _gradients(ctx, do, dlse):
@@ -549,11 +540,10 @@ def _gradients(ctx, do, dlse):
     n_rows, block_size, causal, sm_scale, dropout_p, seed = ctx.settings
     dq, dk, dv = _backward(do, q, k, v, o, lse, key_padding_mask, layout[:n_rows], layout[n_rows:], block_size,
                            causal, sm_scale, dropout_p, seed)
-    no_layout = [None] * n_rows  # a list input takes a list of gradients
-    return dq, dk, dv, None, no_layout, no_layout, None, None, None, None, None, None
+    return dq, dk, dv, *[None] * 9
 
 
-_forward.register_autograd(_gradients, setup_context=_save_for_backward)
+_flash_attn_function = differentiable(_forward, _save_for_backward, _gradients)
 
 
 def _int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
@@ -604,8 +594,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
         prepared = block_mask if isinstance(block_mask, BlockSparseLayout) else \
             BlockSparseLayout(block_mask, q.shape[0], q.shape[1], block_size)
         rows, cols, sparse_block = list(prepared.by_query), list(prepared.by_key), prepared.block_size
-    out, lse = _forward(q, k, v, key_padding_mask, rows, cols, sparse_block, causal, scale, dropout_p, seed,
-                        forward_kernel)
+    out, lse = _flash_attn_function(q, k, v, key_padding_mask, rows, cols, sparse_block, causal, scale, dropout_p,
+                                    seed, forward_kernel)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse / LOG2E) if return_lse else out

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .runtime import INTERPRET
+from .torch_op import differentiable, kernel_op
 
 MAX_FEATURES = 16384  # a row is held in registers at once
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -73,8 +74,13 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
                          f"{n} features and a weight of shape {tuple(weight.shape)}")
 
 
-# PyTorch operators (torch.library), so that torch.compile traces a model that calls them without a graph break
-@torch.library.custom_op("effrepro::layer_norm", mutates_args=())
+def _layer_norm_fake(x, weight, bias, eps, out_dtype):
+    rows = x.numel() // x.shape[-1]
+    return (torch.empty_like(x, dtype=out_dtype), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.float32))
+
+
+@kernel_op("layer_norm", fake=_layer_norm_fake)
 def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = x.reshape(-1, x.shape[-1]).contiguous()
@@ -87,14 +93,9 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     return y.view(x.shape), mean, rstd
 
 
-@_layer_norm.register_fake
-def _(x, weight, bias, eps, out_dtype):
-    rows = x.numel() // x.shape[-1]
-    return (torch.empty_like(x, dtype=out_dtype), x.new_empty(rows, dtype=torch.float32),
-            x.new_empty(rows, dtype=torch.float32))
-
-
-@torch.library.custom_op("effrepro::layer_norm_backward", mutates_args=())
+@kernel_op("layer_norm_backward",
+           fake=lambda dy, x, weight, mean, rstd: (torch.empty_like(x), torch.empty_like(weight),
+                                                   torch.empty_like(weight)))
 def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                          rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, dy = x.reshape(-1, x.shape[-1]).contiguous(), dy.reshape(-1, x.shape[-1]).contiguous()
@@ -112,11 +113,6 @@ def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     return dx.view(x.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 
-@_layer_norm_backward.register_fake
-def _(dy, x, weight, mean, rstd):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
-
-
 def _save_for_backward(ctx, inputs, output):
     x, weight, *_ = inputs
     ctx.save_for_backward(x, weight, *output[1:])
@@ -126,7 +122,7 @@ def _gradients(ctx, dy, dmean, drstd):
     return *_layer_norm_backward(dy, *ctx.saved_tensors), None, None
 
 
-_layer_norm.register_autograd(_gradients, setup_context=_save_for_backward)
+_layer_norm_function = differentiable(_layer_norm, _save_for_backward, _gradients)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
@@ -137,7 +133,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if out_dtype is None:
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return _layer_norm(x, weight, bias, eps, out_dtype)[0]
+    return _layer_norm_function(x, weight, bias, eps, out_dtype)[0]
 
 
 class LayerNorm(torch.nn.LayerNorm):

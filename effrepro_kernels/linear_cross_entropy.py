@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .runtime import INTERPRET
+from .torch_op import differentiable, kernel_op
 
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (64 MB in bf16)
 BLOCK = 256 if INTERPRET else 4096
@@ -49,9 +50,10 @@ def _loss_and_gradient(Logits, stride, Targets, Loss, InvCount, vocab, ignore_in
         tl.store(logits + cols, grad.to(Logits.dtype.element_ty), mask=cols < vocab)
 
 
-# A PyTorch operator (torch.library), so that torch.compile traces a model that calls it without a graph break. It
-# returns the gradients with the loss; the autograd rule scales them.
-@torch.library.custom_op("effrepro::linear_cross_entropy", mutates_args=())
+# The operator returns the gradients with the loss; the autograd rule scales them.
+@kernel_op("linear_cross_entropy",
+           fake=lambda h, weight, targets, ignore_index, chunk_rows: (h.new_empty((), dtype=torch.float32),
+                                                                     torch.empty_like(h), torch.empty_like(weight)))
 def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                           chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = h.shape[0]
@@ -70,11 +72,6 @@ def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     return losses.sum() * inv_count, grad_h, grad_w.to(weight.dtype)
 
 
-@_linear_cross_entropy.register_fake
-def _(h, weight, targets, ignore_index, chunk_rows):
-    return h.new_empty((), dtype=torch.float32), torch.empty_like(h), torch.empty_like(weight)
-
-
 def _save_for_backward(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
 
@@ -84,7 +81,7 @@ def _gradients(ctx, grad_loss, _grad_h, _grad_w):
     return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
 
 
-_linear_cross_entropy.register_autograd(_gradients, setup_context=_save_for_backward)
+_linear_cross_entropy_function = differentiable(_linear_cross_entropy, _save_for_backward, _gradients)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -105,4 +102,4 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"linear_cross_entropy takes h and weight of one dtype outside autocast; got {h.dtype} "
                          f"and {weight.dtype}")
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _linear_cross_entropy(h, weight, targets.contiguous(), ignore_index, chunk_rows)[0]
+    return _linear_cross_entropy_function(h, weight, targets.contiguous(), ignore_index, chunk_rows)[0]
