@@ -6,7 +6,7 @@ one pass over query tiles for dK and dV, one over key tiles for dQ; no atomics, 
 Dropout is fused (counter-based Philox numbers per (batch·head, row, column), reproducible from the seed), and
 so are causal masks (bottom-right aligned), key padding masks and block-sparse masks, whose zero blocks are
 skipped rather than masked. On Hopper, the dense forward without dropout or key padding can run as the Gluon
-kernel of flash_attn_gluon.py instead (EFFREPRO_GLUON=1, until it has been measured on a GPU).
+kernel of flash_attn_gluon.py instead (EFFREPRO_GLUON=1; faster at d = 128, slower on short d = 64 sequences).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .runtime import AUTOTUNE, INTERPRET
 from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs only
-# with EFFREPRO_GLUON=1, as it has been compiled, never run (effrepro_kernels/NOTES.md)
+# with EFFREPRO_GLUON=1: it is not faster than the tl forward at every shape (effrepro_kernels/NOTES.md)
 GLUON = os.environ.get("EFFREPRO_GLUON", "0") == "1"
 FORWARD_KERNELS = ("auto", "tl", "gluon")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
