@@ -1,5 +1,7 @@
 """The language-model training task's own pieces: the speedups it derives, and the Megatron-LM baseline
 (megatron-core's GPT-2, GPU only)."""
+import importlib
+
 import pytest
 import torch
 
@@ -83,3 +85,30 @@ def test_graphs_compiles_with_cuda_graphs_and_needs_compile(compose):
         validate(compose("task=flash_gpt2", "attention=[sdpa+graphs]"))
     with pytest.raises(ConfigError, match="leave compile.mode null"):
         validate(compose("task=flash_gpt2", "attention=[sdpa+compile+graphs]", "compile.mode=max-autotune"))
+
+
+def test_our_gpt2_sends_its_attention_gradient_whole_to_the_fused_qkv_projection(monkeypatch):
+    """Built for training (no KV cache), GPT-2's q, k and v reach flash_attn as views of c_attn's output, so the
+    backward writes that output's gradient in one piece (no concatenation of three), and it is exact."""
+    from types import SimpleNamespace
+
+    from conftest import DEVICE
+    from effrepro_kernels.hf_attention import register
+    from tasks.flashattention.train_lm import _build_model
+
+    flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")
+    real, found = flash_attn_module._fused_projection, []
+    monkeypatch.setattr(flash_attn_module, "_fused_projection",
+                        lambda q, k, v: found.append(real(q, k, v) is not None) or real(q, k, v))
+    register()
+    spec = SimpleNamespace(family="gpt2", size="tiny", positions=None, dropout=0.0)
+    tokenizer = type("Tokenizer", (), {"__len__": lambda self: 97, "bos_token_id": 0, "eos_token_id": 0})()
+    ids = torch.randint(0, 97, (2, 24), device=DEVICE)
+    grads = []
+    for attention in ("effrepro", "eager"):
+        torch.manual_seed(0)  # the same weights for both
+        model = _build_model(spec, tokenizer, 24, attention, DEVICE, 0, None).float()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(model.transformer.h[0].attn.c_attn.weight.grad)
+    assert found == [True, True]  # both layers
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
