@@ -6,7 +6,7 @@ one pass over query tiles for dK and dV, one over key tiles for dQ; no atomics, 
 Dropout is fused (counter-based Philox numbers per (batch·head, row, column), reproducible from the seed), and
 so are causal masks (bottom-right aligned), key padding masks and block-sparse masks, whose zero blocks are
 skipped rather than masked. On Hopper, the dense forward without dropout or key padding can run as the Gluon
-kernel of flash_attn_gluon.py instead (EFFREPRO_GLUON=1; faster at d = 128, slower on short d = 64 sequences).
+kernel of flash_attn_gluon.py instead, where it measured faster (`_use_gluon`).
 """
 from __future__ import annotations
 
@@ -20,9 +20,13 @@ from . import flash_attn_gluon
 from .runtime import AUTOTUNE, INTERPRET
 from .torch_op import differentiable, kernel_op
 
-# forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs only
-# with EFFREPRO_GLUON=1: it is not faster than the tl forward at every shape (effrepro_kernels/NOTES.md)
-GLUON = os.environ.get("EFFREPRO_GLUON", "0") == "1"
+# forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
+# measured faster than the tl one (H200, Triton 3.6; effrepro_kernels/NOTES.md, "The Gluon forward on the H200"):
+# head_dim 128, or at least GLUON_MIN_KEYS keys, on a Triton where it has run. EFFREPRO_GLUON=0: never; =1: wherever
+# it covers the inputs.
+GLUON = os.environ.get("EFFREPRO_GLUON")
+GLUON_MIN_KEYS = 4096
+GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has passed its GPU tests
 FORWARD_KERNELS = ("auto", "tl", "gluon")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -490,7 +494,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
 def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, dropout_p: float) -> bool:
     """Whether the Gluon forward runs: decided on the real tensors, inside the operator (their alignment and
     device are not known while torch.compile traces)."""
-    if forward_kernel == "tl" or (forward_kernel == "auto" and not GLUON):
+    if forward_kernel == "tl" or (forward_kernel == "auto" and GLUON == "0"):
+        return False
+    if forward_kernel == "auto" and GLUON != "1" and not (
+            triton.__version__.startswith(GLUON_MEASURED_ON) and (q.shape[-1] == 128 or k.shape[2] >= GLUON_MIN_KEYS)):
         return False
     covered = not block_size and key_padding_mask is None and dropout_p == 0 and \
         flash_attn_gluon.gluon_supported(q, k, v)
@@ -636,7 +643,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
       built once from such a mask saves preparing it on every call.
     The backward uses no atomics: it is deterministic.
     - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error where it
-      does not cover the call), or "auto": the Gluon one where it covers the call and EFFREPRO_GLUON=1, else tl.
+      does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was measured
+      faster (head_dim 128, or 4K keys and more; EFFREPRO_GLUON=0 never, =1 wherever it covers), else tl.
     Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`.
     """
     _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)

@@ -15,8 +15,8 @@ that sees no key gives zeros and an LSE of +inf (so that the backward's exp2(s -
 Gluon's API moved between Triton 3.6 and 3.9 (effrepro_kernels/NOTES.md, "Gluon on Hopper"): the renamed calls
 are bridged by aliases chosen from what the installed Triton has, and without a Gluon this file knows, importing
 still works and `gluon_supported` says False. Compiled offline for sm_90 with Triton 3.6 to 3.9, run and measured
-on an H200 with 3.6 (NOTES.md, "The Gluon forward on the H200"): faster than the `tl` forward at d = 128, slower
-on short d = 64 sequences, so `flash_attn` uses it only when EFFREPRO_GLUON=1 (the GPU tests run it either way).
+on an H200 with 3.6 (NOTES.md, "The Gluon forward on the H200"): faster than the `tl` forward at d = 128 and from
+4K keys, slower on shorter d = 64 sequences, where `flash_attn` keeps the `tl` one (`_use_gluon`).
 """
 from __future__ import annotations
 
