@@ -80,28 +80,38 @@ def _largest_x_within(rows: list, reference: list, quality: dict) -> float | Non
     return max(kept) if kept else None
 
 
-def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str]:
-    """The reproduced value of `claim` in `record`, its unit, and which provider and how many points gave it:
-    from the first of the claim's metrics, then the first of its providers, that the record has rows of."""
+def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | None:
+    """The rows `claim`'s value comes from in `record`: those of the first of its metrics, then the first of its
+    providers, that the record has (with the provider, and all of that metric's rows, for a quality reference)."""
     cmp = claim.compare
     for metric in cmp.metrics:
         rows = [r for r in record.rows if r.metric == metric and r.status == "ok" and r.p50 is not None
                 and _matches(r, cmp.where)]
         for provider in cmp.providers:
             mine = [r for r in rows if r.provider == provider]
-            if not mine:
-                continue
-            if cmp.aggregate != "largest_x_within":
-                return _aggregate([r.p50 for r in mine], cmp.aggregate), mine[0].unit, \
-                    f"{provider}, {cmp.aggregate} of {len(mine)}"
-            quality = cmp.quality
-            value = _largest_x_within(mine, [r for r in rows if r.provider == quality["reference"]], quality)
-            if value is None:
-                return None, "", f"no {provider} row of {metric} within {quality['tolerance']:g} of " \
-                                 f"{quality['reference']}'s"
-            return value, claim.unit, f"{provider}, largest {mine[0].x_name} of {len(mine)} within " \
-                                      f"{quality['tolerance']:.0%} of {quality['reference']}"
-    return None, "", f"no rows of {'/'.join(cmp.metrics)} for {list(cmp.providers)} where {cmp.where}"
+            if mine:
+                return provider, mine, rows
+    return None
+
+
+def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str]:
+    """The reproduced value of `claim` in `record`, its unit, and which provider and how many points gave it
+    (`_claim_rows`)."""
+    cmp = claim.compare
+    found = _claim_rows(claim, record)
+    if found is None:
+        return None, "", f"no rows of {'/'.join(cmp.metrics)} for {list(cmp.providers)} where {cmp.where}"
+    provider, mine, rows = found
+    if cmp.aggregate != "largest_x_within":
+        return _aggregate([r.p50 for r in mine], cmp.aggregate), mine[0].unit, \
+            f"{provider}, {cmp.aggregate} of {len(mine)}"
+    quality = cmp.quality
+    value = _largest_x_within(mine, [r for r in rows if r.provider == quality["reference"]], quality)
+    if value is None:
+        return None, "", f"no {provider} row of {mine[0].metric} within {quality['tolerance']:g} of " \
+                         f"{quality['reference']}'s"
+    return value, claim.unit, f"{provider}, largest {mine[0].x_name} of {len(mine)} within " \
+                              f"{quality['tolerance']:.0%} of {quality['reference']}"
 
 
 def judge(claim: Claim, value: float) -> str:
@@ -112,10 +122,12 @@ def judge(claim: Claim, value: float) -> str:
     return WITHIN if abs(value - published) <= claim.compare.tolerance * abs(published) else NOT_REPRODUCED
 
 
-def preference(record: RunRecord, comparable: tuple[str, ...] = ()) -> tuple:
-    """How a record ranks as the source of a claim or a plot: a comparable scale first, then the larger scale,
-    then a whole run before one that was killed, then the newest."""
-    return (record.scale in comparable, SCALE_ORDER.get(record.scale, -1), record.status == "ok", record.started)
+def preference(record: RunRecord, comparable: tuple[str, ...] = (), points: int = 0) -> tuple:
+    """How a record ranks as the source of a claim: a comparable scale first, then the larger scale, then a whole
+    run before one that was killed, then the one with more of the claim's points (a run narrowed by overrides to
+    a few settings does not stand for the task's average), then the newest."""
+    return (record.scale in comparable, SCALE_ORDER.get(record.scale, -1), record.status == "ok", points,
+            record.started)
 
 
 def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
@@ -124,7 +136,11 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
     if not mine:
         return Outcome(claim, NOT_RUN)
     comparable = claim.compare.comparable_at
-    ranked = sorted(mine, key=lambda pr: preference(pr[1], comparable), reverse=True)
+
+    def points(record: RunRecord) -> int:
+        found = _claim_rows(claim, record)
+        return 0 if found is None else len(found[1])
+    ranked = sorted(mine, key=lambda pr: preference(pr[1], comparable, points(pr[1])), reverse=True)
     measured = [(pr, claim_value(claim, pr[1])) for pr in ranked]
     (path, record), (value, unit, detail) = next(((pr, cv) for pr, cv in measured if cv[0] is not None),
                                                  measured[0])
@@ -330,7 +346,8 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
              f"record(s) under `{_rel(runs)}`. Ratios are measured against a baseline in the same run; "
              "absolute numbers are compared only on the same hardware. Each claim is judged from the newest whole "
              "run of its task at the best scale, on each card that ran it (first the card of the best record "
-             "overall, which the README shows); a killed run is used only where no whole one exists, and is marked.\n"]
+             "overall, which the README shows), the one with the most of the claim's points first; a killed run is "
+             "used only where no whole one exists, and is marked.\n"]
     for name, claims in by_card.items():
         header = papers[name][0]
         parts.append(f"## {header.get('title', name)}\n\n`{name}` · {header.get('source', '')}\n\n"

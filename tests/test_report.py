@@ -191,6 +191,22 @@ def test_a_killed_newer_record_never_displaces_a_complete_one(tree, no_plots):
     assert "killed run" in quality and quality.endswith("| reproduced |")  # used, since no whole run exists
 
 
+def test_a_newer_run_with_fewer_of_a_claims_points_never_displaces_one_with_more(tree, no_plots):
+    """An average over a few chosen settings does not stand for the task's average: the run with more of the
+    claim's points is its source, whatever their dates; among equals, the newest."""
+    runs = tree / "runs" / "toy" / "bench"
+    save_record(rec("bench", "small", [row("speedup", 2.0), row("speedup", 4.0)],
+                    started="2026-11-20T00:00:00+00:00"), runs / "two_points.json")
+    save_record(rec("bench", "small", [row("speedup", 9.0)], started="2026-12-01T00:00:00+00:00"),
+                runs / "narrowed.json")
+    report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
+    assert "3x" in next(line for line in report.splitlines() if "toy:fast," in line)  # the mean of 2.0 and 4.0
+    save_record(rec("bench", "small", [row("speedup", 5.0), row("speedup", 7.0)],
+                    started="2026-12-02T00:00:00+00:00"), runs / "newer_two_points.json")
+    report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
+    assert "6x" in next(line for line in report.splitlines() if "toy:fast," in line)
+
+
 def test_largest_x_within_quality_of_the_reference():
     from repro.claims import _parse_claim
     from repro.report import claim_value
