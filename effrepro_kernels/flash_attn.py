@@ -508,9 +508,12 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
     return covered
 
 
-def _launch_backward(do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed,
-                     dq, dk, dv) -> None:
-    """The backward's kernels, writing dq, dk and dv (any strides) in place."""
+@kernel_op("flash_attn_backward", fake=lambda do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal,
+           sm_scale, dropout_p, seed: (_dense_like(q), _dense_like(k), _dense_like(v)))
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, key_padding_mask: torch.Tensor | None, rows: list[torch.Tensor],
+              cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float, dropout_p: float,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, n_q, d = q.shape
     n_k, groups = k.shape[2], h // k.shape[1]
     do = do.contiguous() if do.stride(-1) != 1 else do
@@ -519,6 +522,7 @@ def _launch_backward(do, q, k, v, o, lse, key_padding_mask, rows, cols, block_si
     delta_rows = max(16, DELTA_ELEMENTS // meta["BLOCK_D"])
     _bwd_delta[(triton.cdiv(n_q, delta_rows), b * h)](o, do, delta, *_strides(o), *_strides(do), h, n_q,
                                                       HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_rows)
+    dq, dk, dv = _dense_like(q), _dense_like(k), _dense_like(v)
     kpm = _int8_mask(key_padding_mask, lse)
     (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *lse.stride())
@@ -529,88 +533,24 @@ def _launch_backward(do, q, k, v, o, lse, key_padding_mask, rows, cols, block_si
     grid_q = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
     _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *strides, *_strides(dq), *scalars,
                          **meta)
-
-
-@kernel_op("flash_attn_backward", fake=lambda do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal,
-           sm_scale, dropout_p, seed: (_dense_like(q), _dense_like(k), _dense_like(v)))
-def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-              lse: torch.Tensor, key_padding_mask: torch.Tensor | None, rows: list[torch.Tensor],
-              cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float, dropout_p: float,
-              seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _dense_like(q), _dense_like(k), _dense_like(v)
-    _launch_backward(do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p,
-                     seed, dq, dk, dv)
     return dq, dk, dv
 
 
-@kernel_op("flash_attn_backward_packed", fake=lambda do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size,
-           causal, sm_scale, dropout_p, seed, projection_shape: q.new_empty(projection_shape))
-def _backward_packed(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                     lse: torch.Tensor, key_padding_mask: torch.Tensor | None, rows: list[torch.Tensor],
-                     cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float, dropout_p: float,
-                     seed: int, projection_shape: list[int]) -> torch.Tensor:
-    """The gradient of the fused projection that q, k and v were split from (`_fused_projection`): dq, dk and
-    dv written into it where q, k and v lie in the projection's output."""
-    grad = q.new_empty(projection_shape)
-    h, d = q.shape[1], q.shape[3]
-    dq, dk, dv = (grad.as_strided(q.shape, _packed_strides(q.shape), i * h * d) for i in range(3))
-    _launch_backward(do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p,
-                     seed, dq, dk, dv)
-    return grad
-
-
-def _packed_strides(shape) -> tuple[int, int, int, int]:
-    """(batch, heads, seq, head_dim) strides of q, k or v split from a (batch, seq, 3, heads, head_dim) tensor."""
-    b, h, n, d = shape
-    return n * 3 * h * d, d, 3 * h * d, 1
-
-
-def _fused_projection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """The tensor that q, k and v are views of, where they tile it as a fused q, k, v projection's output does
-    ((batch, seq, 3, heads, head_dim) in memory: GPT-2's c_attn split in three, FlashAttention's qkv-packed
-    layout); else None. The backward then writes the three gradients into one tensor of the projection's shape,
-    which autograd hands to the projection as it is. Given the gradients of q, k and v, autograd would
-    concatenate them: a copy of all three, 2.2 ms of a 35 ms GPT-2 small step on the H200."""
-    base = q._base
-    if base is None or k._base is not base or v._base is not base or not base.is_contiguous() or \
-            not q.shape == k.shape == v.shape or base.numel() != 3 * q.numel() or \
-            not q.stride() == k.stride() == v.stride() == _packed_strides(q.shape):
-        return None
-    h, d = q.shape[1], q.shape[3]
-    return base if _offsets_in(base, q, k, v) == (0, h * d, 2 * h * d) else None
-
-
-# torch.compile cannot trace storage_offset(); the views' places are fixed by the traced code that made them
-@torch.compiler.assume_constant_result
-def _offsets_in(base: torch.Tensor, *views: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.storage_offset() - base.storage_offset() for t in views)
-
-
-def _attend(projection: torch.Tensor | None, *inputs):
-    """`_forward` of inputs (q, k, v, ...), as a differentiable function of `projection` (what
-    `_fused_projection` found) in place of q, k and v where it is not None."""
-    return _forward(*inputs)
-
-
 def _save_for_backward(ctx, inputs, output):
-    projection, q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed, _ = inputs
+    q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed, _ = inputs
     ctx.save_for_backward(q, k, v, *output, key_padding_mask, *rows, *cols)
     ctx.settings = (len(rows), block_size, causal, sm_scale, dropout_p, seed)
-    ctx.projection_shape = None if projection is None else list(projection.shape)
 
 
 def _gradients(ctx, do, dlse):
     q, k, v, o, lse, key_padding_mask, *layout = ctx.saved_tensors
     n_rows, block_size, causal, sm_scale, dropout_p, seed = ctx.settings
-    inputs = (do, q, k, v, o, lse, key_padding_mask, layout[:n_rows], layout[n_rows:], block_size, causal, sm_scale,
-              dropout_p, seed)
-    settings = [None] * 9
-    if ctx.projection_shape is not None:
-        return _backward_packed(*inputs, ctx.projection_shape), None, None, None, *settings
-    return None, *_backward(*inputs), *settings
+    dq, dk, dv = _backward(do, q, k, v, o, lse, key_padding_mask, layout[:n_rows], layout[n_rows:], block_size,
+                           causal, sm_scale, dropout_p, seed)
+    return dq, dk, dv, *[None] * 9
 
 
-_flash_attn_function = differentiable(_attend, _save_for_backward, _gradients)
+_flash_attn_function = differentiable(_forward, _save_for_backward, _gradients)
 
 
 def _int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
@@ -662,8 +602,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
         prepared = block_mask if isinstance(block_mask, BlockSparseLayout) else \
             BlockSparseLayout(block_mask, q.shape[0], q.shape[1], block_size)
         rows, cols, sparse_block = list(prepared.by_query), list(prepared.by_key), prepared.block_size
-    out, lse = _flash_attn_function(_fused_projection(q, k, v), q, k, v, key_padding_mask, rows, cols, sparse_block,
-                                    causal, scale, dropout_p, seed, forward_kernel)
+    out, lse = _flash_attn_function(q, k, v, key_padding_mask, rows, cols, sparse_block, causal, scale, dropout_p,
+                                    seed, forward_kernel)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse / LOG2E) if return_lse else out

@@ -187,37 +187,6 @@ def test_views_of_a_fused_projection_get_correct_gradients():
     assert rel_err(x.grad, x64.grad) < 2 * TOL[torch.float32]
 
 
-def fused_projection_attention(x, heads, order=(0, 1, 2)):
-    """GPT-2's attention inputs: q, k, v split from x (batch, seq, 3·hidden), in `order` along the features."""
-    b, n, width = x.shape
-    parts = x.split(width // 3, dim=2)
-    q, k, v = (parts[i].view(b, n, heads, -1).transpose(1, 2) for i in order)
-    return flash_attn(q, k, v, causal=True)
-
-
-@pytest.mark.parametrize("order, packed", [((0, 1, 2), True), ((1, 0, 2), False)])
-def test_the_gradient_of_a_fused_projection_is_written_whole(order, packed):
-    """q, k, v that tile a fused projection's output in its order send one gradient to it, written by the
-    backward (no concatenation of three); another order falls back to three gradients. Both are exact."""
-    x = torch.randn(2, 37, 3 * 96, device=DEVICE, dtype=torch.float32, requires_grad=True)
-    x64 = x.detach().double().requires_grad_()
-    out = fused_projection_attention(x, 3, order)
-    first_input = out.grad_fn.next_functions[0][0]  # the projection x (its AccumulateGrad), or q's view of it
-    assert (getattr(first_input, "variable", None) is x) == packed
-    out.square().sum().backward()
-    b, n, h = 2, 37, 3
-    parts = x64.split(96, dim=2)
-    q, k, v = (parts[i].view(b, n, h, -1).transpose(1, 2) for i in order)
-    attention_reference(q, k, v, causal=True).square().sum().backward()
-    assert rel_err(x.grad, x64.grad) < 2 * TOL[torch.float32]
-    if packed:
-        q, k, v = (t.view(b, n, h, -1).transpose(1, 2) for t in x.detach().split(96, dim=2))
-        o, lse = torch.ops.effrepro.flash_attn(q, k, v, None, [], [], 0, True, 0.2, 0.0, 0, "tl")
-        torch.library.opcheck(torch.ops.effrepro.flash_attn_backward_packed.default,
-                              (torch.randn_like(o), q, k, v, o, lse, None, [], [], 0, True, 0.2, 0.0, 0, list(x.shape)),
-                              test_utils=("test_schema", "test_faketensor"))
-
-
 def test_an_output_laid_out_like_a_broadcast_input_keeps_its_last_dimension_contiguous():
     dense_like = importlib.import_module("effrepro_kernels.flash_attn")._dense_like
     k = torch.randn(2, 1, 21, 32).expand(2, 4, 21, 32)  # stride 0 over heads
@@ -246,9 +215,3 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
     expected = torch.autograd.grad(loss(q, k, v), (q, k, v))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
-
-    x = torch.randn(2, 24, 3 * 64, device=DEVICE, dtype=torch.float32, generator=gen, requires_grad=True)
-    packed = torch.compile(lambda x: fused_projection_attention(x, 2).square().sum(), fullgraph=True,
-                           backend="aot_eager")
-    torch.testing.assert_close(torch.autograd.grad(packed(x), x)[0],
-                               torch.autograd.grad(fused_projection_attention(x, 2).square().sum(), x)[0])

@@ -1,7 +1,5 @@
 """The language-model training task's own pieces: the speedups it derives, and the Megatron-LM baseline
 (megatron-core's GPT-2, GPU only)."""
-import importlib
-
 import pytest
 import torch
 
@@ -87,20 +85,19 @@ def test_graphs_compiles_with_cuda_graphs_and_needs_compile(compose):
         validate(compose("task=flash_gpt2", "attention=[sdpa+compile+graphs]", "compile.mode=max-autotune"))
 
 
-def test_our_gpt2_sends_its_attention_gradient_whole_to_the_fused_qkv_projection(monkeypatch):
-    """Built for training (no KV cache), GPT-2's q, k and v reach flash_attn as views of c_attn's output, so the
-    backward writes that output's gradient in one piece (no concatenation of three), and it is exact."""
+def test_our_gpt2_is_built_for_training_without_a_kv_cache(monkeypatch):
+    """transformers' GPT-2 with a KV cache copies every layer's keys and values into it, in training too; built
+    without one, the attention gets them as views of c_attn's output (no copy), and its gradients are exact."""
     from types import SimpleNamespace
 
     from conftest import DEVICE
-    from effrepro_kernels.hf_attention import register
+    from effrepro_kernels import hf_attention
     from tasks.flashattention.train_lm import _build_model
 
-    flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")
-    real, found = flash_attn_module._fused_projection, []
-    monkeypatch.setattr(flash_attn_module, "_fused_projection",
-                        lambda q, k, v: found.append(real(q, k, v) is not None) or real(q, k, v))
-    register()
+    real, keys_are_views = hf_attention.flash_attn, []
+    monkeypatch.setattr(hf_attention, "flash_attn",
+                        lambda q, k, v, **kw: keys_are_views.append(k._base is not None) or real(q, k, v, **kw))
+    hf_attention.register()
     spec = SimpleNamespace(family="gpt2", size="tiny", positions=None, dropout=0.0)
     tokenizer = type("Tokenizer", (), {"__len__": lambda self: 97, "bos_token_id": 0, "eos_token_id": 0})()
     ids = torch.randint(0, 97, (2, 24), device=DEVICE)
@@ -110,5 +107,5 @@ def test_our_gpt2_sends_its_attention_gradient_whole_to_the_fused_qkv_projection
         model = _build_model(spec, tokenizer, 24, attention, DEVICE, 0, None).float()
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(model.transformer.h[0].attn.c_attn.weight.grad)
-    assert found == [True, True]  # both layers
+    assert keys_are_views == [True, True]  # both layers
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
