@@ -421,7 +421,7 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
                              f"{getattr(t, 'shape', type(t).__name__)}")
         if t.dtype not in DTYPES:
             raise ValueError(f"{name}.dtype={t.dtype} is not supported; use one of {DTYPES}")
-        if t.device.type != "cuda" and not INTERPRET:
+        if t.device.type not in ("cuda", "meta") and not INTERPRET:  # meta: shapes alone, from the fake version
             raise ValueError(f"{name} is on {t.device}; flash_attn runs on CUDA devices "
                              "(or on the CPU under TRITON_INTERPRET=1, for tests)")
     if not (q.dtype == k.dtype == v.dtype):

@@ -7,7 +7,7 @@ CI machine, with inputs that require gradients; the dispatcher's hops through Py
 autograd wrapper were 95 µs of it. On the H200 the `flash_kernel` forward never measured below about 230 µs a
 call, whatever the size. So, as PyTorch's maintainers advise for low overhead (pytorch#139500, #176592):
 - `kernel_op` defines the operator with `torch.library.define`/`impl` (no custom_op wrapper) and calls it only
-  while torch.compile traces; in eager the implementation is called directly;
+  where something traces or fakes the call; in eager, on plain tensors, the implementation is called directly;
 - `differentiable` puts the autograd rule in a `torch.autograd.Function` around the calls, which torch.compile
   traces too, instead of in the operator.
 The same call now takes 34 µs there.
@@ -30,7 +30,12 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
         op = getattr(torch.ops.effrepro, name).default
 
         def call(*args):
-            return op(*args) if torch.compiler.is_compiling() else impl(*args)
+            # the operator wherever something traces or fakes the call (torch.compile, FakeTensors and other
+            # subclasses, meta tensors); the implementation directly for plain tensors in eager
+            first = args[0]
+            if torch.compiler.is_compiling() or type(first) is not torch.Tensor or first.is_meta:
+                return op(*args)
+            return impl(*args)
         call.__doc__, call.__name__ = impl.__doc__, impl.__name__
         return call
     return register
@@ -39,7 +44,8 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
 def differentiable(forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
     """`forward(*inputs) -> outputs` with gradients from `backward(ctx, *output_grads) -> input_grads`, after
     `setup_context(ctx, inputs, outputs)` saved what it needs (the signatures of `register_autograd`). A gradient
-    of an output that nothing used arrives as None, not as zeros made for it."""
+    of an output that nothing used arrives as None, not as zeros made for it. Once differentiable: the backward
+    has no derivative of its own."""
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
@@ -49,6 +55,7 @@ def differentiable(forward: Callable, setup_context: Callable, backward: Callabl
             return outputs
 
         @staticmethod
+        @torch.autograd.function.once_differentiable  # a second derivative is an error, never a wrong zero
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu
+from effrepro_kernels import flash_attn
 from effrepro_kernels.bias_gelu import bias_gelu
 from effrepro_kernels.layer_norm import MAX_FEATURES, layer_norm
 from effrepro_kernels.linear_cross_entropy import linear_cross_entropy
@@ -176,3 +177,19 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
         for got, want in zip(torch.autograd.grad(compiled(*inputs), inputs), torch.autograd.grad(fn(*inputs), inputs)):
             torch.testing.assert_close(got, want)
+
+
+def test_a_second_derivative_is_an_error_never_a_silent_zero():
+    """The kernels' backwards have no derivative of their own: a gradient penalty through them must fail loudly."""
+    x = random(4, 40, dtype=torch.float32, seed=21).requires_grad_()
+    weight, bias = random(40, dtype=torch.float32, seed=22), random(40, dtype=torch.float32, seed=23)
+    (grad,) = torch.autograd.grad(layer_norm(x, weight, bias).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.square().sum().backward()
+
+
+def test_shapes_alone_go_through_the_operators():
+    """Meta tensors (shape inference, FLOP counters) take the operator's fake version, not the kernel."""
+    q = torch.empty(2, 4, 24, 32, device="meta", dtype=torch.float16)
+    out = flash_attn(q, q, q, causal=True)
+    assert out.is_meta and out.shape == q.shape
