@@ -508,10 +508,10 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
     return covered
 
 
-@kernel_op("flash_attn_backward", fake=lambda do, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal,
-           sm_scale, dropout_p, seed: (_dense_like(q), _dense_like(k), _dense_like(v)))
-def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-              lse: torch.Tensor, key_padding_mask: torch.Tensor | None, rows: list[torch.Tensor],
+@kernel_op("flash_attn_backward", fake=lambda do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, block_size,
+           causal, sm_scale, dropout_p, seed: (_dense_like(q), _dense_like(k), _dense_like(v)))
+def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              o: torch.Tensor, lse: torch.Tensor, key_padding_mask: torch.Tensor | None, rows: list[torch.Tensor],
               cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float, dropout_p: float,
               seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, n_q, d = q.shape
@@ -522,6 +522,9 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     delta_rows = max(16, DELTA_ELEMENTS // meta["BLOCK_D"])
     _bwd_delta[(triton.cdiv(n_q, delta_rows), b * h)](o, do, delta, *_strides(o), *_strides(do), h, n_q,
                                                       HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_rows)
+    if dlse is not None:
+        # d lse / d logit = p, so a gradient g of the (base-2) LSE joins dS = P (dP - delta) as delta - g ln 2⁻¹
+        delta -= dlse.reshape(b * h, n_q) * LOG2E
     dq, dk, dv = _dense_like(q), _dense_like(k), _dense_like(v)
     kpm = _int8_mask(key_padding_mask, lse)
     (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))
@@ -545,8 +548,9 @@ def _save_for_backward(ctx, inputs, output):
 def _gradients(ctx, do, dlse):
     q, k, v, o, lse, key_padding_mask, *layout = ctx.saved_tensors
     n_rows, block_size, causal, sm_scale, dropout_p, seed = ctx.settings
-    dq, dk, dv = _backward(do, q, k, v, o, lse, key_padding_mask, layout[:n_rows], layout[n_rows:], block_size,
-                           causal, sm_scale, dropout_p, seed)
+    do = torch.zeros_like(o) if do is None else do  # a loss of the LSE alone
+    dq, dk, dv = _backward(do, dlse, q, k, v, o, lse, key_padding_mask, layout[:n_rows], layout[n_rows:],
+                           block_size, causal, sm_scale, dropout_p, seed)
     return dq, dk, dv, *[None] * 9
 
 
@@ -585,7 +589,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error where it
       does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was measured
       faster (head_dim 128, or 4K keys and more; EFFREPRO_GLUON=0 never, =1 wherever it covers), else tl.
-    Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`.
+    Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`; gradients flow
+    through both.
     """
     _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
     if forward_kernel not in FORWARD_KERNELS:

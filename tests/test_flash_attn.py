@@ -163,6 +163,28 @@ def test_gpu_block_sparse_and_dropout_at_scale():
     run_both(2, 4, 4, n, n, 64, torch.bfloat16, block_mask=mask, dropout_p=0.1)
 
 
+@pytest.mark.parametrize("uses_output", [True, False])
+def test_gradients_flow_through_the_log_sum_exp(uses_output):
+    """A loss of the returned LSE (alone, or with the output) differentiates through it: d lse / d logit = p."""
+    gen = torch.Generator(device=DEVICE).manual_seed(31)
+    q = torch.randn(2, 4, 13, 32, device=DEVICE, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, 29, 32, device=DEVICE, generator=gen, requires_grad=True) for _ in range(2))
+    weight = torch.randn(2, 4, 13, device=DEVICE, generator=gen)
+
+    def loss(out, lse):
+        return (lse * weight).sum() + (out.square().sum() if uses_output else 0)
+    out, lse = flash_attn(q, k, v, causal=True, return_lse=True)
+    got = torch.autograd.grad(loss(out, lse), (q, k, v) if uses_output else (q, k))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scores = q64 @ k64.repeat_interleave(2, dim=1).transpose(-1, -2) * 32 ** -0.5
+    scores = scores.masked_fill(torch.ones(13, 29, dtype=torch.bool, device=DEVICE).tril(29 - 13).logical_not(),
+                                float("-inf"))
+    out64 = attention_reference(q64, k64, v64, causal=True)
+    want = torch.autograd.grad(loss(out64, scores.logsumexp(-1)), (q64, k64, v64) if uses_output else (q64, k64))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 2 * TOL[torch.float32]
+
+
 def test_views_of_a_fused_projection_get_correct_gradients():
     """q, k, v split from one (batch, seq, 3·hidden) tensor are strided views with gaps, as in GPT-2. The output
     is laid out in (batch, seq, heads, head_dim) memory like them, so a transformers model's transpose back is
@@ -179,7 +201,8 @@ def test_views_of_a_fused_projection_get_correct_gradients():
             torch.library.opcheck(torch.ops.effrepro.flash_attn.default,
                                   (q, k, v, None, [], [], 0, True, 0.2, 0.0, 0, "tl"), test_utils=("test_faketensor",))
             lse = torch.zeros(2, 2, 21, device=DEVICE)
-            grads = torch.ops.effrepro.flash_attn_backward(out, q, k, v, out, lse, None, [], [], 0, True, 1.0, 0.0, 0)
+            grads = torch.ops.effrepro.flash_attn_backward(out, None, q, k, v, out, lse, None, [], [], 0, True, 1.0, 0.0,
+                                                           0)
             assert all(g.transpose(1, 2).is_contiguous() for g in grads)
         out.backward(torch.ones_like(out))
         outs.append(out)
