@@ -68,11 +68,7 @@ def _build_transformers_model(spec, tokenizer, seq_len: int, attention: str, dev
         config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=hidden, n_layer=layers,
                             n_head=heads, resid_pdrop=spec.dropout, embd_pdrop=spec.dropout,
                             attn_pdrop=spec.dropout, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id,
-                            # a KV cache in training copies every layer's keys and values (transformers
-                            # concatenates them into it), and our attention's backward could no longer write the
-                            # q, k, v projection's gradient whole (flash_attn's `_fused_projection`)
-                            use_cache=False)
+                            eos_token_id=tokenizer.eos_token_id)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=positions,
