@@ -508,12 +508,9 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
     return covered
 
 
-@kernel_op("flash_attn_backward", fake=lambda do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, block_size,
-           causal, sm_scale, dropout_p, seed: (_dense_like(q), _dense_like(k), _dense_like(v)))
-def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              o: torch.Tensor, lse: torch.Tensor, key_padding_mask: torch.Tensor | None, rows: list[torch.Tensor],
-              cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float, dropout_p: float,
-              seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p,
+                     seed, dq, dk, dv) -> None:
+    """The backward's kernels, writing dq, dk and dv (any strides) in place."""
     b, h, n_q, d = q.shape
     n_k, groups = k.shape[2], h // k.shape[1]
     do = do.contiguous() if do.stride(-1) != 1 else do
@@ -525,7 +522,6 @@ def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
     if dlse is not None:
         # d lse / d logit = p, so a gradient g of the (base-2) LSE joins dS = P (dP - delta) as delta - g ln 2⁻¹
         delta -= dlse.reshape(b * h, n_q) * LOG2E
-    dq, dk, dv = _dense_like(q), _dense_like(k), _dense_like(v)
     kpm = _int8_mask(key_padding_mask, lse)
     (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *lse.stride())
@@ -536,6 +532,17 @@ def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: t
     grid_q = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
     _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *strides, *_strides(dq), *scalars,
                          **meta)
+
+
+@kernel_op("flash_attn_backward", fake=lambda do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, block_size,
+           causal, sm_scale, dropout_p, seed: (_dense_like(q), _dense_like(k), _dense_like(v)))
+def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              o: torch.Tensor, lse: torch.Tensor, key_padding_mask: torch.Tensor | None, rows: list[torch.Tensor],
+              cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float, dropout_p: float,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _dense_like(q), _dense_like(k), _dense_like(v)
+    _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_scale,
+                     dropout_p, seed, dq, dk, dv)
     return dq, dk, dv
 
 
@@ -555,6 +562,43 @@ def _gradients(ctx, do, dlse):
 
 
 _flash_attn_function = differentiable(_forward, _save_for_backward, _gradients)
+
+
+# Packed q, k, v (batch, seq, 3, heads, head_dim), as a fused projection gives them: the Function's input is the
+# packed tensor, so its gradient is written whole rather than concatenated by autograd from three.
+def _unpacked(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v of a packed tensor, as (batch, heads, seq, head_dim) views."""
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
+def _forward_packed(qkv, key_padding_mask, causal, sm_scale, dropout_p, seed):
+    return _forward(*_unpacked(qkv), key_padding_mask, [], [], 0, causal, sm_scale, dropout_p, seed, "auto")
+
+
+@kernel_op("flash_attn_backward_packed", fake=lambda do, dlse, qkv, o, lse, key_padding_mask, causal, sm_scale,
+           dropout_p, seed: torch.empty_like(qkv))
+def _backward_packed(do: torch.Tensor, dlse: torch.Tensor | None, qkv: torch.Tensor, o: torch.Tensor,
+                     lse: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool, sm_scale: float,
+                     dropout_p: float, seed: int) -> torch.Tensor:
+    grad = torch.empty_like(qkv)
+    _launch_backward(do, dlse, *_unpacked(qkv), o, lse, key_padding_mask, [], [], 0, causal, sm_scale, dropout_p,
+                     seed, *_unpacked(grad))
+    return grad
+
+
+def _save_packed(ctx, inputs, output):
+    qkv, key_padding_mask, causal, sm_scale, dropout_p, seed = inputs
+    ctx.save_for_backward(qkv, *output, key_padding_mask)
+    ctx.settings = (causal, sm_scale, dropout_p, seed)
+
+
+def _gradients_packed(ctx, do, dlse):
+    qkv, o, lse, key_padding_mask = ctx.saved_tensors
+    do = torch.zeros_like(o) if do is None else do
+    return _backward_packed(do, dlse, qkv, o, lse, key_padding_mask, *ctx.settings), *[None] * 5
+
+
+_flash_attn_packed_function = differentiable(_forward_packed, _save_packed, _gradients_packed)
 
 
 def _int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
@@ -595,13 +639,9 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
     if forward_kernel not in FORWARD_KERNELS:
         raise ValueError(f"forward_kernel={forward_kernel!r} is not one of {FORWARD_KERNELS}")
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale={softmax_scale} must be positive")
+    scale, seed = _scale_and_seed(q.shape[-1], softmax_scale, dropout_p, seed)
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
     rows, cols, sparse_block = [], [], 0  # dense
     if block_mask is not None:
         prepared = block_mask if isinstance(block_mask, BlockSparseLayout) else \
@@ -612,3 +652,30 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse / LOG2E) if return_lse else out
+
+
+def flash_attn_qkvpacked(qkv: torch.Tensor, causal: bool = False, softmax_scale: float | None = None,
+                         dropout_p: float = 0.0, key_padding_mask: torch.Tensor | None = None, seed: int | None = None,
+                         return_lse: bool = False):
+    """`flash_attn` of q, k and v packed in one tensor (batch, seq, 3, heads, head_dim), as a fused q, k, v
+    projection gives them (GPT-2's c_attn); the output is (batch, seq, heads, head_dim). The backward writes qkv's
+    gradient as one tensor, where autograd, given q, k and v split from it, would concatenate three (a copy of all
+    of them every layer)."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (batch, seq, 3, heads, head_dim), got "
+                         f"{getattr(qkv, 'shape', type(qkv).__name__)}")
+    q, k, v = _unpacked(qkv)
+    _check(q, k, v, key_padding_mask, None, 128, dropout_p, "bhsd")
+    scale, seed = _scale_and_seed(qkv.shape[-1], softmax_scale, dropout_p, seed)
+    out, lse = _flash_attn_packed_function(qkv, key_padding_mask, causal, scale, dropout_p, seed)
+    out = out.transpose(1, 2)
+    return (out, lse / LOG2E) if return_lse else out
+
+
+def _scale_and_seed(head_dim: int, softmax_scale: float | None, dropout_p: float, seed: int | None) -> tuple:
+    """The softmax scale (1/√head_dim unless given) and the dropout seed (drawn unless given)."""
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale={softmax_scale} must be positive")
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+    return (head_dim ** -0.5 if softmax_scale is None else softmax_scale), seed

@@ -8,7 +8,7 @@ import torch
 
 from conftest import DEVICE, gpu, has_gpu
 from effrepro_kernels import (attention_reference, block_mask_to_dense, butterfly_block_mask, dropout_keep_mask, flash_attn,
-                     random_block_mask)
+                              flash_attn_qkvpacked, random_block_mask)
 
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if has_gpu() else [])
 # ‖out − ref‖ / ‖ref‖ against float64: fp32 (tf32 matrix products on a GPU), fp16, bf16; gradients twice that.
@@ -238,3 +238,41 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
     expected = torch.autograd.grad(loss(q, k, v), (q, k, v))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_packed_qkv_gives_its_gradient_whole_and_exact(padded):
+    """flash_attn_qkvpacked: q, k and v in one (batch, seq, 3, heads, head_dim) tensor, as GPT-2's c_attn gives
+    them; against the fp64 reference, with key padding (a sequence that sees no key too), and inside
+    torch.compile, whose backward graph has the packed operator and concatenates nothing."""
+    gen = torch.Generator(device=DEVICE).manual_seed(41)
+    x = torch.randn(3, 37, 3 * 2 * 32, device=DEVICE, generator=gen, requires_grad=True)  # a projection's output
+    mask = None
+    if padded:
+        mask = torch.ones(3, 37, dtype=torch.bool, device=DEVICE)
+        mask[1, 30:] = False
+        mask[2] = False
+
+    def attend(x):
+        return flash_attn_qkvpacked(x.view(3, 37, 3, 2, 32), causal=not padded, key_padding_mask=mask)
+    out = attend(x)
+    assert out.shape == (3, 37, 2, 32)
+    out.square().sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    q, k, v = (t.view(3, 37, 2, 32).transpose(1, 2) for t in x64.split(64, dim=2))
+    want = attention_reference(q, k, v, causal=not padded, key_padding_mask=mask).transpose(1, 2)
+    want.square().sum().backward()
+    assert rel_err(out, want) < TOL[torch.float32] and rel_err(x.grad, x64.grad) < 2 * TOL[torch.float32]
+    targets = []
+
+    def backend(gm, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._functorch.aot_autograd import aot_module_simplified
+
+        def record(graph, _):
+            targets.extend(str(n.target) for n in graph.graph.nodes if n.op == "call_function")
+            return make_boxed_func(graph.forward)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
+    grad = torch.autograd.grad(torch.compile(attend, fullgraph=True, backend=backend)(x).square().sum(), x)[0]
+    torch.testing.assert_close(grad, x.grad)
+    assert "effrepro.flash_attn_backward_packed.default" in targets and not any("cat" in t for t in targets)
