@@ -4,10 +4,11 @@
     model = fuse_gpt2(GPT2LMHeadModel(config))   # the same parameters; model(input_ids, labels=...).loss
 
 `fuse_gpt2` swaps modules of the model it is given: every LayerNorm becomes ours (same weights), every MLP's
-bias + GELU becomes one kernel (same weights, same c_fc and c_proj modules), and it wraps the model so that a
-forward given labels computes the loss with `linear_cross_entropy` from the last hidden states, never holding the
-logits. A forward without labels is the model's own (logits as usual). The attention is the model's
-`attn_implementation`, chosen when it is built (ours: `hf_attention.register`).
+bias + GELU becomes one kernel (same weights, same c_fc and c_proj modules), every self-attention in training runs
+`flash_attn_qkvpacked` on c_attn's output as it is (same weights), and it wraps the model so that a forward given
+labels computes the loss with `linear_cross_entropy` from the last hidden states, never holding the logits. A
+forward without labels is the model's own (logits as usual). Outside training the attention is the model's own
+module and `attn_implementation` (ours: `hf_attention.register`), KV cache included.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from .bias_gelu import bias_gelu
+from .flash_attn import flash_attn_qkvpacked
+from .hf_attention import key_padding_mask_of
 from .layer_norm import LayerNorm
 from .linear_cross_entropy import linear_cross_entropy
 
@@ -31,6 +34,31 @@ class FusedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(bias_gelu(x @ self.c_fc.weight, self.c_fc.bias)))  # Conv1D: (in, out)
+
+
+class PackedSelfAttention(nn.Module):
+    """GPT-2's self-attention (c_attn, attention, c_proj, dropout) that, in training, attends over c_attn's output
+    as it is, packed (`flash_attn_qkvpacked`): its backward writes c_attn's output gradient whole, and no KV cache
+    copies the keys and values (transformers' module concatenates them into an empty cache in training too, and
+    concatenates the three gradients). Outside training it is the module it replaced, cache and all."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.c_attn, self.c_proj, self.resid_dropout = attention.c_attn, attention.c_proj, attention.resid_dropout
+        self.heads, self.head_dim, self.scaling = attention.num_heads, attention.head_dim, attention.scaling
+        self.dropout = attention.attn_dropout.p
+        self.replaced = (attention,)  # a tuple: its parameters are these, not a second copy in the state dict
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        if not self.training or kwargs.get("encoder_hidden_states") is not None or kwargs.get("output_attentions"):
+            self.replaced[0].train(self.training)
+            return self.replaced[0](hidden_states, attention_mask=attention_mask, **kwargs)
+        batch, seq, _ = hidden_states.shape
+        qkv = self.c_attn(hidden_states).view(batch, seq, 3, self.heads, self.head_dim)
+        padding = key_padding_mask_of(attention_mask, causal=True) if attention_mask is not None else None
+        out = flash_attn_qkvpacked(qkv, causal=True, softmax_scale=self.scaling, dropout_p=self.dropout,
+                                   key_padding_mask=padding)
+        return self.resid_dropout(self.c_proj(out.reshape(batch, seq, -1))), None
 
 
 class FusedLossLM(nn.Module):
@@ -58,7 +86,7 @@ class FusedLossLM(nn.Module):
 
 def fuse_gpt2(model: nn.Module) -> FusedLossLM:
     """`model` (a transformers GPT2LMHeadModel), its modules swapped as the module docstring says, wrapped."""
-    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 
     config = model.config
     if config.model_type != "gpt2" or config.activation_function not in TANH_GELU:
@@ -72,4 +100,6 @@ def fuse_gpt2(model: nn.Module) -> FusedLossLM:
                 setattr(parent, name, fused)
             elif isinstance(child, GPT2MLP):
                 setattr(parent, name, FusedMLP(child))
+            elif isinstance(child, GPT2Attention) and not child.is_cross_attention:
+                setattr(parent, name, PackedSelfAttention(child))
     return FusedLossLM(model)

@@ -85,7 +85,8 @@ def test_graphs_compiles_with_cuda_graphs_and_needs_compile(compose):
         validate(compose("task=flash_gpt2", "attention=[sdpa+compile+graphs]", "compile.mode=max-autotune"))
 
 
-def test_the_gpt2_it_trains_compiles_as_one_graph_with_our_attention(monkeypatch):
+@pytest.mark.parametrize("implementation", ["effrepro", "effrepro+fused"])
+def test_the_gpt2_it_trains_compiles_as_one_graph_with_our_attention(monkeypatch, implementation):
     """The model flash_gpt2 builds, in training (train mode), traced by torch.compile without a graph break. Built with use_cache=False it was not: transformers then looks for packed sequences in the position ids
     and builds a mask that the attention must read in every layer."""
     from types import SimpleNamespace
@@ -99,8 +100,9 @@ def test_the_gpt2_it_trains_compiles_as_one_graph_with_our_attention(monkeypatch
     register()
     spec = SimpleNamespace(family="gpt2", size="tiny", positions=None, dropout=0.0)
     tokenizer = type("Tokenizer", (), {"__len__": lambda self: 97, "bos_token_id": 0, "eos_token_id": 0})()
-    model = _build_model(spec, tokenizer, 24, "effrepro", DEVICE, 0, None).float().train()
+    model = _build_model(spec, tokenizer, 24, implementation, DEVICE, 0, None).float().train()
     ids = torch.randint(0, 97, (2, 24), device=DEVICE)
     # the transformer, without the loss (whose one warning breaks the graph once, not per layer)
-    compiled = torch.compile(model.transformer, fullgraph=True, backend="eager")  # a graph break is an error
+    transformer = getattr(model, "model", model).transformer  # fused: inside FusedLossLM
+    compiled = torch.compile(transformer, fullgraph=True, backend="eager")  # a graph break is an error
     compiled(input_ids=ids).last_hidden_state.square().mean().backward()
