@@ -4,11 +4,12 @@
     model = fuse_gpt2(GPT2LMHeadModel(config))   # the same parameters; model(input_ids, labels=...).loss
 
 `fuse_gpt2` swaps modules of the model it is given: every LayerNorm becomes ours (same weights), every MLP's
-bias + GELU becomes one kernel (same weights, same c_fc and c_proj modules), every self-attention in training runs
-`flash_attn_qkvpacked` on c_attn's output as it is (same weights), and it wraps the model so that a forward given
-labels computes the loss with `linear_cross_entropy` from the last hidden states, never holding the logits. A
-forward without labels is the model's own (logits as usual). Outside training the attention is the model's own
-module and `attn_implementation` (ours: `hf_attention.register`), KV cache included.
+bias + GELU becomes one kernel (same weights, same c_fc and c_proj modules), and it wraps the model so that a
+forward given labels computes the loss with `linear_cross_entropy` from the last hidden states, never holding the
+logits. A forward without labels is the model's own (logits as usual). The attention is the model's
+`attn_implementation`, chosen when it is built; where that is ours (`hf_attention.register`), every self-attention
+in training runs `flash_attn_qkvpacked` on c_attn's output as it is (same weights), and outside training is the
+model's own module, KV cache included.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from .bias_gelu import bias_gelu
 from .flash_attn import flash_attn_qkvpacked
-from .hf_attention import key_padding_mask_of
+from .hf_attention import NAME, key_padding_mask_of
 from .layer_norm import LayerNorm
 from .linear_cross_entropy import linear_cross_entropy
 
@@ -100,6 +101,7 @@ def fuse_gpt2(model: nn.Module) -> FusedLossLM:
                 setattr(parent, name, fused)
             elif isinstance(child, GPT2MLP):
                 setattr(parent, name, FusedMLP(child))
-            elif isinstance(child, GPT2Attention) and not child.is_cross_attention:
+            elif isinstance(child, GPT2Attention) and not child.is_cross_attention and \
+                    config._attn_implementation == NAME:  # another attention asked for stays what it is
                 setattr(parent, name, PackedSelfAttention(child))
     return FusedLossLM(model)
