@@ -9,7 +9,7 @@ forward given labels computes the loss with `linear_cross_entropy` from the last
 logits. A forward without labels is the model's own (logits as usual). The attention is the model's
 `attn_implementation`, chosen when it is built; where that is ours (`hf_attention.register`), every self-attention
 in training runs `flash_attn_qkvpacked` on c_attn's output as it is (same weights), and outside training is the
-model's own module, KV cache included.
+model's own module, KV cache included (`pack_attention`, which also does this alone).
 """
 from __future__ import annotations
 
@@ -85,9 +85,25 @@ class FusedLossLM(nn.Module):
         return CausalLMOutput(loss=loss)
 
 
+def pack_attention(model: nn.Module) -> nn.Module:
+    """`model` (a transformers GPT-2 whose attention is ours) with every self-attention a `PackedSelfAttention`,
+    swapped in place; returned for chaining."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    if model.config._attn_implementation != NAME:
+        raise ValueError(f"pack_attention runs our attention on packed q, k, v: build the model with "
+                         f"attn_implementation={NAME!r} (hf_attention.register), not "
+                         f"{model.config._attn_implementation!r}")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GPT2Attention) and not child.is_cross_attention:
+                setattr(parent, name, PackedSelfAttention(child))
+    return model
+
+
 def fuse_gpt2(model: nn.Module) -> FusedLossLM:
     """`model` (a transformers GPT2LMHeadModel), its modules swapped as the module docstring says, wrapped."""
-    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
     config = model.config
     if config.model_type != "gpt2" or config.activation_function not in TANH_GELU:
@@ -101,7 +117,6 @@ def fuse_gpt2(model: nn.Module) -> FusedLossLM:
                 setattr(parent, name, fused)
             elif isinstance(child, GPT2MLP):
                 setattr(parent, name, FusedMLP(child))
-            elif isinstance(child, GPT2Attention) and not child.is_cross_attention and \
-                    config._attn_implementation == NAME:  # another attention asked for stays what it is
-                setattr(parent, name, PackedSelfAttention(child))
+    if config._attn_implementation == NAME:  # another attention asked for stays what it is
+        pack_attention(model)
     return FusedLossLM(model)

@@ -85,7 +85,7 @@ def test_graphs_compiles_with_cuda_graphs_and_needs_compile(compose):
         validate(compose("task=flash_gpt2", "attention=[sdpa+compile+graphs]", "compile.mode=max-autotune"))
 
 
-@pytest.mark.parametrize("implementation", ["effrepro", "effrepro+fused"])
+@pytest.mark.parametrize("implementation", ["effrepro", "effrepro+fused", "effrepro+packed"])
 def test_the_gpt2_it_trains_compiles_as_one_graph_with_our_attention(monkeypatch, implementation):
     """The model flash_gpt2 builds, in training (train mode), traced by torch.compile without a graph break. Built with use_cache=False it was not: transformers then looks for packed sequences in the position ids
     and builds a mask that the attention must read in every layer."""
@@ -106,3 +106,15 @@ def test_the_gpt2_it_trains_compiles_as_one_graph_with_our_attention(monkeypatch
     transformer = getattr(model, "model", model).transformer  # fused: inside FusedLossLM
     compiled = torch.compile(transformer, fullgraph=True, backend="eager")  # a graph break is an error
     compiled(input_ids=ids).last_hidden_state.square().mean().backward()
+
+
+def test_packed_is_our_attention_alone_on_gpt2(compose):
+    from tasks.flashattention.train_lm import validate
+
+    validate(compose("task=flash_gpt2", "attention=[effrepro+packed+compile]"))
+    for attention, message in (("sdpa+packed", "for 'effrepro' alone"), ("effrepro+fused+packed", "has it already"),
+                               ("effrepro+packed+packed", "each once")):
+        with pytest.raises(ConfigError, match=message):
+            validate(compose("task=flash_gpt2", f"attention=[{attention}]"))
+    with pytest.raises(ConfigError, match="swap GPT-2's modules"):
+        validate(compose("task=flash_bert", "attention=[effrepro+packed]"))

@@ -128,13 +128,15 @@ def test_fused_gpt2_gives_transformers_loss_and_gradients_with_the_same_paramete
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from effrepro_kernels.hf_attention import register
-    from effrepro_kernels.hf_gpt2 import FusedMLP, PackedSelfAttention, fuse_gpt2
+    from effrepro_kernels.hf_gpt2 import FusedMLP, PackedSelfAttention, fuse_gpt2, pack_attention
     from effrepro_kernels.layer_norm import LayerNorm
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=300, n_positions=32, n_embd=64, n_layer=1, n_head=2, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0)
     assert not any(isinstance(m, PackedSelfAttention) for m in fuse_gpt2(GPT2LMHeadModel(config)).modules())  # sdpa
+    with pytest.raises(ValueError, match="attn_implementation='effrepro'"):
+        pack_attention(GPT2LMHeadModel(config))
     model = GPT2LMHeadModel(config).to(DEVICE)
     model.set_attn_implementation(register())  # our attention: packed in training
     fused = fuse_gpt2(copy.deepcopy(model))

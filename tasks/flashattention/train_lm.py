@@ -4,10 +4,11 @@ with each attention implementation on the same data and seed (tasks flash_gpt2, 
 The implementation is the swept variable (`attention=[...]`): `eager` (HuggingFace's own, the paper's baseline),
 `sdpa` (PyTorch's fused kernels), `effrepro` (our Triton kernel) and `megatron`, the paper's Megatron-LM baseline:
 GPT-2 built by megatron-core (megatron_gpt.py), on GPUs, where it is installed. A transformers attention may take
-modifiers: `+fused` swaps in our other training kernels (LayerNorm, bias + GELU, the loss over the vocabulary:
-effrepro_kernels/hf_gpt2.py; GPT-2 only), `+compile` compiles the model with torch.compile (`compile.backend`,
+modifiers: `+fused` swaps in our other training kernels (LayerNorm, bias + GELU, the loss over the vocabulary, and
+with our attention, attention on GPT-2's packed q, k, v: effrepro_kernels/hf_gpt2.py; GPT-2 only), `+packed` that
+attention alone (`effrepro` only), `+compile` compiles the model with torch.compile (`compile.backend`,
 `compile.mode`), and `+graphs` after it with mode reduce-overhead (CUDA graphs), whatever `compile.mode` says;
-for example `sdpa+compile`, `effrepro+fused+compile`, `effrepro+compile+graphs`.
+for example `sdpa+compile`, `effrepro+fused+compile`, `effrepro+packed+compile`, `effrepro+compile+graphs`.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from repro.train import (Candidate, Trainee, TrainSpec, final_rows, init_distrib
 
 OURS = "effrepro"
 ATTENTION = ("eager", "sdpa", OURS, "megatron")
-MODIFIERS = ("fused", "compile", "graphs")  # graphs: compiled with mode=reduce-overhead (CUDA graphs)
+MODIFIERS = ("fused", "packed", "compile", "graphs")  # graphs: compiled with mode=reduce-overhead (CUDA graphs)
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # (layers, hidden, heads) of the models the paper trains, and tiny ones for CPU smoke runs
 SIZES = {"gpt2": {"tiny": (2, 64, 2), "small": (12, 768, 12), "medium": (24, 1024, 16)},
@@ -49,6 +50,9 @@ def _build_model(spec, tokenizer, seq_len: int, implementation: str, device: tor
     if "fused" in modifiers:
         from effrepro_kernels.hf_gpt2 import fuse_gpt2
         model = fuse_gpt2(model)
+    if "packed" in modifiers:
+        from effrepro_kernels.hf_gpt2 import pack_attention
+        model = pack_attention(model)
     if "compile" in modifiers:
         model.compile(**compile_options)  # in place: the module, its parameters' names, its state stay
     return model
@@ -172,12 +176,17 @@ def validate(cfg: DictConfig) -> None:
         if any(x not in MODIFIERS for x in modifiers) or len(set(modifiers)) < len(modifiers) or \
                 (modifiers and attention == "megatron") or ("graphs" in modifiers and "compile" not in modifiers):
             raise ConfigError(f"attention={name!r}: an implementation is one of {list(ATTENTION)}, then optionally "
-                              f"+fused, +compile and +graphs (with +compile), each once (megatron takes none)")
+                              f"+fused, +packed, +compile and +graphs (with +compile), each once (megatron takes "
+                              f"none)")
         if "graphs" in modifiers and cfg.compile.mode not in (None, "reduce-overhead"):
             raise ConfigError(f"attention={name!r} compiles with mode reduce-overhead, but compile.mode="
                               f"{cfg.compile.mode!r} is set for every +compile; leave compile.mode null")
-        if "fused" in modifiers and m.family != "gpt2":
-            raise ConfigError(f"attention={name!r}: +fused swaps GPT-2's modules; model.family={m.family!r}")
+        if ("fused" in modifiers or "packed" in modifiers) and m.family != "gpt2":
+            raise ConfigError(f"attention={name!r}: +fused and +packed swap GPT-2's modules; "
+                              f"model.family={m.family!r}")
+        if "packed" in modifiers and (attention != OURS or "fused" in modifiers):
+            raise ConfigError(f"attention={name!r}: +packed is our attention on packed q, k, v, for {OURS!r} "
+                              f"alone (+fused has it already)")
     choice("compile.mode", cfg.compile.mode, COMPILE_MODES)
     checks.number("model.seq_len", m.seq_len, at_least=2)
     if m.positions is not None:
