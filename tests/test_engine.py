@@ -50,7 +50,7 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=lra_listops lra.batch=2.5", ["lra.batch=2.5 must be an integer"]),
     ("kernel.providers=[standard,fastest]", ["fastest", "sdpa_flash"]),
     ("kernel.dtype=float8", ["float8", "bfloat16"]),
-    ("task=flash_gpt2 attention=[sdpa+fast]", ["sdpa+fast", "+fused, +compile and +graphs"]),
+    ("task=flash_gpt2 attention=[sdpa+fast]", ["sdpa+fast", "+fused, +packed, +compile and +graphs"]),
     ("task=flash_gpt2 attention=[megatron+compile]", ["megatron+compile", "megatron takes none"]),
     ("task=flash_gpt2 compile.mode=fast", ["compile.mode='fast'", "max-autotune"]),
     ("task=flash_bert attention=[effrepro+fused]", ["effrepro+fused", "model.family='bert'"]),
