@@ -16,7 +16,7 @@ import math
 import os
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -345,6 +345,36 @@ def _evaluation_rows(trainee: Trainee, model, step: int, sharded: bool, autocast
                                 extra={**trainee.extra, **r.extra}) for r in rows] if rank == 0 else []
 
 
+class StepClock:
+    """The time of each step. On a GPU, from CUDA events around it and no synchronisation in between: the host
+    runs ahead as in a training loop that is not timed, and a step in which the device waits for the host
+    still counts the wait. Elsewhere, the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.wall: list[float] = []
+
+    @contextmanager
+    def step(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.wall.append(time.perf_counter() - t0)
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [start.elapsed_time(end) / 1e3 for start, end in self.events]
+        return self.wall
+
+
 def throughput_rows(trainee: Trainee, step_times: list[float], spec: TrainSpec, device: torch.device) -> list[Row]:
     """Tokens/s, model TFLOP/s and step time over the timed steps (median, with the 20th and 80th percentiles
     of the step times: a faster step is a higher rate), and the peak device memory."""
@@ -453,8 +483,7 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     yield from rows
     wrapped = parallel.wrap()
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    step_times: list[float] = []
+    clock = StepClock(device)
     last_save = time.monotonic()
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc=trainee.name,
                disable=None if progress and world()[0] == 0 else True)
@@ -465,14 +494,11 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
 
         def run_step():
             return _step(trainee, step, parallel, wrapped, optimizer, scaler, autocast, spec)
-        sync()
-        t0 = time.perf_counter()
-        if spec.profile and step == spec.timing_skip_steps - 1:
-            loss, by_family = kernel_time_by_family(run_step, device)
-        else:
-            loss, by_family = run_step(), {}
-        sync()
-        step_times.append(time.perf_counter() - t0)
+        with clock.step():
+            if spec.profile and step == spec.timing_skip_steps - 1:
+                loss, by_family = kernel_time_by_family(run_step, device)
+            else:
+                loss, by_family = run_step(), {}
         done = step + 1
         new = [Row(trainee.name, "kernel_family", family, "kernel_time", "ms", ms, n=1,
                    extra={**trainee.extra, "step": done, "top_kernels": top})
@@ -494,7 +520,7 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
             checkpoint.save(done, rows, finished=False)
             last_save = time.monotonic()
     bar.close()
-    summary = throughput_rows(trainee, step_times, spec, device)
+    summary = throughput_rows(trainee, clock.seconds(), spec, device)
     rows += summary
     checkpoint.save(spec.steps, rows, finished=True)
     yield from summary
