@@ -571,7 +571,10 @@ def _unpacked(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
 
 
-def _forward_packed(qkv, key_padding_mask, causal, sm_scale, dropout_p, seed):
+@kernel_op("flash_attn_packed", fake=lambda qkv, key_padding_mask, causal, sm_scale, dropout_p, seed: (
+    _dense_like(_unpacked(qkv)[0]), qkv.new_empty((qkv.shape[0], qkv.shape[3], qkv.shape[1]), dtype=torch.float32)))
+def _forward_packed(qkv: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool, sm_scale: float,
+                    dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(*_unpacked(qkv), key_padding_mask, [], [], 0, causal, sm_scale, dropout_p, seed, "auto")
 
 

@@ -8,8 +8,10 @@ autograd wrapper were 95 µs of it. On the H200 the `flash_kernel` forward never
 call, whatever the size. So, as PyTorch's maintainers advise for low overhead (pytorch#139500, #176592):
 - `kernel_op` defines the operator with `torch.library.define`/`impl` (no custom_op wrapper) and calls it only
   where something traces or fakes the call; in eager, on plain tensors, the implementation is called directly;
-- `differentiable` puts the autograd rule in a `torch.autograd.Function` around the calls, which torch.compile
-  traces too, instead of in the operator.
+- `differentiable` puts the autograd rule in a `torch.autograd.Function` around the calls in eager. While
+  torch.compile traces, it calls the operator itself, with the same rule registered as its autograd formula
+  (`torch.library.register_autograd`, the way PyTorch documents for Triton kernels): Dynamo's tracing of an
+  autograd.Function differs between releases (torch 2.11 lost an input of the bias + GELU Function; 2.13 did not).
 The same call now takes 34 µs there.
 """
 from __future__ import annotations
@@ -37,15 +39,27 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
                 return op(*args)
             return impl(*args)
         call.__doc__, call.__name__ = impl.__doc__, impl.__name__
+        call.op = op
         return call
     return register
 
 
 def differentiable(forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
-    """`forward(*inputs) -> outputs` with gradients from `backward(ctx, *output_grads) -> input_grads`, after
-    `setup_context(ctx, inputs, outputs)` saved what it needs (the signatures of `register_autograd`). A gradient
-    of an output that nothing used arrives as None, not as zeros made for it. Once differentiable: the backward
-    has no derivative of its own."""
+    """`forward(*inputs) -> outputs`, a `kernel_op`, with gradients from `backward(ctx, *output_grads) ->
+    input_grads`, after `setup_context(ctx, inputs, outputs)` saved what it needs (the signatures of
+    `register_autograd`). A gradient of an output that nothing used may arrive as None. Once differentiable: the
+    backward has no derivative of its own."""
+    op = forward.op
+
+    def setup_operator_context(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.list_lengths = [len(x) if isinstance(x, (list, tuple)) else None for x in inputs]
+
+    def operator_backward(ctx, *grads):
+        # the operator's formula gives a list input a list of gradients; the Function gives it one None
+        return tuple([None] * n if n is not None else g for g, n in zip(backward(ctx, *grads), ctx.list_lengths))
+    torch.library.register_autograd(op, operator_backward, setup_context=setup_operator_context)
+
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
@@ -60,4 +74,7 @@ def differentiable(forward: Callable, setup_context: Callable, backward: Callabl
             return backward(ctx, *grads)
 
     Function.__name__ = Function.__qualname__ = f"{forward.__name__.strip('_')}_function"
-    return Function.apply
+
+    def apply(*inputs):
+        return op(*inputs) if torch.compiler.is_compiling() else Function.apply(*inputs)
+    return apply
