@@ -348,42 +348,49 @@ def _evaluation_rows(trainee: Trainee, model, step: int, sharded: bool, autocast
 class StepClock:
     """The time of each step. On a GPU, from CUDA events around it and no synchronisation in between: the host
     runs ahead as in a training loop that is not timed, and a step in which the device waits for the host
-    still counts the wait. Elsewhere, the wall clock."""
+    still counts the wait. Elsewhere, the wall clock. The host's own time per step (the wall clock between the
+    step's first and last launch, which is the step time where the host is the bottleneck) is kept too."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.wall: list[float] = []
+        self.host: list[float] = []
 
     @contextmanager
     def step(self):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self.wall.append(time.perf_counter() - t0)
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.cuda else ()
+        t0 = time.perf_counter()
+        if events:
+            events[0].record()
+        yield
+        if events:
+            events[1].record()
+            self.events.append(events)
+        self.host.append(time.perf_counter() - t0)
 
     def seconds(self) -> list[float]:
         if self.cuda:
             torch.cuda.synchronize()
             return [start.elapsed_time(end) / 1e3 for start, end in self.events]
-        return self.wall
+        return self.host
 
 
-def throughput_rows(trainee: Trainee, step_times: list[float], spec: TrainSpec, device: torch.device) -> list[Row]:
+def _median_p20_p80(times: list[float], skip: int) -> tuple[list[float], float, float, float]:
+    timed = sorted(times[skip:] or times)
+    if not timed:
+        return [], 0.0, 0.0, 0.0
+    q = statistics.quantiles(timed, n=10, method="inclusive") if len(timed) > 1 else timed * 9
+    return timed, statistics.median(timed), q[1], q[7]
+
+
+def throughput_rows(trainee: Trainee, clock: StepClock, spec: TrainSpec, device: torch.device) -> list[Row]:
     """Tokens/s, model TFLOP/s and step time over the timed steps (median, with the 20th and 80th percentiles
-    of the step times: a faster step is a higher rate), and the peak device memory."""
-    timed = sorted(step_times[spec.timing_skip_steps:] or step_times)
+    of the step times: a faster step is a higher rate), on a GPU the host's time per step, and the peak device
+    memory."""
+    timed, p50, p20, p80 = _median_p20_p80(clock.seconds(), spec.timing_skip_steps)
     if not timed:
         return []
     size = world()[1]
-    q = statistics.quantiles(timed, n=10, method="inclusive") if len(timed) > 1 else timed * 9
-    p50, p20, p80 = statistics.median(timed), q[1], q[7]
     tokens = trainee.tokens_per_step * size
 
     def rate(per_second: float, unit_scale: float = 1.0):
@@ -396,6 +403,8 @@ def throughput_rows(trainee: Trainee, step_times: list[float], spec: TrainSpec, 
             row("model_tflops", "TFLOP/s", rate(tokens * trainee.flops_per_token / size, 1e12)),
             row("step_time", "ms", [s * 1e3 for s in (p50, p20, p80)])]
     if device.type == "cuda":
+        host = _median_p20_p80(clock.host, spec.timing_skip_steps)[1:]
+        rows.append(row("host_time", "ms", [s * 1e3 for s in host]))
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         rows.append(Row(trainee.name, "step", spec.steps, "peak_memory", "MB", peak, n=1, extra=dict(trainee.extra)))
     return rows
@@ -520,7 +529,7 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
             checkpoint.save(done, rows, finished=False)
             last_save = time.monotonic()
     bar.close()
-    summary = throughput_rows(trainee, clock.seconds(), spec, device)
+    summary = throughput_rows(trainee, clock, spec, device)
     rows += summary
     checkpoint.save(spec.steps, rows, finished=True)
     yield from summary
