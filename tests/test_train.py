@@ -1,5 +1,6 @@
 """The shared training loop: resume after a kill, never from a finished run, refusing foreign or corrupt
 checkpoints, training only what trains, stages, failures as rows; and the text corpus it is usually fed from."""
+import time
 from dataclasses import replace as dataclass_replace
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ from repro.bench import Unsupported
 from repro.context import ConfigError
 from repro.records import Row
 from repro.timing import kernel_family, kernel_time_by_family
-from repro.train import Candidate, Stage, Trainee, TrainSpec, train, train_all
+from repro.train import Candidate, Stage, StepClock, Trainee, TrainSpec, train, train_all
 
 SPEC = TrainSpec(steps=8, lr=1e-2, warmup_steps=2, precision="fp32", log_every=1, eval_every=4,
                  checkpoint_every_s=0.0)
@@ -261,3 +262,23 @@ def test_profiling_a_step_on_the_gpu_times_its_kernels_by_family():
     out, families = kernel_time_by_family(lambda: a @ a, torch.device("cuda"))
     (ms, top), (all_ms, _) = families["matmul"], families["all"]
     assert out.shape == a.shape and 0 < ms <= all_ms and len(top) == 1 and top[0][1] == ms
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_step_is_timed_on_the_device_and_the_hosts_own_time_beside_it():
+    # each step keeps the device busy for ~20 ms whose launch takes the host microseconds: the step time must see
+    # the device's 20 ms (events, no synchronisation between steps), the host time only its launches
+    clock = StepClock(torch.device("cuda"))
+    for _ in range(4):
+        with clock.step():
+            torch.cuda._sleep(40_000_000)  # cycles: ~20 ms at 2 GHz
+    device, host = clock.seconds(), clock.host
+    assert len(device) == len(host) == 4
+    assert min(device[1:]) > 0.005 and max(host[1:]) < min(device[1:]) / 2, (device, host)
+
+
+def test_off_the_gpu_a_step_is_timed_by_the_wall_clock():
+    clock = StepClock(torch.device("cpu"))
+    with clock.step():
+        time.sleep(0.01)
+    assert clock.seconds() == clock.host and 0.01 <= clock.host[0] < 1.0
