@@ -53,6 +53,7 @@ def differentiable(forward: Callable, setup_context: Callable, backward: Callabl
 
     def setup_operator_context(ctx, inputs, output):
         setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # as the Function: no zeros made (and used) for an output nothing used
         ctx.list_lengths = [len(x) if isinstance(x, (list, tuple)) else None for x in inputs]
 
     def operator_backward(ctx, *grads):
