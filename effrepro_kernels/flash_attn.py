@@ -71,9 +71,10 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, n_q: int, n_k: int, dro
 
 # ----------------------------------------------------------------------------------------------------- configs
 def _configs(pairs):
-    if INTERPRET:  # one config (the interpreter cannot autotune), of 32-row tiles: half the tests' time of 16-row
-        # ones there (programs run one by one, each step a numpy call), and still several tiles at their lengths
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    if INTERPRET:  # the interpreter cannot autotune: 32-row tiles (half the tests' time of 16-row ones there,
+        # programs running one by one, each step a numpy call, and still several tiles at their lengths), and
+        # 16-row ones that _prune takes for 16-key sparse blocks (Triton prunes only a list of several)
+        return [triton.Config({"BLOCK_M": b, "BLOCK_N": b}, num_warps=4, num_stages=1) for b in (32, 16)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
@@ -84,7 +85,7 @@ def _prune(configs, named_args, **kwargs):
     block = named_args.get("SPARSE_BLOCK") or kwargs.get("SPARSE_BLOCK")
     kept = [c for c in configs if not block or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= block]
     kept = kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
-    return kept if AUTOTUNE else kept[:1]
+    return kept if AUTOTUNE and not INTERPRET else kept[:1]
 
 
 FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4),
