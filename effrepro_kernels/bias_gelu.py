@@ -44,12 +44,13 @@ def _launch(x: torch.Tensor, bias: torch.Tensor, dy: torch.Tensor | None) -> tor
     return out
 
 
-@kernel_op("bias_gelu", fake=lambda x, bias: torch.empty_like(x))
+# the fakes contiguous, as the kernel writes its outputs whatever x's layout
+@kernel_op("bias_gelu", fake=lambda x, bias: x.new_empty(x.shape))
 def _bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return _launch(x.contiguous(), bias, None)
 
 
-@kernel_op("bias_gelu_backward", fake=lambda dy, x, bias: (torch.empty_like(x), torch.empty_like(bias)))
+@kernel_op("bias_gelu_backward", fake=lambda dy, x, bias: (x.new_empty(x.shape), bias.new_empty(bias.shape)))
 def _bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dx = _launch(x.contiguous(), bias, dy.contiguous())
     return dx, dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)

@@ -76,7 +76,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 def _layer_norm_fake(x, weight, bias, eps, out_dtype):
     rows = x.numel() // x.shape[-1]
-    return (torch.empty_like(x, dtype=out_dtype), x.new_empty(rows, dtype=torch.float32),
+    # contiguous, as the kernel writes them, whatever x's layout
+    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(rows, dtype=torch.float32),
             x.new_empty(rows, dtype=torch.float32))
 
 
@@ -94,8 +95,8 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
 
 
 @kernel_op("layer_norm_backward",
-           fake=lambda dy, x, weight, mean, rstd: (torch.empty_like(x), torch.empty_like(weight),
-                                                   torch.empty_like(weight)))
+           fake=lambda dy, x, weight, mean, rstd: (x.new_empty(x.shape), weight.new_empty(weight.shape),
+                                                   weight.new_empty(weight.shape)))
 def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                          rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, dy = x.reshape(-1, x.shape[-1]).contiguous(), dy.reshape(-1, x.shape[-1]).contiguous()

@@ -165,9 +165,13 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
         random(40, dtype=torch.float32, seed=15)
     head, targets = random(50, 40, dtype=torch.float32, seed=16), torch.randint(50, (6,), device=DEVICE)
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.effrepro.layer_norm.default, (x, weight, bias, 1e-5, torch.float16),
-                          test_utils=checks)
-    torch.library.opcheck(torch.ops.effrepro.bias_gelu.default, (x, bias), test_utils=checks)
+    transposed = random(40, 6, dtype=torch.float32, seed=17).T  # dense, not contiguous: outputs are contiguous
+    for rows in (x, transposed):
+        torch.library.opcheck(torch.ops.effrepro.layer_norm.default, (rows, weight, bias, 1e-5, torch.float16),
+                              test_utils=checks)
+        torch.library.opcheck(torch.ops.effrepro.bias_gelu.default, (rows, bias), test_utils=checks)
+    dy = random(6, 40, dtype=torch.float32, seed=18)
+    torch.library.opcheck(torch.ops.effrepro.bias_gelu_backward.default, (dy, transposed, bias), test_utils=checks)
     torch.library.opcheck(torch.ops.effrepro.linear_cross_entropy.default, (x, head, targets, -100, 4),
                           test_utils=checks)
 
