@@ -16,6 +16,7 @@ import math
 import os
 import statistics
 import time
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,12 +349,15 @@ def _evaluation_rows(trainee: Trainee, model, step: int, sharded: bool, autocast
 class StepClock:
     """The time of each step. On a GPU, from CUDA events around it and no synchronisation in between: the host
     runs ahead as in a training loop that is not timed, and a step in which the device waits for the host
-    still counts the wait. Elsewhere, the wall clock. The host's own time per step (the wall clock between the
-    step's first and last launch, which is the step time where the host is the bottleneck) is kept too."""
+    still counts the wait. Elsewhere, the wall clock. The host's own time per step (the wall clock from the
+    step's first launch to its last) is kept too: where the step takes longer than its kernels (a profile's
+    `kernel_time` rows) and the host's time equals it, the loop is bound by the host. (A device-bound loop can
+    show equal times too, once the launch queue is full and the host waits in it.)"""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+        self.device: list[float] = []
         self.host: list[float] = []
 
     @contextmanager
@@ -365,13 +369,21 @@ class StepClock:
         yield
         if events:
             events[1].record()
-            self.events.append(events)
+            self.pending.append(events)
+            self._settle(wait=False)
         self.host.append(time.perf_counter() - t0)
+
+    def _settle(self, wait: bool):
+        """Turn the steps the device has finished into seconds, so that events do not pile up over a long run."""
+        while self.pending and (wait or self.pending[0][1].query()):
+            start, end = self.pending.popleft()
+            end.synchronize()
+            self.device.append(start.elapsed_time(end) / 1e3)
 
     def seconds(self) -> list[float]:
         if self.cuda:
-            torch.cuda.synchronize()
-            return [start.elapsed_time(end) / 1e3 for start, end in self.events]
+            self._settle(wait=True)
+            return self.device
         return self.host
 
 
