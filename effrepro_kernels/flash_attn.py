@@ -71,10 +71,9 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, n_q: int, n_k: int, dro
 
 # ----------------------------------------------------------------------------------------------------- configs
 def _configs(pairs):
-    if INTERPRET:  # the interpreter cannot autotune: 32-row tiles (half the tests' time of 16-row ones there,
-        # programs running one by one, each step a numpy call, and still several tiles at their lengths), and
-        # 16-row ones that _prune takes for 16-key sparse blocks (Triton prunes only a list of several)
-        return [triton.Config({"BLOCK_M": b, "BLOCK_N": b}, num_warps=4, num_stages=1) for b in (32, 16)]
+    if INTERPRET:  # one config (the interpreter cannot autotune), of 32-row tiles: half the tests' time of 16-row
+        # ones there (programs run one by one, each step a numpy call), and still several tiles at their lengths
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
@@ -85,7 +84,18 @@ def _prune(configs, named_args, **kwargs):
     block = named_args.get("SPARSE_BLOCK") or kwargs.get("SPARSE_BLOCK")
     kept = [c for c in configs if not block or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= block]
     kept = kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
-    return kept if AUTOTUNE and not INTERPRET else kept[:1]
+    return kept if AUTOTUNE else kept[:1]
+
+
+def _tuned(kernel, block_size: int):
+    """An autotuned kernel to launch, and tile sizes to give it: Triton's autotuner on a GPU. In the interpreter, the
+    kernel itself with its one config's tiles, or tiles of one block where sparse blocks are smaller (Triton 3.6 times
+    even a single pruned config, which the interpreter cannot, and leaves a single config unpruned)."""
+    if not INTERPRET:
+        return kernel, {}
+    (config,) = kernel.configs
+    tile = min(config.kwargs["BLOCK_M"], block_size or config.kwargs["BLOCK_M"])
+    return kernel.fn, dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4),
@@ -486,9 +496,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
     kpm = _int8_mask(key_padding_mask, lse)
     (cnt, idx) = rows if block_size else (lse, lse)
     grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
-    _attn_fwd[grid](q, k, v, o, lse, kpm, cnt, idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                    *lse.stride(), h, groups, n_q, n_k, sm_scale, seed, dropout_p,
-                    **_meta(d, causal, key_padding_mask, dropout_p, block_size))
+    forward, tiles = _tuned(_attn_fwd, block_size)
+    forward[grid](q, k, v, o, lse, kpm, cnt, idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                  *lse.stride(), h, groups, n_q, n_k, sm_scale, seed, dropout_p,
+                  **_meta(d, causal, key_padding_mask, dropout_p, block_size), **tiles)
     return o, lse
 
 
@@ -528,11 +539,13 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *lse.stride())
     scalars = (h, groups, n_q, n_k, sm_scale, seed, dropout_p)
     grid_kv = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
-    _attn_bwd_dkdv[grid_kv](q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *strides, *_strides(dk),
-                            *_strides(dv), *scalars, **meta)
+    dkdv, tiles = _tuned(_attn_bwd_dkdv, block_size)
+    dkdv[grid_kv](q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *strides, *_strides(dk), *_strides(dv),
+                  *scalars, **meta, **tiles)
     grid_q = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
-    _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *strides, *_strides(dq), *scalars,
-                         **meta)
+    dq_kernel, tiles = _tuned(_attn_bwd_dq, block_size)
+    dq_kernel[grid_q](q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *strides, *_strides(dq), *scalars, **meta,
+                      **tiles)
 
 
 @kernel_op("flash_attn_backward", fake=lambda do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, block_size,
