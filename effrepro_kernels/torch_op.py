@@ -56,6 +56,7 @@ def differentiable(forward: Callable, setup_context: Callable, backward: Callabl
         ctx.set_materialize_grads(False)  # as the Function: no zeros made (and used) for an output nothing used
         ctx.list_lengths = [len(x) if isinstance(x, (list, tuple)) else None for x in inputs]
 
+    @torch.autograd.function.once_differentiable  # as the Function's, for the operator called directly
     def operator_backward(ctx, *grads):
         # the operator's formula gives a list input a list of gradients; the Function gives it one None
         return tuple([None] * n if n is not None else g for g, n in zip(backward(ctx, *grads), ctx.list_lengths))
