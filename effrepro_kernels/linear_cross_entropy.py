@@ -53,7 +53,8 @@ def _loss_and_gradient(Logits, stride, Targets, Loss, InvCount, vocab, ignore_in
 # The operator returns the gradients with the loss; the autograd rule scales them.
 @kernel_op("linear_cross_entropy",
            fake=lambda h, weight, targets, ignore_index, chunk_rows: (h.new_empty((), dtype=torch.float32),
-                                                                     torch.empty_like(h), torch.empty_like(weight)))
+                                                                     torch.empty_like(h),
+                                                                     weight.new_empty(weight.shape)))
 def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                           chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = h.shape[0]

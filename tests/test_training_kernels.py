@@ -172,8 +172,9 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
         torch.library.opcheck(torch.ops.effrepro.bias_gelu.default, (rows, bias), test_utils=checks)
     dy = random(6, 40, dtype=torch.float32, seed=18)
     torch.library.opcheck(torch.ops.effrepro.bias_gelu_backward.default, (dy, transposed, bias), test_utils=checks)
-    torch.library.opcheck(torch.ops.effrepro.linear_cross_entropy.default, (x, head, targets, -100, 4),
-                          test_utils=checks)
+    for weight_layout in (head, random(40, 50, dtype=torch.float32, seed=19).T):  # the gradient is contiguous
+        torch.library.opcheck(torch.ops.effrepro.linear_cross_entropy.default, (x, weight_layout, targets, -100, 4),
+                              test_utils=checks)
 
     def loss(x, weight, bias, head):
         return linear_cross_entropy(bias_gelu(layer_norm(x, weight, bias), bias), head, targets)
