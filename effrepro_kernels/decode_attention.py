@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .kv_quant import QuantizedKV, kv_tile
-from .runtime import INTERPRET, launch, runs_on
+from .runtime import INTERPRET, launch, runs_on, signature
 
 SCHEDULES = ("fa2", "split", "lean")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -500,13 +500,11 @@ def _prepare(q, k_cache, v_cache, lengths, schedule) -> tuple[DecodeSchedule, tu
             raise ValueError(f"lengths {_lengths_on_host(lengths)} differ from those the schedule was built for "
                              f"{schedule.host_lengths}; build a new schedule with make_schedule")
         schedule = schedule.to(q.device)
-        # with the 16-byte alignment Triton specialises pointers on: a kept compiled kernel assumes it
-        signature = tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
-                          for t in (q, *_tensors(k_cache), *_tensors(v_cache)))
-        if schedule.checked_for != signature:  # once per schedule and signature, not per call
+        call = signature(q, *_tensors(k_cache), *_tensors(v_cache))
+        if schedule.checked_for != call:  # once per schedule and signature, not per call
             _check(q, k_cache, v_cache, schedule.host_lengths)
             _check_schedule_fits(schedule, q, k_cache)
-            schedule.checked_for, schedule.workspace = signature, _workspace(q, schedule.max_pieces)
+            schedule.checked_for, schedule.workspace = call, _workspace(q, schedule.max_pieces)
             schedule.launchers = {}
         return schedule, schedule.workspace
     if lengths is None:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import flash_attn_gluon
-from .runtime import AUTOTUNE, INTERPRET
+from .runtime import AUTOTUNE, FAST_LAUNCH, INTERPRET, launch, signature
 from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
@@ -157,7 +157,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled kernel, kept (`_kept`)
 def _attn_fwd(Q, K, V, O, LSE, KPM, CNT, IDX,
               stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
@@ -251,7 +251,7 @@ def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od, stride_
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled kernel, kept (`_kept`)
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
@@ -330,7 +330,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
 @triton.autotune(configs=[triton.Config({"BLOCK_M": c.kwargs["BLOCK_N"], "BLOCK_N": c.kwargs["BLOCK_M"]},
                                         num_warps=c.num_warps, num_stages=c.num_stages) for c in BWD_CONFIGS],
                  key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled kernel, kept (`_kept`)
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CNT, IDX,
                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
@@ -497,9 +497,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
     (cnt, idx) = rows if block_size else (lse, lse)
     grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
     forward, tiles = _tuned(_attn_fwd, block_size)
-    forward[grid](q, k, v, o, lse, kpm, cnt, idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                  *lse.stride(), h, groups, n_q, n_k, sm_scale, seed, dropout_p,
-                  **_meta(d, causal, key_padding_mask, dropout_p, block_size), **tiles)
+    kept = _kept((q, k, v), causal, key_padding_mask, dropout_p, block_size)
+    launch(forward, grid, (q, k, v, o, lse, kpm, cnt, idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                           *lse.stride(), h, groups, n_q, n_k, sm_scale, seed, dropout_p),
+           {**_meta(d, causal, key_padding_mask, dropout_p, block_size), **tiles}, kept, "forward")
     return o, lse
 
 
@@ -527,10 +528,11 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     n_k, groups = k.shape[2], h // k.shape[1]
     do = do.contiguous() if do.stride(-1) != 1 else do
     meta = _meta(d, causal, key_padding_mask, dropout_p, block_size)
+    kept = _kept((q, k, v, o, lse, do, dq, dk, dv), causal, key_padding_mask, dropout_p, block_size)
     delta = torch.empty(b * h, n_q, device=q.device, dtype=torch.float32)
     delta_rows = max(16, DELTA_ELEMENTS // meta["BLOCK_D"])
-    _bwd_delta[(triton.cdiv(n_q, delta_rows), b * h)](o, do, delta, *_strides(o), *_strides(do), h, n_q,
-                                                      HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_rows)
+    launch(_bwd_delta, (triton.cdiv(n_q, delta_rows), b * h), (o, do, delta, *_strides(o), *_strides(do), h, n_q),
+           dict(HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_rows), kept, "delta")
     if dlse is not None:
         # d lse / d logit = p, so a gradient g of the (base-2) LSE joins dS = P (dP - delta) as delta - g ln 2⁻¹
         delta -= dlse.reshape(b * h, n_q) * LOG2E
@@ -540,12 +542,12 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     scalars = (h, groups, n_q, n_k, sm_scale, seed, dropout_p)
     grid_kv = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
     dkdv, tiles = _tuned(_attn_bwd_dkdv, block_size)
-    dkdv[grid_kv](q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *strides, *_strides(dk), *_strides(dv),
-                  *scalars, **meta, **tiles)
+    launch(dkdv, grid_kv, (q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *strides, *_strides(dk),
+                           *_strides(dv), *scalars), {**meta, **tiles}, kept, "dkdv")
     grid_q = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
     dq_kernel, tiles = _tuned(_attn_bwd_dq, block_size)
-    dq_kernel[grid_q](q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *strides, *_strides(dq), *scalars, **meta,
-                      **tiles)
+    launch(dq_kernel, grid_q, (q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *strides, *_strides(dq), *scalars),
+           {**meta, **tiles}, kept, "dq")
 
 
 @kernel_op("flash_attn_backward", fake=lambda do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, block_size,
@@ -618,6 +620,22 @@ def _gradients_packed(ctx, do, dlse):
 _flash_attn_packed_function = differentiable(_forward_packed, _save_packed, _gradients_packed)
 
 
+# Launches kept per call signature (`runtime.launch`): training calls the attention with the same shapes at every
+# layer and step, so from the second call on, a launch skips the autotuner's and the JIT's handling of its 40
+# arguments, most of the host's time of a call (effrepro_kernels/NOTES.md, "The host cost of our attention").
+_kept_launches: dict[tuple, dict] = {}
+
+
+def _kept(tensors: tuple, causal: bool, key_padding_mask, dropout_p: float, block_size: int) -> dict | None:
+    """The kept launches of calls whose tensors (those the kernels are given, or whose layouts give theirs) have
+    these signatures, with these settings; None where launches are not kept. The dropout probability counts as on
+    or off: it and the seed are arguments that Triton does not specialise on (a float, and `do_not_specialize`)."""
+    if not FAST_LAUNCH:
+        return None
+    return _kept_launches.setdefault(
+        (signature(*tensors), causal, key_padding_mask is not None, dropout_p > 0, block_size), {})
+
+
 def _int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
     """The key padding mask as the kernels read it (int8), or a placeholder they never read."""
     return key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else placeholder
@@ -656,7 +674,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
     if forward_kernel not in FORWARD_KERNELS:
         raise ValueError(f"forward_kernel={forward_kernel!r} is not one of {FORWARD_KERNELS}")
-    scale, seed = _scale_and_seed(q.shape[-1], softmax_scale, dropout_p, seed)
+    scale, dropout_p, seed = _scalars(q.shape[-1], softmax_scale, dropout_p, seed)
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     rows, cols, sparse_block = [], [], 0  # dense
@@ -683,16 +701,19 @@ def flash_attn_qkvpacked(qkv: torch.Tensor, causal: bool = False, softmax_scale:
                          f"{getattr(qkv, 'shape', type(qkv).__name__)}")
     q, k, v = _unpacked(qkv)
     _check(q, k, v, key_padding_mask, None, 128, dropout_p, "bhsd")
-    scale, seed = _scale_and_seed(qkv.shape[-1], softmax_scale, dropout_p, seed)
+    scale, dropout_p, seed = _scalars(qkv.shape[-1], softmax_scale, dropout_p, seed)
     out, lse = _flash_attn_packed_function(qkv, key_padding_mask, causal, scale, dropout_p, seed)
     out = out.transpose(1, 2)
     return (out, lse / LOG2E) if return_lse else out
 
 
-def _scale_and_seed(head_dim: int, softmax_scale: float | None, dropout_p: float, seed: int | None) -> tuple:
-    """The softmax scale (1/√head_dim unless given) and the dropout seed (drawn unless given)."""
+def _scalars(head_dim: int, softmax_scale: float | None, dropout_p: float, seed: int | None) -> tuple:
+    """The softmax scale (1/√head_dim unless given), the dropout probability, and the dropout seed (drawn unless
+    given), as the kernels take them: floats, and a 31-bit integer (a kept launch was compiled for those types)."""
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"softmax_scale={softmax_scale} must be positive")
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-    return (head_dim ** -0.5 if softmax_scale is None else softmax_scale), seed
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed={seed} must be in [0, 2**31)")
+    return float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(dropout_p), seed

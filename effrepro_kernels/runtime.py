@@ -22,12 +22,21 @@ def runs_on(device) -> bool:
 FAST_LAUNCH = os.environ.get("EFFREPRO_FAST_LAUNCH", "1") != "0" and not INTERPRET
 
 
-def launch(kernel, grid: tuple, args: tuple, meta: dict, kept: dict | None = None, name: str = ""):
+def signature(*tensors) -> tuple:
+    """What Triton specialises a launch on, of these tensors (shapes and strides, which give the integer arguments
+    made from them, dtypes, devices, and the 16-byte alignment it specialises pointers on): the key under which a
+    caller keeps launches (`launch`)."""
+    return tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0) for t in tensors)
+
+
+def launch(kernel, grid, args: tuple, meta: dict, kept: dict | None = None, name: str = ""):
     """`kernel[grid](*args, **meta)`. With `kept`, a dict whose owner ensures that every launch given it has the
-    same grid, argument types, alignments, integer values that Triton specialises on (strides, sizes) and `meta`
-    (a prepared decode schedule, per call signature): the first launch's compiled kernel is kept there under
-    `name`, and later launches call it directly. That skips Triton's binding and specialisation of every argument
-    and its cache lookup, most of the host's time for a kernel of 40 arguments (effrepro_kernels/NOTES.md)."""
+    same argument types, alignments, integer values that Triton specialises on (strides, sizes), `meta` and grid
+    (a prepared decode schedule; one call signature of flash_attn): the first launch's compiled kernel is kept there
+    under `name`, and later launches call it directly. That skips Triton's binding and specialisation of every
+    argument, its cache lookup and an autotuner's choice of config, most of the host's time for a kernel of 40
+    arguments (effrepro_kernels/NOTES.md). `kernel` may be autotuned (its chosen config's values join `meta`) and
+    `grid` a function of the meta-parameters, as Triton takes it."""
     fast = kept.get(name) if kept is not None else None
     if fast is not None:
         runner, constexprs = fast
@@ -35,6 +44,9 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, kept: dict | None = Non
         return
     compiled = kernel[grid](*args, **meta)
     if kept is not None and FAST_LAUNCH and hasattr(compiled, "__getitem__"):
+        config = getattr(kernel, "best_config", None)  # the autotuner's choice for these arguments
+        meta = {**meta, **config.kwargs} if config is not None else meta
+        grid = grid(meta) if callable(grid) else grid
         # the compiled kernel takes a grid of three dimensions, and every parameter in order (constexprs
         # included, launch options not)
         kept[name] = (compiled[(*grid, 1, 1)[:3]], tuple(meta[n] for n in kernel.arg_names[len(args):]))

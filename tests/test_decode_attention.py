@@ -5,6 +5,7 @@ import importlib
 
 import pytest
 import torch
+import triton
 
 from conftest import DEVICE, gpu
 from effrepro_kernels.decode_attention import (SCHEDULES, decode_attention, default_block_n, head_dim_chunks,
@@ -299,3 +300,12 @@ def test_a_kept_launch_passes_every_parameter_in_order_and_only_for_the_owner(mo
     runtime.launch(Kernel(), (3,), ("x", 5), meta)  # no owner: always through the JIT
     assert calls == [("jit", (3,), ("x", 5), meta), ("kept", (3, 1, 1), ("x", 5, 16, "a")),
                      ("jit", (3,), ("x", 5), meta)]
+
+    class Tuned(Kernel):  # stands for an autotuned one: its chosen config's values are parameters too
+        best_config = triton.Config({"BLOCK": 64})
+
+    calls.clear()
+    kept, grid = {}, lambda m: (100 // m["BLOCK"], 2)
+    for _ in range(2):
+        runtime.launch(Tuned(), grid, ("x", 5), dict(MODE="b"), kept, "k")
+    assert calls == [("jit", grid, ("x", 5), dict(MODE="b")), ("kept", (1, 2, 1), ("x", 5, 64, "b"))]

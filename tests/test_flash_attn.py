@@ -20,8 +20,8 @@ def rel_err(got, want):
 
 
 def run_both(b, h, hk, n_q, n_k, d, dtype, *, causal=False, kpm=None, dropout_p=0.0, block_mask=None,
-             block_size=128, seed=1234, forward_kernel="auto"):
-    gen = torch.Generator(device=DEVICE).manual_seed(hash((b, h, hk, n_q, n_k, d, causal)) % 2**31)
+             block_size=128, seed=1234, forward_kernel="auto", data_seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(hash((b, h, hk, n_q, n_k, d, causal, data_seed)) % 2**31)
     make = lambda heads, n: torch.randn(b, heads, n, d, device=DEVICE, dtype=dtype, generator=gen)  # noqa: E731
     q, k, v = make(h, n_q), make(hk, n_k), make(hk, n_k)
     for t in (q, k, v):
@@ -77,6 +77,18 @@ def test_block_sparse_matches_a_masked_reference(causal, block):
     mask = butterfly_block_mask(3, 3, device=DEVICE).repeat(2, 1, 1, 1)
     mask[1, :, 2, :] = False  # a query block with no key block at all
     run_both(2, 2, 1, n, n, 32, torch.float16, causal=causal, block_mask=mask, block_size=block)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_repeated_calls_of_one_signature_stay_exact(dropout_p):
+    """From the second call of a signature on, a GPU launches the compiled kernels it kept (runtime.launch): new
+    inputs and new dropout seeds must still give the reference's results."""
+    for data_seed in range(3):
+        run_both(2, 2, 2, 70, 70, 64, torch.float16, causal=True, dropout_p=dropout_p, seed=100 + data_seed,
+                 data_seed=data_seed)
+    if has_gpu():
+        kept = importlib.import_module("effrepro_kernels.flash_attn")._kept_launches.values()
+        assert any(set(launches) == {"forward", "delta", "dkdv", "dq"} for launches in kept)
 
 
 def test_layouts_and_lse():
