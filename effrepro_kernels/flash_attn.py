@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import flash_attn_gluon
-from .runtime import AUTOTUNE, FAST_LAUNCH, INTERPRET, launch, signature
+from .runtime import AUTOTUNE, INTERPRET, KeptLaunches, launch
 from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
@@ -497,7 +497,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
     (cnt, idx) = rows if block_size else (lse, lse)
     grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
     forward, tiles = _tuned(_attn_fwd, block_size)
-    kept = _kept((q, k, v), causal, key_padding_mask, dropout_p, block_size)
+    kept = _kept((q, k, v), causal, key_padding_mask is not None, dropout_p > 0, block_size)
     launch(forward, grid, (q, k, v, o, lse, kpm, cnt, idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                            *lse.stride(), h, groups, n_q, n_k, sm_scale, seed, dropout_p),
            {**_meta(d, causal, key_padding_mask, dropout_p, block_size), **tiles}, kept, "forward")
@@ -528,7 +528,8 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     n_k, groups = k.shape[2], h // k.shape[1]
     do = do.contiguous() if do.stride(-1) != 1 else do
     meta = _meta(d, causal, key_padding_mask, dropout_p, block_size)
-    kept = _kept((q, k, v, o, lse, do, dq, dk, dv), causal, key_padding_mask, dropout_p, block_size)
+    kept = _kept((q, k, v, o, lse, do, dq, dk, dv), causal, key_padding_mask is not None, dropout_p > 0,
+                 block_size)
     delta = torch.empty(b * h, n_q, device=q.device, dtype=torch.float32)
     delta_rows = max(16, DELTA_ELEMENTS // meta["BLOCK_D"])
     launch(_bwd_delta, (triton.cdiv(n_q, delta_rows), b * h), (o, do, delta, *_strides(o), *_strides(do), h, n_q),
@@ -620,20 +621,11 @@ def _gradients_packed(ctx, do, dlse):
 _flash_attn_packed_function = differentiable(_forward_packed, _save_packed, _gradients_packed)
 
 
-# Launches kept per call signature (`runtime.launch`): training calls the attention with the same shapes at every
-# layer and step, so from the second call on, a launch skips the autotuner's and the JIT's handling of its 40
-# arguments, most of the host's time of a call (effrepro_kernels/NOTES.md, "The host cost of our attention").
-_kept_launches: dict[tuple, dict] = {}
-
-
-def _kept(tensors: tuple, causal: bool, key_padding_mask, dropout_p: float, block_size: int) -> dict | None:
-    """The kept launches of calls whose tensors (those the kernels are given, or whose layouts give theirs) have
-    these signatures, with these settings; None where launches are not kept. The dropout probability counts as on
-    or off: it and the seed are arguments that Triton does not specialise on (a float, and `do_not_specialize`)."""
-    if not FAST_LAUNCH:
-        return None
-    return _kept_launches.setdefault(
-        (signature(*tensors), causal, key_padding_mask is not None, dropout_p > 0, block_size), {})
+# Training calls the attention with the same shapes at every layer and step, so from the second call on, a launch
+# skips the autotuner's and the JIT's handling of its 40 arguments, most of the host's time of a call
+# (effrepro_kernels/NOTES.md, "The host cost of our attention"). Settings: causal, key padding or not, dropout or
+# not (its probability is a float and the seed `do_not_specialize`: Triton specialises on neither), sparse blocks.
+_kept = KeptLaunches()
 
 
 def _int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:

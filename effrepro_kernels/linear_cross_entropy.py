@@ -6,7 +6,8 @@ the forward computes the gradients too, and the backward only scales them by the
 loss must be the end of the graph or be scaled linearly after it (as a training loss is).
 
 At GPT-2's vocabulary of 50257 and 16K tokens, the logits are 1.6 GB in bf16 and twice that in float32, and the
-unfused loss keeps both; here a chunk's 40-80 MB is all. Under autocast the matmuls run in the autocast dtype,
+unfused loss keeps both; here a chunk's 256 MB is all. Each chunk also reads and writes the float32 weight gradient
+once (154 MB at GPT-2's head), so chunks far smaller cost more in that than they save in memory. Under autocast the matmuls run in the autocast dtype,
 as the unfused head's would: the wrapper casts both inputs, because inside torch.compile's graphs an operator runs
 with autocast off.
 """
@@ -19,7 +20,7 @@ import triton.language as tl
 from .runtime import INTERPRET
 from .torch_op import differentiable, kernel_op
 
-CHUNK_ELEMENTS = 1 << 25  # logits per chunk (64 MB in bf16)
+CHUNK_ELEMENTS = 1 << 27  # logits per chunk (256 MB in bf16)
 BLOCK = 256 if INTERPRET else 4096
 
 
@@ -50,6 +51,18 @@ def _loss_and_gradient(Logits, stride, Targets, Loss, InvCount, vocab, ignore_in
         tl.store(logits + cols, grad.to(Logits.dtype.element_ty), mask=cols < vocab)
 
 
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for a float32 acc: on a GPU, cuBLAS adds the product of bf16/fp16 inputs into acc in place,
+    one read and one write of it. The product as a tensor, made float32 and then added, moves 2.5 times the bytes,
+    about 0.8 GB a chunk at GPT-2's head (effrepro_kernels/NOTES.md, "Training fusions ...")."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    else:  # the CPU has no mixed-precision addmm
+        acc += (a @ b).float()
+
+
 # The operator returns the gradients with the loss; the autograd rule scales them.
 @kernel_op("linear_cross_entropy",
            fake=lambda h, weight, targets, ignore_index, chunk_rows: (h.new_empty((), dtype=torch.float32),
@@ -69,7 +82,7 @@ def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
         _loss_and_gradient[(logits.shape[0],)](logits, logits.stride(0), targets[part], losses[part], inv_count,
                                                logits.shape[1], ignore_index, BLOCK=BLOCK)
         grad_h[part] = logits @ weight
-        grad_w += (logits.T @ h[part]).float()
+        _add_product(grad_w, logits.T, h[part])
     return losses.sum() * inv_count, grad_h, grad_w.to(weight.dtype)
 
 

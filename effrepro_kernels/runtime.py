@@ -29,6 +29,22 @@ def signature(*tensors) -> tuple:
     return tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0) for t in tensors)
 
 
+class KeptLaunches:
+    """The kept launches (`launch`) of a module's kernels, one dict per call signature: the signatures of the tensors
+    that the kernels are given or whose layouts give theirs, and the settings that choose the kernels' other
+    integer and constexpr arguments. Calls that repeat a signature (a training loop's, at every layer and step)
+    then launch compiled kernels directly."""
+
+    def __init__(self):
+        self.by_call = {}
+
+    def __call__(self, tensors: tuple, *settings) -> dict | None:
+        """The dict to give `launch` for such a call; None where launches are not kept."""
+        if not FAST_LAUNCH:
+            return None
+        return self.by_call.setdefault((signature(*tensors), *settings), {})
+
+
 def launch(kernel, grid, args: tuple, meta: dict, kept: dict | None = None, name: str = ""):
     """`kernel[grid](*args, **meta)`. With `kept`, a dict whose owner ensures that every launch given it has the
     same argument types, alignments, integer values that Triton specialises on (strides, sizes), `meta` and grid
