@@ -42,9 +42,10 @@ _kept = KeptLaunches()  # a training loop repeats each call's shapes: launched d
 
 def _launch(x: torch.Tensor, bias: torch.Tensor, dy: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty_like(x)
-    dy = dy if dy is not None else x
+    backward = dy is not None
+    dy = dy if backward else x  # read only by the backward
     launch(_bias_gelu_kernel, (triton.cdiv(x.numel(), BLOCK),), (x, bias, dy, out, x.numel(), x.shape[-1]),
-           dict(K=SQRT_2_OVER_PI, BACKWARD=dy is not x, BLOCK=BLOCK), _kept((x, bias, dy, out)), "gelu")
+           dict(K=SQRT_2_OVER_PI, BACKWARD=backward, BLOCK=BLOCK), _kept((x, bias, dy, out), backward), "gelu")
     return out
 
 

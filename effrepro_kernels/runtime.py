@@ -52,17 +52,19 @@ def launch(kernel, grid, args: tuple, meta: dict, kept: dict | None = None, name
     under `name`, and later launches call it directly. That skips Triton's binding and specialisation of every
     argument, its cache lookup and an autotuner's choice of config, most of the host's time for a kernel of 40
     arguments (effrepro_kernels/NOTES.md). `kernel` may be autotuned (its chosen config's values join `meta`) and
-    `grid` a function of the meta-parameters, as Triton takes it."""
+    `grid` a function of the meta-parameters, as Triton takes it. A launch whose `meta` differs from the kept one's
+    goes through the JIT (and is kept instead), so a caller's signature that misses a constexpr costs time, never
+    a wrong kernel."""
     fast = kept.get(name) if kept is not None else None
-    if fast is not None:
-        runner, constexprs = fast
+    if fast is not None and fast[2] == meta:  # a kept kernel compiled for other constexprs is never called
+        runner, constexprs, _ = fast
         runner(*args, *constexprs)
         return
     compiled = kernel[grid](*args, **meta)
     if kept is not None and FAST_LAUNCH and hasattr(compiled, "__getitem__"):
         config = getattr(kernel, "best_config", None)  # the autotuner's choice for these arguments
-        meta = {**meta, **config.kwargs} if config is not None else meta
-        grid = grid(meta) if callable(grid) else grid
+        chosen = {**meta, **config.kwargs} if config is not None else meta
+        grid = grid(chosen) if callable(grid) else grid
         # the compiled kernel takes a grid of three dimensions, and every parameter in order (constexprs
         # included, launch options not)
-        kept[name] = (compiled[(*grid, 1, 1)[:3]], tuple(meta[n] for n in kernel.arg_names[len(args):]))
+        kept[name] = (compiled[(*grid, 1, 1)[:3]], tuple(chosen[n] for n in kernel.arg_names[len(args):]), meta)

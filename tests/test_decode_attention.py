@@ -306,6 +306,7 @@ def test_a_kept_launch_passes_every_parameter_in_order_and_only_for_the_owner(mo
 
     calls.clear()
     kept, grid = {}, lambda m: (100 // m["BLOCK"], 2)
-    for _ in range(2):
-        runtime.launch(Tuned(), grid, ("x", 5), dict(MODE="b"), kept, "k")
-    assert calls == [("jit", grid, ("x", 5), dict(MODE="b")), ("kept", (1, 2, 1), ("x", 5, 64, "b"))]
+    for mode in ("b", "b", "c"):  # another constexpr under the same name: through the JIT, never the kept kernel
+        runtime.launch(Tuned(), grid, ("x", 5), dict(MODE=mode), kept, "k")
+    assert calls == [("jit", grid, ("x", 5), dict(MODE="b")), ("kept", (1, 2, 1), ("x", 5, 64, "b")),
+                     ("jit", grid, ("x", 5), dict(MODE="c"))]
