@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import KeptLaunches, launch
+from .runtime import KeptLaunches, cdiv, launch
 from .torch_op import differentiable, kernel_op
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,7 +44,7 @@ def _launch(x: torch.Tensor, bias: torch.Tensor, dy: torch.Tensor | None) -> tor
     out = torch.empty_like(x)
     backward = dy is not None
     dy = dy if backward else x  # read only by the backward
-    launch(_bias_gelu_kernel, (triton.cdiv(x.numel(), BLOCK),), (x, bias, dy, out, x.numel(), x.shape[-1]),
+    launch(_bias_gelu_kernel, (cdiv(x.numel(), BLOCK),), (x, bias, dy, out, x.numel(), x.shape[-1]),
            dict(K=SQRT_2_OVER_PI, BACKWARD=backward, BLOCK=BLOCK), _kept((x, bias, dy, out), backward), "gelu")
     return out
 

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .kv_quant import QuantizedKV, kv_tile
-from .runtime import INTERPRET, launch, runs_on, signature
+from .runtime import INTERPRET, launch, next_pow2, runs_on, signature
 
 SCHEDULES = ("fa2", "split", "lean")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -41,14 +41,9 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n: `triton.next_power_of_2`, which costs microseconds a call on the host."""
-    return 1 << (n - 1).bit_length()
-
-
 def padded_head_dim(head_dim: int) -> int:
     """Lanes a head takes in the kernels' tiles: the next power of two (tl.arange and tl.dot need one)."""
-    return max(16, _pow2(head_dim))
+    return max(16, next_pow2(head_dim))
 
 
 def head_dim_chunks(head_dim: int, quantized: bool = False) -> tuple[int, int]:
@@ -61,7 +56,7 @@ def head_dim_chunks(head_dim: int, quantized: bool = False) -> tuple[int, int]:
     first = padded // 2
     if quantized or head_dim == padded or first < 32:
         return padded, 0
-    second = max(32, _pow2(head_dim - first))
+    second = max(32, next_pow2(head_dim - first))
     return (first, second) if first + second < padded else (padded, 0)
 
 
@@ -434,8 +429,8 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
     groups = h // hkv
     padded = padded_head_dim(d)
     block_d, block_e = head_dim_chunks(d, quantized=isinstance(k_cache, QuantizedKV))
-    block_g = max(16, _pow2(groups))  # tl.dot takes 16 rows or more
-    group = _pow2(groups)
+    block_g = max(16, next_pow2(groups))  # tl.dot takes 16 rows or more
+    group = next_pow2(groups)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     # float32 in float32 arithmetic, as torch's own attention gives it, not tf32: decode is bound by memory, so
     # exact products cost little, and the probabilities that evict keys stay exact to float32 rounding

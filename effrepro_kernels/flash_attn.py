@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import flash_attn_gluon
-from .runtime import AUTOTUNE, INTERPRET, KeptLaunches, launch
+from .runtime import AUTOTUNE, INTERPRET, KeptLaunches, cdiv, launch, next_pow2
 from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
@@ -64,7 +64,7 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, n_q: int, n_k: int, dro
                       device) -> torch.Tensor:
     """The keep-mask the kernel draws for `seed`, as a bool (batch, heads, n_q, n_k) tensor: for tests."""
     out = torch.empty(batch * heads, n_q, n_k, dtype=torch.int8, device=device)
-    grid = (triton.cdiv(n_q, 32), triton.cdiv(n_k, 32), batch * heads)
+    grid = (cdiv(n_q, 32), cdiv(n_k, 32), batch * heads)
     _dropout_mask_kernel[grid](out, seed, n_q, n_k, dropout_p, BLOCK_M=32, BLOCK_N=32)
     return out.view(batch, heads, n_q, n_k).bool()
 
@@ -394,10 +394,6 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CNT, IDX,
 
 
 # ----------------------------------------------------------------------------------------------------- host side
-def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
-
-
 class BlockSparseLayout:
     """A block mask prepared for the kernels: row-compressed (CSR) lists of the kept blocks per (batch, head),
     for the forward and dQ (by query block) and for dK/dV (by key block). Build it once and pass it as
@@ -461,7 +457,7 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
     if block_mask is not None:
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size={block_size} must be a power of two, at least 16")
-        want = (triton.cdiv(n_q, block_size), triton.cdiv(n_k, block_size))
+        want = (cdiv(n_q, block_size), cdiv(n_k, block_size))
         if block_mask.dim() != 4 or tuple(block_mask.shape[-2:]) != want or block_mask.shape[0] not in (1, b) \
                 or block_mask.shape[1] not in (1, h):
             raise ValueError(f"block_mask must have shape (1 or {b}, 1 or {h}, {want[0]}, {want[1]}) for "
@@ -495,10 +491,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     kpm = _int8_mask(key_padding_mask, lse)
     (cnt, idx) = rows if block_size else (lse, lse)
-    grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
+    grid = lambda m: (cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
     forward, tiles = _tuned(_attn_fwd, block_size)
     kept = _kept((q, k, v), causal, key_padding_mask is not None, dropout_p > 0, block_size)
-    launch(forward, grid, (q, k, v, o, lse, kpm, cnt, idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+    launch(forward, grid, (q, k, v, o, lse, kpm, cnt, idx, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                            *lse.stride(), h, groups, n_q, n_k, sm_scale, seed, dropout_p),
            {**_meta(d, causal, key_padding_mask, dropout_p, block_size), **tiles}, kept, "forward")
     return o, lse
@@ -532,22 +528,22 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
                  block_size)
     delta = torch.empty(b * h, n_q, device=q.device, dtype=torch.float32)
     delta_rows = max(16, DELTA_ELEMENTS // meta["BLOCK_D"])
-    launch(_bwd_delta, (triton.cdiv(n_q, delta_rows), b * h), (o, do, delta, *_strides(o), *_strides(do), h, n_q),
+    launch(_bwd_delta, (cdiv(n_q, delta_rows), b * h), (o, do, delta, *o.stride(), *do.stride(), h, n_q),
            dict(HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_rows), kept, "delta")
     if dlse is not None:
         # d lse / d logit = p, so a gradient g of the (base-2) LSE joins dS = P (dP - delta) as delta - g ln 2⁻¹
         delta -= dlse.reshape(b * h, n_q) * LOG2E
     kpm = _int8_mask(key_padding_mask, lse)
     (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *lse.stride())
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride())
     scalars = (h, groups, n_q, n_k, sm_scale, seed, dropout_p)
-    grid_kv = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
+    grid_kv = lambda m: (cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
     dkdv, tiles = _tuned(_attn_bwd_dkdv, block_size)
-    launch(dkdv, grid_kv, (q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *strides, *_strides(dk),
-                           *_strides(dv), *scalars), {**meta, **tiles}, kept, "dkdv")
-    grid_q = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
+    launch(dkdv, grid_kv, (q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *strides, *dk.stride(),
+                           *dv.stride(), *scalars), {**meta, **tiles}, kept, "dkdv")
+    grid_q = lambda m: (cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
     dq_kernel, tiles = _tuned(_attn_bwd_dq, block_size)
-    launch(dq_kernel, grid_q, (q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *strides, *_strides(dq), *scalars),
+    launch(dq_kernel, grid_q, (q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *strides, *dq.stride(), *scalars),
            {**meta, **tiles}, kept, "dq")
 
 
@@ -585,7 +581,7 @@ _flash_attn_function = differentiable(_forward, _save_for_backward, _gradients)
 # packed tensor, so its gradient is written whole rather than concatenated by autograd from three.
 def _unpacked(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k and v of a packed tensor, as (batch, heads, seq, head_dim) views."""
-    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # two calls: views made one by one cost the host 4x more
 
 
 @kernel_op("flash_attn_packed", fake=lambda qkv, key_padding_mask, causal, sm_scale, dropout_p, seed: (
@@ -634,7 +630,7 @@ def _int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor)
 
 
 def _meta(head_dim: int, causal: bool, key_padding_mask, dropout_p: float, block_size: int) -> dict:
-    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=causal,
+    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), CAUSAL=causal,
                 HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0, SPARSE_BLOCK=block_size)
 
 

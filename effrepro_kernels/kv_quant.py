@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import AUTOTUNE, INTERPRET, runs_on
+from .runtime import AUTOTUNE, INTERPRET, cdiv, next_pow2, runs_on
 
 BITS = (2, 4, 8)
 AXES = ("channel", "token")
@@ -256,15 +256,15 @@ def quantize_kv(x: torch.Tensor, bits: int, group_size: int, axis: str) -> Quant
     b, h, n, d = x.shape
     per_token = axis == "token"
     per_byte = 8 // bits
-    block_d = triton.next_power_of_2(d)
+    block_d = next_pow2(d)
     rows = max(1, TILE_ELEMENTS // block_d) if per_token else group_size
     stats_shape = (b, h, n, d // group_size) if per_token else (b, h, n // group_size, d)
     data = torch.empty(b, h, n, d // per_byte, device=x.device, dtype=torch.uint8)
     scale = torch.empty(stats_shape, device=x.device, dtype=x.dtype)
     zero = torch.empty_like(scale)
-    _quantize[(triton.cdiv(n, rows), b * h)](
+    _quantize[(cdiv(n, rows), b * h)](
         x, data, scale, zero, x.stride(0), x.stride(1), x.stride(2), h, n, HEAD_DIM=d, BITS=bits,
-        PER_TOKEN=per_token, GROUP_SIZE=group_size, ROWS=rows, BLOCK_R=triton.next_power_of_2(rows), BLOCK_D=block_d)
+        PER_TOKEN=per_token, GROUP_SIZE=group_size, ROWS=rows, BLOCK_R=next_pow2(rows), BLOCK_D=block_d)
     return QuantizedKV(data, scale, zero, bits, group_size, axis, tuple(x.shape))
 
 
@@ -272,9 +272,9 @@ def dequantize_kv(qkv: QuantizedKV) -> torch.Tensor:
     """The full-precision (batch, kv_heads, n, head_dim) tensor, in the dtype of qkv.scale."""
     b, h, n, d = qkv.shape
     out = torch.empty(qkv.shape, device=qkv.data.device, dtype=qkv.dtype)
-    block_d = triton.next_power_of_2(d)
+    block_d = next_pow2(d)
     block_t = max(1, TILE_ELEMENTS // block_d)
-    _dequantize[(triton.cdiv(n, block_t), b * h)](
+    _dequantize[(cdiv(n, block_t), b * h)](
         qkv.data, qkv.scale, qkv.zero, out, h, n, *qkv.data.stride()[:3], *qkv.scale.stride()[:3], HEAD_DIM=d,
         BITS=qkv.bits, GROUP_SIZE=qkv.group_size, PER_TOKEN=qkv.axis == "token", BLOCK_T=block_t, BLOCK_D=block_d)
     return out

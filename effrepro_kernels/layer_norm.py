@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, KeptLaunches, launch
+from .runtime import INTERPRET, KeptLaunches, cdiv, launch, next_pow2
 from .torch_op import differentiable, kernel_op
 
 MAX_FEATURES = 16384  # a row is held in registers at once
@@ -91,7 +91,7 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     y = torch.empty_like(rows, dtype=out_dtype)
     mean = torch.empty(rows.shape[0], device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    block = triton.next_power_of_2(rows.shape[1])
+    block = next_pow2(rows.shape[1])
     launch(_layer_norm_fwd, (rows.shape[0],), (rows, weight, bias, y, mean, rstd, rows.stride(0), y.stride(0),
                                                rows.shape[1], eps), dict(BLOCK=block, num_warps=_warps(block)),
            _kept((rows, weight, bias, y)), "forward")
@@ -111,9 +111,9 @@ def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     dx = torch.empty_like(rows)
     dw = torch.empty((programs, n), device=rows.device, dtype=torch.float32)
     db = torch.empty_like(dw)
-    block = triton.next_power_of_2(n)
+    block = next_pow2(n)
     launch(_layer_norm_bwd, (programs,), (rows, weight, dy, dx, mean, rstd, dw, db, rows.stride(0), dy.stride(0),
-                                          dx.stride(0), n, n_rows, triton.cdiv(n_rows, programs)),
+                                          dx.stride(0), n, n_rows, cdiv(n_rows, programs)),
            dict(BLOCK=block, num_warps=_warps(block)), _kept((rows, weight, dy, dx, dw)), "backward")
     return dx.view(x.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .runtime import cdiv
+
 BLOCK = 256
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -68,6 +70,6 @@ def update_pivotal_counts(probs: torch.Tensor, count: torch.Tensor, history: tor
         raise ValueError(f"n_visible={n_visible} must be between 1 and the {slots} slots")
     byte, bit = divmod(step % window, 8)
     threshold = (torch.ones((), dtype=torch.float32) / n_visible).item()  # 1/t rounded as float32 divides it
-    _update[(b * heads, triton.cdiv(slots, BLOCK))](probs, probs if lse is None else lse, count, history, slots,
+    _update[(b * heads, cdiv(slots, BLOCK))](probs, probs if lse is None else lse, count, history, slots,
                                                     n_visible, threshold, byte, bit, probs.stride(1),
                                                     *history.stride()[1:], FROM_SCORES=lse is not None, BLOCK=BLOCK)

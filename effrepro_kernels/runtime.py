@@ -11,6 +11,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("EFFREPRO_AUTOTUNE", "1") != "0"
 
 
+# Host-side arithmetic for launches: Triton's `cdiv` and `next_power_of_2` are constexpr functions whose calls cost
+# microseconds each on the host (Triton 3.9), in calls that a training or decode loop repeats for every kernel.
+def cdiv(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def runs_on(device) -> bool:
     """Whether the kernels can run on `device`: a CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
     return torch.device(device).type == "cuda" or INTERPRET
