@@ -3,8 +3,13 @@ forward + backward, at a shape small enough that the device never holds the host
 of 64, causal, bf16): what a call costs a host-bound training loop. Needs a GPU.
 
     python scripts/host_cost.py; EFFREPRO_FAST_LAUNCH=0 python scripts/host_cost.py   # without kept launches
+
+`--python-only` times our packed operators' Python side on any machine, the CPU included: every launch is stubbed
+out, the operators are called as torch.compile's code calls them (torch.ops), at GPT-2 small's shape.
 """
+import importlib
 import os
+import sys
 import time
 
 import torch
@@ -14,15 +19,31 @@ from effrepro_kernels import flash_attn_qkvpacked
 
 
 def host_us_per_call(call, calls: int = 300) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(20):  # compile, autotune, keep the launches
         call()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(calls):
         call()
     host = (time.perf_counter() - start) / calls * 1e6
-    torch.cuda.synchronize()
+    sync()
     return host
+
+
+def python_only():
+    runtime = importlib.import_module("effrepro_kernels.runtime")
+    flash = importlib.import_module("effrepro_kernels.flash_attn")
+    runtime.FAST_LAUNCH = True  # as on a GPU: the kept launches' signatures are made
+    flash.launch = lambda *args, **kwargs: None
+    flash._tuned = lambda kernel, block_size: (kernel, {})
+    qkv = torch.randn(16, 1024, 3, 12, 64, dtype=torch.bfloat16)
+    out, lse = flash._forward_packed(qkv, None, True, 0.125, 0.0, 0)
+    grad = torch.randn_like(out)
+    forward = host_us_per_call(lambda: torch.ops.effrepro.flash_attn_packed.default(qkv, None, True, 0.125, 0.0, 0), 3000)
+    backward = host_us_per_call(lambda: torch.ops.effrepro.flash_attn_backward_packed.default(
+        grad, None, qkv, out, lse, None, True, 0.125, 0.0, 0), 3000)
+    print(f"python only (launches stubbed): forward operator {forward:.1f} us, backward operator {backward:.1f} us")
 
 
 def main():
@@ -45,4 +66,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    python_only() if "--python-only" in sys.argv[1:] else main()
