@@ -11,7 +11,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -237,7 +237,8 @@ def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
 def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tuple[list, list[RunRecord]]]:
     """Per task, the rows to plot: each series (a row's `series` extra) from the best GPU record that has it
     (see `preference`: a whole run before a killed one, then the newest), so a run that measured only some
-    settings does not hide the others. Also the records used."""
+    settings does not hide the others. Also the records used. Where those ran on more than one card, each
+    series is named with its card (on copies of the rows), so no plot passes one card's numbers off as another's."""
     out: dict[str, tuple[list, list[RunRecord]]] = {}
     for _, rec in sorted(records, key=lambda pr: (pr[1].status == "ok", pr[1].started), reverse=True):
         if rec.status not in USABLE or rec.scale == "smoke":
@@ -248,7 +249,17 @@ def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tu
         if new:
             rows += new
             used.append(rec)
+    for task, (rows, used) in out.items():
+        if len({rec.gpu_name for rec in used}) > 1:
+            # the card's model alone ("NVIDIA H100 80GB HBM3" -> "H100"): the plots' margins are narrow
+            card = {id(r): rec.gpu_name.removeprefix("NVIDIA ").split()[0] for rec in used for r in rec.rows}
+            rows[:] = [replace(r, extra={**r.extra, "series": _with_card(r.extra.get("series", ""), card[id(r)])})
+                       for r in rows]
     return out
+
+
+def _with_card(series: str, card: str) -> str:
+    return series if card.lower() in series.lower() else f"{series} · {card}"
 
 
 def plotted_metrics(record: RunRecord) -> list[str]:

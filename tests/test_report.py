@@ -12,6 +12,7 @@ from repro.records import Row, RunRecord, save_record
 from repro.report import README_END, README_START, build_report, main
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3"}
+H200 = {"gpu_name": "NVIDIA H200"}
 CLAIMS = textwrap.dedent("""
     paper: toy
     title: A toy paper
@@ -162,6 +163,19 @@ def test_plots_take_each_series_from_the_newest_record_that_has_it():
     rows, used = newest_rows_by_series([(Path("old"), old), (Path("new"), new)])["bench"]
     assert sorted((r.extra["series"], r.p50) for r in rows) == [("a", 3.0), ("b", 2.0)]
     assert used == [new, old]
+
+
+def test_plotted_series_from_several_cards_carry_their_card():
+    from repro.report import newest_rows_by_series
+
+    def series_row(series):
+        return Row("ours", "n", 1, "speedup", "x", 1.0, extra={"series": series})
+
+    h100 = rec("bench", "small", [series_row("a"), series_row("b")], started="2026-11-01T00:00:00+00:00")
+    h200 = rec("bench", "small", [series_row("a")], started="2026-11-02T00:00:00+00:00", env=H200)
+    rows, _ = newest_rows_by_series([(Path("old"), h100), (Path("new"), h200)])["bench"]
+    assert sorted(r.extra["series"] for r in rows) == ["a · H200", "b · H100"]
+    assert h100.rows[1].extra["series"] == "b"  # the records themselves unchanged
 
 
 def test_a_ratio_over_several_baselines_gets_one_plot_per_baseline(tmp_path):
