@@ -431,7 +431,8 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
     block_d, block_e = head_dim_chunks(d, quantized=isinstance(k_cache, QuantizedKV))
     block_g = max(16, next_pow2(groups))  # tl.dot takes 16 rows or more
     group = next_pow2(groups)
-    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    # a float always: a prepared schedule's kept kernel was compiled for one (Triton makes an integer 1 a constant)
+    scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
     # float32 in float32 arithmetic, as torch's own attention gives it, not tf32: decode is bound by memory, so
     # exact products cost little, and the probabilities that evict keys stay exact to float32 rounding
     precision = "ieee" if q.dtype == torch.float32 else "tf32"

@@ -6,10 +6,10 @@ the forward computes the gradients too, and the backward only scales them by the
 loss must be the end of the graph or be scaled linearly after it (as a training loss is).
 
 At GPT-2's vocabulary of 50257 and 16K tokens, the logits are 1.6 GB in bf16 and twice that in float32, and the
-unfused loss keeps both; here a chunk's 256 MB is all. Each chunk also reads and writes the float32 weight gradient
-once (154 MB at GPT-2's head), so chunks far smaller cost more in that than they save in memory. Under autocast the matmuls run in the autocast dtype,
-as the unfused head's would: the wrapper casts both inputs, because inside torch.compile's graphs an operator runs
-with autocast off.
+unfused loss keeps both; here a chunk's 256 MB is all (512 MB in float32). Each chunk also reads and writes the
+float32 weight gradient once (154 MB at GPT-2's head), so chunks far smaller cost more in that than they save in
+memory. Under autocast the matmuls run in the autocast dtype, as the unfused head's would: the wrapper casts both
+inputs, because inside torch.compile's graphs an operator runs with autocast off.
 """
 from __future__ import annotations
 

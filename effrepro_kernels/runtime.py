@@ -46,6 +46,8 @@ class KeptLaunches:
     integer and constexpr arguments. Calls that repeat a signature (a training loop's, at every layer and step)
     then launch compiled kernels directly."""
 
+    MAX_SIGNATURES = 1024  # a loop over ever new shapes (lengths that vary) keeps the newest, never unbounded
+
     def __init__(self):
         self.by_call = {}
 
@@ -53,7 +55,13 @@ class KeptLaunches:
         """The dict to give `launch` for such a call; None where launches are not kept."""
         if not FAST_LAUNCH:
             return None
-        return self.by_call.setdefault((signature(*tensors), *settings), {})
+        key = (signature(*tensors), *settings)
+        kept = self.by_call.get(key)
+        if kept is None:
+            if len(self.by_call) >= self.MAX_SIGNATURES:
+                del self.by_call[next(iter(self.by_call))]  # the oldest
+            kept = self.by_call[key] = {}
+        return kept
 
 
 def launch(kernel, grid, args: tuple, meta: dict, kept: dict | None = None, name: str = ""):
@@ -64,8 +72,9 @@ def launch(kernel, grid, args: tuple, meta: dict, kept: dict | None = None, name
     argument, its cache lookup and an autotuner's choice of config, most of the host's time for a kernel of 40
     arguments (effrepro_kernels/NOTES.md). `kernel` may be autotuned (its chosen config's values join `meta`) and
     `grid` a function of the meta-parameters, as Triton takes it. A launch whose `meta` differs from the kept one's
-    goes through the JIT (and is kept instead), so a caller's signature that misses a constexpr costs time, never
-    a wrong kernel."""
+    goes through the JIT (and is kept instead). What Triton specialises on at run time (an integer equal to 1 or
+    divisible by 16, an int where a float was, a pointer's alignment) is the owner's to fix: pass scalars as the
+    types the first launch had (floats as floats), and key by `signature` what the integers come from."""
     fast = kept.get(name) if kept is not None else None
     if fast is not None and fast[2] == meta:  # a kept kernel compiled for other constexprs is never called
         runner, constexprs, _ = fast

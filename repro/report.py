@@ -251,15 +251,17 @@ def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tu
             used.append(rec)
     for task, (rows, used) in out.items():
         if len({rec.gpu_name for rec in used}) > 1:
-            # the card's model alone ("NVIDIA H100 80GB HBM3" -> "H100"): the plots' margins are narrow
-            card = {id(r): rec.gpu_name.removeprefix("NVIDIA ").split()[0] for rec in used for r in rec.rows}
+            card = {id(r): rec.gpu_name.removeprefix("NVIDIA ") for rec in used for r in rec.rows}
             rows[:] = [replace(r, extra={**r.extra, "series": _with_card(r.extra.get("series", ""), card[id(r)])})
                        for r in rows]
     return out
 
 
 def _with_card(series: str, card: str) -> str:
-    return series if card.lower() in series.lower() else f"{series} · {card}"
+    """`series` with the card that measured it, unless it names that card already (as a whole word)."""
+    if re.search(rf"(?<!\w){re.escape(card)}(?!\w)", series, re.IGNORECASE):
+        return series
+    return f"{series} · {card}" if series else card
 
 
 def plotted_metrics(record: RunRecord) -> list[str]:

@@ -279,6 +279,33 @@ def test_gpu_in_kernel_merge_is_deterministic_whichever_program_finishes_last():
     assert ((first.double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
 
 
+def test_a_prepared_schedule_takes_every_softmax_scale_as_given():
+    """A prepared schedule keeps its compiled kernel (on a GPU): an integer scale must not be compiled into it
+    (Triton makes an integer 1 a constant), so each later scale is the one used."""
+    sched = make_schedule("lean", [37, 5], 2, head_dim=64, device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    q = torch.randn(2, 4, 64, device=DEVICE, dtype=torch.float16, generator=gen)
+    k, v = (torch.randn(2, 2, 40, 64, device=DEVICE, dtype=torch.float16, generator=gen) for _ in range(2))
+    for scale in (1, 0.05, 2):
+        got = decode_attention(q, k, v, schedule=sched, softmax_scale=scale)
+        ref = decode_attention_reference(q.double(), k.double(), v.double(), sched.lengths, softmax_scale=scale)
+        assert ((got.double() - ref).norm() / ref.norm()).item() < TOL[torch.float16], scale
+
+
+def test_kept_launches_are_per_signature_and_bounded(monkeypatch):
+    runtime = importlib.import_module("effrepro_kernels.runtime")
+    monkeypatch.setattr(runtime, "FAST_LAUNCH", True)
+    kept = runtime.KeptLaunches()
+    monkeypatch.setattr(kept, "MAX_SIGNATURES", 2)
+    memory = torch.zeros(9, dtype=torch.float16)
+    x = memory[:8]
+    first = kept((x,), True)
+    assert kept((x.clone(),), True) is first  # same shape, strides, dtype, device, alignment
+    assert kept((memory[1:],), True) is not first  # the same shape 2 bytes in: not 16-byte aligned
+    assert kept((x,), False) is not first
+    assert len(kept.by_call) == 2 and kept((x,), True) is not first  # the oldest went for the newest
+
+
 def test_a_kept_launch_passes_every_parameter_in_order_and_only_for_the_owner(monkeypatch):
     runtime = importlib.import_module("effrepro_kernels.runtime")
     monkeypatch.setattr(runtime, "FAST_LAUNCH", True)

@@ -87,8 +87,21 @@ def test_repeated_calls_of_one_signature_stay_exact(dropout_p):
         run_both(2, 2, 2, 70, 70, 64, torch.float16, causal=True, dropout_p=dropout_p, seed=100 + data_seed,
                  data_seed=data_seed)
     if has_gpu():
-        kept = [set(launches) for launches in importlib.import_module("effrepro_kernels.flash_attn")._kept.by_call.values()]
+        kept = [set(launches) for launches in
+                importlib.import_module("effrepro_kernels.flash_attn")._kept.by_call.values()]
         assert {"forward"} in kept and {"delta", "dkdv", "dq"} in kept, kept
+
+
+def test_a_misaligned_view_of_the_same_shape_gets_its_own_kernel():
+    """Triton specialises pointers on 16-byte alignment: a kept launch compiled for aligned inputs must not run on
+    inputs of the same shapes and strides that are views 2 bytes into their memory (their own signature)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    shape, n = (1, 2, 33, 64), 2 * 33 * 64
+    for offset in (0, 1, 0):  # aligned, misaligned, aligned again
+        q, k, v = (torch.randn(n + 1, device=DEVICE, dtype=torch.float16, generator=gen)[offset:offset + n]
+                   .view(shape) for _ in range(3))
+        ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
+        assert rel_err(flash_attn(q, k, v, causal=True), ref) < TOL[torch.float16], offset
 
 
 def test_layouts_and_lse():

@@ -171,10 +171,13 @@ def test_plotted_series_from_several_cards_carry_their_card():
     def series_row(series):
         return Row("ours", "n", 1, "speedup", "x", 1.0, extra={"series": series})
 
-    h100 = rec("bench", "small", [series_row("a"), series_row("b")], started="2026-11-01T00:00:00+00:00")
-    h200 = rec("bench", "small", [series_row("a")], started="2026-11-02T00:00:00+00:00", env=H200)
+    h100 = rec("bench", "small", [series_row("a"), series_row("b"), series_row("")],
+               started="2026-11-01T00:00:00+00:00")
+    h200 = rec("bench", "small", [series_row("a"), series_row("H200 sweep"), series_row("H20 sweep")],
+               started="2026-11-02T00:00:00+00:00", env=H200)
     rows, _ = newest_rows_by_series([(Path("old"), h100), (Path("new"), h200)])["bench"]
-    assert sorted(r.extra["series"] for r in rows) == ["a · H200", "b · H100"]
+    assert sorted(r.extra["series"] for r in rows) == ["H100 80GB HBM3", "H20 sweep · H200", "H200 sweep",
+                                                      "a · H200", "b · H100 80GB HBM3"]
     assert h100.rows[1].extra["series"] == "b"  # the records themselves unchanged
 
 
