@@ -166,6 +166,8 @@ def _qkv(*shape, dtype=torch.float16):
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), layout="sbhd"), "layout"),
     (lambda: flash_attn(*_qkv(2, 8, 32)), "4-d"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), softmax_scale=-0.1), "softmax_scale"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), dropout_p=0.1, seed=2**31),
+     r"seed=2147483648 must be in \[0, 2\*\*31\)"),
 ])
 def test_bad_input_is_a_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):
