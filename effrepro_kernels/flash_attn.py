@@ -493,10 +493,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
     (cnt, idx) = rows if block_size else (lse, lse)
     grid = lambda m: (cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
     forward, tiles = _tuned(_attn_fwd, block_size)
-    kept = _kept((q, k, v), causal, key_padding_mask is not None, dropout_p > 0, block_size)
+    meta = _meta(d, causal, key_padding_mask, dropout_p, block_size)
     launch(forward, grid, (q, k, v, o, lse, kpm, cnt, idx, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                            *lse.stride(), h, groups, n_q, n_k, sm_scale, seed, dropout_p),
-           {**_meta(d, causal, key_padding_mask, dropout_p, block_size), **tiles}, kept, "forward")
+           {**meta, **tiles}, _kept((q, k, v), *meta.values()), "forward")
     return o, lse
 
 
@@ -524,8 +524,7 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     n_k, groups = k.shape[2], h // k.shape[1]
     do = do.contiguous() if do.stride(-1) != 1 else do
     meta = _meta(d, causal, key_padding_mask, dropout_p, block_size)
-    kept = _kept((q, k, v, o, lse, do, dq, dk, dv), causal, key_padding_mask is not None, dropout_p > 0,
-                 block_size)
+    kept = _kept((q, k, v, o, lse, do, dq, dk, dv), *meta.values())
     delta = torch.empty(b * h, n_q, device=q.device, dtype=torch.float32)
     delta_rows = max(16, DELTA_ELEMENTS // meta["BLOCK_D"])
     launch(_bwd_delta, (cdiv(n_q, delta_rows), b * h), (o, do, delta, *o.stride(), *do.stride(), h, n_q),
@@ -619,8 +618,8 @@ _flash_attn_packed_function = differentiable(_forward_packed, _save_packed, _gra
 
 # Training calls the attention with the same shapes at every layer and step, so from the second call on, a launch
 # skips the autotuner's and the JIT's handling of its 40 arguments, most of the host's time of a call
-# (effrepro_kernels/NOTES.md, "The host cost of our attention"). Settings: causal, key padding or not, dropout or
-# not (its probability is a float and the seed `do_not_specialize`: Triton specialises on neither), sparse blocks.
+# (effrepro_kernels/NOTES.md, "The host cost of our attention"). Keyed by the tensors and `_meta`'s constexprs; the
+# dropout probability is a float and the seed `do_not_specialize`, so Triton specialises on neither.
 _kept = KeptLaunches()
 
 

@@ -54,7 +54,8 @@ def _loss_and_gradient(Logits, stride, Targets, Loss, InvCount, vocab, ignore_in
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b for a float32 acc: on a GPU, cuBLAS adds the product of bf16/fp16 inputs into acc in place,
     one read and one write of it. The product as a tensor, made float32 and then added, moves 2.5 times the bytes,
-    about 0.8 GB a chunk at GPT-2's head (effrepro_kernels/NOTES.md, "Training fusions ...")."""
+    about 0.8 GB a chunk at GPT-2's head (effrepro_kernels/NOTES.md, "The host cost of our attention: kept
+    launches")."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif acc.is_cuda:

@@ -249,7 +249,7 @@ def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tu
         if new:
             rows += new
             used.append(rec)
-    for task, (rows, used) in out.items():
+    for rows, used in out.values():
         if len({rec.gpu_name for rec in used}) > 1:
             card = {id(r): rec.gpu_name.removeprefix("NVIDIA ") for rec in used for r in rec.rows}
             rows[:] = [replace(r, extra={**r.extra, "series": _with_card(r.extra.get("series", ""), card[id(r)])})
