@@ -36,6 +36,9 @@ TILE_KEYS = {"fa2": 128, "split": 64, "lean": 64}  # measured best on an H100 at
 # Peak memory bandwidth per SM above which `split` and `lean` tiles hold twice the keys: an H100 SXM has 25 GB/s
 # per SM and an H200 37, whose programs need more bytes in flight to keep its faster memory busy (NOTES.md)
 FAST_MEMORY_GB_S_PER_SM = 30
+# Lean programs per SM over a quantized cache: dequantizing in registers is bound by the latency of its
+# conversions, not by bytes, and a second program per SM hides it (H200: 0.64 of the time of one, NOTES.md)
+QUANTIZED_PROGRAMS_PER_SM = 2
 PIPELINE_SMEM = 160 * 1024  # bytes of shared memory the K and V tiles of two pipeline stages may take
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -279,17 +282,19 @@ def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.f
                     quantized: bool = False) -> int:
     """Keys per tile. `fa2`'s few programs each stream a whole head, so their speed is the bytes each keeps in
     flight: larger tiles. `split` and `lean` fill every SM, and need larger tiles only where the memory is fast
-    for the SM count (`FAST_MEMORY_GB_S_PER_SM`). The measured key counts are for head_dim 128; a tile keeps
-    their bytes at other head dims (twice the keys at 64). Halved where two pipeline stages of K and V would
-    not fit in shared memory (long heads, float32), or half of it for a quantized cache, whose tiles are
-    dequantized beside the packed ones; 16 under the CPU interpreter, for speed."""
+    for the SM count (`FAST_MEMORY_GB_S_PER_SM`); on such memory a quantized cache's tiles double too (measured
+    on an H200, NOTES.md: 128 keys, with two lean programs per SM, took 0.66 of the time of 64). The measured
+    key counts are for head_dim 128; a tile keeps their bytes at other head dims (twice the keys at 64). Halved
+    where two pipeline stages of K and V would not fit in shared memory (long heads, float32), or half of it
+    for a float32 quantized cache, whose dequantized tiles beside the packed ones needed 300 KB on an H200
+    where 227 KB exist; 16 under the CPU interpreter, for speed."""
     if INTERPRET:
         return 16
     keys = TILE_KEYS[kind]
-    if kind != "fa2" and not quantized and peak_gb_s_per_sm(device) > FAST_MEMORY_GB_S_PER_SM:
+    if kind != "fa2" and peak_gb_s_per_sm(device) > FAST_MEMORY_GB_S_PER_SM:
         keys *= 2
     keys = min(256, keys * 128 // padded_head_dim(head_dim)) if head_dim < 128 else keys
-    room = PIPELINE_SMEM // 2 if quantized else PIPELINE_SMEM
+    room = PIPELINE_SMEM // 2 if quantized and dtype == torch.float32 else PIPELINE_SMEM
     while keys > 16 and pipeline_bytes(keys, head_dim, dtype, quantized) > room:
         keys //= 2
     return keys
@@ -306,7 +311,8 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
                   num_splits: int | None = None, block_n: int | None = None, head_dim: int = 128,
                   dtype: torch.dtype = torch.float16, device=None, quantized: bool = False) -> DecodeSchedule:
     """`fa2`: a program per (batch, KV head). `split`: `num_splits` chunks per (batch, KV head) (default: enough
-    for one program per SM). `lean`: `num_programs` equal shares of all tiles (default: `lean_programs`).
+    for one program per SM). `lean`: `num_programs` equal shares of all tiles (default: `lean_programs`, times
+    `QUANTIZED_PROGRAMS_PER_SM` for a `quantized` cache).
     Tiles of `block_n` keys (default: `default_block_n` for the head_dim, dtype, device and kind of cache, full
     precision or `quantized`, the schedule will serve). The schedule lives on `device` (default: that of
     `lengths`, if a tensor; else the CPU)."""
@@ -337,7 +343,8 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
                     pieces[g] += 1
     else:
         total = sum(tiles)
-        programs = min(num_programs or lean_programs(tiles, sms), total)
+        per_sm = QUANTIZED_PROGRAMS_PER_SM if quantized else 1
+        programs = min(num_programs or lean_programs(tiles, sms) * per_sm, total)
         starts = [0]
         for t in tiles:
             starts.append(starts[-1] + t)
@@ -545,8 +552,7 @@ def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: Quantized
     if k_q.zero.stride() != k_q.scale.stride() or v_q.zero.stride() != v_q.scale.stride():
         raise ValueError("a QuantizedKV's zero must be laid out like its scale (same strides)")
     if isinstance(schedule, str) and lengths is not None:
-        # tiles dequantized from packed codes take shared memory beside them: a float32 tile of the full-precision
-        # size needed 300 KB on an H200, where 227 KB exist (`default_block_n` with quantized=True)
+        # keys per tile, and lean programs, for a quantized cache (`default_block_n`, `make_schedule`)
         schedule = make_schedule(schedule, _lengths_on_host(lengths), k_q.shape[1], head_dim=q.shape[2],
                                  dtype=q.dtype, device=q.device, quantized=True)
     schedule, workspace = _prepare(q, k_q, v_q, lengths, schedule)

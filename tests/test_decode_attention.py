@@ -8,9 +8,9 @@ import torch
 import triton
 
 from conftest import DEVICE, gpu
-from effrepro_kernels.decode_attention import (SCHEDULES, decode_attention, default_block_n, head_dim_chunks,
-                                               lean_programs, make_schedule, merge_attention, merge_step,
-                                               padded_head_dim)
+from effrepro_kernels.decode_attention import (QUANTIZED_PROGRAMS_PER_SM, SCHEDULES, decode_attention, default_block_n,
+                                               head_dim_chunks, lean_programs, make_schedule, merge_attention,
+                                               merge_step, padded_head_dim)
 from effrepro_kernels.reference import decode_attention_reference, decode_scores_reference
 
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -134,6 +134,9 @@ def test_default_lean_programs_never_span_two_equal_segments():
     assert lean_programs([64, 65], sms=132) == 132 and lean_programs([4] * 200, sms=132) == 132
     sched = make_schedule("lean", [100] * 3, 2, block_n=16)  # 6 segments of 7 tiles
     assert sched.num_programs % 6 == 0 and sched.work.shape[1] == 1  # one item per program
+    # a quantized cache: programs per SM to hide the latency of dequantizing
+    quantized = make_schedule("lean", [100] * 3, 2, block_n=16, quantized=True)
+    assert quantized.num_programs == QUANTIZED_PROGRAMS_PER_SM * sched.num_programs
 
 
 def test_tiles_are_larger_for_fa2_and_shrink_to_fit_shared_memory(monkeypatch):
@@ -144,14 +147,16 @@ def test_tiles_are_larger_for_fa2_and_shrink_to_fit_shared_memory(monkeypatch):
     assert default_block_n("fa2") == 128 and default_block_n("lean") == default_block_n("split") == 64
     assert default_block_n("fa2", 256) == 64 and default_block_n("fa2", 128, torch.float32) == 64
     assert default_block_n("lean", 256, torch.float32) == 32
-    # the same bytes a tile at smaller heads; a quantized cache leaves room for its dequantized tiles
+    # the same bytes a tile at smaller heads; a float32 quantized cache leaves room for its dequantized tiles
     assert default_block_n("lean", 64) == 128 and default_block_n("lean", 96) == 64
     assert default_block_n("fa2", 32) == default_block_n("fa2", 16) == 256
     assert default_block_n("lean", quantized=True) == 64 and default_block_n("lean", 128, torch.float32, quantized=True) == 32
     monkeypatch.setattr(module, "peak_gb_s_per_sm", lambda device=None: 37.3)  # an H200's: more bytes in flight
     assert default_block_n("lean") == default_block_n("split") == default_block_n("fa2") == 128
     assert default_block_n("lean", 64) == 256 and default_block_n("lean", 80) == 128
-    assert default_block_n("lean", quantized=True) == 64 and default_block_n("lean", 256, torch.float32) == 32
+    assert default_block_n("lean", 256, torch.float32) == 32
+    assert default_block_n("lean", 128, torch.bfloat16, quantized=True) == 128
+    assert default_block_n("lean", 128, torch.float32, quantized=True) == 32
 
 
 def test_peak_bandwidth_per_sm_comes_from_the_device():

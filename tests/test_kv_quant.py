@@ -13,10 +13,10 @@ from effrepro_kernels.reference import (decode_attention_reference, decode_score
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 # (batch, kv_heads, n, head_dim), group_size, axis: odd head dims, and group sizes that are not powers of two
 # (values: those group by group, powers of two all in one reduction, a token count past one program's rows;
-# keys: a power-of-two group longer than a dequantize tile, 32 tokens at head_dim 128)
+# keys: a power-of-two group longer than a dequantize tile, 32 tokens at head_dim 128, and many programs)
 CASES = [((2, 3, 24, 80), 12, "channel"), ((1, 2, 16, 48), 16, "channel"), ((2, 3, 5, 80), 20, "token"),
          ((1, 2, 7, 96), 32, "token"), ((2, 1, 3, 72), 72, "token"), ((1, 2, 37, 128), 32, "token"),
-         ((2, 1, 9, 64), 16, "token"), ((1, 2, 128, 128), 64, "channel")]
+         ((2, 1, 9, 64), 16, "token"), ((1, 2, 128, 128), 64, "channel"), ((2, 3, 160, 32), 8, "channel")]
 
 
 def random_cache(shape, dtype, seed):
