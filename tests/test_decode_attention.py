@@ -135,8 +135,8 @@ def test_default_lean_programs_never_span_two_equal_segments():
     sched = make_schedule("lean", [100] * 3, 2, block_n=16)  # 6 segments of 7 tiles
     assert sched.num_programs % 6 == 0 and sched.work.shape[1] == 1  # one item per program
     # a quantized cache: programs per SM to hide the latency of dequantizing
-    quantized = make_schedule("lean", [100] * 3, 2, block_n=16, quantized=True)
-    assert quantized.num_programs == QUANTIZED_PROGRAMS_PER_SM * sched.num_programs
+    plain, quantized = (make_schedule("lean", [4096] * 3, 2, block_n=16, quantized=q) for q in (False, True))
+    assert quantized.num_programs == QUANTIZED_PROGRAMS_PER_SM * plain.num_programs  # fewer than the 1,536 tiles
 
 
 def test_tiles_are_larger_for_fa2_and_shrink_to_fit_shared_memory(monkeypatch):
