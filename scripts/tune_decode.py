@@ -3,7 +3,7 @@ programs per SM, at a few shapes, each timed from CUDA graphs against the copy b
 head sizes at the default levers, and the host cost of one call from eager PyTorch. Prints tables (what
 effrepro_kernels/NOTES.md quotes); it writes no record: `repro task=lean_decode` is the measurement.
 
-    python scripts/tune_decode.py [--quick] [--head-dims]
+    python scripts/tune_decode.py [--quick] [--head-dims | --quantized]
 """
 from __future__ import annotations
 
@@ -108,6 +108,44 @@ def head_dims(copy_gb_s, quick):
         torch.cuda.empty_cache()
 
 
+def quantized_levers(quick):
+    """Attention over a KIVI-quantized cache (keys per channel, values per token, groups of 32), bf16, 32/8 heads:
+    keys per tile, stages and lean programs per SM, against the 16-bit cache's default schedule in the same run."""
+    from effrepro_kernels.decode_attention import decode_attention_quantized
+    from effrepro_kernels.kv_quant import quantize_kv
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    grid = dict(bits=[4], block_n=[64, 128], num_stages=[3, 4], per_sm=[1, 2, 3, 4])
+    if quick:
+        grid = dict(bits=[4], block_n=[128], num_stages=[3], per_sm=[1, 2])
+    print("\n## quantized cache (32/8, bf16, groups of 32; graph-timed): µs, and the 16-bit cache's time over it")
+    print("| shape | " + " | ".join(grid) + " | µs | x 16-bit |\n|" + "---|" * (len(grid) + 3))
+    for batch, context in ((1, 32768), (4, 32768), (4, 131072)):
+        copies, lengths, _ = inputs(batch, 32, 8, context, 128, torch.bfloat16)
+        packed = [{bits: (quantize_kv(k, bits, 32, "channel"), quantize_kv(v, bits, 32, "token"))
+                   for bits in grid["bits"]} for _, k, v in copies]
+        default = make_schedule("lean", lengths, 8, dtype=torch.bfloat16, device="cuda")
+        full = measure(rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=default)),
+                       torch.device("cuda"), warmup_ms=5, rep_ms=30, back_to_back="graph").p50
+        for bits, block_n, stages, per_sm in itertools.product(*grid.values()):
+            tiles = [math.ceil(context / block_n)] * (batch * 8)
+            schedule = make_schedule("lean", lengths, 8, block_n=block_n, dtype=torch.bfloat16, device="cuda",
+                                     num_programs=lean_programs(tiles, sms) * per_sm, quantized=True)
+            schedule = dataclasses.replace(schedule, num_stages=stages)
+            turn = itertools.cycle(range(len(copies)))
+
+            def attend():
+                i = next(turn)
+                return decode_attention_quantized(copies[i][0], *packed[i][bits], schedule=schedule)
+            try:
+                t = measure(attend, torch.device("cuda"), warmup_ms=5, rep_ms=20, back_to_back="graph").p50
+            except Exception as exc:  # noqa: BLE001 - a config that does not fit or compile is skipped
+                print(f"<!-- {bits} {block_n} {stages} {per_sm}: {type(exc).__name__} -->")
+                continue
+            print(f"| B={batch} L={context} | {bits} | {block_n} | {stages} | {per_sm} | {t * 1e3:.1f} | "
+                  f"{full / t:.2f} |")
+
+
 def per_call_us(call) -> tuple[float, float]:
     """The host's time to issue one call (wall clock over 2000 calls, no sync) and the device's time per call
     in back-to-back loops issued from Python (`measure`'s eager loops), in microseconds."""
@@ -168,10 +206,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few levers only")
     parser.add_argument("--head-dims", action="store_true", help="only the head sizes and their levers")
+    parser.add_argument("--quantized", action="store_true", help="only the levers over a quantized cache")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB, "
           f"shared memory per block {getattr(props, 'shared_memory_per_block_optin', 0) >> 10} KB")
+    if args.quantized:
+        return quantized_levers(args.quick)
     copy_gb_s = copy_bandwidth(torch.device("cuda"), 4 << 30).p50
     if not args.head_dims:
         host_cost()
