@@ -37,7 +37,8 @@ TILE_KEYS = {"fa2": 128, "split": 64, "lean": 64}  # measured best on an H100 at
 # per SM and an H200 37, whose programs need more bytes in flight to keep its faster memory busy (NOTES.md)
 FAST_MEMORY_GB_S_PER_SM = 30
 # Lean programs per SM over a quantized cache: dequantizing in registers is bound by the latency of its
-# conversions, not by bytes, and a second program per SM hides it (H200: 0.64 of the time of one, NOTES.md)
+# conversions, not by bytes, and a second program per SM hides part of it (measured on an H200:
+# results/probes/decode_quantized_levers_h200_30819b8.md)
 QUANTIZED_PROGRAMS_PER_SM = 2
 PIPELINE_SMEM = 160 * 1024  # bytes of shared memory the K and V tiles of two pipeline stages may take
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -283,11 +284,13 @@ def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.f
     """Keys per tile. `fa2`'s few programs each stream a whole head, so their speed is the bytes each keeps in
     flight: larger tiles. `split` and `lean` fill every SM, and need larger tiles only where the memory is fast
     for the SM count (`FAST_MEMORY_GB_S_PER_SM`); on such memory a quantized cache's tiles double too (measured
-    on an H200, NOTES.md: 128 keys, with two lean programs per SM, took 0.66 of the time of 64). The measured
-    key counts are for head_dim 128; a tile keeps their bytes at other head dims (twice the keys at 64). Halved
-    where two pipeline stages of K and V would not fit in shared memory (long heads, float32), or half of it
-    for a float32 quantized cache, whose dequantized tiles beside the packed ones needed 300 KB on an H200
-    where 227 KB exist; 16 under the CPU interpreter, for speed."""
+    with `QUANTIZED_PROGRAMS_PER_SM`, in the probe named there). The measured key counts are for head_dim 128; a
+    tile keeps their bytes at other head dims (twice the keys at 64). Halved where two pipeline stages of K and V
+    would not fit in shared memory (long heads, float32), or half of it for a float32 quantized cache: there
+    Triton pipelines the key groups' scales and zeros through shared memory too (for group sizes that are not
+    powers of two), which `pipeline_bytes` does not count: compiled offline for sm_90, a 128-key tile at
+    head_dim 128 with key groups of 24 needs 352 KB, where an H200 has 227 KB. 16 under the CPU interpreter,
+    for speed."""
     if INTERPRET:
         return 16
     keys = TILE_KEYS[kind]
