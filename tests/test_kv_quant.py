@@ -1,5 +1,7 @@
 """KV-cache quantization (KIVI's layout) against the plain PyTorch reference, and decode attention straight over a
 quantized cache against attention over the dequantized one."""
+import importlib
+
 import pytest
 import torch
 
@@ -160,6 +162,17 @@ def test_quantized_decode_refuses_other_layouts():
         decode_attention_quantized(q, dequantize_kv(k_q), v_q, lengths)
     with pytest.raises(ValueError, match=r"lengths must be in \[1, 16\]"):
         decode_attention_quantized(q, k_q, v_q, torch.tensor([17], device=DEVICE))
+
+
+def test_quantized_decode_builds_its_schedule_for_a_quantized_cache(monkeypatch):
+    """A schedule given by name is made with the quantized cache's levers (keys per tile, lean programs)."""
+    module = importlib.import_module("effrepro_kernels.decode_attention")
+    made = []
+    real = module.make_schedule
+    monkeypatch.setattr(module, "make_schedule", lambda *args, **kwargs: made.append(kwargs) or real(*args, **kwargs))
+    q, k_q, v_q = quantized_inputs(1, 2, 1, 16, 32, 4, torch.float16, key_group=16, value_group=16)
+    decode_attention_quantized(q, k_q, v_q, torch.tensor([16], device=DEVICE), schedule="lean")
+    assert [kwargs.get("quantized") for kwargs in made] == [True]
 
 
 @gpu
