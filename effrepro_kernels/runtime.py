@@ -2,7 +2,9 @@
 import os
 
 import torch
+import triton
 
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 # Triton's interpreter runs kernels on the CPU (slowly, with numpy): for tests on machines without a GPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # EFFREPRO_AUTOTUNE=0 gives each autotuned kernel its first config instead of timing them all: for tests, where

@@ -8,6 +8,7 @@ import torch
 from conftest import DEVICE, gpu
 from test_decode_attention import check_scores
 from effrepro_kernels.decode_attention import decode_attention, decode_attention_quantized, merge_attention
+from effrepro_kernels import kv_quant
 from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, quantize_kv
 from effrepro_kernels.reference import (decode_attention_reference, decode_scores_reference, dequantize_kv_reference,
                                quantize_kv_reference, unpack_codes)
@@ -51,11 +52,38 @@ def test_quantize_matches_reference_and_round_trips(bits, dtype):
         assert y.dtype == dtype and y.shape == x.shape
         torch.testing.assert_close(y, dequantize_kv_reference(ours, q.scale, q.zero, group_size, axis))
         step = per_value(scale, group_size, axis).float()
-        slack = torch.finfo(dtype).eps * x.float().abs()  # y is rounded to the cache's dtype
+        # y is rounded to the cache's dtype, and x - zero was rounded when quantizing (a code at a tie may go
+        # either way)
+        slack = torch.finfo(dtype).eps * (x.float().abs() + per_value(zero, group_size, axis).float().abs())
         assert ((y.float() - x.float()).abs() <= step / 2 + slack).all(), (shape, group_size, axis)
         again = quantize_kv(y, bits, group_size, axis)
         assert torch.equal(again.data, q.data) and torch.equal(again.zero, q.zero), (shape, group_size, axis)
         torch.testing.assert_close(again.scale, q.scale, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32,
+                                   pytest.param(torch.bfloat16, marks=gpu)], ids=str)
+def test_every_code_dequantizes_to_the_rounded_exact_value(bits, dtype):
+    """Every code of every bit width, under random scales and zeros, dequantizes to code · scale + zero computed
+    exactly and rounded once to the cache's dtype (the kernel's fused multiply-add), or within a rounding of each
+    term where it goes through float32 (8-bit bf16) or an interpreter older than Triton 3.9 rounds twice."""
+    per_byte, channels = 8 // bits, 64
+    gen = torch.Generator(device=DEVICE).manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (1, 1, 3 * 2**bits, channels), device=DEVICE, generator=gen, dtype=torch.uint8)
+    codes[0, 0, :2**bits, 0] = torch.arange(2**bits, device=DEVICE, dtype=torch.uint8)
+    data = sum(codes[..., i::per_byte] << (i * bits) for i in range(per_byte)).to(torch.uint8)
+    stats = (1, 1, codes.shape[2], 1)
+    scale = (torch.rand(stats, device=DEVICE, generator=gen) * 0.1 + 1e-3).to(dtype)
+    zero = torch.randn(stats, device=DEVICE, generator=gen).to(dtype)
+    y = dequantize_kv(QuantizedKV(data, scale, zero, bits, channels, "token", tuple(codes.shape)))
+    exact = codes.double() * scale.double() + zero.double()
+    rounds_once = kv_quant.FMA_ROUNDS_ONCE and not (dtype == torch.bfloat16 and bits == 8)
+    if rounds_once:
+        assert torch.equal(y, exact.to(dtype))
+    else:
+        bound = torch.finfo(dtype).eps * ((codes.double() * scale.double()).abs() + zero.double().abs())
+        assert ((y.double() - exact).abs() <= bound).all()
 
 
 def test_a_constant_group_quantizes_exactly():
