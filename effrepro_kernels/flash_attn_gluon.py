@@ -65,7 +65,7 @@ def _key_tiles(row0, rows, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
               H, KV_GROUPS, N_Q, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     pid_m, bh = gl.program_id(0), gl.program_id(1)
@@ -78,59 +78,87 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, 
     for i in range(n_tiles):
         s = i % NUM_STAGES
         # a fresh barrier counts as having completed the phase before phase 0, so the first round passes
-        mbarrier.wait(kv_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
+        mbarrier.wait(k_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
         _tma_load(k_desc, [kv_bh, i * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
         _tma_load(v_desc, [kv_bh, i * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
-def _attend(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, lo, hi, row0, N_Q, N_K, qk_scale,
+def _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout: gl.constexpr, MASK: gl.constexpr,
+             CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Key tile i's scores into the running (m_i, l_i): P for the P·V product and the factor that rescales the
+    output accumulated so far. MASK for the tiles that cross the diagonal or the end of the keys."""
+    ROWS: gl.constexpr = qk.shape[0]
+    s_layout: gl.constexpr = qk.type.layout
+    if MASK:
+        cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        valid = cols[None, :] < N_K  # TMA filled the keys past the end with zeros, not -inf
+        if CAUSAL:
+            rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+            valid = valid & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
+        qk = gl.where(valid, qk, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)  # qk_scale > 0, so max commutes with it
+    if MASK:  # a row with no visible key yet: keep exp2 away from inf - inf
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = gl.exp2(qk * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None], m_new, l_i
+
+
+@gluon.jit
+def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, lo, hi, row0, N_Q, N_K, qk_scale,
             MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-    """Key tiles lo .. hi - 1 into the running (acc, m_i, l_i) of one warpgroup's rows; MASK for the tiles
-    that cross the diagonal or the end of the keys."""
+    """Key tiles lo .. hi - 1 into the running (acc, m_i, l_i) of one warpgroup's rows, software-pipelined as in
+    FlashAttention-3: tile i's Q·Kᵀ and tile i - 1's P·V are issued together, and tile i's softmax runs while
+    the tensor cores do that P·V. A stage's K is released once its Q·Kᵀ is done, its V once its P·V is."""
     ROWS: gl.constexpr = q.shape[0]
     HEAD_DIM: gl.constexpr = q.shape[1]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = acc.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    for i in range(lo, hi):
-        s = i % NUM_STAGES
-        phase = (i // NUM_STAGES) & 1
-        mbarrier.wait(k_ready.index(s), phase)
-        k = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
-        qk = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                           is_async=True)
+    if lo < hi:
+        s = lo % NUM_STAGES
+        mbarrier.wait(k_ready.index(s), (lo // NUM_STAGES) & 1)
+        qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                           gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(0, deps=(qk,))
-        if MASK:
-            cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            valid = cols[None, :] < N_K  # TMA filled the keys past the end with zeros, not -inf
-            if CAUSAL:
-                rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-                valid = valid & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
-            qk = gl.where(valid, qk, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)  # qk_scale > 0, so max commutes with it
-        if MASK:  # a row with no visible key yet: keep exp2 away from inf - inf
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        p = gl.exp2(qk * qk_scale - m_use[:, None])
-        alpha = gl.exp2(m_i - m_use)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        mbarrier.arrive(k_empty.index(s))
+        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, row0, N_Q, N_K, qk_scale, o_layout, MASK, CAUSAL, BLOCK_N)
         p = gl.convert_layout(p.to(q.dtype), p_layout)
-        mbarrier.wait(v_ready.index(s), phase)
-        acc = warpgroup_mma(p, v_smem.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = acc * alpha
+        for i in range(lo + 1, hi):
+            s = i % NUM_STAGES
+            before = (i - 1) % NUM_STAGES
+            mbarrier.wait(k_ready.index(s), (i // NUM_STAGES) & 1)
+            qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(before), ((i - 1) // NUM_STAGES) & 1)
+            acc = warpgroup_mma(p, v_smem.index(before).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            qk = warpgroup_mma_wait(1, deps=(qk,))  # Q·Kᵀ done; P·V may still run
+            mbarrier.arrive(k_empty.index(s))
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout, MASK, CAUSAL,
+                                          BLOCK_N)
+            p = gl.convert_layout(p.to(q.dtype), p_layout)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(v_empty.index(before))
+            acc = acc * alpha
+        last = (hi - 1) % NUM_STAGES
+        mbarrier.wait(v_ready.index(last), ((hi - 1) // NUM_STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(kv_empty.index(s))
+        mbarrier.arrive(v_empty.index(last))
     return acc, m_i, l_i
 
 
 @gluon.jit
-def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
               N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """Warpgroup WG (0 or 1): rows WG·64 .. WG·64 + 63 of the query tile."""
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
@@ -155,16 +183,18 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready
     if CAUSAL:
         full = gl.minimum(full, gl.maximum(row0 + N_K - N_Q + 1, 0) // BLOCK_N)
     mbarrier.wait(q_ready.index(WG), 0)  # even with no tile: Q's buffer is reused for O below
-    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, 0, full, row0, N_Q, N_K,
-                            qk_scale, False, CAUSAL, BLOCK_N, NUM_STAGES)
-    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, m_i, l_i, full, hi, row0, N_Q, N_K,
-                            qk_scale, True, CAUSAL, BLOCK_N, NUM_STAGES)
+    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, 0, full, row0,
+                            N_Q, N_K, qk_scale, False, CAUSAL, BLOCK_N, NUM_STAGES)
+    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, full, hi, row0,
+                            N_Q, N_K, qk_scale, True, CAUSAL, BLOCK_N, NUM_STAGES)
     # Causal: the upper warpgroup's last tiles lie above this one's diagonal. It still releases them, after
     # they have arrived (so its arrival counts toward the phase of that load, not of the one before).
     for i in range(hi, _key_tiles(tile0, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
         s = i % NUM_STAGES
+        mbarrier.wait(k_ready.index(s), (i // NUM_STAGES) & 1)
+        mbarrier.arrive(k_empty.index(s))
         mbarrier.wait(v_ready.index(s), (i // NUM_STAGES) & 1)
-        mbarrier.arrive(kv_empty.index(s))
+        mbarrier.arrive(v_empty.index(s))
 
     seen = l_i > 0  # a row that saw no key at all gives zeros, and an infinite LSE
     l_safe = gl.where(seen, l_i, 1.0)
@@ -192,21 +222,23 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, q
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     for wg in gl.static_range(2):
         mbarrier.init(q_ready.index(wg), count=1)  # the producer's expect is the one arrival
     for s in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(kv_empty.index(s), count=2)  # one arrival from each consumer warpgroup
+        mbarrier.init(k_empty.index(s), count=2)  # one arrival from each consumer warpgroup
+        mbarrier.init(v_empty.index(s), count=2)
     fence_async_shared()  # the inits, before TMA (the async proxy) touches the barriers
     _cta_barrier()
     gl.warp_specialize([
-        (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, N_Q, N_K,
+        (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q, N_K,
                      qk_scale, BLOCK_N, NUM_STAGES, CAUSAL)),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
                      H, KV_GROUPS, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL)),
-        (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty, N_Q, N_K,
+        (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q, N_K,
                      qk_scale, BLOCK_N, NUM_STAGES, CAUSAL)),
     ], [1, 4], [24, CONSUMER_REGS])
     for wg in gl.static_range(2):
@@ -214,7 +246,8 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, q
     for s in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(k_ready.index(s))
         mbarrier.invalidate(v_ready.index(s))
-        mbarrier.invalidate(kv_empty.index(s))
+        mbarrier.invalidate(k_empty.index(s))
+        mbarrier.invalidate(v_empty.index(s))
 
 
 # ----------------------------------------------------------------------------------------------------- host side
