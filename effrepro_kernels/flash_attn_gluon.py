@@ -65,6 +65,39 @@ def _key_tiles(row0, rows, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr
 
 
 @gluon.jit
+def _ranges(row0, ROWS: gl.constexpr, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """A warpgroup's key tiles: those its rows see whole (no mask) end at `full`, the rest (the diagonal, the end
+    of the keys) at `hi`."""
+    hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+    full = N_K // BLOCK_N
+    if CAUSAL:
+        full = gl.minimum(full, gl.maximum(row0 + N_K - N_Q + 1, 0) // BLOCK_N)
+    return full, hi
+
+
+@gluon.jit
+def _turns(full, hi):
+    """Turns a warpgroup takes over its two ranges of tiles: one for each tile's Q·Kᵀ, one for the last P·V."""
+    return gl.where(full > 0, full + 1, 0) + gl.where(hi > full, hi - full + 1, 0)
+
+
+@gluon.jit
+def _take_turn(turn, WG: gl.constexpr, k, PINGPONG: gl.constexpr):
+    """Ping-pong (FlashAttention-3): the two warpgroups issue their matrix products in turn, so that one's
+    softmax runs while the other's products have the tensor cores. Warpgroup 0 goes first (a fresh barrier
+    passes a wait on the phase before 0)."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (k & 1) ^ (1 - WG))
+    return k + 1
+
+
+@gluon.jit
+def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
+
+
+@gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
               H, KV_GROUPS, N_Q, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
@@ -112,8 +145,9 @@ def _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout: gl.constexpr, 
 
 
 @gluon.jit
-def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, lo, hi, row0, N_Q, N_K, qk_scale,
-            MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, k_turn, acc, m_i, l_i, lo, hi, row0, N_Q,
+            N_K, qk_scale, WG: gl.constexpr, MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+            NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     """Key tiles lo .. hi - 1 into the running (acc, m_i, l_i) of one warpgroup's rows, software-pipelined as in
     FlashAttention-3: tile i's Q·Kᵀ and tile i - 1's P·V are issued together, and tile i's softmax runs while
     the tensor cores do that P·V. A stage's K is released once its Q·Kᵀ is done, its V once its P·V is."""
@@ -126,8 +160,10 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
     if lo < hi:
         s = lo % NUM_STAGES
         mbarrier.wait(k_ready.index(s), (lo // NUM_STAGES) & 1)
+        k_turn = _take_turn(turn, WG, k_turn, PINGPONG)
         qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                            gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        _pass_turn(turn, WG, PINGPONG)
         qk = warpgroup_mma_wait(0, deps=(qk,))
         mbarrier.arrive(k_empty.index(s))
         p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, row0, N_Q, N_K, qk_scale, o_layout, MASK, CAUSAL, BLOCK_N)
@@ -137,10 +173,12 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
             s = i % NUM_STAGES
             before = (i - 1) % NUM_STAGES
             mbarrier.wait(k_ready.index(s), (i // NUM_STAGES) & 1)
+            k_turn = _take_turn(turn, WG, k_turn, PINGPONG)
             qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                                gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(before), ((i - 1) // NUM_STAGES) & 1)
             acc = warpgroup_mma(p, v_smem.index(before).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            _pass_turn(turn, WG, PINGPONG)
             qk = warpgroup_mma_wait(1, deps=(qk,))  # Q·Kᵀ done; P·V may still run
             mbarrier.arrive(k_empty.index(s))
             p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout, MASK, CAUSAL,
@@ -151,15 +189,18 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
             acc = acc * alpha
         last = (hi - 1) % NUM_STAGES
         mbarrier.wait(v_ready.index(last), ((hi - 1) // NUM_STAGES) & 1)
+        k_turn = _take_turn(turn, WG, k_turn, PINGPONG)
         acc = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        _pass_turn(turn, WG, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last))
-    return acc, m_i, l_i
+    return acc, m_i, l_i, k_turn
 
 
 @gluon.jit
 def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
-              N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+              turn, N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              PINGPONG: gl.constexpr):
     """Warpgroup WG (0 or 1): rows WG·64 .. WG·64 + 63 of the query tile."""
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = o_desc.block_type.shape[2]
@@ -177,16 +218,22 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
     l_i = gl.zeros([ROWS], gl.float32, row_layout)
 
-    # tiles every row here sees whole need no mask; the rest (diagonal, end of the keys) do
-    hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-    full = N_K // BLOCK_N
-    if CAUSAL:
-        full = gl.minimum(full, gl.maximum(row0 + N_K - N_Q + 1, 0) // BLOCK_N)
+    full, hi = _ranges(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
     mbarrier.wait(q_ready.index(WG), 0)  # even with no tile: Q's buffer is reused for O below
-    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, 0, full, row0,
-                            N_Q, N_K, qk_scale, False, CAUSAL, BLOCK_N, NUM_STAGES)
-    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, full, hi, row0,
-                            N_Q, N_K, qk_scale, True, CAUSAL, BLOCK_N, NUM_STAGES)
+    k_turn = 0
+    acc, m_i, l_i, k_turn = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, k_turn, acc, m_i,
+                                    l_i, 0, full, row0, N_Q, N_K, qk_scale, WG, False, CAUSAL, BLOCK_N, NUM_STAGES,
+                                    PINGPONG)
+    acc, m_i, l_i, k_turn = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, k_turn, acc, m_i,
+                                    l_i, full, hi, row0, N_Q, N_K, qk_scale, WG, True, CAUSAL, BLOCK_N, NUM_STAGES,
+                                    PINGPONG)
+    if PINGPONG:
+        # the other warpgroup may see a tile more (causal) and take more turns: pass as many, before waiting
+        # below for tiles this one does not see (which the other's turns let the producer load)
+        other_full, other_hi = _ranges(tile0 + (1 - WG) * ROWS, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+        for _ in range(k_turn, gl.maximum(_turns(full, hi), _turns(other_full, other_hi))):
+            k_turn = _take_turn(turn, WG, k_turn, PINGPONG)
+            _pass_turn(turn, WG, PINGPONG)
     # Causal: the upper warpgroup's last tiles lie above this one's diagonal. It still releases them, after
     # they have arrived (so its arrival counts toward the phase of that load, not of the one before).
     for i in range(hi, _key_tiles(tile0, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
@@ -212,7 +259,8 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready
 
 @gluon.jit
 def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, qk_scale,
-              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+              PINGPONG: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
@@ -224,8 +272,10 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, q
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for wg in gl.static_range(2):
         mbarrier.init(q_ready.index(wg), count=1)  # the producer's expect is the one arrival
+        mbarrier.init(turn.index(wg), count=1)
     for s in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
@@ -234,15 +284,16 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, q
     fence_async_shared()  # the inits, before TMA (the async proxy) touches the barriers
     _cta_barrier()
     gl.warp_specialize([
-        (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q, N_K,
-                     qk_scale, BLOCK_N, NUM_STAGES, CAUSAL)),
+        (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn,
+                     N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
                      H, KV_GROUPS, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL)),
-        (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q, N_K,
-                     qk_scale, BLOCK_N, NUM_STAGES, CAUSAL)),
+        (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn,
+                     N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG)),
     ], [1, 4], [24, CONSUMER_REGS])
     for wg in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(wg))
+        mbarrier.invalidate(turn.index(wg))
     for s in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(k_ready.index(s))
         mbarrier.invalidate(v_ready.index(s))
@@ -254,7 +305,7 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, q
 def kernel_config(head_dim: int) -> dict:
     """The kernel's constexprs for a head_dim: two K/V stages of 128 keys fit shared memory at head_dim 128
     (Q 32 KiB + 2 · 64 KiB), three at 64."""
-    return dict(BLOCK_N=BLOCK_N, NUM_STAGES=2 if head_dim > 64 else 3, CONSUMER_REGS=240)
+    return dict(BLOCK_N=BLOCK_N, NUM_STAGES=2 if head_dim > 64 else 3, CONSUMER_REGS=240, PINGPONG=False)
 
 
 def smem_layout(block_shape, dtype):
