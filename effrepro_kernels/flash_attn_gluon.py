@@ -4,8 +4,9 @@ The structure of FlashAttention-3 and cuDNN: one program per (128-row query tile
 producer partition loads the tile's two 64-row halves of Q once, then K and V tiles into a ring of NUM_STAGES
 shared-memory buffers with TMA, signalling mbarriers with the bytes it expects. Two consumer warpgroups (the
 default partition and a four-warp worker) each own 64 query rows: S = Q·Kᵀ with wgmma, the online softmax in
-registers (base 2, the scale folded into the exponent), O += P·V with P from registers; each releases a stage
-with an mbarrier arrive once its P·V product has read it.
+registers (base 2, the scale folded into the exponent), O += P·V with P from registers; each releases a stage's
+K with an mbarrier arrive once its Q·Kᵀ has read it, and its V once its P·V has. At head_dim 128 a consumer
+overlaps each tile's softmax with the previous tile's P·V (FlashAttention-3's intra-warpgroup pipelining).
 
 Conventions follow flash_attn.py: q (batch, heads, seq_q, head_dim), k and v (batch, kv_heads, seq_k, head_dim)
 with kv_heads dividing heads; causal is bottom-right aligned (query i sees keys j <= i + seq_k - seq_q); the
@@ -15,8 +16,9 @@ that sees no key gives zeros and an LSE of +inf (so that the backward's exp2(s -
 Gluon's API moved between Triton 3.6 and 3.9 (effrepro_kernels/NOTES.md, "Gluon on Hopper"): the renamed calls
 are bridged by aliases chosen from what the installed Triton has, and without a Gluon this file knows, importing
 still works and `gluon_supported` says False. Compiled offline for sm_90 with Triton 3.6 to 3.9, run and measured
-on an H200 with 3.6 (NOTES.md, "The Gluon forward on the H200"): faster than the `tl` forward at d = 128 and from
-4K keys, slower on shorter d = 64 sequences, where `flash_attn` keeps the `tl` one (`_use_gluon`).
+on an H200 with 3.6 (NOTES.md, "The Gluon forward on the H200" and "... overlapped"): faster than the `tl`
+forward at d = 128 and from 4K keys, slower on shorter d = 64 sequences, where `flash_attn` keeps the `tl` one
+(`_use_gluon`).
 """
 from __future__ import annotations
 
@@ -62,39 +64,6 @@ def _key_tiles(row0, rows, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr
     if CAUSAL:
         n = gl.minimum(n, gl.cdiv(gl.maximum(row0 + rows + N_K - N_Q, 0), BLOCK_N))
     return n
-
-
-@gluon.jit
-def _ranges(row0, ROWS: gl.constexpr, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """A warpgroup's key tiles: those its rows see whole (no mask) end at `full`, the rest (the diagonal, the end
-    of the keys) at `hi`."""
-    hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-    full = N_K // BLOCK_N
-    if CAUSAL:
-        full = gl.minimum(full, gl.maximum(row0 + N_K - N_Q + 1, 0) // BLOCK_N)
-    return full, hi
-
-
-@gluon.jit
-def _turns(full, hi):
-    """Turns a warpgroup takes over its two ranges of tiles: one for each tile's Q·Kᵀ, one for the last P·V."""
-    return gl.where(full > 0, full + 1, 0) + gl.where(hi > full, hi - full + 1, 0)
-
-
-@gluon.jit
-def _take_turn(turn, WG: gl.constexpr, k, PINGPONG: gl.constexpr):
-    """Ping-pong (FlashAttention-3): the two warpgroups issue their matrix products in turn, so that one's
-    softmax runs while the other's products have the tensor cores. Warpgroup 0 goes first (a fresh barrier
-    passes a wait on the phase before 0)."""
-    if PINGPONG:
-        mbarrier.wait(turn.index(WG), (k & 1) ^ (1 - WG))
-    return k + 1
-
-
-@gluon.jit
-def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG))
 
 
 @gluon.jit
@@ -145,25 +114,41 @@ def _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout: gl.constexpr, 
 
 
 @gluon.jit
-def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, k_turn, acc, m_i, l_i, lo, hi, row0, N_Q,
-            N_K, qk_scale, WG: gl.constexpr, MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
-            NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr):
-    """Key tiles lo .. hi - 1 into the running (acc, m_i, l_i) of one warpgroup's rows, software-pipelined as in
-    FlashAttention-3: tile i's Q·Kᵀ and tile i - 1's P·V are issued together, and tile i's softmax runs while
-    the tensor cores do that P·V. A stage's K is released once its Q·Kᵀ is done, its V once its P·V is."""
+def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, lo, hi, row0, N_Q, N_K, qk_scale,
+            MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+            OVERLAP: gl.constexpr):
+    """Key tiles lo .. hi - 1 into the running (acc, m_i, l_i) of one warpgroup's rows. With OVERLAP, software-
+    pipelined as in FlashAttention-3: tile i's Q·Kᵀ and tile i - 1's P·V are issued together, and tile i's
+    softmax runs while the tensor cores do that P·V. A stage's K is released once its Q·Kᵀ is done, its V once
+    its P·V is."""
     ROWS: gl.constexpr = q.shape[0]
     HEAD_DIM: gl.constexpr = q.shape[1]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = acc.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    if lo < hi:
+    if not OVERLAP:
+        for i in range(lo, hi):
+            s = i % NUM_STAGES
+            phase = (i // NUM_STAGES) & 1
+            mbarrier.wait(k_ready.index(s), phase)
+            qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                               gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(0, deps=(qk,))
+            mbarrier.arrive(k_empty.index(s))
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout, MASK, CAUSAL,
+                                          BLOCK_N)
+            acc = acc * alpha
+            mbarrier.wait(v_ready.index(s), phase)
+            acc = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout),
+                                v_smem.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(v_empty.index(s))
+    elif lo < hi:
         s = lo % NUM_STAGES
         mbarrier.wait(k_ready.index(s), (lo // NUM_STAGES) & 1)
-        k_turn = _take_turn(turn, WG, k_turn, PINGPONG)
         qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                            gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-        _pass_turn(turn, WG, PINGPONG)
         qk = warpgroup_mma_wait(0, deps=(qk,))
         mbarrier.arrive(k_empty.index(s))
         p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, row0, N_Q, N_K, qk_scale, o_layout, MASK, CAUSAL, BLOCK_N)
@@ -173,12 +158,10 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, k_turn,
             s = i % NUM_STAGES
             before = (i - 1) % NUM_STAGES
             mbarrier.wait(k_ready.index(s), (i // NUM_STAGES) & 1)
-            k_turn = _take_turn(turn, WG, k_turn, PINGPONG)
             qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                                gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(before), ((i - 1) // NUM_STAGES) & 1)
             acc = warpgroup_mma(p, v_smem.index(before).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-            _pass_turn(turn, WG, PINGPONG)
             qk = warpgroup_mma_wait(1, deps=(qk,))  # Q·Kᵀ done; P·V may still run
             mbarrier.arrive(k_empty.index(s))
             p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout, MASK, CAUSAL,
@@ -189,18 +172,16 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, k_turn,
             acc = acc * alpha
         last = (hi - 1) % NUM_STAGES
         mbarrier.wait(v_ready.index(last), ((hi - 1) // NUM_STAGES) & 1)
-        k_turn = _take_turn(turn, WG, k_turn, PINGPONG)
         acc = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        _pass_turn(turn, WG, PINGPONG)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last))
-    return acc, m_i, l_i, k_turn
+    return acc, m_i, l_i
 
 
 @gluon.jit
 def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
-              turn, N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              PINGPONG: gl.constexpr):
+              N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              OVERLAP: gl.constexpr):
     """Warpgroup WG (0 or 1): rows WG·64 .. WG·64 + 63 of the query tile."""
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = o_desc.block_type.shape[2]
@@ -218,22 +199,16 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
     l_i = gl.zeros([ROWS], gl.float32, row_layout)
 
-    full, hi = _ranges(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+    # tiles every row here sees whole need no mask; the rest (diagonal, end of the keys) do
+    hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+    full = N_K // BLOCK_N
+    if CAUSAL:
+        full = gl.minimum(full, gl.maximum(row0 + N_K - N_Q + 1, 0) // BLOCK_N)
     mbarrier.wait(q_ready.index(WG), 0)  # even with no tile: Q's buffer is reused for O below
-    k_turn = 0
-    acc, m_i, l_i, k_turn = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, k_turn, acc, m_i,
-                                    l_i, 0, full, row0, N_Q, N_K, qk_scale, WG, False, CAUSAL, BLOCK_N, NUM_STAGES,
-                                    PINGPONG)
-    acc, m_i, l_i, k_turn = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, k_turn, acc, m_i,
-                                    l_i, full, hi, row0, N_Q, N_K, qk_scale, WG, True, CAUSAL, BLOCK_N, NUM_STAGES,
-                                    PINGPONG)
-    if PINGPONG:
-        # the other warpgroup may see a tile more (causal) and take more turns: pass as many, before waiting
-        # below for tiles this one does not see (which the other's turns let the producer load)
-        other_full, other_hi = _ranges(tile0 + (1 - WG) * ROWS, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-        for _ in range(k_turn, gl.maximum(_turns(full, hi), _turns(other_full, other_hi))):
-            k_turn = _take_turn(turn, WG, k_turn, PINGPONG)
-            _pass_turn(turn, WG, PINGPONG)
+    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, 0, full, row0,
+                            N_Q, N_K, qk_scale, False, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
+    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, full, hi, row0,
+                            N_Q, N_K, qk_scale, True, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
     # Causal: the upper warpgroup's last tiles lie above this one's diagonal. It still releases them, after
     # they have arrived (so its arrival counts toward the phase of that load, not of the one before).
     for i in range(hi, _key_tiles(tile0, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
@@ -260,7 +235,7 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready
 @gluon.jit
 def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, qk_scale,
               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-              PINGPONG: gl.constexpr):
+              OVERLAP: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
@@ -272,10 +247,8 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, q
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for wg in gl.static_range(2):
         mbarrier.init(q_ready.index(wg), count=1)  # the producer's expect is the one arrival
-        mbarrier.init(turn.index(wg), count=1)
     for s in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
@@ -284,16 +257,15 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, q
     fence_async_shared()  # the inits, before TMA (the async proxy) touches the barriers
     _cta_barrier()
     gl.warp_specialize([
-        (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn,
-                     N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG)),
+        (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q, N_K,
+                     qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
                      H, KV_GROUPS, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL)),
-        (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn,
-                     N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, PINGPONG)),
+        (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q, N_K,
+                     qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP)),
     ], [1, 4], [24, CONSUMER_REGS])
     for wg in gl.static_range(2):
         mbarrier.invalidate(q_ready.index(wg))
-        mbarrier.invalidate(turn.index(wg))
     for s in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(k_ready.index(s))
         mbarrier.invalidate(v_ready.index(s))
@@ -303,9 +275,13 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, q
 
 # ----------------------------------------------------------------------------------------------------- host side
 def kernel_config(head_dim: int) -> dict:
-    """The kernel's constexprs for a head_dim: two K/V stages of 128 keys fit shared memory at head_dim 128
-    (Q 32 KiB + 2 · 64 KiB), three at 64."""
-    return dict(BLOCK_N=BLOCK_N, NUM_STAGES=2 if head_dim > 64 else 3, CONSUMER_REGS=240, PINGPONG=False)
+    """The kernel's constexprs for a head_dim, as measured on an H200 (NOTES.md, "The Gluon forward
+    overlapped"): at head_dim 128 the softmax overlapped with the P·V product (0.93-0.97 of cuDNN's time without,
+    1.01-1.06 with, from 4K keys), in two K/V stages of 128 keys (three fit, and were no faster); at 64, whose
+    P·V product is too short to hide a softmax, no overlap (1-4% faster without) and three stages."""
+    if head_dim > 64:
+        return dict(BLOCK_N=BLOCK_N, NUM_STAGES=2, CONSUMER_REGS=240, OVERLAP=True)
+    return dict(BLOCK_N=BLOCK_N, NUM_STAGES=3, CONSUMER_REGS=240, OVERLAP=False)
 
 
 def smem_layout(block_shape, dtype):
