@@ -10,6 +10,7 @@ kernel of flash_attn_gluon.py instead, where it measured faster (`_use_gluon`).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -21,11 +22,11 @@ from .runtime import AUTOTUNE, INTERPRET, KeptLaunches, cdiv, launch, next_pow2
 from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
-# measured faster than the tl one (H200, Triton 3.6; effrepro_kernels/NOTES.md, "The Gluon forward on the H200"):
-# head_dim 128, or at least GLUON_MIN_KEYS keys, on a Triton where it has run. EFFREPRO_GLUON=0: never; =1: wherever
-# it covers the inputs.
+# measured faster than the tl one (H200, Triton 3.6; effrepro_kernels/NOTES.md, "The Gluon forward overlapped"):
+# from GLUON_MIN_KEYS keys for the head_dim and mask, on a Triton where it has run. EFFREPRO_GLUON=0: never; =1:
+# wherever it covers the inputs.
 GLUON = os.environ.get("EFFREPRO_GLUON")
-GLUON_MIN_KEYS = 4096
+GLUON_MIN_KEYS = {(128, False): 0, (128, True): 2048, (64, False): 4096, (64, True): 8192}  # (head_dim, causal)
 GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has passed its GPU tests
 FORWARD_KERNELS = ("auto", "tl", "gluon")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -483,7 +484,7 @@ def _dense_like(t: torch.Tensor) -> torch.Tensor:
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
              rows: list[torch.Tensor], cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float,
              dropout_p: float, seed: int, forward_kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_gluon(forward_kernel, q, k, v, key_padding_mask, block_size, dropout_p):
+    if _use_gluon(forward_kernel, q, k, v, key_padding_mask, block_size, causal, dropout_p):
         return flash_attn_gluon.forward(q, k, v, causal, sm_scale)
     b, h, n_q, d = q.shape
     n_k, groups = k.shape[2], h // k.shape[1]
@@ -500,13 +501,15 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
     return o, lse
 
 
-def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, dropout_p: float) -> bool:
+def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, causal: bool,
+               dropout_p: float) -> bool:
     """Whether the Gluon forward runs: decided on the real tensors, inside the operator (their alignment and
     device are not known while torch.compile traces)."""
     if forward_kernel == "tl" or (forward_kernel == "auto" and GLUON == "0"):
         return False
     if forward_kernel == "auto" and GLUON != "1" and not (
-            triton.__version__.startswith(GLUON_MEASURED_ON) and (q.shape[-1] == 128 or k.shape[2] >= GLUON_MIN_KEYS)):
+            triton.__version__.startswith(GLUON_MEASURED_ON) and
+            k.shape[2] >= GLUON_MIN_KEYS.get((q.shape[-1], causal), math.inf)):
         return False
     covered = not block_size and key_padding_mask is None and dropout_p == 0 and \
         flash_attn_gluon.gluon_supported(q, k, v)

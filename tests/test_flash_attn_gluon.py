@@ -39,25 +39,29 @@ def test_the_gluon_path_refuses_what_it_does_not_cover():
         flash_attn(q, q, q, forward_kernel="triton")
 
 
-@pytest.mark.parametrize("setting, head_dim, keys, version, expected", [
-    (None, 128, 512, "3.6.0", True),    # head_dim 128: measured faster at every length
-    (None, 64, 4096, "3.6.0", True),    # head_dim 64 from 4K keys
-    (None, 64, 2048, "3.6.0", False),   # shorter: the tl forward was faster
-    (None, 128, 512, "3.9.0", False),   # a Triton on which the Gluon forward has not run
-    ("1", 64, 2048, "3.9.0", True),     # EFFREPRO_GLUON=1: wherever it covers the call
-    ("0", 128, 8192, "3.6.0", False),   # EFFREPRO_GLUON=0: never
+@pytest.mark.parametrize("setting, head_dim, causal, keys, version, expected", [
+    (None, 128, False, 512, "3.6.0", True),    # head_dim 128, no mask: measured faster at every length
+    (None, 128, True, 1024, "3.6.0", False),   # causal and short: the tl forward was faster
+    (None, 128, True, 2048, "3.6.0", True),
+    (None, 64, False, 4096, "3.6.0", True),    # head_dim 64 from 4K keys
+    (None, 64, False, 2048, "3.6.0", False),
+    (None, 64, True, 4096, "3.6.0", False),    # causal from 8K
+    (None, 64, True, 8192, "3.6.0", True),
+    (None, 128, False, 512, "3.9.0", False),   # a Triton on which the Gluon forward has not run
+    ("1", 64, True, 2048, "3.9.0", True),      # EFFREPRO_GLUON=1: wherever it covers the call
+    ("0", 128, False, 8192, "3.6.0", False),   # EFFREPRO_GLUON=0: never
 ])
-def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, setting, head_dim, keys, version,
-                                                                    expected):
+def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, setting, head_dim, causal, keys,
+                                                                    version, expected):
     flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")
     monkeypatch.setattr(flash_attn_module, "GLUON", setting)
     monkeypatch.setattr(flash_attn_module.triton, "__version__", version)
     monkeypatch.setattr(flash_attn_module.flash_attn_gluon, "gluon_supported", lambda q, k, v: True)
     q = torch.empty(1, 2, 16, head_dim)
     k = torch.empty(1, 2, keys, head_dim)
-    assert flash_attn_module._use_gluon("auto", q, k, k, None, 0, 0.0) == expected
-    assert not flash_attn_module._use_gluon("auto", q, k, k, None, 0, 0.1)  # dropout: not covered
-    assert not flash_attn_module._use_gluon("tl", q, k, k, None, 0, 0.0)
+    assert flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.0) == expected
+    assert not flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.1)  # dropout: not covered
+    assert not flash_attn_module._use_gluon("tl", q, k, k, None, 0, causal, 0.0)
 
 
 CASES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
