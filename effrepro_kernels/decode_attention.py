@@ -36,9 +36,9 @@ TILE_KEYS = {"fa2": 128, "split": 64, "lean": 64}  # measured best on an H100 at
 # Peak memory bandwidth per SM above which `split` and `lean` tiles hold twice the keys: an H100 SXM has 25 GB/s
 # per SM and an H200 37, whose programs need more bytes in flight to keep its faster memory busy (NOTES.md)
 FAST_MEMORY_GB_S_PER_SM = 30
-# Lean programs per SM over a quantized cache: dequantizing in registers is bound by the latency of its
-# conversions, not by bytes, and a second program per SM hides part of it (measured on an H200:
-# results/probes/decode_quantized_levers_h200_30819b8.md)
+# Lean programs per SM over a quantized cache: unpacking and dequantizing in registers is bound by latency, not
+# by bytes, and a second program per SM hides part of it (measured on an H200, with integer-to-float conversions
+# and without: results/probes/decode_quantized_levers_h200_30819b8.md, decode_quantized_dequant_h200_f322545.md)
 QUANTIZED_PROGRAMS_PER_SM = 2
 PIPELINE_SMEM = 160 * 1024  # bytes of shared memory the K and V tiles of two pipeline stages may take
 LOG2E = tl.constexpr(1.4426950408889634)
