@@ -7,7 +7,8 @@ import torch
 
 from conftest import DEVICE, gpu
 from test_decode_attention import check_scores
-from effrepro_kernels.decode_attention import decode_attention, decode_attention_quantized, merge_attention
+from effrepro_kernels.decode_attention import (decode_attention, decode_attention_quantized, make_schedule,
+                                               merge_attention)
 from effrepro_kernels import kv_quant
 from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, quantize_kv
 from effrepro_kernels.reference import (decode_attention_reference, decode_scores_reference, dequantize_kv_reference,
@@ -142,8 +143,9 @@ def dequantized_reference(qkv: QuantizedKV) -> torch.Tensor:
                                    qkv.axis).double()
 
 
-def check_quantized(q, k_q, v_q, lengths, dtype):
-    out, lse, got_scores = decode_attention_quantized(q, k_q, v_q, lengths, return_lse=True, return_scores=True)
+def check_quantized(q, k_q, v_q, lengths, dtype, schedule="lean"):
+    out, lse, got_scores = decode_attention_quantized(q, k_q, v_q, lengths, schedule=schedule, return_lse=True,
+                                                      return_scores=True)
     k, v = dequantized_reference(k_q), dequantized_reference(v_q)
     ref = decode_attention_reference(q.double(), k, v, lengths)
     assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
@@ -160,6 +162,17 @@ def test_quantized_decode_matches_attention_over_the_dequantized_cache(bits, dty
     for value_group in (40, 16):
         q, k_q, v_q = quantized_inputs(2, 6, 2, 48, 80, bits, dtype, key_group=16, value_group=value_group, seed=bits)
         check_quantized(q, k_q, v_q, torch.tensor([48, 29], device=DEVICE), dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_decode_with_the_fast_memory_tiles(bits):
+    """The schedule a GPU with fast memory gets for a quantized cache (128-key tiles, two lean programs per SM),
+    on lengths that end inside a tile and a key group (the CPU's default tiles are 16 keys)."""
+    q, k_q, v_q = quantized_inputs(2, 4, 2, 320, 64, bits, torch.float16, key_group=32, value_group=32, seed=bits)
+    lengths = torch.tensor([320, 141], device=DEVICE)
+    schedule = make_schedule("lean", lengths, 2, block_n=128, head_dim=64, dtype=torch.float16, quantized=True)
+    assert schedule.block_n == 128
+    check_quantized(q, k_q, v_q, lengths, torch.float16, schedule)
 
 
 def test_quantized_part_and_full_precision_residual_merge_to_attention_over_both():
