@@ -1,13 +1,17 @@
 """The Gluon forward for Hopper (flash_attn_gluon.py) against the float64 reference, alone and inside flash_attn
-with the `tl` backward. Gluon does not run in Triton's interpreter: without a Hopper GPU only the dispatch's
-refusals and choices are tested."""
+with the `tl` backward. Gluon does not run in Triton's interpreter: without a Hopper GPU, the dispatch's refusals
+and choices are tested, and the kernel is compiled for sm_90 (gluon_offline.py)."""
 import importlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import DEVICE, has_gpu
-from effrepro_kernels import attention_reference, flash_attn
+from conftest import DEVICE, ROOT, has_gpu
+from effrepro_kernels import attention_reference, flash_attn, flash_attn_gluon
 from effrepro_kernels.flash_attn_gluon import forward, gluon_supported
 from test_flash_attn import rel_err, run_both
 
@@ -62,6 +66,20 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
     assert flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.0) == expected
     assert not flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.1)  # dropout: not covered
     assert not flash_attn_module._use_gluon("tl", q, k, k, None, 0, causal, 0.0)
+
+
+@pytest.mark.skipif(not flash_attn_gluon._GLUON_OK, reason="a Triton whose Gluon this kernel does not know")
+def test_the_gluon_forward_compiles_for_hopper_without_a_gpu():
+    """Every variant compiles for sm_90 with the installed Triton (in a process of its own: under the
+    interpreter Gluon cannot compile), with wgmma and TMA, in the shared memory a Hopper block has (227 KB)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_offline.py")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report) == 2 * len(flash_attn_gluon.GLUON_HEAD_DIMS)
+    for variant, found in report.items():
+        assert found["wgmma"] > 0 and found["tma_copies"] > 0 and found["shared"] <= 227 * 1024, (variant, found)
 
 
 CASES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
