@@ -278,7 +278,7 @@ def kernel_config(head_dim: int) -> dict:
     """The kernel's constexprs for a head_dim, as measured on an H200 (NOTES.md, "The Gluon forward
     overlapped"): at head_dim 128 the softmax overlapped with the P·V product (0.93-0.97 of cuDNN's time without,
     1.01-1.06 with, from 4K keys), in two K/V stages of 128 keys (three fit, and were no faster); at 64, whose
-    P·V product is too short to hide a softmax, no overlap (1-4% faster without) and three stages."""
+    P·V product is too short to hide a softmax, no overlap (1-6% faster without) and three stages."""
     if head_dim > 64:
         return dict(BLOCK_N=BLOCK_N, NUM_STAGES=2, CONSUMER_REGS=240, OVERLAP=True)
     return dict(BLOCK_N=BLOCK_N, NUM_STAGES=3, CONSUMER_REGS=240, OVERLAP=False)
