@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
-from .kv_quant import QuantizedKV, kv_tile
+from .kv_quant import QuantizedKV, check_packed, kv_tile
 from .runtime import INTERPRET, launch, next_pow2, runs_on, signature
 
 SCHEDULES = ("fa2", "split", "lean")
@@ -146,7 +146,7 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
                 offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
                 nmask = offs_n < length
                 k = kv_tile(Kh, KS + k_stats, KZ + k_stats, offs_n, offs_d, nmask, dmask, stride_kn, stride_ksn,
-                            HEAD_DIM * K_BITS // 8, K_BITS, K_GROUP, False, True)
+                            HEAD_DIM, K_BITS, K_GROUP, False, True)
                 qk = tl.dot(q, k, input_precision=PRECISION)
                 if BLOCK_E > 0:  # full precision only (the packed path reads whole rows into one chunk)
                     k_e = kv_tile(Kh, KS, KZ, offs_n, offs_e, nmask, emask, stride_kn, 0, 0, 0, 1, False, True)
@@ -161,7 +161,7 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
                 alpha = tl.math.exp2(m - m_new)
                 l = l * alpha + tl.sum(prob, 1)
                 v = kv_tile(Vh, VS + v_stats, VZ + v_stats, offs_n, offs_d, nmask, dmask, stride_vn, stride_vsn,
-                            HEAD_DIM * V_BITS // 8, V_BITS, V_GROUP, True, False)
+                            HEAD_DIM, V_BITS, V_GROUP, True, False)
                 acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION)
                 if BLOCK_E > 0:
                     v_e = kv_tile(Vh, VS, VZ, offs_n, offs_e, nmask, emask, stride_vn, 0, 0, 0, 1, False, False)
@@ -554,6 +554,8 @@ def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: Quantized
                          f"{k_q.axis!r} and {v_q.axis!r}")
     if k_q.zero.stride() != k_q.scale.stride() or v_q.zero.stride() != v_q.scale.stride():
         raise ValueError("a QuantizedKV's zero must be laid out like its scale (same strides)")
+    check_packed(k_q)
+    check_packed(v_q)
     if isinstance(schedule, str) and lengths is not None:
         # keys per tile, and lean programs, for a quantized cache (`default_block_n`, `make_schedule`)
         schedule = make_schedule(schedule, _lengths_on_host(lengths), k_q.shape[1], head_dim=q.shape[2],

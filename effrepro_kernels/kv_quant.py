@@ -7,9 +7,13 @@ token's groups of `group_size` consecutive channels one. A value x is stored as 
 scale), clamped to [0, 2^bits - 1], where zero is the group's minimum and scale (max - min) / (2^bits - 1); scale and
 zero are kept in the cache's dtype, so `dequantize_kv` returns that dtype.
 
-Codes are packed along head_dim, the same for both axes: channel c of a token sits in byte c // (8 // bits) of
-the token's row, at bit (c % (8 // bits)) · bits. A token's packed row is contiguous, so a tile of tokens is one
-coalesced read, and appending a group of tokens appends rows.
+Codes are packed along head_dim in 32-bit words (little-endian), the same for both axes: a word holds 32 / bits
+consecutive channels, and channel 2s + h of a word sits at bit 16h + s · bits, so channels 2s and 2s + 1 lie at
+the same place in the word's two 16-bit halves. One shift and one AND then put two neighbouring codes in two
+16-bit lanes, where the decode kernel dequantizes them together (one two-lane multiply-add, no bits moved
+between lanes: NOTES.md, "Codes in 16-bit lanes"). A token's packed row is padded to whole words
+(`packed_row_bytes`) and contiguous, so a tile of tokens is one coalesced read, and appending a group of tokens
+appends rows.
 
 Written here rather than taken from a package: the packages behind HF's `QuantizedCache` (optimum-quanto, HQQ;
 neither installed here) keep their own packed formats, which our decode kernel cannot dequantize in registers.
@@ -28,16 +32,22 @@ BITS = (2, 4, 8)
 AXES = ("channel", "token")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE_ELEMENTS = 4096  # values a quantize or dequantize program holds at once
+INTERPRETED = tl.constexpr(INTERPRET)  # for jit code: the interpreter runs no inline PTX
 # Before Triton 3.9 the CPU interpreter rounds tl.fma twice (product, then sum), in fp16 too, where cancelling to
 # zero loses all of what the GPU's fused one keeps: there fp16 dequantizes through fp32
 FMA_ROUNDS_ONCE = tl.constexpr(not INTERPRET or TRITON_VERSION >= (3, 9))
+
+
+def packed_row_bytes(head_dim: int, bits: int) -> int:
+    """Bytes of a token's packed codes: head_dim · bits rounded up to whole 32-bit words."""
+    return 4 * cdiv(head_dim * bits, 32)
 
 
 @dataclass
 class QuantizedKV:
     """A quantized (batch, kv_heads, n, head_dim) cache tensor.
 
-    data: uint8 (batch, kv_heads, n, head_dim · bits / 8), the packed codes;
+    data: uint8 (batch, kv_heads, n, packed_row_bytes(head_dim, bits)), the packed codes;
     scale, zero: the cache's dtype, (batch, kv_heads, n / group_size, head_dim) for axis="channel",
     (batch, kv_heads, n, head_dim / group_size) for axis="token";
     shape: the full-precision shape.
@@ -65,15 +75,16 @@ class QuantizedKV:
 
 
 @triton.jit
-def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, row_bytes, BITS: tl.constexpr,
+def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, head_dim, BITS: tl.constexpr,
             GROUP_SIZE: tl.constexpr, PER_TOKEN: tl.constexpr, TRANSPOSED: tl.constexpr):
     """The (token, channel) tile at offs_n × offs_d of one (batch, KV head) of a cache, or its transpose
     (channel, token) with TRANSPOSED, as a key tile is used. BITS == 0: X is the full-precision cache, loaded in
-    the orientation asked for. Otherwise X holds packed codes: a token's packed row is loaded whole (wide loads:
-    each byte once), unpacked in registers by shifts, and dequantized with its group's scale and zero-point, in
-    rows of stride `stride_sn`, per token (PER_TOKEN) or per channel; `row_bytes`: the packed bytes of a token.
-    The packed path reads whole rows: offs_d must be arange(0, BLOCK_D), the lanes past head_dim masked by
-    `dmask`; and offs_n must be BLOCK_N consecutive tokens from a multiple of BLOCK_N (a tile of the cache)."""
+    the orientation asked for. Otherwise X holds packed codes: a token's packed row is loaded whole, as 32-bit
+    words (wide loads: each byte once), unpacked in registers two codes an operation, and dequantized with its
+    group's scale and zero-point, in rows of stride `stride_sn`, per token (PER_TOKEN) or per channel. The
+    packed path reads whole rows: offs_d must be
+    arange(0, BLOCK_D), the lanes past head_dim masked by `dmask`; and offs_n must be BLOCK_N consecutive tokens
+    from a multiple of BLOCK_N (a tile of the cache)."""
     if BITS == 0:
         if TRANSPOSED:
             x = tl.load(X + offs_n[None, :].to(tl.int64) * stride_n + offs_d[:, None],
@@ -82,76 +93,182 @@ def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, row_by
             x = tl.load(X + offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :],
                         mask=nmask[:, None] & dmask[None, :], other=0.0)
     else:
-        per_byte: tl.constexpr = 8 // BITS
         n = offs_n[:, None]
         c = offs_d[None, :]
         mask = nmask[:, None] & dmask[None, :]
-        j = tl.arange(0, offs_d.shape[0] // per_byte)[None, :]  # bytes of a token's row
-        byte = tl.load(X + n.to(tl.int64) * stride_n + j, mask=nmask[:, None] & (j < row_bytes), other=0)
-        byte = byte.to(tl.int32)
-        if BITS == 8:
-            code = byte
-        elif BITS == 4:
-            code = tl.reshape(tl.join(byte & 15, byte >> 4), [offs_n.shape[0], offs_d.shape[0]])
-        else:
-            # join(a, b) stacks a and b along a new last axis, so join(join(c0, c2), join(c1, c3)) flattens to
-            # c0, c1, c2, c3: the codes in the order of their channels
-            code = tl.reshape(tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6)),
-                              [offs_n.shape[0], offs_d.shape[0]])
-        if PER_TOKEN and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
-            # a token's groups loaded once each (a row of them), then repeated across their channels
+        w = tl.arange(0, offs_d.shape[0] * BITS // 32)[None, :]
+        word = tl.load(X.to(tl.pointer_type(tl.int32)) + n.to(tl.int64) * (stride_n // 4) + w,
+                       mask=nmask[:, None] & (w < (head_dim * BITS + 31) // 32), other=0)
+        # a power of two whose mantissa holds every code exactly: a code ORed into its low bits is MAGIC + code
+        dtype: tl.constexpr = XS.dtype.element_ty
+        if dtype == tl.float16 and FMA_ROUNDS_ONCE:
+            MAGIC: tl.constexpr = 0x6400  # 1024
+        elif dtype == tl.bfloat16 and BITS < 8:
+            MAGIC: tl.constexpr = 0x4300  # 128
+        else:  # float32: the code alone, put below 2^23 in _dequantized
+            MAGIC: tl.constexpr = 0
+        POW2_GROUPS: tl.constexpr = (GROUP_SIZE & (GROUP_SIZE - 1)) == 0
+        shape: tl.constexpr = [offs_n.shape[0], offs_d.shape[0]]
+        if PER_TOKEN and POW2_GROUPS and GROUP_SIZE * BITS >= 32 and MAGIC != 0 and not TRANSPOSED:
+            # a value tile whose words each lie in one group: a word's two lanes dequantized together, with its
+            # group's scale and zero-point in both halves of a word
             GROUPS: tl.constexpr = offs_d.shape[0] // GROUP_SIZE
             g = tl.arange(0, GROUPS)[None, :]
             at = n.to(tl.int64) * stride_sn + g
-            real = nmask[:, None] & (g < row_bytes * per_byte // GROUP_SIZE)
-            shape: tl.constexpr = [offs_n.shape[0], GROUPS, GROUP_SIZE]
-            scale = tl.reshape(tl.broadcast_to(tl.load(XS + at, mask=real, other=0.0)[:, :, None], shape), code.shape)
-            zero = tl.reshape(tl.broadcast_to(tl.load(XZ + at, mask=real, other=0.0)[:, :, None], shape), code.shape)
-        elif not PER_TOKEN and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
-            # the tile's tokens fall in BLOCK_N / GROUP_SIZE whole groups, or in one: each group's row of
-            # per-channel statistics loaded once, then repeated over its tokens (not one load per value)
-            BLOCK_N: tl.constexpr = offs_n.shape[0]
-            SPAN: tl.constexpr = GROUP_SIZE if GROUP_SIZE < BLOCK_N else BLOCK_N
-            ROWS: tl.constexpr = BLOCK_N // SPAN
-            first = tl.min(tl.reshape(offs_n, [ROWS, SPAN]), 1)
-            real = tl.max(tl.reshape(nmask.to(tl.int32), [ROWS, SPAN]), 1) > 0
-            at = (first // GROUP_SIZE).to(tl.int64)[:, None] * stride_sn + c
-            shape: tl.constexpr = [ROWS, SPAN, offs_d.shape[0]]
-            stats_mask = real[:, None] & dmask[None, :]
-            scale = tl.reshape(tl.broadcast_to(tl.load(XS + at, mask=stats_mask, other=0.0)[:, None, :], shape),
-                               code.shape)
-            zero = tl.reshape(tl.broadcast_to(tl.load(XZ + at, mask=stats_mask, other=0.0)[:, None, :], shape),
-                              code.shape)
+            real = nmask[:, None] & (g < head_dim // GROUP_SIZE)
+            words: tl.constexpr = [offs_n.shape[0], GROUPS, GROUP_SIZE * BITS // 32]
+            scale2 = tl.reshape(tl.broadcast_to(_both_halves(XS, at, real)[:, :, None], words), word.shape)
+            zero2 = tl.reshape(tl.broadcast_to(_both_halves(XZ, at, real)[:, :, None], words), word.shape)
+            x = tl.reshape(tl.join(_lanes(word, False, BITS, MAGIC, scale2, zero2, True),
+                                   _lanes(word, True, BITS, MAGIC, scale2, zero2, True)), shape).to(dtype, bitcast=True)
         else:
-            if PER_TOKEN:
-                group = n.to(tl.int64) * stride_sn + c // GROUP_SIZE
+            if TRANSPOSED:
+                # a key tile, the matrix unit's operand once transposed: spelt with a word's channel pairs as a
+                # third axis, it is loaded straight into that operand's layout (no round trip through shared
+                # memory; value tiles take one anyway, and do better with the joins of _lanes)
+                S: tl.constexpr = 16 // BITS
+                pair = _masked_or(word[:, :, None] >> (tl.arange(0, S) * BITS)[None, None, :],
+                                  ((1 << BITS) - 1) * 0x10001, MAGIC * 0x10001)
+                code = tl.reshape(tl.join(pair.to(tl.int16), (pair >> 16).to(tl.int16)), shape)
             else:
-                group = (n // GROUP_SIZE).to(tl.int64) * stride_sn + c
-            scale = tl.load(XS + group, mask=mask, other=0.0)
-            zero = tl.load(XZ + group, mask=mask, other=0.0)
-        x = _dequantized(code, scale, zero, BITS)
+                code = tl.reshape(tl.join(_lanes(word, False, BITS, MAGIC, word, word, False),
+                                          _lanes(word, True, BITS, MAGIC, word, word, False)), shape)
+            if PER_TOKEN and POW2_GROUPS:
+                # a token's groups loaded once each (a row of them), then repeated across their channels
+                GROUPS: tl.constexpr = offs_d.shape[0] // GROUP_SIZE
+                g = tl.arange(0, GROUPS)[None, :]
+                at = n.to(tl.int64) * stride_sn + g
+                real = nmask[:, None] & (g < head_dim // GROUP_SIZE)
+                groups: tl.constexpr = [offs_n.shape[0], GROUPS, GROUP_SIZE]
+                scale = tl.reshape(tl.broadcast_to(tl.load(XS + at, mask=real, other=0.0)[:, :, None], groups), shape)
+                zero = tl.reshape(tl.broadcast_to(tl.load(XZ + at, mask=real, other=0.0)[:, :, None], groups), shape)
+            elif POW2_GROUPS:
+                # the tile's tokens fall in BLOCK_N / GROUP_SIZE whole groups, or in one: each group's row of
+                # per-channel statistics loaded once, then repeated over its tokens (not one load per value)
+                BLOCK_N: tl.constexpr = offs_n.shape[0]
+                SPAN: tl.constexpr = GROUP_SIZE if GROUP_SIZE < BLOCK_N else BLOCK_N
+                ROWS: tl.constexpr = BLOCK_N // SPAN
+                first = tl.min(tl.reshape(offs_n, [ROWS, SPAN]), 1)
+                real = tl.max(tl.reshape(nmask.to(tl.int32), [ROWS, SPAN]), 1) > 0
+                at = (first // GROUP_SIZE).to(tl.int64)[:, None] * stride_sn + c
+                spans: tl.constexpr = [ROWS, SPAN, offs_d.shape[0]]
+                stats_mask = real[:, None] & dmask[None, :]
+                scale = tl.reshape(tl.broadcast_to(tl.load(XS + at, mask=stats_mask, other=0.0)[:, None, :], spans),
+                                   shape)
+                zero = tl.reshape(tl.broadcast_to(tl.load(XZ + at, mask=stats_mask, other=0.0)[:, None, :], spans),
+                                  shape)
+            else:
+                if PER_TOKEN:
+                    group = n.to(tl.int64) * stride_sn + c // GROUP_SIZE
+                else:
+                    group = (n // GROUP_SIZE).to(tl.int64) * stride_sn + c
+                scale = tl.load(XS + group, mask=mask, other=0.0)
+                zero = tl.load(XZ + group, mask=mask, other=0.0)
+            x = _dequantized(code, scale, zero, MAGIC)
         if TRANSPOSED:
             x = tl.trans(x)
     return x
 
 
 @triton.jit
-def _dequantized(code, scale, zero, BITS: tl.constexpr):
+def _masked_or(x, MASK: tl.constexpr, BITS_SET: tl.constexpr):
+    """(x & MASK) | BITS_SET. On the GPU as one PTX lop3 with its constants in registers: the compilers' own
+    spelling took two instructions (Triton 3.6's ptxas) or reloaded a constant every time (3.9's)."""
+    if INTERPRETED:
+        y = (x & MASK) | BITS_SET
+    else:
+        y = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xea;", "=r,r,r,r",
+                                      [x, tl.full(x.shape, MASK, tl.int32), tl.full(x.shape, BITS_SET, tl.int32)],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    return y
+
+
+@triton.jit
+def _both_halves(STATS, at, mask):
+    """16-bit statistics (scales or zero-points) at `at`, each as an int32 holding its bits in both halves."""
+    bits = tl.load(STATS.to(tl.pointer_type(tl.int16)) + at, mask=mask, other=0).to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+@triton.jit
+def _dequantized_pairs(pair, scale2, zero2, MAGIC: tl.constexpr):
+    """_dequantized on both 16-bit lanes of int32s at once: a lane of pair holds MAGIC + code, of scale2 and
+    zero2 a scale and a zero-point, all in the cache's dtype; the result's lanes hold the values. On the GPU one
+    two-lane subtraction and one two-lane fused multiply-add (PTX's f16x2 and bf16x2 forms, which the compilers
+    did not find for values, whose statistics repeat across a token's groups); lane by lane in the interpreter,
+    which has no inline assembly (and no bf16)."""
+    if INTERPRETED:
+        lo = _dequantized(pair.to(tl.int16), scale2.to(tl.int16).to(tl.float16, bitcast=True),
+                          zero2.to(tl.int16).to(tl.float16, bitcast=True), MAGIC)
+        hi = _dequantized((pair >> 16).to(tl.int16), (scale2 >> 16).to(tl.int16).to(tl.float16, bitcast=True),
+                          (zero2 >> 16).to(tl.int16).to(tl.float16, bitcast=True), MAGIC)
+        x = (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    elif MAGIC == 0x6400:
+        x = tl.inline_asm_elementwise("{ .reg .b32 t; sub.rn.f16x2 t, $1, $2; fma.rn.f16x2 $0, t, $3, $4; }",
+                                      "=r,r,r,r,r", [pair, tl.full(pair.shape, 0x64006400, tl.int32), scale2, zero2],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        x = tl.inline_asm_elementwise("{ .reg .b32 t; sub.rn.bf16x2 t, $1, $2; fma.rn.bf16x2 $0, t, $3, $4; }",
+                                      "=r,r,r,r,r", [pair, tl.full(pair.shape, 0x43004300, tl.int32), scale2, zero2],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    return x
+
+
+@triton.jit
+def _lane(word, s: tl.constexpr, HIGH: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, scale2, zero2,
+          DEQUANTIZE: tl.constexpr):
+    """Channel 2s + HIGH of each word, as 16 bits: MAGIC with the code in its low bits, or with DEQUANTIZE the
+    value (`_dequantized_pairs`). The shift and mask act on both halves of the word at once (the other half is the
+    neighbouring channel's, for its own call, which the compiler merges with this one)."""
+    pair = _masked_or(word >> (s * BITS), ((1 << BITS) - 1) * 0x10001, MAGIC * 0x10001)
+    if DEQUANTIZE:
+        pair = _dequantized_pairs(pair, scale2, zero2, MAGIC)
+    if HIGH:
+        pair = pair >> 16
+    return pair.to(tl.int16)
+
+
+@triton.jit
+def _lanes(word, HIGH: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, scale2, zero2,
+           DEQUANTIZE: tl.constexpr):
+    """_lane for s = 0 .. 16 / BITS - 1, joined so that they flatten in the order of s (join stacks along a
+    new last axis, so join(join(a0, a2), join(a1, a3)) flattens to a0, a1, a2, a3)."""
+    if BITS == 8:
+        x = tl.join(_lane(word, 0, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE),
+                    _lane(word, 1, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE))
+    elif BITS == 4:
+        x = tl.join(tl.join(_lane(word, 0, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE),
+                            _lane(word, 2, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE)),
+                    tl.join(_lane(word, 1, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE),
+                            _lane(word, 3, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE)))
+    else:
+        x = tl.join(tl.join(tl.join(_lane(word, 0, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE),
+                                    _lane(word, 4, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE)),
+                            tl.join(_lane(word, 2, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE),
+                                    _lane(word, 6, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE))),
+                    tl.join(tl.join(_lane(word, 1, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE),
+                                    _lane(word, 5, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE)),
+                            tl.join(_lane(word, 3, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE),
+                                    _lane(word, 7, HIGH, BITS, MAGIC, scale2, zero2, DEQUANTIZE))))
+    return x
+
+
+@triton.jit
+def _dequantized(code, scale, zero, MAGIC: tl.constexpr):
     """code · scale + zero in scale's dtype without integer-to-float conversions, which run at a quarter of the
     arithmetic rate on Hopper (without them the decode kernel over a 4-bit cache ran at 0.71 of the 16-bit
-    cache's speed instead of 0.65; NOTES.md, "Dequantizing without conversions"). The code goes into
-    the low mantissa bits of a power of two M whose mantissa holds it exactly (1024 in fp16, 128 in bf16 for codes
-    below 128, 2^23 in fp32), M is subtracted exactly, and one fused multiply-add finishes: in the cache's dtype
-    for fp16 and bf16 (two values an instruction), else in fp32."""
+    cache's speed instead of 0.65; NOTES.md, "Dequantizing without conversions"). `code` (int16) holds the code
+    in the low mantissa bits of the power of two MAGIC (1024 in fp16, 128 in bf16 for codes below 128): its bits
+    read as scale's dtype are MAGIC + code, MAGIC is subtracted exactly, and one fused multiply-add finishes,
+    two values an instruction. MAGIC == 0: the same through float32 (2^23), for float32 caches, 8-bit bf16, and
+    fp16 where the interpreter's fma rounds twice."""
     dtype: tl.constexpr = scale.dtype
-    if dtype == tl.float16 and FMA_ROUNDS_ONCE:
-        value = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
-        x = tl.fma(value, scale, zero)
-    elif dtype == tl.bfloat16 and BITS < 8:
-        value = (code | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 128.0
-        x = tl.fma(value, scale, zero)
+    if MAGIC == 0x6400:
+        x = tl.fma(code.to(tl.float16, bitcast=True) - 1024.0, scale, zero)
+    elif MAGIC == 0x4300:
+        x = tl.fma(code.to(tl.bfloat16, bitcast=True) - 128.0, scale, zero)
     else:
-        value = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        value = (code.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         x = tl.fma(value, scale.to(tl.float32), zero.to(tl.float32)).to(dtype)
     return x
 
@@ -168,8 +285,9 @@ def _quantize(X, DATA, SCALE, ZERO, stride_xb, stride_xh, stride_xn, H, N, HEAD_
     """One program quantizes ROWS tokens of one (batch, KV head), read once as a (token, channel) tile of whole
     rows (wide, coalesced loads). Per token: each group of GROUP_SIZE channels gets its scale and zero-point from
     its min and max; per channel: each channel over the ROWS tokens, which are one token group. The codes of a
-    byte are shifted into place and summed (their bits do not overlap), so each packed byte is written once."""
-    PER_BYTE: tl.constexpr = 8 // BITS
+    word are shifted into place and summed (their bits do not overlap), so each packed word is written once;
+    BLOCK_D holds whole words."""
+    PER_WORD: tl.constexpr = 32 // BITS
     LEVELS: tl.constexpr = (1 << BITS) - 1
     t, seg = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, BLOCK_R)[:, None]
@@ -221,12 +339,14 @@ def _quantize(X, DATA, SCALE, ZERO, stride_xb, stride_xh, stride_xn, H, N, HEAD_
         scale, zero = c_scale.to(tl.float32), c_zero.to(tl.float32)
     # codes from the scale and zero as stored, so dequantizing them reproduces x to within scale / 2
     code = tl.floor((x - zero) / tl.where(scale > 0, scale, 1.0) + 0.5)  # a constant group: x - zero = 0
-    code = tl.minimum(tl.maximum(code, 0.0), LEVELS).to(tl.int32)
-    shift = (tl.arange(0, PER_BYTE) * BITS)[None, None, :]
-    packed = tl.sum(tl.reshape(code, [BLOCK_R, BLOCK_D // PER_BYTE, PER_BYTE]) << shift, 2)
-    byte = tl.arange(0, BLOCK_D // PER_BYTE)[None, :]
-    tl.store(DATA + (seg.to(tl.int64) * N + token) * (HEAD_DIM // PER_BYTE) + byte, packed.to(tl.uint8),
-             mask=rows & (byte < HEAD_DIM // PER_BYTE))
+    code = tl.where(c < HEAD_DIM, tl.minimum(tl.maximum(code, 0.0), LEVELS), 0.0).to(tl.int32)  # padding: 0
+    k = tl.arange(0, PER_WORD)
+    shift = ((k % 2) * 16 + (k // 2) * BITS)[None, None, :]  # channel 2s + h of a word at bit 16h + s · BITS
+    packed = tl.sum(tl.reshape(code, [BLOCK_R, BLOCK_D // PER_WORD, PER_WORD]) << shift, 2)
+    ROW_WORDS: tl.constexpr = (HEAD_DIM * BITS + 31) // 32
+    word = tl.arange(0, BLOCK_D // PER_WORD)[None, :]
+    tl.store(DATA.to(tl.pointer_type(tl.int32)) + (seg.to(tl.int64) * N + token) * ROW_WORDS + word, packed,
+             mask=rows & (word < ROW_WORDS))
 
 
 @triton.jit
@@ -239,7 +359,7 @@ def _dequantize(DATA, SCALE, ZERO, OUT, H, N, stride_db, stride_dh, stride_dn, s
     c = tl.arange(0, BLOCK_D)
     stats = b * stride_sb + h * stride_sh
     x = kv_tile(DATA + b * stride_db + h * stride_dh, SCALE + stats, ZERO + stats, n, c, n < N, c < HEAD_DIM,
-                stride_dn, stride_sn, HEAD_DIM // (8 // BITS), BITS, GROUP_SIZE, PER_TOKEN, False)
+                stride_dn, stride_sn, HEAD_DIM, BITS, GROUP_SIZE, PER_TOKEN, False)
     tl.store(OUT + (seg.to(tl.int64) * N + n[:, None]) * HEAD_DIM + c[None, :], x,
              mask=(n < N)[:, None] & (c < HEAD_DIM)[None, :])
 
@@ -259,17 +379,11 @@ def _check(x: torch.Tensor, bits: int, group_size: int, axis: str):
     if x.stride(-1) != 1:
         raise ValueError("x needs a contiguous last (head_dim) dimension")
     n, d = x.shape[2:]
-    per_byte = 8 // bits
-    if d % per_byte:
-        raise ValueError(f"head_dim={d} must be a multiple of {per_byte} to pack {bits}-bit codes in whole bytes")
     if group_size < 1:
         raise ValueError(f"group_size={group_size} must be at least 1")
     grouped, name = (n, "n (tokens)") if axis == "channel" else (d, "head_dim")
     if grouped % group_size:
         raise ValueError(f"{name}={grouped} is not a multiple of group_size={group_size} (axis={axis!r})")
-    if axis == "token" and group_size % per_byte:
-        raise ValueError(f"group_size={group_size} must be a multiple of {per_byte} with bits={bits} and "
-                         "axis='token', so that no byte holds codes of two groups")
 
 
 def quantize_kv(x: torch.Tensor, bits: int, group_size: int, axis: str) -> QuantizedKV:
@@ -279,11 +393,10 @@ def quantize_kv(x: torch.Tensor, bits: int, group_size: int, axis: str) -> Quant
     _check(x, bits, group_size, axis)
     b, h, n, d = x.shape
     per_token = axis == "token"
-    per_byte = 8 // bits
-    block_d = next_pow2(d)
+    block_d = max(next_pow2(d), 32 // bits)  # whole words
     rows = max(1, TILE_ELEMENTS // block_d) if per_token else group_size
     stats_shape = (b, h, n, d // group_size) if per_token else (b, h, n // group_size, d)
-    data = torch.empty(b, h, n, d // per_byte, device=x.device, dtype=torch.uint8)
+    data = torch.empty(b, h, n, packed_row_bytes(d, bits), device=x.device, dtype=torch.uint8)
     scale = torch.empty(stats_shape, device=x.device, dtype=x.dtype)
     zero = torch.empty_like(scale)
     _quantize[(cdiv(n, rows), b * h)](
@@ -292,11 +405,24 @@ def quantize_kv(x: torch.Tensor, bits: int, group_size: int, axis: str) -> Quant
     return QuantizedKV(data, scale, zero, bits, group_size, axis, tuple(x.shape))
 
 
+def check_packed(qkv: QuantizedKV):
+    """The kernels read a token's codes as 32-bit words: data must have the packed row's width, and word-aligned
+    rows (as quantize_kv makes it, and views of it along batch, heads or tokens keep it)."""
+    width = packed_row_bytes(qkv.shape[3], qkv.bits)
+    if qkv.data.dtype != torch.uint8 or qkv.data.dim() != 4 or qkv.data.shape[3] != width:
+        raise ValueError(f"a {qkv.bits}-bit QuantizedKV of head_dim={qkv.shape[3]} needs uint8 data of {width} bytes a "
+                         f"token (packed_row_bytes); got {qkv.data.dtype} of shape {tuple(qkv.data.shape)}")
+    if qkv.data.stride(3) != 1 or any(stride % 4 for stride in qkv.data.stride()[:3]) or qkv.data.data_ptr() % 4:
+        raise ValueError(f"a QuantizedKV's data must be contiguous in its last dimension, with rows on 4-byte "
+                         f"boundaries; got strides {qkv.data.stride()}")
+
+
 def dequantize_kv(qkv: QuantizedKV) -> torch.Tensor:
     """The full-precision (batch, kv_heads, n, head_dim) tensor, in the dtype of qkv.scale."""
+    check_packed(qkv)
     b, h, n, d = qkv.shape
     out = torch.empty(qkv.shape, device=qkv.data.device, dtype=qkv.dtype)
-    block_d = next_pow2(d)
+    block_d = max(next_pow2(d), 32 // qkv.bits)  # whole words
     block_t = max(1, TILE_ELEMENTS // block_d)
     _dequantize[(cdiv(n, block_t), b * h)](
         qkv.data, qkv.scale, qkv.zero, out, h, n, *qkv.data.stride()[:3], *qkv.scale.stride()[:3], HEAD_DIM=d,

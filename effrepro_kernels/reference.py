@@ -108,10 +108,26 @@ def dequantize_kv_reference(codes: torch.Tensor, scale: torch.Tensor, zero: torc
     return _ungrouped(groups * scale.float()[..., None] + zero.float()[..., None], axis).to(scale.dtype)
 
 
-def unpack_codes(data: torch.Tensor, bits: int) -> torch.Tensor:
-    """kv_quant's packing undone: channel c of a token is in byte c // (8 // bits), at bit (c % (8 // bits))·bits."""
-    shifts = torch.arange(0, 8, bits, device=data.device, dtype=torch.uint8)
-    return ((data[..., None] >> shifts) & (2**bits - 1)).flatten(-2)
+def _word_bits(bits: int, device) -> torch.Tensor:
+    """Where kv_quant packs each channel of a 32-bit word: channel 2s + h at bit 16h + s·bits."""
+    channel = torch.arange(32 // bits, device=device)
+    return (channel % 2) * 16 + (channel // 2) * bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """kv_quant's packing of codes (uint8, one per channel along the last axis): uint8, 4·⌈channels·bits/32⌉
+    bytes per row (whole little-endian words, the padding zero)."""
+    per_word = 32 // bits
+    padded = torch.nn.functional.pad(codes.long(), (0, -codes.shape[-1] % per_word))
+    words = (padded.unflatten(-1, (-1, per_word)) << _word_bits(bits, codes.device)).sum(-1)
+    return ((words[..., None] >> torch.arange(0, 32, 8, device=codes.device)) & 255).flatten(-2).to(torch.uint8)
+
+
+def unpack_codes(data: torch.Tensor, bits: int, channels: int) -> torch.Tensor:
+    """kv_quant's packing undone: the first `channels` codes of each row (uint8)."""
+    words = (data.long().unflatten(-1, (-1, 4)) << torch.arange(0, 32, 8, device=data.device)).sum(-1)
+    codes = (words[..., None] >> _word_bits(bits, data.device)) & (2**bits - 1)
+    return codes.flatten(-2)[..., :channels].to(torch.uint8)
 
 
 # --- the training fusions: GPT-2's LayerNorm, bias + GELU and loss over the vocabulary ----------------------------

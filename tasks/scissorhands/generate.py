@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from effrepro_kernels.decode_attention import (DecodeSchedule, decode_attention, decode_attention_quantized, make_schedule,
                                       merge_attention)
-from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, quantize_kv
+from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, packed_row_bytes, quantize_kv
 
 from .hooks import active, attention_replaced
 from .policies import Policy
@@ -113,7 +113,7 @@ def _zeros_quantized(shape: tuple[int, ...], dtype, device, bits: int, group_siz
     """What quantize_kv makes of zeros (codes, scales and zero-points all 0, in its layout), without running it."""
     b, h, n, d = shape
     stats = (b, h, n // group_size, d) if axis == "channel" else (b, h, n, d // group_size)
-    return QuantizedKV(torch.zeros(b, h, n, d * bits // 8, dtype=torch.uint8, device=device),
+    return QuantizedKV(torch.zeros(b, h, n, packed_row_bytes(d, bits), dtype=torch.uint8, device=device),
                        torch.zeros(stats, dtype=dtype, device=device), torch.zeros(stats, dtype=dtype, device=device),
                        bits, group_size, axis, shape)
 

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from effrepro_kernels.kv_quant import packed_row_bytes
 from repro.records import Row
 from repro.timing import is_out_of_memory
 
@@ -48,7 +49,8 @@ def cache_bytes(layers: int, kv_heads: int, head_dim: int, slots: int, dtype_byt
     quantized = slots // group_size * group_size
     scales = 2 * values * quantized // group_size * dtype_bytes  # a scale and a zero per group, K and V alike
     residual = values * group_size * dtype_bytes
-    return layers * (values * quantized * bits // 8 + scales + residual)
+    codes = 2 * kv_heads * packed_row_bytes(head_dim, bits) * quantized
+    return layers * (codes + scales + residual)
 
 
 def table_rows() -> Iterator[Row]:
