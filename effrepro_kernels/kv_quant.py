@@ -4,7 +4,7 @@ KIVI quantizes keys per channel, since their outliers sit in fixed channels, and
 no such channels: `axis="channel"` gives each channel's groups of `group_size` consecutive tokens one scale and
 zero-point (the caller keeps the newest tokens, fewer than a group, in full precision), `axis="token"` gives each
 token's groups of `group_size` consecutive channels one. A value x is stored as the code round((x - zero) /
-scale), clamped to [0, 2^bits - 1], where zero is the group's minimum and scale (max - min) / (2^bits - 1); scale and
+scale) (ties to even), clamped to [0, 2^bits - 1], where zero is the group's minimum and scale (max - min) / (2^bits - 1); scale and
 zero are kept in the cache's dtype, so `dequantize_kv` returns that dtype.
 
 Codes are packed along head_dim in 32-bit words (little-endian), the same for both axes: a word holds 32 / bits
@@ -273,6 +273,13 @@ def _dequantized(code, scale, zero, MAGIC: tl.constexpr):
     return x
 
 
+@triton.jit
+def _inverse(scale):
+    """1 / scale in float32, 0 for a constant group (scale 0: its values are all the zero-point, code 0)."""
+    scale = scale.to(tl.float32)
+    return tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
+
+
 # warps per program, tuned per shape on a GPU (one config in the interpreter, which cannot autotune, and in tests)
 QUANTIZE_CONFIGS = [triton.Config({}, num_warps=w) for w in ((4,) if INTERPRET or not AUTOTUNE else (1, 2, 4, 8))]
 
@@ -297,49 +304,61 @@ def _quantize(X, DATA, SCALE, ZERO, stride_xb, stride_xh, stride_xn, H, N, HEAD_
     mask = rows & (c < HEAD_DIM)
     x_seg = X + (seg // H).to(tl.int64) * stride_xb + (seg % H).to(tl.int64) * stride_xh
     x = tl.load(x_seg + token.to(tl.int64) * stride_xn + c, mask=mask, other=0.0).to(tl.float32)
+    # the minimum and maximum skip padding lanes, and padding rows where they would join a real row's group (the
+    # statistics of a token past N are never stored); a tile without either needs no masking
+    PADDED: tl.constexpr = HEAD_DIM < BLOCK_D or (not PER_TOKEN and ROWS < BLOCK_R)
+    if PADDED:
+        x_lo, x_hi = tl.where(mask, x, float("inf")), tl.where(mask, x, float("-inf"))
+    else:
+        x_lo, x_hi = x, x
     if PER_TOKEN and (GROUP_SIZE & (GROUP_SIZE - 1)) == 0:
         # each token's groups side by side: one reduction over the tile for all of them, their statistics stored
         # as one contiguous tile, then repeated across their channels
         GROUPS_PADDED: tl.constexpr = BLOCK_D // GROUP_SIZE
         shape: tl.constexpr = [BLOCK_R, GROUPS_PADDED, GROUP_SIZE]
-        lo = tl.min(tl.reshape(tl.where(mask, x, float("inf")), shape), 2)
-        hi = tl.max(tl.reshape(tl.where(mask, x, float("-inf")), shape), 2)
+        lo = tl.min(tl.reshape(x_lo, shape), 2)
+        hi = tl.max(tl.reshape(x_hi, shape), 2)
         g_scale = ((hi - lo) / LEVELS).to(SCALE.dtype.element_ty)
         g_zero = lo.to(ZERO.dtype.element_ty)
         g = tl.arange(0, GROUPS_PADDED)[None, :]
         stats = (seg.to(tl.int64) * N + token) * (HEAD_DIM // GROUP_SIZE) + g
         tl.store(SCALE + stats, g_scale, mask=rows & (g < HEAD_DIM // GROUP_SIZE))
         tl.store(ZERO + stats, g_zero, mask=rows & (g < HEAD_DIM // GROUP_SIZE))
-        scale = tl.reshape(tl.broadcast_to(g_scale.to(tl.float32)[:, :, None], shape), [BLOCK_R, BLOCK_D])
-        zero = tl.reshape(tl.broadcast_to(g_zero.to(tl.float32)[:, :, None], shape), [BLOCK_R, BLOCK_D])
+        inverse = tl.reshape(tl.broadcast_to(_inverse(g_scale)[:, :, None], shape), x.shape)
+        zero = tl.reshape(tl.broadcast_to(g_zero.to(tl.float32)[:, :, None], shape), x.shape)
     elif PER_TOKEN:  # a group's statistics at each of its channels, group by group
         GROUPS: tl.constexpr = HEAD_DIM // GROUP_SIZE
         group = c // GROUP_SIZE
-        scale = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        zero = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        inverse = tl.zeros(x.shape, dtype=tl.float32)
+        zero = tl.zeros(x.shape, dtype=tl.float32)
         for g in tl.static_range(GROUPS):
-            inside = mask & (group == g)
-            lo = tl.min(tl.where(inside, x, float("inf")), 1, keep_dims=True)
-            hi = tl.max(tl.where(inside, x, float("-inf")), 1, keep_dims=True)
+            inside = group == g
+            lo = tl.min(tl.where(inside, x_lo, float("inf")), 1, keep_dims=True)
+            hi = tl.max(tl.where(inside, x_hi, float("-inf")), 1, keep_dims=True)
             g_scale = ((hi - lo) / LEVELS).to(SCALE.dtype.element_ty)
             g_zero = lo.to(ZERO.dtype.element_ty)
             stats = (seg.to(tl.int64) * N + token) * GROUPS + g
             tl.store(SCALE + stats, g_scale, mask=rows)
             tl.store(ZERO + stats, g_zero, mask=rows)
-            scale = tl.where(group == g, g_scale.to(tl.float32), scale)
-            zero = tl.where(group == g, g_zero.to(tl.float32), zero)
+            inverse = tl.where(inside, _inverse(g_scale), inverse)
+            zero = tl.where(inside, g_zero.to(tl.float32), zero)
     else:  # each channel's statistics over the group's tokens
-        lo = tl.min(tl.where(mask, x, float("inf")), 0, keep_dims=True)
-        hi = tl.max(tl.where(mask, x, float("-inf")), 0, keep_dims=True)
+        lo = tl.min(x_lo, 0, keep_dims=True)
+        hi = tl.max(x_hi, 0, keep_dims=True)
         c_scale = ((hi - lo) / LEVELS).to(SCALE.dtype.element_ty)
         c_zero = lo.to(ZERO.dtype.element_ty)
         stats = (seg.to(tl.int64) * (N // ROWS) + t) * HEAD_DIM + c
         tl.store(SCALE + stats, c_scale, mask=c < HEAD_DIM)
         tl.store(ZERO + stats, c_zero, mask=c < HEAD_DIM)
-        scale, zero = c_scale.to(tl.float32), c_zero.to(tl.float32)
-    # codes from the scale and zero as stored, so dequantizing them reproduces x to within scale / 2
-    code = tl.floor((x - zero) / tl.where(scale > 0, scale, 1.0) + 0.5)  # a constant group: x - zero = 0
-    code = tl.where(c < HEAD_DIM, tl.minimum(tl.maximum(code, 0.0), LEVELS), 0.0).to(tl.int32)  # padding: 0
+        inverse, zero = _inverse(c_scale), c_zero.to(tl.float32)
+    # codes from the scale and zero as stored, so dequantizing them reproduces x to within scale / 2. x - zero >= 0
+    # (zero is the group's minimum, exact in the cache's dtype); adding 1.5 · 2^23 in the same fused multiply-add
+    # rounds the quotient to an integer (ties to even) in the low bits, with no floor and no conversion
+    offset = x - zero
+    if PADDED:
+        offset = tl.where(mask, offset, 0.0)  # padding, whose zero-point may be inf: code 0 (no inf · 0)
+    rounded = tl.fma(offset, inverse, 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    code = tl.minimum(rounded, LEVELS)  # above where the stored scale was rounded down (far, if fp16 subnormal)
     k = tl.arange(0, PER_WORD)
     shift = ((k % 2) * 16 + (k // 2) * BITS)[None, None, :]  # channel 2s + h of a word at bit 16h + s · BITS
     packed = tl.sum(tl.reshape(code, [BLOCK_R, BLOCK_D // PER_WORD, PER_WORD]) << shift, 2)

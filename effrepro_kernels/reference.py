@@ -97,7 +97,7 @@ def quantize_kv_reference(x: torch.Tensor, bits: int, group_size: int, axis: str
     levels = 2**bits - 1
     scale, zero = ((hi - lo) / levels).to(x.dtype), lo.to(x.dtype)
     s, z = scale.float()[..., None], zero.float()[..., None]
-    codes = torch.floor((groups - z) / torch.where(s > 0, s, 1.0) + 0.5).clamp(0, levels)
+    codes = torch.round((groups - z) / torch.where(s > 0, s, 1.0)).clamp(0, levels)  # ties to even
     return _ungrouped(codes, axis).to(torch.uint8), scale, zero
 
 

@@ -53,8 +53,12 @@ def test_quantize_matches_reference_and_round_trips(bits, dtype):
         assert torch.equal(q.zero, zero)
         assert torch.equal(q.data, pack_codes(unpack_codes(q.data, bits, shape[3]), bits))  # padding zero
         ours = unpack_codes(q.data, bits, shape[3])
-        # codes equal, bar a rare rounding tie a GPU's division may break the other way
-        assert (ours.int() - codes.int()).abs().max() <= 1 and (ours != codes).float().mean() <= 1e-3
+        # each code a nearest level to (x - zero) / scale with the stored statistics: the reference's, or at a tie
+        # (frequent with fp16 inputs and few levels) the other neighbour, as the kernel's rounded reciprocal falls
+        s, z = per_value(q.scale, group_size, axis).double(), per_value(q.zero, group_size, axis).double()
+        exact = torch.where(s > 0, (x.double() - z) / torch.where(s > 0, s, 1.0), 0.0).clamp(0, 2**bits - 1)
+        assert ((ours.double() - exact).abs() <= 0.5 + 1e-4).all(), (shape, group_size, axis)
+        assert (ours != codes).float().mean() <= 1e-2
         y = dequantize_kv(q)
         assert y.dtype == dtype and y.shape == x.shape
         torch.testing.assert_close(y, dequantize_kv_reference(ours, q.scale, q.zero, group_size, axis))
