@@ -3,8 +3,9 @@
 KIVI quantizes keys per channel, since their outliers sit in fixed channels, and values per token, which have
 no such channels: `axis="channel"` gives each channel's groups of `group_size` consecutive tokens one scale and
 zero-point (the caller keeps the newest tokens, fewer than a group, in full precision), `axis="token"` gives each
-token's groups of `group_size` consecutive channels one. A value x is stored as the code round((x - zero) /
-scale) (ties to even), clamped to [0, 2^bits - 1], where zero is the group's minimum and scale (max - min) / (2^bits - 1); scale and
+token's groups of `group_size` consecutive channels one. A value x is stored as the code nearest (x - zero) /
+scale (ties to even; the kernel multiplies by a rounded reciprocal, so a tie may go either way), clamped to
+[0, 2^bits - 1], where zero is the group's minimum and scale (max - min) / (2^bits - 1); scale and
 zero are kept in the cache's dtype, so `dequantize_kv` returns that dtype.
 
 Codes are packed along head_dim in 32-bit words (little-endian), the same for both axes: a word holds 32 / bits
@@ -51,8 +52,9 @@ class QuantizedKV:
     scale, zero: the cache's dtype, (batch, kv_heads, n / group_size, head_dim) for axis="channel",
     (batch, kv_heads, n, head_dim / group_size) for axis="token";
     shape: the full-precision shape.
-    The kernels index data, scale and zero with their strides, but need each contiguous in its last dimension
-    and zero laid out like scale: `quantize_kv` makes them so, and concatenating along n keeps them so.
+    The kernels index data, scale and zero with their strides, but need each contiguous in its last dimension,
+    data's rows on 4-byte boundaries (`check_packed`) and zero laid out like scale: `quantize_kv` makes them so,
+    and concatenating along n keeps them so.
     """
 
     data: torch.Tensor
@@ -105,8 +107,8 @@ def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, head_d
             MAGIC: tl.constexpr = 0x6400  # 1024
         elif dtype == tl.bfloat16 and BITS < 8:
             MAGIC: tl.constexpr = 0x4300  # 128
-        else:  # float32: the code alone, put below 2^23 in _dequantized
-            MAGIC: tl.constexpr = 0
+        else:  # the code alone, through float32 in _dequantized: float32 caches, 8-bit bf16, and fp16 where the
+            MAGIC: tl.constexpr = 0  # interpreter's fma rounds twice
         POW2_GROUPS: tl.constexpr = (GROUP_SIZE & (GROUP_SIZE - 1)) == 0
         shape: tl.constexpr = [offs_n.shape[0], offs_d.shape[0]]
         if PER_TOKEN and POW2_GROUPS and GROUP_SIZE * BITS >= 32 and MAGIC != 0 and not TRANSPOSED:
@@ -193,24 +195,31 @@ def _both_halves(STATS, at, mask):
 @triton.jit
 def _dequantized_pairs(pair, scale2, zero2, MAGIC: tl.constexpr):
     """_dequantized on both 16-bit lanes of int32s at once: a lane of pair holds MAGIC + code, of scale2 and
-    zero2 a scale and a zero-point, all in the cache's dtype; the result's lanes hold the values. On the GPU one
-    two-lane subtraction and one two-lane fused multiply-add (PTX's f16x2 and bf16x2 forms, which the compilers
-    did not find for values, whose statistics repeat across a token's groups); lane by lane in the interpreter,
-    which has no inline assembly (and no bf16)."""
+    zero2 a scale and a zero-point, all in the cache's dtype; the result's lanes hold the values. On the GPU two
+    two-lane fused multiply-adds, (pair · 1 - MAGIC) · scale + zero, exact then rounded once (PTX's f16x2 and
+    bf16x2 forms, from sm_80; the compilers did not find them for value tiles, whose statistics repeat across a
+    token's groups); lane by lane in the interpreter, which has no inline assembly."""
     if INTERPRETED:
-        lo = _dequantized(pair.to(tl.int16), scale2.to(tl.int16).to(tl.float16, bitcast=True),
-                          zero2.to(tl.int16).to(tl.float16, bitcast=True), MAGIC)
-        hi = _dequantized((pair >> 16).to(tl.int16), (scale2 >> 16).to(tl.int16).to(tl.float16, bitcast=True),
-                          (zero2 >> 16).to(tl.int16).to(tl.float16, bitcast=True), MAGIC)
+        dtype: tl.constexpr = tl.float16 if MAGIC == 0x6400 else tl.bfloat16
+        lo = _dequantized(pair.to(tl.int16), scale2.to(tl.int16).to(dtype, bitcast=True),
+                          zero2.to(tl.int16).to(dtype, bitcast=True), MAGIC)
+        hi = _dequantized((pair >> 16).to(tl.int16), (scale2 >> 16).to(tl.int16).to(dtype, bitcast=True),
+                          (zero2 >> 16).to(tl.int16).to(dtype, bitcast=True), MAGIC)
         x = (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
-    elif MAGIC == 0x6400:
-        x = tl.inline_asm_elementwise("{ .reg .b32 t; sub.rn.f16x2 t, $1, $2; fma.rn.f16x2 $0, t, $3, $4; }",
-                                      "=r,r,r,r,r", [pair, tl.full(pair.shape, 0x64006400, tl.int32), scale2, zero2],
-                                      dtype=tl.int32, is_pure=True, pack=1)
     else:
-        x = tl.inline_asm_elementwise("{ .reg .b32 t; sub.rn.bf16x2 t, $1, $2; fma.rn.bf16x2 $0, t, $3, $4; }",
-                                      "=r,r,r,r,r", [pair, tl.full(pair.shape, 0x43004300, tl.int32), scale2, zero2],
-                                      dtype=tl.int32, is_pure=True, pack=1)
+        if MAGIC == 0x6400:  # 1.0 and -1024 in both fp16 lanes
+            ONE2: tl.constexpr = 0x3C003C00
+            MINUS_MAGIC2: tl.constexpr = 0xE400E400 - (1 << 32)
+        else:  # 1.0 and -128 in both bf16 lanes
+            ONE2: tl.constexpr = 0x3F803F80
+            MINUS_MAGIC2: tl.constexpr = 0xC300C300 - (1 << 32)
+        args = [pair, tl.full(pair.shape, ONE2, tl.int32), tl.full(pair.shape, MINUS_MAGIC2, tl.int32), scale2, zero2]
+        if MAGIC == 0x6400:
+            x = tl.inline_asm_elementwise("{ .reg .b32 t; fma.rn.f16x2 t, $1, $2, $3; fma.rn.f16x2 $0, t, $4, $5; }",
+                                          "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            x = tl.inline_asm_elementwise("{ .reg .b32 t; fma.rn.bf16x2 t, $1, $2, $3; fma.rn.bf16x2 $0, t, $4, $5; }",
+                                          "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True, pack=1)
     return x
 
 
@@ -275,9 +284,12 @@ def _dequantized(code, scale, zero, MAGIC: tl.constexpr):
 
 @triton.jit
 def _inverse(scale):
-    """1 / scale in float32, 0 for a constant group (scale 0: its values are all the zero-point, code 0)."""
+    """1 / scale in float32, 0 for a constant group (scale 0: its values are all the zero-point, code 0). A scale
+    below float32's smallest normal number is taken as that number (its codes then crowd the low levels, within
+    the group's tiny span): 1 / scale would overflow, or the GPU's division flush the scale to 0, and
+    (x - zero) · inf or 0 · inf is no code."""
     scale = scale.to(tl.float32)
-    return tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
+    return tl.where(scale > 0, 1.0 / tl.maximum(scale, 1.1754944e-38), 0.0)
 
 
 # warps per program, tuned per shape on a GPU (one config in the interpreter, which cannot autotune, and in tests)

@@ -1,9 +1,9 @@
-"""Compile the decode kernel offline for Hopper (sm_90) and count the SASS instructions of each of its loops, by
+"""Compile the decode kernel offline for Hopper (sm_90, or another `--sm`) and count the SASS instructions of each of its loops, by
 opcode: what a thread executes per tile of keys, without a GPU (Triton's own ptxas and nvdisasm do the work).
 Prints tables (what effrepro_kernels/NOTES.md quotes); the measurement of speed is `repro task=lean_decode` or
 `task=scissorhands_kv` on a GPU.
 
-    python scripts/sass_loop.py [--bits 4] [--dtype bf16] [--block-n 128] [--warps 4] [--stages 3]
+    python scripts/sass_loop.py [--bits 4] [--dtype bf16] [--block-n 128] [--warps 4] [--stages 3] [--sm 90]
 
 --bits 0 is the full-precision cache. Head dim 128, 4 query heads per KV head, KIVI groups of 32 tokens (keys)
 and 32 channels (values); pointers and strides are taken as 16-byte aligned, as the launches specialise them.
@@ -28,7 +28,7 @@ LABEL = re.compile(r"^\s*\.L_x_(\d+):")
 BRANCH_TO = re.compile(r"BRA.*\.L_x_(\d+)")
 
 
-def compile_decode(bits: int, dtype: str, block_n: int, warps: int, stages: int):
+def compile_decode(bits: int, dtype: str, block_n: int, warps: int, stages: int, sm: int = 90):
     names = list(_decode.arg_names)
     cache = "*u8" if bits else f"*{dtype}"
     pointers = dict(Q=f"*{dtype}", K=cache, V=cache, KS=f"*{dtype}", KZ=f"*{dtype}", VS=f"*{dtype}",
@@ -43,7 +43,7 @@ def compile_decode(bits: int, dtype: str, block_n: int, warps: int, stages: int)
     aligned = [n for n in names if n in pointers or (n.startswith("stride") and n != "stride_vsn")]
     source = ASTSource(_decode, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(source, target=GPUTarget("cuda", sm, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
 def loops(cubin: bytes) -> list[list[str]]:
@@ -78,9 +78,10 @@ def main():
     parser.add_argument("--block-n", type=int, default=128)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--sm", type=int, default=90, help="compute capability, as 80 for an A100")
     args = parser.parse_args()
-    kernel = compile_decode(args.bits, args.dtype, args.block_n, args.warps, args.stages)
-    print(f"triton {triton.__version__}, sm_90, {args.bits or 16}-bit {args.dtype} cache, {args.block_n}-key tiles, "
+    kernel = compile_decode(args.bits, args.dtype, args.block_n, args.warps, args.stages, args.sm)
+    print(f"triton {triton.__version__}, sm_{args.sm}, {args.bits or 16}-bit {args.dtype} cache, {args.block_n}-key tiles, "
           f"{args.warps} warps, {args.stages} stages: {kernel.metadata.shared} bytes of shared memory")
     print("| loop | instructions | conversions (I2F, F2F, F2I) | most frequent |\n|---|---|---|---|")
     for i, body in enumerate(loops(kernel.asm["cubin"])):

@@ -104,6 +104,18 @@ def test_a_constant_group_quantizes_exactly():
     assert (q.scale[..., :2] == 0).all() and torch.equal(dequantize_kv(q)[..., :16], x[..., :16])
 
 
+def test_a_group_of_subnormal_range_stays_in_range_and_leaves_its_word_neighbours_alone():
+    """float32 values spanning less than the smallest normal float32: 1 / scale overflows. Its codes stay levels
+    (its values within the group's span), and the next group, packed in the same 32-bit word, is exact."""
+    x = random_cache((1, 1, 2, 32), torch.float32, seed=4)
+    x[0, 0, 0, :4] = torch.linspace(0, 3e-38, 4)
+    q = quantize_kv(x, 4, 4, "token")
+    codes, _, _ = quantize_kv_reference(x, 4, 4, "token")
+    ours = unpack_codes(q.data, 4, 32)
+    assert torch.equal(ours[0, 0, 0, 4:], codes[0, 0, 0, 4:]) and torch.equal(ours[0, 0, 1], codes[0, 0, 1])
+    assert (ours <= 15).all() and ((dequantize_kv(q)[0, 0, 0, :4] - x[0, 0, 0, :4]).abs() <= 3e-38).all()
+
+
 def test_a_view_of_the_oldest_groups_dequantizes_like_the_whole_cache():
     """A cache preallocated for more tokens than it holds: the kernels follow the views' strides."""
     x = random_cache((2, 3, 32, 24), torch.float16, seed=2)
@@ -151,13 +163,15 @@ def test_packed_data_of_another_width_or_off_word_rows_is_a_clear_value_error():
         dequantize_kv(off_word)
 
 
-@pytest.mark.parametrize("bits, dtype", [(4, "bf16"), (4, "fp16"), (2, "bf16"), (8, "fp16")])
-def test_the_quantized_decode_kernel_compiles_for_hopper_without_a_gpu(bits, dtype):
-    """The GPU's own path (inline PTX: two-lane dequantizing, lop3) compiles for sm_90 and assembles with Triton's
-    ptxas, in a process outside the interpreter, which takes the lane-by-lane path instead."""
+@pytest.mark.parametrize("bits, dtype, sm", [(4, "bf16", 90), (4, "fp16", 90), (2, "bf16", 90), (8, "fp16", 90),
+                                             (4, "bf16", 80)])
+def test_the_quantized_decode_kernel_compiles_without_a_gpu(bits, dtype, sm):
+    """The GPU's own path (inline PTX: two-lane dequantizing, lop3) compiles for Hopper, and for an A100 (no PTX
+    of sm_90 only), and assembles with Triton's ptxas, in a process outside the interpreter, which takes the
+    lane-by-lane path instead."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_loop.py"), "--bits", str(bits), "--dtype",
-                           dtype], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           dtype, "--sm", str(sm)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{bits}-bit {dtype} cache" in done.stdout and "| 1 |" in done.stdout, done.stdout
 

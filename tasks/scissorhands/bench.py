@@ -120,9 +120,9 @@ def validate(cfg: DictConfig) -> None:
         checks.number(f"decode.{key}", spec[key], integer=False, at_least=0)
     group = kv.group_size
     for bits in checks.as_list(spec.bits):
-        if bits < 16 and (spec.head_dim % group or group % (8 // bits)):
-            raise ConfigError(f"kv.group_size={group} must divide decode.head_dim={spec.head_dim} and be a multiple "
-                              f"of {8 // bits} for {bits}-bit values (groups of a token's channels, whole bytes)")
+        if bits < 16 and spec.head_dim % group:
+            raise ConfigError(f"kv.group_size={group} must divide decode.head_dim={spec.head_dim} for {bits}-bit "
+                              "values (groups of a token's channels)")
         if bits < 16 and any(n % group for n in checks.as_list(spec.contexts)):
             raise ConfigError(f"decode.contexts={list(checks.as_list(spec.contexts))} must be multiples of "
                               f"kv.group_size={group} for {bits}-bit keys (groups of a channel's tokens)")
