@@ -84,9 +84,9 @@ def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, head_d
     the orientation asked for. Otherwise X holds packed codes: a token's packed row is loaded whole, as 32-bit
     words (wide loads: each byte once), unpacked in registers two codes an operation, and dequantized with its
     group's scale and zero-point, in rows of stride `stride_sn`, per token (PER_TOKEN) or per channel. The
-    packed path reads whole rows: offs_d must be
-    arange(0, BLOCK_D), the lanes past head_dim masked by `dmask`; and offs_n must be BLOCK_N consecutive tokens
-    from a multiple of BLOCK_N (a tile of the cache)."""
+    packed path reads whole rows: offs_d must be arange(0, BLOCK_D), the lanes past head_dim masked by `dmask`;
+    and offs_n must be BLOCK_N consecutive tokens from a multiple of BLOCK_N (a tile of the cache), those past the
+    cache's end either masked by `nmask` or repeating its last token (as the decode kernel passes them)."""
     if BITS == 0:
         if TRANSPOSED:
             x = tl.load(X + offs_n[None, :].to(tl.int64) * stride_n + offs_d[:, None],
