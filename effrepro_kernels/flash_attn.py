@@ -101,7 +101,9 @@ def _tuned(kernel, block_size: int):
 
 FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 4),
                         (64, 64, 4, 3)])
-BWD_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)])
+# dK/dV programs hold two (BLOCK_N, head_dim) float32 accumulators: at 128 keys and head_dim 128 four warps spill
+# (ptxas: 155 local loads an iteration under Triton 3.6), eight do not; the first is the one used without autotuning
+BWD_CONFIGS = _configs([(32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 2)])
 AUTOTUNE_KEY = ["N_Q", "N_K", "HEAD_DIM", "CAUSAL", "HAS_KPM", "DROPOUT", "SPARSE_BLOCK"]
 DELTA_ELEMENTS = 4096  # of O and of dO a program of the backward's rowsum(dO ∘ O) holds (a light pass)
 
