@@ -85,6 +85,30 @@ def test_the_flop_and_byte_counts_behind_tflops_and_bandwidth():
     assert point.extra["mode"] == "eager"
 
 
+@pytest.mark.parametrize("n_q, n_k, causal, density", [(256, 384, False, 0.5), (384, 384, True, 0.5),
+                                                     (200, 300, True, None), (130, 130, False, 1.0)])
+def test_flex_attention_on_a_points_block_mask_computes_what_flash_attn_does(n_q, n_k, causal, density):
+    """flash_kernel's FlexAttention baseline sees the same blocks as our block-sparse provider (lengths that are
+    not a multiple of the 128-token block; causal aligned bottom-right; dense causal)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from conftest import DEVICE
+    from effrepro_kernels import BlockSparseLayout, flash_attn
+    from tasks.flashattention.kernel_bench import flex_block_mask, sparse_block_mask
+
+    gen = torch.Generator(device=DEVICE).manual_seed(n_q + n_k)
+    q = torch.randn(1, 2, n_q, 64, device=DEVICE, generator=gen)
+    k, v = (torch.randn(1, 2, n_k, 64, device=DEVICE, generator=gen) for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention without torch.compile warns that it is slow
+        flex = flex_attention(q, k, v, block_mask=flex_block_mask(n_q, n_k, causal, density, DEVICE))
+    layout = None if density is None else BlockSparseLayout(sparse_block_mask(n_q, n_k, density, DEVICE), 1, 2, 128)
+    ours = flash_attn(q, k, v, causal=causal, block_mask=layout)
+    torch.testing.assert_close(ours, flex, rtol=1e-2, atol=1e-2)  # tf32 products on a GPU
+
+
 def test_each_provider_is_checked_against_the_baselines_output_on_the_same_inputs():
     x = torch.randn(64, 64, dtype=torch.float64)
 

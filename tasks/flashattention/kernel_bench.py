@@ -21,6 +21,7 @@ MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OURS = "effrepro"  # our FlashAttention kernel, as every task names it
+FLEX = "flex"  # PyTorch's FlexAttention, compiled: the baseline block-sparse kernels are held to (issue 21)
 AttentionFn = Callable[..., torch.Tensor]
 GRID_KEYS = ("seq_len", "head_dim", "causal", "mode")
 SPEC_KEYS = GRID_KEYS + ("tokens", "hidden", "batch", "heads", "dtype", "dropout", "padding_mask")
@@ -100,6 +101,13 @@ def ours_gluon(q, k, v, *, causal, dropout_p, key_padding_mask):
 SPARSE_BLOCK = 128
 
 
+def sparse_block_mask(n_q: int, n_k: int, density: float, device) -> torch.Tensor:
+    """The random block mask of a block-sparse point: `density` of the 128 x 128 blocks, the same count in every
+    block row, the same blocks for every provider (a fixed seed). (1, 1, query blocks, key blocks) bool."""
+    blocks = [-(-n // SPARSE_BLOCK) for n in (n_q, n_k)]
+    return random_block_mask(*blocks, density, generator=torch.Generator().manual_seed(0), device=device)
+
+
 def ours_sparse(density: float) -> AttentionFn:
     """Block-sparse FlashAttention keeping `density` of the blocks (the same count in every block row)."""
     layouts: dict[tuple, BlockSparseLayout] = {}
@@ -107,12 +115,52 @@ def ours_sparse(density: float) -> AttentionFn:
     def attend(q, k, v, *, causal, dropout_p, key_padding_mask):
         key = (q.shape, k.shape, q.device)
         if key not in layouts:  # prepared once per shape, outside the timed calls
-            blocks = [-(-n // SPARSE_BLOCK) for n in (q.shape[2], k.shape[2])]
-            gen = torch.Generator().manual_seed(0)
-            mask = random_block_mask(*blocks, density, generator=gen, device=q.device)
+            mask = sparse_block_mask(q.shape[2], k.shape[2], density, q.device)
             layouts[key] = BlockSparseLayout(mask, q.shape[0], q.shape[1], SPARSE_BLOCK)
         return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
                           block_mask=layouts[key])
+    return attend
+
+
+def flex_block_mask(n_q: int, n_k: int, causal: bool, density: float | None, device):
+    """FlexAttention's BlockMask for what flash_attn computes: `sparse_block_mask(density)`'s blocks (None:
+    dense), causality aligned bottom-right as in flash_attn; None where nothing is masked."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if density is None and not causal:
+        return None
+    blocks = None if density is None else sparse_block_mask(n_q, n_k, density, device)[0, 0]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = kv_idx >= 0
+        if blocks is not None:
+            keep = keep & blocks[q_idx // SPARSE_BLOCK, kv_idx // SPARSE_BLOCK]
+        if causal:
+            keep = keep & (kv_idx <= q_idx + (n_k - n_q))
+        return keep
+    # compiled on a GPU, where a long sequence's mask would not fit as N x N booleans
+    return create_block_mask(mask_mod, None, None, n_q, n_k, device=device, BLOCK_SIZE=SPARSE_BLOCK,
+                             _compile=torch.device(device).type == "cuda")
+
+
+def flex(density: float | None) -> AttentionFn:
+    """PyTorch's FlexAttention under torch.compile, dense or on the same block mask as `ours_sparse(density)`.
+    Timed on a GPU only: on the CPU it would time Inductor's C++ code, not the kernel compared."""
+    block_masks: dict[tuple, object] = {}
+    compiled = []
+
+    def attend(q, k, v, *, causal, dropout_p, key_padding_mask):
+        if q.device.type != "cuda":
+            raise Unsupported(f"{FLEX}: compiled FlexAttention is timed on a GPU only")
+        if dropout_p or key_padding_mask is not None:
+            raise Unsupported(f"{FLEX}: dropout and key padding are not part of this comparison")
+        if not compiled:
+            from torch.nn.attention.flex_attention import flex_attention
+            compiled.append(torch.compile(flex_attention, dynamic=False))
+        key = (q.shape, k.shape, q.device, causal)
+        if key not in block_masks:  # prepared once per shape, outside the timed calls
+            block_masks[key] = flex_block_mask(q.shape[2], k.shape[2], causal, density, q.device)
+        return compiled[0](q, k, v, block_mask=block_masks[key])
     return attend
 
 
@@ -133,7 +181,7 @@ def make_inputs(point: Point, device: torch.device, seed: int):
 def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int) -> Provider:
     """`attend` timed in the point's mode. Exact providers (all but block-sparse) without dropout are checked
     against the baseline: their output, or their gradients in the backward modes."""
-    exact = not name.startswith(f"{OURS}_sparse")
+    exact = "_sparse_" not in name
 
     def build(point: Point) -> Call:
         q, k, v, mask = make_inputs(point, ctx.device, seed)
@@ -162,8 +210,9 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int) -> Prov
 
 def providers(kernel: DictConfig, ctx: RunContext, seed: int) -> list[Provider]:
     known: dict[str, AttentionFn] = {"standard": standard, **{n: sdpa_attention(n) for n in SDPA_BACKENDS},
-                                     OURS: ours, f"{OURS}_gluon": ours_gluon}
-    known.update({f"{OURS}_sparse_{d:g}": ours_sparse(d) for d in as_list(kernel.sparse_densities)})
+                                     OURS: ours, f"{OURS}_gluon": ours_gluon, FLEX: flex(None)}
+    for d in as_list(kernel.sparse_densities):
+        known.update({f"{OURS}_sparse_{d:g}": ours_sparse(d), f"{FLEX}_sparse_{d:g}": flex(d)})
     return [provider(n, known[n], ctx, seed) for n in provider_names(kernel)]
 
 
@@ -178,18 +227,22 @@ def validate(cfg: DictConfig) -> None:
 
 
 def provider_names(kernel: DictConfig) -> list[str]:
-    """The providers asked for, `effrepro_sparse` expanded to one per density; unknown ones are an error."""
+    """The providers asked for, `effrepro_sparse` and `flex_sparse` each expanded to one per density; unknown
+    ones are an error."""
     names = as_list(OmegaConf.to_container(kernel.providers))
     densities = as_list(OmegaConf.to_container(kernel.sparse_densities))
-    sparse = [f"{OURS}_sparse_{d:g}" for d in densities]
-    if f"{OURS}_sparse" in names:
-        at = names.index(f"{OURS}_sparse")
-        names[at:at + 1] = sparse
-    known = ["standard", *SDPA_BACKENDS, OURS, f"{OURS}_gluon"]
+    sparse = []
+    for family in (OURS, FLEX):
+        per_density = [f"{family}_sparse_{d:g}" for d in densities]
+        sparse += per_density
+        if f"{family}_sparse" in names:
+            at = names.index(f"{family}_sparse")
+            names[at:at + 1] = per_density
+    known = ["standard", *SDPA_BACKENDS, OURS, f"{OURS}_gluon", FLEX]
     unknown = [n for n in names if n not in known + sparse]
     if unknown:
-        raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {known} and {OURS}_sparse "
-                          "(one per kernel.sparse_densities)")
+        raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {known}, {OURS}_sparse and "
+                          f"{FLEX}_sparse (one per kernel.sparse_densities)")
     if "standard" not in names:
         raise ConfigError("kernel.providers must include 'standard', the baseline every speedup is measured against")
     return names
