@@ -144,17 +144,19 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
             every_row = tl.full([BLOCK_N], 1, tl.int1)
             for t in range(lo, hi):
-                offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+                start = t * BLOCK_N
+                offs_n = start + tl.arange(0, BLOCK_N)
                 nmask = offs_n < length
                 # rows past the length read the last key and value again instead of being masked, so the loads
                 # take no per-row predicate (12% of a 16-bit tile's instructions); their scores are -inf, and a
                 # finite value times probability 0 adds nothing
-                rows = tl.minimum(offs_n, length - 1)
-                k = kv_tile(Kh, KS + k_stats, KZ + k_stats, rows, offs_d, every_row, dmask, stride_kn, stride_ksn,
-                            HEAD_DIM, K_BITS, K_GROUP, False, True)
+                rows = tl.minimum(tl.arange(0, BLOCK_N), length - 1 - start)
+                k = kv_tile(Kh, KS + k_stats, KZ + k_stats, start, rows, offs_d, every_row, dmask, stride_kn,
+                            stride_ksn, HEAD_DIM, K_BITS, K_GROUP, False, True)
                 qk = tl.dot(q, k, input_precision=PRECISION)
                 if BLOCK_E > 0:  # full precision only (the packed path reads whole rows into one chunk)
-                    k_e = kv_tile(Kh, KS, KZ, rows, offs_e, every_row, emask, stride_kn, 0, 0, 0, 1, False, True)
+                    k_e = kv_tile(Kh, KS, KZ, start, rows, offs_e, every_row, emask, stride_kn, 0, 0, 0, 1, False,
+                                  True)
                     qk += tl.dot(q_e, k_e, input_precision=PRECISION)
                 s = tl.where(nmask[None, :], qk * qk_scale, float("-inf"))
                 if STORE_SCORES:
@@ -165,11 +167,12 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
                 prob = tl.math.exp2(s - m_new[:, None])
                 alpha = tl.math.exp2(m - m_new)
                 l = l * alpha + tl.sum(prob, 1)
-                v = kv_tile(Vh, VS + v_stats, VZ + v_stats, rows, offs_d, every_row, dmask, stride_vn, stride_vsn,
-                            HEAD_DIM, V_BITS, V_GROUP, True, False)
+                v = kv_tile(Vh, VS + v_stats, VZ + v_stats, start, rows, offs_d, every_row, dmask, stride_vn,
+                            stride_vsn, HEAD_DIM, V_BITS, V_GROUP, True, False)
                 acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION)
                 if BLOCK_E > 0:
-                    v_e = kv_tile(Vh, VS, VZ, rows, offs_e, every_row, emask, stride_vn, 0, 0, 0, 1, False, False)
+                    v_e = kv_tile(Vh, VS, VZ, start, rows, offs_e, every_row, emask, stride_vn, 0, 0, 0, 1, False,
+                                  False)
                     acc_e = acc_e * alpha[:, None] + tl.dot(prob.to(v_e.dtype), v_e, input_precision=PRECISION)
                 m = m_new
             if n_pieces == 1:

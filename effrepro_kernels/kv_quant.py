@@ -77,29 +77,32 @@ class QuantizedKV:
 
 
 @triton.jit
-def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, head_dim, BITS: tl.constexpr,
+def kv_tile(X, XS, XZ, start, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, head_dim, BITS: tl.constexpr,
             GROUP_SIZE: tl.constexpr, PER_TOKEN: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """The (token, channel) tile at offs_n × offs_d of one (batch, KV head) of a cache, or its transpose
-    (channel, token) with TRANSPOSED, as a key tile is used. BITS == 0: X is the full-precision cache, loaded in
+    """The (token, channel) tile at (start + offs_n) × offs_d of one (batch, KV head) of a cache, or its transpose
+    (channel, token) with TRANSPOSED, as a key tile is used: 64-bit arithmetic once for the tile's first token,
+    32-bit offsets within it. BITS == 0: X is the full-precision cache, loaded in
     the orientation asked for. Otherwise X holds packed codes: a token's packed row is loaded whole, as 32-bit
     words (wide loads: each byte once), unpacked in registers two codes an operation, and dequantized with its
     group's scale and zero-point, in rows of stride `stride_sn`, per token (PER_TOKEN) or per channel. The
     packed path reads whole rows: offs_d must be arange(0, BLOCK_D), the lanes past head_dim masked by `dmask`;
-    and offs_n must be BLOCK_N consecutive tokens from a multiple of BLOCK_N (a tile of the cache), those past the
-    cache's end either masked by `nmask` or repeating its last token (as the decode kernel passes them)."""
+    and start + offs_n must be BLOCK_N consecutive tokens from a multiple of BLOCK_N (a tile of the cache), those
+    past the cache's end either masked by `nmask` or repeating its last token (as the decode kernel passes them)."""
     if BITS == 0:
+        X += start.to(tl.int64) * stride_n
         if TRANSPOSED:
-            x = tl.load(X + offs_n[None, :].to(tl.int64) * stride_n + offs_d[:, None],
-                        mask=dmask[:, None] & nmask[None, :], other=0.0)
+            x = tl.load(X + offs_n[None, :] * stride_n + offs_d[:, None], mask=dmask[:, None] & nmask[None, :],
+                        other=0.0)
         else:
-            x = tl.load(X + offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :],
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+            x = tl.load(X + offs_n[:, None] * stride_n + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                        other=0.0)
     else:
-        n = offs_n[:, None]
+        n = start + offs_n[:, None]  # tokens, for their statistics
         c = offs_d[None, :]
         mask = nmask[:, None] & dmask[None, :]
         w = tl.arange(0, offs_d.shape[0] * BITS // 32)[None, :]
-        word = tl.load(X.to(tl.pointer_type(tl.int32)) + n.to(tl.int64) * (stride_n // 4) + w,
+        X32 = X.to(tl.pointer_type(tl.int32)) + start.to(tl.int64) * (stride_n // 4)
+        word = tl.load(X32 + offs_n[:, None] * (stride_n // 4) + w,
                        mask=nmask[:, None] & (w < (head_dim * BITS + 31) // 32), other=0)
         # a power of two whose mantissa holds every code exactly: a code ORed into its low bits is MAGIC + code
         dtype: tl.constexpr = XS.dtype.element_ty
@@ -150,7 +153,7 @@ def kv_tile(X, XS, XZ, offs_n, offs_d, nmask, dmask, stride_n, stride_sn, head_d
                 BLOCK_N: tl.constexpr = offs_n.shape[0]
                 SPAN: tl.constexpr = GROUP_SIZE if GROUP_SIZE < BLOCK_N else BLOCK_N
                 ROWS: tl.constexpr = BLOCK_N // SPAN
-                first = tl.min(tl.reshape(offs_n, [ROWS, SPAN]), 1)
+                first = start + tl.min(tl.reshape(offs_n, [ROWS, SPAN]), 1)
                 real = tl.max(tl.reshape(nmask.to(tl.int32), [ROWS, SPAN]), 1) > 0
                 at = (first // GROUP_SIZE).to(tl.int64)[:, None] * stride_sn + c
                 spans: tl.constexpr = [ROWS, SPAN, offs_d.shape[0]]
@@ -389,8 +392,8 @@ def _dequantize(DATA, SCALE, ZERO, OUT, H, N, stride_db, stride_dh, stride_dn, s
     n = t * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.arange(0, BLOCK_D)
     stats = b * stride_sb + h * stride_sh
-    x = kv_tile(DATA + b * stride_db + h * stride_dh, SCALE + stats, ZERO + stats, n, c, n < N, c < HEAD_DIM,
-                stride_dn, stride_sn, HEAD_DIM, BITS, GROUP_SIZE, PER_TOKEN, False)
+    x = kv_tile(DATA + b * stride_db + h * stride_dh, SCALE + stats, ZERO + stats, t * BLOCK_T, tl.arange(0, BLOCK_T),
+                c, n < N, c < HEAD_DIM, stride_dn, stride_sn, HEAD_DIM, BITS, GROUP_SIZE, PER_TOKEN, False)
     tl.store(OUT + (seg.to(tl.int64) * N + n[:, None]) * HEAD_DIM + c[None, :], x,
              mask=(n < N)[:, None] & (c < HEAD_DIM)[None, :])
 
