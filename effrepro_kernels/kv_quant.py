@@ -81,8 +81,8 @@ def kv_tile(X, XS, XZ, start, offs_n, offs_d, nmask, dmask, stride_n, stride_sn,
             GROUP_SIZE: tl.constexpr, PER_TOKEN: tl.constexpr, TRANSPOSED: tl.constexpr):
     """The (token, channel) tile at (start + offs_n) × offs_d of one (batch, KV head) of a cache, or its transpose
     (channel, token) with TRANSPOSED, as a key tile is used: 64-bit arithmetic once for the tile's first token,
-    32-bit offsets within it. BITS == 0: X is the full-precision cache, loaded in
-    the orientation asked for. Otherwise X holds packed codes: a token's packed row is loaded whole, as 32-bit
+    32-bit offsets within it. BITS == 0: X is the full-precision cache, loaded in the orientation asked for.
+    Otherwise X holds packed codes: a token's packed row is loaded whole, as 32-bit
     words (wide loads: each byte once), unpacked in registers two codes an operation, and dequantized with its
     group's scale and zero-point, in rows of stride `stride_sn`, per token (PER_TOKEN) or per channel. The
     packed path reads whole rows: offs_d must be arange(0, BLOCK_D), the lanes past head_dim masked by `dmask`;
@@ -114,13 +114,14 @@ def kv_tile(X, XS, XZ, start, offs_n, offs_d, nmask, dmask, stride_n, stride_sn,
             MAGIC: tl.constexpr = 0  # interpreter's fma rounds twice
         POW2_GROUPS: tl.constexpr = (GROUP_SIZE & (GROUP_SIZE - 1)) == 0
         shape: tl.constexpr = [offs_n.shape[0], offs_d.shape[0]]
-        if PER_TOKEN and POW2_GROUPS and GROUP_SIZE * BITS >= 32 and MAGIC != 0 and not TRANSPOSED:
-            # a value tile whose words each lie in one group: a word's two lanes dequantized together, with its
-            # group's scale and zero-point in both halves of a word
+        if PER_TOKEN and POW2_GROUPS:  # a token's groups, each loaded once (a row of them), then repeated
             GROUPS: tl.constexpr = offs_d.shape[0] // GROUP_SIZE
             g = tl.arange(0, GROUPS)[None, :]
             at = n.to(tl.int64) * stride_sn + g
             real = nmask[:, None] & (g < head_dim // GROUP_SIZE)
+        if PER_TOKEN and POW2_GROUPS and GROUP_SIZE * BITS >= 32 and MAGIC != 0 and not TRANSPOSED:
+            # a value tile whose words each lie in one group: a word's two lanes dequantized together, with its
+            # group's scale and zero-point in both halves of a word
             words: tl.constexpr = [offs_n.shape[0], GROUPS, GROUP_SIZE * BITS // 32]
             scale2 = tl.reshape(tl.broadcast_to(_both_halves(XS, at, real)[:, :, None], words), word.shape)
             zero2 = tl.reshape(tl.broadcast_to(_both_halves(XZ, at, real)[:, :, None], words), word.shape)
@@ -139,11 +140,6 @@ def kv_tile(X, XS, XZ, start, offs_n, offs_d, nmask, dmask, stride_n, stride_sn,
                 code = tl.reshape(tl.join(_lanes(word, False, BITS, MAGIC, word, word, False),
                                           _lanes(word, True, BITS, MAGIC, word, word, False)), shape)
             if PER_TOKEN and POW2_GROUPS:
-                # a token's groups loaded once each (a row of them), then repeated across their channels
-                GROUPS: tl.constexpr = offs_d.shape[0] // GROUP_SIZE
-                g = tl.arange(0, GROUPS)[None, :]
-                at = n.to(tl.int64) * stride_sn + g
-                real = nmask[:, None] & (g < head_dim // GROUP_SIZE)
                 groups: tl.constexpr = [offs_n.shape[0], GROUPS, GROUP_SIZE]
                 scale = tl.reshape(tl.broadcast_to(tl.load(XS + at, mask=real, other=0.0)[:, :, None], groups), shape)
                 zero = tl.reshape(tl.broadcast_to(tl.load(XZ + at, mask=real, other=0.0)[:, :, None], groups), shape)
