@@ -191,6 +191,11 @@ def _both_halves(STATS, at, mask):
     return bits | (bits << 16)
 
 
+# (pair · $2 + $3) · $4 + $5 on two 16-bit lanes
+FMA2_F16, FMA2_BF16 = (tl.constexpr(f"{{ .reg .b32 t; fma.rn.{t} t, $1, $2, $3; fma.rn.{t} $0, t, $4, $5; }}")
+                       for t in ("f16x2", "bf16x2"))
+
+
 @triton.jit
 def _dequantized_pairs(pair, scale2, zero2, MAGIC: tl.constexpr):
     """_dequantized on both 16-bit lanes of int32s at once: a lane of pair holds MAGIC + code, of scale2 and
@@ -209,16 +214,14 @@ def _dequantized_pairs(pair, scale2, zero2, MAGIC: tl.constexpr):
         if MAGIC == 0x6400:  # 1.0 and -1024 in both fp16 lanes
             ONE2: tl.constexpr = 0x3C003C00
             MINUS_MAGIC2: tl.constexpr = 0xE400E400 - (1 << 32)
+            ASM: tl.constexpr = FMA2_F16
         else:  # 1.0 and -128 in both bf16 lanes
             ONE2: tl.constexpr = 0x3F803F80
             MINUS_MAGIC2: tl.constexpr = 0xC300C300 - (1 << 32)
-        args = [pair, tl.full(pair.shape, ONE2, tl.int32), tl.full(pair.shape, MINUS_MAGIC2, tl.int32), scale2, zero2]
-        if MAGIC == 0x6400:
-            x = tl.inline_asm_elementwise("{ .reg .b32 t; fma.rn.f16x2 t, $1, $2, $3; fma.rn.f16x2 $0, t, $4, $5; }",
-                                          "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            x = tl.inline_asm_elementwise("{ .reg .b32 t; fma.rn.bf16x2 t, $1, $2, $3; fma.rn.bf16x2 $0, t, $4, $5; }",
-                                          "=r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True, pack=1)
+            ASM: tl.constexpr = FMA2_BF16
+        x = tl.inline_asm_elementwise(ASM, "=r,r,r,r,r,r", [pair, tl.full(pair.shape, ONE2, tl.int32),
+                                                            tl.full(pair.shape, MINUS_MAGIC2, tl.int32), scale2, zero2],
+                                      dtype=tl.int32, is_pure=True, pack=1)
     return x
 
 

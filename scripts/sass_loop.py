@@ -1,5 +1,6 @@
-"""Compile the decode kernel offline for Hopper (sm_90, or another `--sm`) and count the SASS instructions of each of its loops, by
-opcode: what a thread executes per tile of keys, without a GPU (Triton's own ptxas and nvdisasm do the work).
+"""Compile the decode kernel offline for Hopper (sm_90, or another `--sm`) and count the SASS instructions of each
+of its loops, by opcode: what a thread executes per tile of keys, without a GPU (Triton's own ptxas and nvdisasm
+do the work).
 Prints tables (what effrepro_kernels/NOTES.md quotes); the measurement of speed is `repro task=lean_decode` or
 `task=scissorhands_kv` on a GPU.
 
@@ -81,8 +82,9 @@ def main():
     parser.add_argument("--sm", type=int, default=90, help="compute capability, as 80 for an A100")
     args = parser.parse_args()
     kernel = compile_decode(args.bits, args.dtype, args.block_n, args.warps, args.stages, args.sm)
-    print(f"triton {triton.__version__}, sm_{args.sm}, {args.bits or 16}-bit {args.dtype} cache, {args.block_n}-key tiles, "
-          f"{args.warps} warps, {args.stages} stages: {kernel.metadata.shared} bytes of shared memory")
+    print(f"triton {triton.__version__}, sm_{args.sm}, {args.bits or 16}-bit {args.dtype} cache, "
+          f"{args.block_n}-key tiles, {args.warps} warps, {args.stages} stages: "
+          f"{kernel.metadata.shared} bytes of shared memory")
     print("| loop | instructions | conversions (I2F, F2F, F2I) | most frequent |\n|---|---|---|---|")
     for i, body in enumerate(loops(kernel.asm["cubin"])):
         counts = collections.Counter(map(opcode, body))
