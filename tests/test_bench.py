@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from conftest import gpu
+from conftest import DEVICE, gpu
 from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
 from repro.timing import measure
 
@@ -94,7 +94,6 @@ def test_flex_attention_on_a_points_block_mask_computes_what_flash_attn_does(n_q
 
     from torch.nn.attention.flex_attention import flex_attention
 
-    from conftest import DEVICE
     from effrepro_kernels import BlockSparseLayout, flash_attn
     from tasks.flashattention.kernel_bench import flex_block_mask, sparse_block_mask
 

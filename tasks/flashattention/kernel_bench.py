@@ -2,11 +2,13 @@
 paper's baseline, on the FA2/FA3 benchmark grid and on the paper's own Figure-3 setting."""
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from effrepro_kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
 from repro import checks
@@ -125,8 +127,6 @@ def ours_sparse(density: float) -> AttentionFn:
 def flex_block_mask(n_q: int, n_k: int, causal: bool, density: float | None, device):
     """FlexAttention's BlockMask for what flash_attn computes: `sparse_block_mask(density)`'s blocks (None:
     dense), causality aligned bottom-right as in flash_attn; None where nothing is masked."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     if density is None and not causal:
         return None
     blocks = None if density is None else sparse_block_mask(n_q, n_k, density, device)[0, 0]
@@ -143,24 +143,25 @@ def flex_block_mask(n_q: int, n_k: int, causal: bool, density: float | None, dev
                              _compile=torch.device(device).type == "cuda")
 
 
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def flex(density: float | None) -> AttentionFn:
     """PyTorch's FlexAttention under torch.compile, dense or on the same block mask as `ours_sparse(density)`.
     Timed on a GPU only: on the CPU it would time Inductor's C++ code, not the kernel compared."""
     block_masks: dict[tuple, object] = {}
-    compiled = []
 
     def attend(q, k, v, *, causal, dropout_p, key_padding_mask):
         if q.device.type != "cuda":
             raise Unsupported(f"{FLEX}: compiled FlexAttention is timed on a GPU only")
         if dropout_p or key_padding_mask is not None:
             raise Unsupported(f"{FLEX}: dropout and key padding are not part of this comparison")
-        if not compiled:
-            from torch.nn.attention.flex_attention import flex_attention
-            compiled.append(torch.compile(flex_attention, dynamic=False))
         key = (q.shape, k.shape, q.device, causal)
         if key not in block_masks:  # prepared once per shape, outside the timed calls
             block_masks[key] = flex_block_mask(q.shape[2], k.shape[2], causal, density, q.device)
-        return compiled[0](q, k, v, block_mask=block_masks[key])
+        return _compiled_flex_attention()(q, k, v, block_mask=block_masks[key])
     return attend
 
 
