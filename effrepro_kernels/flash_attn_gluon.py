@@ -1,12 +1,13 @@
 """FlashAttention forward for Hopper (sm_90) in Gluon: TMA loads, wgmma, warp specialisation.
 
-The structure of FlashAttention-3 and cuDNN: one program per (128-row query tile, batch·head). A one-warp
-producer partition loads the tile's two 64-row halves of Q once, then K and V tiles into a ring of NUM_STAGES
-shared-memory buffers with TMA, signalling mbarriers with the bytes it expects. Two consumer warpgroups (the
-default partition and a four-warp worker) each own 64 query rows: S = Q·Kᵀ with wgmma, the online softmax in
-registers (base 2, the scale folded into the exponent), O += P·V with P from registers; each releases a stage's
-K with an mbarrier arrive once its Q·Kᵀ has read it, and its V once its P·V has. At head_dim 128 a consumer
-overlaps each tile's softmax with the previous tile's P·V (FlashAttention-3's intra-warpgroup pipelining).
+The structure of FlashAttention-3 and cuDNN: one program per (query tile, batch·head), a query tile being
+CONSUMERS (2 or 3) blocks of 64 rows. A one-warp producer partition loads the tile's Q blocks once, then K and V
+tiles of BLOCK_N keys into a ring of NUM_STAGES shared-memory buffers with TMA, signalling mbarriers with the
+bytes it expects. Each consumer warpgroup (the default partition, and four-warp workers) owns one block of 64
+query rows: S = Q·Kᵀ with wgmma, the online softmax in registers (base 2, the scale folded into the exponent),
+O += P·V with P from registers; each releases a stage's K with an mbarrier arrive once its Q·Kᵀ has read it, and
+its V once its P·V has. At head_dim 128 a consumer overlaps each tile's softmax with the previous tile's P·V
+(FlashAttention-3's intra-warpgroup pipelining).
 
 Conventions follow flash_attn.py: q (batch, heads, seq_q, head_dim), k and v (batch, kv_heads, seq_k, head_dim)
 with kv_heads dividing heads; causal is bottom-right aligned (query i sees keys j <= i + seq_k - seq_q); the
@@ -52,7 +53,6 @@ except Exception:  # noqa: BLE001 - any Triton whose Gluon differs must leave `i
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
 GLUON_HEAD_DIMS = (64, 128)
 ROWS_PER_WARPGROUP = 64  # a consumer warpgroup's share of the 128-row query tile
-BLOCK_N = 128
 LOG2E = 1.4426950408889634
 
 
@@ -68,15 +68,16 @@ def _key_tiles(row0, rows, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
-              H, KV_GROUPS, N_Q, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+              H, KV_GROUPS, N_Q, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              CONSUMERS: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     pid_m, bh = gl.program_id(0), gl.program_id(1)
     kv_bh = (bh // H) * (H // KV_GROUPS) + (bh % H) // KV_GROUPS
-    for wg in gl.static_range(2):
+    for wg in gl.static_range(CONSUMERS):
         mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [bh, pid_m * 2 * ROWS + wg * ROWS, 0], q_ready.index(wg), q_smem.index(wg))
-    # both warpgroups together see exactly the tiles of the whole 128-row tile
-    n_tiles = _key_tiles(pid_m * 2 * ROWS, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+        _tma_load(q_desc, [bh, (pid_m * CONSUMERS + wg) * ROWS, 0], q_ready.index(wg), q_smem.index(wg))
+    # the warpgroups together see exactly the tiles of the whole query tile
+    n_tiles = _key_tiles(pid_m * CONSUMERS * ROWS, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
     for i in range(n_tiles):
         s = i % NUM_STAGES
         # a fresh barrier counts as having completed the phase before phase 0, so the first round passes
@@ -181,8 +182,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
 @gluon.jit
 def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
               N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              OVERLAP: gl.constexpr):
-    """Warpgroup WG (0 or 1): rows WG·64 .. WG·64 + 63 of the query tile."""
+              OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr):
+    """Warpgroup WG (0 .. CONSUMERS - 1): rows WG·64 .. WG·64 + 63 of the query tile."""
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = o_desc.block_type.shape[2]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -191,7 +192,7 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready
                                                        instr_shape=[16, HEAD_DIM, 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     pid_m, bh = gl.program_id(0), gl.program_id(1)
-    tile0 = pid_m * 2 * ROWS
+    tile0 = pid_m * CONSUMERS * ROWS
     row0 = tile0 + WG * ROWS
     q_buf = q_smem.index(WG)
     q = q_buf.reshape([ROWS, HEAD_DIM])
@@ -209,9 +210,9 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready
                             N_Q, N_K, qk_scale, False, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
     acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, full, hi, row0,
                             N_Q, N_K, qk_scale, True, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
-    # Causal: the upper warpgroup's last tiles lie above this one's diagonal. It still releases them, after
+    # Causal: the lower rows' last tiles lie above this warpgroup's diagonal. It still releases them, after
     # they have arrived (so its arrival counts toward the phase of that load, not of the one before).
-    for i in range(hi, _key_tiles(tile0, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
+    for i in range(hi, _key_tiles(tile0, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
         s = i % NUM_STAGES
         mbarrier.wait(k_ready.index(s), (i // NUM_STAGES) & 1)
         mbarrier.arrive(k_empty.index(s))
@@ -234,37 +235,54 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready
 
 @gluon.jit
 def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, qk_scale,
-              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-              OVERLAP: gl.constexpr):
+              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
+              CONSUMERS: gl.constexpr):
+    # the register file (64K) shared out by warpgroup: 24 a thread to the producer's, the rest to the consumers'
+    # in multiples of 8 (setmaxnreg's step): 240 each for two, 160 for three
+    CONSUMER_REGS: gl.constexpr = (65536 // 128 - 24) // CONSUMERS // 8 * 8
     dtype: gl.constexpr = q_desc.dtype
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
-    q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, ROWS, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    for wg in gl.static_range(2):
+    for wg in gl.static_range(CONSUMERS):
         mbarrier.init(q_ready.index(wg), count=1)  # the producer's expect is the one arrival
     for s in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=2)  # one arrival from each consumer warpgroup
-        mbarrier.init(v_empty.index(s), count=2)
+        mbarrier.init(k_empty.index(s), count=CONSUMERS)  # one arrival from each consumer warpgroup
+        mbarrier.init(v_empty.index(s), count=CONSUMERS)
     fence_async_shared()  # the inits, before TMA (the async proxy) touches the barriers
     _cta_barrier()
-    gl.warp_specialize([
-        (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q, N_K,
-                     qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP)),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
-                     H, KV_GROUPS, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL)),
-        (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q, N_K,
-                     qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP)),
-    ], [1, 4], [24, CONSUMER_REGS])
-    for wg in gl.static_range(2):
+    # the default partition is consumer 0; the other consumers are four-warp workers beside the one-warp producer
+    # (each partition's arguments written out: a tuple built once and reused loses its constants' constexpr-ness)
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q,
+                         N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
+                         H, KV_GROUPS, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
+            (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q,
+                         N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+        ], [1, 4], [24, CONSUMER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q,
+                         N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
+                         H, KV_GROUPS, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
+            (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q,
+                         N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_consumer, (2, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q,
+                         N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+        ], [1, 4, 4], [24, CONSUMER_REGS, CONSUMER_REGS])
+    for wg in gl.static_range(CONSUMERS):
         mbarrier.invalidate(q_ready.index(wg))
     for s in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(k_ready.index(s))
@@ -279,9 +297,28 @@ def kernel_config(head_dim: int) -> dict:
     overlapped"): at head_dim 128 the softmax overlapped with the P·V product (0.93-0.97 of cuDNN's time without,
     1.01-1.06 with, from 4K keys), in two K/V stages of 128 keys (three fit, and were no faster); at 64, whose
     P·V product is too short to hide a softmax, no overlap (1-6% faster without) and three stages."""
-    if head_dim > 64:
-        return dict(BLOCK_N=BLOCK_N, NUM_STAGES=2, CONSUMER_REGS=240, OVERLAP=True)
-    return dict(BLOCK_N=BLOCK_N, NUM_STAGES=3, CONSUMER_REGS=240, OVERLAP=False)
+    return CANDIDATES[128 if head_dim > 64 else 64][0]
+
+
+# The configurations worth timing: kernel_config's choice first, then the others that fit shared memory and
+# compile for sm_90 without spilling under Triton 3.6 and 3.9 (NOTES.md, "Three consumer warpgroups").
+# `scripts/tune_flash_gluon.py` times each against cuDNN; the GPU tests run each against the reference.
+# FlashAttention-3 takes 192 query rows (three consumers) at head_dim 64; 192-key tiles, its other choice there,
+# are not a power of two, which Gluon's tiles must be.
+CANDIDATES = {
+    64: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False),
+         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False),
+         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=4, OVERLAP=False),
+         dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=2, OVERLAP=False),
+         dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=3, OVERLAP=False)],
+    128: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True),
+          dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=True)],
+}
+
+
+def config_name(config: dict) -> str:
+    """A short name for a configuration: consumers x keys per tile, stages, and 'o' where the softmax overlaps."""
+    return f"{config['CONSUMERS']}x{config['BLOCK_N']}s{config['NUM_STAGES']}" + ("o" if config["OVERLAP"] else "")
 
 
 def smem_layout(block_shape, dtype):
@@ -309,16 +346,17 @@ def gluon_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-            softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+            config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ · softmax_scale) v and the base-2 LSE (float32, (batch, heads, seq_q)) for inputs that
-    `gluon_supported` accepts; softmax_scale > 0 (the kernel takes the row maximum before scaling)."""
+    `gluon_supported` accepts; softmax_scale > 0 (the kernel takes the row maximum before scaling). `config`
+    replaces `kernel_config(head_dim)` (`scripts/tune_flash_gluon.py` compares them)."""
     b, h, n_q, d = q.shape
     kv_h, n_k = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    cfg = kernel_config(d)
+    cfg = config or kernel_config(d)
     q_block, kv_block = [1, ROWS_PER_WARPGROUP, d], [1, cfg["BLOCK_N"], d]
     # 3-D views (batch·heads, seq, head_dim): a tile never runs into the next head's rows, as TMA fills
     # reads past seq with zeros and clips stores there
@@ -327,7 +365,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     kv_layout = smem_layout(kv_block, dtype)
     k_desc = TensorDescriptor.from_tensor(k.view(b * kv_h, n_k, d), kv_block, kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(b * kv_h, n_k, d), kv_block, kv_layout)
-    grid = (triton.cdiv(n_q, 2 * ROWS_PER_WARPGROUP), b * h)
+    grid = (triton.cdiv(n_q, cfg["CONSUMERS"] * ROWS_PER_WARPGROUP), b * h)
     _attn_fwd[grid](q_desc, k_desc, v_desc, o_desc, lse, h, h // kv_h, n_q, n_k, softmax_scale * LOG2E,
                     CAUSAL=causal, num_warps=4, **cfg)
     return out, lse

@@ -12,7 +12,7 @@ import torch
 
 from conftest import DEVICE, ROOT, has_gpu
 from effrepro_kernels import attention_reference, flash_attn, flash_attn_gluon
-from effrepro_kernels.flash_attn_gluon import forward, gluon_supported
+from effrepro_kernels.flash_attn_gluon import CANDIDATES, config_name, forward, gluon_supported
 from test_flash_attn import rel_err, run_both
 
 LOG2E = 1.4426950408889634
@@ -70,16 +70,18 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
 
 @pytest.mark.skipif(not flash_attn_gluon._GLUON_OK, reason="a Triton whose Gluon this kernel does not know")
 def test_the_gluon_forward_compiles_for_hopper_without_a_gpu():
-    """Every variant compiles for sm_90 with the installed Triton (in a process of its own: under the
-    interpreter Gluon cannot compile), with wgmma and TMA, in the shared memory a Hopper block has (227 KB)."""
+    """Every configuration compiles for sm_90 with the installed Triton (in a process of its own: under the
+    interpreter Gluon cannot compile), with wgmma and TMA, in the shared memory a Hopper block has (227 KB),
+    without spilling registers."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_offline.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(report) == 2 * len(flash_attn_gluon.GLUON_HEAD_DIMS)
+    assert len(report) == sum(len(configs) + 1 for configs in flash_attn_gluon.CANDIDATES.values())
     for variant, found in report.items():
         assert found["wgmma"] > 0 and found["tma_copies"] > 0 and found["shared"] <= 227 * 1024, (variant, found)
+        assert found["spilled_bytes"] == 0, (variant, found)
 
 
 CASES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
@@ -109,11 +111,28 @@ def reference_lse(q, k, causal):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_matches_reference(case, dtype):
+    check_forward(case, dtype)
+
+
+OTHER_CONFIGS = [(d, config) for d, configs in CANDIDATES.items() for config in configs[1:]]
+
+
+@hopper
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+@pytest.mark.parametrize("head_dim, config", OTHER_CONFIGS, ids=[f"d={d} {config_name(c)}" for d, c in OTHER_CONFIGS])
+def test_every_candidate_configuration_matches_reference(head_dim, config, causal):
+    """The configurations scripts/tune_flash_gluon.py compares, before their times count: lengths that are not
+    a multiple of any tile, more queries than keys and fewer, grouped-query heads, more key tiles than stages."""
+    for n_q, n_k in ((63, 63), (129, 1000), (1000, 129), (700, 2100)):
+        check_forward((1, 4, 2, n_q, n_k, head_dim, causal), torch.bfloat16, config)
+
+
+def check_forward(case, dtype, config=None):
     b, h, hk, n_q, n_k, d, causal = case
     gen = torch.Generator(device="cuda").manual_seed(n_q * 1009 + n_k)
     q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype, generator=gen)
                for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
-    out, lse2 = forward(q, k, v, causal, d ** -0.5)
+    out, lse2 = forward(q, k, v, causal, d ** -0.5, config)
     ref = attention_reference(q.double(), k.double(), v.double(), causal=causal)
     assert not out.isnan().any() and rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
     want = reference_lse(q.double(), k.double(), causal)
@@ -123,15 +142,17 @@ def test_forward_matches_reference(case, dtype):
 
 
 @hopper
-@pytest.mark.parametrize("dtype, d", [(torch.bfloat16, 128), (torch.float16, 64)], ids=str)
-def test_forward_gives_the_same_result_every_time(dtype, d):
-    """Races between the producer, the two consumer warpgroups and the reuse of Q's buffer for O would show as
+@pytest.mark.parametrize("dtype, d, config", [(torch.bfloat16, 128, None), (torch.float16, 64, None)] +
+                         [(torch.bfloat16, d, config) for d, config in OTHER_CONFIGS],
+                         ids=lambda x: config_name(x) if isinstance(x, dict) else str(x))
+def test_forward_gives_the_same_result_every_time(dtype, d, config):
+    """Races between the producer, the consumer warpgroups and the reuse of Q's buffer for O would show as
     results that differ from call to call, or as NaNs (triton-lang/triton#10106)."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     q, k, v = (torch.randn(2, 8, 2048, d, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
-    first = forward(q, k, v, True, d ** -0.5)
+    first = forward(q, k, v, True, d ** -0.5, config)
     for _ in range(50):
-        again = forward(q, k, v, True, d ** -0.5)
+        again = forward(q, k, v, True, d ** -0.5, config)
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
     assert not first[0].isnan().any()
 

@@ -1,0 +1,76 @@
+"""Probe the Gluon forward's configurations on this GPU (Hopper): consumer warpgroups, keys per tile, stages and the
+overlapped softmax (`flash_attn_gluon.CANDIDATES`), each timed against cuDNN through SDPA in the same process.
+bf16, B·N = 16K tokens, H·d = 2048 (the `flash_kernel` task's shapes), forward only, `triton.testing.do_bench`
+medians. Before any timing, every configuration's output is compared with cuDNN's at every point: a configuration
+that disagrees is reported and not timed. Prints a table (what effrepro_kernels/NOTES.md quotes); it writes no
+record: `repro task=flash_kernel` is the measurement.
+
+    python scripts/tune_flash_gluon.py [--head-dims 64 128] [--seq-lens 2048 4096 8192 16384]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from effrepro_kernels import flash_attn_gluon
+from effrepro_kernels.flash_attn_gluon import CANDIDATES, config_name
+from repro.timing import measure
+from tasks.common.sdpa import SDPA_BACKENDS, sdpa
+
+TOKENS, HIDDEN = 16384, 2048
+AGREEMENT = 0.02  # largest difference from cuDNN's output, relative to its largest value (bf16: a few ulps)
+
+
+def tflops(batch, heads, seq_len, head_dim, causal, ms):
+    return 4 * batch * heads * seq_len**2 * head_dim * (0.5 if causal else 1.0) / (ms * 1e-3) / 1e12
+
+
+def rows(head_dim: int, seq_len: int, configs: list[dict]) -> list[str]:
+    """The table's two rows (dense and causal) for one sequence length."""
+    cudnn = sdpa(SDPA_BACKENDS["sdpa_cudnn"])
+    device = torch.device("cuda")
+    batch, heads = max(1, TOKENS // seq_len), HIDDEN // head_dim
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    lines = []
+    for causal in (False, True):
+        want = cudnn(q, k, v, is_causal=causal).float()
+        base = measure(lambda: cudnn(q, k, v, is_causal=causal), device, warmup_ms=50, rep_ms=200).p50
+        cells = []
+        for config in configs:
+            def ours():
+                return flash_attn_gluon.forward(q, k, v, causal, head_dim ** -0.5, config)[0]
+            try:
+                error = ((ours().float() - want).abs().max() / want.abs().max()).item()
+                if not error < AGREEMENT:
+                    cells.append(f"wrong ({error:.3g})")
+                    continue
+                ms = measure(ours, device, warmup_ms=50, rep_ms=200).p50
+                cells.append(f"{tflops(batch, heads, seq_len, head_dim, causal, ms):.0f} ({base / ms:.3f})")
+            except Exception as exc:  # noqa: BLE001 - one configuration failing must not end the probe
+                cells.append(f"{type(exc).__name__}: {str(exc)[:60]}")
+        lines.append(f"| {seq_len} | {'causal' if causal else 'dense'} | "
+                     f"{tflops(batch, heads, seq_len, head_dim, causal, base):.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=sorted(CANDIDATES), choices=sorted(CANDIDATES))
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    args = parser.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}: {props.multi_processor_count} SMs, torch {torch.__version__}, "
+          f"triton {flash_attn_gluon.triton.__version__}")
+    for head_dim in args.head_dims:
+        configs = CANDIDATES[head_dim]
+        names = [config_name(c) for c in configs]
+        print(f"\n## head_dim {head_dim}: TFLOP/s (÷ cuDNN's in the same process); {names[0]} is kernel_config's")
+        print("| N | mask | cuDNN | " + " | ".join(names) + " |\n|" + "---|" * (len(configs) + 3))
+        for seq_len in args.seq_lens:
+            print("\n".join(rows(head_dim, seq_len, configs)), flush=True)
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
