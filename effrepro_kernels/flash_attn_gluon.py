@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import torch
 import triton
 
-from .runtime import INTERPRET
+from .runtime import INTERPRET, KeptLaunches, launch
 
 try:
     from triton.experimental import gluon
@@ -366,6 +366,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     k_desc = TensorDescriptor.from_tensor(k.view(b * kv_h, n_k, d), kv_block, kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(b * kv_h, n_k, d), kv_block, kv_layout)
     grid = (triton.cdiv(n_q, cfg["CONSUMERS"] * ROWS_PER_WARPGROUP), b * h)
-    _attn_fwd[grid](q_desc, k_desc, v_desc, o_desc, lse, h, h // kv_h, n_q, n_k, softmax_scale * LOG2E,
-                    CAUSAL=causal, num_warps=4, **cfg)
+    args = (q_desc, k_desc, v_desc, o_desc, lse, h, h // kv_h, n_q, n_k, float(softmax_scale * LOG2E))
+    launch(_attn_fwd, grid, args, dict(CAUSAL=causal, num_warps=4, **cfg), _kept((q, k, v), causal, config_name(cfg)),
+           "forward")
     return out, lse
+
+
+# one compiled kernel per signature of q, k, v, mask and configuration: later calls skip the JIT's binding of the
+# descriptors
+_kept = KeptLaunches()
