@@ -12,7 +12,7 @@ import torch
 
 from conftest import DEVICE, ROOT, has_gpu
 from effrepro_kernels import attention_reference, flash_attn, flash_attn_gluon
-from effrepro_kernels.flash_attn_gluon import CANDIDATES, config_name, forward, gluon_supported
+from effrepro_kernels.flash_attn_gluon import CANDIDATES, backward_dkdv, config_name, forward, gluon_supported
 from test_flash_attn import rel_err, run_both
 
 LOG2E = 1.4426950408889634
@@ -139,6 +139,25 @@ def check_forward(case, dtype, config=None):
     seen = want > float("-inf")
     torch.testing.assert_close(lse2[seen] / LOG2E, want[seen].float(), rtol=1e-3, atol=1e-2)
     assert (lse2[~seen] == float("inf")).all() and not out[~seen].any()  # what the tl backward expects
+
+
+@hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward_dkdv_matches_reference(case, dtype):
+    """The Gluon dK and dV from the forward's LSE and the backward's delta, against float64 autograd."""
+    b, h, hk, n_q, n_k, d, causal = case
+    gen = torch.Generator(device="cuda").manual_seed(n_q * 7 + n_k)
+    q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype, generator=gen)
+               for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
+    do = torch.randn(b, h, n_q, d, device="cuda", dtype=dtype, generator=gen)
+    out, lse2 = forward(q, k, v, causal, d ** -0.5)
+    delta = (out.float() * do.float()).sum(-1).reshape(b * h, n_q)
+    dk, dv = backward_dkdv(q, k, v, do, lse2, delta, causal, d ** -0.5)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    attention_reference(q64, k64, v64, causal=causal).backward(do.double())
+    for got, want in ((dk, k64.grad), (dv, v64.grad)):
+        assert not got.isnan().any() and rel_err(got, want) < TOL[dtype], rel_err(got, want)
 
 
 @hopper
