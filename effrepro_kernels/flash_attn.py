@@ -542,13 +542,13 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride())
     scalars = (h, groups, n_q, n_k, sm_scale, seed, dropout_p)
     if GLUON != "0" and not block_size and key_padding_mask is None and dropout_p == 0 and \
-            flash_attn_gluon.backward_covers(q, k, v, do, lse, dk, dv):
-        flash_attn_gluon.backward_dkdv(q, k, v, do, lse, delta, causal, sm_scale, dk, dv)
-    else:
-        grid_kv = lambda m: (cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
-        dkdv, tiles = _tuned(_attn_bwd_dkdv, block_size)
-        launch(dkdv, grid_kv, (q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *strides, *dk.stride(),
-                               *dv.stride(), *scalars), {**meta, **tiles}, kept, "dkdv")
+            flash_attn_gluon.backward_covers(q, k, v, do, lse, dq, dk, dv):
+        flash_attn_gluon.backward(q, k, v, do, lse, delta, causal, sm_scale, dq, dk, dv)
+        return
+    grid_kv = lambda m: (cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
+    dkdv, tiles = _tuned(_attn_bwd_dkdv, block_size)
+    launch(dkdv, grid_kv, (q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *strides, *dk.stride(),
+                           *dv.stride(), *scalars), {**meta, **tiles}, kept, "dkdv")
     grid_q = lambda m: (cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
     dq_kernel, tiles = _tuned(_attn_bwd_dq, block_size)
     launch(dq_kernel, grid_q, (q, k, v, do, dq, lse, delta, kpm, row_cnt, row_idx, *strides, *dq.stride(), *scalars),

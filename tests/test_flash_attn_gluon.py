@@ -12,7 +12,7 @@ import torch
 
 from conftest import DEVICE, ROOT, has_gpu
 from effrepro_kernels import attention_reference, flash_attn, flash_attn_gluon
-from effrepro_kernels.flash_attn_gluon import CANDIDATES, backward_dkdv, config_name, forward, gluon_supported
+from effrepro_kernels.flash_attn_gluon import CANDIDATES, backward, config_name, forward, gluon_supported
 from test_flash_attn import rel_err, run_both
 
 LOG2E = 1.4426950408889634
@@ -144,8 +144,8 @@ def check_forward(case, dtype, config=None):
 @hopper
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_backward_dkdv_matches_reference(case, dtype):
-    """The Gluon dK and dV from the forward's LSE and the backward's delta, against float64 autograd."""
+def test_backward_matches_reference(case, dtype):
+    """The Gluon dQ, dK and dV from the forward's LSE and the backward's delta, against float64 autograd."""
     b, h, hk, n_q, n_k, d, causal = case
     gen = torch.Generator(device="cuda").manual_seed(n_q * 7 + n_k)
     q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype, generator=gen)
@@ -153,10 +153,10 @@ def test_backward_dkdv_matches_reference(case, dtype):
     do = torch.randn(b, h, n_q, d, device="cuda", dtype=dtype, generator=gen)
     out, lse2 = forward(q, k, v, causal, d ** -0.5)
     delta = (out.float() * do.float()).sum(-1).reshape(b * h, n_q)
-    dk, dv = backward_dkdv(q, k, v, do, lse2, delta, causal, d ** -0.5)
+    dq, dk, dv = backward(q, k, v, do, lse2, delta, causal, d ** -0.5)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     attention_reference(q64, k64, v64, causal=causal).backward(do.double())
-    for got, want in ((dk, k64.grad), (dv, v64.grad)):
+    for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
         assert not got.isnan().any() and rel_err(got, want) < TOL[dtype], rel_err(got, want)
 
 
