@@ -537,8 +537,7 @@ def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sme
 def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready,
                  kv_empty, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """Warpgroup WG (0 or 1): dQ of rows WG·64 .. WG·64 + 63 of the query tile, as `_attn_bwd_dq` sums it:
-    P = exp2(Q·Kᵀ · scale - lse), dP = dO·Vᵀ, dS = P ∘ (dP - delta), dQ += dS·K, dS from registers. Keys past
-    the end need no mask: TMA reads their K and V as zeros, so their dS·K adds nothing."""
+    P = exp2(Q·Kᵀ · scale - lse), dP = dO·Vᵀ, dS = P ∘ (dP - delta), dQ += dS·K, dS from registers."""
     ROWS: gl.constexpr = dq_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = dq_desc.block_type.shape[2]
     BLOCK_N: gl.constexpr = k_smem.type.shape[2]
@@ -572,9 +571,13 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
                            is_async=True)
         qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
         p = gl.exp2(qk * qk_scale - lse[:, None])
+        # keys past the end: TMA read their K as zeros, but exp2(-lse) may overflow (bf16: lse < -128; fp16: the
+        # cast of dS), and inf · 0 in dS·K would be NaN
+        cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        visible = cols[None, :] < N_K
         if CAUSAL:
-            cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            p = gl.where(cols[None, :] <= rows[:, None] + (N_K - N_Q), p, 0.0)
+            visible = visible & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
+        p = gl.where(visible, p, 0.0)
         ds = p * (dp - delta[:, None])
         dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k, dq, is_async=True)
         dq = warpgroup_mma_wait(0, deps=(dq,))

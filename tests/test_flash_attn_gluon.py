@@ -163,6 +163,25 @@ def test_backward_matches_reference(case, dtype):
 
 
 @hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_with_very_negative_scores_past_the_last_key(dtype):
+    """Every score near -180 (base 2), 70 keys (a partial last tile): exp2(-lse) of a key past the end would be
+    inf, and dS·K NaN, if those keys were not masked."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    k = (1 + 0.1 * torch.randn(1, 1, 70, 64, device="cuda", generator=gen)).to(dtype)
+    v = torch.randn(1, 1, 70, 64, device="cuda", dtype=dtype, generator=gen)
+    q = (-16 + 0.1 * torch.randn(1, 1, 3, 64, device="cuda", generator=gen)).to(dtype)
+    do = torch.randn(1, 1, 3, 64, device="cuda", dtype=dtype, generator=gen)
+    out, lse2 = forward(q, k, v, False, 64 ** -0.5)
+    assert (lse2 < -128).all()
+    dq, dk, dv = backward(q, k, v, do, lse2, (out.float() * do.float()).sum(-1).reshape(1, 3), False, 64 ** -0.5)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    attention_reference(q64, k64, v64).backward(do.double())
+    for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
+        assert not got.isnan().any() and rel_err(got, want) < TOL[dtype], rel_err(got, want)
+
+
+@hopper
 @pytest.mark.parametrize("dtype, d, config", [(torch.bfloat16, 128, None), (torch.float16, 64, None)] +
                          [(torch.bfloat16, d, config) for d, config in OTHER_CONFIGS],
                          ids=lambda x: config_name(x) if isinstance(x, dict) else str(x))
