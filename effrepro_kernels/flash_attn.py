@@ -28,6 +28,7 @@ from .torch_op import differentiable, kernel_op
 GLUON = os.environ.get("EFFREPRO_GLUON")
 GLUON_MIN_KEYS = {(128, False): 0, (128, True): 2048, (64, False): 4096, (64, True): 8192}  # (head_dim, causal)
 GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has passed its GPU tests
+GLUON_BACKWARD_MEASURED_ON = ()  # and the Gluon backward: none yet (EFFREPRO_GLUON=1 takes it where it covers)
 FORWARD_KERNELS = ("auto", "tl", "gluon")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -541,6 +542,11 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride())
     scalars = (h, groups, n_q, n_k, sm_scale, seed, dropout_p)
+    gluon_backward = GLUON == "1" or (GLUON != "0" and triton.__version__.startswith(GLUON_BACKWARD_MEASURED_ON))
+    if gluon_backward and not block_size and key_padding_mask is None and dropout_p == 0 and \
+            flash_attn_gluon.backward_covers(q, k, v, do, lse, dq, dk, dv):
+        flash_attn_gluon.backward(q, k, v, do, lse, delta, causal, sm_scale, dq, dk, dv)
+        return
     grid_kv = lambda m: (cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
     dkdv, tiles = _tuned(_attn_bwd_dkdv, block_size)
     launch(dkdv, grid_kv, (q, k, v, do, dk, dv, lse, delta, kpm, col_cnt, col_idx, *strides, *dk.stride(),

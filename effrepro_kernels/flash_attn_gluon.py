@@ -375,3 +375,296 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
 # one compiled kernel per signature of q, k, v, mask and configuration: later calls skip the JIT's binding of the
 # descriptors
 _kept = KeptLaunches()
+
+
+# ------------------------------------------------------------------------------------------------ backward: dK, dV
+@gluon.jit
+def _query_blocks(n0, N_Q, N_K, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """The query blocks that see any of the keys from n0 on: causal rows before n0's diagonal see none."""
+    lo = 0
+    if CAUSAL:
+        lo = gl.maximum(n0 - (N_K - N_Q), 0) // BLOCK_M
+    return lo, gl.cdiv(N_Q, BLOCK_M)
+
+
+@gluon.jit
+def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready,
+                  qdo_empty, H, KV_GROUPS, N_Q, N_K, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """K and V of the 128-key tile once (a 64-key half per consumer), then Q and dO of every query block of every
+    query head of the KV head that sees them, into a ring of NUM_STAGES buffers."""
+    ROWS: gl.constexpr = k_desc.block_type.shape[1]
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
+    pid_n, bhk = gl.program_id(0), gl.program_id(1)
+    kv_heads = H // KV_GROUPS
+    b, hk = bhk // kv_heads, bhk % kv_heads
+    mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+    for wg in gl.static_range(2):
+        _tma_load(k_desc, [bhk, pid_n * 2 * ROWS + wg * ROWS, 0], kv_ready, k_smem.index(wg))
+        _tma_load(v_desc, [bhk, pid_n * 2 * ROWS + wg * ROWS, 0], kv_ready, v_smem.index(wg))
+    lo, hi = _query_blocks(pid_n * 2 * ROWS, N_Q, N_K, BLOCK_M, CAUSAL)
+    blocks = hi - lo
+    for j in range(KV_GROUPS * blocks):
+        bh = b * H + hk * KV_GROUPS + j // blocks
+        row0 = (lo + j % blocks) * BLOCK_M
+        s = j % NUM_STAGES
+        mbarrier.wait(qdo_empty.index(s), ((j // NUM_STAGES) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [bh, row0, 0], q_ready.index(s), q_smem.index(s))
+        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+        _tma_load(do_desc, [bh, row0, 0], do_ready.index(s), do_smem.index(s))
+
+
+@gluon.jit
+def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, kv_ready,
+                  q_ready, do_ready, qdo_empty, H, KV_GROUPS, N_Q, N_K, sm_scale, qk_scale,
+                  NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """Warpgroup WG (0 or 1): dK and dV of keys WG·64 .. WG·64 + 63 of the tile, as the `tl` kernel sums them
+    (`_attn_bwd_dkdv`): Pᵀ = exp2(K·Qᵀ · scale - lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ - delta),
+    dK += dSᵀ·Q; Pᵀ and dSᵀ go to the products from registers."""
+    ROWS: gl.constexpr = dk_desc.block_type.shape[1]
+    HEAD_DIM: gl.constexpr = dk_desc.block_type.shape[2]
+    BLOCK_M: gl.constexpr = q_smem.type.shape[2]
+    dtype: gl.constexpr = dk_desc.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    pid_n, bhk = gl.program_id(0), gl.program_id(1)
+    kv_heads = H // KV_GROUPS
+    b, hk = bhk // kv_heads, bhk % kv_heads
+    n0 = pid_n * 2 * ROWS + WG * ROWS
+    keys = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
+    dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+    k_buf = k_smem.index(WG)
+    v_buf = v_smem.index(WG)
+    k = k_buf.reshape([ROWS, HEAD_DIM])
+    v = v_buf.reshape([ROWS, HEAD_DIM])
+    mbarrier.wait(kv_ready, 0)
+    lo, hi = _query_blocks(pid_n * 2 * ROWS, N_Q, N_K, BLOCK_M, CAUSAL)
+    blocks = hi - lo
+    for j in range(KV_GROUPS * blocks):
+        bh = (b * H + hk * KV_GROUPS + j // blocks).to(gl.int64)
+        rows = (lo + j % blocks) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+        # rows past the end: an infinite LSE gives them P = 0
+        lse = gl.load(lse_ptr + bh * N_Q + rows, mask=rows < N_Q, other=float("inf"))
+        delta = gl.load(delta_ptr + bh * N_Q + rows, mask=rows < N_Q, other=0.0)
+        s = j % NUM_STAGES
+        phase = (j // NUM_STAGES) & 1
+        mbarrier.wait(q_ready.index(s), phase)
+        q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+        s_t = warpgroup_mma(k, q.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout), use_acc=False,
+                            is_async=True)
+        s_t = warpgroup_mma_wait(0, deps=(s_t,))
+        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
+        if CAUSAL:
+            p_t = gl.where(keys[:, None] <= rows[None, :] + (N_K - N_Q), p_t, 0.0)
+        mbarrier.wait(do_ready.index(s), phase)
+        do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+        dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
+        dp_t = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout),
+                             use_acc=False, is_async=True)
+        dv, dp_t = warpgroup_mma_wait(0, deps=(dv, dp_t))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q, dk, is_async=True)
+        dk = warpgroup_mma_wait(0, deps=(dk,))
+        mbarrier.arrive(qdo_empty.index(s))
+    # out through K's and V's buffers (their last products have completed); the descriptors clip keys past N_K
+    k.store((dk * sm_scale).to(dtype))
+    v.store(dv.to(dtype))
+    fence_async_shared()
+    _tma_store(dk_desc, [bhk, n0, 0], k_buf)
+    _tma_store(dv_desc, [bhk, n0, 0], v_buf)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, H, KV_GROUPS, N_Q, N_K,
+                   sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    ROWS: gl.constexpr = k_desc.block_type.shape[1]
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
+    q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], v_desc.layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    qdo_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    for s in gl.static_range(NUM_STAGES):
+        mbarrier.init(q_ready.index(s), count=1)
+        mbarrier.init(do_ready.index(s), count=1)
+        mbarrier.init(qdo_empty.index(s), count=2)  # one arrival from each consumer warpgroup
+    fence_async_shared()
+    _cta_barrier()
+    gl.warp_specialize([
+        (_bwd_consumer, (0, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, kv_ready,
+                         q_ready, do_ready, qdo_empty, H, KV_GROUPS, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES,
+                         CAUSAL)),
+        (_bwd_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
+                         do_ready, qdo_empty, H, KV_GROUPS, N_Q, N_K, NUM_STAGES, CAUSAL)),
+        (_bwd_consumer, (1, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, kv_ready,
+                         q_ready, do_ready, qdo_empty, H, KV_GROUPS, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES,
+                         CAUSAL)),
+    ], [1, 4], [24, CONSUMER_REGS])
+    mbarrier.invalidate(kv_ready)
+    for s in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(q_ready.index(s))
+        mbarrier.invalidate(do_ready.index(s))
+        mbarrier.invalidate(qdo_empty.index(s))
+
+
+# ------------------------------------------------------------------------------------------------ backward: dQ
+@gluon.jit
+def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+                 H, KV_GROUPS, N_Q, N_K, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """Q and dO of the 128-row query tile once (a 64-row half per consumer), then K and V tiles into the ring."""
+    ROWS: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+    pid_m, bh = gl.program_id(0), gl.program_id(1)
+    kv_bh = (bh // H) * (H // KV_GROUPS) + (bh % H) // KV_GROUPS
+    mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
+    for wg in gl.static_range(2):
+        _tma_load(q_desc, [bh, pid_m * 2 * ROWS + wg * ROWS, 0], q_ready, q_smem.index(wg))
+        _tma_load(do_desc, [bh, pid_m * 2 * ROWS + wg * ROWS, 0], q_ready, do_smem.index(wg))
+    for i in range(_key_tiles(pid_m * 2 * ROWS, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
+        s = i % NUM_STAGES
+        mbarrier.wait(kv_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
+        mbarrier.expect(kv_ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [kv_bh, i * BLOCK_N, 0], kv_ready.index(s), k_smem.index(s))
+        _tma_load(v_desc, [kv_bh, i * BLOCK_N, 0], kv_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready,
+                 kv_empty, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """Warpgroup WG (0 or 1): dQ of rows WG·64 .. WG·64 + 63 of the query tile, as `_attn_bwd_dq` sums it:
+    P = exp2(Q·Kᵀ · scale - lse), dP = dO·Vᵀ, dS = P ∘ (dP - delta), dQ += dS·K, dS from registers."""
+    ROWS: gl.constexpr = dq_desc.block_type.shape[1]
+    HEAD_DIM: gl.constexpr = dq_desc.block_type.shape[2]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[2]
+    dtype: gl.constexpr = dq_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    pid_m, bh = gl.program_id(0), gl.program_id(1)
+    tile0 = pid_m * 2 * ROWS
+    row0 = tile0 + WG * ROWS
+    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+    at = bh.to(gl.int64) * N_Q + rows
+    lse = gl.load(lse_ptr + at, mask=rows < N_Q, other=float("inf"))  # rows past the end, or seeing no key: P = 0
+    delta = gl.load(delta_ptr + at, mask=rows < N_Q, other=0.0)
+    q_buf = q_smem.index(WG)
+    q = q_buf.reshape([ROWS, HEAD_DIM])
+    do = do_smem.index(WG).reshape([ROWS, HEAD_DIM])
+    dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+    mbarrier.wait(q_ready, 0)
+    hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+    for i in range(hi):
+        s = i % NUM_STAGES
+        mbarrier.wait(kv_ready.index(s), (i // NUM_STAGES) & 1)
+        k = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        v = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        qk = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                           is_async=True)
+        dp = warpgroup_mma(do, v.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                           is_async=True)
+        qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
+        p = gl.exp2(qk * qk_scale - lse[:, None])
+        # keys past the end: TMA read their K as zeros, but exp2(-lse) may overflow (bf16: lse < -128; fp16: the
+        # cast of dS), and inf · 0 in dS·K would be NaN
+        cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        visible = cols[None, :] < N_K
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
+        p = gl.where(visible, p, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k, dq, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=(dq,))
+        mbarrier.arrive(kv_empty.index(s))
+    # causal: the other warpgroup's last tile lies past this one's diagonal; released once it has arrived
+    for i in range(hi, _key_tiles(tile0, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
+        s = i % NUM_STAGES
+        mbarrier.wait(kv_ready.index(s), (i // NUM_STAGES) & 1)
+        mbarrier.arrive(kv_empty.index(s))
+    # out through Q's buffer (its last product has completed); the descriptor clips rows past N_Q
+    q.store((dq * sm_scale).to(dtype))
+    fence_async_shared()
+    _tma_store(dq_desc, [bh, row0, 0], q_buf)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _attn_bwd_dq(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, H, KV_GROUPS, N_Q, N_K, sm_scale,
+                 qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    ROWS: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    for s in gl.static_range(NUM_STAGES):
+        mbarrier.init(kv_ready.index(s), count=1)
+        mbarrier.init(kv_empty.index(s), count=2)  # one arrival from each consumer warpgroup
+    fence_async_shared()
+    _cta_barrier()
+    gl.warp_specialize([
+        (_dq_consumer, (0, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+                        N_Q, N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL)),
+        (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready,
+                        kv_empty, H, KV_GROUPS, N_Q, N_K, NUM_STAGES, CAUSAL)),
+        (_dq_consumer, (1, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
+                        N_Q, N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL)),
+    ], [1, 4], [24, CONSUMER_REGS])
+    mbarrier.invalidate(q_ready)
+    for s in gl.static_range(NUM_STAGES):
+        mbarrier.invalidate(kv_ready.index(s))
+        mbarrier.invalidate(kv_empty.index(s))
+
+
+BWD_BLOCK_M = 64  # query rows per block of the dK/dV loop, and keys per tile of the dQ loop
+
+
+def backward_covers(q, k, v, do, lse, dq, dk, dv) -> bool:
+    """Whether `backward` covers these: what `gluon_supported` asks of q, k and v, and of do and the gradients."""
+    return gluon_supported(q, k, v) and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (do, dq, dk, dv)) \
+        and do.shape == q.shape and lse.is_contiguous()
+
+
+def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+             delta: torch.Tensor, causal: bool, softmax_scale: float, dq: torch.Tensor | None = None,
+             dk: torch.Tensor | None = None, dv: torch.Tensor | None = None):
+    """dQ, dK and dV of attention, written into dq, dk and dv (new tensors where None), for what
+    `backward_covers`; lse the forward's base-2 LSE (batch, heads, seq_q) and delta (batch · heads, seq_q) the
+    `tl` backward's rowsum(dO ∘ O)."""
+    b, h, n_q, d = q.shape
+    kv_h, n_k = k.shape[1], k.shape[2]
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    q_block, kv_block = [1, BWD_BLOCK_M, d], [1, ROWS_PER_WARPGROUP, d]
+    q_layout, kv_layout = smem_layout(q_block, dtype), smem_layout(kv_block, dtype)
+    q_desc, do_desc, dq_desc = (TensorDescriptor.from_tensor(t.view(b * h, n_q, d), q_block, q_layout)
+                                for t in (q, do, dq))
+    k_desc, v_desc, dk_desc, dv_desc = (TensorDescriptor.from_tensor(t.view(b * kv_h, n_k, d), kv_block, kv_layout)
+                                        for t in (k, v, dk, dv))
+    scalars = (h, h // kv_h, n_q, n_k, softmax_scale, softmax_scale * LOG2E)
+    options = dict(NUM_STAGES=2, CAUSAL=causal, CONSUMER_REGS=240, num_warps=4)
+    _attn_bwd_dkdv[(triton.cdiv(n_k, 2 * ROWS_PER_WARPGROUP), b * kv_h)](
+        q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse, delta, *scalars, **options)
+    _attn_bwd_dq[(triton.cdiv(n_q, 2 * ROWS_PER_WARPGROUP), b * h)](
+        q_desc, do_desc, k_desc, v_desc, dq_desc, lse, delta, *scalars, **options)
+    return dq, dk, dv

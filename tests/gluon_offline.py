@@ -1,9 +1,10 @@
-"""Compile the Gluon forward for Hopper (sm_90) without a GPU and print, per variant, what its PTX holds and
-what ptxas says it spills: run by test_flash_attn_gluon in a process of its own, since under TRITON_INTERPRET=1
-(the CPU tests) Gluon cannot compile. A Triton whose Gluon API moved fails here, on the CPU, before any GPU run.
-Every configuration in `CANDIDATES` is compiled (without and with the causal mask for kernel_config's choice).
+"""Compile the Gluon kernels (forward, backward) for Hopper (sm_90) without a GPU and print, per variant, what its
+PTX holds and what ptxas says it spills: run by test_flash_attn_gluon in a process of its own, since under
+TRITON_INTERPRET=1 (the CPU tests) Gluon cannot compile. A Triton whose Gluon API moved fails here, on the CPU,
+before any GPU run. Every forward configuration in `CANDIDATES` is compiled (without and with the causal mask for
+kernel_config's choice), and the backward's kernels with and without it.
 
-    python tests/gluon_offline.py   # JSON: {"d=128 2x128s2o causal": {"wgmma": ..., "spilled_bytes": ...}, ...}
+    python tests/gluon_offline.py   # JSON: {"forward d=128 2x128s2o causal": {"wgmma": ..., "spilled_bytes": ...}, ...}
 """
 import json
 import os
@@ -28,18 +29,39 @@ def descriptor_type(desc) -> str:
     return f"tensordesc<bf16[{','.join(map(str, desc.block_shape))}],{desc.layout!r}>"
 
 
-def compile_forward(head_dim: int, causal: bool, config: dict):
+def compile_for_hopper(kernel, descriptors: dict, constants: dict):
+    """`kernel` compiled for sm_90 with `descriptors` (argument name: (block shape, head_dim)) as bf16 TMA
+    descriptors, the pointers float32, the floats named *scale float32, the other arguments int32."""
     dtype = fa.gl.bfloat16
-    x = torch.empty(4, 1024, head_dim, dtype=torch.bfloat16)
-    q_block, kv_block = [1, fa.ROWS_PER_WARPGROUP, head_dim], [1, config["BLOCK_N"], head_dim]
-    q_type = descriptor_type(TensorDescriptor.from_tensor(x, q_block, fa.smem_layout(q_block, dtype)))
-    kv_type = descriptor_type(TensorDescriptor.from_tensor(x, kv_block, fa.smem_layout(kv_block, dtype)))
-    constants = dict(CAUSAL=causal, **config)
-    names = list(fa._attn_fwd.arg_names)
-    types = dict(q_desc=q_type, o_desc=q_type, k_desc=kv_type, v_desc=kv_type, lse_ptr="*fp32", qk_scale="fp32")
-    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
-    source = GluonASTSource(fa._attn_fwd, signature, {(names.index(n),): v for n, v in constants.items()})
+    types = {}
+    for name, block in descriptors.items():
+        x = torch.empty(4, 1024, block[-1], dtype=torch.bfloat16)
+        types[name] = descriptor_type(TensorDescriptor.from_tensor(x, block, fa.smem_layout(block, dtype)))
+    names = list(kernel.arg_names)
+    signature = {n: "constexpr" if n in constants else types.get(n) or
+                 ("*fp32" if n.endswith("_ptr") else "fp32" if n.endswith("scale") else "i32") for n in names}
+    source = GluonASTSource(kernel, signature, {(names.index(n),): v for n, v in constants.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+def variants():
+    """(name, compiled kernel) for every kernel, head_dim and mask."""
+    for head_dim in fa.GLUON_HEAD_DIMS:
+        rows, bwd = ([1, n, head_dim] for n in (fa.ROWS_PER_WARPGROUP, fa.BWD_BLOCK_M))
+        for config in fa.CANDIDATES[head_dim]:
+            keys = [1, config["BLOCK_N"], head_dim]
+            for causal in (False, True) if config == fa.kernel_config(head_dim) else (False, ):
+                yield f"forward d={head_dim} {fa.config_name(config)} {'causal' if causal else 'dense'}", \
+                    compile_for_hopper(fa._attn_fwd, dict(q_desc=rows, o_desc=rows, k_desc=keys, v_desc=keys),
+                                       dict(CAUSAL=causal, **config))
+        for causal in (False, True):
+            mask = "causal" if causal else "dense"
+            backward = dict(NUM_STAGES=2, CAUSAL=causal, CONSUMER_REGS=240)
+            yield f"dk dv d={head_dim} {mask}", compile_for_hopper(
+                fa._attn_bwd_dkdv, dict(q_desc=bwd, do_desc=bwd, k_desc=rows, v_desc=rows, dk_desc=rows, dv_desc=rows),
+                backward)
+            yield f"dq d={head_dim} {mask}", compile_for_hopper(
+                fa._attn_bwd_dq, dict(q_desc=bwd, do_desc=bwd, dq_desc=bwd, k_desc=rows, v_desc=rows), backward)
 
 
 def spilled_bytes(ptx: str) -> int:
@@ -58,12 +80,8 @@ def spilled_bytes(ptx: str) -> int:
 
 if __name__ == "__main__":
     report = {}
-    for head_dim in fa.GLUON_HEAD_DIMS:
-        for config in fa.CANDIDATES[head_dim]:
-            for causal in (False, True) if config == fa.kernel_config(head_dim) else (False, ):
-                kernel = compile_forward(head_dim, causal, config)
-                ptx = kernel.asm["ptx"]
-                report[f"d={head_dim} {fa.config_name(config)} {'causal' if causal else 'dense'}"] = dict(
-                    wgmma=ptx.count("wgmma.mma_async"), tma_copies=ptx.count("cp.async.bulk.tensor"),
-                    shared=kernel.metadata.shared, spilled_bytes=spilled_bytes(ptx))
+    for name, kernel in variants():
+        ptx = kernel.asm["ptx"]
+        report[name] = dict(wgmma=ptx.count("wgmma.mma_async"), tma_copies=ptx.count("cp.async.bulk.tensor"),
+                            shared=kernel.metadata.shared, spilled_bytes=spilled_bytes(ptx))
     print(json.dumps(report))

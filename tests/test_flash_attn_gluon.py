@@ -12,7 +12,7 @@ import torch
 
 from conftest import DEVICE, ROOT, has_gpu
 from effrepro_kernels import attention_reference, flash_attn, flash_attn_gluon
-from effrepro_kernels.flash_attn_gluon import CANDIDATES, config_name, forward, gluon_supported
+from effrepro_kernels.flash_attn_gluon import CANDIDATES, backward, config_name, forward, gluon_supported
 from test_flash_attn import rel_err, run_both
 
 LOG2E = 1.4426950408889634
@@ -69,19 +69,21 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
 
 
 @pytest.mark.skipif(not flash_attn_gluon._GLUON_OK, reason="a Triton whose Gluon this kernel does not know")
-def test_the_gluon_forward_compiles_for_hopper_without_a_gpu():
-    """Every configuration compiles for sm_90 with the installed Triton (in a process of its own: under the
+def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
+    """Every variant compiles for sm_90 with the installed Triton (in a process of its own: under the
     interpreter Gluon cannot compile), with wgmma and TMA, in the shared memory a Hopper block has (227 KB),
-    without spilling registers."""
+    the forward without spilling registers."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_offline.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(report) == sum(len(configs) + 1 for configs in flash_attn_gluon.CANDIDATES.values())
+    forwards = sum(len(configs) + 1 for configs in flash_attn_gluon.CANDIDATES.values())
+    assert len(report) == forwards + 2 * 2 * len(flash_attn_gluon.GLUON_HEAD_DIMS)  # and dK dV, dQ
     for variant, found in report.items():
         assert found["wgmma"] > 0 and found["tma_copies"] > 0 and found["shared"] <= 227 * 1024, (variant, found)
-        assert found["spilled_bytes"] == 0, (variant, found)
+        # the backward's dK/dV kernel at d = 128 spills 8-28 bytes under Triton 3.6 (none under 3.9): not yet timed
+        assert found["spilled_bytes"] == 0 or not variant.startswith("forward"), (variant, found)
 
 
 CASES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
@@ -139,6 +141,44 @@ def check_forward(case, dtype, config=None):
     seen = want > float("-inf")
     torch.testing.assert_close(lse2[seen] / LOG2E, want[seen].float(), rtol=1e-3, atol=1e-2)
     assert (lse2[~seen] == float("inf")).all() and not out[~seen].any()  # what the tl backward expects
+
+
+@hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward_matches_reference(case, dtype):
+    """The Gluon dQ, dK and dV from the forward's LSE and the backward's delta, against float64 autograd."""
+    b, h, hk, n_q, n_k, d, causal = case
+    gen = torch.Generator(device="cuda").manual_seed(n_q * 7 + n_k)
+    q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype, generator=gen)
+               for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
+    do = torch.randn(b, h, n_q, d, device="cuda", dtype=dtype, generator=gen)
+    out, lse2 = forward(q, k, v, causal, d ** -0.5)
+    delta = (out.float() * do.float()).sum(-1).reshape(b * h, n_q)
+    dq, dk, dv = backward(q, k, v, do, lse2, delta, causal, d ** -0.5)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    attention_reference(q64, k64, v64, causal=causal).backward(do.double())
+    for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
+        assert not got.isnan().any() and rel_err(got, want) < TOL[dtype], rel_err(got, want)
+
+
+@hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_with_very_negative_scores_past_the_last_key(dtype):
+    """Every score near -180 (base 2), 70 keys (a partial last tile): exp2(-lse) of a key past the end would be
+    inf, and dS·K NaN, if those keys were not masked."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    k = (1 + 0.1 * torch.randn(1, 1, 70, 64, device="cuda", generator=gen)).to(dtype)
+    v = torch.randn(1, 1, 70, 64, device="cuda", dtype=dtype, generator=gen)
+    q = (-16 + 0.1 * torch.randn(1, 1, 3, 64, device="cuda", generator=gen)).to(dtype)
+    do = torch.randn(1, 1, 3, 64, device="cuda", dtype=dtype, generator=gen)
+    out, lse2 = forward(q, k, v, False, 64 ** -0.5)
+    assert (lse2 < -128).all()
+    dq, dk, dv = backward(q, k, v, do, lse2, (out.float() * do.float()).sum(-1).reshape(1, 3), False, 64 ** -0.5)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    attention_reference(q64, k64, v64).backward(do.double())
+    for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
+        assert not got.isnan().any() and rel_err(got, want) < TOL[dtype], rel_err(got, want)
 
 
 @hopper
