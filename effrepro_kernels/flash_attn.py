@@ -23,12 +23,15 @@ from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
 # measured faster than the tl one (H200, Triton 3.6; effrepro_kernels/NOTES.md, "The Gluon forward overlapped"):
-# from GLUON_MIN_KEYS keys for the head_dim and mask, on a Triton where it has run. EFFREPRO_GLUON=0: never; =1:
+# from GLUON_MIN_KEYS[head_dim, causal] keys, on a Triton where it has run. EFFREPRO_GLUON=0: never; =1:
 # wherever it covers the inputs.
 GLUON = os.environ.get("EFFREPRO_GLUON")
-GLUON_MIN_KEYS = {(128, False): 0, (128, True): 2048, (64, False): 4096, (64, True): 8192}  # (head_dim, causal)
+GLUON_MIN_KEYS = {(128, False): 1024, (128, True): 2048, (64, False): 2048, (64, True): 2048}
 GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has passed its GPU tests
-GLUON_BACKWARD_MEASURED_ON = ()  # and the Gluon backward: none yet (EFFREPRO_GLUON=1 takes it where it covers)
+# and the Gluon backward (measured at head_dim 128 only: 0.79-0.83 of cuDNN's fwd+bwd against the tl backward's
+# 0.70-0.75 from 1K keys, 2K causal; behind it below those)
+GLUON_BACKWARD_MIN_KEYS = {(128, False): 1024, (128, True): 2048}
+GLUON_BACKWARD_MEASURED_ON = ("3.6.",)
 FORWARD_KERNELS = ("auto", "tl", "gluon")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -542,7 +545,8 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride())
     scalars = (h, groups, n_q, n_k, sm_scale, seed, dropout_p)
-    gluon_backward = GLUON == "1" or (GLUON != "0" and triton.__version__.startswith(GLUON_BACKWARD_MEASURED_ON))
+    gluon_backward = GLUON == "1" or (GLUON != "0" and triton.__version__.startswith(GLUON_BACKWARD_MEASURED_ON) and
+                                      n_k >= GLUON_BACKWARD_MIN_KEYS.get((d, causal), math.inf))
     if gluon_backward and not block_size and key_padding_mask is None and dropout_p == 0 and \
             flash_attn_gluon.backward_covers(q, k, v, do, lse, dq, dk, dv):
         flash_attn_gluon.backward(q, k, v, do, lse, delta, causal, sm_scale, dq, dk, dv)

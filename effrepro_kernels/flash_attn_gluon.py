@@ -296,7 +296,9 @@ def kernel_config(head_dim: int) -> dict:
     """The kernel's constexprs for a head_dim, as measured on an H200 (NOTES.md, "The Gluon forward
     overlapped"): at head_dim 128 the softmax overlapped with the P·V product (0.93-0.97 of cuDNN's time without,
     1.01-1.06 with, from 4K keys), in two K/V stages of 128 keys (three fit, and were no faster); at 64, whose
-    P·V product is too short to hide a softmax, no overlap (1-6% faster without) and three stages."""
+    P·V product is too short to hide a softmax, no overlap (1-6% faster without), three stages, and three
+    consumer warpgroups of 64 rows (1.04-1.10 of cuDNN from 4K keys, against two's 0.91-0.96; NOTES.md, "Three
+    consumer warpgroups")."""
     return CANDIDATES[128 if head_dim > 64 else 64][0]
 
 
@@ -306,8 +308,8 @@ def kernel_config(head_dim: int) -> dict:
 # FlashAttention-3 takes 192 query rows (three consumers) at head_dim 64; 192-key tiles, its other choice there,
 # are not a power of two, which Gluon's tiles must be.
 CANDIDATES = {
-    64: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False),
-         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False),
+    64: [dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False),
+         dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False),
          dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=4, OVERLAP=False),
          dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=2, OVERLAP=False),
          dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=3, OVERLAP=False)],
