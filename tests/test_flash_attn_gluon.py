@@ -44,14 +44,15 @@ def test_the_gluon_path_refuses_what_it_does_not_cover():
 
 
 @pytest.mark.parametrize("setting, head_dim, causal, keys, version, expected", [
-    (None, 128, False, 512, "3.6.0", True),    # head_dim 128, no mask: measured faster at every length
+    (None, 128, False, 1024, "3.6.0", True),   # head_dim 128, no mask: from 1K keys
+    (None, 128, False, 512, "3.6.0", False),
     (None, 128, True, 1024, "3.6.0", False),   # causal and short: the tl forward was faster
     (None, 128, True, 2048, "3.6.0", True),
-    (None, 64, False, 4096, "3.6.0", True),    # head_dim 64 from 4K keys
-    (None, 64, False, 2048, "3.6.0", False),
-    (None, 64, True, 4096, "3.6.0", False),    # causal from 8K
-    (None, 64, True, 8192, "3.6.0", True),
-    (None, 128, False, 512, "3.9.0", False),   # a Triton on which the Gluon forward has not run
+    (None, 64, False, 2048, "3.6.0", True),    # head_dim 64 (three consumer warpgroups) from 2K keys
+    (None, 64, False, 1024, "3.6.0", False),
+    (None, 64, True, 2048, "3.6.0", True),
+    (None, 64, True, 1024, "3.6.0", False),
+    (None, 128, False, 8192, "3.9.0", False),  # a Triton on which the Gluon forward has not run
     ("1", 64, True, 2048, "3.9.0", True),      # EFFREPRO_GLUON=1: wherever it covers the call
     ("0", 128, False, 8192, "3.6.0", False),   # EFFREPRO_GLUON=0: never
 ])
