@@ -83,6 +83,8 @@ def capture_environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "time": utc_now(),
+        # the suite's switches (EFFREPRO_GLUON, EFFREPRO_AUTOTUNE, ...) change which kernels run
+        "switches": {name: value for name, value in sorted(os.environ.items()) if name.startswith("EFFREPRO_")},
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

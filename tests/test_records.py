@@ -79,3 +79,11 @@ def test_a_commit_told_through_the_environment_wins_over_the_local_git(monkeypat
     monkeypatch.setenv("REPRO_GIT_SHA", "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c")
     env = capture_environment()
     assert env["git_sha"] == "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c" and env["git_dirty"] is None
+
+
+def test_the_suites_switches_are_recorded(monkeypatch):
+    from repro.context import capture_environment
+    monkeypatch.setenv("EFFREPRO_GLUON", "1")
+    monkeypatch.setenv("UNRELATED_SETTING", "x")
+    switches = capture_environment()["switches"]
+    assert switches["EFFREPRO_GLUON"] == "1" and "UNRELATED_SETTING" not in switches
