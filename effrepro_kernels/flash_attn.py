@@ -666,10 +666,12 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     - block_mask: bool (1|batch, 1|heads, ceil(seq_q/block_size), ceil(seq_k/block_size)): block-sparse
       attention; blocks that are False are skipped, so time falls with the density. A `BlockSparseLayout`
       built once from such a mask saves preparing it on every call.
-    The backward uses no atomics: it is deterministic.
+    The backward uses no atomics: it is deterministic. On Hopper it runs in Gluon where that was measured faster
+    (`GLUON_BACKWARD_MIN_KEYS`: head_dim 128 from 1K keys, 2K causal), else in tl.
     - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error where it
       does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was measured
-      faster (head_dim 128, or 4K keys and more; EFFREPRO_GLUON=0 never, =1 wherever it covers), else tl.
+      faster (`GLUON_MIN_KEYS`: from 1K keys at head_dim 128, 2K at 64, 2K causal; EFFREPRO_GLUON=0 never, =1
+      wherever it covers), else tl.
     Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`; gradients flow
     through both.
     """

@@ -417,8 +417,8 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sm
 
 
 @gluon.jit
-def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, kv_ready,
-                  q_ready, do_ready, qdo_empty, H, KV_GROUPS, N_Q, N_K, sm_scale, qk_scale,
+def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem,
+                  kv_ready, q_ready, do_ready, qdo_empty, H, KV_GROUPS, N_Q, N_K, sm_scale, qk_scale,
                   NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """Warpgroup WG (0 or 1): dK and dV of keys WG·64 .. WG·64 + 63 of the tile, as the `tl` kernel sums them
     (`_attn_bwd_dkdv`): Pᵀ = exp2(K·Qᵀ · scale - lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ - delta),
