@@ -526,6 +526,18 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
     return covered
 
 
+def _use_gluon_backward(q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_size: int, causal: bool,
+                        dropout_p: float) -> bool:
+    """Whether the Gluon backward runs: where it covers the call, on a Triton where it was measured, from
+    GLUON_BACKWARD_MIN_KEYS keys (EFFREPRO_GLUON=0: never; =1: wherever it covers)."""
+    if GLUON == "0" or (GLUON != "1" and not (
+            triton.__version__.startswith(GLUON_BACKWARD_MEASURED_ON) and
+            k.shape[2] >= GLUON_BACKWARD_MIN_KEYS.get((q.shape[-1], causal), math.inf))):
+        return False
+    return not block_size and key_padding_mask is None and dropout_p == 0 and \
+        flash_attn_gluon.backward_covers(q, k, v, do, lse, dq, dk, dv)
+
+
 def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p,
                      seed, dq, dk, dv) -> None:
     """The backward's kernels, writing dq, dk and dv (any strides) in place."""
@@ -545,10 +557,7 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride())
     scalars = (h, groups, n_q, n_k, sm_scale, seed, dropout_p)
-    gluon_backward = GLUON == "1" or (GLUON != "0" and triton.__version__.startswith(GLUON_BACKWARD_MEASURED_ON) and
-                                      n_k >= GLUON_BACKWARD_MIN_KEYS.get((d, causal), math.inf))
-    if gluon_backward and not block_size and key_padding_mask is None and dropout_p == 0 and \
-            flash_attn_gluon.backward_covers(q, k, v, do, lse, dq, dk, dv):
+    if _use_gluon_backward(q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_size, causal, dropout_p):
         flash_attn_gluon.backward(q, k, v, do, lse, delta, causal, sm_scale, dq, dk, dv)
         return
     grid_kv = lambda m: (cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731

@@ -1,6 +1,7 @@
 """The Gluon forward for Hopper (flash_attn_gluon.py) against the float64 reference, alone and inside flash_attn
 with the `tl` backward. Gluon does not run in Triton's interpreter: without a Hopper GPU, the dispatch's refusals
 and choices are tested, and the kernel is compiled for sm_90 (gluon_offline.py)."""
+import functools
 import importlib
 import json
 import os
@@ -67,6 +68,31 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
     assert flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.0) == expected
     assert not flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.1)  # dropout: not covered
     assert not flash_attn_module._use_gluon("tl", q, k, k, None, 0, causal, 0.0)
+
+
+@pytest.mark.parametrize("setting, head_dim, causal, keys, version, expected", [
+    (None, 128, False, 1024, "3.6.0", True),   # measured faster at head_dim 128 from 1K keys
+    (None, 128, False, 512, "3.6.0", False),
+    (None, 128, True, 1024, "3.6.0", False),   # causal from 2K
+    (None, 128, True, 2048, "3.6.0", True),
+    (None, 64, False, 8192, "3.6.0", False),   # head_dim 64: not measured
+    (None, 128, False, 8192, "3.9.0", False),  # a Triton on which the Gluon backward has not run
+    ("1", 64, True, 512, "3.9.0", True),       # EFFREPRO_GLUON=1: wherever it covers the call
+    ("0", 128, False, 8192, "3.6.0", False),   # EFFREPRO_GLUON=0: never
+])
+def test_the_backward_takes_gluon_where_it_was_measured_faster(monkeypatch, setting, head_dim, causal, keys,
+                                                                version, expected):
+    flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")
+    monkeypatch.setattr(flash_attn_module, "GLUON", setting)
+    monkeypatch.setattr(flash_attn_module.triton, "__version__", version)
+    monkeypatch.setattr(flash_attn_module.flash_attn_gluon, "backward_covers", lambda *tensors: True)
+    q = torch.empty(1, 2, 16, head_dim)
+    k = torch.empty(1, 2, keys, head_dim)
+    use = functools.partial(flash_attn_module._use_gluon_backward, q, k, k, q, None, q, k, k)
+    assert use(None, 0, causal, 0.0) == expected
+    assert not use(None, 0, causal, 0.1)  # dropout, key padding, block sparsity: not covered
+    assert not use(torch.ones(1, keys, dtype=torch.bool), 0, causal, 0.0)
+    assert not use(None, 128, causal, 0.0)
 
 
 @pytest.mark.skipif(not flash_attn_gluon._GLUON_OK, reason="a Triton whose Gluon this kernel does not know")
