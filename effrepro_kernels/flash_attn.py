@@ -32,6 +32,7 @@ GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has 
 # 0.70-0.75 from 1K keys, 2K causal; behind it below those)
 GLUON_BACKWARD_MIN_KEYS = {(128, False): 1024, (128, True): 2048}
 GLUON_BACKWARD_MEASURED_ON = ("3.6.",)
+GLUON_SPARSE_BACKWARD_MEASURED_ON = ()  # its block-sparse path: compiled offline only (EFFREPRO_GLUON=1 takes it)
 FORWARD_KERNELS = ("auto", "tl", "gluon")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -529,12 +530,16 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
 def _use_gluon_backward(q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_size: int, causal: bool,
                         dropout_p: float) -> bool:
     """Whether the Gluon backward runs: where it covers the call, on a Triton where it was measured, from
-    GLUON_BACKWARD_MIN_KEYS keys (EFFREPRO_GLUON=0: never; =1: wherever it covers)."""
+    GLUON_BACKWARD_MIN_KEYS keys (EFFREPRO_GLUON=0: never; =1: wherever it covers). Block-sparse calls need
+    blocks of its tile (SPARSE_BLOCK keys)."""
     if GLUON == "0" or (GLUON != "1" and not (
             triton.__version__.startswith(GLUON_BACKWARD_MEASURED_ON) and
             k.shape[2] >= GLUON_BACKWARD_MIN_KEYS.get((q.shape[-1], causal), math.inf))):
         return False
-    return not block_size and key_padding_mask is None and dropout_p == 0 and \
+    if block_size and (block_size != flash_attn_gluon.SPARSE_BLOCK or not (
+            GLUON == "1" or triton.__version__.startswith(GLUON_SPARSE_BACKWARD_MEASURED_ON))):
+        return False
+    return key_padding_mask is None and dropout_p == 0 and \
         flash_attn_gluon.backward_covers(q, k, v, do, lse, dq, dk, dv)
 
 
@@ -558,7 +563,8 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride())
     scalars = (h, groups, n_q, n_k, sm_scale, seed, dropout_p)
     if _use_gluon_backward(q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_size, causal, dropout_p):
-        flash_attn_gluon.backward(q, k, v, do, lse, delta, causal, sm_scale, dq, dk, dv)
+        flash_attn_gluon.backward(q, k, v, do, lse, delta, causal, sm_scale, dq, dk, dv,
+                                  (rows, cols) if block_size else None)
         return
     grid_kv = lambda m: (cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
     dkdv, tiles = _tuned(_attn_bwd_dkdv, block_size)

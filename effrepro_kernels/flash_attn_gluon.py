@@ -390,10 +390,24 @@ def _query_blocks(n0, N_Q, N_K, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, bh, row0, j,
+               NUM_STAGES: gl.constexpr):
+    """The j-th query block of the dK/dV loop (rows row0.. of head bh) into stage j % NUM_STAGES of the ring."""
+    s = j % NUM_STAGES
+    mbarrier.wait(qdo_empty.index(s), ((j // NUM_STAGES) & 1) ^ 1)
+    mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+    _tma_load(q_desc, [bh, row0, 0], q_ready.index(s), q_smem.index(s))
+    mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+    _tma_load(do_desc, [bh, row0, 0], do_ready.index(s), do_smem.index(s))
+
+
+@gluon.jit
 def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready,
-                  qdo_empty, H, KV_GROUPS, N_Q, N_K, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                  qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K, NUM_STAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
     """K and V of the 128-key tile once (a 64-key half per consumer), then Q and dO of every query block of every
-    query head of the KV head that sees them, into a ring of NUM_STAGES buffers."""
+    query head of the KV head that sees them (block-sparse: those of the kept blocks), into a ring of NUM_STAGES
+    buffers."""
     ROWS: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
     pid_n, bhk = gl.program_id(0), gl.program_id(1)
@@ -403,26 +417,73 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sm
     for wg in gl.static_range(2):
         _tma_load(k_desc, [bhk, pid_n * 2 * ROWS + wg * ROWS, 0], kv_ready, k_smem.index(wg))
         _tma_load(v_desc, [bhk, pid_n * 2 * ROWS + wg * ROWS, 0], kv_ready, v_smem.index(wg))
-    lo, hi = _query_blocks(pid_n * 2 * ROWS, N_Q, N_K, BLOCK_M, CAUSAL)
-    blocks = hi - lo
-    for j in range(KV_GROUPS * blocks):
-        bh = b * H + hk * KV_GROUPS + j // blocks
-        row0 = (lo + j % blocks) * BLOCK_M
-        s = j % NUM_STAGES
-        mbarrier.wait(qdo_empty.index(s), ((j // NUM_STAGES) & 1) ^ 1)
-        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [bh, row0, 0], q_ready.index(s), q_smem.index(s))
-        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
-        _tma_load(do_desc, [bh, row0, 0], do_ready.index(s), do_smem.index(s))
+    if SPARSE_BLOCK:
+        SUBS: gl.constexpr = SPARSE_BLOCK // BLOCK_M  # query blocks per sparse block
+        j = 0
+        for g in range(KV_GROUPS):
+            bh = b * H + hk * KV_GROUPS + g
+            col = bh * gl.cdiv(N_K, SPARSE_BLOCK) + pid_n  # this key block's list of query blocks
+            first = gl.load(block_cnt_ptr + col)
+            for t in range((gl.load(block_cnt_ptr + col + 1) - first) * SUBS):  # a loop, not unrolled: no spills
+                row0 = (gl.load(block_idx_ptr + first + t // SUBS) * SUBS + t % SUBS) * BLOCK_M
+                _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, bh, row0, j, NUM_STAGES)
+                j += 1
+    else:
+        lo, hi = _query_blocks(pid_n * 2 * ROWS, N_Q, N_K, BLOCK_M, CAUSAL)
+        blocks = hi - lo
+        for j in range(KV_GROUPS * blocks):
+            _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty,
+                       b * H + hk * KV_GROUPS + j // blocks, (lo + j % blocks) * BLOCK_M, j, NUM_STAGES)
+
+
+@gluon.jit
+def _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr, delta_ptr, bh, row0, j,
+               N_Q, N_K, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """dK and dV of a consumer's keys plus the j-th query block's share (rows row0.. of head bh), as the `tl`
+    kernel sums them (`_attn_bwd_dkdv`): Pᵀ = exp2(K·Qᵀ · scale - lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘
+    (dPᵀ - delta), dK += dSᵀ·Q; Pᵀ and dSᵀ go to the products from registers."""
+    ROWS: gl.constexpr = k.type.shape[0]
+    HEAD_DIM: gl.constexpr = k.type.shape[1]
+    BLOCK_M: gl.constexpr = q_smem.type.shape[2]
+    dtype: gl.constexpr = k.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+    # rows past the end: an infinite LSE gives them P = 0
+    lse = gl.load(lse_ptr + bh * N_Q + rows, mask=rows < N_Q, other=float("inf"))
+    delta = gl.load(delta_ptr + bh * N_Q + rows, mask=rows < N_Q, other=0.0)
+    s = j % NUM_STAGES
+    phase = (j // NUM_STAGES) & 1
+    mbarrier.wait(q_ready.index(s), phase)
+    q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+    s_t = warpgroup_mma(k, q.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout), use_acc=False,
+                        is_async=True)
+    s_t = warpgroup_mma_wait(0, deps=(s_t,))
+    p_t = gl.exp2(s_t * qk_scale - lse[None, :])
+    if CAUSAL:
+        p_t = gl.where(keys[:, None] <= rows[None, :] + (N_K - N_Q), p_t, 0.0)
+    mbarrier.wait(do_ready.index(s), phase)
+    do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+    dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
+    dp_t = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout),
+                         use_acc=False, is_async=True)
+    dv, dp_t = warpgroup_mma_wait(0, deps=(dv, dp_t))
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q, dk, is_async=True)
+    dk = warpgroup_mma_wait(0, deps=(dk,))
+    mbarrier.arrive(qdo_empty.index(s))
+    return dk, dv
 
 
 @gluon.jit
 def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem,
-                  kv_ready, q_ready, do_ready, qdo_empty, H, KV_GROUPS, N_Q, N_K, sm_scale, qk_scale,
-                  NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """Warpgroup WG (0 or 1): dK and dV of keys WG·64 .. WG·64 + 63 of the tile, as the `tl` kernel sums them
-    (`_attn_bwd_dkdv`): Pᵀ = exp2(K·Qᵀ · scale - lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ - delta),
-    dK += dSᵀ·Q; Pᵀ and dSᵀ go to the products from registers."""
+                  kv_ready, q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K,
+                  sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+    """Warpgroup WG (0 or 1): dK and dV of keys WG·64 .. WG·64 + 63 of the tile, over the query blocks the
+    producer loads, in its order (`_dkdv_step`)."""
     ROWS: gl.constexpr = dk_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = dk_desc.block_type.shape[2]
     BLOCK_M: gl.constexpr = q_smem.type.shape[2]
@@ -431,7 +492,6 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem
                                                         instr_shape=[16, BLOCK_M, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, HEAD_DIM, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     pid_n, bhk = gl.program_id(0), gl.program_id(1)
     kv_heads = H // KV_GROUPS
     b, hk = bhk // kv_heads, bhk % kv_heads
@@ -444,34 +504,25 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem
     k = k_buf.reshape([ROWS, HEAD_DIM])
     v = v_buf.reshape([ROWS, HEAD_DIM])
     mbarrier.wait(kv_ready, 0)
-    lo, hi = _query_blocks(pid_n * 2 * ROWS, N_Q, N_K, BLOCK_M, CAUSAL)
-    blocks = hi - lo
-    for j in range(KV_GROUPS * blocks):
-        bh = (b * H + hk * KV_GROUPS + j // blocks).to(gl.int64)
-        rows = (lo + j % blocks) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
-        # rows past the end: an infinite LSE gives them P = 0
-        lse = gl.load(lse_ptr + bh * N_Q + rows, mask=rows < N_Q, other=float("inf"))
-        delta = gl.load(delta_ptr + bh * N_Q + rows, mask=rows < N_Q, other=0.0)
-        s = j % NUM_STAGES
-        phase = (j // NUM_STAGES) & 1
-        mbarrier.wait(q_ready.index(s), phase)
-        q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        s_t = warpgroup_mma(k, q.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout), use_acc=False,
-                            is_async=True)
-        s_t = warpgroup_mma_wait(0, deps=(s_t,))
-        p_t = gl.exp2(s_t * qk_scale - lse[None, :])
-        if CAUSAL:
-            p_t = gl.where(keys[:, None] <= rows[None, :] + (N_K - N_Q), p_t, 0.0)
-        mbarrier.wait(do_ready.index(s), phase)
-        do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
-        dp_t = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout),
-                             use_acc=False, is_async=True)
-        dv, dp_t = warpgroup_mma_wait(0, deps=(dv, dp_t))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q, dk, is_async=True)
-        dk = warpgroup_mma_wait(0, deps=(dk,))
-        mbarrier.arrive(qdo_empty.index(s))
+    if SPARSE_BLOCK:
+        SUBS: gl.constexpr = SPARSE_BLOCK // BLOCK_M  # query blocks per sparse block
+        j = 0
+        for g in range(KV_GROUPS):
+            bh = b * H + hk * KV_GROUPS + g
+            col = bh * gl.cdiv(N_K, SPARSE_BLOCK) + pid_n
+            first = gl.load(block_cnt_ptr + col)
+            for t in range((gl.load(block_cnt_ptr + col + 1) - first) * SUBS):
+                row0 = (gl.load(block_idx_ptr + first + t // SUBS) * SUBS + t % SUBS) * BLOCK_M
+                dk, dv = _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr,
+                                    delta_ptr, bh.to(gl.int64), row0, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
+                j += 1
+    else:
+        lo, hi = _query_blocks(pid_n * 2 * ROWS, N_Q, N_K, BLOCK_M, CAUSAL)
+        blocks = hi - lo
+        for j in range(KV_GROUPS * blocks):
+            dk, dv = _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr,
+                                delta_ptr, (b * H + hk * KV_GROUPS + j // blocks).to(gl.int64),
+                                (lo + j % blocks) * BLOCK_M, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
     # out through K's and V's buffers (their last products have completed); the descriptors clip keys past N_K
     k.store((dk * sm_scale).to(dtype))
     v.store(dv.to(dtype))
@@ -482,8 +533,9 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem
 
 
 @gluon.jit
-def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, H, KV_GROUPS, N_Q, N_K,
-                   sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, block_cnt_ptr,
+                   block_idx_ptr, H, KV_GROUPS, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES: gl.constexpr,
+                   CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     ROWS: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
@@ -505,13 +557,14 @@ def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, d
     _cta_barrier()
     gl.warp_specialize([
         (_bwd_consumer, (0, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, kv_ready,
-                         q_ready, do_ready, qdo_empty, H, KV_GROUPS, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES,
-                         CAUSAL)),
+                         q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K,
+                         sm_scale, qk_scale, NUM_STAGES, CAUSAL, SPARSE_BLOCK)),
         (_bwd_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
-                         do_ready, qdo_empty, H, KV_GROUPS, N_Q, N_K, NUM_STAGES, CAUSAL)),
+                         do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K, NUM_STAGES,
+                         CAUSAL, SPARSE_BLOCK)),
         (_bwd_consumer, (1, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, kv_ready,
-                         q_ready, do_ready, qdo_empty, H, KV_GROUPS, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES,
-                         CAUSAL)),
+                         q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K,
+                         sm_scale, qk_scale, NUM_STAGES, CAUSAL, SPARSE_BLOCK)),
     ], [1, 4], [24, CONSUMER_REGS])
     mbarrier.invalidate(kv_ready)
     for s in gl.static_range(NUM_STAGES):
@@ -522,9 +575,21 @@ def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, d
 
 # ------------------------------------------------------------------------------------------------ backward: dQ
 @gluon.jit
+def _load_k_v(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, kv_bh, key0, i, NUM_STAGES: gl.constexpr):
+    """The i-th key tile of the dQ loop (keys key0.. of KV head kv_bh) into stage i % NUM_STAGES of the ring."""
+    s = i % NUM_STAGES
+    mbarrier.wait(kv_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
+    mbarrier.expect(kv_ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    _tma_load(k_desc, [kv_bh, key0, 0], kv_ready.index(s), k_smem.index(s))
+    _tma_load(v_desc, [kv_bh, key0, 0], kv_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
 def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
-                 H, KV_GROUPS, N_Q, N_K, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """Q and dO of the 128-row query tile once (a 64-row half per consumer), then K and V tiles into the ring."""
+                 block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K, NUM_STAGES: gl.constexpr,
+                 CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+    """Q and dO of the 128-row query tile once (a 64-row half per consumer), then K and V tiles into the ring
+    (block-sparse: those of the kept blocks)."""
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     pid_m, bh = gl.program_id(0), gl.program_id(1)
@@ -533,19 +598,62 @@ def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sme
     for wg in gl.static_range(2):
         _tma_load(q_desc, [bh, pid_m * 2 * ROWS + wg * ROWS, 0], q_ready, q_smem.index(wg))
         _tma_load(do_desc, [bh, pid_m * 2 * ROWS + wg * ROWS, 0], q_ready, do_smem.index(wg))
-    for i in range(_key_tiles(pid_m * 2 * ROWS, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
-        s = i % NUM_STAGES
-        mbarrier.wait(kv_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
-        mbarrier.expect(kv_ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [kv_bh, i * BLOCK_N, 0], kv_ready.index(s), k_smem.index(s))
-        _tma_load(v_desc, [kv_bh, i * BLOCK_N, 0], kv_ready.index(s), v_smem.index(s))
+    if SPARSE_BLOCK:
+        SUBS: gl.constexpr = SPARSE_BLOCK // BLOCK_N  # key tiles per sparse block
+        row = bh * gl.cdiv(N_Q, SPARSE_BLOCK) + pid_m  # this query block's list of key blocks
+        first = gl.load(block_cnt_ptr + row)
+        for i in range((gl.load(block_cnt_ptr + row + 1) - first) * SUBS):
+            key0 = (gl.load(block_idx_ptr + first + i // SUBS) * SUBS + i % SUBS) * BLOCK_N
+            _load_k_v(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, kv_bh, key0, i, NUM_STAGES)
+    else:
+        for i in range(_key_tiles(pid_m * 2 * ROWS, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
+            _load_k_v(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, kv_bh, i * BLOCK_N, i, NUM_STAGES)
+
+
+@gluon.jit
+def _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, key0, i, N_Q, N_K, qk_scale,
+             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """dQ of a consumer's rows plus the i-th key tile's share (keys key0..), as `_attn_bwd_dq` sums it:
+    P = exp2(Q·Kᵀ · scale - lse), dP = dO·Vᵀ, dS = P ∘ (dP - delta), dQ += dS·K, dS from registers."""
+    ROWS: gl.constexpr = q.type.shape[0]
+    HEAD_DIM: gl.constexpr = q.type.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[2]
+    dtype: gl.constexpr = q.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    s = i % NUM_STAGES
+    mbarrier.wait(kv_ready.index(s), (i // NUM_STAGES) & 1)
+    k = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+    v = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+    qk = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                       is_async=True)
+    dp = warpgroup_mma(do, v.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                       is_async=True)
+    qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
+    p = gl.exp2(qk * qk_scale - lse[:, None])
+    # keys past the end: TMA read their K as zeros, but exp2(-lse) may overflow (bf16: lse < -128; fp16: the
+    # cast of dS), and inf · 0 in dS·K would be NaN
+    cols = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    visible = cols[None, :] < N_K
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
+    p = gl.where(visible, p, 0.0)
+    ds = p * (dp - delta[:, None])
+    dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k, dq, is_async=True)
+    dq = warpgroup_mma_wait(0, deps=(dq,))
+    mbarrier.arrive(kv_empty.index(s))
+    return dq
 
 
 @gluon.jit
 def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready,
-                 kv_empty, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """Warpgroup WG (0 or 1): dQ of rows WG·64 .. WG·64 + 63 of the query tile, as `_attn_bwd_dq` sums it:
-    P = exp2(Q·Kᵀ · scale - lse), dP = dO·Vᵀ, dS = P ∘ (dP - delta), dQ += dS·K, dS from registers."""
+                 kv_empty, block_cnt_ptr, block_idx_ptr, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES: gl.constexpr,
+                 CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+    """Warpgroup WG (0 or 1): dQ of rows WG·64 .. WG·64 + 63 of the query tile, over the key tiles the producer
+    loads, in its order (`_dq_step`)."""
     ROWS: gl.constexpr = dq_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = dq_desc.block_type.shape[2]
     BLOCK_N: gl.constexpr = k_smem.type.shape[2]
@@ -554,7 +662,6 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
                                                        instr_shape=[16, BLOCK_N, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, HEAD_DIM, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     pid_m, bh = gl.program_id(0), gl.program_id(1)
     tile0 = pid_m * 2 * ROWS
     row0 = tile0 + WG * ROWS
@@ -567,34 +674,24 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
     do = do_smem.index(WG).reshape([ROWS, HEAD_DIM])
     dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
     mbarrier.wait(q_ready, 0)
-    hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-    for i in range(hi):
-        s = i % NUM_STAGES
-        mbarrier.wait(kv_ready.index(s), (i // NUM_STAGES) & 1)
-        k = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
-        v = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
-        qk = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                           is_async=True)
-        dp = warpgroup_mma(do, v.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                           is_async=True)
-        qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
-        p = gl.exp2(qk * qk_scale - lse[:, None])
-        # keys past the end: TMA read their K as zeros, but exp2(-lse) may overflow (bf16: lse < -128; fp16: the
-        # cast of dS), and inf · 0 in dS·K would be NaN
-        cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        visible = cols[None, :] < N_K
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
-        p = gl.where(visible, p, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k, dq, is_async=True)
-        dq = warpgroup_mma_wait(0, deps=(dq,))
-        mbarrier.arrive(kv_empty.index(s))
-    # causal: the other warpgroup's last tile lies past this one's diagonal; released once it has arrived
-    for i in range(hi, _key_tiles(tile0, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
-        s = i % NUM_STAGES
-        mbarrier.wait(kv_ready.index(s), (i // NUM_STAGES) & 1)
-        mbarrier.arrive(kv_empty.index(s))
+    if SPARSE_BLOCK:  # both warpgroups take every tile of the list; the causal mask is applied per element
+        SUBS: gl.constexpr = SPARSE_BLOCK // BLOCK_N
+        row = bh * gl.cdiv(N_Q, SPARSE_BLOCK) + pid_m
+        first = gl.load(block_cnt_ptr + row)
+        for i in range((gl.load(block_cnt_ptr + row + 1) - first) * SUBS):
+            key0 = (gl.load(block_idx_ptr + first + i // SUBS) * SUBS + i % SUBS) * BLOCK_N
+            dq = _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, key0, i, N_Q, N_K,
+                          qk_scale, NUM_STAGES, CAUSAL)
+    else:
+        hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+        for i in range(hi):
+            dq = _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, i * BLOCK_N, i, N_Q, N_K,
+                          qk_scale, NUM_STAGES, CAUSAL)
+        # causal: the other warpgroup's last tile lies past this one's diagonal; released once it has arrived
+        for i in range(hi, _key_tiles(tile0, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
+            s = i % NUM_STAGES
+            mbarrier.wait(kv_ready.index(s), (i // NUM_STAGES) & 1)
+            mbarrier.arrive(kv_empty.index(s))
     # out through Q's buffer (its last product has completed); the descriptor clips rows past N_Q
     q.store((dq * sm_scale).to(dtype))
     fence_async_shared()
@@ -603,8 +700,9 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
 
 
 @gluon.jit
-def _attn_bwd_dq(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, H, KV_GROUPS, N_Q, N_K, sm_scale,
-                 qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+def _attn_bwd_dq(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, block_cnt_ptr, block_idx_ptr, H,
+                 KV_GROUPS, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 CONSUMER_REGS: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
@@ -624,11 +722,14 @@ def _attn_bwd_dq(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, H
     _cta_barrier()
     gl.warp_specialize([
         (_dq_consumer, (0, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
-                        N_Q, N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL)),
+                        block_cnt_ptr, block_idx_ptr, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL,
+                        SPARSE_BLOCK)),
         (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready,
-                        kv_empty, H, KV_GROUPS, N_Q, N_K, NUM_STAGES, CAUSAL)),
+                        kv_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K, NUM_STAGES, CAUSAL,
+                        SPARSE_BLOCK)),
         (_dq_consumer, (1, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
-                        N_Q, N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL)),
+                        block_cnt_ptr, block_idx_ptr, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL,
+                        SPARSE_BLOCK)),
     ], [1, 4], [24, CONSUMER_REGS])
     mbarrier.invalidate(q_ready)
     for s in gl.static_range(NUM_STAGES):
@@ -637,6 +738,7 @@ def _attn_bwd_dq(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, H
 
 
 BWD_BLOCK_M = 64  # query rows per block of the dK/dV loop, and keys per tile of the dQ loop
+SPARSE_BLOCK = 2 * ROWS_PER_WARPGROUP  # the block size of a block-sparse backward: a dK/dV or dQ tile
 
 
 def backward_covers(q, k, v, do, lse, dq, dk, dv) -> bool:
@@ -647,10 +749,12 @@ def backward_covers(q, k, v, do, lse, dq, dk, dv) -> bool:
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
              delta: torch.Tensor, causal: bool, softmax_scale: float, dq: torch.Tensor | None = None,
-             dk: torch.Tensor | None = None, dv: torch.Tensor | None = None):
+             dk: torch.Tensor | None = None, dv: torch.Tensor | None = None, block_lists=None):
     """dQ, dK and dV of attention, written into dq, dk and dv (new tensors where None), for what
     `backward_covers`; lse the forward's base-2 LSE (batch, heads, seq_q) and delta (batch · heads, seq_q) the
-    `tl` backward's rowsum(dO ∘ O)."""
+    `tl` backward's rowsum(dO ∘ O). Block-sparse where `block_lists` is given: the CSR lists (offsets, indices)
+    of kept blocks of SPARSE_BLOCK keys per (batch · head, query block), then per (batch · head, key block), as
+    `BlockSparseLayout` holds them."""
     b, h, n_q, d = q.shape
     kv_h, n_k = k.shape[1], k.shape[2]
     dq = torch.empty_like(q) if dq is None else dq
@@ -664,9 +768,11 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     k_desc, v_desc, dk_desc, dv_desc = (TensorDescriptor.from_tensor(t.view(b * kv_h, n_k, d), kv_block, kv_layout)
                                         for t in (k, v, dk, dv))
     scalars = (h, h // kv_h, n_q, n_k, softmax_scale, softmax_scale * LOG2E)
-    options = dict(NUM_STAGES=2, CAUSAL=causal, CONSUMER_REGS=240, num_warps=4)
+    options = dict(NUM_STAGES=2, CAUSAL=causal, CONSUMER_REGS=240, num_warps=4,
+                   SPARSE_BLOCK=SPARSE_BLOCK if block_lists else 0)
+    by_query, by_key = block_lists or ((lse, lse), (lse, lse))  # not read when dense
     _attn_bwd_dkdv[(triton.cdiv(n_k, 2 * ROWS_PER_WARPGROUP), b * kv_h)](
-        q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse, delta, *scalars, **options)
+        q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse, delta, *by_key, *scalars, **options)
     _attn_bwd_dq[(triton.cdiv(n_q, 2 * ROWS_PER_WARPGROUP), b * h)](
-        q_desc, do_desc, k_desc, v_desc, dq_desc, lse, delta, *scalars, **options)
+        q_desc, do_desc, k_desc, v_desc, dq_desc, lse, delta, *by_query, *scalars, **options)
     return dq, dk, dv

@@ -39,7 +39,8 @@ def compile_for_hopper(kernel, descriptors: dict, constants: dict):
         types[name] = descriptor_type(TensorDescriptor.from_tensor(x, block, fa.smem_layout(block, dtype)))
     names = list(kernel.arg_names)
     signature = {n: "constexpr" if n in constants else types.get(n) or
-                 ("*fp32" if n.endswith("_ptr") else "fp32" if n.endswith("scale") else "i32") for n in names}
+                 ("*i32" if n.startswith("block_") else "*fp32" if n.endswith("_ptr") else
+                  "fp32" if n.endswith("scale") else "i32") for n in names}
     source = GluonASTSource(kernel, signature, {(names.index(n),): v for n, v in constants.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
@@ -54,9 +55,9 @@ def variants():
                 yield f"forward d={head_dim} {fa.config_name(config)} {'causal' if causal else 'dense'}", \
                     compile_for_hopper(fa._attn_fwd, dict(q_desc=rows, o_desc=rows, k_desc=keys, v_desc=keys),
                                        dict(CAUSAL=causal, **config))
-        for causal in (False, True):
-            mask = "causal" if causal else "dense"
-            backward = dict(NUM_STAGES=2, CAUSAL=causal, CONSUMER_REGS=240)
+        for causal, sparse in ((False, 0), (True, 0), (False, fa.SPARSE_BLOCK), (True, fa.SPARSE_BLOCK)):
+            mask = ("causal" if causal else "dense") + (" block-sparse" if sparse else "")
+            backward = dict(NUM_STAGES=2, CAUSAL=causal, CONSUMER_REGS=240, SPARSE_BLOCK=sparse)
             yield f"dk dv d={head_dim} {mask}", compile_for_hopper(
                 fa._attn_bwd_dkdv, dict(q_desc=bwd, do_desc=bwd, k_desc=rows, v_desc=rows, dk_desc=rows, dv_desc=rows),
                 backward)

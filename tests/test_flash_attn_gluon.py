@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ROOT, has_gpu
-from effrepro_kernels import attention_reference, flash_attn, flash_attn_gluon
+from effrepro_kernels import attention_reference, flash_attn, flash_attn_gluon, random_block_mask
 from effrepro_kernels.flash_attn_gluon import CANDIDATES, backward, config_name, forward, gluon_supported
 from test_flash_attn import rel_err, run_both
 
@@ -92,7 +92,9 @@ def test_the_backward_takes_gluon_where_it_was_measured_faster(monkeypatch, sett
     assert use(None, 0, causal, 0.0) == expected
     assert not use(None, 0, causal, 0.1)  # dropout, key padding, block sparsity: not covered
     assert not use(torch.ones(1, keys, dtype=torch.bool), 0, causal, 0.0)
-    assert not use(None, 128, causal, 0.0)
+    assert not use(None, 64, causal, 0.0)  # sparse blocks smaller than the kernel's tile
+    # block-sparse calls of its tile's size: only with EFFREPRO_GLUON=1 until measured
+    assert use(None, flash_attn_gluon.SPARSE_BLOCK, causal, 0.0) == (expected and setting == "1")
 
 
 @pytest.mark.skipif(not flash_attn_gluon._GLUON_OK, reason="a Triton whose Gluon this kernel does not know")
@@ -106,7 +108,7 @@ def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     forwards = sum(len(configs) + 1 for configs in flash_attn_gluon.CANDIDATES.values())
-    assert len(report) == forwards + 2 * 2 * len(flash_attn_gluon.GLUON_HEAD_DIMS)  # and dK dV, dQ
+    assert len(report) == forwards + 2 * 4 * len(flash_attn_gluon.GLUON_HEAD_DIMS)  # dK dV, dQ: dense, causal, sparse
     for variant, found in report.items():
         assert found["wgmma"] > 0 and found["tma_copies"] > 0 and found["shared"] <= 227 * 1024, (variant, found)
         # the backward's dK/dV kernel at d = 128 spills 8-28 bytes under Triton 3.6 (none under 3.9): not yet timed
@@ -235,3 +237,24 @@ def test_forward_gives_the_same_result_every_time(dtype, d, config):
 def test_inside_flash_attn_with_the_tl_backward(shape):
     *dims, causal = shape
     run_both(*dims, torch.bfloat16, causal=causal, forward_kernel="gluon")
+
+
+@hopper
+@pytest.mark.parametrize("shape", [(1, 4, 2, 300, 700, 128, False), (2, 2, 2, 513, 513, 64, True),
+                                   (1, 4, 1, 1000, 260, 128, True)], ids=str)
+def test_block_sparse_backward_matches_reference(monkeypatch, shape):
+    """The Gluon backward's block-sparse path (taken with EFFREPRO_GLUON=1 until measured) through flash_attn,
+    against float64 autograd on the dense mask: lengths that end inside a block, grouped-query heads, blocks
+    above the causal diagonal, query blocks that keep no key block."""
+    flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")
+    monkeypatch.setattr(flash_attn_module, "GLUON", "1")
+    calls = []
+    monkeypatch.setattr(flash_attn_module.flash_attn_gluon, "backward",
+                        lambda *args: calls.append(args[-1]) or backward(*args))
+    *dims, causal = shape
+    n_q, n_k = dims[3], dims[4]
+    blocks = [-(-n // flash_attn_gluon.SPARSE_BLOCK) for n in (n_q, n_k)]
+    mask = random_block_mask(*blocks, 0.5, generator=torch.Generator().manual_seed(n_q), device="cuda")
+    mask[..., 0, :] = False  # a query block that sees nothing
+    run_both(*dims, torch.bfloat16, causal=causal, block_mask=mask, block_size=flash_attn_gluon.SPARSE_BLOCK)
+    assert len(calls) == 1 and calls[0] is not None  # the block-sparse path ran
