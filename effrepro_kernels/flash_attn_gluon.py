@@ -56,6 +56,12 @@ ROWS_PER_WARPGROUP = 64  # a consumer warpgroup's share of the 128-row query til
 LOG2E = 1.4426950408889634
 
 
+@gluon.constexpr_function
+def _wgmma_layout(columns):
+    """Registers of a wgmma result held by one warpgroup: 64 rows by `columns`."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, columns, 16])
+
+
 @gluon.jit
 def _key_tiles(row0, rows, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """How many key tiles rows row0 .. row0 + rows - 1 see: causal rows stop at the diagonal (the clamp first,
@@ -124,8 +130,7 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
     its P·V is."""
     ROWS: gl.constexpr = q.shape[0]
     HEAD_DIM: gl.constexpr = q.shape[1]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+    s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
     o_layout: gl.constexpr = acc.type.layout
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     if not OVERLAP:
@@ -186,10 +191,8 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready
     """Warpgroup WG (0 .. CONSUMERS - 1): rows WG·64 .. WG·64 + 63 of the query tile."""
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = o_desc.block_type.shape[2]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
+    o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     pid_m, bh = gl.program_id(0), gl.program_id(1)
     tile0 = pid_m * CONSUMERS * ROWS
@@ -446,10 +449,8 @@ def _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty
     HEAD_DIM: gl.constexpr = k.type.shape[1]
     BLOCK_M: gl.constexpr = q_smem.type.shape[2]
     dtype: gl.constexpr = k.dtype
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_M, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    st_layout: gl.constexpr = _wgmma_layout(BLOCK_M)
+    acc_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
     # rows past the end: an infinite LSE gives them P = 0
@@ -488,10 +489,8 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem
     HEAD_DIM: gl.constexpr = dk_desc.block_type.shape[2]
     BLOCK_M: gl.constexpr = q_smem.type.shape[2]
     dtype: gl.constexpr = dk_desc.dtype
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_M, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    st_layout: gl.constexpr = _wgmma_layout(BLOCK_M)
+    acc_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     pid_n, bhk = gl.program_id(0), gl.program_id(1)
     kv_heads = H // KV_GROUPS
     b, hk = bhk // kv_heads, bhk % kv_heads
@@ -619,10 +618,8 @@ def _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, ke
     HEAD_DIM: gl.constexpr = q.type.shape[1]
     BLOCK_N: gl.constexpr = k_smem.type.shape[2]
     dtype: gl.constexpr = q.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
+    acc_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     s = i % NUM_STAGES
     mbarrier.wait(kv_ready.index(s), (i // NUM_STAGES) & 1)
@@ -658,10 +655,8 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
     HEAD_DIM: gl.constexpr = dq_desc.block_type.shape[2]
     BLOCK_N: gl.constexpr = k_smem.type.shape[2]
     dtype: gl.constexpr = dq_desc.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
+    acc_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     pid_m, bh = gl.program_id(0), gl.program_id(1)
     tile0 = pid_m * 2 * ROWS
     row0 = tile0 + WG * ROWS
