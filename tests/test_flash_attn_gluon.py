@@ -44,6 +44,16 @@ def test_the_gluon_path_refuses_what_it_does_not_cover():
         flash_attn(q, q, q, forward_kernel="triton")
 
 
+def deciding_flash_attn(monkeypatch, setting, version, covers):
+    """effrepro_kernels.flash_attn deciding as under EFFREPRO_GLUON=`setting` and Triton `version`, with the Gluon
+    check `covers` (gluon_supported or backward_covers) passing any tensors."""
+    flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")
+    monkeypatch.setattr(flash_attn_module, "GLUON", setting)
+    monkeypatch.setattr(flash_attn_module.triton, "__version__", version)
+    monkeypatch.setattr(flash_attn_module.flash_attn_gluon, covers, lambda *tensors: True)
+    return flash_attn_module
+
+
 @pytest.mark.parametrize("setting, head_dim, causal, keys, version, expected", [
     (None, 128, False, 1024, "3.6.0", True),   # head_dim 128, no mask: from 1K keys
     (None, 128, False, 512, "3.6.0", False),
@@ -59,10 +69,7 @@ def test_the_gluon_path_refuses_what_it_does_not_cover():
 ])
 def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, setting, head_dim, causal, keys,
                                                                     version, expected):
-    flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")
-    monkeypatch.setattr(flash_attn_module, "GLUON", setting)
-    monkeypatch.setattr(flash_attn_module.triton, "__version__", version)
-    monkeypatch.setattr(flash_attn_module.flash_attn_gluon, "gluon_supported", lambda q, k, v: True)
+    flash_attn_module = deciding_flash_attn(monkeypatch, setting, version, "gluon_supported")
     q = torch.empty(1, 2, 16, head_dim)
     k = torch.empty(1, 2, keys, head_dim)
     assert flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.0) == expected
@@ -82,15 +89,12 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
 ])
 def test_the_backward_takes_gluon_where_it_was_measured_faster(monkeypatch, setting, head_dim, causal, keys,
                                                                 version, expected):
-    flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")
-    monkeypatch.setattr(flash_attn_module, "GLUON", setting)
-    monkeypatch.setattr(flash_attn_module.triton, "__version__", version)
-    monkeypatch.setattr(flash_attn_module.flash_attn_gluon, "backward_covers", lambda *tensors: True)
+    flash_attn_module = deciding_flash_attn(monkeypatch, setting, version, "backward_covers")
     q = torch.empty(1, 2, 16, head_dim)
     k = torch.empty(1, 2, keys, head_dim)
     use = functools.partial(flash_attn_module._use_gluon_backward, q, k, k, q, None, q, k, k)
     assert use(None, 0, causal, 0.0) == expected
-    assert not use(None, 0, causal, 0.1)  # dropout, key padding, block sparsity: not covered
+    assert not use(None, 0, causal, 0.1)  # dropout and key padding: not covered
     assert not use(torch.ones(1, keys, dtype=torch.bool), 0, causal, 0.0)
     assert not use(None, 64, causal, 0.0)  # sparse blocks smaller than the kernel's tile
     # block-sparse calls of its tile's size: only with EFFREPRO_GLUON=1 until measured
