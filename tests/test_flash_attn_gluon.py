@@ -115,7 +115,8 @@ def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
     assert len(report) == forwards + 2 * 4 * len(flash_attn_gluon.GLUON_HEAD_DIMS)  # dK dV, dQ: dense, causal, sparse
     for variant, found in report.items():
         assert found["wgmma"] > 0 and found["tma_copies"] > 0 and found["shared"] <= 227 * 1024, (variant, found)
-        # the backward's dK/dV kernel at d = 128 spills 8-28 bytes under Triton 3.6 (none under 3.9): not yet timed
+        # the backward's dK/dV kernel at d = 128 spills 8-28 bytes under Triton 3.6, 96-128 block-sparse (none
+        # under 3.9)
         assert found["spilled_bytes"] == 0 or not variant.startswith("forward"), (variant, found)
 
 
