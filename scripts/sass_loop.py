@@ -5,9 +5,12 @@ Prints tables (what effrepro_kernels/NOTES.md quotes); the measurement of speed 
 `task=scissorhands_kv` on a GPU.
 
     python scripts/sass_loop.py [--bits 4] [--dtype bf16] [--block-n 128] [--warps 4] [--stages 3] [--sm 90]
+                                [--head-dim 128] [--scores]
 
---bits 0 is the full-precision cache. Head dim 128, 4 query heads per KV head, KIVI groups of 32 tokens (keys)
-and 32 channels (values); pointers and strides are taken as 16-byte aligned, as the launches specialise them.
+--bits 0 is the full-precision cache; --head-dim takes the lanes `head_dim_chunks` gives it (80: 64 + 32); --scores
+is the variant that stores each key's score (Scissorhands' counting). 4 query heads per KV head, KIVI groups of 32
+tokens (keys) and 32 channels (values); pointers and strides are taken as 16-byte aligned, as the launches
+specialise them.
 """
 from __future__ import annotations
 
@@ -22,22 +25,24 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from effrepro_kernels.decode_attention import _decode
+from effrepro_kernels.decode_attention import _decode, head_dim_chunks, padded_head_dim
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 LABEL = re.compile(r"^\s*\.L_x_(\d+):")
 BRANCH_TO = re.compile(r"BRA.*\.L_x_(\d+)")
 
 
-def compile_decode(bits: int, dtype: str, block_n: int, warps: int, stages: int, sm: int = 90):
+def compile_decode(bits: int, dtype: str, block_n: int, warps: int, stages: int, sm: int = 90,
+                   head_dim: int = 128, scores: bool = False):
     names = list(_decode.arg_names)
     cache = "*u8" if bits else f"*{dtype}"
     pointers = dict(Q=f"*{dtype}", K=cache, V=cache, KS=f"*{dtype}", KZ=f"*{dtype}", VS=f"*{dtype}",
                     VZ=f"*{dtype}", WORK="*i32", ARRIVED="*i32", WO="*fp32", WL="*fp32", OUT=f"*{dtype}",
                     LSE="*fp32", SCORES="*fp32")
-    constants = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_E=0, WO_D=128, BLOCK_G=16, BLOCK_N=block_n, GROUP=4,
-                     BLOCK_P=1, K_BITS=bits, K_GROUP=32 if bits else 0, V_BITS=bits, V_GROUP=32 if bits else 0,
-                     PRECISION="ieee" if dtype == "fp32" else "tf32", STORE_SCORES=False)
+    block_d, block_e = head_dim_chunks(head_dim, quantized=bits > 0)
+    constants = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_E=block_e, WO_D=padded_head_dim(head_dim), BLOCK_G=16,
+                     BLOCK_N=block_n, GROUP=4, BLOCK_P=1, K_BITS=bits, K_GROUP=32 if bits else 0, V_BITS=bits,
+                     V_GROUP=32 if bits else 0, PRECISION="ieee" if dtype == "fp32" else "tf32", STORE_SCORES=scores)
     signature = {n: "constexpr" if n in constants else pointers.get(n, "fp32" if n == "sm_scale" else "i32")
                  for n in names}
     # the values' statistics have 4 groups a token: their row stride is the one not divisible by 16
@@ -79,11 +84,14 @@ def main():
     parser.add_argument("--block-n", type=int, default=128)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--scores", action="store_true", help="the variant that stores each key's score")
     parser.add_argument("--sm", type=int, default=90, help="compute capability, as 80 for an A100")
     args = parser.parse_args()
-    kernel = compile_decode(args.bits, args.dtype, args.block_n, args.warps, args.stages, args.sm)
-    print(f"triton {triton.__version__}, sm_{args.sm}, {args.bits or 16}-bit {args.dtype} cache, "
-          f"{args.block_n}-key tiles, {args.warps} warps, {args.stages} stages: "
+    kernel = compile_decode(args.bits, args.dtype, args.block_n, args.warps, args.stages, args.sm,
+                            args.head_dim, args.scores)
+    print(f"triton {triton.__version__}, sm_{args.sm}, head_dim {args.head_dim}, {args.bits or 16}-bit {args.dtype} "
+          f"cache, {args.block_n}-key tiles, {args.warps} warps, {args.stages} stages: "
           f"{kernel.metadata.shared} bytes of shared memory")
     print("| loop | instructions | conversions (I2F, F2F, F2I) | most frequent |\n|---|---|---|---|")
     for i, body in enumerate(loops(kernel.asm["cubin"])):

@@ -81,28 +81,39 @@ def levers(shapes, copy_gb_s, quick):
 
 
 def head_dims(copy_gb_s, quick):
-    """Head sizes at 64K: the default levers, then keys per tile and stages, as the head's lanes
-    (`head_dim_chunks`) leave room for them in shared memory."""
-    print("\n## head sizes (32/8, 64K; graph-timed): default levers, then the best keys per tile and stages")
-    print("| head_dim | lanes | B | block_n | stages | GB/s | fraction |\n|---|---|---|---|---|---|---|")
-    grid = dict(block_n=[128], num_stages=[3, 4]) if quick else dict(block_n=[64, 128, 256], num_stages=[3, 4, 5])
+    """Head sizes at 64K: the default levers, then keys per tile, stages, lean programs per SM and warps, as the
+    head's lanes (`head_dim_chunks`) leave room for them in shared memory. Two programs per SM are the lever for
+    a two-chunk head (80, 96: 64 + 32 lanes), whose tile costs nearly the instructions of a 128-lane one for
+    fewer bytes (`scripts/sass_loop.py --head-dim`), so one program per SM may wait on its own chain of
+    instructions rather than on memory; its 105 KB of shared memory at 128 keys leaves room for a second."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print("\n## head sizes (32/8, 64K; graph-timed): default levers, then keys per tile, stages, programs per SM, "
+          "warps")
+    print("| head_dim | lanes | B | block_n | stages | per SM | warps | GB/s | fraction |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    grid = dict(block_n=[64, 128, 256], num_stages=[3, 4], per_sm=[1, 2], num_warps=[4, 8])
+    if quick:
+        grid = dict(block_n=[128], num_stages=[3], per_sm=[1, 2], num_warps=[4, 8])
     for head_dim, batch in itertools.product((64, 80, 96, 128), (1, 4)):
         copies, lengths, kv_bytes = inputs(batch, 32, 8, 65536, head_dim)
         lanes = "+".join(str(c) for c in head_dim_chunks(head_dim) if c)
         default = make_schedule("lean", lengths, 8, head_dim=head_dim, device="cuda")
-        tried = [(default.block_n, default.num_stages, default)]
-        for block_n, stages in itertools.product(*grid.values()):
-            schedule = make_schedule("lean", lengths, 8, head_dim=head_dim, block_n=block_n, device="cuda")
-            tried.append((block_n, stages, dataclasses.replace(schedule, num_stages=stages)))
-        for i, (block_n, stages, schedule) in enumerate(tried):
+        tried = [("default", default)]
+        for block_n, stages, per_sm, warps in itertools.product(*grid.values()):
+            tiles = [math.ceil(65536 / block_n)] * (batch * 8)
+            schedule = make_schedule("lean", lengths, 8, head_dim=head_dim, block_n=block_n, device="cuda",
+                                     num_programs=lean_programs(tiles, sms) * per_sm)
+            tried.append(("", dataclasses.replace(schedule, num_stages=stages, num_warps=warps)))
+        for label, schedule in tried:
+            per_sm = round(schedule.num_programs / sms)
+            config = f"{schedule.block_n} | {schedule.num_stages} | {per_sm} | {schedule.num_warps}"
             try:
                 t = measure(rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=schedule)),
                             torch.device("cuda"), warmup_ms=5, rep_ms=30, back_to_back="graph")
             except Exception as exc:  # noqa: BLE001 - a config that does not fit or compile is skipped
-                print(f"<!-- {head_dim} B={batch} {block_n} {stages}: {type(exc).__name__} -->")
+                print(f"<!-- {head_dim} B={batch} {config}: {type(exc).__name__} -->")
                 continue
-            label = "default " if i == 0 else ""
-            print(f"| {head_dim} | {lanes} | {batch} | {label}{block_n} | {stages} | {gb_s(kv_bytes, t):.0f} | "
+            print(f"| {head_dim} | {lanes} | {batch} | {label} {config} | {gb_s(kv_bytes, t):.0f} | "
                   f"{gb_s(kv_bytes, t) / copy_gb_s:.3f} |")
         del copies
         torch.cuda.empty_cache()
