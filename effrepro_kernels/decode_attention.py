@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .kv_quant import QuantizedKV, check_packed, kv_tile
-from .runtime import INTERPRET, launch, next_pow2, runs_on, signature
+from .runtime import INTERPRET, cdiv, launch, next_pow2, runs_on, signature
 
 SCHEDULES = ("fa2", "split", "lean")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,7 +92,7 @@ def _store_final(OUT, LSE, out, lse2, b, hk, offs_g, offs_d, gmask, dmask, strid
 def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE, SCORES,
             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_ksb, stride_ksh, stride_ksn,
             stride_vb, stride_vh, stride_vn, stride_vsb, stride_vsh, stride_vsn,
-            stride_ob, stride_oh, HKV, G, MAX_PIECES, MAX_LEN, sm_scale,
+            stride_ob, stride_oh, HKV, G, MAX_PIECES, SCORES_ROW, sm_scale,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, WO_D: tl.constexpr,
             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr,
             K_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
@@ -108,8 +108,9 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
     masked on load (zeros add nothing to q·k, and are not stored). Pieces are stored WO_D lanes wide. K and V
     are full precision (K_BITS, V_BITS = 0) or `quantize_kv`'s packed codes, keys per channel and values per
     token, dequantized in registers (`kv_tile`); KS, KZ, VS, VZ are their scales and zero-points. With
-    STORE_SCORES, each key's logit for each query head goes to SCORES (batch, heads, MAX_LEN) as it is
-    computed."""
+    STORE_SCORES, each key's logit for each query head goes to SCORES (batch, heads, SCORES_ROW) as it is
+    computed: whole tiles, those past a head's length as -inf, since SCORES_ROW is a multiple of BLOCK_N (no mask
+    by key, and aligned rows: 16-byte stores)."""
     p = tl.program_id(0)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -161,8 +162,8 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
                 s = tl.where(nmask[None, :], qk * qk_scale, float("-inf"))
                 if STORE_SCORES:
                     heads = b * (HKV * G) + hk * G + offs_g
-                    tl.store(SCORES + heads[:, None].to(tl.int64) * MAX_LEN + offs_n[None, :], s * LN2,
-                             mask=gmask[:, None] & nmask[None, :])
+                    tl.store(SCORES + heads[:, None].to(tl.int64) * SCORES_ROW + offs_n[None, :], s * LN2,
+                             mask=gmask[:, None])
                 m_new = tl.maximum(m, tl.max(s, 1))  # every tile holds a real key: m_new is finite
                 prob = tl.math.exp2(s - m_new[:, None])
                 alpha = tl.math.exp2(m - m_new)
@@ -461,18 +462,20 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
     k_ptrs, k_strides, (k_bits, k_group) = _cache_args(k_cache)
     v_ptrs, v_strides, (v_bits, v_group) = _cache_args(v_cache)
     kept = schedule.launchers if schedule.checked_for is not None else None  # a prepared schedule's
-    max_len = k_cache.shape[2] if return_scores else 0
-    scores = torch.empty(b, h, max_len, device=q.device, dtype=torch.float32) if return_scores else out
+    # rows of whole tiles: the kernel stores a tile's scores without a mask by key, in 16-byte stores (Triton
+    # specialises a row length divisible by 16); the caller sees the first max_len of each row
+    scores_row = cdiv(k_cache.shape[2], schedule.block_n) * schedule.block_n if return_scores else 0
+    scores = torch.empty(b, h, scores_row, device=q.device, dtype=torch.float32) if return_scores else out
     launch(_decode, (schedule.num_programs,), (
         q, *k_ptrs, *v_ptrs, schedule.work, schedule.work.shape[1], schedule.arrived, wo, wl, out, lse, scores,
         q.stride(0), q.stride(1), *k_strides, *v_strides, out.stride(0), out.stride(1),
-        hkv, groups, schedule.max_pieces, max_len, scale), dict(
+        hkv, groups, schedule.max_pieces, scores_row, scale), dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_E=block_e, WO_D=padded, BLOCK_G=block_g, BLOCK_N=schedule.block_n,
         GROUP=group, BLOCK_P=merge_step(schedule.max_pieces, group, padded), K_BITS=k_bits, K_GROUP=k_group,
         V_BITS=v_bits, V_GROUP=v_group, PRECISION=precision, STORE_SCORES=return_scores, num_warps=schedule.num_warps,
         num_stages=schedule.num_stages), kept, "decode+scores" if return_scores else "decode")
     if return_scores:
-        return out, lse, scores
+        return out, lse, scores[..., :k_cache.shape[2]]
     return (out, lse) if return_lse else out
 
 
@@ -489,7 +492,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     Returns the output (batch, heads, head_dim); then, if asked, the log-sum-exp (natural log, float32,
     (batch, heads)); then, if asked (with the log-sum-exp), each query head's score of each cached key, the
-    logit q·k·scale (float32, (batch, heads, max_len); undefined from lengths[b] on), stored as the kernel
+    logit q·k·scale (float32, (batch, heads, max_len), rows padded in memory to whole tiles, so not contiguous
+    where max_len is not a multiple of the schedule's block_n; undefined from lengths[b] on), stored as the kernel
     computes it, so the keys are read once: a key's probability is exp(score − lse). Eviction by attention reads
     the scores as they are (`pivotal_counts`) or turns them into probabilities (one pass over b·h·max_len floats).
     """

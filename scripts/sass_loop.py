@@ -45,8 +45,9 @@ def compile_decode(bits: int, dtype: str, block_n: int, warps: int, stages: int,
                      V_GROUP=32 if bits else 0, PRECISION="ieee" if dtype == "fp32" else "tf32", STORE_SCORES=scores)
     signature = {n: "constexpr" if n in constants else pointers.get(n, "fp32" if n == "sm_scale" else "i32")
                  for n in names}
-    # the values' statistics have 4 groups a token: their row stride is the one not divisible by 16
-    aligned = [n for n in names if n in pointers or (n.startswith("stride") and n != "stride_vsn")]
+    # the values' statistics have 4 groups a token: their row stride is the one not divisible by 16; the scores'
+    # rows are whole tiles
+    aligned = [n for n in names if n in pointers or n == "SCORES_ROW" or (n.startswith("stride") and n != "stride_vsn")]
     source = ASTSource(_decode, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     return triton.compile(source, target=GPUTarget("cuda", sm, 32), options=dict(num_warps=warps, num_stages=stages))
