@@ -393,6 +393,24 @@ def _query_blocks(n0, N_Q, N_K, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
+def _key_block_list(block_cnt_ptr, bhk, pid_n, N_K, BLOCK_M: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+    """Where the list of query blocks that see key block pid_n of KV head bhk starts (`kv_head_lists`), and the
+    steps of BLOCK_M rows it makes."""
+    col = bhk * gl.cdiv(N_K, SPARSE_BLOCK) + pid_n
+    first = gl.load(block_cnt_ptr + col)
+    return first, (gl.load(block_cnt_ptr + col + 1) - first) * (SPARSE_BLOCK // BLOCK_M)
+
+
+@gluon.jit
+def _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+    """The j-th step of a key block's list: its batch · head (from the KV head's first, first_head) and first
+    query row (of q_blocks sparse blocks a head)."""
+    SUBS: gl.constexpr = SPARSE_BLOCK // BLOCK_M  # steps per sparse block
+    entry = gl.load(block_idx_ptr + first + j // SUBS)
+    return first_head + entry // q_blocks, ((entry % q_blocks) * SUBS + j % SUBS) * BLOCK_M
+
+
+@gluon.jit
 def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, bh, row0, j,
                NUM_STAGES: gl.constexpr):
     """The j-th query block of the dK/dV loop (rows row0.. of head bh) into stage j % NUM_STAGES of the ring."""
@@ -409,7 +427,8 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sm
                   qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K, NUM_STAGES: gl.constexpr,
                   CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
     """K and V of the 128-key tile once (a 64-key half per consumer), then Q and dO of every query block of every
-    query head of the KV head that sees them (block-sparse: those of the kept blocks), into a ring of NUM_STAGES
+    query head of the KV head that sees them (block-sparse: those of the kept blocks, in one list for all the query
+    heads, `kv_head_lists`: nested loops over heads and blocks spilled registers), into a ring of NUM_STAGES
     buffers."""
     ROWS: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
@@ -421,16 +440,11 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sm
         _tma_load(k_desc, [bhk, pid_n * 2 * ROWS + wg * ROWS, 0], kv_ready, k_smem.index(wg))
         _tma_load(v_desc, [bhk, pid_n * 2 * ROWS + wg * ROWS, 0], kv_ready, v_smem.index(wg))
     if SPARSE_BLOCK:
-        SUBS: gl.constexpr = SPARSE_BLOCK // BLOCK_M  # query blocks per sparse block
-        j = 0
-        for g in range(KV_GROUPS):
-            bh = b * H + hk * KV_GROUPS + g
-            col = bh * gl.cdiv(N_K, SPARSE_BLOCK) + pid_n  # this key block's list of query blocks
-            first = gl.load(block_cnt_ptr + col)
-            for t in range((gl.load(block_cnt_ptr + col + 1) - first) * SUBS):  # a loop, not unrolled: no spills
-                row0 = (gl.load(block_idx_ptr + first + t // SUBS) * SUBS + t % SUBS) * BLOCK_M
-                _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, bh, row0, j, NUM_STAGES)
-                j += 1
+        first, steps = _key_block_list(block_cnt_ptr, bhk, pid_n, N_K, BLOCK_M, SPARSE_BLOCK)
+        first_head, q_blocks = b * H + hk * KV_GROUPS, gl.cdiv(N_Q, SPARSE_BLOCK)
+        for j in range(steps):
+            bh, row0 = _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M, SPARSE_BLOCK)
+            _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, bh, row0, j, NUM_STAGES)
     else:
         lo, hi = _query_blocks(pid_n * 2 * ROWS, N_Q, N_K, BLOCK_M, CAUSAL)
         blocks = hi - lo
@@ -504,17 +518,12 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem
     v = v_buf.reshape([ROWS, HEAD_DIM])
     mbarrier.wait(kv_ready, 0)
     if SPARSE_BLOCK:
-        SUBS: gl.constexpr = SPARSE_BLOCK // BLOCK_M  # query blocks per sparse block
-        j = 0
-        for g in range(KV_GROUPS):
-            bh = b * H + hk * KV_GROUPS + g
-            col = bh * gl.cdiv(N_K, SPARSE_BLOCK) + pid_n
-            first = gl.load(block_cnt_ptr + col)
-            for t in range((gl.load(block_cnt_ptr + col + 1) - first) * SUBS):
-                row0 = (gl.load(block_idx_ptr + first + t // SUBS) * SUBS + t % SUBS) * BLOCK_M
-                dk, dv = _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr,
-                                    delta_ptr, bh.to(gl.int64), row0, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
-                j += 1
+        first, steps = _key_block_list(block_cnt_ptr, bhk, pid_n, N_K, BLOCK_M, SPARSE_BLOCK)
+        first_head, q_blocks = b * H + hk * KV_GROUPS, gl.cdiv(N_Q, SPARSE_BLOCK)
+        for j in range(steps):
+            bh, row0 = _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M, SPARSE_BLOCK)
+            dk, dv = _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr,
+                                delta_ptr, bh.to(gl.int64), row0, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
     else:
         lo, hi = _query_blocks(pid_n * 2 * ROWS, N_Q, N_K, BLOCK_M, CAUSAL)
         blocks = hi - lo
@@ -736,6 +745,28 @@ BWD_BLOCK_M = 64  # query rows per block of the dK/dV loop, and keys per tile of
 SPARSE_BLOCK = 2 * ROWS_PER_WARPGROUP  # the block size of a block-sparse backward: a dK/dV or dQ tile
 
 
+def kv_head_lists(by_key: tuple[torch.Tensor, torch.Tensor], batch: int, kv_heads: int, groups: int,
+                  n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dK/dV kernel's block lists: per (batch · KV head, key block), the query blocks of all `groups` query
+    heads of the KV head that see it, each as group · query blocks + query block, from `BlockSparseLayout`'s lists
+    per (batch · head, key block) (offsets, indices). With one query head per KV head they are those lists. Made
+    on the device without a sync."""
+    if groups == 1:
+        return by_key
+    offsets, indices = by_key
+    counts = offsets.diff()  # rows in (batch, KV head, group, key block) order
+    k_blocks = counts.numel() // (batch * kv_heads * groups)
+    # each entry's row (an empty layout's one placeholder entry gets a row past the end, and is never read)
+    entry = torch.arange(indices.numel(), device=offsets.device, dtype=offsets.dtype)
+    row = torch.searchsorted(offsets, entry, right=True) - 1
+    group, key_block, kv = (row // k_blocks) % groups, row % k_blocks, row // (k_blocks * groups)
+    # the rows of one key block's groups made consecutive, each list kept in its order (a stable sort)
+    order = torch.sort((kv * k_blocks + key_block) * groups + group, stable=True).indices
+    merged = offsets.new_zeros(batch * kv_heads * k_blocks + 1)
+    merged[1:] = counts.view(batch * kv_heads, groups, k_blocks).sum(1).flatten().cumsum(0)
+    return merged, (group * triton.cdiv(n_q, SPARSE_BLOCK) + indices)[order].to(torch.int32)
+
+
 def backward_covers(q, k, v, do, lse, dq, dk, dv) -> bool:
     """Whether `backward` covers these: what `gluon_supported` asks of q, k and v, and of do and the gradients."""
     return gluon_supported(q, k, v) and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (do, dq, dk, dv)) \
@@ -766,6 +797,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     options = dict(NUM_STAGES=2, CAUSAL=causal, CONSUMER_REGS=240, num_warps=4,
                    SPARSE_BLOCK=SPARSE_BLOCK if block_lists else 0)
     by_query, by_key = block_lists or ((lse, lse), (lse, lse))  # not read when dense
+    if block_lists:
+        by_key = kv_head_lists(by_key, b, kv_h, h // kv_h, n_q)
     _attn_bwd_dkdv[(triton.cdiv(n_k, 2 * ROWS_PER_WARPGROUP), b * kv_h)](
         q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse, delta, *by_key, *scalars, **options)
     _attn_bwd_dq[(triton.cdiv(n_q, 2 * ROWS_PER_WARPGROUP), b * h)](
