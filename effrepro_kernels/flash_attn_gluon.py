@@ -743,6 +743,9 @@ def _attn_bwd_dq(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, b
 
 BWD_BLOCK_M = 64  # query rows per block of the dK/dV loop, and keys per tile of the dQ loop
 SPARSE_BLOCK = 2 * ROWS_PER_WARPGROUP  # the block size of a block-sparse backward: a dK/dV or dQ tile
+# buffers in the backward's rings (Q and dO for dK/dV, K and V for dQ): the measured setting; 3 fit (160 KB at
+# d = 128) and compile with no more spills (`scripts/tune_flash_gluon.py --backward` compares them)
+BACKWARD_STAGES = 2
 
 
 def kv_head_lists(by_key: tuple[torch.Tensor, torch.Tensor], batch: int, kv_heads: int, groups: int,
@@ -794,7 +797,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     k_desc, v_desc, dk_desc, dv_desc = (TensorDescriptor.from_tensor(t.view(b * kv_h, n_k, d), kv_block, kv_layout)
                                         for t in (k, v, dk, dv))
     scalars = (h, h // kv_h, n_q, n_k, softmax_scale, softmax_scale * LOG2E)
-    options = dict(NUM_STAGES=2, CAUSAL=causal, CONSUMER_REGS=240, num_warps=4,
+    options = dict(NUM_STAGES=BACKWARD_STAGES, CAUSAL=causal, CONSUMER_REGS=240, num_warps=4,
                    SPARSE_BLOCK=SPARSE_BLOCK if block_lists else 0)
     by_query, by_key = block_lists or ((lse, lse), (lse, lse))  # not read when dense
     if block_lists:

@@ -1,25 +1,28 @@
 """Probe the Gluon forward's configurations on this GPU (Hopper): consumer warpgroups, keys per tile, stages and the
 overlapped softmax (`flash_attn_gluon.CANDIDATES`), each timed against cuDNN through SDPA in the same process.
-bf16, B·N = 16K tokens, H·d = 2048 (the `flash_kernel` task's shapes), forward only, `triton.testing.do_bench`
-medians. Before any timing, every configuration's output is compared with cuDNN's at every point: a configuration
-that disagrees is reported and not timed. Prints a table (what effrepro_kernels/NOTES.md quotes); it writes no
-record: `repro task=flash_kernel` is the measurement.
+bf16, B·N = 16K tokens, H·d = 2048 (the `flash_kernel` task's shapes), `triton.testing.do_bench` medians. Before
+any timing, every configuration's output is compared with cuDNN's at every point: a configuration that disagrees
+is reported and not timed. With --backward, the backward alone instead (autograd of a kept output: ours through
+`flash_attn`, its delta kernel and the Gluon backward, at each of BACKWARD_CANDIDATES' ring sizes). Prints a table
+(what effrepro_kernels/NOTES.md quotes); it writes no record: `repro task=flash_kernel` is the measurement.
 
-    python scripts/tune_flash_gluon.py [--head-dims 64 128] [--seq-lens 2048 4096 8192 16384]
+    python scripts/tune_flash_gluon.py [--head-dims 64 128] [--seq-lens 2048 4096 8192 16384] [--backward]
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 
 import torch
 
-from effrepro_kernels import flash_attn_gluon
+from effrepro_kernels import flash_attn, flash_attn_gluon
 from effrepro_kernels.flash_attn_gluon import CANDIDATES, config_name
 from repro.timing import measure
 from tasks.common.sdpa import SDPA_BACKENDS, sdpa
 
 TOKENS, HIDDEN = 16384, 2048
 AGREEMENT = 0.02  # largest difference from cuDNN's output, relative to its largest value (bf16: a few ulps)
+BACKWARD_CANDIDATES = (2, 3)  # ring buffers of the backward (flash_attn_gluon.BACKWARD_STAGES)
 
 
 def tflops(batch, heads, seq_len, head_dim, causal, ms):
@@ -54,14 +57,59 @@ def rows(head_dim: int, seq_len: int, configs: list[dict]) -> list[str]:
     return lines
 
 
+def backward_rows(head_dim: int, seq_len: int) -> list[str]:
+    """The backward's two rows (dense and causal) for one sequence length: cuDNN's, then ours at each ring size."""
+    cudnn = sdpa(SDPA_BACKENDS["sdpa_cudnn"])
+    device = torch.device("cuda")
+    batch, heads = max(1, TOKENS // seq_len), HIDDEN // head_dim
+    q, k, v, do = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16)
+                   for _ in range(4))
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    module = importlib.import_module("effrepro_kernels.flash_attn")
+    module.GLUON = "1"  # the Gluon backward wherever it covers the call, as EFFREPRO_GLUON=1 asks
+    lines = []
+    for causal in (False, True):
+        outputs = {"cudnn": cudnn(*inputs, is_causal=causal), "ours": flash_attn(*inputs, causal=causal)}
+        grads = {name: lambda out=out: torch.autograd.grad(out, inputs, do, retain_graph=True)
+                 for name, out in outputs.items()}
+        want = grads["cudnn"]()
+        base = measure(grads["cudnn"], device, warmup_ms=50, rep_ms=200).p50
+        cells = []
+        for stages in BACKWARD_CANDIDATES:
+            flash_attn_gluon.BACKWARD_STAGES = stages
+            try:
+                error = max(((g.float() - w.float()).norm() / w.float().norm()).item()
+                            for g, w in zip(grads["ours"](), want))
+                if not error < AGREEMENT:
+                    cells.append(f"wrong ({error:.3g})")
+                    continue
+                ms = measure(grads["ours"], device, warmup_ms=50, rep_ms=200).p50
+                cells.append(f"{2.5 * tflops(batch, heads, seq_len, head_dim, causal, ms):.0f} ({base / ms:.3f})")
+            except Exception as exc:  # noqa: BLE001 - one configuration failing must not end the probe
+                cells.append(f"{type(exc).__name__}: {str(exc)[:60]}")
+        lines.append(f"| {seq_len} | {'causal' if causal else 'dense'} | "
+                     f"{2.5 * tflops(batch, heads, seq_len, head_dim, causal, base):.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dims", type=int, nargs="+", default=sorted(CANDIDATES), choices=sorted(CANDIDATES))
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--backward", action="store_true", help="the backward's ring sizes instead")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: {props.multi_processor_count} SMs, torch {torch.__version__}, "
           f"triton {flash_attn_gluon.triton.__version__}")
+    if args.backward:
+        for head_dim in args.head_dims:
+            print(f"\n## head_dim {head_dim}, backward: TFLOP/s (÷ cuDNN's in the same process) by ring buffers")
+            print("| N | mask | cuDNN | " + " | ".join(f"{s} stages" for s in BACKWARD_CANDIDATES) + " |\n|" +
+                  "---|" * (len(BACKWARD_CANDIDATES) + 3))
+            for seq_len in args.seq_lens:
+                print("\n".join(backward_rows(head_dim, seq_len)), flush=True)
+                torch.cuda.empty_cache()
+        return
     for head_dim in args.head_dims:
         configs = CANDIDATES[head_dim]
         names = [config_name(c) for c in configs]
