@@ -408,7 +408,7 @@ class BlockSparseLayout:
     `block_mask` to skip the preparation (and its device sync) on every call."""
 
     def __init__(self, block_mask: torch.Tensor, batch: int, heads: int, block_size: int = 128):
-        self.mask, self.block_size = block_mask, block_size
+        self.mask, self.block_size, self.batch, self.heads = block_mask, block_size, batch, heads
         self.by_query, self.by_key = _csr_layouts(block_mask, batch, heads)
 
 
@@ -426,8 +426,9 @@ def _csr_layouts(block_mask: torch.Tensor, batch: int, heads: int):
 
 
 def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout):
-    if isinstance(block_mask, BlockSparseLayout):
-        block_mask, block_size = block_mask.mask, block_mask.block_size
+    prepared = block_mask if isinstance(block_mask, BlockSparseLayout) else None
+    if prepared is not None:
+        block_mask, block_size = prepared.mask, prepared.block_size
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not supported; use one of {LAYOUTS}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -444,6 +445,9 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     b, h, n_q, d = q.shape
+    if prepared is not None and (prepared.batch, prepared.heads) != (b, h):
+        raise ValueError(f"the BlockSparseLayout was prepared for batch {prepared.batch} and {prepared.heads} heads; "
+                         f"q has batch {b} and {h} heads (layout {layout!r})")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != b or k.shape[3] != d:

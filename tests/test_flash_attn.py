@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu, has_gpu
-from effrepro_kernels import (attention_reference, block_mask_to_dense, butterfly_block_mask, dropout_keep_mask, flash_attn,
-                              flash_attn_qkvpacked, random_block_mask)
+from effrepro_kernels import (BlockSparseLayout, attention_reference, block_mask_to_dense, butterfly_block_mask,
+                              dropout_keep_mask, flash_attn, flash_attn_qkvpacked, random_block_mask)
 
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if has_gpu() else [])
 # ‖out − ref‖ / ‖ref‖ against float64: fp32 (tf32 matrix products on a GPU), fp16, bf16; gradients twice that.
@@ -162,6 +162,8 @@ def _qkv(*shape, dtype=torch.float16):
      "key_padding_mask"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE)),
      "block_mask"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), block_mask=BlockSparseLayout(
+        torch.ones(1, 1, 1, 1, dtype=torch.bool, device=DEVICE), 1, 4, 16)), "prepared for batch 1 and 4 heads"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), dropout_p=1.0), "dropout_p"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), layout="sbhd"), "layout"),
     (lambda: flash_attn(*_qkv(2, 8, 32)), "4-d"),
