@@ -244,6 +244,10 @@ class DecodeSchedule:
     host_lengths: tuple[int, ...]  # the same, on the host: checking them needs no device sync
     num_warps: int = 4
     num_stages: int = 3
+    # registers a thread may take (Triton's maxnreg; None: what the compiler chooses). The 4-bit loop takes 216-254
+    # by itself, which leaves room for two programs of 4 warps an SM; capped at 168 it compiles without spills
+    # for three (`scripts/tune_decode.py --quantized` measures it)
+    max_registers: int | None = None
     # Set by the first call with a new signature (shapes, strides, dtypes, devices of q, k_cache, v_cache): the
     # signature that passed the checks, and the scratch memory made for it (`_workspace`). Calls with the same
     # signature skip both, so a call costs the output's allocation and the launches.
@@ -473,7 +477,8 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_E=block_e, WO_D=padded, BLOCK_G=block_g, BLOCK_N=schedule.block_n,
         GROUP=group, BLOCK_P=merge_step(schedule.max_pieces, group, padded), K_BITS=k_bits, K_GROUP=k_group,
         V_BITS=v_bits, V_GROUP=v_group, PRECISION=precision, STORE_SCORES=return_scores, num_warps=schedule.num_warps,
-        num_stages=schedule.num_stages), kept, "decode+scores" if return_scores else "decode")
+        num_stages=schedule.num_stages, maxnreg=schedule.max_registers), kept,
+        "decode+scores" if return_scores else "decode")
     if return_scores:
         return out, lse, scores[..., :k_cache.shape[2]]
     return (out, lse) if return_lse else out

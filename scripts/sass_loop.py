@@ -5,7 +5,7 @@ Prints tables (what effrepro_kernels/NOTES.md quotes); the measurement of speed 
 `task=scissorhands_kv` on a GPU.
 
     python scripts/sass_loop.py [--bits 4] [--dtype bf16] [--block-n 128] [--warps 4] [--stages 3] [--sm 90]
-                                [--head-dim 128] [--scores]
+                                [--head-dim 128] [--scores] [--max-registers 168]
 
 --bits 0 is the full-precision cache; --head-dim takes the lanes `head_dim_chunks` gives it (80: 64 + 32); --scores
 is the variant that stores each key's score (Scissorhands' counting). 4 query heads per KV head, KIVI groups of 32
@@ -33,7 +33,7 @@ BRANCH_TO = re.compile(r"BRA.*\.L_x_(\d+)")
 
 
 def compile_decode(bits: int, dtype: str, block_n: int, warps: int, stages: int, sm: int = 90,
-                   head_dim: int = 128, scores: bool = False):
+                   head_dim: int = 128, scores: bool = False, max_registers: int | None = None):
     names = list(_decode.arg_names)
     cache = "*u8" if bits else f"*{dtype}"
     pointers = dict(Q=f"*{dtype}", K=cache, V=cache, KS=f"*{dtype}", KZ=f"*{dtype}", VS=f"*{dtype}",
@@ -50,7 +50,8 @@ def compile_decode(bits: int, dtype: str, block_n: int, warps: int, stages: int,
     aligned = [n for n in names if n in pointers or n == "SCORES_ROW" or (n.startswith("stride") and n != "stride_vsn")]
     source = ASTSource(_decode, signature, constexprs={(names.index(n),): v for n, v in constants.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(source, target=GPUTarget("cuda", sm, 32), options=dict(num_warps=warps, num_stages=stages))
+    options = dict(num_warps=warps, num_stages=stages, maxnreg=max_registers)
+    return triton.compile(source, target=GPUTarget("cuda", sm, 32), options=options)
 
 
 def loops(cubin: bytes) -> list[list[str]]:
@@ -87,19 +88,22 @@ def main():
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--scores", action="store_true", help="the variant that stores each key's score")
+    parser.add_argument("--max-registers", type=int, help="a cap on registers a thread (DecodeSchedule's)")
     parser.add_argument("--sm", type=int, default=90, help="compute capability, as 80 for an A100")
     args = parser.parse_args()
     kernel = compile_decode(args.bits, args.dtype, args.block_n, args.warps, args.stages, args.sm,
-                            args.head_dim, args.scores)
+                            args.head_dim, args.scores, args.max_registers)
     print(f"triton {triton.__version__}, sm_{args.sm}, head_dim {args.head_dim}, {args.bits or 16}-bit {args.dtype} "
           f"cache, {args.block_n}-key tiles, {args.warps} warps, {args.stages} stages: "
           f"{kernel.metadata.shared} bytes of shared memory")
-    print("| loop | instructions | conversions (I2F, F2F, F2I) | most frequent |\n|---|---|---|---|")
+    print("| loop | instructions | conversions (I2F, F2F, F2I) | spills (LDL, STL) | most frequent |\n"
+          "|---|---|---|---|---|")
     for i, body in enumerate(loops(kernel.asm["cubin"])):
         counts = collections.Counter(map(opcode, body))
         conversions = sum(c for op, c in counts.items() if op.startswith(("I2F", "F2F", "F2I")))
         common = ", ".join(f"{op} {c}" for op, c in counts.most_common(12))
-        print(f"| {i} | {len(body)} | {conversions} | {common} |")
+        spills = counts["LDL"] + counts["STL"]
+        print(f"| {i} | {len(body)} | {conversions} | {spills} | {common} |")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,19 @@ def test_the_quantized_decode_kernel_compiles_without_a_gpu(bits, dtype, sm):
     assert f"{bits}-bit {dtype} cache" in done.stdout and "| 1 |" in done.stdout, done.stdout
 
 
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_the_quantized_decode_loop_keeps_its_registers_under_a_cap_of_168(block_n):
+    """Capped at 168 registers a thread (DecodeSchedule.max_registers: three programs of 4 warps an SM), the 4-bit
+    loop over a tile compiles for Hopper without local-memory loads or stores."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_loop.py"), "--bits", "4", "--block-n",
+                           str(block_n), "--max-registers", "168"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tile_loop = next(line for line in done.stdout.splitlines() if line.startswith("| 1 |"))
+    assert tile_loop.split("|")[4].strip() == "0", tile_loop  # the spills column
+
+
 def quantized_inputs(batch, heads, kv_heads, n, head_dim, bits, dtype, key_group, value_group, seed=0):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     q = torch.randn(batch, heads, head_dim, device=DEVICE, dtype=dtype, generator=gen)
