@@ -25,8 +25,26 @@ AGREEMENT = 0.02  # largest difference from cuDNN's output, relative to its larg
 BACKWARD_CANDIDATES = (2, 3)  # ring buffers of the backward (flash_attn_gluon.BACKWARD_STAGES)
 
 
-def tflops(batch, heads, seq_len, head_dim, causal, ms):
-    return 4 * batch * heads * seq_len**2 * head_dim * (0.5 if causal else 1.0) / (ms * 1e-3) / 1e12
+def forward_flops(batch, heads, seq_len, head_dim, causal):
+    return 4 * batch * heads * seq_len**2 * head_dim * (0.5 if causal else 1.0)
+
+
+def cell(run, error, base_ms: float, flops: float, device) -> str:
+    """One configuration's cell: "wrong (error)" where its result disagrees with cuDNN's (`error()` at least
+    AGREEMENT), else its TFLOP/s and cuDNN's time over its time."""
+    try:
+        found = error()
+        if not found < AGREEMENT:
+            return f"wrong ({found:.3g})"
+        ms = measure(run, device, warmup_ms=50, rep_ms=200).p50
+        return f"{flops / (ms * 1e-3) / 1e12:.0f} ({base_ms / ms:.3f})"
+    except Exception as exc:  # noqa: BLE001 - one configuration failing must not end the probe
+        return f"{type(exc).__name__}: {str(exc)[:60]}"
+
+
+def row(seq_len: int, causal: bool, base_ms: float, flops: float, cells: list[str]) -> str:
+    return (f"| {seq_len} | {'causal' if causal else 'dense'} | {flops / (base_ms * 1e-3) / 1e12:.0f} | "
+            + " | ".join(cells) + " |")
 
 
 def rows(head_dim: int, seq_len: int, configs: list[dict]) -> list[str]:
@@ -37,23 +55,16 @@ def rows(head_dim: int, seq_len: int, configs: list[dict]) -> list[str]:
     q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
     lines = []
     for causal in (False, True):
+        flops = forward_flops(batch, heads, seq_len, head_dim, causal)
         want = cudnn(q, k, v, is_causal=causal).float()
         base = measure(lambda: cudnn(q, k, v, is_causal=causal), device, warmup_ms=50, rep_ms=200).p50
         cells = []
         for config in configs:
             def ours():
                 return flash_attn_gluon.forward(q, k, v, causal, head_dim ** -0.5, config)[0]
-            try:
-                error = ((ours().float() - want).abs().max() / want.abs().max()).item()
-                if not error < AGREEMENT:
-                    cells.append(f"wrong ({error:.3g})")
-                    continue
-                ms = measure(ours, device, warmup_ms=50, rep_ms=200).p50
-                cells.append(f"{tflops(batch, heads, seq_len, head_dim, causal, ms):.0f} ({base / ms:.3f})")
-            except Exception as exc:  # noqa: BLE001 - one configuration failing must not end the probe
-                cells.append(f"{type(exc).__name__}: {str(exc)[:60]}")
-        lines.append(f"| {seq_len} | {'causal' if causal else 'dense'} | "
-                     f"{tflops(batch, heads, seq_len, head_dim, causal, base):.0f} | " + " | ".join(cells) + " |")
+            cells.append(cell(ours, lambda: ((ours().float() - want).abs().max() / want.abs().max()).item(), base,
+                              flops, device))
+        lines.append(row(seq_len, causal, base, flops, cells))
     return lines
 
 
@@ -69,6 +80,7 @@ def backward_rows(head_dim: int, seq_len: int) -> list[str]:
     module.GLUON = "1"  # the Gluon backward wherever it covers the call, as EFFREPRO_GLUON=1 asks
     lines = []
     for causal in (False, True):
+        flops = 2.5 * forward_flops(batch, heads, seq_len, head_dim, causal)
         outputs = {"cudnn": cudnn(*inputs, is_causal=causal), "ours": flash_attn(*inputs, causal=causal)}
         grads = {name: lambda out=out: torch.autograd.grad(out, inputs, do, retain_graph=True)
                  for name, out in outputs.items()}
@@ -77,18 +89,9 @@ def backward_rows(head_dim: int, seq_len: int) -> list[str]:
         cells = []
         for stages in BACKWARD_CANDIDATES:
             flash_attn_gluon.BACKWARD_STAGES = stages
-            try:
-                error = max(((g.float() - w.float()).norm() / w.float().norm()).item()
-                            for g, w in zip(grads["ours"](), want))
-                if not error < AGREEMENT:
-                    cells.append(f"wrong ({error:.3g})")
-                    continue
-                ms = measure(grads["ours"], device, warmup_ms=50, rep_ms=200).p50
-                cells.append(f"{2.5 * tflops(batch, heads, seq_len, head_dim, causal, ms):.0f} ({base / ms:.3f})")
-            except Exception as exc:  # noqa: BLE001 - one configuration failing must not end the probe
-                cells.append(f"{type(exc).__name__}: {str(exc)[:60]}")
-        lines.append(f"| {seq_len} | {'causal' if causal else 'dense'} | "
-                     f"{2.5 * tflops(batch, heads, seq_len, head_dim, causal, base):.0f} | " + " | ".join(cells) + " |")
+            cells.append(cell(grads["ours"], lambda: max(((g.float() - w.float()).norm() / w.float().norm()).item()
+                                                         for g, w in zip(grads["ours"](), want)), base, flops, device))
+        lines.append(row(seq_len, causal, base, flops, cells))
     return lines
 
 
