@@ -3,7 +3,7 @@ programs per SM, at a few shapes, each timed from CUDA graphs against the copy b
 head sizes at the default levers, and the host cost of one call from eager PyTorch. Prints tables (what
 effrepro_kernels/NOTES.md quotes); it writes no record: `repro task=lean_decode` is the measurement.
 
-    python scripts/tune_decode.py [--quick] [--head-dims | --quantized]
+    python scripts/tune_decode.py [--quick] [--head-dims | --quantized | --short]
 """
 from __future__ import annotations
 
@@ -158,6 +158,42 @@ def quantized_levers(quick):
                   f"{t * 1e3:.1f} | {full / t:.2f} |")
 
 
+def short_contexts(quick):
+    """B = 1 at 1K-8K keys, where a call is a chain of latencies more than a stream of bytes (issue 20: lean
+    behind cuDNN by up to 1.7 µs there): pieces per head (lean programs = 8 KV heads x pieces), keys per tile and
+    stages, graph-timed, against cuDNN through SDPA timed the same way in the same run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def cudnn(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+
+    grid = dict(pieces=[2, 4, 8, 16], block_n=[64, 128], num_stages=[2, 3])
+    if quick:
+        grid = dict(pieces=[4, 8, 16], block_n=[64, 128], num_stages=[3])
+    print("\n## short contexts (B=1; graph-timed): µs, and cuDNN's time over ours")
+    print("| heads | context | " + " | ".join(grid) + " | µs | x cuDNN |\n|" + "---|" * (len(grid) + 4))
+    for hq, context in itertools.product((32, 64), (1024, 2048, 4096, 8192)):
+        copies, lengths, _ = inputs(1, hq, 8, context, 128)
+        base = measure(rotating(copies, cudnn), torch.device("cuda"), warmup_ms=5, rep_ms=30,
+                       back_to_back="graph").p50
+        default = make_schedule("lean", lengths, 8, device="cuda")
+        t = measure(rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=default)),
+                    torch.device("cuda"), warmup_ms=5, rep_ms=30, back_to_back="graph").p50
+        print(f"| {hq}/8 | {context} | default {default.max_pieces} | {default.block_n} | {default.num_stages} | "
+              f"{t * 1e3:.1f} | {base / t:.3f} |")
+        for pieces, block_n, stages in itertools.product(*grid.values()):
+            if pieces * block_n > context:
+                continue
+            schedule = dataclasses.replace(make_schedule("lean", lengths, 8, block_n=block_n, device="cuda",
+                                                         num_programs=8 * pieces), num_stages=stages)
+            t = measure(rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=schedule)),
+                        torch.device("cuda"), warmup_ms=5, rep_ms=30, back_to_back="graph").p50
+            print(f"| {hq}/8 | {context} | {pieces} | {block_n} | {stages} | {t * 1e3:.1f} | {base / t:.3f} |")
+        del copies
+        torch.cuda.empty_cache()
+
+
 def per_call_us(call) -> tuple[float, float]:
     """The host's time to issue one call (wall clock over 2000 calls, no sync) and the device's time per call
     in back-to-back loops issued from Python (`measure`'s eager loops), in microseconds."""
@@ -219,12 +255,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few levers only")
     parser.add_argument("--head-dims", action="store_true", help="only the head sizes and their levers")
     parser.add_argument("--quantized", action="store_true", help="only the levers over a quantized cache")
+    parser.add_argument("--short", action="store_true", help="only B = 1 at short contexts, against cuDNN")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB, "
           f"shared memory per block {getattr(props, 'shared_memory_per_block_optin', 0) >> 10} KB")
     if args.quantized:
         return quantized_levers(args.quick)
+    if args.short:
+        return short_contexts(args.quick)
     copy_gb_s = copy_bandwidth(torch.device("cuda"), 4 << 30).p50
     if not args.head_dims:
         host_cost()
