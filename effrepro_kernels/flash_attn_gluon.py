@@ -411,11 +411,19 @@ def _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M: gl.cons
 
 
 @gluon.jit
-def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, bh, row0, j,
-               NUM_STAGES: gl.constexpr):
-    """The j-th query block of the dK/dV loop (rows row0.. of head bh) into stage j % NUM_STAGES of the ring."""
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr, delta_ptr, lse_smem,
+               delta_smem, bh, row0, j, N_Q, NUM_STAGES: gl.constexpr):
+    """The j-th query block of the dK/dV loop (rows row0.. of head bh) into stage j % NUM_STAGES of the ring: Q
+    and dO by TMA, the rows' LSE and delta by this warp's loads (stored before the arrive that Q's barrier
+    completes on, so the consumers see them once Q is there: no load from global memory in their loop)."""
     s = j % NUM_STAGES
     mbarrier.wait(qdo_empty.index(s), ((j // NUM_STAGES) & 1) ^ 1)
+    BLOCK_M: gl.constexpr = lse_smem.type.shape[1]
+    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0]))
+    at = bh.to(gl.int64) * N_Q + rows
+    # rows past the end: an infinite LSE gives them P = 0
+    lse_smem.index(s).store(gl.load(lse_ptr + at, mask=rows < N_Q, other=float("inf")))
+    delta_smem.index(s).store(gl.load(delta_ptr + at, mask=rows < N_Q, other=0.0))
     mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
     _tma_load(q_desc, [bh, row0, 0], q_ready.index(s), q_smem.index(s))
     mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
@@ -424,12 +432,12 @@ def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, b
 
 @gluon.jit
 def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready,
-                  qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K, NUM_STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
-    """K and V of the 128-key tile once (a 64-key half per consumer), then Q and dO of every query block of every
-    query head of the KV head that sees them (block-sparse: those of the kept blocks, in one list for all the query
-    heads, `kv_head_lists`: nested loops over heads and blocks spilled registers), into a ring of NUM_STAGES
-    buffers."""
+                  qdo_empty, lse_ptr, delta_ptr, lse_smem, delta_smem, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS,
+                  N_Q, N_K, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+    """K and V of the 128-key tile once (a 64-key half per consumer), then Q, dO and the rows' LSE and delta of
+    every query block of every query head of the KV head that sees them (block-sparse: those of the kept blocks, in
+    one list for all the query heads, `kv_head_lists`: nested loops over heads and blocks spilled registers), into
+    a ring of NUM_STAGES buffers."""
     ROWS: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
     pid_n, bhk = gl.program_id(0), gl.program_id(1)
@@ -444,21 +452,24 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sm
         first_head, q_blocks = b * H + hk * KV_GROUPS, gl.cdiv(N_Q, SPARSE_BLOCK)
         for j in range(steps):
             bh, row0 = _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M, SPARSE_BLOCK)
-            _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, bh, row0, j, NUM_STAGES)
+            _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr, delta_ptr, lse_smem,
+                       delta_smem, bh, row0, j, N_Q, NUM_STAGES)
     else:
         lo, hi = _query_blocks(pid_n * 2 * ROWS, N_Q, N_K, BLOCK_M, CAUSAL)
         blocks = hi - lo
         for j in range(KV_GROUPS * blocks):
-            _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty,
-                       b * H + hk * KV_GROUPS + j // blocks, (lo + j % blocks) * BLOCK_M, j, NUM_STAGES)
+            _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr, delta_ptr, lse_smem,
+                       delta_smem, b * H + hk * KV_GROUPS + j // blocks, (lo + j % blocks) * BLOCK_M, j, N_Q,
+                       NUM_STAGES)
 
 
 @gluon.jit
-def _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr, delta_ptr, bh, row0, j,
+def _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_smem, delta_smem, row0, j,
                N_Q, N_K, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """dK and dV of a consumer's keys plus the j-th query block's share (rows row0.. of head bh), as the `tl`
-    kernel sums them (`_attn_bwd_dkdv`): Pᵀ = exp2(K·Qᵀ · scale - lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘
-    (dPᵀ - delta), dK += dSᵀ·Q; Pᵀ and dSᵀ go to the products from registers."""
+    """dK and dV of a consumer's keys plus the j-th query block's share (rows row0..), as the `tl` kernel sums
+    them (`_attn_bwd_dkdv`): Pᵀ = exp2(K·Qᵀ · scale - lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ - delta),
+    dK += dSᵀ·Q; Pᵀ and dSᵀ go to the products from registers, the rows' LSE and delta come from the ring
+    (`_load_q_do`)."""
     ROWS: gl.constexpr = k.type.shape[0]
     HEAD_DIM: gl.constexpr = k.type.shape[1]
     BLOCK_M: gl.constexpr = q_smem.type.shape[2]
@@ -466,19 +477,18 @@ def _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty
     st_layout: gl.constexpr = _wgmma_layout(BLOCK_M)
     acc_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
-    # rows past the end: an infinite LSE gives them P = 0
-    lse = gl.load(lse_ptr + bh * N_Q + rows, mask=rows < N_Q, other=float("inf"))
-    delta = gl.load(delta_ptr + bh * N_Q + rows, mask=rows < N_Q, other=0.0)
+    by_row: gl.constexpr = gl.SliceLayout(0, st_layout)
     s = j % NUM_STAGES
     phase = (j // NUM_STAGES) & 1
     mbarrier.wait(q_ready.index(s), phase)
     q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
     s_t = warpgroup_mma(k, q.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout), use_acc=False,
                         is_async=True)
+    lse = lse_smem.index(s).load(by_row)
     s_t = warpgroup_mma_wait(0, deps=(s_t,))
     p_t = gl.exp2(s_t * qk_scale - lse[None, :])
     if CAUSAL:
+        rows = row0 + gl.arange(0, BLOCK_M, layout=by_row)
         p_t = gl.where(keys[:, None] <= rows[None, :] + (N_K - N_Q), p_t, 0.0)
     mbarrier.wait(do_ready.index(s), phase)
     do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
@@ -486,7 +496,7 @@ def _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty
     dp_t = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout),
                          use_acc=False, is_async=True)
     dv, dp_t = warpgroup_mma_wait(0, deps=(dv, dp_t))
-    ds_t = p_t * (dp_t - delta[None, :])
+    ds_t = p_t * (dp_t - delta_smem.index(s).load(by_row)[None, :])
     dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q, dk, is_async=True)
     dk = warpgroup_mma_wait(0, deps=(dk,))
     mbarrier.arrive(qdo_empty.index(s))
@@ -494,7 +504,7 @@ def _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty
 
 
 @gluon.jit
-def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem,
+def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_smem, delta_smem, q_smem, do_smem, k_smem, v_smem,
                   kv_ready, q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K,
                   sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
     """Warpgroup WG (0 or 1): dK and dV of keys WG·64 .. WG·64 + 63 of the tile, over the query blocks the
@@ -521,16 +531,15 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem
         first, steps = _key_block_list(block_cnt_ptr, bhk, pid_n, N_K, BLOCK_M, SPARSE_BLOCK)
         first_head, q_blocks = b * H + hk * KV_GROUPS, gl.cdiv(N_Q, SPARSE_BLOCK)
         for j in range(steps):
-            bh, row0 = _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M, SPARSE_BLOCK)
-            dk, dv = _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr,
-                                delta_ptr, bh.to(gl.int64), row0, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
+            _, row0 = _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M, SPARSE_BLOCK)
+            dk, dv = _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_smem,
+                                delta_smem, row0, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
     else:
         lo, hi = _query_blocks(pid_n * 2 * ROWS, N_Q, N_K, BLOCK_M, CAUSAL)
         blocks = hi - lo
         for j in range(KV_GROUPS * blocks):
-            dk, dv = _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr,
-                                delta_ptr, (b * H + hk * KV_GROUPS + j // blocks).to(gl.int64),
-                                (lo + j % blocks) * BLOCK_M, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
+            dk, dv = _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_smem,
+                                delta_smem, (lo + j % blocks) * BLOCK_M, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
     # out through K's and V's buffers (their last products have completed); the descriptors clip keys past N_K
     k.store((dk * sm_scale).to(dtype))
     v.store(dv.to(dtype))
@@ -556,6 +565,9 @@ def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, d
     q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     qdo_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    by_row: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])  # of a stage's rows
+    lse_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], by_row)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], by_row)
     mbarrier.init(kv_ready, count=1)
     for s in gl.static_range(NUM_STAGES):
         mbarrier.init(q_ready.index(s), count=1)
@@ -564,13 +576,13 @@ def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, d
     fence_async_shared()
     _cta_barrier()
     gl.warp_specialize([
-        (_bwd_consumer, (0, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, kv_ready,
+        (_bwd_consumer, (0, dk_desc, dv_desc, lse_smem, delta_smem, q_smem, do_smem, k_smem, v_smem, kv_ready,
                          q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K,
                          sm_scale, qk_scale, NUM_STAGES, CAUSAL, SPARSE_BLOCK)),
         (_bwd_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
-                         do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K, NUM_STAGES,
-                         CAUSAL, SPARSE_BLOCK)),
-        (_bwd_consumer, (1, dk_desc, dv_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, kv_ready,
+                         do_ready, qdo_empty, lse_ptr, delta_ptr, lse_smem, delta_smem, block_cnt_ptr,
+                         block_idx_ptr, H, KV_GROUPS, N_Q, N_K, NUM_STAGES, CAUSAL, SPARSE_BLOCK)),
+        (_bwd_consumer, (1, dk_desc, dv_desc, lse_smem, delta_smem, q_smem, do_smem, k_smem, v_smem, kv_ready,
                          q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K,
                          sm_scale, qk_scale, NUM_STAGES, CAUSAL, SPARSE_BLOCK)),
     ], [1, 4], [24, CONSUMER_REGS])
