@@ -73,6 +73,16 @@ def _key_tiles(row0, rows, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr
 
 
 @gluon.jit
+def _whole_key_tiles(row0, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """How many key tiles from the first every row from row0 on sees whole: no key past N_K, none past the
+    diagonal of row0 (the first row, which sees least)."""
+    n = N_K // BLOCK_N
+    if CAUSAL:
+        n = gl.minimum(n, gl.maximum(row0 + N_K - N_Q + 1, 0) // BLOCK_N)
+    return n
+
+
+@gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
               H, KV_GROUPS, N_Q, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
               CONSUMERS: gl.constexpr):
@@ -632,9 +642,10 @@ def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sme
 
 @gluon.jit
 def _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, key0, i, N_Q, N_K, qk_scale,
-             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, MASK: gl.constexpr):
     """dQ of a consumer's rows plus the i-th key tile's share (keys key0..), as `_attn_bwd_dq` sums it:
-    P = exp2(Q·Kᵀ · scale - lse), dP = dO·Vᵀ, dS = P ∘ (dP - delta), dQ += dS·K, dS from registers."""
+    P = exp2(Q·Kᵀ · scale - lse), dP = dO·Vᵀ, dS = P ∘ (dP - delta), dQ += dS·K, dS from registers. MASK: the
+    tile holds keys past N_K or, causal, past a row's diagonal (`_whole_key_tiles`)."""
     ROWS: gl.constexpr = q.type.shape[0]
     HEAD_DIM: gl.constexpr = q.type.shape[1]
     BLOCK_N: gl.constexpr = k_smem.type.shape[2]
@@ -652,13 +663,14 @@ def _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, ke
                        is_async=True)
     qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
     p = gl.exp2(qk * qk_scale - lse[:, None])
-    # keys past the end: TMA read their K as zeros, but exp2(-lse) may overflow (bf16: lse < -128; fp16: the
-    # cast of dS), and inf · 0 in dS·K would be NaN
-    cols = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    visible = cols[None, :] < N_K
-    if CAUSAL:
-        visible = visible & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
-    p = gl.where(visible, p, 0.0)
+    if MASK:
+        # keys past the end: TMA read their K as zeros, but exp2(-lse) may overflow (bf16: lse < -128; fp16: the
+        # cast of dS), and inf · 0 in dS·K would be NaN
+        cols = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        visible = cols[None, :] < N_K
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
+        p = gl.where(visible, p, 0.0)
     ds = p * (dp - delta[:, None])
     dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k, dq, is_async=True)
     dq = warpgroup_mma_wait(0, deps=(dq,))
@@ -697,12 +709,16 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
         for i in range((gl.load(block_cnt_ptr + row + 1) - first) * SUBS):
             key0 = (gl.load(block_idx_ptr + first + i // SUBS) * SUBS + i % SUBS) * BLOCK_N
             dq = _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, key0, i, N_Q, N_K,
-                          qk_scale, NUM_STAGES, CAUSAL)
+                          qk_scale, NUM_STAGES, CAUSAL, True)
     else:
         hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-        for i in range(hi):
+        whole = gl.minimum(_whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL), hi)
+        for i in range(whole):  # no key past the end or a diagonal: no mask
             dq = _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, i * BLOCK_N, i, N_Q, N_K,
-                          qk_scale, NUM_STAGES, CAUSAL)
+                          qk_scale, NUM_STAGES, CAUSAL, False)
+        for i in range(whole, hi):
+            dq = _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, i * BLOCK_N, i, N_Q, N_K,
+                          qk_scale, NUM_STAGES, CAUSAL, True)
         # causal: the other warpgroup's last tile lies past this one's diagonal; released once it has arrived
         for i in range(hi, _key_tiles(tile0, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
             s = i % NUM_STAGES
