@@ -474,10 +474,10 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sm
 
 
 @gluon.jit
-def _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_smem, delta_smem, row0, j,
+def _dkdv_step(k, v, n0, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_smem, delta_smem, row0, j,
                N_Q, N_K, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """dK and dV of a consumer's keys plus the j-th query block's share (rows row0..), as the `tl` kernel sums
-    them (`_attn_bwd_dkdv`): Pᵀ = exp2(K·Qᵀ · scale - lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ - delta),
+    """dK and dV of a consumer's keys (n0..) plus the j-th query block's share (rows row0..), as the `tl` kernel
+    sums them (`_attn_bwd_dkdv`): Pᵀ = exp2(K·Qᵀ · scale - lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ - delta),
     dK += dSᵀ·Q; Pᵀ and dSᵀ go to the products from registers, the rows' LSE and delta come from the ring
     (`_load_q_do`)."""
     ROWS: gl.constexpr = k.type.shape[0]
@@ -498,8 +498,10 @@ def _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty
     s_t = warpgroup_mma_wait(0, deps=(s_t,))
     p_t = gl.exp2(s_t * qk_scale - lse[None, :])
     if CAUSAL:
-        rows = row0 + gl.arange(0, BLOCK_M, layout=by_row)
-        p_t = gl.where(keys[:, None] <= rows[None, :] + (N_K - N_Q), p_t, 0.0)
+        if row0 + (N_K - N_Q) < n0 + ROWS - 1:  # the block's first row sees not all the keys: the rest skip this
+            keys = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
+            rows = row0 + gl.arange(0, BLOCK_M, layout=by_row)
+            p_t = gl.where(keys[:, None] <= rows[None, :] + (N_K - N_Q), p_t, 0.0)
     mbarrier.wait(do_ready.index(s), phase)
     do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
     dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
@@ -523,13 +525,11 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_smem, delta_smem, q_sm
     HEAD_DIM: gl.constexpr = dk_desc.block_type.shape[2]
     BLOCK_M: gl.constexpr = q_smem.type.shape[2]
     dtype: gl.constexpr = dk_desc.dtype
-    st_layout: gl.constexpr = _wgmma_layout(BLOCK_M)
     acc_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     pid_n, bhk = gl.program_id(0), gl.program_id(1)
     kv_heads = H // KV_GROUPS
     b, hk = bhk // kv_heads, bhk % kv_heads
     n0 = pid_n * 2 * ROWS + WG * ROWS
-    keys = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
     dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
     k_buf = k_smem.index(WG)
@@ -542,13 +542,13 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_smem, delta_smem, q_sm
         first_head, q_blocks = b * H + hk * KV_GROUPS, gl.cdiv(N_Q, SPARSE_BLOCK)
         for j in range(steps):
             _, row0 = _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M, SPARSE_BLOCK)
-            dk, dv = _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_smem,
+            dk, dv = _dkdv_step(k, v, n0, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_smem,
                                 delta_smem, row0, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
     else:
         lo, hi = _query_blocks(pid_n * 2 * ROWS, N_Q, N_K, BLOCK_M, CAUSAL)
         blocks = hi - lo
         for j in range(KV_GROUPS * blocks):
-            dk, dv = _dkdv_step(k, v, keys, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_smem,
+            dk, dv = _dkdv_step(k, v, n0, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_smem,
                                 delta_smem, (lo + j % blocks) * BLOCK_M, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
     # out through K's and V's buffers (their last products have completed); the descriptors clip keys past N_K
     k.store((dk * sm_scale).to(dtype))
