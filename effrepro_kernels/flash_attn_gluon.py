@@ -424,20 +424,23 @@ def _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M: gl.cons
 def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr, delta_ptr, lse_smem,
                delta_smem, bh, row0, j, N_Q, NUM_STAGES: gl.constexpr):
     """The j-th query block of the dK/dV loop (rows row0.. of head bh) into stage j % NUM_STAGES of the ring: Q
-    and dO by TMA, the rows' LSE and delta by this warp's loads (stored before the arrive that Q's barrier
-    completes on, so the consumers see them once Q is there: no load from global memory in their loop)."""
+    and dO by TMA, then, while they are copied, the rows' LSE and delta by this warp's loads and stores, with a
+    second arrival on Q's barrier (so the consumers, once Q is there, read them from shared memory: no load from
+    global memory in their loop)."""
     s = j % NUM_STAGES
     mbarrier.wait(qdo_empty.index(s), ((j // NUM_STAGES) & 1) ^ 1)
+    mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+    _tma_load(q_desc, [bh, row0, 0], q_ready.index(s), q_smem.index(s))
+    mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+    _tma_load(do_desc, [bh, row0, 0], do_ready.index(s), do_smem.index(s))
     BLOCK_M: gl.constexpr = lse_smem.type.shape[1]
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0]))
     at = bh.to(gl.int64) * N_Q + rows
     # rows past the end: an infinite LSE gives them P = 0
     lse_smem.index(s).store(gl.load(lse_ptr + at, mask=rows < N_Q, other=float("inf")))
     delta_smem.index(s).store(gl.load(delta_ptr + at, mask=rows < N_Q, other=0.0))
-    mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
-    _tma_load(q_desc, [bh, row0, 0], q_ready.index(s), q_smem.index(s))
-    mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
-    _tma_load(do_desc, [bh, row0, 0], do_ready.index(s), do_smem.index(s))
+    _cta_barrier()  # every lane's stores before the one lane's arrive (its release orders its own alone)
+    mbarrier.arrive(q_ready.index(s))
 
 
 @gluon.jit
@@ -580,7 +583,7 @@ def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, d
     delta_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], by_row)
     mbarrier.init(kv_ready, count=1)
     for s in gl.static_range(NUM_STAGES):
-        mbarrier.init(q_ready.index(s), count=1)
+        mbarrier.init(q_ready.index(s), count=2)  # Q's copy, and the rows' LSE and delta stored
         mbarrier.init(do_ready.index(s), count=1)
         mbarrier.init(qdo_empty.index(s), count=2)  # one arrival from each consumer warpgroup
     fence_async_shared()
