@@ -497,23 +497,23 @@ def _dkdv_step(k, v, n0, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, 
     q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
     s_t = warpgroup_mma(k, q.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout), use_acc=False,
                         is_async=True)
+    mbarrier.wait(do_ready.index(s), phase)
+    do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+    dp_t = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout),
+                         use_acc=False, is_async=True)
     lse = lse_smem.index(s).load(by_row)
-    s_t = warpgroup_mma_wait(0, deps=(s_t,))
+    s_t = warpgroup_mma_wait(1, deps=(s_t,))  # K·Qᵀ done; V·dOᵀ may still run under the exponentials
     p_t = gl.exp2(s_t * qk_scale - lse[None, :])
     if CAUSAL:
         if row0 + (N_K - N_Q) < n0 + ROWS - 1:  # the block's first row sees not all the keys: the rest skip this
             keys = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
             rows = row0 + gl.arange(0, BLOCK_M, layout=by_row)
             p_t = gl.where(keys[:, None] <= rows[None, :] + (N_K - N_Q), p_t, 0.0)
-    mbarrier.wait(do_ready.index(s), phase)
-    do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
     dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do, dv, is_async=True)
-    dp_t = warpgroup_mma(v, do.permute((1, 0)), gl.zeros([ROWS, BLOCK_M], gl.float32, st_layout),
-                         use_acc=False, is_async=True)
-    dv, dp_t = warpgroup_mma_wait(0, deps=(dv, dp_t))
+    dp_t = warpgroup_mma_wait(1, deps=(dp_t,))  # V·dOᵀ done; Pᵀ·dO may still run under dSᵀ
     ds_t = p_t * (dp_t - delta_smem.index(s).load(by_row)[None, :])
     dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q, dk, is_async=True)
-    dk = warpgroup_mma_wait(0, deps=(dk,))
+    dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
     mbarrier.arrive(qdo_empty.index(s))
     return dk, dv
 
