@@ -664,7 +664,7 @@ def _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, ke
                        is_async=True)
     dp = warpgroup_mma(do, v.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
                        is_async=True)
-    qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
+    qk = warpgroup_mma_wait(1, deps=(qk,))  # Q·Kᵀ done; dO·Vᵀ may still run under the exponentials
     p = gl.exp2(qk * qk_scale - lse[:, None])
     if MASK:
         # keys past the end: TMA read their K as zeros, but exp2(-lse) may overflow (bf16: lse < -128; fp16: the
@@ -674,6 +674,7 @@ def _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, ke
         if CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
         p = gl.where(visible, p, 0.0)
+    dp = warpgroup_mma_wait(0, deps=(dp,))
     ds = p * (dp - delta[:, None])
     dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k, dq, is_async=True)
     dq = warpgroup_mma_wait(0, deps=(dq,))
