@@ -436,9 +436,11 @@ def _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, l
     BLOCK_M: gl.constexpr = lse_smem.type.shape[1]
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0]))
     at = bh.to(gl.int64) * N_Q + rows
-    # rows past the end: an infinite LSE gives them P = 0
-    lse_smem.index(s).store(gl.load(lse_ptr + at, mask=rows < N_Q, other=float("inf")))
-    delta_smem.index(s).store(gl.load(delta_ptr + at, mask=rows < N_Q, other=0.0))
+    # rows past the end: an infinite LSE gives them P = 0; both loads issued before either store waits on one
+    lse = gl.load(lse_ptr + at, mask=rows < N_Q, other=float("inf"))
+    delta = gl.load(delta_ptr + at, mask=rows < N_Q, other=0.0)
+    lse_smem.index(s).store(lse)
+    delta_smem.index(s).store(delta)
     _cta_barrier()  # every lane's stores before the one lane's arrive (its release orders its own alone)
     mbarrier.arrive(q_ready.index(s))
 
