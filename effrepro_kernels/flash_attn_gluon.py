@@ -403,21 +403,19 @@ def _query_blocks(n0, N_Q, N_K, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _key_block_list(block_cnt_ptr, bhk, pid_n, N_K, BLOCK_M: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
-    """Where the list of query blocks that see key block pid_n of KV head bhk starts (`kv_head_lists`), and the
-    steps of BLOCK_M rows it makes."""
-    col = bhk * gl.cdiv(N_K, SPARSE_BLOCK) + pid_n
-    first = gl.load(block_cnt_ptr + col)
-    return first, (gl.load(block_cnt_ptr + col + 1) - first) * (SPARSE_BLOCK // BLOCK_M)
+def _block_list(block_cnt_ptr, head, block, N, STEP: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+    """Where the CSR list of sparse block `block` (of N rows or keys) of `head` (batch · head, or batch · KV head
+    for `kv_head_lists`) starts, and how many steps of STEP rows or keys its entries make."""
+    row = head * gl.cdiv(N, SPARSE_BLOCK) + block
+    first = gl.load(block_cnt_ptr + row)
+    return first, (gl.load(block_cnt_ptr + row + 1) - first) * (SPARSE_BLOCK // STEP)
 
 
 @gluon.jit
-def _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
-    """The j-th step of a key block's list: its batch · head (from the KV head's first, first_head) and first
-    query row (of q_blocks sparse blocks a head)."""
-    SUBS: gl.constexpr = SPARSE_BLOCK // BLOCK_M  # steps per sparse block
-    entry = gl.load(block_idx_ptr + first + j // SUBS)
-    return first_head + entry // q_blocks, ((entry % q_blocks) * SUBS + j % SUBS) * BLOCK_M
+def _list_step(block_idx_ptr, first, j, STEP: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+    """The j-th step of a list (`_block_list`): its entry, and the step's offset within the entry's block."""
+    SUBS: gl.constexpr = SPARSE_BLOCK // STEP  # steps per sparse block
+    return gl.load(block_idx_ptr + first + j // SUBS), (j % SUBS) * STEP
 
 
 @gluon.jit
@@ -463,10 +461,11 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sm
         _tma_load(k_desc, [bhk, pid_n * 2 * ROWS + wg * ROWS, 0], kv_ready, k_smem.index(wg))
         _tma_load(v_desc, [bhk, pid_n * 2 * ROWS + wg * ROWS, 0], kv_ready, v_smem.index(wg))
     if SPARSE_BLOCK:
-        first, steps = _key_block_list(block_cnt_ptr, bhk, pid_n, N_K, BLOCK_M, SPARSE_BLOCK)
-        first_head, q_blocks = b * H + hk * KV_GROUPS, gl.cdiv(N_Q, SPARSE_BLOCK)
+        first, steps = _block_list(block_cnt_ptr, bhk, pid_n, N_K, BLOCK_M, SPARSE_BLOCK)
+        q_blocks = gl.cdiv(N_Q, SPARSE_BLOCK)
         for j in range(steps):
-            bh, row0 = _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M, SPARSE_BLOCK)
+            entry, offset = _list_step(block_idx_ptr, first, j, BLOCK_M, SPARSE_BLOCK)  # group · q_blocks + block
+            bh, row0 = b * H + hk * KV_GROUPS + entry // q_blocks, (entry % q_blocks) * SPARSE_BLOCK + offset
             _load_q_do(q_desc, do_desc, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_ptr, delta_ptr, lse_smem,
                        delta_smem, bh, row0, j, N_Q, NUM_STAGES)
     else:
@@ -522,7 +521,7 @@ def _dkdv_step(k, v, n0, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, 
 
 @gluon.jit
 def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_smem, delta_smem, q_smem, do_smem, k_smem, v_smem,
-                  kv_ready, q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K,
+                  kv_ready, q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, KV_GROUPS, N_Q, N_K,
                   sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
     """Warpgroup WG (0 or 1): dK and dV of keys WG·64 .. WG·64 + 63 of the tile, over the query blocks the
     producer loads, in its order (`_dkdv_step`)."""
@@ -532,8 +531,6 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_smem, delta_smem, q_sm
     dtype: gl.constexpr = dk_desc.dtype
     acc_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     pid_n, bhk = gl.program_id(0), gl.program_id(1)
-    kv_heads = H // KV_GROUPS
-    b, hk = bhk // kv_heads, bhk % kv_heads
     n0 = pid_n * 2 * ROWS + WG * ROWS
     dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
@@ -543,10 +540,11 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_smem, delta_smem, q_sm
     v = v_buf.reshape([ROWS, HEAD_DIM])
     mbarrier.wait(kv_ready, 0)
     if SPARSE_BLOCK:
-        first, steps = _key_block_list(block_cnt_ptr, bhk, pid_n, N_K, BLOCK_M, SPARSE_BLOCK)
-        first_head, q_blocks = b * H + hk * KV_GROUPS, gl.cdiv(N_Q, SPARSE_BLOCK)
+        first, steps = _block_list(block_cnt_ptr, bhk, pid_n, N_K, BLOCK_M, SPARSE_BLOCK)
+        q_blocks = gl.cdiv(N_Q, SPARSE_BLOCK)
         for j in range(steps):
-            _, row0 = _sparse_step(block_idx_ptr, first, j, first_head, q_blocks, BLOCK_M, SPARSE_BLOCK)
+            entry, offset = _list_step(block_idx_ptr, first, j, BLOCK_M, SPARSE_BLOCK)
+            row0 = (entry % q_blocks) * SPARSE_BLOCK + offset
             dk, dv = _dkdv_step(k, v, n0, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_smem,
                                 delta_smem, row0, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
     else:
@@ -592,13 +590,13 @@ def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, d
     _cta_barrier()
     gl.warp_specialize([
         (_bwd_consumer, (0, dk_desc, dv_desc, lse_smem, delta_smem, q_smem, do_smem, k_smem, v_smem, kv_ready,
-                         q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K,
+                         q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, KV_GROUPS, N_Q, N_K,
                          sm_scale, qk_scale, NUM_STAGES, CAUSAL, SPARSE_BLOCK)),
         (_bwd_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
                          do_ready, qdo_empty, lse_ptr, delta_ptr, lse_smem, delta_smem, block_cnt_ptr,
                          block_idx_ptr, H, KV_GROUPS, N_Q, N_K, NUM_STAGES, CAUSAL, SPARSE_BLOCK)),
         (_bwd_consumer, (1, dk_desc, dv_desc, lse_smem, delta_smem, q_smem, do_smem, k_smem, v_smem, kv_ready,
-                         q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K,
+                         q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, KV_GROUPS, N_Q, N_K,
                          sm_scale, qk_scale, NUM_STAGES, CAUSAL, SPARSE_BLOCK)),
     ], [1, 4], [24, CONSUMER_REGS])
     mbarrier.invalidate(kv_ready)
@@ -634,11 +632,10 @@ def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sme
         _tma_load(q_desc, [bh, pid_m * 2 * ROWS + wg * ROWS, 0], q_ready, q_smem.index(wg))
         _tma_load(do_desc, [bh, pid_m * 2 * ROWS + wg * ROWS, 0], q_ready, do_smem.index(wg))
     if SPARSE_BLOCK:
-        SUBS: gl.constexpr = SPARSE_BLOCK // BLOCK_N  # key tiles per sparse block
-        row = bh * gl.cdiv(N_Q, SPARSE_BLOCK) + pid_m  # this query block's list of key blocks
-        first = gl.load(block_cnt_ptr + row)
-        for i in range((gl.load(block_cnt_ptr + row + 1) - first) * SUBS):
-            key0 = (gl.load(block_idx_ptr + first + i // SUBS) * SUBS + i % SUBS) * BLOCK_N
+        first, steps = _block_list(block_cnt_ptr, bh, pid_m, N_Q, BLOCK_N, SPARSE_BLOCK)  # this query block's
+        for i in range(steps):
+            key_block, offset = _list_step(block_idx_ptr, first, i, BLOCK_N, SPARSE_BLOCK)
+            key0 = key_block * SPARSE_BLOCK + offset
             _load_k_v(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, kv_bh, key0, i, NUM_STAGES)
     else:
         for i in range(_key_tiles(pid_m * 2 * ROWS, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
@@ -709,13 +706,11 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
     dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
     mbarrier.wait(q_ready, 0)
     if SPARSE_BLOCK:  # both warpgroups take every tile of the list; the causal mask is applied per element
-        SUBS: gl.constexpr = SPARSE_BLOCK // BLOCK_N
-        row = bh * gl.cdiv(N_Q, SPARSE_BLOCK) + pid_m
-        first = gl.load(block_cnt_ptr + row)
-        for i in range((gl.load(block_cnt_ptr + row + 1) - first) * SUBS):
-            key0 = (gl.load(block_idx_ptr + first + i // SUBS) * SUBS + i % SUBS) * BLOCK_N
-            dq = _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, key0, i, N_Q, N_K,
-                          qk_scale, NUM_STAGES, CAUSAL, True)
+        first, steps = _block_list(block_cnt_ptr, bh, pid_m, N_Q, BLOCK_N, SPARSE_BLOCK)
+        for i in range(steps):
+            key_block, offset = _list_step(block_idx_ptr, first, i, BLOCK_N, SPARSE_BLOCK)
+            dq = _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty,
+                          key_block * SPARSE_BLOCK + offset, i, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL, True)
     else:
         hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
         whole = gl.minimum(_whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL), hi)
