@@ -57,7 +57,7 @@ def variants():
                                        dict(CAUSAL=causal, **config))
         for causal, sparse in ((False, 0), (True, 0), (False, fa.SPARSE_BLOCK), (True, fa.SPARSE_BLOCK)):
             mask = ("causal" if causal else "dense") + (" block-sparse" if sparse else "")
-            backward = dict(NUM_STAGES=2, CAUSAL=causal, CONSUMER_REGS=240, SPARSE_BLOCK=sparse)
+            backward = dict(NUM_STAGES=fa.BACKWARD_STAGES, CAUSAL=causal, CONSUMER_REGS=240, SPARSE_BLOCK=sparse)
             yield f"dk dv d={head_dim} {mask}", compile_for_hopper(
                 fa._attn_bwd_dkdv, dict(q_desc=bwd, do_desc=bwd, k_desc=rows, v_desc=rows, dk_desc=rows, dv_desc=rows),
                 backward)
