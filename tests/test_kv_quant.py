@@ -163,29 +163,31 @@ def test_packed_data_of_another_width_or_off_word_rows_is_a_clear_value_error():
         dequantize_kv(off_word)
 
 
+def sass_loop(*args) -> str:
+    """scripts/sass_loop.py's table for these arguments, run outside the interpreter (which cannot compile)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_loop.py"), *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 @pytest.mark.parametrize("bits, dtype, sm", [(4, "bf16", 90), (4, "fp16", 90), (2, "bf16", 90), (8, "fp16", 90),
                                              (4, "bf16", 80)])
 def test_the_quantized_decode_kernel_compiles_without_a_gpu(bits, dtype, sm):
     """The GPU's own path (inline PTX: two-lane dequantizing, lop3) compiles for Hopper, and for an A100 (no PTX
     of sm_90 only), and assembles with Triton's ptxas, in a process outside the interpreter, which takes the
     lane-by-lane path instead."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_loop.py"), "--bits", str(bits), "--dtype",
-                           dtype, "--sm", str(sm)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"{bits}-bit {dtype} cache" in done.stdout and "| 1 |" in done.stdout, done.stdout
+    table = sass_loop("--bits", bits, "--dtype", dtype, "--sm", sm)
+    assert f"{bits}-bit {dtype} cache" in table and "| 1 |" in table, table
 
 
 @pytest.mark.parametrize("block_n", [64, 128])
 def test_the_quantized_decode_loop_keeps_its_registers_under_a_cap_of_168(block_n):
     """Capped at 168 registers a thread (DecodeSchedule.max_registers: three programs of 4 warps an SM), the 4-bit
     loop over a tile compiles for Hopper without local-memory loads or stores."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_loop.py"), "--bits", "4", "--block-n",
-                           str(block_n), "--max-registers", "168"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    tile_loop = next(line for line in done.stdout.splitlines() if line.startswith("| 1 |"))
+    table = sass_loop("--bits", 4, "--block-n", block_n, "--max-registers", 168)
+    tile_loop = next(line for line in table.splitlines() if line.startswith("| 1 |"))
     assert tile_loop.split("|")[4].strip() == "0", tile_loop  # the spills column
 
 
