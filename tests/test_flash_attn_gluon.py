@@ -2,8 +2,8 @@
 with the `tl` backward. Gluon does not run in Triton's interpreter: without a Hopper GPU, the dispatch's refusals
 and choices are tested, and the kernel is compiled for sm_90 (gluon_offline.py)."""
 import functools
-import itertools
 import importlib
+import itertools
 import json
 import os
 import subprocess
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ROOT, has_gpu
-from effrepro_kernels import attention_reference, flash_attn, flash_attn_gluon, random_block_mask
+from effrepro_kernels import BlockSparseLayout, attention_reference, flash_attn, flash_attn_gluon, random_block_mask
 from effrepro_kernels.flash_attn_gluon import CANDIDATES, backward, config_name, forward, gluon_supported
 from test_flash_attn import rel_err, run_both
 
@@ -271,7 +271,6 @@ def test_the_backward_lists_all_query_heads_of_a_key_block_in_one_list(batch, he
     """`kv_head_lists` (what the dK/dV kernel reads, made with torch on the device; here on the CPU) against the
     lists written out from the mask: per (batch, KV head, key block), each group's query blocks in order, as
     group · query blocks + query block; key blocks that no query block keeps, and a mask that keeps none."""
-    from effrepro_kernels.flash_attn import BlockSparseLayout
     block = flash_attn_gluon.SPARSE_BLOCK
     q_blocks, k_blocks = -(-n_q // block), -(-n_k // block)
     groups = heads // kv_heads
