@@ -29,10 +29,11 @@ GLUON = os.environ.get("EFFREPRO_GLUON")
 GLUON_MIN_KEYS = {(128, False): 1024, (128, True): 2048, (64, False): 2048, (64, True): 2048}
 GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has passed its GPU tests
 # and the Gluon backward (measured at head_dim 128 only: 0.79-0.83 of cuDNN's fwd+bwd against the tl backward's
-# 0.70-0.75 from 1K keys, 2K causal; behind it below those)
+# 0.70-0.75 from 1K keys, 2K causal on the H200; behind it below those)
+# Block-sparse calls take it too where blocks are of its tile (H100, 16K keys, 128-key blocks: fwd+bwd 0.85-0.92
+# of FlexAttention's time on the same mask, where the tl backward took 1.32-1.42x on the H200).
 GLUON_BACKWARD_MIN_KEYS = {(128, False): 1024, (128, True): 2048}
 GLUON_BACKWARD_MEASURED_ON = ("3.6.",)
-GLUON_SPARSE_BACKWARD_MEASURED_ON = ()  # its block-sparse path: compiled offline only (EFFREPRO_GLUON=1 takes it)
 FORWARD_KERNELS = ("auto", "tl", "gluon")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -540,8 +541,7 @@ def _use_gluon_backward(q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_si
             triton.__version__.startswith(GLUON_BACKWARD_MEASURED_ON) and
             k.shape[2] >= GLUON_BACKWARD_MIN_KEYS.get((q.shape[-1], causal), math.inf))):
         return False
-    if block_size and (block_size != flash_attn_gluon.SPARSE_BLOCK or not (
-            GLUON == "1" or triton.__version__.startswith(GLUON_SPARSE_BACKWARD_MEASURED_ON))):
+    if block_size and block_size != flash_attn_gluon.SPARSE_BLOCK:
         return False
     return key_padding_mask is None and dropout_p == 0 and \
         flash_attn_gluon.backward_covers(q, k, v, do, lse, dq, dk, dv)
@@ -686,7 +686,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
       attention; blocks that are False are skipped, so time falls with the density. A `BlockSparseLayout`
       built once from such a mask saves preparing it on every call.
     The backward uses no atomics: it is deterministic. On Hopper it runs in Gluon where that was measured faster
-    (`GLUON_BACKWARD_MIN_KEYS`: head_dim 128 from 1K keys, 2K causal), else in tl.
+    (`GLUON_BACKWARD_MIN_KEYS`: head_dim 128 from 1K keys, 2K causal; block-sparse too, with 128-key blocks),
+    else in tl.
     - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error where it
       does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was measured
       faster (`GLUON_MIN_KEYS`: from 1K keys at head_dim 128, 2K at 64, 2K causal; EFFREPRO_GLUON=0 never, =1

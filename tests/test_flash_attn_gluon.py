@@ -98,8 +98,7 @@ def test_the_backward_takes_gluon_where_it_was_measured_faster(monkeypatch, sett
     assert not use(None, 0, causal, 0.1)  # dropout and key padding: not covered
     assert not use(torch.ones(1, keys, dtype=torch.bool), 0, causal, 0.0)
     assert not use(None, 64, causal, 0.0)  # sparse blocks smaller than the kernel's tile
-    # block-sparse calls of its tile's size: only with EFFREPRO_GLUON=1 until measured
-    assert use(None, flash_attn_gluon.SPARSE_BLOCK, causal, 0.0) == (expected and setting == "1")
+    assert use(None, flash_attn_gluon.SPARSE_BLOCK, causal, 0.0) == expected  # block-sparse, blocks of its tile
 
 
 @pytest.mark.skipif(not flash_attn_gluon._GLUON_OK, reason="a Triton whose Gluon this kernel does not know")
