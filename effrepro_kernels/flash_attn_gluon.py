@@ -63,6 +63,16 @@ def _wgmma_layout(columns):
 
 
 @gluon.jit
+def _query_tile(CAUSAL: gl.constexpr):
+    """This program's query tile. Causal tiles see more keys the later they are: the first programs take the
+    last tiles, so the short ones fill the last wave instead of a long one running alone (FlashAttention 2 and 3
+    order their causal tiles the same way)."""
+    if CAUSAL:
+        return gl.num_programs(0) - 1 - gl.program_id(0)
+    return gl.program_id(0)
+
+
+@gluon.jit
 def _key_tiles(row0, rows, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """How many key tiles rows row0 .. row0 + rows - 1 see: causal rows stop at the diagonal (the clamp first,
     as integer division truncates toward zero)."""
@@ -87,7 +97,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, 
               H, KV_GROUPS, N_Q, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
               CONSUMERS: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
-    pid_m, bh = gl.program_id(0), gl.program_id(1)
+    pid_m, bh = _query_tile(CAUSAL), gl.program_id(1)
     kv_bh = (bh // H) * (H // KV_GROUPS) + (bh % H) // KV_GROUPS
     for wg in gl.static_range(CONSUMERS):
         mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
@@ -204,7 +214,7 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready
     s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    pid_m, bh = gl.program_id(0), gl.program_id(1)
+    pid_m, bh = _query_tile(CAUSAL), gl.program_id(1)
     tile0 = pid_m * CONSUMERS * ROWS
     row0 = tile0 + WG * ROWS
     q_buf = q_smem.index(WG)
@@ -625,7 +635,7 @@ def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sme
     (block-sparse: those of the kept blocks)."""
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
-    pid_m, bh = gl.program_id(0), gl.program_id(1)
+    pid_m, bh = _query_tile(CAUSAL), gl.program_id(1)
     kv_bh = (bh // H) * (H // KV_GROUPS) + (bh % H) // KV_GROUPS
     mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
     for wg in gl.static_range(2):
@@ -693,7 +703,7 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
     dtype: gl.constexpr = dq_desc.dtype
     s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
     acc_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
-    pid_m, bh = gl.program_id(0), gl.program_id(1)
+    pid_m, bh = _query_tile(CAUSAL), gl.program_id(1)
     tile0 = pid_m * 2 * ROWS
     row0 = tile0 + WG * ROWS
     rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
