@@ -295,10 +295,12 @@ def peak_gb_s_per_sm(device=None) -> float:
 def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.float16, device=None,
                     quantized: bool = False) -> int:
     """Keys per tile. `fa2`'s few programs each stream a whole head, so their speed is the bytes each keeps in
-    flight: larger tiles. `split` and `lean` fill every SM, and need larger tiles only where the memory is fast
-    for the SM count (`FAST_MEMORY_GB_S_PER_SM`); on such memory a quantized cache's tiles double too (measured
-    with `QUANTIZED_PROGRAMS_PER_SM`, in the probe named there). The measured key counts are for head_dim 128; a
-    tile keeps their bytes at other head dims (twice the keys at 64). Halved where two pipeline stages of K and V
+    flight: larger tiles. `split` and `lean` fill every SM, and need larger tiles where the memory is fast for
+    the SM count (`FAST_MEMORY_GB_S_PER_SM`), and on every card for a quantized cache and for heads of two
+    chunks (80, 96: `head_dim_chunks`), whose tiles carry a chain of dependent work per byte longer than the
+    16-bit d = 128 tile's (on an H100, 128-key tiles against 64: 4-bit attention 1.12-1.45x the 16-bit cache's
+    speed against 1.01-1.10, d = 80 and 96 8-13% faster; effrepro_kernels/NOTES.md). The measured key counts are
+    for head_dim 128; a tile keeps their bytes at other head dims (twice the keys at 64). Halved where two pipeline stages of K and V
     would not fit in shared memory (long heads, float32), or half of it for a float32 quantized cache: there
     Triton pipelines the key groups' scales and zeros through shared memory too (for group sizes that are not
     powers of two), which `pipeline_bytes` does not count: compiled offline for sm_90, a 128-key tile at
@@ -307,7 +309,8 @@ def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.f
     if INTERPRET:
         return 16
     keys = TILE_KEYS[kind]
-    if kind != "fa2" and peak_gb_s_per_sm(device) > FAST_MEMORY_GB_S_PER_SM:
+    if kind != "fa2" and (quantized or head_dim_chunks(head_dim)[1] or
+                          peak_gb_s_per_sm(device) > FAST_MEMORY_GB_S_PER_SM):
         keys *= 2
     keys = min(256, keys * 128 // padded_head_dim(head_dim)) if head_dim < 128 else keys
     room = PIPELINE_SMEM // 2 if quantized and dtype == torch.float32 else PIPELINE_SMEM
