@@ -28,11 +28,12 @@ from .torch_op import differentiable, kernel_op
 GLUON = os.environ.get("EFFREPRO_GLUON")
 GLUON_MIN_KEYS = {(128, False): 1024, (128, True): 2048, (64, False): 2048, (64, True): 2048}
 GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has passed its GPU tests
-# and the Gluon backward (measured at head_dim 128 only: 0.79-0.83 of cuDNN's fwd+bwd against the tl backward's
-# 0.70-0.75 from 1K keys, 2K causal on the H200; behind it below those)
-# Block-sparse calls take it too where blocks are of its tile (H100, 16K keys, 128-key blocks: fwd+bwd 0.85-0.92
-# of FlexAttention's time on the same mask, where the tl backward took 1.32-1.42x on the H200).
-GLUON_BACKWARD_MIN_KEYS = {(128, False): 1024, (128, True): 2048}
+# and the Gluon backward (H200: at head_dim 128, 0.79-0.83 of cuDNN's fwd+bwd against the tl backward's 0.70-0.75
+# from 1K keys, 2K causal; at 64, 0.84-0.90 against 0.77-0.87 from 2K keys (4K dense: 0.84 against 0.87, within
+# the two runs' noise); behind it below those). Block-sparse calls take it too where blocks are of its tile
+# (H200, 128-key blocks, d = 128: fwd+bwd 0.87-0.91 of FlexAttention's time on the same mask at 16K and 64K,
+# where the tl backward took 1.32-1.42x).
+GLUON_BACKWARD_MIN_KEYS = {(128, False): 1024, (128, True): 2048, (64, False): 2048, (64, True): 2048}
 GLUON_BACKWARD_MEASURED_ON = ("3.6.",)
 FORWARD_KERNELS = ("auto", "tl", "gluon")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -686,7 +687,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
       attention; blocks that are False are skipped, so time falls with the density. A `BlockSparseLayout`
       built once from such a mask saves preparing it on every call.
     The backward uses no atomics: it is deterministic. On Hopper it runs in Gluon where that was measured faster
-    (`GLUON_BACKWARD_MIN_KEYS`: head_dim 128 from 1K keys, 2K causal; block-sparse too, with 128-key blocks),
+    (`GLUON_BACKWARD_MIN_KEYS`: head_dim 128 from 1K keys, 2K causal, 64 from 2K; block-sparse too, with 128-key
+    blocks),
     else in tl.
     - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error where it
       does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was measured

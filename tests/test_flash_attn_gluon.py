@@ -83,7 +83,9 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
     (None, 128, False, 512, "3.6.0", False),
     (None, 128, True, 1024, "3.6.0", False),   # causal from 2K
     (None, 128, True, 2048, "3.6.0", True),
-    (None, 64, False, 8192, "3.6.0", False),   # head_dim 64: not measured
+    (None, 64, False, 2048, "3.6.0", True),    # head_dim 64 from 2K keys, causal too
+    (None, 64, True, 1024, "3.6.0", False),
+    (None, 32, False, 8192, "3.6.0", False),   # head_dim 32: not measured
     (None, 128, False, 8192, "3.9.0", False),  # a Triton on which the Gluon backward has not run
     ("1", 64, True, 512, "3.9.0", True),       # EFFREPRO_GLUON=1: wherever it covers the call
     ("0", 128, False, 8192, "3.6.0", False),   # EFFREPRO_GLUON=0: never
