@@ -29,7 +29,7 @@ GLUON = os.environ.get("EFFREPRO_GLUON")
 GLUON_MIN_KEYS = {(128, False): 1024, (128, True): 2048, (64, False): 2048, (64, True): 2048}
 GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has passed its GPU tests
 # and the Gluon backward (H200: at head_dim 128, 0.79-0.83 of cuDNN's fwd+bwd against the tl backward's 0.70-0.75
-# from 1K keys, 2K causal; at 64, 0.84-0.90 against 0.77-0.87 from 2K keys (4K dense: 0.84 against 0.87, within
+# from 1K keys, 2K causal; at 64, 0.84-0.90 against 0.75-0.87 from 2K keys (4K dense: 0.84 against 0.87, within
 # the two runs' noise); behind it below those). Block-sparse calls take it too where blocks are of its tile
 # (H200, 128-key blocks, d = 128: fwd+bwd 0.87-0.91 of FlexAttention's time on the same mask at 16K and 64K,
 # where the tl backward took 1.32-1.42x).
