@@ -300,12 +300,12 @@ def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.f
     chunks (80, 96: `head_dim_chunks`), whose tiles carry a chain of dependent work per byte longer than the
     16-bit d = 128 tile's (on an H100, 128-key tiles against 64: 4-bit attention 1.12-1.45x the 16-bit cache's
     speed against 1.01-1.10, d = 80 and 96 8-13% faster; effrepro_kernels/NOTES.md). The measured key counts are
-    for head_dim 128; a tile keeps their bytes at other head dims (twice the keys at 64). Halved where two pipeline stages of K and V
-    would not fit in shared memory (long heads, float32), or half of it for a float32 quantized cache: there
-    Triton pipelines the key groups' scales and zeros through shared memory too (for group sizes that are not
-    powers of two), which `pipeline_bytes` does not count: compiled offline for sm_90, a 128-key tile at
-    head_dim 128 with key groups of 24 needs 352 KB, where an H200 has 227 KB. 16 under the CPU interpreter,
-    for speed."""
+    for head_dim 128; a tile keeps their bytes at other head dims (twice the keys at 64). Halved where two
+    pipeline stages of K and V would not fit in shared memory (long heads, float32), or half of it for a float32
+    quantized cache: there Triton pipelines the key groups' scales and zeros through shared memory too (for group
+    sizes that are not powers of two), which `pipeline_bytes` does not count: compiled offline for sm_90, a
+    128-key tile at head_dim 128 with key groups of 24 needs 352 KB, where an H200 has 227 KB. 16 under the CPU
+    interpreter, for speed."""
     if INTERPRET:
         return 16
     keys = TILE_KEYS[kind]

@@ -688,8 +688,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
       built once from such a mask saves preparing it on every call.
     The backward uses no atomics: it is deterministic. On Hopper it runs in Gluon where that was measured faster
     (`GLUON_BACKWARD_MIN_KEYS`: head_dim 128 from 1K keys, 2K causal, 64 from 2K; block-sparse too, with 128-key
-    blocks),
-    else in tl.
+    blocks), else in tl.
     - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error where it
       does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was measured
       faster (`GLUON_MIN_KEYS`: from 1K keys at head_dim 128, 2K at 64, 2K causal; EFFREPRO_GLUON=0 never, =1
