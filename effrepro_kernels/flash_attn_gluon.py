@@ -23,6 +23,7 @@ forward at d = 128 and from 4K keys, slower on shorter d = 64 sequences, where `
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from types import SimpleNamespace
 
@@ -63,13 +64,14 @@ def _wgmma_layout(columns):
 
 
 @gluon.jit
-def _query_tile(CAUSAL: gl.constexpr):
-    """This program's query tile. Causal tiles see more keys the later they are: the first programs take the
-    last tiles, so the short ones fill the last wave instead of a long one running alone (FlashAttention 2 and 3
-    order their causal tiles the same way)."""
+def _query_tile(index, count, CAUSAL: gl.constexpr):
+    """Which of a head's `count` query tiles the `index`-th program (or persistent step) of that head takes.
+    Causal tiles see more keys the later they are: the first programs take the last tiles, so the short ones fill
+    the last wave instead of a long one running alone (FlashAttention 2 and 3 order their causal tiles the same
+    way)."""
     if CAUSAL:
-        return gl.num_programs(0) - 1 - gl.program_id(0)
-    return gl.program_id(0)
+        return count - 1 - index
+    return index
 
 
 @gluon.jit
@@ -93,26 +95,53 @@ def _whole_key_tiles(row0, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
-              H, KV_GROUPS, N_Q, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+def _forward_tile(t, m_tiles, CAUSAL: gl.constexpr):
+    """Query tile t of the forward's m_tiles · batch·heads: (tile of the head, batch·head). A head's tiles are
+    consecutive, so programs running together share its K and V in L2."""
+    return _query_tile(t % m_tiles, m_tiles, CAUSAL), t // m_tiles
+
+
+@gluon.jit
+def _load_kv_stage(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_bh, key_tile, ring,
+                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """Key tile `key_tile` into the ring's `ring`-th buffer, once every consumer has released what it held."""
+    s = ring % NUM_STAGES
+    # a fresh barrier counts as having completed the phase before phase 0, so the first round passes
+    mbarrier.wait(k_empty.index(s), ((ring // NUM_STAGES) & 1) ^ 1)
+    mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+    _tma_load(k_desc, [kv_bh, key_tile * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
+    mbarrier.wait(v_empty.index(s), ((ring // NUM_STAGES) & 1) ^ 1)
+    mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+    _tma_load(v_desc, [kv_bh, key_tile * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+              H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
               CONSUMERS: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
-    pid_m, bh = _query_tile(CAUSAL), gl.program_id(1)
-    kv_bh = (bh // H) * (H // KV_GROUPS) + (bh % H) // KV_GROUPS
-    for wg in gl.static_range(CONSUMERS):
-        mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [bh, (pid_m * CONSUMERS + wg) * ROWS, 0], q_ready.index(wg), q_smem.index(wg))
-    # the warpgroups together see exactly the tiles of the whole query tile
-    n_tiles = _key_tiles(pid_m * CONSUMERS * ROWS, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-    for i in range(n_tiles):
-        s = i % NUM_STAGES
-        # a fresh barrier counts as having completed the phase before phase 0, so the first round passes
-        mbarrier.wait(k_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [kv_bh, i * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [kv_bh, i * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
+    m_tiles = gl.cdiv(N_Q, CONSUMERS * ROWS)
+    ring = 0  # K/V tiles loaded so far: the ring runs on from one query tile to the next
+    for t in range(gl.program_id(0), m_tiles * BH, gl.num_programs(0)):
+        pid_m, bh = _forward_tile(t, m_tiles, CAUSAL)
+        kv_bh = (bh // H) * (H // KV_GROUPS) + (bh % H) // KV_GROUPS
+        # the warpgroups together see exactly the tiles of the whole query tile
+        n_tiles = _key_tiles(pid_m * CONSUMERS * ROWS, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+        # The ring's first loads wait only for the previous query tile's products, Q's for its last one: issued
+        # in that order, they overlap the previous tile's end, and the consumers never wait for a load that
+        # waits for them.
+        ahead = gl.minimum(n_tiles, NUM_STAGES)
+        for i in range(ahead):
+            _load_kv_stage(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_bh, i, ring + i,
+                           BLOCK_N, NUM_STAGES)
+        for wg in gl.static_range(CONSUMERS):
+            mbarrier.wait(q_empty.index(wg), (((t - gl.program_id(0)) // gl.num_programs(0)) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [bh, (pid_m * CONSUMERS + wg) * ROWS, 0], q_ready.index(wg), q_smem.index(wg))
+        for i in range(ahead, n_tiles):
+            _load_kv_stage(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_bh, i, ring + i,
+                           BLOCK_N, NUM_STAGES)
+        ring += n_tiles
 
 
 @gluon.jit
@@ -141,13 +170,13 @@ def _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout: gl.constexpr, 
 
 
 @gluon.jit
-def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, lo, hi, row0, N_Q, N_K, qk_scale,
-            MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, lo, hi, ring, row0, N_Q, N_K,
+            qk_scale, MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
             OVERLAP: gl.constexpr):
     """Key tiles lo .. hi - 1 into the running (acc, m_i, l_i) of one warpgroup's rows. With OVERLAP, software-
     pipelined as in FlashAttention-3: tile i's Q·Kᵀ and tile i - 1's P·V are issued together, and tile i's
-    softmax runs while the tensor cores do that P·V. A stage's K is released once its Q·Kᵀ is done, its V once
-    its P·V is."""
+    softmax runs while the tensor cores do that P·V. Key tile i sits in the ring's (ring + i)-th buffer; a stage's K
+    is released once its Q·Kᵀ is done, its V once its P·V is."""
     ROWS: gl.constexpr = q.shape[0]
     HEAD_DIM: gl.constexpr = q.shape[1]
     s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
@@ -155,8 +184,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     if not OVERLAP:
         for i in range(lo, hi):
-            s = i % NUM_STAGES
-            phase = (i // NUM_STAGES) & 1
+            s = (ring + i) % NUM_STAGES
+            phase = ((ring + i) // NUM_STAGES) & 1
             mbarrier.wait(k_ready.index(s), phase)
             qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                                gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
@@ -171,8 +200,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
             acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(v_empty.index(s))
     elif lo < hi:
-        s = lo % NUM_STAGES
-        mbarrier.wait(k_ready.index(s), (lo // NUM_STAGES) & 1)
+        s = (ring + lo) % NUM_STAGES
+        mbarrier.wait(k_ready.index(s), ((ring + lo) // NUM_STAGES) & 1)
         qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                            gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(0, deps=(qk,))
@@ -181,12 +210,12 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
         p = gl.convert_layout(p.to(q.dtype), p_layout)
         acc = acc * alpha
         for i in range(lo + 1, hi):
-            s = i % NUM_STAGES
-            before = (i - 1) % NUM_STAGES
-            mbarrier.wait(k_ready.index(s), (i // NUM_STAGES) & 1)
+            s = (ring + i) % NUM_STAGES
+            before = (ring + i - 1) % NUM_STAGES
+            mbarrier.wait(k_ready.index(s), ((ring + i) // NUM_STAGES) & 1)
             qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                                gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(before), ((i - 1) // NUM_STAGES) & 1)
+            mbarrier.wait(v_ready.index(before), ((ring + i - 1) // NUM_STAGES) & 1)
             acc = warpgroup_mma(p, v_smem.index(before).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             qk = warpgroup_mma_wait(1, deps=(qk,))  # Q·Kᵀ done; P·V may still run
             mbarrier.arrive(k_empty.index(s))
@@ -196,8 +225,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
             acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(v_empty.index(before))
             acc = acc * alpha
-        last = (hi - 1) % NUM_STAGES
-        mbarrier.wait(v_ready.index(last), ((hi - 1) // NUM_STAGES) & 1)
+        last = (ring + hi - 1) % NUM_STAGES
+        mbarrier.wait(v_ready.index(last), ((ring + hi - 1) // NUM_STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(last))
@@ -205,61 +234,71 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
 
 
 @gluon.jit
-def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
-              N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr):
-    """Warpgroup WG (0 .. CONSUMERS - 1): rows WG·64 .. WG·64 + 63 of the query tile."""
+def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+              k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr):
+    """Warpgroup WG (0 .. CONSUMERS - 1): rows WG·64 .. WG·64 + 63 of each query tile this program takes."""
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = o_desc.block_type.shape[2]
     s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
     o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    pid_m, bh = _query_tile(CAUSAL), gl.program_id(1)
-    tile0 = pid_m * CONSUMERS * ROWS
-    row0 = tile0 + WG * ROWS
-    q_buf = q_smem.index(WG)
-    q = q_buf.reshape([ROWS, HEAD_DIM])
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
-    l_i = gl.zeros([ROWS], gl.float32, row_layout)
+    q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
+    o_buf = o_smem.index(WG)
+    m_tiles = gl.cdiv(N_Q, CONSUMERS * ROWS)
+    ring = 0  # as the producer counts them
+    for t in range(gl.program_id(0), m_tiles * BH, gl.num_programs(0)):
+        pid_m, bh = _forward_tile(t, m_tiles, CAUSAL)
+        tile0 = pid_m * CONSUMERS * ROWS
+        row0 = tile0 + WG * ROWS
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
+        l_i = gl.zeros([ROWS], gl.float32, row_layout)
 
-    # tiles every row here sees whole need no mask; the rest (diagonal, end of the keys) do
-    hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-    full = N_K // BLOCK_N
-    if CAUSAL:
-        full = gl.minimum(full, gl.maximum(row0 + N_K - N_Q + 1, 0) // BLOCK_N)
-    mbarrier.wait(q_ready.index(WG), 0)  # even with no tile: Q's buffer is reused for O below
-    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, 0, full, row0,
-                            N_Q, N_K, qk_scale, False, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
-    acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, full, hi, row0,
-                            N_Q, N_K, qk_scale, True, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
-    # Causal: the lower rows' last tiles lie above this warpgroup's diagonal. It still releases them, after
-    # they have arrived (so its arrival counts toward the phase of that load, not of the one before).
-    for i in range(hi, _key_tiles(tile0, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
-        s = i % NUM_STAGES
-        mbarrier.wait(k_ready.index(s), (i // NUM_STAGES) & 1)
-        mbarrier.arrive(k_empty.index(s))
-        mbarrier.wait(v_ready.index(s), (i // NUM_STAGES) & 1)
-        mbarrier.arrive(v_empty.index(s))
+        # tiles every row here sees whole need no mask; the rest (diagonal, end of the keys) do
+        hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+        full = _whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL)
+        # even with no key tile, so that the phases stay in step; this program's query tiles so far give Q's
+        mbarrier.wait(q_ready.index(WG), ((t - gl.program_id(0)) // gl.num_programs(0)) & 1)
+        acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, 0, full, ring,
+                                row0, N_Q, N_K, qk_scale, False, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
+        acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, full, hi,
+                                ring, row0, N_Q, N_K, qk_scale, True, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
+        mbarrier.arrive(q_empty.index(WG))  # the products reading Q have completed
+        # Causal: the lower rows' last tiles lie above this warpgroup's diagonal. It still releases them, after
+        # they have arrived (so its arrival counts toward the phase of that load, not of the one before).
+        n_tiles = _key_tiles(tile0, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+        for i in range(hi, n_tiles):
+            s = (ring + i) % NUM_STAGES
+            phase = ((ring + i) // NUM_STAGES) & 1
+            mbarrier.wait(k_ready.index(s), phase)
+            mbarrier.arrive(k_empty.index(s))
+            mbarrier.wait(v_ready.index(s), phase)
+            mbarrier.arrive(v_empty.index(s))
+        ring += n_tiles
 
-    seen = l_i > 0  # a row that saw no key at all gives zeros, and an infinite LSE
-    l_safe = gl.where(seen, l_i, 1.0)
-    out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
-    lse = gl.where(seen, m_i + gl.log2(l_safe), float("inf"))
-    rows = row0 + gl.arange(0, ROWS, layout=row_layout)
-    gl.store(lse_ptr + bh.to(gl.int64) * N_Q + rows, lse, mask=rows < N_Q)
-    # O goes out through Q's buffer (the last wgmma reading it has completed); the 3-D descriptor clips
-    # rows past seq_q, so they never reach the next head's rows
-    q.store(out.to(o_desc.dtype))
-    fence_async_shared()
-    _tma_store(o_desc, [bh, row0, 0], q_buf)
+        seen = l_i > 0  # a row that saw no key at all gives zeros, and an infinite LSE
+        l_safe = gl.where(seen, l_i, 1.0)
+        out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+        lse = gl.where(seen, m_i + gl.log2(l_safe), float("inf"))
+        rows = row0 + gl.arange(0, ROWS, layout=row_layout)
+        gl.store(lse_ptr + bh.to(gl.int64) * N_Q + rows, lse, mask=rows < N_Q)
+        # O leaves through a buffer of its own, while the producer loads the next tile's Q; the previous tile's
+        # store must have read the buffer first. The 3-D descriptor clips rows past seq_q, so they never reach
+        # the next head's rows.
+        tma.store_wait(0)
+        o_buf.reshape([ROWS, HEAD_DIM]).store(out.to(o_desc.dtype))
+        fence_async_shared()
+        _tma_store(o_desc, [bh, row0, 0], o_buf)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, qk_scale,
+def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, BH, N_Q, N_K, qk_scale,
               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
               CONSUMERS: gl.constexpr):
+    """Query tiles pid, pid + programs, ... of the m_tiles · BH: one each where the grid has a program per tile,
+    several where it is persistent (a program an SM), and a tile's loads then overlap the previous one's end."""
     # the register file (64K) shared out by warpgroup: 24 a thread to the producer's, the rest to the consumers'
     # in multiples of 8 (setmaxnreg's step): 240 each for two, 160 for three
     CONSUMER_REGS: gl.constexpr = (65536 // 128 - 24) // CONSUMERS // 8 * 8
@@ -267,15 +306,18 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, q
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, ROWS, HEAD_DIM], q_desc.layout)
+    o_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, ROWS, HEAD_DIM], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     for wg in gl.static_range(CONSUMERS):
         mbarrier.init(q_ready.index(wg), count=1)  # the producer's expect is the one arrival
+        mbarrier.init(q_empty.index(wg), count=1)  # and its warpgroup's the one that frees it
     for s in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
@@ -287,26 +329,27 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, N_Q, N_K, q
     # (each partition's arguments written out: a tuple built once and reused loses its constants' constexpr-ness)
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q,
-                         N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
-                         H, KV_GROUPS, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
-            (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q,
-                         N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_consumer, (0, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                         v_empty, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
+            (_consumer, (1, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
         ], [1, 4], [24, CONSUMER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (0, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q,
-                         N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
-                         H, KV_GROUPS, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
-            (_consumer, (1, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q,
-                         N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
-            (_consumer, (2, o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, N_Q,
-                         N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_consumer, (0, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                         v_empty, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
+            (_consumer, (1, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_consumer, (2, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
+                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
         ], [1, 4, 4], [24, CONSUMER_REGS, CONSUMER_REGS])
     for wg in gl.static_range(CONSUMERS):
         mbarrier.invalidate(q_ready.index(wg))
+        mbarrier.invalidate(q_empty.index(wg))
     for s in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(k_ready.index(s))
         mbarrier.invalidate(v_ready.index(s))
@@ -329,21 +372,35 @@ def kernel_config(head_dim: int) -> dict:
 # compile for sm_90 without spilling under Triton 3.6 and 3.9 (NOTES.md, "Three consumer warpgroups").
 # `scripts/tune_flash_gluon.py` times each against cuDNN; the GPU tests run each against the reference.
 # FlashAttention-3 takes 192 query rows (three consumers) at head_dim 64; 192-key tiles, its other choice there,
-# are not a power of two, which Gluon's tiles must be.
+# are not a power of two, which Gluon's tiles must be. PERSISTENT is the host's alone: a grid of one program an
+# SM, each taking query tiles in turn, rather than one program a tile (the kernel is the same).
 CANDIDATES = {
-    64: [dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False),
-         dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False),
-         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=4, OVERLAP=False),
-         dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=2, OVERLAP=False),
-         dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=3, OVERLAP=False)],
-    128: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True),
-          dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=True)],
+    64: [dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False),
+         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=True),
+         dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False),
+         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=4, OVERLAP=False, PERSISTENT=False),
+         dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=2, OVERLAP=False, PERSISTENT=False),
+         dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False)],
+    128: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=False),
+          dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=True)],
 }
 
 
 def config_name(config: dict) -> str:
-    """A short name for a configuration: consumers x keys per tile, stages, and 'o' where the softmax overlaps."""
-    return f"{config['CONSUMERS']}x{config['BLOCK_N']}s{config['NUM_STAGES']}" + ("o" if config["OVERLAP"] else "")
+    """A short name for a configuration: consumers x keys per tile, stages, 'o' where the softmax overlaps and 'p'
+    where the grid is persistent."""
+    return (f"{config['CONSUMERS']}x{config['BLOCK_N']}s{config['NUM_STAGES']}" + ("o" if config["OVERLAP"] else "")
+            + ("p" if config["PERSISTENT"] else ""))
+
+
+def kernel_constants(config: dict) -> dict:
+    """A configuration's constexprs of `_attn_fwd` (all of it but the host's choice of grid)."""
+    return {name: value for name, value in config.items() if name != "PERSISTENT"}
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def smem_layout(block_shape, dtype):
@@ -390,10 +447,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     kv_layout = smem_layout(kv_block, dtype)
     k_desc = TensorDescriptor.from_tensor(k.view(b * kv_h, n_k, d), kv_block, kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(b * kv_h, n_k, d), kv_block, kv_layout)
-    grid = (triton.cdiv(n_q, cfg["CONSUMERS"] * ROWS_PER_WARPGROUP), b * h)
-    args = (q_desc, k_desc, v_desc, o_desc, lse, h, h // kv_h, n_q, n_k, float(softmax_scale * LOG2E))
-    launch(_attn_fwd, grid, args, dict(CAUSAL=causal, num_warps=4, **cfg), _kept((q, k, v), causal, config_name(cfg)),
-           "forward")
+    tiles = triton.cdiv(n_q, cfg["CONSUMERS"] * ROWS_PER_WARPGROUP) * b * h
+    grid = (min(tiles, sm_count(q.device.index)) if cfg["PERSISTENT"] else tiles, )
+    args = (q_desc, k_desc, v_desc, o_desc, lse, h, h // kv_h, b * h, n_q, n_k, float(softmax_scale * LOG2E))
+    launch(_attn_fwd, grid, args, dict(CAUSAL=causal, num_warps=4, **kernel_constants(cfg)),
+           _kept((q, k, v), causal, config_name(cfg)), "forward")
     return out, lse
 
 
@@ -635,7 +693,7 @@ def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sme
     (block-sparse: those of the kept blocks)."""
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
-    pid_m, bh = _query_tile(CAUSAL), gl.program_id(1)
+    pid_m, bh = _query_tile(gl.program_id(0), gl.num_programs(0), CAUSAL), gl.program_id(1)
     kv_bh = (bh // H) * (H // KV_GROUPS) + (bh % H) // KV_GROUPS
     mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
     for wg in gl.static_range(2):
@@ -703,7 +761,7 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
     dtype: gl.constexpr = dq_desc.dtype
     s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
     acc_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
-    pid_m, bh = _query_tile(CAUSAL), gl.program_id(1)
+    pid_m, bh = _query_tile(gl.program_id(0), gl.num_programs(0), CAUSAL), gl.program_id(1)
     tile0 = pid_m * 2 * ROWS
     row0 = tile0 + WG * ROWS
     rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))

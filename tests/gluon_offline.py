@@ -45,16 +45,27 @@ def compile_for_hopper(kernel, descriptors: dict, constants: dict):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
+def forward_kernels(head_dim: int) -> list[dict]:
+    """The distinct forward kernels among the candidates (a persistent grid launches the same one)."""
+    kernels = []
+    for config in fa.CANDIDATES[head_dim]:
+        if fa.kernel_constants(config) not in kernels:
+            kernels.append(fa.kernel_constants(config))
+    return kernels
+
+
 def variants():
     """(name, compiled kernel) for every kernel, head_dim and mask."""
     for head_dim in fa.GLUON_HEAD_DIMS:
         rows, bwd = ([1, n, head_dim] for n in (fa.ROWS_PER_WARPGROUP, fa.BWD_BLOCK_M))
-        for config in fa.CANDIDATES[head_dim]:
-            keys = [1, config["BLOCK_N"], head_dim]
-            for causal in (False, True) if config == fa.kernel_config(head_dim) else (False, ):
-                yield f"forward d={head_dim} {fa.config_name(config)} {'causal' if causal else 'dense'}", \
+        for constants in forward_kernels(head_dim):
+            keys = [1, constants["BLOCK_N"], head_dim]
+            name = fa.config_name(dict(constants, PERSISTENT=False))
+            chosen = constants == fa.kernel_constants(fa.kernel_config(head_dim))
+            for causal in (False, True) if chosen else (False, ):
+                yield f"forward d={head_dim} {name} {'causal' if causal else 'dense'}", \
                     compile_for_hopper(fa._attn_fwd, dict(q_desc=rows, o_desc=rows, k_desc=keys, v_desc=keys),
-                                       dict(CAUSAL=causal, **config))
+                                       dict(CAUSAL=causal, **constants))
         for causal, sparse in ((False, 0), (True, 0), (False, fa.SPARSE_BLOCK), (True, fa.SPARSE_BLOCK)):
             mask = ("causal" if causal else "dense") + (" block-sparse" if sparse else "")
             backward = dict(NUM_STAGES=fa.BACKWARD_STAGES, CAUSAL=causal, CONSUMER_REGS=240, SPARSE_BLOCK=sparse)

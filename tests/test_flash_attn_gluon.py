@@ -107,18 +107,20 @@ def test_the_backward_takes_gluon_where_it_was_measured_faster(monkeypatch, sett
 def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
     """Every variant compiles for sm_90 with the installed Triton (in a process of its own: under the
     interpreter Gluon cannot compile), with wgmma and TMA, in the shared memory a Hopper block has (227 KB),
-    the forward without spilling registers, the backward at most a few scalars (under Triton 3.6 the causal
-    block-sparse dK/dV kernel keeps one across its loops; none under 3.9)."""
+    each at most a few scalars spilled (under Triton 3.9 the d = 64 forward keeps two across its loop over
+    query tiles, 3.6 none; under 3.6 the causal block-sparse dK/dV kernel keeps one across its loops, 3.9
+    none)."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_offline.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    forwards = sum(len(configs) + 1 for configs in flash_attn_gluon.CANDIDATES.values())
+    forwards = sum(len({config_name(dict(c, PERSISTENT=False)) for c in configs}) + 1
+                   for configs in flash_attn_gluon.CANDIDATES.values())
     assert len(report) == forwards + 2 * 4 * len(flash_attn_gluon.GLUON_HEAD_DIMS)  # dK dV, dQ: dense, causal, sparse
     for variant, found in report.items():
         assert found["wgmma"] > 0 and found["tma_copies"] > 0 and found["shared"] <= 227 * 1024, (variant, found)
-        assert found["spilled_bytes"] <= (0 if variant.startswith("forward") else 16), (variant, found)
+        assert found["spilled_bytes"] <= (8 if variant.startswith("forward") else 16), (variant, found)
 
 
 CASES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
@@ -162,6 +164,21 @@ def test_every_candidate_configuration_matches_reference(head_dim, config, causa
     a multiple of any tile, more queries than keys and fewer, grouped-query heads, more key tiles than stages."""
     for n_q, n_k in ((63, 63), (129, 1000), (1000, 129), (700, 2100)):
         check_forward((1, 4, 2, n_q, n_k, head_dim, causal), torch.bfloat16, config)
+
+
+PERSISTENT_CONFIGS = [(d, config) for d, config in OTHER_CONFIGS if config["PERSISTENT"]]
+
+
+@hopper
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+@pytest.mark.parametrize("head_dim, config", PERSISTENT_CONFIGS,
+                         ids=[f"d={d} {config_name(c)}" for d, c in PERSISTENT_CONFIGS])
+def test_persistent_programs_that_take_many_query_tiles_match_reference(head_dim, config, causal):
+    """Two to four query tiles a program, so that the K/V ring runs on across them with its phases mid-turn
+    (11 and 3 key tiles), Q's buffer is refilled while O of the tile before leaves, and causal tiles where the
+    first rows see no key follow ones that see all."""
+    for n_q, n_k in ((700, 1400), (1000, 300)):
+        check_forward((3, 24, 8, n_q, n_k, head_dim, causal), torch.bfloat16, config)
 
 
 def check_forward(case, dtype, config=None):
@@ -226,8 +243,9 @@ def test_backward_with_very_negative_scores_past_the_last_key(dtype):
                          [(torch.bfloat16, d, config) for d, config in OTHER_CONFIGS],
                          ids=lambda x: config_name(x) if isinstance(x, dict) else str(x))
 def test_forward_gives_the_same_result_every_time(dtype, d, config):
-    """Races between the producer, the consumer warpgroups and the reuse of Q's buffer for O would show as
-    results that differ from call to call, or as NaNs (triton-lang/triton#10106)."""
+    """Races between the producer, the consumer warpgroups and the reuse of the ring and of Q's and O's buffers
+    from one query tile to the next would show as results that differ from call to call, or as NaNs
+    (triton-lang/triton#10106)."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     q, k, v = (torch.randn(2, 8, 2048, d, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
     first = forward(q, k, v, True, d ** -0.5, config)
