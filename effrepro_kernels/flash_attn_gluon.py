@@ -358,14 +358,16 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, BH, N_Q, N_
 
 
 # ----------------------------------------------------------------------------------------------------- host side
-def kernel_config(head_dim: int) -> dict:
-    """The kernel's constexprs for a head_dim, as measured on an H200 (NOTES.md, "The Gluon forward
+def kernel_config(head_dim: int, causal: bool) -> dict:
+    """The kernel's configuration for a head_dim and mask, as measured on an H200 (NOTES.md, "The Gluon forward
     overlapped"): at head_dim 128 the softmax overlapped with the P·V product (0.93-0.97 of cuDNN's time without,
     1.01-1.06 with, from 4K keys), in two K/V stages of 128 keys (three fit, and were no faster); at 64, whose
     P·V product is too short to hide a softmax, no overlap (1-6% faster without), three stages, and three
     consumer warpgroups of 64 rows (1.04-1.10 of cuDNN from 4K keys, against two's 0.91-0.96; NOTES.md, "Three
-    consumer warpgroups")."""
-    return CANDIDATES[128 if head_dim > 64 else 64][0]
+    consumer warpgroups"). Dense grids are persistent (0.69 -> 0.87 of cuDNN at 512 keys, d = 64, on an H100;
+    NOTES.md, "A persistent forward"); causal ones keep a program a tile, as their tiles' unequal lengths balance
+    better through the hardware's scheduling than taken in turn (0.51-0.94 -> 0.47-0.61 persistent)."""
+    return dict(CANDIDATES[128 if head_dim > 64 else 64][0], PERSISTENT=not causal)
 
 
 # The configurations worth timing: kernel_config's choice first, then the others that fit shared memory and
@@ -375,14 +377,14 @@ def kernel_config(head_dim: int) -> dict:
 # are not a power of two, which Gluon's tiles must be. PERSISTENT is the host's alone: a grid of one program an
 # SM, each taking query tiles in turn, rather than one program a tile (the kernel is the same).
 CANDIDATES = {
-    64: [dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False),
-         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=True),
+    64: [dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=True),
+         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False),
          dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False),
          dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=4, OVERLAP=False, PERSISTENT=False),
          dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=2, OVERLAP=False, PERSISTENT=False),
          dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False)],
-    128: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=False),
-          dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=True)],
+    128: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=True),
+          dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=False)],
 }
 
 
@@ -432,13 +434,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ · softmax_scale) v and the base-2 LSE (float32, (batch, heads, seq_q)) for inputs that
     `gluon_supported` accepts; softmax_scale > 0 (the kernel takes the row maximum before scaling). `config`
-    replaces `kernel_config(head_dim)` (`scripts/tune_flash_gluon.py` compares them)."""
+    replaces `kernel_config(head_dim, causal)` (`scripts/tune_flash_gluon.py` compares them)."""
     b, h, n_q, d = q.shape
     kv_h, n_k = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    cfg = config or kernel_config(d)
+    cfg = config or kernel_config(d, causal)
     q_block, kv_block = [1, ROWS_PER_WARPGROUP, d], [1, cfg["BLOCK_N"], d]
     # 3-D views (batch·heads, seq, head_dim): a tile never runs into the next head's rows, as TMA fills
     # reads past seq with zeros and clips stores there

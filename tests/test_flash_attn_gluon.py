@@ -166,7 +166,7 @@ def test_every_candidate_configuration_matches_reference(head_dim, config, causa
         check_forward((1, 4, 2, n_q, n_k, head_dim, causal), torch.bfloat16, config)
 
 
-PERSISTENT_CONFIGS = [(d, config) for d, config in OTHER_CONFIGS if config["PERSISTENT"]]
+PERSISTENT_CONFIGS = [(d, config) for d, configs in CANDIDATES.items() for config in configs if config["PERSISTENT"]]
 
 
 @hopper
