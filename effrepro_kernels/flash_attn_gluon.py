@@ -102,17 +102,14 @@ def _forward_tile(t, m_tiles, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _load_kv_stage(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_bh, key_tile, ring,
-                   BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
-    """Key tile `key_tile` into the ring's `ring`-th buffer, once every consumer has released what it held."""
+def _load_ring(desc, smem, ready, empty, kv_bh, key_tile, ring, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """Key tile `key_tile` of K or V into the ring's `ring`-th buffer, once every consumer has released what it
+    held there."""
     s = ring % NUM_STAGES
     # a fresh barrier counts as having completed the phase before phase 0, so the first round passes
-    mbarrier.wait(k_empty.index(s), ((ring // NUM_STAGES) & 1) ^ 1)
-    mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-    _tma_load(k_desc, [kv_bh, key_tile * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
-    mbarrier.wait(v_empty.index(s), ((ring // NUM_STAGES) & 1) ^ 1)
-    mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-    _tma_load(v_desc, [kv_bh, key_tile * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
+    mbarrier.wait(empty.index(s), ((ring // NUM_STAGES) & 1) ^ 1)
+    mbarrier.expect(ready.index(s), desc.block_type.nbytes)
+    _tma_load(desc, [kv_bh, key_tile * BLOCK_N, 0], ready.index(s), smem.index(s))
 
 
 @gluon.jit
@@ -127,20 +124,21 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, 
         kv_bh = (bh // H) * (H // KV_GROUPS) + (bh % H) // KV_GROUPS
         # the warpgroups together see exactly the tiles of the whole query tile
         n_tiles = _key_tiles(pid_m * CONSUMERS * ROWS, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-        # The ring's first loads wait only for the previous query tile's products, Q's for its last one: issued
-        # in that order, they overlap the previous tile's end, and the consumers never wait for a load that
-        # waits for them.
-        ahead = gl.minimum(n_tiles, NUM_STAGES)
-        for i in range(ahead):
-            _load_kv_stage(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_bh, i, ring + i,
-                           BLOCK_N, NUM_STAGES)
+        # The first product needs K's first tile and Q, and nothing else: they go first. K's first tile waits
+        # only for the previous query tile's products, so in a persistent program it is fetched while they
+        # run; Q waits for them to end. The loads after Q's never wait for this tile's products before Q's is
+        # issued, so the consumers never wait for a load that waits for them.
+        if n_tiles > 0:
+            _load_ring(k_desc, k_smem, k_ready, k_empty, kv_bh, 0, ring, BLOCK_N, NUM_STAGES)
         for wg in gl.static_range(CONSUMERS):
             mbarrier.wait(q_empty.index(wg), (((t - gl.program_id(0)) // gl.num_programs(0)) & 1) ^ 1)
             mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
             _tma_load(q_desc, [bh, (pid_m * CONSUMERS + wg) * ROWS, 0], q_ready.index(wg), q_smem.index(wg))
-        for i in range(ahead, n_tiles):
-            _load_kv_stage(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, kv_bh, i, ring + i,
-                           BLOCK_N, NUM_STAGES)
+        for i in range(1, n_tiles):
+            _load_ring(v_desc, v_smem, v_ready, v_empty, kv_bh, i - 1, ring + i - 1, BLOCK_N, NUM_STAGES)
+            _load_ring(k_desc, k_smem, k_ready, k_empty, kv_bh, i, ring + i, BLOCK_N, NUM_STAGES)
+        if n_tiles > 0:
+            _load_ring(v_desc, v_smem, v_ready, v_empty, kv_bh, n_tiles - 1, ring + n_tiles - 1, BLOCK_N, NUM_STAGES)
         ring += n_tiles
 
 
