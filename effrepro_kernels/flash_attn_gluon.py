@@ -1,9 +1,9 @@
 """FlashAttention forward for Hopper (sm_90) in Gluon: TMA loads, wgmma, warp specialisation.
 
-The structure of FlashAttention-3 and cuDNN: one program per (query tile, batch·head), a query tile being
-CONSUMERS (2 or 3) blocks of 64 rows. A one-warp producer partition loads the tile's Q blocks once, then K and V
-tiles of BLOCK_N keys into a ring of NUM_STAGES shared-memory buffers with TMA, signalling mbarriers with the
-bytes it expects. Each consumer warpgroup (the default partition, and four-warp workers) owns one block of 64
+The structure of FlashAttention-3 and cuDNN: a program takes (query tile, batch·head) pairs, one (causal) or in
+turn, a program an SM (dense: a persistent grid), a query tile being CONSUMERS (2 or 3) blocks of 64 rows. A
+one-warp producer partition loads each tile's Q blocks once, and K and V tiles of BLOCK_N keys into a ring of
+NUM_STAGES shared-memory buffers with TMA, signalling mbarriers with the bytes it expects. Each consumer warpgroup (the default partition, and four-warp workers) owns one block of 64
 query rows: S = Q·Kᵀ with wgmma, the online softmax in registers (base 2, the scale folded into the exponent),
 O += P·V with P from registers; each releases a stage's K with an mbarrier arrive once its Q·Kᵀ has read it, and
 its V once its P·V has. At head_dim 128 a consumer overlaps each tile's softmax with the previous tile's P·V
@@ -17,9 +17,9 @@ that sees no key gives zeros and an LSE of +inf (so that the backward's exp2(s -
 Gluon's API moved between Triton 3.6 and 3.9 (effrepro_kernels/NOTES.md, "Gluon on Hopper"): the renamed calls
 are bridged by aliases chosen from what the installed Triton has, and without a Gluon this file knows, importing
 still works and `gluon_supported` says False. Compiled offline for sm_90 with Triton 3.6 to 3.9, run and measured
-on an H200 with 3.6 (NOTES.md, "The Gluon forward on the H200" and "... overlapped"): faster than the `tl`
-forward at d = 128 and from 4K keys, slower on shorter d = 64 sequences, where `flash_attn` keeps the `tl` one
-(`_use_gluon`).
+on an H200 and an H100 with 3.6 (NOTES.md, "The Gluon forward overlapped" and "A persistent forward"): faster
+than the `tl` forward at d = 128 and on dense calls from 1K keys at d = 64, slower on shorter causal ones, where
+`flash_attn` keeps the `tl` one (`_use_gluon`).
 """
 from __future__ import annotations
 
@@ -364,7 +364,8 @@ def kernel_config(head_dim: int, causal: bool) -> dict:
     consumer warpgroups of 64 rows (1.04-1.10 of cuDNN from 4K keys, against two's 0.91-0.96; NOTES.md, "Three
     consumer warpgroups"). Dense grids are persistent (0.69 -> 0.87 of cuDNN at 512 keys, d = 64, on an H100;
     NOTES.md, "A persistent forward"); causal ones keep a program a tile, as their tiles' unequal lengths balance
-    better through the hardware's scheduling than taken in turn (0.51-0.94 -> 0.47-0.61 persistent)."""
+    better through the hardware's scheduling than taken in turn (H100, d = 64, 512-16K keys: 0.51-1.08 of
+    cuDNN a program a tile, 0.47-1.02 persistent)."""
     return dict(CANDIDATES[128 if head_dim > 64 else 64][0], PERSISTENT=not causal)
 
 
