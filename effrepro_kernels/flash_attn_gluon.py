@@ -18,8 +18,8 @@ Gluon's API moved between Triton 3.6 and 3.9 (effrepro_kernels/NOTES.md, "Gluon 
 are bridged by aliases chosen from what the installed Triton has, and without a Gluon this file knows, importing
 still works and `gluon_supported` says False. Compiled offline for sm_90 with Triton 3.6 to 3.9, run and measured
 on an H200 and an H100 with 3.6 (NOTES.md, "The Gluon forward overlapped" and "A persistent forward"): faster
-than the `tl` forward at d = 128 and on dense calls from 1K keys at d = 64, slower on shorter causal ones, where
-`flash_attn` keeps the `tl` one (`_use_gluon`).
+than the `tl` forward on dense calls from 512 keys at d = 128 and 1K at 64, and on causal ones from 2K; slower
+on shorter causal ones, where `flash_attn` keeps the `tl` one (`_use_gluon`).
 """
 from __future__ import annotations
 
