@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from types import SimpleNamespace
 
 import torch
@@ -363,9 +364,9 @@ def kernel_config(head_dim: int, causal: bool) -> dict:
     P·V product is too short to hide a softmax, no overlap (1-6% faster without), three stages, and three
     consumer warpgroups of 64 rows (1.04-1.10 of cuDNN from 4K keys, against two's 0.91-0.96; NOTES.md, "Three
     consumer warpgroups"). Dense grids are persistent (0.69 -> 0.87 of cuDNN at 512 keys, d = 64, on an H100;
-    NOTES.md, "A persistent forward"); causal ones keep a program a tile, as their tiles' unequal lengths balance
-    better through the hardware's scheduling than taken in turn (H100, d = 64, 512-16K keys: 0.51-1.08 of
-    cuDNN a program a tile, 0.47-1.02 persistent)."""
+    NOTES.md, "A persistent forward"); causal ones keep a program a tile (H100, d = 64, 512-16K keys: 0.51-1.08
+    of cuDNN a program a tile, 0.47-1.02 persistent, measured before `persistent_programs` kept each program
+    from taking the same tile of every head)."""
     return dict(CANDIDATES[128 if head_dim > 64 else 64][0], PERSISTENT=not causal)
 
 
@@ -402,6 +403,18 @@ def kernel_constants(config: dict) -> dict:
 @functools.cache
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def persistent_programs(m_tiles: int, tiles: int, sms: int, causal: bool) -> int:
+    """A persistent grid's size: a program an SM. A program takes tiles t, t + P, ... of a head's m_tiles in
+    turn; where P is a multiple of m_tiles (132 SMs and 3, 6, 11 or 22 tiles a head, at 512 to 4K keys), every
+    program would take the same tile of each head, so causal programs would each see the same length every time,
+    some the longest and some the shortest. Causal grids take the most SMs whose count shares no factor with
+    m_tiles: each program then takes each tile of a head in turn."""
+    programs = min(tiles, sms)
+    while causal and math.gcd(programs, m_tiles) > 1:
+        programs -= 1
+    return programs
 
 
 def smem_layout(block_shape, dtype):
@@ -448,8 +461,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     kv_layout = smem_layout(kv_block, dtype)
     k_desc = TensorDescriptor.from_tensor(k.view(b * kv_h, n_k, d), kv_block, kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(b * kv_h, n_k, d), kv_block, kv_layout)
-    tiles = triton.cdiv(n_q, cfg["CONSUMERS"] * ROWS_PER_WARPGROUP) * b * h
-    grid = (min(tiles, sm_count(q.device.index)) if cfg["PERSISTENT"] else tiles, )
+    m_tiles = triton.cdiv(n_q, cfg["CONSUMERS"] * ROWS_PER_WARPGROUP)
+    tiles = m_tiles * b * h
+    grid = (persistent_programs(m_tiles, tiles, sm_count(q.device.index), causal) if cfg["PERSISTENT"] else tiles, )
     args = (q_desc, k_desc, v_desc, o_desc, lse, h, h // kv_h, b * h, n_q, n_k, float(softmax_scale * LOG2E))
     launch(_attn_fwd, grid, args, dict(CAUSAL=causal, num_warps=4, **kernel_constants(cfg)),
            _kept((q, k, v), causal, config_name(cfg)), "forward")

@@ -103,6 +103,29 @@ def test_the_backward_takes_gluon_where_it_was_measured_faster(monkeypatch, sett
     assert use(None, flash_attn_gluon.SPARSE_BLOCK, causal, 0.0) == expected  # block-sparse, blocks of its tile
 
 
+@pytest.mark.parametrize("seq_len", [512, 1024, 2048, 4096])
+def test_a_persistent_causal_grid_gives_every_program_a_like_share(seq_len):
+    """The kernel's order of tiles (a head's together, causal ones last first) dealt out t, t + P, ... over the
+    grid that `persistent_programs` sizes, d = 64's 192-row tiles, the flash_kernel task's shapes (B·N = 16K, 32
+    heads) on 132 SMs: no program's key tiles exceed the mean by more than a tenth. A grid of all 132 programs
+    gives each one the same tile of every head at these lengths (up to 1.9x the mean). From 8K keys a program
+    takes fewer tiles than a head has, and no static share is that even (1.20 at 8K)."""
+    rows, block_n, sms = 3 * flash_attn_gluon.ROWS_PER_WARPGROUP, 128, 132
+    m_tiles, heads = -(-seq_len // rows), 32 * 16384 // seq_len
+    key_tiles = [min(-(-seq_len // block_n), -(-(m + 1) * rows // block_n)) for m in range(m_tiles)]
+    work = [key_tiles[m_tiles - 1 - t % m_tiles] for t in range(m_tiles * heads)]
+
+    def worst(programs):
+        loads = [sum(work[p::programs]) for p in range(programs)]
+        return max(loads) / (sum(loads) / programs)
+
+    programs = flash_attn_gluon.persistent_programs(m_tiles, len(work), sms, causal=True)
+    assert sms - 12 <= programs <= sms and worst(programs) < 1.1, (programs, worst(programs))
+    if sms % m_tiles == 0:
+        assert worst(sms) > 1.3
+    assert flash_attn_gluon.persistent_programs(m_tiles, len(work), sms, causal=False) == sms
+
+
 @pytest.mark.skipif(not flash_attn_gluon._GLUON_OK, reason="a Triton whose Gluon this kernel does not know")
 def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
     """Every variant compiles for sm_90 with the installed Triton (in a process of its own: under the
