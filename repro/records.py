@@ -1,6 +1,7 @@
 """Run records: one JSON file per job, schema-versioned, written atomically."""
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -136,19 +137,45 @@ def save_record(record: RunRecord, path: Path) -> None:
     write_json_atomic(path, record.to_json())
 
 
+RECORD_SUFFIXES = (".json", ".json.gz")  # a record as written, or packed (`pack_records`)
+PACK_ABOVE_BYTES = 1 << 20
+
+
 def load_record(path: Path) -> RunRecord:
-    with open(path) as fh:
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt") as fh:
         data = json.load(fh)
     return RunRecord.from_json(data)
 
 
 def load_records(root: Path) -> tuple[list[tuple[Path, RunRecord]], list[tuple[Path, str]]]:
-    """All run records under `root`, oldest first, and (file, why) for each file that could not be used."""
+    """All run records under `root` (`RECORD_SUFFIXES`), oldest first, and (file, why) for each file that could
+    not be used."""
     records, problems = [], []
-    for path in sorted(Path(root).rglob("*.json")):
+    for path in sorted(p for p in Path(root).rglob("*") if p.name.endswith(RECORD_SUFFIXES) and p.is_file()):
         try:
             records.append((path, load_record(path)))
         except (OSError, ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
             problems.append((path, str(exc)))
     records.sort(key=lambda item: item[1].started)
     return records, problems
+
+
+def pack_records(root: Path, above_bytes: int = PACK_ABOVE_BYTES) -> list[Path]:
+    """Gzip each record under `root` larger than `above_bytes` into NAME.json.gz beside it, and remove the plain
+    file; return the packed files. Committed records must travel with the tree to a lent GPU machine, which takes
+    64 MiB at most, and a long sweep's record is megabytes of text (lean_decode's: 2.8 MB, a tenth of that packed).
+    A file that does not load as a record is left as it is."""
+    packed = []
+    for path in sorted(Path(root).rglob("*.json")):
+        if path.stat().st_size <= above_bytes:
+            continue
+        try:
+            load_record(path)
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        target = path.with_name(path.name + ".gz")
+        text = path.read_bytes()
+        replace_atomically(target, lambda tmp: tmp.write_bytes(gzip.compress(text, mtime=0)))
+        path.unlink()
+        packed.append(target)
+    return packed

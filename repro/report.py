@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .claims import Claim, load_published
 from .context import PROJECT_ROOT
-from .records import RunRecord, load_records, replace_atomically
+from .records import PACK_ABOVE_BYTES, RunRecord, load_records, pack_records, replace_atomically
 
 REPRODUCED = "reproduced"
 WITHIN = "within tolerance"
@@ -403,9 +403,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="README whose results table is refreshed; --readme '' leaves it alone")
     parser.add_argument("--allow-skipped", action="store_true",
                         help="exit 0 even when some records could not be used (they are still listed)")
+    parser.add_argument("--pack-above-mb", type=float, default=PACK_ABOVE_BYTES / 2**20,
+                        help="first gzip the records larger than this (NAME.json.gz); 0 packs none")
     args = parser.parse_args(argv)
     readme = Path(args.readme) if args.readme else None
     try:
+        if args.pack_above_mb > 0:
+            for path in pack_records(args.runs, int(args.pack_above_mb * 2**20)):
+                print(f"packed {_rel(path)}")
         _, problems = build_report(args.runs, args.published, args.out, readme)
     except (OSError, ValueError) as exc:
         print(f"repro-report: {exc}", file=sys.stderr)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from repro.records import Row, RunRecord, load_record, load_records, save_record, write_json_atomic
+from repro.records import Row, RunRecord, load_record, load_records, pack_records, save_record, write_json_atomic
 
 
 def make_record(**changes) -> RunRecord:
@@ -65,6 +65,22 @@ def test_load_records_skips_corrupt_and_foreign_files_by_name(tmp_path):
                               "rows_not_objects.json", "started_null.json", "text_p50.json", "extra_list.json",
                               "binary.json"])
     assert all(why for _, why in problems)
+
+
+def test_large_records_are_packed_and_still_load(tmp_path):
+    """`pack_records` gzips the records above its size beside themselves and removes the plain files; it leaves
+    the small ones and files that are not records; `load_records` reads both kinds."""
+    rows = [Row("lean", "context", n, "time", "ms", 1.0 + n, 1.0, 2.0, 5) for n in range(2000)]
+    big, small = make_record(rows=rows, started="2026-11-27T10:00:00+00:00"), make_record()
+    save_record(big, tmp_path / "paper" / "task" / "big.json")
+    save_record(small, tmp_path / "paper" / "task" / "small.json")
+    (tmp_path / "paper" / "foreign.json").write_text("x" * 200_000)
+    packed = pack_records(tmp_path, above_bytes=100_000)
+    assert [p.relative_to(tmp_path).as_posix() for p in packed] == ["paper/task/big.json.gz"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["big.json.gz", "foreign.json", "small.json"]
+    records, problems = load_records(tmp_path)
+    assert [r for _, r in records] == [small, big] and [p.name for p, _ in problems] == ["foreign.json"]
+    assert pack_records(tmp_path, above_bytes=100_000) == []  # packed once
 
 
 def test_records_are_compact_and_one_row_per_line(tmp_path):
