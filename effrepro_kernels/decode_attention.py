@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .kv_quant import QuantizedKV, check_packed, kv_tile
-from .runtime import INTERPRET, cdiv, launch, next_pow2, runs_on, signature
+from .runtime import INTERPRET, cdiv, launch, next_pow2, runs_on, signature, sm_count
 
 SCHEDULES = ("fa2", "split", "lean")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -122,6 +122,7 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
         offs_e = BLOCK_D + tl.arange(0, BLOCK_E)
         emask = offs_e < HEAD_DIM
     qk_scale = sm_scale * LOG2E
+    SWAPPED: tl.constexpr = KEYS_AS_ROWS and K_BITS > 0
     for i in range(MAX_ITEMS):
         # an item carries all it needs (pieces of its segment, sequence length): one memory round trip
         # before the first K and V loads, not a chain of dependent ones
@@ -155,8 +156,8 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
                 # finite value times probability 0 adds nothing
                 rows = tl.minimum(tl.arange(0, BLOCK_N), length - 1 - start)
                 k = kv_tile(Kh, KS + k_stats, KZ + k_stats, start, rows, offs_d, every_row, dmask, stride_kn,
-                            stride_ksn, HEAD_DIM, K_BITS, K_GROUP, False, not KEYS_AS_ROWS)
-                if KEYS_AS_ROWS:
+                            stride_ksn, HEAD_DIM, K_BITS, K_GROUP, False, not SWAPPED)
+                if SWAPPED:
                     qk = tl.trans(tl.dot(k, tl.trans(q), input_precision=PRECISION))
                 else:
                     qk = tl.dot(q, k, input_precision=PRECISION)
@@ -356,7 +357,7 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
         raise ValueError(f"lengths must be a non-empty list of lengths >= 1, got {lengths}")
     tiles = [math.ceil(n / block_n) for n in lengths for _ in range(num_kv_heads)]  # per segment b·Hkv + hk
     n_seg = len(tiles)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 8
+    sms = sm_count(device) if torch.cuda.is_available() else 8
     per_program: list[list[tuple[int, int, int, int]]] = []
     pieces = [0] * n_seg
     if kind == "fa2":
@@ -491,7 +492,7 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_E=block_e, WO_D=padded, BLOCK_G=block_g, BLOCK_N=schedule.block_n,
         GROUP=group, BLOCK_P=merge_step(schedule.max_pieces, group, padded), K_BITS=k_bits, K_GROUP=k_group,
         V_BITS=v_bits, V_GROUP=v_group, PRECISION=precision, STORE_SCORES=return_scores,
-        KEYS_AS_ROWS=schedule.keys_as_rows and k_bits > 0, num_warps=schedule.num_warps,
+        KEYS_AS_ROWS=schedule.keys_as_rows, num_warps=schedule.num_warps,
         num_stages=schedule.num_stages, maxnreg=schedule.max_registers), kept,
         "decode+scores" if return_scores else "decode")
     if return_scores:

@@ -4,9 +4,10 @@ The structure of FlashAttention-3 and cuDNN: a program takes (query tile, batch�
 turn, a program an SM (dense: a persistent grid), a query tile being CONSUMERS (2 or 3) blocks of 64 rows. A
 one-warp producer partition loads each tile's Q blocks once (into one of Q_BUFFERS sets), and K and V tiles of
 BLOCK_N keys into a ring of NUM_STAGES shared-memory buffers with TMA, signalling mbarriers with the bytes it
-expects. Each consumer warpgroup (the default partition, and four-warp workers) owns one block of 64 query rows: S = Q·Kᵀ with wgmma, the online softmax in registers (base 2, the scale folded into the exponent),
-O += P·V with P from registers; each releases a stage's K with an mbarrier arrive once its Q·Kᵀ has read it, and
-its V once its P·V has. At head_dim 128 a consumer overlaps each tile's softmax with the previous tile's P·V
+expects. Each consumer warpgroup (the default partition, and four-warp workers) owns one block of 64 query rows:
+S = Q·Kᵀ with wgmma, the online softmax in registers (base 2, the scale folded into the exponent), O += P·V with
+P from registers; each releases a stage's K with an mbarrier arrive once its Q·Kᵀ has read it, and its V once its
+P·V has. At head_dim 128 a consumer overlaps each tile's softmax with the previous tile's P·V
 (FlashAttention-3's intra-warpgroup pipelining).
 
 Conventions follow flash_attn.py: q (batch, heads, seq_q, head_dim), k and v (batch, kv_heads, seq_k, head_dim)
@@ -23,7 +24,6 @@ on shorter causal ones, where `flash_attn` keeps the `tl` one (`_use_gluon`).
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from types import SimpleNamespace
@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import torch
 import triton
 
-from .runtime import INTERPRET, KeptLaunches, launch
+from .runtime import INTERPRET, KeptLaunches, launch, sm_count
 
 try:
     from triton.experimental import gluon
@@ -418,11 +418,6 @@ def kernel_constants(config: dict) -> dict:
     return {name: value for name, value in config.items() if name != "PERSISTENT"}
 
 
-@functools.cache
-def sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def persistent_programs(m_tiles: int, tiles: int, sms: int, causal: bool) -> int:
     """A persistent grid's size: a program an SM. A program takes tiles t, t + P, ... of a head's m_tiles in
     turn; where P is a multiple of m_tiles (132 SMs and 3, 6, 11 or 22 tiles a head, at 512 to 4K keys), every
@@ -481,7 +476,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     v_desc = TensorDescriptor.from_tensor(v.view(b * kv_h, n_k, d), kv_block, kv_layout)
     m_tiles = triton.cdiv(n_q, cfg["CONSUMERS"] * ROWS_PER_WARPGROUP)
     tiles = m_tiles * b * h
-    grid = (persistent_programs(m_tiles, tiles, sm_count(q.device.index), causal) if cfg["PERSISTENT"] else tiles, )
+    grid = (persistent_programs(m_tiles, tiles, sm_count(q.device), causal) if cfg["PERSISTENT"] else tiles, )
     args = (q_desc, k_desc, v_desc, o_desc, lse, h, h // kv_h, b * h, n_q, n_k, float(softmax_scale * LOG2E))
     launch(_attn_fwd, grid, args, dict(CAUSAL=causal, num_warps=4, **kernel_constants(cfg)),
            _kept((q, k, v), causal, config_name(cfg)), "forward")

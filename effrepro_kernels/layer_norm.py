@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, KeptLaunches, cdiv, launch, next_pow2
+from .runtime import INTERPRET, KeptLaunches, cdiv, launch, next_pow2, sm_count
 from .torch_op import differentiable, kernel_op
 
 MAX_FEATURES = 16384  # a row is held in registers at once
@@ -106,8 +106,7 @@ def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     rows, dy = x.reshape(-1, x.shape[-1]).contiguous(), dy.reshape(-1, x.shape[-1]).contiguous()
     n_rows, n = rows.shape
     # enough programs to fill a GPU (each sums its rows' weight gradients), few in the interpreter
-    programs = max(1, min(n_rows, 8 if INTERPRET else 4 * torch.cuda.get_device_properties(rows.device)
-                          .multi_processor_count))
+    programs = max(1, min(n_rows, 8 if INTERPRET else 4 * sm_count(rows.device)))
     dx = torch.empty_like(rows)
     dw = torch.empty((programs, n), device=rows.device, dtype=torch.float32)
     db = torch.empty_like(dw)

@@ -1,4 +1,5 @@
 """Where the kernels can run, and a launch path that skips Triton's argument binding for repeated calls."""
+import functools
 import os
 
 import torch
@@ -22,6 +23,13 @@ def cdiv(n: int, d: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (n >= 1)."""
     return 1 << (n - 1).bit_length()
+
+
+@functools.cache
+def sm_count(device) -> int:
+    """The streaming multiprocessors of a CUDA `device` (a torch.device or an index), looked up once: grids that
+    fill a GPU size themselves by it on every launch."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def runs_on(device) -> bool:

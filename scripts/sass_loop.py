@@ -44,7 +44,7 @@ def compile_decode(bits: int, dtype: str, block_n: int, warps: int, stages: int,
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_E=block_e, WO_D=padded_head_dim(head_dim), BLOCK_G=16,
                      BLOCK_N=block_n, GROUP=4, BLOCK_P=1, K_BITS=bits, K_GROUP=32 if bits else 0, V_BITS=bits,
                      V_GROUP=32 if bits else 0, PRECISION="ieee" if dtype == "fp32" else "tf32", STORE_SCORES=scores,
-                     KEYS_AS_ROWS=keys_as_rows and bits > 0)
+                     KEYS_AS_ROWS=keys_as_rows)
     signature = {n: "constexpr" if n in constants else pointers.get(n, "fp32" if n == "sm_scale" else "i32")
                  for n in names}
     # the values' statistics have 4 groups a token: their row stride is the one not divisible by 16; the scores'
