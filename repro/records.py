@@ -174,8 +174,8 @@ def pack_records(root: Path, above_bytes: int = PACK_ABOVE_BYTES) -> list[Path]:
         except (OSError, ValueError, UnicodeDecodeError):
             continue
         target = path.with_name(path.name + ".gz")
-        text = path.read_bytes()
-        replace_atomically(target, lambda tmp: tmp.write_bytes(gzip.compress(text, mtime=0)))
+        raw = path.read_bytes()
+        replace_atomically(target, lambda tmp: tmp.write_bytes(gzip.compress(raw, mtime=0)))
         path.unlink()
         packed.append(target)
     return packed
