@@ -130,9 +130,9 @@ def test_a_persistent_causal_grid_gives_every_program_a_like_share(seq_len):
 def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
     """Every variant compiles for sm_90 with the installed Triton (in a process of its own: under the
     interpreter Gluon cannot compile), with wgmma and TMA, in the shared memory a Hopper block has (227 KB),
-    each at most a few scalars spilled (under Triton 3.9 the d = 64 forward keeps two across its loop over
-    query tiles, 3.6 none; under 3.6 the causal block-sparse dK/dV kernel keeps one across its loops, 3.9
-    none)."""
+    each at most a few scalars spilled (under Triton 3.9 each consumer of the dense d = 64 forward keeps one
+    address in local memory, stored before its loop over query tiles and loaded once a tile for the epilogue,
+    3.6 none; under 3.6 the causal block-sparse dK/dV kernel keeps one across its loops, 3.9 none)."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_offline.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
