@@ -131,7 +131,7 @@ def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
     """Every variant compiles for sm_90 with the installed Triton (in a process of its own: under the
     interpreter Gluon cannot compile), with wgmma and TMA, in the shared memory a Hopper block has (227 KB),
     each at most a few scalars spilled (under Triton 3.9 each consumer of the dense d = 64 forward keeps one
-    address in local memory, stored before its loop over query tiles and loaded once a tile for the epilogue,
+    address in local memory, read back once a query tile for the epilogue (outside the loop over key tiles),
     3.6 none; under 3.6 the causal block-sparse dK/dV kernel keeps one across its loops, 3.9 none)."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_offline.py")], cwd=ROOT, env=env,
