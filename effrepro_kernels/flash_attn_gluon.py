@@ -2,7 +2,7 @@
 
 The structure of FlashAttention-3 and cuDNN: a program takes (query tile, batch·head) pairs, one (causal) or in
 turn, a program an SM (dense: a persistent grid), a query tile being CONSUMERS (2 or 3) blocks of 64 rows. A
-one-warp producer partition loads each tile's Q blocks once (into one of Q_BUFFERS sets), and K and V tiles of
+one-warp producer partition loads each tile's Q blocks once, and K and V tiles of
 BLOCK_N keys into a ring of NUM_STAGES shared-memory buffers with TMA, signalling mbarriers with the bytes it
 expects. Each consumer warpgroup (the default partition, and four-warp workers) owns one block of 64 query rows:
 S = Q·Kᵀ with wgmma, the online softmax in registers (base 2, the scale folded into the exponent), O += P·V with
@@ -103,11 +103,9 @@ def _forward_tile(t, m_tiles, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _q_buffer(t, wg, CONSUMERS: gl.constexpr, Q_BUFFERS: gl.constexpr):
-    """Where warpgroup wg's Q of this program's query tile t goes (Q_BUFFERS tiles' worth, in turn, so that the
-    next tile's Q can land while this one's products run), and the phase of that buffer's barriers for it."""
-    taken = (t - gl.program_id(0)) // gl.num_programs(0)
-    return (taken % Q_BUFFERS) * CONSUMERS + wg, (taken // Q_BUFFERS) & 1
+def _q_phase(t):
+    """The phase of the Q barriers for this program's query tile t: one for each tile it has taken."""
+    return ((t - gl.program_id(0)) // gl.num_programs(0)) & 1
 
 
 @gluon.jit
@@ -124,7 +122,7 @@ def _load_ring(desc, smem, ready, empty, kv_bh, key_tile, ring, BLOCK_N: gl.cons
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
               H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              CONSUMERS: gl.constexpr, Q_BUFFERS: gl.constexpr):
+              CONSUMERS: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     m_tiles = gl.cdiv(N_Q, CONSUMERS * ROWS)
     ring = 0  # K/V tiles loaded so far: the ring runs on from one query tile to the next
@@ -135,15 +133,14 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, 
         n_tiles = _key_tiles(pid_m * CONSUMERS * ROWS, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
         # The first product needs K's first tile and Q, and nothing else: they go first. K's first tile waits
         # only for the previous query tile's products, so in a persistent program it is fetched while they
-        # run; Q waits for its buffer's tile Q_BUFFERS back to end. The loads after Q's never wait for this
+        # run; Q waits for the previous tile's products to end. The loads after Q's never wait for this
         # tile's products before Q's is issued, so the consumers never wait for a load that waits for them.
         if n_tiles > 0:
             _load_ring(k_desc, k_smem, k_ready, k_empty, kv_bh, 0, ring, BLOCK_N, NUM_STAGES)
         for wg in gl.static_range(CONSUMERS):
-            slot, phase = _q_buffer(t, wg, CONSUMERS, Q_BUFFERS)
-            mbarrier.wait(q_empty.index(slot), phase ^ 1)
-            mbarrier.expect(q_ready.index(slot), q_desc.block_type.nbytes)
-            _tma_load(q_desc, [bh, (pid_m * CONSUMERS + wg) * ROWS, 0], q_ready.index(slot), q_smem.index(slot))
+            mbarrier.wait(q_empty.index(wg), _q_phase(t) ^ 1)
+            mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [bh, (pid_m * CONSUMERS + wg) * ROWS, 0], q_ready.index(wg), q_smem.index(wg))
         for i in range(1, n_tiles):
             _load_ring(v_desc, v_smem, v_ready, v_empty, kv_bh, i - 1, ring + i - 1, BLOCK_N, NUM_STAGES)
             _load_ring(k_desc, k_smem, k_ready, k_empty, kv_bh, i, ring + i, BLOCK_N, NUM_STAGES)
@@ -244,7 +241,7 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
 @gluon.jit
 def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
               k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr, Q_BUFFERS: gl.constexpr):
+              CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr):
     """Warpgroup WG (0 .. CONSUMERS - 1): rows WG·64 .. WG·64 + 63 of each query tile this program takes."""
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = o_desc.block_type.shape[2]
@@ -265,14 +262,13 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem,
         # tiles every row here sees whole need no mask; the rest (diagonal, end of the keys) do
         hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
         full = _whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL)
-        slot, phase = _q_buffer(t, WG, CONSUMERS, Q_BUFFERS)
-        q = q_smem.index(slot).reshape([ROWS, HEAD_DIM])
-        mbarrier.wait(q_ready.index(slot), phase)  # even with no key tile, so that the phases stay in step
+        q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
+        mbarrier.wait(q_ready.index(WG), _q_phase(t))  # even with no key tile, so that the phases stay in step
         acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, 0, full, ring,
                                 row0, N_Q, N_K, qk_scale, False, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
         acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, full, hi,
                                 ring, row0, N_Q, N_K, qk_scale, True, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
-        mbarrier.arrive(q_empty.index(slot))  # the products reading Q have completed
+        mbarrier.arrive(q_empty.index(WG))  # the products reading Q have completed
         # Causal: the lower rows' last tiles lie above this warpgroup's diagonal. It still releases them, after
         # they have arrived (so its arrival counts toward the phase of that load, not of the one before).
         n_tiles = _key_tiles(tile0, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
@@ -304,7 +300,7 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem,
 @gluon.jit
 def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, BH, N_Q, N_K, qk_scale,
               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
-              CONSUMERS: gl.constexpr, Q_BUFFERS: gl.constexpr):
+              CONSUMERS: gl.constexpr):
     """Query tiles pid, pid + programs, ... of the m_tiles · BH: one each where the grid has a program per tile,
     several where it is persistent (a program an SM), and a tile's loads then overlap the previous one's end."""
     # the register file (64K) shared out by warpgroup: 32 a thread to the producer's (its loop over query tiles
@@ -314,19 +310,19 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, BH, N_Q, N_
     dtype: gl.constexpr = q_desc.dtype
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
-    q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS * CONSUMERS, 1, ROWS, HEAD_DIM], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, ROWS, HEAD_DIM], q_desc.layout)
     o_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, ROWS, HEAD_DIM], o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFFERS * CONSUMERS, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFFERS * CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    for slot in gl.static_range(Q_BUFFERS * CONSUMERS):
-        mbarrier.init(q_ready.index(slot), count=1)  # the producer's expect is the one arrival
-        mbarrier.init(q_empty.index(slot), count=1)  # and its warpgroup's the one that frees it
+    for wg in gl.static_range(CONSUMERS):
+        mbarrier.init(q_ready.index(wg), count=1)  # the producer's expect is the one arrival
+        mbarrier.init(q_empty.index(wg), count=1)  # and its warpgroup's the one that frees it
     for s in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
@@ -339,31 +335,26 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, BH, N_Q, N_
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_consumer, (0, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS,
-                         Q_BUFFERS)),
+                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS, Q_BUFFERS)),
+                         v_empty, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
             (_consumer, (1, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS,
-                         Q_BUFFERS)),
+                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
         ], [1, 4], [32, CONSUMER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (0, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS,
-                         Q_BUFFERS)),
+                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS, Q_BUFFERS)),
+                         v_empty, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
             (_consumer, (1, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS,
-                         Q_BUFFERS)),
+                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
             (_consumer, (2, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS,
-                         Q_BUFFERS)),
+                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
         ], [1, 4, 4], [32, CONSUMER_REGS, CONSUMER_REGS])
-    for slot in gl.static_range(Q_BUFFERS * CONSUMERS):
-        mbarrier.invalidate(q_ready.index(slot))
-        mbarrier.invalidate(q_empty.index(slot))
+    for wg in gl.static_range(CONSUMERS):
+        mbarrier.invalidate(q_ready.index(wg))
+        mbarrier.invalidate(q_empty.index(wg))
     for s in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(k_ready.index(s))
         mbarrier.invalidate(v_ready.index(s))
@@ -390,27 +381,24 @@ def kernel_config(head_dim: int, causal: bool) -> dict:
 # `scripts/tune_flash_gluon.py` times each against cuDNN; the GPU tests run each against the reference.
 # FlashAttention-3 takes 192 query rows (three consumers) at head_dim 64; 192-key tiles, its other choice there,
 # are not a power of two, which Gluon's tiles must be. PERSISTENT is the host's alone: a grid of one program an
-# SM, each taking query tiles in turn, rather than one program a tile (the kernel is the same). Q_BUFFERS = 2 lets
-# a persistent program's next Q land while this tile's products run (compiled offline; not yet timed).
+# SM, each taking query tiles in turn, rather than one program a tile (the kernel is the same).
 CANDIDATES = {
-    64: [dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=True, Q_BUFFERS=1),
-         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=True, Q_BUFFERS=2),
-         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False, Q_BUFFERS=1),
-         dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False, Q_BUFFERS=1),
-         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=4, OVERLAP=False, PERSISTENT=False, Q_BUFFERS=1),
-         dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=2, OVERLAP=False, PERSISTENT=False, Q_BUFFERS=1),
-         dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False, Q_BUFFERS=1)],
-    128: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=True, Q_BUFFERS=1),
-          dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=True, Q_BUFFERS=2),
-          dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=False, Q_BUFFERS=1)],
+    64: [dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=True),
+         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False),
+         dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False),
+         dict(CONSUMERS=3, BLOCK_N=128, NUM_STAGES=4, OVERLAP=False, PERSISTENT=False),
+         dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=2, OVERLAP=False, PERSISTENT=False),
+         dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False)],
+    128: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=True),
+          dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=False)],
 }
 
 
 def config_name(config: dict) -> str:
     """A short name for a configuration: consumers x keys per tile, stages, 'o' where the softmax overlaps, 'p'
-    where the grid is persistent, 'q2' where two tiles' Q take turns."""
+    where the grid is persistent."""
     return (f"{config['CONSUMERS']}x{config['BLOCK_N']}s{config['NUM_STAGES']}" + ("o" if config["OVERLAP"] else "")
-            + ("p" if config["PERSISTENT"] else "") + (f"q{config['Q_BUFFERS']}" if config["Q_BUFFERS"] > 1 else ""))
+            + ("p" if config["PERSISTENT"] else ""))
 
 
 def kernel_constants(config: dict) -> dict:
