@@ -23,10 +23,11 @@ from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
 # measured faster than the tl one (H200, Triton 3.6; effrepro_kernels/NOTES.md, "The Gluon forward overlapped"; its
-# persistent dense grid on an H100, "A persistent forward"): from GLUON_MIN_KEYS[head_dim, causal] keys, on a Triton
+# persistent grids on an H100, "A persistent forward" and "Causal grids persistent up to 2K keys"): from
+# GLUON_MIN_KEYS[head_dim, causal] keys, on a Triton
 # where it has run. EFFREPRO_GLUON=0: never; =1: wherever it covers the inputs.
 GLUON = os.environ.get("EFFREPRO_GLUON")
-GLUON_MIN_KEYS = {(128, False): 512, (128, True): 2048, (64, False): 1024, (64, True): 2048}
+GLUON_MIN_KEYS = {(128, False): 512, (128, True): 1024, (64, False): 1024, (64, True): 2048}
 GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has passed its GPU tests
 # and the Gluon backward (H200: at head_dim 128, 0.79-0.83 of cuDNN's fwd+bwd against the tl backward's 0.70-0.75
 # from 1K keys, 2K causal; at 64, 0.84-0.90 against 0.75-0.87 from 2K keys (4K dense: 0.84 against 0.87, within
@@ -691,7 +692,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     blocks), else in tl.
     - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error where it
       does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was measured
-      faster (`GLUON_MIN_KEYS`: dense from 512 keys at head_dim 128 and 1K at 64, causal from 2K;
+      faster (`GLUON_MIN_KEYS`: dense from 512 keys at head_dim 128 and 1K at 64, causal from 1K and 2K;
       EFFREPRO_GLUON=0 never, =1 wherever it covers), else tl.
     Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`; gradients flow
     through both.

@@ -363,17 +363,25 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, BH, N_Q, N_
 
 
 # ----------------------------------------------------------------------------------------------------- host side
-def kernel_config(head_dim: int, causal: bool) -> dict:
-    """The kernel's configuration for a head_dim and mask, as measured on an H200 (NOTES.md, "The Gluon forward
-    overlapped"): at head_dim 128 the softmax overlapped with the P·V product (0.93-0.97 of cuDNN's time without,
-    1.01-1.06 with, from 4K keys), in two K/V stages of 128 keys (three fit, and were no faster); at 64, whose
-    P·V product is too short to hide a softmax, no overlap (1-6% faster without), three stages, and three
-    consumer warpgroups of 64 rows (1.04-1.10 of cuDNN from 4K keys, against two's 0.91-0.96; NOTES.md, "Three
-    consumer warpgroups"). Dense grids are persistent (0.69 -> 0.87 of cuDNN at 512 keys, d = 64, on an H100;
-    NOTES.md, "A persistent forward"); causal ones keep a program a tile (H100, d = 64, 512-16K keys: 0.51-1.08
-    of cuDNN a program a tile, 0.47-1.02 persistent, measured before `persistent_programs` kept each program
-    from taking the same tile of every head)."""
-    return dict(CANDIDATES[128 if head_dim > 64 else 64][0], PERSISTENT=not causal)
+# Causal grids are persistent up to this many keys, a program a tile beyond (H100, `tune_flash_gluon.py` at
+# 690fda4, persistent ÷ a program a tile: d = 128 1.06 / 1.08 / 1.12 at 512 / 1K / 2K keys, 0.98 at 4K, 0.70 at
+# 16K; d = 64 0.97 / 1.03 / 1.12 / 1.03 / 1.01 at 512 / 1K / 2K / 4K / 16K; NOTES.md, "Causal grids persistent
+# up to 2K keys").
+CAUSAL_PERSISTENT_MAX_KEYS = 2048
+
+
+def kernel_config(head_dim: int, causal: bool, n_keys: int) -> dict:
+    """The kernel's configuration for a head_dim, mask and key length, as measured on an H200 (NOTES.md, "The
+    Gluon forward overlapped"): at head_dim 128 the softmax overlapped with the P·V product (0.93-0.97 of cuDNN's
+    time without, 1.01-1.06 with, from 4K keys), in two K/V stages of 128 keys (three fit, and were no faster); at
+    64, whose P·V product is too short to hide a softmax, no overlap (1-6% faster without), three stages, and
+    three consumer warpgroups of 64 rows (1.04-1.10 of cuDNN from 4K keys, against two's 0.91-0.96; NOTES.md,
+    "Three consumer warpgroups"). Dense grids are persistent (0.69 -> 0.87 of cuDNN at 512 keys, d = 64, on an
+    H100; NOTES.md, "A persistent forward"), causal ones up to CAUSAL_PERSISTENT_MAX_KEYS: beyond, a program a
+    tile lets the GPU hand the next tile to whichever SM is free, where a persistent program's fixed share of
+    long and short tiles leaves some SMs with more work than others."""
+    persistent = not causal or n_keys <= CAUSAL_PERSISTENT_MAX_KEYS
+    return dict(CANDIDATES[128 if head_dim > 64 else 64][0], PERSISTENT=persistent)
 
 
 # The configurations worth timing: kernel_config's choice first, then the others that fit shared memory and
@@ -447,13 +455,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ · softmax_scale) v and the base-2 LSE (float32, (batch, heads, seq_q)) for inputs that
     `gluon_supported` accepts; softmax_scale > 0 (the kernel takes the row maximum before scaling). `config`
-    replaces `kernel_config(head_dim, causal)` (`scripts/tune_flash_gluon.py` compares them)."""
+    replaces `kernel_config(head_dim, causal, seq_k)` (`scripts/tune_flash_gluon.py` compares them)."""
     b, h, n_q, d = q.shape
     kv_h, n_k = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    cfg = config or kernel_config(d, causal)
+    cfg = config or kernel_config(d, causal, n_k)
     q_block, kv_block = [1, ROWS_PER_WARPGROUP, d], [1, cfg["BLOCK_N"], d]
     # 3-D views (batch·heads, seq, head_dim): a tile never runs into the next head's rows, as TMA fills
     # reads past seq with zeros and clips stores there

@@ -61,7 +61,7 @@ def variants():
         for constants in forward_kernels(head_dim):
             keys = [1, constants["BLOCK_N"], head_dim]
             name = fa.config_name(dict(constants, PERSISTENT=False))
-            chosen = constants == fa.kernel_constants(fa.kernel_config(head_dim, False))
+            chosen = constants == fa.kernel_constants(fa.kernel_config(head_dim, False, 4096))
             for causal in (False, True) if chosen else (False, ):
                 yield f"forward d={head_dim} {name} {'causal' if causal else 'dense'}", \
                     compile_for_hopper(fa._attn_fwd, dict(q_desc=rows, o_desc=rows, k_desc=keys, v_desc=keys),
