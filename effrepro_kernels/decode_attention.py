@@ -96,7 +96,7 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, WO_D: tl.constexpr,
             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, BLOCK_P: tl.constexpr,
             K_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
-            PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, KEYS_AS_ROWS: tl.constexpr):
+            PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr):
     """Each program walks its work items (segment = batch·KV head, tile range, piece number): softmax over the
     tiles with a running maximum and sum. A segment in one piece is written out at once. Otherwise the piece
     is stored, normalised, with its base-2 log-sum-exp, and counted; the program that stores a segment's last
@@ -108,9 +108,7 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
     masked on load (zeros add nothing to q·k, and are not stored). Pieces are stored WO_D lanes wide. K and V
     are full precision (K_BITS, V_BITS = 0) or `quantize_kv`'s packed codes, keys per channel and values per
     token, dequantized in registers (`kv_tile`); KS, KZ, VS, VZ are their scales and zero-points. With
-    KEYS_AS_ROWS (packed keys only), the scores are computed as K·Qᵀ, keys the matrix unit's rows, and turned
-    back (`DecodeSchedule.keys_as_rows`). With STORE_SCORES, each key's logit for each query head goes to SCORES
-    (batch, heads, SCORES_ROW) as it is
+    STORE_SCORES, each key's logit for each query head goes to SCORES (batch, heads, SCORES_ROW) as it is
     computed: whole tiles, those past a head's length as -inf, since SCORES_ROW is a multiple of BLOCK_N (no mask
     by key, and aligned rows: 16-byte stores)."""
     p = tl.program_id(0)
@@ -122,7 +120,6 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
         offs_e = BLOCK_D + tl.arange(0, BLOCK_E)
         emask = offs_e < HEAD_DIM
     qk_scale = sm_scale * LOG2E
-    SWAPPED: tl.constexpr = KEYS_AS_ROWS and K_BITS > 0
     for i in range(MAX_ITEMS):
         # an item carries all it needs (pieces of its segment, sequence length): one memory round trip
         # before the first K and V loads, not a chain of dependent ones
@@ -156,11 +153,8 @@ def _decode(Q, K, KS, KZ, V, VS, VZ, WORK, MAX_ITEMS, ARRIVED, WO, WL, OUT, LSE,
                 # finite value times probability 0 adds nothing
                 rows = tl.minimum(tl.arange(0, BLOCK_N), length - 1 - start)
                 k = kv_tile(Kh, KS + k_stats, KZ + k_stats, start, rows, offs_d, every_row, dmask, stride_kn,
-                            stride_ksn, HEAD_DIM, K_BITS, K_GROUP, False, not SWAPPED)
-                if SWAPPED:
-                    qk = tl.trans(tl.dot(k, tl.trans(q), input_precision=PRECISION))
-                else:
-                    qk = tl.dot(q, k, input_precision=PRECISION)
+                            stride_ksn, HEAD_DIM, K_BITS, K_GROUP, False, True)
+                qk = tl.dot(q, k, input_precision=PRECISION)
                 if BLOCK_E > 0:  # full precision only (the packed path reads whole rows into one chunk)
                     k_e = kv_tile(Kh, KS, KZ, start, rows, offs_e, every_row, emask, stride_kn, 0, 0, 0, 1, False,
                                   True)
@@ -254,12 +248,6 @@ class DecodeSchedule:
     # by itself, which leaves room for two programs of 4 warps an SM; capped at 168 it compiles without spills
     # for three (`scripts/tune_decode.py --quantized` measures it)
     max_registers: int | None = None
-    # Packed keys only: the scores as K·Qᵀ, keys the rows of the matrix unit's product (FlashInfer's decode does
-    # the same). Counted offline, Triton 3.6's 4-bit loop takes 1,225 instructions a 128-key tile against 1,380
-    # (the product becomes a wgmma, and Q no longer goes through an operand layout that the packed keys' joins
-    # make it rebuild every tile); 3.9's takes 1,087 against 1,066 (NOTES.md, "Keys as the product's rows").
-    # Not yet timed on a GPU: `scripts/tune_decode.py --quantized` compares it.
-    keys_as_rows: bool = False
     # Set by the first call with a new signature (shapes, strides, dtypes, devices of q, k_cache, v_cache): the
     # signature that passed the checks, and the scratch memory made for it (`_workspace`). Calls with the same
     # signature skip both, so a call costs the output's allocation and the launches.
@@ -491,8 +479,7 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
         hkv, groups, schedule.max_pieces, scores_row, scale), dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_E=block_e, WO_D=padded, BLOCK_G=block_g, BLOCK_N=schedule.block_n,
         GROUP=group, BLOCK_P=merge_step(schedule.max_pieces, group, padded), K_BITS=k_bits, K_GROUP=k_group,
-        V_BITS=v_bits, V_GROUP=v_group, PRECISION=precision, STORE_SCORES=return_scores,
-        KEYS_AS_ROWS=schedule.keys_as_rows, num_warps=schedule.num_warps,
+        V_BITS=v_bits, V_GROUP=v_group, PRECISION=precision, STORE_SCORES=return_scores, num_warps=schedule.num_warps,
         num_stages=schedule.num_stages, maxnreg=schedule.max_registers), kept,
         "decode+scores" if return_scores else "decode")
     if return_scores:

@@ -5,7 +5,7 @@ Prints tables (what effrepro_kernels/NOTES.md quotes); the measurement of speed 
 `task=scissorhands_kv` on a GPU.
 
     python scripts/sass_loop.py [--bits 4] [--dtype bf16] [--block-n 128] [--warps 4] [--stages 3] [--sm 90]
-                                [--head-dim 128] [--scores] [--max-registers 168] [--keys-as-rows]
+                                [--head-dim 128] [--scores] [--max-registers 168]
 
 --bits 0 is the full-precision cache; --head-dim takes the lanes `head_dim_chunks` gives it (80: 64 + 32); --scores
 is the variant that stores each key's score (Scissorhands' counting). 4 query heads per KV head, KIVI groups of 32
@@ -33,8 +33,7 @@ BRANCH_TO = re.compile(r"BRA.*\.L_x_(\d+)")
 
 
 def compile_decode(bits: int, dtype: str, block_n: int, warps: int, stages: int, sm: int = 90,
-                   head_dim: int = 128, scores: bool = False, max_registers: int | None = None,
-                   keys_as_rows: bool = False):
+                   head_dim: int = 128, scores: bool = False, max_registers: int | None = None):
     names = list(_decode.arg_names)
     cache = "*u8" if bits else f"*{dtype}"
     pointers = dict(Q=f"*{dtype}", K=cache, V=cache, KS=f"*{dtype}", KZ=f"*{dtype}", VS=f"*{dtype}",
@@ -43,8 +42,7 @@ def compile_decode(bits: int, dtype: str, block_n: int, warps: int, stages: int,
     block_d, block_e = head_dim_chunks(head_dim, quantized=bits > 0)
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_E=block_e, WO_D=padded_head_dim(head_dim), BLOCK_G=16,
                      BLOCK_N=block_n, GROUP=4, BLOCK_P=1, K_BITS=bits, K_GROUP=32 if bits else 0, V_BITS=bits,
-                     V_GROUP=32 if bits else 0, PRECISION="ieee" if dtype == "fp32" else "tf32", STORE_SCORES=scores,
-                     KEYS_AS_ROWS=keys_as_rows)
+                     V_GROUP=32 if bits else 0, PRECISION="ieee" if dtype == "fp32" else "tf32", STORE_SCORES=scores)
     signature = {n: "constexpr" if n in constants else pointers.get(n, "fp32" if n == "sm_scale" else "i32")
                  for n in names}
     # the values' statistics have 4 groups a token: their row stride is the one not divisible by 16; the scores'
@@ -91,11 +89,10 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--scores", action="store_true", help="the variant that stores each key's score")
     parser.add_argument("--max-registers", type=int, help="a cap on registers a thread (DecodeSchedule's)")
-    parser.add_argument("--keys-as-rows", action="store_true", help="packed keys' scores as K·Qᵀ (DecodeSchedule's)")
     parser.add_argument("--sm", type=int, default=90, help="compute capability, as 80 for an A100")
     args = parser.parse_args()
     kernel = compile_decode(args.bits, args.dtype, args.block_n, args.warps, args.stages, args.sm,
-                            args.head_dim, args.scores, args.max_registers, args.keys_as_rows)
+                            args.head_dim, args.scores, args.max_registers)
     print(f"triton {triton.__version__}, sm_{args.sm}, head_dim {args.head_dim}, {args.bits or 16}-bit {args.dtype} "
           f"cache, {args.block_n}-key tiles, {args.warps} warps, {args.stages} stages: "
           f"{kernel.metadata.shared} bytes of shared memory")

@@ -121,18 +121,15 @@ def head_dims(copy_gb_s, quick):
 
 def quantized_levers(quick):
     """Attention over a KIVI-quantized cache (keys per channel, values per token, groups of 32), bf16, 32/8 heads:
-    keys per tile, stages, lean programs per SM, a cap on registers (more programs can then share an SM) and the
-    scores as K·Qᵀ (`DecodeSchedule.keys_as_rows`), against
+    keys per tile, stages, lean programs per SM and a cap on registers (more programs can then share an SM), against
     the 16-bit cache's default schedule in the same run."""
     from effrepro_kernels.decode_attention import decode_attention_quantized
     from effrepro_kernels.kv_quant import quantize_kv
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    grid = dict(bits=[4], block_n=[64, 128], num_stages=[2, 3, 4], per_sm=[2, 3, 4], max_registers=[None, 168, 128],
-                keys_as_rows=[False, True])
+    grid = dict(bits=[4], block_n=[64, 128], num_stages=[2, 3, 4], per_sm=[2, 3, 4], max_registers=[None, 168, 128])
     if quick:
-        grid = dict(bits=[4], block_n=[64, 128], num_stages=[3], per_sm=[2, 3], max_registers=[None, 168],
-                    keys_as_rows=[False, True])
+        grid = dict(bits=[4], block_n=[64, 128], num_stages=[3], per_sm=[2, 3], max_registers=[None, 168])
     print("\n## quantized cache (32/8, bf16, groups of 32; graph-timed): µs, and the 16-bit cache's time over it")
     print("| shape | " + " | ".join(grid) + " | µs | x 16-bit |\n|" + "---|" * (len(grid) + 3))
     for batch, context in ((1, 32768), (4, 32768), (4, 131072)):
@@ -142,12 +139,11 @@ def quantized_levers(quick):
         default = make_schedule("lean", lengths, 8, dtype=torch.bfloat16, device="cuda")
         full = measure(rotating(copies, lambda q, k, v: decode_attention(q, k, v, schedule=default)),
                        torch.device("cuda"), warmup_ms=5, rep_ms=30, back_to_back="graph").p50
-        for bits, block_n, stages, per_sm, max_registers, keys_as_rows in itertools.product(*grid.values()):
+        for bits, block_n, stages, per_sm, max_registers in itertools.product(*grid.values()):
             tiles = [math.ceil(context / block_n)] * (batch * 8)
             schedule = make_schedule("lean", lengths, 8, block_n=block_n, dtype=torch.bfloat16, device="cuda",
                                      num_programs=lean_programs(tiles, sms) * per_sm, quantized=True)
-            schedule = dataclasses.replace(schedule, num_stages=stages, max_registers=max_registers,
-                                           keys_as_rows=keys_as_rows)
+            schedule = dataclasses.replace(schedule, num_stages=stages, max_registers=max_registers)
             turn = itertools.cycle(range(len(copies)))
 
             def attend():
@@ -156,11 +152,10 @@ def quantized_levers(quick):
             try:
                 t = measure(attend, torch.device("cuda"), warmup_ms=5, rep_ms=20, back_to_back="graph").p50
             except Exception as exc:  # noqa: BLE001 - a config that does not fit or compile is skipped
-                print(f"<!-- {bits} {block_n} {stages} {per_sm} {max_registers} {keys_as_rows}: "
-                      f"{type(exc).__name__} -->")
+                print(f"<!-- {bits} {block_n} {stages} {per_sm} {max_registers}: {type(exc).__name__} -->")
                 continue
             print(f"| B={batch} L={context} | {bits} | {block_n} | {stages} | {per_sm} | {max_registers} | "
-                  f"{keys_as_rows} | {t * 1e3:.1f} | {full / t:.2f} |")
+                  f"{t * 1e3:.1f} | {full / t:.2f} |")
 
 
 def short_contexts(quick):

@@ -1,6 +1,5 @@
 """KV-cache quantization (KIVI's layout) against the plain PyTorch reference, and decode attention straight over a
 quantized cache against attention over the dequantized one."""
-import dataclasses
 import importlib
 import os
 import subprocess
@@ -173,14 +172,13 @@ def sass_loop(*args) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("bits, dtype, sm, options", [(4, "bf16", 90, ()), (4, "fp16", 90, ()), (2, "bf16", 90, ()),
-                                                      (8, "fp16", 90, ()), (4, "bf16", 80, ()),
-                                                      (4, "bf16", 90, ("--keys-as-rows", "--scores"))])
-def test_the_quantized_decode_kernel_compiles_without_a_gpu(bits, dtype, sm, options):
+@pytest.mark.parametrize("bits, dtype, sm", [(4, "bf16", 90), (4, "fp16", 90), (2, "bf16", 90), (8, "fp16", 90),
+                                             (4, "bf16", 80)])
+def test_the_quantized_decode_kernel_compiles_without_a_gpu(bits, dtype, sm):
     """The GPU's own path (inline PTX: two-lane dequantizing, lop3) compiles for Hopper, and for an A100 (no PTX
     of sm_90 only), and assembles with Triton's ptxas, in a process outside the interpreter, which takes the
-    lane-by-lane path instead; with the scores as K·Qᵀ too."""
-    table = sass_loop("--bits", bits, "--dtype", dtype, "--sm", sm, *options)
+    lane-by-lane path instead."""
+    table = sass_loop("--bits", bits, "--dtype", dtype, "--sm", sm)
     assert f"{bits}-bit {dtype} cache" in table and "| 1 |" in table, table
 
 
@@ -236,16 +234,6 @@ def test_quantized_decode_with_the_fast_memory_tiles(bits):
     schedule = make_schedule("lean", lengths, 2, block_n=128, head_dim=64, dtype=torch.float16, quantized=True)
     assert schedule.block_n == 128
     check_quantized(q, k_q, v_q, lengths, torch.float16, schedule)
-
-
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_quantized_decode_with_keys_as_the_products_rows(bits):
-    """The scores as K·Qᵀ (`DecodeSchedule.keys_as_rows`), with each key's score stored: 3 query heads per KV
-    head, head_dim 80, lengths that end inside a tile and a key group."""
-    q, k_q, v_q = quantized_inputs(2, 6, 2, 96, 80, bits, torch.float16, key_group=16, value_group=16, seed=bits)
-    lengths = torch.tensor([96, 37], device=DEVICE)
-    schedule = make_schedule("lean", lengths, 2, block_n=32, head_dim=80, dtype=torch.float16, quantized=True)
-    check_quantized(q, k_q, v_q, lengths, torch.float16, dataclasses.replace(schedule, keys_as_rows=True))
 
 
 def test_quantized_part_and_full_precision_residual_merge_to_attention_over_both():
