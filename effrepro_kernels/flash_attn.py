@@ -24,8 +24,8 @@ from .torch_op import differentiable, kernel_op
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
 # measured faster than the tl one (H200, Triton 3.6; effrepro_kernels/NOTES.md, "The Gluon forward overlapped"; its
 # persistent grids on an H100, "A persistent forward" and "Causal grids persistent up to 2K keys"): from
-# GLUON_MIN_KEYS[head_dim, causal] keys, on a Triton
-# where it has run. EFFREPRO_GLUON=0: never; =1: wherever it covers the inputs.
+# GLUON_MIN_KEYS[head_dim, causal] keys, on a Triton where it has run. EFFREPRO_GLUON=0: never; =1: wherever it
+# covers the inputs.
 GLUON = os.environ.get("EFFREPRO_GLUON")
 GLUON_MIN_KEYS = {(128, False): 512, (128, True): 1024, (64, False): 1024, (64, True): 2048}
 GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has passed its GPU tests
