@@ -1,13 +1,13 @@
 """FlashAttention forward for Hopper (sm_90) in Gluon: TMA loads, wgmma, warp specialisation.
 
-The structure of FlashAttention-3 and cuDNN: a program takes (query tile, batch·head) pairs, one (causal) or in
-turn, a program an SM (dense: a persistent grid), a query tile being CONSUMERS (2 or 3) blocks of 64 rows. A
-one-warp producer partition loads each tile's Q blocks once, and K and V tiles of
-BLOCK_N keys into a ring of NUM_STAGES shared-memory buffers with TMA, signalling mbarriers with the bytes it
-expects. Each consumer warpgroup (the default partition, and four-warp workers) owns one block of 64 query rows:
-S = Q·Kᵀ with wgmma, the online softmax in registers (base 2, the scale folded into the exponent), O += P·V with
-P from registers; each releases a stage's K with an mbarrier arrive once its Q·Kᵀ has read it, and its V once its
-P·V has. At head_dim 128 a consumer overlaps each tile's softmax with the previous tile's P·V
+The structure of FlashAttention-3 and cuDNN: a program takes (query tile, batch·head) pairs, one, or in turn a
+program an SM (a persistent grid: without a mask, and causal up to `CAUSAL_PERSISTENT_MAX_KEYS`), a query tile
+being CONSUMERS (2 or 3) blocks of 64 rows. A one-warp producer partition loads each tile's Q blocks once, and K
+and V tiles of BLOCK_N keys into a ring of NUM_STAGES shared-memory buffers with TMA, signalling mbarriers with
+the bytes it expects. Each consumer warpgroup (the default partition, and four-warp workers) owns one block of 64
+query rows: S = Q·Kᵀ with wgmma, the online softmax in registers (base 2, the scale folded into the exponent),
+O += P·V with P from registers; each releases a stage's K with an mbarrier arrive once its Q·Kᵀ has read it, and
+its V once its P·V has. At head_dim 128 a consumer overlaps each tile's softmax with the previous tile's P·V
 (FlashAttention-3's intra-warpgroup pipelining).
 
 Conventions follow flash_attn.py: q (batch, heads, seq_q, head_dim), k and v (batch, kv_heads, seq_k, head_dim)
@@ -18,9 +18,10 @@ that sees no key gives zeros and an LSE of +inf (so that the backward's exp2(s -
 Gluon's API moved between Triton 3.6 and 3.9 (effrepro_kernels/NOTES.md, "Gluon on Hopper"): the renamed calls
 are bridged by aliases chosen from what the installed Triton has, and without a Gluon this file knows, importing
 still works and `gluon_supported` says False. Compiled offline for sm_90 with Triton 3.6 to 3.9, run and measured
-on an H200 and an H100 with 3.6 (NOTES.md, "The Gluon forward overlapped" and "A persistent forward"): faster
-than the `tl` forward on dense calls from 512 keys at d = 128 and 1K at 64, and on causal ones from 2K; slower
-on shorter causal ones, where `flash_attn` keeps the `tl` one (`_use_gluon`).
+on an H200 and an H100 with 3.6 (NOTES.md, "The Gluon forward overlapped", "A persistent forward" and "Causal
+grids persistent up to 2K keys"): faster than the `tl` forward on dense calls from 512 keys at d = 128 and 1K at
+64, and on causal ones from 1K at d = 128 and 2K at 64; slower on shorter causal ones, where `flash_attn` keeps
+the `tl` one (`_use_gluon`).
 """
 from __future__ import annotations
 
