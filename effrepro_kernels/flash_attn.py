@@ -5,8 +5,8 @@ backward recomputes the probabilities from it (FlashAttention's algorithm, with 
 one pass over query tiles for dK and dV, one over key tiles for dQ; no atomics, so it is deterministic).
 Dropout is fused (counter-based Philox numbers per (batch·head, row, column), reproducible from the seed), and
 so are causal masks (bottom-right aligned), key padding masks and block-sparse masks, whose zero blocks are
-skipped rather than masked. On Hopper, the dense forward without dropout or key padding can run as the Gluon
-kernel of flash_attn_gluon.py instead, where it measured faster (`_use_gluon`).
+skipped rather than masked. On Hopper, calls without dropout or key padding can run the Gluon
+kernels of flash_attn_gluon.py instead, where they measured faster (`_use_gluon`, `_use_gluon_backward`).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has 
 # where the tl backward took 1.32-1.42x).
 GLUON_BACKWARD_MIN_KEYS = {(128, False): 1024, (128, True): 2048, (64, False): 2048, (64, True): 2048}
 GLUON_BACKWARD_MEASURED_ON = ("3.6.",)
-FORWARD_KERNELS = ("auto", "tl", "gluon")
+KERNELS = ("auto", "tl", "gluon")  # forward_kernel and backward_kernel: which kernel runs each pass
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LAYOUTS = ("bhsd", "bshd")  # (batch, heads, seq, dim) as SDPA takes it, or (batch, seq, heads, dim) as FlashAttention
@@ -494,10 +494,11 @@ def _dense_like(t: torch.Tensor) -> torch.Tensor:
 # The kernels as operators (torch_op.py): the forward, the backward, what each returns for shapes alone, and the
 # autograd rule joining them. A block-sparse layout travels as its four CSR tensors (block_size 0: dense).
 @kernel_op("flash_attn", fake=lambda q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p,
-           seed, forward_kernel: (_dense_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)))
+           seed, forward_kernel, backward_kernel: (_dense_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)))
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
              rows: list[torch.Tensor], cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float,
-             dropout_p: float, seed: int, forward_kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+             dropout_p: float, seed: int, forward_kernel: str,
+             backward_kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_gluon(forward_kernel, q, k, v, key_padding_mask, block_size, causal, dropout_p):
         return flash_attn_gluon.forward(q, k, v, causal, sm_scale)
     b, h, n_q, d = q.shape
@@ -525,32 +526,47 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
             triton.__version__.startswith(GLUON_MEASURED_ON) and
             k.shape[2] >= GLUON_MIN_KEYS.get((q.shape[-1], causal), math.inf)):
         return False
-    covered = not block_size and key_padding_mask is None and dropout_p == 0 and \
-        flash_attn_gluon.gluon_supported(q, k, v)
-    if forward_kernel == "gluon" and not covered:
-        raise ValueError("forward_kernel='gluon' covers dense attention without dropout or key padding: fp16 or "
-                         "bf16, head_dim 64 or 128, contiguous tensors on a Hopper GPU, with a Triton whose Gluon it "
-                         "knows; use 'auto' or 'tl'")
-    return covered
+    reason = _gluon_lacks(key_padding_mask, dropout_p, block_size, sparse_blocks=()) or \
+        flash_attn_gluon.refusal(q, k, v)
+    return _covered("forward_kernel", forward_kernel, reason)
 
 
-def _use_gluon_backward(q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_size: int, causal: bool,
-                        dropout_p: float) -> bool:
-    """Whether the Gluon backward runs: where it covers the call, on a Triton where it was measured, from
-    GLUON_BACKWARD_MIN_KEYS keys (EFFREPRO_GLUON=0: never; =1: wherever it covers). Block-sparse calls need
-    blocks of its tile (SPARSE_BLOCK keys)."""
-    if GLUON == "0" or (GLUON != "1" and not (
+def _use_gluon_backward(backward_kernel: str, q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_size: int,
+                        causal: bool, dropout_p: float) -> bool:
+    """Whether the Gluon backward runs: as `_use_gluon` decides for the forward, from GLUON_BACKWARD_MIN_KEYS keys
+    under "auto". Block-sparse calls need blocks of its tile (SPARSE_BLOCK keys)."""
+    if backward_kernel == "tl" or (backward_kernel == "auto" and GLUON == "0"):
+        return False
+    if backward_kernel == "auto" and GLUON != "1" and not (
             triton.__version__.startswith(GLUON_BACKWARD_MEASURED_ON) and
-            k.shape[2] >= GLUON_BACKWARD_MIN_KEYS.get((q.shape[-1], causal), math.inf))):
+            k.shape[2] >= GLUON_BACKWARD_MIN_KEYS.get((q.shape[-1], causal), math.inf)):
         return False
-    if block_size and block_size != flash_attn_gluon.SPARSE_BLOCK:
-        return False
-    return key_padding_mask is None and dropout_p == 0 and \
-        flash_attn_gluon.backward_covers(q, k, v, do, lse, dq, dk, dv)
+    reason = _gluon_lacks(key_padding_mask, dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,)) \
+        or flash_attn_gluon.backward_refusal(q, k, v, do, lse, dq, dk, dv)
+    return _covered("backward_kernel", backward_kernel, reason)
+
+
+def _gluon_lacks(key_padding_mask, dropout_p: float, block_size: int, sparse_blocks: tuple[int, ...]) -> str | None:
+    """Which feature of the call a Gluon kernel lacks (it takes block-sparse masks of `sparse_blocks` keys), if
+    any."""
+    if key_padding_mask is not None:
+        return "a key padding mask"
+    if dropout_p:
+        return "dropout"
+    if block_size and block_size not in sparse_blocks:
+        return f"block-sparse masks of {block_size}-key blocks (it takes {list(sparse_blocks) or 'none'})"
+    return None
+
+
+def _covered(argument: str, choice: str, reason: str | None) -> bool:
+    """Whether the Gluon kernel covers the call; where `choice` forces it and it does not, an error saying why."""
+    if choice == "gluon" and reason is not None:
+        raise ValueError(f"{argument}='gluon' does not cover this call: {reason}; use 'auto' or 'tl'")
+    return reason is None
 
 
 def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p,
-                     seed, dq, dk, dv) -> None:
+                     seed, dq, dk, dv, backward_kernel: str = "auto") -> None:
     """The backward's kernels, writing dq, dk and dv (any strides) in place."""
     b, h, n_q, d = q.shape
     n_k, groups = k.shape[2], h // k.shape[1]
@@ -568,7 +584,8 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride())
     scalars = (h, groups, n_q, n_k, sm_scale, seed, dropout_p)
-    if _use_gluon_backward(q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_size, causal, dropout_p):
+    if _use_gluon_backward(backward_kernel, q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_size, causal,
+                           dropout_p):
         flash_attn_gluon.backward(q, k, v, do, lse, delta, causal, sm_scale, dq, dk, dv,
                                   (rows, cols) if block_size else None)
         return
@@ -583,30 +600,30 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
 
 
 @kernel_op("flash_attn_backward", fake=lambda do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, block_size,
-           causal, sm_scale, dropout_p, seed: (_dense_like(q), _dense_like(k), _dense_like(v)))
+           causal, sm_scale, dropout_p, seed, backward_kernel: (_dense_like(q), _dense_like(k), _dense_like(v)))
 def _backward(do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               o: torch.Tensor, lse: torch.Tensor, key_padding_mask: torch.Tensor | None, rows: list[torch.Tensor],
               cols: list[torch.Tensor], block_size: int, causal: bool, sm_scale: float, dropout_p: float,
-              seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              seed: int, backward_kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = _dense_like(q), _dense_like(k), _dense_like(v)
     _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, block_size, causal, sm_scale,
-                     dropout_p, seed, dq, dk, dv)
+                     dropout_p, seed, dq, dk, dv, backward_kernel)
     return dq, dk, dv
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed, _ = inputs
+    q, k, v, key_padding_mask, rows, cols, block_size, causal, sm_scale, dropout_p, seed, _, backward_kernel = inputs
     ctx.save_for_backward(q, k, v, *output, key_padding_mask, *rows, *cols)
-    ctx.settings = (len(rows), block_size, causal, sm_scale, dropout_p, seed)
+    ctx.settings = (len(rows), block_size, causal, sm_scale, dropout_p, seed, backward_kernel)
 
 
 def _gradients(ctx, do, dlse):
     q, k, v, o, lse, key_padding_mask, *layout = ctx.saved_tensors
-    n_rows, block_size, causal, sm_scale, dropout_p, seed = ctx.settings
+    n_rows, block_size, causal, sm_scale, dropout_p, seed, backward_kernel = ctx.settings
     do = torch.zeros_like(o) if do is None else do  # a loss of the LSE alone
     dq, dk, dv = _backward(do, dlse, q, k, v, o, lse, key_padding_mask, layout[:n_rows], layout[n_rows:],
-                           block_size, causal, sm_scale, dropout_p, seed)
-    return dq, dk, dv, *[None] * 9
+                           block_size, causal, sm_scale, dropout_p, seed, backward_kernel)
+    return dq, dk, dv, *[None] * 10
 
 
 _flash_attn_function = differentiable(_forward, _save_for_backward, _gradients)
@@ -623,7 +640,7 @@ def _unpacked(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     _dense_like(_unpacked(qkv)[0]), qkv.new_empty((qkv.shape[0], qkv.shape[3], qkv.shape[1]), dtype=torch.float32)))
 def _forward_packed(qkv: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool, sm_scale: float,
                     dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(*_unpacked(qkv), key_padding_mask, [], [], 0, causal, sm_scale, dropout_p, seed, "auto")
+    return _forward(*_unpacked(qkv), key_padding_mask, [], [], 0, causal, sm_scale, dropout_p, seed, "auto", "auto")
 
 
 @kernel_op("flash_attn_backward_packed", fake=lambda do, dlse, qkv, o, lse, key_padding_mask, causal, sm_scale,
@@ -674,7 +691,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
                key_padding_mask: torch.Tensor | None = None,
                block_mask: torch.Tensor | BlockSparseLayout | None = None,
                block_size: int = 128, seed: int | None = None, layout: str = "bhsd", return_lse: bool = False,
-               forward_kernel: str = "auto"):
+               forward_kernel: str = "auto", backward_kernel: str = "auto"):
     """Exact attention softmax(q kᵀ · scale) v, forward and backward, never materialising the N×N matrix.
 
     q: (batch, heads, seq_q, head_dim); k, v: (batch, kv_heads, seq_k, head_dim) with kv_heads dividing heads
@@ -687,19 +704,20 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     - block_mask: bool (1|batch, 1|heads, ceil(seq_q/block_size), ceil(seq_k/block_size)): block-sparse
       attention; blocks that are False are skipped, so time falls with the density. A `BlockSparseLayout`
       built once from such a mask saves preparing it on every call.
-    The backward uses no atomics: it is deterministic. On Hopper it runs in Gluon where that was measured faster
-    (`GLUON_BACKWARD_MIN_KEYS`: head_dim 128 from 1K keys, 2K causal, 64 from 2K; block-sparse too, with 128-key
-    blocks), else in tl.
-    - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error where it
-      does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was measured
-      faster (`GLUON_MIN_KEYS`: dense from 512 keys at head_dim 128 and 1K at 64, causal from 1K and 2K;
+    The backward uses no atomics: it is deterministic.
+    - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error saying why
+      where it does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was
+      measured faster (`GLUON_MIN_KEYS`: dense from 512 keys at head_dim 128 and 1K at 64, causal from 1K and 2K;
       EFFREPRO_GLUON=0 never, =1 wherever it covers), else tl.
+    - backward_kernel: the same choice for the backward; "auto" takes Gluon from `GLUON_BACKWARD_MIN_KEYS` keys
+      (head_dim 128 from 1K, 2K causal, 64 from 2K; block-sparse too, with 128-key blocks).
     Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`; gradients flow
     through both.
     """
     _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
-    if forward_kernel not in FORWARD_KERNELS:
-        raise ValueError(f"forward_kernel={forward_kernel!r} is not one of {FORWARD_KERNELS}")
+    for name, choice in (("forward_kernel", forward_kernel), ("backward_kernel", backward_kernel)):
+        if choice not in KERNELS:
+            raise ValueError(f"{name}={choice!r} is not one of {KERNELS}")
     scale, dropout_p, seed = _scalars(q.shape[-1], softmax_scale, dropout_p, seed)
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -709,7 +727,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
             BlockSparseLayout(block_mask, q.shape[0], q.shape[1], block_size)
         rows, cols, sparse_block = list(prepared.by_query), list(prepared.by_key), prepared.block_size
     out, lse = _flash_attn_function(q, k, v, key_padding_mask, rows, cols, sparse_block, causal, scale, dropout_p,
-                                    seed, forward_kernel)
+                                    seed, forward_kernel, backward_kernel)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse / LOG2E) if return_lse else out

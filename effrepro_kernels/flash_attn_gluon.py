@@ -17,7 +17,7 @@ that sees no key gives zeros and an LSE of +inf (so that the backward's exp2(s -
 
 Gluon's API moved between Triton 3.6 and 3.9 (effrepro_kernels/NOTES.md, "Gluon on Hopper"): the renamed calls
 are bridged by aliases chosen from what the installed Triton has, and without a Gluon this file knows, importing
-still works and `gluon_supported` says False. Compiled offline for sm_90 with Triton 3.6 to 3.9, run and measured
+still works and `refusal` says so. Compiled offline for sm_90 with Triton 3.6 to 3.9, run and measured
 on an H200 and an H100 with 3.6 (NOTES.md, "The Gluon forward overlapped", "A persistent forward" and "Causal
 grids persistent up to 2K keys"): faster than the `tl` forward on dense calls from 512 keys at d = 128 and 1K at
 64, and on causal ones from 1K at d = 128 and 2K at 64; slower on shorter causal ones, where `flash_attn` keeps
@@ -51,7 +51,7 @@ try:
 except Exception:  # noqa: BLE001 - any Triton whose Gluon differs must leave `import effrepro_kernels` working
     _GLUON_OK = False
     # stand-ins so that the kernel definitions below still evaluate (to plain functions never called)
-    gluon = gl = SimpleNamespace(jit=lambda fn: fn, constexpr=None)
+    gluon = gl = SimpleNamespace(jit=lambda fn: fn, constexpr_function=lambda fn: fn, constexpr=None)
 
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
 GLUON_HEAD_DIMS = (64, 128)
@@ -432,30 +432,45 @@ def smem_layout(block_shape, dtype):
     return gl.NVMMASharedLayout.get_default_for(block_shape, dtype)
 
 
-def gluon_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `forward` covers these inputs: a Gluon this file knows, a Hopper GPU, fp16 or
-    bf16, head_dim 64 or 128, contiguous (batch, heads, seq, head_dim) tensors of matching shapes."""
-    if not _GLUON_OK or INTERPRET:  # Gluon does not run under the interpreter
-        return False
+def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why `forward` does not cover these inputs, or None where it does: it takes fp16 or bf16, head_dim 64 or
+    128, contiguous (batch, heads, seq, head_dim) tensors of matching shapes on a Hopper GPU, with a Gluon this
+    file knows. The checks of the tensors come first, so that the CPU tests reach them."""
     tensors = (q, k, v)
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_cuda and t.is_contiguous() for t in tensors):
-        return False
-    if not (q.dtype == k.dtype == v.dtype and q.dtype in GLUON_DTYPES and q.device == k.device == v.device):
-        return False
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors):
+        return "q, k and v must be 4-D tensors"
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in GLUON_DTYPES):
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: it takes one of {GLUON_DTYPES} for all three"
     b, h, n_q, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[1] or d not in GLUON_HEAD_DIMS:
-        return False
-    if min(n_q, k.shape[2], b * h) == 0 or any(t.data_ptr() % 16 for t in tensors):  # TMA needs 16-byte bases
-        return False
-    if b * h > 65535:  # the grid's second dimension
-        return False
-    return torch.cuda.get_device_capability(q.device)[0] == 9
+    if d not in GLUON_HEAD_DIMS:
+        return f"head_dim {d}: it takes {GLUON_HEAD_DIMS}"
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
+        return (f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v alike, of q's batch and "
+                f"head_dim, with kv_heads dividing heads")
+    if not all(t.is_contiguous() for t in tensors):
+        return "q, k and v must be contiguous (batch, heads, seq, head_dim) tensors"
+    if min(n_q, k.shape[2], b * h) == 0:
+        return "an empty input"
+    if b * h > 65535:
+        return f"batch·heads {b * h} > 65535 (the grid's second dimension)"
+    if not _GLUON_OK:
+        return f"Triton {triton.__version__} has no Gluon that this kernel knows"
+    if INTERPRET:
+        return "Gluon does not run under TRITON_INTERPRET=1"
+    if not (q.is_cuda and q.device == k.device == v.device):
+        return f"devices {q.device}, {k.device}, {v.device}: it needs all three on one CUDA GPU"
+    if any(t.data_ptr() % 16 for t in tensors):
+        return "a tensor whose storage does not start on 16 bytes (TMA needs that)"
+    capability = torch.cuda.get_device_capability(q.device)
+    if capability[0] != 9:
+        return f"compute capability {capability[0]}.{capability[1]}: it is written for Hopper (9.x)"
+    return None
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ · softmax_scale) v and the base-2 LSE (float32, (batch, heads, seq_q)) for inputs that
-    `gluon_supported` accepts; softmax_scale > 0 (the kernel takes the row maximum before scaling). `config`
+    `refusal` accepts; softmax_scale > 0 (the kernel takes the row maximum before scaling). `config`
     replaces `kernel_config(head_dim, causal, seq_k)` (`scripts/tune_flash_gluon.py` compares them)."""
     b, h, n_q, d = q.shape
     kv_h, n_k = k.shape[1], k.shape[2]
@@ -892,17 +907,21 @@ def kv_head_lists(by_key: tuple[torch.Tensor, torch.Tensor], batch: int, kv_head
     return merged, (group * triton.cdiv(n_q, SPARSE_BLOCK) + indices)[order].to(torch.int32)
 
 
-def backward_covers(q, k, v, do, lse, dq, dk, dv) -> bool:
-    """Whether `backward` covers these: what `gluon_supported` asks of q, k and v, and of do and the gradients."""
-    return gluon_supported(q, k, v) and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (do, dq, dk, dv)) \
-        and do.shape == q.shape and lse.is_contiguous()
+def backward_refusal(q, k, v, do, lse, dq, dk, dv) -> str | None:
+    """Why `backward` does not cover these, or None where it does: what `refusal` asks of q, k and v, and
+    contiguous do (of q's shape), gradients and LSE."""
+    reason = refusal(q, k, v)
+    if reason is None and not (do.shape == q.shape and lse.is_contiguous() and
+                               all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (do, dq, dk, dv))):
+        reason = "do, dq, dk, dv and the LSE must be contiguous, with storage starting on 16 bytes"
+    return reason
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
              delta: torch.Tensor, causal: bool, softmax_scale: float, dq: torch.Tensor | None = None,
              dk: torch.Tensor | None = None, dv: torch.Tensor | None = None, block_lists=None):
     """dQ, dK and dV of attention, written into dq, dk and dv (new tensors where None), for what
-    `backward_covers`; lse the forward's base-2 LSE (batch, heads, seq_q) and delta (batch · heads, seq_q) the
+    `backward_refusal` accepts; lse the forward's base-2 LSE (batch, heads, seq_q) and delta (batch · heads, seq_q) the
     `tl` backward's rowsum(dO ∘ O). Block-sparse where `block_lists` is given: the CSR lists (offsets, indices)
     of kept blocks of SPARSE_BLOCK keys per (batch · head, query block), then per (batch · head, key block), as
     `BlockSparseLayout` holds them."""

@@ -1,6 +1,7 @@
 """The Triton FlashAttention kernel against the float64 reference: outputs and gradients, on fresh random inputs,
 odd sizes, causal with unequal lengths, grouped heads, padding, dropout and block sparsity. On the CPU the kernels
-run in Triton's interpreter (fp16 and fp32, small shapes); on a GPU bf16 and larger shapes too."""
+run in Triton's interpreter (fp16 and fp32, small shapes); on a GPU bf16 and larger shapes too, each case through the
+tl kernels and through the Gluon ones where they cover it (`run_both`)."""
 import importlib
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import DEVICE, gpu, has_gpu
 from effrepro_kernels import (BlockSparseLayout, attention_reference, block_mask_to_dense, butterfly_block_mask,
                               dropout_keep_mask, flash_attn, flash_attn_qkvpacked, random_block_mask)
 
+flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")  # the package's `flash_attn` is the function
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if has_gpu() else [])
 # ‖out − ref‖ / ‖ref‖ against float64: fp32 (tf32 matrix products on a GPU), fp16, bf16; gradients twice that.
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -20,28 +22,43 @@ def rel_err(got, want):
 
 
 def run_both(b, h, hk, n_q, n_k, d, dtype, *, causal=False, kpm=None, dropout_p=0.0, block_mask=None,
-             block_size=128, seed=1234, forward_kernel="auto", data_seed=0):
+             block_size=128, seed=1234, forward_kernel=None, backward_kernel=None, data_seed=0):
+    """flash_attn's output and gradients against the float64 reference, on fresh random inputs. Without a
+    kernel named, on a GPU, both paths: the tl kernels, then Gluon's wherever they cover the call
+    (EFFREPRO_GLUON=1; the tl ones elsewhere and off Hopper). Returns the last output and the reference."""
     gen = torch.Generator(device=DEVICE).manual_seed(hash((b, h, hk, n_q, n_k, d, causal, data_seed)) % 2**31)
     make = lambda heads, n: torch.randn(b, heads, n, d, device=DEVICE, dtype=dtype, generator=gen)  # noqa: E731
     q, k, v = make(h, n_q), make(hk, n_k), make(hk, n_k)
-    for t in (q, k, v):
-        t.requires_grad_()
-    out = flash_attn(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=dropout_p, block_mask=block_mask,
-                     block_size=block_size, seed=seed, forward_kernel=forward_kernel)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     keep = dropout_keep_mask(seed, b, h, n_q, n_k, dropout_p, DEVICE) if dropout_p else None
     dense = block_mask_to_dense(block_mask, n_q, n_k, block_size) if block_mask is not None else None
     ref = attention_reference(q64, k64, v64, causal=causal, key_padding_mask=kpm, attn_mask=dense,
                               dropout_p=dropout_p, dropout_mask=keep)
     dout = torch.randn(ref.shape, device=DEVICE, dtype=torch.float64, generator=gen)
-    out.backward(dout.to(dtype))
     ref.backward(dout)
+    if forward_kernel or backward_kernel:
+        paths = [(forward_kernel or "auto", backward_kernel or "auto", flash_attn_module.GLUON)]
+    else:
+        paths = [("tl", "tl", None)] + ([("auto", "auto", "1")] if DEVICE == "cuda" else [])
     tol = TOL[dtype]
-    assert not out.isnan().any()
-    assert rel_err(out, ref) < tol, rel_err(out, ref)
-    for name, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
-        assert not got.isnan().any(), name
-        assert rel_err(got, want) < 2 * tol, (name, rel_err(got, want))
+    for forward_choice, backward_choice, gluon_setting in paths:
+        for t in (q, k, v):
+            t.grad = None
+            t.requires_grad_()
+        saved, flash_attn_module.GLUON = flash_attn_module.GLUON, gluon_setting
+        try:
+            out = flash_attn(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=dropout_p, block_mask=block_mask,
+                             block_size=block_size, seed=seed, forward_kernel=forward_choice,
+                             backward_kernel=backward_choice)
+            out.backward(dout.to(dtype))
+        finally:
+            flash_attn_module.GLUON = saved
+        path = f"{forward_choice}/{backward_choice} EFFREPRO_GLUON={gluon_setting}"
+        assert not out.isnan().any(), path
+        assert rel_err(out, ref) < tol, (path, rel_err(out, ref))
+        for name, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+            assert not got.isnan().any(), (path, name)
+            assert rel_err(got, want) < 2 * tol, (path, name, rel_err(got, want))
     return out, ref
 
 
@@ -88,7 +105,7 @@ def test_repeated_calls_of_one_signature_stay_exact(dropout_p):
                  data_seed=data_seed)
     if has_gpu():
         kept = [set(launches) for launches in
-                importlib.import_module("effrepro_kernels.flash_attn")._kept.by_call.values()]
+                flash_attn_module._kept.by_call.values()]
         assert {"forward"} in kept and {"delta", "dkdv", "dq"} in kept, kept
 
 
@@ -137,7 +154,7 @@ def test_random_block_mask_has_the_asked_density():
 def test_block_sparse_tiles_never_exceed_the_mask_blocks():
     import triton
 
-    module = importlib.import_module("effrepro_kernels.flash_attn")  # `effrepro_kernels.flash_attn` the attribute is the function
+    module = flash_attn_module
     configs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}), triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
     first = configs if module.AUTOTUNE else configs[:1]
     assert module._prune(configs, {"SPARSE_BLOCK": 64}) == configs[1:]
@@ -228,10 +245,11 @@ def test_views_of_a_fused_projection_get_correct_gradients():
         if src is x:
             assert out.transpose(1, 2).is_contiguous()
             torch.library.opcheck(torch.ops.effrepro.flash_attn.default,
-                                  (q, k, v, None, [], [], 0, True, 0.2, 0.0, 0, "tl"), test_utils=("test_faketensor",))
+                                  (q, k, v, None, [], [], 0, True, 0.2, 0.0, 0, "tl", "tl"),
+                                  test_utils=("test_faketensor",))
             lse = torch.zeros(2, 2, 21, device=DEVICE)
             grads = torch.ops.effrepro.flash_attn_backward(out, None, q, k, v, out, lse, None, [], [], 0, True, 1.0, 0.0,
-                                                           0)
+                                                           0, "tl")
             assert all(g.transpose(1, 2).is_contiguous() for g in grads)
         out.backward(torch.ones_like(out))
         outs.append(out)
@@ -240,7 +258,7 @@ def test_views_of_a_fused_projection_get_correct_gradients():
 
 
 def test_an_output_laid_out_like_a_broadcast_input_keeps_its_last_dimension_contiguous():
-    dense_like = importlib.import_module("effrepro_kernels.flash_attn")._dense_like
+    dense_like = flash_attn_module._dense_like
     k = torch.randn(2, 1, 21, 32).expand(2, 4, 21, 32)  # stride 0 over heads
     out = dense_like(k)
     assert out.shape == k.shape and out.stride(-1) == 1 and out.is_contiguous()
@@ -256,8 +274,8 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
                for _ in range(3))
     mask = torch.ones(1, 24, dtype=torch.bool, device=DEVICE)
     mask[0, 20:] = False
-    torch.library.opcheck(torch.ops.effrepro.flash_attn.default, (q, k, v, mask, [], [], 0, True, 0.2, 0.0, 0, "tl"),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.effrepro.flash_attn.default, (q, k, v, mask, [], [], 0, True, 0.2, 0.0, 0, "tl",
+                                                                  "tl"), test_utils=("test_schema", "test_faketensor"))
 
     def loss(q, k, v):
         return flash_attn(q, k, v, causal=True, key_padding_mask=mask).square().sum()

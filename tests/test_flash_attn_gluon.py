@@ -11,10 +11,11 @@ import sys
 
 import pytest
 import torch
+import triton
 
 from conftest import DEVICE, ROOT, has_gpu
 from effrepro_kernels import BlockSparseLayout, attention_reference, flash_attn, flash_attn_gluon, random_block_mask
-from effrepro_kernels.flash_attn_gluon import CANDIDATES, backward, config_name, forward, gluon_supported
+from effrepro_kernels.flash_attn_gluon import CANDIDATES, backward, config_name, forward, refusal
 from test_flash_attn import rel_err, run_both
 
 LOG2E = 1.4426950408889634
@@ -25,33 +26,73 @@ def on_hopper() -> bool:
     if not has_gpu() or torch.cuda.get_device_capability()[0] != 9:
         return False
     x = torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.float16)
-    return gluon_supported(x, x, x)
+    return refusal(x, x, x) is None
 
 
 hopper = pytest.mark.skipif(not on_hopper(), reason="needs a Hopper GPU and a Triton whose Gluon this kernel knows")
 
 
-def test_the_gluon_path_refuses_what_it_does_not_cover():
+def test_the_gluon_path_refuses_what_it_does_not_cover_and_says_why():
     q = torch.randn(1, 4, 8, 64, device=DEVICE, dtype=torch.float16)
-    assert not gluon_supported(q.float(), q.float(), q.float())  # fp32
-    assert not gluon_supported(q[..., :48].contiguous(), q[..., :48].contiguous(), q[..., :48].contiguous())
-    assert not gluon_supported(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2))  # not contiguous
-    assert not gluon_supported(q, q[:, :3].contiguous(), q[:, :3].contiguous())  # 3 KV heads for 4 query heads
+    narrow = q[..., :48].contiguous()
+    for (q_, k_, v_), reason in [((q.float(), q.float(), q.float()), "dtypes torch.float32"),
+                                 ((q, q.bfloat16(), q), "dtypes torch.float16, torch.bfloat16"),
+                                 ((narrow, narrow, narrow), "head_dim 48"),
+                                 ((q, q[:, :3].contiguous(), q[:, :3].contiguous()), "kv_heads dividing heads"),
+                                 ((q, q, q[:, :2].contiguous()), "k and v alike"),
+                                 ((q.transpose(1, 2),) * 3, "must be contiguous"),
+                                 ((q[:, :, :0],) * 3, "an empty input")]:
+        assert reason in refusal(q_, k_, v_)
     if DEVICE == "cpu":
-        assert not gluon_supported(q, q, q)
-    with pytest.raises(ValueError, match="forward_kernel='gluon' covers dense attention without dropout"):
+        assert refusal(q, q, q) in ("Gluon does not run under TRITON_INTERPRET=1", "devices cpu, cpu, cpu: it needs "
+                                    "all three on one CUDA GPU", f"Triton {triton.__version__} has no Gluon that "
+                                    "this kernel knows")
+    with pytest.raises(ValueError, match="forward_kernel='gluon' does not cover this call: dropout"):
         flash_attn(q, q, q, dropout_p=0.1, forward_kernel="gluon")
-    with pytest.raises(ValueError, match="forward_kernel='triton' is not one of"):
-        flash_attn(q, q, q, forward_kernel="triton")
+    with pytest.raises(ValueError, match="forward_kernel='gluon' does not cover this call: a key padding mask"):
+        flash_attn(q, q, q, key_padding_mask=torch.ones(1, 8, dtype=torch.bool, device=DEVICE), forward_kernel="gluon")
+    with pytest.raises(ValueError, match="forward_kernel='gluon' does not cover this call: head_dim 48"):
+        flash_attn(narrow, narrow, narrow, forward_kernel="gluon")
+    for argument in ("forward_kernel", "backward_kernel"):
+        with pytest.raises(ValueError, match=f"{argument}='triton' is not one of"):
+            flash_attn(q, q, q, **{argument: "triton"})
 
 
-def deciding_flash_attn(monkeypatch, setting, version, covers):
+@pytest.mark.skipif(on_hopper(), reason="the Gluon backward covers these inputs here")
+def test_a_forced_gluon_backward_that_cannot_run_says_why():
+    q = torch.randn(1, 2, 8, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    out = flash_attn(q, q, q, backward_kernel="gluon")  # the forward runs wherever the tl kernel does
+    with pytest.raises(ValueError, match="backward_kernel='gluon' does not cover this call: "):
+        out.sum().backward()
+    flash_attn(q, q, q, backward_kernel="tl").sum().backward()
+    assert q.grad is not None and not q.grad.isnan().any()
+
+
+def test_importing_works_with_a_triton_whose_gluon_differs():
+    """A Triton whose Gluon differs from what the kernels know (here: TMA loads under neither name they know)
+    leaves the package importable, refusing the Gluon path with the reason, and flash_attn running on the tl
+    kernel. (Triton's own runtime imports Gluon, so an import that fails cannot be simulated.)"""
+    script = ("import torch\n"
+              "from triton.experimental.gluon.language.nvidia.hopper import tma\n"
+              "for name in ('async_load', 'async_copy_global_to_shared'):\n"
+              "    if hasattr(tma, name):\n"
+              "        delattr(tma, name)\n"
+              "from effrepro_kernels import flash_attn, flash_attn_gluon\n"
+              "q = torch.randn(1, 2, 8, 64, dtype=torch.float16)\n"
+              "assert 'has no Gluon' in flash_attn_gluon.refusal(q, q, q), flash_attn_gluon.refusal(q, q, q)\n"
+              "out = flash_attn(q, q, q, causal=True)\n"
+              "assert out.shape == q.shape and not out.isnan().any()\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=ROOT, timeout=300)
+
+
+def deciding_flash_attn(monkeypatch, setting, version, refusal):
     """effrepro_kernels.flash_attn deciding as under EFFREPRO_GLUON=`setting` and Triton `version`, with the Gluon
-    check `covers` (gluon_supported or backward_covers) passing any tensors."""
+    check `refusal` (refusal or backward_refusal) passing any tensors."""
     flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")
     monkeypatch.setattr(flash_attn_module, "GLUON", setting)
     monkeypatch.setattr(flash_attn_module.triton, "__version__", version)
-    monkeypatch.setattr(flash_attn_module.flash_attn_gluon, covers, lambda *tensors: True)
+    monkeypatch.setattr(flash_attn_module.flash_attn_gluon, refusal, lambda *tensors: None)
     return flash_attn_module
 
 
@@ -70,7 +111,7 @@ def deciding_flash_attn(monkeypatch, setting, version, covers):
 ])
 def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, setting, head_dim, causal, keys,
                                                                     version, expected):
-    flash_attn_module = deciding_flash_attn(monkeypatch, setting, version, "gluon_supported")
+    flash_attn_module = deciding_flash_attn(monkeypatch, setting, version, "refusal")
     q = torch.empty(1, 2, 16, head_dim)
     k = torch.empty(1, 2, keys, head_dim)
     assert flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.0) == expected
@@ -92,15 +133,16 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
 ])
 def test_the_backward_takes_gluon_where_it_was_measured_faster(monkeypatch, setting, head_dim, causal, keys,
                                                                 version, expected):
-    flash_attn_module = deciding_flash_attn(monkeypatch, setting, version, "backward_covers")
+    flash_attn_module = deciding_flash_attn(monkeypatch, setting, version, "backward_refusal")
     q = torch.empty(1, 2, 16, head_dim)
     k = torch.empty(1, 2, keys, head_dim)
-    use = functools.partial(flash_attn_module._use_gluon_backward, q, k, k, q, None, q, k, k)
+    use = functools.partial(flash_attn_module._use_gluon_backward, "auto", q, k, k, q, None, q, k, k)
     assert use(None, 0, causal, 0.0) == expected
     assert not use(None, 0, causal, 0.1)  # dropout and key padding: not covered
     assert not use(torch.ones(1, keys, dtype=torch.bool), 0, causal, 0.0)
     assert not use(None, 64, causal, 0.0)  # sparse blocks smaller than the kernel's tile
     assert use(None, flash_attn_gluon.SPARSE_BLOCK, causal, 0.0) == expected  # block-sparse, blocks of its tile
+    assert not flash_attn_module._use_gluon_backward("tl", q, k, k, q, None, q, k, k, None, 0, causal, 0.0)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -290,7 +332,7 @@ def test_forward_gives_the_same_result_every_time(dtype, d, config):
                                    (1, 4, 1, 200, 100, 128, True)], ids=str)
 def test_inside_flash_attn_with_the_tl_backward(shape):
     *dims, causal = shape
-    run_both(*dims, torch.bfloat16, causal=causal, forward_kernel="gluon")
+    run_both(*dims, torch.bfloat16, causal=causal, forward_kernel="gluon", backward_kernel="tl")
 
 
 @hopper
