@@ -40,7 +40,10 @@ FAST_MEMORY_GB_S_PER_SM = 30
 # by bytes, and a second program per SM hides part of it (measured on an H200, with integer-to-float conversions
 # and without: results/probes/decode_quantized_levers_h200_30819b8.md, decode_quantized_dequant_h200_f322545.md)
 QUANTIZED_PROGRAMS_PER_SM = 2
-PIPELINE_SMEM = 160 * 1024  # bytes of shared memory the K and V tiles of two pipeline stages may take
+# Bytes of shared memory the K and V tiles of two pipeline stages may take: 160 KB on Hopper, of the 227 KB a block
+# may opt into there (where the tiles were measured); as much less on a GPU with less (`pipeline_smem`)
+PIPELINE_SMEM = 160 * 1024
+HOPPER_BLOCK_SMEM = 227 * 1024
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -62,6 +65,16 @@ def head_dim_chunks(head_dim: int, quantized: bool = False) -> tuple[int, int]:
         return padded, 0
     second = max(32, next_pow2(head_dim - first))
     return (first, second) if first + second < padded else (padded, 0)
+
+
+def pipeline_smem(device=None) -> int:
+    """Shared memory the K and V tiles of two pipeline stages may take on `device` (default: the current GPU):
+    `PIPELINE_SMEM` less what the GPU's blocks have below Hopper's, so that the rest of the kernel keeps the room
+    it had there; `PIPELINE_SMEM` without a GPU."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return PIPELINE_SMEM
+    per_block = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", HOPPER_BLOCK_SMEM)
+    return PIPELINE_SMEM - max(0, HOPPER_BLOCK_SMEM - per_block)
 
 
 def pipeline_bytes(block_n: int, head_dim: int, dtype: torch.dtype, quantized: bool = False) -> int:
@@ -255,6 +268,14 @@ class DecodeSchedule:
     workspace: tuple = field(default=(), repr=False, compare=False)
     launchers: dict = field(default_factory=dict, repr=False, compare=False)  # `runtime.launch`'s, per signature
     copies: dict = field(default_factory=dict, repr=False, compare=False)  # device -> this schedule there
+    # the last lengths tensor a call passed that matched, and its version counter (which in-place changes bump)
+    lengths_seen: tuple | None = field(default=None, repr=False, compare=False)
+
+    def seen(self, lengths: torch.Tensor) -> bool:
+        """Whether `lengths` is the tensor a call passed before, unchanged since: it matched then, so it does now
+        (and reading it again would cost a device sync)."""
+        return self.lengths_seen is not None and self.lengths_seen[0] is lengths and \
+            self.lengths_seen[1] == lengths._version
 
     def to(self, device) -> "DecodeSchedule":
         """This schedule on `device`: a copy made once per device and kept, so that a schedule built on the
@@ -301,7 +322,8 @@ def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.f
     16-bit d = 128 tile's (on an H100, 128-key tiles against 64: 4-bit attention 1.12-1.45x the 16-bit cache's
     speed against 1.01-1.10, d = 80 and 96 8-13% faster; effrepro_kernels/NOTES.md). The measured key counts are
     for head_dim 128; a tile keeps their bytes at other head dims (twice the keys at 64). Halved where two
-    pipeline stages of K and V would not fit in shared memory (long heads, float32), or half of it for a float32
+    pipeline stages of K and V would not fit in the device's `pipeline_smem` (long heads, float32), or half of it
+    for a float32
     quantized cache: there Triton pipelines the key groups' scales and zeros through shared memory too (for group
     sizes that are not powers of two), which `pipeline_bytes` does not count: compiled offline for sm_90, a
     128-key tile at head_dim 128 with key groups of 24 needs 352 KB, where an H200 has 227 KB. 16 under the CPU
@@ -313,7 +335,7 @@ def default_block_n(kind: str, head_dim: int = 128, dtype: torch.dtype = torch.f
                           peak_gb_s_per_sm(device) > FAST_MEMORY_GB_S_PER_SM):
         keys *= 2
     keys = min(256, keys * 128 // padded_head_dim(head_dim)) if head_dim < 128 else keys
-    room = PIPELINE_SMEM // 2 if quantized and dtype == torch.float32 else PIPELINE_SMEM
+    room = pipeline_smem(device) // (2 if quantized and dtype == torch.float32 else 1)
     while keys > 16 and pipeline_bytes(keys, head_dim, dtype, quantized) > room:
         keys //= 2
     return keys
@@ -337,15 +359,25 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
     `lengths`, if a tensor; else the CPU)."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule={kind!r} is not one of {SCHEDULES}")
-    if device is None and isinstance(lengths, torch.Tensor):
-        device = lengths.device  # where the lengths are, the calls will be
-    block_n = block_n or default_block_n(kind, head_dim, dtype, device, quantized)
+    for name, value in (("num_programs", num_programs), ("num_splits", num_splits)):
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name}={value!r} must be an integer >= 1 (None: the default)")
+    if block_n is not None and not (isinstance(block_n, int) and block_n >= 16 and block_n & (block_n - 1) == 0):
+        raise ValueError(f"block_n={block_n!r} must be a power of two >= 16 (None: the default)")
+    if isinstance(lengths, torch.Tensor):
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
+        if device is None:
+            device = lengths.device  # where the lengths are, the calls will be
+    # sized for the GPU the calls will run on: the current one where the schedule is held on the host
+    gpu = device if device is not None and torch.device(device).type == "cuda" else None
+    block_n = block_n or default_block_n(kind, head_dim, dtype, gpu, quantized)
     lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
     if not lengths or min(lengths) < 1:
         raise ValueError(f"lengths must be a non-empty list of lengths >= 1, got {lengths}")
     tiles = [math.ceil(n / block_n) for n in lengths for _ in range(num_kv_heads)]  # per segment b·Hkv + hk
     n_seg = len(tiles)
-    sms = sm_count(device) if torch.cuda.is_available() else 8
+    sms = sm_count(gpu) if torch.cuda.is_available() else 8
     per_program: list[list[tuple[int, int, int, int]]] = []
     pieces = [0] * n_seg
     if kind == "fa2":
@@ -421,7 +453,8 @@ def _check(q, k_cache, v_cache, host_lengths):
 
 
 def _lengths_on_host(lengths) -> tuple[int, ...]:
-    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1:
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.is_floating_point() or \
+            lengths.is_complex() or lengths.dtype == torch.bool:
         raise ValueError(f"lengths must be a 1-d integer tensor (batch,), got {lengths!r}")
     return tuple(int(n) for n in lengths.tolist())
 
@@ -519,12 +552,14 @@ def _tensors(cache) -> tuple[torch.Tensor, ...]:
 def _prepare(q, k_cache, v_cache, lengths, schedule) -> tuple[DecodeSchedule, tuple]:
     """The schedule and scratch memory of a call. A prepared schedule checks its inputs once per call signature
     (shapes, strides, dtypes, devices) and owns its scratch memory, so that a decode loop's calls launch kernels
-    and nothing else; a schedule given by name is built here from the lengths (a device sync)."""
+    and nothing else; lengths given with it are read (a device sync) only when they are a tensor it has not
+    seen, or one changed in place since. A schedule given by name is built here from the lengths (a sync)."""
     if isinstance(schedule, DecodeSchedule):
-        if lengths is not None and lengths is not schedule.lengths and \
-                _lengths_on_host(lengths) != schedule.host_lengths:
-            raise ValueError(f"lengths {_lengths_on_host(lengths)} differ from those the schedule was built for "
-                             f"{schedule.host_lengths}; build a new schedule with make_schedule")
+        if lengths is not None and lengths is not schedule.lengths and not schedule.seen(lengths):
+            if _lengths_on_host(lengths) != schedule.host_lengths:
+                raise ValueError(f"lengths {_lengths_on_host(lengths)} differ from those the schedule was built for "
+                                 f"{schedule.host_lengths}; build a new schedule with make_schedule")
+            schedule.lengths_seen = (lengths, lengths._version)
         schedule = schedule.to(q.device)
         call = signature(q, *_tensors(k_cache), *_tensors(v_cache))
         if schedule.checked_for != call:  # once per schedule and signature, not per call
@@ -537,8 +572,9 @@ def _prepare(q, k_cache, v_cache, lengths, schedule) -> tuple[DecodeSchedule, tu
         raise ValueError(f"schedule={schedule!r} needs the lengths; pass lengths or a prepared DecodeSchedule")
     host_lengths = _lengths_on_host(lengths)
     _check(q, k_cache, v_cache, host_lengths)
+    # keys per tile, and lean programs, for the kind of cache (`default_block_n`, `make_schedule`)
     schedule = make_schedule(schedule, host_lengths, k_cache.shape[1], head_dim=q.shape[2], dtype=q.dtype,
-                             device=q.device)
+                             device=q.device, quantized=isinstance(k_cache, QuantizedKV))
     return schedule, _workspace(q, schedule.max_pieces)
 
 
@@ -547,10 +583,11 @@ def _check_schedule_fits(schedule: DecodeSchedule, q: torch.Tensor, k_cache: tor
         raise ValueError(f"the schedule was built for {schedule.arrived.numel() // q.shape[0]} KV heads, the cache "
                          f"has {k_cache.shape[1]}; build it with make_schedule(..., num_kv_heads={k_cache.shape[1]})")
     tile_bytes = pipeline_bytes(schedule.block_n, q.shape[2], q.dtype, quantized=isinstance(k_cache, QuantizedKV))
-    if tile_bytes > PIPELINE_SMEM:
+    room = pipeline_smem(q.device)
+    if tile_bytes > room:
         raise ValueError(f"the schedule's {schedule.block_n}-key tiles need {tile_bytes // 1024} KB of shared memory "
-                         f"at head_dim={q.shape[2]}, {q.dtype} (at most {PIPELINE_SMEM // 1024} KB); build it with "
-                         f"make_schedule(..., head_dim={q.shape[2]}, dtype={q.dtype})")
+                         f"at head_dim={q.shape[2]}, {q.dtype} (at most {room // 1024} KB on {q.device}); build it "
+                         f"with make_schedule(..., head_dim={q.shape[2]}, dtype={q.dtype})")
 
 
 def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: QuantizedKV,
@@ -576,10 +613,6 @@ def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: Quantized
         raise ValueError("a QuantizedKV's zero must be laid out like its scale (same strides)")
     check_packed(k_q)
     check_packed(v_q)
-    if isinstance(schedule, str) and lengths is not None:
-        # keys per tile, and lean programs, for a quantized cache (`default_block_n`, `make_schedule`)
-        schedule = make_schedule(schedule, _lengths_on_host(lengths), k_q.shape[1], head_dim=q.shape[2],
-                                 dtype=q.dtype, device=q.device, quantized=True)
     schedule, workspace = _prepare(q, k_q, v_q, lengths, schedule)
     return _attend(q, k_q, v_q, schedule, workspace, softmax_scale, return_lse, return_scores)
 

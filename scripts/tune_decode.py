@@ -16,7 +16,7 @@ import time
 import torch
 
 from effrepro_kernels import decode_attention, make_schedule
-from effrepro_kernels.decode_attention import head_dim_chunks, lean_programs, pipeline_bytes, PIPELINE_SMEM
+from effrepro_kernels.decode_attention import head_dim_chunks, lean_programs, pipeline_bytes, pipeline_smem
 from repro.bench import copy_bandwidth
 from repro.timing import measure
 
@@ -53,7 +53,7 @@ def levers(shapes, copy_gb_s, quick):
         copies, lengths, kv_bytes = inputs(batch, hq, hkv, context, 128)
         results = []
         for block_n, warps, stages, per_sm in itertools.product(*grid.values()):
-            if pipeline_bytes(block_n, 128, torch.float16) * stages / 2 > PIPELINE_SMEM * 1.4:
+            if pipeline_bytes(block_n, 128, torch.float16) * stages / 2 > pipeline_smem() * 1.4:
                 continue
             tiles = [math.ceil(context / block_n)] * (batch * hkv)
             schedule = make_schedule("lean", lengths, hkv, block_n=block_n,
@@ -232,11 +232,11 @@ def host_cost():
         through_jit = make_schedule("lean", lengths, 8, device="cuda")
 
         def jit_launch(q, k, v):
-            runtime.FAST_LAUNCH = False  # this schedule keeps no compiled kernel
+            fast, runtime.FAST_LAUNCH = runtime.FAST_LAUNCH, False  # this schedule keeps no compiled kernel
             try:
                 return decode_attention(q, k, v, schedule=through_jit)
             finally:
-                runtime.FAST_LAUNCH = True
+                runtime.FAST_LAUNCH = fast
         for name, fn in (("lean", lambda q, k, v: decode_attention(q, k, v, schedule=schedule)),
                          ("lean, every launch through Triton's JIT", jit_launch),
                          ("lean: checks only", lambda q, k, v: _prepare(q, k, v, None, schedule)),

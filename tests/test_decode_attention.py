@@ -55,7 +55,8 @@ def test_schedules_match_reference(schedule, dtype):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_head_dims_that_are_not_powers_of_two_match_reference(schedule, dtype):
-    for head_dim in (48, 72, 80, 96, 160):  # 64 lanes; 64 + 32 (three times); 128 + 32 (head_dim_chunks)
+    # 64 lanes (40: 32 + 16 would be below the 32-lane second chunk); 64 + 32 (three times); 128 + 32; 256
+    for head_dim in (40, 48, 72, 80, 96, 160, 200):  # (head_dim_chunks)
         check(2, 6, 2, [5, 37], head_dim, dtype, schedule)  # 3 query heads per KV head
 
 
@@ -211,6 +212,42 @@ def test_bad_input_is_a_clear_value_error(change, match):
         make_schedule("fastest", [4], 1)
     with pytest.raises(ValueError, match="needs the lengths"):
         decode_attention(q, k, v)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(block_n=24), "block_n=24 must be a power of two >= 16"),
+    (dict(block_n=8), "block_n=8 must be a power of two >= 16"),
+    (dict(num_programs=0), "num_programs=0 must be an integer >= 1"),
+    (dict(kind="split", num_splits=0), "num_splits=0 must be an integer >= 1"),
+    (dict(lengths=torch.tensor([5.0, 9.0])), "lengths must be an integer tensor, got torch.float32"),
+])
+def test_a_bad_schedule_setting_is_a_clear_value_error(settings, match):
+    settings = {"kind": "lean", "lengths": [5, 9], **settings}
+    with pytest.raises(ValueError, match=match):
+        make_schedule(settings.pop("kind"), settings.pop("lengths"), 2, **settings)
+    q = torch.randn(2, 4, 64, device=DEVICE)
+    k = torch.randn(2, 2, 16, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="1-d integer tensor"):
+        decode_attention(q, k, k, torch.tensor([5.0, 9.0], device=DEVICE))
+
+
+def test_lengths_passed_with_a_prepared_schedule_are_read_once_until_changed(monkeypatch):
+    """Reading lengths costs a device sync: a tensor that matched before, unchanged since, is not read again;
+    changed in place, it is, and refused if it no longer matches."""
+    module = importlib.import_module("effrepro_kernels.decode_attention")
+    real, reads = module._lengths_on_host, []
+    monkeypatch.setattr(module, "_lengths_on_host", lambda lengths: reads.append(1) or real(lengths))
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    k, v = (torch.randn(2, 2, 40, 32, device=DEVICE) for _ in range(2))
+    lengths = torch.tensor([40, 9], device=DEVICE)
+    sched = make_schedule("lean", lengths.clone(), 2, head_dim=32, dtype=q.dtype)
+    first = decode_attention(q, k, v, lengths, schedule=sched)
+    for _ in range(3):
+        assert torch.equal(decode_attention(q, k, v, lengths, schedule=sched), first)
+    assert len(reads) == 1
+    lengths[1] = 10  # in place: the version counter moves
+    with pytest.raises(ValueError, match=r"lengths \(40, 10\) differ from those the schedule was built for"):
+        decode_attention(q, k, v, lengths, schedule=sched)
 
 
 def test_a_prepared_schedule_checks_each_new_signature_once_and_keeps_its_workspace(monkeypatch):

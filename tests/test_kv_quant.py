@@ -225,6 +225,15 @@ def test_quantized_decode_matches_attention_over_the_dequantized_cache(bits, dty
         check_quantized(q, k_q, v_q, torch.tensor([48, 29], device=DEVICE), dtype)
 
 
+@pytest.mark.parametrize("head_dim", [40, 96, 200])
+def test_quantized_decode_at_head_dims_that_are_not_powers_of_two(head_dim):
+    """Packed rows padded to a power of two lanes (64, 128, 256), the padding lanes masked; keys in groups of 8
+    tokens of a channel, values in groups of 8 channels of a token; the second sequence ends inside a tile."""
+    q, k_q, v_q = quantized_inputs(2, 4, 2, 40, head_dim, 4, torch.float16, key_group=8, value_group=8,
+                                   seed=head_dim)
+    check_quantized(q, k_q, v_q, torch.tensor([40, 23], device=DEVICE), torch.float16)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_decode_with_the_fast_memory_tiles(bits):
     """The schedule a GPU with fast memory gets for a quantized cache (128-key tiles, two lean programs per SM),
