@@ -305,7 +305,8 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
     paths = []
     for (metric, baseline), part in df.groupby(["metric", "baseline"]):
         several = df[df["metric"] == metric]["baseline"].nunique() > 1
-        grid = sns.relplot(data=part, x="x", y="p50", hue="provider", col="mode", row="series", kind="line",
+        by_mode = "mode" if (part["mode"] != "").any() else None  # no empty "mode =" column for tasks without
+        grid = sns.relplot(data=part, x="x", y="p50", hue="provider", col=by_mode, row="series", kind="line",
                            marker="o", height=2.6, aspect=1.3, facet_kws={"sharey": False, "margin_titles": True})
         x_name = part["x_name"].iloc[0]
         # sizes span decades (log axis); training steps are evenly spaced (linear)

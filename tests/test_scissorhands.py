@@ -155,12 +155,13 @@ def test_released_preset_compresses_a_middle_band_of_layers():
     (lambda: Scissorhands(budget=10, recent=10), "budget=10 must be larger than recent=10"),
     (lambda: Scissorhands(budget=40, drop=40), r"drop=40 \(m\) must be an integer in \[1, budget\)"),
     (lambda: Scissorhands(budget=40, drop=0), r"drop=0 \(m\) must be an integer in \[1, budget\)"),
-    (lambda: Scissorhands(budget=40, drop=35), r"drop=35 \(m\) must be in \[1, budget - recent\]"),
+    (lambda: Scissorhands(budget=40, drop=35),
+     r"drop=35 \(m, the tokens dropped at a time: drop_fraction · B\) must be in \[1, budget - recent\]"),
     (lambda: Scissorhands(budget=40, window=0), r"window=0 \(w"),
     (lambda: Scissorhands(budget=40, threshold="mean"), "threshold='mean' is not one of"),
     (lambda: Scissorhands(budget=0), "budget=0 must be a positive integer"),
     (lambda: Scissorhands(budget=30, budget_schedule="growing").budgets(4),
-     r"drop=7 \(m\) must be in \[1, budget - recent\] = \[1, 5\] for budget=15 \(layer 0's, from budget_sch"),
+     r"drop=7 \(m, .*\) must be in \[1, budget - recent\] = \[1, 5\] for budget=15 \(layer 0's, from budget_sch"),
     (lambda: H2O(budget=8, recent=8), "budget=8 must be larger than recent=8"),
     (lambda: StreamingLLM(budget=4), "budget=4 must be larger than n_sink=4"),
     (lambda: make_policy("snapkv", budget=8), r"unknown KV-cache policy 'snapkv'; valid ones: \['full', 'h2o'"),
@@ -248,22 +249,27 @@ def test_full_cache_and_a_budget_beyond_the_text_give_the_simulated_nll(kind):
         assert nll == pytest.approx(expected[0], rel=1e-5)
 
 
-@pytest.mark.parametrize("policy", [Scissorhands(budget=8, recent=2), H2O(budget=6), TOVA(budget=6),
-                                    StreamingLLM(budget=6)], ids=lambda p: p.name)
+@pytest.mark.parametrize("policy", [
+    Scissorhands(budget=8, recent=2),
+    Scissorhands(budget=8, recent=2, window=3),  # the history window slides within the text
+    Scissorhands(budget=8, recent=2, threshold="p90", budget_schedule="growing"),  # budgets differ by layer
+    H2O(budget=6), TOVA(budget=6), StreamingLLM(budget=6)],
+    ids=lambda p: f"{p.name} w={getattr(p, 'window', '-')} {getattr(p, 'threshold', '')} {p.budget_schedule}")
 def test_real_eviction_gives_the_simulated_nll_and_never_exceeds_the_budget(policy):
     """The strong check: the simulation is exact, so eviction during decoding matches it on the same text."""
     model, ids = tiny(), text(14)  # two rounds of eviction at these budgets, or one every step
     cache = EvictingCache(policy, 2, ids.shape[1], schedule=SCHEDULE)
+    budgets = policy.budgets(len(cache.layers))
     nll = 0.0
     with generating(model, cache):
         for t in range(ids.shape[1] - 1):
             logits = decode_step(model, cache, ids[:, t])
             nll += torch.nn.functional.cross_entropy(logits.float(), ids[:, t + 1], reduction="sum").item()
-            for layer in cache.layers:  # every tensor the cache holds has at most B token slots
-                assert layer.store.keys.shape[2] <= policy.budget and layer.store.values.shape[2] <= policy.budget
-                assert layer.n <= min(t + 1, policy.budget)
+            for layer, budget in zip(cache.layers, budgets):  # every tensor the cache holds: at most B token slots
+                assert layer.store.keys.shape[2] <= budget and layer.store.values.shape[2] <= budget
+                assert layer.n <= min(t + 1, budget)
                 assert layer.positions[0, 0, :layer.n].max().item() == t  # true positions
-    assert cache.seen_tokens == ids.shape[1] - 1 and max(cache.held_tokens()) <= policy.budget
+    assert cache.seen_tokens == ids.shape[1] - 1 and max(cache.held_tokens()) <= max(budgets)
     assert nll == pytest.approx(simulated_nll(model, ids, policy)[0], rel=1e-5)
     assert nll != pytest.approx(simulated_nll(model, ids, Full())[0], rel=1e-4)
 

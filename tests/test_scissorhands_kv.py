@@ -14,7 +14,7 @@ from repro.report import claim_value
 from tasks.scissorhands.generate import FloatStore, QuantizedStore
 from tasks.scissorhands.memory import bits_compression, cache_bytes, largest_batch, table_rows
 from tasks.scissorhands.policies import Full, Scissorhands
-from tasks.scissorhands.task import Setting, fitted_policy, sweep
+from tasks.scissorhands.task import FittedPolicy, Setting, sweep
 
 TINY = ["task=scissorhands_kv", "model=tiny_llama", "logger=none"]
 # The 4-bit cache and the decode benchmark on the least that runs them: 8 tokens, one chunk, groups of 4, in
@@ -83,6 +83,7 @@ def test_smoke_run_writes_every_experiment_and_no_errors(smoke):
     assert rows_of(record, "min_kv_fraction_ppl_maintained", text="pydoc")
     (accuracy,) = rows_of(record, "accuracy", benchmark="effrepro_mc")
     assert accuracy["provider"] == "scissorhands" and accuracy["extra"]["measured_compression"] > 1
+    assert accuracy["extra"]["batches"] > accuracy["extra"]["full_cache_batches"]
     assert value(record, "full", "max_batch", 64) == value(record, "full", "max_batch_analytic", 64) > 0
     assert value(record, "scissorhands_2x", "kv_bytes_per_token", 64) * 2 == value(record, "full",
                                                                                    "kv_bytes_per_token", 64)
@@ -134,6 +135,7 @@ def test_quantized_cache_and_decode_kernels_run_in_the_interpreter(interpreted):
     (["kv.quantized_policies=[snapkv]"], "kv.quantized_policies=['snapkv'] is not one of"),
     (["eval.seqlen=512"], "eval.seqlen=512 is longer than the model's context of 256 tokens"),
     (["decode.bits=[4]"], "decode.bits=[4] must include 16"),
+    (["kv.group_size=5"], "kv.group_size=5 must divide the model's head_dim=16 for a quantized cache"),
 ])
 def test_bad_input_is_refused_naming_the_key(refusal, overrides, message):
     assert message in refusal(*TINY, *overrides)
@@ -144,6 +146,35 @@ def test_bad_input_is_refused_before_any_work(tmp_path):
     assert code == 2 and "kv.scissorhands.window=0 (w, the history window)" in err and "Traceback" not in err, \
         err[-2000:]
     assert record["rows"] == []
+
+
+def test_a_model_whose_attention_cannot_be_replaced_is_refused():
+    """BLOOM (in the paper's Table 1) runs attention code of its own: transformers only warns when asked to swap
+    it, so without the check every policy would evaluate as the full cache."""
+    from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from tasks.scissorhands.hooks import check_replaceable
+    bloom = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=32))
+    with pytest.raises(ValueError, match="BloomForCausalLM runs attention code of its own"):
+        check_replaceable(bloom)
+    assert bloom.config._attn_implementation == "eager"
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                         intermediate_size=32, vocab_size=32))
+    before = llama.config._attn_implementation
+    check_replaceable(llama)
+    assert llama.config._attn_implementation == before
+
+
+def test_multiple_choice_that_could_not_evict_is_not_a_result_at_its_compression(tmp_path):
+    """Requests too short for the policy's parameters at any budget keep the full cache: such a setting is a row
+    saying so, not an accuracy labelled with the compression asked for."""
+    pytest.importorskip("lm_eval", reason="the multiple-choice experiment needs lm-evaluation-harness")
+    code, _, err, record = run(tmp_path, "kv.experiments=[multiple_choice]", "mc.policies=[full,scissorhands]",
+                               "kv.scissorhands.recent=1000")
+    assert code == 0, err[-3000:]
+    (row,) = rows_of(record, "accuracy", policy="scissorhands")
+    assert row["status"] == "unsupported" and "each kept the full cache" in row["message"]
+    assert row["extra"]["full_cache_batches"] == row["extra"]["batches"] > 0
 
 
 def test_table1_and_2_arithmetic():
@@ -200,10 +231,12 @@ def test_the_sweep_quantizes_only_the_policies_it_is_told_to():
 def test_a_short_prompt_gets_the_smallest_budget_the_policy_accepts():
     kv = OmegaConf.create({"scissorhands": {"recent": 10, "window": 400, "drop_fraction": 0.5}})
     s = Setting("scissorhands", 16, 10)
-    assert fitted_policy(kv, s, 1000, 2).budget == 100  # 1000 / 10
-    short = fitted_policy(kv, s, 60, 2)  # 6 tokens cannot keep 10 recent and drop 3: B = 20 is the least, m = 10
+    fitted = FittedPolicy(kv, s, 2)
+    assert fitted(1000).budget == 100  # 1000 / 10
+    short = fitted(60)  # 6 tokens cannot keep 10 recent and drop 3: B = 20 is the least, m = 10
     assert isinstance(short, Scissorhands) and short.budget == 20 and short.amount(20) == 10
-    assert isinstance(fitted_policy(kv, s, 15, 2), Full)  # no budget below the text will do
+    assert isinstance(fitted(15), Full)  # no budget below the text will do
+    assert fitted.counts() == {"batches": 3, "budget_raised_batches": 1, "full_cache_batches": 1}
 
 
 def test_bytes_of_a_quantized_value_count_its_scales():

@@ -29,13 +29,28 @@ def attention_replaced(model: PreTrainedModel, name: str, function: Callable, st
     if mask_function is not None:
         AttentionMaskInterface.register(name, mask_function)
     previous = model.config._attn_implementation
-    token = _ACTIVE.set(state)
     model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:  # transformers only logs a warning
+        model.set_attn_implementation(previous)
+        raise ValueError(f"{type(model).__name__} runs attention code of its own rather than looking it up in "
+                         "transformers' AttentionInterface, so no KV-cache policy would see its attention: use a "
+                         "model that does (Llama, Qwen, OPT, GPT-2 and most others)")
+    token = _ACTIVE.set(state)
     try:
         yield state
     finally:
         model.set_attn_implementation(previous)
         _ACTIVE.reset(token)
+
+
+def check_replaceable(model: PreTrainedModel) -> None:
+    """A ValueError, before any work, unless `attention_replaced` can take `model`'s attention."""
+    with attention_replaced(model, "effrepro_probe", _never_called, None):
+        pass
+
+
+def _never_called(*args, **kwargs):
+    raise RuntimeError("the attention probe of check_replaceable is never run")
 
 
 def active(kind: type[State], block: str) -> State:

@@ -222,8 +222,8 @@ class Scissorhands(_PivotalCounts, _Budgeted):
                              f"[1, {self.budget})")
         m = self.amount(budget)
         if not 1 <= m <= budget - self.recent:
-            raise ValueError(f"scissorhands: drop={m} (m) must be in [1, budget - recent] = "
-                             f"[1, {budget - self.recent}] for budget={budget}{whose}")
+            raise ValueError(f"scissorhands: drop={m} (m, the tokens dropped at a time: drop_fraction · B) must be "
+                             f"in [1, budget - recent] = [1, {budget - self.recent}] for budget={budget}{whose}")
 
     def protected(self, positions, step, budget):
         return positions >= step - self.recent

@@ -37,6 +37,7 @@ from repro.records import Row
 
 from . import bench
 from .generate import KV_BITS, decode_logits
+from .hooks import check_replaceable
 from .memory import bits_compression, table_rows
 from .policies import BUDGET_SCHEDULES, POLICIES, THRESHOLDS, Full, Policy, policy_at_budget
 from .simulate import persistence_ratio, simulate
@@ -136,7 +137,8 @@ def check_budgets(cfg: DictConfig, n_layers: int | None) -> None:
                 policy.budgets(n_layers)
         except ValueError as exc:
             at = f"kv.compressions={s.compression:g} gives B = ceil(eval.seqlen={length} / {s.compression:g}) = {b}"
-            raise ConfigError(f"{at if b is not None else f'kv.{s.policy}'}: {exc}") from None
+            raise ConfigError(f"{at if b is not None else f'kv.{s.policy}'}: {exc} (kv.{s.policy} sets the "
+                              "policy's parameters)") from None
 
 
 def validate(cfg: DictConfig) -> None:
@@ -181,8 +183,21 @@ def validate(cfg: DictConfig) -> None:
                           f"(model.arch.context); use eval.seqlen <= {arch.context}")
     if "quality" in experiments:
         check_budgets(cfg, arch.layers if arch is not None else None)
+    if arch is not None:
+        check_group_size(cfg, experiments, arch.hidden // arch.heads)
     if "decode" in experiments:
         bench.validate(cfg)
+
+
+def check_group_size(cfg: DictConfig, experiments: list[str], head_dim: int) -> None:
+    """A quantized cache's values are grouped along a token's channels: kv.group_size must divide the head_dim of
+    every experiment on the model that quantizes."""
+    bits = [b for key, experiment in (("kv.bits", "quality"), ("mc.bits", "multiple_choice"))
+            if experiment in experiments for b in checks.as_list(OmegaConf.select(cfg, key))]
+    if any(b < 16 for b in bits) and head_dim % cfg.kv.group_size:
+        raise ConfigError(f"kv.group_size={cfg.kv.group_size} must divide the model's head_dim={head_dim} for a "
+                          f"quantized cache (kv.bits / mc.bits {sorted(set(bits))}): values are grouped along a "
+                          "token's channels")
 
 
 # --- evaluation under a policy -----------------------------------------------------------------------------------
@@ -217,21 +232,38 @@ class KVForward:
         return self.causal / self.kept if self.kept else 1.0
 
 
-def fitted_policy(kv: DictConfig, s: Setting, length: int, n_layers: int) -> Policy:
-    """The policy for a text of `length` tokens at budget ceil(length / compression), or at the smallest larger
-    budget it accepts: a short multiple-choice prompt may hold too few tokens to keep the r newest and drop m = B/2
-    of a small budget. The full cache where no budget below the length will do. Rows report the compression
-    measured."""
-    if s.compression is None:
-        return policy_at_budget(s.policy, params(kv, s.policy))
-    for b in range(budget(length, s.compression), length):
-        try:
-            policy = policy_at_budget(s.policy, params(kv, s.policy), b)
-            policy.budgets(n_layers)
+@dataclass
+class FittedPolicy:
+    """A multiple-choice setting's policy for each batch of requests of `length` tokens: at budget
+    ceil(length / compression), or at the smallest larger budget it accepts (a short prompt may hold too few
+    tokens to keep the r newest and drop m = B/2 of a small budget), or the full cache where no budget below the
+    length will do. It counts the batches of each, which the rows report beside the compression measured."""
+
+    kv: DictConfig
+    setting: Setting
+    n_layers: int
+    batches: int = 0
+    raised: int = 0
+    full: int = 0
+
+    def __call__(self, length: int) -> Policy:
+        s, self.batches = self.setting, self.batches + 1
+        if s.compression is None:
+            return policy_at_budget(s.policy, params(self.kv, s.policy))
+        wanted = budget(length, s.compression)
+        for b in range(wanted, length):
+            try:
+                policy = policy_at_budget(s.policy, params(self.kv, s.policy), b)
+                policy.budgets(self.n_layers)
+            except ValueError:
+                continue
+            self.raised += b > wanted
             return policy
-        except ValueError:
-            continue
-    return Full()
+        self.full += 1
+        return Full()
+
+    def counts(self) -> dict:
+        return {"batches": self.batches, "budget_raised_batches": self.raised, "full_cache_batches": self.full}
 
 
 @dataclass
@@ -259,8 +291,10 @@ def kv_compression(s: Setting, forward: KVForward | None, m: Model, group_size: 
         eviction = 1.0 if s.policy == "full" else measured
     by_bits = bits_compression(s.bits, m.dtype_bits, group_size)
     x = None if eviction is None else round(eviction * by_bits, 4)
+    fitted = forward.policy_for.counts() if forward is not None and isinstance(forward.policy_for, FittedPolicy) \
+        else {}
     return x, {"policy": s.policy, "kv_bits": s.bits, "eviction_compression": eviction,
-               "bits_compression": round(by_bits, 4), "measured_compression": measured}
+               "bits_compression": round(by_bits, 4), "measured_compression": measured, **fitted}
 
 
 def sweep_rows(kv: DictConfig, ctx: RunContext, m: Model, settings: list[Setting], policy_for, evaluate, to_rows,
@@ -285,8 +319,17 @@ def sweep_rows(kv: DictConfig, ctx: RunContext, m: Model, settings: list[Setting
                       extra={**more, **breakdown})
             continue
         x, breakdown = kv_compression(s, forward, m, kv.group_size)
+        if s.compression is not None and breakdown.get("batches") and \
+                breakdown["full_cache_batches"] == breakdown["batches"]:  # nothing evicted: not a result at x
+            yield Row(s.provider, "kv_compression", x, metric, unit, status="unsupported", extra={**more, **breakdown},
+                      message=f"every batch of requests was too short for {s.policy} at {s.compression:g}x with "
+                              f"kv.{s.policy}'s parameters: each kept the full cache")
+            continue
         seconds = time.perf_counter() - start
-        print(f"[scissorhands_kv] {metric}: {s.provider} at {x:g}x ({seconds:.1f} s)", flush=True)
+        fitted = "" if not breakdown.get("batches") else \
+            f"; budget raised for {breakdown['budget_raised_batches']} and the full cache kept for " \
+            f"{breakdown['full_cache_batches']} of {breakdown['batches']} batches"
+        print(f"[scissorhands_kv] {metric}: {s.provider} at {x:g}x ({seconds:.1f} s{fitted})", flush=True)
         yield from to_rows(result, s.provider, x, {**more, **breakdown, "eval_seconds": round(seconds, 2)})
 
 
@@ -361,7 +404,7 @@ def multiple_choice_rows(cfg: DictConfig, ctx: RunContext, m: Model) -> Iterator
         return rows
 
     settings = sweep(kv, checks.as_list(mc.policies), checks.as_list(mc.compressions), checks.as_list(mc.bits))
-    yield from sweep_rows(kv, ctx, m, settings, lambda s: lambda n: fitted_policy(kv, s, n, m.n_layers), evaluate,
+    yield from sweep_rows(kv, ctx, m, settings, lambda s: FittedPolicy(kv, s, m.n_layers), evaluate,
                           to_rows, "accuracy", "fraction",
                           lambda s: {"model": m.label, "num_fewshot": mc.num_fewshot, "limit": mc.limit})
 
@@ -381,16 +424,27 @@ def model_rows(cfg: DictConfig, ctx: RunContext, experiments: list[str]) -> Iter
     module, tokenizer = load_model(cfg.model, ctx.device)
     m = Model(module, tokenizer, str(cfg.model.name).split("/")[-1].lower(),
               torch.finfo(next(module.parameters()).dtype).bits, module.config.num_hidden_layers)
+    try:
+        check_replaceable(module)
+    except ValueError as exc:
+        raise ConfigError(f"model={cfg.model.name}: {exc}") from None
     limit, seqlen = context_length(module), cfg.eval.seqlen
     if limit is not None and seqlen > limit:
         raise ConfigError(f"eval.seqlen={seqlen} is longer than model={cfg.model.name}'s context of {limit} tokens; "
                           f"use eval.seqlen <= {limit}")
+    config = module.config
+    check_group_size(cfg, experiments, getattr(config, "head_dim", None) or
+                     config.hidden_size // config.num_attention_heads)
     if "quality" in experiments:
         check_budgets(cfg, m.n_layers)
         beyond = [c for c in checks.as_list(cfg.kv.compressions) if limit is not None and budget(seqlen, c) > limit]
         if beyond:
             print(f"[scissorhands_kv] kv.compressions {beyond} give budgets beyond the model's context of {limit} "
                   "tokens: nothing is ever evicted, they are the full cache", flush=True)
+    below_one = [c for c in checks.as_list(cfg.mc.compressions) if c < 1]
+    if "multiple_choice" in experiments and below_one:
+        print(f"[scissorhands_kv] mc.compressions {below_one} give budgets beyond every request's length: nothing "
+              "is ever evicted, they are the full cache", flush=True)
     for name in checks.as_list(cfg.eval.texts) if {"persistence", "quality"} & set(experiments) else []:
         chunks = evaluation_chunks(cfg, m, name, ctx.device)
         if "persistence" in experiments:
