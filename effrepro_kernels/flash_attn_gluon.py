@@ -1,4 +1,4 @@
-"""FlashAttention forward for Hopper (sm_90) in Gluon: TMA loads, wgmma, warp specialisation.
+"""FlashAttention forward and backward for Hopper (sm_90) in Gluon: TMA loads, wgmma, warp specialisation.
 
 The structure of FlashAttention-3 and cuDNN: a program takes (query tile, batch·head) pairs, one, or in turn a
 program an SM (a persistent grid: without a mask, and causal up to `CAUSAL_PERSISTENT_MAX_KEYS`), a query tile
@@ -8,7 +8,8 @@ the bytes it expects. Each consumer warpgroup (the default partition, and four-w
 query rows: S = Q·Kᵀ with wgmma, the online softmax in registers (base 2, the scale folded into the exponent),
 O += P·V with P from registers; each releases a stage's K with an mbarrier arrive once its Q·Kᵀ has read it, and
 its V once its P·V has. At head_dim 128 a consumer overlaps each tile's softmax with the previous tile's P·V
-(FlashAttention-3's intra-warpgroup pipelining).
+(FlashAttention-3's intra-warpgroup pipelining). The backward (below `backward`) has the same parts: a dK/dV
+kernel a program per key tile, a dQ kernel a program per query tile, block-sparse with 128-key blocks.
 
 Conventions follow flash_attn.py: q (batch, heads, seq_q, head_dim), k and v (batch, kv_heads, seq_k, head_dim)
 with kv_heads dividing heads; causal is bottom-right aligned (query i sees keys j <= i + seq_k - seq_q); the
@@ -16,8 +17,8 @@ log-sum-exp is float32 (batch, heads, seq_q) in base 2, as flash_attn's kernels 
 that sees no key gives zeros and an LSE of +inf (so that the backward's exp2(s - lse) gives zeros).
 
 Gluon's API moved between Triton 3.6 and 3.9 (effrepro_kernels/NOTES.md, "Gluon on Hopper"): the renamed calls
-are bridged by aliases chosen from what the installed Triton has, and without a Gluon this file knows, importing
-still works and `refusal` says so. Compiled offline for sm_90 with Triton 3.6 to 3.9, run and measured
+are bridged by aliases chosen from what the installed Triton has, and without a Gluon this file knows (or on a
+Triton outside `TRITON_VERSIONS`), importing still works and `refusal` says so. Compiled offline for sm_90 with Triton 3.6 to 3.9, run and measured
 on an H200 and an H100 with 3.6 (NOTES.md, "The Gluon forward overlapped", "A persistent forward" and "Causal
 grids persistent up to 2K keys"): faster than the `tl` forward on dense calls from 512 keys at d = 128 and 1K at
 64, and on causal ones from 1K at d = 128 and 2K at 64; slower on shorter causal ones, where `flash_attn` keeps
@@ -53,6 +54,9 @@ except Exception:  # noqa: BLE001 - any Triton whose Gluon differs must leave `i
     # stand-ins so that the kernel definitions below still evaluate (to plain functions never called)
     gluon = gl = SimpleNamespace(jit=lambda fn: fn, constexpr_function=lambda fn: fn, constexpr=None)
 
+# the Triton releases whose Gluon these kernels were compiled with (tests/gluon_offline.py); another may have moved
+# the API in a way the aliases above do not see
+TRITON_VERSIONS = ("3.6.", "3.7.", "3.8.", "3.9.")
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
 GLUON_HEAD_DIMS = (64, 128)
 ROWS_PER_WARPGROUP = 64  # a consumer warpgroup's share of the 128-row query tile
@@ -453,8 +457,9 @@ def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         return "an empty input"
     if b * h > 65535:
         return f"batch·heads {b * h} > 65535 (the grid's second dimension)"
-    if not _GLUON_OK:
-        return f"Triton {triton.__version__} has no Gluon that this kernel knows"
+    if not _GLUON_OK or not triton.__version__.startswith(TRITON_VERSIONS):
+        return (f"Triton {triton.__version__} has no Gluon that this kernel knows (it was written for "
+                f"{', '.join(v.rstrip('.') for v in TRITON_VERSIONS)})")
     if INTERPRET:
         return "Gluon does not run under TRITON_INTERPRET=1"
     if not (q.is_cuda and q.device == k.device == v.device):
