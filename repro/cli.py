@@ -260,11 +260,12 @@ def _fits(value, default) -> bool:
 
 
 def check_overrides(args: list[str]) -> str | None:
-    """Name a bad override before Hydra runs: an unknown key (with the known ones, which Hydra does not list)
-    or a value whose type differs from the key's default. Config-group choices (task=, scale=, ...) are left
-    to Hydra, whose message already lists the options."""
+    """Name a bad override before Hydra runs: an unknown config-group option (task=, scale=, ...) with the known
+    ones, an unknown key (with the known ones, which Hydra does not list) or a value whose type differs from the
+    key's default."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import MissingConfigException
 
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
@@ -275,18 +276,29 @@ def check_overrides(args: list[str]) -> str | None:
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
             cfg = compose("config", overrides=[g for g in groups if not g.startswith("hydra")])
-    except Exception:  # noqa: BLE001 - an unknown group option: Hydra reports it with the valid ones
+    except MissingConfigException as exc:
+        if exc.options and exc.missing_cfg_file:  # e.g. task/nosuch
+            group, _, choice = exc.missing_cfg_file.rpartition("/")
+            return f"{group}={choice!r} is not one of {sorted(exc.options)}"
+        return None
+    except Exception:  # noqa: BLE001 - anything else about the groups: Hydra's own message is the right one
         return None
     for o in overrides:
         if o.is_add() or o.is_force_add() or o.input_line in groups:
             continue
         node, path = cfg, []
         for part in o.key_or_group.split("."):
-            if not OmegaConf.is_dict(node) or part not in node:
+            # `in` is False for a `???` value (one the user must give): ask the keys
+            if not OmegaConf.is_dict(node) or part not in node.keys():
                 where = ".".join(path) or "the top level"
                 known = ", ".join(map(str, node.keys())) if OmegaConf.is_dict(node) else "none (not a mapping)"
                 return f"unknown config key {o.key_or_group!r}: {where} has no {part!r}; its keys are: {known}"
+            if OmegaConf.is_missing(node, part):  # no default to take the type from
+                node = None
+                break
             node, path = node[part], path + [part]
+        if node is None:
+            continue
         default = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
         values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
         for value in values:

@@ -65,6 +65,15 @@ def test_a_tasks_validate_names_the_value_and_the_valid_ones(override, expected,
     assert all(word in message for word in expected), message
 
 
+def test_overrides_are_checked_before_hydra_runs():
+    from repro.cli import check_overrides
+    assert check_overrides(["task=nosuch"]).startswith("task='nosuch' is not one of ['compress_then_prompt', ")
+    assert check_overrides(["scale=huge"]) == "scale='huge' is not one of ['paper', 'small', 'smoke']"
+    # a `???` key (a value the user must give) takes any value
+    assert check_overrides(["task=lm_eval", "model=hf", "model.name=facebook/opt-6.7b"]) is None
+    assert "model has no 'nme'" in check_overrides(["task=lm_eval", "model=hf", "model.nme=facebook/opt-6.7b"])
+
+
 def test_documented_keys_are_accepted_without_a_plus(tmp_path):
     code, _, err = run_inline("task=flash_gpt2", "train.checkpoint_every_s=5", "train.steps=abc", "logger=none",
                               f"hydra.run.dir={tmp_path}")
