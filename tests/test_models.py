@@ -107,6 +107,23 @@ def test_a_missing_or_corrupt_gguf_file_is_a_config_error(tmp_path):
         load_model(cfg, "cpu")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_a_task_refuses_before_any_work_a_model_it_cannot_load_here(tmp_path, refusal):
+    """What loading needs short of reading a weight is checked by the tasks' validate: a missing package, a
+    missing Hub name, training the full-size model on a CPU."""
+    assert "needs a Hub name" in refusal("task=lm_eval", "model=hf")
+    assert "'no-such-model-package' is not installed" in refusal("task=scissorhands_kv", "model=smollm2",
+                                                                 "model.package=no-such-model-package")
+    message = refusal("task=compress_then_prompt", "model=trained", f"model.cache={tmp_path}")
+    assert "model=trained is not in the cache" in message and "model=trained_tiny" in message
+    assert not list(tmp_path.iterdir())  # nothing trained
+    config = model_config("trained", f"model.cache={tmp_path}")
+    with pytest.raises(ConfigError, match="hours on cpu"):
+        load_model(config, "cpu")
+    assert trained_dir(config) == trained_dir(model_config("trained", f"model.cache={tmp_path}",
+                                                           "model.train_on_cpu=true"))  # the same model
+
+
 def test_the_trained_model_trains_once_caches_with_its_commit_and_perplexities_and_reloads(tmp_path, monkeypatch):
     cfg = model_config("trained_tiny", f"model.cache={tmp_path}")
     model, tok = load_model(cfg, "cpu")

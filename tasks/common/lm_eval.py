@@ -11,16 +11,14 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from repro import checks
-from repro.context import ConfigError, RunContext
+from repro.context import RunContext
 from repro.evaluation import TEXTS, eval_text, perplexity, perplexity_rows
-from repro.models import known_models, load_model, trained_metadata
+from repro.models import load_model, require_model, trained_metadata
 from repro.records import Row
 
 
 def validate(cfg: DictConfig) -> None:
-    if cfg.get("model") is None:
-        raise ConfigError(f"task={cfg.task.name} evaluates a pretrained model: choose one with model=<name>, one of "
-                          f"{known_models()}")
+    require_model(cfg, "evaluates a pretrained model")
     validate_eval(cfg.eval)
 
 

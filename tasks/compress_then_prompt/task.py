@@ -34,7 +34,7 @@ from repro import checks
 from repro.bench import Call, Point, Provider, failure, run_benchmark
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.evaluation import context_length, eval_text, perplexity, perplexity_rows, plain_forward
-from repro.models import known_models, load_model, trained_metadata
+from repro.models import load_model, require_model, trained_metadata
 from repro.records import Row
 from repro.train import Trainee, TrainSpec, model_flops_per_token, train
 
@@ -157,9 +157,7 @@ def check_context(cfg: DictConfig, context: int | None, hard_prompt_tokens: int 
 
 
 def validate(cfg: DictConfig) -> None:
-    if cfg.get("model") is None:
-        raise ConfigError(f"task={cfg.task.name} compresses a pretrained model: choose one with model=<name>, one "
-                          f"of {known_models()}")
+    require_model(cfg, "compresses a pretrained model")
     experiments = checks.as_list(cfg.experiments)
     checks.choice("experiments", experiments, EXPERIMENTS)
     if not experiments:

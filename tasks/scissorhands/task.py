@@ -32,7 +32,7 @@ from repro import checks
 from repro.bench import Unsupported, failure
 from repro.context import ConfigError, RunContext
 from repro.evaluation import TEXTS, context_length, eval_text, perplexity, perplexity_rows
-from repro.models import known_models, load_model
+from repro.models import load_model, require_model
 from repro.records import Row
 
 from . import bench
@@ -142,9 +142,7 @@ def check_budgets(cfg: DictConfig, n_layers: int | None) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    if cfg.get("model") is None:
-        raise ConfigError(f"task={cfg.task.name} evaluates a language model: choose one with model=<name>, one of "
-                          f"{known_models()}")
+    require_model(cfg, "evaluates a language model")
     kv = cfg.kv
     experiments = checks.as_list(kv.experiments)
     if not experiments:
