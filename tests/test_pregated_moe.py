@@ -269,6 +269,18 @@ def test_the_cache_policy_decides_the_hits(policy, expected):
     assert (cache.hits, cache.misses) == (sum(expected), len(expected) - sum(expected))
 
 
+def test_without_a_cache_only_an_expert_in_use_is_found_resident():
+    """cache="none" (the paper's default runs): a block's expert is copied every time, into the slot it held if
+    that still holds it; one already in use or being fetched (pinned) is not copied twice."""
+    a, b = (0, 0), (0, 1)
+    cache = SlotCache(2, "none")
+    slot, hit = cache.request(a, pinned=set())
+    assert not hit and cache.request(a, pinned={a}) == (slot, True)
+    assert cache.request(a, pinned=set()) == (slot, False)  # copied again, where it was
+    assert not cache.request(b, pinned=set())[1] and (cache.hits, cache.misses) == (1, 3)
+    assert cache.holder.count(a) == 1 and cache.slot_of == {a: slot, b: 1 - slot}
+
+
 def test_the_cache_never_evicts_a_pinned_expert():
     cache = SlotCache(2, "lru")
     cache.request((0, 0), set())

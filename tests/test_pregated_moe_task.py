@@ -148,7 +148,7 @@ def test_every_setting_is_checked(compose):
         ("moe.runs", [], "moe.runs is empty"),
         ("moe.warmup_tokens", -1, "moe.warmup_tokens=-1 must be an integer >= 0"),
         ("moe.memory_cap_gb", -1, "moe.memory_cap_gb=-1 must be a number >= 0.01"),
-        ("moe.cache", "fifo", "moe.cache='fifo' is not one of ['lru', 'lfu']"),
+        ("moe.cache", "fifo", "moe.cache='fifo' is not one of ['none', 'lru', 'lfu']"),
         ("moe.weights", "pretrained", "moe.weights='pretrained' is not one of ['random', 'hub']"),
         ("moe.checkpoint", "google/{size}", "moe.checkpoint='google/{size}' must be a path or Hub name"),
         ("parts", ["serving", "speed"], "parts=['speed'] is not one of ['serving', 'quality']"),

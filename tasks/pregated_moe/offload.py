@@ -14,9 +14,10 @@ Every strategy reads a routing back to the host without waiting, as soon as it e
 serves all of them, so a block's routing is known a block early whatever the strategy, and only when its experts
 are copied differs.
 
-Copies land in a fixed pool of device slots shared by all MoE blocks. The pool is also a cache over (block,
-expert), with an lru or lfu policy: an expert still resident is not copied again (beyond the paper, whose default
-runs copy every time; its artifact has LFU/LRU caches for Figure 15).
+Copies land in a fixed pool of device slots shared by all MoE blocks. By default (`cache="none"`, as the paper's
+default runs) an expert is copied every time a block asks for it; with an lru or lfu policy the pool is also a
+cache over (block, expert), and an expert still resident is not copied again (beyond the paper; its artifact has
+LFU/LRU caches for Figure 15). A cache rewards the larger pool: compare strategies with one at equal `slots`.
 
 Everything a run records is here: bytes and copies host-to-device, cache hits and misses, and a `Span` (two
 `Marker`s: CUDA events on the stream where the work ran) for every transformer block, MoE block, stall of the
@@ -42,7 +43,7 @@ import torch
 from .model import KVCache, Routing, SwitchLM, active_experts
 
 STRATEGIES = ("gpu_only", "on_demand", "prefetch_all", "pregated")
-CACHE_POLICIES = ("lru", "lfu")
+CACHE_POLICIES = ("none", "lru", "lfu")
 
 
 class Marker:
@@ -133,7 +134,9 @@ def min_slots(strategy: str, n_experts: int, top_k: int, tokens: int) -> int:
 class SlotCache:
     """Which (MoE block, expert) each device slot holds, and which to evict: a free slot if any, else among the
     slots not pinned (in use or being fetched) the least recently used (lru) or the least often requested over the
-    whole run, then least recently used (lfu). A linear scan: pools are at most a few hundred slots."""
+    whole run, then least recently used (lfu). With policy "none" only a pinned expert is found resident: any
+    other request copies again (into the slot it held, if it still holds it). A linear scan: pools are at most a
+    few hundred slots."""
 
     def __init__(self, n_slots: int, policy: str):
         if policy not in CACHE_POLICIES:
@@ -149,10 +152,14 @@ class SlotCache:
         """The slot for `key` and whether it was already there; on a miss the caller fills the slot."""
         self.clock += 1
         self.requests[key] += 1
-        hit = key in self.slot_of
+        resident = key in self.slot_of
+        hit = resident and (self.policy != "none" or key in pinned)
         if hit:
             slot = self.slot_of[key]
             self.hits += 1
+        elif resident:  # no cache: copied again where it was
+            slot = self.slot_of[key]
+            self.misses += 1
         else:
             slot = self._victim(pinned)
             self.slot_of.pop(self.holder[slot], None)
@@ -205,7 +212,7 @@ class ExpertOffload:
     `record_events=False` records no spans (for timing without the events' own cost); the counters are always kept.
     """
 
-    def __init__(self, model: SwitchLM, strategy: str, device, slots: int | None = None, cache: str = "lru",
+    def __init__(self, model: SwitchLM, strategy: str, device, slots: int | None = None, cache: str = "none",
                  record_events: bool = True):
         cfg = model.config
         if strategy not in STRATEGIES:
