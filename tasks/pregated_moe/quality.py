@@ -113,11 +113,18 @@ def validate(cfg) -> None:
     if q.batch_tokens < q.seq_len:
         raise ConfigError(f"quality.batch_tokens={q.batch_tokens} is less than one sequence of {q.seq_len}")
     TrainSpec.from_config(cfg.train)
+    corpus(cfg)  # tokenised here (and cached), so that a corpus too small is refused before the serving sweep
 
 
-def run(cfg, ctx: RunContext) -> Iterator[Row]:
+def corpus(cfg):
+    """The training corpus's tokens, with both parts longer than a sequence."""
     data = load_token_stream(cfg.data, cfg.paths.cache)
     if min(len(data.train), len(data.val)) <= cfg.quality.seq_len + 1:
         raise ConfigError(f"the corpus gives {len(data.train)} training and {len(data.val)} validation tokens, too "
-                          f"few for sequences of {cfg.quality.seq_len}; use a larger corpus (data.folder)")
-    yield from train_from_config(cfg, candidates(cfg, ctx, data), ctx.device, change_rows)
+                          f"few for sequences of quality.seq_len={cfg.quality.seq_len}; use a larger corpus "
+                          "(data.folder) or a shorter quality.seq_len")
+    return data
+
+
+def run(cfg, ctx: RunContext) -> Iterator[Row]:
+    yield from train_from_config(cfg, candidates(cfg, ctx, corpus(cfg)), ctx.device, change_rows)
