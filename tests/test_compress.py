@@ -62,7 +62,8 @@ def lowest(score: torch.Tensor, count: int) -> torch.Tensor:
 def reference_obs(w, h, *, bits=None, group_size=None, sparsity=None, n_m=None, blocksize=16, percdamp=0.01):
     """GPTQ / SparseGPT as the papers derive them: fix column k, then move the still-free columns F = k..end by
     -(w_k - q_k) / [H_F⁻¹]_kk · [H_F⁻¹]_k,:, with H_F⁻¹ inverted afresh for every k (no Cholesky, no lazy
-    batches). Unstructured masks are chosen per block of `blocksize` columns by w² / [H_F⁻¹]_jj."""
+    batches). Unstructured masks are chosen per block of `blocksize` columns by w² / [H_F⁻¹]_jj, and a group's
+    scale from its columns as they were when its first column's block began (as the reference GPTQ code)."""
     w = w.clone()
     rows, cols = w.shape
     h = h + percdamp * h.diagonal().mean() * torch.eye(cols, dtype=h.dtype)
@@ -70,6 +71,8 @@ def reference_obs(w, h, *, bits=None, group_size=None, sparsity=None, n_m=None, 
     out, keep = torch.zeros_like(w), torch.ones_like(w, dtype=torch.bool)
     group_size = group_size or cols
     for k in range(cols):
+        if k % blocksize == 0:
+            block_start = w.clone()
         if sparsity is not None and k % blocksize == 0:
             end = min(k + blocksize, cols)
             d = torch.stack([free_inverse_diagonal(j) for j in range(k, end)])
@@ -79,7 +82,7 @@ def reference_obs(w, h, *, bits=None, group_size=None, sparsity=None, n_m=None, 
             d = torch.stack([free_inverse_diagonal(j) for j in range(k, k + n_m[1])])
             keep[:, k:k + n_m[1]] = ~lowest(w[:, k:k + n_m[1]] ** 2 / d, n_m[1] - n_m[0])
         if bits is not None and k % group_size == 0:
-            scale, zero = quant_params(w[:, k:k + group_size], bits)
+            scale, zero = quant_params(block_start[:, k:k + group_size], bits)
         q = w[:, k] * keep[:, k]
         if bits is not None:
             q = dequantize(quantize(q, scale, zero, bits), scale, zero)
