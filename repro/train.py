@@ -33,6 +33,7 @@ from .timing import kernel_time_by_family
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "lamb")
 PARALLEL = ("ddp", "fsdp")
+SCHEDULES = ("cosine", "linear")
 CHECKPOINT_VERSION = 2
 
 
@@ -79,6 +80,7 @@ class TrainSpec:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
+    schedule: str = "cosine"  # after the warm-up, down to min_lr_ratio · lr: cosine or linear
     min_lr_ratio: float = 0.1
     grad_accum: int = 1  # accumulation steps: tasks draw this many batches per step (and may split them)
     grad_clip: float = 1.0
@@ -118,7 +120,8 @@ class TrainSpec:
             raise ConfigError(f"train.profile profiles the last untimed step, before the timed ones: "
                               f"train.timing_skip_steps={self.timing_skip_steps} must be between 1 and "
                               f"train.steps - 1 = {self.steps - 1}")
-        for name, allowed in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("parallel", PARALLEL)):
+        for name, allowed in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("parallel", PARALLEL),
+                              ("schedule", SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
 
@@ -183,9 +186,9 @@ def init_distributed(device: torch.device) -> None:
 def _lr_at(step: int, spec: TrainSpec) -> float:
     if step < spec.warmup_steps:
         return spec.lr * (step + 1) / spec.warmup_steps
-    progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * cosine)
+    progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps))
+    left = 0.5 * (1 + math.cos(math.pi * progress)) if spec.schedule == "cosine" else 1 - progress
+    return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * left)
 
 
 def frozen_hash(model: torch.nn.Module) -> str:

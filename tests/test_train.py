@@ -1,5 +1,6 @@
 """The shared training loop: resume after a kill, never from a finished run, refusing foreign or corrupt
 checkpoints, training only what trains, stages, failures as rows; and the text corpus it is usually fed from."""
+import math
 import time
 from dataclasses import replace as dataclass_replace
 from types import SimpleNamespace
@@ -171,6 +172,19 @@ def test_train_spec_names_unknown_keys_bad_precision_and_a_profile_with_no_untim
     for skipped in (0, 4):  # none untimed; or every step, when the throughput would fall back to all of them
         with pytest.raises(ConfigError, match=f"timing_skip_steps={skipped}"):
             TrainSpec.from_config({"steps": 4, "lr": 1.0, "profile": True, "timing_skip_steps": skipped})
+
+
+@pytest.mark.parametrize("schedule, halfway", [("cosine", 0.55), ("linear", 0.55)])
+def test_the_learning_rate_warms_up_then_decays_to_its_floor_by_the_schedule(schedule, halfway):
+    from repro.train import _lr_at
+    spec = TrainSpec.from_config({"steps": 110, "lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1,
+                                  "schedule": schedule})
+    assert [_lr_at(s, spec) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert _lr_at(60, spec) == pytest.approx(halfway) and _lr_at(110, spec) == pytest.approx(0.1)
+    quarter = 0.1 + 0.9 * (0.5 * (1 + math.cos(math.pi / 4)) if schedule == "cosine" else 0.75)
+    assert _lr_at(35, spec) == pytest.approx(quarter)
+    with pytest.raises(ConfigError, match=r"train.schedule='step' is not one of \['cosine', 'linear'\]"):
+        TrainSpec.from_config({"steps": 1, "lr": 1.0, "schedule": "step"})
 
 
 @pytest.mark.parametrize("kernel, family", [
