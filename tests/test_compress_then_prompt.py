@@ -249,9 +249,17 @@ def test_the_claims_are_read_from_the_rows(smoke):
     (["eval.seqlen=300"], "eval.seqlen=300 is longer than the model's context of 256"),
     (["lora.levels=[joint8x]"], "lora.levels=['joint8x'] is not one of ['gptq_4bit', "),
     (["experiments=[transfer]"], "experiments: transfer is read against the perplexities"),
+    (["compression.percdamp=-1"], "compression.percdamp=-1 must be > 0"),
 ])
 def test_bad_input_is_refused(refusal, overrides, message):
     assert message in refusal(*TINY, *overrides)
+
+
+def test_a_level_named_for_a_prompt_but_not_compressed_is_said(compose, capsys):
+    from tasks.compress_then_prompt.task import validate
+    validate(compose(*TINY, "prompt.levels=[sparsegpt_50]"))
+    assert "prompt.levels names ['sparsegpt_50'], which compression.levels=['joint_8x', 'gptq_4bit'] leaves " \
+           "out: nothing is trained there" in capsys.readouterr().out
 
 
 # what only the loaded model and text can tell, found when the run starts, still before any work

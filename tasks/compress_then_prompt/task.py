@@ -113,7 +113,8 @@ def levels_from_config(cfg: DictConfig) -> list[Level]:
             n_m = check_arguments(spec.get("method"), spec.get("bits"), c.group_size, spec.get("sparsity"),
                                   spec.get("n_m"), c.act_order and spec.get("method") == "gptq", c.percdamp)
         except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+            shared = str(exc).startswith(("percdamp=", "group_size="))  # compression's own keys, not the level's
+            raise ConfigError(f"compression.{exc}" if shared else f"{key}: {exc}") from None
         levels.append(Level(name, spec["method"], spec.get("bits"), spec.get("sparsity"), n_m))
     return levels
 
@@ -124,6 +125,15 @@ def levels_at(key: str, value, cfg: DictConfig) -> list[str]:
     if value is not None:
         checks.choice(key, checks.as_list(value), list(cfg.compression.catalog))
     return [name for name in checks.as_list(cfg.compression.levels) if value is None or name in value]
+
+
+def say_left_out(key: str, value, cfg: DictConfig) -> None:
+    """Say once (from validate) which levels `key` names that the run does not compress, so trains nothing at."""
+    compressed = checks.as_list(cfg.compression.levels)
+    left_out = [name for name in checks.as_list(value) if name not in compressed] if value is not None else []
+    if left_out:
+        print(f"[compress_then_prompt] {key} names {left_out}, which compression.levels={compressed} leaves out: "
+              "nothing is trained there", flush=True)
 
 
 def model_identity(model_cfg: DictConfig) -> str:
@@ -184,10 +194,12 @@ def validate(cfg: DictConfig) -> None:
     checks.number("prompt.batch", p.batch, at_least=1)
     checks.number("prompt.val_chunks", p.val_chunks, at_least=1)
     levels_at("prompt.levels", p.levels, cfg)
+    say_left_out("prompt.levels", p.levels, cfg)
     if cfg.hard_prompt is not None and (not isinstance(cfg.hard_prompt, str) or not cfg.hard_prompt.strip()):
         raise ConfigError(f"hard_prompt={cfg.hard_prompt!r} must be a text, or null for no hard-prompt rows")
     lora = cfg.lora
     levels_at("lora.levels", lora.levels, cfg)
+    say_left_out("lora.levels", lora.levels, cfg)
     checks.number("lora.rank", lora.rank, at_least=1)
     checks.number("lora.alpha", lora.alpha, integer=False)
     if lora.alpha <= 0:
