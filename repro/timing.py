@@ -14,6 +14,9 @@ CLOCK_GRAPH = "cuda_graph"
 CLOCK_EAGER = "eager_loop"
 BACK_TO_BACK = {"graph": CLOCK_GRAPH, "eager": CLOCK_EAGER}
 CLOCK_CPU = "wall_clock"
+# Fewest timed calls a median is taken over: do_bench fits its calls into `rep_ms`, which for a call longer
+# than that is one call, and one call's noise (a training step of a large model, a long sequence).
+MIN_CALLS = 5
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,9 @@ def measure(
 
         times = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
                                         return_mode="all")
+        if len(times) < MIN_CALLS:  # again, warm now, with room for MIN_CALLS calls
+            times = triton.testing.do_bench(fn, warmup=0, rep=1.25 * MIN_CALLS * statistics.median(times),
+                                            grad_to_none=grad_to_none, return_mode="all")
         return _summarise(times, CLOCK_GPU)
 
     def call():
@@ -94,7 +100,7 @@ def measure(
     deadline = time.perf_counter() + warmup_ms / 1e3
     while time.perf_counter() < deadline:
         call()
-    reps = max(3, min(1000, int(rep_ms / max(first, 1e-3))))
+    reps = max(MIN_CALLS, min(1000, int(rep_ms / max(first, 1e-3))))
     return _summarise([call() for _ in range(reps)], CLOCK_CPU)
 
 

@@ -133,6 +133,23 @@ def test_a_provider_on_our_kernels_is_unsupported_where_they_cannot_run(monkeypa
     assert ours.status == "unsupported" and "CUDA GPU" in ours.message
 
 
+def test_a_median_is_never_taken_over_fewer_than_min_calls(monkeypatch):
+    """do_bench fits its calls into rep_ms: a call longer than that is timed once, and timed again with room for
+    MIN_CALLS (a fake do_bench stands in for the GPU's)."""
+    import triton.testing
+
+    from repro import timing
+    asked = []
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        asked.append(rep)
+        return [80.0] if len(asked) == 1 else [80.0] * int(rep // 80)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    t = timing.measure(lambda: None, torch.device("cuda"), warmup_ms=10, rep_ms=50)
+    assert asked == [50, 1.25 * timing.MIN_CALLS * 80] and t.n >= timing.MIN_CALLS
+    assert timing.measure(lambda: time.sleep(0.002), torch.device("cpu"), warmup_ms=0, rep_ms=1).n == timing.MIN_CALLS
+
+
 def test_a_sequence_of_stateful_steps_is_timed_step_by_step_in_order():
     from repro.timing import measure_steps
     seen = []
