@@ -132,6 +132,12 @@ def test_the_crossover_says_so_when_linformer_never_wins_and_ignores_lengths_whe
     rows = times({256: 2.0, 512: 3.0}, "linformer_k128") + times({256: 1.0, 512: 2.0}, "lrt_r256")
     [row] = crossover_rows(rows, [("linformer_k128", "lrt_r256")])
     assert row.p50 is None and "not faster than lrt_r256 at the longest length" in row.message
+    # a point that failed with an error is no win for the other side: only running out of memory loses
+    broken = times({256: 2.0, 512: 3.0}, "linformer_k128") + times({256: 1.0}, "lrt_r256") + [
+        Row("lrt_r256", "seq_len", 512, "time", "ms", status="error", message="a bug", extra=dict(
+            setting="sweep", mode="inference"))]
+    [row] = crossover_rows(broken, [("linformer_k128", "lrt_r256")])
+    assert row.p50 is None
 
 
 def test_cost_rows_are_what_lrt_saves_in_time_and_flops_at_short_sequences():
@@ -216,6 +222,10 @@ def test_our_kernel_in_bert_matches_eager_attention():
     ("greenformers.crossover.tokens=0", "greenformers.crossover.tokens=0 must be an integer >= 1"),
     ("greenformers.notebook.batch.fwd_bwd=0", "greenformers.notebook.batch.fwd_bwd=0 must be an integer >= 1"),
     ("greenformers.model.num_attention_heads=5", "greenformers.model.num_attention_heads=5 must divide 32"),
+    ("greenformers.crossover.seq_len=[]", "greenformers.crossover.seq_len is empty"),
+    ("greenformers.crossover.modes=[]", "greenformers.crossover.modes is empty"),
+    ("greenformers.crossover.cost_max_seq_len=8", "cost_max_seq_len=8 is below every length"),
+    ("greenformers.notebook.variants=[base,lrt_r8]", "names 'base', which is always measured (first): leave it out"),
 ])
 def test_bad_input_is_named(refusal, override, expected):
     assert expected in refusal("task=greenformers", override)

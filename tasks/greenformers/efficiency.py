@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
-from repro.records import FAILED_ROW_STATUSES, Row
+from repro.records import Row
 from tasks.common.low_rank import count_parameters
 
 from .variants import Variant, count_flops, dense_model, factorised, on_meta, with_attention
@@ -158,13 +158,13 @@ def measure_points(points: Iterable[Point], variants: list[Variant], models: Mod
 
 
 def _values(rows: list[Row], provider: str, metric: str, mode: str) -> dict[int, float]:
-    """Per sequence length the provider was tried at: its `metric`, or infinity where it failed (out of memory
-    loses to anything that ran)."""
+    """Per sequence length the provider was tried at: its `metric`, or infinity where it ran out of memory (which
+    loses to anything that ran); an error or an unsupported point says nothing."""
     values = {}
     for r in rows:
         if r.provider != provider or r.extra.get("mode") != mode or r.extra.get("setting") != "sweep":
             continue
-        if r.metric == "time" and r.status in FAILED_ROW_STATUSES:
+        if r.metric == "time" and r.status == "oom":
             values[r.x_value] = math.inf
         elif r.metric == metric and r.status == "ok":
             values[r.x_value] = r.p50

@@ -73,10 +73,16 @@ def validate(cfg: DictConfig) -> None:
     if "crossover" in parts:
         sweep = g.crossover
         lengths = as_list(OmegaConf.to_container(sweep.seq_len))
+        for key, values in (("seq_len", lengths), ("modes", as_list(OmegaConf.to_container(sweep.modes)))):
+            if not values:
+                raise ConfigError(f"greenformers.crossover.{key} is empty: the crossover needs at least one")
         checks.number("greenformers.crossover.seq_len", lengths, at_least=1)
         checks.number("greenformers.crossover.tokens", sweep.tokens, at_least=1)
         checks.number("greenformers.crossover.cost_max_seq_len", sweep.cost_max_seq_len, at_least=1)
         checks.choice("greenformers.crossover.modes", OmegaConf.to_container(sweep.modes), MODES)
+        if sweep.cost_max_seq_len < min(lengths):
+            raise ConfigError(f"greenformers.crossover.cost_max_seq_len={sweep.cost_max_seq_len} is below every "
+                              f"length of greenformers.crossover.seq_len={lengths}: no cost row would be made")
         _check_variants("greenformers.crossover.variants", list(sweep.variants), model, max(lengths))
     if "notebook" in parts:
         book = g.notebook
@@ -85,7 +91,9 @@ def validate(cfg: DictConfig) -> None:
         checks.choice("greenformers.notebook.batch", list(book.batch), MODES)
         for mode, batch in book.batch.items():
             checks.number(f"greenformers.notebook.batch.{mode}", batch, at_least=1)
-        # base is always measured, first
+        if BASELINE in book.variants:
+            raise ConfigError(f"greenformers.notebook.variants names {BASELINE!r}, which is always measured (first): "
+                              "leave it out")
         _check_variants("greenformers.notebook.variants", [BASELINE, *book.variants], model, book.seq_len)
     if "quality" in parts:
         spec = g.quality
