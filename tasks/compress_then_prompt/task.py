@@ -380,7 +380,10 @@ class CompressThenPrompt:
             fingerprint=fingerprint(dict(model=self.identity, level=state.level.extra(), provider=provider,
                                          compression=[c.group_size, c.act_order, c.percdamp, c.calibration.samples,
                                                       c.calibration.seqlen],
-                                         text=OmegaConf.to_container(self.cfg.text), batch=[p.batch, p.seqlen],
+                                         text=OmegaConf.to_container(self.cfg.text),
+                                         corpus=OmegaConf.to_container(self.cfg.model.get("data") or self.cfg.data,
+                                                                       resolve=True),
+                                         batch=[p.batch, p.seqlen],
                                          seed=self.cfg.seed, **settings)))
         checkpoints = Path(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
         device = self.ctx.device
