@@ -33,7 +33,7 @@ from .timing import kernel_time_by_family
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "lamb")
 PARALLEL = ("ddp", "fsdp")
-SCHEDULES = ("cosine", "linear")
+SCHEDULES = ("cosine", "linear", "rsqrt")
 CHECKPOINT_VERSION = 2
 
 
@@ -80,7 +80,8 @@ class TrainSpec:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
-    schedule: str = "cosine"  # after the warm-up, down to min_lr_ratio · lr: cosine or linear
+    # after the warm-up: cosine or linear down to min_lr_ratio · lr, or rsqrt: lr · sqrt(warmup / step) (LRA's)
+    schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     grad_accum: int = 1  # accumulation steps: tasks draw this many batches per step (and may split them)
     grad_clip: float = 1.0
@@ -186,6 +187,8 @@ def init_distributed(device: torch.device) -> None:
 def _lr_at(step: int, spec: TrainSpec) -> float:
     if step < spec.warmup_steps:
         return spec.lr * (step + 1) / spec.warmup_steps
+    if spec.schedule == "rsqrt":
+        return spec.lr * math.sqrt(max(1, spec.warmup_steps) / max(1, step))
     progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps))
     left = 0.5 * (1 + math.cos(math.pi * progress)) if spec.schedule == "cosine" else 1 - progress
     return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * left)

@@ -174,16 +174,20 @@ def test_train_spec_names_unknown_keys_bad_precision_and_a_profile_with_no_untim
             TrainSpec.from_config({"steps": 4, "lr": 1.0, "profile": True, "timing_skip_steps": skipped})
 
 
-@pytest.mark.parametrize("schedule, halfway", [("cosine", 0.55), ("linear", 0.55)])
+@pytest.mark.parametrize("schedule, halfway", [("cosine", 0.55), ("linear", 0.55), ("rsqrt", (10 / 60) ** 0.5)])
 def test_the_learning_rate_warms_up_then_decays_to_its_floor_by_the_schedule(schedule, halfway):
     from repro.train import _lr_at
     spec = TrainSpec.from_config({"steps": 110, "lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1,
                                   "schedule": schedule})
     assert [_lr_at(s, spec) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert _lr_at(60, spec) == pytest.approx(halfway) and _lr_at(110, spec) == pytest.approx(0.1)
+    assert _lr_at(60, spec) == pytest.approx(halfway)
+    if schedule == "rsqrt":  # LRA's: no floor, 1/sqrt(step) from the end of the warm-up
+        assert _lr_at(110, spec) == pytest.approx((10 / 110) ** 0.5)
+        return
+    assert _lr_at(110, spec) == pytest.approx(0.1)
     quarter = 0.1 + 0.9 * (0.5 * (1 + math.cos(math.pi / 4)) if schedule == "cosine" else 0.75)
     assert _lr_at(35, spec) == pytest.approx(quarter)
-    with pytest.raises(ConfigError, match=r"train.schedule='step' is not one of \['cosine', 'linear'\]"):
+    with pytest.raises(ConfigError, match=r"train.schedule='step' is not one of \['cosine', 'linear', 'rsqrt'\]"):
         TrainSpec.from_config({"steps": 1, "lr": 1.0, "schedule": "step"})
 
 
