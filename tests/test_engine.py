@@ -57,6 +57,11 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=flash_gpt2 model.seq_len=128 model.positions=64", ["seq_len=128", "64 positions"]),
     ("task=pathx lra.pretrain={task:listops,steps:1}", ["listops", "path64"]),
     ("task=lra_listops lra.micro_batch.listops=3", ["micro_batch.listops=3", "divisor"]),
+    ("task=lra_retrieval lra.source=hub", ["lra.source=hub with the retrieval task", "lra.data_dir="]),
+    ("task=lra_retrieval lra.source=hub lra.data_dir=/nonexistent", ["lra.data_dir='/nonexistent' lacks",
+                                                                    "new_aan_pairs.train.tsv"]),
+    ("task=lra_listops lra.model={dim:60,heads:8}", ["dim=60 is not a multiple of heads=8"]),
+    ("task=lra_listops lra.model={dim:64,heads:8}", ["heads of 8 dimensions", "16 to 256"]),
     ("task=pathx lra.attention=[standard] train.parallel=fsdp lra.pretrain={task:path64,steps:1}", ["fsdp", "ddp"]),
     ("task=lm_eval model=tiny_llama eval.texts=[novel]", ["novel", "pydoc"]),
 ])

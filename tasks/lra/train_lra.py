@@ -18,15 +18,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from repro.bench import require_triton
+from effrepro_kernels.flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from repro import checks
+from repro.bench import require_triton
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
 from repro.train import (Candidate, Stage, Trainee, TrainSpec, final_rows, model_flops_per_token,
                          step_generator, throughput_ratios, train_from_config)
 
-from .data import (LISTOPS_VOCAB, MAX_BYTES, encode_listops, load_lra_hub, load_or_generate, tiny_fixture)
+from .data import (AAN_FILES, LISTOPS_VOCAB, MAX_BYTES, encode_listops, load_lra_hub, load_or_generate,
+                   tiny_fixture)
 from .model import ATTENTIONS, LRAClassifier, upsample_positions
 
 # The LRA repository's base configs per task (dim / heads / layers / mlp). Pathfinder's qkv width is
@@ -190,6 +192,24 @@ def validate(cfg: DictConfig) -> None:
                               "whole), so that every example weighs the same")
     if spec.source not in ("fixture", "hub"):
         raise ConfigError(f"lra.source={spec.source!r} is not one of: fixture, hub")
+    tasks = as_list(OmegaConf.to_container(spec.tasks))
+    if spec.source == "hub" and "retrieval" in tasks:
+        if spec.data_dir is None:
+            raise ConfigError("lra.source=hub with the retrieval task reads LRA's AAN files, which are not on the hub: "
+                              "download lra_release (https://storage.googleapis.com/long-range-arena/"
+                              "lra_release.gz) and set lra.data_dir=<its tsv_data folder>")
+        missing = [f for f in AAN_FILES.values() if not (Path(spec.data_dir) / f).is_file()]
+        if missing:
+            raise ConfigError(f"lra.data_dir={spec.data_dir!r} lacks {missing} (LRA's tsv_data folder holds them)")
+    ours = [a for a in as_list(OmegaConf.to_container(spec.attention)) if getattr(ATTENTIONS[a], "needs_triton", False)]
+    for task in tasks:
+        model = {**MODELS["pathfinder" if task in PATH_SIZES else task], **OmegaConf.to_container(spec.model)}
+        if model["dim"] % model["heads"]:
+            raise ConfigError(f"lra.model: dim={model['dim']} is not a multiple of heads={model['heads']} ({task})")
+        head = model["dim"] // model["heads"]
+        if ours and not MIN_HEAD_DIM <= head <= MAX_HEAD_DIM:
+            raise ConfigError(f"lra.model: heads of {head} dimensions ({task}: dim={model['dim']}, "
+                              f"heads={model['heads']}); {ours} take {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
     if spec.pretrain:
         if spec.pretrain.task not in PATH_SIZES or any(t not in PATH_SIZES for t in as_list(spec.tasks)):
             raise ConfigError(f"lra.pretrain.task={spec.pretrain.task!r}: pre-training grows a Pathfinder "
