@@ -71,9 +71,10 @@ def record_paths(cfg, record: RunRecord, output_dir: Path, job_num: int | None) 
 
 def _outcome(record: RunRecord) -> None:
     """Set a finished run's status from its rows: a run that measured nothing, because every point failed,
-    is a failure, not a success."""
+    is a failure, not a success (a reference the points are read against, such as the copy bandwidth, is not a
+    point)."""
     failed = [r for r in record.rows if r.status in FAILED_ROW_STATUSES]
-    if any(r.status == "ok" for r in record.rows):
+    if any(r.status == "ok" and not r.extra.get("reference") for r in record.rows):
         record.status = "ok"
         return
     if not record.rows:
@@ -81,8 +82,9 @@ def _outcome(record: RunRecord) -> None:
         return
     record.status = "oom" if failed and all(r.status == "oom" for r in failed) else "error"
     reasons = sorted({r.message.splitlines()[0][:120] for r in failed if r.message})
-    record.error = (f"all {len(record.rows)} points failed ({len(failed)} error or oom, "
-                    f"{len(record.rows) - len(failed)} unsupported)" + (f": {'; '.join(reasons[:3])}" if reasons else ""))
+    points = sum(not r.extra.get("reference") for r in record.rows)
+    record.error = (f"all {points} points failed ({len(failed)} error or oom, {points - len(failed)} unsupported)"
+                    + (f": {'; '.join(reasons[:3])}" if reasons else ""))
 
 
 def _collect(entry, cfg, ctx, record: RunRecord, logger, checkpoint: Path | None, every_s: float) -> None:

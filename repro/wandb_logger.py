@@ -38,13 +38,21 @@ class WandbLogger(NullLogger):
             settings=wandb.Settings(init_timeout=cfg.init_timeout_s),
         )
         self.run_dir = Path(self.run.dir).parent if self.run is not None and cfg.mode != "disabled" else None
+        self.failed = False
 
     def log_rows(self, rows: list[Row]) -> None:
-        for r in rows:
-            if r.status != "ok" or r.p50 is None:
-                continue
-            series = "/".join(f"{k}={v}" for k, v in sorted(r.extra.items()) if k not in ("clock", "baseline"))
-            self.run.log({f"{r.metric}/{r.provider}/{series}": r.p50, r.x_name: r.x_value})
+        if self.failed:
+            return
+        try:
+            for r in rows:
+                if r.status != "ok" or r.p50 is None:
+                    continue
+                series = "/".join(f"{k}={v}" for k, v in sorted(r.extra.items()) if k not in ("clock", "baseline"))
+                self.run.log({f"{r.metric}/{r.provider}/{series}": r.p50, r.x_name: r.x_value})
+        except Exception as exc:  # noqa: BLE001 - W&B must never stop a run
+            self.failed = True
+            warnings.warn(f"W&B stopped logging ({type(exc).__name__}: {exc}); the run goes on, and its record "
+                          "keeps every row", stacklevel=2)
 
     def finish(self, status: str) -> None:
         self.run.summary["status"] = status

@@ -217,6 +217,36 @@ def test_wandb_offline_keeps_a_copy_and_a_wandb_that_cannot_start_never_stops_th
     assert code == 0 and record(tmp_path / "b")["status"] == "ok"
 
 
+def test_a_wandb_that_fails_mid_run_stops_logging_and_the_run_goes_on():
+    from repro.records import Row
+    from repro.wandb_logger import WandbLogger
+
+    class Broken:
+        calls = 0
+
+        def log(self, data):
+            Broken.calls += 1
+            raise OSError("the W&B service went away")
+    logger = object.__new__(WandbLogger)  # as started, with a run whose log fails
+    logger.run, logger.failed = Broken(), False
+    row = Row("a", "n", 1, "time", "ms", 1.0, n=1)
+    with pytest.warns(UserWarning, match="W&B stopped logging .*the W&B service went away"):
+        logger.log_rows([row])
+    logger.log_rows([row])  # said once; not tried again
+    assert Broken.calls == 1
+
+
+def test_a_run_whose_only_success_is_its_reference_measured_nothing(tmp_path, monkeypatch):
+    """lean_decode on a CPU without the interpreter: every kernel point is unsupported, and the copy bandwidth
+    the points are read against (which always runs) does not make the run a success."""
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the kernels run")
+    monkeypatch.setattr("effrepro_kernels.runtime.INTERPRET", False)
+    code, _, err = run_inline("task=lean_decode", "logger=none", "decode.providers=[fa2,split,lean]",
+                              "scale.device=cpu", f"hydra.run.dir={tmp_path}")
+    assert code == 1 and record(tmp_path)["status"] == "error" and "points failed" in err, err[-2000:]
+
+
 def test_rerunning_a_finished_training_run_measures_afresh(tmp_path):
     args = ("task=flash_gpt2", "logger=none", "attention=[eager]", "train.steps=3", f"checkpoint.dir={tmp_path}/ckpt")
     assert run_inline(*args, f"hydra.run.dir={tmp_path}/a")[0] == 0
