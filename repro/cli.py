@@ -12,6 +12,7 @@ them all with their status and record.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import signal
 import sys
@@ -123,6 +124,8 @@ def run_job(cfg: DictConfig) -> RunRecord:
     """One job: check the config, run the task, write its record (every few seconds while it runs, and at the
     end whatever happened), then print its claims table."""
     hc = HydraConfig.get()
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        stop_after_submitit_signal()
     output_dir = Path(hc.runtime.output_dir)
     record = RunRecord(task=cfg.task.name, paper=cfg.task.paper, scale=cfg.scale.name, claim_ids=[],
                        config=OmegaConf.to_container(cfg, resolve=True), overrides=list(hc.overrides.task),
@@ -312,6 +315,23 @@ def check_overrides(args: list[str]) -> str | None:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_after_submitit_signal() -> None:
+    """In a submitit job (SLURM), the signal that warns of the time limit or a preemption reaches submitit's
+    handler, which requeues the job and exits, or raises an Exception: a sweep's guard of each point would take
+    that for one failed point and go on until SLURM kills the job, record unwritten. After submitit's handler,
+    stop the job as an interrupt, so that its record is written as killed, with its rows."""
+    number = signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+    submitits = signal.getsignal(number)
+
+    def handler(signum, frame):
+        try:
+            if callable(submitits):
+                submitits(signum, frame)  # returns only on ranks other than 0, which carry on
+        except BaseException as exc:  # noqa: BLE001 - whatever submitit did (requeued and exited, or gave up)
+            raise KeyboardInterrupt(f"signal {signum}: {exc or type(exc).__name__}") from exc
+    signal.signal(number, handler)
 
 
 def main() -> None:

@@ -111,6 +111,10 @@ def resolve_device(scale_cfg) -> torch.device:
         )
     if wanted == "auto":
         wanted = "cuda" if has_gpu else "cpu"
+    if wanted == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: this rank's own GPU
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(wanted)
 
 

@@ -80,3 +80,27 @@ def test_a_run_stopped_by_sigterm_keeps_its_rows_as_killed_and_says_so_in_one_li
     record = load(tmp_path / "record.json")
     assert record["status"] == "killed" and any(r["metric"] == "loss" for r in record["rows"])
     assert proc.returncode == 130 and "Traceback" not in err and "stopped (signal 15)" in err
+
+
+@pytest.mark.parametrize("submitit_does", ["give up", "requeue"])
+def test_a_submitit_time_limit_stops_the_job_as_an_interrupt(monkeypatch, submitit_does):
+    """submitit's handler of SLURM's warning raises an Exception (timed out, not checkpointable) or requeues and
+    exits: either way the job stops as an interrupt, which no per-point guard swallows and which writes the
+    record as killed."""
+    from repro.cli import stop_after_submitit_signal
+
+    def submitits(signum, frame):
+        if submitit_does == "give up":
+            raise RuntimeError("Job not requeued because: timed-out and not checkpointable.")
+        raise SystemExit(0)
+    previous = signal.signal(signal.SIGUSR2, submitits)
+    try:
+        stop_after_submitit_signal()
+        with pytest.raises(KeyboardInterrupt, match="signal"):
+            try:
+                os.kill(os.getpid(), signal.SIGUSR2)
+                time.sleep(1)  # the handler runs here
+            except Exception:  # noqa: BLE001 - a point's guard, as in repro.bench
+                pytest.fail("the signal reached a per-point guard as an Exception")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
