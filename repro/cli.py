@@ -330,7 +330,7 @@ def stop_after_submitit_signal() -> None:
             if callable(submitits):
                 submitits(signum, frame)  # returns only on ranks other than 0, which carry on
         except BaseException as exc:  # noqa: BLE001 - whatever submitit did (requeued and exited, or gave up)
-            raise KeyboardInterrupt(f"signal {signum}: {exc or type(exc).__name__}") from exc
+            raise KeyboardInterrupt(f"signal {signum}, after submitit's handler ({type(exc).__name__}: {exc})") from exc
     signal.signal(number, handler)
 
 
