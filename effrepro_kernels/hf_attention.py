@@ -10,6 +10,8 @@ error, never a silent change of result.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .flash_attn import flash_attn
@@ -19,21 +21,42 @@ from .flash_attn import flash_attn
 NAME = "effrepro"
 
 
+# The bytes of the boolean temporaries one block of a mask's rows is checked with.
+CHECK_BYTES = 1 << 24
+# The mask last read, by weak reference, with its version counter and result: a model's layers are handed the same
+# mask in one forward pass, and it is read (one device sync) once, not once per layer.
+_last_read: tuple | None = None
+
+
 def key_padding_mask_of(mask: torch.Tensor, causal: bool) -> torch.Tensor | None:
     """The (batch, Nk) key mask behind a (batch, 1, Nq, Nk) boolean mask, after checking that causality and
-    key padding are all that mask holds."""
+    key padding are all that mask holds: in blocks of rows (no batch × Nq × Nk temporary), with one device sync."""
+    global _last_read
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
         raise ValueError(f"{NAME} takes boolean (batch, 1, q, k) masks, got {mask.dtype} {tuple(mask.shape)}")
-    n_q, n_k = mask.shape[-2:]
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _last_read is not None and _last_read[0]() is mask and _last_read[1:3] == (
+            mask._version, causal):
+        return _last_read[3]
+    batch, _, n_q, n_k = mask.shape
     keys = mask[:, 0].any(dim=-2)  # a key any query may see is a real key
-    expected = keys[:, None, None, :]
-    if causal:
-        expected = expected & torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device).tril(n_k - n_q)
-    # rows that see no key at all (left padding under a causal mask) come out as zeros here: they are padding
-    seen = mask.any(dim=-1, keepdim=True)
-    if not torch.equal(expected & seen, mask):
+    rows = max(1, CHECK_BYTES // max(1, batch * n_k))
+    wrong = torch.zeros((), dtype=torch.bool, device=mask.device)
+    for r0 in range(0, n_q, rows):
+        block = mask[:, 0, r0:r0 + rows]
+        expected = keys[:, None, :]
+        if causal:
+            expected = expected & (torch.arange(n_k, device=mask.device)[None, :] <=
+                                   torch.arange(r0, r0 + block.shape[1], device=mask.device)[:, None] + n_k - n_q)
+        # rows that see no key at all (left padding under a causal mask) come out as zeros here: they are padding
+        wrong |= (expected & block.any(dim=-1, keepdim=True) != block).any()
+    wrong, padded = torch.stack([wrong, ~keys.all()]).tolist()
+    if wrong:
         raise ValueError(f"{NAME} supports causal and key-padding masks only; this mask has another pattern")
-    return None if bool(keys.all()) else keys
+    result = keys if padded else None
+    if not compiling:
+        _last_read = (weakref.ref(mask), mask._version, causal, result)
+    return result
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -60,6 +60,22 @@ def test_an_unsupported_mask_pattern_is_an_error():
     assert key_padding_mask_of(torch.ones(1, 1, 6, 6, dtype=torch.bool).tril(), causal=True) is None
 
 
+def test_a_mask_is_checked_in_blocks_of_rows_and_read_once_for_all_layers(monkeypatch):
+    from effrepro_kernels import hf_attention
+
+    monkeypatch.setattr(hf_attention, "CHECK_BYTES", 2 * 9)  # blocks of one row of 2 x 9 keys
+    mask = torch.ones(2, 1, 7, 9, dtype=torch.bool).tril(2)
+    mask[1, ..., 7:] = False  # the second sequence's last two keys are padding
+    keys = hf_attention.key_padding_mask_of(mask, causal=True)
+    assert keys.tolist() == [[True] * 9, [True] * 7 + [False] * 2]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "stack", lambda *a, **k: pytest.fail("the same mask was read again"))
+        assert hf_attention.key_padding_mask_of(mask, causal=True) is keys  # the next layer's call
+    mask[0, 0, 6, 0] = False  # changed in place (the last row, the last block): read again, and refused
+    with pytest.raises(ValueError, match="causal and key-padding"):
+        hf_attention.key_padding_mask_of(mask, causal=True)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
 def test_without_padding_no_mask_is_read_and_the_model_compiles_as_one_graph(kind, monkeypatch):
     # as torch < 2.14 answers inside torch.compile, which makes transformers build the sdpa mask (older

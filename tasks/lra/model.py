@@ -7,7 +7,8 @@ pair. The attention is the swept choice, one of ATTENTIONS:
 - `effrepro_sparse`: our kernel skipping the zero blocks of the butterfly block mask (the paper's pattern);
 - `linformer`: keys and values projected along the sequence to `linformer_k` rows (Wang et al. 2020).
 
-Each is a module computing attention from q, k, v (batch, heads, seq, head_dim) and the real-token mask.
+Each is a module computing attention from q, k, v (batch, heads, seq, head_dim) and the real-token mask (None
+where every token is real: decided once a forward pass, as reading the mask costs a device sync).
 """
 from __future__ import annotations
 
@@ -36,8 +37,7 @@ class FlashAttention(nn.Module):
     needs_triton = True  # runs where our Triton kernels run (repro.bench.require_triton)
 
     def forward(self, q, k, v, real, dropout_p=0.0):
-        padding = None if bool(real.all()) else real
-        return flash_attn(q, k, v, dropout_p=dropout_p, key_padding_mask=padding, **self.sparsity(q))
+        return flash_attn(q, k, v, dropout_p=dropout_p, key_padding_mask=real, **self.sparsity(q))
 
     def sparsity(self, q: torch.Tensor) -> dict:
         return {}
@@ -120,8 +120,9 @@ class LRAClassifier(nn.Module):
 
     def encode(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids) + self.position.weight[: ids.shape[1]]
+        padding = None if bool(real.all()) else real  # read once here, not in every layer
         for block in self.blocks:
-            x = block(x, real)
+            x = block(x, padding)
         x = self.norm(x)
         weights = real.to(x.dtype)[..., None]
         return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # mean over real tokens
