@@ -98,6 +98,11 @@ def capture_environment() -> dict[str, Any]:
     return env
 
 
+def available_cores() -> int:
+    """The cores this process may run on (a cgroup or SLURM limit included, where the OS tells)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def resolve_device(scale_cfg) -> torch.device:
     """The scale's device; a GPU-only scale on a machine without one fails here, before any work."""
     wanted = scale_cfg.device

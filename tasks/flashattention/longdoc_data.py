@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from repro.context import fingerprint
+from repro.context import available_cores, fingerprint
 from repro.records import write_json_atomic
 
 DATASETS = ("synthetic", "ecthr", "mimic-iii")
@@ -132,11 +132,6 @@ class SyntheticSpec:
                              "be at least min_tokens")
 
 
-def _cores() -> int:
-    """The cores this process may run on (a cgroup or SLURM limit included, where the OS tells)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _starts(rng: np.random.Generator, count: int, lo: int, hi: int, k: int) -> np.ndarray:
     """The starts of `count` non-overlapping runs of k tokens within [lo, hi), uniformly over all such
     placements: distinct sorted picks among the free tokens, each moved past the runs before it."""
@@ -171,7 +166,7 @@ def generate(n: int, seed: int, spec: SyntheticSpec, split: str = "train", worke
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
     jobs = [(seed, split, i, min(CHUNK, n - start), spec) for i, start in enumerate(range(0, n, CHUNK))]
-    workers = min(_cores() if workers is None else workers, len(jobs))
+    workers = min(available_cores() if workers is None else workers, len(jobs))
     with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         chunks = (pool.map if pool else map)(_chunk, *zip(*jobs)) if jobs else []
         return [doc for chunk in chunks for doc in chunk]
@@ -220,7 +215,7 @@ def _tokenize(ds, tokenizer, text_column: str, join: bool):
     def ids(batch):
         texts = ["\n".join(t) for t in batch[text_column]] if join else batch[text_column]
         return {"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
-    return ds.map(ids, batched=True, num_proc=min(_cores(), 8) if len(ds) > 1000 else None,
+    return ds.map(ids, batched=True, num_proc=min(available_cores(), 8) if len(ds) > 1000 else None,
                   remove_columns=[text_column], desc="tokenizing")
 
 

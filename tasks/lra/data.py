@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from repro.context import available_cores
 from repro.records import write_json_atomic
 
 # Bump whenever a change alters what (task, params, seed) generates: caches of another version are regenerated.
@@ -398,11 +399,6 @@ _CHECKS = {"listops": _check_listops, "pathfinder": _check_pathfinder}
 
 def _chunk_seed(seed: int, split: str, index: int) -> int:
     return int(np.random.SeedSequence([seed, SPLITS.index(split), index]).generate_state(1, np.uint64)[0])
-
-
-def available_cores() -> int:
-    """The cores this process may run on (a cgroup or SLURM limit included, where the OS tells)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _rows(task: str, n: int, seed: int, split: str, workers: int | None, params: dict):

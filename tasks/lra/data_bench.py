@@ -9,7 +9,9 @@ from omegaconf import DictConfig, OmegaConf
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 
-from .data import available_cores, generation_rate, generator_params
+from repro.context import available_cores
+
+from .data import generation_rate, generator_params
 
 # LRA's training-set sizes: ListOps 96K expressions; Pathfinder (and Path-X, Path-256) 200K images.
 FULL_SET = {"listops": 96_000, "pathfinder": 200_000}
