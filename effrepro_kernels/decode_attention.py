@@ -74,7 +74,7 @@ def pipeline_smem(device=None) -> int:
     if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return PIPELINE_SMEM
     per_block = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", HOPPER_BLOCK_SMEM)
-    return PIPELINE_SMEM - max(0, HOPPER_BLOCK_SMEM - per_block)
+    return max(16 * 1024, PIPELINE_SMEM - max(0, HOPPER_BLOCK_SMEM - per_block))
 
 
 def pipeline_bytes(block_n: int, head_dim: int, dtype: torch.dtype, quantized: bool = False) -> int:
@@ -559,7 +559,8 @@ def _prepare(q, k_cache, v_cache, lengths, schedule) -> tuple[DecodeSchedule, tu
             if _lengths_on_host(lengths) != schedule.host_lengths:
                 raise ValueError(f"lengths {_lengths_on_host(lengths)} differ from those the schedule was built for "
                                  f"{schedule.host_lengths}; build a new schedule with make_schedule")
-            schedule.lengths_seen = (lengths, lengths._version)
+            if not lengths.is_inference():  # inference tensors keep no version counter: read every call
+                schedule.lengths_seen = (lengths, lengths._version)
         schedule = schedule.to(q.device)
         call = signature(q, *_tensors(k_cache), *_tensors(v_cache))
         if schedule.checked_for != call:  # once per schedule and signature, not per call

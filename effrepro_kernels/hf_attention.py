@@ -34,10 +34,11 @@ def key_padding_mask_of(mask: torch.Tensor, causal: bool) -> torch.Tensor | None
     global _last_read
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
         raise ValueError(f"{NAME} takes boolean (batch, 1, q, k) masks, got {mask.dtype} {tuple(mask.shape)}")
-    compiling = torch.compiler.is_compiling()
-    if not compiling and _last_read is not None and _last_read[0]() is mask and _last_read[1:3] == (
-            mask._version, causal):
-        return _last_read[3]
+    # inference tensors keep no version counter, and under compile the check is traced: neither is cached
+    cached = not torch.compiler.is_compiling() and not mask.is_inference()
+    last = _last_read  # read once: another thread may replace it
+    if cached and last is not None and last[0]() is mask and last[1:3] == (mask._version, causal):
+        return last[3]
     batch, _, n_q, n_k = mask.shape
     keys = mask[:, 0].any(dim=-2)  # a key any query may see is a real key
     rows = max(1, CHECK_BYTES // max(1, batch * n_k))
@@ -54,7 +55,7 @@ def key_padding_mask_of(mask: torch.Tensor, causal: bool) -> torch.Tensor | None
     if wrong:
         raise ValueError(f"{NAME} supports causal and key-padding masks only; this mask has another pattern")
     result = keys if padded else None
-    if not compiling:
+    if cached:
         _last_read = (weakref.ref(mask), mask._version, causal, result)
     return result
 

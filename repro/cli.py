@@ -74,18 +74,18 @@ def _outcome(record: RunRecord) -> None:
     """Set a finished run's status from its rows: a run that measured nothing, because every point failed,
     is a failure, not a success (a reference the points are read against, such as the copy bandwidth, is not a
     point)."""
-    failed = [r for r in record.rows if r.status in FAILED_ROW_STATUSES]
-    if any(r.status == "ok" and not r.extra.get("reference") for r in record.rows):
+    points = [r for r in record.rows if not r.extra.get("reference")]
+    failed = [r for r in points if r.status in FAILED_ROW_STATUSES]
+    if any(r.status == "ok" for r in points):
         record.status = "ok"
         return
-    if not record.rows:
+    if not points:
         record.status, record.error = "error", "the task measured nothing (it yielded no rows)"
         return
     record.status = "oom" if failed and all(r.status == "oom" for r in failed) else "error"
     reasons = sorted({r.message.splitlines()[0][:120] for r in failed if r.message})
-    points = sum(not r.extra.get("reference") for r in record.rows)
-    record.error = (f"all {points} points failed ({len(failed)} error or oom, {points - len(failed)} unsupported)"
-                    + (f": {'; '.join(reasons[:3])}" if reasons else ""))
+    record.error = (f"all {len(points)} points failed ({len(failed)} error or oom, "
+                    f"{len(points) - len(failed)} unsupported)" + (f": {'; '.join(reasons[:3])}" if reasons else ""))
 
 
 def _collect(entry, cfg, ctx, record: RunRecord, logger, checkpoint: Path | None, every_s: float) -> None:
@@ -141,8 +141,10 @@ def run_job(cfg: DictConfig) -> RunRecord:
     except ConfigError as exc:
         record.status, record.error, paths = "error", str(exc), paths[:1]  # bad input measured nothing to commit
         raise
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): the rows so far are kept, marked as such
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see main): the rows so far are kept, marked as such
         record.status = "killed"
+        if isinstance(exc, SubmititStop):  # once the record is written (finally), what submitit meant to happen
+            raise exc.original from None
         raise
     except Exception as exc:
         record.status = "oom" if is_out_of_memory(exc) else "error"
@@ -317,20 +319,33 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class SubmititStop(KeyboardInterrupt):
+    """What submitit's signal handler raised (its exit after a requeue, or the error that ends a job it cannot
+    requeue), carried as an interrupt past every per-point guard to `run_job`, which writes the record as killed
+    and then raises the original, for submitit to handle as it meant to."""
+
+    def __init__(self, original: BaseException):
+        super().__init__(f"submitit's handler: {type(original).__name__}: {original}")
+        self.original = original
+
+
 def stop_after_submitit_signal() -> None:
     """In a submitit job (SLURM), the signal that warns of the time limit or a preemption reaches submitit's
     handler, which requeues the job and exits, or raises an Exception: a sweep's guard of each point would take
-    that for one failed point and go on until SLURM kills the job, record unwritten. After submitit's handler,
-    stop the job as an interrupt, so that its record is written as killed, with its rows."""
+    that for one failed point and go on until SLURM kills the job, record unwritten. Wrap that handler (once per
+    process), so that what it raises reaches `run_job` (`SubmititStop`)."""
     number = signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
     submitits = signal.getsignal(number)
+    if getattr(submitits, "wraps_submitit", False):
+        return
 
     def handler(signum, frame):
         try:
             if callable(submitits):
                 submitits(signum, frame)  # returns only on ranks other than 0, which carry on
         except BaseException as exc:  # noqa: BLE001 - whatever submitit did (requeued and exited, or gave up)
-            raise KeyboardInterrupt(f"signal {signum}, after submitit's handler ({type(exc).__name__}: {exc})") from exc
+            raise SubmititStop(exc) from exc
+    handler.wraps_submitit = True
     signal.signal(number, handler)
 
 

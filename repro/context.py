@@ -118,8 +118,9 @@ def resolve_device(scale_cfg) -> torch.device:
         wanted = "cuda" if has_gpu else "cpu"
     if wanted == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: this rank's own GPU
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_rank if local_rank < torch.cuda.device_count() else 0  # a GPU a rank, by CUDA_VISIBLE_DEVICES
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(wanted)
 
 

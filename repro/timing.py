@@ -83,8 +83,10 @@ def measure(
 
         times = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
                                         return_mode="all")
-        if len(times) < MIN_CALLS:  # again, warm now, with room for MIN_CALLS calls
-            times = triton.testing.do_bench(fn, warmup=0, rep=1.25 * MIN_CALLS * statistics.median(times),
+        for _ in range(3):  # again, warm now, with room for MIN_CALLS calls (do_bench sizes a run by its estimate)
+            if len(times) >= MIN_CALLS:
+                break
+            times = triton.testing.do_bench(fn, warmup=0, rep=1.5 * MIN_CALLS * statistics.median(times),
                                             grad_to_none=grad_to_none, return_mode="all")
         return _summarise(times, CLOCK_GPU)
 

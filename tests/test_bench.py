@@ -143,10 +143,10 @@ def test_a_median_is_never_taken_over_fewer_than_min_calls(monkeypatch):
 
     def fake_do_bench(fn, warmup, rep, grad_to_none, return_mode):
         asked.append(rep)
-        return [80.0] if len(asked) == 1 else [80.0] * int(rep // 80)
+        return [80.0] * max(1, int(rep // 100))  # do_bench's estimate (with its L2 flush) above the call's time
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     t = timing.measure(lambda: None, torch.device("cuda"), warmup_ms=10, rep_ms=50)
-    assert asked == [50, 1.25 * timing.MIN_CALLS * 80] and t.n >= timing.MIN_CALLS
+    assert asked == [50, 1.5 * timing.MIN_CALLS * 80] and t.n >= timing.MIN_CALLS
     assert timing.measure(lambda: time.sleep(0.002), torch.device("cpu"), warmup_ms=0, rep_ms=1).n == timing.MIN_CALLS
 
 

@@ -248,6 +248,10 @@ def test_lengths_passed_with_a_prepared_schedule_are_read_once_until_changed(mon
     lengths[1] = 10  # in place: the version counter moves
     with pytest.raises(ValueError, match=r"lengths \(40, 10\) differ from those the schedule was built for"):
         decode_attention(q, k, v, lengths, schedule=sched)
+    with torch.inference_mode():  # a decode loop's usual mode: its tensors keep no version counter
+        in_inference = torch.tensor([40, 9], device=DEVICE)
+        for _ in range(2):
+            assert torch.equal(decode_attention(q, k, v, in_inference, schedule=sched), first)
 
 
 def test_a_prepared_schedule_checks_each_new_signature_once_and_keeps_its_workspace(monkeypatch):

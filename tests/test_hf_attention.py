@@ -74,6 +74,10 @@ def test_a_mask_is_checked_in_blocks_of_rows_and_read_once_for_all_layers(monkey
     mask[0, 0, 6, 0] = False  # changed in place (the last row, the last block): read again, and refused
     with pytest.raises(ValueError, match="causal and key-padding"):
         hf_attention.key_padding_mask_of(mask, causal=True)
+    with torch.inference_mode():  # inference tensors keep no version counter: read every time
+        inference_mask = torch.ones(2, 1, 7, 9, dtype=torch.bool).tril(2)
+        assert hf_attention.key_padding_mask_of(inference_mask, causal=True) is None
+        assert hf_attention.key_padding_mask_of(inference_mask, causal=True) is None
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])

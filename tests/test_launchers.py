@@ -83,24 +83,27 @@ def test_a_run_stopped_by_sigterm_keeps_its_rows_as_killed_and_says_so_in_one_li
 
 
 @pytest.mark.parametrize("submitit_does", ["give up", "requeue"])
-def test_a_submitit_time_limit_stops_the_job_as_an_interrupt(monkeypatch, submitit_does):
+def test_a_submitit_time_limit_stops_the_job_past_every_point_guard(monkeypatch, submitit_does):
     """submitit's handler of SLURM's warning raises an Exception (timed out, not checkpointable) or requeues and
-    exits: either way the job stops as an interrupt, which no per-point guard swallows and which writes the
-    record as killed."""
-    from repro.cli import stop_after_submitit_signal
+    exits: either way what it raises passes every per-point guard as an interrupt that carries it (run_job
+    writes the record as killed, then raises it for submitit), and the handler is wrapped once."""
+    from repro.cli import SubmititStop, stop_after_submitit_signal
+
+    raised = RuntimeError("Job not requeued because: timed-out and not checkpointable.") \
+        if submitit_does == "give up" else SystemExit(-1)
 
     def submitits(signum, frame):
-        if submitit_does == "give up":
-            raise RuntimeError("Job not requeued because: timed-out and not checkpointable.")
-        raise SystemExit(0)
+        raise raised
     previous = signal.signal(signal.SIGUSR2, submitits)
     try:
         stop_after_submitit_signal()
-        with pytest.raises(KeyboardInterrupt, match="signal"):
+        stop_after_submitit_signal()  # a second job in the process wraps nothing more
+        with pytest.raises(SubmititStop) as stop:
             try:
                 os.kill(os.getpid(), signal.SIGUSR2)
                 time.sleep(1)  # the handler runs here
             except Exception:  # noqa: BLE001 - a point's guard, as in repro.bench
                 pytest.fail("the signal reached a per-point guard as an Exception")
+        assert stop.value.original is raised and isinstance(stop.value, KeyboardInterrupt)
     finally:
         signal.signal(signal.SIGUSR2, previous)

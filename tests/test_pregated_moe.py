@@ -208,7 +208,7 @@ def test_strategies_take_turns_on_one_model_as_gpu_only_leaves_its_experts_on_th
 
 
 def test_a_pool_holding_every_expert_copies_each_once():
-    runtime = ExpertOffload(build(), "on_demand", "cpu", slots=3 * EXPERTS)
+    runtime = ExpertOffload(build(), "on_demand", "cpu", slots=3 * EXPERTS, cache="lru")
     prompt = tokens(4, 6)
     runtime(prompt)
     first = runtime.summary()
@@ -269,16 +269,25 @@ def test_the_cache_policy_decides_the_hits(policy, expected):
     assert (cache.hits, cache.misses) == (sum(expected), len(expected) - sum(expected))
 
 
-def test_without_a_cache_only_an_expert_in_use_is_found_resident():
-    """cache="none" (the paper's default runs): a block's expert is copied every time, into the slot it held if
-    that still holds it; one already in use or being fetched (pinned) is not copied twice."""
+def test_without_a_cache_nothing_is_found_resident():
+    """cache="none" (the paper's default runs): an expert is copied every time it is asked for, into the slot
+    it held if that still holds it."""
     a, b = (0, 0), (0, 1)
     cache = SlotCache(2, "none")
-    slot, hit = cache.request(a, pinned=set())
-    assert not hit and cache.request(a, pinned={a}) == (slot, True)
-    assert cache.request(a, pinned=set()) == (slot, False)  # copied again, where it was
-    assert not cache.request(b, pinned=set())[1] and (cache.hits, cache.misses) == (1, 3)
+    slot, hit = cache.request(a, pinned={a})  # as the runtime asks: the key among the pinned
+    assert not hit and cache.request(a, pinned={a}) == (slot, False)  # copied again, where it was
+    assert not cache.request(b, pinned={b})[1] and (cache.hits, cache.misses) == (0, 3)
     assert cache.holder.count(a) == 1 and cache.slot_of == {a: slot, b: 1 - slot}
+
+
+def test_without_a_cache_every_forward_copies_the_experts_it_uses():
+    runtime = ExpertOffload(build(), "on_demand", "cpu", slots=3 * EXPERTS)  # room for every expert
+    prompt = tokens(4, 6)
+    runtime(prompt)
+    first = runtime.summary()
+    runtime.reset_stats()
+    runtime(prompt)
+    assert runtime.summary()["copies"] == first["copies"] > 0 and runtime.summary()["cache_hits"] == 0
 
 
 def test_the_cache_never_evicts_a_pinned_expert():

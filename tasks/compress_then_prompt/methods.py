@@ -131,7 +131,11 @@ def obs_sweep(w: torch.Tensor, hessian: torch.Tensor, *, bits: int | None = None
         b1 = min(b0 + blocksize, cols)
         wb, ub = w[:, b0:b1], u[b0:b1, b0:b1]  # wb is a view: the in-block updates land in w
         d = ub.diagonal()
-        block_start = w[:, b0:b1 + group_size].clone() if bits is not None and not act_order else None
+        # the columns of the groups that start in this block, as they are now
+        starts = range(-(-b0 // group_size) * group_size, b1, group_size)
+        first = starts[0] if starts else b0
+        block_start = w[:, first:starts[-1] + group_size].clone() if bits is not None and not act_order and starts \
+            else None
         errors = torch.zeros_like(wb)
         if sparsity is not None:
             keep[:, b0:b1] = keep_mask(wb**2 / d**2, sparsity)
@@ -143,7 +147,7 @@ def obs_sweep(w: torch.Tensor, hessian: torch.Tensor, *, bits: int | None = None
             if bits is not None:
                 g = perm[c] // group_size
                 if not act_order and c % group_size == 0:
-                    scales[:, g], zeros[:, g] = quant_params(block_start[:, j:j + group_size], bits)
+                    scales[:, g], zeros[:, g] = quant_params(block_start[:, c - first:c - first + group_size], bits)
                 codes[:, c] = quantize(q, scales[:, g], zeros[:, g], bits)
                 q = dequantize(codes[:, c], scales[:, g], zeros[:, g])
             out[:, c] = q

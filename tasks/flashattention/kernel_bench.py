@@ -93,8 +93,9 @@ def ours(q, k, v, *, causal, dropout_p, key_padding_mask):
 
 
 def ours_gluon(q, k, v, *, causal, dropout_p, key_padding_mask):
-    """Our forward and backward in Gluon for Hopper (flash_attn_gluon.py); a point they do not cover is
-    unsupported, with flash_attn's reason (the same for both passes at the shapes this task makes)."""
+    """Our forward and backward in Gluon for Hopper (flash_attn_gluon.py); a point the forward does not cover is
+    unsupported, with flash_attn's reason. At this task's shapes the backward covers what the forward does; a
+    backward that refused would be an error row, with its reason (it refuses during `backward()`)."""
     try:
         return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
                           forward_kernel="gluon", backward_kernel="gluon")

@@ -134,8 +134,9 @@ def min_slots(strategy: str, n_experts: int, top_k: int, tokens: int) -> int:
 class SlotCache:
     """Which (MoE block, expert) each device slot holds, and which to evict: a free slot if any, else among the
     slots not pinned (in use or being fetched) the least recently used (lru) or the least often requested over the
-    whole run, then least recently used (lfu). With policy "none" only a pinned expert is found resident: any
-    other request copies again (into the slot it held, if it still holds it). A linear scan: pools are at most a
+    whole run, then least recently used (lfu). With policy "none" nothing is found resident: every request
+    copies (into the slot the expert held, if it still holds it; else as lru evicts). The runtime asks once per
+    block and forward, so that is a copy each time a block needs an expert. A linear scan: pools are at most a
     few hundred slots."""
 
     def __init__(self, n_slots: int, policy: str):
@@ -153,7 +154,7 @@ class SlotCache:
         self.clock += 1
         self.requests[key] += 1
         resident = key in self.slot_of
-        hit = resident and (self.policy != "none" or key in pinned)
+        hit = resident and self.policy != "none"
         if hit:
             slot = self.slot_of[key]
             self.hits += 1
@@ -174,7 +175,7 @@ class SlotCache:
         free = [s for s, key in enumerate(self.holder) if key not in pinned]
         if not free:
             raise ValueError(f"all {len(self.holder)} slots hold pinned experts; none can be evicted")
-        if self.policy == "lru":
+        if self.policy in ("lru", "none"):
             return min(free, key=lambda s: self.last_use[s])
         return min(free, key=lambda s: (self.requests[self.holder[s]], self.last_use[s]))
 
