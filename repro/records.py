@@ -152,6 +152,8 @@ def load_records(root: Path) -> tuple[list[tuple[Path, RunRecord]], list[tuple[P
     not be used."""
     records, problems = [], []
     for path in sorted(p for p in Path(root).rglob("*") if p.name.endswith(RECORD_SUFFIXES) and p.is_file()):
+        if path.with_name(path.name + ".gz").is_file():  # packed (`pack_records`), the plain copy not yet removed
+            continue
         try:
             records.append((path, load_record(path)))
         except (OSError, ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError

@@ -85,8 +85,9 @@ def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | Non
     providers, that the record has (with the provider, and all of that metric's rows, for a quality reference)."""
     cmp = claim.compare
     for metric in cmp.metrics:
+        # a provider whose output differed from the baseline's measured something else: not a reproduction
         rows = [r for r in record.rows if r.metric == metric and r.status == "ok" and r.p50 is not None
-                and _matches(r, cmp.where)]
+                and r.extra.get("matches_baseline") is not False and _matches(r, cmp.where)]
         for provider in cmp.providers:
             mine = [r for r in rows if r.provider == provider]
             if mine:

@@ -81,6 +81,9 @@ def test_large_records_are_packed_and_still_load(tmp_path):
     records, problems = load_records(tmp_path)
     assert [r for _, r in records] == [small, big] and [p.name for p, _ in problems] == ["foreign.json"]
     assert pack_records(tmp_path, above_bytes=100_000) == []  # packed once
+    # a packing stopped after writing the .gz, before removing the plain file: the record is read once
+    save_record(big, tmp_path / "paper" / "task" / "big.json")
+    assert [r for _, r in load_records(tmp_path)[0]] == [small, big]
 
 
 def test_records_are_compact_and_one_row_per_line(tmp_path):

@@ -102,6 +102,16 @@ def test_statuses_from_fixture_records(tree, no_plots):
     assert _rel(PROJECT_ROOT / "results" / "runs" / "x.json") == "results/runs/x.json"  # no local paths in the report
 
 
+def test_a_provider_whose_output_differed_from_the_baseline_reproduces_nothing(tree, no_plots):
+    wrong = row("speedup", 9.0)
+    wrong.extra["matches_baseline"] = False
+    save_record(rec("bench", "small", [wrong, row("speedup", 3.2)], started="2026-11-28T00:00:00+00:00"),
+                tree / "runs" / "toy" / "bench" / "newer.json")
+    report, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
+    line = next(l for l in report.splitlines() if "toy:fast," in l)
+    assert "3.2x" in line and "mean of 1" in line  # the wrong row left out
+
+
 def test_outputs_csv_plots_and_readme(tree):
     build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
     written = (tree / "out" / "report" / "rows.csv.gz").read_bytes()
