@@ -113,8 +113,7 @@ def levels_from_config(cfg: DictConfig) -> list[Level]:
             n_m = check_arguments(spec.get("method"), spec.get("bits"), c.group_size, spec.get("sparsity"),
                                   spec.get("n_m"), c.act_order and spec.get("method") == "gptq", c.percdamp)
         except ValueError as exc:
-            shared = str(exc).startswith(("percdamp=", "group_size="))  # compression's own keys, not the level's
-            raise ConfigError(f"compression.{exc}" if shared else f"{key}: {exc}") from None
+            raise ConfigError(f"{key}: {exc}") from None
         levels.append(Level(name, spec["method"], spec.get("bits"), spec.get("sparsity"), n_m))
     return levels
 
@@ -181,6 +180,8 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(c.act_order, bool):
         raise ConfigError(f"compression.act_order={c.act_order!r} must be true or false")
     checks.number("compression.percdamp", c.percdamp, integer=False)
+    if not c.percdamp > 0:  # checked here, before the levels, whose checks would name a level
+        raise ConfigError(f"compression.percdamp={c.percdamp} must be > 0 (the papers use 0.01)")
     checks.number("compression.calibration.samples", c.calibration.samples, at_least=1)
     checks.number("compression.calibration.seqlen", c.calibration.seqlen, at_least=2)
     levels_from_config(cfg)
