@@ -365,14 +365,13 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
     if block_n is not None and not (isinstance(block_n, int) and block_n >= 16 and block_n & (block_n - 1) == 0):
         raise ValueError(f"block_n={block_n!r} must be a power of two >= 16 (None: the default)")
     if isinstance(lengths, torch.Tensor):
-        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
-            raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
         if device is None:
             device = lengths.device  # where the lengths are, the calls will be
+        lengths = _lengths_on_host(lengths)
     # sized for the GPU the calls will run on: the current one where the schedule is held on the host
     gpu = device if device is not None and torch.device(device).type == "cuda" else None
     block_n = block_n or default_block_n(kind, head_dim, dtype, gpu, quantized)
-    lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+    lengths = [int(n) for n in lengths]
     if not lengths or min(lengths) < 1:
         raise ValueError(f"lengths must be a non-empty list of lengths >= 1, got {lengths}")
     tiles = [math.ceil(n / block_n) for n in lengths for _ in range(num_kv_heads)]  # per segment b·Hkv + hk
