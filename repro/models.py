@@ -250,10 +250,13 @@ def trained_metadata(cfg) -> dict:
     return json.loads(path.read_text())
 
 
+def _is_cached(cfg) -> bool:
+    return (trained_dir(cfg) / "metadata.json").is_file()
+
+
 def _check_trainable(cfg, device: torch.device) -> None:
     """A model that is not cached yet trains first: on a CPU only where its config says that is quick."""
-    if device.type != "cuda" and not cfg.get("train_on_cpu", False) and \
-            not (trained_dir(cfg) / "metadata.json").is_file():
+    if device.type != "cuda" and not cfg.get("train_on_cpu", False) and not _is_cached(cfg):
         raise ConfigError(f"model={cfg.name} is not in the cache ({trained_dir(cfg)}) and trains first, which takes "
                           f"minutes on a GPU and hours on {device}: use model=trained_tiny here, run on a GPU, or "
                           "copy the cached folder from a GPU machine (model.train_on_cpu=true trains it here anyway)")
@@ -263,8 +266,8 @@ def _load_trained(cfg, device, dtype):
     from transformers import AutoConfig, AutoTokenizer
 
     folder = trained_dir(cfg)
-    if not (folder / "metadata.json").is_file():
-        _check_trainable(cfg, device)
+    _check_trainable(cfg, device)
+    if not _is_cached(cfg):
         train_model(cfg, device, folder)
     config = AutoConfig.from_pretrained(folder)
     check_fits(config, dtype, device, f"model={cfg.name}")

@@ -6,10 +6,8 @@ from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from repro.context import ConfigError, RunContext
+from repro.context import ConfigError, RunContext, available_cores
 from repro.records import Row
-
-from repro.context import available_cores
 
 from .data import generation_rate, generator_params
 
