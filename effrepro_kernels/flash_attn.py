@@ -520,11 +520,7 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
                dropout_p: float) -> bool:
     """Whether the Gluon forward runs: decided on the real tensors, inside the operator (their alignment and
     device are not known while torch.compile traces)."""
-    if forward_kernel == "tl" or (forward_kernel == "auto" and GLUON == "0"):
-        return False
-    if forward_kernel == "auto" and GLUON != "1" and not (
-            triton.__version__.startswith(GLUON_MEASURED_ON) and
-            k.shape[2] >= GLUON_MIN_KEYS.get((q.shape[-1], causal), math.inf)):
+    if not _gluon_considered(forward_kernel, GLUON_MEASURED_ON, GLUON_MIN_KEYS, q, k, causal):
         return False
     reason = _gluon_lacks(key_padding_mask, dropout_p, block_size, sparse_blocks=()) or \
         flash_attn_gluon.refusal(q, k, v)
@@ -535,15 +531,20 @@ def _use_gluon_backward(backward_kernel: str, q, k, v, do, lse, dq, dk, dv, key_
                         causal: bool, dropout_p: float) -> bool:
     """Whether the Gluon backward runs: as `_use_gluon` decides for the forward, from GLUON_BACKWARD_MIN_KEYS keys
     under "auto". Block-sparse calls need blocks of its tile (SPARSE_BLOCK keys)."""
-    if backward_kernel == "tl" or (backward_kernel == "auto" and GLUON == "0"):
-        return False
-    if backward_kernel == "auto" and GLUON != "1" and not (
-            triton.__version__.startswith(GLUON_BACKWARD_MEASURED_ON) and
-            k.shape[2] >= GLUON_BACKWARD_MIN_KEYS.get((q.shape[-1], causal), math.inf)):
+    if not _gluon_considered(backward_kernel, GLUON_BACKWARD_MEASURED_ON, GLUON_BACKWARD_MIN_KEYS, q, k, causal):
         return False
     reason = _gluon_lacks(key_padding_mask, dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,)) \
         or flash_attn_gluon.backward_refusal(q, k, v, do, lse, dq, dk, dv)
     return _covered("backward_kernel", backward_kernel, reason)
+
+
+def _gluon_considered(choice: str, measured_on: tuple[str, ...], min_keys: dict, q, k, causal: bool) -> bool:
+    """Whether a pass may take its Gluon kernel: forced ("gluon"), or under "auto" on a Triton where it was
+    measured, from `min_keys[head_dim, causal]` keys (EFFREPRO_GLUON=0: never; =1: wherever it covers)."""
+    if choice == "tl" or (choice == "auto" and GLUON == "0"):
+        return False
+    return choice == "gluon" or GLUON == "1" or (
+        triton.__version__.startswith(measured_on) and k.shape[2] >= min_keys.get((q.shape[-1], causal), math.inf))
 
 
 def _gluon_lacks(key_padding_mask, dropout_p: float, block_size: int, sparse_blocks: tuple[int, ...]) -> str | None:
