@@ -26,6 +26,7 @@ the `tl` one (`_use_gluon`).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from types import SimpleNamespace
@@ -33,7 +34,7 @@ from types import SimpleNamespace
 import torch
 import triton
 
-from .runtime import INTERPRET, KeptLaunches, launch, sm_count
+from .runtime import INTERPRET, KeptLaunches, cdiv, launch, sm_count
 
 try:
     from triton.experimental import gluon
@@ -433,7 +434,14 @@ def persistent_programs(m_tiles: int, tiles: int, sms: int, causal: bool) -> int
 
 def smem_layout(block_shape, dtype):
     """The swizzled shared-memory layout of a TMA tile; `dtype` is a Gluon dtype."""
-    return gl.NVMMASharedLayout.get_default_for(block_shape, dtype)
+    return _smem_layout(tuple(block_shape), dtype)
+
+
+@functools.cache
+def _smem_layout(block_shape: tuple, dtype):
+    # made once per tile: Gluon computes a layout in Python, which cost the host about 10 µs a descriptor on every
+    # call (a third of the forward's host time, on the CI machine)
+    return gl.NVMMASharedLayout.get_default_for(list(block_shape), dtype)
 
 
 def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -491,7 +499,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     kv_layout = smem_layout(kv_block, dtype)
     k_desc = TensorDescriptor.from_tensor(k.view(b * kv_h, n_k, d), kv_block, kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(b * kv_h, n_k, d), kv_block, kv_layout)
-    m_tiles = triton.cdiv(n_q, cfg["CONSUMERS"] * ROWS_PER_WARPGROUP)
+    m_tiles = cdiv(n_q, cfg["CONSUMERS"] * ROWS_PER_WARPGROUP)
     tiles = m_tiles * b * h
     grid = (persistent_programs(m_tiles, tiles, sm_count(q.device), causal) if cfg["PERSISTENT"] else tiles, )
     args = (q_desc, k_desc, v_desc, o_desc, lse, h, h // kv_h, b * h, n_q, n_k, float(softmax_scale * LOG2E))
@@ -500,8 +508,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     return out, lse
 
 
-# one compiled kernel per signature of q, k, v, mask and configuration: later calls skip the JIT's binding of the
-# descriptors
+# one compiled kernel per signature of the tensors a pass is given and its settings: later calls skip the JIT's
+# binding of the descriptors (the forward's and the backward's keys differ in their tensors)
 _kept = KeptLaunches()
 
 
@@ -909,7 +917,7 @@ def kv_head_lists(by_key: tuple[torch.Tensor, torch.Tensor], batch: int, kv_head
     order = torch.sort((kv * k_blocks + key_block) * groups + group, stable=True).indices
     merged = offsets.new_zeros(batch * kv_heads * k_blocks + 1)
     merged[1:] = counts.view(batch * kv_heads, groups, k_blocks).sum(1).flatten().cumsum(0)
-    return merged, (group * triton.cdiv(n_q, SPARSE_BLOCK) + indices)[order].to(torch.int32)
+    return merged, (group * cdiv(n_q, SPARSE_BLOCK) + indices)[order].to(torch.int32)
 
 
 def backward_refusal(q, k, v, do, lse, dq, dk, dv) -> str | None:
@@ -942,14 +950,16 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
                                 for t in (q, do, dq))
     k_desc, v_desc, dk_desc, dv_desc = (TensorDescriptor.from_tensor(t.view(b * kv_h, n_k, d), kv_block, kv_layout)
                                         for t in (k, v, dk, dv))
-    scalars = (h, h // kv_h, n_q, n_k, softmax_scale, softmax_scale * LOG2E)
+    # floats as floats: a kept launch was compiled for the types of the first
+    scalars = (h, h // kv_h, n_q, n_k, float(softmax_scale), float(softmax_scale * LOG2E))
     options = dict(NUM_STAGES=BACKWARD_STAGES, CAUSAL=causal, CONSUMER_REGS=240, num_warps=4,
                    SPARSE_BLOCK=SPARSE_BLOCK if block_lists else 0)
     by_query, by_key = block_lists or ((lse, lse), (lse, lse))  # not read when dense
     if block_lists:
         by_key = kv_head_lists(by_key, b, kv_h, h // kv_h, n_q)
-    _attn_bwd_dkdv[(triton.cdiv(n_k, 2 * ROWS_PER_WARPGROUP), b * kv_h)](
-        q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse, delta, *by_key, *scalars, **options)
-    _attn_bwd_dq[(triton.cdiv(n_q, 2 * ROWS_PER_WARPGROUP), b * h)](
-        q_desc, do_desc, k_desc, v_desc, dq_desc, lse, delta, *by_query, *scalars, **options)
+    kept = _kept((q, k, v, do, lse, delta, dq, dk, dv, *by_query, *by_key), causal, options["SPARSE_BLOCK"])
+    launch(_attn_bwd_dkdv, (cdiv(n_k, 2 * ROWS_PER_WARPGROUP), b * kv_h),
+           (q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse, delta, *by_key, *scalars), options, kept, "dkdv")
+    launch(_attn_bwd_dq, (cdiv(n_q, 2 * ROWS_PER_WARPGROUP), b * h),
+           (q_desc, do_desc, k_desc, v_desc, dq_desc, lse, delta, *by_query, *scalars), options, kept, "dq")
     return dq, dk, dv

@@ -12,6 +12,7 @@ from effrepro_kernels import (BlockSparseLayout, attention_reference, block_mask
                               dropout_keep_mask, flash_attn, flash_attn_qkvpacked, random_block_mask)
 
 flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")  # the package's `flash_attn` is the function
+flash_attn_gluon = importlib.import_module("effrepro_kernels.flash_attn_gluon")
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if has_gpu() else [])
 # ‖out − ref‖ / ‖ref‖ against float64: fp32 (tf32 matrix products on a GPU), fp16, bf16; gradients twice that.
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -99,14 +100,18 @@ def test_block_sparse_matches_a_masked_reference(causal, block):
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_repeated_calls_of_one_signature_stay_exact(dropout_p):
     """From the second call of a signature on, a GPU launches the compiled kernels it kept (runtime.launch): new
-    inputs and new dropout seeds must still give the reference's results."""
+    inputs and new dropout seeds must still give the reference's results, through the tl kernels and, on Hopper,
+    Gluon's (without dropout, which they lack)."""
     for data_seed in range(3):
         run_both(2, 2, 2, 70, 70, 64, torch.float16, causal=True, dropout_p=dropout_p, seed=100 + data_seed,
                  data_seed=data_seed)
     if has_gpu():
-        kept = [set(launches) for launches in
-                flash_attn_module._kept.by_call.values()]
+        kept = [set(launches) for launches in flash_attn_module._kept.by_call.values()]
         assert {"forward"} in kept and {"delta", "dkdv", "dq"} in kept, kept
+        like_the_inputs = [torch.empty(2, 2, 70, 64, device=DEVICE, dtype=torch.float16) for _ in range(3)]
+        if not dropout_p and flash_attn_gluon.refusal(*like_the_inputs) is None:
+            kept = [set(launches) for launches in flash_attn_gluon._kept.by_call.values()]
+            assert {"forward"} in kept and {"dkdv", "dq"} in kept, kept
 
 
 def test_a_misaligned_view_of_the_same_shape_gets_its_own_kernel():
