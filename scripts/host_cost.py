@@ -1,6 +1,7 @@
 """The host's time per call of attention from eager PyTorch, ours (packed q, k, v) against SDPA, forward and
 forward + backward, at a shape small enough that the device never holds the host back (1 x 128 tokens, 12 heads
-of 64, causal, bf16): what a call costs a host-bound training loop. Needs a GPU.
+of 64, causal, bf16): what a call costs a host-bound training loop. On Hopper, also our Gluon kernels in both
+passes (forced: `auto` keeps the tl ones at this length). Needs a GPU.
 
     python scripts/host_cost.py; EFFREPRO_FAST_LAUNCH=0 python scripts/host_cost.py   # without kept launches
 
@@ -15,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from effrepro_kernels import flash_attn_qkvpacked
+from effrepro_kernels import flash_attn, flash_attn_gluon, flash_attn_qkvpacked
 
 
 def host_us_per_call(call, calls: int = 300) -> float:
@@ -44,6 +45,12 @@ def python_only():
     backward = host_us_per_call(lambda: torch.ops.effrepro.flash_attn_backward_packed.default(
         grad, None, qkv, out, lse, None, True, 0.125, 0.0, 0), 3000)
     print(f"python only (launches stubbed): forward operator {forward:.1f} us, backward operator {backward:.1f} us")
+    gluon = importlib.import_module("effrepro_kernels.flash_attn_gluon")
+    if gluon._GLUON_OK:  # its descriptors and layouts are made on any machine
+        gluon.launch, gluon.sm_count = (lambda *args, **kwargs: None), (lambda device: 132)
+        q, k, v = (t.transpose(1, 2).contiguous() for t in qkv.unbind(2))
+        gluon_forward = host_us_per_call(lambda: gluon.forward(q, k, v, True, 0.125), 3000)
+        print(f"python only (launch stubbed): Gluon forward {gluon_forward:.1f} us")
 
 
 def main():
@@ -57,7 +64,16 @@ def main():
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
-    for name, attention in (("ours", ours), ("sdpa", sdpa)):
+    q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in qkv.unbind(2))
+
+    def ours_gluon():  # Gluon's kernels in both passes (flash_attn_gluon.py), where they cover the call
+        return flash_attn(q, k, v, causal=True, forward_kernel="gluon", backward_kernel="gluon").transpose(1, 2)
+
+    gluon_covers = flash_attn_gluon.refusal(q, k, v) is None
+    for name, attention in (("ours", ours), ("ours_gluon", ours_gluon), ("sdpa", sdpa)):
+        if name == "ours_gluon" and not gluon_covers:
+            print(f"ours_gluon: not run ({flash_attn_gluon.refusal(q, k, v)})")
+            continue
         with torch.no_grad():
             forward = host_us_per_call(attention)
         both = host_us_per_call(lambda: attention().backward(grad))
