@@ -369,11 +369,11 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, BH, N_Q, N_
 
 
 # ----------------------------------------------------------------------------------------------------- host side
-# Causal grids are persistent up to this many keys, a program a tile beyond (H100, `tune_flash_gluon.py` at
-# 690fda4, persistent ÷ a program a tile: d = 128 1.06 / 1.08 / 1.12 at 512 / 1K / 2K keys, 0.98 at 4K, 0.70 at
-# 16K; d = 64 0.97 / 1.03 / 1.12 / 1.03 / 1.01 at 512 / 1K / 2K / 4K / 16K; NOTES.md, "Causal grids persistent
-# up to 2K keys").
-CAUSAL_PERSISTENT_MAX_KEYS = 2048
+# Causal grids are persistent up to this many keys (by the candidates' head_dim), a program a tile beyond:
+# persistent ÷ a program a tile at 2K / 4K / 8K keys, d = 128: 1.11 / 0.98 / 0.84 (H100), 1.14 / 0.99 / 0.87 (H200);
+# d = 64: 1.11 / 1.03 / 0.95 (H100), 1.12 / 1.06 / 0.94 (H200) (`tune_flash_gluon.py` at 67c6102; NOTES.md,
+# "Causal persistence by head size").
+CAUSAL_PERSISTENT_MAX_KEYS = {64: 4096, 128: 2048}
 
 
 def kernel_config(head_dim: int, causal: bool, n_keys: int) -> dict:
@@ -386,8 +386,9 @@ def kernel_config(head_dim: int, causal: bool, n_keys: int) -> dict:
     H100; NOTES.md, "A persistent forward"), causal ones up to CAUSAL_PERSISTENT_MAX_KEYS: beyond, a program a
     tile lets the GPU hand the next tile to whichever SM is free, where a persistent program's fixed share of
     long and short tiles leaves some SMs with more work than others."""
-    persistent = not causal or n_keys <= CAUSAL_PERSISTENT_MAX_KEYS
-    return dict(CANDIDATES[128 if head_dim > 64 else 64][0], PERSISTENT=persistent)
+    candidates = 128 if head_dim > 64 else 64
+    persistent = not causal or n_keys <= CAUSAL_PERSISTENT_MAX_KEYS[candidates]
+    return dict(CANDIDATES[candidates][0], PERSISTENT=persistent)
 
 
 # The configurations worth timing: kernel_config's choice first, then the others that fit shared memory and

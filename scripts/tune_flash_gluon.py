@@ -117,7 +117,7 @@ def main():
         configs = CANDIDATES[head_dim]
         names = [config_name(c) for c in configs]
         print(f"\n## head_dim {head_dim}: TFLOP/s (÷ cuDNN's in the same process); {names[0]} is kernel_config's "
-              f"(causal above {CAUSAL_PERSISTENT_MAX_KEYS} keys: the same without 'p')")
+              f"(causal above {CAUSAL_PERSISTENT_MAX_KEYS[head_dim]} keys: the same without 'p')")
         print("| N | mask | cuDNN | " + " | ".join(names) + " |\n|" + "---|" * (len(configs) + 3))
         for seq_len in args.seq_lens:
             print("\n".join(rows(head_dim, seq_len, configs)), flush=True)
