@@ -500,7 +500,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
              dropout_p: float, seed: int, forward_kernel: str,
              backward_kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_gluon(forward_kernel, q, k, v, key_padding_mask, block_size, causal, dropout_p):
-        return flash_attn_gluon.forward(q, k, v, causal, sm_scale)
+        return flash_attn_gluon.forward(q, k, v, causal, sm_scale, key_padding_mask=key_padding_mask)
     b, h, n_q, d = q.shape
     n_k, groups = k.shape[2], h // k.shape[1]
     o = _dense_like(q)
@@ -522,7 +522,9 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
     device are not known while torch.compile traces)."""
     if not _gluon_considered(forward_kernel, GLUON_MEASURED_ON, GLUON_MIN_KEYS, q, k, causal):
         return False
-    reason = _gluon_lacks(key_padding_mask, dropout_p, block_size, sparse_blocks=()) or \
+    if key_padding_mask is not None and forward_kernel == "auto" and GLUON != "1":
+        return False  # its key padding has not yet run on a GPU: "auto" keeps the tl forward until it has
+    reason = _gluon_lacks(key_padding_mask, dropout_p, block_size, sparse_blocks=(), takes_key_padding=True) or \
         flash_attn_gluon.refusal(q, k, v)
     return _covered("forward_kernel", forward_kernel, reason)
 
@@ -533,8 +535,8 @@ def _use_gluon_backward(backward_kernel: str, q, k, v, do, lse, dq, dk, dv, key_
     under "auto". Block-sparse calls need blocks of its tile (SPARSE_BLOCK keys)."""
     if not _gluon_considered(backward_kernel, GLUON_BACKWARD_MEASURED_ON, GLUON_BACKWARD_MIN_KEYS, q, k, causal):
         return False
-    reason = _gluon_lacks(key_padding_mask, dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,)) \
-        or flash_attn_gluon.backward_refusal(q, k, v, do, lse, dq, dk, dv)
+    reason = _gluon_lacks(key_padding_mask, dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,),
+                          takes_key_padding=False) or flash_attn_gluon.backward_refusal(q, k, v, do, lse, dq, dk, dv)
     return _covered("backward_kernel", backward_kernel, reason)
 
 
@@ -547,10 +549,11 @@ def _gluon_considered(choice: str, measured_on: tuple[str, ...], min_keys: dict,
         triton.__version__.startswith(measured_on) and k.shape[2] >= min_keys.get((q.shape[-1], causal), math.inf))
 
 
-def _gluon_lacks(key_padding_mask, dropout_p: float, block_size: int, sparse_blocks: tuple[int, ...]) -> str | None:
-    """Which feature of the call a Gluon kernel lacks (it takes block-sparse masks of `sparse_blocks` keys), if
-    any."""
-    if key_padding_mask is not None:
+def _gluon_lacks(key_padding_mask, dropout_p: float, block_size: int, sparse_blocks: tuple[int, ...],
+                 takes_key_padding: bool) -> str | None:
+    """Which feature of the call a Gluon kernel lacks (it takes block-sparse masks of `sparse_blocks` keys, and a
+    key padding mask if `takes_key_padding`), if any."""
+    if key_padding_mask is not None and not takes_key_padding:
         return "a key padding mask"
     if dropout_p:
         return "dropout"
@@ -709,7 +712,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error saying why
       where it does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was
       measured faster (`GLUON_MIN_KEYS`: dense from 512 keys at head_dim 128 and 1K at 64, causal from 1K and 2K;
-      EFFREPRO_GLUON=0 never, =1 wherever it covers), else tl.
+      with a key padding mask not yet: it has not run on a GPU; EFFREPRO_GLUON=0 never, =1 wherever it covers),
+      else tl.
     - backward_kernel: the same choice for the backward; "auto" takes Gluon from `GLUON_BACKWARD_MIN_KEYS` keys
       (head_dim 128 from 1K, 2K causal, 64 from 2K; block-sparse too, with 128-key blocks).
     Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`; gradients flow

@@ -22,7 +22,9 @@ Triton outside `TRITON_VERSIONS`), importing still works and `refusal` says so. 
 on an H200 and an H100 with 3.6 (NOTES.md, "The Gluon forward overlapped", "A persistent forward" and "Causal
 grids persistent up to 2K keys"): faster than the `tl` forward on dense calls from 512 keys at d = 128 and 1K at
 64, and on causal ones from 1K at d = 128 and 2K at 64; slower on shorter causal ones, where `flash_attn` keeps
-the `tl` one (`_use_gluon`).
+the `tl` one (`_use_gluon`). The forward takes a key padding mask (int8 a key; the consumers read a tile's bytes
+with its scores, and every key tile is masked then); compiled offline only so far, so `flash_attn`'s "auto" keeps
+the `tl` forward for such calls until it has run on a GPU. The backward takes none yet.
 """
 from __future__ import annotations
 
@@ -92,12 +94,14 @@ def _key_tiles(row0, rows, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr
 
 
 @gluon.jit
-def _whole_key_tiles(row0, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+def _whole_key_tiles(row0, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, KEY_PADDING: gl.constexpr):
     """How many key tiles from the first every row from row0 on sees whole: no key past N_K, none past the
-    diagonal of row0 (the first row, which sees least)."""
+    diagonal of row0 (the first row, which sees least); none where a key padding mask may leave keys out."""
     n = N_K // BLOCK_N
     if CAUSAL:
         n = gl.minimum(n, gl.maximum(row0 + N_K - N_Q + 1, 0) // BLOCK_N)
+    if KEY_PADDING:
+        n = 0
     return n
 
 
@@ -156,10 +160,11 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, 
 
 
 @gluon.jit
-def _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout: gl.constexpr, MASK: gl.constexpr,
-             CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+def _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, kpm_row, o_layout: gl.constexpr, MASK: gl.constexpr,
+             CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, KEY_PADDING: gl.constexpr):
     """Key tile i's scores into the running (m_i, l_i): P for the P·V product and the factor that rescales the
-    output accumulated so far. MASK for the tiles that cross the diagonal or the end of the keys."""
+    output accumulated so far. MASK for the tiles that cross the diagonal or the end of the keys, and every tile
+    under KEY_PADDING (kpm_row: this batch's int8 mask of the keys, 0 for padding)."""
     ROWS: gl.constexpr = qk.shape[0]
     s_layout: gl.constexpr = qk.type.layout
     if MASK:
@@ -168,6 +173,8 @@ def _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout: gl.constexpr, 
         if CAUSAL:
             rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
             valid = valid & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
+        if KEY_PADDING:
+            valid = valid & (gl.load(kpm_row + cols, mask=cols < N_K, other=0) != 0)[None, :]
         qk = gl.where(valid, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)  # qk_scale > 0, so max commutes with it
     if MASK:  # a row with no visible key yet: keep exp2 away from inf - inf
@@ -182,8 +189,8 @@ def _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout: gl.constexpr, 
 
 @gluon.jit
 def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, lo, hi, ring, row0, N_Q, N_K,
-            qk_scale, MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-            OVERLAP: gl.constexpr):
+            qk_scale, kpm_row, MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+            NUM_STAGES: gl.constexpr, OVERLAP: gl.constexpr, KEY_PADDING: gl.constexpr):
     """Key tiles lo .. hi - 1 into the running (acc, m_i, l_i) of one warpgroup's rows. With OVERLAP, software-
     pipelined as in FlashAttention-3: tile i's Q·Kᵀ and tile i - 1's P·V are issued together, and tile i's
     softmax runs while the tensor cores do that P·V. Key tile i sits in the ring's (ring + i)-th buffer; a stage's K
@@ -202,8 +209,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
                                gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(0, deps=(qk,))
             mbarrier.arrive(k_empty.index(s))
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout, MASK, CAUSAL,
-                                          BLOCK_N)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, kpm_row, o_layout, MASK,
+                                          CAUSAL, BLOCK_N, KEY_PADDING)
             acc = acc * alpha
             mbarrier.wait(v_ready.index(s), phase)
             acc = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout),
@@ -217,7 +224,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
                            gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(0, deps=(qk,))
         mbarrier.arrive(k_empty.index(s))
-        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, row0, N_Q, N_K, qk_scale, o_layout, MASK, CAUSAL, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, row0, N_Q, N_K, qk_scale, kpm_row, o_layout, MASK, CAUSAL,
+                                      BLOCK_N, KEY_PADDING)
         p = gl.convert_layout(p.to(q.dtype), p_layout)
         acc = acc * alpha
         for i in range(lo + 1, hi):
@@ -230,8 +238,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
             acc = warpgroup_mma(p, v_smem.index(before).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             qk = warpgroup_mma_wait(1, deps=(qk,))  # Q·Kᵀ done; P·V may still run
             mbarrier.arrive(k_empty.index(s))
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, o_layout, MASK, CAUSAL,
-                                          BLOCK_N)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, kpm_row, o_layout, MASK,
+                                          CAUSAL, BLOCK_N, KEY_PADDING)
             p = gl.convert_layout(p.to(q.dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(v_empty.index(before))
@@ -245,9 +253,9 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
 
 
 @gluon.jit
-def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-              k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr):
+def _consumer(WG: gl.constexpr, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+              v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr, KEY_PADDING: gl.constexpr):
     """Warpgroup WG (0 .. CONSUMERS - 1): rows WG·64 .. WG·64 + 63 of each query tile this program takes."""
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = o_desc.block_type.shape[2]
@@ -264,16 +272,19 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem,
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, row_layout)
         l_i = gl.zeros([ROWS], gl.float32, row_layout)
+        kpm_row = kpm_ptr + (bh // H).to(gl.int64) * N_K  # read under KEY_PADDING only
 
-        # tiles every row here sees whole need no mask; the rest (diagonal, end of the keys) do
+        # tiles every row here sees whole need no mask; the rest (diagonal, end of the keys, padding) do
         hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-        full = _whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL)
+        full = _whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL, KEY_PADDING)
         q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
         mbarrier.wait(q_ready.index(WG), _q_phase(t))  # even with no key tile, so that the phases stay in step
         acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, 0, full, ring,
-                                row0, N_Q, N_K, qk_scale, False, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
+                                row0, N_Q, N_K, qk_scale, kpm_row, False, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP,
+                                KEY_PADDING)
         acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, full, hi,
-                                ring, row0, N_Q, N_K, qk_scale, True, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP)
+                                ring, row0, N_Q, N_K, qk_scale, kpm_row, True, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP,
+                                KEY_PADDING)
         mbarrier.arrive(q_empty.index(WG))  # the products reading Q have completed
         # Causal: the lower rows' last tiles lie above this warpgroup's diagonal. It still releases them, after
         # they have arrived (so its arrival counts toward the phase of that load, not of the one before).
@@ -304,9 +315,9 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem,
 
 
 @gluon.jit
-def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, BH, N_Q, N_K, qk_scale,
+def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, kpm_ptr, H, KV_GROUPS, BH, N_Q, N_K, qk_scale,
               BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
-              CONSUMERS: gl.constexpr):
+              CONSUMERS: gl.constexpr, KEY_PADDING: gl.constexpr):
     """Query tiles pid, pid + programs, ... of the m_tiles · BH: one each where the grid has a program per tile,
     several where it is persistent (a program an SM), and a tile's loads then overlap the previous one's end."""
     # the register file (64K) shared out by warpgroup: 32 a thread to the producer's (its loop over query tiles
@@ -340,23 +351,28 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, H, KV_GROUPS, BH, N_Q, N_
     # (each partition's arguments written out: a tuple built once and reused loses its constants' constexpr-ness)
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (0, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_consumer, (0, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                         v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP,
+                         CONSUMERS, KEY_PADDING)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                          v_empty, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
-            (_consumer, (1, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_consumer, (1, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                         v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP,
+                         CONSUMERS, KEY_PADDING)),
         ], [1, 4], [32, CONSUMER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (0, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_consumer, (0, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                         v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP,
+                         CONSUMERS, KEY_PADDING)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
                          v_empty, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
-            (_consumer, (1, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
-            (_consumer, (2, o_desc, lse_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready,
-                         k_empty, v_empty, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS)),
+            (_consumer, (1, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                         v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP,
+                         CONSUMERS, KEY_PADDING)),
+            (_consumer, (2, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                         v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP,
+                         CONSUMERS, KEY_PADDING)),
         ], [1, 4, 4], [32, CONSUMER_REGS, CONSUMER_REGS])
     for wg in gl.static_range(CONSUMERS):
         mbarrier.invalidate(q_ready.index(wg))
@@ -417,7 +433,8 @@ def config_name(config: dict) -> str:
 
 
 def kernel_constants(config: dict) -> dict:
-    """A configuration's constexprs of `_attn_fwd` (all of it but the host's choice of grid)."""
+    """A configuration's constexprs of `_attn_fwd` (all of it but the host's choice of grid; the call gives the
+    mask's, CAUSAL and KEY_PADDING)."""
     return {name: value for name, value in config.items() if name != "PERSISTENT"}
 
 
@@ -482,14 +499,19 @@ def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
-            config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            config: dict | None = None,
+            key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ · softmax_scale) v and the base-2 LSE (float32, (batch, heads, seq_q)) for inputs that
     `refusal` accepts; softmax_scale > 0 (the kernel takes the row maximum before scaling). `config`
-    replaces `kernel_config(head_dim, causal, seq_k)` (`scripts/tune_flash_gluon.py` compares them)."""
+    replaces `kernel_config(head_dim, causal, seq_k)` (`scripts/tune_flash_gluon.py` compares them).
+    key_padding_mask: (batch, seq_k), nonzero for the keys to attend to (bool or int8, as flash_attn checks it);
+    a row that sees no key gives zeros and an LSE of +inf."""
     b, h, n_q, d = q.shape
     kv_h, n_k = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
+    padded = key_padding_mask is not None
+    kpm = key_padding_mask.to(torch.int8).contiguous() if padded else lse  # a placeholder the kernel never reads
     dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
     cfg = config or kernel_config(d, causal, n_k)
     q_block, kv_block = [1, ROWS_PER_WARPGROUP, d], [1, cfg["BLOCK_N"], d]
@@ -503,9 +525,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     m_tiles = cdiv(n_q, cfg["CONSUMERS"] * ROWS_PER_WARPGROUP)
     tiles = m_tiles * b * h
     grid = (persistent_programs(m_tiles, tiles, sm_count(q.device), causal) if cfg["PERSISTENT"] else tiles, )
-    args = (q_desc, k_desc, v_desc, o_desc, lse, h, h // kv_h, b * h, n_q, n_k, float(softmax_scale * LOG2E))
-    launch(_attn_fwd, grid, args, dict(CAUSAL=causal, num_warps=4, **kernel_constants(cfg)),
-           _kept((q, k, v), causal, config_name(cfg)), "forward")
+    args = (q_desc, k_desc, v_desc, o_desc, lse, kpm, h, h // kv_h, b * h, n_q, n_k, float(softmax_scale * LOG2E))
+    launch(_attn_fwd, grid, args, dict(CAUSAL=causal, KEY_PADDING=padded, num_warps=4, **kernel_constants(cfg)),
+           _kept((q, k, v, kpm), causal, config_name(cfg)), "forward")
     return out, lse
 
 
@@ -835,7 +857,7 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
                           key_block * SPARSE_BLOCK + offset, i, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL, True)
     else:
         hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-        whole = gl.minimum(_whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL), hi)
+        whole = gl.minimum(_whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL, False), hi)
         for i in range(whole):  # no key past the end or a diagonal: no mask
             dq = _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, i * BLOCK_N, i, N_Q, N_K,
                           qk_scale, NUM_STAGES, CAUSAL, False)

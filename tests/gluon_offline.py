@@ -31,7 +31,8 @@ def descriptor_type(desc) -> str:
 
 def compile_for_hopper(kernel, descriptors: dict, constants: dict):
     """`kernel` compiled for sm_90 with `descriptors` (argument name: (block shape, head_dim)) as bf16 TMA
-    descriptors, the pointers float32, the floats named *scale float32, the other arguments int32."""
+    descriptors, the pointers float32 (the key padding mask int8), the floats named *scale float32, the other
+    arguments int32."""
     dtype = fa.gl.bfloat16
     types = {}
     for name, block in descriptors.items():
@@ -39,7 +40,7 @@ def compile_for_hopper(kernel, descriptors: dict, constants: dict):
         types[name] = descriptor_type(TensorDescriptor.from_tensor(x, block, fa.smem_layout(block, dtype)))
     names = list(kernel.arg_names)
     signature = {n: "constexpr" if n in constants else types.get(n) or
-                 ("*i32" if n.startswith("block_") else "*fp32" if n.endswith("_ptr") else
+                 ("*i32" if n.startswith("block_") else "*i8" if n == "kpm_ptr" else "*fp32" if n.endswith("_ptr") else
                   "fp32" if n.endswith("scale") else "i32") for n in names}
     source = GluonASTSource(kernel, signature, {(names.index(n),): v for n, v in constants.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
@@ -62,10 +63,12 @@ def variants():
             keys = [1, constants["BLOCK_N"], head_dim]
             name = fa.config_name(dict(constants, PERSISTENT=False))
             chosen = constants == fa.kernel_constants(fa.kernel_config(head_dim, False, 4096))
-            for causal in (False, True) if chosen else (False, ):
-                yield f"forward d={head_dim} {name} {'causal' if causal else 'dense'}", \
+            masks = ((False, False), (True, False), (True, True)) if chosen else ((False, False), )
+            for causal, padded in masks:
+                mask = ("causal" if causal else "dense") + (" key padding" if padded else "")
+                yield f"forward d={head_dim} {name} {mask}", \
                     compile_for_hopper(fa._attn_fwd, dict(q_desc=rows, o_desc=rows, k_desc=keys, v_desc=keys),
-                                       dict(CAUSAL=causal, **constants))
+                                       dict(CAUSAL=causal, KEY_PADDING=padded, **constants))
         for causal, sparse in ((False, 0), (True, 0), (False, fa.SPARSE_BLOCK), (True, fa.SPARSE_BLOCK)):
             mask = ("causal" if causal else "dense") + (" block-sparse" if sparse else "")
             backward = dict(NUM_STAGES=fa.BACKWARD_STAGES, CAUSAL=causal, CONSUMER_REGS=240, SPARSE_BLOCK=sparse)

@@ -48,8 +48,10 @@ def test_the_gluon_path_refuses_what_it_does_not_cover_and_says_why():
             refusal(q, q, q).startswith(f"Triton {triton.__version__} has no Gluon that this kernel knows")
     with pytest.raises(ValueError, match="forward_kernel='gluon' does not cover this call: dropout"):
         flash_attn(q, q, q, dropout_p=0.1, forward_kernel="gluon")
-    with pytest.raises(ValueError, match="forward_kernel='gluon' does not cover this call: a key padding mask"):
-        flash_attn(q, q, q, key_padding_mask=torch.ones(1, 8, dtype=torch.bool, device=DEVICE), forward_kernel="gluon")
+    with pytest.raises(ValueError, match="backward_kernel='gluon' does not cover this call: a key padding mask"):
+        x = q.clone().requires_grad_()
+        padding = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
+        flash_attn(x, x, x, key_padding_mask=padding, forward_kernel="tl", backward_kernel="gluon").sum().backward()
     with pytest.raises(ValueError, match="forward_kernel='gluon' does not cover this call: head_dim 48"):
         flash_attn(narrow, narrow, narrow, forward_kernel="gluon")
     with pytest.MonkeyPatch.context() as patch:  # a Triton the kernels were not written for
@@ -118,6 +120,10 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
     k = torch.empty(1, 2, keys, head_dim)
     assert flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.0) == expected
     assert not flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.1)  # dropout: not covered
+    # key padding: covered, but not taken by "auto" until it has run on a GPU (EFFREPRO_GLUON=1 takes it)
+    padded = torch.ones(1, keys, dtype=torch.bool)
+    assert flash_attn_module._use_gluon("auto", q, k, k, padded, 0, causal, 0.0) == (expected and setting == "1")
+    assert flash_attn_module._use_gluon("gluon", q, k, k, padded, 0, causal, 0.0)
     assert not flash_attn_module._use_gluon("tl", q, k, k, None, 0, causal, 0.0)
 
 
@@ -184,18 +190,22 @@ def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
     interpreter Gluon cannot compile), with wgmma and TMA, in the shared memory a Hopper block has (227 KB),
     each at most a few scalars spilled (under Triton 3.9 each consumer of the dense d = 64 forward keeps one
     address in local memory, read back once a query tile for the epilogue (outside the loop over key tiles),
-    3.6 none; under 3.6 the causal block-sparse dK/dV kernel keeps one across its loops, 3.9 none)."""
+    3.6 none; under 3.6 the causal block-sparse dK/dV kernel keeps one across its loops, 3.9 none). The forward
+    with key padding spills 112-136 bytes under 3.9 and 16-52 under 3.6 (each thread holds a tile's 32 mask bytes
+    beside the scores; not yet measured on a GPU, and not taken by "auto" until it is): at most 160."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_offline.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    forwards = sum(len({config_name(dict(c, PERSISTENT=False)) for c in configs}) + 1
+    # each distinct configuration dense, and the chosen one causal, then causal with key padding
+    forwards = sum(len({config_name(dict(c, PERSISTENT=False)) for c in configs}) + 2
                    for configs in flash_attn_gluon.CANDIDATES.values())
     assert len(report) == forwards + 2 * 4 * len(flash_attn_gluon.GLUON_HEAD_DIMS)  # dK dV, dQ: dense, causal, sparse
     for variant, found in report.items():
         assert found["wgmma"] > 0 and found["tma_copies"] > 0 and found["shared"] <= 227 * 1024, (variant, found)
-        assert found["spilled_bytes"] <= (8 if variant.startswith("forward") else 16), (variant, found)
+        allowed = 160 if variant.endswith("key padding") else 8 if variant.startswith("forward") else 16
+        assert found["spilled_bytes"] <= allowed, (variant, found)
 
 
 CASES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
@@ -210,7 +220,7 @@ CASES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
 ]
 
 
-def reference_lse(q, k, causal):
+def reference_lse(q, k, causal, key_padding_mask=None):
     """Natural-log LSE of each row's scores in float64, -inf for a row that sees no key."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
     scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
@@ -218,6 +228,8 @@ def reference_lse(q, k, causal):
         n_q, n_k = q.shape[2], k.shape[2]
         keep = torch.arange(n_k, device=q.device)[None, :] <= torch.arange(n_q, device=q.device)[:, None] + n_k - n_q
         scores = scores.masked_fill(~keep, float("-inf"))
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
     return scores.logsumexp(-1)
 
 
@@ -226,6 +238,16 @@ def reference_lse(q, k, causal):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_matches_reference(case, dtype):
     check_forward(case, dtype)
+
+
+@hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(3, 4, 2, 130, 300, 128, False), (3, 4, 4, 300, 130, 64, True),
+                                  (2, 8, 1, 64, 1000, 128, True), (2, 2, 2, 700, 1400, 64, False)], ids=str)
+def test_forward_with_key_padding_matches_reference(case, dtype):
+    """Keys left out at random in every tile, grouped and multi-query heads, causal with unequal lengths, and a
+    sequence whose keys are all padding (zeros and an LSE of +inf, as the tl backward expects)."""
+    check_forward(case, dtype, padded=True)
 
 
 OTHER_CONFIGS = [(d, config) for d, configs in CANDIDATES.items() for config in configs[1:]]
@@ -256,15 +278,21 @@ def test_persistent_programs_that_take_many_query_tiles_match_reference(head_dim
         check_forward((3, 24, 8, n_q, n_k, head_dim, causal), torch.bfloat16, config)
 
 
-def check_forward(case, dtype, config=None):
+def check_forward(case, dtype, config=None, padded=False):
+    """The forward against the float64 reference; `padded`: with a random key padding mask (about a third of the
+    keys left out), under which the last sequence sees no key at all."""
     b, h, hk, n_q, n_k, d, causal = case
     gen = torch.Generator(device="cuda").manual_seed(n_q * 1009 + n_k)
     q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype, generator=gen)
                for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
-    out, lse2 = forward(q, k, v, causal, d ** -0.5, config)
-    ref = attention_reference(q.double(), k.double(), v.double(), causal=causal)
+    mask = None
+    if padded:
+        mask = torch.rand(b, n_k, device="cuda", generator=gen) > 0.3
+        mask[-1] = False
+    out, lse2 = forward(q, k, v, causal, d ** -0.5, config, key_padding_mask=mask)
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=mask)
     assert not out.isnan().any() and rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
-    want = reference_lse(q.double(), k.double(), causal)
+    want = reference_lse(q.double(), k.double(), causal, mask)
     seen = want > float("-inf")
     torch.testing.assert_close(lse2[seen] / LOG2E, want[seen].float(), rtol=1e-3, atol=1e-2)
     assert (lse2[~seen] == float("inf")).all() and not out[~seen].any()  # what the tl backward expects
