@@ -5,8 +5,8 @@ backward recomputes the probabilities from it (FlashAttention's algorithm, with 
 one pass over query tiles for dK and dV, one over key tiles for dQ; no atomics, so it is deterministic).
 Dropout is fused (counter-based Philox numbers per (batch·head, row, column), reproducible from the seed), and
 so are causal masks (bottom-right aligned), key padding masks and block-sparse masks, whose zero blocks are
-skipped rather than masked. On Hopper, calls without dropout or key padding can run the Gluon
-kernels of flash_attn_gluon.py instead, where they measured faster (`_use_gluon`, `_use_gluon_backward`).
+skipped rather than masked. On Hopper, calls without dropout can run the Gluon kernels of flash_attn_gluon.py
+instead, where they measured faster (`_use_gluon`, `_use_gluon_backward`).
 """
 from __future__ import annotations
 
@@ -524,8 +524,7 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
         return False
     if key_padding_mask is not None and forward_kernel == "auto" and GLUON != "1":
         return False  # its key padding has not yet run on a GPU: "auto" keeps the tl forward until it has
-    reason = _gluon_lacks(key_padding_mask, dropout_p, block_size, sparse_blocks=(), takes_key_padding=True) or \
-        flash_attn_gluon.refusal(q, k, v)
+    reason = _gluon_lacks(dropout_p, block_size, sparse_blocks=()) or flash_attn_gluon.refusal(q, k, v)
     return _covered("forward_kernel", forward_kernel, reason)
 
 
@@ -535,8 +534,10 @@ def _use_gluon_backward(backward_kernel: str, q, k, v, do, lse, dq, dk, dv, key_
     under "auto". Block-sparse calls need blocks of its tile (SPARSE_BLOCK keys)."""
     if not _gluon_considered(backward_kernel, GLUON_BACKWARD_MEASURED_ON, GLUON_BACKWARD_MIN_KEYS, q, k, causal):
         return False
-    reason = _gluon_lacks(key_padding_mask, dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,),
-                          takes_key_padding=False) or flash_attn_gluon.backward_refusal(q, k, v, do, lse, dq, dk, dv)
+    if key_padding_mask is not None and backward_kernel == "auto" and GLUON != "1":
+        return False  # as the forward's (`_use_gluon`)
+    reason = _gluon_lacks(dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,)) or \
+        flash_attn_gluon.backward_refusal(q, k, v, do, lse, dq, dk, dv)
     return _covered("backward_kernel", backward_kernel, reason)
 
 
@@ -549,12 +550,9 @@ def _gluon_considered(choice: str, measured_on: tuple[str, ...], min_keys: dict,
         triton.__version__.startswith(measured_on) and k.shape[2] >= min_keys.get((q.shape[-1], causal), math.inf))
 
 
-def _gluon_lacks(key_padding_mask, dropout_p: float, block_size: int, sparse_blocks: tuple[int, ...],
-                 takes_key_padding: bool) -> str | None:
-    """Which feature of the call a Gluon kernel lacks (it takes block-sparse masks of `sparse_blocks` keys, and a
-    key padding mask if `takes_key_padding`), if any."""
-    if key_padding_mask is not None and not takes_key_padding:
-        return "a key padding mask"
+def _gluon_lacks(dropout_p: float, block_size: int, sparse_blocks: tuple[int, ...]) -> str | None:
+    """Which feature of the call a Gluon kernel lacks (it takes block-sparse masks of `sparse_blocks` keys), if
+    any."""
     if dropout_p:
         return "dropout"
     if block_size and block_size not in sparse_blocks:
@@ -591,7 +589,7 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     if _use_gluon_backward(backward_kernel, q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_size, causal,
                            dropout_p):
         flash_attn_gluon.backward(q, k, v, do, lse, delta, causal, sm_scale, dq, dk, dv,
-                                  (rows, cols) if block_size else None)
+                                  (rows, cols) if block_size else None, key_padding_mask)
         return
     grid_kv = lambda m: (cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
     dkdv, tiles = _tuned(_attn_bwd_dkdv, block_size)
@@ -715,7 +713,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
       with a key padding mask not yet: it has not run on a GPU; EFFREPRO_GLUON=0 never, =1 wherever it covers),
       else tl.
     - backward_kernel: the same choice for the backward; "auto" takes Gluon from `GLUON_BACKWARD_MIN_KEYS` keys
-      (head_dim 128 from 1K, 2K causal, 64 from 2K; block-sparse too, with 128-key blocks).
+      (head_dim 128 from 1K, 2K causal, 64 from 2K; block-sparse too, with 128-key blocks; with a key padding
+      mask not yet).
     Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`; gradients flow
     through both.
     """

@@ -22,9 +22,10 @@ Triton outside `TRITON_VERSIONS`), importing still works and `refusal` says so. 
 on an H200 and an H100 with 3.6 (NOTES.md, "The Gluon forward overlapped", "A persistent forward" and "Causal
 grids persistent up to 2K keys"): faster than the `tl` forward on dense calls from 512 keys at d = 128 and 1K at
 64, and on causal ones from 1K at d = 128 and 2K at 64; slower on shorter causal ones, where `flash_attn` keeps
-the `tl` one (`_use_gluon`). The forward takes a key padding mask (int8 a key; the consumers read a tile's bytes
-with its scores, and every key tile is masked then); compiled offline only so far, so `flash_attn`'s "auto" keeps
-the `tl` forward for such calls until it has run on a GPU. The backward takes none yet.
+the `tl` one (`_use_gluon`). Both passes take a key padding mask (int8 a key): the forward's and the dQ
+kernel's consumers read a tile's bytes with its scores (every key tile is masked then), the dK/dV kernel zeroes the
+padded keys' rows once at the end. Compiled offline only so far, so `flash_attn`'s "auto" keeps the `tl` kernels
+for such calls until they have run on a GPU.
 """
 from __future__ import annotations
 
@@ -665,10 +666,12 @@ def _dkdv_step(k, v, n0, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, 
 
 @gluon.jit
 def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_smem, delta_smem, q_smem, do_smem, k_smem, v_smem,
-                  kv_ready, q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, KV_GROUPS, N_Q, N_K,
-                  sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+                  kv_ready, q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, kpm_ptr, H, KV_GROUPS, N_Q,
+                  N_K, sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                  SPARSE_BLOCK: gl.constexpr, KEY_PADDING: gl.constexpr):
     """Warpgroup WG (0 or 1): dK and dV of keys WG·64 .. WG·64 + 63 of the tile, over the query blocks the
-    producer loads, in its order (`_dkdv_step`)."""
+    producer loads, in its order (`_dkdv_step`). Under KEY_PADDING the padded keys' gradients are set to zero at
+    the end: a key's rows of Pᵀ and dSᵀ reach its own rows of dV and dK alone, so the loop need not mask them."""
     ROWS: gl.constexpr = dk_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = dk_desc.block_type.shape[2]
     BLOCK_M: gl.constexpr = q_smem.type.shape[2]
@@ -697,6 +700,12 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_smem, delta_smem, q_sm
         for j in range(KV_GROUPS * blocks):
             dk, dv = _dkdv_step(k, v, n0, dk, dv, q_smem, do_smem, q_ready, do_ready, qdo_empty, lse_smem,
                                 delta_smem, (lo + j % blocks) * BLOCK_M, j, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL)
+    if KEY_PADDING:
+        keys = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_layout))
+        batch = bhk // (H // KV_GROUPS)
+        kept = gl.load(kpm_ptr + batch.to(gl.int64) * N_K + keys, mask=keys < N_K, other=0) != 0
+        dk = gl.where(kept[:, None], dk, 0.0)
+        dv = gl.where(kept[:, None], dv, 0.0)
     # out through K's and V's buffers (their last products have completed); the descriptors clip keys past N_K
     k.store((dk * sm_scale).to(dtype))
     v.store(dv.to(dtype))
@@ -707,9 +716,10 @@ def _bwd_consumer(WG: gl.constexpr, dk_desc, dv_desc, lse_smem, delta_smem, q_sm
 
 
 @gluon.jit
-def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, block_cnt_ptr,
+def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, delta_ptr, kpm_ptr, block_cnt_ptr,
                    block_idx_ptr, H, KV_GROUPS, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+                   CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, SPARSE_BLOCK: gl.constexpr,
+                   KEY_PADDING: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     ROWS: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
@@ -734,14 +744,14 @@ def _attn_bwd_dkdv(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse_ptr, d
     _cta_barrier()
     gl.warp_specialize([
         (_bwd_consumer, (0, dk_desc, dv_desc, lse_smem, delta_smem, q_smem, do_smem, k_smem, v_smem, kv_ready,
-                         q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, KV_GROUPS, N_Q, N_K,
-                         sm_scale, qk_scale, NUM_STAGES, CAUSAL, SPARSE_BLOCK)),
+                         q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, kpm_ptr, H, KV_GROUPS, N_Q,
+                         N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL, SPARSE_BLOCK, KEY_PADDING)),
         (_bwd_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
                          do_ready, qdo_empty, lse_ptr, delta_ptr, lse_smem, delta_smem, block_cnt_ptr,
                          block_idx_ptr, H, KV_GROUPS, N_Q, N_K, NUM_STAGES, CAUSAL, SPARSE_BLOCK)),
         (_bwd_consumer, (1, dk_desc, dv_desc, lse_smem, delta_smem, q_smem, do_smem, k_smem, v_smem, kv_ready,
-                         q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, KV_GROUPS, N_Q, N_K,
-                         sm_scale, qk_scale, NUM_STAGES, CAUSAL, SPARSE_BLOCK)),
+                         q_ready, do_ready, qdo_empty, block_cnt_ptr, block_idx_ptr, kpm_ptr, H, KV_GROUPS, N_Q,
+                         N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL, SPARSE_BLOCK, KEY_PADDING)),
     ], [1, 4], [24, CONSUMER_REGS])
     mbarrier.invalidate(kv_ready)
     for s in gl.static_range(NUM_STAGES):
@@ -787,11 +797,12 @@ def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sme
 
 
 @gluon.jit
-def _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, key0, i, N_Q, N_K, qk_scale,
-             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, MASK: gl.constexpr):
+def _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, key0, i, N_Q, N_K, qk_scale, kpm_row,
+             NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, MASK: gl.constexpr, KEY_PADDING: gl.constexpr):
     """dQ of a consumer's rows plus the i-th key tile's share (keys key0..), as `_attn_bwd_dq` sums it:
     P = exp2(Q·Kᵀ · scale - lse), dP = dO·Vᵀ, dS = P ∘ (dP - delta), dQ += dS·K, dS from registers. MASK: the
-    tile holds keys past N_K or, causal, past a row's diagonal (`_whole_key_tiles`)."""
+    tile holds keys past N_K or, causal, past a row's diagonal (`_whole_key_tiles`), or padded keys (KEY_PADDING:
+    kpm_row is this batch's int8 mask of the keys)."""
     ROWS: gl.constexpr = q.type.shape[0]
     HEAD_DIM: gl.constexpr = q.type.shape[1]
     BLOCK_N: gl.constexpr = k_smem.type.shape[2]
@@ -816,6 +827,8 @@ def _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, ke
         visible = cols[None, :] < N_K
         if CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None] + (N_K - N_Q))
+        if KEY_PADDING:
+            visible = visible & (gl.load(kpm_row + cols, mask=cols < N_K, other=0) != 0)[None, :]
         p = gl.where(visible, p, 0.0)
     dp = warpgroup_mma_wait(0, deps=(dp,))
     ds = p * (dp - delta[:, None])
@@ -827,8 +840,9 @@ def _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, ke
 
 @gluon.jit
 def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready,
-                 kv_empty, block_cnt_ptr, block_idx_ptr, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES: gl.constexpr,
-                 CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+                 kv_empty, block_cnt_ptr, block_idx_ptr, kpm_ptr, H, N_Q, N_K, sm_scale, qk_scale,
+                 NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, SPARSE_BLOCK: gl.constexpr,
+                 KEY_PADDING: gl.constexpr):
     """Warpgroup WG (0 or 1): dQ of rows WG·64 .. WG·64 + 63 of the query tile, over the key tiles the producer
     loads, in its order (`_dq_step`)."""
     ROWS: gl.constexpr = dq_desc.block_type.shape[1]
@@ -848,22 +862,24 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
     q = q_buf.reshape([ROWS, HEAD_DIM])
     do = do_smem.index(WG).reshape([ROWS, HEAD_DIM])
     dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+    kpm_row = kpm_ptr + (bh // H).to(gl.int64) * N_K  # read under KEY_PADDING only
     mbarrier.wait(q_ready, 0)
     if SPARSE_BLOCK:  # both warpgroups take every tile of the list; the causal mask is applied per element
         first, steps = _block_list(block_cnt_ptr, bh, pid_m, N_Q, BLOCK_N, SPARSE_BLOCK)
         for i in range(steps):
             key_block, offset = _list_step(block_idx_ptr, first, i, BLOCK_N, SPARSE_BLOCK)
             dq = _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty,
-                          key_block * SPARSE_BLOCK + offset, i, N_Q, N_K, qk_scale, NUM_STAGES, CAUSAL, True)
+                          key_block * SPARSE_BLOCK + offset, i, N_Q, N_K, qk_scale, kpm_row, NUM_STAGES, CAUSAL, True,
+                          KEY_PADDING)
     else:
         hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-        whole = gl.minimum(_whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL, False), hi)
-        for i in range(whole):  # no key past the end or a diagonal: no mask
+        whole = gl.minimum(_whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL, KEY_PADDING), hi)
+        for i in range(whole):  # no key past the end, a diagonal or padded: no mask
             dq = _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, i * BLOCK_N, i, N_Q, N_K,
-                          qk_scale, NUM_STAGES, CAUSAL, False)
+                          qk_scale, kpm_row, NUM_STAGES, CAUSAL, False, KEY_PADDING)
         for i in range(whole, hi):
             dq = _dq_step(q, do, rows, lse, delta, dq, k_smem, v_smem, kv_ready, kv_empty, i * BLOCK_N, i, N_Q, N_K,
-                          qk_scale, NUM_STAGES, CAUSAL, True)
+                          qk_scale, kpm_row, NUM_STAGES, CAUSAL, True, KEY_PADDING)
         # causal: the other warpgroup's last tile lies past this one's diagonal; released once it has arrived
         for i in range(hi, _key_tiles(tile0, 2 * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)):
             s = i % NUM_STAGES
@@ -877,9 +893,9 @@ def _dq_consumer(WG: gl.constexpr, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem,
 
 
 @gluon.jit
-def _attn_bwd_dq(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, block_cnt_ptr, block_idx_ptr, H,
-                 KV_GROUPS, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 CONSUMER_REGS: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
+def _attn_bwd_dq(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, kpm_ptr, block_cnt_ptr, block_idx_ptr,
+                 H, KV_GROUPS, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 CONSUMER_REGS: gl.constexpr, SPARSE_BLOCK: gl.constexpr, KEY_PADDING: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
@@ -899,14 +915,14 @@ def _attn_bwd_dq(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_ptr, delta_ptr, b
     _cta_barrier()
     gl.warp_specialize([
         (_dq_consumer, (0, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
-                        block_cnt_ptr, block_idx_ptr, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL,
-                        SPARSE_BLOCK)),
+                        block_cnt_ptr, block_idx_ptr, kpm_ptr, H, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL,
+                        SPARSE_BLOCK, KEY_PADDING)),
         (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready,
                         kv_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, N_Q, N_K, NUM_STAGES, CAUSAL,
                         SPARSE_BLOCK)),
         (_dq_consumer, (1, dq_desc, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem, q_ready, kv_ready, kv_empty,
-                        block_cnt_ptr, block_idx_ptr, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL,
-                        SPARSE_BLOCK)),
+                        block_cnt_ptr, block_idx_ptr, kpm_ptr, H, N_Q, N_K, sm_scale, qk_scale, NUM_STAGES, CAUSAL,
+                        SPARSE_BLOCK, KEY_PADDING)),
     ], [1, 4], [24, CONSUMER_REGS])
     mbarrier.invalidate(q_ready)
     for s in gl.static_range(NUM_STAGES):
@@ -955,12 +971,13 @@ def backward_refusal(q, k, v, do, lse, dq, dk, dv) -> str | None:
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
              delta: torch.Tensor, causal: bool, softmax_scale: float, dq: torch.Tensor | None = None,
-             dk: torch.Tensor | None = None, dv: torch.Tensor | None = None, block_lists=None):
+             dk: torch.Tensor | None = None, dv: torch.Tensor | None = None, block_lists=None,
+             key_padding_mask: torch.Tensor | None = None):
     """dQ, dK and dV of attention, written into dq, dk and dv (new tensors where None), for what
     `backward_refusal` accepts; lse the forward's base-2 LSE (batch, heads, seq_q) and delta (batch · heads, seq_q) the
     `tl` backward's rowsum(dO ∘ O). Block-sparse where `block_lists` is given: the CSR lists (offsets, indices)
     of kept blocks of SPARSE_BLOCK keys per (batch · head, query block), then per (batch · head, key block), as
-    `BlockSparseLayout` holds them."""
+    `BlockSparseLayout` holds them. key_padding_mask as `forward` takes it."""
     b, h, n_q, d = q.shape
     kv_h, n_k = k.shape[1], k.shape[2]
     dq = torch.empty_like(q) if dq is None else dq
@@ -975,14 +992,17 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
                                         for t in (k, v, dk, dv))
     # floats as floats: a kept launch was compiled for the types of the first
     scalars = (h, h // kv_h, n_q, n_k, float(softmax_scale), float(softmax_scale * LOG2E))
+    padded = key_padding_mask is not None
+    kpm = key_padding_mask.to(torch.int8).contiguous() if padded else lse  # a placeholder the kernels never read
     options = dict(NUM_STAGES=BACKWARD_STAGES, CAUSAL=causal, CONSUMER_REGS=240, num_warps=4,
-                   SPARSE_BLOCK=SPARSE_BLOCK if block_lists else 0)
+                   SPARSE_BLOCK=SPARSE_BLOCK if block_lists else 0, KEY_PADDING=padded)
     by_query, by_key = block_lists or ((lse, lse), (lse, lse))  # not read when dense
     if block_lists:
         by_key = kv_head_lists(by_key, b, kv_h, h // kv_h, n_q)
-    kept = _kept((q, k, v, do, lse, delta, dq, dk, dv, *by_query, *by_key), causal, options["SPARSE_BLOCK"])
+    kept = _kept((q, k, v, do, lse, delta, dq, dk, dv, kpm, *by_query, *by_key), causal, options["SPARSE_BLOCK"])
     launch(_attn_bwd_dkdv, (cdiv(n_k, 2 * ROWS_PER_WARPGROUP), b * kv_h),
-           (q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse, delta, *by_key, *scalars), options, kept, "dkdv")
+           (q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, lse, delta, kpm, *by_key, *scalars), options, kept,
+           "dkdv")
     launch(_attn_bwd_dq, (cdiv(n_q, 2 * ROWS_PER_WARPGROUP), b * h),
-           (q_desc, do_desc, k_desc, v_desc, dq_desc, lse, delta, *by_query, *scalars), options, kept, "dq")
+           (q_desc, do_desc, k_desc, v_desc, dq_desc, lse, delta, kpm, *by_query, *scalars), options, kept, "dq")
     return dq, dk, dv

@@ -69,9 +69,12 @@ def variants():
                 yield f"forward d={head_dim} {name} {mask}", \
                     compile_for_hopper(fa._attn_fwd, dict(q_desc=rows, o_desc=rows, k_desc=keys, v_desc=keys),
                                        dict(CAUSAL=causal, KEY_PADDING=padded, **constants))
-        for causal, sparse in ((False, 0), (True, 0), (False, fa.SPARSE_BLOCK), (True, fa.SPARSE_BLOCK)):
-            mask = ("causal" if causal else "dense") + (" block-sparse" if sparse else "")
-            backward = dict(NUM_STAGES=fa.BACKWARD_STAGES, CAUSAL=causal, CONSUMER_REGS=240, SPARSE_BLOCK=sparse)
+        for causal, sparse, padded in ((False, 0, False), (True, 0, False), (False, fa.SPARSE_BLOCK, False),
+                                       (True, fa.SPARSE_BLOCK, False), (True, 0, True)):
+            mask = ("causal" if causal else "dense") + (" block-sparse" if sparse else "") + \
+                (" key padding" if padded else "")
+            backward = dict(NUM_STAGES=fa.BACKWARD_STAGES, CAUSAL=causal, CONSUMER_REGS=240, SPARSE_BLOCK=sparse,
+                            KEY_PADDING=padded)
             yield f"dk dv d={head_dim} {mask}", compile_for_hopper(
                 fa._attn_bwd_dkdv, dict(q_desc=bwd, do_desc=bwd, k_desc=rows, v_desc=rows, dk_desc=rows, dv_desc=rows),
                 backward)

@@ -48,10 +48,9 @@ def test_the_gluon_path_refuses_what_it_does_not_cover_and_says_why():
             refusal(q, q, q).startswith(f"Triton {triton.__version__} has no Gluon that this kernel knows")
     with pytest.raises(ValueError, match="forward_kernel='gluon' does not cover this call: dropout"):
         flash_attn(q, q, q, dropout_p=0.1, forward_kernel="gluon")
-    with pytest.raises(ValueError, match="backward_kernel='gluon' does not cover this call: a key padding mask"):
+    with pytest.raises(ValueError, match="backward_kernel='gluon' does not cover this call: dropout"):
         x = q.clone().requires_grad_()
-        padding = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
-        flash_attn(x, x, x, key_padding_mask=padding, forward_kernel="tl", backward_kernel="gluon").sum().backward()
+        flash_attn(x, x, x, dropout_p=0.1, forward_kernel="tl", backward_kernel="gluon").sum().backward()
     with pytest.raises(ValueError, match="forward_kernel='gluon' does not cover this call: head_dim 48"):
         flash_attn(narrow, narrow, narrow, forward_kernel="gluon")
     with pytest.MonkeyPatch.context() as patch:  # a Triton the kernels were not written for
@@ -146,8 +145,11 @@ def test_the_backward_takes_gluon_where_it_was_measured_faster(monkeypatch, sett
     k = torch.empty(1, 2, keys, head_dim)
     use = functools.partial(flash_attn_module._use_gluon_backward, "auto", q, k, k, q, None, q, k, k)
     assert use(None, 0, causal, 0.0) == expected
-    assert not use(None, 0, causal, 0.1)  # dropout and key padding: not covered
-    assert not use(torch.ones(1, keys, dtype=torch.bool), 0, causal, 0.0)
+    assert not use(None, 0, causal, 0.1)  # dropout: not covered
+    # key padding: covered, but not taken by "auto" until it has run on a GPU (EFFREPRO_GLUON=1 takes it)
+    padded = torch.ones(1, keys, dtype=torch.bool)
+    assert use(padded, 0, causal, 0.0) == (expected and setting == "1")
+    assert flash_attn_module._use_gluon_backward("gluon", q, k, k, q, None, q, k, k, padded, 0, causal, 0.0)
     assert not use(None, 64, causal, 0.0)  # sparse blocks smaller than the kernel's tile
     assert use(None, flash_attn_gluon.SPARSE_BLOCK, causal, 0.0) == expected  # block-sparse, blocks of its tile
     assert not flash_attn_module._use_gluon_backward("tl", q, k, k, q, None, q, k, k, None, 0, causal, 0.0)
@@ -190,9 +192,10 @@ def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
     interpreter Gluon cannot compile), with wgmma and TMA, in the shared memory a Hopper block has (227 KB),
     each at most a few scalars spilled (under Triton 3.9 each consumer of the dense d = 64 forward keeps one
     address in local memory, read back once a query tile for the epilogue (outside the loop over key tiles),
-    3.6 none; under 3.6 the causal block-sparse dK/dV kernel keeps one across its loops, 3.9 none). The forward
-    with key padding spills 112-136 bytes under 3.9 and 16-52 under 3.6 (each thread holds a tile's 32 mask bytes
-    beside the scores; not yet measured on a GPU, and not taken by "auto" until it is): at most 160."""
+    3.6 none; under 3.6 the causal block-sparse and key-padded dK/dV kernels keep one across their loops, 3.9
+    none). The forward with key padding spills 112-136 bytes under 3.9 and 16-52 under 3.6 (each thread holds a
+    tile's 32 mask bytes beside the scores; not yet measured on a GPU, and not taken by "auto" until it is): at
+    most 160."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_offline.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -201,7 +204,8 @@ def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
     # each distinct configuration dense, and the chosen one causal, then causal with key padding
     forwards = sum(len({config_name(dict(c, PERSISTENT=False)) for c in configs}) + 2
                    for configs in flash_attn_gluon.CANDIDATES.values())
-    assert len(report) == forwards + 2 * 4 * len(flash_attn_gluon.GLUON_HEAD_DIMS)  # dK dV, dQ: dense, causal, sparse
+    # dK dV and dQ: dense, causal, each block-sparse, and causal with key padding
+    assert len(report) == forwards + 2 * 5 * len(flash_attn_gluon.GLUON_HEAD_DIMS)
     for variant, found in report.items():
         assert found["wgmma"] > 0 and found["tma_copies"] > 0 and found["shared"] <= 227 * 1024, (variant, found)
         allowed = 160 if variant.endswith("key padding") else 8 if variant.startswith("forward") else 16
@@ -278,17 +282,20 @@ def test_persistent_programs_that_take_many_query_tiles_match_reference(head_dim
         check_forward((3, 24, 8, n_q, n_k, head_dim, causal), torch.bfloat16, config)
 
 
+def random_key_padding(batch: int, n_k: int, gen) -> torch.Tensor:
+    """A key padding mask leaving out about a third of the keys at random, and every key of the last sequence."""
+    mask = torch.rand(batch, n_k, device="cuda", generator=gen) > 0.3
+    mask[-1] = False
+    return mask
+
+
 def check_forward(case, dtype, config=None, padded=False):
-    """The forward against the float64 reference; `padded`: with a random key padding mask (about a third of the
-    keys left out), under which the last sequence sees no key at all."""
+    """The forward against the float64 reference; `padded`: with `random_key_padding`."""
     b, h, hk, n_q, n_k, d, causal = case
     gen = torch.Generator(device="cuda").manual_seed(n_q * 1009 + n_k)
     q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype, generator=gen)
                for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
-    mask = None
-    if padded:
-        mask = torch.rand(b, n_k, device="cuda", generator=gen) > 0.3
-        mask[-1] = False
+    mask = random_key_padding(b, n_k, gen) if padded else None
     out, lse2 = forward(q, k, v, causal, d ** -0.5, config, key_padding_mask=mask)
     ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=mask)
     assert not out.isnan().any() and rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
@@ -303,16 +310,32 @@ def check_forward(case, dtype, config=None, padded=False):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_backward_matches_reference(case, dtype):
     """The Gluon dQ, dK and dV from the forward's LSE and the backward's delta, against float64 autograd."""
+    check_backward(case, dtype)
+
+
+@hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(3, 4, 2, 130, 300, 128, False), (3, 4, 4, 300, 130, 64, True),
+                                  (2, 8, 1, 200, 1000, 128, True)], ids=str)
+def test_backward_with_key_padding_matches_reference(case, dtype):
+    """Padded keys get no gradient and give none, in tiles of the dK/dV and the dQ kernels alike; a sequence whose
+    keys are all padding gets zeros."""
+    check_backward(case, dtype, padded=True)
+
+
+def check_backward(case, dtype, padded=False):
+    """`backward` against float64 autograd; `padded` as in `check_forward`."""
     b, h, hk, n_q, n_k, d, causal = case
     gen = torch.Generator(device="cuda").manual_seed(n_q * 7 + n_k)
     q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype, generator=gen)
                for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
     do = torch.randn(b, h, n_q, d, device="cuda", dtype=dtype, generator=gen)
-    out, lse2 = forward(q, k, v, causal, d ** -0.5)
+    mask = random_key_padding(b, n_k, gen) if padded else None
+    out, lse2 = forward(q, k, v, causal, d ** -0.5, key_padding_mask=mask)
     delta = (out.float() * do.float()).sum(-1).reshape(b * h, n_q)
-    dq, dk, dv = backward(q, k, v, do, lse2, delta, causal, d ** -0.5)
+    dq, dk, dv = backward(q, k, v, do, lse2, delta, causal, d ** -0.5, key_padding_mask=mask)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    attention_reference(q64, k64, v64, causal=causal).backward(do.double())
+    attention_reference(q64, k64, v64, causal=causal, key_padding_mask=mask).backward(do.double())
     for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
         # with one key the softmax is constant and dQ, dK are zero in exact arithmetic: measured against dO's size
         err = ((got.double() - want).norm() / max(want.norm(), do.double().norm())).item()
