@@ -31,7 +31,7 @@ from . import checks
 from .claims import claims_for_task, load_published
 from .context import (PROJECT_ROOT, ConfigError, RunContext, capture_environment, reset_device_memory,
                       resolve_device, seed_everything, utc_now, world)
-from .records import FAILED_ROW_STATUSES, RunRecord, load_record, save_record
+from .records import FAILED_ROW_STATUSES, RunRecord, load_record, save_new_record, save_record
 from .report import console_table, evaluate
 from .timing import is_out_of_memory
 from .wandb_logger import NullLogger, make_logger
@@ -163,9 +163,13 @@ def run_job(cfg: DictConfig) -> RunRecord:
 
 
 def _finish(record: RunRecord, paths: list[Path], logger) -> None:
+    """Save the record in the job's folder and, where it is committed, under results/runs/ in a name of its own
+    (`paths[-1]` becomes the name it took)."""
     record.finished = utc_now()
-    for path in paths:
-        save_record(record, path)
+    if paths:
+        save_record(record, paths[0])
+    if len(paths) > 1:
+        paths[-1] = save_new_record(record, paths[-1])
     try:
         logger.finish(record.status)
     except Exception as exc:  # noqa: BLE001 - W&B must never stop a run

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 import os
@@ -111,10 +112,8 @@ def _dumps(data: Any) -> str:
     return head[:-2] + ',\n "rows": [\n' + rows + "\n ]\n}\n"
 
 
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` a temporary file beside `path`, flush it to disk, then rename it over `path`: a reader (or a
-    killed run) sees the old file or the new one, never half of one."""
-    path = Path(path)
+def _written_beside(path: Path, write: Callable[[Path], None]) -> Path:
+    """A temporary file beside `path`, written by `write` and flushed to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -123,9 +122,21 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes files private; results and caches are meant to be shared
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` a temporary file beside `path`, flush it to disk, then rename it over `path`: a reader (or a
+    killed run) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = _written_beside(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -135,6 +146,27 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def save_record(record: RunRecord, path: Path) -> None:
     write_json_atomic(path, record.to_json())
+
+
+def save_new_record(record: RunRecord, path: Path) -> Path:
+    """Save `record` at `path` (`name.json`), or where a record is there already, packed or not (another run of
+    the same task, scale and card that began in the same second), at name_2.json, name_3.json, ...: the first free.
+    The name is taken by a hard link to the finished file, which fails where it exists, so that two runs ending
+    together never write one file and a reader never sees half of one. Returns where it went."""
+    path = Path(path)
+    tmp = _written_beside(path, lambda file: file.write_text(_dumps(record.to_json())))
+    try:
+        for n in itertools.count(1):
+            target = path if n == 1 else path.with_name(f"{path.name.removesuffix('.json')}_{n}.json")
+            if target.with_name(target.name + ".gz").exists():
+                continue
+            try:
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                continue
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 RECORD_SUFFIXES = (".json", ".json.gz")  # a record as written, or packed (`pack_records`)

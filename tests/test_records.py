@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from repro.records import Row, RunRecord, load_record, load_records, pack_records, save_record, write_json_atomic
+from repro.records import (Row, RunRecord, load_record, load_records, pack_records, save_new_record, save_record,
+                           write_json_atomic)
 
 
 def make_record(**changes) -> RunRecord:
@@ -22,6 +23,19 @@ def test_round_trip(tmp_path):
     save_record(record, tmp_path / "r.json")
     assert load_record(tmp_path / "r.json") == record
     assert oct((tmp_path / "r.json").stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_a_run_that_began_in_the_same_second_as_another_gets_a_record_of_its_own(tmp_path):
+    """Two runs of one task, scale and card started in the same second (two GPUs of one node, say) would share a
+    committed record's name: the second takes the first free name, past packed records too, never the first's."""
+    path = tmp_path / "paper" / "task" / "20261126T100000_small_nvidia-h100.json"
+    first = save_new_record(make_record(status="ok"), path)
+    (path.parent / "20261126T100000_small_nvidia-h100_2.json.gz").write_bytes(b"")  # _2 was packed
+    second = save_new_record(make_record(status="killed"), path)
+    assert first == path and second == path.parent / "20261126T100000_small_nvidia-h100_3.json"
+    assert load_record(first).status == "ok" and load_record(second).status == "killed"
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert oct(second.stat().st_mode & 0o777) == oct(0o644)
 
 
 def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
