@@ -31,7 +31,7 @@ from . import checks
 from .claims import claims_for_task, load_published
 from .context import (PROJECT_ROOT, ConfigError, RunContext, capture_environment, reset_device_memory,
                       resolve_device, seed_everything, utc_now, world)
-from .records import FAILED_ROW_STATUSES, RunRecord, load_record, save_new_record, save_record
+from .records import FAILED_ROW_STATUSES, RunRecord, committed_copy, load_record, save_new_record, save_record
 from .report import console_table, evaluate
 from .timing import is_out_of_memory
 from .wandb_logger import NullLogger, make_logger
@@ -228,8 +228,9 @@ class SweepSummary(Callback):
             except (OSError, ValueError):
                 status, text = "missing", f"no record: it stopped before its run began (see {_rel(job)})"
             else:
-                committed = record_paths(record.config, record, job, int(job.name.split("_")[0]))[-1]
-                where = committed if record.status != "error" and committed.exists() else job / "record.json"
+                committed = committed_copy(record, record_paths(record.config, record, job,
+                                                                int(job.name.split("_")[0]))[-1])
+                where = committed if record.status != "error" and committed else job / "record.json"
                 why = f"  ({record.error.splitlines()[0][:100]})" if record.error else ""
                 status, text = record.status, f"{len(record.rows):5} rows  {_rel(where)}{why}"
             not_ok += status != "ok"

@@ -148,25 +148,61 @@ def save_record(record: RunRecord, path: Path) -> None:
     write_json_atomic(path, record.to_json())
 
 
+def _same_name_records(path: Path):
+    """`path` (name.json), then name_dup2.json, name_dup3.json, ...: where records of runs that began in the same
+    second as one another go (`save_new_record`)."""
+    yield path
+    for n in itertools.count(2):
+        yield path.with_name(f"{path.name.removesuffix('.json')}_dup{n}.json")
+
+
+def _taken(target: Path) -> bool:
+    return target.exists() or target.with_name(target.name + ".gz").exists()  # as written, or packed
+
+
 def save_new_record(record: RunRecord, path: Path) -> Path:
     """Save `record` at `path` (`name.json`), or where a record is there already, packed or not (another run of
-    the same task, scale and card that began in the same second), at name_2.json, name_3.json, ...: the first free.
-    The name is taken by a hard link to the finished file, which fails where it exists, so that two runs ending
-    together never write one file and a reader never sees half of one. Returns where it went."""
+    the same task, scale and card that began in the same second), at name_dup2.json, name_dup3.json, ...: the
+    first free. The name is taken by a hard link to the finished file, which fails where it exists, so that two
+    runs ending together never write one file and a reader never sees half of one. Returns where it went."""
     path = Path(path)
     tmp = _written_beside(path, lambda file: file.write_text(_dumps(record.to_json())))
     try:
-        for n in itertools.count(1):
-            target = path if n == 1 else path.with_name(f"{path.name.removesuffix('.json')}_{n}.json")
-            if target.with_name(target.name + ".gz").exists():
+        for target in _same_name_records(path):
+            if _taken(target):
                 continue
             try:
                 os.link(tmp, target)
-                return target
             except FileExistsError:
                 continue
+            except OSError:  # a filesystem without hard links: take the name with an empty file, then fill it
+                try:
+                    open(target, "x").close()
+                except FileExistsError:
+                    continue
+                os.replace(tmp, target)
+                return target
+            if target.with_name(target.name + ".gz").exists():  # packed meanwhile (`pack_records`): not ours
+                target.unlink()
+                continue
+            return target
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def committed_copy(record: RunRecord, path: Path) -> Path | None:
+    """Where `save_new_record(record, path)` put `record`: the first of `path`'s same-name records whose run it
+    is (None where there is none)."""
+    for candidate in _same_name_records(Path(path)):
+        if not _taken(candidate):
+            return None
+        try:
+            found = load_record(candidate if candidate.exists() else candidate.with_name(candidate.name + ".gz"))
+        except (OSError, ValueError):
+            continue
+        if (found.started, found.finished, found.overrides, found.env) == \
+                (record.started, record.finished, record.overrides, record.env):
+            return candidate if candidate.exists() else candidate.with_name(candidate.name + ".gz")
 
 
 RECORD_SUFFIXES = (".json", ".json.gz")  # a record as written, or packed (`pack_records`)

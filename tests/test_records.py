@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from repro.records import (Row, RunRecord, load_record, load_records, pack_records, save_new_record, save_record,
-                           write_json_atomic)
+from repro.records import (Row, RunRecord, committed_copy, load_record, load_records, pack_records, save_new_record,
+                           save_record, write_json_atomic)
 
 
 def make_record(**changes) -> RunRecord:
@@ -29,13 +29,27 @@ def test_a_run_that_began_in_the_same_second_as_another_gets_a_record_of_its_own
     """Two runs of one task, scale and card started in the same second (two GPUs of one node, say) would share a
     committed record's name: the second takes the first free name, past packed records too, never the first's."""
     path = tmp_path / "paper" / "task" / "20261126T100000_small_nvidia-h100.json"
-    first = save_new_record(make_record(status="ok"), path)
-    (path.parent / "20261126T100000_small_nvidia-h100_2.json.gz").write_bytes(b"")  # _2 was packed
-    second = save_new_record(make_record(status="killed"), path)
-    assert first == path and second == path.parent / "20261126T100000_small_nvidia-h100_3.json"
-    assert load_record(first).status == "ok" and load_record(second).status == "killed"
+    first, second = make_record(status="ok"), make_record(status="killed", overrides=["scale=small", "seed=2"])
+    assert save_new_record(first, path) == path
+    (path.parent / "20261126T100000_small_nvidia-h100_dup2.json.gz").write_bytes(b"")  # _dup2 was packed
+    assert save_new_record(second, path) == path.parent / "20261126T100000_small_nvidia-h100_dup3.json"
+    assert load_record(path).status == "ok"
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
-    assert oct(second.stat().st_mode & 0o777) == oct(0o644)
+    # a sweep's summary finds each run's own record among them
+    assert committed_copy(first, path) == path
+    assert committed_copy(second, path) == path.parent / "20261126T100000_small_nvidia-h100_dup3.json"
+    assert committed_copy(make_record(started="2026-11-26T10:00:01+00:00"), path) is None
+
+
+def test_a_record_is_saved_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(95, "Operation not supported")
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "r.json"
+    assert save_new_record(make_record(), path) == path and load_record(path) == make_record()
+    assert save_new_record(make_record(), path) == tmp_path / "r_dup2.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r_dup2.json"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
 
 
 def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
