@@ -466,9 +466,10 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
     n_k = k.shape[2]
-    if key_padding_mask is not None and (key_padding_mask.shape != (b, n_k) or key_padding_mask.dtype != torch.bool):
-        raise ValueError(f"key_padding_mask must be bool of shape (batch, seq_k)={(b, n_k)}, got "
-                         f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    if key_padding_mask is not None and (key_padding_mask.shape != (b, n_k) or key_padding_mask.dtype != torch.bool
+                                         or key_padding_mask.device != q.device):
+        raise ValueError(f"key_padding_mask must be bool of shape (batch, seq_k)={(b, n_k)} on {q.device}, got "
+                         f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
     if block_mask is not None:
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size={block_size} must be a power of two, at least 16")
@@ -589,7 +590,7 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     if _use_gluon_backward(backward_kernel, q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_size, causal,
                            dropout_p):
         flash_attn_gluon.backward(q, k, v, do, lse, delta, causal, sm_scale, dq, dk, dv,
-                                  (rows, cols) if block_size else None, key_padding_mask)
+                                  (rows, cols) if block_size else None, kpm if key_padding_mask is not None else None)
         return
     grid_kv = lambda m: (cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
     dkdv, tiles = _tuned(_attn_bwd_dkdv, block_size)

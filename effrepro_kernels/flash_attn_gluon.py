@@ -23,8 +23,8 @@ on an H200 and an H100 with 3.6 (NOTES.md, "The Gluon forward overlapped", "A pe
 grids persistent up to 2K keys"): faster than the `tl` forward on dense calls from 512 keys at d = 128 and 1K at
 64, and on causal ones from 1K at d = 128 and 2K at 64; slower on shorter causal ones, where `flash_attn` keeps
 the `tl` one (`_use_gluon`). Both passes take a key padding mask (int8 a key): the forward's and the dQ
-kernel's consumers read a tile's bytes with its scores (every key tile is masked then), the dK/dV kernel zeroes the
-padded keys' rows once at the end. Compiled offline only so far, so `flash_attn`'s "auto" keeps the `tl` kernels
+kernel's consumers read a tile's bytes with its scores (every key tile is masked then; the forward in
+configurations of its own, `KEY_PADDING_CONFIGS`), the dK/dV kernel zeroes the padded keys' rows once at the end. Compiled offline only so far, so `flash_attn`'s "auto" keeps the `tl` kernels
 for such calls until they have run on a GPU.
 """
 from __future__ import annotations
@@ -393,7 +393,7 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, kpm_ptr, H, KV_GROUPS, BH
 CAUSAL_PERSISTENT_MAX_KEYS = {64: 4096, 128: 2048}
 
 
-def kernel_config(head_dim: int, causal: bool, n_keys: int) -> dict:
+def kernel_config(head_dim: int, causal: bool, n_keys: int, padded: bool = False) -> dict:
     """The kernel's configuration for a head_dim, mask and key length, as measured on an H200 (NOTES.md, "The
     Gluon forward overlapped"): at head_dim 128 the softmax overlapped with the P·V product (0.93-0.97 of cuDNN's
     time without, 1.01-1.06 with, from 4K keys), in two K/V stages of 128 keys (three fit, and were no faster); at
@@ -402,10 +402,11 @@ def kernel_config(head_dim: int, causal: bool, n_keys: int) -> dict:
     "Three consumer warpgroups"). Dense grids are persistent (0.69 -> 0.87 of cuDNN at 512 keys, d = 64, on an
     H100; NOTES.md, "A persistent forward"), causal ones up to CAUSAL_PERSISTENT_MAX_KEYS: beyond, a program a
     tile lets the GPU hand the next tile to whichever SM is free, where a persistent program's fixed share of
-    long and short tiles leaves some SMs with more work than others."""
+    long and short tiles leaves some SMs with more work than others. With a key padding mask (`padded`), the
+    configuration of KEY_PADDING_CONFIGS."""
     candidates = 128 if head_dim > 64 else 64
     persistent = not causal or n_keys <= CAUSAL_PERSISTENT_MAX_KEYS[candidates]
-    return dict(CANDIDATES[candidates][0], PERSISTENT=persistent)
+    return dict((KEY_PADDING_CONFIGS if padded else CANDIDATES)[candidates][0], PERSISTENT=persistent)
 
 
 # The configurations worth timing: kernel_config's choice first, then the others that fit shared memory and
@@ -423,6 +424,16 @@ CANDIDATES = {
          dict(CONSUMERS=2, BLOCK_N=256, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False)],
     128: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=True),
           dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=False)],
+}
+
+
+# With a key padding mask each consumer thread holds a key tile's mask bytes beside its scores, and the unpadded
+# configurations spilled (`tests/gluon_offline.py`: d = 64 three consumers 52-72 bytes under Triton 3.6 and
+# 136-484 under 3.9; d = 128, 128-key tiles with the overlap, 0-16 and 112-224). These compile without spills under
+# both: at d = 64 two consumers, at 128 the overlap kept on 64-key tiles. Not yet timed on a GPU.
+KEY_PADDING_CONFIGS = {
+    64: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=True)],
+    128: [dict(CONSUMERS=2, BLOCK_N=64, NUM_STAGES=3, OVERLAP=True, PERSISTENT=True)],
 }
 
 
@@ -504,7 +515,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
             key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ · softmax_scale) v and the base-2 LSE (float32, (batch, heads, seq_q)) for inputs that
     `refusal` accepts; softmax_scale > 0 (the kernel takes the row maximum before scaling). `config`
-    replaces `kernel_config(head_dim, causal, seq_k)` (`scripts/tune_flash_gluon.py` compares them).
+    replaces `kernel_config(head_dim, causal, seq_k, padded)` (`scripts/tune_flash_gluon.py` compares them).
     key_padding_mask: (batch, seq_k), nonzero for the keys to attend to (bool or int8, as flash_attn checks it);
     a row that sees no key gives zeros and an LSE of +inf."""
     b, h, n_q, d = q.shape
@@ -514,7 +525,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     padded = key_padding_mask is not None
     kpm = key_padding_mask.to(torch.int8).contiguous() if padded else lse  # a placeholder the kernel never reads
     dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    cfg = config or kernel_config(d, causal, n_k)
+    cfg = config or kernel_config(d, causal, n_k, padded)
     q_block, kv_block = [1, ROWS_PER_WARPGROUP, d], [1, cfg["BLOCK_N"], d]
     # 3-D views (batch·heads, seq, head_dim): a tile never runs into the next head's rows, as TMA fills
     # reads past seq with zeros and clips stores there

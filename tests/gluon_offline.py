@@ -6,6 +6,7 @@ kernel_config's choice), and the backward's kernels with and without it.
 
     python tests/gluon_offline.py   # JSON: {"forward d=128 2x128s2o causal": {"wgmma": ..., "spilled_bytes": ...}, ...}
 """
+import itertools
 import json
 import os
 import re
@@ -63,14 +64,18 @@ def variants():
             keys = [1, constants["BLOCK_N"], head_dim]
             name = fa.config_name(dict(constants, PERSISTENT=False))
             chosen = constants == fa.kernel_constants(fa.kernel_config(head_dim, False, 4096))
-            masks = ((False, False), (True, False), (True, True)) if chosen else ((False, False), )
-            for causal, padded in masks:
-                mask = ("causal" if causal else "dense") + (" key padding" if padded else "")
-                yield f"forward d={head_dim} {name} {mask}", \
+            for causal in (False, True) if chosen else (False, ):
+                yield f"forward d={head_dim} {name} {'causal' if causal else 'dense'}", \
                     compile_for_hopper(fa._attn_fwd, dict(q_desc=rows, o_desc=rows, k_desc=keys, v_desc=keys),
-                                       dict(CAUSAL=causal, KEY_PADDING=padded, **constants))
-        for causal, sparse, padded in ((False, 0, False), (True, 0, False), (False, fa.SPARSE_BLOCK, False),
-                                       (True, fa.SPARSE_BLOCK, False), (True, 0, True)):
+                                       dict(CAUSAL=causal, KEY_PADDING=False, **constants))
+        constants = fa.kernel_constants(fa.kernel_config(head_dim, False, 4096, padded=True))
+        keys = [1, constants["BLOCK_N"], head_dim]
+        for causal in (False, True):
+            name = fa.config_name(dict(constants, PERSISTENT=False))
+            yield f"forward d={head_dim} {name} {'causal' if causal else 'dense'} key padding", \
+                compile_for_hopper(fa._attn_fwd, dict(q_desc=rows, o_desc=rows, k_desc=keys, v_desc=keys),
+                                   dict(CAUSAL=causal, KEY_PADDING=True, **constants))
+        for causal, sparse, padded in itertools.product((False, True), (0, fa.SPARSE_BLOCK), (False, True)):
             mask = ("causal" if causal else "dense") + (" block-sparse" if sparse else "") + \
                 (" key padding" if padded else "")
             backward = dict(NUM_STAGES=fa.BACKWARD_STAGES, CAUSAL=causal, CONSUMER_REGS=240, SPARSE_BLOCK=sparse,

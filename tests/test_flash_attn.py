@@ -81,11 +81,12 @@ def test_matches_reference(shape, dtype):
     run_both(*dims, dtype, causal=causal)
 
 
+@pytest.mark.parametrize("head_dim, dropout_p", [(32, 0.17), (64, 0.0)])  # 64 without dropout: Gluon's too
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_padding_dropout_and_a_fully_masked_sequence(dtype):
+def test_padding_dropout_and_a_fully_masked_sequence(dtype, head_dim, dropout_p):
     kpm = torch.rand(3, 41, device=DEVICE) > 0.3
     kpm[1] = False  # every key of sequence 1 is padding: its rows must be zeros, with zero gradients
-    out, _ = run_both(3, 2, 2, 29, 41, 32, dtype, kpm=kpm, dropout_p=0.17)
+    out, _ = run_both(3, 2, 2, 29, 41, head_dim, dtype, kpm=kpm, dropout_p=dropout_p)
     assert (out[1] == 0).all()
 
 
@@ -182,6 +183,8 @@ def _qkv(*shape, dtype=torch.float16):
      "multiple"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), key_padding_mask=torch.ones(1, 9, dtype=torch.bool, device=DEVICE)),
      "key_padding_mask"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), key_padding_mask=torch.ones(1, 8, dtype=torch.bool, device="meta")),
+     "key_padding_mask must be bool of shape .* on"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE)),
      "block_mask"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), block_mask=BlockSparseLayout(

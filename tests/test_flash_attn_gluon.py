@@ -193,23 +193,20 @@ def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
     each at most a few scalars spilled (under Triton 3.9 each consumer of the dense d = 64 forward keeps one
     address in local memory, read back once a query tile for the epilogue (outside the loop over key tiles),
     3.6 none; under 3.6 the causal block-sparse and key-padded dK/dV kernels keep one across their loops, 3.9
-    none). The forward with key padding spills 112-136 bytes under 3.9 and 16-52 under 3.6 (each thread holds a
-    tile's 32 mask bytes beside the scores; not yet measured on a GPU, and not taken by "auto" until it is): at
-    most 160."""
+    none; with key padding, its own configurations, `KEY_PADDING_CONFIGS`, none)."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_offline.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    # each distinct configuration dense, and the chosen one causal, then causal with key padding
-    forwards = sum(len({config_name(dict(c, PERSISTENT=False)) for c in configs}) + 2
+    # each distinct configuration dense and the chosen one causal too, then the key padding one dense and causal
+    forwards = sum(len({config_name(dict(c, PERSISTENT=False)) for c in configs}) + 3
                    for configs in flash_attn_gluon.CANDIDATES.values())
-    # dK dV and dQ: dense, causal, each block-sparse, and causal with key padding
-    assert len(report) == forwards + 2 * 5 * len(flash_attn_gluon.GLUON_HEAD_DIMS)
+    # dK dV and dQ: dense and causal, each block-sparse or not, each with key padding or not
+    assert len(report) == forwards + 2 * 8 * len(flash_attn_gluon.GLUON_HEAD_DIMS)
     for variant, found in report.items():
         assert found["wgmma"] > 0 and found["tma_copies"] > 0 and found["shared"] <= 227 * 1024, (variant, found)
-        allowed = 160 if variant.endswith("key padding") else 8 if variant.startswith("forward") else 16
-        assert found["spilled_bytes"] <= allowed, (variant, found)
+        assert found["spilled_bytes"] <= (8 if variant.startswith("forward") else 16), (variant, found)
 
 
 CASES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
@@ -247,10 +244,12 @@ def test_forward_matches_reference(case, dtype):
 @hopper
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [(3, 4, 2, 130, 300, 128, False), (3, 4, 4, 300, 130, 64, True),
-                                  (2, 8, 1, 64, 1000, 128, True), (2, 2, 2, 700, 1400, 64, False)], ids=str)
+                                  (2, 8, 1, 64, 1000, 128, True), (2, 2, 2, 700, 1400, 64, False),
+                                  (3, 24, 8, 700, 1400, 128, False), (3, 24, 8, 1000, 300, 64, True)], ids=str)
 def test_forward_with_key_padding_matches_reference(case, dtype):
-    """Keys left out at random in every tile, grouped and multi-query heads, causal with unequal lengths, and a
-    sequence whose keys are all padding (zeros and an LSE of +inf, as the tl backward expects)."""
+    """Keys left out at random in every tile, grouped and multi-query heads, causal with unequal lengths, a
+    sequence whose keys are all padding (zeros and an LSE of +inf, as the tl backward expects), and persistent
+    programs that take several query tiles (the last two)."""
     check_forward(case, dtype, padded=True)
 
 
