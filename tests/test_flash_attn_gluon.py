@@ -281,11 +281,13 @@ def test_persistent_programs_that_take_many_query_tiles_match_reference(head_dim
         check_forward((3, 24, 8, n_q, n_k, head_dim, causal), torch.bfloat16, config)
 
 
-def random_key_padding(batch: int, n_k: int, gen) -> torch.Tensor:
-    """A key padding mask leaving out about a third of the keys at random, and every key of the last sequence."""
-    mask = torch.rand(batch, n_k, device="cuda", generator=gen) > 0.3
+def random_key_padding(k: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """A key padding mask leaving out about a third of the keys at random, and every key of the last sequence;
+    and k with the padded keys scaled up 30-fold, so that their scores, were they not masked, would dwarf the rest
+    (exp2 of them past the LSE overflows)."""
+    mask = torch.rand(k.shape[0], k.shape[2], device="cuda", generator=gen) > 0.3
     mask[-1] = False
-    return mask
+    return mask, torch.where(mask[:, None, :, None], k, 30 * k)
 
 
 def check_forward(case, dtype, config=None, padded=False):
@@ -294,7 +296,9 @@ def check_forward(case, dtype, config=None, padded=False):
     gen = torch.Generator(device="cuda").manual_seed(n_q * 1009 + n_k)
     q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype, generator=gen)
                for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
-    mask = random_key_padding(b, n_k, gen) if padded else None
+    mask = None
+    if padded:
+        mask, k = random_key_padding(k, gen)
     out, lse2 = forward(q, k, v, causal, d ** -0.5, config, key_padding_mask=mask)
     ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=mask)
     assert not out.isnan().any() and rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
@@ -329,7 +333,9 @@ def check_backward(case, dtype, padded=False):
     q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype, generator=gen)
                for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
     do = torch.randn(b, h, n_q, d, device="cuda", dtype=dtype, generator=gen)
-    mask = random_key_padding(b, n_k, gen) if padded else None
+    mask = None
+    if padded:
+        mask, k = random_key_padding(k, gen)
     out, lse2 = forward(q, k, v, causal, d ** -0.5, key_padding_mask=mask)
     delta = (out.float() * do.float()).sum(-1).reshape(b * h, n_q)
     dq, dk, dv = backward(q, k, v, do, lse2, delta, causal, d ** -0.5, key_padding_mask=mask)
