@@ -430,10 +430,13 @@ CANDIDATES = {
 # With a key padding mask each consumer thread holds a key tile's mask bytes beside its scores, and the unpadded
 # configurations spilled (`tests/gluon_offline.py`: d = 64 three consumers 52-72 bytes under Triton 3.6 and
 # 136-484 under 3.9; d = 128, 128-key tiles with the overlap, 0-16 and 112-224). These compile without spills under
-# both: at d = 64 two consumers, at 128 the overlap kept on 64-key tiles. Not yet timed on a GPU.
+# both: at d = 64 two consumers, at 128 the overlap kept on 64-key tiles. Not yet timed on a GPU: the first of
+# each list is kernel_config's, the rest the alternatives `scripts/tune_flash_gluon.py --key-padding` times (the
+# unpadded configuration, spills and all, and at d = 128 128-key tiles without the overlap, which spill nothing).
 KEY_PADDING_CONFIGS = {
-    64: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=True)],
-    128: [dict(CONSUMERS=2, BLOCK_N=64, NUM_STAGES=3, OVERLAP=True, PERSISTENT=True)],
+    64: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=True), CANDIDATES[64][0]],
+    128: [dict(CONSUMERS=2, BLOCK_N=64, NUM_STAGES=3, OVERLAP=True, PERSISTENT=True),
+          dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=False, PERSISTENT=True), CANDIDATES[128][0]],
 }
 
 

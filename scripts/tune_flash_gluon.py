@@ -3,10 +3,13 @@ overlapped softmax (`flash_attn_gluon.CANDIDATES`), each timed against cuDNN thr
 bf16, B·N = 16K tokens, H·d = 2048 (the `flash_kernel` task's shapes), `triton.testing.do_bench` medians. Before
 any timing, every configuration's output is compared with cuDNN's at every point: a configuration that disagrees
 is reported and not timed. With --backward, the backward alone instead (autograd of a kept output: ours through
-`flash_attn`, its delta kernel and the Gluon backward, at each of BACKWARD_CANDIDATES' ring sizes). Prints a table
+`flash_attn`, its delta kernel and the Gluon backward, at each of BACKWARD_CANDIDATES' ring sizes). With
+--key-padding, the configurations for calls with a key padding mask (`KEY_PADDING_CONFIGS`), against our `tl`
+forward with the same mask. Prints a table
 (what effrepro_kernels/NOTES.md quotes); it writes no record: `repro task=flash_kernel` is the measurement.
 
     python scripts/tune_flash_gluon.py [--head-dims 64 128] [--seq-lens 2048 4096 8192 16384] [--backward]
+                                       [--key-padding]
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import importlib
 import torch
 
 from effrepro_kernels import flash_attn, flash_attn_gluon
-from effrepro_kernels.flash_attn_gluon import CANDIDATES, CAUSAL_PERSISTENT_MAX_KEYS, config_name
+from effrepro_kernels.flash_attn_gluon import CANDIDATES, CAUSAL_PERSISTENT_MAX_KEYS, KEY_PADDING_CONFIGS, config_name
 from repro.timing import measure
 from tasks.common.sdpa import SDPA_BACKENDS, sdpa
 
@@ -47,21 +50,31 @@ def row(seq_len: int, causal: bool, base_ms: float, flops: float, cells: list[st
             + " | ".join(cells) + " |")
 
 
-def rows(head_dim: int, seq_len: int, configs: list[dict]) -> list[str]:
-    """The table's two rows (dense and causal) for one sequence length."""
+def rows(head_dim: int, seq_len: int, configs: list[dict], padded: bool = False) -> list[str]:
+    """The table's two rows (dense and causal) for one sequence length. `padded`: with the paper's key padding
+    (each sequence keeps a random [N - 20, N] of its keys), against our `tl` forward with the same mask, the
+    kernel `flash_attn` would otherwise take."""
     cudnn = sdpa(SDPA_BACKENDS["sdpa_cudnn"])
     device = torch.device("cuda")
     batch, heads = max(1, TOKENS // seq_len), HIDDEN // head_dim
     q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    mask = None
+    if padded:
+        lengths = torch.randint(max(1, seq_len - 20), seq_len + 1, (batch,), device=device)
+        mask = torch.arange(seq_len, device=device)[None, :] < lengths[:, None]
     lines = []
     for causal in (False, True):
+        def baseline():
+            if padded:
+                return flash_attn(q, k, v, causal=causal, key_padding_mask=mask, forward_kernel="tl")
+            return cudnn(q, k, v, is_causal=causal)
         flops = forward_flops(batch, heads, seq_len, head_dim, causal)
-        want = cudnn(q, k, v, is_causal=causal).float()
-        base = measure(lambda: cudnn(q, k, v, is_causal=causal), device, warmup_ms=50, rep_ms=200).p50
+        want = baseline().float()
+        base = measure(baseline, device, warmup_ms=50, rep_ms=200).p50
         cells = []
         for config in configs:
             def ours():
-                return flash_attn_gluon.forward(q, k, v, causal, head_dim ** -0.5, config)[0]
+                return flash_attn_gluon.forward(q, k, v, causal, head_dim ** -0.5, config, key_padding_mask=mask)[0]
             cells.append(cell(ours, lambda: ((ours().float() - want).abs().max() / want.abs().max()).item(), base,
                               flops, device))
         lines.append(row(seq_len, causal, base, flops, cells))
@@ -100,6 +113,8 @@ def main():
     parser.add_argument("--head-dims", type=int, nargs="+", default=sorted(CANDIDATES), choices=sorted(CANDIDATES))
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--backward", action="store_true", help="the backward's ring sizes instead")
+    parser.add_argument("--key-padding", action="store_true",
+                        help="the forward's configurations for calls with a key padding mask instead")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: {props.multi_processor_count} SMs, torch {torch.__version__}, "
@@ -114,13 +129,16 @@ def main():
                 torch.cuda.empty_cache()
         return
     for head_dim in args.head_dims:
-        configs = CANDIDATES[head_dim]
+        configs = (KEY_PADDING_CONFIGS if args.key_padding else CANDIDATES)[head_dim]
         names = [config_name(c) for c in configs]
-        print(f"\n## head_dim {head_dim}: TFLOP/s (÷ cuDNN's in the same process); {names[0]} is kernel_config's "
-              f"(causal above {CAUSAL_PERSISTENT_MAX_KEYS[head_dim]} keys: the same without 'p')")
-        print("| N | mask | cuDNN | " + " | ".join(names) + " |\n|" + "---|" * (len(configs) + 3))
+        baseline = "our tl forward's, with the mask," if args.key_padding else "cuDNN's"
+        print(f"\n## head_dim {head_dim}{', key padding' if args.key_padding else ''}: TFLOP/s (÷ {baseline} in the "
+              f"same process); {names[0]} is kernel_config's (causal above {CAUSAL_PERSISTENT_MAX_KEYS[head_dim]} "
+              f"keys: the same without 'p')")
+        print(f"| N | mask | {'tl' if args.key_padding else 'cuDNN'} | " + " | ".join(names) + " |\n|" +
+              "---|" * (len(configs) + 3))
         for seq_len in args.seq_lens:
-            print("\n".join(rows(head_dim, seq_len, configs)), flush=True)
+            print("\n".join(rows(head_dim, seq_len, configs, args.key_padding)), flush=True)
             torch.cuda.empty_cache()
 
 

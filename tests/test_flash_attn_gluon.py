@@ -253,6 +253,19 @@ def test_forward_with_key_padding_matches_reference(case, dtype):
     check_forward(case, dtype, padded=True)
 
 
+PADDED_CONFIGS = [(d, config) for d, configs in flash_attn_gluon.KEY_PADDING_CONFIGS.items() for config in configs]
+
+
+@hopper
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+@pytest.mark.parametrize("head_dim, config", PADDED_CONFIGS, ids=[f"d={d} {config_name(c)}" for d, c in PADDED_CONFIGS])
+def test_every_key_padding_configuration_matches_reference(head_dim, config, causal):
+    """The configurations `tune_flash_gluon.py --key-padding` compares, before their times count, with the
+    tests' random padding: lengths off every tile, more queries than keys and fewer, grouped-query heads."""
+    for n_q, n_k in ((63, 63), (129, 1000), (1000, 129), (700, 1400)):
+        check_forward((3, 4, 2, n_q, n_k, head_dim, causal), torch.bfloat16, config, padded=True)
+
+
 OTHER_CONFIGS = [(d, config) for d, configs in CANDIDATES.items() for config in configs[1:]]
 
 
