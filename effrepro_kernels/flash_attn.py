@@ -501,7 +501,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
              dropout_p: float, seed: int, forward_kernel: str,
              backward_kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_gluon(forward_kernel, q, k, v, key_padding_mask, block_size, causal, dropout_p):
-        return flash_attn_gluon.forward(q, k, v, causal, sm_scale, key_padding_mask=key_padding_mask)
+        return flash_attn_gluon.forward(q, k, v, causal, sm_scale, key_padding_mask=key_padding_mask,
+                                        block_lists=tuple(rows) if block_size else None)
     b, h, n_q, d = q.shape
     n_k, groups = k.shape[2], h // k.shape[1]
     o = _dense_like(q)
@@ -523,9 +524,12 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
     device are not known while torch.compile traces)."""
     if not _gluon_considered(forward_kernel, GLUON_MEASURED_ON, GLUON_MIN_KEYS, q, k, causal):
         return False
-    if key_padding_mask is not None and forward_kernel == "auto" and GLUON != "1":
-        return False  # its key padding has not yet run on a GPU: "auto" keeps the tl forward until it has
-    reason = _gluon_lacks(dropout_p, block_size, sparse_blocks=()) or flash_attn_gluon.refusal(q, k, v)
+    if (key_padding_mask is not None or block_size) and forward_kernel == "auto" and GLUON != "1":
+        return False  # its key padding and block sparsity have not yet run on a GPU: "auto" keeps the tl forward
+    reason = _gluon_lacks(dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,)) or \
+        flash_attn_gluon.refusal(q, k, v)
+    if reason is None and key_padding_mask is not None and block_size:
+        reason = "a key padding mask with block sparsity"
     return _covered("forward_kernel", forward_kernel, reason)
 
 
@@ -590,7 +594,8 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     if _use_gluon_backward(backward_kernel, q, k, v, do, lse, dq, dk, dv, key_padding_mask, block_size, causal,
                            dropout_p):
         flash_attn_gluon.backward(q, k, v, do, lse, delta, causal, sm_scale, dq, dk, dv,
-                                  (rows, cols) if block_size else None, kpm if key_padding_mask is not None else None)
+                                  block_lists=(rows, cols) if block_size else None,
+                                  key_padding_mask=kpm if key_padding_mask is not None else None)
         return
     grid_kv = lambda m: (cdiv(n_k, m["BLOCK_N"]), b * k.shape[1])  # noqa: E731
     dkdv, tiles = _tuned(_attn_bwd_dkdv, block_size)
@@ -711,8 +716,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error saying why
       where it does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was
       measured faster (`GLUON_MIN_KEYS`: dense from 512 keys at head_dim 128 and 1K at 64, causal from 1K and 2K;
-      with a key padding mask not yet: it has not run on a GPU; EFFREPRO_GLUON=0 never, =1 wherever it covers),
-      else tl.
+      with a key padding mask or block-sparse (128-key blocks) not yet: they have not run on a GPU;
+      EFFREPRO_GLUON=0 never, =1 wherever it covers), else tl.
     - backward_kernel: the same choice for the backward; "auto" takes Gluon from `GLUON_BACKWARD_MIN_KEYS` keys
       (head_dim 128 from 1K, 2K causal, 64 from 2K; block-sparse too, with 128-key blocks; with a key padding
       mask not yet).

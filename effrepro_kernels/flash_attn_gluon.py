@@ -18,14 +18,18 @@ that sees no key gives zeros and an LSE of +inf (so that the backward's exp2(s -
 
 Gluon's API moved between Triton 3.6 and 3.9 (effrepro_kernels/NOTES.md, "Gluon on Hopper"): the renamed calls
 are bridged by aliases chosen from what the installed Triton has, and without a Gluon this file knows (or on a
-Triton outside `TRITON_VERSIONS`), importing still works and `refusal` says so. Compiled offline for sm_90 with Triton 3.6 to 3.9, run and measured
-on an H200 and an H100 with 3.6 (NOTES.md, "The Gluon forward overlapped", "A persistent forward" and "Causal
-grids persistent up to 2K keys"): faster than the `tl` forward on dense calls from 512 keys at d = 128 and 1K at
-64, and on causal ones from 1K at d = 128 and 2K at 64; slower on shorter causal ones, where `flash_attn` keeps
-the `tl` one (`_use_gluon`). Both passes take a key padding mask (int8 a key): the forward's and the dQ
-kernel's consumers read a tile's bytes with its scores (every key tile is masked then; the forward in
-configurations of its own, `KEY_PADDING_CONFIGS`), the dK/dV kernel zeroes the padded keys' rows once at the end. Compiled offline only so far, so `flash_attn`'s "auto" keeps the `tl` kernels
-for such calls until they have run on a GPU.
+Triton outside `TRITON_VERSIONS`), importing still works and `refusal` says so. Compiled offline for sm_90 with
+Triton 3.6 to 3.9, run and measured on an H200 and an H100 with 3.6 (NOTES.md, "The Gluon forward overlapped", "A
+persistent forward", "Causal grids persistent up to 2K keys" and "The H200 at 67c6102"): faster than the `tl`
+forward on dense calls from 512 keys at d = 128 and 1K at 64, and on causal ones from 1K at d = 128 and 2K at 64;
+slower on shorter causal ones, where `flash_attn` keeps the `tl` one (`_use_gluon`).
+
+Both passes take a key padding mask (int8 a key): the forward's and the dQ kernel's consumers read a tile's bytes
+with its scores (every key tile is masked then; the forward in configurations of its own, `KEY_PADDING_CONFIGS`),
+the dK/dV kernel zeroes the padded keys' rows once at the end. Both are block-sparse with 128-key blocks (the
+forward in `SPARSE_CONFIGS`, where a query tile's key tiles are its list of kept blocks). The key padding and the
+sparse forward are compiled offline only so far, so `flash_attn`'s "auto" keeps the `tl` kernels for such calls
+until they have run on a GPU.
 """
 from __future__ import annotations
 
@@ -107,6 +111,25 @@ def _whole_key_tiles(row0, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr
 
 
 @gluon.jit
+def _forward_key_tiles(block_cnt_ptr, bh, pid_m, row0, rows, N_Q, N_K, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                       SPARSE_BLOCK: gl.constexpr):
+    """The key tiles that rows row0 .. row0 + rows - 1 of query tile pid_m of head bh see: (where their list starts,
+    how many). Dense: tiles 0, 1, ... up to the end of the keys or the diagonal. Block-sparse (a query tile and a key
+    tile are each one sparse block): the kept blocks of the tile's list, every one masked by element."""
+    if SPARSE_BLOCK:
+        return _block_list(block_cnt_ptr, bh, pid_m, N_Q, BLOCK_N, SPARSE_BLOCK)
+    return 0, _key_tiles(row0, rows, N_Q, N_K, BLOCK_N, CAUSAL)
+
+
+@gluon.jit
+def _key_tile(block_idx_ptr, first, i, SPARSE_BLOCK: gl.constexpr):
+    """The i-th key tile of a list that `_forward_key_tiles` gave."""
+    if SPARSE_BLOCK:
+        return gl.load(block_idx_ptr + first + i)
+    return i
+
+
+@gluon.jit
 def _forward_tile(t, m_tiles, CAUSAL: gl.constexpr):
     """Query tile t of the forward's m_tiles · batch·heads: (tile of the head, batch·head). A head's tiles are
     consecutive, so programs running together share its K and V in L2."""
@@ -132,8 +155,8 @@ def _load_ring(desc, smem, ready, empty, kv_bh, key_tile, ring, BLOCK_N: gl.cons
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-              H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              CONSUMERS: gl.constexpr):
+              block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N: gl.constexpr,
+              NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMERS: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
     ROWS: gl.constexpr = q_desc.block_type.shape[1]
     m_tiles = gl.cdiv(N_Q, CONSUMERS * ROWS)
     ring = 0  # K/V tiles loaded so far: the ring runs on from one query tile to the next
@@ -141,35 +164,41 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, 
         pid_m, bh = _forward_tile(t, m_tiles, CAUSAL)
         kv_bh = (bh // H) * (H // KV_GROUPS) + (bh % H) // KV_GROUPS
         # the warpgroups together see exactly the tiles of the whole query tile
-        n_tiles = _key_tiles(pid_m * CONSUMERS * ROWS, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+        first, n_tiles = _forward_key_tiles(block_cnt_ptr, bh, pid_m, pid_m * CONSUMERS * ROWS, CONSUMERS * ROWS, N_Q,
+                                            N_K, BLOCK_N, CAUSAL, SPARSE_BLOCK)
         # The first product needs K's first tile and Q, and nothing else: they go first. K's first tile waits
         # only for the previous query tile's products, so in a persistent program it is fetched while they
         # run; Q waits for the previous tile's products to end. The loads after Q's never wait for this
         # tile's products before Q's is issued, so the consumers never wait for a load that waits for them.
         if n_tiles > 0:
-            _load_ring(k_desc, k_smem, k_ready, k_empty, kv_bh, 0, ring, BLOCK_N, NUM_STAGES)
+            _load_ring(k_desc, k_smem, k_ready, k_empty, kv_bh, _key_tile(block_idx_ptr, first, 0, SPARSE_BLOCK), ring,
+                       BLOCK_N, NUM_STAGES)
         for wg in gl.static_range(CONSUMERS):
             mbarrier.wait(q_empty.index(wg), _q_phase(t) ^ 1)
             mbarrier.expect(q_ready.index(wg), q_desc.block_type.nbytes)
             _tma_load(q_desc, [bh, (pid_m * CONSUMERS + wg) * ROWS, 0], q_ready.index(wg), q_smem.index(wg))
         for i in range(1, n_tiles):
-            _load_ring(v_desc, v_smem, v_ready, v_empty, kv_bh, i - 1, ring + i - 1, BLOCK_N, NUM_STAGES)
-            _load_ring(k_desc, k_smem, k_ready, k_empty, kv_bh, i, ring + i, BLOCK_N, NUM_STAGES)
+            _load_ring(v_desc, v_smem, v_ready, v_empty, kv_bh, _key_tile(block_idx_ptr, first, i - 1, SPARSE_BLOCK),
+                       ring + i - 1, BLOCK_N, NUM_STAGES)
+            _load_ring(k_desc, k_smem, k_ready, k_empty, kv_bh, _key_tile(block_idx_ptr, first, i, SPARSE_BLOCK),
+                       ring + i, BLOCK_N, NUM_STAGES)
         if n_tiles > 0:
-            _load_ring(v_desc, v_smem, v_ready, v_empty, kv_bh, n_tiles - 1, ring + n_tiles - 1, BLOCK_N, NUM_STAGES)
+            _load_ring(v_desc, v_smem, v_ready, v_empty, kv_bh,
+                       _key_tile(block_idx_ptr, first, n_tiles - 1, SPARSE_BLOCK), ring + n_tiles - 1, BLOCK_N,
+                       NUM_STAGES)
         ring += n_tiles
 
 
 @gluon.jit
-def _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, kpm_row, o_layout: gl.constexpr, MASK: gl.constexpr,
-             CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, KEY_PADDING: gl.constexpr):
-    """Key tile i's scores into the running (m_i, l_i): P for the P·V product and the factor that rescales the
+def _softmax(qk, m_i, l_i, key_tile, row0, N_Q, N_K, qk_scale, kpm_row, o_layout: gl.constexpr,
+             MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, KEY_PADDING: gl.constexpr):
+    """Key tile `key_tile`'s scores into the running (m_i, l_i): P for the P·V product and the factor that rescales the
     output accumulated so far. MASK for the tiles that cross the diagonal or the end of the keys, and every tile
     under KEY_PADDING (kpm_row: this batch's int8 mask of the keys, 0 for padding)."""
     ROWS: gl.constexpr = qk.shape[0]
     s_layout: gl.constexpr = qk.type.layout
     if MASK:
-        cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        cols = key_tile * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         valid = cols[None, :] < N_K  # TMA filled the keys past the end with zeros, not -inf
         if CAUSAL:
             rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
@@ -190,8 +219,9 @@ def _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, kpm_row, o_layout: gl.co
 
 @gluon.jit
 def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, lo, hi, ring, row0, N_Q, N_K,
-            qk_scale, kpm_row, MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
-            NUM_STAGES: gl.constexpr, OVERLAP: gl.constexpr, KEY_PADDING: gl.constexpr):
+            qk_scale, kpm_row, block_idx_ptr, first, MASK: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+            NUM_STAGES: gl.constexpr, OVERLAP: gl.constexpr, KEY_PADDING: gl.constexpr,
+            SPARSE_BLOCK: gl.constexpr):
     """Key tiles lo .. hi - 1 into the running (acc, m_i, l_i) of one warpgroup's rows. With OVERLAP, software-
     pipelined as in FlashAttention-3: tile i's Q·Kᵀ and tile i - 1's P·V are issued together, and tile i's
     softmax runs while the tensor cores do that P·V. Key tile i sits in the ring's (ring + i)-th buffer; a stage's K
@@ -210,8 +240,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
                                gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(0, deps=(qk,))
             mbarrier.arrive(k_empty.index(s))
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, kpm_row, o_layout, MASK,
-                                          CAUSAL, BLOCK_N, KEY_PADDING)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, _key_tile(block_idx_ptr, first, i, SPARSE_BLOCK), row0, N_Q,
+                                          N_K, qk_scale, kpm_row, o_layout, MASK, CAUSAL, BLOCK_N, KEY_PADDING)
             acc = acc * alpha
             mbarrier.wait(v_ready.index(s), phase)
             acc = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout),
@@ -225,8 +255,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
                            gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(0, deps=(qk,))
         mbarrier.arrive(k_empty.index(s))
-        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, lo, row0, N_Q, N_K, qk_scale, kpm_row, o_layout, MASK, CAUSAL,
-                                      BLOCK_N, KEY_PADDING)
+        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, _key_tile(block_idx_ptr, first, lo, SPARSE_BLOCK), row0, N_Q, N_K,
+                                      qk_scale, kpm_row, o_layout, MASK, CAUSAL, BLOCK_N, KEY_PADDING)
         p = gl.convert_layout(p.to(q.dtype), p_layout)
         acc = acc * alpha
         for i in range(lo + 1, hi):
@@ -239,8 +269,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
             acc = warpgroup_mma(p, v_smem.index(before).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             qk = warpgroup_mma_wait(1, deps=(qk,))  # Q·Kᵀ done; P·V may still run
             mbarrier.arrive(k_empty.index(s))
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, i, row0, N_Q, N_K, qk_scale, kpm_row, o_layout, MASK,
-                                          CAUSAL, BLOCK_N, KEY_PADDING)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, _key_tile(block_idx_ptr, first, i, SPARSE_BLOCK), row0, N_Q,
+                                          N_K, qk_scale, kpm_row, o_layout, MASK, CAUSAL, BLOCK_N, KEY_PADDING)
             p = gl.convert_layout(p.to(q.dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(v_empty.index(before))
@@ -255,8 +285,9 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
 
 @gluon.jit
 def _consumer(WG: gl.constexpr, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-              v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr, KEY_PADDING: gl.constexpr):
+              v_ready, k_empty, v_empty, block_cnt_ptr, block_idx_ptr, H, BH, N_Q, N_K, qk_scale,
+              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
+              CONSUMERS: gl.constexpr, KEY_PADDING: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
     """Warpgroup WG (0 .. CONSUMERS - 1): rows WG·64 .. WG·64 + 63 of each query tile this program takes."""
     ROWS: gl.constexpr = o_desc.block_type.shape[1]
     HEAD_DIM: gl.constexpr = o_desc.block_type.shape[2]
@@ -275,21 +306,22 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem
         l_i = gl.zeros([ROWS], gl.float32, row_layout)
         kpm_row = kpm_ptr + (bh // H).to(gl.int64) * N_K  # read under KEY_PADDING only
 
-        # tiles every row here sees whole need no mask; the rest (diagonal, end of the keys, padding) do
-        hi = _key_tiles(row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
-        full = _whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL, KEY_PADDING)
+        # tiles every row here sees whole need no mask; the rest (diagonal, end of the keys, padding) do. A
+        # block-sparse tile's list is both warpgroups' (the mask by element keeps each to its diagonal).
+        first, hi = _forward_key_tiles(block_cnt_ptr, bh, pid_m, row0, ROWS, N_Q, N_K, BLOCK_N, CAUSAL, SPARSE_BLOCK)
+        full = _whole_key_tiles(row0, N_Q, N_K, BLOCK_N, CAUSAL, KEY_PADDING or SPARSE_BLOCK > 0)
         q = q_smem.index(WG).reshape([ROWS, HEAD_DIM])
         mbarrier.wait(q_ready.index(WG), _q_phase(t))  # even with no key tile, so that the phases stay in step
         acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, 0, full, ring,
-                                row0, N_Q, N_K, qk_scale, kpm_row, False, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP,
-                                KEY_PADDING)
+                                row0, N_Q, N_K, qk_scale, kpm_row, block_idx_ptr, first, False, CAUSAL, BLOCK_N,
+                                NUM_STAGES, OVERLAP, KEY_PADDING, SPARSE_BLOCK)
         acc, m_i, l_i = _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i, full, hi,
-                                ring, row0, N_Q, N_K, qk_scale, kpm_row, True, CAUSAL, BLOCK_N, NUM_STAGES, OVERLAP,
-                                KEY_PADDING)
+                                ring, row0, N_Q, N_K, qk_scale, kpm_row, block_idx_ptr, first, True, CAUSAL, BLOCK_N,
+                                NUM_STAGES, OVERLAP, KEY_PADDING, SPARSE_BLOCK)
         mbarrier.arrive(q_empty.index(WG))  # the products reading Q have completed
         # Causal: the lower rows' last tiles lie above this warpgroup's diagonal. It still releases them, after
         # they have arrived (so its arrival counts toward the phase of that load, not of the one before).
-        n_tiles = _key_tiles(tile0, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
+        n_tiles = hi if SPARSE_BLOCK else _key_tiles(tile0, CONSUMERS * ROWS, N_Q, N_K, BLOCK_N, CAUSAL)
         for i in range(hi, n_tiles):
             s = (ring + i) % NUM_STAGES
             phase = ((ring + i) // NUM_STAGES) & 1
@@ -316,9 +348,9 @@ def _consumer(WG: gl.constexpr, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem
 
 
 @gluon.jit
-def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, kpm_ptr, H, KV_GROUPS, BH, N_Q, N_K, qk_scale,
-              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
-              CONSUMERS: gl.constexpr, KEY_PADDING: gl.constexpr):
+def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, kpm_ptr, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, BH, N_Q,
+              N_K, qk_scale, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr, KEY_PADDING: gl.constexpr, SPARSE_BLOCK: gl.constexpr):
     """Query tiles pid, pid + programs, ... of the m_tiles · BH: one each where the grid has a program per tile,
     several where it is persistent (a program an SM), and a tile's loads then overlap the previous one's end."""
     # the register file (64K) shared out by warpgroup: 32 a thread to the producer's (its loop over query tiles
@@ -353,27 +385,29 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, kpm_ptr, H, KV_GROUPS, BH
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_consumer, (0, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                         v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP,
-                         CONSUMERS, KEY_PADDING)),
+                         v_ready, k_empty, v_empty, block_cnt_ptr, block_idx_ptr, H, BH, N_Q, N_K, qk_scale, BLOCK_N,
+                         NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS, KEY_PADDING, SPARSE_BLOCK)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
+                         v_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL,
+                         CONSUMERS, SPARSE_BLOCK)),
             (_consumer, (1, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                         v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP,
-                         CONSUMERS, KEY_PADDING)),
+                         v_ready, k_empty, v_empty, block_cnt_ptr, block_idx_ptr, H, BH, N_Q, N_K, qk_scale, BLOCK_N,
+                         NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS, KEY_PADDING, SPARSE_BLOCK)),
         ], [1, 4], [32, CONSUMER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (0, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                         v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP,
-                         CONSUMERS, KEY_PADDING)),
+                         v_ready, k_empty, v_empty, block_cnt_ptr, block_idx_ptr, H, BH, N_Q, N_K, qk_scale, BLOCK_N,
+                         NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS, KEY_PADDING, SPARSE_BLOCK)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL, CONSUMERS)),
+                         v_empty, block_cnt_ptr, block_idx_ptr, H, KV_GROUPS, BH, N_Q, N_K, BLOCK_N, NUM_STAGES, CAUSAL,
+                         CONSUMERS, SPARSE_BLOCK)),
             (_consumer, (1, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                         v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP,
-                         CONSUMERS, KEY_PADDING)),
+                         v_ready, k_empty, v_empty, block_cnt_ptr, block_idx_ptr, H, BH, N_Q, N_K, qk_scale, BLOCK_N,
+                         NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS, KEY_PADDING, SPARSE_BLOCK)),
             (_consumer, (2, o_desc, lse_ptr, kpm_ptr, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                         v_ready, k_empty, v_empty, H, BH, N_Q, N_K, qk_scale, BLOCK_N, NUM_STAGES, CAUSAL, OVERLAP,
-                         CONSUMERS, KEY_PADDING)),
+                         v_ready, k_empty, v_empty, block_cnt_ptr, block_idx_ptr, H, BH, N_Q, N_K, qk_scale, BLOCK_N,
+                         NUM_STAGES, CAUSAL, OVERLAP, CONSUMERS, KEY_PADDING, SPARSE_BLOCK)),
         ], [1, 4, 4], [32, CONSUMER_REGS, CONSUMER_REGS])
     for wg in gl.static_range(CONSUMERS):
         mbarrier.invalidate(q_ready.index(wg))
@@ -393,7 +427,7 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, kpm_ptr, H, KV_GROUPS, BH
 CAUSAL_PERSISTENT_MAX_KEYS = {64: 4096, 128: 2048}
 
 
-def kernel_config(head_dim: int, causal: bool, n_keys: int, padded: bool = False) -> dict:
+def kernel_config(head_dim: int, causal: bool, n_keys: int, padded: bool = False, sparse: bool = False) -> dict:
     """The kernel's configuration for a head_dim, mask and key length, as measured on an H200 (NOTES.md, "The
     Gluon forward overlapped"): at head_dim 128 the softmax overlapped with the P·V product (0.93-0.97 of cuDNN's
     time without, 1.01-1.06 with, from 4K keys), in two K/V stages of 128 keys (three fit, and were no faster); at
@@ -403,8 +437,10 @@ def kernel_config(head_dim: int, causal: bool, n_keys: int, padded: bool = False
     H100; NOTES.md, "A persistent forward"), causal ones up to CAUSAL_PERSISTENT_MAX_KEYS: beyond, a program a
     tile lets the GPU hand the next tile to whichever SM is free, where a persistent program's fixed share of
     long and short tiles leaves some SMs with more work than others. With a key padding mask (`padded`), the
-    configuration of KEY_PADDING_CONFIGS."""
+    configuration of KEY_PADDING_CONFIGS; block-sparse (`sparse`), that of SPARSE_CONFIGS."""
     candidates = 128 if head_dim > 64 else 64
+    if sparse:
+        return dict(SPARSE_CONFIGS[candidates][0])
     persistent = not causal or n_keys <= CAUSAL_PERSISTENT_MAX_KEYS[candidates]
     return dict((KEY_PADDING_CONFIGS if padded else CANDIDATES)[candidates][0], PERSISTENT=persistent)
 
@@ -440,6 +476,15 @@ KEY_PADDING_CONFIGS = {
 }
 
 
+# Block-sparse: a query tile and a key tile are each one sparse block (SPARSE_BLOCK, 128 keys), so that a tile's
+# list of kept blocks is its list of key tiles: two consumers at both head sizes, otherwise as CANDIDATES', and a
+# program a tile (the lists' lengths differ, which the GPU's own scheduling balances). Not yet timed on a GPU.
+SPARSE_CONFIGS = {
+    64: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=False)],
+    128: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=2, OVERLAP=True, PERSISTENT=False)],
+}
+
+
 def config_name(config: dict) -> str:
     """A short name for a configuration: consumers x keys per tile, stages, 'o' where the softmax overlaps, 'p'
     where the grid is persistent."""
@@ -449,7 +494,7 @@ def config_name(config: dict) -> str:
 
 def kernel_constants(config: dict) -> dict:
     """A configuration's constexprs of `_attn_fwd` (all of it but the host's choice of grid; the call gives the
-    mask's, CAUSAL and KEY_PADDING)."""
+    mask's, CAUSAL, KEY_PADDING and SPARSE_BLOCK)."""
     return {name: value for name, value in config.items() if name != "PERSISTENT"}
 
 
@@ -514,13 +559,15 @@ def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
-            config: dict | None = None,
-            key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            config: dict | None = None, key_padding_mask: torch.Tensor | None = None,
+            block_lists: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ · softmax_scale) v and the base-2 LSE (float32, (batch, heads, seq_q)) for inputs that
     `refusal` accepts; softmax_scale > 0 (the kernel takes the row maximum before scaling). `config`
     replaces `kernel_config(head_dim, causal, seq_k, padded)` (`scripts/tune_flash_gluon.py` compares them).
     key_padding_mask: (batch, seq_k), nonzero for the keys to attend to (bool or int8, as flash_attn checks it);
-    a row that sees no key gives zeros and an LSE of +inf."""
+    a row that sees no key gives zeros and an LSE of +inf. block_lists: block-sparse, the CSR lists (offsets,
+    indices) of kept blocks of SPARSE_BLOCK keys per (batch · head, query block), as `BlockSparseLayout.by_query`
+    holds them (not with a key padding mask)."""
     b, h, n_q, d = q.shape
     kv_h, n_k = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
@@ -528,7 +575,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     padded = key_padding_mask is not None
     kpm = key_padding_mask.to(torch.int8).contiguous() if padded else lse  # a placeholder the kernel never reads
     dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    cfg = config or kernel_config(d, causal, n_k, padded)
+    sparse = block_lists is not None
+    if sparse and padded:
+        raise ValueError("the Gluon forward takes a key padding mask or block-sparse lists, not both")
+    cfg = config or kernel_config(d, causal, n_k, padded, sparse)
+    if sparse and not cfg["BLOCK_N"] == cfg["CONSUMERS"] * ROWS_PER_WARPGROUP == SPARSE_BLOCK:
+        raise ValueError(f"a block-sparse forward takes query and key tiles of one {SPARSE_BLOCK}-key block; "
+                         f"{config_name(cfg)} has others")
+    by_query = block_lists if sparse else (lse, lse)  # placeholders the kernel never reads when dense
     q_block, kv_block = [1, ROWS_PER_WARPGROUP, d], [1, cfg["BLOCK_N"], d]
     # 3-D views (batch·heads, seq, head_dim): a tile never runs into the next head's rows, as TMA fills
     # reads past seq with zeros and clips stores there
@@ -540,9 +594,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     m_tiles = cdiv(n_q, cfg["CONSUMERS"] * ROWS_PER_WARPGROUP)
     tiles = m_tiles * b * h
     grid = (persistent_programs(m_tiles, tiles, sm_count(q.device), causal) if cfg["PERSISTENT"] else tiles, )
-    args = (q_desc, k_desc, v_desc, o_desc, lse, kpm, h, h // kv_h, b * h, n_q, n_k, float(softmax_scale * LOG2E))
-    launch(_attn_fwd, grid, args, dict(CAUSAL=causal, KEY_PADDING=padded, num_warps=4, **kernel_constants(cfg)),
-           _kept((q, k, v, kpm), causal, config_name(cfg)), "forward")
+    args = (q_desc, k_desc, v_desc, o_desc, lse, kpm, *by_query, h, h // kv_h, b * h, n_q, n_k,
+            float(softmax_scale * LOG2E))
+    constants = dict(CAUSAL=causal, KEY_PADDING=padded, SPARSE_BLOCK=SPARSE_BLOCK if sparse else 0, num_warps=4,
+                     **kernel_constants(cfg))
+    launch(_attn_fwd, grid, args, constants, _kept((q, k, v, kpm, *by_query), causal, config_name(cfg)), "forward")
     return out, lse
 
 

@@ -67,14 +67,16 @@ def variants():
             for causal in (False, True) if chosen else (False, ):
                 yield f"forward d={head_dim} {name} {'causal' if causal else 'dense'}", \
                     compile_for_hopper(fa._attn_fwd, dict(q_desc=rows, o_desc=rows, k_desc=keys, v_desc=keys),
-                                       dict(CAUSAL=causal, KEY_PADDING=False, **constants))
-        constants = fa.kernel_constants(fa.kernel_config(head_dim, False, 4096, padded=True))
-        keys = [1, constants["BLOCK_N"], head_dim]
-        for causal in (False, True):
+                                       dict(CAUSAL=causal, KEY_PADDING=False, SPARSE_BLOCK=0, **constants))
+        for padded, sparse in ((True, 0), (False, fa.SPARSE_BLOCK)):  # each in its own configuration
+            constants = fa.kernel_constants(fa.kernel_config(head_dim, False, 4096, padded, sparse > 0))
+            keys = [1, constants["BLOCK_N"], head_dim]
             name = fa.config_name(dict(constants, PERSISTENT=False))
-            yield f"forward d={head_dim} {name} {'causal' if causal else 'dense'} key padding", \
-                compile_for_hopper(fa._attn_fwd, dict(q_desc=rows, o_desc=rows, k_desc=keys, v_desc=keys),
-                                   dict(CAUSAL=causal, KEY_PADDING=True, **constants))
+            for causal in (False, True):
+                mask = ("causal" if causal else "dense") + (" key padding" if padded else " block-sparse")
+                yield f"forward d={head_dim} {name} {mask}", \
+                    compile_for_hopper(fa._attn_fwd, dict(q_desc=rows, o_desc=rows, k_desc=keys, v_desc=keys),
+                                       dict(CAUSAL=causal, KEY_PADDING=padded, SPARSE_BLOCK=sparse, **constants))
         for causal, sparse, padded in itertools.product((False, True), (0, fa.SPARSE_BLOCK), (False, True)):
             mask = ("causal" if causal else "dense") + (" block-sparse" if sparse else "") + \
                 (" key padding" if padded else "")

@@ -14,7 +14,8 @@ import torch
 import triton
 
 from conftest import DEVICE, ROOT, has_gpu
-from effrepro_kernels import BlockSparseLayout, attention_reference, flash_attn, flash_attn_gluon, random_block_mask
+from effrepro_kernels import (BlockSparseLayout, attention_reference, block_mask_to_dense, flash_attn, flash_attn_gluon,
+                              random_block_mask)
 from effrepro_kernels.flash_attn_gluon import CANDIDATES, backward, config_name, forward, refusal
 from test_flash_attn import rel_err, run_both
 
@@ -119,10 +120,16 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
     k = torch.empty(1, 2, keys, head_dim)
     assert flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.0) == expected
     assert not flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.1)  # dropout: not covered
-    # key padding: covered, but not taken by "auto" until it has run on a GPU (EFFREPRO_GLUON=1 takes it)
-    padded = torch.ones(1, keys, dtype=torch.bool)
-    assert flash_attn_module._use_gluon("auto", q, k, k, padded, 0, causal, 0.0) == (expected and setting == "1")
-    assert flash_attn_module._use_gluon("gluon", q, k, k, padded, 0, causal, 0.0)
+    # key padding and block sparsity (of its 128-key blocks): covered, but not taken by "auto" until they have run
+    # on a GPU (EFFREPRO_GLUON=1 takes them); not both at once
+    padded, blocks = torch.ones(1, keys, dtype=torch.bool), flash_attn_gluon.SPARSE_BLOCK
+    for mask, block_size in ((padded, 0), (None, blocks)):
+        use = functools.partial(flash_attn_module._use_gluon, q=q, k=k, v=k, key_padding_mask=mask,
+                                block_size=block_size, causal=causal, dropout_p=0.0)
+        assert use("auto") == (expected and setting == "1") and use("gluon")
+    assert not flash_attn_module._use_gluon("auto", q, k, k, None, 64, causal, 0.0)  # blocks smaller than its tile
+    with pytest.raises(ValueError, match="a key padding mask with block sparsity"):
+        flash_attn_module._use_gluon("gluon", q, k, k, padded, blocks, causal, 0.0)
     assert not flash_attn_module._use_gluon("tl", q, k, k, None, 0, causal, 0.0)
 
 
@@ -193,14 +200,15 @@ def test_the_gluon_kernels_compile_for_hopper_without_a_gpu():
     each at most a few scalars spilled (under Triton 3.9 each consumer of the dense d = 64 forward keeps one
     address in local memory, read back once a query tile for the epilogue (outside the loop over key tiles),
     3.6 none; under 3.6 the causal block-sparse and key-padded dK/dV kernels keep one across their loops, 3.9
-    none; with key padding, its own configurations, `KEY_PADDING_CONFIGS`, none)."""
+    none; with key padding or block-sparse, in their own configurations, none)."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "gluon_offline.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    # each distinct configuration dense and the chosen one causal too, then the key padding one dense and causal
-    forwards = sum(len({config_name(dict(c, PERSISTENT=False)) for c in configs}) + 3
+    # each distinct configuration dense and the chosen one causal too, then the key padding one and the block-sparse
+    # one, each dense and causal
+    forwards = sum(len({config_name(dict(c, PERSISTENT=False)) for c in configs}) + 5
                    for configs in flash_attn_gluon.CANDIDATES.values())
     # dK dV and dQ: dense and causal, each block-sparse or not, each with key padding or not
     assert len(report) == forwards + 2 * 8 * len(flash_attn_gluon.GLUON_HEAD_DIMS)
@@ -251,6 +259,30 @@ def test_forward_with_key_padding_matches_reference(case, dtype):
     sequence whose keys are all padding (zeros and an LSE of +inf, as the tl backward expects), and persistent
     programs that take several query tiles (the last two)."""
     check_forward(case, dtype, padded=True)
+
+
+@hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+def test_block_sparse_forward_matches_reference(head_dim, causal):
+    """The forward over each query tile's list of kept 128-key blocks, against the float64 reference on the dense
+    mask: lengths that end inside a block, grouped and multi-query heads, more queries than keys and fewer, and a
+    query block that keeps none (zeros and an LSE of +inf)."""
+    block = flash_attn_gluon.SPARSE_BLOCK
+    for b, h, hk, n_q, n_k in ((2, 4, 2, 300, 700), (1, 4, 1, 700, 300), (3, 2, 2, 1000, 1000)):
+        gen = torch.Generator(device="cuda").manual_seed(n_q + n_k)
+        q, k, v = (torch.randn(b, heads, n, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
+        mask = random_block_mask(-(-n_q // block), -(-n_k // block), 0.5, generator=torch.Generator().manual_seed(n_q),
+                                 device="cuda")
+        mask[..., 1, :] = False
+        out, lse2 = forward(q, k, v, causal, head_dim ** -0.5,
+                            block_lists=tuple(BlockSparseLayout(mask, b, h, block).by_query))
+        ref = attention_reference(q.double(), k.double(), v.double(), causal=causal,
+                                  attn_mask=block_mask_to_dense(mask, n_q, n_k, block))
+        assert not out.isnan().any() and rel_err(out, ref) < TOL[torch.bfloat16], rel_err(out, ref)
+        empty = slice(block, 2 * block)
+        assert (lse2[:, :, empty] == float("inf")).all() and not out[:, :, empty].any()
 
 
 PADDED_CONFIGS = [(d, config) for d, configs in flash_attn_gluon.KEY_PADDING_CONFIGS.items() for config in configs]
@@ -411,21 +443,22 @@ def test_inside_flash_attn_with_the_tl_backward(shape):
 @pytest.mark.parametrize("shape", [(1, 4, 2, 300, 700, 128, False), (2, 2, 2, 513, 513, 64, True),
                                    (1, 4, 1, 1000, 260, 128, True)], ids=str)
 def test_block_sparse_backward_matches_reference(monkeypatch, shape):
-    """The Gluon backward's block-sparse path (taken with EFFREPRO_GLUON=1 until measured) through flash_attn,
-    against float64 autograd on the dense mask: lengths that end inside a block, grouped-query heads, blocks
-    above the causal diagonal, query blocks that keep no key block."""
+    """The Gluon forward's and backward's block-sparse paths (taken with EFFREPRO_GLUON=1 until measured) through
+    flash_attn, against float64 autograd on the dense mask: lengths that end inside a block, grouped-query heads,
+    blocks above the causal diagonal, query blocks that keep no key block."""
     flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")
     monkeypatch.setattr(flash_attn_module, "GLUON", "1")
     calls = []
-    monkeypatch.setattr(flash_attn_module.flash_attn_gluon, "backward",
-                        lambda *args: calls.append(args[-1]) or backward(*args))
+    for name, kernel in (("forward", forward), ("backward", backward)):
+        monkeypatch.setattr(flash_attn_module.flash_attn_gluon, name, lambda *args, kernel=kernel, **kwargs:
+                            calls.append(kwargs.get("block_lists")) or kernel(*args, **kwargs))
     *dims, causal = shape
     n_q, n_k = dims[3], dims[4]
     blocks = [-(-n // flash_attn_gluon.SPARSE_BLOCK) for n in (n_q, n_k)]
     mask = random_block_mask(*blocks, 0.5, generator=torch.Generator().manual_seed(n_q), device="cuda")
     mask[..., 0, :] = False  # a query block that sees nothing
     run_both(*dims, torch.bfloat16, causal=causal, block_mask=mask, block_size=flash_attn_gluon.SPARSE_BLOCK)
-    assert len(calls) == 1 and calls[0] is not None  # the block-sparse path ran
+    assert len(calls) == 2 and all(lists is not None for lists in calls)  # both block-sparse paths ran
 
 
 @pytest.mark.parametrize("batch, heads, kv_heads, n_q, n_k", [(2, 4, 2, 300, 700), (1, 6, 2, 1000, 260),
