@@ -578,6 +578,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     sparse = block_lists is not None
     if sparse and padded:
         raise ValueError("the Gluon forward takes a key padding mask or block-sparse lists, not both")
+    if sparse:
+        offsets, indices = block_lists
+        rows = b * h * cdiv(n_q, SPARSE_BLOCK) + 1
+        if not (offsets.shape == (rows,) and offsets.dtype == indices.dtype == torch.int32
+                and offsets.device == indices.device == q.device):
+            raise ValueError(f"block_lists must be int32 (offsets, indices) on {q.device} with {rows} offsets, a list "
+                             f"per (batch · head, {SPARSE_BLOCK}-row query block) as BlockSparseLayout.by_query "
+                             f"holds them; got {offsets.dtype} {tuple(offsets.shape)} on {offsets.device}")
     cfg = config or kernel_config(d, causal, n_k, padded, sparse)
     if sparse and not cfg["BLOCK_N"] == cfg["CONSUMERS"] * ROWS_PER_WARPGROUP == SPARSE_BLOCK:
         raise ValueError(f"a block-sparse forward takes query and key tiles of one {SPARSE_BLOCK}-key block; "

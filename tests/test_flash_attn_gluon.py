@@ -52,6 +52,10 @@ def test_the_gluon_path_refuses_what_it_does_not_cover_and_says_why():
     with pytest.raises(ValueError, match="backward_kernel='gluon' does not cover this call: dropout"):
         x = q.clone().requires_grad_()
         flash_attn(x, x, x, dropout_p=0.1, forward_kernel="tl", backward_kernel="gluon").sum().backward()
+    lists = BlockSparseLayout(torch.ones(1, 1, 1, 1, dtype=torch.bool), 1, 4, 128).by_query  # for 1 x 4 heads
+    with pytest.raises(ValueError, match="block_lists must be int32 .* with 17 offsets"):
+        forward(q.repeat(2, 2, 1, 1), q.repeat(2, 2, 1, 1), q.repeat(2, 2, 1, 1), False, 0.125,
+                block_lists=tuple(lists))
     with pytest.raises(ValueError, match="forward_kernel='gluon' does not cover this call: head_dim 48"):
         flash_attn(narrow, narrow, narrow, forward_kernel="gluon")
     with pytest.MonkeyPatch.context() as patch:  # a Triton the kernels were not written for
@@ -128,6 +132,8 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
                                 block_size=block_size, causal=causal, dropout_p=0.0)
         assert use("auto") == (expected and setting == "1") and use("gluon")
     assert not flash_attn_module._use_gluon("auto", q, k, k, None, 64, causal, 0.0)  # blocks smaller than its tile
+    with pytest.raises(ValueError, match="block-sparse masks of 64-key blocks"):
+        flash_attn_module._use_gluon("gluon", q, k, k, None, 64, causal, 0.0)
     with pytest.raises(ValueError, match="a key padding mask with block sparsity"):
         flash_attn_module._use_gluon("gluon", q, k, k, padded, blocks, causal, 0.0)
     assert not flash_attn_module._use_gluon("tl", q, k, k, None, 0, causal, 0.0)
@@ -229,7 +235,17 @@ CASES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
 ]
 
 
-def reference_lse(q, k, causal, key_padding_mask=None):
+def per_head_block_mask(batch: int, heads: int, n_q: int, n_k: int) -> torch.Tensor:
+    """Random 128-key block masks, a different one for each (batch, head) (a kernel that read another head's list
+    would show), half the blocks kept, and query block 1 of (batch 0, head 1) keeping none."""
+    blocks = [-(-n // flash_attn_gluon.SPARSE_BLOCK) for n in (n_q, n_k)]
+    mask = torch.cat([random_block_mask(*blocks, 0.5, generator=torch.Generator().manual_seed(seed), device="cuda")
+                      for seed in range(batch * heads)]).view(batch, heads, *blocks)
+    mask[0, 1, min(1, blocks[0] - 1)] = False
+    return mask
+
+
+def reference_lse(q, k, causal, key_padding_mask=None, attn_mask=None):
     """Natural-log LSE of each row's scores in float64, -inf for a row that sees no key."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
     scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
@@ -239,6 +255,8 @@ def reference_lse(q, k, causal, key_padding_mask=None):
         scores = scores.masked_fill(~keep, float("-inf"))
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
     return scores.logsumexp(-1)
 
 
@@ -266,23 +284,27 @@ def test_forward_with_key_padding_matches_reference(case, dtype):
 @pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
 def test_block_sparse_forward_matches_reference(head_dim, causal):
     """The forward over each query tile's list of kept 128-key blocks, against the float64 reference on the dense
-    mask: lengths that end inside a block, grouped and multi-query heads, more queries than keys and fewer, and a
-    query block that keeps none (zeros and an LSE of +inf)."""
+    mask, output and LSE: a different mask per (batch, head), lengths that end inside a block, grouped and
+    multi-query heads, more queries than keys and fewer, a query block that keeps none (zeros and an LSE of +inf),
+    and a persistent grid whose programs take several query tiles of uneven lists (the last case)."""
     block = flash_attn_gluon.SPARSE_BLOCK
-    for b, h, hk, n_q, n_k in ((2, 4, 2, 300, 700), (1, 4, 1, 700, 300), (3, 2, 2, 1000, 1000)):
+    persistent = dict(flash_attn_gluon.SPARSE_CONFIGS[head_dim][0], PERSISTENT=True)
+    for b, h, hk, n_q, n_k, config in ((2, 4, 2, 300, 700, None), (1, 4, 1, 700, 300, None),
+                                       (3, 2, 2, 1000, 1000, None), (3, 24, 8, 1000, 1400, persistent)):
         gen = torch.Generator(device="cuda").manual_seed(n_q + n_k)
         q, k, v = (torch.randn(b, heads, n, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
                    for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
-        mask = random_block_mask(-(-n_q // block), -(-n_k // block), 0.5, generator=torch.Generator().manual_seed(n_q),
-                                 device="cuda")
-        mask[..., 1, :] = False
-        out, lse2 = forward(q, k, v, causal, head_dim ** -0.5,
+        mask = per_head_block_mask(b, h, n_q, n_k)
+        out, lse2 = forward(q, k, v, causal, head_dim ** -0.5, config,
                             block_lists=tuple(BlockSparseLayout(mask, b, h, block).by_query))
-        ref = attention_reference(q.double(), k.double(), v.double(), causal=causal,
-                                  attn_mask=block_mask_to_dense(mask, n_q, n_k, block))
+        dense = block_mask_to_dense(mask, n_q, n_k, block)
+        ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, attn_mask=dense)
         assert not out.isnan().any() and rel_err(out, ref) < TOL[torch.bfloat16], rel_err(out, ref)
-        empty = slice(block, 2 * block)
-        assert (lse2[:, :, empty] == float("inf")).all() and not out[:, :, empty].any()
+        want = reference_lse(q.double(), k.double(), causal, attn_mask=dense)
+        seen = want > float("-inf")
+        torch.testing.assert_close(lse2[seen] / LOG2E, want[seen].float(), rtol=1e-3, atol=1e-2)
+        assert (lse2[~seen] == float("inf")).all() and not out[~seen].any()
+        assert not seen[0, 1, block:2 * block].any()  # the emptied query block
 
 
 PADDED_CONFIGS = [(d, config) for d, configs in flash_attn_gluon.KEY_PADDING_CONFIGS.items() for config in configs]
@@ -450,15 +472,17 @@ def test_block_sparse_backward_matches_reference(monkeypatch, shape):
     monkeypatch.setattr(flash_attn_module, "GLUON", "1")
     calls = []
     for name, kernel in (("forward", forward), ("backward", backward)):
-        monkeypatch.setattr(flash_attn_module.flash_attn_gluon, name, lambda *args, kernel=kernel, **kwargs:
-                            calls.append(kwargs.get("block_lists")) or kernel(*args, **kwargs))
+        monkeypatch.setattr(flash_attn_module.flash_attn_gluon, name, lambda *args, name=name, kernel=kernel, **kwargs:
+                            calls.append((name, kwargs.get("block_lists") is not None)) or kernel(*args, **kwargs))
     *dims, causal = shape
-    n_q, n_k = dims[3], dims[4]
-    blocks = [-(-n // flash_attn_gluon.SPARSE_BLOCK) for n in (n_q, n_k)]
-    mask = random_block_mask(*blocks, 0.5, generator=torch.Generator().manual_seed(n_q), device="cuda")
-    mask[..., 0, :] = False  # a query block that sees nothing
+    mask = per_head_block_mask(dims[0], dims[1], dims[3], dims[4])
     run_both(*dims, torch.bfloat16, causal=causal, block_mask=mask, block_size=flash_attn_gluon.SPARSE_BLOCK)
-    assert len(calls) == 2 and all(lists is not None for lists in calls)  # both block-sparse paths ran
+    assert calls == [("forward", True), ("backward", True)]  # both block-sparse paths ran
+    # what "auto" takes until the sparse forward has run on a GPU: the tl forward's LSE into the Gluon backward
+    calls.clear()
+    run_both(*dims, torch.bfloat16, causal=causal, block_mask=mask, block_size=flash_attn_gluon.SPARSE_BLOCK,
+             forward_kernel="tl", backward_kernel="gluon")
+    assert calls == [("backward", True)]
 
 
 @pytest.mark.parametrize("batch, heads, kv_heads, n_q, n_k", [(2, 4, 2, 300, 700), (1, 6, 2, 1000, 260),
