@@ -192,7 +192,7 @@ def test_our_kernels_run_through_the_interpreter_and_match_the_baseline(tmp_path
     if not effrepro_kernels.runtime.runs_on(DEVICE):
         pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
     code, _, err = run_inline("logger=none", f"scale.device={DEVICE}", f"hydra.run.dir={tmp_path}",
-                              "kernel.providers=[standard,effrepro,effrepro_sparse,effrepro_gluon]",
+                              "kernel.providers=[standard,effrepro,effrepro_sparse,effrepro_gluon,effrepro_auto]",
                               "kernel.sparse_densities=[0.5]", "kernel.tokens=64", "kernel.hidden=64", *KERNEL[1:])
     assert code == 0, err
     rows = record(tmp_path)["rows"]
@@ -200,7 +200,7 @@ def test_our_kernels_run_through_the_interpreter_and_match_the_baseline(tmp_path
         gluon = [r for r in rows if r["provider"] == "effrepro_gluon"]
         assert gluon and all(r["status"] == "unsupported" and "does not cover this call: " in r["message"]
                              for r in gluon)
-    for provider in ("effrepro", "effrepro_sparse_0.5"):
+    for provider in ("effrepro", "effrepro_sparse_0.5", "effrepro_auto"):
         assert [r["status"] for r in rows if r["provider"] == provider and r["metric"] == "time"] == ["ok"]
     assert any(r["metric"] == "speedup_over_effrepro" and r["provider"] == "effrepro_sparse_0.5" for r in rows)
     checked = [r for r in rows if r["metric"] == "rel_error" and r["provider"] == "effrepro"]

@@ -92,6 +92,12 @@ def ours(q, k, v, *, causal, dropout_p, key_padding_mask):
                       forward_kernel="tl", backward_kernel="tl")
 
 
+def ours_auto(q, k, v, *, causal, dropout_p, key_padding_mask):
+    """flash_attn as a user calls it: each pass on the kernel its default dispatch ("auto") takes, the tl or the
+    Gluon one, so that a record shows what the dispatch gives beside both."""
+    return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask)
+
+
 def ours_gluon(q, k, v, *, causal, dropout_p, key_padding_mask):
     """Our forward and backward in Gluon for Hopper (flash_attn_gluon.py); a point the forward does not cover is
     unsupported, with flash_attn's reason. At this task's shapes the backward covers what the forward does; a
@@ -214,7 +220,8 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int) -> Prov
 
 def providers(kernel: DictConfig, ctx: RunContext, seed: int) -> list[Provider]:
     known: dict[str, AttentionFn] = {"standard": standard, **{n: sdpa_attention(n) for n in SDPA_BACKENDS},
-                                     OURS: ours, f"{OURS}_gluon": ours_gluon, FLEX: flex(None)}
+                                     OURS: ours, f"{OURS}_gluon": ours_gluon, f"{OURS}_auto": ours_auto,
+                                     FLEX: flex(None)}
     for d in as_list(kernel.sparse_densities):
         known.update({f"{OURS}_sparse_{d:g}": ours_sparse(d), f"{FLEX}_sparse_{d:g}": flex(d)})
     return [provider(n, known[n], ctx, seed) for n in provider_names(kernel)]
@@ -242,7 +249,7 @@ def provider_names(kernel: DictConfig) -> list[str]:
         if f"{family}_sparse" in names:
             at = names.index(f"{family}_sparse")
             names[at:at + 1] = per_density
-    known = ["standard", *SDPA_BACKENDS, OURS, f"{OURS}_gluon", FLEX]
+    known = ["standard", *SDPA_BACKENDS, OURS, f"{OURS}_gluon", f"{OURS}_auto", FLEX]
     unknown = [n for n in names if n not in known + sparse]
     if unknown:
         raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {known}, {OURS}_sparse and "
