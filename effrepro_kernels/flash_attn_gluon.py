@@ -225,7 +225,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
     """Key tiles lo .. hi - 1 into the running (acc, m_i, l_i) of one warpgroup's rows. With OVERLAP, software-
     pipelined as in FlashAttention-3: tile i's Q·Kᵀ and tile i - 1's P·V are issued together, and tile i's
     softmax runs while the tensor cores do that P·V. Key tile i sits in the ring's (ring + i)-th buffer; a stage's K
-    is released once its Q·Kᵀ is done, its V once its P·V is."""
+    is released once its Q·Kᵀ is done, its V once its P·V is. A block-sparse tile's entry of the list is read
+    before the waits, so that its load is under them rather than in front of the softmax."""
     ROWS: gl.constexpr = q.shape[0]
     HEAD_DIM: gl.constexpr = q.shape[1]
     s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)
@@ -233,6 +234,7 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     if not OVERLAP:
         for i in range(lo, hi):
+            key_tile = _key_tile(block_idx_ptr, first, i, SPARSE_BLOCK)
             s = (ring + i) % NUM_STAGES
             phase = ((ring + i) // NUM_STAGES) & 1
             mbarrier.wait(k_ready.index(s), phase)
@@ -240,8 +242,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
                                gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(0, deps=(qk,))
             mbarrier.arrive(k_empty.index(s))
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, _key_tile(block_idx_ptr, first, i, SPARSE_BLOCK), row0, N_Q,
-                                          N_K, qk_scale, kpm_row, o_layout, MASK, CAUSAL, BLOCK_N, KEY_PADDING)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, key_tile, row0, N_Q, N_K, qk_scale, kpm_row, o_layout, MASK,
+                                          CAUSAL, BLOCK_N, KEY_PADDING)
             acc = acc * alpha
             mbarrier.wait(v_ready.index(s), phase)
             acc = warpgroup_mma(gl.convert_layout(p.to(q.dtype), p_layout),
@@ -249,17 +251,19 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
             acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(v_empty.index(s))
     elif lo < hi:
+        key_tile = _key_tile(block_idx_ptr, first, lo, SPARSE_BLOCK)
         s = (ring + lo) % NUM_STAGES
         mbarrier.wait(k_ready.index(s), ((ring + lo) // NUM_STAGES) & 1)
         qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                            gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(0, deps=(qk,))
         mbarrier.arrive(k_empty.index(s))
-        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, _key_tile(block_idx_ptr, first, lo, SPARSE_BLOCK), row0, N_Q, N_K,
-                                      qk_scale, kpm_row, o_layout, MASK, CAUSAL, BLOCK_N, KEY_PADDING)
+        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, key_tile, row0, N_Q, N_K, qk_scale, kpm_row, o_layout, MASK,
+                                      CAUSAL, BLOCK_N, KEY_PADDING)
         p = gl.convert_layout(p.to(q.dtype), p_layout)
         acc = acc * alpha
         for i in range(lo + 1, hi):
+            key_tile = _key_tile(block_idx_ptr, first, i, SPARSE_BLOCK)
             s = (ring + i) % NUM_STAGES
             before = (ring + i - 1) % NUM_STAGES
             mbarrier.wait(k_ready.index(s), ((ring + i) // NUM_STAGES) & 1)
@@ -269,8 +273,8 @@ def _attend(q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, m_i, l_i
             acc = warpgroup_mma(p, v_smem.index(before).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
             qk = warpgroup_mma_wait(1, deps=(qk,))  # Q·Kᵀ done; P·V may still run
             mbarrier.arrive(k_empty.index(s))
-            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, _key_tile(block_idx_ptr, first, i, SPARSE_BLOCK), row0, N_Q,
-                                          N_K, qk_scale, kpm_row, o_layout, MASK, CAUSAL, BLOCK_N, KEY_PADDING)
+            p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, key_tile, row0, N_Q, N_K, qk_scale, kpm_row, o_layout, MASK,
+                                          CAUSAL, BLOCK_N, KEY_PADDING)
             p = gl.convert_layout(p.to(q.dtype), p_layout)
             acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(v_empty.index(before))
