@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import flash_attn_gluon
-from .runtime import AUTOTUNE, INTERPRET, KeptLaunches, cdiv, launch, next_pow2
+from .runtime import AUTOTUNE, INTERPRET, KeptLaunches, cdiv, int8_mask, launch, next_pow2
 from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
@@ -507,7 +507,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
     n_k, groups = k.shape[2], h // k.shape[1]
     o = _dense_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
-    kpm = _int8_mask(key_padding_mask, lse)
+    kpm = int8_mask(key_padding_mask, lse)
     (cnt, idx) = rows if block_size else (lse, lse)
     grid = lambda m: (cdiv(n_q, m["BLOCK_M"]), b * h)  # noqa: E731
     forward, tiles = _tuned(_attn_fwd, block_size)
@@ -587,7 +587,7 @@ def _launch_backward(do, dlse, q, k, v, o, lse, key_padding_mask, rows, cols, bl
     if dlse is not None:
         # d lse / d logit = p, so a gradient g of the (base-2) LSE joins dS = P (dP - delta) as delta - g ln 2⁻¹
         delta -= dlse.reshape(b * h, n_q) * LOG2E
-    kpm = _int8_mask(key_padding_mask, lse)
+    kpm = int8_mask(key_padding_mask, lse)
     (row_cnt, row_idx), (col_cnt, col_idx) = (rows, cols) if block_size else ((lse, lse), (lse, lse))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride())
     scalars = (h, groups, n_q, n_k, sm_scale, seed, dropout_p)
@@ -682,11 +682,6 @@ _flash_attn_packed_function = differentiable(_forward_packed, _save_packed, _gra
 # (effrepro_kernels/NOTES.md, "The host cost of our attention"). Keyed by the tensors and `_meta`'s constexprs; the
 # dropout probability is a float and the seed `do_not_specialize`, so Triton specialises on neither.
 _kept = KeptLaunches()
-
-
-def _int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
-    """The key padding mask as the kernels read it (int8), or a placeholder they never read."""
-    return key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else placeholder
 
 
 def _meta(head_dim: int, causal: bool, key_padding_mask, dropout_p: float, block_size: int) -> dict:

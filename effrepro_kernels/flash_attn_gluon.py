@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import torch
 import triton
 
-from .runtime import INTERPRET, KeptLaunches, cdiv, launch, sm_count
+from .runtime import INTERPRET, KeptLaunches, cdiv, int8_mask, launch, sm_count
 
 try:
     from triton.experimental import gluon
@@ -123,9 +123,9 @@ def _forward_key_tiles(block_cnt_ptr, bh, pid_m, row0, rows, N_Q, N_K, BLOCK_N: 
 
 @gluon.jit
 def _key_tile(block_idx_ptr, first, i, SPARSE_BLOCK: gl.constexpr):
-    """The i-th key tile of a list that `_forward_key_tiles` gave."""
+    """The i-th key tile of a list that `_forward_key_tiles` gave (a forward tile is one sparse block)."""
     if SPARSE_BLOCK:
-        return gl.load(block_idx_ptr + first + i)
+        return _list_step(block_idx_ptr, first, i, SPARSE_BLOCK, SPARSE_BLOCK)[0]
     return i
 
 
@@ -577,7 +577,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     padded = key_padding_mask is not None
-    kpm = key_padding_mask.to(torch.int8).contiguous() if padded else lse  # a placeholder the kernel never reads
+    kpm = int8_mask(key_padding_mask, lse)
     dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
     sparse = block_lists is not None
     if sparse and padded:
@@ -1075,7 +1075,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor
     # floats as floats: a kept launch was compiled for the types of the first
     scalars = (h, h // kv_h, n_q, n_k, float(softmax_scale), float(softmax_scale * LOG2E))
     padded = key_padding_mask is not None
-    kpm = key_padding_mask.to(torch.int8).contiguous() if padded else lse  # a placeholder the kernels never read
+    kpm = int8_mask(key_padding_mask, lse)
     options = dict(NUM_STAGES=BACKWARD_STAGES, CAUSAL=causal, CONSUMER_REGS=240, num_warps=4,
                    SPARSE_BLOCK=SPARSE_BLOCK if block_lists else 0, KEY_PADDING=padded)
     by_query, by_key = block_lists or ((lse, lse), (lse, lse))  # not read when dense

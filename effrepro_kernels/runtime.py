@@ -32,6 +32,12 @@ def sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """A key padding mask as the kernels read it (int8, contiguous), or, without one, a placeholder they never
+    read."""
+    return key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else placeholder
+
+
 def runs_on(device) -> bool:
     """Whether the kernels can run on `device`: a CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
     return torch.device(device).type == "cuda" or INTERPRET
