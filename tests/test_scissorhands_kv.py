@@ -237,6 +237,9 @@ def test_a_short_prompt_gets_the_smallest_budget_the_policy_accepts():
     assert isinstance(short, Scissorhands) and short.budget == 20 and short.amount(20) == 10
     assert isinstance(fitted(15), Full)  # no budget below the text will do
     assert fitted.counts() == {"batches": 3, "budget_raised_batches": 1, "full_cache_batches": 1}
+    at_1x = FittedPolicy(kv, Setting("scissorhands", 16, 1), 2)  # the full cache asked for: no batch fell back
+    assert isinstance(at_1x(500), Full) and at_1x.counts() == {"batches": 1, "budget_raised_batches": 0,
+                                                                 "full_cache_batches": 0}
 
 
 def test_bytes_of_a_quantized_value_count_its_scales():

@@ -249,6 +249,8 @@ class FittedPolicy:
         if s.compression is None:
             return policy_at_budget(s.policy, params(self.kv, s.policy))
         wanted = budget(length, s.compression)
+        if wanted >= length:  # at most 1x: the full cache is what was asked, not a fallback
+            return Full()
         for b in range(wanted, length):
             try:
                 policy = policy_at_budget(s.policy, params(self.kv, s.policy), b)
