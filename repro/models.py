@@ -233,12 +233,21 @@ def _hub_name(cfg) -> str:
     return cfg.name
 
 
+# A model config's keys that do not shape its weights: its name, where it is cached or read from, the dtype it is
+# loaded in, and whether a trained one may train on the CPU.
+NOT_WEIGHT_KEYS = ("name", "cache", "folder", "dtype", "train_on_cpu")
+
+
+def weight_settings(cfg) -> dict:
+    """What of a model config shapes its weights (everything but NOT_WEIGHT_KEYS): two configs that agree on it
+    describe the same weights."""
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_WEIGHT_KEYS}
+
+
 def trained_dir(cfg) -> Path:
-    """Where the trained model `cfg` describes is cached: named by a fingerprint of everything that shapes it
-    (not its name, cache or loading dtype), so that any change trains a new one."""
-    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-                if k not in ("name", "cache", "dtype", "train_on_cpu")}
-    return Path(cfg.cache) / "models" / f"trained-{fingerprint({'version': TRAINED_VERSION, **settings})}"
+    """Where the trained model `cfg` describes is cached: named by a fingerprint of its `weight_settings`, so
+    that any change trains a new one."""
+    return Path(cfg.cache) / "models" / f"trained-{fingerprint({'version': TRAINED_VERSION, **weight_settings(cfg)})}"
 
 
 def trained_metadata(cfg) -> dict:

@@ -275,6 +275,21 @@ def test_bad_input_is_refused_before_any_work(overrides, message, tmp_path):
     assert not (tmp_path / "outputs" / "checkpoints").exists() and not (tmp_path / "prompts").exists()
 
 
+def test_a_prompt_is_for_the_weights_not_where_or_how_they_were_made():
+    """A prompt trained for `trained` on a GPU is for the same model when a CPU run may train it
+    (`model.train_on_cpu`), from another cache, or loaded in another dtype."""
+    from hydra import compose, initialize_config_dir
+
+    from tasks.compress_then_prompt.task import model_identity
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        def identity(*overrides):
+            return model_identity(compose("model/trained", overrides=["model.cache=/cache", *overrides]).model)
+        same = {identity(), identity("model.train_on_cpu=true"), identity("model.cache=/elsewhere"),
+                identity("model.dtype=float32")}
+        other = identity("model.seed=7")
+    assert len(same) == 1 and other not in same
+
+
 @pytest.mark.parametrize("identity, message", [
     ({"model": "another-0123", "hidden_size": 64}, "model 'another-0123'"),
     (None, "hidden_size 32 (this one: 64)"),

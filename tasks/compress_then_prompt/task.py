@@ -34,7 +34,7 @@ from repro import checks
 from repro.bench import Call, Point, Provider, failure, run_benchmark
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.evaluation import context_length, eval_text, perplexity, perplexity_rows, plain_forward
-from repro.models import load_model, require_model, trained_metadata
+from repro.models import load_model, require_model, trained_metadata, weight_settings
 from repro.records import Row
 from repro.train import Trainee, TrainSpec, model_flops_per_token, train
 
@@ -136,11 +136,9 @@ def say_left_out(key: str, value, cfg: DictConfig) -> None:
 
 
 def model_identity(model_cfg: DictConfig) -> str:
-    """The model a prompt is trained for: its name and a digest of what else shapes its weights (architecture,
-    seed, corpus), not where it is cached or the dtype it is loaded in."""
-    settings = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items()
-                if k not in ("name", "cache", "dtype", "folder")}
-    return f"{model_cfg.name}-{fingerprint(settings)}"
+    """The model a prompt is trained for: its name and a digest of what shapes its weights (architecture, seed,
+    corpus; `repro.models.weight_settings`)."""
+    return f"{model_cfg.name}-{fingerprint(weight_settings(model_cfg))}"
 
 
 def check_context(cfg: DictConfig, context: int | None, hard_prompt_tokens: int = 0,
