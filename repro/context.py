@@ -116,7 +116,7 @@ def resolve_device(scale_cfg) -> torch.device:
         )
     if wanted == "auto":
         wanted = "cuda" if has_gpu else "cpu"
-    if wanted == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: this rank's own GPU
+    if wanted == "cuda" and world()[1] > 1:  # under torchrun: this rank's own GPU
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         index = local_rank if local_rank < torch.cuda.device_count() else 0  # a GPU a rank, by CUDA_VISIBLE_DEVICES
         torch.cuda.set_device(index)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import statistics
 import time
 from collections import deque
@@ -176,11 +175,10 @@ def model_flops_per_token(model: torch.nn.Module, layers: int, width: int, seq_l
 
 
 def init_distributed(device: torch.device) -> None:
-    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs) once per process."""
+    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs) once per process, on `device`: the
+    rank's own GPU, which `resolve_device` chose and made current."""
     rank, size = world()
     if size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
