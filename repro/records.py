@@ -140,8 +140,12 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def _json_writer(data: Any) -> Callable[[Path], None]:
+    return lambda file: file.write_text(_dumps(data))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    replace_atomically(path, lambda tmp: tmp.write_text(_dumps(data)))
+    replace_atomically(path, _json_writer(data))
 
 
 def save_record(record: RunRecord, path: Path) -> None:
@@ -166,7 +170,7 @@ def save_new_record(record: RunRecord, path: Path) -> Path:
     first free. The name is taken by a hard link to the finished file, which fails where it exists, so that two
     runs ending together never write one file and a reader never sees half of one. Returns where it went."""
     path = Path(path)
-    tmp = _written_beside(path, lambda file: file.write_text(_dumps(record.to_json())))
+    tmp = _written_beside(path, _json_writer(record.to_json()))
     try:
         for target in _same_name_records(path):
             if _taken(target):
@@ -181,10 +185,7 @@ def save_new_record(record: RunRecord, path: Path) -> Path:
                 except FileExistsError:
                     continue
                 os.replace(tmp, target)
-                return target
-            if target.with_name(target.name + ".gz").exists():  # packed meanwhile (`pack_records`): not ours
-                target.unlink()
-                continue
+            # (`pack_records` writes name.json.gz before it removes name.json: a name being packed is never free)
             return target
     finally:
         tmp.unlink(missing_ok=True)
