@@ -74,7 +74,8 @@ def _outcome(record: RunRecord) -> None:
     """Set a finished run's status from its rows: a run that measured nothing, because every point failed,
     is a failure, not a success (a reference the points are read against, such as the copy bandwidth, is not a
     point)."""
-    points = [r for r in record.rows if not r.extra.get("reference")]
+    # (a row's `reference` may also name the provider it is compared with: only True marks a reference row)
+    points = [r for r in record.rows if r.extra.get("reference") is not True]
     failed = [r for r in points if r.status in FAILED_ROW_STATUSES]
     if any(r.status == "ok" for r in points):
         record.status = "ok"
