@@ -218,10 +218,14 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int) -> Prov
     return Provider(name, build, baseline=(name == "standard"), needs_triton=name.startswith(OURS))
 
 
+def dense_providers() -> dict[str, AttentionFn]:
+    """Every provider but the block-sparse ones, by name."""
+    return {"standard": standard, **{n: sdpa_attention(n) for n in SDPA_BACKENDS}, OURS: ours,
+            f"{OURS}_gluon": ours_gluon, f"{OURS}_auto": ours_auto, FLEX: flex(None)}
+
+
 def providers(kernel: DictConfig, ctx: RunContext, seed: int) -> list[Provider]:
-    known: dict[str, AttentionFn] = {"standard": standard, **{n: sdpa_attention(n) for n in SDPA_BACKENDS},
-                                     OURS: ours, f"{OURS}_gluon": ours_gluon, f"{OURS}_auto": ours_auto,
-                                     FLEX: flex(None)}
+    known = dense_providers()
     for d in as_list(kernel.sparse_densities):
         known.update({f"{OURS}_sparse_{d:g}": ours_sparse(d), f"{FLEX}_sparse_{d:g}": flex(d)})
     return [provider(n, known[n], ctx, seed) for n in provider_names(kernel)]
@@ -249,7 +253,7 @@ def provider_names(kernel: DictConfig) -> list[str]:
         if f"{family}_sparse" in names:
             at = names.index(f"{family}_sparse")
             names[at:at + 1] = per_density
-    known = ["standard", *SDPA_BACKENDS, OURS, f"{OURS}_gluon", f"{OURS}_auto", FLEX]
+    known = list(dense_providers())
     unknown = [n for n in names if n not in known + sparse]
     if unknown:
         raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {known}, {OURS}_sparse and "
