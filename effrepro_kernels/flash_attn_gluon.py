@@ -574,12 +574,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     holds them (not with a key padding mask)."""
     b, h, n_q, d = q.shape
     kv_h, n_k = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)
-    lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
-    padded = key_padding_mask is not None
-    kpm = int8_mask(key_padding_mask, lse)
-    dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    sparse = block_lists is not None
+    padded, sparse = key_padding_mask is not None, block_lists is not None
     if sparse and padded:
         raise ValueError("the Gluon forward takes a key padding mask or block-sparse lists, not both")
     if sparse:
@@ -594,7 +589,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sof
     if sparse and not cfg["BLOCK_N"] == cfg["CONSUMERS"] * ROWS_PER_WARPGROUP == SPARSE_BLOCK:
         raise ValueError(f"a block-sparse forward takes query and key tiles of one {SPARSE_BLOCK}-key block; "
                          f"{config_name(cfg)} has others")
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
+    kpm = int8_mask(key_padding_mask, lse)
     by_query = block_lists if sparse else (lse, lse)  # placeholders the kernel never reads when dense
+    dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
     q_block, kv_block = [1, ROWS_PER_WARPGROUP, d], [1, cfg["BLOCK_N"], d]
     # 3-D views (batch·heads, seq, head_dim): a tile never runs into the next head's rows, as TMA fills
     # reads past seq with zeros and clips stores there

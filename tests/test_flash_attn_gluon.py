@@ -52,8 +52,8 @@ def test_the_gluon_path_refuses_what_it_does_not_cover_and_says_why():
     with pytest.raises(ValueError, match="backward_kernel='gluon' does not cover this call: dropout"):
         x = q.clone().requires_grad_()
         flash_attn(x, x, x, dropout_p=0.1, forward_kernel="tl", backward_kernel="gluon").sum().backward()
-    lists = BlockSparseLayout(torch.ones(1, 1, 1, 1, dtype=torch.bool), 1, 4, 128).by_query  # for 1 x 4 heads
-    with pytest.raises(ValueError, match="block_lists must be int32 .* with 17 offsets"):
+    lists = BlockSparseLayout(torch.ones(1, 1, 1, 1, dtype=torch.bool, device=DEVICE), 1, 4, 128).by_query  # 1 x 4
+    with pytest.raises(ValueError, match=r"block_lists must be int32 .* with 17 offsets.* got torch.int32 \(5,\)"):
         forward(q.repeat(2, 2, 1, 1), q.repeat(2, 2, 1, 1), q.repeat(2, 2, 1, 1), False, 0.125,
                 block_lists=tuple(lists))
     with pytest.raises(ValueError, match="forward_kernel='gluon' does not cover this call: head_dim 48"):
@@ -287,24 +287,11 @@ def test_block_sparse_forward_matches_reference(head_dim, causal):
     mask, output and LSE: a different mask per (batch, head), lengths that end inside a block, grouped and
     multi-query heads, more queries than keys and fewer, a query block that keeps none (zeros and an LSE of +inf),
     and a persistent grid whose programs take several query tiles of uneven lists (the last case)."""
-    block = flash_attn_gluon.SPARSE_BLOCK
     persistent = dict(flash_attn_gluon.SPARSE_CONFIGS[head_dim][0], PERSISTENT=True)
     for b, h, hk, n_q, n_k, config in ((2, 4, 2, 300, 700, None), (1, 4, 1, 700, 300, None),
                                        (3, 2, 2, 1000, 1000, None), (3, 24, 8, 1000, 1400, persistent)):
-        gen = torch.Generator(device="cuda").manual_seed(n_q + n_k)
-        q, k, v = (torch.randn(b, heads, n, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
-                   for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
-        mask = per_head_block_mask(b, h, n_q, n_k)
-        out, lse2 = forward(q, k, v, causal, head_dim ** -0.5, config,
-                            block_lists=tuple(BlockSparseLayout(mask, b, h, block).by_query))
-        dense = block_mask_to_dense(mask, n_q, n_k, block)
-        ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, attn_mask=dense)
-        assert not out.isnan().any() and rel_err(out, ref) < TOL[torch.bfloat16], rel_err(out, ref)
-        want = reference_lse(q.double(), k.double(), causal, attn_mask=dense)
-        seen = want > float("-inf")
-        torch.testing.assert_close(lse2[seen] / LOG2E, want[seen].float(), rtol=1e-3, atol=1e-2)
-        assert (lse2[~seen] == float("inf")).all() and not out[~seen].any()
-        assert not seen[0, 1, block:2 * block].any()  # the emptied query block
+        check_forward((b, h, hk, n_q, n_k, head_dim, causal), torch.bfloat16, config,
+                      block_mask=per_head_block_mask(b, h, n_q, n_k))
 
 
 PADDED_CONFIGS = [(d, config) for d, configs in flash_attn_gluon.KEY_PADDING_CONFIGS.items() for config in configs]
@@ -357,19 +344,24 @@ def random_key_padding(k: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor
     return mask, torch.where(mask[:, None, :, None], k, 30 * k)
 
 
-def check_forward(case, dtype, config=None, padded=False):
-    """The forward against the float64 reference; `padded`: with `random_key_padding`."""
+def check_forward(case, dtype, config=None, padded=False, block_mask=None):
+    """The forward against the float64 reference; `padded`: with `random_key_padding`; `block_mask`: block-sparse,
+    of SPARSE_BLOCK-key blocks."""
     b, h, hk, n_q, n_k, d, causal = case
     gen = torch.Generator(device="cuda").manual_seed(n_q * 1009 + n_k)
     q, k, v = (torch.randn(b, heads, n, d, device="cuda", dtype=dtype, generator=gen)
                for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
-    mask = None
+    mask = lists = dense = None
     if padded:
         mask, k = random_key_padding(k, gen)
-    out, lse2 = forward(q, k, v, causal, d ** -0.5, config, key_padding_mask=mask)
-    ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=mask)
+    if block_mask is not None:
+        lists = tuple(BlockSparseLayout(block_mask, b, h, flash_attn_gluon.SPARSE_BLOCK).by_query)
+        dense = block_mask_to_dense(block_mask, n_q, n_k, flash_attn_gluon.SPARSE_BLOCK)
+    out, lse2 = forward(q, k, v, causal, d ** -0.5, config, key_padding_mask=mask, block_lists=lists)
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=mask,
+                              attn_mask=dense)
     assert not out.isnan().any() and rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
-    want = reference_lse(q.double(), k.double(), causal, mask)
+    want = reference_lse(q.double(), k.double(), causal, mask, dense)
     seen = want > float("-inf")
     torch.testing.assert_close(lse2[seen] / LOG2E, want[seen].float(), rtol=1e-3, atol=1e-2)
     assert (lse2[~seen] == float("inf")).all() and not out[~seen].any()  # what the tl backward expects
