@@ -328,7 +328,8 @@ def _interrupt(signum, frame):
 class SubmititStop(KeyboardInterrupt):
     """What submitit's signal handler raised (its exit after a requeue, or the error that ends a job it cannot
     requeue), carried as an interrupt past every per-point guard to `run_job`, which writes the record as killed
-    and then raises the original, for submitit to handle as it meant to."""
+    and then raises the original: submitit's exit after a requeue (SystemExit) reaches submitit; an error it
+    raised ends the job in Hydra's guard of it, the record already saying killed."""
 
     def __init__(self, original: BaseException):
         super().__init__(f"submitit's handler: {type(original).__name__}: {original}")

@@ -500,8 +500,9 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     dtype = PRECISIONS[spec.precision]
     if dtype is not None and device.type == "cpu":
         dtype = None  # CPU autocast in half precision is slow and not what any paper timed
-        trainee.extra = {**trainee.extra, "precision": "fp32"}  # the rows say what ran, not train.precision
         print(f"[train] {trainee.name}: train.precision={spec.precision} runs in fp32 on the CPU", flush=True)
+    # the rows say what ran, on every device, not what train.precision asked
+    trainee.extra = {**trainee.extra, "precision": spec.precision if dtype is not None else "fp32"}
     optimizer = _optimizer(model, spec, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     checkpoint = Checkpoint(Path(checkpoint_dir) / f"{trainee.name}-{identity}.pt" if checkpoint_dir else None,

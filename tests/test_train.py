@@ -74,6 +74,14 @@ def test_a_profiled_run_profiles_its_last_untimed_step_once_and_trains_as_an_unp
     assert losses(rows) == losses(plain)
 
 
+def test_rows_say_the_precision_that_ran():
+    """bf16 asked on the CPU runs (and is recorded) as fp32; fp32 asked is fp32 too."""
+    for asked in ("bf16", "fp32"):
+        rows = list(train(trainee(), dataclass_replace(SPEC, precision=asked), torch.device("cpu"), None,
+                          progress=False))
+        assert rows and {r.extra["precision"] for r in rows} == {"fp32"}
+
+
 def test_a_finished_run_is_never_resumed_a_rerun_measures_afresh(tmp_path, capsys):
     first = list(train(trainee(), SPEC, torch.device("cpu"), tmp_path, progress=False))
     again = list(train(trainee(), SPEC, torch.device("cpu"), tmp_path, progress=False))
