@@ -41,6 +41,14 @@ class TokenStream:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    def check_fits(self, seq_len: int, key: str) -> None:
+        """ConfigError, naming the config `key` of the sequence length, where either part holds no sequence of
+        `seq_len` tokens and its next-token targets."""
+        if min(len(self.train), len(self.val)) <= seq_len + 1:
+            raise ConfigError(f"the corpus gives {len(self.train)} training and {len(self.val)} validation tokens, "
+                              f"too few for sequences of {key}={seq_len}; use a larger corpus (data.folder) or a "
+                              f"shorter {key}")
+
 
 def _local_files(folder: str | None, pattern: str, max_files: int | None) -> list[Path]:
     root = Path(folder).expanduser() if folder else default_corpus()

@@ -210,9 +210,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
         register()
     data = load_token_stream(cfg.data, cfg.paths.cache)
     for seq_len in as_list(cfg.model.seq_len):
-        if len(data.val) <= seq_len + 1 or len(data.train) <= seq_len + 1:
-            raise ConfigError(f"the corpus gives {len(data.train)} training and {len(data.val)} validation tokens, "
-                              f"too few for sequences of {seq_len}; use a larger corpus (data.folder)")
+        data.check_fits(seq_len, "model.seq_len")
     yield from train_from_config(cfg, candidates(cfg, ctx, data), ctx.device, derived_rows)
 
 

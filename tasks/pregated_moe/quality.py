@@ -119,10 +119,7 @@ def validate(cfg) -> None:
 def corpus(cfg):
     """The training corpus's tokens, with both parts longer than a sequence."""
     data = load_token_stream(cfg.data, cfg.paths.cache)
-    if min(len(data.train), len(data.val)) <= cfg.quality.seq_len + 1:
-        raise ConfigError(f"the corpus gives {len(data.train)} training and {len(data.val)} validation tokens, too "
-                          f"few for sequences of quality.seq_len={cfg.quality.seq_len}; use a larger corpus "
-                          "(data.folder) or a shorter quality.seq_len")
+    data.check_fits(cfg.quality.seq_len, "quality.seq_len")
     return data
 
 
