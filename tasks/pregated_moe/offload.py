@@ -153,19 +153,14 @@ class SlotCache:
         """The slot for `key` and whether it was already there; on a miss the caller fills the slot."""
         self.clock += 1
         self.requests[key] += 1
-        resident = key in self.slot_of
-        hit = resident and self.policy != "none"
-        if hit:
-            slot = self.slot_of[key]
-            self.hits += 1
-        elif resident:  # no cache: copied again where it was
-            slot = self.slot_of[key]
-            self.misses += 1
-        else:
+        slot = self.slot_of.get(key)
+        hit = slot is not None and self.policy != "none"  # no cache: a resident expert is copied again where it is
+        if slot is None:
             slot = self._victim(pinned)
             self.slot_of.pop(self.holder[slot], None)
             self.holder[slot], self.slot_of[key] = key, slot
-            self.misses += 1
+        self.hits += hit
+        self.misses += not hit
         self.last_use[slot] = self.clock
         return slot, hit
 
