@@ -83,14 +83,18 @@ def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[s
     return out, 257, length
 
 
+def model_config(spec: DictConfig, task: str) -> dict:
+    """The LRA model of `task` (Pathfinder's for every Path size), with lra.model's changes."""
+    return {**MODELS["pathfinder" if task in PATH_SIZES else task], **OmegaConf.to_container(spec.model)}
+
+
 def _trainee(cfg: DictConfig, ctx: RunContext, name: str, attention: str, split: dict,
              pretrained: Trainee | None = None) -> Trainee:
     """The LRA model for task `name` with `attention`; with `pretrained`, started from that trained model, its
     position table grown to this task's image (the Path-X / Path-256 recipe)."""
     spec = cfg.lra
     train_set, val_set, vocab, seq_len = split["train"], split["val"], split["vocab"], split["seq_len"]
-    family = "pathfinder" if name in PATH_SIZES else name
-    model_cfg = {**MODELS[family], **OmegaConf.to_container(spec.model)}
+    model_cfg = model_config(spec, name)
     classes = 10 if name in ("listops", "image") else 2  # digits 0-9, CIFAR-10; the rest are yes/no
     if getattr(ATTENTIONS[attention], "needs_triton", False):
         require_triton(attention, ctx.device)
@@ -198,12 +202,13 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("lra.source=hub with the retrieval task reads LRA's AAN files, which are not on the hub: "
                               "download lra_release (https://storage.googleapis.com/long-range-arena/"
                               "lra_release.gz) and set lra.data_dir=<its tsv_data folder>")
-        missing = [f for f in AAN_FILES.values() if not (Path(spec.data_dir) / f).is_file()]
+        # the splits a run reads (`load_split`): train and val
+        missing = [AAN_FILES[s] for s in ("train", "val") if not (Path(spec.data_dir) / AAN_FILES[s]).is_file()]
         if missing:
             raise ConfigError(f"lra.data_dir={spec.data_dir!r} lacks {missing} (LRA's tsv_data folder holds them)")
     ours = [a for a in as_list(OmegaConf.to_container(spec.attention)) if getattr(ATTENTIONS[a], "needs_triton", False)]
     for task in tasks:
-        model = {**MODELS["pathfinder" if task in PATH_SIZES else task], **OmegaConf.to_container(spec.model)}
+        model = model_config(spec, task)
         if model["dim"] % model["heads"]:
             raise ConfigError(f"lra.model: dim={model['dim']} is not a multiple of heads={model['heads']} ({task})")
         head = model["dim"] // model["heads"]
