@@ -144,3 +144,18 @@ def test_a_step_is_split_into_micro_batches_without_changing_its_examples(compos
     assert [len(b["labels"]) for b in whole] == [4, 4] and [len(b["labels"]) for b in split] == [2, 2, 2, 2]
     assert torch.equal(torch.cat([b["input_ids2"] for b in split]), torch.cat([b["input_ids2"] for b in whole]))
     assert tokens == split_tokens == 8 * 2 * whole[0]["input_ids"].shape[1]  # 8 pairs, two documents each
+
+
+def test_retrieval_from_the_hub_needs_the_aan_files_a_run_reads(compose, tmp_path):
+    """LRA's AAN pairs are not on the hub: lra.data_dir must hold the train and eval files (the test file is
+    never read), and a missing one is named before any work."""
+    from repro.context import ConfigError
+    from tasks.lra.data import AAN_FILES
+    from tasks.lra.train_lra import validate
+
+    cfg = compose("task=lra_retrieval", "lra.source=hub", f"lra.data_dir={tmp_path}")
+    (tmp_path / AAN_FILES["train"]).write_text("")
+    with pytest.raises(ConfigError, match=AAN_FILES["val"]):
+        validate(cfg)
+    (tmp_path / AAN_FILES["val"]).write_text("")
+    validate(cfg)
