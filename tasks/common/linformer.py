@@ -44,7 +44,8 @@ class LinformerAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None = None, *,
                 scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-        """real: bool (batch, n), True for real keys (None: all real). Returns (batch, heads, n, head_dim)."""
+        """real: bool (batch, n), True for real keys (None: all real; callers pass None for unpadded batches, so
+        that no layer reads the mask back from the device). Returns (batch, heads, n, head_dim)."""
         n = k.shape[-2]
         if n > self.seq_len:
             raise ValueError(f"the input has {n} tokens but Linformer was built for at most seq_len={self.seq_len}"
@@ -53,7 +54,7 @@ class LinformerAttention(nn.Module):
         e = self.e[:, :n]
         f = e if self.f is None else self.f[:, :n]
         slots = None
-        if real is not None and not bool(real.all()):
+        if real is not None:
             keep = real[:, None, :, None].to(k.dtype)
             k, v = k * keep, v * keep  # padded keys contribute nothing to the projections
             # A projected row that no real key reaches holds only padding: mask it as padding is masked (with
