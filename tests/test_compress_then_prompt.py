@@ -290,6 +290,17 @@ def test_a_prompt_is_for_the_weights_not_where_or_how_they_were_made():
     assert len(same) == 1 and other not in same
 
 
+def test_a_prompt_checkpoint_depends_on_the_local_corpus_only_where_it_trains_on_it(compose):
+    """C4's training text is the same whatever the local corpus; the local corpus's depends on it."""
+    from tasks.compress_then_prompt.task import training_text_identity
+
+    def text(*overrides):
+        return training_text_identity(compose("task=compress_then_prompt", *overrides))
+    assert text("text.name=c4") == text("text.name=c4", "data.max_files=3") == {"name": "c4"}
+    assert text() != text("data.max_files=3")
+    assert text() != text("text.max_tokens=1000")
+
+
 @pytest.mark.parametrize("identity, message", [
     ({"model": "another-0123", "hidden_size": 64}, "model 'another-0123'"),
     (None, "hidden_size 32 (this one: 64)"),

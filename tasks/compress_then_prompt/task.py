@@ -244,6 +244,15 @@ def guarded(provider: str, x: float, extra: dict, work: Callable[[], Iterator[Ro
         yield Row(provider, X, x, "perplexity", "ppl", status=status, message=message, extra=dict(extra))
 
 
+def training_text_identity(cfg: DictConfig) -> dict:
+    """What decides the training text's tokens, for a checkpoint's fingerprint: C4's are fixed; the local corpus's
+    depend on which corpus (a trained model's own) and how much of it."""
+    text = OmegaConf.to_container(cfg.text, resolve=True)
+    if text["name"] == "c4":
+        return {"name": "c4"}
+    return {**text, "corpus": OmegaConf.to_container(cfg.model.get("data") or cfg.data, resolve=True)}
+
+
 class CompressThenPrompt:
     """One run: the dense model, the texts and the dense measurements, shared by every level. Everything the
     run needs is read and checked here, before any model is compressed or trained."""
@@ -379,9 +388,7 @@ class CompressThenPrompt:
             fingerprint=fingerprint(dict(model=self.identity, level=state.level.extra(), provider=provider,
                                          compression=[c.group_size, c.act_order, c.percdamp, c.calibration.samples,
                                                       c.calibration.seqlen],
-                                         text=OmegaConf.to_container(self.cfg.text),
-                                         corpus=OmegaConf.to_container(self.cfg.model.get("data") or self.cfg.data,
-                                                                       resolve=True),
+                                         text=training_text_identity(self.cfg),
                                          batch=[p.batch, p.seqlen],
                                          seed=self.cfg.seed, **settings)))
         checkpoints = Path(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
