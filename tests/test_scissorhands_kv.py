@@ -141,6 +141,12 @@ def test_bad_input_is_refused_naming_the_key(refusal, overrides, message):
     assert message in refusal(*TINY, *overrides)
 
 
+def test_a_group_size_that_no_run_quantizes_with_is_accepted(compose):
+    """kv.quantized_policies=[] leaves every setting of these experiments at 16 bits, whatever kv.bits says."""
+    from tasks.scissorhands.task import validate
+    validate(compose(*TINY, "kv.experiments=[quality,multiple_choice]", "kv.group_size=5", "kv.quantized_policies=[]"))
+
+
 def test_bad_input_is_refused_before_any_work(tmp_path):
     code, _, err, record = run(tmp_path, "kv.scissorhands.window=0")
     assert code == 2 and "kv.scissorhands.window=0 (w, the history window)" in err and "Traceback" not in err, \

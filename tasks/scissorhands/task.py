@@ -188,13 +188,14 @@ def validate(cfg: DictConfig) -> None:
 
 
 def check_group_size(cfg: DictConfig, experiments: list[str], head_dim: int) -> None:
-    """A quantized cache's values are grouped along a token's channels: kv.group_size must divide the head_dim of
-    every experiment on the model that quantizes."""
-    bits = [b for key, experiment in (("kv.bits", "quality"), ("mc.bits", "multiple_choice"))
-            if experiment in experiments for b in checks.as_list(OmegaConf.select(cfg, key))]
-    if any(b < 16 for b in bits) and head_dim % cfg.kv.group_size:
+    """A quantized cache's values are grouped along a token's channels: kv.group_size must divide the head_dim
+    where an experiment on the model runs a quantized setting (kv.quantized_policies may leave none)."""
+    bits = {s.bits for key, experiment in (("kv", "quality"), ("mc", "multiple_choice")) if experiment in experiments
+            for s in sweep(cfg.kv, checks.as_list(cfg[key].policies), checks.as_list(cfg[key].compressions),
+                           checks.as_list(cfg[key].bits)) if s.bits < 16}
+    if bits and head_dim % cfg.kv.group_size:
         raise ConfigError(f"kv.group_size={cfg.kv.group_size} must divide the model's head_dim={head_dim} for a "
-                          f"quantized cache (kv.bits / mc.bits {sorted(set(bits))}): values are grouped along a "
+                          f"quantized cache (kv.bits / mc.bits {sorted(bits)}): values are grouped along a "
                           "token's channels")
 
 
