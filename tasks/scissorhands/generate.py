@@ -147,21 +147,21 @@ class QuantizedStore:
 
     def attend(self, q, n, scale, with_scores):
         b, heads = q.shape[:2]
-        parts = []  # (first slot, out, lse[, scores]) of the quantized and of the full-precision part
+        parts = []  # (first slot, last slot, out, lse[, scores]) of the quantized and of the full-precision part
         returns = dict(return_lse=True, return_scores=with_scores)
         if self.n_quantized:
             schedule = prepared_schedule(self.schedule, b, self.keys.shape[1], self.n_quantized, q.shape[2], q.dtype,
                                          q.device, quantized=True)
-            parts.append((0, *decode_attention_quantized(q, self.keys, self.values, schedule=schedule,
-                                                         softmax_scale=scale, **returns)))
+            parts.append((0, self.n_quantized, *decode_attention_quantized(q, self.keys, self.values,
+                                                                           schedule=schedule, softmax_scale=scale,
+                                                                           **returns)))
         if n > self.n_quantized:
-            parts.append((self.n_quantized, *self.residual.attention(q, n - self.n_quantized, scale, **returns)))
-        out, lse = merge_attention([part[1] for part in parts], [part[2] for part in parts])
+            parts.append((self.n_quantized, n, *self.residual.attention(q, n - self.n_quantized, scale, **returns)))
+        out, lse = merge_attention([part[2] for part in parts], [part[3] for part in parts])
         if not with_scores:
             return out, None, None
         scores = torch.empty(b, heads, self.slots, device=q.device)  # a key's score is the same in either part
-        for first, _, _, part_scores in parts:  # (first, out, lse, scores)
-            last = self.n_quantized if first == 0 else n
+        for first, last, _, _, part_scores in parts:
             scores[..., first:last] = part_scores[..., :last - first]
         return out, scores, lse
 
