@@ -10,8 +10,8 @@ import torch
 from conftest import DEVICE, has_gpu
 from effrepro_kernels.kv_quant import dequantize_kv
 from effrepro_kernels.reference import decode_scores_reference
-from tasks.scissorhands.generate import (EvictingCache, LayerCache, QuantizedStore, compaction_order, decode_nll,
-                                         decode_step, generating)
+from tasks.scissorhands.generate import (REFERENCE, EvictingCache, LayerCache, QuantizedStore, compaction_order,
+                                         decode_nll, decode_step, generating)
 from tasks.scissorhands.policies import (H2O, TOVA, Full, Scissorhands, ScissorhandsReleased, StreamingLLM,
                                          layer_budgets, make_policy)
 from tasks.scissorhands.simulate import persistence_ratio, simulate, simulated_nll
@@ -239,13 +239,18 @@ def test_persistence_ratio_is_a_fraction_per_layer():
         assert ratio == pytest.approx(((first & second).sum() / second.sum()).item(), abs=1e-6)
 
 
+# every generate test on our kernels, and on their PyTorch references (what a CPU without the interpreter runs)
+SCHEDULES = [SCHEDULE, REFERENCE]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("kind", ["llama", "opt"])
-def test_full_cache_and_a_budget_beyond_the_text_give_the_simulated_nll(kind):
+def test_full_cache_and_a_budget_beyond_the_text_give_the_simulated_nll(kind, schedule):
     model, ids = tiny(kind), text(10)
     expected = simulated_nll(model, ids, Full())
     policies = [Full()] + ([Scissorhands(budget=40, recent=4)] if kind == "llama" else [])
     for policy in policies:
-        nll, tokens = decode_nll(model, ids, policy, schedule=SCHEDULE)
+        nll, tokens = decode_nll(model, ids, policy, schedule=schedule)
         assert tokens == expected[1] == ids.shape[1] - 1
         assert nll == pytest.approx(expected[0], rel=1e-5)
 
@@ -256,10 +261,11 @@ def test_full_cache_and_a_budget_beyond_the_text_give_the_simulated_nll(kind):
     Scissorhands(budget=8, recent=2, threshold="p90", budget_schedule="growing"),  # budgets differ by layer
     H2O(budget=6), TOVA(budget=6), StreamingLLM(budget=6)],
     ids=lambda p: f"{p.name} w={getattr(p, 'window', '-')} {getattr(p, 'threshold', '')} {p.budget_schedule}")
-def test_real_eviction_gives_the_simulated_nll_and_never_exceeds_the_budget(policy):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_real_eviction_gives_the_simulated_nll_and_never_exceeds_the_budget(policy, schedule):
     """The strong check: the simulation is exact, so eviction during decoding matches it on the same text."""
     model, ids = tiny(), text(14)  # two rounds of eviction at these budgets, or one every step
-    cache = EvictingCache(policy, 2, ids.shape[1], schedule=SCHEDULE)
+    cache = EvictingCache(policy, 2, ids.shape[1], schedule=schedule)
     budgets = policy.budgets(len(cache.layers))
     nll = 0.0
     with generating(model, cache):
@@ -275,20 +281,24 @@ def test_real_eviction_gives_the_simulated_nll_and_never_exceeds_the_budget(poli
     assert nll != pytest.approx(simulated_nll(model, ids, Full())[0], rel=1e-4)
 
 
-def test_4bit_kv_under_eviction_changes_the_nll_a_little():
+def test_4bit_kv_under_eviction_changes_the_nll_a_little_and_the_same_on_the_references():
     model, ids, policy = tiny(), text(12), Scissorhands(budget=10, recent=2)
     exact = simulated_nll(model, ids, policy)[0]
     nll, _ = decode_nll(model, ids, policy, kv_bits=4, group_size=8, schedule=SCHEDULE)
     assert 1e-3 < abs(nll - exact) / exact < 0.05  # measured: 0.96%
+    # the same codes (a rounding apart at most), eviction and attention, in PyTorch
+    reference, _ = decode_nll(model, ids, policy, kv_bits=4, group_size=8, schedule=REFERENCE)
+    assert reference == pytest.approx(nll, rel=1e-4)
 
 
-def test_a_quantized_store_scores_every_key_it_holds():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_a_quantized_store_scores_every_key_it_holds(schedule):
     """Before its first whole group (all keys in full precision) and after (both parts), each held key's score is
     q·k·scale of the key as stored; the policies count pivotal tokens from these."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     q = torch.randn(1, 4, 16, generator=gen, device=DEVICE)
     keys, values = (torch.randn(1, 2, 12, 16, generator=gen, device=DEVICE) for _ in range(2))
-    store = QuantizedStore(1, 2, 16, 16, torch.float32, DEVICE, SCHEDULE, bits=4, group_size=8)
+    store = QuantizedStore(1, 2, 16, 16, torch.float32, DEVICE, schedule, bits=4, group_size=8)
     for n in range(1, 13):
         store.append(keys[:, :, n - 1], values[:, :, n - 1], n - 1)
         if n in (3, 12):

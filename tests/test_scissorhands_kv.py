@@ -32,8 +32,9 @@ def run(folder, *overrides):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The smoke run as a CPU without a GPU or TRITON_INTERPRET gives it (our kernels' rows: unsupported), with one
-    compression whose budget exceeds the model's context of 256 tokens."""
+    """The smoke run as a CPU without a GPU or TRITON_INTERPRET gives it (the 4-bit cache on the kernels' PyTorch
+    references, the kernels' own rows unsupported), with one compression whose budget exceeds the model's context
+    of 256 tokens."""
     pytest.importorskip("lm_eval", reason="its multiple-choice experiment needs lm-evaluation-harness, a dependency "
                         "that the lent GPU image lacks")
     with pytest.MonkeyPatch.context() as mp:
@@ -70,7 +71,8 @@ def test_smoke_run_writes_every_experiment_and_no_errors(smoke):
     (mean,) = rows_of(record, "mean_persistence_ratio")
     assert len(layers) == 2 and all(0 < r["p50"] <= 100 and r["unit"] == "%" for r in layers)
     assert mean["p50"] == pytest.approx(sum(r["p50"] for r in layers) / 2)
-    ppl = {(r["provider"], r["x_value"]): r["p50"] for r in rows_of(record, "perplexity") if r["status"] == "ok"}
+    ppl = {(r["provider"], r["x_value"]): r["p50"] for r in rows_of(record, "perplexity", kv_bits=16)
+           if r["status"] == "ok"}
     (released,) = rows_of(record, "perplexity", policy="scissorhands_released")
     assert set(ppl) == {("full", 1), ("scissorhands_released", released["x_value"])} | {
         (p, x) for p in ("scissorhands", "h2o", "streaming", "tova") for x in (0.2, 2, 4)}
@@ -78,8 +80,9 @@ def test_smoke_run_writes_every_experiment_and_no_errors(smoke):
     assert all(ppl[(p, 0.2)] == ppl[("full", 1)] for p in ("scissorhands", "h2o", "streaming", "tova"))
     assert len({ppl[(p, 4)] for p in ("scissorhands", "h2o", "streaming", "tova")} - {ppl[("full", 1)]}) == 4
     assert out.count("beyond the model's context") == 1  # said once, and run as the full cache
-    four_bit = [r for r in rows_of(record, "perplexity") if r["provider"] == "scissorhands_4bit"]
-    assert four_bit and all(r["status"] == "unsupported" and "Triton" in r["message"] for r in four_bit)
+    four_bit = rows_of(record, "perplexity", policy="scissorhands", kv_bits=4)
+    assert len(four_bit) == 3 and all(r["status"] == "ok" and r["extra"]["kv_mode"] == "generate" and
+                                      r["extra"]["attention"] == "reference" for r in four_bit)
     assert rows_of(record, "min_kv_fraction_ppl_maintained", text="pydoc")
     (accuracy,) = rows_of(record, "accuracy", benchmark="effrepro_mc")
     assert accuracy["provider"] == "scissorhands" and accuracy["extra"]["measured_compression"] > 1
@@ -98,6 +101,7 @@ def test_quantized_cache_and_decode_kernels_run_in_the_interpreter(interpreted):
               for r in record["rows"] if r["status"] != "ok"]
     assert record["status"] == "ok" and not failed, failed
     (quantized,) = rows_of(record, "perplexity", policy="scissorhands", kv_bits=4)
+    assert quantized["extra"]["attention"] == "kernel"
     (exact,) = rows_of(record, "perplexity", policy="scissorhands", kv_bits=16)
     # float32 model, groups of 4: 4-bit values take 32 / (4 + 2 * 32 / 4) = 1/1.6 of the bytes
     assert quantized["x_value"] == pytest.approx(2 * 1.6) and quantized["extra"]["kv_mode"] == "generate"

@@ -9,7 +9,8 @@ describes: make room, append, attend, observe.
 With `kv_bits` < 16 the cache is KIVI's: keys quantized per channel in groups of `group_size` consecutive tokens,
 values per token in groups of `group_size` channels, and the newest tokens (fewer than a group) in full precision;
 attention runs over the quantized part (`decode_attention_quantized`) and the full-precision part and is merged
-through the log-sum-exps. Eviction composes with it: a key group that loses a token is regrouped with the other
+through the log-sum-exps. Where the kernels cannot run (a CPU without TRITON_INTERPRET=1), schedule `REFERENCE`
+does the same in PyTorch with the kernels' references. Eviction composes with it: a key group that loses a token is regrouped with the other
 loose tokens and quantized afresh (its survivors pick up a second rounding), while the groups that lose nothing
 come first, keep their members, and quantize back to themselves, to within a rounding of their scales (values,
 per token, always do).
@@ -36,12 +37,41 @@ from transformers import PreTrainedModel
 from effrepro_kernels.decode_attention import (DecodeSchedule, decode_attention, decode_attention_quantized, make_schedule,
                                       merge_attention)
 from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, packed_row_bytes, quantize_kv
+from effrepro_kernels.reference import (decode_scores_reference, dequantize_kv_reference, pack_codes,
+                                        quantize_kv_reference, unpack_codes)
 
 from .hooks import active, attention_replaced
 from .policies import Policy
 
 NAME = "effrepro_kv_generate"
 KV_BITS = (2, 4, 8, 16)
+# The schedule that runs no kernel: attention and quantization in PyTorch (effrepro_kernels.reference), the same
+# computation, for a CPU, where the Triton kernels run only in the interpreter (hours for a 512-token text).
+REFERENCE = "reference"
+
+
+def _reference_attention(q, keys, values, n, scale, return_lse=False, return_scores=False):
+    """What decode_attention returns, for one query per head over the first n slots of keys and values."""
+    scores = decode_scores_reference(q.float(), keys.float(), torch.full((q.shape[0],), n), scale)
+    lse = scores.logsumexp(-1)
+    group = q.shape[1] // keys.shape[1]
+    out = torch.einsum("bhn,bhnd->bhd", (scores - lse[..., None]).exp(),
+                       values.float().repeat_interleave(group, 1)).to(q.dtype)
+    return (out, lse, scores) if return_scores else (out, lse) if return_lse else out
+
+
+def _quantized(x: torch.Tensor, bits: int, group_size: int, axis: str, schedule: str) -> QuantizedKV:
+    if schedule != REFERENCE:
+        return quantize_kv(x, bits, group_size, axis)
+    codes, scale, zero = quantize_kv_reference(x, bits, group_size, axis)
+    return QuantizedKV(pack_codes(codes, bits), scale, zero, bits, group_size, axis, tuple(x.shape))
+
+
+def _dequantized(qkv: QuantizedKV, schedule: str) -> torch.Tensor:
+    if schedule != REFERENCE:
+        return dequantize_kv(qkv)
+    codes = unpack_codes(qkv.data, qkv.bits, qkv.shape[3])
+    return dequantize_kv_reference(codes, qkv.scale, qkv.zero, qkv.group_size, qkv.axis)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -78,6 +108,8 @@ class FloatStore:
 
     def attention(self, q, n, scale, **returns):
         """decode_attention of q (batch, heads, head_dim) over the first n slots (`returns`: its return_ flags)."""
+        if self.schedule == REFERENCE:
+            return _reference_attention(q, self.keys, self.values, n, scale, **returns)
         schedule = prepared_schedule(self.schedule, q.shape[0], self.keys.shape[1], n, q.shape[2], q.dtype, q.device)
         return decode_attention(q, self.keys, self.values, schedule=schedule, softmax_scale=scale, **returns)
 
@@ -136,8 +168,8 @@ class QuantizedStore:
         return quantized + self.residual.nbytes
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        _write(self.keys, quantize_kv(keys, self.bits, self.group_size, "channel"), start)
-        _write(self.values, quantize_kv(values, self.bits, self.group_size, "token"), start)
+        _write(self.keys, _quantized(keys, self.bits, self.group_size, "channel", self.schedule), start)
+        _write(self.values, _quantized(values, self.bits, self.group_size, "token", self.schedule), start)
 
     def append(self, key, value, n):
         self.residual.append(key, value, n - self.n_quantized)
@@ -150,11 +182,7 @@ class QuantizedStore:
         parts = []  # (first slot, last slot, out, lse[, scores]) of the quantized and of the full-precision part
         returns = dict(return_lse=True, return_scores=with_scores)
         if self.n_quantized:
-            schedule = prepared_schedule(self.schedule, b, self.keys.shape[1], self.n_quantized, q.shape[2], q.dtype,
-                                         q.device, quantized=True)
-            parts.append((0, self.n_quantized, *decode_attention_quantized(q, self.keys, self.values,
-                                                                           schedule=schedule, softmax_scale=scale,
-                                                                           **returns)))
+            parts.append((0, self.n_quantized, *self._quantized_attention(q, scale, returns)))
         if n > self.n_quantized:
             parts.append((self.n_quantized, n, *self.residual.attention(q, n - self.n_quantized, scale, **returns)))
         out, lse = merge_attention([part[2] for part in parts], [part[3] for part in parts])
@@ -164,6 +192,16 @@ class QuantizedStore:
         for first, last, _, _, part_scores in parts:
             scores[..., first:last] = part_scores[..., :last - first]
         return out, scores, lse
+
+    def _quantized_attention(self, q, scale, returns: dict):
+        """decode_attention_quantized over the quantized slots (`returns`: its return_ flags)."""
+        if self.schedule == REFERENCE:
+            keys, values = (_dequantized(x, REFERENCE) for x in (self.keys, self.values))
+            return _reference_attention(q, keys, values, self.n_quantized, scale, **returns)
+        schedule = prepared_schedule(self.schedule, q.shape[0], self.keys.shape[1], self.n_quantized, q.shape[2],
+                                     q.dtype, q.device, quantized=True)
+        return decode_attention_quantized(q, self.keys, self.values, schedule=schedule, softmax_scale=scale,
+                                          **returns)
 
     def loose(self, drop, n):
         """The full-precision tokens, and the survivors of every key group that loses a token."""
@@ -177,8 +215,8 @@ class QuantizedStore:
         q = self.n_quantized
         keys, values = self.residual.keys[:, :, :n - q], self.residual.values[:, :, :n - q]
         if q:
-            keys = torch.cat([dequantize_kv(self.keys)[:, :, :q], keys], 2)
-            values = torch.cat([dequantize_kv(self.values)[:, :, :q], values], 2)
+            keys = torch.cat([_dequantized(self.keys, self.schedule)[:, :, :q], keys], 2)
+            values = torch.cat([_dequantized(self.values, self.schedule)[:, :, :q], values], 2)
         keys, values = _gather_slots(keys, order), _gather_slots(values, order)
         kept = order.shape[-1]
         self.n_quantized = kept // self.group_size * self.group_size

@@ -29,14 +29,14 @@ from omegaconf import DictConfig, OmegaConf
 from effrepro_kernels.decode_attention import SCHEDULES
 from effrepro_kernels.runtime import runs_on
 from repro import checks
-from repro.bench import Unsupported, failure
+from repro.bench import failure
 from repro.context import ConfigError, RunContext
 from repro.evaluation import TEXTS, context_length, eval_text, perplexity, perplexity_rows
 from repro.models import load_model, require_model
 from repro.records import Row
 
 from . import bench
-from .generate import KV_BITS, decode_logits
+from .generate import KV_BITS, REFERENCE, decode_logits
 from .hooks import check_replaceable
 from .memory import bits_compression, table_rows
 from .policies import BUDGET_SCHEDULES, POLICIES, THRESHOLDS, Full, Policy, policy_at_budget
@@ -46,7 +46,6 @@ EXPERIMENTS = ("table1", "persistence", "quality", "multiple_choice", "decode")
 MODEL_EXPERIMENTS = ("persistence", "quality", "multiple_choice")
 MODES = ("simulate", "generate")
 UNBUDGETED = ("full", "scissorhands_released")  # one run each, at whatever compression they reach
-NO_KERNELS = "mode=generate runs our Triton decode kernel: it needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)"
 
 
 def budget(length: int, compression: float) -> int:
@@ -278,8 +277,10 @@ class Model:
     n_layers: int
 
 
-def kv_forward(kv: DictConfig, s: Setting, policy_for: Callable[[int], Policy]) -> KVForward:
-    return KVForward(policy_for, s.generates(kv.mode), s.bits, kv.group_size, kv.schedule)
+def kv_forward(kv: DictConfig, s: Setting, policy_for: Callable[[int], Policy], device) -> KVForward:
+    """mode=generate on our decode kernel (kv.schedule), or on its PyTorch reference where the kernels cannot run."""
+    schedule = kv.schedule if runs_on(device) else REFERENCE
+    return KVForward(policy_for, s.generates(kv.mode), s.bits, kv.group_size, schedule)
 
 
 def kv_compression(s: Setting, forward: KVForward | None, m: Model, group_size: int) -> tuple[float | None, dict]:
@@ -304,12 +305,12 @@ def sweep_rows(kv: DictConfig, ctx: RunContext, m: Model, settings: list[Setting
     `to_rows(result, provider, x, extra)` with the extras `extra(setting)` and the compression's. A setting that
     cannot run here, or fails, is a row of `metric` saying so, and the sweep goes on."""
     for s in settings:
-        forward = kv_forward(kv, s, policy_for(s))
+        forward = kv_forward(kv, s, policy_for(s), ctx.device)
         more = {**extra(s), "kv_mode": "generate" if forward.generate else "simulate"}
+        if forward.generate:
+            more["attention"] = "reference" if forward.schedule == REFERENCE else "kernel"
         start = time.perf_counter()
         try:
-            if forward.generate and not runs_on(ctx.device):
-                raise Unsupported(NO_KERNELS)
             result = evaluate(forward)
         except ConfigError:
             raise
