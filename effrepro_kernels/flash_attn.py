@@ -10,6 +10,7 @@ instead, where they measured faster (`_use_gluon`, `_use_gluon_backward`).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -86,14 +87,23 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune(configs, named_args, sparse_untuned: int = 0, **kwargs):
     """A block-sparse mask's blocks must hold whole tiles: where no config's tiles fit, tiles of one block.
-    Without autotuning, the first config that fits. (Triton prunes only a list of several configs, so the
-    choice is made here rather than by shortening the list.)"""
+    Without autotuning, the first config that fits, or for a block-sparse call `sparse_untuned`'s. (Triton prunes
+    only a list of several configs, so the choice is made here rather than by shortening the list.)"""
     block = named_args.get("SPARSE_BLOCK") or kwargs.get("SPARSE_BLOCK")
     kept = [c for c in configs if not block or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= block]
     kept = kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
-    return kept if AUTOTUNE else kept[:1]
+    if AUTOTUNE:
+        return kept  # Triton's autotuner also drops configs that do not fit the device
+    pick = sparse_untuned if block else 0
+    return kept[pick:][:1]
+
+
+# The block-sparse backward pipelines whole blocks of rows: its shared memory is about stages x block x head_dim x
+# 4 bytes (sm_90, Triton 3.6, offline: 258 KB at head_dim 128 with 128-key blocks in 3 stages, over Hopper's 227 KB,
+# where the dense backward's first config takes 113 KB). Untuned, it takes the last config: 2 stages, 161 KB there.
+_prune_backward = functools.partial(_prune, sparse_untuned=-1)
 
 
 def _tuned(kernel, block_size: int):
@@ -261,7 +271,7 @@ def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od, stride_
              mask=offs_m < N_Q)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward})
 @triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled kernel, kept (`_kept`)
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
@@ -340,7 +350,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
 
 @triton.autotune(configs=[triton.Config({"BLOCK_M": c.kwargs["BLOCK_N"], "BLOCK_N": c.kwargs["BLOCK_M"]},
                                         num_warps=c.num_warps, num_stages=c.num_stages) for c in BWD_CONFIGS],
-                 key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+                 key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward})
 @triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled kernel, kept (`_kept`)
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CNT, IDX,
                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,

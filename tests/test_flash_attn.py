@@ -167,6 +167,9 @@ def test_block_sparse_tiles_never_exceed_the_mask_blocks():
     assert module._prune(configs, {"SPARSE_BLOCK": 0}) == first
     (small,) = module._prune(configs, {"SPARSE_BLOCK": 32})
     assert small.kwargs == {"BLOCK_M": 32, "BLOCK_N": 32}
+    # untuned, the block-sparse backward takes the last config (its buffers grow with the block), dense the first
+    assert module._prune_backward(configs, {"SPARSE_BLOCK": 128}) == (configs if module.AUTOTUNE else configs[1:])
+    assert module._prune_backward(configs, {"SPARSE_BLOCK": 0}) == first
 
 
 def _qkv(*shape, dtype=torch.float16):
