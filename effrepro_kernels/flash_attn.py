@@ -535,7 +535,7 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
     if not _gluon_considered(forward_kernel, GLUON_MEASURED_ON, GLUON_MIN_KEYS, q, k, causal):
         return False
     if (key_padding_mask is not None or block_size) and forward_kernel == "auto" and GLUON != "1":
-        return False  # its key padding and block sparsity have not yet run on a GPU: "auto" keeps the tl forward
+        return False  # its key padding and block sparsity pass their GPU tests but are not yet timed: tl until then
     reason = _gluon_lacks(dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,)) or \
         flash_attn_gluon.refusal(q, k, v)
     if reason is None and key_padding_mask is not None and block_size:
@@ -721,7 +721,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error saying why
       where it does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was
       measured faster (`GLUON_MIN_KEYS`: dense from 512 keys at head_dim 128 and 1K at 64, causal from 1K and 2K;
-      with a key padding mask or block-sparse (128-key blocks) not yet: they have not run on a GPU;
+      with a key padding mask or block-sparse (128-key blocks) not yet: tested on a GPU, not yet timed;
       EFFREPRO_GLUON=0 never, =1 wherever it covers), else tl.
     - backward_kernel: the same choice for the backward; "auto" takes Gluon from `GLUON_BACKWARD_MIN_KEYS` keys
       (head_dim 128 from 1K, 2K causal, 64 from 2K; block-sparse too, with 128-key blocks; with a key padding

@@ -28,8 +28,8 @@ Both passes take a key padding mask (int8 a key): the forward's and the dQ kerne
 with its scores (every key tile is masked then; the forward in configurations of its own, `KEY_PADDING_CONFIGS`),
 the dK/dV kernel zeroes the padded keys' rows once at the end. Both are block-sparse with 128-key blocks (the
 forward in `SPARSE_CONFIGS`, where a query tile's key tiles are its list of kept blocks). The key padding and the
-sparse forward are compiled offline only so far, so `flash_attn`'s "auto" keeps the `tl` kernels for such calls
-until they have run on a GPU.
+sparse forward have passed their GPU tests (H200, 2026-12-06) but are not yet timed, so `flash_attn`'s "auto"
+keeps the `tl` kernels for such calls until they are.
 """
 from __future__ import annotations
 

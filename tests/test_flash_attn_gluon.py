@@ -124,7 +124,7 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
     k = torch.empty(1, 2, keys, head_dim)
     assert flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.0) == expected
     assert not flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.1)  # dropout: not covered
-    # key padding and block sparsity (of its 128-key blocks): covered, but not taken by "auto" until they have run
+    # key padding and block sparsity (of its 128-key blocks): covered, but not taken by "auto" until they are timed
     # on a GPU (EFFREPRO_GLUON=1 takes them); not both at once
     padded, blocks = torch.ones(1, keys, dtype=torch.bool), flash_attn_gluon.SPARSE_BLOCK
     for mask, block_size in ((padded, 0), (None, blocks)):
