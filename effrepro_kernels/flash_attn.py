@@ -96,8 +96,7 @@ def _prune(configs, named_args, sparse_untuned: int = 0, **kwargs):
     kept = kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
     if AUTOTUNE:
         return kept  # Triton's autotuner also drops configs that do not fit the device
-    pick = sparse_untuned if block else 0
-    return kept[pick:][:1]
+    return [kept[sparse_untuned if block else 0]]
 
 
 # The block-sparse backward pipelines whole blocks of rows: its shared memory is about stages x block x head_dim x
