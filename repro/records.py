@@ -197,13 +197,14 @@ def committed_copy(record: RunRecord, path: Path) -> Path | None:
     for candidate in _same_name_records(Path(path)):
         if not _taken(candidate):
             return None
+        stored = candidate if candidate.exists() else candidate.with_name(candidate.name + ".gz")
         try:
-            found = load_record(candidate if candidate.exists() else candidate.with_name(candidate.name + ".gz"))
+            found = load_record(stored)
         except (OSError, ValueError):
             continue
         if (found.started, found.finished, found.overrides, found.env) == \
                 (record.started, record.finished, record.overrides, record.env):
-            return candidate if candidate.exists() else candidate.with_name(candidate.name + ".gz")
+            return stored
 
 
 RECORD_SUFFIXES = (".json", ".json.gz")  # a record as written, or packed (`pack_records`)
