@@ -10,10 +10,10 @@ With `kv_bits` < 16 the cache is KIVI's: keys quantized per channel in groups of
 values per token in groups of `group_size` channels, and the newest tokens (fewer than a group) in full precision;
 attention runs over the quantized part (`decode_attention_quantized`) and the full-precision part and is merged
 through the log-sum-exps. Where the kernels cannot run (a CPU without TRITON_INTERPRET=1), schedule `REFERENCE`
-does the same in PyTorch with the kernels' references. Eviction composes with it: a key group that loses a token is regrouped with the other
-loose tokens and quantized afresh (its survivors pick up a second rounding), while the groups that lose nothing
-come first, keep their members, and quantize back to themselves, to within a rounding of their scales (values,
-per token, always do).
+does the same in PyTorch with the kernels' references. Eviction composes with it: a key group that loses a token
+is regrouped with the other loose tokens and quantized afresh (its survivors pick up a second rounding), while the
+groups that lose nothing come first, keep their members, and quantize back to themselves, to within a rounding of
+their scales (values, per token, always do).
 
 How it plugs into transformers. The model is called on one token at a time, with `use_cache=False` and the token's
 true position id; our attention function (hooks.py) receives that token's key and value, after the rotary
