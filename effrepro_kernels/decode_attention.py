@@ -28,7 +28,8 @@ import triton.language as tl
 
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .kv_quant import QuantizedKV, check_packed, kv_tile
-from .runtime import INTERPRET, cdiv, launch, next_pow2, runs_on, signature, sm_count
+from .runtime import (HOPPER_BLOCK_SMEM, INTERPRET, block_shared_memory, cdiv, launch, next_pow2, runs_on,
+                      signature, sm_count)
 
 SCHEDULES = ("fa2", "split", "lean")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,7 +44,6 @@ QUANTIZED_PROGRAMS_PER_SM = 2
 # Bytes of shared memory the K and V tiles of two pipeline stages may take: 160 KB on Hopper, of the 227 KB a block
 # may opt into there (where the tiles were measured); as much less on a GPU with less (`pipeline_smem`)
 PIPELINE_SMEM = 160 * 1024
-HOPPER_BLOCK_SMEM = 227 * 1024
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -71,10 +71,7 @@ def pipeline_smem(device=None) -> int:
     """Shared memory the K and V tiles of two pipeline stages may take on `device` (default: the current GPU):
     `PIPELINE_SMEM` less what the GPU's blocks have below Hopper's, so that the rest of the kernel keeps the room
     it had there; `PIPELINE_SMEM` without a GPU."""
-    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
-        return PIPELINE_SMEM
-    per_block = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", HOPPER_BLOCK_SMEM)
-    return max(16 * 1024, PIPELINE_SMEM - max(0, HOPPER_BLOCK_SMEM - per_block))
+    return max(16 * 1024, PIPELINE_SMEM - max(0, HOPPER_BLOCK_SMEM - block_shared_memory(device)))
 
 
 def pipeline_bytes(block_n: int, head_dim: int, dtype: torch.dtype, quantized: bool = False) -> int:

@@ -32,6 +32,18 @@ def sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+HOPPER_BLOCK_SMEM = 227 * 1024  # the shared memory a block may opt into on Hopper
+
+
+@functools.cache
+def block_shared_memory(device=None) -> int:
+    """The shared memory a block may opt into on a CUDA `device` (default: the current GPU), looked up once;
+    Hopper's where there is no GPU to ask (the kernels' choices made on a CPU, for tests)."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return HOPPER_BLOCK_SMEM
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", HOPPER_BLOCK_SMEM)
+
+
 def int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
     """A key padding mask as the kernels read it (int8, contiguous), or, without one, a placeholder they never
     read."""
