@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import flash_attn_gluon
-from .runtime import AUTOTUNE, INTERPRET, KeptLaunches, cdiv, int8_mask, launch, next_pow2
+from .runtime import AUTOTUNE, INTERPRET, KeptLaunches, block_shared_memory, cdiv, int8_mask, launch, next_pow2
 from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
@@ -87,22 +87,42 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
-def _prune(configs, named_args, sparse_untuned: int = 0, **kwargs):
-    """A block-sparse mask's blocks must hold whole tiles: where no config's tiles fit, tiles of one block.
-    Without autotuning, the first config that fits, or for a block-sparse call `sparse_untuned`'s. (Triton prunes
-    only a list of several configs, so the choice is made here rather than by shortening the list.)"""
-    block = named_args.get("SPARSE_BLOCK") or kwargs.get("SPARSE_BLOCK")
+# What a program's shared memory holds besides its tiles, at most (LSE and delta rows, layout conversions): the
+# estimate below plus this bounded what Triton 3.6 and 3.9 gave each config for sm_90, compiled offline
+SHARED_SLACK = 2048
+
+
+def _shared_bytes(config, block_d: int, itemsize: int, streamed: str, kept_tiles: int) -> int:
+    """A config's shared memory, about: `num_stages` buffers of the two tiles a program streams (`streamed` rows
+    each), and `kept_tiles` tiles it holds throughout (rows of the other block)."""
+    kept = "BLOCK_M" if streamed == "BLOCK_N" else "BLOCK_N"
+    rows = config.num_stages * 2 * config.kwargs[streamed] + kept_tiles * config.kwargs[kept]
+    return rows * block_d * itemsize + SHARED_SLACK
+
+
+def _prune(configs, named_args, streamed: str, kept_tiles: int, **kwargs):
+    """The configs to time: those whose tiles fit a block-sparse mask's blocks (where none does, tiles of one
+    block) and whose shared memory fits the GPU's (where none does, the smallest, in one stage). Without
+    autotuning, the first of them. (Triton prunes only a list of several configs, so the choice is made here
+    rather than by shortening the list.)"""
+    args = {**named_args, **kwargs}
+    block = args["SPARSE_BLOCK"]
     kept = [c for c in configs if not block or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= block]
     kept = kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
-    if AUTOTUNE:
-        return kept  # Triton's autotuner also drops configs that do not fit the device
-    return [kept[sparse_untuned if block else 0]]
+    size = functools.partial(_shared_bytes, block_d=args["BLOCK_D"], itemsize=args["Q"].element_size(),
+                             streamed=streamed, kept_tiles=kept_tiles)
+    fitting = [c for c in kept if size(c) <= block_shared_memory(args["Q"].device)]
+    if not fitting:
+        smallest = min(kept, key=size)
+        fitting = [triton.Config(smallest.kwargs, num_warps=smallest.num_warps, num_stages=1)]
+    return fitting if AUTOTUNE else fitting[:1]
 
 
-# The block-sparse backward pipelines whole blocks of rows: its shared memory is about stages x block x head_dim x
-# 4 bytes (sm_90, Triton 3.6, offline: 258 KB at head_dim 128 with 128-key blocks in 3 stages, over Hopper's 227 KB,
-# where the dense backward's first config takes 113 KB). Untuned, it takes the last config: 2 stages, 161 KB there.
-_prune_backward = functools.partial(_prune, sparse_untuned=-1)
+# Each kernel's streamed and kept tiles: the forward streams K and V and keeps Q; dK/dV streams Q and dO and keeps
+# K and V; dQ streams K and V and keeps Q and dO
+_prune_forward = functools.partial(_prune, streamed="BLOCK_N", kept_tiles=1)
+_prune_dkdv = functools.partial(_prune, streamed="BLOCK_M", kept_tiles=2)
+_prune_dq = functools.partial(_prune, streamed="BLOCK_N", kept_tiles=2)
 
 
 def _tuned(kernel, block_size: int):
@@ -133,50 +153,50 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn
                SPARSE: tl.constexpr, SUB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     dmask = offs_d < HEAD_DIM
-    for i in range(lo, hi):
+    # one loop over tiles, SUB to a sparse block: a nested loop over a block's tiles, unrolled, would pipeline the
+    # whole block (shared memory growing with the block size, past Hopper's at 128-key blocks and head_dim 256)
+    for t in range(lo * SUB, hi * SUB):
         if SPARSE:
-            coarse = tl.load(IDX + i)
+            start_n = (tl.load(IDX + t // SUB) * SUB + t % SUB) * BLOCK_N
         else:
-            coarse = i
-        for sub in tl.static_range(SUB):
-            start_n = (coarse * SUB + sub) * BLOCK_N
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            nmask = offs_n < N_K
-            k_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-            v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-            if MASK or HEAD_DIM != BLOCK_D:
-                k = tl.load(k_ptrs, mask=dmask[:, None] & nmask[None, :], other=0.0)
-            else:  # a whole tile: an unpredicated load pipelines better
-                k = tl.load(k_ptrs)
-            s = tl.dot(q, k)  # unscaled: the scale is folded into the exponent's multiply-add below
-            if MASK:
-                valid = nmask[None, :]
-                if CAUSAL:
-                    valid = valid & (offs_n[None, :] <= offs_m[:, None] + (N_K - N_Q))
-                if HAS_KPM:
-                    valid = valid & (tl.load(KPM + offs_n, mask=nmask, other=0) != 0)[None, :]
-                s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0, so max commutes with it
-            if MASK:  # a row with no visible key yet: keep exp2 away from inf - inf
-                m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_new_safe = m_new
-            p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_new_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                start_m = tl.program_id(0) * BLOCK_M
-                p = tl.where(_keep(seed, bh, start_m, start_n, N_K, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
-            if MASK or HEAD_DIM != BLOCK_D:
-                v = tl.load(v_ptrs, mask=nmask[:, None] & dmask[None, :], other=0.0)
-            else:
-                v = tl.load(v_ptrs)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in the matrix unit
-            m_i = m_new
+            start_n = t * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N_K
+        k_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASK or HEAD_DIM != BLOCK_D:
+            k = tl.load(k_ptrs, mask=dmask[:, None] & nmask[None, :], other=0.0)
+        else:  # a whole tile: an unpredicated load pipelines better
+            k = tl.load(k_ptrs)
+        s = tl.dot(q, k)  # unscaled: the scale is folded into the exponent's multiply-add below
+        if MASK:
+            valid = nmask[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + (N_K - N_Q))
+            if HAS_KPM:
+                valid = valid & (tl.load(KPM + offs_n, mask=nmask, other=0) != 0)[None, :]
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0, so max commutes with it
+        if MASK:  # a row with no visible key yet: keep exp2 away from inf - inf
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            start_m = tl.program_id(0) * BLOCK_M
+            p = tl.where(_keep(seed, bh, start_m, start_n, N_K, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
+        if MASK or HEAD_DIM != BLOCK_D:
+            v = tl.load(v_ptrs, mask=nmask[:, None] & dmask[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in the matrix unit
+        m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled kernel, kept (`_kept`)
 def _attn_fwd(Q, K, V, O, LSE, KPM, CNT, IDX,
               stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
@@ -270,7 +290,7 @@ def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od, stride_
              mask=offs_m < N_Q)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward})
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled kernel, kept (`_kept`)
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
@@ -311,35 +331,33 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
             lo, hi = 0, tl.cdiv(N_Q, BLOCK_M)
             if CAUSAL:  # rows before this key tile's first visible row contribute nothing
                 lo = tl.maximum(pid_n * BLOCK_N - (N_K - N_Q), 0) // BLOCK_M
-        for i in range(lo, hi):
+        for t in range(lo * SUB, hi * SUB):  # one loop over tiles, as the forward's (`_fwd_inner`)
             if SPARSE_BLOCK:
-                coarse = tl.load(IDX + i)
+                start_m = (tl.load(IDX + t // SUB) * SUB + t % SUB) * BLOCK_M
             else:
-                coarse = i
-            for sub in tl.static_range(SUB):
-                start_m = (coarse * SUB + sub) * BLOCK_M
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                mmask = offs_m < N_Q
-                qT = tl.load(Qh + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                             mask=mmask[None, :] & dmask[:, None], other=0.0)
-                lse = tl.load(LSE + b * stride_sb + h * stride_sh + offs_m * stride_sm, mask=mmask,
-                              other=float("inf"))
-                pT = _bwd_tile_scores(k, qT, offs_m[None, :], offs_n[:, None], lse[None, :], KPM, N_Q, N_K,
-                                      qk_scale, CAUSAL, HAS_KPM)
-                if DROPOUT:
-                    keepT = tl.trans(_keep(seed, bh, start_m, pid_n * BLOCK_N, N_K, dropout_p, BLOCK_M, BLOCK_N))
-                do = tl.load(DOh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                             mask=mmask[:, None] & dmask[None, :], other=0.0)
-                if DROPOUT:
-                    dv += tl.dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do)
-                else:
-                    dv += tl.dot(pT.to(do.dtype), do)
-                dpT = tl.dot(v, tl.trans(do))
-                if DROPOUT:
-                    dpT = tl.where(keepT, dpT * inv_keep, 0.0)
-                delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=mmask, other=0.0)
-                dsT = pT * (dpT - delta[None, :])
-                dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+                start_m = t * BLOCK_M
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mmask = offs_m < N_Q
+            qT = tl.load(Qh + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                         mask=mmask[None, :] & dmask[:, None], other=0.0)
+            lse = tl.load(LSE + b * stride_sb + h * stride_sh + offs_m * stride_sm, mask=mmask,
+                          other=float("inf"))
+            pT = _bwd_tile_scores(k, qT, offs_m[None, :], offs_n[:, None], lse[None, :], KPM, N_Q, N_K,
+                                  qk_scale, CAUSAL, HAS_KPM)
+            if DROPOUT:
+                keepT = tl.trans(_keep(seed, bh, start_m, pid_n * BLOCK_N, N_K, dropout_p, BLOCK_M, BLOCK_N))
+            do = tl.load(DOh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                         mask=mmask[:, None] & dmask[None, :], other=0.0)
+            if DROPOUT:
+                dv += tl.dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do)
+            else:
+                dv += tl.dot(pT.to(do.dtype), do)
+            dpT = tl.dot(v, tl.trans(do))
+            if DROPOUT:
+                dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=mmask, other=0.0)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
     dk *= sm_scale
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -349,7 +367,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
 
 @triton.autotune(configs=[triton.Config({"BLOCK_M": c.kwargs["BLOCK_N"], "BLOCK_N": c.kwargs["BLOCK_M"]},
                                         num_warps=c.num_warps, num_stages=c.num_stages) for c in BWD_CONFIGS],
-                 key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_backward})
+                 key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit(do_not_specialize=["seed"])  # a new seed per call: one compiled kernel, kept (`_kept`)
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CNT, IDX,
                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
@@ -387,27 +405,25 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CNT, IDX,
         lo, hi = 0, tl.cdiv(N_K, BLOCK_N)
         if CAUSAL:
             hi = tl.minimum(hi, tl.maximum(tl.cdiv(pid_m * BLOCK_M + BLOCK_M + N_K - N_Q, BLOCK_N), 0))
-    for i in range(lo, hi):
+    for t in range(lo * SUB, hi * SUB):  # one loop over tiles, as the forward's (`_fwd_inner`)
         if SPARSE_BLOCK:
-            coarse = tl.load(IDX + i)
+            start_n = (tl.load(IDX + t // SUB) * SUB + t % SUB) * BLOCK_N
         else:
-            coarse = i
-        for sub in tl.static_range(SUB):
-            start_n = (coarse * SUB + sub) * BLOCK_N
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            nmask = offs_n < N_K
-            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=nmask[None, :] & dmask[:, None], other=0.0)
-            vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                         mask=nmask[None, :] & dmask[:, None], other=0.0)
-            p = _bwd_tile_scores(q, kT, offs_m[:, None], offs_n[None, :], lse[:, None], KPM, N_Q, N_K, qk_scale,
-                                 CAUSAL, HAS_KPM)
-            dp = tl.dot(do, vT)
-            if DROPOUT:
-                keep = _keep(seed, bh, pid_m * BLOCK_M, start_n, N_K, dropout_p, BLOCK_M, BLOCK_N)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+            start_n = t * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N_K
+        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=nmask[None, :] & dmask[:, None], other=0.0)
+        vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                     mask=nmask[None, :] & dmask[:, None], other=0.0)
+        p = _bwd_tile_scores(q, kT, offs_m[:, None], offs_n[None, :], lse[:, None], KPM, N_Q, N_K, qk_scale,
+                             CAUSAL, HAS_KPM)
+        dp = tl.dot(do, vT)
+        if DROPOUT:
+            keep = _keep(seed, bh, pid_m * BLOCK_M, start_n, N_K, dropout_p, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
     dq *= sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
