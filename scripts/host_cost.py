@@ -67,16 +67,18 @@ def main():
     q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in qkv.unbind(2))
 
     def ours_gluon():  # Gluon's kernels in both passes (flash_attn_gluon.py), where they cover the call
-        return flash_attn(q, k, v, causal=True, forward_kernel="gluon", backward_kernel="gluon").transpose(1, 2)
+        return flash_attn(q, k, v, causal=True, forward_kernel="gluon", backward_kernel="gluon")
 
     gluon_covers = flash_attn_gluon.refusal(q, k, v) is None
+    # the Gluon backward takes a contiguous dO in its output's (batch, heads, seq, head_dim) layout
+    grads = {"ours": grad, "ours_gluon": grad.transpose(1, 2).contiguous(), "sdpa": grad}
     for name, attention in (("ours", ours), ("ours_gluon", ours_gluon), ("sdpa", sdpa)):
         if name == "ours_gluon" and not gluon_covers:
             print(f"ours_gluon: not run ({flash_attn_gluon.refusal(q, k, v)})")
             continue
         with torch.no_grad():
             forward = host_us_per_call(attention)
-        both = host_us_per_call(lambda: attention().backward(grad))
+        both = host_us_per_call(lambda: attention().backward(grads[name]))
         print(f"fast_launch={os.environ.get('EFFREPRO_FAST_LAUNCH', '1')} {name}: forward {forward:.1f} us, "
               f"forward + backward {both:.1f} us")
 
