@@ -11,6 +11,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -307,13 +308,21 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
     for (metric, baseline), part in df.groupby(["metric", "baseline"]):
         several = df[df["metric"] == metric]["baseline"].nunique() > 1
         by_mode = "mode" if (part["mode"] != "").any() else None  # no empty "mode =" column for tasks without
-        grid = sns.relplot(data=part, x="x", y="p50", hue="provider", col=by_mode, row="series", kind="line",
-                           marker="o", height=2.6, aspect=1.3, facet_kws={"sharey": False, "margin_titles": True})
         x_name = part["x_name"].iloc[0]
-        # sizes span decades (log axis); training steps are evenly spaced (linear)
+        x = pd.to_numeric(part["x"], errors="coerce")
+        facets = dict(hue="provider", col=by_mode, row="series", height=2.6, aspect=1.3)
+        panels = {"sharey": False, "margin_titles": True}
+        with warnings.catch_warnings():  # a tall grid's tight layout gives up; savefig's bbox_inches="tight" fits it
+            warnings.filterwarnings("ignore", "Tight layout not applied")
+            if x.isna().any():  # named points (tasks, models): bars side by side
+                grid = sns.catplot(data=part, x="x", y="p50", kind="bar", sharex=False, **facets, **panels)
+            else:
+                grid = sns.relplot(data=part.assign(x=x), x="x", y="p50", kind="line", marker="o", **facets,
+                                   facet_kws=panels)
+                # sizes span decades (log axis); training steps, and values a log axis cannot show, evenly
+                grid.set(xscale="log" if x_name != "step" and (x > 0).all() else "linear")
         over = f" over {baseline}" if baseline else ""
-        grid.set(xscale="linear" if x_name == "step" else "log", xlabel=x_name,
-                 ylabel=f"{metric}{over} ({part['unit'].iloc[0]})")
+        grid.set(xlabel=x_name, ylabel=f"{metric}{over} ({part['unit'].iloc[0]})")
         if metric == "peak_memory":
             grid.set(yscale="log")
         grid.figure.suptitle(f"{task} · {metric}{over} · {title}", y=1.02)
