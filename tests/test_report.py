@@ -203,6 +203,23 @@ def test_a_ratio_over_several_baselines_gets_one_plot_per_baseline(tmp_path):
     assert names == ["bench_speedup_vs_eager.png", "bench_speedup_vs_megatron.png", "bench_tokens_per_s.png"]
 
 
+def test_named_points_and_points_at_zero_plot_without_warnings(tmp_path):
+    """Tasks or models as x (bars: a line over names has no axis), and sizes from 0 (a linear axis: a log one
+    cannot show 0), each plotted with no warning."""
+    import warnings
+
+    from repro.report import plot_rows
+
+    rows = [Row(p, "lra_task", task, "speedup", "x", v) for task in ("pathfinder",) for p, v in
+            (("standard", 1.0), ("flash", 4.0))]
+    rows += [Row("ours", "dropout", x, "tokens_per_s", "tokens/s", 10.0 + x) for x in (0.0, 0.1, 0.2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = plot_rows("bench", rows, "t", tmp_path, ["speedup", "tokens_per_s"])
+    assert sorted(p.name for p in paths) == ["bench_speedup.png", "bench_tokens_per_s.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
 def test_a_killed_newer_record_never_displaces_a_complete_one(tree, no_plots):
     runs = tree / "runs" / "toy" / "bench"
     cut_short = rec("bench", "small", [row("speedup", 0.5)], started="2026-12-01T00:00:00+00:00", status="killed")
