@@ -73,6 +73,7 @@ SHAPES = [  # batch, heads, kv heads, seq_q, seq_k, head_dim, causal
     (1, 4, 1, 20, 45, 16, True),    # multi-query, fewer queries than keys
     (1, 4, 2, 45, 20, 128, True),   # grouped-query; more queries than keys: the first rows see nothing
     (2, 2, 2, 1, 33, 80, False),    # one query; a head dim that is not a power of two
+    (1, 2, 1, 40, 70, 256, True),   # the largest head dim
 ]
 
 
