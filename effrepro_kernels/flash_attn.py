@@ -147,20 +147,25 @@ DELTA_ELEMENTS = 4096  # of O and of dO a program of the backward's rowsum(dO âˆ
 
 # ----------------------------------------------------------------------------------------------------- forward
 @triton.jit
+def _tile_start(t, IDX, SPARSE: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr):
+    """The first row of the t-th tile a program visits: dense, tile t; block-sparse, tile t % SUB of the
+    (t // SUB)-th kept block (IDX), SUB tiles to a block. One loop over tiles rather than a nested loop over a
+    block's tiles: unrolled, that would pipeline whole blocks (shared memory growing with the block size: past
+    Hopper's 227 KB with 128-key blocks in the backward at head_dim 128, everywhere at 256)."""
+    if SPARSE:
+        return (tl.load(IDX + t // SUB) * SUB + t % SUB) * BLOCK
+    return t * BLOCK
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, KPM, IDX, stride_kn, stride_kd, stride_vn, stride_vd,
                offs_m, offs_d, lo, hi, N_Q, N_K, qk_scale, seed, bh, dropout_p,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
                SPARSE: tl.constexpr, SUB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     dmask = offs_d < HEAD_DIM
-    # one loop over tiles, SUB to a sparse block: a nested loop over a block's tiles, unrolled, would pipeline the
-    # whole block (shared memory growing with the block size: past Hopper's 227 KB with 128-key blocks in the
-    # backward at head_dim 128, everywhere at 256)
     for t in range(lo * SUB, hi * SUB):
-        if SPARSE:
-            start_n = (tl.load(IDX + t // SUB) * SUB + t % SUB) * BLOCK_N
-        else:
-            start_n = t * BLOCK_N
+        start_n = _tile_start(t, IDX, SPARSE, SUB, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < N_K
         k_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
@@ -332,11 +337,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CNT, IDX,
             lo, hi = 0, tl.cdiv(N_Q, BLOCK_M)
             if CAUSAL:  # rows before this key tile's first visible row contribute nothing
                 lo = tl.maximum(pid_n * BLOCK_N - (N_K - N_Q), 0) // BLOCK_M
-        for t in range(lo * SUB, hi * SUB):  # one loop over tiles, as the forward's (`_fwd_inner`)
-            if SPARSE_BLOCK:
-                start_m = (tl.load(IDX + t // SUB) * SUB + t % SUB) * BLOCK_M
-            else:
-                start_m = t * BLOCK_M
+        for t in range(lo * SUB, hi * SUB):
+            start_m = _tile_start(t, IDX, SPARSE_BLOCK != 0, SUB, BLOCK_M)
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mmask = offs_m < N_Q
             qT = tl.load(Qh + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
@@ -406,11 +408,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KPM, CNT, IDX,
         lo, hi = 0, tl.cdiv(N_K, BLOCK_N)
         if CAUSAL:
             hi = tl.minimum(hi, tl.maximum(tl.cdiv(pid_m * BLOCK_M + BLOCK_M + N_K - N_Q, BLOCK_N), 0))
-    for t in range(lo * SUB, hi * SUB):  # one loop over tiles, as the forward's (`_fwd_inner`)
-        if SPARSE_BLOCK:
-            start_n = (tl.load(IDX + t // SUB) * SUB + t % SUB) * BLOCK_N
-        else:
-            start_n = t * BLOCK_N
+    for t in range(lo * SUB, hi * SUB):
+        start_n = _tile_start(t, IDX, SPARSE_BLOCK != 0, SUB, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < N_K
         kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
