@@ -236,34 +236,27 @@ def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
     replace_atomically(path, lambda tmp: tmp.write_bytes(gzip.compress(buf.getvalue().encode(), mtime=0)))
 
 
-def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[str, tuple[list, list[RunRecord]]]:
-    """Per task, the rows to plot: each series (a row's `series` extra) from the best GPU record that has it
-    (see `preference`: a whole run before a killed one, then the newest), so a run that measured only some
-    settings does not hide the others. Also the records used. Where those ran on more than one card, each
-    series is named with its card (on copies of the rows), so no plot passes one card's numbers off as another's."""
-    out: dict[str, tuple[list, list[RunRecord]]] = {}
+def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[tuple[str, str], tuple[list, list[RunRecord]]]:
+    """Per task and card, the rows to plot: each series (a row's `series` extra) from that card's best record
+    that has it (see `preference`: a whole run before a killed one, then the newest), so a run that measured
+    only some settings does not hide the others, and one card's run never hides another card's. Also the
+    records used."""
+    out: dict[tuple[str, str], tuple[list, list[RunRecord]]] = {}
     for _, rec in sorted(records, key=lambda pr: (pr[1].status == "ok", pr[1].started), reverse=True):
         if rec.status not in USABLE or rec.scale == "smoke":
             continue
-        rows, used = out.setdefault(rec.task, ([], []))
+        rows, used = out.setdefault((rec.task, rec.gpu_name), ([], []))
         taken = {r.extra.get("series", "") for r in rows}
         new = [r for r in rec.rows if r.extra.get("series", "") not in taken]
         if new:
             rows += new
             used.append(rec)
-    for rows, used in out.values():
-        if len({rec.gpu_name for rec in used}) > 1:
-            card = {id(r): rec.gpu_name.removeprefix("NVIDIA ") for rec in used for r in rec.rows}
-            rows[:] = [replace(r, extra={**r.extra, "series": _with_card(r.extra.get("series", ""), card[id(r)])})
-                       for r in rows]
     return out
 
 
-def _with_card(series: str, card: str) -> str:
-    """`series` with the card that measured it, unless it names that card already (as a whole word)."""
-    if re.search(rf"(?<!\w){re.escape(card)}(?!\w)", series, re.IGNORECASE):
-        return series
-    return f"{series} · {card}" if series else card
+def card_slug(gpu_name: str) -> str:
+    """A file-name part for a card: "NVIDIA H100 80GB HBM3" -> "h100_80gb_hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "_", gpu_name.lower().removeprefix("nvidia ")).strip("_")
 
 
 def plotted_metrics(record: RunRecord) -> list[str]:
@@ -286,9 +279,10 @@ def _declared_plots(task: str) -> tuple[str, ...]:
         return ()
 
 
-def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[str]) -> list[Path]:
+def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[str], card: str = "") -> list[Path]:
     """One PNG per metric: p50 against x, a line per provider, columns by mode, rows by series. A ratio taken
-    over several baselines (a row's `baseline` extra) gets one PNG per baseline, never an average of them."""
+    over several baselines (a row's `baseline` extra) gets one PNG per baseline, never an average of them.
+    `card`, where given, ends each file's name (a task measured on several cards gets a set of plots each)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,7 +320,8 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
         if metric == "peak_memory":
             grid.set(yscale="log")
         grid.figure.suptitle(f"{task} · {metric}{over} · {title}", y=1.02)
-        path = out_dir / (f"{task}_{metric}_vs_{baseline}.png" if several and baseline else f"{task}_{metric}.png")
+        stem = f"{task}_{metric}_vs_{baseline}" if several and baseline else f"{task}_{metric}"
+        path = out_dir / (f"{stem}_{card}.png" if card else f"{stem}.png")
         grid.savefig(path, dpi=90, bbox_inches="tight")
         matplotlib.pyplot.close(grid.figure)
         paths.append(path)
@@ -381,11 +376,14 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     plots = []
     for stale in (out / "report" / "plots").glob("*.png"):
         stale.unlink()
-    for task, (rows, used) in newest_rows_by_series(records).items():
+    to_plot = newest_rows_by_series(records)
+    for (task, gpu_name), (rows, used) in sorted(to_plot.items()):
         title = ", ".join(sorted({f"{r.gpu_name} {r.scale}" + (f" ({r.status} run)" if r.status != "ok" else "")
                                   for r in used}))
         metrics = sorted({m for r in used for m in plotted_metrics(r)})
-        plots += plot_rows(task, rows, title, out / "report" / "plots", metrics)
+        several_cards = sum(t == task for t, _ in to_plot) > 1
+        plots += plot_rows(task, rows, title, out / "report" / "plots", metrics,
+                           card=card_slug(gpu_name) if several_cards else "")
     if plots:
         parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}](report/plots/{p.name})" for p in plots) + "\n")
     report = "\n".join(parts)

@@ -81,7 +81,7 @@ def tree(tmp_path):
 def no_plots(monkeypatch):
     """For the tests of the report's text and exit status: drawing the plots takes most of a build's time, and
     test_outputs_csv_plots_and_readme checks them."""
-    monkeypatch.setattr("repro.report.plot_rows", lambda *args: [])
+    monkeypatch.setattr("repro.report.plot_rows", lambda *args, **kwargs: [])
 
 
 def test_statuses_from_fixture_records(tree, no_plots):
@@ -170,25 +170,33 @@ def test_plots_take_each_series_from_the_newest_record_that_has_it():
 
     old = rec("bench", "small", [series_row("a", 1.0), series_row("b", 2.0)], started="2026-11-01T00:00:00+00:00")
     new = rec("bench", "small", [series_row("a", 3.0)], started="2026-11-02T00:00:00+00:00")
-    rows, used = newest_rows_by_series([(Path("old"), old), (Path("new"), new)])["bench"]
+    rows, used = newest_rows_by_series([(Path("old"), old), (Path("new"), new)])["bench", old.gpu_name]
     assert sorted((r.extra["series"], r.p50) for r in rows) == [("a", 3.0), ("b", 2.0)]
     assert used == [new, old]
 
 
-def test_plotted_series_from_several_cards_carry_their_card():
+def test_each_card_gets_its_own_plots_from_its_own_newest_records(tree, monkeypatch):
+    """A newer run on one card hides nothing of another card's: each card's series come from its own records,
+    in plots named by card."""
     from repro.report import newest_rows_by_series
 
-    def series_row(series):
-        return Row("ours", "n", 1, "speedup", "x", 1.0, extra={"series": series})
+    def series_row(series, value):
+        return Row("ours", "n", 1, "speedup", "x", value, extra={"series": series})
 
-    h100 = rec("bench", "small", [series_row("a"), series_row("b"), series_row("")],
-               started="2026-11-01T00:00:00+00:00")
-    h200 = rec("bench", "small", [series_row("a"), series_row("H200 sweep"), series_row("H20 sweep")],
-               started="2026-11-02T00:00:00+00:00", env=H200)
-    rows, _ = newest_rows_by_series([(Path("old"), h100), (Path("new"), h200)])["bench"]
-    assert sorted(r.extra["series"] for r in rows) == ["H100 80GB HBM3", "H20 sweep · H200", "H200 sweep",
-                                                      "a · H200", "b · H100 80GB HBM3"]
-    assert h100.rows[1].extra["series"] == "b"  # the records themselves unchanged
+    h100 = rec("bench", "small", [series_row("a", 1.0), series_row("b", 2.0)], started="2026-11-01T00:00:00+00:00")
+    h200 = rec("bench", "small", [series_row("a", 3.0)], started="2026-11-02T00:00:00+00:00", env=H200)
+    by_card = newest_rows_by_series([(Path("old"), h100), (Path("new"), h200)])
+    assert {card: sorted((r.extra["series"], r.p50) for r in rows) for (_, card), (rows, _) in by_card.items()} == {
+        h100.gpu_name: [("a", 1.0), ("b", 2.0)], h200.gpu_name: [("a", 3.0)]}
+
+    plotted = []
+    monkeypatch.setattr("repro.report.plot_rows", lambda task, rows, title, out, metrics, card="": plotted.append(
+        (task, card, title)) or [])
+    save_record(h200, tree / "runs" / "toy" / "bench" / "h200.json")
+    build_report(tree / "runs", tree / "published", tree / "out", None)
+    assert sorted((task, card) for task, card, _ in plotted) == [("bench", "h100_80gb_hbm3"), ("bench", "h200"),
+                                                                 ("train", "")]  # one card: names as before
+    assert all(card.split("_")[0] in title.lower() for _, card, title in plotted)
 
 
 def test_a_ratio_over_several_baselines_gets_one_plot_per_baseline(tmp_path):
