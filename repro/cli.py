@@ -34,7 +34,7 @@ from .context import (PROJECT_ROOT, ConfigError, RunContext, capture_environment
 from .records import FAILED_ROW_STATUSES, RunRecord, committed_copy, load_record, save_new_record, save_record
 from .report import console_table, evaluate
 from .timing import is_out_of_memory
-from .wandb_logger import NullLogger, make_logger
+from .wandb_logger import WANDB_MODES, NullLogger, make_logger
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -104,6 +104,10 @@ def _start(cfg: DictConfig, record: RunRecord, output_dir: Path):
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     checks.number("record_every_s", cfg.record_every_s, integer=False, at_least=0)
+    checks.number("seed", cfg.seed, at_least=0)
+    checks.choice("logger.name", cfg.logger.name, ("wandb", "none"))
+    if cfg.logger.name == "wandb":  # W&B failing never stops a run, but a mistyped mode is the user's to fix
+        checks.choice("logger.mode", cfg.logger.mode, WANDB_MODES)
     device = resolve_device(cfg.scale)
     entry, validate = load_task(cfg.task.entry)
     if validate is not None:

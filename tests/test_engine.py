@@ -23,6 +23,7 @@ def record(folder):
     ("kernel.seq_len=abc", "kernel.seq_len='abc' must be a number"),
     ("task=flash_gpt2 train.steps=abc", "train.steps='abc' must be a number"),
     ("task=flash_gpt2 train.precision=8", "train.precision=8 must be a string"),
+    ("seed=1.5", "seed=1.5 must be an integer >= 0"),
 ])
 def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path):
     code, out, err = run_inline(*override.split(), "logger=none", f"hydra.run.dir={tmp_path}")
@@ -111,6 +112,12 @@ def test_bad_input_starts_no_logger_and_commits_nothing(tmp_path):
     assert code == 2 and "fastest" in err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "job" / "wandb").exists()
     assert record(tmp_path / "job")["error"]
+
+
+def test_a_mistyped_wandb_mode_stops_the_run_though_wandb_failing_would_not(tmp_path):
+    code, _, err = run_inline("logger=wandb", "logger.mode=onlin", f"hydra.run.dir={tmp_path}")
+    assert code == 2 and "logger.mode='onlin' is not one of" in err and "offline" in err
+    assert not (tmp_path / "wandb").exists()
 
 
 def test_a_sweep_runs_every_job_lists_them_all_and_fails_if_one_did(tmp_path):
