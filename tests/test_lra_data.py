@@ -186,8 +186,11 @@ def test_hub_offline_error_says_what_to_do(task):
 
     if not datasets.config.HF_HUB_OFFLINE:
         pytest.skip("would download: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is off")
-    with pytest.raises(RuntimeError, match="Run once with network.*tiny_fixture"):
-        data.load_lra_hub(task, "train")
+    from repro.context import ConfigError
+
+    for call in (lambda: data.check_hub_reachable(task), lambda: data.load_lra_hub(task, "train")):
+        with pytest.raises(ConfigError, match="lra.source=hub.*Run once with network.*lra.source=fixture"):
+            call()
 
 
 def test_retrieval_needs_lra_release_files(tmp_path):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from repro.context import available_cores
+from repro.context import ConfigError, available_cores
 from repro.records import write_json_atomic
 
 # Bump whenever a change alters what (task, params, seed) generates: caches of another version are regenerated.
@@ -528,6 +528,25 @@ def _to_lra(task: str, row: dict) -> dict:
     return {"image": np.asarray(row["img"].convert("L")), "label": row["label"]}
 
 
+def _unreachable(task: str, source: str, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"lra.source=hub: LRA {task} reads the hub dataset {source!r}, which is not in the local Hugging Face cache "
+        f"and cannot be downloaded ({exc}). Run once with network (HF_DATASETS_OFFLINE and HF_HUB_OFFLINE unset) "
+        "to fill the cache, or use lra.source=fixture (generated stand-ins, no download)")
+
+
+def check_hub_reachable(task: str) -> None:
+    """Before any work: the hub dataset of a Text or Image run is cached or can be downloaded (a builder reads
+    only its metadata)."""
+    import datasets as hf
+
+    if task in HUB:
+        try:
+            hf.load_dataset_builder(HUB[task])
+        except ConnectionError as exc:
+            raise _unreachable(task, HUB[task], exc) from exc
+
+
 def load_lra_hub(task: str, split: str, *, data_dir: str | os.PathLike | None = None):
     """LRA's Text (IMDb as byte ids), Retrieval (AAN pairs of byte ids) or Image (CIFAR-10 grey, 32x32 uint8)
     split as a `datasets.Dataset`, read with `datasets.load_dataset`. Retrieval reads LRA's AAN files from
@@ -552,10 +571,7 @@ def load_lra_hub(task: str, split: str, *, data_dir: str | os.PathLike | None = 
     try:
         raw = hf.load_dataset(name, **kwargs)
     except ConnectionError as exc:
-        raise RuntimeError(
-            f"LRA {task} reads the hub dataset {source!r}, which is not in the local Hugging Face cache and cannot "
-            f"be downloaded ({exc}). Run once with network, and HF_DATASETS_OFFLINE / HF_HUB_OFFLINE unset, to "
-            "fill the cache; tests use tiny_fixture(task, n, seed) instead") from exc
+        raise _unreachable(task, source, exc) from exc
     return raw.map(lambda row: _to_lra(task, row), remove_columns=raw.column_names, features=_lra_features(task))
 
 

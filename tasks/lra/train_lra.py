@@ -27,8 +27,8 @@ from repro.records import Row
 from repro.train import (Candidate, Stage, Trainee, TrainSpec, final_rows, model_flops_per_token,
                          step_generator, throughput_ratios, train_from_config)
 
-from .data import (AAN_FILES, LISTOPS_VOCAB, MAX_BYTES, encode_listops, load_lra_hub, load_or_generate,
-                   tiny_fixture)
+from .data import (AAN_FILES, LISTOPS_VOCAB, MAX_BYTES, check_hub_reachable, encode_listops, load_lra_hub,
+                   load_or_generate, tiny_fixture)
 from .model import ATTENTIONS, LRAClassifier, upsample_positions
 
 # The LRA repository's base configs per task (dim / heads / layers / mlp). Pathfinder's qkv width is
@@ -197,6 +197,9 @@ def validate(cfg: DictConfig) -> None:
     if spec.source not in ("fixture", "hub"):
         raise ConfigError(f"lra.source={spec.source!r} is not one of: fixture, hub")
     tasks = as_list(OmegaConf.to_container(spec.tasks))
+    if spec.source == "hub":
+        for task in tasks:
+            check_hub_reachable(task)
     if spec.source == "hub" and "retrieval" in tasks:
         if spec.data_dir is None:
             raise ConfigError("lra.source=hub with the retrieval task reads LRA's AAN files, which are not on the hub: "
