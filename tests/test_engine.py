@@ -120,6 +120,14 @@ def test_a_mistyped_wandb_mode_stops_the_run_though_wandb_failing_would_not(tmp_
     assert not (tmp_path / "wandb").exists()
 
 
+@pytest.mark.parametrize("task", ["lm_eval", "scissorhands_kv kv.experiments=[quality]"])
+def test_an_evaluation_text_that_cannot_be_loaded_fails_the_run_before_any_text_is_measured(task, tmp_path):
+    code, _, err = run_inline(*f"task={task}".split(), "model=tiny_llama", "eval.texts=[stdlib,c4]", "logger=none",
+                              f"hydra.run.dir={tmp_path}")
+    assert code == 2 and "'c4'" in err and "offline, use stdlib" in err
+    assert record(tmp_path)["rows"] == []
+
+
 def test_a_sweep_runs_every_job_lists_them_all_and_fails_if_one_did(tmp_path):
     code, out, err = run_inline("-m", "logger=none", f"hydra.sweep.dir={tmp_path}",
                                 FAKE + "all_ok," + FAKE[len("task.entry="):] + "bad_input," +

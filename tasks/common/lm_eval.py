@@ -39,8 +39,10 @@ def text_rows(cfg: DictConfig, ctx: RunContext, model, tokenizer, provider: str,
     """Perplexity rows of `model` (run through `forward`, if given) on each evaluation text of `cfg.eval`,
     at most `eval.max_chunks` chunks of `eval.seqlen` tokens each."""
     e = cfg.eval
-    for name in checks.as_list(e.texts):
-        ids = eval_text(name, tokenizer, data=cfg.model.get("data") or cfg.data, cache=cfg.paths.cache)
+    # every text read before the first is measured: one that cannot be loaded fails the run before its work
+    texts = {name: eval_text(name, tokenizer, data=cfg.model.get("data") or cfg.data, cache=cfg.paths.cache)
+             for name in checks.as_list(e.texts)}
+    for name, ids in texts.items():
         if e.max_chunks:
             ids = ids[: e.max_chunks * e.seqlen]
         start = time.perf_counter()

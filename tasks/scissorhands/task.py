@@ -447,8 +447,9 @@ def model_rows(cfg: DictConfig, ctx: RunContext, experiments: list[str]) -> Iter
     if "multiple_choice" in experiments and below_one:
         print(f"[scissorhands_kv] mc.compressions {below_one} give budgets beyond every request's length: nothing "
               "is ever evicted, they are the full cache", flush=True)
-    for name in checks.as_list(cfg.eval.texts) if {"persistence", "quality"} & set(experiments) else []:
-        chunks = evaluation_chunks(cfg, m, name, ctx.device)
+    # every text read before the first is measured: one that cannot be loaded fails the run before its work
+    texts = checks.as_list(cfg.eval.texts) if {"persistence", "quality"} & set(experiments) else []
+    for name, chunks in {name: evaluation_chunks(cfg, m, name, ctx.device) for name in texts}.items():
         if "persistence" in experiments:
             yield from bench.guarded(persistence_rows(cfg, m, name, chunks), "full", "text", "mean_persistence_ratio",
                                      "%")
