@@ -12,6 +12,7 @@ them all with their status and record.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import re
 import signal
@@ -276,23 +277,34 @@ def _fits(value, default) -> bool:
     return isinstance(value, type(default))
 
 
+# Hydra's options that take the next argument as their value (`--cfg job`; `--info`'s is optional): not overrides
+HYDRA_OPTIONS_WITH_VALUES = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                             "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+
+
 def check_overrides(args: list[str]) -> str | None:
     """Name a bad override before Hydra runs: an unknown config-group option (task=, scale=, ...) with the known
     ones, an unknown key (with the known ones, which Hydra does not list) or a value whose type differs from the
     key's default."""
-    from hydra import compose, initialize_config_dir
+    from hydra import initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import MissingConfigException
 
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
-    except Exception:  # noqa: BLE001 - a syntax error: Hydra's own message is the right one
-        return None
+    parser, overrides = OverridesParser.create(), []
+    for before, arg in zip([""] + args, args):
+        if arg.startswith("-") or (before in HYDRA_OPTIONS_WITH_VALUES and "=" not in arg):
+            continue
+        try:
+            overrides += parser.parse_overrides([arg])
+        except Exception as exc:  # noqa: BLE001 - Hydra's grammar error, with the argument it is about
+            reason = str(exc).strip().splitlines()[0]
+            return (f"cannot read the override {arg!r} ({reason}); quote a value with characters such as ~ or "
+                    f"spaces in it, e.g. \"data.folder='~/my texts'\"")
     conf = PROJECT_ROOT / "conf"
-    groups = [o.input_line for o in overrides if (conf / o.key_or_group).is_dir() or o.key_or_group.startswith("hydra")]
+    groups = [o for o in overrides if (conf / o.key_or_group).is_dir() or o.key_or_group.startswith("hydra")]
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
-            cfg = compose("config", overrides=[g for g in groups if not g.startswith("hydra")])
+            jobs = _jobs(conf, [o for o in groups if not o.key_or_group.startswith("hydra")])
     except MissingConfigException as exc:
         if exc.options and exc.missing_cfg_file:  # e.g. task/nosuch
             group, _, choice = exc.missing_cfg_file.rpartition("/")
@@ -300,15 +312,50 @@ def check_overrides(args: list[str]) -> str | None:
         return None
     except Exception:  # noqa: BLE001 - anything else about the groups: Hydra's own message is the right one
         return None
+    keys = [o for o in overrides if o not in groups and not (o.is_add() or o.is_force_add())]
+    for choices, cfg, swept in jobs:
+        error = _bad_value(cfg, keys)
+        if error and swept:  # Hydra applies the overrides to a paper's own config, before its sweep's jobs
+            tasks = ",".join(swept.get("task", []))
+            sweep = " ".join(f"{k}={','.join(values)}" for k, values in swept.items())
+            return (f"{error}. {' '.join(choices)} sweeps {sweep}, and "
+                    "takes only keys every config has" + (f"; for a task's own keys: repro -m task={tasks} ..."
+                                                          if tasks else ""))
+        if error:
+            return error + (f" (in the job of {' '.join(choices)})" if len(jobs) > 1 else "")
+    return None
+
+
+def _jobs(conf: Path, groups: list) -> list[tuple[list[str], DictConfig, dict]]:
+    """The config of each job the group choices make (`task=a,b` and a `paper=`'s sweep make several), with
+    the choices that made it and the group values a paper sweeps; a paper's own config comes first (Hydra
+    composes it before the jobs)."""
+    from hydra import compose
+
+    axes = [[f"{o.key_or_group}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()])]
+            for o in groups]
+    jobs = []
+    for choices in itertools.product(*axes):
+        cfg = compose("config", overrides=list(choices), return_hydra_config=True)
+        swept = {k: [v.strip() for v in str(values).split(",")] for k, values in
+                 (cfg.hydra.sweeper.get("params") or {}).items()
+                 if (conf / k).is_dir() and k not in {c.split("=")[0] for c in choices}}
+        jobs.append((list(choices), cfg, swept))
+        for more in [] if not swept else itertools.product(*([f"{k}={v}" for v in values] for k, values in swept.items())):
+            jobs.append(([*choices, *more], compose("config", overrides=[*choices, *more]), {}))
+    return jobs
+
+
+def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
+    """An override of `cfg` naming a key it lacks, or a value of another kind than the key's default."""
     for o in overrides:
-        if o.is_add() or o.is_force_add() or o.input_line in groups:
-            continue
         node, path = cfg, []
         for part in o.key_or_group.split("."):
             # `in` is False for a `???` value (one the user must give): ask the keys
             if not OmegaConf.is_dict(node) or part not in node.keys():
                 where = ".".join(path) or "the top level"
-                known = ", ".join(map(str, node.keys())) if OmegaConf.is_dict(node) else "none (not a mapping)"
+                known = ", ".join(str(k) for k in node.keys() if path or k != "hydra") if OmegaConf.is_dict(node) \
+                    else "none (not a mapping)"
                 return f"unknown config key {o.key_or_group!r}: {where} has no {part!r}; its keys are: {known}"
             if OmegaConf.is_missing(node, part):  # no default to take the type from
                 node = None

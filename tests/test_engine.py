@@ -171,9 +171,15 @@ def test_a_sweep_of_good_jobs_exits_zero(tmp_path):
     ("task=lm_eval model=no_such_model", ["no_such_model", "tiny_llama"]),
     ("task=lm_eval model=tiny_llama eval.seqlen=1024", ["1024", "context"]),
     ("record_every_s=-1", ["record_every_s=-1"]),
+    ("data.folder=~/texts", ["cannot read the override 'data.folder=~/texts'", "quote"]),
+    ("kernel.seq_len=abc --cfg job", ["kernel.seq_len='abc'"]),  # an option's value is not an override
+    ("-m task=flash_kernel,no_such_task", ["no_such_task", "lean_decode"]),
+    ("-m task=flash_kernel,lean_decode decode.context=[64]", ["'decode.context'", "the job of task=flash_kernel"]),
+    ("paper=lean_attention decode.context=[64]", ["'decode.context'", "repro -m task=lean_decode"]),
 ])
 def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_path):
-    code, out, err = run_inline(*override.split(), "logger=none", f"hydra.run.dir={tmp_path}")
+    code, out, err = run_inline(*override.split(), "logger=none", f"hydra.run.dir={tmp_path}",
+                                f"hydra.sweep.dir={tmp_path}")
     assert code != 0
     for word in expected:
         assert word in err + out, (word, err[-2000:])
@@ -222,13 +228,17 @@ def test_our_kernels_run_through_the_interpreter_and_match_the_baseline(tmp_path
     assert checked and all(r["extra"]["matches_baseline"] for r in checked)  # block-sparse computes another function
 
 
-def test_wandb_offline_keeps_a_copy_and_a_wandb_that_cannot_start_never_stops_the_run(tmp_path):
-    pytest.importorskip("wandb")  # a dependency of the project, but a bare GPU image may lack it
+def test_wandb_offline_keeps_a_copy_and_a_wandb_that_cannot_start_never_stops_the_run(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")  # a dependency of the project, but a bare GPU image may lack it
     code, _, err = run_inline("logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path}/a", *KERNEL)
     assert code == 0, err
     assert list((tmp_path / "a").glob("wandb/offline-run-*/files")) and record(tmp_path / "a")["status"] == "ok"
-    with pytest.warns(UserWarning, match="W&B did not start"):
-        code, _, err = run_inline("logger=wandb", "logger.mode=sideways", f"hydra.run.dir={tmp_path}/b", *KERNEL)
+
+    def unreachable(**kwargs):
+        raise wandb.errors.CommError("no route to api.wandb.ai")
+    monkeypatch.setattr(wandb, "init", unreachable)
+    with pytest.warns(UserWarning, match="W&B did not start .*no route"):
+        code, _, err = run_inline("logger=wandb", "logger.mode=online", f"hydra.run.dir={tmp_path}/b", *KERNEL)
     assert code == 0 and record(tmp_path / "b")["status"] == "ok"
 
 
