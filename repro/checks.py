@@ -11,6 +11,15 @@ def as_list(value: Any) -> list:
     return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
 
 
+def axis(key: str, value: Any) -> list:
+    """A grid axis: one value or a non-empty list of them (an empty one would measure nothing, or quietly
+    leave only the other settings)."""
+    values = as_list(value)
+    if not values:
+        raise ConfigError(f"{key}=[] is empty: give one value or a list of them")
+    return values
+
+
 def number(key: str, value: Any, *, integer: bool = True, at_least: float | None = None,
            below: float | None = None, at_most: float | None = None, divides: int | None = None) -> None:
     """`value` (or each of a list of values) is a number of the right kind within the bounds given."""

@@ -65,6 +65,9 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=lra_listops lra.model={dim:64,heads:8}", ["heads of 8 dimensions", "16 to 256"]),
     ("task=pathx lra.attention=[standard] train.parallel=fsdp lra.pretrain={task:path64,steps:1}", ["fsdp", "ddp"]),
     ("task=lm_eval model=tiny_llama eval.texts=[novel]", ["novel", "pydoc"]),
+    ("kernel.seq_len=[]", ["kernel.seq_len=[] is empty"]),  # was: only the named settings, quietly
+    ("task=lean_decode decode.context=[]", ["decode.context=[] is empty"]),
+    ("task=flash_gpt2 attention=[]", ["attention=[] is empty"]),
 ])
 def test_a_tasks_validate_names_the_value_and_the_valid_ones(override, expected, refusal):
     message = refusal(*override.split())

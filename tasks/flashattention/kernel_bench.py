@@ -57,7 +57,8 @@ def grid(kernel: DictConfig) -> list[Point]:
             checks.number(f"{key}.{field}", spec[field], at_least=1)
         checks.number(f"{key}.head_dim", spec["head_dim"], at_least=16, at_most=256)
         checks.number(f"{key}.dropout", spec["dropout"], integer=False, at_least=0, below=1)
-        for seq_len, head_dim, causal, mode in itertools.product(*(as_list(spec[k]) for k in GRID_KEYS)):
+        axes = [checks.axis(f"{key}.{k}", spec[k]) for k in GRID_KEYS]
+        for seq_len, head_dim, causal, mode in itertools.product(*axes):
             batch = spec["batch"] or max(1, spec["tokens"] // seq_len)
             heads = spec["heads"] or max(1, spec["hidden"] // head_dim)
             extra = dict(setting=name, mode=mode, causal=bool(causal), head_dim=head_dim, batch=batch, heads=heads,

@@ -170,7 +170,7 @@ def validate(cfg: DictConfig) -> None:
     if m.family not in SIZES or m.size not in SIZES[m.family]:
         raise ConfigError(f"model.family={m.family!r} model.size={m.size!r}: known are "
                           + "; ".join(f"{f}: {sorted(s)}" for f, s in SIZES.items()))
-    for name in as_list(cfg.attention):
+    for name in checks.axis("attention", cfg.attention):
         attention, modifiers = parse_implementation(name)
         choice("attention", attention, ATTENTION)
         if any(x not in MODIFIERS for x in modifiers) or len(set(modifiers)) < len(modifiers) or \
