@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checks
 from .claims import claims_for_task, load_published
-from .context import (PROJECT_ROOT, ConfigError, RunContext, capture_environment, reset_device_memory,
-                      resolve_device, seed_everything, utc_now, world)
+from .context import (PROJECT_ROOT, ConfigError, RunContext, capture_environment, check_device,
+                      reset_device_memory, resolve_device, seed_everything, utc_now, world)
 from .records import FAILED_ROW_STATUSES, RunRecord, committed_copy, load_record, save_new_record, save_record
 from .report import console_table, evaluate
 from .timing import is_out_of_memory
@@ -323,6 +323,17 @@ def check_overrides(args: list[str]) -> str | None:
                                                           if tasks else ""))
         if error:
             return error + (f" (in the job of {' '.join(choices)})" if len(jobs) > 1 else "")
+    launcher = next((o.value() for o in groups if o.key_or_group == "hydra/launcher"), None)
+    if launcher in (None, "local"):  # the jobs run on this machine, not on SLURM's nodes
+        scale_keys = {o.key_or_group.split(".", 1)[1]: o.value() for o in keys if o.key_or_group.startswith("scale.")}
+        for _, cfg, swept in jobs:
+            try:
+                if not swept:
+                    check_device(OmegaConf.merge(cfg.scale, scale_keys))
+            except ConfigError as exc:
+                return str(exc)
+            except Exception:  # noqa: BLE001 - a value the task's own checks will name
+                pass
     return None
 
 

@@ -103,17 +103,21 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def resolve_device(scale_cfg) -> torch.device:
-    """The scale's device; a GPU-only scale on a machine without one fails here, before any work."""
-    wanted = scale_cfg.device
-    if wanted not in ("cpu", "cuda", "auto"):
-        raise ConfigError(f"scale.device={wanted!r} is not one of: cpu, cuda, auto")
-    has_gpu = torch.cuda.is_available()
-    if wanted == "cuda" and not has_gpu:
+def check_device(scale_cfg) -> None:
+    """The scale's device is one this machine has."""
+    if scale_cfg.device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"scale.device={scale_cfg.device!r} is not one of: cpu, cuda, auto")
+    if scale_cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"scale={scale_cfg.name} needs a CUDA GPU and this machine has none; "
             "run scale=smoke here, or launch on a GPU machine"
         )
+
+
+def resolve_device(scale_cfg) -> torch.device:
+    """The scale's device; a GPU-only scale on a machine without one fails here, before any work."""
+    check_device(scale_cfg)
+    wanted, has_gpu = scale_cfg.device, torch.cuda.is_available()
     if wanted == "auto":
         wanted = "cuda" if has_gpu else "cpu"
     if wanted == "cuda" and world()[1] > 1:  # under torchrun: this rank's own GPU

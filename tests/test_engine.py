@@ -192,7 +192,10 @@ def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_pa
 def test_a_gpu_scale_without_a_gpu_fails_before_any_work(tmp_path):
     code, _, err = run_inline("scale=small", "logger=none", f"hydra.run.dir={tmp_path}", f"paths.records={tmp_path}/runs")
     assert code == 2 and "needs a CUDA GPU" in err and "scale=small" in err
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "record.json").exists()
+    # a paper's sweep too: refused before Hydra makes a job folder each
+    code, _, err = run_inline("paper=lean_attention", "scale=small", "logger=none", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert code == 2 and "needs a CUDA GPU" in err and not (tmp_path / "sweep").exists()
 
 
 def test_flash_kernel_smoke_records_speedups_and_unsupported_backends(tmp_path):
