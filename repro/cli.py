@@ -325,15 +325,19 @@ def check_overrides(args: list[str]) -> str | None:
             return error + (f" (in the job of {' '.join(choices)})" if len(jobs) > 1 else "")
     launcher = next((o.value() for o in groups if o.key_or_group == "hydra/launcher"), None)
     if launcher in (None, "local"):  # the jobs run on this machine, not on SLURM's nodes
-        scale_keys = {o.key_or_group.split(".", 1)[1]: o.value() for o in keys if o.key_or_group.startswith("scale.")}
+        scale_keys = {o.key_or_group.split(".", 1)[1]: o.value() for o in keys
+                      if o.key_or_group.startswith("scale.")}
         for _, cfg, swept in jobs:
+            if swept:  # a paper's own config: its jobs follow
+                continue
             try:
-                if not swept:
-                    check_device(OmegaConf.merge(cfg.scale, scale_keys))
+                scale = OmegaConf.merge(cfg.scale, scale_keys)
+            except Exception:  # noqa: BLE001 - a scale value Hydra refuses with its own message
+                continue
+            try:
+                check_device(scale)
             except ConfigError as exc:
                 return str(exc)
-            except Exception:  # noqa: BLE001 - a value the task's own checks will name
-                pass
     return None
 
 
@@ -352,8 +356,9 @@ def _jobs(conf: Path, groups: list) -> list[tuple[list[str], DictConfig, dict]]:
                  (cfg.hydra.sweeper.get("params") or {}).items()
                  if (conf / k).is_dir() and k not in {c.split("=")[0] for c in choices}}
         jobs.append((list(choices), cfg, swept))
-        for more in [] if not swept else itertools.product(*([f"{k}={v}" for v in values] for k, values in swept.items())):
-            jobs.append(([*choices, *more], compose("config", overrides=[*choices, *more]), {}))
+        if swept:
+            for more in itertools.product(*([f"{k}={v}" for v in values] for k, values in swept.items())):
+                jobs.append(([*choices, *more], compose("config", overrides=[*choices, *more]), {}))
     return jobs
 
 
