@@ -282,6 +282,11 @@ HYDRA_OPTIONS_WITH_VALUES = {"--cfg", "-c", "--package", "-p", "--config-path", 
                              "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
 
 
+# Hydra's options that print something instead of running the jobs: a GPU scale's config may be read anywhere
+HYDRA_OPTIONS_THAT_RUN_NOTHING = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--resolve",
+                                  "--shell-completion", "-sc"}
+
+
 def check_overrides(args: list[str]) -> str | None:
     """Name a bad override before Hydra runs: an unknown config-group option (task=, scale=, ...) with the known
     ones, an unknown key (with the known ones, which Hydra does not list) or a value whose type differs from the
@@ -324,7 +329,8 @@ def check_overrides(args: list[str]) -> str | None:
         if error:
             return error + (f" (in the job of {' '.join(choices)})" if len(jobs) > 1 else "")
     launcher = next((o.value() for o in groups if o.key_or_group == "hydra/launcher"), None)
-    if launcher in (None, "local"):  # the jobs run on this machine, not on SLURM's nodes
+    # the jobs run on this machine (not on SLURM's nodes), and Hydra runs them (not only prints the config)
+    if launcher in (None, "local") and not set(args) & HYDRA_OPTIONS_THAT_RUN_NOTHING:
         scale_keys = {o.key_or_group.split(".", 1)[1]: o.value() for o in keys
                       if o.key_or_group.startswith("scale.")}
         for _, cfg, swept in jobs:

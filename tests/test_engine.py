@@ -196,6 +196,8 @@ def test_a_gpu_scale_without_a_gpu_fails_before_any_work(tmp_path):
     # a paper's sweep too: refused before Hydra makes a job folder each
     code, _, err = run_inline("paper=lean_attention", "scale=small", "logger=none", f"hydra.sweep.dir={tmp_path}/sweep")
     assert code == 2 and "needs a CUDA GPU" in err and not (tmp_path / "sweep").exists()
+    code, out, _ = run_inline("scale=small", "logger=none", "--cfg", "job")  # reading its config needs no GPU
+    assert code == 0 and "commit_records: true" in out
 
 
 def test_flash_kernel_smoke_records_speedups_and_unsupported_backends(tmp_path):
