@@ -27,9 +27,10 @@ slower on shorter causal ones, where `flash_attn` keeps the `tl` one (`_use_gluo
 Both passes take a key padding mask (int8 a key): the forward's and the dQ kernel's consumers read a tile's bytes
 with its scores (every key tile is masked then; the forward in configurations of its own, `KEY_PADDING_CONFIGS`),
 the dK/dV kernel zeroes the padded keys' rows once at the end. Both are block-sparse with 128-key blocks (the
-forward in `SPARSE_CONFIGS`, where a query tile's key tiles are its list of kept blocks). The key padding and the
-sparse forward have passed their GPU tests (H200, 2026-12-06) but are not yet timed, so `flash_attn`'s "auto"
-keeps the `tl` kernels for such calls until they are.
+forward in `SPARSE_CONFIGS`, where a query tile's key tiles are its list of kept blocks). Both have passed their GPU
+tests (H200, 2026-12-06). The padded forward, timed on an H100, beat the `tl` one at head_dim 128 and lost at 64,
+so `flash_attn`'s "auto" takes it at 128 only; the sparse forward and the padded backward are not yet timed, and
+"auto" keeps the `tl` kernels for them until they are.
 """
 from __future__ import annotations
 
@@ -470,9 +471,10 @@ CANDIDATES = {
 # With a key padding mask each consumer thread holds a key tile's mask bytes beside its scores, and the unpadded
 # configurations spilled (`tests/gluon_offline.py`: d = 64 three consumers 52-72 bytes under Triton 3.6 and
 # 136-484 under 3.9; d = 128, 128-key tiles with the overlap, 0-16 and 112-224). These compile without spills under
-# both: at d = 64 two consumers, at 128 the overlap kept on 64-key tiles. Not yet timed on a GPU: the first of
-# each list is kernel_config's, the rest the alternatives `scripts/tune_flash_gluon.py --key-padding` times (the
-# unpadded configuration, spills and all, and at d = 128 128-key tiles without the overlap, which spill nothing).
+# both: at d = 64 two consumers, at 128 the overlap kept on 64-key tiles. The first of each list is kernel_config's,
+# the rest the alternatives `scripts/tune_flash_gluon.py --key-padding` times (the unpadded configuration, spills
+# and all, and at d = 128 128-key tiles without the overlap, which spill nothing). On an H100 (NOTES.md, "Key
+# padding timed") the first was the fastest at 128 in five points of six; at 64 none reached the tl forward.
 KEY_PADDING_CONFIGS = {
     64: [dict(CONSUMERS=2, BLOCK_N=128, NUM_STAGES=3, OVERLAP=False, PERSISTENT=True), CANDIDATES[64][0]],
     128: [dict(CONSUMERS=2, BLOCK_N=64, NUM_STAGES=3, OVERLAP=True, PERSISTENT=True),

@@ -128,13 +128,13 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
     k = torch.empty(1, 2, keys, head_dim)
     assert flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.0) == expected
     assert not flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.1)  # dropout: not covered
-    # key padding and block sparsity (of its 128-key blocks): covered, but not taken by "auto" until they are timed
-    # on a GPU (EFFREPRO_GLUON=1 takes them); not both at once
+    # key padding: taken by "auto" at head_dim 128, where it was timed faster; block sparsity (of its 128-key
+    # blocks): covered, but not taken until it is timed (EFFREPRO_GLUON=1 takes both); not both at once
     padded, blocks = torch.ones(1, keys, dtype=torch.bool), flash_attn_gluon.SPARSE_BLOCK
-    for mask, block_size in ((padded, 0), (None, blocks)):
+    for mask, block_size, timed in ((padded, 0, head_dim == 128), (None, blocks, False)):
         use = functools.partial(flash_attn_module._use_gluon, q=q, k=k, v=k, key_padding_mask=mask,
                                 block_size=block_size, causal=causal, dropout_p=0.0)
-        assert use("auto") == (expected and setting == "1") and use("gluon")
+        assert use("auto") == (expected and (timed or setting == "1")) and use("gluon")
     assert not flash_attn_module._use_gluon("auto", q, k, k, None, 64, causal, 0.0)  # blocks smaller than its tile
     with pytest.raises(ValueError, match="block-sparse masks of 64-key blocks"):
         flash_attn_module._use_gluon("gluon", q, k, k, None, 64, causal, 0.0)
