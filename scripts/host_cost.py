@@ -3,12 +3,16 @@ forward + backward, at a shape small enough that the device never holds the host
 of 64, causal, bf16): what a call costs a host-bound training loop. On Hopper, also our Gluon kernels in both
 passes (forced: `auto` keeps the tl ones at this length). Needs a GPU.
 
-    python scripts/host_cost.py; EFFREPRO_FAST_LAUNCH=0 python scripts/host_cost.py   # without kept launches
+    python scripts/host_cost.py [--profile]; EFFREPRO_FAST_LAUNCH=0 python scripts/host_cost.py   # without kept launches
 
 `--python-only` times our packed operators' Python side on any machine, the CPU included: every launch is stubbed
 out, the operators are called as torch.compile's code calls them (torch.ops), at GPT-2 small's shape.
+`--profile` adds, for each of ours and ours_gluon, the functions where a forward+backward call spends the host's
+time (cProfile, own time, the 20 largest), to say where a path's extra microseconds go.
 """
+import cProfile
 import importlib
+import pstats
 import os
 import sys
 import time
@@ -53,7 +57,7 @@ def python_only():
         print(f"python only (launch stubbed): Gluon forward {gluon_forward:.1f} us")
 
 
-def main():
+def timed(profile: bool):
     qkv = torch.randn(1, 128, 3, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(1, 128, 12, 64, device="cuda", dtype=torch.bfloat16)  # (batch, seq, heads, head_dim)
 
@@ -81,7 +85,12 @@ def main():
         both = host_us_per_call(lambda: attention().backward(grads[name]))
         print(f"fast_launch={os.environ.get('EFFREPRO_FAST_LAUNCH', '1')} {name}: forward {forward:.1f} us, "
               f"forward + backward {both:.1f} us")
+        if profile and name != "sdpa":
+            profiler = cProfile.Profile()
+            profiler.runcall(host_us_per_call, lambda: attention().backward(grads[name]))
+            print(f"\n{name}, forward + backward, 320 calls: own time by function")
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(20)
 
 
 if __name__ == "__main__":
-    python_only() if "--python-only" in sys.argv[1:] else main()
+    python_only() if "--python-only" in sys.argv[1:] else timed(profile="--profile" in sys.argv[1:])
