@@ -310,6 +310,7 @@ def check_overrides(args: list[str]) -> str | None:
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
             jobs = _jobs(conf, [o for o in groups if not o.key_or_group.startswith("hydra")])
+            unused = _unused_model(conf, jobs)
     except MissingConfigException as exc:
         if exc.options and exc.missing_cfg_file:  # e.g. task/nosuch
             group, _, choice = exc.missing_cfg_file.rpartition("/")
@@ -317,6 +318,8 @@ def check_overrides(args: list[str]) -> str | None:
         return None
     except Exception:  # noqa: BLE001 - anything else about the groups: Hydra's own message is the right one
         return None
+    if unused:
+        return unused
     keys = [o for o in overrides if o not in groups and not (o.is_add() or o.is_force_add())]
     for choices, cfg, swept in jobs:
         error = _bad_value(cfg, keys)
@@ -366,6 +369,24 @@ def _jobs(conf: Path, groups: list) -> list[tuple[list[str], DictConfig, dict]]:
             for more in itertools.product(*([f"{k}={v}" for v in values] for k, values in swept.items())):
                 jobs.append(([*choices, *more], compose("config", overrides=[*choices, *more]), {}))
     return jobs
+
+
+def _unused_model(conf: Path, jobs: list) -> str | None:
+    """model=<name> given to a task that loads no pretrained model (its own config chooses none): the group would
+    merge into a config it was not written for (the training tasks' own `model:`), or change nothing. A paper's
+    jobs take it where they load one and keep it otherwise."""
+    from hydra import compose
+
+    for choices, cfg, swept in jobs:
+        given = [c for c in choices if c.split("=")[0].lstrip("+") == "model"]
+        if not given or swept or any(c.startswith("paper=") for c in choices):
+            continue
+        own = compose("config", overrides=[c for c in choices if c not in given], return_hydra_config=True)
+        if own.hydra.runtime.choices.get("model") is None:
+            takers = sorted(p.stem for p in (conf / "task").glob("*.yaml") if "override /model:" in p.read_text())
+            return (f"task={cfg.task.name} loads no pretrained model, so {given[0]} has nothing to choose; "
+                    f"the tasks that take one: {', '.join(takers)}")
+    return None
 
 
 def _bad_value(cfg: DictConfig, overrides: list) -> str | None:

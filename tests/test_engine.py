@@ -83,6 +83,22 @@ def test_overrides_are_checked_before_hydra_runs():
     assert "model has no 'nme'" in check_overrides(["task=lm_eval", "model=hf", "model.nme=facebook/opt-6.7b"])
 
 
+@pytest.mark.parametrize("args, refused", [
+    ("task=flash_kernel model=tiny_llama", "task=flash_kernel"),
+    ("model=tiny_llama", "task=flash_kernel"),  # the default task
+    ("-m task=lm_eval,flash_bert model=trained", "task=flash_bert"),  # its own `model:` is its network's shape
+    ("task=lm_eval model=tiny_llama", None),
+    ("paper=scissorhands model=trained", None),  # a paper's tasks take it where they load a model
+])
+def test_a_model_given_to_a_task_that_loads_none_is_refused(args, refused):
+    from repro.cli import check_overrides
+    message = check_overrides(args.split())
+    if refused is None:
+        assert message is None
+    else:
+        assert message.startswith(f"{refused} loads no pretrained model") and "lm_eval, scissorhands_kv" in message
+
+
 def test_documented_keys_are_accepted_without_a_plus(tmp_path):
     code, _, err = run_inline("task=flash_gpt2", "train.checkpoint_every_s=5", "train.steps=abc", "logger=none",
                               f"hydra.run.dir={tmp_path}")
