@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .claims import Claim, load_published
 from .context import PROJECT_ROOT
-from .records import PACK_ABOVE_BYTES, RunRecord, load_records, pack_records, replace_atomically
+from .records import PACK_ABOVE_BYTES, Row, RunRecord, load_records, pack_records, replace_atomically
 
 REPRODUCED = "reproduced"
 WITHIN = "within tolerance"
@@ -237,21 +237,32 @@ def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
 
 
 def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[tuple[str, str], tuple[list, list[RunRecord]]]:
-    """Per task and card, the rows to plot: each series (a row's `series` extra) from that card's best record
-    that has it (see `preference`: a whole run before a killed one, then the newest), so a run that measured
-    only some settings does not hide the others, and one card's run never hides another card's. Also the
-    records used."""
+    """Per task and card, the rows to plot: each panel (a row's `series` and `mode` extras, the plots' rows and
+    columns) from that card's best record that has it (see `preference`: a whole run before a killed one, then
+    the newest), so a run that measured only some settings or modes does not hide the others, and one card's run
+    never hides another card's. Also the records used."""
     out: dict[tuple[str, str], tuple[list, list[RunRecord]]] = {}
     for _, rec in sorted(records, key=lambda pr: (pr[1].status == "ok", pr[1].started), reverse=True):
         if rec.status not in USABLE or rec.scale == "smoke":
             continue
         rows, used = out.setdefault((rec.task, rec.gpu_name), ([], []))
-        taken = {r.extra.get("series", "") for r in rows}
-        new = [r for r in rec.rows if r.extra.get("series", "") not in taken]
+        taken = {_panel(r) for r in rows}
+        new = [r for r in rec.rows if _not_taken(_panel(r), taken)]
         if new:
             rows += new
             used.append(rec)
     return out
+
+
+def _panel(row: Row) -> tuple[str, str]:
+    return str(row.extra.get("series", "")), str(row.extra.get("mode", ""))
+
+
+def _not_taken(panel: tuple[str, str], taken: set[tuple[str, str]]) -> bool:
+    series, mode = panel
+    if mode == "":  # a row without a mode (made before its task timed several) stands for every mode of its series
+        return all(s != series for s, _ in taken)
+    return panel not in taken and (series, "") not in taken
 
 
 def card_slug(gpu_name: str) -> str:

@@ -162,17 +162,26 @@ def test_published_claims_cover_all_six_papers():
         assert header.get("title") and claims, name
 
 
-def test_plots_take_each_series_from_the_newest_record_that_has_it():
+def test_plots_take_each_series_and_mode_from_the_newest_record_that_has_it():
     from repro.report import newest_rows_by_series
 
-    def series_row(series, value):
-        return Row("ours", "n", 1, "speedup", "x", value, value, value, 1, extra={"series": series})
+    def series_row(series, value, mode="fwd"):
+        return Row("ours", "n", 1, "speedup", "x", value, value, value, 1, extra={"series": series, "mode": mode})
 
     old = rec("bench", "small", [series_row("a", 1.0), series_row("b", 2.0)], started="2026-11-01T00:00:00+00:00")
     new = rec("bench", "small", [series_row("a", 3.0)], started="2026-11-02T00:00:00+00:00")
-    rows, used = newest_rows_by_series([(Path("old"), old), (Path("new"), new)])["bench", old.gpu_name]
-    assert sorted((r.extra["series"], r.p50) for r in rows) == [("a", 3.0), ("b", 2.0)]
-    assert used == [new, old]
+    newer = rec("bench", "small", [series_row("a", 4.0, "fwd_bwd")], started="2026-11-03T00:00:00+00:00")
+    rows, used = newest_rows_by_series([(Path("old"), old), (Path("new"), new),
+                                        (Path("newer"), newer)])["bench", old.gpu_name]
+    # a newer run of series a's forward+backward keeps its forward from the run before
+    assert sorted((r.extra["series"], r.extra["mode"], r.p50) for r in rows) == [
+        ("a", "fwd", 3.0), ("a", "fwd_bwd", 4.0), ("b", "fwd", 2.0)]
+    assert used == [newer, new, old]
+    # a record whose rows have no mode (made before the task timed several) stands for every mode of its series
+    older = rec("bench", "small", [series_row("a", 0.5, ""), series_row("c", 0.5, "")],
+                started="2026-10-01T00:00:00+00:00")
+    rows, _ = newest_rows_by_series([(Path("older"), older), (Path("new"), new)])["bench", old.gpu_name]
+    assert sorted((r.extra["series"], r.extra["mode"], r.p50) for r in rows) == [("a", "fwd", 3.0), ("c", "", 0.5)]
 
 
 def test_each_card_gets_its_own_plots_from_its_own_newest_records(tree, monkeypatch):
