@@ -148,10 +148,10 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
                                                  measured[0])
     found = dict(value=value, gpu=record.gpu_name, scale=record.scale, record=path, detail=detail, unit=unit,
                  record_status=record.status)
+    if value is None:  # the task ran, but no record measured the provider or setting the claim needs
+        return Outcome(claim, NOT_RUN, detail=detail)
     if record.scale not in comparable:
         return Outcome(claim, NOT_COMPARABLE, **found)
-    if value is None:  # the task ran at a comparable scale, but not yet the provider or setting the claim needs
-        return Outcome(claim, NOT_RUN, detail=detail)
     out = Outcome(claim, NOT_COMPARABLE, **found)
     if claim.compare.kind == "peak_fraction":
         peak = peak_tflops(record.env.get("gpu_name"))

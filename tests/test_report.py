@@ -42,6 +42,9 @@ CLAIMS = textwrap.dedent("""
       - {id: no_provider, claim: "theirs", value: 1.0, unit: x, higher_is_better: true, hardware: A100,
          setting: s, source: T6, verified: true, task: bench,
          compare: {kind: ratio, metric: speedup, providers: [not_written_yet]}}
+      - {id: paper_setting, claim: "at the paper's length", value: 1.0, unit: x, higher_is_better: true,
+         hardware: A100, setting: s, source: T7, verified: true, task: train,
+         compare: {kind: absolute, metric: accuracy, providers: [ours], where: {mode: long}, comparable_at: [paper]}}
 """)
 
 
@@ -87,7 +90,7 @@ def no_plots(monkeypatch):
 def test_statuses_from_fixture_records(tree, no_plots):
     report, problems = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
     line = {c: next(l for l in report.splitlines() if f"toy:{c}," in l) for c in
-            ("fast", "near", "slow", "abs_time", "peak", "quality", "later", "no_provider")}
+            ("fast", "near", "slow", "abs_time", "peak", "quality", "later", "no_provider", "paper_setting")}
     assert line["fast"].endswith("| reproduced |") and "3.5x" in line["fast"]
     assert line["near"].endswith("| within tolerance |")
     assert line["slow"].endswith("| not reproduced |") and "(unverified)" in line["slow"]
@@ -96,6 +99,9 @@ def test_statuses_from_fixture_records(tree, no_plots):
     assert line["quality"].endswith("| not comparable at this scale |")
     assert line["later"].endswith("| not yet run |")
     assert line["no_provider"].endswith("| not yet run |") and "not_written_yet" in line["no_provider"]
+    # a record of the task that lacks the claim's setting is not cited as its source
+    assert line["paper_setting"].endswith("| not yet run |") and "'mode': 'long'" in line["paper_setting"]
+    assert "t.json" not in line["paper_setting"]
     assert any("broken.json" in p for p in problems) and "broken.json" in report
     from repro.report import _rel
     from repro.context import PROJECT_ROOT
@@ -123,7 +129,7 @@ def test_outputs_csv_plots_and_readme(tree):
     assert sorted(p.name for p in (tree / "out" / "report" / "plots").glob("*.png")) == \
         ["bench_speedup.png", "bench_tflops.png", "train_accuracy.png"]
     readme = (tree / "README.md").read_text()
-    assert "old table" not in readme and "| toy | 8 | 2 | 1 | 1 | 1 | 1 | 2 |" in readme
+    assert "old table" not in readme and "| toy | 9 | 2 | 1 | 1 | 1 | 1 | 3 |" in readme
     assert readme.startswith("# Title") and readme.rstrip().endswith("rest")
 
 
