@@ -30,9 +30,11 @@ from .torch_op import differentiable, kernel_op
 GLUON = os.environ.get("EFFREPRO_GLUON")
 GLUON_MIN_KEYS = {(128, False): 512, (128, True): 1024, (64, False): 1024, (64, True): 2048}
 GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has passed its GPU tests
-# With a key padding mask, at these head sizes only (H100, tune_flash_gluon.py --key-padding at 5756d7b: at 128
-# 1.10-1.33x our tl forward's TFLOP/s with the same mask, 512-8K keys, dense and causal; at 64 0.70-0.87x).
-GLUON_KEY_PADDING_HEAD_DIMS = (128,)
+# With a key padding mask or block-sparse (128-key blocks), at these head sizes only. Key padding (H100,
+# tune_flash_gluon.py --key-padding at 5756d7b): at 128 1.10-1.34x our tl forward's TFLOP/s with the same mask,
+# 512-8K keys, dense and causal; at 64 0.70-0.87x. Block-sparse (H100, flash_kernel records of 763bade, 16K keys,
+# not causal): at 128 1.51x (density 1/4) and 1.23x (1/8) the tl forward's speed; 64 not timed.
+GLUON_MASKED_HEAD_DIMS = (128,)
 # and the Gluon backward (H200: at head_dim 128, 0.79-0.83 of cuDNN's fwd+bwd against the tl backward's 0.70-0.75
 # from 1K keys, 2K causal; at 64, 0.84-0.90 against 0.75-0.87 from 2K keys (4K dense: 0.84 against 0.87, within
 # the two runs' noise); behind it below those). Block-sparse calls take it too where blocks are of its tile
@@ -552,11 +554,9 @@ def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, 
     device are not known while torch.compile traces)."""
     if not _gluon_considered(forward_kernel, GLUON_MEASURED_ON, GLUON_MIN_KEYS, q, k, causal):
         return False
-    if forward_kernel == "auto" and GLUON != "1":
-        if block_size:
-            return False  # its block sparsity passes its GPU tests but is not yet timed: tl until then
-        if key_padding_mask is not None and q.shape[-1] not in GLUON_KEY_PADDING_HEAD_DIMS:
-            return False
+    if (key_padding_mask is not None or block_size) and forward_kernel == "auto" and GLUON != "1" and \
+            q.shape[-1] not in GLUON_MASKED_HEAD_DIMS:
+        return False
     reason = _gluon_lacks(dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,)) or \
         flash_attn_gluon.refusal(q, k, v)
     if reason is None and key_padding_mask is not None and block_size:
@@ -742,8 +742,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     - forward_kernel: "tl" (this file's kernel), "gluon" (flash_attn_gluon.py's, for Hopper; an error saying why
       where it does not cover the call), or "auto": the Gluon one on Hopper where it covers the call and was
       measured faster (`GLUON_MIN_KEYS`: dense from 512 keys at head_dim 128 and 1K at 64, causal from 1K and 2K;
-      with a key padding mask at head_dim 128 only (`GLUON_KEY_PADDING_HEAD_DIMS`); block-sparse (128-key blocks)
-      not yet: tested on a GPU, not yet timed;
+      with a key padding mask or block-sparse (128-key blocks) at head_dim 128 only (`GLUON_MASKED_HEAD_DIMS`);
       EFFREPRO_GLUON=0 never, =1 wherever it covers), else tl.
     - backward_kernel: the same choice for the backward; "auto" takes Gluon from `GLUON_BACKWARD_MIN_KEYS` keys
       (head_dim 128 from 1K, 2K causal, 64 from 2K; block-sparse too, with 128-key blocks; with a key padding

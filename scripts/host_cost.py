@@ -3,7 +3,8 @@ forward + backward, at a shape small enough that the device never holds the host
 of 64, causal, bf16): what a call costs a host-bound training loop. On Hopper, also our Gluon kernels in both
 passes (forced: `auto` keeps the tl ones at this length). Needs a GPU.
 
-    python scripts/host_cost.py [--profile]; EFFREPRO_FAST_LAUNCH=0 python scripts/host_cost.py   # without kept launches
+    python scripts/host_cost.py [--profile]
+    EFFREPRO_FAST_LAUNCH=0 python scripts/host_cost.py   # without kept launches
 
 `--python-only` times our packed operators' Python side on any machine, the CPU included: every launch is stubbed
 out, the operators are called as torch.compile's code calls them (torch.ops), at GPT-2 small's shape.

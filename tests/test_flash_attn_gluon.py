@@ -128,13 +128,13 @@ def test_auto_takes_the_gluon_forward_where_it_was_measured_faster(monkeypatch, 
     k = torch.empty(1, 2, keys, head_dim)
     assert flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.0) == expected
     assert not flash_attn_module._use_gluon("auto", q, k, k, None, 0, causal, 0.1)  # dropout: not covered
-    # key padding: taken by "auto" at head_dim 128, where it was timed faster; block sparsity (of its 128-key
-    # blocks): covered, but not taken until it is timed (EFFREPRO_GLUON=1 takes both); not both at once
+    # key padding and block sparsity (of its 128-key blocks): taken by "auto" at head_dim 128, where they were
+    # timed faster, elsewhere only under EFFREPRO_GLUON=1; not both at once
     padded, blocks = torch.ones(1, keys, dtype=torch.bool), flash_attn_gluon.SPARSE_BLOCK
-    for mask, block_size, timed in ((padded, 0, head_dim == 128), (None, blocks, False)):
+    for mask, block_size in ((padded, 0), (None, blocks)):
         use = functools.partial(flash_attn_module._use_gluon, q=q, k=k, v=k, key_padding_mask=mask,
                                 block_size=block_size, causal=causal, dropout_p=0.0)
-        assert use("auto") == (expected and (timed or setting == "1")) and use("gluon")
+        assert use("auto") == (expected and (head_dim == 128 or setting == "1")) and use("gluon")
     assert not flash_attn_module._use_gluon("auto", q, k, k, None, 64, causal, 0.0)  # blocks smaller than its tile
     with pytest.raises(ValueError, match="block-sparse masks of 64-key blocks"):
         flash_attn_module._use_gluon("gluon", q, k, k, None, 64, causal, 0.0)
@@ -468,9 +468,9 @@ def test_inside_flash_attn_with_the_tl_backward(shape, padded):
 @pytest.mark.parametrize("shape", [(1, 4, 2, 300, 700, 128, False), (2, 2, 2, 513, 513, 64, True),
                                    (1, 4, 1, 1000, 260, 128, True)], ids=str)
 def test_block_sparse_backward_matches_reference(monkeypatch, shape):
-    """The Gluon forward's and backward's block-sparse paths (taken with EFFREPRO_GLUON=1 until measured) through
-    flash_attn, against float64 autograd on the dense mask: lengths that end inside a block, grouped-query heads,
-    blocks above the causal diagonal, query blocks that keep no key block."""
+    """The Gluon forward's and backward's block-sparse paths (forced by EFFREPRO_GLUON=1, at head_dim 64 too)
+    through flash_attn, against float64 autograd on the dense mask: lengths that end inside a block, grouped-query
+    heads, blocks above the causal diagonal, query blocks that keep no key block."""
     flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")
     monkeypatch.setattr(flash_attn_module, "GLUON", "1")
     calls = []
