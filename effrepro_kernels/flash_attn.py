@@ -33,7 +33,9 @@ GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has 
 # With a key padding mask or block-sparse (128-key blocks), at these head sizes only. Key padding (H100,
 # tune_flash_gluon.py --key-padding at 5756d7b): at 128 1.10-1.34x our tl forward's TFLOP/s with the same mask,
 # 512-8K keys, dense and causal; at 64 0.70-0.87x. Block-sparse (H100, flash_kernel records of 763bade, 16K keys,
-# not causal): at 128 1.51x (density 1/4) and 1.23x (1/8) the tl forward's speed; 64 not timed.
+# not causal): at 128 1.51x (density 1/4) and 1.23x (1/8) the tl forward's speed; 64 not timed. The padded
+# backward, from GLUON_BACKWARD_MIN_KEYS (H100, flash_kernel record of 763bade): Gluon's forward+backward 1.08-1.24x
+# the speed of the Gluon forward with the tl backward, 1K-16K keys, dense and causal.
 GLUON_MASKED_HEAD_DIMS = (128,)
 # and the Gluon backward (H200: at head_dim 128, 0.79-0.83 of cuDNN's fwd+bwd against the tl backward's 0.70-0.75
 # from 1K keys, 2K causal; at 64, 0.84-0.90 against 0.75-0.87 from 2K keys (4K dense: 0.84 against 0.87, within
@@ -570,7 +572,8 @@ def _use_gluon_backward(backward_kernel: str, q, k, v, do, lse, dq, dk, dv, key_
     under "auto". Block-sparse calls need blocks of its tile (SPARSE_BLOCK keys)."""
     if not _gluon_considered(backward_kernel, GLUON_BACKWARD_MEASURED_ON, GLUON_BACKWARD_MIN_KEYS, q, k, causal):
         return False
-    if key_padding_mask is not None and backward_kernel == "auto" and GLUON != "1":
+    if key_padding_mask is not None and backward_kernel == "auto" and GLUON != "1" and \
+            q.shape[-1] not in GLUON_MASKED_HEAD_DIMS:
         return False  # as the forward's (`_use_gluon`)
     reason = _gluon_lacks(dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,)) or \
         flash_attn_gluon.backward_refusal(q, k, v, do, lse, dq, dk, dv)
@@ -746,7 +749,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
       EFFREPRO_GLUON=0 never, =1 wherever it covers), else tl.
     - backward_kernel: the same choice for the backward; "auto" takes Gluon from `GLUON_BACKWARD_MIN_KEYS` keys
       (head_dim 128 from 1K, 2K causal, 64 from 2K; block-sparse too, with 128-key blocks; with a key padding
-      mask not yet).
+      mask at head_dim 128 only).
     Returns the output, and the log-sum-exp of each row (natural log, float32) if `return_lse`; gradients flow
     through both.
     """
