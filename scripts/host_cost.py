@@ -1,14 +1,15 @@
 """The host's time per call of attention from eager PyTorch, ours (packed q, k, v) against SDPA, forward and
 forward + backward, at a shape small enough that the device never holds the host back (1 x 128 tokens, 12 heads
 of 64, causal, bf16): what a call costs a host-bound training loop. On Hopper, also our Gluon kernels in both
-passes (forced: `auto` keeps the tl ones at this length). Needs a GPU.
+passes (forced: `auto` keeps the tl ones at this length), beside the tl ones on the same separate q, k and v
+(`ours` is the packed operator, which saves the host some work of its own). Needs a GPU.
 
     python scripts/host_cost.py [--profile]
     EFFREPRO_FAST_LAUNCH=0 python scripts/host_cost.py   # without kept launches
 
 `--python-only` times our packed operators' Python side on any machine, the CPU included: every launch is stubbed
 out, the operators are called as torch.compile's code calls them (torch.ops), at GPT-2 small's shape.
-`--profile` adds, for each of ours and ours_gluon, the functions where a forward+backward call spends the host's
+`--profile` adds, for each of our rows, the functions where a forward+backward call spends the host's
 time (cProfile, own time, the 20 largest), to say where a path's extra microseconds go.
 """
 import cProfile
@@ -71,13 +72,18 @@ def timed(profile: bool):
 
     q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in qkv.unbind(2))
 
+    def ours_tl_unpacked():  # the tl kernels on the Gluon row's separate q, k and v: what that row compares with
+        return flash_attn(q, k, v, causal=True, forward_kernel="tl", backward_kernel="tl")
+
     def ours_gluon():  # Gluon's kernels in both passes (flash_attn_gluon.py), where they cover the call
         return flash_attn(q, k, v, causal=True, forward_kernel="gluon", backward_kernel="gluon")
 
     gluon_covers = flash_attn_gluon.refusal(q, k, v) is None
     # the Gluon backward takes a contiguous dO in its output's (batch, heads, seq, head_dim) layout
-    grads = {"ours": grad, "ours_gluon": grad.transpose(1, 2).contiguous(), "sdpa": grad}
-    for name, attention in (("ours", ours), ("ours_gluon", ours_gluon), ("sdpa", sdpa)):
+    unpacked_grad = grad.transpose(1, 2).contiguous()
+    grads = {"ours": grad, "ours_tl_unpacked": unpacked_grad, "ours_gluon": unpacked_grad, "sdpa": grad}
+    for name, attention in (("ours", ours), ("ours_tl_unpacked", ours_tl_unpacked), ("ours_gluon", ours_gluon),
+                            ("sdpa", sdpa)):
         if name == "ours_gluon" and not gluon_covers:
             print(f"ours_gluon: not run ({flash_attn_gluon.refusal(q, k, v)})")
             continue
