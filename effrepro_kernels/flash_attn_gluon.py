@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import torch
 import triton
 
-from .runtime import INTERPRET, KeptLaunches, cdiv, int8_mask, launch, sm_count
+from .runtime import INTERPRET, KeptLaunches, capability, cdiv, int8_mask, launch, sm_count
 
 try:
     from triton.experimental import gluon
@@ -558,9 +558,9 @@ def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         return f"devices {q.device}, {k.device}, {v.device}: it needs all three on one CUDA GPU"
     if any(t.data_ptr() % 16 for t in tensors):
         return "a tensor whose storage does not start on 16 bytes (TMA needs that)"
-    capability = torch.cuda.get_device_capability(q.device)
-    if capability[0] != 9:
-        return f"compute capability {capability[0]}.{capability[1]}: it is written for Hopper (9.x)"
+    major, minor = capability(q.device)
+    if major != 9:
+        return f"compute capability {major}.{minor}: it is written for Hopper (9.x)"
     return None
 
 

@@ -32,6 +32,12 @@ def sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def capability(device) -> tuple[int, int]:
+    """The compute capability of a CUDA `device`, looked up once: the Gluon kernels' check of every call asks it."""
+    return torch.cuda.get_device_capability(device)
+
+
 HOPPER_BLOCK_SMEM = 227 * 1024  # the shared memory a block may opt into on Hopper
 
 
