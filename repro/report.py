@@ -3,6 +3,7 @@ README's summary table. `repro-report` rebuilds all of it from the committed rec
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import functools
 import gzip
@@ -236,33 +237,39 @@ def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
     replace_atomically(path, lambda tmp: tmp.write_bytes(gzip.compress(buf.getvalue().encode(), mtime=0)))
 
 
-def newest_rows_by_series(records: list[tuple[Path, RunRecord]]) -> dict[tuple[str, str], tuple[list, list[RunRecord]]]:
+def rows_to_plot(records: list[tuple[Path, RunRecord]]) -> dict[tuple[str, str], tuple[list, list[RunRecord]]]:
     """Per task and card, the rows to plot: each panel (a row's `series` and `mode` extras, the plots' rows and
-    columns) from that card's best record that has it (see `preference`: a whole run before a killed one, then
-    the newest), so a run that measured only some settings or modes does not hide the others, and one card's run
-    never hides another card's. Also the records used."""
-    out: dict[tuple[str, str], tuple[list, list[RunRecord]]] = {}
-    for _, rec in sorted(records, key=lambda pr: (pr[1].status == "ok", pr[1].started), reverse=True):
+    columns) from that card's best record that has it: a whole run before a killed one, then the one with more
+    points in the panel (a run narrowed to one length does not hide a sweep), then the newest. So a run that
+    measured only some settings or modes hides none of the others, and one card's run never hides another card's.
+    Also the records used, newest first."""
+    best: dict[tuple, tuple[tuple, RunRecord, list]] = {}
+    for _, rec in records:
         if rec.status not in USABLE or rec.scale == "smoke":
             continue
-        rows, used = out.setdefault((rec.task, rec.gpu_name), ([], []))
-        taken = {_panel(r) for r in rows}
-        new = [r for r in rec.rows if _not_taken(_panel(r), taken)]
-        if new:
-            rows += new
+        panels = collections.defaultdict(list)
+        for row in rec.rows:
+            panels[_panel(row)].append(row)
+        for panel, rows in panels.items():
+            rank = (rec.status == "ok", len({r.x_value for r in rows}), rec.started)
+            key = (rec.task, rec.gpu_name, panel)
+            if key not in best or rank > best[key][0]:
+                best[key] = (rank, rec, rows)
+    with_modes = {(task, card, series) for task, card, (series, mode) in best if mode}
+    out: dict[tuple[str, str], tuple[list, list[RunRecord]]] = {}
+    for (task, card, (series, mode)), (_, rec, rows) in sorted(best.items(), key=lambda kv: kv[1][1].started,
+                                                                reverse=True):
+        if not mode and (task, card, series) in with_modes:
+            continue  # rows from before the task timed several modes: the newer records' modes stand for them
+        plotted, used = out.setdefault((task, card), ([], []))
+        plotted += rows
+        if all(u is not rec for u in used):
             used.append(rec)
     return out
 
 
 def _panel(row: Row) -> tuple[str, str]:
     return str(row.extra.get("series", "")), str(row.extra.get("mode", ""))
-
-
-def _not_taken(panel: tuple[str, str], taken: set[tuple[str, str]]) -> bool:
-    series, mode = panel
-    if mode == "":  # a row without a mode (made before its task timed several) stands for every mode of its series
-        return all(s != series for s, _ in taken)
-    return panel not in taken and (series, "") not in taken
 
 
 def card_slug(gpu_name: str) -> str:
@@ -387,7 +394,7 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     plots = []
     for stale in (out / "report" / "plots").glob("*.png"):
         stale.unlink()
-    to_plot = newest_rows_by_series(records)
+    to_plot = rows_to_plot(records)
     for (task, gpu_name), (rows, used) in sorted(to_plot.items()):
         title = ", ".join(sorted({f"{r.gpu_name} {r.scale}" + (f" ({r.status} run)" if r.status != "ok" else "")
                                   for r in used}))

@@ -169,7 +169,7 @@ def test_published_claims_cover_all_six_papers():
 
 
 def test_plots_take_each_series_and_mode_from_the_newest_record_that_has_it():
-    from repro.report import newest_rows_by_series
+    from repro.report import rows_to_plot
 
     def series_row(series, value, mode="fwd"):
         return Row("ours", "n", 1, "speedup", "x", value, value, value, 1, extra={"series": series, "mode": mode})
@@ -177,7 +177,7 @@ def test_plots_take_each_series_and_mode_from_the_newest_record_that_has_it():
     old = rec("bench", "small", [series_row("a", 1.0), series_row("b", 2.0)], started="2026-11-01T00:00:00+00:00")
     new = rec("bench", "small", [series_row("a", 3.0)], started="2026-11-02T00:00:00+00:00")
     newer = rec("bench", "small", [series_row("a", 4.0, "fwd_bwd")], started="2026-11-03T00:00:00+00:00")
-    rows, used = newest_rows_by_series([(Path("old"), old), (Path("new"), new),
+    rows, used = rows_to_plot([(Path("old"), old), (Path("new"), new),
                                         (Path("newer"), newer)])["bench", old.gpu_name]
     # a newer run of series a's forward+backward keeps its forward from the run before
     assert sorted((r.extra["series"], r.extra["mode"], r.p50) for r in rows) == [
@@ -186,21 +186,37 @@ def test_plots_take_each_series_and_mode_from_the_newest_record_that_has_it():
     # a record whose rows have no mode (made before the task timed several) stands for every mode of its series
     older = rec("bench", "small", [series_row("a", 0.5, ""), series_row("c", 0.5, "")],
                 started="2026-10-01T00:00:00+00:00")
-    rows, _ = newest_rows_by_series([(Path("older"), older), (Path("new"), new)])["bench", old.gpu_name]
+    rows, _ = rows_to_plot([(Path("older"), older), (Path("new"), new)])["bench", old.gpu_name]
     assert sorted((r.extra["series"], r.extra["mode"], r.p50) for r in rows) == [("a", "fwd", 3.0), ("c", "", 0.5)]
+
+
+def test_a_run_narrowed_to_one_point_does_not_hide_a_sweep():
+    from repro.report import rows_to_plot
+
+    def point(x, value):
+        return Row("ours", "n", x, "speedup", "x", value, extra={"series": "a", "mode": "fwd"})
+
+    sweep = rec("bench", "small", [point(x, 1.0) for x in (1, 2, 3)], started="2026-11-01T00:00:00+00:00")
+    narrow = rec("bench", "small", [point(3, 2.0)], started="2026-11-02T00:00:00+00:00")
+    newer_sweep = rec("bench", "small", [point(x, 3.0) for x in (1, 2, 3)], started="2026-11-03T00:00:00+00:00")
+    rows, used = rows_to_plot([(Path("s"), sweep), (Path("n"), narrow)])["bench", sweep.gpu_name]
+    assert [r.p50 for r in rows] == [1.0] * 3 and used == [sweep]
+    rows, used = rows_to_plot([(Path("s"), sweep), (Path("n"), narrow),
+                               (Path("t"), newer_sweep)])["bench", sweep.gpu_name]
+    assert [r.p50 for r in rows] == [3.0] * 3 and used == [newer_sweep]
 
 
 def test_each_card_gets_its_own_plots_from_its_own_newest_records(tree, monkeypatch):
     """A newer run on one card hides nothing of another card's: each card's series come from its own records,
     in plots named by card."""
-    from repro.report import newest_rows_by_series
+    from repro.report import rows_to_plot
 
     def series_row(series, value):
         return Row("ours", "n", 1, "speedup", "x", value, extra={"series": series})
 
     h100 = rec("bench", "small", [series_row("a", 1.0), series_row("b", 2.0)], started="2026-11-01T00:00:00+00:00")
     h200 = rec("bench", "small", [series_row("a", 3.0)], started="2026-11-02T00:00:00+00:00", env=H200)
-    by_card = newest_rows_by_series([(Path("old"), h100), (Path("new"), h200)])
+    by_card = rows_to_plot([(Path("old"), h100), (Path("new"), h200)])
     assert {card: sorted((r.extra["series"], r.p50) for r in rows) for (_, card), (rows, _) in by_card.items()} == {
         h100.gpu_name: [("a", 1.0), ("b", 2.0)], h200.gpu_name: [("a", 3.0)]}
 
