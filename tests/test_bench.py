@@ -85,6 +85,21 @@ def test_the_flop_and_byte_counts_behind_tflops_and_bandwidth():
     assert point.extra["mode"] == "eager"
 
 
+def test_a_sweep_run_with_a_mask_or_dropout_is_a_series_of_its_own():
+    """So that the report plots it beside the plain sweep, not in its place; a setting's own mask is its name's."""
+    from omegaconf import OmegaConf
+
+    from tasks.flashattention.kernel_bench import grid
+
+    kernel = OmegaConf.create(dict(seq_len=[512], head_dim=64, causal=[True], mode=["fwd"], tokens=4096, hidden=1024,
+                                   batch=None, heads=None, dtype="float16", dropout=0.1, padding_mask=True,
+                                   settings={"paper": {"padding_mask": True, "dropout": 0.1}}))
+    assert sorted(p.extra["series"] for p in grid(kernel)) == ["paper d=64 causal",
+                                                                "sweep d=64 causal padded dropout 0.1"]
+    kernel.dropout, kernel.padding_mask = 0.0, False
+    assert "sweep d=64 causal" in {p.extra["series"] for p in grid(kernel)}
+
+
 @pytest.mark.parametrize("n_q, n_k, causal, density", [(256, 384, False, 0.5), (384, 384, True, 0.5),
                                                      (200, 300, True, None), (130, 130, False, 1.0)])
 def test_flex_attention_on_a_points_block_mask_computes_what_flash_attn_does(n_q, n_k, causal, density):

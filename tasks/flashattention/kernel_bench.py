@@ -58,12 +58,16 @@ def grid(kernel: DictConfig) -> list[Point]:
         checks.number(f"{key}.head_dim", spec["head_dim"], at_least=16, at_most=256)
         checks.number(f"{key}.dropout", spec["dropout"], integer=False, at_least=0, below=1)
         axes = [checks.axis(f"{key}.{k}", spec[k]) for k in GRID_KEYS]
+        # a mask or dropout the setting takes from kernel.* (not its own) is named, so that such a run is plotted
+        # beside the plain one, not in its place
+        variant = (" padded" if spec["padding_mask"] and "padding_mask" not in overrides else "") + \
+            (f" dropout {spec['dropout']:g}" if spec["dropout"] and "dropout" not in overrides else "")
         for seq_len, head_dim, causal, mode in itertools.product(*axes):
             batch = spec["batch"] or max(1, spec["tokens"] // seq_len)
             heads = spec["heads"] or max(1, spec["hidden"] // head_dim)
             extra = dict(setting=name, mode=mode, causal=bool(causal), head_dim=head_dim, batch=batch, heads=heads,
                          dtype=spec["dtype"], dropout=spec["dropout"], padding_mask=bool(spec["padding_mask"]),
-                         series=f"{name} d={head_dim}" + (" causal" if causal else ""))
+                         series=f"{name} d={head_dim}" + (" causal" if causal else "") + variant)
             points.append(Point("seq_len", seq_len, extra,
                                 flops=attention_flops(batch, heads, seq_len, head_dim, causal, mode)))
     return points
