@@ -239,11 +239,11 @@ def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
 
 def rows_to_plot(records: list[tuple[Path, RunRecord]]) -> dict[tuple[str, str], tuple[list, list[RunRecord]]]:
     """Per task and card, the rows to plot: each panel (a row's `series` and `mode` extras, the plots' rows and
-    columns) from that card's best record that has it: a whole run before a killed one, then the one with more
-    points in the panel (a run narrowed to one length does not hide a sweep), then the newest. So a run that
-    measured only some settings or modes hides none of the others, and one card's run never hides another card's.
-    Also the records used, newest first."""
-    best: dict[tuple, tuple[tuple, RunRecord, list]] = {}
+    columns) from that card's best record that has it: a whole run before a killed one, then the newest of those
+    with at least half the points of the fullest (a run narrowed to one length does not hide a sweep). So a run
+    that measured only some settings or modes hides none of the others, and one card's run never hides another
+    card's. Also the records used, newest first."""
+    candidates: dict[tuple, list[tuple[RunRecord, list]]] = collections.defaultdict(list)
     for _, rec in records:
         if rec.status not in USABLE or rec.scale == "smoke":
             continue
@@ -251,14 +251,12 @@ def rows_to_plot(records: list[tuple[Path, RunRecord]]) -> dict[tuple[str, str],
         for row in rec.rows:
             panels[_panel(row)].append(row)
         for panel, rows in panels.items():
-            rank = (rec.status == "ok", len({r.x_value for r in rows}), rec.started)
-            key = (rec.task, rec.gpu_name, panel)
-            if key not in best or rank > best[key][0]:
-                best[key] = (rank, rec, rows)
+            candidates[rec.task, rec.gpu_name, panel].append((rec, rows))
+    best = {key: _fullest_then_newest(found) for key, found in candidates.items()}
     with_modes = {(task, card, series) for task, card, (series, mode) in best if mode}
     out: dict[tuple[str, str], tuple[list, list[RunRecord]]] = {}
-    for (task, card, (series, mode)), (_, rec, rows) in sorted(best.items(), key=lambda kv: kv[1][1].started,
-                                                                reverse=True):
+    for (task, card, (series, mode)), (rec, rows) in sorted(best.items(), key=lambda kv: kv[1][0].started,
+                                                             reverse=True):
         if not mode and (task, card, series) in with_modes:
             continue  # rows from before the task timed several modes: the newer records' modes stand for them
         plotted, used = out.setdefault((task, card), ([], []))
@@ -270,6 +268,13 @@ def rows_to_plot(records: list[tuple[Path, RunRecord]]) -> dict[tuple[str, str],
 
 def _panel(row: Row) -> tuple[str, str]:
     return str(row.extra.get("series", "")), str(row.extra.get("mode", ""))
+
+
+def _fullest_then_newest(found: list[tuple[RunRecord, list]]) -> tuple[RunRecord, list]:
+    whole = [f for f in found if f[0].status == "ok"] or found
+    points = {id(rows): len({r.x_value for r in rows}) for _, rows in whole}
+    most = max(points.values())
+    return max((f for f in whole if 2 * points[id(f[1])] >= most), key=lambda f: f[0].started)
 
 
 def card_slug(gpu_name: str) -> str:
