@@ -204,6 +204,10 @@ def test_a_run_narrowed_to_one_point_does_not_hide_a_sweep():
     rows, used = rows_to_plot([(Path("s"), sweep), (Path("n"), narrow),
                                (Path("t"), newer_sweep)])["bench", sweep.gpu_name]
     assert [r.p50 for r in rows] == [3.0] * 3 and used == [newer_sweep]
+    # a newer run a point short (a training run that logged one step fewer) is still the one plotted
+    short = rec("bench", "small", [point(x, 4.0) for x in (1, 2)], started="2026-11-04T00:00:00+00:00")
+    rows, used = rows_to_plot([(Path("t"), newer_sweep), (Path("u"), short)])["bench", sweep.gpu_name]
+    assert used == [short]
 
 
 def test_each_card_gets_its_own_plots_from_its_own_newest_records(tree, monkeypatch):
