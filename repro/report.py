@@ -149,10 +149,12 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
                                                  measured[0])
     found = dict(value=value, gpu=record.gpu_name, scale=record.scale, record=path, detail=detail, unit=unit,
                  record_status=record.status)
-    if value is None:  # the task ran, but no record measured the provider or setting the claim needs
+    if not any(points(r) for _, r in ranked):  # the task ran, but not the provider or setting the claim needs
         return Outcome(claim, NOT_RUN, detail=detail)
     if record.scale not in comparable:
         return Outcome(claim, NOT_COMPARABLE, **found)
+    if value is None:  # measured, and no point within the claim's quality tolerance
+        return Outcome(claim, NOT_REPRODUCED, **found)
     out = Outcome(claim, NOT_COMPARABLE, **found)
     if claim.compare.kind == "peak_fraction":
         peak = peak_tflops(record.env.get("gpu_name"))
@@ -173,6 +175,8 @@ def evaluate_by_card(claim: Claim, records: list[tuple[Path, RunRecord]]) -> lis
     """The claim judged on each card that ran its task beyond smoke scale, each from that card's best record:
     first the card `evaluate` chooses among all (the one the README shows), then the others by name."""
     best = evaluate(claim, records)
+    if best.status == NOT_RUN:  # by no card
+        return [best]
     cards = {r.gpu_name for _, r in records if r.task == claim.task and r.status in USABLE and r.scale != "smoke"}
     return [best] + [evaluate(claim, [pr for pr in records if pr[1].gpu_name == card])
                      for card in sorted(cards - {best.gpu})]

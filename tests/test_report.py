@@ -296,7 +296,7 @@ def test_a_newer_run_with_fewer_of_a_claims_points_never_displaces_one_with_more
 
 def test_largest_x_within_quality_of_the_reference():
     from repro.claims import _parse_claim
-    from repro.report import claim_value
+    from repro.report import claim_value, evaluate
 
     claim = _parse_claim("toy", "c", {
         "id": "c", "claim": "5x smaller at equal quality", "value": 5, "unit": "x", "higher_is_better": True,
@@ -312,6 +312,8 @@ def test_largest_x_within_quality_of_the_reference():
     assert value == 4 and unit == "x" and "within" in detail
     record.rows = [ppl("full", 1, 10.0), ppl("ours", 2, 11.0)]
     assert claim_value(claim, record)[0] is None
+    # measured at a comparable scale, with no point within the tolerance: not reproduced (not "not yet run")
+    assert evaluate(claim, [(Path("kv.json"), record)]).status == "not reproduced"
     raw = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_better": True, "hardware": "n/a",
            "setting": "s", "source": "s", "verified": True, "task": "kv",
            "compare": {"kind": "ratio", "metric": "perplexity", "providers": ["ours"], "aggregate": "largest_x_within"}}
@@ -328,5 +330,8 @@ def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree, no_plots):
     first = next(i for i, line in enumerate(lines) if "toy:fast," in line)
     assert "NVIDIA H200" in lines[first] and "2x" in lines[first] and lines[first].endswith("| not reproduced |")
     assert "the same, on another card" in lines[first + 1] and "H100" in lines[first + 1] and "3.5x" in lines[first + 1]
+    # a claim that no card measured is one row, not one a card
+    unmeasured = [line for line in lines if "toy:no_provider" in line]
+    assert len(unmeasured) == 1 and unmeasured[0].endswith("| not yet run |")
     readme = (tree / "README.md").read_text()
     assert "H200" in readme and "3.5x" not in readme  # the README keeps one row per claim, the chosen card's
