@@ -372,20 +372,21 @@ def _jobs(conf: Path, groups: list) -> list[tuple[list[str], DictConfig, dict]]:
 
 
 def _unused_model(conf: Path, jobs: list) -> str | None:
-    """model=<name> given to a task that loads no pretrained model (its own config chooses none): the group would
-    merge into a config it was not written for (the training tasks' own `model:`), or change nothing. A paper's
-    jobs take it where they load one and keep it otherwise."""
+    """model=<name> given to a task that loads no pretrained model (its own config chooses none), a paper's tasks
+    included: the group would merge into a config it was not written for (the training tasks' own `model:`), or
+    change nothing."""
     from hydra import compose
 
     for choices, cfg, swept in jobs:
-        given = [c for c in choices if c.split("=")[0].lstrip("+") == "model"]
-        if not given or swept or any(c.startswith("paper=") for c in choices):
+        given = [c for c in choices if c.split("=")[0] == "model"]
+        if not given or swept:  # a paper's own config: its tasks' jobs follow
             continue
         own = compose("config", overrides=[c for c in choices if c not in given], return_hydra_config=True)
         if own.hydra.runtime.choices.get("model") is None:
             takers = sorted(p.stem for p in (conf / "task").glob("*.yaml") if "override /model:" in p.read_text())
-            return (f"task={cfg.task.name} loads no pretrained model, so {given[0]} has nothing to choose; "
-                    f"the tasks that take one: {', '.join(takers)}")
+            paper = next((c for c in choices if c.startswith("paper=")), None)
+            return (f"task={cfg.task.name}{f' (of {paper})' if paper else ''} loads no pretrained model, so "
+                    f"{given[0]} has nothing to choose; the tasks that take one: {', '.join(takers)}")
     return None
 
 

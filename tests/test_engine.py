@@ -88,7 +88,8 @@ def test_overrides_are_checked_before_hydra_runs():
     ("model=tiny_llama", "task=flash_kernel"),  # the default task
     ("-m task=lm_eval,flash_bert model=trained", "task=flash_bert"),  # its own `model:` is its network's shape
     ("task=lm_eval model=tiny_llama", None),
-    ("paper=scissorhands model=trained", None),  # a paper's tasks take it where they load a model
+    ("paper=scissorhands model=trained", None),  # its one task loads a model
+    ("paper=flashattention model=trained", "task=flash_kernel (of paper=flashattention)"),
 ])
 def test_a_model_given_to_a_task_that_loads_none_is_refused(args, refused):
     from repro.cli import check_overrides
