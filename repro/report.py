@@ -172,14 +172,12 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
 
 
 def evaluate_by_card(claim: Claim, records: list[tuple[Path, RunRecord]]) -> list[Outcome]:
-    """The claim judged on each card that ran its task beyond smoke scale, each from that card's best record:
+    """The claim judged on each card that measured it beyond smoke scale, each from that card's best record:
     first the card `evaluate` chooses among all (the one the README shows), then the others by name."""
     best = evaluate(claim, records)
-    if best.status == NOT_RUN:  # by no card
-        return [best]
     cards = {r.gpu_name for _, r in records if r.task == claim.task and r.status in USABLE and r.scale != "smoke"}
-    return [best] + [evaluate(claim, [pr for pr in records if pr[1].gpu_name == card])
-                     for card in sorted(cards - {best.gpu})]
+    others = [evaluate(claim, [pr for pr in records if pr[1].gpu_name == card]) for card in sorted(cards - {best.gpu})]
+    return [best] + [o for o in others if o.status != NOT_RUN]
 
 
 def _fmt(value: float | None, unit: str = "") -> str:

@@ -330,8 +330,10 @@ def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree, no_plots):
     first = next(i for i, line in enumerate(lines) if "toy:fast," in line)
     assert "NVIDIA H200" in lines[first] and "2x" in lines[first] and lines[first].endswith("| not reproduced |")
     assert "the same, on another card" in lines[first + 1] and "H100" in lines[first + 1] and "3.5x" in lines[first + 1]
-    # a claim that no card measured is one row, not one a card
+    # a claim that no card measured is one row, not one a card; one measured on a card is no row of the others'
     unmeasured = [line for line in lines if "toy:no_provider" in line]
     assert len(unmeasured) == 1 and unmeasured[0].endswith("| not yet run |")
+    near = [line for line in lines if "toy:near" in line]  # its backward rows: on the H100 alone
+    assert len(near) == 1 and "H100" in near[0]
     readme = (tree / "README.md").read_text()
     assert "H200" in readme and "3.5x" not in readme  # the README keeps one row per claim, the chosen card's
