@@ -30,13 +30,6 @@ from .torch_op import differentiable, kernel_op
 GLUON = os.environ.get("EFFREPRO_GLUON")
 GLUON_MIN_KEYS = {(128, False): 512, (128, True): 1024, (64, False): 1024, (64, True): 2048}
 GLUON_MEASURED_ON = ("3.6.",)  # Triton versions on which the Gluon forward has passed its GPU tests
-# With a key padding mask or block-sparse (128-key blocks), at these head sizes only. Key padding (H100,
-# tune_flash_gluon.py --key-padding at 5756d7b): at 128 1.10-1.34x our tl forward's TFLOP/s with the same mask,
-# 512-8K keys, dense and causal; at 64 0.70-0.87x. Block-sparse (H100, flash_kernel records of 763bade, 16K keys,
-# not causal): at 128 1.51x (density 1/4) and 1.23x (1/8) the tl forward's speed; 64 not timed. The padded
-# backward, from GLUON_BACKWARD_MIN_KEYS (H100, flash_kernel record of 763bade): Gluon's forward+backward 1.08-1.24x
-# the speed of the Gluon forward with the tl backward, 1K-16K keys, dense and causal.
-GLUON_MASKED_HEAD_DIMS = (128,)
 # and the Gluon backward (H200: at head_dim 128, 0.79-0.83 of cuDNN's fwd+bwd against the tl backward's 0.70-0.75
 # from 1K keys, 2K causal; at 64, 0.84-0.90 against 0.75-0.87 from 2K keys (4K dense: 0.84 against 0.87, within
 # the two runs' noise); behind it below those). Block-sparse calls take it too where blocks are of its tile
@@ -44,6 +37,13 @@ GLUON_MASKED_HEAD_DIMS = (128,)
 # where the tl backward took 1.32-1.42x).
 GLUON_BACKWARD_MIN_KEYS = {(128, False): 1024, (128, True): 2048, (64, False): 2048, (64, True): 2048}
 GLUON_BACKWARD_MEASURED_ON = ("3.6.",)
+# With a key padding mask or block-sparse (128-key blocks), at these head sizes only. Key padding (H100,
+# tune_flash_gluon.py --key-padding at 5756d7b): at 128 1.10-1.34x our tl forward's TFLOP/s with the same mask,
+# 512-8K keys, dense and causal; at 64 0.70-0.87x. Block-sparse (H100, flash_kernel records of 763bade, 16K keys,
+# not causal): at 128 1.51x (density 1/4) and 1.23x (1/8) the tl forward's speed; 64 not timed. The padded
+# backward, from GLUON_BACKWARD_MIN_KEYS (H100, flash_kernel record of 763bade): Gluon's forward+backward 1.08-1.24x
+# the speed of the Gluon forward with the tl backward, 1K-16K keys, dense and causal.
+GLUON_MASKED_HEAD_DIMS = (128,)
 KERNELS = ("auto", "tl", "gluon")  # forward_kernel and backward_kernel: which kernel runs each pass
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -574,7 +574,7 @@ def _use_gluon_backward(backward_kernel: str, q, k, v, do, lse, dq, dk, dv, key_
         return False
     if key_padding_mask is not None and backward_kernel == "auto" and GLUON != "1" and \
             q.shape[-1] not in GLUON_MASKED_HEAD_DIMS:
-        return False  # as the forward's (`_use_gluon`)
+        return False  # timed at GLUON_MASKED_HEAD_DIMS only, as the forward's
     reason = _gluon_lacks(dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,)) or \
         flash_attn_gluon.backward_refusal(q, k, v, do, lse, dq, dk, dv)
     return _covered("backward_kernel", backward_kernel, reason)
