@@ -14,8 +14,8 @@ time (cProfile, own time, the 20 largest), to say where a path's extra microseco
 """
 import cProfile
 import importlib
-import pstats
 import os
+import pstats
 import sys
 import time
 
