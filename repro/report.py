@@ -176,7 +176,8 @@ def evaluate_by_card(claim: Claim, records: list[tuple[Path, RunRecord]]) -> lis
     first the card `evaluate` chooses among all (the one the README shows), then the others by name."""
     best = evaluate(claim, records)
     cards = {r.gpu_name for _, r in records if r.task == claim.task and r.status in USABLE and r.scale != "smoke"}
-    others = [evaluate(claim, [pr for pr in records if pr[1].gpu_name == card]) for card in sorted(cards - {best.gpu})]
+    others = [evaluate(claim, [pr for pr in records if pr[1].gpu_name == card])
+              for card in sorted(cards - {best.gpu})]
     return [best] + [o for o in others if o.status != NOT_RUN]
 
 
@@ -274,9 +275,10 @@ def _panel(row: Row) -> tuple[str, str]:
 
 def _fullest_then_newest(found: list[tuple[RunRecord, list]]) -> tuple[RunRecord, list]:
     whole = [f for f in found if f[0].status == "ok"] or found
-    points = {id(rows): len({r.x_value for r in rows}) for _, rows in whole}
-    most = max(points.values())
-    return max((f for f in whole if 2 * points[id(f[1])] >= most), key=lambda f: f[0].started)
+    counted = [(rec, rows, len({r.x_value for r in rows})) for rec, rows in whole]
+    most = max(points for _, _, points in counted)
+    rec, rows, _ = max((c for c in counted if 2 * c[2] >= most), key=lambda c: c[0].started)
+    return rec, rows
 
 
 def card_slug(gpu_name: str) -> str:
