@@ -140,17 +140,15 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
         return Outcome(claim, NOT_RUN)
     comparable = claim.compare.comparable_at
 
-    def points(record: RunRecord) -> int:
-        found = _claim_rows(claim, record)
-        return 0 if found is None else len(found[1])
-    ranked = sorted(mine, key=lambda pr: preference(pr[1], comparable, points(pr[1])), reverse=True)
+    points = {id(r): len(rows[1]) if (rows := _claim_rows(claim, r)) else 0 for _, r in mine}
+    if not any(points.values()):  # the task ran, but not the provider or setting the claim needs
+        return Outcome(claim, NOT_RUN, detail=claim_value(claim, mine[0][1])[2])
+    ranked = sorted(mine, key=lambda pr: preference(pr[1], comparable, points[id(pr[1])]), reverse=True)
     measured = [(pr, claim_value(claim, pr[1])) for pr in ranked]
     (path, record), (value, unit, detail) = next(((pr, cv) for pr, cv in measured if cv[0] is not None),
                                                  measured[0])
     found = dict(value=value, gpu=record.gpu_name, scale=record.scale, record=path, detail=detail, unit=unit,
                  record_status=record.status)
-    if not any(points(r) for _, r in ranked):  # the task ran, but not the provider or setting the claim needs
-        return Outcome(claim, NOT_RUN, detail=detail)
     if record.scale not in comparable:
         return Outcome(claim, NOT_COMPARABLE, **found)
     if value is None:  # measured, and no point within the claim's quality tolerance
