@@ -377,13 +377,15 @@ def _unused_model(conf: Path, jobs: list) -> str | None:
     change nothing."""
     from hydra import compose
 
+    def own_model(choices: list[str]) -> str | None:  # the model the job's task chooses for itself
+        return compose("config", overrides=choices, return_hydra_config=True).hydra.runtime.choices.get("model")
+
     for choices, cfg, swept in jobs:
         given = [c for c in choices if c.split("=")[0] == "model"]
         if not given or swept:  # a paper's own config: its tasks' jobs follow
             continue
-        own = compose("config", overrides=[c for c in choices if c not in given], return_hydra_config=True)
-        if own.hydra.runtime.choices.get("model") is None:
-            takers = sorted(p.stem for p in (conf / "task").glob("*.yaml") if "override /model:" in p.read_text())
+        if own_model([c for c in choices if c not in given]) is None:
+            takers = [p.stem for p in sorted((conf / "task").glob("*.yaml")) if own_model([f"task={p.stem}"])]
             paper = next((c for c in choices if c.startswith("paper=")), None)
             return (f"task={cfg.task.name}{f' (of {paper})' if paper else ''} loads no pretrained model, so "
                     f"{given[0]} has nothing to choose; the tasks that take one: {', '.join(takers)}")
