@@ -10,12 +10,15 @@ import gzip
 import io
 import json
 import math
+import os
 import re
 import sys
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+import yaml
 
 from .claims import Claim, load_published
 from .context import PROJECT_ROOT
@@ -186,8 +189,13 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return f"{text}{unit if unit in ('x', '%') else ' ' + unit if unit else ''}"
 
 
-def claims_table(outcomes: list[Outcome], root: Path = PROJECT_ROOT) -> str:
-    """A row per outcome; a claim's further outcomes (on other cards) follow it under a short label."""
+def _link(path: Path, links_from: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), links_from.resolve())).as_posix()
+
+
+def claims_table(outcomes: list[Outcome], links_from: Path) -> str:
+    """A row per outcome; a claim's further outcomes (on other cards) follow it under a short label. Links to the
+    records are relative to `links_from`, the folder of the file the table goes into."""
     lines = ["| Claim | Published | Published on | Reproduced | Reproduced on | Status |",
              "|---|---|---|---|---|---|"]
     previous = None
@@ -200,10 +208,7 @@ def claims_table(outcomes: list[Outcome], root: Path = PROJECT_ROOT) -> str:
         where = f"{o.gpu}, {o.scale}" + (f", **{o.record_status} run**" if o.record_status != "ok" else "") \
             if o.scale else "—"
         if o.record is not None:
-            try:
-                where += f" ([record]({Path(o.record).resolve().relative_to(root)}))"
-            except ValueError:
-                pass
+            where += f" ([record]({_link(o.record, links_from)}))"
         how = f" <br><sub>{o.detail}</sub>" if o.detail else ""
         lines.append(f"| {label} | {_fmt(c.value, c.unit)} | {c.hardware} | {_fmt(o.value, o.unit)}{how} | {where} "
                      f"| {o.status} |")
@@ -356,7 +361,7 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
 README_START, README_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 
 
-def summary_table(by_paper: dict[str, list[Outcome]]) -> str:
+def summary_table(by_paper: dict[str, list[Outcome]], links_from: Path) -> str:
     statuses = [REPRODUCED, WITHIN, NOT_REPRODUCED, NOT_COMPARABLE, OTHER_HARDWARE, NOT_RUN]
     lines = ["| Paper | Claims | " + " | ".join(statuses) + " |", "|---" * (len(statuses) + 2) + "|"]
     for paper, outcomes in by_paper.items():
@@ -364,7 +369,7 @@ def summary_table(by_paper: dict[str, list[Outcome]]) -> str:
         lines.append(f"| {paper} | {len(outcomes)} | " + " | ".join(str(c) for c in counts) + " |")
     run = [o for outcomes in by_paper.values() for o in outcomes if o.status != NOT_RUN]
     if run:
-        lines += ["", claims_table(run)]
+        lines += ["", claims_table(run, links_from)]
     return "\n".join(lines)
 
 
@@ -377,12 +382,48 @@ def update_readme(readme: Path, table: str) -> bool:
     return True
 
 
+RETRACTED = "retracted.yaml"
+
+
+def load_retracted(runs: Path) -> dict[str, str]:
+    """RUNS/retracted.yaml: the records that a later fix showed to hold wrong rows, each with why. They stay in the
+    repository as history; the report uses none of their rows and lists them. Keys are paths under RUNS, written
+    without a packed record's `.gz`."""
+    path = runs / RETRACTED
+    if not path.is_file():
+        return {}
+    entries = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(entries, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                                for k, v in entries.items()):
+        raise ValueError(f"{_rel(path)}: expected lines 'path/of/record.json: why it is retracted'")
+    return {key.removesuffix(".gz"): why for key, why in entries.items()}
+
+
+def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_from: Path) \
+        -> tuple[list, list[str], list[str]]:
+    """(the records to use, one line per retracted record for the report, the retraction list's unknown names)."""
+    retracted = load_retracted(runs)
+    keep, listed, seen = [], [], set()
+    for path, record in records:
+        key = path.relative_to(runs).as_posix().removesuffix(".gz")
+        if key in retracted:
+            seen.add(key)
+            listed.append(f"- [`{key}`]({_link(path, links_from)}) ({record.gpu_name}, {record.scale}): "
+                          f"{retracted[key].strip()}")
+        else:
+            keep.append((path, record))
+    unknown = [f"{RETRACTED} names {key}, which is no record under {_rel(runs)}" for key in retracted
+               if key not in seen]
+    return keep, listed, unknown
+
+
 def build_report(runs: Path, published: Path, out: Path, readme: Path | None) -> tuple[str, list[str]]:
     """Write REPORT.md, the CSV of every row, the plots and the README's table; return the report and the
     problems met (files skipped, with why), as repository-relative messages."""
     papers = load_published(published)
     records, skipped = load_records(runs)
-    problems = [f"skipped {_rel(path)}: {why}" for path, why in skipped]
+    records, retracted, unknown = _split_retracted(records, runs, out)
+    problems = [f"skipped {_rel(path)}: {why}" for path, why in skipped] + unknown
     by_card = {name: [evaluate_by_card(c, records) for c in claims] for name, (_, claims) in papers.items()}
     by_paper = {name: [outcomes[0] for outcomes in claims] for name, claims in by_card.items()}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -395,9 +436,12 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     for name, claims in by_card.items():
         header = papers[name][0]
         parts.append(f"## {header.get('title', name)}\n\n`{name}` · {header.get('source', '')}\n\n"
-                     f"{claims_table([o for outcomes in claims for o in outcomes])}\n")
+                     f"{claims_table([o for outcomes in claims for o in outcomes], out)}\n")
+    if retracted:
+        parts.append(f"## Retracted records\n\nKept as history, used for nothing above or below "
+                     f"(`{_rel(runs / RETRACTED)}`):\n\n" + "\n".join(retracted) + "\n")
     if problems:
-        parts.append("## Skipped files\n\n" + "\n".join(f"- {p}" for p in problems) + "\n")
+        parts.append("## Problems (files and entries not used)\n\n" + "\n".join(f"- {p}" for p in problems) + "\n")
     plots = []
     for stale in (out / "report" / "plots").glob("*.png"):
         stale.unlink()
@@ -414,7 +458,7 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     report = "\n".join(parts)
     replace_atomically(out / "REPORT.md", lambda tmp: tmp.write_text(report))
     write_csv(records, out / "report" / "rows.csv.gz")
-    if readme is not None and not update_readme(readme, summary_table(by_paper)):
+    if readme is not None and not update_readme(readme, summary_table(by_paper, readme.parent)):
         problems.append(f"{_rel(readme)} has no {README_START} … {README_END} markers; its table was not updated")
     return report, problems
 

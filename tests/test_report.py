@@ -118,6 +118,35 @@ def test_a_provider_whose_output_differed_from_the_baseline_reproduces_nothing(t
     assert "3.2x" in line and "mean of 1" in line  # the wrong row left out
 
 
+def test_a_retracted_record_is_listed_with_its_reason_and_used_for_nothing(tree, no_plots):
+    runs = tree / "runs"
+    save_record(rec("bench", "small", [row("speedup", 9.0)], started="2026-12-01T00:00:00+00:00"),
+                runs / "toy" / "bench" / "wrong.json")
+    report, problems = build_report(runs, tree / "published", tree / "out", tree / "README.md")
+    assert "9x" in next(line for line in report.splitlines() if "toy:fast," in line)  # newest, most points
+    (runs / "retracted.yaml").write_text("toy/bench/wrong.json: made before the fix of the timer\n"
+                                         "toy/bench/gone.json: a name that is no record\n")
+    report, problems = build_report(runs, tree / "published", tree / "out", tree / "README.md")
+    assert "3.5x" in next(line for line in report.splitlines() if "toy:fast," in line)
+    listed = report[report.index("## Retracted records"):]
+    assert "[`toy/bench/wrong.json`](../runs/toy/bench/wrong.json)" in listed
+    assert "made before the fix of the timer" in listed
+    assert any("gone.json" in p for p in problems) and not any("wrong.json" in p for p in problems)
+    with gzip.open(tree / "out" / "report" / "rows.csv.gz", "rt") as fh:
+        assert "wrong.json" not in fh.read()
+    (runs / "retracted.yaml").write_text("- toy/bench/wrong.json\n")
+    with pytest.raises(ValueError, match="retracted.yaml"):
+        build_report(runs, tree / "published", tree / "out", tree / "README.md")
+
+
+def test_record_links_resolve_from_the_file_they_are_written_into(tree, no_plots):
+    report, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
+    line = next(line for line in report.splitlines() if "toy:fast," in line)
+    assert "([record](../runs/toy/bench/a.json))" in line  # REPORT.md is in out/, the records in runs/
+    readme_line = next(line for line in (tree / "README.md").read_text().splitlines() if "toy:fast," in line)
+    assert "([record](runs/toy/bench/a.json))" in readme_line
+
+
 def test_outputs_csv_plots_and_readme(tree):
     build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
     written = (tree / "out" / "report" / "rows.csv.gz").read_bytes()
