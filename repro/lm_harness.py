@@ -8,6 +8,7 @@ task, `effrepro_mc`, which runs offline; the papers' tasks are lm-eval's, and ne
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -74,8 +75,11 @@ class EffreproLM(TemplateLM):
                                   "generation tasks are not supported")
 
 
-def _task_manager(tasks: list[str]):
-    """A TaskManager that knows our tasks; lm-eval's own ~15,000 are indexed (about 8 s) only when asked for."""
+@functools.lru_cache(maxsize=4)
+def task_manager(tasks: tuple[str, ...], key: str = "tasks"):
+    """A TaskManager that knows `tasks` (a ConfigError naming `key` for any it does not); lm-eval's own ~15,000
+    are indexed (about 8 s) only when one is asked for, and once per process: the task's check before any work
+    and its evaluation share it."""
     from lm_eval.tasks import TaskManager
 
     local = TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
@@ -84,8 +88,8 @@ def _task_manager(tasks: list[str]):
     manager = TaskManager(include_path=str(LOCAL_TASKS))
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        raise ConfigError(f"lm-eval tasks {unknown} are unknown; ours: {local.all_tasks}, the papers': hellaswag, "
-                          "piqa, winogrande, mathqa, openbookqa (`lm-eval ls tasks` lists all)")
+        raise ConfigError(f"{key}: lm-eval tasks {unknown} are unknown; ours: {local.all_tasks}, the papers': "
+                          "hellaswag, piqa, winogrande, mathqa, openbookqa (`lm-eval ls tasks` lists all)")
     return manager
 
 
@@ -97,7 +101,7 @@ def evaluate_multiple_choice(lm: EffreproLM, tasks: list[str], num_fewshot: int 
     questions scored (n)."""
     import lm_eval.evaluator
 
-    manager = _task_manager(tasks)
+    manager = task_manager(tuple(tasks))
     try:
         loaded = manager.load(tasks)["tasks"]  # reads the tasks' datasets: where the Hub is needed, it fails here
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds offline

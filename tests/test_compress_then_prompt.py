@@ -250,6 +250,7 @@ def test_the_claims_are_read_from_the_rows(smoke):
     (["lora.levels=[joint8x]"], "lora.levels=['joint8x'] is not one of ['gptq_4bit', "),
     (["experiments=[transfer]"], "experiments: transfer is read against the perplexities"),
     (["compression.percdamp=-1"], "compression.percdamp=-1 must be > 0"),
+    (["eval.tasks=[openbokqa]"], "eval.tasks: lm-eval tasks ['openbokqa'] are unknown; ours: ['effrepro_mc']"),
 ])
 def test_bad_input_is_refused(refusal, overrides, message):
     assert message in refusal(*TINY, *overrides)

@@ -140,6 +140,14 @@ def test_quantized_cache_and_decode_kernels_run_in_the_interpreter(interpreted):
     (["eval.seqlen=512"], "eval.seqlen=512 is longer than the model's context of 256 tokens"),
     (["decode.bits=[4]"], "decode.bits=[4] must include 16"),
     (["kv.group_size=5"], "kv.group_size=5 must divide the model's head_dim=16 for a quantized cache"),
+    # whatever the experiments: a policy's settings are read by multiple choice and decode as well as quality
+    (["kv.experiments=[multiple_choice]", "+kv.scissorhands.windw=3"],
+     "kv.scissorhands: 'windw' is not a parameter of policy 'scissorhands'; it takes ['budget_schedule', 'drop',"),
+    (["kv.experiments=[multiple_choice]", "+kv.scissorhands.drop=3"],
+     "kv.scissorhands: both drop_fraction and drop are given, and drop_fraction sets drop: give one"),
+    (["+kv.h2o.budget=5"], "kv.h2o: 'budget' is not a parameter of policy 'h2o' (a budget comes from the sweep"),
+    (["kv.experiments=[quality,multiple_choice]", "mc.tasks=[hellaswg]"],
+     "mc.tasks: lm-eval tasks ['hellaswg'] are unknown; ours: ['effrepro_mc'], the papers': hellaswag"),
 ])
 def test_bad_input_is_refused_naming_the_key(refusal, overrides, message):
     assert message in refusal(*TINY, *overrides)

@@ -11,7 +11,7 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from repro import checks
-from repro.context import RunContext
+from repro.context import ConfigError, RunContext
 from repro.evaluation import TEXTS, eval_text, perplexity, perplexity_rows
 from repro.models import load_model, require_model, trained_metadata
 from repro.records import Row
@@ -20,18 +20,38 @@ from repro.records import Row
 def validate(cfg: DictConfig) -> None:
     require_model(cfg, "evaluates a pretrained model")
     validate_eval(cfg.eval)
+    check_tasks("eval.tasks", cfg.eval.tasks)
 
 
-def validate_eval(e: DictConfig) -> None:
-    """The `eval:` block every task evaluating a language model shares (texts, chunks, multiple choice)."""
+def validate_texts(e: DictConfig) -> None:
+    """The perplexity part of the `eval:` block every task evaluating a language model has."""
     checks.choice("eval.texts", OmegaConf.to_container(e.texts), TEXTS)
     checks.number("eval.seqlen", e.seqlen, at_least=2)
     checks.number("eval.batch_size", e.batch_size, at_least=1)
     if e.max_chunks is not None:
         checks.number("eval.max_chunks", e.max_chunks, at_least=1)
+
+
+def validate_eval(e: DictConfig) -> None:
+    """The `eval:` block of the tasks that also run multiple choice from it (texts, chunks, few-shot)."""
+    validate_texts(e)
     checks.number("eval.num_fewshot", e.num_fewshot, at_least=0)
     if e.limit is not None:
         checks.number("eval.limit", e.limit, at_least=1)
+
+
+def check_tasks(key: str, tasks) -> None:
+    """Multiple-choice task names are looked up before any work: a misspelt one would otherwise fail the run only
+    after the experiments that come before it."""
+    tasks = tuple(checks.as_list(tasks))
+    if not tasks:
+        return
+    try:
+        from repro.lm_harness import task_manager
+    except ImportError as exc:
+        raise ConfigError(f"{key}={list(tasks)} needs lm-evaluation-harness ({exc}): pip install -e '.[eval]', or "
+                          f"{key}=[] for no multiple choice") from None
+    task_manager(tasks, key)
 
 
 def text_rows(cfg: DictConfig, ctx: RunContext, model, tokenizer, provider: str, extra: dict,

@@ -38,7 +38,7 @@ from repro.models import load_model, require_model, trained_metadata, weight_set
 from repro.records import Row
 from repro.train import Trainee, TrainSpec, model_flops_per_token, train
 
-from tasks.common.lm_eval import validate_eval
+from tasks.common.lm_eval import check_tasks, validate_eval
 
 from .compress import check_arguments, check_n_m_fits, compress
 from .data import TRAIN_TEXTS, batch_source, calibration, check_length, training_ids
@@ -216,6 +216,8 @@ def validate(cfg: DictConfig) -> None:
     checks.number("cost.warmup_ms", cfg.cost.warmup_ms, integer=False, at_least=0)
     checks.number("cost.rep_ms", cfg.cost.rep_ms, integer=False, at_least=1)
     validate_eval(cfg.eval)
+    if "accuracy" in experiments:
+        check_tasks("eval.tasks", cfg.eval.tasks)
     TrainSpec.from_config(cfg.train)
     context = OmegaConf.select(cfg.model, "arch.context")
     if context is not None:  # a model built from the config; the others are checked once loaded

@@ -357,16 +357,33 @@ def make_policy(name: str, **params) -> Policy:
     return cls(**params)
 
 
+# a config's fractions of the budget, so that one setting serves every budget of a sweep: the count each sets, and
+# its least value: scissorhands' drop_fraction (m = fraction · B; the paper's m = B/2), h2o's recent_fraction (its
+# window of newest tokens)
+FRACTIONS_OF_BUDGET = {"drop_fraction": ("drop", 1), "recent_fraction": ("recent", 0)}
+
+
+def check_config_parameters(name: str, params: dict) -> None:
+    """ValueError for what a config may not give policy `name`: a name that is not its parameter, the budget (the
+    sweep's), or a count together with the fraction of the budget that sets it."""
+    fields = {f.name for f in dataclasses.fields(POLICIES[name])} - {"budget"}
+    allowed = fields | {key for key, (field, _) in FRACTIONS_OF_BUDGET.items() if field in fields}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        why = " (a budget comes from the sweep: text length / compression)" if unknown[0] == "budget" else ""
+        raise ValueError(f"{unknown[0]!r} is not a parameter of policy {name!r}{why}; it takes {sorted(allowed)}")
+    for key, (field, _) in FRACTIONS_OF_BUDGET.items():
+        if key in params and field in params:
+            raise ValueError(f"both {key} and {field} are given, and {key} sets {field}: give one")
+
+
 def policy_at_budget(name: str, params: dict, budget: int | None = None) -> Policy:
-    """The policy `name` with the parameters a config gives it, at `budget` tokens per head (the policies without
-    a budget, `full` and `scissorhands_released`, take none). Two parameters are fractions of the budget, so one
-    setting serves every budget of a sweep: scissorhands' `drop_fraction` (m = fraction · B; the paper's
-    m = B/2) and h2o's `recent_fraction` (its window of newest tokens)."""
+    """The policy `name` with the parameters a config gives it (`FRACTIONS_OF_BUDGET` among them), at `budget`
+    tokens per head (the policies without a budget, `full` and `scissorhands_released`, take none)."""
     params = dict(params)
-    if "drop_fraction" in params:
-        params["drop"] = max(1, round(params.pop("drop_fraction") * budget))
-    if "recent_fraction" in params:
-        params["recent"] = round(params.pop("recent_fraction") * budget)
+    for key, (field, least) in FRACTIONS_OF_BUDGET.items():
+        if key in params:
+            params[field] = max(least, round(params.pop(key) * budget))
     if "layers" in params:
         params["layers"] = tuple(params["layers"])
     if name in POLICIES and issubclass(POLICIES[name], _Budgeted):

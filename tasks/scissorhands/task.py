@@ -31,15 +31,17 @@ from effrepro_kernels.runtime import runs_on
 from repro import checks
 from repro.bench import failure
 from repro.context import ConfigError, RunContext
-from repro.evaluation import TEXTS, context_length, eval_text, perplexity, perplexity_rows
+from repro.evaluation import context_length, eval_text, perplexity, perplexity_rows
 from repro.models import load_model, require_model
 from repro.records import Row
+from tasks.common.lm_eval import check_tasks, validate_texts
 
 from . import bench
 from .generate import KV_BITS, REFERENCE, decode_logits
 from .hooks import check_replaceable
 from .memory import bits_compression, table_rows
-from .policies import BUDGET_SCHEDULES, POLICIES, THRESHOLDS, Full, Policy, policy_at_budget
+from .policies import (BUDGET_SCHEDULES, POLICIES, THRESHOLDS, Full, Policy, check_config_parameters,
+                       policy_at_budget)
 from .simulate import persistence_ratio, simulate
 
 EXPERIMENTS = ("table1", "persistence", "quality", "multiple_choice", "decode")
@@ -92,6 +94,11 @@ def _check_compressions(key: str, values) -> None:
 
 
 def _check_params(kv: DictConfig) -> None:
+    for name in POLICIES:  # every policy's block, used by this run or not: a misspelt key is never silently unused
+        try:
+            check_config_parameters(name, params(kv, name))
+        except ValueError as exc:
+            raise ConfigError(f"kv.{name}: {exc}") from None
     s = kv.scissorhands
     checks.number("kv.scissorhands.recent", s.recent, at_least=0)
     if not isinstance(s.window, int) or isinstance(s.window, bool) or s.window < 1:
@@ -160,11 +167,7 @@ def validate(cfg: DictConfig) -> None:
     _check_params(kv)
     _check_generate(kv, sweep(kv, policies, checks.as_list(kv.compressions), checks.as_list(kv.bits)), "kv.policies")
     e, mc = cfg.eval, cfg.mc
-    checks.choice("eval.texts", checks.as_list(e.texts), TEXTS)
-    checks.number("eval.seqlen", e.seqlen, at_least=2)
-    checks.number("eval.batch_size", e.batch_size, at_least=1)
-    if e.max_chunks is not None:
-        checks.number("eval.max_chunks", e.max_chunks, at_least=1)
+    validate_texts(e)
     checks.choice("mc.policies", checks.as_list(mc.policies), policies)
     _check_compressions("mc.compressions", mc.compressions)
     checks.choice("mc.bits", checks.as_list(mc.bits), KV_BITS)
@@ -174,6 +177,8 @@ def validate(cfg: DictConfig) -> None:
         checks.number("mc.limit", mc.limit, at_least=1)
     _check_generate(kv, sweep(kv, checks.as_list(mc.policies), checks.as_list(mc.compressions),
                               checks.as_list(mc.bits)), "mc.policies")
+    if "multiple_choice" in experiments:
+        check_tasks("mc.tasks", mc.tasks)
     arch = cfg.model.get("arch")  # the models built here say their shape; a Hub model's is checked once loaded
     if arch is not None and e.seqlen > arch.context:
         raise ConfigError(f"eval.seqlen={e.seqlen} is longer than the model's context of {arch.context} tokens "
