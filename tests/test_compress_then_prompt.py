@@ -268,6 +268,8 @@ def test_a_level_named_for_a_prompt_but_not_compressed_is_said(compose, capsys):
     (["compression.levels=[joint_8x,nm]", "+compression.catalog.nm={method:sparsegpt,n_m:[2,3]}"],
      "compression.catalog.nm: n_m=(2, 3): M=3 does not divide the input width 64 of block 0 self_attn.q_proj"),
     (["compression.calibration.samples=100000"], "compression.calibration: 100000 samples of 32 tokens need"),
+    (["lora.targets=[q_proj,qv_proj]"], "lora.targets: ['qv_proj'] name no linear layer of the model; its linear "
+                                        "layers are named ['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj',"),
 ])
 def test_bad_input_is_refused_before_any_work(overrides, message, tmp_path):
     code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs", *overrides)

@@ -233,6 +233,17 @@ def gap_closed_row(provider: str, x: float, extra: dict, result, dense: float, c
                                        "closer_to_dense": abs(result.ppl - dense) < abs(compressed - dense)})
 
 
+def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Each of `lora.targets` names linear layers of the model, as PEFT matches them (the end of a layer's name):
+    PEFT itself finds out only once a level is compressed, and the row it fails becomes an error row."""
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        ends = sorted({name.rsplit(".", 1)[-1] for name in names})
+        raise ConfigError(f"lora.targets: {missing} name no linear layer of the model; its linear layers are "
+                          f"named {ends}")
+
+
 def guarded(provider: str, x: float, extra: dict, work: Callable[[], Iterator[Row]]) -> Iterator[Row]:
     """The rows of `work`; what stops it (out of memory, an error) becomes one more row and the run goes on. Bad
     input is not caught: it stops the run."""
@@ -275,6 +286,8 @@ class CompressThenPrompt:
         self.loaded = self.loaded_prompts()
         check_context(cfg, context_length(model), 0 if self.hard_prefix is None else len(self.hard_prefix),
                       [saved["tokens"] for _, saved in self.loaded.values()])
+        if self.lora_levels and cfg.lora.targets is not None:
+            check_lora_targets(model, checks.as_list(cfg.lora.targets))
         for level in self.levels:
             if level.n_m is not None:
                 try:
