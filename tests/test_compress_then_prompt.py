@@ -180,7 +180,8 @@ def rows_of(record, provider=None, metric=None, **where):
 
 def test_the_smoke_run_measures_dense_compressed_and_each_recovery_at_each_level(smoke):
     _, record = smoke
-    assert record["status"] == "ok" and all(r["status"] == "ok" for r in record["rows"])
+    assert record["status"] == "ok"
+    assert all(r["status"] == "ok" for r in record["rows"] if r["metric"] != "ppl_gap_closed")
     for level, ratio in (("joint_8x", 8.0), ("gptq_4bit", 4.0)):
         for provider in ("dense", "compressed", "compressed_prompt", "compressed_hard_prompt"):
             (ppl,) = rows_of(record, provider, "perplexity", level=level)
@@ -190,7 +191,10 @@ def test_the_smoke_run_measures_dense_compressed_and_each_recovery_at_each_level
         (gap,) = rows_of(record, "compressed_prompt", "ppl_gap_closed", level=level)
         dense, compressed, prompt = (rows_of(record, p, "perplexity", level=level)[0]["p50"]
                                      for p in ("dense", "compressed", "compressed_prompt"))
-        assert gap["p50"] == pytest.approx((compressed - prompt) / (compressed - dense))
+        if compressed > dense:
+            assert gap["status"] == "ok" and gap["p50"] == pytest.approx((compressed - prompt) / (compressed - dense))
+        else:  # a random model may lose nothing to a level: no gap, and no ratio read backwards
+            assert gap["status"] == "unsupported" and gap["p50"] is None and "no gap to close" in gap["message"]
         assert gap["extra"]["better_than_compressed"] == (prompt < compressed)
     (ratio,) = rows_of(record, "compressed", "compression_ratio", level="joint_8x")
     assert ratio["p50"] == 8 and 1 < ratio["extra"]["measured_ratio"] < 8  # masks and scales cost bytes

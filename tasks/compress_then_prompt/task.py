@@ -226,11 +226,17 @@ def validate(cfg: DictConfig) -> None:
 
 def gap_closed_row(provider: str, x: float, extra: dict, result, dense: float, compressed: float) -> Row:
     """The share of the compressed model's perplexity gap to dense that a recovery (`result`) won back: 0 none,
-    1 all of it, above 1 better than dense."""
+    1 all of it, above 1 better than dense. Where compression cost nothing (compressed no worse than dense) there
+    is no gap, and the ratio would read backwards: the row says so instead (status unsupported)."""
+    extra = {**extra, "dense_ppl": dense, "compressed_ppl": compressed,
+             "better_than_compressed": result.ppl < compressed,
+             "closer_to_dense": abs(result.ppl - dense) < abs(compressed - dense)}
+    if compressed <= dense:
+        return Row(provider, X, x, "ppl_gap_closed", "fraction", status="unsupported", extra=extra,
+                   message=f"no gap to close: the compressed model's perplexity {compressed:.4g} is not above "
+                           f"dense's {dense:.4g}")
     return Row(provider, X, x, "ppl_gap_closed", "fraction", (compressed - result.ppl) / (compressed - dense),
-               n=result.tokens, extra={**extra, "dense_ppl": dense, "compressed_ppl": compressed,
-                                       "better_than_compressed": result.ppl < compressed,
-                                       "closer_to_dense": abs(result.ppl - dense) < abs(compressed - dense)})
+               n=result.tokens, extra=extra)
 
 
 def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
@@ -364,7 +370,7 @@ class CompressThenPrompt:
             if provider != DENSE:
                 rows.append(Row(provider, X, x, "ppl_ratio_to_dense", "x", result.ppl / dense, n=result.tokens,
                                 extra={**more, "baseline": DENSE, "dense_ppl": dense}))
-            if compressed_ppl and compressed_ppl[text] != dense:
+            if compressed_ppl:
                 rows.append(gap_closed_row(provider, x, more, result, dense, compressed_ppl[text]))
         if acc:
             from repro.lm_harness import multiple_choice_rows
