@@ -180,14 +180,15 @@ def hessians(layers: dict[str, nn.Module], inputs: list[torch.Tensor], run) -> d
 def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: int | None = None,
              group_size: int | None = 128, sparsity: float | None = None, n_m: tuple[int, int] | None = None,
              act_order: bool = False, percdamp: float = 0.01, n_samples: int | None = None,
-             true_sequential: bool = True, progress: bool = True) -> CompressionReport:
+             progress: bool = True) -> CompressionReport:
     """Compress every Linear of every transformer block of `model` in place (they become `CompressedLinear`s).
 
     method: rtn, gptq (need `bits`), magnitude, wanda, sparsegpt (need `sparsity` or `n_m` = (N, M), N kept of
     every M consecutive inputs; optional `bits` quantizes the kept weights). `calibration`: token ids
     (samples, seqlen), of which the first `n_samples` (default all) are used. `group_size` None: one scale per
     row. `act_order` (gptq): columns in decreasing order of H_jj. `percdamp`: damping of H, times its mean
-    diagonal. `true_sequential` False compresses all layers of a block from the block's uncompressed inputs.
+    diagonal. A block's layers are compressed in the order their inputs are made (q, k, v; then o; ...), each
+    group from the inputs the already compressed layers give, as GPTQ's and SparseGPT's --true-sequential.
     """
     n_m = check_arguments(method, bits, group_size, sparsity, n_m, act_order, percdamp)
     if calibration.ndim != 2 or calibration.dtype.is_floating_point or calibration.dtype == torch.bool:
@@ -208,8 +209,7 @@ def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: 
     for i, block in enumerate(tqdm(blocks, desc=f"{method} blocks", disable=not progress)):
         run = partial(run_block, block, args=args, kwargs=kwargs)
         layers = linear_layers(block)
-        groups = same_input_groups(block, layers, partial(run, inputs[0])) if true_sequential else [list(layers)]
-        for group in groups:
+        for group in same_input_groups(block, layers, partial(run, inputs[0])):
             for name, h in hessians({name: layers[name] for name in group}, inputs, run).items():
                 layer = layers[name]
                 w = dense_weight(layer)

@@ -252,10 +252,6 @@ class LayerCache:
         self.slot_index = torch.arange(self.slots, device=key.device)
         self.n = 0
 
-    @property
-    def bookkeeping_bytes(self) -> int:
-        return self.positions.nbytes + sum(t.nbytes for t in self.stats.values())
-
     def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position: int, scale: float):
         """query (batch, heads, head_dim), key and value (batch, kv_heads, head_dim) of the token at `position`:
         make room, append, attend, observe. Returns the attention output (batch, heads, head_dim)."""
@@ -319,10 +315,6 @@ class EvictingCache:
     def kv_bytes(self) -> int:
         """Bytes of the keys and values held (codes, scales, full-precision part), measured from the tensors."""
         return sum(layer.store.nbytes for layer in self.layers if layer is not None)
-
-    def bookkeeping_bytes(self) -> int:
-        """Bytes of the policy's statistics and the slots' positions."""
-        return sum(layer.bookkeeping_bytes for layer in self.layers if layer is not None)
 
     def held_tokens(self) -> list[int]:
         """Tokens each head of each layer holds now."""
