@@ -126,11 +126,14 @@ def validate_checkpoint(spec, name: str, cfg: MoEConfig) -> None:
     except (KeyError, IndexError, ValueError) as exc:
         raise ConfigError(f"moe.checkpoint={spec.checkpoint!r} must be a path or Hub name in which {{model}} "
                           f"stands for the model's name ({exc!r})") from None
-    if Path(path).is_dir():
+    if Path(path).expanduser().is_dir():
         try:
             check_switch_config(switch_config(path), path, name, cfg)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"moe.checkpoint: {exc}") from None
+    elif path.startswith(("/", ".", "~")) or path.count("/") > 1:  # a Hub name is org/model
+        raise ConfigError(f"moe.checkpoint={spec.checkpoint!r}: {path} is no folder here (a local checkpoint must "
+                          "exist; a Hub name is organisation/model, e.g. google/{model})")
 
 
 def build(name: str, spec, device: torch.device, seed: int) -> tuple[SwitchLM, str]:
@@ -144,7 +147,9 @@ def build(name: str, spec, device: torch.device, seed: int) -> tuple[SwitchLM, s
     try:
         config, state = switch_config(path), switch_state_dict(path)
     except Exception as exc:  # noqa: BLE001 - offline, or no such checkpoint: measure with random weights
-        return model, f"random: {path} could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+        why = f"{path} could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+        print(f"[pregated_moe] {name}: {why}; measuring with random weights", flush=True)
+        return model, f"random: {why}"
     check_switch_config(config, path, name, cfg)
     load_switch_weights(model, state, "decoder")
     return model, f"{path} (decoder experts and routers; the rest random)"
