@@ -107,8 +107,8 @@ def provider(variant: Variant, models: Models, device: torch.device, seed: int, 
         return Call(fn, grad_to_none=tuple(model.parameters()) if mode == "fwd_bwd" else (),
                     result=infer if exact else None)
 
-    ours = variant.k is None and (variant.attention or models.attention) == "effrepro"
-    return Provider(variant.name, build, baseline=variant.name == BASELINE, needs_triton=ours)
+    return Provider(variant.name, build, baseline=variant.name == BASELINE,
+                    needs_triton=variant.attention_of(models.attention) == "effrepro")
 
 
 def host_memory_rows(point_rows: list[Row], host_memory: dict) -> list[Row]:

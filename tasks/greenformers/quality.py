@@ -63,8 +63,7 @@ def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor], batch: int) 
 def _trainee(variant: Variant, cfg: DictConfig, ctx: RunContext, data: dict) -> Trainee:
     spec = cfg.greenformers.quality
     model_cfg = OmegaConf.to_container(spec.model)
-    attention = variant.attention or cfg.greenformers.attention
-    if attention == "effrepro":
+    if variant.attention_of(cfg.greenformers.attention) == "effrepro":
         require_triton(variant.name, ctx.device)
     torch.manual_seed(cfg.seed)
     model = build(variant, model_cfg, spec.seq_len, positions=spec.seq_len, attention=cfg.greenformers.attention)

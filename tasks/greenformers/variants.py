@@ -46,10 +46,14 @@ class Variant:
         return "+".join(part for part, on in (("lrt", self.rank is not None), ("linformer", self.k is not None))
                         if on) or "base"
 
+    def attention_of(self, default_attention: str) -> str:
+        """The attention it runs: Linformer's own where it projects the keys, else its own or the run's default."""
+        return "linformer" if self.k else self.attention or default_attention
+
     def extra(self, default_attention: str) -> dict:
         """What every row of this variant says about it."""
         return dict(variant=self.family, rank=self.rank, last_layers=self.last, k=self.k,
-                    attention="linformer" if self.k else self.attention or default_attention)
+                    attention=self.attention_of(default_attention))
 
 
 def parse_variant(name: str) -> Variant:
