@@ -20,6 +20,19 @@ def axis(key: str, value: Any) -> list:
     return values
 
 
+def choices(key: str, value: Any, allowed: Iterable) -> list:
+    """A list of choices (which parts, strategies, experiments to run): at least one, none twice, each one of
+    `allowed`; returned as a list."""
+    allowed, values = list(allowed), as_list(value)
+    if not values:
+        raise ConfigError(f"{key}=[] is empty: choose some of {allowed}")
+    choice(key, values, allowed)
+    twice = [v for i, v in enumerate(values) if v in values[:i]]
+    if twice:
+        raise ConfigError(f"{key} names {twice[0]!r} more than once")
+    return values
+
+
 def number(key: str, value: Any, *, integer: bool = True, at_least: float | None = None,
            below: float | None = None, at_most: float | None = None, divides: int | None = None) -> None:
     """`value` (or each of a list of values) is a number of the right kind within the bounds given."""

@@ -219,6 +219,8 @@ def test_our_kernel_in_bert_matches_eager_attention():
     ("greenformers.crossover.variants=[lrt_r8]", "must include 'base'"),
     ("greenformers.notebook.variants=[lrt_r0.2_last3]", "_last3 must be between 1 and the model's 2 layers"),
     ("greenformers.parts=[speed]", "greenformers.parts=['speed'] is not one of"),
+    ("greenformers.parts=[]", "greenformers.parts=[] is empty: choose some of ['crossover', 'notebook', 'quality']"),
+    ("greenformers.parts=[quality,quality]", "greenformers.parts names 'quality' more than once"),
     ("greenformers.crossover.tokens=0", "greenformers.crossover.tokens=0 must be an integer >= 1"),
     ("greenformers.notebook.batch.fwd_bwd=0", "greenformers.notebook.batch.fwd_bwd=0 must be an integer >= 1"),
     ("greenformers.model.num_attention_heads=5", "greenformers.model.num_attention_heads=5 must divide 32"),
@@ -229,6 +231,15 @@ def test_our_kernel_in_bert_matches_eager_attention():
 ])
 def test_bad_input_is_named(refusal, override, expected):
     assert expected in refusal("task=greenformers", override)
+
+
+def test_our_kernel_as_the_default_attention_is_refused_where_it_cannot_run(refusal, compose, monkeypatch):
+    """base, the baseline of every ratio, would be unsupported: a run of nothing but failed ratios."""
+    monkeypatch.setattr("tasks.greenformers.task.runs_on", lambda device: False)  # a CPU without the interpreter
+    assert "greenformers.attention=effrepro is our Triton kernel, which needs a CUDA GPU" in \
+        refusal("task=greenformers", "greenformers.attention=effrepro", "scale.device=cpu")
+    from tasks.greenformers.task import validate
+    validate(compose("task=greenformers", "greenformers.attention=sdpa", "scale.device=cpu"))
 
 
 def test_bad_input_is_named_before_any_work(tmp_path):

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from effrepro_kernels.runtime import runs_on
 from repro import checks
 from repro.bench import Point
 from repro.checks import as_list
@@ -63,8 +64,13 @@ def _check_variants(key: str, names: list, model: dict, seq_len: int, need_base:
 
 def validate(cfg: DictConfig) -> None:
     g = cfg.greenformers
-    checks.choice("greenformers.parts", OmegaConf.to_container(g.parts), PARTS)
+    checks.choices("greenformers.parts", OmegaConf.to_container(g.parts), PARTS)
     checks.choice("greenformers.attention", g.attention, ATTENTIONS)
+    on_cpu = cfg.scale.device == "cpu" or (cfg.scale.device == "auto" and not torch.cuda.is_available())
+    if g.attention == "effrepro" and on_cpu and not runs_on("cpu"):
+        raise ConfigError("greenformers.attention=effrepro is our Triton kernel, which needs a CUDA GPU (or "
+                          "TRITON_INTERPRET=1, slowly, on the CPU): base, the baseline of every ratio, could not "
+                          "run; use sdpa or eager here")
     checks.choice("greenformers.dtype", g.dtype, DTYPES)
     for key in ("warmup_ms", "rep_ms"):
         checks.number(f"greenformers.{key}", g[key], integer=False, at_least=0)

@@ -89,7 +89,7 @@ def slots_for(spec, strategy: str, cfg: MoEConfig, batch: int) -> int:
 
 
 def validate(spec) -> None:
-    checks.choice("moe.strategy", list(as_list(spec.strategy)), STRATEGIES)
+    checks.choices("moe.strategy", spec.strategy, STRATEGIES)
     checks.choice("moe.cache", spec.cache, CACHE_POLICIES)
     checks.choice("moe.weights", spec.weights, WEIGHTS)
     checks.number("moe.top_k", spec.top_k, at_least=1)
@@ -104,7 +104,8 @@ def validate(spec) -> None:
     for run in as_list(spec.runs):
         if not isinstance(run, Mapping) or set(run) != {"models", "batch"}:
             raise ConfigError(f"moe.runs: each run is {{models: [...], batch: [...]}}, not {run}")
-        checks.number("moe.runs.batch", run["batch"], at_least=1)
+        checks.axis("moe.runs.models", run["models"])
+        checks.number("moe.runs.batch", checks.axis("moe.runs.batch", run["batch"]), at_least=1)
     for name, batches in plan(spec.runs).items():
         cfg = model_config(name, spec)
         for strategy in as_list(spec.strategy):

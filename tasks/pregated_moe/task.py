@@ -16,8 +16,7 @@ PARTS = ("serving", "quality")
 
 
 def validate(cfg) -> None:
-    parts = list(as_list(cfg.parts))
-    checks.choice("parts", parts, PARTS)
+    parts = checks.choices("parts", cfg.parts, PARTS)
     if "serving" in parts:
         serving.validate(cfg.moe)
     if "quality" in parts:
