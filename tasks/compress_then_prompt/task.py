@@ -165,10 +165,7 @@ def check_context(cfg: DictConfig, context: int | None, hard_prompt_tokens: int 
 
 def validate(cfg: DictConfig) -> None:
     require_model(cfg, "compresses a pretrained model")
-    experiments = checks.as_list(cfg.experiments)
-    checks.choice("experiments", experiments, EXPERIMENTS)
-    if not experiments:
-        raise ConfigError(f"experiments is empty; choose some of {list(EXPERIMENTS)}")
+    experiments = checks.choices("experiments", cfg.experiments, EXPERIMENTS)
     if "transfer" in experiments and "perplexity" not in experiments:
         raise ConfigError("experiments: transfer is read against the perplexities of the dense and compressed "
                           "models: add perplexity")

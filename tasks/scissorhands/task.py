@@ -150,10 +150,7 @@ def check_budgets(cfg: DictConfig, n_layers: int | None) -> None:
 def validate(cfg: DictConfig) -> None:
     require_model(cfg, "evaluates a language model")
     kv = cfg.kv
-    experiments = checks.as_list(kv.experiments)
-    if not experiments:
-        raise ConfigError(f"kv.experiments is empty; choose from {list(EXPERIMENTS)}")
-    checks.choice("kv.experiments", experiments, EXPERIMENTS)
+    experiments = checks.choices("kv.experiments", kv.experiments, EXPERIMENTS)
     checks.choice("kv.mode", kv.mode, MODES)
     policies = checks.as_list(kv.policies)
     checks.choice("kv.policies", policies, POLICIES)
