@@ -4,10 +4,11 @@
 - `on_demand`: experts in pinned host memory; after a block's gate, its chosen experts are copied to the device,
   then computed (MoE-OnDemand);
 - `prefetch_all`: while MoE block N runs, every expert of block N+1 is copied (MoE-Prefetch);
-- `pregated`: block N's pre-gate has chosen block N+1's experts; they are copied on a second CUDA stream while
-  block N and the blocks before N+1 compute, and block N+1 waits for them through CUDA events. The copies are
-  issued at the first block start after the chosen ids reach the host (a read started when the pre-gate ran), so
-  the host never waits for them. The first MoE block fetches on demand, the last prefetches nothing (as in the
+- `pregated`: block N's pre-gate has chosen block N+1's experts; they are copied on a second CUDA stream and
+  block N+1 waits for them through CUDA events. The copies are issued at the first block start after the chosen
+  ids reach the host (a read started when the pre-gate ran), so the host never waits for them; the copy stream
+  first waits for the compute queued before them (`_request`), so today they overlap block N+1's dense half and
+  attention, not block N's experts (the task README's limits). The first MoE block fetches on demand, the last prefetches nothing (as in the
   artifact).
 
 Every strategy reads a routing back to the host without waiting, as soon as it exists: the same pre-gated model
