@@ -29,6 +29,11 @@ def failure(exc: BaseException) -> tuple[str, str] | None:
     return None
 
 
+def status_of(exc: BaseException) -> tuple[str, str]:
+    """The row status and message of any failure: `failure`'s, else an error naming the exception."""
+    return failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+
+
 def require_triton(name: str, device: torch.device) -> None:
     """A provider built on our Triton kernels is unsupported where they cannot run."""
     from effrepro_kernels.runtime import runs_on
@@ -108,7 +113,7 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
         memory = peak_memory_mb(call.fn, device)
     except Exception as exc:  # noqa: BLE001 - one broken point must not end the sweep
         failed = True
-        status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+        status, message = status_of(exc)
         return [row("time", "ms", status=status, message=message)]
     finally:
         call = None

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from repro import checks
-from repro.bench import Call, Point, Provider, failure, run_benchmark
+from repro.bench import Call, Point, Provider, run_benchmark, status_of
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.evaluation import context_length, eval_text, perplexity, perplexity_rows, plain_forward
 from repro.models import load_model, require_model, trained_metadata, weight_settings
@@ -255,7 +255,7 @@ def guarded(provider: str, x: float, extra: dict, work: Callable[[], Iterator[Ro
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - one level or provider must not end the others
-        status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+        status, message = status_of(exc)
         print(f"[compress_then_prompt] {provider} at {extra.get('level')}: {status}: {message}", flush=True)
         yield Row(provider, X, x, "perplexity", "ppl", status=status, message=message, extra=dict(extra))
 

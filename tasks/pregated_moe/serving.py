@@ -33,7 +33,7 @@ from typing import Iterator
 import torch
 
 from repro import checks
-from repro.bench import failure
+from repro.bench import status_of
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
@@ -240,7 +240,7 @@ def measure_batch(model: SwitchLM, strategies: list[str], batch: int, spec, devi
 
 
 def failed_row(row, exc: Exception) -> Row:
-    status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+    status, message = status_of(exc)
     return row("throughput", "tokens/s", status=status, message=message)
 
 
@@ -340,10 +340,9 @@ def serve_model(name: str, batches: list[int], spec, ctx: RunContext, seed: int,
     try:
         model, weights = build(name, spec, device, seed)
     except Exception as exc:  # noqa: BLE001 - host memory, a bad checkpoint: this model's rows say so
-        status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
         for strategy in as_list(spec.strategy):
             for batch in batches:
-                yield maker(strategy, batch, "none")("throughput", "tokens/s", status=status, message=message)
+                yield failed_row(maker(strategy, batch, "none"), exc)
         free(device, failed=True)
         return
     info = ctx.env["models"][name] = dict(weights=weights, build_s=round(time.perf_counter() - started, 1))

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from effrepro_kernels import decode_attention, decode_attention_quantized, make_schedule, quantize_kv
 from effrepro_kernels.runtime import runs_on
 from repro import checks
-from repro.bench import Call, Point, Provider, copy_bandwidth, failure, run_benchmark
+from repro.bench import Call, Point, Provider, copy_bandwidth, run_benchmark, status_of
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 from repro.timing import measure
@@ -145,7 +145,7 @@ def guarded(rows: Iterator[Row], provider: str, x_name: str, metric: str, unit: 
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - one part that fails must not end the run
-        status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+        status, message = status_of(exc)
         yield Row(provider, x_name, None, metric, unit, status=status, message=message)
 
 

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from effrepro_kernels.decode_attention import SCHEDULES
 from effrepro_kernels.runtime import runs_on
 from repro import checks
-from repro.bench import failure
+from repro.bench import status_of
 from repro.context import ConfigError, RunContext
 from repro.evaluation import context_length, eval_text, perplexity, perplexity_rows
 from repro.models import load_model, require_model
@@ -317,7 +317,7 @@ def sweep_rows(kv: DictConfig, ctx: RunContext, m: Model, settings: list[Setting
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - one setting that fails must not end the sweep
-            status, message = failure(exc) or ("error", f"{type(exc).__name__}: {exc}"[:500])
+            status, message = status_of(exc)
             x, breakdown = kv_compression(s, forward, m, kv.group_size)
             yield Row(s.provider, "kv_compression", x, metric, unit, status=status, message=message,
                       extra={**more, **breakdown})
