@@ -100,6 +100,19 @@ def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | Non
     return None
 
 
+def _points(claim: Claim, record: RunRecord) -> int:
+    """How many of the claim's points `record` measured: 0 where it cannot judge the claim (no rows, or for
+    `largest_x_within` no rows of the quality reference)."""
+    found = _claim_rows(claim, record)
+    if found is None:
+        return 0
+    provider, mine, rows = found
+    if claim.compare.aggregate == "largest_x_within" and \
+            not any(r.provider == claim.compare.quality["reference"] for r in rows):
+        return 0
+    return len(mine)
+
+
 def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str]:
     """The reproduced value of `claim` in `record`, its unit, and which provider and how many points gave it
     (`_claim_rows`)."""
@@ -143,13 +156,13 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
         return Outcome(claim, NOT_RUN)
     comparable = claim.compare.comparable_at
 
-    points = {id(r): len(rows[1]) if (rows := _claim_rows(claim, r)) else 0 for _, r in mine}
+    points = {id(r): _points(claim, r) for _, r in mine}
     if not any(points.values()):  # the task ran, but not the provider or setting the claim needs
         return Outcome(claim, NOT_RUN, detail=claim_value(claim, mine[0][1])[2])
-    ranked = sorted(mine, key=lambda pr: preference(pr[1], comparable, points[id(pr[1])]), reverse=True)
-    measured = [(pr, claim_value(claim, pr[1])) for pr in ranked]
-    (path, record), (value, unit, detail) = next(((pr, cv) for pr, cv in measured if cv[0] is not None),
-                                                 measured[0])
+    # the best record that measured the claim decides it, a failure included: an older one never overrules it
+    path, record = max((pr for pr in mine if points[id(pr[1])]),
+                       key=lambda pr: preference(pr[1], comparable, points[id(pr[1])]))
+    value, unit, detail = claim_value(claim, record)
     found = dict(value=value, gpu=record.gpu_name, scale=record.scale, record=path, detail=detail, unit=unit,
                  record_status=record.status)
     if record.scale not in comparable:

@@ -343,6 +343,13 @@ def test_largest_x_within_quality_of_the_reference():
     assert claim_value(claim, record)[0] is None
     # measured at a comparable scale, with no point within the tolerance: not reproduced (not "not yet run")
     assert evaluate(claim, [(Path("kv.json"), record)]).status == "not reproduced"
+    # an older record that did reproduce it does not overrule the newer one's failure; one without the
+    # reference's rows cannot judge the claim and is passed over
+    older = rec("kv", "paper", [ppl("full", 1, 10.0), ppl("ours", 4, 10.1)], started="2026-11-01T00:00:00+00:00")
+    unjudged = rec("kv", "paper", [ppl("ours", 8, 10.0)], started="2026-12-01T00:00:00+00:00")
+    outcome = evaluate(claim, [(Path("old.json"), older), (Path("kv.json"), record), (Path("u.json"), unjudged)])
+    assert outcome.status == "not reproduced" and outcome.record == Path("kv.json")
+    assert evaluate(claim, [(Path("old.json"), older), (Path("u.json"), unjudged)]).value == 4
     raw = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_better": True, "hardware": "n/a",
            "setting": "s", "source": "s", "verified": True, "task": "kv",
            "compare": {"kind": "ratio", "metric": "perplexity", "providers": ["ours"], "aggregate": "largest_x_within"}}
