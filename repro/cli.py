@@ -100,19 +100,25 @@ def _collect(entry, cfg, ctx, record: RunRecord, logger, checkpoint: Path | None
             last_save = time.monotonic()
 
 
-def _start(cfg: DictConfig, record: RunRecord, output_dir: Path):
-    """Check the config and prepare the job, before any work: the task's code, its context and the logger."""
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
+def check_job(cfg: DictConfig) -> Callable:
+    """A job's own checks, the task's among them (a ConfigError naming the key); returns the task's entry."""
     checks.number("record_every_s", cfg.record_every_s, integer=False, at_least=0)
     checks.number("seed", cfg.seed, at_least=0)
     checks.choice("logger.name", cfg.logger.name, ("wandb", "none"))
     if cfg.logger.name == "wandb":  # W&B failing never stops a run, but a mistyped mode is the user's to fix
         checks.choice("logger.mode", cfg.logger.mode, WANDB_MODES)
-    device = resolve_device(cfg.scale)
     entry, validate = load_task(cfg.task.entry)
     if validate is not None:
         validate(cfg)
+    return entry
+
+
+def _start(cfg: DictConfig, record: RunRecord, output_dir: Path):
+    """Check the config and prepare the job, before any work: the task's code, its context and the logger."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    device = resolve_device(cfg.scale)
+    entry = check_job(cfg)
     record.claim_ids = [c.id for c in claims_for_task(load_published(Path(cfg.paths.published)), cfg.task.name)]
     seed_everything(cfg.seed)
     reset_device_memory(device)
@@ -331,6 +337,11 @@ def check_overrides(args: list[str]) -> str | None:
                                                           if tasks else ""))
         if error:
             return error + (f" (in the job of {' '.join(choices)})" if len(jobs) > 1 else "")
+    multirun = {"-m", "--multirun"} & set(args) or any(swept for _, _, swept in jobs)  # `paper=` sweeps itself
+    if multirun and not set(args) & HYDRA_OPTIONS_THAT_RUN_NOTHING:
+        error = _refused_job(jobs, [o for o in overrides if o not in groups])
+        if error:
+            return error
     launcher = next((o.value() for o in groups if o.key_or_group == "hydra/launcher"), None)
     # the jobs run on this machine (not on SLURM's nodes), and Hydra runs them (not only prints the config)
     if launcher in (None, "local") and not set(args) & HYDRA_OPTIONS_THAT_RUN_NOTHING:
@@ -369,6 +380,34 @@ def _jobs(conf: Path, groups: list) -> list[tuple[list[str], DictConfig, dict]]:
             for more in itertools.product(*([f"{k}={v}" for v in values] for k, values in swept.items())):
                 jobs.append(([*choices, *more], compose("config", overrides=[*choices, *more]), {}))
     return jobs
+
+
+MAX_JOBS_CHECKED = 256  # a sweep's jobs composed and checked up front; each job checks itself again when it runs
+
+
+def _refused_job(jobs: list, keys: list) -> str | None:
+    """The first job of a multirun that its own checks refuse (a value out of range, say): found before any job
+    runs, not after the others have."""
+    from hydra import compose, initialize_config_dir
+
+    def forms(o) -> list[str]:
+        prefix = "++" if o.is_force_add() else "+" if o.is_add() else ""
+        return [f"{prefix}{o.key_or_group}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() \
+            else [o.input_line]
+
+    values = list(itertools.islice(itertools.product(*(forms(o) for o in keys)), MAX_JOBS_CHECKED))
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        for choices, _, swept in jobs:
+            if swept:  # a paper's own config: its tasks' jobs follow
+                continue
+            for more in values:
+                try:
+                    check_job(compose("config", overrides=[*choices, *more]))
+                except ConfigError as exc:
+                    return f"{exc} (in the job {' '.join([*choices, *more])}; no job was run)"
+                except Exception:  # noqa: BLE001 - what only the job itself can check (Hydra's runtime values)
+                    continue
+    return None
 
 
 def _unused_model(conf: Path, jobs: list) -> str | None:

@@ -68,10 +68,14 @@ def refusal(compose):
     return _refusal
 
 
-def run_repro(*args: str, timeout: float = 300, interpret: bool = False) -> subprocess.CompletedProcess:
+def run_repro(*args: str, timeout: float = 300, interpret: bool = False, fake_tasks: bool = False
+              ) -> subprocess.CompletedProcess:
     """The real command line, in a subprocess, as a user would run it. Triton kernels are left out on a CPU
-    (recorded as unsupported) unless `interpret`: the interpreter takes seconds per call."""
+    (recorded as unsupported) unless `interpret`: the interpreter takes seconds per call. `fake_tasks` puts
+    tests/ on the path, for `task.entry=fake_tasks:<name>`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if fake_tasks:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), env.get("PYTHONPATH")) if p)
     if not interpret:
         env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, "-m", "repro.cli", *args], cwd=ROOT, capture_output=True, text=True,

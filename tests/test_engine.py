@@ -88,7 +88,7 @@ def test_overrides_are_checked_before_hydra_runs():
     ("model=tiny_llama", "task=flash_kernel"),  # the default task
     ("-m task=lm_eval,flash_bert model=trained", "task=flash_bert"),  # its own `model:` is its network's shape
     ("task=lm_eval model=tiny_llama", None),
-    ("paper=scissorhands model=trained", None),  # its one task loads a model
+    ("paper=scissorhands model=tiny_llama", None),  # its one task loads a model
     ("paper=flashattention model=trained", "task=flash_kernel (of paper=flashattention)"),
 ])
 def test_a_model_given_to_a_task_that_loads_none_is_refused(args, refused):
@@ -160,6 +160,19 @@ def test_a_sweep_runs_every_job_lists_them_all_and_fails_if_one_did(tmp_path):
                                                       ("2_flash_kernel", "error"), ("3_flash_kernel", "ok")]
     assert "fake.size=-1" in summary and "all 3 points failed" in summary
     assert all((tmp_path / f"{i}_flash_kernel" / "record.json").exists() for i in range(4))
+
+
+@pytest.mark.parametrize("sweep, expected", [
+    (["-m", "task=flash_kernel", "kernel.seq_len=64,0"], ["kernel.seq_len=0 must be an integer >= 1 (in the job ",
+                                                          "kernel.seq_len=0; no job was run)"]),
+    (["paper=greenformers", "seed=-1"], ["seed=-1 must be an integer >= 0 (in the job paper=greenformers",
+                                         "task=greenformers seed=-1; no job was run)"]),
+])
+def test_a_sweep_with_a_job_its_checks_refuse_runs_no_job(sweep, expected, tmp_path):
+    """A value out of range is bad input in a sweep too: refused before the first job, not after the others."""
+    code, _, err = run_inline(*sweep, "logger=none", f"hydra.sweep.dir={tmp_path}")
+    assert code == 2 and all(part in err for part in expected), err[-2000:]
+    assert not list(tmp_path.glob("*"))
 
 
 def test_under_torchrun_rank_0_alone_lists_a_sweep(tmp_path, monkeypatch):
