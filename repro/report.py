@@ -150,8 +150,11 @@ def preference(record: RunRecord, comparable: tuple[str, ...] = (), points: int 
 
 
 def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
-    """Judge a claim by the best record of its task (see `preference`) that measured what the claim needs."""
-    mine = [(p, r) for p, r in records if r.task == claim.task and r.status in USABLE]
+    """Judge a claim by the best record of its task (see `preference`) that measured what the claim needs. A
+    claim measured on some hardware (one whose `hardware` is not "n/a": a speed, a memory) is judged from GPU
+    records only; a CPU run tells the model's quality and the arithmetic, not the speed of a kernel."""
+    mine = [(p, r) for p, r in records if r.task == claim.task and r.status in USABLE
+            and (claim.hardware == "n/a" or r.gpu_name != "cpu")]
     if not mine:
         return Outcome(claim, NOT_RUN)
     comparable = claim.compare.comparable_at

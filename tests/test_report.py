@@ -139,6 +139,20 @@ def test_a_retracted_record_is_listed_with_its_reason_and_used_for_nothing(tree,
         build_report(runs, tree / "published", tree / "out", tree / "README.md")
 
 
+def test_a_cpu_record_judges_only_the_claims_no_hardware_is_named_for(tree, no_plots):
+    runs = tree / "runs" / "toy"
+    save_record(rec("bench", "small", [row("speedup", 9.0), row("speedup", 2.5)], started="2026-12-01T00:00:00+00:00",
+                    env={}), runs / "bench" / "cpu.json")
+    save_record(rec("train", "paper", [row("accuracy", 61.0)], started="2026-12-01T00:00:00+00:00", env={}),
+                runs / "train" / "cpu.json")
+    report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
+    lines = report.splitlines()
+    fast = next(line for line in lines if "toy:fast," in line)  # a speed on an A100: from the H100 record
+    assert "3.5x" in fast and "cpu" not in fast and not any("toy:fast" in line and "cpu" in line for line in lines)
+    quality = next(line for line in lines if "toy:quality," in line)  # hardware n/a: the CPU record may judge it
+    assert "61" in quality and "cpu, paper" in quality and quality.endswith("| reproduced |")
+
+
 def test_record_links_resolve_from_the_file_they_are_written_into(tree, no_plots):
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
     line = next(line for line in report.splitlines() if "toy:fast," in line)
