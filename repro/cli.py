@@ -341,6 +341,11 @@ def check_overrides(args: list[str]) -> str | None:
         if error:
             return error + (f" (in the job of {' '.join(choices)})" if len(jobs) > 1 else "")
     multirun = {"-m", "--multirun"} & set(args) or any(swept for _, _, swept in jobs)  # `paper=` sweeps itself
+    if multirun and {"--cfg", "-c"} & set(args):  # Hydra prints one config: a sweep's would be a traceback or wrong
+        tasks = sorted({cfg.task.name for _, cfg, swept in jobs if not swept})
+        return (f"--cfg prints one job's config, not a sweep's: give one job's overrides, one value a key and "
+                f"no -m or paper=, e.g. repro task={tasks[0]} ... --cfg job (this sweep's tasks: "
+                f"{', '.join(tasks)})")
     if multirun and not set(args) & HYDRA_OPTIONS_THAT_RUN_NOTHING:
         error = _refused_job(jobs, [o for o in overrides if o not in groups])
         if error:

@@ -209,6 +209,8 @@ def test_a_sweep_of_good_jobs_exits_zero(tmp_path):
     ("-m task=flash_kernel,no_such_task", ["no_such_task", "lean_decode"]),
     ("-m task=flash_kernel,lean_decode decode.context=[64]", ["'decode.context'", "the job of task=flash_kernel"]),
     ("paper=lean_attention decode.context=[64]", ["'decode.context'", "repro -m task=lean_decode"]),
+    ("-m kernel.seq_len=64,128 --cfg job", ["--cfg prints one job's config, not a sweep's"]),  # was a traceback
+    ("paper=lean_attention --cfg job", ["repro task=lean_decode ... --cfg job"]),  # printed flash_kernel's
 ])
 def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_path):
     code, out, err = run_inline(*override.split(), "logger=none", f"hydra.run.dir={tmp_path}",
