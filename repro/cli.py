@@ -178,11 +178,13 @@ def run_job(cfg: DictConfig) -> RunRecord:
 
 
 def _finish(record: RunRecord, paths: list[Path], logger) -> None:
-    """Save the record in the job's folder and, where it is committed, under results/runs/ in a name of its own
-    (`paths[-1]` becomes the name it took)."""
+    """Save the record in the job's folder and, where it is committed and has rows, under results/runs/ in a name
+    of its own (`paths[-1]` becomes the name it took)."""
     record.finished = utc_now()
     if paths:
         save_record(record, paths[0])
+    if len(paths) > 1 and not record.rows:  # measured nothing (stopped or crashed first): no record to commit
+        del paths[1:]
     if len(paths) > 1:
         paths[-1] = save_new_record(record, paths[-1])
     try:

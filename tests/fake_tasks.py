@@ -27,6 +27,11 @@ def crash(cfg, ctx):
     raise RuntimeError("the task crashed half-way")
 
 
+def crash_at_once(cfg, ctx):
+    raise RuntimeError("the task crashed before its first row")
+    yield
+
+
 def bad_input(cfg, ctx):
     raise ConfigError("fake.size=-1 must be an integer >= 1")
     yield

@@ -126,6 +126,17 @@ def test_a_crash_keeps_its_rows_and_the_error(tmp_path):
     assert saved["status"] == "error" and "crashed half-way" in saved["error"] and len(saved["rows"]) == 1
 
 
+def test_a_run_that_measured_nothing_commits_no_record(tmp_path):
+    """Its job folder's record says why; a committed record with no rows would only be noise in results/runs."""
+    code, _, err = run_inline(FAKE + "crash_at_once", "logger=none", "scale.commit_records=true",
+                              f"paths.records={tmp_path}/runs", f"hydra.run.dir={tmp_path}/job")
+    assert code == 1 and "crashed before its first row" in err
+    assert record(tmp_path / "job")["status"] == "error" and not (tmp_path / "runs").exists()
+    code, _, _ = run_inline(FAKE + "crash", "logger=none", "scale.commit_records=true",
+                            f"paths.records={tmp_path}/runs", f"hydra.run.dir={tmp_path}/job2")
+    assert code == 1 and len(list((tmp_path / "runs").rglob("*.json"))) == 1  # one row: committed, with its error
+
+
 def test_bad_input_starts_no_logger_and_commits_nothing(tmp_path):
     code, _, err = run_inline("kernel.providers=[standard,fastest]", "logger=wandb", "logger.mode=offline",
                               "scale.commit_records=true", f"paths.records={tmp_path}/runs", f"hydra.run.dir={tmp_path}/job")
