@@ -394,7 +394,8 @@ def update_readme(readme: Path, table: str) -> bool:
     pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
     if not pattern.search(text):
         return False
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{table}\n{README_END}", text))
+    updated = pattern.sub(lambda _: f"{README_START}\n{table}\n{README_END}", text)
+    replace_atomically(readme, lambda tmp: tmp.write_text(updated))
     return True
 
 
