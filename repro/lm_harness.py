@@ -9,6 +9,7 @@ task, `effrepro_mc`, which runs offline; the papers' tasks are lm-eval's, and ne
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
 
 import torch
@@ -29,11 +30,15 @@ class EffreproLM(TemplateLM):
     gets the ids on the model's device, as `perplexity`'s `forward` does. Only log-likelihood requests are
     served: the multiple-choice tasks the papers report need nothing else."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, score: Forward | None = None, batch_size: int = 8):
+    def __init__(self, model: torch.nn.Module, tokenizer, score: Forward | None = None, batch_size: int = 8,
+                 equal_lengths: bool = False):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.score = score or plain_forward
         self.batch_size = batch_size
+        # a score that depends on the sequence's length (a KV budget that is a fraction of it) must not see a
+        # batch padded to its longest request: batches then hold requests of one length only
+        self.equal_lengths = equal_lengths
         self.max_length = context_length(model) or 2048  # lm-eval's own default where a config does not say
 
     @property
@@ -49,11 +54,13 @@ class EffreproLM(TemplateLM):
         inputs = [(context + continuation)[-(self.max_length + 1):-1] for _, context, continuation in requests]
         targets = [continuation for _, _, continuation in requests]
         order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))  # similar lengths share a batch
+        groups = [list(g) for _, g in itertools.groupby(order, key=lambda i: len(inputs[i]))] \
+            if self.equal_lengths else [order]
+        batches = [g[start:start + self.batch_size] for g in groups for start in range(0, len(g), self.batch_size)]
         device = model_device(self.model)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         with torch.no_grad():
-            for start in tqdm(range(0, len(order), self.batch_size), desc="lm-eval", disable=disable_tqdm or None):
-                batch = order[start:start + self.batch_size]
+            for batch in tqdm(batches, desc="lm-eval", disable=disable_tqdm or None):
                 # padded on the right: in a causal model no real position sees the padding
                 ids = torch.full((len(batch), len(inputs[batch[0]])), self.eot_token_id, dtype=torch.long)
                 for row, i in enumerate(batch):

@@ -163,6 +163,25 @@ def test_the_lm_eval_wrapper_scores_a_choice_as_a_direct_forward_pass(tiny):
         assert greedy == (predicted.argmax(-1).tolist() == target)
 
 
+def test_with_equal_lengths_a_score_sees_no_padding_and_the_same_answers(tiny):
+    """A KV budget taken as a fraction of the batch's length must see each request's own length."""
+    model, tok = tiny
+    pairs = [("The sky is", " blue"), ("A", " b"), ("The sea is", " green"), ("Question: why?", " Because."),
+             ("A", " c"), ("B", " d")]
+    seen = []
+
+    def score(m, ids):
+        seen.append(ids.clone())
+        return m(ids).logits
+    lengths = lambda ids: {int((row != tok.eos_token_id).sum()) for row in ids}  # noqa: E731 - no padding: one
+    plain = EffreproLM(model, tok, batch_size=4).loglikelihood(requests(pairs), disable_tqdm=True)
+    equal = EffreproLM(model, tok, score=score, batch_size=2, equal_lengths=True).loglikelihood(
+        requests(pairs), disable_tqdm=True)
+    assert all(len(lengths(ids)) == 1 and ids.shape[0] <= 2 for ids in seen)
+    assert [x for x, _ in equal] == pytest.approx([x for x, _ in plain], rel=1e-5)
+    assert sum(ids.shape[0] for ids in seen) == len(pairs)
+
+
 def test_the_lm_eval_wrapper_scores_through_the_callable_it_is_given(tiny):
     model, tok = tiny
     uniform = EffreproLM(model, tok, score=lambda m, ids: torch.zeros(*ids.shape, len(tok)))

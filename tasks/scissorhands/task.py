@@ -398,7 +398,7 @@ def multiple_choice_rows(cfg: DictConfig, ctx: RunContext, m: Model) -> Iterator
     kv, mc = cfg.kv, cfg.mc
 
     def evaluate(forward):
-        lm = EffreproLM(m.module, m.tokenizer, score=forward, batch_size=mc.batch_size)
+        lm = EffreproLM(m.module, m.tokenizer, score=forward, batch_size=mc.batch_size, equal_lengths=True)
         return evaluate_multiple_choice(lm, checks.as_list(mc.tasks), num_fewshot=mc.num_fewshot, limit=mc.limit)
 
     def to_rows(scores, provider, x, extra):
