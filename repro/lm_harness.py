@@ -82,11 +82,18 @@ class EffreproLM(TemplateLM):
                                   "generation tasks are not supported")
 
 
-@functools.lru_cache(maxsize=4)
 def task_manager(tasks: tuple[str, ...], key: str = "tasks"):
-    """A TaskManager that knows `tasks` (a ConfigError naming `key` for any it does not); lm-eval's own ~15,000
-    are indexed (about 8 s) only when one is asked for, and once per process: the task's check before any work
-    and its evaluation share it."""
+    """A TaskManager that knows `tasks`, or a ConfigError naming `key` for any it does not."""
+    try:
+        return _task_manager(tuple(tasks))
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(tasks: tuple[str, ...]):
+    """lm-eval's own ~15,000 tasks are indexed (about 8 s) only when one is asked for, and once per process: the
+    task's check before any work and its evaluation share it."""
     from lm_eval.tasks import TaskManager
 
     local = TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
@@ -95,7 +102,7 @@ def task_manager(tasks: tuple[str, ...], key: str = "tasks"):
     manager = TaskManager(include_path=str(LOCAL_TASKS))
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        raise ConfigError(f"{key}: lm-eval tasks {unknown} are unknown; ours: {local.all_tasks}, the papers': "
+        raise ConfigError(f"lm-eval tasks {unknown} are unknown; ours: {local.all_tasks}, the papers': "
                           "hellaswag, piqa, winogrande, mathqa, openbookqa (`lm-eval ls tasks` lists all)")
     return manager
 
