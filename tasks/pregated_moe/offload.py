@@ -8,8 +8,8 @@
   block N+1 waits for them through CUDA events. The copies are issued at the first block start after the chosen
   ids reach the host (a read started when the pre-gate ran), so the host never waits for them; the copy stream
   first waits for the compute queued before them (`_request`), so today they overlap block N+1's dense half and
-  attention, not block N's experts (the task README's limits). The first MoE block fetches on demand, the last prefetches nothing (as in the
-  artifact).
+  attention, not block N's experts (the task README's limits). The first MoE block fetches on demand, the last
+  prefetches nothing (as in the artifact).
 
 Every strategy reads a routing back to the host without waiting, as soon as it exists: the same pre-gated model
 serves all of them, so a block's routing is known a block early whatever the strategy, and only when its experts
