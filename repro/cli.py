@@ -348,13 +348,11 @@ def check_overrides(args: list[str]) -> str | None:
         return (f"--cfg prints one job's config, not a sweep's: give one job's overrides, one value a key and "
                 f"no -m or paper=, e.g. repro task={tasks[0]} ... --cfg job (this sweep's tasks: "
                 f"{', '.join(tasks)})")
-    if multirun and not set(args) & HYDRA_OPTIONS_THAT_RUN_NOTHING:
-        error = _refused_job(jobs, [o for o in overrides if o not in groups])
-        if error:
-            return error
     launcher = next((o.value() for o in groups if o.key_or_group == "hydra/launcher"), None)
-    # the jobs run on this machine (not on SLURM's nodes), and Hydra runs them (not only prints the config)
-    if launcher in (None, "local") and not set(args) & HYDRA_OPTIONS_THAT_RUN_NOTHING:
+    # the jobs run on this machine (not on SLURM's nodes, whose devices a job's checks may ask for), and Hydra runs
+    # them (not only prints the config)
+    here = launcher in (None, "local") and not set(args) & HYDRA_OPTIONS_THAT_RUN_NOTHING
+    if here:
         scale_keys = {o.key_or_group.split(".", 1)[1]: o.value() for o in keys
                       if o.key_or_group.startswith("scale.")}
         for _, cfg, swept in jobs:
@@ -368,6 +366,8 @@ def check_overrides(args: list[str]) -> str | None:
                 check_device(scale)
             except ConfigError as exc:
                 return str(exc)
+    if multirun and here:  # after the device: a job's own checks may ask for it
+        return _refused_job(jobs, [o for o in overrides if o not in groups])
     return None
 
 

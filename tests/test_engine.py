@@ -186,6 +186,16 @@ def test_a_sweep_with_a_job_its_checks_refuse_runs_no_job(sweep, expected, tmp_p
     assert not list(tmp_path.glob("*"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_a_sweep_for_slurm_is_not_refused_for_what_this_machine_lacks():
+    """SLURM runs the jobs on its GPU nodes: a job's checks that ask for the device run there, not here."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from repro.cli import check_overrides
+    sweep = ["-m", "task=lm_eval", "model=trained", "scale=small", "eval.seqlen=64,128"]
+    assert "needs a CUDA GPU" in check_overrides(sweep)
+    assert check_overrides([*sweep, "hydra/launcher=slurm"]) is None
+
+
 def test_under_torchrun_rank_0_alone_lists_a_sweep(tmp_path, monkeypatch):
     """Another rank writes no records: it would find rank 0's missing, or half-written, and fail the launch."""
     monkeypatch.setenv("RANK", "1")
