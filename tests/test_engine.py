@@ -178,6 +178,10 @@ def test_a_sweep_runs_every_job_lists_them_all_and_fails_if_one_did(tmp_path):
                                                           "kernel.seq_len=0; no job was run)"]),
     (["paper=greenformers", "seed=-1"], ["seed=-1 must be an integer >= 0 (in the job paper=greenformers",
                                          "task=greenformers seed=-1; no job was run)"]),
+    # every value of each key, whatever the other keys sweep: the bad one is not the 301st job of 600
+    (["-m", "task=flash_kernel", "kernel.head_dim=64,-1", "kernel.seq_len=range(1,300)"],
+     ["kernel.head_dim=-1 must be an integer >= 16", "no job was run"]),
+    (["task=flash_kernel", "hydra.mode=MULTIRUN", "seed=0,-1"], ["seed=-1 must be an integer >= 0"]),
 ])
 def test_a_sweep_with_a_job_its_checks_refuse_runs_no_job(sweep, expected, tmp_path):
     """A value out of range is bad input in a sweep too: refused before the first job, not after the others."""
@@ -231,6 +235,7 @@ def test_a_sweep_of_good_jobs_exits_zero(tmp_path):
     ("-m task=flash_kernel,lean_decode decode.context=[64]", ["'decode.context'", "the job of task=flash_kernel"]),
     ("paper=lean_attention decode.context=[64]", ["'decode.context'", "repro -m task=lean_decode"]),
     ("-m kernel.seq_len=64,128 --cfg job", ["--cfg prints one job's config, not a sweep's"]),  # was a traceback
+    ("-m kernel.seq_len=64,128 --cfg=job", ["--cfg prints one job's config, not a sweep's"]),
     ("paper=lean_attention --cfg job", ["repro task=lean_decode ... --cfg job"]),  # printed flash_kernel's
 ])
 def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_path):
