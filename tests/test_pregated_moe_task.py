@@ -226,6 +226,15 @@ def test_checkpoint_weights_come_from_the_folder_and_an_unreachable_one_leaves_r
     assert weights.startswith(f"random: {tmp_path}/missing/tiny-8 could not be read")
 
 
+def test_a_checkpoint_under_the_home_folder_is_read_from_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    hf_switch_folder(tmp_path / "ckpt" / "tiny-8", num_experts=8)
+    checkpoint = spec(checkpoint="~/ckpt/{model}")
+    serving.validate_checkpoint(checkpoint, "tiny-8", MoEConfig.of_size("tiny", n_experts=8, vocab_size=97))
+    _, weights = serving.build("tiny-8", checkpoint, torch.device("cpu"), 0)
+    assert weights.startswith(f"{tmp_path}/ckpt/tiny-8 (decoder experts")
+
+
 def test_switch_weights_read_lazily_match_reading_them_whole(tmp_path):
     hf = hf_switch_folder(tmp_path / "ckpt", num_experts=4)
     lazy, whole = (random_switch(MoEConfig(n_experts=4, vocab_size=97), seed=0, device="cpu") for _ in range(2))

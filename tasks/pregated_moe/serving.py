@@ -119,15 +119,21 @@ def validate(spec) -> None:
             validate_checkpoint(spec, name, cfg)
 
 
+def checkpoint_path(spec, name: str) -> str:
+    """`moe.checkpoint` for model `name`: a local folder (`~` expanded) or a Hub name."""
+    path = spec.checkpoint.format(model=name)
+    return str(Path(path).expanduser()) if path.startswith("~") else path
+
+
 def validate_checkpoint(spec, name: str, cfg: MoEConfig) -> None:
     """A local checkpoint folder is checked here, before any work; one on the Hub when the run reaches it (offline,
     the run uses random weights and says so)."""
     try:
-        path = spec.checkpoint.format(model=name)
+        path = checkpoint_path(spec, name)
     except (KeyError, IndexError, ValueError) as exc:
         raise ConfigError(f"moe.checkpoint={spec.checkpoint!r} must be a path or Hub name in which {{model}} "
                           f"stands for the model's name ({exc!r})") from None
-    if Path(path).expanduser().is_dir():
+    if Path(path).is_dir():
         try:
             check_switch_config(switch_config(path), path, name, cfg)
         except (OSError, ValueError) as exc:
@@ -144,7 +150,7 @@ def build(name: str, spec, device: torch.device, seed: int) -> tuple[SwitchLM, s
     model = random_switch(cfg, seed, device)
     if spec.weights == "random":
         return model, "random"
-    path = spec.checkpoint.format(model=name)
+    path = checkpoint_path(spec, name)
     try:
         config, state = switch_config(path), switch_state_dict(path)
     except Exception as exc:  # noqa: BLE001 - offline, or no such checkpoint: measure with random weights
