@@ -226,6 +226,18 @@ def test_a_saved_prompt_of_an_earlier_run_is_evaluated_at_every_level(smoke, tmp
     assert not rows_of(record, "compressed_lora")  # LoRA is asked for at joint_8x only, which this run leaves out
 
 
+def test_lora_on_one_named_layer_trains_it(tmp_path):
+    """`lora.targets=q_proj` is a list of one name for PEFT, not a regular expression that matches nothing."""
+    code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs",
+                              "experiments=[perplexity]", "compression.levels=[joint_8x]", "prompt.levels=[]",
+                              "hard_prompt=null", "lora.targets=q_proj")
+    assert code == 0, err[-3000:]
+    record = json.loads((tmp_path / "record.json").read_text())
+    (lora,) = rows_of(record, "compressed_lora", "perplexity", level="joint_8x")
+    (count,) = rows_of(record, "compressed_lora", "trainable_params", level="joint_8x")
+    assert lora["status"] == "ok" and count["p50"] == 2 * 8 * (64 + 64)  # 2 blocks, rank 8, q_proj 64 -> 64
+
+
 def test_the_claims_are_read_from_the_rows(smoke):
     _, record = smoke
     _, _, claims = load_paper(ROOT / "results" / "published" / "compress_then_prompt.yaml")
@@ -274,6 +286,7 @@ def test_a_level_named_for_a_prompt_but_not_compressed_is_said(compose, capsys):
     (["compression.calibration.samples=100000"], "compression.calibration: 100000 samples of 32 tokens need"),
     (["lora.targets=[q_proj,qv_proj]"], "lora.targets: ['qv_proj'] name no linear layer of the model; its linear "
                                         "layers are named ['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj',"),
+    (["lora.targets=qv_proj"], "lora.targets: ['qv_proj'] name no linear layer"),
 ])
 def test_bad_input_is_refused_before_any_work(overrides, message, tmp_path):
     code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs", *overrides)

@@ -82,9 +82,11 @@ def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"{type(model).__name__} has no ModuleList of its {count} blocks")
 
 
+LINEAR_LAYERS = (nn.Linear, Conv1D)  # GPT-2's Conv1D is a Linear with its weight stored transposed
+
+
 def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
-    # GPT-2's Conv1D is a Linear with its weight stored transposed.
-    return {name: m for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    return {name: m for name, m in block.named_modules() if isinstance(m, LINEAR_LAYERS)}
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:

@@ -40,7 +40,7 @@ from repro.train import Trainee, TrainSpec, model_flops_per_token, train
 
 from tasks.common.lm_eval import check_tasks, validate_eval
 
-from .compress import check_arguments, check_n_m_fits, compress
+from .compress import LINEAR_LAYERS, check_arguments, check_n_m_fits, compress
 from .data import TRAIN_TEXTS, batch_source, calibration, check_length, training_ids
 from .prompt import (INITS, add_soft_prompt, check_fits, check_same_model, hard_prompt_forward, load_prompt,
                      read_prompt_metadata, save_prompt, soft_prompt_forward, trainable_parameters)
@@ -237,9 +237,12 @@ def gap_closed_row(provider: str, x: float, extra: dict, result, dense: float, c
 
 
 def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
-    """Each of `lora.targets` names linear layers of the model, as PEFT matches them (the end of a layer's name):
-    PEFT itself finds out only once a level is compressed, and the row it fails becomes an error row."""
-    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    """Each of `lora.targets` names linear layers of the model, as PEFT matches a list of names (the end of a
+    layer's name; PEFT's "all-linear" takes them all): PEFT itself finds out only once a level is compressed, and
+    the row it fails becomes an error row."""
+    if targets == ["all-linear"]:
+        return
+    names = [name for name, module in model.named_modules() if isinstance(module, LINEAR_LAYERS)]
     missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
     if missing:
         ends = sorted({name.rsplit(".", 1)[-1] for name in names})
@@ -494,8 +497,9 @@ class CompressThenPrompt:
         from .lora import add_lora  # PEFT: seconds to import
 
         settings = OmegaConf.to_container(self.cfg.lora, resolve=True)
+        targets = settings["targets"]  # one name is a list of one, not the regular expression PEFT reads a str as
         model = add_lora(copy.deepcopy(state.models[COMPRESSED][0]), settings["rank"], settings["alpha"],
-                         settings["dropout"], settings["targets"])
+                         settings["dropout"], None if targets is None else checks.as_list(targets))
         extra = yield from self.fit(LORA, model, state, plain_forward, {"lora": settings})
         yield from self.recovered_rows(LORA, model, plain_forward, 0, state, extra)
 
