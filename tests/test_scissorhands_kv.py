@@ -142,9 +142,11 @@ def test_quantized_cache_and_decode_kernels_run_in_the_interpreter(interpreted):
     (["kv.group_size=5"], "kv.group_size=5 must divide the model's head_dim=16 for a quantized cache"),
     # whatever the experiments: a policy's settings are read by multiple choice and decode as well as quality
     (["kv.experiments=[multiple_choice]", "+kv.scissorhands.windw=3"],
-     "kv.scissorhands: 'windw' is not a parameter of policy 'scissorhands'; it takes ['budget_schedule', 'drop',"),
+     "kv.scissorhands: 'windw' is not a parameter of policy 'scissorhands'; it takes ['budget_schedule', "
+     "'drop_fraction', 'recent', 'threshold', 'window']"),
     (["kv.experiments=[multiple_choice]", "+kv.scissorhands.drop=3"],
-     "kv.scissorhands: both drop_fraction and drop are given, and drop_fraction sets drop: give one"),
+     "kv.scissorhands: 'drop' is not a parameter of policy 'scissorhands' (drop_fraction sets it, as a fraction of"),
+    (["+kv.h2o.recent=3"], "kv.h2o: 'recent' is not a parameter of policy 'h2o' (recent_fraction sets it"),
     (["+kv.h2o.budget=5"], "kv.h2o: 'budget' is not a parameter of policy 'h2o' (a budget comes from the sweep"),
     (["kv.experiments=[quality,multiple_choice]", "mc.tasks=[hellaswg]"],
      "mc.tasks: lm-eval tasks ['hellaswg'] are unknown; ours: ['effrepro_mc'], the papers': hellaswag"),

@@ -70,6 +70,7 @@ class Policy:
     name: ClassVar[str]
     needs_probs: ClassVar[bool] = False  # whether `observe` reads attention probabilities
     lockstep: ClassVar[bool] = True  # whether every head of a layer always holds as many tokens as the others
+    budget_fraction: ClassVar[str | None] = None  # the config's fraction of the budget that sets a count of tokens
 
     def budgets(self, n_layers: int) -> list[int | None]:
         """Tokens a head of each layer may hold (None: no limit). Checks them: call it before any work."""
@@ -199,6 +200,7 @@ class Scissorhands(_PivotalCounts, _Budgeted):
 
     name: ClassVar[str] = "scissorhands"
     needs_probs: ClassVar[bool] = True
+    budget_fraction: ClassVar[str | None] = "drop_fraction"
     recent: int = 10
     window: int = 400
     drop: int | None = None
@@ -278,6 +280,7 @@ class H2O(_Budgeted):
 
     name: ClassVar[str] = "h2o"
     needs_probs: ClassVar[bool] = True
+    budget_fraction: ClassVar[str | None] = "recent_fraction"
     recent: int | None = None
 
     def recent_tokens(self, budget: int) -> int:
@@ -365,16 +368,15 @@ FRACTIONS_OF_BUDGET = {"drop_fraction": ("drop", 1), "recent_fraction": ("recent
 
 def check_config_parameters(name: str, params: dict) -> None:
     """ValueError for what a config may not give policy `name`: a name that is not its parameter, the budget (the
-    sweep's), or a count together with the fraction of the budget that sets it."""
-    fields = {f.name for f in dataclasses.fields(POLICIES[name])} - {"budget"}
-    allowed = fields | {key for key, (field, _) in FRACTIONS_OF_BUDGET.items() if field in fields}
-    unknown = sorted(set(params) - allowed)
+    sweep's), or the count its fraction of the budget sets (`budget_fraction`)."""
+    cls = POLICIES[name]
+    set_by = {FRACTIONS_OF_BUDGET[cls.budget_fraction][0]: cls.budget_fraction} if cls.budget_fraction else {}
+    allowed = sorted({f.name for f in dataclasses.fields(cls)} - {"budget"} - set(set_by) | set(set_by.values()))
+    unknown = sorted(set(params) - set(allowed))
     if unknown:
-        why = " (a budget comes from the sweep: text length / compression)" if unknown[0] == "budget" else ""
-        raise ValueError(f"{unknown[0]!r} is not a parameter of policy {name!r}{why}; it takes {sorted(allowed)}")
-    for key, (field, _) in FRACTIONS_OF_BUDGET.items():
-        if key in params and field in params:
-            raise ValueError(f"both {key} and {field} are given, and {key} sets {field}: give one")
+        why = " (a budget comes from the sweep: text length / compression)" if unknown[0] == "budget" else \
+            f" ({set_by[unknown[0]]} sets it, as a fraction of each budget)" if unknown[0] in set_by else ""
+        raise ValueError(f"{unknown[0]!r} is not a parameter of policy {name!r}{why}; it takes {allowed}")
 
 
 def policy_at_budget(name: str, params: dict, budget: int | None = None) -> Policy:
