@@ -48,7 +48,7 @@ class Variant:
 
     def attention_of(self, default_attention: str) -> str:
         """The attention it runs: Linformer's own where it projects the keys, else its own or the run's default."""
-        return "linformer" if self.k else self.attention or default_attention
+        return "linformer" if self.k is not None else self.attention or default_attention
 
     def extra(self, default_attention: str) -> dict:
         """What every row of this variant says about it."""
