@@ -331,6 +331,13 @@ def check_overrides(args: list[str]) -> str | None:
         return None
     if unused:
         return unused
+    hydra_keys = {o.key_or_group.split(".")[1] for o in groups if o.key_or_group.startswith("hydra.")
+                  and not (o.is_add() or o.is_force_add())}
+    known = list(jobs[0][1].hydra.keys()) if jobs else []
+    unknown_hydra = sorted(hydra_keys - set(known)) if known else []
+    if unknown_hydra:  # deeper keys depend on the launcher and sweeper chosen: Hydra checks those
+        return f"unknown config key 'hydra.{unknown_hydra[0]}': hydra has no {unknown_hydra[0]!r}; its keys are: " \
+               f"{', '.join(known)}"
     keys = [o for o in overrides if o not in groups and not (o.is_add() or o.is_force_add())]
     for choices, cfg, swept in jobs:
         error = _bad_value(cfg, keys)

@@ -236,6 +236,7 @@ def test_a_sweep_of_good_jobs_exits_zero(tmp_path):
     ("paper=lean_attention decode.context=[64]", ["'decode.context'", "repro -m task=lean_decode"]),
     ("-m kernel.seq_len=64,128 --cfg job", ["--cfg prints one job's config, not a sweep's"]),  # was a traceback
     ("-m kernel.seq_len=64,128 --cfg=job", ["--cfg prints one job's config, not a sweep's"]),
+    ("hydra.nosuch=1", ["unknown config key 'hydra.nosuch'", "sweep, launcher"]),  # was Hydra's, with exit 1
     ("paper=lean_attention --cfg job", ["repro task=lean_decode ... --cfg job"]),  # printed flash_kernel's
 ])
 def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_path):
