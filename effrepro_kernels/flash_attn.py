@@ -550,14 +550,19 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask
     return o, lse
 
 
+def _masked_untimed(kernel: str, q) -> bool:
+    """Whether "auto" keeps the tl kernel for a call with a key padding mask or block sparsity: Gluon's masked paths
+    were measured faster at GLUON_MASKED_HEAD_DIMS only (EFFREPRO_GLUON=1 takes them wherever they cover)."""
+    return kernel == "auto" and GLUON != "1" and q.shape[-1] not in GLUON_MASKED_HEAD_DIMS
+
+
 def _use_gluon(forward_kernel: str, q, k, v, key_padding_mask, block_size: int, causal: bool,
                dropout_p: float) -> bool:
     """Whether the Gluon forward runs: decided on the real tensors, inside the operator (their alignment and
     device are not known while torch.compile traces)."""
     if not _gluon_considered(forward_kernel, GLUON_MEASURED_ON, GLUON_MIN_KEYS, q, k, causal):
         return False
-    if (key_padding_mask is not None or block_size) and forward_kernel == "auto" and GLUON != "1" and \
-            q.shape[-1] not in GLUON_MASKED_HEAD_DIMS:
+    if (key_padding_mask is not None or block_size) and _masked_untimed(forward_kernel, q):
         return False
     reason = _gluon_lacks(dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,)) or \
         flash_attn_gluon.refusal(q, k, v)
@@ -572,9 +577,8 @@ def _use_gluon_backward(backward_kernel: str, q, k, v, do, lse, dq, dk, dv, key_
     under "auto". Block-sparse calls need blocks of its tile (SPARSE_BLOCK keys)."""
     if not _gluon_considered(backward_kernel, GLUON_BACKWARD_MEASURED_ON, GLUON_BACKWARD_MIN_KEYS, q, k, causal):
         return False
-    if key_padding_mask is not None and backward_kernel == "auto" and GLUON != "1" and \
-            q.shape[-1] not in GLUON_MASKED_HEAD_DIMS:
-        return False  # timed at GLUON_MASKED_HEAD_DIMS only, as the forward's
+    if key_padding_mask is not None and _masked_untimed(backward_kernel, q):
+        return False
     reason = _gluon_lacks(dropout_p, block_size, sparse_blocks=(flash_attn_gluon.SPARSE_BLOCK,)) or \
         flash_attn_gluon.backward_refusal(q, k, v, do, lse, dq, dk, dv)
     return _covered("backward_kernel", backward_kernel, reason)
