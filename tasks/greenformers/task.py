@@ -20,7 +20,7 @@ from effrepro_kernels.runtime import runs_on
 from repro import checks
 from repro.bench import Point
 from repro.checks import as_list
-from repro.context import ConfigError, RunContext
+from repro.context import ConfigError, RunContext, resolve_device
 from repro.records import Row
 from repro.train import TrainSpec
 
@@ -66,8 +66,7 @@ def validate(cfg: DictConfig) -> None:
     g = cfg.greenformers
     checks.choices("greenformers.parts", OmegaConf.to_container(g.parts), PARTS)
     checks.choice("greenformers.attention", g.attention, ATTENTIONS)
-    on_cpu = cfg.scale.device == "cpu" or (cfg.scale.device == "auto" and not torch.cuda.is_available())
-    if g.attention == "effrepro" and on_cpu and not runs_on("cpu"):
+    if g.attention == "effrepro" and not runs_on(resolve_device(cfg.scale)):
         raise ConfigError("greenformers.attention=effrepro is our Triton kernel, which needs a CUDA GPU (or "
                           "TRITON_INTERPRET=1, slowly, on the CPU): base, the baseline of every ratio, could not "
                           "run; use sdpa or eager here")
