@@ -292,8 +292,10 @@ class CompressThenPrompt:
         self.loaded = self.loaded_prompts()
         check_context(cfg, context_length(model), 0 if self.hard_prefix is None else len(self.hard_prefix),
                       [saved["tokens"] for _, saved in self.loaded.values()])
-        if self.lora_levels and cfg.lora.targets is not None:
-            check_lora_targets(model, checks.as_list(cfg.lora.targets))
+        # one name is a list of one for PEFT, not the regular expression it reads a lone string as
+        self.lora_targets = None if cfg.lora.targets is None else checks.as_list(cfg.lora.targets)
+        if self.lora_levels and self.lora_targets is not None:
+            check_lora_targets(model, self.lora_targets)
         for level in self.levels:
             if level.n_m is not None:
                 try:
@@ -497,9 +499,8 @@ class CompressThenPrompt:
         from .lora import add_lora  # PEFT: seconds to import
 
         settings = OmegaConf.to_container(self.cfg.lora, resolve=True)
-        targets = settings["targets"]  # one name is a list of one, not the regular expression PEFT reads a str as
         model = add_lora(copy.deepcopy(state.models[COMPRESSED][0]), settings["rank"], settings["alpha"],
-                         settings["dropout"], None if targets is None else checks.as_list(targets))
+                         settings["dropout"], self.lora_targets)
         extra = yield from self.fit(LORA, model, state, plain_forward, {"lora": settings})
         yield from self.recovered_rows(LORA, model, plain_forward, 0, state, extra)
 
