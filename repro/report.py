@@ -106,7 +106,7 @@ def _points(claim: Claim, record: RunRecord) -> int:
     found = _claim_rows(claim, record)
     if found is None:
         return 0
-    provider, mine, rows = found
+    _, mine, rows = found
     if claim.compare.aggregate == "largest_x_within" and \
             not any(r.provider == claim.compare.quality["reference"] for r in rows):
         return 0
