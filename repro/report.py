@@ -306,29 +306,44 @@ def card_slug(gpu_name: str) -> str:
 
 
 def plotted_metrics(record: RunRecord) -> list[str]:
-    """The metrics a task declares worth a plot (`task.plot` in its config): as the record's config has it,
-    or, for records made before tasks declared it, as the task's config composes now."""
-    declared = (record.config.get("task") or {}).get("plot")
-    return list(declared if declared is not None else _declared_plots(record.task))
+    """The metrics a task declares worth a plot (`task.plot` in its config)."""
+    return list(_task_setting(record, "plot") or ())
+
+
+def plotted_lines(record: RunRecord) -> dict[str, str]:
+    """The row extras that a task's plots draw a line's colour and dash from (`task.plot_lines`, e.g. a KV-cache
+    policy and its bits), rather than a colour per provider."""
+    return dict(_task_setting(record, "plot_lines") or {})
+
+
+def _task_setting(record: RunRecord, key: str):
+    """A setting of the task's config as the record has it, or, for records made before the task had it, as the
+    task's config composes now."""
+    task_config = record.config.get("task") or {}
+    return task_config[key] if key in task_config else _declared(record.task, key)
 
 
 @functools.cache
-def _declared_plots(task: str) -> tuple[str, ...]:
+def _declared(task: str, key: str):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("repro_root", lambda: str(PROJECT_ROOT), replace=True)
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
-            return tuple(compose("config", overrides=[f"task={task}"]).task.get("plot") or ())
+            return OmegaConf.to_container(compose("config", overrides=[f"task={task}"]).task).get(key)
     except Exception:  # noqa: BLE001 - a task that no longer exists: nothing to plot
-        return ()
+        return None
 
 
-def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[str], card: str = "") -> list[Path]:
+def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[str], card: str = "",
+              lines: dict[str, str] | None = None) -> list[Path]:
     """One PNG per metric: p50 against x, a line per provider, columns by mode, rows by series. A ratio taken
     over several baselines (a row's `baseline` extra) gets one PNG per baseline, never an average of them.
-    `card`, where given, ends each file's name (a task measured on several cards gets a set of plots each)."""
+    `card`, where given, ends each file's name (a task measured on several cards gets a set of plots each).
+    `lines` names the row extras that give a line its colour (`hue`) and dash (`style`), where each pair of
+    them still tells the providers apart: four policies at two bit widths read better as four colours, each
+    solid and dashed, than as eight colours."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,10 +353,12 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
     ok = [r for r in rows if r.status == "ok" and r.p50 is not None and r.metric in metrics]
     if not ok:
         return []
+    hue, style = (lines or {}).get("hue"), (lines or {}).get("style")
     df = pd.DataFrame([{"provider": r.provider, "x": r.x_value, "x_name": r.x_name, "metric": r.metric,
                         "unit": r.unit, "p50": r.p50,
                         "mode": str(r.extra.get("mode", "")), "series": str(r.extra.get("series", "")),
-                        "baseline": str(r.extra.get("baseline", ""))}
+                        "baseline": str(r.extra.get("baseline", "")),
+                        "hue": str(r.extra.get(hue, r.provider)), "style": str(r.extra.get(style, ""))}
                        for r in ok])
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -351,14 +368,20 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
         x_name = part["x_name"].iloc[0]
         x = pd.to_numeric(part["x"], errors="coerce")
         facets = dict(hue="provider", col=by_mode, row="series", height=2.6, aspect=1.3)
-        panels = {"sharey": False, "margin_titles": True}
+        panels = {"sharey": False}  # a title above each panel: titles at the grid's edge run under its legend
         with warnings.catch_warnings():  # a tall grid's tight layout gives up; savefig's bbox_inches="tight" fits it
             warnings.filterwarnings("ignore", "Tight layout not applied")
             if x.isna().any():  # named points (tasks, models): bars side by side
                 grid = sns.catplot(data=part, x="x", y="p50", kind="bar", sharex=False, **facets, **panels)
             else:
-                grid = sns.relplot(data=part.assign(x=x), x="x", y="p50", kind="line", marker="o", **facets,
-                                   facet_kws=panels)
+                part = part.assign(x=x)
+                if hue and (part.groupby(["series", "mode", "hue", "style"])["provider"].nunique() == 1).all():
+                    part = part.assign(**{hue: part["hue"]})
+                    facets["hue"] = hue
+                    if style and (part["style"] != "").any():
+                        part = part.assign(**{style: part["style"]})
+                        facets["style"] = style
+                grid = sns.relplot(data=part, x="x", y="p50", kind="line", marker="o", **facets, facet_kws=panels)
                 # sizes span decades (log axis); training steps, and values a log axis cannot show, evenly
                 grid.set(xscale="log" if x_name != "step" and (x > 0).all() else "linear")
         over = f" over {baseline}" if baseline else ""
@@ -470,7 +493,7 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
         metrics = sorted({m for r in used for m in plotted_metrics(r)})
         several_cards = sum(t == task for t, _ in to_plot) > 1
         plots += plot_rows(task, rows, title, out / "report" / "plots", metrics,
-                           card=card_slug(gpu_name) if several_cards else "")
+                           card=card_slug(gpu_name) if several_cards else "", lines=plotted_lines(used[0]))
     if plots:
         parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}](report/plots/{p.name})" for p in plots) + "\n")
     report = "\n".join(parts)

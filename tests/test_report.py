@@ -268,8 +268,8 @@ def test_each_card_gets_its_own_plots_from_its_own_newest_records(tree, monkeypa
         h100.gpu_name: [("a", 1.0), ("b", 2.0)], h200.gpu_name: [("a", 3.0)]}
 
     plotted = []
-    monkeypatch.setattr("repro.report.plot_rows", lambda task, rows, title, out, metrics, card="": plotted.append(
-        (task, card, title)) or [])
+    monkeypatch.setattr("repro.report.plot_rows", lambda task, rows, title, out, metrics, card="", lines=None:
+                        plotted.append((task, card, title)) or [])
     save_record(h200, tree / "runs" / "toy" / "bench" / "h200.json")
     build_report(tree / "runs", tree / "published", tree / "out", None)
     assert sorted((task, card) for task, card, _ in plotted) == [("bench", "h100_80gb_hbm3"), ("bench", "h200"),
@@ -287,6 +287,26 @@ def test_a_ratio_over_several_baselines_gets_one_plot_per_baseline(tmp_path):
     rows.append(Row("ours", "n", 1, "tokens_per_s", "tokens/s", 10.0))
     names = sorted(p.name for p in plot_rows("bench", rows, "t", tmp_path, ["speedup", "tokens_per_s"]))
     assert names == ["bench_speedup_vs_eager.png", "bench_speedup_vs_megatron.png", "bench_tokens_per_s.png"]
+
+
+@pytest.mark.parametrize("policies, drawn_by", [
+    (["full", "scissorhands"], ("policy", "kv_bits")),
+    # two providers that share a policy and a bit width would merge into one line: a colour per provider then
+    (["scissorhands", "scissorhands"], ("provider", None)),
+])
+def test_a_task_can_draw_its_lines_by_colour_and_dash_from_row_extras(tmp_path, monkeypatch, policies, drawn_by):
+    import seaborn
+
+    from repro.report import plot_rows
+
+    drawn = []
+    relplot = seaborn.relplot
+    monkeypatch.setattr(seaborn, "relplot", lambda **kw: drawn.append((kw["hue"], kw.get("style"))) or relplot(**kw))
+    rows = [Row(f"{policy}_{i}_{bits}", "kv_compression", x * (16 / bits), "perplexity", "ppl", 60.0 + x + i,
+                extra={"policy": policy, "kv_bits": bits})
+            for i, policy in enumerate(policies) for bits in (16, 4) for x in (1, 2)]
+    plot_rows("bench", rows, "t", tmp_path, ["perplexity"], lines={"hue": "policy", "style": "kv_bits"})
+    assert drawn == [drawn_by]
 
 
 def test_named_points_and_points_at_zero_plot_without_warnings(tmp_path):
