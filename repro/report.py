@@ -345,6 +345,7 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
     them still tells the providers apart: four policies at two bit widths read better as four colours, each
     solid and dashed, than as eight colours."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import pandas as pd
@@ -383,7 +384,12 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
                         facets["style"] = style
                 grid = sns.relplot(data=part, x="x", y="p50", kind="line", marker="o", **facets, facet_kws=panels)
                 # sizes span decades (log axis); training steps, and values a log axis cannot show, evenly
-                grid.set(xscale="log" if x_name != "step" and (x > 0).all() else "linear")
+                if x_name != "step" and (x > 0).all():
+                    grid.set(xscale="log")
+                    for ax in grid.axes.flat:  # 1, 2, 5 per decade, as 4K and 1.5, not 4x10^3 over 2x10^0
+                        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tick_label))
+                        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         over = f" over {baseline}" if baseline else ""
         grid.set(xlabel=x_name, ylabel=f"{metric}{over} ({part['unit'].iloc[0]})")
         if metric == "peak_memory":
@@ -395,6 +401,13 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
         matplotlib.pyplot.close(grid.figure)
         paths.append(path)
     return paths
+
+
+def _tick_label(value: float, _position=None) -> str:
+    for size, suffix in ((10**6, "M"), (10**3, "K")):
+        if value >= size and value % size == 0:
+            return f"{value / size:g}{suffix}"
+    return f"{value:g}"
 
 
 README_START, README_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
