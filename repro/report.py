@@ -386,10 +386,15 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
                 # sizes span decades (log axis); training steps, and values a log axis cannot show, evenly
                 if x_name != "step" and (x > 0).all():
                     grid.set(xscale="log")
-                    for ax in grid.axes.flat:  # 1, 2, 5 per decade, as 4K and 1.5, not 4x10^3 over 2x10^0
-                        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                    # labelled as 4K or 1.5, not 4x10^3; as many ticks per decade as fit beside each other
+                    decades = math.log10(x.max() / x.min())
+                    ticks = (1.0, 2.0, 5.0) if decades <= 1.2 else (1.0, 3.0) if decades <= 2.2 else (1.0,)
+                    for ax in grid.axes.flat:
+                        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=ticks))
                         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tick_label))
                         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        # the values alone: "series = ... | mode = ..." runs into the next panel's title
+        grid.set_titles("{row_name} · {col_name}" if by_mode else "{row_name}")
         over = f" over {baseline}" if baseline else ""
         grid.set(xlabel=x_name, ylabel=f"{metric}{over} ({part['unit'].iloc[0]})")
         if metric == "peak_memory":
