@@ -173,6 +173,18 @@ def test_bad_input_is_refused_before_any_work(tmp_path):
     assert record["rows"] == []
 
 
+def test_a_model_refused_by_its_checks_leaves_no_rows(tmp_path, monkeypatch):
+    """The model's checks run before any experiment, the arithmetic of table1 included: a refused model ends the
+    run with exit 2 and a record without rows."""
+    def refuse(module):
+        raise ValueError(f"{type(module).__name__} runs attention code of its own")
+
+    monkeypatch.setattr("tasks.scissorhands.task.check_replaceable", refuse)
+    code, _, err, record = run(tmp_path, "kv.experiments=[table1,quality]")
+    assert code == 2 and "model=tiny_llama: LlamaForCausalLM runs attention code of its own" in err, err[-2000:]
+    assert record["rows"] == []
+
+
 def test_a_model_whose_attention_cannot_be_replaced_is_refused():
     """BLOOM (in the paper's Table 1) runs attention code of its own: transformers only warns when asked to swap
     it, so without the check every policy would evaluate as the full cache."""

@@ -424,7 +424,9 @@ def evaluation_chunks(cfg: DictConfig, m: Model, name: str, device) -> torch.Ten
     return ids[:count * seqlen].view(count, seqlen).to(device)
 
 
-def model_rows(cfg: DictConfig, ctx: RunContext, experiments: list[str]) -> Iterator[Row]:
+def checked_model(cfg: DictConfig, ctx: RunContext, experiments: list[str]) -> Model:
+    """The model, once it has passed the checks that need it (an attention we can replace, a context that holds
+    a chunk, a group size that divides its heads, budgets its layers take)."""
     module, tokenizer = load_model(cfg.model, ctx.device)
     m = Model(module, tokenizer, str(cfg.model.name).split("/")[-1].lower(),
               torch.finfo(next(module.parameters()).dtype).bits, module.config.num_hidden_layers)
@@ -449,6 +451,10 @@ def model_rows(cfg: DictConfig, ctx: RunContext, experiments: list[str]) -> Iter
     if "multiple_choice" in experiments and below_one:
         print(f"[scissorhands_kv] mc.compressions {below_one} give budgets beyond every request's length: nothing "
               "is ever evicted, they are the full cache", flush=True)
+    return m
+
+
+def model_rows(cfg: DictConfig, ctx: RunContext, m: Model, experiments: list[str]) -> Iterator[Row]:
     # every text read before the first is measured: one that cannot be loaded fails the run before its work
     texts = checks.as_list(cfg.eval.texts) if {"persistence", "quality"} & set(experiments) else []
     for name, chunks in {name: evaluation_chunks(cfg, m, name, ctx.device) for name in texts}.items():
@@ -463,9 +469,11 @@ def model_rows(cfg: DictConfig, ctx: RunContext, experiments: list[str]) -> Iter
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     experiments = checks.as_list(cfg.kv.experiments)
+    # a model refused (its attention cannot be replaced, its context is too short) is refused before any row
+    m = checked_model(cfg, ctx, experiments) if set(MODEL_EXPERIMENTS) & set(experiments) else None
     if "table1" in experiments:
         yield from table_rows()
-    if set(MODEL_EXPERIMENTS) & set(experiments):
-        yield from model_rows(cfg, ctx, experiments)
+    if m is not None:
+        yield from model_rows(cfg, ctx, m, experiments)
     if "decode" in experiments:
         yield from bench.rows(cfg, ctx)
