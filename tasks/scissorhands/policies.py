@@ -179,7 +179,7 @@ class _PivotalCounts:
         n_visible = visible.sum(-1, keepdim=True)
         if self.threshold == "1/t":  # the paper: more than the uniform share of the t keys softmaxed over
             threshold = 1.0 / n_visible
-        else:  # the authors' code: the row's 90th percentile, index int(0.9 · t) of the sorted visible entries
+        else:  # the 90th percentile of the t visible entries (the authors' script sorts its whole row: README)
             ascending = probs.masked_fill(~visible, -1.0).sort(-1).values
             threshold = ascending.gather(-1, probs.shape[-1] - n_visible + 9 * n_visible // 10)
         pivotal = ((probs > threshold) & visible).to(torch.uint8)
@@ -241,8 +241,9 @@ class ScissorhandsReleased(_PivotalCounts, Policy):
     that was pivotal for none of the last `window` queries; only layers in the `layers` band (fractions of depth:
     5-35 of OPT-66B's 64) compress. No budget: the compression is adaptive, and measured (the keep ratio).
 
-    Unlike that script, a dropped token stays dropped and the counts come from the probabilities over the tokens
-    held, as in a real cache; its heads then hold different numbers of tokens, so it runs in mode=simulate only."""
+    Unlike that script, a dropped token stays dropped, the counts come from the probabilities over the tokens
+    held, as in a real cache, and the percentile is of the tokens a query sees, not of its whole row with the
+    future's zeros; its heads hold different numbers of tokens, so it runs in mode=simulate only."""
 
     name: ClassVar[str] = "scissorhands_released"
     needs_probs: ClassVar[bool] = True
