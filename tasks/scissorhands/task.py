@@ -215,12 +215,16 @@ class KVForward:
     schedule: str = "lean"
     kept: float = 0.0
     causal: float = 0.0
+    held_bytes: int = 0
+    full_bytes: int = 0
 
     def __call__(self, model, ids: torch.Tensor) -> torch.Tensor:
         policy = self.policy_for(ids.shape[1])
         if self.generate:
             logits, cache = decode_logits(model, ids, policy, self.bits, self.group_size, self.schedule)
             self.kept, self.causal = self.kept + cache.kept, self.causal + cache.causal
+            self.held_bytes, self.full_bytes = self.held_bytes + cache.kv_bytes(), \
+                self.full_bytes + cache.full_cache_bytes()
         else:
             logits, sim = simulate(model, ids, policy)
             self.kept, self.causal = self.kept + sum(sim.kept), self.causal + sum(sim.causal)
@@ -230,6 +234,12 @@ class KVForward:
     def compression(self) -> float:
         """The full cache's average size over the policy's, as measured (the inverse of the keep ratio)."""
         return self.causal / self.kept if self.kept else 1.0
+
+    @property
+    def bytes_compression(self) -> float | None:
+        """mode=generate: a full cache's bytes over those the policy's stores took (codes, scales and the
+        full-precision window, as allocated)."""
+        return round(self.full_bytes / self.held_bytes, 4) if self.held_bytes else None
 
 
 @dataclass
@@ -298,7 +308,8 @@ def kv_compression(s: Setting, forward: KVForward | None, m: Model, group_size: 
     fitted = forward.policy_for.counts() if forward is not None and isinstance(forward.policy_for, FittedPolicy) \
         else {}
     return x, {"policy": s.policy, "kv_bits": s.bits, "eviction_compression": eviction,
-               "bits_compression": round(by_bits, 4), "measured_compression": measured, **fitted}
+               "bits_compression": round(by_bits, 4), "measured_compression": measured,
+               "bytes_compression": forward.bytes_compression if forward is not None else None, **fitted}
 
 
 def sweep_rows(kv: DictConfig, ctx: RunContext, m: Model, settings: list[Setting], policy_for, evaluate, to_rows,
