@@ -359,7 +359,7 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
                         "unit": r.unit, "p50": r.p50,
                         "mode": str(r.extra.get("mode", "")), "series": str(r.extra.get("series", "")),
                         "baseline": str(r.extra.get("baseline", "")),
-                        "hue": str(r.extra.get(hue, r.provider)), "style": str(r.extra.get(style, ""))}
+                        "hue": str(r.extra[hue]) if hue in r.extra else None, "style": str(r.extra.get(style, ""))}
                        for r in ok])
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -376,7 +376,8 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
                 grid = sns.catplot(data=part, x="x", y="p50", kind="bar", sharex=False, **facets, **panels)
             else:
                 part = part.assign(x=x)
-                if hue and (part.groupby(["series", "mode", "hue", "style"])["provider"].nunique() == 1).all():
+                if hue and part["hue"].notna().all() and \
+                        (part.groupby(["series", "mode", "hue", "style"])["provider"].nunique() == 1).all():
                     part = part.assign(**{hue: part["hue"]})
                     facets["hue"] = hue
                     if style and (part["style"] != "").any():
@@ -386,15 +387,20 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
                 # sizes span decades (log axis); training steps, and values a log axis cannot show, evenly
                 if x_name != "step" and (x > 0).all():
                     grid.set(xscale="log")
-                    # labelled as 4K or 1.5, not 4x10^3; as many ticks per decade as fit beside each other
+                    # labelled as 4K or 1.5, not 4x10^3; as many ticks per decade as fit beside each other, and
+                    # within a decade at the points themselves
                     decades = math.log10(x.max() / x.min())
-                    ticks = (1.0, 2.0, 5.0) if decades <= 1.2 else (1.0, 3.0) if decades <= 2.2 else (1.0,)
+                    points = sorted(set(x))
+                    locator = (matplotlib.ticker.FixedLocator(points[::math.ceil(len(points) / 5)]) if decades < 1
+                               else matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 1.2 else
+                                                                 (1.0, 3.0) if decades <= 2.2 else (1.0,)))
                     for ax in grid.axes.flat:
-                        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=ticks))
+                        ax.xaxis.set_major_locator(locator)
                         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tick_label))
                         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         # the values alone: "series = ... | mode = ..." runs into the next panel's title
-        grid.set_titles("{row_name} · {col_name}" if by_mode else "{row_name}")
+        named = [name for name, used in (("{row_name}", (part["series"] != "").any()), ("{col_name}", by_mode)) if used]
+        grid.set_titles(" · ".join(named))
         over = f" over {baseline}" if baseline else ""
         grid.set(xlabel=x_name, ylabel=f"{metric}{over} ({part['unit'].iloc[0]})")
         if metric == "peak_memory":

@@ -293,6 +293,8 @@ def test_a_ratio_over_several_baselines_gets_one_plot_per_baseline(tmp_path):
     (["full", "scissorhands"], ("policy", "kv_bits")),
     # two providers that share a policy and a bit width would merge into one line: a colour per provider then
     (["scissorhands", "scissorhands"], ("provider", None)),
+    # and a provider without the extra has no policy to be coloured by
+    (["full", None], ("provider", None)),
 ])
 def test_a_task_can_draw_its_lines_by_colour_and_dash_from_row_extras(tmp_path, monkeypatch, policies, drawn_by):
     import seaborn
@@ -303,7 +305,7 @@ def test_a_task_can_draw_its_lines_by_colour_and_dash_from_row_extras(tmp_path, 
     relplot = seaborn.relplot
     monkeypatch.setattr(seaborn, "relplot", lambda **kw: drawn.append((kw["hue"], kw.get("style"))) or relplot(**kw))
     rows = [Row(f"{policy}_{i}_{bits}", "kv_compression", x * (16 / bits), "perplexity", "ppl", 60.0 + x + i,
-                extra={"policy": policy, "kv_bits": bits})
+                extra={"kv_bits": bits} if policy is None else {"policy": policy, "kv_bits": bits})
             for i, policy in enumerate(policies) for bits in (16, 4) for x in (1, 2)]
     plot_rows("bench", rows, "t", tmp_path, ["perplexity"], lines={"hue": "policy", "style": "kv_bits"})
     assert drawn == [drawn_by]
