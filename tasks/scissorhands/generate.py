@@ -249,7 +249,7 @@ class LayerCache:
         self.positions = torch.zeros(b, kv_heads, self.slots, dtype=torch.long, device=key.device)
         self.stats = self.policy.init_stats(b, heads, self.slots, key.device)
         self.group = heads // kv_heads  # query heads per KV head
-        self.token_bytes = 2 * b * kv_heads * head_dim * key.element_size()  # a token's K and V, unquantized
+        self.position_bytes = 2 * b * kv_heads * head_dim * key.element_size()  # K and V of a position, unquantized
         self.slot_index = torch.arange(self.slots, device=key.device)
         self.n = 0
 
@@ -319,7 +319,7 @@ class EvictingCache:
 
     def full_cache_bytes(self) -> int:
         """Bytes a full cache in the model's dtype would take for the tokens seen: what kv_bytes() saves on."""
-        return sum(layer.token_bytes * self.seen_tokens for layer in self.layers if layer is not None)
+        return sum(layer.position_bytes * self.seen_tokens for layer in self.layers if layer is not None)
 
     def held_tokens(self) -> list[int]:
         """Tokens each head of each layer holds now."""

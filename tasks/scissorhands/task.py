@@ -223,8 +223,8 @@ class KVForward:
         if self.generate:
             logits, cache = decode_logits(model, ids, policy, self.bits, self.group_size, self.schedule)
             self.kept, self.causal = self.kept + cache.kept, self.causal + cache.causal
-            self.held_bytes, self.full_bytes = self.held_bytes + cache.kv_bytes(), \
-                self.full_bytes + cache.full_cache_bytes()
+            self.held_bytes += cache.kv_bytes()
+            self.full_bytes += cache.full_cache_bytes()
         else:
             logits, sim = simulate(model, ids, policy)
             self.kept, self.causal = self.kept + sum(sim.kept), self.causal + sum(sim.causal)
@@ -486,5 +486,6 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
         yield from table_rows()
     if m is not None:
         yield from model_rows(cfg, ctx, m, experiments)
+        del m  # the decode benchmark's largest batch is the memory it finds free
     if "decode" in experiments:
         yield from bench.rows(cfg, ctx)
