@@ -345,7 +345,6 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
     them still tells the providers apart: four policies at two bit widths read better as four colours, each
     solid and dashed, than as eight colours."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import pandas as pd
@@ -386,18 +385,7 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
                 grid = sns.relplot(data=part, x="x", y="p50", kind="line", marker="o", **facets, facet_kws=panels)
                 # sizes span decades (log axis); training steps, and values a log axis cannot show, evenly
                 if x_name != "step" and (x > 0).all():
-                    grid.set(xscale="log")
-                    # labelled as 4K or 1.5, not 4x10^3; as many ticks per decade as fit beside each other, and
-                    # within a decade at the points themselves
-                    decades = math.log10(x.max() / x.min())
-                    points = sorted(set(x))
-                    locator = (matplotlib.ticker.FixedLocator(points[::math.ceil(len(points) / 5)]) if decades < 1
-                               else matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 1.2 else
-                                                                 (1.0, 3.0) if decades <= 2.2 else (1.0,)))
-                    for ax in grid.axes.flat:
-                        ax.xaxis.set_major_locator(locator)
-                        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tick_label))
-                        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                    _log_x_axis(grid, sorted(set(x)))
         # the values alone: "series = ... | mode = ..." runs into the next panel's title
         named = [name for name, used in (("{row_name}", (part["series"] != "").any()), ("{col_name}", by_mode)) if used]
         grid.set_titles(" · ".join(named))
@@ -412,6 +400,22 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
         matplotlib.pyplot.close(grid.figure)
         paths.append(path)
     return paths
+
+
+def _log_x_axis(grid, points: list[float]) -> None:
+    """A log x axis labelled as 4K or 1.5, not 4x10^3: as many ticks per decade as fit beside each other, and
+    within a decade at the points themselves."""
+    import matplotlib.ticker
+
+    grid.set(xscale="log")
+    decades = math.log10(points[-1] / points[0])
+    locator = (matplotlib.ticker.FixedLocator(points[::math.ceil(len(points) / 5)]) if decades < 1
+               else matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 1.2 else
+                                                 (1.0, 3.0) if decades <= 2.2 else (1.0,)))
+    for ax in grid.axes.flat:
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_tick_label))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _tick_label(value: float, _position=None) -> str:

@@ -222,12 +222,14 @@ class KVForward:
         policy = self.policy_for(ids.shape[1])
         if self.generate:
             logits, cache = decode_logits(model, ids, policy, self.bits, self.group_size, self.schedule)
-            self.kept, self.causal = self.kept + cache.kept, self.causal + cache.causal
+            self.kept += cache.kept
+            self.causal += cache.causal
             self.held_bytes += cache.kv_bytes()
             self.full_bytes += cache.full_cache_bytes()
         else:
             logits, sim = simulate(model, ids, policy)
-            self.kept, self.causal = self.kept + sum(sim.kept), self.causal + sum(sim.causal)
+            self.kept += sum(sim.kept)
+            self.causal += sum(sim.causal)
         return logits
 
     @property
