@@ -3,6 +3,7 @@ work, a gpu_only that runs out of memory recorded while the sweep goes on, rando
 quality experiment's two models differing only in pre-gating."""
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import gpu, run_inline
 from repro.records import Row
 from repro.text_data import TokenStream
 from tasks.pregated_moe import quality, serving
-from tasks.pregated_moe.model import MoEConfig, SwitchLM, load_switch_weights
+from tasks.pregated_moe.model import SIZES, MoEConfig, SwitchLM, load_switch_weights
 from tasks.pregated_moe.offload import ExpertOffload, pinned_in_place
 from tasks.pregated_moe.weights import LazyTensors, random_switch, switch_state_dict
 
@@ -78,6 +79,30 @@ def test_a_gpu_only_out_of_memory_is_a_row_and_the_sweep_goes_on(tmp_path, monke
     assert not rows_of(saved, metric="relative_throughput")  # no gpu_only row to be relative to
 
 
+def test_a_groups_runtimes_are_let_go_before_the_next_group_starts(monkeypatch):
+    """prefetch_all runs alone, after the others: their pools must not count in its peak memory."""
+    started, alive = [], []
+
+    def start_point(model, strategy, *args):
+        if strategy == "prefetch_all":
+            alive.extend(earlier().strategy for earlier in started if earlier() is not None)
+        runtime, decoder = start(model, strategy, *args)
+        started.append(weakref.ref(runtime))
+        return runtime, decoder
+
+    start = serving.start_point
+    monkeypatch.setattr(serving, "start_point", start_point)
+    torch.manual_seed(0)
+    model = SwitchLM(MoEConfig(n_layer=4, n_experts=4, vocab_size=97, max_len=8, pregate=True))
+    spec = OmegaConf.create(dict(slots=None, cache="none", warmup_tokens=1, new_tokens=2))
+    row_of = lambda strategy: lambda metric, unit, p50=None, *args, **extra: Row(  # noqa: E731
+        strategy, "experts", 4, metric, unit, p50, extra=extra)
+    rows = serving.measure_batch(model, ["gpu_only", "prefetch_all", "pregated"], 1, spec, torch.device("cpu"), 0,
+                                 None, row_of)
+    assert {r.provider for r in rows if r.status == "ok"} == {"gpu_only", "prefetch_all", "pregated"}
+    assert len(started) == 3 and alive == []
+
+
 # --- the ratios --------------------------------------------------------------------------------------------------
 
 def measured(provider, metric, p50, model="switch-base-8", batch=1, status="ok"):
@@ -125,6 +150,8 @@ def test_each_model_is_built_once_for_every_batch_named_with_it():
      "moe.slots=3 is too few for prefetch_all on tiny-4 at batch 2: it must hold 8 experts at once"),
     ("moe.runs=[{models:[switch-huge-8],batch:[1]}]", "model 'switch-huge-8' is not '<size>-<experts>'"),
     ("moe.new_tokens=0", "moe.new_tokens=0 must be an integer >= 1"),
+    ("moe.cache=lru", "moe.cache='lru' needs moe.slots, so that every strategy caches in a pool of the same size "
+                      "(at least 8 here)"),
     ("quality.top_k=5", "quality.top_k=5 exceeds quality.n_experts=4"),
 ])
 def test_bad_input_is_named_before_any_work(override, expected, tmp_path):
@@ -329,3 +356,11 @@ def test_on_a_gpu_every_strategy_records_memory_hidden_copies_and_the_copy_bandw
     for r in rows_of(saved, provider="pregated", metric="hidden_copy_fraction"):
         assert 0 <= r["p50"] <= 1 and r["extra"]["host_memory"] == "pinned"
     assert rows_of(saved, provider="moe_ondemand", metric="copy_bandwidth_fraction")
+    # top-1 at batch 1: on_demand's pool holds one expert, pregated's two, prefetch_all's two blocks' 16. The peaks
+    # differ by those pools alone, whichever point started first and whatever ran in the group before.
+    peak = {strategy: rows_of(saved, provider=provider, metric="peak_memory", batch=1)[0]["p50"] * 2**20
+            for strategy, provider in serving.PROVIDERS.items()}
+    d_model, d_ff, *_ = SIZES["tiny"]
+    expert = 2 * d_model * d_ff * 4  # w_in and w_out, float32
+    assert peak["pregated"] - peak["on_demand"] == pytest.approx(expert, abs=expert / 4)
+    assert peak["prefetch_all"] - peak["on_demand"] == pytest.approx(31 * expert, abs=expert / 4)

@@ -106,17 +106,20 @@ def validate(spec) -> None:
             raise ConfigError(f"moe.runs: each run is {{models: [...], batch: [...]}}, not {run}")
         checks.axis("moe.runs.models", run["models"])
         checks.number("moe.runs.batch", checks.axis("moe.runs.batch", run["batch"]), at_least=1)
+    most = 0
     for name, batches in plan(spec.runs).items():
         cfg = model_config(name, spec)
         for strategy in as_list(spec.strategy):
-            if strategy == "gpu_only" or spec.slots is None:
-                continue
             need = min_slots(strategy, cfg.n_experts, cfg.top_k, max(batches))
-            if spec.slots < need:
+            most = max(most, need)
+            if spec.slots is not None and spec.slots < need:
                 raise ConfigError(f"moe.slots={spec.slots} is too few for {strategy} on {name} at batch "
                                   f"{max(batches)}: it must hold {need} experts at once")
         if spec.weights == "hub":
             validate_checkpoint(spec, name, cfg)
+    if spec.cache != "none" and spec.slots is None:  # each strategy's fewest slots: pregated's pool twice on_demand's
+        raise ConfigError(f"moe.cache={spec.cache!r} needs moe.slots, so that every strategy caches in a pool of the "
+                          f"same size (at least {most} here), not its own fewest; or moe.cache=none")
 
 
 def checkpoint_path(spec, name: str) -> str:
@@ -210,38 +213,56 @@ def turns(strategies: list[str]) -> list[list[str]]:
 
 def measure_batch(model: SwitchLM, strategies: list[str], batch: int, spec, device: torch.device, seed: int,
                   pinned_gb_s: float | None, row_of) -> list[Row]:
-    """Every strategy's point at one batch: each group of `turns` generates its `new_tokens` timed steps in turn,
-    a step of each strategy after another, so that a host whose speed drifts (the steps are host-bound at batch
-    1) slows them alike. A point's peak memory is the model's resident weights plus what its runtime added while
-    it started alone. `row_of(strategy)(metric, unit, p50, p20=None, p80=None, n=1, **extra)` makes a row."""
+    """Every strategy's point at one batch, a group of `turns` at a time. `row_of(strategy)(metric, unit, p50,
+    p20=None, p80=None, n=1, **extra)` makes a row."""
     place_all_but_experts(model, device)
-    rows: list[Row] = []
-    for group in turns(strategies):
-        free(device)
-        resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        points = {}
-        for strategy in group:
-            try:
-                before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-                free(device)
-                runtime, decoder = start_point(model, strategy, batch, spec, device, seed)
-                peak = torch.cuda.max_memory_allocated(device) - before + resident if device.type == "cuda" else None
-                points[strategy] = runtime, decoder, peak
-            except Exception as exc:  # noqa: BLE001 - one point that cannot run must not end the sweep
-                rows.append(failed_row(row_of(strategy), exc))
-                free(device, failed=True)
-        try:
-            timings = measure_steps_in_turn(
-                {s: (lambda i, decoder=decoder: decoder.step(), [r.copy_stream] if r.copy_stream else [])
-                 for s, (r, decoder, _) in points.items()}, spec.new_tokens, device, warmup=0) if points else {}
-        except Exception as exc:  # noqa: BLE001 - a failure while they take turns fails the group's points
-            rows += [failed_row(row_of(s), exc) for s in points]
-            timings = {}
-        for strategy, timing in timings.items():
-            runtime, _, peak = points[strategy]
-            rows += point_rows(runtime, timing, batch, peak, pinned_gb_s, row_of(strategy))
-        del points
+    load_device_libraries(model, device)
+    rows = [row for group in turns(strategies)
+            for row in measure_group(model, group, batch, spec, device, seed, pinned_gb_s, row_of)]
     free(device)
+    return rows
+
+
+def load_device_libraries(model: SwitchLM, device: torch.device) -> None:
+    """cuBLAS and cuBLASLt take their workspace (32 MiB on Hopper) at a stream's first matrix product and keep it.
+    Taken inside the first point, it would count in that point's peak memory and in no other's: take it before."""
+    if device.type == "cuda":
+        weight = next(p for p in model.parameters() if p.device.type == "cuda" and p.dim() == 2)
+        x = torch.randn(8, weight.shape[1], device=device, dtype=weight.dtype)
+        for bias in (None, torch.randn(weight.shape[0], device=device, dtype=weight.dtype)):  # cuBLAS, cuBLASLt
+            torch.nn.functional.linear(x, weight, bias)
+        torch.cuda.synchronize(device)
+
+
+def measure_group(model: SwitchLM, group: list[str], batch: int, spec, device: torch.device, seed: int,
+                  pinned_gb_s: float | None, row_of) -> list[Row]:
+    """The group's strategies generate their `new_tokens` timed steps in turn, a step of each strategy after
+    another, so that a host whose speed drifts (the steps are host-bound at batch 1) slows them alike. A point's
+    peak memory is the model's resident weights plus what its runtime added while it started alone. The runtimes
+    are let go on return: a group's pools must not count in the next group's peaks."""
+    free(device)
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    rows: list[Row] = []
+    points = {}
+    for strategy in group:
+        try:
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            free(device)
+            runtime, decoder = start_point(model, strategy, batch, spec, device, seed)
+            peak = torch.cuda.max_memory_allocated(device) - before + resident if device.type == "cuda" else None
+            points[strategy] = runtime, decoder, peak
+        except Exception as exc:  # noqa: BLE001 - one point that cannot run must not end the sweep
+            rows.append(failed_row(row_of(strategy), exc))
+            free(device, failed=True)
+    try:
+        timings = measure_steps_in_turn(
+            {s: (lambda i, decoder=decoder: decoder.step(), [r.copy_stream] if r.copy_stream else [])
+             for s, (r, decoder, _) in points.items()}, spec.new_tokens, device, warmup=0) if points else {}
+    except Exception as exc:  # noqa: BLE001 - a failure while they take turns fails the group's points
+        return rows + [failed_row(row_of(s), exc) for s in points]
+    for strategy, timing in timings.items():
+        runtime, _, peak = points[strategy]
+        rows += point_rows(runtime, timing, batch, peak, pinned_gb_s, row_of(strategy))
     return rows
 
 
