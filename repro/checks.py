@@ -12,11 +12,12 @@ def as_list(value: Any) -> list:
 
 
 def axis(key: str, value: Any) -> list:
-    """A grid axis: one value or a non-empty list of them (an empty one would measure nothing, or quietly
-    leave only the other settings)."""
+    """A grid axis: one value or a non-empty list of distinct ones (an empty one would measure nothing, or quietly
+    leave only the other settings; a repeated one would measure a point twice)."""
     values = as_list(value)
     if not values:
         raise ConfigError(f"{key}=[] is empty: give one value or a list of them")
+    _none_twice(key, values)
     return values
 
 
@@ -27,10 +28,14 @@ def choices(key: str, value: Any, allowed: Iterable) -> list:
     if not values:
         raise ConfigError(f"{key}=[] is empty: choose some of {allowed}")
     choice(key, values, allowed)
+    _none_twice(key, values)
+    return values
+
+
+def _none_twice(key: str, values: list) -> None:
     twice = [v for i, v in enumerate(values) if v in values[:i]]
     if twice:
         raise ConfigError(f"{key} names {twice[0]!r} more than once")
-    return values
 
 
 def number(key: str, value: Any, *, integer: bool = True, at_least: float | None = None,

@@ -5,15 +5,18 @@ work."""
 import copy
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import check_smoke_record, gpu, run_inline
 from repro.records import Row
 from tasks.common.low_rank import count_parameters
 from tasks.greenformers.efficiency import cost_rows, crossover_rows, shortest_win, tensor_peak_mb
 from tasks.greenformers.quality import MARKERS, counting_set, svd_rows
+from tasks.greenformers.task import _point
 from tasks.greenformers.variants import Variant, build, count_flops, on_meta, parse_variant, with_attention
 
 BERT_BASE = dict(name="bert-base", vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -224,13 +227,32 @@ def test_our_kernel_in_bert_matches_eager_attention():
     ("greenformers.crossover.tokens=0", "greenformers.crossover.tokens=0 must be an integer >= 1"),
     ("greenformers.notebook.batch.fwd_bwd=0", "greenformers.notebook.batch.fwd_bwd=0 must be an integer >= 1"),
     ("greenformers.model.num_attention_heads=5", "greenformers.model.num_attention_heads=5 must divide 32"),
-    ("greenformers.crossover.seq_len=[]", "greenformers.crossover.seq_len is empty"),
-    ("greenformers.crossover.modes=[]", "greenformers.crossover.modes is empty"),
+    ("greenformers.crossover.seq_len=[]", "greenformers.crossover.seq_len=[] is empty"),
+    ("greenformers.crossover.seq_len=[64,128,64]", "greenformers.crossover.seq_len names 64 more than once"),
+    ("greenformers.crossover.modes=[]", "greenformers.crossover.modes=[] is empty: choose some of"),
+    ("greenformers.crossover.modes=[inference,inference]", "greenformers.crossover.modes names 'inference' more"),
+    ("greenformers.crossover.variants=[base,lrt_r8_last0]", "_last0 must be between 1 and the model's 2 layers"),
     ("greenformers.crossover.cost_max_seq_len=8", "cost_max_seq_len=8 is below every length"),
     ("greenformers.notebook.variants=[base,lrt_r8]", "names 'base', which is always measured (first): leave it out"),
 ])
 def test_bad_input_is_named(refusal, override, expected):
     assert expected in refusal("task=greenformers", override)
+
+
+def test_one_value_stands_for_a_list_of_one(tmp_path):
+    code, out, err = run_inline("task=greenformers", "logger=none", "greenformers.parts=crossover",
+                                "greenformers.crossover.seq_len=32", "greenformers.crossover.modes=inference",
+                                "greenformers.crossover.variants=base", f"hydra.run.dir={tmp_path}")
+    assert code == 0, err[-3000:]
+    rows = json.loads((tmp_path / "record.json").read_text())["rows"]
+    assert {(r["provider"], r["x_value"], r["extra"]["mode"]) for r in rows if r["metric"] == "time"} == \
+        {("base", 32, "inference")}
+
+
+def test_a_cpu_run_on_a_gpu_machine_is_labelled_the_cpu():
+    ctx = SimpleNamespace(device=torch.device("cpu"), env={"gpu_name": "NVIDIA H200"})
+    point = _point(ctx, "sweep", 64, "inference", 4, OmegaConf.create(dict(dtype="float32", model={"name": "tiny"})))
+    assert point.extra["device_name"].startswith("CPU, ") and point.extra["series"].startswith("CPU, ")
 
 
 def test_our_kernel_as_the_default_attention_is_refused_where_it_cannot_run(refusal, compose, monkeypatch):

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from repro.bench import require_triton
+from repro.checks import as_list
 from repro.context import RunContext, fingerprint
 from repro.records import Row
 from repro.train import Candidate, Trainee, step_generator, train_from_config
@@ -121,8 +122,8 @@ def run_quality(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
             return trained[variant.name]
         return Candidate(variant.name, dict(setting="quality", series="quality"), make)
 
-    yield from train_from_config(cfg, [candidate(parse_variant(name)) for name in spec.variants], ctx.device)
+    yield from train_from_config(cfg, [candidate(parse_variant(name)) for name in as_list(spec.variants)], ctx.device)
     base = trained.get("base")
     if base is not None and spec.svd_ranks:
         extra = dict(setting="quality_svd", model=spec.model.name, seq_len=spec.seq_len, series="quality")
-        yield from svd_rows(base.model, list(spec.svd_ranks), data["val"], spec.batch, extra)
+        yield from svd_rows(base.model, as_list(spec.svd_ranks), data["val"], spec.batch, extra)

@@ -64,7 +64,7 @@ def _check_variants(key: str, names: list, model: dict, seq_len: int, need_base:
 
 def validate(cfg: DictConfig) -> None:
     g = cfg.greenformers
-    checks.choices("greenformers.parts", OmegaConf.to_container(g.parts), PARTS)
+    parts = checks.choices("greenformers.parts", g.parts, PARTS)
     checks.choice("greenformers.attention", g.attention, ATTENTIONS)
     if g.attention == "effrepro" and not runs_on(resolve_device(cfg.scale)):
         raise ConfigError("greenformers.attention=effrepro is our Triton kernel, which needs a CUDA GPU (or "
@@ -74,32 +74,28 @@ def validate(cfg: DictConfig) -> None:
     for key in ("warmup_ms", "rep_ms"):
         checks.number(f"greenformers.{key}", g[key], integer=False, at_least=0)
     model = _check_model("greenformers.model", g.model)
-    parts = as_list(OmegaConf.to_container(g.parts))
     if "crossover" in parts:
         sweep = g.crossover
-        lengths = as_list(OmegaConf.to_container(sweep.seq_len))
-        for key, values in (("seq_len", lengths), ("modes", as_list(OmegaConf.to_container(sweep.modes)))):
-            if not values:
-                raise ConfigError(f"greenformers.crossover.{key} is empty: the crossover needs at least one")
+        lengths = checks.axis("greenformers.crossover.seq_len", sweep.seq_len)
         checks.number("greenformers.crossover.seq_len", lengths, at_least=1)
         checks.number("greenformers.crossover.tokens", sweep.tokens, at_least=1)
         checks.number("greenformers.crossover.cost_max_seq_len", sweep.cost_max_seq_len, at_least=1)
-        checks.choice("greenformers.crossover.modes", OmegaConf.to_container(sweep.modes), MODES)
+        checks.choices("greenformers.crossover.modes", sweep.modes, MODES)
         if sweep.cost_max_seq_len < min(lengths):
             raise ConfigError(f"greenformers.crossover.cost_max_seq_len={sweep.cost_max_seq_len} is below every "
                               f"length of greenformers.crossover.seq_len={lengths}: no cost row would be made")
-        _check_variants("greenformers.crossover.variants", list(sweep.variants), model, max(lengths))
+        _check_variants("greenformers.crossover.variants", as_list(sweep.variants), model, max(lengths))
     if "notebook" in parts:
         book = g.notebook
         checks.number("greenformers.notebook.seq_len", book.seq_len, at_least=1)
         checks.number("greenformers.notebook.positions", book.positions, at_least=book.seq_len)
-        checks.choice("greenformers.notebook.batch", list(book.batch), MODES)
+        checks.choices("greenformers.notebook.batch", list(book.batch), MODES)
         for mode, batch in book.batch.items():
             checks.number(f"greenformers.notebook.batch.{mode}", batch, at_least=1)
         if BASELINE in book.variants:
             raise ConfigError(f"greenformers.notebook.variants names {BASELINE!r}, which is always measured (first): "
                               "leave it out")
-        _check_variants("greenformers.notebook.variants", [BASELINE, *book.variants], model, book.seq_len)
+        _check_variants("greenformers.notebook.variants", [BASELINE, *as_list(book.variants)], model, book.seq_len)
     if "quality" in parts:
         spec = g.quality
         small = _check_model("greenformers.quality.model", spec.model)
@@ -108,8 +104,8 @@ def validate(cfg: DictConfig) -> None:
         # the generated set needs room for [CLS] and the markers, and tokens besides them
         checks.number("greenformers.quality.seq_len", spec.seq_len, at_least=9)
         checks.number("greenformers.quality.model.vocab_size", small["vocab_size"], at_least=5)
-        _check_variants("greenformers.quality.variants", list(spec.variants), small, spec.seq_len)
-        ranks = OmegaConf.to_container(spec.svd_ranks)
+        _check_variants("greenformers.quality.variants", as_list(spec.variants), small, spec.seq_len)
+        ranks = as_list(spec.svd_ranks)  # none: no factorised copies of the trained model
         checks.number("greenformers.quality.svd_ranks", ranks, at_least=1)
         _check_variants("greenformers.quality.svd_ranks", [f"lrt_r{r}" for r in ranks], small, spec.seq_len,
                         need_base=False)
@@ -117,7 +113,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _point(ctx: RunContext, setting: str, seq_len: int, mode: str, batch: int, g: DictConfig) -> Point:
-    device_name = ctx.env.get("gpu_name") or f"CPU, {torch.get_num_threads()} threads"
+    device_name = ctx.env["gpu_name"] if ctx.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return Point("seq_len", seq_len, dict(setting=setting, mode=mode, batch=batch, dtype=g.dtype, model=g.model.name,
                                           device=ctx.device.type, device_name=device_name,
                                           series=f"{device_name} {setting}"))
@@ -125,7 +121,7 @@ def _point(ctx: RunContext, setting: str, seq_len: int, mode: str, batch: int, g
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     g = cfg.greenformers
-    parts = as_list(OmegaConf.to_container(g.parts))
+    parts = as_list(g.parts)
     model = OmegaConf.to_container(g.model)
     ctx.env["torch_threads"] = torch.get_num_threads()
 
@@ -136,9 +132,10 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
 
     if "crossover" in parts:
         sweep = g.crossover
-        lengths = sorted(as_list(OmegaConf.to_container(sweep.seq_len)))
-        variants = [parse_variant(name) for name in sweep.variants]
-        points = [_point(ctx, "sweep", n, mode, max(1, sweep.tokens // n), g) for n in lengths for mode in sweep.modes]
+        lengths = sorted(as_list(sweep.seq_len))
+        variants = [parse_variant(name) for name in as_list(sweep.variants)]
+        points = [_point(ctx, "sweep", n, mode, max(1, sweep.tokens // n), g) for n in lengths
+                  for mode in as_list(sweep.modes)]
         rows = []
         for row in measure(variants, points, max(lengths)):
             rows.append(row)
@@ -150,7 +147,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
         yield from cost_rows(rows, lrt, sweep.cost_max_seq_len)
     if "notebook" in parts:
         book = g.notebook
-        variants = [parse_variant(name) for name in [BASELINE, *book.variants]]
+        variants = [parse_variant(name) for name in [BASELINE, *as_list(book.variants)]]
         points = [_point(ctx, "notebook", book.seq_len, mode, batch, g) for mode, batch in book.batch.items()]
         yield from measure(variants, points, book.positions)
     if "quality" in parts:

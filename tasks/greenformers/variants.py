@@ -116,7 +116,7 @@ def factorised(model: nn.Module, variant: Variant, init: str = "random") -> nn.M
     """`model` with the variant's LRT factorisation, in place (nothing for a dense variant). init="svd" starts
     the factors from the truncated SVD of the model's weights; "random" from scratch."""
     if variant.rank is not None:
-        only = _last_layers(model.config.num_hidden_layers, variant.last) if variant.last else None
+        only = _last_layers(model.config.num_hidden_layers, variant.last) if variant.last is not None else None
         factorize(model, variant.rank, only=only, init=init)
     return model
 
