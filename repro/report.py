@@ -390,7 +390,12 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
         named = [name for name, used in (("{row_name}", (part["series"] != "").any()), ("{col_name}", by_mode)) if used]
         grid.set_titles(" · ".join(named))
         over = f" over {baseline}" if baseline else ""
-        grid.set(xlabel=x_name, ylabel=f"{metric}{over} ({part['unit'].iloc[0]})")
+        y_label = f"{metric}{over} ({part['unit'].iloc[0]})"
+        if grid.axes.shape[0] > 1:  # one label for the grid: a panel's own, longer than the panel, runs into the next
+            grid.set(xlabel=x_name, ylabel="")
+            grid.figure.supylabel(y_label)
+        else:
+            grid.set(xlabel=x_name, ylabel=y_label)
         if metric == "peak_memory":
             grid.set(yscale="log")
         grid.figure.suptitle(f"{task} · {metric}{over} · {title}", y=1.02)

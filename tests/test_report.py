@@ -311,6 +311,23 @@ def test_a_task_can_draw_its_lines_by_colour_and_dash_from_row_extras(tmp_path, 
     assert drawn == [drawn_by]
 
 
+@pytest.mark.parametrize("series, per_panel", [(["only"], True), (["batch 1", "batch 8"], False)])
+def test_a_grid_of_several_rows_names_its_y_axis_once(tmp_path, monkeypatch, series, per_panel):
+    """A panel's own y label, longer than a panel is high, runs into the panels above and below."""
+    import matplotlib.pyplot
+
+    from repro.report import plot_rows
+
+    figures = []
+    monkeypatch.setattr(matplotlib.pyplot, "close", figures.append)
+    rows = [Row("ours", "n", n, "speedup", "x", 1.0 + n, extra={"series": s}) for s in series for n in (1, 2)]
+    plot_rows("bench", rows, "t", tmp_path, ["speedup"])
+    (figure,) = figures
+    labels = {ax.get_ylabel() for ax in figure.axes}
+    assert labels == ({"speedup (x)"} if per_panel else {""})
+    assert (figure.get_supylabel() == "") == per_panel
+
+
 def test_named_points_and_points_at_zero_plot_without_warnings(tmp_path):
     """Tasks or models as x (bars: a line over names has no axis), and sizes from 0 (a linear axis: a log one
     cannot show 0), each plotted with no warning."""
