@@ -85,7 +85,7 @@ class Span:
     start: Marker
     end: Marker
     experts: tuple[int, ...] = ()  # copies: which experts
-    issued_during: int | None = None  # copies: the MoE block that was running when the copy was issued
+    issued_during: int | None = None  # copies: the last MoE block begun when issued (pregated's: at a later block)
 
     def ms(self) -> float:
         return self.end.ms_since(self.start)
