@@ -244,9 +244,6 @@ def test_the_runtime_records_blocks_moe_blocks_stalls_and_copies():
     assert summary["hidden_copy_ms"] == pytest.approx(0.0, abs=1e-9)  # one stream on a CPU: nothing overlaps
     assert summary["copy_ms"] > 0 and summary["moe_block_ms_mean"] > 0
     assert 1 <= summary["mean_active_experts"] <= summary["max_active_experts"] <= 6  # 6 tokens, top-1
-    quiet = ExpertOffload(build(pregate=True), "pregated", "cpu", slots=2 * EXPERTS, record_events=False)
-    quiet(tokens(2, 3))
-    assert quiet.stats.spans == [] and quiet.stats.copies == summary["copies"]
 
 
 def test_copy_time_hidden_counts_only_overlap_with_compute_not_stalls():

@@ -206,11 +206,9 @@ class ExpertOffload:
     needs (`min_slots`); a forward with more tokens than the pool allows is refused with a ValueError. gpu_only's
     pool holds every expert, copied in once here; as the model's own experts stay on the host, runtimes of every
     strategy can take turns on one model (an out-of-memory error here is gpu_only not fitting).
-    `record_events=False` records no spans (for timing without the events' own cost); the counters are always kept.
     """
 
-    def __init__(self, model: SwitchLM, strategy: str, device, slots: int | None = None, cache: str = "none",
-                 record_events: bool = True):
+    def __init__(self, model: SwitchLM, strategy: str, device, slots: int | None = None, cache: str = "none"):
         cfg = model.config
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
@@ -225,7 +223,6 @@ class ExpertOffload:
             slots = min_slots(strategy, cfg.n_experts, cfg.top_k, tokens=1)
         self.n_slots = slots
         self.cache = SlotCache(self.n_slots, cache)
-        self.record_events = record_events
         self.stats = Stats()
         self.requested: dict[int, set[int]] = {}  # MoE block -> experts requested for it; pinned until it has run
         self.upcoming: tuple[int, Routing] | None = None  # pregated: the next MoE block and its pre-gate's routing
@@ -265,9 +262,6 @@ class ExpertOffload:
             raise ValueError(f"{self.n_slots} expert slots are too few for strategy {self.strategy!r} with {tokens} "
                              f"tokens per forward (top-{cfg.top_k} of {cfg.n_experts} experts): it needs {need}")
 
-    def _mark(self, stream=None) -> Marker | None:
-        return Marker(self.device, stream) if self.record_events else None
-
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits of every position of `input_ids` (batch, new positions), after `cache`'s positions if given."""
@@ -284,7 +278,7 @@ class ExpertOffload:
         a block is also where pregated issues the copies its last pre-gate chose, once their ids are on the host."""
         if kind == "block" and self.upcoming is not None and self.upcoming[1].read_done():
             self._prefetch()
-        return self._span(kind, index) if self.record_events else nullcontext()
+        return self._span(kind, index)
 
     @contextmanager
     def _span(self, kind: str, index: int):
@@ -295,7 +289,7 @@ class ExpertOffload:
     def fetch(self, layer: int, routing: Routing, next_routing: Routing | None):
         """Called by MoE block `layer` after its gates: make its experts available (copying those not resident),
         start the copies the strategy makes for the next block, and return where each expert's weights are."""
-        stall = self._mark()
+        stall = Marker(self.device)
         active = active_experts(routing)  # no wait when a pre-gate chose them a block ago
         self.stats.moe_blocks += 1
         self.stats.active_experts += len(active)
@@ -322,8 +316,7 @@ class ExpertOffload:
 
             def weights_of(e):
                 return self.slot_in[slot_of[e]], self.slot_out[slot_of[e]]
-        if stall is not None:
-            self.stats.spans.append(Span("stall", layer, self.stats.forwards, stall, Marker(self.device)))
+        self.stats.spans.append(Span("stall", layer, self.stats.forwards, stall, Marker(self.device)))
         return weights_of
 
     def _prefetch(self) -> None:
@@ -346,7 +339,7 @@ class ExpertOffload:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         ffn, copied = self.layers[layer], []
         with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():
-            start = self._mark(self.copy_stream)
+            start = Marker(self.device, self.copy_stream)
             for e in new:
                 slot, hit = self.cache.request((layer, e), pinned)
                 if not hit:
@@ -360,9 +353,8 @@ class ExpertOffload:
             self.ready[slot] = end
         self.stats.copies += len(copied)
         self.stats.bytes_copied += len(copied) * self.expert_bytes
-        if start is not None:
-            self.stats.spans.append(Span("copy", layer, self.stats.forwards, start, end,
-                                         experts=tuple(e for e, _ in copied), issued_during=issued_during))
+        self.stats.spans.append(Span("copy", layer, self.stats.forwards, start, end,
+                                     experts=tuple(e for e, _ in copied), issued_during=issued_during))
 
     def reset_stats(self) -> None:
         """Start counting afresh (after a warm-up, say); the resident experts and lfu's counts stay."""
@@ -387,7 +379,7 @@ class ExpertOffload:
             bytes_per_token=s.bytes_copied / max(s.tokens, 1), cache_hits=cache.hits, cache_misses=cache.misses,
             hit_rate=cache.hits / requests if requests else None, max_active_experts=s.max_active_experts,
             mean_active_experts=s.active_experts / s.moe_blocks if s.moe_blocks else None,
-            # time (empty without record_events)
+            # time
             copy_ms=copy_ms, hidden_copy_ms=hidden_ms, hidden_copy_fraction=hidden_ms / copy_ms if copy_ms else None,
             moe_block_ms_mean=statistics.fmean(moe_ms) if moe_ms else None,
             moe_block_ms_median=statistics.median(moe_ms) if moe_ms else None,
