@@ -382,7 +382,11 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
                     if style and (part["style"] != "").any():
                         part = part.assign(**{style: part["style"]})
                         facets["style"] = style
-                grid = sns.relplot(data=part, x="x", y="p50", kind="line", marker="o", **facets, facet_kws=panels)
+                points = dict(marker="o")
+                if "style" not in facets and part[facets["hue"]].nunique() > len(sns.color_palette()):
+                    # more lines than the palette has colours, whose neighbours then look alike: a marker each too
+                    facets["style"], points = facets["hue"], dict(markers=True, dashes=False)
+                grid = sns.relplot(data=part, x="x", y="p50", kind="line", **points, **facets, facet_kws=panels)
                 # sizes span decades (log axis); training steps, and values a log axis cannot show, evenly
                 if x_name != "step" and (x > 0).all():
                     _log_x_axis(grid, sorted(set(x)))

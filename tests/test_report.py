@@ -311,6 +311,20 @@ def test_a_task_can_draw_its_lines_by_colour_and_dash_from_row_extras(tmp_path, 
     assert drawn == [drawn_by]
 
 
+@pytest.mark.parametrize("providers, drawn_by", [(3, ("provider", None)), (11, ("provider", "provider"))])
+def test_more_lines_than_the_palette_has_colours_get_a_marker_each(tmp_path, monkeypatch, providers, drawn_by):
+    import seaborn
+
+    from repro.report import plot_rows
+
+    drawn = []
+    relplot = seaborn.relplot
+    monkeypatch.setattr(seaborn, "relplot", lambda **kw: drawn.append((kw["hue"], kw.get("style"))) or relplot(**kw))
+    rows = [Row(f"p{i}", "n", n, "speedup", "x", 1.0 + i + n) for i in range(providers) for n in (1, 2)]
+    plot_rows("bench", rows, "t", tmp_path, ["speedup"])
+    assert drawn == [drawn_by]
+
+
 @pytest.mark.parametrize("series, per_panel", [(["only"], True), (["batch 1", "batch 8"], False)])
 def test_a_grid_of_several_rows_names_its_y_axis_once(tmp_path, monkeypatch, series, per_panel):
     """A panel's own y label, longer than a panel is high, runs into the panels above and below."""
