@@ -249,6 +249,11 @@ def test_one_value_stands_for_a_list_of_one(tmp_path):
         {("base", 32, "inference")}
 
 
+def test_one_notebook_variant_that_starts_like_base_is_not_taken_for_base(compose):
+    from tasks.greenformers.task import validate
+    validate(compose("task=greenformers", "greenformers.notebook.variants=base+sdpa"))
+
+
 def test_a_cpu_run_on_a_gpu_machine_is_labelled_the_cpu():
     ctx = SimpleNamespace(device=torch.device("cpu"), env={"gpu_name": "NVIDIA H200"})
     point = _point(ctx, "sweep", 64, "inference", 4, OmegaConf.create(dict(dtype="float32", model={"name": "tiny"})))

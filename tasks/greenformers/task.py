@@ -92,7 +92,7 @@ def validate(cfg: DictConfig) -> None:
         checks.choices("greenformers.notebook.batch", list(book.batch), MODES)
         for mode, batch in book.batch.items():
             checks.number(f"greenformers.notebook.batch.{mode}", batch, at_least=1)
-        if BASELINE in book.variants:
+        if BASELINE in as_list(book.variants):
             raise ConfigError(f"greenformers.notebook.variants names {BASELINE!r}, which is always measured (first): "
                               "leave it out")
         _check_variants("greenformers.notebook.variants", [BASELINE, *as_list(book.variants)], model, book.seq_len)
