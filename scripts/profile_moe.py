@@ -34,7 +34,7 @@ def main() -> None:
     cfg = MoEConfig.of_size(size, n_experts=experts, pregate=True, max_len=2 * args.steps + 4)
     model = random_switch(cfg, 0, device)
     # the task's settings that start a point: the fewest slots for the batch, warm-up steps, then those profiled
-    spec = SimpleNamespace(slots=None, cache="lru", warmup_tokens=args.steps, new_tokens=args.steps)
+    spec = SimpleNamespace(slots=None, cache="none", warmup_tokens=args.steps, new_tokens=args.steps)
     print(f"# MoE step profile: {args.model}, batch {args.batch}, {args.steps} steps\n\n"
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Python {platform.python_version()}, "
           f"commit {code_version() or 'unknown'}; `python {' '.join(sys.argv)}`\n")

@@ -117,7 +117,7 @@ def validate(spec) -> None:
                                   f"{max(batches)}: it must hold {need} experts at once")
         if spec.weights == "hub":
             validate_checkpoint(spec, name, cfg)
-    if spec.cache != "none" and spec.slots is None:  # each strategy's fewest slots: pregated's pool twice on_demand's
+    if spec.cache != "none" and spec.slots is None and most:  # each its fewest: pregated's pool twice on_demand's
         raise ConfigError(f"moe.cache={spec.cache!r} needs moe.slots, so that every strategy caches in a pool of the "
                           f"same size (at least {most} here), not its own fewest; or moe.cache=none")
 
@@ -253,6 +253,7 @@ def measure_group(model: SwitchLM, group: list[str], batch: int, spec, device: t
             points[strategy] = runtime, decoder, peak
         except Exception as exc:  # noqa: BLE001 - one point that cannot run must not end the sweep
             rows.append(failed_row(row_of(strategy), exc))
+        if strategy not in points:  # out of the except clause, whose exception holds the point's tensors
             free(device, failed=True)
     try:
         timings = measure_steps_in_turn(
