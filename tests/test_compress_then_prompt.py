@@ -267,9 +267,18 @@ def test_the_claims_are_read_from_the_rows(smoke):
     (["experiments=[transfer]"], "experiments: transfer is read against the perplexities"),
     (["compression.percdamp=-1"], "compression.percdamp=-1 must be > 0"),
     (["eval.tasks=[openbokqa]"], "eval.tasks: lm-eval tasks ['openbokqa'] are unknown; ours: ['effrepro_mc']"),
+    (["compression.levels=[joint_8x,joint_8x]"], "compression.levels names 'joint_8x' more than once"),
+    (["eval.texts=stdlb"], "eval.texts='stdlb' is not one of"),
 ])
 def test_bad_input_is_refused(refusal, overrides, message):
     assert message in refusal(*TINY, *overrides)
+
+
+def test_one_level_named_alone_is_that_level_not_a_string_to_search(compose):
+    from tasks.compress_then_prompt.task import levels_at
+    cfg = compose(*TINY, "+compression.catalog.gptq_4={method:gptq,bits:4}", "compression.levels=[gptq_4bit,gptq_4]",
+                  "prompt.levels=gptq_4bit", "eval.texts=stdlib")
+    assert levels_at("prompt.levels", cfg.prompt.levels, cfg) == ["gptq_4bit"]
 
 
 def test_a_level_named_for_a_prompt_but_not_compressed_is_said(compose, capsys):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from repro import checks
 from repro.context import ConfigError, RunContext
@@ -25,7 +25,7 @@ def validate(cfg: DictConfig) -> None:
 
 def validate_texts(e: DictConfig) -> None:
     """The perplexity part of the `eval:` block every task evaluating a language model has."""
-    checks.choice("eval.texts", OmegaConf.to_container(e.texts), TEXTS)
+    checks.choice("eval.texts", e.texts, TEXTS)
     checks.number("eval.seqlen", e.seqlen, at_least=2)
     checks.number("eval.batch_size", e.batch_size, at_least=1)
     if e.max_chunks is not None:

@@ -95,10 +95,7 @@ DENSE_EXTRA = dict(level=DENSE, method=None, bits=None, sparsity=None, n_m=None,
 def levels_from_config(cfg: DictConfig) -> list[Level]:
     """The levels `compression.levels` names, each checked (ConfigError naming its catalog entry)."""
     c = cfg.compression
-    names = checks.as_list(c.levels)
-    if not names:
-        raise ConfigError(f"compression.levels is empty; choose some of {list(c.catalog)}")
-    checks.choice("compression.levels", names, list(c.catalog))
+    names = checks.choices("compression.levels", c.levels, list(c.catalog))
     levels = []
     for name in names:
         key = f"compression.catalog.{name}"
@@ -121,9 +118,10 @@ def levels_from_config(cfg: DictConfig) -> list[Level]:
 def levels_at(key: str, value, cfg: DictConfig) -> list[str]:
     """Of the levels the run compresses, those `key` (prompt.levels, lora.levels: names from the catalog; null:
     all) asks for."""
-    if value is not None:
-        checks.choice(key, checks.as_list(value), list(cfg.compression.catalog))
-    return [name for name in checks.as_list(cfg.compression.levels) if value is None or name in value]
+    wanted = None if value is None else checks.as_list(value)  # one name alone is a list of one, not a string
+    if wanted is not None:
+        checks.choice(key, wanted, list(cfg.compression.catalog))
+    return [name for name in checks.as_list(cfg.compression.levels) if wanted is None or name in wanted]
 
 
 def say_left_out(key: str, value, cfg: DictConfig) -> None:
@@ -350,12 +348,11 @@ class CompressThenPrompt:
                 for name, ids in self.texts.items()}
 
     def accuracies(self, model, forward=None, prompt_tokens: int = 0) -> dict:
-        from repro.lm_harness import EffreproLM, evaluate_multiple_choice  # lm-eval: seconds to import
-
         e = self.cfg.eval
         tasks = checks.as_list(e.tasks)
         if "accuracy" not in self.experiments or not tasks:
             return {}
+        from repro.lm_harness import EffreproLM, evaluate_multiple_choice  # lm-eval: seconds to import
         lm = EffreproLM(model, self.tokenizer, score=forward, batch_size=e.batch_size)
         lm.max_length -= prompt_tokens  # the prompt takes its positions
         return evaluate_multiple_choice(lm, tasks, num_fewshot=e.num_fewshot, limit=e.limit)
