@@ -118,10 +118,12 @@ def levels_from_config(cfg: DictConfig) -> list[Level]:
 def levels_at(key: str, value, cfg: DictConfig) -> list[str]:
     """Of the levels the run compresses, those `key` (prompt.levels, lora.levels: names from the catalog; null:
     all) asks for."""
-    wanted = None if value is None else checks.as_list(value)  # one name alone is a list of one, not a string
-    if wanted is not None:
-        checks.choice(key, wanted, list(cfg.compression.catalog))
-    return [name for name in checks.as_list(cfg.compression.levels) if wanted is None or name in wanted]
+    compressed = checks.as_list(cfg.compression.levels)
+    if value is None:
+        return compressed
+    wanted = checks.as_list(value)  # one name alone is a list of one, not a string to search
+    checks.choice(key, wanted, list(cfg.compression.catalog))
+    return [name for name in compressed if name in wanted]
 
 
 def say_left_out(key: str, value, cfg: DictConfig) -> None:
