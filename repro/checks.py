@@ -40,20 +40,31 @@ def _none_twice(key: str, values: list) -> None:
 
 def number(key: str, value: Any, *, integer: bool = True, at_least: float | None = None,
            below: float | None = None, at_most: float | None = None, divides: int | None = None) -> None:
-    """`value` (or each of a list of values) is a number of the right kind within the bounds given."""
-    for v in as_list(value):
-        wanted = "an integer" if integer else "a number"
-        bounds = [f">= {at_least:g}" if at_least is not None else "", f"< {below:g}" if below is not None else "",
-                  f"<= {at_most:g}" if at_most is not None else ""]
-        what = " ".join([wanted, *[b for b in bounds if b]])
-        kind_ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-        if isinstance(v, bool) or not kind_ok:
-            raise ConfigError(f"{key}={v!r} must be {what}")
-        if (at_least is not None and v < at_least) or (below is not None and v >= below) or \
-                (at_most is not None and v > at_most):
-            raise ConfigError(f"{key}={v!r} must be {what}")
-        if divides is not None and divides % v:
-            raise ConfigError(f"{key}={v!r} must divide {divides}")
+    """`value` is one number of the right kind within the bounds given; a list is refused (a key that takes a list
+    of numbers is checked by `numbers`)."""
+    wanted = "an integer" if integer else "a number"
+    bounds = [f">= {at_least:g}" if at_least is not None else "", f"< {below:g}" if below is not None else "",
+              f"<= {at_most:g}" if at_most is not None else ""]
+    what = " ".join([wanted, *[b for b in bounds if b]])
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        raise ConfigError(f"{key}={list(value)!r} must be one value, {what}, not a list")
+    kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not kind_ok:
+        raise ConfigError(f"{key}={value!r} must be {what}")
+    if (at_least is not None and value < at_least) or (below is not None and value >= below) or \
+            (at_most is not None and value > at_most):
+        raise ConfigError(f"{key}={value!r} must be {what}")
+    if divides is not None and divides % value:
+        raise ConfigError(f"{key}={value!r} must divide {divides}")
+
+
+def numbers(key: str, value: Any, **bounds) -> list:
+    """A grid axis of numbers (one or a non-empty list of distinct ones, as `axis` takes), each checked as `number`
+    checks one; returned as a list."""
+    values = axis(key, value)
+    for v in values:
+        number(key, v, **bounds)
+    return values
 
 
 def choice(key: str, value: Any, allowed: Iterable) -> None:

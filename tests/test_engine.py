@@ -68,6 +68,14 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("kernel.seq_len=[]", ["kernel.seq_len=[] is empty"]),  # was: only the named settings, quietly
     ("task=lean_decode decode.context=[]", ["decode.context=[] is empty"]),
     ("task=flash_gpt2 attention=[]", ["attention=[] is empty"]),
+    # a key of one number refuses a list, which a later step would fail on without naming the key
+    ("task=compress_then_prompt compression.calibration.samples=[128]",
+     ["compression.calibration.samples=[128] must be one value, an integer >= 1, not a list"]),
+    ("task=compress_then_prompt prompt.tokens=[100]", ["prompt.tokens=[100] must be one value"]),
+    ("task=scissorhands_kv decode.batch=[4]", ["decode.batch=[4] must be one value"]),
+    ("task=lean_decode decode.head_dim=[96,96]", ["decode.head_dim names 96 more than once"]),
+    ("task=compress_then_prompt compression.levels=sparsegpt_2_4 compression.catalog.sparsegpt_2_4.n_m=[2.5,4]",
+     ["compression.catalog.sparsegpt_2_4.n_m=2.5 must be an integer"]),
 ])
 def test_a_tasks_validate_names_the_value_and_the_valid_ones(override, expected, refusal):
     message = refusal(*override.split())

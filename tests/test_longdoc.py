@@ -187,7 +187,7 @@ def test_mimic_reads_local_json_lines_with_the_training_codes_as_labels(tmp_path
     (["longdoc.batch=6"], ["longdoc.batch=6", "micro_tokens"]),
     (["longdoc.timed=[sdpa]"], ["longdoc.timed=['sdpa']", "already trained"]),
     (["longdoc.timed_steps=1"], ["longdoc.timed_steps=1"]),
-    (["longdoc.seeds=[3,3]"], ["longdoc.seeds=[3, 3]", "repeats"]),
+    (["longdoc.seeds=[3,3]"], ["longdoc.seeds names 3 more than once"]),
     (["longdoc.attention=[flash9]"], ["flash9", "effrepro"]),
 ])
 def test_bad_input_is_named(refusal, overrides, expected):

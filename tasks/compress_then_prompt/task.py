@@ -103,9 +103,11 @@ def levels_from_config(cfg: DictConfig) -> list[Level]:
         unknown = set(spec) - set(LEVEL_KEYS)
         if unknown:
             raise ConfigError(f"{key} has unknown keys {sorted(unknown)}; a level has {list(LEVEL_KEYS)}")
-        for setting, integer in (("bits", True), ("sparsity", False), ("n_m", True)):
+        for setting, integer in (("bits", True), ("sparsity", False)):
             if spec.get(setting) is not None:
                 checks.number(f"{key}.{setting}", spec[setting], integer=integer)
+        for n in checks.as_list(spec.get("n_m") or []):  # how many there are, check_arguments checks
+            checks.number(f"{key}.n_m", n)
         try:
             n_m = check_arguments(spec.get("method"), spec.get("bits"), c.group_size, spec.get("sparsity"),
                                   spec.get("n_m"), c.act_order and spec.get("method") == "gptq", c.percdamp)

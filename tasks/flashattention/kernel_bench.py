@@ -53,9 +53,10 @@ def grid(kernel: DictConfig) -> list[Point]:
         if bad_modes:
             raise ConfigError(f"kernel mode={sorted(bad_modes)} (setting {name}) is not one of {MODES}")
         key = "kernel" if name == "sweep" else f"kernel.settings.{name}"
-        for field in ("seq_len", "tokens", "hidden", *(k for k in ("batch", "heads") if spec[k] is not None)):
+        for field in ("tokens", "hidden", *(k for k in ("batch", "heads") if spec[k] is not None)):
             checks.number(f"{key}.{field}", spec[field], at_least=1)
-        checks.number(f"{key}.head_dim", spec["head_dim"], at_least=16, at_most=256)
+        checks.numbers(f"{key}.seq_len", spec["seq_len"], at_least=1)
+        checks.numbers(f"{key}.head_dim", spec["head_dim"], at_least=16, at_most=256)
         checks.number(f"{key}.dropout", spec["dropout"], integer=False, at_least=0, below=1)
         axes = [checks.axis(f"{key}.{k}", spec[k]) for k in GRID_KEYS]
         # a mask or dropout the setting takes from kernel.* (not its own) is named, so that such a run is plotted
@@ -239,8 +240,7 @@ def providers(kernel: DictConfig, ctx: RunContext, seed: int) -> list[Provider]:
 def validate(cfg: DictConfig) -> None:
     kernel = cfg.kernel
     grid(kernel)
-    checks.number("kernel.sparse_densities", OmegaConf.to_container(kernel.sparse_densities), integer=False,
-                  at_least=1e-9, at_most=1)
+    checks.numbers("kernel.sparse_densities", kernel.sparse_densities, integer=False, at_least=1e-9, at_most=1)
     for key in ("warmup_ms", "rep_ms"):
         checks.number(f"kernel.{key}", kernel[key], integer=False, at_least=1e-3)
     provider_names(kernel)

@@ -327,10 +327,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"longdoc.timed={sorted(both)} are already trained (longdoc.attention); time each "
                           "implementation once")
     checks.choice("longdoc.eval_split", spec.eval_split, ("validation", "test"))
-    checks.number("longdoc.seq_len", spec.seq_len, at_least=data.SPECIAL_TOKENS + 1)
-    checks.number("longdoc.seeds", spec.seeds, at_least=0)
-    if len(set(as_list(spec.seeds))) < len(as_list(spec.seeds)):
-        raise ConfigError(f"longdoc.seeds={list(spec.seeds)} repeats a seed; each seed is one more sample of F1")
+    checks.numbers("longdoc.seq_len", spec.seq_len, at_least=data.SPECIAL_TOKENS + 1)
+    checks.numbers("longdoc.seeds", spec.seeds, at_least=0)
     for key in ("batch", "micro_tokens"):
         checks.number(f"longdoc.{key}", spec[key], at_least=1)
     for key in ("n_train", "n_val"):

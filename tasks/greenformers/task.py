@@ -76,8 +76,7 @@ def validate(cfg: DictConfig) -> None:
     model = _check_model("greenformers.model", g.model)
     if "crossover" in parts:
         sweep = g.crossover
-        lengths = checks.axis("greenformers.crossover.seq_len", sweep.seq_len)
-        checks.number("greenformers.crossover.seq_len", lengths, at_least=1)
+        lengths = checks.numbers("greenformers.crossover.seq_len", sweep.seq_len, at_least=1)
         checks.number("greenformers.crossover.tokens", sweep.tokens, at_least=1)
         checks.number("greenformers.crossover.cost_max_seq_len", sweep.cost_max_seq_len, at_least=1)
         checks.choices("greenformers.crossover.modes", sweep.modes, MODES)
@@ -106,7 +105,8 @@ def validate(cfg: DictConfig) -> None:
         checks.number("greenformers.quality.model.vocab_size", small["vocab_size"], at_least=5)
         _check_variants("greenformers.quality.variants", as_list(spec.variants), small, spec.seq_len)
         ranks = as_list(spec.svd_ranks)  # none: no factorised copies of the trained model
-        checks.number("greenformers.quality.svd_ranks", ranks, at_least=1)
+        for rank in ranks:
+            checks.number("greenformers.quality.svd_ranks", rank, at_least=1)
         _check_variants("greenformers.quality.svd_ranks", [f"lrt_r{r}" for r in ranks], small, spec.seq_len,
                         need_base=False)
         TrainSpec.from_config(cfg.train)

@@ -97,11 +97,10 @@ def validate(cfg: DictConfig) -> None:
     if set(names) - known or "fa2" not in names:
         raise ConfigError(f"decode.providers={names}: known providers are {sorted(known)}, and 'fa2' (the "
                           "baseline of every speedup) must be among them")
-    for key in ("context", "batch", "heads"):
-        checks.axis(f"decode.{key}", spec[key])
+    checks.axis("decode.heads", spec.heads)
     for key in ("context", "batch"):
-        checks.number(f"decode.{key}", spec[key], at_least=1)
-    checks.number("decode.head_dim", spec.head_dim, at_least=16, at_most=256)
+        checks.numbers(f"decode.{key}", spec[key], at_least=1)
+    checks.numbers("decode.head_dim", spec.head_dim, at_least=16, at_most=256)
     for key in ("copy_bytes", "rotate_bytes"):
         checks.number(f"decode.{key}", spec[key], at_least=1024)
     for key in ("warmup_ms", "rep_ms"):

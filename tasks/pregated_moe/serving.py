@@ -105,7 +105,7 @@ def validate(spec) -> None:
         if not isinstance(run, Mapping) or set(run) != {"models", "batch"}:
             raise ConfigError(f"moe.runs: each run is {{models: [...], batch: [...]}}, not {run}")
         checks.axis("moe.runs.models", run["models"])
-        checks.number("moe.runs.batch", checks.axis("moe.runs.batch", run["batch"]), at_least=1)
+        checks.numbers("moe.runs.batch", run["batch"], at_least=1)
     most = 0
     for name, batches in plan(spec.runs).items():
         cfg = model_config(name, spec)

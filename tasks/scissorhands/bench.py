@@ -102,8 +102,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"decode.heads={spec.heads!r} must be 'query heads/KV heads', two positive integers, the "
                           "first a multiple of the second (e.g. '32/8')")
     checks.number("decode.head_dim", spec.head_dim, at_least=16, at_most=256)
-    for key in ("intermediate", "layers", "batch", "contexts", "bookkeeping_budgets"):
+    for key in ("intermediate", "layers", "batch"):
         checks.number(f"decode.{key}", spec[key], at_least=1)
+    for key in ("contexts", "bookkeeping_budgets"):
+        checks.numbers(f"decode.{key}", spec[key], at_least=1)
     checks.choice("decode.dtype", spec.dtype, DTYPES)
     checks.choice("decode.bits", checks.as_list(spec.bits), KV_BITS)
     if 16 not in checks.as_list(spec.bits):
