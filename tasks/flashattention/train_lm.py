@@ -188,7 +188,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"attention={name!r}: +packed is our attention on packed q, k, v, for {OURS!r} "
                               f"alone (+fused has it already)")
     choice("compile.mode", cfg.compile.mode, COMPILE_MODES)
-    checks.number("model.seq_len", m.seq_len, at_least=2)
+    checks.numbers("model.seq_len", m.seq_len, at_least=2)
     if m.positions is not None:
         checks.number("model.positions", m.positions, at_least=2)
     checks.number("model.dropout", m.dropout, integer=False, at_least=0, below=1)
