@@ -72,6 +72,7 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=compress_then_prompt compression.calibration.samples=[128]",
      ["compression.calibration.samples=[128] must be one value, an integer >= 1, not a list"]),
     ("task=compress_then_prompt prompt.tokens=[100]", ["prompt.tokens=[100] must be one value"]),
+    ("task=compress_then_prompt lora.targets=[]", ["lora.targets=[] is empty"]),  # was: an error row from PEFT
     ("task=scissorhands_kv decode.batch=[4]", ["decode.batch=[4] must be one value"]),
     ("task=lean_decode decode.head_dim=[96,96]", ["decode.head_dim names 96 more than once"]),
     ("task=compress_then_prompt compression.levels=sparsegpt_2_4 compression.catalog.sparsegpt_2_4.n_m=[2.5,4]",

@@ -203,7 +203,7 @@ def validate(cfg: DictConfig) -> None:
     if lora.alpha <= 0:
         raise ConfigError(f"lora.alpha={lora.alpha} must be > 0 (the update is scaled by alpha / rank)")
     checks.number("lora.dropout", lora.dropout, integer=False, at_least=0, below=1)
-    if lora.targets is not None and not all(isinstance(t, str) for t in checks.as_list(lora.targets)):
+    if lora.targets is not None and not all(isinstance(t, str) for t in checks.axis("lora.targets", lora.targets)):
         raise ConfigError(f"lora.targets={lora.targets!r} must be module names (q_proj, v_proj, ...) or null")
     identity = {"model": model_identity(cfg.model), "hidden_size": OmegaConf.select(cfg.model, "arch.hidden")}
     for i, folder in enumerate(checks.as_list(cfg.transfer.prompts)):
