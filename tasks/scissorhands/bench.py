@@ -107,12 +107,11 @@ def validate(cfg: DictConfig) -> None:
     for key in ("contexts", "bookkeeping_budgets"):
         checks.numbers(f"decode.{key}", spec[key], at_least=1)
     checks.choice("decode.dtype", spec.dtype, DTYPES)
-    checks.choice("decode.bits", checks.as_list(spec.bits), KV_BITS)
-    if 16 not in checks.as_list(spec.bits):
-        raise ConfigError(f"decode.bits={list(checks.as_list(spec.bits))} must include 16: the full 16-bit cache is "
-                          "the baseline of every speedup")
-    for c in checks.as_list(spec.compressions):
-        checks.number("decode.compressions", c, integer=False)
+    bits = checks.choices("decode.bits", spec.bits, KV_BITS)
+    if 16 not in bits:
+        raise ConfigError(f"decode.bits={bits} must include 16: the full 16-bit cache is the baseline of every "
+                          "speedup")
+    for c in checks.numbers("decode.compressions", spec.compressions, integer=False):
         if c <= 1:
             raise ConfigError(f"decode.compressions={c!r} must be above 1 (the full cache, 1, is always measured)")
     checks.number("decode.memory_gb", spec.memory_gb, integer=False, at_least=1e-6)

@@ -220,8 +220,8 @@ class Scissorhands(_PivotalCounts, _Budgeted):
         if budget <= self.recent:
             raise ValueError(f"scissorhands: budget={budget}{whose} must be larger than recent={self.recent} (B > r)")
         if self.drop is not None and (not isinstance(self.drop, int) or not 1 <= self.drop < self.budget):
-            raise ValueError(f"scissorhands: drop={self.drop!r} (m) must be an integer in [1, budget) = "
-                             f"[1, {self.budget})")
+            raise ValueError(f"scissorhands: drop={self.drop!r} (m, the tokens dropped at a time; in a config "
+                             f"drop_fraction · B) must be an integer in [1, budget) = [1, {self.budget})")
         m = self.amount(budget)
         if not 1 <= m <= budget - self.recent:
             raise ValueError(f"scissorhands: drop={m} (m, the tokens dropped at a time: drop_fraction · B) must be "

@@ -57,7 +57,12 @@ def budget(length: int, compression: float) -> int:
 
 def params(kv: DictConfig, name: str) -> dict:
     """A policy's parameters as the config gives them (`kv.<policy>`; none for `full`)."""
-    return OmegaConf.to_container(kv[name]) if name in kv else {}
+    if name not in kv:
+        return {}
+    if not isinstance(kv[name], DictConfig):
+        raise ConfigError(f"kv.{name}={kv[name]!r} must be a mapping of the policy's parameters, as the task's "
+                          "config gives it")
+    return OmegaConf.to_container(kv[name])
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,7 @@ def sweep(kv: DictConfig, policies, compressions, bits) -> list[Setting]:
 # --- validation ---------------------------------------------------------------------------------------------------
 
 def _check_compressions(key: str, values) -> None:
-    for value in checks.as_list(values):
-        checks.number(key, value, integer=False)
+    for value in checks.numbers(key, values, integer=False):
         if value <= 0:
             raise ConfigError(f"{key}={value!r} must be a number > 0: a budget is the text's length / compression")
 
@@ -152,11 +156,15 @@ def validate(cfg: DictConfig) -> None:
     kv = cfg.kv
     experiments = checks.choices("kv.experiments", kv.experiments, EXPERIMENTS)
     checks.choice("kv.mode", kv.mode, MODES)
-    policies = checks.as_list(kv.policies)
-    checks.choice("kv.policies", policies, POLICIES)
-    checks.choice("kv.bits", checks.as_list(kv.bits), KV_BITS)
-    if kv.quantized_policies is not None:
-        checks.choice("kv.quantized_policies", checks.as_list(kv.quantized_policies), POLICIES)
+    policies = checks.choices("kv.policies", kv.policies, POLICIES)
+    bits = checks.choices("kv.bits", kv.bits, KV_BITS)
+    quantized = policies if kv.quantized_policies is None else checks.as_list(kv.quantized_policies)
+    if quantized:  # [] keeps every setting at 16 bits, whatever kv.bits says
+        checks.choices("kv.quantized_policies", quantized, POLICIES)
+        if min(bits) < 16 and not set(quantized) & set(policies):
+            raise ConfigError(f"kv.bits={bits} asks for a quantized cache, but kv.quantized_policies={quantized} "
+                              f"names none of kv.policies={policies}, so no row would be: name some of them there, or "
+                              "set kv.bits=[16] for 16-bit rows alone")
     _check_compressions("kv.compressions", kv.compressions)
     checks.number("kv.group_size", kv.group_size, at_least=1)
     checks.choice("kv.schedule", kv.schedule, SCHEDULES)
@@ -165,9 +173,9 @@ def validate(cfg: DictConfig) -> None:
     _check_generate(kv, sweep(kv, policies, checks.as_list(kv.compressions), checks.as_list(kv.bits)), "kv.policies")
     e, mc = cfg.eval, cfg.mc
     validate_texts(e)
-    checks.choice("mc.policies", checks.as_list(mc.policies), policies)
+    checks.choices("mc.policies", mc.policies, policies)
     _check_compressions("mc.compressions", mc.compressions)
-    checks.choice("mc.bits", checks.as_list(mc.bits), KV_BITS)
+    checks.choices("mc.bits", mc.bits, KV_BITS)
     checks.number("mc.num_fewshot", mc.num_fewshot, at_least=0)
     checks.number("mc.batch_size", mc.batch_size, at_least=1)
     if mc.limit is not None:
