@@ -85,7 +85,7 @@ def _outcome(record: RunRecord) -> None:
         record.status, record.error = "error", "the task measured nothing (it yielded no rows)"
         return
     record.status = "oom" if failed and all(r.status == "oom" for r in failed) else "error"
-    reasons = sorted({r.message.splitlines()[0][:120] for r in failed if r.message})
+    reasons = sorted({r.message.splitlines()[0][:120] for r in points if r.message})  # unsupported ones say why too
     record.error = (f"all {len(points)} points failed ({len(failed)} error or oom, "
                     f"{len(points) - len(failed)} unsupported)" + (f": {'; '.join(reasons[:3])}" if reasons else ""))
 

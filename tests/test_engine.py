@@ -120,6 +120,7 @@ def test_a_run_whose_points_all_failed_exits_non_zero_and_says_so(tmp_path):
     assert code == 1
     assert "all 3 points failed" in err and record(tmp_path)["status"] == "error"
     assert "all 3 points failed" in record(tmp_path)["error"]
+    assert "point 2 unsupported" in err  # why a point could not run is said, as an error's message is
 
 
 def test_a_run_with_some_failed_points_says_how_many(tmp_path):
