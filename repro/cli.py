@@ -314,6 +314,9 @@ def check_overrides(args: list[str]) -> str | None:
             overrides += parser.parse_overrides([arg])
         except Exception as exc:  # noqa: BLE001 - Hydra's grammar error, with the argument it is about
             reason = str(exc).strip().splitlines()[0]
+            if "=" not in arg:
+                return (f"cannot read {arg!r}: an override is key=value, e.g. task=flash_kernel or scale=small "
+                        "(repro --help lists the groups)")
             return (f"cannot read the override {arg!r} ({reason}); quote a value with characters such as ~ or "
                     f"spaces in it, e.g. \"data.folder='~/my texts'\"")
     conf = PROJECT_ROOT / "conf"
