@@ -47,18 +47,19 @@ def grid(kernel: DictConfig) -> list[Point]:
         if unknown:
             raise ConfigError(f"kernel.settings.{name} has unknown keys {sorted(unknown)}; allowed: {SPEC_KEYS}")
         spec = {**base, **overrides}
-        if spec["dtype"] not in DTYPES:
-            raise ConfigError(f"kernel dtype={spec['dtype']!r} (setting {name}) is not one of {list(DTYPES)}")
-        bad_modes = set(as_list(spec["mode"])) - set(MODES)
-        if bad_modes:
-            raise ConfigError(f"kernel mode={sorted(bad_modes)} (setting {name}) is not one of {MODES}")
-        key = "kernel" if name == "sweep" else f"kernel.settings.{name}"
+
+        def key(field: str, overrides=overrides, name=name) -> str:
+            """Where a value was given: the setting's own key, or the kernel.* one it takes."""
+            return f"kernel.settings.{name}.{field}" if field in overrides else f"kernel.{field}"
+
+        checks.choice(key("dtype"), spec["dtype"], DTYPES)
+        checks.choices(key("mode"), spec["mode"], MODES)
         for field in ("tokens", "hidden", *(k for k in ("batch", "heads") if spec[k] is not None)):
-            checks.number(f"{key}.{field}", spec[field], at_least=1)
-        checks.numbers(f"{key}.seq_len", spec["seq_len"], at_least=1)
-        checks.numbers(f"{key}.head_dim", spec["head_dim"], at_least=16, at_most=256)
-        checks.number(f"{key}.dropout", spec["dropout"], integer=False, at_least=0, below=1)
-        axes = [checks.axis(f"{key}.{k}", spec[k]) for k in GRID_KEYS]
+            checks.number(key(field), spec[field], at_least=1)
+        checks.numbers(key("seq_len"), spec["seq_len"], at_least=1)
+        checks.numbers(key("head_dim"), spec["head_dim"], at_least=16, at_most=256)
+        checks.number(key("dropout"), spec["dropout"], integer=False, at_least=0, below=1)
+        axes = [checks.axis(key(k), spec[k]) for k in GRID_KEYS]
         # a mask or dropout the setting takes from kernel.* (not its own) is named, so that such a run is plotted
         # beside the plain one, not in its place
         variant = (" padded" if spec["padding_mask"] and "padding_mask" not in overrides else "") + \
