@@ -15,6 +15,7 @@ import importlib
 import itertools
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -364,6 +365,9 @@ def check_overrides(args: list[str]) -> str | None:
     # the jobs run on this machine (not on SLURM's nodes, whose devices a job's checks may ask for), and Hydra runs
     # them (not only prints the config)
     here = launcher in (None, "local") and not options & HYDRA_OPTIONS_THAT_RUN_NOTHING
+    if launcher == "slurm" and not options & HYDRA_OPTIONS_THAT_RUN_NOTHING and shutil.which("srun") is None:
+        return ("hydra/launcher=slurm submits the jobs through SLURM (srun, sbatch), which this machine lacks: "
+                "launch from a SLURM login node, or run the jobs here with hydra/launcher=local")
     if here:
         scale_keys = {o.key_or_group.split(".", 1)[1]: o.value() for o in keys
                       if o.key_or_group.startswith("scale.")}

@@ -202,13 +202,22 @@ def test_a_sweep_with_a_job_its_checks_refuse_runs_no_job(sweep, expected, tmp_p
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
-def test_a_sweep_for_slurm_is_not_refused_for_what_this_machine_lacks():
+def test_a_sweep_for_slurm_is_not_refused_for_what_this_machine_lacks(monkeypatch):
     """SLURM runs the jobs on its GPU nodes: a job's checks that ask for the device run there, not here."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from repro.cli import check_overrides
     sweep = ["-m", "task=lm_eval", "model=trained", "scale=small", "eval.seqlen=64,128"]
     assert "needs a CUDA GPU" in check_overrides(sweep)
+    monkeypatch.setattr("repro.cli.shutil.which", lambda command: f"/usr/bin/{command}")  # a SLURM login node
     assert check_overrides([*sweep, "hydra/launcher=slurm"]) is None
+
+
+def test_a_sweep_for_slurm_from_a_machine_without_slurm_is_refused(monkeypatch):
+    """Not submitit's traceback from deep in the launch."""
+    from repro.cli import check_overrides
+    monkeypatch.setattr("repro.cli.shutil.which", lambda command: None)
+    message = check_overrides(["-m", "task=flash_kernel", "kernel.seq_len=64,128", "hydra/launcher=slurm"])
+    assert message.startswith("hydra/launcher=slurm submits the jobs through SLURM") and "launcher=local" in message
 
 
 def test_under_torchrun_rank_0_alone_lists_a_sweep(tmp_path, monkeypatch):
