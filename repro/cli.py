@@ -335,6 +335,12 @@ def check_overrides(args: list[str]) -> str | None:
         return None
     if unused:
         return unused
+    for choices, cfg, _ in jobs:  # task= would quietly replace the paper's own tasks
+        chosen = dict(c.split("=", 1) for c in choices if "=" in c)
+        paper_tasks = [t.strip() for t in str(OmegaConf.select(cfg, "hydra.sweeper.params.task") or "").split(",")]
+        if "paper" in chosen and "task" in chosen and chosen["task"] not in paper_tasks:
+            return (f"task={chosen['task']} is not a task of paper={chosen['paper']} (its tasks: "
+                    f"{', '.join(paper_tasks)}): name one of those, or leave paper= out to run task={chosen['task']}")
     hydra_keys = {o.key_or_group.split(".")[1] for o in groups if o.key_or_group.startswith("hydra.")
                   and not (o.is_add() or o.is_force_add())}
     known = list(jobs[0][1].hydra.keys()) if jobs else []

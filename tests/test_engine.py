@@ -88,6 +88,9 @@ def test_overrides_are_checked_before_hydra_runs():
     assert check_overrides(["task=nosuch"]).startswith("task='nosuch' is not one of ['compress_then_prompt', ")
     assert check_overrides(["scale=huge"]) == "scale='huge' is not one of ['paper', 'small', 'smoke']"
     assert check_overrides(["flash_kernel"]).startswith("cannot read 'flash_kernel': an override is key=value")
+    assert check_overrides(["paper=scissorhands", "task=flash_kernel"]).startswith(
+        "task=flash_kernel is not a task of paper=scissorhands (its tasks: scissorhands_kv)")
+    assert check_overrides(["paper=scissorhands", "task=scissorhands_kv", "model=tiny_llama"]) is None
     # a `???` key (a value the user must give) takes any value
     assert check_overrides(["task=lm_eval", "model=hf", "model.name=facebook/opt-6.7b"]) is None
     assert "model has no 'nme'" in check_overrides(["task=lm_eval", "model=hf", "model.nme=facebook/opt-6.7b"])
