@@ -337,8 +337,9 @@ def check_overrides(args: list[str]) -> str | None:
         return unused
     for choices, cfg, _ in jobs:  # task= would quietly replace the paper's own tasks
         chosen = dict(c.split("=", 1) for c in choices if "=" in c)
-        paper_tasks = [t.strip() for t in str(OmegaConf.select(cfg, "hydra.sweeper.params.task") or "").split(",")]
-        if "paper" in chosen and "task" in chosen and chosen["task"] not in paper_tasks:
+        swept_tasks = OmegaConf.select(cfg, "hydra.sweeper.params.task")  # in the paper's own config alone
+        paper_tasks = [t.strip() for t in str(swept_tasks).split(",")]
+        if "paper" in chosen and "task" in chosen and swept_tasks and chosen["task"] not in paper_tasks:
             return (f"task={chosen['task']} is not a task of paper={chosen['paper']} (its tasks: "
                     f"{', '.join(paper_tasks)}): name one of those, or leave paper= out to run task={chosen['task']}")
     hydra_keys = {o.key_or_group.split(".")[1] for o in groups if o.key_or_group.startswith("hydra.")
@@ -357,6 +358,12 @@ def check_overrides(args: list[str]) -> str | None:
             return (f"{error}. {' '.join(choices)} sweeps {sweep}, and "
                     "takes only keys every config has" + (f"; for a task's own keys: repro -m task={tasks} ..."
                                                           if tasks else ""))
+        if error and any(c.startswith("paper=") for c in choices):  # a key some of the paper's tasks have
+            takers = [c.split("=", 1)[1] for ch, job, sw in jobs if not sw for c in ch
+                      if c.startswith("task=") and not _bad_value(job, keys)]
+            return (f"{error} (in the job of {' '.join(choices)}; a paper gives every key to each of its tasks" +
+                    (f": run the ones that take it alone, e.g. repro -m task={','.join(takers)} ...)" if takers
+                     else ")"))
         if error:
             return error + (f" (in the job of {' '.join(choices)})" if len(jobs) > 1 else "")
     options = {arg.split("=")[0] for arg in args if arg.startswith("-")}  # `--cfg job` and `--cfg=job`
