@@ -122,8 +122,9 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
         return None, "", f"no rows of {'/'.join(cmp.metrics)} for {list(cmp.providers)} where {cmp.where}"
     provider, mine, rows = found
     if cmp.aggregate != "largest_x_within":
-        return _aggregate([r.p50 for r in mine], cmp.aggregate), mine[0].unit, \
-            f"{provider}, {cmp.aggregate} of {len(mine)}"
+        # an absolute value is read in the claim's unit, which older records left out of their rows
+        unit = mine[0].unit or (claim.unit if cmp.kind == "absolute" else "")
+        return _aggregate([r.p50 for r in mine], cmp.aggregate), unit, f"{provider}, {cmp.aggregate} of {len(mine)}"
     quality = cmp.quality
     value = _largest_x_within(mine, [r for r in rows if r.provider == quality["reference"]], quality)
     if value is None:

@@ -440,3 +440,18 @@ def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree, no_plots):
     assert len(near) == 1 and "H100" in near[0]
     readme = (tree / "README.md").read_text()
     assert "H200" in readme and "3.5x" not in readme  # the README keeps one row per claim, the chosen card's
+
+
+def test_an_absolute_value_from_a_row_without_a_unit_is_shown_in_the_claims_unit():
+    """Records made before the accuracy rows said "%" show 36.4%, not a bare 36.4 beside the paper's 37.6%."""
+    from repro.claims import _parse_claim
+    from repro.report import claim_value
+
+    claim = _parse_claim("toy", "c", {
+        "id": "c", "claim": "accuracy 37.6%", "value": 37.6, "unit": "%", "higher_is_better": True,
+        "hardware": "n/a", "setting": "s", "source": "s", "verified": True, "task": "train",
+        "compare": {"kind": "absolute", "metric": "val_accuracy", "providers": ["ours"], "aggregate": "max"}})
+    record = rec("train", "small", [Row("ours", "step", 100, "val_accuracy", "", 36.4)])
+    assert claim_value(claim, record)[:2] == (36.4, "%")
+    record.rows = [Row("ours", "step", 100, "val_accuracy", "%", 36.4)]
+    assert claim_value(claim, record)[:2] == (36.4, "%")
