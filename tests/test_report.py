@@ -455,3 +455,9 @@ def test_an_absolute_value_from_a_row_without_a_unit_is_shown_in_the_claims_unit
     assert claim_value(claim, record)[:2] == (36.4, "%")
     record.rows = [Row("ours", "step", 100, "val_accuracy", "%", 36.4)]
     assert claim_value(claim, record)[:2] == (36.4, "%")
+
+
+def test_a_rebuild_from_the_same_records_writes_the_same_report(tree, no_plots):
+    first, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
+    again, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
+    assert first == again and "the newest started 2026-11-30T00:00:00+00:00" in first
