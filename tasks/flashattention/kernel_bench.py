@@ -48,7 +48,7 @@ def grid(kernel: DictConfig) -> list[Point]:
             raise ConfigError(f"kernel.settings.{name} has unknown keys {sorted(unknown)}; allowed: {SPEC_KEYS}")
         spec = {**base, **overrides}
 
-        def key(field: str, overrides=overrides, name=name) -> str:
+        def key(field: str) -> str:
             """Where a value was given: the setting's own key, or the kernel.* one it takes."""
             return f"kernel.settings.{name}.{field}" if field in overrides else f"kernel.{field}"
 
