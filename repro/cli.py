@@ -353,7 +353,10 @@ def check_overrides(args: list[str]) -> str | None:
     for choices, cfg, swept in jobs:
         error = _bad_value(cfg, keys)
         if error and swept:  # Hydra applies the overrides to a paper's own config, before its sweep's jobs
-            tasks = ",".join(swept.get("task", []))
+            groups_named = {o.key_or_group.split(".")[0] for o in keys}
+            tasks = ",".join(c.split("=", 1)[1] for ch, job, sw in jobs if not sw for c in ch
+                             if c.startswith("task=") and groups_named <= set(job.keys())) \
+                or ",".join(swept.get("task", []))
             sweep = " ".join(f"{k}={','.join(values)}" for k, values in swept.items())
             return (f"{error}. {' '.join(choices)} sweeps {sweep}, and "
                     "takes only keys every config has" + (f"; for a task's own keys: repro -m task={tasks} ..."

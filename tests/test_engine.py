@@ -95,6 +95,8 @@ def test_overrides_are_checked_before_hydra_runs():
     assert "e.g. repro -m task=flash_kernel ...)" in check_overrides(["paper=flashattention", "kernel.seq_len=64"])
     assert "paper=flashattention sweeps task=flash_kernel,flash_gpt2," in check_overrides(
         ["paper=flashattention", "train.stepz=3"])
+    assert check_overrides(["paper=flashattention", "kernel.seq_lenn=64"]).endswith(  # the tasks with a `kernel`
+        "for a task's own keys: repro -m task=flash_kernel ...")
     # a `???` key (a value the user must give) takes any value
     assert check_overrides(["task=lm_eval", "model=hf", "model.name=facebook/opt-6.7b"]) is None
     assert "model has no 'nme'" in check_overrides(["task=lm_eval", "model=hf", "model.nme=facebook/opt-6.7b"])
