@@ -504,6 +504,11 @@ def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
             if not _fits(value, default):
                 expected = _kind(default[0] if isinstance(default, list) and default else default)
                 return f"{o.key_or_group}={value!r} must be {expected}, like its default {default!r}"
+            new_keys = sorted(set(value) - set(default)) if isinstance(value, dict) and OmegaConf.is_struct(node) \
+                else []
+            if new_keys:  # Hydra would refuse it with "not in struct", naming neither the key nor the known ones
+                return (f"unknown config key '{o.key_or_group}.{new_keys[0]}': {o.key_or_group} has no "
+                        f"{new_keys[0]!r}; its keys are: {', '.join(map(str, default))}")
     return None
 
 

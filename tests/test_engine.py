@@ -97,6 +97,11 @@ def test_overrides_are_checked_before_hydra_runs():
         ["paper=flashattention", "train.stepz=3"])
     assert check_overrides(["paper=flashattention", "kernel.seq_lenn=64"]).endswith(  # the tasks with a `kernel`
         "for a task's own keys: repro -m task=flash_kernel ...")
+    # Hydra's own refusal says only "not in struct"
+    assert check_overrides(["task=greenformers", "greenformers.notebook.batch={train:3}"]) == (
+        "unknown config key 'greenformers.notebook.batch.train': greenformers.notebook.batch has no 'train'; its keys "
+        "are: inference, fwd_bwd")
+    assert check_overrides(["task=greenformers", "greenformers.notebook.batch={inference:3}"]) is None
     # a `???` key (a value the user must give) takes any value
     assert check_overrides(["task=lm_eval", "model=hf", "model.name=facebook/opt-6.7b"]) is None
     assert "model has no 'nme'" in check_overrides(["task=lm_eval", "model=hf", "model.nme=facebook/opt-6.7b"])

@@ -248,7 +248,12 @@ def test_our_kernel_in_bert_matches_eager_attention():
     ("greenformers.quality.variants=[base,linformer_k33]", "k=33 must be between 1 and seq_len=32"),
     ("greenformers.crossover.variants=[base,performer_k8]", "'performer_k8' is not a part of a variant"),
     ("greenformers.crossover.variants=[base,linformer_k8+effrepro]", "Linformer computes its own attention"),
-    ("greenformers.crossover.variants=[lrt_r8]", "must include 'base'"),
+    ("greenformers.crossover.variants=[lrt_r8]", "must include 'base', the dense model every ratio is taken against"),
+    ("greenformers.quality.variants=[lrt_r8]", "must include 'base', the model factorised at greenformers.quality.svd"),
+    ("greenformers.crossover.variants=[base,lrt_r8+linformer_k16,linformer_k16+lrt_r8]",
+     "names one model twice (as 'lrt_r8+linformer_k16' and 'linformer_k16+lrt_r8')"),
+    ("greenformers.crossover.variants=[base,lrt_r8+eager,lrt_r8+eager]", "names one model twice: it would be"),
+    ("greenformers.quality.svd_ranks=[8,8]", "greenformers.quality.svd_ranks names one model twice: it would be"),
     ("greenformers.notebook.variants=[lrt_r0.2_last3]", "_last3 must be between 1 and the model's 2 layers"),
     ("greenformers.parts=[speed]", "greenformers.parts=['speed'] is not one of"),
     ("greenformers.parts=[]", "greenformers.parts=[] is empty: choose some of ['crossover', 'notebook', 'quality']"),
@@ -281,6 +286,10 @@ def test_one_value_stands_for_a_list_of_one(tmp_path):
 def test_one_notebook_variant_that_starts_like_base_is_not_taken_for_base(compose):
     from tasks.greenformers.task import validate
     validate(compose("task=greenformers", "greenformers.notebook.variants=base+sdpa"))
+    # the default grid under another default attention; quality needs base only to factorise it
+    validate(compose("task=greenformers", "greenformers.attention=sdpa",
+                     "greenformers.crossover.variants=[base,base+sdpa]", "greenformers.quality.variants=[lrt_r8]",
+                     "greenformers.quality.svd_ranks=[]"))
 
 
 def test_a_cpu_run_on_a_gpu_machine_is_labelled_the_cpu():

@@ -11,6 +11,7 @@ arXiv 2108.10808), in up to three parts (`greenformers.parts`):
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator
 
 import torch
@@ -42,11 +43,14 @@ def _check_model(key: str, model: DictConfig) -> dict:
     return model
 
 
-def _check_variants(key: str, names: list, model: dict, seq_len: int, need_base: bool = True) -> None:
+def _check_variants(key: str, names: list, model: dict, seq_len: int, base_for: str = "") -> None:
     """Each variant parsed and built on the meta device (no memory, no work) for inputs of `seq_len` tokens:
-    a rank or k that does not fit the model is an error here, before anything runs."""
-    names = [str(name) for name in names]
-    for name in names:
+    a rank or k that does not fit the model is an error here, before anything runs. Two names of one model
+    (`lrt_r8+linformer_k16` and `linformer_k16+lrt_r8`) would measure it twice; `base+sdpa` beside `base` is
+    allowed where `greenformers.attention` is sdpa, so that the default grid takes any default attention.
+    `base_for` says what base is needed for, where it is."""
+    seen: dict[Variant, str] = {}
+    for name in map(str, names):
         try:
             variant = parse_variant(name)
         except ValueError as exc:
@@ -55,11 +59,13 @@ def _check_variants(key: str, names: list, model: dict, seq_len: int, need_base:
             on_meta(variant, model, seq_len, seq_len)
         except ValueError as exc:
             raise ConfigError(f"{key}: variant {name!r} does not fit this model at {seq_len} tokens: {exc}") from None
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise ConfigError(f"{key} names {twice} more than once")
-    if need_base and BASELINE not in names:
-        raise ConfigError(f"{key} must include {BASELINE!r}, the dense model every ratio is taken against")
+        same = replace(variant, name="")
+        if same in seen:
+            also = "" if seen[same] == name else f" (as {seen[same]!r} and {name!r})"
+            raise ConfigError(f"{key} names one model twice{also}: it would be measured twice")
+        seen[same] = name
+    if base_for and BASELINE not in seen.values():
+        raise ConfigError(f"{key} must include {BASELINE!r}, {base_for}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -83,7 +89,8 @@ def validate(cfg: DictConfig) -> None:
         if sweep.cost_max_seq_len < min(lengths):
             raise ConfigError(f"greenformers.crossover.cost_max_seq_len={sweep.cost_max_seq_len} is below every "
                               f"length of greenformers.crossover.seq_len={lengths}: no cost row would be made")
-        _check_variants("greenformers.crossover.variants", as_list(sweep.variants), model, max(lengths))
+        _check_variants("greenformers.crossover.variants", as_list(sweep.variants), model, max(lengths),
+                        base_for="the dense model every ratio is taken against")
     if "notebook" in parts:
         book = g.notebook
         checks.number("greenformers.notebook.seq_len", book.seq_len, at_least=1)
@@ -103,12 +110,13 @@ def validate(cfg: DictConfig) -> None:
         # the generated set needs room for [CLS] and the markers, and tokens besides them
         checks.number("greenformers.quality.seq_len", spec.seq_len, at_least=9)
         checks.number("greenformers.quality.model.vocab_size", small["vocab_size"], at_least=5)
-        _check_variants("greenformers.quality.variants", as_list(spec.variants), small, spec.seq_len)
         ranks = as_list(spec.svd_ranks)  # none: no factorised copies of the trained model
+        _check_variants("greenformers.quality.variants", as_list(spec.variants), small, spec.seq_len,
+                        base_for="the model factorised at greenformers.quality.svd_ranks (or set those to [])"
+                        if ranks else "")
         for rank in ranks:
             checks.number("greenformers.quality.svd_ranks", rank, at_least=1)
-        _check_variants("greenformers.quality.svd_ranks", [f"lrt_r{r}" for r in ranks], small, spec.seq_len,
-                        need_base=False)
+        _check_variants("greenformers.quality.svd_ranks", [f"lrt_r{r}" for r in ranks], small, spec.seq_len)
         TrainSpec.from_config(cfg.train)
 
 
