@@ -54,10 +54,12 @@ def _local_files(folder: str | None, pattern: str, max_files: int | None) -> lis
     root = Path(folder).expanduser() if folder else default_corpus()
     if not root.is_dir():
         raise ConfigError(f"data.folder={str(root)!r} is not a folder; give a folder of text files")
-    installed = {"site-packages", "dist-packages"}  # the standard library's folder also holds installed packages
+    # the standard library's folder also holds installed packages, and pydoc_data, the source of the `pydoc`
+    # evaluation text (repro/evaluation.py), which would otherwise be trained on
+    left_out = {"site-packages", "dist-packages"} | ({"pydoc_data"} if not folder else set())
     found = set()
     for directory, subfolders, _ in os.walk(root):
-        subfolders[:] = [f for f in subfolders if f not in installed]  # not even walked: most of the stdlib's files
+        subfolders[:] = [f for f in subfolders if f not in left_out]  # not even walked: most of the stdlib's files
         found.update(p for p in Path(directory).glob(pattern) if p.is_file() and p.stat().st_size > 0)
     files = sorted(found)
     if max_files:

@@ -259,6 +259,16 @@ def test_a_local_corpus_is_every_matching_file_below_the_folder_but_installed_pa
     assert len(_local_files(str(tmp_path), "*.py", 2)) == 2
 
 
+def test_the_default_corpus_leaves_out_the_pydoc_evaluation_texts_source(tmp_path):
+    from repro.text_data import _local_files, default_corpus
+
+    assert (default_corpus() / "pydoc_data" / "topics.py").is_file()
+    assert not [p for p in _local_files(None, "*.py", None) if "pydoc_data" in p.parts]
+    (tmp_path / "pydoc_data").mkdir()
+    (tmp_path / "pydoc_data" / "mine.py").write_text("x = 1\n")  # a folder of one's own is read as it is
+    assert len(_local_files(str(tmp_path), "*.py", None)) == 1
+
+
 def test_lamb_takes_adams_step_scaled_by_the_trust_ratio():
     from repro.train import Lamb
     w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ‖w‖ = 5
