@@ -268,7 +268,11 @@ def test_the_claims_are_read_from_the_rows(smoke):
     (["compression.percdamp=-1"], "compression.percdamp=-1 must be > 0"),
     (["eval.tasks=[openbokqa]"], "eval.tasks: lm-eval tasks ['openbokqa'] are unknown; ours: ['effrepro_mc']"),
     (["compression.levels=[joint_8x,joint_8x]"], "compression.levels names 'joint_8x' more than once"),
-    (["eval.texts=stdlb"], "eval.texts='stdlb' is not one of"),
+    (["eval.texts=stdlb"], "eval.texts=['stdlb'] is not one of"),
+    (["eval.texts=[]"], "eval.texts=[] is empty: every level's perplexity is measured on these texts"),
+    (["eval.texts=[stdlib,stdlib]"], "eval.texts names 'stdlib' more than once"),
+    (["prompt.levels=[joint_8x,joint_8x]"], "prompt.levels names 'joint_8x' more than once"),
+    (["experiments=[perplexity,accuracy]", "eval.tasks=[]"], "eval.tasks=[] is empty, but experiments has accuracy"),
 ])
 def test_bad_input_is_refused(refusal, overrides, message):
     assert message in refusal(*TINY, *overrides)

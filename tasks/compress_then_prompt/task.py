@@ -123,8 +123,9 @@ def levels_at(key: str, value, cfg: DictConfig) -> list[str]:
     compressed = checks.as_list(cfg.compression.levels)
     if value is None:
         return compressed
-    wanted = checks.as_list(value)  # one name alone is a list of one, not a string to search
-    checks.choice(key, wanted, list(cfg.compression.catalog))
+    wanted = checks.as_list(value)  # one name alone is a list of one, not a string to search; [] none
+    if wanted:
+        checks.choices(key, wanted, list(cfg.compression.catalog))
     return [name for name in compressed if name in wanted]
 
 
@@ -215,7 +216,13 @@ def validate(cfg: DictConfig) -> None:
     checks.number("cost.warmup_ms", cfg.cost.warmup_ms, integer=False, at_least=0)
     checks.number("cost.rep_ms", cfg.cost.rep_ms, integer=False, at_least=1)
     validate_eval(cfg.eval)
+    if not checks.as_list(cfg.eval.texts):  # the prompt's validation chunks and the cost's calls come from the first
+        raise ConfigError("eval.texts=[] is empty: every level's perplexity is measured on these texts; name one "
+                          "or more (stdlib, pydoc; wikitext2, ptb, c4 from the Hub)")
     if "accuracy" in experiments:
+        if not checks.as_list(cfg.eval.tasks):
+            raise ConfigError("eval.tasks=[] is empty, but experiments has accuracy: name the multiple-choice "
+                              "tasks (e.g. effrepro_mc), or leave accuracy out of experiments")
         check_tasks("eval.tasks", cfg.eval.tasks)
     TrainSpec.from_config(cfg.train)
     context = OmegaConf.select(cfg.model, "arch.context")
