@@ -16,8 +16,6 @@ from tasks.compress_then_prompt.methods import (dequantize, group_params, keep_m
 from tasks.compress_then_prompt.storage import pack, unpack
 
 
-
-
 def correlated_inputs(tokens: int, width: int, seed: int) -> torch.Tensor:
     """Inputs like an LLM's: X = Z A (+ a little noise) with Z narrower than X, so that features are correlated
     and partly redundant, then scaled per feature by a log-normal factor, so that some features are much larger

@@ -2,6 +2,7 @@
 tokens only (held to a hand computation), prompts save and reload for their own model only, LoRA beside compressed
 layers, the smoke run end to end with its rows and claims, and bad input refused before any work."""
 import json
+import math
 
 import pytest
 import torch
@@ -21,8 +22,6 @@ from tasks.compress_then_prompt.prompt import (add_soft_prompt, hard_prompt_forw
 from tasks.compress_then_prompt.task import Level
 
 VOCAB, HIDDEN = 97, 48
-
-
 
 
 def tiny_llama(seed=0, hidden=HIDDEN):
@@ -61,7 +60,8 @@ def test_training_a_soft_prompt_changes_and_checkpoints_only_the_prompt(tmp_path
                       evaluate=lambda m: [], tokens_per_step=32, flops_per_token=1.0)
     spec = TrainSpec(steps=3, lr=1e-2, weight_decay=0.1, precision="fp32", log_every=1)
     rows = list(train(trainee, spec, torch.device("cpu"), tmp_path, progress=False))
-    assert [r.p50 for r in rows if r.metric == "loss"]
+    losses = [r.p50 for r in rows if r.metric == "loss"]
+    assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
     after = snapshot(model)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before), "a base weight or buffer changed"
@@ -300,6 +300,8 @@ def test_a_level_named_for_a_prompt_but_not_compressed_is_said(compose, capsys):
     (["lora.targets=[q_proj,qv_proj]"], "lora.targets: ['qv_proj'] name no linear layer of the model; its linear "
                                         "layers are named ['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj',"),
     (["lora.targets=qv_proj"], "lora.targets: ['qv_proj'] name no linear layer"),
+    (["cost.batch=100"], "cost.batch: 100 samples of 32 tokens need 3200 tokens, and the evaluation text 'stdlib' "
+                         "has 128; ask for fewer or shorter samples, or a longer text (eval.max_chunks)"),
 ])
 def test_bad_input_is_refused_before_any_work(overrides, message, tmp_path):
     code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs", *overrides)

@@ -27,8 +27,6 @@ TINY = dict(name="tiny", vocab_size=50, hidden_size=36, num_hidden_layers=2, num
             intermediate_size=52)
 
 
-
-
 def test_smoke_run_writes_every_kind_of_row(tmp_path):
     code, out, err = run_inline("task=greenformers", "logger=none", f"hydra.run.dir={tmp_path}")
     assert code == 0, err

@@ -6,7 +6,6 @@ from conftest import DEVICE
 from effrepro_kernels.hf_attention import NAME, register
 
 
-
 def build(kind: str, implementation: str):
     """As a user builds one: `attn_implementation=` at construction (which also checks the name)."""
     from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig

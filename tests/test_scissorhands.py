@@ -19,8 +19,6 @@ from tasks.scissorhands.simulate import persistence_ratio, simulate, simulated_n
 SCHEDULE = "lean" if has_gpu() else "fa2"  # fa2 launches the fewest programs: the fastest in the interpreter
 
 
-
-
 # --- the rules, on random attention, against plain Python -------------------------------------------------------
 
 def run_rule(policy, steps, batch=2, heads=4, kv_heads=2, layer=0, n_layers=1, seed=0):

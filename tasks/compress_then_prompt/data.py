@@ -57,12 +57,13 @@ def training_ids(name: str, tokenizer, *, data, cache, max_tokens: int | None = 
     return torch.tensor(tokenizer("\n\n".join(documents), verbose=False)["input_ids"], dtype=torch.long)
 
 
-def check_length(ids: torch.Tensor, samples: int, seqlen: int, what: str) -> None:
-    """A text must hold `samples` windows of `seqlen` tokens without overlap (ConfigError naming `what`)."""
+def check_length(ids: torch.Tensor, samples: int, seqlen: int, what: str, text: str = "the training text",
+                 longer: str = "text.max_tokens") -> None:
+    """A text must hold `samples` windows of `seqlen` tokens without overlap (ConfigError naming `what`, the
+    `text` and the key that makes it `longer`)."""
     if len(ids) < samples * seqlen:
-        raise ConfigError(f"{what}: {samples} samples of {seqlen} tokens need {samples * seqlen} tokens, and the "
-                          f"training text has {len(ids)}; ask for fewer or shorter samples, or a longer text "
-                          "(text.max_tokens)")
+        raise ConfigError(f"{what}: {samples} samples of {seqlen} tokens need {samples * seqlen} tokens, and "
+                          f"{text} has {len(ids)}; ask for fewer or shorter samples, or a longer text ({longer})")
 
 
 def windows(ids: torch.Tensor, count: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:

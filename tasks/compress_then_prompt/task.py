@@ -346,7 +346,8 @@ class CompressThenPrompt:
             ids = eval_text(name, self.tokenizer, data=data, cache=cfg.paths.cache)
             self.texts[name] = ids[:e.max_chunks * e.seqlen] if e.max_chunks else ids
         name, first = next(iter(self.texts.items()))
-        check_length(first, cfg.cost.batch, e.seqlen, f"cost.batch (eval text {name!r})")
+        check_length(first, cfg.cost.batch, e.seqlen, "cost.batch", f"the evaluation text {name!r}",
+                     "eval.max_chunks" if e.max_chunks else "a longer one first in eval.texts")
         self.cost_ids = first[:cfg.cost.batch * e.seqlen].view(cfg.cost.batch, e.seqlen)
 
     # --- measurements ---------------------------------------------------------------------------------------
