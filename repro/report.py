@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import dataclasses
 import functools
 import gzip
 import io
@@ -462,18 +463,29 @@ def update_readme(readme: Path, table: str) -> bool:
 RETRACTED = "retracted.yaml"
 
 
-def load_retracted(runs: Path) -> dict[str, str]:
+def load_retracted(runs: Path) -> dict[str, tuple[list[str] | None, str]]:
     """RUNS/retracted.yaml: the records that a later fix showed to hold wrong rows, each with why. They stay in the
-    repository as history; the report uses none of their rows and lists them. Keys are paths under RUNS, written
-    without a packed record's `.gz`."""
+    repository as history; the report uses none of their rows (or, where an entry names `metrics`, none of those
+    metrics' rows) and lists them. Keys are paths under RUNS, written without a packed record's `.gz`; each maps
+    to (the metrics retracted, None for all; why)."""
     path = runs / RETRACTED
     if not path.is_file():
         return {}
     entries = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(entries, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
-                                                for k, v in entries.items()):
-        raise ValueError(f"{_rel(path)}: expected lines 'path/of/record.json: why it is retracted'")
-    return {key.removesuffix(".gz"): why for key, why in entries.items()}
+
+    def parsed(value) -> tuple[list[str] | None, str] | None:
+        if isinstance(value, str) and value.strip():
+            return None, value
+        if isinstance(value, dict) and set(value) == {"metrics", "why"} and isinstance(value["why"], str) and \
+                isinstance(value["metrics"], list) and value["metrics"] and all(isinstance(m, str)
+                                                                                 for m in value["metrics"]):
+            return value["metrics"], value["why"]
+        return None
+    found = {key: parsed(value) for key, value in entries.items()} if isinstance(entries, dict) else {}
+    if not isinstance(entries, dict) or not all(isinstance(k, str) and v for k, v in found.items()):
+        raise ValueError(f"{_rel(path)}: expected lines 'path/of/record.json: why it is retracted', or for some of "
+                         "its rows 'path/of/record.json: {metrics: [metric, ...], why: ...}'")
+    return {key.removesuffix(".gz"): entry for key, entry in found.items()}
 
 
 def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_from: Path) \
@@ -483,12 +495,16 @@ def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_fr
     keep, listed, seen = [], [], set()
     for path, record in records:
         key = path.relative_to(runs).as_posix().removesuffix(".gz")
-        if key in retracted:
-            seen.add(key)
-            listed.append(f"- [`{key}`]({_link(path, links_from)}) ({record.gpu_name}, {record.scale}): "
-                          f"{retracted[key].strip()}")
-        else:
+        if key not in retracted:
             keep.append((path, record))
+            continue
+        seen.add(key)
+        metrics, why = retracted[key]
+        which = f"its rows of {', '.join(metrics)}" if metrics else "the whole record"
+        listed.append(f"- [`{key}`]({_link(path, links_from)}) ({record.gpu_name}, {record.scale}), {which}: "
+                      f"{why.strip()}")
+        if metrics:
+            keep.append((path, dataclasses.replace(record, rows=[r for r in record.rows if r.metric not in metrics])))
     unknown = [f"{RETRACTED} names {key}, which is no record under {_rel(runs)}" for key in retracted
                if key not in seen]
     return keep, listed, unknown
@@ -517,8 +533,8 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
         parts.append(f"## {header.get('title', name)}\n\n`{name}` · {header.get('source', '')}\n\n"
                      f"{claims_table([o for outcomes in claims for o in outcomes], out)}\n")
     if retracted:
-        parts.append(f"## Retracted records\n\nKept as history, used for nothing above or below "
-                     f"(`{_rel(runs / RETRACTED)}`):\n\n" + "\n".join(retracted) + "\n")
+        parts.append(f"## Retracted records\n\nKept as history; what each line names is used for nothing above or "
+                     f"below (`{_rel(runs / RETRACTED)}`):\n\n" + "\n".join(retracted) + "\n")
     if problems:
         parts.append("## Problems (files and entries not used)\n\n" + "\n".join(f"- {p}" for p in problems) + "\n")
     plots = []

@@ -134,9 +134,20 @@ def test_a_retracted_record_is_listed_with_its_reason_and_used_for_nothing(tree,
     assert any("gone.json" in p for p in problems) and not any("wrong.json" in p for p in problems)
     with gzip.open(tree / "out" / "report" / "rows.csv.gz", "rt") as fh:
         assert "wrong.json" not in fh.read()
-    (runs / "retracted.yaml").write_text("- toy/bench/wrong.json\n")
-    with pytest.raises(ValueError, match="retracted.yaml"):
-        build_report(runs, tree / "published", tree / "out", tree / "README.md")
+    # some of its rows: those of the metrics named, the others still judged
+    (runs / "retracted.yaml").write_text("toy/bench/wrong.json: {metrics: [speedup], why: a wrong baseline}\n")
+    save_record(rec("bench", "small", [row("speedup", 9.0), row("peak_memory", 1.0)],
+                    started="2026-12-01T00:00:00+00:00"), runs / "toy" / "bench" / "wrong.json")
+    report, problems = build_report(runs, tree / "published", tree / "out", tree / "README.md")
+    assert "3.5x" in next(line for line in report.splitlines() if "toy:fast," in line)
+    assert "(../runs/toy/bench/wrong.json) (" in report and "), its rows of speedup: a wrong baseline" in report
+    with gzip.open(tree / "out" / "report" / "rows.csv.gz", "rt") as fh:
+        kept = [line for line in fh.read().splitlines() if "wrong.json" in line]
+    assert len(kept) == 1 and "peak_memory" in kept[0]
+    for bad in ("- toy/bench/wrong.json\n", "toy/bench/wrong.json: {metrics: [], why: none}\n"):
+        (runs / "retracted.yaml").write_text(bad)
+        with pytest.raises(ValueError, match="retracted.yaml"):
+            build_report(runs, tree / "published", tree / "out", tree / "README.md")
 
 
 def test_a_cpu_record_judges_only_the_claims_no_hardware_is_named_for(tree, no_plots):
