@@ -112,7 +112,8 @@ def measured(provider, metric, p50, model="switch-base-8", batch=1, status="ok")
 def test_the_ratios_pair_each_point_with_its_baseline_of_the_same_model_and_batch():
     rows = [measured("moe_ondemand", "moe_block_latency", 2.0), measured("pregated", "moe_block_latency", 1.25),
             measured("gpu_only", "moe_block_latency", 0.8), measured("gpu_only", "throughput", 120.0),
-            measured("pregated", "throughput", 90.0), measured("gpu_only", "peak_memory", 1000.0),
+            measured("pregated", "throughput", 90.0), measured("moe_ondemand", "throughput", 60.0),
+            measured("gpu_only", "peak_memory", 1000.0),
             measured("pregated", "peak_memory", 250.0),
             # another batch, whose gpu_only ran out of memory, and another model
             measured("pregated", "throughput", 30.0, batch=8), measured("gpu_only", "throughput", None, batch=8,
@@ -126,6 +127,10 @@ def test_the_ratios_pair_each_point_with_its_baseline_of_the_same_model_and_batc
         ("gpu_only", "speedup"): (pytest.approx(2.5), "x", "moe_ondemand"),
         ("gpu_only", "relative_throughput"): (100.0, "%", "gpu_only"),
         ("pregated", "relative_throughput"): (pytest.approx(75.0), "%", "gpu_only"),
+        ("moe_ondemand", "relative_throughput"): (pytest.approx(50.0), "%", "gpu_only"),
+        ("gpu_only", "throughput_speedup"): (pytest.approx(2.0), "x", "moe_ondemand"),
+        ("pregated", "throughput_speedup"): (pytest.approx(1.5), "x", "moe_ondemand"),
+        ("moe_ondemand", "throughput_speedup"): (1.0, "x", "moe_ondemand"),
         ("gpu_only", "relative_peak_memory"): (100.0, "%", "gpu_only"),
         ("pregated", "relative_peak_memory"): (pytest.approx(25.0), "%", "gpu_only"),
         ("gpu_only", "memory_saving"): (1.0, "x", "gpu_only"),

@@ -52,6 +52,7 @@ WEIGHTS = ("random", "hub")
 RATIOS = (
     ("moe_block_latency", "moe_ondemand", "speedup", "x", lambda mine, base: base / mine),
     ("throughput", "gpu_only", "relative_throughput", "%", lambda mine, base: 100 * mine / base),
+    ("throughput", "moe_ondemand", "throughput_speedup", "x", lambda mine, base: mine / base),
     ("peak_memory", "gpu_only", "relative_peak_memory", "%", lambda mine, base: 100 * mine / base),
     ("peak_memory", "gpu_only", "memory_saving", "x", lambda mine, base: base / mine),
 )
