@@ -242,7 +242,7 @@ def test_the_runtime_records_blocks_moe_blocks_stalls_and_copies():
     assert all(s.ms() >= 0 for s in runtime.stats.spans)
     summary = runtime.summary()
     assert summary["hidden_copy_ms"] == pytest.approx(0.0, abs=1e-9)  # one stream on a CPU: nothing overlaps
-    assert summary["copy_ms"] > 0 and summary["moe_block_ms_mean"] > 0
+    assert summary["copy_ms"] > 0
     assert 1 <= summary["mean_active_experts"] <= summary["max_active_experts"] <= 6  # 6 tokens, top-1
 
 

@@ -31,7 +31,6 @@ one stream, waits do nothing and markers read the wall clock. Every strategy giv
 """
 from __future__ import annotations
 
-import statistics
 import time
 import warnings
 from collections import Counter
@@ -367,23 +366,17 @@ class ExpertOffload:
             torch.cuda.synchronize(self.device)
         s, cache = self.stats, self.cache
         copy_ms, hidden_ms = copy_time_hidden(s.spans)
-        moe_ms = [span.ms() for span in s.spans if span.kind == "moe"]
-        stall_ms = [span.ms() for span in s.spans if span.kind == "stall"]
         requests = cache.hits + cache.misses
         return dict(
             # the setting
-            strategy=self.strategy, slots=self.n_slots, cache_policy=cache.policy, host_memory=self.host_memory,
-            pin_warning=self.pin_warning, expert_bytes=self.expert_bytes, slot_bytes=self.n_slots * self.expert_bytes,
+            slots=self.n_slots, host_memory=self.host_memory, pin_warning=self.pin_warning,
             # traffic
-            tokens=s.tokens, forwards=s.forwards, copies=s.copies, bytes_copied=s.bytes_copied,
+            tokens=s.tokens, copies=s.copies, bytes_copied=s.bytes_copied,
             bytes_per_token=s.bytes_copied / max(s.tokens, 1), cache_hits=cache.hits, cache_misses=cache.misses,
             hit_rate=cache.hits / requests if requests else None, max_active_experts=s.max_active_experts,
             mean_active_experts=s.active_experts / s.moe_blocks if s.moe_blocks else None,
             # time
             copy_ms=copy_ms, hidden_copy_ms=hidden_ms, hidden_copy_fraction=hidden_ms / copy_ms if copy_ms else None,
-            moe_block_ms_mean=statistics.fmean(moe_ms) if moe_ms else None,
-            moe_block_ms_median=statistics.median(moe_ms) if moe_ms else None,
-            stall_ms_mean=statistics.fmean(stall_ms) if stall_ms else None,
         )
 
 

@@ -174,11 +174,12 @@ def spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), q[1], q[7]
 
 
-def moe_latency_per_step(runtime: ExpertOffload) -> list[float]:
-    """Each forward's mean MoE-block latency, ms (after `summary()` has synchronised the device)."""
+def per_step(runtime: ExpertOffload, kind: str) -> list[float]:
+    """Each forward's mean time in spans of `kind` ("moe": MoE blocks, "stall": their waits), ms (after
+    `summary()` has synchronised the device): a median over steps then keeps one slow step from setting it."""
     per_forward = defaultdict(list)
     for s in runtime.stats.spans:
-        if s.kind == "moe":
+        if s.kind == kind:
             per_forward[s.forward].append(s.ms())
     return [statistics.fmean(ms) for _, ms in sorted(per_forward.items())]
 
@@ -278,7 +279,7 @@ def point_rows(runtime: ExpertOffload, timing, batch: int, peak_bytes: int | Non
     """The rows of what one point measured."""
     s = runtime.summary()
     rate = lambda ms: batch * 1e3 / ms  # noqa: E731 - output tokens a second; a faster step is a higher rate
-    latency = moe_latency_per_step(runtime)
+    latency, stall = per_step(runtime, "moe"), per_step(runtime, "stall")
     rows = [row("throughput", "tokens/s", rate(timing.p50), rate(timing.p80), rate(timing.p20), timing.n,
                 clock=timing.clock),
             row("moe_block_latency", "ms", *spread(latency), len(latency), clock=timing.clock),
@@ -286,8 +287,8 @@ def point_rows(runtime: ExpertOffload, timing, batch: int, peak_bytes: int | Non
             row("active_experts", "experts", s["mean_active_experts"], max_active=s["max_active_experts"])]
     if peak_bytes is not None:
         rows.append(row("peak_memory", "MB", peak_bytes / 2**20))
-    if s["stall_ms_mean"] is not None:  # the compute stream idle inside an MoE block: reading routing, copying
-        rows.append(row("stall_per_moe_block", "ms", s["stall_ms_mean"]))
+    if stall:  # the compute stream idle inside an MoE block: reading routing, copying
+        rows.append(row("stall_per_moe_block", "ms", *spread(stall), len(stall), clock=timing.clock))
     if s["hit_rate"] is not None:
         rows.append(row("hit_rate", "fraction", s["hit_rate"], hits=s["cache_hits"], misses=s["cache_misses"]))
     if s["copy_ms"]:
