@@ -4,7 +4,7 @@ r·(in + out) weights instead of in·out.
 
     report = factorize(model, rank=256)          # every linear layer where a rank-256 factorisation saves weights
     report = factorize(model, rank=0.4)          # per layer, 40% of the largest rank that still saves weights
-    report = factorize(model, 0.2, only=["encoder.layer.1[01].*", "pooler.*"])
+    report = factorize(bert, 0.2, only=["encoder.layer.1[01].*", "pooler.*"])   # a BertModel: names as its own
 
 Written here rather than taken from the author's `greenformer` package because that package needs
 `matrix-fact` and initialises by randomised SVD; this keeps the package's conventions (fractional ranks, which

@@ -148,10 +148,12 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
         for row in measure(variants, points, max(lengths)):
             rows.append(row)
             yield row
-        # LRT alone, under the attention base has: what the factorisation itself changes
+        # LRT alone, under the attention base has: what the factorisation itself changes; and the dense model
+        # under each attention, modern ones (no n×n matrix in memory) included
         lrt = [v.name for v in variants if v.rank is not None and v.k is None and v.last is None and not v.attention]
         linformer = [v.name for v in variants if v.k is not None and v.rank is None]
-        yield from crossover_rows(rows, [(a, b) for a in linformer for b in [*lrt, BASELINE]])
+        dense = [v.name for v in variants if v.rank is None and v.k is None]
+        yield from crossover_rows(rows, [(a, b) for a in linformer for b in [*lrt, *dense]])
         yield from cost_rows(rows, lrt, sweep.cost_max_seq_len)
     if "notebook" in parts:
         book = g.notebook
