@@ -232,6 +232,18 @@ def test_copies_are_issued_in_the_block_the_strategy_says(strategy, lead):
     assert {s.index for s in copies} == {0, 1, 2}
     for s in copies:  # the first MoE block always fetches on demand
         assert s.issued_during == (s.index if s.index == 0 else s.index - lead)
+    # and when they started (on a CPU, in program order): a prefetch after the MoE block before the one it serves
+    # began, and before the transformer block after that one's began (so that it overlaps every block up to the
+    # one it serves); a fetch on demand inside the MoE block that needs it
+    moe = {s.index: s for s in runtime.stats.spans if s.kind == "moe"}
+    blocks = sorted(s.start.time for s in runtime.stats.spans if s.kind == "block")
+    for s in copies:
+        issued = moe[s.issued_during].start.time
+        if s.issued_during == s.index:
+            assert issued <= s.start.time <= moe[s.index].end.time
+        else:
+            next_block = min(t for t in blocks if t > issued)
+            assert issued <= s.start.time < next_block
 
 
 def test_the_runtime_records_blocks_moe_blocks_stalls_and_copies():
