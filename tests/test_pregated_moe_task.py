@@ -206,6 +206,8 @@ def test_every_setting_is_checked(compose):
         ("moe.runs", [{"models": ["tiny-4"], "batch": [0]}], "moe.runs.batch=0 must be an integer >= 1"),
         ("moe.runs", [{"models": ["tiny-4"]}], "each run is {models: [...], batch: [...]}"),
         ("moe.runs", [{"models": ["tiny-0"], "batch": [1]}], "model 'tiny-0' is not '<size>-<experts>'"),
+        # another spelling of tiny-4 would build and measure it twice
+        ("moe.runs", [{"models": ["tiny-4", "tiny-04"], "batch": [1]}], "model 'tiny-04' is not '<size>-<experts>'"),
         ("moe.runs", [], "moe.runs is empty"),
         ("moe.runs", [{"models": [], "batch": [1]}], "moe.runs.models=[] is empty"),
         ("moe.runs", [{"models": ["tiny-4"], "batch": []}], "moe.runs.batch=[] is empty"),

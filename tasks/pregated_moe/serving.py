@@ -61,7 +61,7 @@ RATIOS = (
 def parse_model(name: str) -> tuple[str, int]:
     """'switch-base-8' -> ('switch-base', 8)."""
     size, _, experts = str(name).rpartition("-")
-    if size not in SIZES or not experts.isdigit() or int(experts) < 1:
+    if size not in SIZES or not experts.isdigit() or int(experts) < 1 or experts != str(int(experts)):
         raise ConfigError(f"moe.runs: model {name!r} is not '<size>-<experts>' with a size of {list(SIZES)} and a "
                           "positive expert count (e.g. switch-base-8)")
     return size, int(experts)
