@@ -45,7 +45,7 @@ def number(key: str, value: Any, *, integer: bool = True, at_least: float | None
     wanted = "an integer" if integer else "a number"
     bounds = [f">= {at_least:g}" if at_least is not None else "", f"< {below:g}" if below is not None else "",
               f"<= {at_most:g}" if at_most is not None else ""]
-    what = " ".join([wanted, *[b for b in bounds if b]])
+    what = " ".join([wanted, " and ".join(b for b in bounds if b)]).strip()
     if isinstance(value, Sequence) and not isinstance(value, str):
         raise ConfigError(f"{key}={list(value)!r} must be one value, {what}, not a list")
     kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))

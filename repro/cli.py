@@ -491,6 +491,9 @@ def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
                 where = ".".join(path) or "the top level"
                 known = ", ".join(str(k) for k in node.keys() if path or k != "hydra") if OmegaConf.is_dict(node) \
                     else "none (not a mapping)"
+                if OmegaConf.is_dict(node) and not known:  # an empty mapping to add settings to, e.g. lra.model
+                    return (f"{where} has no keys of its own, so {o.key_or_group} is added, with a '+': "
+                            f"+{o.input_line}")
                 return f"unknown config key {o.key_or_group!r}: {where} has no {part!r}; its keys are: {known}"
             if OmegaConf.is_missing(node, part):  # no default to take the type from
                 node = None

@@ -38,8 +38,8 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
 @pytest.mark.parametrize("override, expected", [
     ("kernel.seq_len=0", ["kernel.seq_len=0 must be an integer >= 1"]),
     ("kernel.seq_len=[64.5]", ["kernel.seq_len=64.5 must be an integer"]),
-    ("kernel.head_dim=[8]", ["kernel.head_dim=8 must be an integer >= 16 <= 256"]),
-    ("kernel.dropout=1.5", ["kernel.dropout=1.5 must be a number >= 0 < 1"]),
+    ("kernel.head_dim=[8]", ["kernel.head_dim=8 must be an integer >= 16 and <= 256"]),
+    ("kernel.dropout=1.5", ["kernel.dropout=1.5 must be a number >= 0 and < 1"]),
     ("kernel.settings.paper_fig3.seq_len=[0]", ["kernel.settings.paper_fig3.seq_len=0"]),
     ("kernel.rep_ms=fast", ["kernel.rep_ms='fast' must be a number"]),
     ("task=flash_gpt2 train.steps=0", ["train.steps=0 must be an integer > 0"]),
@@ -65,6 +65,14 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=lra_listops lra.model={dim:60,heads:8}", ["dim=60 is not a multiple of heads=8"]),
     ("task=lra_listops lra.model={dim:64,heads:8}", ["heads of 8 dimensions", "16 to 256"]),
     ("task=pathx lra.attention=[standard] train.parallel=fsdp lra.pretrain={task:path64,steps:1}", ["fsdp", "ddp"]),
+    ("task=lra_listops lra.tasks=[listops,listops]", ["lra.tasks names 'listops' more than once"]),
+    ("task=lra_listops lra.attention=[]", ["lra.attention=[] is empty"]),
+    ("task=lra_listops lra.model.heads=0", ["lra.model.heads=0 must be an integer >= 1"]),
+    ("task=lra_listops +lra.model.dropout=5", ["lra.model.dropout=5 must be a number >= 0 and < 1"]),
+    ("task=lra_listops +lra.model.drop=0.1", ["lra.model.drop is not a setting of the LRA model", "'dropout'"]),
+    ("task=lra_listops lra.listops_min_length=64", ["lra (task listops): ListOps", "min_length=64 and max_length"]),
+    ("task=lra_listops lra.seed=-1", ["lra.seed=-1 must be an integer >= 0"]),
+    ("task=lra_pathfinder lra.difficulty=medium", ["lra (task pathfinder): Pathfinder difficulty='medium'"]),
     ("task=lm_eval model=tiny_llama eval.texts=[novel]", ["novel", "pydoc"]),
     ("kernel.seq_len=[]", ["kernel.seq_len=[] is empty"]),  # was: only the named settings, quietly
     ("task=lean_decode decode.context=[]", ["decode.context=[] is empty"]),
@@ -102,6 +110,8 @@ def test_overrides_are_checked_before_hydra_runs():
         "unknown config key 'greenformers.notebook.batch.train': greenformers.notebook.batch has no 'train'; its keys "
         "are: inference, fwd_bwd")
     assert check_overrides(["task=greenformers", "greenformers.notebook.batch={inference:3}"]) is None
+    assert check_overrides(["task=lra_listops", "scale=small", "lra.model.dropout=0.1"]) == (  # an empty mapping
+        "lra.model has no keys of its own, so lra.model.dropout is added, with a '+': +lra.model.dropout=0.1")
     # a `???` key (a value the user must give) takes any value
     assert check_overrides(["task=lm_eval", "model=hf", "model.name=facebook/opt-6.7b"]) is None
     assert "model has no 'nme'" in check_overrides(["task=lm_eval", "model=hf", "model.nme=facebook/opt-6.7b"])

@@ -27,8 +27,8 @@ from repro.records import Row
 from repro.train import (Candidate, Stage, Trainee, TrainSpec, final_rows, model_flops_per_token,
                          step_generator, throughput_ratios, train_from_config)
 
-from .data import (AAN_FILES, LISTOPS_VOCAB, MAX_BYTES, check_hub_reachable, encode_listops, load_lra_hub,
-                   load_or_generate, tiny_fixture)
+from .data import (AAN_FILES, LISTOPS_VOCAB, MAX_BYTES, check_hub_reachable, check_listops, check_pathfinder,
+                   encode_listops, load_lra_hub, load_or_generate, tiny_fixture)
 from .model import ATTENTIONS, LRAClassifier, upsample_positions
 
 # The LRA repository's base configs per task (dim / heads / layers / mlp). Pathfinder's qkv width is
@@ -178,25 +178,55 @@ def derived_rows(rows: list[Row]) -> Iterator[Row]:
                       extra={"tasks": ",".join(tasks)})
 
 
+# what lra.model may change (LRAClassifier's settings), each a number from `at_least` (dropout: below 1)
+MODEL_KEYS = {"dim": 1, "heads": 1, "depth": 1, "mlp_dim": 1, "dropout": 0, "linformer_k": 1, "block_size": 1}
+
+
+def _check_model(spec: DictConfig, task: str) -> dict:
+    model = model_config(spec, task)
+    unknown = sorted(set(model) - set(MODEL_KEYS))
+    if unknown:
+        raise ConfigError(f"lra.model.{unknown[0]} is not a setting of the LRA model; it takes {list(MODEL_KEYS)}")
+    for key, least in MODEL_KEYS.items():
+        if key in model:
+            checks.number(f"lra.model.{key}", model[key], integer=key != "dropout", at_least=least,
+                          **({"below": 1} if key == "dropout" else {}))
+    if model["dim"] % model["heads"]:
+        raise ConfigError(f"lra.model: dim={model['dim']} is not a multiple of heads={model['heads']} ({task})")
+    return model
+
+
 def validate(cfg: DictConfig) -> None:
     spec = cfg.lra
-    checks.choice("lra.tasks", OmegaConf.to_container(spec.tasks), LRA_TASKS)
-    checks.choice("lra.attention", OmegaConf.to_container(spec.attention), ATTENTIONS)
+    tasks = checks.choices("lra.tasks", spec.tasks, LRA_TASKS)
+    attentions = checks.choices("lra.attention", spec.attention, ATTENTIONS)
     if spec.max_bytes is not None:
         checks.number("lra.max_bytes", spec.max_bytes, at_least=1)
+    checks.number("lra.seed", spec.seed, at_least=0)
     for key in ("n_train", "n_val", "batch", "listops_min_length"):
         checks.number(f"lra.{key}", spec[key], at_least=1)
     checks.number("lra.listops_max_length", spec.listops_max_length, at_least=spec.listops_min_length)
+    checks_of_data = {"listops": (check_listops, dict(max_depth=10, max_args=10, min_length=spec.listops_min_length,
+                                                      max_length=spec.listops_max_length)),
+                      **{task: (check_pathfinder, dict(size=size, difficulty=spec.difficulty))
+                         for task, size in PATH_SIZES.items()}}
+    for task in tasks:
+        if task in checks_of_data:  # what the generator would refuse once the run has started
+            check, params = checks_of_data[task]
+            try:
+                check(params)
+            except ValueError as exc:
+                raise ConfigError(f"lra (task {task}): {exc}") from None
     TrainSpec.from_config(cfg.train)
     step = spec.batch * cfg.train.grad_accum
-    for task, micro in spec.micro_batch.items():
+    for task in tasks:
+        micro = spec.micro_batch.get(task)
         if micro is not None and (micro < 1 or (micro < step and step % micro)):
             raise ConfigError(f"lra.micro_batch.{task}={micro} must be null or a positive divisor of the {step} "
                               "examples of a step (lra.batch x train.grad_accum; a larger value leaves the step "
                               "whole), so that every example weighs the same")
     if spec.source not in ("fixture", "hub"):
         raise ConfigError(f"lra.source={spec.source!r} is not one of: fixture, hub")
-    tasks = as_list(OmegaConf.to_container(spec.tasks))
     if spec.source == "hub":
         for task in tasks:
             check_hub_reachable(task)
@@ -209,20 +239,18 @@ def validate(cfg: DictConfig) -> None:
         missing = [AAN_FILES[s] for s in ("train", "val") if not (Path(spec.data_dir) / AAN_FILES[s]).is_file()]
         if missing:
             raise ConfigError(f"lra.data_dir={spec.data_dir!r} lacks {missing} (LRA's tsv_data folder holds them)")
-    ours = [a for a in as_list(OmegaConf.to_container(spec.attention)) if getattr(ATTENTIONS[a], "needs_triton", False)]
+    ours = [a for a in attentions if getattr(ATTENTIONS[a], "needs_triton", False)]
     for task in tasks:
-        model = model_config(spec, task)
-        if model["dim"] % model["heads"]:
-            raise ConfigError(f"lra.model: dim={model['dim']} is not a multiple of heads={model['heads']} ({task})")
+        model = _check_model(spec, task)
         head = model["dim"] // model["heads"]
         if ours and not MIN_HEAD_DIM <= head <= MAX_HEAD_DIM:
             raise ConfigError(f"lra.model: heads of {head} dimensions ({task}: dim={model['dim']}, "
                               f"heads={model['heads']}); {ours} take {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
     if spec.pretrain:
-        if spec.pretrain.task not in PATH_SIZES or any(t not in PATH_SIZES for t in as_list(spec.tasks)):
+        if spec.pretrain.task not in PATH_SIZES or any(t not in PATH_SIZES for t in tasks):
             raise ConfigError(f"lra.pretrain.task={spec.pretrain.task!r}: pre-training grows a Pathfinder "
                               f"model's position table, so it and lra.tasks must be among {list(PATH_SIZES)}")
-        if "linformer" in as_list(spec.attention):
+        if "linformer" in attentions:
             raise ConfigError("lra.pretrain cannot carry Linformer's length-bound projections to another length")
         checks.number("lra.pretrain.steps", spec.pretrain.steps, at_least=1)
         if cfg.train.parallel == "fsdp":
