@@ -164,12 +164,15 @@ def throughput_ratios(rows: list[Row], by: str, baseline: str, metric: str) -> I
 def model_flops_per_token(model: torch.nn.Module, layers: int, width: int, seq_len: int) -> float:
     """Training FLOPs per token, the usual model-FLOPs count (PaLM appendix B): 6 per weight outside the
     embeddings, plus attention's 12·layers·width·seq_len (what standard attention computes; no discount for
-    causal masking). A model whose embeddings are not `torch.nn.Embedding` says its own count through a
-    `non_embedding_params()` method."""
+    causal masking). A token embedding tied to the output layer is that layer's weight too, a matrix product
+    every token pays for: it counts (as nanoGPT's MFU counts it). A model whose embeddings are not
+    `torch.nn.Embedding` says its own count through a `non_embedding_params()` method."""
     if hasattr(model, "non_embedding_params"):
         weights = model.non_embedding_params()
     else:
-        embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        multiplied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        embedding = sum(m.weight.numel() for m in model.modules()
+                        if isinstance(m, torch.nn.Embedding) and id(m.weight) not in multiplied)
         weights = sum(p.numel() for p in model.parameters()) - embedding
     return 6 * weights + 12 * layers * width * seq_len
 

@@ -292,6 +292,24 @@ def test_model_flops_count_weights_outside_embeddings_and_attention():
     assert model_flops_per_token(model, layers=1, width=1, seq_len=1) == 6 * 7 + 12
 
 
+def test_model_flops_are_the_matrix_products_of_a_training_step():
+    """Against PyTorch's own count of a GPT-2 step (forward and backward), whose output layer is tied to the
+    token embedding: only the biases and the norms' weights (added or scaled, not multiplied) set the two apart."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from repro.train import model_flops_per_token
+    config = GPT2Config(vocab_size=300, n_positions=32, n_embd=48, n_layer=2, n_head=4, attn_implementation="eager",
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    ids = torch.randint(300, (2, 32))
+    with FlopCounterMode(display=False) as counted:
+        model(input_ids=ids, labels=ids).loss.backward()
+    per_token = model_flops_per_token(model, layers=2, width=48, seq_len=32)
+    vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)  # biases, the norms' scales and shifts
+    assert counted.get_total_flops() / ids.numel() == per_token - 6 * vectors
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_profiling_a_step_on_the_gpu_times_its_kernels_by_family():
     a = torch.randn(2048, 2048, device="cuda")
