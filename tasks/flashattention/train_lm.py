@@ -181,6 +181,9 @@ def validate(cfg: DictConfig) -> None:
         if "graphs" in modifiers and cfg.compile.mode not in (None, "reduce-overhead"):
             raise ConfigError(f"attention={name!r} compiles with mode reduce-overhead, but compile.mode="
                               f"{cfg.compile.mode!r} is set for every +compile; leave compile.mode null")
+        if attention == "megatron" and m.family != "gpt2":  # found only once the data is loaded, otherwise
+            raise ConfigError(f"attention={name!r}: our Megatron baseline is a GPT (megatron_gpt.py); "
+                              f"model.family={m.family!r}")
         if ("fused" in modifiers or "packed" in modifiers) and m.family != "gpt2":
             raise ConfigError(f"attention={name!r}: +fused and +packed swap GPT-2's modules; "
                               f"model.family={m.family!r}")
@@ -201,6 +204,11 @@ def validate(cfg: DictConfig) -> None:
                               "(model.positions); raise model.positions or shorten the sequence")
         if cfg.batch.tokens < seq_len:
             raise ConfigError(f"batch.tokens={cfg.batch.tokens} is less than one sequence of {seq_len}")
+        if cfg.batch.tokens % seq_len:  # a step takes whole sequences: the rest would be dropped at this length
+            lengths = as_list(m.seq_len)
+            raise ConfigError(f"batch.tokens={cfg.batch.tokens} is not a multiple of model.seq_len={seq_len}, so "
+                              f"a step would take {cfg.batch.tokens // seq_len * seq_len} tokens at this length; "
+                              f"use a multiple of every length ({math.lcm(*lengths)})")
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
