@@ -1,5 +1,6 @@
 """The benchmark harness: ratios to the baseline, and points that cannot run are recorded, not fatal."""
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -205,3 +206,39 @@ def test_work_on_a_side_stream_is_inside_the_timed_call():
     unjoined = measure(on_side, torch.device("cuda"), warmup_ms=5, rep_ms=20)
     joined = measure(on_side, torch.device("cuda"), warmup_ms=5, rep_ms=20, streams=[side])
     assert joined.p50 > 5 * unjoined.p50  # 20 matrix products, not an empty main stream
+
+
+def test_decode_bench_rotates_the_kv_copies_and_divides_bandwidth_by_the_same_runs_copy(compose, monkeypatch):
+    """lean_decode's own arithmetic, without a GPU: each call reads the next of enough KV copies to fill
+    rotate_bytes, the copy row comes first, every bandwidth row gets a fraction of that copy's p50 (its
+    percentiles too), and the speedups are asked over fa2 and split."""
+    from repro.records import Row
+    from tasks.lean_attention import decode_bench
+
+    point = Point("context", 100, dict(batch=2, heads="4/2", head_dim=16, dtype="float16"),
+                  bytes=2 * 2 * 2 * 100 * 16 * 2)
+    copies, lengths = decode_bench.make_inputs(point, torch.device("cpu"), 0, rotate_bytes=3 * point.bytes + 1)
+    assert len(copies) == 4 and lengths.tolist() == [100, 100]
+    assert not torch.equal(copies[0][1], copies[1][1])  # fresh random copies, not one tensor four times
+    seen = []
+    call = decode_bench.rotating(copies, lambda q, k, v: seen.append(k) or k.sum())
+    for _ in range(5):
+        call.fn()
+    assert [next(i for i, c in enumerate(copies) if c[1] is k) for k in seen] == [0, 1, 2, 3, 0]
+
+    cfg = compose("task=lean_decode", "decode.timing=[eager]")
+    copy = Row("copy", "bytes", 1, "bandwidth", "GB/s", 2000.0, 1900.0, 2100.0, 5)
+    monkeypatch.setattr(decode_bench, "copy_bandwidth", lambda device, size: copy)
+    asked = {}
+
+    def fake_benchmark(points, providers, device, **kwargs):
+        asked.update(kwargs, points=len(points))
+        yield Row("lean", "context", 4096, "bandwidth", "GB/s", 1500.0, 1400.0, 1600.0, 5, extra={"mode": "eager"})
+        yield Row("lean", "context", 4096, "time", "ms", 0.1, n=5, extra={"mode": "eager"})
+    monkeypatch.setattr(decode_bench, "run_benchmark", fake_benchmark)
+    ctx = SimpleNamespace(device=torch.device("cpu"))
+    rows = list(decode_bench.run(cfg, ctx))
+    assert rows[0].provider == "copy" and [r.metric for r in rows[1:]] == ["bandwidth", "bandwidth_fraction", "time"]
+    fraction = rows[2]
+    assert (fraction.p50, fraction.p20, fraction.p80) == (0.75, 0.7, 0.8) and fraction.extra == {"mode": "eager"}
+    assert asked["compare_to"] == ["fa2", "split"] and asked["back_to_back"] == "eager"
