@@ -1,5 +1,7 @@
 """The language-model training task's own pieces: the speedups it derives, and the Megatron-LM baseline
 (megatron-core's GPT-2, GPU only)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -118,3 +120,52 @@ def test_packed_is_our_attention_alone_on_gpt2(compose):
             validate(compose("task=flash_gpt2", f"attention=[{attention}]"))
     with pytest.raises(ConfigError, match="swap GPT-2's modules"):
         validate(compose("task=flash_bert", "attention=[effrepro+packed]"))
+
+
+def test_bert_masking_predicts_15_percent_and_replaces_them_80_10_10():
+    """BERT's recipe, on enough tokens that the shares are tight: special tokens are never chosen; of the chosen,
+    80% become <mask>, 10% a random token (which may by chance be the same one) and 10% stay."""
+    from tasks.flashattention.train_lm import _mask_tokens
+    tokenizer = type("Tokenizer", (), dict(all_special_ids=[0, 1, 2], mask_token_id=2, __len__=lambda self: 1000))()
+    x = torch.randint(3, 1000, (400, 500))
+    x[:, 0] = 0  # a special token in every row
+    masked, labels = _mask_tokens(x, tokenizer, torch.Generator().manual_seed(0))
+    chosen = labels != -100
+    assert not chosen[:, 0].any() and torch.equal(labels[chosen], x[chosen])
+    assert chosen[:, 1:].float().mean().item() == pytest.approx(0.15, abs=0.003)
+    as_mask = (masked[chosen] == 2).float().mean().item()
+    kept = (masked[chosen] == x[chosen]).float().mean().item()
+    assert as_mask == pytest.approx(0.8, abs=0.01) and kept == pytest.approx(0.1 + 0.1 / 997, abs=0.01)
+    assert torch.equal(masked[~chosen], x[~chosen])
+
+
+def test_evaluation_reads_the_validation_part_not_the_training_part(compose, monkeypatch):
+    """The training batches come from data.train and the evaluation batches from data.val (ids apart here)."""
+    from tasks.flashattention import train_lm
+
+    drawn = []
+    real = train_lm.make_batch
+
+    def spy(family, ids, batch, seq_len, tokenizer, gen):
+        drawn.append(int(ids[0]))
+        return real(family, ids, batch, seq_len, tokenizer, gen)
+    monkeypatch.setattr(train_lm, "make_batch", spy)
+
+    class Model(torch.nn.Module):  # what evaluate asks of a model: a loss
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, input_ids, labels):
+            return SimpleNamespace(loss=self.w + 1.0)
+    monkeypatch.setattr(train_lm, "_build_model", lambda *args: Model())
+    cfg = compose("task=flash_gpt2", "attention=[eager]")
+    data = SimpleNamespace(train=torch.full((5000,), 7, dtype=torch.int32),
+                           val=torch.full((5000,), 9, dtype=torch.int32), tokenizer=None, fingerprint="")
+    (candidate,) = list(train_lm.candidates(cfg, SimpleNamespace(device=torch.device("cpu")), data))
+    trainee = candidate.build()
+    trainee.batches(0, 0, 1)
+    assert drawn == [7] * cfg.train.grad_accum
+    drawn.clear()
+    trainee.evaluate(trainee.model)
+    assert drawn and set(drawn) == {9}
