@@ -531,6 +531,8 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
             else:
                 loss, by_family = run_step(), {}
         done = step + 1
+        if device.type == "cuda" and done == spec.timing_skip_steps:  # autotuning's scratch is not the model's
+            torch.cuda.reset_peak_memory_stats(device)
         new = [Row(trainee.name, "kernel_family", family, "kernel_time", "ms", ms, n=1,
                    extra={**trainee.extra, "step": done, "top_kernels": top})
                for family, (ms, top) in by_family.items()]
