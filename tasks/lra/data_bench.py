@@ -11,7 +11,8 @@ from repro.records import Row
 
 from .data import generation_rate, generator_params
 
-# LRA's training-set sizes: ListOps 96K expressions; Pathfinder (and Path-X, Path-256) 200K images.
+# LRA's generated sets: ListOps 96K training expressions; Pathfinder (and Path-X, Path-256) 200K images in all
+# (160K of them training).
 FULL_SET = {"listops": 96_000, "pathfinder": 200_000}
 
 
