@@ -249,9 +249,7 @@ class ExpertOffload:
             return t.pin_memory()
         except RuntimeError as err:
             if self.pin_warning is None:
-                self.pin_warning = (f"pinning the experts failed ({err}); they stay in pageable memory, from which "
-                                    f"copies are slower and block the host")
-                warnings.warn(self.pin_warning)
+                self.pin_warning = pinning_failed(str(err))
             return t
 
     def _check_slots(self, tokens: int) -> None:
@@ -380,6 +378,14 @@ class ExpertOffload:
         )
 
 
+def pinning_failed(reason: str) -> str:
+    """Warn that the experts stay in pageable memory, and return the warning for the records."""
+    warning = (f"pinning the experts failed ({reason}); they stay in pageable memory, from which copies are slower "
+               "and block the host")
+    warnings.warn(warning)
+    return warning
+
+
 @contextmanager
 def pinned_in_place(tensors: list[torch.Tensor], device) -> Iterator[str | None]:
     """Page-lock host tensors where they lie (cudaHostRegister) while the block runs; yields None, or a warning
@@ -399,9 +405,7 @@ def pinned_in_place(tensors: list[torch.Tensor], device) -> Iterator[str | None]
             storage = t.untyped_storage()
             error = int(cudart.cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0))
             if error:
-                warning = (f"pinning the experts failed (cudaHostRegister returned CUDA error {error}); they stay in "
-                           f"pageable memory, from which copies are slower and block the host")
-                warnings.warn(warning)
+                warning = pinning_failed(f"cudaHostRegister returned CUDA error {error}")
                 try:  # a failed runtime call leaves its error for the next kernel launch to report: take it here
                     torch.zeros(1, device=device)
                 except RuntimeError:
