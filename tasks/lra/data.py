@@ -111,7 +111,7 @@ def _listops_chunk(seed: int, split: str, index: int, count: int, params: dict) 
     return rows
 
 
-def check_listops(p: dict) -> None:
+def _check_listops(p: dict) -> None:
     longest = 1  # tokens of the fullest tree: every operator at full arity down to max_depth
     for _ in range(p["max_depth"] - 1):
         longest = 2 + p["max_args"] * longest
@@ -126,7 +126,7 @@ def generate_listops(n: int, seed: int, *, max_depth: int = 10, max_args: int = 
     rejection-sampled to lengths (in tokens) strictly between min_length and max_length. The value, 0-9, is the
     class; `encode_listops` gives token ids."""
     params = dict(max_depth=max_depth, max_args=max_args, min_length=min_length, max_length=max_length)
-    check_listops(params)
+    _check_listops(params)
     return [(row["source"], row["label"]) for row in _rows("listops", n, seed, split, workers, params)]
 
 
@@ -370,7 +370,7 @@ def _pathfinder_chunk(seed: int, split: str, index: int, count: int, params: dic
     return [{"image": _pathfinder_image(rng, params["size"], length, label), "label": int(label)} for label in labels]
 
 
-def check_pathfinder(p: dict) -> None:
+def _check_pathfinder(p: dict) -> None:
     if p["size"] not in PATHFINDER_SIZES:
         raise ValueError(f"Pathfinder size={p['size']!r} is not one of {list(PATHFINDER_SIZES)} "
                          "(32: Pathfinder, 64: pretraining for Path-X, 128: Path-X, 256: Path-256)")
@@ -384,7 +384,7 @@ def generate_pathfinder(n: int, seed: int, *, size: int = 32, difficulty: str = 
     """`n` Pathfinder images, uint8 (n, size, size), and labels (n,): 1 where the two markers lie on one path.
     Labels are balanced within each chunk."""
     params = dict(size=size, difficulty=difficulty)
-    check_pathfinder(params)
+    _check_pathfinder(params)
     rows = list(_rows("pathfinder", n, seed, split, workers, params))
     images = np.stack([row["image"] for row in rows]) if rows else np.zeros((0, size, size), np.uint8)
     return images, np.array([row["label"] for row in rows], np.int64)
@@ -394,7 +394,7 @@ def generate_pathfinder(n: int, seed: int, *, size: int = 32, difficulty: str = 
 
 GENERATORS = {"listops": generate_listops, "pathfinder": generate_pathfinder}
 _CHUNKS = {"listops": _listops_chunk, "pathfinder": _pathfinder_chunk}
-_CHECKS = {"listops": check_listops, "pathfinder": check_pathfinder}
+_CHECKS = {"listops": _check_listops, "pathfinder": _check_pathfinder}
 
 
 def _chunk_seed(seed: int, split: str, index: int) -> int:

@@ -27,8 +27,8 @@ from repro.records import Row
 from repro.train import (Candidate, Stage, Trainee, TrainSpec, final_rows, model_flops_per_token,
                          step_generator, throughput_ratios, train_from_config)
 
-from .data import (AAN_FILES, LISTOPS_VOCAB, MAX_BYTES, check_hub_reachable, check_listops, check_pathfinder,
-                   encode_listops, load_lra_hub, load_or_generate, tiny_fixture)
+from .data import (AAN_FILES, LISTOPS_VOCAB, MAX_BYTES, check_hub_reachable, encode_listops, generator_params,
+                   load_lra_hub, load_or_generate, tiny_fixture)
 from .model import ATTENTIONS, LRAClassifier, upsample_positions
 
 # The LRA repository's base configs per task (dim / heads / layers / mlp). Pathfinder's qkv width is
@@ -58,21 +58,32 @@ def _images(ds) -> dict[str, torch.Tensor]:
             "labels": torch.from_numpy(columns["label"].astype(np.int64))}
 
 
+def generated(name: str, spec) -> tuple[str, dict] | None:
+    """The generator of task `name` (listops, pathfinder) and the parameters lra.* gives it; None for a task read
+    from the hub or a fixture."""
+    if name == "listops":
+        return "listops", dict(min_length=spec.listops_min_length, max_length=spec.listops_max_length)
+    if name in PATH_SIZES:
+        return "pathfinder", dict(size=PATH_SIZES[name], difficulty=spec.difficulty)
+    return None
+
+
 def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[str, torch.Tensor], int, int]:
     """A split as tensors (input_ids, real, labels; and the second document's for Retrieval), with the
     vocabulary size and sequence length."""
+    generator = generated(name, spec)
+    if generator:
+        ds = load_or_generate(generator[0], split, n, spec.seed, cache, **generator[1])
+    elif spec.source == "hub":
+        ds = load_lra_hub(name, split, data_dir=spec.data_dir)
+    else:
+        ds = tiny_fixture(name, n, seed=spec.seed + (split == "val"))
     if name == "listops":
-        ds = load_or_generate("listops", split, n, spec.seed, cache, min_length=spec.listops_min_length,
-                              max_length=spec.listops_max_length)
         ids = _pad([encode_listops(s) for s in ds["source"]], spec.listops_max_length)
         return {"input_ids": ids, "real": ids != 0, "labels": torch.tensor(ds["label"])}, len(LISTOPS_VOCAB), \
             spec.listops_max_length
     if name in PATH_SIZES:
-        size = PATH_SIZES[name]
-        ds = load_or_generate("pathfinder", split, n, spec.seed, cache, size=size, difficulty=spec.difficulty)
-        return _images(ds), 256, size * size
-    ds = load_lra_hub(name, split, data_dir=spec.data_dir) if spec.source == "hub" else \
-        tiny_fixture(name, n, seed=spec.seed + (split == "val"))
+        return _images(ds), 256, PATH_SIZES[name] ** 2
     if name == "image":
         return _images(ds), 256, 1024
     length = spec.max_bytes or MAX_BYTES[name]
@@ -178,8 +189,10 @@ def derived_rows(rows: list[Row]) -> Iterator[Row]:
                       extra={"tasks": ",".join(tasks)})
 
 
-# what lra.model may change (LRAClassifier's settings), each a number from `at_least` (dropout: below 1)
-MODEL_KEYS = {"dim": 1, "heads": 1, "depth": 1, "mlp_dim": 1, "dropout": 0, "linformer_k": 1, "block_size": 1}
+# what lra.model may change (LRAClassifier's settings), and the numbers each takes
+WHOLE = dict(at_least=1)
+MODEL_KEYS = {"dim": WHOLE, "heads": WHOLE, "depth": WHOLE, "mlp_dim": WHOLE, "linformer_k": WHOLE, "block_size": WHOLE,
+              "dropout": dict(integer=False, at_least=0, below=1)}
 
 
 def _check_model(spec: DictConfig, task: str) -> dict:
@@ -187,10 +200,9 @@ def _check_model(spec: DictConfig, task: str) -> dict:
     unknown = sorted(set(model) - set(MODEL_KEYS))
     if unknown:
         raise ConfigError(f"lra.model.{unknown[0]} is not a setting of the LRA model; it takes {list(MODEL_KEYS)}")
-    for key, least in MODEL_KEYS.items():
+    for key, bounds in MODEL_KEYS.items():
         if key in model:
-            checks.number(f"lra.model.{key}", model[key], integer=key != "dropout", at_least=least,
-                          **({"below": 1} if key == "dropout" else {}))
+            checks.number(f"lra.model.{key}", model[key], **bounds)
     if model["dim"] % model["heads"]:
         raise ConfigError(f"lra.model: dim={model['dim']} is not a multiple of heads={model['heads']} ({task})")
     return model
@@ -206,15 +218,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("n_train", "n_val", "batch", "listops_min_length"):
         checks.number(f"lra.{key}", spec[key], at_least=1)
     checks.number("lra.listops_max_length", spec.listops_max_length, at_least=spec.listops_min_length)
-    checks_of_data = {"listops": (check_listops, dict(max_depth=10, max_args=10, min_length=spec.listops_min_length,
-                                                      max_length=spec.listops_max_length)),
-                      **{task: (check_pathfinder, dict(size=size, difficulty=spec.difficulty))
-                         for task, size in PATH_SIZES.items()}}
     for task in tasks:
-        if task in checks_of_data:  # what the generator would refuse once the run has started
-            check, params = checks_of_data[task]
+        if generated(task, spec):  # what the generator would refuse once the run has started
             try:
-                check(params)
+                generator_params(*generated(task, spec))
             except ValueError as exc:
                 raise ConfigError(f"lra (task {task}): {exc}") from None
     TrainSpec.from_config(cfg.train)
