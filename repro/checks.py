@@ -21,11 +21,11 @@ def axis(key: str, value: Any) -> list:
     return values
 
 
-def choices(key: str, value: Any, allowed: Iterable) -> list:
-    """A list of choices (which parts, strategies, experiments to run): at least one, none twice, each one of
-    `allowed`; returned as a list."""
+def choices(key: str, value: Any, allowed: Iterable, empty_ok: bool = False) -> list:
+    """A list of choices (which parts, strategies, experiments to run): at least one (none, where `empty_ok`),
+    none twice, each one of `allowed`; returned as a list."""
     allowed, values = list(allowed), as_list(value)
-    if not values:
+    if not values and not empty_ok:
         raise ConfigError(f"{key}=[] is empty: choose some of {allowed}")
     choice(key, values, allowed)
     _none_twice(key, values)

@@ -26,8 +26,7 @@ def validate(cfg: DictConfig) -> None:
 def validate_texts(e: DictConfig) -> None:
     """The perplexity part of the `eval:` block every task evaluating a language model has; `eval.texts=[]`
     measures no perplexity (a task that needs one says so)."""
-    if checks.as_list(e.texts):
-        checks.choices("eval.texts", e.texts, TEXTS)
+    checks.choices("eval.texts", e.texts, TEXTS, empty_ok=True)
     checks.number("eval.seqlen", e.seqlen, at_least=2)
     checks.number("eval.batch_size", e.batch_size, at_least=1)
     if e.max_chunks is not None:

@@ -123,9 +123,8 @@ def levels_at(key: str, value, cfg: DictConfig) -> list[str]:
     compressed = checks.as_list(cfg.compression.levels)
     if value is None:
         return compressed
-    wanted = checks.as_list(value)  # one name alone is a list of one, not a string to search; [] none
-    if wanted:
-        checks.choices(key, wanted, list(cfg.compression.catalog))
+    # one name alone is a list of one, not a string to search; [] none
+    wanted = checks.choices(key, value, list(cfg.compression.catalog), empty_ok=True)
     return [name for name in compressed if name in wanted]
 
 

@@ -319,13 +319,11 @@ def _lift_rows(summary: dict[tuple, Row]) -> Iterator[Row]:
 def validate(cfg: DictConfig) -> None:
     spec, model = cfg.longdoc, cfg.longdoc.model
     datasets = checks.choices("longdoc.datasets", spec.datasets, data.DATASETS)
-    trained, timed = as_list(spec.attention), as_list(spec.timed)  # either may be empty, not both
+    trained = checks.choices("longdoc.attention", spec.attention, ATTENTION, empty_ok=True)
+    timed = checks.choices("longdoc.timed", spec.timed, ATTENTION, empty_ok=True)
     if not trained and not timed:
         raise ConfigError(f"longdoc.attention and longdoc.timed are both empty: name an implementation to train "
                           f"(of {list(ATTENTION)})")
-    for key, names in (("longdoc.attention", trained), ("longdoc.timed", timed)):
-        if names:
-            checks.choices(key, names, ATTENTION)
     both = set(trained) & set(timed)
     if both:
         raise ConfigError(f"longdoc.timed={sorted(both)} are already trained (longdoc.attention); time each "
