@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from repro.records import Row
 from tasks.lra.model import ATTENTIONS, LRAClassifier, upsample_positions
@@ -100,6 +101,44 @@ def test_speedups_and_their_geometric_mean():
     assert out[("standard", "speedup_geomean", 2)] == 1.0
 
 
+def test_accuracy_average_takes_the_test_split_where_a_task_has_one():
+    def accuracy(split, task, value):
+        return Row("effrepro", "step", 10, f"{split}_accuracy", "%", value, extra={"lra_task": task})
+    rows = [accuracy("val", "listops", 40.0), accuracy("test", "listops", 30.0), accuracy("val", "text", 60.0)]
+    rows += [Row("effrepro", "step", 10, "tokens_per_s", "tokens/s", 1.0, extra={"lra_task": t})
+             for t in ("listops", "text")]
+    out = {(r.provider, r.metric): r.p50 for r in derived_rows(rows)}
+    assert out[("effrepro", "accuracy_avg")] == 45.0  # listops' test, text's val (its val set is IMDb's test set)
+
+
+@pytest.mark.parametrize("task, source, splits", [("lra_listops", "fixture", ["val_accuracy", "test_accuracy"]),
+                                                  ("lra_image", "fixture", ["val_accuracy", "test_accuracy"]),
+                                                  ("lra_text", "hub", ["val_accuracy"])])
+def test_the_model_is_evaluated_on_val_and_on_a_distinct_test_split(compose, tmp_path, monkeypatch, task, source,
+                                                                    splits):
+    from repro.context import RunContext
+    from tasks.lra import train_lra
+
+    loaded = []
+    real_load = train_lra.load_split
+
+    def load_split(name, split, n, spec, cache):  # the hub's data stands in as fixtures (no download here)
+        loaded.append(split)
+        return real_load(name, split, n, OmegaConf.merge(spec, {"source": "fixture"}), cache)
+
+    monkeypatch.setattr(train_lra, "load_split", load_split)
+    cfg = compose(f"task={task}", "lra.attention=[standard]", f"lra.source={source}", f"paths.cache={tmp_path}")
+    (candidate,) = train_lra.candidates(cfg, RunContext(torch.device("cpu"), "smoke", 0, tmp_path, {}), tmp_path)
+    trainee = candidate.build()
+    rows = trainee.evaluate(trainee.model.eval())
+    assert [r.metric for r in rows] == splits and loaded == ["train", *(s.split("_")[0] for s in splits)]
+    assert all(0 <= r.p50 <= 100 for r in rows)
+    if len(splits) == 2:  # two different sets of examples, not one scored twice
+        val, test = (real_load(task.removeprefix("lra_"), split, cfg.lra.n_val, cfg.lra, tmp_path)[0]
+                     for split in ("val", "test"))
+        assert not torch.equal(val["input_ids"], test["input_ids"])
+
+
 def test_pathx_recipe_starts_from_the_pretrained_model_with_its_positions_grown(compose, tmp_path):
     from repro.context import RunContext
     from tasks.lra.train_lra import candidates
@@ -147,15 +186,15 @@ def test_a_step_is_split_into_micro_batches_without_changing_its_examples(compos
 
 
 def test_retrieval_from_the_hub_needs_the_aan_files_a_run_reads(compose, tmp_path):
-    """LRA's AAN pairs are not on the hub: lra.data_dir must hold the train and eval files (the test file is
-    never read), and a missing one is named before any work."""
+    """LRA's AAN pairs are not on the hub: lra.data_dir must hold the train, eval and test files, and a missing
+    one is named before any work."""
     from repro.context import ConfigError
     from tasks.lra.data import AAN_FILES
     from tasks.lra.train_lra import validate
 
     cfg = compose("task=lra_retrieval", "lra.source=hub", f"lra.data_dir={tmp_path}")
-    (tmp_path / AAN_FILES["train"]).write_text("")
-    with pytest.raises(ConfigError, match=AAN_FILES["val"]):
-        validate(cfg)
-    (tmp_path / AAN_FILES["val"]).write_text("")
+    for split in ("train", "val", "test"):
+        with pytest.raises(ConfigError, match=AAN_FILES[split]):
+            validate(cfg)
+        (tmp_path / AAN_FILES[split]).write_text("")
     validate(cfg)

@@ -1,6 +1,6 @@
 """Long Range Arena: each task's transformer trained with each attention (tasks lra_listops, lra_text,
-lra_retrieval, lra_image, lra_pathfinder, lra (all five), pathx, path256), reporting validation accuracy,
-step time, throughput, memory, the speedup over standard attention per task, and their geometric mean.
+lra_retrieval, lra_image, lra_pathfinder, lra (all five), pathx, path256), reporting validation and test
+accuracy, step time, throughput, memory, the speedup over standard attention per task, and their geometric mean.
 
 ListOps and Pathfinder are generated (tasks/lra/data.py); Text, Retrieval and Image read the real data with
 `lra.source=hub` (network, or a filled cache) and otherwise run on small random fixtures of the same shape:
@@ -27,8 +27,8 @@ from repro.records import Row
 from repro.train import (Candidate, Stage, Trainee, TrainSpec, final_rows, model_flops_per_token,
                          step_generator, throughput_ratios, train_from_config)
 
-from .data import (AAN_FILES, LISTOPS_VOCAB, MAX_BYTES, check_hub_reachable, encode_listops, generator_params,
-                   load_lra_hub, load_or_generate, tiny_fixture)
+from .data import (AAN_FILES, HUB_SPLITS, LISTOPS_VOCAB, MAX_BYTES, SPLITS, check_hub_reachable, encode_listops,
+                   generator_params, load_lra_hub, load_or_generate, tiny_fixture)
 from .model import ATTENTIONS, LRAClassifier, upsample_positions
 
 # The LRA repository's base configs per task (dim / heads / layers / mlp). Pathfinder's qkv width is
@@ -77,7 +77,7 @@ def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[s
     elif spec.source == "hub":
         ds = load_lra_hub(name, split, data_dir=spec.data_dir)
     else:
-        ds = tiny_fixture(name, n, seed=spec.seed + (split == "val"))
+        ds = tiny_fixture(name, n, seed=spec.seed + SPLITS.index(split))
     if name == "listops":
         ids = _pad([encode_listops(s) for s in ds["source"]], spec.listops_max_length)
         return {"input_ids": ids, "real": ids != 0, "labels": torch.tensor(ds["label"])}, len(LISTOPS_VOCAB), \
@@ -94,6 +94,13 @@ def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[s
     return out, 257, length
 
 
+def evaluated_splits(name: str, spec) -> tuple[str, ...]:
+    """The splits a run evaluates: val and test, or val alone where the data has no other test set (LRA Text
+    validates on IMDb's test set). Only the final test accuracy is the paper's figure; nothing chooses by it."""
+    hub = HUB_SPLITS.get(name) if spec.source == "hub" and not generated(name, spec) else None
+    return ("val",) if hub and hub["val"] == hub["test"] else ("val", "test")
+
+
 def model_config(spec: DictConfig, task: str) -> dict:
     """The LRA model of `task` (Pathfinder's for every Path size), with lra.model's changes."""
     return {**MODELS["pathfinder" if task in PATH_SIZES else task], **OmegaConf.to_container(spec.model)}
@@ -104,7 +111,7 @@ def _trainee(cfg: DictConfig, ctx: RunContext, name: str, attention: str, split:
     """The LRA model for task `name` with `attention`; with `pretrained`, started from that trained model, its
     position table grown to this task's image (the Path-X / Path-256 recipe)."""
     spec = cfg.lra
-    train_set, val_set, vocab, seq_len = split["train"], split["val"], split["vocab"], split["seq_len"]
+    train_set, vocab, seq_len = split["train"], split["vocab"], split["seq_len"]
     model_cfg = model_config(spec, name)
     classes = 10 if name in ("listops", "image") else 2  # digits 0-9, CIFAR-10; the rest are yes/no
     if getattr(ATTENTIONS[attention], "needs_triton", False):
@@ -124,11 +131,15 @@ def _trainee(cfg: DictConfig, ctx: RunContext, name: str, attention: str, split:
         return [{k: v[i] for k, v in train_set.items()} for i in picks.split(micro)]
 
     def evaluate(model):
-        hits = 0
-        for start in range(0, len(val_set["labels"]), spec.batch):
-            batch = {k: v[start:start + spec.batch].to(ctx.device) for k, v in val_set.items()}
-            hits += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
-        return [Row(attention, "step", 0, "val_accuracy", "%", 100.0 * hits / len(val_set["labels"]), n=1)]
+        rows = []
+        for name_of_split, examples in split["evaluated"].items():
+            hits = 0
+            for start in range(0, len(examples["labels"]), spec.batch):
+                batch = {k: v[start:start + spec.batch].to(ctx.device) for k, v in examples.items()}
+                hits += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
+            rows.append(Row(attention, "step", 0, f"{name_of_split}_accuracy", "%",
+                            100.0 * hits / len(examples["labels"]), n=1))
+        return rows
 
     flops = model_flops_per_token(model, model_cfg["depth"], model_cfg["dim"], seq_len)
     towers = 2 if name == "retrieval" else 1
@@ -148,8 +159,9 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path) -> Iterator[Candid
     def split(name):
         if name not in splits:
             train_set, vocab, seq_len = load_split(name, "train", spec.n_train, spec, cache)
-            val_set, _, _ = load_split(name, "val", spec.n_val, spec, cache)
-            splits[name] = dict(train=train_set, val=val_set, vocab=vocab, seq_len=seq_len)
+            # the test split is as large as the val split, as in LRA's generated tasks
+            evaluated = {s: load_split(name, s, spec.n_val, spec, cache)[0] for s in evaluated_splits(name, spec)}
+            splits[name] = dict(train=train_set, evaluated=evaluated, vocab=vocab, seq_len=seq_len)
         return splits[name]
 
     for name in as_list(spec.tasks):
@@ -169,7 +181,8 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path) -> Iterator[Candid
 
 def derived_rows(rows: list[Row]) -> Iterator[Row]:
     """Per task: each attention's throughput over standard attention's. Over the tasks this run trained: the
-    geometric mean of those speedups (the paper's Table 3 figure) and the mean final accuracy."""
+    geometric mean of those speedups (the paper's Table 3 figure) and the mean final accuracy (test, or val where a
+    task has no other test set)."""
     speedups: dict[str, list[float]] = {}
     for r in throughput_ratios(rows, "lra_task", "standard", "speedup"):
         speedups.setdefault(r.provider, []).append(r.p50)
@@ -181,7 +194,8 @@ def derived_rows(rows: list[Row]) -> Iterator[Row]:
                       n=len(ratios),
                       extra={"tasks": ",".join(tasks), "baseline": "standard"})
     by_attention: dict[str, list[float]] = {}
-    for (attention, _), r in final_rows(rows, "val_accuracy", "lra_task").items():
+    accuracy = {**final_rows(rows, "val_accuracy", "lra_task"), **final_rows(rows, "test_accuracy", "lra_task")}
+    for (attention, _), r in accuracy.items():
         by_attention.setdefault(attention, []).append(r.p50)
     for attention, values in by_attention.items():
         if len(values) == len(tasks) and len(tasks) > 1:
@@ -242,8 +256,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("lra.source=hub with the retrieval task reads LRA's AAN files, which are not on the hub: "
                               "download lra_release (https://storage.googleapis.com/long-range-arena/"
                               "lra_release.gz) and set lra.data_dir=<its tsv_data folder>")
-        # the splits a run reads (`load_split`): train and val
-        missing = [AAN_FILES[s] for s in ("train", "val") if not (Path(spec.data_dir) / AAN_FILES[s]).is_file()]
+        missing = [AAN_FILES[s] for s in ("train", *evaluated_splits("retrieval", spec))
+                   if not (Path(spec.data_dir) / AAN_FILES[s]).is_file()]
         if missing:
             raise ConfigError(f"lra.data_dir={spec.data_dir!r} lacks {missing} (LRA's tsv_data folder holds them)")
     ours = [a for a in attentions if getattr(ATTENTIONS[a], "needs_triton", False)]
