@@ -187,6 +187,7 @@ def test_each_model_is_built_once_for_every_batch_named_with_it():
     ("moe.cache=lru", "moe.cache='lru' needs moe.slots, so that every strategy caches in a pool of the same size "
                       "(at least 8 here)"),
     ("quality.top_k=5", "quality.top_k=5 exceeds quality.n_experts=4"),
+    ("moe.strategy=[gpu_only] moe.slots=8", "moe.strategy=[gpu_only] keeps every expert on the device"),
 ])
 def test_bad_input_is_named_before_any_work(override, expected, tmp_path):
     code, out, err = run_inline(*TINY, *override.split(), f"hydra.run.dir={tmp_path}")

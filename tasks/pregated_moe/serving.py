@@ -100,6 +100,11 @@ def validate(spec) -> None:
         checks.number("moe.slots", spec.slots, at_least=1)
     if spec.memory_cap_gb is not None:
         checks.number("moe.memory_cap_gb", spec.memory_cap_gb, integer=False, at_least=0.01)
+    if set(as_list(spec.strategy)) == {"gpu_only"} and (spec.slots is not None or spec.cache != "none"):
+        raise ConfigError(f"moe.slots={spec.slots} and moe.cache={spec.cache!r} set the device pool of the strategies "
+                          "that offload experts; moe.strategy=[gpu_only] keeps every expert on the device, so they "
+                          "would change nothing: leave them at null and none, or add one of "
+                          f"{[s for s in STRATEGIES if s != 'gpu_only']}")
     if not as_list(spec.runs):
         raise ConfigError("moe.runs is empty: give at least one {models: [...], batch: [...]}")
     for run in as_list(spec.runs):
