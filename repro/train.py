@@ -264,14 +264,14 @@ class Checkpoint:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
         return get_optimizer_state_dict(self.model, self.optimizer, options=_state_options())
 
-    def save(self, step: int, rows: list[Row], finished: bool) -> None:
+    def save(self, step: int, rows: list[Row], finished: bool, timed: dict) -> None:
         if self.path is None:
             return
         model_state, optimizer_state = self._model_state(), self._optimizer_state()  # collectives when sharded
         if world()[0] == 0:
             state = {"identity": self.identity, "step": step, "finished": finished, "model": model_state,
                      "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
-                     "rows": [dataclasses.asdict(r) for r in rows]}
+                     "rows": [dataclasses.asdict(r) for r in rows], "timed": timed}
             replace_atomically(self.path, lambda tmp: torch.save(state, tmp))
 
     def _read(self) -> dict | None:
@@ -291,8 +291,9 @@ class Checkpoint:
             return None
         return state
 
-    def resume(self) -> tuple[int, list[Row]]:
-        """Load the saved state into the model and optimizer; the step to go on from, and the rows so far."""
+    def resume(self) -> tuple[int, list[Row], dict | None]:
+        """Load the saved state into the model and optimizer; the step to go on from, the rows so far, and the
+        times of the steps timed so far (`StepClock.timed`)."""
         state, error = None, None
         if world()[0] == 0 or not self.sharded:
             try:
@@ -302,19 +303,19 @@ class Checkpoint:
                     raise
                 error = str(exc)  # raised on every rank below, so that none waits for the others
         if self.sharded:
-            head = [None if state is None else {k: state[k] for k in ("step", "rows", "scaler")}, error]
+            head = [None if state is None else {k: state[k] for k in ("step", "rows", "scaler", "timed")}, error]
             dist.broadcast_object_list(head, src=0)
             if head[1]:
                 raise ConfigError(head[1])
             if head[0] is None:
-                return 0, []
+                return 0, [], None
             state = {"model": {}, "optimizer": {}, **head[0], **(state or {})}
         if state is None:
-            return 0, []
+            return 0, [], None
         self._load(state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         print(f"[train] resumed at step {state['step']} from {self.path}", flush=True)
-        return state["step"], [Row(**r) for r in state["rows"]]
+        return state["step"], [Row(**r) for r in state["rows"]], state["timed"]
 
     def _load(self, model_state: dict, optimizer_state: dict) -> None:
         if self.sharded:
@@ -359,13 +360,17 @@ class StepClock:
     still counts the wait. Elsewhere, the wall clock. The host's own time per step (the wall clock from the
     step's first launch to its last) is kept too: where the step takes longer than its kernels (a profile's
     `kernel_time` rows) and the host's time equals it, the loop is bound by the host. (A device-bound loop can
-    show equal times too, once the launch queue is full and the host waits in it.)"""
+    show equal times too, once the launch queue is full and the host waits in it.)
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    The first `skip` steps of each process (compilation, autotuning) are not timed. A resumed run starts from
+    the timed steps its checkpoint kept (`earlier`, what `timed()` returned when it was saved)."""
+
+    def __init__(self, device: torch.device, skip: int, earlier: dict | None = None):
+        self.cuda, self.skip = device.type == "cuda", skip
         self.pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
         self.device: list[float] = []
         self.host: list[float] = []
+        self.earlier = earlier or {"step": [], "host": []}
 
     @contextmanager
     def step(self):
@@ -387,28 +392,33 @@ class StepClock:
             end.synchronize()
             self.device.append(start.elapsed_time(end) / 1e3)
 
-    def seconds(self) -> list[float]:
+    def timed(self) -> dict[str, list[float]]:
+        """The seconds of the timed steps, the step's own (device events on a GPU, else the wall clock) and the
+        host's."""
         if self.cuda:
             self._settle(wait=True)
-            return self.device
-        return self.host
+        own = self.device if self.cuda else self.host
+        return {"step": self.earlier["step"] + own[self.skip:], "host": self.earlier["host"] + self.host[self.skip:]}
 
 
-def _median_p20_p80(times: list[float], skip: int) -> tuple[list[float], float, float, float]:
-    timed = sorted(times[skip:] or times)
-    if not timed:
-        return [], 0.0, 0.0, 0.0
+def _median_p20_p80(timed: list[float]) -> tuple[float, float, float]:
+    timed = sorted(timed)
     q = statistics.quantiles(timed, n=10, method="inclusive") if len(timed) > 1 else timed * 9
-    return timed, statistics.median(timed), q[1], q[7]
+    return statistics.median(timed), q[1], q[7]
 
 
 def throughput_rows(trainee: Trainee, clock: StepClock, spec: TrainSpec, device: torch.device) -> list[Row]:
     """Tokens/s, model TFLOP/s and step time over the timed steps (median, with the 20th and 80th percentiles
     of the step times: a faster step is a higher rate), on a GPU the host's time per step, and the peak device
-    memory."""
-    timed, p50, p20, p80 = _median_p20_p80(clock.seconds(), spec.timing_skip_steps)
+    memory. None where no step came after the untimed ones (`train.timing_skip_steps`): those times are
+    compilation's, not the model's."""
+    times = clock.timed()
+    timed = times["step"]
     if not timed:
+        print(f"[train] {trainee.name}: no throughput rows: no step ran after the {spec.timing_skip_steps} untimed "
+              "ones (train.timing_skip_steps)", flush=True)
         return []
+    p50, p20, p80 = _median_p20_p80(timed)
     size = world()[1]
     tokens = trainee.tokens_per_step * size
 
@@ -422,7 +432,7 @@ def throughput_rows(trainee: Trainee, clock: StepClock, spec: TrainSpec, device:
             row("model_tflops", "TFLOP/s", rate(tokens * trainee.flops_per_token / size, 1e12)),
             row("step_time", "ms", [s * 1e3 for s in (p50, p20, p80)])]
     if device.type == "cuda":
-        host = _median_p20_p80(clock.host, spec.timing_skip_steps)[1:]
+        host = _median_p20_p80(times["host"])
         rows.append(row("host_time", "ms", [s * 1e3 for s in host]))
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         rows.append(Row(trainee.name, "step", spec.steps, "peak_memory", "MB", peak, n=1, extra=dict(trainee.extra)))
@@ -510,11 +520,11 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     checkpoint = Checkpoint(Path(checkpoint_dir) / f"{trainee.name}-{identity}.pt" if checkpoint_dir else None,
                             identity, model, optimizer, scaler, parallel.sharded)
-    start, rows = checkpoint.resume() if resume else (0, [])
+    start, rows, timed = checkpoint.resume() if resume else (0, [], None)
     yield from rows
     wrapped = parallel.wrap()
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-    clock = StepClock(device)
+    clock = StepClock(device, spec.timing_skip_steps, timed)
     last_save = time.monotonic()
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc=trainee.name,
                disable=None if progress and world()[0] == 0 else True)
@@ -526,12 +536,12 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
         def run_step():
             return _step(trainee, step, parallel, wrapped, optimizer, scaler, autocast, spec)
         with clock.step():
-            if spec.profile and step == spec.timing_skip_steps - 1:
+            if spec.profile and step == start + spec.timing_skip_steps - 1:
                 loss, by_family = kernel_time_by_family(run_step, device)
             else:
                 loss, by_family = run_step(), {}
         done = step + 1
-        if device.type == "cuda" and done == spec.timing_skip_steps:  # autotuning's scratch is not the model's
+        if device.type == "cuda" and done == start + spec.timing_skip_steps:  # autotuning's scratch is not the model's
             torch.cuda.reset_peak_memory_stats(device)
         new = [Row(trainee.name, "kernel_family", family, "kernel_time", "ms", ms, n=1,
                    extra={**trainee.extra, "step": done, "top_kernels": top})
@@ -550,12 +560,12 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
         yield from new
         due = checkpoint.path is not None and time.monotonic() - last_save > spec.checkpoint_every_s
         if done < spec.steps and parallel.agree(due):
-            checkpoint.save(done, rows, finished=False)
+            checkpoint.save(done, rows, finished=False, timed=clock.timed())
             last_save = time.monotonic()
     bar.close()
     summary = throughput_rows(trainee, clock, spec, device)
     rows += summary
-    checkpoint.save(spec.steps, rows, finished=True)
+    checkpoint.save(spec.steps, rows, finished=True, timed=clock.timed())
     yield from summary
 
 

@@ -57,6 +57,26 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_unbroken_one(tmp_p
         ["val_loss", "val_loss", "tokens_per_s", "model_tflops"]
 
 
+@pytest.mark.parametrize("killed_at, timed_steps", [(5, 4), (7, 4), (3, 4), (2, 5)])
+def test_a_resumed_run_times_only_steps_after_each_process_warmed_up(tmp_path, killed_at, timed_steps):
+    """Each process's first `timing_skip_steps` (2) steps compile and autotune; the times of the steps after
+    them travel in the checkpoint, so a run resumed with only untimed steps left still reports warm ones.
+    Killed at step 5 (its checkpoint is step 4's), steps 3-4 and 7-8 are timed; at 7, steps 3-6; at 3, steps
+    5-8; at 2, steps 4-8 (the first process timed nothing)."""
+    for row in train(trainee(), SPEC, torch.device("cpu"), tmp_path, progress=False):
+        if row.metric == "loss" and row.x_value == killed_at:
+            break
+    rows = list(train(trainee(), SPEC, torch.device("cpu"), tmp_path, progress=False))
+    (tps,) = [r for r in rows if r.metric == "tokens_per_s"]
+    assert tps.extra["timed_steps"] == tps.n == timed_steps
+
+
+def test_no_throughput_rows_when_no_step_follows_the_untimed_ones(capsys):
+    rows = list(train(trainee(), dataclass_replace(SPEC, steps=2), torch.device("cpu"), None, progress=False))
+    assert not [r for r in rows if r.metric in ("tokens_per_s", "step_time")]
+    assert "no step ran after the 2 untimed ones" in capsys.readouterr().out
+
+
 def test_a_profiled_run_profiles_its_last_untimed_step_once_and_trains_as_an_unprofiled_one(monkeypatch):
     profiled_steps = []
 
@@ -151,12 +171,12 @@ def test_a_stage_starts_from_the_model_the_stage_before_trained():
         nxt.model.load_state_dict(previous.model.state_dict())
         return nxt
 
-    first = dataclass_replace(SPEC, steps=2)
+    first = dataclass_replace(SPEC, steps=3)
     rows = list(train_all([Candidate("lin", {}, trainee, spec=first, then=[Stage(grow)])], SPEC, torch.device("cpu"),
                           None))
     untrained = trainee().model.lin.weight
     assert len(seen) == 1 and not torch.equal(seen[0], untrained)  # stage 2 got the trained model
-    assert [r.x_value for r in rows if r.metric == "tokens_per_s"] == [2, 8]  # each stage with its own steps
+    assert [r.x_value for r in rows if r.metric == "tokens_per_s"] == [3, 8]  # each stage with its own steps
 
 
 def test_unsupported_and_out_of_memory_candidates_become_rows_and_the_rest_run():
@@ -322,17 +342,19 @@ def test_profiling_a_step_on_the_gpu_times_its_kernels_by_family():
 def test_a_step_is_timed_on_the_device_and_the_hosts_own_time_beside_it():
     # each step keeps the device busy for ~20 ms whose launch takes the host microseconds: the step time must see
     # the device's 20 ms (events, no synchronisation between steps), the host time only its launches
-    clock = StepClock(torch.device("cuda"))
+    clock = StepClock(torch.device("cuda"), skip=1)
     for _ in range(4):
         with clock.step():
             torch.cuda._sleep(40_000_000)  # cycles: ~20 ms at 2 GHz
-    device, host = clock.seconds(), clock.host
-    assert len(device) == len(host) == 4
-    assert min(device[1:]) > 0.005 and max(host[1:]) < min(device[1:]) / 2, (device, host)
+    timed = clock.timed()
+    device, host = timed["step"], timed["host"]
+    assert len(device) == len(host) == 3
+    assert min(device) > 0.005 and max(host) < min(device) / 2, (device, host)
 
 
 def test_off_the_gpu_a_step_is_timed_by_the_wall_clock():
-    clock = StepClock(torch.device("cpu"))
+    clock = StepClock(torch.device("cpu"), skip=0)
     with clock.step():
         time.sleep(0.01)
-    assert clock.seconds() == clock.host and 0.01 <= clock.host[0] < 1.0
+    timed = clock.timed()
+    assert timed["step"] == timed["host"] and 0.01 <= timed["host"][0] < 1.0
