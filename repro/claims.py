@@ -24,8 +24,9 @@ class Compare:
     aggregate: str = "mean"
     tolerance: float = 0.1
     comparable_at: tuple[str, ...] = ("small", "paper")
-    # for aggregate `largest_x_within`: the claim is the largest x (a compression, a budget) whose `metric` stays
-    # within `tolerance` (relative) of the `reference` provider's, in the quality's own direction
+    # for aggregate `largest_x_within`: the claim is the largest x (a compression, a budget) up to which `metric`
+    # stays within `tolerance` (relative) of the `reference` provider's, in the quality's own direction, at every x
+    # (records.largest_x_within)
     quality: dict[str, Any] | None = None
 
 

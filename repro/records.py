@@ -54,6 +54,20 @@ class Row:
         return self.extra.get(key)
 
 
+def largest_x_within(rows: list[Row], reference: float, tolerance: float, higher_is_better: bool) -> float | None:
+    """The largest x up to which every row, at that x and at every smaller one, stays within `tolerance`
+    (relative) of `reference`; None where the smallest x already does not. "Up to 5x without loss" means at
+    every compression below 5x too: a lucky point beyond a failed one does not count."""
+    slack = tolerance * abs(reference)
+    largest = None
+    for x in sorted({r.x_value for r in rows}):
+        if not all(r.p50 >= reference - slack if higher_is_better else r.p50 <= reference + slack
+                   for r in rows if r.x_value == x):
+            break
+        largest = x
+    return largest
+
+
 @dataclass
 class RunRecord:
     task: str

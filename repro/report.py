@@ -22,7 +22,8 @@ import yaml
 
 from .claims import Claim, load_published
 from .context import PROJECT_ROOT
-from .records import PACK_ABOVE_BYTES, Row, RunRecord, load_records, pack_records, replace_atomically
+from .records import (PACK_ABOVE_BYTES, Row, RunRecord, largest_x_within, load_records, pack_records,
+                      replace_atomically)
 
 REPRODUCED = "reproduced"
 WITHIN = "within tolerance"
@@ -74,17 +75,6 @@ def _aggregate(values: list[float], how: str) -> float:
     return {"mean": lambda v: sum(v) / len(v), "max": max, "min": min, "last": lambda v: v[-1]}[how](values)
 
 
-def _largest_x_within(rows: list, reference: list, quality: dict) -> float | None:
-    """The largest x among `rows` whose value stays within the quality tolerance of the reference's."""
-    if not reference:
-        return None
-    ref = sum(r.p50 for r in reference) / len(reference)
-    slack = quality["tolerance"] * abs(ref)
-    kept = [r.x_value for r in rows
-            if (r.p50 >= ref - slack if quality["higher_is_better"] else r.p50 <= ref + slack)]
-    return max(kept) if kept else None
-
-
 def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | None:
     """The rows `claim`'s value comes from in `record`: those of the first of its metrics, then the first of its
     providers, that the record has (with the provider, and all of that metric's rows, for a quality reference)."""
@@ -126,7 +116,9 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
         unit = mine[0].unit or (claim.unit if cmp.kind == "absolute" else "")
         return _aggregate([r.p50 for r in mine], cmp.aggregate), unit, f"{provider}, {cmp.aggregate} of {len(mine)}"
     quality = cmp.quality
-    value = _largest_x_within(mine, [r for r in rows if r.provider == quality["reference"]], quality)
+    reference = [r.p50 for r in rows if r.provider == quality["reference"]]
+    value = largest_x_within(mine, sum(reference) / len(reference), quality["tolerance"],
+                             quality["higher_is_better"]) if reference else None
     if value is None:
         return None, "", f"no {provider} row of {mine[0].metric} within {quality['tolerance']:g} of " \
                          f"{quality['reference']}'s"

@@ -417,7 +417,9 @@ def test_largest_x_within_quality_of_the_reference():
                                  ppl("ours", 5, 10.51), ppl("ours", 10, 30.0)])
     value, unit, detail = claim_value(claim, record)
     assert value == 4 and unit == "x" and "within" in detail
-    record.rows = [ppl("full", 1, 10.0), ppl("ours", 2, 11.0)]
+    record.rows.insert(2, ppl("ours", 3, 10.6))  # beyond the tolerance: 4 and 5 no longer count
+    assert claim_value(claim, record)[0] == 2
+    record.rows = [ppl("full", 1, 10.0), ppl("ours", 2, 11.0), ppl("ours", 4, 10.1)]
     assert claim_value(claim, record)[0] is None
     # measured at a comparable scale, with no point within the tolerance: not reproduced (not "not yet run")
     assert evaluate(claim, [(Path("kv.json"), record)]).status == "not reproduced"

@@ -253,7 +253,11 @@ def test_claims_read_the_rows_the_task_writes(smoke, interpreted):
     claims = {c.id: c for c in claims}
     record = with_text(smoke[1], "stdlib")
     ppl = {(r.provider, r.x_value): r.p50 for r in record.rows if r.metric == "perplexity" and r.status == "ok"}
-    within = [x for (p, x), v in ppl.items() if p == "scissorhands" and v <= ppl["full", 1] * 1.02]
+    within = []  # the compressions up to the first one beyond 2% of the full cache's perplexity
+    for x in sorted(x for p, x in ppl if p == "scissorhands"):
+        if ppl["scissorhands", x] > ppl["full", 1] * 1.02:
+            break
+        within.append(x)
     assert claim_value(claims["kv_compression_up_to_5x"], record)[0] == max(within)
     quantized = with_text(interpreted, "c4")
     assert claim_value(claims["kv_compression_up_to_20x_with_4bit"], quantized)[0] == pytest.approx(3.2)

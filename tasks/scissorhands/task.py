@@ -33,7 +33,7 @@ from repro.bench import status_of
 from repro.context import ConfigError, RunContext
 from repro.evaluation import context_length, eval_text, perplexity, perplexity_rows
 from repro.models import load_model, require_model
-from repro.records import Row
+from repro.records import Row, largest_x_within
 from tasks.common.lm_eval import check_tasks, validate_texts
 
 from . import bench
@@ -373,16 +373,18 @@ def persistence_rows(cfg: DictConfig, m: Model, text: str, chunks: torch.Tensor)
 
 
 def min_fraction_rows(rows: list[Row], tolerance: float, extra: dict) -> Iterator[Row]:
-    """Per provider: the smallest KV cache, in % of the full one, whose perplexity stays within `tolerance`
-    (relative) of the full cache's (the paper's "maintained down to 75% of the KV cache")."""
+    """Per provider: the smallest KV cache, in % of the full one, down to which the perplexity stays within
+    `tolerance` (relative) of the full cache's at every compression (the paper's "maintained down to 75% of the
+    KV cache")."""
     ppl = [r for r in rows if r.metric == "perplexity" and r.status == "ok"]
     reference = [r.p50 for r in ppl if r.provider == "full"]
     if not reference:
         return
     for provider in dict.fromkeys(r.provider for r in ppl if r.provider != "full"):
-        kept = [r.x_value for r in ppl if r.provider == provider and r.p50 <= reference[0] * (1 + tolerance)]
-        if kept:
-            yield Row(provider, "text", extra["text"], "min_kv_fraction_ppl_maintained", "%", 100 / max(kept), n=1,
+        largest = largest_x_within([r for r in ppl if r.provider == provider], reference[0], tolerance,
+                                   higher_is_better=False)
+        if largest:
+            yield Row(provider, "text", extra["text"], "min_kv_fraction_ppl_maintained", "%", 100 / largest, n=1,
                       extra={**extra, "tolerance": tolerance, "reference": "full"})
 
 
