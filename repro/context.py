@@ -65,7 +65,9 @@ def code_version() -> str | None:
     return os.environ.get("REPRO_GIT_SHA") or _git("rev-parse", "HEAD")
 
 
-def capture_environment() -> dict[str, Any]:
+def capture_environment(on_gpu: bool = True) -> dict[str, Any]:
+    """The code, versions and machine of a run; the GPU's name and properties only where the run uses it (a CPU
+    run on a GPU machine is a CPU record, named and reported as one)."""
     import triton
 
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -86,7 +88,7 @@ def capture_environment() -> dict[str, Any]:
         # the suite's switches (EFFREPRO_GLUON, EFFREPRO_AUTOTUNE, ...) change which kernels run
         "switches": {name: value for name, value in sorted(os.environ.items()) if name.startswith("EFFREPRO_")},
     }
-    if torch.cuda.is_available():
+    if on_gpu and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(
             gpu_name=props.name,

@@ -326,7 +326,7 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
     seconds = time.monotonic() - started
     model.eval()
     final = perplexity(model, val, seqlen, progress=False)
-    env = capture_environment()
+    env = capture_environment(on_gpu=device.type == "cuda")
     metadata = {
         "name": cfg.name, "fingerprint": folder.name, "created": utc_now(), "git_sha": env["git_sha"],
         "git_dirty": env["git_dirty"], "trained_on": env["gpu_name"] or "cpu", "train_seconds": seconds,

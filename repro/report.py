@@ -134,11 +134,14 @@ def judge(claim: Claim, value: float) -> str:
     return WITHIN if abs(value - published) <= claim.compare.tolerance * abs(published) else NOT_REPRODUCED
 
 
-def preference(record: RunRecord, comparable: tuple[str, ...] = (), points: int = 0) -> tuple:
-    """How a record ranks as the source of a claim: a comparable scale first, then the larger scale, then a whole
-    run before one that was killed, then the one with more of the claim's points (a run narrowed by overrides to
-    a few settings does not stand for the task's average), then the newest."""
-    return (record.scale in comparable, SCALE_ORDER.get(record.scale, -1), record.status == "ok", points,
+def preference(record: RunRecord, comparable: tuple[str, ...] = (), points: int = 0,
+               hardware: str | None = None) -> tuple:
+    """How a record ranks as the source of a claim: a comparable scale first, then one on the claim's own GPU
+    family (`hardware`, for a claim only that card can judge), then the larger scale, then a whole run before one
+    that was killed, then the one with more of the claim's points (a run narrowed by overrides to a few settings
+    does not stand for the task's average), then the newest."""
+    same_card = hardware is not None and gpu_family(hardware) == gpu_family(record.env.get("gpu_name"))
+    return (record.scale in comparable, same_card, SCALE_ORDER.get(record.scale, -1), record.status == "ok", points,
             record.started)
 
 
@@ -156,8 +159,10 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
     if not any(points.values()):  # the task ran, but not the provider or setting the claim needs
         return Outcome(claim, NOT_RUN, detail=claim_value(claim, mine[0][1])[2])
     # the best record that measured the claim decides it, a failure included: an older one never overrules it
+    card_bound = claim.compare.kind == "absolute" and claim.hardware != "n/a"  # judged on its own card only
     path, record = max((pr for pr in mine if points[id(pr[1])]),
-                       key=lambda pr: preference(pr[1], comparable, points[id(pr[1])]))
+                       key=lambda pr: preference(pr[1], comparable, points[id(pr[1])],
+                                                 claim.hardware if card_bound else None))
     value, unit, detail = claim_value(claim, record)
     found = dict(value=value, gpu=record.gpu_name, scale=record.scale, record=path, detail=detail, unit=unit,
                  record_status=record.status)
@@ -211,8 +216,10 @@ def claims_table(outcomes: list[Outcome], links_from: Path) -> str:
     for o in outcomes:
         c = o.claim
         unverified = "" if c.verified else " (unverified)"
-        label = f"↳ the same, on another card <br><sub>{c.paper}:{c.id}</sub>" if c is previous else \
-            f"{c.claim} <br><sub>{c.paper}:{c.id}, {c.source}{unverified}</sub>"
+        # another card's best record may differ in model and settings too, not only in the card
+        other_card = f"↳ the same claim, from another card's record (its own settings) <br><sub>{c.paper}:{c.id}" \
+                     "</sub>"
+        label = other_card if c is previous else f"{c.claim} <br><sub>{c.paper}:{c.id}, {c.source}{unverified}</sub>"
         previous = c
         where = f"{o.gpu}, {o.scale}" + (f", **{o.record_status} run**" if o.record_status != "ok" else "") \
             if o.scale else "—"

@@ -1,5 +1,6 @@
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -126,6 +127,17 @@ def test_a_commit_told_through_the_environment_wins_over_the_local_git(monkeypat
     monkeypatch.setenv("REPRO_GIT_SHA", "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c")
     env = capture_environment()
     assert env["git_sha"] == "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c" and env["git_dirty"] is None
+
+
+def test_a_cpu_run_on_a_gpu_machine_records_no_gpu(monkeypatch):
+    from repro.context import capture_environment
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.get_device_properties", lambda index: SimpleNamespace(
+        name="NVIDIA H200", total_memory=141 * 2**30, multi_processor_count=132))
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    assert capture_environment(on_gpu=True)["gpu_name"] == "NVIDIA H200"
+    env = capture_environment(on_gpu=False)
+    assert env["gpu_name"] is None and env["gpu_count"] == 0 and "gpu_memory_gb" not in env
 
 
 def test_the_suites_switches_are_recorded(monkeypatch):

@@ -401,6 +401,25 @@ def test_a_newer_run_with_fewer_of_a_claims_points_never_displaces_one_with_more
     assert "6x" in next(line for line in report.splitlines() if "toy:fast," in line)
 
 
+def test_a_claim_only_its_own_card_can_judge_is_judged_on_that_card_where_a_record_has_it(tmp_path):
+    from repro.report import evaluate, evaluate_by_card
+
+    (tmp_path / "toy.yaml").write_text(CLAIMS)
+    claims = {c.id: c for c in load_paper(tmp_path / "toy.yaml")[2]}
+    a100 = rec("bench", "small", [row("time", 6.5)], started="2026-11-01T00:00:00+00:00",
+               env={"gpu_name": "NVIDIA A100-SXM4-40GB"})
+    h100 = rec("bench", "small", [row("time", 5.0)])  # newer, and on another card
+    outcome = evaluate(claims["abs_time"], [(Path("h100.json"), h100), (Path("a100.json"), a100)])
+    assert outcome.record == Path("a100.json") and outcome.status == "reproduced" and outcome.value == 6.5
+    # a ratio is judged on any card: the newer record decides
+    ratio = evaluate(claims["fast"], [(Path("h100.json"), rec("bench", "small", [row("speedup", 3.5)])),
+                                      (Path("a100.json"), a100)])
+    assert ratio.record == Path("h100.json")
+    assert [o.record for o in evaluate_by_card(claims["abs_time"], [(Path("h100.json"), h100),
+                                                                   (Path("a100.json"), a100)])] == \
+        [Path("a100.json"), Path("h100.json")]
+
+
 def test_largest_x_within_quality_of_the_reference():
     from repro.claims import _parse_claim
     from repro.report import claim_value, evaluate
@@ -445,7 +464,8 @@ def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree, no_plots):
     lines = report.splitlines()
     first = next(i for i, line in enumerate(lines) if "toy:fast," in line)
     assert "NVIDIA H200" in lines[first] and "2x" in lines[first] and lines[first].endswith("| not reproduced |")
-    assert "the same, on another card" in lines[first + 1] and "H100" in lines[first + 1] and "3.5x" in lines[first + 1]
+    assert "the same claim, from another card's record" in lines[first + 1]
+    assert "H100" in lines[first + 1] and "3.5x" in lines[first + 1]
     # a claim that no card measured is one row, not one a card; one measured on a card is no row of the others'
     unmeasured = [line for line in lines if "toy:no_provider" in line]
     assert len(unmeasured) == 1 and unmeasured[0].endswith("| not yet run |")
