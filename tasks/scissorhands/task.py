@@ -295,7 +295,6 @@ class Model:
     module: torch.nn.Module
     tokenizer: object
     label: str  # facebook/opt-6.7b -> opt-6.7b, as the claims name models
-    dtype_bits: int
     n_layers: int
 
 
@@ -305,7 +304,7 @@ def kv_forward(kv: DictConfig, s: Setting, policy_for: Callable[[int], Policy], 
     return KVForward(policy_for, s.generates(kv.mode), s.bits, kv.group_size, schedule)
 
 
-def kv_compression(s: Setting, forward: KVForward | None, m: Model, group_size: int) -> tuple[float | None, dict]:
+def kv_compression(s: Setting, forward: KVForward | None, group_size: int) -> tuple[float | None, dict]:
     """A setting's x: the eviction's compression (as set, or as measured for a policy without a budget) times the
     quantization's; and the extras that break it down."""
     measured = round(forward.compression, 4) if forward is not None and forward.kept else None
@@ -313,7 +312,7 @@ def kv_compression(s: Setting, forward: KVForward | None, m: Model, group_size: 
         eviction = s.compression
     else:
         eviction = 1.0 if s.policy == "full" else measured
-    by_bits = bits_compression(s.bits, m.dtype_bits, group_size)
+    by_bits = bits_compression(s.bits, group_size)
     x = None if eviction is None else round(eviction * by_bits, 4)
     fitted = forward.policy_for.counts() if forward is not None and isinstance(forward.policy_for, FittedPolicy) \
         else {}
@@ -339,11 +338,11 @@ def sweep_rows(kv: DictConfig, ctx: RunContext, m: Model, settings: list[Setting
             raise
         except Exception as exc:  # noqa: BLE001 - one setting that fails must not end the sweep
             status, message = status_of(exc)
-            x, breakdown = kv_compression(s, forward, m, kv.group_size)
+            x, breakdown = kv_compression(s, forward, kv.group_size)
             yield Row(s.provider, "kv_compression", x, metric, unit, status=status, message=message,
                       extra={**more, **breakdown})
             continue
-        x, breakdown = kv_compression(s, forward, m, kv.group_size)
+        x, breakdown = kv_compression(s, forward, kv.group_size)
         if s.compression is not None and breakdown.get("batches") and \
                 breakdown["full_cache_batches"] == breakdown["batches"]:  # nothing evicted: not a result at x
             yield Row(s.provider, "kv_compression", x, metric, unit, status="unsupported", extra={**more, **breakdown},
@@ -451,8 +450,7 @@ def checked_model(cfg: DictConfig, ctx: RunContext, experiments: list[str]) -> M
     """The model, once it has passed the checks that need it (an attention we can replace, a context that holds
     a chunk, a group size that divides its heads, budgets its layers take)."""
     module, tokenizer = load_model(cfg.model, ctx.device)
-    m = Model(module, tokenizer, str(cfg.model.name).split("/")[-1].lower(),
-              torch.finfo(next(module.parameters()).dtype).bits, module.config.num_hidden_layers)
+    m = Model(module, tokenizer, str(cfg.model.name).split("/")[-1].lower(), module.config.num_hidden_layers)
     try:
         check_replaceable(module)
     except ValueError as exc:
