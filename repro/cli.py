@@ -237,8 +237,9 @@ class SweepSummary(Callback):
         if world()[0] != 0:
             return
         sweep = Path(config.hydra.sweep.dir)
-        jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name[:1].isdigit()),
-                      key=lambda p: int(p.name.split("_")[0])) if sweep.is_dir() else []
+        # each job's folder holds Hydra's own account of it, whatever hydra.sweep.subdir names the folder
+        numbers = {p.parent.parent: OmegaConf.load(p).hydra.job.num for p in sweep.glob("**/.hydra/hydra.yaml")}
+        jobs = sorted(numbers, key=numbers.get)
         lines, not_ok = [], 0
         for job in jobs:
             try:
@@ -246,13 +247,12 @@ class SweepSummary(Callback):
             except (OSError, ValueError):
                 status, text = "missing", f"no record: it stopped before its run began (see {_rel(job)})"
             else:
-                committed = committed_copy(record, record_paths(record.config, record, job,
-                                                                int(job.name.split("_")[0]))[-1])
+                committed = committed_copy(record, record_paths(record.config, record, job, numbers[job])[-1])
                 where = committed if record.status != "error" and committed else job / "record.json"
                 why = f"  ({record.error.splitlines()[0][:100]})" if record.error else ""
                 status, text = record.status, f"{len(record.rows):5} rows  {_rel(where)}{why}"
             not_ok += status != "ok"
-            lines.append(f"  {job.name:28} {status:8} {text}")
+            lines.append(f"  {job.relative_to(sweep).as_posix():28} {status:8} {text}")
         SweepSummary.failed = not_ok > 0
         print(f"\n[repro] multirun of {len(jobs)} jobs, {not_ok} not ok ({_rel(sweep)}):\n" + "\n".join(lines) + "\n",
               flush=True)

@@ -198,18 +198,20 @@ def test_an_evaluation_text_that_cannot_be_loaded_fails_the_run_before_any_text_
     assert record(tmp_path)["rows"] == []
 
 
-def test_a_sweep_runs_every_job_lists_them_all_and_fails_if_one_did(tmp_path):
+@pytest.mark.parametrize("subdir, folder", [(None, "{}_flash_kernel"), ("job-${hydra.job.num}", "job-{}")])
+def test_a_sweep_runs_every_job_lists_them_all_and_fails_if_one_did(tmp_path, subdir, folder):
     code, out, err = run_inline("-m", "logger=none", f"hydra.sweep.dir={tmp_path}",
+                                *([f"hydra.sweep.subdir={subdir}"] if subdir else []),
                                 FAKE + "all_ok," + FAKE[len("task.entry="):] + "bad_input," +
                                 FAKE[len("task.entry="):] + "all_fail," + FAKE[len("task.entry="):] + "some_fail")
     assert code == 1
     summary = out[out.index("multirun of 4 jobs"):]
     assert "2 not ok" in summary
     lines = [line.split() for line in summary.splitlines()[1:] if line.strip()]
-    assert [(line[0], line[1]) for line in lines] == [("0_flash_kernel", "ok"), ("1_flash_kernel", "error"),
-                                                      ("2_flash_kernel", "error"), ("3_flash_kernel", "ok")]
+    assert [(line[0], line[1]) for line in lines] == [(folder.format(0), "ok"), (folder.format(1), "error"),
+                                                      (folder.format(2), "error"), (folder.format(3), "ok")]
     assert "fake.size=-1" in summary and "all 3 points failed" in summary
-    assert all((tmp_path / f"{i}_flash_kernel" / "record.json").exists() for i in range(4))
+    assert all((tmp_path / folder.format(i) / "record.json").exists() for i in range(4))
 
 
 @pytest.mark.parametrize("sweep, expected", [
