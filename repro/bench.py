@@ -4,7 +4,6 @@ against the baseline's on the same inputs, measures memory, derives TFLOP/s, ban
 baseline, and records what could not run instead of stopping."""
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -12,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .records import Row
-from .timing import is_out_of_memory, measure, peak_memory_mb
+from .timing import free_device_memory, is_out_of_memory, measure, peak_memory_mb
 
 
 class Unsupported(Exception):
@@ -68,16 +67,6 @@ class Provider:
     needs_triton: bool = False  # built on our Triton kernels: unsupported where they cannot run
 
 
-def _free(device: torch.device, failed: bool) -> None:
-    """Give a point's device memory back before the next point. An exception's traceback keeps tensors alive
-    through reference cycles, which only a collection frees: on a GPU, where the next point needs that memory,
-    collect now; on a CPU the interpreter's own collections suffice (one takes 0.15 s with torch loaded)."""
-    if device.type == "cuda":
-        if failed:
-            gc.collect()
-        torch.cuda.empty_cache()
-
-
 def _relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     result, reference = result.detach().double(), reference.detach().double().to(result.device)
     return float((result - reference).norm() / reference.norm().clamp_min(1e-30))
@@ -117,7 +106,7 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
         return [row("time", "ms", status=status, message=message)]
     finally:
         call = None
-        _free(device, failed)
+        free_device_memory(device, failed)
 
     rows = [row("time", "ms", timing.p50, timing.p20, timing.p80, timing.n)]
     rows[0].extra["clock"] = timing.clock

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .context import ConfigError, code_version, fingerprint, world
 from .records import Row, replace_atomically
-from .timing import kernel_time_by_family
+from .timing import free_device_memory, kernel_time_by_family
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "lamb")
@@ -617,12 +617,13 @@ def train_all(candidates: Iterable[Candidate], spec: TrainSpec, device: torch.de
     """Train each candidate, and its stages, in turn. One that runs out of memory, or that declares itself
     unsupported, becomes a row and the next one runs."""
     for candidate in candidates:
-        trainee = None
+        trainee, failed = None, True
         try:
             for build, stage_spec in [(lambda _: candidate.build(), candidate.spec),
                                       *((s.build, s.spec) for s in candidate.then)]:
                 trainee = build(trainee)
                 yield from train(trainee, stage_spec or spec, device, checkpoint_dir, resume)
+            failed = False
         except Exception as exc:  # noqa: BLE001
             row = failure_row(candidate.name, candidate.extra, exc)
             if row is None:
@@ -630,5 +631,4 @@ def train_all(candidates: Iterable[Candidate], spec: TrainSpec, device: torch.de
             yield row
         finally:
             trainee = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_device_memory(device, failed)
