@@ -106,8 +106,9 @@ def check_job(cfg: DictConfig) -> Callable:
     checks.number("record_every_s", cfg.record_every_s, integer=False, at_least=0)
     checks.number("seed", cfg.seed, at_least=0)
     checks.choice("logger.name", cfg.logger.name, ("wandb", "none"))
-    if cfg.logger.name == "wandb":  # W&B failing never stops a run, but a mistyped mode is the user's to fix
+    if cfg.logger.name == "wandb":  # W&B failing never stops a run, but a mistyped setting is the user's to fix
         checks.choice("logger.mode", cfg.logger.mode, WANDB_MODES)
+        checks.number("logger.init_timeout_s", cfg.logger.init_timeout_s, integer=False, at_least=1)
     entry, validate = load_task(cfg.task.entry)
     if validate is not None:
         validate(cfg)
@@ -322,6 +323,11 @@ def check_overrides(args: list[str]) -> str | None:
                     f"spaces in it, e.g. \"data.folder='~/my texts'\"")
     conf = PROJECT_ROOT / "conf"
     groups = [o for o in overrides if (conf / o.key_or_group).is_dir() or o.key_or_group.startswith("hydra")]
+    for o in groups:
+        if o.is_delete() and not o.key_or_group.startswith("hydra"):  # Hydra's would be a traceback
+            options = sorted(p.stem for p in (conf / o.key_or_group).glob("*.yaml"))
+            return (f"~{o.key_or_group}: a config group is not removed; choose one with {o.key_or_group}=<name> "
+                    f"({', '.join(options)}), or leave {o.key_or_group} out for its default")
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
             jobs = _jobs(conf, [o for o in groups if not o.key_or_group.startswith("hydra")])

@@ -119,6 +119,9 @@ def test_overrides_are_checked_before_hydra_runs():
     # a `???` key (a value the user must give) takes any value
     assert check_overrides(["task=lm_eval", "model=hf", "model.name=facebook/opt-6.7b"]) is None
     assert "model has no 'nme'" in check_overrides(["task=lm_eval", "model=hf", "model.nme=facebook/opt-6.7b"])
+    # Hydra would fail on the missing ${task.name} with a traceback
+    assert check_overrides(["~task"]).startswith("~task: a config group is not removed; choose one with task=<name> "
+                                                 "(compress_then_prompt, ")
 
 
 @pytest.mark.parametrize("args, refused", [
