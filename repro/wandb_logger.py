@@ -12,8 +12,6 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 
 class NullLogger:
-    run_dir: Path | None = None
-
     def log_rows(self, rows: list[Row]) -> None:
         pass
 
@@ -24,8 +22,6 @@ class NullLogger:
 class WandbLogger(NullLogger):
     def __init__(self, cfg, *, name: str, group: str | None, job_type: str, config: dict[str, Any],
                  output_dir: Path):
-        if cfg.mode not in WANDB_MODES:
-            raise ValueError(f"logger.mode={cfg.mode!r} is not one of {WANDB_MODES}")
         # Offline W&B still tries to report its own errors over the network; keep it quiet and local.
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -37,7 +33,6 @@ class WandbLogger(NullLogger):
             config=config, dir=str(output_dir), reinit="finish_previous",
             settings=wandb.Settings(init_timeout=cfg.init_timeout_s),
         )
-        self.run_dir = Path(self.run.dir).parent if self.run is not None and cfg.mode != "disabled" else None
         self.failed = False
 
     def log_rows(self, rows: list[Row]) -> None:
@@ -60,12 +55,10 @@ class WandbLogger(NullLogger):
 
 
 def make_logger(cfg, **kwargs) -> NullLogger:
-    """The configured logger; if W&B cannot start (no network for `online`, a broken install), the run goes
-    on without it and says so."""
+    """The configured logger (`cli.check_job` has checked its settings); if W&B cannot start (no network for
+    `online`, a broken install), the run goes on without it and says so."""
     if cfg.name == "none":
         return NullLogger()
-    if cfg.name != "wandb":
-        raise ValueError(f"logger.name={cfg.name!r} is not one of: wandb, none")
     try:
         return WandbLogger(cfg, **kwargs)
     except Exception as exc:  # noqa: BLE001 - W&B must never stop a run
