@@ -11,7 +11,7 @@ import yaml
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 COMPARE_KINDS = ("ratio", "absolute", "peak_fraction")
-AGGREGATES = ("mean", "geomean", "max", "min", "last", "largest_x_within")
+AGGREGATES = ("mean", "max", "min", "last", "largest_x_within")
 SCALES = ("smoke", "small", "paper")
 
 

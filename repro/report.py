@@ -32,7 +32,9 @@ NOT_COMPARABLE = "not comparable at this scale"
 OTHER_HARDWARE = "not comparable (other hardware)"
 NOT_RUN = "not yet run"
 SCALE_ORDER = {"smoke": 0, "small": 1, "paper": 2}
-USABLE = ("ok", "killed")  # a killed run's rows were each complete when written; used only where no whole run is
+# A killed run's rows, and those of a run ended by running out of memory, were each complete when written: used
+# only where no whole run is. A run ended by an error is not used: the error may be in the code that measured.
+USABLE = ("ok", "killed", "oom")
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, datasheets), for claims stated as a fraction of peak.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0}
@@ -70,8 +72,6 @@ def _matches(row, where: dict) -> bool:
 
 
 def _aggregate(values: list[float], how: str) -> float:
-    if how == "geomean":
-        return math.exp(sum(math.log(v) for v in values) / len(values))
     return {"mean": lambda v: sum(v) / len(v), "max": max, "min": min, "last": lambda v: v[-1]}[how](values)
 
 

@@ -370,19 +370,24 @@ def test_named_points_and_points_at_zero_plot_without_warnings(tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
 
 
-def test_a_killed_newer_record_never_displaces_a_complete_one(tree, no_plots):
+@pytest.mark.parametrize("ended", ["killed", "oom"])
+def test_a_run_cut_short_never_displaces_a_complete_one_and_is_used_where_none_is(tree, no_plots, ended):
     runs = tree / "runs" / "toy" / "bench"
-    cut_short = rec("bench", "small", [row("speedup", 0.5)], started="2026-12-01T00:00:00+00:00", status="killed")
+    cut_short = rec("bench", "small", [row("speedup", 0.5)], started="2026-12-01T00:00:00+00:00", status=ended)
     save_record(cut_short, runs / "killed.json")
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
     fast = next(line for line in report.splitlines() if "toy:fast," in line)
-    assert "3.5x" in fast and "killed" not in fast
+    assert "3.5x" in fast and ended not in fast
     only_killed = rec("train", "paper", [row("accuracy", 61.0)], started="2026-12-01T00:00:00+00:00",
-                      status="killed")
+                      status=ended)
     save_record(only_killed, tree / "runs" / "toy" / "train" / "killed.json")
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
     quality = next(line for line in report.splitlines() if "toy:quality," in line)
-    assert "killed run" in quality and quality.endswith("| reproduced |")  # used, since no whole run exists
+    assert f"{ended} run" in quality and quality.endswith("| reproduced |")  # used, since no whole run exists
+    crashed = rec("train", "paper", [row("accuracy", 70.0)], started="2026-12-02T00:00:00+00:00", status="error")
+    save_record(crashed, tree / "runs" / "toy" / "train" / "crashed.json")
+    report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
+    assert "70%" not in next(line for line in report.splitlines() if "toy:quality," in line)
 
 
 def test_a_newer_run_with_fewer_of_a_claims_points_never_displaces_one_with_more(tree, no_plots):
