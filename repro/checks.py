@@ -38,21 +38,21 @@ def _none_twice(key: str, values: list) -> None:
         raise ConfigError(f"{key} names {twice[0]!r} more than once")
 
 
-def number(key: str, value: Any, *, integer: bool = True, at_least: float | None = None,
+def number(key: str, value: Any, *, integer: bool = True, at_least: float | None = None, above: float | None = None,
            below: float | None = None, at_most: float | None = None, divides: int | None = None) -> None:
     """`value` is one number of the right kind within the bounds given; a list is refused (a key that takes a list
     of numbers is checked by `numbers`)."""
     wanted = "an integer" if integer else "a number"
-    bounds = [f">= {at_least:g}" if at_least is not None else "", f"< {below:g}" if below is not None else "",
-              f"<= {at_most:g}" if at_most is not None else ""]
+    bounds = [f">= {at_least:g}" if at_least is not None else "", f"> {above:g}" if above is not None else "",
+              f"< {below:g}" if below is not None else "", f"<= {at_most:g}" if at_most is not None else ""]
     what = " ".join([wanted, " and ".join(b for b in bounds if b)]).strip()
     if isinstance(value, Sequence) and not isinstance(value, str):
         raise ConfigError(f"{key}={list(value)!r} must be one value, {what}, not a list")
     kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not kind_ok:
         raise ConfigError(f"{key}={value!r} must be {what}")
-    if (at_least is not None and value < at_least) or (below is not None and value >= below) or \
-            (at_most is not None and value > at_most):
+    if (at_least is not None and value < at_least) or (above is not None and value <= above) or \
+            (below is not None and value >= below) or (at_most is not None and value > at_most):
         raise ConfigError(f"{key}={value!r} must be {what}")
     if divides is not None and divides % value:
         raise ConfigError(f"{key}={value!r} must divide {divides}")

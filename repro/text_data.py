@@ -128,9 +128,7 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
     """Tokenise the corpus once (documents joined by the end-of-text token) and cache the ids; the last
     `val_fraction` of the documents are the validation part. The cache is keyed by what was read, the
     tokenizer settings and CACHE_VERSION, so a changed corpus or setting is tokenised afresh."""
-    checks.number("data.val_fraction", spec.val_fraction, integer=False, at_least=0, below=1)
-    if not spec.val_fraction > 0:  # the share of the documents held out for validation
-        raise ConfigError(f"data.val_fraction={spec.val_fraction!r} must be > 0 and < 1")
+    checks.number("data.val_fraction", spec.val_fraction, integer=False, above=0, below=1)
     corpus, read = _corpus(spec)
     documents = functools.cache(read)
     settings = dict(version=CACHE_VERSION, corpus=corpus, tokenizer=spec.tokenizer, vocab_size=spec.vocab_size,

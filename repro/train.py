@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from . import checks
 from .context import ConfigError, code_version, fingerprint, world
 from .records import Row, replace_atomically
 from .timing import free_device_memory, kernel_time_by_family
@@ -64,14 +65,6 @@ class Lamb(torch.optim.Optimizer):
                 p.add_(update * trust, alpha=-group["lr"])
 
 
-def _positive(name, value, integer=False, allow_zero=False):
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        what = "an integer" if integer else "a number"
-        raise ConfigError(f"train.{name}={value!r} must be {what} {'>= 0' if allow_zero else '> 0'}")
-
-
 @dataclass
 class TrainSpec:
     steps: int
@@ -106,12 +99,12 @@ class TrainSpec:
 
     def validate(self) -> None:
         for name in ("steps", "grad_accum", "log_every"):
-            _positive(name, getattr(self, name), integer=True)
+            checks.number(f"train.{name}", getattr(self, name), at_least=1)
         for name in ("warmup_steps", "eval_every", "timing_skip_steps"):
-            _positive(name, getattr(self, name), integer=True, allow_zero=True)
-        _positive("lr", self.lr)
+            checks.number(f"train.{name}", getattr(self, name), at_least=0)
+        checks.number("train.lr", self.lr, integer=False, above=0)
         for name in ("weight_decay", "grad_clip", "checkpoint_every_s"):
-            _positive(name, getattr(self, name), allow_zero=True)
+            checks.number(f"train.{name}", getattr(self, name), integer=False, at_least=0)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):

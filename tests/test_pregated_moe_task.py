@@ -226,7 +226,7 @@ def test_every_setting_is_checked(compose):
         ("quality.n_head", 3, "quality.d_model=32 must be a multiple of quality.n_head=3"),
         ("quality.batch_tokens", 16, "quality.batch_tokens=16 is less than one sequence of 32"),
         ("quality", {"seq_len": 10**7, "batch_tokens": 10**7}, "too few for sequences of quality.seq_len=10000000"),
-        ("train.steps", 0, "train.steps=0 must be an integer > 0"),
+        ("train.steps", 0, "train.steps=0 must be an integer >= 1"),
     ]:
         cfg = base.copy()
         if key == "moe.checkpoint":
