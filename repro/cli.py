@@ -260,6 +260,8 @@ class SweepSummary(Callback):
 
 
 def _rel(path: Path) -> str:
+    """`path` as the user would type it here (relative to the current folder); report.py's `_rel` is relative to
+    the project, as the report's links are."""
     try:
         return str(Path(path).resolve().relative_to(Path.cwd()))
     except ValueError:

@@ -32,10 +32,6 @@ class RunContext:
     output_dir: Path
     env: dict[str, Any]
 
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.type == "cuda"
-
 
 def world() -> tuple[int, int]:
     """(rank, world size): torchrun sets RANK and WORLD_SIZE; a plain run is rank 0 of 1."""

@@ -107,20 +107,15 @@ def measure(
     return _summarise([call() for _ in range(reps)], CLOCK_CPU)
 
 
-def measure_steps(step: Callable[[int], object], steps: int, device: torch.device, *, warmup: int = 2,
-                  streams: Sequence = ()) -> Timing:
-    """Time a sequence of `steps` steps that each change state (a decode step that grows a cache, a layer that
-    fetches the next one's weights), each once, in order: step(i) for i in range(warmup + steps), the first
-    `warmup` untimed. Repeating one step, as `measure` does, would not be the same work twice. Device events
-    around each step on a GPU (side `streams` joined), the wall clock on a CPU."""
-    return measure_steps_in_turn({"": (step, streams)}, steps, device, warmup=warmup)[""]
-
-
 def measure_steps_in_turn(sequences: Mapping[str, tuple[Callable[[int], object], Sequence]], steps: int,
                           device: torch.device, *, warmup: int = 2) -> dict[str, Timing]:
-    """`measure_steps` of several sequences, each given as (step, side streams), taking turns a step at a time:
-    step i of every sequence, then step i + 1 of every one. A host whose speed drifts during a run (a shared
-    machine, host-bound steps) then slows them all alike, and the ratios between them hold."""
+    """Time sequences of `steps` steps that each change state (a decode step that grows a cache, a layer that
+    fetches the next one's weights), each step once, in order: step(i) for i in range(warmup + steps), the first
+    `warmup` untimed. Repeating one step, as `measure` does, would not be the same work twice. Each sequence is
+    (step, side streams); device events around each step on a GPU (the side streams joined), the wall clock on a
+    CPU. The sequences take turns a step at a time: step i of every sequence, then step i + 1 of every one. A
+    host whose speed drifts during a run (a shared machine, host-bound steps) then slows them all alike, and the
+    ratios between them hold."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
     for i in range(warmup):

@@ -167,13 +167,14 @@ def test_a_median_is_never_taken_over_fewer_than_min_calls(monkeypatch):
 
 
 def test_a_sequence_of_stateful_steps_is_timed_step_by_step_in_order():
-    from repro.timing import measure_steps
+    from repro.timing import measure_steps_in_turn
     seen = []
-    t = measure_steps(lambda i: (seen.append(i), time.sleep(0.001 * (i + 1))), 4, torch.device("cpu"), warmup=2)
+    t = measure_steps_in_turn({"s": (lambda i: (seen.append(i), time.sleep(0.001 * (i + 1))), ())}, 4,
+                              torch.device("cpu"), warmup=2)["s"]
     assert seen == [0, 1, 2, 3, 4, 5]  # each step once: the warm-up ones, then the timed ones
     assert t.n == 4 and 3.0 <= t.p20 <= t.p50 <= t.p80 < 60  # the timed steps sleep 3, 4, 5, 6 ms
     with pytest.raises(ValueError, match="steps"):
-        measure_steps(lambda i: None, 0, torch.device("cpu"))
+        measure_steps_in_turn({"s": (lambda i: None, ())}, 0, torch.device("cpu"))
 
 
 def test_sequences_timed_in_turn_take_one_step_each_in_order():
