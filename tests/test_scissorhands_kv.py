@@ -14,7 +14,7 @@ from repro.report import claim_value
 from tasks.scissorhands.generate import FloatStore, QuantizedStore
 from tasks.scissorhands.memory import bits_compression, cache_bytes, largest_batch, table_rows
 from tasks.scissorhands.policies import Full, Scissorhands
-from tasks.scissorhands.task import FittedPolicy, Setting, sweep
+from tasks.scissorhands.task import FittedPolicy, Setting, budget, sweep
 
 TINY = ["task=scissorhands_kv", "model=tiny_llama", "logger=none"]
 # The 4-bit cache and the decode benchmark on the least that runs them: 8 tokens, one chunk, groups of 4, in
@@ -275,6 +275,11 @@ def test_claims_read_the_rows_the_task_writes(smoke, interpreted):
     fraction = next(r.p50 for r in record.rows if r.metric == "min_kv_fraction_ppl_maintained"
                     and r.provider == "scissorhands")
     assert claim_value(claims["c4_ppl_maintained_kv_fraction_opt6b"], record)[0] == fraction == 100 / max(within)
+
+
+def test_a_budget_rounds_up_so_that_the_cache_is_never_smaller_than_its_compression_says():
+    assert [budget(512, c) for c in (1, 1.5, 3, 6.25, 10)] == [512, 342, 171, 82, 52]  # 512 / 1.5 = 341.3
+    assert budget(100, 3) == 34 and budget(7, 10) == 1
 
 
 def test_the_sweep_quantizes_only_the_policies_it_is_told_to():
