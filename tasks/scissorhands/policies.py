@@ -389,6 +389,12 @@ def policy_at_budget(name: str, params: dict, budget: int | None = None) -> Poli
             params[field] = max(least, round(params.pop(key) * budget))
     if "layers" in params:
         params["layers"] = tuple(params["layers"])
-    if name in POLICIES and issubclass(POLICIES[name], _Budgeted):
+    if budgeted(name):
         params["budget"] = budget
     return make_policy(name, **params)
+
+
+def budgeted(name: str) -> bool:
+    """Whether policy `name` takes a budget (the others, `full` and `scissorhands_released`, run once each, at
+    whatever compression they reach)."""
+    return name in POLICIES and issubclass(POLICIES[name], _Budgeted)

@@ -41,13 +41,12 @@ from .generate import KV_BITS, REFERENCE, decode_logits
 from .hooks import check_replaceable
 from .memory import bits_compression, table_rows
 from .policies import (BUDGET_SCHEDULES, POLICIES, THRESHOLDS, Full, Policy, check_config_parameters,
-                       policy_at_budget)
+                       budgeted, policy_at_budget)
 from .simulate import persistence_ratio, simulate
 
 EXPERIMENTS = ("table1", "persistence", "quality", "multiple_choice", "decode")
 MODEL_EXPERIMENTS = ("persistence", "quality", "multiple_choice")
 MODES = ("simulate", "generate")
-UNBUDGETED = ("full", "scissorhands_released")  # one run each, at whatever compression they reach
 
 
 def budget(length: int, compression: float) -> int:
@@ -86,7 +85,7 @@ def sweep(kv: DictConfig, policies, compressions, bits) -> list[Setting]:
     (null: all)."""
     quantized = checks.as_list(kv.quantized_policies) if kv.quantized_policies is not None else policies
     return [Setting(name, b, c) for b in bits for name in policies if b == 16 or name in quantized
-            for c in ([None] if name in UNBUDGETED else compressions)]
+            for c in (compressions if budgeted(name) else [None])]
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -304,21 +303,20 @@ def kv_forward(kv: DictConfig, s: Setting, policy_for: Callable[[int], Policy], 
     return KVForward(policy_for, s.generates(kv.mode), s.bits, kv.group_size, schedule)
 
 
-def kv_compression(s: Setting, forward: KVForward | None, group_size: int) -> tuple[float | None, dict]:
+def kv_compression(s: Setting, forward: KVForward, group_size: int) -> tuple[float | None, dict]:
     """A setting's x: the eviction's compression (as set, or as measured for a policy without a budget) times the
     quantization's; and the extras that break it down."""
-    measured = round(forward.compression, 4) if forward is not None and forward.kept else None
+    measured = round(forward.compression, 4) if forward.kept else None
     if s.compression is not None:
         eviction = s.compression
     else:
         eviction = 1.0 if s.policy == "full" else measured
     by_bits = bits_compression(s.bits, group_size)
     x = None if eviction is None else round(eviction * by_bits, 4)
-    fitted = forward.policy_for.counts() if forward is not None and isinstance(forward.policy_for, FittedPolicy) \
-        else {}
+    fitted = forward.policy_for.counts() if isinstance(forward.policy_for, FittedPolicy) else {}
     return x, {"policy": s.policy, "kv_bits": s.bits, "eviction_compression": eviction,
                "bits_compression": round(by_bits, 4), "measured_compression": measured,
-               "bytes_compression": forward.bytes_compression if forward is not None else None, **fitted}
+               "bytes_compression": forward.bytes_compression, **fitted}
 
 
 def sweep_rows(kv: DictConfig, ctx: RunContext, m: Model, settings: list[Setting], policy_for, evaluate, to_rows,
