@@ -75,11 +75,13 @@ def test_a_run_stopped_by_sigterm_keeps_its_rows_as_killed_and_says_so_in_one_li
     deadline = time.time() + 120
     while time.time() < deadline and not (partial.exists() and '"loss"' in partial.read_text()):
         time.sleep(0.2)
+    saved_while_running = partial.exists() and '"loss"' in partial.read_text()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     record = load(tmp_path / "record.json")
     assert record["status"] == "killed" and any(r["metric"] == "loss" for r in record["rows"])
     assert proc.returncode == 130 and "Traceback" not in err and "stopped (signal 15)" in err
+    assert saved_while_running  # the record of a run that dies without a word (SIGKILL) still holds its rows
 
 
 @pytest.mark.parametrize("submitit_does", ["give up", "requeue"])
