@@ -14,6 +14,10 @@ def all_fail(cfg, ctx):
     yield from _rows(["error", "oom", "unsupported"])
 
 
+def all_oom(cfg, ctx):
+    yield from _rows(["oom", "oom", "unsupported"])
+
+
 def some_fail(cfg, ctx):
     yield from _rows(["ok", "error", "ok"])
 

@@ -48,6 +48,18 @@ def test_oom_unsupported_and_errors_are_rows_and_the_sweep_goes_on():
     assert status["base"][0] == "ok"
 
 
+@pytest.mark.parametrize("exc, oom", [
+    (RuntimeError("CUDA error: out of memory"), True),  # what some kernels raise in place of OutOfMemoryError
+    (RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory"), True),
+    (MemoryError(), True),
+    (RuntimeError("expected mat1 and mat2 to have the same dtype"), False),
+    (ValueError("out of memory"), False),  # a value error that only says the words is a bug, not a full device
+])
+def test_out_of_memory_is_told_from_other_errors(exc, oom):
+    from repro.timing import is_out_of_memory
+    assert is_out_of_memory(exc) is oom
+
+
 def test_exactly_one_baseline():
     with pytest.raises(ValueError, match="baseline"):
         run([Provider("a", sleeper(0)), Provider("b", sleeper(0))])

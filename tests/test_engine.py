@@ -155,6 +155,11 @@ def test_a_run_whose_points_all_failed_exits_non_zero_and_says_so(tmp_path):
     assert "point 2 unsupported" in err  # why a point could not run is said, as an error's message is
 
 
+def test_a_run_whose_every_failed_point_ran_out_of_memory_is_an_oom_run(tmp_path):
+    code, out, err = run_inline(FAKE + "all_oom", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert code == 1 and record(tmp_path)["status"] == "oom" and "all 3 points failed" in err
+
+
 def test_a_run_with_some_failed_points_says_how_many(tmp_path):
     code, out, err = run_inline(FAKE + "some_fail", "logger=none", f"hydra.run.dir={tmp_path}")
     assert code == 0 and "1 of 3 rows failed" in out
