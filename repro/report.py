@@ -217,8 +217,7 @@ def claims_table(outcomes: list[Outcome], links_from: Path) -> str:
         c = o.claim
         unverified = "" if c.verified else " (unverified)"
         # another card's best record may differ in model and settings too, not only in the card
-        other_card = f"↳ the same claim, from another card's record (its own settings) <br><sub>{c.paper}:{c.id}" \
-                     "</sub>"
+        other_card = f"↳ the same claim, another card's record <br><sub>{c.paper}:{c.id}</sub>"
         label = other_card if c is previous else f"{c.claim} <br><sub>{c.paper}:{c.id}, {c.source}{unverified}</sub>"
         previous = c
         where = f"{o.gpu}, {o.scale}" + (f", **{o.record_status} run**" if o.record_status != "ok" else "") \

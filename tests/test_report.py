@@ -469,7 +469,7 @@ def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree, no_plots):
     lines = report.splitlines()
     first = next(i for i, line in enumerate(lines) if "toy:fast," in line)
     assert "NVIDIA H200" in lines[first] and "2x" in lines[first] and lines[first].endswith("| not reproduced |")
-    assert "the same claim, from another card's record" in lines[first + 1]
+    assert "the same claim, another card's record" in lines[first + 1]
     assert "H100" in lines[first + 1] and "3.5x" in lines[first + 1]
     # a claim that no card measured is one row, not one a card; one measured on a card is no row of the others'
     unmeasured = [line for line in lines if "toy:no_provider" in line]
