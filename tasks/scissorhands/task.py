@@ -319,8 +319,8 @@ def kv_compression(s: Setting, forward: KVForward, group_size: int) -> tuple[flo
                "bytes_compression": forward.bytes_compression, **fitted}
 
 
-def sweep_rows(kv: DictConfig, ctx: RunContext, m: Model, settings: list[Setting], policy_for, evaluate, to_rows,
-               metric: str, unit: str, extra) -> Iterator[Row]:
+def sweep_rows(kv: DictConfig, ctx: RunContext, settings: list[Setting], policy_for, evaluate, to_rows, metric: str,
+               unit: str, extra) -> Iterator[Row]:
     """Each setting, its cache under `policy_for(setting)(length)`, measured by `evaluate(forward)` and written by
     `to_rows(result, provider, x, extra)` with the extras `extra(setting)` and the compression's. A setting that
     cannot run here, or fails, is a row of `metric` saying so, and the sweep goes on."""
@@ -402,7 +402,7 @@ def quality_rows(cfg: DictConfig, ctx: RunContext, m: Model, text: str, chunks: 
 
     settings = sweep(kv, checks.as_list(kv.policies), checks.as_list(kv.compressions), checks.as_list(kv.bits))
     rows = []
-    for row in sweep_rows(kv, ctx, m, settings,
+    for row in sweep_rows(kv, ctx, settings,
                           lambda s: lambda n: policy_at_budget(s.policy, params(kv, s.policy), budget_of(s)),
                           evaluate, to_rows, "perplexity", "ppl", lambda s: {**base, "budget": budget_of(s)}):
         rows.append(row)
@@ -428,7 +428,7 @@ def multiple_choice_rows(cfg: DictConfig, ctx: RunContext, m: Model) -> Iterator
         return rows
 
     settings = sweep(kv, checks.as_list(mc.policies), checks.as_list(mc.compressions), checks.as_list(mc.bits))
-    yield from sweep_rows(kv, ctx, m, settings, lambda s: FittedPolicy(kv, s, m.n_layers), evaluate,
+    yield from sweep_rows(kv, ctx, settings, lambda s: FittedPolicy(kv, s, m.n_layers), evaluate,
                           to_rows, "accuracy", "fraction",
                           lambda s: {"model": m.label, "num_fewshot": mc.num_fewshot, "limit": mc.limit})
 
