@@ -233,9 +233,9 @@ def validate(cfg: DictConfig) -> None:
         checks.number(f"lra.{key}", spec[key], at_least=1)
     checks.number("lra.listops_max_length", spec.listops_max_length, at_least=spec.listops_min_length)
     for task in tasks:
-        if generated(task, spec):  # what the generator would refuse once the run has started
+        if generator := generated(task, spec):  # what the generator would refuse once the run has started
             try:
-                generator_params(*generated(task, spec))
+                generator_params(*generator)
             except ValueError as exc:
                 raise ConfigError(f"lra (task {task}): {exc}") from None
     TrainSpec.from_config(cfg.train)
