@@ -242,9 +242,9 @@ def kernel_time_by_family(fn: Callable[[], object], device: torch.device, top: i
 
 
 def free_device_memory(device: torch.device, failed: bool) -> None:
-    """Give a point's (or a trainee's) device memory back before the next one. An exception's traceback keeps tensors alive
-    through reference cycles, which only a collection frees: on a GPU, where the next point needs that memory,
-    collect now; on a CPU the interpreter's own collections suffice (one takes 0.15 s with torch loaded)."""
+    """Give a point's (or a trainee's) device memory back before the next one. An exception's traceback keeps
+    tensors alive through reference cycles, which only a collection frees: on a GPU, where the next one needs that
+    memory, collect now; on a CPU the interpreter's own collections suffice (one takes 0.15 s with torch loaded)."""
     if device.type == "cuda":
         if failed:
             gc.collect()
