@@ -142,6 +142,21 @@ def _written_beside(path: Path, write: Callable[[Path], None]) -> Path:
     return Path(tmp)
 
 
+def _sync_directory(directory: Path) -> None:
+    """Flush a folder's entries, so that a rename into it outlives a crash of the machine, not only of the run.
+    Best effort: some platforms and filesystems cannot open or sync a folder."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """`write` a temporary file beside `path`, flush it to disk, then rename it over `path`: a reader (or a
     killed run) sees the old file or the new one, never half of one."""
@@ -152,6 +167,7 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_directory(path.parent)
 
 
 def _json_writer(data: Any) -> Callable[[Path], None]:
@@ -200,6 +216,7 @@ def save_new_record(record: RunRecord, path: Path) -> Path:
                     continue
                 os.replace(tmp, target)
             # (`pack_records` writes name.json.gz before it removes name.json: a name being packed is never free)
+            _sync_directory(target.parent)
             return target
     finally:
         tmp.unlink(missing_ok=True)
