@@ -358,6 +358,11 @@ def check_overrides(args: list[str]) -> str | None:
         return f"unknown config key 'hydra.{unknown_hydra[0]}': hydra has no {unknown_hydra[0]!r}; its keys are: " \
                f"{', '.join(known)}"
     keys = [o for o in overrides if o not in groups and not (o.is_add() or o.is_force_add())]
+    added = [o for o in overrides if o.is_add() and o not in groups]
+    for _, cfg, _ in jobs:
+        error = _added_where_nothing_reads(cfg, added)
+        if error:
+            return error
     for choices, cfg, swept in jobs:
         error = _bad_value(cfg, keys)
         if error and swept:  # Hydra applies the overrides to a paper's own config, before its sweep's jobs
@@ -486,6 +491,31 @@ def _unused_model(conf: Path, jobs: list) -> str | None:
             paper = next((c for c in choices if c.startswith("paper=")), None)
             return (f"task={cfg.task.name}{f' (of {paper})' if paper else ''} loads no pretrained model, so "
                     f"{given[0]} has nothing to choose; the tasks that take one: {', '.join(takers)}")
+    return None
+
+
+# the engine's own parts of the config, whose keys it reads by name: a key added there with a '+' is read by nothing.
+# (A task's own sections are its validator's: some take added keys, e.g. a compression level added to a catalog.)
+ENGINE_SECTIONS = ("task", "scale", "logger", "paths")
+
+
+def _added_where_nothing_reads(cfg: DictConfig, overrides: list) -> str | None:
+    """A `+key=value` at the config's top level or in one of the ENGINE_SECTIONS, which would be ignored."""
+    for o in overrides:
+        parts = o.key_or_group.split(".")
+        if parts[0] in cfg.keys() and parts[0] not in ENGINE_SECTIONS:
+            continue  # a task's section: its validator's to judge
+        node, path = cfg, []
+        for part in parts:
+            if not OmegaConf.is_dict(node) or part not in node.keys():
+                break
+            node, path = node[part], path + [part]
+        else:
+            continue  # there already: Hydra refuses to add it
+        where = ".".join(path) or "the top level"
+        known = ", ".join(str(k) for k in node.keys() if path or k != "hydra") if OmegaConf.is_dict(node) \
+            else "none (not a mapping)"
+        return f"+{o.key_or_group}: {where} has no {part!r}, and nothing reads a key added there; its keys are: {known}"
     return None
 
 

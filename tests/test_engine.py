@@ -119,6 +119,13 @@ def test_overrides_are_checked_before_hydra_runs():
     # a `???` key (a value the user must give) takes any value
     assert check_overrides(["task=lm_eval", "model=hf", "model.name=facebook/opt-6.7b"]) is None
     assert "model has no 'nme'" in check_overrides(["task=lm_eval", "model=hf", "model.nme=facebook/opt-6.7b"])
+    # a key added where nothing reads it (the engine's own sections, the top level) would be ignored
+    assert check_overrides(["task=greenformers", "+record_every=5"]).startswith(
+        "+record_every: the top level has no 'record_every', and nothing reads a key added there; its keys are: seed, "
+        "record_every_s,")
+    assert check_overrides(["+scale.devices=2"]) == ("+scale.devices: scale has no 'devices', and nothing reads a key "
+                                                     "added there; its keys are: name, device, commit_records")
+    assert check_overrides(["task=lra_listops", "+lra.model.dropout=0.1"]) is None  # a task's section: its validator's
     # Hydra would fail on the missing ${task.name} with a traceback
     assert check_overrides(["~task"]).startswith("~task: a config group is not removed; choose one with task=<name> "
                                                  "(compress_then_prompt, ")
