@@ -99,6 +99,8 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
             result = None
         timing = measure(call.fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=call.grad_to_none,
                          back_to_back=back_to_back)
+        for tensor in call.grad_to_none:  # a step's peak from no gradients, not on top of the last timed call's
+            tensor.grad = None
         memory = peak_memory_mb(call.fn, device)
     except Exception as exc:  # noqa: BLE001 - one broken point must not end the sweep
         failed = True

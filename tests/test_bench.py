@@ -60,6 +60,24 @@ def test_out_of_memory_is_told_from_other_errors(exc, oom):
     assert is_out_of_memory(exc) is oom
 
 
+def test_a_steps_peak_memory_is_measured_without_the_timed_calls_gradients(monkeypatch):
+    import repro.bench
+    weight = torch.randn(64, 64, requires_grad=True)
+    seen = []
+
+    def peak(fn, device):
+        seen.append(weight.grad is None)  # what the measured step starts from
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(repro.bench, "peak_memory_mb", peak)
+    step = Provider("step", lambda point: Call(lambda: (weight @ weight).sum().backward(), grad_to_none=(weight,)),
+                    baseline=True)
+    rows = run([step])
+    assert seen == [True] and weight.grad is not None
+    assert [r.p50 for r in rows if r.metric == "peak_memory"] == [1.0]
+
+
 def test_exactly_one_baseline():
     with pytest.raises(ValueError, match="baseline"):
         run([Provider("a", sleeper(0)), Provider("b", sleeper(0))])
