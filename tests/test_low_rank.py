@@ -56,6 +56,21 @@ def test_factorize_replaces_only_layers_where_it_saves_weights_with_the_truncate
     assert model[0].down.weight.grad is not None and model[0].up.weight.grad is not None
 
 
+@pytest.mark.parametrize("rank, n_in, n_out, factorised_rank", [
+    (614, 768, 3072, None),  # in·out/(in+out) = 614.4, which greenformer rounds down to 614 and skips at
+    (613, 768, 3072, 613),
+    (0.9, 256, 1024, 183),   # 0.9 of the rounded-down 204, not of 204.8
+    (0.75, 768, 2, None),    # a 2-class head: 0.75 of 1 is rank 0, left dense
+])
+def test_ranks_and_skipped_layers_follow_greenformers_auto_fact(rank, n_in, n_out, factorised_rank):
+    model = nn.Sequential(linear(n_in, n_in), linear(n_in, n_out))
+    if factorised_rank is None:
+        with pytest.raises(ValueError, match="factorises none"):
+            factorize(model, rank, only=["1"])
+    else:
+        assert factorize(model, rank, only=["1"]).factorised == {"1": factorised_rank}
+
+
 def test_a_tied_weight_stays_dense():
     embed = nn.Embedding(40, 24)
     decoder = nn.Linear(24, 40, bias=False)

@@ -65,17 +65,23 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def rank_limit(in_features: int, out_features: int) -> int:
+    """in·out/(in+out), rounded down as greenformer rounds it: about where the factors cost as much as W."""
+    return in_features * out_features // (in_features + out_features)
+
+
 def layer_rank(rank: int | float, in_features: int, out_features: int) -> int:
     """The rank a layer gets: `rank` itself if an int; a float in (0, 1) is that fraction (rounded down) of
-    in·out/(in+out), the rank at which the factors cost as much as the dense weight (greenformer's
-    convention)."""
+    the layer's rank_limit (greenformer's convention)."""
     if isinstance(rank, float):
-        return math.floor(rank * in_features * out_features / (in_features + out_features))
+        return math.floor(rank * rank_limit(in_features, out_features))
     return rank
 
 
-def saves_parameters(rank: int, in_features: int, out_features: int) -> bool:
-    return 1 <= rank and rank * (in_features + out_features) < in_features * out_features
+def factorised_at(rank: int, in_features: int, out_features: int) -> bool:
+    """Whether a layer is factorised at `rank`: below its rank_limit, so that the factors save weights (where
+    greenformer's auto_fact skips a layer, at or above it, this does too)."""
+    return 1 <= rank < rank_limit(in_features, out_features)
 
 
 @dataclass
@@ -116,7 +122,7 @@ def count_parameters(model: nn.Module) -> int:
 def factorize(model: nn.Module, rank: int | float, *, only: Callable[[str], bool] | Sequence[str] | None = None,
               init: str = "svd") -> FactorizeReport:
     """Replace, in place, every selected nn.Linear of `model` by a LowRankLinear of `rank` (see layer_rank)
-    where that saves weights, r·(in+out) < in·out; other layers stay dense, as greenformer's auto_fact does.
+    where that saves weights (`factorised_at`); other layers stay dense, as greenformer's auto_fact does.
     A weight shared with another module (an MLM decoder tied to the embeddings) stays too: factorising it
     would untie them. `only`: a predicate on the layer's name, or fnmatch patterns of names
     ("encoder.layer.*.attention.*"). Returns which layers were factorised and the parameter counts."""
@@ -137,7 +143,7 @@ def factorize(model: nn.Module, rank: int | float, *, only: Callable[[str], bool
         if not selected(name):
             continue
         r = layer_rank(rank, layer.in_features, layer.out_features)
-        if saves_parameters(r, layer.in_features, layer.out_features) and uses[id(layer.weight)] == 1:
+        if factorised_at(r, layer.in_features, layer.out_features) and uses[id(layer.weight)] == 1:
             plan[name] = r
         else:
             report.kept.append(name)
