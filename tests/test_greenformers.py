@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import check_smoke_record, gpu, run_inline
 from repro.records import Row
@@ -17,7 +16,7 @@ from tasks.common.low_rank import LowRankLinear, count_parameters
 from tasks.greenformers.efficiency import (Models, cost_rows, crossover_rows, host_memory_rows, shortest_win,
                                            tensor_peak_mb)
 from tasks.greenformers.quality import MARKERS, counting_set, svd_rows
-from tasks.greenformers.task import _point
+from tasks.greenformers.task import _point, distinct_models
 from tasks.greenformers.variants import Variant, build, count_flops, on_meta, parse_variant, with_attention
 
 BERT_BASE = dict(name="bert-base", vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -43,7 +42,8 @@ def test_smoke_run_writes_every_kind_of_row(tmp_path):
     lrt = next(r for r in rows if r.provider == "lrt_r8" and r.metric == "time")
     assert lrt.extra["rank"] == 8 and lrt.extra["attention"] == "eager" and lrt.extra["variant"] == "lrt"
     crossover = [r for r in rows if r.metric == "crossover_time"]
-    assert {r.extra["against"] for r in crossover} == {"lrt_r8", "base", "base+sdpa"}
+    assert {r.extra["against"] for r in crossover} == {"lrt_r8", "lrt_r8+sdpa", "base", "base+sdpa"}
+    assert {r.provider for r in rows if r.metric == "cost_reduction"} == {"lrt_r8"}  # LRT alone, as base runs
     assert all(r.message for r in crossover)
     notebook = {r.provider for r in rows if r.extra.get("setting") == "notebook" and r.metric == "speedup"}
     assert notebook == {"base", "lrt_r0.2_last1"}
@@ -291,9 +291,15 @@ def test_one_notebook_variant_that_starts_like_base_is_not_taken_for_base(compos
                      "greenformers.quality.svd_ranks=[]"))
 
 
+def test_a_variant_naming_the_default_attention_is_measured_once(capsys):
+    names = [v.name for v in distinct_models(["base", "base+eager", "lrt_r8+eager", "lrt_r8", "base+sdpa"], "eager")]
+    assert names == ["base", "lrt_r8+eager", "base+sdpa"]
+    assert "base+eager is base under greenformers.attention=eager: measured once, as base" in capsys.readouterr().out
+
+
 def test_a_cpu_run_on_a_gpu_machine_is_labelled_the_cpu():
     ctx = SimpleNamespace(device=torch.device("cpu"), env={"gpu_name": "NVIDIA H200"})
-    point = _point(ctx, "sweep", 64, "inference", 4, OmegaConf.create(dict(dtype="float32", model={"name": "tiny"})))
+    point = _point(ctx, "sweep", 64, "inference", 4, "float32", "tiny")
     assert point.extra["device_name"].startswith("CPU, ") and point.extra["series"].startswith("CPU, ")
 
 

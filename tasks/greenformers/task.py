@@ -68,6 +68,21 @@ def _check_variants(key: str, names: list, model: dict, seq_len: int, base_for: 
         raise ConfigError(f"{key} must include {BASELINE!r}, {base_for}")
 
 
+def distinct_models(names: list, default_attention: str) -> list[Variant]:
+    """The variants `names` stand for, each model once: one naming the run's default attention (`base+eager`
+    where that is eager) is the model without it, measured once, under the first of its names."""
+    variants, seen = [], {}
+    for variant in map(parse_variant, map(str, names)):
+        same = replace(variant, name="", attention=variant.attention or default_attention)
+        if same in seen:
+            print(f"[greenformers] {variant.name} is {seen[same]} under greenformers.attention={default_attention}: "
+                  f"measured once, as {seen[same]}", flush=True)
+            continue
+        seen[same] = variant.name
+        variants.append(variant)
+    return variants
+
+
 def validate(cfg: DictConfig) -> None:
     g = cfg.greenformers
     parts = checks.choices("greenformers.parts", g.parts, PARTS)
@@ -93,6 +108,7 @@ def validate(cfg: DictConfig) -> None:
                         base_for="the dense model every ratio is taken against")
     if "notebook" in parts:
         book = g.notebook
+        checks.choice("greenformers.notebook.dtype", book.dtype, DTYPES)
         checks.number("greenformers.notebook.seq_len", book.seq_len, at_least=1)
         checks.number("greenformers.notebook.positions", book.positions, at_least=book.seq_len)
         checks.choices("greenformers.notebook.batch", list(book.batch), MODES)
@@ -120,9 +136,9 @@ def validate(cfg: DictConfig) -> None:
         TrainSpec.from_config(cfg.train)
 
 
-def _point(ctx: RunContext, setting: str, seq_len: int, mode: str, batch: int, g: DictConfig) -> Point:
+def _point(ctx: RunContext, setting: str, seq_len: int, mode: str, batch: int, dtype: str, model: str) -> Point:
     device_name = ctx.env["gpu_name"] if ctx.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    return Point("seq_len", seq_len, dict(setting=setting, mode=mode, batch=batch, dtype=g.dtype, model=g.model.name,
+    return Point("seq_len", seq_len, dict(setting=setting, mode=mode, batch=batch, dtype=dtype, model=model,
                                           device=ctx.device.type, device_name=device_name,
                                           series=f"{device_name} {setting}"))
 
@@ -133,32 +149,34 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     model = OmegaConf.to_container(g.model)
     ctx.env["torch_threads"] = torch.get_num_threads()
 
-    def measure(variants: list[Variant], points: list[Point], positions: int) -> Iterator[Row]:
-        models = Models(model, positions, g.attention, DTYPES[g.dtype], cfg.seed)
+    def measure(variants: list[Variant], points: list[Point], positions: int, dtype: str) -> Iterator[Row]:
+        models = Models(model, positions, g.attention, DTYPES[dtype], cfg.seed)
         yield from measure_points(points, variants, models, ctx.device, seed=cfg.seed, warmup_ms=g.warmup_ms,
                                   rep_ms=g.rep_ms, default_attention=g.attention)
 
     if "crossover" in parts:
         sweep = g.crossover
         lengths = sorted(as_list(sweep.seq_len))
-        variants = [parse_variant(name) for name in as_list(sweep.variants)]
-        points = [_point(ctx, "sweep", n, mode, max(1, sweep.tokens // n), g) for n in lengths
+        variants = distinct_models(as_list(sweep.variants), g.attention)
+        points = [_point(ctx, "sweep", n, mode, max(1, sweep.tokens // n), g.dtype, g.model.name) for n in lengths
                   for mode in as_list(sweep.modes)]
         rows = []
-        for row in measure(variants, points, max(lengths)):
+        for row in measure(variants, points, max(lengths), g.dtype):
             rows.append(row)
             yield row
-        # LRT alone, under the attention base has: what the factorisation itself changes; and the dense model
-        # under each attention, modern ones (no n×n matrix in memory) included
-        lrt = [v.name for v in variants if v.rank is not None and v.k is None and v.last is None and not v.attention]
+        # Linformer against LRT and against the dense model, each under every attention the grid gives it: with
+        # a fused one (no n×n matrix in memory), like Linformer's own SDPA, the pair compares the methods alone
+        lrt = [v for v in variants if v.rank is not None and v.k is None and v.last is None]
         linformer = [v.name for v in variants if v.k is not None and v.rank is None]
         dense = [v.name for v in variants if v.rank is None and v.k is None]
-        yield from crossover_rows(rows, [(a, b) for a in linformer for b in [*lrt, *dense]])
-        yield from cost_rows(rows, lrt, sweep.cost_max_seq_len)
+        yield from crossover_rows(rows, [(a, b) for a in linformer for b in [*(v.name for v in lrt), *dense]])
+        # what the factorisation itself saves: LRT under the attention base has
+        yield from cost_rows(rows, [v.name for v in lrt if not v.attention], sweep.cost_max_seq_len)
     if "notebook" in parts:
         book = g.notebook
-        variants = [parse_variant(name) for name in [BASELINE, *as_list(book.variants)]]
-        points = [_point(ctx, "notebook", book.seq_len, mode, batch, g) for mode, batch in book.batch.items()]
-        yield from measure(variants, points, book.positions)
+        variants = distinct_models([BASELINE, *as_list(book.variants)], g.attention)
+        points = [_point(ctx, "notebook", book.seq_len, mode, batch, book.dtype, g.model.name)
+                  for mode, batch in book.batch.items()]
+        yield from measure(variants, points, book.positions, book.dtype)
     if "quality" in parts:
         yield from run_quality(cfg, ctx)
