@@ -226,16 +226,21 @@ def test_a_saved_prompt_of_an_earlier_run_is_evaluated_at_every_level(smoke, tmp
     assert not rows_of(record, "compressed_lora")  # LoRA is asked for at joint_8x only, which this run leaves out
 
 
-def test_lora_on_one_named_layer_trains_it(tmp_path):
-    """`lora.targets=q_proj` is a list of one name for PEFT, not a regular expression that matches nothing."""
+@pytest.mark.parametrize("targets, in_plus_out", [
+    ("q_proj", 64 + 64),  # a list of one name for PEFT, not a regular expression that matches nothing
+    # every linear layer of a block, compressed ones included (PEFT's own all-linear finds only nn.Linear):
+    # q and o 64 -> 64, k and v 64 -> 32, gate and up 64 -> 128, down 128 -> 64
+    ("all-linear", 2 * 128 + 2 * 96 + 3 * 192),
+])
+def test_lora_on_the_named_layers_trains_them(tmp_path, targets, in_plus_out):
     code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs",
                               "experiments=[perplexity]", "compression.levels=[joint_8x]", "prompt.levels=[]",
-                              "hard_prompt=null", "lora.targets=q_proj")
+                              "hard_prompt=null", f"lora.targets={targets}")
     assert code == 0, err[-3000:]
     record = json.loads((tmp_path / "record.json").read_text())
     (lora,) = rows_of(record, "compressed_lora", "perplexity", level="joint_8x")
     (count,) = rows_of(record, "compressed_lora", "trainable_params", level="joint_8x")
-    assert lora["status"] == "ok" and count["p50"] == 2 * 8 * (64 + 64)  # 2 blocks, rank 8, q_proj 64 -> 64
+    assert lora["status"] == "ok" and count["p50"] == 2 * 8 * in_plus_out  # 2 blocks, rank 8
 
 
 def test_the_claims_are_read_from_the_rows(smoke):

@@ -244,18 +244,21 @@ def gap_closed_row(provider: str, x: float, extra: dict, result, dense: float, c
                n=result.tokens, extra=extra)
 
 
-def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
-    """Each of `lora.targets` names linear layers of the model, as PEFT matches a list of names (the end of a
-    layer's name; PEFT's "all-linear" takes them all): PEFT itself finds out only once a level is compressed, and
-    the row it fails becomes an error row."""
+def lora_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """`lora.targets` as PEFT is to get them, each checked to name linear layers of the model (PEFT matches the
+    end of a layer's name, and would find out only once a level is compressed, failing its row). PEFT's
+    "all-linear" becomes the names of every linear layer but the output head, as PEFT means it: its own
+    expansion looks for nn.Linear, which the compressed layers no longer are."""
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, LINEAR_LAYERS)}
     if targets == ["all-linear"]:
-        return
-    names = [name for name, module in model.named_modules() if isinstance(module, LINEAR_LAYERS)]
-    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+        head = model.get_output_embeddings()
+        return sorted({name.rsplit(".", 1)[-1] for name, module in linears.items() if module is not head})
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in linears)]
     if missing:
-        ends = sorted({name.rsplit(".", 1)[-1] for name in names})
+        ends = sorted({name.rsplit(".", 1)[-1] for name in linears})
         raise ConfigError(f"lora.targets: {missing} name no linear layer of the model; its linear layers are "
                           f"named {ends}")
+    return targets
 
 
 def guarded(provider: str, x: float, extra: dict, work: Callable[[], Iterator[Row]]) -> Iterator[Row]:
@@ -301,9 +304,8 @@ class CompressThenPrompt:
         check_context(cfg, context_length(model), 0 if self.hard_prefix is None else len(self.hard_prefix),
                       [saved["tokens"] for _, saved in self.loaded.values()])
         # one name is a list of one for PEFT, not the regular expression it reads a lone string as
-        self.lora_targets = None if cfg.lora.targets is None else checks.as_list(cfg.lora.targets)
-        if self.lora_levels and self.lora_targets is not None:
-            check_lora_targets(model, self.lora_targets)
+        self.lora_targets = None if cfg.lora.targets is None or not self.lora_levels else \
+            lora_targets(model, checks.as_list(cfg.lora.targets))
         for level in self.levels:
             if level.n_m is not None:
                 try:
