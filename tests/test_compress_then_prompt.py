@@ -117,7 +117,7 @@ def test_the_hard_prompt_is_read_before_the_input_and_cut_from_the_logits():
 def test_a_saved_prompt_reloads_as_it_was_and_only_for_its_own_model(tmp_path):
     model = tiny_llama()
     prompted = add_soft_prompt(model, tokens=4, init="random")
-    save_prompt(prompted, tmp_path, {**IDENTITY, "level": "joint_8x"})
+    save_prompt(prompted, tmp_path, {**IDENTITY, "level": "joint_8x", "tokens": 4})
     ids = random_ids(2, 10)
     again = load_prompt(tiny_llama(), tmp_path, IDENTITY)
     assert torch.equal(again(input_ids=ids).logits, prompted(input_ids=ids).logits)
@@ -127,6 +127,11 @@ def test_a_saved_prompt_reloads_as_it_was_and_only_for_its_own_model(tmp_path):
         load_prompt(tiny_llama(hidden=64), tmp_path, {**IDENTITY, "hidden_size": 64})
     with pytest.raises(ValueError, match="not a prompt saved by this suite"):
         load_prompt(tiny_llama(), tmp_path / "missing", IDENTITY)
+    with pytest.raises(ValueError, match=r"must say \['tokens'\]"):
+        save_prompt(prompted, tmp_path / "unsaid", {**IDENTITY, "level": "joint_8x"})
+    (tmp_path / "adapter_model.safetensors").unlink()  # metadata without the prompt it describes
+    with pytest.raises(ValueError, match="lacks PEFT's adapter_model.safetensors or adapter_model.bin"):
+        load_prompt(tiny_llama(), tmp_path, IDENTITY)
 
 
 def test_lora_beside_compressed_layers_starts_as_the_compressed_model_and_trains_only_its_adapters():

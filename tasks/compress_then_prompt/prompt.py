@@ -28,6 +28,8 @@ PEFT_INITS = {"first_vocab": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "random":
 METADATA = "effrepro_prompt.json"
 # What must match for a saved prompt to mean anything on a model (the rest of its metadata says how it was trained).
 SAME_MODEL_KEYS = ("model", "hidden_size", "vocab_size")
+REQUIRED_KEYS = (*SAME_MODEL_KEYS, "level", "tokens")  # and the level it was trained at, and its length
+PEFT_FILES = ("adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin"))  # each: one of them
 
 
 def check_fits(context: int | None, prompt_tokens: int, seqlen: int, what: str) -> None:
@@ -80,8 +82,8 @@ def hard_prompt_forward(prefix: torch.Tensor) -> Forward:
 
 
 def save_prompt(prompted, folder: str | Path, metadata: dict) -> None:
-    """The prompt (PEFT's files) and `metadata`, which must name the model: SAME_MODEL_KEYS."""
-    missing = [k for k in SAME_MODEL_KEYS if k not in metadata]
+    """The prompt (PEFT's files) and `metadata`, which must say REQUIRED_KEYS."""
+    missing = [k for k in REQUIRED_KEYS if k not in metadata]
     if missing:
         raise ValueError(f"a saved prompt's metadata must say {missing}")
     prompted.save_pretrained(str(folder))
@@ -89,11 +91,20 @@ def save_prompt(prompted, folder: str | Path, metadata: dict) -> None:
 
 
 def read_prompt_metadata(folder: str | Path) -> dict:
-    """The metadata `save_prompt` wrote into `folder`; ValueError if there is none."""
+    """The metadata `save_prompt` wrote into `folder`; ValueError if there is none, if it lacks a key, or if
+    PEFT's files beside it are missing (before a run compresses anything, not when it comes to load them)."""
     path = Path(folder) / METADATA
     if not path.is_file():
         raise ValueError(f"{folder} is not a prompt saved by this suite: it has no {METADATA}")
-    return json.loads(path.read_text())
+    metadata = json.loads(path.read_text())
+    missing = [k for k in REQUIRED_KEYS if k not in metadata]
+    if missing:
+        raise ValueError(f"{path} does not say {missing}, which a saved prompt's metadata must")
+    for names in PEFT_FILES:
+        names = (names,) if isinstance(names, str) else names
+        if not any((Path(folder) / name).is_file() for name in names):
+            raise ValueError(f"{folder} lacks PEFT's {' or '.join(names)}: the prompt itself was not saved there")
+    return metadata
 
 
 def check_same_model(saved: dict, model: dict, folder: str | Path) -> None:
