@@ -188,10 +188,22 @@ def _lr_at(step: int, spec: TrainSpec) -> float:
     return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * left)
 
 
+def _frozen_state(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The weights that do not train: parameters, and the saved buffers of modules none of whose own parameters
+    train (a compressed layer holds its codes and scales as buffers)."""
+    state = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    for prefix, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        state += [(f"{prefix}.{name}".lstrip("."), b) for name, b in module.named_buffers(recurse=False)
+                  if b is not None and name not in module._non_persistent_buffers_set]
+    return state
+
+
 def frozen_hash(model: torch.nn.Module) -> str:
     """A digest of the weights that do not train (a frozen base model), or "" when every weight trains."""
     digest = hashlib.sha256()
-    frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    frozen = _frozen_state(model)
     for name, p in frozen:
         digest.update(name.encode())
         digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())

@@ -126,6 +126,12 @@ def test_the_checkpoint_identity_covers_the_data_the_settings_and_the_frozen_wei
     with torch.no_grad():
         other.model.lin.bias.add_(1.0)
     assert run_identity(frozen, SPEC, cpu) != run_identity(other, SPEC, cpu)  # the frozen base differs
+    # weights stored as buffers of a layer without trainable parameters (a compressed layer's codes)
+    coded, recoded = trainee("f1"), trainee("f1")
+    for t, codes in ((coded, torch.arange(6)), (recoded, torch.arange(6).flip(0))):
+        t.model.codes = torch.nn.Module()
+        t.model.codes.register_buffer("values", codes)
+    assert run_identity(coded, SPEC, cpu) != run_identity(recoded, SPEC, cpu)
 
 
 def test_a_checkpoint_of_another_identity_or_a_corrupt_one_is_refused(tmp_path):
