@@ -154,12 +154,14 @@ def throughput_ratios(rows: list[Row], by: str, baseline: str, metric: str) -> I
             yield Row(provider, by, key, metric, "x", r.p50 / base.p50, n=1, extra={**r.extra, "baseline": baseline})
 
 
-def model_flops_per_token(model: torch.nn.Module, layers: int, width: int, seq_len: int) -> float:
+def model_flops_per_token(model: torch.nn.Module, layers: int, width: int, seq_len: int, frozen: bool = False
+                          ) -> float:
     """Training FLOPs per token, the usual model-FLOPs count (PaLM appendix B): 6 per weight outside the
     embeddings, plus attention's 12·layers·width·seq_len (what standard attention computes; no discount for
     causal masking). A token embedding tied to the output layer is that layer's weight too, a matrix product
     every token pays for: it counts (as nanoGPT's MFU counts it). A model whose embeddings are not
-    `torch.nn.Embedding` says its own count through a `non_embedding_params()` method."""
+    `torch.nn.Embedding` says its own count through a `non_embedding_params()` method. `frozen`: the weights do
+    not train (a prompt or adapters do), so a weight costs 4, its gradient never computed."""
     if hasattr(model, "non_embedding_params"):
         weights = model.non_embedding_params()
     else:
@@ -167,7 +169,7 @@ def model_flops_per_token(model: torch.nn.Module, layers: int, width: int, seq_l
         embedding = sum(m.weight.numel() for m in model.modules()
                         if isinstance(m, torch.nn.Embedding) and id(m.weight) not in multiplied)
         weights = sum(p.numel() for p in model.parameters()) - embedding
-    return 6 * weights + 12 * layers * width * seq_len
+    return (4 if frozen else 6) * weights + 12 * layers * width * seq_len
 
 
 def init_distributed(device: torch.device) -> None:

@@ -314,6 +314,8 @@ def test_model_flops_count_weights_outside_embeddings_and_attention():
 
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))  # 20 weights outside
     assert model_flops_per_token(model, layers=2, width=4, seq_len=8) == 6 * 20 + 12 * 2 * 4 * 8
+    # frozen weights (a prompt or adapters train): no weight gradients, attention's backward still runs
+    assert model_flops_per_token(model, layers=2, width=4, seq_len=8, frozen=True) == 4 * 20 + 12 * 2 * 4 * 8
     model.non_embedding_params = lambda: 7  # a model that counts its own (megatron-core's embeddings)
     assert model_flops_per_token(model, layers=1, width=1, seq_len=1) == 6 * 7 + 12
 

@@ -412,12 +412,15 @@ class CompressThenPrompt:
         Returns the extras of the trained model's rows."""
         c, p, arch = self.cfg.compression, self.cfg.prompt, self.dense.config
         extra = {**state.extra, "trainable_params": trainable_parameters(model)}
+        # a soft prompt's positions go through the model beside each sequence's text tokens, which are counted
+        positions = p.seqlen + (p.tokens if provider == PROMPT else 0)
+        flops_per_token = model_flops_per_token(self.dense, arch.num_hidden_layers, arch.hidden_size, positions,
+                                                frozen=True) * positions / p.seqlen
         yield Row(provider, X, state.x, "trainable_params", "params", extra["trainable_params"], n=1, extra=extra)
         trainee = Trainee(
             provider, model, batch_source(self.train_ids, p.batch, p.seqlen, self.spec.grad_accum, self.cfg.seed),
             self.validation_rows(forward), tokens_per_step=p.batch * p.seqlen * self.spec.grad_accum,
-            flops_per_token=model_flops_per_token(self.dense, arch.num_hidden_layers, arch.hidden_size, p.seqlen),
-            extra=extra,
+            flops_per_token=flops_per_token, extra=extra,
             fingerprint=fingerprint(dict(model=self.identity, level=state.level.extra(), provider=provider,
                                          compression=[c.group_size, c.act_order, c.percdamp, c.calibration.samples,
                                                       c.calibration.seqlen],
