@@ -245,7 +245,7 @@ def test_lora_on_the_named_layers_trains_them(tmp_path, targets, in_plus_out):
     record = json.loads((tmp_path / "record.json").read_text())
     (lora,) = rows_of(record, "compressed_lora", "perplexity", level="joint_8x")
     (count,) = rows_of(record, "compressed_lora", "trainable_params", level="joint_8x")
-    assert lora["status"] == "ok" and count["p50"] == 2 * 8 * in_plus_out  # 2 blocks, rank 8
+    assert lora["status"] == "ok" and count["p50"] == 2 * 32 * in_plus_out  # 2 blocks, rank 32
 
 
 def test_the_claims_are_read_from_the_rows(smoke):
