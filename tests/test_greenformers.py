@@ -168,7 +168,13 @@ def test_the_crossover_says_so_when_linformer_never_wins_and_ignores_lengths_whe
         Row("lrt_r256", "seq_len", 512, "time", "ms", status="error", message="a bug", extra=dict(
             setting="sweep", mode="inference"))]
     [row] = crossover_rows(broken, [("linformer_k128", "lrt_r256")])
-    assert row.p50 is None
+    assert row.p50 is None and "measured at 256..256 tokens; no result at [512], an error" in row.message
+    # Linformer cannot run below its k: winning at k is not a crossover that may lie below
+    short = times({256: 1.0, 512: 1.0}, "linformer_k256") + times({256: 2.0, 512: 2.0}, "lrt_r256") + [
+        Row("linformer_k256", "seq_len", 128, "time", "ms", status="unsupported", extra=dict(
+            setting="sweep", mode="inference"))]
+    [row] = crossover_rows(short, [("linformer_k256", "lrt_r256")])
+    assert row.p50 == 256 and row.message.endswith("256 is the shortest length linformer_k256 runs at (n >= k)")
 
 
 def test_cost_rows_are_what_lrt_saves_in_time_and_flops_at_short_sequences():

@@ -203,12 +203,19 @@ def crossover_rows(rows: list[Row], pairs: list[tuple[str, str]]) -> Iterator[Ro
                                               _values(rows, holder, metric, mode))
                 if not lengths:
                     continue
-                span = f"{mode}, measured at {lengths[0]}..{lengths[-1]} tokens"
+                timed = [r for r in rows if r.metric == "time" and r.extra.get("mode") == mode and
+                         r.extra.get("setting") == "sweep" and r.provider in (challenger, holder)]
+                failed = sorted({r.x_value for r in timed if r.status == "error"})
+                span = f"{mode}, measured at {lengths[0]}..{lengths[-1]} tokens" + \
+                    (f"; no result at {failed}, an error" if failed else "")
                 if start is None:
                     message = f"{challenger} is not {comparison} than {holder} at the longest length ({span})"
                 else:
                     message = f"{challenger} is {comparison} than {holder} from {start} tokens on ({span})"
-                    if start == lengths[0]:
+                    if any(r.provider == challenger and r.status == "unsupported" and r.x_value < start
+                           for r in timed):
+                        message += f"; {start} is the shortest length {challenger} runs at (n >= k)"
+                    elif start == lengths[0]:
                         message += "; already at the shortest, so the crossover may lie below"
                 yield Row(challenger, "mode", mode, f"crossover_{metric}", "tokens", start, n=len(lengths),
                           message=message,
