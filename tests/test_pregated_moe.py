@@ -246,6 +246,28 @@ def test_copies_are_issued_in_the_block_the_strategy_says(strategy, lead):
             assert issued <= s.start.time < next_block
 
 
+@pytest.mark.parametrize("strategy, waits, prefetched", [
+    ("on_demand", 3, 0.0), ("prefetch_all", 0, 1.0), ("pregated", 0, 1.0), ("gpu_only", 0, None)])
+def test_only_on_demand_waits_for_its_gate_and_only_prefetches_count_as_such(monkeypatch, strategy, waits,
+                                                                              prefetched):
+    from tasks.pregated_moe import offload
+    reached = []
+    monkeypatch.setattr(offload.Marker, "reached", lambda marker: reached.append(marker))
+    runtime = ExpertOffload(build(pregate=True), strategy, "cpu", slots=2 * EXPERTS)
+    runtime(tokens(2, 3))
+    assert len(reached) == waits  # at each of the 3 MoE blocks: the device must get there before the host copies
+    assert runtime.summary()["prefetched_fraction"] == prefetched
+
+
+def test_a_pregated_prefetch_whose_ids_come_late_goes_out_on_demand_and_says_so(monkeypatch):
+    from tasks.pregated_moe import model
+    reference = ExpertOffload(build(pregate=True), "gpu_only", "cpu")(tokens(2, 3))
+    monkeypatch.setattr(model.Routing, "read_done", lambda routing: False)  # a device lagging the host
+    runtime = ExpertOffload(build(pregate=True), "pregated", "cpu", slots=2 * EXPERTS)
+    assert torch.equal(runtime(tokens(2, 3)), reference)
+    assert runtime.summary()["prefetched_fraction"] == 0.0
+
+
 def test_the_runtime_records_blocks_moe_blocks_stalls_and_copies():
     runtime = ExpertOffload(build(pregate=True), "pregated", "cpu", slots=2 * EXPERTS)
     runtime(tokens(2, 3))

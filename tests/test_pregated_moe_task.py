@@ -116,7 +116,7 @@ def test_a_points_rows_are_its_measurements_in_their_units():
              span("stall", 0, 0.5), span("stall", 0, 0.5), span("stall", 1, 9.0), span("stall", 2, 0.1)]
     summary = dict(slots=4, host_memory="pinned", pin_warning=None, bytes_per_token=2 * 2**20,
                    mean_active_experts=1.5, max_active_experts=2, hit_rate=0.25, cache_hits=1, cache_misses=3,
-                   bytes_copied=3e9, copy_ms=1000.0, hidden_copy_fraction=0.6)
+                   bytes_copied=3e9, copy_ms=1000.0, hidden_copy_fraction=0.6, prefetched_fraction=0.75)
     runtime = Ns(summary=lambda: summary, stats=Ns(spans=spans))
     timing = Ns(p50=10.0, p20=8.0, p80=12.5, n=5, clock="events")
 
@@ -129,6 +129,7 @@ def test_a_points_rows_are_its_measurements_in_their_units():
     assert got["copied_per_token"].p50 == 2.0 and got["peak_memory"].p50 == 1024.0
     assert got["copy_bandwidth"].p50 == pytest.approx(3.0) and got["copy_bandwidth_fraction"].p50 == pytest.approx(0.5)
     assert got["hit_rate"].p50 == 0.25 and got["active_experts"].p50 == 1.5
+    assert got["prefetched_fraction"].p50 == 0.75
     assert all(r.extra["slots"] == 4 for r in got.values())
 
 

@@ -13,7 +13,8 @@
 
 Every strategy reads a routing back to the host without waiting, as soon as it exists: the same pre-gated model
 serves all of them, so a block's routing is known a block early whatever the strategy, and only when its experts
-are copied differs.
+are copied differs. on_demand alone stands for a model without pre-gates, whose gate decides inside the block: its
+host waits at each MoE block until the device gets there, before it reads the routing and issues the copies.
 
 Copies land in a fixed pool of device slots shared by all MoE blocks. By default (`cache="none"`, as the paper's
 default runs) an expert is copied every time a block asks for it; with an lru or lfu policy the pool is also a
@@ -63,6 +64,11 @@ class Marker:
         """Make the current stream wait until this point."""
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
+
+    def reached(self) -> None:
+        """Hold the host until the device has got to this point."""
+        if self.event is not None:
+            self.event.synchronize()
 
     def ms_since(self, origin: "Marker") -> float:
         """Milliseconds from `origin` to here (on a GPU, once both have run: synchronise first)."""
@@ -287,6 +293,10 @@ class ExpertOffload:
         """Called by MoE block `layer` after its gates: make its experts available (copying those not resident),
         start the copies the strategy makes for the next block, and return where each expert's weights are."""
         stall = Marker(self.device)
+        if self.strategy == "on_demand":
+            # MoE-OnDemand's own gate runs here: its host can know the experts only once the device has got here
+            # (the routing this pre-gated model carries is on the host already, and would let its copies go early)
+            stall.reached()
         active = active_experts(routing)  # no wait when a pre-gate chose them a block ago
         self.stats.moe_blocks += 1
         self.stats.active_experts += len(active)
@@ -365,6 +375,8 @@ class ExpertOffload:
         s, cache = self.stats, self.cache
         copy_ms, hidden_ms = copy_time_hidden(s.spans)
         requests = cache.hits + cache.misses
+        # copies of the blocks after the first (which always fetches on demand) issued before their block began
+        later = [span for span in s.spans if span.kind == "copy" and span.index > 0]
         return dict(
             # the setting
             slots=self.n_slots, host_memory=self.host_memory, pin_warning=self.pin_warning,
@@ -375,6 +387,7 @@ class ExpertOffload:
             mean_active_experts=s.active_experts / s.moe_blocks if s.moe_blocks else None,
             # time
             copy_ms=copy_ms, hidden_copy_ms=hidden_ms, hidden_copy_fraction=hidden_ms / copy_ms if copy_ms else None,
+            prefetched_fraction=sum(span.issued_during < span.index for span in later) / len(later) if later else None,
         )
 
 

@@ -294,6 +294,8 @@ def point_rows(runtime: ExpertOffload, timing, batch: int, peak_bytes: int | Non
         rows.append(row("peak_memory", "MB", peak_bytes / 2**20))
     if stall:  # the compute stream idle inside an MoE block: reading routing, copying
         rows.append(row("stall_per_moe_block", "ms", *spread(stall), len(stall), clock=timing.clock))
+    if s["prefetched_fraction"] is not None:  # a pregated prefetch whose ids came too late went out on demand
+        rows.append(row("prefetched_fraction", "fraction", s["prefetched_fraction"]))
     if s["hit_rate"] is not None:
         rows.append(row("hit_rate", "fraction", s["hit_rate"], hits=s["cache_hits"], misses=s["cache_misses"]))
     if s["copy_ms"]:
