@@ -7,13 +7,11 @@ import pytest
 import torch
 import triton
 
-from conftest import DEVICE, gpu
+from conftest import ATTENTION_TOL as TOL, DEVICE, gpu
 from effrepro_kernels.decode_attention import (QUANTIZED_PROGRAMS_PER_SM, SCHEDULES, decode_attention, default_block_n,
                                                head_dim_chunks, lean_programs, make_schedule, merge_attention,
                                                merge_step, padded_head_dim)
 from effrepro_kernels.reference import decode_attention_reference, decode_scores_reference
-
-TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 def check(b, hq, hkv, lengths, d, dtype, schedule, max_len=None):

@@ -11,15 +11,13 @@ import sys
 import pytest
 import torch
 
-from conftest import DEVICE, ROOT, gpu, has_gpu
+from conftest import ATTENTION_TOL as TOL, DEVICE, ROOT, gpu, has_gpu
 from effrepro_kernels import (BlockSparseLayout, attention_reference, block_mask_to_dense, butterfly_block_mask,
                               dropout_keep_mask, flash_attn, flash_attn_qkvpacked, random_block_mask)
 
 flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")  # the package's `flash_attn` is the function
 flash_attn_gluon = importlib.import_module("effrepro_kernels.flash_attn_gluon")
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if has_gpu() else [])
-# ‖out − ref‖ / ‖ref‖ against float64: fp32 (tf32 matrix products on a GPU), fp16, bf16; gradients twice that.
-TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 def rel_err(got, want):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEVICE, ROOT, gpu
+from conftest import ATTENTION_TOL as TOL, DEVICE, ROOT, gpu
 from test_decode_attention import check_scores
 from effrepro_kernels.decode_attention import (decode_attention, decode_attention_quantized, make_schedule,
                                                merge_attention)
@@ -17,7 +17,6 @@ from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, packed_row_byt
 from effrepro_kernels.reference import (decode_attention_reference, decode_scores_reference, dequantize_kv_reference,
                                pack_codes, quantize_kv_reference, unpack_codes)
 
-TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 # (batch, kv_heads, n, head_dim), group_size, axis: odd head dims (72 and 18 fill no whole number of 2-bit
 # words), and group sizes that are not powers of two (values: those group by group, powers of two all in one
 # reduction, a token count past one program's rows; keys: a power-of-two group longer than a dequantize tile, 32
