@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
-from .kv_quant import QuantizedKV, check_packed, kv_tile
+from .kv_quant import QuantizedKV, check_quantized, kv_tile
 from .runtime import (HOPPER_BLOCK_SMEM, INTERPRET, block_shared_memory, cdiv, launch, next_pow2, runs_on,
                       signature, sm_count)
 
@@ -603,13 +603,13 @@ def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: Quantized
     if not (isinstance(k_q, QuantizedKV) and isinstance(v_q, QuantizedKV)):
         raise ValueError(f"k_q and v_q must be QuantizedKV (from quantize_kv); got {type(k_q).__name__}, "
                          f"{type(v_q).__name__}")
+    check_quantized(k_q)
+    check_quantized(v_q)
     if k_q.axis != "channel" or v_q.axis != "token":
         raise ValueError(f"keys must be quantized with axis='channel' and values with axis='token' (KIVI); got "
                          f"{k_q.axis!r} and {v_q.axis!r}")
     if k_q.zero.stride() != k_q.scale.stride() or v_q.zero.stride() != v_q.scale.stride():
         raise ValueError("a QuantizedKV's zero must be laid out like its scale (same strides)")
-    check_packed(k_q)
-    check_packed(v_q)
     schedule, workspace = _prepare(q, k_q, v_q, lengths, schedule)
     return _attend(q, k_q, v_q, schedule, workspace, softmax_scale, return_lse, return_scores)
 

@@ -53,7 +53,7 @@ class QuantizedKV:
     (batch, kv_heads, n, head_dim / group_size) for axis="token";
     shape: the full-precision shape.
     The kernels index data, scale and zero with their strides, but need each contiguous in its last dimension,
-    data's rows on 4-byte boundaries (`check_packed`) and zero laid out like scale: `quantize_kv` makes them so,
+    data's rows on 4-byte boundaries and zero laid out like scale (`check_quantized`): `quantize_kv` makes them so,
     and concatenating along n keeps them so.
     """
 
@@ -428,9 +428,8 @@ def quantize_kv(x: torch.Tensor, bits: int, group_size: int, axis: str) -> Quant
     per_token = axis == "token"
     block_d = max(next_pow2(d), 32 // bits)  # whole words
     rows = max(1, TILE_ELEMENTS // block_d) if per_token else group_size
-    stats_shape = (b, h, n, d // group_size) if per_token else (b, h, n // group_size, d)
     data = torch.empty(b, h, n, packed_row_bytes(d, bits), device=x.device, dtype=torch.uint8)
-    scale = torch.empty(stats_shape, device=x.device, dtype=x.dtype)
+    scale = torch.empty(stats_shape(tuple(x.shape), group_size, axis), device=x.device, dtype=x.dtype)
     zero = torch.empty_like(scale)
     _quantize[(cdiv(n, rows), b * h)](
         x, data, scale, zero, x.stride(0), x.stride(1), x.stride(2), h, n, HEAD_DIM=d, BITS=bits,
@@ -438,13 +437,42 @@ def quantize_kv(x: torch.Tensor, bits: int, group_size: int, axis: str) -> Quant
     return QuantizedKV(data, scale, zero, bits, group_size, axis, tuple(x.shape))
 
 
-def check_packed(qkv: QuantizedKV):
-    """The kernels read a token's codes as 32-bit words: data must have the packed row's width, and word-aligned
-    rows (as quantize_kv makes it, and views of it along batch, heads or tokens keep it)."""
+def stats_shape(shape: tuple[int, ...], group_size: int, axis: str) -> tuple[int, ...]:
+    """The shape of a cache's scales and zero-points: one per group of `group_size` along `axis`."""
+    b, h, n, d = shape
+    return (b, h, n, d // group_size) if axis == "token" else (b, h, n // group_size, d)
+
+
+def check_quantized(qkv: QuantizedKV) -> None:
+    """That the kernels can read `qkv` as it says it is: its bits and axis, its parts' shapes against `shape` and
+    `group_size`, one device, and data as they read it, 32-bit words of a packed row's width on word-aligned rows
+    (as quantize_kv makes it, and views of it along batch, heads or tokens keep it). A part that disagrees would be
+    read out of its bounds."""
+    if qkv.bits not in BITS:
+        raise ValueError(f"a QuantizedKV's bits={qkv.bits!r} is not one of {BITS}")
+    if qkv.axis not in AXES:
+        raise ValueError(f"a QuantizedKV's axis={qkv.axis!r} is not one of {AXES}")
+    if len(qkv.shape) != 4:
+        raise ValueError(f"a QuantizedKV's shape must be (batch, kv_heads, n, head_dim), got {qkv.shape}")
+    grouped = qkv.shape[3] if qkv.axis == "token" else qkv.shape[2]
+    if isinstance(qkv.group_size, bool) or not isinstance(qkv.group_size, int) or qkv.group_size < 1 or \
+            grouped % qkv.group_size:
+        raise ValueError(f"a QuantizedKV's group_size={qkv.group_size!r} must be an integer dividing its "
+                         f"{'head_dim' if qkv.axis == 'token' else 'n'}={grouped} (axis={qkv.axis!r})")
     width = packed_row_bytes(qkv.shape[3], qkv.bits)
-    if qkv.data.dtype != torch.uint8 or qkv.data.dim() != 4 or qkv.data.shape[3] != width:
-        raise ValueError(f"a {qkv.bits}-bit QuantizedKV of head_dim={qkv.shape[3]} needs uint8 data of {width} bytes a "
-                         f"token (packed_row_bytes); got {qkv.data.dtype} of shape {tuple(qkv.data.shape)}")
+    if qkv.data.dtype != torch.uint8 or tuple(qkv.data.shape) != (*qkv.shape[:3], width):
+        raise ValueError(f"a {qkv.bits}-bit QuantizedKV of shape {tuple(qkv.shape)} needs uint8 data of shape "
+                         f"{(*qkv.shape[:3], width)} ({width} bytes a token: packed_row_bytes); got {qkv.data.dtype} "
+                         f"of shape {tuple(qkv.data.shape)}")
+    want = stats_shape(tuple(qkv.shape), qkv.group_size, qkv.axis)
+    for name, part in (("scale", qkv.scale), ("zero", qkv.zero)):
+        if tuple(part.shape) != want or part.dtype != qkv.scale.dtype or part.stride(-1) != 1:
+            raise ValueError(f"a QuantizedKV's {name} must be {qkv.scale.dtype} of shape {want} (one per group of "
+                             f"{qkv.group_size} along {qkv.axis}), contiguous in its last dimension; got "
+                             f"{part.dtype} of shape {tuple(part.shape)}, strides {part.stride()}")
+    if not qkv.data.device == qkv.scale.device == qkv.zero.device:
+        raise ValueError(f"a QuantizedKV's parts must be on one device; got data on {qkv.data.device}, scale on "
+                         f"{qkv.scale.device}, zero on {qkv.zero.device}")
     if qkv.data.stride(3) != 1 or any(stride % 4 for stride in qkv.data.stride()[:3]) or qkv.data.data_ptr() % 4:
         raise ValueError(f"a QuantizedKV's data must be contiguous in its last dimension, with rows on 4-byte "
                          f"boundaries; got strides {qkv.data.stride()}")
@@ -452,7 +480,7 @@ def check_packed(qkv: QuantizedKV):
 
 def dequantize_kv(qkv: QuantizedKV) -> torch.Tensor:
     """The full-precision (batch, kv_heads, n, head_dim) tensor, in the dtype of qkv.scale."""
-    check_packed(qkv)
+    check_quantized(qkv)
     b, h, n, d = qkv.shape
     out = torch.empty(qkv.shape, device=qkv.data.device, dtype=qkv.dtype)
     block_d = max(next_pow2(d), 32 // qkv.bits)  # whole words

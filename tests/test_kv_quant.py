@@ -1,5 +1,6 @@
 """KV-cache quantization (KIVI's layout) against the plain PyTorch reference, and decode attention straight over a
 quantized cache against attention over the dequantized one."""
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -153,13 +154,32 @@ def test_packed_data_of_another_width_or_off_word_rows_is_a_clear_value_error():
     q = quantize_kv(random_cache((1, 2, 16, 24), torch.float16, seed=3), 4, 8, "channel")
     assert q.data.shape[-1] == 12
     narrow = QuantizedKV(q.data[..., :8], q.scale, q.zero, 4, 8, "channel", q.shape)
-    with pytest.raises(ValueError, match=r"head_dim=24 needs uint8 data of 12 bytes a token"):
+    with pytest.raises(ValueError, match=r"needs uint8 data of shape \(1, 2, 16, 12\) \(12 bytes a token"):
         dequantize_kv(narrow)
     wide = torch.zeros(1, 2, 16, 13, dtype=torch.uint8, device=DEVICE)
     wide[..., :12] = q.data
     off_word = QuantizedKV(wide[..., :12], q.scale, q.zero, 4, 8, "channel", q.shape)  # rows 13 bytes apart
     with pytest.raises(ValueError, match="rows on 4-byte boundaries"):
         dequantize_kv(off_word)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda q: dict(shape=(1, 2, 32, 24)), r"needs uint8 data of shape \(1, 2, 32, 12\)"),  # more tokens than held
+    (lambda q: dict(bits=3), r"bits=3 is not one of \(2, 4, 8\)"),
+    (lambda q: dict(axis="head"), "axis='head' is not one of"),
+    (lambda q: dict(group_size=16), r"scale must be torch.float16 of shape \(1, 2, 1, 24\)"),  # fewer groups
+    (lambda q: dict(group_size=5), "group_size=5 must be an integer dividing its n=16"),
+    (lambda q: dict(zero=q.zero[:, :1]), r"zero must be torch.float16 of shape \(1, 2, 2, 24\)"),
+])
+def test_a_quantized_cache_whose_parts_disagree_is_refused_not_read_out_of_bounds(change, match):
+    q = quantize_kv(random_cache((1, 2, 16, 24), torch.float16, seed=4), 4, 8, "channel")
+    bad = dataclasses.replace(q, **change(q))
+    with pytest.raises(ValueError, match=match):
+        dequantize_kv(bad)
+    lengths = torch.tensor([16], device=DEVICE)
+    v_q = quantize_kv(random_cache((1, 2, 16, 24), torch.float16, seed=5), 4, 8, "token")
+    with pytest.raises(ValueError, match=match):
+        decode_attention_quantized(torch.randn(1, 2, 24, device=DEVICE, dtype=torch.float16), bad, v_q, lengths)
 
 
 def sass_loop(*args) -> str:

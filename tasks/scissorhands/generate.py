@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 
 from effrepro_kernels.decode_attention import (DecodeSchedule, decode_attention, decode_attention_quantized, make_schedule,
                                       merge_attention)
-from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, packed_row_bytes, quantize_kv
+from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, packed_row_bytes, quantize_kv, stats_shape
 from effrepro_kernels.reference import (decode_scores_reference, dequantize_kv_reference, pack_codes,
                                         quantize_kv_reference, unpack_codes)
 
@@ -144,7 +144,7 @@ def _write(dst: QuantizedKV, src: QuantizedKV, start: int) -> None:
 def _zeros_quantized(shape: tuple[int, ...], dtype, device, bits: int, group_size: int, axis: str) -> QuantizedKV:
     """What quantize_kv makes of zeros (codes, scales and zero-points all 0, in its layout), without running it."""
     b, h, n, d = shape
-    stats = (b, h, n // group_size, d) if axis == "channel" else (b, h, n, d // group_size)
+    stats = stats_shape(shape, group_size, axis)
     return QuantizedKV(torch.zeros(b, h, n, packed_row_bytes(d, bits), dtype=torch.uint8, device=device),
                        torch.zeros(stats, dtype=dtype, device=device), torch.zeros(stats, dtype=dtype, device=device),
                        bits, group_size, axis, shape)
