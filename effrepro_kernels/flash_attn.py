@@ -503,6 +503,10 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
         raise ValueError(f"key_padding_mask must be bool of shape (batch, seq_k)={(b, n_k)} on {q.device}, got "
                          f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
     if block_mask is not None:
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool or block_mask.device != q.device:
+            raise ValueError(f"block_mask must be a bool tensor (True: the block is computed) on {q.device}, or a "
+                             f"BlockSparseLayout; got {getattr(block_mask, 'dtype', type(block_mask).__name__)} on "
+                             f"{getattr(block_mask, 'device', None)} (an additive float mask would be read inverted)")
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size={block_size} must be a power of two, at least 16")
         want = (cdiv(n_q, block_size), cdiv(n_k, block_size))

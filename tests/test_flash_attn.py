@@ -221,6 +221,9 @@ def _qkv(*shape, dtype=torch.float16):
      "key_padding_mask must be bool of shape .* on"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE)),
      "block_mask"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), block_mask=torch.zeros(1, 1, 1, 1, device=DEVICE)),  # additive: 0 = keep
+     "block_mask must be a bool tensor"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), block_mask=[[[[True]]]]), "block_mask must be a bool tensor"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), block_mask=BlockSparseLayout(
         torch.ones(1, 1, 1, 1, dtype=torch.bool, device=DEVICE), 1, 4, 16)), "prepared for batch 1 and 4 heads"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), dropout_p=1.0), "dropout_p"),
