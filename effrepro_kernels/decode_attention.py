@@ -418,6 +418,8 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
 
 def _check(q, k_cache, v_cache, host_lengths):
     """k_cache and v_cache are tensors or `QuantizedKV`s, whose shape and dtype are those they dequantize to."""
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"q must be a tensor (batch, heads, head_dim), got {type(q).__name__}")
     if q.dim() != 3 or len(k_cache.shape) != 4:
         raise ValueError(f"q must be (batch, heads, head_dim) and k_cache (batch, kv_heads, max_len, head_dim); "
                          f"got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
@@ -429,7 +431,7 @@ def _check(q, k_cache, v_cache, host_lengths):
     b, h, d = q.shape
     if k_cache.shape[0] != b or k_cache.shape[3] != d:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
-    if h % k_cache.shape[1]:
+    if k_cache.shape[1] == 0 or h % k_cache.shape[1]:
         raise ValueError(f"q's {h} heads are not a multiple of the cache's {k_cache.shape[1]} KV heads")
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim={d} is not supported; use {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
@@ -487,6 +489,8 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
     block_g = max(16, next_pow2(groups))  # tl.dot takes 16 rows or more
     group = next_pow2(groups)
     # a float always: a prepared schedule's kept kernel was compiled for one (Triton makes an integer 1 a constant)
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale={softmax_scale} must be a finite number")
     scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
     # float32 in float32 arithmetic, as torch's own attention gives it, not tf32: decode is bound by memory, so
     # exact products cost little, and the probabilities that evict keys stay exact to float32 rounding
@@ -623,6 +627,9 @@ def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple
     if not outs or len(outs) != len(lses):
         raise ValueError(f"merge_attention needs one lse per output, at least one; got {len(outs)} outputs and "
                          f"{len(lses)} lses")
+    if not all(o.shape == outs[0].shape and lse.shape == outs[0].shape[:-1] for o, lse in zip(outs, lses)):
+        raise ValueError(f"merge_attention needs outputs of one shape (batch, heads, head_dim) and lses of their "
+                         f"(batch, heads); got {[tuple(o.shape) for o in outs]} and {[tuple(x.shape) for x in lses]}")
     part_lse = torch.stack(lses).float()
     lse = torch.logsumexp(part_lse, 0)
     weights = torch.exp(part_lse - lse)[..., None]  # NaN where no part has keys: dropped below, as -inf parts

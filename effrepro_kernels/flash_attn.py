@@ -488,7 +488,7 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
     if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"k must match q in batch and head_dim: q {tuple(q.shape)}, k {tuple(k.shape)} "
                          "(layout (batch, heads, seq, head_dim))")
-    if h % k.shape[1]:
+    if k.shape[1] == 0 or h % k.shape[1]:
         raise ValueError(f"q's {h} heads are not a multiple of k's {k.shape[1]} (grouped-query attention)")
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim={d} is not supported; use {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
@@ -801,10 +801,12 @@ def flash_attn_qkvpacked(qkv: torch.Tensor, causal: bool = False, softmax_scale:
 def _scalars(head_dim: int, softmax_scale: float | None, dropout_p: float, seed: int | None) -> tuple:
     """The softmax scale (1/√head_dim unless given), the dropout probability, and the dropout seed (drawn unless
     given), as the kernels take them: floats, and a 31-bit integer (a kept launch was compiled for those types)."""
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale={softmax_scale} must be positive")
+    if softmax_scale is not None and not 0 < softmax_scale < math.inf:
+        raise ValueError(f"softmax_scale={softmax_scale} must be a positive finite number")
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**31)")
     if not 0 <= seed < 2**31:
         raise ValueError(f"seed={seed} must be in [0, 2**31)")
     return float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(dropout_p), seed

@@ -399,7 +399,7 @@ def _dequantize(DATA, SCALE, ZERO, OUT, H, N, stride_db, stride_dh, stride_dn, s
 
 def _check(x: torch.Tensor, bits: int, group_size: int, axis: str):
     if bits not in BITS:
-        raise ValueError(f"bits={bits} is not supported; use one of {BITS}")
+        raise ValueError(f"bits={bits!r} is not supported; use one of {BITS}")
     if axis not in AXES:
         raise ValueError(f"axis={axis!r} is not one of {AXES} (keys per channel, values per token)")
     if x.dim() != 4:
@@ -412,8 +412,8 @@ def _check(x: torch.Tensor, bits: int, group_size: int, axis: str):
     if x.stride(-1) != 1:
         raise ValueError("x needs a contiguous last (head_dim) dimension")
     n, d = x.shape[2:]
-    if group_size < 1:
-        raise ValueError(f"group_size={group_size} must be at least 1")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be an integer >= 1")
     grouped, name = (n, "n (tokens)") if axis == "channel" else (d, "head_dim")
     if grouped % group_size:
         raise ValueError(f"{name}={grouped} is not a multiple of group_size={group_size} (axis={axis!r})")

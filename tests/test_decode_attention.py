@@ -2,6 +2,7 @@
 lengths differ by 100x, head dims that are not powers of two; each key's score; merging attention over
 disjoint key sets."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -190,6 +191,14 @@ def test_a_head_cut_into_many_pieces_merges_exactly(programs, heads, head_dim):
     torch.testing.assert_close(lse, whole_lse, rtol=1e-4, atol=1e-4)
 
 
+def test_merging_parts_of_other_shapes_is_a_clear_value_error():
+    out, lse = torch.randn(2, 4, 64, device=DEVICE), torch.randn(2, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"outputs of one shape .* got \[\(2, 4, 64\), \(2, 4, 32\)\]"):
+        merge_attention([out, out[..., :32]], [lse, lse])
+    with pytest.raises(ValueError, match=r"and \[\(2, 4\), \(2, 3\)\]"):
+        merge_attention([out, out], [lse, lse[:, :3]])
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(q=(2, 5, 64)), "multiple"),
     (dict(q=(2, 4, 8), cache=(2, 2, 16, 8)), "head_dim=8"),
@@ -199,6 +208,9 @@ def test_a_head_cut_into_many_pieces_merges_exactly(programs, heads, head_dim):
     (dict(cache_dtype=torch.float32), "dtype"),
     (dict(v=(2, 2, 8, 64)), "differ"),
     (dict(lengths=[5.0, 9.0]), "1-d integer tensor"),
+    (dict(cache=(2, 0, 16, 64)), "not a multiple of the cache's 0 KV heads"),
+    (dict(scale=math.inf), "softmax_scale=inf must be a finite number"),
+    (dict(q_as_list=True), "q must be a tensor"),
 ])
 def test_bad_input_is_a_clear_value_error(change, match):
     q = torch.randn(*change.get("q", (2, 4, 64)), device=DEVICE, dtype=torch.float16)
@@ -206,7 +218,8 @@ def test_bad_input_is_a_clear_value_error(change, match):
     k = torch.randn(*shape, device=DEVICE, dtype=change.get("cache_dtype", torch.float16))
     v = torch.randn(*change.get("v", shape), device=DEVICE, dtype=k.dtype)
     with pytest.raises(ValueError, match=match):
-        decode_attention(q, k, v, torch.tensor(change.get("lengths", [5, 9]), device=DEVICE))
+        decode_attention(q.tolist() if change.get("q_as_list") else q, k, v,
+                         torch.tensor(change.get("lengths", [5, 9]), device=DEVICE), softmax_scale=change.get("scale"))
     with pytest.raises(ValueError, match="schedule"):
         make_schedule("fastest", [4], 1)
     with pytest.raises(ValueError, match="needs the lengths"):

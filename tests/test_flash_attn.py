@@ -230,6 +230,9 @@ def _qkv(*shape, dtype=torch.float16):
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), layout="sbhd"), "layout"),
     (lambda: flash_attn(*_qkv(2, 8, 32)), "4-d"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), softmax_scale=-0.1), "softmax_scale"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), softmax_scale=float("inf")), "softmax_scale=inf must be a positive finite"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32)[:1], *_qkv(1, 0, 8, 32)[1:]), "not a multiple of k's 0"),
+    (lambda: flash_attn(*_qkv(1, 2, 8, 32), dropout_p=0.1, seed=1.5), r"seed=1.5 must be an integer"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), dropout_p=0.1, seed=2**31),
      r"seed=2147483648 must be in \[0, 2\*\*31\)"),
 ])

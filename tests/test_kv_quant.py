@@ -142,6 +142,8 @@ def test_nbytes_counts_codes_scales_and_zeros():
     (dict(group_size=5), r"n \(tokens\)=16 is not a multiple of group_size=5"),
     (dict(axis="token", group_size=7), "head_dim=24 is not a multiple of group_size=7"),
     (dict(group_size=0), "group_size=0"),
+    (dict(group_size=8.0), "group_size=8.0 must be an integer"),
+    (dict(bits="4"), r"bits='4' is not supported"),
     (dict(shape=(16, 24)), "batch, kv_heads, n, head_dim"),
 ])
 def test_bad_input_is_a_clear_value_error(args, match):
