@@ -47,6 +47,47 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     return torch.matmul(probs, v)
 
 
+_WORD = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low 32-bit words of a·b, for 32-bit unsigned a (an int64 tensor) and b, without overflowing
+    int64: a is split into 16-bit halves."""
+    high_half, low_half = (a >> 16) * b, (a & 0xFFFF) * b
+    return (high_half + (low_half >> 16)) >> 16, (((high_half & 0xFFFF) << 16) + low_half) & _WORD
+
+
+def philox4x32_reference(seed: int, c0: torch.Tensor, c1: torch.Tensor, rounds: int = 10) -> list[torch.Tensor]:
+    """Philox-4x32 (Salmon et al., SC 2011) with key (seed's low and high words) and counter (c0, c1, 0, 0), as
+    Triton's `tl.philox` computes it: four words of 32 random bits, as int64 tensors."""
+    c0, c1 = c0.long() & _WORD, c1.long() & _WORD
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    k0, k1 = seed & _WORD, (seed >> 32) & _WORD
+    for _ in range(rounds):
+        (hi_b, lo_b), (hi_a, lo_a) = _mul32(c2, 0xCD9E8D57), _mul32(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _WORD, (k1 + 0xBB67AE85) & _WORD
+    return [c0, c1, c2, c3]
+
+
+def dropout_keep_mask_reference(seed: int, batch: int, heads: int, n_q: int, n_k: int, dropout_p: float,
+                                device=None) -> torch.Tensor:
+    """Which attention probabilities FlashAttention's dropout keeps, bool (batch, heads, n_q, n_k), written from
+    the kernels' stated layout rather than their code: one Philox call per four neighbouring keys (counter
+    row · ceil(n_k / 4) + key // 4 and batch·heads + head; keys 4j..4j+3 take its words 0, 2, 1, 3), each word a
+    uniform number as Triton makes one (its bits as a signed 32-bit integer, folded to non-negative, times
+    4.6566127342e-10 in float32), kept where it is at least dropout_p."""
+    quads = (n_k + 3) // 4
+    position = torch.arange(n_q, device=device)[:, None] * quads + torch.arange(quads, device=device)
+    counter0 = position.expand(batch * heads, n_q, quads)
+    counter1 = torch.arange(batch * heads, device=device)[:, None, None].expand_as(counter0)
+    words = philox4x32_reference(seed, counter0, counter1)
+    bits = torch.stack([words[0], words[2], words[1], words[3]], -1).flatten(-2)[..., :n_k]
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+    uniform = torch.where(signed < 0, -signed - 1, signed).float() * torch.tensor(4.6566127342e-10)
+    return (uniform >= torch.tensor(dropout_p, dtype=torch.float32)).view(batch, heads, n_q, n_k)
+
+
 def block_mask_to_dense(block_mask: torch.Tensor, n_q: int, n_k: int, block_size: int) -> torch.Tensor:
     """A block-sparse mask of (…, ceil(Nq/b), ceil(Nk/b)) blocks as an element mask of (…, Nq, Nk)."""
     dense = block_mask.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)

@@ -14,6 +14,7 @@ import torch
 from conftest import ATTENTION_TOL as TOL, DEVICE, ROOT, gpu, has_gpu
 from effrepro_kernels import (BlockSparseLayout, attention_reference, block_mask_to_dense, butterfly_block_mask,
                               dropout_keep_mask, flash_attn, flash_attn_qkvpacked, random_block_mask)
+from effrepro_kernels.reference import dropout_keep_mask_reference
 
 flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")  # the package's `flash_attn` is the function
 flash_attn_gluon = importlib.import_module("effrepro_kernels.flash_attn_gluon")
@@ -33,7 +34,7 @@ def run_both(b, h, hk, n_q, n_k, d, dtype, *, causal=False, kpm=None, dropout_p=
     make = lambda heads, n: torch.randn(b, heads, n, d, device=DEVICE, dtype=dtype, generator=gen)  # noqa: E731
     q, k, v = make(h, n_q), make(hk, n_k), make(hk, n_k)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    keep = dropout_keep_mask(seed, b, h, n_q, n_k, dropout_p, DEVICE) if dropout_p else None
+    keep = dropout_keep_mask_reference(seed, b, h, n_q, n_k, dropout_p, DEVICE) if dropout_p else None
     dense = block_mask_to_dense(block_mask, n_q, n_k, block_size) if block_mask is not None else None
     ref = attention_reference(q64, k64, v64, causal=causal, key_padding_mask=kpm, attn_mask=dense,
                               dropout_p=dropout_p, dropout_mask=keep)
@@ -151,6 +152,15 @@ def test_dropout_is_reproducible_from_its_seed_and_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
     keep = dropout_keep_mask(7, 1, 2, 170, 170, 0.3, DEVICE)  # 58k draws: 0.01 is 5 standard deviations
     assert abs(keep.float().mean().item() - 0.7) < 0.01
+
+
+@pytest.mark.parametrize("seed, b, h, n_q, n_k, p", [(7, 1, 2, 37, 45, 0.3), (1234, 2, 3, 33, 17, 0.1),
+                                                     (2**31 - 1, 1, 1, 70, 5, 0.5)])
+def test_the_kernels_dropout_mask_is_the_one_their_stated_philox_layout_gives(seed, b, h, n_q, n_k, p):
+    """The kernels' mask against one written in plain torch from the layout `_keep` states (the reference the
+    dropout tests above compare with), so a fault in the counters, the key or the columns' order shows."""
+    got = dropout_keep_mask(seed, b, h, n_q, n_k, p, DEVICE)
+    assert torch.equal(got, dropout_keep_mask_reference(seed, b, h, n_q, n_k, p, DEVICE))
 
 
 def test_random_block_mask_has_the_asked_density():
