@@ -59,6 +59,12 @@ def test_head_dims_that_are_not_powers_of_two_match_reference(schedule, dtype):
         check(2, 6, 2, [5, 37], head_dim, dtype, schedule)  # 3 query heads per KV head
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_the_smallest_and_largest_head_dims_match_reference(schedule):
+    for head_dim in (16, 32, 256):
+        check(2, 4, 2, [9, 40], head_dim, torch.float16, schedule)
+
+
 def test_return_order_is_out_then_lse_then_scores_and_one_prepared_schedule_serves_every_kind_of_call():
     q = torch.randn(1, 2, 32, device=DEVICE)
     k, v = (torch.randn(1, 1, 20, 32, device=DEVICE) for _ in range(2))

@@ -102,6 +102,19 @@ def test_block_sparse_matches_a_masked_reference(causal, block):
     run_both(2, 2, 1, n, n, 32, torch.float16, causal=causal, block_mask=mask, block_size=block)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["causal_padding_gqa", "dropout_mqa_causal", "sparse_padding_causal"])
+def test_features_combined_with_causal_grouped_heads_and_unequal_lengths(case, dtype):
+    kpm = torch.rand(2, 41, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(3)) > 0.3
+    if case == "causal_padding_gqa":
+        run_both(2, 4, 2, 29, 41, 64, dtype, causal=True, kpm=kpm)
+    elif case == "dropout_mqa_causal":
+        run_both(2, 4, 1, 45, 30, 32, dtype, causal=True, dropout_p=0.2)
+    else:
+        mask = butterfly_block_mask(2, 3, device=DEVICE)  # query block 1 skips key block 2
+        run_both(2, 2, 1, 29, 41, 32, dtype, causal=True, kpm=kpm, block_mask=mask, block_size=16)
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_repeated_calls_of_one_signature_stay_exact(dropout_p):
     """From the second call of a signature on, a GPU launches the compiled kernels it kept (runtime.launch): new
@@ -132,10 +145,16 @@ def test_a_misaligned_view_of_the_same_shape_gets_its_own_kernel():
 
 
 def test_layouts_and_lse():
-    q, k, v = (torch.randn(2, 19, 3, 32, device=DEVICE, dtype=torch.float16) for _ in range(3))
+    q, k, v = (torch.randn(2, 19, 3, 32, device=DEVICE, dtype=torch.float16, requires_grad=True) for _ in range(3))
     out, lse = flash_attn(q, k, v, layout="bshd", causal=True, return_lse=True)
-    ref = flash_attn(*(t.transpose(1, 2) for t in (q, k, v)), causal=True).transpose(1, 2)
-    torch.testing.assert_close(out, ref)
+    q64, k64, v64 = (t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, causal=True)
+    assert rel_err(out.transpose(1, 2), ref) < TOL[torch.float16]
+    dout = torch.randn_like(ref)
+    out.backward(dout.transpose(1, 2).to(out.dtype))
+    ref.backward(dout)
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel_err(got.transpose(1, 2), want) < 2 * TOL[torch.float16]
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 32**0.5
     s = s.masked_fill(~torch.ones(19, 19, dtype=torch.bool, device=DEVICE).tril(), float("-inf"))
     torch.testing.assert_close(lse, s.logsumexp(-1).float(), rtol=1e-3, atol=1e-3)
