@@ -300,7 +300,7 @@ def test_copy_time_hidden_counts_only_overlap_with_compute_not_stalls():
 def test_the_cache_policy_decides_the_hits(policy, expected):
     a, b, c, d = (0, 0), (0, 1), (0, 2), (1, 0)
     cache = SlotCache(3, policy)
-    assert [cache.request(key, pinned=set())[1] for key in (a, a, a, b, c, d, a)] == expected
+    assert [cache.request(key, in_use=set())[1] for key in (a, a, a, b, c, d, a)] == expected
     assert (cache.hits, cache.misses) == (sum(expected), len(expected) - sum(expected))
 
 
@@ -309,20 +309,20 @@ def test_without_a_cache_nothing_is_found_resident():
     it held if that still holds it."""
     a, b = (0, 0), (0, 1)
     cache = SlotCache(2, "none")
-    slot, hit = cache.request(a, pinned={a})  # as the runtime asks: the key among the pinned
-    assert not hit and cache.request(a, pinned={a}) == (slot, False)  # copied again, where it was
-    assert not cache.request(b, pinned={b})[1] and (cache.hits, cache.misses) == (0, 3)
+    slot, hit = cache.request(a, in_use={a})  # as the runtime asks: the key among those in use
+    assert not hit and cache.request(a, in_use={a}) == (slot, False)  # copied again, where it was
+    assert not cache.request(b, in_use={b})[1] and (cache.hits, cache.misses) == (0, 3)
     assert cache.holder.count(a) == 1 and cache.slot_of == {a: slot, b: 1 - slot}
 
 
-def test_the_cache_never_evicts_a_pinned_expert():
+def test_the_cache_never_evicts_an_expert_in_use():
     cache = SlotCache(2, "lru")
     cache.request((0, 0), set())
     cache.request((0, 1), set())
-    cache.request((1, 0), pinned={(0, 0)})  # (0, 0) is the least recent but in use
+    cache.request((1, 0), in_use={(0, 0)})  # (0, 0) is the least recent but in use
     assert (0, 0) in cache.slot_of and (0, 1) not in cache.slot_of
-    with pytest.raises(ValueError, match="pinned"):
-        cache.request((1, 1), pinned={(0, 0), (1, 0)})
+    with pytest.raises(ValueError, match="in use"):
+        cache.request((1, 1), in_use={(0, 0), (1, 0)})
 
 
 def test_bad_settings_are_refused_with_a_clear_error():

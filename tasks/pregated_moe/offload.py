@@ -139,7 +139,7 @@ def min_slots(strategy: str, n_experts: int, top_k: int, tokens: int) -> int:
 
 class SlotCache:
     """Which (MoE block, expert) each device slot holds, and which to evict: a free slot if any, else among the
-    slots not pinned (in use or being fetched) the least recently used (lru) or the least often requested over the
+    slots not in use (needed or being fetched) the least recently used (lru) or the least often requested over the
     whole run, then least recently used (lfu). With policy "none" nothing is found resident: every request
     copies (into the slot the expert held, if it still holds it; else as lru evicts). The runtime asks once per
     block and forward, so that is a copy each time a block needs an expert. A linear scan: pools are at most a
@@ -155,14 +155,14 @@ class SlotCache:
         self.requests: Counter = Counter()
         self.clock = self.hits = self.misses = 0
 
-    def request(self, key: tuple[int, int], pinned: set) -> tuple[int, bool]:
+    def request(self, key: tuple[int, int], in_use: set) -> tuple[int, bool]:
         """The slot for `key` and whether it was already there; on a miss the caller fills the slot."""
         self.clock += 1
         self.requests[key] += 1
         slot = self.slot_of.get(key)
         hit = slot is not None and self.policy != "none"  # no cache: a resident expert is copied again where it is
         if slot is None:
-            slot = self._victim(pinned)
+            slot = self._victim(in_use)
             self.slot_of.pop(self.holder[slot], None)
             self.holder[slot], self.slot_of[key] = key, slot
         self.hits += hit
@@ -170,12 +170,12 @@ class SlotCache:
         self.last_use[slot] = self.clock
         return slot, hit
 
-    def _victim(self, pinned: set) -> int:
+    def _victim(self, in_use: set) -> int:
         if None in self.holder:
             return self.holder.index(None)
-        free = [s for s, key in enumerate(self.holder) if key not in pinned]
+        free = [s for s, key in enumerate(self.holder) if key not in in_use]
         if not free:
-            raise ValueError(f"all {len(self.holder)} slots hold pinned experts; none can be evicted")
+            raise ValueError(f"all {len(self.holder)} slots hold experts in use; none can be evicted")
         if self.policy in ("lru", "none"):
             return min(free, key=lambda s: self.last_use[s])
         return min(free, key=lambda s: (self.requests[self.holder[s]], self.last_use[s]))
@@ -229,7 +229,7 @@ class ExpertOffload:
         self.n_slots = slots
         self.cache = SlotCache(self.n_slots, cache)
         self.stats = Stats()
-        self.requested: dict[int, set[int]] = {}  # MoE block -> experts requested for it; pinned until it has run
+        self.requested: dict[int, set[int]] = {}  # MoE block -> experts requested for it; in use until it has run
         self.upcoming: tuple[int, Routing] | None = None  # pregated: the next MoE block and its pre-gate's routing
         self.pin_warning: str | None = None
         self._check_slots(tokens=1)
@@ -308,7 +308,7 @@ class ExpertOffload:
                 return self.slot_in[first + e], self.slot_out[first + e]
         else:
             for done in [b for b in self.requested if b < layer]:
-                del self.requested[done]  # unpinned: those blocks have run
+                del self.requested[done]  # no longer in use: those blocks have run
             self.upcoming = None  # a prefetch not issued yet is this request: on demand
             self._request(layer, active, issued_during=layer)
             if self.strategy == "prefetch_all" and layer + 1 < len(self.layers):
@@ -341,14 +341,14 @@ class ExpertOffload:
         if not new:
             return
         wanted.update(new)
-        pinned = {(b, e) for b, es in self.requested.items() for e in es}
+        in_use = {(b, e) for b, es in self.requested.items() for e in es}
         if self.copy_stream is not None:  # a slot is rewritten only after the computations queued on it are done
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         ffn, copied = self.layers[layer], []
         with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():
             start = Marker(self.device, self.copy_stream)
             for e in new:
-                slot, hit = self.cache.request((layer, e), pinned)
+                slot, hit = self.cache.request((layer, e), in_use)
                 if not hit:
                     self.slot_in[slot].copy_(ffn.w_in[e], non_blocking=True)
                     self.slot_out[slot].copy_(ffn.w_out[e], non_blocking=True)
