@@ -95,7 +95,9 @@ def test_speedups_and_their_geometric_mean():
         return Row(provider, "step", 10, "tokens_per_s", "tokens/s", value, extra={"lra_task": task})
     rows = [tps("standard", "listops", 100.0), tps("effrepro", "listops", 200.0),
             tps("standard", "image", 100.0), tps("effrepro", "image", 800.0)]
-    out = {(r.provider, r.metric, r.x_value): r.p50 for r in derived_rows(rows)}
+    rows += [tps("standard", "path64", 100.0), tps("effrepro", "path64", 300.0)]  # a pre-training stage's
+    out = {(r.provider, r.metric, r.x_value): r.p50 for r in derived_rows(rows, ["listops", "image"])}
+    assert ("effrepro", "speedup", "path64") not in out
     assert out[("effrepro", "speedup", "image")] == 8.0
     assert math.isclose(out[("effrepro", "speedup_geomean", 2)], 4.0)
     assert out[("standard", "speedup_geomean", 2)] == 1.0
@@ -107,7 +109,7 @@ def test_accuracy_average_takes_the_test_split_where_a_task_has_one():
     rows = [accuracy("val", "listops", 40.0), accuracy("test", "listops", 30.0), accuracy("val", "text", 60.0)]
     rows += [Row("effrepro", "step", 10, "tokens_per_s", "tokens/s", 1.0, extra={"lra_task": t})
              for t in ("listops", "text")]
-    out = {(r.provider, r.metric): r.p50 for r in derived_rows(rows)}
+    out = {(r.provider, r.metric): r.p50 for r in derived_rows(rows, ["listops", "text"])}
     assert out[("effrepro", "accuracy_avg")] == 45.0  # listops' test, text's val (its val set is IMDb's test set)
 
 

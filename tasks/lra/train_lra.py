@@ -179,10 +179,11 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path) -> Iterator[Candid
                                         _trainee(cfg, ctx, name, attention, split(name), pretrained=pre))])
 
 
-def derived_rows(rows: list[Row]) -> Iterator[Row]:
-    """Per task: each attention's throughput over standard attention's. Over the tasks this run trained: the
-    geometric mean of those speedups (the paper's Table 3 figure) and the mean final accuracy (test, or val where a
-    task has no other test set)."""
+def derived_rows(rows: list[Row], tasks: list[str]) -> Iterator[Row]:
+    """Per task of `tasks` (the run's, not a pre-training stage's): each attention's throughput over standard
+    attention's. Over those tasks: the geometric mean of those speedups (the paper's Table 3 figure) and the mean
+    final accuracy (test, or val where a task has no other test set)."""
+    rows = [r for r in rows if r.extra.get("lra_task") in tasks]
     speedups: dict[str, list[float]] = {}
     for r in throughput_ratios(rows, "lra_task", "standard", "speedup"):
         speedups.setdefault(r.provider, []).append(r.p50)
@@ -217,6 +218,10 @@ def _check_model(spec: DictConfig, task: str) -> dict:
     for key, bounds in MODEL_KEYS.items():
         if key in model:
             checks.number(f"lra.model.{key}", model[key], **bounds)
+    block = model.get("block_size")
+    if block is not None and (block < 16 or block & (block - 1)):
+        raise ConfigError(f"lra.model.block_size={block} must be a power of two, at least 16 (the block-sparse "
+                          f"kernel's blocks)")
     if model["dim"] % model["heads"]:
         raise ConfigError(f"lra.model: dim={model['dim']} is not a multiple of heads={model['heads']} ({task})")
     return model
@@ -228,6 +233,10 @@ def validate(cfg: DictConfig) -> None:
     attentions = checks.choices("lra.attention", spec.attention, ATTENTIONS)
     if spec.max_bytes is not None:
         checks.number("lra.max_bytes", spec.max_bytes, at_least=1)
+        for task in set(tasks) & set(MAX_BYTES):  # the documents are stored cut there
+            if spec.max_bytes > MAX_BYTES[task]:
+                raise ConfigError(f"lra.max_bytes={spec.max_bytes} is above the {MAX_BYTES[task]} bytes a {task} "
+                                  f"document is kept with (tasks/lra/data.py MAX_BYTES); the rest would be padding")
     checks.number("lra.seed", spec.seed, at_least=0)
     for key in ("n_train", "n_val", "batch", "listops_min_length"):
         checks.number(f"lra.{key}", spec[key], at_least=1)
@@ -280,4 +289,5 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
-    yield from train_from_config(cfg, candidates(cfg, ctx, Path(cfg.paths.cache) / "lra"), ctx.device, derived_rows)
+    yield from train_from_config(cfg, candidates(cfg, ctx, Path(cfg.paths.cache) / "lra"), ctx.device,
+                                 lambda rows: derived_rows(rows, as_list(cfg.lra.tasks)))
