@@ -51,6 +51,17 @@ def test_padding_changes_no_prediction(attention):
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
+def test_byte_pixels_without_a_mask_are_int64_tokens_all_real():
+    m = model("standard").eval()
+    pixels = torch.randint(0, 20, (3, 40), dtype=torch.uint8, device=DEVICE)  # the test model's 20 tokens
+    labels = torch.tensor([0, 2, 1], device=DEVICE)
+    with torch.no_grad():
+        as_bytes = m(input_ids=pixels, labels=labels).logits
+        as_tokens = m(input_ids=pixels.long(), real=torch.ones(3, 40, dtype=torch.bool, device=DEVICE),
+                      labels=labels).logits
+    torch.testing.assert_close(as_bytes, as_tokens)
+
+
 def test_flash_matches_standard_attention_with_padding():
     ref, ours = model("standard").eval(), model("effrepro").eval()
     with torch.no_grad():

@@ -118,16 +118,19 @@ class LRAClassifier(nn.Module):
         features = 4 * dim if pair else dim
         self.head = nn.Sequential(nn.Linear(features, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, classes))
 
-    def encode(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids) + self.position.weight[: ids.shape[1]]
-        padding = None if bool(real.all()) else real  # read once here, not in every layer
+    def encode(self, ids: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """`real`: which tokens are not padding; None where all are (images)."""
+        x = self.embed(ids.long()) + self.position.weight[: ids.shape[1]]  # images' pixels come as bytes
+        padding = None if real is None or bool(real.all()) else real  # read once here, not in every layer
         for block in self.blocks:
             x = block(x, padding)
         x = self.norm(x)
+        if real is None:
+            return x.mean(1)
         weights = real.to(x.dtype)[..., None]
         return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # mean over real tokens
 
-    def forward(self, input_ids, real, labels, input_ids2=None, real2=None):
+    def forward(self, input_ids, labels, real=None, input_ids2=None, real2=None):
         u = self.encode(input_ids, real)
         if input_ids2 is not None:  # Retrieval: one tower for both documents, then the pair's features
             v = self.encode(input_ids2, real2)
