@@ -16,8 +16,9 @@ from tasks.common.low_rank import LowRankLinear, count_parameters
 from tasks.greenformers.efficiency import (Models, cost_rows, crossover_rows, host_memory_rows, shortest_win,
                                            tensor_peak_mb)
 from tasks.greenformers.quality import MARKERS, counting_set, svd_rows
-from tasks.greenformers.task import _point, distinct_models
-from tasks.greenformers.variants import Variant, build, count_flops, on_meta, parse_variant, with_attention
+from tasks.greenformers.task import _point
+from tasks.greenformers.variants import (Variant, build, count_flops, distinct_models, on_meta, parse_variant,
+                                         with_attention)
 
 BERT_BASE = dict(name="bert-base", vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072)

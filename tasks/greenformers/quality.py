@@ -21,7 +21,7 @@ from repro.records import Row
 from repro.train import Candidate, Trainee, step_generator, train_from_config
 from tasks.common.low_rank import count_parameters
 
-from .variants import Variant, build, count_flops, factorised, on_meta, parse_variant
+from .variants import Variant, build, count_flops, distinct_models, factorised, on_meta
 
 CLS, MARKERS = 1, (2, 3)  # 0 is BERT's padding id; filler tokens follow the markers
 FIRST_FILLER = 4
@@ -122,7 +122,8 @@ def run_quality(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
             return trained[variant.name]
         return Candidate(variant.name, dict(setting="quality", series="quality"), make)
 
-    yield from train_from_config(cfg, [candidate(parse_variant(name)) for name in as_list(spec.variants)], ctx.device)
+    variants = distinct_models(as_list(spec.variants), cfg.greenformers.attention)
+    yield from train_from_config(cfg, [candidate(variant) for variant in variants], ctx.device)
     base = trained.get("base")
     if base is not None and spec.svd_ranks:
         extra = dict(setting="quality_svd", model=spec.model.name, seq_len=spec.seq_len, series="quality")

@@ -27,7 +27,7 @@ from repro.train import TrainSpec
 
 from .efficiency import BASELINE, DTYPES, Models, cost_rows, crossover_rows, measure_points
 from .quality import run_quality
-from .variants import ATTENTIONS, MODES, Variant, on_meta, parse_variant
+from .variants import ATTENTIONS, MODES, Variant, distinct_models, on_meta, parse_variant
 
 PARTS = ("crossover", "notebook", "quality")
 MODEL_KEYS = {"name", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"}
@@ -66,21 +66,6 @@ def _check_variants(key: str, names: list, model: dict, seq_len: int, base_for: 
         seen[same] = name
     if base_for and BASELINE not in seen.values():
         raise ConfigError(f"{key} must include {BASELINE!r}, {base_for}")
-
-
-def distinct_models(names: list, default_attention: str) -> list[Variant]:
-    """The variants `names` stand for, each model once: one naming the run's default attention (`base+eager`
-    where that is eager) is the model without it, measured once, under the first of its names."""
-    variants, seen = [], {}
-    for variant in map(parse_variant, map(str, names)):
-        same = replace(variant, name="", attention=variant.attention or default_attention)
-        if same in seen:
-            print(f"[greenformers] {variant.name} is {seen[same]} under greenformers.attention={default_attention}: "
-                  f"measured once, as {seen[same]}", flush=True)
-            continue
-        seen[same] = variant.name
-        variants.append(variant)
-    return variants
 
 
 def validate(cfg: DictConfig) -> None:

@@ -81,6 +81,21 @@ def parse_variant(name: str) -> Variant:
                    k=int(found["k"]) if "k" in found else None, attention=found.get("attention"))
 
 
+def distinct_models(names: list, default_attention: str) -> list[Variant]:
+    """The variants `names` stand for, each model once: one naming the run's default attention (`base+eager`
+    where that is eager) is the model without it, measured once, under the first of its names."""
+    variants, seen = [], {}
+    for variant in map(parse_variant, map(str, names)):
+        same = replace(variant, name="", attention=variant.attention or default_attention)
+        if same in seen:
+            print(f"[greenformers] {variant.name} is {seen[same]} under greenformers.attention={default_attention}: "
+                  f"measured once, as {seen[same]}", flush=True)
+            continue
+        seen[same] = variant.name
+        variants.append(variant)
+    return variants
+
+
 def _attention(name: str) -> str:
     if name == "effrepro":
         from effrepro_kernels.hf_attention import register
