@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -502,41 +502,47 @@ ENGINE_SECTIONS = ("task", "scale", "logger", "paths")
 def _added_where_nothing_reads(cfg: DictConfig, overrides: list) -> str | None:
     """A `+key=value` at the config's top level or in one of the ENGINE_SECTIONS, which would be ignored."""
     for o in overrides:
-        parts = o.key_or_group.split(".")
-        if parts[0] in cfg.keys() and parts[0] not in ENGINE_SECTIONS:
+        section = o.key_or_group.split(".")[0]
+        if section in cfg.keys() and section not in ENGINE_SECTIONS:
             continue  # a task's section: its validator's to judge
-        node, path = cfg, []
-        for part in parts:
-            if not OmegaConf.is_dict(node) or part not in node.keys():
-                break
-            node, path = node[part], path + [part]
-        else:
-            continue  # there already: Hydra refuses to add it
-        where = ".".join(path) or "the top level"
-        known = ", ".join(str(k) for k in node.keys() if path or k != "hydra") if OmegaConf.is_dict(node) \
-            else "none (not a mapping)"
-        return f"+{o.key_or_group}: {where} has no {part!r}, and nothing reads a key added there; its keys are: {known}"
+        node, path, lacking = _walk(cfg, o.key_or_group)
+        if lacking is not None:  # (a key there already: Hydra refuses to add it)
+            where, known = _section(node, path)
+            return (f"+{o.key_or_group}: {where} has no {lacking!r}, and nothing reads a key added there; its keys "
+                    f"are: {known or 'none'}")
     return None
+
+
+def _walk(cfg: DictConfig, key: str) -> tuple[Any, list[str], str | None]:
+    """Follow the dotted `key` into `cfg`: the node reached, the path to it, and the first part of the key it
+    lacks (None where it has them all). A `???` value (one the user must give) ends the walk with node None."""
+    node, path = cfg, []
+    for part in key.split("."):
+        # `in` is False for a `???` value: ask the keys
+        if not OmegaConf.is_dict(node) or part not in node.keys():
+            return node, path, part
+        if OmegaConf.is_missing(node, part):  # no default to take a type from
+            return None, path, None
+        node, path = node[part], path + [part]
+    return node, path, None
+
+
+def _section(node: Any, path: list[str]) -> tuple[str, str]:
+    """Where a walk stopped, in words, and the keys there ("" for an empty mapping)."""
+    known = ", ".join(str(k) for k in node.keys() if path or k != "hydra") if OmegaConf.is_dict(node) \
+        else "none (not a mapping)"
+    return ".".join(path) or "the top level", known
 
 
 def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
     """An override of `cfg` naming a key it lacks, or a value of another kind than the key's default."""
     for o in overrides:
-        node, path = cfg, []
-        for part in o.key_or_group.split("."):
-            # `in` is False for a `???` value (one the user must give): ask the keys
-            if not OmegaConf.is_dict(node) or part not in node.keys():
-                where = ".".join(path) or "the top level"
-                known = ", ".join(str(k) for k in node.keys() if path or k != "hydra") if OmegaConf.is_dict(node) \
-                    else "none (not a mapping)"
-                if OmegaConf.is_dict(node) and not known:  # an empty mapping to add settings to, e.g. lra.model
-                    return (f"{where} has no keys of its own, so {o.key_or_group} is added, with a '+': "
-                            f"+{o.input_line}")
-                return f"unknown config key {o.key_or_group!r}: {where} has no {part!r}; its keys are: {known}"
-            if OmegaConf.is_missing(node, part):  # no default to take the type from
-                node = None
-                break
-            node, path = node[part], path + [part]
+        node, path, lacking = _walk(cfg, o.key_or_group)
+        if lacking is not None:
+            where, known = _section(node, path)
+            if not known:  # an empty mapping to add settings to, e.g. lra.model
+                return f"{where} has no keys of its own, so {o.key_or_group} is added, with a '+': +{o.input_line}"
+            return f"unknown config key {o.key_or_group!r}: {where} has no {lacking!r}; its keys are: {known}"
         if node is None:
             continue
         default = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
