@@ -397,13 +397,23 @@ def _dequantize(DATA, SCALE, ZERO, OUT, H, N, stride_db, stride_dh, stride_dn, s
              mask=(n < N)[:, None] & (c < HEAD_DIM)[None, :])
 
 
-def _check(x: torch.Tensor, bits: int, group_size: int, axis: str):
+def _check_scheme(bits: int, group_size: int, axis: str, shape: tuple[int, ...]) -> None:
+    """The quantization a (batch, kv_heads, n, head_dim) cache of `shape` is in, or is to be put in."""
     if bits not in BITS:
-        raise ValueError(f"bits={bits!r} is not supported; use one of {BITS}")
+        raise ValueError(f"bits={bits!r} is not one of {BITS}")
     if axis not in AXES:
         raise ValueError(f"axis={axis!r} is not one of {AXES} (keys per channel, values per token)")
-    if x.dim() != 4:
-        raise ValueError(f"x must be (batch, kv_heads, n, head_dim), got shape {tuple(x.shape)}")
+    if len(shape) != 4:
+        raise ValueError(f"the cache must be (batch, kv_heads, n, head_dim), got shape {tuple(shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be an integer >= 1")
+    grouped, name = (shape[2], "n (tokens)") if axis == "channel" else (shape[3], "head_dim")
+    if grouped % group_size:
+        raise ValueError(f"{name}={grouped} is not a multiple of group_size={group_size} (axis={axis!r})")
+
+
+def _check(x: torch.Tensor, bits: int, group_size: int, axis: str):
+    _check_scheme(bits, group_size, axis, tuple(x.shape))
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}; use one of {DTYPES}")
     if not runs_on(x.device):
@@ -411,12 +421,6 @@ def _check(x: torch.Tensor, bits: int, group_size: int, axis: str):
                          "(or on the CPU under TRITON_INTERPRET=1, for tests)")
     if x.stride(-1) != 1:
         raise ValueError("x needs a contiguous last (head_dim) dimension")
-    n, d = x.shape[2:]
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r} must be an integer >= 1")
-    grouped, name = (n, "n (tokens)") if axis == "channel" else (d, "head_dim")
-    if grouped % group_size:
-        raise ValueError(f"{name}={grouped} is not a multiple of group_size={group_size} (axis={axis!r})")
 
 
 def quantize_kv(x: torch.Tensor, bits: int, group_size: int, axis: str) -> QuantizedKV:
@@ -448,17 +452,7 @@ def check_quantized(qkv: QuantizedKV) -> None:
     `group_size`, one device, and data as they read it, 32-bit words of a packed row's width on word-aligned rows
     (as quantize_kv makes it, and views of it along batch, heads or tokens keep it). A part that disagrees would be
     read out of its bounds."""
-    if qkv.bits not in BITS:
-        raise ValueError(f"a QuantizedKV's bits={qkv.bits!r} is not one of {BITS}")
-    if qkv.axis not in AXES:
-        raise ValueError(f"a QuantizedKV's axis={qkv.axis!r} is not one of {AXES}")
-    if len(qkv.shape) != 4:
-        raise ValueError(f"a QuantizedKV's shape must be (batch, kv_heads, n, head_dim), got {qkv.shape}")
-    grouped = qkv.shape[3] if qkv.axis == "token" else qkv.shape[2]
-    if isinstance(qkv.group_size, bool) or not isinstance(qkv.group_size, int) or qkv.group_size < 1 or \
-            grouped % qkv.group_size:
-        raise ValueError(f"a QuantizedKV's group_size={qkv.group_size!r} must be an integer dividing its "
-                         f"{'head_dim' if qkv.axis == 'token' else 'n'}={grouped} (axis={qkv.axis!r})")
+    _check_scheme(qkv.bits, qkv.group_size, qkv.axis, tuple(qkv.shape))
     width = packed_row_bytes(qkv.shape[3], qkv.bits)
     if qkv.data.dtype != torch.uint8 or tuple(qkv.data.shape) != (*qkv.shape[:3], width):
         raise ValueError(f"a {qkv.bits}-bit QuantizedKV of shape {tuple(qkv.shape)} needs uint8 data of shape "
