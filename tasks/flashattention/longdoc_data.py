@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +29,7 @@ import numpy as np
 import torch
 
 from repro.context import available_cores, fingerprint
-from repro.records import write_json_atomic
+from repro.generated import cached_dataset, rows_in_chunks
 
 DATASETS = ("synthetic", "ecthr", "mimic-iii")
 SPLITS = ("train", "validation", "test")
@@ -165,11 +162,7 @@ def generate(n: int, seed: int, spec: SyntheticSpec, split: str = "train", worke
     spec.check()
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
-    jobs = [(seed, split, i, min(CHUNK, n - start), spec) for i, start in enumerate(range(0, n, CHUNK))]
-    workers = min(available_cores() if workers is None else workers, len(jobs))
-    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
-        chunks = (pool.map if pool else map)(_chunk, *zip(*jobs)) if jobs else []
-        return [doc for chunk in chunks for doc in chunk]
+    return list(rows_in_chunks(_chunk, n, CHUNK, seed, split, spec, workers, desc=f"longdoc {split}"))
 
 
 def load_or_generate(split: str, n: int, seed: int, spec: SyntheticSpec, cache_dir: str | os.PathLike,
@@ -180,18 +173,15 @@ def load_or_generate(split: str, n: int, seed: int, spec: SyntheticSpec, cache_d
     import datasets as hf
 
     meta = {"split": split, "n": n, "seed": seed, "spec": asdict(spec), "generator_version": GENERATOR_VERSION}
-    path = Path(cache_dir) / f"longdoc-{split}-n{n}-{fingerprint(meta)}"
-    meta_path = path.with_name(path.name + ".json")
-    if not meta_path.is_file():
+    names = [f"label{j}{'_late' if spec.is_late(j) else ''}" for j in range(spec.labels)]
+    features = hf.Features({"input_ids": hf.List(hf.Value("int32")), "labels": hf.List(hf.ClassLabel(names=names)),
+                            "evidence_start": hf.List(hf.Value("int32"))})
+
+    def build(path):
         print(f"[longdoc] generating {n} {split} documents into {path}", flush=True)
-        names = [f"label{j}{'_late' if spec.is_late(j) else ''}" for j in range(spec.labels)]
-        features = hf.Features({"input_ids": hf.List(hf.Value("int32")), "labels": hf.List(hf.ClassLabel(names=names)),
-                                "evidence_start": hf.List(hf.Value("int32"))})
-        rows = generate(n, seed, spec, split, workers)
-        shutil.rmtree(path, ignore_errors=True)  # what an interrupted save left
-        hf.Dataset.from_list(rows, features=features).save_to_disk(str(path))
-        write_json_atomic(meta_path, meta)
-    ds = hf.load_from_disk(str(path))
+        hf.Dataset.from_list(generate(n, seed, spec, split, workers), features=features).save_to_disk(str(path))
+
+    ds = cached_dataset(cache_dir, f"longdoc-{split}-n{n}-{fingerprint(meta)}", meta, build)
     docs = _documents(f"synthetic-{split}", ds, ds.features["labels"].feature.names)
     starts = torch.full((len(ds), spec.labels), -1, dtype=torch.long)
     for i, (labels, where) in enumerate(zip(ds["labels"], ds["evidence_start"])):

@@ -15,24 +15,19 @@ from __future__ import annotations
 import cmath
 import csv
 import inspect
-import json
 import math
 import os
 import random
-import shutil
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from repro.context import ConfigError, available_cores
-from repro.records import write_json_atomic
+from repro.context import ConfigError
+from repro.generated import cached_dataset, rows_in_chunks
 
 # Bump whenever a change alters what (task, params, seed) generates: caches of another version are regenerated.
 GENERATOR_VERSION = 1
@@ -404,14 +399,7 @@ def _chunk_seed(seed: int, split: str, index: int) -> int:
 def _rows(task: str, n: int, seed: int, split: str, workers: int | None, params: dict):
     """The examples of `task`, chunk by chunk in order, in `workers` processes (default: one per CPU)."""
     _check_split(split)
-    jobs = [(seed, split, i, min(CHUNK, n - start), params) for i, start in enumerate(range(0, n, CHUNK))]
-    if not jobs:
-        return
-    workers = min(available_cores() if workers is None else workers, len(jobs))
-    with (ProcessPoolExecutor(workers) if workers > 1 else nullcontext()) as pool:
-        chunks = (pool.map if pool else map)(_CHUNKS[task], *zip(*jobs))
-        for rows in tqdm(chunks, total=len(jobs), desc=f"{task} {split}", unit="chunk", disable=len(jobs) < 2):
-            yield from rows
+    yield from rows_in_chunks(_CHUNKS[task], n, CHUNK, seed, split, params, workers, desc=f"{task} {split}")
 
 
 def _check_split(split: str) -> None:
@@ -455,28 +443,20 @@ def load_or_generate(task: str, split: str, n: int, seed: int, cache_dir: str | 
             "generator_version": GENERATOR_VERSION}
     name = "-".join([task, split, f"n{n}", *(f"{k}{v}" for k, v in sorted(params.items())), f"seed{seed}",
                      f"v{GENERATOR_VERSION}"])
-    path = Path(cache_dir) / name
-    meta_path = path.with_name(name + ".json")
-    if path.is_dir():
-        stored = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-        if stored == meta:
-            return hf.load_from_disk(str(path))
-        print(f"LRA cache {path} was made with {stored or 'no metadata'}, not {meta}: regenerating")
-        shutil.rmtree(path)
-    meta_path.unlink(missing_ok=True)  # written last, so that an interrupted save never passes for a whole one
-    print(f"Generating LRA {name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    # from_generator streams the examples to disk (Path-256 does not fit in memory); its own cache goes in a
-    # fresh folder so that it can never hand back an older build.
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        hf.Dataset.from_generator(_rows, features=_features(task, params), cache_dir=tmp,
-                                  gen_kwargs=dict(task=task, n=n, seed=seed, split=split, workers=workers,
-                                                  params=params)).save_to_disk(str(path))
-    write_json_atomic(meta_path, meta)
-    seconds = time.perf_counter() - start
-    print(f"Generated {n} examples in {seconds:.1f} s ({n / seconds:.1f}/s)")
-    return hf.load_from_disk(str(path))
+
+    def build(path):
+        print(f"Generating LRA {name}")
+        start = time.perf_counter()
+        # from_generator streams the examples to disk (Path-256 does not fit in memory); its own cache goes in a
+        # fresh folder so that it can never hand back an older build.
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            hf.Dataset.from_generator(_rows, features=_features(task, params), cache_dir=tmp,
+                                      gen_kwargs=dict(task=task, n=n, seed=seed, split=split, workers=workers,
+                                                      params=params)).save_to_disk(str(path))
+        seconds = time.perf_counter() - start
+        print(f"Generated {n} examples in {seconds:.1f} s ({n / seconds:.1f}/s)")
+
+    return cached_dataset(cache_dir, name, meta, build)
 
 
 def generation_rate(task: str, n: int = 64, seed: int = 0, workers: int = 1, **params) -> float:

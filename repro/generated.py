@@ -1,0 +1,55 @@
+"""Generated datasets: made in seeded chunks in parallel, and kept on disk as `datasets` Arrow folders beside a
+metadata file that names everything they were made from.
+
+A task's generator seeds each chunk from (seed, split, chunk index) alone, so what it makes does not depend on
+the number of worker processes; the chunk size is then part of what a seed means.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tqdm.auto import tqdm
+
+from repro.context import available_cores
+from repro.records import write_json_atomic
+
+
+def rows_in_chunks(make_chunk: Callable[..., list], n: int, chunk: int, seed: int, split: str, settings: Any,
+                   workers: int | None = None, desc: str = "") -> Iterator:
+    """The rows of `make_chunk(seed, split, index, count, settings)` for each chunk of `chunk` of the `n` rows,
+    in order, made in `workers` processes (default: one per available core)."""
+    jobs = [(seed, split, i, min(chunk, n - start), settings) for i, start in enumerate(range(0, n, chunk))]
+    if not jobs:
+        return
+    workers = min(available_cores() if workers is None else workers, len(jobs))
+    with (ProcessPoolExecutor(workers) if workers > 1 else nullcontext()) as pool:
+        chunks = (pool.map if pool else map)(make_chunk, *zip(*jobs))
+        for rows in tqdm(chunks, total=len(jobs), desc=desc, unit="chunk", disable=len(jobs) < 2):
+            yield from rows
+
+
+def cached_dataset(cache_dir: str | Path, name: str, meta: dict, build: Callable[[Path], None]):
+    """The `datasets.Dataset` that `build(path)` saves under `cache_dir/name`: loaded from there when the metadata
+    file beside it (`name.json`) holds `meta`, else built anew. The metadata is written last, so that an
+    interrupted build never passes for a whole one."""
+    import datasets as hf
+
+    path = Path(cache_dir) / name
+    meta_path = path.with_name(name + ".json")
+    meta = json.loads(json.dumps(meta))  # as it reads back from the file (tuples become lists)
+    if path.is_dir():
+        stored = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        if stored == meta:
+            return hf.load_from_disk(str(path))
+        print(f"cache {path} was made with {stored or 'no metadata'}, not {meta}: regenerating", flush=True)
+        shutil.rmtree(path)
+    meta_path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build(path)
+    write_json_atomic(meta_path, meta)
+    return hf.load_from_disk(str(path))

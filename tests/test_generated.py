@@ -1,0 +1,34 @@
+import pytest
+
+from repro.generated import cached_dataset, rows_in_chunks
+
+
+def _chunk(seed, split, index, count, settings):
+    return [(seed, split, index, settings)] * count
+
+
+def test_rows_come_in_chunk_order_whatever_the_number_of_workers():
+    one = list(rows_in_chunks(_chunk, 7, 3, 5, "train", "x", workers=1))
+    assert one == list(rows_in_chunks(_chunk, 7, 3, 5, "train", "x", workers=2))
+    assert [row[2] for row in one] == [0, 0, 0, 1, 1, 1, 2]
+    assert list(rows_in_chunks(_chunk, 0, 3, 5, "train", "x")) == []
+
+
+def test_an_interrupted_build_is_built_again_and_other_metadata_rebuilds(tmp_path, capsys):
+    import datasets as hf
+
+    built = []
+
+    def build(path, fail=False):
+        built.append(path.name)
+        hf.Dataset.from_list([{"a": len(built)}]).save_to_disk(str(path))
+        if fail:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_dataset(tmp_path, "set", {"seed": (1, 2)}, lambda path: build(path, fail=True))
+    assert not (tmp_path / "set.json").exists()
+    assert cached_dataset(tmp_path, "set", {"seed": (1, 2)}, build)["a"] == [2]
+    assert cached_dataset(tmp_path, "set", {"seed": (1, 2)}, build)["a"] == [2] and len(built) == 2
+    assert cached_dataset(tmp_path, "set", {"seed": (1, 3)}, build)["a"] == [3]
+    assert "regenerating" in capsys.readouterr().out
