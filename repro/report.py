@@ -90,17 +90,20 @@ def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | Non
     return None
 
 
-def _points(claim: Claim, record: RunRecord) -> int:
-    """How many of the claim's points `record` measured: 0 where it cannot judge the claim (no rows, or for
-    `largest_x_within` no rows of the quality reference)."""
+def _points(claim: Claim, record: RunRecord) -> tuple[int, int]:
+    """How well `record` measured the claim: the priority of the provider it has (the claim's first provider is
+    the highest, the number of providers minus 1), and how many distinct points of it; (0, 0) where it cannot
+    judge the claim (no rows, or for `largest_x_within` no rows of the quality reference)."""
     found = _claim_rows(claim, record)
     if found is None:
-        return 0
-    _, mine, rows = found
+        return 0, 0
+    provider, mine, rows = found
     if claim.compare.aggregate == "largest_x_within" and \
             not any(r.provider == claim.compare.quality["reference"] for r in rows):
-        return 0
-    return len(mine)
+        return 0, 0
+    # the same point may be measured under two settings of one sweep (rows that differ only in `extra`)
+    distinct = {(r.x_name, r.x_value, r.p50) for r in mine}
+    return len(claim.compare.providers) - claim.compare.providers.index(provider) - 1, len(distinct)
 
 
 def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str]:
@@ -134,12 +137,13 @@ def judge(claim: Claim, value: float) -> str:
     return WITHIN if abs(value - published) <= claim.compare.tolerance * abs(published) else NOT_REPRODUCED
 
 
-def preference(record: RunRecord, comparable: tuple[str, ...] = (), points: int = 0,
+def preference(record: RunRecord, comparable: tuple[str, ...] = (), points: tuple[int, int] = (0, 0),
                hardware: str | None = None) -> tuple:
     """How a record ranks as the source of a claim: a comparable scale first, then one on the claim's own GPU
     family (`hardware`, for a claim only that card can judge), then the larger scale, then a whole run before one
-    that was killed, then the one with more of the claim's points (a run narrowed by overrides to a few settings
-    does not stand for the task's average), then the newest."""
+    that was killed, then the one that measured the claim's preferred provider (`_points`), then the one with more
+    of the claim's points (a run narrowed by overrides to a few settings does not stand for the task's average),
+    then the newest."""
     same_card = hardware is not None and gpu_family(hardware) == gpu_family(record.env.get("gpu_name"))
     return (record.scale in comparable, same_card, SCALE_ORDER.get(record.scale, -1), record.status == "ok", points,
             record.started)
@@ -156,11 +160,11 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
     comparable = claim.compare.comparable_at
 
     points = {id(r): _points(claim, r) for _, r in mine}
-    if not any(points.values()):  # the task ran, but not the provider or setting the claim needs
+    if not any(n for _, n in points.values()):  # the task ran, but not the provider or setting the claim needs
         return Outcome(claim, NOT_RUN, detail=claim_value(claim, mine[0][1])[2])
     # the best record that measured the claim decides it, a failure included: an older one never overrules it
     card_bound = claim.compare.kind == "absolute" and claim.hardware != "n/a"  # judged on its own card only
-    path, record = max((pr for pr in mine if points[id(pr[1])]),
+    path, record = max((pr for pr in mine if points[id(pr[1])][1]),
                        key=lambda pr: preference(pr[1], comparable, points[id(pr[1])],
                                                  claim.hardware if card_bound else None))
     value, unit, detail = claim_value(claim, record)

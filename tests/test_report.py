@@ -9,7 +9,7 @@ import yaml
 
 from repro.claims import load_paper, load_published
 from repro.records import Row, RunRecord, save_record
-from repro.report import README_END, README_START, build_report, main
+from repro.report import README_END, README_START, build_report, evaluate, main
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3"}
 H200 = {"gpu_name": "NVIDIA H200"}
@@ -499,3 +499,22 @@ def test_a_rebuild_from_the_same_records_writes_the_same_report(tree, no_plots):
     first, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
     again, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
     assert first == again and "the newest started 2026-11-30T00:00:00+00:00" in first
+
+
+def test_each_aggregate_and_the_claims_first_provider_decide(tmp_path):
+    claims = "\n".join(
+        f"  - {{id: {how}, claim: c, value: 2.0, unit: x, higher_is_better: true, hardware: A100, setting: s, "
+        f"source: T, verified: true, task: bench, compare: {{kind: ratio, metric: speedup, providers: [ours, theirs], "
+        f"where: {{mode: [fwd, bwd]}}, aggregate: {how}}}}}" for how in ("mean", "max", "min", "last"))
+    (tmp_path / "toy.yaml").write_text(f"paper: toy\ntitle: t\nsource: s\nclaims:\n{claims}\n")
+    _, _, found = load_paper(tmp_path / "toy.yaml")
+    by_id = {c.id: c for c in found}
+    three = rec("bench", "small", [row("speedup", 3.0), row("speedup", 1.0, "bwd"), row("speedup", 1.4, "bwd"),
+                                   row("speedup", 9.0, "other")])
+    values = {how: evaluate(by_id[how], [(Path("r.json"), three)]).value for how in by_id}
+    assert values == {"mean": pytest.approx(5.4 / 3), "max": 3.0, "min": 1.0, "last": 1.4}
+    # an older record of the claim's first provider outranks a newer one of its second, however many points
+    ours = rec("bench", "small", [row("speedup", 2.5)], started="2026-11-01T00:00:00+00:00")
+    theirs = rec("bench", "small", [row("speedup", 1.5, provider="theirs"), row("speedup", 1.6, "bwd", "theirs")])
+    outcome = evaluate(by_id["mean"], [(Path("theirs.json"), theirs), (Path("ours.json"), ours)])
+    assert (outcome.value, outcome.record) == (2.5, Path("ours.json"))
