@@ -52,6 +52,7 @@ class Outcome:
     detail: str = ""
     unit: str = ""
     record_status: str = "ok"  # "killed": the value comes from a run stopped before its end
+    made: str = ""  # the record's date, commit and model: another card's row may differ in more than the card
 
 
 def gpu_family(name: str | None) -> str | None:
@@ -129,6 +130,12 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
                               f"{quality['tolerance']:.0%} of {quality['reference']}"
 
 
+def _made(record: RunRecord) -> str:
+    model = record.config.get("model")
+    return ", ".join(part for part in (record.started[:10], (record.env.get("git_sha") or "")[:7],
+                                       model.get("name") if isinstance(model, dict) else None) if part)
+
+
 def judge(claim: Claim, value: float) -> str:
     published = claim.value
     better = value >= published if claim.higher_is_better else value <= published
@@ -169,7 +176,7 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
                                                  claim.hardware if card_bound else None))
     value, unit, detail = claim_value(claim, record)
     found = dict(value=value, gpu=record.gpu_name, scale=record.scale, record=path, detail=detail, unit=unit,
-                 record_status=record.status)
+                 record_status=record.status, made=_made(record))
     if record.scale not in comparable:
         return Outcome(claim, NOT_COMPARABLE, **found)
     if value is None:  # measured, and no point within the claim's quality tolerance
@@ -225,7 +232,7 @@ def claims_table(outcomes: list[Outcome], links_from: Path) -> str:
         label = other_card if c is previous else f"{c.claim} <br><sub>{c.paper}:{c.id}, {c.source}{unverified}</sub>"
         previous = c
         where = f"{o.gpu}, {o.scale}" + (f", **{o.record_status} run**" if o.record_status != "ok" else "") \
-            if o.scale else "—"
+            + (f" <br><sub>{o.made}</sub>" if o.made else "") if o.scale else "—"
         if o.record is not None:
             where += f" ([record]({_link(o.record, links_from)}))"
         how = f" <br><sub>{o.detail}</sub>" if o.detail else ""

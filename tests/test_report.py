@@ -518,3 +518,5 @@ def test_each_aggregate_and_the_claims_first_provider_decide(tmp_path):
     theirs = rec("bench", "small", [row("speedup", 1.5, provider="theirs"), row("speedup", 1.6, "bwd", "theirs")])
     outcome = evaluate(by_id["mean"], [(Path("theirs.json"), theirs), (Path("ours.json"), ours)])
     assert (outcome.value, outcome.record) == (2.5, Path("ours.json"))
+    ours.env["git_sha"], ours.config["model"] = "0123456789abcdef", {"name": "tiny"}
+    assert evaluate(by_id["mean"], [(Path("ours.json"), ours)]).made == "2026-11-01, 0123456, tiny"
