@@ -120,9 +120,17 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
         unit = mine[0].unit or (claim.unit if cmp.kind == "absolute" else "")
         return _aggregate([r.p50 for r in mine], cmp.aggregate), unit, f"{provider}, {cmp.aggregate} of {len(mine)}"
     quality = cmp.quality
-    reference = [r.p50 for r in rows if r.provider == quality["reference"]]
-    value = largest_x_within(mine, sum(reference) / len(reference), quality["tolerance"],
-                             quality["higher_is_better"]) if reference else None
+    # where the claim allows several values of a key (texts, models), each is judged against its own reference,
+    # and the claim holds as far as it holds for all of them
+    keys = [k for k, wanted in cmp.where.items() if isinstance(wanted, list)]
+    values = []
+    for group in {tuple(r.get(k) for k in keys) for r in mine}:
+        def same(r):
+            return tuple(r.get(k) for k in keys) == group
+        reference = [r.p50 for r in rows if r.provider == quality["reference"] and same(r)]
+        values.append(largest_x_within([r for r in mine if same(r)], sum(reference) / len(reference),
+                                       quality["tolerance"], quality["higher_is_better"]) if reference else None)
+    value = None if None in values else min(values)
     if value is None:
         return None, "", f"no {provider} row of {mine[0].metric} within {quality['tolerance']:g} of " \
                          f"{quality['reference']}'s"

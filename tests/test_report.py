@@ -459,6 +459,16 @@ def test_largest_x_within_quality_of_the_reference():
            "compare": {"kind": "ratio", "metric": "perplexity", "providers": ["ours"], "aggregate": "largest_x_within"}}
     with pytest.raises(ValueError, match="largest_x_within"):
         _parse_claim("toy", "c", raw)  # the aggregate needs its quality block
+    # two texts the claim allows: each against its own full cache, the claim as far as it holds for both
+    raw["compare"].update(where={"text": ["a", "b"]}, quality={"reference": "full", "tolerance": 0.05,
+                                                                  "higher_is_better": False})
+    two_texts = _parse_claim("toy", "c", raw)
+    rows = [Row(p, "kv_compression", x, "perplexity", "ppl", v, extra={"text": t})
+            for t, scale in (("a", 20.0), ("b", 10.0))
+            for p, x, v in (("full", 1, scale), ("ours", 4, 1.01 * scale), ("ours", 5, 1.04 * scale))]
+    assert claim_value(two_texts, rec("kv", "paper", rows))[0] == 5
+    rows[-1].p50 = 11.0  # text b fails at 5
+    assert claim_value(two_texts, rec("kv", "paper", rows))[0] == 4
 
 
 def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree, no_plots):
