@@ -13,7 +13,7 @@ from effrepro_kernels.reference import decode_scores_reference
 from tasks.scissorhands.generate import (REFERENCE, EvictingCache, LayerCache, QuantizedStore, compaction_order,
                                          decode_nll, decode_step, generating)
 from tasks.scissorhands.policies import (H2O, TOVA, Full, Scissorhands, ScissorhandsReleased, StreamingLLM,
-                                         layer_budgets, make_policy)
+                                         layer_budgets, make_policy, policy_at_budget)
 from tasks.scissorhands.simulate import persistence_ratio, simulate, simulated_nll
 
 SCHEDULE = "lean" if has_gpu() else "fa2"  # fa2 launches the fewest programs: the fastest in the interpreter
@@ -355,3 +355,12 @@ def test_quantized_eviction_requantizes_only_the_key_groups_that_lose_tokens():
     for head, groups in intact.items():  # intact groups: the same values; regrouped ones: a second rounding
         torch.testing.assert_close(now[0, head, :8 * len(groups)], expected[0, head, :8 * len(groups)])
     assert 0 < (now - expected).abs().max() < (keys.max() - keys.min()) / 15
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "growing"])
+def test_a_configs_drop_fraction_scales_with_each_layers_budget(schedule):
+    policy = policy_at_budget("scissorhands", {"drop_fraction": 0.5, "budget_schedule": schedule}, 100)
+    budgets = layer_budgets(100, schedule, 4)
+    policy.budgets(4)  # every layer's m fits its budget
+    assert all(abs(policy.amount(b) - b / 2) <= 0.5 for b in budgets)
+    assert policy_at_budget("scissorhands", {"drop_fraction": 0.25}, 100).amount(100) == 25
