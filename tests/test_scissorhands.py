@@ -309,13 +309,15 @@ def test_a_quantized_store_scores_every_key_it_holds(schedule):
     assert store.n_quantized == 8
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_quantized_cache_holds_bits_per_value_plus_a_scale_and_zero_per_group(bits):
+def test_quantized_cache_holds_bits_per_value_plus_a_scale_and_zero_per_group(bits, dtype):
     """Measured from the tensors: codes of `bits`, an fp16 scale and zero per group of 32, and a full-precision
-    window of one group. 4-bit: 3.2x less than fp16 per token, 4x less for the codes alone."""
+    window of one group. 4-bit: 3.2x less than fp16 per token, 4x less for the codes alone. Counted with 16-bit
+    floats whatever the model's dtype (a CPU run's float32 stands in for the paper's fp16)."""
     b, kv_heads, slots, head_dim, group = 1, 2, 256, 64, 32
-    query = torch.zeros(b, 4, 1, head_dim, dtype=torch.float16, device=DEVICE)
-    key = torch.zeros(b, kv_heads, 1, head_dim, dtype=torch.float16, device=DEVICE)
+    query = torch.zeros(b, 4, 1, head_dim, dtype=dtype, device=DEVICE)
+    key = torch.zeros(b, kv_heads, 1, head_dim, dtype=dtype, device=DEVICE)
     caches = {}
     for kv_bits in (16, bits):
         caches[kv_bits] = EvictingCache(Full(), 1, slots, kv_bits=kv_bits, group_size=group)

@@ -109,9 +109,10 @@ def test_quantized_cache_and_decode_kernels_run_in_the_interpreter(interpreted):
     # the same budget holds the same numbers of tokens, whether simulated or generated
     assert quantized["extra"]["measured_compression"] == pytest.approx(exact["extra"]["measured_compression"])
     # the bytes its stores took, measured (codes and scales of its budget of 4 tokens, and a whole group of 4 in
-    # full precision), against a float32 cache of the chunk's 8 tokens, in tiny_llama's 2 layers of 2 KV heads of 16
+    # full precision), against a full cache of the chunk's 8 tokens, in tiny_llama's 2 layers of 2 KV heads of 16;
+    # floats counted at 16 bits, the float32 model standing in for an fp16 one
     assert quantized["extra"]["bytes_compression"] == pytest.approx(
-        cache_bytes(2, 2, 16, 8, 4) / cache_bytes(2, 2, 16, 4, 4, bits=4, group_size=4), rel=1e-3)
+        cache_bytes(2, 2, 16, 8, 2) / cache_bytes(2, 2, 16, 4, 2, bits=4, group_size=4), rel=1e-3)
     assert exact["extra"]["bytes_compression"] is None  # simulated: no cache to weigh
     providers = {"full", "scissorhands_2x", "full_4bit", "scissorhands_2x_4bit"}
     assert {r["provider"] for r in rows_of(record, "attention_time")} == providers

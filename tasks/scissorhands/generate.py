@@ -100,7 +100,11 @@ class FloatStore:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return self.bytes_as(self.keys.element_size())
+
+    def bytes_as(self, float_bytes: int) -> int:
+        """Bytes held were each float `float_bytes` long."""
+        return (self.keys.numel() + self.values.numel()) * float_bytes
 
     def append(self, key: torch.Tensor, value: torch.Tensor, n: int) -> None:
         self.keys[:, :, n] = key
@@ -164,8 +168,13 @@ class QuantizedStore:
 
     @property
     def nbytes(self) -> int:
-        quantized = self.keys.nbytes + self.values.nbytes if self.keys is not None else 0
-        return quantized + self.residual.nbytes
+        return self.bytes_as(self.residual.keys.element_size())
+
+    def bytes_as(self, float_bytes: int) -> int:
+        """Bytes held (codes, scales and zero-points, the full-precision part) were each float `float_bytes` long."""
+        quantized = sum(q.data.nbytes + (q.scale.numel() + q.zero.numel()) * float_bytes
+                        for q in (self.keys, self.values) if q is not None)
+        return quantized + self.residual.bytes_as(float_bytes)
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         _write(self.keys, _quantized(keys, self.bits, self.group_size, "channel", self.schedule), start)
@@ -249,7 +258,7 @@ class LayerCache:
         self.positions = torch.zeros(b, kv_heads, self.slots, dtype=torch.long, device=key.device)
         self.stats = self.policy.init_stats(b, heads, self.slots, key.device)
         self.group = heads // kv_heads  # query heads per KV head
-        self.position_bytes = 2 * b * kv_heads * head_dim * key.element_size()  # K and V of a position, unquantized
+        self.position_values = 2 * b * kv_heads * head_dim  # K and V of a position
         self.slot_index = torch.arange(self.slots, device=key.device)
         self.n = 0
 
@@ -314,12 +323,13 @@ class EvictingCache:
         self.causal = 0
 
     def kv_bytes(self) -> int:
-        """Bytes of the keys and values held (codes, scales, full-precision part), measured from the tensors."""
-        return sum(layer.store.nbytes for layer in self.layers if layer is not None)
+        """Bytes of the keys and values held (codes, scales, full-precision part), counted from the tensors with
+        16-bit floats: the paper's fp16 cache, for which a CPU run's float32 model stands in."""
+        return sum(layer.store.bytes_as(2) for layer in self.layers if layer is not None)
 
     def full_cache_bytes(self) -> int:
-        """Bytes a full cache in the model's dtype would take for the tokens seen: what kv_bytes() saves on."""
-        return sum(layer.position_bytes * self.seen_tokens for layer in self.layers if layer is not None)
+        """Bytes a full fp16 cache would take for the tokens seen: what kv_bytes() saves on."""
+        return sum(2 * layer.position_values * self.seen_tokens for layer in self.layers if layer is not None)
 
     def held_tokens(self) -> list[int]:
         """Tokens each head of each layer holds now."""
