@@ -60,6 +60,13 @@ def gpu_family(name: str | None) -> str | None:
     return next((f for f in GPU_FAMILIES if f.upper() in name), None)
 
 
+def same_gpu_family(claimed: str | None, gpu_name: str | None) -> bool:
+    """Whether a record's GPU is of the claim's family; never where either is unknown ("GPU not stated", a card
+    outside `GPU_FAMILIES`)."""
+    family = gpu_family(claimed)
+    return family is not None and family == gpu_family(gpu_name)
+
+
 def peak_tflops(gpu_name: str | None) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k.upper() in (gpu_name or "").upper()), None)
 
@@ -159,7 +166,7 @@ def preference(record: RunRecord, comparable: tuple[str, ...] = (), points: tupl
     that was killed, then the one that measured the claim's preferred provider (`_points`), then the one with more
     of the claim's points (a run narrowed by overrides to a few settings does not stand for the task's average),
     then the newest."""
-    same_card = hardware is not None and gpu_family(hardware) == gpu_family(record.env.get("gpu_name"))
+    same_card = hardware is not None and same_gpu_family(hardware, record.env.get("gpu_name"))
     return (record.scale in comparable, same_card, SCALE_ORDER.get(record.scale, -1), record.status == "ok", points,
             record.started)
 
@@ -198,7 +205,7 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
         value = 100.0 * value / peak
         out.value, out.unit = value, "%"
     if claim.compare.kind == "absolute" and claim.hardware != "n/a" and \
-            gpu_family(claim.hardware) != gpu_family(record.env.get("gpu_name")):
+            not same_gpu_family(claim.hardware, record.env.get("gpu_name")):
         out.status = OTHER_HARDWARE
         return out
     out.status = judge(claim, value)

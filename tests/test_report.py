@@ -1,5 +1,6 @@
 """The comparator and report, from fixture records and a fixture claims file."""
 import csv
+import dataclasses
 import gzip
 import textwrap
 from pathlib import Path
@@ -9,7 +10,7 @@ import yaml
 
 from repro.claims import load_paper, load_published
 from repro.records import Row, RunRecord, save_record
-from repro.report import README_END, README_START, build_report, evaluate, main
+from repro.report import OTHER_HARDWARE, README_END, README_START, build_report, evaluate, main
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3"}
 H200 = {"gpu_name": "NVIDIA H200"}
@@ -423,6 +424,11 @@ def test_a_claim_only_its_own_card_can_judge_is_judged_on_that_card_where_a_reco
     assert [o.record for o in evaluate_by_card(claims["abs_time"], [(Path("h100.json"), h100),
                                                                    (Path("a100.json"), a100)])] == \
         [Path("a100.json"), Path("h100.json")]
+    # an unknown card is not the claim's, nor is a claim's unstated hardware any card's
+    l40s = rec("bench", "small", [row("time", 5.0)], env={"gpu_name": "NVIDIA L40S"})
+    assert evaluate(claims["abs_time"], [(Path("l40s.json"), l40s)]).status == OTHER_HARDWARE
+    unstated = dataclasses.replace(claims["abs_time"], hardware="GPU not stated")
+    assert evaluate(unstated, [(Path("l40s.json"), l40s)]).status == OTHER_HARDWARE
 
 
 def test_largest_x_within_quality_of_the_reference():
