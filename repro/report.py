@@ -22,8 +22,8 @@ import yaml
 
 from .claims import Claim, load_published
 from .context import PROJECT_ROOT
-from .records import (PACK_ABOVE_BYTES, Row, RunRecord, largest_x_within, load_records, pack_records,
-                      replace_atomically)
+from .records import (FAILED_ROW_STATUSES, PACK_ABOVE_BYTES, Row, RunRecord, largest_x_within, load_records,
+                      pack_records, replace_atomically)
 
 REPRODUCED = "reproduced"
 WITHIN = "within tolerance"
@@ -85,7 +85,9 @@ def _aggregate(values: list[float], how: str) -> float:
 
 def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | None:
     """The rows `claim`'s value comes from in `record`: those of the first of its metrics, then the first of its
-    providers, that the record has (with the provider, and all of that metric's rows, for a quality reference)."""
+    providers, that the record has (with the provider, and all of that metric's rows, for a quality reference).
+    Where no provider has one, the first provider that failed at the claim's points (out of memory, an error),
+    with no rows: the record measured the claim, and the claim did not hold there."""
     cmp = claim.compare
     for metric in cmp.metrics:
         # a provider whose output differed from the baseline's measured something else: not a reproduction
@@ -95,23 +97,32 @@ def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | Non
             mine = [r for r in rows if r.provider == provider]
             if mine:
                 return provider, mine, rows
-    return None
+    failed = next((p for p in cmp.providers if _failed_points(claim, record, p)), None)
+    return None if failed is None else (failed, [], [])
+
+
+def _failed_points(claim: Claim, record: RunRecord, provider: str) -> set:
+    """The points of the claim at which `provider` failed in `record` (a failure is written on the measured
+    metric, time or memory, not on the ratios derived from it)."""
+    return {(r.x_name, r.x_value, r.extra.get("series")) for r in record.rows if r.provider == provider
+            and r.status in FAILED_ROW_STATUSES and _matches(r, claim.compare.where)}
 
 
 def _points(claim: Claim, record: RunRecord) -> tuple[int, int]:
     """How well `record` measured the claim: the priority of the provider it has (the claim's first provider is
-    the highest, the number of providers minus 1), and how many distinct points of it; (0, 0) where it cannot
-    judge the claim (no rows, or for `largest_x_within` no rows of the quality reference)."""
+    the highest, the number of providers minus 1), and how many distinct points of it, failed ones included;
+    (0, 0) where it cannot judge the claim (no rows, or for `largest_x_within` no rows of the quality reference)."""
     found = _claim_rows(claim, record)
     if found is None:
         return 0, 0
     provider, mine, rows = found
-    if claim.compare.aggregate == "largest_x_within" and \
+    if mine and claim.compare.aggregate == "largest_x_within" and \
             not any(r.provider == claim.compare.quality["reference"] for r in rows):
         return 0, 0
     # the same point may be measured under two settings of one sweep (rows that differ only in `extra`)
     distinct = {(r.x_name, r.x_value, r.p50) for r in mine}
-    return len(claim.compare.providers) - claim.compare.providers.index(provider) - 1, len(distinct)
+    return (len(claim.compare.providers) - claim.compare.providers.index(provider) - 1,
+            len(distinct) + len(_failed_points(claim, record, provider)))
 
 
 def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str]:
@@ -122,10 +133,14 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
     if found is None:
         return None, "", f"no rows of {'/'.join(cmp.metrics)} for {list(cmp.providers)} where {cmp.where}"
     provider, mine, rows = found
+    failed = len(_failed_points(claim, record, provider))
+    if not mine:
+        return None, "", f"{provider} failed at all {failed} of the claim's points (out of memory or an error)"
     if cmp.aggregate != "largest_x_within":
         # an absolute value is read in the claim's unit, which older records left out of their rows
         unit = mine[0].unit or (claim.unit if cmp.kind == "absolute" else "")
-        return _aggregate([r.p50 for r in mine], cmp.aggregate), unit, f"{provider}, {cmp.aggregate} of {len(mine)}"
+        return _aggregate([r.p50 for r in mine], cmp.aggregate), unit, \
+            f"{provider}, {cmp.aggregate} of {len(mine)}" + (f"; {failed} more failed" if failed else "")
     quality = cmp.quality
     # where the claim allows several values of a key (texts, models), each is judged against its own reference,
     # and the claim holds as far as it holds for all of them

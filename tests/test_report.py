@@ -536,3 +536,19 @@ def test_each_aggregate_and_the_claims_first_provider_decide(tmp_path):
     assert (outcome.value, outcome.record) == (2.5, Path("ours.json"))
     ours.env["git_sha"], ours.config["model"] = "0123456789abcdef", {"name": "tiny"}
     assert evaluate(by_id["mean"], [(Path("ours.json"), ours)]).made == "2026-11-01, 0123456, tiny"
+
+
+def test_a_newer_record_that_failed_at_the_claims_points_decides_it(tmp_path):
+    (tmp_path / "toy.yaml").write_text(CLAIMS)
+    claims = {c.id: c for c in load_paper(tmp_path / "toy.yaml")[2]}
+
+    def failed(provider="ours"):
+        return Row(provider, "n", 2048, "time", "ms", None, None, None, 0, status="oom",
+                   extra={"mode": "fwd", "series": "a"})
+    older = rec("bench", "small", [row("speedup", 3.5)], started="2026-11-01T00:00:00+00:00")
+    newer = rec("bench", "small", [failed()])
+    outcome = evaluate(claims["fast"], [(Path("old.json"), older), (Path("new.json"), newer)])
+    assert (outcome.record, outcome.status, outcome.value) == (Path("new.json"), "not reproduced", None)
+    assert "failed at all 1" in outcome.detail
+    partly = rec("bench", "small", [row("speedup", 3.5), failed(), failed("base")])
+    assert evaluate(claims["fast"], [(Path("p.json"), partly)]).detail == "ours, mean of 1; 1 more failed"
