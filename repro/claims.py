@@ -54,16 +54,31 @@ _QUALITY_KEYS = {"reference", "tolerance", "higher_is_better"}
 
 
 def _check_keys(where: str, data: dict, allowed: set, required: set) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}={data!r} must be a mapping of {sorted(allowed)}")
     unknown, missing = set(data) - allowed, required - set(data)
     if unknown or missing:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; missing keys {sorted(missing)}"
                          f" (allowed: {sorted(allowed)})")
 
 
+def _check_type(where: str, value: Any, types: tuple, what: str) -> None:
+    if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+        raise ValueError(f"{where}={value!r} is not {what}")
+
+
 def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
     _check_keys(where, raw, _CLAIM_KEYS, _CLAIM_KEYS - {"note"})
+    for key in ("higher_is_better", "verified"):
+        _check_type(f"{where}.{key}", raw[key], (bool,), "true or false")
+    _check_keys(f"{where}.compare", raw["compare"], _COMPARE_KEYS, {"kind", "metric", "providers"})
     cmp = dict(raw["compare"])
-    _check_keys(f"{where}.compare", cmp, _COMPARE_KEYS, {"kind", "metric", "providers"})
+    if "tolerance" in cmp:
+        _check_type(f"{where}.compare.tolerance", cmp["tolerance"], (int, float), "a number")
+    if not isinstance(cmp.get("where", {}), dict):
+        raise ValueError(f"{where}.compare.where={cmp['where']!r} must map row keys to a value or a list of values")
+    if isinstance(cmp.get("comparable_at"), str):
+        cmp["comparable_at"] = [cmp["comparable_at"]]
     if cmp["kind"] not in COMPARE_KINDS:
         raise ValueError(f"{where}.compare.kind={cmp['kind']!r} is not one of {COMPARE_KINDS}")
     if cmp.get("aggregate", "mean") not in AGGREGATES:
@@ -72,6 +87,9 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
         raise ValueError(f"{where}.compare: aggregate largest_x_within and a quality block go together")
     if "quality" in cmp:
         _check_keys(f"{where}.compare.quality", cmp["quality"], _QUALITY_KEYS, _QUALITY_KEYS)
+        _check_type(f"{where}.compare.quality.tolerance", cmp["quality"]["tolerance"], (int, float), "a number")
+        _check_type(f"{where}.compare.quality.higher_is_better", cmp["quality"]["higher_is_better"], (bool,),
+                    "true or false")
     bad_scales = set(cmp.get("comparable_at", ())) - set(SCALES)
     if bad_scales:
         raise ValueError(f"{where}.compare.comparable_at has {sorted(bad_scales)}; scales are {SCALES}")
@@ -90,6 +108,8 @@ def load_paper(path: Path) -> tuple[str, dict[str, Any], list[Claim]]:
     data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     if not isinstance(data, dict) or data.get("paper") != path.stem:
         raise ValueError(f"{path}: top-level key 'paper' must equal the file name {path.stem!r}")
+    if not isinstance(data.get("claims"), list):
+        raise ValueError(f"{path}: top-level key 'claims' must be a list of claims")
     header = {k: v for k, v in data.items() if k != "claims"}
     claims = [_parse_claim(path.stem, f"{path.name}: claims[{i}]", raw) for i, raw in enumerate(data["claims"])]
     ids = [c.id for c in claims]

@@ -552,3 +552,38 @@ def test_a_newer_record_that_failed_at_the_claims_points_decides_it(tmp_path):
     assert "failed at all 1" in outcome.detail
     partly = rec("bench", "small", [row("speedup", 3.5), failed(), failed("base")])
     assert evaluate(claims["fast"], [(Path("p.json"), partly)]).detail == "ours, mean of 1; 1 more failed"
+
+
+GOOD_CLAIM = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_better": True, "hardware": "n/a",
+              "setting": "s", "source": "s", "verified": True, "task": "kv",
+              "compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"]}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"higher_is_better": "maybe"}, r"higher_is_better='maybe' is not true or false"),
+    ({"verified": "false"}, r"verified='false' is not true or false"),
+    ({"value": "ten"}, r"value='ten' is not a number"),
+    ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "tolerance": "ten"}},
+     r"compare.tolerance='ten' is not a number"),
+    ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "where": [1, 2]}},
+     r"compare.where=\[1, 2\] must map"),
+    ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "comparable_at": "huge"}},
+     r"comparable_at has \['huge'\]"),
+    ({"compare": "ratio"}, r"compare='ratio' must be a mapping"),
+])
+def test_a_bad_claim_is_refused_naming_its_key(change, message):
+    from repro.claims import _parse_claim
+
+    with pytest.raises(ValueError, match=message):
+        _parse_claim("toy", "toy.yaml: claims[0]", {**GOOD_CLAIM, **change})
+    scale = {**GOOD_CLAIM["compare"], "comparable_at": "paper"}  # one scale may be named bare
+    assert _parse_claim("toy", "c", {**GOOD_CLAIM, "compare": scale}).compare.comparable_at == ("paper",)
+
+
+def test_a_claims_file_without_a_list_of_claims_is_refused(tmp_path):
+    (tmp_path / "toy.yaml").write_text("paper: toy\ntitle: t\n")
+    with pytest.raises(ValueError, match="'claims' must be a list"):
+        load_paper(tmp_path / "toy.yaml")
+    (tmp_path / "toy.yaml").write_text("paper: toy\nclaims: ['a claim as a string']\n")
+    with pytest.raises(ValueError, match=r"claims\[0\]='a claim as a string' must be a mapping"):
+        load_paper(tmp_path / "toy.yaml")
