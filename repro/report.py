@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -577,20 +578,29 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     if problems:
         parts.append("## Problems (files and entries not used)\n\n" + "\n".join(f"- {p}" for p in problems) + "\n")
     plots = []
-    for stale in (out / "report" / "plots").glob("*.png"):
-        stale.unlink()
+    # drawn beside the old plots and swapped in once the report is written: a failure on the way leaves the old
+    # report with all of its plots
+    plots_dir = out / "report" / "plots"
+    drawing = plots_dir.with_name("plots.drawing")
+    shutil.rmtree(drawing, ignore_errors=True)
     to_plot = rows_to_plot(records)
     for (task, gpu_name), (rows, used) in sorted(to_plot.items()):
         title = ", ".join(sorted({f"{r.gpu_name} {r.scale}" + (f" ({r.status} run)" if r.status != "ok" else "")
                                   for r in used}))
         metrics = sorted({m for r in used for m in plotted_metrics(r)})
         several_cards = sum(t == task for t, _ in to_plot) > 1
-        plots += plot_rows(task, rows, title, out / "report" / "plots", metrics,
+        plots += plot_rows(task, rows, title, drawing, metrics,
                            card=card_slug(gpu_name) if several_cards else "", lines=plotted_lines(used[0]))
     if plots:
         parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}](report/plots/{p.name})" for p in plots) + "\n")
     report = "\n".join(parts)
     replace_atomically(out / "REPORT.md", lambda tmp: tmp.write_text(report))
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for stale in plots_dir.glob("*.png"):
+        stale.unlink()
+    for plot in plots:
+        plot.replace(plots_dir / plot.name)
+    shutil.rmtree(drawing, ignore_errors=True)
     write_csv(records, out / "report" / "rows.csv.gz")
     if readme is not None and not update_readme(readme, summary_table(by_paper, readme.parent)):
         problems.append(f"{_rel(readme)} has no {README_START} … {README_END} markers; its table was not updated")
@@ -620,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     readme = Path(args.readme) if args.readme else None
     try:
+        load_published(args.published)  # a claims file that fails to load stops the build before records move
         if args.pack_above_mb > 0:
             for path in pack_records(args.runs, int(args.pack_above_mb * 2**20)):
                 print(f"packed {_rel(path)}")
