@@ -1,6 +1,7 @@
 """Task scissorhands_kv: its smoke run end to end (every experiment's rows, as a CPU without our kernels gives
 them), the quantized cache and the decode benchmark through Triton's interpreter on tiny sizes, bad input refused
 before any work, the Table 1 arithmetic, the claims reading the task's rows, and the task's own small pieces."""
+import copy
 import json
 
 import pytest
@@ -84,8 +85,9 @@ def test_smoke_run_writes_every_experiment_and_no_errors(smoke):
     assert len(four_bit) == 3 and all(r["status"] == "ok" and r["extra"]["kv_mode"] == "generate" and
                                       r["extra"]["attention"] == "reference" for r in four_bit)
     assert rows_of(record, "min_kv_fraction_ppl_maintained", text="pydoc")
-    (accuracy,) = rows_of(record, "accuracy", benchmark="effrepro_mc")
-    assert accuracy["provider"] == "scissorhands" and accuracy["extra"]["measured_compression"] > 1
+    full, accuracy = rows_of(record, "accuracy", benchmark="effrepro_mc")
+    assert (full["provider"], full["x_value"], accuracy["provider"]) == ("full", 1, "scissorhands")
+    assert accuracy["extra"]["measured_compression"] > 1
     assert accuracy["extra"]["batches"] > accuracy["extra"]["full_cache_batches"]
     assert value(record, "full", "max_batch", 64) == value(record, "full", "max_batch_analytic", 64) > 0
     assert value(record, "scissorhands_2x", "kv_bytes_per_token", 64) * 2 == value(record, "full",
@@ -249,7 +251,7 @@ def with_text(record: dict, text: str) -> RunRecord:
     return parsed
 
 
-def test_claims_read_the_rows_the_task_writes(smoke, interpreted):
+def test_claims_read_the_rows_the_task_writes(smoke):
     _, _, claims = load_paper(ROOT / "results" / "published" / "scissorhands.yaml")
     claims = {c.id: c for c in claims}
     record = with_text(smoke[1], "stdlib")
@@ -259,9 +261,16 @@ def test_claims_read_the_rows_the_task_writes(smoke, interpreted):
         if ppl["scissorhands", x] > ppl["full", 1] * 1.02:
             break
         within.append(x)
-    assert claim_value(claims["kv_compression_up_to_5x"], record)[0] == max(within)
-    quantized = with_text(interpreted, "c4")
-    assert claim_value(claims["kv_compression_up_to_20x_with_4bit"], quantized)[0] == pytest.approx(2 * 4 / 3, abs=1e-4)
+    # the x claims read few-shot accuracy, as the paper's Fig. 3: within 2% of the full cache's at every x up to it
+    accuracy = {(r.provider, r.x_value): r.p50 for r in record.rows if r.metric == "accuracy"}
+    kept = [x for p, x in sorted(accuracy) if p == "scissorhands"]
+    holds = [x for x in kept if all(accuracy["scissorhands", y] >= 0.98 * accuracy["full", 1] for y in kept if y <= x)]
+    assert kept and claim_value(claims["kv_compression_up_to_5x"], record)[0] == (max(holds) if holds else None)
+    quantized = copy.deepcopy(record)
+    for row in quantized.rows:
+        if row.metric == "accuracy" and row.provider == "scissorhands":
+            row.provider, row.p50 = "scissorhands_4bit", accuracy["full", 1]
+    assert claim_value(claims["kv_compression_up_to_20x_with_4bit"], quantized)[0] == max(kept)
     assert claim_value(claims["table1_opt175b_kv_cache_gb"], record)[0] == 1152
     mean = [r.p50 for r in record.rows if r.metric == "mean_persistence_ratio"]
     assert claim_value(claims["persistence_of_importance_ratio"], record)[0] == mean[0]
