@@ -10,12 +10,12 @@ from omegaconf import OmegaConf
 
 from conftest import DEVICE, ROOT, run_inline
 from repro.claims import load_paper
-from repro.records import RunRecord
+from repro.records import Row, RunRecord
 from repro.report import claim_value
 from tasks.scissorhands.generate import FloatStore, QuantizedStore
 from tasks.scissorhands.memory import bits_compression, cache_bytes, largest_batch, table_rows
 from tasks.scissorhands.policies import Full, Scissorhands
-from tasks.scissorhands.task import FittedPolicy, Setting, budget, sweep
+from tasks.scissorhands.task import FittedPolicy, Setting, budget, min_fraction_rows, sweep
 
 TINY = ["task=scissorhands_kv", "model=tiny_llama", "logger=none"]
 # The 4-bit cache and the decode benchmark on the least that runs them: 8 tokens, one chunk, groups of 4, in
@@ -358,3 +358,11 @@ def test_a_part_that_fails_becomes_a_row_and_the_run_goes_on():
     assert [r.status for r in rows] == ["ok", "oom"]
     (_, failed) = guarded(part(KeyError("stats")), "full", "context", "max_batch", "sequences")
     assert failed.status == "error" and "KeyError" in failed.message
+
+
+def test_the_smallest_cache_that_keeps_the_perplexity_is_the_full_one_where_no_compression_does():
+    def ppl(provider, x, value):
+        return Row(provider, "kv_compression", x, "perplexity", "ppl", value)
+    rows = [ppl("full", 1, 10.0), ppl("scissorhands", 2, 10.1), ppl("scissorhands", 4, 10.5), ppl("h2o", 2, 12.0)]
+    found = {r.provider: r.p50 for r in min_fraction_rows(rows, 0.02, {"text": "c4"})}
+    assert found == {"scissorhands": 50.0, "h2o": 100.0}
