@@ -481,8 +481,12 @@ def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree, no_plots):
     h200 = {**H100, "gpu_name": "NVIDIA H200"}
     save_record(rec("bench", "small", [row("speedup", 2.0)], started="2026-12-02T00:00:00+00:00", env=h200),
                 tree / "runs" / "toy" / "bench" / "h200.json")
+    # a card that ran only the smoke scale gives no row: smoke sizes say nothing of a card's speed
+    save_record(rec("bench", "smoke", [row("speedup", 9.0)], env={"gpu_name": "NVIDIA A100-SXM4-40GB"}),
+                tree / "runs" / "toy" / "bench" / "a100_smoke.json")
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
     lines = report.splitlines()
+    assert not any("A100-SXM4" in line for line in lines if "| 9x" in line or "a100_smoke" in line)
     first = next(i for i, line in enumerate(lines) if "toy:fast," in line)
     assert "NVIDIA H200" in lines[first] and "2x" in lines[first] and lines[first].endswith("| not reproduced |")
     assert "the same claim, another card's record" in lines[first + 1]
