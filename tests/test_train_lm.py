@@ -8,7 +8,7 @@ import torch
 from repro.bench import Unsupported
 from repro.context import ConfigError
 from repro.records import Row
-from tasks.flashattention.megatron_gpt import build_megatron_gpt2
+from tasks.flashattention.megatron_gpt import MegatronGPT, build_megatron_gpt2
 from tasks.flashattention.train_lm import derived_rows
 
 
@@ -169,3 +169,26 @@ def test_evaluation_reads_the_validation_part_not_the_training_part(compose, mon
     drawn.clear()
     trainee.evaluate(trainee.model)
     assert drawn and set(drawn) == {9}
+
+
+class _FakeMegatronGPT(torch.nn.Module):
+    """megatron-core's GPTModel as MegatronGPT calls it: a per-token score against the label at each position
+    (here 1 where the label equals the input there), and an embedding with word and position tables."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Module()
+        self.embedding.word_embeddings = torch.nn.Embedding(11, 4)
+        self.embedding.position_embeddings = torch.nn.Embedding(8, 4)
+        self.decoder = torch.nn.Linear(4, 4)
+
+    def forward(self, input_ids, positions, mask, labels):
+        return (labels == input_ids).float()
+
+
+def test_megatron_wrapper_scores_each_token_against_the_next_and_counts_the_tied_vocabulary_product():
+    model = MegatronGPT(_FakeMegatronGPT())
+    x = torch.tensor([[1, 1, 2, 2, 3]])
+    assert model(input_ids=x, labels=x).loss.item() == 0.5  # (1,1) (1,2) (2,2) (2,3): the last has no next token
+    total = sum(p.numel() for p in model.parameters())
+    assert model.non_embedding_params() == total - 8 * 4  # the word table is the output layer's weight too

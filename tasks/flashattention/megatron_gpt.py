@@ -56,7 +56,10 @@ class MegatronGPT(torch.nn.Module):
         return SimpleNamespace(loss=per_token[:, :-1].float().mean(), logits=None)
 
     def non_embedding_params(self) -> int:
-        return sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in self.gpt.embedding.parameters())
+        """Parameters less the position table: the word embedding is the tied output layer's weight too (its
+        `output_layer` holds none of its own), a matrix product every token pays for, as `model_flops_per_token`
+        counts it for transformers' GPT-2."""
+        return sum(p.numel() for p in self.parameters()) - self.gpt.embedding.position_embeddings.weight.numel()
 
 
 def build_megatron_gpt2(device: torch.device, family: str, layers: int, hidden: int, heads: int, vocab_size: int,
