@@ -189,6 +189,7 @@ def test_mimic_reads_local_json_lines_with_the_training_codes_as_labels(tmp_path
     (["longdoc.timed_steps=1"], ["longdoc.timed_steps=1"]),
     (["longdoc.seeds=[3,3]"], ["longdoc.seeds names 3 more than once"]),
     (["longdoc.attention=[flash9]"], ["flash9", "effrepro"]),
+    (["train.grad_accum=4"], ["train.grad_accum=4", "longdoc.batch"]),
 ])
 def test_bad_input_is_named(refusal, overrides, expected):
     error = refusal(*SMOKE, *overrides)

@@ -340,6 +340,9 @@ def validate(cfg: DictConfig) -> None:
         checks.number(f"longdoc.model.{key}", model[key], at_least=1)
     checks.number("longdoc.model.dropout", model.dropout, integer=False, at_least=0, below=1)
     training = TrainSpec.from_config(cfg.train)
+    if cfg.train.grad_accum != 1:
+        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum!r}: longdoc makes each step of longdoc.batch "
+                          "documents (in forwards of longdoc.micro_tokens); set the step's size there, not here")
     checks.number("longdoc.timed_steps", spec.timed_steps, at_least=training.timing_skip_steps + 1)
     for seq_len in as_list(spec.seq_len):
         if spec.batch % _micro(spec, seq_len):
