@@ -88,13 +88,13 @@ def _corpus(spec) -> tuple[str, Callable[[], list[str]]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec.source, split=spec.split)
+        ds = datasets.load_dataset(spec.source, spec.name, split=spec.split)
     except Exception as exc:  # noqa: BLE001 - offline, or a name the hub does not know
         raise ConfigError(f"data.source={spec.source!r} could not be loaded ({type(exc).__name__}: {exc}). "
                           "Offline, use data.source=local (a folder of text files)") from None
     if spec.max_documents:
         ds = ds.select(range(min(len(ds), spec.max_documents)))
-    return f"{spec.source}:{spec.split}:{len(ds)}", lambda: list(ds[spec.text_column])
+    return f"{spec.source}:{spec.name}:{spec.split}:{len(ds)}", lambda: list(ds[spec.text_column])
 
 
 def _tokenizer(spec, documents: Callable[[], list[str]], cache: Path):
@@ -143,7 +143,11 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
     else:
         texts = documents()
         n_val = max(1, int(len(texts) * spec.val_fraction))
-        eos = tokenizer.eos_token_id
+        # between documents: the end-of-text token, or for a tokenizer without one (BERT's) its separator
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        if eos is None:
+            raise ConfigError(f"data.tokenizer={spec.tokenizer!r} has neither an end-of-text nor a separator token "
+                              "to put between documents")
 
         def join(docs):
             out = []

@@ -264,6 +264,28 @@ def test_corpus_from_a_local_folder_is_tokenised_once_and_cached(tmp_path, monke
     assert torch.equal(again.train, first.train) and cached.stat().st_mtime_ns == stamp
 
 
+def test_documents_are_separated_by_the_separator_where_the_tokenizer_has_no_end_of_text(tmp_path, monkeypatch):
+    """BERT's tokenizer has [SEP] and no end-of-text token."""
+    from repro import text_data
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(f"text number {i}\n" * 10)
+    make = text_data._tokenizer
+
+    def no_eos(*args):
+        tok = make(*args)
+        tok.eos_token = None
+        return tok
+    monkeypatch.setattr(text_data, "_tokenizer", no_eos)
+    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
+                           vocab_size=300, val_fraction=0.25)
+    stream = text_data.load_token_stream(spec, tmp_path / "cache")
+    sep = stream.tokenizer.sep_token_id
+    assert stream.tokenizer.eos_token_id is None and (stream.train == sep).sum() == 3 and stream.val[-1] == sep
+
+
 def test_an_empty_corpus_folder_is_a_clear_error(tmp_path):
     from repro.text_data import load_token_stream
 
