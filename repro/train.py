@@ -172,6 +172,17 @@ def model_flops_per_token(model: torch.nn.Module, layers: int, width: int, seq_l
     return (4 if frozen else 6) * weights + 12 * layers * width * seq_len
 
 
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def init_distributed(device: torch.device) -> None:
     """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs) once per process, on `device`: the
     rank's own GPU, which `resolve_device` chose and made current."""
@@ -278,7 +289,7 @@ class Checkpoint:
         if world()[0] == 0:
             state = {"identity": self.identity, "step": step, "finished": finished, "model": model_state,
                      "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
-                     "rows": [dataclasses.asdict(r) for r in rows], "timed": timed}
+                     "rows": [dataclasses.asdict(r) for r in rows], "timed": timed, "rng": _rng_state()}
             replace_atomically(self.path, lambda tmp: torch.save(state, tmp))
 
     def _read(self) -> dict | None:
@@ -321,6 +332,10 @@ class Checkpoint:
             return 0, [], None
         self._load(state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if not self.sharded and state.get("rng"):
+            # dropout goes on with the masks an unbroken run would draw; a sharded run's ranks each have their
+            # own generators, which rank 0's checkpoint does not hold, and start theirs afresh
+            _set_rng_state(state["rng"])
         print(f"[train] resumed at step {state['step']} from {self.path}", flush=True)
         return state["step"], [Row(**r) for r in state["rows"]], state["timed"]
 
