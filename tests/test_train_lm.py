@@ -30,6 +30,17 @@ def test_speedups_over_eager_megatron_sdpa_and_megatron_at_the_shortest_context(
     assert ("effrepro", 1024, "megatron_at_shortest") not in got  # the shortest context is the baseline itself
 
 
+def test_each_of_our_builds_is_compared_with_sdpa_built_the_same_way():
+    rows = [tokens_per_s("sdpa", 512, 100.0), tokens_per_s("sdpa+compile", 512, 120.0),
+            tokens_per_s("sdpa+compile+graphs", 512, 150.0), tokens_per_s("effrepro", 512, 110.0),
+            tokens_per_s("effrepro+compile+graphs", 512, 180.0), tokens_per_s("effrepro+packed+compile+graphs", 512,
+                                                                             195.0)]
+    got = {(r.provider, r.extra["baseline"]): r.p50 for r in derived_rows(rows)
+           if r.metric == "speedup_over_sdpa_same_build"}
+    assert got == {("effrepro", "sdpa"): pytest.approx(1.1), ("effrepro+compile+graphs", "sdpa+compile+graphs"):
+                   pytest.approx(1.2), ("effrepro+packed+compile+graphs", "sdpa+compile+graphs"): pytest.approx(1.3)}
+
+
 def test_megatron_is_gpt2_only_and_says_why_it_cannot_run():
     with pytest.raises(Unsupported, match="GPT-2 only, not bert"):
         build_megatron_gpt2(torch.device("cpu"), "bert", 2, 64, 2, 100, 32, 0.0, 0)
