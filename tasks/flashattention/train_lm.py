@@ -236,9 +236,10 @@ def same_build_ratios(rows: list[Row]) -> Iterator[Row]:
 
 def derived_rows(rows: list[Row]) -> Iterator[Row]:
     """Per sequence length: throughput speedups over `eager` (the paper's HuggingFace baseline), over
-    `megatron` and over `sdpa`, and over SDPA built as each of ours is (`same_build_ratios`); every implementation's throughput over megatron's at the shortest context (the
-    paper's Table 4 compares longer contexts with Megatron at 1K); and per implementation, the final
-    validation perplexity's gain over the shortest context."""
+    `megatron` and over `sdpa`, and over SDPA built as each of ours is (`same_build_ratios`); every
+    implementation's throughput over megatron's at the shortest context (the paper's Table 4 compares longer
+    contexts with Megatron at 1K); and per implementation, the final validation perplexity's gain over the
+    shortest context."""
     yield from throughput_ratios(rows, "seq_len", "eager", "speedup")
     yield from throughput_ratios(rows, "seq_len", "megatron", "speedup")
     yield from throughput_ratios(rows, "seq_len", "sdpa", "speedup_over_sdpa")

@@ -381,7 +381,8 @@ def min_fraction_rows(rows: list[Row], tolerance: float, extra: dict) -> Iterato
         largest = largest_x_within([r for r in ppl if r.provider == provider], reference[0], tolerance,
                                    higher_is_better=False)
         yield Row(provider, "text", extra["text"], "min_kv_fraction_ppl_maintained", "%",
-                  100 / largest if largest else 100.0, n=1, extra={**extra, "tolerance": tolerance, "reference": "full"})
+                  100 / largest if largest else 100.0, n=1,
+                  extra={**extra, "tolerance": tolerance, "reference": "full"})
 
 
 def quality_rows(cfg: DictConfig, ctx: RunContext, m: Model, text: str, chunks: torch.Tensor) -> Iterator[Row]:
