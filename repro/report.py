@@ -566,8 +566,8 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
              "absolute numbers are compared only on the same hardware, and a CPU record judges only the claims that "
              "name no hardware. Each claim is judged on each card that ran its task (first the card of the best "
              "record overall, which the README shows) from one record: the best scale, then a whole run before a "
-             "killed one (marked), then the most of the claim's points, then the newest; that record decides, a "
-             "failure included.\n"]
+             "killed one (marked), then the claim's first provider, then the most of its points (failed ones "
+             "included), then the newest; that record decides, a failure included.\n"]
     for name, claims in by_card.items():
         header = papers[name][0]
         parts.append(f"## {header.get('title', name)}\n\n`{name}` · {header.get('source', '')}\n\n"
