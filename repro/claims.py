@@ -93,8 +93,7 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
     bad_scales = set(cmp.get("comparable_at", ())) - set(SCALES)
     if bad_scales:
         raise ValueError(f"{where}.compare.comparable_at has {sorted(bad_scales)}; scales are {SCALES}")
-    if not isinstance(raw["value"], (int, float)) or isinstance(raw["value"], bool):
-        raise ValueError(f"{where}.value={raw['value']!r} is not a number")
+    _check_type(f"{where}.value", raw["value"], (int, float), "a number")
     for key in ("providers", "comparable_at", "metric"):
         if key in cmp:
             cmp[key] = tuple([cmp[key]] if isinstance(cmp[key], str) else cmp[key])
