@@ -146,12 +146,13 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
     # where the claim allows several values of a key (texts, models), each is judged against its own reference,
     # and the claim holds as far as it holds for all of them
     keys = [k for k, wanted in cmp.where.items() if isinstance(wanted, list)]
+
+    def group_of(r):
+        return tuple(r.get(k) for k in keys)
     values = []
-    for group in {tuple(r.get(k) for k in keys) for r in mine}:
-        def same(r):
-            return tuple(r.get(k) for k in keys) == group
-        reference = [r.p50 for r in rows if r.provider == quality["reference"] and same(r)]
-        values.append(largest_x_within([r for r in mine if same(r)], sum(reference) / len(reference),
+    for group in {group_of(r) for r in mine}:
+        reference = [r.p50 for r in rows if r.provider == quality["reference"] and group_of(r) == group]
+        values.append(largest_x_within([r for r in mine if group_of(r) == group], sum(reference) / len(reference),
                                        quality["tolerance"], quality["higher_is_better"]) if reference else None)
     value = None if None in values else min(values)
     if value is None:
