@@ -145,13 +145,16 @@ def final_rows(rows: Iterable[Row], metric: str, by: str) -> dict[tuple[str, obj
     return {(r.provider, r.extra[by]): r for r in rows if r.metric == metric and r.status == "ok"}
 
 
-def throughput_ratios(rows: list[Row], by: str, baseline: str, metric: str) -> Iterator[Row]:
-    """Per value of the `by` extra (a sequence length, a task): each trainee's tokens/s over `baseline`'s."""
+def throughput_ratios(rows: list[Row], by: str, baseline: str | Callable[[str], str | None], metric: str
+                      ) -> Iterator[Row]:
+    """Per value of the `by` extra (a sequence length, a task): each trainee's tokens/s over `baseline`'s (a
+    trainee's name, or a function of each trainee's name giving its own baseline, or None for none)."""
     tps = final_rows(rows, "tokens_per_s", by)
     for (provider, key), r in tps.items():
-        base = tps.get((baseline, key))
+        base_name = baseline(provider) if callable(baseline) else baseline
+        base = tps.get((base_name, key))
         if base:
-            yield Row(provider, by, key, metric, "x", r.p50 / base.p50, n=1, extra={**r.extra, "baseline": baseline})
+            yield Row(provider, by, key, metric, "x", r.p50 / base.p50, n=1, extra={**r.extra, "baseline": base_name})
 
 
 def model_flops_per_token(model: torch.nn.Module, layers: int, width: int, seq_len: int, frozen: bool = False

@@ -222,28 +222,23 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     yield from train_from_config(cfg, candidates(cfg, ctx, data), ctx.device, derived_rows)
 
 
-def same_build_ratios(rows: list[Row]) -> Iterator[Row]:
-    """Per sequence length: each of our builds' tokens/s over SDPA's built the same way (compiled, with CUDA
-    graphs; packing is ours alone), so that a speedup is the attention's and not the build's."""
-    tps = final_rows(rows, "tokens_per_s", "seq_len")
-    for (provider, seq_len), r in tps.items():
-        name, *options = provider.split("+")
-        base = tps.get(("+".join(["sdpa", *(o for o in options if o != "packed")]), seq_len))
-        if name == "effrepro" and base:
-            yield Row(provider, "seq_len", seq_len, "speedup_over_sdpa_same_build", "x", r.p50 / base.p50, n=1,
-                      extra={**r.extra, "baseline": base.provider})
+def same_build_sdpa(provider: str) -> str | None:
+    """The SDPA build an implementation of ours compares with: built the same way (compiled, with CUDA graphs;
+    packing is ours alone), so that a speedup is the attention's and not the build's. None for the others."""
+    name, *options = provider.split("+")
+    return "+".join(["sdpa", *(o for o in options if o != "packed")]) if name == "effrepro" else None
 
 
 def derived_rows(rows: list[Row]) -> Iterator[Row]:
     """Per sequence length: throughput speedups over `eager` (the paper's HuggingFace baseline), over
-    `megatron` and over `sdpa`, and over SDPA built as each of ours is (`same_build_ratios`); every
+    `megatron` and over `sdpa`, and over SDPA built as each of ours is (`same_build_sdpa`); every
     implementation's throughput over megatron's at the shortest context (the paper's Table 4 compares longer
     contexts with Megatron at 1K); and per implementation, the final validation perplexity's gain over the
     shortest context."""
     yield from throughput_ratios(rows, "seq_len", "eager", "speedup")
     yield from throughput_ratios(rows, "seq_len", "megatron", "speedup")
     yield from throughput_ratios(rows, "seq_len", "sdpa", "speedup_over_sdpa")
-    yield from same_build_ratios(rows)
+    yield from throughput_ratios(rows, "seq_len", same_build_sdpa, "speedup_over_sdpa_same_build")
     tps = final_rows(rows, "tokens_per_s", "seq_len")
     shortest = min((s for _, s in tps), default=None)
     megatron_shortest = tps.get(("megatron", shortest))
