@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from . import checks
 from .context import ConfigError, fingerprint
 from .records import replace_atomically, write_json_atomic
 
 CACHE_VERSION = 1
+TOKENIZE_BATCH = 1024  # documents
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
 
 
@@ -149,12 +151,18 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
             raise ConfigError(f"data.tokenizer={spec.tokenizer!r} has neither an end-of-text nor a separator token "
                               "to put between documents")
 
-        def join(docs):
-            out = []
-            for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-                out += enc + [eos]
-            return torch.tensor(out, dtype=torch.int32)
-        ids = {"train": join(texts[:-n_val]), "val": join(texts[-n_val:])}
+        def join(docs, part):
+            # a batch at a time into int32: the ids of a paper-scale corpus as one Python list would take
+            # about 30 bytes a token, seven times the tensor
+            pieces = []
+            for start in tqdm(range(0, len(docs), TOKENIZE_BATCH), desc=f"tokenising {part}", unit="batch",
+                              disable=len(docs) <= TOKENIZE_BATCH):
+                batch = []
+                for enc in tokenizer(docs[start:start + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]:
+                    batch += enc + [eos]
+                pieces.append(torch.tensor(batch, dtype=torch.int32))
+            return torch.cat(pieces)
+        ids = {"train": join(texts[:-n_val], "train"), "val": join(texts[-n_val:], "val")}
         replace_atomically(ids_path, lambda tmp: torch.save(ids, tmp))
         write_json_atomic(cache / "settings.json", settings)
     return TokenStream(ids["train"], ids["val"], tokenizer, key)

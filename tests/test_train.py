@@ -289,6 +289,23 @@ def test_documents_are_separated_by_the_separator_where_the_tokenizer_has_no_end
     assert stream.tokenizer.eos_token_id is None and (stream.train == sep).sum() == 3 and stream.val[-1] == sep
 
 
+def test_a_corpus_tokenised_in_batches_gives_the_ids_of_one_pass(tmp_path, monkeypatch):
+    from repro import text_data
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(7):
+        (corpus / f"doc{i}.txt").write_text(f"line {i} of a document\n" * (i + 3))
+    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
+                           vocab_size=300, val_fraction=0.3)
+    whole = text_data.load_token_stream(spec, tmp_path / "whole")
+    monkeypatch.setattr(text_data, "TOKENIZE_BATCH", 2)
+    batched = text_data.load_token_stream(spec, tmp_path / "batched")
+    eos = whole.tokenizer.eos_token_id
+    assert (whole.train == eos).sum() == 5 and (whole.val == eos).sum() == 2
+    assert torch.equal(batched.train, whole.train) and torch.equal(batched.val, whole.val)
+
+
 def test_an_empty_corpus_folder_is_a_clear_error(tmp_path):
     from repro.text_data import load_token_stream
 
