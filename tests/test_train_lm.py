@@ -182,6 +182,31 @@ def test_evaluation_reads_the_validation_part_not_the_training_part(compose, mon
     assert drawn and set(drawn) == {9}
 
 
+def test_mlm_validation_loss_is_the_mean_over_masked_tokens_not_over_batches(compose, monkeypatch):
+    from tasks.flashattention import train_lm
+
+    counts = []
+
+    class Model(torch.nn.Module):  # a batch's mean loss is the number of tokens it masked
+        def forward(self, input_ids, labels, **rest):
+            n = int((labels != -100).sum())
+            counts.append(n)
+            return SimpleNamespace(loss=torch.tensor(float(n)), logits=torch.zeros(*labels.shape, 2))
+    monkeypatch.setattr(train_lm, "_build_model", lambda *args: Model())
+    cfg = compose("task=flash_bert", "attention=[eager]", "model.size=tiny", "model.seq_len=64", "batch.tokens=64",
+                  "eval.batches=6")
+    tokenizer = type("Tokenizer", (), dict(all_special_ids=[0, 1, 2], cls_token_id=0, sep_token_id=1, mask_token_id=2,
+                                           __len__=lambda self: 1000))()
+    data = SimpleNamespace(train=torch.randint(3, 1000, (5000,), dtype=torch.int32),
+                           val=torch.randint(3, 1000, (5000,), dtype=torch.int32), tokenizer=tokenizer,
+                           fingerprint="")
+    (candidate,) = list(train_lm.candidates(cfg, SimpleNamespace(device=torch.device("cpu")), data))
+    trainee = candidate.build()
+    rows = {r.metric: r.p50 for r in trainee.evaluate(trainee.model)}
+    assert len(counts) == 6 and len(set(counts)) > 1
+    assert rows["val_loss"] == pytest.approx(sum(n * n for n in counts) / sum(counts))
+
+
 class _FakeMegatronGPT(torch.nn.Module):
     """megatron-core's GPTModel as MegatronGPT calls it: a per-token score against the label at each position
     (here 1 where the label equals the input there), and an embedding with word and position tables."""

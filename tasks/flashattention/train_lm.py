@@ -143,20 +143,23 @@ def candidates(cfg: DictConfig, ctx: RunContext, data: TokenStream) -> Iterator[
 
             def evaluate(model):
                 gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same validation batches every time
-                loss, hits, total = 0.0, 0, 0
+                loss, hits, weight = 0.0, 0, 0
                 for _ in range(cfg.eval.batches):
                     batch = {k: v.to(ctx.device) for k, v in
                              make_batch(m.family, data.val, micro, seq_len, data.tokenizer, gen).items()}
                     out = model(**batch)
-                    loss += out.loss.item()
+                    # MLM batches mask different numbers of tokens: each batch's mean counts by its tokens
+                    n = 1
                     if m.family == "bert":
                         mask = batch["labels"] != -100
                         hits += int((out.logits.argmax(-1)[mask] == batch["labels"][mask]).sum())
-                        total += int(mask.sum())
-                loss /= cfg.eval.batches
+                        n = int(mask.sum())
+                    loss += out.loss.item() * n
+                    weight += n
+                loss /= max(weight, 1)
                 if m.family == "bert":
                     return [Row(attention, "step", 0, "val_loss", "nats", loss, n=1),
-                            Row(attention, "step", 0, "val_mlm_accuracy", "%", 100 * hits / max(total, 1), n=1)]
+                            Row(attention, "step", 0, "val_mlm_accuracy", "%", 100 * hits / max(weight, 1), n=1)]
                 return [Row(attention, "step", 0, "val_loss", "nats", loss, n=1),
                         Row(attention, "step", 0, "val_perplexity", "ppl", math.exp(loss), n=1)]
 
