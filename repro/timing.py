@@ -36,10 +36,16 @@ class Timing:
         return tuple(amount / (ms * 1e-3) for ms in (self.p50, self.p80, self.p20))
 
 
-def _summarise(times_ms: Sequence[float], clock: str) -> Timing:
-    ordered = sorted(times_ms)
+def median_p20_p80(values: Sequence[float]) -> tuple[float, float, float]:
+    """Median and 20th and 80th percentiles; all three the value itself where there is one."""
+    ordered = sorted(values)
     q = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) > 1 else ordered * 9
-    return Timing(p50=statistics.median(ordered), p20=q[1], p80=q[7], n=len(ordered), clock=clock)
+    return statistics.median(ordered), q[1], q[7]
+
+
+def _summarise(times_ms: Sequence[float], clock: str) -> Timing:
+    p50, p20, p80 = median_p20_p80(times_ms)
+    return Timing(p50=p50, p20=p20, p80=p80, n=len(times_ms), clock=clock)
 
 
 def joined(fn: Callable[[], object], streams: Sequence) -> Callable[[], object]:

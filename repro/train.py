@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import statistics
 import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from . import checks
 from .context import ConfigError, code_version, fingerprint, world
 from .records import Row, replace_atomically
-from .timing import free_device_memory, kernel_time_by_family
+from .timing import free_device_memory, kernel_time_by_family, median_p20_p80
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 OPTIMIZERS = ("adamw", "lamb")
@@ -426,12 +425,6 @@ class StepClock:
         return {"step": self.earlier["step"] + own[self.skip:], "host": self.earlier["host"] + self.host[self.skip:]}
 
 
-def _median_p20_p80(timed: list[float]) -> tuple[float, float, float]:
-    timed = sorted(timed)
-    q = statistics.quantiles(timed, n=10, method="inclusive") if len(timed) > 1 else timed * 9
-    return statistics.median(timed), q[1], q[7]
-
-
 def throughput_rows(trainee: Trainee, clock: StepClock, spec: TrainSpec, device: torch.device) -> list[Row]:
     """Tokens/s, model TFLOP/s and step time over the timed steps (median, with the 20th and 80th percentiles
     of the step times: a faster step is a higher rate), on a GPU the host's time per step, and the peak device
@@ -443,7 +436,7 @@ def throughput_rows(trainee: Trainee, clock: StepClock, spec: TrainSpec, device:
         print(f"[train] {trainee.name}: no throughput rows: no step ran after the {spec.timing_skip_steps} untimed "
               "ones (train.timing_skip_steps)", flush=True)
         return []
-    p50, p20, p80 = _median_p20_p80(timed)
+    p50, p20, p80 = median_p20_p80(timed)
     size = world()[1]
     tokens = trainee.tokens_per_step * size
 
@@ -457,7 +450,7 @@ def throughput_rows(trainee: Trainee, clock: StepClock, spec: TrainSpec, device:
             row("model_tflops", "TFLOP/s", rate(tokens * trainee.flops_per_token / size, 1e12)),
             row("step_time", "ms", [s * 1e3 for s in (p50, p20, p80)])]
     if device.type == "cuda":
-        host = _median_p20_p80(times["host"])
+        host = median_p20_p80(times["host"])
         rows.append(row("host_time", "ms", [s * 1e3 for s in host]))
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         rows.append(Row(trainee.name, "step", spec.steps, "peak_memory", "MB", peak, n=1, extra=dict(trainee.extra)))

@@ -33,6 +33,7 @@ from repro.bench import require_triton
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
+from repro.timing import median_p20_p80
 from repro.train import Candidate, Trainee, TrainSpec, model_flops_per_token, step_generator, train_from_config
 from effrepro_kernels.flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 
@@ -60,14 +61,6 @@ def f1_scores(predicted: torch.Tensor, truth: torch.Tensor) -> tuple[float, floa
     def f1(tp, errors):  # counts are whole numbers: clamping at 1 only spares the 0 / 0 that is then taken as 0
         return 2 * tp / (2 * tp + errors).clamp(min=1)
     return float(f1(tp.sum(), errors.sum())), float(f1(tp, errors).mean())
-
-
-def _spread(values: list[float]) -> tuple[float, float | None, float | None]:
-    """Median and the 20th and 80th percentiles (None for a single value)."""
-    if len(values) == 1:
-        return values[0], None, None
-    q = statistics.quantiles(values, n=10, method="inclusive")
-    return statistics.median(values), q[1], q[7]
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -164,7 +157,7 @@ def data_rows(dataset: str, train: data.Documents, val: data.Documents, lengths:
     shows."""
     for docs in (train, val):
         tokens = [float(len(ids)) for ids in docs.ids]
-        p50, p20, p80 = _spread(tokens)
+        p50, p20, p80 = median_p20_p80(tokens)
         yield Row("data", "split", docs.name, "document_tokens", "tokens", p50, p20, p80, n=len(tokens),
                   extra=dict(dataset=dataset, mean=statistics.mean(tokens), max=max(tokens), series=dataset))
         for seq_len in lengths:
@@ -275,7 +268,7 @@ def derived_rows(rows: list[Row]) -> Iterator[Row]:
             if per_seed:
                 seeds = sorted(per_seed)
                 values = [per_seed[s].p50 for s in seeds]
-                row = Row(provider, "seq_len", seq_len, metric, unit, *_spread(values), n=len(values),
+                row = Row(provider, "seq_len", seq_len, metric, unit, *median_p20_p80(values), n=len(values),
                           extra=dict(extra, seeds=seeds, values=values))
                 summary[(dataset, provider, seq_len, metric)] = row
                 yield row
@@ -305,7 +298,7 @@ def _lift_rows(summary: dict[tuple, Row]) -> Iterator[Row]:
                     if s in first]
         if not per_seed:  # no seed ran both lengths
             continue
-        row = Row(provider, "seq_len", best, "f1_lift", "points", *_spread(per_seed), n=len(per_seed),
+        row = Row(provider, "seq_len", best, "f1_lift", "points", *median_p20_p80(per_seed), n=len(per_seed),
                   extra=dict(dataset=dataset, shortest=shortest, best=best, series=dataset))
         lifts.setdefault(provider, {})[dataset] = row.p50
         yield row
