@@ -79,6 +79,25 @@ def test_a_gpu_only_out_of_memory_is_a_row_and_the_sweep_goes_on(tmp_path, monke
     assert not rows_of(saved, metric="relative_throughput")  # no gpu_only row to be relative to
 
 
+def test_a_run_killed_at_a_later_batch_keeps_the_ratios_of_the_batches_done(monkeypatch):
+    measure = serving.measure_batch
+
+    def measure_then_die(model, strategies, batch, *args):
+        if batch == 2:
+            raise KeyboardInterrupt  # what a job's SIGTERM becomes
+        return measure(model, strategies, batch, *args)
+    monkeypatch.setattr(serving, "measure_batch", measure_then_die)
+    spec = OmegaConf.create(dict(top_k=1, new_tokens=2, warmup_tokens=1, weights="random", slots=None, cache="none",
+                                 strategy=["on_demand", "pregated"]))
+    ctx = type("Context", (), dict(device=torch.device("cpu"), env={"models": {}}))()
+    kept = []
+    with pytest.raises(KeyboardInterrupt):
+        for row in serving.serve_model("tiny-4", [1, 2], spec, ctx, 0, None):
+            kept.append(row)
+    speedup = [r for r in kept if r.metric == "speedup" and r.provider == "pregated"]
+    assert len(speedup) == 1 and speedup[0].extra["batch"] == 1
+
+
 def test_a_groups_runtimes_are_let_go_before_the_next_group_starts(monkeypatch):
     """prefetch_all runs alone, after the others: their pools must not count in its peak memory."""
     started, alive = [], []
@@ -216,7 +235,7 @@ def test_every_setting_is_checked(compose):
         ("moe.strategy", [], "moe.strategy=[] is empty: choose some of ['gpu_only', 'on_demand', 'prefetch_all',"),
         ("moe.strategy", ["pregated", "pregated"], "moe.strategy names 'pregated' more than once"),
         ("parts", [], "parts=[] is empty: choose some of ['serving', 'quality']"),
-        ("moe.warmup_tokens", -1, "moe.warmup_tokens=-1 must be an integer >= 0"),
+        ("moe.warmup_tokens", 0, "moe.warmup_tokens=0 must be an integer >= 1"),
         ("moe.memory_cap_gb", -1, "moe.memory_cap_gb=-1 must be a number >= 0.01"),
         ("moe.cache", "fifo", "moe.cache='fifo' is not one of ['none', 'lru', 'lfu']"),
         ("moe.weights", "pretrained", "moe.weights='pretrained' is not one of ['random', 'hub']"),
@@ -289,6 +308,17 @@ def test_checkpoint_weights_come_from_the_folder_and_an_unreachable_one_leaves_r
     assert isinstance(switch_state_dict(str(tmp_path / "tiny-8")), LazyTensors)  # read a tensor at a time
     model, weights = serving.build("tiny-8", spec(checkpoint=f"{tmp_path}/missing/{{model}}"), torch.device("cpu"), 0)
     assert weights.startswith(f"random: {tmp_path}/missing/tiny-8 could not be read")
+
+
+def test_a_relative_checkpoint_path_is_not_taken_for_a_hub_name_where_its_folder_is_here(tmp_path, monkeypatch):
+    from repro.context import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpts").mkdir()
+    cfg = MoEConfig.of_size("tiny", n_experts=8, vocab_size=97)
+    with pytest.raises(ConfigError, match="ckpts/tiny-8 is no folder here"):
+        serving.validate_checkpoint(spec(checkpoint="ckpts/{model}"), "tiny-8", cfg)
+    serving.validate_checkpoint(spec(checkpoint="google/{model}"), "tiny-8", cfg)  # a Hub name: read when run
 
 
 def test_a_checkpoint_under_the_home_folder_is_read_from_it(tmp_path, monkeypatch):

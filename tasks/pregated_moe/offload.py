@@ -207,13 +207,15 @@ class ExpertOffload:
 
     It takes the model over: everything but the experts moves to `device`, and the experts move to pinned host
     memory (pageable, with a warning and `pin_warning` set, if pinning fails); experts already pinned
-    (`pinned_in_place`) stay where they are. `slots`: the device pool, by default the fewest a batch of one token
+    (`pinned_in_place`) stay where they are, and where `pinned_in_place` failed (its warning given as
+    `pin_warning`), they stay pageable rather than be copied into pinned memory beside the originals. `slots`: the device pool, by default the fewest a batch of one token
     needs (`min_slots`); a forward with more tokens than the pool allows is refused with a ValueError. gpu_only's
     pool holds every expert, copied in once here; as the model's own experts stay on the host, runtimes of every
     strategy can take turns on one model (an out-of-memory error here is gpu_only not fitting).
     """
 
-    def __init__(self, model: SwitchLM, strategy: str, device, slots: int | None = None, cache: str = "none"):
+    def __init__(self, model: SwitchLM, strategy: str, device, slots: int | None = None, cache: str = "none",
+                 pin_warning: str | None = None):
         cfg = model.config
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
@@ -231,7 +233,7 @@ class ExpertOffload:
         self.stats = Stats()
         self.requested: dict[int, set[int]] = {}  # MoE block -> experts requested for it; in use until it has run
         self.upcoming: tuple[int, Routing] | None = None  # pregated: the next MoE block and its pre-gate's routing
-        self.pin_warning: str | None = None
+        self.pin_warning = pin_warning
         self._check_slots(tokens=1)
         self.expert_bytes = self.layers[0].w_in[0].nbytes + self.layers[0].w_out[0].nbytes if self.layers else 0
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -249,8 +251,8 @@ class ExpertOffload:
                 self.slot_out[b * cfg.n_experts:(b + 1) * cfg.n_experts].copy_(ffn.w_out)
 
     def _host_copy(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return t  # host and device are the same memory
+        if self.device.type != "cuda" or self.pin_warning is not None:
+            return t  # host and device are the same memory; or pinning failed already
         try:
             return t.pin_memory()
         except RuntimeError as err:

@@ -37,7 +37,7 @@ from repro.bench import status_of
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
-from repro.timing import host_link, host_memory, measure_steps_in_turn
+from repro.timing import host_link, host_memory, measure_steps_in_turn, median_p20_p80
 
 from .model import SIZES, MoEConfig, SwitchLM, load_switch_weights
 from .offload import (CACHE_POLICIES, STRATEGIES, ExpertOffload, GreedyDecoder, min_slots, pinned_in_place,
@@ -95,7 +95,7 @@ def validate(spec) -> None:
     checks.choice("moe.weights", spec.weights, WEIGHTS)
     checks.number("moe.top_k", spec.top_k, at_least=1)
     checks.number("moe.new_tokens", spec.new_tokens, at_least=1)
-    checks.number("moe.warmup_tokens", spec.warmup_tokens, at_least=0)
+    checks.number("moe.warmup_tokens", spec.warmup_tokens, at_least=1)  # a point's peak memory is a forward's
     if spec.slots is not None:
         checks.number("moe.slots", spec.slots, at_least=1)
     if spec.memory_cap_gb is not None:
@@ -147,7 +147,8 @@ def validate_checkpoint(spec, name: str, cfg: MoEConfig) -> None:
             check_switch_config(switch_config(path), path, name, cfg)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"moe.checkpoint: {exc}") from None
-    elif path.startswith(("/", ".", "~")) or path.count("/") > 1:  # a Hub name is org/model
+    elif path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).parent.is_dir():
+        # a Hub name is org/model, and no folder here is named org
         raise ConfigError(f"moe.checkpoint={spec.checkpoint!r}: {path} is no folder here (a local checkpoint must "
                           "exist; a Hub name is organisation/model, e.g. google/{model})")
 
@@ -171,14 +172,6 @@ def build(name: str, spec, device: torch.device, seed: int) -> tuple[SwitchLM, s
     return model, f"{path} (decoder experts and routers; the rest random)"
 
 
-def spread(values: list[float]) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentiles."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q = statistics.quantiles(values, n=10, method="inclusive")
-    return statistics.median(values), q[1], q[7]
-
-
 def per_step(runtime: ExpertOffload, kind: str) -> list[float]:
     """Each forward's mean time in spans of `kind` ("moe": MoE blocks, "stall": their waits), ms (after
     `summary()` has synchronised the device): a median over steps then keeps one slow step from setting it."""
@@ -199,10 +192,12 @@ def free(device: torch.device, failed: bool = False) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def start_point(model: SwitchLM, strategy: str, batch: int, spec, device: torch.device, seed: int):
+def start_point(model: SwitchLM, strategy: str, batch: int, spec, device: torch.device, seed: int,
+                pin_warning: str | None = None):
     """A runtime and its decoder, after `warmup_tokens` untimed steps, with the runtime's counts started anew."""
     cfg = model.config
-    runtime = ExpertOffload(model, strategy, device, slots=slots_for(spec, strategy, cfg, batch), cache=spec.cache)
+    runtime = ExpertOffload(model, strategy, device, slots=slots_for(spec, strategy, cfg, batch), cache=spec.cache,
+                            pin_warning=pin_warning)
     prompt = torch.randint(cfg.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(seed))
     decoder = GreedyDecoder(runtime, prompt, spec.warmup_tokens + spec.new_tokens)
     for _ in range(spec.warmup_tokens):
@@ -219,13 +214,13 @@ def turns(strategies: list[str]) -> list[list[str]]:
 
 
 def measure_batch(model: SwitchLM, strategies: list[str], batch: int, spec, device: torch.device, seed: int,
-                  pinned_gb_s: float | None, row_of) -> list[Row]:
+                  pinned_gb_s: float | None, row_of, pin_warning: str | None = None) -> list[Row]:
     """Every strategy's point at one batch, a group of `turns` at a time. `row_of(strategy)(metric, unit, p50,
-    p20=None, p80=None, n=1, **extra)` makes a row."""
+    p20=None, p80=None, n=1, **extra)` makes a row; `pin_warning`: why the experts could not be pinned."""
     place_all_but_experts(model, device)
     load_device_libraries(model, device)
     rows = [row for group in turns(strategies)
-            for row in measure_group(model, group, batch, spec, device, seed, pinned_gb_s, row_of)]
+            for row in measure_group(model, group, batch, spec, device, seed, pinned_gb_s, row_of, pin_warning)]
     free(device)
     return rows
 
@@ -242,7 +237,7 @@ def load_device_libraries(model: SwitchLM, device: torch.device) -> None:
 
 
 def measure_group(model: SwitchLM, group: list[str], batch: int, spec, device: torch.device, seed: int,
-                  pinned_gb_s: float | None, row_of) -> list[Row]:
+                  pinned_gb_s: float | None, row_of, pin_warning: str | None = None) -> list[Row]:
     """The group's strategies generate their `new_tokens` timed steps in turn, a step of each strategy after
     another, so that a host whose speed drifts (the steps are host-bound at batch 1) slows them alike. A point's
     peak memory is the model's resident weights plus what its runtime added while it started alone. The runtimes
@@ -255,7 +250,7 @@ def measure_group(model: SwitchLM, group: list[str], batch: int, spec, device: t
         try:
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             free(device)
-            runtime, decoder = start_point(model, strategy, batch, spec, device, seed)
+            runtime, decoder = start_point(model, strategy, batch, spec, device, seed, pin_warning)
             peak = torch.cuda.max_memory_allocated(device) - before + resident if device.type == "cuda" else None
             points[strategy] = runtime, decoder, peak
         except Exception as exc:  # noqa: BLE001 - one point that cannot run must not end the sweep
@@ -287,13 +282,13 @@ def point_rows(runtime: ExpertOffload, timing, batch: int, peak_bytes: int | Non
     latency, stall = per_step(runtime, "moe"), per_step(runtime, "stall")
     rows = [row("throughput", "tokens/s", rate(timing.p50), rate(timing.p80), rate(timing.p20), timing.n,
                 clock=timing.clock),
-            row("moe_block_latency", "ms", *spread(latency), len(latency), clock=timing.clock),
+            row("moe_block_latency", "ms", *median_p20_p80(latency), len(latency), clock=timing.clock),
             row("copied_per_token", "MB", s["bytes_per_token"] / 2**20),
             row("active_experts", "experts", s["mean_active_experts"], max_active=s["max_active_experts"])]
     if peak_bytes is not None:
         rows.append(row("peak_memory", "MB", peak_bytes / 2**20))
     if stall:  # the compute stream idle inside an MoE block: reading routing, copying
-        rows.append(row("stall_per_moe_block", "ms", *spread(stall), len(stall), clock=timing.clock))
+        rows.append(row("stall_per_moe_block", "ms", *median_p20_p80(stall), len(stall), clock=timing.clock))
     if s["prefetched_fraction"] is not None:  # a pregated prefetch whose ids came too late went out on demand
         rows.append(row("prefetched_fraction", "fraction", s["prefetched_fraction"]))
     if s["hit_rate"] is not None:
@@ -359,10 +354,10 @@ def run(spec, ctx: RunContext, seed: int) -> Iterator[Row]:
 
 def serve_model(name: str, batches: list[int], spec, ctx: RunContext, seed: int,
                 pinned_gb_s: float | None) -> Iterator[Row]:
-    """Every strategy at every batch on one model, built once; then the ratios between them."""
+    """Every strategy at every batch on one model, built once, each batch's rows followed by its ratios (a run
+    killed at a later batch keeps them)."""
     device = ctx.device
     size, experts = parse_model(name)
-    rows: list[Row] = []
 
     def maker(strategy: str, batch: int, weights: str):
         base = dict(model=name, size=size, batch=batch, strategy=strategy, weights=weights,
@@ -377,10 +372,13 @@ def serve_model(name: str, batches: list[int], spec, ctx: RunContext, seed: int,
     try:
         model, weights = build(name, spec, device, seed)
     except Exception as exc:  # noqa: BLE001 - host memory, a bad checkpoint: this model's rows say so
-        for strategy in as_list(spec.strategy):
-            for batch in batches:
-                yield failed_row(maker(strategy, batch, "none"), exc)
+        failed = [failed_row(maker(strategy, batch, "none"), exc) for strategy in as_list(spec.strategy)
+                  for batch in batches]
+    else:
+        failed = None
+    if failed is not None:  # out of the except clause, whose traceback holds the part-built model
         free(device, failed=True)
+        yield from failed
         return
     info = ctx.env["models"][name] = dict(weights=weights, build_s=round(time.perf_counter() - started, 1))
     started = time.perf_counter()
@@ -391,11 +389,10 @@ def serve_model(name: str, batches: list[int], spec, ctx: RunContext, seed: int,
         if pin_warning:
             ctx.env["pin_warning"] = pin_warning
         for batch in batches:
-            new = measure_batch(model, list(as_list(spec.strategy)), batch, spec, device, seed, pinned_gb_s,
-                                lambda strategy, batch=batch: maker(strategy, batch, weights))
-            rows += new
-            yield from new
+            rows = measure_batch(model, list(as_list(spec.strategy)), batch, spec, device, seed, pinned_gb_s,
+                                 lambda strategy, batch=batch: maker(strategy, batch, weights), pin_warning)
+            yield from rows
+            yield from ratio_rows(rows)
         del model
     free(device)
     info["seconds"] = round(time.perf_counter() - started, 1)
-    yield from ratio_rows(rows)
