@@ -89,7 +89,6 @@ class Span:
     forward: int  # which forward call of the runtime (in a generation, the step)
     start: Marker
     end: Marker
-    experts: tuple[int, ...] = ()  # copies: which experts
     issued_during: int | None = None  # copies: the last MoE block begun when issued (pregated's: at a later block)
 
     def ms(self) -> float:
@@ -362,8 +361,7 @@ class ExpertOffload:
             self.ready[slot] = end
         self.stats.copies += len(copied)
         self.stats.bytes_copied += len(copied) * self.expert_bytes
-        self.stats.spans.append(Span("copy", layer, self.stats.forwards, start, end,
-                                     experts=tuple(e for e, _ in copied), issued_during=issued_during))
+        self.stats.spans.append(Span("copy", layer, self.stats.forwards, start, end, issued_during=issued_during))
 
     def reset_stats(self) -> None:
         """Start counting afresh (after a warm-up, say); the resident experts and lfu's counts stay."""
