@@ -385,6 +385,29 @@ def test_pregated_copies_run_on_a_side_stream():
 
 
 @gpu
+def test_pregated_prefetches_every_later_block_and_hides_copy_time_when_its_ids_arrive_in_time(monkeypatch):
+    """Where each pre-gate's ids reach the host by the next block start (forced here), every copy after the first
+    MoE block is a prefetch, under compute; on_demand's are not."""
+    from tasks.pregated_moe.model import Routing
+
+    read_done = Routing.read_done
+
+    def arrived(routing):
+        if routing._arrived is not None:
+            routing._arrived.synchronize()
+        return read_done(routing)
+    monkeypatch.setattr(Routing, "read_done", arrived)
+    summaries = {}
+    for strategy in ("pregated", "on_demand"):
+        runtime = ExpertOffload(build(pregate=True, d_model=512, d_ff=2048), strategy, "cuda",
+                                slots=min_slots(strategy, EXPERTS, 1, 4))
+        runtime(tokens(4, 1))
+        summaries[strategy] = runtime.summary()
+    assert summaries["pregated"]["prefetched_fraction"] == 1.0 and summaries["on_demand"]["prefetched_fraction"] == 0
+    assert summaries["pregated"]["hidden_copy_ms"] > summaries["on_demand"]["hidden_copy_ms"]
+
+
+@gpu
 def test_experts_stay_pageable_with_a_warning_when_pinning_fails(monkeypatch):
     def refuse(self, *args, **kwargs):
         raise RuntimeError("no pinned memory left")
