@@ -325,3 +325,22 @@ def test_bad_input_is_named_before_any_work(tmp_path):
     assert code == 2, (out, err)
     assert "greenformers.crossover.tokens=0 must be an integer >= 1" in err
     assert "Traceback" not in err
+
+
+def test_no_svd_rows_come_from_a_base_model_whose_training_failed(tmp_path, monkeypatch):
+    import repro.train
+
+    train = repro.train.train
+
+    def base_runs_out_of_memory(trainee, *args, **kwargs):
+        if trainee.name == "base":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return train(trainee, *args, **kwargs)
+    monkeypatch.setattr(repro.train, "train", base_runs_out_of_memory)
+    code, out, err = run_inline("task=greenformers", "logger=none", "greenformers.parts=quality",
+                                f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    rows = [Row(**r) for r in json.loads((tmp_path / "record.json").read_text())["rows"]]
+    assert [r.status for r in rows if r.provider == "base"] == ["oom"]
+    assert any(r.status == "ok" and r.provider != "base" for r in rows)  # the other variants still trained
+    assert not [r for r in rows if r.extra.get("setting") == "quality_svd"]

@@ -114,16 +114,21 @@ def run_quality(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     vocab = spec.model.vocab_size
     data = {"train": counting_set(spec.n_train, spec.seq_len, vocab, cfg.seed),
             "val": counting_set(spec.n_val, spec.seq_len, vocab, cfg.seed + 1)}
-    trained: dict[str, Trainee] = {}
+    trained: dict[str, Trainee] = {}  # base alone: its trained weights are factorised below
 
     def candidate(variant: Variant) -> Candidate:
         def make() -> Trainee:
-            trained[variant.name] = _trainee(variant, cfg, ctx, data)  # kept: base's trained weights are needed below
-            return trained[variant.name]
+            trainee = _trainee(variant, cfg, ctx, data)
+            if variant.name == "base":
+                trained["base"] = trainee
+            return trainee
         return Candidate(variant.name, dict(setting="quality", series="quality"), make)
 
     variants = distinct_models(as_list(spec.variants), cfg.greenformers.attention)
-    yield from train_from_config(cfg, [candidate(variant) for variant in variants], ctx.device)
+    for row in train_from_config(cfg, [candidate(variant) for variant in variants], ctx.device):
+        if row.provider == "base" and row.status != "ok":  # an untrained model's factorisation says nothing
+            trained.pop("base", None)
+        yield row
     base = trained.get("base")
     if base is not None and spec.svd_ranks:
         extra = dict(setting="quality_svd", model=spec.model.name, seq_len=spec.seq_len, series="quality")
