@@ -83,17 +83,19 @@ def parse_variant(name: str) -> Variant:
 
 def distinct_models(names: list, default_attention: str) -> list[Variant]:
     """The variants `names` stand for, each model once: one naming the run's default attention (`base+eager`
-    where that is eager) is the model without it, measured once, under the first of its names."""
-    variants, seen = [], {}
+    where that is eager) is the model without it, measured once, under the name without the attention (the one
+    claims and derived rows look for), else the first of its names."""
+    variants: dict[Variant, Variant] = {}
     for variant in map(parse_variant, map(str, names)):
         same = replace(variant, name="", attention=variant.attention or default_attention)
-        if same in seen:
-            print(f"[greenformers] {variant.name} is {seen[same]} under greenformers.attention={default_attention}: "
-                  f"measured once, as {seen[same]}", flush=True)
+        kept = variants.setdefault(same, variant)
+        if kept is variant:
             continue
-        seen[same] = variant.name
-        variants.append(variant)
-    return variants
+        if kept.attention and not variant.attention:
+            variants[same], kept, variant = variant, variant, kept  # `variant` is now the name dropped
+        print(f"[greenformers] {variant.name} is {kept.name} under greenformers.attention={default_attention}: "
+              f"measured once, as {kept.name}", flush=True)
+    return list(variants.values())
 
 
 def _attention(name: str) -> str:
