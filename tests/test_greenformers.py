@@ -227,6 +227,11 @@ def test_svd_error_is_the_factorised_encoders_and_falls_as_the_rank_rises():
         want, got = dense.bert(input_ids=data["input_ids"]), low.bert(input_ids=data["input_ids"])
         expected = (got.last_hidden_state - want.last_hidden_state).norm() / want.last_hidden_state.norm()
     assert errors[1] == pytest.approx(float(expected), rel=1e-4)
+    # 13 linear layers (6 a block, the pooler); rank 20 saves weights in the 36×52 FFN layers alone (limit 21.3),
+    # not in the 36×36 ones (limit 18)
+    assert {(r.extra["factorised_layers"], r.extra["linear_layers"]) for r in rows} == {(13, 13)}
+    (at_20,) = [r for r in svd_rows(dense, [20], data, batch=8, extra={}) if r.metric == "params"]
+    assert (at_20.extra["factorised_layers"], at_20.extra["linear_layers"]) == (4, 13)
 
 
 def test_the_cpu_setting_composes(compose):

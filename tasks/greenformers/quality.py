@@ -19,7 +19,7 @@ from repro.checks import as_list
 from repro.context import RunContext, fingerprint
 from repro.records import Row
 from repro.train import Candidate, Trainee, step_generator, train_from_config
-from tasks.common.low_rank import count_parameters
+from tasks.common.low_rank import LowRankLinear, count_parameters
 
 from .variants import Variant, build, count_flops, distinct_models, factorised, on_meta
 
@@ -90,7 +90,8 @@ def _trainee(variant: Variant, cfg: DictConfig, ctx: RunContext, data: dict) -> 
 def svd_rows(dense: torch.nn.Module, ranks: list[int], data: dict, batch: int, extra: dict) -> Iterator[Row]:
     """The trained dense model factorised by truncated SVD at each rank, highest first, not trained further:
     the relative (Frobenius) error of its encoder's last hidden states against the dense model's on `data`, its
-    accuracy and its encoder's parameters."""
+    accuracy and its encoder's parameters. A layer stays dense where the rank saves no weights in it (at or above
+    in·out/(in+out)), so a high rank may factorise only some layers: the rows say how many (`factorised_layers`)."""
     dense.eval()
     device = next(dense.parameters()).device
     for rank in sorted(ranks, reverse=True):
@@ -101,7 +102,11 @@ def svd_rows(dense: torch.nn.Module, ranks: list[int], data: dict, batch: int, e
             want = dense.bert(input_ids=ids).last_hidden_state.double()
             error += float((low.bert(input_ids=ids).last_hidden_state.double() - want).square().sum())
             reference += float(want.square().sum())
-        tags = {**extra, "rank": rank, "init": "svd"}
+        factorised_layers = [m for m in low.bert.modules() if isinstance(m, LowRankLinear)]
+        factors = sum(isinstance(m, torch.nn.Linear) for f in factorised_layers for m in f.modules())
+        dense_layers = sum(isinstance(m, torch.nn.Linear) for m in low.bert.modules()) - factors
+        tags = {**extra, "rank": rank, "init": "svd", "linear_layers": len(factorised_layers) + dense_layers,
+                "factorised_layers": len(factorised_layers)}
         yield Row("lrt_svd", "rank", rank, "output_rel_error", "fraction", (error / reference) ** 0.5, n=1,
                   extra=tags)
         yield Row("lrt_svd", "rank", rank, "val_accuracy", "%", accuracy(low, data, batch), n=1, extra=tags)
