@@ -364,3 +364,19 @@ def test_a_prompt_trained_for_another_model_or_hidden_size_is_refused(identity, 
                               f"transfer.prompts=[{prompt}]")
     assert code == 2, err[-2000:]
     assert "transfer.prompts[0]: the prompt in" in err and message in err
+
+
+def test_a_prompt_checkpoint_is_for_the_validation_its_rows_measure(tmp_path, monkeypatch):
+    """A run resumed with another validation length would mix rows measured on different chunks."""
+    from tasks.compress_then_prompt import task
+
+    identities = []
+
+    def first_training(trainee, *args, **kwargs):
+        identities.append(trainee.fingerprint)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(task, "train", first_training)
+    for seqlen in (32, 48):  # each run stops at its first training, as a killed one
+        run_inline(*TINY, f"hydra.run.dir={tmp_path / str(seqlen)}", f"paths.outputs={tmp_path}/outputs",
+                   f"eval.seqlen={seqlen}")
+    assert len(identities) == 2 and identities[0] != identities[1]

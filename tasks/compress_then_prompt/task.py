@@ -426,6 +426,8 @@ class CompressThenPrompt:
                                                       c.calibration.seqlen],
                                          text=training_text_identity(self.cfg),
                                          batch=[p.batch, p.seqlen],
+                                         # what its validation rows measure, which a resumed run's rows must share
+                                         validation=[next(iter(self.texts)), self.cfg.eval.seqlen, p.val_chunks],
                                          seed=self.cfg.seed, **settings)))
         checkpoints = Path(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
         device = self.ctx.device
