@@ -128,7 +128,7 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
     return rows
 
 
-def _ratios(point_rows: list[Row], baseline: str, compare_to: Sequence[str]) -> list[Row]:
+def ratios(point_rows: list[Row], baseline: str, compare_to: Sequence[str] = ()) -> list[Row]:
     """Speedup (baseline time / provider time) and memory saving (baseline memory / provider memory); and
     `speedup_over_<name>` for each further reference provider named in `compare_to`."""
     def ok(metric):
@@ -169,7 +169,7 @@ def run_benchmark(points: Iterable[Point], providers: Sequence[Provider], device
             point_rows += _measure_one(provider, point, device, warmup_ms, rep_ms, back_to_back, reference)
             bar.update()
         reference.clear()
-        yield from point_rows + _ratios(point_rows, baselines[0], compare_to)
+        yield from point_rows + ratios(point_rows, baselines[0], compare_to)
     bar.close()
 
 

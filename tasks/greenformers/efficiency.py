@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
+from repro.bench import Call, Point, Provider, Unsupported, ratios, run_benchmark
 from repro.records import Row
 from tasks.common.low_rank import count_parameters
 
@@ -116,9 +116,7 @@ def host_memory_rows(point_rows: list[Row], host_memory: dict) -> list[Row]:
     rows = [Row(r.provider, r.x_name, r.x_value, "peak_memory", "MB", host_memory[r.provider], n=1,
                 extra={**r.extra, "memory": "tensors (MemTracker)"})
             for r in point_rows if r.metric == "time" and r.status == "ok" and r.provider in host_memory]
-    base = next((r.p50 for r in rows if r.provider == BASELINE), None)
-    return rows + [Row(r.provider, r.x_name, r.x_value, "memory_saving", "x", base / r.p50, n=1,
-                       extra={**r.extra, "baseline": BASELINE}) for r in rows if base]
+    return rows + ratios(rows, BASELINE)
 
 
 def count_rows(point: Point, variants: list[Variant], point_rows: list[Row], models: Models) -> list[Row]:
