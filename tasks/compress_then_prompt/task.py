@@ -83,10 +83,13 @@ class LevelState:
     level (dense, compressed, prompted, ...) with how it runs, for the cost benchmark."""
 
     level: Level
-    x: float
     extra: dict
     bytes: dict = field(default_factory=dict)
     models: dict = field(default_factory=dict)  # provider -> (model, forward)
+
+    @property
+    def x(self) -> float:
+        return self.level.ratio
 
 
 DENSE_EXTRA = dict(level=DENSE, method=None, bits=None, sparsity=None, n_m=None, compression=1.0)
@@ -455,7 +458,7 @@ class CompressThenPrompt:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def level_rows(self, level: Level) -> Iterator[Row]:
-        state = LevelState(level, level.ratio, {**self.extra, **level.extra()})
+        state = LevelState(level, {**self.extra, **level.extra()})
         yield from guarded(COMPRESSED, state.x, state.extra, lambda: self.compressed_rows(state))
         if COMPRESSED not in state.models:
             return
