@@ -479,6 +479,8 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if layout == "bshd":  # the checks below read (batch, heads, seq, head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     b, h, n_q, d = q.shape
     if prepared is not None and (prepared.batch, prepared.heads) != (b, h):
         raise ValueError(f"the BlockSparseLayout was prepared for batch {prepared.batch} and {prepared.heads} heads; "
@@ -486,8 +488,8 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"k must match q in batch and head_dim: q {tuple(q.shape)}, k {tuple(k.shape)} "
-                         "(layout (batch, heads, seq, head_dim))")
+        raise ValueError(f"k must match q in batch and head_dim: as (batch, heads, seq, head_dim), q is "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)} (layout {layout!r})")
     if k.shape[1] == 0 or h % k.shape[1]:
         raise ValueError(f"q's {h} heads are not a multiple of k's {k.shape[1]} (grouped-query attention)")
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:

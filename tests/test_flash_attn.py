@@ -160,6 +160,32 @@ def test_layouts_and_lse():
     torch.testing.assert_close(lse, s.logsumexp(-1).float(), rtol=1e-3, atol=1e-3)
 
 
+def test_bshd_layout_takes_unequal_lengths_grouped_heads_and_masks():
+    """Its shapes are read as (batch, seq, heads, head_dim): lengths, head counts and masks checked as such."""
+    b, h, hk, n_q, n_k, d = 2, 4, 2, 20, 45, 32
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    q, k, v = (torch.randn(b, n, heads, d, device=DEVICE, dtype=torch.float16, generator=gen, requires_grad=True)
+               for heads, n in ((h, n_q), (hk, n_k), (hk, n_k)))
+    kpm = torch.ones(b, n_k, dtype=torch.bool, device=DEVICE)
+    kpm[1, 12:] = False  # with causal, batch 1's first rows see no key
+    block_mask = torch.rand(1, h, 2, 3, generator=gen, device=DEVICE) < 0.7
+    q64, k64, v64 = (t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, causal=True, key_padding_mask=kpm,
+                              attn_mask=block_mask_to_dense(block_mask, n_q, n_k, 16))
+    out = flash_attn(q, k, v, layout="bshd", causal=True, key_padding_mask=kpm, block_mask=block_mask, block_size=16)
+    assert rel_err(out.transpose(1, 2), ref) < TOL[torch.float16]
+    dout = torch.randn(ref.shape, device=DEVICE, dtype=torch.float64, generator=gen)
+    ref.backward(dout)
+    out.backward(dout.transpose(1, 2).to(out.dtype))
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel_err(got.transpose(1, 2), want) < 2 * TOL[torch.float16]
+    three_heads = torch.randn(b, n_q, 3, d, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="q's 3 heads are not a multiple of k's 2"):
+        flash_attn(three_heads, k.detach(), v.detach(), layout="bshd")
+    with pytest.raises(ValueError, match=r"key_padding_mask must be bool of shape \(batch, seq_k\)=\(2, 45\)"):
+        flash_attn(q.detach(), k.detach(), v.detach(), layout="bshd", key_padding_mask=kpm[:, :hk])
+
+
 def test_dropout_is_reproducible_from_its_seed_and_backward_is_deterministic():
     q, k, v = (torch.randn(1, 2, 40, 32, device=DEVICE, dtype=torch.float16, requires_grad=True) for _ in range(3))
     outs, grads = [], []
