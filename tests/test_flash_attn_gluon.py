@@ -404,10 +404,12 @@ def check_backward(case, dtype, padded=False):
     dq, dk, dv = backward(q, k, v, do, lse2, delta, causal, d ** -0.5, key_padding_mask=mask)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     attention_reference(q64, k64, v64, causal=causal, key_padding_mask=mask).backward(do.double())
-    for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
-        # with one key the softmax is constant and dQ, dK are zero in exact arithmetic: measured against dO's size
-        err = ((got.double() - want).norm() / max(want.norm(), do.double().norm())).item()
-        assert not got.isnan().any() and err < TOL[dtype], err
+    for name, got, want in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+        # with one key the softmax is constant and dQ, dK are zero in exact arithmetic: measured against dO's size;
+        # elsewhere against the gradient's own, with run_both's tolerance for gradients
+        size = do.double().norm() if n_k == 1 and name != "dv" else want.norm()
+        err = ((got.double() - want).norm() / size).item()
+        assert not got.isnan().any() and err < 2 * TOL[dtype], (name, err)
 
 
 @hopper
