@@ -449,9 +449,9 @@ def stats_shape(shape: tuple[int, ...], group_size: int, axis: str) -> tuple[int
 
 def check_quantized(qkv: QuantizedKV) -> None:
     """That the kernels can read `qkv` as it says it is: its bits and axis, its parts' shapes against `shape` and
-    `group_size`, one device, and data as they read it, 32-bit words of a packed row's width on word-aligned rows
-    (as quantize_kv makes it, and views of it along batch, heads or tokens keep it). A part that disagrees would be
-    read out of its bounds."""
+    `group_size`, zero laid out like scale, one device, and data as they read it, 32-bit words of a packed row's
+    width on word-aligned rows (as quantize_kv makes it, and views of it along batch, heads or tokens keep it). A
+    part that disagrees would be read out of its bounds."""
     _check_scheme(qkv.bits, qkv.group_size, qkv.axis, tuple(qkv.shape))
     width = packed_row_bytes(qkv.shape[3], qkv.bits)
     if qkv.data.dtype != torch.uint8 or tuple(qkv.data.shape) != (*qkv.shape[:3], width):
@@ -464,6 +464,9 @@ def check_quantized(qkv: QuantizedKV) -> None:
             raise ValueError(f"a QuantizedKV's {name} must be {qkv.scale.dtype} of shape {want} (one per group of "
                              f"{qkv.group_size} along {qkv.axis}), contiguous in its last dimension; got "
                              f"{part.dtype} of shape {tuple(part.shape)}, strides {part.stride()}")
+    if qkv.zero.stride() != qkv.scale.stride():  # the kernels read both with the scale's strides
+        raise ValueError(f"a QuantizedKV's zero must be laid out like its scale (same strides); got strides "
+                         f"{qkv.zero.stride()} and {qkv.scale.stride()}")
     if not qkv.data.device == qkv.scale.device == qkv.zero.device:
         raise ValueError(f"a QuantizedKV's parts must be on one device; got data on {qkv.data.device}, scale on "
                          f"{qkv.scale.device}, zero on {qkv.zero.device}")
