@@ -77,4 +77,4 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if x.dtype not in DTYPES or bias.shape != x.shape[-1:]:
         raise ValueError(f"bias_gelu takes x of {[str(d) for d in DTYPES]} and a bias of its last dimension; "
                          f"got x {x.dtype} {tuple(x.shape)}, bias {tuple(bias.shape)}")
-    return _bias_gelu_function(x, bias)
+    return _bias_gelu_function(x, bias.contiguous())  # the kernels read it as a dense vector

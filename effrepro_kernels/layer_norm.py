@@ -68,13 +68,14 @@ def _warps(block: int) -> int:
     return min(max(block // 256, 1), 8)  # a warp per 256 features of a row, up to 8
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     if x.dtype not in DTYPES:
         raise ValueError(f"layer_norm takes {[str(d) for d in DTYPES]}, not {x.dtype}")
     n = x.shape[-1]
-    if n > MAX_FEATURES or weight.shape != (n,):
-        raise ValueError(f"layer_norm normalises up to {MAX_FEATURES} features, with a weight of that many; got "
-                         f"{n} features and a weight of shape {tuple(weight.shape)}")
+    if n > MAX_FEATURES or weight.shape != (n,) or bias.shape != (n,):
+        raise ValueError(f"layer_norm normalises up to {MAX_FEATURES} features, with a weight and a bias of that "
+                         f"many; got {n} features, a weight of shape {tuple(weight.shape)} and a bias of shape "
+                         f"{tuple(bias.shape)}")
 
 
 def _layer_norm_fake(x, weight, bias, eps, out_dtype):
@@ -133,11 +134,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)` in `out_dtype`: by default the
     autocast dtype under autocast, else x's."""
-    _check(x, weight)
+    _check(x, weight, bias)
     if out_dtype is None:
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return _layer_norm_function(x, weight, bias, float(eps), out_dtype)[0]
+    # the kernels read weight and bias as dense vectors (a view with a stride, of a packed parameter, is copied)
+    return _layer_norm_function(x, weight.contiguous(), bias.contiguous(), float(eps), out_dtype)[0]
 
 
 class LayerNorm(torch.nn.LayerNorm):

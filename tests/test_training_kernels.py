@@ -104,11 +104,35 @@ def test_linear_cross_entropy_under_autocast_matches_the_unfused_head():
     assert_close_all(ours, unfused, torch.bfloat16)
 
 
+def test_a_target_outside_the_vocabulary_is_an_error_not_a_read_out_of_bounds():
+    h, weight = random(4, 16, dtype=torch.float32, seed=9), random(10, 16, dtype=torch.float32, seed=10)
+    for bad in (10, -3):
+        targets = torch.tensor([1, bad, 2, -100], device=DEVICE)
+        with pytest.raises(RuntimeError, match=r"a target is outside \[0, 10\) and is not ignore_index=-100"):
+            linear_cross_entropy(h, weight, targets)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weights_and_biases_that_are_views_with_a_stride_are_read_as_their_values(dtype):
+    """A parameter sliced from a packed one: the kernels read dense vectors."""
+    x = random(5, 40, dtype=dtype, seed=13).detach()
+    packed = random(40, 3, dtype=dtype, seed=14)  # weight and bias in columns 0 and 1
+    grad_out = torch.randn(5, 40, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(15))
+    for ours, reference in ((lambda p: layer_norm(x, p[:, 0], p[:, 1]),
+                             lambda p: layer_norm_reference(x.double(), p[:, 0], p[:, 1])),
+                            (lambda p: bias_gelu(x, p[:, 1]), lambda p: bias_gelu_reference(x.double(), p[:, 1]))):
+        assert_close_all(outputs_and_grads(ours, [packed], grad_out.to(dtype)),
+                         outputs_and_grads(reference, in_float64([packed]), grad_out.double()), dtype)
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: layer_norm(torch.ones(2, 4, dtype=torch.int32), torch.ones(4), torch.ones(4)), "not torch.int32"),
     (lambda: layer_norm(torch.ones(2, MAX_FEATURES + 1), torch.ones(MAX_FEATURES + 1), torch.ones(MAX_FEATURES + 1)),
      f"up to {MAX_FEATURES} features"),
     (lambda: layer_norm(torch.ones(2, 4), torch.ones(5), torch.ones(5)), "weight of shape \\(5,\\)"),
+    (lambda: layer_norm(torch.ones(2, 4), torch.ones(4), torch.ones(3)), "bias of shape \\(3,\\)"),
     (lambda: bias_gelu(torch.ones(2, 4), torch.ones(3)), "bias \\(3,\\)"),
     (lambda: linear_cross_entropy(torch.ones(2, 4), torch.ones(9, 5), torch.zeros(2, dtype=torch.long)),
      "got \\(2, 4\\), \\(9, 5\\)"),
