@@ -340,6 +340,7 @@ def test_views_of_a_fused_projection_get_correct_gradients():
     free, and so are the gradients the backward returns."""
     x = torch.randn(2, 21, 3 * 64, device=DEVICE, dtype=torch.float32, requires_grad=True)
     x64 = x.detach().double().requires_grad_()
+    dout = torch.randn(2, 2, 21, 32, device=DEVICE, dtype=torch.float64)  # random: a wrong stride would show
     outs = []
     for src, attend in ((x, lambda q, k, v: flash_attn(q, k, v, causal=True)),
                         (x64, lambda q, k, v: attention_reference(q, k, v, causal=True))):
@@ -354,7 +355,7 @@ def test_views_of_a_fused_projection_get_correct_gradients():
             grads = torch.ops.effrepro.flash_attn_backward(out, None, q, k, v, out, lse, None, [], [], 0, True, 1.0, 0.0,
                                                            0, "tl")
             assert all(g.transpose(1, 2).is_contiguous() for g in grads)
-        out.backward(torch.ones_like(out))
+        out.backward(dout.to(out.dtype))
         outs.append(out)
     assert rel_err(outs[0], outs[1]) < TOL[torch.float32]
     assert rel_err(x.grad, x64.grad) < 2 * TOL[torch.float32]
