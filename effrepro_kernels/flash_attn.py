@@ -460,6 +460,13 @@ def _csr_layouts(block_mask: torch.Tensor, batch: int, heads: int):
     return csr(mask), csr(mask.transpose(-1, -2))
 
 
+def _natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The kernels' base-2 log-sum-exp in natural log. A row that saw no key carries +inf there (its
+    probabilities exp2(s - lse) are then zero in the backward); the log-sum-exp of no key is -inf, which is what
+    `merge_attention` and any other combination of parts takes as "no keys"."""
+    return torch.where(lse2 == float("inf"), float("-inf"), lse2 / LOG2E)
+
+
 def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout):
     prepared = block_mask if isinstance(block_mask, BlockSparseLayout) else None
     if prepared is not None:
@@ -745,7 +752,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     (multi-query and grouped-query attention); `layout="bshd"` takes (batch, seq, heads, head_dim) instead.
     fp16 or bf16 (fp32 too, with tf32 matrix products on a GPU); head_dim 16 to 256; any lengths.
     - causal: bottom-right aligned, query i sees keys j <= i + seq_k - seq_q (FlashAttention 2's convention).
-    - key_padding_mask: bool (batch, seq_k), True for real keys. A row that sees no key gives zeros.
+    - key_padding_mask: bool (batch, seq_k), True for real keys. A row that sees no key gives zeros (and a
+      log-sum-exp of -inf).
     - dropout_p: fused dropout on the attention probabilities, drawn from `seed` (random if None); the same
       seed gives the same mask in the forward and the backward, and from run to run.
     - block_mask: bool (1|batch, 1|heads, ceil(seq_q/block_size), ceil(seq_k/block_size)): block-sparse
@@ -779,7 +787,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
                                     seed, forward_kernel, backward_kernel)
     if layout == "bshd":
         out = out.transpose(1, 2)
-    return (out, lse / LOG2E) if return_lse else out
+    return (out, _natural_lse(lse)) if return_lse else out
 
 
 def flash_attn_qkvpacked(qkv: torch.Tensor, causal: bool = False, softmax_scale: float | None = None,
@@ -797,7 +805,7 @@ def flash_attn_qkvpacked(qkv: torch.Tensor, causal: bool = False, softmax_scale:
     scale, dropout_p, seed = _scalars(qkv.shape[-1], softmax_scale, dropout_p, seed)
     out, lse = _flash_attn_packed_function(qkv, key_padding_mask, causal, scale, dropout_p, seed)
     out = out.transpose(1, 2)
-    return (out, lse / LOG2E) if return_lse else out
+    return (out, _natural_lse(lse)) if return_lse else out
 
 
 def _scalars(head_dim: int, softmax_scale: float | None, dropout_p: float, seed: int | None) -> tuple:

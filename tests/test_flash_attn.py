@@ -186,6 +186,25 @@ def test_bshd_layout_takes_unequal_lengths_grouped_heads_and_masks():
         flash_attn(q.detach(), k.detach(), v.detach(), layout="bshd", key_padding_mask=kpm[:, :hk])
 
 
+def test_a_row_that_sees_no_key_has_a_log_sum_exp_of_minus_infinity_and_merges_as_no_keys():
+    from effrepro_kernels import merge_attention
+
+    q, k, v = _qkv(2, 2, 20, 32)
+    q = q[:, :, :7]
+    kpm = torch.ones(2, 20, dtype=torch.bool, device=DEVICE)
+    kpm[1, :10] = False  # batch 1: no key in the first half
+    full = flash_attn(q, k, v, key_padding_mask=kpm)
+    parts = [flash_attn(q, k[:, :, s], v[:, :, s], key_padding_mask=kpm[:, s], return_lse=True)
+             for s in (slice(0, 10), slice(10, 20))]
+    assert (parts[0][1][1] == float("-inf")).all() and not parts[0][0][1].any()
+    merged, _ = merge_attention(*zip(*parts))
+    assert rel_err(merged, full) < TOL[torch.float16]
+    _, lse = flash_attn(q, k, v, return_lse=True, key_padding_mask=torch.zeros_like(kpm))
+    assert (lse == float("-inf")).all()  # every key padded
+    _, lse = flash_attn(q, k[:, :, :4], v[:, :, :4], causal=True, return_lse=True)
+    assert (lse[:, :, :3] == float("-inf")).all() and lse[:, :, 3:].isfinite().all()  # 7 queries, 4 keys
+
+
 def test_dropout_is_reproducible_from_its_seed_and_backward_is_deterministic():
     q, k, v = (torch.randn(1, 2, 40, 32, device=DEVICE, dtype=torch.float16, requires_grad=True) for _ in range(3))
     outs, grads = [], []
