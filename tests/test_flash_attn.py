@@ -26,7 +26,7 @@ def rel_err(got, want):
 
 
 def run_both(b, h, hk, n_q, n_k, d, dtype, *, causal=False, kpm=None, dropout_p=0.0, block_mask=None,
-             block_size=128, seed=1234, forward_kernel=None, backward_kernel=None, data_seed=0):
+             block_size=128, seed=1234, forward_kernel=None, backward_kernel=None, data_seed=0, softmax_scale=None):
     """flash_attn's output and gradients against the float64 reference, on fresh random inputs. Without a
     kernel named, on a GPU, both paths: the tl kernels, then Gluon's wherever they cover the call
     (EFFREPRO_GLUON=1; the tl ones elsewhere and off Hopper). Returns the last output and the reference."""
@@ -37,7 +37,7 @@ def run_both(b, h, hk, n_q, n_k, d, dtype, *, causal=False, kpm=None, dropout_p=
     keep = dropout_keep_mask_reference(seed, b, h, n_q, n_k, dropout_p, DEVICE) if dropout_p else None
     dense = block_mask_to_dense(block_mask, n_q, n_k, block_size) if block_mask is not None else None
     ref = attention_reference(q64, k64, v64, causal=causal, key_padding_mask=kpm, attn_mask=dense,
-                              dropout_p=dropout_p, dropout_mask=keep)
+                              dropout_p=dropout_p, dropout_mask=keep, softmax_scale=softmax_scale)
     dout = torch.randn(ref.shape, device=DEVICE, dtype=torch.float64, generator=gen)
     ref.backward(dout)
     if forward_kernel or backward_kernel:
@@ -53,7 +53,7 @@ def run_both(b, h, hk, n_q, n_k, d, dtype, *, causal=False, kpm=None, dropout_p=
         try:
             out = flash_attn(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=dropout_p, block_mask=block_mask,
                              block_size=block_size, seed=seed, forward_kernel=forward_choice,
-                             backward_kernel=backward_choice)
+                             backward_kernel=backward_choice, softmax_scale=softmax_scale)
             out.backward(dout.to(dtype))
         finally:
             flash_attn_module.GLUON = saved
@@ -100,6 +100,27 @@ def test_block_sparse_matches_a_masked_reference(causal, block):
     mask = butterfly_block_mask(3, 3, device=DEVICE).repeat(2, 1, 1, 1)
     mask[1, :, 2, :] = False  # a query block with no key block at all
     run_both(2, 2, 1, n, n, 32, torch.float16, causal=causal, block_mask=mask, block_size=block)
+
+
+@pytest.mark.parametrize("causal, dropout_p", [(True, 0.0), (False, 0.2), (True, 0.2)])
+def test_block_sparse_blocks_of_several_tiles_with_a_layout_per_batch_and_head(causal, dropout_p):
+    """64-query blocks span several tiles of the interpreter's (and some GPU configs'); a mask that differs by
+    batch and head shows a kernel reading another head's block list, in the grouped-query dK/dV loop too."""
+    gen = torch.Generator(device=DEVICE).manual_seed(11)
+    mask = torch.rand(2, 4, 2, 3, generator=gen, device=DEVICE) < 0.6
+    mask[0, 1, 0] = False  # a query block with no key block
+    mask[1, 3, 1] = True
+    run_both(2, 4, 2, 100, 150, 32, torch.float16, causal=causal, dropout_p=dropout_p, block_mask=mask,
+             block_size=64)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_a_softmax_scale_of_the_callers_and_causal_with_left_padding(dropout_p):
+    """A scale other than 1/sqrt(head_dim) in the forward and the backward; left padding, with causal, leaves the
+    first rows of a tile that see no key."""
+    kpm = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    kpm[0, :23] = False
+    run_both(2, 2, 2, 40, 40, 32, torch.float16, causal=True, kpm=kpm, dropout_p=dropout_p, softmax_scale=0.37)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
