@@ -429,6 +429,8 @@ def _check(q, k_cache, v_cache, host_lengths):
         raise ValueError(f"q, k_cache, v_cache must share one dtype of {DTYPES}; got {q.dtype}, {k_cache.dtype}, "
                          f"{v_cache.dtype}")
     b, h, d = q.shape
+    if b == 0:
+        raise ValueError(f"q has a batch of 0 sequences {tuple(q.shape)}; decode_attention needs at least one")
     if k_cache.shape[0] != b or k_cache.shape[3] != d:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
     if k_cache.shape[1] == 0 or h % k_cache.shape[1]:
@@ -440,6 +442,9 @@ def _check(q, k_cache, v_cache, host_lengths):
                          "(or on the CPU under TRITON_INTERPRET=1, for tests)")
     parts = [q] + [t for c in (k_cache, v_cache) for t in ((c.data, c.scale, c.zero) if isinstance(c, QuantizedKV)
                                                            else (c,))]
+    if any(t.device != q.device for t in parts):
+        raise ValueError(f"q and the caches must be on one device; got q on {q.device}, caches on "
+                         f"{sorted({str(t.device) for t in parts[1:]})}")
     if any(t.stride(-1) != 1 for t in parts):
         raise ValueError("q and the caches (their data, scales and zeros, if quantized) need a contiguous last "
                          "dimension")

@@ -217,15 +217,17 @@ def test_merging_parts_of_other_shapes_is_a_clear_value_error():
     (dict(cache=(2, 0, 16, 64)), "not a multiple of the cache's 0 KV heads"),
     (dict(scale=math.inf), "softmax_scale=inf must be a finite number"),
     (dict(q_as_list=True), "q must be a tensor"),
+    (dict(q=(0, 4, 64), cache=(0, 2, 16, 64), lengths=torch.zeros(0, dtype=torch.int64)), "a batch of 0 sequences"),
+    (dict(cache_device="meta"), r"on one device; got q on .*, caches on \['meta'\]"),
 ])
 def test_bad_input_is_a_clear_value_error(change, match):
     q = torch.randn(*change.get("q", (2, 4, 64)), device=DEVICE, dtype=torch.float16)
     shape = change.get("cache", (2, 2, 16, 64))
-    k = torch.randn(*shape, device=DEVICE, dtype=change.get("cache_dtype", torch.float16))
-    v = torch.randn(*change.get("v", shape), device=DEVICE, dtype=k.dtype)
+    k = torch.randn(*shape, device=change.get("cache_device", DEVICE), dtype=change.get("cache_dtype", torch.float16))
+    v = torch.randn(*change.get("v", shape), device=k.device, dtype=k.dtype)
     with pytest.raises(ValueError, match=match):
-        decode_attention(q.tolist() if change.get("q_as_list") else q, k, v,
-                         torch.tensor(change.get("lengths", [5, 9]), device=DEVICE), softmax_scale=change.get("scale"))
+        lengths = torch.as_tensor(change.get("lengths", [5, 9]), device=DEVICE)
+        decode_attention(q.tolist() if change.get("q_as_list") else q, k, v, lengths, softmax_scale=change.get("scale"))
     with pytest.raises(ValueError, match="schedule"):
         make_schedule("fastest", [4], 1)
     with pytest.raises(ValueError, match="needs the lengths"):
