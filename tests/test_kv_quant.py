@@ -257,6 +257,16 @@ def test_quantized_decode_at_head_dims_that_are_not_powers_of_two(head_dim):
     check_quantized(q, k_q, v_q, torch.tensor([40, 23], device=DEVICE), torch.float16)
 
 
+@pytest.mark.parametrize("schedule", ["lean", "split", "fa2"])
+@pytest.mark.parametrize("key_group, value_group, n", [(24, 20, 48), (12, 40, 48), (64, 16, 128)])
+def test_quantized_decode_with_groups_that_are_not_powers_of_two_or_span_tiles(key_group, value_group, n, schedule):
+    """Key groups of 24 and 12 tokens (not powers of two: the general path for transposed key tiles) and of 64
+    (one group over several 16-key tiles); value groups of 20 channels; lengths that end inside a group."""
+    q, k_q, v_q = quantized_inputs(2, 4, 2, n, 80, 4, torch.float16, key_group=key_group, value_group=value_group,
+                                   seed=key_group)
+    check_quantized(q, k_q, v_q, torch.tensor([n, n - key_group // 2 - 1], device=DEVICE), torch.float16, schedule)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_decode_with_the_fast_memory_tiles(bits):
     """The schedule a GPU with fast memory gets for a quantized cache (128-key tiles, two lean programs per SM),
