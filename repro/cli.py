@@ -147,6 +147,10 @@ def run_job(cfg: DictConfig) -> RunRecord:
     paths = record_paths(cfg, record, output_dir, hc.job.num if hc.mode == RunMode.MULTIRUN else None)
     if world()[0] != 0:  # under torchrun, rank 0 alone writes records and logs
         paths, cfg = [], OmegaConf.merge(cfg, {"logger": {"name": "none"}})
+    if paths and paths[0].exists():  # the folder is named by the second: another run started in it
+        raise ConfigError(f"{paths[0]} exists: another run started in the same second writes to {output_dir}; "
+                          "start this one again (a new folder), or give it one with hydra.run.dir (hydra.sweep.dir "
+                          "for a sweep)")
     logger = NullLogger()
     try:
         entry, ctx, logger = _start(cfg, record, output_dir)

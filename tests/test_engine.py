@@ -419,3 +419,13 @@ def test_rerunning_a_finished_training_run_measures_afresh(tmp_path):
     assert rows("b", "tokens_per_s") != rows("a", "tokens_per_s")  # timed again, not replayed
     assert run_inline(*args, "data.max_files=30", f"hydra.run.dir={tmp_path}/c")[0] == 0
     assert len(list((tmp_path / "ckpt").glob("*.pt"))) == 2  # another corpus is another run, never a resume
+
+
+def test_a_run_in_a_folder_that_holds_another_runs_record_is_refused_and_the_record_kept(tmp_path):
+    """Run folders are named by the second: two runs started in one second would share one."""
+    code, _, err = run_inline(*KERNEL, "logger=none", f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    first = (tmp_path / "record.json").read_text()
+    code, _, err = run_inline(*KERNEL, "logger=none", "seed=2", f"hydra.run.dir={tmp_path}")
+    assert code == 2 and "record.json exists: another run started in the same second" in err, err
+    assert (tmp_path / "record.json").read_text() == first
