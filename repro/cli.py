@@ -121,6 +121,15 @@ def _start(cfg: DictConfig, record: RunRecord, output_dir: Path):
     multirun = hc.mode == RunMode.MULTIRUN
     device = resolve_device(cfg.scale)
     entry = check_job(cfg)
+    if cfg.scale.commit_records:  # found unwritable at the end, the run's work would be lost with the error
+        records = Path(cfg.paths.records)
+        try:
+            records.mkdir(parents=True, exist_ok=True)
+            writable = os.access(records, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            raise ConfigError(f"paths.records={str(records)!r} is not a folder this run can write its record in")
     record.claim_ids = [c.id for c in claims_for_task(load_published(Path(cfg.paths.published)), cfg.task.name)]
     seed_everything(cfg.seed)
     reset_device_memory(device)

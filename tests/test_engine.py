@@ -429,3 +429,12 @@ def test_a_run_in_a_folder_that_holds_another_runs_record_is_refused_and_the_rec
     code, _, err = run_inline(*KERNEL, "logger=none", "seed=2", f"hydra.run.dir={tmp_path}")
     assert code == 2 and "record.json exists: another run started in the same second" in err, err
     assert (tmp_path / "record.json").read_text() == first
+
+
+def test_an_unwritable_records_folder_is_refused_before_any_work(tmp_path):
+    not_a_folder = tmp_path / "records"
+    not_a_folder.write_text("a file")
+    code, out, err = run_inline(*KERNEL, "logger=none", "scale.commit_records=true", f"paths.records={not_a_folder}",
+                                f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and f"paths.records='{not_a_folder}' is not a folder this run can write its record in" in err
+    assert record(tmp_path / "run")["rows"] == []  # refused before any point was measured
