@@ -56,5 +56,5 @@ def test_command_line_overrides_beat_the_scale_preset(compose):
 
 def test_launcher_presets_compose(compose):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    assert compose("hydra/launcher=local").hydra.launcher.gpus_per_node == 0
+    assert compose("hydra/launcher=local").hydra.launcher.gpus_per_node == 1  # 0 would hide the GPU from the jobs
     assert compose("hydra/launcher=slurm").hydra.launcher.gpus_per_node == 1
