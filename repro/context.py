@@ -61,12 +61,29 @@ def code_version() -> str | None:
     return os.environ.get("REPRO_GIT_SHA") or _git("rev-parse", "HEAD")
 
 
+RECORDED_PACKAGES = ("transformers", "peft", "accelerate", "datasets", "lm_eval", "hydra-core", "flash-attn",
+                     "megatron-core")
+
+
+def _package_versions() -> dict[str, str]:
+    """The installed versions of the libraries a task may measure against or run on (baselines, loaders)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def capture_environment(on_gpu: bool = True) -> dict[str, Any]:
     """The code, versions and machine of a run; the GPU's name and properties only where the run uses it (a CPU
     run on a GPU machine is a CPU record, named and reported as one)."""
     import triton
 
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain")  # an untracked file (a new task module) is code the commit lacks
     told = os.environ.get("REPRO_GIT_SHA")  # then whether that copy was dirty is not known
     env: dict[str, Any] = {
         "git_sha": code_version(),
@@ -75,6 +92,9 @@ def capture_environment(on_gpu: bool = True) -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
+        "packages": _package_versions(),
+        "argv": sys.argv[1:],  # the whole command: launcher and sweep choices too, which the overrides leave out
+        "world_size": world()[1],
         "gpu_name": None,
         "gpu_count": 0,
         "hostname": socket.gethostname(),

@@ -129,6 +129,16 @@ def test_a_commit_told_through_the_environment_wins_over_the_local_git(monkeypat
     assert env["git_sha"] == "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c" and env["git_dirty"] is None
 
 
+def test_the_environment_names_the_command_and_the_libraries_measured_against(monkeypatch):
+    import transformers
+
+    from repro.context import capture_environment
+    monkeypatch.setattr("sys.argv", ["repro", "-m", "hydra/launcher=local", "seed=1,2"])
+    env = capture_environment(on_gpu=False)
+    assert env["argv"] == ["-m", "hydra/launcher=local", "seed=1,2"] and env["world_size"] == 1
+    assert env["packages"]["transformers"] == transformers.__version__
+
+
 def test_a_cpu_run_on_a_gpu_machine_records_no_gpu(monkeypatch):
     from repro.context import capture_environment
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
