@@ -148,6 +148,11 @@ def run_job(cfg: DictConfig) -> RunRecord:
     end whatever happened), then print its claims table."""
     hc = HydraConfig.get()
     if os.environ.get("SUBMITIT_EXECUTOR"):
+        tasks = int(os.environ.get("SUBMITIT_LOCAL_NTASKS") or os.environ.get("SLURM_NTASKS") or 1)
+        if tasks > 1 and "RANK" not in os.environ:
+            raise ConfigError(f"hydra.launcher.tasks_per_node={tasks} starts {tasks} copies of the job that do not "
+                              "know of each other (each measuring alone and writing the same record); give each job "
+                              "one task, and run torchrun inside it for several GPUs")
         stop_after_submitit_signal()
     output_dir = Path(hc.runtime.output_dir)
     record = RunRecord(task=cfg.task.name, paper=cfg.task.paper, scale=cfg.scale.name, claim_ids=[],

@@ -438,3 +438,12 @@ def test_an_unwritable_records_folder_is_refused_before_any_work(tmp_path):
                                 f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2 and f"paths.records='{not_a_folder}' is not a folder this run can write its record in" in err
     assert record(tmp_path / "run")["rows"] == []  # refused before any point was measured
+
+
+def test_a_submitit_job_of_several_tasks_that_are_not_distributed_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    code, _, err = run_inline(*KERNEL, "logger=none", f"hydra.run.dir={tmp_path}")
+    assert code == 2 and "hydra.launcher.tasks_per_node=2 starts 2 copies of the job" in err, err
+    assert not (tmp_path / "record.json").exists()
