@@ -96,7 +96,8 @@ def _collect(entry, cfg, ctx, record: RunRecord, logger, checkpoint: Path | None
     for row in entry(cfg, ctx):
         record.rows.append(row)
         logger.log_rows([row])
-        if checkpoint and time.monotonic() - last_save > every_s:
+        # the first row at once: a job killed outright (out of host memory) keeps that much
+        if checkpoint and (len(record.rows) == 1 or time.monotonic() - last_save > every_s):
             save_record(record, checkpoint)
             last_save = time.monotonic()
 
@@ -626,6 +627,14 @@ def main() -> None:
     except KeyboardInterrupt as exc:
         print(f"repro: stopped ({exc or 'interrupted'}); the record keeps the rows measured so far", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        if type(exc).__name__ != "UncompletedJobError":
+            raise
+        # submitit's: a job of a sweep died outright (killed for memory, its node lost) and took the launcher's
+        # collection of results with it
+        print(f"repro: a job of the sweep ended without finishing ({str(exc).splitlines()[0]}); each job's "
+              "record.json in the sweep folder keeps what it saved", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
     if SweepSummary.failed:
         sys.exit(EXIT_FAILED)
 

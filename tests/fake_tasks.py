@@ -39,3 +39,12 @@ def crash_at_once(cfg, ctx):
 def bad_input(cfg, ctx):
     raise ConfigError("fake.size=-1 must be an integer >= 1")
     yield
+
+
+def saved_after_first_row(cfg, ctx):
+    """Yields a row, then looks at what its job folder holds: a job killed outright here keeps that."""
+    import json
+
+    yield from _rows(["ok"])
+    saved = json.loads((ctx.output_dir / "record.json").read_text())
+    yield from _rows(["ok"] * len(saved["rows"]))

@@ -447,3 +447,28 @@ def test_a_submitit_job_of_several_tasks_that_are_not_distributed_is_refused(tmp
     code, _, err = run_inline(*KERNEL, "logger=none", f"hydra.run.dir={tmp_path}")
     assert code == 2 and "hydra.launcher.tasks_per_node=2 starts 2 copies of the job" in err, err
     assert not (tmp_path / "record.json").exists()
+
+
+def test_the_first_row_is_saved_at_once(tmp_path):
+    """Before record_every_s has passed: a job killed outright after it keeps it."""
+    code, _, err = run_inline(f"{FAKE}saved_after_first_row", "logger=none", "record_every_s=3600",
+                              f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    assert len(record(tmp_path)["rows"]) == 2  # the second yielded once per row the job folder held
+
+
+def test_a_sweep_job_that_died_outright_ends_the_sweep_with_a_message_not_a_traceback(monkeypatch, capsys):
+    from repro import cli
+
+    class UncompletedJobError(RuntimeError):  # submitit's, by name: the launcher's import is optional
+        pass
+
+    def launcher_collects_a_dead_job():
+        raise UncompletedJobError("Job 12_0 (task: 0) with path /x/12_0_0_result.pkl has not produced any output\nmore")
+    monkeypatch.setattr(cli, "_hydra_main", launcher_collects_a_dead_job)
+    monkeypatch.setattr("sys.argv", ["repro", "-m", "seed=0,1"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "a job of the sweep ended without finishing (Job 12_0 (task: 0)" in err
+    assert "record.json in the sweep folder keeps what it saved" in err and "more" not in err
