@@ -464,7 +464,8 @@ def test_a_sweep_job_that_died_outright_ends_the_sweep_with_a_message_not_a_trac
         pass
 
     def launcher_collects_a_dead_job():
-        raise UncompletedJobError("Job 12_0 (task: 0) with path /x/12_0_0_result.pkl has not produced any output\nmore")
+        raise UncompletedJobError("Job 12_0 (task: 0) with path /x/12_0_0_result.pkl has not produced any "
+                                  "output\nmore")
     monkeypatch.setattr(cli, "_hydra_main", launcher_collects_a_dead_job)
     monkeypatch.setattr("sys.argv", ["repro", "-m", "seed=0,1"])
     with pytest.raises(SystemExit) as stop:
