@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from .records import Row
 
 WANDB_MODES = ("offline", "online", "disabled")
+FINISH_TIMEOUT_S = 60  # a finish waiting on a lost connection: the job ends without it, its record written
+_did_not_start: str | None = None  # why W&B failed to start in this process: a sweep's later jobs do not wait again
 
 
 class NullLogger:
@@ -50,18 +53,30 @@ class WandbLogger(NullLogger):
                           "keeps every row", stacklevel=2)
 
     def finish(self, status: str) -> None:
-        self.run.summary["status"] = status
-        self.run.finish(exit_code=0 if status == "ok" else 1)
+        def finish():
+            self.run.summary["status"] = status
+            self.run.finish(exit_code=0 if status == "ok" else 1)
+        finishing = threading.Thread(target=finish, daemon=True)
+        finishing.start()
+        finishing.join(FINISH_TIMEOUT_S)
+        if finishing.is_alive():
+            warnings.warn(f"W&B did not finish within {FINISH_TIMEOUT_S} s; the run ends without it, and its record "
+                          "keeps every row", stacklevel=2)
 
 
 def make_logger(cfg, **kwargs) -> NullLogger:
     """The configured logger (`cli.check_job` has checked its settings); if W&B cannot start (no network for
     `online`, a broken install), the run goes on without it and says so."""
+    global _did_not_start
     if cfg.name == "none":
+        return NullLogger()
+    if _did_not_start is not None:
+        warnings.warn(f"W&B did not start earlier in this process ({_did_not_start}); this run goes on without it",
+                      stacklevel=2)
         return NullLogger()
     try:
         return WandbLogger(cfg, **kwargs)
     except Exception as exc:  # noqa: BLE001 - W&B must never stop a run
-        warnings.warn(f"W&B did not start ({type(exc).__name__}: {exc}); the run goes on without it",
-                      stacklevel=2)
+        _did_not_start = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"W&B did not start ({_did_not_start}); the run goes on without it", stacklevel=2)
         return NullLogger()

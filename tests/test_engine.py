@@ -370,12 +370,39 @@ def test_wandb_offline_keeps_a_copy_and_a_wandb_that_cannot_start_never_stops_th
     assert code == 0, err
     assert list((tmp_path / "a").glob("wandb/offline-run-*/files")) and record(tmp_path / "a")["status"] == "ok"
 
+    tries = []
+
     def unreachable(**kwargs):
+        tries.append(kwargs)
         raise wandb.errors.CommError("no route to api.wandb.ai")
     monkeypatch.setattr(wandb, "init", unreachable)
+    monkeypatch.setattr("repro.wandb_logger._did_not_start", None)  # and back after the test
     with pytest.warns(UserWarning, match="W&B did not start .*no route"):
         code, _, err = run_inline("logger=wandb", "logger.mode=online", f"hydra.run.dir={tmp_path}/b", *KERNEL)
     assert code == 0 and record(tmp_path / "b")["status"] == "ok"
+    # the next job of the process (a sweep's) does not wait for it again
+    with pytest.warns(UserWarning, match="W&B did not start earlier in this process .*no route"):
+        code, _, err = run_inline("logger=wandb", "logger.mode=online", f"hydra.run.dir={tmp_path}/c", *KERNEL)
+    assert code == 0 and len(tries) == 1
+
+
+def test_a_wandb_finish_that_hangs_ends_the_job_without_it(monkeypatch):
+    import time
+
+    from repro import wandb_logger
+
+    class Hanging:
+        summary = {}
+
+        def finish(self, exit_code):
+            time.sleep(30)
+    logger = object.__new__(wandb_logger.WandbLogger)
+    logger.run, logger.failed = Hanging(), False
+    monkeypatch.setattr(wandb_logger, "FINISH_TIMEOUT_S", 0.2)
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match="W&B did not finish within 0.2 s"):
+        logger.finish("ok")
+    assert time.monotonic() - started < 5
 
 
 def test_a_wandb_that_fails_mid_run_stops_logging_and_the_run_goes_on():
