@@ -12,6 +12,7 @@ out, the operators are called as torch.compile's code calls them (torch.ops), at
 `--profile` adds, for each of our rows, the functions where a forward+backward call spends the host's
 time (cProfile, own time, the 20 largest), to say where a path's extra microseconds go.
 """
+import argparse
 import cProfile
 import importlib
 import os
@@ -100,4 +101,14 @@ def timed(profile: bool):
 
 
 if __name__ == "__main__":
-    python_only() if "--python-only" in sys.argv[1:] else timed(profile="--profile" in sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--python-only", action="store_true", help="time the Python side alone, on any machine")
+    parser.add_argument("--profile", action="store_true", help="where each of our rows spends the host's time")
+    args = parser.parse_args()
+    if args.python_only:
+        python_only()
+    elif not torch.cuda.is_available():
+        parser.error("timing the host's cost of a call needs a CUDA GPU; --python-only runs on any machine")
+    else:
+        timed(profile=args.profile)
