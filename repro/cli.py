@@ -342,6 +342,12 @@ def check_overrides(args: list[str]) -> str | None:
                         "(repro --help lists the groups)")
             return (f"cannot read the override {arg!r} ({reason}); quote a value with characters such as ~ or "
                     f"spaces in it, e.g. \"data.folder='~/my texts'\"")
+    if not {"-m", "--multirun"} & set(args):
+        swept = next((o for o in overrides if o.is_sweep_override()), None)
+        if swept is not None:  # Hydra's refusal would exit 1, as a failed run does
+            return (f"{swept.input_line!r} sweeps {swept.key_or_group} over several values: add -m (repro -m ...) to "
+                    f"run a job for each, or give a list in brackets where the key takes one, e.g. "
+                    f"{swept.key_or_group}=[{','.join(map(str, swept.sweep_string_iterator()))}]")
     conf = PROJECT_ROOT / "conf"
     groups = [o for o in overrides if (conf / o.key_or_group).is_dir() or o.key_or_group.startswith("hydra")]
     for o in groups:

@@ -500,3 +500,9 @@ def test_a_sweep_job_that_died_outright_ends_the_sweep_with_a_message_not_a_trac
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "a job of the sweep ended without finishing (Job 12_0 (task: 0)" in err
     assert "record.json in the sweep folder keeps what it saved" in err and "more" not in err
+
+
+def test_a_sweep_without_multirun_is_named_with_what_to_do(tmp_path):
+    code, _, err = run_inline("kernel.seq_len=64,128", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert code == 2 and "'kernel.seq_len=64,128' sweeps kernel.seq_len over several values: add -m" in err, err
+    assert "kernel.seq_len=[64,128]" in err and not (tmp_path / "record.json").exists()
