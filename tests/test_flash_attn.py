@@ -226,6 +226,17 @@ def test_a_row_that_sees_no_key_has_a_log_sum_exp_of_minus_infinity_and_merges_a
     assert (lse[:, :, :3] == float("-inf")).all() and lse[:, :, 3:].isfinite().all()  # 7 queries, 4 keys
 
 
+@pytest.mark.parametrize("q_shape, kv_shape", [((1, 2, 0, 32), (1, 2, 5, 32)), ((1, 2, 4, 32), (1, 2, 0, 32)),
+                                             ((0, 2, 4, 32), (0, 2, 4, 32))], ids=["no query", "no key", "no batch"])
+def test_empty_inputs_give_empty_or_zero_outputs_and_gradients(q_shape, kv_shape):
+    q = torch.randn(q_shape, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    k, v = (torch.randn(kv_shape, device=DEVICE, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    out = flash_attn(q, k, v)
+    out.backward(torch.randn_like(out))
+    assert out.shape == q_shape and not out.any()  # no key: every row sees nothing
+    assert q.grad.shape == q_shape and k.grad.shape == kv_shape and not q.grad.any() and not k.grad.any()
+
+
 def test_dropout_is_reproducible_from_its_seed_and_backward_is_deterministic():
     q, k, v = (torch.randn(1, 2, 40, 32, device=DEVICE, dtype=torch.float16, requires_grad=True) for _ in range(3))
     outs, grads = [], []
