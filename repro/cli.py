@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -123,14 +124,11 @@ def _start(cfg: DictConfig, record: RunRecord, output_dir: Path):
     device = resolve_device(cfg.scale)
     entry = check_job(cfg)
     if cfg.scale.commit_records:  # found unwritable at the end, the run's work would be lost with the error
-        records = Path(cfg.paths.records)
-        try:
-            records.mkdir(parents=True, exist_ok=True)
-            writable = os.access(records, os.W_OK)
-        except OSError:
-            writable = False
-        if not writable:
-            raise ConfigError(f"paths.records={str(records)!r} is not a folder this run can write its record in")
+        records = Path(cfg.paths.records).absolute()
+        existing = next(p for p in (records, *records.parents) if p.exists())  # made when a record is committed
+        if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+            raise ConfigError(f"paths.records={str(cfg.paths.records)!r} is not a folder this run can write its "
+                              "record in")
     record.claim_ids = [c.id for c in claims_for_task(load_published(Path(cfg.paths.published)), cfg.task.name)]
     seed_everything(cfg.seed)
     reset_device_memory(device)
@@ -162,10 +160,8 @@ def run_job(cfg: DictConfig) -> RunRecord:
     paths = record_paths(cfg, record, output_dir, hc.job.num if hc.mode == RunMode.MULTIRUN else None)
     if world()[0] != 0:  # under torchrun, rank 0 alone writes records and logs
         paths, cfg = [], OmegaConf.merge(cfg, {"logger": {"name": "none"}})
-    if paths and paths[0].exists():  # the folder is named by the second: another run started in it
-        raise ConfigError(f"{paths[0]} exists: another run started in the same second writes to {output_dir}; "
-                          "start this one again (a new folder), or give it one with hydra.run.dir (hydra.sweep.dir "
-                          "for a sweep)")
+    if paths:
+        claim_folder(output_dir)
     logger = NullLogger()
     try:
         entry, ctx, logger = _start(cfg, record, output_dir)
@@ -196,6 +192,27 @@ def run_job(cfg: DictConfig) -> RunRecord:
     elif paths:
         print(f"[repro] {cfg.task.name} has no published claims to compare with", flush=True)
     return record
+
+
+def claim_folder(output_dir: Path) -> None:
+    """Take the job folder for this job alone, before anything is written there: folders are named by the second,
+    so two runs (or sweeps) started in one second get one folder, and the second's record would overwrite the
+    first's. A SLURM job requeued after a preemption (the same job id) takes its own folder back."""
+    job = os.environ.get("SLURM_JOB_ID")
+    owner = f"slurm job {job} {os.environ.get('SLURM_ARRAY_TASK_ID', '')}" if job else \
+        f"{socket.gethostname()} pid {os.getpid()}"
+    marker = output_dir / ".repro_job"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        taken = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if job and marker.read_text() == owner:
+            return
+        raise ConfigError(f"{output_dir} is another job's folder (another run started in the same second); start "
+                          "this one again (a new folder), or give it one with hydra.run.dir (hydra.sweep.dir for a "
+                          "sweep)") from None
+    with os.fdopen(taken, "w") as f:
+        f.write(owner)
 
 
 def _finish(record: RunRecord, paths: list[Path], logger) -> None:
@@ -342,7 +359,9 @@ def check_overrides(args: list[str]) -> str | None:
                         "(repro --help lists the groups)")
             return (f"cannot read the override {arg!r} ({reason}); quote a value with characters such as ~ or "
                     f"spaces in it, e.g. \"data.folder='~/my texts'\"")
-    if not {"-m", "--multirun"} & set(args):
+    # a multirun: -m, hydra.mode=MULTIRUN, or a paper's config (which sets that mode itself)
+    multirun = {"-m", "--multirun"} & set(args) or any(a.startswith(("hydra.mode=", "paper=")) for a in args)
+    if not multirun:
         swept = next((o for o in overrides if o.is_sweep_override()), None)
         if swept is not None:  # Hydra's refusal would exit 1, as a failed run does
             return (f"{swept.input_line!r} sweeps {swept.key_or_group} over several values: add -m (repro -m ...) to "

@@ -448,14 +448,27 @@ def test_rerunning_a_finished_training_run_measures_afresh(tmp_path):
     assert len(list((tmp_path / "ckpt").glob("*.pt"))) == 2  # another corpus is another run, never a resume
 
 
-def test_a_run_in_a_folder_that_holds_another_runs_record_is_refused_and_the_record_kept(tmp_path):
+def test_a_run_in_another_jobs_folder_is_refused_and_its_record_kept(tmp_path, monkeypatch):
     """Run folders are named by the second: two runs started in one second would share one."""
     code, _, err = run_inline(*KERNEL, "logger=none", f"hydra.run.dir={tmp_path}")
     assert code == 0, err
     first = (tmp_path / "record.json").read_text()
     code, _, err = run_inline(*KERNEL, "logger=none", "seed=2", f"hydra.run.dir={tmp_path}")
-    assert code == 2 and "record.json exists: another run started in the same second" in err, err
+    assert code == 2 and f"{tmp_path} is another job's folder (another run started in the same second)" in err, err
     assert (tmp_path / "record.json").read_text() == first
+
+
+def test_a_requeued_slurm_job_takes_its_own_folder_back(tmp_path, monkeypatch):
+    from repro.cli import claim_folder
+    from repro.context import ConfigError
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    claim_folder(tmp_path)
+    claim_folder(tmp_path)  # the same job, after a preemption
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    with pytest.raises(ConfigError, match="another job's folder"):
+        claim_folder(tmp_path)
 
 
 def test_an_unwritable_records_folder_is_refused_before_any_work(tmp_path):
