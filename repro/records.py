@@ -57,12 +57,20 @@ class Row:
 def largest_x_within(rows: list[Row], reference: float, tolerance: float, higher_is_better: bool) -> float | None:
     """The largest x up to which every row, at that x and at every smaller one, stays within `tolerance`
     (relative) of `reference`; None where the smallest x already does not. "Up to 5x without loss" means at
-    every compression below 5x too: a lucky point beyond a failed one does not count."""
+    every compression below 5x too: a lucky point beyond a failed one does not count, nor beyond a point that
+    failed to run (a row of FAILED_ROW_STATUSES: out of memory, an error). A point never tried (no value) is
+    passed over."""
     slack = tolerance * abs(reference)
+
+    def within(r: Row) -> bool:
+        if r.status in FAILED_ROW_STATUSES:
+            return False
+        return r.p50 >= reference - slack if higher_is_better else r.p50 <= reference + slack
+
+    rows = [r for r in rows if r.x_value is not None and (r.p50 is not None or r.status in FAILED_ROW_STATUSES)]
     largest = None
     for x in sorted({r.x_value for r in rows}):
-        if not all(r.p50 >= reference - slack if higher_is_better else r.p50 <= reference + slack
-                   for r in rows if r.x_value == x):
+        if not all(within(r) for r in rows if r.x_value == x):
             break
         largest = x
     return largest

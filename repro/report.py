@@ -149,10 +149,18 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
 
     def group_of(r):
         return tuple(r.get(k) for k in keys)
+    # a point the provider failed at (out of memory, an error) ends its run of points within tolerance; a failed
+    # row may lack a key of the groups (a multiple-choice setting fails before any benchmark is scored): it is
+    # then a failure in each of them
+    failures = [r for r in record.rows if r.provider == provider and r.status in FAILED_ROW_STATUSES
+                and r.metric == mine[0].metric and r.x_name == mine[0].x_name
+                and _matches(r, {k: v for k, v in cmp.where.items() if r.get(k) is not None})]
     values = []
     for group in {group_of(r) for r in mine}:
         reference = [r.p50 for r in rows if r.provider == quality["reference"] and group_of(r) == group]
-        values.append(largest_x_within([r for r in mine if group_of(r) == group], sum(reference) / len(reference),
+        points = [r for r in mine if group_of(r) == group] + \
+            [r for r in failures if all(v is None or v == g for v, g in zip(group_of(r), group))]
+        values.append(largest_x_within(points, sum(reference) / len(reference),
                                        quality["tolerance"], quality["higher_is_better"]) if reference else None)
     value = None if None in values else min(values)
     if value is None:

@@ -475,6 +475,15 @@ def test_largest_x_within_quality_of_the_reference():
     assert claim_value(two_texts, rec("kv", "paper", rows))[0] == 5
     rows[-1].p50 = 11.0  # text b fails at 5
     assert claim_value(two_texts, rec("kv", "paper", rows))[0] == 4
+    # a point that failed to run ends the run too: in its own group, or, written without the group's key (a
+    # setting that failed before any text was scored), in every group
+    rows[-1].p50 = 10.2
+    oom = Row("ours", "kv_compression", 3, "perplexity", "ppl", None, status="oom", extra={"text": "b"})
+    assert claim_value(two_texts, rec("kv", "paper", rows + [oom]))[0] is None
+    oom = Row("ours", "kv_compression", 4.5, "perplexity", "ppl", None, status="error")
+    assert claim_value(two_texts, rec("kv", "paper", rows + [oom]))[0] == 4
+    unsupported = Row("ours", "kv_compression", 4.5, "perplexity", "ppl", None, status="unsupported")
+    assert claim_value(two_texts, rec("kv", "paper", rows + [unsupported]))[0] == 5  # never tried: no failure
 
 
 def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree, no_plots):

@@ -373,11 +373,11 @@ def min_fraction_rows(rows: list[Row], tolerance: float, extra: dict) -> Iterato
     """Per provider: the smallest KV cache, in % of the full one, down to which the perplexity stays within
     `tolerance` (relative) of the full cache's at every compression (the paper's "maintained down to 75% of the
     KV cache"); 100 where no compression of the sweep keeps it, so that a claim on it is judged, not "not run"."""
-    ppl = [r for r in rows if r.metric == "perplexity" and r.status == "ok"]
-    reference = [r.p50 for r in ppl if r.provider == "full"]
+    ppl = [r for r in rows if r.metric == "perplexity"]  # failed ones too: a compression that failed ends the run
+    reference = [r.p50 for r in ppl if r.provider == "full" and r.status == "ok"]
     if not reference:
         return
-    for provider in dict.fromkeys(r.provider for r in ppl if r.provider != "full"):
+    for provider in dict.fromkeys(r.provider for r in ppl if r.provider != "full" and r.status == "ok"):
         largest = largest_x_within([r for r in ppl if r.provider == provider], reference[0], tolerance,
                                    higher_is_better=False)
         yield Row(provider, "text", extra["text"], "min_kv_fraction_ppl_maintained", "%",
