@@ -14,7 +14,7 @@ from tasks.scissorhands.generate import (REFERENCE, EvictingCache, LayerCache, Q
                                          decode_nll, decode_step, generating)
 from tasks.scissorhands.policies import (H2O, TOVA, Full, Scissorhands, ScissorhandsReleased, StreamingLLM,
                                          layer_budgets, make_policy, policy_at_budget)
-from tasks.scissorhands.simulate import persistence_ratio, simulate, simulated_nll
+from tasks.scissorhands.simulate import persistence_ratio, simulate, simulated_nll, simulating
 
 SCHEDULE = "lean" if has_gpu() else "fa2"  # fa2 launches the fewest programs: the fastest in the interpreter
 
@@ -198,15 +198,52 @@ def text(n, batch=1, seed=1):
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_simulation_without_eviction_is_the_plain_forward_pass(kind):
     model, ids = tiny(kind), text(50, batch=2)
-    mask = torch.ones_like(ids)
-    mask[1, :7] = 0  # left padding
     with torch.no_grad():
-        expected = model(ids, attention_mask=mask, use_cache=False).logits
-    for policy in (Full(), Scissorhands(budget=64)):
-        logits, sim = simulate(model, ids, policy, attention_mask=mask)
-        torch.testing.assert_close(logits[mask.bool()], expected[mask.bool()], rtol=2e-4, atol=2e-4)
+        expected = model(ids, use_cache=False).logits
+    for policy in (Full(), Scissorhands(budget=50)):
+        logits, sim = simulate(model, ids, policy)
+        torch.testing.assert_close(logits, expected, rtol=2e-4, atol=2e-4)
         assert sim.keep_ratio == [1.0, 1.0]
     assert model.config._attn_implementation == "sdpa"  # given back
+
+
+def test_attention_options_our_attention_does_not_apply_are_refused():
+    """Gemma-2's logit softcap in either mode, a sliding window the text outgrows in mode=generate (in
+    mode=simulate it comes in the mask, and is applied)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    small = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    gemma = Gemma2ForCausalLM(Gemma2Config(**small, attn_logit_softcapping=50.0)).eval()
+    ids = text(6).cpu()
+    with pytest.raises(ValueError, match="softcap"):
+        simulate(gemma, ids, Full())
+    with pytest.raises(ValueError, match="softcap"):
+        decode_nll(gemma, ids, Full(), schedule=REFERENCE)
+    mistral = MistralForCausalLM(MistralConfig(**small, sliding_window=4)).eval()
+    with torch.no_grad():
+        expected = mistral(ids, use_cache=False).logits
+    torch.testing.assert_close(simulate(mistral, ids, Full())[0], expected, rtol=2e-4, atol=2e-4)
+    decode_nll(mistral, ids[:, :4], Full(), schedule=REFERENCE)  # within the window: nothing hidden
+    with pytest.raises(ValueError, match="sliding window of 4 tokens"):
+        decode_nll(mistral, ids, Full(), schedule=REFERENCE)
+
+
+@pytest.mark.parametrize("group_size, message", [(0, "positive integer"), (-8, "positive integer"),
+                                                 (5, "divide the model's head_dim=16")])
+def test_a_quantized_cache_refuses_a_bad_group_size(group_size, message):
+    with pytest.raises(ValueError, match=message):
+        decode_nll(tiny(), text(6), Full(), kv_bits=4, group_size=group_size, schedule=REFERENCE)
+
+
+def test_simulation_refuses_padding():
+    """A padded slot would take a place of the budget: simulate takes unpadded texts only."""
+    model, ids = tiny(), text(20, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with simulating(model, Full()), pytest.raises(ValueError, match="7 padded positions"):
+        model(ids, attention_mask=mask, use_cache=False)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_simulation_evicts_and_measures_what_it_keeps():

@@ -40,7 +40,7 @@ from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, packed_row_byt
 from effrepro_kernels.reference import (decode_scores_reference, dequantize_kv_reference, pack_codes,
                                         quantize_kv_reference, unpack_codes)
 
-from .hooks import active, attention_replaced
+from .hooks import active, attention_replaced, refuse_options
 from .policies import Policy
 
 NAME = "effrepro_kv_generate"
@@ -249,6 +249,9 @@ class LayerCache:
     def __init__(self, cache: "EvictingCache", layer: int, query: torch.Tensor, key: torch.Tensor):
         b, heads, _, head_dim = query.shape
         kv_heads = key.shape[1]
+        if cache.kv_bits < 16 and head_dim % cache.group_size:
+            raise ValueError(f"group_size={cache.group_size} must divide the model's head_dim={head_dim}: a value "
+                             "token is quantized in groups of its channels")
         self.policy, self.layer, self.n_layers = cache.policy, layer, len(cache.layers)
         budget = cache.budgets[layer]
         self.slots = cache.max_len if budget is None else min(budget, cache.max_len)
@@ -312,6 +315,8 @@ class EvictingCache:
                              "it runs in mode=simulate only")
         if max_len < 1:
             raise ValueError(f"max_len={max_len} must be at least 1")
+        if kv_bits < 16 and (not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"group_size={group_size!r} must be a positive integer (the quantization groups' size)")
         self.policy, self.max_len, self.kv_bits, self.group_size, self.schedule = (policy, max_len, kv_bits,
                                                                                    group_size, schedule)
         self.budgets = policy.budgets(n_layers)
@@ -339,6 +344,11 @@ class EvictingCache:
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention signature, for one new token; (batch, 1, heads, head_dim) out."""
     cache = active(EvictingCache, "generating(model, cache)")
+    refuse_options(kwargs, ("softcap", "s_aux"), "mode=generate")
+    window = kwargs.get("sliding_window")
+    if window is not None and cache.seen_tokens >= window:  # before then, the window hides nothing
+        raise ValueError(f"mode=generate does not apply the model's sliding window of {window} tokens, which the "
+                         f"text's {cache.seen_tokens + 1} tokens exceed: use mode=simulate or shorter texts")
     if query.shape[2] != 1 or key.shape[2] != 1:
         raise ValueError(f"mode=generate feeds one token per step (use_cache=False); got {query.shape[2]} queries and "
                          f"{key.shape[2]} keys")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.masking_utils import sdpa_mask
 
-from .hooks import active, attention_replaced
+from .hooks import active, attention_replaced, refuse_options
 from .policies import Full, Policy
 
 NAME = "effrepro_kv_simulate"
@@ -57,7 +57,8 @@ class Simulation:
 def scan(policy: Policy, layer: int, n_layers: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
          mask: torch.Tensor | None, scale: float):
     """Attention of one layer under `policy`, row by row. query (batch, heads, n, head_dim); key, value (batch,
-    kv_heads, n, head_dim); mask: bool (batch, n, n), the keys each query may see at all (padding), or None.
+    kv_heads, n, head_dim); mask: bool (batch, n, n), the keys each query may see at all (the model's own mask,
+    such as a sliding window), or None.
     Returns the output (batch, heads, n, head_dim), the keys seen and the keys a full cache would show (summed over
     rows and heads), and the statistics."""
     b, heads, n, d = query.shape
@@ -95,6 +96,7 @@ def scan(policy: Policy, layer: int, n_layers: int, query: torch.Tensor, key: to
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention signature; (batch, n, heads, head_dim) out."""
     sim = active(Simulation, "simulating(model, policy)")
+    refuse_options(kwargs, ("softcap", "s_aux"), "mode=simulate")  # a sliding window comes in the mask
     b, _, n, d = query.shape
     if key.shape[2] != n:
         raise ValueError(f"simulate needs the whole text in one pass without a cache: {n} queries, {key.shape[2]} "
@@ -103,6 +105,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         raise ValueError(f"simulate takes sdpa's boolean (batch, 1, q, k) masks, got {attention_mask.dtype} "
                          f"{tuple(attention_mask.shape)}")
     mask = None if attention_mask is None else attention_mask[:, 0].expand(b, n, n)
+    if mask is not None and not mask.any(1).all():
+        # a policy's budget counts cache slots, and its positions and steps count from the first slot: a padded
+        # slot would take a place of the budget, and become a StreamingLLM sink
+        raise ValueError(f"simulate takes texts without padding ({(~mask.any(1)).sum().item()} padded positions "
+                         "in this batch): batch texts of equal length")
     out, seen, causal, stats = scan(sim.policy, module.layer_idx, sim.n_layers, query, key, value, mask,
                                     d ** -0.5 if scaling is None else scaling)
     sim.kept[module.layer_idx] += seen
@@ -122,11 +129,11 @@ def simulating(model: PreTrainedModel, policy: Policy) -> Iterator[Simulation]:
 
 
 @torch.no_grad()
-def simulate(model: PreTrainedModel, ids: torch.Tensor, policy: Policy,
-             attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Simulation]:
-    """Logits (batch, n, vocab) of `ids` (batch, n) under `policy`, and the Simulation (keep ratio, statistics)."""
+def simulate(model: PreTrainedModel, ids: torch.Tensor, policy: Policy) -> tuple[torch.Tensor, Simulation]:
+    """Logits (batch, n, vocab) of `ids` (batch, n: texts of equal length, unpadded) under `policy`, and the
+    Simulation (keep ratio, statistics)."""
     with simulating(model, policy) as sim:
-        logits = model(ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(ids, use_cache=False).logits
     return logits, sim
 
 
