@@ -256,7 +256,8 @@ class FittedPolicy:
     """A multiple-choice setting's policy for each batch of requests of `length` tokens: at budget
     ceil(length / compression), or at the smallest larger budget it accepts (a short prompt may hold too few
     tokens to keep the r newest and drop m = B/2 of a small budget), or the full cache where no budget below the
-    length will do. It counts the batches of each, which the rows report beside the compression measured."""
+    length will do. It counts the batches of each: a setting where any batch needed either is not a result at its
+    compression (sweep_rows)."""
 
     kv: DictConfig
     setting: Setting
@@ -341,17 +342,16 @@ def sweep_rows(kv: DictConfig, ctx: RunContext, settings: list[Setting], policy_
                       extra={**more, **breakdown})
             continue
         x, breakdown = kv_compression(s, forward, kv.group_size)
-        if s.compression is not None and breakdown.get("batches") and \
-                breakdown["full_cache_batches"] == breakdown["batches"]:  # nothing evicted: not a result at x
+        short = breakdown.get("budget_raised_batches", 0) + breakdown.get("full_cache_batches", 0)
+        if s.compression is not None and short:  # a cache larger than x asked for: not a result at x
             yield Row(s.provider, "kv_compression", x, metric, unit, status="unsupported", extra={**more, **breakdown},
-                      message=f"every batch of requests was too short for {s.policy} at {s.compression:g}x with "
-                              f"kv.{s.policy}'s parameters: each kept the full cache")
+                      message=f"{short} of {breakdown['batches']} batches of requests were too short for "
+                              f"{s.policy} at {s.compression:g}x with kv.{s.policy}'s parameters: "
+                              f"{breakdown['full_cache_batches']} kept the full cache, "
+                              f"{breakdown['budget_raised_batches']} a larger budget")
             continue
         seconds = time.perf_counter() - start
-        fitted = "" if not breakdown.get("batches") else \
-            f"; budget raised for {breakdown['budget_raised_batches']} and the full cache kept for " \
-            f"{breakdown['full_cache_batches']} of {breakdown['batches']} batches"
-        print(f"[scissorhands_kv] {metric}: {s.provider} at {x:g}x ({seconds:.1f} s{fitted})", flush=True)
+        print(f"[scissorhands_kv] {metric}: {s.provider} at {x:g}x ({seconds:.1f} s)", flush=True)
         yield from to_rows(result, s.provider, x, {**more, **breakdown, "eval_seconds": round(seconds, 2)})
 
 
