@@ -104,9 +104,19 @@ def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | Non
 
 def _failed_points(claim: Claim, record: RunRecord, provider: str) -> set:
     """The points of the claim at which `provider` failed in `record` (a failure is written on the measured
-    metric, time or memory, not on the ratios derived from it)."""
-    return {(r.x_name, r.x_value, r.extra.get("series")) for r in record.rows if r.provider == provider
-            and r.status in FAILED_ROW_STATUSES and _matches(r, claim.compare.where)}
+    metric, time or memory, not on the ratios derived from it), where another provider measured the point: one
+    at which every provider failed (out of memory on this card, the baselines too) says nothing of the claim."""
+    def point(r):
+        return r.x_name, r.x_value, r.extra.get("series")
+    measured = {point(r) for r in record.rows if r.provider != provider and r.status == "ok"}
+    return {point(r) for r in record.rows if r.provider == provider and r.status in FAILED_ROW_STATUSES
+            and _matches(r, claim.compare.where) and point(r) in measured}
+
+
+def _group_of(claim: Claim, row: Row) -> tuple:
+    """For `largest_x_within`: where the claim allows several values of a key (texts, models, benchmarks), each is
+    judged against its own reference, and the claim holds as far as it holds for all of them."""
+    return tuple(row.get(k) for k, wanted in claim.compare.where.items() if isinstance(wanted, list))
 
 
 def _points(claim: Claim, record: RunRecord) -> tuple[int, int]:
@@ -117,9 +127,10 @@ def _points(claim: Claim, record: RunRecord) -> tuple[int, int]:
     if found is None:
         return 0, 0
     provider, mine, rows = found
-    if mine and claim.compare.aggregate == "largest_x_within" and \
-            not any(r.provider == claim.compare.quality["reference"] for r in rows):
-        return 0, 0
+    if mine and claim.compare.aggregate == "largest_x_within":
+        referenced = {_group_of(claim, r) for r in rows if r.provider == claim.compare.quality["reference"]}
+        if not any(_group_of(claim, r) in referenced for r in mine):
+            return 0, 0
     # the same point may be measured under two settings of one sweep (rows that differ only in `extra`)
     distinct = {(r.x_name, r.x_value, r.p50) for r in mine}
     return (len(claim.compare.providers) - claim.compare.providers.index(provider) - 1,
@@ -143,31 +154,29 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
         return _aggregate([r.p50 for r in mine], cmp.aggregate), unit, \
             f"{provider}, {cmp.aggregate} of {len(mine)}" + (f"; {failed} more failed" if failed else "")
     quality = cmp.quality
-    # where the claim allows several values of a key (texts, models), each is judged against its own reference,
-    # and the claim holds as far as it holds for all of them
-    keys = [k for k, wanted in cmp.where.items() if isinstance(wanted, list)]
-
-    def group_of(r):
-        return tuple(r.get(k) for k in keys)
     # a point the provider failed at (out of memory, an error) ends its run of points within tolerance; a failed
     # row may lack a key of the groups (a multiple-choice setting fails before any benchmark is scored): it is
     # then a failure in each of them
     failures = [r for r in record.rows if r.provider == provider and r.status in FAILED_ROW_STATUSES
                 and r.metric == mine[0].metric and r.x_name == mine[0].x_name
                 and _matches(r, {k: v for k, v in cmp.where.items() if r.get(k) is not None})]
-    values = []
-    for group in {group_of(r) for r in mine}:
-        reference = [r.p50 for r in rows if r.provider == quality["reference"] and group_of(r) == group]
-        points = [r for r in mine if group_of(r) == group] + \
-            [r for r in failures if all(v is None or v == g for v, g in zip(group_of(r), group))]
+    values, unjudged = [], []
+    for group in sorted({_group_of(claim, r) for r in mine}, key=str):
+        reference = [r.p50 for r in rows if r.provider == quality["reference"] and _group_of(claim, r) == group]
+        if not reference:  # nothing to hold it to: the group is not judged, rather than failed
+            unjudged.append("/".join(map(str, group)))
+            continue
+        points = [r for r in mine if _group_of(claim, r) == group] + \
+            [r for r in failures if all(v is None or v == g for v, g in zip(_group_of(claim, r), group))]
         values.append(largest_x_within(points, sum(reference) / len(reference),
-                                       quality["tolerance"], quality["higher_is_better"]) if reference else None)
-    value = None if None in values else min(values)
+                                       quality["tolerance"], quality["higher_is_better"]))
+    without = f"; not judged, with no {quality['reference']} row: {', '.join(unjudged)}" if unjudged else ""
+    value = None if not values or None in values else min(values)
     if value is None:
-        return None, "", f"no {provider} row of {mine[0].metric} within {quality['tolerance']:g} of " \
-                         f"{quality['reference']}'s"
+        return None, "", f"no {provider} row of {mine[0].metric} within {quality['tolerance']:.0%} of " \
+                         f"{quality['reference']}'s" + without
     return value, claim.unit, f"{provider}, largest {mine[0].x_name} of {len(mine)} within " \
-                              f"{quality['tolerance']:.0%} of {quality['reference']}"
+                              f"{quality['tolerance']:.0%} of {quality['reference']}" + without
 
 
 def _made(record: RunRecord) -> str:

@@ -484,6 +484,10 @@ def test_largest_x_within_quality_of_the_reference():
     assert claim_value(two_texts, rec("kv", "paper", rows + [oom]))[0] == 4
     unsupported = Row("ours", "kv_compression", 4.5, "perplexity", "ppl", None, status="unsupported")
     assert claim_value(two_texts, rec("kv", "paper", rows + [unsupported]))[0] == 5  # never tried: no failure
+    # a text without the reference's row is not judged (and said so), rather than failing the claim
+    no_reference = [r for r in rows if not (r.provider == "full" and r.extra["text"] == "b")]
+    value, _, detail = claim_value(two_texts, rec("kv", "paper", no_reference))
+    assert value == 5 and detail.endswith("not judged, with no full row: b")
 
 
 def test_a_claim_is_judged_on_each_card_that_ran_its_task(tree, no_plots):
@@ -558,13 +562,20 @@ def test_a_newer_record_that_failed_at_the_claims_points_decides_it(tmp_path):
     def failed(provider="ours"):
         return Row(provider, "n", 2048, "time", "ms", None, None, None, 0, status="oom",
                    extra={"mode": "fwd", "series": "a"})
+    base = Row("base", "n", 2048, "time", "ms", 2.0, 2.0, 2.0, 10, extra={"mode": "fwd", "series": "a"})
     older = rec("bench", "small", [row("speedup", 3.5)], started="2026-11-01T00:00:00+00:00")
-    newer = rec("bench", "small", [failed()])
+    newer = rec("bench", "small", [failed(), base])
     outcome = evaluate(claims["fast"], [(Path("old.json"), older), (Path("new.json"), newer)])
     assert (outcome.record, outcome.status, outcome.value) == (Path("new.json"), "not reproduced", None)
     assert "failed at all 1" in outcome.detail
-    partly = rec("bench", "small", [row("speedup", 3.5), failed(), failed("base")])
+    partly = rec("bench", "small", [row("speedup", 3.5), failed(), base])
     assert evaluate(claims["fast"], [(Path("p.json"), partly)]).detail == "ours, mean of 1; 1 more failed"
+    # a point at which the baseline failed too is beyond the card, not a failure of the claim: it decides nothing
+    beyond = rec("bench", "small", [failed(), failed("base")])
+    outcome = evaluate(claims["fast"], [(Path("old.json"), older), (Path("new.json"), beyond)])
+    assert (outcome.record, outcome.value) == (Path("old.json"), 3.5)
+    partly.rows[-1] = failed("base")
+    assert evaluate(claims["fast"], [(Path("p.json"), partly)]).detail == "ours, mean of 1"
 
 
 GOOD_CLAIM = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_better": True, "hardware": "n/a",
