@@ -303,16 +303,18 @@ def console_table(outcomes: list[Outcome]) -> str:
 
 
 def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
-    columns = ["paper", "task", "scale", "gpu_name", "record", "provider", "x_name", "x_value", "metric", "unit",
-               "p50", "p20", "p80", "n", "status", "message", "extra"]
+    """Every row of every record, with its run's status (a run that ended in an error keeps the rows it wrote,
+    which the report does not use: filter on record_status) and commit."""
+    columns = ["paper", "task", "scale", "gpu_name", "record", "record_status", "git_sha", "provider", "x_name",
+               "x_value", "metric", "unit", "p50", "p20", "p80", "n", "status", "message", "extra"]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(columns)
     for rec_path, rec in records:
         for r in rec.rows:
-            writer.writerow([rec.paper, rec.task, rec.scale, rec.gpu_name, rec_path.name, r.provider, r.x_name,
-                             r.x_value, r.metric, r.unit, r.p50, r.p20, r.p80, r.n, r.status, r.message,
-                             json.dumps(r.extra, sort_keys=True)])
+            writer.writerow([rec.paper, rec.task, rec.scale, rec.gpu_name, rec_path.name, rec.status,
+                             rec.env.get("git_sha"), r.provider, r.x_name, r.x_value, r.metric, r.unit, r.p50, r.p20,
+                             r.p80, r.n, r.status, r.message, json.dumps(r.extra, sort_keys=True)])
     # compressed (a tenth of the size; pandas and `zcat` read it as it is), with no timestamp inside, so that
     # the same rows give the same bytes and the file changes in git only when its rows do
     replace_atomically(path, lambda tmp: tmp.write_bytes(gzip.compress(buf.getvalue().encode(), mtime=0)))

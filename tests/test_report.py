@@ -145,6 +145,7 @@ def test_a_retracted_record_is_listed_with_its_reason_and_used_for_nothing(tree,
     with gzip.open(tree / "out" / "report" / "rows.csv.gz", "rt") as fh:
         kept = [line for line in fh.read().splitlines() if "wrong.json" in line]
     assert len(kept) == 1 and "peak_memory" in kept[0]
+    assert kept[0].split(",")[5] == "ok"  # the run's status: a run that ended in an error is told apart
     for bad in ("- toy/bench/wrong.json\n", "toy/bench/wrong.json: {metrics: [], why: none}\n"):
         (runs / "retracted.yaml").write_text(bad)
         with pytest.raises(ValueError, match="retracted.yaml"):
