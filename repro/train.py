@@ -260,8 +260,8 @@ def _state_options(**more):
 
 class Checkpoint:
     """The saved state of one training run: its trainable weights, optimizer and scaler, the step, the rows
-    so far, and the run's identity. A finished run's checkpoint is marked so, and is never resumed: a rerun
-    trains afresh and measures afresh. Sharded (FSDP), the state is gathered to rank 0, which alone writes and
+    so far, and the run's identity. A finished run's checkpoint is marked so, and is not resumed: a rerun
+    trains afresh and measures afresh (but for an earlier stage of a candidate, whose trained model is reused). Sharded (FSDP), the state is gathered to rank 0, which alone writes and
     reads the file and scatters what it read."""
 
     def __init__(self, path: Path | None, identity: str, model, optimizer, scaler, sharded: bool):
@@ -294,7 +294,7 @@ class Checkpoint:
                      "rows": [dataclasses.asdict(r) for r in rows], "timed": timed, "rng": _rng_state()}
             replace_atomically(self.path, lambda tmp: torch.save(state, tmp))
 
-    def _read(self) -> dict | None:
+    def _read(self, finished: bool) -> dict | None:
         if self.path is None or not self.path.exists():
             return None
         try:
@@ -306,18 +306,18 @@ class Checkpoint:
             found = state.get("identity") if isinstance(state, dict) else type(state).__name__
             raise ConfigError(f"checkpoint {self.path} is from another model, setting, device or code version "
                               f"({found!r}, this run is {self.identity!r}); delete it, or set checkpoint.resume=false")
-        if state.get("finished"):
+        if state.get("finished") and not finished:
             print(f"[train] {self.path} is the checkpoint of a finished run: training afresh", flush=True)
             return None
         return state
 
-    def resume(self) -> tuple[int, list[Row], dict | None]:
+    def resume(self, finished: bool = False) -> tuple[int, list[Row], dict | None]:
         """Load the saved state into the model and optimizer; the step to go on from, the rows so far, and the
-        times of the steps timed so far (`StepClock.timed`)."""
+        times of the steps timed so far (`StepClock.timed`). With `finished`, a finished run's state too."""
         state, error = None, None
         if world()[0] == 0 or not self.sharded:
             try:
-                state = self._read()
+                state = self._read(finished)
             except ConfigError as exc:
                 if not self.sharded:
                     raise
@@ -338,7 +338,8 @@ class Checkpoint:
             # dropout goes on with the masks an unbroken run would draw; a sharded run's ranks each have their
             # own generators, which rank 0's checkpoint does not hold, and start theirs afresh
             _set_rng_state(state["rng"])
-        print(f"[train] resumed at step {state['step']} from {self.path}", flush=True)
+        print(f"[train] {'reused the finished run' if state.get('finished') else 'resumed at step ' + str(state['step'])}"
+              f" from {self.path}", flush=True)
         return state["step"], [Row(**r) for r in state["rows"]], state["timed"]
 
     def _load(self, model_state: dict, optimizer_state: dict) -> None:
@@ -515,7 +516,7 @@ def _step(trainee: Trainee, step: int, parallel: Parallel, wrapped, optimizer, s
 
 
 def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_dir: Path | None,
-          resume: bool = True, progress: bool = True) -> Iterator[Row]:
+          resume: bool = True, progress: bool = True, reuse_finished: bool = False) -> Iterator[Row]:
     """Train the trainable parameters of `trainee.model` for `spec.steps` optimizer steps and yield rows: loss
     and learning rate every `log_every` steps, evaluation every `eval_every` steps and at the end, then
     throughput and peak memory; with `spec.profile`, on a GPU, the device time by kernel family of the last
@@ -524,7 +525,8 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     With `checkpoint_dir` set, the state is saved there (`<name>-<run identity>.pt`) every
     `checkpoint_every_s` seconds and at the end (atomically, by rank 0); a run that finds an unfinished
     checkpoint of its own identity resumes from it and re-yields the rows it had produced, so a kill loses at
-    most one interval."""
+    most one interval. With `reuse_finished` (an earlier stage of a candidate, which a rerun need not train
+    again), a finished checkpoint is loaded and its rows re-yielded too."""
     model = trainee.model.to(device)
     identity = run_identity(trainee, spec, device)
     parallel = Parallel(model, spec, device)
@@ -538,8 +540,10 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     checkpoint = Checkpoint(Path(checkpoint_dir) / f"{trainee.name}-{identity}.pt" if checkpoint_dir else None,
                             identity, model, optimizer, scaler, parallel.sharded)
-    start, rows, timed = checkpoint.resume() if resume else (0, [], None)
+    start, rows, timed = checkpoint.resume(reuse_finished) if resume else (0, [], None)
     yield from rows
+    if start == spec.steps:  # a finished stage, reused
+        return
     wrapped = parallel.wrap()
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     clock = StepClock(device, spec.timing_skip_steps, timed)
@@ -637,10 +641,12 @@ def train_all(candidates: Iterable[Candidate], spec: TrainSpec, device: torch.de
     for candidate in candidates:
         trainee, failed = None, True
         try:
-            for build, stage_spec in [(lambda _: candidate.build(), candidate.spec),
-                                      *((s.build, s.spec) for s in candidate.then)]:
+            stages = [(lambda _: candidate.build(), candidate.spec), *((s.build, s.spec) for s in candidate.then)]
+            for i, (build, stage_spec) in enumerate(stages):
                 trainee = build(trainee)
-                yield from train(trainee, stage_spec or spec, device, checkpoint_dir, resume)
+                # a rerun after a kill in a later stage goes on from the earlier stages' trained models
+                yield from train(trainee, stage_spec or spec, device, checkpoint_dir, resume,
+                                 reuse_finished=i < len(stages) - 1)
             failed = False
         except Exception as exc:  # noqa: BLE001
             row = failure_row(candidate.name, candidate.extra, exc)

@@ -188,6 +188,42 @@ def test_a_stage_starts_from_the_model_the_stage_before_trained():
     assert [r.x_value for r in rows if r.metric == "tokens_per_s"] == [3, 8]  # each stage with its own steps
 
 
+def test_a_rerun_after_a_kill_in_a_later_stage_reuses_the_earlier_stages_trained_model(tmp_path, capsys):
+    steps = []  # (fingerprint, step) of every training step taken
+
+    def counted(fingerprint):
+        made = trainee(fingerprint)
+        batches = made.batches
+        made.batches = lambda step, rank, world: steps.append((fingerprint, step)) or batches(step, rank, world)
+        return made
+
+    def grow(previous):
+        nxt = counted("stage2")
+        nxt.model.load_state_dict(previous.model.state_dict())
+        return nxt
+    first = dataclass_replace(SPEC, steps=3)
+
+    def candidates():
+        return [Candidate("lin", {}, lambda: counted("f1"), spec=first, then=[Stage(grow)])]
+    unbroken = list(train_all(candidates(), SPEC, torch.device("cpu"), None))
+    steps.clear()
+    for row in train_all(candidates(), SPEC, torch.device("cpu"), tmp_path):
+        if row.metric == "loss" and row.x_value == 5 and row.extra.get("series") == "s" and \
+                any(f == "stage2" for f, _ in steps):
+            break  # killed in stage 2
+    steps.clear()
+    rows = list(train_all(candidates(), SPEC, torch.device("cpu"), tmp_path))
+    assert not any(f == "f1" for f, _ in steps)  # stage 1 not trained again
+    assert "reused the finished run" in capsys.readouterr().out
+    losses = lambda rs: [(r.x_value, r.p50) for r in rs if r.metric == "loss"]  # noqa: E731
+    assert losses(rows) == losses(unbroken)
+    assert [r.x_value for r in rows if r.metric == "tokens_per_s"] == [3, 8]
+    # the last stage, finished, is never reused: a rerun measures afresh
+    steps.clear()
+    list(train_all(candidates(), SPEC, torch.device("cpu"), tmp_path))
+    assert {f for f, _ in steps} == {"stage2"}
+
+
 def test_unsupported_and_out_of_memory_candidates_become_rows_and_the_rest_run():
     def unsupported():
         raise Unsupported("needs a GPU")
