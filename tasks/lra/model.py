@@ -23,6 +23,8 @@ from torch import nn
 from effrepro_kernels import BlockSparseLayout, attention_reference, butterfly_block_mask, flash_attn
 from tasks.common.linformer import LinformerAttention
 
+LINFORMER_K = 256  # the keys and values a Linformer layer projects to, unless lra.model.linformer_k says
+
 
 class StandardAttention(nn.Module):
     """The N×N score matrix in memory (kernels' plain reference)."""
@@ -106,7 +108,7 @@ class Block(nn.Module):
 
 class LRAClassifier(nn.Module):
     def __init__(self, *, vocab: int, classes: int, seq_len: int, dim: int, heads: int, depth: int, mlp_dim: int,
-                 attention: str, dropout: float = 0.0, linformer_k: int = 256, block_size: int = 128,
+                 attention: str, dropout: float = 0.0, linformer_k: int = LINFORMER_K, block_size: int = 128,
                  pair: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)

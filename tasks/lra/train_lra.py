@@ -29,7 +29,7 @@ from repro.train import (Candidate, Stage, Trainee, TrainSpec, final_rows, model
 
 from .data import (AAN_FILES, HUB_SPLITS, LISTOPS_VOCAB, MAX_BYTES, SPLITS, check_hub_reachable, encode_listops,
                    generator_params, load_lra_hub, load_or_generate, tiny_fixture)
-from .model import ATTENTIONS, LRAClassifier, upsample_positions
+from .model import ATTENTIONS, LINFORMER_K, LRAClassifier, upsample_positions
 
 # The LRA repository's base configs per task (dim / heads / layers / mlp). Pathfinder's qkv width is
 # 32 rather than 16, so that its two heads have 16 dimensions, the least our kernel takes.
@@ -68,6 +68,17 @@ def generated(name: str, spec) -> tuple[str, dict] | None:
     return None
 
 
+def example_length(name: str, spec) -> int:
+    """The tokens of an example of task `name` (of each document, for Retrieval)."""
+    if name == "listops":
+        return spec.listops_max_length
+    if name in PATH_SIZES:
+        return PATH_SIZES[name] ** 2
+    if name == "image":
+        return 1024
+    return spec.max_bytes or MAX_BYTES[name]
+
+
 def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[str, torch.Tensor], int, int]:
     """A split as tensors (input_ids, real, labels; and the second document's for Retrieval), with the
     vocabulary size and sequence length."""
@@ -78,15 +89,12 @@ def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[s
         ds = load_lra_hub(name, split, data_dir=spec.data_dir)
     else:
         ds = tiny_fixture(name, n, seed=spec.seed + SPLITS.index(split))
+    length = example_length(name, spec)
     if name == "listops":
-        ids = _pad([encode_listops(s) for s in ds["source"]], spec.listops_max_length)
-        return {"input_ids": ids, "real": ids != 0, "labels": torch.tensor(ds["label"])}, len(LISTOPS_VOCAB), \
-            spec.listops_max_length
-    if name in PATH_SIZES:
-        return _images(ds), 256, PATH_SIZES[name] ** 2
-    if name == "image":
-        return _images(ds), 256, 1024
-    length = spec.max_bytes or MAX_BYTES[name]
+        ids = _pad([encode_listops(s) for s in ds["source"]], length)
+        return {"input_ids": ids, "real": ids != 0, "labels": torch.tensor(ds["label"])}, len(LISTOPS_VOCAB), length
+    if name in PATH_SIZES or name == "image":
+        return _images(ds), 256, length
     out = {"labels": torch.tensor(ds["label"])}
     for suffix in ("", "2") if name == "retrieval" else ("",):
         ids = _pad(ds[f"input_ids{suffix}"], length)
@@ -123,7 +131,7 @@ def _trainee(cfg: DictConfig, ctx: RunContext, name: str, attention: str, split:
         upsample_positions(pretrained.model, math.isqrt(seq_len))
         model.load_state_dict(pretrained.model.state_dict())
     n = len(train_set["labels"])
-    micro = spec.micro_batch.get(name) or spec.batch  # validate(): it divides the step
+    micro = (spec.micro_batch or {}).get(name) or spec.batch  # validate(): it divides the step
 
     def batches(step, rank, world):
         gen = step_generator(cfg.seed, step, rank)
@@ -249,8 +257,10 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"lra (task {task}): {exc}") from None
     TrainSpec.from_config(cfg.train)
     step = spec.batch * cfg.train.grad_accum
+    if spec.micro_batch is not None and not isinstance(spec.micro_batch, DictConfig):
+        raise ConfigError(f"lra.micro_batch={spec.micro_batch!r} must be a mapping of task to micro-batch, or null")
     for task in tasks:
-        micro = spec.micro_batch.get(task)
+        micro = (spec.micro_batch or {}).get(task)
         if micro is not None and (micro < 1 or (micro < step and step % micro)):
             raise ConfigError(f"lra.micro_batch.{task}={micro} must be null or a positive divisor of the {step} "
                               "examples of a step (lra.batch x train.grad_accum; a larger value leaves the step "
@@ -272,6 +282,10 @@ def validate(cfg: DictConfig) -> None:
     ours = [a for a in attentions if getattr(ATTENTIONS[a], "needs_triton", False)]
     for task in tasks:
         model = _check_model(spec, task)
+        linformer_k = model.get("linformer_k", LINFORMER_K)
+        if "linformer" in attentions and linformer_k > example_length(task, spec):
+            raise ConfigError(f"lra.model.linformer_k={linformer_k} is above the {example_length(task, spec)} "
+                              f"tokens of a {task} example: Linformer projects the keys to at most that many")
         head = model["dim"] // model["heads"]
         if ours and not MIN_HEAD_DIM <= head <= MAX_HEAD_DIM:
             raise ConfigError(f"lra.model: heads of {head} dimensions ({task}: dim={model['dim']}, "
