@@ -115,13 +115,15 @@ def test_speedups_and_their_geometric_mean():
 
 
 def test_accuracy_average_takes_the_test_split_where_a_task_has_one():
-    def accuracy(split, task, value):
-        return Row("effrepro", "step", 10, f"{split}_accuracy", "%", value, extra={"lra_task": task})
-    rows = [accuracy("val", "listops", 40.0), accuracy("test", "listops", 30.0), accuracy("val", "text", 60.0)]
+    def accuracy(split, task, value, data):
+        return Row("effrepro", "step", 10, f"{split}_accuracy", "%", value, extra={"lra_task": task, "data": data})
+    rows = [accuracy("val", "listops", 40.0, "generated"), accuracy("test", "listops", 30.0, "generated"),
+            accuracy("val", "text", 60.0, "fixture")]
     rows += [Row("effrepro", "step", 10, "tokens_per_s", "tokens/s", 1.0, extra={"lra_task": t})
              for t in ("listops", "text")]
-    out = {(r.provider, r.metric): r.p50 for r in derived_rows(rows, ["listops", "text"])}
-    assert out[("effrepro", "accuracy_avg")] == 45.0  # listops' test, text's val (its val set is IMDb's test set)
+    (average,) = [r for r in derived_rows(rows, ["listops", "text"]) if r.metric == "accuracy_avg"]
+    assert average.p50 == 45.0  # listops' test, text's val (its val set is IMDb's test set)
+    assert average.extra["fixture_tasks"] == "text"  # random labels: the average says so
 
 
 @pytest.mark.parametrize("task, source, splits", [("lra_listops", "fixture", ["val_accuracy", "test_accuracy"]),
@@ -145,7 +147,8 @@ def test_the_model_is_evaluated_on_val_and_on_a_distinct_test_split(compose, tmp
     trainee = candidate.build()
     rows = trainee.evaluate(trainee.model.eval())
     assert [r.metric for r in rows] == splits and loaded == ["train", *(s.split("_")[0] for s in splits)]
-    assert all(0 <= r.p50 <= 100 for r in rows)
+    assert all(0 <= r.p50 <= 100 and r.extra["examples"] == cfg.lra.n_val for r in rows)
+    assert trainee.extra["data"] == ("generated" if task == "lra_listops" else source)
     if len(splits) == 2:  # two different sets of examples, not one scored twice
         val, test = (real_load(task.removeprefix("lra_"), split, cfg.lra.n_val, cfg.lra, tmp_path)[0]
                      for split in ("val", "test"))

@@ -102,6 +102,12 @@ def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[s
     return out, 257, length
 
 
+def data_source(name: str, spec) -> str:
+    """Where a task's examples come from: `generated` (ListOps, Pathfinder: LRA's own generators), `hub`, or
+    `fixture` (random examples with random labels, which test the mechanics and learn nothing)."""
+    return "generated" if generated(name, spec) else spec.source
+
+
 def evaluated_splits(name: str, spec) -> tuple[str, ...]:
     """The splits a run evaluates: val and test, or val alone where the data has no other test set (LRA Text
     validates on IMDb's test set). Only the final test accuracy is the paper's figure; nothing chooses by it."""
@@ -146,14 +152,15 @@ def _trainee(cfg: DictConfig, ctx: RunContext, name: str, attention: str, split:
                 batch = {k: v[start:start + spec.batch].to(ctx.device) for k, v in examples.items()}
                 hits += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
             rows.append(Row(attention, "step", 0, f"{name_of_split}_accuracy", "%",
-                            100.0 * hits / len(examples["labels"]), n=1))
+                            100.0 * hits / len(examples["labels"]), n=1,
+                            extra={"examples": len(examples["labels"])}))
         return rows
 
     flops = model_flops_per_token(model, model_cfg["depth"], model_cfg["dim"], seq_len)
     towers = 2 if name == "retrieval" else 1
     settings = dict(task=name, attention=attention, seq_len=seq_len, model=model_cfg, seed=cfg.seed,
                     lra=OmegaConf.to_container(spec), pretrained=pretrained and pretrained.fingerprint)
-    extra = dict(lra_task=name, seq_len=seq_len, series=f"{name} N={seq_len}")
+    extra = dict(lra_task=name, seq_len=seq_len, series=f"{name} N={seq_len}", data=data_source(name, spec))
     return Trainee(attention, model, batches, evaluate, cfg.train.grad_accum * spec.batch * seq_len * towers, flops,
                    extra, fingerprint(settings))
 
@@ -206,10 +213,12 @@ def derived_rows(rows: list[Row], tasks: list[str]) -> Iterator[Row]:
     accuracy = {**final_rows(rows, "val_accuracy", "lra_task"), **final_rows(rows, "test_accuracy", "lra_task")}
     for (attention, _), r in accuracy.items():
         by_attention.setdefault(attention, []).append(r.p50)
+    fixtures = sorted({task for (_, task), r in accuracy.items() if r.extra.get("data") == "fixture"})
     for attention, values in by_attention.items():
         if len(values) == len(tasks) and len(tasks) > 1:
+            # an average over random-label fixtures says nothing of the attention: the row names them
             yield Row(attention, "tasks", len(tasks), "accuracy_avg", "%", sum(values) / len(values), n=len(values),
-                      extra={"tasks": ",".join(tasks)})
+                      extra={"tasks": ",".join(tasks), "fixture_tasks": ",".join(fixtures)})
 
 
 # what lra.model may change (LRAClassifier's settings), and the numbers each takes
