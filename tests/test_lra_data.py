@@ -81,6 +81,10 @@ def test_listops_deterministic_by_seed_whatever_the_workers():
 def test_listops_rejects_impossible_lengths():
     with pytest.raises(ValueError, match="min_length=5"):
         data.generate_listops(1, 0, max_depth=1, min_length=5)
+    # a tree has 1 token or at least 4: none lies strictly between 2 and 4 (rejection sampling would never end)
+    with pytest.raises(ValueError, match="min_length=2 and max_length=4"):
+        data.generate_listops(1, 0, min_length=2, max_length=4)
+    assert [len(s.split()) for s, _ in data.generate_listops(3, 0, min_length=2, max_length=5, workers=1)] == [4] * 3
 
 
 # ------------------------------------------------------------------------------------------------- Pathfinder

@@ -110,7 +110,10 @@ def _check_listops(p: dict) -> None:
     longest = 1  # tokens of the fullest tree: every operator at full arity down to max_depth
     for _ in range(p["max_depth"] - 1):
         longest = 2 + p["max_args"] * longest
-    if p["max_depth"] < 1 or p["max_args"] < 2 or not 0 <= p["min_length"] < min(longest, p["max_length"] - 1):
+    # a tree is one digit, or an operator, two arguments or more, and "]": 1 token, or 4 and more
+    lengths = range(p["min_length"] + 1, min(longest, p["max_length"] - 1) + 1)
+    if p["max_depth"] < 1 or p["max_args"] < 2 or p["min_length"] < 0 or \
+            not (1 in lengths or (lengths and lengths[-1] >= 4)):
         raise ValueError(f"ListOps max_depth={p['max_depth']}, max_args={p['max_args']} cannot give lengths "
                          f"strictly between min_length={p['min_length']} and max_length={p['max_length']}")
 
