@@ -71,6 +71,7 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=flash_gpt2_long batch.tokens=100", ["batch.tokens=100 is not a multiple of model.seq_len=32", "(64)"]),
     ("task=flash_bert attention=[megatron]", ["our Megatron baseline is a GPT", "model.family='bert'"]),
     ("task=longdoc longdoc.datasets=[synthetic,synthetic]", ["longdoc.datasets names 'synthetic' more than once"]),
+    ("task=longdoc longdoc.synthetic.labels=1", ["late_fraction=0.5 of labels=1 gives 1 late labels", "both sides"]),
     ("task=longdoc longdoc.attention=[] longdoc.timed=[]", ["longdoc.attention and longdoc.timed are both empty"]),
     ("task=lra_listops lra.tasks=[listops,listops]", ["lra.tasks names 'listops' more than once"]),
     ("task=lra_listops lra.attention=[]", ["lra.attention=[] is empty"]),

@@ -99,7 +99,7 @@ class SyntheticSpec:
 
     @property
     def late_labels(self) -> int:
-        return round(self.late_fraction * self.labels)
+        return math.floor(self.late_fraction * self.labels + 0.5)  # halves up: round() takes 0.5 of 1 label to 0
 
     @property
     def vocab_size(self) -> int:
@@ -120,6 +120,9 @@ class SyntheticSpec:
                 or not 0 < self.label_rate <= 1:
             raise ValueError(f"synthetic spec {asdict(self)}: labels, evidence_tokens, words and boundary must be "
                              ">= 1, late_fraction in [0, 1], label_rate in (0, 1]")
+        if late == 0 < self.late_fraction or late == self.labels > self.late_fraction * self.labels:
+            raise ValueError(f"late_fraction={self.late_fraction} of labels={self.labels} gives {late} late labels: "
+                             "a fraction strictly between 0 and 1 needs labels on both sides of the boundary")
         if self.boundary < (self.labels - late) * k:
             raise ValueError(f"boundary={self.boundary} cannot hold the evidence of {self.labels - late} early labels "
                              f"of {k} tokens")
