@@ -81,6 +81,16 @@ def test_a_tied_weight_stays_dense():
     assert model["decoder"].weight is model["embed"].weight
 
 
+def test_a_torch_transformer_factorises_its_feed_forward_and_still_runs():
+    """nn.MultiheadAttention reads its out_proj's weight itself: that layer stays dense."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=128, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    report = factorize(model, rank=4, init="random")
+    assert sorted(report.factorised) == [f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
+    assert model(torch.randn(2, 5, 32)).shape == (2, 5, 32)
+
+
 def bert_base():
     """BERT-base as in the greenformer notebook, built on the meta device: shapes only, no memory, no download."""
     from transformers import BertConfig, BertModel
