@@ -149,6 +149,8 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
     if not mine:
         return None, "", f"{provider} failed at all {failed} of the claim's points (out of memory or an error)"
     if cmp.aggregate != "largest_x_within":
+        if cmp.aggregate == "last" and all(isinstance(r.x_value, (int, float)) for r in mine):
+            mine = sorted(mine, key=lambda r: r.x_value)  # the last step, whatever order the rows were written in
         # an absolute value is read in the claim's unit, which older records left out of their rows
         unit = mine[0].unit or (claim.unit if cmp.kind == "absolute" else "")
         return _aggregate([r.p50 for r in mine], cmp.aggregate), unit, \
@@ -455,7 +457,8 @@ def plot_rows(task: str, rows: list, title: str, out_dir: Path, metrics: list[st
         named = [name for name, used in (("{row_name}", (part["series"] != "").any()), ("{col_name}", by_mode)) if used]
         grid.set_titles(" · ".join(named))
         over = f" over {baseline}" if baseline else ""
-        y_label = f"{metric}{over} ({part['unit'].iloc[0]})"
+        unit = part["unit"].iloc[0]
+        y_label = f"{metric}{over}" + (f" ({unit})" if unit else "")  # older records' rows may lack one
         if grid.axes.shape[0] > 1:  # one label for the grid: a panel's own, longer than the panel, runs into the next
             grid.set(xlabel=x_name, ylabel="")
             grid.figure.supylabel(y_label)

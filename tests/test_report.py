@@ -547,6 +547,10 @@ def test_each_aggregate_and_the_claims_first_provider_decide(tmp_path):
                                    row("speedup", 9.0, "other")])
     values = {how: evaluate(by_id[how], [(Path("r.json"), three)]).value for how in by_id}
     assert values == {"mean": pytest.approx(5.4 / 3), "max": 3.0, "min": 1.0, "last": 1.4}
+    # the last is the largest x (the final step), whatever order the rows were written in
+    steps = rec("bench", "small", [Row("ours", "step", s, "speedup", "x", v, extra={"mode": "fwd"})
+                                   for s, v in ((20, 2.0), (10, 1.0))])
+    assert evaluate(by_id["last"], [(Path("s.json"), steps)]).value == 2.0
     # an older record of the claim's first provider outranks a newer one of its second, however many points
     ours = rec("bench", "small", [row("speedup", 2.5)], started="2026-11-01T00:00:00+00:00")
     theirs = rec("bench", "small", [row("speedup", 1.5, provider="theirs"), row("speedup", 1.6, "bwd", "theirs")])
