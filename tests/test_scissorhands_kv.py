@@ -155,7 +155,7 @@ def test_quantized_cache_and_decode_kernels_run_in_the_interpreter(interpreted):
     (["decode.compressions=[2,2]"], "decode.compressions names 2 more than once"),
     (["decode.bits=[16,16]"], "decode.bits names 16 more than once"),
     (["kv.tova=null"], "kv.tova=None must be a mapping of the policy's parameters"),
-    (["kv.scissorhands.drop_fraction=0.99"], "(m, the tokens dropped at a time; in a config drop_fraction · B)"),
+    (["kv.scissorhands.drop_fraction=0.99"], "drop=31 (m, the tokens dropped at a time: drop_fraction · B) must be in"),
     (["eval.seqlen=512"], "eval.seqlen=512 is longer than the model's context of 256 tokens"),
     (["decode.bits=[4]"], "decode.bits=[4] must include 16"),
     (["kv.group_size=5"], "kv.group_size=5 must divide the model's head_dim=16 for a quantized cache"),
@@ -320,8 +320,8 @@ def test_a_short_prompt_gets_the_smallest_budget_the_policy_accepts():
     s = Setting("scissorhands", 16, 10)
     fitted = FittedPolicy(kv, s, 2)
     assert fitted(1000).budget == 100  # 1000 / 10
-    short = fitted(60)  # 6 tokens cannot keep 10 recent and drop 3: B = 20 is the least, m = 10
-    assert isinstance(short, Scissorhands) and short.budget == 20 and short.amount(20) == 10
+    short = fitted(60)  # 6 tokens cannot keep 10 recent and drop 3: B = 19 is the least, m = 9
+    assert isinstance(short, Scissorhands) and short.budget == 19 and short.amount(19) == 9
     assert isinstance(fitted(15), Full)  # no budget below the text will do
     assert fitted.counts() == {"batches": 3, "budget_raised_batches": 1, "full_cache_batches": 1}
     at_1x = FittedPolicy(kv, Setting("scissorhands", 16, 1), 2)  # the full cache asked for: no batch fell back
@@ -381,3 +381,10 @@ def test_the_smallest_cache_that_keeps_the_perplexity_is_the_full_one_where_no_c
     rows = [ppl("full", 1, 10.0), ppl("scissorhands", 2, 10.1), ppl("scissorhands", 4, 10.5), ppl("h2o", 2, 12.0)]
     found = {r.provider: r.p50 for r in min_fraction_rows(rows, 0.02, {"text": "c4"})}
     assert found == {"scissorhands": 50.0, "h2o": 100.0}
+
+
+def test_a_fraction_of_the_budget_rounds_down_as_the_policies_own_default():
+    from tasks.scissorhands.policies import policy_at_budget
+    for b in (7, 20, 103):
+        made = policy_at_budget("scissorhands", {"recent": 1, "drop_fraction": 0.5}, b)
+        assert made.amount(b) == Scissorhands(budget=b, recent=1).amount(b) == b // 2

@@ -386,7 +386,8 @@ def policy_at_budget(name: str, params: dict, budget: int | None = None) -> Poli
     params = dict(params)
     for key, (field, least) in FRACTIONS_OF_BUDGET.items():
         if key in params:
-            params[field] = max(least, round(params.pop(key) * budget))
+            # rounded down, as the policies' own defaults (m = B // 2) and H2O's released code (int(ratio * n))
+            params[field] = max(least, math.floor(params.pop(key) * budget + 1e-9))
     if "layers" in params:
         params["layers"] = tuple(params["layers"])
     if budgeted(name):
