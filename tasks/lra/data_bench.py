@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from repro.context import ConfigError, RunContext, available_cores
 from repro.records import Row
 
-from .data import generation_rate, generator_params
+from .data import CHUNK, generation_rate, generator_params
 
 # LRA's generated sets: ListOps 96K training expressions; Pathfinder (and Path-X, Path-256) 200K images in all
 # (160K of them training).
@@ -30,7 +30,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"lra_data.settings: {exc}") from exc
         for workers in sorted({1, available_cores()}):
-            n = spec.examples_per_worker * workers
+            n = max(spec.examples_per_worker, CHUNK) * workers  # whole chunks, or some workers would idle
             rate = generation_rate(task, n, spec.seed, workers, **params)
             extra = dict(task=task, **params, examples=n, series=task)
             yield Row(_label(task, params), "workers", workers, "examples_per_s", "examples/s", rate, n=1,
