@@ -71,10 +71,20 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
     _check_keys(where, raw, _CLAIM_KEYS, _CLAIM_KEYS - {"note"})
     for key in ("higher_is_better", "verified"):
         _check_type(f"{where}.{key}", raw[key], (bool,), "true or false")
+    for key in ("id", "claim", "unit", "hardware", "setting", "source", "task"):
+        _check_type(f"{where}.{key}", raw[key], (str,), "a string")
     _check_keys(f"{where}.compare", raw["compare"], _COMPARE_KEYS, {"kind", "metric", "providers"})
     cmp = dict(raw["compare"])
+    for key in ("metric", "providers", "comparable_at"):  # a claim no record could ever match
+        if key not in cmp:
+            continue
+        names = [cmp[key]] if isinstance(cmp[key], str) else cmp[key]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"{where}.compare.{key}={cmp[key]!r} must be a name or a non-empty list of names")
     if "tolerance" in cmp:
         _check_type(f"{where}.compare.tolerance", cmp["tolerance"], (int, float), "a number")
+        if cmp["tolerance"] < 0:
+            raise ValueError(f"{where}.compare.tolerance={cmp['tolerance']} must be >= 0")
     if not isinstance(cmp.get("where", {}), dict):
         raise ValueError(f"{where}.compare.where={cmp['where']!r} must map row keys to a value or a list of values")
     if isinstance(cmp.get("comparable_at"), str):
@@ -88,6 +98,8 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
     if "quality" in cmp:
         _check_keys(f"{where}.compare.quality", cmp["quality"], _QUALITY_KEYS, _QUALITY_KEYS)
         _check_type(f"{where}.compare.quality.tolerance", cmp["quality"]["tolerance"], (int, float), "a number")
+        if cmp["quality"]["tolerance"] < 0:
+            raise ValueError(f"{where}.compare.quality.tolerance={cmp['quality']['tolerance']} must be >= 0")
         _check_type(f"{where}.compare.quality.higher_is_better", cmp["quality"]["higher_is_better"], (bool,),
                     "true or false")
     bad_scales = set(cmp.get("comparable_at", ())) - set(SCALES)

@@ -599,6 +599,14 @@ GOOD_CLAIM = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_bette
     ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "comparable_at": "huge"}},
      r"comparable_at has \['huge'\]"),
     ({"compare": "ratio"}, r"compare='ratio' must be a mapping"),
+    ({"hardware": 100}, r"hardware=100 is not a string"),
+    ({"compare": {"kind": "ratio", "metric": "speedup", "providers": []}},
+     r"compare.providers=\[\] must be a name or a non-empty list of names"),
+    ({"compare": {"kind": "ratio", "metric": "speedup", "providers": 5}}, r"compare.providers=5 must be a name"),
+    ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "comparable_at": []}},
+     r"compare.comparable_at=\[\] must be"),
+    ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "tolerance": -0.1}},
+     r"compare.tolerance=-0.1 must be >= 0"),
 ])
 def test_a_bad_claim_is_refused_naming_its_key(change, message):
     from repro.claims import _parse_claim
