@@ -93,7 +93,9 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
         if call.result is not None:
             result = call.result()
             if provider.baseline:
-                reference["result"] = result
+                # without its autograd graph (a forward's N x N scores), which would stay in memory while the
+                # other providers are measured, their peak memory included
+                reference["result"] = result.detach()
             elif "result" in reference:
                 error = _relative_error(result, reference["result"])
             result = None

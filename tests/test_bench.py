@@ -170,6 +170,27 @@ def test_each_provider_is_checked_against_the_baselines_output_on_the_same_input
     assert not any(r.extra["matches_baseline"] for r in rows if r.provider == "wrong")
 
 
+def test_the_baselines_result_is_kept_without_its_autograd_graph():
+    """A forward's graph (standard attention's N x N scores) must not stay alive while the others are measured."""
+    import gc
+    import weakref
+    saved, alive = [], []
+
+    def baseline_result():
+        weight = torch.randn(64, requires_grad=True)
+        scores = torch.randn(64, 64)  # saved by the product for its backward
+        saved.append(weakref.ref(scores))
+        return scores * weight
+
+    def probe(point):
+        gc.collect()
+        alive.append(saved[0]() is not None)
+        return Call(lambda: None)
+    run([Provider("base", lambda point: Call(lambda: None, result=baseline_result), baseline=True),
+         Provider("probe", probe)])
+    assert alive == [False]
+
+
 def test_a_provider_on_our_kernels_is_unsupported_where_they_cannot_run(monkeypatch):
     import effrepro_kernels.runtime
     monkeypatch.setattr(effrepro_kernels.runtime, "INTERPRET", False)
