@@ -526,28 +526,30 @@ def update_readme(readme: Path, table: str) -> bool:
 RETRACTED = "retracted.yaml"
 
 
-def load_retracted(runs: Path) -> dict[str, tuple[list[str] | None, str]]:
+def load_retracted(runs: Path) -> dict[str, tuple[list[str] | None, dict, str]]:
     """RUNS/retracted.yaml: the records that a later fix showed to hold wrong rows, each with why. They stay in the
     repository as history; the report uses none of their rows (or, where an entry names `metrics`, none of those
-    metrics' rows) and lists them. Keys are paths under RUNS, written without a packed record's `.gz`; each maps
-    to (the metrics retracted, None for all; why)."""
+    metrics' rows, and with `where` too, only those of its rows that match it) and lists them. Keys are paths under
+    RUNS, written without a packed record's `.gz`; each maps to (the metrics retracted, None for all; where; why)."""
     path = runs / RETRACTED
     if not path.is_file():
         return {}
     entries = yaml.safe_load(path.read_text()) or {}
 
-    def parsed(value) -> tuple[list[str] | None, str] | None:
+    def parsed(value) -> tuple[list[str] | None, dict, str] | None:
         if isinstance(value, str) and value.strip():
-            return None, value
-        if isinstance(value, dict) and set(value) == {"metrics", "why"} and isinstance(value["why"], str) and \
+            return None, {}, value
+        if isinstance(value, dict) and {"metrics", "why"} <= set(value) <= {"metrics", "where", "why"} and \
+                isinstance(value["why"], str) and isinstance(value.get("where", {}), dict) and \
                 isinstance(value["metrics"], list) and value["metrics"] and all(isinstance(m, str)
                                                                                  for m in value["metrics"]):
-            return value["metrics"], value["why"]
+            return value["metrics"], value.get("where", {}), value["why"]
         return None
     found = {key: parsed(value) for key, value in entries.items()} if isinstance(entries, dict) else {}
     if not isinstance(entries, dict) or not all(isinstance(k, str) and v for k, v in found.items()):
         raise ValueError(f"{_rel(path)}: expected lines 'path/of/record.json: why it is retracted', or for some of "
-                         "its rows 'path/of/record.json: {metrics: [metric, ...], why: ...}'")
+                         "its rows 'path/of/record.json: {metrics: [metric, ...], where: {key: value}, why: ...}' "
+                         "(where: optional)")
     return {key.removesuffix(".gz"): entry for key, entry in found.items()}
 
 
@@ -562,12 +564,14 @@ def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_fr
             keep.append((path, record))
             continue
         seen.add(key)
-        metrics, why = retracted[key]
+        metrics, where, why = retracted[key]
         which = f"its rows of {', '.join(metrics)}" if metrics else "the whole record"
+        which += "".join(f", {k}={v}" for k, v in where.items())
         listed.append(f"- [`{key}`]({_link(path, links_from)}) ({record.gpu_name}, {record.scale}), {which}: "
                       f"{why.strip()}")
         if metrics:
-            keep.append((path, dataclasses.replace(record, rows=[r for r in record.rows if r.metric not in metrics])))
+            kept = [r for r in record.rows if r.metric not in metrics or not _matches(r, where)]
+            keep.append((path, dataclasses.replace(record, rows=kept)))
     unknown = [f"{RETRACTED} names {key}, which is no record under {_rel(runs)}" for key in retracted
                if key not in seen]
     return keep, listed, unknown

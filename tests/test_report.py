@@ -146,6 +146,16 @@ def test_a_retracted_record_is_listed_with_its_reason_and_used_for_nothing(tree,
         kept = [line for line in fh.read().splitlines() if "wrong.json" in line]
     assert len(kept) == 1 and "peak_memory" in kept[0]
     assert kept[0].split(",")[5] == "ok"  # the run's status: a run that ended in an error is told apart
+    # some rows of a metric: those that match `where`
+    (runs / "retracted.yaml").write_text("toy/bench/wrong.json: {metrics: [peak_memory], where: {mode: fwd}, "
+                                         "why: the baseline's graph was alive}\n")
+    save_record(rec("bench", "small", [row("peak_memory", 1.0), row("peak_memory", 2.0, "bwd")],
+                    started="2026-12-01T00:00:00+00:00"), runs / "toy" / "bench" / "wrong.json")
+    report, _ = build_report(runs, tree / "published", tree / "out", tree / "README.md")
+    assert "its rows of peak_memory, mode=fwd: the baseline's graph was alive" in report
+    with gzip.open(tree / "out" / "report" / "rows.csv.gz", "rt") as fh:
+        kept = [line for line in fh.read().splitlines() if "wrong.json" in line]
+    assert len(kept) == 1 and '""mode"": ""bwd""' in kept[0]
     for bad in ("- toy/bench/wrong.json\n", "toy/bench/wrong.json: {metrics: [], why: none}\n"):
         (runs / "retracted.yaml").write_text(bad)
         with pytest.raises(ValueError, match="retracted.yaml"):
