@@ -176,6 +176,9 @@ def flex(density: float | None) -> AttentionFn:
             raise Unsupported(f"{FLEX}: dropout and key padding are not part of this comparison")
         key = (q.shape, k.shape, q.device, causal)
         if key not in block_masks:  # prepared once per shape, outside the timed calls
+            # compiled afresh for each point: past torch._dynamo's recompile_limit (8) shapes of one function,
+            # flex_attention runs uncompiled, materialising every score, and a long sweep would time that
+            torch.compiler.reset()
             block_masks[key] = flex_block_mask(q.shape[2], k.shape[2], causal, density, q.device)
         return _compiled_flex_attention()(q, k, v, block_mask=block_masks[key])
     return attend
