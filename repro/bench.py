@@ -57,6 +57,8 @@ class Call:
     # what the provider computed at this point (an output, gradients), compared with the baseline's: every
     # provider of a point is built from the same inputs
     result: Callable[[], torch.Tensor] | None = None
+    # the share of the point's flops this provider does (a block-sparse kernel skips the blocks it masks out)
+    flops_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
         for tensor in call.grad_to_none:  # a step's peak from no gradients, not on top of the last timed call's
             tensor.grad = None
         memory = peak_memory_mb(call.fn, device)
+        flops = (point.flops or 0) * call.flops_fraction
     except Exception as exc:  # noqa: BLE001 - one broken point must not end the sweep
         failed = True
         status, message = status_of(exc)
@@ -114,8 +117,10 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
 
     rows = [row("time", "ms", timing.p50, timing.p20, timing.p80, timing.n)]
     rows[0].extra["clock"] = timing.clock
-    if point.flops:
-        rows.append(row("tflops", "TFLOP/s", *timing.rates(point.flops / 1e12), timing.n))
+    if flops:
+        rows.append(row("tflops", "TFLOP/s", *timing.rates(flops / 1e12), timing.n))
+        if flops != point.flops:
+            rows[-1].extra["flops_fraction"] = round(flops / point.flops, 6)
     if point.bytes:
         rows.append(row("bandwidth", "GB/s", *timing.rates(point.bytes / 1e9), timing.n))
     if memory is not None:

@@ -116,6 +116,28 @@ def test_the_flop_and_byte_counts_behind_tflops_and_bandwidth():
     assert point.extra["mode"] == "eager"
 
 
+@pytest.mark.parametrize("n_q, n_k, density, causal", [(300, 500, 0.25, False), (300, 500, 0.25, True),
+                                                       (500, 300, 0.5, True), (512, 512, 0.125, False)])
+def test_a_block_sparse_provider_is_credited_with_the_flops_of_the_pairs_its_blocks_keep(n_q, n_k, density, causal):
+    from tasks.flashattention.kernel_bench import SPARSE_BLOCK, sparse_block_mask, sparse_flops_fraction
+
+    blocks = sparse_block_mask(n_q, n_k, density, "cpu")[0, 0]
+    kept = blocks.repeat_interleave(SPARSE_BLOCK, 0).repeat_interleave(SPARSE_BLOCK, 1)[:n_q, :n_k]
+    counted = torch.ones(n_q, n_k, dtype=torch.bool)
+    if causal:  # bottom-right aligned, as flash_attn's
+        counted = counted.tril(n_k - n_q)
+    assert sparse_flops_fraction(n_q, n_k, density, causal) == pytest.approx((kept & counted).sum() / counted.sum())
+    # a row keeps at least one block: 0.125 of 4 blocks is one, a quarter
+    assert sparse_flops_fraction(512, 512, 0.125, False) == 0.25
+
+    rows = run([Provider("dense", lambda point: Call(lambda: time.sleep(0.001)), baseline=True),
+                Provider("sparse", lambda point: Call(lambda: time.sleep(0.001), flops_fraction=0.25))])
+    tflops = {r.provider: r for r in rows if r.metric == "tflops"}
+    time_of = {r.provider: r.p50 for r in rows if r.metric == "time"}
+    assert tflops["sparse"].p50 == pytest.approx(0.25 * 2e9 / (time_of["sparse"] * 1e-3) / 1e12)
+    assert tflops["sparse"].extra["flops_fraction"] == 0.25 and "flops_fraction" not in tflops["dense"].extra
+
+
 def test_a_sweep_run_with_a_mask_or_dropout_is_a_series_of_its_own():
     """So that the report plots it beside the plain sweep, not in its place; a setting's own mask is its name's."""
     from omegaconf import OmegaConf

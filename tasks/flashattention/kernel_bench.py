@@ -126,6 +126,22 @@ def sparse_block_mask(n_q: int, n_k: int, density: float, device) -> torch.Tenso
     return random_block_mask(*blocks, density, generator=torch.Generator().manual_seed(0), device=device)
 
 
+@functools.cache
+def sparse_flops_fraction(n_q: int, n_k: int, density: float, causal: bool) -> float:
+    """The share of a dense point's (query, key) pairs, causal ones where causal, in the blocks that
+    `sparse_block_mask` keeps: the share of the point's flops a block-sparse provider does. Not `density`
+    itself: a row keeps round(density x blocks) blocks, at least one."""
+    blocks = sparse_block_mask(n_q, n_k, density, "cpu")[0, 0]
+    queries = torch.arange(n_q)
+    last = queries + (n_k - n_q) if causal else torch.full_like(queries, n_k - 1)  # each query's last key
+    starts = torch.arange(blocks.shape[1]) * SPARSE_BLOCK
+    ends = (starts + SPARSE_BLOCK).clamp(max=n_k)
+    pairs = (torch.minimum(ends, last[:, None] + 1) - starts).clamp(min=0).to(torch.int32)  # (queries, key blocks)
+    per_block = torch.zeros(blocks.shape, dtype=torch.float64).index_add_(0, queries // SPARSE_BLOCK, pairs.double())
+    total = per_block.sum()
+    return float((per_block * blocks).sum() / total) if total else 1.0
+
+
 def ours_sparse(density: float) -> AttentionFn:
     """Block-sparse FlashAttention keeping `density` of the blocks (the same count in every block row)."""
     layouts: dict[tuple, BlockSparseLayout] = {}
@@ -219,11 +235,14 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int) -> Prov
             run().backward(dout)
             return torch.cat([t.grad.flatten() for t in (q, k, v)])
         result = None if not exact or e["dropout"] else (run if e["mode"] == "fwd" else gradients)
+        work = 1.0 if exact else sparse_flops_fraction(q.shape[2], k.shape[2], float(name.rsplit("_", 1)[1]),
+                                                        e["causal"])
         if e["mode"] == "fwd":
-            return Call(run, result=result)
+            return Call(run, result=result, flops_fraction=work)
         if e["mode"] == "bwd":
-            return Call(lambda: out.backward(dout, retain_graph=True), grad_to_none=(q, k, v), result=result)
-        return Call(lambda: run().backward(dout), grad_to_none=(q, k, v), result=result)
+            return Call(lambda: out.backward(dout, retain_graph=True), grad_to_none=(q, k, v), result=result,
+                        flops_fraction=work)
+        return Call(lambda: run().backward(dout), grad_to_none=(q, k, v), result=result, flops_fraction=work)
 
     return Provider(name, build, baseline=(name == "standard"), needs_triton=name.startswith(OURS))
 
