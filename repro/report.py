@@ -526,17 +526,20 @@ def update_readme(readme: Path, table: str) -> bool:
 RETRACTED = "retracted.yaml"
 
 
-def load_retracted(runs: Path) -> dict[str, tuple[list[str] | None, dict, str]]:
+Retraction = tuple[list[str] | None, dict, str]  # the metrics retracted (None: all), where (rows matching), why
+
+
+def load_retracted(runs: Path) -> dict[str, list[Retraction]]:
     """RUNS/retracted.yaml: the records that a later fix showed to hold wrong rows, each with why. They stay in the
     repository as history; the report uses none of their rows (or, where an entry names `metrics`, none of those
-    metrics' rows, and with `where` too, only those of its rows that match it) and lists them. Keys are paths under
-    RUNS, written without a packed record's `.gz`; each maps to (the metrics retracted, None for all; where; why)."""
+    metrics' rows, and with `where` too, only those of its rows that match it; a list of such entries retracts
+    each) and lists them. Keys are paths under RUNS, written without a packed record's `.gz`."""
     path = runs / RETRACTED
     if not path.is_file():
         return {}
     entries = yaml.safe_load(path.read_text()) or {}
 
-    def parsed(value) -> tuple[list[str] | None, dict, str] | None:
+    def parsed(value) -> Retraction | None:
         if isinstance(value, str) and value.strip():
             return None, {}, value
         if isinstance(value, dict) and {"metrics", "why"} <= set(value) <= {"metrics", "where", "why"} and \
@@ -545,17 +548,19 @@ def load_retracted(runs: Path) -> dict[str, tuple[list[str] | None, dict, str]]:
                                                                                  for m in value["metrics"]):
             return value["metrics"], value.get("where", {}), value["why"]
         return None
-    found = {key: parsed(value) for key, value in entries.items()} if isinstance(entries, dict) else {}
-    if not isinstance(entries, dict) or not all(isinstance(k, str) and v for k, v in found.items()):
+    found = {key: [parsed(v) for v in (value if isinstance(value, list) else [value])]
+             for key, value in entries.items()} if isinstance(entries, dict) else {}
+    if not isinstance(entries, dict) or not all(isinstance(k, str) and v and all(v) and (len(v) == 1 or all(e[0] for e in v))
+                                                for k, v in found.items()):
         raise ValueError(f"{_rel(path)}: expected lines 'path/of/record.json: why it is retracted', or for some of "
                          "its rows 'path/of/record.json: {metrics: [metric, ...], where: {key: value}, why: ...}' "
-                         "(where: optional)")
+                         "(where: optional), or a list of those")
     return {key.removesuffix(".gz"): entry for key, entry in found.items()}
 
 
 def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_from: Path) \
         -> tuple[list, list[str], list[str]]:
-    """(the records to use, one line per retracted record for the report, the retraction list's unknown names)."""
+    """(the records to use, one line per retraction for the report, the retraction list's unknown names)."""
     retracted = load_retracted(runs)
     keep, listed, seen = [], [], set()
     for path, record in records:
@@ -564,14 +569,15 @@ def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_fr
             keep.append((path, record))
             continue
         seen.add(key)
-        metrics, where, why = retracted[key]
-        which = f"its rows of {', '.join(metrics)}" if metrics else "the whole record"
-        which += "".join(f", {k}={v}" for k, v in where.items())
-        listed.append(f"- [`{key}`]({_link(path, links_from)}) ({record.gpu_name}, {record.scale}), {which}: "
-                      f"{why.strip()}")
-        if metrics:
-            kept = [r for r in record.rows if r.metric not in metrics or not _matches(r, where)]
-            keep.append((path, dataclasses.replace(record, rows=kept)))
+        rows = record.rows
+        for metrics, where, why in retracted[key]:
+            which = f"its rows of {', '.join(metrics)}" if metrics else "the whole record"
+            which += "".join(f", {k}={v}" for k, v in where.items())
+            listed.append(f"- [`{key}`]({_link(path, links_from)}) ({record.gpu_name}, {record.scale}), {which}: "
+                          f"{why.strip()}")
+            rows = [r for r in rows if metrics and (r.metric not in metrics or not _matches(r, where))]
+        if rows:
+            keep.append((path, dataclasses.replace(record, rows=rows)))
     unknown = [f"{RETRACTED} names {key}, which is no record under {_rel(runs)}" for key in retracted
                if key not in seen]
     return keep, listed, unknown

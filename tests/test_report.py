@@ -156,6 +156,14 @@ def test_a_retracted_record_is_listed_with_its_reason_and_used_for_nothing(tree,
     with gzip.open(tree / "out" / "report" / "rows.csv.gz", "rt") as fh:
         kept = [line for line in fh.read().splitlines() if "wrong.json" in line]
     assert len(kept) == 1 and '""mode"": ""bwd""' in kept[0]
+    # several retractions of one record: each applies
+    (runs / "retracted.yaml").write_text("toy/bench/wrong.json:\n"
+                                         "  - {metrics: [peak_memory], where: {mode: fwd}, why: graph alive}\n"
+                                         "  - {metrics: [peak_memory], where: {mode: bwd}, why: another}\n")
+    report, _ = build_report(runs, tree / "published", tree / "out", tree / "README.md")
+    assert "mode=fwd: graph alive" in report and "mode=bwd: another" in report
+    with gzip.open(tree / "out" / "report" / "rows.csv.gz", "rt") as fh:
+        assert "wrong.json" not in fh.read()
     for bad in ("- toy/bench/wrong.json\n", "toy/bench/wrong.json: {metrics: [], why: none}\n"):
         (runs / "retracted.yaml").write_text(bad)
         with pytest.raises(ValueError, match="retracted.yaml"):
