@@ -59,6 +59,11 @@ def grid(kernel: DictConfig) -> list[Point]:
         checks.numbers(key("seq_len"), spec["seq_len"], at_least=1)
         checks.numbers(key("head_dim"), spec["head_dim"], at_least=16, at_most=256)
         checks.number(key("dropout"), spec["dropout"], integer=False, at_least=0, below=1)
+        for flag in ("causal", "padding_mask"):  # not bool("no"), which is True
+            wrong = [v for v in checks.as_list(spec[flag]) if not isinstance(v, bool)]
+            if wrong or (flag == "padding_mask" and isinstance(spec[flag], (list, tuple))):
+                raise ConfigError(f"{key(flag)}={spec[flag]!r} must be true or false"
+                                  + (", or a list of them" if flag == "causal" else ""))
         axes = [checks.axis(key(k), spec[k]) for k in GRID_KEYS]
         # a mask or dropout the setting takes from kernel.* (not its own) is named, so that such a run is plotted
         # beside the plain one, not in its place
@@ -281,6 +286,7 @@ def provider_names(kernel: DictConfig) -> list[str]:
         if f"{family}_sparse" in names:
             at = names.index(f"{family}_sparse")
             names[at:at + 1] = per_density
+    checks.axis("kernel.providers", names)  # none twice: a provider named twice would be measured twice
     known = list(dense_providers())
     unknown = [n for n in names if n not in known + sparse]
     if unknown:
