@@ -361,7 +361,8 @@ def test_experts_that_could_not_be_pinned_in_place_stay_where_they_are():
     """Not copied into pinned memory beside the originals (twice the host memory), and the rows say pageable."""
     model = build(pregate=True)
     where = [f.w_in.data_ptr() for f in model.moe_layers]
-    runtime = ExpertOffload(model, "on_demand", "cuda", pin_warning="pinning the experts failed (test)")
+    runtime = ExpertOffload(model, "on_demand", "cuda", slots=min_slots("on_demand", EXPERTS, 1, 6),
+                            pin_warning="pinning the experts failed (test)")
     assert [f.w_in.data_ptr() for f in runtime.layers] == where and not runtime.layers[0].w_in.is_pinned()
     assert runtime.summary()["host_memory"] == "pageable" and runtime.summary()["pin_warning"].endswith("(test)")
     torch.testing.assert_close(runtime(tokens(2, 3)), ExpertOffload(build(pregate=True), "gpu_only", "cuda")(
