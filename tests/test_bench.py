@@ -190,6 +190,11 @@ def test_each_provider_is_checked_against_the_baselines_output_on_the_same_input
     assert error["same"].p50 < 1e-5 and all(r.extra["matches_baseline"] for r in rows if r.provider == "same")
     assert error["wrong"].p50 > 0.5 and "differs from the baseline" in error["wrong"].message
     assert not any(r.extra["matches_baseline"] for r in rows if r.provider == "wrong")
+    # where the baseline could not run, a provider's rows say they were not checked
+    def out_of_memory(point):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    rows = run([Provider("base", out_of_memory, baseline=True), provider("same", x)], [point])
+    assert [r.extra["matches_baseline"] for r in rows if r.provider == "same"] == [None]
 
 
 def test_the_baselines_result_is_kept_without_its_autograd_graph():
