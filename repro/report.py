@@ -108,7 +108,8 @@ def _failed_points(claim: Claim, record: RunRecord, provider: str) -> set:
     at which every provider failed (out of memory on this card, the baselines too) says nothing of the claim."""
     def point(r):
         return r.x_name, r.x_value, r.extra.get("series")
-    measured = {point(r) for r in record.rows if r.provider != provider and r.status == "ok"}
+    measured = {point(r) for r in record.rows if r.provider != provider and r.status == "ok"
+                and _matches(r, claim.compare.where)}
     return {point(r) for r in record.rows if r.provider == provider and r.status in FAILED_ROW_STATUSES
             and _matches(r, claim.compare.where) and point(r) in measured}
 
@@ -550,8 +551,9 @@ def load_retracted(runs: Path) -> dict[str, list[Retraction]]:
         return None
     found = {key: [parsed(v) for v in (value if isinstance(value, list) else [value])]
              for key, value in entries.items()} if isinstance(entries, dict) else {}
-    if not isinstance(entries, dict) or not all(isinstance(k, str) and v and all(v) and (len(v) == 1 or all(e[0] for e in v))
-                                                for k, v in found.items()):
+    # each entry parsed; in a list of them, none retracts the whole record (that one stands alone)
+    if not isinstance(entries, dict) or not all(isinstance(k, str) and v and all(v) and
+                                                (len(v) == 1 or all(e[0] for e in v)) for k, v in found.items()):
         raise ValueError(f"{_rel(path)}: expected lines 'path/of/record.json: why it is retracted', or for some of "
                          "its rows 'path/of/record.json: {metrics: [metric, ...], where: {key: value}, why: ...}' "
                          "(where: optional), or a list of those")

@@ -599,6 +599,10 @@ def test_a_newer_record_that_failed_at_the_claims_points_decides_it(tmp_path):
     assert (outcome.record, outcome.value) == (Path("old.json"), 3.5)
     partly.rows[-1] = failed("base")
     assert evaluate(claims["fast"], [(Path("p.json"), partly)]).detail == "ours, mean of 1"
+    # the baseline measured the point only outside the claim's where (another mode): still beyond the card there
+    beyond.rows.append(dataclasses.replace(base, extra={"mode": "bwd", "series": "a"}))
+    assert evaluate(claims["fast"], [(Path("old.json"), older), (Path("new.json"), beyond)]).record == \
+        Path("old.json")
 
 
 GOOD_CLAIM = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_better": True, "hardware": "n/a",
