@@ -261,8 +261,9 @@ def _state_options(**more):
 class Checkpoint:
     """The saved state of one training run: its trainable weights, optimizer and scaler, the step, the rows
     so far, and the run's identity. A finished run's checkpoint is marked so, and is not resumed: a rerun
-    trains afresh and measures afresh (but for an earlier stage of a candidate, whose trained model is reused). Sharded (FSDP), the state is gathered to rank 0, which alone writes and
-    reads the file and scatters what it read."""
+    trains afresh and measures afresh (but for an earlier stage of a candidate, whose trained model is reused).
+    Sharded (FSDP), the state is gathered to rank 0, which alone writes and reads the file and scatters what it
+    read."""
 
     def __init__(self, path: Path | None, identity: str, model, optimizer, scaler, sharded: bool):
         self.path, self.identity = path, identity
@@ -323,7 +324,8 @@ class Checkpoint:
                     raise
                 error = str(exc)  # raised on every rank below, so that none waits for the others
         if self.sharded:
-            head = [None if state is None else {k: state[k] for k in ("step", "rows", "scaler", "timed")}, error]
+            head = [None if state is None else {k: state.get(k) for k in ("step", "rows", "scaler", "timed",
+                                                                         "finished")}, error]
             dist.broadcast_object_list(head, src=0)
             if head[1]:
                 raise ConfigError(head[1])
@@ -338,8 +340,8 @@ class Checkpoint:
             # dropout goes on with the masks an unbroken run would draw; a sharded run's ranks each have their
             # own generators, which rank 0's checkpoint does not hold, and start theirs afresh
             _set_rng_state(state["rng"])
-        print(f"[train] {'reused the finished run' if state.get('finished') else 'resumed at step ' + str(state['step'])}"
-              f" from {self.path}", flush=True)
+        done = "reused the finished run" if state.get("finished") else f"resumed at step {state['step']}"
+        print(f"[train] {done} from {self.path}", flush=True)
         return state["step"], [Row(**r) for r in state["rows"]], state["timed"]
 
     def _load(self, model_state: dict, optimizer_state: dict) -> None:
