@@ -84,6 +84,9 @@ def test_listops_rejects_impossible_lengths():
     # a tree has 1 token or at least 4: none lies strictly between 2 and 4 (rejection sampling would never end)
     with pytest.raises(ValueError, match="min_length=2 and max_length=4"):
         data.generate_listops(1, 0, min_length=2, max_length=4)
+    # with two arguments an operator adds 3k tokens: 1, 4, 7, 10, ... and nothing between 4 and 7
+    with pytest.raises(ValueError, match="min_length=4 and max_length=7"):
+        data.generate_listops(1, 0, max_depth=3, max_args=2, min_length=4, max_length=7)
     assert [len(s.split()) for s, _ in data.generate_listops(3, 0, min_length=2, max_length=5, workers=1)] == [4] * 3
 
 

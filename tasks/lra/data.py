@@ -106,14 +106,28 @@ def _listops_chunk(seed: int, split: str, index: int, count: int, params: dict) 
     return rows
 
 
+def _listops_lengths(max_depth: int, max_args: int, cap: int) -> int:
+    """The token counts a tree can have, up to `cap`, as a bit mask (bit n: n tokens): a digit is 1 token, an
+    operator 2 (itself and "]") plus its 2 to max_args arguments, each a tree one level deeper."""
+    keep = (1 << (cap + 1)) - 1
+    lengths = 1 << 1
+    for _ in range(max_depth - 1):
+        sizes = [n for n in range(cap + 1) if lengths >> n & 1]
+        sums, operators = lengths, 0
+        for _ in range(2, max_args + 1):  # one more argument: every sum plus every subtree's size
+            more = 0
+            for n in sizes:
+                more |= sums << n
+            sums = more & keep
+            operators |= sums
+        lengths = (1 << 1) | ((operators << 2) & keep)
+    return lengths
+
+
 def _check_listops(p: dict) -> None:
-    longest = 1  # tokens of the fullest tree: every operator at full arity down to max_depth
-    for _ in range(p["max_depth"] - 1):
-        longest = 2 + p["max_args"] * longest
-    # a tree is one digit, or an operator, two arguments or more, and "]": 1 token, or 4 and more
-    lengths = range(p["min_length"] + 1, min(longest, p["max_length"] - 1) + 1)
-    if p["max_depth"] < 1 or p["max_args"] < 2 or p["min_length"] < 0 or \
-            not (1 in lengths or (lengths and lengths[-1] >= 4)):
+    ok = p["max_depth"] >= 1 and p["max_args"] >= 2 and 0 <= p["min_length"] < p["max_length"]
+    window = ((1 << p["max_length"]) - 1) & ~((1 << (p["min_length"] + 1)) - 1) if ok else 0
+    if not ok or not _listops_lengths(p["max_depth"], p["max_args"], p["max_length"] - 1) & window:
         raise ValueError(f"ListOps max_depth={p['max_depth']}, max_args={p['max_args']} cannot give lengths "
                          f"strictly between min_length={p['min_length']} and max_length={p['max_length']}")
 
