@@ -89,6 +89,8 @@ def test_a_torch_transformer_factorises_its_feed_forward_and_still_runs():
     report = factorize(model, rank=4, init="random")
     assert sorted(report.factorised) == [f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
     assert model(torch.randn(2, 5, 32)).shape == (2, 5, 32)
+    with pytest.raises(ValueError, match="no nn.Linear submodule"):  # one bare attention: nothing it may factorise
+        factorize(nn.MultiheadAttention(32, 4), rank=4)
 
 
 def bert_base():

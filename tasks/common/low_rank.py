@@ -131,7 +131,8 @@ def factorize(model: nn.Module, rank: int | float, *, only: Callable[[str], bool
         raise ValueError(f"init={init!r} is not one of {INITS}")
     # nn.MultiheadAttention reads its out_proj's weight itself, in its functional forward: a LowRankLinear there
     # would break it (its input projection is a bare parameter, never a layer to replace)
-    inside_mha = {f"{name}.out_proj" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    inside_mha = {f"{name}.out_proj".lstrip(".") for name, m in model.named_modules()
+                  if isinstance(m, nn.MultiheadAttention)}
     linears = {name: m for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and name and name not in inside_mha}
     if not linears:
