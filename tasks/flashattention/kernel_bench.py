@@ -197,8 +197,8 @@ def flex(density: float | None) -> AttentionFn:
             raise Unsupported(f"{FLEX}: dropout and key padding are not part of this comparison")
         key = (q.shape, k.shape, q.device, causal)
         if key not in block_masks:  # prepared once per shape, outside the timed calls
-            # compiled afresh for each point: past torch._dynamo's recompile_limit (8) shapes of one function,
-            # flex_attention runs uncompiled, materialising every score, and a long sweep would time that
+            # compiled afresh for each shape (outside the timed calls): past torch._dynamo's recompile_limit (8)
+            # shapes of one function, flex_attention runs uncompiled, materialising every score
             torch.compiler.reset()
             block_masks[key] = flex_block_mask(q.shape[2], k.shape[2], causal, density, q.device)
         return _compiled_flex_attention()(q, k, v, block_mask=block_masks[key])
@@ -219,10 +219,10 @@ def make_inputs(point: Point, device: torch.device, seed: int):
     return q, k, v, mask
 
 
-def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int) -> Provider:
+def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, density: float | None = None) -> Provider:
     """`attend` timed in the point's mode. Exact providers (all but block-sparse) without dropout are checked
     against the baseline: their output, or their gradients in the backward modes."""
-    exact = "_sparse_" not in name
+    exact = density is None
 
     def build(point: Point) -> Call:
         q, k, v, mask = make_inputs(point, ctx.device, seed)
@@ -240,8 +240,7 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int) -> Prov
             run().backward(dout)
             return torch.cat([t.grad.flatten() for t in (q, k, v)])
         result = None if not exact or e["dropout"] else (run if e["mode"] == "fwd" else gradients)
-        work = 1.0 if exact else sparse_flops_fraction(q.shape[2], k.shape[2], float(name.rsplit("_", 1)[1]),
-                                                        e["causal"])
+        work = 1.0 if exact else sparse_flops_fraction(q.shape[2], k.shape[2], density, e["causal"])
         if e["mode"] == "fwd":
             return Call(run, result=result, flops_fraction=work)
         if e["mode"] == "bwd":
@@ -259,10 +258,10 @@ def dense_providers() -> dict[str, AttentionFn]:
 
 
 def providers(kernel: DictConfig, ctx: RunContext, seed: int) -> list[Provider]:
-    known = dense_providers()
+    known = {name: (attend, None) for name, attend in dense_providers().items()}
     for d in as_list(kernel.sparse_densities):
-        known.update({f"{OURS}_sparse_{d:g}": ours_sparse(d), f"{FLEX}_sparse_{d:g}": flex(d)})
-    return [provider(n, known[n], ctx, seed) for n in provider_names(kernel)]
+        known.update({f"{OURS}_sparse_{d:g}": (ours_sparse(d), d), f"{FLEX}_sparse_{d:g}": (flex(d), d)})
+    return [provider(n, known[n][0], ctx, seed, density=known[n][1]) for n in provider_names(kernel)]
 
 
 def validate(cfg: DictConfig) -> None:
