@@ -120,7 +120,7 @@ class SyntheticSpec:
                 or not 0 < self.label_rate <= 1:
             raise ValueError(f"synthetic spec {asdict(self)}: labels, evidence_tokens, words and boundary must be "
                              ">= 1, late_fraction in [0, 1], label_rate in (0, 1]")
-        if late == 0 < self.late_fraction or late == self.labels > self.late_fraction * self.labels:
+        if (self.late_fraction > 0 and late == 0) or (self.late_fraction < 1 and late == self.labels):
             raise ValueError(f"late_fraction={self.late_fraction} of labels={self.labels} gives {late} late labels: "
                              "a fraction strictly between 0 and 1 needs labels on both sides of the boundary")
         if self.boundary < (self.labels - late) * k:
