@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -289,6 +290,25 @@ class DecodeSchedule:
         return self.copies[device]
 
 
+def flash_decoding_splits(segments: int, longest: int, head_dim: int, sms: int) -> int:
+    """The chunks FlashAttention-2 splits each (batch, KV head) into when left to choose (`num_splits=0`, which
+    is FlashDecoding, and what PyTorch's SDPA does): its `num_splits_heuristic`, as the upstream `flash_api.cpp`
+    has it (../shared/reference/lean_attention.md, section 2.4). Two programs fit on an SM there, so a wave is
+    2 x `sms` programs; no split where the segments fill 80% of a wave; else the fewest splits whose last wave
+    is at least 85% as full as the best choice's, counting only split counts that change the chunk size. The
+    counts are of FA2's own key blocks (256 keys at head_dim <= 64, 128 to 128, 64 above), not this kernel's
+    tiles: the split count is FlashDecoding's whatever the tile."""
+    slots = 2 * sms
+    if segments >= 0.8 * slots:
+        return 1
+    blocks = math.ceil(longest / (256 if head_dim <= 64 else 128 if head_dim <= 128 else 64))
+    choices = [s for s in range(1, min(128, slots, blocks) + 1)
+               if s == 1 or math.ceil(blocks / s) != math.ceil(blocks / (s - 1))]
+    fill = {s: segments * s / slots / math.ceil(segments * s / slots) for s in choices}
+    best = max(fill.values())
+    return next(s for s in choices if fill[s] >= 0.85 * best)
+
+
 def lean_programs(tiles: list[int], sms: int) -> int:
     """The default number of lean programs: one per SM (which measured best on an H100 among one, two and four
     per SM), except where fewer segments (batch · KV head) than SMs are equally long: then the largest multiple
@@ -348,9 +368,9 @@ def merge_step(max_pieces: int, group: int, head_dim: int) -> int:
 def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | None = None,
                   num_splits: int | None = None, block_n: int | None = None, head_dim: int = 128,
                   dtype: torch.dtype = torch.float16, device=None, quantized: bool = False) -> DecodeSchedule:
-    """`fa2`: a program per (batch, KV head). `split`: `num_splits` chunks per (batch, KV head) (default: enough
-    for one program per SM). `lean`: `num_programs` equal shares of all tiles (default: `lean_programs`, times
-    `QUANTIZED_PROGRAMS_PER_SM` for a `quantized` cache).
+    """`fa2`: a program per (batch, KV head). `split`: `num_splits` chunks per (batch, KV head) (default:
+    FlashDecoding's choice, `flash_decoding_splits`). `lean`: `num_programs` equal shares of all tiles (default:
+    `lean_programs`, times `QUANTIZED_PROGRAMS_PER_SM` for a `quantized` cache).
     Tiles of `block_n` keys (default: `default_block_n` for the head_dim, dtype, device and kind of cache, full
     precision or `quantized`, the schedule will serve). The schedule lives on `device` (default: that of
     `lengths`, if a tensor; else the CPU)."""
@@ -368,9 +388,14 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
     # sized for the GPU the calls will run on: the current one where the schedule is held on the host
     gpu = device if device is not None and torch.device(device).type == "cuda" else None
     block_n = block_n or default_block_n(kind, head_dim, dtype, gpu, quantized)
+    def whole(n):
+        return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+    lengths = list(lengths)
+    if not lengths or not all(whole(n) and n >= 1 for n in lengths):
+        raise ValueError(f"lengths must be a non-empty list of integer lengths >= 1, got {lengths}")
     lengths = [int(n) for n in lengths]
-    if not lengths or min(lengths) < 1:
-        raise ValueError(f"lengths must be a non-empty list of lengths >= 1, got {lengths}")
+    if not (whole(num_kv_heads) and num_kv_heads >= 1):
+        raise ValueError(f"num_kv_heads={num_kv_heads!r} must be an integer >= 1")
     tiles = [math.ceil(n / block_n) for n in lengths for _ in range(num_kv_heads)]  # per segment b·Hkv + hk
     n_seg = len(tiles)
     sms = sm_count(gpu) if torch.cuda.is_available() else 8
@@ -380,7 +405,7 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
         per_program = [[(g, 0, t, 0)] for g, t in enumerate(tiles)]
         pieces = [1] * n_seg
     elif kind == "split":
-        splits = num_splits or max(1, math.ceil(sms / n_seg))
+        splits = num_splits or flash_decoding_splits(n_seg, max(lengths), head_dim, sms)
         for g, t in enumerate(tiles):
             chunk = math.ceil(t / splits)
             for s in range(splits):

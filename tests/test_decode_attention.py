@@ -11,7 +11,8 @@ import triton
 from conftest import ATTENTION_TOL as TOL, DEVICE, gpu
 from effrepro_kernels.decode_attention import (QUANTIZED_PROGRAMS_PER_SM, SCHEDULES, decode_attention, default_block_n,
                                                head_dim_chunks, lean_programs, make_schedule, merge_attention,
-                                               merge_step, padded_head_dim)
+                                               flash_decoding_splits, merge_step, padded_head_dim)
+from effrepro_kernels.runtime import sm_count
 from effrepro_kernels.reference import decode_attention_reference, decode_scores_reference
 
 
@@ -240,11 +241,33 @@ def test_bad_input_is_a_clear_value_error(change, match):
     (dict(num_programs=0), "num_programs=0 must be an integer >= 1"),
     (dict(kind="split", num_splits=0), "num_splits=0 must be an integer >= 1"),
     (dict(lengths=torch.tensor([5.0, 9.0])), "lengths must be a 1-d integer tensor"),
+    (dict(lengths=[5.7, 9.2]), "integer lengths >= 1"),  # not cut to (5, 9), a schedule of the wrong keys
+    (dict(lengths=[True]), "integer lengths >= 1"),
+    (dict(num_kv_heads=0), "num_kv_heads=0 must be an integer >= 1"),
+    (dict(kind="split", num_kv_heads=-2), "num_kv_heads=-2 must be an integer >= 1"),
 ])
 def test_a_bad_schedule_setting_is_a_clear_value_error(settings, match):
-    settings = {"kind": "lean", "lengths": [5, 9], **settings}
+    settings = {"kind": "lean", "lengths": [5, 9], "num_kv_heads": 2, **settings}
     with pytest.raises(ValueError, match=match):
-        make_schedule(settings.pop("kind"), settings.pop("lengths"), 2, **settings)
+        make_schedule(settings.pop("kind"), settings.pop("lengths"), settings.pop("num_kv_heads"), **settings)
+
+
+@pytest.mark.parametrize("segments, longest, head_dim, splits", [
+    (8, 262144, 128, 29),  # the reference's worked example (132 SMs): eff(s) = s/33, the first >= 0.85 is 29
+    (32, 262144, 128, 8),  # 256 of 264 slots
+    (212, 262144, 128, 1),  # 80% of the 264 slots filled: no split
+    (8, 1024, 128, 8),  # 8 blocks: 5-7 splits make the same 2-block chunks as 4, so are not choices
+    (8, 1024, 64, 4),  # FA2's 256-key blocks at head_dim 64: 4 blocks
+])
+def test_the_split_schedule_chooses_flash_decodings_split_count(segments, longest, head_dim, splits):
+    assert flash_decoding_splits(segments, longest, head_dim, sms=132) == splits
+
+
+def test_a_split_schedule_left_to_choose_takes_flash_decodings_count():
+    lengths, kv_heads = [1000, 700], 1
+    chosen = flash_decoding_splits(2, 1000, 128, sm_count(None) if torch.cuda.is_available() else 8)
+    sched = make_schedule("split", lengths, kv_heads, block_n=16, device="cpu")
+    assert 1 < chosen and sched.num_programs == 2 * chosen
 
 
 def test_lengths_passed_with_a_prepared_schedule_are_read_once_until_changed(monkeypatch):
