@@ -1,15 +1,19 @@
 """Cross-entropy of a linear layer's logits (a language model's head over its vocabulary) without materialising
 the logits of every token: the tokens go through in chunks; a chunk's logits are one matmul in the input's dtype,
-a Triton kernel turns each row into its loss and overwrites it with its gradient (softmax minus one-hot, scaled
-for the mean), and two more matmuls give the chunk's input gradient and add its share of the weight gradient. So
-the forward computes the gradients too, and the backward only scales them by the loss's incoming gradient: the
-loss must be the end of the graph or be scaled linearly after it (as a training loss is).
+a Triton kernel turns each row into its loss and overwrites it with its gradient (softmax minus one-hot, times
+GRADIENT_SCALE), and two more matmuls give the chunk's input gradient and add its share of the float32 weight
+gradient. So the forward computes the gradients too, and the backward only scales them, in float32, by the loss's
+incoming gradient, 1/GRADIENT_SCALE and the mean's 1/count: the loss must be the end of the graph or be scaled
+linearly after it (as a training loss is). Scaling in the kernel instead rounded the gradients in the logits'
+dtype first: in fp16, at GPT-2's 16K tokens, softmax/count rounds to 0 wherever the probability is under 5e-4 (all
+but at most 2000 of a row's 50257 logits), and a GradScaler's 2^16 is inf.
 
 At GPT-2's vocabulary of 50257 and 16K tokens, the logits are 1.6 GB in bf16 and twice that in float32, and the
 unfused loss keeps both; here a chunk's 256 MB is all (512 MB in float32). Each chunk also reads and writes the
 float32 weight gradient once (154 MB at GPT-2's head), so chunks far smaller cost more in that than they save in
-memory. Under autocast the matmuls run in the autocast dtype, as the unfused head's would: the wrapper casts both
-inputs, because inside torch.compile's graphs an operator runs with autocast off.
+memory; that gradient is kept in float32 until the backward (twice the bytes of a bf16 one). Under autocast the
+matmuls run in the autocast dtype, as the unfused head's would: the wrapper casts both inputs, because inside
+torch.compile's graphs an operator runs with autocast off.
 """
 from __future__ import annotations
 
@@ -21,13 +25,17 @@ from .runtime import INTERPRET
 from .torch_op import differentiable, kernel_op
 
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk (256 MB in bf16)
+# A power of two (exact in any dtype): fp16 probabilities down to 2e-7 stay normal numbers (fp16's start at 6e-5),
+# and a row's gradient sums to at most 2 * GRADIENT_SCALE in absolute value, so the input gradient, at most
+# 512 max|weight|, stays finite in fp16 for weights under 128.
+GRADIENT_SCALE = 256.0
 BLOCK = 256 if INTERPRET else 4096
 
 
 @triton.jit
-def _loss_and_gradient(Logits, stride, Targets, Loss, InvCount, vocab, ignore_index, BLOCK: tl.constexpr):
+def _loss_and_gradient(Logits, stride, Targets, Loss, vocab, ignore_index, SCALE: tl.constexpr, BLOCK: tl.constexpr):
     """Row r of Logits: Loss[r] = logsumexp - logit[target] (0 for an ignored row); the row becomes
-    (softmax - one_hot(target)) · InvCount, the gradient of the mean loss (0 for an ignored row)."""
+    (softmax - one_hot(target)) · SCALE, the gradient of the row's loss times SCALE (0 for an ignored row)."""
     row = tl.program_id(0).to(tl.int64)
     logits = Logits + row * stride
     target = tl.load(Targets + row)
@@ -43,7 +51,7 @@ def _loss_and_gradient(Logits, stride, Targets, Loss, InvCount, vocab, ignore_in
     kept = target != ignore_index
     picked = tl.load(logits + tl.where(kept, target, 0)).to(tl.float32)
     tl.store(Loss + row, tl.where(kept, lse - picked, 0.0))
-    scale = tl.where(kept, tl.load(InvCount), 0.0)
+    scale = tl.where(kept, SCALE, 0.0)
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(logits + cols, mask=cols < vocab, other=0.0).to(tl.float32)
@@ -64,13 +72,15 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += (a @ b).float()
 
 
-# The operator returns the gradients with the loss; the autograd rule scales them.
-@kernel_op("linear_cross_entropy",
-           fake=lambda h, weight, targets, ignore_index, chunk_rows: (h.new_empty((), dtype=torch.float32),
-                                                                     torch.empty_like(h),
-                                                                     weight.new_empty(weight.shape)))
+def _fake(h, weight, targets, ignore_index, chunk_rows):
+    return (h.new_empty((), dtype=torch.float32), torch.empty_like(h),
+            weight.new_empty(weight.shape, dtype=torch.float32), h.new_empty((), dtype=torch.float32))
+
+
+# The operator returns the loss, the gradients times GRADIENT_SCALE and 1/count; the autograd rule scales them.
+@kernel_op("linear_cross_entropy", fake=_fake)
 def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                          chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n = h.shape[0]
     kept = (targets != ignore_index).sum()
     inv_count = 1.0 / kept.to(torch.float32)  # no host read: a mean over no token is nan, as in torch
@@ -80,20 +90,22 @@ def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     for start in range(0, n, chunk_rows):
         part = slice(start, min(start + chunk_rows, n))
         logits = h[part] @ weight.T
-        _loss_and_gradient[(logits.shape[0],)](logits, logits.stride(0), targets[part], losses[part], inv_count,
-                                               logits.shape[1], ignore_index, BLOCK=BLOCK)
+        _loss_and_gradient[(logits.shape[0],)](logits, logits.stride(0), targets[part], losses[part],
+                                               logits.shape[1], ignore_index, SCALE=GRADIENT_SCALE, BLOCK=BLOCK)
         grad_h[part] = logits @ weight
         _add_product(grad_w, logits.T, h[part])
-    return losses.sum() * inv_count, grad_h, grad_w.to(weight.dtype)
+    return losses.sum() * inv_count, grad_h, grad_w, inv_count
 
 
 def _save_for_backward(ctx, inputs, output):
+    ctx.weight_dtype = inputs[1].dtype
     ctx.save_for_backward(*output[1:])
 
 
-def _gradients(ctx, grad_loss, _grad_h, _grad_w):
-    grad_h, grad_w = ctx.saved_tensors
-    return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+def _gradients(ctx, grad_loss, _grad_h, _grad_w, _inv_count):
+    grad_h, grad_w, inv_count = ctx.saved_tensors
+    factor = grad_loss.float() * inv_count / GRADIENT_SCALE  # in float32: in fp16, 1/count alone may be subnormal
+    return (grad_h.float() * factor).to(grad_h.dtype), (grad_w * factor).to(ctx.weight_dtype), None, None, None
 
 
 _linear_cross_entropy_function = differentiable(_linear_cross_entropy, _save_for_backward, _gradients)
