@@ -130,7 +130,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          f"and {weight.dtype}")
     # a target outside the vocabulary would be read out of bounds; checked on the device, so the host never waits
     # (an error at the next synchronisation, as F.cross_entropy's own check gives on a GPU)
-    outside = (targets >= weight.shape[0]) | ((targets < 0) & (targets != ignore_index))
+    outside = ((targets >= weight.shape[0]) | (targets < 0)) & (targets != ignore_index)
     torch._assert_async(~outside.any(), f"linear_cross_entropy: a target is outside [0, {weight.shape[0]}) and is "
                         f"not ignore_index={ignore_index}")
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])

@@ -149,6 +149,17 @@ def test_a_target_outside_the_vocabulary_is_an_error_not_a_read_out_of_bounds():
             linear_cross_entropy(h, weight, targets)
 
 
+@pytest.mark.parametrize("ignore_index", [10, 12, -1])
+def test_linear_cross_entropy_ignore_index_may_be_outside_the_vocabulary(ignore_index):
+    """As F.cross_entropy takes it: an ignored target is never read, wherever it points."""
+    h, weight = random(4, 16, dtype=torch.float32, seed=9), random(10, 16, dtype=torch.float32, seed=10)
+    targets = torch.tensor([1, ignore_index, 2, 9], device=DEVICE)
+    ours = outputs_and_grads(lambda h, w: linear_cross_entropy(h, w, targets, ignore_index), [h, weight])
+    reference = outputs_and_grads(lambda h, w: linear_cross_entropy_reference(h, w, targets, ignore_index),
+                                  in_float64([h, weight]))
+    assert_close_all(ours, reference, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_weights_and_biases_that_are_views_with_a_stride_are_read_as_their_values(dtype):
     """A parameter sliced from a packed one: the kernels read dense vectors."""
