@@ -133,5 +133,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     outside = ((targets >= weight.shape[0]) | (targets < 0)) & (targets != ignore_index)
     torch._assert_async(~outside.any(), f"linear_cross_entropy: a target is outside [0, {weight.shape[0]}) and is "
                         f"not ignore_index={ignore_index}")
-    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"linear_cross_entropy takes chunk_rows an integer >= 1, or None for the default; got "
+                         f"chunk_rows={chunk_rows!r}")
     return _linear_cross_entropy_function(h, weight, targets.contiguous(), ignore_index, chunk_rows)[0]

@@ -186,6 +186,8 @@ def test_weights_and_biases_that_are_views_with_a_stride_are_read_as_their_value
                                   torch.zeros(2, dtype=torch.long)), "not torch.float64"),
     (lambda: linear_cross_entropy(torch.ones(2, 4, dtype=torch.float16), torch.ones(9, 4),
                                   torch.zeros(2, dtype=torch.long)), "torch.float16 and torch.float32"),
+    *[(lambda bad=bad: linear_cross_entropy(torch.ones(2, 4), torch.ones(9, 4), torch.zeros(2, dtype=torch.long),
+                                            chunk_rows=bad), f"chunk_rows={bad!r}") for bad in (0, -2, 2.5, True)],
 ])
 def test_bad_input_names_what_is_wrong(call, message):
     with pytest.raises(ValueError, match=message):
