@@ -6,7 +6,9 @@ gradient. So the forward computes the gradients too, and the backward only scale
 incoming gradient, 1/GRADIENT_SCALE and the mean's 1/count: the loss must be the end of the graph or be scaled
 linearly after it (as a training loss is). Scaling in the kernel instead rounded the gradients in the logits'
 dtype first: in fp16, at GPT-2's 16K tokens, softmax/count rounds to 0 wherever the probability is under 5e-4 (all
-but at most 2000 of a row's 50257 logits), and a GradScaler's 2^16 is inf.
+but at most 2000 of a row's 50257 logits), and a GradScaler's 2^16 is inf. Where no gradient is wanted (under
+torch.no_grad, or neither h nor weight requiring one, as in evaluation), a chunk is its logits' matmul and the loss
+alone: no gradient buffers, no gradient matmuls.
 
 At GPT-2's vocabulary of 50257 and 16K tokens, the logits are 1.6 GB in bf16 and twice that in float32, and the
 unfused loss keeps both; here a chunk's 256 MB is all (512 MB in float32). Each chunk also reads and writes the
@@ -33,8 +35,9 @@ BLOCK = 256 if INTERPRET else 4096
 
 
 @triton.jit
-def _loss_and_gradient(Logits, stride, Targets, Loss, vocab, ignore_index, SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """Row r of Logits: Loss[r] = logsumexp - logit[target] (0 for an ignored row); the row becomes
+def _loss_and_gradient(Logits, stride, Targets, Loss, vocab, ignore_index, SCALE: tl.constexpr,
+                       GRADIENT: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r of Logits: Loss[r] = logsumexp - logit[target] (0 for an ignored row); with GRADIENT, the row becomes
     (softmax - one_hot(target)) · SCALE, the gradient of the row's loss times SCALE (0 for an ignored row)."""
     row = tl.program_id(0).to(tl.int64)
     logits = Logits + row * stride
@@ -51,12 +54,13 @@ def _loss_and_gradient(Logits, stride, Targets, Loss, vocab, ignore_index, SCALE
     kept = target != ignore_index
     picked = tl.load(logits + tl.where(kept, target, 0)).to(tl.float32)
     tl.store(Loss + row, tl.where(kept, lse - picked, 0.0))
-    scale = tl.where(kept, SCALE, 0.0)
-    for start in range(0, vocab, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(logits + cols, mask=cols < vocab, other=0.0).to(tl.float32)
-        grad = tl.exp(x - lse) * scale - tl.where(cols == target, scale, 0.0)
-        tl.store(logits + cols, grad.to(Logits.dtype.element_ty), mask=cols < vocab)
+    if GRADIENT:
+        scale = tl.where(kept, SCALE, 0.0)
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(logits + cols, mask=cols < vocab, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) * scale - tl.where(cols == target, scale, 0.0)
+            tl.store(logits + cols, grad.to(Logits.dtype.element_ty), mask=cols < vocab)
 
 
 def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -72,28 +76,33 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += (a @ b).float()
 
 
-def _fake(h, weight, targets, ignore_index, chunk_rows):
-    return (h.new_empty((), dtype=torch.float32), torch.empty_like(h),
-            weight.new_empty(weight.shape, dtype=torch.float32), h.new_empty((), dtype=torch.float32))
+def _fake(h, weight, targets, ignore_index, chunk_rows, gradients):
+    return (h.new_empty((), dtype=torch.float32), torch.empty_like(h) if gradients else h.new_empty(0),
+            weight.new_empty(weight.shape if gradients else 0, dtype=torch.float32),
+            h.new_empty((), dtype=torch.float32))
 
 
-# The operator returns the loss, the gradients times GRADIENT_SCALE and 1/count; the autograd rule scales them.
+# The operator returns the loss, the gradients times GRADIENT_SCALE (empty without `gradients`) and 1/count; the
+# autograd rule scales them.
 @kernel_op("linear_cross_entropy", fake=_fake)
 def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                          chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                          chunk_rows: int, gradients: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n = h.shape[0]
     kept = (targets != ignore_index).sum()
     inv_count = 1.0 / kept.to(torch.float32)  # no host read: a mean over no token is nan, as in torch
     losses = torch.empty(n, device=h.device, dtype=torch.float32)
-    grad_h = torch.empty_like(h)
-    grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    grad_h = torch.empty_like(h) if gradients else h.new_empty(0)
+    grad_w = torch.zeros(weight.shape if gradients else 0, device=weight.device, dtype=torch.float32)
     for start in range(0, n, chunk_rows):
         part = slice(start, min(start + chunk_rows, n))
         logits = h[part] @ weight.T
         _loss_and_gradient[(logits.shape[0],)](logits, logits.stride(0), targets[part], losses[part],
-                                               logits.shape[1], ignore_index, SCALE=GRADIENT_SCALE, BLOCK=BLOCK)
-        grad_h[part] = logits @ weight
-        _add_product(grad_w, logits.T, h[part])
+                                               logits.shape[1], ignore_index, SCALE=GRADIENT_SCALE,
+                                               GRADIENT=gradients, BLOCK=BLOCK)
+        if gradients:
+            grad_h[part] = logits @ weight
+            _add_product(grad_w, logits.T, h[part])
     return losses.sum() * inv_count, grad_h, grad_w, inv_count
 
 
@@ -105,7 +114,7 @@ def _save_for_backward(ctx, inputs, output):
 def _gradients(ctx, grad_loss, _grad_h, _grad_w, _inv_count):
     grad_h, grad_w, inv_count = ctx.saved_tensors
     factor = grad_loss.float() * inv_count / GRADIENT_SCALE  # in float32: in fp16, 1/count alone may be subnormal
-    return (grad_h.float() * factor).to(grad_h.dtype), (grad_w * factor).to(ctx.weight_dtype), None, None, None
+    return (grad_h.float() * factor).to(grad_h.dtype), (grad_w * factor).to(ctx.weight_dtype), None, None, None, None
 
 
 _linear_cross_entropy_function = differentiable(_linear_cross_entropy, _save_for_backward, _gradients)
@@ -138,4 +147,5 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy takes chunk_rows an integer >= 1, or None for the default; got "
                          f"chunk_rows={chunk_rows!r}")
-    return _linear_cross_entropy_function(h, weight, targets.contiguous(), ignore_index, chunk_rows)[0]
+    gradients = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _linear_cross_entropy_function(h, weight, targets.contiguous(), ignore_index, chunk_rows, gradients)[0]

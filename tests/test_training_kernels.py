@@ -1,5 +1,7 @@
 """The training fusions GPT-2 uses (LayerNorm, bias + GELU, linear + cross-entropy over the vocabulary) against
 their plain PyTorch references, computed in float64: forward and gradients, odd sizes, ignored targets."""
+import importlib
+
 import pytest
 import torch
 
@@ -149,6 +151,26 @@ def test_a_target_outside_the_vocabulary_is_an_error_not_a_read_out_of_bounds():
             linear_cross_entropy(h, weight, targets)
 
 
+def test_linear_cross_entropy_without_gradients_computes_the_loss_alone(monkeypatch):
+    """Evaluation (torch.no_grad, or inputs that need no gradient) pays for no gradient buffers or matmuls."""
+    module = importlib.import_module("effrepro_kernels.linear_cross_entropy")  # the package's name is the function
+    outputs, operator = [], module._linear_cross_entropy_function
+
+    def recorded(*inputs):
+        outputs.append(operator(*inputs))
+        return outputs[-1]
+    monkeypatch.setattr(module, "_linear_cross_entropy_function", recorded)
+    h, weight = random(37, 48, dtype=torch.float16, seed=6), random(333, 48, dtype=torch.float16, seed=7, scale=0.3)
+    targets = torch.randint(333, (37,), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(8))
+    trained = linear_cross_entropy(h, weight, targets, chunk_rows=10)
+    with torch.no_grad():
+        evaluated = linear_cross_entropy(h, weight, targets, chunk_rows=10)
+    frozen = linear_cross_entropy(h.detach(), weight.detach(), targets, chunk_rows=10)
+    assert trained.item() == evaluated.item() == frozen.item()
+    assert [(grad_h.numel(), grad_w.numel()) for _, grad_h, grad_w, _ in outputs] == [(37 * 48, 333 * 48), (0, 0),
+                                                                                       (0, 0)]
+
+
 @pytest.mark.parametrize("ignore_index", [10, 12, -1])
 def test_linear_cross_entropy_ignore_index_may_be_outside_the_vocabulary(ignore_index):
     """As F.cross_entropy takes it: an ignored target is never read, wherever it points."""
@@ -245,8 +267,9 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
     dy = random(6, 40, dtype=torch.float32, seed=18)
     torch.library.opcheck(torch.ops.effrepro.bias_gelu_backward.default, (dy, transposed, bias), test_utils=checks)
     for weight_layout in (head, random(40, 50, dtype=torch.float32, seed=19).T):  # the gradient is contiguous
-        torch.library.opcheck(torch.ops.effrepro.linear_cross_entropy.default, (x, weight_layout, targets, -100, 4),
-                              test_utils=checks)
+        for gradients in (True, False):
+            torch.library.opcheck(torch.ops.effrepro.linear_cross_entropy.default,
+                                  (x, weight_layout, targets, -100, 4, gradients), test_utils=checks)
 
     def loss(x, weight, bias, head):
         return linear_cross_entropy(bias_gelu(layer_norm(x, weight, bias), bias), head, targets)
@@ -260,6 +283,8 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
         for got, want in zip(torch.autograd.grad(compiled(*inputs), inputs), torch.autograd.grad(fn(*inputs), inputs)):
             torch.testing.assert_close(got, want)
+        with torch.no_grad():  # the loss alone, through the operator's fake without gradients
+            torch.testing.assert_close(compiled(*inputs), fn(*inputs))
 
 
 def test_a_second_derivative_is_an_error_never_a_silent_zero():
