@@ -23,7 +23,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, stride_x, stride_y, n, eps, BLOCK: tl.constexpr):
+def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, stride_x, stride_y, n, eps, HAS_WEIGHT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < n
@@ -31,20 +32,26 @@ def _layer_norm_fwd(X, W, B, Y, Mean, Rstd, stride_x, stride_y, n, eps, BLOCK: t
     mean = tl.sum(x, 0) / n
     centred = tl.where(inside, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / n + eps)
-    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (centred * rstd * w + b).to(Y.dtype.element_ty), mask=inside)
+    y = centred * rstd
+    if HAS_WEIGHT:
+        y *= tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=inside)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
 
 
 @triton.jit
 def _layer_norm_bwd(X, W, DY, DX, Mean, Rstd, DW, DB, stride_x, stride_dy, stride_dx, n, rows, rows_per_program,
-                    BLOCK: tl.constexpr):
+                    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < n
-    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK], 1.0, tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     db = tl.zeros([BLOCK], dtype=tl.float32)
     first = program.to(tl.int64) * rows_per_program  # 64-bit row offsets: activations may exceed 2^31 values
@@ -68,14 +75,18 @@ def _warps(block: int) -> int:
     return min(max(block // 256, 1), 8)  # a warp per 256 features of a row, up to 8
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
+    return None if t is None else tuple(t.shape)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     if x.dtype not in DTYPES:
         raise ValueError(f"layer_norm takes {[str(d) for d in DTYPES]}, not {x.dtype}")
     n = x.shape[-1]
-    if n > MAX_FEATURES or weight.shape != (n,) or bias.shape != (n,):
+    if n > MAX_FEATURES or any(t is not None and t.shape != (n,) for t in (weight, bias)):
         raise ValueError(f"layer_norm normalises up to {MAX_FEATURES} features, with a weight and a bias of that "
-                         f"many; got {n} features, a weight of shape {tuple(weight.shape)} and a bias of shape "
-                         f"{tuple(bias.shape)}")
+                         f"many (or None); got {n} features, a weight of shape {_shape(weight)} and a bias of shape "
+                         f"{_shape(bias)}")
 
 
 def _layer_norm_fake(x, weight, bias, eps, out_dtype):
@@ -86,23 +97,31 @@ def _layer_norm_fake(x, weight, bias, eps, out_dtype):
 
 
 @kernel_op("layer_norm", fake=_layer_norm_fake)
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty_like(rows, dtype=out_dtype)
     mean = torch.empty(rows.shape[0], device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block = next_pow2(rows.shape[1])
-    launch(_layer_norm_fwd, (rows.shape[0],), (rows, weight, bias, y, mean, rstd, rows.stride(0), y.stride(0),
-                                               rows.shape[1], eps), dict(BLOCK=block, num_warps=_warps(block)),
-           _kept((rows, weight, bias, y)), "forward")
+    # a missing weight or bias is a constexpr flag; the kernel never reads the rows given in its place
+    w, b = (rows if t is None else t for t in (weight, bias))
+    launch(_layer_norm_fwd, (rows.shape[0],), (rows, w, b, y, mean, rstd, rows.stride(0), y.stride(0),
+                                               rows.shape[1], eps),
+           dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK=block, num_warps=_warps(block)),
+           _kept((rows, w, b, y)), "forward")
     return y.view(x.shape), mean, rstd
 
 
-@kernel_op("layer_norm_backward",
-           fake=lambda dy, x, weight, mean, rstd: (x.new_empty(x.shape), weight.new_empty(weight.shape),
-                                                   weight.new_empty(weight.shape)))
-def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+def _layer_norm_backward_fake(dy, x, weight, mean, rstd):
+    n = x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
+
+
+# the weight and bias gradients in float32, whether or not there are a weight and a bias: the autograd rule casts
+# those there are to their dtypes
+@kernel_op("layer_norm_backward", fake=_layer_norm_backward_fake)
+def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
                          rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, dy = x.reshape(-1, x.shape[-1]).contiguous(), dy.reshape(-1, x.shape[-1]).contiguous()
     n_rows, n = rows.shape
@@ -112,34 +131,43 @@ def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     dw = torch.empty((programs, n), device=rows.device, dtype=torch.float32)
     db = torch.empty_like(dw)
     block = next_pow2(n)
-    launch(_layer_norm_bwd, (programs,), (rows, weight, dy, dx, mean, rstd, dw, db, rows.stride(0), dy.stride(0),
+    w = rows if weight is None else weight  # not read without a weight
+    launch(_layer_norm_bwd, (programs,), (rows, w, dy, dx, mean, rstd, dw, db, rows.stride(0), dy.stride(0),
                                           dx.stride(0), n, n_rows, cdiv(n_rows, programs)),
-           dict(BLOCK=block, num_warps=_warps(block)), _kept((rows, weight, dy, dx, dw)), "backward")
-    return dx.view(x.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+           dict(HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=_warps(block)), _kept((rows, w, dy, dx, dw)),
+           "backward")
+    return dx.view(x.shape), dw.sum(0), db.sum(0)
 
 
 def _save_for_backward(ctx, inputs, output):
-    x, weight, *_ = inputs
+    x, weight, bias, *_ = inputs
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(x, weight, *output[1:])
 
 
 def _gradients(ctx, dy, dmean, drstd):
-    return *_layer_norm_backward(dy, *ctx.saved_tensors), None, None
+    weight = ctx.saved_tensors[1]
+    dx, dw, db = _layer_norm_backward(dy, *ctx.saved_tensors)
+    dw = None if weight is None else dw.to(weight.dtype)
+    db = None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
+    return dx, dw, db, None, None
 
 
 _layer_norm_function = differentiable(_layer_norm, _save_for_backward, _gradients)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)` in `out_dtype`: by default the
-    autocast dtype under autocast, else x's."""
+    autocast dtype under autocast, else x's. Without a weight or a bias (None), the normalised rows are not scaled
+    or not shifted."""
     _check(x, weight, bias)
     if out_dtype is None:
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     # the kernels read weight and bias as dense vectors (a view with a stride, of a packed parameter, is copied)
-    return _layer_norm_function(x, weight.contiguous(), bias.contiguous(), float(eps), out_dtype)[0]
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    return _layer_norm_function(x, weight, bias, float(eps), out_dtype)[0]
 
 
 class LayerNorm(torch.nn.LayerNorm):

@@ -55,6 +55,32 @@ def test_layer_norm_matches_reference(shape, dtype):
     assert_close_all(ours, reference, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("has_weight,has_bias", [(True, False), (False, True), (False, False)])
+def test_layer_norm_without_a_weight_or_a_bias(has_weight, has_bias, dtype):
+    x = random(5, 72, dtype=dtype, seed=27, scale=3.0)
+    params = [random(72, dtype=dtype, seed=seed) for seed, present in ((28, has_weight), (29, has_bias)) if present]
+    grad_out = torch.randn(5, 72, device=DEVICE).to(dtype)
+
+    def called(norm):  # norm(x, weight or None, bias or None) of the params there are
+        def call(x, *params):
+            given = iter(params)
+            return norm(x, next(given) if has_weight else None, next(given) if has_bias else None)
+        return call
+    ours = outputs_and_grads(called(layer_norm), [x, *params], grad_out)
+    reference = outputs_and_grads(called(layer_norm_reference), in_float64([x, *params]), grad_out.double())
+    assert_close_all(ours, reference, dtype)
+
+
+@pytest.mark.parametrize("options", [dict(bias=False), dict(elementwise_affine=False)], ids=str)
+def test_layer_norm_module_takes_torchs_options_without_a_bias_or_a_weight(options):
+    from effrepro_kernels.layer_norm import LayerNorm
+
+    ours, theirs = LayerNorm(72, **options).to(DEVICE), torch.nn.LayerNorm(72, **options).to(DEVICE)
+    x = random(5, 72, dtype=torch.float32, seed=30)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
 def test_layer_norm_of_rows_far_from_zero_mean():
     """Rows of mean 1000 and spread 3: a one-pass variance, E[x²] - mean², cancels there (a relative error of 2e-3
     in float32, against 5e-6 from the centred rows)."""
@@ -261,8 +287,9 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
     checks = ("test_schema", "test_faketensor")
     transposed = random(40, 6, dtype=torch.float32, seed=17).T  # dense, not contiguous: outputs are contiguous
     for rows in (x, transposed):
-        torch.library.opcheck(torch.ops.effrepro.layer_norm.default, (rows, weight, bias, 1e-5, torch.float16),
-                              test_utils=checks)
+        for params in ((weight, bias), (None, None)):
+            torch.library.opcheck(torch.ops.effrepro.layer_norm.default, (rows, *params, 1e-5, torch.float16),
+                                  test_utils=checks)
         torch.library.opcheck(torch.ops.effrepro.bias_gelu.default, (rows, bias), test_utils=checks)
     dy = random(6, 40, dtype=torch.float32, seed=18)
     torch.library.opcheck(torch.ops.effrepro.bias_gelu_backward.default, (dy, transposed, bias), test_utils=checks)
