@@ -458,6 +458,8 @@ def check_quantized(qkv: QuantizedKV) -> None:
         raise ValueError(f"a {qkv.bits}-bit QuantizedKV of shape {tuple(qkv.shape)} needs uint8 data of shape "
                          f"{(*qkv.shape[:3], width)} ({width} bytes a token: packed_row_bytes); got {qkv.data.dtype} "
                          f"of shape {tuple(qkv.data.shape)}")
+    if qkv.scale.dtype not in DTYPES:
+        raise ValueError(f"a QuantizedKV's scale and zero must be of {DTYPES}; got {qkv.scale.dtype}")
     want = stats_shape(tuple(qkv.shape), qkv.group_size, qkv.axis)
     for name, part in (("scale", qkv.scale), ("zero", qkv.zero)):
         if tuple(part.shape) != want or part.dtype != qkv.scale.dtype or part.stride(-1) != 1:

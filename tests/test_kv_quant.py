@@ -172,6 +172,7 @@ def test_packed_data_of_another_width_or_off_word_rows_is_a_clear_value_error():
     (lambda q: dict(group_size=16), r"scale must be torch.float16 of shape \(1, 2, 1, 24\)"),  # fewer groups
     (lambda q: dict(group_size=5), r"n \(tokens\)=16 is not a multiple of group_size=5"),
     (lambda q: dict(zero=q.zero[:, :1]), r"zero must be torch.float16 of shape \(1, 2, 2, 24\)"),
+    (lambda q: dict(scale=q.scale.int(), zero=q.zero.int()), "scale and zero must be of .*; got torch.int32"),
     # the right shape, as a slice of a wider tensor: read with scale's strides, it would be another tensor's numbers
     (lambda q: dict(zero=torch.cat([q.zero, q.zero], -1)[..., :24]), "zero must be laid out like its scale"),
 ])
