@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import KeptLaunches, cdiv, launch
+from .runtime import KeptLaunches, cdiv, check_devices, launch
 from .torch_op import differentiable, kernel_op
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -74,7 +74,8 @@ _bias_gelu_function = differentiable(_bias_gelu, _save_for_backward, _gradients)
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation, of x + bias (bias over x's last dimension), in x's dtype."""
-    if x.dtype not in DTYPES or bias.shape != x.shape[-1:]:
-        raise ValueError(f"bias_gelu takes x of {[str(d) for d in DTYPES]} and a bias of its last dimension; "
-                         f"got x {x.dtype} {tuple(x.shape)}, bias {tuple(bias.shape)}")
+    if x.dtype not in DTYPES or bias.dtype not in DTYPES or bias.shape != x.shape[-1:]:
+        raise ValueError(f"bias_gelu takes x and a bias of its last dimension, of {[str(d) for d in DTYPES]}; "
+                         f"got x {x.dtype} {tuple(x.shape)}, bias {bias.dtype} {tuple(bias.shape)}")
+    check_devices("bias_gelu", x=x, bias=bias)
     return _bias_gelu_function(x, bias.contiguous())  # the kernels read it as a dense vector

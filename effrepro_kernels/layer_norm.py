@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, KeptLaunches, cdiv, launch, next_pow2, sm_count
+from .runtime import INTERPRET, KeptLaunches, cdiv, check_devices, launch, next_pow2, sm_count
 from .torch_op import differentiable, kernel_op
 
 MAX_FEATURES = 16384  # a row is held in registers at once
@@ -80,13 +80,15 @@ def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
-    if x.dtype not in DTYPES:
-        raise ValueError(f"layer_norm takes {[str(d) for d in DTYPES]}, not {x.dtype}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in DTYPES:
+            raise ValueError(f"layer_norm takes {[str(d) for d in DTYPES]}, not {name} of {t.dtype}")
     n = x.shape[-1]
     if n > MAX_FEATURES or any(t is not None and t.shape != (n,) for t in (weight, bias)):
         raise ValueError(f"layer_norm normalises up to {MAX_FEATURES} features, with a weight and a bias of that "
                          f"many (or None); got {n} features, a weight of shape {_shape(weight)} and a bias of shape "
                          f"{_shape(bias)}")
+    check_devices("layer_norm", x=x, weight=weight, bias=bias)
 
 
 def _layer_norm_fake(x, weight, bias, eps, out_dtype):

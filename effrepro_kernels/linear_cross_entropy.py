@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET
+from .runtime import INTERPRET, check_devices
 from .torch_op import differentiable, kernel_op
 
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk (256 MB in bf16)
@@ -130,6 +130,14 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          f"(tokens,); got {tuple(h.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
     if h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"linear_cross_entropy takes float16, bfloat16 or float32, not {h.dtype}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"linear_cross_entropy takes targets of torch.int64 or torch.int32 (class indices), not "
+                         f"{targets.dtype}")
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"linear_cross_entropy takes chunk_rows an integer >= 1, or None for the default; got "
+                         f"chunk_rows={chunk_rows!r}")
     device = h.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
@@ -137,15 +145,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     elif h.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy takes h and weight of one dtype outside autocast; got {h.dtype} "
                          f"and {weight.dtype}")
+    check_devices("linear_cross_entropy", h=h, weight=weight, targets=targets)
     # a target outside the vocabulary would be read out of bounds; checked on the device, so the host never waits
     # (an error at the next synchronisation, as F.cross_entropy's own check gives on a GPU)
     outside = ((targets >= weight.shape[0]) | (targets < 0)) & (targets != ignore_index)
     torch._assert_async(~outside.any(), f"linear_cross_entropy: a target is outside [0, {weight.shape[0]}) and is "
                         f"not ignore_index={ignore_index}")
-    if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"linear_cross_entropy takes chunk_rows an integer >= 1, or None for the default; got "
-                         f"chunk_rows={chunk_rows!r}")
     gradients = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _linear_cross_entropy_function(h, weight, targets.contiguous(), ignore_index, chunk_rows, gradients)[0]

@@ -61,6 +61,20 @@ def runs_on(device) -> bool:
     return torch.device(device).type == "cuda" or INTERPRET
 
 
+def check_devices(op: str, **tensors: torch.Tensor | None) -> None:
+    """That `op`'s kernels can take these tensors (those given as None aside): all on one device, where they run
+    (`runs_on`), or meta tensors, which only the operators' fake versions see. Otherwise Triton fails deep inside
+    a launch ("0 active drivers"), or reads one device's pointer on another."""
+    devices = {t.device for t in tensors.values() if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op} takes its tensors on one device; got "
+                         + ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None))
+    (device,) = devices
+    if device.type != "meta" and not runs_on(device):
+        raise ValueError(f"{op} runs on CUDA devices (or on the CPU under TRITON_INTERPRET=1, for tests); got "
+                         f"tensors on {device}")
+
+
 # Launches of a prepared decode schedule skip Triton's argument binding (see `launch`); set
 # EFFREPRO_FAST_LAUNCH=0 to send every launch through Triton's JIT entry, should a Triton release change the
 # compiled kernel's calling convention (checked on the GPU with Triton 3.6; the same code in 3.9's source).

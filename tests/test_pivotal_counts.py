@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
+from effrepro_kernels import runtime
 from effrepro_kernels.pivotal_counts import ring_history, update_pivotal_counts
 from effrepro_kernels.reference import pivotal_counts_reference
 
@@ -40,6 +41,19 @@ def test_update_matches_reference_exactly(slots, n_visible, window, steps, plane
             expected = pivotal_counts_reference(probs, count, history, n_visible, step, window)
             update_pivotal_counts(scores, count, history, n_visible, step, window, lse=lse)
         assert torch.equal(count, expected[0]) and torch.equal(history, expected[1])
+
+
+def test_tensors_on_two_devices_or_where_the_kernel_does_not_run_are_named(monkeypatch):
+    def update(device, count_device):
+        probs, history = torch.rand(1, 2, 8, device=device), torch.zeros(1, 2, 8, 2, dtype=torch.uint8, device=device)
+        count = torch.zeros(1, 2, 8, dtype=torch.int32, device=count_device)
+        update_pivotal_counts(probs, count, history, 8, 0, window=16)
+
+    with pytest.raises(ValueError, match="one device; got probs on .*, count on meta"):
+        update(DEVICE, "meta")
+    monkeypatch.setattr(runtime, "INTERPRET", False)  # as on a machine without the interpreter
+    with pytest.raises(ValueError, match="update_pivotal_counts runs on CUDA devices .*; got tensors on cpu"):
+        update("cpu", "cpu")
 
 
 def test_bad_input_is_refused():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu
-from effrepro_kernels import flash_attn
+from effrepro_kernels import flash_attn, runtime
 from effrepro_kernels.bias_gelu import bias_gelu
 from effrepro_kernels.layer_norm import MAX_FEATURES, layer_norm
 from effrepro_kernels.linear_cross_entropy import linear_cross_entropy
@@ -222,12 +222,18 @@ def test_weights_and_biases_that_are_views_with_a_stride_are_read_as_their_value
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda: layer_norm(torch.ones(2, 4, dtype=torch.int32), torch.ones(4), torch.ones(4)), "not torch.int32"),
+    (lambda: layer_norm(torch.ones(2, 4, dtype=torch.int32), torch.ones(4), torch.ones(4)), "not x of torch.int32"),
     (lambda: layer_norm(torch.ones(2, MAX_FEATURES + 1), torch.ones(MAX_FEATURES + 1), torch.ones(MAX_FEATURES + 1)),
      f"up to {MAX_FEATURES} features"),
     (lambda: layer_norm(torch.ones(2, 4), torch.ones(5), torch.ones(5)), "weight of shape \\(5,\\)"),
     (lambda: layer_norm(torch.ones(2, 4), torch.ones(4), torch.ones(3)), "bias of shape \\(3,\\)"),
-    (lambda: bias_gelu(torch.ones(2, 4), torch.ones(3)), "bias \\(3,\\)"),
+    (lambda: layer_norm(torch.ones(2, 4), torch.ones(4, dtype=torch.int64), torch.ones(4)),
+     "not weight of torch.int64"),
+    (lambda: layer_norm(torch.ones(2, 4), None, torch.ones(4, dtype=torch.bool)), "not bias of torch.bool"),
+    (lambda: bias_gelu(torch.ones(2, 4), torch.ones(3)), "bias torch.float32 \\(3,\\)"),
+    (lambda: bias_gelu(torch.ones(2, 4), torch.ones(4, dtype=torch.int32)), "bias torch.int32 \\(4,\\)"),
+    (lambda: linear_cross_entropy(torch.ones(2, 4), torch.ones(9, 4), torch.zeros(2)),
+     "targets of torch.int64 or torch.int32 \\(class indices\\), not torch.float32"),
     (lambda: linear_cross_entropy(torch.ones(2, 4), torch.ones(9, 5), torch.zeros(2, dtype=torch.long)),
      "got \\(2, 4\\), \\(9, 5\\)"),
     (lambda: linear_cross_entropy(torch.ones(2, 4, dtype=torch.float64), torch.ones(9, 4, dtype=torch.float64),
@@ -240,6 +246,31 @@ def test_weights_and_biases_that_are_views_with_a_stride_are_read_as_their_value
 def test_bad_input_names_what_is_wrong(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# each kernel's wrapper given tensors made by make(name, *shape, dtype=...)
+CALLS = {
+    "layer_norm": lambda make: layer_norm(make("x", 2, 4), make("weight", 4), make("bias", 4)),
+    "bias_gelu": lambda make: bias_gelu(make("x", 2, 4), make("bias", 4)),
+    "linear_cross_entropy": lambda make: linear_cross_entropy(make("h", 2, 4), make("weight", 9, 4),
+                                                              make("targets", 2, dtype=torch.int64)),
+}
+
+
+@pytest.mark.parametrize("op,elsewhere", [("layer_norm", "bias"), ("bias_gelu", "bias"),
+                                          ("linear_cross_entropy", "weight"), ("linear_cross_entropy", "targets")])
+def test_tensors_on_two_devices_or_where_the_kernels_do_not_run_are_named(op, elsewhere, monkeypatch):
+    """Triton would fail deep inside the launch ("0 active drivers"), or read one device's pointer on another."""
+    def on(device, meta_one=None):
+        def make(name, *shape, dtype=torch.float32):
+            return torch.ones(*shape, dtype=dtype, device="meta" if name == meta_one else device)
+        return make
+
+    with pytest.raises(ValueError, match=f"{op} takes its tensors on one device; got .*{elsewhere} on meta"):
+        CALLS[op](on(DEVICE, elsewhere))
+    monkeypatch.setattr(runtime, "INTERPRET", False)  # as on a machine without the interpreter
+    with pytest.raises(ValueError, match=f"{op} runs on CUDA devices .*; got tensors on cpu"):
+        CALLS[op](on("cpu"))
 
 
 def test_fused_gpt2_gives_transformers_loss_and_gradients_with_the_same_parameters():
