@@ -96,7 +96,7 @@ def _corpus(spec) -> tuple[str, Callable[[], list[str]]]:
                           "Offline, use data.source=local (a folder of text files)") from None
     if spec.max_documents:
         ds = ds.select(range(min(len(ds), spec.max_documents)))
-    return f"{spec.source}:{spec.name}:{spec.split}:{len(ds)}", lambda: list(ds[spec.text_column])
+    return f"{spec.source}:{spec.name}:{spec.split}:{spec.text_column}:{len(ds)}", lambda: list(ds[spec.text_column])
 
 
 def _tokenizer(spec, documents: Callable[[], list[str]], cache: Path):

@@ -303,6 +303,22 @@ def test_corpus_from_a_local_folder_is_tokenised_once_and_cached(tmp_path, monke
     assert torch.equal(again.train, first.train) and cached.stat().st_mtime_ns == stamp
 
 
+def test_a_hub_corpus_read_from_another_text_column_is_tokenised_afresh(tmp_path, monkeypatch):
+    import datasets
+
+    from repro.text_data import load_token_stream
+
+    rows = {"text": [f"body of document {i}\n" * 5 for i in range(6)], "title": [f"title {i}" for i in range(6)]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict(rows))
+    spec = SimpleNamespace(source="some/hub_set", name=None, split="train", text_column="text", max_documents=None,
+                           tokenizer="bpe", vocab_size=300, val_fraction=0.2)
+    body = load_token_stream(spec, tmp_path / "cache")
+    titles = load_token_stream(SimpleNamespace(**{**vars(spec), "text_column": "title"}), tmp_path / "cache")
+    assert body.tokenizer.decode(body.train.tolist()).startswith("body of document 0")
+    assert titles.tokenizer.decode(titles.train.tolist()).startswith("title 0</s>title 1")
+    assert titles.fingerprint != body.fingerprint
+
+
 def test_documents_are_separated_by_the_separator_where_the_tokenizer_has_no_end_of_text(tmp_path, monkeypatch):
     """BERT's tokenizer has [SEP] and no end-of-text token."""
     from repro import text_data
