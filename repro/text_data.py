@@ -132,7 +132,18 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
     tokenizer settings and CACHE_VERSION, so a changed corpus or setting is tokenised afresh."""
     checks.number("data.val_fraction", spec.val_fraction, integer=False, above=0, below=1)
     corpus, read = _corpus(spec)
-    documents = functools.cache(read)
+
+    @functools.cache
+    def documents() -> list[str]:
+        texts = read()
+        if len(texts) < 2:  # refused before a tokenizer is trained on it
+            where = (f"data.folder={str(spec.folder or default_corpus())!r}, data.pattern={spec.pattern!r}, "
+                     f"data.max_files={spec.max_files}" if spec.source == "local" else
+                     f"data.source={spec.source!r}, data.max_documents={spec.max_documents}")
+            raise ConfigError(f"the corpus ({where}) holds {len(texts)} non-empty document(s): too few to hold out "
+                              f"the last data.val_fraction={spec.val_fraction} of them (one at least) for "
+                              "validation and train on the rest; use a larger corpus")
+        return texts
     settings = dict(version=CACHE_VERSION, corpus=corpus, tokenizer=spec.tokenizer, vocab_size=spec.vocab_size,
                     val_fraction=spec.val_fraction)
     key = fingerprint(settings)

@@ -367,6 +367,22 @@ def test_an_empty_corpus_folder_is_a_clear_error(tmp_path):
         load_token_stream(spec, tmp_path / "cache")
 
 
+@pytest.mark.parametrize("files, max_files", [(1, None), (3, 1)])
+def test_a_corpus_of_one_document_is_refused_before_a_tokenizer_is_trained(tmp_path, files, max_files):
+    from repro.text_data import load_token_stream
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(files):
+        (corpus / f"doc{i}.txt").write_text(f"text number {i}\n" * 10)
+    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=max_files, tokenizer="bpe",
+                           vocab_size=300, val_fraction=0.1)
+    with pytest.raises(ConfigError, match=rf"data.folder='{corpus}', data.pattern='\*.txt', data.max_files="
+                                          rf"{max_files}\) holds 1 non-empty document.*data.val_fraction=0.1"):
+        load_token_stream(spec, tmp_path / "cache")
+    assert not list(tmp_path.glob("cache/*/tokenizer.json"))
+
+
 def test_a_local_corpus_is_every_matching_file_below_the_folder_but_installed_packages(tmp_path):
     from repro.text_data import _local_files
 
