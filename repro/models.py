@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from .context import PROJECT_ROOT, ConfigError, capture_environment, fingerprint, resolve_device, utc_now
 from .evaluation import hub_error, perplexity, perplexity_rows, unigram_perplexity
 from .records import write_json_atomic
-from .text_data import SPECIAL_TOKENS, load_token_stream
+from .text_data import SPECIAL_TOKENS, load_token_stream, windows
 from .train import Trainee, TrainSpec, model_flops_per_token, step_generator, train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -291,12 +291,9 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
     its checkpoint beside `folder` (the training loop's)."""
     stream = load_token_stream(cfg.data, cfg.cache)
     seqlen, sequences = cfg.arch.context, cfg.batch.sequences
+    stream.check_fits(seqlen, "model.arch.context", "model.data")
     val = stream.val.long()
-    # computed first: it also refuses a validation part shorter than one chunk before any training
     unigram = unigram_perplexity(stream.train, val, seqlen, stream.vocab_size)
-    if len(stream.train) <= seqlen:
-        raise ConfigError(f"the corpus gives {len(stream.train)} training tokens, too few for sequences of "
-                          f"model.arch.context={seqlen}; use a larger corpus (model.data.folder, max_files)")
     config = llama_config(cfg.arch, stream.tokenizer)
     check_fits(config, torch.float32, device, f"model={cfg.name}")
     model = _seeded_llama(config, cfg.seed)
@@ -306,8 +303,7 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
         gen = step_generator(cfg.seed, step, rank)
         micro = []
         for _ in range(spec.grad_accum):
-            starts = torch.randint(0, len(stream.train) - seqlen, (sequences,), generator=gen).tolist()
-            x = torch.stack([stream.train[s:s + seqlen] for s in starts]).long()
+            x = windows(stream.train, sequences, seqlen, gen)
             micro.append({"input_ids": x, "labels": x})  # transformers shifts the labels itself
         return micro
 

@@ -44,13 +44,20 @@ class TokenStream:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    def check_fits(self, seq_len: int, key: str) -> None:
-        """ConfigError, naming the config `key` of the sequence length, where either part holds no sequence of
-        `seq_len` tokens and its next-token targets."""
-        if min(len(self.train), len(self.val)) <= seq_len + 1:
+    def check_fits(self, seq_len: int, key: str, data: str = "data") -> None:
+        """ConfigError, naming the config `key` of the sequence length and the corpus's keys (under `data`), where
+        either part is too short for `windows` of `seq_len` tokens (or one perplexity chunk of them)."""
+        if min(len(self.train), len(self.val)) <= seq_len:
             raise ConfigError(f"the corpus gives {len(self.train)} training and {len(self.val)} validation tokens, "
-                              f"too few for sequences of {key}={seq_len}; use a larger corpus (data.folder) or a "
-                              f"shorter {key}")
+                              f"too few for sequences of {key}={seq_len}; use a larger corpus ({data}.folder, "
+                              f"{data}.max_files), a larger {data}.val_fraction, or a shorter {key}")
+
+
+def windows(ids: torch.Tensor, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` windows of `length` tokens from random places in `ids`, as int64 (n, length): the training tasks'
+    sequences. `ids` must be longer than `length` (`TokenStream.check_fits`)."""
+    starts = torch.randint(0, len(ids) - length, (n,), generator=generator)
+    return torch.stack([ids[s:s + length] for s in starts.tolist()]).long()
 
 
 def _local_files(folder: str | None, pattern: str, max_files: int | None) -> list[Path]:

@@ -144,6 +144,17 @@ def test_the_trained_model_trains_once_caches_with_its_commit_and_perplexities_a
         trained_dir(cfg)  # another setting is another model
 
 
+def test_a_corpus_too_small_for_the_trained_models_context_is_refused_naming_the_models_keys(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}.py").write_text(f"x = {i}\n")
+    cfg = model_config("trained_tiny", f"model.cache={tmp_path}", f"model.data.folder={corpus}")
+    with pytest.raises(ConfigError, match=r"too few for sequences of model.arch.context=64; use a larger corpus "
+                                          r"\(model.data.folder, model.data.max_files\), a larger model.data.val_"):
+        load_model(cfg, "cpu")
+
+
 @pytest.mark.slow
 def test_smollm2_loads_offline_and_gives_a_real_perplexity_on_pydoc_text():
     pytest.importorskip("gguf")

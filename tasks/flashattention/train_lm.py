@@ -24,7 +24,7 @@ from repro.bench import require_triton
 from repro.checks import as_list, choice
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
-from repro.text_data import TokenStream, load_token_stream
+from repro.text_data import TokenStream, load_token_stream, windows
 from repro.train import (Candidate, Trainee, TrainSpec, final_rows, init_distributed, model_flops_per_token,
                          step_generator, throughput_ratios, train_from_config)
 
@@ -81,11 +81,6 @@ def _build_transformers_model(spec, tokenizer, seq_len: int, attention: str, dev
     return AutoModelForMaskedLM.from_config(config, attn_implementation=attention)
 
 
-def _windows(ids: torch.Tensor, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(ids) - length, (n,), generator=gen)
-    return torch.stack([ids[s:s + length] for s in starts.tolist()]).long()
-
-
 def _mask_tokens(x: torch.Tensor, tokenizer, gen: torch.Generator, rate: float = 0.15):
     """BERT's masking: `rate` of the positions are predicted; of those 80% become <mask>, 10% a random token,
     10% stay."""
@@ -101,9 +96,9 @@ def _mask_tokens(x: torch.Tensor, tokenizer, gen: torch.Generator, rate: float =
 
 def make_batch(family: str, ids: torch.Tensor, batch: int, seq_len: int, tokenizer, gen: torch.Generator) -> dict:
     if family == "gpt2":
-        x = _windows(ids, batch, seq_len, gen)
+        x = windows(ids, batch, seq_len, gen)
         return {"input_ids": x, "labels": x}  # transformers shifts the labels itself
-    body = _windows(ids, batch, seq_len - 2, gen)
+    body = windows(ids, batch, seq_len - 2, gen)
     cls = torch.full((batch, 1), tokenizer.cls_token_id)
     sep = torch.full((batch, 1), tokenizer.sep_token_id)
     x, labels = _mask_tokens(torch.cat([cls, body, sep], 1), tokenizer, gen)

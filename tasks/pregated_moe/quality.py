@@ -19,7 +19,7 @@ import torch
 from repro import checks
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
-from repro.text_data import TokenStream, load_token_stream
+from repro.text_data import TokenStream, load_token_stream, windows
 from repro.train import (Candidate, Trainee, TrainSpec, final_rows, model_flops_per_token, step_generator,
                          train_from_config)
 
@@ -43,12 +43,6 @@ def pregated_twin(model: SwitchLM) -> SwitchLM:
         state[f"blocks.{this}.ffn.pregate.classifier.weight"] = gate
     twin.load_state_dict(state)  # strict: every weight of the twin is set, none is left over
     return twin
-
-
-def windows(ids: torch.Tensor, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """`n` random windows of `length` tokens."""
-    starts = torch.randint(0, len(ids) - length, (n,), generator=gen)
-    return torch.stack([ids[s:s + length] for s in starts.tolist()]).long()
 
 
 def candidates(cfg, ctx: RunContext, data: TokenStream) -> list[Candidate]:
