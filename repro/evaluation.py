@@ -106,8 +106,14 @@ def eval_text(name: str, tokenizer, *, data=None, cache: str | Path | None = Non
         documents, joiner = _hub_documents(name), HUB_TEXTS[name].joiner
     else:
         raise ConfigError(f"evaluation text {name!r} is not one of {list(TEXTS)}")
-    # verbose=False: the text is longer than the model's context on purpose; perplexity() cuts it into chunks
-    ids = tokenizer(joiner.join(documents), verbose=False)["input_ids"]
+    return text_ids(tokenizer, joiner.join(documents))
+
+
+def text_ids(tokenizer, text: str) -> torch.Tensor:
+    """The token ids (1-d LongTensor) of a raw text, tokenized at once. A special token's string in the text
+    ('</s>' in a source file) is text, not that token: an end-of-text inside a document would not be one."""
+    # verbose=False: the text is longer than the model's context on purpose; it is cut into chunks or windows
+    ids = tokenizer(text, verbose=False, split_special_tokens=True)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 

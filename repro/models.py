@@ -33,7 +33,9 @@ from .train import Trainee, TrainSpec, model_flops_per_token, step_generator, tr
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The weights alone must fit this many times over: activations, logits and the loader's temporary copies need room.
 MEMORY_HEADROOM = 1.2
-TRAINED_VERSION = 1  # in a trained model's fingerprint: bump it when a change here would train a different model
+# in a trained model's fingerprint: bump it when a change here or in its corpus's tokens would train a different
+# model (2: special tokens' strings in the corpus are text, repro.text_data.CACHE_VERSION 2)
+TRAINED_VERSION = 2
 OFFLINE_MODELS = "model=tiny_llama, smollm2 or trained"
 
 

@@ -22,7 +22,7 @@ from . import checks
 from .context import ConfigError, fingerprint
 from .records import replace_atomically, write_json_atomic
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: special tokens' strings in a document are text
 TOKENIZE_BATCH = 1024  # documents
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
 
@@ -176,7 +176,10 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
             for start in tqdm(range(0, len(docs), TOKENIZE_BATCH), desc=f"tokenising {part}", unit="batch",
                               disable=len(docs) <= TOKENIZE_BATCH):
                 batch = []
-                for enc in tokenizer(docs[start:start + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]:
+                # split_special_tokens: a special token's string in a document ('</s>' in a source file) is text
+                encoded = tokenizer(docs[start:start + TOKENIZE_BATCH], add_special_tokens=False,
+                                    split_special_tokens=True)["input_ids"]
+                for enc in encoded:
                     batch += enc + [eos]
                 pieces.append(torch.tensor(batch, dtype=torch.int32))
             return torch.cat(pieces)

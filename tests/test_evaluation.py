@@ -123,6 +123,20 @@ def test_stdlib_text_is_the_held_out_part_of_the_corpus(tmp_path):
     assert not any(f"function_{i}" in text for i in range(8))
 
 
+def test_a_special_tokens_string_in_an_evaluation_text_is_text(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    documents = [f"html = '<s>{i}</s>'\n" * 3 for i in range(4)]
+    for i, document in enumerate(documents):
+        (corpus / f"doc{i}.txt").write_text(document)
+    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
+                           vocab_size=300, val_fraction=0.5)
+    tok = byte_tokenizer()
+    ids = eval_text("stdlib", tok, data=spec, cache=tmp_path / "cache")
+    assert tok.decode(ids) == "\n\n".join(documents[2:])  # the held-out documents whole, not cut at '</s>'
+    assert not {tok.bos_token_id, tok.eos_token_id} & set(ids.tolist())
+
+
 def test_an_unknown_evaluation_text_is_a_config_error_naming_the_known_ones():
     with pytest.raises(ConfigError, match=r"'wikitext3' is not one of .*'pydoc'.*'wikitext2'.*'c4'"):
         eval_text("wikitext3", byte_tokenizer())

@@ -341,6 +341,23 @@ def test_documents_are_separated_by_the_separator_where_the_tokenizer_has_no_end
     assert stream.tokenizer.eos_token_id is None and (stream.train == sep).sum() == 3 and stream.val[-1] == sep
 
 
+def test_a_special_tokens_string_in_a_document_is_text_not_that_token(tmp_path):
+    from repro.text_data import load_token_stream
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    documents = [f"html = '<s>{i}</s>'\n" * 5 for i in range(5)]
+    for i, document in enumerate(documents):
+        (corpus / f"doc{i}.txt").write_text(document)
+    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
+                           vocab_size=300, val_fraction=0.2)
+    stream = load_token_stream(spec, tmp_path / "cache")
+    tok = stream.tokenizer
+    assert (stream.train == tok.eos_token_id).sum() == 4 and (stream.val == tok.eos_token_id).sum() == 1
+    assert not (stream.train == tok.bos_token_id).any()
+    assert tok.decode(stream.train.tolist()) == "".join(d + "</s>" for d in documents[:4])
+
+
 def test_a_corpus_tokenised_in_batches_gives_the_ids_of_one_pass(tmp_path, monkeypatch):
     from repro import text_data
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from repro.context import ConfigError
-from repro.evaluation import hub_error
+from repro.evaluation import hub_error, text_ids
 from repro.text_data import load_token_stream
 from repro.train import step_generator
 
@@ -53,8 +53,7 @@ def training_ids(name: str, tokenizer, *, data, cache, max_tokens: int | None = 
         documents = _corpus_documents(stream, max_tokens)
     else:
         raise ConfigError(f"text.name={name!r} is not one of {list(TRAIN_TEXTS)}")
-    # verbose=False: the text is longer than the model's context on purpose; it is cut into windows
-    return torch.tensor(tokenizer("\n\n".join(documents), verbose=False)["input_ids"], dtype=torch.long)
+    return text_ids(tokenizer, "\n\n".join(documents))
 
 
 def check_length(ids: torch.Tensor, samples: int, seqlen: int, what: str, text: str = "the training text",
