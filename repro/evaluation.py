@@ -44,17 +44,23 @@ HUB_TEXTS = {
 TEXTS = ("stdlib", "pydoc", *HUB_TEXTS)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message, then those of the exception it was
+    raised from (`datasets` wraps the informative one)."""
+    lines = str(exc).splitlines()
+    line = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return line if exc.__cause__ is None else f"{line} (from {first_line(exc.__cause__)})"
+
+
 def hub_error(what: str, exc: Exception, offline_choices: str) -> ConfigError:
-    """Something could not be fetched from the Hugging Face Hub: say so, and what works offline instead."""
+    """Something could not be fetched from the Hugging Face Hub: say so, with the exception (it may be another
+    fault than the Hub), and what works offline instead."""
     offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
                if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
-    if offline:
-        reason = f"the Hugging Face Hub is not reachable (offline mode: {offline[0]}=1)"
-    else:
-        detail = (str(exc) or type(exc).__name__).splitlines()[0]
-        reason = f"the Hugging Face Hub is not reachable or does not have it ({type(exc).__name__}: {detail})"
-    return ConfigError(f"{what} could not be loaded: {reason}, and it is not in the local cache; offline, use "
-                       f"{offline_choices}")
+    reason = (f"the Hugging Face Hub is not reachable (offline mode: {offline[0]}=1)" if offline
+              else "the Hugging Face Hub is not reachable or does not have it")
+    return ConfigError(f"{what} could not be loaded ({first_line(exc)}): {reason}, and it is not in the local "
+                       f"cache; offline, use {offline_choices}")
 
 
 def _held_out_documents(data, cache: str | Path) -> list[str]:

@@ -17,7 +17,7 @@ from lm_eval.api.model import TemplateLM
 from tqdm.auto import tqdm
 
 from .context import ConfigError
-from .evaluation import Forward, context_length, hub_error, model_device, plain_forward
+from .evaluation import Forward, context_length, first_line, hub_error, model_device, plain_forward
 from .records import Row
 
 LOCAL_TASKS = Path(__file__).parent / "lm_tasks"
@@ -90,13 +90,21 @@ def task_manager(tasks: tuple[str, ...], key: str = "tasks"):
         raise ConfigError(f"{key}: {exc}") from None
 
 
+@functools.cache
+def _local_task_manager():
+    """A TaskManager of our own tasks (LOCAL_TASKS) alone: it indexes in milliseconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
+
+
 @functools.lru_cache(maxsize=4)
 def _task_manager(tasks: tuple[str, ...]):
     """lm-eval's own ~15,000 tasks are indexed (about 8 s) only when one is asked for, and once per process: the
     task's check before any work and its evaluation share it."""
     from lm_eval.tasks import TaskManager
 
-    local = TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
+    local = _local_task_manager()
     if all(task in local.all_tasks for task in tasks):
         return local
     manager = TaskManager(include_path=str(LOCAL_TASKS))
@@ -119,7 +127,11 @@ def evaluate_multiple_choice(lm: EffreproLM, tasks: list[str], num_fewshot: int 
     try:
         loaded = manager.load(tasks)["tasks"]  # reads the tasks' datasets: where the Hub is needed, it fails here
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds offline
-        raise hub_error(f"lm-eval tasks {tasks}", exc, "our local task effrepro_mc") from None
+        from_hub = [task for task in tasks if task not in _local_task_manager().all_tasks]
+        if from_hub:
+            raise hub_error(f"lm-eval tasks {from_hub}", exc, "our local task effrepro_mc") from None
+        raise ConfigError(f"lm-eval tasks {tasks} (ours, in {LOCAL_TASKS}) could not be loaded: "
+                          f"{first_line(exc)}") from None
     for task in loaded.values():  # what simple_evaluate would set, without its environment report (seconds a call)
         task.set_config(key="num_fewshot", value=num_fewshot)
         task.set_fewshot_seed(seed=1234)

@@ -2,6 +2,7 @@
 held to hand computations on a tiny random Llama (fp32, fresh random ids, odd sizes)."""
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -10,12 +11,26 @@ from conftest import CONF
 from hydra import compose, initialize_config_dir
 from lm_eval.api.instance import Instance
 
+from repro import lm_harness
 from repro.context import ConfigError
 from repro.evaluation import PerplexityResult, eval_text, perplexity, perplexity_rows, unigram_perplexity
 from repro.lm_harness import LOCAL_TASKS, EffreproLM, evaluate_multiple_choice, multiple_choice_rows
 from repro.models import byte_tokenizer, load_model
 
 FIXTURE = LOCAL_TASKS / "effrepro_mc" / "effrepro_mc.jsonl"
+
+
+@pytest.fixture
+def local_task(tmp_path, monkeypatch):
+    """A copy of our local task's folder, read in place of repro/lm_tasks/: a test may change it."""
+    folder = tmp_path / "lm_tasks"
+    shutil.copytree(LOCAL_TASKS, folder)
+    monkeypatch.setattr(lm_harness, "LOCAL_TASKS", folder)
+    for manager in (lm_harness._local_task_manager, lm_harness._task_manager):
+        manager.cache_clear()
+    yield folder / "effrepro_mc"
+    for manager in (lm_harness._local_task_manager, lm_harness._task_manager):
+        manager.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +160,8 @@ def test_an_unknown_evaluation_text_is_a_config_error_naming_the_known_ones():
 def test_a_hub_evaluation_text_offline_says_the_hub_is_not_reachable(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(ConfigError, match=r"'wikitext2' .*Hub is not reachable.*use stdlib or pydoc"):
+    with pytest.raises(ConfigError, match=r"'wikitext2' .*could not be loaded \(ConnectionError: .*\): the .*Hub "
+                                          r"is not reachable.*use stdlib or pydoc"):
         eval_text("wikitext2", byte_tokenizer())
 
 
@@ -232,3 +248,13 @@ def test_the_local_task_runs_end_to_end_and_scores_every_question(tiny):
     assert {(r.metric, r.unit, r.n, r.extra["benchmark"]) for r in rows} == {
         ("accuracy", "fraction", 4, "effrepro_mc"), ("accuracy_norm", "fraction", 4, "effrepro_mc")}
 
+
+
+def test_a_local_task_that_cannot_be_loaded_says_why_and_blames_no_hub(tiny, local_task, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    questions = local_task / "effrepro_mc.jsonl"
+    questions.write_text(questions.read_text() + '{"question": "a line cut short", "choi\n')
+    with pytest.raises(ConfigError) as error:
+        evaluate_multiple_choice(EffreproLM(*tiny), ["effrepro_mc"])
+    assert "lm-eval tasks ['effrepro_mc'] (ours, in" in str(error.value) and "Hub" not in str(error.value)
+    assert "JSON parse error" in str(error.value)  # what datasets said: its exception's cause
