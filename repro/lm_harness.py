@@ -40,6 +40,7 @@ class EffreproLM(TemplateLM):
         # batch padded to its longest request: batches then hold requests of one length only
         self.equal_lengths = equal_lengths
         self.max_length = context_length(model) or 2048  # lm-eval's own default where a config does not say
+        self._tasks: dict[tuple[str, str], str | None] = {}  # (context, continuation) -> the task that asked
 
     @property
     def eot_token_id(self) -> int:
@@ -48,7 +49,18 @@ class EffreproLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # which task asked what, for the error on a request the model cannot score (TemplateLM passes on the text)
+        self._tasks = {request.args: request.task_name for request in requests}
+        return super().loglikelihood(requests, disable_tqdm)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        for (context, continuation), _, target in requests:
+            if len(target) > self.max_length:
+                raise ConfigError(f"lm-eval task {self._tasks.get((context, continuation))!r} has an answer of "
+                                  f"{len(target)} tokens ({continuation[:40]!r}...), more than the model's context "
+                                  f"of max_length={self.max_length} tokens can score; use a model with a longer "
+                                  "context (its config's max_position_embeddings)")
         # The model reads context + continuation but its last token (kept to its context length, from the left);
         # the continuation's tokens are predicted at the last positions.
         inputs = [(context + continuation)[-(self.max_length + 1):-1] for _, context, continuation in requests]

@@ -212,6 +212,14 @@ def test_with_equal_lengths_a_score_sees_no_padding_and_the_same_answers(tiny):
     assert sum(ids.shape[0] for ids in seen) == len(pairs)
 
 
+def test_an_answer_longer_than_the_models_context_is_a_clear_error(tiny):
+    model, tok = tiny
+    request = Instance("loglikelihood", doc={}, arguments=("Q:", " x" * 200), idx=0, metadata=("long_task", 0, 1))
+    with pytest.raises(ConfigError, match=r"lm-eval task 'long_task' has an answer of 400 tokens \(' x x.*\), more "
+                                          r"than the model's context of max_length=320 tokens"):
+        EffreproLM(model, tok).loglikelihood([request], disable_tqdm=True)
+
+
 def test_the_lm_eval_wrapper_scores_through_the_callable_it_is_given(tiny):
     model, tok = tiny
     uniform = EffreproLM(model, tok, score=lambda m, ids: torch.zeros(*ids.shape, len(tok)))
