@@ -130,10 +130,12 @@ def _task_manager(tasks: tuple[str, ...]):
 def evaluate_multiple_choice(lm: EffreproLM, tasks: list[str], num_fewshot: int = 0, limit: int | None = None
                              ) -> dict[str, dict]:
     """Run lm-eval's `tasks` on `lm`, each with `num_fewshot` examples (the first `limit` questions only, if
-    given). Per task (a group's tasks one by one): accuracy (acc), accuracy with each choice's log-likelihood
-    per character (acc_norm, None where the task has none), the standard error of acc, and the number of
-    questions scored (n)."""
+    given); as in lm-eval, a task whose config pins num_fewshot to 0 runs zero-shot. Per task (a group's tasks
+    one by one): accuracy (acc), accuracy with each choice's log-likelihood per character (acc_norm, None where
+    the task has none), the standard error of acc, the number of questions scored (n) and of examples shown
+    (num_fewshot)."""
     import lm_eval.evaluator
+    from lm_eval.defaults import DEFAULT_OTHER_SEED
 
     manager = task_manager(tuple(tasks))
     try:
@@ -144,24 +146,29 @@ def evaluate_multiple_choice(lm: EffreproLM, tasks: list[str], num_fewshot: int 
             raise hub_error(f"lm-eval tasks {from_hub}", exc, "our local task effrepro_mc") from None
         raise ConfigError(f"lm-eval tasks {tasks} (ours, in {LOCAL_TASKS}) could not be loaded: "
                           f"{first_line(exc)}") from None
-    for task in loaded.values():  # what simple_evaluate would set, without its environment report (seconds a call)
-        task.set_config(key="num_fewshot", value=num_fewshot)
-        task.set_fewshot_seed(seed=1234)
+    # what simple_evaluate sets, without its environment report (seconds a call, and a sweep makes many calls):
+    # `num_fewshot` for every task but one whose config pins it to 0, which lm-eval never overrides
+    for task in loaded.values():
+        if task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
     results = lm_eval.evaluator.evaluate(lm, loaded, limit=limit, log_samples=False, verbosity="WARNING")
     return {task: {"acc": results["results"][task]["acc,none"],
                    "acc_norm": results["results"][task].get("acc_norm,none"),
                    "stderr": results["results"][task]["acc_stderr,none"],
-                   "n": results["n-samples"][task]["effective"]}
+                   "n": results["n-samples"][task]["effective"],
+                   "num_fewshot": results["n-shot"][task]}
             for task in loaded}
 
 
 def multiple_choice_rows(scores: dict[str, dict], provider: str, x_name: str, x_value, extra: dict | None = None
                          ) -> list[Row]:
     """Scores of `evaluate_multiple_choice` as run-record rows: accuracy and accuracy_norm (fractions) per
-    task (the `benchmark` extra), n the questions scored, the standard error in the extras."""
+    task (the `benchmark` extra), n the questions scored, the standard error and the examples shown in the
+    extras."""
     rows = []
     for task, s in scores.items():
-        more = {**(extra or {}), "benchmark": task, "stderr": s["stderr"]}
+        more = {**(extra or {}), "benchmark": task, "stderr": s["stderr"], "num_fewshot": s["num_fewshot"]}
         for metric, value in (("accuracy", s["acc"]), ("accuracy_norm", s["acc_norm"])):
             if value is not None:
                 rows.append(Row(provider, x_name, x_value, metric, "fraction", value, n=s["n"], extra=more))

@@ -250,11 +250,11 @@ def test_the_local_task_runs_end_to_end_and_scores_every_question(tiny):
     zero_shot = max(widths)
     widths.clear()
     few_shot = evaluate_multiple_choice(EffreproLM(model, tok, score=score), ["effrepro_mc"], num_fewshot=3, limit=4)
-    assert few_shot["effrepro_mc"]["n"] == 4
+    assert (few_shot["effrepro_mc"]["n"], few_shot["effrepro_mc"]["num_fewshot"]) == (4, 3)
     assert max(widths) > zero_shot  # the examples are in the prompt
     rows = multiple_choice_rows(few_shot, "tiny_llama", "num_fewshot", 3)
-    assert {(r.metric, r.unit, r.n, r.extra["benchmark"]) for r in rows} == {
-        ("accuracy", "fraction", 4, "effrepro_mc"), ("accuracy_norm", "fraction", 4, "effrepro_mc")}
+    assert {(r.metric, r.unit, r.n, r.extra["benchmark"], r.extra["num_fewshot"]) for r in rows} == {
+        ("accuracy", "fraction", 4, "effrepro_mc", 3), ("accuracy_norm", "fraction", 4, "effrepro_mc", 3)}
 
 
 
@@ -266,3 +266,19 @@ def test_a_local_task_that_cannot_be_loaded_says_why_and_blames_no_hub(tiny, loc
         evaluate_multiple_choice(EffreproLM(*tiny), ["effrepro_mc"])
     assert "lm-eval tasks ['effrepro_mc'] (ours, in" in str(error.value) and "Hub" not in str(error.value)
     assert "JSON parse error" in str(error.value)  # what datasets said: its exception's cause
+
+
+def test_a_task_whose_config_pins_zero_shot_stays_zero_shot_as_in_lm_eval(tiny, local_task):
+    config = local_task / "effrepro_mc.yaml"
+    config.write_text(config.read_text() + "num_fewshot: 0\n")
+    model, tok = tiny
+    widths = {}
+
+    def score(shots):
+        def forward(model, ids):
+            widths.setdefault(shots, []).append(ids.shape[1])
+            return model(input_ids=ids).logits
+        return forward
+    asked = {shots: evaluate_multiple_choice(EffreproLM(model, tok, score=score(shots)), ["effrepro_mc"],
+                                             num_fewshot=shots, limit=4)["effrepro_mc"] for shots in (0, 3)}
+    assert asked[3]["num_fewshot"] == asked[0]["num_fewshot"] == 0 and widths[3] == widths[0]
