@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import has_bos_prefix
 from tqdm.auto import tqdm
 
 from .context import ConfigError
@@ -28,7 +29,13 @@ class EffreproLM(TemplateLM):
     (TemplateLM); here every batch of sequences goes through `score` (default: a plain forward pass) and a
     continuation's log-likelihood is the sum of its tokens' log-probabilities. `score(model, ids) -> logits`
     gets the ids on the model's device, as `perplexity`'s `forward` does. Only log-likelihood requests are
-    served: the multiple-choice tasks the papers report need nothing else."""
+    served: the multiple-choice tasks the papers report need nothing else.
+
+    A context is tokenized as the tokenizer does by default, as lm-eval's own HF model and `eval_text` do: with
+    a BOS where the tokenizer adds one (OPT's and Llama's; SmolLM2's and this suite's own add none). An empty
+    context is the end-of-text token (TemplateLM's prefix), where lm-eval's HF model takes the BOS if the
+    tokenizer has one: this suite's trained models never saw their BOS, as their documents follow an
+    end-of-text."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, score: Forward | None = None, batch_size: int = 8,
                  equal_lengths: bool = False):
@@ -47,7 +54,11 @@ class EffreproLM(TemplateLM):
         return self.tokenizer.eos_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+        # as lm-eval's own HF model: unless told, the tokenizer's default (its BOS where it adds one, as
+        # `eval_text` has it for perplexity), and no second BOS before a string that starts with one
+        if add_special_tokens is None:
+            add_special_tokens = not has_bos_prefix(string, self.tokenizer.bos_token)
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         # which task asked what, for the error on a request the model cannot score (TemplateLM passes on the text)

@@ -193,6 +193,22 @@ def test_the_lm_eval_wrapper_scores_a_choice_as_a_direct_forward_pass(tiny):
         assert greedy == (predicted.argmax(-1).tolist() == target)
 
 
+def test_a_context_gets_the_bos_its_tokenizer_adds_once_as_in_lm_eval(tiny):
+    from tokenizers import processors
+
+    model, tok = tiny
+    with_bos = byte_tokenizer()
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", with_bos.bos_token_id)])
+    pairs = [("The sky is", " blue"), ("<s>The sky is", " blue")]  # a BOS already there is not doubled
+    got = EffreproLM(model, with_bos).loglikelihood(requests(pairs), disable_tqdm=True)
+    ids = [tok.bos_token_id] + tok.encode("The sky is blue", add_special_tokens=False)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    expected = sum(log_probs[len(ids) - 6 + j, t].item() for j, t in enumerate(ids[-5:]))
+    assert [x for x, _ in got] == pytest.approx([expected, expected], rel=1e-5)
+
+
 def test_with_equal_lengths_a_score_sees_no_padding_and_the_same_answers(tiny):
     """A KV budget taken as a fraction of the batch's length must see each request's own length."""
     model, tok = tiny
