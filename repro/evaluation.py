@@ -154,11 +154,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def _chunks(ids: torch.Tensor, seqlen: int) -> tuple[torch.Tensor, int]:
     """(chunks, seqlen) non-overlapping chunks of `ids`, and how many tokens of a partial last chunk are left out."""
     if seqlen < 2:
-        raise ConfigError(f"seqlen={seqlen} scores nothing (the first token of a chunk is not scored); use 2 or more")
+        raise ConfigError(f"eval.seqlen={seqlen} scores nothing (the first token of a chunk is not scored); use 2 "
+                          "or more")
     count = len(ids) // seqlen
     if count == 0:
-        raise ConfigError(f"the evaluation text has {len(ids)} tokens, fewer than one chunk of seqlen={seqlen}; "
-                          "use a shorter seqlen or a longer text")
+        raise ConfigError(f"the evaluation text has {len(ids)} tokens, fewer than one chunk of eval.seqlen={seqlen}; "
+                          "use a shorter eval.seqlen or a longer text")
     return ids[:count * seqlen].view(count, seqlen), len(ids) - count * seqlen
 
 
@@ -171,11 +172,12 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, *, batch_
                forward: Forward | None = None, progress: bool = True) -> PerplexityResult:
     """Perplexity of `model` on `ids` by the papers' protocol (module docstring): chunks of `seqlen` tokens,
     `batch_size` at a time, each run through `forward(model, chunk_ids) -> logits` (a plain forward pass by
-    default; the ids arrive on the model's device). `seqlen` may not exceed the model's context."""
+    default; the ids arrive on the model's device). `seqlen` (the tasks' eval.seqlen, as errors name it) may not
+    exceed the model's context."""
     limit = context_length(model)
     if limit is not None and seqlen > limit:
-        raise ConfigError(f"seqlen={seqlen} is longer than the model's context of {limit} positions "
-                          f"(config.max_position_embeddings); use seqlen <= {limit}")
+        raise ConfigError(f"eval.seqlen={seqlen} is longer than the model's context of {limit} positions "
+                          f"(config.max_position_embeddings); use eval.seqlen <= {limit}")
     chunks, dropped = _chunks(ids, seqlen)
     forward = forward or plain_forward
     device = model_device(model)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONF
+from conftest import CONF, run_inline
 from hydra import compose, initialize_config_dir
 from lm_eval.api.instance import Instance
 
@@ -102,13 +102,29 @@ def test_unigram_perplexity_is_add_one_frequencies_on_the_scored_tokens():
 
 def test_a_seqlen_longer_than_the_models_context_is_a_config_error(tiny):
     model, tok = tiny
-    with pytest.raises(ConfigError, match=r"seqlen=321 is longer than the model's context of 320 .*seqlen <= 320"):
+    with pytest.raises(ConfigError, match=r"eval.seqlen=321 is longer than the model's context of 320 .*eval.seqlen "
+                                          r"<= 320"):
         perplexity(model, random_ids(700, len(tok)), 321, progress=False)
+
+
+def test_an_eval_seqlen_longer_than_a_built_models_context_is_refused_before_loading(refusal):
+    assert "eval.seqlen=1000 is longer than the model's context of 256 tokens (model.arch.context)" in refusal(
+        "task=lm_eval", "model=tiny_llama", "eval.seqlen=1000")
+
+
+def test_the_trained_models_own_validation_rows_count_the_tokens_scored(tmp_path):
+    code, _, err = run_inline("task=lm_eval", "model=trained_tiny", f"model.cache={tmp_path}", "eval.texts=[]",
+                              "eval.tasks=[]", "logger=none", f"hydra.run.dir={tmp_path}/job")
+    assert code == 0, err[-2000:]
+    record = json.loads((tmp_path / "job" / "record.json").read_text())
+    rows = [row for row in record["rows"] if row["x_value"] == "stdlib_val"]
+    scored = record["env"]["trained_model"]["scored_tokens"]
+    assert len(rows) == 2 and scored > 1000 and all(row["n"] == scored for row in rows)
 
 
 def test_a_text_shorter_than_one_chunk_is_a_config_error(tiny):
     model, tok = tiny
-    with pytest.raises(ConfigError, match=r"has 10 tokens, fewer than one chunk of seqlen=16"):
+    with pytest.raises(ConfigError, match=r"has 10 tokens, fewer than one chunk of eval.seqlen=16"):
         perplexity(model, random_ids(10, len(tok)), 16, progress=False)
     with pytest.raises(ConfigError, match=r"seqlen=1 scores nothing"):
         perplexity(model, random_ids(10, len(tok)), 1, progress=False)

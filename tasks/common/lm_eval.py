@@ -20,7 +20,17 @@ from repro.records import Row
 def validate(cfg: DictConfig) -> None:
     require_model(cfg, "evaluates a pretrained model")
     validate_eval(cfg.eval)
+    check_seqlen(cfg)
     check_tasks("eval.tasks", cfg.eval.tasks)
+
+
+def check_seqlen(cfg: DictConfig) -> None:
+    """eval.seqlen within the model's context where the model's config says it (model.arch.context: the models
+    this suite builds); a Hub or GGUF model's is checked once loaded (repro.evaluation.perplexity)."""
+    arch = cfg.model.get("arch")
+    if arch is not None and cfg.eval.seqlen > arch.context:
+        raise ConfigError(f"eval.seqlen={cfg.eval.seqlen} is longer than the model's context of {arch.context} "
+                          f"tokens (model.arch.context); use eval.seqlen <= {arch.context}")
 
 
 def validate_texts(e: DictConfig) -> None:
@@ -85,7 +95,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
         ctx.env["trained_model"] = {k: meta[k] for k in meta if k != "rows"}
         for metric in ("val_perplexity", "unigram_val_perplexity"):
             yield Row(name if metric == "val_perplexity" else "unigram", "text", "stdlib_val", "perplexity", "ppl",
-                      meta[metric], n=1, extra={**extra, "source": "training's own validation"})
+                      meta[metric], n=meta["scored_tokens"], extra={**extra, "source": "training's own validation"})
     tasks = checks.as_list(cfg.eval.tasks)
     if tasks:
         lm = EffreproLM(model, tokenizer, batch_size=cfg.eval.batch_size)

@@ -34,7 +34,7 @@ from repro.context import ConfigError, RunContext
 from repro.evaluation import context_length, eval_text, perplexity, perplexity_rows
 from repro.models import load_model, require_model
 from repro.records import Row, largest_x_within
-from tasks.common.lm_eval import check_tasks, validate_texts
+from tasks.common.lm_eval import check_seqlen, check_tasks, validate_texts
 
 from . import bench
 from .generate import KV_BITS, REFERENCE, decode_logits
@@ -183,10 +183,8 @@ def validate(cfg: DictConfig) -> None:
                               checks.as_list(mc.bits)), "mc.policies")
     if "multiple_choice" in experiments:
         check_tasks("mc.tasks", mc.tasks)
+    check_seqlen(cfg)
     arch = cfg.model.get("arch")  # the models built here say their shape; a Hub model's is checked once loaded
-    if arch is not None and e.seqlen > arch.context:
-        raise ConfigError(f"eval.seqlen={e.seqlen} is longer than the model's context of {arch.context} tokens "
-                          f"(model.arch.context); use eval.seqlen <= {arch.context}")
     if "quality" in experiments:
         check_budgets(cfg, arch.layers if arch is not None else None)
     if arch is not None:
