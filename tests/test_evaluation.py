@@ -244,6 +244,25 @@ def test_with_equal_lengths_a_score_sees_no_padding_and_the_same_answers(tiny):
     assert sum(ids.shape[0] for ids in seen) == len(pairs)
 
 
+def test_a_context_longer_than_the_model_takes_is_cut_from_the_left(tiny):
+    model, tok = tiny
+    widths = []
+
+    def score(model, ids):
+        widths.append(ids.shape[1])
+        return model(input_ids=ids).logits
+    lm = EffreproLM(model, tok, score=score)
+    lm.max_length = 16
+    context, continuation = "a context longer than sixteen bytes", " answer"
+    (loglikelihood, _), = lm.loglikelihood(requests([(context, continuation)]), disable_tqdm=True)
+    target = tok.encode(continuation, add_special_tokens=False)
+    seen = tok.encode(context + continuation, add_special_tokens=False)[-17:-1]  # the last 16 of the input
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([seen])).logits[0].double(), -1)
+    expected = sum(log_probs[16 - len(target) + j, t].item() for j, t in enumerate(target))
+    assert widths == [16] and loglikelihood == pytest.approx(expected, rel=1e-5)
+
+
 def test_an_answer_longer_than_the_models_context_is_a_clear_error(tiny):
     model, tok = tiny
     request = Instance("loglikelihood", doc={}, arguments=("Q:", " x" * 200), idx=0, metadata=("long_task", 0, 1))
@@ -277,8 +296,19 @@ def test_the_local_task_runs_end_to_end_and_scores_every_question(tiny):
         widths.append(ids.shape[1])
         return model(input_ids=ids).logits
     scores = evaluate_multiple_choice(EffreproLM(model, tok, score=score), ["effrepro_mc"])["effrepro_mc"]
-    assert scores["n"] == len(FIXTURE.read_text().splitlines())
-    assert 0 <= scores["acc"] <= 1 and 0 <= scores["acc_norm"] <= 1 and scores["stderr"] > 0
+    items = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    # by hand: a question is right where its answer's log-likelihood after the prompt (acc), or that per
+    # character of the answer (acc_norm), is the highest
+    asked = [(f"Question: {item['question']}\nAnswer:", f" {choice}") for item in items for choice in item["choices"]]
+    scored = [x for x, _ in EffreproLM(model, tok).loglikelihood(requests(asked), disable_tqdm=True)]
+
+    def accuracy(per_choice):
+        return sum(max(range(4), key=lambda c: per_choice(4 * i + c, item["choices"][c])) == item["answer"]
+                   for i, item in enumerate(items)) / len(items)
+    acc = accuracy(lambda k, choice: scored[k])
+    assert scores["n"] == len(items) and scores["acc"] == pytest.approx(acc)
+    assert scores["acc_norm"] == pytest.approx(accuracy(lambda k, choice: scored[k] / len(choice)))
+    assert scores["stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (len(items) - 1)))  # the sample's
     zero_shot = max(widths)
     widths.clear()
     few_shot = evaluate_multiple_choice(EffreproLM(model, tok, score=score), ["effrepro_mc"], num_fewshot=3, limit=4)
