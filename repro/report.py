@@ -656,13 +656,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--published", type=Path, default=PROJECT_ROOT / "results" / "published")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results",
                         help="where REPORT.md, report/rows.csv.gz and report/plots/ go")
-    parser.add_argument("--readme", default=str(PROJECT_ROOT / "README.md"),
-                        help="README whose results table is refreshed; --readme '' leaves it alone")
+    parser.add_argument("--readme", default=None,
+                        help="README whose results table is refreshed (default: the project's, when --runs and --out "
+                             "are the defaults; else none); --readme '' leaves it alone")
     parser.add_argument("--allow-skipped", action="store_true",
                         help="exit 0 even when some records could not be used (they are still listed)")
     parser.add_argument("--pack-above-mb", type=float, default=PACK_ABOVE_BYTES / 2**20,
                         help="first gzip the records larger than this (NAME.json.gz); 0 packs none")
     args = parser.parse_args(argv)
+    if args.readme is None:  # the project's table shows the committed records alone, not a report built elsewhere
+        own = all(getattr(args, key).resolve() == parser.get_default(key) for key in ("runs", "out"))
+        args.readme = str(PROJECT_ROOT / "README.md") if own else ""
     readme = Path(args.readme) if args.readme else None
     try:
         load_published(args.published)  # a claims file that fails to load stops the build before records move

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from repro.claims import load_paper, load_published
+from repro.context import PROJECT_ROOT
 from repro.records import Row, RunRecord, save_record
 from repro.report import OTHER_HARDWARE, README_END, README_START, build_report, evaluate, main
 
@@ -218,6 +219,16 @@ def test_cli_exit_codes(tree, capsys, no_plots):
     (tree / "published" / "bad.yaml").write_text("paper: bad\nclaims: [{id: x}]\n")
     assert main(args) == 2
     assert "missing keys" in capsys.readouterr().err
+
+
+def test_the_projects_readme_is_refreshed_only_from_the_committed_records_unless_named(tree, monkeypatch):
+    built = []
+    monkeypatch.setattr("repro.report.build_report", lambda runs, published, out, readme: built.append(readme) or
+                        ("", []))
+    main(["--pack-above-mb", "0"])
+    main(["--pack-above-mb", "0", "--runs", str(tree / "runs"), "--out", str(tree / "out")])  # a user's smoke runs
+    main(["--pack-above-mb", "0", "--out", str(tree / "out"), "--readme", str(tree / "README.md")])
+    assert built == [PROJECT_ROOT / "README.md", None, tree / "README.md"]
 
 
 def test_claim_files_are_strict(tmp_path):
