@@ -370,6 +370,10 @@ def check_overrides(args: list[str]) -> str | None:
     conf = PROJECT_ROOT / "conf"
     groups = [o for o in overrides if (conf / o.key_or_group).is_dir() or o.key_or_group.startswith("hydra")]
     for o in groups:
+        if o.key_or_group == "paper" and o.is_sweep_override():  # Hydra ran the default task once per paper
+            papers = list(o.sweep_string_iterator())
+            return (f"{o.input_line!r}: a paper is a sweep of its own tasks, and papers are not swept; run one "
+                    "paper= at a time: " + "; ".join(f"repro paper={p} ..." for p in papers))
         if o.is_delete() and not o.key_or_group.startswith("hydra"):  # Hydra's would be a traceback
             options = sorted(p.stem for p in (conf / o.key_or_group).glob("*.yaml"))
             return (f"~{o.key_or_group}: a config group is not removed; choose one with {o.key_or_group}=<name> "

@@ -113,6 +113,9 @@ def test_overrides_are_checked_before_hydra_runs():
     assert check_overrides(["paper=scissorhands", "task=flash_kernel"]).startswith(
         "task=flash_kernel is not a task of paper=scissorhands (its tasks: scissorhands_kv)")
     assert check_overrides(["paper=scissorhands", "task=scissorhands_kv", "model=tiny_llama"]) is None
+    assert check_overrides(["-m", "paper=lean_attention,greenformers"]) == (  # ran flash_kernel twice
+        "'paper=lean_attention,greenformers': a paper is a sweep of its own tasks, and papers are not swept; run one "
+        "paper= at a time: repro paper=lean_attention ...; repro paper=greenformers ...")
     assert "e.g. repro -m task=flash_kernel ...)" in check_overrides(["paper=flashattention", "kernel.seq_len=64"])
     assert "paper=flashattention sweeps task=flash_kernel,flash_gpt2," in check_overrides(
         ["paper=flashattention", "train.stepz=3"])
