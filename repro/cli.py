@@ -439,9 +439,12 @@ def check_overrides(args: list[str]) -> str | None:
                 f"no -m or paper=, e.g. repro task={tasks[0]} ... --cfg job (this sweep's tasks: "
                 f"{', '.join(tasks)})")
     launcher = next((o.value() for o in groups if o.key_or_group == "hydra/launcher"), None)
+    launchers = ["basic", *sorted(p.stem for p in (conf / "hydra" / "launcher").glob("*.yaml"))]  # basic: Hydra's
+    if launcher is not None and launcher not in launchers:
+        return f"hydra/launcher={launcher!r} is not one of {launchers}"
     # the jobs run on this machine (not on SLURM's nodes, whose devices a job's checks may ask for), and Hydra runs
     # them (not only prints the config)
-    here = launcher in (None, "local") and not options & HYDRA_OPTIONS_THAT_RUN_NOTHING
+    here = launcher in (None, "basic", "local") and not options & HYDRA_OPTIONS_THAT_RUN_NOTHING
     if launcher == "slurm" and not options & HYDRA_OPTIONS_THAT_RUN_NOTHING and shutil.which("srun") is None:
         return ("hydra/launcher=slurm submits the jobs through SLURM (srun, sbatch), which this machine lacks: "
                 "launch from a SLURM login node, or run the jobs here with hydra/launcher=local")

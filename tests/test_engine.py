@@ -269,6 +269,15 @@ def test_a_sweep_for_slurm_is_not_refused_for_what_this_machine_lacks(monkeypatc
     assert check_overrides([*sweep, "hydra/launcher=slurm"]) is None
 
 
+def test_a_launcher_is_one_of_ours_or_hydras_basic_one():
+    from repro.cli import check_overrides
+    assert check_overrides(["task=flash_kernel", "hydra/launcher=locl"]) == (  # was Hydra's many lines, exit 1
+        "hydra/launcher='locl' is not one of ['basic', 'local', 'slurm']")
+    assert check_overrides(["hydra/launcher=basic"]) is None
+    if not torch.cuda.is_available():  # the basic launcher runs the jobs here too: this machine's device is checked
+        assert "needs a CUDA GPU" in check_overrides(["hydra/launcher=basic", "scale=small"])
+
+
 def test_a_sweep_for_slurm_from_a_machine_without_slurm_is_refused(monkeypatch):
     """Not submitit's traceback from deep in the launch."""
     from repro.cli import check_overrides
