@@ -123,12 +123,11 @@ def _start(cfg: DictConfig, record: RunRecord, output_dir: Path):
     multirun = hc.mode == RunMode.MULTIRUN
     device = resolve_device(cfg.scale)
     entry = check_job(cfg)
-    if cfg.scale.commit_records:  # found unwritable at the end, the run's work would be lost with the error
-        records = Path(cfg.paths.records).absolute()
-        existing = next(p for p in (records, *records.parents) if p.exists())  # made when a record is committed
-        if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
-            raise ConfigError(f"paths.records={str(cfg.paths.records)!r} is not a folder this run can write its "
-                              "record in")
+    # found unwritable at the end, the run's work would be lost with the error (the folder is made then)
+    why = cfg.scale.commit_records and cannot_make(Path(cfg.paths.records).absolute())
+    if why:
+        raise ConfigError(f"paths.records={str(cfg.paths.records)!r} is not a folder this run can write its record "
+                          f"in ({why})")
     record.claim_ids = [c.id for c in claims_for_task(load_published(Path(cfg.paths.published)), cfg.task.name)]
     seed_everything(cfg.seed)
     reset_device_memory(device)
@@ -192,6 +191,23 @@ def run_job(cfg: DictConfig) -> RunRecord:
     elif paths:
         print(f"[repro] {cfg.task.name} has no published claims to compare with", flush=True)
     return record
+
+
+def cannot_make(folder: Path) -> str | None:
+    """Why `folder` cannot be made, or written in where it exists; None if it can. The first missing part is made
+    and removed: root passes os.access where the file system still refuses (/proc)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if existing == folder:
+        return None if os.access(folder, os.W_OK | os.X_OK) else f"{folder} is not writable"
+    probe = existing / folder.relative_to(existing).parts[0]
+    try:
+        probe.mkdir()
+    except OSError as exc:
+        return f"{probe} cannot be made: {exc.strerror}"
+    probe.rmdir()
+    return None
 
 
 def claim_folder(output_dir: Path) -> None:
@@ -463,8 +479,30 @@ def check_overrides(args: list[str]) -> str | None:
             except ConfigError as exc:
                 return str(exc)
     if multirun and here:  # after the device: a job's own checks may ask for it
-        return _refused_job(jobs, [o for o in overrides if o not in groups])
-    return None
+        error = _refused_job(jobs, [o for o in overrides if o not in groups])
+        if error:
+            return error
+    if options & HYDRA_OPTIONS_THAT_RUN_NOTHING:
+        return None
+    return _unmakeable_folder(jobs[0][0], overrides, "sweep" if multirun else "run")
+
+
+def _unmakeable_folder(choices: list[str], overrides: list, mode: str) -> str | None:
+    """A job (sweep) folder that cannot be made: Hydra makes it before any check of ours, and fails with a
+    traceback."""
+    from hydra import compose, initialize_config_dir
+
+    key = f"hydra.{mode}.dir"
+    given = [o for o in overrides if o.key_or_group == key or o.key_or_group.startswith("paths.")]
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+            cfg = compose("config", overrides=[*choices, *(o.input_line for o in given)], return_hydra_config=True)
+        folder = Path(OmegaConf.select(cfg, key)).absolute()
+    except Exception:  # noqa: BLE001 - a value Hydra refuses with its own message, or sweeps
+        return None
+    why = cannot_make(folder)
+    named = key if any(o.key_or_group == key for o in given) else "paths.outputs"
+    return why and f"{named}={OmegaConf.select(cfg, named)!r} cannot hold this {mode}'s folder {folder} ({why})"
 
 
 def _forms(o) -> list[str]:

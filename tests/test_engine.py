@@ -499,6 +499,17 @@ def test_an_unwritable_records_folder_is_refused_before_any_work(tmp_path):
     assert record(tmp_path / "run")["rows"] == []  # refused before any point was measured
 
 
+@pytest.mark.parametrize("args, key", [(["paths.outputs={}/out"], "paths.outputs"),
+                                       (["hydra.run.dir={}/run"], "hydra.run.dir"),
+                                       (["-m", "hydra.sweep.dir={}/sweep"], "hydra.sweep.dir")])
+def test_a_job_folder_that_cannot_be_made_is_refused_naming_the_key(tmp_path, args, key):
+    """Hydra makes the folder before any check of ours: it was a FileNotFoundError's traceback, exit 1."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, _, err = run_inline(*(a.format(blocker) for a in args), *KERNEL, "logger=none")
+    assert code == 2 and f"{key}='{blocker}/" in err and f"({blocker} is a file)" in err, err[-2000:]
+
+
 def test_a_submitit_job_of_several_tasks_that_are_not_distributed_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.setenv("SLURM_NTASKS", "2")
