@@ -126,10 +126,10 @@ def check_device(scale_cfg) -> None:
     if scale_cfg.device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"scale.device={scale_cfg.device!r} is not one of: cpu, cuda, auto")
     if scale_cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"scale={scale_cfg.name} needs a CUDA GPU and this machine has none; "
-            "run scale=smoke here, or launch on a GPU machine"
-        )
+        # the device is the scale's own (small, paper) or the user's choice (smoke's is the CPU)
+        smoke = "" if scale_cfg.name == "smoke" else " (or scale=smoke)"
+        raise ConfigError(f"scale.device='cuda' (scale={scale_cfg.name}) needs a CUDA GPU and this machine has none; "
+                          f"run on the CPU here with scale.device=cpu{smoke}, or launch on a GPU machine")
 
 
 def resolve_device(scale_cfg) -> torch.device:

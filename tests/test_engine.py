@@ -338,11 +338,14 @@ def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_pa
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_a_gpu_scale_without_a_gpu_fails_before_any_work(tmp_path):
     code, _, err = run_inline("scale=small", "logger=none", f"hydra.run.dir={tmp_path}", f"paths.records={tmp_path}/runs")
-    assert code == 2 and "needs a CUDA GPU" in err and "scale=small" in err
+    assert code == 2 and "scale.device='cuda' (scale=small) needs a CUDA GPU" in err
+    assert "scale.device=cpu (or scale=smoke)" in err  # the README's way to run small on a CPU
     assert not (tmp_path / "runs").exists() and not (tmp_path / "record.json").exists()
     # a paper's sweep too: refused before Hydra makes a job folder each
     code, _, err = run_inline("paper=lean_attention", "scale=small", "logger=none", f"hydra.sweep.dir={tmp_path}/sweep")
     assert code == 2 and "needs a CUDA GPU" in err and not (tmp_path / "sweep").exists()
+    code, _, err = run_inline("scale.device=cuda", "logger=none", f"hydra.run.dir={tmp_path}/cuda")
+    assert code == 2 and "scale.device='cuda' (scale=smoke) needs" in err and "run scale=smoke" not in err
     code, out, _ = run_inline("scale=small", "logger=none", "--cfg", "job")  # reading its config needs no GPU
     assert code == 0 and "commit_records: true" in out
 
