@@ -6,8 +6,8 @@
     repro -m task=flash_kernel kernel.seq_len=1024,4096
 
 Exit status: 0 when every job measured something; 2 for bad input (nothing is measured); 1 when a job failed
-(a crash, or every point it tried failed). A multirun runs every job whatever the others did, then lists
-them all with their status and record.
+(a crash, or every point it tried failed); 128 + the signal when stopped (130: Ctrl-C, 143: SIGTERM). A multirun
+runs every job whatever the others did, then lists them all with their status and record.
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def run_job(cfg: DictConfig) -> RunRecord:
         record.status, record.error, paths = "error", str(exc), paths[:1]  # bad input measured nothing to commit
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see main): the rows so far are kept, marked as such
-        record.status = "killed"
+        record.status, record.error = "killed", str(exc) or CTRL_C
         if isinstance(exc, SubmititStop):  # once the record is written (finally), what submitit meant to happen
             raise exc.original from None
         raise
@@ -648,8 +648,19 @@ def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
     return None
 
 
+CTRL_C = "stopped by SIGINT (Ctrl-C)"  # Python's own KeyboardInterrupt, which says nothing
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal that stops the run as Ctrl-C does (see main), naming it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Stopped(signum)
 
 
 class SubmititStop(KeyboardInterrupt):
@@ -695,8 +706,8 @@ def main() -> None:
     try:
         _hydra_main()
     except KeyboardInterrupt as exc:
-        print(f"repro: stopped ({exc or 'interrupted'}); the record keeps the rows measured so far", file=sys.stderr)
-        sys.exit(130)
+        print(f"repro: {str(exc) or CTRL_C}; the record keeps the rows measured so far", file=sys.stderr)
+        sys.exit(128 + getattr(exc, "signum", signal.SIGINT))  # as a shell reports a process the signal ended
     except Exception as exc:
         if type(exc).__name__ != "UncompletedJobError":
             raise

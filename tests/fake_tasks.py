@@ -1,5 +1,9 @@
 """Tasks that exist only for the engine's tests: what a job does when its points fail, or when it crashes.
 Selected with `task.entry=fake_tasks:<name>` where tests/ is on the path (the test process)."""
+import os
+import signal
+import time
+
 from repro.context import ConfigError
 from repro.records import Row
 
@@ -48,3 +52,14 @@ def saved_after_first_row(cfg, ctx):
     yield from _rows(["ok"])
     saved = json.loads((ctx.output_dir / "record.json").read_text())
     yield from _rows(["ok"] * len(saved["rows"]))
+
+
+def ctrl_c(cfg, ctx):
+    yield from _rows(["ok"])
+    raise KeyboardInterrupt  # as Python raises it for Ctrl-C
+
+
+def sigterm(cfg, ctx):
+    yield from _rows(["ok"])
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)  # the handler runs here

@@ -192,6 +192,15 @@ def test_a_crash_keeps_its_rows_and_the_error(tmp_path):
     assert saved["status"] == "error" and "crashed half-way" in saved["error"] and len(saved["rows"]) == 1
 
 
+@pytest.mark.parametrize("task, said, code", [("ctrl_c", "stopped by SIGINT (Ctrl-C)", 130),
+                                              ("sigterm", "stopped by SIGTERM", 143)])
+def test_a_stopped_run_says_which_signal_stopped_it(tmp_path, task, said, code):
+    status, _, err = run_inline(FAKE + task, "logger=none", f"hydra.run.dir={tmp_path}")
+    assert status == code and f"repro: {said}; the record keeps the rows" in err, err[-2000:]  # was 'stopped ()'
+    saved = record(tmp_path)
+    assert saved["status"] == "killed" and saved["error"] == said and len(saved["rows"]) == 1
+
+
 def test_a_run_that_measured_nothing_commits_no_record(tmp_path):
     """Its job folder's record says why; a committed record with no rows would only be noise in results/runs."""
     code, _, err = run_inline(FAKE + "crash_at_once", "logger=none", "scale.commit_records=true",

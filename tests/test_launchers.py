@@ -80,7 +80,8 @@ def test_a_run_stopped_by_sigterm_keeps_its_rows_as_killed_and_says_so_in_one_li
     _, err = proc.communicate(timeout=60)
     record = load(tmp_path / "record.json")
     assert record["status"] == "killed" and any(r["metric"] == "loss" for r in record["rows"])
-    assert proc.returncode == 130 and "Traceback" not in err and "stopped (signal 15)" in err
+    assert record["error"] == "stopped by SIGTERM"
+    assert proc.returncode == 143 and "Traceback" not in err and "repro: stopped by SIGTERM;" in err
     assert saved_while_running  # the record of a run that dies without a word (SIGKILL) still holds its rows
 
 
