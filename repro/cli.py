@@ -251,7 +251,11 @@ def _finish(record: RunRecord, paths: list[Path], logger) -> None:
 
 def _report_rows(record: RunRecord, paths: list[Path]) -> None:
     failed = sum(r.status in FAILED_ROW_STATUSES for r in record.rows)
-    note = f" ({failed} of {len(record.rows)} rows failed: error or oom)" if failed else ""
+    unsupported = [r for r in record.rows if r.status == "unsupported"]  # never tried: the machine lacks something
+    notes = [f"{failed} of {len(record.rows)} rows failed: error or oom"] if failed else []
+    if unsupported:
+        notes.append(f"{len(unsupported)} unsupported, e.g. {unsupported[0].message.splitlines()[0][:120]}")
+    note = f" ({'; '.join(notes)})" if notes else ""
     print(f"[repro] {record.status}: {len(record.rows)} rows{note} -> " + ", ".join(map(str, paths)), flush=True)
 
 

@@ -172,6 +172,7 @@ def test_a_run_whose_points_all_failed_exits_non_zero_and_says_so(tmp_path):
     assert "all 3 points failed" in err and record(tmp_path)["status"] == "error"
     assert "all 3 points failed" in record(tmp_path)["error"]
     assert "point 2 unsupported" in err  # why a point could not run is said, as an error's message is
+    assert "[repro] error: 3 rows (2 of 3 rows failed: error or oom; 1 unsupported, e.g. point 2 unsupported)" in out
 
 
 def test_a_run_whose_every_failed_point_ran_out_of_memory_is_an_oom_run(tmp_path):
