@@ -1,6 +1,7 @@
 """Checks of config values, run before any work: each failure names the key, the value and what is allowed."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .context import ConfigError
@@ -74,3 +75,9 @@ def choice(key: str, value: Any, allowed: Iterable) -> None:
     if unknown:
         shown = unknown[0] if len(unknown) == 1 and not isinstance(value, (list, tuple)) else unknown
         raise ConfigError(f"{key}={shown!r} is not one of {allowed}")
+
+
+def names_a_path(name: str) -> bool:
+    """Whether a model or checkpoint `name` means a folder here, not a Hub name (organisation/model, or a bare one
+    such as gpt2): it starts with /, . or ~, has more than one /, or its organisation is a folder here."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or ("/" in name and Path(name).parent.is_dir())

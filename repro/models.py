@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .checks import names_a_path
 from .context import PROJECT_ROOT, ConfigError, capture_environment, fingerprint, resolve_device, utc_now
 from .evaluation import hub_error, perplexity, perplexity_rows, unigram_perplexity
 from .records import write_json_atomic
@@ -232,6 +233,9 @@ def _load_hub(cfg, device, dtype):
 def _hub_name(cfg) -> str:
     if OmegaConf.is_missing(cfg, "name"):
         raise ConfigError("model=hf needs a Hub name: model.name=<owner/model>, e.g. model.name=facebook/opt-6.7b")
+    if names_a_path(cfg.name) and not Path(cfg.name).expanduser().is_dir():  # else the Hub is blamed for it
+        raise ConfigError(f"model.name={cfg.name!r} is no folder here (a local model must exist; a Hub name is "
+                          "organisation/model, e.g. model.name=HuggingFaceTB/SmolLM2-135M)")
     return cfg.name
 
 

@@ -89,6 +89,23 @@ def test_hf_without_a_name_asks_for_one():
         load_model(model_config("hf"), "cpu")
 
 
+@pytest.mark.parametrize("name", ["/nonexistent/ckpt", "./ckpt", "../ckpt", "~/no-such-ckpt", "a/b/c", "local/ckpt"])
+def test_a_local_model_folder_that_is_missing_is_refused_before_any_work(name, tmp_path, monkeypatch, refusal):
+    """It was blamed on the Hub, once the job had started."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local").mkdir()  # local/ckpt is a path here, not organisation/model
+    message = refusal("task=lm_eval", "model=hf", f"model.name='{name}'")
+    assert message.startswith(f"model.name={name!r} is no folder here")
+
+
+def test_a_hub_name_or_a_local_model_folder_is_taken(tmp_path, monkeypatch, compose):
+    from repro.models import require_model
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    for name in ("HuggingFaceTB/SmolLM2-135M", "gpt2", f"{tmp_path}/ckpt", "./ckpt"):
+        require_model(compose("task=lm_eval", "model=hf", f"model.name={name}"), "evaluates")
+
+
 def test_a_missing_gguf_package_is_a_config_error_saying_how_to_install_it():
     pytest.importorskip("gguf")
     cfg = model_config("smollm2", "model.package=no-such-model-package")

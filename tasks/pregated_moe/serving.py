@@ -147,8 +147,7 @@ def validate_checkpoint(spec, name: str, cfg: MoEConfig) -> None:
             check_switch_config(switch_config(path), path, name, cfg)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"moe.checkpoint: {exc}") from None
-    elif path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).parent.is_dir():
-        # a Hub name is org/model, and no folder here is named org
+    elif checks.names_a_path(path):
         raise ConfigError(f"moe.checkpoint={spec.checkpoint!r}: {path} is no folder here (a local checkpoint must "
                           "exist; a Hub name is organisation/model, e.g. google/{model})")
 
