@@ -29,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError, UnsupportedInterpolationType
 
 from . import checks
 from .claims import claims_for_task, load_published
@@ -641,6 +642,9 @@ def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
         default = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
         values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
         for value in values:
+            error = _unresolved(cfg, o.key_or_group, value)
+            if error:
+                return error
             if not _fits(value, default):
                 expected = _kind(default[0] if isinstance(default, list) and default else default)
                 return f"{o.key_or_group}={value!r} must be {expected}, like its default {default!r}"
@@ -661,6 +665,20 @@ class Stopped(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
+
+
+def _unresolved(cfg: DictConfig, key: str, value) -> str | None:
+    """An interpolation in `value` that names no key or resolver (Hydra's would be a traceback when the job reads
+    it)."""
+    if not (isinstance(value, str) and "${" in value):
+        return None
+    probe = cfg.copy()
+    OmegaConf.update(probe, key, value)
+    try:
+        OmegaConf.select(probe, key, throw_on_resolution_failure=True)
+    except (InterpolationKeyError, UnsupportedInterpolationType) as exc:
+        return f"{key}={value!r} cannot be resolved: {str(exc).splitlines()[0]}"
+    return None
 
 
 def _interrupt(signum, frame):

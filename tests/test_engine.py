@@ -128,6 +128,11 @@ def test_overrides_are_checked_before_hydra_runs():
     assert check_overrides(["task=greenformers", "greenformers.notebook.batch={inference:3}"]) is None
     assert check_overrides(["task=lra_listops", "scale=small", "lra.model.dropout=0.1"]) == (  # an empty mapping
         "lra.model has no keys of its own, so lra.model.dropout is added, with a '+': +lra.model.dropout=0.1")
+    # an interpolation that names no key or resolver (Hydra's InterpolationKeyError traceback); one that does is taken
+    assert check_overrides(["kernel.seq_len=${foo}"]) == ("kernel.seq_len='${foo}' cannot be resolved: Interpolation "
+                                                          "key 'foo' not found")
+    assert check_overrides(["kernel.seq_len=${fo:o}"]).endswith("Unsupported interpolation type fo")
+    assert check_overrides(["kernel.seq_len=${kernel.tokens}"]) is None
     # a `???` key (a value the user must give) takes any value
     assert check_overrides(["task=lm_eval", "model=hf", "model.name=facebook/opt-6.7b"]) is None
     assert "model has no 'nme'" in check_overrides(["task=lm_eval", "model=hf", "model.nme=facebook/opt-6.7b"])
