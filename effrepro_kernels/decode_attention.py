@@ -23,6 +23,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -30,7 +31,7 @@ import triton.language as tl
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .kv_quant import QuantizedKV, check_quantized, kv_tile
 from .runtime import (HOPPER_BLOCK_SMEM, INTERPRET, block_shared_memory, cdiv, launch, next_pow2, runs_on,
-                      signature, sm_count)
+                      signature, sm_count, sm_shared_memory)
 
 SCHEDULES = ("fa2", "split", "lean")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -290,23 +291,32 @@ class DecodeSchedule:
         return self.copies[device]
 
 
-def flash_decoding_splits(segments: int, longest: int, head_dim: int, sms: int) -> int:
+def flash_decoding_splits(segments: int, longest: int, head_dim: int, slots: int) -> int:
     """The chunks FlashAttention-2 splits each (batch, KV head) into when left to choose (`num_splits=0`, which
     is FlashDecoding, and what PyTorch's SDPA does): its `num_splits_heuristic`, as the upstream `flash_api.cpp`
-    has it (../shared/reference/lean_attention.md, section 2.4). Two programs fit on an SM there, so a wave is
-    2 x `sms` programs; no split where the segments fill 80% of a wave; else the fewest splits whose last wave
-    is at least 85% as full as the best choice's, counting only split counts that change the chunk size. The
-    counts are of FA2's own key blocks (256 keys at head_dim <= 64, 128 to 128, 64 above), not this kernel's
-    tiles: the split count is FlashDecoding's whatever the tile."""
-    slots = 2 * sms
+    has it (../shared/reference/lean_attention.md, section 2.4), for waves of `slots` programs (FA2 passes two
+    an SM, its own kernel's; see `resident_programs` for ours). No split where the segments fill 80% of a wave;
+    else the fewest splits whose last wave is at least 85% as full as the best choice's (that fill in float32, as
+    there), counting only split counts that change the chunk size. The counts are of FA2's own key blocks (256
+    keys at head_dim <= 64, 128 to 128, 64 above) over the `longest` length (FA2 with a KV cache counts the
+    cache's allocated length; here the lengths are the cache's), not of this kernel's tiles."""
     if segments >= 0.8 * slots:
         return 1
     blocks = math.ceil(longest / (256 if head_dim <= 64 else 128 if head_dim <= 128 else 64))
     choices = [s for s in range(1, min(128, slots, blocks) + 1)
                if s == 1 or math.ceil(blocks / s) != math.ceil(blocks / (s - 1))]
-    fill = {s: segments * s / slots / math.ceil(segments * s / slots) for s in choices}
+    waves = {s: np.float32(segments * s) / np.float32(slots) for s in choices}
+    fill = {s: float(w / np.ceil(w)) for s, w in waves.items()}
     best = max(fill.values())
     return next(s for s in choices if fill[s] >= 0.85 * best)
+
+
+def resident_programs(block_n: int, head_dim: int, dtype: torch.dtype, device=None, quantized: bool = False) -> int:
+    """The `split` programs that run on an SM at once, for FlashDecoding's waves: as many as the SM's shared
+    memory holds the pipelines of, at most two (FA2's count). An H200's 128-key tiles at head_dim 128 take 128 KB,
+    so only one fits there: waves of two an SM would leave a partial second wave."""
+    per_program = pipeline_bytes(block_n, head_dim, dtype, quantized) + 1024  # and the 1 KB CUDA keeps a block
+    return max(1, min(2, sm_shared_memory(device) // per_program))
 
 
 def lean_programs(tiles: list[int], sms: int) -> int:
@@ -405,7 +415,8 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
         per_program = [[(g, 0, t, 0)] for g, t in enumerate(tiles)]
         pieces = [1] * n_seg
     elif kind == "split":
-        splits = num_splits or flash_decoding_splits(n_seg, max(lengths), head_dim, sms)
+        slots = sms * resident_programs(block_n, head_dim, dtype, gpu, quantized)
+        splits = num_splits or flash_decoding_splits(n_seg, max(lengths), head_dim, slots)
         for g, t in enumerate(tiles):
             chunk = math.ceil(t / splits)
             for s in range(splits):

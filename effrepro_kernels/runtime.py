@@ -50,6 +50,18 @@ def block_shared_memory(device=None) -> int:
     return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", HOPPER_BLOCK_SMEM)
 
 
+HOPPER_SM_SMEM = 228 * 1024  # the shared memory of a Hopper SM, which the blocks resident on it share
+
+
+@functools.cache
+def sm_shared_memory(device=None) -> int:
+    """The shared memory of one SM of a CUDA `device` (default: the current GPU), looked up once; Hopper's where
+    there is no GPU to ask."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return HOPPER_SM_SMEM
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", HOPPER_SM_SMEM)
+
+
 def int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
     """A key padding mask as the kernels read it (int8, contiguous), or, without one, a placeholder they never
     read."""

@@ -11,7 +11,8 @@ import triton
 from conftest import ATTENTION_TOL as TOL, DEVICE, gpu
 from effrepro_kernels.decode_attention import (QUANTIZED_PROGRAMS_PER_SM, SCHEDULES, decode_attention, default_block_n,
                                                head_dim_chunks, lean_programs, make_schedule, merge_attention,
-                                               flash_decoding_splits, merge_step, padded_head_dim)
+                                               flash_decoding_splits, merge_step, padded_head_dim,
+                                               resident_programs)
 from effrepro_kernels.runtime import sm_count
 from effrepro_kernels.reference import decode_attention_reference, decode_scores_reference
 
@@ -252,20 +253,33 @@ def test_a_bad_schedule_setting_is_a_clear_value_error(settings, match):
         make_schedule(settings.pop("kind"), settings.pop("lengths"), settings.pop("num_kv_heads"), **settings)
 
 
-@pytest.mark.parametrize("segments, longest, head_dim, splits", [
-    (8, 262144, 128, 29),  # the reference's worked example (132 SMs): eff(s) = s/33, the first >= 0.85 is 29
-    (32, 262144, 128, 8),  # 256 of 264 slots
-    (212, 262144, 128, 1),  # 80% of the 264 slots filled: no split
-    (8, 1024, 128, 8),  # 8 blocks: 5-7 splits make the same 2-block chunks as 4, so are not choices
-    (8, 1024, 64, 4),  # FA2's 256-key blocks at head_dim 64: 4 blocks
+@pytest.mark.parametrize("segments, longest, head_dim, slots, splits", [
+    (8, 262144, 128, 264, 29),  # the reference's worked example (132 SMs, two programs each): the first >= 0.85
+    (32, 262144, 128, 264, 8),  # 256 of 264 slots
+    (212, 262144, 128, 264, 1),  # 80% of the slots filled: no split
+    (8, 1024, 128, 264, 8),  # 8 blocks: 5-7 splits make the same 2-block chunks as 4, so are not choices
+    (8, 1024, 64, 264, 4),  # FA2's 256-key blocks at head_dim 64: 4 blocks
+    (8, 262144, 128, 132, 15),  # one program an SM: 120 of 132
+    (13, 65536, 128, 264, 18),  # 221/264 against 0.85 x 260/264 ties in float64 and falls short in FA2's float32
 ])
-def test_the_split_schedule_chooses_flash_decodings_split_count(segments, longest, head_dim, splits):
-    assert flash_decoding_splits(segments, longest, head_dim, sms=132) == splits
+def test_the_split_schedule_chooses_flash_decodings_split_count(segments, longest, head_dim, slots, splits):
+    assert flash_decoding_splits(segments, longest, head_dim, slots) == splits
+
+
+@pytest.mark.parametrize("block_n, head_dim, dtype, programs", [
+    (64, 128, torch.float16, 2),  # 64 KB of pipeline: two (FA2's count), though three would fit
+    (128, 128, torch.float16, 1),  # an H200's tiles: 128 KB
+    (128, 64, torch.float16, 2),
+    (64, 128, torch.float32, 1),
+])
+def test_split_waves_count_the_programs_an_sm_holds(block_n, head_dim, dtype, programs):
+    assert resident_programs(block_n, head_dim, dtype, device="cpu") == programs  # Hopper's 228 KB an SM
 
 
 def test_a_split_schedule_left_to_choose_takes_flash_decodings_count():
     lengths, kv_heads = [1000, 700], 1
-    chosen = flash_decoding_splits(2, 1000, 128, sm_count(None) if torch.cuda.is_available() else 8)
+    sms = sm_count(None) if torch.cuda.is_available() else 8  # what make_schedule counts without a GPU
+    chosen = flash_decoding_splits(2, 1000, 128, sms * resident_programs(16, 128, torch.float16, device="cpu"))
     sched = make_schedule("split", lengths, kv_heads, block_n=16, device="cpu")
     assert 1 < chosen and sched.num_programs == 2 * chosen
 
