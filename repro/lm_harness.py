@@ -31,11 +31,12 @@ class EffreproLM(TemplateLM):
     gets the ids on the model's device, as `perplexity`'s `forward` does. Only log-likelihood requests are
     served: the multiple-choice tasks the papers report need nothing else.
 
-    A context is tokenized as the tokenizer does by default, as lm-eval's own HF model and `eval_text` do: with
-    a BOS where the tokenizer adds one (OPT's and Llama's; SmolLM2's and this suite's own add none). An empty
-    context is the end-of-text token (TemplateLM's prefix), where lm-eval's HF model takes the BOS if the
-    tokenizer has one: this suite's trained models never saw their BOS, as their documents follow an
-    end-of-text."""
+    A context is tokenized as the tokenizer does by default, as lm-eval's own HF model does: with a BOS where
+    the tokenizer adds one (OPT's and Llama's; SmolLM2's and this suite's own add none), as `eval_text` has it,
+    and a special token's string read as that token (`eval_text` reads it as text). An empty context is the
+    tokenizer's end-of-sequence token (TemplateLM's prefix; SmolLM2's is `<|im_end|>`), where lm-eval's HF model
+    takes the BOS if the tokenizer has one: this suite's trained models never saw their BOS, as their documents
+    follow an end-of-text."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, score: Forward | None = None, batch_size: int = 8,
                  equal_lengths: bool = False):
