@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from tqdm.auto import tqdm
 
 from .claims import Claim, load_published
 from .context import PROJECT_ROOT
@@ -619,7 +620,8 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     drawing = plots_dir.with_name("plots.drawing")
     shutil.rmtree(drawing, ignore_errors=True)
     to_plot = rows_to_plot(records)
-    for (task, gpu_name), (rows, used) in sorted(to_plot.items()):
+    # disable=None: a bar on a terminal only, not in CI's log
+    for (task, gpu_name), (rows, used) in tqdm(sorted(to_plot.items()), desc="plots", unit="task", disable=None):
         title = ", ".join(sorted({f"{r.gpu_name} {r.scale}" + (f" ({r.status} run)" if r.status != "ok" else "")
                                   for r in used}))
         metrics = sorted({m for r in used for m in plotted_metrics(r)})
@@ -679,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for problem in problems:
         print(f"repro-report: {problem}", file=sys.stderr)
-    print(f"wrote {_rel(args.out / 'REPORT.md')}, {_rel(args.out / 'report' / 'rows.csv.gz')}")
+    print(f"wrote {_rel(args.out / 'REPORT.md')}, {_rel(args.out / 'report' / 'rows.csv.gz')}, the plots in "
+          f"{_rel(args.out / 'report' / 'plots')}" + (f" and the table of {_rel(readme)}" if readme else ""))
     if problems and not args.allow_skipped:
         print(f"repro-report: {len(problems)} problem(s) above; --allow-skipped to accept them", file=sys.stderr)
         return 1
