@@ -287,11 +287,13 @@ class SweepSummary(Callback):
     alone: it writes the records, and another rank could look before the last one is written."""
 
     failed = False
+    running: DictConfig | None = None  # the multirun under way, for a summary of the jobs begun when it is stopped
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        SweepSummary.failed = False
+        SweepSummary.failed, SweepSummary.running = False, config
 
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+    def on_multirun_end(self, config: DictConfig, stopped: bool = False, **kwargs) -> None:
+        SweepSummary.running = None
         if world()[0] != 0:
             return
         sweep = Path(config.hydra.sweep.dir)
@@ -312,8 +314,9 @@ class SweepSummary(Callback):
             not_ok += status != "ok"
             lines.append(f"  {job.relative_to(sweep).as_posix():28} {status:8} {text}")
         SweepSummary.failed = not_ok > 0
-        print(f"\n[repro] multirun of {len(jobs)} jobs, {not_ok} not ok ({_rel(sweep)}):\n" + "\n".join(lines) + "\n",
-              flush=True)
+        begun = f"stopped after {len(jobs)} jobs begun (those not begun are not listed)" if stopped else \
+            f"multirun of {len(jobs)} jobs"
+        print(f"\n[repro] {begun}, {not_ok} not ok ({_rel(sweep)}):\n" + "\n".join(lines) + "\n", flush=True)
 
 
 def _rel(path: Path) -> str:
@@ -720,7 +723,8 @@ def main() -> None:
     # `timeout`, SLURM and torchrun stop a job with SIGTERM: turn it into an interrupt, so that the record is
     # written with what was measured instead of being left half-way.
     signal.signal(signal.SIGTERM, _interrupt)
-    SweepSummary.failed = False  # an earlier multirun in this process (tests run several) says nothing of this one
+    # an earlier multirun in this process (tests run several) says nothing of this one
+    SweepSummary.failed, SweepSummary.running = False, None
     error = check_overrides(sys.argv[1:])
     if error:
         print(f"repro: error: {error}", file=sys.stderr)
@@ -728,6 +732,8 @@ def main() -> None:
     try:
         _hydra_main()
     except KeyboardInterrupt as exc:
+        if SweepSummary.running is not None:  # Hydra's own end of the multirun never came
+            SweepSummary().on_multirun_end(SweepSummary.running, stopped=True)
         print(f"repro: {str(exc) or CTRL_C}; the record keeps the rows measured so far", file=sys.stderr)
         sys.exit(128 + getattr(exc, "signum", signal.SIGINT))  # as a shell reports a process the signal ended
     except Exception as exc:

@@ -207,6 +207,15 @@ def test_a_stopped_run_says_which_signal_stopped_it(tmp_path, task, said, code):
     assert saved["status"] == "killed" and saved["error"] == said and len(saved["rows"]) == 1
 
 
+def test_a_stopped_sweep_lists_the_jobs_it_began(tmp_path):
+    entry = FAKE[len("task.entry="):]
+    status, out, err = run_inline("-m", "logger=none", f"hydra.sweep.dir={tmp_path}",
+                                  f"{FAKE}all_ok,{entry}ctrl_c,{entry}all_ok")
+    assert status == 130 and "stopped by SIGINT" in err
+    summary = out[out.index("[repro] stopped after 2 jobs begun"):]  # there was none
+    assert "1 not ok" in summary and "killed" in summary and "2_flash_kernel" not in summary
+
+
 def test_a_run_that_measured_nothing_commits_no_record(tmp_path):
     """Its job folder's record says why; a committed record with no rows would only be noise in results/runs."""
     code, _, err = run_inline(FAKE + "crash_at_once", "logger=none", "scale.commit_records=true",
