@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,6 +96,16 @@ def check_smoke_record(record: dict, out: str) -> None:
         assert record["claim_ids"] and "published" in out  # the claims table
     else:
         assert f"{record['task']} has no published claims" in out
+
+
+def local_corpus(folder: Path, documents: list[str], **spec) -> SimpleNamespace:
+    """`documents` written as folder/doc{i}.txt, and the data settings of a local corpus that reads them (a BPE
+    tokenizer of 300 tokens, a fifth of the documents held out, unless `spec` says otherwise)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, document in enumerate(documents):
+        (folder / f"doc{i}.txt").write_text(document)
+    return SimpleNamespace(**{"source": "local", "folder": str(folder), "pattern": "*.txt", "max_files": None,
+                              "tokenizer": "bpe", "vocab_size": 300, "val_fraction": 0.2, **spec})
 
 
 def has_gpu() -> bool:

@@ -3,11 +3,10 @@ held to hand computations on a tiny random Llama (fp32, fresh random ids, odd si
 import json
 import math
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONF, run_inline
+from conftest import CONF, local_corpus, run_inline
 from hydra import compose, initialize_config_dir
 from lm_eval.api.instance import Instance
 
@@ -142,12 +141,7 @@ def test_pydoc_text_is_pythons_english_prose_tokenized_whole():
 
 
 def test_stdlib_text_is_the_held_out_part_of_the_corpus(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(10):
-        (corpus / f"doc{i}.txt").write_text(f"def function_{i}(x):\n    return x + {i}\n" * 5)
-    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
-                           vocab_size=300, val_fraction=0.2)
+    spec = local_corpus(tmp_path / "corpus", [f"def function_{i}(x):\n    return x + {i}\n" * 5 for i in range(10)])
     tok = byte_tokenizer()
     text = tok.decode(eval_text("stdlib", tok, data=spec, cache=tmp_path / "cache"))
     assert "function_8" in text and "function_9" in text  # the last 20% of the documents
@@ -155,13 +149,8 @@ def test_stdlib_text_is_the_held_out_part_of_the_corpus(tmp_path):
 
 
 def test_a_special_tokens_string_in_an_evaluation_text_is_text(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
     documents = [f"html = '<s>{i}</s>'\n" * 3 for i in range(4)]
-    for i, document in enumerate(documents):
-        (corpus / f"doc{i}.txt").write_text(document)
-    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
-                           vocab_size=300, val_fraction=0.5)
+    spec = local_corpus(tmp_path / "corpus", documents, val_fraction=0.5)
     tok = byte_tokenizer()
     ids = eval_text("stdlib", tok, data=spec, cache=tmp_path / "cache")
     assert tok.decode(ids) == "\n\n".join(documents[2:])  # the held-out documents whole, not cut at '</s>'
@@ -244,13 +233,19 @@ def test_with_equal_lengths_a_score_sees_no_padding_and_the_same_answers(tiny):
     assert sum(ids.shape[0] for ids in seen) == len(pairs)
 
 
-def test_a_context_longer_than_the_model_takes_is_cut_from_the_left(tiny):
-    model, tok = tiny
+def width_recorder():
+    """A `score` for EffreproLM that records the width of each batch it scores, and that list."""
     widths = []
 
     def score(model, ids):
         widths.append(ids.shape[1])
         return model(input_ids=ids).logits
+    return score, widths
+
+
+def test_a_context_longer_than_the_model_takes_is_cut_from_the_left(tiny):
+    model, tok = tiny
+    score, widths = width_recorder()
     lm = EffreproLM(model, tok, score=score)
     lm.max_length = 16
     context, continuation = "a context longer than sixteen bytes", " answer"
@@ -290,11 +285,7 @@ def test_the_local_task_fixture_has_four_distinct_choices_and_one_answer_each():
 
 def test_the_local_task_runs_end_to_end_and_scores_every_question(tiny):
     model, tok = tiny
-    widths = []
-
-    def score(model, ids):
-        widths.append(ids.shape[1])
-        return model(input_ids=ids).logits
+    score, widths = width_recorder()
     scores = evaluate_multiple_choice(EffreproLM(model, tok, score=score), ["effrepro_mc"])["effrepro_mc"]
     items = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
     # by hand: a question is right where its answer's log-likelihood after the prompt (acc), or that per

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import local_corpus
 from repro.bench import Unsupported
 from repro.context import ConfigError
 from repro.records import Row
@@ -287,12 +288,8 @@ def test_corpus_from_a_local_folder_is_tokenised_once_and_cached(tmp_path, monke
 
     from repro.text_data import load_token_stream
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(6):
-        (corpus / f"doc{i}.txt").write_text(f"def f{i}(x):\n    return x * {i} + sum(range({i}))\n" * 20)
-    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
-                           vocab_size=300, val_fraction=0.2)
+    spec = local_corpus(tmp_path / "corpus", [f"def f{i}(x):\n    return x * {i} + sum(range({i}))\n" * 20
+                                              for i in range(6)])
     first = load_token_stream(spec, tmp_path / "cache")
     assert first.train.dtype == torch.int32 and len(first.train) > len(first.val) > 0
     assert "return x" in first.tokenizer.decode(first.train[:40].tolist())
@@ -323,10 +320,7 @@ def test_documents_are_separated_by_the_separator_where_the_tokenizer_has_no_end
     """BERT's tokenizer has [SEP] and no end-of-text token."""
     from repro import text_data
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"doc{i}.txt").write_text(f"text number {i}\n" * 10)
+    spec = local_corpus(tmp_path / "corpus", [f"text number {i}\n" * 10 for i in range(4)], val_fraction=0.25)
     make = text_data._tokenizer
 
     def no_eos(*args):
@@ -334,8 +328,6 @@ def test_documents_are_separated_by_the_separator_where_the_tokenizer_has_no_end
         tok.eos_token = None
         return tok
     monkeypatch.setattr(text_data, "_tokenizer", no_eos)
-    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
-                           vocab_size=300, val_fraction=0.25)
     stream = text_data.load_token_stream(spec, tmp_path / "cache")
     sep = stream.tokenizer.sep_token_id
     assert stream.tokenizer.eos_token_id is None and (stream.train == sep).sum() == 3 and stream.val[-1] == sep
@@ -344,13 +336,8 @@ def test_documents_are_separated_by_the_separator_where_the_tokenizer_has_no_end
 def test_a_special_tokens_string_in_a_document_is_text_not_that_token(tmp_path):
     from repro.text_data import load_token_stream
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
     documents = [f"html = '<s>{i}</s>'\n" * 5 for i in range(5)]
-    for i, document in enumerate(documents):
-        (corpus / f"doc{i}.txt").write_text(document)
-    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
-                           vocab_size=300, val_fraction=0.2)
+    spec = local_corpus(tmp_path / "corpus", documents)
     stream = load_token_stream(spec, tmp_path / "cache")
     tok = stream.tokenizer
     assert (stream.train == tok.eos_token_id).sum() == 4 and (stream.val == tok.eos_token_id).sum() == 1
@@ -361,12 +348,8 @@ def test_a_special_tokens_string_in_a_document_is_text_not_that_token(tmp_path):
 def test_a_corpus_tokenised_in_batches_gives_the_ids_of_one_pass(tmp_path, monkeypatch):
     from repro import text_data
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(7):
-        (corpus / f"doc{i}.txt").write_text(f"line {i} of a document\n" * (i + 3))
-    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=None, tokenizer="bpe",
-                           vocab_size=300, val_fraction=0.3)
+    spec = local_corpus(tmp_path / "corpus", [f"line {i} of a document\n" * (i + 3) for i in range(7)],
+                        val_fraction=0.3)
     whole = text_data.load_token_stream(spec, tmp_path / "whole")
     monkeypatch.setattr(text_data, "TOKENIZE_BATCH", 2)
     batched = text_data.load_token_stream(spec, tmp_path / "batched")
@@ -378,8 +361,7 @@ def test_a_corpus_tokenised_in_batches_gives_the_ids_of_one_pass(tmp_path, monke
 def test_an_empty_corpus_folder_is_a_clear_error(tmp_path):
     from repro.text_data import load_token_stream
 
-    spec = SimpleNamespace(source="local", folder=str(tmp_path), pattern="*.txt", max_files=None, tokenizer="bpe",
-                           vocab_size=300, val_fraction=0.2)
+    spec = local_corpus(tmp_path, [])
     with pytest.raises(ConfigError, match="no non-empty files"):
         load_token_stream(spec, tmp_path / "cache")
 
@@ -389,11 +371,8 @@ def test_a_corpus_of_one_document_is_refused_before_a_tokenizer_is_trained(tmp_p
     from repro.text_data import load_token_stream
 
     corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(files):
-        (corpus / f"doc{i}.txt").write_text(f"text number {i}\n" * 10)
-    spec = SimpleNamespace(source="local", folder=str(corpus), pattern="*.txt", max_files=max_files, tokenizer="bpe",
-                           vocab_size=300, val_fraction=0.1)
+    spec = local_corpus(corpus, [f"text number {i}\n" * 10 for i in range(files)], max_files=max_files,
+                        val_fraction=0.1)
     with pytest.raises(ConfigError, match=rf"data.folder='{corpus}', data.pattern='\*.txt', data.max_files="
                                           rf"{max_files}\) holds 1 non-empty document.*data.val_fraction=0.1"):
         load_token_stream(spec, tmp_path / "cache")
