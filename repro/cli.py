@@ -11,6 +11,7 @@ runs every job whatever the others did, then lists them all with their status an
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import os
@@ -25,11 +26,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationKeyError, UnsupportedInterpolationType
+from omegaconf.errors import InterpolationResolutionError
 
 from . import checks
 from .claims import claims_for_task, load_published
@@ -205,9 +208,12 @@ def cannot_make(folder: Path) -> str | None:
     probe = existing / folder.relative_to(existing).parts[0]
     try:
         probe.mkdir()
+    except FileExistsError:  # another rank's probe, or Hydra making it now: it can be made
+        return None
     except OSError as exc:
         return f"{probe} cannot be made: {exc.strerror}"
-    probe.rmdir()
+    with contextlib.suppress(OSError):  # another process may be writing in it already
+        probe.rmdir()
     return None
 
 
@@ -255,7 +261,8 @@ def _report_rows(record: RunRecord, paths: list[Path]) -> None:
     unsupported = [r for r in record.rows if r.status == "unsupported"]  # never tried: the machine lacks something
     notes = [f"{failed} of {len(record.rows)} rows failed: error or oom"] if failed else []
     if unsupported:
-        notes.append(f"{len(unsupported)} unsupported, e.g. {unsupported[0].message.splitlines()[0][:120]}")
+        why = (unsupported[0].message.splitlines() or ["no reason given"])[0][:120]
+        notes.append(f"{len(unsupported)} unsupported, e.g. {why}")
     note = f" ({'; '.join(notes)})" if notes else ""
     print(f"[repro] {record.status}: {len(record.rows)} rows{note} -> " + ", ".join(map(str, paths)), flush=True)
 
@@ -395,9 +402,12 @@ def check_overrides(args: list[str]) -> str | None:
     groups = [o for o in overrides if (conf / o.key_or_group).is_dir() or o.key_or_group.startswith("hydra")]
     for o in groups:
         if o.key_or_group == "paper" and o.is_sweep_override():  # Hydra ran the default task once per paper
-            papers = list(o.sweep_string_iterator())
+            try:
+                papers = "; ".join(f"repro paper={p} ..." for p in o.sweep_string_iterator())
+            except Exception:  # noqa: BLE001 - glob(...) and range(...) need Hydra's loader, not run yet
+                papers = "repro paper=<name> ..."
             return (f"{o.input_line!r}: a paper is a sweep of its own tasks, and papers are not swept; run one "
-                    "paper= at a time: " + "; ".join(f"repro paper={p} ..." for p in papers))
+                    "paper= at a time: " + papers)
         if o.is_delete() and not o.key_or_group.startswith("hydra"):  # Hydra's would be a traceback
             options = sorted(p.stem for p in (conf / o.key_or_group).glob("*.yaml"))
             return (f"~{o.key_or_group}: a config group is not removed; choose one with {o.key_or_group}=<name> "
@@ -463,7 +473,7 @@ def check_overrides(args: list[str]) -> str | None:
                 f"no -m or paper=, e.g. repro task={tasks[0]} ... --cfg job (this sweep's tasks: "
                 f"{', '.join(tasks)})")
     launcher = next((o.value() for o in groups if o.key_or_group == "hydra/launcher"), None)
-    launchers = ["basic", *sorted(p.stem for p in (conf / "hydra" / "launcher").glob("*.yaml"))]  # basic: Hydra's
+    launchers = sorted({p.stem for p in (conf / "hydra" / "launcher").glob("*.yaml")} | installed_launchers())
     if launcher is not None and launcher not in launchers:
         return f"hydra/launcher={launcher!r} is not one of {launchers}"
     # the jobs run on this machine (not on SLURM's nodes, whose devices a job's checks may ask for), and Hydra runs
@@ -670,16 +680,22 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+def installed_launchers() -> set[str]:
+    """The launchers Hydra and its installed plugins offer (basic, submitit_local, submitit_slurm, ...)."""
+    Plugins.instance()  # imports the plugins, which put their launchers' configs in the store
+    return {name.removesuffix(".yaml") for name in ConfigStore.instance().list("hydra/launcher")}
+
+
 def _unresolved(cfg: DictConfig, key: str, value) -> str | None:
     """An interpolation in `value` that names no key or resolver (Hydra's would be a traceback when the job reads
     it)."""
-    if not (isinstance(value, str) and "${" in value):
+    if not (isinstance(value, str) and "${" in value) or "${hydra:" in value:  # hydra: resolves in the job only
         return None
     probe = cfg.copy()
     OmegaConf.update(probe, key, value)
     try:
         OmegaConf.select(probe, key, throw_on_resolution_failure=True)
-    except (InterpolationKeyError, UnsupportedInterpolationType) as exc:
+    except InterpolationResolutionError as exc:  # a key or resolver that is not there, an unset ${oc.env:...}
         return f"{key}={value!r} cannot be resolved: {str(exc).splitlines()[0]}"
     return None
 
@@ -732,8 +748,10 @@ def main() -> None:
     try:
         _hydra_main()
     except KeyboardInterrupt as exc:
-        if SweepSummary.running is not None:  # Hydra's own end of the multirun never came
-            SweepSummary().on_multirun_end(SweepSummary.running, stopped=True)
+        # Hydra's own end of the multirun never came; jobs submitted elsewhere (submitit, SLURM) run on, unlisted
+        sweep = SweepSummary.running
+        if sweep is not None and "submitit" not in OmegaConf.select(sweep, "hydra.launcher._target_", default=""):
+            SweepSummary().on_multirun_end(sweep, stopped=True)
         print(f"repro: {str(exc) or CTRL_C}; the record keeps the rows measured so far", file=sys.stderr)
         sys.exit(128 + getattr(exc, "signum", signal.SIGINT))  # as a shell reports a process the signal ended
     except Exception as exc:

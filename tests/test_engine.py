@@ -133,6 +133,10 @@ def test_overrides_are_checked_before_hydra_runs():
                                                           "key 'foo' not found")
     assert check_overrides(["kernel.seq_len=${fo:o}"]).endswith("Unsupported interpolation type fo")
     assert check_overrides(["kernel.seq_len=${kernel.tokens}"]) is None
+    assert check_overrides(["paths.outputs=${hydra:runtime.cwd}/out"]) is None  # resolved in the job, not here
+    assert "Environment variable 'EFFREPRO_NO_SUCH_VARIABLE' not found" in check_overrides(
+        ["paths.outputs=${oc.env:EFFREPRO_NO_SUCH_VARIABLE}"])
+    assert check_overrides(["-m", "paper=glob(*)"]).startswith("'paper=glob(*)': a paper is a sweep of its own")
     # a `???` key (a value the user must give) takes any value
     assert check_overrides(["task=lm_eval", "model=hf", "model.name=facebook/opt-6.7b"]) is None
     assert "model has no 'nme'" in check_overrides(["task=lm_eval", "model=hf", "model.nme=facebook/opt-6.7b"])
@@ -296,8 +300,9 @@ def test_a_sweep_for_slurm_is_not_refused_for_what_this_machine_lacks(monkeypatc
 def test_a_launcher_is_one_of_ours_or_hydras_basic_one():
     from repro.cli import check_overrides
     assert check_overrides(["task=flash_kernel", "hydra/launcher=locl"]) == (  # was Hydra's many lines, exit 1
-        "hydra/launcher='locl' is not one of ['basic', 'local', 'slurm']")
+        "hydra/launcher='locl' is not one of ['basic', 'local', 'slurm', 'submitit_local', 'submitit_slurm']")
     assert check_overrides(["hydra/launcher=basic"]) is None
+    assert check_overrides(["-m", "kernel.seq_len=64,128", "hydra/launcher=submitit_local"]) is None  # a plugin's
     if not torch.cuda.is_available():  # the basic launcher runs the jobs here too: this machine's device is checked
         assert "needs a CUDA GPU" in check_overrides(["hydra/launcher=basic", "scale=small"])
 
