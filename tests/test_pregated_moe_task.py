@@ -241,6 +241,7 @@ def test_every_setting_is_checked(compose):
         ("moe.weights", "pretrained", "moe.weights='pretrained' is not one of ['random', 'hub']"),
         ("moe.checkpoint", "google/{size}", "moe.checkpoint='google/{size}' must be a path or Hub name"),
         ("moe.checkpoint", "/nonexistent/{model}", "/nonexistent/tiny-4 is no folder here (a local checkpoint must"),
+        ("moe.checkpoint", "my_ckpts_{model}", "my_ckpts_tiny-4 is no folder here"),  # no Switch has a bare name
         ("parts", ["serving", "speed"], "parts=['speed'] is not one of ['serving', 'quality']"),
         ("quality.n_layer", 2, "quality.n_layer=2 must be an integer >= 4"),
         ("quality.n_head", 3, "quality.d_model=32 must be a multiple of quality.n_head=3"),

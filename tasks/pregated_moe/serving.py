@@ -147,7 +147,7 @@ def validate_checkpoint(spec, name: str, cfg: MoEConfig) -> None:
             check_switch_config(switch_config(path), path, name, cfg)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"moe.checkpoint: {exc}") from None
-    elif checks.names_a_path(path):
+    elif "/" not in path or checks.names_a_path(path):  # Switch checkpoints have no bare Hub names
         raise ConfigError(f"moe.checkpoint={spec.checkpoint!r}: {path} is no folder here (a local checkpoint must "
                           "exist; a Hub name is organisation/model, e.g. google/{model})")
 
