@@ -386,9 +386,13 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
     `lengths`, if a tensor; else the CPU)."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule={kind!r} is not one of {SCHEDULES}")
+    def whole(n):
+        return isinstance(n, numbers.Integral) and not isinstance(n, bool)
     for name, value in (("num_programs", num_programs), ("num_splits", num_splits)):
-        if value is not None and not (isinstance(value, int) and value >= 1):
+        if value is not None and not (whole(value) and value >= 1):
             raise ValueError(f"{name}={value!r} must be an integer >= 1 (None: the default)")
+    if not (whole(num_kv_heads) and num_kv_heads >= 1):
+        raise ValueError(f"num_kv_heads={num_kv_heads!r} must be an integer >= 1")
     if block_n is not None and not (isinstance(block_n, int) and block_n >= 16 and block_n & (block_n - 1) == 0):
         raise ValueError(f"block_n={block_n!r} must be a power of two >= 16 (None: the default)")
     if isinstance(lengths, torch.Tensor):
@@ -398,14 +402,10 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
     # sized for the GPU the calls will run on: the current one where the schedule is held on the host
     gpu = device if device is not None and torch.device(device).type == "cuda" else None
     block_n = block_n or default_block_n(kind, head_dim, dtype, gpu, quantized)
-    def whole(n):
-        return isinstance(n, numbers.Integral) and not isinstance(n, bool)
     lengths = list(lengths)
     if not lengths or not all(whole(n) and n >= 1 for n in lengths):
         raise ValueError(f"lengths must be a non-empty list of integer lengths >= 1, got {lengths}")
     lengths = [int(n) for n in lengths]
-    if not (whole(num_kv_heads) and num_kv_heads >= 1):
-        raise ValueError(f"num_kv_heads={num_kv_heads!r} must be an integer >= 1")
     tiles = [math.ceil(n / block_n) for n in lengths for _ in range(num_kv_heads)]  # per segment b·Hkv + hk
     n_seg = len(tiles)
     sms = sm_count(gpu) if torch.cuda.is_available() else 8

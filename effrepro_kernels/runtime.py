@@ -39,27 +39,26 @@ def capability(device) -> tuple[int, int]:
 
 
 HOPPER_BLOCK_SMEM = 227 * 1024  # the shared memory a block may opt into on Hopper
-
-
-@functools.cache
-def block_shared_memory(device=None) -> int:
-    """The shared memory a block may opt into on a CUDA `device` (default: the current GPU), looked up once;
-    Hopper's where there is no GPU to ask (the kernels' choices made on a CPU, for tests)."""
-    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
-        return HOPPER_BLOCK_SMEM
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", HOPPER_BLOCK_SMEM)
-
-
 HOPPER_SM_SMEM = 228 * 1024  # the shared memory of a Hopper SM, which the blocks resident on it share
 
 
 @functools.cache
-def sm_shared_memory(device=None) -> int:
-    """The shared memory of one SM of a CUDA `device` (default: the current GPU), looked up once; Hopper's where
-    there is no GPU to ask."""
+def _shared_memory(prop: str, hopper: int, device) -> int:
+    """A shared-memory property of a CUDA `device` (default: the current GPU), looked up once; Hopper's where
+    there is no GPU to ask (the kernels' choices made on a CPU, for tests)."""
     if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
-        return HOPPER_SM_SMEM
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", HOPPER_SM_SMEM)
+        return hopper
+    return getattr(torch.cuda.get_device_properties(device), prop, hopper)
+
+
+def block_shared_memory(device=None) -> int:
+    """The shared memory a block may opt into."""
+    return _shared_memory("shared_memory_per_block_optin", HOPPER_BLOCK_SMEM, device)
+
+
+def sm_shared_memory(device=None) -> int:
+    """The shared memory of one SM."""
+    return _shared_memory("shared_memory_per_multiprocessor", HOPPER_SM_SMEM, device)
 
 
 def int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
@@ -75,8 +74,9 @@ def runs_on(device) -> bool:
 
 def check_devices(op: str, **tensors: torch.Tensor | None) -> None:
     """That `op`'s kernels can take these tensors (those given as None aside): all on one device, where they run
-    (`runs_on`), or meta tensors, which only the operators' fake versions see. Otherwise Triton fails deep inside
-    a launch ("0 active drivers"), or reads one device's pointer on another."""
+    (`runs_on`), or meta tensors, for the operators' fake versions (a plain function given meta tensors fails in
+    its launch). Otherwise Triton fails deep inside a launch ("0 active drivers"), or reads one device's pointer
+    on another."""
     devices = {t.device for t in tensors.values() if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op} takes its tensors on one device; got "
