@@ -77,6 +77,12 @@ def choice(key: str, value: Any, allowed: Iterable) -> None:
         raise ConfigError(f"{key}={shown!r} is not one of {allowed}")
 
 
+def flag(key: str, value: Any, many: bool = False) -> None:
+    """A true/false setting (not bool('no'), which is True); with `many`, or a list of them."""
+    if not all(isinstance(v, bool) for v in (as_list(value) if many else [value])):
+        raise ConfigError(f"{key}={value!r} must be true or false" + (", or a list of them" if many else ""))
+
+
 def names_a_path(name: str) -> bool:
     """Whether a model or checkpoint `name` means a folder here, not a Hub name (organisation/model, or a bare one
     such as gpt2): it starts with /, . or ~, has more than one /, or its organisation is a folder here."""

@@ -177,8 +177,7 @@ def validate(cfg: DictConfig) -> None:
     c = cfg.compression
     if c.group_size is not None:
         checks.number("compression.group_size", c.group_size, at_least=1)
-    if not isinstance(c.act_order, bool):
-        raise ConfigError(f"compression.act_order={c.act_order!r} must be true or false")
+    checks.flag("compression.act_order", c.act_order)
     checks.number("compression.percdamp", c.percdamp, integer=False)
     if not c.percdamp > 0:  # checked here, before the levels, whose checks would name a level
         raise ConfigError(f"compression.percdamp={c.percdamp} must be > 0 (the papers use 0.01)")

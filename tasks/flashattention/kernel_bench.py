@@ -59,11 +59,8 @@ def grid(kernel: DictConfig) -> list[Point]:
         checks.numbers(key("seq_len"), spec["seq_len"], at_least=1)
         checks.numbers(key("head_dim"), spec["head_dim"], at_least=16, at_most=256)
         checks.number(key("dropout"), spec["dropout"], integer=False, at_least=0, below=1)
-        for flag in ("causal", "padding_mask"):  # not bool("no"), which is True
-            wrong = [v for v in checks.as_list(spec[flag]) if not isinstance(v, bool)]
-            if wrong or (flag == "padding_mask" and isinstance(spec[flag], (list, tuple))):
-                raise ConfigError(f"{key(flag)}={spec[flag]!r} must be true or false"
-                                  + (", or a list of them" if flag == "causal" else ""))
+        checks.flag(key("causal"), spec["causal"], many=True)
+        checks.flag(key("padding_mask"), spec["padding_mask"])
         axes = [checks.axis(key(k), spec[k]) for k in GRID_KEYS]
         # a mask or dropout the setting takes from kernel.* (not its own) is named, so that such a run is plotted
         # beside the plain one, not in its place
@@ -141,10 +138,9 @@ def sparse_flops_fraction(n_q: int, n_k: int, density: float, causal: bool) -> f
     last = queries + (n_k - n_q) if causal else torch.full_like(queries, n_k - 1)  # each query's last key
     starts = torch.arange(blocks.shape[1]) * SPARSE_BLOCK
     ends = (starts + SPARSE_BLOCK).clamp(max=n_k)
-    pairs = (torch.minimum(ends, last[:, None] + 1) - starts).clamp(min=0).to(torch.int32)  # (queries, key blocks)
-    per_block = torch.zeros(blocks.shape, dtype=torch.float64).index_add_(0, queries // SPARSE_BLOCK, pairs.double())
-    total = per_block.sum()
-    return float((per_block * blocks).sum() / total) if total else 1.0
+    pairs = (torch.minimum(ends, last[:, None] + 1) - starts).clamp(min=0).double()  # (queries, key blocks)
+    per_block = torch.zeros(blocks.shape, dtype=torch.float64).index_add_(0, queries // SPARSE_BLOCK, pairs)
+    return float((per_block * blocks).sum() / per_block.sum())  # every query keeps a key: the sum is never 0
 
 
 def ours_sparse(density: float) -> AttentionFn:
@@ -197,7 +193,7 @@ def flex(density: float | None) -> AttentionFn:
             raise Unsupported(f"{FLEX}: dropout and key padding are not part of this comparison")
         key = (q.shape, k.shape, q.device, causal)
         if key not in block_masks:  # prepared once per shape, outside the timed calls
-            # compiled afresh for each shape (outside the timed calls): past torch._dynamo's recompile_limit (8)
+            # compiled afresh for each shape: past torch._dynamo's recompile_limit (8)
             # shapes of one function, flex_attention runs uncompiled, materialising every score
             torch.compiler.reset()
             block_masks[key] = flex_block_mask(q.shape[2], k.shape[2], causal, density, q.device)
