@@ -81,14 +81,13 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
         names = [cmp[key]] if isinstance(cmp[key], str) else cmp[key]
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"{where}.compare.{key}={cmp[key]!r} must be a name or a non-empty list of names")
+        cmp[key] = tuple(names)
     if "tolerance" in cmp:
         _check_type(f"{where}.compare.tolerance", cmp["tolerance"], (int, float), "a number")
         if cmp["tolerance"] < 0:
             raise ValueError(f"{where}.compare.tolerance={cmp['tolerance']} must be >= 0")
     if not isinstance(cmp.get("where", {}), dict):
         raise ValueError(f"{where}.compare.where={cmp['where']!r} must map row keys to a value or a list of values")
-    if isinstance(cmp.get("comparable_at"), str):
-        cmp["comparable_at"] = [cmp["comparable_at"]]
     if cmp["kind"] not in COMPARE_KINDS:
         raise ValueError(f"{where}.compare.kind={cmp['kind']!r} is not one of {COMPARE_KINDS}")
     if cmp.get("aggregate", "mean") not in AGGREGATES:
@@ -106,9 +105,6 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
     if bad_scales:
         raise ValueError(f"{where}.compare.comparable_at has {sorted(bad_scales)}; scales are {SCALES}")
     _check_type(f"{where}.value", raw["value"], (int, float), "a number")
-    for key in ("providers", "comparable_at", "metric"):
-        if key in cmp:
-            cmp[key] = tuple([cmp[key]] if isinstance(cmp[key], str) else cmp[key])
     cmp["metrics"] = cmp.pop("metric")
     return Claim(paper=paper, **{**raw, "value": float(raw["value"]), "compare": Compare(**cmp)})
 
