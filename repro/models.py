@@ -28,15 +28,15 @@ from .checks import names_a_path
 from .context import PROJECT_ROOT, ConfigError, capture_environment, fingerprint, resolve_device, utc_now
 from .evaluation import hub_error, perplexity, perplexity_rows, unigram_perplexity
 from .records import write_json_atomic
-from .text_data import SPECIAL_TOKENS, load_token_stream, windows
-from .train import Trainee, TrainSpec, model_flops_per_token, step_generator, train
+from .text_data import CACHE_VERSION, SPECIAL_TOKENS, lm_batches, load_token_stream
+from .train import Trainee, TrainSpec, model_flops_per_token, train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The weights alone must fit this many times over: activations, logits and the loader's temporary copies need room.
 MEMORY_HEADROOM = 1.2
-# in a trained model's fingerprint: bump it when a change here or in its corpus's tokens would train a different
-# model (2: special tokens' strings in the corpus are text, repro.text_data.CACHE_VERSION 2)
-TRAINED_VERSION = 2
+# in a trained model's fingerprint, with its tokens' CACHE_VERSION: bump it when a change here would train a
+# different model
+TRAINED_VERSION = 1
 OFFLINE_MODELS = "model=tiny_llama, smollm2 or trained"
 
 
@@ -253,7 +253,8 @@ def weight_settings(cfg) -> dict:
 def trained_dir(cfg) -> Path:
     """Where the trained model `cfg` describes is cached: named by a fingerprint of its `weight_settings`, so
     that any change trains a new one."""
-    return Path(cfg.cache) / "models" / f"trained-{fingerprint({'version': TRAINED_VERSION, **weight_settings(cfg)})}"
+    settings = {"version": TRAINED_VERSION, "tokens": CACHE_VERSION, **weight_settings(cfg)}
+    return Path(cfg.cache) / "models" / f"trained-{fingerprint(settings)}"
 
 
 def trained_metadata(cfg) -> dict:
@@ -305,13 +306,7 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
     model = _seeded_llama(config, cfg.seed)
     spec = TrainSpec.from_config(cfg.train)
 
-    def batches(step, rank, world):
-        gen = step_generator(cfg.seed, step, rank)
-        micro = []
-        for _ in range(spec.grad_accum):
-            x = windows(stream.train, sequences, seqlen, gen)
-            micro.append({"input_ids": x, "labels": x})  # transformers shifts the labels itself
-        return micro
+    batches = lm_batches(stream.train, sequences, seqlen, spec.grad_accum, cfg.seed)
 
     def evaluate(model):
         result = perplexity(model, val[:cfg.eval.chunks * seqlen], seqlen, progress=False)
