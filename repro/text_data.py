@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import checks
 from .context import ConfigError, fingerprint
 from .records import replace_atomically, write_json_atomic
+from .train import step_generator
 
 CACHE_VERSION = 2  # 2: special tokens' strings in a document are text
 TOKENIZE_BATCH = 1024  # documents
@@ -58,6 +59,20 @@ def windows(ids: torch.Tensor, n: int, length: int, generator: torch.Generator) 
     sequences. `ids` must be longer than `length` (`TokenStream.check_fits`)."""
     starts = torch.randint(0, len(ids) - length, (n,), generator=generator)
     return torch.stack([ids[s:s + length] for s in starts.tolist()]).long()
+
+
+def lm_batches(ids: torch.Tensor, sequences: int, seqlen: int, grad_accum: int, seed: int, draw=windows):
+    """`Trainee.batches` for a causal LM on `ids`: each step `grad_accum` micro-batches of `sequences` windows
+    drawn by `draw` (`windows`'s signature), a pure function of (step, rank) so that a resumed run sees the same
+    data."""
+    def batches(step: int, rank: int, world: int) -> list[dict]:
+        generator = step_generator(seed, step, rank)
+        micro = []
+        for _ in range(grad_accum):
+            x = draw(ids, sequences, seqlen, generator)
+            micro.append({"input_ids": x, "labels": x})  # the model shifts the labels itself
+        return micro
+    return batches
 
 
 def _local_files(folder: str | None, pattern: str, max_files: int | None) -> list[Path]:

@@ -13,9 +13,10 @@ from repro.claims import load_paper
 from repro.evaluation import perplexity
 from repro.records import RunRecord
 from repro.report import claim_value
+from repro.text_data import lm_batches
 from repro.train import Trainee, TrainSpec, train
 from tasks.compress_then_prompt import compress
-from tasks.compress_then_prompt.data import batch_source
+from tasks.compress_then_prompt.data import windows
 from tasks.compress_then_prompt.lora import add_lora
 from tasks.compress_then_prompt.prompt import (add_soft_prompt, hard_prompt_forward, load_prompt, prompt_embedding,
                                                save_prompt, soft_prompt_forward)
@@ -56,7 +57,7 @@ def test_training_a_soft_prompt_changes_and_checkpoints_only_the_prompt(tmp_path
     before = snapshot(model)
     prompted = add_soft_prompt(model, tokens=5)
     start = prompt_embedding(prompted).detach().clone()
-    trainee = Trainee("compressed_prompt", prompted, batch_source(random_ids(400), 2, 16, 1, seed=0),
+    trainee = Trainee("compressed_prompt", prompted, lm_batches(random_ids(400), 2, 16, 1, seed=0, draw=windows),
                       evaluate=lambda m: [], tokens_per_step=32, flops_per_token=1.0)
     spec = TrainSpec(steps=3, lr=1e-2, weight_decay=0.1, precision="fp32", log_every=1)
     rows = list(train(trainee, spec, torch.device("cpu"), tmp_path, progress=False))

@@ -9,7 +9,6 @@ import torch
 from repro.context import ConfigError
 from repro.evaluation import hub_error, text_ids
 from repro.text_data import load_token_stream
-from repro.train import step_generator
 
 TRAIN_TEXTS = ("stdlib", "c4")
 C4_TRAIN = dict(path="allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
@@ -73,16 +72,3 @@ def windows(ids: torch.Tensor, count: int, seqlen: int, generator: torch.Generat
 
 def calibration(ids: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
     return windows(ids, samples, seqlen, torch.Generator().manual_seed(seed))
-
-
-def batch_source(ids: torch.Tensor, sequences: int, seqlen: int, grad_accum: int, seed: int):
-    """`Trainee.batches` for a causal LM on `ids`: each step `grad_accum` micro-batches of `sequences` random
-    windows, a pure function of (step, rank) so that a resumed run sees the same data."""
-    def batches(step: int, rank: int, world: int) -> list[dict]:
-        generator = step_generator(seed, step, rank)
-        micro = []
-        for _ in range(grad_accum):
-            x = windows(ids, sequences, seqlen, generator)
-            micro.append({"input_ids": x, "labels": x})  # transformers shifts the labels itself
-        return micro
-    return batches

@@ -36,12 +36,13 @@ from repro.context import ConfigError, RunContext, fingerprint
 from repro.evaluation import context_length, eval_text, perplexity, perplexity_rows, plain_forward
 from repro.models import load_model, require_model, trained_metadata, weight_settings
 from repro.records import Row
+from repro.text_data import lm_batches
 from repro.train import Trainee, TrainSpec, model_flops_per_token, train
 
 from tasks.common.lm_eval import check_tasks, validate_eval
 
 from .compress import LINEAR_LAYERS, check_arguments, check_n_m_fits, compress
-from .data import TRAIN_TEXTS, batch_source, calibration, check_length, training_ids
+from .data import TRAIN_TEXTS, calibration, check_length, training_ids, windows
 from .prompt import (INITS, add_soft_prompt, check_fits, check_same_model, hard_prompt_forward, load_prompt,
                      read_prompt_metadata, save_prompt, soft_prompt_forward, trainable_parameters)
 from .storage import STORED, load_compressed, save_compressed
@@ -420,7 +421,8 @@ class CompressThenPrompt:
                                                 frozen=True) * positions / p.seqlen
         yield Row(provider, X, state.x, "trainable_params", "params", extra["trainable_params"], n=1, extra=extra)
         trainee = Trainee(
-            provider, model, batch_source(self.train_ids, p.batch, p.seqlen, self.spec.grad_accum, self.cfg.seed),
+            provider, model, lm_batches(self.train_ids, p.batch, p.seqlen, self.spec.grad_accum, self.cfg.seed,
+                                        draw=windows),  # GPTQ's draw, as the calibration samples
             self.validation_rows(forward), tokens_per_step=p.batch * p.seqlen * self.spec.grad_accum,
             flops_per_token=flops_per_token, extra=extra,
             fingerprint=fingerprint(dict(model=self.identity, level=state.level.extra(), provider=provider,

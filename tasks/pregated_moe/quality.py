@@ -19,9 +19,8 @@ import torch
 from repro import checks
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
-from repro.text_data import TokenStream, load_token_stream, windows
-from repro.train import (Candidate, Trainee, TrainSpec, final_rows, model_flops_per_token, step_generator,
-                         train_from_config)
+from repro.text_data import TokenStream, lm_batches, load_token_stream, windows
+from repro.train import Candidate, Trainee, TrainSpec, final_rows, model_flops_per_token, train_from_config
 
 from .model import MoEConfig, SwitchLM
 
@@ -50,13 +49,7 @@ def candidates(cfg, ctx: RunContext, data: TokenStream) -> list[Candidate]:
     sequences = q.batch_tokens // q.seq_len
     extra = dict(part="quality", model=f"moe-d{q.d_model}-e{q.n_experts}", seq_len=q.seq_len, series="quality")
 
-    def batches(step, rank, world):  # the same for both: a function of the step and seed alone
-        gen = step_generator(cfg.seed, step, rank)
-        out = []
-        for _ in range(accumulation):
-            x = windows(data.train, sequences, q.seq_len, gen)
-            out.append({"input_ids": x, "labels": x})  # the model shifts the labels itself
-        return out
+    batches = lm_batches(data.train, sequences, q.seq_len, accumulation, cfg.seed)  # the same for both models
 
     def evaluate(model):
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same validation windows every time
