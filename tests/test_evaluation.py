@@ -325,13 +325,8 @@ def test_a_task_whose_config_pins_zero_shot_stays_zero_shot_as_in_lm_eval(tiny, 
     config = local_task / "effrepro_mc.yaml"
     config.write_text(config.read_text() + "num_fewshot: 0\n")
     model, tok = tiny
-    widths = {}
-
-    def score(shots):
-        def forward(model, ids):
-            widths.setdefault(shots, []).append(ids.shape[1])
-            return model(input_ids=ids).logits
-        return forward
-    asked = {shots: evaluate_multiple_choice(EffreproLM(model, tok, score=score(shots)), ["effrepro_mc"],
-                                             num_fewshot=shots, limit=4)["effrepro_mc"] for shots in (0, 3)}
-    assert asked[3]["num_fewshot"] == asked[0]["num_fewshot"] == 0 and widths[3] == widths[0]
+    recorders = {shots: width_recorder() for shots in (0, 3)}
+    asked = {shots: evaluate_multiple_choice(EffreproLM(model, tok, score=score), ["effrepro_mc"],
+                                             num_fewshot=shots, limit=4)["effrepro_mc"]
+             for shots, (score, _) in recorders.items()}
+    assert asked[3]["num_fewshot"] == asked[0]["num_fewshot"] == 0 and recorders[3][1] == recorders[0][1]
