@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from effrepro_kernels.decode_attention import SCHEDULES
 from effrepro_kernels.runtime import runs_on
 from repro import checks
-from repro.bench import status_of
+from repro.bench import Unsupported, status_of
 from repro.context import ConfigError, RunContext
 from repro.evaluation import context_length, eval_text, perplexity, perplexity_rows
 from repro.models import load_model, require_model
@@ -252,38 +252,32 @@ class KVForward:
 @dataclass
 class FittedPolicy:
     """A multiple-choice setting's policy for each batch of requests of `length` tokens: at budget
-    ceil(length / compression), or at the smallest larger budget it accepts (a short prompt may hold too few
-    tokens to keep the r newest and drop m = B/2 of a small budget), or the full cache where no budget below the
-    length will do. It counts the batches of each: a setting where any batch needed either is not a result at its
-    compression (sweep_rows)."""
+    ceil(length / compression). A batch too short for that budget (the cache must keep the r newest tokens and
+    drop m = B/2 of it) ends the setting as unsupported: a larger budget, or the full cache, would not be a result
+    at its compression. It counts the batches it served."""
 
     kv: DictConfig
     setting: Setting
     n_layers: int
     batches: int = 0
-    raised: int = 0
-    full: int = 0
 
     def __call__(self, length: int) -> Policy:
         s, self.batches = self.setting, self.batches + 1
         if s.compression is None:
             return policy_at_budget(s.policy, params(self.kv, s.policy))
         wanted = budget(length, s.compression)
-        if wanted >= length:  # at most 1x: the full cache is what was asked, not a fallback
+        if wanted >= length:  # at most 1x: the full cache is what was asked
             return Full()
-        for b in range(wanted, length):
-            try:
-                policy = policy_at_budget(s.policy, params(self.kv, s.policy), b)
-                policy.budgets(self.n_layers)
-            except ValueError:
-                continue
-            self.raised += b > wanted
-            return policy
-        self.full += 1
-        return Full()
+        try:
+            policy = policy_at_budget(s.policy, params(self.kv, s.policy), wanted)
+            policy.budgets(self.n_layers)
+        except ValueError as exc:
+            raise Unsupported(f"a batch of requests of {length} tokens is too short for {s.policy} at "
+                              f"{s.compression:g}x (budget {wanted}) with kv.{s.policy}'s parameters: {exc}") from None
+        return policy
 
     def counts(self) -> dict:
-        return {"batches": self.batches, "budget_raised_batches": self.raised, "full_cache_batches": self.full}
+        return {"batches": self.batches}
 
 
 @dataclass
@@ -340,14 +334,6 @@ def sweep_rows(kv: DictConfig, ctx: RunContext, settings: list[Setting], policy_
                       extra={**more, **breakdown})
             continue
         x, breakdown = kv_compression(s, forward, kv.group_size)
-        short = breakdown.get("budget_raised_batches", 0) + breakdown.get("full_cache_batches", 0)
-        if s.compression is not None and short:  # a cache larger than x asked for: not a result at x
-            yield Row(s.provider, "kv_compression", x, metric, unit, status="unsupported", extra={**more, **breakdown},
-                      message=f"{short} of {breakdown['batches']} batches of requests were too short for "
-                              f"{s.policy} at {s.compression:g}x with kv.{s.policy}'s parameters: "
-                              f"{breakdown['full_cache_batches']} kept the full cache, "
-                              f"{breakdown['budget_raised_batches']} a larger budget")
-            continue
         seconds = time.perf_counter() - start
         print(f"[scissorhands_kv] {metric}: {s.provider} at {x:g}x ({seconds:.1f} s)", flush=True)
         yield from to_rows(result, s.provider, x, {**more, **breakdown, "eval_seconds": round(seconds, 2)})
