@@ -344,7 +344,7 @@ class EvictingCache:
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention signature, for one new token; (batch, 1, heads, head_dim) out."""
     cache = active(EvictingCache, "generating(model, cache)")
-    refuse_options(kwargs, ("softcap", "s_aux"), "mode=generate")
+    refuse_options(kwargs, "mode=generate")
     window = kwargs.get("sliding_window")
     if window is not None and cache.seen_tokens >= window:  # before then, the window hides nothing
         raise ValueError(f"mode=generate does not apply the model's sliding window of {window} tokens, which the "

@@ -43,13 +43,16 @@ def attention_replaced(model: PreTrainedModel, name: str, function: Callable, st
         _ACTIVE.reset(token)
 
 
-def refuse_options(kwargs: dict, names: tuple[str, ...], where: str) -> None:
-    """A ValueError for an attention option of the model that `where` does not apply (Gemma-2's logit softcap,
-    a sliding window, gpt-oss's attention sinks): dropped, it would leave the scores another model's."""
-    given = {name: kwargs[name] for name in names if kwargs.get(name) is not None}
+UNSUPPORTED_OPTIONS = ("softcap", "s_aux")  # Gemma-2's logit softcap, gpt-oss's attention sinks
+
+
+def refuse_options(kwargs: dict, where: str) -> None:
+    """A ValueError for an attention option of the model that `where` does not apply (UNSUPPORTED_OPTIONS):
+    dropped, it would leave the scores another model's."""
+    given = {name: kwargs[name] for name in UNSUPPORTED_OPTIONS if kwargs.get(name) is not None}
     if given:
         raise ValueError(f"{where} does not apply the model's attention options {given}: use a model without them "
-                         f"(it supports none of {list(names)})")
+                         f"(it supports none of {list(UNSUPPORTED_OPTIONS)})")
 
 
 def check_replaceable(model: PreTrainedModel) -> None:

@@ -80,7 +80,7 @@ def scan(policy: Policy, layer: int, n_layers: int, query: torch.Tensor, key: to
         visible = held.clone()
         if mask is not None:
             visible &= mask[:, None, t]
-            visible[:, :, t] = True  # a padding query still sees itself: no empty softmax
+            visible[:, :, t] = True  # as the causal and sliding masks have it: never an empty softmax
             causal += (mask[:, t, :t].sum() + b) * kv_heads
         scores = torch.einsum("bkgd,bknd->bkgn", q[:, :, :, t], k) * scale
         probs = scores.masked_fill(~visible[:, :, None], float("-inf")).softmax(-1)
@@ -96,7 +96,7 @@ def scan(policy: Policy, layer: int, n_layers: int, query: torch.Tensor, key: to
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention signature; (batch, n, heads, head_dim) out."""
     sim = active(Simulation, "simulating(model, policy)")
-    refuse_options(kwargs, ("softcap", "s_aux"), "mode=simulate")  # a sliding window comes in the mask
+    refuse_options(kwargs, "mode=simulate")  # a sliding window comes in the mask
     b, _, n, d = query.shape
     if key.shape[2] != n:
         raise ValueError(f"simulate needs the whole text in one pass without a cache: {n} queries, {key.shape[2]} "
