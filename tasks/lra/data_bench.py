@@ -30,7 +30,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"lra_data.settings: {exc}") from exc
         for workers in sorted({1, available_cores()}):
-            n = max(spec.examples_per_worker, CHUNK) * workers  # whole chunks, or some workers would idle
+            n = max(spec.examples_per_worker, CHUNK) * workers  # at least a chunk each, or some workers would idle
             rate = generation_rate(task, n, spec.seed, workers, **params)
             extra = dict(task=task, **params, examples=n, series=task)
             yield Row(_label(task, params), "workers", workers, "examples_per_s", "examples/s", rate, n=1,
