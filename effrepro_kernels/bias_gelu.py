@@ -77,5 +77,5 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if x.dtype not in DTYPES or bias.dtype not in DTYPES or bias.shape != x.shape[-1:]:
         raise ValueError(f"bias_gelu takes x and a bias of its last dimension, of {[str(d) for d in DTYPES]}; "
                          f"got x {x.dtype} {tuple(x.shape)}, bias {bias.dtype} {tuple(bias.shape)}")
-    check_devices("bias_gelu", x=x, bias=bias)
+    check_devices("bias_gelu", True, x=x, bias=bias)
     return _bias_gelu_function(x, bias.contiguous())  # the kernels read it as a dense vector

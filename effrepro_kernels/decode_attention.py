@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .kv_quant import QuantizedKV, check_quantized, kv_tile
-from .runtime import (HOPPER_BLOCK_SMEM, INTERPRET, block_shared_memory, cdiv, launch, next_pow2, runs_on,
+from .runtime import (HOPPER_BLOCK_SMEM, INTERPRET, block_shared_memory, cdiv, check_devices, launch, next_pow2,
                       signature, sm_count, sm_shared_memory)
 
 SCHEDULES = ("fa2", "split", "lean")
@@ -473,14 +473,14 @@ def _check(q, k_cache, v_cache, host_lengths):
         raise ValueError(f"q's {h} heads are not a multiple of the cache's {k_cache.shape[1]} KV heads")
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim={d} is not supported; use {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
-    if not runs_on(q.device):
-        raise ValueError(f"q is on {q.device}; decode_attention runs on CUDA devices "
-                         "(or on the CPU under TRITON_INTERPRET=1, for tests)")
-    parts = [q] + [t for c in (k_cache, v_cache) for t in ((c.data, c.scale, c.zero) if isinstance(c, QuantizedKV)
-                                                           else (c,))]
-    if any(t.device != q.device for t in parts):
-        raise ValueError(f"q and the caches must be on one device; got q on {q.device}, caches on "
-                         f"{sorted({str(t.device) for t in parts[1:]})}")
+    caches = {}
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if isinstance(c, QuantizedKV):
+            caches.update({f"{name}.data": c.data, f"{name}.scale": c.scale, f"{name}.zero": c.zero})
+        else:
+            caches[name] = c
+    check_devices("decode_attention", q=q, **caches)
+    parts = [q, *caches.values()]
     if any(t.stride(-1) != 1 for t in parts):
         raise ValueError("q and the caches (their data, scales and zeros, if quantized) need a contiguous last "
                          "dimension")

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from . import flash_attn_gluon
-from .runtime import AUTOTUNE, INTERPRET, KeptLaunches, block_shared_memory, cdiv, int8_mask, launch, next_pow2
+from .runtime import (AUTOTUNE, INTERPRET, KeptLaunches, block_shared_memory, cdiv, check_devices, int8_mask, launch,
+                      next_pow2)
 from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
@@ -479,13 +480,9 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
                              f"{getattr(t, 'shape', type(t).__name__)}")
         if t.dtype not in DTYPES:
             raise ValueError(f"{name}.dtype={t.dtype} is not supported; use one of {DTYPES}")
-        if t.device.type not in ("cuda", "meta") and not INTERPRET:  # meta: shapes alone, from the fake version
-            raise ValueError(f"{name} is on {t.device}; flash_attn runs on CUDA devices "
-                             "(or on the CPU under TRITON_INTERPRET=1, for tests)")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_devices("flash_attn", True, q=q, k=k, v=v)  # meta: shapes alone, from the fake version
     if layout == "bshd":  # the checks below read (batch, heads, seq, head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     b, h, n_q, d = q.shape

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import AUTOTUNE, INTERPRET, TRITON_VERSION, cdiv, next_pow2, runs_on
+from .runtime import AUTOTUNE, INTERPRET, TRITON_VERSION, cdiv, check_devices, next_pow2
 
 BITS = (2, 4, 8)
 AXES = ("channel", "token")
@@ -416,9 +416,7 @@ def _check(x: torch.Tensor, bits: int, group_size: int, axis: str):
     _check_scheme(bits, group_size, axis, tuple(x.shape))
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}; use one of {DTYPES}")
-    if not runs_on(x.device):
-        raise ValueError(f"x is on {x.device}; quantize_kv runs on CUDA devices "
-                         "(or on the CPU under TRITON_INTERPRET=1, for tests)")
+    check_devices("quantize_kv", x=x)
     if x.stride(-1) != 1:
         raise ValueError("x needs a contiguous last (head_dim) dimension")
 

@@ -88,7 +88,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
         raise ValueError(f"layer_norm normalises up to {MAX_FEATURES} features, with a weight and a bias of that "
                          f"many (or None); got {n} features, a weight of shape {_shape(weight)} and a bias of shape "
                          f"{_shape(bias)}")
-    check_devices("layer_norm", x=x, weight=weight, bias=bias)
+    check_devices("layer_norm", True, x=x, weight=weight, bias=bias)
 
 
 def _layer_norm_fake(x, weight, bias, eps, out_dtype):

@@ -145,7 +145,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     elif h.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy takes h and weight of one dtype outside autocast; got {h.dtype} "
                          f"and {weight.dtype}")
-    check_devices("linear_cross_entropy", h=h, weight=weight, targets=targets)
+    check_devices("linear_cross_entropy", True, h=h, weight=weight, targets=targets)
     # a target outside the vocabulary would be read out of bounds; checked on the device, so the host never waits
     # (an error at the next synchronisation, as F.cross_entropy's own check gives on a GPU)
     outside = ((targets >= weight.shape[0]) | (targets < 0)) & (targets != ignore_index)

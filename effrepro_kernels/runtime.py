@@ -72,17 +72,16 @@ def runs_on(device) -> bool:
     return torch.device(device).type == "cuda" or INTERPRET
 
 
-def check_devices(op: str, **tensors: torch.Tensor | None) -> None:
+def check_devices(op: str, meta_ok: bool = False, /, **tensors: torch.Tensor | None) -> None:
     """That `op`'s kernels can take these tensors (those given as None aside): all on one device, where they run
-    (`runs_on`), or meta tensors, for the operators' fake versions (a plain function given meta tensors fails in
-    its launch). Otherwise Triton fails deep inside a launch ("0 active drivers"), or reads one device's pointer
-    on another."""
+    (`runs_on`), or, with `meta_ok` (an operator with a fake version), meta tensors. Otherwise Triton fails deep
+    inside a launch ("0 active drivers"), or reads one device's pointer on another."""
     devices = {t.device for t in tensors.values() if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op} takes its tensors on one device; got "
                          + ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None))
     (device,) = devices
-    if device.type != "meta" and not runs_on(device):
+    if not (meta_ok and device.type == "meta") and not runs_on(device):
         raise ValueError(f"{op} runs on CUDA devices (or on the CPU under TRITON_INTERPRET=1, for tests); got "
                          f"tensors on {device}")
 
