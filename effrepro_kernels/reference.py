@@ -9,7 +9,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
                         softmax_scale: float | None = None, dropout_p: float = 0.0,
                         key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                         dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q kᵀ · scale + mask) v over (batch, heads, seq, head_dim) tensors, computed in their dtype.
+    """softmax(q kᵀ · scale + mask) v over (batch, heads, seq, head_dim) tensors, computed in their dtype, as
+    the paper's standard attention computes it: no pass over the N×N matrices beyond its own (the scale is applied
+    to q, and fully masked rows are zeroed in the output), so that it stays a fair baseline.
 
     - `causal`: query i sees keys j ≤ i + (Nk − Nq), aligned to the bottom right as FlashAttention 2 defines it.
     - `key_padding_mask`: bool (batch, Nk), True where a key is real.
@@ -23,7 +25,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     if k.shape[1] != q.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
     n_q, n_k = q.shape[-2], k.shape[-2]
     keep = None
     if causal:
@@ -36,15 +38,17 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     if attn_mask is not None:
         keep = attn_mask if keep is None else keep & attn_mask
     if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
+        # the dtype's lowest value rather than -inf: a fully masked row then has no NaN to clean up over N×N
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
-    if keep is not None:
-        probs = probs.nan_to_num(0.0)  # fully masked rows: softmax of all -inf
     if dropout_p > 0.0 and dropout_mask is not None:
         probs = probs.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
-    return torch.matmul(probs, v)
+    out = torch.matmul(probs, v)
+    if keep is not None:  # the mask's own shape is small (broadcast over heads): this costs no N×N pass
+        out = out.masked_fill(~keep.any(-1, keepdim=True), 0.0)
+    return out
 
 
 _WORD = 0xFFFFFFFF
