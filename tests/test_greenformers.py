@@ -279,6 +279,9 @@ def test_our_kernel_in_bert_matches_eager_attention():
     ("greenformers.crossover.variants=[base,lrt_r8_last0]", "_last0 must be between 1 and the model's 2 layers"),
     ("greenformers.crossover.cost_max_seq_len=8", "cost_max_seq_len=8 is below every length"),
     ("greenformers.notebook.variants=[base,lrt_r8]", "names 'base', which is always measured (first): leave it out"),
+    # a block of settings set to null is named, not a traceback at its first setting
+    *[(f"greenformers.{key}=null", f"greenformers.{key}=None must be a mapping of settings, as the task's config")
+      for key in ("model", "crossover", "notebook", "notebook.batch", "quality", "quality.model")],
 ])
 def test_bad_input_is_named(refusal, override, expected):
     assert expected in refusal("task=greenformers", override)

@@ -31,6 +31,8 @@ from .variants import ATTENTIONS, MODES, Variant, distinct_models, on_meta, pars
 
 PARTS = ("crossover", "notebook", "quality")
 MODEL_KEYS = {"name", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"}
+# the blocks of settings under greenformers, each a parent's before its children's
+SECTIONS = ("model", "crossover", "notebook", "notebook.batch", "quality", "quality.model")
 
 
 def _check_model(key: str, model: DictConfig) -> dict:
@@ -70,6 +72,12 @@ def _check_variants(key: str, names: list, model: dict, seq_len: int, base_for: 
 
 def validate(cfg: DictConfig) -> None:
     g = cfg.greenformers
+    # a block set to null (or to one value) would fail at its first setting, with a traceback
+    for key in SECTIONS:
+        section = OmegaConf.select(g, key)
+        if not isinstance(section, DictConfig):
+            raise ConfigError(f"greenformers.{key}={section!r} must be a mapping of settings, as the task's config "
+                              "(conf/task/greenformers.yaml) gives it")
     parts = checks.choices("greenformers.parts", g.parts, PARTS)
     checks.choice("greenformers.attention", g.attention, ATTENTIONS)
     if g.attention == "effrepro" and not runs_on(resolve_device(cfg.scale)):
