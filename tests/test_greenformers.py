@@ -287,6 +287,13 @@ def test_bad_input_is_named(refusal, override, expected):
     assert expected in refusal("task=greenformers", override)
 
 
+def test_a_quality_part_with_nothing_to_train_is_refused(refusal):
+    """With no svd_ranks, no variant would pass validation and then measure nothing."""
+    assert "greenformers.quality.variants=[] is empty: give one value or a list of them" in refusal(
+        "task=greenformers", "greenformers.parts=[quality]", "greenformers.quality.variants=[]",
+        "greenformers.quality.svd_ranks=[]")
+
+
 def test_one_value_stands_for_a_list_of_one(tmp_path):
     code, out, err = run_inline("task=greenformers", "logger=none", "greenformers.parts=crossover",
                                 "greenformers.crossover.seq_len=32", "greenformers.crossover.modes=inference",
