@@ -5,6 +5,7 @@ work."""
 import copy
 import json
 import math
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -361,3 +362,26 @@ def test_no_svd_rows_come_from_a_base_model_whose_training_failed(tmp_path, monk
     assert [r.status for r in rows if r.provider == "base"] == ["oom"]
     assert any(r.status == "ok" and r.provider != "base" for r in rows)  # the other variants still trained
     assert not [r for r in rows if r.extra.get("setting") == "quality_svd"]
+
+
+def test_each_quality_variant_trains_alone_with_base_factorised_before_the_next(tmp_path, monkeypatch):
+    """Base's trained model, which the SVD rows factorise, is let go before the next variant trains: alive on the
+    device, it would count in that variant's peak memory."""
+    import repro.train
+
+    train, earlier = repro.train.train, []
+
+    def one_model_alive(trainee, *args, **kwargs):
+        assert all(model() is None for model in earlier), f"a trained model is alive while {trainee.name} trains"
+        earlier.append(weakref.ref(trainee.model))
+        yield from train(trainee, *args, **kwargs)
+    monkeypatch.setattr(repro.train, "train", one_model_alive)
+    code, out, err = run_inline("task=greenformers", "logger=none", "greenformers.parts=quality",
+                                f"hydra.run.dir={tmp_path}")
+    assert code == 0, err[-3000:]
+    rows = [Row(**r) for r in json.loads((tmp_path / "record.json").read_text())["rows"]]
+    assert len(earlier) == 3
+    # the SVD rows come right after base's own, before the next variant's
+    providers = [r.provider for r in rows]
+    assert providers.index("lrt_svd") > max(i for i, p in enumerate(providers) if p == "base")
+    assert providers.index("lrt_svd") < providers.index("lrt_r8")

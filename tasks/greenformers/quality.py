@@ -18,6 +18,7 @@ from repro.bench import require_triton
 from repro.checks import as_list
 from repro.context import RunContext, fingerprint
 from repro.records import Row
+from repro.timing import free_device_memory
 from repro.train import Candidate, Trainee, step_generator, train_from_config
 from tasks.common.low_rank import LowRankLinear, count_parameters
 
@@ -114,27 +115,32 @@ def svd_rows(dense: torch.nn.Module, ranks: list[int], data: dict, batch: int, e
 
 
 def run_quality(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
-    """Train every quality variant, then factorise the trained base model at each of `svd_ranks`."""
+    """Train every quality variant; right after base, factorise its trained model at each of `svd_ranks`."""
     spec = cfg.greenformers.quality
     vocab = spec.model.vocab_size
     data = {"train": counting_set(spec.n_train, spec.seq_len, vocab, cfg.seed),
             "val": counting_set(spec.n_val, spec.seq_len, vocab, cfg.seed + 1)}
-    trained: dict[str, Trainee] = {}  # base alone: its trained weights are factorised below
+    ranks = as_list(spec.svd_ranks)
+    trained: list[Trainee] = []  # base alone, while its trained weights are factorised below
 
     def candidate(variant: Variant) -> Candidate:
         def make() -> Trainee:
             trainee = _trainee(variant, cfg, ctx, data)
-            if variant.name == "base":
-                trained["base"] = trainee
+            if variant.name == "base" and ranks:
+                trained.append(trainee)
             return trainee
         return Candidate(variant.name, dict(setting="quality", series="quality"), make)
 
-    variants = distinct_models(as_list(spec.variants), cfg.greenformers.attention)
-    for row in train_from_config(cfg, [candidate(variant) for variant in variants], ctx.device):
-        if row.provider == "base" and row.status != "ok":  # an untrained model's factorisation says nothing
-            trained.pop("base", None)
-        yield row
-    base = trained.get("base")
-    if base is not None and spec.svd_ranks:
-        extra = dict(setting="quality_svd", model=spec.model.name, seq_len=spec.seq_len, series="quality")
-        yield from svd_rows(base.model, as_list(spec.svd_ranks), data["val"], spec.batch, extra)
+    # one variant at a time, so that trained base is let go before the next one trains: alive on the device, it
+    # would count in that one's peak memory
+    for variant in distinct_models(as_list(spec.variants), cfg.greenformers.attention):
+        ok = True
+        for row in train_from_config(cfg, [candidate(variant)], ctx.device):
+            ok = ok and row.status == "ok"  # an untrained model's factorisation says nothing
+            yield row
+        if trained:
+            if ok:
+                extra = dict(setting="quality_svd", model=spec.model.name, seq_len=spec.seq_len, series="quality")
+                yield from svd_rows(trained[0].model, ranks, data["val"], spec.batch, extra)
+            trained.clear()
+            free_device_memory(ctx.device, failed=False)
