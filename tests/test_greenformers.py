@@ -152,9 +152,15 @@ def test_the_crossover_is_the_shortest_length_from_which_on_linformer_wins():
                                    ("linformer_k64", "lrt_r256")])}
     assert found["linformer_k128", "lrt_r256"].p50 == 512
     assert "from 512 tokens on" in found["linformer_k128", "lrt_r256"].message
-    assert found["linformer_k64", "base"].p50 == 1024  # a tie at 1024 is no win; base's OOM at 2048 is a loss
+    # a loss at 512 (5.0 against 4.5); base's OOM at 2048 is a loss, so 2048 is among the lengths compared
+    assert found["linformer_k64", "base"].p50 == 1024
+    assert "measured at 128..2048 tokens" in found["linformer_k64", "base"].message
     assert found["linformer_k64", "lrt_r256"].p50 == 1024
     assert all(r.metric == "crossover_time" and r.x_value == "inference" for r in found.values())
+    # Linformer ahead everywhere but out of memory at the longest length, where LRT runs: no crossover
+    oom = times({256: 1.0, 512: 2.0, 1024: None}, "linformer_k128") + times({256: 2.0, 512: 3.0, 1024: 5.0}, "lrt_r256")
+    [row] = crossover_rows(oom, [("linformer_k128", "lrt_r256")])
+    assert row.p50 is None and "not faster than lrt_r256 at the longest length" in row.message
 
 
 def test_the_crossover_says_so_when_linformer_never_wins_and_ignores_lengths_where_both_failed():
