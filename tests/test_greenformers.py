@@ -241,6 +241,23 @@ def test_svd_error_is_the_factorised_encoders_and_falls_as_the_rank_rises():
     assert (at_20.extra["factorised_layers"], at_20.extra["linear_layers"]) == (4, 13)
 
 
+def test_a_factorised_copy_that_runs_out_of_memory_is_an_oom_row(monkeypatch):
+    import tasks.greenformers.quality as quality
+
+    factorised = quality.factorised
+
+    def rank_6_runs_out_of_memory(model, variant, init):
+        if variant.rank == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return factorised(model, variant, init=init)
+    monkeypatch.setattr(quality, "factorised", rank_6_runs_out_of_memory)
+    dense = build(Variant("base"), TINY, 24, positions=24, attention="eager")
+    rows = list(svd_rows(dense, [2, 6, 12], counting_set(8, 24, TINY["vocab_size"], seed=0), batch=4, extra={}))
+    errors = [(r.x_value, r.status) for r in rows if r.metric == "output_rel_error"]
+    assert errors == [(12, "ok"), (6, "oom"), (2, "ok")]  # the other ranks still measured
+    assert [r.message for r in rows if r.status == "oom"] == ["CUDA out of memory. Tried to allocate 2.00 GiB"]
+
+
 def test_the_cpu_setting_composes(compose):
     cfg = compose("task=greenformers", "scale=small", "scale.device=cpu", "task_scale/greenformers@_global_=cpu")
     assert cfg.scale.device == "cpu" and list(cfg.greenformers.parts) == ["crossover"]

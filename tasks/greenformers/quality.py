@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from repro.bench import require_triton
+from repro.bench import failure, require_triton
 from repro.checks import as_list
 from repro.context import RunContext, fingerprint
 from repro.records import Row
@@ -87,31 +87,47 @@ def _trainee(variant: Variant, cfg: DictConfig, ctx: RunContext, data: dict) -> 
     return Trainee(variant.name, model, batches, evaluate, tokens, flops / tokens, extra, fingerprint(settings))
 
 
-@torch.no_grad()
 def svd_rows(dense: torch.nn.Module, ranks: list[int], data: dict, batch: int, extra: dict) -> Iterator[Row]:
     """The trained dense model factorised by truncated SVD at each rank, highest first, not trained further:
     the relative (Frobenius) error of its encoder's last hidden states against the dense model's on `data`, its
     accuracy and its encoder's parameters. A layer stays dense where the rank saves no weights in it (at or above
-    in·out/(in+out)), so a high rank may factorise only some layers: the rows say how many (`factorised_layers`)."""
+    in·out/(in+out)), so a high rank may factorise only some layers: the rows say how many (`factorised_layers`).
+    A rank whose copy runs out of memory is an `oom` row, as a training run's is, and the next rank is tried."""
     dense.eval()
     device = next(dense.parameters()).device
     for rank in sorted(ranks, reverse=True):
-        low = factorised(copy.deepcopy(dense), Variant(f"lrt_r{rank}", rank=rank), init="svd")
-        error = reference = 0.0
-        for start in range(0, len(data["labels"]), batch):
-            ids = data["input_ids"][start:start + batch].to(device)
-            want = dense.bert(input_ids=ids).last_hidden_state.double()
-            error += float((low.bert(input_ids=ids).last_hidden_state.double() - want).square().sum())
-            reference += float(want.square().sum())
-        factorised_layers = [m for m in low.bert.modules() if isinstance(m, LowRankLinear)]
-        factors = sum(isinstance(m, torch.nn.Linear) for f in factorised_layers for m in f.modules())
-        dense_layers = sum(isinstance(m, torch.nn.Linear) for m in low.bert.modules()) - factors
-        tags = {**extra, "rank": rank, "init": "svd", "linear_layers": len(factorised_layers) + dense_layers,
-                "factorised_layers": len(factorised_layers)}
-        yield Row("lrt_svd", "rank", rank, "output_rel_error", "fraction", (error / reference) ** 0.5, n=1,
-                  extra=tags)
-        yield Row("lrt_svd", "rank", rank, "val_accuracy", "%", accuracy(low, data, batch), n=1, extra=tags)
-        yield Row("lrt_svd", "rank", rank, "params", "count", count_parameters(low.bert), n=1, extra=tags)
+        try:
+            rows = _factorised_rows(dense, rank, data, batch, extra)
+        except Exception as exc:  # noqa: BLE001
+            found = failure(exc)
+            if found is None:
+                raise
+            rows = [Row("lrt_svd", "rank", rank, "output_rel_error", "fraction", status=found[0], message=found[1],
+                        extra={**extra, "rank": rank, "init": "svd"})]
+        if rows[0].status != "ok":
+            free_device_memory(device, failed=True)  # the failure's traceback held the factorised copy
+        yield from rows
+
+
+@torch.no_grad()
+def _factorised_rows(dense: torch.nn.Module, rank: int, data: dict, batch: int, extra: dict) -> list[Row]:
+    """`svd_rows` at one rank."""
+    device = next(dense.parameters()).device
+    low = factorised(copy.deepcopy(dense), Variant(f"lrt_r{rank}", rank=rank), init="svd")
+    error = reference = 0.0
+    for start in range(0, len(data["labels"]), batch):
+        ids = data["input_ids"][start:start + batch].to(device)
+        want = dense.bert(input_ids=ids).last_hidden_state.double()
+        error += float((low.bert(input_ids=ids).last_hidden_state.double() - want).square().sum())
+        reference += float(want.square().sum())
+    factorised_layers = [m for m in low.bert.modules() if isinstance(m, LowRankLinear)]
+    factors = sum(isinstance(m, torch.nn.Linear) for f in factorised_layers for m in f.modules())
+    dense_layers = sum(isinstance(m, torch.nn.Linear) for m in low.bert.modules()) - factors
+    tags = {**extra, "rank": rank, "init": "svd", "linear_layers": len(factorised_layers) + dense_layers,
+            "factorised_layers": len(factorised_layers)}
+    return [Row("lrt_svd", "rank", rank, "output_rel_error", "fraction", (error / reference) ** 0.5, n=1, extra=tags),
+            Row("lrt_svd", "rank", rank, "val_accuracy", "%", accuracy(low, data, batch), n=1, extra=tags),
+            Row("lrt_svd", "rank", rank, "params", "count", count_parameters(low.bert), n=1, extra=tags)]
 
 
 def run_quality(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
