@@ -6,6 +6,7 @@ import argparse
 import collections
 import csv
 import dataclasses
+import fnmatch
 import functools
 import gzip
 import io
@@ -535,7 +536,9 @@ def load_retracted(runs: Path) -> dict[str, list[Retraction]]:
     """RUNS/retracted.yaml: the records that a later fix showed to hold wrong rows, each with why. They stay in the
     repository as history; the report uses none of their rows (or, where an entry names `metrics`, none of those
     metrics' rows, and with `where` too, only those of its rows that match it; a list of such entries retracts
-    each) and lists them. Keys are paths under RUNS, written without a packed record's `.gz`."""
+    each) and lists them. Keys are paths under RUNS, written without a packed record's `.gz`, or shell patterns
+    of them (`flash_kernel/202611*`): a fix that touches every record made before it retracts them all in one
+    entry. A record matched by several keys has the entries of each."""
     path = runs / RETRACTED
     if not path.is_file():
         return {}
@@ -568,12 +571,13 @@ def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_fr
     keep, listed, seen = [], [], set()
     for path, record in records:
         key = path.relative_to(runs).as_posix().removesuffix(".gz")
-        if key not in retracted:
+        matched = [name for name in retracted if fnmatch.fnmatchcase(key, name)]
+        if not matched:
             keep.append((path, record))
             continue
-        seen.add(key)
+        seen.update(matched)
         rows = record.rows
-        for metrics, where, why in retracted[key]:
+        for metrics, where, why in [entry for name in matched for entry in retracted[name]]:
             which = f"its rows of {', '.join(metrics)}" if metrics else "the whole record"
             which += "".join(f", {k}={v}" for k, v in where.items())
             listed.append(f"- [`{key}`]({_link(path, links_from)}) ({record.gpu_name}, {record.scale}), {which}: "

@@ -165,6 +165,19 @@ def test_a_retracted_record_is_listed_with_its_reason_and_used_for_nothing(tree,
     assert "mode=fwd: graph alive" in report and "mode=bwd: another" in report
     with gzip.open(tree / "out" / "report" / "rows.csv.gz", "rt") as fh:
         assert "wrong.json" not in fh.read()
+    # a pattern of names: every record it matches, with the entries of each key that matches it
+    save_record(rec("bench", "small", [row("peak_memory", 3.0, "bwd")], started="2026-12-02T00:00:00+00:00"),
+                runs / "toy" / "bench" / "also.json")
+    (runs / "retracted.yaml").write_text("toy/bench/*.json: {metrics: [peak_memory], where: {mode: bwd}, "
+                                         "why: before the fix}\n"
+                                         "toy/bench/wrong.json: {metrics: [peak_memory], where: {mode: fwd}, why: x}\n"
+                                         "toy/other/*: {metrics: [speedup], why: matches no record}\n")
+    report, problems = build_report(runs, tree / "published", tree / "out", tree / "README.md")
+    assert "[`toy/bench/also.json`]" in report and "mode=bwd: before the fix" in report
+    with gzip.open(tree / "out" / "report" / "rows.csv.gz", "rt") as fh:
+        text = fh.read()
+        assert "wrong.json" not in text and "also.json" not in text
+    assert any("toy/other/*" in p for p in problems)
     for bad in ("- toy/bench/wrong.json\n", "toy/bench/wrong.json: {metrics: [], why: none}\n"):
         (runs / "retracted.yaml").write_text(bad)
         with pytest.raises(ValueError, match="retracted.yaml"):
