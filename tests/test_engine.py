@@ -82,6 +82,8 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=lra_listops +lra.model.dropout=5", ["lra.model.dropout=5 must be a number >= 0 and < 1"]),
     ("task=lra_listops +lra.model.drop=0.1", ["lra.model.drop is not a setting of the LRA model", "'dropout'"]),
     ("task=lra_listops lra.listops_min_length=64", ["lra (task listops): ListOps", "min_length=64 and max_length"]),
+    ("task=lra_listops lra.listops_min_length=10000 lra.listops_max_length=20000",  # possible, but never came
+     ["lra (task listops): ListOps", "practically never", "min_length=10000 and max_length=20000"]),
     ("task=lra_listops lra.seed=-1", ["lra.seed=-1 must be an integer >= 0"]),
     ("task=lra_listops +lra.model.block_size=100", ["lra.model.block_size=100 must be a power of two"]),
     ("task=lra_text lra.max_bytes=8192", ["lra.max_bytes=8192 is above the 4096 bytes a text document"]),

@@ -90,6 +90,18 @@ def test_listops_rejects_impossible_lengths():
     assert [len(s.split()) for s, _ in data.generate_listops(3, 0, min_length=2, max_length=5, workers=1)] == [4] * 3
 
 
+
+def test_listops_refuses_a_window_trees_practically_never_reach(monkeypatch):
+    # possible (ten levels of ten arguments can be that long) but out of reach in practice: generation hung
+    far = dict(min_length=10000, max_length=20000)
+    with pytest.raises(ValueError, match=r"practically never .*min_length=10000 and max_length=20000.*longest below "
+                                         r"max_length had \d+ tokens"):
+        data.generate_listops(1, 0, **far)
+    # a window the fixed sample reached once but a chunk then does not: the chunk fails instead of hanging
+    monkeypatch.setattr(data, "MAX_REJECTIONS", 100)
+    with pytest.raises(ValueError, match="100 trees in a row had no length strictly between min_length=10000"):
+        data._listops_chunk(0, "train", 0, 1, dict(max_depth=10, max_args=10, **far))
+
 # ------------------------------------------------------------------------------------------------- Pathfinder
 
 @pytest.fixture(scope="module")

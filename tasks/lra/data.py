@@ -46,6 +46,11 @@ OPS = tuple(OPERATORS)
 LISTOPS_VOCAB = ("<pad>", *OPS, "]", *map(str, range(10)))
 LISTOPS_IDS = {token: i for i, token in enumerate(LISTOPS_VOCAB)}
 LEAF_P = 0.75  # LRA's VALUE_P = 0.25 is the chance that a node below max_depth is an operator
+# A length window is refused unless some of SAMPLED_TREES trees (a fixed sample, about 0.2 s) fall in it. A chunk
+# gives up after MAX_REJECTIONS trees in a row outside it: far more than a window that passed needs (at a rate of
+# 1 in 10,000 the chance is e^-100), and a minute or two where it is never reached.
+SAMPLED_TREES = 2000
+MAX_REJECTIONS = 1_000_000
 
 
 def encode_listops(source: str) -> list[int]:
@@ -90,19 +95,34 @@ def _listops_tree(r: random.Random, depth: int, max_depth: int, max_args: int, t
     return OPERATORS[op](args)
 
 
+def _listops_draw(r: random.Random, params: dict) -> tuple[list[str], int | None]:
+    """A random tree's tokens and value; the value is None where the tree reached max_length (its tokens cut)."""
+    tokens = []
+    try:
+        return tokens, _listops_tree(r, 1, params["max_depth"], params["max_args"], tokens, params["max_length"])
+    except _TooLong:
+        return tokens, None
+
+
 def _listops_chunk(seed: int, split: str, index: int, count: int, params: dict) -> list[dict]:
     r = random.Random(_chunk_seed(seed, split, index))
-    rows = []
+    rows, rejected, longest = [], 0, 0
     while len(rows) < count:
-        tokens = []
-        try:
-            label = _listops_tree(r, 1, params["max_depth"], params["max_args"], tokens, params["max_length"])
-        except _TooLong:
-            continue
+        tokens, label = _listops_draw(r, params)
         # LRA also drops duplicates; trees of hundreds of tokens do not repeat in practice, so we keep chunks
         # independent instead.
-        if len(tokens) > params["min_length"]:
+        if label is not None and len(tokens) > params["min_length"]:
             rows.append({"source": " ".join(tokens), "label": label})
+            rejected = 0
+            continue
+        rejected += 1
+        if label is not None:
+            longest = max(longest, len(tokens))
+        if rejected == MAX_REJECTIONS:  # a window _check_listops let through by a narrow chance: fail, not hang
+            raise ValueError(f"ListOps: {rejected} trees in a row had no length strictly between "
+                             f"min_length={params['min_length']} and max_length={params['max_length']} "
+                             f"(max_depth={params['max_depth']}, max_args={params['max_args']}); the longest "
+                             f"below max_length had {longest} tokens. Choose a window such trees reach")
     return rows
 
 
@@ -130,6 +150,16 @@ def _check_listops(p: dict) -> None:
     if not ok or not _listops_lengths(p["max_depth"], p["max_args"], p["max_length"] - 1) & window:
         raise ValueError(f"ListOps max_depth={p['max_depth']}, max_args={p['max_args']} cannot give lengths "
                          f"strictly between min_length={p['min_length']} and max_length={p['max_length']}")
+    # Possible is not enough: long trees are rare (of 20,000 with LRA's settings the longest had 5,229 tokens), and
+    # rejection sampling might never reach the window. A fixed sample: a window is always refused, or never.
+    r = random.Random(0)
+    draws = [_listops_draw(r, p) for _ in range(SAMPLED_TREES)]
+    if not any(label is not None and len(tokens) > p["min_length"] for tokens, label in draws):
+        below = [len(tokens) for tokens, label in draws if label is not None]
+        raise ValueError(f"ListOps max_depth={p['max_depth']}, max_args={p['max_args']} practically never gives "
+                         f"lengths strictly between min_length={p['min_length']} and max_length={p['max_length']}: "
+                         f"none of {SAMPLED_TREES} sampled trees did; the longest below max_length had "
+                         f"{max(below, default=0)} tokens, {SAMPLED_TREES - len(below)} reached max_length")
 
 
 def generate_listops(n: int, seed: int, *, max_depth: int = 10, max_args: int = 10, min_length: int = 500,
