@@ -62,6 +62,8 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=flash_gpt2 model.seq_len=128 model.positions=64", ["seq_len=128", "64 positions"]),
     ("task=pathx lra.pretrain={task:listops,steps:1}", ["listops", "path64"]),
     ("task=lra_listops lra.micro_batch.listops=3", ["micro_batch.listops=3", "divisor"]),
+    ("task=lra_listops lra.micro_batch.listops=abc", ["lra.micro_batch.listops='abc' must be an integer >= 1"]),
+    ("task=lra_listops lra.micro_batch.listops=1.0", ["lra.micro_batch.listops=1.0 must be an integer >= 1"]),
     ("task=lra_listops lra.micro_batch=4", ["lra.micro_batch=4 must be a mapping of task to micro-batch"]),
     ("task=lra_text lra.attention=[standard,linformer] lra.model.linformer_k=300",
      ["lra.model.linformer_k=300 is above the 256 tokens of a text example"]),

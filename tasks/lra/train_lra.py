@@ -270,7 +270,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"lra.micro_batch={spec.micro_batch!r} must be a mapping of task to micro-batch, or null")
     for task in tasks:
         micro = (spec.micro_batch or {}).get(task)
-        if micro is not None and (micro < 1 or (micro < step and step % micro)):
+        if micro is None:
+            continue
+        checks.number(f"lra.micro_batch.{task}", micro, at_least=1)
+        if micro < step and step % micro:
             raise ConfigError(f"lra.micro_batch.{task}={micro} must be null or a positive divisor of the {step} "
                               "examples of a step (lra.batch x train.grad_accum; a larger value leaves the step "
                               "whole), so that every example weighs the same")
