@@ -61,6 +61,12 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=flash_bert attention=[effrepro+fused]", ["effrepro+fused", "model.family='bert'"]),
     ("task=flash_gpt2 model.seq_len=128 model.positions=64", ["seq_len=128", "64 positions"]),
     ("task=pathx lra.pretrain={task:listops,steps:1}", ["listops", "path64"]),
+    # lra.pretrain: null or exactly {task, steps} (a missing key was a traceback, another key ignored)
+    ("task=pathx lra.attention=[standard] lra.pretrain={task:path64}",
+     ["lra.pretrain={'task': 'path64'} must be null or a mapping of exactly task (one of", "and steps"]),
+    ("task=pathx lra.attention=[standard] lra.pretrain=5", ["lra.pretrain=5 must be null or a mapping"]),
+    ("task=pathx lra.attention=[standard] lra.pretrain={task:path64,steps:1,lr:3}",
+     ["'lr': 3", "another key would be ignored"]),
     ("task=lra_listops lra.micro_batch.listops=3", ["micro_batch.listops=3", "divisor"]),
     ("task=lra_listops lra.micro_batch.listops=abc", ["lra.micro_batch.listops='abc' must be an integer >= 1"]),
     ("task=lra_listops lra.micro_batch.listops=1.0", ["lra.micro_batch.listops=1.0 must be an integer >= 1"]),

@@ -302,9 +302,14 @@ def validate(cfg: DictConfig) -> None:
         if ours and not MIN_HEAD_DIM <= head <= MAX_HEAD_DIM:
             raise ConfigError(f"lra.model: heads of {head} dimensions ({task}: dim={model['dim']}, "
                               f"heads={model['heads']}); {ours} take {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
-    if spec.pretrain:
-        if spec.pretrain.task not in PATH_SIZES or any(t not in PATH_SIZES for t in tasks):
-            raise ConfigError(f"lra.pretrain.task={spec.pretrain.task!r}: pre-training grows a Pathfinder "
+    if spec.pretrain is not None:
+        if not isinstance(spec.pretrain, DictConfig) or sorted(spec.pretrain) != ["steps", "task"]:
+            raise ConfigError(f"lra.pretrain={spec.pretrain!r} must be null or a mapping of exactly task (one of "
+                              f"{list(PATH_SIZES)}) and steps (an integer >= 1), e.g. {{task: path64, steps: 1000}}; "
+                              "another key would be ignored")
+        first = spec.pretrain.task
+        if first not in PATH_SIZES or any(t not in PATH_SIZES for t in tasks):
+            raise ConfigError(f"lra.pretrain.task={first!r}: pre-training grows a Pathfinder "
                               f"model's position table, so it and lra.tasks must be among {list(PATH_SIZES)}")
         if "linformer" in attentions:
             raise ConfigError("lra.pretrain cannot carry Linformer's length-bound projections to another length")
