@@ -96,6 +96,13 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=lra_listops +lra.model.block_size=100", ["lra.model.block_size=100 must be a power of two"]),
     ("task=lra_text lra.max_bytes=8192", ["lra.max_bytes=8192 is above the 4096 bytes a text document"]),
     ("task=lra_pathfinder lra.difficulty=medium", ["lra (task pathfinder): Pathfinder difficulty='medium'"]),
+    # lra_data: every setting before any is measured (the first one ran before the second was refused)
+    ("task=lra_data lra_data.settings=[{task:listops,min_length:20,max_length:200},{task:pathfinder,size:48}]",
+     ["lra_data.settings[1]: Pathfinder size=48 is not one of [32, 64, 128, 256]"]),
+    ("task=lra_data lra_data.settings=[{task:listops,min_length:abc}]",
+     ["lra_data.settings[0]: ListOps min_length='abc' must be an integer"]),
+    ("task=lra_data lra_data.seed=-1", ["lra_data.seed=-1 must be an integer >= 0"]),
+    ("task=lra_data lra_data.examples_per_worker=-5", ["lra_data.examples_per_worker=-5 must be an integer >= 1"]),
     ("task=lm_eval model=tiny_llama eval.texts=[novel]", ["novel", "pydoc"]),
     ("kernel.seq_len=[]", ["kernel.seq_len=[] is empty"]),  # was: only the named settings, quietly
     ("task=lean_decode decode.context=[]", ["decode.context=[] is empty"]),

@@ -145,6 +145,9 @@ def _listops_lengths(max_depth: int, max_args: int, cap: int) -> int:
 
 
 def _check_listops(p: dict) -> None:
+    for key in ("max_depth", "max_args", "min_length", "max_length"):
+        if isinstance(p[key], bool) or not isinstance(p[key], int):
+            raise ValueError(f"ListOps {key}={p[key]!r} must be an integer")
     ok = p["max_depth"] >= 1 and p["max_args"] >= 2 and 0 <= p["min_length"] < p["max_length"]
     window = ((1 << p["max_length"]) - 1) & ~((1 << (p["min_length"] + 1)) - 1) if ok else 0
     if not ok or not _listops_lengths(p["max_depth"], p["max_args"], p["max_length"] - 1) & window:

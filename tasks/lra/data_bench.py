@@ -6,6 +6,7 @@ from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from repro import checks
 from repro.context import ConfigError, RunContext, available_cores
 from repro.records import Row
 
@@ -20,15 +21,31 @@ def _label(task: str, params: dict) -> str:
     return f"pathfinder-{params['size']}-{params['difficulty']}" if task == "pathfinder" else task
 
 
+def _setting(key: str, setting) -> tuple[str, dict]:
+    """A setting's generator and its parameters, completed with the generator's defaults."""
+    if not isinstance(setting, DictConfig):
+        raise ConfigError(f"{key}={setting!r} must be a mapping such as {{task: pathfinder, size: 32}}")
+    params = OmegaConf.to_container(setting)
+    task = params.pop("task", None)
+    try:
+        return task, generator_params(task, params)  # names the bad task, size, difficulty or length
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every setting, before any is measured: a bad one last in the list was refused only after the others ran."""
+    spec = cfg.lra_data
+    checks.number("lra_data.seed", spec.seed, at_least=0)
+    checks.number("lra_data.examples_per_worker", spec.examples_per_worker, at_least=1)
+    for i, setting in enumerate(checks.axis("lra_data.settings", spec.settings)):
+        _setting(f"lra_data.settings[{i}]", setting)
+
+
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     spec = cfg.lra_data
-    settings = [OmegaConf.to_container(s) for s in spec.settings]
-    for setting in settings:
-        task = setting.pop("task", None)
-        try:
-            params = generator_params(task, setting)  # names the bad task, size or difficulty
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"lra_data.settings: {exc}") from exc
+    for i, setting in enumerate(spec.settings):
+        task, params = _setting(f"lra_data.settings[{i}]", setting)
         for workers in sorted({1, available_cores()}):
             n = max(spec.examples_per_worker, CHUNK) * workers  # at least a chunk each, or some workers would idle
             rate = generation_rate(task, n, spec.seed, workers, **params)
