@@ -208,7 +208,25 @@ def test_hub_offline_error_says_what_to_do(task):
     from repro.context import ConfigError
 
     for call in (lambda: data.check_hub_reachable(task), lambda: data.load_lra_hub(task, "train")):
-        with pytest.raises(ConfigError, match="lra.source=hub.*Run once with network.*lra.source=fixture"):
+        with pytest.raises(ConfigError, match="lra.source=hub.*could not be loaded.*offline, use lra.source=fixture"):
+            call()
+
+
+@pytest.mark.parametrize("task", ["text", "image"])
+def test_any_hub_failure_is_a_config_error(task, monkeypatch):
+    """Not only a lost connection: a dataset the hub does not have (HTTP 404) was a traceback."""
+    import datasets
+
+    from repro.context import ConfigError
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError(f"{args[0]} doesn't exist on the Hub or cannot be accessed (404)")
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", missing)
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    for call in (lambda: data.check_hub_reachable(task), lambda: data.load_lra_hub(task, "train")):
+        with pytest.raises(ConfigError, match=f"LRA {task}'s hub dataset '{data.HUB[task]}' could not be loaded "
+                                              r"\(FileNotFoundError: .*404\).*lra.source=fixture"):
             call()
 
 

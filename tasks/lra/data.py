@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from repro.context import ConfigError
+from repro.evaluation import hub_error
 from repro.generated import cached_dataset, rows_in_chunks
 
 # Bump whenever a change alters what (task, params, seed) generates: caches of another version are regenerated.
@@ -558,11 +559,9 @@ def _to_lra(task: str, row: dict) -> dict:
     return {"image": np.asarray(row["img"].convert("L")), "label": row["label"]}
 
 
-def _unreachable(task: str, source: str, exc: Exception) -> ConfigError:
-    return ConfigError(
-        f"lra.source=hub: LRA {task} reads the hub dataset {source!r}, which is not in the local Hugging Face cache "
-        f"and cannot be downloaded ({exc}). Run once with network (HF_DATASETS_OFFLINE and HF_HUB_OFFLINE unset) "
-        "to fill the cache, or use lra.source=fixture (generated stand-ins, no download)")
+def _unreachable(task: str, exc: Exception) -> ConfigError:
+    return hub_error(f"lra.source=hub: LRA {task}'s hub dataset {HUB[task]!r}", exc,
+                     "lra.source=fixture (generated stand-ins, no download)")
 
 
 def check_hub_reachable(task: str) -> None:
@@ -573,8 +572,8 @@ def check_hub_reachable(task: str) -> None:
     if task in HUB:
         try:
             hf.load_dataset_builder(HUB[task])
-        except ConnectionError as exc:
-            raise _unreachable(task, HUB[task], exc) from exc
+        except Exception as exc:  # noqa: BLE001 - offline, no network, or the Hub moved it
+            raise _unreachable(task, exc) from None
 
 
 def load_lra_hub(task: str, split: str, *, data_dir: str | os.PathLike | None = None):
@@ -589,19 +588,15 @@ def load_lra_hub(task: str, split: str, *, data_dir: str | os.PathLike | None = 
             raise ValueError("LRA Retrieval (AAN) is not on the Hugging Face hub: its text is not redistributed. "
                              "Download LRA's lra_release (https://storage.googleapis.com/long-range-arena/"
                              "lra_release.gz) and pass data_dir=<its tsv_data folder>")
-        source = str(Path(data_dir) / AAN_FILES[split])
-        kwargs = dict(data_files=source, split="train", delimiter="\t", column_names=AAN_COLUMNS,
-                      quoting=csv.QUOTE_NONE)
-        name = "csv"
+        raw = hf.load_dataset("csv", data_files=str(Path(data_dir) / AAN_FILES[split]), split="train",
+                              delimiter="\t", column_names=AAN_COLUMNS, quoting=csv.QUOTE_NONE)
     elif task in HUB:
-        name = source = HUB[task]
-        kwargs = dict(split=HUB_SPLITS[task][split])
+        try:
+            raw = hf.load_dataset(HUB[task], split=HUB_SPLITS[task][split])
+        except Exception as exc:  # noqa: BLE001 - offline, no network, or the Hub moved it
+            raise _unreachable(task, exc) from None
     else:
         raise ValueError(f"task={task!r}: the LRA tasks read from data are {list(DATA_TASKS)}")
-    try:
-        raw = hf.load_dataset(name, **kwargs)
-    except ConnectionError as exc:
-        raise _unreachable(task, source, exc) from exc
     return raw.map(lambda row: _to_lra(task, row), remove_columns=raw.column_names, features=_lra_features(task))
 
 
