@@ -201,6 +201,24 @@ def test_a_step_is_split_into_micro_batches_without_changing_its_examples(compos
     assert tokens == split_tokens == 8 * 2 * whole[0]["input_ids"].shape[1]  # 8 pairs, two documents each
 
 
+def test_evaluation_runs_in_the_training_micro_batches(compose, tmp_path):
+    """A micro-batch set for memory holds at the final evaluation too: it ran at the full lra.batch."""
+    from repro.context import RunContext
+    from tasks.lra.train_lra import candidates
+
+    cfg = compose("task=lra_retrieval", "lra.attention=[standard]", "lra.batch=8", "lra.n_val=8",
+                  "lra.micro_batch.retrieval=2", f"paths.cache={tmp_path}")
+    (candidate,) = candidates(cfg, RunContext(torch.device("cpu"), "smoke", 0, tmp_path, {}), tmp_path)
+    trainee = candidate.build()
+    forwards = []
+    trainee.model.register_forward_pre_hook(lambda _, args, kwargs: forwards.append(len(kwargs["input_ids"])),
+                                            with_kwargs=True)
+    with torch.no_grad():
+        rows = trainee.evaluate(trainee.model.eval())
+    assert [len(b["labels"]) for b in trainee.batches(0, 0, 1)] == [2] * 4
+    assert forwards == [2] * 4 * len(rows) and all(r.extra["examples"] == 8 for r in rows)
+
+
 def test_retrieval_from_the_hub_needs_the_aan_files_a_run_reads(compose, tmp_path):
     """LRA's AAN pairs are not on the hub: lra.data_dir must hold the train, eval and test files, and a missing
     one is named before any work."""

@@ -138,6 +138,8 @@ def _trainee(cfg: DictConfig, ctx: RunContext, name: str, attention: str, split:
         model.load_state_dict(pretrained.model.state_dict())
     n = len(train_set["labels"])
     micro = (spec.micro_batch or {}).get(name) or spec.batch  # validate(): it divides the step
+    # evaluation's forwards no larger than training's, so that a micro-batch set for memory holds there too
+    eval_batch = min(micro, spec.batch)
 
     def batches(step, rank, world):
         gen = step_generator(cfg.seed, step, rank)
@@ -148,8 +150,8 @@ def _trainee(cfg: DictConfig, ctx: RunContext, name: str, attention: str, split:
         rows = []
         for name_of_split, examples in split["evaluated"].items():
             hits = 0
-            for start in range(0, len(examples["labels"]), spec.batch):
-                batch = {k: v[start:start + spec.batch].to(ctx.device) for k, v in examples.items()}
+            for start in range(0, len(examples["labels"]), eval_batch):
+                batch = {k: v[start:start + eval_batch].to(ctx.device) for k, v in examples.items()}
                 hits += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
             rows.append(Row(attention, "step", 0, f"{name_of_split}_accuracy", "%",
                             100.0 * hits / len(examples["labels"]), n=1,
