@@ -92,7 +92,9 @@ class TrainSpec:
         unknown = set(cfg) - known
         if unknown:
             raise ConfigError(f"unknown train keys {sorted(unknown)}; known: {sorted(known)}")
-        spec = cls(**{k: (tuple(v) if k == "betas" else v) for k, v in cfg.items()})
+        # a list of betas becomes the tuple torch takes; anything else stays as given, for validate to name
+        spec = cls(**{k: (tuple(v) if k == "betas" and isinstance(v, Sequence) and not isinstance(v, str) else v)
+                      for k, v in cfg.items()})
         spec.validate()
         return spec
 
@@ -106,8 +108,10 @@ class TrainSpec:
             checks.number(f"train.{name}", getattr(self, name), integer=False, at_least=0)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"train.betas={list(self.betas)!r} must be two numbers in [0, 1)")
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2 or \
+                not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            shown = list(self.betas) if isinstance(self.betas, tuple) else self.betas
+            raise ConfigError(f"train.betas={shown!r} must be two numbers in [0, 1)")
         if self.profile and not 1 <= self.timing_skip_steps < self.steps:
             raise ConfigError(f"train.profile profiles the last untimed step, before the timed ones: "
                               f"train.timing_skip_steps={self.timing_skip_steps} must be between 1 and "

@@ -248,6 +248,12 @@ def test_train_spec_names_unknown_keys_bad_precision_and_a_profile_with_no_untim
             TrainSpec.from_config({"steps": 4, "lr": 1.0, "profile": True, "timing_skip_steps": skipped})
 
 
+@pytest.mark.parametrize("betas", [0.9, "0.9", [0.9], [0.9, 1.0]])
+def test_betas_other_than_two_numbers_below_one_are_refused_by_name(betas):
+    with pytest.raises(ConfigError, match=r"train\.betas=.*0\.9.* must be two numbers in \[0, 1\)"):
+        TrainSpec.from_config({"steps": 1, "lr": 1.0, "betas": betas})
+
+
 @pytest.mark.parametrize("schedule, halfway", [("cosine", 0.55), ("linear", 0.55), ("rsqrt", (10 / 60) ** 0.5)])
 def test_the_learning_rate_warms_up_then_decays_to_its_floor_by_the_schedule(schedule, halfway):
     from repro.train import _lr_at
