@@ -75,7 +75,7 @@ class TrainSpec:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     grad_accum: int = 1  # accumulation steps: tasks draw this many batches per step (and may split them)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the largest norm of the gradients together; 0: no clipping
     precision: str = "bf16"
     optimizer: str = "adamw"  # or "lamb"
     eval_every: int = 0  # 0: only at the end
@@ -514,7 +514,8 @@ def _step(trainee: Trainee, step: int, parallel: Parallel, wrapped, optimizer, s
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_([p for p in parallel.model.parameters() if p.requires_grad], spec.grad_clip)
+    if spec.grad_clip:  # clipping to 0 would zero every gradient: 0 means no clipping
+        torch.nn.utils.clip_grad_norm_([p for p in parallel.model.parameters() if p.requires_grad], spec.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -248,6 +248,14 @@ def test_train_spec_names_unknown_keys_bad_precision_and_a_profile_with_no_untim
             TrainSpec.from_config({"steps": 4, "lr": 1.0, "profile": True, "timing_skip_steps": skipped})
 
 
+def test_grad_clip_0_trains_unclipped():
+    unclipped = trainee()
+    start = [p.detach().clone() for p in unclipped.model.parameters()]
+    spec = dataclass_replace(SPEC, grad_clip=0.0, weight_decay=0.0)  # no decay: only the gradients move a weight
+    list(train(unclipped, spec, torch.device("cpu"), None, progress=False))
+    assert all(not torch.equal(a, b) for a, b in zip(start, unclipped.model.parameters(), strict=True))
+
+
 @pytest.mark.parametrize("betas", [0.9, "0.9", [0.9], [0.9, 1.0]])
 def test_betas_other_than_two_numbers_below_one_are_refused_by_name(betas):
     with pytest.raises(ConfigError, match=r"train\.betas=.*0\.9.* must be two numbers in \[0, 1\)"):
