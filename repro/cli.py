@@ -132,6 +132,12 @@ def _start(cfg: DictConfig, record: RunRecord, output_dir: Path):
     if why:
         raise ConfigError(f"paths.records={str(cfg.paths.records)!r} is not a folder this run can write its record "
                           f"in ({why})")
+    # a training task's checkpoints (repro.train): found unwritable at the first save, the training so far is lost
+    checkpoints = OmegaConf.select(cfg, "checkpoint.dir")
+    why = checkpoints and cannot_make(Path(str(checkpoints)).absolute())
+    if why:
+        raise ConfigError(f"checkpoint.dir={str(checkpoints)!r} is not a folder this run can save its checkpoints "
+                          f"in ({why}); checkpoint.dir=null saves none")
     record.claim_ids = [c.id for c in claims_for_task(load_published(Path(cfg.paths.published)), cfg.task.name)]
     seed_everything(cfg.seed)
     reset_device_memory(device)

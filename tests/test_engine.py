@@ -548,6 +548,16 @@ def test_an_unwritable_records_folder_is_refused_before_any_work(tmp_path):
     assert record(tmp_path / "run")["rows"] == []  # refused before any point was measured
 
 
+def test_a_checkpoint_folder_that_cannot_be_made_is_refused_before_any_training(tmp_path):
+    not_a_folder = tmp_path / "checkpoints"
+    not_a_folder.write_text("a file")
+    code, out, err = run_inline("task=flash_gpt2", "logger=none", f"checkpoint.dir={not_a_folder}",
+                                f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and f"checkpoint.dir='{not_a_folder}' is not a folder this run can save its checkpoints in (" \
+        f"{not_a_folder} is a file)" in err, err
+    assert record(tmp_path / "run")["rows"] == []  # refused before any step was trained
+
+
 @pytest.mark.parametrize("args, key", [(["paths.outputs={}/out"], "paths.outputs"),
                                        (["hydra.run.dir={}/run"], "hydra.run.dir"),
                                        (["-m", "hydra.sweep.dir={}/sweep"], "hydra.sweep.dir")])
