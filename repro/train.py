@@ -191,7 +191,8 @@ def _set_rng_state(state: dict) -> None:
 
 def init_distributed(device: torch.device) -> None:
     """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs) once per process, on `device`: the
-    rank's own GPU, which `resolve_device` chose and made current."""
+    rank's own GPU, which `resolve_device` chose and made current. `train_all` and `train` join it, so that every
+    task that trains does."""
     rank, size = world()
     if size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -534,6 +535,7 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     checkpoint of its own identity resumes from it and re-yields the rows it had produced, so a kill loses at
     most one interval. With `reuse_finished` (an earlier stage of a candidate, which a rerun need not train
     again), a finished checkpoint is loaded and its rows re-yielded too."""
+    init_distributed(device)  # for a task that calls train itself, not through train_all
     model = trainee.model.to(device)
     identity = run_identity(trainee, spec, device)
     parallel = Parallel(model, spec, device)
@@ -645,6 +647,7 @@ def train_all(candidates: Iterable[Candidate], spec: TrainSpec, device: torch.de
               resume: bool = True) -> Iterator[Row]:
     """Train each candidate, and its stages, in turn. One that runs out of memory, or that declares itself
     unsupported, becomes a row and the next one runs."""
+    init_distributed(device)  # before any candidate is built: megatron-core's model takes its groups from it
     for candidate in candidates:
         trainee, failed = None, True
         try:

@@ -3,6 +3,9 @@ Selected with `task.entry=fake_tasks:<name>` where tests/ is on the path (the te
 import os
 import signal
 import time
+from types import SimpleNamespace
+
+import torch
 
 from repro.context import ConfigError
 from repro.records import Row
@@ -63,3 +66,35 @@ def sigterm(cfg, ctx):
     yield from _rows(["ok"])
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(10)  # the handler runs here
+
+
+class _Regression(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, x, y):
+        return SimpleNamespace(loss=((self.lin(x).squeeze(-1) - y) ** 2).mean())
+
+
+def trains(cfg, ctx):
+    """Two tiny regressions through the shared training loop, as a training task trains its candidates: it joins no
+    process group itself."""
+    from repro.train import Candidate, Trainee, TrainSpec, step_generator, train_all
+
+    def candidate(name):
+        def batches(step, rank, size):
+            x = torch.randn(4, 4, generator=step_generator(0, step, rank))
+            return [{"x": x, "y": x.sum(-1)}]
+
+        def evaluate(model):
+            return [Row(name, "step", 0, "val_loss", "nats", 0.0, n=1)]
+
+        def build():
+            torch.manual_seed(0)
+            return Trainee(name, _Regression(), batches, evaluate, tokens_per_step=4, flops_per_token=1.0,
+                           fingerprint=name)
+        return Candidate(name, {}, build)
+
+    spec = TrainSpec(steps=4, lr=1e-2, precision="fp32", eval_every=2, log_every=1, timing_skip_steps=0)
+    yield from train_all([candidate("a"), candidate("b")], spec, ctx.device, None)

@@ -25,8 +25,8 @@ from repro.checks import as_list, choice
 from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
 from repro.text_data import TokenStream, load_token_stream, windows
-from repro.train import (Candidate, Trainee, TrainSpec, final_rows, init_distributed, model_flops_per_token,
-                         step_generator, throughput_ratios, train_from_config)
+from repro.train import (Candidate, Trainee, TrainSpec, final_rows, model_flops_per_token, step_generator,
+                         throughput_ratios, train_from_config)
 
 OURS = "effrepro"
 ATTENTION = ("eager", "sdpa", OURS, "megatron")
@@ -210,7 +210,6 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
-    init_distributed(ctx.device)
     if any(parse_implementation(name)[0] == OURS for name in as_list(cfg.attention)):
         from effrepro_kernels.hf_attention import register
         register()
