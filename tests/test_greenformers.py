@@ -306,6 +306,7 @@ def test_our_kernel_in_bert_matches_eager_attention():
     # a block of settings set to null is named, not a traceback at its first setting
     *[(f"greenformers.{key}=null", f"greenformers.{key}=None must be a mapping of settings, as the task's config")
       for key in ("model", "crossover", "notebook", "notebook.batch", "quality", "quality.model")],
+    ("train.parallel=fsdp", "svd_ranks factorise the trained base model itself, which train.parallel=fsdp would"),
 ])
 def test_bad_input_is_named(refusal, override, expected):
     assert expected in refusal("task=greenformers", override)

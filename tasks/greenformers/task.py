@@ -129,6 +129,9 @@ def validate(cfg: DictConfig) -> None:
             checks.number("greenformers.quality.svd_ranks", rank, at_least=1)
         _check_variants("greenformers.quality.svd_ranks", [f"lrt_r{r}" for r in ranks], small, spec.seq_len)
         TrainSpec.from_config(cfg.train)
+        if ranks and cfg.train.parallel == "fsdp":
+            raise ConfigError("greenformers.quality.svd_ranks factorise the trained base model itself, which "
+                              "train.parallel=fsdp would have sharded; use train.parallel=ddp, or svd_ranks=[]")
 
 
 def _point(ctx: RunContext, setting: str, seq_len: int, mode: str, batch: int, dtype: str, model: str) -> Point:
