@@ -646,21 +646,30 @@ def train_from_config(cfg, candidates: Iterable[Candidate], device: torch.device
 def train_all(candidates: Iterable[Candidate], spec: TrainSpec, device: torch.device, checkpoint_dir: Path | None,
               resume: bool = True) -> Iterator[Row]:
     """Train each candidate, and its stages, in turn. One that runs out of memory, or that declares itself
-    unsupported, becomes a row and the next one runs."""
+    unsupported, becomes a row and the next one runs; under torchrun, only one that its build declares unsupported
+    (a failure in training ends the job)."""
     init_distributed(device)  # before any candidate is built: megatron-core's model takes its groups from it
+    several = world()[1] > 1
     for candidate in candidates:
-        trainee, failed = None, True
+        trainee, failed, training = None, True, False
         try:
             stages = [(lambda _: candidate.build(), candidate.spec), *((s.build, s.spec) for s in candidate.then)]
             for i, (build, stage_spec) in enumerate(stages):
-                trainee = build(trainee)
+                trainee, training = build(trainee), True
                 # a rerun after a kill in a later stage goes on from the earlier stages' trained models
                 yield from train(trainee, stage_spec or spec, device, checkpoint_dir, resume,
                                  reuse_finished=i < len(stages) - 1)
+                training = False
             failed = False
         except Exception as exc:  # noqa: BLE001
             row = failure_row(candidate.name, candidate.extra, exc)
-            if row is None:
+            # Under torchrun a failure in training may be one rank's alone (rank 0 alone evaluates under DDP, one GPU
+            # runs out of memory): a rank that went on to the next candidate would leave the others waiting in this
+            # one's collectives, and no collective to agree on it has a place every rank is sure to reach. Raised,
+            # it ends this rank, and torchrun ends the others; the record keeps the rows so far. A build declares a
+            # candidate unsupported on every rank alike (from the settings, device type and software they share),
+            # before any collective of its own: that stays a row.
+            if row is None or (several and (training or row.status != "unsupported")):
                 raise
             yield row
         finally:

@@ -78,9 +78,14 @@ class _Regression(torch.nn.Module):
 
 
 def trains(cfg, ctx):
-    """Two tiny regressions through the shared training loop, as a training task trains its candidates: it joins no
-    process group itself."""
+    """A candidate unsupported where it is built, then two tiny regressions, through the shared training loop as a
+    training task trains its candidates: it joins no process group itself. With FAKE_EVALUATION_OOM_RANK=<rank> in
+    the environment, the first regression's evaluation runs out of memory on that rank alone."""
+    from repro.bench import Unsupported
+    from repro.context import world
     from repro.train import Candidate, Trainee, TrainSpec, step_generator, train_all
+
+    oom_rank = int(os.environ.get("FAKE_EVALUATION_OOM_RANK", -1))
 
     def candidate(name):
         def batches(step, rank, size):
@@ -88,6 +93,8 @@ def trains(cfg, ctx):
             return [{"x": x, "y": x.sum(-1)}]
 
         def evaluate(model):
+            if name == "a" and world()[0] == oom_rank:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (made up, on rank {oom_rank} alone)")
             return [Row(name, "step", 0, "val_loss", "nats", 0.0, n=1)]
 
         def build():
@@ -96,5 +103,8 @@ def trains(cfg, ctx):
                            fingerprint=name)
         return Candidate(name, {}, build)
 
+    def unsupported():
+        raise Unsupported("u needs what this machine lacks")
+
     spec = TrainSpec(steps=4, lr=1e-2, precision="fp32", eval_every=2, log_every=1, timing_skip_steps=0)
-    yield from train_all([candidate("a"), candidate("b")], spec, ctx.device, None)
+    yield from train_all([Candidate("u", {}, unsupported), candidate("a"), candidate("b")], spec, ctx.device, None)

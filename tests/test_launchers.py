@@ -65,19 +65,22 @@ def test_lm_training_under_torchrun_with_two_gloo_processes_ddp_and_fsdp(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(moments(saved), moments(again), strict=True))
 
 
-def torchrun_trains(folder: Path, *overrides: str) -> int:
-    """`fake_tasks:trains` under torchrun, two gloo processes; its exit status. A job still running after two
-    minutes is hung: all of its processes are killed, and the test fails."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH"))
-                                                       if p)}
+def torchrun_trains(folder: Path, **env: str) -> int:
+    """`fake_tasks:trains` under torchrun, two gloo processes, with `env` added to the environment; its exit status.
+    A job still running after two minutes is hung: all of its processes are killed, and the test fails."""
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "repro.cli",
-           "task.entry=fake_tasks:trains", "logger=none", f"hydra.run.dir={folder}", *overrides]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # a group of its own: a hung job's workers are killed with it
+           "task.entry=fake_tasks:trains", "logger=none", f"hydra.run.dir={folder}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        import psutil
+
+        torchrun = psutil.Process(proc.pid)
+        for process in [*torchrun.children(recursive=True), torchrun]:  # the workers are in sessions of their own
+            process.kill()
         proc.communicate()
         pytest.fail("the job hung")
     print(err[-3000:])
@@ -87,8 +90,18 @@ def torchrun_trains(folder: Path, *overrides: str) -> int:
 def test_a_task_that_trains_under_torchrun_joins_the_process_group_through_the_training_loop(tmp_path):
     assert torchrun_trains(tmp_path) == 0
     rows = load(tmp_path / "record.json")["rows"]
+    assert rows[0]["provider"] == "u" and rows[0]["status"] == "unsupported"  # every rank's, and a row
     assert [(r["provider"], r["extra"]["world_size"]) for r in rows if r["metric"] == "tokens_per_s"] == \
         [("a", 2), ("b", 2)]
+
+
+def test_a_failure_on_one_rank_ends_a_torchrun_job_rather_than_hanging_it(tmp_path):
+    """Under DDP rank 0 alone evaluates: its out of memory there, made a row while the other rank trained on, left
+    the ranks in different candidates' collectives."""
+    assert torchrun_trains(tmp_path, FAKE_EVALUATION_OOM_RANK="0") != 0
+    record = load(tmp_path / "record.json")
+    assert record["status"] == "oom" and "made up, on rank 0 alone" in record["error"]
+    assert {r["provider"] for r in record["rows"]} == {"u", "a"}  # a's rows before the failure; b never ran
 
 
 def test_a_run_stopped_by_sigterm_keeps_its_rows_as_killed_and_says_so_in_one_line(tmp_path):
