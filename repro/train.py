@@ -341,9 +341,10 @@ class Checkpoint:
             return 0, [], None
         self._load(state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        if not self.sharded and state.get("rng"):
-            # dropout goes on with the masks an unbroken run would draw; a sharded run's ranks each have their
-            # own generators, which rank 0's checkpoint does not hold, and start theirs afresh
+        if world()[1] == 1 and state.get("rng"):
+            # dropout goes on with the masks an unbroken run would draw. Several ranks each draw from a stream of
+            # their own, which rank 0's checkpoint does not hold: `train` seeds theirs afresh from the step resumed
+            # at, so a resumed run draws other masks than an unbroken one
             _set_rng_state(state["rng"])
         done = "reused the finished run" if state.get("finished") else f"resumed at step {state['step']}"
         print(f"[train] {done} from {self.path}", flush=True)
@@ -553,6 +554,12 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     yield from rows
     if start == spec.steps:  # a finished stage, reused
         return
+    if parallel.size > 1:
+        # Every rank was seeded alike, for the same initial weights; but each GPU of a real run draws dropout masks
+        # of its own. Each rank's stream (CPU and CUDA) mixes the seed, the step training starts at and the rank as
+        # the batches' do (`step_generator`), its steps counted down from -1, clear of theirs; the seed cut to 32
+        # bits, for the mix to fit in 64.
+        torch.manual_seed(step_generator(torch.initial_seed() % 2**32, -1 - start, world()[0]).initial_seed())
     wrapped = parallel.wrap()
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     clock = StepClock(device, spec.timing_skip_steps, timed)

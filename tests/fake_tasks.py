@@ -108,3 +108,35 @@ def trains(cfg, ctx):
 
     spec = TrainSpec(steps=4, lr=1e-2, precision="fp32", eval_every=2, log_every=1, timing_skip_steps=0)
     yield from train_all([Candidate("u", {}, unsupported), candidate("a"), candidate("b")], spec, ctx.device, None)
+
+
+def draws(cfg, ctx):
+    """A tiny regression whose forward draws a random number in each training step (where dropout draws its masks),
+    trained through the shared training loop; then every rank's draws, gathered, as a row each."""
+    import torch.distributed as dist
+
+    from repro.train import Candidate, Trainee, TrainSpec, step_generator, train_all
+
+    drawn = []
+
+    class Drawing(_Regression):
+        def forward(self, x, y):
+            if self.training:
+                drawn.append(torch.rand(()).item())
+            return super().forward(x, y)
+
+    def batches(step, rank, size):
+        x = torch.randn(4, 4, generator=step_generator(0, step, rank))
+        return [{"x": x, "y": x.sum(-1)}]
+
+    def build():
+        torch.manual_seed(0)
+        return Trainee("d", Drawing(), batches, lambda model: [], tokens_per_step=4, flops_per_token=1.0,
+                       fingerprint="d")
+
+    spec = TrainSpec(steps=2, lr=1e-2, precision="fp32", timing_skip_steps=0)
+    yield from train_all([Candidate("d", {}, build)], spec, ctx.device, None)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, drawn)
+    for rank, values in enumerate(every):
+        yield Row("d", "rank", rank, "draw", "", values[0], n=len(values), extra={"draws": values})

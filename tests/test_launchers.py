@@ -65,13 +65,13 @@ def test_lm_training_under_torchrun_with_two_gloo_processes_ddp_and_fsdp(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(moments(saved), moments(again), strict=True))
 
 
-def torchrun_trains(folder: Path, **env: str) -> int:
-    """`fake_tasks:trains` under torchrun, two gloo processes, with `env` added to the environment; its exit status.
+def torchrun_trains(folder: Path, task: str = "trains", **env: str) -> int:
+    """`fake_tasks:<task>` under torchrun, two gloo processes, with `env` added to the environment; its exit status.
     A job still running after two minutes is hung: all of its processes are killed, and the test fails."""
     env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "repro.cli",
-           "task.entry=fake_tasks:trains", "logger=none", f"hydra.run.dir={folder}"]
+           f"task.entry=fake_tasks:{task}", "logger=none", f"hydra.run.dir={folder}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, err = proc.communicate(timeout=120)
@@ -93,6 +93,15 @@ def test_a_task_that_trains_under_torchrun_joins_the_process_group_through_the_t
     assert rows[0]["provider"] == "u" and rows[0]["status"] == "unsupported"  # every rank's, and a row
     assert [(r["provider"], r["extra"]["world_size"]) for r in rows if r["metric"] == "tokens_per_s"] == \
         [("a", 2), ("b", 2)]
+
+
+def test_each_rank_draws_its_own_random_numbers_in_training(tmp_path):
+    """Every rank is seeded alike (for the same initial weights), but GPUs of a real run draw dropout masks of their
+    own: ranks drawing the same would make their gradients less independent."""
+    assert torchrun_trains(tmp_path, "draws") == 0
+    draws = {r["x_value"]: r["extra"]["draws"] for r in load(tmp_path / "record.json")["rows"] if r["metric"] == "draw"}
+    assert len(draws[0]) == len(draws[1]) == 2  # a draw a step
+    assert not set(draws[0]) & set(draws[1])
 
 
 def test_a_failure_on_one_rank_ends_a_torchrun_job_rather_than_hanging_it(tmp_path):
