@@ -208,6 +208,7 @@ def test_each_model_is_built_once_for_every_batch_named_with_it():
                       "(at least 8 here)"),
     ("quality.top_k=5", "quality.top_k=5 exceeds quality.n_experts=4"),
     ("moe.strategy=[gpu_only] moe.slots=8", "moe.strategy=[gpu_only] keeps every expert on the device"),
+    ("moe.weights=hub moe.checkpoint=null", "moe.checkpoint=None must be a path or Hub name"),
 ])
 def test_bad_input_is_named_before_any_work(override, expected, tmp_path):
     code, out, err = run_inline(*TINY, *override.split(), f"hydra.run.dir={tmp_path}")
@@ -240,6 +241,9 @@ def test_every_setting_is_checked(compose):
         ("moe.cache", "fifo", "moe.cache='fifo' is not one of ['none', 'lru', 'lfu']"),
         ("moe.weights", "pretrained", "moe.weights='pretrained' is not one of ['random', 'hub']"),
         ("moe.checkpoint", "google/{size}", "moe.checkpoint='google/{size}' must be a path or Hub name"),
+        ("moe.checkpoint", None, "moe.checkpoint=None must be a path or Hub name in which {model} stands"),
+        ("moe.checkpoint", "google/{model.x}", "moe.checkpoint='google/{model.x}' must be a path or Hub name"),
+        ("moe.checkpoint", "google/{model[x]}", "moe.checkpoint='google/{model[x]}' must be a path or Hub name"),
         ("moe.checkpoint", "/nonexistent/{model}", "/nonexistent/tiny-4 is no folder here (a local checkpoint must"),
         ("moe.checkpoint", "my_ckpts_{model}", "my_ckpts_tiny-4 is no folder here"),  # no Switch has a bare name
         ("parts", ["serving", "speed"], "parts=['speed'] is not one of ['serving', 'quality']"),

@@ -137,9 +137,12 @@ def checkpoint_path(spec, name: str) -> str:
 def validate_checkpoint(spec, name: str, cfg: MoEConfig) -> None:
     """A local checkpoint folder is checked here, before any work; one on the Hub when the run reaches it (offline,
     the run uses random weights and says so)."""
+    if not isinstance(spec.checkpoint, str):  # null passes the command line's check of the default's type
+        raise ConfigError(f"moe.checkpoint={spec.checkpoint!r} must be a path or Hub name in which {{model}} stands "
+                          "for the model's name, e.g. 'google/{model}': moe.weights=hub reads it")
     try:
         path = checkpoint_path(spec, name)
-    except (KeyError, IndexError, ValueError) as exc:
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:  # {model.x}, {model[x]} too
         raise ConfigError(f"moe.checkpoint={spec.checkpoint!r} must be a path or Hub name in which {{model}} "
                           f"stands for the model's name ({exc!r})") from None
     if Path(path).is_dir():
