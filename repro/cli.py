@@ -353,6 +353,8 @@ def _fits(value, default) -> bool:
     if value is None or default is None or (isinstance(value, str) and value.startswith("${")):
         return True
     if isinstance(default, (list, tuple)):
+        if isinstance(value, dict):  # not one value of the list: Hydra cannot merge a mapping into a list
+            return False
         return not default or all(_fits(v, default[0]) for v in (value if isinstance(value, list) else [value]))
     if isinstance(value, list):
         return all(_fits(v, default) for v in value)
@@ -665,10 +667,13 @@ def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
             if error:
                 return error
             if not _fits(value, default):
-                expected = _kind(default[0] if isinstance(default, list) and default else default)
+                item = default[0] if isinstance(default, list) and default else default
+                # where a list of mappings is, one mapping alone is refused too (see _fits)
+                listed = isinstance(default, list) and isinstance(item, dict)
+                expected = "a list of mappings, in brackets" if listed else _kind(item)
                 return f"{o.key_or_group}={value!r} must be {expected}, like its default {default!r}"
-            new_keys = sorted(set(value) - set(default)) if isinstance(value, dict) and OmegaConf.is_struct(node) \
-                else []
+            new_keys = sorted(set(value) - set(default)) if isinstance(value, dict) and isinstance(default, dict) \
+                and OmegaConf.is_struct(node) else []
             if new_keys:  # Hydra would refuse it with "not in struct", naming neither the key nor the known ones
                 return (f"unknown config key '{o.key_or_group}.{new_keys[0]}': {o.key_or_group} has no "
                         f"{new_keys[0]!r}; its keys are: {', '.join(map(str, default))}")

@@ -143,6 +143,11 @@ def test_overrides_are_checked_before_hydra_runs():
         "unknown config key 'greenformers.notebook.batch.train': greenformers.notebook.batch has no 'train'; its keys "
         "are: inference, fwd_bwd")
     assert check_overrides(["task=greenformers", "greenformers.notebook.batch={inference:3}"]) is None
+    # one mapping where a list of them is (Hydra cannot merge it): was a TypeError, unhashable dict
+    assert check_overrides(["task=pregated_moe", "moe.runs={models:[tiny-4],batch:[1]}"]) == (
+        "moe.runs={'models': ['tiny-4'], 'batch': [1]} must be a list of mappings, in brackets, like its default "
+        "[{'models': ['tiny-4', 'tiny-8'], 'batch': [1, 3]}]")
+    assert check_overrides(["task=pregated_moe", "moe.runs=[{models:[tiny-4],batch:[1]}]"]) is None
     assert check_overrides(["task=lra_listops", "scale=small", "lra.model.dropout=0.1"]) == (  # an empty mapping
         "lra.model has no keys of its own, so lra.model.dropout is added, with a '+': +lra.model.dropout=0.1")
     # an interpolation that names no key or resolver (Hydra's InterpolationKeyError traceback); one that does is taken
