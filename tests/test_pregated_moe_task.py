@@ -274,12 +274,21 @@ def hf_switch_folder(folder, num_experts: int):
     return hf
 
 
-def test_a_checkpoint_with_another_expert_count_is_refused_before_any_work(tmp_path):
-    hf_switch_folder(tmp_path / "ckpt" / "tiny-4", num_experts=8)
+@pytest.mark.parametrize("experts, expected", [
+    (8, "checkpoint '{folder}' is not a tiny-4: num_experts=8 where tiny-4 has 4"),
+    # transformers reads a folder with no config.json as switch-base-8's config
+    (None, "checkpoint folder '{folder}' has no config.json"),
+])
+def test_a_checkpoint_of_another_model_is_refused_before_any_work(experts, expected, tmp_path):
+    folder = tmp_path / "ckpt" / "tiny-4"
+    if experts is None:
+        folder.mkdir(parents=True)
+    else:
+        hf_switch_folder(folder, num_experts=experts)
     code, _, err = run_inline(*TINY, "moe.weights=hub", f"moe.checkpoint='{tmp_path}/ckpt/{{model}}'",
                               f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2
-    assert f"checkpoint '{tmp_path}/ckpt/tiny-4' is not a tiny-4: num_experts=8 where tiny-4 has 4" in err
+    assert expected.format(folder=folder) in err, err[-2000:]
 
 
 # --- weights -----------------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ def switch_config(path: str):
     """The transformers config of a Switch checkpoint (OSError, or a Hub error, when it cannot be read)."""
     from transformers import SwitchTransformersConfig
 
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():  # else read as the defaults
+        raise OSError(f"checkpoint folder {path!r} has no config.json (save_pretrained writes one beside the weights)")
     return SwitchTransformersConfig.from_pretrained(path)
 
 
