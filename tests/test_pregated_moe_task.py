@@ -262,29 +262,31 @@ def test_every_setting_is_checked(compose):
         assert expected in str(error.value), (key, str(error.value))
 
 
-def hf_switch_folder(folder, num_experts: int):
+def hf_switch_folder(folder, num_experts: int, decoder_layers: int = 4):
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
     torch.manual_seed(4)
     config = SwitchTransformersConfig(vocab_size=97, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=4,
-                                      num_decoder_layers=4, num_experts=num_experts, encoder_sparse_step=2,
+                                      num_decoder_layers=decoder_layers, num_experts=num_experts, encoder_sparse_step=2,
                                       decoder_sparse_step=2)
     hf = SwitchTransformersForConditionalGeneration(config).eval()
     hf.save_pretrained(folder)
     return hf
 
 
-@pytest.mark.parametrize("experts, expected", [
-    (8, "checkpoint '{folder}' is not a tiny-4: num_experts=8 where tiny-4 has 4"),
+@pytest.mark.parametrize("experts, decoder_layers, expected", [
+    (8, 4, "checkpoint '{folder}' is not a tiny-4: num_experts=8 where tiny-4 has 4"),
+    # else every row failed, after the model was built, when its weights were copied in
+    (4, 6, "is not a tiny-4: 3 decoder MoE blocks (num_decoder_layers=6, decoder_sparse_step=2) where tiny-4 has 2"),
     # transformers reads a folder with no config.json as switch-base-8's config
-    (None, "checkpoint folder '{folder}' has no config.json"),
+    (None, None, "checkpoint folder '{folder}' has no config.json"),
 ])
-def test_a_checkpoint_of_another_model_is_refused_before_any_work(experts, expected, tmp_path):
+def test_a_checkpoint_of_another_model_is_refused_before_any_work(experts, decoder_layers, expected, tmp_path):
     folder = tmp_path / "ckpt" / "tiny-4"
     if experts is None:
         folder.mkdir(parents=True)
     else:
-        hf_switch_folder(folder, num_experts=experts)
+        hf_switch_folder(folder, num_experts=experts, decoder_layers=decoder_layers)
     code, _, err = run_inline(*TINY, "moe.weights=hub", f"moe.checkpoint='{tmp_path}/ckpt/{{model}}'",
                               f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2

@@ -45,11 +45,23 @@ def switch_config(path: str):
     return SwitchTransformersConfig.from_pretrained(path)
 
 
+def decoder_moe_blocks(config) -> int:
+    """How many decoder blocks of a transformers Switch config have experts, counted as its decoder is built:
+    every `decoder_sparse_step`-th block from the second (every block with a step of 1, none with 0)."""
+    step = config.decoder_sparse_step
+    return sum(i % step == 1 or step == 1 for i in range(config.num_decoder_layers)) if step > 0 else 0
+
+
 def check_switch_config(config, path: str, name: str, cfg: MoEConfig) -> None:
-    """A checkpoint of another model (expert count or widths) is refused with a ValueError naming both."""
+    """A checkpoint of another model (expert count, widths or number of decoder MoE blocks) is refused with a
+    ValueError naming both."""
     found = {"num_experts": config.num_experts, "d_model": config.d_model, "d_ff": config.d_ff}
     wanted = {"num_experts": cfg.n_experts, "d_model": cfg.d_model, "d_ff": cfg.d_ff}
     wrong = [f"{key}={found[key]} where {name} has {wanted[key]}" for key in found if found[key] != wanted[key]]
+    blocks, wanted_blocks = decoder_moe_blocks(config), cfg.n_layer // cfg.moe_every  # as SwitchLM places them
+    if blocks != wanted_blocks:  # else every row would fail when the weights are copied in
+        wrong.append(f"{blocks} decoder MoE blocks (num_decoder_layers={config.num_decoder_layers}, "
+                     f"decoder_sparse_step={config.decoder_sparse_step}) where {name} has {wanted_blocks}")
     if wrong:
         raise ValueError(f"checkpoint {path!r} is not a {name}: {', '.join(wrong)}")
 
