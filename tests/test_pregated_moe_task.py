@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import gpu, run_inline
+from conftest import ROOT, gpu, run_inline
 from repro.records import Row
 from repro.text_data import TokenStream
 from tasks.pregated_moe import quality, serving
@@ -186,6 +186,27 @@ def test_the_ratios_pair_each_point_with_its_baseline_of_the_same_model_and_batc
         ("pregated", "memory_saving"): (pytest.approx(4.0), "x", "gpu_only"),
     }
     assert all(batch == 1 and model == "switch-base-8" for _, _, batch, model in derived)
+
+
+def test_each_claim_reads_only_the_models_it_is_stated_for():
+    from repro.claims import load_paper
+    from repro.records import RunRecord
+    from repro.report import claim_value
+
+    _, _, claims = load_paper(ROOT / "results" / "published" / "pregated_moe.yaml")
+    judged = {}
+    for model in ("tiny-4", "switch-base-8"):
+        rows = [measured(provider, metric, p50, model=model) for provider, metric, p50 in [
+            ("moe_ondemand", "moe_block_latency", 2.0), ("pregated", "moe_block_latency", 1.25),
+            ("gpu_only", "throughput", 120.0), ("pregated", "throughput", 90.0), ("moe_ondemand", "throughput", 60.0),
+            ("gpu_only", "peak_memory", 1000.0), ("pregated", "peak_memory", 250.0)]]
+        record = RunRecord("pregated_moe", "pregated_moe", "small", [], {}, [], {}, "2026-12-07T00:00:00+00:00",
+                           rows=rows + list(serving.ratio_rows(rows)))
+        judged[model] = {c.id for c in claims if claim_value(c, record)[0] is not None}
+    assert judged["tiny-4"] == set()  # a smoke run's tiny models are no Switch-Base or -Large
+    assert judged["switch-base-8"] == {"latency_speedup_vs_ondemand_typical", "peak_memory_saving_vs_gpu_only",
+                                       "peak_memory_fraction_of_gpu_only", "throughput_fraction_of_gpu_only",
+                                       "throughput_speedup_vs_ondemand"}
 
 
 def test_each_model_is_built_once_for_every_batch_named_with_it():
