@@ -98,6 +98,15 @@ def test_a_run_killed_at_a_later_batch_keeps_the_ratios_of_the_batches_done(monk
     assert len(speedup) == 1 and speedup[0].extra["batch"] == 1
 
 
+def test_every_row_names_the_expert_cache_and_the_tokens_generated():
+    spec = OmegaConf.create(dict(top_k=1, new_tokens=2, warmup_tokens=1, weights="random", slots=4, cache="lru",
+                                 strategy=["on_demand", "pregated"]))
+    ctx = type("Context", (), dict(device=torch.device("cpu"), env={"models": {}}))()
+    rows = list(serving.serve_model("tiny-4", [1], spec, ctx, 0, None))
+    assert any(r.metric == "speedup" for r in rows)  # the ratios' rows too
+    assert all(r.extra["cache"] == "lru" and r.extra["new_tokens"] == 2 for r in rows)
+
+
 def test_a_groups_runtimes_are_let_go_before_the_next_group_starts(monkeypatch):
     """prefetch_all runs alone, after the others: their pools must not count in its peak memory."""
     started, alive = [], []

@@ -362,8 +362,9 @@ def serve_model(name: str, batches: list[int], spec, ctx: RunContext, seed: int,
     size, experts = parse_model(name)
 
     def maker(strategy: str, batch: int, weights: str):
-        base = dict(model=name, size=size, batch=batch, strategy=strategy, weights=weights,
-                    series=f"{size} batch {batch}")
+        # an expert cache and the tokens generated change what a row measures: records must tell such runs apart
+        base = dict(model=name, size=size, batch=batch, strategy=strategy, weights=weights, cache=spec.cache,
+                    new_tokens=spec.new_tokens, series=f"{size} batch {batch}")
 
         def row(metric, unit, p50=None, p20=None, p80=None, n=1, status="ok", message="", **extra):
             return Row(PROVIDERS[strategy], "experts", experts, metric, unit, p50, p20, p80, n, status, message,
