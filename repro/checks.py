@@ -1,6 +1,7 @@
 """Checks of config values, run before any work: each failure names the key, the value and what is allowed."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -40,17 +41,19 @@ def _none_twice(key: str, values: list) -> None:
 
 
 def number(key: str, value: Any, *, integer: bool = True, at_least: float | None = None, above: float | None = None,
-           below: float | None = None, at_most: float | None = None, divides: int | None = None) -> None:
+           below: float | None = None, at_most: float | None = None, divides: int | None = None,
+           finite: bool = False) -> None:
     """`value` is one number of the right kind within the bounds given; a list is refused (a key that takes a list
-    of numbers is checked by `numbers`)."""
-    wanted = "an integer" if integer else "a number"
+    of numbers is checked by `numbers`). `finite` refuses nan and inf: nan passes every bound (each comparison
+    with it is false), inf every lower one."""
+    wanted = "an integer" if integer else "a finite number" if finite else "a number"
     bounds = [f">= {at_least:g}" if at_least is not None else "", f"> {above:g}" if above is not None else "",
               f"< {below:g}" if below is not None else "", f"<= {at_most:g}" if at_most is not None else ""]
     what = " ".join([wanted, " and ".join(b for b in bounds if b)]).strip()
     if isinstance(value, Sequence) and not isinstance(value, str):
         raise ConfigError(f"{key}={list(value)!r} must be one value, {what}, not a list")
     kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not kind_ok:
+    if isinstance(value, bool) or not kind_ok or (finite and not math.isfinite(value)):
         raise ConfigError(f"{key}={value!r} must be {what}")
     if (at_least is not None and value < at_least) or (above is not None and value <= above) or \
             (below is not None and value >= below) or (at_most is not None and value > at_most):

@@ -111,14 +111,14 @@ def validate(cfg: DictConfig) -> None:
     if 16 not in bits:
         raise ConfigError(f"decode.bits={bits} must include 16: the full 16-bit cache is the baseline of every "
                           "speedup")
-    for c in checks.numbers("decode.compressions", spec.compressions, integer=False):
+    for c in checks.numbers("decode.compressions", spec.compressions, integer=False, finite=True):
         if c <= 1:
             raise ConfigError(f"decode.compressions={c!r} must be above 1 (the full cache, 1, is always measured)")
-    checks.number("decode.memory_gb", spec.memory_gb, integer=False, at_least=1e-6)
+    checks.number("decode.memory_gb", spec.memory_gb, integer=False, finite=True, at_least=1e-6)
     for key in ("rotate_bytes", "copy_bytes"):
         checks.number(f"decode.{key}", spec[key], at_least=1024)
     for key in ("warmup_ms", "rep_ms"):
-        checks.number(f"decode.{key}", spec[key], integer=False, at_least=0)
+        checks.number(f"decode.{key}", spec[key], integer=False, finite=True, at_least=0)
     group = kv.group_size
     for bits in checks.as_list(spec.bits):
         if bits < 16 and spec.head_dim % group:

@@ -91,7 +91,7 @@ def sweep(kv: DictConfig, policies, compressions, bits) -> list[Setting]:
 # --- validation ---------------------------------------------------------------------------------------------------
 
 def _check_compressions(key: str, values) -> None:
-    for value in checks.numbers(key, values, integer=False):
+    for value in checks.numbers(key, values, integer=False, finite=True):
         if value <= 0:
             raise ConfigError(f"{key}={value!r} must be a number > 0: a budget is the text's length / compression")
 
@@ -106,7 +106,7 @@ def _check_params(kv: DictConfig) -> None:
     checks.number("kv.scissorhands.recent", s.recent, at_least=0)
     if not isinstance(s.window, int) or isinstance(s.window, bool) or s.window < 1:
         raise ConfigError(f"kv.scissorhands.window={s.window!r} (w, the history window) must be an integer >= 1")
-    checks.number("kv.scissorhands.drop_fraction", s.drop_fraction, integer=False)
+    checks.number("kv.scissorhands.drop_fraction", s.drop_fraction, integer=False, finite=True)
     if not 0 < s.drop_fraction < 1:
         raise ConfigError(f"kv.scissorhands.drop_fraction={s.drop_fraction!r} must be in (0, 1): m = drop_fraction · B "
                           "tokens are dropped at a time, and m >= B would empty the cache (the paper: 0.5)")
@@ -121,7 +121,7 @@ def _check_params(kv: DictConfig) -> None:
     if len(band) != 2 or not all(isinstance(x, (int, float)) for x in band) or not 0 <= band[0] <= band[1] <= 1:
         raise ConfigError(f"kv.scissorhands_released.layers={band!r} must be a band [lo, hi] of fractions of the "
                           "model's depth, 0 <= lo <= hi <= 1")
-    checks.number("kv.h2o.recent_fraction", kv.h2o.recent_fraction, integer=False, at_least=0, below=1)
+    checks.number("kv.h2o.recent_fraction", kv.h2o.recent_fraction, integer=False, finite=True, at_least=0, below=1)
     checks.number("kv.streaming.n_sink", kv.streaming.n_sink, at_least=0)
 
 
@@ -167,7 +167,7 @@ def validate(cfg: DictConfig) -> None:
     _check_compressions("kv.compressions", kv.compressions)
     checks.number("kv.group_size", kv.group_size, at_least=1)
     checks.choice("kv.schedule", kv.schedule, SCHEDULES)
-    checks.number("kv.quality_tolerance", kv.quality_tolerance, integer=False, at_least=0)
+    checks.number("kv.quality_tolerance", kv.quality_tolerance, integer=False, finite=True, at_least=0)
     _check_params(kv)
     _check_generate(kv, sweep(kv, policies, checks.as_list(kv.compressions), checks.as_list(kv.bits)), "kv.policies")
     e, mc = cfg.eval, cfg.mc
