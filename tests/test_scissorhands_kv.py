@@ -324,7 +324,7 @@ def test_the_sweep_quantizes_only_the_policies_it_is_told_to():
 
 
 def test_a_prompt_too_short_for_its_budget_ends_the_setting():
-    kv = OmegaConf.create({"scissorhands": {"recent": 10, "window": 400, "drop_fraction": 0.5}})
+    kv = OmegaConf.create({"group_size": 32, "scissorhands": {"recent": 10, "window": 400, "drop_fraction": 0.5}})
     fitted = FittedPolicy(kv, Setting("scissorhands", 16, 10), 2)
     assert isinstance(fitted(1000), Scissorhands) and fitted(1000).budget == 100  # 1000 / 10
     with pytest.raises(Unsupported, match=r"60 tokens is too short for scissorhands at 10x \(budget 6\)"):
@@ -332,6 +332,49 @@ def test_a_prompt_too_short_for_its_budget_ends_the_setting():
     assert fitted.counts() == {"batches": 3}
     at_1x = FittedPolicy(kv, Setting("scissorhands", 16, 1), 2)  # the full cache asked for
     assert isinstance(at_1x(500), Full) and at_1x.counts() == {"batches": 1}
+
+
+def test_a_quantized_budget_that_holds_no_whole_group_is_not_a_result_at_its_compression(tmp_path):
+    """A 4-bit cache keeps fewer than a group of its newest tokens in full precision: below a group it quantizes
+    nothing, and its x (times 3.2) would label the 16-bit cache's perplexity with a saving never made."""
+    code, _, err, record = run(tmp_path, "kv.experiments=[quality]", "kv.policies=[full,scissorhands]",
+                               "kv.quantized_policies=[scissorhands]", "kv.bits=[4]", "kv.compressions=[4,8]",
+                               "kv.group_size=16", "kv.scissorhands.recent=2", "eval.max_chunks=1")
+    assert code == 0, err[-3000:]
+    rows = {r["extra"]["eviction_compression"]: r for r in rows_of(record, "perplexity", policy="scissorhands")}
+    assert rows[4]["status"] == "ok"  # a budget of 64 / 4 = 16 tokens: one whole group
+    assert rows[8]["status"] == "unsupported" and "at most 8 tokens, no whole group of kv.group_size=16" in \
+        rows[8]["message"]
+
+
+def test_a_batch_of_requests_whose_budget_holds_no_whole_group_ends_a_quantized_setting():
+    kv = OmegaConf.create({"group_size": 16, "scissorhands": {"recent": 2, "window": 400, "drop_fraction": 0.5}})
+    fitted = FittedPolicy(kv, Setting("scissorhands", 4, 8), 2)
+    assert fitted(128).budget == 16
+    with pytest.raises(Unsupported, match=r"scissorhands_4bit at 8x on a batch of requests of 64 tokens: a head "
+                                          r"holds at most 8 tokens, no whole group of kv.group_size=16"):
+        fitted(64)
+    with pytest.raises(Unsupported, match=r"full_4bit on a batch of requests of 10 tokens: a head holds at most 10"):
+        FittedPolicy(kv, Setting("full", 4, None), 2)(10)
+    assert isinstance(FittedPolicy(kv, Setting("scissorhands", 16, 8), 2)(64), Scissorhands)  # 16-bit: any budget
+
+
+def test_a_decode_budget_that_holds_no_whole_group_is_not_measured_as_quantized():
+    from types import SimpleNamespace
+
+    from repro.bench import Point
+    from tasks.scissorhands.bench import CacheKind, Shape, attention_provider, memory_rows
+    spec = OmegaConf.create({"heads": "4/2", "head_dim": 16, "layers": 2, "dtype": "float32", "batch": 1,
+                             "contexts": [64], "compressions": [2, 16], "bits": [16, 4], "memory_gb": 0.001})
+    rows = list(memory_rows(spec, 8, torch.device("cpu")))
+    status = {(r.provider, r.metric): r.status for r in rows}
+    assert status["scissorhands_2x_4bit", "max_batch"] == status["scissorhands_16x", "max_batch"] == "ok"
+    unsupported = {(p, m) for (p, m), s in status.items() if s == "unsupported"}
+    assert unsupported == {("scissorhands_16x_4bit", m) for m in ("kv_bytes_per_token", "max_batch_analytic",
+                                                                  "max_batch")}  # a budget of 4 tokens, groups of 8
+    provider = attention_provider(CacheKind(16, 4), Shape.of(spec), "fa2", SimpleNamespace(device="cpu"), 0, 4096, 8)
+    with pytest.raises(Unsupported, match="scissorhands_16x_4bit at context 64: a head holds at most 4 tokens"):
+        provider.build(Point("context", 64, {}))
 
 
 def test_bytes_of_a_quantized_value_count_its_scales():

@@ -35,13 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 from effrepro_kernels import decode_attention, decode_attention_quantized, make_schedule, quantize_kv
 from effrepro_kernels.runtime import runs_on
 from repro import checks
-from repro.bench import Call, Point, Provider, copy_bandwidth, run_benchmark, status_of
+from repro.bench import Call, Point, Provider, Unsupported, copy_bandwidth, run_benchmark, status_of
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 from repro.timing import measure
 
 from .generate import KV_BITS, EvictingCache, LayerCache
-from .memory import GIB, allocate_caches, cache_bytes, max_batch, measured_bytes
+from .memory import GIB, allocate_caches, cache_bytes, check_quantized, max_batch, measured_bytes
 from .policies import policy_at_budget
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -61,11 +61,18 @@ class CacheKind:
         base = "full" if self.compression == 1 else f"scissorhands_{self.compression:g}x"
         return base if self.bits == 16 else f"{base}_{self.bits}bit"
 
+    def budget(self, context: int) -> int:
+        return math.ceil(context / self.compression)
+
     def slots(self, context: int, group_size: int) -> int:
         """Tokens a head holds at `context`: the budget, rounded up to whole groups when quantized (the attention
         measured here runs over quantized groups only)."""
-        tokens = math.ceil(context / self.compression)
+        tokens = self.budget(context)
         return tokens if self.bits == 16 else -(-tokens // group_size) * group_size
+
+    def check_quantized(self, context: int, group_size: int) -> None:
+        """Unsupported where the budget at `context` holds no whole group to quantize (memory.check_quantized)."""
+        check_quantized(self.budget(context), self.bits, group_size, f"{self.name} at context {context}")
 
     def extra(self) -> dict:
         return {"kv_compression": self.compression, "kv_bits": self.bits}
@@ -155,7 +162,14 @@ def memory_rows(spec: DictConfig, group_size: int, device: torch.device) -> Iter
     budget = int(spec.memory_gb * GIB)
     for context, kind in itertools.product(checks.as_list(spec.contexts), kinds(spec)):
         extra = {**shape.extra(), **kind.extra(), "memory_gb": spec.memory_gb}
-        slots = math.ceil(context / kind.compression)
+        try:
+            kind.check_quantized(context, group_size)
+        except Unsupported as exc:
+            for metric, unit in (("kv_bytes_per_token", "bytes"), ("max_batch_analytic", "sequences"),
+                                 ("max_batch", "sequences")):
+                yield unsupported(kind.name, "context", context, metric, unit, str(exc), extra)
+            continue
+        slots = kind.budget(context)
         args = (shape.layers, shape.kv_heads, shape.head_dim, slots, shape.dtype, device, kind.bits, group_size)
         one = measured_bytes(lambda: allocate_caches(1, *args), device)
         yield Row(kind.name, "context", context, "kv_bytes_per_token", "bytes", one / context, n=1, extra=extra)
@@ -188,6 +202,7 @@ def attention_provider(kind: CacheKind, shape: Shape, schedule_kind: str, ctx: R
     returns = dict(return_lse=True, return_scores=True) if kind.compression > 1 else {}
 
     def build(point: Point) -> Call:
+        kind.check_quantized(point.x_value, group_size)
         tokens = kind.slots(point.x_value, group_size)
         copies = _inputs(shape, kind, tokens, ctx.device, seed, rotate_bytes, group_size)
         lengths = torch.full((shape.batch,), tokens, dtype=torch.int32)

@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 from effrepro_kernels.kv_quant import packed_row_bytes
+from repro.bench import Unsupported
 from repro.records import Row
 from repro.timing import is_out_of_memory
 
@@ -39,6 +40,16 @@ def bits_compression(bits: int, group_size: int) -> float:
     it, and its doubled bytes would double the ratio (5.3x) without saving anything more. The full-precision
     window of the newest tokens is left out: it does not grow with the context."""
     return 1.0 if bits == 16 else 16 / (bits + 2 * 16 / group_size)
+
+
+def check_quantized(tokens: int, bits: int, group_size: int, what: str) -> None:
+    """Unsupported where a `bits`-bit cache of at most `tokens` tokens per head quantizes nothing: it quantizes
+    whole groups only, and keeps the newest tokens, fewer than a group, in full precision. Below a group it is the
+    16-bit cache, and an x times the bits' saving would claim a saving never made. `what`: the setting."""
+    if bits < 16 and tokens < group_size:
+        raise Unsupported(f"{what}: a head holds at most {tokens} tokens, no whole group of kv.group_size="
+                          f"{group_size}, so a {bits}-bit cache quantizes none of them (fewer than a group stay in "
+                          "full precision): its x would count a saving it never makes")
 
 
 def cache_bytes(layers: int, kv_heads: int, head_dim: int, slots: int, dtype_bytes: int, bits: int = 16,

@@ -39,7 +39,7 @@ from tasks.common.lm_eval import check_seqlen, check_tasks, validate_texts
 from . import bench
 from .generate import KV_BITS, REFERENCE, decode_logits
 from .hooks import check_replaceable
-from .memory import bits_compression, table_rows
+from .memory import bits_compression, check_quantized, table_rows
 from .policies import (BUDGET_SCHEDULES, POLICIES, THRESHOLDS, Full, Policy, check_config_parameters,
                        budgeted, policy_at_budget)
 from .simulate import persistence_ratio, simulate
@@ -78,6 +78,13 @@ class Setting:
 
     def generates(self, mode: str) -> bool:
         return self.bits < 16 or mode == "generate"
+
+    def check_quantized(self, length: int, group_size: int, what: str) -> None:
+        """Unsupported where its cache, on a text of `length` tokens, holds no whole group to quantize
+        (memory.check_quantized). `what`: the text, said after the setting."""
+        held = length if self.compression is None else min(length, budget(length, self.compression))
+        at = "" if self.compression is None else f" at {self.compression:g}x"
+        check_quantized(held, self.bits, group_size, f"{self.provider}{at} on {what}")
 
 
 def sweep(kv: DictConfig, policies, compressions, bits) -> list[Setting]:
@@ -254,7 +261,8 @@ class FittedPolicy:
     """A multiple-choice setting's policy for each batch of requests of `length` tokens: at budget
     ceil(length / compression). A batch too short for that budget (the cache must keep the r newest tokens and
     drop m = B/2 of it) ends the setting as unsupported: a larger budget, or the full cache, would not be a result
-    at its compression. It counts the batches it served."""
+    at its compression. So does one whose budget holds no whole group of a quantized cache. It counts the
+    batches it served."""
 
     kv: DictConfig
     setting: Setting
@@ -263,6 +271,7 @@ class FittedPolicy:
 
     def __call__(self, length: int) -> Policy:
         s, self.batches = self.setting, self.batches + 1
+        s.check_quantized(length, self.kv.group_size, f"a batch of requests of {length} tokens")
         if s.compression is None:
             return policy_at_budget(s.policy, params(self.kv, s.policy))
         wanted = budget(length, s.compression)
@@ -377,6 +386,12 @@ def quality_rows(cfg: DictConfig, ctx: RunContext, m: Model, text: str, chunks: 
     def budget_of(s):
         return None if s.compression is None else budget(seqlen, s.compression)
 
+    def policy_for(s):
+        def fitted(length):
+            s.check_quantized(length, kv.group_size, f"chunks of {length} tokens")
+            return policy_at_budget(s.policy, params(kv, s.policy), budget_of(s))
+        return fitted
+
     def evaluate(forward):
         return perplexity(m.module, chunks.flatten(), seqlen, batch_size=cfg.eval.batch_size, forward=forward,
                           progress=False)
@@ -386,9 +401,8 @@ def quality_rows(cfg: DictConfig, ctx: RunContext, m: Model, text: str, chunks: 
 
     settings = sweep(kv, checks.as_list(kv.policies), checks.as_list(kv.compressions), checks.as_list(kv.bits))
     rows = []
-    for row in sweep_rows(kv, ctx, settings,
-                          lambda s: lambda n: policy_at_budget(s.policy, params(kv, s.policy), budget_of(s)),
-                          evaluate, to_rows, "perplexity", "ppl", lambda s: {**base, "budget": budget_of(s)}):
+    for row in sweep_rows(kv, ctx, settings, policy_for, evaluate, to_rows, "perplexity", "ppl",
+                          lambda s: {**base, "budget": budget_of(s)}):
         rows.append(row)
         yield row
     yield from min_fraction_rows(rows, kv.quality_tolerance, base)
