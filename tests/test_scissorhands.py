@@ -67,7 +67,10 @@ def reference_drops(policy, rows, held, t, b, kv, group):
         return set()
     if isinstance(policy, Scissorhands):
         window = range(max(0, t - policy.window), t)
-        score = {j: sum(pivotal(s, h, j) for s in window for h in heads) for j in candidates}
+        if policy.score == "pivotal":
+            score = {j: sum(pivotal(s, h, j) for s in window for h in heads) for j in candidates}
+        else:  # the most often not pivotal, for the queries of the window that saw the token (its own, later ones)
+            score = {j: -sum(not pivotal(s, h, j) for s in window if s >= j for h in heads) for j in candidates}
         protected, amount = policy.recent, policy.budget // 2
     elif isinstance(policy, H2O):
         score = {j: sum(rows[s][b, h, j].item() for s in range(t) for h in heads) for j in candidates}
@@ -85,6 +88,7 @@ def reference_drops(policy, rows, held, t, b, kv, group):
 @pytest.mark.parametrize("policy", [
     Scissorhands(budget=10, recent=3, window=5),  # w < steps: the window slides; not a multiple of 8
     Scissorhands(budget=12, recent=2, window=11),  # two bytes of history
+    Scissorhands(budget=12, recent=2, window=11, score="non_pivotal"),  # tokens seen by 3 to 11 queries of w
     ScissorhandsReleased(recent=2, window=4, layers=(0, 1), start=6),
     H2O(budget=9), TOVA(budget=7), StreamingLLM(budget=8, n_sink=3)], ids=lambda p: p.name)
 def test_each_policy_drops_the_tokens_its_rule_names(policy):
@@ -102,7 +106,8 @@ def test_each_policy_drops_the_tokens_its_rule_names(policy):
         assert max(len(k) for step in kept for row in step for k in row) < policy.budget  # room for token t
 
 
-@pytest.mark.parametrize("policy", [Scissorhands(budget=12, recent=2, window=5), H2O(budget=12)], ids=str)
+@pytest.mark.parametrize("policy", [Scissorhands(budget=12, recent=2, window=5), H2O(budget=12),
+                                    Scissorhands(budget=12, recent=2, window=5, score="non_pivotal")], ids=str)
 def test_what_a_lockstep_cache_knows_on_the_host_changes_nothing(policy):
     """mode=generate tells a policy how many tokens every head holds (n_held), and gives it each key's score and the
     log-sum-exp: the same drops and statistics as from the masks and probabilities (on a GPU, Scissorhands' counts
@@ -125,6 +130,27 @@ def test_what_a_lockstep_cache_knows_on_the_host_changes_nothing(policy):
         policy.observe_scores(hints, scores, scores[..., :n].logsumexp(-1), n, n)
         for k in masks:
             torch.testing.assert_close(hints[k], masks[k], rtol=1e-5, atol=1e-6)  # counts: exactly
+
+
+@pytest.mark.parametrize("score, young_kept", [("pivotal", False), ("non_pivotal", True)])
+def test_a_young_token_pivotal_for_every_query_that_saw_it_stays_only_when_the_non_pivotal_are_counted(score,
+                                                                                                      young_kept):
+    """Old tokens 0-11 are pivotal for one query in two, token 16 for each of the 4 queries since it came (it has
+    just left the r newest), the others for none. Counting the pivotal ones puts token 16 (4) below the old ones
+    (5 to 10), and it goes; counting those not pivotal puts it above every other (0), and it stays."""
+    policy = Scissorhands(budget=20, recent=2, window=400, score=score)
+    stats = policy.init_stats(1, 1, 21, "cpu")
+    held = torch.zeros(1, 1, 21, dtype=torch.bool)
+    positions = torch.arange(21).expand(1, 1, 21)
+    for t in range(20):
+        held[..., t] = True
+        pivotal = [j for j in range(min(t, 11) + 1) if (t + j) % 2 == 0] + ([16] if t >= 16 else [])
+        probs = torch.zeros(1, 1, 21)
+        probs[..., :t + 1] = 0.1 / (t + 1)  # below 1/t
+        probs[..., pivotal] += 0.9 / len(pivotal)
+        policy.observe(stats, probs, held.clone(), t)
+    drop = policy.drops(stats, held, positions, 20, 0, 1)[0, 0]
+    assert drop.sum() == 10 and bool(drop[16]) != young_kept
 
 
 def test_streaming_keeps_the_sinks_and_the_newest():
@@ -293,9 +319,11 @@ def test_full_cache_and_a_budget_beyond_the_text_give_the_simulated_nll(kind, sc
 @pytest.mark.parametrize("policy", [
     Scissorhands(budget=8, recent=2),
     Scissorhands(budget=8, recent=2, window=3),  # the history window slides within the text
+    Scissorhands(budget=8, recent=2, window=3, score="non_pivotal"),
     Scissorhands(budget=8, recent=2, threshold="p90", budget_schedule="growing"),  # budgets differ by layer
     H2O(budget=6), TOVA(budget=6), StreamingLLM(budget=6)],
-    ids=lambda p: f"{p.name} w={getattr(p, 'window', '-')} {getattr(p, 'threshold', '')} {p.budget_schedule}")
+    ids=lambda p: f"{p.name} w={getattr(p, 'window', '-')} {getattr(p, 'threshold', '')} {getattr(p, 'score', '')} "
+                  f"{p.budget_schedule}")
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_real_eviction_gives_the_simulated_nll_and_never_exceeds_the_budget(policy, schedule):
     """The strong check: the simulation is exact, so eviction during decoding matches it on the same text."""

@@ -68,6 +68,8 @@ def value(record, provider, metric, x):
 def test_smoke_run_writes_every_experiment_and_no_errors(smoke):
     out, record = smoke
     assert record["status"] == "ok" and not [r for r in record["rows"] if r["status"] in ("error", "oom")]
+    # which reading of Scissorhands' importance made its rows
+    assert {r["extra"].get("score") for r in rows_of(record, "perplexity", policy="scissorhands")} == {"pivotal"}
     assert value(record, "full", "kv_cache_size", "opt-175b") == 1152
     layers = rows_of(record, "persistence_ratio")
     (mean,) = rows_of(record, "mean_persistence_ratio")
@@ -171,7 +173,9 @@ def test_quantized_cache_and_decode_kernels_run_in_the_interpreter(interpreted):
     # whatever the experiments: a policy's settings are read by multiple choice and decode as well as quality
     (["kv.experiments=[multiple_choice]", "+kv.scissorhands.windw=3"],
      "kv.scissorhands: 'windw' is not a parameter of policy 'scissorhands'; it takes ['budget_schedule', "
-     "'drop_fraction', 'recent', 'threshold', 'window']"),
+     "'drop_fraction', 'recent', 'score', 'threshold', 'window']"),
+    (["kv.scissorhands.score=non-pivotal"],
+     "kv.scissorhands.score='non-pivotal' is not one of ['pivotal', 'non_pivotal']"),
     (["kv.experiments=[multiple_choice]", "+kv.scissorhands.drop=3"],
      "kv.scissorhands: 'drop' is not a parameter of policy 'scissorhands' (drop_fraction sets it, as a fraction of"),
     (["+kv.h2o.recent=3"], "kv.h2o: 'recent' is not a parameter of policy 'h2o' (recent_fraction sets it"),

@@ -260,7 +260,7 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
         policy = policy_at_budget("scissorhands", OmegaConf.to_container(kv.scissorhands), budget)
         m = policy.amount(budget)
         extra = {**shape.extra(), "policy": "scissorhands", "recent": policy.recent, "window": policy.window,
-                 "drop": m, "kv_bits": 16}
+                 "drop": m, "score": policy.score, "kv_bits": 16}
         query = torch.randn(shape.batch, shape.heads, shape.head_dim, device=device, dtype=shape.dtype, generator=gen)
 
         def attend(layer):

@@ -35,6 +35,7 @@ from effrepro_kernels.pivotal_counts import ring_history, update_pivotal_counts
 
 THRESHOLDS = ("1/t", "p90")
 BUDGET_SCHEDULES = ("uniform", "growing")
+SCORES = ("pivotal", "non_pivotal")  # Scissorhands' two readings of its importance (README)
 
 
 def per_kv_head(stat: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -107,7 +108,7 @@ class Full(Policy):
 @dataclass
 class _Budgeted(Policy):
     """A fixed budget per head, spent as: when a head is full, drop `amount` of its unprotected tokens of lowest
-    `score`."""
+    `importance`."""
 
     budget: int
     budget_schedule: str = "uniform"
@@ -128,7 +129,8 @@ class _Budgeted(Policy):
             self.check(budget, f" (layer {layer}'s, from budget_schedule={self.budget_schedule!r})")
         return list(budgets)
 
-    def score(self, stats: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    def importance(self, stats: dict[str, torch.Tensor], positions: torch.Tensor, step: int) -> torch.Tensor:
+        """Per held slot, (batch, kv_heads, slots), before token `step` is appended: the lowest are dropped."""
         raise NotImplementedError
 
     def protected(self, positions: torch.Tensor, step: int, budget: int) -> torch.Tensor:
@@ -148,7 +150,7 @@ class _Budgeted(Policy):
             if not full.any():
                 return None
         candidates = held & ~self.protected(positions, step, budget)
-        return lowest(self.score(stats, positions), candidates, positions, self.amount(budget)) & full
+        return lowest(self.importance(stats, positions, step), candidates, positions, self.amount(budget)) & full
 
 
 class _PivotalCounts:
@@ -196,7 +198,8 @@ class _PivotalCounts:
 class Scissorhands(_PivotalCounts, _Budgeted):
     """The paper's Algorithm 1-2: budget B per head; when a head is full, drop the m (`drop`, default B/2) tokens
     least often pivotal (probability > 1/t, t the keys the query saw) over the last w (`window`) queries, never one
-    of the r (`recent`) newest. Paper: r=10, w=400, m=B/2."""
+    of the r (`recent`) newest. Paper: r=10, w=400, m=B/2. `score="non_pivotal"` reads Algorithm 2 the other way:
+    drop the m tokens most often not pivotal for the queries of the window that saw them."""
 
     name: ClassVar[str] = "scissorhands"
     needs_probs: ClassVar[bool] = True
@@ -205,11 +208,14 @@ class Scissorhands(_PivotalCounts, _Budgeted):
     window: int = 400
     drop: int | None = None
     threshold: str = "1/t"
+    score: str = "pivotal"
 
     def __post_init__(self):
         self.check_counting()
         if not isinstance(self.recent, int) or self.recent < 0:
             raise ValueError(f"scissorhands: recent={self.recent!r} (r) must be an integer >= 0")
+        if self.score not in SCORES:
+            raise ValueError(f"scissorhands: score={self.score!r} is not one of {SCORES}")
         super().__post_init__()
 
     def amount(self, budget):
@@ -230,8 +236,15 @@ class Scissorhands(_PivotalCounts, _Budgeted):
     def protected(self, positions, step, budget):
         return positions >= step - self.recent
 
-    def score(self, stats, positions):
-        return self.kv_counts(stats, positions.shape[1])
+    def importance(self, stats, positions, step):
+        kv_heads = positions.shape[1]
+        pivotal = self.kv_counts(stats, kv_heads)
+        if self.score == "pivotal":
+            return pivotal
+        # minus the non-pivotal observations, seen - pivotal: a token is seen by its own query and each later one,
+        # and the counts cover the last w of them; summed, like the counts, over the query heads of a KV head
+        seen = (step - positions).clamp(max=self.window)
+        return pivotal - stats["count"].shape[1] // kv_heads * seen
 
 
 @dataclass
@@ -302,7 +315,7 @@ class H2O(_Budgeted):
     def protected(self, positions, step, budget):
         return positions >= step - self.recent_tokens(budget)
 
-    def score(self, stats, positions):
+    def importance(self, stats, positions, step):
         return per_kv_head(stats["attention"], positions.shape[1])
 
 
@@ -323,7 +336,7 @@ class StreamingLLM(_Budgeted):
     def protected(self, positions, step, budget):
         return positions < self.n_sink
 
-    def score(self, stats, positions):
+    def importance(self, stats, positions, step):
         return positions  # the oldest goes first
 
 
@@ -341,7 +354,7 @@ class TOVA(_Budgeted):
     def observe(self, stats, probs, visible, step):
         stats["last"].copy_(probs)
 
-    def score(self, stats, positions):
+    def importance(self, stats, positions, step):
         return stats["last"].mean(1, keepdim=True).expand_as(positions)
 
 

@@ -40,7 +40,7 @@ from . import bench
 from .generate import KV_BITS, REFERENCE, decode_logits
 from .hooks import check_replaceable
 from .memory import bits_compression, check_quantized, table_rows
-from .policies import (BUDGET_SCHEDULES, POLICIES, THRESHOLDS, Full, Policy, check_config_parameters,
+from .policies import (BUDGET_SCHEDULES, POLICIES, SCORES, THRESHOLDS, Full, Policy, check_config_parameters,
                        budgeted, policy_at_budget)
 from .simulate import persistence_ratio, simulate
 
@@ -119,6 +119,7 @@ def _check_params(kv: DictConfig) -> None:
                           "tokens are dropped at a time, and m >= B would empty the cache (the paper: 0.5)")
     checks.choice("kv.scissorhands.threshold", s.threshold, THRESHOLDS)
     checks.choice("kv.scissorhands.budget_schedule", s.budget_schedule, BUDGET_SCHEDULES)
+    checks.choice("kv.scissorhands.score", s.score, SCORES)
     r = kv.scissorhands_released
     checks.number("kv.scissorhands_released.recent", r.recent, at_least=0)
     checks.number("kv.scissorhands_released.window", r.window, at_least=1)
@@ -329,6 +330,8 @@ def sweep_rows(kv: DictConfig, ctx: RunContext, settings: list[Setting], policy_
     for s in settings:
         forward = kv_forward(kv, s, policy_for(s), ctx.device)
         more = {**extra(s), "kv_mode": "generate" if forward.generate else "simulate"}
+        if s.policy == "scissorhands":  # which reading of its importance made the row
+            more["score"] = kv.scissorhands.score
         if forward.generate:
             more["attention"] = "reference" if forward.schedule == REFERENCE else "kernel"
         start = time.perf_counter()
