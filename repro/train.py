@@ -554,11 +554,14 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     yield from rows
     if start == spec.steps:  # a finished stage, reused
         return
+    shared_rng = None
     if parallel.size > 1:
         # Every rank was seeded alike, for the same initial weights; but each GPU of a real run draws dropout masks
         # of its own. Each rank's stream (CPU and CUDA) mixes the seed, the step training starts at and the rank as
         # the batches' do (`step_generator`), its steps counted down from -1, clear of theirs; the seed cut to 32
-        # bits, for the mix to fit in 64.
+        # bits, for the mix to fit in 64. The shared state comes back after training, so that what is built next
+        # (another candidate, a later stage, unsharded under FSDP) is built alike on every rank again.
+        shared_rng = _rng_state()
         torch.manual_seed(step_generator(torch.initial_seed() % 2**32, -1 - start, world()[0]).initial_seed())
     wrapped = parallel.wrap()
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
@@ -601,6 +604,8 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
             checkpoint.save(done, rows, finished=False, timed=clock.timed())
             last_save = time.monotonic()
     bar.close()
+    if shared_rng is not None:
+        _set_rng_state(shared_rng)
     summary = throughput_rows(trainee, clock, spec, device)
     rows += summary
     checkpoint.save(spec.steps, rows, finished=True, timed=clock.timed())

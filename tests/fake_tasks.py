@@ -136,7 +136,9 @@ def draws(cfg, ctx):
 
     spec = TrainSpec(steps=2, lr=1e-2, precision="fp32", timing_skip_steps=0)
     yield from train_all([Candidate("d", {}, build)], spec, ctx.device, None)
+    drawn.append(torch.rand(()).item())  # after training: what a next build would draw
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, drawn)
     for rank, values in enumerate(every):
-        yield Row("d", "rank", rank, "draw", "", values[0], n=len(values), extra={"draws": values})
+        yield Row("d", "rank", rank, "draw", "", values[0], n=len(values) - 1,
+                  extra={"draws": values[:-1], "after": values[-1]})

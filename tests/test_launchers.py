@@ -99,9 +99,11 @@ def test_each_rank_draws_its_own_random_numbers_in_training(tmp_path):
     """Every rank is seeded alike (for the same initial weights), but GPUs of a real run draw dropout masks of their
     own: ranks drawing the same would make their gradients less independent."""
     assert torchrun_trains(tmp_path, "draws") == 0
-    draws = {r["x_value"]: r["extra"]["draws"] for r in load(tmp_path / "record.json")["rows"] if r["metric"] == "draw"}
-    assert len(draws[0]) == len(draws[1]) == 2  # a draw a step
-    assert not set(draws[0]) & set(draws[1])
+    rows = {r["x_value"]: r["extra"] for r in load(tmp_path / "record.json")["rows"] if r["metric"] == "draw"}
+    assert len(rows[0]["draws"]) == len(rows[1]["draws"]) == 2  # a draw a step
+    assert not set(rows[0]["draws"]) & set(rows[1]["draws"])
+    # after training the ranks draw alike again: a model built next (unsharded under FSDP) starts the same on each
+    assert rows[0]["after"] == rows[1]["after"]
 
 
 def test_a_failure_on_one_rank_ends_a_torchrun_job_rather_than_hanging_it(tmp_path):
