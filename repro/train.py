@@ -108,9 +108,10 @@ class TrainSpec:
             checks.number(f"train.{name}", getattr(self, name), integer=False, at_least=0)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if not isinstance(self.betas, tuple) or len(self.betas) != 2 or \
+        pair = isinstance(self.betas, Sequence) and not isinstance(self.betas, str)
+        if not pair or len(self.betas) != 2 or \
                 not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
-            shown = list(self.betas) if isinstance(self.betas, tuple) else self.betas
+            shown = list(self.betas) if pair else self.betas
             raise ConfigError(f"train.betas={shown!r} must be two numbers in [0, 1)")
         if self.profile and not 1 <= self.timing_skip_steps < self.steps:
             raise ConfigError(f"train.profile profiles the last untimed step, before the timed ones: "

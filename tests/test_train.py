@@ -262,6 +262,11 @@ def test_betas_other_than_two_numbers_below_one_are_refused_by_name(betas):
         TrainSpec.from_config({"steps": 1, "lr": 1.0, "betas": betas})
 
 
+def test_betas_as_a_list_are_valid_built_directly_as_from_a_config():
+    TrainSpec(steps=1, lr=1.0, betas=[0.9, 0.98]).validate()
+    assert TrainSpec.from_config({"steps": 1, "lr": 1.0, "betas": [0.9, 0.98]}).betas == (0.9, 0.98)
+
+
 @pytest.mark.parametrize("schedule, halfway", [("cosine", 0.55), ("linear", 0.55), ("rsqrt", (10 / 60) ** 0.5)])
 def test_the_learning_rate_warms_up_then_decays_to_its_floor_by_the_schedule(schedule, halfway):
     from repro.train import _lr_at
