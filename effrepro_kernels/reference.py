@@ -46,7 +46,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     elif dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs, v)
-    if keep is not None:  # the mask's own shape is small (broadcast over heads): this costs no N×N pass
+    if keep is not None:  # over the boolean mask, broadcast over heads: a small share of a pass over the scores
         out = out.masked_fill(~keep.any(-1, keepdim=True), 0.0)
     return out
 

@@ -90,7 +90,6 @@ def test_listops_rejects_impossible_lengths():
     assert [len(s.split()) for s, _ in data.generate_listops(3, 0, min_length=2, max_length=5, workers=1)] == [4] * 3
 
 
-
 def test_listops_refuses_a_window_trees_practically_never_reach(monkeypatch):
     # possible (ten levels of ten arguments can be that long) but out of reach in practice: generation hung
     far = dict(min_length=10000, max_length=20000)
@@ -101,6 +100,7 @@ def test_listops_refuses_a_window_trees_practically_never_reach(monkeypatch):
     monkeypatch.setattr(data, "MAX_REJECTIONS", 100)
     with pytest.raises(ValueError, match="100 trees in a row had no length strictly between min_length=10000"):
         data._listops_chunk(0, "train", 0, 1, dict(max_depth=10, max_args=10, **far))
+
 
 # ------------------------------------------------------------------------------------------------- Pathfinder
 
