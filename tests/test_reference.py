@@ -53,6 +53,22 @@ def test_fully_masked_rows_are_zero_not_nan():
     assert (out[0, 0, :4] == 0).all() and (out[0, 0, 4:] != 0).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_fully_masked_rows_pass_no_gradient_and_no_nan(dtype):
+    """One sequence all padding beside one half padded: the first's rows give q, k and v nothing, the second's
+    gradients are the definition's."""
+    q, k, v = (torch.randn(2, 2, 5, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[False] * 5, [True, True, True, False, False]])
+    grad = torch.randn(2, 2, 5, 8, dtype=dtype)
+    attention_reference(q, k, v, key_padding_mask=mask).backward(grad)
+    for t in (q, k, v):
+        assert t.grad.isfinite().all() and (t.grad[0] == 0).all()
+    wide = [t.detach()[1:].double().requires_grad_() for t in (q, k, v)]
+    naive(*wide, False, mask[1:]).backward(grad[1:].double())
+    for t, want in zip((q, k, v), wide):
+        torch.testing.assert_close(t.grad[1:].double(), want.grad, rtol=0, atol=2e-2 if dtype == torch.float16 else 1e-5)
+
+
 def test_grouped_heads_a_mask_per_query_a_scale_and_a_given_dropout_mask_match_the_definition():
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 4, 5, 8, dtype=torch.float64, generator=g)
