@@ -66,7 +66,8 @@ def test_fully_masked_rows_pass_no_gradient_and_no_nan(dtype):
     wide = [t.detach()[1:].double().requires_grad_() for t in (q, k, v)]
     naive(*wide, False, mask[1:]).backward(grad[1:].double())
     for t, want in zip((q, k, v), wide):
-        torch.testing.assert_close(t.grad[1:].double(), want.grad, rtol=0, atol=2e-2 if dtype == torch.float16 else 1e-5)
+        torch.testing.assert_close(t.grad[1:].double(), want.grad, rtol=0,
+                                   atol=2e-2 if dtype == torch.float16 else 1e-5)
 
 
 def test_grouped_heads_a_mask_per_query_a_scale_and_a_given_dropout_mask_match_the_definition():
