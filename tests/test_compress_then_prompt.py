@@ -284,6 +284,11 @@ def test_the_claims_are_read_from_the_rows(smoke):
     (["eval.texts=[stdlib,stdlib]"], "eval.texts names 'stdlib' more than once"),
     (["prompt.levels=[joint_8x,joint_8x]"], "prompt.levels names 'joint_8x' more than once"),
     (["experiments=[perplexity,accuracy]", "eval.tasks=[]"], "eval.tasks=[] is empty, but experiments has accuracy"),
+    # a catalog entry that is no mapping, and n_m that is no pair: named, not a traceback
+    (["+compression.catalog.bad=5", "compression.levels=[bad]"], "compression.catalog.bad=5 must be a mapping of"),
+    (["+compression.catalog.bad=[gptq,4]", "compression.levels=[bad]"], "compression.catalog.bad=['gptq', 4] must be"),
+    (["+compression.catalog.nm={method:sparsegpt,n_m:4}", "compression.levels=[nm]"],
+     "compression.catalog.nm: n_m=4 must be two integers N < M"),
 ])
 def test_bad_input_is_refused(refusal, overrides, message):
     assert message in refusal(*TINY, *overrides)

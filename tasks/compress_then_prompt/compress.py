@@ -60,7 +60,7 @@ def check_arguments(method: str, bits: int | None, group_size: int | None, spars
     if sparsity is not None and not 0 <= sparsity < 1:
         raise ValueError(f"sparsity={sparsity} is outside [0, 1)")
     if n_m is not None:
-        if len(n_m) != 2 or not 0 < int(n_m[0]) < int(n_m[1]):
+        if not isinstance(n_m, (list, tuple)) or len(n_m) != 2 or not 0 < int(n_m[0]) < int(n_m[1]):
             raise ValueError(f"n_m={n_m!r} must be two integers N < M: keep N weights of every M, e.g. (2, 4)")
         n_m = (int(n_m[0]), int(n_m[1]))
     if group_size is not None and group_size < 1:
