@@ -188,13 +188,22 @@ def test_cached_pathfinder_is_an_image_dataset(tmp_path):
         data.load_or_generate("pathfinder", "val", 4, 0, tmp_path, colour=1)
 
 
-def test_generation_rate_is_examples_over_the_seconds_they_took(monkeypatch):
-    calls = []
-    monkeypatch.setitem(data.GENERATORS, "listops", lambda n, seed, workers, **params: calls.append((n, seed, workers, params)))
+def test_generation_rate_is_examples_over_the_seconds_they_took_the_check_before_the_clock(monkeypatch):
+    events = []
     clock = iter([10.0, 12.5])
-    monkeypatch.setattr(data.time, "perf_counter", lambda: next(clock))
+
+    def tick():
+        events.append("clock")
+        return next(clock)
+
+    def rows(task, n, seed, split, workers, params):
+        events.append(("rows", task, n, seed, split, workers, params["max_length"], params["max_depth"]))
+        yield from range(n)
+    monkeypatch.setitem(data._CHECKS, "listops", lambda params: events.append("check"))  # ListOps' samples trees
+    monkeypatch.setattr(data, "_rows", rows)
+    monkeypatch.setattr(data.time, "perf_counter", tick)
     assert data.generation_rate("listops", n=8, seed=3, workers=2, max_length=60) == 8 / 2.5
-    assert calls == [(8, 3, 2, {"max_length": 60})]
+    assert events == ["check", "clock", ("rows", "listops", 8, 3, "train", 2, 60, 10), "clock"]
 
 
 # ------------------------------------------------------------------------------------------------- real data

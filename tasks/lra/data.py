@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from repro import checks
 from repro.context import ConfigError
 from repro.evaluation import hub_error
 from repro.generated import cached_dataset, rows_in_chunks
@@ -147,8 +148,7 @@ def _listops_lengths(max_depth: int, max_args: int, cap: int) -> int:
 
 def _check_listops(p: dict) -> None:
     for key in ("max_depth", "max_args", "min_length", "max_length"):
-        if isinstance(p[key], bool) or not isinstance(p[key], int):
-            raise ValueError(f"ListOps {key}={p[key]!r} must be an integer")
+        checks.number(f"ListOps {key}", p[key])  # the bounds together, below
     ok = p["max_depth"] >= 1 and p["max_args"] >= 2 and 0 <= p["min_length"] < p["max_length"]
     window = ((1 << p["max_length"]) - 1) & ~((1 << (p["min_length"] + 1)) - 1) if ok else 0
     if not ok or not _listops_lengths(p["max_depth"], p["max_args"], p["max_length"] - 1) & window:
@@ -511,9 +511,12 @@ def load_or_generate(task: str, split: str, n: int, seed: int, cache_dir: str | 
 
 
 def generation_rate(task: str, n: int = 64, seed: int = 0, workers: int = 1, **params) -> float:
-    """Examples generated per second by `workers` processes (one: a set of N takes about N / (rate · cores))."""
+    """Examples generated per second by `workers` processes (one: a set of N takes about N / (rate · cores)). The
+    settings are checked before the clock starts: ListOps' check samples trees of its own."""
+    params = generator_params(task, params)
     start = time.perf_counter()
-    GENERATORS[task](n, seed, workers=workers, **params)
+    for _ in _rows(task, n, seed, "train", workers, params):
+        pass
     return n / (time.perf_counter() - start)
 
 
