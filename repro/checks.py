@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .context import ConfigError
 
@@ -78,6 +78,12 @@ def choice(key: str, value: Any, allowed: Iterable) -> None:
     if unknown:
         shown = unknown[0] if len(unknown) == 1 and not isinstance(value, (list, tuple)) else unknown
         raise ConfigError(f"{key}={shown!r} is not one of {allowed}")
+
+
+def mapping(key: str, value: Any, of: str) -> None:
+    """`value` is a mapping (a config block), not null, one value or a list; `of`: what it maps, for the error."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}={value!r} must be a mapping of {of}")
 
 
 def flag(key: str, value: Any, many: bool = False) -> None:

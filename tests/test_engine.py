@@ -101,6 +101,8 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
      ["lra_data.settings[1]: Pathfinder size=48 is not one of [32, 64, 128, 256]"]),
     ("task=lra_data lra_data.settings=[{task:listops,min_length:abc}]",
      ["lra_data.settings[0]: ListOps min_length='abc' must be an integer"]),
+    ("task=lra_data lra_data.settings=[{task:listops},5]",
+     ["lra_data.settings[1]=5 must be a mapping of a generator's settings"]),
     ("task=lra_data lra_data.seed=-1", ["lra_data.seed=-1 must be an integer >= 0"]),
     ("task=lra_data lra_data.examples_per_worker=-5", ["lra_data.examples_per_worker=-5 must be an integer >= 1"]),
     ("task=lm_eval model=tiny_llama eval.texts=[novel]", ["novel", "pydoc"]),

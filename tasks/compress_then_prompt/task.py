@@ -103,8 +103,7 @@ def levels_from_config(cfg: DictConfig) -> list[Level]:
     levels = []
     for name in names:
         key = f"compression.catalog.{name}"
-        if not isinstance(c.catalog[name], DictConfig):
-            raise ConfigError(f"{key}={c.catalog[name]!r} must be a mapping of {list(LEVEL_KEYS)}")
+        checks.mapping(key, c.catalog[name], f"{list(LEVEL_KEYS)}")
         spec = OmegaConf.to_container(c.catalog[name])
         unknown = set(spec) - set(LEVEL_KEYS)
         if unknown:

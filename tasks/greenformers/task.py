@@ -74,10 +74,8 @@ def validate(cfg: DictConfig) -> None:
     g = cfg.greenformers
     # a block set to null (or to one value) would fail at its first setting, with a traceback
     for key in SECTIONS:
-        section = OmegaConf.select(g, key)
-        if not isinstance(section, DictConfig):
-            raise ConfigError(f"greenformers.{key}={section!r} must be a mapping of settings, as the task's config "
-                              "(conf/task/greenformers.yaml) gives it")
+        checks.mapping(f"greenformers.{key}", OmegaConf.select(g, key),
+                       "settings, as the task's config (conf/task/greenformers.yaml) gives it")
     parts = checks.choices("greenformers.parts", g.parts, PARTS)
     checks.choice("greenformers.attention", g.attention, ATTENTIONS)
     if g.attention == "effrepro" and not runs_on(resolve_device(cfg.scale)):

@@ -23,8 +23,7 @@ def _label(task: str, params: dict) -> str:
 
 def _setting(key: str, setting) -> tuple[str, dict]:
     """A setting's generator and its parameters, completed with the generator's defaults."""
-    if not isinstance(setting, DictConfig):
-        raise ConfigError(f"{key}={setting!r} must be a mapping such as {{task: pathfinder, size: 32}}")
+    checks.mapping(key, setting, "a generator's settings, such as {task: pathfinder, size: 32}")
     params = OmegaConf.to_container(setting)
     task = params.pop("task", None)
     try:

@@ -58,9 +58,7 @@ def params(kv: DictConfig, name: str) -> dict:
     """A policy's parameters as the config gives them (`kv.<policy>`; none for `full`)."""
     if name not in kv:
         return {}
-    if not isinstance(kv[name], DictConfig):
-        raise ConfigError(f"kv.{name}={kv[name]!r} must be a mapping of the policy's parameters, as the task's "
-                          "config gives it")
+    checks.mapping(f"kv.{name}", kv[name], "the policy's parameters, as the task's config gives it")
     return OmegaConf.to_container(kv[name])
 
 
