@@ -55,6 +55,11 @@ class MoEConfig:
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
 
+    @property
+    def moe_blocks(self) -> list[int]:
+        """The indices of the blocks with experts."""
+        return [i for i in range(self.n_layer) if i % self.moe_every == self.moe_every - 1]
+
     @classmethod
     def of_size(cls, size: str, **overrides) -> "MoEConfig":
         if size not in SIZES:
@@ -255,7 +260,7 @@ class SwitchLM(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.config = cfg
-        moe_blocks = [i for i in range(cfg.n_layer) if i % cfg.moe_every == cfg.moe_every - 1]
+        moe_blocks = cfg.moe_blocks
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.position = nn.Embedding(cfg.max_len, cfg.d_model)
         self.blocks = nn.ModuleList(

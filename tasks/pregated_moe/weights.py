@@ -58,7 +58,7 @@ def check_switch_config(config, path: str, name: str, cfg: MoEConfig) -> None:
     found = {"num_experts": config.num_experts, "d_model": config.d_model, "d_ff": config.d_ff}
     wanted = {"num_experts": cfg.n_experts, "d_model": cfg.d_model, "d_ff": cfg.d_ff}
     wrong = [f"{key}={found[key]} where {name} has {wanted[key]}" for key in found if found[key] != wanted[key]]
-    blocks, wanted_blocks = decoder_moe_blocks(config), cfg.n_layer // cfg.moe_every  # as SwitchLM places them
+    blocks, wanted_blocks = decoder_moe_blocks(config), len(cfg.moe_blocks)
     if blocks != wanted_blocks:  # else every row would fail when the weights are copied in
         wrong.append(f"{blocks} decoder MoE blocks (num_decoder_layers={config.num_decoder_layers}, "
                      f"decoder_sparse_step={config.decoder_sparse_step}) where {name} has {wanted_blocks}")
