@@ -70,7 +70,7 @@ class Provider:
 
 
 def _relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
-    result, reference = result.detach().double(), reference.double().to(result.device)
+    result, reference = result.detach().double(), reference.to(result.device).double()
     return float((result - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
@@ -95,9 +95,10 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
         if call.result is not None:
             result = call.result()
             if provider.baseline:
-                # without its autograd graph (a forward's N x N scores), which would stay in memory while the
-                # other providers are measured, their peak memory included
-                reference["result"] = result.detach()
+                # in host memory, without its autograd graph (a forward's N x N scores): on the device it would
+                # count in the peak memory of every provider measured after it (three inputs' worth of gradients
+                # in a backward), the baseline's own included
+                reference["result"] = result.detach().cpu()
             elif "result" in reference:
                 error = _relative_error(result, reference["result"])
             else:  # the baseline could not run here (out of memory at a long length): nothing to check against

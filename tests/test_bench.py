@@ -78,6 +78,23 @@ def test_a_steps_peak_memory_is_measured_without_the_timed_calls_gradients(monke
     assert [r.p50 for r in rows if r.metric == "peak_memory"] == [1.0]
 
 
+@gpu
+def test_gpu_peak_memory_leaves_out_the_baselines_kept_result():
+    """The baseline's result, kept to check the others against, is no part of any provider's peak."""
+    cuda = torch.device("cuda")
+    size_mb = 256
+    x = torch.randn(1 << 20, device=cuda)  # 4 MB of input for both
+
+    def build(point):
+        return Call(lambda: x.mul(2), result=lambda: torch.randn(size_mb << 18, device=cuda))
+
+    rows = list(run_benchmark([Point("n", 8, {"mode": "fwd"})], [Provider("base", build, baseline=True),
+                                                                   Provider("other", build)],
+                              cuda, warmup_ms=1, rep_ms=5, progress=False))
+    peaks = {r.provider: r.p50 for r in rows if r.metric == "peak_memory"}
+    assert set(peaks) == {"base", "other"} and max(peaks.values()) < size_mb / 2, peaks
+
+
 def test_exactly_one_baseline():
     with pytest.raises(ValueError, match="baseline"):
         run([Provider("a", sleeper(0)), Provider("b", sleeper(0))])
