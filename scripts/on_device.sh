@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run repro commands on a lent GPU machine that starts bare and offline (the device tool of this workplace):
 # install the wheels carried in .whl/ (build them with ../shared/device/make-wheels.sh lm-eval), run each
-# argument as one command, going on when one fails, and leave the new run records and every log in $OUT.
+# argument as one command, going on when one fails (the call exits with the last failure's status), and leave the
+# new run records and every log in $OUT.
 #   scripts/on_device.sh "repro task=lm_eval model=trained scale=small logger=none" "pytest -q tests/test_kv_quant.py"
 # The commit the records name comes from REPRO_GIT_SHA (the copy of the tree there has no usable .git).
 # Every command gets what is left of DEADLINE_S seconds (default 540) and is then stopped with SIGTERM, which a
@@ -18,17 +19,19 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
 start=$(mktemp)
 mkdir -p "$OUT/logs"
-i=0
+i=0 worst=0  # the call's exit status: the last nonzero one of its commands, 124 for one left unrun
 for command in "$@"; do
   i=$((i + 1))
   begun=$(date +%s)
   left=$(( deadline - begun ))
-  if [ "$left" -lt 10 ]; then echo "== [$i] not run, no time left: $command"; continue; fi
+  if [ "$left" -lt 10 ]; then echo "== [$i] not run, no time left: $command"; worst=124; continue; fi
   timeout -s TERM -k 20 "$left" bash -c "$command" > "$OUT/logs/$i.log" 2>&1
   status=$?
+  [ "$status" -eq 0 ] || worst=$status
   echo "== [$i] exit $status after $(( $(date +%s) - begun )) s: $command"
   grep -E "^\[repro\]|passed|failed|Error|error:" "$OUT/logs/$i.log" | tail -6
   # and the records jobs save while they run (outputs/), which are all that is left of one that dies silently
   find results/runs outputs -name '*.json' -newer "$start" 2>/dev/null | tar czf "$OUT/records.tgz" -T -
 done
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -r "$OUT/logs"
+exit "$worst"

@@ -1,0 +1,86 @@
+"""The shell scripts that drive the lent GPU machines, run here with stand-ins for python3 and nvidia-smi."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("git") is None,
+                                reason="needs bash and git")
+
+
+def stand_ins(folder: Path, python3: str) -> dict:
+    """An environment whose python3 runs the shell snippet `python3` and whose nvidia-smi prints a card."""
+    folder.mkdir()
+    for name, body in {"python3": python3, "nvidia-smi": 'echo "NVIDIA H200, 143771 MiB"'}.items():
+        (folder / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (folder / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+def test_on_device_exits_with_a_failed_commands_status_and_runs_the_rest(tmp_path):
+    env = stand_ins(tmp_path / "bin", "exit 0")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def run(*commands):
+        return subprocess.run(["bash", SCRIPTS / "on_device.sh", *commands], cwd=tmp_path, capture_output=True,
+                              text=True, env={**env, "OUT": str(out), "DEADLINE_S": "60"})
+    failed = run("exit 3", "touch ran_after")
+    assert failed.returncode == 3 and "exit 3 after" in failed.stdout and (tmp_path / "ran_after").exists()
+    assert (out / "logs.tgz").exists()
+    assert run("true", "true").returncode == 0
+
+
+def git(repo: Path, *args) -> str:
+    return subprocess.run(["git", "-C", repo, *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def history(tmp_path):
+    """A repository whose check.txt reads good, good, (deleted), bad, bad: the first bad commit is the fourth."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "t@t")
+    git(repo, "config", "user.name", "t")
+    commits = []
+    for content in ["good 0", "good 1", None, "bad 3", "bad 4"]:
+        if content is None:
+            git(repo, "rm", "-q", "check.txt")
+        else:
+            (repo / "check.txt").write_text(content)
+            git(repo, "add", "check.txt")
+        git(repo, "commit", "-qm", str(len(commits)))
+        commits.append(git(repo, "rev-parse", "--short", "HEAD"))
+    return repo, commits
+
+
+def bisect(repo, env, *args):
+    return subprocess.run(["bash", SCRIPTS / "bisect_on_device.sh", *args], cwd=repo, capture_output=True,
+                          text=True, env=env)
+
+
+def test_bisect_skips_a_commit_that_deleted_the_file_and_finds_the_first_bad_one(history, tmp_path):
+    repo, commits = history
+    env = stand_ins(tmp_path / "bin", 'grep -q good check.txt')  # "the tests": pass on a good version
+    prepared = bisect(repo, os.environ, "prepare", "check.txt", commits[0])
+    assert prepared.returncode == 0, prepared.stderr
+    listed = (repo / ".bisect" / "commits").read_text().split()
+    assert listed[1::2] == [commits[0], commits[1], commits[3], commits[4]]
+    found = bisect(repo, env, "run", "check.txt", "tests/test_gpu.py")
+    assert found.returncode == 0 and f"first bad: {commits[3]}" in found.stdout, found.stdout + found.stderr
+    assert (repo / "check.txt").read_text() == "good 1"
+
+
+def test_bisect_refuses_what_it_cannot_judge(history, tmp_path):
+    repo, commits = history
+    nothing_later = bisect(repo, os.environ, "prepare", "check.txt", commits[4])
+    assert nothing_later.returncode == 1 and "nothing to bisect" in nothing_later.stderr
+    assert bisect(repo, os.environ, "prepare", "check.txt", commits[2]).returncode == 1  # deleted there
+    assert bisect(repo, os.environ, "prepare", "check.txt", commits[0]).returncode == 0
+    no_tests = stand_ins(tmp_path / "bin", "exit 5")  # pytest's "no tests collected": no verdict
+    stopped = bisect(repo, no_tests, "run", "check.txt", "tests/test_gpu.py")
+    assert stopped.returncode == 2 and "could not run the tests" in stopped.stderr
