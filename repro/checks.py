@@ -29,7 +29,9 @@ def choices(key: str, value: Any, allowed: Iterable, empty_ok: bool = False) -> 
     allowed, values = list(allowed), as_list(value)
     if not values and not empty_ok:
         raise ConfigError(f"{key}=[] is empty: choose some of {allowed}")
-    choice(key, values, allowed)
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise ConfigError(f"{key}={unknown!r} is not one of {allowed}")
     _none_twice(key, values)
     return values
 
@@ -72,12 +74,12 @@ def numbers(key: str, value: Any, **bounds) -> list:
 
 
 def choice(key: str, value: Any, allowed: Iterable) -> None:
-    """`value` (or each of a list of values) is one of `allowed`."""
+    """`value` is one of `allowed`; a list is refused (a key that takes a list of them is checked by `choices`)."""
     allowed = list(allowed)
-    unknown = [v for v in as_list(value) if v not in allowed]
-    if unknown:
-        shown = unknown[0] if len(unknown) == 1 and not isinstance(value, (list, tuple)) else unknown
-        raise ConfigError(f"{key}={shown!r} is not one of {allowed}")
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        raise ConfigError(f"{key}={list(value)!r} must be one value, one of {allowed}, not a list")
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {allowed}")
 
 
 def mapping(key: str, value: Any, of: str) -> None:

@@ -116,6 +116,11 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=compress_then_prompt lora.targets=[]", ["lora.targets=[] is empty"]),  # was: an error row from PEFT
     ("task=scissorhands_kv decode.batch=[4]", ["decode.batch=[4] must be one value"]),
     ("task=lean_decode decode.head_dim=[96,96]", ["decode.head_dim names 96 more than once"]),
+    # a key of one choice refuses a list (was: a TypeError, unhashable list, from the dtype's lookup)
+    ("task=lean_decode decode.dtype=[float16,bfloat16]",
+     ["decode.dtype=['float16', 'bfloat16'] must be one value, one of ['float16', 'bfloat16'], not a list"]),
+    ("task=lean_decode decode.dtype=float32", ["decode.dtype='float32' is not one of ['float16', 'bfloat16']"]),
+    ("task=scissorhands_kv decode.dtype=[float16]", ["decode.dtype=['float16'] must be one value"]),
     ("task=compress_then_prompt compression.levels=sparsegpt_2_4 compression.catalog.sparsegpt_2_4.n_m=[2.5,4]",
      ["compression.catalog.sparsegpt_2_4.n_m=2.5 must be an integer"]),
 ])

@@ -35,8 +35,6 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 def grid(cfg: DictConfig, timing: str) -> list[Point]:
     spec = OmegaConf.to_container(cfg, resolve=True)
-    if spec["dtype"] not in DTYPES:
-        raise ConfigError(f"decode.dtype={spec['dtype']!r} is not one of {list(DTYPES)}")
     points = []
     keys = ("context", "batch", "heads", "head_dim")
     for context, batch, heads, head_dim in itertools.product(*(as_list(spec[k]) for k in keys)):
@@ -100,6 +98,7 @@ def validate(cfg: DictConfig) -> None:
     if "fa2" not in names:
         raise ConfigError(f"decode.providers={names} must include 'fa2', the baseline of every speedup")
     checks.axis("decode.heads", spec.heads)
+    checks.choice("decode.dtype", spec.dtype, DTYPES)
     for key in ("context", "batch"):
         checks.numbers(f"decode.{key}", spec[key], at_least=1)
     checks.numbers("decode.head_dim", spec.head_dim, at_least=16, at_most=256)
