@@ -105,7 +105,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("copy_bytes", "rotate_bytes"):
         checks.number(f"decode.{key}", spec[key], at_least=1024)
     for key in ("warmup_ms", "rep_ms"):
-        checks.number(f"decode.{key}", spec[key], integer=False, at_least=1e-3)
+        checks.number(f"decode.{key}", spec[key], integer=False, at_least=1e-3, finite=True)
     timings = checks.choices("decode.timing", spec.timing, BACK_TO_BACK)
     for heads in as_list(spec.heads):
         parts = str(heads).split("/")
