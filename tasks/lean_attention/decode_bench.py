@@ -97,7 +97,6 @@ def validate(cfg: DictConfig) -> None:
     names = checks.choices("decode.providers", spec.providers, [*SCHEDULES, *SDPA_BACKENDS])
     if "fa2" not in names:
         raise ConfigError(f"decode.providers={names} must include 'fa2', the baseline of every speedup")
-    checks.axis("decode.heads", spec.heads)
     checks.choice("decode.dtype", spec.dtype, DTYPES)
     for key in ("context", "batch"):
         checks.numbers(f"decode.{key}", spec[key], at_least=1)
@@ -107,11 +106,14 @@ def validate(cfg: DictConfig) -> None:
     for key in ("warmup_ms", "rep_ms"):
         checks.number(f"decode.{key}", spec[key], integer=False, at_least=1e-3, finite=True)
     timings = checks.choices("decode.timing", spec.timing, BACK_TO_BACK)
-    for heads in as_list(spec.heads):
+    pairs = []
+    for heads in checks.axis("decode.heads", spec.heads):
         parts = str(heads).split("/")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) or int(parts[0]) % int(parts[1]):
             raise ConfigError(f"decode.heads={heads!r} must be 'query heads/KV heads', two positive integers, the "
                               "first a multiple of the second (e.g. '32/8')")
+        pairs.append(f"{int(parts[0])}/{int(parts[1])}")
+    checks.axis("decode.heads", pairs)  # as numbers: '32/08' is '32/8'
     grid(spec, timings[0])
 
 
