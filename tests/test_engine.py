@@ -122,6 +122,8 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=lean_decode decode.dtype=float32", ["decode.dtype='float32' is not one of ['float16', 'bfloat16']"]),
     ("task=scissorhands_kv decode.dtype=[float16]", ["decode.dtype=['float16'] must be one value"]),
     ("task=lean_decode decode.heads=[32/8,32/08]", ["decode.heads names '32/8' more than once"]),
+    ("task=lean_decode decode.timing=[graph,eager] scale.device=cpu",  # were eager rows labelled mode=graph
+     ["decode.timing=['graph', 'eager'] names graph", "use decode.timing=[eager] there"]),
     ("task=lean_decode decode.rep_ms=inf", ["decode.rep_ms=inf must be a finite number >= 0.001"]),  # hung
     ("task=lean_decode decode.warmup_ms=nan", ["decode.warmup_ms=nan must be a finite number >= 0.001"]),
     ("task=compress_then_prompt compression.levels=sparsegpt_2_4 compression.catalog.sparsegpt_2_4.n_m=[2.5,4]",

@@ -25,7 +25,7 @@ from effrepro_kernels.decode_attention import SCHEDULES
 from repro import checks
 from repro.bench import Call, Point, Provider, copy_bandwidth, run_benchmark
 from repro.checks import as_list
-from repro.context import ConfigError, RunContext
+from repro.context import ConfigError, RunContext, resolve_device
 from repro.records import Row
 from repro.timing import BACK_TO_BACK
 from tasks.common.sdpa import SDPA_BACKENDS, first_call, sdpa
@@ -106,6 +106,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("warmup_ms", "rep_ms"):
         checks.number(f"decode.{key}", spec[key], integer=False, at_least=1e-3, finite=True)
     timings = checks.choices("decode.timing", spec.timing, BACK_TO_BACK)
+    device = resolve_device(cfg.scale)
+    if "graph" in timings and device.type != "cuda":  # measure would time such rows from Python, labelled graph
+        raise ConfigError(f"decode.timing={timings} names graph, replays of CUDA graphs, which the {device.type} "
+                          "has none of: use decode.timing=[eager] there (as scale=smoke does)")
     pairs = []
     for heads in checks.axis("decode.heads", spec.heads):
         parts = str(heads).split("/")
