@@ -187,9 +187,15 @@ def run_benchmark(points: Iterable[Point], providers: Sequence[Provider], device
 
 def copy_bandwidth(device: torch.device, size_bytes: int, warmup_ms: float = 25, rep_ms: float = 100) -> Row:
     """A device-to-device copy of `size_bytes`, counting bytes read and written: the bandwidth a memory-bound
-    kernel can hope for, measured in the same run as it."""
-    src = torch.randn(size_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    kernel can hope for, measured in the same run as it. A copy that cannot run (out of memory beside what the
+    device already holds) is a row of that status, its p50 None: the points are measured all the same."""
+    try:
+        src = torch.randn(size_bytes // 4, device=device)
+        dst = torch.empty_like(src)
+        t = measure(lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    except Exception as exc:  # noqa: BLE001 - the reference must not end the run before its first point
+        status, message = status_of(exc)
+        return Row("device_copy", "bytes", size_bytes, "copy_bandwidth", "GB/s", status=status, message=message,
+                   extra={"reference": True})
     return Row("device_copy", "bytes", size_bytes, "copy_bandwidth", "GB/s", *t.rates(2 * size_bytes / 1e9), t.n,
                extra={"clock": t.clock, "reference": True})

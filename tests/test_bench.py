@@ -338,3 +338,23 @@ def test_decode_bench_rotates_the_kv_copies_and_divides_bandwidth_by_the_same_ru
     fraction = rows[2]
     assert (fraction.p50, fraction.p20, fraction.p80) == (0.75, 0.7, 0.8) and fraction.extra == {"mode": "eager"}
     assert asked["compare_to"] == ["fa2", "split"] and asked["back_to_back"] == "eager"
+
+
+def test_a_copy_bandwidth_out_of_memory_is_a_row_and_the_decode_points_run_without_fractions(compose, monkeypatch):
+    """The 2 x 4 GiB reference copy runs before any point: out of memory there ended the run."""
+    import repro.bench
+    from repro.records import Row
+    from tasks.lean_attention import decode_bench
+
+    def full(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+    monkeypatch.setattr(repro.bench, "measure", full)
+    copy = repro.bench.copy_bandwidth(torch.device("cpu"), 1 << 20)
+    assert (copy.status, copy.p50, copy.extra["reference"]) == ("oom", None, True) and "4.00 GiB" in copy.message
+
+    monkeypatch.setattr(decode_bench, "copy_bandwidth", lambda device, size: copy)
+    monkeypatch.setattr(decode_bench, "run_benchmark", lambda *args, **kwargs: iter(
+        [Row("lean", "context", 4096, "bandwidth", "GB/s", 1500.0, 1400.0, 1600.0, 5)]))
+    rows = list(decode_bench.run(compose("task=lean_decode"), SimpleNamespace(device=torch.device("cpu"))))
+    assert [(r.provider, r.metric, r.status) for r in rows] == [("device_copy", "copy_bandwidth", "oom"),
+                                                                ("lean", "bandwidth", "ok")]

@@ -427,6 +427,19 @@ def test_a_part_that_fails_becomes_a_row_and_the_run_goes_on():
     assert failed.status == "error" and "KeyError" in failed.message
 
 
+def test_quantize_rows_go_on_without_fractions_where_the_copy_could_not_run(compose, monkeypatch):
+    from types import SimpleNamespace
+
+    from tasks.scissorhands import bench
+
+    copy = Row("device_copy", "bytes", 1 << 20, "copy_bandwidth", "GB/s", status="oom", extra={"reference": True})
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *args: copy)
+    monkeypatch.setattr(bench, "quantize_kv", lambda x, *args: x[..., :1])  # stands for the kernel: no Triton needed
+    cfg = compose("task=scissorhands_kv")
+    rows = list(bench.quantize_rows(cfg.decode, cfg.kv, SimpleNamespace(device=torch.device("cpu")), 0))
+    assert rows[0] is copy and len(rows) > 1 and {r.metric for r in rows[1:]} == {"bandwidth"}
+
+
 def test_the_smallest_cache_that_keeps_the_perplexity_is_the_full_one_where_no_compression_does():
     def ppl(provider, x, value):
         return Row(provider, "kv_compression", x, "perplexity", "ppl", value)

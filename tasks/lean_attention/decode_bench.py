@@ -134,7 +134,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
         for row in run_benchmark(grid(spec, timing), providers, ctx.device, warmup_ms=spec.warmup_ms,
                                  rep_ms=spec.rep_ms, compare_to=compare_to, back_to_back=timing):
             yield row
-            if row.metric == "bandwidth":
+            if row.metric == "bandwidth" and copy.status == "ok":
                 fraction = lambda x: x / copy.p50  # noqa: E731
                 yield Row(row.provider, row.x_name, row.x_value, "bandwidth_fraction", "x", fraction(row.p50),
                           fraction(row.p20), fraction(row.p80), row.n, extra=dict(row.extra))

@@ -341,8 +341,9 @@ def quantize_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: int) 
             extra = {**shape.extra(), "kv_bits": bits, "axis": axis, "group_size": kv.group_size, "clock": t.clock}
             bandwidth = t.rates(moved / 1e9)
             yield Row(provider, "context", context, "bandwidth", "GB/s", *bandwidth, t.n, extra=extra)
-            yield Row(provider, "context", context, "bandwidth_fraction", "x", *(b / copy.p50 for b in bandwidth),
-                      t.n, extra={**extra, "baseline": "device_copy"})
+            if copy.status == "ok":
+                yield Row(provider, "context", context, "bandwidth_fraction", "x", *(b / copy.p50 for b in bandwidth),
+                          t.n, extra={**extra, "baseline": "device_copy"})
 
 
 def rows(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
