@@ -4,6 +4,7 @@ against the baseline's on the same inputs, measures memory, derives TFLOP/s, ban
 baseline, and records what could not run instead of stopping."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -59,6 +60,9 @@ class Call:
     result: Callable[[], torch.Tensor] | None = None
     # the share of the point's flops this provider does (a block-sparse kernel skips the blocks it masks out)
     flops_fraction: float = 1.0
+    # entered once around the result, the timed calls and the peak memory: what a caller sets once, not per
+    # call (SDPA's backend), so that no timed call pays for setting it
+    context: AbstractContextManager = field(default_factory=nullcontext)
 
 
 @dataclass(frozen=True)
@@ -92,23 +96,24 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
         if provider.needs_triton:
             require_triton(provider.name, device)
         call = provider.build(point)
-        if call.result is not None:
-            result = call.result()
-            if provider.baseline:
-                # in host memory, without its autograd graph (a forward's N x N scores): on the device it would
-                # count in the peak memory of every provider measured after it (three inputs' worth of gradients
-                # in a backward), the baseline's own included
-                reference["result"] = result.detach().cpu()
-            elif "result" in reference:
-                error = _relative_error(result, reference["result"])
-            else:  # the baseline could not run here (out of memory at a long length): nothing to check against
-                unchecked = True
-            result = None
-        timing = measure(call.fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=call.grad_to_none,
-                         back_to_back=back_to_back)
-        for tensor in call.grad_to_none:  # a step's peak from no gradients, not on top of the last timed call's
-            tensor.grad = None
-        memory = peak_memory_mb(call.fn, device)
+        with call.context:
+            if call.result is not None:
+                result = call.result()
+                if provider.baseline:
+                    # in host memory, without its autograd graph (a forward's N x N scores): on the device it would
+                    # count in the peak memory of every provider measured after it (three inputs' worth of
+                    # gradients in a backward), the baseline's own included
+                    reference["result"] = result.detach().cpu()
+                elif "result" in reference:
+                    error = _relative_error(result, reference["result"])
+                else:  # the baseline could not run here (out of memory at a long length): nothing to check against
+                    unchecked = True
+                result = None
+            timing = measure(call.fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=call.grad_to_none,
+                             back_to_back=back_to_back)
+            for tensor in call.grad_to_none:  # a step's peak from no gradients, not on top of the last timed call's
+                tensor.grad = None
+            memory = peak_memory_mb(call.fn, device)
         fraction = call.flops_fraction
     except Exception as exc:  # noqa: BLE001 - one broken point must not end the sweep
         failed = True

@@ -358,3 +358,44 @@ def test_a_copy_bandwidth_out_of_memory_is_a_row_and_the_decode_points_run_witho
     rows = list(decode_bench.run(compose("task=lean_decode"), SimpleNamespace(device=torch.device("cpu"))))
     assert [(r.provider, r.metric, r.status) for r in rows] == [("device_copy", "copy_bandwidth", "oom"),
                                                                 ("lean", "bandwidth", "ok")]
+
+
+def test_a_calls_context_is_entered_once_around_its_result_and_every_timed_call():
+    from contextlib import contextmanager
+
+    from repro.timing import MIN_CALLS
+
+    state, seen = {"on": False, "entered": 0}, []
+
+    @contextmanager
+    def backend():
+        state.update(on=True, entered=state["entered"] + 1)
+        try:
+            yield
+        finally:
+            state["on"] = False
+
+    def build(point):
+        return Call(lambda: seen.append(state["on"]), result=lambda: seen.append(state["on"]) or torch.ones(1),
+                    context=backend())
+    run([Provider("base", build, baseline=True)])
+    assert state == {"on": False, "entered": 1} and len(seen) > MIN_CALLS and all(seen)
+
+
+def test_decode_bench_sdpa_sets_its_backend_once_per_point_not_in_every_timed_call(monkeypatch):
+    """A decode loop sets SDPA's backend once; entering sdpa_kernel in each call (six global flags set and
+    restored) cost about twice the call's own host time on a CPU."""
+    import torch.nn.attention as attention
+
+    from repro.timing import MIN_CALLS
+    from tasks.lean_attention import decode_bench
+
+    flag_sets, real = [], attention._sdpa_kernel
+    monkeypatch.setattr(attention, "_sdpa_kernel", lambda *args: flag_sets.append(args) or real(*args))
+    point = Point("context", 64, dict(batch=2, heads="4/2", head_dim=16, dtype="float16"), bytes=8192)
+    ctx = SimpleNamespace(device=torch.device("cpu"))
+    rows = run([Provider("fa2", lambda p: Call(lambda: None), baseline=True),
+                decode_bench.sdpa_provider("sdpa_math", ctx, 0, rotate_bytes=1)], [point])
+    (timed,) = [r for r in rows if r.provider == "sdpa_math" and r.metric == "time"]
+    assert timed.status == "ok" and timed.n >= MIN_CALLS
+    assert len(flag_sets) == 4  # set and restored twice: the first call, which may decline; then the measurement
