@@ -63,6 +63,8 @@ class Call:
     # entered once around the result, the timed calls and the peak memory: what a caller sets once, not per
     # call (SDPA's backend), so that no timed call pays for setting it
     context: AbstractContextManager = field(default_factory=nullcontext)
+    # calls after which `fn`'s inputs repeat, where it rotates through copies of them (see `measure`)
+    cycle: int = 1
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
                     unchecked = True
                 result = None
             timing = measure(call.fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=call.grad_to_none,
-                             back_to_back=back_to_back)
+                             back_to_back=back_to_back, cycle=call.cycle)
             for tensor in call.grad_to_none:  # a step's peak from no gradients, not on top of the last timed call's
                 tensor.grad = None
             memory = peak_memory_mb(call.fn, device)

@@ -72,19 +72,21 @@ def measure(
     grad_to_none: Sequence[torch.Tensor] | None = None,
     back_to_back: str | None = None,
     streams: Sequence = (),
+    cycle: int = 1,
 ) -> Timing:
     """Time `fn`. On a GPU: `triton.testing.do_bench`, which warms up, flushes L2 before every call and
     times each call with CUDA events; or, with `back_to_back`, `_loop_times` (see there): "graph" replays
     calls from a CUDA graph (the kernels' own time), "eager" issues them from Python (what an eager loop sees,
-    the host's launch cost included where it exceeds the kernels'). Work `fn` issues on side `streams` is
-    joined into each timed call. On a CPU: perf_counter around each call, after a warm-up (streams do not
-    exist there)."""
+    the host's launch cost included where it exceeds the kernels'); `cycle`: the calls after which `fn`'s inputs
+    repeat, where it rotates through copies of them. Work `fn` issues on side `streams` is joined into each timed
+    call. On a CPU: perf_counter around each call, after a warm-up (streams do not exist there)."""
     if back_to_back is not None and back_to_back not in BACK_TO_BACK:
         raise ValueError(f"back_to_back={back_to_back!r} is not one of {[None, *BACK_TO_BACK]}")
     if device.type == "cuda":
         fn = joined(fn, streams)
     if device.type == "cuda" and back_to_back:
-        return _summarise(_loop_times(fn, warmup_ms, rep_ms, back_to_back == "graph"), BACK_TO_BACK[back_to_back])
+        return _summarise(_loop_times(fn, warmup_ms, rep_ms, back_to_back == "graph", cycle),
+                          BACK_TO_BACK[back_to_back])
     if device.type == "cuda":
         import triton.testing
 
@@ -148,7 +150,16 @@ def measure_steps_in_turn(sequences: Mapping[str, tuple[Callable[[int], object],
     return {name: _summarise([a.elapsed_time(b) for a, b in pairs], CLOCK_GPU) for name, pairs in events.items()}
 
 
-def _loop_times(fn: Callable[[], object], warmup_ms: float, rep_ms: float, graph: bool) -> list[float]:
+def calls_per_loop(per_call_ms: float, cycle: int, graph: bool) -> int:
+    """About 1 ms of calls, 1 to 1,000; from a graph, a whole number of `cycle`s. A graph replays the calls its
+    capture made, on the inputs they read: capturing fewer calls than the copies `fn` rotates through would read
+    the same few copies in every replay, from L2 (issued from Python, the calls go on through the copies from one
+    loop to the next)."""
+    calls = max(1, min(1000, round(1.0 / per_call_ms)))
+    return -(-calls // cycle) * cycle if graph else calls
+
+
+def _loop_times(fn: Callable[[], object], warmup_ms: float, rep_ms: float, graph: bool, cycle: int) -> list[float]:
     """Milliseconds per call of `fn` in loops of back-to-back calls, about 1 ms of work each, one sample per
     loop: replayed from a CUDA graph (`graph`), or issued from Python.
 
@@ -165,7 +176,7 @@ def _loop_times(fn: Callable[[], object], warmup_ms: float, rep_ms: float, graph
     end.record()
     torch.cuda.synchronize()
     per_call = max(start.elapsed_time(end) / 5, 1e-4)
-    calls = max(1, min(1000, round(1.0 / per_call)))
+    calls = calls_per_loop(per_call, cycle, graph)
     if graph:
         captured = torch.cuda.CUDAGraph()
         with torch.cuda.graph(captured):

@@ -321,6 +321,7 @@ def test_decode_bench_rotates_the_kv_copies_and_divides_bandwidth_by_the_same_ru
     for _ in range(5):
         call.fn()
     assert [next(i for i, c in enumerate(copies) if c[1] is k) for k in seen] == [0, 1, 2, 3, 0]
+    assert call.cycle == 4  # a graph captures every copy
 
     cfg = compose("task=lean_decode", "decode.timing=[eager]")
     copy = Row("copy", "bytes", 1, "bandwidth", "GB/s", 2000.0, 1900.0, 2100.0, 5)
@@ -399,3 +400,29 @@ def test_decode_bench_sdpa_sets_its_backend_once_per_point_not_in_every_timed_ca
     (timed,) = [r for r in rows if r.provider == "sdpa_math" and r.metric == "time"]
     assert timed.status == "ok" and timed.n >= MIN_CALLS
     assert len(flag_sets) == 4  # set and restored twice: the first call, which may decline; then the measurement
+
+
+def test_a_graph_captures_a_whole_number_of_cycles_of_a_calls_rotated_inputs():
+    from repro.timing import calls_per_loop
+    assert calls_per_loop(0.25, 1, graph=True) == calls_per_loop(0.25, 7, graph=False) == 4  # about 1 ms
+    assert calls_per_loop(0.25, 7, graph=True) == 7  # were 4: replays read 4 of the 7 copies
+    assert calls_per_loop(0.001, 7, graph=True) == 1001 and calls_per_loop(0.001, 7, graph=False) == 1000
+    assert calls_per_loop(0.004, 300, graph=True) == 300 and calls_per_loop(0.4, 300, graph=True) == 300
+
+
+@gpu
+def test_gpu_a_graph_replays_every_copy_a_call_rotates_through():
+    import itertools
+
+    copies = [torch.randn(256, device="cuda") for _ in range(1500)]  # more than a loop's 1,000 calls
+    turn, captured = itertools.cycle(copies), []
+
+    def call():
+        x = next(turn)
+        if torch.cuda.is_current_stream_capturing():
+            captured.append(id(x))
+        return x.sum()
+    rows = list(run_benchmark([Point("n", 1, {})], [Provider("base", lambda p: Call(call, cycle=len(copies)),
+                                                             baseline=True)],
+                              torch.device("cuda"), warmup_ms=1, rep_ms=5, progress=False, back_to_back="graph"))
+    assert rows[0].status == "ok" and len(captured) == len(copies) and set(captured) == {id(c) for c in copies}

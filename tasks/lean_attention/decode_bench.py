@@ -70,7 +70,7 @@ def rotating(copies: list, fn) -> Call:
     """A call that applies `fn` to the next copy each time; its result, checked against the baseline's, is
     `fn` on the first copy (every provider draws the same copies)."""
     turn = itertools.cycle(copies)
-    return Call(lambda: fn(*next(turn)), result=lambda: fn(*copies[0]))
+    return Call(lambda: fn(*next(turn)), result=lambda: fn(*copies[0]), cycle=len(copies))
 
 
 def ours(kind: str, ctx: RunContext, seed: int, rotate_bytes: int) -> Provider:

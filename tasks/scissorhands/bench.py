@@ -215,7 +215,7 @@ def attention_provider(kind: CacheKind, shape: Shape, schedule_kind: str, ctx: R
             def attend(q, k, v):
                 return decode_attention_quantized(q, k, v, schedule=schedule, **returns)
         turn = itertools.cycle(copies)
-        return Call(lambda: attend(*next(turn)))
+        return Call(lambda: attend(*next(turn)), cycle=len(copies))
     return Provider(kind.name, build, baseline=kind == CacheKind(1, 16), needs_triton=True)
 
 
