@@ -8,6 +8,11 @@ does (the launch cost included wherever it exceeds the kernels'). L2 is never fl
 call reads the next of several copies of the KV cache, together at least `decode.rotate_bytes`: no call
 finds its K and V in L2. Peak memory therefore counts all the copies.
 
+The rows of our kernel (fa2, split, lean) assume a prepared schedule: each point makes its schedule once
+(`make_schedule`), untimed, and every call reuses it, as a model's layers can at one step's lengths. In
+generation the lengths grow each step and a schedule made for other lengths is refused, so a step makes a new
+one: what that costs (host work, and reading the lengths back from the device) is in no row, eager or graph.
+
 `bandwidth_fraction` is a provider's KV bytes read per second over the copy's bytes read and written per second.
 It can exceed 1: reading alone can go faster than a copy's mix of reads and writes (358 of the 960 rows of the
 H200 record 20261205T223749 are above 1, up to 1.11), so it is a yardstick, not a ceiling."""
