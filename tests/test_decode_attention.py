@@ -25,6 +25,10 @@ def check(b, hq, hkv, lengths, d, dtype, schedule, max_len=None):
     # slots past a sequence's length hold NaN, as an unused part of a preallocated cache may: never read
     past = torch.arange(max_len, device=DEVICE) >= torch.tensor(lengths, device=DEVICE)[:, None, None, None]
     k_held, v_held = (x.masked_fill(past.transpose(-1, -2), float("nan")) for x in (k, v))
+    if schedule == "split":  # FlashDecoding's own count is one chunk at most of these lengths on 8 CPU "SMs"
+        schedule = make_schedule("split", lengths, hkv, num_splits=3, block_n=16, head_dim=d, dtype=dtype,
+                                 device=DEVICE)
+        assert schedule.max_pieces == 3  # the longest head in three pieces, merged
     lengths = torch.tensor(lengths, device=DEVICE)
     out, lse, got_scores = decode_attention(q, k_held, v_held, lengths, schedule=schedule, return_lse=True,
                                             return_scores=True)
