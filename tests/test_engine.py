@@ -520,6 +520,18 @@ def test_a_run_whose_only_success_is_its_reference_measured_nothing(tmp_path, mo
     assert code == 1 and record(tmp_path)["status"] == "error" and "points failed" in err, err[-2000:]
 
 
+def test_lean_decode_smoke_checks_every_provider_against_fa2_in_the_interpreter(tmp_path):
+    """The smoke scale with our kernels running (in the interpreter on a CPU): split (in two pieces at 333 keys),
+    lean and SDPA's math backend each agree with fa2, the baseline, at every point."""
+    code, _, err = run_inline("task=lean_decode", "logger=none", f"scale.device={DEVICE}", f"hydra.run.dir={tmp_path}")
+    assert code == 0, err[-2000:]
+    rows = record(tmp_path)["rows"]
+    errors = {(r["provider"], r["x_value"], r["extra"]["heads"]): r for r in rows if r["metric"] == "rel_error"}
+    assert sorted(errors) == sorted((p, n, h) for p in ("split", "lean", "sdpa_math") for n in (100, 333)
+                                    for h in ("4/4", "4/2"))
+    assert all(r["status"] == "ok" and r["p50"] < 1e-2 and r["extra"]["matches_baseline"] for r in errors.values())
+
+
 def test_rerunning_a_finished_training_run_measures_afresh(tmp_path):
     args = ("task=flash_gpt2", "logger=none", "attention=[eager]", "train.steps=3", f"checkpoint.dir={tmp_path}/ckpt")
     assert run_inline(*args, f"hydra.run.dir={tmp_path}/a")[0] == 0
