@@ -121,6 +121,15 @@ def test_the_gpt2_it_trains_compiles_as_one_graph_with_our_attention(monkeypatch
     compiled(input_ids=ids).last_hidden_state.square().mean().backward()
 
 
+def test_a_misspelt_compile_backend_is_refused_before_any_implementation_trains(refusal, compose):
+    from tasks.flashattention.train_lm import validate
+
+    error = refusal("task=flash_gpt2", "scale=smoke", "attention=[sdpa,sdpa+compile]", "compile.backend=inductr")
+    assert "compile.backend='inductr'" in error and "'inductor'" in error and "'aot_eager'" in error
+    validate(compose("task=flash_gpt2", "scale=smoke", "attention=[sdpa+compile]", "compile.backend=aot_eager"))
+    validate(compose("task=flash_gpt2", "scale=smoke", "attention=[sdpa]", "compile.backend=inductr"))  # unused
+
+
 def test_packed_is_our_attention_alone_on_gpt2(compose):
     from tasks.flashattention.train_lm import validate
 

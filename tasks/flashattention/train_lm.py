@@ -189,6 +189,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"attention={name!r}: +packed is our attention on packed q, k, v, for {OURS!r} "
                               f"alone (+fused has it already)")
     choice("compile.mode", cfg.compile.mode, COMPILE_MODES)
+    if any("compile" in parse_implementation(name)[1] for name in as_list(cfg.attention)):
+        _validate_compile_backend(cfg.compile.backend)
     checks.numbers("model.seq_len", m.seq_len, at_least=2)
     if m.positions is not None:
         checks.number("model.positions", m.positions, at_least=2)
@@ -207,6 +209,15 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"batch.tokens={cfg.batch.tokens} is not a multiple of model.seq_len={seq_len}, so "
                               f"a step would take {cfg.batch.tokens // seq_len * seq_len} tokens at this length; "
                               f"use a multiple of every length ({math.lcm(*lengths)})")
+
+
+def _validate_compile_backend(backend) -> None:
+    """torch.compile takes the backend's name only when the model is compiled, after the implementations before
+    it have trained: a misspelt one is refused here instead. exclude_tags=(): the debug and experimental backends
+    (eager, aot_eager) compile too."""
+    import torch._dynamo
+
+    choice("compile.backend", backend, torch._dynamo.list_backends(exclude_tags=()))
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
