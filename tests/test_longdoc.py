@@ -190,6 +190,8 @@ def test_mimic_reads_local_json_lines_with_the_training_codes_as_labels(tmp_path
     (["longdoc.seeds=[3,3]"], ["longdoc.seeds names 3 more than once"]),
     (["longdoc.attention=[flash9]"], ["flash9", "effrepro"]),
     (["train.grad_accum=4"], ["train.grad_accum=4", "longdoc.batch"]),
+    # without our kernel among the implementations too (transformers refused it only when building the model)
+    (["longdoc.model.heads=3"], ["longdoc.model.hidden=32", "longdoc.model.heads=3"]),
 ])
 def test_bad_input_is_named(refusal, overrides, expected):
     error = refusal(*SMOKE, *overrides)

@@ -381,8 +381,11 @@ def _validate_model(spec: DictConfig, datasets: list[str]) -> None:
                           f"pretrained model's table is its checkpoint's")
     if model.positions is not None:
         checks.number("longdoc.model.positions", model.positions, at_least=1)
+    if not model.pretrained and model.hidden % model.heads:
+        raise ConfigError(f"longdoc.model.hidden={model.hidden} is not a multiple of longdoc.model.heads="
+                          f"{model.heads}: each head takes an equal share of the width")
     if OURS in as_list(spec.attention) + as_list(spec.timed) and not model.pretrained and \
-            not (model.hidden % model.heads == 0 and MIN_HEAD_DIM <= model.hidden // model.heads <= MAX_HEAD_DIM):
+            not MIN_HEAD_DIM <= model.hidden // model.heads <= MAX_HEAD_DIM:
         raise ConfigError(f"longdoc.model.hidden={model.hidden} over heads={model.heads} must give heads of "
                           f"{MIN_HEAD_DIM} to {MAX_HEAD_DIM} dimensions for {OURS}")
     table = _pretrained_positions(model.pretrained) if model.pretrained else _positions(spec)
