@@ -7,6 +7,7 @@ import torch
 
 from conftest import DEVICE, gpu
 from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
+from repro.context import ConfigError
 from repro.timing import measure
 
 
@@ -168,6 +169,26 @@ def test_a_sweep_run_with_a_mask_or_dropout_is_a_series_of_its_own():
                                                                 "sweep d=64 causal padded dropout 0.1"]
     kernel.dropout, kernel.padding_mask = 0.0, False
     assert "sweep d=64 causal" in {p.extra["series"] for p in grid(kernel)}
+
+
+def test_a_batch_or_head_count_that_would_round_down_is_refused():
+    """hidden 2048 in heads of 96 would be 21 heads (2016 wide); 16384 tokens in sequences of 3000, 5 of them."""
+    from omegaconf import OmegaConf
+
+    from tasks.flashattention.kernel_bench import grid
+
+    kernel = OmegaConf.create(dict(seq_len=[512, 32768], head_dim=[64, 128], causal=[False], mode=["fwd"],
+                                   tokens=16384, hidden=2048, batch=None, heads=None, dtype="float16", dropout=0.0,
+                                   padding_mask=False, settings={"odd": {"head_dim": 96, "heads": 8}}))
+    points = grid(kernel)  # a length beyond tokens runs one sequence; a setting's own heads need no division
+    assert {(p.x_value, p.extra["batch"]) for p in points} == {(512, 32), (32768, 1)}
+    assert {p.extra["heads"] for p in points if p.extra["setting"] == "odd"} == {8}
+    with pytest.raises(ConfigError, match=r"kernel.hidden=2048 is not a multiple of kernel.head_dim=96: .* 21, "
+                                          r"2016 wide; .* or set kernel.heads"):
+        grid(OmegaConf.merge(kernel, {"head_dim": [64, 96]}))
+    with pytest.raises(ConfigError, match=r"kernel.tokens=16384 is not a multiple of kernel.settings.mid.seq_len="
+                                          r"3000: .* 5 sequences, 15000 tokens"):
+        grid(OmegaConf.merge(kernel, {"settings": {"mid": {"seq_len": [3000]}}}))
 
 
 @pytest.mark.parametrize("n_q, n_k, causal, density", [(256, 384, False, 0.5), (384, 384, True, 0.5),

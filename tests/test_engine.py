@@ -435,7 +435,7 @@ def test_our_kernels_run_through_the_interpreter_and_match_the_baseline(tmp_path
         pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
     code, _, err = run_inline("logger=none", f"scale.device={DEVICE}", f"hydra.run.dir={tmp_path}",
                               "kernel.providers=[standard,effrepro,effrepro_sparse,effrepro_gluon,effrepro_auto]",
-                              "kernel.sparse_densities=[0.5]", "kernel.tokens=64", "kernel.hidden=64", *KERNEL[1:])
+                              "kernel.sparse_densities=[0.5]", "kernel.tokens=48", "kernel.hidden=64", *KERNEL[1:])
     assert code == 0, err
     rows = record(tmp_path)["rows"]
     if DEVICE == "cpu":  # the Gluon path runs on Hopper GPUs only: a row that says so, and the run goes on

@@ -62,19 +62,40 @@ def grid(kernel: DictConfig) -> list[Point]:
         checks.flag(key("causal"), spec["causal"], many=True)
         checks.flag(key("padding_mask"), spec["padding_mask"])
         axes = [checks.axis(key(k), spec[k]) for k in GRID_KEYS]
+        _check_divides(spec, seq_lens=axes[0], head_dims=axes[1], key=key)
         # a mask or dropout the setting takes from kernel.* (not its own) is named, so that such a run is plotted
         # beside the plain one, not in its place
         variant = (" padded" if spec["padding_mask"] and "padding_mask" not in overrides else "") + \
             (f" dropout {spec['dropout']:g}" if spec["dropout"] and "dropout" not in overrides else "")
         for seq_len, head_dim, causal, mode in itertools.product(*axes):
             batch = spec["batch"] or max(1, spec["tokens"] // seq_len)
-            heads = spec["heads"] or max(1, spec["hidden"] // head_dim)
+            heads = spec["heads"] or spec["hidden"] // head_dim
             extra = dict(setting=name, mode=mode, causal=bool(causal), head_dim=head_dim, batch=batch, heads=heads,
                          dtype=spec["dtype"], dropout=spec["dropout"], padding_mask=bool(spec["padding_mask"]),
                          series=f"{name} d={head_dim}" + (" causal" if causal else "") + variant)
             points.append(Point("seq_len", seq_len, extra,
                                 flops=attention_flops(batch, heads, seq_len, head_dim, causal, mode)))
     return points
+
+
+def _check_divides(spec: dict, seq_lens: list, head_dims: list, key: Callable[[str], str]) -> None:
+    """batch = tokens / seq_len and heads = hidden / head_dim, where not given, must come out whole: rounded
+    down, a point would measure fewer tokens or a narrower model than asked (hidden 2048 in heads of 96 is 21
+    heads, 2016 wide). A length beyond `tokens` runs one sequence, as the `long` setting's do."""
+    if spec["batch"] is None:
+        for seq_len in seq_lens:
+            if seq_len < spec["tokens"] and spec["tokens"] % seq_len:
+                raise ConfigError(f"{key('tokens')}={spec['tokens']} is not a multiple of {key('seq_len')}={seq_len}: "
+                                  f"batch = tokens / seq_len would be {spec['tokens'] // seq_len} sequences, "
+                                  f"{spec['tokens'] // seq_len * seq_len} tokens; give tokens that every length "
+                                  f"up to it divides, or set {key('batch')}")
+    if spec["heads"] is None:
+        for head_dim in head_dims:
+            if spec["hidden"] % head_dim:
+                raise ConfigError(f"{key('hidden')}={spec['hidden']} is not a multiple of {key('head_dim')}="
+                                  f"{head_dim}: heads = hidden / head_dim would be {spec['hidden'] // head_dim}, "
+                                  f"{spec['hidden'] // head_dim * head_dim} wide; give a width that every head_dim "
+                                  f"divides, or set {key('heads')}")
 
 
 def sdpa_attention(name: str) -> AttentionFn:
