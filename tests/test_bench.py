@@ -214,6 +214,52 @@ def test_flex_attention_on_a_points_block_mask_computes_what_flash_attn_does(n_q
     torch.testing.assert_close(ours, flex, rtol=1e-2, atol=1e-2)  # tf32 products on a GPU
 
 
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_flash_kernel_checks_block_sparse_providers_under_their_mask_and_dropout_points_without_dropout(mode):
+    """A block-sparse provider against standard attention under its block mask (computing the dense function is
+    wrong); at a point with dropout, every provider's output (or gradients) with dropout off, as implementations
+    draw their own dropout masks."""
+    from omegaconf import OmegaConf
+
+    from tasks.flashattention import kernel_bench as kb
+
+    kernel = OmegaConf.create(dict(seq_len=[200], head_dim=[16], causal=[True], mode=[mode], tokens=400, hidden=32,
+                                   batch=None, heads=None, dtype="float32", dropout=0.1, padding_mask=True))
+    ctx, checks = SimpleNamespace(device=torch.device("cpu")), {}
+    providers = [kb.provider("standard", kb.standard, ctx, 0, checks),
+                 kb.provider("sdpa_math", kb.sdpa_attention("sdpa_math"), ctx, 0, checks),
+                 kb.provider("masked_sparse", kb.masked_standard(0.5), ctx, 0, checks, density=0.5),
+                 kb.provider("dense_as_sparse", kb.standard, ctx, 0, checks, density=0.5)]
+    rows = list(kb.with_sparse_checks(run(providers, kb.grid(kernel)), checks))
+    error = {r.provider: r for r in rows if r.metric == "rel_error"}
+    assert set(error) == {"sdpa_math", "masked_sparse", "dense_as_sparse"}
+    assert error["sdpa_math"].p50 < 1e-5 and error["masked_sparse"].p50 == 0
+    assert error["dense_as_sparse"].p50 > 0.1 and "under the same block mask" in error["dense_as_sparse"].message
+    # the verdict on every row of the provider, its speedups included (the claims leave out a False one)
+    verdicts = {(r.provider, r.extra.get("matches_baseline")) for r in rows if r.provider != "standard"}
+    assert verdicts == {("sdpa_math", True), ("masked_sparse", True), ("dense_as_sparse", False)}
+
+
+def test_a_block_sparse_provider_whose_masked_reference_runs_out_of_memory_is_measured_unchecked(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from tasks.flashattention import kernel_bench as kb
+
+    def out_of_memory(density):
+        def attend(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return attend
+    monkeypatch.setattr(kb, "masked_standard", out_of_memory)
+    kernel = OmegaConf.create(dict(seq_len=[200], head_dim=[16], causal=[False], mode=["fwd"], tokens=200, hidden=16,
+                                   batch=None, heads=None, dtype="float32", dropout=0.0, padding_mask=False))
+    ctx, checks = SimpleNamespace(device=torch.device("cpu")), {}
+    providers = [kb.provider("standard", kb.standard, ctx, 0, checks),
+                 kb.provider("sparse", kb.standard, ctx, 0, checks, density=0.5)]
+    rows = [r for r in kb.with_sparse_checks(run(providers, kb.grid(kernel)), checks) if r.provider == "sparse"]
+    assert {r.metric for r in rows} == {"time", "tflops", "speedup"}  # no rel_error; no memory on a CPU
+    assert all(r.status == "ok" and r.extra["matches_baseline"] is None for r in rows)
+
+
 def test_each_provider_is_checked_against_the_baselines_output_on_the_same_inputs():
     x = torch.randn(64, 64, dtype=torch.float64)
 

@@ -10,12 +10,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from effrepro_kernels import BlockSparseLayout, attention_reference, flash_attn, random_block_mask
+from effrepro_kernels import BlockSparseLayout, attention_reference, block_mask_to_dense, flash_attn, random_block_mask
 from repro import checks
-from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
+from repro.bench import TOLERANCE, Call, Point, Provider, Unsupported, run_benchmark
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
+from repro.timing import free_device_memory, is_out_of_memory
 from tasks.common.sdpa import SDPA_BACKENDS, first_call, sdpa
 
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -178,6 +179,17 @@ def ours_sparse(density: float) -> AttentionFn:
     return attend
 
 
+def masked_standard(density: float) -> AttentionFn:
+    """Standard attention under `sparse_block_mask(density)`'s blocks, as a mask of (query, key) pairs: what a
+    block-sparse provider of that density computes."""
+    def attend(q, k, v, *, causal, dropout_p, key_padding_mask):
+        n_q, n_k = q.shape[2], k.shape[2]
+        pairs = block_mask_to_dense(sparse_block_mask(n_q, n_k, density, q.device), n_q, n_k, SPARSE_BLOCK)
+        return attention_reference(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
+                                   attn_mask=pairs)
+    return attend
+
+
 def flex_block_mask(n_q: int, n_k: int, causal: bool, density: float | None, device):
     """FlexAttention's BlockMask for what flash_attn computes: `sparse_block_mask(density)`'s blocks (None:
     dense), causality aligned bottom-right as in flash_attn; None where nothing is masked."""
@@ -236,28 +248,38 @@ def make_inputs(point: Point, device: torch.device, seed: int):
     return q, k, v, mask
 
 
-def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, density: float | None = None) -> Provider:
-    """`attend` timed in the point's mode. Exact providers (all but block-sparse) without dropout are checked
-    against the baseline: their output, or their gradients in the backward modes."""
-    exact = density is None
+def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, sparse_checks: dict,
+             density: float | None = None) -> Provider:
+    """`attend` timed in the point's mode, and checked on the point's inputs without dropout (each implementation
+    draws its own dropout mask): its output, or its gradients in the backward modes. The harness compares a
+    dense provider's with the baseline's; a block-sparse one (`density`) is compared here with standard attention
+    under the same block mask, its relative error kept in `sparse_checks` for `run` to report."""
 
     def build(point: Point) -> Call:
         q, k, v, mask = make_inputs(point, ctx.device, seed)
         e = point.extra
-        run = lambda: attend(q, k, v, causal=e["causal"], dropout_p=e["dropout"], key_padding_mask=mask)  # noqa: E731
+
+        def call(fn, dropout_p):
+            return fn(q, k, v, causal=e["causal"], dropout_p=dropout_p, key_padding_mask=mask)
+        run = functools.partial(call, attend, e["dropout"])
         out = first_call(name, run, f"dtype={e['dtype']} head_dim={e['head_dim']} mask={e['padding_mask']} "
                                     f"dropout={e['dropout']} on {ctx.device.type}")
         # the same output gradient for every provider, so that their gradients can be compared
         dout = torch.randn(out.shape, device=out.device, dtype=out.dtype,
                            generator=torch.Generator(device=out.device).manual_seed(seed + 1))
 
-        def gradients():
+        def computed(fn=attend):
+            if e["mode"] == "fwd":
+                return call(fn, 0.0)
             for t in (q, k, v):
                 t.grad = None
-            run().backward(dout)
+            call(fn, 0.0).backward(dout)
             return torch.cat([t.grad.flatten() for t in (q, k, v)])
-        result = None if not exact or e["dropout"] else (run if e["mode"] == "fwd" else gradients)
-        work = 1.0 if exact else sparse_flops_fraction(q.shape[2], k.shape[2], density, e["causal"])
+        work = 1.0
+        if density is not None:
+            sparse_checks[(name, *_point_key(point.x_value, e))] = _sparse_error(computed, density, ctx.device), e
+            work = sparse_flops_fraction(q.shape[2], k.shape[2], density, e["causal"])
+        result = computed if density is None else None
         if e["mode"] == "fwd":
             return Call(run, result=result, flops_fraction=work)
         if e["mode"] == "bwd":
@@ -268,17 +290,58 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, density
     return Provider(name, build, baseline=(name == "standard"), needs_triton=name.startswith(OURS))
 
 
+def _point_key(x_value, extra: dict) -> tuple:
+    """A point among the grid's, from its extra or a row's (which holds it)."""
+    return x_value, extra["series"], extra["mode"]
+
+
+def _sparse_error(computed: Callable, density: float, device) -> float | None:
+    """The relative error of what a block-sparse provider `computed` against what standard attention computes
+    under its block mask; None where that reference runs out of memory (as where the baseline cannot run: not
+    checked)."""
+    got = computed().detach()
+    try:
+        want = computed(masked_standard(density)).detach()
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        free_device_memory(device, True)
+        return None
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+
+
+def with_sparse_checks(rows: Iterator[Row], sparse_checks: dict) -> Iterator[Row]:
+    """The harness's rows with each block-sparse provider's check against its masked reference, as the harness
+    reports a dense one's against the baseline: a rel_error row, and matches_baseline on the provider's rows
+    (None: not checked). The harness yields a point's rows before it builds the next point's providers, so each
+    check is in `sparse_checks` by the time its rows come."""
+    for row in rows:
+        check = sparse_checks.get((row.provider, *_point_key(row.x_value, row.extra)))
+        if check is None or row.status != "ok":
+            yield row
+            continue
+        error, extra = check
+        tolerance = TOLERANCE.get(extra["dtype"], max(TOLERANCE.values()))
+        accurate = None if error is None else error <= tolerance
+        row.extra["matches_baseline"] = accurate
+        yield row
+        if row.metric == "time" and error is not None:
+            yield Row(row.provider, row.x_name, row.x_value, "rel_error", "", error, n=1,
+                      message="" if accurate else f"output differs from standard attention's under the same block "
+                      f"mask by {error:.2g} (tolerance {tolerance:g})", extra={**extra, "matches_baseline": accurate})
+
+
 def dense_providers() -> dict[str, AttentionFn]:
     """Every provider but the block-sparse ones, by name."""
     return {"standard": standard, **{n: sdpa_attention(n) for n in SDPA_BACKENDS}, OURS: ours,
             f"{OURS}_gluon": ours_gluon, f"{OURS}_auto": ours_auto, FLEX: flex(None)}
 
 
-def providers(kernel: DictConfig, ctx: RunContext, seed: int) -> list[Provider]:
+def providers(kernel: DictConfig, ctx: RunContext, seed: int, sparse_checks: dict) -> list[Provider]:
     known = {name: (attend, None) for name, attend in dense_providers().items()}
     for d in as_list(kernel.sparse_densities):
         known.update({f"{OURS}_sparse_{d:g}": (ours_sparse(d), d), f"{FLEX}_sparse_{d:g}": (flex(d), d)})
-    return [provider(n, known[n][0], ctx, seed, density=known[n][1]) for n in provider_names(kernel)]
+    return [provider(n, known[n][0], ctx, seed, sparse_checks, density=known[n][1]) for n in provider_names(kernel)]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -317,5 +380,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     kernel = cfg.kernel
     # block-sparse against our dense kernel too: time should fall in proportion to density
     compare_to = [OURS] if OURS in provider_names(kernel) else []
-    yield from run_benchmark(grid(kernel), providers(kernel, ctx, cfg.seed), ctx.device,
-                             warmup_ms=kernel.warmup_ms, rep_ms=kernel.rep_ms, compare_to=compare_to)
+    sparse_checks = {}
+    rows = run_benchmark(grid(kernel), providers(kernel, ctx, cfg.seed, sparse_checks), ctx.device,
+                         warmup_ms=kernel.warmup_ms, rep_ms=kernel.rep_ms, compare_to=compare_to)
+    yield from with_sparse_checks(rows, sparse_checks)
