@@ -38,10 +38,13 @@ CHECKPOINT_VERSION = 2
 
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al. 2020, MLPerf BERT's optimizer): Adam's step, weight decay included, rescaled for each
-    tensor by the trust ratio ‖w‖ / ‖step‖, so that large batches can take large learning rates."""
+    tensor by the trust ratio ‖w‖ / ‖step‖, so that large batches can take large learning rates. The tensors of a
+    group with trust_ratio=False take Adam's step as it is."""
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+                 trust_ratio: bool = True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      trust_ratio=trust_ratio))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -59,8 +62,10 @@ class Lamb(torch.optim.Optimizer):
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 update = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + group["eps"])
                 update.add_(p, alpha=group["weight_decay"])
-                w_norm, u_norm = p.norm(), update.norm()
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                trust = 1.0
+                if group["trust_ratio"]:
+                    w_norm, u_norm = p.norm(), update.norm()
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
                 p.add_(update * trust, alpha=-group["lr"])
 
 
@@ -373,6 +378,9 @@ def _optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device) ->
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": spec.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if spec.optimizer == "lamb":
+        # MLPerf's BERT reference exempts biases and LayerNorm's weights from the trust ratio as from weight decay
+        # (NVIDIA's FusedLAMB, every tensor that does not decay)
+        groups[1]["trust_ratio"] = False
         return Lamb(groups, lr=spec.lr, betas=spec.betas)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, fused=device.type == "cuda")
 

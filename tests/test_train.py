@@ -284,6 +284,23 @@ def test_the_learning_rate_warms_up_then_decays_to_its_floor_by_the_schedule(sch
         TrainSpec.from_config({"steps": 1, "lr": 1.0, "schedule": "step"})
 
 
+@pytest.mark.parametrize("weight_decay", [0.01, 0.0])
+def test_lamb_leaves_the_trust_ratio_out_for_the_tensors_exempt_from_weight_decay(weight_decay):
+    """As MLPerf's BERT reference: biases and LayerNorm's weights (the vectors) take Adam's step as it is; the
+    matrices are rescaled, whatever the rate of their decay."""
+    from repro.train import _optimizer
+    layer = torch.nn.Linear(4, 4)
+    torch.nn.init.constant_(layer.weight, 2.0)
+    torch.nn.init.constant_(layer.bias, 2.0)
+    spec = TrainSpec(steps=1, lr=0.1, weight_decay=weight_decay, betas=(0.9, 0.999), optimizer="lamb")
+    optimizer = _optimizer(layer, spec, torch.device("cpu"))
+    layer.weight.grad, layer.bias.grad = torch.ones(4, 4), torch.ones(4)
+    optimizer.step()  # Adam's first step is 1 per element
+    torch.testing.assert_close(layer.bias.detach(), torch.full((4,), 1.9), rtol=0, atol=1e-5)
+    # the trust ratio makes the step's norm the tensor's own times lr: the weights shrink by a tenth
+    torch.testing.assert_close(layer.weight.detach(), torch.full((4, 4), 1.8), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel, family", [
     ("_attn_fwd", "attention"), ("flash_fwd_kernel", "attention"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"), ("nvjet_tst_128x256_64x4", "matmul"),
