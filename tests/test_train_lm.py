@@ -130,6 +130,16 @@ def test_a_misspelt_compile_backend_is_refused_before_any_implementation_trains(
     validate(compose("task=flash_gpt2", "scale=smoke", "attention=[sdpa]", "compile.backend=inductr"))  # unused
 
 
+def test_the_bert_paper_recipe_decays_the_learning_rate_linearly_to_zero_as_mlperfs(compose):
+    from repro.train import TrainSpec, _lr_at
+
+    spec = TrainSpec.from_config(compose("task=flash_bert", "scale=paper").train)
+    assert spec.optimizer == "lamb"
+    decay = spec.steps - spec.warmup_steps
+    for left in (1.0, 0.75, 0.5, 0.0):
+        assert _lr_at(spec.steps - round(left * decay), spec) == pytest.approx(left * spec.lr)
+
+
 def test_packed_is_our_attention_alone_on_gpt2(compose):
     from tasks.flashattention.train_lm import validate
 
