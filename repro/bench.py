@@ -58,6 +58,9 @@ class Call:
     # what the provider computed at this point (an output, gradients), compared with the baseline's: every
     # provider of a point is built from the same inputs
     result: Callable[[], torch.Tensor] | None = None
+    # what `result` must match where that is not the baseline's: a function of its own (a block-sparse kernel's
+    # is standard attention under the same block mask)
+    reference: Callable[[], torch.Tensor] | None = None
     # the share of the point's flops this provider does (a block-sparse kernel skips the blocks it masks out)
     flops_fraction: float = 1.0
     # entered once around the result, the timed calls and the peak memory: what a caller sets once, not per
@@ -85,6 +88,17 @@ def _relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
 TOLERANCE = {"float32": 2e-3, "float16": 1e-2, "bfloat16": 3e-2}
 
 
+def _own_reference(call: Call, device) -> torch.Tensor | None:
+    """`call.reference`, computed; None where it runs out of memory (as a baseline may at a long length)."""
+    try:
+        return call.reference().detach()
+    except Exception as exc:  # noqa: BLE001 - only running out of memory leaves a point unchecked
+        if not is_out_of_memory(exc):
+            raise
+        free_device_memory(device, True)
+        return None
+
+
 def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, back_to_back,
                  reference: dict) -> list[Row]:
     """The rows of one provider at one point. `reference` holds the baseline's result at this point, once
@@ -93,7 +107,7 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
         return Row(provider.name, point.x_name, point.x_value, metric, unit, p50, p20, p80, n, status, message,
                    dict(point.extra))
 
-    failed, error, unchecked = False, None, False
+    failed, error, unchecked, against = False, None, False, "the baseline's"
     try:
         if provider.needs_triton:
             require_triton(provider.name, device)
@@ -106,11 +120,16 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
                     # count in the peak memory of every provider measured after it (three inputs' worth of
                     # gradients in a backward), the baseline's own included
                     reference["result"] = result.detach().cpu()
-                elif "result" in reference:
-                    error = _relative_error(result, reference["result"])
-                else:  # the baseline could not run here (out of memory at a long length): nothing to check against
-                    unchecked = True
-                result = None
+                else:
+                    if call.reference is None:
+                        expected = reference.get("result")
+                    else:
+                        expected, against = _own_reference(call, device), "its reference's"
+                    if expected is None:  # out of memory at a long length: nothing to check against
+                        unchecked = True
+                    else:
+                        error = _relative_error(result, expected)
+                result = expected = None
             timing = measure(call.fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=call.grad_to_none,
                              back_to_back=back_to_back, cycle=call.cycle)
             for tensor in call.grad_to_none:  # a step's peak from no gradients, not on top of the last timed call's
@@ -141,7 +160,7 @@ def _measure_one(provider: Provider, point: Point, device, warmup_ms, rep_ms, ba
             tolerance = TOLERANCE.get(point.extra.get("dtype"), max(TOLERANCE.values()))
             accurate = error <= tolerance
             rows.append(row("rel_error", "", error, n=1, message="" if accurate else
-                            f"output differs from the baseline's by {error:.2g} (tolerance {tolerance:g})"))
+                            f"output differs from {against} by {error:.2g} (tolerance {tolerance:g})"))
         for r in rows:
             r.extra["matches_baseline"] = accurate
     return rows

@@ -12,11 +12,10 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from effrepro_kernels import BlockSparseLayout, attention_reference, block_mask_to_dense, flash_attn, random_block_mask
 from repro import checks
-from repro.bench import TOLERANCE, Call, Point, Provider, Unsupported, run_benchmark
+from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
-from repro.timing import free_device_memory, is_out_of_memory
 from tasks.common.sdpa import SDPA_BACKENDS, first_call, sdpa
 
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -248,12 +247,10 @@ def make_inputs(point: Point, device: torch.device, seed: int):
     return q, k, v, mask
 
 
-def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, sparse_checks: dict,
-             density: float | None = None) -> Provider:
+def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, density: float | None = None) -> Provider:
     """`attend` timed in the point's mode, and checked on the point's inputs without dropout (each implementation
-    draws its own dropout mask): its output, or its gradients in the backward modes. The harness compares a
-    dense provider's with the baseline's; a block-sparse one (`density`) is compared here with standard attention
-    under the same block mask, its relative error kept in `sparse_checks` for `run` to report."""
+    draws its own dropout mask): its output, or its gradients in the backward modes, against the baseline's; a
+    block-sparse one's (`density`) against standard attention under the same block mask."""
 
     def build(point: Point) -> Call:
         q, k, v, mask = make_inputs(point, ctx.device, seed)
@@ -275,60 +272,17 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, sparse_
                 t.grad = None
             call(fn, 0.0).backward(dout)
             return torch.cat([t.grad.flatten() for t in (q, k, v)])
-        work = 1.0
+        checked = dict(result=computed)
         if density is not None:
-            sparse_checks[(name, *_point_key(point.x_value, e))] = _sparse_error(computed, density, ctx.device), e
-            work = sparse_flops_fraction(q.shape[2], k.shape[2], density, e["causal"])
-        result = computed if density is None else None
+            checked.update(reference=functools.partial(computed, masked_standard(density)),
+                           flops_fraction=sparse_flops_fraction(q.shape[2], k.shape[2], density, e["causal"]))
         if e["mode"] == "fwd":
-            return Call(run, result=result, flops_fraction=work)
+            return Call(run, **checked)
         if e["mode"] == "bwd":
-            return Call(lambda: out.backward(dout, retain_graph=True), grad_to_none=(q, k, v), result=result,
-                        flops_fraction=work)
-        return Call(lambda: run().backward(dout), grad_to_none=(q, k, v), result=result, flops_fraction=work)
+            return Call(lambda: out.backward(dout, retain_graph=True), grad_to_none=(q, k, v), **checked)
+        return Call(lambda: run().backward(dout), grad_to_none=(q, k, v), **checked)
 
     return Provider(name, build, baseline=(name == "standard"), needs_triton=name.startswith(OURS))
-
-
-def _point_key(x_value, extra: dict) -> tuple:
-    """A point among the grid's, from its extra or a row's (which holds it)."""
-    return x_value, extra["series"], extra["mode"]
-
-
-def _sparse_error(computed: Callable, density: float, device) -> float | None:
-    """The relative error of what a block-sparse provider `computed` against what standard attention computes
-    under its block mask; None where that reference runs out of memory (as where the baseline cannot run: not
-    checked)."""
-    got = computed().detach()
-    try:
-        want = computed(masked_standard(density)).detach()
-    except (RuntimeError, MemoryError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        free_device_memory(device, True)
-        return None
-    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
-
-
-def with_sparse_checks(rows: Iterator[Row], sparse_checks: dict) -> Iterator[Row]:
-    """The harness's rows with each block-sparse provider's check against its masked reference, as the harness
-    reports a dense one's against the baseline: a rel_error row, and matches_baseline on the provider's rows
-    (None: not checked). The harness yields a point's rows before it builds the next point's providers, so each
-    check is in `sparse_checks` by the time its rows come."""
-    for row in rows:
-        check = sparse_checks.get((row.provider, *_point_key(row.x_value, row.extra)))
-        if check is None or row.status != "ok":
-            yield row
-            continue
-        error, extra = check
-        tolerance = TOLERANCE.get(extra["dtype"], max(TOLERANCE.values()))
-        accurate = None if error is None else error <= tolerance
-        row.extra["matches_baseline"] = accurate
-        yield row
-        if row.metric == "time" and error is not None:
-            yield Row(row.provider, row.x_name, row.x_value, "rel_error", "", error, n=1,
-                      message="" if accurate else f"output differs from standard attention's under the same block "
-                      f"mask by {error:.2g} (tolerance {tolerance:g})", extra={**extra, "matches_baseline": accurate})
 
 
 def dense_providers() -> dict[str, AttentionFn]:
@@ -337,11 +291,11 @@ def dense_providers() -> dict[str, AttentionFn]:
             f"{OURS}_gluon": ours_gluon, f"{OURS}_auto": ours_auto, FLEX: flex(None)}
 
 
-def providers(kernel: DictConfig, ctx: RunContext, seed: int, sparse_checks: dict) -> list[Provider]:
+def providers(kernel: DictConfig, ctx: RunContext, seed: int) -> list[Provider]:
     known = {name: (attend, None) for name, attend in dense_providers().items()}
     for d in as_list(kernel.sparse_densities):
         known.update({f"{OURS}_sparse_{d:g}": (ours_sparse(d), d), f"{FLEX}_sparse_{d:g}": (flex(d), d)})
-    return [provider(n, known[n][0], ctx, seed, sparse_checks, density=known[n][1]) for n in provider_names(kernel)]
+    return [provider(n, known[n][0], ctx, seed, density=known[n][1]) for n in provider_names(kernel)]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -380,7 +334,5 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     kernel = cfg.kernel
     # block-sparse against our dense kernel too: time should fall in proportion to density
     compare_to = [OURS] if OURS in provider_names(kernel) else []
-    sparse_checks = {}
-    rows = run_benchmark(grid(kernel), providers(kernel, ctx, cfg.seed, sparse_checks), ctx.device,
-                         warmup_ms=kernel.warmup_ms, rep_ms=kernel.rep_ms, compare_to=compare_to)
-    yield from with_sparse_checks(rows, sparse_checks)
+    yield from run_benchmark(grid(kernel), providers(kernel, ctx, cfg.seed), ctx.device,
+                             warmup_ms=kernel.warmup_ms, rep_ms=kernel.rep_ms, compare_to=compare_to)
