@@ -233,6 +233,9 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
                  record_status=record.status, made=_made(record))
     if record.scale not in comparable:
         return Outcome(claim, NOT_COMPARABLE, **found)
+    # another card's failure says no more of the claim than another card's value does
+    if card_bound and not same_gpu_family(claim.hardware, record.env.get("gpu_name")):
+        return Outcome(claim, OTHER_HARDWARE, **found)
     if value is None:  # measured, and no point within the claim's quality tolerance
         return Outcome(claim, NOT_REPRODUCED, **found)
     out = Outcome(claim, NOT_COMPARABLE, **found)
@@ -243,10 +246,6 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
             return out
         value = 100.0 * value / peak
         out.value, out.unit = value, "%"
-    if claim.compare.kind == "absolute" and claim.hardware != "n/a" and \
-            not same_gpu_family(claim.hardware, record.env.get("gpu_name")):
-        out.status = OTHER_HARDWARE
-        return out
     out.status = judge(claim, value)
     return out
 

@@ -472,6 +472,12 @@ def test_a_claim_only_its_own_card_can_judge_is_judged_on_that_card_where_a_reco
     assert evaluate(claims["abs_time"], [(Path("l40s.json"), l40s)]).status == OTHER_HARDWARE
     unstated = dataclasses.replace(claims["abs_time"], hardware="GPU not stated")
     assert evaluate(unstated, [(Path("l40s.json"), l40s)]).status == OTHER_HARDWARE
+    # a failure on another card is no more the claim's than a value there is
+    failed = Row("ours", "n", 1024, "time", "ms", None, status="oom", extra={"mode": "fwd", "series": "a"})
+    base = Row("base", "n", 1024, "time", "ms", 2.0, extra={"mode": "fwd", "series": "a"})
+    h100.rows = [failed, base]
+    outcome = evaluate(claims["abs_time"], [(Path("h100.json"), h100)])
+    assert (outcome.status, outcome.value) == (OTHER_HARDWARE, None) and "failed at all 1" in outcome.detail
 
 
 def test_largest_x_within_quality_of_the_reference():
