@@ -617,8 +617,8 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     if problems:
         parts.append("## Problems (files and entries not used)\n\n" + "\n".join(f"- {p}" for p in problems) + "\n")
     plots = []
-    # drawn beside the old plots and swapped in once the report is written: a failure on the way leaves the old
-    # report with all of its plots
+    # drawn beside the old plots, moved in before the report that shows them is written, and the old ones that it
+    # no longer shows removed only after: whatever step fails, the report on disk has all of its plots
     plots_dir = out / "report" / "plots"
     drawing = plots_dir.with_name("plots.drawing")
     shutil.rmtree(drawing, ignore_errors=True)
@@ -634,16 +634,18 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     if plots:
         parts.append("## Plots\n\n" + "\n".join(f"![{p.stem}](report/plots/{p.name})" for p in plots) + "\n")
     report = "\n".join(parts)
-    replace_atomically(out / "REPORT.md", lambda tmp: tmp.write_text(report))
     plots_dir.mkdir(parents=True, exist_ok=True)
-    for stale in plots_dir.glob("*.png"):
-        stale.unlink()
     for plot in plots:
         plot.replace(plots_dir / plot.name)
-    shutil.rmtree(drawing, ignore_errors=True)
+    replace_atomically(out / "REPORT.md", lambda tmp: tmp.write_text(report))
     write_csv(records, out / "report" / "rows.csv.gz")
     if readme is not None and not update_readme(readme, summary_table(by_paper, readme.parent)):
         problems.append(f"{_rel(readme)} has no {README_START} … {README_END} markers; its table was not updated")
+    drawn = {plot.name for plot in plots}
+    for stale in plots_dir.glob("*.png"):
+        if stale.name not in drawn:
+            stale.unlink()
+    shutil.rmtree(drawing, ignore_errors=True)
     return report, problems
 
 

@@ -221,6 +221,43 @@ def test_outputs_csv_plots_and_readme(tree):
     assert readme.startswith("# Title") and readme.rstrip().endswith("rest")
 
 
+def test_the_report_on_disk_has_all_of_its_plots_whenever_it_is_replaced(tree, monkeypatch):
+    """A build that fails after writing REPORT.md, or before, leaves a report whose images are all there."""
+    import re
+
+    from repro import report as module
+
+    names = iter([["bench_old.png", "bench_kept.png"], ["bench_kept.png", "bench_new.png"]])
+    drawn = []
+
+    def draw(task, rows, title, out_dir, metrics, card="", lines=None):
+        if task != "bench":
+            return []
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = [out_dir / name for name in next(names)]
+        for path in paths:
+            path.write_bytes(b"png")
+        return paths
+
+    def images_there(text):
+        return all((tree / "out" / link).is_file() for link in re.findall(r"\]\((report/plots/[^)]+)\)", text))
+
+    def replace(path, write, original=module.replace_atomically):
+        if path.name == "REPORT.md":
+            new = tree / "new_report.md"
+            write(new)
+            drawn.append(images_there(new.read_text()) and (not path.exists() or images_there(path.read_text())))
+        original(path, write)
+
+    monkeypatch.setattr(module, "plot_rows", draw)
+    monkeypatch.setattr(module, "replace_atomically", replace)
+    build_report(tree / "runs", tree / "published", tree / "out", None)
+    build_report(tree / "runs", tree / "published", tree / "out", None)
+    assert drawn == [True, True]
+    assert sorted(p.name for p in (tree / "out" / "report" / "plots").iterdir()) == ["bench_kept.png", "bench_new.png"]
+    assert not (tree / "out" / "report" / "plots.drawing").exists()
+
+
 def test_cli_exit_codes(tree, capsys, no_plots):
     args = ["--runs", str(tree / "runs"), "--published", str(tree / "published"), "--out", str(tree / "out"),
             "--readme", ""]
