@@ -104,10 +104,15 @@ class RunRecord:
         for key, kind in _FIELD_TYPES.items():
             if key in data and not isinstance(data[key], kind):
                 raise ValueError(f"malformed run record: {key} is {type(data[key]).__name__}, not {kind.__name__}")
+        for key in ("gpu_name", "git_sha"):  # the report names cards and commits by them
+            value = data.get("env", {}).get(key)
+            if not isinstance(value, (str, type(None))):
+                raise ValueError(f"malformed run record: env.{key}={value!r} is not a string or null")
         rows = data.get("rows", [])
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise ValueError(f"malformed run record: rows[{i}] is {type(row).__name__}, not an object")
+            _check_row(f"rows[{i}]", row)
         try:
             record = cls(**{**data, "rows": [Row(**row) for row in rows]})
         except TypeError as exc:
@@ -123,6 +128,22 @@ class RunRecord:
 
 _FIELD_TYPES = {"task": str, "paper": str, "scale": str, "claim_ids": list, "config": dict, "overrides": list,
                 "env": dict, "started": str, "status": str, "rows": list}
+_ROW_FIELD_TYPES = {"provider": str, "x_name": str, "metric": str, "unit": str, "message": str}
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check_row(where: str, row: dict[str, Any]) -> None:
+    """A row's names are strings, and its point (x_value) and panel (the series and mode extras) single values:
+    the report groups rows by them, and a list or an object there would stop it with a traceback."""
+    for key, kind in _ROW_FIELD_TYPES.items():
+        if key in row and not isinstance(row[key], kind):
+            raise ValueError(f"malformed run record: {where}.{key} is {type(row[key]).__name__}, not {kind.__name__}")
+    if not isinstance(row.get("x_value"), _SCALARS):
+        raise ValueError(f"malformed run record: {where}.x_value={row['x_value']!r} is not a single value")
+    extra = row.get("extra")
+    for key in ("series", "mode"):
+        if isinstance(extra, dict) and not isinstance(extra.get(key), _SCALARS):
+            raise ValueError(f"malformed run record: {where}.extra.{key}={extra[key]!r} is not a single value")
 
 
 def _dumps(data: Any) -> str:

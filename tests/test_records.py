@@ -87,13 +87,24 @@ def test_load_records_skips_corrupt_and_foreign_files_by_name(tmp_path):
     write_json_atomic(tmp_path / "text_p50.json", {**good, "rows": [{**good["rows"][0], "p50": "fast"}]})
     write_json_atomic(tmp_path / "extra_list.json", {**good, "rows": [{**good["rows"][0], "extra": [1]}]})
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    # fields the report groups or names rows by, each refused naming it (they stopped the report with a traceback)
+    nested = {"x_list.json": ({"x_value": [1024, 2048]}, "rows[0].x_value=[1024, 2048]"),
+              "series_list.json": ({"extra": {"series": ["a"]}}, "rows[0].extra.series=['a']"),
+              "mode_object.json": ({"extra": {"mode": {"fwd": 1}}}, "rows[0].extra.mode={'fwd': 1}"),
+              "provider_number.json": ({"provider": 7}, "rows[0].provider is int")}
+    for name, (change, _) in nested.items():
+        write_json_atomic(tmp_path / name, {**good, "rows": [{**good["rows"][0], **change}]})
+    write_json_atomic(tmp_path / "gpu_number.json", {**good, "env": {"gpu_name": 7}})
+    nested["gpu_number.json"] = ({}, "env.gpu_name=7")
     records, problems = load_records(tmp_path)
     assert [p.name for p, _ in records] == ["good.json"]
     skipped = sorted(path.name for path, why in problems)
     assert skipped == sorted(["truncated.json", "foreign.json", "future.json", "unknown_row_key.json",
                               "rows_not_objects.json", "started_null.json", "text_p50.json", "extra_list.json",
-                              "binary.json"])
+                              "binary.json", *nested])
     assert all(why for _, why in problems)
+    why = {path.name: why for path, why in problems}
+    assert all(field in why[name] for name, (_, field) in nested.items())
 
 
 def test_large_records_are_packed_and_still_load(tmp_path):
