@@ -35,9 +35,11 @@ NOT_COMPARABLE = "not comparable at this scale"
 OTHER_HARDWARE = "not comparable (other hardware)"
 NOT_RUN = "not yet run"
 SCALE_ORDER = {"smoke": 0, "small": 1, "paper": 2}
-# A killed run's rows, and those of a run ended by running out of memory, were each complete when written: used
-# only where no whole run is. A run ended by an error is not used: the error may be in the code that measured.
-USABLE = ("ok", "killed", "oom")
+# A killed run's rows, those of a run ended by running out of memory, and those of a record still saying
+# "running" (its job killed outright, by SIGKILL or with its machine, before it could say so; the engine saves rows
+# only once measured) were each complete when written: used only where no whole run is. A run ended by an error is
+# not used, and the report lists it: the error may be in the code that measured.
+USABLE = ("ok", "killed", "oom", "running")
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, datasheets), for claims stated as a fraction of peak.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "V100": 125.0}
@@ -54,8 +56,14 @@ class Outcome:
     record: Path | None = None
     detail: str = ""
     unit: str = ""
-    record_status: str = "ok"  # "killed": the value comes from a run stopped before its end
+    record_status: str = "ok"  # another: the value comes from a run stopped before its end (`cut_short`)
     made: str = ""  # the record's date, commit and model: another card's row may differ in more than the card
+
+
+def cut_short(status: str) -> str:
+    """How the rows of a run that did not end whole are marked: "killed run", "oom run", or for a record still
+    saying running, "unfinished run"."""
+    return f"{'unfinished' if status == 'running' else status} run"
 
 
 def gpu_family(name: str | None) -> str | None:
@@ -202,9 +210,9 @@ def preference(record: RunRecord, comparable: tuple[str, ...] = (), points: tupl
                hardware: str | None = None) -> tuple:
     """How a record ranks as the source of a claim: a comparable scale first, then one on the claim's own GPU
     family (`hardware`, for a claim only that card can judge), then the larger scale, then a whole run before one
-    that was killed, then the one that measured the claim's preferred provider (`_points`), then the one with more
-    of the claim's points (a run narrowed by overrides to a few settings does not stand for the task's average),
-    then the newest."""
+    cut short (killed, out of memory, unfinished), then the one that measured the claim's preferred provider
+    (`_points`), then the one with more of the claim's points (a run narrowed by overrides to a few settings does
+    not stand for the task's average), then the newest."""
     same_card = hardware is not None and same_gpu_family(hardware, record.env.get("gpu_name"))
     return (record.scale in comparable, same_card, SCALE_ORDER.get(record.scale, -1), record.status == "ok", points,
             record.started)
@@ -284,7 +292,7 @@ def claims_table(outcomes: list[Outcome], links_from: Path) -> str:
         other_card = f"↳ the same claim, another card's record <br><sub>{c.paper}:{c.id}</sub>"
         label = other_card if c is previous else f"{c.claim} <br><sub>{c.paper}:{c.id}, {c.source}{unverified}</sub>"
         previous = c
-        where = f"{o.gpu}, {o.scale}" + (f", **{o.record_status} run**" if o.record_status != "ok" else "") \
+        where = f"{o.gpu}, {o.scale}" + (f", **{cut_short(o.record_status)}**" if o.record_status != "ok" else "") \
             + (f" <br><sub>{o.made}</sub>" if o.made else "") if o.scale else "—"
         if o.record is not None:
             where += f" ([record]({_link(o.record, links_from)}))"
@@ -300,7 +308,7 @@ def console_table(outcomes: list[Outcome]) -> str:
     lines = [head, "-" * len(head)]
     for o in outcomes:
         how = f"  [{o.detail}]" if o.value is not None else ""
-        killed = f" ({o.record_status} run)" if o.record_status != "ok" else ""
+        killed = f" ({cut_short(o.record_status)})" if o.record_status != "ok" else ""
         lines.append(f"{o.claim.id[:44]:44} {_fmt(o.claim.value, o.claim.unit):>10} {_fmt(o.value, o.unit):>10}  "
                      f"{o.status}{killed}{how}")
     return "\n".join(lines)
@@ -596,17 +604,21 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     records, skipped = load_records(runs)
     records, retracted, unknown = _split_retracted(records, runs, out)
     problems = [f"skipped {_rel(path)}: {why}" for path, why in skipped] + unknown
+    used = [(path, record) for path, record in records if record.status in USABLE]
+    unused = [_unused_line(path, record, runs, out) for path, record in records if record.status not in USABLE]
     by_card = {name: [evaluate_by_card(c, records) for c in claims] for name, (_, claims) in papers.items()}
     by_paper = {name: [outcomes[0] for outcomes in claims] for name, claims in by_card.items()}
     # the records' own dates, not the clock: the same records make the same report, so a rebuild changes nothing
-    newest = max((r.started for _, r in records), default="none")
-    parts = [f"# Published vs reproduced\n\nGenerated by `repro-report` from {len(records)} run record(s) under "
-             f"`{_rel(runs)}`, the newest started {newest}. Ratios are measured against a baseline in the same run; "
-             "absolute numbers are compared only on the same hardware, and a CPU record judges only the claims that "
-             "name no hardware. Each claim is judged on each card that ran its task (first the card of the best "
-             "record overall, which the README shows) from one record: the best scale, then a whole run before a "
-             "killed one (marked), then the claim's first provider, then the most of its points (failed ones "
-             "included), then the newest; that record decides, a failure included.\n"]
+    newest = max((r.started for _, r in used), default="none")
+    not_used = f" ({len(unused)} more not used, listed below)" if unused else ""
+    parts = [f"# Published vs reproduced\n\nGenerated by `repro-report` from {len(used)} run record(s) under "
+             f"`{_rel(runs)}`{not_used}, the newest started {newest}. Ratios are measured against a baseline in the "
+             "same run; absolute numbers are compared only on the same hardware, and a CPU record judges only the "
+             "claims that name no hardware. Each claim is judged on each card that ran its task (first the card of "
+             "the best record overall, which the README shows) from one record: the best scale, then a whole run "
+             "before one cut short (killed, out of memory or unfinished: marked), then the claim's first provider, "
+             "then the most of its points (failed ones included), then the newest; that record decides, a failure "
+             "included.\n"]
     for name, claims in by_card.items():
         header = papers[name][0]
         parts.append(f"## {header.get('title', name)}\n\n`{name}` · {header.get('source', '')}\n\n"
@@ -614,6 +626,10 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     if retracted:
         parts.append(f"## Retracted records\n\nKept as history; what each line names is used for nothing above or "
                      f"below (`{_rel(runs / RETRACTED)}`):\n\n" + "\n".join(retracted) + "\n")
+    if unused:
+        parts.append("## Records not used\n\nRuns that ended in an error, which may be in the code that measured: "
+                     "none of their rows is used above or below (the CSV keeps them, with their record_status):\n\n"
+                     + "\n".join(unused) + "\n")
     if problems:
         parts.append("## Problems (files and entries not used)\n\n" + "\n".join(f"- {p}" for p in problems) + "\n")
     plots = []
@@ -625,7 +641,7 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     to_plot = rows_to_plot(records)
     # disable=None: a bar on a terminal only, not in CI's log
     for (task, gpu_name), (rows, used) in tqdm(sorted(to_plot.items()), desc="plots", unit="task", disable=None):
-        title = ", ".join(sorted({f"{r.gpu_name} {r.scale}" + (f" ({r.status} run)" if r.status != "ok" else "")
+        title = ", ".join(sorted({f"{r.gpu_name} {r.scale}" + (f" ({cut_short(r.status)})" if r.status != "ok" else "")
                                   for r in used}))
         metrics = sorted({m for r in used for m in plotted_metrics(r)})
         several_cards = sum(t == task for t, _ in to_plot) > 1
@@ -647,6 +663,13 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
             stale.unlink()
     shutil.rmtree(drawing, ignore_errors=True)
     return report, problems
+
+
+def _unused_line(path: Path, record: RunRecord, runs: Path, links_from: Path) -> str:
+    error = (record.error or "").strip().splitlines() or ["no error recorded"]
+    why = error[0] if len(error[0]) <= 200 else error[0][:200] + "…"
+    return f"- [`{path.relative_to(runs).as_posix()}`]({_link(path, links_from)}) ({record.gpu_name}, " \
+           f"{record.scale}), ended in {record.status}: {why}"
 
 
 def _rel(path: Path) -> str:

@@ -451,24 +451,32 @@ def test_named_points_and_points_at_zero_plot_without_warnings(tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
 
 
-@pytest.mark.parametrize("ended", ["killed", "oom"])
-def test_a_run_cut_short_never_displaces_a_complete_one_and_is_used_where_none_is(tree, no_plots, ended):
+# "running": what a job killed outright (SIGKILL, its machine lost) leaves, its rows saved as each was measured
+@pytest.mark.parametrize("ended, marked", [("killed", "killed run"), ("oom", "oom run"), ("running", "unfinished run")])
+def test_a_run_cut_short_never_displaces_a_complete_one_and_is_used_where_none_is(tree, no_plots, ended, marked):
     runs = tree / "runs" / "toy" / "bench"
     cut_short = rec("bench", "small", [row("speedup", 0.5)], started="2026-12-01T00:00:00+00:00", status=ended)
     save_record(cut_short, runs / "killed.json")
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
     fast = next(line for line in report.splitlines() if "toy:fast," in line)
-    assert "3.5x" in fast and ended not in fast
+    assert "3.5x" in fast and marked not in fast
     only_killed = rec("train", "paper", [row("accuracy", 61.0)], started="2026-12-01T00:00:00+00:00",
                       status=ended)
     save_record(only_killed, tree / "runs" / "toy" / "train" / "killed.json")
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
     quality = next(line for line in report.splitlines() if "toy:quality," in line)
-    assert f"{ended} run" in quality and quality.endswith("| reproduced |")  # used, since no whole run exists
+    assert marked in quality and quality.endswith("| reproduced |")  # used, since no whole run exists
+    assert "from 6 run record(s) under" in report and "## Records not used" not in report
     crashed = rec("train", "paper", [row("accuracy", 70.0)], started="2026-12-02T00:00:00+00:00", status="error")
+    crashed.error = "RuntimeError: expected mat1 and mat2 to have the same dtype\nTraceback ..."
     save_record(crashed, tree / "runs" / "toy" / "train" / "crashed.json")
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
     assert "70%" not in next(line for line in report.splitlines() if "toy:quality," in line)
+    # not used, and said so with why: a record that is only counted looks used
+    assert "from 6 run record(s) under" in report and "(1 more not used, listed below)" in report
+    listed = report[report.index("## Records not used"):]
+    assert "[`toy/train/crashed.json`](../runs/toy/train/crashed.json) (NVIDIA H100 80GB HBM3, paper), ended in " \
+           "error: RuntimeError: expected mat1 and mat2 to have the same dtype\n" in listed
 
 
 def test_a_newer_run_with_fewer_of_a_claims_points_never_displaces_one_with_more(tree, no_plots):
