@@ -97,11 +97,11 @@ def _aggregate(values: list[float], how: str) -> float:
 def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | None:
     """The rows `claim`'s value comes from in `record`: those of the first of its metrics, then the first of its
     providers, that the record has (with the provider, and all of that metric's rows, for a quality reference).
-    Where no provider has one, the first provider that failed at the claim's points (out of memory, an error),
-    with no rows: the record measured the claim, and the claim did not hold there."""
+    Where no provider has one, the first provider that failed at the claim's points (`_failed_points`), with no
+    rows: the record measured the claim, and the claim did not hold there."""
     cmp = claim.compare
     for metric in cmp.metrics:
-        # a provider whose output differed from the baseline's measured something else: not a reproduction
+        # a provider whose output differed from the baseline's measured something else: a failed point, no value
         rows = [r for r in record.rows if r.metric == metric and r.status == "ok" and r.p50 is not None
                 and r.extra.get("matches_baseline") is not False and _matches(r, cmp.where)]
         for provider in cmp.providers:
@@ -112,16 +112,33 @@ def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | Non
     return None if failed is None else (failed, [], [])
 
 
-def _failed_points(claim: Claim, record: RunRecord, provider: str) -> set:
-    """The points of the claim at which `provider` failed in `record` (a failure is written on the measured
-    metric, time or memory, not on the ratios derived from it), where another provider measured the point: one
-    at which every provider failed (out of memory on this card, the baselines too) says nothing of the claim."""
+def _failed_points(claim: Claim, record: RunRecord, provider: str) -> dict[tuple, bool]:
+    """The points of the claim at which `provider` failed in `record`, each True where its output differed from
+    the baseline's (it measured another function) and False where it ran out of memory or raised an error (a
+    failure written on the measured metric, time or memory, not on the ratios derived from it); only where
+    another provider measured the point: one at which every provider failed (out of memory on this card, the
+    baselines too) says nothing of the claim."""
     def point(r):
         return r.x_name, r.x_value, r.extra.get("series")
     measured = {point(r) for r in record.rows if r.provider != provider and r.status == "ok"
                 and _matches(r, claim.compare.where)}
-    return {point(r) for r in record.rows if r.provider == provider and r.status in FAILED_ROW_STATUSES
-            and _matches(r, claim.compare.where) and point(r) in measured}
+    failed = {}
+    for r in record.rows:
+        if r.provider == provider and _matches(r, claim.compare.where) and point(r) in measured:
+            if r.extra.get("matches_baseline") is False:
+                failed[point(r)] = True
+            elif r.status in FAILED_ROW_STATUSES:
+                failed.setdefault(point(r), False)
+    return failed
+
+
+def _how_failed(failed: dict[tuple, bool]) -> str:
+    """How the points of `_failed_points` failed, in words."""
+    wrong = sum(failed.values())
+    if not wrong:
+        return "out of memory or an error"
+    others = len(failed) - wrong
+    return f"{wrong} with output unlike the baseline's" + (f", {others} out of memory or an error" if others else "")
 
 
 def _group_of(claim: Claim, row: Row) -> tuple:
@@ -156,16 +173,19 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
     if found is None:
         return None, "", f"no rows of {'/'.join(cmp.metrics)} for {list(cmp.providers)} where {cmp.where}"
     provider, mine, rows = found
-    failed = len(_failed_points(claim, record, provider))
+    failed = _failed_points(claim, record, provider)
     if not mine:
-        return None, "", f"{provider} failed at all {failed} of the claim's points (out of memory or an error)"
+        return None, "", f"{provider} failed at all {len(failed)} of the claim's points ({_how_failed(failed)})"
     if cmp.aggregate != "largest_x_within":
         if cmp.aggregate == "last" and all(isinstance(r.x_value, (int, float)) for r in mine):
             mine = sorted(mine, key=lambda r: r.x_value)  # the last step, whatever order the rows were written in
         # an absolute value is read in the claim's unit, which older records left out of their rows
         unit = mine[0].unit or (claim.unit if cmp.kind == "absolute" else "")
+        more = f"; {len(failed)} more failed" if failed else ""
+        if any(failed.values()):
+            more += f" ({_how_failed(failed)})"
         return _aggregate([r.p50 for r in mine], cmp.aggregate), unit, \
-            f"{provider}, {cmp.aggregate} of {len(mine)}" + (f"; {failed} more failed" if failed else "")
+            f"{provider}, {cmp.aggregate} of {len(mine)}{more}"
     quality = cmp.quality
     # a point the provider failed at (out of memory, an error) ends its run of points within tolerance; a failed
     # row may lack a key of the groups (a multiple-choice setting fails before any benchmark is scored): it is

@@ -110,14 +110,23 @@ def test_statuses_from_fixture_records(tree, no_plots):
     assert _rel(PROJECT_ROOT / "results" / "runs" / "x.json") == "results/runs/x.json"  # no local paths in the report
 
 
-def test_a_provider_whose_output_differed_from_the_baseline_reproduces_nothing(tree, no_plots):
-    wrong = row("speedup", 9.0)
-    wrong.extra["matches_baseline"] = False
-    save_record(rec("bench", "small", [wrong, row("speedup", 3.2)], started="2026-11-28T00:00:00+00:00"),
-                tree / "runs" / "toy" / "bench" / "newer.json")
+def test_a_provider_whose_output_differed_from_the_baseline_failed_at_that_point(tree, no_plots):
+    """Its rows measured another function: no value, and a failed point of the claim, as one out of memory is."""
+    def point(x, provider="ours", matches=None):
+        extra = {"mode": "fwd", "series": "a", "matches_baseline": matches}
+        return [Row(provider, "n", x, metric, unit, 3.0, extra=extra)
+                for metric, unit in (("time", "ms"), ("speedup", "x"))]
+    newer = rec("bench", "small", point(1024, matches=False) + point(1024, "base"), started="2026-11-28T00:00:00+00:00")
+    save_record(newer, tree / "runs" / "toy" / "bench" / "newer.json")
+    report, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
+    line = next(l for l in report.splitlines() if "toy:fast," in l)  # not the older record's 3.5x
+    assert "newer.json" in line and line.endswith("| not reproduced |")
+    assert "ours failed at all 1 of the claim's points (1 with output unlike the baseline's)" in line
+    newer.rows += point(2048, matches=True) + point(2048, "base")
+    save_record(newer, tree / "runs" / "toy" / "bench" / "newer.json")
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
     line = next(l for l in report.splitlines() if "toy:fast," in l)
-    assert "3.2x" in line and "mean of 1" in line  # the wrong row left out
+    assert "3x" in line and "ours, mean of 1; 1 more failed (1 with output unlike the baseline's)" in line
 
 
 def test_a_retracted_record_is_listed_with_its_reason_and_used_for_nothing(tree, no_plots):
