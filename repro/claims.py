@@ -24,6 +24,8 @@ class Compare:
     aggregate: str = "mean"
     tolerance: float = 0.1
     comparable_at: tuple[str, ...] = ("small", "paper")
+    # an exact figure (a parameter count, a cache size): beyond `tolerance` on the better side is missed too
+    two_sided: bool = False
     # for aggregate `largest_x_within`: the claim is the largest x (a compression, a budget) up to which `metric`
     # stays within `tolerance` (relative) of the `reference` provider's, in the quality's own direction, at every x
     # (records.largest_x_within)
@@ -49,7 +51,8 @@ class Claim:
 
 _CLAIM_KEYS = {"id", "claim", "value", "unit", "higher_is_better", "hardware", "setting", "source", "verified",
                "task", "compare", "note"}
-_COMPARE_KEYS = {"kind", "metric", "providers", "where", "aggregate", "tolerance", "comparable_at", "quality"}
+_COMPARE_KEYS = {"kind", "metric", "providers", "where", "aggregate", "tolerance", "comparable_at", "quality",
+                 "two_sided"}
 _QUALITY_KEYS = {"reference", "tolerance", "higher_is_better"}
 
 
@@ -86,6 +89,8 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
         _check_type(f"{where}.compare.tolerance", cmp["tolerance"], (int, float), "a number")
         if cmp["tolerance"] < 0:
             raise ValueError(f"{where}.compare.tolerance={cmp['tolerance']} must be >= 0")
+    if "two_sided" in cmp:
+        _check_type(f"{where}.compare.two_sided", cmp["two_sided"], (bool,), "true or false")
     if not isinstance(cmp.get("where", {}), dict):
         raise ValueError(f"{where}.compare.where={cmp['where']!r} must map row keys to a value or a list of values")
     if cmp["kind"] not in COMPARE_KINDS:

@@ -220,10 +220,11 @@ def _made(record: RunRecord) -> str:
 
 def judge(claim: Claim, value: float) -> str:
     published = claim.value
+    close = abs(value - published) <= claim.compare.tolerance * abs(published)
     better = value >= published if claim.higher_is_better else value <= published
     if better:
-        return REPRODUCED
-    return WITHIN if abs(value - published) <= claim.compare.tolerance * abs(published) else NOT_REPRODUCED
+        return REPRODUCED if close or not claim.compare.two_sided else NOT_REPRODUCED
+    return WITHIN if close else NOT_REPRODUCED
 
 
 def preference(record: RunRecord, comparable: tuple[str, ...] = (), points: tuple[int, int] = (0, 0),

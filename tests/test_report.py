@@ -713,6 +713,8 @@ GOOD_CLAIM = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_bette
      r"compare.comparable_at=\[\] must be"),
     ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "tolerance": -0.1}},
      r"compare.tolerance=-0.1 must be >= 0"),
+    ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "two_sided": "yes"}},
+     r"compare.two_sided='yes' is not true or false"),
 ])
 def test_a_bad_claim_is_refused_naming_its_key(change, message):
     from repro.claims import _parse_claim
@@ -721,6 +723,25 @@ def test_a_bad_claim_is_refused_naming_its_key(change, message):
         _parse_claim("toy", "toy.yaml: claims[0]", {**GOOD_CLAIM, **change})
     scale = {**GOOD_CLAIM["compare"], "comparable_at": "paper"}  # one scale may be named bare
     assert _parse_claim("toy", "c", {**GOOD_CLAIM, "compare": scale}).compare.comparable_at == ("paper",)
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_an_exact_figure_is_missed_far_on_either_side(higher_is_better):
+    """A two-sided claim (a parameter count, a cache size) fails far above as well as far below; a one-sided
+    one only on its worse side."""
+    from repro.claims import _parse_claim
+    from repro.report import judge
+
+    sign = 1 if higher_is_better else -1
+    raw = {**GOOD_CLAIM, "value": 100, "higher_is_better": higher_is_better,
+           "compare": {**GOOD_CLAIM["compare"], "tolerance": 0.05}}
+    one_sided = _parse_claim("toy", "c", raw)
+    two_sided = _parse_claim("toy", "c", {**raw, "compare": {**raw["compare"], "two_sided": True}})
+    for value, one, two in ((100, "reproduced", "reproduced"), (100 + sign * 4, "reproduced", "reproduced"),
+                            (100 + sign * 6, "reproduced", "not reproduced"),
+                            (100 - sign * 4, "within tolerance", "within tolerance"),
+                            (100 - sign * 6, "not reproduced", "not reproduced")):
+        assert (judge(one_sided, value), judge(two_sided, value)) == (one, two), value
 
 
 def test_a_claims_file_without_a_list_of_claims_is_refused(tmp_path):
