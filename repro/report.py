@@ -594,9 +594,11 @@ def load_retracted(runs: Path) -> dict[str, list[Retraction]]:
 
 def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_from: Path) \
         -> tuple[list, list[str], list[str]]:
-    """(the records to use, one line per retraction for the report, the retraction list's unknown names)."""
+    """(the records to use, one line per retraction for the report, the retraction list's problems: names that
+    are no record, and entries that retract no row of any record their name matches, a typo in a metric or
+    `where` as likely as not; a pattern's entry may well match no row of some of its records)."""
     retracted = load_retracted(runs)
-    keep, listed, seen = [], [], set()
+    keep, listed, seen, used = [], [], set(), set()
     for path, record in records:
         key = path.relative_to(runs).as_posix().removesuffix(".gz")
         matched = [name for name in retracted if fnmatch.fnmatchcase(key, name)]
@@ -605,17 +607,27 @@ def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_fr
             continue
         seen.update(matched)
         rows = record.rows
-        for metrics, where, why in [entry for name in matched for entry in retracted[name]]:
-            which = f"its rows of {', '.join(metrics)}" if metrics else "the whole record"
-            which += "".join(f", {k}={v}" for k, v in where.items())
-            listed.append(f"- [`{key}`]({_link(path, links_from)}) ({record.gpu_name}, {record.scale}), {which}: "
-                          f"{why.strip()}")
-            rows = [r for r in rows if metrics and (r.metric not in metrics or not _matches(r, where))]
+        for name in matched:
+            for i, (metrics, where, why) in enumerate(retracted[name]):
+                which = _retracted_rows(metrics, where) if metrics else "the whole record"
+                listed.append(f"- [`{key}`]({_link(path, links_from)}) ({record.gpu_name}, {record.scale}), "
+                              f"{which}: {why.strip()}")
+                # against the record's own rows: another entry may have retracted the same rows first
+                if not metrics or any(r.metric in metrics and _matches(r, where) for r in record.rows):
+                    used.add((name, i))
+                rows = [r for r in rows if metrics and (r.metric not in metrics or not _matches(r, where))]
         if rows:
             keep.append((path, dataclasses.replace(record, rows=rows)))
-    unknown = [f"{RETRACTED} names {key}, which is no record under {_rel(runs)}" for key in retracted
-               if key not in seen]
-    return keep, listed, unknown
+    problems = [f"{RETRACTED} names {key}, which is no record under {_rel(runs)}" for key in retracted
+                if key not in seen]
+    problems += [f"{RETRACTED}: the entry of {key} for {_retracted_rows(metrics, where)} retracts no row of any "
+                 "record it names" for key, entries in retracted.items() if key in seen
+                 for i, (metrics, where, _) in enumerate(entries) if (key, i) not in used]
+    return keep, listed, problems
+
+
+def _retracted_rows(metrics: list[str], where: dict) -> str:
+    return f"its rows of {', '.join(metrics)}" + "".join(f", {k}={v}" for k, v in where.items())
 
 
 def build_report(runs: Path, published: Path, out: Path, readme: Path | None) -> tuple[str, list[str]]:
@@ -623,8 +635,8 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     problems met (files skipped, with why), as repository-relative messages."""
     papers = load_published(published)
     records, skipped = load_records(runs)
-    records, retracted, unknown = _split_retracted(records, runs, out)
-    problems = [f"skipped {_rel(path)}: {why}" for path, why in skipped] + unknown
+    records, retracted, unretracted = _split_retracted(records, runs, out)
+    problems = [f"skipped {_rel(path)}: {why}" for path, why in skipped] + unretracted
     used = [(path, record) for path, record in records if record.status in USABLE]
     unused = [_unused_line(path, record, runs, out) for path, record in records if record.status not in USABLE]
     by_card = {name: [evaluate_by_card(c, records) for c in claims] for name, (_, claims) in papers.items()}

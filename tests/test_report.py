@@ -186,7 +186,18 @@ def test_a_retracted_record_is_listed_with_its_reason_and_used_for_nothing(tree,
     with gzip.open(tree / "out" / "report" / "rows.csv.gz", "rt") as fh:
         text = fh.read()
         assert "wrong.json" not in text and "also.json" not in text
-    assert any("toy/other/*" in p for p in problems)
+    # the pattern's entry retracts rows of some of its records, not of a.json (no peak memory): no problem
+    assert [p for p in problems if "retracted.yaml" in p] == \
+        ["retracted.yaml names toy/other/*, which is no record under " + str(runs)]
+    # an entry that retracts no row of any record its name matches: a typo, named as unknown names are
+    (runs / "retracted.yaml").write_text("toy/bench/*.json: {metrics: [peak_memory], where: {mode: bwd}, why: fix}\n"
+                                         "toy/bench/also.json: {metrics: [peak_memory], where: {mode: bwd}, why: y}\n"
+                                         "toy/bench/wrong.json: {metrics: [peak_memroy], where: {mode: fwd}, "
+                                         "why: x}\n")
+    report, problems = build_report(runs, tree / "published", tree / "out", tree / "README.md")
+    assert [p for p in problems if "retracted.yaml" in p] == \
+        ["retracted.yaml: the entry of toy/bench/wrong.json for its rows of peak_memroy, mode=fwd retracts no row of "
+         "any record it names"]  # also.json's entry retracts rows the pattern's retracted first: no problem either
     for bad in ("- toy/bench/wrong.json\n", "toy/bench/wrong.json: {metrics: [], why: none}\n"):
         (runs / "retracted.yaml").write_text(bad)
         with pytest.raises(ValueError, match="retracted.yaml"):
