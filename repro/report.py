@@ -354,25 +354,28 @@ def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
 
 
 def rows_to_plot(records: list[tuple[Path, RunRecord]]) -> dict[tuple[str, str], tuple[list, list[RunRecord]]]:
-    """Per task and card, the rows to plot: each panel (a row's `series` and `mode` extras, the plots' rows and
-    columns) from that card's best record that has it: a whole run before a killed one, then the newest of those
-    with at least half the points of the fullest (a run narrowed to one length does not hide a sweep). So a run
-    that measured only some settings or modes hides none of the others, and one card's run never hides another
-    card's. Also the records used, newest first."""
+    """Per task and card, the rows to plot: each line (a provider's rows of a metric, over one baseline for a
+    ratio, in one panel: a row's `series` and `mode` extras, the plots' rows and columns) from that card's best
+    record that has it: a whole run before a killed one, then the newest of those with at least half the points
+    of the fullest (a run narrowed to one length does not hide a sweep). A line's rows come from one record. So a
+    run that measured only some providers, settings or modes hides none of the others, a sweep whose rows of a
+    provider were retracted hides no later run's rows of it, and one card's run never hides another card's. Also
+    the records used, newest first."""
     candidates: dict[tuple, list[tuple[RunRecord, list]]] = collections.defaultdict(list)
     for _, rec in records:
         if rec.status not in USABLE or rec.scale == "smoke":
             continue
-        panels = collections.defaultdict(list)
+        lines = collections.defaultdict(list)
         for row in rec.rows:
-            panels[_panel(row)].append(row)
-        for panel, rows in panels.items():
-            candidates[rec.task, rec.gpu_name, panel].append((rec, rows))
+            if row.status == "ok" and row.p50 is not None:  # a record whose rows of a line all failed lacks it
+                lines[_panel(row), row.metric, str(row.extra.get("baseline", "")), row.provider].append(row)
+        for line, rows in lines.items():
+            candidates[rec.task, rec.gpu_name, line].append((rec, rows))
     best = {key: _fullest_then_newest(found) for key, found in candidates.items()}
-    with_modes = {(task, card, series) for task, card, (series, mode) in best if mode}
+    with_modes = {(task, card, series) for task, card, ((series, mode), *_) in best if mode}
     out: dict[tuple[str, str], tuple[list, list[RunRecord]]] = {}
-    for (task, card, (series, mode)), (rec, rows) in sorted(best.items(), key=lambda kv: kv[1][0].started,
-                                                             reverse=True):
+    for (task, card, ((series, mode), *_)), (rec, rows) in sorted(best.items(), key=lambda kv: kv[1][0].started,
+                                                                   reverse=True):
         if not mode and (task, card, series) in with_modes:
             continue  # rows from before the task timed several modes: the newer records' modes stand for them
         plotted, used = out.setdefault((task, card), ([], []))

@@ -1,4 +1,5 @@
 """The comparator and report, from fixture records and a fixture claims file."""
+import collections
 import csv
 import dataclasses
 import gzip
@@ -363,6 +364,35 @@ def test_a_run_narrowed_to_one_point_does_not_hide_a_sweep():
     short = rec("bench", "small", [point(x, 4.0) for x in (1, 2)], started="2026-11-04T00:00:00+00:00")
     rows, used = rows_to_plot([(Path("t"), newer_sweep), (Path("u"), short)])["bench", sweep.gpu_name]
     assert used == [short]
+
+
+def test_each_line_comes_from_the_best_record_that_has_it():
+    """A sweep whose rows of a provider or of a metric were retracted hides no later, narrower run's rows of them;
+    and a line's rows come from one record, never some from each."""
+    from repro.report import rows_to_plot
+
+    def point(provider, x, value, metric="speedup"):
+        return Row(provider, "n", x, metric, "x", value, extra={"series": "a", "mode": "fwd"})
+
+    # as the report sees a sweep whose rows of `split`, and of `ours`' time, were retracted
+    sweep = rec("bench", "small", [point("ours", x, 1.0) for x in (1, 2, 3, 4)] +
+                [point("base", x, 1.0, "time") for x in (1, 2, 3, 4)], started="2026-11-01T00:00:00+00:00")
+    rerun = rec("bench", "small", [point("ours", 4, 2.0), point("ours", 4, 2.0, "time"), point("split", 4, 3.0),
+                                   point("split", 4, 3.0, "time")], started="2026-11-02T00:00:00+00:00")
+    rows, used = rows_to_plot([(Path("s"), sweep), (Path("r"), rerun)])["bench", sweep.gpu_name]
+    lines = collections.defaultdict(list)
+    for r in rows:
+        lines[r.provider, r.metric].append((r.x_value, r.p50))
+    # `ours`' speedups: the sweep's four, none of the narrower run's
+    assert dict(lines) == {("ours", "speedup"): [(x, 1.0) for x in (1, 2, 3, 4)],
+                           ("base", "time"): [(x, 1.0) for x in (1, 2, 3, 4)], ("ours", "time"): [(4, 2.0)],
+                           ("split", "speedup"): [(4, 3.0)], ("split", "time"): [(4, 3.0)]}
+    assert used == [rerun, sweep]
+    # a newer run in which `split` failed (out of memory) has no line of it to draw: the one that measured it does
+    failed = rec("bench", "small", [Row("split", "n", 4, "speedup", "x", None, status="oom",
+                                        extra={"series": "a", "mode": "fwd"})], started="2026-11-03T00:00:00+00:00")
+    rows, used = rows_to_plot([(Path("s"), sweep), (Path("r"), rerun), (Path("f"), failed)])["bench", sweep.gpu_name]
+    assert [(r.x_value, r.p50) for r in rows if (r.provider, r.metric) == ("split", "speedup")] == [(4, 3.0)]
 
 
 def test_each_card_gets_its_own_plots_from_its_own_newest_records(tree, monkeypatch):
