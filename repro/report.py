@@ -354,24 +354,34 @@ def write_csv(records: list[tuple[Path, RunRecord]], path: Path) -> None:
 
 
 def rows_to_plot(records: list[tuple[Path, RunRecord]]) -> dict[tuple[str, str], tuple[list, list[RunRecord]]]:
-    """Per task and card, the rows to plot: each line (a provider's rows of a metric, over one baseline for a
-    ratio, in one panel: a row's `series` and `mode` extras, the plots' rows and columns) from that card's best
-    record that has it: a whole run before a killed one, then the newest of those with at least half the points
-    of the fullest (a run narrowed to one length does not hide a sweep). A line's rows come from one record. So a
-    run that measured only some providers, settings or modes hides none of the others, a sweep whose rows of a
-    provider were retracted hides no later run's rows of it, and one card's run never hides another card's. Also
-    the records used, newest first."""
-    candidates: dict[tuple, list[tuple[RunRecord, list]]] = collections.defaultdict(list)
+    """Per task and card, the rows to plot. Each panel (a row's `series` and `mode` extras, the plots' rows and
+    columns) is drawn from that card's best record that has it: a whole run before a killed one, then the newest
+    of those with at least half the points of the fullest (a run narrowed to one length does not hide a sweep).
+    Each line of the panel (a provider's rows of a metric, over one baseline for a ratio) comes whole from the
+    best of that record and the newer ones that have it: a sweep whose rows of a provider were retracted hides no
+    later run's rows of it, while an older run's lines (a provider since renamed) stay out. So a run that measured
+    only some providers, settings or modes hides none of the others, and one card's run never hides another
+    card's. Also the records used, newest first."""
+    panels: dict[tuple, list[tuple[RunRecord, list]]] = collections.defaultdict(list)
+    lines: dict[tuple, list[tuple[RunRecord, list]]] = collections.defaultdict(list)
     for _, rec in records:
         if rec.status not in USABLE or rec.scale == "smoke":
             continue
-        lines = collections.defaultdict(list)
+        by_line = collections.defaultdict(list)
         for row in rec.rows:
             if row.status == "ok" and row.p50 is not None:  # a record whose rows of a line all failed lacks it
-                lines[_panel(row), row.metric, str(row.extra.get("baseline", "")), row.provider].append(row)
-        for line, rows in lines.items():
-            candidates[rec.task, rec.gpu_name, line].append((rec, rows))
-    best = {key: _fullest_then_newest(found) for key, found in candidates.items()}
+                by_line[_panel(row), row.metric, str(row.extra.get("baseline", "")), row.provider].append(row)
+        for panel in {line[0] for line in by_line}:
+            panels[rec.task, rec.gpu_name, panel].append((rec, [r for line, rows in by_line.items()
+                                                                if line[0] == panel for r in rows]))
+        for line, rows in by_line.items():
+            lines[rec.task, rec.gpu_name, line].append((rec, rows))
+    since = {key: _fullest_then_newest(found)[0].started for key, found in panels.items()}
+    best = {}
+    for (task, card, line), found in lines.items():
+        newer = [(rec, rows) for rec, rows in found if rec.started >= since[task, card, line[0]]]
+        if newer:
+            best[task, card, line] = _fullest_then_newest(newer)
     with_modes = {(task, card, series) for task, card, ((series, mode), *_) in best if mode}
     out: dict[tuple[str, str], tuple[list, list[RunRecord]]] = {}
     for (task, card, ((series, mode), *_)), (rec, rows) in sorted(best.items(), key=lambda kv: kv[1][0].started,

@@ -393,6 +393,11 @@ def test_each_line_comes_from_the_best_record_that_has_it():
                                         extra={"series": "a", "mode": "fwd"})], started="2026-11-03T00:00:00+00:00")
     rows, used = rows_to_plot([(Path("s"), sweep), (Path("r"), rerun), (Path("f"), failed)])["bench", sweep.gpu_name]
     assert [(r.x_value, r.p50) for r in rows if (r.provider, r.metric) == ("split", "speedup")] == [(4, 3.0)]
+    # a run older than the panel's sweep draws none of its lines there (a provider since renamed)
+    older = rec("bench", "small", [point("flash", x, 1.5) for x in (1, 2, 3, 4)],
+                started="2026-10-01T00:00:00+00:00")
+    rows, used = rows_to_plot([(Path("o"), older), (Path("s"), sweep), (Path("r"), rerun)])["bench", sweep.gpu_name]
+    assert "flash" not in {r.provider for r in rows} and older not in used
 
 
 def test_each_card_gets_its_own_plots_from_its_own_newest_records(tree, monkeypatch):
