@@ -134,6 +134,14 @@ def test_a_tasks_validate_names_the_value_and_the_valid_ones(override, expected,
     assert all(word in message for word in expected), message
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_lean_decode_refuses_graph_timing_on_the_device_it_got(tmp_path):
+    """scale.device=auto passes validate (which may run where the jobs do not); the run checks the device it got."""
+    code, _, err = run_inline("task=lean_decode", "scale=smoke", "scale.device=auto", "decode.timing=[graph]",
+                              "logger=none", f"hydra.run.dir={tmp_path}")
+    assert code == 2 and "decode.timing=['graph'] names graph" in err, err[-2000:]
+
+
 def test_overrides_are_checked_before_hydra_runs():
     from repro.cli import check_overrides
     assert check_overrides(["task=nosuch"]).startswith("task='nosuch' is not one of ['compress_then_prompt', ")

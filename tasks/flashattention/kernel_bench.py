@@ -62,7 +62,7 @@ def grid(kernel: DictConfig) -> list[Point]:
         checks.flag(key("causal"), spec["causal"], many=True)
         checks.flag(key("padding_mask"), spec["padding_mask"])
         axes = [checks.axis(key(k), spec[k]) for k in GRID_KEYS]
-        _check_divides(spec, seq_lens=axes[0], head_dims=axes[1], key=key)
+        _check_heads_divide(spec, head_dims=axes[1], key=key)
         # a mask or dropout the setting takes from kernel.* (not its own) is named, so that such a run is plotted
         # beside the plain one, not in its place
         variant = (" padded" if spec["padding_mask"] and "padding_mask" not in overrides else "") + \
@@ -78,17 +78,11 @@ def grid(kernel: DictConfig) -> list[Point]:
     return points
 
 
-def _check_divides(spec: dict, seq_lens: list, head_dims: list, key: Callable[[str], str]) -> None:
-    """batch = tokens / seq_len and heads = hidden / head_dim, where not given, must come out whole: rounded
-    down, a point would measure fewer tokens or a narrower model than asked (hidden 2048 in heads of 96 is 21
-    heads, 2016 wide). A length beyond `tokens` runs one sequence, as the `long` setting's do."""
-    if spec["batch"] is None:
-        for seq_len in seq_lens:
-            if seq_len < spec["tokens"] and spec["tokens"] % seq_len:
-                raise ConfigError(f"{key('tokens')}={spec['tokens']} is not a multiple of {key('seq_len')}={seq_len}: "
-                                  f"batch = tokens / seq_len would be {spec['tokens'] // seq_len} sequences, "
-                                  f"{spec['tokens'] // seq_len * seq_len} tokens; give tokens that every length "
-                                  f"up to it divides, or set {key('batch')}")
+def _check_heads_divide(spec: dict, head_dims: list, key: Callable[[str], str]) -> None:
+    """heads = hidden / head_dim, where heads are not given, must come out whole: rounded down, a point would
+    measure a narrower model than asked (hidden 2048 in heads of 96 is 21 heads, 2016 wide). batch = tokens /
+    seq_len may round down (a length that does not divide the tokens, as a user's 3000 of 16384 does): each row
+    records its batch."""
     if spec["heads"] is None:
         for head_dim in head_dims:
             if spec["hidden"] % head_dim:

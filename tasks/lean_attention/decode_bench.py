@@ -33,7 +33,7 @@ from effrepro_kernels.decode_attention import SCHEDULES
 from repro import checks
 from repro.bench import Call, Point, Provider, copy_bandwidth, run_benchmark
 from repro.checks import as_list
-from repro.context import ConfigError, RunContext, resolve_device
+from repro.context import ConfigError, RunContext
 from repro.records import Row
 from repro.timing import BACK_TO_BACK
 from tasks.common.sdpa import SDPA_BACKENDS, first_call
@@ -121,10 +121,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("warmup_ms", "rep_ms"):
         checks.number(f"decode.{key}", spec[key], integer=False, at_least=1e-3, finite=True)
     timings = checks.choices("decode.timing", spec.timing, BACK_TO_BACK)
-    device = resolve_device(cfg.scale)
-    if "graph" in timings and device.type != "cuda":  # measure would time such rows from Python, labelled graph
-        raise ConfigError(f"decode.timing={timings} names graph, replays of CUDA graphs, which the {device.type} "
-                          "has none of: use decode.timing=[eager] there (as scale=smoke does)")
+    if cfg.scale.device == "cpu":  # checked again in `run` on the device it got (validate may run on a login node)
+        check_timing(timings, "cpu")
     pairs = []
     for heads in checks.axis("decode.heads", spec.heads):
         parts = str(heads).split("/")
@@ -136,9 +134,17 @@ def validate(cfg: DictConfig) -> None:
     grid(spec, timings[0])
 
 
+def check_timing(timings: list[str], device_type: str) -> None:
+    """Graph timing needs CUDA graphs: elsewhere `measure` would time those calls from Python, labelled graph."""
+    if "graph" in timings and device_type != "cuda":
+        raise ConfigError(f"decode.timing={timings} names graph, replays of CUDA graphs, which the {device_type} "
+                          "has none of: use decode.timing=[eager] there (as scale=smoke does)")
+
+
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     spec = cfg.decode
     names = as_list(spec.providers)
+    check_timing(as_list(spec.timing), ctx.device.type)
     copy = copy_bandwidth(ctx.device, int(spec.copy_bytes))
     yield copy
     rotate = int(spec.rotate_bytes)
