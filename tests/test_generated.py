@@ -27,8 +27,39 @@ def test_an_interrupted_build_is_built_again_and_other_metadata_rebuilds(tmp_pat
 
     with pytest.raises(KeyboardInterrupt):
         cached_dataset(tmp_path, "set", {"seed": (1, 2)}, lambda path: build(path, fail=True))
-    assert not (tmp_path / "set.json").exists()
+    assert not (tmp_path / "set.json").exists() and not (tmp_path / "set").exists()
     assert cached_dataset(tmp_path, "set", {"seed": (1, 2)}, build)["a"] == [2]
     assert cached_dataset(tmp_path, "set", {"seed": (1, 2)}, build)["a"] == [2] and len(built) == 2
     assert cached_dataset(tmp_path, "set", {"seed": (1, 3)}, build)["a"] == [3]
     assert "regenerating" in capsys.readouterr().out
+
+
+def test_a_second_job_waits_for_the_build_under_way_and_uses_it(tmp_path, capsys):
+    """Two jobs of a sweep (hydra/launcher=local starts them at once) on one cache: the second saw the first's
+    folder before its metadata, said 'regenerating' and deleted it while the first was still building."""
+    import threading
+    import time
+
+    import datasets as hf
+
+    built, started = [], threading.Event()
+
+    def build(path):
+        built.append(path)
+        hf.Dataset.from_list([{"a": 1}]).save_to_disk(str(path))
+        started.set()
+        time.sleep(0.5)  # the rest of a long build: the second job starts meanwhile
+
+    loaded = {}
+
+    def job(name):
+        loaded[name] = cached_dataset(tmp_path, "set", {"seed": 1}, build)["a"]
+
+    first = threading.Thread(target=job, args=("first",))
+    first.start()
+    started.wait()
+    job("second")
+    first.join()
+    assert loaded == {"first": [1], "second": [1]} and len(built) == 1
+    out = capsys.readouterr().out
+    assert "regenerating" not in out and f"waiting for another job to make {tmp_path / 'set'}" in out
