@@ -35,8 +35,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The weights alone must fit this many times over: activations, logits and the loader's temporary copies need room.
 MEMORY_HEADROOM = 1.2
 # in a trained model's fingerprint, with its tokens' CACHE_VERSION: bump it when a change here would train a
-# different model
-TRAINED_VERSION = 1
+# different model or leaves older caches unusable (2: metadata.json records the corpus's token stream)
+TRAINED_VERSION = 2
 OFFLINE_MODELS = "model=tiny_llama, smollm2 or trained"
 
 
@@ -266,8 +266,9 @@ def trained_dir(cfg) -> Path:
 
 
 def trained_metadata(cfg) -> dict:
-    """What the cache says of a trained model: the commit that made it, its validation perplexity next to a
-    unigram model's on the same tokens, its training rows (see `train_model`)."""
+    """What the cache says of a trained model: the commit that made it, the fingerprint of the token stream it
+    was trained on, its validation perplexity next to a unigram model's on the same tokens, its training rows (see
+    `train_model`)."""
     path = trained_dir(cfg) / "metadata.json"
     if not path.is_file():
         raise ValueError(f"model={cfg.name} is not trained yet ({path} is missing); load_model trains it")
@@ -283,7 +284,8 @@ def _check_trainable(cfg, device: torch.device) -> None:
     if device.type != "cuda" and not cfg.get("train_on_cpu", False) and not _is_cached(cfg):
         raise ConfigError(f"model={cfg.name} is not in the cache ({trained_dir(cfg)}) and trains first, which takes "
                           f"minutes on a GPU and hours on {device}: use model=trained_tiny here, run on a GPU, or "
-                          "copy the cached folder from a GPU machine (model.train_on_cpu=true trains it here anyway)")
+                          "copy the cached folder from a GPU machine with the same corpus (the same Python "
+                          "installation) (model.train_on_cpu=true trains it here anyway)")
 
 
 def _load_trained(cfg, device, dtype):
@@ -293,17 +295,31 @@ def _load_trained(cfg, device, dtype):
     _check_trainable(cfg, device)
     if not _is_cached(cfg):
         train_model(cfg, device, folder)
+    _check_corpus(cfg, folder)
     config = AutoConfig.from_pretrained(folder)
     check_fits(config, dtype, device, f"model={cfg.name}")
     return _pretrained(folder, device, dtype, config=config), AutoTokenizer.from_pretrained(folder)
 
 
+def _check_corpus(cfg, folder: Path) -> None:
+    """The model's corpus (model.data) must give here the token stream it was trained on: its held-out part is the
+    `stdlib` evaluation text, which could otherwise hold files the model trained on (a cached folder copied from
+    a machine with another standard library, or a corpus changed since)."""
+    trained_on = trained_metadata(cfg)["stream"]
+    here = load_token_stream(cfg.data, cfg.cache).fingerprint
+    if here != trained_on:
+        raise ConfigError(f"model={cfg.name} in {folder} was trained on the token stream {trained_on}, and its corpus "
+                          f"(model.data) gives {here} here: other files, or files changed since (their sizes and "
+                          "times are read), so its held-out part would not be the model's; delete the folder to "
+                          "train the model on this corpus")
+
+
 def train_model(cfg, device: torch.device, folder: Path) -> None:
     """Train the model `cfg` describes on its corpus (`cfg.data`, the local one by default) with the shared loop,
     and cache it in `folder`, whole or not at all: weights, config, tokenizer, and metadata.json with the
-    commit that made it, the validation perplexity of the model and of a unigram model on the same tokens (all
-    of the held-out part, in chunks of the model's context), and the training rows. A killed run resumes from
-    its checkpoint beside `folder` (the training loop's)."""
+    commit that made it, the fingerprint of the corpus's token stream (`stream`), the validation perplexity of the
+    model and of a unigram model on the same tokens (all of the held-out part, in chunks of the model's context),
+    and the training rows. A killed run resumes from its checkpoint beside `folder` (the training loop's)."""
     stream = load_token_stream(cfg.data, cfg.cache)
     seqlen, sequences = cfg.arch.context, cfg.batch.sequences
     stream.check_fits(seqlen, "model.arch.context", "model.data")
@@ -322,7 +338,7 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
 
     trainee = Trainee(cfg.name, model, batches, evaluate, tokens_per_step=sequences * seqlen * spec.grad_accum,
                       flops_per_token=model_flops_per_token(model, cfg.arch.layers, cfg.arch.hidden, seqlen),
-                      extra={"model": cfg.name}, fingerprint=folder.name)
+                      extra={"model": cfg.name}, fingerprint=fingerprint([folder.name, stream.fingerprint]))
     print(f"[models] model={cfg.name} is not in the cache ({folder}): training it first, {spec.steps} steps on "
           f"{device}", flush=True)
     checkpoints = folder.with_name(folder.name + ".checkpoints")
@@ -333,8 +349,9 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
     final = perplexity(model, val, seqlen, progress=False)
     env = capture_environment(on_gpu=device.type == "cuda")
     metadata = {
-        "name": cfg.name, "fingerprint": folder.name, "created": utc_now(), "git_sha": env["git_sha"],
-        "git_dirty": env["git_dirty"], "trained_on": env["gpu_name"] or "cpu", "train_seconds": seconds,
+        "name": cfg.name, "fingerprint": folder.name, "stream": stream.fingerprint, "created": utc_now(),
+        "git_sha": env["git_sha"], "git_dirty": env["git_dirty"], "trained_on": env["gpu_name"] or "cpu",
+        "train_seconds": seconds,
         "parameters": sum(p.numel() for p in model.parameters()), "train_tokens": len(stream.train),
         "val_tokens": len(val), "seqlen": seqlen, "scored_tokens": final.tokens,
         "val_perplexity": final.ppl, "unigram_val_perplexity": unigram.ppl,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import CONF
+from conftest import CONF, local_corpus
 from hydra import compose, initialize_config_dir
 from transformers import LlamaForCausalLM
 
@@ -14,6 +14,7 @@ import repro.models
 from repro.context import ConfigError, capture_environment
 from repro.evaluation import eval_text, perplexity
 from repro.models import byte_tokenizer, load_model, trained_dir, trained_metadata
+from repro.text_data import load_token_stream
 
 
 def model_config(name: str, *overrides: str):
@@ -163,6 +164,7 @@ def test_the_trained_model_trains_once_caches_with_its_commit_and_perplexities_a
     assert isinstance(model, LlamaForCausalLM) and not model.training and model.config.num_key_value_heads == 2
     meta = trained_metadata(cfg)
     assert meta["git_sha"] == capture_environment()["git_sha"]
+    assert meta["stream"] == load_token_stream(cfg.data, cfg.cache).fingerprint
     assert math.isfinite(meta["val_perplexity"]) and meta["val_perplexity"] > 1
     assert math.isfinite(meta["unigram_val_perplexity"]) and meta["unigram_val_perplexity"] > 1
     assert meta["scored_tokens"] == (meta["val_tokens"] // 64) * 63  # all of the held-out part, in chunks of 64
@@ -175,6 +177,51 @@ def test_the_trained_model_trains_once_caches_with_its_commit_and_perplexities_a
     assert tok_again.encode("import os") == tok.encode("import os")
     assert trained_dir(model_config("trained_tiny", f"model.cache={tmp_path}", "model.train.steps=13")) != \
         trained_dir(cfg)  # another setting is another model
+
+
+def corpus_config(tmp_path, documents: int = 30):
+    """trained_tiny on a corpus of its own in tmp_path/corpus: a few kilobytes of Python-like lines a document."""
+    import random
+
+    r = random.Random(0)
+    words = ["def", "return", "self", "import", "value", "class", "for", "in", "if", "else", "x", "y", "(", ")"]
+    local_corpus(tmp_path / "corpus", ["\n".join(" ".join(r.choice(words) for _ in range(12)) for _ in range(40))
+                                       for _ in range(documents)])
+    return model_config("trained_tiny", f"model.cache={tmp_path}/cache", f"model.data.folder={tmp_path}/corpus",
+                        "model.data.pattern=*.txt")
+
+
+def test_a_trained_model_whose_corpus_reads_otherwise_here_is_refused_naming_both_token_streams(tmp_path):
+    """A cached model copied from a machine with another standard library (or a corpus changed since) would
+    evaluate on a held-out part that is not its own: files it trained on."""
+    cfg = corpus_config(tmp_path)
+    load_model(cfg, "cpu")
+    trained_on = trained_metadata(cfg)["stream"]
+    assert trained_on == load_token_stream(cfg.data, cfg.cache).fingerprint
+    (tmp_path / "corpus" / "doc0.txt").write_text("x = 1\n")
+    here = load_token_stream(cfg.data, cfg.cache).fingerprint
+    with pytest.raises(ConfigError) as error:
+        load_model(cfg, "cpu")
+    assert (f"model=trained_tiny in {trained_dir(cfg)} was trained on the token stream {trained_on}, and its corpus "
+            f"(model.data) gives {here} here") in str(error.value) and "delete the folder" in str(error.value)
+    assert trained_metadata(cfg)["stream"] == trained_on  # the cached model is left as it was
+
+
+def test_a_killed_training_resumes_only_on_the_same_corpus(tmp_path, monkeypatch):
+    """The checkpoint's identity names the token stream: steps trained on other files are not carried on."""
+    identities = []
+
+    def train(trainee, *args):
+        identities.append(trainee.fingerprint)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repro.models, "train", train)
+    cfg = corpus_config(tmp_path)
+    for text in ("x = 1\n", "x = 2\n"):
+        (tmp_path / "corpus" / "doc0.txt").write_text(text)
+        with pytest.raises(KeyboardInterrupt):
+            repro.models.train_model(cfg, torch.device("cpu"), trained_dir(cfg))
+    assert identities[0] != identities[1]
 
 
 def test_a_corpus_too_small_for_the_trained_models_context_is_refused_naming_the_models_keys(tmp_path):
