@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .checks import names_a_path
@@ -47,8 +48,9 @@ def known_models() -> list[str]:
 
 def require_model(cfg: DictConfig, what: str) -> None:
     """For a task's validate: a model chosen, and all that loading it on the scale's device needs short of
-    reading a weight (packages, files, a Hub name, a GPU to train it on); else a ConfigError naming it, before
-    any work. `what` says what the task does with the model."""
+    reading a weight (packages, files, a Hub name, a GPU to train it on), and no data.* set for a model with a
+    corpus of its own; else a ConfigError naming it, before any work. `what` says what the task does with the
+    model."""
     if cfg.get("model") is None:
         raise ConfigError(f"task={cfg.task.name} {what}: choose one with model=<name>, one of {known_models()}")
     model_cfg, source = cfg.model, _source(cfg.model)
@@ -58,6 +60,24 @@ def require_model(cfg: DictConfig, what: str) -> None:
         _hub_name(model_cfg)
     elif source == "trained":
         _check_trainable(model_cfg, resolve_device(cfg.scale))
+    if model_cfg.get("data") is not None:
+        _check_no_data_set(cfg)
+
+
+def _check_no_data_set(cfg: DictConfig) -> None:
+    """A model trained by this suite brings its own corpus, model.data: the tasks read its held-out part (the
+    `stdlib` text) and train on it in place of the task's `data`, whose overrides would be silently ignored.
+    Only overrides are refused: a task's scale may set `data` for the models without a corpus of their own."""
+    # a job's config has no `hydra` node (HydraConfig holds it); a config composed with return_hydra_config has
+    hydra = cfg.get("hydra") or (HydraConfig.get() if HydraConfig.initialized() else None)
+    overrides = list(hydra.overrides.task) if hydra else []
+    # data.folder=x, +data.x=1, ~data.x, lm_data@data=default: the config key (or package) before any '.'
+    ignored = [o for o in overrides if o.lstrip("+~").split("=")[0].split("@")[-1].split(".")[0] == "data"]
+    if ignored:
+        raise ConfigError(f"model={cfg.model.name} brings its own corpus, model.data (it trains on it and holds out "
+                          f"its last part as the stdlib text), so {' '.join(ignored)} would be ignored: set "
+                          "model.data.<key> instead (a model trained on that corpus), or use a model that reads "
+                          "data.* (tiny_llama, smollm2, hf)")
 
 
 def _source(model_cfg: DictConfig) -> str:

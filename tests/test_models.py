@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import CONF, local_corpus
+from conftest import CONF, local_corpus, run_inline
 from hydra import compose, initialize_config_dir
 from transformers import LlamaForCausalLM
 
@@ -97,6 +97,26 @@ def test_a_local_model_folder_that_is_missing_is_refused_before_any_work(name, t
     (tmp_path / "local").mkdir()  # local/ckpt is a path here, not organisation/model
     message = refusal("task=lm_eval", "model=hf", f"model.name='{name}'")
     assert message.startswith(f"model.name={name!r} is no folder here")
+
+
+@pytest.mark.parametrize("setting", ["data.folder=/no/such/corpus", "data.max_files=3", "+data.extra=1"])
+def test_data_set_for_a_model_with_its_own_corpus_is_refused_naming_model_data(setting, refusal, compose):
+    """model=trained* reads model.data: data.folder=/no/such/corpus ran 'ok' on the model's own corpus."""
+    from repro.models import require_model
+    for task in ("lm_eval", "scissorhands_kv"):
+        message = refusal(f"task={task}", "model=trained_tiny", setting)
+        assert message.startswith(f"model=trained_tiny brings its own corpus, model.data (it trains on it and holds "
+                                  f"out its last part as the stdlib text), so {setting} would be ignored: set "
+                                  "model.data.<key> instead")
+    require_model(compose("task=lm_eval", "model=tiny_llama", setting), "evaluates")  # it reads data.*
+    require_model(compose("task=lm_eval", "model=trained_tiny", "model.data.max_files=3"), "evaluates")
+
+
+def test_the_command_line_refuses_data_set_for_a_model_with_its_own_corpus(tmp_path):
+    """A job's config has no `hydra` node: the overrides are read from Hydra's."""
+    code, _, err = run_inline("task=lm_eval", "model=trained_tiny", "data.folder=/no/such/corpus", "logger=none",
+                              f"paths.cache={tmp_path}/cache", f"hydra.run.dir={tmp_path}/job")
+    assert code == 2 and "so data.folder=/no/such/corpus would be ignored" in err, err[-2000:]
 
 
 def test_a_hub_name_or_a_local_model_folder_is_taken(tmp_path, monkeypatch, compose):
