@@ -114,6 +114,37 @@ def task_manager(tasks: tuple[str, ...], key: str = "tasks"):
         raise ConfigError(f"{key}: {exc}") from None
 
 
+@functools.lru_cache(maxsize=4)
+def check_offline(tasks: tuple[str, ...], key: str = "tasks") -> None:
+    """Offline (datasets' HF_HUB_OFFLINE or HF_DATASETS_OFFLINE), a task whose dataset is not in the local cache
+    fails the run where it is loaded, after the work before it. lm-eval says which dataset a task reads only by
+    building it (groups, tags, Python tasks, custom loaders), so each task is loaded now: seconds from the cache,
+    a miss at once. Online nothing is loaded here (the run downloads what it needs). Cached: a sweep's settings,
+    checked up front, share their tasks."""
+    import datasets
+
+    if not datasets.config.HF_HUB_OFFLINE:
+        return
+    for task in tasks:  # one by one: the error names the task that is missing
+        try:
+            load_tasks([task])
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+
+def load_tasks(tasks: list[str]) -> dict:
+    """lm-eval's tasks by name (a group's each), their datasets read; a ConfigError saying why where one cannot be."""
+    manager = task_manager(tuple(tasks))
+    try:
+        return manager.load(tasks)["tasks"]  # reads the tasks' datasets: where the Hub is needed, it fails here
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds offline
+        from_hub = [task for task in tasks if task not in _local_task_manager().all_tasks]
+        if from_hub:
+            raise hub_error(f"lm-eval tasks {from_hub}", exc, "our local task effrepro_mc") from None
+        raise ConfigError(f"lm-eval tasks {tasks} (ours, in {LOCAL_TASKS}) could not be loaded: "
+                          f"{first_line(exc)}") from None
+
+
 @functools.cache
 def _local_task_manager():
     """A TaskManager of our own tasks (LOCAL_TASKS) alone: it indexes in milliseconds."""
@@ -149,15 +180,7 @@ def evaluate_multiple_choice(lm: EffreproLM, tasks: list[str], num_fewshot: int 
     import lm_eval.evaluator
     from lm_eval.defaults import DEFAULT_OTHER_SEED
 
-    manager = task_manager(tuple(tasks))
-    try:
-        loaded = manager.load(tasks)["tasks"]  # reads the tasks' datasets: where the Hub is needed, it fails here
-    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds offline
-        from_hub = [task for task in tasks if task not in _local_task_manager().all_tasks]
-        if from_hub:
-            raise hub_error(f"lm-eval tasks {from_hub}", exc, "our local task effrepro_mc") from None
-        raise ConfigError(f"lm-eval tasks {tasks} (ours, in {LOCAL_TASKS}) could not be loaded: "
-                          f"{first_line(exc)}") from None
+    loaded = load_tasks(tasks)
     # what simple_evaluate sets, without its environment report (seconds a call, and a sweep makes many calls):
     # `num_fewshot` for every task but one whose config pins it to 0, which lm-eval never overrides
     for task in loaded.values():

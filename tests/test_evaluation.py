@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CONF, local_corpus, run_inline
+from conftest import CONF, local_corpus, run_inline, run_repro
 from hydra import compose, initialize_config_dir
 from lm_eval.api.instance import Instance
 
@@ -309,6 +309,19 @@ def test_the_local_task_runs_end_to_end_and_scores_every_question(tiny):
     assert {(r.metric, r.unit, r.n, r.extra["benchmark"], r.extra["num_fewshot"]) for r in rows} == {
         ("accuracy", "fraction", 4, "effrepro_mc", 3), ("accuracy_norm", "fraction", 4, "effrepro_mc", 3)}
 
+
+
+@pytest.mark.slow
+def test_offline_an_lm_eval_task_missing_from_the_cache_is_refused_before_any_work(tmp_path, monkeypatch):
+    """It measured the perplexity rows, then failed loading the task."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache, whatever this machine's holds
+    result = run_repro("task=lm_eval", "model=tiny_llama", "eval.tasks=[hellaswag]", "logger=none",
+                       f"paths.cache={tmp_path}/cache", f"hydra.run.dir={tmp_path}/job")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "eval.tasks: lm-eval tasks ['hellaswag'] could not be loaded" in result.stderr
+    assert "(offline mode: HF_HUB_OFFLINE=1)" in result.stderr
+    assert json.loads((tmp_path / "job" / "record.json").read_text())["rows"] == []
 
 
 def test_a_local_task_that_cannot_be_loaded_says_why_and_blames_no_hub(tiny, local_task, monkeypatch):
