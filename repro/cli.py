@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
+import math
 import os
 import re
 import shutil
@@ -236,6 +237,7 @@ def claim_folder(output_dir: Path) -> None:
         taken = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         if job and marker.read_text() == owner:
+            os.utime(marker)  # newer than Hydra's account of this start, as a sweep's summary checks
             return
         raise ConfigError(f"{output_dir} is another job's folder (another run started in the same second); start "
                           "this one again (a new folder), or give it one with hydra.run.dir (hydra.sweep.dir for a "
@@ -310,26 +312,42 @@ class SweepSummary(Callback):
         if world()[0] != 0:
             return
         sweep = Path(config.hydra.sweep.dir)
-        # each job's folder holds Hydra's own account of it, whatever hydra.sweep.subdir names the folder
-        numbers = {p.parent.parent: OmegaConf.load(p).hydra.job.num for p in sweep.glob("**/.hydra/hydra.yaml")}
+        # Each job's folder holds Hydra's own account of it, whatever hydra.sweep.subdir names the folder, written
+        # as the job starts: this multirun's jobs wrote theirs since it began (multirun.yaml), and the folders an
+        # earlier multirun left in the sweep folder are not listed. File times are compared, not clocks: a job may
+        # run on another machine (SLURM), and the files are on one file system.
+        try:
+            began = (sweep / "multirun.yaml").stat().st_mtime
+        except FileNotFoundError:  # stopped before Hydra began the sweep
+            began = math.inf
+        numbers = {p.parent.parent: OmegaConf.load(p).hydra.job.num for p in sweep.glob("**/.hydra/hydra.yaml")
+                   if p.stat().st_mtime >= began}
         jobs = sorted(numbers, key=numbers.get)
         lines, not_ok = [], 0
         for job in jobs:
-            try:
-                record = load_record(job / "record.json")
-            except (OSError, ValueError):
-                status, text = "missing", f"no record: it stopped before its run began (see {_rel(job)})"
-            else:
-                committed = committed_copy(record, record_paths(record.config, record, job, numbers[job])[-1])
-                where = committed if record.status != "error" and committed else job / "record.json"
-                why = f"  ({record.error.splitlines()[0][:100]})" if record.error else ""
-                status, text = record.status, f"{len(record.rows):5} rows  {_rel(where)}{why}"
+            status, text = _job_outcome(job, numbers[job])
             not_ok += status != "ok"
             lines.append(f"  {job.relative_to(sweep).as_posix():28} {status:8} {text}")
         SweepSummary.failed = not_ok > 0
         begun = f"stopped after {len(jobs)} jobs begun (those not begun are not listed)" if stopped else \
             f"multirun of {len(jobs)} jobs"
         print(f"\n[repro] {begun}, {not_ok} not ok ({_rel(sweep)}):\n" + "\n".join(lines) + "\n", flush=True)
+
+
+def _job_outcome(job: Path, number: int) -> tuple[str, str]:
+    """A sweep job's status, and the summary's words about it, from its folder."""
+    marker = job / ".repro_job"  # the job that took the folder (`claim_folder`), after Hydra wrote its account there
+    if marker.exists() and marker.stat().st_mtime < (job / ".hydra" / "hydra.yaml").stat().st_mtime:
+        return "refused", ("its folder was an earlier job's, whose record it left as it was: it ran nothing (give the "
+                           "sweep a new hydra.sweep.dir)")
+    try:
+        record = load_record(job / "record.json")
+    except (OSError, ValueError):
+        return "missing", f"no record: it stopped before its run began (see {_rel(job)})"
+    committed = committed_copy(record, record_paths(record.config, record, job, number)[-1])
+    where = committed if record.status != "error" and committed else job / "record.json"
+    why = f"  ({record.error.splitlines()[0][:100]})" if record.error else ""
+    return record.status, f"{len(record.rows):5} rows  {_rel(where)}{why}"
 
 
 def _rel(path: Path) -> str:

@@ -1,6 +1,7 @@
 """The engine's behaviour through the command line, in this process (quick): bad input named before any work,
 failed points counted, runs that measured nothing failing, sweeps that run every job and list them all."""
 import json
+import os
 
 import pytest
 import torch
@@ -311,6 +312,20 @@ def test_a_sweep_runs_every_job_lists_them_all_and_fails_if_one_did(tmp_path, su
     assert all((tmp_path / folder.format(i) / "record.json").exists() for i in range(4))
 
 
+def test_a_sweep_into_an_earlier_sweeps_folder_lists_its_own_jobs_alone_and_fails(tmp_path):
+    """Its jobs find their folders taken and run nothing: each is a failure, the earlier jobs' records are not its
+    own, and a folder of the earlier sweep that it has no job for is not listed."""
+    entry = FAKE[len("task.entry="):]
+    code, out, err = run_inline("-m", "logger=none", f"hydra.sweep.dir={tmp_path}",
+                                f"{FAKE}all_ok,{entry}all_ok,{entry}all_ok")
+    assert code == 0 and "multirun of 3 jobs, 0 not ok" in out, err[-2000:]
+    code, out, err = run_inline("-m", "logger=none", f"hydra.sweep.dir={tmp_path}", f"{FAKE}all_ok,{entry}some_fail")
+    assert code == 1 and "is another job's folder" in err
+    summary = out[out.index("[repro] multirun of 2 jobs, 2 not ok"):]
+    lines = [line.split()[:2] for line in summary.splitlines()[1:] if line.strip()]
+    assert lines == [["0_flash_kernel", "refused"], ["1_flash_kernel", "refused"]], summary
+
+
 @pytest.mark.parametrize("sweep, expected", [
     (["-m", "task=flash_kernel", "kernel.seq_len=64,0"], ["kernel.seq_len=0 must be an integer >= 1 (in the job ",
                                                           "kernel.seq_len=0; no job was run)"]),
@@ -565,13 +580,17 @@ def test_a_run_in_another_jobs_folder_is_refused_and_its_record_kept(tmp_path, m
 
 
 def test_a_requeued_slurm_job_takes_its_own_folder_back(tmp_path, monkeypatch):
-    from repro.cli import claim_folder
+    from repro.cli import _job_outcome, claim_folder
     from repro.context import ConfigError
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     claim_folder(tmp_path)
+    os.utime(tmp_path / ".repro_job", (0, 0))  # taken long ago, and Hydra wrote its account of the restart since
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "hydra.yaml").write_text("")
     claim_folder(tmp_path)  # the same job, after a preemption
+    assert _job_outcome(tmp_path, 0)[0] == "missing"  # a sweep's summary: its own folder (no record yet), not refused
     monkeypatch.setenv("SLURM_JOB_ID", "4243")
     with pytest.raises(ConfigError, match="another job's folder"):
         claim_folder(tmp_path)
