@@ -6,8 +6,9 @@
     repro -m task=flash_kernel kernel.seq_len=1024,4096
 
 Exit status: 0 when every job measured something; 2 for bad input (nothing is measured); 1 when a job failed
-(a crash, or every point it tried failed); 128 + the signal when stopped (130: Ctrl-C, 143: SIGTERM). A multirun
-runs every job whatever the others did, then lists them all with their status and record.
+(a crash, every point it tried failed, or bad input found only after some points were measured); 128 + the signal
+when stopped (130: Ctrl-C, 143: SIGTERM). A multirun runs every job whatever the others did, then lists them all
+with their status and record.
 """
 from __future__ import annotations
 
@@ -178,7 +179,9 @@ def run_job(cfg: DictConfig) -> RunRecord:
         _collect(entry, cfg, ctx, record, logger, paths[0] if paths else None, cfg.record_every_s)
         _outcome(record)
     except ConfigError as exc:
-        record.status, record.error, paths = "error", str(exc), paths[:1]  # bad input measured nothing to commit
+        record.status, record.error = "error", str(exc)
+        if record.rows:  # found after points were measured: a failed run, whose rows are kept and committed
+            raise RunFailed(str(exc)) from None
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see main): the rows so far are kept, marked as such
         record.status, record.error = "killed", str(exc) or CTRL_C

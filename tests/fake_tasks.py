@@ -48,6 +48,11 @@ def bad_input(cfg, ctx):
     yield
 
 
+def bad_input_after_a_row(cfg, ctx):
+    yield from _rows(["ok"])
+    raise ConfigError("fake.texts=['gone'] cannot be loaded")
+
+
 def saved_after_first_row(cfg, ctx):
     """Yields a row, then looks at what its job folder holds: a job killed outright here keeps that."""
     import json

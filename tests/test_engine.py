@@ -274,6 +274,16 @@ def test_a_run_that_measured_nothing_commits_no_record(tmp_path):
     assert code == 1 and len(list((tmp_path / "runs").rglob("*.json"))) == 1  # one row: committed, with its error
 
 
+def test_bad_input_found_after_a_point_was_measured_fails_the_run_and_keeps_its_rows(tmp_path):
+    """As a crash does (exit 1, the record committed with its rows and the error), not as bad input (exit 2)."""
+    code, out, err = run_inline(FAKE + "bad_input_after_a_row", "logger=none", "scale.commit_records=true",
+                                f"paths.records={tmp_path}/runs", f"hydra.run.dir={tmp_path}/job")
+    assert code == 1 and "repro: failed: fake.texts=['gone'] cannot be loaded" in err, err[-2000:]
+    committed = list((tmp_path / "runs").rglob("*.json"))
+    assert len(committed) == 1 and json.loads(committed[0].read_text()) == record(tmp_path / "job")
+    assert record(tmp_path / "job")["status"] == "error" and len(record(tmp_path / "job")["rows"]) == 1
+
+
 def test_bad_input_starts_no_logger_and_commits_nothing(tmp_path):
     code, _, err = run_inline("kernel.providers=[standard,fastest]", "logger=wandb", "logger.mode=offline",
                               "scale.commit_records=true", f"paths.records={tmp_path}/runs", f"hydra.run.dir={tmp_path}/job")
