@@ -167,7 +167,8 @@ def run_job(cfg: DictConfig) -> RunRecord:
     output_dir = Path(hc.runtime.output_dir)
     record = RunRecord(task=cfg.task.name, paper=cfg.task.paper, scale=cfg.scale.name, claim_ids=[],
                        config=OmegaConf.to_container(cfg, resolve=True), overrides=list(hc.overrides.task),
-                       env=capture_environment(on_gpu=cfg.scale.device != "cpu"), started=utc_now())
+                       env=capture_environment(on_gpu=cfg.scale.device != "cpu", records=Path(cfg.paths.records)),
+                       started=utc_now())
     paths = record_paths(cfg, record, output_dir, hc.job.num if hc.mode == RunMode.MULTIRUN else None)
     if world()[0] != 0:  # under torchrun, rank 0 alone writes records and logs
         paths, cfg = [], OmegaConf.merge(cfg, {"logger": {"name": "none"}})

@@ -1,6 +1,7 @@
 """What a job knows about where it runs: device, seed, environment, output folder."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RECORDS = PROJECT_ROOT / "results" / "runs"  # conf/config.yaml's paths.records
 
 
 class ConfigError(ValueError):
@@ -78,16 +80,27 @@ def _package_versions() -> dict[str, str]:
     return found
 
 
-def capture_environment(on_gpu: bool = True) -> dict[str, Any]:
+def _dirty(records: Path) -> bool | None:
+    """Whether the tree differs from its commit (None where git cannot tell): an untracked file (a new task
+    module) is code the commit lacks. The records folder is left out: the records a sweep's earlier jobs wrote
+    there are not code, and would mark its later jobs dirty."""
+    paths = ["."]
+    with contextlib.suppress(ValueError):  # (a records folder outside the tree is not seen anyway)
+        paths.append(f":(exclude){records.resolve().relative_to(PROJECT_ROOT)}")
+    status = _git("status", "--porcelain", "--", *paths)
+    return None if status is None else bool(status)
+
+
+def capture_environment(on_gpu: bool = True, records: Path = DEFAULT_RECORDS) -> dict[str, Any]:
     """The code, versions and machine of a run; the GPU's name and properties only where the run uses it (a CPU
-    run on a GPU machine is a CPU record, named and reported as one)."""
+    run on a GPU machine is a CPU record, named and reported as one). `records` is where run records are
+    written (`paths.records`)."""
     import triton
 
-    status = _git("status", "--porcelain")  # an untracked file (a new task module) is code the commit lacks
     told = os.environ.get("REPRO_GIT_SHA")  # then whether that copy was dirty is not known
     env: dict[str, Any] = {
         "git_sha": code_version(),
-        "git_dirty": None if told or status is None else bool(status),
+        "git_dirty": None if told else _dirty(records),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "triton": triton.__version__,

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -138,6 +140,34 @@ def test_a_commit_told_through_the_environment_wins_over_the_local_git(monkeypat
     monkeypatch.setenv("REPRO_GIT_SHA", "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c")
     env = capture_environment()
     assert env["git_sha"] == "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c" and env["git_dirty"] is None
+
+
+def git_project(folder: Path) -> Path:
+    """A project of one committed file, in a git repository of its own."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=folder, check=True,
+                       capture_output=True)
+    git("init", "-q")
+    (folder / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "code")
+    return folder
+
+
+def test_the_records_folder_does_not_make_the_tree_dirty(tmp_path, monkeypatch):
+    """A sweep's records, written into the tree as it goes, are not code: they marked its later jobs dirty."""
+    from repro.context import capture_environment
+    project = git_project(tmp_path)
+    monkeypatch.setattr("repro.context.PROJECT_ROOT", project)
+    monkeypatch.delenv("REPRO_GIT_SHA", raising=False)
+    save_record(make_record(), project / "results" / "runs" / "paper" / "task" / "a.json")
+    assert capture_environment(records=project / "results" / "runs")["git_dirty"] is False
+    save_record(make_record(), project / "mine" / "a.json")  # paths.records=mine
+    assert capture_environment(records=project / "mine")["git_dirty"] is True  # results/runs is not it now
+    (project / "results" / "runs" / "paper" / "task" / "a.json").unlink()
+    assert capture_environment(records=project / "mine")["git_dirty"] is False
+    (project / "code.py").write_text("x = 2\n")
+    assert capture_environment(records=project / "mine")["git_dirty"] is True
 
 
 def test_the_environment_names_the_command_and_the_libraries_measured_against(monkeypatch):
