@@ -13,6 +13,7 @@ with their status and record.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import itertools
 import math
@@ -22,7 +23,7 @@ import shutil
 import signal
 import socket
 import sys
-import time
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +41,8 @@ from . import checks
 from .claims import claims_for_task, load_published
 from .context import (PROJECT_ROOT, ConfigError, RunContext, capture_environment, check_device,
                       reset_device_memory, resolve_device, seed_everything, utc_now, world)
-from .records import FAILED_ROW_STATUSES, RunRecord, committed_copy, load_record, save_new_record, save_record
+from .records import (FAILED_ROW_STATUSES, RunRecord, committed_copy, load_record, save_new_record, save_record,
+                      write_json_atomic)
 from .report import console_table, evaluate
 from .timing import is_out_of_memory
 from .wandb_logger import WANDB_MODES, NullLogger, make_logger
@@ -98,15 +100,61 @@ def _outcome(record: RunRecord) -> None:
                     f"{len(points) - len(failed)} unsupported)" + (f": {'; '.join(reasons[:3])}" if reasons else ""))
 
 
+class _Saver:
+    """Saves a running job's record at its first row (a job killed outright, out of host memory, keeps that
+    much), then from a thread every `every_s` seconds in which rows came (at every row where `every_s` is 0): rows
+    that came in a burst are on disk before a long stretch without any ends. What it saves is a copy taken as each
+    row came, never the live record, which the task may be changing meanwhile (ctx.env, a row's extras)."""
+
+    def __init__(self, path: Path, every_s: float):
+        self.path, self.every_s = path, every_s
+        self.rows: list[dict] = []  # only ever appended to: the thread reads the first n
+        self.unsaved: tuple[dict, int] | None = None  # the record but its rows, and how many rows, at the last row
+        self.lock, self.stopped = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._run, name="repro-record-saver", daemon=True)
+        if every_s > 0:
+            self.thread.start()
+
+    def add(self, record: RunRecord) -> None:
+        self.rows.append(dataclasses.asdict(record.rows[-1]))
+        with self.lock:
+            self.unsaved = dataclasses.replace(record, rows=[]).to_json(), len(self.rows)
+            if len(self.rows) == 1 or self.every_s == 0:
+                self._save()
+
+    def close(self) -> None:
+        """Stop the thread, waiting for a save under way: the final record, saved next (`_finish`), must not be
+        replaced by an older copy."""
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def _save(self) -> None:
+        head, n = self.unsaved
+        write_json_atomic(self.path, {**head, "rows": self.rows[:n]})
+        self.unsaved = None
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            with self.lock:
+                if self.unsaved and not self.stopped.is_set():
+                    try:
+                        self._save()
+                    except OSError as exc:  # (a full disk, say) tried again at the next tick; the run goes on
+                        print(f"[repro] could not save the record of the run so far: {exc}", file=sys.stderr)
+
+
 def _collect(entry, cfg, ctx, record: RunRecord, logger, checkpoint: Path | None, every_s: float) -> None:
-    last_save = time.monotonic()
-    for row in entry(cfg, ctx):
-        record.rows.append(row)
-        logger.log_rows([row])
-        # the first row at once: a job killed outright (out of host memory) keeps that much
-        if checkpoint and (len(record.rows) == 1 or time.monotonic() - last_save > every_s):
-            save_record(record, checkpoint)
-            last_save = time.monotonic()
+    saver = _Saver(checkpoint, every_s) if checkpoint else None
+    try:
+        for row in entry(cfg, ctx):
+            record.rows.append(row)
+            logger.log_rows([row])
+            if saver:
+                saver.add(record)
+    finally:
+        if saver:
+            saver.close()
 
 
 def check_job(cfg: DictConfig) -> Callable:

@@ -62,6 +62,19 @@ def saved_after_first_row(cfg, ctx):
     yield from _rows(["ok"] * len(saved["rows"]))
 
 
+def saved_during_a_pause(cfg, ctx):
+    """Yields three rows at once, then waits, as a long step would, until its job folder's record holds them (5 s
+    at most), and yields a row for each row the record held."""
+    import json
+
+    yield from _rows(["ok"] * 3)
+    saved, deadline = [], time.monotonic() + 5
+    while len(saved) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        saved = json.loads((ctx.output_dir / "record.json").read_text())["rows"]
+    yield from _rows(["ok"] * len(saved))
+
+
 def ctrl_c(cfg, ctx):
     yield from _rows(["ok"])
     raise KeyboardInterrupt  # as Python raises it for Ctrl-C

@@ -653,6 +653,15 @@ def test_the_first_row_is_saved_at_once(tmp_path):
     assert len(record(tmp_path)["rows"]) == 2  # the second yielded once per row the job folder held
 
 
+def test_rows_that_came_in_a_burst_are_saved_before_the_next_row_comes(tmp_path):
+    """Within record_every_s of the last of them, while the task is still at work: a job killed outright in a long
+    step after them keeps them."""
+    code, _, err = run_inline(f"{FAKE}saved_during_a_pause", "logger=none", "record_every_s=0.2",
+                              f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    assert len(record(tmp_path)["rows"]) == 6  # the last three yielded once per row the job folder held
+
+
 def test_a_sweep_job_that_died_outright_ends_the_sweep_with_a_message_not_a_traceback(monkeypatch, capsys):
     from repro import cli
 
