@@ -11,6 +11,7 @@ import random
 import socket
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,10 +58,27 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _head() -> str | None:
+    """The commit of the project's own git repository; None where it has none (a copy of the tree, even one that
+    lies inside another repository)."""
+    found = _git("rev-parse", "--show-toplevel", "HEAD")
+    if found is None:
+        return None
+    top, _, commit = found.partition("\n")
+    return commit if Path(top).resolve() == PROJECT_ROOT.resolve() else None
+
+
 def code_version() -> str | None:
-    """The commit the code runs from. A copy of the tree whose .git is missing or stale (a remote GPU machine)
-    is told its commit through REPRO_GIT_SHA, which then wins."""
-    return os.environ.get("REPRO_GIT_SHA") or _git("rev-parse", "HEAD")
+    """The commit the code runs from: git's, or where the tree has no git of its own (a copy of it on a lent GPU
+    machine), the one REPRO_GIT_SHA names. A REPRO_GIT_SHA that git contradicts is left over from elsewhere (an
+    exported variable): git's commit is taken, with a warning."""
+    told, commit = os.environ.get("REPRO_GIT_SHA") or None, _head()
+    if commit is None:
+        return told
+    if told and not commit.startswith(told):
+        warnings.warn(f"REPRO_GIT_SHA={told} is not the commit of this checkout, {commit}, which is recorded "
+                      "instead; REPRO_GIT_SHA is for a copy of the tree without git", stacklevel=2)
+    return commit
 
 
 RECORDED_PACKAGES = ("transformers", "peft", "accelerate", "datasets", "lm_eval", "hydra-core", "flash-attn",
@@ -81,9 +99,11 @@ def _package_versions() -> dict[str, str]:
 
 
 def _dirty(records: Path) -> bool | None:
-    """Whether the tree differs from its commit (None where git cannot tell): an untracked file (a new task
-    module) is code the commit lacks. The records folder is left out: the records a sweep's earlier jobs wrote
-    there are not code, and would mark its later jobs dirty."""
+    """Whether the tree differs from its commit (None where it has no git of its own to tell): an untracked file
+    (a new task module) is code the commit lacks. The records folder is left out: the records a sweep's earlier
+    jobs wrote there are not code, and would mark its later jobs dirty."""
+    if _head() is None:
+        return None
     paths = ["."]
     with contextlib.suppress(ValueError):  # (a records folder outside the tree is not seen anyway)
         paths.append(f":(exclude){records.resolve().relative_to(PROJECT_ROOT)}")
@@ -97,10 +117,9 @@ def capture_environment(on_gpu: bool = True, records: Path = DEFAULT_RECORDS) ->
     written (`paths.records`)."""
     import triton
 
-    told = os.environ.get("REPRO_GIT_SHA")  # then whether that copy was dirty is not known
     env: dict[str, Any] = {
         "git_sha": code_version(),
-        "git_dirty": None if told else _dirty(records),
+        "git_dirty": _dirty(records),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "triton": triton.__version__,

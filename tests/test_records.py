@@ -1,6 +1,7 @@
 import json
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -135,11 +136,36 @@ def test_records_are_compact_and_one_row_per_line(tmp_path):
     json.loads((tmp_path / "r.json").read_text())
 
 
-def test_a_commit_told_through_the_environment_wins_over_the_local_git(monkeypatch):
+TOLD = "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c"
+
+
+@pytest.mark.parametrize("where", ["no git", "inside another repository"])
+def test_a_copy_of_the_tree_without_git_records_the_commit_told_through_the_environment(where, tmp_path, monkeypatch):
+    """As on a lent GPU machine: whether the copy was edited is not known. A repository the copy lies in is not
+    its own, and says nothing of it."""
     from repro.context import capture_environment
-    monkeypatch.setenv("REPRO_GIT_SHA", "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c")
-    env = capture_environment()
-    assert env["git_sha"] == "69dc6e6f33fa6e125c63f4b8be7e277b8d0cba8c" and env["git_dirty"] is None
+    copy = (git_project(tmp_path) if where == "inside another repository" else tmp_path) / "copy"
+    copy.mkdir()
+    monkeypatch.setattr("repro.context.PROJECT_ROOT", copy)
+    monkeypatch.setenv("REPRO_GIT_SHA", TOLD)
+    env = capture_environment(records=copy / "results" / "runs")
+    assert env["git_sha"] == TOLD and env["git_dirty"] is None
+
+
+def test_a_commit_told_through_the_environment_that_git_contradicts_is_not_recorded(tmp_path, monkeypatch):
+    """A stale exported REPRO_GIT_SHA mislabelled every record of a checkout with its git."""
+    from repro.context import capture_environment
+    project = git_project(tmp_path)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr("repro.context.PROJECT_ROOT", project)
+    monkeypatch.setenv("REPRO_GIT_SHA", TOLD)
+    with pytest.warns(UserWarning, match=f"REPRO_GIT_SHA={TOLD} is not the commit of this checkout, {head}"):
+        env = capture_environment(records=project / "results" / "runs")
+    assert env["git_sha"] == head and env["git_dirty"] is False
+    monkeypatch.setenv("REPRO_GIT_SHA", head[:7])  # the same commit, abbreviated: nothing to warn of
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert capture_environment(records=project / "results" / "runs")["git_sha"] == head
 
 
 def git_project(folder: Path) -> Path:
