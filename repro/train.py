@@ -239,7 +239,7 @@ def frozen_hash(model: torch.nn.Module) -> str:
 def run_identity(trainee: Trainee, spec: TrainSpec, device: torch.device) -> str:
     """What a checkpoint must match to be resumed: everything that changes the numbers. The task's settings
     (model, data, seed), every training setting but the checkpoint interval, the frozen weights, the device and
-    how many processes share the work, and the code."""
+    how many processes share the work, and the code's commit (edits not yet committed are not seen)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "checkpoint_every_s"}
     return fingerprint(dict(version=CHECKPOINT_VERSION, task=trainee.fingerprint, train=settings,
