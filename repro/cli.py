@@ -221,7 +221,8 @@ def run_job(cfg: DictConfig) -> RunRecord:
     if world()[0] != 0:  # under torchrun, rank 0 alone writes records and logs
         paths, cfg = [], OmegaConf.merge(cfg, {"logger": {"name": "none"}})
     if paths:
-        claim_folder(output_dir)
+        claim_folder(output_dir, given=any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir="))
+                                           for o in hc.overrides.hydra))
     logger = NullLogger()
     try:
         entry, ctx, logger = _start(cfg, record, output_dir)
@@ -276,26 +277,33 @@ def cannot_make(folder: Path) -> str | None:
     return None
 
 
-def claim_folder(output_dir: Path) -> None:
+def _slurm_job() -> str | None:
+    """The SLURM job (and array task) this process is, which a job folder it took names; None outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm job {job} {os.environ.get('SLURM_ARRAY_TASK_ID', '')}" if job else None
+
+
+def claim_folder(output_dir: Path, given: bool = False) -> None:
     """Take the job folder for this job alone, before anything is written there: folders are named by the second,
     so two runs (or sweeps) started in one second get one folder, and the second's record would overwrite the
-    first's. A SLURM job requeued after a preemption (the same job id) takes its own folder back."""
-    job = os.environ.get("SLURM_JOB_ID")
-    owner = f"slurm job {job} {os.environ.get('SLURM_ARRAY_TASK_ID', '')}" if job else \
-        f"{socket.gethostname()} pid {os.getpid()}"
+    first's; a folder `given` on the command line (hydra.run.dir, hydra.sweep.dir) may hold an earlier run. A
+    SLURM job requeued after a preemption (the same job id) takes its own folder back."""
     marker = output_dir / ".repro_job"
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         taken = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        if job and marker.read_text() == owner:
+        if marker.read_text() == _slurm_job():
             os.utime(marker)  # newer than Hydra's account of this start, as a sweep's summary checks
             return
+        if given:
+            raise ConfigError(f"{output_dir} holds an earlier run, whose record is left as it is: give this one a "
+                              "new folder (hydra.run.dir, hydra.sweep.dir for a sweep)") from None
         raise ConfigError(f"{output_dir} is another job's folder (another run started in the same second); start "
                           "this one again (a new folder), or give it one with hydra.run.dir (hydra.sweep.dir for a "
                           "sweep)") from None
     with os.fdopen(taken, "w") as f:
-        f.write(owner)
+        f.write(_slurm_job() or f"{socket.gethostname()} pid {os.getpid()}")
 
 
 def _finish(record: RunRecord, paths: list[Path], logger) -> None:
@@ -580,12 +588,13 @@ def check_overrides(args: list[str]) -> str | None:
             return error
     if options & HYDRA_OPTIONS_THAT_RUN_NOTHING:
         return None
-    return _unmakeable_folder(jobs[0][0], overrides, "sweep" if multirun else "run")
+    return _folder_problem(jobs[0][0], overrides, "sweep" if multirun else "run")
 
 
-def _unmakeable_folder(choices: list[str], overrides: list, mode: str) -> str | None:
-    """A job (sweep) folder that cannot be made: Hydra makes it before any check of ours, and fails with a
-    traceback."""
+def _folder_problem(choices: list[str], overrides: list, mode: str) -> str | None:
+    """A job (sweep) folder that cannot be made, or a job folder given with hydra.run.dir that holds an earlier
+    run: Hydra makes the folder, and writes its account of the run there (.hydra/, over the earlier run's), before
+    any check of ours; it failed with a traceback where the folder could not be made."""
     from hydra import compose, initialize_config_dir
 
     key = f"hydra.{mode}.dir"
@@ -598,7 +607,23 @@ def _unmakeable_folder(choices: list[str], overrides: list, mode: str) -> str | 
         return None
     why = cannot_make(folder)
     named = key if any(o.key_or_group == key for o in given) else "paths.outputs"
-    return why and f"{named}={OmegaConf.select(cfg, named)!r} cannot hold this {mode}'s folder {folder} ({why})"
+    if why:
+        return f"{named}={OmegaConf.select(cfg, named)!r} cannot hold this {mode}'s folder {folder} ({why})"
+    # (a folder made from the time is another run's only if it began in the same second: claim_folder says so;
+    # under torchrun, rank 0 may have taken the folder already)
+    if mode == "run" and named == key and world()[0] == 0 and _earlier_run(folder):
+        return (f"{key}={OmegaConf.select(cfg, key)!r} is the folder of an earlier run: give this one a new "
+                "folder, to keep that one's as it is")
+    return None
+
+
+def _earlier_run(folder: Path) -> bool:
+    """Whether `folder` holds a run: its record, or the mark of the job that took it (`claim_folder`), but for
+    this SLURM job's own (requeued, it takes its folder back)."""
+    marker = folder / ".repro_job"
+    if marker.exists():
+        return marker.read_text() != _slurm_job()
+    return (folder / "record.json").exists()
 
 
 def _forms(o) -> list[str]:

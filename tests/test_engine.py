@@ -330,7 +330,7 @@ def test_a_sweep_into_an_earlier_sweeps_folder_lists_its_own_jobs_alone_and_fail
                                 f"{FAKE}all_ok,{entry}all_ok,{entry}all_ok")
     assert code == 0 and "multirun of 3 jobs, 0 not ok" in out, err[-2000:]
     code, out, err = run_inline("-m", "logger=none", f"hydra.sweep.dir={tmp_path}", f"{FAKE}all_ok,{entry}some_fail")
-    assert code == 1 and "is another job's folder" in err
+    assert code == 1 and f"{tmp_path}/0_flash_kernel holds an earlier run, whose record is left as it is" in err
     summary = out[out.index("[repro] multirun of 2 jobs, 2 not ok"):]
     lines = [line.split()[:2] for line in summary.splitlines()[1:] if line.strip()]
     assert lines == [["0_flash_kernel", "refused"], ["1_flash_kernel", "refused"]], summary
@@ -579,14 +579,34 @@ def test_rerunning_a_finished_training_run_measures_afresh(tmp_path):
     assert len(list((tmp_path / "ckpt").glob("*.pt"))) == 2  # another corpus is another run, never a resume
 
 
-def test_a_run_in_another_jobs_folder_is_refused_and_its_record_kept(tmp_path, monkeypatch):
-    """Run folders are named by the second: two runs started in one second would share one."""
+def test_a_run_given_an_earlier_runs_folder_is_refused_before_hydra_writes_there(tmp_path, monkeypatch):
+    """Hydra's account of the earlier run (.hydra/) was rewritten before the run was refused, for a reason that was
+    not the one (another run started in the same second)."""
     code, _, err = run_inline(*KERNEL, "logger=none", f"hydra.run.dir={tmp_path}")
     assert code == 0, err
-    first = (tmp_path / "record.json").read_text()
+    first = {p: p.read_text() for p in [tmp_path / "record.json", *(tmp_path / ".hydra").iterdir()]}
     code, _, err = run_inline(*KERNEL, "logger=none", "seed=2", f"hydra.run.dir={tmp_path}")
-    assert code == 2 and f"{tmp_path} is another job's folder (another run started in the same second)" in err, err
-    assert (tmp_path / "record.json").read_text() == first
+    assert code == 2 and f"hydra.run.dir='{tmp_path}' is the folder of an earlier run: give this one a new" in err, err
+    assert {p: p.read_text() for p in first} == first
+
+
+def test_a_folder_taken_is_named_for_what_it_holds(tmp_path, monkeypatch):
+    """One made from the time holds a run begun in the same second; one given, maybe an earlier run. A SLURM job
+    requeued takes its own back, as another rank of a torchrun does not check it (rank 0 may have taken it)."""
+    from repro.cli import check_overrides, claim_folder
+    from repro.context import ConfigError
+    claim_folder(tmp_path)
+    with pytest.raises(ConfigError, match="another run started in the same second"):
+        claim_folder(tmp_path)
+    with pytest.raises(ConfigError, match="holds an earlier run, whose record is left as it is: give this one a new"):
+        claim_folder(tmp_path, given=True)
+    assert "is the folder of an earlier run" in check_overrides([f"hydra.run.dir={tmp_path}"])
+    monkeypatch.setenv("RANK", "1")
+    assert check_overrides([f"hydra.run.dir={tmp_path}"]) is None
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    (tmp_path / ".repro_job").write_text("slurm job 4242 ")
+    assert check_overrides([f"hydra.run.dir={tmp_path}"]) is None
 
 
 def test_a_requeued_slurm_job_takes_its_own_folder_back(tmp_path, monkeypatch):
