@@ -305,7 +305,7 @@ def _check_trainable(cfg, device: torch.device) -> None:
         raise ConfigError(f"model={cfg.name} is not in the cache ({trained_dir(cfg)}) and trains first, which takes "
                           f"minutes on a GPU and hours on {device}: use model=trained_tiny here, run on a GPU, or "
                           "copy the cached folder from a GPU machine with the same corpus (the same Python "
-                          "installation) (model.train_on_cpu=true trains it here anyway)")
+                          "version's standard library) (model.train_on_cpu=true trains it here anyway)")
 
 
 def _load_trained(cfg, device, dtype):
@@ -326,12 +326,11 @@ def _check_corpus(cfg, folder: Path) -> None:
     `stdlib` evaluation text, which could otherwise hold files the model trained on (a cached folder copied from
     a machine with another standard library, or a corpus changed since)."""
     trained_on = trained_metadata(cfg)["stream"]
-    here = load_token_stream(cfg.data, cfg.cache).fingerprint
+    here = load_token_stream(cfg.data, cfg.cache).content
     if here != trained_on:
         raise ConfigError(f"model={cfg.name} in {folder} was trained on the token stream {trained_on}, and its corpus "
-                          f"(model.data) gives {here} here: other files, or files changed since (their sizes and "
-                          "times are read), so its held-out part would not be the model's; delete the folder to "
-                          "train the model on this corpus")
+                          f"(model.data) gives {here} here: other text, so its held-out part would not be the "
+                          "model's; delete the folder to train the model on this corpus")
 
 
 def train_model(cfg, device: torch.device, folder: Path) -> None:
@@ -369,7 +368,7 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
     final = perplexity(model, val, seqlen, progress=False)
     env = capture_environment(on_gpu=device.type == "cuda")
     metadata = {
-        "name": cfg.name, "fingerprint": folder.name, "stream": stream.fingerprint, "created": utc_now(),
+        "name": cfg.name, "fingerprint": folder.name, "stream": stream.content, "created": utc_now(),
         "git_sha": env["git_sha"], "git_dirty": env["git_dirty"], "trained_on": env["gpu_name"] or "cpu",
         "train_seconds": seconds,
         "parameters": sum(p.numel() for p in model.parameters()), "train_tokens": len(stream.train),

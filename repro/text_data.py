@@ -9,6 +9,7 @@ tokenizer (`gpt2`), as the papers used.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -40,6 +41,16 @@ class TokenStream:
     val: torch.Tensor
     tokenizer: object  # a transformers PreTrainedTokenizerFast
     fingerprint: str  # the corpus read and the tokenizer settings: what a checkpoint of a run on it must match
+
+    @functools.cached_property
+    def content(self) -> str:
+        """A hash of the ids of both parts: the same text, split the same way, wherever and whenever its files
+        were written (the fingerprint reads their paths, sizes and times)."""
+        digest = hashlib.sha256()
+        for part in (self.train, self.val):
+            digest.update(part.numpy().tobytes())
+            digest.update(b"|")
+        return digest.hexdigest()[:16]
 
     @property
     def vocab_size(self) -> int:

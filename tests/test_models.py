@@ -3,6 +3,7 @@ and dtype, the trained model is trained once and then read from its cache, and e
 that says what is wrong and what is allowed, before any work."""
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -184,7 +185,7 @@ def test_the_trained_model_trains_once_caches_with_its_commit_and_perplexities_a
     assert isinstance(model, LlamaForCausalLM) and not model.training and model.config.num_key_value_heads == 2
     meta = trained_metadata(cfg)
     assert meta["git_sha"] == capture_environment()["git_sha"]
-    assert meta["stream"] == load_token_stream(cfg.data, cfg.cache).fingerprint
+    assert meta["stream"] == load_token_stream(cfg.data, cfg.cache).content
     assert math.isfinite(meta["val_perplexity"]) and meta["val_perplexity"] > 1
     assert math.isfinite(meta["unigram_val_perplexity"]) and meta["unigram_val_perplexity"] > 1
     assert meta["scored_tokens"] == (meta["val_tokens"] // 64) * 63  # all of the held-out part, in chunks of 64
@@ -217,9 +218,11 @@ def test_a_trained_model_whose_corpus_reads_otherwise_here_is_refused_naming_bot
     cfg = corpus_config(tmp_path)
     load_model(cfg, "cpu")
     trained_on = trained_metadata(cfg)["stream"]
-    assert trained_on == load_token_stream(cfg.data, cfg.cache).fingerprint
+    assert trained_on == load_token_stream(cfg.data, cfg.cache).content
+    os.utime(tmp_path / "corpus" / "doc0.txt", ns=(0, 0))  # the same text, written at another time: still its own
+    load_model(cfg, "cpu")
     (tmp_path / "corpus" / "doc0.txt").write_text("x = 1\n")
-    here = load_token_stream(cfg.data, cfg.cache).fingerprint
+    here = load_token_stream(cfg.data, cfg.cache).content
     with pytest.raises(ConfigError) as error:
         load_model(cfg, "cpu")
     assert (f"model=trained_tiny in {trained_dir(cfg)} was trained on the token stream {trained_on}, and its corpus "
