@@ -125,7 +125,8 @@ class _Saver:
     def close(self) -> None:
         """Stop the thread, waiting for a save under way: the final record, saved next (`_finish`), must not be
         replaced by an older copy."""
-        self.stopped.set()
+        with self.lock:  # no save begins after this, even where the join below is cut short (a signal)
+            self.stopped.set()
         if self.thread.is_alive():
             self.thread.join()
 
@@ -140,7 +141,8 @@ class _Saver:
                 if self.unsaved and not self.stopped.is_set():
                     try:
                         self._save()
-                    except OSError as exc:  # (a full disk, say) tried again at the next tick; the run goes on
+                    except Exception as exc:  # noqa: BLE001 - tried again at the next tick; the final save,
+                        # in the run's own thread, raises what still fails then
                         print(f"[repro] could not save the record of the run so far: {exc}", file=sys.stderr)
 
 
@@ -159,7 +161,7 @@ def _collect(entry, cfg, ctx, record: RunRecord, logger, checkpoint: Path | None
 
 def check_job(cfg: DictConfig) -> Callable:
     """A job's own checks, the task's among them (a ConfigError naming the key); returns the task's entry."""
-    checks.number("record_every_s", cfg.record_every_s, integer=False, at_least=0)
+    checks.number("record_every_s", cfg.record_every_s, integer=False, at_least=0, at_most=86400, finite=True)
     checks.number("seed", cfg.seed, at_least=0)
     checks.choice("logger.name", cfg.logger.name, ("wandb", "none"))
     if cfg.logger.name == "wandb":  # W&B failing never stops a run, but a mistyped setting is the user's to fix

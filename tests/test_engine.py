@@ -135,6 +135,14 @@ def test_a_tasks_validate_names_the_value_and_the_valid_ones(override, expected,
     assert all(word in message for word in expected), message
 
 
+@pytest.mark.parametrize("every", ["inf", "nan", "1e12"])  # stopped the saving thread, or kept it spinning
+def test_record_every_s_is_a_finite_interval(compose, every):
+    from repro.cli import check_job
+    from repro.context import ConfigError
+    with pytest.raises(ConfigError, match="record_every_s=.* must be a finite number >= 0 and <= 86400"):
+        check_job(compose(f"record_every_s={every}"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_lean_decode_refuses_graph_timing_on_the_device_it_got(tmp_path):
     """scale.device=auto passes validate (which may run where the jobs do not); the run checks the device it got."""
