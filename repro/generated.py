@@ -59,12 +59,16 @@ def cached_dataset(cache_dir: str | Path, name: str, meta: dict, build: Callable
     path = Path(cache_dir) / name
     meta_path = path.with_name(name + ".json")
     meta = json.loads(json.dumps(meta))  # as it reads back from the file (tuples become lists)
+
+    def stored():
+        return json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if path.is_dir() and stored() == meta:  # whole already: read without the lock, which a read-only cache refuses
+        return hf.load_from_disk(str(path))
     with cache_lock(path):
         if path.is_dir():
-            stored = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-            if stored == meta:
+            if stored() == meta:  # made by the job this one waited for
                 return hf.load_from_disk(str(path))
-            print(f"cache {path} was made with {stored or 'no metadata'}, not {meta}: regenerating", flush=True)
+            print(f"cache {path} was made with {stored() or 'no metadata'}, not {meta}: regenerating", flush=True)
             shutil.rmtree(path)
         meta_path.unlink(missing_ok=True)
         partial = path.with_name(name + ".partial")

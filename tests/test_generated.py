@@ -63,3 +63,21 @@ def test_a_second_job_waits_for_the_build_under_way_and_uses_it(tmp_path, capsys
     assert loaded == {"first": [1], "second": [1]} and len(built) == 1
     out = capsys.readouterr().out
     assert "regenerating" not in out and f"waiting for another job to make {tmp_path / 'set'}" in out
+
+
+def test_a_whole_cache_in_a_folder_this_job_cannot_write_is_read(tmp_path, monkeypatch):
+    """A cache shared read-only (the lock file beside it cannot be made there) still serves what it holds."""
+    import datasets as hf
+
+    import repro.generated
+
+    def build(path):
+        hf.Dataset.from_list([{"a": 1}]).save_to_disk(str(path))
+    cached_dataset(tmp_path, "set", {"seed": 1}, build)
+
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", str(path) + ".lock")
+    monkeypatch.setattr(repro.generated, "cache_lock", read_only)
+    assert cached_dataset(tmp_path, "set", {"seed": 1}, lambda path: pytest.fail("built again"))["a"] == [1]
+    with pytest.raises(PermissionError):  # what it lacks it must make, and cannot
+        cached_dataset(tmp_path, "set", {"seed": 2}, build)
