@@ -296,7 +296,7 @@ def claim_folder(output_dir: Path, given: bool = False) -> None:
         taken = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         if marker.read_text() == _slurm_job():
-            os.utime(marker)  # newer than Hydra's account of this start, as a sweep's summary checks
+            os.utime(marker)  # newer than the multirun's start, as a sweep's summary checks
             return
         if given:
             raise ConfigError(f"{output_dir} holds an earlier run, whose record is left as it is: give this one a "
@@ -387,7 +387,7 @@ class SweepSummary(Callback):
         jobs = sorted(numbers, key=numbers.get)
         lines, not_ok = [], 0
         for job in jobs:
-            status, text = _job_outcome(job, numbers[job])
+            status, text = _job_outcome(job, numbers[job], began)
             not_ok += status != "ok"
             lines.append(f"  {job.relative_to(sweep).as_posix():28} {status:8} {text}")
         SweepSummary.failed = not_ok > 0
@@ -396,10 +396,13 @@ class SweepSummary(Callback):
         print(f"\n[repro] {begun}, {not_ok} not ok ({_rel(sweep)}):\n" + "\n".join(lines) + "\n", flush=True)
 
 
-def _job_outcome(job: Path, number: int) -> tuple[str, str]:
-    """A sweep job's status, and the summary's words about it, from its folder."""
-    marker = job / ".repro_job"  # the job that took the folder (`claim_folder`), after Hydra wrote its account there
-    if marker.exists() and marker.stat().st_mtime < (job / ".hydra" / "hydra.yaml").stat().st_mtime:
+def _job_outcome(job: Path, number: int, began: float) -> tuple[str, str]:
+    """A sweep job's status, and the summary's words about it, from its folder; `began`: the time of the
+    multirun's own file. A folder taken (`claim_folder`) before the multirun began is an earlier run's: this job
+    was refused there. (Not the time of Hydra's account of the job: under torchrun every rank rewrites it, rank 0
+    alone takes the folder.)"""
+    marker = job / ".repro_job"
+    if marker.exists() and marker.stat().st_mtime < began:
         return "refused", ("its folder was an earlier job's, whose record it left as it was: it ran nothing (give the "
                            "sweep a new hydra.sweep.dir)")
     try:

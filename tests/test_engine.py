@@ -617,6 +617,19 @@ def test_a_folder_taken_is_named_for_what_it_holds(tmp_path, monkeypatch):
     assert check_overrides([f"hydra.run.dir={tmp_path}"]) is None
 
 
+def test_a_sweep_job_is_refused_where_its_folder_was_taken_before_the_multirun_began(tmp_path):
+    """Under torchrun every rank rewrites Hydra's account of the job after rank 0 took the folder: the job ran."""
+    from repro.cli import _job_outcome, claim_folder
+
+    claim_folder(tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "hydra.yaml").write_text("")
+    os.utime(tmp_path / ".repro_job", (100, 100))
+    os.utime(tmp_path / ".hydra" / "hydra.yaml", (200, 200))  # rank 1's, later
+    assert _job_outcome(tmp_path, 0, began=50.0)[0] == "missing"  # its own folder (no record yet)
+    assert _job_outcome(tmp_path, 0, began=150.0)[0] == "refused"  # an earlier multirun's folder
+
+
 def test_a_requeued_slurm_job_takes_its_own_folder_back(tmp_path, monkeypatch):
     from repro.cli import _job_outcome, claim_folder
     from repro.context import ConfigError
@@ -624,11 +637,9 @@ def test_a_requeued_slurm_job_takes_its_own_folder_back(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     claim_folder(tmp_path)
-    os.utime(tmp_path / ".repro_job", (0, 0))  # taken long ago, and Hydra wrote its account of the restart since
-    (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra" / "hydra.yaml").write_text("")
+    os.utime(tmp_path / ".repro_job", (0, 0))  # taken long ago, before the multirun (requeued) began again
     claim_folder(tmp_path)  # the same job, after a preemption
-    assert _job_outcome(tmp_path, 0)[0] == "missing"  # a sweep's summary: its own folder (no record yet), not refused
+    assert _job_outcome(tmp_path, 0, began=1.0)[0] == "missing"  # its own folder (no record yet), not refused
     monkeypatch.setenv("SLURM_JOB_ID", "4243")
     with pytest.raises(ConfigError, match="another job's folder"):
         claim_folder(tmp_path)
