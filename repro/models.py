@@ -357,7 +357,7 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
 
     trainee = Trainee(cfg.name, model, batches, evaluate, tokens_per_step=sequences * seqlen * spec.grad_accum,
                       flops_per_token=model_flops_per_token(model, cfg.arch.layers, cfg.arch.hidden, seqlen),
-                      extra={"model": cfg.name}, fingerprint=fingerprint([folder.name, stream.fingerprint]))
+                      extra={"model": cfg.name}, fingerprint=fingerprint([folder.name, stream.content]))
     print(f"[models] model={cfg.name} is not in the cache ({folder}): training it first, {spec.steps} steps on "
           f"{device}", flush=True)
     checkpoints = folder.with_name(folder.name + ".checkpoints")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -44,12 +45,14 @@ class TokenStream:
 
     @functools.cached_property
     def content(self) -> str:
-        """A hash of the ids of both parts: the same text, split the same way, wherever and whenever its files
-        were written (the fingerprint reads their paths, sizes and times)."""
+        """A hash of the ids of both parts and of the vocabulary that reads them: the same text, split the same
+        way, wherever and whenever its files were written (the fingerprint reads their paths, sizes and times).
+        The vocabulary too: a tokenizer trained on another text may give it the same ids."""
         digest = hashlib.sha256()
         for part in (self.train, self.val):
             digest.update(part.numpy().tobytes())
             digest.update(b"|")
+        digest.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
         return digest.hexdigest()[:16]
 
     @property
