@@ -101,9 +101,7 @@ class RunRecord:
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
             found = data.get("schema_version") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"not an effrepro run record of schema {SCHEMA_VERSION} (found {found!r})")
-        for key, kind in _FIELD_TYPES.items():
-            if key in data and not isinstance(data[key], kind):
-                raise ValueError(f"malformed run record: {key} is {type(data[key]).__name__}, not {kind.__name__}")
+        _check_types(data, _FIELD_TYPES)
         for key in ("gpu_name", "git_sha"):  # the report names cards and commits by them
             value = data.get("env", {}).get(key)
             if not isinstance(value, (str, type(None))):
@@ -132,12 +130,16 @@ _ROW_FIELD_TYPES = {"provider": str, "x_name": str, "metric": str, "unit": str, 
 _SCALARS = (str, int, float, bool, type(None))
 
 
+def _check_types(data: dict[str, Any], types: dict[str, type], where: str = "") -> None:
+    for key, kind in types.items():
+        if key in data and not isinstance(data[key], kind):
+            raise ValueError(f"malformed run record: {where}{key} is {type(data[key]).__name__}, not {kind.__name__}")
+
+
 def _check_row(where: str, row: dict[str, Any]) -> None:
     """A row's names are strings, and its point (x_value) and panel (the series and mode extras) single values:
     the report groups rows by them, and a list or an object there would stop it with a traceback."""
-    for key, kind in _ROW_FIELD_TYPES.items():
-        if key in row and not isinstance(row[key], kind):
-            raise ValueError(f"malformed run record: {where}.{key} is {type(row[key]).__name__}, not {kind.__name__}")
+    _check_types(row, _ROW_FIELD_TYPES, f"{where}.")
     if not isinstance(row.get("x_value"), _SCALARS):
         raise ValueError(f"malformed run record: {where}.x_value={row['x_value']!r} is not a single value")
     extra = row.get("extra")
