@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 from tqdm.auto import tqdm
 
 from repro.context import available_cores
-from repro.records import write_json_atomic
+from repro.records import build_folder_atomically, write_json_atomic
 
 
 def rows_in_chunks(make_chunk: Callable[..., list], n: int, chunk: int, seed: int, split: str, settings: Any,
@@ -71,9 +71,6 @@ def cached_dataset(cache_dir: str | Path, name: str, meta: dict, build: Callable
             print(f"cache {path} was made with {stored() or 'no metadata'}, not {meta}: regenerating", flush=True)
             shutil.rmtree(path)
         meta_path.unlink(missing_ok=True)
-        partial = path.with_name(name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)  # an interrupted build's
-        build(partial)
-        partial.rename(path)  # atomic: both are in cache_dir
+        build_folder_atomically(path, build)
         write_json_atomic(meta_path, meta)
         return hf.load_from_disk(str(path))

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checks import names_a_path
 from .context import PROJECT_ROOT, ConfigError, capture_environment, fingerprint, resolve_device, utc_now
 from .evaluation import hub_error, perplexity, perplexity_rows, unigram_perplexity
-from .records import write_json_atomic
+from .records import build_folder_atomically, write_json_atomic
 from .text_data import CACHE_VERSION, SPECIAL_TOKENS, lm_batches, load_token_stream
 from .train import Trainee, TrainSpec, model_flops_per_token, train
 
@@ -376,13 +376,12 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
         "val_perplexity": final.ppl, "unigram_val_perplexity": unigram.ppl,
         "config": OmegaConf.to_container(cfg, resolve=True), "rows": [dataclasses.asdict(r) for r in rows],
     }
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    stream.tokenizer.save_pretrained(partial)
-    write_json_atomic(partial / "metadata.json", metadata)
-    shutil.rmtree(folder, ignore_errors=True)  # a folder without metadata.json is a leftover
-    partial.rename(folder)
+
+    def save(partial: Path) -> None:
+        model.save_pretrained(partial)
+        stream.tokenizer.save_pretrained(partial)
+        write_json_atomic(partial / "metadata.json", metadata)
+    build_folder_atomically(folder, save)  # in place of a leftover without metadata.json, if there is one
     shutil.rmtree(checkpoints, ignore_errors=True)  # the optimizer's state: no longer needed
     print(f"[models] model={cfg.name}: validation perplexity {final.ppl:.2f} (unigram {unigram.ppl:.2f}), "
           f"{seconds:.0f} s of training; cached in {folder}", flush=True)

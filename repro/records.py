@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -199,6 +200,17 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _sync_directory(path.parent)
+
+
+def build_folder_atomically(folder: Path, build: Callable[[Path], None]) -> None:
+    """`build` a folder beside `folder` (`<name>.partial`, what an interrupted build left there removed first),
+    then rename it into `folder`'s place: a reader finds the old folder, none, or the new one whole."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)  # atomic: both are in one folder
 
 
 def _json_writer(data: Any) -> Callable[[Path], None]:
