@@ -285,17 +285,25 @@ def _slurm_job() -> str | None:
     return f"slurm job {job} {os.environ.get('SLURM_ARRAY_TASK_ID', '')}" if job else None
 
 
+JOB_MARK = ".repro_job"  # in a job folder: which job took it (`claim_folder`)
+
+
+def _own_mark(mark: Path) -> bool:
+    """The job mark is this SLURM job's: requeued after a preemption, it takes its own folder back."""
+    return mark.read_text() == _slurm_job()
+
+
 def claim_folder(output_dir: Path, given: bool = False) -> None:
     """Take the job folder for this job alone, before anything is written there: folders are named by the second,
     so two runs (or sweeps) started in one second get one folder, and the second's record would overwrite the
     first's; a folder `given` on the command line (hydra.run.dir, hydra.sweep.dir) may hold an earlier run. A
     SLURM job requeued after a preemption (the same job id) takes its own folder back."""
-    marker = output_dir / ".repro_job"
+    marker = output_dir / JOB_MARK
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         taken = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        if marker.read_text() == _slurm_job():
+        if _own_mark(marker):
             os.utime(marker)  # newer than the multirun's start, as a sweep's summary checks
             return
         if given:
@@ -401,7 +409,7 @@ def _job_outcome(job: Path, number: int, began: float) -> tuple[str, str]:
     multirun's own file. A folder taken (`claim_folder`) before the multirun began is an earlier run's: this job
     was refused there. (Not the time of Hydra's account of the job: under torchrun every rank rewrites it, rank 0
     alone takes the folder.)"""
-    marker = job / ".repro_job"
+    marker = job / JOB_MARK
     if marker.exists() and marker.stat().st_mtime < began:
         return "refused", ("its folder was an earlier job's, whose record it left as it was: it ran nothing (give the "
                            "sweep a new hydra.sweep.dir)")
@@ -625,9 +633,9 @@ def _folder_problem(choices: list[str], overrides: list, mode: str) -> str | Non
 def _earlier_run(folder: Path) -> bool:
     """Whether `folder` holds a run: its record, or the mark of the job that took it (`claim_folder`), but for
     this SLURM job's own (requeued, it takes its folder back)."""
-    marker = folder / ".repro_job"
+    marker = folder / JOB_MARK
     if marker.exists():
-        return marker.read_text() != _slurm_job()
+        return not _own_mark(marker)
     return (folder / "record.json").exists()
 
 
