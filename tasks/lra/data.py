@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import cmath
 import csv
+import functools
 import inspect
 import math
 import os
@@ -146,6 +147,15 @@ def _listops_lengths(max_depth: int, max_args: int, cap: int) -> int:
     return lengths
 
 
+@functools.lru_cache(maxsize=32)
+def _sampled_lengths(max_depth: int, max_args: int, min_length: int, max_length: int) -> tuple[int, ...]:
+    """The lengths of the trees below max_length in a fixed sample of SAMPLED_TREES: a pure function of the
+    settings, kept, since a setting is checked again at every split and worker count."""
+    r, p = random.Random(0), dict(max_depth=max_depth, max_args=max_args, min_length=min_length, max_length=max_length)
+    return tuple(len(tokens) for tokens, label in (_listops_draw(r, p) for _ in range(SAMPLED_TREES))
+                 if label is not None)
+
+
 def _check_listops(p: dict) -> None:
     for key in ("max_depth", "max_args", "min_length", "max_length"):
         checks.number(f"ListOps {key}", p[key])  # the bounds together, below
@@ -156,10 +166,8 @@ def _check_listops(p: dict) -> None:
                          f"strictly between min_length={p['min_length']} and max_length={p['max_length']}")
     # Possible is not enough: long trees are rare (of 20,000 with LRA's settings the longest had 5,229 tokens), and
     # rejection sampling might never reach the window. A fixed sample: a window is always refused, or never.
-    r = random.Random(0)
-    draws = [_listops_draw(r, p) for _ in range(SAMPLED_TREES)]
-    if not any(label is not None and len(tokens) > p["min_length"] for tokens, label in draws):
-        below = [len(tokens) for tokens, label in draws if label is not None]
+    below = _sampled_lengths(p["max_depth"], p["max_args"], p["min_length"], p["max_length"])
+    if not any(length > p["min_length"] for length in below):
         raise ValueError(f"ListOps max_depth={p['max_depth']}, max_args={p['max_args']} practically never gives "
                          f"lengths strictly between min_length={p['min_length']} and max_length={p['max_length']}: "
                          f"none of {SAMPLED_TREES} sampled trees did; the longest below max_length had "
