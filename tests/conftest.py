@@ -74,13 +74,20 @@ def run_repro(*args: str, timeout: float = 300, interpret: bool = False, fake_ta
     """The real command line, in a subprocess, as a user would run it. Triton kernels are left out on a CPU
     (recorded as unsupported) unless `interpret`: the interpreter takes seconds per call. `fake_tasks` puts
     tests/ on the path, for `task.entry=fake_tasks:<name>`."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if fake_tasks:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), env.get("PYTHONPATH")) if p)
+    env = {**repro_env(fake_tasks), "PYTHONUNBUFFERED": "1"}
     if not interpret:
         env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, "-m", "repro.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def repro_env(fake_tasks: bool = False) -> dict[str, str]:
+    """This process's environment for a repro subprocess; `fake_tasks` puts tests/ on the path, for
+    `task.entry=fake_tasks:<name>`."""
+    env = dict(os.environ)
+    if fake_tasks:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def check_smoke_record(record: dict, out: str) -> None:

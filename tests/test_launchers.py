@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_repro
+from conftest import ROOT, repro_env, run_repro
 
 pytestmark = pytest.mark.slow
 KERNEL = ["kernel.head_dim=[32]", "kernel.causal=[true]", "kernel.settings=null", "kernel.mode=[fwd]"]
@@ -68,8 +68,7 @@ def test_lm_training_under_torchrun_with_two_gloo_processes_ddp_and_fsdp(tmp_pat
 def torchrun_trains(folder: Path, task: str = "trains", **env: str) -> int:
     """`fake_tasks:<task>` under torchrun, two gloo processes, with `env` added to the environment; its exit status.
     A job still running after two minutes is hung: all of its processes are killed, and the test fails."""
-    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)}
+    env = {**repro_env(fake_tasks=True), **env}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "repro.cli",
            f"task.entry=fake_tasks:{task}", "logger=none", f"hydra.run.dir={folder}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
