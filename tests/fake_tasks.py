@@ -95,21 +95,25 @@ class _Regression(torch.nn.Module):
         return SimpleNamespace(loss=((self.lin(x).squeeze(-1) - y) ** 2).mean())
 
 
+def _regression_batches(step, rank, size):
+    """A step's batch of `_Regression`, a pure function of (step, rank) as `Trainee.batches` must be."""
+    from repro.train import step_generator
+
+    x = torch.randn(4, 4, generator=step_generator(0, step, rank))
+    return [{"x": x, "y": x.sum(-1)}]
+
+
 def trains(cfg, ctx):
     """A candidate unsupported where it is built, then two tiny regressions, through the shared training loop as a
     training task trains its candidates: it joins no process group itself. With FAKE_EVALUATION_OOM_RANK=<rank> in
     the environment, the first regression's evaluation runs out of memory on that rank alone."""
     from repro.bench import Unsupported
     from repro.context import world
-    from repro.train import Candidate, Trainee, TrainSpec, step_generator, train_all
+    from repro.train import Candidate, Trainee, TrainSpec, train_all
 
     oom_rank = int(os.environ.get("FAKE_EVALUATION_OOM_RANK", -1))
 
     def candidate(name):
-        def batches(step, rank, size):
-            x = torch.randn(4, 4, generator=step_generator(0, step, rank))
-            return [{"x": x, "y": x.sum(-1)}]
-
         def evaluate(model):
             if name == "a" and world()[0] == oom_rank:
                 raise torch.OutOfMemoryError(f"CUDA out of memory (made up, on rank {oom_rank} alone)")
@@ -117,7 +121,7 @@ def trains(cfg, ctx):
 
         def build():
             torch.manual_seed(0)
-            return Trainee(name, _Regression(), batches, evaluate, tokens_per_step=4, flops_per_token=1.0,
+            return Trainee(name, _Regression(), _regression_batches, evaluate, tokens_per_step=4, flops_per_token=1.0,
                            fingerprint=name)
         return Candidate(name, {}, build)
 
@@ -133,7 +137,7 @@ def draws(cfg, ctx):
     trained through the shared training loop; then every rank's draws, gathered, as a row each."""
     import torch.distributed as dist
 
-    from repro.train import Candidate, Trainee, TrainSpec, step_generator, train_all
+    from repro.train import Candidate, Trainee, TrainSpec, train_all
 
     drawn = []
 
@@ -143,13 +147,9 @@ def draws(cfg, ctx):
                 drawn.append(torch.rand(()).item())
             return super().forward(x, y)
 
-    def batches(step, rank, size):
-        x = torch.randn(4, 4, generator=step_generator(0, step, rank))
-        return [{"x": x, "y": x.sum(-1)}]
-
     def build():
         torch.manual_seed(0)
-        return Trainee("d", Drawing(), batches, lambda model: [], tokens_per_step=4, flops_per_token=1.0,
+        return Trainee("d", Drawing(), _regression_batches, lambda model: [], tokens_per_step=4, flops_per_token=1.0,
                        fingerprint="d")
 
     spec = TrainSpec(steps=2, lr=1e-2, precision="fp32", timing_skip_steps=0)
