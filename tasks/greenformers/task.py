@@ -118,7 +118,7 @@ def validate(cfg: DictConfig) -> None:
         checks.number("greenformers.quality.seq_len", spec.seq_len, at_least=9)
         checks.number("greenformers.quality.model.vocab_size", small["vocab_size"], at_least=5)
         ranks = as_list(spec.svd_ranks)  # none: no factorised copies of the trained model
-        # none, with no ranks either, would train nothing; with ranks, base is missing (refused below)
+        # none would train nothing: refused
         variants = checks.axis("greenformers.quality.variants", spec.variants)
         _check_variants("greenformers.quality.variants", variants, small, spec.seq_len,
                         base_for="the model factorised at greenformers.quality.svd_ranks (or set those to [])"
