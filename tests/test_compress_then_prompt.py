@@ -294,6 +294,15 @@ def test_bad_input_is_refused(refusal, overrides, message):
     assert message in refusal(*TINY, *overrides)
 
 
+def test_no_saved_prompts_may_be_written_null(compose):
+    from types import SimpleNamespace
+
+    from tasks.compress_then_prompt.task import CompressThenPrompt, validate
+    cfg = compose(*TINY, "transfer.prompts=null")
+    validate(cfg)
+    assert CompressThenPrompt.loaded_prompts(SimpleNamespace(cfg=cfg, identity=IDENTITY)) == {}
+
+
 def test_one_level_named_alone_is_that_level_not_a_string_to_search(compose):
     from tasks.compress_then_prompt.task import levels_at
     cfg = compose(*TINY, "+compression.catalog.gptq_4={method:gptq,bits:4}", "compression.levels=[gptq_4bit,gptq_4]",
@@ -370,6 +379,15 @@ def test_a_prompt_trained_for_another_model_or_hidden_size_is_refused(identity, 
                               f"transfer.prompts=[{prompt}]")
     assert code == 2, err[-2000:]
     assert "transfer.prompts[0]: the prompt in" in err and message in err
+
+
+def test_saved_prompts_are_refused_where_no_transfer_experiment_would_score_them(compose, refusal, tmp_path):
+    from tasks.compress_then_prompt.task import model_identity
+    save_prompt(add_soft_prompt(tiny_llama(hidden=64), tokens=3), tmp_path, {
+        "vocab_size": VOCAB, "level": "joint_8x", "tokens": 3, "model": model_identity(compose(*TINY).model),
+        "hidden_size": 64})
+    assert f"transfer.prompts=['{tmp_path}'] names saved prompts, but experiments=['perplexity'] has no transfer" \
+        in refusal(*TINY, "experiments=[perplexity]", f"transfer.prompts=[{tmp_path}]")
 
 
 def test_a_prompt_checkpoint_is_for_the_validation_its_rows_measure(tmp_path, monkeypatch):

@@ -142,6 +142,11 @@ def say_left_out(key: str, value, cfg: DictConfig) -> None:
               "nothing is trained there", flush=True)
 
 
+def transfer_prompts(cfg: DictConfig) -> list:
+    """The folders of `transfer.prompts`, prompts an earlier run saved; null, as [], names none."""
+    return [] if cfg.transfer.prompts is None else checks.as_list(cfg.transfer.prompts)
+
+
 def model_identity(model_cfg: DictConfig) -> str:
     """The model a prompt is trained for: its name and a digest of what shapes its weights (architecture, seed,
     corpus; `repro.models.weight_settings`)."""
@@ -209,8 +214,12 @@ def validate(cfg: DictConfig) -> None:
     checks.number("lora.dropout", lora.dropout, integer=False, at_least=0, below=1)
     if lora.targets is not None and not all(isinstance(t, str) for t in checks.axis("lora.targets", lora.targets)):
         raise ConfigError(f"lora.targets={lora.targets!r} must be module names (q_proj, v_proj, ...) or null")
+    prompts = transfer_prompts(cfg)
+    if prompts and "transfer" not in experiments:
+        raise ConfigError(f"transfer.prompts={prompts} names saved prompts, but experiments={experiments} has no "
+                          "transfer, the experiment that scores them: add transfer, or set transfer.prompts=[]")
     identity = {"model": model_identity(cfg.model), "hidden_size": OmegaConf.select(cfg.model, "arch.hidden")}
-    for i, folder in enumerate(checks.as_list(cfg.transfer.prompts)):
+    for i, folder in enumerate(prompts):
         try:
             check_same_model(read_prompt_metadata(folder), identity, folder)
         except ValueError as exc:
@@ -326,7 +335,7 @@ class CompressThenPrompt:
     def loaded_prompts(self) -> dict[str, tuple[Path, dict]]:
         """The prompts of `transfer.prompts` by provider name, each with its metadata, all for this model."""
         loaded = {}
-        for i, folder in enumerate(checks.as_list(self.cfg.transfer.prompts)):
+        for i, folder in enumerate(transfer_prompts(self.cfg)):
             try:
                 saved = read_prompt_metadata(folder)
                 check_same_model(saved, self.identity, folder)
