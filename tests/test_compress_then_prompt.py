@@ -213,23 +213,26 @@ def test_the_smoke_run_measures_dense_compressed_and_each_recovery_at_each_level
 
 def test_the_smoke_run_moves_each_prompt_to_the_other_level_and_the_dense_model(smoke):
     folder, record = smoke
-    transfer = {(r["provider"], r["extra"]["level"]) for r in rows_of(record, metric="perplexity", mode="transfer")}
-    assert transfer == {("prompt@joint_8x", "gptq_4bit"), ("prompt@joint_8x", "dense"),
-                        ("prompt@gptq_4bit", "joint_8x"), ("prompt@gptq_4bit", "dense")}
+    transfer = {(r["provider"], r["extra"]["level"], r["extra"]["prompt_trained_at"])
+                for r in rows_of(record, metric="perplexity", mode="transfer")}
+    assert transfer == {("prompt@joint_8x", "gptq_4bit", "joint_8x"), ("prompt@joint_8x", "dense", "joint_8x"),
+                        ("prompt@gptq_4bit", "joint_8x", "gptq_4bit"), ("prompt@gptq_4bit", "dense", "gptq_4bit")}
     assert sorted(p.name for p in (folder / "prompts").iterdir()) == ["gptq_4bit", "joint_8x"]
     assert not (folder / "compressed").exists()  # the compressed models were scratch for the transfer
 
 
-def test_a_saved_prompt_of_an_earlier_run_is_evaluated_at_every_level(smoke, tmp_path):
+def test_a_saved_prompt_of_an_earlier_run_is_evaluated_at_every_level_its_own_included(smoke, tmp_path):
     folder, _ = smoke
     code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs",
-                              "experiments=[perplexity,transfer]", "compression.levels=[gptq_4bit]", "prompt.levels=[]",
-                              "hard_prompt=null", f"transfer.prompts=[{folder}/prompts/joint_8x]")
+                              "experiments=[perplexity,transfer]", "prompt.levels=[]", "hard_prompt=null",
+                              "lora.levels=[sparsegpt_50]", f"transfer.prompts=[{folder}/prompts/joint_8x]")
     assert code == 0, err[-3000:]
     record = json.loads((tmp_path / "record.json").read_text())
-    levels = {r["extra"]["level"] for r in rows_of(record, "loaded0_prompt@joint_8x", "perplexity")}
-    assert levels == {"dense", "gptq_4bit"}
-    assert not rows_of(record, "compressed_lora")  # LoRA is asked for at joint_8x only, which this run leaves out
+    rows = rows_of(record, "loaded0_prompt@joint_8x", "perplexity")
+    assert {r["extra"]["level"] for r in rows} == {"dense", "gptq_4bit", "joint_8x"}
+    assert {(r["extra"]["prompt_trained_at"], r["extra"]["prompt_folder"]) for r in rows} == {
+        ("joint_8x", str(folder / "prompts" / "joint_8x"))}
+    assert not rows_of(record, "compressed_lora")  # LoRA is asked for at sparsegpt_50 only, which this run leaves out
 
 
 @pytest.mark.parametrize("targets, in_plus_out", [

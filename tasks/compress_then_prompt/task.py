@@ -7,8 +7,9 @@ Experiments (`experiments`), each level's rows on the axis x = `compression`, th
   `compressed_lora`) on every evaluation text; ppl_ratio_to_dense, and ppl_gap_closed, the share of the
   compressed model's perplexity gap to dense that a recovery wins back;
 - accuracy: the same models on lm-eval's multiple-choice tasks, and accuracy_recovery (100 * acc / dense acc);
-- transfer: every prompt trained here (provider `prompt@<level>`) and every prompt of `transfer.prompts`
-  (`loaded<i>_prompt@<level>`) on the dense model and at every other level, a matrix of rows;
+- transfer: every prompt trained here (provider `prompt@<level>`) on the dense model and at every other level,
+  and every prompt of `transfer.prompts` (`loaded<i>_prompt@<level>`) on the dense model and at every level, its
+  own included; extras `prompt_trained_at` (its level) and `prompt_folder`;
 - cost: inference time with and without each prompt (the repro.bench harness; compressed layers compute with
   their decoded weights, so this times the prompt, not a sparse or low-bit kernel). Always recorded: weight bytes
   (measured and nominal), the compression ratio, prompt and LoRA training time, step time and peak memory, and
@@ -575,9 +576,11 @@ class CompressThenPrompt:
                                  rep_ms=self.cfg.cost.rep_ms, progress=False, compare_to=[COMPRESSED])
 
     def transfer_rows(self) -> Iterator[Row]:
-        """Each prompt at every level it was not trained at, and on the dense model."""
-        sources = {f"prompt@{level}": (folder, level) for level, folder in self.prompts.items()}
-        sources.update({name: (folder, None) for name, (folder, _) in self.loaded.items()})
+        """Each prompt on the dense model and at every level: the run's own at every level but the one it was
+        trained at (that is compressed_prompt), a loaded one at its own level too (the earlier run's compressed
+        model there, or its texts, need not be this run's)."""
+        sources = {f"prompt@{level}": (folder, level, True) for level, folder in self.prompts.items()}
+        sources.update({name: (folder, saved["level"], False) for name, (folder, saved) in self.loaded.items()})
         targets = [(None, 1.0, {**self.extra, **DENSE_EXTRA})]
         targets += [(level, level.ratio, {**self.extra, **level.extra()}) for level in self.levels
                     if level.name in self.files]
@@ -593,10 +596,10 @@ class CompressThenPrompt:
                 compressed = None if target is None else self.compressed_ppl.get(target.name)
                 yield from self.quality_rows(provider, x, more, ppl, {}, compressed)
 
-            for provider, (folder, trained_at) in sources.items():
-                if target is not None and trained_at == target.name:
+            for provider, (folder, trained_at, own) in sources.items():
+                if own and target is not None and trained_at == target.name:
                     continue  # the diagonal: that is compressed_prompt
-                more = {**extra, "mode": "transfer", "prompt_trained_at": trained_at or str(folder)}
+                more = {**extra, "mode": "transfer", "prompt_trained_at": trained_at, "prompt_folder": str(folder)}
                 yield from guarded(provider, x, more, partial(evaluate, provider, folder, more))
 
 
