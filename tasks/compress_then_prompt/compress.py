@@ -181,24 +181,21 @@ def hessians(layers: dict[str, nn.Module], inputs: list[torch.Tensor], run) -> d
 @torch.no_grad()
 def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: int | None = None,
              group_size: int | None = 128, sparsity: float | None = None, n_m: tuple[int, int] | None = None,
-             act_order: bool = False, percdamp: float = 0.01, n_samples: int | None = None,
-             progress: bool = True) -> CompressionReport:
+             act_order: bool = False, percdamp: float = 0.01, progress: bool = True) -> CompressionReport:
     """Compress every Linear of every transformer block of `model` in place (they become `CompressedLinear`s).
 
     method: rtn, gptq (need `bits`), magnitude, wanda, sparsegpt (need `sparsity` or `n_m` = (N, M), N kept of
     every M consecutive inputs; optional `bits` quantizes the kept weights). `calibration`: token ids
-    (samples, seqlen), of which the first `n_samples` (default all) are used. `group_size` None: one scale per
-    row. `act_order` (gptq): columns in decreasing order of H_jj. `percdamp`: damping of H, times its mean
-    diagonal. A block's layers are compressed in the order their inputs are made (q, k, v; then o; ...), each
-    group from the inputs the already compressed layers give, as GPTQ's and SparseGPT's --true-sequential.
+    (samples, seqlen), one sample or more. `group_size` None: one scale per row. `act_order` (gptq): columns in
+    decreasing order of H_jj. `percdamp`: damping of H, times its mean diagonal. A block's layers are compressed
+    in the order their inputs are made (q, k, v; then o; ...), each group from the inputs the already compressed
+    layers give, as GPTQ's and SparseGPT's --true-sequential.
     """
     n_m = check_arguments(method, bits, group_size, sparsity, n_m, act_order, percdamp)
-    if calibration.ndim != 2 or calibration.dtype.is_floating_point or calibration.dtype == torch.bool:
-        raise ValueError(f"calibration must be token ids of shape (samples, seqlen), got {calibration.dtype} "
-                         f"{tuple(calibration.shape)}")
-    n_samples = len(calibration) if n_samples is None else n_samples
-    if not 0 < n_samples <= len(calibration):
-        raise ValueError(f"n_samples={n_samples} asked for, but calibration has {len(calibration)} samples")
+    if calibration.ndim != 2 or not len(calibration) or calibration.dtype.is_floating_point \
+            or calibration.dtype == torch.bool:
+        raise ValueError(f"calibration must be token ids of shape (samples, seqlen) with one sample or more, got "
+                         f"{calibration.dtype} {tuple(calibration.shape)}")
     blocks_name, blocks = transformer_blocks(model)
     if n_m is not None:
         check_n_m_fits(model, n_m)
@@ -207,7 +204,7 @@ def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: 
     model.eval()
     device = next(model.parameters()).device
     report = CompressionReport(method, bits, group_size, sparsity, n_m)
-    inputs, args, kwargs = first_block_inputs(model, blocks[0], calibration[:n_samples].to(device))
+    inputs, args, kwargs = first_block_inputs(model, blocks[0], calibration.to(device))
     for i, block in enumerate(tqdm(blocks, desc=f"{method} blocks", disable=not progress)):
         run = partial(run_block, block, args=args, kwargs=kwargs)
         layers = linear_layers(block)
