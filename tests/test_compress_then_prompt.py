@@ -13,10 +13,9 @@ from repro.claims import load_paper
 from repro.evaluation import perplexity
 from repro.records import RunRecord
 from repro.report import claim_value
-from repro.text_data import lm_batches
+from repro.text_data import lm_batches, windows
 from repro.train import Trainee, TrainSpec, train
 from tasks.compress_then_prompt import compress
-from tasks.compress_then_prompt.data import windows
 from tasks.compress_then_prompt.lora import add_lora
 from tasks.compress_then_prompt.prompt import (add_soft_prompt, hard_prompt_forward, load_prompt, prompt_embedding,
                                                save_prompt, soft_prompt_forward)
@@ -57,7 +56,7 @@ def test_training_a_soft_prompt_changes_and_checkpoints_only_the_prompt(tmp_path
     before = snapshot(model)
     prompted = add_soft_prompt(model, tokens=5)
     start = prompt_embedding(prompted).detach().clone()
-    trainee = Trainee("compressed_prompt", prompted, lm_batches(random_ids(400), 2, 16, 1, seed=0, draw=windows),
+    trainee = Trainee("compressed_prompt", prompted, lm_batches(random_ids(400), 2, 16, 1, seed=0),
                       evaluate=lambda m: [], tokens_per_step=32, flops_per_token=1.0)
     spec = TrainSpec(steps=3, lr=1e-2, weight_decay=0.1, precision="fp32", log_every=1)
     rows = list(train(trainee, spec, torch.device("cpu"), tmp_path, progress=False))
@@ -161,6 +160,17 @@ def test_lora_beside_compressed_layers_starts_as_the_compressed_model_and_trains
                                           (Level("n", "wanda", n_m=(2, 4)), 2.0)])
 def test_levels_count_compression_as_the_paper_does(level, ratio):
     assert level.ratio == ratio
+
+
+def test_calibration_windows_are_drawn_as_the_training_windows_are_and_need_a_token_more():
+    from repro.context import ConfigError
+    from tasks.compress_then_prompt.data import calibration, check_length
+    ids = torch.arange(40)
+    assert torch.equal(calibration(ids, 5, 8, seed=3), windows(ids, 5, 8, torch.Generator().manual_seed(3)))
+    check_length(ids[:32], 4, 8, "cost.batch", drawn=False)  # chunks cut in order: the text may be used up
+    with pytest.raises(ConfigError, match="prompt: 4 samples of 8 tokens need 33 tokens, and the training text "
+                                          "has 32"):
+        check_length(ids[:32], 4, 8, "prompt")
 
 
 # --- the task end to end ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from repro.context import ConfigError
 from repro.evaluation import hub_error, text_ids
-from repro.text_data import load_token_stream
+from repro.text_data import load_token_stream, windows
 
 TRAIN_TEXTS = ("stdlib", "c4")
 C4_TRAIN = dict(path="allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
@@ -56,19 +56,16 @@ def training_ids(name: str, tokenizer, *, data, cache, max_tokens: int | None = 
 
 
 def check_length(ids: torch.Tensor, samples: int, seqlen: int, what: str, text: str = "the training text",
-                 longer: str = "text.max_tokens") -> None:
-    """A text must hold `samples` windows of `seqlen` tokens without overlap (ConfigError naming `what`, the
-    `text` and the key that makes it `longer`)."""
-    if len(ids) < samples * seqlen:
-        raise ConfigError(f"{what}: {samples} samples of {seqlen} tokens need {samples * seqlen} tokens, and "
-                          f"{text} has {len(ids)}; ask for fewer or shorter samples, or a longer text ({longer})")
-
-
-def windows(ids: torch.Tensor, count: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` windows of `seqlen` tokens at random places in `ids` (as GPTQ draws its calibration samples)."""
-    starts = torch.randint(0, len(ids) - seqlen + 1, (count,), generator=generator).tolist()
-    return torch.stack([ids[s:s + seqlen] for s in starts])
+                 longer: str = "text.max_tokens", drawn: bool = True) -> None:
+    """A text must hold `samples` windows of `seqlen` tokens without overlap, and a token more where they are
+    `drawn` at random (`repro.text_data.windows`, as GPTQ, never starts at the last full window): ConfigError
+    naming `what`, the `text` and the key that makes it `longer`."""
+    need = samples * seqlen + (1 if drawn else 0)
+    if len(ids) < need:
+        raise ConfigError(f"{what}: {samples} samples of {seqlen} tokens need {need} tokens, and {text} has "
+                          f"{len(ids)}; ask for fewer or shorter samples, or a longer text ({longer})")
 
 
 def calibration(ids: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`samples` windows of `seqlen` tokens at random places in `ids`, as GPTQ draws its calibration samples."""
     return windows(ids, samples, seqlen, torch.Generator().manual_seed(seed))

@@ -43,7 +43,7 @@ from repro.train import Trainee, TrainSpec, model_flops_per_token, train
 from tasks.common.lm_eval import check_tasks, validate_eval
 
 from .compress import LINEAR_LAYERS, check_arguments, check_n_m_fits, compress
-from .data import TRAIN_TEXTS, calibration, check_length, training_ids, windows
+from .data import TRAIN_TEXTS, calibration, check_length, training_ids
 from .prompt import (INITS, add_soft_prompt, check_fits, check_same_model, hard_prompt_forward, load_prompt,
                      read_prompt_metadata, save_prompt, soft_prompt_forward, trainable_parameters)
 from .storage import STORED, load_compressed, save_compressed
@@ -362,7 +362,7 @@ class CompressThenPrompt:
             self.texts[name] = ids[:e.max_chunks * e.seqlen] if e.max_chunks else ids
         name, first = next(iter(self.texts.items()))
         check_length(first, cfg.cost.batch, e.seqlen, "cost.batch", f"the evaluation text {name!r}",
-                     "eval.max_chunks" if e.max_chunks else "a longer one first in eval.texts")
+                     "eval.max_chunks" if e.max_chunks else "a longer one first in eval.texts", drawn=False)
         self.cost_ids = first[:cfg.cost.batch * e.seqlen].view(cfg.cost.batch, e.seqlen)
 
     # --- measurements ---------------------------------------------------------------------------------------
@@ -432,8 +432,8 @@ class CompressThenPrompt:
                                                 frozen=True) * positions / p.seqlen
         yield Row(provider, X, state.x, "trainable_params", "params", extra["trainable_params"], n=1, extra=extra)
         trainee = Trainee(
-            provider, model, lm_batches(self.train_ids, p.batch, p.seqlen, self.spec.grad_accum, self.cfg.seed,
-                                        draw=windows),  # GPTQ's draw, as the calibration samples
+            # lm_batches draws its windows as the calibration's are drawn (repro.text_data.windows, GPTQ's draw)
+            provider, model, lm_batches(self.train_ids, p.batch, p.seqlen, self.spec.grad_accum, self.cfg.seed),
             self.validation_rows(forward), tokens_per_step=p.batch * p.seqlen * self.spec.grad_accum,
             flops_per_token=flops_per_token, extra=extra,
             fingerprint=fingerprint(dict(model=self.identity, level=state.level.extra(), provider=provider,
