@@ -452,3 +452,24 @@ def test_a_fraction_of_the_budget_rounds_down_as_the_policies_own_default():
     for b in (7, 20, 103):
         made = policy_at_budget("scissorhands", {"recent": 1, "drop_fraction": 0.5}, b)
         assert made.amount(b) == Scissorhands(budget=b, recent=1).amount(b) == b // 2
+
+
+def test_a_quantized_setting_whose_smallest_layer_budget_holds_no_whole_group_is_not_a_result(tmp_path):
+    """budget_schedule=growing gives layer 0 of 2 half of B: at B = 16 it holds 8 tokens, below a group of 16, and
+    quantizes nothing there, whatever B says."""
+    kv = OmegaConf.create({"group_size": 16, "scissorhands": {"recent": 2, "window": 400, "drop_fraction": 0.5,
+                                                             "budget_schedule": "growing"}})
+    fitted = FittedPolicy(kv, Setting("scissorhands", 4, 8), 2)
+    assert fitted(256).budgets(2) == [16, 48]
+    with pytest.raises(Unsupported, match=r"scissorhands_4bit at 8x on a batch of requests of 128 tokens, layer 0 "
+                                          r"\(budget_schedule='growing'\): a head holds at most 8 tokens"):
+        fitted(128)  # B = 16: layers of 8 and 24 tokens
+    code, _, err, record = run(tmp_path, "kv.experiments=[quality]", "kv.policies=[full,scissorhands]",
+                               "kv.quantized_policies=[scissorhands]", "kv.bits=[4]", "kv.compressions=[2,4]",
+                               "kv.group_size=16", "kv.scissorhands.recent=2", "kv.scissorhands.budget_schedule=growing",
+                               "eval.seqlen=64", "eval.max_chunks=1")
+    assert code == 0, err[-3000:]
+    rows = {r["extra"]["eviction_compression"]: r for r in rows_of(record, "perplexity", policy="scissorhands")}
+    assert rows[2]["status"] == "ok"  # B = 32: layer 0 holds 16 tokens, one whole group
+    assert rows[4]["status"] == "unsupported" and \
+        "layer 0 (budget_schedule='growing'): a head holds at most 8 tokens" in rows[4]["message"]

@@ -77,12 +77,16 @@ class Setting:
     def generates(self, mode: str) -> bool:
         return self.bits < 16 or mode == "generate"
 
-    def check_quantized(self, length: int, group_size: int, what: str) -> None:
-        """Unsupported where its cache, on a text of `length` tokens, holds no whole group to quantize
-        (memory.check_quantized). `what`: the text, said after the setting."""
-        held = length if self.compression is None else min(length, budget(length, self.compression))
+    def check_quantized(self, policy: Policy, length: int, n_layers: int, group_size: int, what: str) -> None:
+        """Unsupported where its cache under `policy`, on a text of `length` tokens, holds no whole group to
+        quantize in some layer (memory.check_quantized). Each layer's own budget counts, not B: budget_schedule=
+        growing gives the first layers as little as B/2. `what`: the text, said after the setting."""
+        held = [length if b is None else min(length, b) for b in policy.budgets(n_layers)]
+        layer = held.index(min(held))
         at = "" if self.compression is None else f" at {self.compression:g}x"
-        check_quantized(held, self.bits, group_size, f"{self.provider}{at} on {what}")
+        # where layers differ, the one that holds least is named, with the schedule that gave it so little
+        which = "" if len(set(held)) == 1 else f", layer {layer} (budget_schedule={policy.budget_schedule!r})"
+        check_quantized(held[layer], self.bits, group_size, f"{self.provider}{at} on {what}{which}")
 
 
 def sweep(kv: DictConfig, policies, compressions, bits) -> list[Setting]:
@@ -260,8 +264,8 @@ class FittedPolicy:
     """A multiple-choice setting's policy for each batch of requests of `length` tokens: at budget
     ceil(length / compression). A batch too short for that budget (the cache must keep the r newest tokens and
     drop m = B/2 of it) ends the setting as unsupported: a larger budget, or the full cache, would not be a result
-    at its compression. So does one whose budget holds no whole group of a quantized cache. It counts the
-    batches it served."""
+    at its compression. So does one whose budget, in any layer, holds no whole group of a quantized cache. It
+    counts the batches it served."""
 
     kv: DictConfig
     setting: Setting
@@ -269,8 +273,14 @@ class FittedPolicy:
     batches: int = 0
 
     def __call__(self, length: int) -> Policy:
-        s, self.batches = self.setting, self.batches + 1
-        s.check_quantized(length, self.kv.group_size, f"a batch of requests of {length} tokens")
+        self.batches += 1
+        policy = self.fitted(length)
+        self.setting.check_quantized(policy, length, self.n_layers, self.kv.group_size,
+                                     f"a batch of requests of {length} tokens")
+        return policy
+
+    def fitted(self, length: int) -> Policy:
+        s = self.setting
         if s.compression is None:
             return policy_at_budget(s.policy, params(self.kv, s.policy))
         wanted = budget(length, s.compression)
@@ -389,8 +399,9 @@ def quality_rows(cfg: DictConfig, ctx: RunContext, m: Model, text: str, chunks: 
 
     def policy_for(s):
         def fitted(length):
-            s.check_quantized(length, kv.group_size, f"chunks of {length} tokens")
-            return policy_at_budget(s.policy, params(kv, s.policy), budget_of(s))
+            policy = policy_at_budget(s.policy, params(kv, s.policy), budget_of(s))
+            s.check_quantized(policy, length, m.n_layers, kv.group_size, f"chunks of {length} tokens")
+            return policy
         return fitted
 
     def evaluate(forward):
