@@ -473,3 +473,46 @@ def test_a_quantized_setting_whose_smallest_layer_budget_holds_no_whole_group_is
     assert rows[2]["status"] == "ok"  # B = 32: layer 0 holds 16 tokens, one whole group
     assert rows[4]["status"] == "unsupported" and \
         "layer 0 (budget_schedule='growing'): a head holds at most 8 tokens" in rows[4]["message"]
+
+
+def test_counting_rotates_through_copies_of_what_it_touches_until_they_exceed_the_rotation_bytes():
+    """Counting is timed back to back: the bytes one call touches (scores, counts, log-sum-exp and one byte-plane
+    of the ring), not the whole ring of each copy, must reach decode.rotate_bytes over the copies, or the calls
+    read their inputs from L2."""
+    from tasks.scissorhands.bench import counting_bytes, counting_copies
+    stats = Scissorhands(budget=512).init_stats(1, 4, 512, "cpu")  # w = 400: a ring of 50 bytes a slot
+    scores, lse = torch.randn(1, 4, 512), torch.randn(1, 4)
+    assert counting_bytes(stats, scores, lse) == 4 * 512 * (4 + 4 + 1) + 4 * 4
+    rotate = 2**20
+    copies = counting_copies(stats, scores, lse, rotate)
+    touched = [counting_bytes(*copy) for copy in copies]
+    assert sum(touched) >= rotate > sum(touched[1:])  # enough copies, and no more
+    assert copies[0][0] is stats
+    for name in ("count", "history"):
+        assert len({copy[0][name].data_ptr() for copy in copies}) == len(copies)
+        assert all(copy[0][name].stride() == stats[name].stride() for copy in copies)  # the ring's byte-planes
+    assert len({copy[1].data_ptr() for copy in copies}) == len(copies)
+
+
+def test_bookkeeping_times_attention_and_counting_over_whole_rounds_of_their_copies(monkeypatch):
+    from types import SimpleNamespace
+
+    from repro.timing import Timing
+    from tasks.scissorhands import bench
+    cycles = []
+
+    def measure(fn, device, *, cycle=1, **kwargs):
+        cycles.append(cycle)
+        return Timing(1.0, 1.0, 1.0, 1, "fake")
+    monkeypatch.setattr(bench, "measure", measure)
+    spec = OmegaConf.create({"heads": "4/2", "head_dim": 16, "layers": 1, "dtype": "float32", "batch": 1,
+                             "intermediate": 32, "bookkeeping_budgets": [8], "rotate_bytes": 4096, "warmup_ms": 0,
+                             "rep_ms": 0})
+    kv = OmegaConf.create({"group_size": 4, "schedule": "lean", "scissorhands": {
+        "recent": 1, "window": 16, "drop_fraction": 0.5, "threshold": "1/t", "budget_schedule": "uniform",
+        "score": "pivotal"}})
+    list(bench.bookkeeping_rows(spec, kv, SimpleNamespace(device=torch.device(DEVICE)), 0))
+    # projections, attention, counting, then the parts that wait on the host, call by call
+    attention = 2 * 8 * 16 * 4 * 2 + 4 * 8 * 4 + 4 * 4  # keys and values, scores, lse
+    counting = 4 * 8 * (4 + 4 + 1) + 4 * 4  # scores, counts, one byte-plane of the ring, lse
+    assert cycles == [1, -(-4096 // attention), -(-4096 // counting), 1, 1, 1]

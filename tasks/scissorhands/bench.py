@@ -16,8 +16,9 @@ around them) at contexts of 4K to 128K tokens.
 
 Attention is timed as lean_decode times it: from CUDA graphs of back-to-back calls over rotated copies of the
 inputs (no call finds its cache in L2), so that microsecond kernels are not hidden behind launch overhead. The
-step's other kernels are timed the same way (the counts over rotated copies of the layer's cache and statistics;
-the projections' weights exceed L2 by themselves); the quantize kernel and the bookkeeping parts that wait on the
+step's other kernels are timed the same way (the step's attention and the counts each over rotated copies of what
+they touch, a layer's keys and values, or its scores, counts and one byte-plane of the ring; the projections'
+weights exceed L2 by themselves); the quantize kernel and the bookkeeping parts that wait on the
 host (checking, choosing, compacting) are timed call by call (`repro.timing.measure`: device events, L2 flushed),
 as a decode loop runs them, that wait included. Where our Triton kernels cannot run (a CPU without
 TRITON_INTERPRET=1) their rows say so (`unsupported`).
@@ -249,6 +250,23 @@ def full_layer(policy, budget: int, shape: Shape, kv: DictConfig, device, gen) -
     return layer
 
 
+def counting_bytes(stats: dict[str, torch.Tensor], scores: torch.Tensor, lse: torch.Tensor) -> int:
+    """Bytes one counting call moves: each key's score and count, the log-sum-exp, and the ring's one byte-plane
+    that the step's bit goes in (not the rest of the ring, nor the cache's keys and values)."""
+    history = stats["history"]
+    return scores.nbytes + lse.nbytes + stats["count"].nbytes + history[..., 0].numel() * history.element_size()
+
+
+def counting_copies(stats: dict[str, torch.Tensor], scores: torch.Tensor, lse: torch.Tensor,
+                    rotate_bytes: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+    """(stats, scores, lse), and copies of them until the bytes counting touches over all of them reach
+    `rotate_bytes`, so that counting timed back to back finds none of its inputs in L2."""
+    n = max(1, math.ceil(rotate_bytes / counting_bytes(stats, scores, lse)))
+    # clone keeps the ring's byte-plane layout (ring_history), whose strides the kernel's reads depend on
+    return [(stats, scores, lse)] + [({k: v.clone() for k, v in stats.items()}, scores.clone(), lse.clone())
+                                     for _ in range(n - 1)]
+
+
 def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: int) -> Iterator[Row]:
     """Per budget B: the time of the layer's projections, of the step's attention (with each key's score)
     and of each part of Scissorhands' bookkeeping on a full cache, run by generate.py's own code; then the
@@ -266,20 +284,20 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
         def attend(layer):
             return layer.store.attend(query, budget, None, with_scores=True)
 
-        def layer_and_scores():
-            layer = full_layer(policy, budget, shape, kv, device, gen)
-            return layer, *attend(layer)[1:]
-        layer, scores, lse = first = layer_and_scores()
-        # attention and counting are timed back to back, so they take turns over copies that together exceed L2,
-        # as a step's 32 layers would
-        size = sum(t.numel() * t.element_size()
-                   for t in (layer.store.keys, layer.store.values, scores, *layer.stats.values()))
-        copies = [first] + [layer_and_scores() for _ in range(math.ceil(spec.rotate_bytes / size) - 1)]
-        attention_turn, counting_turn = itertools.cycle(copies), itertools.cycle(copies)
+        layer = full_layer(policy, budget, shape, kv, device, gen)
+        _, scores, lse = attend(layer)
+        # attention and counting are timed back to back, so each takes turns over copies of what it touches that
+        # together hold rotate_bytes (beyond L2), as a step's 32 layers would: attention reads a layer's keys and
+        # values and writes the scores; counting touches far fewer bytes, so it rotates through more copies
+        attended = layer.store.keys.nbytes + layer.store.values.nbytes + scores.nbytes + lse.nbytes
+        layers = [layer] + [full_layer(policy, budget, shape, kv, device, gen)
+                            for _ in range(math.ceil(spec.rotate_bytes / attended) - 1)]
+        counted = counting_copies(layer.stats, scores, lse, int(spec.rotate_bytes))
+        attention_turn, counting_turn = itertools.cycle(layers), itertools.cycle(counted)
 
         def counting():
-            copy, copy_scores, copy_lse = next(counting_turn)
-            policy.observe_scores(copy.stats, copy_scores, copy_lse, budget, budget)
+            stats, copy_scores, copy_lse = next(counting_turn)
+            policy.observe_scores(stats, copy_scores, copy_lse, budget, budget)
 
         hidden, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
         x = torch.randn(shape.batch, max(hidden, spec.intermediate), device=device, dtype=shape.dtype, generator=gen)
@@ -300,16 +318,17 @@ def bookkeeping_rows(spec: DictConfig, kv: DictConfig, ctx: RunContext, seed: in
             layer.n = budget
             layer._evict(drop, full)
         # and the bookkeeping as generate.py calls it, knowing how many tokens it holds
-        parts = {"projections": projections, "attention": lambda: attend(next(attention_turn)[0]),
+        parts = {"projections": projections, "attention": lambda: attend(next(attention_turn)),
                  "counting": counting,
                  "checking": lambda: policy.drops(layer.stats, not_full, layer.positions, budget, 0, 1,
                                                   n_held=budget - 1),
                  "choosing": lambda: policy.drops(layer.stats, full, layer.positions, budget, 0, 1, n_held=budget),
                  "compacting": compacting}
+        cycles = {"attention": len(layers), "counting": len(counted)}  # a graph captures whole rounds of copies
         ms = {}
         for part, fn in parts.items():
             t = measure(fn, device, warmup_ms=spec.warmup_ms, rep_ms=spec.rep_ms,
-                        back_to_back=None if part in WAIT_ON_HOST else "graph")
+                        back_to_back=None if part in WAIT_ON_HOST else "graph", cycle=cycles.get(part, 1))
             ms[part] = t.p50
             yield Row(part, "budget", budget, "step_part_time", "ms", t.p50, t.p20, t.p80, t.n,
                       extra={**extra, "clock": t.clock})
