@@ -431,3 +431,14 @@ def test_a_configs_drop_fraction_scales_with_each_layers_budget(schedule):
     policy.budgets(4)  # every layer's m fits its budget
     assert all(abs(policy.amount(b) - b / 2) <= 0.5 for b in budgets)
     assert policy_at_budget("scissorhands", {"drop_fraction": 0.25}, 100).amount(100) == 25
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "growing"])
+def test_h2os_recent_fraction_is_a_share_of_each_layers_budget(schedule):
+    """recent_fraction=0.5 is half of every layer's budget: a count taken from B would fill layer 0's B/2 with
+    recent tokens under budget_schedule=growing (no heavy hitter left), and leave later layers short of half."""
+    policy = policy_at_budget("h2o", {"recent_fraction": 0.5, "budget_schedule": schedule}, 100)
+    budgets = policy.budgets(4)
+    assert budgets == list(layer_budgets(100, schedule, 4))
+    assert all(abs(policy.recent_tokens(b) - b / 2) <= 0.5 for b in budgets)
+    assert policy_at_budget("h2o", {"recent_fraction": 0.25}, 100).recent_tokens(100) == 25

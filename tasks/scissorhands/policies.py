@@ -289,8 +289,9 @@ class ScissorhandsReleased(_PivotalCounts, Policy):
 
 @dataclass
 class H2O(_Budgeted):
-    """Heavy-Hitter Oracle (Zhang et al., 2023): keep the `recent` newest tokens (default half the budget) and the
-    heavy hitters, the tokens of largest attention summed over all queries so far; a full head drops one a step."""
+    """Heavy-Hitter Oracle (Zhang et al., 2023): keep the `recent` newest tokens (default half the budget; scaled
+    with each layer's budget where budgets differ by layer) and the heavy hitters, the tokens of largest attention
+    summed over all queries so far; a full head drops one a step."""
 
     name: ClassVar[str] = "h2o"
     needs_probs: ClassVar[bool] = True
@@ -298,7 +299,9 @@ class H2O(_Budgeted):
     recent: int | None = None
 
     def recent_tokens(self, budget: int) -> int:
-        return budget // 2 if self.recent is None else self.recent
+        """The window of newest tokens at a layer's `budget`: the same share of it as `recent` is of B (the
+        paper's recent ratio), as Scissorhands' m is scaled."""
+        return budget // 2 if self.recent is None else round(self.recent * budget / self.budget)
 
     def check(self, budget, whose=""):
         if self.recent is not None and (not isinstance(self.recent, int) or self.recent < 0):
