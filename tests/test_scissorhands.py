@@ -187,6 +187,8 @@ def test_released_preset_compresses_a_middle_band_of_layers():
     (lambda: Scissorhands(budget=0), "budget=0 must be a positive integer"),
     (lambda: Scissorhands(budget=30, budget_schedule="growing").budgets(4),
      r"drop=7 \(m, .*\) must be in \[1, budget - recent\] = \[1, 5\] for budget=15 \(layer 0's, from budget_sch"),
+    (lambda: TOVA(budget=1, budget_schedule="growing").budgets(2),
+     r"tova: budget=0 \(layer 0's, from budget_schedule='growing'\) must be at least 1 token"),
     (lambda: H2O(budget=8, recent=8), "budget=8 must be larger than recent=8"),
     (lambda: StreamingLLM(budget=4), "budget=4 must be larger than n_sink=4"),
     (lambda: make_policy("snapkv", budget=8), r"unknown KV-cache policy 'snapkv'; valid ones: \['full', 'h2o'"),

@@ -126,7 +126,11 @@ class _Budgeted(Policy):
     def budgets(self, n_layers: int) -> list[int | None]:
         budgets = layer_budgets(self.budget, self.budget_schedule, n_layers)
         for layer, budget in enumerate(budgets):
-            self.check(budget, f" (layer {layer}'s, from budget_schedule={self.budget_schedule!r})")
+            whose = f" (layer {layer}'s, from budget_schedule={self.budget_schedule!r})"
+            if budget < 1:  # growing's rounding leaves a small B's first layers nothing: a head must hold its query
+                raise ValueError(f"{self.name}: budget={budget}{whose} must be at least 1 token: use a budget "
+                                 f"above {self.budget} (a lower compression) or budget_schedule='uniform'")
+            self.check(budget, whose)
         return list(budgets)
 
     def importance(self, stats: dict[str, torch.Tensor], positions: torch.Tensor, step: int) -> torch.Tensor:
