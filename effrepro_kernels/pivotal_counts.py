@@ -24,8 +24,16 @@ BLOCK = 256
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+def check_window(window) -> None:
+    """ValueError unless `window` (w: the queries a count covers, and the ring's bits) is an integer >= 1."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window={window!r} (w, the queries whose pivotal bits the ring keeps) must be an "
+                         "integer >= 1")
+
+
 def ring_history(batch: int, heads: int, slots: int, window: int, device) -> torch.Tensor:
     """A zero ring of (batch, heads, slots, ceil(window / 8)) bytes, stored byte-plane by byte-plane."""
+    check_window(window)
     return torch.zeros(batch, heads, -(-window // 8), slots, dtype=torch.uint8, device=device).transpose(2, 3)
 
 
@@ -52,6 +60,7 @@ def update_pivotal_counts(probs: torch.Tensor, count: torch.Tensor, history: tor
     slots) contiguous, history uint8 (batch, heads, slots, ceil(window / 8)), contiguous or from `ring_history`.
     With `lse` (float32 (batch, heads), contiguous), `probs` holds scores instead, as `decode_attention(...,
     return_lse=True, return_scores=True)` returns them: a key's probability is exp(score − lse)."""
+    check_window(window)
     b, heads, slots = probs.shape
     if lse is not None and (lse.shape != (b, heads) or lse.dtype != torch.float32 or not lse.is_contiguous()):
         raise ValueError(f"update_pivotal_counts takes lse float32 (batch, heads) = {(b, heads)}, contiguous; got "

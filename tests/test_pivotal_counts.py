@@ -61,6 +61,11 @@ def test_bad_input_is_refused():
     history = torch.zeros(1, 2, 8, 2, dtype=torch.uint8, device=DEVICE)
     with pytest.raises(ValueError, match="ceil\\(window/8\\) = 1"):
         update_pivotal_counts(probs, count, history, 8, 0, window=8)
+    for window in (0, -8, 8.0):
+        with pytest.raises(ValueError, match=f"window={window!r} .* must be an integer >= 1"):
+            update_pivotal_counts(probs, count, history[..., :0], 8, 0, window=window)
+        with pytest.raises(ValueError, match=f"window={window!r}"):
+            ring_history(1, 2, 8, window, DEVICE)
     with pytest.raises(ValueError, match="n_visible=9"):
         update_pivotal_counts(probs, count, history, 9, 0, window=16)
     with pytest.raises(ValueError, match="lse float32 \\(batch, heads\\) = \\(1, 2\\)"):
