@@ -302,6 +302,22 @@ def test_persistence_ratio_is_a_fraction_per_layer():
         assert ratio == pytest.approx(((first & second).sum() / second.sum()).item(), abs=1e-6)
 
 
+
+def test_persistence_pools_every_chunk_batch_by_batch():
+    """The task's persistence covers every chunk, eval.batch_size at a time, the counts summed over the batches
+    before the one division: the ratios of all the chunks at once."""
+    from omegaconf import OmegaConf
+
+    from tasks.scissorhands.task import Model, persistence_rows
+    model, ids = tiny(), text(64, batch=3)
+    whole = persistence_ratio(model, ids)
+    assert persistence_ratio(model, ids, batch_size=2) == pytest.approx(whole, abs=1e-12)
+    rows = list(persistence_rows(OmegaConf.create({"eval": {"batch_size": 2}}), Model(model, None, "tiny", 2), "t",
+                                 ids))
+    assert [r.p50 for r in rows[:2]] == pytest.approx([100 * r for r in whole], abs=1e-10)
+    assert rows[0].extra["chunks"] == 3 and rows[0].n == ids.numel()
+
+
 # every generate test on our kernels, and on their PyTorch references (what a CPU without the interpreter runs)
 SCHEDULES = [SCHEDULE, REFERENCE]
 

@@ -160,14 +160,18 @@ class PivotalSets(Full):
         stats["first" if step < self.half else "second"] |= probs > 1.0 / visible.sum(-1, keepdim=True)
 
 
-def persistence_ratio(model: PreTrainedModel, ids: torch.Tensor) -> list[float]:
+def persistence_ratio(model: PreTrainedModel, ids: torch.Tensor, batch_size: int | None = None) -> list[float]:
     """§3.2 of the paper (Fig. 2), per layer: of the tokens of the first half of each text that are pivotal for some
     query of the second half, the fraction that were already pivotal for some query of the first half, pooled over
-    the texts of `ids` (batch, n) and the heads. Paper: above 95% in most layers of OPT."""
+    the texts of `ids` (batch, n) and the heads. The texts are run `batch_size` at a time (None: all at once), and
+    the counts summed over the batches before the one division. Paper: above 95% in most layers of OPT."""
     half = ids.shape[1] // 2
-    _, sim = simulate(model, ids, PivotalSets(half=half))
-    ratios = []
-    for stats in sim.stats:
-        later = stats["second"][..., :half]
-        ratios.append((later & stats["first"][..., :half]).sum().item() / max(1, later.sum().item()))
-    return ratios
+    n_layers = model.config.num_hidden_layers
+    both, later = [0] * n_layers, [0] * n_layers
+    for start in range(0, len(ids), batch_size or len(ids)):
+        _, sim = simulate(model, ids[start:start + (batch_size or len(ids))], PivotalSets(half=half))
+        for layer, stats in enumerate(sim.stats):
+            second = stats["second"][..., :half]
+            both[layer] += (second & stats["first"][..., :half]).sum().item()
+            later[layer] += second.sum().item()
+    return [b / max(1, n) for b, n in zip(both, later)]

@@ -362,9 +362,9 @@ def sweep_rows(kv: DictConfig, ctx: RunContext, settings: list[Setting], policy_
 # --- the experiments on a model ------------------------------------------------------------------------------------
 
 def persistence_rows(cfg: DictConfig, m: Model, text: str, chunks: torch.Tensor) -> Iterator[Row]:
-    """Per layer, % of the first half's tokens pivotal for the second half that were pivotal for the first too."""
-    chunks = chunks[:cfg.eval.batch_size]
-    ratios = persistence_ratio(m.module, chunks)
+    """Per layer, % of the first half's tokens pivotal for the second half that were pivotal for the first too,
+    over every chunk, `eval.batch_size` at a time."""
+    ratios = persistence_ratio(m.module, chunks, cfg.eval.batch_size)
     extra = {"model": m.label, "text": text, "chunks": len(chunks), "seqlen": chunks.shape[1], "threshold": "1/t",
              "series": text}
     for layer, ratio in enumerate(ratios):
