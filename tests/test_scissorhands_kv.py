@@ -204,6 +204,18 @@ def test_the_x_claims_can_be_reached_at_the_scale_they_are_comparable_at(compose
             assert reach >= claim.value, (claim.id, scale, reach)
 
 
+def test_the_kv_fraction_claims_are_on_the_perplexity_grid_of_their_scale(compose):
+    """min_kv_fraction_ppl_maintained is 100 / the largest compression that keeps the perplexity: the quality grid
+    of the claims' scale must hold a compression of 100 / the claimed % (75%: 4/3), or no run can read it."""
+    _, _, claims = load_paper(ROOT / "results" / "published" / "scissorhands.yaml")
+    fraction_claims = [c for c in claims if "min_kv_fraction_ppl_maintained" in c.compare.metrics]
+    assert {c.value for c in fraction_claims} == {50, 75}
+    for claim in fraction_claims:
+        for scale in claim.compare.comparable_at:
+            grid = compose(*TINY, f"scale={scale}").kv.compressions
+            assert any(100 / c == pytest.approx(claim.value, rel=1e-3) for c in grid), (claim.id, scale, grid)
+
+
 def test_a_group_size_that_no_run_quantizes_with_is_accepted(compose):
     """kv.quantized_policies=[] leaves every setting of these experiments at 16 bits, whatever kv.bits says."""
     pytest.importorskip("lm_eval", reason="the multiple-choice experiment needs lm-evaluation-harness")
