@@ -202,8 +202,9 @@ class _PivotalCounts:
 class Scissorhands(_PivotalCounts, _Budgeted):
     """The paper's Algorithm 1-2: budget B per head; when a head is full, drop the m (`drop`, default B/2) tokens
     least often pivotal (probability > 1/t, t the keys the query saw) over the last w (`window`) queries, never one
-    of the r (`recent`) newest. Paper: r=10, w=400, m=B/2. `score="non_pivotal"` reads Algorithm 2 the other way:
-    drop the m tokens most often not pivotal for the queries of the window that saw them."""
+    of the r (`recent`) newest. Paper: r=10, w=400, m=B/2. That default score counts as the authors' released
+    script does (the paper's pseudo-code is garbled); `score="non_pivotal"` reads Algorithm 2 the other way: drop
+    the m tokens most often not pivotal for the queries of the window that saw them."""
 
     name: ClassVar[str] = "scissorhands"
     needs_probs: ClassVar[bool] = True
