@@ -478,8 +478,8 @@ def test_a_quantized_setting_whose_smallest_layer_budget_holds_no_whole_group_is
         fitted(128)  # B = 16: layers of 8 and 24 tokens
     code, _, err, record = run(tmp_path, "kv.experiments=[quality]", "kv.policies=[full,scissorhands]",
                                "kv.quantized_policies=[scissorhands]", "kv.bits=[4]", "kv.compressions=[2,4]",
-                               "kv.group_size=16", "kv.scissorhands.recent=2", "kv.scissorhands.budget_schedule=growing",
-                               "eval.seqlen=64", "eval.max_chunks=1")
+                               "kv.group_size=16", "kv.scissorhands.recent=2",
+                               "kv.scissorhands.budget_schedule=growing", "eval.seqlen=64", "eval.max_chunks=1")
     assert code == 0, err[-3000:]
     rows = {r["extra"]["eviction_compression"]: r for r in rows_of(record, "perplexity", policy="scissorhands")}
     assert rows[2]["status"] == "ok"  # B = 32: layer 0 holds 16 tokens, one whole group
