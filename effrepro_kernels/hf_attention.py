@@ -6,7 +6,8 @@
 
 The model builds the same boolean masks as for `sdpa`; they are mapped onto the kernel's own causal flag and
 key padding mask. A mask the kernel cannot express (sliding windows, packed sequences, custom patterns) is an
-error, never a silent change of result.
+error, never a silent change of result; so is an argument it cannot honour (a logit softcap, attention sinks, a
+position bias: `HARMLESS` lists those it may ignore), and a request for the attention weights.
 """
 from __future__ import annotations
 
@@ -60,16 +61,41 @@ def key_padding_mask_of(mask: torch.Tensor, causal: bool) -> torch.Tensor | None
     return result
 
 
+# What models hand an attention function besides q, k, v, the mask, the scale and dropout, that leaves its result as it
+# is: positions already applied to q and k, cache and output bookkeeping, what the mask itself carries (a sliding
+# window, packed sequences, both checked in `key_padding_mask_of`), and a determinism the kernel always has (its
+# backward uses no atomics). transformers' sdpa ignores them too. Any other argument given a value (softcap,
+# attention sinks as s_aux or sinks, position_bias, sparse indices, ...) changes the attention, or asks for what the
+# kernel does not give, and is refused.
+HARMLESS = frozenset({"position_ids", "cache_position", "use_cache", "sliding_window", "cu_seq_lens_q", "cu_seq_lens_k",
+                      "max_length_q", "max_length_k", "seq_idx", "output_hidden_states", "output_router_logits",
+                      "num_items_in_batch", "encoder_hidden_states", "deterministic"})
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                       is_causal: bool | None = None, **kwargs):
     """transformers' attention signature: (batch, heads, seq, head_dim) in, (batch, seq, heads, head_dim) out."""
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    if kwargs.get("output_attentions"):
+        raise ValueError(f"{NAME} attention computes no attention weights (output_attentions=True): build the model "
+                         f"with attn_implementation='eager' for them")
+    for name, given in kwargs.items():
+        # False and None are how models say a feature is off (output_attentions=False, softcap=None)
+        if name not in HARMLESS and name != "output_attentions" and given is not None and given is not False:
+            raise ValueError(f"{NAME} attention does not support {name}={_brief(given)}: the kernel takes q, k, v, "
+                             f"a causal or key-padding mask, scaling, dropout and is_causal (and ignores "
+                             f"{', '.join(sorted(HARMLESS))})")
+    # a module without an is_causal attribute is causal, as in transformers' sdpa: the same model, the same result
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal) and query.shape[2] > 1
     kpm = key_padding_mask_of(attention_mask, causal) if attention_mask is not None else None
     out = flash_attn(query, key, value, causal=causal, softmax_scale=scaling, dropout_p=dropout,
                      key_padding_mask=kpm)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _brief(value) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
 
 
 def attention_mask(batch_size: int, q_length: int, kv_length: int, *args, mask_function=None,

@@ -91,3 +91,46 @@ def test_without_padding_no_mask_is_read_and_the_model_compiles_as_one_graph(kin
     for name in ("logits", "last_hidden_state"):
         if hasattr(ref, name):
             torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=2e-3, atol=2e-3)
+
+
+def qkv(seq: int = 5):
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    return [torch.randn(2, 2, seq, 16, device=DEVICE, generator=gen) for _ in range(3)]
+
+
+@pytest.mark.parametrize("name,given", [("softcap", 50.0), ("s_aux", torch.zeros(2)), ("sinks", torch.zeros(2)),
+                                        ("position_bias", torch.zeros(1, 2, 5, 5)), ("indices", torch.zeros(2, 5))])
+def test_arguments_that_change_the_attention_are_refused_by_name(name, given):
+    """Gemma 2's logit softcap, gpt-oss's attention sinks, T5's position bias, sparse indices: dropped, the model
+    would run and give another result (transformers' sdpa refuses the softcap alone)."""
+    from effrepro_kernels.hf_attention import attention_forward
+
+    with pytest.raises(ValueError, match=f"does not support {name}="):
+        attention_forward(torch.nn.Module(), *qkv(), None, **{name: given})
+
+
+def test_attention_weights_asked_for_are_refused():
+    """The kernel computes no weights: a model asked for them gets an error, not a tuple of Nones."""
+    register()
+    ids = torch.randint(0, 97, (2, 9), device=DEVICE)
+    with pytest.raises(ValueError, match="output_attentions=True"):
+        build("llama", NAME)(input_ids=ids, output_attentions=True)
+
+
+def test_arguments_that_leave_the_attention_as_it_is_are_taken_and_a_module_is_causal_unless_it_says_not():
+    """What models pass every layer (positions, cache settings, the window the mask carries), features off (None,
+    False), and no `is_causal` on the module: the result transformers' sdpa gives."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from effrepro_kernels.hf_attention import attention_forward
+
+    q, k, v = qkv()
+    module = torch.nn.Module()
+    harmless = dict(position_ids=torch.arange(5)[None], use_cache=True, sliding_window=4096, deterministic=True,
+                    softcap=None, s_aux=None, output_attentions=False)
+    ours, weights = attention_forward(module, q, k, v, None, **harmless)
+    torch.testing.assert_close(ours, sdpa_attention_forward(module, q, k, v, None)[0], rtol=1e-4, atol=1e-5)
+    assert weights is None
+    module.is_causal = False
+    torch.testing.assert_close(attention_forward(module, q, k, v, None)[0],
+                               sdpa_attention_forward(module, q, k, v, None)[0], rtol=1e-4, atol=1e-5)
