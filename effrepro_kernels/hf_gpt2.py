@@ -39,9 +39,10 @@ class FusedMLP(nn.Module):
 
 class PackedSelfAttention(nn.Module):
     """GPT-2's self-attention (c_attn, attention, c_proj, dropout) that, in training, attends over c_attn's output
-    as it is, packed (`flash_attn_qkvpacked`): its backward writes c_attn's output gradient whole, and no KV cache
-    copies the keys and values (transformers' module concatenates them into an empty cache in training too, and
-    concatenates the three gradients). Outside training it is the module it replaced, cache and all."""
+    as it is, packed (`flash_attn_qkvpacked`): its backward writes c_attn's output gradient whole (transformers' module
+    concatenates the three gradients). An empty KV cache given (transformers makes one unless use_cache=False) is
+    filled as transformers' module fills it, a copy of the keys and values. Outside training, and given a cache that
+    holds keys already, it is the module it replaced, cache and all."""
 
     def __init__(self, attention: nn.Module):
         super().__init__()
@@ -51,11 +52,21 @@ class PackedSelfAttention(nn.Module):
         self.replaced = (attention,)  # a tuple: its parameters are these, not a second copy in the state dict
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        if not self.training or kwargs.get("encoder_hidden_states") is not None or kwargs.get("output_attentions"):
+        from transformers import DynamicCache
+
+        # the KV cache, by the name this transformers release gives it (GPT2Attention's past_key_values became cache)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        layer = self.replaced[0].layer_idx
+        # keys of earlier tokens in the cache must be attended to, and another kind of cache updated its own way
+        cached = cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length(layer) > 0)
+        if (not self.training or cached or kwargs.get("encoder_hidden_states") is not None
+                or kwargs.get("output_attentions")):
             self.replaced[0].train(self.training)
             return self.replaced[0](hidden_states, attention_mask=attention_mask, **kwargs)
         batch, seq, _ = hidden_states.shape
         qkv = self.c_attn(hidden_states).view(batch, seq, 3, self.heads, self.head_dim)
+        if cache is not None:  # left holding these keys and values, as transformers' module leaves it, to go on from
+            cache.update(qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2), layer)
         padding = key_padding_mask_of(attention_mask, causal=True) if attention_mask is not None else None
         out = flash_attn_qkvpacked(qkv, causal=True, softmax_scale=self.scaling, dropout_p=self.dropout,
                                    key_padding_mask=padding)
@@ -79,7 +90,8 @@ class FusedLossLM(nn.Module):
             return self.model(input_ids, **kwargs)
         from transformers.modeling_outputs import CausalLMOutput
 
-        hidden = self.model.transformer(input_ids, **kwargs).last_hidden_state
+        # the output holds the loss alone: a KV cache would be filled (a copy of every layer's keys and values) unread
+        hidden = self.model.transformer(input_ids, **{"use_cache": False, **kwargs}).last_hidden_state
         # transformers' shift: position t predicts label t + 1
         loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.model.lm_head.weight, labels[:, 1:].flatten())
         return CausalLMOutput(loss=loss)

@@ -1,6 +1,7 @@
 """The training fusions GPT-2 uses (LayerNorm, bias + GELU, linear + cross-entropy over the vocabulary) against
 their plain PyTorch references, computed in float64: forward and gradients, odd sizes, ignored targets."""
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -276,7 +277,7 @@ def test_tensors_on_two_devices_or_where_the_kernels_do_not_run_are_named(op, el
 def test_fused_gpt2_gives_transformers_loss_and_gradients_with_the_same_parameters():
     import copy
 
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
     from effrepro_kernels.hf_attention import register
     from effrepro_kernels.hf_gpt2 import FusedMLP, PackedSelfAttention, fuse_gpt2, pack_attention
@@ -298,7 +299,10 @@ def test_fused_gpt2_gives_transformers_loss_and_gradients_with_the_same_paramete
     x = torch.randint(300, (2, 16), device=DEVICE)
     labels = x.clone()
     labels[0, :5] = -100
-    ours, theirs = fused(x, labels=labels).loss, model(x, labels=labels).loss
+    with pytest.MonkeyPatch.context() as patch:  # the loss alone: no KV cache filled, to be dropped unread
+        patch.setattr(DynamicCache, "update", lambda *a, **k: pytest.fail("a KV cache was filled"))
+        ours = fused(x, labels=labels).loss
+    theirs = model(x, labels=labels).loss
     ours.backward()
     theirs.backward()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -307,6 +311,32 @@ def test_fused_gpt2_gives_transformers_loss_and_gradients_with_the_same_paramete
     torch.testing.assert_close(fused(x).logits, model(x).logits)  # without labels: the model's own forward
     with pytest.raises(ValueError, match="'gelu'"):
         fuse_gpt2(GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=1, activation_function="gelu")))
+
+
+def test_packed_attention_in_training_fills_a_kv_cache_and_goes_on_from_one():
+    """In training transformers gives every layer a KV cache (use_cache defaults to on): the packed attention fills
+    it, and a cache that holds a prefix is attended to, as by transformers' module (dropout off: the same logits)."""
+    from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+    from effrepro_kernels.hf_attention import register
+    from effrepro_kernels.hf_gpt2 import pack_attention
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).to(DEVICE)
+    model.set_attn_implementation(register())
+    model = pack_attention(model).train()
+    x = torch.randint(97, (2, 12), device=DEVICE)
+    full = model(x).logits
+    cache = DynamicCache()
+    # past_key_values, which transformers 5.25 deprecates for cache
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prefix = model(x[:, :8], **{name: cache}, use_cache=True).logits
+    assert cache.get_seq_length() == 8
+    rest = model(x[:, 8:], **{name: cache}, use_cache=True).logits
+    assert cache.get_seq_length() == 12
+    torch.testing.assert_close(torch.cat([prefix, rest], dim=1), full, rtol=1e-4, atol=1e-5)
 
 
 def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_graph_break():
