@@ -166,7 +166,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     _check(x, weight, bias)
     if out_dtype is None:
         device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        # meta tensors (shapes alone) have no autocast, and asking about it is an error
+        autocast = device != "meta" and torch.is_autocast_enabled(device)
+        out_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     # the kernels read weight and bias as dense vectors (a view with a stride, of a packed parameter, is copied)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     return _layer_norm_function(x, weight, bias, float(eps), out_dtype)[0]

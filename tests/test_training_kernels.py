@@ -387,6 +387,11 @@ def test_a_second_derivative_is_an_error_never_a_silent_zero():
 
 def test_shapes_alone_go_through_the_operators():
     """Meta tensors (shape inference, FLOP counters) take the operator's fake version, not the kernel."""
+    from effrepro_kernels.layer_norm import LayerNorm
+
     q = torch.empty(2, 4, 24, 32, device="meta", dtype=torch.float16)
     out = flash_attn(q, q, q, causal=True)
     assert out.is_meta and out.shape == q.shape
+    x, vector = torch.empty(3, 5, 40, device="meta"), torch.empty(40, device="meta")
+    for out in (layer_norm(x, vector, vector), bias_gelu(x, vector), LayerNorm(40, device="meta")(x)):
+        assert out.is_meta and out.shape == x.shape and out.dtype == x.dtype
