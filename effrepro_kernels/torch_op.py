@@ -7,7 +7,8 @@ CI machine, with inputs that require gradients; the dispatcher's hops through Py
 autograd wrapper were 95 µs of it. On the H200 the `flash_kernel` forward never measured below about 230 µs a
 call, whatever the size. So, as PyTorch's maintainers advise for low overhead (pytorch#139500, #176592):
 - `kernel_op` defines the operator with `torch.library.define`/`impl` (no custom_op wrapper) and calls it only
-  where something traces or fakes the call; in eager, on plain tensors, the implementation is called directly;
+  where something traces, fakes or watches the call; in eager, on plain tensors, the implementation is called
+  directly;
 - `differentiable` puts the autograd rule in a `torch.autograd.Function` around the calls in eager. While
   torch.compile traces, it calls the operator itself, with the same rule registered as its autograd formula
   (`torch.library.register_autograd`, the way PyTorch documents for Triton kernels): Dynamo's tracing of an
@@ -21,6 +22,12 @@ from typing import Callable
 import torch
 
 
+# How many TorchDispatchModes are active (a mode must see the operator, not the implementation's raw launches).
+# Private to PyTorch, in every release this project supports (a test makes sure); should one lack it, every call
+# takes the operator: slower in eager, never unseen.
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+
+
 def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
     """Decorator: `impl` (type-annotated, returning new tensors) registered as the operator effrepro::`name`,
     with `fake` giving its outputs' shapes for the compiler; returns what callers call."""
@@ -32,10 +39,12 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
         op = getattr(torch.ops.effrepro, name).default
 
         def call(*args):
-            # the operator wherever something traces or fakes the call (torch.compile, FakeTensors and other
-            # subclasses, meta tensors); the implementation directly for plain tensors in eager
+            # the operator wherever something traces, fakes or watches the call (torch.compile, FakeTensors and
+            # other subclasses, meta tensors, a TorchDispatchMode such as make_fx's or selective checkpointing's,
+            # torch.jit.trace); the implementation directly for plain tensors in eager
             first = args[0]
-            if torch.compiler.is_compiling() or type(first) is not torch.Tensor or first.is_meta:
+            if (torch.compiler.is_compiling() or type(first) is not torch.Tensor or first.is_meta
+                    or _dispatch_modes() > 0 or torch.jit.is_tracing()):
                 return op(*args)
             return impl(*args)
         call.__doc__, call.__name__ = impl.__doc__, impl.__name__

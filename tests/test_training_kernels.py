@@ -2,6 +2,7 @@
 their plain PyTorch references, computed in float64: forward and gradients, odd sizes, ignored targets."""
 import importlib
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -373,6 +374,31 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
             torch.testing.assert_close(got, want)
         with torch.no_grad():  # the loss alone, through the operator's fake without gradients
             torch.testing.assert_close(compiled(*inputs), fn(*inputs))
+
+
+def test_a_dispatch_mode_or_a_jit_trace_sees_the_operators_not_their_launches():
+    """make_fx in real mode (as selective checkpointing and DebugMode, a TorchDispatchMode over plain tensors) and
+    torch.jit.trace record each kernel as its operator; given the implementation they met Triton's raw launches and
+    failed."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    assert hasattr(torch._C, "_len_torch_dispatch_stack")  # else every eager call takes the slower operator
+    x, weight, bias = random(6, 40, dtype=torch.float32, seed=24), random(40, dtype=torch.float32, seed=25), \
+        random(40, dtype=torch.float32, seed=26)
+
+    def gradients(x, weight, bias):
+        return torch.autograd.grad(bias_gelu(layer_norm(x, weight, bias), bias).sum(), (x, weight, bias))
+    graph = make_fx(gradients, tracing_mode="real")(x, weight, bias)
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert {f"effrepro.{op}.default" for op in ("layer_norm", "bias_gelu", "layer_norm_backward",
+                                                 "bias_gelu_backward")} <= targets
+    for got, want in zip(graph(x, weight, bias), gradients(x, weight, bias), strict=True):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the traced wrapper's Python checks
+        traced = torch.jit.trace(lambda x, w, b: layer_norm(x, w, b), (x, weight, bias))
+        other = 2 * x + 1  # a traced graph given other values computes them
+        torch.testing.assert_close(traced(other, weight, bias), layer_norm(other, weight, bias))
 
 
 def test_a_second_derivative_is_an_error_never_a_silent_zero():
