@@ -148,8 +148,9 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _gradients(ctx, dy, dmean, drstd):
-    weight = ctx.saved_tensors[1]
-    dx, dw, db = _layer_norm_backward(dy, *ctx.saved_tensors)
+    saved = ctx.saved_tensors  # read once: non-reentrant checkpointing refuses a second unpacking
+    weight = saved[1]
+    dx, dw, db = _layer_norm_backward(dy, *saved)
     dw = None if weight is None else dw.to(weight.dtype)
     db = None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
     return dx, dw, db, None, None

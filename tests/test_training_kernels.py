@@ -401,6 +401,32 @@ def test_a_dispatch_mode_or_a_jit_trace_sees_the_operators_not_their_launches():
         torch.testing.assert_close(traced(other, weight, bias), layer_norm(other, weight, bias))
 
 
+@pytest.mark.parametrize("selective", [False, True], ids=["checkpoint", "selective"])
+def test_the_kernels_run_under_activation_checkpointing(selective):
+    """Non-reentrant checkpointing, plain and selective (whose policy sees the operators): the gradients of the
+    unchecked call."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    x, weight, bias = random(6, 40, dtype=torch.float32, seed=31), random(40, dtype=torch.float32, seed=32), \
+        random(40, dtype=torch.float32, seed=33)
+    seen = []
+
+    def policy(ctx, op, *args, **kwargs):
+        seen.append(str(op))
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    options = dict(context_fn=functools.partial(create_selective_checkpoint_contexts, policy)) if selective else {}
+
+    def block(x):
+        return bias_gelu(layer_norm(x, weight, bias), bias)
+    want = torch.autograd.grad(block(x).sum(), (x, weight, bias))
+    got = torch.autograd.grad(checkpoint(block, x, use_reentrant=False, **options).sum(), (x, weight, bias))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not selective or {"effrepro.layer_norm.default", "effrepro.bias_gelu.default"} <= set(seen)
+
+
 def test_a_second_derivative_is_an_error_never_a_silent_zero():
     """The kernels' backwards have no derivative of their own: a gradient penalty through them must fail loudly."""
     x = random(4, 40, dtype=torch.float32, seed=21).requires_grad_()
