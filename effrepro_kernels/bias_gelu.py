@@ -74,8 +74,10 @@ _bias_gelu_function = differentiable(_bias_gelu, _save_for_backward, _gradients)
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation, of x + bias (bias over x's last dimension), in x's dtype."""
-    if x.dtype not in DTYPES or bias.dtype not in DTYPES or bias.shape != x.shape[-1:]:
-        raise ValueError(f"bias_gelu takes x and a bias of its last dimension, of {[str(d) for d in DTYPES]}; "
-                         f"got x {x.dtype} {tuple(x.shape)}, bias {bias.dtype} {tuple(bias.shape)}")
+    n = x.shape[-1] if x.dim() else 0  # a 0-dim x has no features (its shape[-1:], (), is a 0-dim bias's shape)
+    if x.dtype not in DTYPES or bias.dtype not in DTYPES or n == 0 or bias.shape != (n,):
+        raise ValueError(f"bias_gelu takes x and a bias of its last dimension (at least 1), of "
+                         f"{[str(d) for d in DTYPES]}; got x {x.dtype} {tuple(x.shape)}, bias {bias.dtype} "
+                         f"{tuple(bias.shape)}")
     check_devices("bias_gelu", True, x=x, bias=bias)
     return _bias_gelu_function(x, bias.contiguous())  # the kernels read it as a dense vector

@@ -79,15 +79,17 @@ def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
     return None if t is None else tuple(t.shape)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype) -> None:
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in DTYPES:
             raise ValueError(f"layer_norm takes {[str(d) for d in DTYPES]}, not {name} of {t.dtype}")
-    n = x.shape[-1]
-    if n > MAX_FEATURES or any(t is not None and t.shape != (n,) for t in (weight, bias)):
-        raise ValueError(f"layer_norm normalises up to {MAX_FEATURES} features, with a weight and a bias of that "
-                         f"many (or None); got {n} features, a weight of shape {_shape(weight)} and a bias of shape "
-                         f"{_shape(bias)}")
+    if out_dtype not in DTYPES:
+        raise ValueError(f"layer_norm writes {[str(d) for d in DTYPES]}, not out_dtype={out_dtype}")
+    n = x.shape[-1] if x.dim() else 0  # a 0-dim x has no features to normalise
+    if not 0 < n <= MAX_FEATURES or any(t is not None and t.shape != (n,) for t in (weight, bias)):
+        raise ValueError(f"layer_norm normalises x's last dimension, of 1 up to {MAX_FEATURES} features, with a "
+                         f"weight and a bias of that many (or None); got x of shape {tuple(x.shape)}, a weight of "
+                         f"shape {_shape(weight)} and a bias of shape {_shape(bias)}")
     check_devices("layer_norm", True, x=x, weight=weight, bias=bias)
 
 
@@ -164,12 +166,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     """`torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)` in `out_dtype`: by default the
     autocast dtype under autocast, else x's. Without a weight or a bias (None), the normalised rows are not scaled
     or not shifted."""
-    _check(x, weight, bias)
     if out_dtype is None:
         device = x.device.type
         # meta tensors (shapes alone) have no autocast, and asking about it is an error
         autocast = device != "meta" and torch.is_autocast_enabled(device)
         out_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+    _check(x, weight, bias, out_dtype)
     # the kernels read weight and bias as dense vectors (a view with a stride, of a packed parameter, is copied)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     return _layer_norm_function(x, weight, bias, float(eps), out_dtype)[0]
