@@ -40,6 +40,18 @@ def in_float64(inputs):
     return [x.detach().double().requires_grad_() for x in inputs]
 
 
+def randomise(module):
+    """Every LayerNorm in `module` given random parameters, in place: at their initial ones and zeros, a weight or a
+    bias dropped gives the same output."""
+    gen = torch.Generator().manual_seed(34)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                for p, centre in ((m.weight, 1.0), (m.bias, 0.0)):
+                    if p is not None:
+                        p.copy_(centre + 0.5 * torch.randn(p.shape, generator=gen))
+
+
 def assert_close_all(ours, reference, dtype):
     for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype] * max(1.0, b.abs().max().item()))
@@ -79,6 +91,8 @@ def test_layer_norm_module_takes_torchs_options_without_a_bias_or_a_weight(optio
     from effrepro_kernels.layer_norm import LayerNorm
 
     ours, theirs = LayerNorm(72, **options).to(DEVICE), torch.nn.LayerNorm(72, **options).to(DEVICE)
+    randomise(ours)  # not ones and zeros, which a dropped weight or bias gives too
+    theirs.load_state_dict(ours.state_dict())
     x = random(5, 72, dtype=torch.float32, seed=30)
     torch.testing.assert_close(ours(x), theirs(x))
 
@@ -297,6 +311,7 @@ def test_fused_gpt2_gives_transformers_loss_and_gradients_with_the_same_paramete
     with pytest.raises(ValueError, match="attn_implementation='effrepro'"):
         pack_attention(GPT2LMHeadModel(config))
     model = GPT2LMHeadModel(config).to(DEVICE)
+    randomise(model)
     model.set_attn_implementation(register())  # our attention: packed in training
     fused = fuse_gpt2(copy.deepcopy(model))
     modules = list(fused.modules())
