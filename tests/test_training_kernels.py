@@ -123,6 +123,20 @@ def test_layer_norm_writes_the_autocast_dtype_and_gives_gradients_in_the_inputs(
     assert y.dtype == torch.float16 and x.grad.dtype == weight.grad.dtype == torch.float32
 
 
+def test_layer_norm_and_its_module_write_the_autocast_dtype_by_default_under_autocast():
+    """No out_dtype given: autocast's dtype inside autocast (what the next matmul casts to), x's outside."""
+    from effrepro_kernels.layer_norm import LayerNorm
+
+    x = random(5, 72, dtype=torch.float32, seed=35)
+    module = LayerNorm(72).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        inside = [layer_norm(x, module.weight, module.bias), module(x)]
+    for y in inside:
+        assert y.dtype == torch.float16
+        torch.testing.assert_close(y, layer_norm(x, module.weight, module.bias, out_dtype=torch.float16))
+    assert module(x).dtype == torch.float32
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(7, 300), (2, 3, 3072)])
 def test_bias_gelu_matches_reference(shape, dtype):
