@@ -7,16 +7,19 @@ from effrepro_kernels.hf_attention import NAME, register
 
 
 def build(kind: str, implementation: str):
-    """As a user builds one: `attn_implementation=` at construction (which also checks the name)."""
+    """As a user builds one: `attn_implementation=` at construction (which also checks the name). Without dropout,
+    so that in training mode too ours and eager give the same numbers."""
     from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=97, n_positions=64)
+        config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=97, n_positions=64, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     elif kind == "bert":
         config = BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128,
-                            vocab_size=97, max_position_embeddings=64)
+                            vocab_size=97, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
         model = AutoModel.from_config(config, attn_implementation=implementation, add_pooling_layer=False)
     else:
         config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=128,
@@ -35,18 +38,39 @@ def outputs(model, ids, mask):
     return hidden[real], grads
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
-def test_matches_eager_with_padding(kind):
+def test_matches_eager_with_padding(kind, side, training):
+    """Padding on either side (under a causal mask, left padding leaves rows that see no key), in eval and in
+    training mode (where models hand the attention their dropout, here 0)."""
     register()
     ids = torch.randint(0, 97, (2, 21), device=DEVICE)
     mask = torch.ones(2, 21, dtype=torch.long, device=DEVICE)
-    mask[1, 15:] = 0  # right padding in the second sequence
-    ours, ours_grads = outputs(build(kind, NAME), ids, mask)
-    ref, ref_grads = outputs(build(kind, "eager"), ids, mask)
+    mask[1, slice(15, None) if side == "right" else slice(None, 6)] = 0  # the second sequence is padded
+    ours, ours_grads = outputs(build(kind, NAME).train(training), ids, mask)
+    ref, ref_grads = outputs(build(kind, "eager").train(training), ids, mask)
     torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3)
     for a, b in zip(ours_grads, ref_grads):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_generation_with_a_kv_cache_matches_eager(kind):
+    """Batched greedy generation, left-padded: the prompt's causal and padding mask, then one query a step over the
+    cache's keys, padding included."""
+    register()
+    ids = torch.randint(1, 97, (2, 9), device=DEVICE)
+    mask = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
+    mask[1, :4] = 0
+    generated = [build(kind, implementation).generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=True,
+        return_dict_in_generate=True, output_scores=True) for implementation in (NAME, "eager")]
+    ours, ref = generated
+    assert torch.equal(ours.sequences, ref.sequences)
+    for a, b in zip(ours.scores, ref.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 
 
 def test_an_unsupported_mask_pattern_is_an_error():
