@@ -90,8 +90,9 @@ class FusedLossLM(nn.Module):
             return self.model(input_ids, **kwargs)
         from transformers.modeling_outputs import CausalLMOutput
 
-        # the output holds the loss alone: a KV cache would be filled (a copy of every layer's keys and values) unread
-        hidden = self.model.transformer(input_ids, **{"use_cache": False, **kwargs}).last_hidden_state
+        # the KV cache is left on (filled, unread): with use_cache=False transformers builds a mask (it looks for
+        # packed sequences in the position ids), and reading that mask is a host read that breaks torch.compile's graph
+        hidden = self.model.transformer(input_ids, **kwargs).last_hidden_state
         # transformers' shift: position t predicts label t + 1
         loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.model.lm_head.weight, labels[:, 1:].flatten())
         return CausalLMOutput(loss=loss)

@@ -119,6 +119,8 @@ def test_the_gpt2_it_trains_compiles_as_one_graph_with_our_attention(monkeypatch
     transformer = getattr(model, "model", model).transformer  # fused: inside FusedLossLM
     compiled = torch.compile(transformer, fullgraph=True, backend="eager")  # a graph break is an error
     compiled(input_ids=ids).last_hidden_state.square().mean().backward()
+    if implementation == "effrepro+fused":  # and FusedLossLM's own call of the transformer, the loss with it
+        torch.compile(model, fullgraph=True, backend="eager")(input_ids=ids, labels=ids).loss.backward()
 
 
 def test_a_misspelt_compile_backend_is_refused_before_any_implementation_trains(refusal, compose):
