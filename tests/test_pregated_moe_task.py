@@ -279,7 +279,8 @@ def test_every_setting_is_checked(compose):
         ("parts", ["serving", "speed"], "parts=['speed'] is not one of ['serving', 'quality']"),
         ("quality.n_layer", 2, "quality.n_layer=2 must be an integer >= 4"),
         ("quality.n_head", 3, "quality.d_model=32 must be a multiple of quality.n_head=3"),
-        ("quality.batch_tokens", 16, "quality.batch_tokens=16 is less than one sequence of 32"),
+        ("quality.batch_tokens", 16, "quality.batch_tokens=16 must be a multiple of quality.seq_len=32"),
+        ("quality.batch_tokens", 48, "quality.batch_tokens=48 must be a multiple of quality.seq_len=32"),
         ("quality", {"seq_len": 10**7, "batch_tokens": 10**7}, "too few for sequences of quality.seq_len=10000000"),
         ("train.steps", 0, "train.steps=0 must be an integer >= 1"),
     ]:

@@ -97,8 +97,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"quality.top_k={q.top_k} exceeds quality.n_experts={q.n_experts}")
     if q.d_model % q.n_head:
         raise ConfigError(f"quality.d_model={q.d_model} must be a multiple of quality.n_head={q.n_head}")
-    if q.batch_tokens < q.seq_len:
-        raise ConfigError(f"quality.batch_tokens={q.batch_tokens} is less than one sequence of {q.seq_len}")
+    if q.batch_tokens % q.seq_len:  # a batch is whole sequences: the rest would be dropped without a word
+        raise ConfigError(f"quality.batch_tokens={q.batch_tokens} must be a multiple of quality.seq_len={q.seq_len} "
+                          "(a batch is whole sequences)")
     TrainSpec.from_config(cfg.train)
     corpus(cfg)  # tokenised here (and cached), so that a corpus too small is refused before the serving sweep
 
