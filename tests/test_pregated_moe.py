@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import DEVICE, gpu
 
-from tasks.pregated_moe.model import (KVCache, MoEConfig, Routing, SwitchLM, active_experts, expert_ffn,
+from tasks.pregated_moe.model import (Gate, KVCache, MoEConfig, Routing, SwitchLM, active_experts, expert_ffn,
                                       load_balancing_loss, load_switch_weights, mix_experts)
 from tasks.pregated_moe.offload import (CACHE_POLICIES, ExpertOffload, Marker, SlotCache, Span, copy_time_hidden,
                                         generate, min_slots)
@@ -57,6 +57,16 @@ def test_mixing_experts_matches_a_dense_reference(top_k, n_experts):
     torch.testing.assert_close(out, reference, rtol=2e-5, atol=2e-5)
     assert active_experts(routing) == sorted(set(experts.flatten().tolist()))
     assert sum(routing.counts()) == 13 * top_k
+
+
+def test_the_router_computes_in_float32_under_autocast():
+    gate = Gate(32, 8, top_k=2)
+    h = torch.randn(5, 32)
+    plain = gate(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = gate(h)
+    assert mixed.weights.dtype == torch.float32
+    assert torch.equal(mixed.weights, plain.weights) and torch.equal(mixed.experts, plain.experts)
 
 
 def test_the_pregate_of_a_block_chooses_the_next_blocks_experts():

@@ -126,7 +126,12 @@ class Gate(nn.Module):
         self.top_k = top_k
 
     def forward(self, h: torch.Tensor) -> Routing:
-        probs = self.classifier(h).float().softmax(-1)  # float32, as Switch keeps its router
+        # float32, as Switch keeps its router: under autocast the product would run in bf16. Autocast is turned off
+        # only where on: entering the context would cost the host time in every MoE block of a timed step.
+        fp32 = torch.autocast(h.device.type, enabled=False) if torch.is_autocast_enabled(h.device.type) \
+            else nullcontext()
+        with fp32:
+            probs = F.linear(h.float(), self.classifier.weight.float()).softmax(-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         aux_loss = load_balancing_loss(probs, experts) if self.training else 0.0
         return Routing(experts, weights, aux_loss, probs.shape[-1])
