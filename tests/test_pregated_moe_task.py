@@ -385,6 +385,20 @@ def test_switch_weights_read_lazily_match_reading_them_whole(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(lazy.parameters(), whole.parameters()))
 
 
+def test_switch_weights_read_lazily_are_read_once_each(tmp_path, monkeypatch):
+    hf_switch_folder(tmp_path / "ckpt", num_experts=4)
+    lazy = switch_state_dict(str(tmp_path / "ckpt"))
+    read = []
+    get = LazyTensors.__getitem__
+    monkeypatch.setattr(LazyTensors, "__getitem__", lambda self, name: read.append(name) or get(self, name))
+    load_switch_weights(random_switch(MoEConfig(n_experts=4, vocab_size=97), seed=0, device="cpu"), lazy)
+    experts = [name for name in read if ".experts." in name]  # the routers, small, are read for their shape too
+    assert len(experts) == len(set(experts)) == 2 * 4 * 2  # 2 MoE blocks of 4 experts, wi and wo
+    read.clear()
+    assert "decoder.block.1.layer.2.mlp.router.classifier.weight" in lazy and "nothing" not in lazy
+    assert not read  # asking whether a tensor is there reads none
+
+
 # --- the quality experiment --------------------------------------------------------------------------------------
 
 def quality_setup():

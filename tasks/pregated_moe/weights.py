@@ -84,6 +84,9 @@ class LazyTensors(Mapping):
         with safe_open(self.file_of[name], "pt") as f:
             return f.get_tensor(name)
 
+    def __contains__(self, name) -> bool:  # Mapping's would read the tensor to find it there
+        return name in self.file_of
+
     def __iter__(self):
         return iter(self.file_of)
 
