@@ -357,6 +357,20 @@ def test_checkpoint_weights_come_from_the_folder_and_an_unreachable_one_leaves_r
     assert weights.startswith(f"random: {tmp_path}/missing/tiny-8 could not be read")
 
 
+def test_a_local_checkpoint_without_weight_files_is_refused_not_replaced_by_random_weights(tmp_path):
+    from repro.context import ConfigError
+
+    folder = tmp_path / "tiny-8"
+    hf_switch_folder(folder, num_experts=8)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    cfg, checkpoint = MoEConfig.of_size("tiny", n_experts=8, vocab_size=97), spec(checkpoint=f"{tmp_path}/{{model}}")
+    with pytest.raises(ConfigError, match=f"checkpoint folder '{folder}' has no .safetensors or .bin weight files"):
+        serving.validate_checkpoint(checkpoint, "tiny-8", cfg)
+    with pytest.raises(ValueError, match="has no .safetensors or .bin weight files"):
+        serving.build("tiny-8", checkpoint, torch.device("cpu"), 0)
+
+
 def test_a_relative_checkpoint_path_is_not_taken_for_a_hub_name_where_its_folder_is_here(tmp_path, monkeypatch):
     from repro.context import ConfigError
 

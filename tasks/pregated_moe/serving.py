@@ -42,7 +42,7 @@ from repro.timing import host_link, host_memory, measure_steps_in_turn, median_p
 from .model import SIZES, MoEConfig, SwitchLM, load_switch_weights
 from .offload import (CACHE_POLICIES, STRATEGIES, ExpertOffload, GreedyDecoder, min_slots, pinned_in_place,
                       place_all_but_experts)
-from .weights import check_switch_config, random_switch, switch_config, switch_state_dict
+from .weights import check_switch_config, random_switch, switch_config, switch_state_dict, weight_files
 
 # The names the paper and results/published/pregated_moe.yaml give the strategies
 PROVIDERS = {"gpu_only": "gpu_only", "on_demand": "moe_ondemand", "prefetch_all": "moe_prefetch",
@@ -135,8 +135,8 @@ def checkpoint_path(spec, name: str) -> str:
 
 
 def validate_checkpoint(spec, name: str, cfg: MoEConfig) -> None:
-    """A local checkpoint folder is checked here, before any work; one on the Hub when the run reaches it (offline,
-    the run uses random weights and says so)."""
+    """A local checkpoint folder is checked here, before any work: its config and that it holds weight files; one
+    on the Hub when the run reaches it (offline, the run uses random weights and says so)."""
     if not isinstance(spec.checkpoint, str):  # null passes the command line's check of the default's type
         raise ConfigError(f"moe.checkpoint={spec.checkpoint!r} must be a path or Hub name in which {{model}} stands "
                           "for the model's name, e.g. 'google/{model}': moe.weights=hub reads it")
@@ -148,6 +148,7 @@ def validate_checkpoint(spec, name: str, cfg: MoEConfig) -> None:
     if Path(path).is_dir():
         try:
             check_switch_config(switch_config(path), path, name, cfg)
+            weight_files(Path(path))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"moe.checkpoint: {exc}") from None
     elif "/" not in path or checks.names_a_path(path):  # Switch checkpoints have no bare Hub names
@@ -157,7 +158,9 @@ def validate_checkpoint(spec, name: str, cfg: MoEConfig) -> None:
 
 def build(name: str, spec, device: torch.device, seed: int) -> tuple[SwitchLM, str]:
     """The model and where its weights come from: random, or (moe.weights=hub) a Switch checkpoint's decoder experts
-    and routers with the rest random; random, and said so, when the checkpoint cannot be read."""
+    and routers with the rest random; random, and said so, when a checkpoint on the Hub cannot be read. A local
+    folder that cannot be read is an error: validate checked it, and random weights would stand in for a model
+    the run was given."""
     cfg = model_config(name, spec)
     model = random_switch(cfg, seed, device)
     if spec.weights == "random":
@@ -166,6 +169,8 @@ def build(name: str, spec, device: torch.device, seed: int) -> tuple[SwitchLM, s
     try:
         config, state = switch_config(path), switch_state_dict(path)
     except Exception as exc:  # noqa: BLE001 - offline, or no such checkpoint: measure with random weights
+        if Path(path).is_dir():
+            raise
         why = f"{path} could not be read ({type(exc).__name__}: {str(exc)[:200]})"
         print(f"[pregated_moe] {name}: {why}; measuring with random weights", flush=True)
         return model, f"random: {why}"

@@ -104,12 +104,18 @@ def switch_state_dict(path: str) -> Mapping[str, torch.Tensor]:
         files = list_repo_files(path)
         weights = [f for f in files if f.endswith(".safetensors")] or [f for f in files if f.endswith(".bin")]
         folder = Path(snapshot_download(path, allow_patterns=weights))
-    safetensors = sorted(folder.glob("*.safetensors"))
-    if safetensors:
-        return LazyTensors(safetensors)
+    files = weight_files(folder)
+    if files[0].suffix == ".safetensors":
+        return LazyTensors(files)
     state = {}
-    for file in sorted(folder.glob("*.bin")):
+    for file in files:
         state.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
-    if not state:
-        raise ValueError(f"checkpoint {path!r} has no .safetensors or .bin weight files")
     return state
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """A checkpoint folder's weight files: its .safetensors files, else its .bin files; a ValueError if none."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise ValueError(f"checkpoint folder {str(folder)!r} has no .safetensors or .bin weight files")
+    return files
