@@ -357,6 +357,21 @@ def test_checkpoint_weights_come_from_the_folder_and_an_unreachable_one_leaves_r
     assert weights.startswith(f"random: {tmp_path}/missing/tiny-8 could not be read")
 
 
+def test_experts_read_from_a_checkpoint_are_not_drawn_at_random_first(tmp_path, monkeypatch):
+    hf_switch_folder(tmp_path / "tiny-8", num_experts=8)
+    drawn = []
+    normal = torch.Tensor.normal_
+
+    def draw(t, *args, **kwargs):
+        if t.device.type != "meta":  # SwitchLM's own initialisation of the shapes costs nothing
+            drawn.append(t.numel())
+        return normal(t, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "normal_", draw)
+    model, _ = serving.build("tiny-8", spec(checkpoint=f"{tmp_path}/{{model}}"), torch.device("cpu"), 0)
+    experts = {id(p) for f in model.moe_layers for p in (f.w_in, f.w_out)}
+    assert sum(drawn) == sum(p.numel() for p in model.parameters() if p.dim() > 1 and id(p) not in experts)
+
+
 def test_a_local_checkpoint_without_weight_files_is_refused_not_replaced_by_random_weights(tmp_path):
     from repro.context import ConfigError
 

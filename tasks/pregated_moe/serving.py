@@ -162,9 +162,8 @@ def build(name: str, spec, device: torch.device, seed: int) -> tuple[SwitchLM, s
     folder that cannot be read is an error: validate checked it, and random weights would stand in for a model
     the run was given."""
     cfg = model_config(name, spec)
-    model = random_switch(cfg, seed, device)
     if spec.weights == "random":
-        return model, "random"
+        return random_switch(cfg, seed, device), "random"
     path = checkpoint_path(spec, name)
     try:
         config, state = switch_config(path), switch_state_dict(path)
@@ -173,8 +172,9 @@ def build(name: str, spec, device: torch.device, seed: int) -> tuple[SwitchLM, s
             raise
         why = f"{path} could not be read ({type(exc).__name__}: {str(exc)[:200]})"
         print(f"[pregated_moe] {name}: {why}; measuring with random weights", flush=True)
-        return model, f"random: {why}"
+        return random_switch(cfg, seed, device), f"random: {why}"
     check_switch_config(config, path, name, cfg)
+    model = random_switch(cfg, seed, device, experts=False)  # the checkpoint's fill them
     load_switch_weights(model, state, "decoder")
     return model, f"{path} (decoder experts and routers; the rest random)"
 

@@ -18,16 +18,20 @@ from .model import MoEConfig, SwitchLM
 CHUNK = 1 << 26  # numbers drawn on the device at a time (256 MB of fp32)
 
 
-def random_switch(cfg: MoEConfig, seed: int, device) -> SwitchLM:
+def random_switch(cfg: MoEConfig, seed: int, device, experts: bool = True) -> SwitchLM:
     """A `SwitchLM` in host memory, initialised as `SwitchLM` initialises itself (matrices normal with std 0.02,
-    norms one) but with its numbers drawn on `device`, a chunk at a time."""
+    norms one) but with its numbers drawn on `device`, a chunk at a time. `experts=False` leaves the experts
+    uninitialised, for a checkpoint's to fill: they are nearly all of a large model's numbers."""
     with torch.device("meta"):
         model = SwitchLM(cfg)  # shapes only: no memory, no initialisation
     model.to_empty(device="cpu")
     model.lm_head.weight = model.embed.weight  # to_empty gives every module its own tensor: tie them again
     generator = torch.Generator(device).manual_seed(seed)
+    left = set() if experts else {id(p) for f in model.moe_layers for p in (f.w_in, f.w_out)}
     with torch.no_grad():
         for p in model.parameters():
+            if id(p) in left:
+                continue
             if p.dim() == 1:
                 p.fill_(1.0)
                 continue
