@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from repro.context import code_version  # noqa: E402
 from tasks.pregated_moe.model import MoEConfig  # noqa: E402
 from tasks.pregated_moe.offload import STRATEGIES, pinned_in_place  # noqa: E402
-from tasks.pregated_moe.serving import parse_model, start_point  # noqa: E402
+from tasks.pregated_moe.serving import parse_model, per_step, start_point  # noqa: E402
 from tasks.pregated_moe.weights import random_switch  # noqa: E402
 
 
@@ -53,8 +53,8 @@ def main() -> None:
             s = runtime.summary()
             spans = runtime.stats.spans
             moe_blocks = {b.index for b in model.blocks if b.moe}
-            mean = {k: statistics.fmean([x.ms() for x in spans if x.kind == k] or [0.0])
-                    for k in ("moe", "stall", "copy")}
+            mean = {k: statistics.fmean(per_step(runtime, k) or [0.0]) for k in ("moe", "stall")}  # as the rows
+            mean["copy"] = statistics.fmean([x.ms() for x in spans if x.kind == "copy"] or [0.0])
             dense = statistics.fmean(x.ms() for x in spans if x.kind == "block" and x.index not in moe_blocks)
             print(f"## {strategy}\n\nstep {start.elapsed_time(end) / args.steps:.3f} ms; a block without experts "
                   f"{dense:.3f} ms; MoE block {mean['moe']:.3f} ms, of which stalled {mean['stall']:.3f}; a copy "

@@ -246,7 +246,9 @@ def test_copies_are_issued_in_the_block_the_strategy_says(strategy, lead):
     # began, and before the transformer block after that one's began (so that it overlaps every block up to the
     # one it serves); a fetch on demand inside the MoE block that needs it
     moe = {s.index: s for s in runtime.stats.spans if s.kind == "moe"}
+    issue = {s.index: s for s in runtime.stats.spans if s.kind == "issue"}
     blocks = sorted(s.start.time for s in runtime.stats.spans if s.kind == "block")
+    assert set(issue) == ({1, 2} if strategy == "pregated" else set())
     for s in copies:
         issued = moe[s.issued_during].start.time
         if s.issued_during == s.index:
@@ -254,6 +256,10 @@ def test_copies_are_issued_in_the_block_the_strategy_says(strategy, lead):
         else:
             next_block = min(t for t in blocks if t > issued)
             assert issued <= s.start.time < next_block
+        # the host's work of issuing it counts in an MoE block's time: it lies inside an MoE block, or (pregated's,
+        # at a block start) in an issue span of the block it serves, which the rows add to that block
+        around = list(moe.values()) + ([issue[s.index]] if s.index in issue else [])
+        assert any(a.start.time <= s.start.time and s.end.time <= a.end.time for a in around)
 
 
 @pytest.mark.parametrize("strategy, waits, prefetched", [
@@ -283,6 +289,7 @@ def test_the_runtime_records_blocks_moe_blocks_stalls_and_copies():
     runtime(tokens(2, 3))
     kinds = [s.kind for s in runtime.stats.spans]
     assert kinds.count("block") == 6 and kinds.count("moe") == 3 and kinds.count("stall") == 3
+    assert kinds.count("issue") == 2  # the prefetches of the second and third MoE blocks
     assert all(s.ms() >= 0 for s in runtime.stats.spans)
     summary = runtime.summary()
     assert summary["hidden_copy_ms"] == pytest.approx(0.0, abs=1e-9)  # one stream on a CPU: nothing overlaps

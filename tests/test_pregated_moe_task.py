@@ -135,13 +135,15 @@ def test_a_groups_runtimes_are_let_go_before_the_next_group_starts(monkeypatch):
 
 def test_a_points_rows_are_its_measurements_in_their_units():
     """point_rows on hand-made spans and timings: tokens/s from step times (the slow step the low percentile),
-    MoE-block latency and stall as medians over steps of each step's mean, MB of 2^20 bytes, GB/s of 1e9."""
+    MoE-block latency and stall as medians over steps of each step's mean, with the time of prefetches issued
+    between blocks added to the blocks they serve, MB of 2^20 bytes, GB/s of 1e9."""
     from types import SimpleNamespace as Ns
 
     def span(kind, forward, ms):
         return Ns(kind=kind, forward=forward, ms=lambda: ms)
     spans = [span("moe", 0, 1.0), span("moe", 0, 3.0), span("moe", 1, 2.5), span("moe", 2, 4.0),
-             span("stall", 0, 0.5), span("stall", 0, 0.5), span("stall", 1, 9.0), span("stall", 2, 0.1)]
+             span("stall", 0, 0.5), span("stall", 0, 0.5), span("stall", 1, 9.0), span("stall", 2, 0.1),
+             span("issue", 0, 1.0), span("issue", 1, 1.0), span("copy", 1, 7.0)]
     summary = dict(slots=4, host_memory="pinned", pin_warning=None, bytes_per_token=2 * 2**20,
                    mean_active_experts=1.5, max_active_experts=2, hit_rate=0.25, cache_hits=1, cache_misses=3,
                    bytes_copied=3e9, copy_ms=1000.0, hidden_copy_fraction=0.6, prefetched_fraction=0.75)
@@ -152,8 +154,8 @@ def test_a_points_rows_are_its_measurements_in_their_units():
         return Row("pregated", "experts", 8, metric, unit, p50, p20, p80, n, extra=extra)
     got = {r.metric: r for r in serving.point_rows(runtime, timing, 2, 2**30, 6.0, row)}
     assert (got["throughput"].p50, got["throughput"].p20, got["throughput"].p80) == (200.0, 160.0, 250.0)
-    assert got["moe_block_latency"].p50 == 2.5 and got["moe_block_latency"].n == 3  # steps 2.0, 2.5, 4.0
-    assert got["stall_per_moe_block"].p50 == 0.5  # steps 0.5, 9.0, 0.1: the slow step does not set it
+    assert got["moe_block_latency"].p50 == 3.5 and got["moe_block_latency"].n == 3  # steps 2.5, 3.5, 4.0
+    assert got["stall_per_moe_block"].p50 == 1.0  # steps 1.0, 10.0, 0.1: the slow step does not set it
     assert got["copied_per_token"].p50 == 2.0 and got["peak_memory"].p50 == 1024.0
     assert got["copy_bandwidth"].p50 == pytest.approx(3.0) and got["copy_bandwidth_fraction"].p50 == pytest.approx(0.5)
     assert got["hit_rate"].p50 == 0.25 and got["active_experts"].p50 == 1.5

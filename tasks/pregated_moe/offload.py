@@ -81,11 +81,13 @@ class Marker:
 class Span:
     """A stretch of work between two markers. Kinds: "block" (a transformer block), "moe" (an MoE feed-forward,
     gates to output: the paper's MoE-block latency), "stall" (inside an MoE block, the compute stream waiting for
-    the routing to reach the host and for copies), "copy" (the experts one request copies host to device, back to
-    back on the copy stream)."""
+    the routing to reach the host and for copies, and the host issuing them), "issue" (pregated's prefetch, issued
+    at a block start, outside any MoE block: the host's work of issuing it, which the serving rows count in the
+    MoE block it serves and in its stall, as the other strategies issue theirs inside an MoE block's stall),
+    "copy" (the experts one request copies host to device, back to back on the copy stream)."""
 
     kind: str
-    index: int  # the transformer block for "block"; otherwise the MoE block (0 is the first MoE block)
+    index: int  # the transformer block for "block"; otherwise the MoE block (0 is the first MoE block) it serves
     forward: int  # which forward call of the runtime (in a generation, the step)
     start: Marker
     end: Marker
@@ -279,9 +281,11 @@ class ExpertOffload:
 
     def span(self, kind: str, index: int):
         """Called by the model around each transformer block ("block") and MoE feed-forward ("moe"). The start of
-        a block is also where pregated issues the copies its last pre-gate chose, once their ids are on the host."""
+        a block is also where pregated issues the copies its last pre-gate chose, once their ids are on the host,
+        in an "issue" span of the MoE block they serve."""
         if kind == "block" and self.upcoming is not None and self.upcoming[1].read_done():
-            self._prefetch()
+            with self._span("issue", self.upcoming[0]):
+                self._prefetch()
         return self._span(kind, index)
 
     @contextmanager

@@ -23,7 +23,6 @@ under `memory_cap_gb` a model whose experts do not fit gives gpu_only rows of st
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -181,12 +180,16 @@ def build(name: str, spec, device: torch.device, seed: int) -> tuple[SwitchLM, s
 
 def per_step(runtime: ExpertOffload, kind: str) -> list[float]:
     """Each forward's mean time in spans of `kind` ("moe": MoE blocks, "stall": their waits), ms (after
-    `summary()` has synchronised the device): a median over steps then keeps one slow step from setting it."""
-    per_forward = defaultdict(list)
+    `summary()` has synchronised the device): a median over steps then keeps one slow step from setting it.
+    The "issue" spans, pregated's prefetches issued between blocks, count in the MoE blocks they serve: the host's
+    work of issuing copies lies inside an MoE block's stall in the other strategies."""
+    per_forward, issued = defaultdict(list), defaultdict(float)
     for s in runtime.stats.spans:
         if s.kind == kind:
             per_forward[s.forward].append(s.ms())
-    return [statistics.fmean(ms) for _, ms in sorted(per_forward.items())]
+        elif s.kind == "issue":
+            issued[s.forward] += s.ms()
+    return [(sum(ms) + issued[forward]) / len(ms) for forward, ms in sorted(per_forward.items())]
 
 
 def free(device: torch.device, failed: bool = False) -> None:
