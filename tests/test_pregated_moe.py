@@ -1,6 +1,8 @@
 """Pre-gated MoE: the Switch-shaped model (routing, pre-gate, load-balancing loss, KV cache, training, loading
 transformers' Switch weights) and the offloading runtime (every strategy gives gpu_only's bits, the cache's
 policies, slot checks, what is recorded, copies on a side stream on a GPU)."""
+from contextlib import contextmanager
+
 import pytest
 import torch
 from conftest import DEVICE, gpu
@@ -260,6 +262,57 @@ def test_copies_are_issued_in_the_block_the_strategy_says(strategy, lead):
         # at a block start) in an issue span of the block it serves, which the rows add to that block
         around = list(moe.values()) + ([issue[s.index]] if s.index in issue else [])
         assert any(a.start.time <= s.start.time and s.end.time <= a.end.time for a in around)
+
+
+@pytest.mark.parametrize("policy", ["none", "lru"])
+@pytest.mark.parametrize("strategy", ["on_demand", "prefetch_all", "pregated"])
+def test_a_copy_waits_for_the_blocks_that_read_its_slot_and_for_nothing_else(monkeypatch, strategy, policy):
+    """The copy stream waits, before copying into a slot, for the end of the MoE block that last read it (or for
+    the pool's allocation), not for all the compute queued: pregated's prefetch for block N+1 overwrites block
+    N-1's slots and does not wait for block N's experts. Followed here in program order, as a CPU runs it."""
+    from tasks.pregated_moe import offload
+    runtime = ExpertOffload(build(pregate=True), strategy, "cpu", slots=min_slots(strategy, EXPERTS, 1, 6),
+                            cache=policy)
+    events, allocated = [], runtime.released[0]
+    monkeypatch.setattr(offload.Marker, "wait", lambda marker: events.append(("wait", marker)))
+    request, fetch, span = runtime.cache.request, runtime.fetch, runtime.span
+
+    def logged_request(key, in_use):
+        slot, hit = request(key, in_use)
+        events.append(("hit" if hit else "copy", slot))
+        return slot, hit
+
+    def logged_fetch(layer, routing, next_routing):
+        weights_of = fetch(layer, routing, next_routing)
+        return lambda e: events.append(("read", runtime.cache.slot_of[layer, e])) or weights_of(e)
+
+    @contextmanager
+    def logged_span(kind, index):
+        with span(kind, index):
+            yield
+        if kind == "moe":
+            events.append(("computed", runtime.stats.spans[-1].end))
+    monkeypatch.setattr(runtime.cache, "request", logged_request)
+    monkeypatch.setattr(runtime, "fetch", logged_fetch)
+    monkeypatch.setattr(runtime, "span", logged_span)
+    for _ in range(2):
+        runtime(tokens(2, 3))
+    ready = {id(s.end) for s in runtime.stats.spans if s.kind == "copy"}  # what blocks wait for, not copies
+    released, reading, requests = dict.fromkeys(range(runtime.n_slots), allocated), set(), []
+    for (kind, value), (before, _) in zip(events, [("", None)] + events):
+        if kind == "read":
+            reading.add(value)
+        elif kind == "computed":
+            released.update(dict.fromkeys(reading, value))
+            reading = set()
+        elif kind == "copy":
+            if before != "copy":
+                requests.append(({}, {}))
+            requests[-1][0][id(released[value])] = value  # the marker it must wait for
+        elif kind == "wait" and id(value) not in ready:
+            requests[-1][1][id(value)] = value
+    assert requests and all(expected.keys() == waited.keys() for expected, waited in requests)
+    assert {key for _, waited in requests for key in waited} - {id(allocated)}  # slots that blocks had read
 
 
 @pytest.mark.parametrize("strategy, waits, prefetched", [

@@ -6,10 +6,13 @@
 - `prefetch_all`: while MoE block N runs, every expert of block N+1 is copied (MoE-Prefetch);
 - `pregated`: block N's pre-gate has chosen block N+1's experts; they are copied on a second CUDA stream and
   block N+1 waits for them through CUDA events. The copies are issued at the first block start after the chosen
-  ids reach the host (a read started when the pre-gate ran), so the host never waits for them; the copy stream
-  first waits for the compute queued before them (`_request`), so today they overlap block N+1's dense half and
-  attention, not block N's experts (the task README's limits). The first MoE block fetches on demand, the last
-  prefetches nothing (as in the artifact).
+  ids reach the host (a read started when the pre-gate ran), so the host never waits for them. The first MoE
+  block fetches on demand, the last prefetches nothing (as in the artifact).
+
+A copy into a slot waits on the copy stream for the end of the MoE block that last read the slot (`released`),
+not for all the compute queued: pregated's copies for block N+1, issued once block N's experts are queued, run
+beside whatever of them the device has still to compute, then under block N+1's dense half and attention.
+prefetch_all's, issued inside block N before its experts are queued, run under them all.
 
 Every strategy reads a routing back to the host without waiting, as soon as it exists: the same pre-gated model
 serves all of them, so a block's routing is known a block early whatever the strategy, and only when its experts
@@ -239,6 +242,7 @@ class ExpertOffload:
         self.expert_bytes = self.layers[0].w_in[0].nbytes + self.layers[0].w_out[0].nbytes if self.layers else 0
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.ready: list[Marker | None] = [None] * self.n_slots  # where each slot's last copy ends
+        self.reading: list[int] = []  # the slots the MoE block running now reads
         place_all_but_experts(model, self.device)
         for p in (p for f in self.layers for p in (f.w_in, f.w_out)):  # one at a time: pinning holds one extra
             p.data = self._host_copy(p.data)
@@ -246,6 +250,9 @@ class ExpertOffload:
         dtype = model.embed.weight.dtype
         self.slot_in = torch.empty((self.n_slots, cfg.d_ff, cfg.d_model), device=self.device, dtype=dtype)
         self.slot_out = torch.empty((self.n_slots, cfg.d_model, cfg.d_ff), device=self.device, dtype=dtype)
+        # Where each slot's last reader, an MoE block, has computed on the compute stream: a copy into the slot
+        # waits for that alone. At first, here: the pool's memory may have served tensors whose work is queued.
+        self.released = [Marker(self.device)] * self.n_slots
         if strategy == "gpu_only":  # block b's expert e in slot b·n_experts + e
             for b, ffn in enumerate(self.layers):
                 self.slot_in[b * cfg.n_experts:(b + 1) * cfg.n_experts].copy_(ffn.w_in)
@@ -292,7 +299,12 @@ class ExpertOffload:
     def _span(self, kind: str, index: int):
         start = Marker(self.device)
         yield
-        self.stats.spans.append(Span(kind, index, self.stats.forwards, start, Marker(self.device)))
+        end = Marker(self.device)
+        self.stats.spans.append(Span(kind, index, self.stats.forwards, start, end))
+        if kind == "moe":  # its experts are queued by here: their slots may be rewritten once the device gets here
+            for slot in self.reading:
+                self.released[slot] = end
+            self.reading = []
 
     def fetch(self, layer: int, routing: Routing, next_routing: Routing | None):
         """Called by MoE block `layer` after its gates: make its experts available (copying those not resident),
@@ -323,7 +335,8 @@ class ExpertOffload:
                 # arrive, so that the host never waits for them while the device could compute.
                 self.upcoming = (layer + 1, next_routing)
             slot_of = {e: self.cache.slot_of[layer, e] for e in active}
-            for slot in slot_of.values():
+            self.reading = list(slot_of.values())
+            for slot in self.reading:
                 self.ready[slot].wait()
 
             def weights_of(e):
@@ -337,29 +350,32 @@ class ExpertOffload:
         self._request(layer, active_experts(routing), issued_during=layer - 1)
 
     def _request(self, layer: int, experts: list[int], issued_during: int) -> None:
-        """Ask the cache for experts of `layer` not yet asked for in this forward; copy the misses in, each as soon
-        as its slot is known, back to back on the copy stream. One span covers them, and its end marks every one
-        ready (the block that needs them needs them all): a pair of events per request, not per expert, keeps the
-        events' own cost off the host."""
+        """Ask the cache for experts of `layer` not yet asked for in this forward; copy the misses in, back to back
+        on the copy stream, once the MoE blocks that last read their slots have computed (not after all the
+        compute queued: a prefetch issued after block N's experts were queued runs beside them). One span covers
+        the copies, and its end marks every one ready (the block that needs them needs them all): a pair of
+        events per request, not per expert, keeps the events' own cost off the host."""
         wanted = self.requested.setdefault(layer, set())
         new = [e for e in experts if e not in wanted]
         if not new:
             return
         wanted.update(new)
         in_use = {(b, e) for b, es in self.requested.items() for e in es}
-        if self.copy_stream is not None:  # a slot is rewritten only after the computations queued on it are done
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        ffn, copied = self.layers[layer], []
+        copied = []
+        for e in new:
+            slot, hit = self.cache.request((layer, e), in_use)
+            if not hit:
+                copied.append((e, slot))
+        if not copied:
+            return
+        ffn = self.layers[layer]
         with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else nullcontext():
+            for released in {id(m): m for m in (self.released[slot] for _, slot in copied)}.values():
+                released.wait()  # once each: the slots one block read share its marker
             start = Marker(self.device, self.copy_stream)
-            for e in new:
-                slot, hit = self.cache.request((layer, e), in_use)
-                if not hit:
-                    self.slot_in[slot].copy_(ffn.w_in[e], non_blocking=True)
-                    self.slot_out[slot].copy_(ffn.w_out[e], non_blocking=True)
-                    copied.append((e, slot))
-            if not copied:
-                return
+            for e, slot in copied:
+                self.slot_in[slot].copy_(ffn.w_in[e], non_blocking=True)
+                self.slot_out[slot].copy_(ffn.w_out[e], non_blocking=True)
             end = Marker(self.device, self.copy_stream)
         for _, slot in copied:
             self.ready[slot] = end
