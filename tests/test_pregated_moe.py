@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import DEVICE, gpu
 
-from tasks.pregated_moe.model import (Gate, KVCache, MoEConfig, Routing, SwitchLM, active_experts, expert_ffn,
-                                      load_balancing_loss, load_switch_weights, mix_experts)
+from tasks.pregated_moe.model import (ExpertStack, Gate, KVCache, MoEConfig, Routing, SwitchLM, active_experts,
+                                      expert_ffn, load_balancing_loss, load_switch_weights, mix_experts)
 from tasks.pregated_moe.offload import (CACHE_POLICIES, ExpertOffload, Marker, SlotCache, Span, copy_time_hidden,
                                         generate, min_slots)
 
@@ -59,6 +59,20 @@ def test_mixing_experts_matches_a_dense_reference(top_k, n_experts):
     torch.testing.assert_close(out, reference, rtol=2e-5, atol=2e-5)
     assert active_experts(routing) == sorted(set(experts.flatten().tolist()))
     assert sum(routing.counts()) == 13 * top_k
+
+
+def unread(routing):
+    raise AssertionError("a routing was read to the host")
+
+
+def test_resident_experts_serve_one_token_without_reading_its_routing_and_give_the_same_bits(monkeypatch):
+    torch.manual_seed(2)
+    h, w_in, w_out = torch.randn(1, 7), torch.randn(5, 11, 7), torch.randn(5, 7, 11)
+    weights, experts = torch.randn(1, 5).softmax(-1).topk(1, -1)
+    read = mix_experts(h, Routing(experts, weights, 0.0, 5), lambda e: (w_in[e], w_out[e]))
+    monkeypatch.setattr(Routing, "start_read", unread)
+    monkeypatch.setattr(Routing, "counts", unread)
+    assert torch.equal(mix_experts(h, Routing(experts, weights, 0.0, 5), ExpertStack(w_in, w_out)), read)
 
 
 def test_the_router_computes_in_float32_under_autocast():
@@ -208,6 +222,20 @@ def test_every_strategy_gives_gpu_only_outputs_bit_for_bit(pregate, strategy, to
     assert summary["bytes_copied"] == summary["copies"] * runtime.expert_bytes
     assert summary["tokens"] == 12 + 12 + 4 * 3  # the forward, the generation's prompt, 4 more steps of 3 tokens
     assert summary["bytes_per_token"] == summary["bytes_copied"] / summary["tokens"]
+
+
+def test_gpu_only_serves_batch_1_without_reading_a_routing_and_gives_the_offloading_strategies_tokens(monkeypatch):
+    """As FasterTransformer's GPU-only: at one (token, choice) a step its host never waits for a gate."""
+    prompt = tokens(1, 1)
+    pregated = ExpertOffload(build(pregate=True), "pregated", "cpu")
+    expected, logits = generate(pregated, prompt, 6), pregated(prompt)
+    monkeypatch.setattr(Routing, "start_read", unread)
+    monkeypatch.setattr(Routing, "counts", unread)
+    runtime = ExpertOffload(build(pregate=True), "gpu_only", "cpu")
+    assert torch.equal(generate(runtime, prompt, 6), expected) and torch.equal(runtime(prompt), logits)
+    summary = runtime.summary()
+    assert summary["mean_active_experts"] == summary["max_active_experts"] == 1
+    assert not [s for s in runtime.stats.spans if s.kind == "stall"]  # nothing waited for
 
 
 def test_strategies_take_turns_on_one_model_as_gpu_only_leaves_its_experts_on_the_host():

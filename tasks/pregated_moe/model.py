@@ -146,11 +146,31 @@ def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torc
     return F.linear(F.relu(F.linear(x, w_in)), w_out)  # Switch's expert: wi, ReLU, wo, no biases
 
 
+class ExpertStack:
+    """One MoE block's experts, all resident on one device and stacked: expert e is `w_in[e]`, `w_out[e]`. Called
+    with an expert id on the host it gives views of them, as any `weights_of` in `mix_experts`; `pick` takes an id
+    still on the device."""
+
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor):
+        self.w_in, self.w_out = w_in, w_out
+
+    def __call__(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w_in[e], self.w_out[e]
+
+    def pick(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert `e`, a one-element tensor on the experts' device: a copy of its weights gathered there, so that
+        the host need not read `e`."""
+        return self.w_in.index_select(0, e)[0], self.w_out.index_select(0, e)[0]
+
+
 def mix_experts(h: torch.Tensor, routing: Routing, weights_of) -> torch.Tensor:
     """Σ over each token's chosen experts of gate probability × expert output. `weights_of(e)` gives expert e's
     (w_in, w_out) wherever they are (the model's own tensors or an offloading slot); the experts go in ascending
     order whatever the source, one addition each, so every strategy adds in the same order and gives the same
-    bits."""
+    bits. Resident experts (an `ExpertStack`) serve a routing of one (token, choice) without reading it to the
+    host: the expert is picked on the device, the same weights in the same product."""
+    if routing.experts.numel() == 1 and isinstance(weights_of, ExpertStack):
+        return (expert_ffn(h, *weights_of.pick(routing.experts.view(1))) * routing.weights).to(h.dtype)
     active, top_k = active_experts(routing), routing.experts.shape[1]
     if len(active) == 1 and top_k == 1:  # every token to one expert (batch 1): no gather, no scatter
         return (expert_ffn(h, *weights_of(active[0])) * routing.weights).to(h.dtype)
@@ -193,9 +213,12 @@ class SwitchFFN(nn.Module):
         Returns the output, the routing of the next MoE block (None without a pre-gate) and the gates' aux loss."""
         routing = self.gate(h) if self.gate is not None else carried
         next_routing = self.pregate(h) if self.pregate is not None else None
-        if next_routing is not None:
-            next_routing.start_read()
-        weights_of = self.expert_weights if offload is None else offload.fetch(self.moe_index, routing, next_routing)
+        if offload is not None:  # which starts the next routing's read where its strategy reads routings
+            weights_of = offload.fetch(self.moe_index, routing, next_routing)
+        else:
+            if next_routing is not None:
+                next_routing.start_read()  # on its way to the host while this block computes
+            weights_of = self.expert_weights
         # The loss of each gate run here; a carried routing's was counted by the block whose pre-gate chose it.
         ran = ([routing] if self.gate is not None else []) + ([next_routing] if next_routing is not None else [])
         aux = sum(r.aux_loss for r in ran)

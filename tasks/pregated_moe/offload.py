@@ -15,9 +15,11 @@ beside whatever of them the device has still to compute, then under block N+1's 
 prefetch_all's, issued inside block N before its experts are queued, run under them all.
 
 Every strategy reads a routing back to the host without waiting, as soon as it exists: the same pre-gated model
-serves all of them, so a block's routing is known a block early whatever the strategy, and only when its experts
-are copied differs. on_demand alone stands for a model without pre-gates, whose gate decides inside the block: its
-host waits at each MoE block until the device gets there, before it reads the routing and issues the copies.
+serves all of them, so a block's routing is known a block early whatever the strategy, and only when its experts are
+copied differs. gpu_only reads none where a forward has one (token, choice), as at batch 1: it picks the expert on
+the device, as FasterTransformer's GPU-only does, so that its host never waits for a gate. on_demand alone stands
+for a model without pre-gates, whose gate decides inside the block: its host waits at each MoE block until the
+device gets there, before it reads the routing and issues the copies.
 
 Copies land in a fixed pool of device slots shared by all MoE blocks. By default (`cache="none"`, as the paper's
 default runs) an expert is copied every time a block asks for it; with an lru or lfu policy the pool is also a
@@ -44,7 +46,7 @@ from typing import Iterator
 
 import torch
 
-from .model import KVCache, Routing, SwitchLM, active_experts
+from .model import ExpertStack, KVCache, Routing, SwitchLM, active_experts
 
 STRATEGIES = ("gpu_only", "on_demand", "prefetch_all", "pregated")
 CACHE_POLICIES = ("none", "lru", "lfu")
@@ -253,10 +255,13 @@ class ExpertOffload:
         # Where each slot's last reader, an MoE block, has computed on the compute stream: a copy into the slot
         # waits for that alone. At first, here: the pool's memory may have served tensors whose work is queued.
         self.released = [Marker(self.device)] * self.n_slots
-        if strategy == "gpu_only":  # block b's expert e in slot b·n_experts + e
-            for b, ffn in enumerate(self.layers):
-                self.slot_in[b * cfg.n_experts:(b + 1) * cfg.n_experts].copy_(ffn.w_in)
-                self.slot_out[b * cfg.n_experts:(b + 1) * cfg.n_experts].copy_(ffn.w_out)
+        n = cfg.n_experts  # gpu_only: block b's expert e in slot b·n + e
+        self.resident = [ExpertStack(self.slot_in[b * n:(b + 1) * n], self.slot_out[b * n:(b + 1) * n])
+                         for b in range(len(self.layers))] if strategy == "gpu_only" else []
+        with torch.no_grad():  # values, not a graph: the experts are parameters
+            for stack, ffn in zip(self.resident, self.layers):
+                stack.w_in.copy_(ffn.w_in)
+                stack.w_out.copy_(ffn.w_out)
 
     def _host_copy(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda" or self.pin_warning is not None:
@@ -309,20 +314,22 @@ class ExpertOffload:
     def fetch(self, layer: int, routing: Routing, next_routing: Routing | None):
         """Called by MoE block `layer` after its gates: make its experts available (copying those not resident),
         start the copies the strategy makes for the next block, and return where each expert's weights are."""
+        if self.strategy == "gpu_only" and routing.experts.numel() == 1:
+            # One (token, choice), as at batch 1: `mix_experts` picks the one expert on the device, and nothing is
+            # read to the host or waited for, as FasterTransformer's GPU-only reads nothing
+            self._count_active(1)
+            return self.resident[layer]
+        if next_routing is not None:
+            next_routing.start_read()  # on its way to the host while this block computes
         stall = Marker(self.device)
         if self.strategy == "on_demand":
             # MoE-OnDemand's own gate runs here: its host can know the experts only once the device has got here
             # (the routing this pre-gated model carries is on the host already, and would let its copies go early)
             stall.reached()
         active = active_experts(routing)  # no wait when a pre-gate chose them a block ago
-        self.stats.moe_blocks += 1
-        self.stats.active_experts += len(active)
-        self.stats.max_active_experts = max(self.stats.max_active_experts, len(active))
+        self._count_active(len(active))
         if self.strategy == "gpu_only":
-            first = layer * self.model.config.n_experts
-
-            def weights_of(e):
-                return self.slot_in[first + e], self.slot_out[first + e]
+            weights_of = self.resident[layer]
         else:
             for done in [b for b in self.requested if b < layer]:
                 del self.requested[done]  # no longer in use: those blocks have run
@@ -343,6 +350,11 @@ class ExpertOffload:
                 return self.slot_in[slot_of[e]], self.slot_out[slot_of[e]]
         self.stats.spans.append(Span("stall", layer, self.stats.forwards, stall, Marker(self.device)))
         return weights_of
+
+    def _count_active(self, active: int) -> None:
+        self.stats.moe_blocks += 1
+        self.stats.active_experts += active
+        self.stats.max_active_experts = max(self.stats.max_active_experts, active)
 
     def _prefetch(self) -> None:
         layer, routing = self.upcoming
