@@ -339,7 +339,8 @@ def test_random_weights_are_initialised_as_the_model_does_and_follow_the_seed():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
     assert not torch.equal(model.moe_layers[0].w_in, other.moe_layers[0].w_in)
     reference = SwitchLM(cfg)  # the same parameters, in the same order
-    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in reference.named_parameters()]
+    shapes = [(n, p.shape) for n, p in model.named_parameters()]
+    assert shapes == [(n, p.shape) for n, p in reference.named_parameters()]
 
 
 def spec(**overrides):

@@ -214,10 +214,11 @@ class ExpertOffload:
     It takes the model over: everything but the experts moves to `device`, and the experts move to pinned host
     memory (pageable, with a warning and `pin_warning` set, if pinning fails); experts already pinned
     (`pinned_in_place`) stay where they are, and where `pinned_in_place` failed (its warning given as
-    `pin_warning`), they stay pageable rather than be copied into pinned memory beside the originals. `slots`: the device pool, by default the fewest a batch of one token
-    needs (`min_slots`); a forward with more tokens than the pool allows is refused with a ValueError. gpu_only's
-    pool holds every expert, copied in once here; as the model's own experts stay on the host, runtimes of every
-    strategy can take turns on one model (an out-of-memory error here is gpu_only not fitting).
+    `pin_warning`), they stay pageable rather than be copied into pinned memory beside the originals. `slots`: the
+    device pool, by default the fewest a batch of one token needs (`min_slots`); a forward with more tokens than the
+    pool allows is refused with a ValueError. gpu_only's pool holds every expert, copied in once here; as the
+    model's own experts stay on the host, runtimes of every strategy can take turns on one model (an out-of-memory
+    error here is gpu_only not fitting).
     """
 
     def __init__(self, model: SwitchLM, strategy: str, device, slots: int | None = None, cache: str = "none",
