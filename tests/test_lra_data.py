@@ -140,6 +140,32 @@ def test_path_256_and_difficulties():
     assert (easy > 0).sum() < (hard > 0).sum()  # shorter paths, fewer pixels
 
 
+@pytest.mark.parametrize("size, difficulty, n", [(32, "hard", 64), (32, "easy", 32), (64, "hard", 32),
+                                                (128, "hard", 64), (256, "hard", 8)])
+def test_every_snake_has_its_full_length(monkeypatch, size, difficulty, n):
+    # A snake that backtracked at a dead end used to end a paddle short for each take-back (at 128 px hard, 1 target
+    # snake in 40 had its 14), and the end marker went on the shortened snake.
+    drawn, render = [], data._Canvas.render
+    monkeypatch.setattr(data._Canvas, "render", lambda canvas: drawn.append(canvas) or render(canvas))
+    data.generate_pathfinder(n, 0, size=size, difficulty=difficulty, workers=1)  # in this process
+    length = data.PATHFINDER_DIFFICULTIES[difficulty]
+    assert len(drawn) == n
+    for canvas in drawn:
+        assert len(canvas.strokes[0]) == len(canvas.strokes[1]) == length
+        assert all(len(canvas.strokes[obj]) == length // 3 for obj in canvas.strokes if obj >= 2)  # distractors
+        (start, end) = canvas.markers
+        assert start[1] == 0 and end[1] == length - 1  # on a target's origin and on a target's last paddle
+
+
+def test_pathfinder_image_gives_up_after_its_trials(monkeypatch):
+    tries = []
+    monkeypatch.setattr(data._Canvas, "targets", lambda *args: tries.append(args) and False)
+    monkeypatch.setattr(data, "IMAGE_TRIALS", 5)
+    with pytest.raises(RuntimeError, match="size=32: two target snakes of 14 paddles .* in 5 fresh images"):
+        data.generate_pathfinder(1, 0, workers=1)
+    assert len(tries) == 5
+
+
 def test_pathfinder_rejects_bad_size_and_difficulty():
     with pytest.raises(ValueError, match=r"size=48 .*\[32, 64, 128, 256\]"):
         data.generate_pathfinder(1, 0, size=48)
@@ -165,17 +191,18 @@ def test_cache_reuses_only_an_identical_build(tmp_path, capsys, monkeypatch):
     other, out = load(1)
     assert other != first and "Generating" in out
 
-    meta_path = next(tmp_path.glob("listops-*seed0-v1.json"))
+    version = data.GENERATOR_VERSION
+    meta_path = next(tmp_path.glob(f"listops-*seed0-v{version}.json"))
     meta = json.loads(meta_path.read_text())
     assert meta["seed"] == 0 and meta["generator_version"] == data.GENERATOR_VERSION
     assert meta["params"] == {"max_depth": 10, "max_args": 10, **short}
-    meta_path.write_text(json.dumps({**meta, "generator_version": 0}))
+    meta_path.write_text(json.dumps({**meta, "generator_version": version - 1}))
     rebuilt, out = load(0)
     assert "regenerating" in out and rebuilt == first
 
-    monkeypatch.setattr(data, "GENERATOR_VERSION", 2)
+    monkeypatch.setattr(data, "GENERATOR_VERSION", version + 1)
     _, out = load(0)
-    assert "Generating" in out and any(tmp_path.glob("listops-*seed0-v2.json"))
+    assert "Generating" in out and any(tmp_path.glob(f"listops-*seed0-v{version + 1}.json"))
 
 
 def test_cached_pathfinder_is_an_image_dataset(tmp_path):

@@ -33,7 +33,7 @@ from repro.evaluation import hub_error
 from repro.generated import cached_dataset, rows_in_chunks
 
 # Bump whenever a change alters what (task, params, seed) generates: caches of another version are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: a snake that backtracked still reaches its full length
 SPLITS = ("train", "val", "test")
 CHUNK = 32  # examples per seeded chunk; part of what a seed means, so changing it needs a version bump
 
@@ -232,6 +232,9 @@ PATHFINDER_DIFFICULTIES = {"easy": 6, "intermediate": 9, "hard": 14}
 SEED_TRIALS = 16  # placements tried for a snake's first paddle before giving up
 BACKTRACKS = 2  # per paddle of a snake's length
 DISTRACTOR_TRIALS = 4  # as the original's max_distractor_contour_retrial: then the distractor is left out
+# Images started over before the two target snakes fit. With LRA's settings at most 27 were needed (Path-64 hard,
+# 300 images, a mean of 3.2; others need fewer): a run this long means the settings leave no room, not bad luck.
+IMAGE_TRIALS = 1000
 
 
 def _turns(continuity: float) -> tuple[np.ndarray, np.ndarray]:
@@ -347,30 +350,34 @@ class _Canvas:
                 return _Snake(obj, start, [(end, angle, self.options())], BACKTRACKS * length)
         return None
 
-    def extend(self, snake: _Snake, margin: int, marked: bool = False) -> bool:
-        """One more paddle past a gap, turning at the gap's middle as the original's pivots; if `marked`, only
-        where a marker fits at its end. At a dead end the original starts the image over; we take back paddles
-        instead (depth first), a bounded number of times: most snakes long enough for Path-X would otherwise run
-        into the border."""
+    def extend(self, snake: _Snake, margin: int, count: int, marked: bool = False) -> bool:
+        """Paddles past gaps until the snake has `count`, each turning at its gap's middle as the original's pivots;
+        if `marked`, the paddle at index count - 1 only where a marker fits at its end. At a dead end the original
+        starts the image over; we take back paddles instead (depth first), a bounded number of times: most snakes
+        long enough for Path-X would otherwise run into the border. Placing goes on after a take-back, so that a
+        snake that backtracked still reaches `count` paddles."""
         half = self.spec.gap(margin) / 2
-        while True:
+        while len(snake.path) < count:
             end, angle, options = snake.path[-1]
             pivot = end + cmath.rect(half, angle)
+            seg = len(snake.path)
             while options:
                 turned = angle + options.pop()
-                new_end = self.paddle(snake.obj, len(snake.path), pivot + cmath.rect(half, turned), turned)
+                new_end = self.paddle(snake.obj, seg, pivot + cmath.rect(half, turned), turned)
                 if new_end is None:
                     continue
-                if marked and not self.marker(snake.obj, len(snake.path), new_end):
+                if marked and seg == count - 1 and not self.marker(snake.obj, seg, new_end):
                     self.unplace(snake.obj)
                     continue
                 snake.path.append((new_end, turned, self.options()))
-                return True
-            if len(snake.path) == 1 or snake.backtracks == 0:
-                return False
-            snake.backtracks -= 1
-            snake.path.pop()
-            self.unplace(snake.obj)
+                break
+            else:  # no turn fits: a dead end
+                if len(snake.path) == 1 or snake.backtracks == 0:
+                    return False
+                snake.backtracks -= 1
+                snake.path.pop()
+                self.unplace(snake.obj)
+        return True
 
     def targets(self, length: int, margin: int, label: int) -> bool:
         """Two snakes of `length` paddles with origins a seed distance apart; a marker on one's origin and one on
@@ -387,13 +394,13 @@ class _Canvas:
         if not self.marker(first.obj, 0, first.origin):
             return False
         # grown in turns, paddle by paddle, so that neither walls the other in
-        return all(self.extend(s, margin, marked=s is last and i == length - 2)
-                   for i in range(length - 1) for s in snakes)
+        return all(self.extend(s, margin, count, marked=s is last and count == length)
+                   for count in range(2, length + 1) for s in snakes)
 
     def distractor(self, obj: int, length: int, margin: int) -> None:
         for _ in range(DISTRACTOR_TRIALS):
             snake = self.seed(obj, length)
-            if snake is not None and all(self.extend(snake, margin) for _ in range(length - 1)):
+            if snake is not None and self.extend(snake, margin, length):
                 return
             self.erase(obj)
 
@@ -409,9 +416,13 @@ def _pathfinder_image(rng: np.random.Generator, size: int, length: int, label: i
     """Two target snakes and their markers (see `_Canvas.targets`), then distractor snakes a third as long."""
     spec = PATHFINDER_SIZES[size]
     margin = int(rng.choice(spec.margins))
-    canvas = _Canvas(size, spec, rng)
-    while not canvas.targets(length, margin, label):  # as the original, start over until they fit
+    for _ in range(IMAGE_TRIALS):  # as the original, start over until they fit
         canvas = _Canvas(size, spec, rng)
+        if canvas.targets(length, margin, label):
+            break
+    else:
+        raise RuntimeError(f"Pathfinder size={size}: two target snakes of {length} paddles (margin {margin}) did not "
+                           f"fit in {IMAGE_TRIALS} fresh images")
     for i in range(spec.distractor_budget // (length // 3)):
         canvas.distractor(2 + i, length // 3, margin)
     return canvas.render()
