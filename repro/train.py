@@ -172,8 +172,10 @@ def model_flops_per_token(model: torch.nn.Module, layers: int, width: int, seq_l
     embeddings, plus attention's 12·layers·width·seq_len (what standard attention computes; no discount for
     causal masking). A token embedding tied to the output layer is that layer's weight too, a matrix product
     every token pays for: it counts (as nanoGPT's MFU counts it). A model whose embeddings are not
-    `torch.nn.Embedding` says its own count through a `non_embedding_params()` method. `frozen`: the weights do
-    not train (a prompt or adapters do), so a weight costs 4, its gradient never computed."""
+    `torch.nn.Embedding` says its own count through a `non_embedding_params()` method, and one whose attention
+    computes other than the seq_len² scores (Linformer's, a block-sparse one) its own through
+    `attention_flops_per_token(seq_len)`. `frozen`: the weights do not train (a prompt or adapters do), so a
+    weight costs 4, its gradient never computed."""
     if hasattr(model, "non_embedding_params"):
         weights = model.non_embedding_params()
     else:
@@ -181,7 +183,9 @@ def model_flops_per_token(model: torch.nn.Module, layers: int, width: int, seq_l
         embedding = sum(m.weight.numel() for m in model.modules()
                         if isinstance(m, torch.nn.Embedding) and id(m.weight) not in multiplied)
         weights = sum(p.numel() for p in model.parameters()) - embedding
-    return (4 if frozen else 6) * weights + 12 * layers * width * seq_len
+    attention = (model.attention_flops_per_token(seq_len) if hasattr(model, "attention_flops_per_token")
+                 else 12 * layers * width * seq_len)
+    return (4 if frozen else 6) * weights + attention
 
 
 def _rng_state() -> dict:

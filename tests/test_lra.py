@@ -101,6 +101,36 @@ def test_position_table_grows_on_its_grid():
         upsample_positions(model("standard", seq_len=40), 8)
 
 
+def test_model_flops_count_each_attention_by_what_it_computes():
+    from repro.train import model_flops_per_token
+
+    # by hand: 2 layers of width 8 over 40 tokens; Linformer's k = 4, butterfly blocks of 16
+    layer = 8 * 24 + 24 + 8 * 8 + 8 + 2 * 2 * 8 + 8 * 16 + 16 + 16 * 8 + 8  # qkv, out, 2 norms, mlp
+    weights = 2 * layer + 2 * 8 + 8 * 16 + 16 + 16 * 3 + 3  # the final norm, the head; not E and F, not embeddings
+    # three blocks of 16, 16 and 8 rows; the butterfly keeps (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 2)
+    pairs = 4 * 16 * 16 + 2 * 16 * 8 + 8 * 8
+    per_layer = {"standard": 12 * 8 * 40, "effrepro": 12 * 8 * 40, "effrepro_sparse": 12 * 8 * pairs / 40,
+                 "linformer": 24 * 8 * 4}  # Linformer: E·K, F·V, QKᵀ and PV over 4 rows, 2·4·8 forward each
+    assert set(per_layer) == set(ATTENTIONS)
+    for attention, flops in per_layer.items():
+        m = LRAClassifier(vocab=20, classes=3, seq_len=40, dim=8, heads=2, depth=2, mlp_dim=16, attention=attention,
+                          linformer_k=4, block_size=16)
+        assert model_flops_per_token(m, layers=2, width=8, seq_len=40) == pytest.approx(6 * weights + 2 * flops)
+
+
+@pytest.mark.parametrize("attention", ["standard", "linformer"])
+def test_attention_flops_are_its_matrix_products(attention):
+    """Against PyTorch's count of a forward and backward (SDPA in its math form, which the counter sees)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = model(attention).blocks[0].attn.attend.cpu()
+    q, k, v = (torch.randn(3, 2, 40, 16, requires_grad=True) for _ in range(3))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counted:
+        module(q, k, v, None).sum().backward()
+    assert counted.get_total_flops() / (3 * 40) == module.flops_per_token(2 * 16, 40)
+
+
 def test_speedups_and_their_geometric_mean():
     def tps(provider, task, value):
         return Row(provider, "step", 10, "tokens_per_s", "tokens/s", value, extra={"lra_task": task})

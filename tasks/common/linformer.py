@@ -42,6 +42,14 @@ class LinformerAttention(nn.Module):
         self.e = nn.Parameter(torch.randn(k, seq_len) / math.sqrt(seq_len))
         self.f = None if share_kv else nn.Parameter(torch.randn(k, seq_len) / math.sqrt(seq_len))
 
+    def flops_per_token(self, width: int, seq_len: int) -> int:
+        """Training FLOPs (forward and backward) per token of one layer of `width` channels (heads × head_dim):
+        E·K and F·V, and QKᵀ and PV over the k projected rows, each 2·k·width forward, thrice that with the
+        backward. A column of E or F meets one token's key or value alone: counted as a weight (6 FLOPs a token
+        each), the k × seq_len tables would count seq_len / width times their products. The length attended is
+        k, whatever `seq_len`."""
+        return 24 * width * self.k
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None = None, *,
                 scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
         """real: bool (batch, n), True for real keys (None: all real; callers pass None for unpadded batches, so

@@ -8,7 +8,8 @@ pair. The attention is the swept choice, one of ATTENTIONS:
 - `linformer`: keys and values projected along the sequence to `linformer_k` rows (Wang et al. 2020).
 
 Each is a module computing attention from q, k, v (batch, heads, seq, head_dim) and the real-token mask (None
-where every token is real: decided once a forward pass, as reading the mask costs a device sync).
+where every token is real: decided once a forward pass, as reading the mask costs a device sync), and counting
+its training FLOPs per token (`flops_per_token`, for model TFLOP/s).
 """
 from __future__ import annotations
 
@@ -26,8 +27,16 @@ from tasks.common.linformer import LinformerAttention
 LINFORMER_K = 256  # the keys and values a Linformer layer projects to, unless lra.model.linformer_k says
 
 
+def dense_flops_per_token(width: int, seq_len: int) -> int:
+    """Training FLOPs (forward and backward) per token of one layer of exact attention over `seq_len` keys: QKᵀ
+    and PV, 2·width·seq_len each forward, thrice that with the backward (PaLM's 12·width·seq_len a layer)."""
+    return 12 * width * seq_len
+
+
 class StandardAttention(nn.Module):
     """The N×N score matrix in memory (kernels' plain reference)."""
+
+    flops_per_token = staticmethod(dense_flops_per_token)
 
     def forward(self, q, k, v, real, dropout_p=0.0):
         return attention_reference(q, k, v, key_padding_mask=real, dropout_p=dropout_p)
@@ -37,6 +46,7 @@ class FlashAttention(nn.Module):
     """Our exact kernel; a subclass narrows it to a block-sparse pattern through `sparsity`."""
 
     needs_triton = True  # runs where our Triton kernels run (repro.bench.require_triton)
+    flops_per_token = staticmethod(dense_flops_per_token)
 
     def forward(self, q, k, v, real, dropout_p=0.0):
         return flash_attn(q, k, v, dropout_p=dropout_p, key_padding_mask=real, **self.sparsity(q))
@@ -54,6 +64,14 @@ class ButterflyFlashAttention(FlashAttention):
         self.block_size = block_size
         self.register_buffer("block_mask", butterfly_block_mask(blocks, blocks), persistent=False)
         self._layout, self._shape = None, None
+
+    def flops_per_token(self, width: int, seq_len: int) -> float:
+        """Dense attention's count over the (query, key) pairs of the kept blocks, the only ones the kernel
+        computes; a last block shorter than block_size counts its own rows and columns."""
+        blocks = self.block_mask.shape[-1]
+        sizes = (seq_len - torch.arange(blocks) * self.block_size).clamp(0, self.block_size).double()
+        pairs = sizes @ self.block_mask[0, 0].cpu().double() @ sizes
+        return 12 * width * float(pairs) / seq_len
 
     def sparsity(self, q):
         # the kernel's layout of the mask, built once per device and (batch, heads)
@@ -119,6 +137,21 @@ class LRAClassifier(nn.Module):
         self.norm = nn.LayerNorm(dim)
         features = 4 * dim if pair else dim
         self.head = nn.Sequential(nn.Linear(features, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, classes))
+
+    def non_embedding_params(self) -> int:
+        """The weights a token multiplies once each, which `repro.train.model_flops_per_token` counts at 6 FLOPs:
+        all but the embeddings and the attentions' own parameters (Linformer's E and F, whose products
+        `attention_flops_per_token` counts)."""
+        own = [*self.embed.parameters(), *self.position.parameters(),
+               *(p for block in self.blocks for p in block.attn.attend.parameters())]
+        return sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in own)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of the attention itself, all layers, as each layer's attention counts them:
+        standard attention's 12·dim·seq_len a layer, Linformer's over its k rows, block-sparse's over its kept
+        blocks."""
+        width = self.embed.embedding_dim
+        return sum(block.attn.attend.flops_per_token(width, seq_len) for block in self.blocks)
 
     def encode(self, ids: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         """`real`: which tokens are not padding; None where all are (images)."""
