@@ -62,6 +62,34 @@ def test_byte_pixels_without_a_mask_are_int64_tokens_all_real():
     torch.testing.assert_close(as_bytes, as_tokens)
 
 
+@pytest.mark.parametrize("attention", ["standard", "linformer"])
+def test_a_forward_reads_nothing_back_from_the_device(attention):
+    """No host read (.item(), bool()) inside a step: each is a device sync. A mask given is passed on as it is,
+    an all-true one too; None, the batches' word for no padding, takes the path without a mask."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._local_scalar_dense.default  # under .item(), bool(), int()
+            return func(*args, **(kwargs or {}))
+
+    m = model(attention, pair=True)
+    given = []
+    m.blocks[0].attn.attend.register_forward_pre_hook(lambda _, args: given.append(args[3]))
+    inputs = batch(pair=True)
+    full = dict(inputs, real=torch.ones_like(inputs["real"]))
+    without = {k: v for k, v in inputs.items() if k not in ("real", "real2")}
+    for example in (inputs, full, without):
+        with HostReads() as reads:
+            m(**example).loss.backward()
+        assert reads.count == 0
+    assert given[2] is full["real"] and given[4] is given[5] is None  # two documents a pair
+
+
 def test_flash_matches_standard_attention_with_padding():
     ref, ours = model("standard").eval(), model("effrepro").eval()
     with torch.no_grad():
@@ -247,6 +275,32 @@ def test_evaluation_runs_in_the_training_micro_batches(compose, tmp_path):
         rows = trainee.evaluate(trainee.model.eval())
     assert [len(b["labels"]) for b in trainee.batches(0, 0, 1)] == [2] * 4
     assert forwards == [2] * 4 * len(rows) and all(r.extra["examples"] == 8 for r in rows)
+
+
+def test_masks_with_no_padding_are_left_out_of_a_batch_on_the_host(compose, tmp_path, monkeypatch):
+    """Retrieval's second documents unpadded, its first padded: batches and evaluation give the model `real` and
+    no `real2` (the model takes no padding from None without reading the mask back from the device)."""
+    from repro.context import RunContext
+    from tasks.lra import train_lra
+
+    real_load = train_lra.load_split
+
+    def load_split(name, split, n, spec, cache):
+        examples, vocab, length = real_load(name, split, n, spec, cache)
+        examples["real"][:, -1] = False
+        examples["real2"][:] = True
+        return examples, vocab, length
+
+    monkeypatch.setattr(train_lra, "load_split", load_split)
+    cfg = compose("task=lra_retrieval", "lra.attention=[standard]", f"paths.cache={tmp_path}")
+    (candidate,) = train_lra.candidates(cfg, RunContext(torch.device("cpu"), "smoke", 0, tmp_path, {}), tmp_path)
+    trainee = candidate.build()
+    forwards = []
+    trainee.model.register_forward_pre_hook(lambda _, args, kwargs: forwards.append(set(kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        trainee.evaluate(trainee.model.eval())
+    assert forwards and all("real" in keys and "real2" not in keys for keys in forwards)
+    assert all("real" in b and "real2" not in b for b in trainee.batches(0, 0, 1))
 
 
 def test_retrieval_from_the_hub_needs_the_aan_files_a_run_reads(compose, tmp_path):

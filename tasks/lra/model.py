@@ -8,8 +8,8 @@ pair. The attention is the swept choice, one of ATTENTIONS:
 - `linformer`: keys and values projected along the sequence to `linformer_k` rows (Wang et al. 2020).
 
 Each is a module computing attention from q, k, v (batch, heads, seq, head_dim) and the real-token mask (None
-where every token is real: decided once a forward pass, as reading the mask costs a device sync), and counting
-its training FLOPs per token (`flops_per_token`, for model TFLOP/s).
+where every token is real: decided on the host where batches are made, as reading it on the device costs a
+sync), and counting its training FLOPs per token (`flops_per_token`, for model TFLOP/s).
 """
 from __future__ import annotations
 
@@ -154,11 +154,11 @@ class LRAClassifier(nn.Module):
         return sum(block.attn.attend.flops_per_token(width, seq_len) for block in self.blocks)
 
     def encode(self, ids: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-        """`real`: which tokens are not padding; None where all are (images)."""
+        """`real`: which tokens are not padding; None where all are (images, and batches whose mask the host found
+        all true: a mask given is used as it is, as finding out here would read it back from the device)."""
         x = self.embed(ids.long()) + self.position.weight[: ids.shape[1]]  # images' pixels come as bytes
-        padding = None if real is None or bool(real.all()) else real  # read once here, not in every layer
         for block in self.blocks:
-            x = block(x, padding)
+            x = block(x, real)
         x = self.norm(x)
         if real is None:
             return x.mean(1)

@@ -102,6 +102,13 @@ def load_split(name: str, split: str, n: int, spec, cache: Path) -> tuple[dict[s
     return out, 257, length
 
 
+def without_full_masks(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` (on the host) less its real-token masks (real, real2) that mark every token real: the model then
+    takes its path without a mask, and no forward has to read a mask back from the device to find that out (a
+    sync inside the timed step, one per document)."""
+    return {key: value for key, value in batch.items() if not (key.startswith("real") and bool(value.all()))}
+
+
 def data_source(name: str, spec) -> str:
     """Where a task's examples come from: `generated` (ListOps, Pathfinder: LRA's own generators), `hub`, or
     `fixture` (random examples with random labels, which test the mechanics and learn nothing)."""
@@ -144,14 +151,15 @@ def _trainee(cfg: DictConfig, ctx: RunContext, name: str, attention: str, split:
     def batches(step, rank, world):
         gen = step_generator(cfg.seed, step, rank)
         picks = torch.randint(0, n, (cfg.train.grad_accum * spec.batch,), generator=gen)
-        return [{k: v[i] for k, v in train_set.items()} for i in picks.split(micro)]
+        return [without_full_masks({k: v[i] for k, v in train_set.items()}) for i in picks.split(micro)]
 
     def evaluate(model):
         rows = []
         for name_of_split, examples in split["evaluated"].items():
             hits = 0
             for start in range(0, len(examples["labels"]), eval_batch):
-                batch = {k: v[start:start + eval_batch].to(ctx.device) for k, v in examples.items()}
+                batch = without_full_masks({k: v[start:start + eval_batch] for k, v in examples.items()})
+                batch = {k: v.to(ctx.device) for k, v in batch.items()}
                 hits += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
             rows.append(Row(attention, "step", 0, f"{name_of_split}_accuracy", "%",
                             100.0 * hits / len(examples["labels"]), n=1,
