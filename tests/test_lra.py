@@ -303,6 +303,22 @@ def test_masks_with_no_padding_are_left_out_of_a_batch_on_the_host(compose, tmp_
     assert all("real" in b and "real2" not in b for b in trainee.batches(0, 0, 1))
 
 
+@pytest.mark.parametrize("scale", ["smoke", "small", "paper"])
+def test_lra_recipes_clip_only_path_x_and_decay_the_cosine_to_zero(compose, scale):
+    """As LRA's configs: grad_clip_norm 1 in Path-X's (pathfinder128) alone, and cosine_decay ending at 0."""
+    from repro.train import TrainSpec, _lr_at
+
+    schedules = set()
+    for task in ("lra", "lra_listops", "lra_text", "lra_retrieval", "lra_image", "lra_pathfinder", "pathx", "path256"):
+        spec = TrainSpec.from_config(compose(f"task={task}", f"scale={scale}").train)
+        assert spec.grad_clip == (1.0 if task == "pathx" else 0), task
+        assert spec.min_lr_ratio == 0.0, task  # what a cosine or linear schedule ends at; rsqrt has no end
+        schedules.add(spec.schedule)
+        if spec.schedule == "cosine":
+            assert _lr_at(spec.steps, spec) == 0.0, task
+    assert "cosine" in schedules
+
+
 def test_retrieval_from_the_hub_needs_the_aan_files_a_run_reads(compose, tmp_path):
     """LRA's AAN pairs are not on the hub: lra.data_dir must hold the train, eval and test files, and a missing
     one is named before any work."""
