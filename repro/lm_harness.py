@@ -146,6 +146,16 @@ def load_tasks(tasks: list[str]) -> dict:
 
 
 @functools.cache
+def _full_task_manager():
+    """lm-eval's own ~15,000 tasks and ours: indexed (about 10 s) only when one of lm-eval's is asked for, and once
+    per process, whichever tasks are asked for (the checks before any work, each task's own offline, and the
+    evaluations share it)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(LOCAL_TASKS))
+
+
+@functools.cache
 def _local_task_manager():
     """A TaskManager of our own tasks (LOCAL_TASKS) alone: it indexes in milliseconds."""
     from lm_eval.tasks import TaskManager
@@ -153,16 +163,12 @@ def _local_task_manager():
     return TaskManager(include_path=str(LOCAL_TASKS), include_defaults=False)
 
 
-@functools.lru_cache(maxsize=4)
 def _task_manager(tasks: tuple[str, ...]):
-    """lm-eval's own ~15,000 tasks are indexed (about 8 s) only when one is asked for, and once per process: the
-    task's check before any work and its evaluation share it."""
-    from lm_eval.tasks import TaskManager
-
+    """Our own TaskManager where it knows every one of `tasks`, else the one that knows lm-eval's too."""
     local = _local_task_manager()
     if all(task in local.all_tasks for task in tasks):
         return local
-    manager = TaskManager(include_path=str(LOCAL_TASKS))
+    manager = _full_task_manager()
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"lm-eval tasks {unknown} are unknown; ours: {local.all_tasks}, the papers': "

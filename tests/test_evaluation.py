@@ -3,6 +3,7 @@ held to hand computations on a tiny random Llama (fp32, fresh random ids, odd si
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,11 +26,25 @@ def local_task(tmp_path, monkeypatch):
     folder = tmp_path / "lm_tasks"
     shutil.copytree(LOCAL_TASKS, folder)
     monkeypatch.setattr(lm_harness, "LOCAL_TASKS", folder)
-    for manager in (lm_harness._local_task_manager, lm_harness._task_manager):
+    for manager in (lm_harness._local_task_manager, lm_harness._full_task_manager):
         manager.cache_clear()
     yield folder / "effrepro_mc"
-    for manager in (lm_harness._local_task_manager, lm_harness._task_manager):
+    for manager in (lm_harness._local_task_manager, lm_harness._full_task_manager):
         manager.cache_clear()
+
+
+def task_variant(task: Path, name: str, *replace: tuple[str, str]) -> Path:
+    """A copy of the local task's folder `task` beside it, as the task `name`, its YAML changed by `replace`
+    ((old, new) pairs)."""
+    folder = task.with_name(name)
+    shutil.copytree(task, folder)
+    config = folder / "effrepro_mc.yaml"
+    text = config.read_text().replace("task: effrepro_mc", f"task: {name}")
+    for old, new in replace:
+        assert old in text, old
+        text = text.replace(old, new)
+    config.write_text(text)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +358,25 @@ def test_a_task_whose_config_pins_zero_shot_stays_zero_shot_as_in_lm_eval(tiny, 
                                              num_fewshot=shots, limit=4)["effrepro_mc"]
              for shots, (score, _) in recorders.items()}
     assert asked[3]["num_fewshot"] == asked[0]["num_fewshot"] == 0 and recorders[3][1] == recorders[0][1]
+
+
+def test_lm_evals_task_index_is_built_once_a_process(local_task, monkeypatch):
+    """Indexing lm-eval's own tasks takes about 10 s; it was done again for each distinct list of tasks asked for
+    (the offline check asks for each task alone)."""
+    import lm_eval.tasks
+
+    defaults = local_task.parent.parent / "lm_eval_defaults"  # stands in for lm-eval's own tasks
+    defaults.mkdir()
+    for name in ("alpha_mc", "beta_mc"):
+        shutil.move(task_variant(local_task, name), defaults / name)
+    built = []
+
+    class Counting(lm_eval.tasks.TaskManager):
+        def __init__(self, include_path=None, include_defaults=True, **kwargs):
+            built.append(include_defaults)
+            paths = [defaults, include_path] if include_defaults else include_path
+            super().__init__(include_path=paths, include_defaults=False, **kwargs)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Counting)
+    for tasks in (("alpha_mc",), ("beta_mc",), ("alpha_mc", "effrepro_mc"), ("effrepro_mc",)):
+        assert set(tasks) <= set(lm_harness.task_manager(tasks).all_tasks)
+    assert built.count(True) == 1
