@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
 from lm_eval.models.utils import has_bos_prefix
 from tqdm.auto import tqdm
 
@@ -106,6 +107,80 @@ class EffreproLM(TemplateLM):
                                   "generation tasks are not supported")
 
 
+# What EffreproLM serves (log-likelihood requests: these tasks make nothing else) and the metric that
+# `evaluate_multiple_choice` reads of every task
+SERVED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
+ROW_METRIC = "acc"
+
+
+def check_served(tasks: tuple[str, ...], key: str = "tasks") -> None:
+    """Every task that `tasks` names (a group's or tag's each) is one EffreproLM serves and that scores acc, as
+    lm-eval's index reads it from the task's YAML; else a ConfigError naming `key` and the task, before any work
+    (building a task reads its dataset). A task defined in Python says so only when built: `load_tasks` checks
+    every task again as it builds it."""
+    index = task_manager(tasks, key).task_index
+    for asked in tasks:
+        for task, config in _task_configs(index, asked, {}):
+            named = repr(task) if task == asked else f"{task!r} (of {asked!r})"
+            output_type = config.get("output_type", "generate_until")  # lm-eval's TaskConfig default
+            try:
+                _check_output_type(named, output_type)
+                metrics = config.get("metric_list") or [{"metric": m} for m in DEFAULT_METRIC_REGISTRY[output_type]]
+                _check_metric(named, [m.get("metric") for m in metrics])
+            except ConfigError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+
+
+def _task_configs(index: dict, name: str, overrides: dict):
+    """(task, config) of each task that `name` stands for in a TaskManager's index, as lm-eval builds it: a task
+    itself, a tag's or group's each, with what a group sets for its members; a task defined in Python (its class
+    says) and a name the index lacks (lm-eval refuses it when loading) give none."""
+    entry = index.get(name)
+    kind = entry.kind.name if entry else None
+    if kind == "TASK":
+        yield name, {**entry.cfg, **overrides}
+    elif kind == "TAG":
+        for task in sorted(entry.tags):
+            yield from _task_configs(index, task, overrides)
+    elif kind == "GROUP":
+        yield from _group_configs(index, entry.cfg, overrides)
+
+
+def _group_configs(index: dict, group: dict, overrides: dict):
+    """`_task_configs` of a group's members: what the caller sets wins over what the group sets, and what a member
+    sets wins over both (lm-eval's TaskFactory)."""
+    overrides = {**_settings(group), **overrides}
+    for member in group.get("task") or []:
+        if isinstance(member, str):
+            yield from _task_configs(index, member, overrides)
+        elif "group" in member and member["group"] not in index:  # a group defined in place
+            yield from _group_configs(index, member, overrides)
+        elif member.get("group", member.get("task")) in index:
+            yield from _task_configs(index, member.get("group", member.get("task")),
+                                     {**overrides, **_settings(member)})
+        elif "task" in member:  # a task defined in place
+            yield member["task"], {**overrides, **member}
+
+
+def _settings(config: dict) -> dict:
+    """What a group, or a group's entry for a member, sets of what `check_served` reads."""
+    return {k: config[k] for k in ("output_type", "metric_list") if k in config}
+
+
+def _check_output_type(task: str, output_type) -> None:
+    if output_type not in SERVED_OUTPUT_TYPES:
+        raise ConfigError(f"lm-eval task {task} has output_type={output_type!r}, which EffreproLM does not serve: it "
+                          f"answers log-likelihood requests only, output_type one of {list(SERVED_OUTPUT_TYPES)} "
+                          "(multiple-choice tasks); choose such a task")
+
+
+def _check_metric(task: str, metrics: list) -> None:
+    if ROW_METRIC not in metrics:
+        raise ConfigError(f"lm-eval task {task} has no {ROW_METRIC!r} metric (its metrics: {metrics}), and the rows "
+                          f"report each task's {ROW_METRIC} (with acc_norm where it has one); choose a task that "
+                          f"scores {ROW_METRIC}")
+
+
 def task_manager(tasks: tuple[str, ...], key: str = "tasks"):
     """A TaskManager that knows `tasks`, or a ConfigError naming `key` for any it does not."""
     try:
@@ -136,13 +211,17 @@ def load_tasks(tasks: list[str]) -> dict:
     """lm-eval's tasks by name (a group's each), their datasets read; a ConfigError saying why where one cannot be."""
     manager = task_manager(tuple(tasks))
     try:
-        return manager.load(tasks)["tasks"]  # reads the tasks' datasets: where the Hub is needed, it fails here
+        loaded = manager.load(tasks)["tasks"]  # reads the tasks' datasets: where the Hub is needed, it fails here
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds offline
         from_hub = [task for task in tasks if task not in _local_task_manager().all_tasks]
         if from_hub:
             raise hub_error(f"lm-eval tasks {from_hub}", exc, "our local task effrepro_mc") from None
         raise ConfigError(f"lm-eval tasks {tasks} (ours, in {LOCAL_TASKS}) could not be loaded: "
                           f"{first_line(exc)}") from None
+    for name, task in loaded.items():  # as built: a task defined in Python too (`check_served` reads YAML only)
+        _check_output_type(repr(name), task.OUTPUT_TYPE)
+        _check_metric(repr(name), list(task.aggregation()))
+    return loaded
 
 
 @functools.cache

@@ -380,3 +380,63 @@ def test_lm_evals_task_index_is_built_once_a_process(local_task, monkeypatch):
     for tasks in (("alpha_mc",), ("beta_mc",), ("alpha_mc", "effrepro_mc"), ("effrepro_mc",)):
         assert set(tasks) <= set(lm_harness.task_manager(tasks).all_tasks)
     assert built.count(True) == 1
+
+
+@pytest.fixture
+def unserved_tasks(local_task):
+    """Beside our local task: tasks EffreproLM cannot score (generation, rolling log-likelihood, no acc metric),
+    one it can (single log-likelihoods), and groups of them."""
+    kind = "output_type: multiple_choice"
+    acc, acc_norm = ("  - metric: {}\n    aggregation: mean\n    higher_is_better: true\n".format(m)
+                     for m in ("acc", "acc_norm"))
+    task_variant(local_task, "effrepro_gen", (kind, "output_type: generate_until"))
+    task_variant(local_task, "effrepro_rolling", (kind, "output_type: loglikelihood_rolling"))
+    task_variant(local_task, "effrepro_norm", (acc, ""))
+    # the right answer's log-likelihood alone (acc: whether it is the greedy continuation)
+    task_variant(local_task, "effrepro_single", (kind, "output_type: loglikelihood"), ("doc_to_choice: choices\n", ""),
+                 ("doc_to_target: answer", "doc_to_target: \"{{' ' + choices[answer]}}\""), (acc_norm, ""))
+    (local_task.parent / "groups.yaml").write_text("group: effrepro_served\ntask: [effrepro_mc, effrepro_single]\n")
+    (local_task.parent / "mixed.yaml").write_text("group: effrepro_mixed\ntask: [effrepro_mc, effrepro_gen]\n")
+    # a group's entry may set what its member is scored by
+    (local_task.parent / "pinned.yaml").write_text(
+        "group: effrepro_pinned\ntask:\n  - task: effrepro_mc\n    metric_list: [{metric: acc_norm}]\n")
+    return local_task
+
+
+@pytest.mark.parametrize("tasks, refusal", [
+    (["effrepro_gen"], "lm-eval task 'effrepro_gen' has output_type='generate_until', which EffreproLM does not "
+                       "serve: it answers log-likelihood requests only, output_type one of ['multiple_choice', "
+                       "'loglikelihood']"),
+    (["effrepro_mc", "effrepro_rolling"], "lm-eval task 'effrepro_rolling' has output_type='loglikelihood_rolling'"),
+    (["effrepro_norm"], "lm-eval task 'effrepro_norm' has no 'acc' metric (its metrics: ['acc_norm'])"),
+    (["effrepro_mixed"], "lm-eval task 'effrepro_gen' (of 'effrepro_mixed') has output_type='generate_until'"),
+    (["effrepro_pinned"], "lm-eval task 'effrepro_mc' (of 'effrepro_pinned') has no 'acc' metric"),
+])
+def test_a_task_the_model_cannot_score_is_refused_before_any_work(unserved_tasks, monkeypatch, tasks, refusal):
+    """A generation task passed the checks, then failed the run after every perplexity was measured
+    (NotImplementedError); a task without acc failed with a KeyError. Online no task is built before the run: its
+    YAML says."""
+    import datasets
+
+    from tasks.common.lm_eval import check_tasks
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ConfigError) as error:
+        check_tasks("eval.tasks", tasks)
+    assert str(error.value).startswith(f"eval.tasks: {refusal}")
+    check_tasks("eval.tasks", ["effrepro_mc", "effrepro_served"])
+
+
+@pytest.mark.parametrize("task, refusal", [("effrepro_gen", "output_type='generate_until'"),
+                                           ("effrepro_norm", "no 'acc' metric")])
+def test_a_task_the_model_cannot_score_is_refused_as_it_is_built(tiny, unserved_tasks, task, refusal):
+    score, widths = width_recorder()
+    with pytest.raises(ConfigError, match=f"lm-eval task '{task}' has {refusal}"):
+        evaluate_multiple_choice(EffreproLM(*tiny, score=score), [task])
+    assert widths == []  # refused before any request was scored
+
+
+def test_a_single_log_likelihood_task_is_served(tiny, unserved_tasks):
+    scores = evaluate_multiple_choice(EffreproLM(*tiny), ["effrepro_served"], limit=4)
+    assert set(scores) == {"effrepro_mc", "effrepro_single"}
+    assert scores["effrepro_single"]["n"] == 4 and scores["effrepro_single"]["acc_norm"] is None

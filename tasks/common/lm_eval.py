@@ -52,17 +52,18 @@ def validate_eval(e: DictConfig) -> None:
 
 
 def check_tasks(key: str, tasks) -> None:
-    """Multiple-choice task names are looked up, and offline their datasets read from the local cache, before any
-    work: a misspelt or missing one would otherwise fail the run only after the experiments that come before it."""
+    """Multiple-choice task names are looked up, each task's kind and metrics read from its YAML, and offline their
+    datasets read from the local cache, before any work: a misspelt, missing or unscorable one would otherwise fail
+    the run only after the experiments that come before it."""
     tasks = tuple(checks.as_list(tasks))
     if not tasks:
         return
     try:
-        from repro.lm_harness import check_offline, task_manager
+        from repro.lm_harness import check_offline, check_served
     except ImportError as exc:
         raise ConfigError(f"{key}={list(tasks)} needs lm-evaluation-harness ({exc}): pip install -e '.[eval]', or "
                           f"{key}=[] for no multiple choice") from None
-    task_manager(tasks, key)
+    check_served(tasks, key)
     check_offline(tasks, key)
 
 
