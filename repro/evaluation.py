@@ -34,10 +34,12 @@ class HubText:
 
 
 # wikitext-2 and PTB: their test splits; C4: the first 1,100 documents of one validation shard (GPTQ's datautils,
-# which Compress-then-Prompt's evaluation reuses).
+# which Compress-then-Prompt's evaluation reuses). PTB's repository is a loading script, which datasets 4 and later
+# refuse to run: the Hub's parquet conversion of it (its refs/convert/parquet branch) is read instead.
 HUB_TEXTS = {
     "wikitext2": HubText(dict(path="Salesforce/wikitext", name="wikitext-2-raw-v1", split="test"), "text", "\n\n"),
-    "ptb": HubText(dict(path="ptb-text-only/ptb_text_only", name="penn_treebank", split="test"), "sentence", " "),
+    "ptb": HubText(dict(path="ptb-text-only/ptb_text_only", revision="refs/convert/parquet", split="test"), "sentence",
+                   " "),
     "c4": HubText(dict(path="allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
                        split="validation"), "text", " ", documents=1100),
 }
@@ -54,7 +56,11 @@ def first_line(exc: BaseException) -> str:
 
 def hub_error(what: str, exc: Exception, offline_choices: str) -> ConfigError:
     """Something could not be fetched from the Hugging Face Hub: say so, with the exception (it may be another
-    fault than the Hub), and what works offline instead."""
+    fault than the Hub), and what works offline instead. A RuntimeError is said as it is, with no word of the Hub:
+    the Hub's and the cache's faults are OSErrors, and datasets refuses a dataset that needs a loading script with
+    a RuntimeError, found on the Hub."""
+    if isinstance(exc, RuntimeError):
+        return ConfigError(f"{what} could not be loaded ({first_line(exc)}); use {offline_choices} instead")
     offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
                if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
     reason = (f"the Hugging Face Hub is not reachable (offline mode: {offline[0]}=1)" if offline

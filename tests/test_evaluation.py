@@ -185,6 +185,34 @@ def test_a_hub_evaluation_text_offline_says_the_hub_is_not_reachable(monkeypatch
         eval_text("wikitext2", byte_tokenizer())
 
 
+def test_ptb_is_read_from_the_hubs_parquet_conversion(monkeypatch):
+    """Its repository is a loading script, which datasets 4 and later refuse to run."""
+    import datasets
+
+    asked = []
+
+    def load_dataset(**kwargs):
+        asked.append(kwargs)
+        return datasets.Dataset.from_dict({"sentence": ["no it was n't black monday", "but while the new york"]})
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    tok = byte_tokenizer()
+    assert tok.decode(eval_text("ptb", tok)) == "no it was n't black monday but while the new york"
+    assert asked == [dict(path="ptb-text-only/ptb_text_only", revision="refs/convert/parquet", split="test")]
+
+
+def test_a_hub_text_that_fails_otherwise_than_by_the_hub_blames_no_hub(monkeypatch):
+    import datasets
+
+    def load_dataset(**kwargs):
+        raise RuntimeError("Dataset scripts are no longer supported, but found ptb_text_only.py")
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(ConfigError) as error:
+        eval_text("ptb", byte_tokenizer())
+    assert str(error.value) == ("evaluation text 'ptb' (ptb-text-only/ptb_text_only) could not be loaded "
+                                "(RuntimeError: Dataset scripts are no longer supported, but found ptb_text_only.py); "
+                                "use stdlib or pydoc instead")
+
+
 def test_perplexity_rows_carry_ppl_and_nats_per_token():
     result = PerplexityResult(ppl=math.exp(2.5), nll_sum=25.0, tokens=10, chunks=2, dropped=3)
     rows = perplexity_rows(result, "full_cache", "kv_budget", 0.5, {"text": "pydoc"})
