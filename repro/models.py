@@ -25,6 +25,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from . import checks
 from .checks import names_a_path
 from .context import PROJECT_ROOT, ConfigError, capture_environment, fingerprint, resolve_device, utc_now
 from .evaluation import hub_error, perplexity, perplexity_rows, unigram_perplexity
@@ -54,6 +55,11 @@ def require_model(cfg: DictConfig, what: str) -> None:
     if cfg.get("model") is None:
         raise ConfigError(f"task={cfg.task.name} {what}: choose one with model=<name>, one of {known_models()}")
     model_cfg, source = cfg.model, _source(cfg.model)
+    if source in ("random", "trained"):  # a Llama this suite builds
+        check_arch(model_cfg.arch)
+    if source == "trained":
+        checks.number("model.batch.sequences", model_cfg.batch.sequences, at_least=1)
+        checks.number("model.eval.chunks", model_cfg.eval.chunks, at_least=1)
     if source == "gguf":
         _gguf_path(model_cfg)
     elif source == "hub":
@@ -166,14 +172,24 @@ def byte_tokenizer():
                                    eos_token="</s>", unk_token="<unk>", mask_token="<mask>")
 
 
+def check_arch(arch) -> None:
+    """The shape of a Llama this suite builds (model.arch): sizes of at least one (a model of no layers trained and
+    scored), a context of two tokens at least (one predicts nothing), the heads dividing the width and the KV heads
+    the heads; else a ConfigError naming the key."""
+    for name in ("layers", "hidden", "heads", "kv_heads", "intermediate"):
+        checks.number(f"model.arch.{name}", arch[name], at_least=1)
+    checks.number("model.arch.context", arch.context, at_least=2)
+    if arch.hidden % arch.heads or arch.heads % arch.kv_heads:
+        raise ConfigError(f"model.arch: hidden={arch.hidden} must be a multiple of heads={arch.heads}, and heads "
+                          f"a multiple of kv_heads={arch.kv_heads}")
+
+
 def llama_config(arch, tokenizer):
     """A Llama of the shape `arch` gives (layers, hidden, heads, kv_heads, intermediate, context) for `tokenizer`,
     its output layer tied to its embeddings (as SmolLM2's)."""
     from transformers import LlamaConfig
 
-    if arch.hidden % arch.heads or arch.heads % arch.kv_heads:
-        raise ConfigError(f"model.arch: hidden={arch.hidden} must be a multiple of heads={arch.heads}, and heads "
-                          f"a multiple of kv_heads={arch.kv_heads}")
+    check_arch(arch)
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=arch.hidden, intermediate_size=arch.intermediate,
                        num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
                        num_key_value_heads=arch.kv_heads, max_position_embeddings=arch.context,

@@ -71,6 +71,21 @@ def test_heads_that_do_not_divide_are_a_config_error():
         load_model(model_config("tiny_llama", "model.arch.heads=5"), "cpu")
 
 
+@pytest.mark.parametrize("model, setting, message", [
+    ("trained_tiny", "model.eval.chunks=0", "model.eval.chunks=0 must be an integer >= 1"),
+    ("trained_tiny", "model.batch.sequences=0", "model.batch.sequences=0 must be an integer >= 1"),
+    ("trained_tiny", "model.arch.layers=0", "model.arch.layers=0 must be an integer >= 1"),
+    ("trained_tiny", "model.arch.context=1", "model.arch.context=1 must be an integer >= 2"),
+    ("tiny_llama", "model.arch.heads=0", "model.arch.heads=0 must be an integer >= 1"),
+    ("tiny_llama", "model.arch.kv_heads=3", "model.arch: hidden=64 must be a multiple of heads=4, and heads a "
+                                            "multiple of kv_heads=3"),
+])
+def test_a_built_models_sizes_are_checked_before_any_work_naming_their_keys(refusal, model, setting, message):
+    """model.eval.chunks=0 was refused naming eval.seqlen, model.batch.sequences=0 failed in torch, a model of no
+    layers was trained, and heads=0 divided by zero."""
+    assert refusal("task=lm_eval", f"model={model}", setting) == message
+
+
 def test_a_model_too_large_for_the_device_is_refused_before_it_is_built(monkeypatch):
     monkeypatch.setattr(repro.models, "_seeded_llama", lambda *a: pytest.fail("the model was built"))
     cfg = model_config("tiny_llama", "model.arch.layers=64", "model.arch.hidden=16384",
