@@ -75,10 +75,10 @@ def _held_out_documents(data, cache: str | Path) -> list[str]:
     from .text_data import load_token_stream
 
     stream = load_token_stream(data, cache)
-    eos = stream.tokenizer.eos_token_id
+    separator = stream.separator_id
     documents, current = [], []
-    for token in stream.val.tolist():  # documents are joined by the end-of-text token
-        if token == eos:
+    for token in stream.val.tolist():
+        if token == separator:
             documents.append(current)
             current = []
         else:

@@ -59,6 +59,11 @@ class TokenStream:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    @property
+    def separator_id(self) -> int:
+        """The token between documents in both parts (`document_separator`)."""
+        return document_separator(self.tokenizer)
+
     def check_fits(self, seq_len: int, key: str, data: str = "data") -> None:
         """ConfigError, naming the config `key` of the sequence length and the corpus's keys (under `data`), where
         either part is too short for `windows` of `seq_len` tokens (or one perplexity chunk of them)."""
@@ -66,6 +71,12 @@ class TokenStream:
             raise ConfigError(f"the corpus gives {len(self.train)} training and {len(self.val)} validation tokens, "
                               f"too few for sequences of {key}={seq_len}; use a larger corpus ({data}.folder, "
                               f"{data}.max_files), a larger {data}.val_fraction, or a shorter {key}")
+
+
+def document_separator(tokenizer) -> int | None:
+    """The token put between a corpus's documents: the end-of-text token, or for a tokenizer without one (BERT's)
+    its separator; None where it has neither."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
 
 def windows(ids: torch.Tensor, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -192,8 +203,7 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
     else:
         texts = documents()
         n_val = max(1, int(len(texts) * spec.val_fraction))
-        # between documents: the end-of-text token, or for a tokenizer without one (BERT's) its separator
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        eos = document_separator(tokenizer)
         if eos is None:
             raise ConfigError(f"data.tokenizer={spec.tokenizer!r} has neither an end-of-text nor a separator token "
                               "to put between documents")

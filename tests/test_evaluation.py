@@ -163,6 +163,18 @@ def test_stdlib_text_is_the_held_out_part_of_the_corpus(tmp_path):
     assert not any(f"function_{i}" in text for i in range(8))
 
 
+def test_stdlib_text_is_split_into_documents_where_the_corpus_joined_them(tmp_path):
+    """A tokenizer without an end-of-text token joins the documents with its separator (BERT's); the text was
+    split on the end-of-text token alone, so it was empty."""
+    without_eos = byte_tokenizer()
+    without_eos.eos_token, without_eos.sep_token = None, "</s>"
+    without_eos.save_pretrained(tmp_path / "tokenizer")
+    documents = [f"def function_{i}(x):\n    return x + {i}\n" for i in range(4)]
+    spec = local_corpus(tmp_path / "corpus", documents, val_fraction=0.5, tokenizer=str(tmp_path / "tokenizer"))
+    tok = byte_tokenizer()
+    assert tok.decode(eval_text("stdlib", tok, data=spec, cache=tmp_path / "cache")) == "\n\n".join(documents[2:])
+
+
 def test_a_special_tokens_string_in_an_evaluation_text_is_text(tmp_path):
     documents = [f"html = '<s>{i}</s>'\n" * 3 for i in range(4)]
     spec = local_corpus(tmp_path / "corpus", documents, val_fraction=0.5)
