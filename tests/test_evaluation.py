@@ -480,3 +480,29 @@ def test_a_single_log_likelihood_task_is_served(tiny, unserved_tasks):
     scores = evaluate_multiple_choice(EffreproLM(*tiny), ["effrepro_served"], limit=4)
     assert set(scores) == {"effrepro_mc", "effrepro_single"}
     assert scores["effrepro_single"]["n"] == 4 and scores["effrepro_single"]["acc_norm"] is None
+
+
+@pytest.mark.parametrize("model, cache", [("trained_tiny", "/models"), ("tiny_llama", "/shared")])
+def test_a_trained_models_stdlib_text_is_read_from_the_cache_it_was_trained_with(compose, monkeypatch, model, cache):
+    """Read under paths.cache where model.cache is another, its corpus's tokenizer was trained there again. A model
+    without a corpus of its own reads data.* under paths.cache."""
+    from types import SimpleNamespace
+
+    import tasks.common.lm_eval
+    import tasks.scissorhands.task
+
+    class Read(Exception):
+        pass
+
+    def eval_text(name, tokenizer, *, data, cache):
+        raise Read(name, data.max_files, cache)
+    cfg = compose("task=lm_eval", f"model={model}", "paths.cache=/shared", "data.max_files=7", "eval.texts=[stdlib]",
+                  *(["model.cache=/models"] if model == "trained_tiny" else []))
+    for module in (tasks.common.lm_eval, tasks.scissorhands.task):
+        monkeypatch.setattr(module, "eval_text", eval_text)
+    files = 40 if model == "trained_tiny" else 7  # model.data's, else data's
+    with pytest.raises(Read) as lm_eval_read:
+        next(tasks.common.lm_eval.text_rows(cfg, None, None, None, model, {}))
+    with pytest.raises(Read) as scissorhands_read:
+        tasks.scissorhands.task.evaluation_chunks(cfg, SimpleNamespace(tokenizer=None), "stdlib", "cpu")
+    assert lm_eval_read.value.args == scissorhands_read.value.args == ("stdlib", files, cache)

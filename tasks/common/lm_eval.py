@@ -67,14 +67,23 @@ def check_tasks(key: str, tasks) -> None:
     check_offline(tasks, key)
 
 
+def stdlib_corpus(cfg: DictConfig) -> tuple:
+    """(spec, cache root) of the corpus whose held-out part is the `stdlib` text: a model trained by this suite
+    brings its own, model.data, cached under model.cache as when the model was trained (under paths.cache its
+    tokenizer would be trained again, a second copy); any other model reads data.* under paths.cache."""
+    if cfg.model.get("data") is not None:
+        return cfg.model.data, cfg.model.cache
+    return cfg.data, cfg.paths.cache
+
+
 def text_rows(cfg: DictConfig, ctx: RunContext, model, tokenizer, provider: str, extra: dict,
               forward=None) -> Iterator[Row]:
     """Perplexity rows of `model` (run through `forward`, if given) on each evaluation text of `cfg.eval`,
     at most `eval.max_chunks` chunks of `eval.seqlen` tokens each."""
     e = cfg.eval
     # every text read before the first is measured: one that cannot be loaded fails the run before its work
-    texts = {name: eval_text(name, tokenizer, data=cfg.model.get("data") or cfg.data, cache=cfg.paths.cache)
-             for name in checks.as_list(e.texts)}
+    data, cache = stdlib_corpus(cfg)
+    texts = {name: eval_text(name, tokenizer, data=data, cache=cache) for name in checks.as_list(e.texts)}
     for name, ids in texts.items():
         if e.max_chunks:
             ids = ids[: e.max_chunks * e.seqlen]

@@ -40,7 +40,7 @@ from repro.records import Row
 from repro.text_data import lm_batches
 from repro.train import Trainee, TrainSpec, model_flops_per_token, train
 
-from tasks.common.lm_eval import check_tasks, validate_eval
+from tasks.common.lm_eval import check_tasks, stdlib_corpus, validate_eval
 
 from .compress import LINEAR_LAYERS, check_arguments, check_n_m_fits, compress
 from .data import TRAIN_TEXTS, calibration, check_length, training_ids
@@ -350,15 +350,15 @@ class CompressThenPrompt:
         long enough for what is asked of it (ConfigError otherwise)."""
         cfg = self.cfg
         c, p, e = cfg.compression, cfg.prompt, cfg.eval
-        data = cfg.model.get("data") or cfg.data  # a trained model's own corpus
-        self.train_ids = training_ids(cfg.text.name, self.tokenizer, data=data, cache=cfg.paths.cache,
+        data, cache = stdlib_corpus(cfg)  # a trained model's own corpus, where it has one
+        self.train_ids = training_ids(cfg.text.name, self.tokenizer, data=data, cache=cache,
                                       max_tokens=cfg.text.max_tokens, same_tokenizer=cfg.model.source == "trained")
         check_length(self.train_ids, c.calibration.samples, c.calibration.seqlen, "compression.calibration")
         check_length(self.train_ids, p.batch, p.seqlen, "prompt")
         self.calibration = calibration(self.train_ids, c.calibration.samples, c.calibration.seqlen, cfg.seed)
         self.texts = {}
         for name in checks.as_list(e.texts):
-            ids = eval_text(name, self.tokenizer, data=data, cache=cfg.paths.cache)
+            ids = eval_text(name, self.tokenizer, data=data, cache=cache)
             self.texts[name] = ids[:e.max_chunks * e.seqlen] if e.max_chunks else ids
         name, first = next(iter(self.texts.items()))
         check_length(first, cfg.cost.batch, e.seqlen, "cost.batch", f"the evaluation text {name!r}",

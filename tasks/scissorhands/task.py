@@ -34,7 +34,7 @@ from repro.context import ConfigError, RunContext
 from repro.evaluation import context_length, eval_text, perplexity, perplexity_rows
 from repro.models import load_model, require_model
 from repro.records import Row, largest_x_within
-from tasks.common.lm_eval import check_seqlen, check_tasks, validate_texts
+from tasks.common.lm_eval import check_seqlen, check_tasks, stdlib_corpus, validate_texts
 
 from . import bench
 from .generate import KV_BITS, REFERENCE, decode_logits
@@ -445,7 +445,8 @@ def multiple_choice_rows(cfg: DictConfig, ctx: RunContext, m: Model) -> Iterator
 
 def evaluation_chunks(cfg: DictConfig, m: Model, name: str, device) -> torch.Tensor:
     """The first `eval.max_chunks` chunks of `eval.seqlen` tokens of the text `name`: (chunks, seqlen)."""
-    ids = eval_text(name, m.tokenizer, data=cfg.model.get("data") or cfg.data, cache=cfg.paths.cache)
+    data, cache = stdlib_corpus(cfg)
+    ids = eval_text(name, m.tokenizer, data=data, cache=cache)
     seqlen = cfg.eval.seqlen
     count = min(len(ids) // seqlen, cfg.eval.max_chunks or len(ids))
     if count == 0:
