@@ -260,8 +260,8 @@ def evaluate_multiple_choice(lm: EffreproLM, tasks: list[str], num_fewshot: int 
     """Run lm-eval's `tasks` on `lm`, each with `num_fewshot` examples (the first `limit` questions only, if
     given); as in lm-eval, a task whose config pins num_fewshot to 0 runs zero-shot. Per task (a group's tasks
     one by one): accuracy (acc), accuracy with each choice's log-likelihood per character (acc_norm, None where
-    the task has none), the standard error of acc, the number of questions scored (n) and of examples shown
-    (num_fewshot)."""
+    the task has none), the standard error of acc (None where lm-eval has none: of a single question), the number
+    of questions scored (n) and of examples shown (num_fewshot)."""
     import lm_eval.evaluator
     from lm_eval.defaults import DEFAULT_OTHER_SEED
 
@@ -275,7 +275,8 @@ def evaluate_multiple_choice(lm: EffreproLM, tasks: list[str], num_fewshot: int 
     results = lm_eval.evaluator.evaluate(lm, loaded, limit=limit, log_samples=False, verbosity="WARNING")
     return {task: {"acc": results["results"][task]["acc,none"],
                    "acc_norm": results["results"][task].get("acc_norm,none"),
-                   "stderr": results["results"][task]["acc_stderr,none"],
+                   # lm-eval's "N/A" where it has no standard error: a string among a record's numbers
+                   "stderr": None if (stderr := results["results"][task]["acc_stderr,none"]) == "N/A" else stderr,
                    "n": results["n-samples"][task]["effective"],
                    "num_fewshot": results["n-shot"][task]}
             for task in loaded}

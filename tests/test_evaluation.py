@@ -389,6 +389,13 @@ def test_a_local_task_that_cannot_be_loaded_says_why_and_blames_no_hub(tiny, loc
     assert "JSON parse error" in str(error.value)  # what datasets said: its exception's cause
 
 
+def test_the_standard_error_of_a_single_question_is_none(tiny):
+    """lm-eval gives it as the string 'N/A', which went into the rows' extras."""
+    scores = evaluate_multiple_choice(EffreproLM(*tiny), ["effrepro_mc"], limit=1)
+    assert scores["effrepro_mc"]["n"] == 1 and scores["effrepro_mc"]["stderr"] is None
+    assert all(row.extra["stderr"] is None for row in multiple_choice_rows(scores, "tiny_llama", "shots", 0))
+
+
 def test_a_task_whose_config_pins_zero_shot_stays_zero_shot_as_in_lm_eval(tiny, local_task):
     config = local_task / "effrepro_mc.yaml"
     config.write_text(config.read_text() + "num_fewshot: 0\n")
