@@ -16,6 +16,7 @@ import math
 import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -34,6 +35,20 @@ OPTIMIZERS = ("adamw", "lamb")
 PARALLEL = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "linear", "rsqrt")
 CHECKPOINT_VERSION = 2
+# The folder of the job that trains now (`running_job`). A finished run's checkpoint names it: the same job resumed
+# (a SLURM job requeued into its own folder, repro.cli's claim_folder) reuses the run, another job trains it afresh.
+_JOB: ContextVar[str | None] = ContextVar("repro_job", default=None)
+
+
+@contextmanager
+def running_job(folder: str | Path):
+    """Within it, training is `folder`'s job: the command line enters it for each job (a sweep runs its jobs in one
+    process). Outside any (a library call), every run is a job of its own."""
+    token = _JOB.set(str(folder))
+    try:
+        yield
+    finally:
+        _JOB.reset(token)
 
 
 class Lamb(torch.optim.Optimizer):
@@ -275,13 +290,14 @@ def _state_options(**more):
 
 class Checkpoint:
     """The saved state of one training run: its trainable weights, optimizer and scaler, the step, the rows
-    so far, and the run's identity. A finished run's checkpoint is marked so, and is not resumed: a rerun
-    trains afresh and measures afresh (but for an earlier stage of a candidate, whose trained model is reused).
-    Sharded (FSDP), the state is gathered to rank 0, which alone writes and reads the file and scatters what it
-    read."""
+    so far, the run's identity and the job that ran it (`running_job`). A finished run's checkpoint is marked so,
+    and another job does not resume it: a new run trains afresh and measures afresh (but for an earlier stage of a
+    candidate, whose trained model is reused). The same job, resumed after a kill, reuses it, its rows as they
+    were: the candidates it had finished are not trained again. Sharded (FSDP), the state is gathered to rank 0,
+    which alone writes and reads the file and scatters what it read."""
 
-    def __init__(self, path: Path | None, identity: str, model, optimizer, scaler, sharded: bool):
-        self.path, self.identity = path, identity
+    def __init__(self, path: Path | None, identity: str, job: str | None, model, optimizer, scaler, sharded: bool):
+        self.path, self.identity, self.job = path, identity, job
         self.model, self.optimizer, self.scaler, self.sharded = model, optimizer, scaler, sharded
         self.trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         self.partial = len(self.trainable) < sum(1 for _ in model.parameters())
@@ -305,8 +321,8 @@ class Checkpoint:
             return
         model_state, optimizer_state = self._model_state(), self._optimizer_state()  # collectives when sharded
         if world()[0] == 0:
-            state = {"identity": self.identity, "step": step, "finished": finished, "model": model_state,
-                     "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
+            state = {"identity": self.identity, "job": self.job, "step": step, "finished": finished,
+                     "model": model_state, "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
                      "rows": [dataclasses.asdict(r) for r in rows], "timed": timed, "rng": _rng_state()}
             replace_atomically(self.path, lambda tmp: torch.save(state, tmp))
 
@@ -322,14 +338,16 @@ class Checkpoint:
             found = state.get("identity") if isinstance(state, dict) else type(state).__name__
             raise ConfigError(f"checkpoint {self.path} is from another model, setting, device or code version "
                               f"({found!r}, this run is {self.identity!r}); delete it, or set checkpoint.resume=false")
-        if state.get("finished") and not finished:
-            print(f"[train] {self.path} is the checkpoint of a finished run: training afresh", flush=True)
+        if state.get("finished") and not finished and (self.job is None or state.get("job") != self.job):
+            print(f"[train] {self.path} is the checkpoint of a finished run: training afresh (another job's)",
+                  flush=True)
             return None
         return state
 
     def resume(self, finished: bool = False) -> tuple[int, list[Row], dict | None]:
         """Load the saved state into the model and optimizer; the step to go on from, the rows so far, and the
-        times of the steps timed so far (`StepClock.timed`). With `finished`, a finished run's state too."""
+        times of the steps timed so far (`StepClock.timed`). A finished run's state only with `finished`, or
+        where this job ran it."""
         state, error = None, None
         if world()[0] == 0 or not self.sharded:
             try:
@@ -547,11 +565,15 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     With `checkpoint_dir` set, the state is saved there (`<name>-<run identity>.pt`) every
     `checkpoint_every_s` seconds and at the end (atomically, by rank 0); a run that finds an unfinished
     checkpoint of its own identity resumes from it and re-yields the rows it had produced, so a kill loses at
-    most one interval. With `reuse_finished` (an earlier stage of a candidate, which a rerun need not train
-    again), a finished checkpoint is loaded and its rows re-yielded too."""
+    most one interval. A finished checkpoint is loaded and its rows re-yielded too where the same job
+    (`running_job`) saved it, resumed after a kill in a later run, or with `reuse_finished` (an earlier stage of a
+    candidate, which a rerun need not train again)."""
     init_distributed(device)  # for a task that calls train itself, not through train_all
     model = trainee.model.to(device)
     identity = run_identity(trainee, spec, device)
+    job = [_JOB.get()]
+    if world()[1] > 1:  # rank 0's job, whose folder holds the record: the others' folders may be named a second later
+        dist.broadcast_object_list(job, src=0)
     parallel = Parallel(model, spec, device)
     dtype = PRECISIONS[spec.precision]
     if dtype is not None and device.type == "cpu":
@@ -562,10 +584,10 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     optimizer = _optimizer(model, spec, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     checkpoint = Checkpoint(Path(checkpoint_dir) / f"{trainee.name}-{identity}.pt" if checkpoint_dir else None,
-                            identity, model, optimizer, scaler, parallel.sharded)
+                            identity, job[0], model, optimizer, scaler, parallel.sharded)
     start, rows, timed = checkpoint.resume(reuse_finished) if resume else (0, [], None)
     yield from rows
-    if start == spec.steps:  # a finished stage, reused
+    if start == spec.steps:  # a finished run, reused
         return
     shared_rng = None
     if parallel.size > 1:

@@ -13,7 +13,7 @@ from repro.bench import Unsupported
 from repro.context import ConfigError
 from repro.records import Row
 from repro.timing import kernel_family, kernel_time_by_family
-from repro.train import Candidate, Stage, StepClock, Trainee, TrainSpec, train, train_all
+from repro.train import Candidate, Stage, StepClock, Trainee, TrainSpec, running_job, train, train_all
 
 SPEC = TrainSpec(steps=8, lr=1e-2, warmup_steps=2, precision="fp32", log_every=1, eval_every=4,
                  checkpoint_every_s=0.0)
@@ -223,6 +223,42 @@ def test_a_rerun_after_a_kill_in_a_later_stage_reuses_the_earlier_stages_trained
     steps.clear()
     list(train_all(candidates(), SPEC, torch.device("cpu"), tmp_path))
     assert {f for f, _ in steps} == {"stage2"}
+
+
+def test_a_job_resumed_after_a_kill_reuses_the_candidates_it_had_finished_and_a_new_job_trains_them_afresh(
+        tmp_path, capsys):
+    """A job killed while training its second candidate, resumed (a SLURM job requeued into its own folder), gives
+    the record the first candidate's rows as they were, without training it again; another job measures afresh."""
+    steps = []  # the trainee of every training step taken
+
+    def counted(name):
+        made = trainee(name)
+        made.name, batches = name, made.batches
+        made.batches = lambda step, rank, world: steps.append(name) or batches(step, rank, world)
+        return made
+
+    def candidates():
+        return [Candidate(name, {}, lambda name=name: counted(name)) for name in ("A", "B")]
+    cpu = torch.device("cpu")
+    with running_job(tmp_path / "job"):
+        killed = []
+        for row in train_all(candidates(), SPEC, cpu, tmp_path / "ckpt"):
+            if row.provider == "B" and row.metric == "loss" and row.x_value == 5:
+                break  # killed in B: B's checkpoint of step 4 is on disk
+            killed.append(row)
+        steps.clear()
+        resumed = list(train_all(candidates(), SPEC, cpu, tmp_path / "ckpt"))
+    assert {name: steps.count(name) for name in ("A", "B")} == {"A": 0, "B": 4}
+    assert "reused the finished run" in capsys.readouterr().out
+    a_rows = [r for r in killed if r.provider == "A"]
+    assert any(r.metric == "tokens_per_s" for r in a_rows)
+    assert [r for r in resumed if r.provider == "A"] == a_rows  # A's rows as measured, its timing too
+    assert [r for r in resumed if r.provider == "B"][:len(killed) - len(a_rows)] == killed[len(a_rows):]
+    steps.clear()
+    with running_job(tmp_path / "another job"):
+        list(train_all(candidates(), SPEC, cpu, tmp_path / "ckpt"))
+    assert {name: steps.count(name) for name in ("A", "B")} == {"A": 8, "B": 8}
+    assert capsys.readouterr().out.count("finished run: training afresh (another job's)") == 2
 
 
 def test_unsupported_and_out_of_memory_candidates_become_rows_and_the_rest_run():
