@@ -45,6 +45,7 @@ from .records import (FAILED_ROW_STATUSES, RunRecord, committed_copy, load_recor
                       write_json_atomic)
 from .report import console_table, evaluate
 from .timing import is_out_of_memory
+from .train import running_job
 from .wandb_logger import WANDB_MODES, NullLogger, make_logger
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -228,7 +229,8 @@ def run_job(cfg: DictConfig) -> RunRecord:
     logger = NullLogger()
     try:
         entry, ctx, logger = _start(cfg, record, output_dir)
-        _collect(entry, cfg, ctx, record, logger, paths[0] if paths else None, cfg.record_every_s)
+        with running_job(output_dir):  # requeued, the job reuses the training runs it finished (repro.train)
+            _collect(entry, cfg, ctx, record, logger, paths[0] if paths else None, cfg.record_every_s)
         _outcome(record)
     except ConfigError as exc:
         record.status, record.error = "error", str(exc)

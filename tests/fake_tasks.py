@@ -132,6 +132,26 @@ def trains(cfg, ctx):
     yield from train_all([Candidate("u", {}, unsupported), candidate("a"), candidate("b")], spec, ctx.device, None)
 
 
+def trains_until_killed(cfg, ctx):
+    """Two tiny regressions, a then b, through the shared training loop with checkpoints in FAKE_CHECKPOINTS; with
+    FAKE_KILL_AT=<step>, the job is stopped (as by SIGTERM) once b has logged that step."""
+    from repro.train import Candidate, Trainee, TrainSpec, train_all
+
+    def candidate(name):
+        def build():
+            torch.manual_seed(0)
+            return Trainee(name, _Regression(), _regression_batches, lambda model: [], tokens_per_step=4,
+                           flops_per_token=1.0, fingerprint=name)
+        return Candidate(name, {}, build)
+
+    kill_at = int(os.environ.get("FAKE_KILL_AT", 0))
+    spec = TrainSpec(steps=4, lr=1e-2, precision="fp32", log_every=1, timing_skip_steps=1, checkpoint_every_s=0.0)
+    for row in train_all([candidate("a"), candidate("b")], spec, ctx.device, os.environ["FAKE_CHECKPOINTS"]):
+        yield row
+        if row.provider == "b" and row.metric == "lr" and row.x_value == kill_at:
+            raise KeyboardInterrupt
+
+
 def draws(cfg, ctx):
     """A tiny regression whose forward draws a random number in each training step (where dropout draws its masks),
     trained through the shared training loop; then every rank's draws, gathered, as a row each."""

@@ -645,6 +645,27 @@ def test_a_requeued_slurm_job_takes_its_own_folder_back(tmp_path, monkeypatch):
         claim_folder(tmp_path)
 
 
+def test_a_requeued_slurm_job_reuses_the_training_runs_it_finished_and_a_new_job_trains_them_afresh(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("FAKE_CHECKPOINTS", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("FAKE_KILL_AT", "2")
+    job = ["logger=none", FAKE + "trains_until_killed", f"hydra.run.dir={tmp_path / 'job'}"]
+    assert run_inline(*job)[0] == 130  # killed while training b
+    killed = record(tmp_path / "job")
+    monkeypatch.delenv("FAKE_KILL_AT")
+    code, out, err = run_inline(*job)  # requeued: the same job, in its own folder
+    assert code == 0, err
+    assert "reused the finished run" in out and "training afresh" not in out
+    rows = lambda run, provider: [r for r in run["rows"] if r["provider"] == provider]  # noqa: E731
+    resumed = record(tmp_path / "job")
+    assert rows(resumed, "a") == rows(killed, "a") and any(r["metric"] == "tokens_per_s" for r in rows(resumed, "a"))
+    assert rows(resumed, "b")[:len(rows(killed, "b"))] == rows(killed, "b")
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    code, out, err = run_inline(*job[:-1], f"hydra.run.dir={tmp_path / 'another job'}")
+    assert code == 0 and out.count("finished run: training afresh") == 2, err
+
+
 def test_an_unwritable_records_folder_is_refused_before_any_work(tmp_path):
     not_a_folder = tmp_path / "records"
     not_a_folder.write_text("a file")
