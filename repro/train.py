@@ -105,6 +105,10 @@ class TrainSpec:
     checkpoint_every_s: float = 300.0
     parallel: str = "ddp"  # several processes: ddp (replicas) or fsdp (parameters, gradients, optimizer sharded)
 
+    def __post_init__(self):
+        # a spec made from another by dataclasses.replace (a candidate's or a stage's own steps) is checked too
+        self.validate()
+
     @classmethod
     def from_config(cls, cfg) -> "TrainSpec":
         """The spec from a `train:` config block, every value checked before any work."""
@@ -113,21 +117,21 @@ class TrainSpec:
         if unknown:
             raise ConfigError(f"unknown train keys {sorted(unknown)}; known: {sorted(known)}")
         # a list of betas becomes the tuple torch takes; anything else stays as given, for validate to name
-        spec = cls(**{k: (tuple(v) if k == "betas" and isinstance(v, Sequence) and not isinstance(v, str) else v)
+        return cls(**{k: (tuple(v) if k == "betas" and isinstance(v, Sequence) and not isinstance(v, str) else v)
                       for k, v in cfg.items()})
-        spec.validate()
-        return spec
 
     def validate(self) -> None:
         for name in ("steps", "grad_accum", "log_every"):
             checks.number(f"train.{name}", getattr(self, name), at_least=1)
         for name in ("warmup_steps", "eval_every", "timing_skip_steps"):
             checks.number(f"train.{name}", getattr(self, name), at_least=0)
-        checks.number("train.lr", self.lr, integer=False, above=0)
-        for name in ("weight_decay", "grad_clip", "checkpoint_every_s"):
-            checks.number(f"train.{name}", getattr(self, name), integer=False, at_least=0)
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        # nan passes every bound: finite, where it would train on nan or never clip
+        checks.number("train.lr", self.lr, integer=False, above=0, finite=True)
+        for name in ("weight_decay", "grad_clip"):
+            checks.number(f"train.{name}", getattr(self, name), integer=False, at_least=0, finite=True)
+        checks.number("train.checkpoint_every_s", self.checkpoint_every_s, integer=False, at_least=0)
+        checks.number("train.min_lr_ratio", self.min_lr_ratio, integer=False, at_least=0, at_most=1, finite=True)
+        checks.flag("train.profile", self.profile)
         pair = isinstance(self.betas, Sequence) and not isinstance(self.betas, str)
         if not pair or len(self.betas) != 2 or \
                 not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
@@ -139,8 +143,7 @@ class TrainSpec:
                               f"train.steps - 1 = {self.steps - 1}")
         for name, allowed in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("parallel", PARALLEL),
                               ("schedule", SCHEDULES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"train.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+            checks.choice(f"train.{name}", getattr(self, name), allowed)
 
 
 @dataclass

@@ -44,7 +44,7 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("kernel.settings.paper_fig3.seq_len=[0]", ["kernel.settings.paper_fig3.seq_len=0"]),
     ("kernel.rep_ms=fast", ["kernel.rep_ms='fast' must be a number"]),
     ("task=flash_gpt2 train.steps=0", ["train.steps=0 must be an integer >= 1"]),
-    ("task=flash_gpt2 train.lr=-1.0", ["train.lr=-1.0 must be a number > 0"]),
+    ("task=flash_gpt2 train.lr=-1.0", ["train.lr=-1.0 must be a finite number > 0"]),
     ("task=flash_gpt2 batch.tokens=0", ["batch.tokens=0 must be an integer >= 1"]),
     ("task=lean_decode decode.context=0", ["decode.context=0 must be an integer >= 1"]),
     ("task=lean_decode decode.heads=[32/5]", ["decode.heads='32/5'"]),

@@ -1,6 +1,7 @@
 """The shared training loop: resume after a kill, never from a finished run, refusing foreign or corrupt
 checkpoints, training only what trains, stages, failures as rows; and the text corpus it is usually fed from."""
 import math
+import re
 import time
 from dataclasses import replace as dataclass_replace
 from types import SimpleNamespace
@@ -282,6 +283,29 @@ def test_train_spec_names_unknown_keys_bad_precision_and_a_profile_with_no_untim
     for skipped in (0, 4):  # none untimed; or every step, when the throughput would fall back to all of them
         with pytest.raises(ConfigError, match=f"timing_skip_steps={skipped}"):
             TrainSpec.from_config({"steps": 4, "lr": 1.0, "profile": True, "timing_skip_steps": skipped})
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ({"min_lr_ratio": "0.1"}, "train.min_lr_ratio='0.1' must be a finite number >= 0 and <= 1"),
+    ({"min_lr_ratio": math.nan}, "train.min_lr_ratio=nan must be a finite number >= 0 and <= 1"),
+    ({"lr": math.nan}, "train.lr=nan must be a finite number > 0"),
+    ({"grad_clip": math.nan}, "train.grad_clip=nan must be a finite number >= 0"),
+    ({"profile": "yes"}, "train.profile='yes' must be true or false"),
+    ({"precision": ["bf16"]},
+     "train.precision=['bf16'] must be one value, one of ['bf16', 'fp16', 'fp32'], not a list"),
+])
+def test_train_settings_of_the_wrong_kind_are_refused_by_name(setting, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        TrainSpec.from_config({"steps": 4, "lr": 1.0, **setting})
+
+
+def test_a_spec_made_from_another_is_checked_as_one_from_a_config():
+    """Tasks give a candidate or a stage its own steps with dataclasses.replace: a profile needs an untimed step
+    before the timed ones there too."""
+    spec = TrainSpec.from_config({"steps": 8, "lr": 1.0, "profile": True, "timing_skip_steps": 2})
+    with pytest.raises(ConfigError, match=re.escape("train.timing_skip_steps=2 must be between 1 and train.steps - 1 "
+                                                    "= 1")):
+        dataclass_replace(spec, steps=2)
 
 
 def test_grad_clip_0_trains_unclipped():
