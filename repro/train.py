@@ -566,11 +566,12 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     untimed step (`kernel_time` rows).
 
     With `checkpoint_dir` set, the state is saved there (`<name>-<run identity>.pt`) every
-    `checkpoint_every_s` seconds and at the end (atomically, by rank 0); a run that finds an unfinished
-    checkpoint of its own identity resumes from it and re-yields the rows it had produced, so a kill loses at
-    most one interval. A finished checkpoint is loaded and its rows re-yielded too where the same job
-    (`running_job`) saved it, resumed after a kill in a later run, or with `reuse_finished` (an earlier stage of a
-    candidate, which a rerun need not train again)."""
+    `checkpoint_every_s` seconds (under FSDP, at the first logged step after them: `log_every`) and at the end
+    (atomically, by rank 0); a run that finds an unfinished checkpoint of its own identity resumes from it and
+    re-yields the rows it had produced, so a kill loses at most one interval (and `log_every` steps). A finished
+    checkpoint is loaded and its rows re-yielded too where the same job (`running_job`) saved it, resumed after a
+    kill in a later run, or with `reuse_finished` (an earlier stage of a candidate, which a rerun need not train
+    again)."""
     init_distributed(device)  # for a task that calls train itself, not through train_all
     model = trainee.model.to(device)
     identity = run_identity(trainee, spec, device)
@@ -625,7 +626,8 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
         new = [Row(trainee.name, "kernel_family", family, "kernel_time", "ms", ms, n=1,
                    extra={**trainee.extra, "step": done, "top_kernels": top})
                for family, (ms, top) in by_family.items()]
-        if done % spec.log_every == 0 or done == spec.steps or done == 1:
+        logged = done % spec.log_every == 0 or done == spec.steps or done == 1
+        if logged:
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"{trainee.name}: loss is {loss_value} at step {done}")
@@ -638,7 +640,10 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
         rows += new
         yield from new
         due = checkpoint.path is not None and time.monotonic() - last_save > spec.checkpoint_every_s
-        if done < spec.steps and parallel.agree(due):
+        # Sharded, agreeing is a broadcast whose result the host reads, waiting for the device: at every step the
+        # host could never queue the next (timed) step ahead. A logged step's loss read has waited already, and
+        # every rank knows which steps are logged: they agree there alone
+        if done < spec.steps and (logged or not parallel.sharded) and parallel.agree(due):
             checkpoint.save(done, rows, finished=False, timed=clock.timed())
             last_save = time.monotonic()
     bar.close()

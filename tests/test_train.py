@@ -4,6 +4,7 @@ import math
 import re
 import time
 from dataclasses import replace as dataclass_replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -260,6 +261,36 @@ def test_a_job_resumed_after_a_kill_reuses_the_candidates_it_had_finished_and_a_
         list(train_all(candidates(), SPEC, cpu, tmp_path / "ckpt"))
     assert {name: steps.count(name) for name in ("A", "B")} == {"A": 8, "B": 8}
     assert capsys.readouterr().out.count("finished run: training afresh (another job's)") == 2
+
+
+def _sharded_saves(rank: int, folder: Path) -> None:
+    """One of two gloo processes training `trainee` under FSDP with a checkpoint due at every step; rank 0 writes
+    the steps saved at to folder/saved.json."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from repro.train import Checkpoint
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")  # what torchrun sets
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    saved, save = [], Checkpoint.save
+    Checkpoint.save = lambda self, step, *args, **kwargs: saved.append(step) or save(self, step, *args, **kwargs)
+    spec = dataclass_replace(SPEC, parallel="fsdp", log_every=3, eval_every=0)
+    list(train(trainee(), spec, torch.device("cpu"), folder / "ckpt", progress=False))
+    if rank == 0:
+        (folder / "saved.json").write_text(json.dumps(saved))
+    dist.destroy_process_group()
+
+
+def test_sharded_ranks_agree_on_a_checkpoint_only_at_logged_steps(tmp_path):
+    """Under FSDP the ranks agree on saving (a collective the host waits for, and the device with it) only where a
+    logged step's loss read has waited already: at every step, the host could never queue the next step ahead."""
+    import json
+
+    torch.multiprocessing.spawn(_sharded_saves, args=(tmp_path,), nprocs=2)
+    assert json.loads((tmp_path / "saved.json").read_text()) == [1, 3, 6, 8]  # steps 1, 3, 6 mid-run; 8 the end
 
 
 def test_unsupported_and_out_of_memory_candidates_become_rows_and_the_rest_run():
