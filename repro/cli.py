@@ -229,7 +229,8 @@ def run_job(cfg: DictConfig) -> RunRecord:
     logger = NullLogger()
     try:
         entry, ctx, logger = _start(cfg, record, output_dir)
-        with running_job(output_dir):  # requeued, the job reuses the training runs it finished (repro.train)
+        # run again after a kill, the job (or a new one) reuses the training runs it finished (repro.train.Job)
+        with running_job(output_dir) as job:
             _collect(entry, cfg, ctx, record, logger, paths[0] if paths else None, cfg.record_every_s)
         _outcome(record)
     except ConfigError as exc:
@@ -250,6 +251,7 @@ def run_job(cfg: DictConfig) -> RunRecord:
         _finish(record, paths, logger)
     if record.status != "ok":
         raise RunFailed(record.error)
+    job.spend()  # completed, its record saved: a later run trains and measures afresh what this job used
     claims = claims_for_task(load_published(Path(cfg.paths.published)), cfg.task.name)
     if claims and paths:
         note = ("\n(a smoke run checks the mechanics at sizes no claim is stated at, so its claims mostly read\n"

@@ -35,18 +35,46 @@ OPTIMIZERS = ("adamw", "lamb")
 PARALLEL = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "linear", "rsqrt")
 CHECKPOINT_VERSION = 2
-# The folder of the job that trains now (`running_job`). A finished run's checkpoint names it: the same job resumed
-# (a SLURM job requeued into its own folder, repro.cli's claim_folder) reuses the run, another job trains it afresh.
-_JOB: ContextVar[str | None] = ContextVar("repro_job", default=None)
+
+
+class Job:
+    """A job of the command line (`running_job`), named by its folder. The checkpoint of each run it finishes
+    names it, and any later job reuses that run, rows included, until this one completed (`spend`): a job run
+    again after a kill or an error (a SLURM job requeued into its own folder, or the same command in a new one)
+    does not train again the candidates it had finished, while a new run after a completed one measures afresh."""
+
+    def __init__(self, folder: str | Path):
+        self.name = str(folder)
+        self.used: dict[Path, str | None] = {}  # the finished runs it trained or reused: checkpoint -> its job
+
+    def spend(self) -> None:
+        """The job completed (its record saved, its status ok): mark each finished run it trained or reused as
+        spent, beside its checkpoint, naming the job that finished it (a later job may have trained it afresh
+        since). Rank 0 alone, which wrote the checkpoints."""
+        if world()[0] != 0:
+            return
+        for path, finisher in self.used.items():
+            if finisher is not None:
+                replace_atomically(_spent_mark(path), lambda tmp, text=finisher: tmp.write_text(text))
+
+
+def _spent_mark(checkpoint: Path) -> Path:
+    # beside the checkpoint, not in it: marking it would rewrite its weights and optimizer state
+    return checkpoint.with_name(checkpoint.name + ".spent")
+
+
+_JOB: ContextVar[Job | None] = ContextVar("repro_job", default=None)
 
 
 @contextmanager
-def running_job(folder: str | Path):
+def running_job(folder: str | Path) -> Iterator[Job]:
     """Within it, training is `folder`'s job: the command line enters it for each job (a sweep runs its jobs in one
-    process). Outside any (a library call), every run is a job of its own."""
-    token = _JOB.set(str(folder))
+    process), and spends the job once it completed. Outside any (a library call), every run is a job of its own,
+    completed when the run is."""
+    job = Job(folder)
+    token = _JOB.set(job)
     try:
-        yield
+        yield job
     finally:
         _JOB.reset(token)
 
@@ -293,13 +321,12 @@ def _state_options(**more):
 
 class Checkpoint:
     """The saved state of one training run: its trainable weights, optimizer and scaler, the step, the rows
-    so far, the run's identity and the job that ran it (`running_job`). A finished run's checkpoint is marked so,
-    and another job does not resume it: a new run trains afresh and measures afresh (but for an earlier stage of a
-    candidate, whose trained model is reused). The same job, resumed after a kill, reuses it, its rows as they
-    were: the candidates it had finished are not trained again. Sharded (FSDP), the state is gathered to rank 0,
-    which alone writes and reads the file and scatters what it read."""
+    so far, the run's identity and the job that ran it (`Job`). A finished run's checkpoint is marked so, and is
+    reused, its rows as they were, until the job that finished it completed: then a rerun trains afresh and
+    measures afresh (but for an earlier stage of a candidate, whose trained model is reused). Sharded (FSDP), the
+    state is gathered to rank 0, which alone writes and reads the file and scatters what it read."""
 
-    def __init__(self, path: Path | None, identity: str, job: str | None, model, optimizer, scaler, sharded: bool):
+    def __init__(self, path: Path | None, identity: str, job: Job | None, model, optimizer, scaler, sharded: bool):
         self.path, self.identity, self.job = path, identity, job
         self.model, self.optimizer, self.scaler, self.sharded = model, optimizer, scaler, sharded
         self.trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -324,10 +351,13 @@ class Checkpoint:
             return
         model_state, optimizer_state = self._model_state(), self._optimizer_state()  # collectives when sharded
         if world()[0] == 0:
-            state = {"identity": self.identity, "job": self.job, "step": step, "finished": finished,
+            job = self.job.name if self.job else None
+            state = {"identity": self.identity, "job": job, "step": step, "finished": finished,
                      "model": model_state, "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
                      "rows": [dataclasses.asdict(r) for r in rows], "timed": timed, "rng": _rng_state()}
             replace_atomically(self.path, lambda tmp: torch.save(state, tmp))
+            if finished and self.job:
+                self.job.used[self.path] = job
 
     def _read(self, finished: bool) -> dict | None:
         if self.path is None or not self.path.exists():
@@ -341,16 +371,22 @@ class Checkpoint:
             found = state.get("identity") if isinstance(state, dict) else type(state).__name__
             raise ConfigError(f"checkpoint {self.path} is from another model, setting, device or code version "
                               f"({found!r}, this run is {self.identity!r}); delete it, or set checkpoint.resume=false")
-        if state.get("finished") and not finished and (self.job is None or state.get("job") != self.job):
-            print(f"[train] {self.path} is the checkpoint of a finished run: training afresh (another job's)",
+        if state.get("finished") and not finished and self._spent(state.get("job")):
+            print(f"[train] {self.path} is the checkpoint of a finished run: training afresh (its job completed)",
                   flush=True)
             return None
         return state
 
+    def _spent(self, job: str | None) -> bool:
+        """Whether the job that finished the run completed (`Job.spend`); a run outside any job was a job of its
+        own, completed with it."""
+        mark = _spent_mark(self.path)
+        return job is None or (mark.exists() and mark.read_text() == job)
+
     def resume(self, finished: bool = False) -> tuple[int, list[Row], dict | None]:
         """Load the saved state into the model and optimizer; the step to go on from, the rows so far, and the
         times of the steps timed so far (`StepClock.timed`). A finished run's state only with `finished`, or
-        where this job ran it."""
+        where the job that finished it has not completed (`Job`)."""
         state, error = None, None
         if world()[0] == 0 or not self.sharded:
             try:
@@ -370,6 +406,8 @@ class Checkpoint:
             state = {"model": {}, "optimizer": {}, **head[0], **(state or {})}
         if state is None:
             return 0, [], None
+        if state.get("finished") and self.job:  # spent with this job (by rank 0, whose state names its finisher)
+            self.job.used[self.path] = state.get("job")
         self._load(state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if world()[1] == 1 and state.get("rng"):
@@ -569,15 +607,12 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     `checkpoint_every_s` seconds (under FSDP, at the first logged step after them: `log_every`) and at the end
     (atomically, by rank 0); a run that finds an unfinished checkpoint of its own identity resumes from it and
     re-yields the rows it had produced, so a kill loses at most one interval (and `log_every` steps). A finished
-    checkpoint is loaded and its rows re-yielded too where the same job (`running_job`) saved it, resumed after a
-    kill in a later run, or with `reuse_finished` (an earlier stage of a candidate, which a rerun need not train
-    again)."""
+    checkpoint is loaded and its rows re-yielded too until the job that finished it completed (`Job`: a job run
+    again after a kill does not train again what it had finished), or with `reuse_finished` (an earlier stage of a
+    candidate, which a rerun need not train again)."""
     init_distributed(device)  # for a task that calls train itself, not through train_all
     model = trainee.model.to(device)
     identity = run_identity(trainee, spec, device)
-    job = [_JOB.get()]
-    if world()[1] > 1:  # rank 0's job, whose folder holds the record: the others' folders may be named a second later
-        dist.broadcast_object_list(job, src=0)
     parallel = Parallel(model, spec, device)
     dtype = PRECISIONS[spec.precision]
     if dtype is not None and device.type == "cpu":
@@ -588,7 +623,7 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     optimizer = _optimizer(model, spec, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     checkpoint = Checkpoint(Path(checkpoint_dir) / f"{trainee.name}-{identity}.pt" if checkpoint_dir else None,
-                            identity, job[0], model, optimizer, scaler, parallel.sharded)
+                            identity, _JOB.get(), model, optimizer, scaler, parallel.sharded)
     start, rows, timed = checkpoint.resume(reuse_finished) if resume else (0, [], None)
     yield from rows
     if start == spec.steps:  # a finished run, reused

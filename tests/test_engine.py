@@ -666,6 +666,24 @@ def test_a_requeued_slurm_job_reuses_the_training_runs_it_finished_and_a_new_job
     assert code == 0 and out.count("finished run: training afresh") == 2, err
 
 
+def test_the_same_command_run_again_after_a_kill_reuses_the_training_runs_the_killed_job_finished(
+        tmp_path, monkeypatch):
+    """Run again by hand, in a new folder (a new job), it does not train again what the killed job finished; once a
+    job completed, the next run trains and measures afresh."""
+    monkeypatch.setenv("FAKE_CHECKPOINTS", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("FAKE_KILL_AT", "2")
+    job = ["logger=none", FAKE + "trains_until_killed"]
+    assert run_inline(*job, f"hydra.run.dir={tmp_path / 'killed'}")[0] == 130  # killed while training b
+    monkeypatch.delenv("FAKE_KILL_AT")
+    code, out, err = run_inline(*job, f"hydra.run.dir={tmp_path / 'rerun'}")
+    assert code == 0, err
+    assert "reused the finished run" in out and "training afresh" not in out
+    a_rows = lambda folder: [r for r in record(tmp_path / folder)["rows"] if r["provider"] == "a"]  # noqa: E731
+    assert a_rows("rerun") == a_rows("killed") and any(r["metric"] == "tokens_per_s" for r in a_rows("rerun"))
+    code, out, err = run_inline(*job, f"hydra.run.dir={tmp_path / 'after a completed run'}")
+    assert code == 0 and out.count("finished run: training afresh") == 2, err
+
+
 def test_an_unwritable_records_folder_is_refused_before_any_work(tmp_path):
     not_a_folder = tmp_path / "records"
     not_a_folder.write_text("a file")

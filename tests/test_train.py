@@ -227,40 +227,67 @@ def test_a_rerun_after_a_kill_in_a_later_stage_reuses_the_earlier_stages_trained
     assert {f for f, _ in steps} == {"stage2"}
 
 
-def test_a_job_resumed_after_a_kill_reuses_the_candidates_it_had_finished_and_a_new_job_trains_them_afresh(
-        tmp_path, capsys):
-    """A job killed while training its second candidate, resumed (a SLURM job requeued into its own folder), gives
-    the record the first candidate's rows as they were, without training it again; another job measures afresh."""
-    steps = []  # the trainee of every training step taken
-
+def _counted_candidates(steps: list) -> list[Candidate]:
+    """Candidates A and B, each step they train appended to `steps` by name."""
     def counted(name):
         made = trainee(name)
         made.name, batches = name, made.batches
         made.batches = lambda step, rank, world: steps.append(name) or batches(step, rank, world)
         return made
+    return [Candidate(name, {}, lambda name=name: counted(name)) for name in ("A", "B")]
 
-    def candidates():
-        return [Candidate(name, {}, lambda name=name: counted(name)) for name in ("A", "B")]
-    cpu = torch.device("cpu")
+
+def test_a_rerun_after_a_kill_reuses_the_candidates_the_killed_job_had_finished(tmp_path, capsys):
+    """A job killed while training its second candidate, run again (as a new job, in a new folder, or the same
+    one requeued), gives the record the first candidate's rows as they were, without training it again."""
+    steps, cpu = [], torch.device("cpu")
     with running_job(tmp_path / "job"):
         killed = []
-        for row in train_all(candidates(), SPEC, cpu, tmp_path / "ckpt"):
+        for row in train_all(_counted_candidates(steps), SPEC, cpu, tmp_path / "ckpt"):
             if row.provider == "B" and row.metric == "loss" and row.x_value == 5:
                 break  # killed in B: B's checkpoint of step 4 is on disk
             killed.append(row)
-        steps.clear()
-        resumed = list(train_all(candidates(), SPEC, cpu, tmp_path / "ckpt"))
+    steps.clear()
+    with running_job(tmp_path / "the rerun"):
+        resumed = list(train_all(_counted_candidates(steps), SPEC, cpu, tmp_path / "ckpt"))
     assert {name: steps.count(name) for name in ("A", "B")} == {"A": 0, "B": 4}
     assert "reused the finished run" in capsys.readouterr().out
     a_rows = [r for r in killed if r.provider == "A"]
     assert any(r.metric == "tokens_per_s" for r in a_rows)
     assert [r for r in resumed if r.provider == "A"] == a_rows  # A's rows as measured, its timing too
     assert [r for r in resumed if r.provider == "B"][:len(killed) - len(a_rows)] == killed[len(a_rows):]
+
+
+def test_once_a_job_completed_a_rerun_trains_and_measures_its_candidates_afresh(tmp_path, capsys):
+    steps, cpu = [], torch.device("cpu")
+    with running_job(tmp_path / "ended with an error"):  # its candidates finished, but the job did not complete
+        first = list(train_all(_counted_candidates(steps), SPEC, cpu, tmp_path / "ckpt"))
     steps.clear()
-    with running_job(tmp_path / "another job"):
-        list(train_all(candidates(), SPEC, cpu, tmp_path / "ckpt"))
+    with running_job(tmp_path / "completed") as job:
+        again = list(train_all(_counted_candidates(steps), SPEC, cpu, tmp_path / "ckpt"))
+    assert steps == [] and again == first  # reused, as after a kill
+    job.spend()  # what the command line does once the job's record is saved, its status ok
+    with running_job(tmp_path / "a new run"):
+        afresh = list(train_all(_counted_candidates(steps), SPEC, cpu, tmp_path / "ckpt"))
     assert {name: steps.count(name) for name in ("A", "B")} == {"A": 8, "B": 8}
-    assert capsys.readouterr().out.count("finished run: training afresh (another job's)") == 2
+    assert capsys.readouterr().out.count("finished run: training afresh (its job completed)") == 2
+    tps = lambda rs: [r.p50 for r in rs if r.metric == "tokens_per_s"]  # noqa: E731
+    assert len(tps(afresh)) == 2 and tps(afresh) != tps(first)  # timed again, not replayed
+
+
+def test_a_completed_job_marks_only_the_runs_it_finished_or_reused(tmp_path):
+    """Jobs of a sweep share one checkpoint folder: one that completes leaves another's finished runs reusable."""
+    steps, cpu = [], torch.device("cpu")
+    a, b = _counted_candidates(steps)
+    with running_job(tmp_path / "killed"):
+        list(train_all([a], SPEC, cpu, tmp_path / "ckpt"))
+    with running_job(tmp_path / "completed") as job:
+        list(train_all([b], SPEC, cpu, tmp_path / "ckpt"))
+    job.spend()
+    steps.clear()
+    with running_job(tmp_path / "a new run"):
+        list(train_all([a, b], SPEC, cpu, tmp_path / "ckpt"))
+    assert steps == ["B"] * 8
 
 
 def _sharded_saves(rank: int, folder: Path) -> None:
