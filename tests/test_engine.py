@@ -80,6 +80,10 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=lra_listops lra.model={dim:60,heads:8}", ["dim=60 is not a multiple of heads=8"]),
     ("task=lra_listops lra.model={dim:64,heads:8}", ["heads of 8 dimensions", "16 to 256"]),
     ("task=pathx lra.attention=[standard] train.parallel=fsdp lra.pretrain={task:path64,steps:1}", ["fsdp", "ddp"]),
+    # the pre-training stage's own spec (its steps are lra.pretrain.steps): checked before any work, named so
+    ("task=pathx lra.attention=[standard] +train.profile=true train.steps=100 train.timing_skip_steps=2 "
+     "lra.pretrain={task:path64,steps:2}",
+     ["lra.pretrain.steps=2 (the pre-training stage's train.steps)", "train.timing_skip_steps=2"]),
     ("task=flash_gpt2_long batch.tokens=100", ["batch.tokens=100 is not a multiple of model.seq_len=32", "(64)"]),
     ("task=flash_bert attention=[megatron]", ["our Megatron baseline is a GPT", "model.family='bert'"]),
     ("task=longdoc longdoc.datasets=[synthetic,synthetic]", ["longdoc.datasets names 'synthetic' more than once"]),

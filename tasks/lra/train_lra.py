@@ -199,9 +199,18 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path) -> Iterator[Candid
             first = spec.pretrain.task
             yield Candidate(attention, extra,
                             lambda attention=attention: _trainee(cfg, ctx, first, attention, split(first)),
-                            spec=dataclasses.replace(TrainSpec.from_config(cfg.train), steps=spec.pretrain.steps),
+                            spec=pretrain_spec(cfg),
                             then=[Stage(lambda pre, name=name, attention=attention:
                                         _trainee(cfg, ctx, name, attention, split(name), pretrained=pre))])
+
+
+def pretrain_spec(cfg: DictConfig) -> TrainSpec:
+    """The pre-training stage's settings: the run's train block for lra.pretrain.steps steps."""
+    try:
+        return dataclasses.replace(TrainSpec.from_config(cfg.train), steps=cfg.lra.pretrain.steps)
+    except ConfigError as exc:  # the message names train.steps, which the stage takes from lra.pretrain.steps
+        raise ConfigError(f"lra.pretrain.steps={cfg.lra.pretrain.steps} (the pre-training stage's train.steps): "
+                          f"{exc}") from None
 
 
 def derived_rows(rows: list[Row], tasks: list[str]) -> Iterator[Row]:
@@ -324,6 +333,7 @@ def validate(cfg: DictConfig) -> None:
         if "linformer" in attentions:
             raise ConfigError("lra.pretrain cannot carry Linformer's length-bound projections to another length")
         checks.number("lra.pretrain.steps", spec.pretrain.steps, at_least=1)
+        pretrain_spec(cfg)
         if cfg.train.parallel == "fsdp":
             raise ConfigError("lra.pretrain hands the pre-trained model itself to the next stage, which "
                               "train.parallel=fsdp would have sharded; use train.parallel=ddp")
