@@ -153,8 +153,9 @@ def test_arguments_that_leave_the_attention_as_it_is_are_taken_and_a_module_is_c
     harmless = dict(position_ids=torch.arange(5)[None], use_cache=True, sliding_window=4096, deterministic=True,
                     softcap=None, s_aux=None, output_attentions=False)
     ours, weights = attention_forward(module, q, k, v, None, **harmless)
-    torch.testing.assert_close(ours, sdpa_attention_forward(module, q, k, v, None)[0], rtol=1e-4, atol=1e-5)
-    assert weights is None
+    assert torch.equal(ours, attention_forward(module, q, k, v, None)[0]) and weights is None  # ignored, all of them
+    # fp32 on a GPU: the kernel's products are TF32, as the tolerance of this file's other tests allows
+    torch.testing.assert_close(ours, sdpa_attention_forward(module, q, k, v, None)[0], rtol=2e-3, atol=2e-3)
     module.is_causal = False
     torch.testing.assert_close(attention_forward(module, q, k, v, None)[0],
-                               sdpa_attention_forward(module, q, k, v, None)[0], rtol=1e-4, atol=1e-5)
+                               sdpa_attention_forward(module, q, k, v, None)[0], rtol=2e-3, atol=2e-3)
