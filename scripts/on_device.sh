@@ -4,7 +4,7 @@
 # argument as one command, going on when one fails (the call exits with the last failure's status), and leave the
 # new run records and every log in $OUT.
 #   scripts/on_device.sh "repro task=lm_eval model=trained scale=small logger=none" "pytest -q tests/test_kv_quant.py"
-# The commit the records name comes from REPRO_GIT_SHA (the copy of the tree there has no usable .git).
+# The commit the records name comes from REPRO_GIT_SHA (any .git in the copy there is hidden from the commands).
 # Every command gets what is left of DEADLINE_S seconds (default 540) and is then stopped with SIGTERM, which a
 # repro job turns into a `killed` record that keeps its rows. Keep DEADLINE_S well inside the call's own limit
 # (the tool's 10 minutes, or less where less device time is left, minus the install): the records found so far are
@@ -17,6 +17,10 @@ python3 -m pip install -q --no-index --find-links .whl hydra-core datasets submi
   lm-eval || python3 -m pip install -q --no-index --no-deps .whl/*.whl
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
+# The copy there may hold a .git that is not the commit the tree was sent at (seen 2026-12-07: a later call's
+# records named the first call's commit, dirty): with REPRO_GIT_SHA given, the commands see no git at all, so
+# the records name that commit (and no dirty flag, which only a git of the tree could tell)
+if [ -n "${REPRO_GIT_SHA:-}" ]; then export GIT_DIR=/nonexistent/.git; fi
 start=$(mktemp)
 mkdir -p "$OUT/logs"
 i=0 worst=0  # the call's exit status: the last nonzero one of its commands, 124 for one left unrun

@@ -34,6 +34,22 @@ def test_on_device_exits_with_a_failed_commands_status_and_runs_the_rest(tmp_pat
     assert run("true", "true").returncode == 0
 
 
+def test_on_device_hides_a_git_from_the_commands_when_told_the_commit(tmp_path):
+    """The copy on the lent machine once held a .git of an earlier commit, which the records named instead of
+    REPRO_GIT_SHA's."""
+    env = stand_ins(tmp_path / "bin", "exit 0")
+    git(tmp_path, "init", "-q")
+    (tmp_path / "out").mkdir()
+
+    def head_seen(**extra):
+        subprocess.run(["bash", SCRIPTS / "on_device.sh", "git rev-parse --git-dir > seen 2>&1 || echo none > seen"],
+                       cwd=tmp_path, capture_output=True, text=True,
+                       env={**env, "OUT": str(tmp_path / "out"), "DEADLINE_S": "60", **extra})
+        return (tmp_path / "seen").read_text().strip()
+    assert head_seen() == ".git"
+    assert head_seen(REPRO_GIT_SHA="0123abc") == "none"
+
+
 def git(repo: Path, *args) -> str:
     return subprocess.run(["git", "-C", repo, *args], check=True, capture_output=True, text=True).stdout.strip()
 
