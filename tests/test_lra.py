@@ -134,7 +134,8 @@ def test_model_flops_count_each_attention_by_what_it_computes():
 
     # by hand: 2 layers of width 8 over 40 tokens; Linformer's k = 4, butterfly blocks of 16
     layer = 8 * 24 + 24 + 8 * 8 + 8 + 2 * 2 * 8 + 8 * 16 + 16 + 16 * 8 + 8  # qkv, out, 2 norms, mlp
-    weights = 2 * layer + 2 * 8 + 8 * 16 + 16 + 16 * 3 + 3  # the final norm, the head; not E and F, not embeddings
+    # the final norm, and the head shared among an example's 40 tokens; not E and F, not the embeddings
+    weights = 2 * layer + 2 * 8 + (8 * 16 + 16 + 16 * 3 + 3) / 40
     # three blocks of 16, 16 and 8 rows; the butterfly keeps (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 2)
     pairs = 4 * 16 * 16 + 2 * 16 * 8 + 8 * 8
     per_layer = {"standard": 12 * 8 * 40, "effrepro": 12 * 8 * 40, "effrepro_sparse": 12 * 8 * pairs / 40,
@@ -157,6 +158,26 @@ def test_attention_flops_are_its_matrix_products(attention):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counted:
         module(q, k, v, None).sum().backward()
     assert counted.get_total_flops() / (3 * 40) == module.flops_per_token(2 * 16, 40)
+
+
+@pytest.mark.parametrize("pair", [False, True])
+def test_model_flops_are_the_matrix_products_of_a_training_step(pair):
+    """Against PyTorch's count of a forward and backward of the whole model, per token as tokens/s counts them
+    (both of Retrieval's documents): the head runs once an example, not once a token. Only the biases and the
+    norms' weights (added or scaled, not multiplied) set the two apart."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from repro.train import model_flops_per_token
+    m, data = model("standard", pair=pair).cpu(), {k: v.cpu() for k, v in batch(pair=pair).items()}
+    with FlopCounterMode(display=False) as counted:
+        m(**data).loss.backward()
+    towers = 2 if pair else 1
+    tokens = data["input_ids"].numel() * towers
+    vectors = sum(p.numel() for p in m.parameters() if p.dim() == 1)
+    head_vectors = sum(p.numel() for p in m.head.parameters() if p.dim() == 1)
+    vectors_per_token = vectors - head_vectors + head_vectors / (towers * 40)
+    per_token = model_flops_per_token(m, layers=2, width=32, seq_len=40)
+    assert counted.get_total_flops() / tokens == pytest.approx(per_token - 6 * vectors_per_token)
 
 
 def test_speedups_and_their_geometric_mean():

@@ -136,15 +136,19 @@ class LRAClassifier(nn.Module):
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         features = 4 * dim if pair else dim
+        self.towers = 2 if pair else 1  # Retrieval's two documents, both through the one tower
         self.head = nn.Sequential(nn.Linear(features, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, classes))
 
-    def non_embedding_params(self) -> int:
+    def non_embedding_params(self) -> float:
         """The weights a token multiplies once each, which `repro.train.model_flops_per_token` counts at 6 FLOPs:
         all but the embeddings and the attentions' own parameters (Linformer's E and F, whose products
-        `attention_flops_per_token` counts)."""
-        own = [*self.embed.parameters(), *self.position.parameters(),
+        `attention_flops_per_token` counts). The head multiplies once an example, over the features pooled from
+        its towers, so it counts as its share of the example's tokens (seq_len a tower: those tokens/s counts)."""
+        own = [*self.embed.parameters(), *self.position.parameters(), *self.head.parameters(),
                *(p for block in self.blocks for p in block.attn.attend.parameters())]
-        return sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in own)
+        head = sum(p.numel() for p in self.head.parameters())
+        tokens = self.towers * self.position.num_embeddings  # upsample_positions keeps this the seq_len
+        return sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in own) + head / tokens
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token of the attention itself, all layers, as each layer's attention counts them:
