@@ -230,7 +230,7 @@ def run_job(cfg: DictConfig) -> RunRecord:
     try:
         entry, ctx, logger = _start(cfg, record, output_dir)
         # run again after a kill, the job (or a new one) reuses the training runs it finished (repro.train.Job)
-        with running_job(output_dir) as job:
+        with running_job(output_dir, dirty=record.env.get("git_dirty")) as job:
             _collect(entry, cfg, ctx, record, logger, paths[0] if paths else None, cfg.record_every_s)
         _outcome(record)
     except ConfigError as exc:

@@ -41,10 +41,13 @@ class Job:
     """A job of the command line (`running_job`), named by its folder. The checkpoint of each run it finishes
     names it, and any later job reuses that run, rows included, until this one completed (`spend`): a job run
     again after a kill or an error (a SLURM job requeued into its own folder, or the same command in a new one)
-    does not train again the candidates it had finished, while a new run after a completed one measures afresh."""
+    does not train again the candidates it had finished, while a new run after a completed one measures afresh.
+    `dirty`: whether the job runs from a tree that differs from its commit (the record's git_dirty; None: not
+    known, as for a tree without git): a finished run's rows are reused only where neither it nor the job that
+    finished it ran from one, since the run's identity names the commit alone."""
 
-    def __init__(self, folder: str | Path):
-        self.name = str(folder)
+    def __init__(self, folder: str | Path, dirty: bool | None = None):
+        self.name, self.dirty = str(folder), dirty
         self.used: dict[Path, str | None] = {}  # the finished runs it trained or reused: checkpoint -> its job
 
     def spend(self) -> None:
@@ -67,11 +70,11 @@ _JOB: ContextVar[Job | None] = ContextVar("repro_job", default=None)
 
 
 @contextmanager
-def running_job(folder: str | Path) -> Iterator[Job]:
+def running_job(folder: str | Path, dirty: bool | None = None) -> Iterator[Job]:
     """Within it, training is `folder`'s job: the command line enters it for each job (a sweep runs its jobs in one
     process), and spends the job once it completed. Outside any (a library call), every run is a job of its own,
     completed when the run is."""
-    job = Job(folder)
+    job = Job(folder, dirty)
     token = _JOB.set(job)
     try:
         yield job
@@ -331,6 +334,8 @@ class Checkpoint:
         self.model, self.optimizer, self.scaler, self.sharded = model, optimizer, scaler, sharded
         self.trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         self.partial = len(self.trainable) < sum(1 for _ in model.parameters())
+        # whether any part of the run ran from a dirty tree: this job's, or a resumed one's (`resume`)
+        self.dirty = bool(job and job.dirty)
 
     def _model_state(self) -> dict:
         if self.sharded:
@@ -352,7 +357,7 @@ class Checkpoint:
         model_state, optimizer_state = self._model_state(), self._optimizer_state()  # collectives when sharded
         if world()[0] == 0:
             job = self.job.name if self.job else None
-            state = {"identity": self.identity, "job": job, "step": step, "finished": finished,
+            state = {"identity": self.identity, "job": job, "step": step, "finished": finished, "dirty": self.dirty,
                      "model": model_state, "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
                      "rows": [dataclasses.asdict(r) for r in rows], "timed": timed, "rng": _rng_state()}
             replace_atomically(self.path, lambda tmp: torch.save(state, tmp))
@@ -371,6 +376,10 @@ class Checkpoint:
             found = state.get("identity") if isinstance(state, dict) else type(state).__name__
             raise ConfigError(f"checkpoint {self.path} is from another model, setting, device or code version "
                               f"({found!r}, this run is {self.identity!r}); delete it, or set checkpoint.resume=false")
+        if state.get("finished") and (state.get("dirty") or self.dirty):
+            print(f"[train] {self.path} is the checkpoint of a finished run: training afresh (it or this run is from "
+                  "a tree with uncommitted edits, which its identity does not cover)", flush=True)
+            return None
         if state.get("finished") and not finished and self._spent(state.get("job")):
             print(f"[train] {self.path} is the checkpoint of a finished run: training afresh (its job completed)",
                   flush=True)
@@ -397,7 +406,7 @@ class Checkpoint:
                 error = str(exc)  # raised on every rank below, so that none waits for the others
         if self.sharded:
             head = [None if state is None else {k: state.get(k) for k in ("step", "rows", "scaler", "timed",
-                                                                         "finished")}, error]
+                                                                         "finished", "job", "dirty")}, error]
             dist.broadcast_object_list(head, src=0)
             if head[1]:
                 raise ConfigError(head[1])
@@ -406,8 +415,15 @@ class Checkpoint:
             state = {"model": {}, "optimizer": {}, **head[0], **(state or {})}
         if state is None:
             return 0, [], None
-        if state.get("finished") and self.job:  # spent with this job (by rank 0, whose state names its finisher)
-            self.job.used[self.path] = state.get("job")
+        rows = [Row(**r) for r in state["rows"]]
+        self.dirty = self.dirty or bool(state.get("dirty"))
+        if state.get("finished"):
+            if self.job:  # spent with this job
+                self.job.used[self.path] = state.get("job")
+            # the record shows which rows this job did not measure: those of the job that finished the run (a run
+            # outside any job is named by its checkpoint)
+            rows = [dataclasses.replace(r, extra={**r.extra, "reused_from": state.get("job") or str(self.path)})
+                    for r in rows]
         self._load(state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if world()[1] == 1 and state.get("rng"):
@@ -417,7 +433,7 @@ class Checkpoint:
             _set_rng_state(state["rng"])
         done = "reused the finished run" if state.get("finished") else f"resumed at step {state['step']}"
         print(f"[train] {done} from {self.path}", flush=True)
-        return state["step"], [Row(**r) for r in state["rows"]], state["timed"]
+        return state["step"], rows, state["timed"]
 
     def _load(self, model_state: dict, optimizer_state: dict) -> None:
         if self.sharded:

@@ -254,7 +254,8 @@ def test_a_rerun_after_a_kill_reuses_the_candidates_the_killed_job_had_finished(
     assert "reused the finished run" in capsys.readouterr().out
     a_rows = [r for r in killed if r.provider == "A"]
     assert any(r.metric == "tokens_per_s" for r in a_rows)
-    assert [r for r in resumed if r.provider == "A"] == a_rows  # A's rows as measured, its timing too
+    # A's rows as measured, its timing too, each saying which job measured them
+    assert [r for r in resumed if r.provider == "A"] == _reused(a_rows, tmp_path / "job")
     assert [r for r in resumed if r.provider == "B"][:len(killed) - len(a_rows)] == killed[len(a_rows):]
 
 
@@ -265,7 +266,7 @@ def test_once_a_job_completed_a_rerun_trains_and_measures_its_candidates_afresh(
     steps.clear()
     with running_job(tmp_path / "completed") as job:
         again = list(train_all(_counted_candidates(steps), SPEC, cpu, tmp_path / "ckpt"))
-    assert steps == [] and again == first  # reused, as after a kill
+    assert steps == [] and again == _reused(first, tmp_path / "ended with an error")  # reused, as after a kill
     job.spend()  # what the command line does once the job's record is saved, its status ok
     with running_job(tmp_path / "a new run"):
         afresh = list(train_all(_counted_candidates(steps), SPEC, cpu, tmp_path / "ckpt"))
@@ -273,6 +274,28 @@ def test_once_a_job_completed_a_rerun_trains_and_measures_its_candidates_afresh(
     assert capsys.readouterr().out.count("finished run: training afresh (its job completed)") == 2
     tps = lambda rs: [r.p50 for r in rs if r.metric == "tokens_per_s"]  # noqa: E731
     assert len(tps(afresh)) == 2 and tps(afresh) != tps(first)  # timed again, not replayed
+
+
+def _reused(rows: list, job: Path) -> list:
+    return [dataclass_replace(r, extra={**r.extra, "reused_from": str(job)}) for r in rows]
+
+
+@pytest.mark.parametrize("dirty", ["finisher", "rerun"])
+def test_a_finished_run_is_not_reused_where_either_job_ran_from_a_tree_with_uncommitted_edits(tmp_path, capsys,
+                                                                                              dirty):
+    """The run's identity names the commit alone: "kill, edit without committing, rerun" must not replay rows of
+    the code before the edit. An unfinished run still resumes."""
+    steps, cpu = [], torch.device("cpu")
+    a, b = _counted_candidates(steps)
+    with running_job(tmp_path / "killed", dirty=dirty == "finisher"):
+        for row in train_all([a, b], SPEC, cpu, tmp_path / "ckpt"):
+            if row.provider == "B" and row.metric == "loss" and row.x_value == 5:
+                break  # killed in B: B's checkpoint of step 4 is on disk
+    steps.clear()
+    with running_job(tmp_path / "the rerun", dirty=dirty == "rerun"):
+        list(train_all([a, b], SPEC, cpu, tmp_path / "ckpt"))
+    assert {name: steps.count(name) for name in ("A", "B")} == {"A": 8, "B": 4}
+    assert "uncommitted edits" in capsys.readouterr().out
 
 
 def test_a_completed_job_marks_only_the_runs_it_finished_or_reused(tmp_path):
