@@ -161,6 +161,9 @@ class TrainSpec:
         for name in ("weight_decay", "grad_clip"):
             checks.number(f"train.{name}", getattr(self, name), integer=False, at_least=0, finite=True)
         checks.number("train.checkpoint_every_s", self.checkpoint_every_s, integer=False, at_least=0)
+        # inf is allowed (no checkpoint but the last), nan is not: no elapsed time exceeds it, silently never saving
+        if math.isnan(self.checkpoint_every_s):
+            raise ConfigError("train.checkpoint_every_s=nan must be a number >= 0 (inf: none but the final one)")
         checks.number("train.min_lr_ratio", self.min_lr_ratio, integer=False, at_least=0, at_most=1, finite=True)
         checks.flag("train.profile", self.profile)
         pair = isinstance(self.betas, Sequence) and not isinstance(self.betas, str)

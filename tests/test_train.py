@@ -371,6 +371,7 @@ def test_train_spec_names_unknown_keys_bad_precision_and_a_profile_with_no_untim
     ({"min_lr_ratio": math.nan}, "train.min_lr_ratio=nan must be a finite number >= 0 and <= 1"),
     ({"lr": math.nan}, "train.lr=nan must be a finite number > 0"),
     ({"grad_clip": math.nan}, "train.grad_clip=nan must be a finite number >= 0"),
+    ({"checkpoint_every_s": math.nan}, "train.checkpoint_every_s=nan must be a number >= 0"),
     ({"profile": "yes"}, "train.profile='yes' must be true or false"),
     ({"precision": ["bf16"]},
      "train.precision=['bf16'] must be one value, one of ['bf16', 'fp16', 'fp32'], not a list"),
@@ -378,6 +379,10 @@ def test_train_spec_names_unknown_keys_bad_precision_and_a_profile_with_no_untim
 def test_train_settings_of_the_wrong_kind_are_refused_by_name(setting, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         TrainSpec.from_config({"steps": 4, "lr": 1.0, **setting})
+
+
+def test_checkpoint_every_s_may_be_inf():  # no checkpoint but the final one
+    assert TrainSpec.from_config({"steps": 4, "lr": 1.0, "checkpoint_every_s": math.inf}).checkpoint_every_s == math.inf
 
 
 def test_a_spec_made_from_another_is_checked_as_one_from_a_config():
