@@ -57,7 +57,9 @@ class Job:
         if world()[0] != 0:
             return
         for path, finisher in self.used.items():
-            if finisher is not None:
+            # a checkpoint deleted since (a trained model's cache removes its checkpoint folder) has nothing to
+            # mark: its folder is not made again
+            if finisher is not None and path.exists():
                 replace_atomically(_spent_mark(path), lambda tmp, text=finisher: tmp.write_text(text))
 
 

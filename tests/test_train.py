@@ -313,6 +313,16 @@ def test_a_completed_job_marks_only_the_runs_it_finished_or_reused(tmp_path):
     assert steps == ["B"] * 8
 
 
+def test_a_completed_job_does_not_make_again_a_checkpoint_folder_deleted_since(tmp_path):
+    import shutil
+
+    with running_job(tmp_path / "completed") as job:
+        list(train_all(_counted_candidates([]), SPEC, torch.device("cpu"), tmp_path / "ckpt"))
+    shutil.rmtree(tmp_path / "ckpt")  # as a cached trained model's checkpoints are removed
+    job.spend()
+    assert not (tmp_path / "ckpt").exists()
+
+
 def _sharded_saves(rank: int, folder: Path) -> None:
     """One of two gloo processes training `trainee` under FSDP with a checkpoint due at every step; rank 0 writes
     the steps saved at to folder/saved.json."""
