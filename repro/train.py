@@ -366,6 +366,11 @@ class Checkpoint:
                      "model": model_state, "optimizer": optimizer_state, "scaler": self.scaler.state_dict(),
                      "rows": [dataclasses.asdict(r) for r in rows], "timed": timed, "rng": _rng_state()}
             replace_atomically(self.path, lambda tmp: torch.save(state, tmp))
+            if finished:
+                # a marker left by an earlier job of the same name (a SLURM job requeued into its own folder) would
+                # say this new run spent; removed after the write, so that a kill between them never leaves the old
+                # run unmarked
+                _spent_mark(self.path).unlink(missing_ok=True)
             if finished and self.job:
                 self.job.used[self.path] = job
 

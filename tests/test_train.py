@@ -313,6 +313,22 @@ def test_a_completed_job_marks_only_the_runs_it_finished_or_reused(tmp_path):
     assert steps == ["B"] * 8
 
 
+def test_a_job_requeued_into_its_own_folder_reuses_what_it_finished_after_an_earlier_completion(tmp_path):
+    """The same folder completes, runs again (training afresh), is killed, and is requeued: the marker of the first
+    completion must not make it train a third time."""
+    steps, cpu = [], torch.device("cpu")
+    for completes in (True, False):
+        with running_job(tmp_path / "job") as job:
+            list(train_all(_counted_candidates(steps), SPEC, cpu, tmp_path / "ckpt"))
+        if completes:
+            job.spend()
+    assert steps == ["A"] * 8 + ["B"] * 8 + ["A"] * 8 + ["B"] * 8
+    steps.clear()
+    with running_job(tmp_path / "job"):  # requeued after the kill
+        list(train_all(_counted_candidates(steps), SPEC, cpu, tmp_path / "ckpt"))
+    assert steps == []
+
+
 def test_a_completed_job_does_not_make_again_a_checkpoint_folder_deleted_since(tmp_path):
     import shutil
 
