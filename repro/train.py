@@ -399,8 +399,18 @@ class Checkpoint:
     def _spent(self, job: str | None) -> bool:
         """Whether the job that finished the run completed (`Job.spend`); a run outside any job was a job of its
         own, completed with it."""
+        if job is None:
+            return True
         mark = _spent_mark(self.path)
-        return job is None or (mark.exists() and mark.read_text() == job)
+        try:
+            return mark.read_text() == job
+        except FileNotFoundError:
+            return False
+        except (OSError, UnicodeDecodeError) as exc:
+            # spent, rather than raised: read by rank 0 alone before its broadcast, an error would leave the other
+            # ranks waiting; and training afresh never replays rows of a completed job
+            print(f"[train] {mark} cannot be read ({type(exc).__name__}: {exc}): taken as spent", flush=True)
+            return True
 
     def resume(self, finished: bool = False) -> tuple[int, list[Row], dict | None]:
         """Load the saved state into the model and optimizer; the step to go on from, the rows so far, and the

@@ -329,6 +329,19 @@ def test_a_job_requeued_into_its_own_folder_reuses_what_it_finished_after_an_ear
     assert steps == []
 
 
+def test_an_unreadable_spent_marker_is_taken_as_spent(tmp_path, capsys):
+    steps, cpu = [], torch.device("cpu")
+    a, _ = _counted_candidates(steps)
+    with running_job(tmp_path / "killed"):
+        list(train_all([a], SPEC, cpu, tmp_path / "ckpt"))
+    (checkpoint,) = (tmp_path / "ckpt").glob("*.pt")
+    checkpoint.with_name(checkpoint.name + ".spent").write_bytes(b"\xff\xfe")  # not text
+    steps.clear()
+    with running_job(tmp_path / "the rerun"):
+        list(train_all([a], SPEC, cpu, tmp_path / "ckpt"))
+    assert steps == ["A"] * 8 and "cannot be read (UnicodeDecodeError" in capsys.readouterr().out
+
+
 def test_a_completed_job_does_not_make_again_a_checkpoint_folder_deleted_since(tmp_path):
     import shutil
 
