@@ -649,8 +649,18 @@ def test_a_requeued_slurm_job_takes_its_own_folder_back(tmp_path, monkeypatch):
         claim_folder(tmp_path)
 
 
+def _clean_tree(monkeypatch) -> None:
+    # a tree with uncommitted edits reuses no finished run (repro.train.Job): these tests hold wherever they run
+    monkeypatch.setattr("repro.context._dirty", lambda records: False)
+
+
+def _reused(rows: list[dict], job) -> list[dict]:
+    return [{**r, "extra": {**r["extra"], "reused_from": str(job)}} for r in rows]
+
+
 def test_a_requeued_slurm_job_reuses_the_training_runs_it_finished_and_a_new_job_trains_them_afresh(
         tmp_path, monkeypatch):
+    _clean_tree(monkeypatch)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("FAKE_CHECKPOINTS", str(tmp_path / "ckpt"))
     monkeypatch.setenv("FAKE_KILL_AT", "2")
@@ -663,7 +673,9 @@ def test_a_requeued_slurm_job_reuses_the_training_runs_it_finished_and_a_new_job
     assert "reused the finished run" in out and "training afresh" not in out
     rows = lambda run, provider: [r for r in run["rows"] if r["provider"] == provider]  # noqa: E731
     resumed = record(tmp_path / "job")
-    assert rows(resumed, "a") == rows(killed, "a") and any(r["metric"] == "tokens_per_s" for r in rows(resumed, "a"))
+    # a's rows as measured, each naming the job that measured them (the same folder here)
+    assert rows(resumed, "a") == _reused(rows(killed, "a"), tmp_path / "job")
+    assert any(r["metric"] == "tokens_per_s" for r in rows(resumed, "a"))
     assert rows(resumed, "b")[:len(rows(killed, "b"))] == rows(killed, "b")
     monkeypatch.setenv("SLURM_JOB_ID", "4243")
     code, out, err = run_inline(*job[:-1], f"hydra.run.dir={tmp_path / 'another job'}")
@@ -674,6 +686,7 @@ def test_the_same_command_run_again_after_a_kill_reuses_the_training_runs_the_ki
         tmp_path, monkeypatch):
     """Run again by hand, in a new folder (a new job), it does not train again what the killed job finished; once a
     job completed, the next run trains and measures afresh."""
+    _clean_tree(monkeypatch)
     monkeypatch.setenv("FAKE_CHECKPOINTS", str(tmp_path / "ckpt"))
     monkeypatch.setenv("FAKE_KILL_AT", "2")
     job = ["logger=none", FAKE + "trains_until_killed"]
@@ -683,7 +696,8 @@ def test_the_same_command_run_again_after_a_kill_reuses_the_training_runs_the_ki
     assert code == 0, err
     assert "reused the finished run" in out and "training afresh" not in out
     a_rows = lambda folder: [r for r in record(tmp_path / folder)["rows"] if r["provider"] == "a"]  # noqa: E731
-    assert a_rows("rerun") == a_rows("killed") and any(r["metric"] == "tokens_per_s" for r in a_rows("rerun"))
+    assert a_rows("rerun") == _reused(a_rows("killed"), tmp_path / "killed")
+    assert any(r["metric"] == "tokens_per_s" for r in a_rows("rerun"))
     code, out, err = run_inline(*job, f"hydra.run.dir={tmp_path / 'after a completed run'}")
     assert code == 0 and out.count("finished run: training afresh") == 2, err
 
