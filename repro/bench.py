@@ -4,6 +4,7 @@ against the baseline's on the same inputs, measures memory, derives TFLOP/s, ban
 baseline, and records what could not run instead of stopping."""
 from __future__ import annotations
 
+import itertools
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -68,6 +69,20 @@ class Call:
     context: AbstractContextManager = field(default_factory=nullcontext)
     # calls after which `fn`'s inputs repeat, where it rotates through copies of them (see `measure`)
     cycle: int = 1
+
+
+def rotating(copies: Sequence[tuple], fn: Callable[..., Any], *, result: Any = ...,
+             context: AbstractContextManager | None = None) -> Call:
+    """A call that applies `fn` to the next of `copies` (argument tuples) each time, so that calls timed back to
+    back find their inputs out of cache, with `cycle` set so a graph captures every copy. Its `result` is, unless
+    given, `fn` on the first copy: every provider of a point draws the same copies, so the first is comparable
+    with the baseline's; result=None leaves the provider unchecked."""
+    turn = itertools.cycle(copies)
+    if result is ...:
+        def result():
+            return fn(*copies[0])
+    return Call(lambda: fn(*next(turn)), result=result, context=nullcontext() if context is None else context,
+                cycle=len(copies))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu
-from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
+from repro.bench import Call, Point, Provider, Unsupported, rotating, run_benchmark
 from repro.context import ConfigError
 from repro.timing import measure
 
@@ -384,7 +384,7 @@ def test_decode_bench_rotates_the_kv_copies_and_divides_bandwidth_by_the_same_ru
     assert len(copies) == 4 and lengths.tolist() == [100, 100]
     assert not torch.equal(copies[0][1], copies[1][1])  # fresh random copies, not one tensor four times
     seen = []
-    call = decode_bench.rotating(copies, lambda q, k, v: seen.append(k) or k.sum())
+    call = rotating(copies, lambda q, k, v: seen.append(k) or k.sum())
     for _ in range(5):
         call.fn()
     assert [next(i for i, c in enumerate(copies) if c[1] is k) for k in seen] == [0, 1, 2, 3, 0]

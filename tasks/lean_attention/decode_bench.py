@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import replace
 from typing import Iterator
 
 import torch
@@ -31,7 +30,7 @@ from torch.nn.attention import sdpa_kernel
 from effrepro_kernels import decode_attention, make_schedule
 from effrepro_kernels.decode_attention import SCHEDULES
 from repro import checks
-from repro.bench import Call, Point, Provider, copy_bandwidth, run_benchmark
+from repro.bench import Call, Point, Provider, copy_bandwidth, rotating, run_benchmark
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
@@ -71,13 +70,6 @@ def make_inputs(point: Point, device: torch.device, seed: int, rotate_bytes: int
     return copies, lengths
 
 
-def rotating(copies: list, fn) -> Call:
-    """A call that applies `fn` to the next copy each time; its result, checked against the baseline's, is
-    `fn` on the first copy (every provider draws the same copies)."""
-    turn = itertools.cycle(copies)
-    return Call(lambda: fn(*next(turn)), result=lambda: fn(*copies[0]), cycle=len(copies))
-
-
 def ours(kind: str, ctx: RunContext, seed: int, rotate_bytes: int) -> Provider:
     def build(point: Point) -> Call:
         copies, lengths = make_inputs(point, ctx.device, seed, rotate_bytes)
@@ -102,8 +94,8 @@ def sdpa_provider(name: str, ctx: RunContext, seed: int, rotate_bytes: int) -> P
         with sdpa_kernel(SDPA_BACKENDS[name]):
             first_call(name, lambda: run(*copies[0]), f"heads={point.extra['heads']} on {ctx.device.type}")
         # (batch, heads, head_dim), the baseline's shape
-        return replace(rotating(copies, run), result=lambda: run(*copies[0])[:, :, 0],
-                       context=sdpa_kernel(SDPA_BACKENDS[name]))
+        return rotating(copies, run, result=lambda: run(*copies[0])[:, :, 0],
+                        context=sdpa_kernel(SDPA_BACKENDS[name]))
     return Provider(name, build)
 
 
