@@ -123,6 +123,11 @@ class _Budgeted(Policy):
     def check(self, budget: int, whose: str = "") -> None:
         """Raise ValueError if the policy's other parameters do not fit `budget` (`whose`: said after it)."""
 
+    def scaled(self, count: int, budget: int) -> int:
+        """`count`, set for the policy's budget B, scaled to a layer's `budget`: the same share of it, so that a
+        budget_schedule keeps each layer's parameters in proportion to what it holds."""
+        return round(count * budget / self.budget)
+
     def budgets(self, n_layers: int) -> list[int | None]:
         budgets = layer_budgets(self.budget, self.budget_schedule, n_layers)
         for layer, budget in enumerate(budgets):
@@ -225,7 +230,7 @@ class Scissorhands(_PivotalCounts, _Budgeted):
 
     def amount(self, budget):
         """m, scaled with the layer's budget where budgets differ by layer."""
-        return budget // 2 if self.drop is None else max(1, round(self.drop * budget / self.budget))
+        return budget // 2 if self.drop is None else max(1, self.scaled(self.drop, budget))
 
     def check(self, budget, whose=""):
         if budget <= self.recent:
@@ -306,7 +311,7 @@ class H2O(_Budgeted):
     def recent_tokens(self, budget: int) -> int:
         """The window of newest tokens at a layer's `budget`: the same share of it as `recent` is of B (the
         paper's recent ratio), as Scissorhands' m is scaled."""
-        return budget // 2 if self.recent is None else round(self.recent * budget / self.budget)
+        return budget // 2 if self.recent is None else self.scaled(self.recent, budget)
 
     def check(self, budget, whose=""):
         if self.recent is not None and (not isinstance(self.recent, int) or self.recent < 0):
