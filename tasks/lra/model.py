@@ -71,7 +71,8 @@ class ButterflyFlashAttention(FlashAttention):
         blocks = self.block_mask.shape[-1]
         sizes = (seq_len - torch.arange(blocks) * self.block_size).clamp(0, self.block_size).double()
         pairs = sizes @ self.block_mask[0, 0].cpu().double() @ sizes
-        return 12 * width * float(pairs) / seq_len
+        # dense attention computes all seq_len² pairs: the kernel, the share of them its kept blocks hold
+        return dense_flops_per_token(width, seq_len) * float(pairs) / seq_len ** 2
 
     def sparsity(self, q):
         # the kernel's layout of the mask, built once per device and (batch, heads)
