@@ -225,11 +225,13 @@ def model_flops_per_token(model: torch.nn.Module, layers: int, width: int, seq_l
     """Training FLOPs per token, the usual model-FLOPs count (PaLM appendix B): 6 per weight outside the
     embeddings, plus attention's 12·layers·width·seq_len (what standard attention computes; no discount for
     causal masking). A token embedding tied to the output layer is that layer's weight too, a matrix product
-    every token pays for: it counts (as nanoGPT's MFU counts it). A model whose embeddings are not
-    `torch.nn.Embedding` says its own count through a `non_embedding_params()` method, and one whose attention
-    computes other than the seq_len² scores (Linformer's, a block-sparse one) its own through
-    `attention_flops_per_token(seq_len)`. `frozen`: the weights do not train (a prompt or adapters do), so a
-    weight costs 4, its gradient never computed."""
+    every token pays for: it counts (as nanoGPT's MFU counts it). A model this rule miscounts says its own count,
+    the weights a token multiplies once each, through a `non_embedding_params()` method: where its embeddings
+    are not `torch.nn.Embedding`, a token multiplies only top_k of its experts, a head runs once an example (it
+    counts its share of the example's tokens) or attention's own count holds some parameters' products
+    (Linformer's projections). One whose attention computes other than the seq_len² scores (Linformer's, a
+    block-sparse one) says its own through `attention_flops_per_token(seq_len)`. `frozen`: the weights do not
+    train (a prompt or adapters do), so a weight costs 4, its gradient never computed."""
     if hasattr(model, "non_embedding_params"):
         weights = model.non_embedding_params()
     else:
