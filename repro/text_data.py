@@ -86,15 +86,14 @@ def windows(ids: torch.Tensor, n: int, length: int, generator: torch.Generator) 
     return torch.stack([ids[s:s + length] for s in starts.tolist()]).long()
 
 
-def lm_batches(ids: torch.Tensor, sequences: int, seqlen: int, grad_accum: int, seed: int, draw=windows):
-    """`Trainee.batches` for a causal LM on `ids`: each step `grad_accum` micro-batches of `sequences` windows
-    drawn by `draw` (`windows`'s signature), a pure function of (step, rank) so that a resumed run sees the same
-    data."""
+def lm_batches(ids: torch.Tensor, sequences: int, seqlen: int, grad_accum: int, seed: int):
+    """`Trainee.batches` for a causal LM on `ids`: each step `grad_accum` micro-batches of `sequences` random
+    `windows` of `seqlen` tokens, a pure function of (step, rank) so that a resumed run sees the same data."""
     def batches(step: int, rank: int, world: int) -> list[dict]:
         generator = step_generator(seed, step, rank)
         micro = []
         for _ in range(grad_accum):
-            x = draw(ids, sequences, seqlen, generator)
+            x = windows(ids, sequences, seqlen, generator)
             micro.append({"input_ids": x, "labels": x})  # the model shifts the labels itself
         return micro
     return batches
