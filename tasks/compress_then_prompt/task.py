@@ -294,7 +294,8 @@ def training_text_identity(cfg: DictConfig) -> dict:
     text = OmegaConf.to_container(cfg.text, resolve=True)
     if text["name"] == "c4":
         return {"name": "c4"}
-    return {**text, "corpus": OmegaConf.to_container(cfg.model.get("data") or cfg.data, resolve=True)}
+    corpus, _ = stdlib_corpus(cfg)  # the corpus train_ids is read from; its cache root decides no token
+    return {**text, "corpus": OmegaConf.to_container(corpus, resolve=True)}
 
 
 class CompressThenPrompt:
