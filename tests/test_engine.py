@@ -591,7 +591,7 @@ def test_rerunning_a_finished_training_run_measures_afresh(tmp_path):
     assert len(list((tmp_path / "ckpt").glob("*.pt"))) == 2  # another corpus is another run, never a resume
 
 
-def test_a_run_given_an_earlier_runs_folder_is_refused_before_hydra_writes_there(tmp_path, monkeypatch):
+def test_a_run_given_an_earlier_runs_folder_is_refused_before_hydra_writes_there(tmp_path):
     """Hydra's account of the earlier run (.hydra/) was rewritten before the run was refused, for a reason that was
     not the one (another run started in the same second)."""
     code, _, err = run_inline(*KERNEL, "logger=none", f"hydra.run.dir={tmp_path}")
