@@ -57,7 +57,7 @@ def test_a_second_job_waits_for_the_build_under_way_and_uses_it(tmp_path, capsys
 
     first = threading.Thread(target=job, args=("first",))
     first.start()
-    started.wait()
+    assert started.wait(30)
     job("second")
     first.join()
     assert loaded == {"first": [1], "second": [1]} and len(built) == 1
