@@ -144,7 +144,7 @@ def trains_until_killed(cfg, ctx):
                            flops_per_token=1.0, fingerprint=name)
         return Candidate(name, {}, build)
 
-    kill_at = int(os.environ.get("FAKE_KILL_AT", 0))
+    kill_at = int(os.environ.get("FAKE_KILL_AT", -1))  # unset: never (as FAKE_EVALUATION_OOM_RANK)
     spec = TrainSpec(steps=4, lr=1e-2, precision="fp32", log_every=1, timing_skip_steps=1, checkpoint_every_s=0.0)
     for row in train_all([candidate("a"), candidate("b")], spec, ctx.device, os.environ["FAKE_CHECKPOINTS"]):
         yield row
