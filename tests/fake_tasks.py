@@ -103,13 +103,22 @@ def _regression_batches(step, rank, size):
     return [{"x": x, "y": x.sum(-1)}]
 
 
+def _trainee(name, evaluate=lambda model: [], model=_Regression):
+    """A `Candidate`'s build: a tiny regression (`model()`, made from seed 0) trained on `_regression_batches`."""
+    from repro.train import Trainee
+
+    torch.manual_seed(0)
+    return Trainee(name, model(), _regression_batches, evaluate, tokens_per_step=4, flops_per_token=1.0,
+                   fingerprint=name)
+
+
 def trains(cfg, ctx):
     """A candidate unsupported where it is built, then two tiny regressions, through the shared training loop as a
     training task trains its candidates: it joins no process group itself. With FAKE_EVALUATION_OOM_RANK=<rank> in
     the environment, the first regression's evaluation runs out of memory on that rank alone."""
     from repro.bench import Unsupported
     from repro.context import world
-    from repro.train import Candidate, Trainee, TrainSpec, train_all
+    from repro.train import Candidate, TrainSpec, train_all
 
     oom_rank = int(os.environ.get("FAKE_EVALUATION_OOM_RANK", -1))
 
@@ -119,11 +128,7 @@ def trains(cfg, ctx):
                 raise torch.OutOfMemoryError(f"CUDA out of memory (made up, on rank {oom_rank} alone)")
             return [Row(name, "step", 0, "val_loss", "nats", 0.0, n=1)]
 
-        def build():
-            torch.manual_seed(0)
-            return Trainee(name, _Regression(), _regression_batches, evaluate, tokens_per_step=4, flops_per_token=1.0,
-                           fingerprint=name)
-        return Candidate(name, {}, build)
+        return Candidate(name, {}, lambda: _trainee(name, evaluate))
 
     def unsupported():
         raise Unsupported("u needs what this machine lacks")
@@ -135,14 +140,10 @@ def trains(cfg, ctx):
 def trains_until_killed(cfg, ctx):
     """Two tiny regressions, a then b, through the shared training loop with checkpoints in FAKE_CHECKPOINTS; with
     FAKE_KILL_AT=<step>, the job is stopped (as by SIGTERM) once b has logged that step."""
-    from repro.train import Candidate, Trainee, TrainSpec, train_all
+    from repro.train import Candidate, TrainSpec, train_all
 
     def candidate(name):
-        def build():
-            torch.manual_seed(0)
-            return Trainee(name, _Regression(), _regression_batches, lambda model: [], tokens_per_step=4,
-                           flops_per_token=1.0, fingerprint=name)
-        return Candidate(name, {}, build)
+        return Candidate(name, {}, lambda: _trainee(name))
 
     kill_at = int(os.environ.get("FAKE_KILL_AT", -1))  # unset: never (as FAKE_EVALUATION_OOM_RANK)
     spec = TrainSpec(steps=4, lr=1e-2, precision="fp32", log_every=1, timing_skip_steps=1, checkpoint_every_s=0.0)
@@ -157,7 +158,7 @@ def draws(cfg, ctx):
     trained through the shared training loop; then every rank's draws, gathered, as a row each."""
     import torch.distributed as dist
 
-    from repro.train import Candidate, Trainee, TrainSpec, train_all
+    from repro.train import Candidate, TrainSpec, train_all
 
     drawn = []
 
@@ -167,13 +168,8 @@ def draws(cfg, ctx):
                 drawn.append(torch.rand(()).item())
             return super().forward(x, y)
 
-    def build():
-        torch.manual_seed(0)
-        return Trainee("d", Drawing(), _regression_batches, lambda model: [], tokens_per_step=4, flops_per_token=1.0,
-                       fingerprint="d")
-
     spec = TrainSpec(steps=2, lr=1e-2, precision="fp32", timing_skip_steps=0)
-    yield from train_all([Candidate("d", {}, build)], spec, ctx.device, None)
+    yield from train_all([Candidate("d", {}, lambda: _trainee("d", model=Drawing))], spec, ctx.device, None)
     drawn.append(torch.rand(()).item())  # after training: what a next build would draw
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, drawn)
