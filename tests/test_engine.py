@@ -658,47 +658,33 @@ def _reused(rows: list[dict], job) -> list[dict]:
     return [{**r, "extra": {**r["extra"], "reused_from": str(job)}} for r in rows]
 
 
-def test_a_requeued_slurm_job_reuses_the_training_runs_it_finished_and_a_new_job_trains_them_afresh(
-        tmp_path, monkeypatch):
+@pytest.mark.parametrize("requeued", [True, False], ids=["requeued SLURM job, same folder", "by hand, new folder"])
+def test_a_job_run_again_after_a_kill_reuses_the_training_runs_the_killed_job_finished(tmp_path, monkeypatch, requeued):
+    """Requeued (the same SLURM job, in its own folder) or run again by hand (in a new folder, a new job), it does not
+    train again what the killed job finished; another job, once one completed, trains and measures afresh."""
     _clean_tree(monkeypatch)
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv("FAKE_CHECKPOINTS", str(tmp_path / "ckpt"))
-    monkeypatch.setenv("FAKE_KILL_AT", "2")
-    job = ["logger=none", FAKE + "trains_until_killed", f"hydra.run.dir={tmp_path / 'job'}"]
-    assert run_inline(*job)[0] == 130  # killed while training b
-    killed = record(tmp_path / "job")
-    monkeypatch.delenv("FAKE_KILL_AT")
-    code, out, err = run_inline(*job)  # requeued: the same job, in its own folder
-    assert code == 0, err
-    assert "reused the finished run" in out and "training afresh" not in out
-    rows = lambda run, provider: [r for r in run["rows"] if r["provider"] == provider]  # noqa: E731
-    resumed = record(tmp_path / "job")
-    # a's rows as measured, each naming the job that measured them (the same folder here)
-    assert rows(resumed, "a") == _reused(rows(killed, "a"), tmp_path / "job")
-    assert any(r["metric"] == "tokens_per_s" for r in rows(resumed, "a"))
-    assert rows(resumed, "b")[:len(rows(killed, "b"))] == rows(killed, "b")
-    monkeypatch.setenv("SLURM_JOB_ID", "4243")
-    code, out, err = run_inline(*job[:-1], f"hydra.run.dir={tmp_path / 'another job'}")
-    assert code == 0 and out.count("finished run: training afresh") == 2, err
-
-
-def test_the_same_command_run_again_after_a_kill_reuses_the_training_runs_the_killed_job_finished(
-        tmp_path, monkeypatch):
-    """Run again by hand, in a new folder (a new job), it does not train again what the killed job finished; once a
-    job completed, the next run trains and measures afresh."""
-    _clean_tree(monkeypatch)
+    if requeued:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("FAKE_CHECKPOINTS", str(tmp_path / "ckpt"))
     monkeypatch.setenv("FAKE_KILL_AT", "2")
     job = ["logger=none", FAKE + "trains_until_killed"]
-    assert run_inline(*job, f"hydra.run.dir={tmp_path / 'killed'}")[0] == 130  # killed while training b
+    killed_in = tmp_path / "killed"
+    rerun_in = killed_in if requeued else tmp_path / "rerun"
+    assert run_inline(*job, f"hydra.run.dir={killed_in}")[0] == 130  # killed while training b
+    killed = record(killed_in)
     monkeypatch.delenv("FAKE_KILL_AT")
-    code, out, err = run_inline(*job, f"hydra.run.dir={tmp_path / 'rerun'}")
+    code, out, err = run_inline(*job, f"hydra.run.dir={rerun_in}")
     assert code == 0, err
     assert "reused the finished run" in out and "training afresh" not in out
-    a_rows = lambda folder: [r for r in record(tmp_path / folder)["rows"] if r["provider"] == "a"]  # noqa: E731
-    assert a_rows("rerun") == _reused(a_rows("killed"), tmp_path / "killed")
-    assert any(r["metric"] == "tokens_per_s" for r in a_rows("rerun"))
-    code, out, err = run_inline(*job, f"hydra.run.dir={tmp_path / 'after a completed run'}")
+    rows = lambda run, provider: [r for r in run["rows"] if r["provider"] == provider]  # noqa: E731
+    rerun = record(rerun_in)
+    # a's rows as measured, each naming the job that measured them
+    assert rows(rerun, "a") == _reused(rows(killed, "a"), killed_in)
+    assert any(r["metric"] == "tokens_per_s" for r in rows(rerun, "a"))
+    if requeued:  # its own folder: b's rows from before the kill are kept
+        assert rows(rerun, "b")[:len(rows(killed, "b"))] == rows(killed, "b")
+        monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    code, out, err = run_inline(*job, f"hydra.run.dir={tmp_path / 'another job'}")
     assert code == 0 and out.count("finished run: training afresh") == 2, err
 
 
