@@ -65,13 +65,21 @@ def unread(routing):
     raise AssertionError("a routing was read to the host")
 
 
-def test_resident_experts_serve_one_token_without_reading_its_routing_and_give_the_same_bits(monkeypatch):
+@pytest.fixture
+def forbid_routing_reads(monkeypatch):
+    """Called (once the reference is computed), any read of a routing to the host fails the test."""
+    def forbid():
+        monkeypatch.setattr(Routing, "start_read", unread)
+        monkeypatch.setattr(Routing, "counts", unread)
+    return forbid
+
+
+def test_resident_experts_serve_one_token_without_reading_its_routing_and_give_the_same_bits(forbid_routing_reads):
     torch.manual_seed(2)
     h, w_in, w_out = torch.randn(1, 7), torch.randn(5, 11, 7), torch.randn(5, 7, 11)
     weights, experts = torch.randn(1, 5).softmax(-1).topk(1, -1)
     read = mix_experts(h, Routing(experts, weights, 0.0, 5), lambda e: (w_in[e], w_out[e]))
-    monkeypatch.setattr(Routing, "start_read", unread)
-    monkeypatch.setattr(Routing, "counts", unread)
+    forbid_routing_reads()
     assert torch.equal(mix_experts(h, Routing(experts, weights, 0.0, 5), ExpertStack(w_in, w_out)), read)
 
 
@@ -224,13 +232,13 @@ def test_every_strategy_gives_gpu_only_outputs_bit_for_bit(pregate, strategy, to
     assert summary["bytes_per_token"] == summary["bytes_copied"] / summary["tokens"]
 
 
-def test_gpu_only_serves_batch_1_without_reading_a_routing_and_gives_the_offloading_strategies_tokens(monkeypatch):
+def test_gpu_only_serves_batch_1_without_reading_a_routing_and_gives_the_offloading_strategies_tokens(
+        forbid_routing_reads):
     """As FasterTransformer's GPU-only: at one (token, choice) a step its host never waits for a gate."""
     prompt = tokens(1, 1)
     pregated = ExpertOffload(build(pregate=True), "pregated", "cpu")
     expected, logits = generate(pregated, prompt, 6), pregated(prompt)
-    monkeypatch.setattr(Routing, "start_read", unread)
-    monkeypatch.setattr(Routing, "counts", unread)
+    forbid_routing_reads()
     runtime = ExpertOffload(build(pregate=True), "gpu_only", "cpu")
     assert torch.equal(generate(runtime, prompt, 6), expected) and torch.equal(runtime(prompt), logits)
     summary = runtime.summary()
