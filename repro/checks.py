@@ -46,8 +46,8 @@ def number(key: str, value: Any, *, integer: bool = True, at_least: float | None
            below: float | None = None, at_most: float | None = None, divides: int | None = None,
            finite: bool = False) -> None:
     """`value` is one number of the right kind within the bounds given; a list is refused (a key that takes a list
-    of numbers is checked by `numbers`). `finite` refuses nan and inf: nan passes every bound (each comparison
-    with it is false), inf every lower one."""
+    of numbers is checked by `numbers`). nan is always refused: it would pass every bound (each comparison with it
+    is false). `finite` refuses inf as well, which passes every lower bound."""
     wanted = "an integer" if integer else "a finite number" if finite else "a number"
     bounds = [f">= {at_least:g}" if at_least is not None else "", f"> {above:g}" if above is not None else "",
               f"< {below:g}" if below is not None else "", f"<= {at_most:g}" if at_most is not None else ""]
@@ -55,7 +55,7 @@ def number(key: str, value: Any, *, integer: bool = True, at_least: float | None
     if isinstance(value, Sequence) and not isinstance(value, str):
         raise ConfigError(f"{key}={list(value)!r} must be one value, {what}, not a list")
     kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not kind_ok or (finite and not math.isfinite(value)):
+    if isinstance(value, bool) or not kind_ok or math.isnan(value) or (finite and math.isinf(value)):
         raise ConfigError(f"{key}={value!r} must be {what}")
     if (at_least is not None and value < at_least) or (above is not None and value <= above) or \
             (below is not None and value >= below) or (at_most is not None and value > at_most):

@@ -158,14 +158,12 @@ class TrainSpec:
             checks.number(f"train.{name}", getattr(self, name), at_least=1)
         for name in ("warmup_steps", "eval_every", "timing_skip_steps"):
             checks.number(f"train.{name}", getattr(self, name), at_least=0)
-        # nan passes every bound: finite, where it would train on nan or never clip
+        # finite: an inf lr or weight decay would train on nan, an inf grad_clip never clip
         checks.number("train.lr", self.lr, integer=False, above=0, finite=True)
         for name in ("weight_decay", "grad_clip"):
             checks.number(f"train.{name}", getattr(self, name), integer=False, at_least=0, finite=True)
+        # not finite: inf is allowed (no checkpoint but the last); number refuses nan, which would never save
         checks.number("train.checkpoint_every_s", self.checkpoint_every_s, integer=False, at_least=0)
-        # inf is allowed (no checkpoint but the last), nan is not: no elapsed time exceeds it, silently never saving
-        if math.isnan(self.checkpoint_every_s):
-            raise ConfigError("train.checkpoint_every_s=nan must be a number >= 0 (inf: none but the final one)")
         checks.number("train.min_lr_ratio", self.min_lr_ratio, integer=False, at_least=0, at_most=1, finite=True)
         checks.flag("train.profile", self.profile)
         pair = isinstance(self.betas, Sequence) and not isinstance(self.betas, str)
