@@ -329,9 +329,10 @@ def _load_trained(cfg, device, dtype):
 
     folder = trained_dir(cfg)
     _check_trainable(cfg, device)
-    if not _is_cached(cfg):
+    if _is_cached(cfg):
+        _check_corpus(cfg, folder)
+    else:  # trained here on the stream it records: nothing to check, and rereading the corpus is slow
         train_model(cfg, device, folder)
-    _check_corpus(cfg, folder)
     config = AutoConfig.from_pretrained(folder)
     check_fits(config, dtype, device, f"model={cfg.name}")
     return _pretrained(folder, device, dtype, config=config), AutoTokenizer.from_pretrained(folder)
