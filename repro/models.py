@@ -57,14 +57,13 @@ def require_model(cfg: DictConfig, what: str) -> None:
     model_cfg, source = cfg.model, _source(cfg.model)
     if source in ("random", "trained"):  # a Llama this suite builds
         check_arch(model_cfg.arch)
-    if source == "trained":
-        checks.number("model.batch.sequences", model_cfg.batch.sequences, at_least=1)
-        checks.number("model.eval.chunks", model_cfg.eval.chunks, at_least=1)
     if source == "gguf":
         _gguf_path(model_cfg)
     elif source == "hub":
         _hub_name(model_cfg)
     elif source == "trained":
+        checks.number("model.batch.sequences", model_cfg.batch.sequences, at_least=1)
+        checks.number("model.eval.chunks", model_cfg.eval.chunks, at_least=1)
         _check_trainable(model_cfg, resolve_device(cfg.scale))
     if model_cfg.get("data") is not None:
         _check_no_data_set(cfg)
