@@ -613,7 +613,7 @@ def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_fr
     retracted = load_retracted(runs)
     keep, listed, seen, used = [], [], set(), set()
     for path, record in records:
-        key = path.relative_to(runs).as_posix().removesuffix(".gz")
+        key = _record_key(path, runs)
         matched = [name for name in retracted if fnmatch.fnmatchcase(key, name)]
         if not matched:
             keep.append((path, record))
@@ -623,7 +623,7 @@ def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_fr
         for name in matched:
             for i, (metrics, where, why) in enumerate(retracted[name]):
                 which = _retracted_rows(metrics, where) if metrics else "the whole record"
-                listed.append(f"{_record_item(path, record, runs, links_from)}, {which}: {why.strip()}")
+                listed.append(f"{_record_item(path, key, record, links_from)}, {which}: {why.strip()}")
                 # against the record's own rows: another entry may have retracted the same rows first
                 if not metrics or any(r.metric in metrics and _matches(r, where) for r in record.rows):
                     used.add((name, i))
@@ -710,16 +710,20 @@ def build_report(runs: Path, published: Path, out: Path, readme: Path | None) ->
     return report, problems
 
 
-def _record_item(path: Path, record: RunRecord, runs: Path, links_from: Path) -> str:
-    """A list item naming a record: its path under `runs` (without a packed record's .gz), linked, card, scale."""
-    key = path.relative_to(runs).as_posix().removesuffix(".gz")
+def _record_key(path: Path, runs: Path) -> str:
+    """A record's name in the report and the retraction list: its path under `runs`, without a packed record's .gz."""
+    return path.relative_to(runs).as_posix().removesuffix(".gz")
+
+
+def _record_item(path: Path, key: str, record: RunRecord, links_from: Path) -> str:
+    """A list item naming a record: its `_record_key`, linked to `path`, card, scale."""
     return f"- [`{key}`]({_link(path, links_from)}) ({record.gpu_name}, {record.scale})"
 
 
 def _unused_line(path: Path, record: RunRecord, runs: Path, links_from: Path) -> str:
     error = (record.error or "").strip().splitlines() or ["no error recorded"]
     why = error[0] if len(error[0]) <= 200 else error[0][:200] + "…"
-    return f"{_record_item(path, record, runs, links_from)}, ended in {record.status}: {why}"
+    return f"{_record_item(path, _record_key(path, runs), record, links_from)}, ended in {record.status}: {why}"
 
 
 def _rel(path: Path) -> str:
