@@ -76,12 +76,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                       is_causal: bool | None = None, **kwargs):
     """transformers' attention signature: (batch, heads, seq, head_dim) in, (batch, seq, heads, head_dim) out."""
-    if kwargs.get("output_attentions"):
+    # popped, so the check of the rest below need not name it: falsy (False, None, 0) it is off, truthy refused
+    if kwargs.pop("output_attentions", None):
         raise ValueError(f"{NAME} attention computes no attention weights (output_attentions=True): build the model "
                          f"with attn_implementation='eager' for them")
     for name, given in kwargs.items():
-        # False and None are how models say a feature is off (output_attentions=False, softcap=None)
-        if name not in HARMLESS and name != "output_attentions" and given is not None and given is not False:
+        # False and None are how models say a feature is off (softcap=None, a flag passed as False)
+        if name not in HARMLESS and given is not None and given is not False:
             raise ValueError(f"{NAME} attention does not support {name}={_brief(given)}: the kernel takes q, k, v, "
                              f"a causal or key-padding mask, scaling, dropout and is_causal (and ignores "
                              f"{', '.join(sorted(HARMLESS))})")
