@@ -4,8 +4,12 @@
     register()                      # once per process
     model = AutoModel.from_config(config, attn_implementation="effrepro")
 
-The model builds the same boolean masks as for `sdpa`; they are mapped onto the kernel's own causal flag and
-key padding mask. A mask the kernel cannot express (sliding windows, packed sequences, custom patterns) is an
+Where causality and key padding are all a model's mask holds (a sequence attending over itself, no window, no
+cache offset), the mask hook (`attention_mask`) hands the attention the (batch, keys) padding mask itself, which
+the kernel takes as it is: no (batch, 1, queries, keys) mask is built and nothing is read back from the device.
+Other masks are built as for `sdpa` (a cross-attention's, one over a cache, a sliding window, packed sequences),
+and a boolean (batch, 1, queries, keys) mask is checked and mapped onto the kernel's causal flag and key padding
+mask, with one device sync per forward pass (`key_padding_mask_of`). A mask the kernel cannot express (sliding windows, packed sequences, custom patterns) is an
 error, never a silent change of result; so is an argument it cannot honour (a logit softcap, attention sinks, a
 position bias: `HARMLESS` lists those it may ignore), and a request for the attention weights.
 """
@@ -30,11 +34,15 @@ _last_read: tuple | None = None
 
 
 def key_padding_mask_of(mask: torch.Tensor, causal: bool) -> torch.Tensor | None:
-    """The (batch, Nk) key mask behind a (batch, 1, Nq, Nk) boolean mask, after checking that causality and
-    key padding are all that mask holds: in blocks of rows (no batch × Nq × Nk temporary), with one device sync."""
+    """The (batch, Nk) key mask behind a model's mask: a (batch, Nk) mask is that already (the kernel checks its
+    type and shape); a (batch, 1, Nq, Nk) boolean one is read after checking that causality and key padding are
+    all it holds: in blocks of rows (no batch × Nq × Nk temporary), with one device sync."""
     global _last_read
+    if mask.dim() == 2:
+        return mask
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
-        raise ValueError(f"{NAME} takes boolean (batch, 1, q, k) masks, got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(f"{NAME} takes (batch, k) key-padding masks or boolean (batch, 1, q, k) masks, got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
     # inference tensors keep no version counter, and under compile the check is traced: neither is cached
     cached = not torch.compiler.is_compiling() and not mask.is_inference()
     last = _last_read  # read once: another thread may replace it
@@ -99,24 +107,35 @@ def _brief(value) -> str:
     return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
 
 
-def attention_mask(batch_size: int, q_length: int, kv_length: int, *args, mask_function=None,
+def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
                    attention_mask: torch.Tensor | None = None, local_size: int | None = None,
                    allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False, **kwargs):
-    """transformers' mask hook: no mask where the kernel's causal flag says it all (causal or full attention of
-    a sequence over itself, no attention mask given, no window), else sdpa's boolean mask. transformers' own sdpa
-    mask is built under torch.compile on torch < 2.14 even then, and reading it (`attention_forward`) would break
-    the graph in every layer. (An all-ones attention mask given under compile is still read, with that break.)"""
+    """transformers' mask hook. Where the mask would hold causality or full attention of a sequence over itself
+    and nothing else but key padding (no window, no cache offset) and the caller lets it be skipped: no mask
+    without an attention mask (the kernel's causal flag says it all), else the (batch, kv_length) padding mask
+    as it is, for the kernel to take. Neither builds a (batch, 1, q, k) mask or reads the device: transformers'
+    sdpa mask builds one whenever a batch is padded, and would need reading back (one sync every forward pass),
+    and under torch.compile on torch < 2.14 it is built even unpadded, where reading it would break the graph in
+    every layer. Any other mask is sdpa's boolean one, which `attention_forward` checks and reads."""
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
-    plain = attention_mask is None and local_size is None and q_length == kv_length and (
-        (mask_function is causal_mask_function and allow_is_causal_skip)
-        or (mask_function is bidirectional_mask_function and allow_is_bidirectional_skip))
-    if plain:
-        return None
-    return sdpa_mask(batch_size, q_length, kv_length, *args, mask_function=mask_function or causal_mask_function,
-                     attention_mask=attention_mask, local_size=local_size,
-                     allow_is_causal_skip=allow_is_causal_skip,
+    own_keys = local_size is None and q_length == kv_length and _is_zero(q_offset) and _is_zero(kv_offset)
+    skippable = (mask_function is causal_mask_function and allow_is_causal_skip) or \
+        (mask_function is bidirectional_mask_function and allow_is_bidirectional_skip)
+    if own_keys and skippable:
+        if attention_mask is None:
+            return None
+        if attention_mask.shape == (batch_size, kv_length):  # made boolean, on the model's device, by transformers
+            return attention_mask
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                     mask_function=mask_function or causal_mask_function, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
                      allow_is_bidirectional_skip=allow_is_bidirectional_skip, **kwargs)
+
+
+def _is_zero(offset) -> bool:
+    """An offset known to be 0 without reading the device (a cache may give a tensor)."""
+    return isinstance(offset, int) and offset == 0
 
 
 def register(name: str = NAME) -> str:

@@ -117,6 +117,30 @@ def test_without_padding_no_mask_is_read_and_the_model_compiles_as_one_graph(kin
             torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_a_padded_batch_gives_the_kernel_its_padding_mask_without_a_dense_mask_or_a_device_read(kind, side,
+                                                                                                monkeypatch):
+    """A causal and a bidirectional model over an odd length, one sequence padded: no (batch, 1, q, k) mask is
+    built (transformers' sdpa_mask is never called) and nothing is read back from the device (a read breaks the
+    compiled graph, an error with fullgraph); eager's and sdpa's results at every real position."""
+    register()
+    ids = torch.randint(0, 97, (3, 21), device=DEVICE)
+    mask = torch.ones(3, 21, dtype=torch.long, device=DEVICE)
+    mask[1, slice(15, None) if side == "right" else slice(None, 6)] = 0
+    mask[2, slice(20, None) if side == "right" else slice(None, 1)] = 0
+    real = mask.bool()
+
+    def hidden(model):
+        out = model(input_ids=ids, attention_mask=mask)
+        return (out.logits if hasattr(out, "logits") else out.last_hidden_state)[real]
+    refs = {implementation: hidden(build(kind, implementation)) for implementation in ("eager", "sdpa")}
+    monkeypatch.setattr("transformers.masking_utils.sdpa_mask", lambda *a, **k: pytest.fail("a dense mask was built"))
+    ours = hidden(torch.compile(build(kind, NAME), fullgraph=True, backend="eager"))
+    for ref in refs.values():
+        torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3)
+
+
 def qkv(seq: int = 5):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     return [torch.randn(2, 2, seq, 16, device=DEVICE, generator=gen) for _ in range(3)]
