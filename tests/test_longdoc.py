@@ -93,6 +93,7 @@ def test_a_document_longer_than_the_model_is_cut_and_counted():
                                            [data.BOS, 10, 11, 12, data.EOS, data.PAD, data.PAD]]
     assert batch["attention_mask"].tolist() == [[1] * 7, [1] * 5 + [0] * 2]
     assert torch.equal(batch["labels"], torch.eye(3)[[2, 0]])
+    assert "attention_mask" not in data.encode(docs, [2, 1], 7)  # none padded: no mask (our kernel's unmasked path)
 
 
 def test_the_position_table_grows_by_copying_its_learned_rows():

@@ -59,7 +59,9 @@ class Documents:
 
 def encode(docs: Documents, picks, seq_len: int) -> dict[str, torch.Tensor]:
     """The batch of documents `picks` at length `seq_len`: <s>, the document's first seq_len - 2 tokens, </s>,
-    then padding."""
+    then padding, and an attention mask where a document is padded. A batch whose documents all fill the length
+    carries none: transformers then builds no mask and our kernel runs unmasked; handed a mask of ones it would
+    run its masked path, since telling that a mask is all ones takes a read from the device."""
     body = seq_len - SPECIAL_TOKENS
     input_ids = torch.full((len(picks), seq_len), PAD, dtype=torch.long)
     for row, i in enumerate(picks):
@@ -67,7 +69,11 @@ def encode(docs: Documents, picks, seq_len: int) -> dict[str, torch.Tensor]:
         input_ids[row, 0] = BOS
         input_ids[row, 1:1 + len(doc)] = doc
         input_ids[row, 1 + len(doc)] = EOS
-    return {"input_ids": input_ids, "attention_mask": (input_ids != PAD).long(), "labels": docs.labels[list(picks)]}
+    batch = {"input_ids": input_ids, "labels": docs.labels[list(picks)]}
+    real = input_ids != PAD
+    if not real.all():
+        batch["attention_mask"] = real.long()
+    return batch
 
 
 def truncated(docs: Documents, seq_len: int) -> int:
