@@ -7,11 +7,11 @@
 Where causality and key padding are all a model's mask holds (a sequence attending over itself, no window, no
 cache offset), the mask hook (`attention_mask`) hands the attention the (batch, keys) padding mask itself, which
 the kernel takes as it is: no (batch, 1, queries, keys) mask is built and nothing is read back from the device.
-Other masks are built as for `sdpa` (a cross-attention's, one over a cache, a sliding window, packed sequences),
-and a boolean (batch, 1, queries, keys) mask is checked and mapped onto the kernel's causal flag and key padding
-mask, with one device sync per forward pass (`key_padding_mask_of`). A mask the kernel cannot express (sliding windows, packed sequences, custom patterns) is an
-error, never a silent change of result; so is an argument it cannot honour (a logit softcap, attention sinks, a
-position bias: `HARMLESS` lists those it may ignore), and a request for the attention weights.
+Any other mask (a cross-attention's, one over a cache, ...) is built as for `sdpa`, then checked and mapped onto
+the kernel's causal flag and key padding mask, with one device sync per forward pass (`key_padding_mask_of`).
+A mask the kernel cannot express (sliding windows, packed sequences, custom patterns) is an error, never a silent
+change of result; so is an argument it cannot honour (a logit softcap, attention sinks, a position bias:
+`HARMLESS` lists those it may ignore), and a request for the attention weights.
 """
 from __future__ import annotations
 
