@@ -158,7 +158,7 @@ def test_smoke_run_records_f1_per_length_over_two_seeds_and_the_truncated_docume
         assert f1["n"] == 2 and f1["extra"]["seeds"] == [0, 1] and f1["unit"] == "%"
         assert by[("eager", "train_step_time", seq_len, None)]["status"] == "ok"
         assert ("eager", "micro_f1", seq_len, None) not in by  # timed only
-        assert by[("ceiling", "micro_f1", seq_len, None)]["p50"] > 0
+        assert by[("evidence_reader", "micro_f1", seq_len, None)]["p50"] > 0
     assert by[("data", "truncated_documents", 32, "synthetic-train")]["p50"] == 32  # all longer than 30 tokens
     (lift,) = [r for r in rows if r["metric"] == "f1_lift"]
     assert lift["provider"] == "sdpa" and lift["n"] == 2 and lift["extra"]["shortest"] == 32

@@ -15,7 +15,7 @@ longdoc_data.py: ECtHR, MIMIC-III (local files only) or the generated corpus.
 Rows: per run, the training loop's loss, validation micro/macro-F1, step time and memory; then per data set,
 implementation and length, F1 over the seeds (median, 20th and 80th percentiles), step time, peak memory and
 the speedup over eager; the micro-F1 lift of the best length over the shortest (Table 5's "lift"); how many
-documents each length truncates; and, on generated data, the F1 of a perfect reader of what each length shows.
+documents each length truncates; and, on generated data, the F1 of a reader of the evidence each length shows.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ from . import longdoc_data as data
 
 OURS = "effrepro"
 ATTENTION = (OURS, "sdpa", "eager")
+# on generated data: the reader that predicts exactly the labels whose evidence a length shows
+EVIDENCE_READER = "evidence_reader"
 PAPER_DATASETS = ("ecthr", "mimic-iii")  # Table 5's: their mean lift is the abstract's "6.4 points"
 # per-run metrics summarised per length over the seeds: (the run's metric, the summary's, unit)
 SUMMARIES = (("val_micro_f1", "micro_f1", "%"), ("val_macro_f1", "macro_f1", "%"),
@@ -154,8 +156,10 @@ def _micro(spec: DictConfig, seq_len: int) -> int:
 
 def data_rows(dataset: str, train: data.Documents, val: data.Documents, lengths: list[int]) -> Iterator[Row]:
     """Document lengths, how many documents each length truncates (also said on the console: a document cut
-    short is never a silent change), and on generated data the F1 of a perfect reader of what each length
-    shows."""
+    short is never a silent change), and on generated data the F1 of `EVIDENCE_READER`. That reader is a yardstick
+    of what a length shows, not the best F1 a model of that length can reach: F1 rewards guessing unseen labels
+    (on the small set at 512, predicting every late label besides the visible ones scores macro-F1 72.4 against
+    the reader's 50.0)."""
     for docs in (train, val):
         tokens = [float(len(ids)) for ids in docs.ids]
         p50, p20, p80 = median_p20_p80(tokens)
@@ -173,9 +177,10 @@ def data_rows(dataset: str, train: data.Documents, val: data.Documents, lengths:
         for seq_len in lengths:
             micro, macro = f1_scores(data.visible_labels(val, seq_len), val.labels)
             for metric, value in (("micro_f1", micro), ("macro_f1", macro)):
-                yield Row("ceiling", "seq_len", seq_len, metric, "%", 100 * value, n=1,
+                yield Row(EVIDENCE_READER, "seq_len", seq_len, metric, "%", 100 * value, n=1,
                           extra=dict(dataset=dataset, series=dataset,
-                                     meaning="a perfect reader of the evidence within the first seq_len tokens"))
+                                     meaning="predicts exactly the labels whose evidence lies within the first "
+                                             "seq_len tokens; not an upper bound on F1"))
 
 
 def _trainee(cfg: DictConfig, ctx: RunContext, dataset: str, train: data.Documents, val: data.Documents,
