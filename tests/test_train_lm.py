@@ -41,6 +41,17 @@ def test_each_of_our_builds_is_compared_with_sdpa_built_the_same_way():
                    pytest.approx(1.2), ("effrepro+packed+compile+graphs", "sdpa+compile+graphs"): pytest.approx(1.3)}
 
 
+@pytest.mark.parametrize("scale", ["smoke", "small", "paper"])
+@pytest.mark.parametrize("task", ["flash_gpt2", "flash_gpt2_long", "flash_bert"])
+def test_each_of_our_builds_in_a_tasks_list_has_its_same_build_sdpa_there(compose, task, scale):
+    from tasks.flashattention.train_lm import same_build_sdpa
+
+    implementations = list(compose(f"task={task}", f"scale={scale}").attention)
+    missing = {name: same_build_sdpa(name) for name in implementations
+               if same_build_sdpa(name) not in (None, *implementations)}
+    assert not missing, missing
+
+
 def test_megatron_is_gpt2_only_and_says_why_it_cannot_run():
     with pytest.raises(Unsupported, match="GPT-2 only, not bert"):
         build_megatron_gpt2(torch.device("cpu"), "bert", 2, 64, 2, 100, 32, 0.0, 0)
