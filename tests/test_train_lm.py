@@ -134,6 +134,15 @@ def test_the_gpt2_it_trains_compiles_as_one_graph_with_our_attention(monkeypatch
         torch.compile(model, fullgraph=True, backend="eager")(input_ids=ids, labels=ids).loss.backward()
 
 
+def test_a_bert_sequence_too_short_to_hold_a_masked_token_is_refused(refusal, compose):
+    from tasks.flashattention.train_lm import validate
+
+    error = refusal("task=flash_bert", "scale=smoke", "model.seq_len=[2,64]")
+    assert "model.seq_len=2" in error and "at least 3" in error, error
+    validate(compose("task=flash_bert", "scale=smoke", "model.seq_len=[3,64]", "batch.tokens=192"))
+    validate(compose("task=flash_gpt2", "scale=smoke", "model.seq_len=[2,64]"))  # GPT-2 predicts from 2 tokens
+
+
 def test_a_misspelt_compile_backend_is_refused_before_any_implementation_trains(refusal, compose):
     from tasks.flashattention.train_lm import validate
 

@@ -199,6 +199,9 @@ def validate(cfg: DictConfig) -> None:
     checks.number("eval.batches", cfg.eval.batches, at_least=1)
     TrainSpec.from_config(cfg.train)
     for seq_len in as_list(m.seq_len):
+        if m.family == "bert" and seq_len < 3:  # no token to mask: every loss would be nan
+            raise ConfigError(f"model.seq_len={seq_len}: a BERT sequence is [CLS] and [SEP] around the tokens it "
+                              "masks, so model family bert needs at least 3")
         if m.positions and seq_len > m.positions:
             raise ConfigError(f"model.seq_len={seq_len} is beyond the model's {m.positions} positions "
                               "(model.positions); raise model.positions or shorten the sequence")
