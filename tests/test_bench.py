@@ -228,7 +228,7 @@ def test_flash_kernel_checks_block_sparse_providers_under_their_mask_and_dropout
     device = torch.device(DEVICE)  # our kernel in the interpreter on a CPU
     ctx = SimpleNamespace(device=device)
     providers = [kb.provider("standard", kb.standard, ctx, 0),
-                 kb.provider("sdpa_math", kb.sdpa_attention("sdpa_math"), ctx, 0),
+                 kb.provider("sdpa_math", kb.sdpa_attention, ctx, 0),
                  kb.provider("effrepro_sparse_0.5", kb.ours_sparse(0.5), ctx, 0, density=0.5),
                  kb.provider("dense_as_sparse", kb.standard, ctx, 0, density=0.5)]
     rows = list(run_benchmark(kb.grid(kernel), providers, device, warmup_ms=1, rep_ms=5, progress=False))
@@ -469,6 +469,36 @@ def test_decode_bench_sdpa_sets_its_backend_once_per_point_not_in_every_timed_ca
                 decode_bench.sdpa_provider("sdpa_math", ctx, 0, rotate_bytes=1)], [point])
     (timed,) = [r for r in rows if r.provider == "sdpa_math" and r.metric == "time"]
     assert timed.status == "ok" and timed.n >= MIN_CALLS
+    assert len(flag_sets) == 4  # set and restored twice: the first call, which may decline; then the measurement
+
+
+def test_flash_kernel_sdpa_sets_its_backend_and_makes_its_mask_once_per_point_not_in_every_timed_call(monkeypatch):
+    """A causal point with key padding: SDPA's (batch, 1, N, N) mask is made once, when the point is built, and
+    its backend set once around the timed calls (about 18 us of host time a call where each entered it)."""
+    import torch.nn.attention as attention
+    from omegaconf import OmegaConf
+
+    from repro.timing import MIN_CALLS
+    from tasks.flashattention import kernel_bench as kb
+
+    flag_sets, real = [], attention._sdpa_kernel
+    monkeypatch.setattr(attention, "_sdpa_kernel", lambda *args: flag_sets.append(args) or real(*args))
+    masks_made, masks_used = [], set()
+    real_mask, real_sdpa = kb.sdpa_mask, torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(kb, "sdpa_mask", lambda *args: masks_made.append(args) or real_mask(*args))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, attn_mask, **kwargs: masks_used.add(id(attn_mask)) or
+                        real_sdpa(*args, attn_mask=attn_mask, **kwargs))
+    kernel = OmegaConf.create(dict(seq_len=[40], head_dim=[16], causal=[True], mode=["fwd"], tokens=80, hidden=32,
+                                   batch=None, heads=None, dtype="float32", dropout=0.0, padding_mask=True))
+    ctx = SimpleNamespace(device=torch.device("cpu"))
+    rows = run([kb.provider("standard", kb.standard, ctx, 0), kb.provider("sdpa_math", kb.sdpa_attention, ctx, 0)],
+               kb.grid(kernel))
+    timed = {r.provider: r for r in rows if r.metric == "time"}["sdpa_math"]
+    assert timed.status == "ok" and timed.n >= MIN_CALLS
+    error = {r.provider: r for r in rows if r.metric == "rel_error"}["sdpa_math"]
+    assert error.p50 < 2e-3  # the mask made once is the point's: causal and padded, as the baseline's
+    assert len(masks_made) == 1 and len(masks_used) == 1
     assert len(flag_sets) == 4  # set and restored twice: the first call, which may decline; then the measurement
 
 

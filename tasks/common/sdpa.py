@@ -1,13 +1,13 @@
 """PyTorch's scaled-dot-product attention as benchmark providers, one per backend, for every task that times
-attention against it."""
+attention against it: the backends by provider name (a provider sets its backend once around its calls, with
+`sdpa_kernel`, as its Call's context), and the first call that tells a point a backend declines."""
 from __future__ import annotations
 
 import warnings
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from repro.bench import Unsupported
 
@@ -23,14 +23,6 @@ def declined(exc: BaseException) -> bool:
     """SDPA refusing a shape under the chosen backend ("No available kernel" on CUDA, "No viable backend" on
     the CPU): a provider that cannot run the point, not a failure."""
     return isinstance(exc, RuntimeError) and ("No available kernel" in str(exc) or "No viable backend" in str(exc))
-
-
-def sdpa(backend: SDPBackend, **fixed) -> Callable[..., torch.Tensor]:
-    """`F.scaled_dot_product_attention` restricted to one backend, with `fixed` keyword arguments."""
-    def attend(q, k, v, **kwargs):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, **fixed, **kwargs)
-    return attend
 
 
 def first_call(name: str, run: Callable[[], torch.Tensor], why: str) -> torch.Tensor:

@@ -2,12 +2,15 @@
 paper's baseline, on the FA2/FA3 benchmark grid and on the paper's own Figure-3 setting."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.attention import sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from effrepro_kernels import BlockSparseLayout, attention_reference, block_mask_to_dense, flash_attn, random_block_mask
@@ -16,7 +19,7 @@ from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
-from tasks.common.sdpa import SDPA_BACKENDS, first_call, sdpa
+from tasks.common.sdpa import SDPA_BACKENDS, first_call
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 # FLOPs of one call relative to the forward (FlashAttention's convention: the backward is 2.5 forwards).
@@ -92,17 +95,21 @@ def _check_heads_divide(spec: dict, head_dims: list, key: Callable[[str], str]) 
                                   f"divides, or set {key('heads')}")
 
 
-def sdpa_attention(name: str) -> AttentionFn:
-    def attend(q, k, v, *, causal, dropout_p, key_padding_mask):
-        mask = None
-        if key_padding_mask is not None:  # SDPA takes one mask: fold causality into it
-            mask = key_padding_mask[:, None, None, :]
-            if causal:
-                n_q, n_k = q.shape[-2], k.shape[-2]
-                mask = mask & torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
-        return sdpa(SDPA_BACKENDS[name])(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=causal and mask is None)
-    return attend
+def sdpa_mask(key_padding_mask: torch.Tensor | None, causal: bool, n_q: int, n_k: int) -> torch.Tensor | None:
+    """The one boolean mask SDPA takes for a point with key padding, causality (aligned bottom-right, as in
+    flash_attn) folded into it: (batch, 1, 1 or n_q, n_k). None without padding, where `is_causal` says it all."""
+    if key_padding_mask is None:
+        return None
+    mask = key_padding_mask[:, None, None, :]
+    if causal:
+        mask = mask & torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device).tril(n_k - n_q)
+    return mask
+
+
+def sdpa_attention(q, k, v, *, causal, dropout_p, attn_mask):
+    """SDPA on the backend that `provider` sets around its calls, with the mask `sdpa_mask` made for the point."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=causal and attn_mask is None)
 
 
 def standard(q, k, v, *, causal, dropout_p, key_padding_mask):
@@ -244,17 +251,28 @@ def make_inputs(point: Point, device: torch.device, seed: int):
 def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, density: float | None = None) -> Provider:
     """`attend` timed in the point's mode, and checked on the point's inputs without dropout (each implementation
     draws its own dropout mask): its output, or its gradients in the backward modes, against the baseline's; a
-    block-sparse one's (`density`) against standard attention under the same block mask."""
+    block-sparse one's (`density`) against standard attention under the same block mask. `attend` is handed the
+    point's key padding mask, or, for the SDPA providers (`sdpa_attention`), the mask `sdpa_mask` makes of it."""
+    backend = SDPA_BACKENDS.get(name)
+
+    def context():
+        """An SDPA provider's backend, set around its calls (the first and, as the Call's context, the timed ones
+        together), so that no timed call pays for setting it, which no other provider does."""
+        return sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
 
     def build(point: Point) -> Call:
         q, k, v, mask = make_inputs(point, ctx.device, seed)
         e = point.extra
+        # SDPA's mask is made here, once for the point, not inside its timed calls
+        masks = dict(key_padding_mask=mask) if backend is None else \
+            dict(attn_mask=sdpa_mask(mask, e["causal"], q.shape[2], k.shape[2]))
 
         def call(fn, dropout_p):
-            return fn(q, k, v, causal=e["causal"], dropout_p=dropout_p, key_padding_mask=mask)
+            return fn(q, k, v, causal=e["causal"], dropout_p=dropout_p, **masks)
         run = functools.partial(call, attend, e["dropout"])
-        out = first_call(name, run, f"dtype={e['dtype']} head_dim={e['head_dim']} mask={e['padding_mask']} "
-                                    f"dropout={e['dropout']} on {ctx.device.type}")
+        with context():
+            out = first_call(name, run, f"dtype={e['dtype']} head_dim={e['head_dim']} mask={e['padding_mask']} "
+                                        f"dropout={e['dropout']} on {ctx.device.type}")
         # the same output gradient for every provider, so that their gradients can be compared
         dout = torch.randn(out.shape, device=out.device, dtype=out.dtype,
                            generator=torch.Generator(device=out.device).manual_seed(seed + 1))
@@ -266,7 +284,7 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, density
                 t.grad = None
             call(fn, 0.0).backward(dout)
             return torch.cat([t.grad.flatten() for t in (q, k, v)])
-        checked = dict(result=computed)
+        checked = dict(result=computed, context=context())
         if density is not None:
             checked.update(reference=functools.partial(computed, masked_standard(density)),
                            flops_fraction=sparse_flops_fraction(q.shape[2], k.shape[2], density, e["causal"]))
@@ -281,7 +299,7 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, density
 
 def dense_providers() -> dict[str, AttentionFn]:
     """Every provider but the block-sparse ones, by name."""
-    return {"standard": standard, **{n: sdpa_attention(n) for n in SDPA_BACKENDS}, OURS: ours,
+    return {"standard": standard, **{n: sdpa_attention for n in SDPA_BACKENDS}, OURS: ours,
             f"{OURS}_gluon": ours_gluon, f"{OURS}_auto": ours_auto, FLEX: flex(None)}
 
 
