@@ -52,6 +52,11 @@ def test_invalid_numbers_are_named_before_any_work(override, expected, tmp_path)
     ("task=lra_listops lra.batch=2.5", ["lra.batch=2.5 must be an integer"]),
     ("kernel.providers=[standard,fastest]", ["fastest", "sdpa_flash"]),
     ("kernel.providers=[standard,effrepro,effrepro]", ["kernel.providers names 'effrepro' more than once"]),
+    ("kernel.providers=[sdpa_math]", ["kernel.providers=['sdpa_math'] must include 'standard'"]),
+    # two densities that give one provider name: said of the densities (was: a provider name never typed)
+    ("kernel.sparse_densities=[0.5,0.1234561,0.1234564]",
+     ["kernel.sparse_densities has [0.1234561, 0.1234564]", "effrepro_sparse_0.123456"]),
+    ("task=longdoc longdoc.synthetic.label_rate=0", ["longdoc.synthetic.label_rate=0 must be a number > 0"]),
     ("kernel.padding_mask=no", ["kernel.padding_mask='no' must be true or false"]),
     ("kernel.causal=[false,0]", ["kernel.causal=[False, 0] must be true or false, or a list of them"]),
     ("kernel.dtype=float8", ["kernel.dtype='float8' is not one of", "bfloat16"]),

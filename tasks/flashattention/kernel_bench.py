@@ -303,10 +303,15 @@ def dense_providers() -> dict[str, AttentionFn]:
             f"{OURS}_gluon": ours_gluon, f"{OURS}_auto": ours_auto, FLEX: flex(None)}
 
 
+def sparse_name(family: str, density: float) -> str:
+    """The provider `family`_sparse (ours or FlexAttention's) at one of kernel.sparse_densities."""
+    return f"{family}_sparse_{density:g}"
+
+
 def providers(kernel: DictConfig, ctx: RunContext, seed: int) -> list[Provider]:
     known = {name: (attend, None) for name, attend in dense_providers().items()}
     for d in as_list(kernel.sparse_densities):
-        known.update({f"{OURS}_sparse_{d:g}": (ours_sparse(d), d), f"{FLEX}_sparse_{d:g}": (flex(d), d)})
+        known.update({sparse_name(OURS, d): (ours_sparse(d), d), sparse_name(FLEX, d): (flex(d), d)})
     return [provider(n, known[n][0], ctx, seed, density=known[n][1]) for n in provider_names(kernel)]
 
 
@@ -322,11 +327,18 @@ def validate(cfg: DictConfig) -> None:
 def provider_names(kernel: DictConfig) -> list[str]:
     """The providers asked for, `effrepro_sparse` and `flex_sparse` each expanded to one per density; unknown
     ones are an error."""
-    names = as_list(OmegaConf.to_container(kernel.providers))
+    given = as_list(OmegaConf.to_container(kernel.providers))
+    names = list(given)
     densities = as_list(OmegaConf.to_container(kernel.sparse_densities))
+    ours_per_density = [sparse_name(OURS, d) for d in densities]
+    alike = [d for d, name in zip(densities, ours_per_density) if ours_per_density.count(name) > 1]
+    if alike:  # else a provider the user never typed would be named twice
+        raise ConfigError(f"kernel.sparse_densities has {alike}, which name the same provider, "
+                          f"{sparse_name(OURS, alike[0])} (a name keeps 6 significant digits); make them differ "
+                          "within those digits")
     sparse = []
     for family in (OURS, FLEX):
-        per_density = [f"{family}_sparse_{d:g}" for d in densities]
+        per_density = [sparse_name(family, d) for d in densities]
         sparse += per_density
         if f"{family}_sparse" in names:
             at = names.index(f"{family}_sparse")
@@ -338,7 +350,8 @@ def provider_names(kernel: DictConfig) -> list[str]:
         raise ConfigError(f"kernel.providers has unknown {unknown}; known providers: {known}, {OURS}_sparse and "
                           f"{FLEX}_sparse (one per kernel.sparse_densities)")
     if "standard" not in names:
-        raise ConfigError("kernel.providers must include 'standard', the baseline every speedup is measured against")
+        raise ConfigError(f"kernel.providers={given} must include 'standard', the baseline every speedup is "
+                          "measured against")
     return names
 
 

@@ -368,8 +368,10 @@ def _validate_data(spec: DictConfig, datasets: list[str]) -> None:
     if "synthetic" in datasets:
         for key in ("seed", "labels", "evidence_tokens", "boundary", "min_tokens", "max_tokens", "words"):
             checks.number(f"longdoc.synthetic.{key}", spec.synthetic[key], at_least=0 if key == "seed" else 1)
-        for key in ("late_fraction", "label_rate"):
-            checks.number(f"longdoc.synthetic.{key}", spec.synthetic[key], integer=False, at_least=0, at_most=1)
+        checks.number("longdoc.synthetic.late_fraction", spec.synthetic.late_fraction, integer=False, at_least=0,
+                      at_most=1)
+        # a rate of 0 would give documents without labels: nothing to learn or score
+        checks.number("longdoc.synthetic.label_rate", spec.synthetic.label_rate, integer=False, above=0, at_most=1)
         try:
             _synthetic(spec).check()
         except ValueError as exc:
