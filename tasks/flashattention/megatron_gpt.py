@@ -19,9 +19,7 @@ import torch.distributed as dist
 from repro.bench import Unsupported
 
 
-def _require(device: torch.device, family: str) -> None:
-    if family != "gpt2":
-        raise Unsupported(f"megatron: the paper's Megatron-LM baseline is GPT-2 only, not {family}")
+def _require(device: torch.device) -> None:
     if device.type != "cuda":
         raise Unsupported("megatron: megatron-core's attention allocates its buffers on CUDA; no GPU here")
     try:
@@ -62,11 +60,11 @@ class MegatronGPT(torch.nn.Module):
         return sum(p.numel() for p in self.parameters()) - self.gpt.embedding.position_embeddings.weight.numel()
 
 
-def build_megatron_gpt2(device: torch.device, family: str, layers: int, hidden: int, heads: int, vocab_size: int,
-                        positions: int, dropout: float, seed: int) -> MegatronGPT:
+def build_megatron_gpt2(device: torch.device, layers: int, hidden: int, heads: int, vocab_size: int, positions: int,
+                        dropout: float, seed: int) -> MegatronGPT:
     """GPT-2's shape (pre-LayerNorm, learned absolute positions, 4x MLP, tied input and output embeddings,
-    init std 0.02) in megatron-core."""
-    _require(device, family)
+    init std 0.02) in megatron-core. (train_lm refuses megatron for any other model family.)"""
+    _require(device)
     _init_parallel_state(seed)
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

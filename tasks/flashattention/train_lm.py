@@ -66,8 +66,7 @@ def _build_transformers_model(spec, tokenizer, seq_len: int, attention: str, dev
     positions = spec.positions or seq_len
     if attention == "megatron":
         from .megatron_gpt import build_megatron_gpt2
-        return build_megatron_gpt2(device, spec.family, layers, hidden, heads, vocab_size, positions, spec.dropout,
-                                   seed)
+        return build_megatron_gpt2(device, layers, hidden, heads, vocab_size, positions, spec.dropout, seed)
     if spec.family == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=hidden, n_layer=layers,
                             n_head=heads, resid_pdrop=spec.dropout, embd_pdrop=spec.dropout,
@@ -179,7 +178,7 @@ def validate(cfg: DictConfig) -> None:
         if "graphs" in modifiers and cfg.compile.mode not in (None, "reduce-overhead"):
             raise ConfigError(f"attention={name!r} compiles with mode reduce-overhead, but compile.mode="
                               f"{cfg.compile.mode!r} is set for every +compile; leave compile.mode null")
-        if attention == "megatron" and m.family != "gpt2":  # found only once the data is loaded, otherwise
+        if attention == "megatron" and m.family != "gpt2":  # megatron_gpt.py would build a GPT whatever the family
             raise ConfigError(f"attention={name!r}: our Megatron baseline is a GPT (megatron_gpt.py); "
                               f"model.family={m.family!r}")
         if ("fused" in modifiers or "packed" in modifiers) and m.family != "gpt2":
