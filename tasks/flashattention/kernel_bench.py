@@ -21,11 +21,12 @@ from repro.context import ConfigError, RunContext
 from repro.records import Row
 from tasks.common.sdpa import SDPA_BACKENDS, first_call
 
+from . import OURS
+
 MODES = ("fwd", "bwd", "fwd_bwd")
 # FLOPs of one call relative to the forward (FlashAttention's convention: the backward is 2.5 forwards).
 MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-OURS = "effrepro"  # our FlashAttention kernel, as every task names it
 FLEX = "flex"  # PyTorch's FlexAttention, compiled: the baseline block-sparse kernels are held to (issue 21)
 AttentionFn = Callable[..., torch.Tensor]
 GRID_KEYS = ("seq_len", "head_dim", "causal", "mode")

@@ -38,9 +38,9 @@ from repro.timing import median_p20_p80
 from repro.train import Candidate, Trainee, TrainSpec, model_flops_per_token, step_generator, train_from_config
 from effrepro_kernels.flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 
+from . import OURS
 from . import longdoc_data as data
 
-OURS = "effrepro"
 ATTENTION = (OURS, "sdpa", "eager")
 # on generated data: the reader that predicts exactly the labels whose evidence a length shows
 EVIDENCE_READER = "evidence_reader"

@@ -28,7 +28,8 @@ from repro.text_data import TokenStream, load_token_stream, windows
 from repro.train import (Candidate, Trainee, TrainSpec, final_rows, model_flops_per_token, step_generator,
                          throughput_ratios, train_from_config)
 
-OURS = "effrepro"
+from . import OURS
+
 ATTENTION = ("eager", "sdpa", OURS, "megatron")
 MODIFIERS = ("fused", "packed", "compile", "graphs")  # graphs: compiled with mode=reduce-overhead (CUDA graphs)
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -236,7 +237,7 @@ def same_build_sdpa(provider: str) -> str | None:
     """The SDPA build an implementation of ours compares with: built the same way (compiled, with CUDA graphs;
     packing is ours alone), so that a speedup is the attention's and not the build's. None for the others."""
     name, *options = provider.split("+")
-    return "+".join(["sdpa", *(o for o in options if o != "packed")]) if name == "effrepro" else None
+    return "+".join(["sdpa", *(o for o in options if o != "packed")]) if name == OURS else None
 
 
 def derived_rows(rows: list[Row]) -> Iterator[Row]:
