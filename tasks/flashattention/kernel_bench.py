@@ -117,28 +117,24 @@ def standard(q, k, v, *, causal, dropout_p, key_padding_mask):
     return attention_reference(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask)
 
 
-def ours(q, k, v, *, causal, dropout_p, key_padding_mask):
-    """Our tl kernels, forward and backward, on every GPU (the default dispatch takes Gluon's on Hopper where
-    they measured faster: each point is one of these two providers)."""
-    return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
-                      forward_kernel="tl", backward_kernel="tl")
-
-
-def ours_auto(q, k, v, *, causal, dropout_p, key_padding_mask):
-    """flash_attn as a user calls it: each pass on the kernel its default dispatch ("auto") takes, the tl or the
-    Gluon one, so that a record shows what the dispatch gives beside both."""
-    return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask)
-
-
-def ours_gluon(q, k, v, *, causal, dropout_p, key_padding_mask):
-    """Our forward and backward in Gluon for Hopper (flash_attn_gluon.py); a point the forward does not cover is
-    unsupported, with flash_attn's reason. At this task's shapes the backward covers what the forward does; a
-    backward that refused would be an error row, with its reason (it refuses during `backward()`)."""
-    try:
-        return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
-                          forward_kernel="gluon", backward_kernel="gluon")
-    except ValueError as exc:
-        raise Unsupported(f"{OURS}_gluon: {exc}") from None
+def ours(kernel: str) -> AttentionFn:
+    """Our FlashAttention with both passes on `kernel`, flash_attn's forward_kernel and backward_kernel:
+    - "tl": our tl kernels, on every GPU (the default dispatch takes Gluon's on Hopper where they measured faster:
+      each point is one of these two providers);
+    - "gluon": our Gluon kernels for Hopper (flash_attn_gluon.py); a point the forward does not cover is
+      unsupported, with flash_attn's reason. At this task's shapes the backward covers what the forward does; a
+      backward that refused would be an error row, with its reason (it refuses during `backward()`);
+    - "auto": flash_attn as a user calls it, each pass on the kernel its default dispatch takes, so that a record
+      shows what the dispatch gives beside both."""
+    def attend(q, k, v, *, causal, dropout_p, key_padding_mask):
+        try:
+            return flash_attn(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
+                              forward_kernel=kernel, backward_kernel=kernel)
+        except ValueError as exc:
+            if kernel != "gluon":
+                raise
+            raise Unsupported(f"{OURS}_gluon: {exc}") from None
+    return attend
 
 
 SPARSE_BLOCK = 128
@@ -300,8 +296,8 @@ def provider(name: str, attend: AttentionFn, ctx: RunContext, seed: int, density
 
 def dense_providers() -> dict[str, AttentionFn]:
     """Every provider but the block-sparse ones, by name."""
-    return {"standard": standard, **{n: sdpa_attention for n in SDPA_BACKENDS}, OURS: ours,
-            f"{OURS}_gluon": ours_gluon, f"{OURS}_auto": ours_auto, FLEX: flex(None)}
+    return {"standard": standard, **{n: sdpa_attention for n in SDPA_BACKENDS}, OURS: ours("tl"),
+            f"{OURS}_gluon": ours("gluon"), f"{OURS}_auto": ours("auto"), FLEX: flex(None)}
 
 
 def sparse_name(family: str, density: float) -> str:
