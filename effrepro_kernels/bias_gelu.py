@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import KeptLaunches, cdiv, check_devices, launch
+from .runtime import KeptLaunches, cdiv, check_tensors, launch
 from .torch_op import differentiable, kernel_op
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,5 +79,5 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"bias_gelu takes x and a bias of its last dimension (at least 1), of "
                          f"{[str(d) for d in DTYPES]}; got x {x.dtype} {tuple(x.shape)}, bias {bias.dtype} "
                          f"{tuple(bias.shape)}")
-    check_devices("bias_gelu", True, x=x, bias=bias)
+    check_tensors("bias_gelu", True, x=x, bias=bias)
     return _bias_gelu_function(x, bias.contiguous())  # the kernels read it as a dense vector

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .kv_quant import QuantizedKV, check_quantized, kv_tile
-from .runtime import (HOPPER_BLOCK_SMEM, INTERPRET, block_shared_memory, cdiv, check_devices, launch, next_pow2,
+from .runtime import (HOPPER_BLOCK_SMEM, INTERPRET, block_shared_memory, cdiv, check_tensors, launch, next_pow2,
                       signature, sm_count, sm_shared_memory)
 
 SCHEDULES = ("fa2", "split", "lean")
@@ -479,7 +479,7 @@ def _check(q, k_cache, v_cache, host_lengths):
             caches.update({f"{name}.data": c.data, f"{name}.scale": c.scale, f"{name}.zero": c.zero})
         else:
             caches[name] = c
-    check_devices("decode_attention", q=q, **caches)
+    check_tensors("decode_attention", q=q, **caches)
     parts = [q, *caches.values()]
     if any(t.stride(-1) != 1 for t in parts):
         raise ValueError("q and the caches (their data, scales and zeros, if quantized) need a contiguous last "

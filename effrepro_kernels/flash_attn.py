@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import flash_attn_gluon
-from .runtime import (AUTOTUNE, INTERPRET, KeptLaunches, block_shared_memory, cdiv, check_devices, int8_mask, launch,
+from .runtime import (AUTOTUNE, INTERPRET, KeptLaunches, block_shared_memory, cdiv, check_tensors, int8_mask, launch,
                       next_pow2)
 from .torch_op import differentiable, kernel_op
 
@@ -482,7 +482,7 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
             raise ValueError(f"{name}.dtype={t.dtype} is not supported; use one of {DTYPES}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_devices("flash_attn", True, q=q, k=k, v=v)  # meta: shapes alone, from the fake version
+    check_tensors("flash_attn", True, q=q, k=k, v=v)  # meta: shapes alone, from the fake version
     if layout == "bshd":  # the checks below read (batch, heads, seq, head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     b, h, n_q, d = q.shape

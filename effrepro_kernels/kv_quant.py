@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import AUTOTUNE, INTERPRET, TRITON_VERSION, cdiv, check_devices, next_pow2
+from .runtime import AUTOTUNE, INTERPRET, TRITON_VERSION, cdiv, check_tensors, next_pow2
 
 BITS = (2, 4, 8)
 AXES = ("channel", "token")
@@ -416,7 +416,7 @@ def _check(x: torch.Tensor, bits: int, group_size: int, axis: str):
     _check_scheme(bits, group_size, axis, tuple(x.shape))
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}; use one of {DTYPES}")
-    check_devices("quantize_kv", x=x)
+    check_tensors("quantize_kv", x=x)
     if x.stride(-1) != 1:
         raise ValueError("x needs a contiguous last (head_dim) dimension")
 
@@ -478,6 +478,7 @@ def check_quantized(qkv: QuantizedKV) -> None:
 def dequantize_kv(qkv: QuantizedKV) -> torch.Tensor:
     """The full-precision (batch, kv_heads, n, head_dim) tensor, in the dtype of qkv.scale."""
     check_quantized(qkv)
+    check_tensors("dequantize_kv", data=qkv.data, scale=qkv.scale, zero=qkv.zero)
     b, h, n, d = qkv.shape
     out = torch.empty(qkv.shape, device=qkv.data.device, dtype=qkv.dtype)
     block_d = max(next_pow2(d), 32 // qkv.bits)  # whole words

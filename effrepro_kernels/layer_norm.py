@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, KeptLaunches, cdiv, check_devices, launch, next_pow2, sm_count
+from .runtime import INTERPRET, KeptLaunches, cdiv, check_tensors, launch, next_pow2, sm_count
 from .torch_op import differentiable, kernel_op
 
 MAX_FEATURES = 16384  # a row is held in registers at once
@@ -90,7 +90,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
         raise ValueError(f"layer_norm normalises x's last dimension, of 1 up to {MAX_FEATURES} features, with a "
                          f"weight and a bias of that many (or None); got x of shape {tuple(x.shape)}, a weight of "
                          f"shape {_shape(weight)} and a bias of shape {_shape(bias)}")
-    check_devices("layer_norm", True, x=x, weight=weight, bias=bias)
+    check_tensors("layer_norm", True, x=x, weight=weight, bias=bias)
 
 
 def _layer_norm_fake(x, weight, bias, eps, out_dtype):

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import INTERPRET, check_devices
+from .runtime import INTERPRET, check_tensors
 from .torch_op import differentiable, kernel_op
 
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk (256 MB in bf16)
@@ -145,7 +145,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     elif h.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy takes h and weight of one dtype outside autocast; got {h.dtype} "
                          f"and {weight.dtype}")
-    check_devices("linear_cross_entropy", True, h=h, weight=weight, targets=targets)
+    check_tensors("linear_cross_entropy", True, h=h, weight=weight, targets=targets)
     # a target outside the vocabulary would be read out of bounds; checked on the device, so the host never waits
     # (an error at the next synchronisation, as F.cross_entropy's own check gives on a GPU)
     outside = ((targets >= weight.shape[0]) | (targets < 0)) & (targets != ignore_index)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import cdiv, check_devices
+from .runtime import cdiv, check_tensors
 
 BLOCK = 256
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -75,7 +75,7 @@ def update_pivotal_counts(probs: torch.Tensor, count: torch.Tensor, history: tor
             history.stride(0) != heads * history.stride(1):
         raise ValueError("update_pivotal_counts needs count contiguous, and the rows of probs and of history (batch "
                          "and heads) evenly strided")
-    check_devices("update_pivotal_counts", probs=probs, count=count, history=history, lse=lse)
+    check_tensors("update_pivotal_counts", probs=probs, count=count, history=history, lse=lse)
     if not 1 <= n_visible <= slots:
         raise ValueError(f"n_visible={n_visible} must be between 1 and the {slots} slots")
     byte, bit = divmod(step % window, 8)

@@ -68,22 +68,31 @@ def int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) 
 
 
 def runs_on(device) -> bool:
-    """Whether the kernels can run on `device`: a CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
-    return torch.device(device).type == "cuda" or INTERPRET
+    """Whether the kernels can run on `device`: a CUDA GPU, or, under TRITON_INTERPRET=1, the CPU only (the
+    interpreter reads tensors as numpy arrays in host memory: a meta tensor has none to read)."""
+    return torch.device(device).type == ("cpu" if INTERPRET else "cuda")
 
 
-def check_devices(op: str, meta_ok: bool = False, /, **tensors: torch.Tensor | None) -> None:
+def check_tensors(op: str, meta_ok: bool = False, /, **tensors: torch.Tensor | None) -> None:
     """That `op`'s kernels can take these tensors (those given as None aside): all on one device, where they run
     (`runs_on`), or, with `meta_ok` (an operator with a fake version), meta tensors. Otherwise Triton fails deep
-    inside a launch ("0 active drivers"), or reads one device's pointer on another."""
+    inside a launch ("0 active drivers"), or reads one device's pointer on another. And none in bfloat16 under the
+    interpreter, whose arithmetic, dots and sums take bfloat16's raw 16 bits for the number: no error, garbage."""
     devices = {t.device for t in tensors.values() if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op} takes its tensors on one device; got "
                          + ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None))
     (device,) = devices
-    if not (meta_ok and device.type == "meta") and not runs_on(device):
-        raise ValueError(f"{op} runs on CUDA devices (or on the CPU under TRITON_INTERPRET=1, for tests); got "
-                         f"tensors on {device}")
+    if meta_ok and device.type == "meta":
+        return
+    if not runs_on(device):
+        raise ValueError(f"{op} runs on CUDA devices (or on the CPU under TRITON_INTERPRET=1, for tests; it is "
+                         f"{'on' if INTERPRET else 'off'} here); got tensors on {device}")
+    if INTERPRET:  # (a GPU's calls, many a step, skip the look at dtypes)
+        in_bf16 = [name for name, t in tensors.items() if t is not None and t.dtype == torch.bfloat16]
+        if in_bf16:
+            raise ValueError(f"{op}: bfloat16 needs a CUDA GPU; the Triton interpreter cannot compute it (got "
+                             f"{', '.join(in_bf16)} in bfloat16); use float16 or float32 on the CPU")
 
 
 # Launches of a prepared decode schedule skip Triton's argument binding (see `launch`); set

@@ -13,6 +13,7 @@ from effrepro_kernels.decode_attention import (QUANTIZED_PROGRAMS_PER_SM, SCHEDU
                                                head_dim_chunks, lean_programs, make_schedule, merge_attention,
                                                flash_decoding_splits, merge_step, padded_head_dim,
                                                resident_programs)
+from effrepro_kernels import runtime
 from effrepro_kernels.runtime import sm_count
 from effrepro_kernels.reference import decode_attention_reference, decode_scores_reference
 
@@ -238,6 +239,22 @@ def test_bad_input_is_a_clear_value_error(change, match):
         make_schedule("fastest", [4], 1)
     with pytest.raises(ValueError, match="needs the lengths"):
         decode_attention(q, k, v)
+
+
+@pytest.mark.parametrize("dtype, device, match", [
+    (torch.bfloat16, "cpu", r"decode_attention: bfloat16 needs a CUDA GPU; the Triton interpreter cannot compute it "
+                            r"\(got q, k_cache, v_cache in bfloat16\)"),
+    (torch.float16, "meta", r"decode_attention runs on CUDA devices \(or on the CPU under TRITON_INTERPRET=1, for "
+                            r"tests; it is on here\); got tensors on meta"),
+])
+def test_the_interpreter_refuses_bfloat16_and_tensors_off_the_cpu(dtype, device, match, monkeypatch):
+    """Under TRITON_INTERPRET=1 (set here, so that a GPU machine checks it too), bfloat16 would give garbage and a
+    meta tensor fail inside the launch."""
+    monkeypatch.setattr(runtime, "INTERPRET", True)
+    q = torch.randn(2, 4, 64, device=device, dtype=dtype)
+    k = torch.randn(2, 2, 16, 64, device=device, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        decode_attention(q, k, k, torch.tensor([5, 9]))
 
 
 @pytest.mark.parametrize("settings, match", [

@@ -347,6 +347,17 @@ def test_bad_input_is_a_clear_value_error(call, match):
         call()
 
 
+def test_the_interpreter_refuses_bfloat16_and_takes_meta_tensors_for_shapes_alone(monkeypatch):
+    """Under TRITON_INTERPRET=1 (set here, so that a GPU machine checks it too), bfloat16 would give garbage;
+    meta tensors take the operator's fake version, which computes nothing."""
+    monkeypatch.setattr(importlib.import_module("effrepro_kernels.runtime"), "INTERPRET", True)
+    q = torch.randn(1, 2, 8, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"flash_attn: bfloat16 needs a CUDA GPU; the Triton interpreter cannot "
+                                         r"compute it \(got q, k, v in bfloat16\)"):
+        flash_attn(q, q, q)
+    assert flash_attn(*(q.to("meta"),) * 3).is_meta
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 8, 8, 1000, 1000, 128, False), (1, 8, 2, 777, 2049, 64, True),

@@ -13,7 +13,7 @@ from conftest import ATTENTION_TOL as TOL, DEVICE, ROOT, gpu
 from test_decode_attention import check_scores
 from effrepro_kernels.decode_attention import (decode_attention, decode_attention_quantized, make_schedule,
                                                merge_attention)
-from effrepro_kernels import kv_quant
+from effrepro_kernels import kv_quant, runtime
 from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, packed_row_bytes, quantize_kv
 from effrepro_kernels.reference import (decode_attention_reference, decode_scores_reference, dequantize_kv_reference,
                                pack_codes, quantize_kv_reference, unpack_codes)
@@ -150,6 +150,26 @@ def test_bad_input_is_a_clear_value_error(args, match):
     x = torch.randn(*args.get("shape", (1, 2, 16, 24)), device=DEVICE, dtype=torch.float16)
     with pytest.raises(ValueError, match=match):
         quantize_kv(x, args.get("bits", 4), args.get("group_size", 8), args.get("axis", "channel"))
+
+
+def test_the_interpreter_refuses_bfloat16_and_tensors_off_the_cpu(monkeypatch):
+    """Under TRITON_INTERPRET=1 (set here, so that a GPU machine checks it too), 2- and 4-bit bfloat16 caches would
+    quantize and dequantize to garbage, and a meta tensor fail inside the launch."""
+    x = torch.randn(1, 2, 16, 24, dtype=torch.float16)
+    q = quantize_kv(x.to(DEVICE), 4, 8, "channel")  # before the interpreter is set: a GPU machine's kernel
+    q = dataclasses.replace(q, data=q.data.cpu(), scale=q.scale.cpu(), zero=q.zero.cpu())
+    monkeypatch.setattr(runtime, "INTERPRET", True)
+    with pytest.raises(ValueError, match=r"quantize_kv: bfloat16 needs a CUDA GPU; the Triton interpreter cannot "
+                                         r"compute it \(got x in bfloat16\)"):
+        quantize_kv(x.bfloat16(), 4, 8, "channel")
+    with pytest.raises(ValueError, match="quantize_kv runs on CUDA devices .*; got tensors on meta"):
+        quantize_kv(x.to("meta"), 4, 8, "channel")
+    in_bf16 = dataclasses.replace(q, scale=q.scale.bfloat16(), zero=q.zero.bfloat16())
+    with pytest.raises(ValueError, match=r"dequantize_kv: bfloat16 needs a CUDA GPU.*\(got scale, zero in bfloat16\)"):
+        dequantize_kv(in_bf16)
+    on_meta = dataclasses.replace(q, data=q.data.to("meta"), scale=q.scale.to("meta"), zero=q.zero.to("meta"))
+    with pytest.raises(ValueError, match="dequantize_kv runs on CUDA devices .*; got tensors on meta"):
+        dequantize_kv(on_meta)
 
 
 def test_packed_data_of_another_width_or_off_word_rows_is_a_clear_value_error():
