@@ -467,6 +467,8 @@ def _check(q, k_cache, v_cache, host_lengths):
     b, h, d = q.shape
     if b == 0:
         raise ValueError(f"q has a batch of 0 sequences {tuple(q.shape)}; decode_attention needs at least one")
+    if h == 0:
+        raise ValueError(f"q has 0 query heads {tuple(q.shape)}; decode_attention needs at least one")
     if k_cache.shape[0] != b or k_cache.shape[3] != d:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
     if k_cache.shape[1] == 0 or h % k_cache.shape[1]:

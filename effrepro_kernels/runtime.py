@@ -21,7 +21,9 @@ def cdiv(n: int, d: int) -> int:
 
 
 def next_pow2(n: int) -> int:
-    """The smallest power of two >= n (n >= 1)."""
+    """The smallest power of two >= n (n >= 1: below, `bit_length` would give 2 for 0)."""
+    if n < 1:
+        raise ValueError(f"next_pow2 takes n >= 1, got {n}")
     return 1 << (n - 1).bit_length()
 
 

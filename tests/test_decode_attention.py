@@ -225,6 +225,7 @@ def test_merging_parts_of_other_shapes_is_a_clear_value_error():
     (dict(scale=math.inf), "softmax_scale=inf must be a finite number"),
     (dict(q_as_list=True), "q must be a tensor"),
     (dict(q=(0, 4, 64), cache=(0, 2, 16, 64), lengths=torch.zeros(0, dtype=torch.int64)), "a batch of 0 sequences"),
+    (dict(q=(2, 0, 64)), r"q has 0 query heads \(2, 0, 64\)"),
     (dict(cache_device="meta"), r"decode_attention takes its tensors on one device; got q on .*, k_cache on meta"),
 ])
 def test_bad_input_is_a_clear_value_error(change, match):
@@ -417,6 +418,13 @@ def test_a_prepared_schedule_takes_every_softmax_scale_as_given():
         got = decode_attention(q, k, v, schedule=sched, softmax_scale=scale)
         ref = decode_attention_reference(q.double(), k.double(), v.double(), sched.lengths, softmax_scale=scale)
         assert ((got.double() - ref).norm() / ref.norm()).item() < TOL[torch.float16], scale
+
+
+def test_next_pow2_is_the_smallest_power_of_two_not_below_n_and_refuses_n_below_1():
+    assert [runtime.next_pow2(n) for n in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
+    for n in (0, -3):
+        with pytest.raises(ValueError, match=f"next_pow2 takes n >= 1, got {n}"):
+            runtime.next_pow2(n)
 
 
 def test_kept_launches_are_per_signature_and_bounded(monkeypatch):
