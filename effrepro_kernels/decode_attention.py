@@ -267,8 +267,15 @@ class DecodeSchedule:
     workspace: tuple = field(default=(), repr=False, compare=False)
     launchers: dict = field(default_factory=dict, repr=False, compare=False)  # `runtime.launch`'s, per signature
     copies: dict = field(default_factory=dict, repr=False, compare=False)  # device -> this schedule there
-    # the last lengths tensor a call passed that matched, and its version counter (which in-place changes bump)
+    # the last lengths tensor a call passed that matched, and its version counter (which in-place changes bump); at
+    # first, `lengths` as built
     lengths_seen: tuple | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        # `make_schedule` and `to` make the lengths outside inference mode, so they have a version counter; lengths
+        # made by hand in inference mode have none, and are read at every call they are passed to
+        if not self.lengths.is_inference():
+            self.lengths_seen = (self.lengths, self.lengths._version)
 
     def seen(self, lengths: torch.Tensor) -> bool:
         """Whether `lengths` is the tensor a call passed before, unchanged since: it matched then, so it does now
@@ -285,7 +292,8 @@ class DecodeSchedule:
         if self.work.device == device:
             return self
         if device not in self.copies:
-            moved = {name: getattr(self, name).to(device) for name in ("work", "lengths", "arrived")}
+            with torch.inference_mode(False):  # tensors with a version counter (`__post_init__`)
+                moved = {name: getattr(self, name).to(device) for name in ("work", "lengths", "arrived")}
             self.copies[device] = dataclasses.replace(self, **moved, checked_for=None, workspace=(), copies={},
                                                       launchers={})
         return self.copies[device]
@@ -447,9 +455,12 @@ def make_schedule(kind: str, lengths, num_kv_heads: int, *, num_programs: int | 
     max_items = max(len(items) for items in per_program)
     work = [[[g, lo, hi, piece, pieces[g], seg_lengths[g]] for g, lo, hi, piece in items]
             + [[0] * 6] * (max_items - len(items)) for items in per_program]
-    as_int = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    return DecodeSchedule(kind, len(per_program), as_int(work), max(pieces), block_n, as_int(lengths),
-                          as_int([0] * n_seg), tuple(lengths))
+    # made outside a decode loop's inference mode too: the schedule's lengths keep a version counter, so that a call
+    # given them back reads them (a device sync) only after an in-place change (`_prepare`)
+    with torch.inference_mode(False):
+        as_int = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+        return DecodeSchedule(kind, len(per_program), as_int(work), max(pieces), block_n, as_int(lengths),
+                              as_int([0] * n_seg), tuple(lengths))
 
 
 def _check(q, k_cache, v_cache, host_lengths):
@@ -598,7 +609,7 @@ def _prepare(q, k_cache, v_cache, lengths, schedule) -> tuple[DecodeSchedule, tu
     and nothing else; lengths given with it are read (a device sync) only when they are a tensor it has not
     seen, or one changed in place since. A schedule given by name is built here from the lengths (a sync)."""
     if isinstance(schedule, DecodeSchedule):
-        if lengths is not None and lengths is not schedule.lengths and not schedule.seen(lengths):
+        if lengths is not None and not schedule.seen(lengths):
             if _lengths_on_host(lengths) != schedule.host_lengths:
                 raise ValueError(f"lengths {_lengths_on_host(lengths)} differ from those the schedule was built for "
                                  f"{schedule.host_lengths}; build a new schedule with make_schedule")

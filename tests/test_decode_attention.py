@@ -330,6 +330,24 @@ def test_lengths_passed_with_a_prepared_schedule_are_read_once_until_changed(mon
         assert len(reads) == before + 2
 
 
+def test_the_schedules_own_lengths_are_read_only_once_changed_in_place(monkeypatch):
+    """A decode loop may pass the schedule's own lengths back, or advance them in place: unchanged, they are not
+    read (a device sync); changed, they are, and refused. Built in inference mode (a decode loop's usual mode),
+    they keep a version counter all the same."""
+    module = importlib.import_module("effrepro_kernels.decode_attention")
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    k, v = (torch.randn(2, 2, 40, 32, device=DEVICE) for _ in range(2))
+    with torch.inference_mode():
+        sched = make_schedule("lean", [40, 9], 2, head_dim=32, dtype=q.dtype, device=DEVICE)
+        real, reads = module._lengths_on_host, []
+        monkeypatch.setattr(module, "_lengths_on_host", lambda lengths: reads.append(1) or real(lengths))
+        first = decode_attention(q, k, v, sched.lengths, schedule=sched)
+        assert torch.equal(decode_attention(q, k, v, sched.lengths, schedule=sched), first) and not reads
+        sched.lengths[1] += 1
+        with pytest.raises(ValueError, match=r"lengths \(40, 10\) differ from those the schedule was built for"):
+            decode_attention(q, k, v, sched.lengths, schedule=sched)
+
+
 def test_a_prepared_schedule_checks_each_new_signature_once_and_keeps_its_workspace(monkeypatch):
     module = importlib.import_module("effrepro_kernels.decode_attention")
     real_check, checked = module._check, []
