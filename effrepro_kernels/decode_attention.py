@@ -31,7 +31,7 @@ import triton.language as tl
 from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .kv_quant import QuantizedKV, check_quantized, kv_tile
 from .runtime import (HOPPER_BLOCK_SMEM, INTERPRET, block_shared_memory, cdiv, check_tensors, launch, next_pow2,
-                      signature, sm_count, sm_shared_memory)
+                      real_number, signature, sm_count, sm_shared_memory)
 
 SCHEDULES = ("fa2", "split", "lean")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -543,9 +543,9 @@ def _attend(q, k_cache, v_cache, schedule: DecodeSchedule, workspace, softmax_sc
     block_g = max(16, next_pow2(groups))  # tl.dot takes 16 rows or more
     group = next_pow2(groups)
     # a float always: a prepared schedule's kept kernel was compiled for one (Triton makes an integer 1 a constant)
-    if softmax_scale is not None and not math.isfinite(softmax_scale):
+    scale = d ** -0.5 if softmax_scale is None else real_number("softmax_scale", softmax_scale)
+    if not math.isfinite(scale):
         raise ValueError(f"softmax_scale={softmax_scale} must be a finite number")
-    scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
     # float32 in float32 arithmetic, as torch's own attention gives it, not tf32: decode is bound by memory, so
     # exact products cost little, and the probabilities that evict keys stay exact to float32 rounding
     precision = "ieee" if q.dtype == torch.float32 else "tf32"

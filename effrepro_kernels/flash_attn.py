@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import flash_attn_gluon
 from .runtime import (AUTOTUNE, INTERPRET, KeptLaunches, block_shared_memory, cdiv, check_tensors, int8_mask, launch,
-                      next_pow2)
+                      next_pow2, real_number)
 from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
@@ -501,7 +501,7 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
     if q.dtype == torch.float32 and q.device.type == "cuda" and d > 64:
         raise ValueError(f"head_dim={d} with float32 on a GPU is not supported (its tiles overflow shared "
                          "memory); use float16 or bfloat16, or head_dim <= 64")
-    if not 0.0 <= dropout_p < 1.0:
+    if not 0.0 <= real_number("dropout_p", dropout_p) < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
     n_k = k.shape[2]
     if key_padding_mask is not None and (key_padding_mask.shape != (b, n_k) or key_padding_mask.dtype != torch.bool
@@ -808,7 +808,7 @@ def flash_attn_qkvpacked(qkv: torch.Tensor, causal: bool = False, softmax_scale:
 def _scalars(head_dim: int, softmax_scale: float | None, dropout_p: float, seed: int | None) -> tuple:
     """The softmax scale (1/√head_dim unless given), the dropout probability, and the dropout seed (drawn unless
     given), as the kernels take them: floats, and a 31-bit integer (a kept launch was compiled for those types)."""
-    if softmax_scale is not None and not 0 < softmax_scale < math.inf:
+    if softmax_scale is not None and not 0 < real_number("softmax_scale", softmax_scale) < math.inf:
         raise ValueError(f"softmax_scale={softmax_scale} must be a positive finite number")
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0

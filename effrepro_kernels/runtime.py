@@ -1,5 +1,6 @@
 """Where the kernels can run, and a launch path that skips Triton's argument binding for repeated calls."""
 import functools
+import numbers
 import os
 
 import torch
@@ -61,6 +62,14 @@ def block_shared_memory(device=None) -> int:
 def sm_shared_memory(device=None) -> int:
     """The shared memory of one SM."""
     return _shared_memory("shared_memory_per_multiprocessor", HOPPER_SM_SMEM, device)
+
+
+def real_number(name: str, value) -> float:
+    """`value`, an argument called `name`, as the float the kernels take; a ValueError naming it where it is not a
+    real number (a bool is not one; a tensor neither: reading it would cost a device sync)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={value!r} must be a real number, not a {type(value).__name__}")
+    return float(value)
 
 
 def int8_mask(key_padding_mask: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:

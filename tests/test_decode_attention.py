@@ -223,6 +223,8 @@ def test_merging_parts_of_other_shapes_is_a_clear_value_error():
     (dict(lengths=[5.0, 9.0]), "1-d integer tensor"),
     (dict(cache=(2, 0, 16, 64)), "not a multiple of the cache's 0 KV heads"),
     (dict(scale=math.inf), "softmax_scale=inf must be a finite number"),
+    (dict(scale="0.1"), "softmax_scale='0.1' must be a real number, not a str"),
+    (dict(scale=True), "softmax_scale=True must be a real number, not a bool"),
     (dict(q_as_list=True), "q must be a tensor"),
     (dict(q=(0, 4, 64), cache=(0, 2, 16, 64), lengths=torch.zeros(0, dtype=torch.int64)), "a batch of 0 sequences"),
     (dict(q=(2, 0, 64)), r"q has 0 query heads \(2, 0, 64\)"),
