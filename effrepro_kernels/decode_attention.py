@@ -673,7 +673,7 @@ def decode_attention_quantized(q: torch.Tensor, k_q: QuantizedKV, v_q: Quantized
 def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the union of disjoint key sets, from attention over each: outs (batch, heads, head_dim)
     and their natural log-sum-exps (batch, heads), as `decode_attention(..., return_lse=True)` gives them.
-    Returns the merged output (in the dtype of outs[0]) and its log-sum-exp. A part with no keys (lse = -inf)
+    Returns the merged output (in the outputs' dtype) and its log-sum-exp. A part with no keys (lse = -inf)
     adds nothing. A key's score does not depend on the part; exp(score − lse) with the merged lse is its
     probability over the union."""
     if not outs or len(outs) != len(lses):
@@ -682,6 +682,12 @@ def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple
     if not all(o.shape == outs[0].shape and lse.shape == outs[0].shape[:-1] for o, lse in zip(outs, lses)):
         raise ValueError(f"merge_attention needs outputs of one shape (batch, heads, head_dim) and lses of their "
                          f"(batch, heads); got {[tuple(o.shape) for o in outs]} and {[tuple(x.shape) for x in lses]}")
+    if len({o.dtype for o in outs}) > 1 or len({x.dtype for x in lses}) > 1:
+        raise ValueError(f"merge_attention needs outputs of one dtype and lses of one dtype; got outputs in "
+                         f"{[str(o.dtype) for o in outs]} and lses in {[str(x.dtype) for x in lses]}")
+    if len({t.device for t in (*outs, *lses)}) > 1:
+        raise ValueError(f"merge_attention takes its tensors on one device; got outputs on "
+                         f"{[str(o.device) for o in outs]} and lses on {[str(x.device) for x in lses]}")
     part_lse = torch.stack(lses).float()
     lse = torch.logsumexp(part_lse, 0)
     weights = torch.exp(part_lse - lse)[..., None]  # NaN where no part has keys: dropped below, as -inf parts

@@ -204,12 +204,19 @@ def test_a_head_cut_into_many_pieces_merges_exactly(programs, heads, head_dim):
     torch.testing.assert_close(lse, whole_lse, rtol=1e-4, atol=1e-4)
 
 
-def test_merging_parts_of_other_shapes_is_a_clear_value_error():
+def test_merging_parts_of_other_shapes_dtypes_or_devices_is_a_clear_value_error():
     out, lse = torch.randn(2, 4, 64, device=DEVICE), torch.randn(2, 4, device=DEVICE)
     with pytest.raises(ValueError, match=r"outputs of one shape .* got \[\(2, 4, 64\), \(2, 4, 32\)\]"):
         merge_attention([out, out[..., :32]], [lse, lse])
     with pytest.raises(ValueError, match=r"and \[\(2, 4\), \(2, 3\)\]"):
         merge_attention([out, out], [lse, lse[:, :3]])
+    with pytest.raises(ValueError, match=r"one dtype; got outputs in \['torch.float16', 'torch.float32'\] and lses "
+                                         r"in \['torch.float32', 'torch.float32'\]"):
+        merge_attention([out.half(), out], [lse, lse])
+    with pytest.raises(ValueError, match=r"lses in \['torch.float16', 'torch.float32'\]"):
+        merge_attention([out, out], [lse.half(), lse])
+    with pytest.raises(ValueError, match=r"one device; got outputs on \[.*\] and lses on \['meta', .*\]"):
+        merge_attention([out, out], [lse.to("meta"), lse])
 
 
 @pytest.mark.parametrize("change, match", [
