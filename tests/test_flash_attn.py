@@ -259,11 +259,17 @@ def test_the_kernels_dropout_mask_is_the_one_their_stated_philox_layout_gives(se
     assert torch.equal(got, dropout_keep_mask_reference(seed, b, h, n_q, n_k, p, DEVICE))
 
 
-def test_random_block_mask_has_the_asked_density():
+def test_random_block_mask_has_the_asked_density_and_its_diagonal():
     mask = random_block_mask(16, 16, 0.25, generator=torch.Generator().manual_seed(0))
     assert mask.shape == (1, 1, 16, 16) and (mask.sum(-1) == 4).all() and mask[0, 0].diagonal().all()
     with pytest.raises(ValueError, match="density"):
         random_block_mask(4, 4, 0.0)
+    # more query blocks than key blocks: the rows past the last key block keep it as their diagonal
+    assert random_block_mask(4, 2, 0.5)[0, 0].tolist() == [[True, False], [False, True], [False, True], [False, True]]
+    for counts, name in (((2, 0), "n_k_blocks=0"), ((0, 2), "n_q_blocks=0"), ((2.0, 2), "n_q_blocks=2.0")):
+        for make in (lambda: random_block_mask(*counts, 0.5), lambda: butterfly_block_mask(*counts)):
+            with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+                make()
 
 
 def test_pruning_keeps_tiles_within_the_mask_blocks_and_the_shared_memory():
