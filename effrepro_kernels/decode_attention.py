@@ -28,10 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
 from .kv_quant import QuantizedKV, check_quantized, kv_tile
-from .runtime import (HOPPER_BLOCK_SMEM, INTERPRET, block_shared_memory, cdiv, check_tensors, launch, next_pow2,
-                      real_number, signature, sm_count, sm_shared_memory)
+from .runtime import (HOPPER_BLOCK_SMEM, INTERPRET, block_shared_memory, cdiv, check_attention_heads, check_tensors,
+                      launch, next_pow2, real_number, signature, sm_count, sm_shared_memory)
 
 SCHEDULES = ("fa2", "split", "lean")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -482,10 +481,7 @@ def _check(q, k_cache, v_cache, host_lengths):
         raise ValueError(f"q has 0 query heads {tuple(q.shape)}; decode_attention needs at least one")
     if k_cache.shape[0] != b or k_cache.shape[3] != d:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
-    if k_cache.shape[1] == 0 or h % k_cache.shape[1]:
-        raise ValueError(f"q's {h} heads are not a multiple of the cache's {k_cache.shape[1]} KV heads")
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim={d} is not supported; use {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
+    check_attention_heads(h, k_cache.shape[1], d, "the cache")
     caches = {}
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if isinstance(c, QuantizedKV):

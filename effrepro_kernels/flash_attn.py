@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from . import flash_attn_gluon
-from .runtime import (AUTOTUNE, INTERPRET, KeptLaunches, block_shared_memory, cdiv, check_tensors, int8_mask, launch,
-                      next_pow2, real_number)
+from .runtime import (AUTOTUNE, INTERPRET, KeptLaunches, block_shared_memory, cdiv, check_attention_heads,
+                      check_tensors, int8_mask, launch, next_pow2, real_number)
 from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
@@ -47,7 +47,6 @@ GLUON_BACKWARD_MEASURED_ON = ("3.6.",)
 GLUON_MASKED_HEAD_DIMS = (128,)
 KERNELS = ("auto", "tl", "gluon")  # forward_kernel and backward_kernel: which kernel runs each pass
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LAYOUTS = ("bhsd", "bshd")  # (batch, heads, seq, dim) as SDPA takes it, or (batch, seq, heads, dim) as FlashAttention
 LOG2E = 1.4426950408889634
 
@@ -494,10 +493,7 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
     if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"k must match q in batch and head_dim: as (batch, heads, seq, head_dim), q is "
                          f"{tuple(q.shape)} and k {tuple(k.shape)} (layout {layout!r})")
-    if k.shape[1] == 0 or h % k.shape[1]:
-        raise ValueError(f"q's {h} heads are not a multiple of k's {k.shape[1]} (grouped-query attention)")
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim={d} is not supported; use {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
+    check_attention_heads(h, k.shape[1], d, "k")
     if q.dtype == torch.float32 and q.device.type == "cuda" and d > 64:
         raise ValueError(f"head_dim={d} with float32 on a GPU is not supported (its tiles overflow shared "
                          "memory); use float16 or bfloat16, or head_dim <= 64")

@@ -15,6 +15,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("EFFREPRO_AUTOTUNE", "1") != "0"
 
 
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # the head sizes the attention kernels take
+
+
 # Host-side arithmetic for launches: Triton's `cdiv` and `next_power_of_2` are constexpr functions whose calls cost
 # microseconds each on the host (Triton 3.9), in calls that a training or decode loop repeats for every kernel.
 def cdiv(n: int, d: int) -> int:
@@ -62,6 +65,16 @@ def block_shared_memory(device=None) -> int:
 def sm_shared_memory(device=None) -> int:
     """The shared memory of one SM."""
     return _shared_memory("shared_memory_per_multiprocessor", HOPPER_SM_SMEM, device)
+
+
+def check_attention_heads(heads: int, kv_heads: int, head_dim: int, kv_name: str) -> None:
+    """That an attention kernel takes q's `heads` heads over the `kv_heads` of `kv_name` (a multiple of them:
+    grouped-query attention), of `head_dim` lanes."""
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q's {heads} heads are not a multiple of {kv_name}'s {kv_heads} KV heads (grouped-query "
+                         f"attention)")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={head_dim} is not supported; use {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
 
 
 def real_number(name: str, value) -> float:

@@ -36,7 +36,7 @@ from repro.context import ConfigError, RunContext, fingerprint
 from repro.records import Row
 from repro.timing import median_p20_p80
 from repro.train import Candidate, Trainee, TrainSpec, model_flops_per_token, step_generator, train_from_config
-from effrepro_kernels.flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
+from effrepro_kernels.runtime import MAX_HEAD_DIM, MIN_HEAD_DIM
 
 from . import OURS
 from . import longdoc_data as data

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from effrepro_kernels.flash_attn import MAX_HEAD_DIM, MIN_HEAD_DIM
+from effrepro_kernels.runtime import MAX_HEAD_DIM, MIN_HEAD_DIM
 from repro import checks
 from repro.bench import require_triton
 from repro.checks import as_list
