@@ -123,11 +123,16 @@ gpu = pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")
 # Where the tests run our Triton kernels: the GPU where there is one, else the CPU (under TRITON_INTERPRET=1).
 # A smoke run takes it as `scale.device=`, since the smoke scale runs on the CPU.
 DEVICE = "cuda" if has_gpu() else "cpu"
-# ‖out − ref‖ / ‖ref‖ an attention kernel may have against the float64 reference (gradients: twice that), by dtype
-# where the kernels run. The interpreter computes float32 in float32 (errors near 1e-7) and float16 near 3e-4; on a
-# GPU a float32 dot is tf32 (METHOD.md: near 3e-4, more over long reductions), and bf16 keeps 8 bits.
+# `rel_err` an attention kernel may have against the float64 reference (gradients: twice that), by dtype where the
+# kernels run. The interpreter computes float32 in float32 (errors near 1e-7) and float16 near 3e-4; on a GPU
+# a float32 dot is tf32 (METHOD.md: near 3e-4, more over long reductions), and bf16 keeps 8 bits.
 ATTENTION_TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2} if DEVICE == "cuda" else \
     {torch.float32: 1e-5, torch.float16: 1.5e-3}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖, in float64 (`want` is the float64 reference)."""
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def run_inline(*args: str):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import triton
 
-from conftest import ATTENTION_TOL as TOL, DEVICE, gpu
+from conftest import ATTENTION_TOL as TOL, DEVICE, gpu, rel_err
 from effrepro_kernels.decode_attention import (QUANTIZED_PROGRAMS_PER_SM, SCHEDULES, decode_attention, default_block_n,
                                                head_dim_chunks, lean_programs, make_schedule, merge_attention,
                                                flash_decoding_splits, merge_step, padded_head_dim,
@@ -33,21 +33,21 @@ def check(b, hq, hkv, lengths, d, dtype, schedule, max_len=None):
     lengths = torch.tensor(lengths, device=DEVICE)
     out, lse, got_scores = decode_attention(q, k_held, v_held, lengths, schedule=schedule, return_lse=True,
                                             return_scores=True)
-    ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths)
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert err < TOL[dtype], err
-    scores = decode_scores_reference(q.double(), k.double(), lengths)
+    check_against_reference(out, lse, got_scores, q, k.double(), v.double(), lengths)
+
+
+def check_against_reference(out, lse, got_scores, q, k, v, lengths):
+    """A decode call's output, log-sum-exp and scores against the float64 reference over q and the float64 k and v
+    (a cache, or what a quantized one dequantizes to): scores up to each length, and the probabilities they give
+    with the lse against softmax."""
+    ref = decode_attention_reference(q.double(), k, v, lengths)
+    assert rel_err(out, ref) < TOL[q.dtype], rel_err(out, ref)
+    scores = decode_scores_reference(q.double(), k, lengths)
     torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-3, atol=1e-3)
-    check_scores(got_scores, lse, scores, lengths)
-
-
-def check_scores(got, lse, scores, lengths):
-    """Scores up to each length against the float64 ones (float32 products, never tf32, so the tolerance holds on
-    a GPU too), and the probabilities they give with the lse against softmax."""
-    assert got.dtype == torch.float32 and got.shape == scores.shape
-    held = (torch.arange(got.shape[-1], device=got.device) < lengths[:, None, None]).expand_as(got)
-    torch.testing.assert_close(got[held], scores[held].float(), rtol=2e-3, atol=2e-3)
-    probs = torch.where(held, (got - lse[..., None]).exp(), 0.0)
+    assert got_scores.dtype == torch.float32 and got_scores.shape == scores.shape
+    held = (torch.arange(got_scores.shape[-1], device=got_scores.device) < lengths[:, None, None]).expand_as(scores)
+    torch.testing.assert_close(got_scores[held], scores[held].float(), rtol=2e-3, atol=2e-3)
+    probs = torch.where(held, (got_scores - lse[..., None]).exp(), 0.0)
     torch.testing.assert_close(probs, scores.softmax(-1).float(), rtol=2e-3, atol=1e-6)
 
 
@@ -199,7 +199,7 @@ def test_a_head_cut_into_many_pieces_merges_exactly(programs, heads, head_dim):
     k, v = (torch.randn(1, 1, 353, head_dim, device=DEVICE, generator=gen) for _ in range(2))
     out, lse = decode_attention(q, k, v, schedule=sched, return_lse=True)
     ref = decode_attention_reference(q.double(), k.double(), v.double(), sched.lengths)
-    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float32]
+    assert rel_err(out, ref) < TOL[torch.float32]
     whole, whole_lse = decode_attention(q, k, v, sched.lengths, schedule="fa2", return_lse=True)
     torch.testing.assert_close(lse, whole_lse, rtol=1e-4, atol=1e-4)
 
@@ -431,7 +431,7 @@ def test_gpu_in_kernel_merge_is_deterministic_whichever_program_finishes_last():
     for _ in range(50):
         assert torch.equal(decode_attention(q, k, v, schedule=sched), first)
     ref = decode_attention_reference(q.double(), k.double(), v.double(), sched.lengths)
-    assert ((first.double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
+    assert rel_err(first, ref) < TOL[torch.bfloat16]
 
 
 def test_a_prepared_schedule_takes_every_softmax_scale_as_given():
@@ -444,7 +444,7 @@ def test_a_prepared_schedule_takes_every_softmax_scale_as_given():
     for scale in (1, 0.05, 2):
         got = decode_attention(q, k, v, schedule=sched, softmax_scale=scale)
         ref = decode_attention_reference(q.double(), k.double(), v.double(), sched.lengths, softmax_scale=scale)
-        assert ((got.double() - ref).norm() / ref.norm()).item() < TOL[torch.float16], scale
+        assert rel_err(got, ref) < TOL[torch.float16], scale
 
 
 def test_next_pow2_is_the_smallest_power_of_two_not_below_n_and_refuses_n_below_1():

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ATTENTION_TOL as TOL, DEVICE, ROOT, gpu, has_gpu
+from conftest import ATTENTION_TOL as TOL, DEVICE, ROOT, gpu, has_gpu, rel_err
 from effrepro_kernels import (BlockSparseLayout, attention_reference, block_mask_to_dense, butterfly_block_mask,
                               dropout_keep_mask, flash_attn, flash_attn_qkvpacked, random_block_mask)
 from effrepro_kernels.reference import dropout_keep_mask_reference
@@ -19,10 +19,6 @@ from effrepro_kernels.reference import dropout_keep_mask_reference
 flash_attn_module = importlib.import_module("effrepro_kernels.flash_attn")  # the package's `flash_attn` is the function
 flash_attn_gluon = importlib.import_module("effrepro_kernels.flash_attn_gluon")
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if has_gpu() else [])
-
-
-def rel_err(got, want):
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def run_both(b, h, hk, n_q, n_k, d, dtype, *, causal=False, kpm=None, dropout_p=0.0, block_mask=None,

@@ -13,11 +13,11 @@ import pytest
 import torch
 import triton
 
-from conftest import DEVICE, ROOT, has_gpu
+from conftest import DEVICE, ROOT, has_gpu, rel_err
 from effrepro_kernels import (BlockSparseLayout, attention_reference, block_mask_to_dense, flash_attn, flash_attn_gluon,
                               random_block_mask)
 from effrepro_kernels.flash_attn_gluon import CANDIDATES, backward, config_name, forward, refusal
-from test_flash_attn import rel_err, run_both
+from test_flash_attn import run_both
 
 LOG2E = 1.4426950408889634
 TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
