@@ -8,7 +8,7 @@ import pytest
 import torch
 import triton
 
-from conftest import ATTENTION_TOL as TOL, DEVICE, gpu, rel_err
+from conftest import DECODE_TOL as TOL, DEVICE, gpu, rel_err
 from effrepro_kernels.decode_attention import (QUANTIZED_PROGRAMS_PER_SM, SCHEDULES, decode_attention, default_block_n,
                                                head_dim_chunks, lean_programs, make_schedule, merge_attention,
                                                flash_decoding_splits, merge_step, padded_head_dim,
@@ -36,6 +36,12 @@ def check(b, hq, hkv, lengths, d, dtype, schedule, max_len=None):
     check_against_reference(out, lse, got_scores, q, k.double(), v.double(), lengths)
 
 
+# Bounds (absolute and relative) on decode's log-sum-exps and scores against float64, by the inputs' dtype. float32
+# is computed in float32 on a GPU too ("ieee" products): errors near 1e-6, where tf32 products give near 1e-3.
+# 16-bit inputs' products are exact in either: the bounds their GPU runs passed.
+LSE_AND_SCORE_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-3, 2e-3)}
+
+
 def check_against_reference(out, lse, got_scores, q, k, v, lengths):
     """A decode call's output, log-sum-exp and scores against the float64 reference over q and the float64 k and v
     (a cache, or what a quantized one dequantizes to): scores up to each length, and the probabilities they give
@@ -43,12 +49,36 @@ def check_against_reference(out, lse, got_scores, q, k, v, lengths):
     ref = decode_attention_reference(q.double(), k, v, lengths)
     assert rel_err(out, ref) < TOL[q.dtype], rel_err(out, ref)
     scores = decode_scores_reference(q.double(), k, lengths)
-    torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=1e-3, atol=1e-3)
+    lse_tol, score_tol = LSE_AND_SCORE_TOL[q.dtype]
+    torch.testing.assert_close(lse, scores.logsumexp(-1).float(), rtol=lse_tol, atol=lse_tol)
     assert got_scores.dtype == torch.float32 and got_scores.shape == scores.shape
     held = (torch.arange(got_scores.shape[-1], device=got_scores.device) < lengths[:, None, None]).expand_as(scores)
-    torch.testing.assert_close(got_scores[held], scores[held].float(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got_scores[held], scores[held].float(), rtol=score_tol, atol=score_tol)
     probs = torch.where(held, (got_scores - lse[..., None]).exp(), 0.0)
     torch.testing.assert_close(probs, scores.softmax(-1).float(), rtol=2e-3, atol=1e-6)
+
+
+def test_the_float32_bounds_fail_what_tf32_products_give():
+    """decode's float32 is float32 arithmetic on a GPU too: its bounds fail the output, log-sum-exp and scores of
+    the exact computation over operands rounded to tf32's 10 mantissa bits, as a tf32 kernel's would (a GPU's
+    checks are these; the interpreter computes float32 whatever the precision asked)."""
+    def tf32(x):  # round to nearest at tf32's last mantissa bit
+        return ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+    gen = torch.Generator(device=DEVICE).manual_seed(6)
+    q = torch.randn(2, 8, 64, device=DEVICE, generator=gen)
+    k, v = (torch.randn(2, 2, 100, 64, device=DEVICE, generator=gen) for _ in range(2))
+    lengths = torch.tensor([100, 37], device=DEVICE)
+    rounded = [tf32(x).double() for x in (q, k, v)]
+    out = decode_attention_reference(*rounded, lengths)
+    scores = decode_scores_reference(*rounded[:2], lengths)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths)
+    ref_scores = decode_scores_reference(q.double(), k.double(), lengths)
+    assert rel_err(out, ref) > 10 * TOL[torch.float32]
+    lse_tol, score_tol = LSE_AND_SCORE_TOL[torch.float32]
+    assert not torch.allclose(scores.logsumexp(-1), ref_scores.logsumexp(-1), rtol=lse_tol, atol=lse_tol)
+    held = ref_scores.isfinite()
+    assert not torch.allclose(scores[held], ref_scores[held], rtol=score_tol, atol=score_tol)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -138,8 +168,11 @@ def test_lean_shares_cross_segments_and_merge_exactly():
     k, v = (torch.randn(3, 2, 200, 64, device=DEVICE) for _ in range(2))
     n = torch.tensor(lengths, device=DEVICE)
     outs = [decode_attention(q, k, v, n, schedule=s) for s in ("fa2", "split", sched)]
-    for o in outs[1:]:
-        torch.testing.assert_close(o, outs[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])  # tf32 on a GPU
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), n)
+    for o in outs:
+        assert rel_err(o, ref) < TOL[torch.float32], rel_err(o, ref)
+    for o in outs[1:]:  # float32 arithmetic, on a GPU too: the schedules differ in the order of sums only
+        torch.testing.assert_close(o, outs[0])
     assert torch.equal(decode_attention(q, k, v, schedule=sched), outs[2])  # deterministic; lengths from sched
     assert not sched.arrived.any()  # the merging programs reset their counts for the next call
     with pytest.raises(ValueError, match="differ from those the schedule was built for"):

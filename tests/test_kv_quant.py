@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ATTENTION_TOL as TOL, DEVICE, ROOT, gpu, rel_err
+from conftest import DECODE_TOL as TOL, DEVICE, ROOT, gpu, rel_err
 from test_decode_attention import check_against_reference
 from effrepro_kernels.decode_attention import (decode_attention, decode_attention_quantized, make_schedule,
                                                merge_attention)
