@@ -15,6 +15,9 @@ from tqdm.auto import tqdm
 from .records import Row
 from .timing import free_device_memory, is_out_of_memory, measure, peak_memory_mb
 
+# the dtypes a benchmark's config may name, by torch's names (repro.models.DTYPES: a model config's short ones)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
 
 class Unsupported(Exception):
     """A provider cannot run this point (shape, dtype, mask, backend missing): recorded, never fatal."""

@@ -113,6 +113,10 @@ def resolve_dtype(value: torch.dtype | str, device: torch.device) -> torch.dtype
     return DTYPES[value]
 
 
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def parameter_count(config) -> int:
     """Parameters of the causal LM a transformers config describes, counted on the meta device: no memory is
     taken and no weight is read."""
@@ -120,7 +124,7 @@ def parameter_count(config) -> int:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    return count_parameters(model)
 
 
 def free_memory(device: torch.device) -> int:
@@ -387,7 +391,7 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
         "name": cfg.name, "fingerprint": folder.name, "stream": stream.content, "created": utc_now(),
         "git_sha": env["git_sha"], "git_dirty": env["git_dirty"], "trained_on": env["gpu_name"] or "cpu",
         "train_seconds": seconds,
-        "parameters": sum(p.numel() for p in model.parameters()), "train_tokens": len(stream.train),
+        "parameters": count_parameters(model), "train_tokens": len(stream.train),
         "val_tokens": len(val), "seqlen": seqlen, "scored_tokens": final.tokens,
         "val_perplexity": final.ppl, "unigram_val_perplexity": unigram.ppl,
         "config": OmegaConf.to_container(cfg, resolve=True), "rows": [dataclasses.asdict(r) for r in rows],

@@ -1,4 +1,5 @@
 """The benchmark harness: ratios to the baseline, and points that cannot run are recorded, not fatal."""
+import importlib
 import time
 from types import SimpleNamespace
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, gpu
-from repro.bench import Call, Point, Provider, Unsupported, rotating, run_benchmark
+from repro.bench import DTYPES, Call, Point, Provider, Unsupported, rotating, run_benchmark
 from repro.context import ConfigError
 from repro.timing import measure
 
@@ -526,3 +527,9 @@ def test_gpu_a_graph_replays_every_copy_a_call_rotates_through():
                                                              baseline=True)],
                               torch.device("cuda"), warmup_ms=1, rep_ms=5, progress=False, back_to_back="graph"))
     assert rows[0].status == "ok" and len(captured) == len(copies) and set(captured) == {id(c) for c in copies}
+
+
+@pytest.mark.parametrize("module", ["tasks.flashattention.kernel_bench", "tasks.scissorhands.bench",
+                                    "tasks.greenformers.task"])
+def test_the_benchmarks_take_their_dtype_names_from_the_harness(module):
+    assert importlib.import_module(module).DTYPES is DTYPES

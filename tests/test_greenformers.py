@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conftest import check_smoke_record, gpu, run_inline
+from repro.models import count_parameters
 from repro.records import Row
-from tasks.common.low_rank import LowRankLinear, count_parameters
+from tasks.common.low_rank import LowRankLinear
 from tasks.greenformers.efficiency import (Models, cost_rows, crossover_rows, host_memory_rows, shortest_win,
                                            tensor_peak_mb)
 from tasks.greenformers.quality import MARKERS, counting_set, svd_rows

@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from repro.models import count_parameters
+from tasks.common import low_rank
 from tasks.common.low_rank import LowRankLinear, factorize
 
 
@@ -146,3 +148,7 @@ def test_an_unknown_init_or_a_rank_above_the_layer_is_an_error():
         factorize(nn.Sequential(nn.Linear(24, 30)), 4, init="nmf")
     with pytest.raises(ValueError, match="between 1 and min"):
         LowRankLinear.from_linear(nn.Linear(5, 3), rank=4)
+
+
+def test_parameters_are_counted_by_the_engines_count():
+    assert low_rank.count_parameters is count_parameters  # one copy, in repro.models

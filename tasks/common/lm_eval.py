@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from repro import checks
 from repro.context import ConfigError, RunContext
 from repro.evaluation import TEXTS, eval_text, perplexity, perplexity_rows
-from repro.models import load_model, require_model, trained_metadata
+from repro.models import count_parameters, load_model, require_model, trained_metadata
 from repro.records import Row
 
 
@@ -99,7 +99,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
 
     model, tokenizer = load_model(cfg.model, ctx.device)
     name = cfg.model.name
-    extra = {"model": name, "params": sum(p.numel() for p in model.parameters())}
+    extra = {"model": name, "params": count_parameters(model)}
     yield from text_rows(cfg, ctx, model, tokenizer, name, extra)
     if cfg.model.source == "trained":
         meta = trained_metadata(cfg.model)

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from repro.models import count_parameters
+
 INITS = ("svd", "random")
 
 
@@ -113,10 +115,6 @@ def _selector(only: Callable[[str], bool] | Sequence[str] | None, names: list[st
     if unmatched:
         raise ValueError(f"only={unmatched} match no linear layer; its names look like {names[:3]}")
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def factorize(model: nn.Module, rank: int | float, *, only: Callable[[str], bool] | Sequence[str] | None = None,

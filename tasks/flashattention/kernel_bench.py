@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from effrepro_kernels import BlockSparseLayout, attention_reference, block_mask_to_dense, flash_attn, random_block_mask
 from repro import checks
-from repro.bench import Call, Point, Provider, Unsupported, run_benchmark
+from repro.bench import DTYPES, Call, Point, Provider, Unsupported, run_benchmark
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext
 from repro.records import Row
@@ -26,7 +26,6 @@ from . import OURS
 MODES = ("fwd", "bwd", "fwd_bwd")
 # FLOPs of one call relative to the forward (FlashAttention's convention: the backward is 2.5 forwards).
 MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FLEX = "flex"  # PyTorch's FlexAttention, compiled: the baseline block-sparse kernels are held to (issue 21)
 AttentionFn = Callable[..., torch.Tensor]
 GRID_KEYS = ("seq_len", "head_dim", "causal", "mode")

@@ -14,13 +14,12 @@ import torch
 from torch import nn
 
 from repro.bench import Call, Point, Provider, Unsupported, ratios, run_benchmark
+from repro.models import count_parameters
 from repro.records import Row
-from tasks.common.low_rank import count_parameters
 
 from .variants import Variant, count_flops, dense_model, factorised, on_meta, with_attention
 
 BASELINE = "base"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

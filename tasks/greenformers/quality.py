@@ -17,10 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from repro.bench import failure, require_triton
 from repro.checks import as_list
 from repro.context import RunContext, fingerprint
+from repro.models import count_parameters
 from repro.records import Row
 from repro.timing import free_device_memory
 from repro.train import Candidate, Trainee, step_generator, train_from_config
-from tasks.common.low_rank import LowRankLinear, count_parameters
+from tasks.common.low_rank import LowRankLinear
 
 from .variants import Variant, build, count_flops, distinct_models, factorised, on_meta
 

@@ -19,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from effrepro_kernels.runtime import runs_on
 from repro import checks
-from repro.bench import Point
+from repro.bench import DTYPES, Point
 from repro.checks import as_list
 from repro.context import ConfigError, RunContext, resolve_device
 from repro.records import Row
 from repro.train import TrainSpec
 
-from .efficiency import BASELINE, DTYPES, Models, cost_rows, crossover_rows, measure_points
+from .efficiency import BASELINE, Models, cost_rows, crossover_rows, measure_points
 from .quality import run_quality
 from .variants import ATTENTIONS, MODES, Variant, distinct_models, on_meta, parse_variant
 

@@ -36,7 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from effrepro_kernels import decode_attention, decode_attention_quantized, make_schedule, quantize_kv
 from effrepro_kernels.runtime import runs_on
 from repro import checks
-from repro.bench import Call, Point, Provider, Unsupported, copy_bandwidth, rotating, run_benchmark, status_of
+from repro.bench import (DTYPES, Call, Point, Provider, Unsupported, copy_bandwidth, rotating, run_benchmark,
+                         status_of)
 from repro.context import ConfigError, RunContext
 from repro.records import Row
 from repro.timing import measure
@@ -45,7 +46,6 @@ from .generate import KV_BITS, EvictingCache, LayerCache
 from .memory import GIB, allocate_caches, cache_bytes, check_quantized, max_batch, measured_bytes
 from .policies import policy_at_budget
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 WAIT_ON_HOST = ("checking", "choosing", "compacting")  # bookkeeping parts timed call by call
 NO_KERNELS = "needs our Triton kernels: a CUDA GPU (or TRITON_INTERPRET=1 on the CPU, slowly)"
 
