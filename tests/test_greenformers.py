@@ -17,7 +17,7 @@ from repro.records import Row
 from tasks.common.low_rank import LowRankLinear
 from tasks.greenformers.efficiency import (Models, cost_rows, crossover_rows, host_memory_rows, shortest_win,
                                            tensor_peak_mb)
-from tasks.greenformers.quality import MARKERS, counting_set, svd_rows
+from tasks.greenformers.quality import MARKERS, _trainee, counting_set, svd_rows
 from tasks.greenformers.task import _point
 from tasks.greenformers.variants import (Variant, build, count_flops, distinct_models, on_meta, parse_variant,
                                          with_attention)
@@ -214,6 +214,18 @@ def test_the_generated_set_labels_the_more_frequent_marker():
     assert torch.equal(labels, (second > first).long()) and (first != second).all()
     assert 0.3 < labels.float().mean() < 0.7
     assert torch.equal(counting_set(200, 40, 20, seed=3)["input_ids"], ids)
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_a_quality_step_draws_grad_accum_micro_batches_and_counts_their_tokens(compose, accum):
+    cfg = compose("task=greenformers", f"train.grad_accum={accum}")
+    spec = cfg.greenformers.quality  # smoke: batches of 16 examples of 32 tokens
+    data = {"train": counting_set(spec.n_train, spec.seq_len, spec.model.vocab_size, seed=0)}
+    trainee = _trainee(Variant("base"), cfg, SimpleNamespace(device=torch.device("cpu")), data)
+    micro = trainee.batches(0, 0, 1)
+    assert [len(batch["labels"]) for batch in micro] == [spec.batch] * accum
+    assert trainee.tokens_per_step == accum * spec.batch * spec.seq_len
+    assert accum == 1 or not torch.equal(micro[0]["input_ids"], micro[1]["input_ids"])  # draws, not one repeated
 
 
 def test_svd_error_is_the_factorised_encoders_and_falls_as_the_rank_rises():

@@ -71,10 +71,12 @@ def _trainee(variant: Variant, cfg: DictConfig, ctx: RunContext, data: dict) -> 
     torch.manual_seed(cfg.seed)
     model = build(variant, model_cfg, spec.seq_len, positions=spec.seq_len, attention=cfg.greenformers.attention)
     train_set, n_train = data["train"], len(data["train"]["labels"])
+    accum = cfg.train.grad_accum
 
     def batches(step, rank, world):
-        picks = torch.randint(0, n_train, (spec.batch,), generator=step_generator(cfg.seed, step, rank))
-        return [{key: value[picks] for key, value in train_set.items()}]
+        """`train.grad_accum` micro-batches of `greenformers.quality.batch` examples a step."""
+        picks = torch.randint(0, n_train, (accum * spec.batch,), generator=step_generator(cfg.seed, step, rank))
+        return [{key: value[micro] for key, value in train_set.items()} for micro in picks.split(spec.batch)]
 
     def evaluate(model):
         return [Row(variant.name, "step", 0, "val_accuracy", "%", accuracy(model, data["val"], spec.batch), n=1)]
@@ -85,7 +87,7 @@ def _trainee(variant: Variant, cfg: DictConfig, ctx: RunContext, data: dict) -> 
                  **variant.extra(cfg.greenformers.attention))
     settings = dict(variant=variant.name, attention=cfg.greenformers.attention, seed=cfg.seed,
                     quality=OmegaConf.to_container(spec))
-    return Trainee(variant.name, model, batches, evaluate, tokens, flops / tokens, extra, fingerprint(settings))
+    return Trainee(variant.name, model, batches, evaluate, accum * tokens, flops / tokens, extra, fingerprint(settings))
 
 
 def svd_rows(dense: torch.nn.Module, ranks: list[int], data: dict, batch: int, extra: dict) -> Iterator[Row]:
