@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from conftest import check_smoke_record, gpu, run_inline
+from repro.bench import Point
 from repro.models import count_parameters
 from repro.records import Row
 from tasks.common.low_rank import LowRankLinear
-from tasks.greenformers.efficiency import (Models, cost_rows, crossover_rows, host_memory_rows, shortest_win,
-                                           tensor_peak_mb)
+from tasks.greenformers.efficiency import (Models, cost_rows, count_rows, crossover_rows, host_memory_rows,
+                                           shortest_win, tensor_peak_mb)
 from tasks.greenformers.quality import MARKERS, _trainee, counting_set, svd_rows
 from tasks.greenformers.task import _point
 from tasks.greenformers.variants import (Variant, build, count_flops, distinct_models, on_meta, parse_variant,
@@ -82,6 +83,44 @@ def test_counted_flops_match_a_hand_count(name):
     forward = hand_flops(TINY, variant, batch, n)
     # the backward of every product is two products of its size (every input, the embeddings', needs a gradient)
     assert count_flops(model, batch, n) == {"inference": forward, "fwd_bwd": 3 * forward}
+
+
+def hand_params(model: dict, variant: Variant, n: int, positions: int) -> int:
+    """Encoder (BertModel) parameters written out, for a dense or whole-model integer-rank variant: the
+    embeddings (words, positions, 2 token types, a LayerNorm), per layer four d×d attention layers, the FFN's two
+    and two LayerNorms, the pooler; a factorised layer r·(in + out) weights and its bias; Linformer's E and F,
+    k × n each, per layer."""
+    d, ff = model["hidden_size"], model["intermediate_size"]
+
+    def linear(n_in, n_out):
+        saves = variant.rank is not None and variant.rank * (n_in + n_out) < n_in * n_out
+        return (variant.rank * (n_in + n_out) if saves else n_in * n_out) + n_out
+
+    layer = sum(linear(i, o) for i, o in [(d, d)] * 4 + [(d, ff), (ff, d)]) + 2 * 2 * d
+    projections = 2 * variant.k * n if variant.k else 0
+    return (model["vocab_size"] + positions + 2 + 2) * d + model["num_hidden_layers"] * (layer + projections) + \
+        linear(d, d)
+
+
+@pytest.mark.parametrize("mode, passes", [("inference", 1), ("fwd_bwd", 3)])
+def test_count_rows_are_each_variants_hand_counted_flops_and_parameters_and_base_over_them(mode, passes):
+    """FLOPs of the point's own mode (a training step: the forward and a backward of twice its products), the
+    encoder's parameters, and the parameter ratio base / variant (above 1 where the variant is smaller); nothing
+    for a variant that could not run at the point."""
+    names = ["base", "lrt_r5", "linformer_k7", "lrt_r5+linformer_k7", "linformer_k30"]
+    variants = [parse_variant(name) for name in names]
+    point = Point("seq_len", 21, dict(setting="sweep", mode=mode, batch=3))
+    timed = [Row(name, "seq_len", 21, "time", "ms", 1.0, n=1, extra=dict(point.extra)) for name in names[:-1]]
+    timed.append(Row("linformer_k30", "seq_len", 21, "time", "ms", status="unsupported", extra=dict(point.extra)))
+    models = Models(TINY, positions=32, attention="eager", dtype=torch.float32, seed=0)
+    found = {(r.provider, r.metric): r.p50 for r in count_rows(point, variants, timed, models)}
+    assert {provider for provider, _ in found} == set(names[:-1])
+    params = {v.name: hand_params(TINY, v, 21, positions=32) for v in variants[:-1]}
+    for variant in variants[:-1]:
+        assert found[variant.name, "flops"] == pytest.approx(passes * hand_flops(TINY, variant, 3, 21) / 1e9)
+        assert found[variant.name, "params"] == params[variant.name]
+        assert found[variant.name, "params_ratio"] == pytest.approx(params["base"] / params[variant.name])
+    assert found["lrt_r5", "params_ratio"] > 1 > found["linformer_k7", "params_ratio"]
 
 
 @pytest.mark.parametrize("name, params", [
