@@ -76,7 +76,8 @@ def hand_flops(model: dict, variant: Variant, batch: int, n: int) -> int:
     return total + linear(batch, d, d, True) + linear(batch, d, 2, variant.last is None)
 
 
-@pytest.mark.parametrize("name", ["base", "lrt_r5", "lrt_r0.5", "lrt_r5_last1", "linformer_k7", "lrt_r5+linformer_k7"])
+@pytest.mark.parametrize("name", ["base", "lrt_r5", "lrt_r0.5", "lrt_r5_last1", "linformer_k7", "lrt_r5+linformer_k7",
+                                  "linformer_k7_sharekv"])
 def test_counted_flops_match_a_hand_count(name):
     variant, batch, n = parse_variant(name), 3, 21
     model = on_meta(variant, TINY, n, positions=32)
@@ -89,7 +90,7 @@ def hand_params(model: dict, variant: Variant, n: int, positions: int) -> int:
     """Encoder (BertModel) parameters written out, for a dense or whole-model integer-rank variant: the
     embeddings (words, positions, 2 token types, a LayerNorm), per layer four d×d attention layers, the FFN's two
     and two LayerNorms, the pooler; a factorised layer r·(in + out) weights and its bias; Linformer's E and F,
-    k × n each, per layer."""
+    k × n each, per layer (E alone where it projects the values too)."""
     d, ff = model["hidden_size"], model["intermediate_size"]
 
     def linear(n_in, n_out):
@@ -97,7 +98,7 @@ def hand_params(model: dict, variant: Variant, n: int, positions: int) -> int:
         return (variant.rank * (n_in + n_out) if saves else n_in * n_out) + n_out
 
     layer = sum(linear(i, o) for i, o in [(d, d)] * 4 + [(d, ff), (ff, d)]) + 2 * 2 * d
-    projections = 2 * variant.k * n if variant.k else 0
+    projections = (1 if variant.share_kv else 2) * variant.k * n if variant.k else 0
     return (model["vocab_size"] + positions + 2 + 2) * d + model["num_hidden_layers"] * (layer + projections) + \
         linear(d, d)
 
@@ -107,7 +108,7 @@ def test_count_rows_are_each_variants_hand_counted_flops_and_parameters_and_base
     """FLOPs of the point's own mode (a training step: the forward and a backward of twice its products), the
     encoder's parameters, and the parameter ratio base / variant (above 1 where the variant is smaller); nothing
     for a variant that could not run at the point."""
-    names = ["base", "lrt_r5", "linformer_k7", "lrt_r5+linformer_k7", "linformer_k30"]
+    names = ["base", "lrt_r5", "linformer_k7", "lrt_r5+linformer_k7", "linformer_k7_sharekv", "linformer_k30"]
     variants = [parse_variant(name) for name in names]
     point = Point("seq_len", 21, dict(setting="sweep", mode=mode, batch=3))
     timed = [Row(name, "seq_len", 21, "time", "ms", 1.0, n=1, extra=dict(point.extra)) for name in names[:-1]]
@@ -120,7 +121,8 @@ def test_count_rows_are_each_variants_hand_counted_flops_and_parameters_and_base
         assert found[variant.name, "flops"] == pytest.approx(passes * hand_flops(TINY, variant, 3, 21) / 1e9)
         assert found[variant.name, "params"] == params[variant.name]
         assert found[variant.name, "params_ratio"] == pytest.approx(params["base"] / params[variant.name])
-    assert found["lrt_r5", "params_ratio"] > 1 > found["linformer_k7", "params_ratio"]
+    assert found["lrt_r5", "params_ratio"] > 1 > found["linformer_k7_sharekv", "params_ratio"] > \
+        found["linformer_k7", "params_ratio"]
 
 
 @pytest.mark.parametrize("name, params", [
@@ -133,7 +135,7 @@ def test_bert_base_parameters_are_the_greenformer_notebooks(name, params):
 @pytest.mark.parametrize("name, factorised, linformer, attention", [
     ("base", 0, False, "eager"), ("base+sdpa", 0, False, "sdpa"), ("lrt_r5", 13, False, "eager"),
     ("lrt_r5_last1", 7, False, "eager"), ("linformer_k7", 0, True, "linformer"),
-    ("lrt_r5+linformer_k7", 13, True, "linformer")])
+    ("lrt_r5+linformer_k7", 13, True, "linformer"), ("linformer_k7_sharekv", 0, True, "linformer")])
 def test_the_timed_model_is_the_variant_that_was_counted(name, factorised, linformer, attention):
     """The model a point times (built apart from the meta copy its FLOPs and parameters are counted on) has the
     variant's factorised layers (TINY: 6 per layer and the pooler; the classifier's 2 outputs never pay),
@@ -144,6 +146,7 @@ def test_the_timed_model_is_the_variant_that_was_counted(name, factorised, linfo
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == factorised
     layers = [layer.attention.self for layer in model.bert.encoder.layer]
     assert all(hasattr(m, "linformer") == linformer for m in layers)
+    assert all((m.linformer.f is None) == variant.share_kv for m in layers if linformer)  # F = E: one projection
     assert model.config._attn_implementation == attention
     assert count_parameters(model.bert) == models.counted(variant, 3, 21)[1]
 
@@ -165,7 +168,9 @@ def test_variant_names_parse_into_their_parts():
     assert parse_variant("lrt_r0.2_last6+sdpa") == Variant("lrt_r0.2_last6+sdpa", rank=0.2, last=6, attention="sdpa")
     assert parse_variant("base+effrepro").extra("eager")["attention"] == "effrepro"
     assert parse_variant("linformer_k64").extra("eager") == dict(variant="linformer", rank=None, last_layers=None,
-                                                                  k=64, attention="linformer")
+                                                                  k=64, share_kv=False, attention="linformer")
+    assert parse_variant("lrt_r8+linformer_k64_sharekv") == Variant("lrt_r8+linformer_k64_sharekv", rank=8, k=64,
+                                                                     share_kv=True)
 
 
 def test_a_linformer_model_refuses_a_longer_sequence_than_it_was_built_for():

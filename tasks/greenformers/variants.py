@@ -5,6 +5,7 @@
     lrt_r0.4                  a fractional rank: 40% of in·out/(in+out) in each layer (greenformer's convention)
     lrt_r0.2_last6            only the last 6 layers and the pooler factorised (the greenformer notebook's model)
     linformer_k128            Linformer: keys and values projected along the sequence to 128 rows
+    linformer_k128_sharekv    the same with one projection for keys and values (F = E: half the weights)
     lrt_r256+linformer_k128   both
     base+sdpa, lrt_r256+effrepro, ...   another attention implementation: eager, sdpa or effrepro (our kernel)
 
@@ -27,9 +28,9 @@ from tasks.common.low_rank import factorize
 ATTENTIONS = ("eager", "sdpa", "effrepro")
 MODES = ("inference", "fwd_bwd")
 GRAMMAR = ("'base', or '+'-joined parts: lrt_r<rank>[_last<layers>] (rank an int, or a fraction such as 0.4), "
-           f"linformer_k<k>, and one attention of {list(ATTENTIONS)}; e.g. 'lrt_r256+linformer_k128', "
+           f"linformer_k<k>[_sharekv], and one attention of {list(ATTENTIONS)}; e.g. 'lrt_r256+linformer_k128', "
            "'base+effrepro'")
-_PART = re.compile(r"lrt_r(?P<rank>\d+(?:\.\d+)?)(?:_last(?P<last>\d+))?|linformer_k(?P<k>\d+)"
+_PART = re.compile(r"lrt_r(?P<rank>\d+(?:\.\d+)?)(?:_last(?P<last>\d+))?|linformer_k(?P<k>\d+)(?P<share_kv>_sharekv)?"
                    rf"|(?P<attention>{'|'.join(ATTENTIONS)})")
 
 
@@ -39,6 +40,7 @@ class Variant:
     rank: int | float | None = None  # LRT's rank, a float in (0, 1) being a fraction; None: dense layers
     last: int | None = None  # factorise only the last `last` encoder layers and the pooler; None: all
     k: int | None = None  # Linformer's projected length; None: attention over all keys
+    share_kv: bool = False  # Linformer's one projection for keys and values (F = E)
     attention: str | None = None  # the attention implementation; None: the run's default
 
     @property
@@ -52,7 +54,7 @@ class Variant:
 
     def extra(self, default_attention: str) -> dict:
         """What every row of this variant says about it."""
-        return dict(variant=self.family, rank=self.rank, last_layers=self.last, k=self.k,
+        return dict(variant=self.family, rank=self.rank, last_layers=self.last, k=self.k, share_kv=self.share_kv,
                     attention=self.attention_of(default_attention))
 
 
@@ -78,7 +80,8 @@ def parse_variant(name: str) -> Variant:
     rank = found.get("rank")
     return Variant(name, rank=None if rank is None else float(rank) if "." in rank else int(rank),
                    last=int(found["last"]) if "last" in found else None,
-                   k=int(found["k"]) if "k" in found else None, attention=found.get("attention"))
+                   k=int(found["k"]) if "k" in found else None, share_kv="share_kv" in found,
+                   attention=found.get("attention"))
 
 
 def distinct_models(names: list, default_attention: str) -> list[Variant]:
@@ -142,7 +145,7 @@ def with_attention(model: nn.Module, variant: Variant, seq_len: int) -> nn.Modul
     """`model` switched, in place, to the variant's attention: Linformer built for inputs of at most `seq_len`
     tokens, or the implementation the variant names (none named: the model keeps its own)."""
     if variant.k is not None:
-        apply_linformer(model, variant.k, seq_len)
+        apply_linformer(model, variant.k, seq_len, share_kv=variant.share_kv)
     elif variant.attention is not None:
         model.set_attn_implementation(_attention(variant.attention))
     return model
