@@ -315,6 +315,13 @@ def test_a_factorised_copy_that_runs_out_of_memory_is_an_oom_row(monkeypatch):
     assert [r.message for r in rows if r.status == "oom"] == ["CUDA out of memory. Tried to allocate 2.00 GiB"]
 
 
+@pytest.mark.parametrize("scale", [["scale=small"], ["scale=paper"],
+                                   ["scale=small", "scale.device=cpu", "task_scale/greenformers@_global_=cpu"]])
+def test_each_grid_times_lrt_under_the_attention_linformer_runs(compose, scale):
+    """Linformer attends with SDPA: linformer_k128 against lrt_r256+sdpa compares the methods, not the kernels."""
+    assert {"linformer_k128", "lrt_r256+sdpa"} <= set(compose("task=greenformers", *scale).greenformers.crossover.variants)
+
+
 def test_the_cpu_setting_composes(compose):
     cfg = compose("task=greenformers", "scale=small", "scale.device=cpu", "task_scale/greenformers@_global_=cpu")
     assert cfg.scale.device == "cpu" and list(cfg.greenformers.parts) == ["crossover"]
