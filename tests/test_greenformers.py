@@ -6,15 +6,18 @@ import copy
 import json
 import math
 import weakref
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import check_smoke_record, gpu, run_inline
+from conftest import ROOT, check_smoke_record, gpu, run_inline
 from repro.bench import Point
+from repro.claims import load_paper
 from repro.models import count_parameters
-from repro.records import Row
+from repro.records import Row, RunRecord
+from repro.report import NOT_REPRODUCED, NOT_RUN, REPRODUCED, WITHIN, evaluate
 from tasks.common.low_rank import LowRankLinear
 from tasks.greenformers.efficiency import (Models, cost_rows, count_rows, crossover_rows, host_memory_rows,
                                            shortest_win, tensor_peak_mb)
@@ -228,6 +231,52 @@ def test_the_crossover_says_so_when_linformer_never_wins_and_ignores_lengths_whe
             setting="sweep", mode="inference"))]
     [row] = crossover_rows(short, [("linformer_k256", "lrt_r256")])
     assert row.p50 == 256 and row.message.endswith("256 is the shortest length linformer_k256 runs at (n >= k)")
+
+
+CLAIMS = {c.id: c for c in load_paper(ROOT / "results" / "published" / "greenformers.yaml")[2]}
+CROSSOVER_CLAIMS = [c for c in CLAIMS.values() if c.compare.metrics[0].startswith("crossover_")]
+SCALES = {"small": ["scale=small"], "paper": ["scale=paper"]}
+
+
+def test_the_crossover_claims_read_linformer_against_lrt_under_its_own_attention_in_each_mode():
+    """Each claim reads its mode's and metric's crossover of linformer_k128 against lrt_r256+sdpa (not against the
+    eager lrt_r256): 512 reproduced, 256 within tolerance, 1024 not reproduced; a run with no such rows, or in
+    which Linformer never gets ahead, has not run it."""
+    def sweep(values, provider, mode, metric):
+        return [Row(provider, "seq_len", n, metric, "x", v, n=1,
+                    extra=dict(setting="sweep", mode=mode, model="bert-base", device="cuda")) for n, v in values.items()]
+    lengths = [128, 256, 512, 1024, 2048]
+    linformer = dict(zip(lengths, [5.0, 5.0, 5.0, 5.0, 5.0]))
+    lrt = {("time", "inference"): [1.0, 2.0, 6.0, 9.0, 9.0], ("time", "fwd_bwd"): [1.0, 6.0, 6.0, 9.0, 9.0],
+           ("peak_memory", "inference"): [1.0, 2.0, 4.0, 9.0, 9.0], ("peak_memory", "fwd_bwd"): [1.0] * 5}
+    rows = []
+    for (metric, mode), values in lrt.items():
+        rows += sweep(linformer, "linformer_k128", mode, metric) + \
+            sweep(dict(zip(lengths, values)), "lrt_r256+sdpa", mode, metric) + \
+            sweep(dict.fromkeys(lengths, 9.0), "lrt_r256", mode, metric)  # eager: overtaken at 128
+    crossovers = crossover_rows(rows, [("linformer_k128", "lrt_r256+sdpa"), ("linformer_k128", "lrt_r256")])
+    record = RunRecord("greenformers", "greenformers", "small", [], {}, [], {"gpu_name": "NVIDIA H200"}, "now",
+                       status="ok", rows=rows + list(crossovers))
+    status = {c.id: evaluate(c, [(Path("record.json"), record)]).status for c in CROSSOVER_CLAIMS}
+    assert status == {"linformer_overtakes_lrt_time_inference": REPRODUCED,
+                      "linformer_overtakes_lrt_time_training": WITHIN,
+                      "linformer_overtakes_lrt_memory_inference": NOT_REPRODUCED,
+                      "linformer_overtakes_lrt_memory_training": NOT_RUN}  # Linformer never ahead
+    eager_only = RunRecord("greenformers", "greenformers", "small", [], {}, [], {"gpu_name": "NVIDIA H200"}, "now",
+                           status="ok", rows=list(crossover_rows(rows, [("linformer_k128", "lrt_r256")])))
+    assert {evaluate(c, [(Path("record.json"), eager_only)]).status for c in CROSSOVER_CLAIMS} == {NOT_RUN}
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_the_claims_providers_are_in_the_grid_and_the_long_sequence_claims_read_every_long_length(compose, scale):
+    """The crossover claims' pair is timed at each scale they are judged at, and the claims of Linformer at long
+    sequences (>= 512) read every such length of the grid."""
+    sweep = compose("task=greenformers", *SCALES[scale]).greenformers.crossover
+    for claim in CROSSOVER_CLAIMS:
+        assert scale in claim.compare.comparable_at
+        assert {*claim.compare.providers, claim.compare.where["against"]} <= set(sweep.variants), claim.id
+    for name in ("linformer_faster_long_sequences", "linformer_less_memory_long_sequences"):
+        assert {n for n in sweep.seq_len if n >= 512} <= set(CLAIMS[name].compare.where["seq_len"]), name
 
 
 def test_cost_rows_are_what_lrt_saves_in_time_and_flops_at_short_sequences():
