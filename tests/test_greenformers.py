@@ -1,7 +1,8 @@
-"""Greenformers (task greenformers): the smoke run end to end; the counted FLOPs against a hand count; the
-crossover and cost rows from hand-made rows; the notebook's BERT-base parameter counts; the CPU memory tracker
-against a hand count; the generated classification set; the SVD error as rank falls; bad input named before any
-work."""
+"""Greenformers (task greenformers): the smoke run end to end; the counted FLOPs and parameters (count_rows)
+against a hand count; the crossover and cost rows from hand-made rows, and the claims that read them; the grids'
+pairs and lengths; the notebook's BERT-base parameter counts; the CPU memory tracker against a hand count; the
+generated classification set and the quality part's micro-batches; the SVD error as rank falls; bad input named
+before any work."""
 import copy
 import json
 import math
