@@ -244,10 +244,10 @@ def test_the_crossover_claims_read_linformer_against_lrt_under_its_own_attention
     eager lrt_r256): 512 reproduced, 256 within tolerance, 1024 not reproduced; a run with no such rows, or in
     which Linformer never gets ahead, has not run it."""
     def sweep(values, provider, mode, metric):
-        return [Row(provider, "seq_len", n, metric, "x", v, n=1,
-                    extra=dict(setting="sweep", mode=mode, model="bert-base", device="cuda")) for n, v in values.items()]
+        extra = dict(setting="sweep", mode=mode, model="bert-base", device="cuda")
+        return [Row(provider, "seq_len", n, metric, "x", v, n=1, extra=extra) for n, v in values.items()]
     lengths = [128, 256, 512, 1024, 2048]
-    linformer = dict(zip(lengths, [5.0, 5.0, 5.0, 5.0, 5.0]))
+    linformer = dict.fromkeys(lengths, 5.0)
     lrt = {("time", "inference"): [1.0, 2.0, 6.0, 9.0, 9.0], ("time", "fwd_bwd"): [1.0, 6.0, 6.0, 9.0, 9.0],
            ("peak_memory", "inference"): [1.0, 2.0, 4.0, 9.0, 9.0], ("peak_memory", "fwd_bwd"): [1.0] * 5}
     rows = []
@@ -369,7 +369,8 @@ def test_a_factorised_copy_that_runs_out_of_memory_is_an_oom_row(monkeypatch):
                                    ["scale=small", "scale.device=cpu", "task_scale/greenformers@_global_=cpu"]])
 def test_each_grid_times_lrt_under_the_attention_linformer_runs(compose, scale):
     """Linformer attends with SDPA: linformer_k128 against lrt_r256+sdpa compares the methods, not the kernels."""
-    assert {"linformer_k128", "lrt_r256+sdpa"} <= set(compose("task=greenformers", *scale).greenformers.crossover.variants)
+    variants = compose("task=greenformers", *scale).greenformers.crossover.variants
+    assert {"linformer_k128", "lrt_r256+sdpa"} <= set(variants)
 
 
 def test_the_cpu_setting_composes(compose):
