@@ -423,7 +423,8 @@ def _job_outcome(job: Path, number: int, began: float) -> tuple[str, str]:
         return "missing", f"no record: it stopped before its run began (see {_rel(job)})"
     committed = committed_copy(record, record_paths(record.config, record, job, number)[-1])
     where = committed if record.status != "error" and committed else job / "record.json"
-    why = f"  ({record.error.splitlines()[0][:100]})" if record.error else ""
+    why = f"  ({record.error.splitlines()[0][:100]})" if record.error else \
+        "  (saved while it ran: it was killed outright, or runs on)" if record.status == "running" else ""
     return record.status, f"{len(record.rows):5} rows  {_rel(where)}{why}"
 
 
@@ -877,14 +878,19 @@ def main() -> None:
             SweepSummary().on_multirun_end(sweep, stopped=True)
         print(f"repro: {str(exc) or CTRL_C}; the record keeps the rows measured so far", file=sys.stderr)
         sys.exit(128 + getattr(exc, "signum", signal.SIGINT))  # as a shell reports a process the signal ended
-    except Exception as exc:
-        if type(exc).__name__ != "UncompletedJobError":
+    except (SystemExit, Exception) as exc:
+        # a sweep Hydra could not finish: an error it printed before its exit 1 (the error is the exit's context), or
+        # let through (HYDRA_FULL_ERROR=1). Under submitit, a job that died outright (SIGKILL, out of host memory,
+        # its node lost) leaves no result, and the launcher's collection of results ends there.
+        sweep = SweepSummary.running
+        if sweep is None:
             raise
-        # submitit's: a job of a sweep died outright (killed for memory, its node lost) and took the launcher's
-        # collection of results with it
-        print(f"repro: a job of the sweep ended without finishing ({str(exc).splitlines()[0]}); each job's "
-              "record.json in the sweep folder keeps what it saved", file=sys.stderr)
-        sys.exit(EXIT_FAILED)
+        cause = exc.__context__ if isinstance(exc, SystemExit) else exc
+        if type(cause).__name__ == "UncompletedJobError":  # submitit's, by name: the launcher's import is optional
+            print(f"repro: a job of the sweep ended without finishing ({str(cause).splitlines()[0]}); each job's "
+                  "record.json in the sweep folder keeps what it saved", file=sys.stderr)
+        SweepSummary().on_multirun_end(sweep, stopped=True)
+        raise
     if SweepSummary.failed:
         sys.exit(EXIT_FAILED)
 

@@ -86,6 +86,15 @@ def sigterm(cfg, ctx):
     time.sleep(10)  # the handler runs here
 
 
+def killed_outright(cfg, ctx):
+    """A row, then its process killed outright (SIGKILL, as the kernel's out-of-memory killer does). In a job
+    process of its own alone (hydra/launcher=local): run in the test process, it would kill that."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        raise RuntimeError("fake_tasks:killed_outright kills its own process: run it with hydra/launcher=local")
+    yield from _rows(["ok"])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class _Regression(torch.nn.Module):
     def __init__(self):
         super().__init__()
