@@ -364,6 +364,12 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"repro: failed: {exc}", file=sys.stderr)
         if not multirun:
             sys.exit(EXIT_FAILED)
+    except Stopped as exc:
+        # a submitit job is a process of its own, stopped alone (scancel, its time limit): it ends as a failed job
+        # does, its record saying killed, and the launcher collects the other jobs' results
+        if not (multirun and os.environ.get("SUBMITIT_EXECUTOR")):
+            raise
+        print(f"repro: {exc}; the record keeps the rows measured so far", file=sys.stderr)
     except Exception:  # noqa: BLE001 - the record holds the error; a sweep goes on
         if not multirun:
             raise
@@ -839,24 +845,43 @@ class SubmititStop(KeyboardInterrupt):
         self.original = original
 
 
+# SLURM preempting a job sends SIGTERM a moment before the signal submitit requeues it on (0.2 s apart in
+# submitit#1701's log): a SIGTERM stops a submitit job only where that signal has not followed within this time
+SUBMITIT_SIGNAL_WAIT_S = 5
+
+
 def stop_after_submitit_signal() -> None:
     """In a submitit job (SLURM), the signal that warns of the time limit or a preemption reaches submitit's
     handler, which requeues the job and exits, or raises an Exception: a sweep's guard of each point would take
     that for one failed point and go on until SLURM kills the job, record unwritten. Wrap that handler (once per
-    process), so that what it raises reaches `run_job` (`SubmititStop`)."""
+    process), so that what it raises reaches `run_job` (`SubmititStop`).
+    submitit ignores SIGTERM (scancel, a time limit without that warning, a kill), which then stopped nothing until
+    SIGKILL came: it stops the job as under `main`, with the record written as killed, unless submitit's signal
+    follows it within SUBMITIT_SIGNAL_WAIT_S (a preemption, which requeues the job); after that signal it is
+    ignored again (SLURM ends a job it requeued with one, while the record is being written)."""
     number = signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
     submitits = signal.getsignal(number)
     if getattr(submitits, "wraps_submitit", False):
         return
+    ignore_sigterm = signal.getsignal(signal.SIGTERM)  # submitit's, which logs it
 
     def handler(signum, frame):
+        signal.alarm(0)  # a SIGTERM just before was this preemption's
+        signal.signal(signal.SIGTERM, ignore_sigterm)
         try:
             if callable(submitits):
                 submitits(signum, frame)  # returns only on ranks other than 0, which carry on
         except BaseException as exc:  # noqa: BLE001 - whatever submitit did (requeued and exited, or gave up)
             raise SubmititStop(exc) from exc
     handler.wraps_submitit = True
+
+    def stop_unless_preempted(signum, frame):
+        if callable(ignore_sigterm):
+            ignore_sigterm(signum, frame)
+        signal.signal(signal.SIGALRM, lambda _, later: _interrupt(signum, later))
+        signal.alarm(SUBMITIT_SIGNAL_WAIT_S)
     signal.signal(number, handler)
+    signal.signal(signal.SIGTERM, stop_unless_preempted)
 
 
 def main() -> None:

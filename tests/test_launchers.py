@@ -33,6 +33,18 @@ def test_multirun_through_submitit_local_runs_every_job_and_lists_them(tmp_path)
     assert "1 not ok" in summary and "the task crashed half-way" in summary and "record.json" in summary
 
 
+def test_a_submitit_job_stopped_by_sigterm_is_recorded_as_killed_and_the_sweep_goes_on(tmp_path):
+    """submitit ignores SIGTERM (scancel, a time limit): the job ran on as if nothing had come, to SIGKILL."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    out = run_repro("-m", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}", "logger=none",
+                    "task.entry=fake_tasks:sigterm,fake_tasks:all_ok", timeout=600, fake_tasks=True)
+    assert out.returncode == 1, out.stderr[-3000:]
+    stopped = load(tmp_path / "0_flash_kernel" / "record.json")
+    assert stopped["status"] == "killed" and stopped["error"] == "stopped by SIGTERM" and len(stopped["rows"]) == 1
+    summary = out.stdout[out.stdout.index("multirun of 2 jobs, 1 not ok"):]
+    assert [line.split()[1] for line in summary.splitlines()[1:] if line.strip()] == ["killed", "ok"], summary
+
+
 def test_lm_training_under_torchrun_with_two_gloo_processes_ddp_and_fsdp(tmp_path):
     def torchrun(*overrides):
         # --standalone: the rendezvous on a free port (recent torch does so on one node anyway; older torch takes the
@@ -159,3 +171,39 @@ def test_a_submitit_time_limit_stops_the_job_past_every_point_guard(monkeypatch,
         assert stop.value.original is raised and isinstance(stop.value, KeyboardInterrupt)
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_a_sigterm_stops_a_submitit_job_unless_submitits_signal_follows_it(monkeypatch):
+    """SLURM sends a preemption's SIGTERM just before the signal on which submitit requeues the job: stopped on the
+    SIGTERM, the job would never be requeued. After that signal SIGTERM is ignored again (SLURM ends a job it
+    requeued with one, while run_job writes its record)."""
+    from repro import cli
+
+    monkeypatch.setattr(cli, "SUBMITIT_SIGNAL_WAIT_S", 1)
+    ignored = []
+
+    def submitits(signum, frame):
+        raise SystemExit(-1)  # requeued
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGUSR2, signal.SIGTERM, signal.SIGALRM)}
+    try:
+        for then_submitits in (True, False):
+            signal.signal(signal.SIGUSR2, submitits)
+            signal.signal(signal.SIGTERM, lambda signum, frame: ignored.append(signum))  # as submitit does
+            cli.stop_after_submitit_signal()
+            expected = cli.SubmititStop if then_submitits else cli.Stopped
+            with pytest.raises(expected) as stop:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                if then_submitits:
+                    os.kill(os.getpid(), signal.SIGUSR2)
+                time.sleep(2)  # past the wait
+            if then_submitits:
+                os.kill(os.getpid(), signal.SIGTERM)  # SLURM's, after the requeue
+                time.sleep(1.5)  # neither it nor the first one stops the job now
+            else:
+                assert str(stop.value) == "stopped by SIGTERM"
+        assert len(ignored) == 3  # each logged by submitit's handler
+    finally:
+        signal.alarm(0)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
