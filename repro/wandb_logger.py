@@ -11,7 +11,9 @@ from .records import Row
 
 WANDB_MODES = ("offline", "online", "disabled")
 FINISH_TIMEOUT_S = 60  # a finish waiting on a lost connection: the job ends without it, its record written
-_did_not_start: str | None = None  # why W&B failed to start in this process: a sweep's later jobs do not wait again
+# why W&B was given up in this process (it did not start, or a run did not finish): a sweep's later jobs do not
+# wait for it again
+_given_up: str | None = None
 
 
 class NullLogger:
@@ -31,9 +33,11 @@ class WandbLogger(NullLogger):
         import wandb
 
         self._wandb = wandb
+        # create_new: a run an earlier job of the process left unfinished (its finish failed, or gave up waiting) is
+        # left as it is; "finish_previous" would finish it here, in the job's own thread, with no time limit
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, mode=cfg.mode, name=name, group=group, job_type=job_type,
-            config=config, dir=str(output_dir), reinit="finish_previous",
+            config=config, dir=str(output_dir), reinit="create_new",
             settings=wandb.Settings(init_timeout=cfg.init_timeout_s),
         )
         self.failed = False
@@ -53,6 +57,8 @@ class WandbLogger(NullLogger):
                           "keeps every row", stacklevel=2)
 
     def finish(self, status: str) -> None:
+        global _given_up
+
         def finish():
             self.run.summary["status"] = status
             self.run.finish(exit_code=0 if status == "ok" else 1)
@@ -60,23 +66,25 @@ class WandbLogger(NullLogger):
         finishing.start()
         finishing.join(FINISH_TIMEOUT_S)
         if finishing.is_alive():
+            _given_up = f"a run did not finish within {FINISH_TIMEOUT_S} s"
             warnings.warn(f"W&B did not finish within {FINISH_TIMEOUT_S} s; the run ends without it, and its record "
                           "keeps every row", stacklevel=2)
 
 
 def make_logger(cfg, **kwargs) -> NullLogger:
     """The configured logger (`cli.check_job` has checked its settings); if W&B cannot start (no network for
-    `online`, a broken install), the run goes on without it and says so."""
-    global _did_not_start
+    `online`, a broken install), or was given up earlier in the process, the run goes on without it and says so."""
+    global _given_up
     if cfg.name == "none":
         return NullLogger()
-    if _did_not_start is not None:
-        warnings.warn(f"W&B did not start earlier in this process ({_did_not_start}); this run goes on without it",
+    if _given_up is not None:
+        warnings.warn(f"W&B was given up earlier in this process ({_given_up}); this run goes on without it",
                       stacklevel=2)
         return NullLogger()
     try:
         return WandbLogger(cfg, **kwargs)
     except Exception as exc:  # noqa: BLE001 - W&B must never stop a run
-        _did_not_start = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"W&B did not start ({_did_not_start}); the run goes on without it", stacklevel=2)
+        why = f"{type(exc).__name__}: {exc}"
+        _given_up = f"it did not start: {why}"
+        warnings.warn(f"W&B did not start ({why}); the run goes on without it", stacklevel=2)
         return NullLogger()

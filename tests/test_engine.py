@@ -512,18 +512,20 @@ def test_wandb_offline_keeps_a_copy_and_a_wandb_that_cannot_start_never_stops_th
         tries.append(kwargs)
         raise wandb.errors.CommError("no route to api.wandb.ai")
     monkeypatch.setattr(wandb, "init", unreachable)
-    monkeypatch.setattr("repro.wandb_logger._did_not_start", None)  # and back after the test
+    monkeypatch.setattr("repro.wandb_logger._given_up", None)  # and back after the test
     with pytest.warns(UserWarning, match="W&B did not start .*no route"):
         code, _, err = run_inline("logger=wandb", "logger.mode=online", f"hydra.run.dir={tmp_path}/b", *KERNEL)
     assert code == 0 and record(tmp_path / "b")["status"] == "ok"
     # the next job of the process (a sweep's) does not wait for it again
-    with pytest.warns(UserWarning, match="W&B did not start earlier in this process .*no route"):
+    with pytest.warns(UserWarning, match="W&B was given up earlier in this process .it did not start: .*no route"):
         code, _, err = run_inline("logger=wandb", "logger.mode=online", f"hydra.run.dir={tmp_path}/c", *KERNEL)
     assert code == 0 and len(tries) == 1
 
 
-def test_a_wandb_finish_that_hangs_ends_the_job_without_it(monkeypatch):
+def test_a_wandb_finish_that_hangs_ends_the_job_without_it_and_the_next_jobs_do_without_wandb(monkeypatch):
+    """A lost connection would hold each later job of a sweep as long again."""
     import time
+    from types import SimpleNamespace
 
     from repro import wandb_logger
 
@@ -536,9 +538,39 @@ def test_a_wandb_finish_that_hangs_ends_the_job_without_it(monkeypatch):
     logger.run, logger.failed = Hanging(), False
     monkeypatch.setattr(wandb_logger, "FINISH_TIMEOUT_S", 0.2)
     started = time.monotonic()
+    monkeypatch.setattr(wandb_logger, "_given_up", None)  # and back after the test
     with pytest.warns(UserWarning, match="W&B did not finish within 0.2 s"):
         logger.finish("ok")
     assert time.monotonic() - started < 5
+    with pytest.warns(UserWarning, match="W&B was given up earlier in this process .a run did not finish within"):
+        assert type(wandb_logger.make_logger(SimpleNamespace(name="wandb"))) is wandb_logger.NullLogger
+
+
+def test_a_wandb_run_left_unfinished_is_not_finished_by_the_next_jobs_start(tmp_path, monkeypatch):
+    """wandb.init(reinit="finish_previous") finished it there, in the job's own thread, with no time limit: a
+    finish that gave up waiting on a lost connection (or failed) held the next job of a sweep for as long."""
+    import threading
+    from types import SimpleNamespace
+
+    pytest.importorskip("wandb")
+    from wandb.sdk import wandb_run
+
+    from repro.wandb_logger import WandbLogger
+
+    finished_in, finish = [], wandb_run.Run.finish
+
+    def noted(run, *args, **kwargs):
+        finished_in.append(threading.current_thread().name)
+        return finish(run, *args, **kwargs)
+    monkeypatch.setattr(wandb_run.Run, "finish", noted)
+    cfg = SimpleNamespace(project="effrepro", entity=None, mode="offline", init_timeout_s=60)
+    first = WandbLogger(cfg, name="a", group=None, job_type="smoke", config={}, output_dir=tmp_path)
+    try:
+        second = WandbLogger(cfg, name="b", group=None, job_type="smoke", config={}, output_dir=tmp_path)
+        assert finished_in == [] and first.run.id != second.run.id
+        second.finish("ok")
+    finally:
+        first.run.finish()
 
 
 def test_a_wandb_that_fails_mid_run_stops_logging_and_the_run_goes_on():
