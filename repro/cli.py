@@ -616,9 +616,10 @@ def check_overrides(args: list[str]) -> str | None:
 
 
 def _folder_problem(choices: list[str], overrides: list, mode: str) -> str | None:
-    """A job (sweep) folder that cannot be made, or a job folder given with hydra.run.dir that holds an earlier
-    run: Hydra makes the folder, and writes its account of the run there (.hydra/, over the earlier run's), before
-    any check of ours; it failed with a traceback where the folder could not be made."""
+    """A job (sweep) folder that cannot be made, or a folder given with hydra.run.dir (hydra.sweep.dir) that holds
+    an earlier run (an earlier sweep's jobs): Hydra makes the folder, and writes its account of each job there
+    (.hydra/, over the earlier job's), before any check of ours; it failed with a traceback where the folder could
+    not be made."""
     from hydra import compose, initialize_config_dir
 
     key = f"hydra.{mode}.dir"
@@ -635,10 +636,19 @@ def _folder_problem(choices: list[str], overrides: list, mode: str) -> str | Non
         return f"{named}={OmegaConf.select(cfg, named)!r} cannot hold this {mode}'s folder {folder} ({why})"
     # (a folder made from the time is another run's only if it began in the same second: claim_folder says so;
     # under torchrun, rank 0 may have taken the folder already)
-    if mode == "run" and named == key and world()[0] == 0 and _earlier_run(folder):
-        return (f"{key}={OmegaConf.select(cfg, key)!r} is the folder of an earlier run: give this one a new "
-                "folder, to keep that one's as it is")
-    return None
+    if named != key or world()[0] != 0:
+        return None
+    setting = f"{key}={OmegaConf.select(cfg, key)!r}"
+    if mode == "run":
+        return f"{setting} is the folder of an earlier run: give this one a new folder, to keep that one's as it is" \
+            if _earlier_run(folder) else None
+    # (the sweep's jobs, not its multirun.yaml: under torchrun another rank of this sweep may have written that
+    # already, and where no job began there is no run to keep)
+    earlier = next((job for mark in (JOB_MARK, "record.json") for job in sorted(p.parent for p in folder.rglob(mark))
+                    if _earlier_run(job)), None)
+    return None if earlier is None else (
+        f"{setting} holds the jobs of an earlier sweep ({earlier}): give this one a new folder, to keep theirs as "
+        "they are (a job run again after a kill reuses, in a new folder too, the trainings the killed one finished)")
 
 
 def _earlier_run(folder: Path) -> bool:

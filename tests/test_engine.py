@@ -339,18 +339,21 @@ def test_a_sweep_runs_every_job_lists_them_all_and_fails_if_one_did(tmp_path, su
     assert all((tmp_path / folder.format(i) / "record.json").exists() for i in range(4))
 
 
-def test_a_sweep_into_an_earlier_sweeps_folder_lists_its_own_jobs_alone_and_fails(tmp_path):
-    """Its jobs find their folders taken and run nothing: each is a failure, the earlier jobs' records are not its
-    own, and a folder of the earlier sweep that it has no job for is not listed."""
+def test_a_sweep_into_an_earlier_sweeps_folder_is_refused_before_hydra_writes_there(tmp_path, monkeypatch):
+    """Hydra rewrote the earlier jobs' account of themselves (.hydra/) before each job found its folder taken. A sweep
+    run again in its SLURM job, requeued, takes its own folders back."""
     entry = FAKE[len("task.entry="):]
-    code, out, err = run_inline("-m", "logger=none", f"hydra.sweep.dir={tmp_path}",
-                                f"{FAKE}all_ok,{entry}all_ok,{entry}all_ok")
-    assert code == 0 and "multirun of 3 jobs, 0 not ok" in out, err[-2000:]
-    code, out, err = run_inline("-m", "logger=none", f"hydra.sweep.dir={tmp_path}", f"{FAKE}all_ok,{entry}some_fail")
-    assert code == 1 and f"{tmp_path}/0_flash_kernel holds an earlier run, whose record is left as it is" in err
-    summary = out[out.index("[repro] multirun of 2 jobs, 2 not ok"):]
-    lines = [line.split()[:2] for line in summary.splitlines()[1:] if line.strip()]
-    assert lines == [["0_flash_kernel", "refused"], ["1_flash_kernel", "refused"]], summary
+    sweep = ("-m", "logger=none", f"hydra.sweep.dir={tmp_path}", f"{FAKE}all_ok,{entry}some_fail")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert run_inline(*sweep)[0] == 0
+    code, out, err = run_inline(*sweep)  # requeued
+    assert code == 0 and "multirun of 2 jobs, 0 not ok" in out, err[-2000:]
+    monkeypatch.delenv("SLURM_JOB_ID")
+    earlier = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, _, err = run_inline(*sweep[:-1], f"{FAKE}all_ok", "seed=1")
+    assert code == 2 and f"hydra.sweep.dir='{tmp_path}' holds the jobs of an earlier sweep ({tmp_path}/0_flash_kernel" \
+        "): give this one a new folder" in err, err[-2000:]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == earlier
 
 
 @pytest.mark.parametrize("sweep, expected", [
