@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import importlib
 import itertools
 import math
@@ -550,11 +551,11 @@ def check_overrides(args: list[str]) -> str | None:
         return f"unknown config key 'hydra.{unknown_hydra[0]}': hydra has no {unknown_hydra[0]!r}; its keys are: " \
                f"{', '.join(known)}"
     keys = [o for o in overrides if o not in groups and not (o.is_add() or o.is_force_add())]
-    added = [o for o in overrides if o.is_add() and o not in groups]
-    for _, cfg, _ in jobs:
-        error = _added_where_nothing_reads(cfg, added)
+    added = [o for o in overrides if (o.is_add() or o.is_force_add()) and o not in groups]
+    for choices, cfg, swept in jobs:
+        error = None if swept else _added_where_nothing_reads(cfg, added)  # a paper's own config: its jobs follow
         if error:
-            return error
+            return error + (f" (in the job of {' '.join(choices)})" if len(jobs) > 1 else "")
     for choices, cfg, swept in jobs:
         error = _bad_value(cfg, keys)
         if error and swept:  # Hydra applies the overrides to a paper's own config, before its sweep's jobs
@@ -738,22 +739,32 @@ def _unused_model(conf: Path, jobs: list) -> str | None:
     return None
 
 
-# the engine's own parts of the config, whose keys it reads by name: a key added there with a '+' is read by nothing.
-# (A task's own sections are its validator's: some take added keys, e.g. a compression level added to a catalog.)
-ENGINE_SECTIONS = ("task", "scale", "logger", "paths")
+# The mappings of the config that take keys added with a '+' (patterns of their dotted paths, * for one part), each
+# key there checked by name by the task that reads it, which refuses one it does not know: a training setting a
+# task's `train` leaves out (repro.train.TrainSpec; a trained model's own too), the LRA model's optional settings,
+# a KV-cache policy's parameters, and the catalogs of named kernel grids and compression levels and their entries.
+# (An empty mapping takes them too: it is there to be filled.) A key added anywhere else would be read by nothing.
+OPEN_MAPPINGS = ("train", "model.train", "lra.model", "kv.*", "kernel.settings", "kernel.settings.*",
+                 "compression.catalog", "compression.catalog.*")
 
 
 def _added_where_nothing_reads(cfg: DictConfig, overrides: list) -> str | None:
-    """A `+key=value` at the config's top level or in one of the ENGINE_SECTIONS, which would be ignored."""
+    """A `+key=value` (or `++`) that would be ignored: added where no OPEN_MAPPINGS is; or a `+` on a key that is
+    there already, which Hydra refuses with exit status 1."""
     for o in overrides:
-        section = o.key_or_group.split(".")[0]
-        if section in cfg.keys() and section not in ENGINE_SECTIONS:
-            continue  # a task's section: its validator's to judge
+        added_as = o.input_line.split("=", 1)[0]
         node, path, lacking = _walk(cfg, o.key_or_group)
-        if lacking is not None:  # (a key there already: Hydra refuses to add it)
-            where, known = _section(node, path)
-            return (f"+{o.key_or_group}: {where} has no {lacking!r}, and nothing reads a key added there; its keys "
-                    f"are: {known or 'none'}")
+        if lacking is None:
+            if o.is_add() and node is not None:  # (node None: a `???` value, which Hydra lets a '+' set)
+                return f"{added_as}: {o.key_or_group} is there already: set it without the '+', {o.input_line[1:]}"
+            continue
+        mapping = ".".join(path)
+        if path and OmegaConf.is_dict(node) and (not node.keys() or any(fnmatch.fnmatchcase(mapping, pattern)
+                                                                        for pattern in OPEN_MAPPINGS)):
+            continue
+        where, known = _section(node, path)
+        return (f"{added_as}: {where} has no {lacking!r}, and nothing reads a key added there; its keys are: "
+                f"{known or 'none'}")
     return None
 
 
