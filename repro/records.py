@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .claims import SCALES
+
 SCHEMA_VERSION = 1
 ROW_STATUSES = ("ok", "oom", "unsupported", "error")
 FAILED_ROW_STATUSES = ("oom", "error")  # tried and failed; "unsupported" was never tried
@@ -118,6 +120,8 @@ class RunRecord:
             raise ValueError(f"malformed run record: {exc}") from None
         if record.status not in RUN_STATUSES:
             raise ValueError(f"run status {record.status!r} is not one of {RUN_STATUSES}")
+        if record.scale not in SCALES:
+            raise ValueError(f"run scale {record.scale!r} is not one of {SCALES}")
         return record
 
     @property
@@ -126,15 +130,18 @@ class RunRecord:
 
 
 _FIELD_TYPES = {"task": str, "paper": str, "scale": str, "claim_ids": list, "config": dict, "overrides": list,
-                "env": dict, "started": str, "status": str, "rows": list}
+                "env": dict, "started": str, "finished": (str, type(None)), "status": str, "error": (str, type(None)),
+                "rows": list}
 _ROW_FIELD_TYPES = {"provider": str, "x_name": str, "metric": str, "unit": str, "message": str}
 _SCALARS = (str, int, float, bool, type(None))
 
 
-def _check_types(data: dict[str, Any], types: dict[str, type], where: str = "") -> None:
+def _check_types(data: dict[str, Any], types: dict[str, type | tuple[type, ...]], where: str = "") -> None:
     for key, kind in types.items():
         if key in data and not isinstance(data[key], kind):
-            raise ValueError(f"malformed run record: {where}{key} is {type(data[key]).__name__}, not {kind.__name__}")
+            allowed = " or ".join("null" if k is type(None) else k.__name__ for k in
+                                  (kind if isinstance(kind, tuple) else (kind,)))
+            raise ValueError(f"malformed run record: {where}{key} is {type(data[key]).__name__}, not {allowed}")
 
 
 def _check_row(where: str, row: dict[str, Any]) -> None:

@@ -99,6 +99,14 @@ def test_load_records_skips_corrupt_and_foreign_files_by_name(tmp_path):
         write_json_atomic(tmp_path / name, {**good, "rows": [{**good["rows"][0], **change}]})
     write_json_atomic(tmp_path / "gpu_number.json", {**good, "env": {"gpu_name": 7}})
     nested["gpu_number.json"] = ({}, "env.gpu_name=7")
+    # the report reads a failed record's error as text (an int was an AttributeError), and orders records by scale
+    fields = {"error_number.json": ({"error": 3}, "error is int, not str or null"),
+              "finished_list.json": ({"finished": ["today"]}, "finished is list, not str or null"),
+              "status_unknown.json": ({"status": "done"}, "run status 'done' is not one of"),
+              "scale_unknown.json": ({"scale": "huge"}, "run scale 'huge' is not one of ('smoke', 'small', 'paper')")}
+    for name, (change, _) in fields.items():
+        write_json_atomic(tmp_path / name, {**good, **change})
+    nested.update(fields)
     records, problems = load_records(tmp_path)
     assert [p.name for p, _ in records] == ["good.json"]
     skipped = sorted(path.name for path, why in problems)

@@ -11,7 +11,7 @@ import yaml
 
 from repro.claims import load_paper, load_published
 from repro.context import PROJECT_ROOT
-from repro.records import Row, RunRecord, save_record
+from repro.records import Row, RunRecord, save_record, write_json_atomic
 from repro.report import OTHER_HARDWARE, README_END, README_START, build_report, evaluate, main
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3"}
@@ -277,6 +277,14 @@ def test_the_report_on_disk_has_all_of_its_plots_whenever_it_is_replaced(tree, m
     assert drawn == [True, True]
     assert sorted(p.name for p in (tree / "out" / "report" / "plots").iterdir()) == ["bench_kept.png", "bench_new.png"]
     assert not (tree / "out" / "report" / "plots.drawing").exists()
+
+
+def test_a_record_whose_error_is_not_text_is_skipped_naming_the_field(tree, no_plots):
+    """The list of records that were not used read it as text: an AttributeError stopped the report."""
+    failed = rec("bench", "small", [], status="error").to_json()
+    write_json_atomic(tree / "runs" / "toy" / "bench" / "failed.json", {**failed, "error": 3})
+    report, problems = build_report(tree / "runs", tree / "published", tree / "out", None)
+    assert any("failed.json" in p and "error is int, not str or null" in p for p in problems), problems
 
 
 def test_cli_exit_codes(tree, capsys, no_plots):
