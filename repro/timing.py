@@ -268,13 +268,22 @@ def free_device_memory(device: torch.device, failed: bool) -> None:
         torch.cuda.empty_cache()
 
 
+# what a RuntimeError says where memory ran out: CUDA's and the CPU allocator's words, and the status of a CUDA library
+# whose own allocation failed (CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED, cuFFT's CUFFT_ALLOC_FAILED)
+OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "ALLOC_FAILED")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
-    )
+    """Whether `exc` ran out of device or host memory, or was raised from such an error or while handling one (a
+    task's own error around it), as its traceback shows them: `raise ... from None` hides what it was raised in."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or \
+                isinstance(exc, RuntimeError) and any(words in str(exc) for words in OUT_OF_MEMORY_WORDS):
+            return True
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return False
 
 
 def host_link(device: torch.device, size_bytes: int = 1 << 28) -> dict:

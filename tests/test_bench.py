@@ -50,10 +50,27 @@ def test_oom_unsupported_and_errors_are_rows_and_the_sweep_goes_on():
     assert status["base"][0] == "ok"
 
 
+def _raised(exc: BaseException, cause: BaseException | None = None, context: BaseException | None = None,
+            hidden: bool = False) -> BaseException:
+    """`exc` as `raise exc from cause` (`from None`: hidden) leaves it, raised while `context` was handled."""
+    exc.__cause__, exc.__context__, exc.__suppress_context__ = cause, context, cause is not None or hidden
+    return exc
+
+
+FULL = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 @pytest.mark.parametrize("exc, oom", [
     (RuntimeError("CUDA error: out of memory"), True),  # what some kernels raise in place of OutOfMemoryError
     (RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory"), True),
     (MemoryError(), True),
+    # CUDA libraries whose own allocation failed (was recorded as an error)
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+    # a task's own error around one (was recorded as an error)
+    (_raised(RuntimeError("the training step failed"), cause=FULL), True),
+    (_raised(KeyError("step"), context=_raised(RuntimeError("wrapped"), cause=FULL)), True),
+    (_raised(RuntimeError("no kernel for this shape"), context=FULL, hidden=True), False),  # `from None`
     (RuntimeError("expected mat1 and mat2 to have the same dtype"), False),
     (ValueError("out of memory"), False),  # a value error that only says the words is a bug, not a full device
 ])
