@@ -501,8 +501,8 @@ def check_overrides(args: list[str]) -> str | None:
                         "(repro --help lists the groups)")
             return (f"cannot read the override {arg!r} ({reason}); quote a value with characters such as ~ or "
                     f"spaces in it, e.g. \"data.folder='~/my texts'\"")
-    # a multirun: -m, hydra.mode=MULTIRUN, or a paper's config (which sets that mode itself)
-    multirun = {"-m", "--multirun"} & set(args) or any(a.startswith(("hydra.mode=", "paper=")) for a in args)
+    options = {arg.split("=")[0] for arg in args if arg.startswith("-")}  # `--cfg job` and `--cfg=job`
+    multirun = _multirun(options, overrides)
     if not multirun:
         swept = next((o for o in overrides if o.is_sweep_override()), None)
         if swept is not None:  # Hydra's refusal would exit 1, as a failed run does
@@ -520,9 +520,9 @@ def check_overrides(args: list[str]) -> str | None:
             return (f"{o.input_line!r}: a paper is a sweep of its own tasks, and papers are not swept; run one "
                     "paper= at a time: " + papers)
         if o.is_delete() and not o.key_or_group.startswith("hydra"):  # Hydra's would be a traceback
-            options = sorted(p.stem for p in (conf / o.key_or_group).glob("*.yaml"))
+            names = sorted(p.stem for p in (conf / o.key_or_group).glob("*.yaml"))
             return (f"~{o.key_or_group}: a config group is not removed; choose one with {o.key_or_group}=<name> "
-                    f"({', '.join(options)}), or leave {o.key_or_group} out for its default")
+                    f"({', '.join(names)}), or leave {o.key_or_group} out for its default")
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
             jobs = _jobs(conf, [o for o in groups if not o.key_or_group.startswith("hydra")])
@@ -543,13 +543,6 @@ def check_overrides(args: list[str]) -> str | None:
         if "paper" in chosen and "task" in chosen and swept_tasks and chosen["task"] not in paper_tasks:
             return (f"task={chosen['task']} is not a task of paper={chosen['paper']} (its tasks: "
                     f"{', '.join(paper_tasks)}): name one of those, or leave paper= out to run task={chosen['task']}")
-    hydra_keys = {o.key_or_group.split(".")[1] for o in groups if o.key_or_group.startswith("hydra.")
-                  and not (o.is_add() or o.is_force_add())}
-    known = list(jobs[0][1].hydra.keys()) if jobs else []
-    unknown_hydra = sorted(hydra_keys - set(known)) if known else []
-    if unknown_hydra:  # deeper keys depend on the launcher and sweeper chosen: Hydra checks those
-        return f"unknown config key 'hydra.{unknown_hydra[0]}': hydra has no {unknown_hydra[0]!r}; its keys are: " \
-               f"{', '.join(known)}"
     keys = [o for o in overrides if o not in groups and not (o.is_add() or o.is_force_add())]
     added = [o for o in overrides if (o.is_add() or o.is_force_add()) and o not in groups]
     for choices, cfg, swept in jobs:
@@ -575,9 +568,6 @@ def check_overrides(args: list[str]) -> str | None:
                      else ")"))
         if error:
             return error + (f" (in the job of {' '.join(choices)})" if len(jobs) > 1 else "")
-    options = {arg.split("=")[0] for arg in args if arg.startswith("-")}  # `--cfg job` and `--cfg=job`
-    multirun = options & {"-m", "--multirun"} or any(swept for _, _, swept in jobs) or any(  # `paper=` sweeps itself
-        o.key_or_group == "hydra.mode" and str(o.value()).upper() == "MULTIRUN" for o in groups)
     if multirun and options & {"--cfg", "-c"}:  # Hydra prints one config: a sweep's would be a traceback or wrong
         tasks = sorted({cfg.task.name for _, cfg, swept in jobs if not swept})
         return (f"--cfg prints one job's config, not a sweep's: give one job's overrides, one value a key and "
@@ -587,6 +577,9 @@ def check_overrides(args: list[str]) -> str | None:
     launchers = sorted({p.stem for p in (conf / "hydra" / "launcher").glob("*.yaml")} | installed_launchers())
     if launcher is not None and launcher not in launchers:
         return f"hydra/launcher={launcher!r} is not one of {launchers}"
+    error = _unknown_hydra_key(jobs[0][0], groups)
+    if error:
+        return error
     # the jobs run on this machine (not on SLURM's nodes, whose devices a job's checks may ask for), and Hydra runs
     # them (not only prints the config)
     here = launcher in (None, "basic", "local") and not options & HYDRA_OPTIONS_THAT_RUN_NOTHING
@@ -614,6 +607,41 @@ def check_overrides(args: list[str]) -> str | None:
     if options & HYDRA_OPTIONS_THAT_RUN_NOTHING:
         return None
     return _folder_problem(jobs[0][0], overrides, "sweep" if multirun else "run")
+
+
+def _multirun(options: set[str], overrides: list) -> bool:
+    """Whether Hydra runs a multirun, as it decides: with -m, or where the config's hydra.mode is MULTIRUN (the last
+    hydra.mode= given, else a paper's config, which sets it)."""
+    if options & {"-m", "--multirun"}:
+        return True
+    modes = [str(o.value()).upper() for o in overrides if o.key_or_group == "hydra.mode"]
+    if modes:
+        return modes[-1] == "MULTIRUN"
+    return any(o.key_or_group == "paper" and o.value() is not None for o in overrides)
+
+
+def _unknown_hydra_key(choices: list[str], groups: list) -> str | None:
+    """A hydra.* key given that Hydra's config, with the launcher and sweeper chosen, lacks (hydra.sweep.dirr): Hydra
+    refuses it with exit status 1, a failed run's, in many lines that do not list the known keys."""
+    from hydra import compose, initialize_config_dir
+
+    keys = [o for o in groups if o.key_or_group.startswith("hydra.") and not (o.is_add() or o.is_force_add())]
+    if not keys:
+        return None
+    chosen = [o.input_line for o in groups if o.key_or_group.startswith("hydra/")]
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+            cfg = compose("config", overrides=[*choices, *chosen], return_hydra_config=True)
+    except Exception:  # noqa: BLE001 - a launcher or sweeper Hydra refuses with its own message
+        return None
+    for o in keys:
+        try:
+            node, path, lacking = _walk(cfg, o.key_or_group)
+        except InterpolationResolutionError:  # a value there that resolves in a job alone (${hydra.job.num})
+            continue
+        if lacking is not None:
+            return _unknown_key(o, node, path, lacking)
+    return None
 
 
 def _folder_problem(choices: list[str], overrides: list, mode: str) -> str | None:
@@ -789,15 +817,20 @@ def _section(node: Any, path: list[str]) -> tuple[str, str]:
     return ".".join(path) or "the top level", known
 
 
+def _unknown_key(o, node: Any, path: list[str], lacking: str) -> str:
+    """The refusal of the override `o`, whose key `_walk` found lacking `lacking` at `node`, reached by `path`."""
+    where, known = _section(node, path)
+    if not known:  # an empty mapping to add settings to, e.g. lra.model, hydra.job.env_set
+        return f"{where} has no keys of its own, so {o.key_or_group} is added, with a '+': +{o.input_line}"
+    return f"unknown config key {o.key_or_group!r}: {where} has no {lacking!r}; its keys are: {known}"
+
+
 def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
     """An override of `cfg` naming a key it lacks, or a value of another kind than the key's default."""
     for o in overrides:
         node, path, lacking = _walk(cfg, o.key_or_group)
         if lacking is not None:
-            where, known = _section(node, path)
-            if not known:  # an empty mapping to add settings to, e.g. lra.model
-                return f"{where} has no keys of its own, so {o.key_or_group} is added, with a '+': +{o.input_line}"
-            return f"unknown config key {o.key_or_group!r}: {where} has no {lacking!r}; its keys are: {known}"
+            return _unknown_key(o, node, path, lacking)
         if node is None:
             continue
         default = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node

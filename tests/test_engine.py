@@ -222,6 +222,8 @@ def test_overrides_are_checked_before_hydra_runs():
     # Hydra would fail on the missing ${task.name} with a traceback
     assert check_overrides(["~task"]).startswith("~task: a config group is not removed; choose one with task=<name> "
                                                  "(compress_then_prompt, ")
+    # a hydra key whose default resolves in a job alone (${hydra.job.num}) is one hydra has
+    assert check_overrides(["-m", "hydra.sweep.subdir=job-${hydra.job.num}", "seed=0,1"]) is None
 
 
 @pytest.mark.parametrize("overrides, refused", [
@@ -469,7 +471,6 @@ def test_a_sweep_of_good_jobs_exits_zero(tmp_path):
     ("paper=lean_attention decode.context=[64]", ["'decode.context'", "repro -m task=lean_decode"]),
     ("-m kernel.seq_len=64,128 --cfg job", ["--cfg prints one job's config, not a sweep's"]),  # was a traceback
     ("-m kernel.seq_len=64,128 --cfg=job", ["--cfg prints one job's config, not a sweep's"]),
-    ("hydra.nosuch=1", ["unknown config key 'hydra.nosuch'", "sweep, launcher"]),  # was Hydra's, with exit 1
     ("paper=lean_attention --cfg job", ["repro task=lean_decode ... --cfg job"]),  # printed flash_kernel's
 ])
 def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_path):
@@ -833,7 +834,27 @@ def test_a_sweep_job_that_died_outright_ends_the_sweep_with_its_jobs_listed(tmp_
     assert "killed outright" in summary
 
 
-def test_a_sweep_without_multirun_is_named_with_what_to_do(tmp_path):
-    code, _, err = run_inline("kernel.seq_len=64,128", "logger=none", f"hydra.run.dir={tmp_path}")
+@pytest.mark.parametrize("mode", [[], ["hydra.mode=RUN"]])  # hydra.mode=RUN was taken for a multirun: Hydra's exit 1
+def test_a_sweep_without_multirun_is_named_with_what_to_do(tmp_path, mode):
+    code, _, err = run_inline(*mode, "kernel.seq_len=64,128", "logger=none", f"hydra.run.dir={tmp_path}")
     assert code == 2 and "'kernel.seq_len=64,128' sweeps kernel.seq_len over several values: add -m" in err, err
     assert "kernel.seq_len=[64,128]" in err and not (tmp_path / "record.json").exists()
+
+
+@pytest.mark.parametrize("key, where, known", [("hydra.sweep.dirr", "hydra.sweep", "dir, subdir"),
+                                               ("hydra.nosuch", "hydra", "run, sweep, launcher")])
+def test_an_unknown_hydra_key_is_bad_input_naming_the_known_ones(tmp_path, key, where, known):
+    """Was Hydra's refusal, many lines without the known keys and exit status 1, a failed run's."""
+    code, _, err = run_inline(f"{key}=/x", "logger=none", f"hydra.run.dir={tmp_path}")
+    lacking = key.rsplit(".", 1)[1]
+    assert code == 2 and f"unknown config key '{key}': {where} has no '{lacking}'; its keys are: {known}" in err, err
+
+
+def test_a_hydra_key_is_checked_in_the_config_of_the_launcher_chosen():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from repro.cli import check_overrides
+    assert "hydra.launcher has no 'partitio'" in check_overrides(["hydra/launcher=slurm", "hydra.launcher.partitio=x"])
+    assert check_overrides(["hydra/launcher=local", "hydra.launcher.timeout_min=5"]) is None
+    assert check_overrides(["hydra.job.env_set.FOO=1"]) == ("hydra.job.env_set has no keys of its own, so "
+                                                            "hydra.job.env_set.FOO is added, with a '+': "
+                                                            "+hydra.job.env_set.FOO=1")
