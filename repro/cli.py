@@ -167,6 +167,11 @@ def check_job(cfg: DictConfig) -> Callable:
     checks.number("seed", cfg.seed, at_least=0)
     checks.choice("logger.name", cfg.logger.name, ("wandb", "none"))
     if cfg.logger.name == "wandb":  # W&B failing never stops a run, but a mistyped setting is the user's to fix
+        # logger.mode's default is WANDB_MODE's value, where that is set: a bad one is named as what the user set
+        from_env = "oc.env:WANDB_MODE" in str(OmegaConf.to_container(cfg.logger)["mode"]) and "WANDB_MODE" in os.environ
+        if from_env and cfg.logger.mode not in WANDB_MODES:
+            raise ConfigError(f"WANDB_MODE={cfg.logger.mode!r} (in the environment, read as logger.mode) is not one of "
+                              f"{list(WANDB_MODES)}: set it to one of those, or give logger.mode=<mode>")
         checks.choice("logger.mode", cfg.logger.mode, WANDB_MODES)
         checks.number("logger.init_timeout_s", cfg.logger.init_timeout_s, integer=False, at_least=1)
     entry, validate = load_task(cfg.task.entry)

@@ -340,10 +340,13 @@ def test_bad_input_starts_no_logger_and_commits_nothing(tmp_path):
     assert record(tmp_path / "job")["error"]
 
 
-def test_a_mistyped_wandb_mode_stops_the_run_though_wandb_failing_would_not(tmp_path):
+def test_a_mistyped_wandb_mode_stops_the_run_though_wandb_failing_would_not(tmp_path, monkeypatch):
     code, _, err = run_inline("logger=wandb", "logger.mode=onlin", f"hydra.run.dir={tmp_path}")
     assert code == 2 and "logger.mode='onlin' is not one of" in err and "offline" in err
     assert not (tmp_path / "wandb").exists()
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # logger.mode's default: named as what the user set
+    code, _, err = run_inline("logger=wandb", f"hydra.run.dir={tmp_path}/env")
+    assert code == 2 and "WANDB_MODE='dryrun' (in the environment, read as logger.mode) is not one of" in err, err
 
 
 @pytest.mark.parametrize("task", ["lm_eval", "scissorhands_kv kv.experiments=[quality]"])
