@@ -46,6 +46,9 @@ def grid(kernel: DictConfig) -> list[Point]:
     for name, overrides in settings.items():
         if overrides is None:  # `kernel.settings.<name>=null` drops one setting
             continue
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"kernel.settings.{name} must be a mapping of {SPEC_KEYS} to values (or null to drop "
+                              f"it), got {overrides!r}")
         unknown = set(overrides) - set(SPEC_KEYS)
         if unknown:
             raise ConfigError(f"kernel.settings.{name} has unknown keys {sorted(unknown)}; allowed: {SPEC_KEYS}")
