@@ -508,6 +508,10 @@ def check_overrides(args: list[str]) -> str | None:
                     f"spaces in it, e.g. \"data.folder='~/my texts'\"")
     options = {arg.split("=")[0] for arg in args if arg.startswith("-")}  # `--cfg job` and `--cfg=job`
     multirun = _multirun(options, overrides)
+    paper = next((o for o in overrides if o.key_or_group == "paper" and o.value() is not None), None)
+    if paper is not None and not multirun:  # Hydra would run the paper's first task alone, as if it were the paper
+        return (f"{paper.input_line!r} runs the paper's tasks as a sweep, and hydra.mode=RUN runs one job: drop "
+                f"hydra.mode=RUN, or run one task with task=<name>")
     if not multirun:
         swept = next((o for o in overrides if o.is_sweep_override()), None)
         if swept is not None:  # Hydra's refusal would exit 1, as a failed run does

@@ -845,6 +845,13 @@ def test_a_sweep_without_multirun_is_named_with_what_to_do(tmp_path, mode):
     assert "kernel.seq_len=[64,128]" in err and not (tmp_path / "record.json").exists()
 
 
+def test_a_paper_run_as_one_job_is_refused():
+    """paper=X hydra.mode=RUN ran the paper's first task alone, as if it were the paper."""
+    from repro.cli import check_overrides
+    assert "runs the paper's tasks as a sweep" in check_overrides(["paper=greenformers", "hydra.mode=RUN"])
+    assert check_overrides(["paper=greenformers", "hydra.mode=MULTIRUN"]) is None
+
+
 @pytest.mark.parametrize("key, where, known", [("hydra.sweep.dirr", "hydra.sweep", "dir, subdir"),
                                                ("hydra.nosuch", "hydra", "run, sweep, launcher")])
 def test_an_unknown_hydra_key_is_bad_input_naming_the_known_ones(tmp_path, key, where, known):
