@@ -335,7 +335,8 @@ def test_bad_input_found_after_a_point_was_measured_fails_the_run_and_keeps_its_
 
 def test_bad_input_starts_no_logger_and_commits_nothing(tmp_path):
     code, _, err = run_inline("kernel.providers=[standard,fastest]", "logger=wandb", "logger.mode=offline",
-                              "scale.commit_records=true", f"paths.records={tmp_path}/runs", f"hydra.run.dir={tmp_path}/job")
+                              "scale.commit_records=true", f"paths.records={tmp_path}/runs",
+                              f"hydra.run.dir={tmp_path}/job")
     assert code == 2 and "fastest" in err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "job" / "wandb").exists()
     assert record(tmp_path / "job")["error"]
@@ -487,7 +488,8 @@ def test_bad_input_names_the_value_and_the_valid_ones(override, expected, tmp_pa
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_a_gpu_scale_without_a_gpu_fails_before_any_work(tmp_path):
-    code, _, err = run_inline("scale=small", "logger=none", f"hydra.run.dir={tmp_path}", f"paths.records={tmp_path}/runs")
+    code, _, err = run_inline("scale=small", "logger=none", f"hydra.run.dir={tmp_path}",
+                              f"paths.records={tmp_path}/runs")
     assert code == 2 and "scale.device='cuda' (scale=small) needs a CUDA GPU" in err
     assert "scale.device=cpu (or scale=smoke)" in err  # the README's way to run small on a CPU
     assert not (tmp_path / "runs").exists() and not (tmp_path / "record.json").exists()

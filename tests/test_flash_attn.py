@@ -421,8 +421,8 @@ def test_views_of_a_fused_projection_get_correct_gradients():
                                   (q, k, v, None, [], [], 0, True, 0.2, 0.0, 0, "tl", "tl"),
                                   test_utils=("test_faketensor",))
             lse = torch.zeros(2, 2, 21, device=DEVICE)
-            grads = torch.ops.effrepro.flash_attn_backward(out, None, q, k, v, out, lse, None, [], [], 0, True, 1.0, 0.0,
-                                                           0, "tl")
+            grads = torch.ops.effrepro.flash_attn_backward(out, None, q, k, v, out, lse, None, [], [], 0, True, 1.0,
+                                                           0.0, 0, "tl")
             assert all(g.transpose(1, 2).is_contiguous() for g in grads)
         out.backward(dout.to(out.dtype))
         outs.append(out)

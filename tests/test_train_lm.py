@@ -109,8 +109,9 @@ def test_graphs_compiles_with_cuda_graphs_and_needs_compile(compose):
 
 @pytest.mark.parametrize("implementation", ["effrepro", "effrepro+fused", "effrepro+packed"])
 def test_the_gpt2_it_trains_compiles_as_one_graph_with_our_attention(monkeypatch, implementation):
-    """The model flash_gpt2 builds, in training (train mode), traced by torch.compile without a graph break. Built with use_cache=False it was not: transformers then looks for packed sequences in the position ids
-    and builds a mask that the attention must read in every layer."""
+    """The model flash_gpt2 builds, in training (train mode), traced by torch.compile without a graph break. Built
+    with use_cache=False it was not: transformers then looks for packed sequences in the position ids and builds a
+    mask that the attention must read in every layer."""
     from types import SimpleNamespace
 
     from conftest import DEVICE
