@@ -100,3 +100,11 @@ def test_bisect_refuses_what_it_cannot_judge(history, tmp_path):
     no_tests = stand_ins(tmp_path / "bin", "exit 5")  # pytest's "no tests collected": no verdict
     stopped = bisect(repo, no_tests, "run", "check.txt", "tests/test_gpu.py")
     assert stopped.returncode == 2 and "could not run the tests" in stopped.stderr
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("*.py")))
+def test_each_python_script_imports(script):
+    """What the GPU notes tell a session to run must at least load (tune_flash_gluon.py imported a removed helper)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), SCRIPTS / script)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
