@@ -779,9 +779,10 @@ def _unused_model(conf: Path, jobs: list) -> str | None:
 # The mappings of the config that take keys added with a '+' (patterns of their dotted paths, * for one part), each
 # key there checked by name by the task that reads it, which refuses one it does not know: a training setting a
 # task's `train` leaves out (repro.train.TrainSpec; a trained model's own too), the LRA model's optional settings,
-# a KV-cache policy's parameters, and the catalogs of named kernel grids and compression levels and their entries.
-# (An empty mapping takes them too: it is there to be filled.) A key added anywhere else would be read by nothing.
-OPEN_MAPPINGS = ("train", "model.train", "lra.model", "kv.*", "kernel.settings", "kernel.settings.*",
+# a KV-cache policy's parameters, the LRA pre-training stage (null by default), and the catalogs of named kernel
+# grids and compression levels and their entries. (An empty mapping takes them too: it is there to be filled.) A
+# key added anywhere else would be read by nothing.
+OPEN_MAPPINGS = ("train", "model.train", "lra.model", "lra.pretrain", "kv.*", "kernel.settings", "kernel.settings.*",
                  "compression.catalog", "compression.catalog.*")
 
 
@@ -795,10 +796,9 @@ def _added_where_nothing_reads(cfg: DictConfig, overrides: list) -> str | None:
             if o.is_add() and node is not None:  # (node None: a `???` value, which Hydra lets a '+' set)
                 return f"{added_as}: {o.key_or_group} is there already: set it without the '+', {o.input_line[1:]}"
             continue
-        mapping = ".".join(path)
-        if path and OmegaConf.is_dict(node) and (not node.keys() or any(fnmatch.fnmatchcase(mapping, pattern)
-                                                                        for pattern in OPEN_MAPPINGS)):
-            continue
+        open_here = any(fnmatch.fnmatchcase(".".join(path), pattern) for pattern in OPEN_MAPPINGS)
+        if path and (OmegaConf.is_dict(node) and (not node.keys() or open_here) or node is None and open_here):
+            continue  # (node None: an open mapping that is null until given, lra.pretrain)
         where, known = _section(node, path)
         return (f"{added_as}: {where} has no {lacking!r}, and nothing reads a key added there; its keys are: "
                 f"{known or 'none'}")

@@ -233,6 +233,8 @@ def test_overrides_are_checked_before_hydra_runs():
      "kv.tova: 'schedule' is not a parameter of policy 'tova'"),
     (["+kernel.settings.mine={seq_len:[64],causl:true}"], "kernel.settings.mine has unknown keys ['causl']"),
     (["+kernel.settings.mine=1"], "kernel.settings.mine must be a mapping"),  # was a TypeError
+    (["task=lra_listops", "+lra.pretrain.task=path64", "+lra.pretrain.stepz=10"],  # null until given
+     "must be null or a mapping of exactly task"),
     (["task=compress_then_prompt", "model=tiny_llama", "+compression.catalog.nm={method:sparsegpt,bit:4}",
       "compression.levels=[nm]"], "compression.catalog.nm has unknown keys ['bit']"),
 ])
