@@ -116,7 +116,9 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     as it is, for the kernel to take. Neither builds a (batch, 1, q, k) mask or reads the device: transformers'
     sdpa mask builds one whenever a batch is padded, and would need reading back (one sync every forward pass),
     and under torch.compile on torch < 2.14 it is built even unpadded, where reading it would break the graph in
-    every layer. Any other mask is sdpa's boolean one, which `attention_forward` checks and reads."""
+    every layer. Any other mask is sdpa's boolean one, which `attention_forward` checks and reads. An attention
+    mask of all ones still reaches the kernel as a mask (telling would read the device), and takes its masked
+    path: leave it out for an unpadded batch, as longdoc does."""
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
     own_keys = local_size is None and q_length == kv_length and _is_zero(q_offset) and _is_zero(kv_offset)
@@ -127,7 +129,7 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
             return None
         if attention_mask.shape == (batch_size, kv_length):  # made boolean, on the model's device, by transformers
             return attention_mask
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
                      mask_function=mask_function or causal_mask_function, attention_mask=attention_mask,
                      local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
                      allow_is_bidirectional_skip=allow_is_bidirectional_skip, **kwargs)
