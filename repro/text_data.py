@@ -28,6 +28,7 @@ from .train import step_generator
 CACHE_VERSION = 2  # 2: special tokens' strings in a document are text
 TOKENIZE_BATCH = 1024  # documents
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+BYTES = 256  # the byte-level BPE's first tokens, one for each byte
 
 
 def default_corpus() -> Path:
@@ -177,6 +178,15 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
     `val_fraction` of the documents are the validation part. The cache is keyed by what was read, the
     tokenizer settings and CACHE_VERSION, so a changed corpus or setting is tokenised afresh."""
     checks.number("data.val_fraction", spec.val_fraction, integer=False, above=0, below=1)
+    # null reads the whole corpus; a count out of bounds would quietly read another one (max_files=-3 every file
+    # but the last three, 0 every file)
+    limit = "max_files" if spec.source == "local" else "max_documents"
+    if getattr(spec, limit) is not None:
+        checks.number(f"data.{limit}", getattr(spec, limit), at_least=1)
+    if spec.tokenizer == "bpe":
+        # the byte-level alphabet and the special tokens are always in the vocabulary: a smaller size is not an
+        # error to the trainer, which quietly gives that many
+        checks.number("data.vocab_size", spec.vocab_size, at_least=BYTES + len(SPECIAL_TOKENS))
     corpus, read = _corpus(spec)
 
     @functools.cache

@@ -600,6 +600,22 @@ def test_a_corpus_of_one_document_is_refused_before_a_tokenizer_is_trained(tmp_p
     assert not list(tmp_path.glob("cache/*/tokenizer.json"))
 
 
+@pytest.mark.parametrize("setting, expected", [
+    (dict(max_files=-3), "data.max_files=-3 must be an integer >= 1"),  # was every file but the last three
+    (dict(max_files=0), "data.max_files=0 must be an integer >= 1"),  # was every file
+    (dict(vocab_size=0), "data.vocab_size=0 must be an integer >= 261"),  # was 261 tokens, quietly
+    (dict(vocab_size=12.5), "data.vocab_size=12.5 must be an integer >= 261"),  # was a TypeError
+    (dict(source="some/hub_set", max_documents=-1), "data.max_documents=-1 must be an integer >= 1"),
+])
+def test_corpus_sizes_out_of_bounds_are_refused_by_name_before_any_reading(tmp_path, setting, expected):
+    from repro.text_data import load_token_stream
+
+    spec = local_corpus(tmp_path / "corpus", [f"text number {i}\n" * 10 for i in range(4)], **setting)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_token_stream(spec, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_a_local_corpus_is_every_matching_file_below_the_folder_but_installed_packages(tmp_path):
     from repro.text_data import _local_files
 
