@@ -632,6 +632,13 @@ def _step(trainee: Trainee, step: int, parallel: Parallel, wrapped, optimizer, s
     return parallel.mean(loss_sum)
 
 
+def _finite_loss(name: str, loss: torch.Tensor, step: int) -> float:
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{name}: loss is {value} at step {step}")
+    return value
+
+
 def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_dir: Path | None,
           resume: bool = True, progress: bool = True, reuse_finished: bool = False) -> Iterator[Row]:
     """Train the trainable parameters of `trainee.model` for `spec.steps` optimizer steps and yield rows: loss
@@ -699,9 +706,7 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
                for family, (ms, top) in by_family.items()]
         logged = done % spec.log_every == 0 or done == spec.steps or done == 1
         if logged:
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"{trainee.name}: loss is {loss_value} at step {done}")
+            loss_value = _finite_loss(trainee.name, loss, done)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             new += [Row(trainee.name, "step", done, metric, unit, value, n=1, extra=dict(trainee.extra))
                     for metric, unit, value in (("loss", "nats", loss_value),
@@ -715,6 +720,9 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
         # host could never queue the next (timed) step ahead. A logged step's loss read has waited already, and
         # every rank knows which steps are logged: they agree there alone
         if done < spec.steps and (logged or not parallel.sharded) and parallel.agree(due):
+            # weights a nan or inf loss went through must not replace the last good checkpoint (a resumed run could
+            # never pass them); the loss is the ranks' mean, so all raise alike, and the save waits for it anyway
+            _finite_loss(trainee.name, loss, done)
             checkpoint.save(done, rows, finished=False, timed=clock.timed())
             last_save = time.monotonic()
     bar.close()

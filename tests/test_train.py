@@ -63,6 +63,20 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_unbroken_one(tmp_p
         ["val_loss", "val_loss", "tokens_per_s", "model_tflops"]
 
 
+def test_a_loss_gone_to_nan_between_logged_steps_never_replaces_the_last_good_checkpoint(tmp_path):
+    """Step 3's batch makes the loss, and with it the weights, nan; the loss is logged at step 4 alone. The
+    checkpoint due at step 3 is not written: step 2's, the last good state, stays."""
+    broken = trainee()
+    draw = broken.batches
+    broken.batches = lambda step, rank, world: [dict(b, x=b["x"] * (math.nan if step == 2 else 1.0))
+                                                for b in draw(step, rank, world)]
+    with pytest.raises(FloatingPointError, match="lin: loss is nan at step 3"):
+        list(train(broken, dataclass_replace(SPEC, log_every=4), torch.device("cpu"), tmp_path, progress=False))
+    (path,) = tmp_path.glob("lin-*.pt")
+    saved = torch.load(path, weights_only=False)
+    assert saved["step"] == 2 and all(t.isfinite().all() for t in saved["model"].values())
+
+
 @pytest.mark.parametrize("killed_at, timed_steps", [(5, 4), (7, 4), (3, 4), (2, 5)])
 def test_a_resumed_run_times_only_steps_after_each_process_warmed_up(tmp_path, killed_at, timed_steps):
     """Each process's first `timing_skip_steps` (2) steps compile and autotune; the times of the steps after
