@@ -417,3 +417,29 @@ def test_a_prompt_checkpoint_is_for_the_validation_its_rows_measure(tmp_path, mo
         run_inline(*TINY, f"hydra.run.dir={tmp_path / str(seqlen)}", f"paths.outputs={tmp_path}/outputs",
                    f"eval.seqlen={seqlen}")
     assert len(identities) == 2 and identities[0] != identities[1]
+
+
+def test_a_soft_prompt_trains_on_the_tokens_perplexity_scores(tmp_path, monkeypatch):
+    """PEFT labels the prompt's positions -100, but its last position still predicts a window's first token, from
+    the prompt alone: neither perplexity nor the paper's code scores that token, so training must not either."""
+    import torch.nn.functional as F
+
+    from tasks.compress_then_prompt import task
+
+    trainees = []
+
+    def first_training(trainee, *args, **kwargs):
+        trainees.append(trainee)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(task, "train", first_training)
+    run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs", "experiments=[perplexity]",
+               "compression.levels=[joint_8x]", "lora.levels=[]", "hard_prompt=null")
+    (trainee,) = trainees
+    assert trainee.name == "compressed_prompt"
+    (batch,) = trainee.batches(0, 0, 1)
+    tokens = trainee.model.peft_config["default"].num_virtual_tokens
+    with torch.no_grad():
+        loss = trainee.model(**batch).loss
+        logits = trainee.model(input_ids=batch["input_ids"]).logits[:, tokens:-1]  # token t from position t-1
+    scored = F.cross_entropy(logits.flatten(0, 1), batch["input_ids"][:, 1:].flatten())
+    torch.testing.assert_close(loss, scored)

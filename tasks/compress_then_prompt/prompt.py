@@ -3,7 +3,8 @@ model runs with either for perplexity and lm-eval.
 
 The hard prompt is a text (the paper's is in the task's config) whose tokens go before every input. The soft
 prompt is PEFT's prompt tuning (`PromptTuningConfig`): `tokens` trainable vectors placed before the input
-embeddings of the frozen model, whose positions PEFT labels -100, so that training scores real tokens only. Its
+embeddings of the frozen model, whose positions PEFT labels -100; training leaves each sequence's first token
+unscored too (`prompt_batches`), so that it scores the tokens perplexity scores, as the paper's code does. Its
 initialisation (`init`):
 - `first_vocab`, the paper's: the first `tokens` rows of the vocabulary embedding table. PEFT has no such option
   (it offers RANDOM, SAMPLE_VOCAB and TEXT), so the prompt is made RANDOM and those rows copied in;
@@ -57,6 +58,20 @@ def add_soft_prompt(model: torch.nn.Module, tokens: int, init: str = "first_voca
         with torch.no_grad():
             prompt_embedding(prompted).copy_(vocabulary[:tokens])
     return prompted
+
+
+def prompt_batches(batches):
+    """`Trainee.batches` for a soft prompt: those of `batches` (input_ids and labels) with each sequence's first
+    label -100. PEFT labels the prompt's positions -100, but the model shifts the labels by one, so that the
+    prompt's last position is still scored on the first token, predicted from the prompt alone: a token that
+    `perplexity` never scores, nor the paper's code (it ignores every position whose input is the prompt's)."""
+    def unscored_first_token(step: int, rank: int, world: int) -> list[dict]:
+        micro = batches(step, rank, world)
+        for batch in micro:
+            batch["labels"] = batch["labels"].clone()  # it may be the input_ids tensor itself
+            batch["labels"][:, 0] = -100
+        return micro
+    return unscored_first_token
 
 
 def prompt_embedding(prompted) -> torch.nn.Parameter:

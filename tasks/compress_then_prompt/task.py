@@ -45,7 +45,7 @@ from tasks.common.lm_eval import check_tasks, stdlib_corpus, validate_eval
 from .compress import LINEAR_LAYERS, check_arguments, check_n_m_fits, compress
 from .data import TRAIN_TEXTS, calibration, check_length, training_ids
 from .prompt import (INITS, add_soft_prompt, check_fits, check_same_model, hard_prompt_forward, load_prompt,
-                     read_prompt_metadata, save_prompt, soft_prompt_forward, trainable_parameters)
+                     prompt_batches, read_prompt_metadata, save_prompt, soft_prompt_forward, trainable_parameters)
 from .storage import STORED, load_compressed, save_compressed
 
 EXPERIMENTS = ("perplexity", "accuracy", "transfer", "cost")
@@ -432,9 +432,10 @@ class CompressThenPrompt:
         flops_per_token = model_flops_per_token(self.dense, arch.num_hidden_layers, arch.hidden_size, positions,
                                                 frozen=True) * positions / p.seqlen
         yield Row(provider, X, state.x, "trainable_params", "params", extra["trainable_params"], n=1, extra=extra)
+        # lm_batches draws its windows as the calibration's are drawn (repro.text_data.windows, GPTQ's draw)
+        batches = lm_batches(self.train_ids, p.batch, p.seqlen, self.spec.grad_accum, self.cfg.seed)
         trainee = Trainee(
-            # lm_batches draws its windows as the calibration's are drawn (repro.text_data.windows, GPTQ's draw)
-            provider, model, lm_batches(self.train_ids, p.batch, p.seqlen, self.spec.grad_accum, self.cfg.seed),
+            provider, model, prompt_batches(batches) if provider == PROMPT else batches,
             self.validation_rows(forward), tokens_per_step=p.batch * p.seqlen * self.spec.grad_accum,
             flops_per_token=flops_per_token, extra=extra,
             fingerprint=fingerprint(dict(model=self.identity, level=state.level.extra(), provider=provider,
