@@ -132,6 +132,12 @@ def test_a_saved_prompt_reloads_as_it_was_and_only_for_its_own_model(tmp_path):
     (tmp_path / "adapter_model.safetensors").unlink()  # metadata without the prompt it describes
     with pytest.raises(ValueError, match="lacks PEFT's adapter_model.safetensors or adapter_model.bin"):
         load_prompt(tiny_llama(), tmp_path, IDENTITY)
+    metadata = tmp_path / "effrepro_prompt.json"
+    for text, message in (("{not json", "is not the JSON save_prompt writes"),
+                          ('["joint_8x"]', r"holds list \['joint_8x'\], not the mapping save_prompt writes")):
+        metadata.write_text(text)
+        with pytest.raises(ValueError, match=f"{metadata}.* {message}"):
+            load_prompt(tiny_llama(), tmp_path, IDENTITY)
 
 
 def test_lora_beside_compressed_layers_starts_as_the_compressed_model_and_trains_only_its_adapters():
@@ -302,6 +308,7 @@ def test_the_claims_are_read_from_the_rows(smoke):
     (["+compression.catalog.bad=[gptq,4]", "compression.levels=[bad]"], "compression.catalog.bad=['gptq', 4] must be"),
     (["+compression.catalog.nm={method:sparsegpt,n_m:4}", "compression.levels=[nm]"],
      "compression.catalog.nm: n_m=4 must be two integers N < M"),
+    (["transfer.prompts=[5]"], "transfer.prompts[0]=5 is not a folder: give the path of a prompt"),
 ])
 def test_bad_input_is_refused(refusal, overrides, message):
     assert message in refusal(*TINY, *overrides)

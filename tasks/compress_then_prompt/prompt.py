@@ -111,7 +111,13 @@ def read_prompt_metadata(folder: str | Path) -> dict:
     path = Path(folder) / METADATA
     if not path.is_file():
         raise ValueError(f"{folder} is not a prompt saved by this suite: it has no {METADATA}")
-    metadata = json.loads(path.read_text())
+    try:
+        metadata = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not the JSON save_prompt writes ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path} holds {type(metadata).__name__} {metadata!r:.60}, not the mapping save_prompt "
+                         "writes")
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
     if missing:
         raise ValueError(f"{path} does not say {missing}, which a saved prompt's metadata must")

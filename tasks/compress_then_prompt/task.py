@@ -143,9 +143,15 @@ def say_left_out(key: str, value, cfg: DictConfig) -> None:
               "nothing is trained there", flush=True)
 
 
-def transfer_prompts(cfg: DictConfig) -> list:
-    """The folders of `transfer.prompts`, prompts an earlier run saved; null, as [], names none."""
-    return [] if cfg.transfer.prompts is None else checks.as_list(cfg.transfer.prompts)
+def transfer_prompts(cfg: DictConfig) -> list[str]:
+    """The folders of `transfer.prompts`, prompts an earlier run saved; null, as [], names none. ConfigError on
+    one that is not a path."""
+    folders = [] if cfg.transfer.prompts is None else checks.as_list(cfg.transfer.prompts)
+    for i, folder in enumerate(folders):
+        if not isinstance(folder, str) or not folder:
+            raise ConfigError(f"transfer.prompts[{i}]={folder!r} is not a folder: give the path of a prompt an "
+                              "earlier run saved (<its output>/prompts/<level>)")
+    return folders
 
 
 def model_identity(model_cfg: DictConfig) -> str:
