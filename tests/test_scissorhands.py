@@ -362,6 +362,22 @@ def test_real_eviction_gives_the_simulated_nll_and_never_exceeds_the_budget(poli
     assert nll != pytest.approx(simulated_nll(model, ids, Full())[0], rel=1e-4)
 
 
+def test_the_measured_compression_weighs_every_sequence_alike_in_both_modes():
+    """Batches of different sizes and lengths, as multiple choice sends them (a budget per length): real eviction
+    measures the compression the simulation measures, each sequence counted once, not each batch."""
+    from tasks.scissorhands.task import KVForward, budget
+
+    def policy_for(length):
+        return Scissorhands(budget=budget(length, 2), recent=1)
+    model, measured = tiny(), []
+    for generate in (False, True):
+        forward = KVForward(policy_for, generate, schedule=REFERENCE)
+        for ids in (text(20, batch=3), text(8, seed=2)):
+            forward(model, ids)
+        measured.append(forward.compression)
+    assert measured[1] == pytest.approx(measured[0], rel=1e-9) and measured[0] > 1
+
+
 def test_4bit_kv_under_eviction_changes_the_nll_a_little_and_the_same_on_the_references():
     model, ids, policy = tiny(), text(12), Scissorhands(budget=10, recent=2)
     exact = simulated_nll(model, ids, policy)[0]

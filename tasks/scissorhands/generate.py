@@ -322,8 +322,8 @@ class EvictingCache:
         self.budgets = policy.budgets(n_layers)
         self.layers: list[LayerCache | None] = [None] * n_layers
         self.seen_tokens = 0
-        # for the keep ratio, as Simulation measures it: tokens a head held after each step, summed over steps and
-        # layers, and those a full cache would have held
+        # for the keep ratio, as Simulation measures it: tokens a head held after each step, summed over steps,
+        # layers and sequences (so that a batch of 3 weighs 3 times one of 1), and those a full cache would have held
         self.kept = 0
         self.causal = 0
 
@@ -376,8 +376,9 @@ def decode_step(model: PreTrainedModel, cache: EvictingCache, tokens: torch.Tens
     position = torch.full((tokens.shape[0], 1), cache.seen_tokens, dtype=torch.long, device=tokens.device)
     logits = model(tokens[:, None], position_ids=position, use_cache=False).logits[:, -1]
     cache.seen_tokens += 1
-    cache.kept += sum(cache.held_tokens())
-    cache.causal += cache.seen_tokens * len(cache.layers)
+    batch = tokens.shape[0]
+    cache.kept += sum(cache.held_tokens()) * batch
+    cache.causal += cache.seen_tokens * len(cache.layers) * batch
     return logits
 
 
