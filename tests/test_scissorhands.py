@@ -195,6 +195,8 @@ def test_released_preset_compresses_a_middle_band_of_layers():
     (lambda: make_policy("h2o", budget=8, window=3), r"policy 'h2o' has no parameter 'window'"),
     (lambda: EvictingCache(Full(), 2, 64, kv_bits=3), r"kv_bits=3 is not one of \(2, 4, 8, 16\)"),
     (lambda: EvictingCache(ScissorhandsReleased(), 2, 64), "runs in mode=simulate only"),
+    *[(lambda band=band: make_policy("scissorhands_released", layers=band),
+       r"layers=.* must be a band \(lo, hi\), 0 <= lo <= hi <= 1") for band in ((0.5,), 0.5, ("a", "b"), (0.6, 0.4))],
 ])
 def test_bad_input_is_refused_naming_the_parameter(make, message):
     with pytest.raises(ValueError, match=message):

@@ -281,8 +281,9 @@ class ScissorhandsReleased(_PivotalCounts, Policy):
         self.check_counting()
         if not isinstance(self.recent, int) or self.recent < 0:
             raise ValueError(f"{self.name}: recent={self.recent!r} (r) must be an integer >= 0")
-        lo, hi = self.layers
-        if not 0 <= lo <= hi <= 1:
+        band = tuple(self.layers) if isinstance(self.layers, (tuple, list)) else ()
+        numbers = len(band) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in band)
+        if not numbers or not 0 <= band[0] <= band[1] <= 1:
             raise ValueError(f"{self.name}: layers={self.layers!r} must be a band (lo, hi), 0 <= lo <= hi <= 1, "
                              "of fractions of the model's depth")
         if not isinstance(self.start, int) or self.start < 0:
