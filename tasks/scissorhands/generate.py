@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from effrepro_kernels.decode_attention import (DecodeSchedule, decode_attention, decode_attention_quantized, make_schedule,
-                                      merge_attention)
+from effrepro_kernels.decode_attention import (DecodeSchedule, decode_attention, decode_attention_quantized,
+                                               make_schedule, merge_attention)
 from effrepro_kernels.kv_quant import QuantizedKV, dequantize_kv, packed_row_bytes, quantize_kv, stats_shape
 from effrepro_kernels.reference import (decode_scores_reference, dequantize_kv_reference, pack_codes,
                                         quantize_kv_reference, unpack_codes)

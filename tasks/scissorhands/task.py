@@ -117,8 +117,8 @@ def _check_params(kv: DictConfig) -> None:
         raise ConfigError(f"kv.scissorhands.window={s.window!r} (w, the history window) must be an integer >= 1")
     checks.number("kv.scissorhands.drop_fraction", s.drop_fraction, integer=False, finite=True)
     if not 0 < s.drop_fraction < 1:
-        raise ConfigError(f"kv.scissorhands.drop_fraction={s.drop_fraction!r} must be in (0, 1): m = drop_fraction · B "
-                          "tokens are dropped at a time, and m >= B would empty the cache (the paper: 0.5)")
+        raise ConfigError(f"kv.scissorhands.drop_fraction={s.drop_fraction!r} must be in (0, 1): m = drop_fraction "
+                          "· B tokens are dropped at a time, and m >= B would empty the cache (the paper: 0.5)")
     checks.choice("kv.scissorhands.threshold", s.threshold, THRESHOLDS)
     checks.choice("kv.scissorhands.budget_schedule", s.budget_schedule, BUDGET_SCHEDULES)
     checks.choice("kv.scissorhands.score", s.score, SCORES)
