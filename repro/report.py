@@ -90,6 +90,13 @@ def _matches(row, where: dict) -> bool:
     return True
 
 
+def _matches_failure(row: Row, where: dict) -> bool:
+    """Whether a failed row is at the claim's `where`, on the keys that it has: a failure is written on the measured
+    metric (time, memory, a score) before anything is derived from it, so it lacks the keys that only derived rows
+    carry (a ratio's `baseline`), and a setting that failed before any benchmark was scored lacks the benchmark."""
+    return _matches(row, {key: wanted for key, wanted in where.items() if row.get(key) is not None})
+
+
 def _aggregate(values: list[float], how: str) -> float:
     return {"mean": lambda v: sum(v) / len(v), "max": max, "min": min, "last": lambda v: v[-1]}[how](values)
 
@@ -124,7 +131,7 @@ def _failed_points(claim: Claim, record: RunRecord, provider: str) -> dict[tuple
                 and _matches(r, claim.compare.where)}
     failed = {}
     for r in record.rows:
-        if r.provider == provider and _matches(r, claim.compare.where) and point(r) in measured:
+        if r.provider == provider and _matches_failure(r, claim.compare.where) and point(r) in measured:
             if r.extra.get("matches_baseline") is False:
                 failed[point(r)] = True
             elif r.status in FAILED_ROW_STATUSES:
@@ -191,8 +198,7 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
     # row may lack a key of the groups (a multiple-choice setting fails before any benchmark is scored): it is
     # then a failure in each of them
     failures = [r for r in record.rows if r.provider == provider and r.status in FAILED_ROW_STATUSES
-                and r.metric == mine[0].metric and r.x_name == mine[0].x_name
-                and _matches(r, {k: v for k, v in cmp.where.items() if r.get(k) is not None})]
+                and r.metric == mine[0].metric and r.x_name == mine[0].x_name and _matches_failure(r, cmp.where)]
     values, unjudged = [], []
     for group in sorted({_group_of(claim, r) for r in mine}, key=str):
         reference = [r.p50 for r in rows if r.provider == quality["reference"] and _group_of(claim, r) == group]

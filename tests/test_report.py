@@ -743,6 +743,29 @@ def test_a_newer_record_that_failed_at_the_claims_points_decides_it(tmp_path):
         Path("old.json")
 
 
+def test_a_failure_is_at_a_ratio_claims_points_though_it_lacks_the_ratios_baseline(tmp_path):
+    """A provider that failed is written on the measured metric (time), with no `baseline`: only the ratios derived
+    from its time carry one. A claim on a ratio over a named baseline still sees the failure at its points."""
+    (tmp_path / "toy.yaml").write_text(CLAIMS)
+    fast = {c.id: c for c in load_paper(tmp_path / "toy.yaml")[2]}["fast"]
+    claim = dataclasses.replace(fast, compare=dataclasses.replace(fast.compare,
+                                                                  where={"mode": "fwd", "baseline": "base"}))
+
+    def point(x, ours_ok):
+        extra = {"mode": "fwd", "series": "a"}
+        rows = [Row("base", "n", x, "time", "ms", 2.0, extra=extra),
+                Row("base", "n", x, "speedup", "x", 1.0, extra={**extra, "baseline": "base"})]
+        if not ours_ok:
+            return rows + [Row("ours", "n", x, "time", "ms", status="oom", extra=extra)]
+        return rows + [Row("ours", "n", x, "time", "ms", 0.5, extra=extra),
+                       Row("ours", "n", x, "speedup", "x", 4.0, extra={**extra, "baseline": "base"})]
+    outcome = evaluate(claim, [(Path("r.json"), rec("bench", "small", point(1024, False)))])
+    assert (outcome.status, outcome.value) == ("not reproduced", None)
+    assert "ours failed at all 1 of the claim's points (out of memory or an error)" in outcome.detail
+    outcome = evaluate(claim, [(Path("r.json"), rec("bench", "small", point(1024, True) + point(2048, False)))])
+    assert (outcome.status, outcome.value, outcome.detail) == ("reproduced", 4.0, "ours, mean of 1; 1 more failed")
+
+
 GOOD_CLAIM = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_better": True, "hardware": "n/a",
               "setting": "s", "source": "s", "verified": True, "task": "kv",
               "compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"]}}
