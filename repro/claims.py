@@ -114,10 +114,21 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
     return Claim(paper=paper, **{**raw, "value": float(raw["value"]), "compare": Compare(**cmp)})
 
 
+def load_yaml(path: Path) -> Any:
+    """A YAML file's data; ValueError naming the file and where in it the syntax breaks (PyYAML's error, read
+    from a string, names no file, and is no ValueError that `repro-report` reports in a line)."""
+    try:
+        return yaml.load(Path(path).read_text(), Loader=SAFE_LOADER)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+
+
 def load_paper(path: Path) -> tuple[str, dict[str, Any], list[Claim]]:
     """One paper's file: its name, its header (title, source) and its claims."""
     path = Path(path)
-    data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
+    data = load_yaml(path)
     if not isinstance(data, dict) or data.get("paper") != path.stem:
         raise ValueError(f"{path}: top-level key 'paper' must equal the file name {path.stem!r}")
     if not isinstance(data.get("claims"), list):

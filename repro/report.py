@@ -20,10 +20,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from tqdm.auto import tqdm
 
-from .claims import Claim, load_published
+from .claims import Claim, load_published, load_yaml
 from .context import DEFAULT_RECORDS, PROJECT_ROOT
 from .records import (FAILED_ROW_STATUSES, PACK_ABOVE_BYTES, Row, RunRecord, largest_x_within, load_records,
                       pack_records, replace_atomically)
@@ -589,7 +588,7 @@ def load_retracted(runs: Path) -> dict[str, list[Retraction]]:
     path = runs / RETRACTED
     if not path.is_file():
         return {}
-    entries = yaml.safe_load(path.read_text()) or {}
+    entries = load_yaml(path) or {}
 
     def parsed(value) -> Retraction | None:
         if isinstance(value, str) and value.strip():

@@ -300,6 +300,18 @@ def test_cli_exit_codes(tree, capsys, no_plots):
     assert "missing keys" in capsys.readouterr().err
 
 
+def test_a_claims_or_retraction_file_that_is_not_yaml_is_named_with_where_it_breaks(tree, capsys, no_plots):
+    args = ["--runs", str(tree / "runs"), "--published", str(tree / "published"), "--out", str(tree / "out"),
+            "--readme", "", "--allow-skipped"]
+    (tree / "runs" / "retracted.yaml").write_text("toy/bench/a.json: [unclosed\n")
+    assert main(args) == 2
+    assert f"repro-report: {tree / 'runs' / 'retracted.yaml'}: not valid YAML at line 2, column 1: " \
+        in capsys.readouterr().err
+    (tree / "published" / "toy.yaml").write_text(CLAIMS + "  - {id: [\n")
+    assert main(args) == 2
+    assert f"repro-report: {tree / 'published' / 'toy.yaml'}: not valid YAML at line " in capsys.readouterr().err
+
+
 def test_the_projects_readme_is_refreshed_only_from_the_committed_records_unless_named(tree, monkeypatch):
     built = []
     monkeypatch.setattr("repro.report.build_report", lambda runs, published, out, readme: built.append(readme) or
