@@ -114,6 +114,8 @@ class RunRecord:
             if not isinstance(row, dict):
                 raise ValueError(f"malformed run record: rows[{i}] is {type(row).__name__}, not an object")
             _check_row(f"rows[{i}]", row)
+        _check_points(rows)
+        _check_config(data.get("config", {}))
         try:
             record = cls(**{**data, "rows": [Row(**row) for row in rows]})
         except TypeError as exc:
@@ -154,6 +156,30 @@ def _check_row(where: str, row: dict[str, Any]) -> None:
     for key in ("series", "mode"):
         if isinstance(extra, dict) and not isinstance(extra.get(key), _SCALARS):
             raise ValueError(f"malformed run record: {where}.extra.{key}={extra[key]!r} is not a single value")
+
+
+def _check_points(rows: list[dict[str, Any]]) -> None:
+    """The points (x_value) of one x_name are all numbers or all names: the report sorts them (the last step, the
+    largest compression within a quality tolerance), and a name among numbers stopped it with a TypeError."""
+    first: dict[str, tuple[str, int]] = {}
+    for i, row in enumerate(rows):
+        if row.get("x_value") is None:
+            continue
+        kind = "text" if isinstance(row["x_value"], str) else "a number"
+        seen, where = first.setdefault(row.get("x_name"), (kind, i))
+        if kind != seen:
+            raise ValueError(f"malformed run record: rows[{i}].x_value={row['x_value']!r} is {kind}, where "
+                             f"rows[{where}].x_value of x_name {row.get('x_name')!r} is {seen}")
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    """The parts of the config that the report reads: the task's section (the metrics it plots) and the model's
+    name (which a claim's source names); another type there stopped the report with a TypeError."""
+    task, model = config.get("task"), config.get("model")
+    if not isinstance(task, (dict, type(None))):
+        raise ValueError(f"malformed run record: config.task is {type(task).__name__}, not an object or null")
+    if isinstance(model, dict) and not isinstance(model.get("name"), (str, type(None))):
+        raise ValueError(f"malformed run record: config.model.name={model['name']!r} is not a string or null")
 
 
 def _dumps(data: Any) -> str:

@@ -99,6 +99,15 @@ def test_load_records_skips_corrupt_and_foreign_files_by_name(tmp_path):
         write_json_atomic(tmp_path / name, {**good, "rows": [{**good["rows"][0], **change}]})
     write_json_atomic(tmp_path / "gpu_number.json", {**good, "env": {"gpu_name": 7}})
     nested["gpu_number.json"] = ({}, "env.gpu_name=7")
+    # a point named among numbers of one x_name, which the report sorts; the config's parts that the report reads
+    named = {**good["rows"][0], "x_value": "full"}
+    write_json_atomic(tmp_path / "x_mixed.json", {**good, "rows": [good["rows"][0], named]})
+    nested["x_mixed.json"] = ({}, "rows[1].x_value='full' is text, where rows[0].x_value of x_name 'seq_len' is "
+                                  "a number")
+    write_json_atomic(tmp_path / "task_text.json", {**good, "config": {"task": "bench"}})
+    nested["task_text.json"] = ({}, "config.task is str, not an object or null")
+    write_json_atomic(tmp_path / "model_name_number.json", {**good, "config": {"model": {"name": 7}}})
+    nested["model_name_number.json"] = ({}, "config.model.name=7 is not a string or null")
     # the report reads a failed record's error as text (an int was an AttributeError), and orders records by scale
     fields = {"error_number.json": ({"error": 3}, "error is int, not str or null"),
               "finished_list.json": ({"finished": ["today"]}, "finished is list, not str or null"),
