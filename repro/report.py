@@ -272,16 +272,13 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
         return Outcome(claim, OTHER_HARDWARE, **found)
     if value is None:  # measured, and no point within the claim's quality tolerance
         return Outcome(claim, NOT_REPRODUCED, **found)
-    out = Outcome(claim, NOT_COMPARABLE, **found)
     if claim.compare.kind == "peak_fraction":
         peak = peak_tflops(record.env.get("gpu_name"))
-        if peak is None:
-            out.detail += "; no known peak for this GPU"
-            return out
+        if peak is None:  # a card whose peak is not known: its fraction of peak is unknown, whatever the scale
+            return Outcome(claim, OTHER_HARDWARE, **{**found, "detail": f"{detail}; no known peak for this GPU"})
         value = 100.0 * value / peak
-        out.value, out.unit = value, "%"
-    out.status = judge(claim, value)
-    return out
+        found.update(value=value, unit="%")
+    return Outcome(claim, judge(claim, value), **found)
 
 
 def evaluate_by_card(claim: Claim, records: list[tuple[Path, RunRecord]]) -> list[Outcome]:

@@ -99,6 +99,12 @@ def test_statuses_from_fixture_records(tree, no_plots):
     assert line["slow"].endswith("| not reproduced |") and "(unverified)" in line["slow"]
     assert line["abs_time"].endswith("| not comparable (other hardware) |")
     assert line["peak"].endswith("| reproduced |") and "40.4%" in line["peak"]  # 400 / 989.4
+    # a card whose peak is not known: not the scale's fault, and the value is no fraction of anything
+    l40s = rec("bench", "small", [row("tflops", 400.0)], env={"gpu_name": "NVIDIA L40S"})
+    claim = next(c for c in load_paper(tree / "published" / "toy.yaml")[2] if c.id == "peak")
+    outcome = evaluate(claim, [(Path("l40s.json"), l40s)])
+    assert (outcome.status, outcome.value) == (OTHER_HARDWARE, 400.0)
+    assert outcome.detail.endswith("; no known peak for this GPU")
     assert line["quality"].endswith("| not comparable at this scale |")
     assert line["later"].endswith("| not yet run |")
     assert line["no_provider"].endswith("| not yet run |") and "not_written_yet" in line["no_provider"]
