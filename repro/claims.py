@@ -101,6 +101,8 @@ def _parse_claim(paper: str, where: str, raw: dict) -> Claim:
         raise ValueError(f"{where}.compare: aggregate largest_x_within and a quality block go together")
     if "quality" in cmp:
         _check_keys(f"{where}.compare.quality", cmp["quality"], _QUALITY_KEYS, _QUALITY_KEYS)
+        # a list or a number there matches no provider: the claim would read "not yet run" whatever ran
+        _check_type(f"{where}.compare.quality.reference", cmp["quality"]["reference"], (str,), "a provider's name")
         _check_type(f"{where}.compare.quality.tolerance", cmp["quality"]["tolerance"], (int, float), "a number")
         if cmp["quality"]["tolerance"] < 0:
             raise ValueError(f"{where}.compare.quality.tolerance={cmp['quality']['tolerance']} must be >= 0")

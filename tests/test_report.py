@@ -810,6 +810,9 @@ GOOD_CLAIM = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_bette
      r"compare.tolerance=-0.1 must be >= 0"),
     ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "two_sided": "yes"}},
      r"compare.two_sided='yes' is not true or false"),
+    ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "aggregate": "largest_x_within",
+                  "quality": {"reference": ["full"], "tolerance": 0.02, "higher_is_better": True}}},
+     r"compare.quality.reference=\['full'\] is not a provider's name"),
 ])
 def test_a_bad_claim_is_refused_naming_its_key(change, message):
     from repro.claims import _parse_claim
