@@ -256,7 +256,9 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
 
     points = {id(r): _points(claim, r) for _, r in mine}
     if not any(n for _, n in points.values()):  # the task ran, but not the provider or setting the claim needs
-        return Outcome(claim, NOT_RUN, detail=claim_value(claim, mine[0][1])[2])
+        # what the best of them lacks (the oldest may lack what a newer one has since measured: a reference row)
+        _, best = max(mine, key=lambda pr: preference(pr[1], comparable))
+        return Outcome(claim, NOT_RUN, detail=claim_value(claim, best)[2])
     # the best record that measured the claim decides it, a failure included: an older one never overrules it
     card_bound = claim.compare.kind == "absolute" and claim.hardware != "n/a"  # judged on its own card only
     path, record = max((pr for pr in mine if points[id(pr[1])][1]),
