@@ -614,10 +614,13 @@ def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_fr
     """(the records to use, one line per retraction for the report, the retraction list's problems: names that
     are no record, and entries that retract no row of any record their name matches, a typo in a metric or
     `where` as likely as not; a pattern's entry may well match no row of some of its records)."""
-    retracted = load_retracted(runs)
+    # the list of the folder a report of one paper's or one task's subfolder is part of, which names its records
+    # by their paths under that folder
+    root = next((folder for folder in (runs, *runs.parents) if (folder / RETRACTED).is_file()), runs)
+    retracted = load_retracted(root)
     keep, listed, seen, used = [], [], set(), set()
     for path, record in records:
-        key = _record_key(path, runs)
+        key = _record_key(path, root)
         matched = [name for name in retracted if fnmatch.fnmatchcase(key, name)]
         if not matched:
             keep.append((path, record))
@@ -634,8 +637,9 @@ def _split_retracted(records: list[tuple[Path, RunRecord]], runs: Path, links_fr
                 rows = [r for r in rows if metrics and (r.metric not in metrics or not _matches(r, where))]
         if rows:
             keep.append((path, dataclasses.replace(record, rows=rows)))
-    problems = [f"{RETRACTED} names {key}, which is no record under {_rel(runs)}" for key in retracted
-                if key not in seen]
+    under = runs.relative_to(root).as_posix()
+    problems = [f"{RETRACTED} names {key}, which is no record under {_rel(root)}" for key in retracted
+                if key not in seen and (under == "." or key.startswith(under + "/"))]
     problems += [f"{RETRACTED}: the entry of {key} for {_retracted_rows(metrics, where)} retracts no row of any "
                  "record it names" for key, entries in retracted.items() if key in seen
                  for i, (metrics, where, _) in enumerate(entries) if (key, i) not in used]

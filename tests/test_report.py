@@ -136,6 +136,21 @@ def test_a_provider_whose_output_differed_from_the_baseline_failed_at_that_point
     assert "3x" in line and "ours, mean of 1; 1 more failed (1 with output unlike the baseline's)" in line
 
 
+def test_a_report_of_a_subfolder_of_the_runs_applies_the_retraction_list_of_the_folder_above(tree, no_plots):
+    """`--runs results/runs/<paper>`: the list lives in results/runs and names records by their paths there."""
+    runs = tree / "runs"
+    save_record(rec("bench", "small", [row("speedup", 9.0)], started="2026-12-01T00:00:00+00:00"),
+                runs / "toy" / "bench" / "wrong.json")
+    (runs / "retracted.yaml").write_text("toy/bench/wrong.json: made before the fix of the timer\n"
+                                         "other/bench/elsewhere.json: a record of another paper\n"
+                                         "toy/bench/gone.json: a name that is no record\n")
+    report, problems = build_report(runs / "toy", tree / "published", tree / "out", tree / "README.md")
+    assert "3.5x" in next(line for line in report.splitlines() if "toy:fast," in line)
+    assert "made before the fix of the timer" in report[report.index("## Retracted records"):]
+    named = [p for p in problems if "retracted.yaml" in p]
+    assert len(named) == 1 and "toy/bench/gone.json" in named[0]  # not the other paper's, outside this folder
+
+
 def test_a_retracted_record_is_listed_with_its_reason_and_used_for_nothing(tree, no_plots):
     runs = tree / "runs"
     save_record(rec("bench", "small", [row("speedup", 9.0)], started="2026-12-01T00:00:00+00:00"),
