@@ -205,6 +205,22 @@ def test_accuracy_average_takes_the_test_split_where_a_task_has_one():
     assert average.extra["fixture_tasks"] == "text"  # random labels: the average says so
 
 
+
+def test_accuracy_average_leaves_out_a_trainee_that_stopped_after_an_evaluation():
+    """One out of memory at step 600 had evaluated at step 500: that accuracy is not the final model's."""
+    def accuracy(provider, task, step, value):
+        return Row(provider, "step", step, "test_accuracy", "%", value, extra={"lra_task": task, "data": "generated"})
+
+    def tps(provider, task):
+        return Row(provider, "step", 1000, "tokens_per_s", "tokens/s", 1.0, extra={"lra_task": task})
+    rows = [accuracy(p, t, 1000, 40.0) for p in ("standard", "effrepro") for t in ("listops", "pathfinder")]
+    rows = [r for r in rows if (r.provider, r.extra["lra_task"]) != ("effrepro", "pathfinder")]
+    rows += [tps(p, t) for p, t in (("standard", "listops"), ("standard", "pathfinder"), ("effrepro", "listops"))]
+    rows += [accuracy("effrepro", "pathfinder", 500, 90.0),
+             Row("effrepro", "step", 0, "loss", "nats", status="oom", extra={"lra_task": "pathfinder"})]
+    averages = {r.provider: r.p50 for r in derived_rows(rows, ["listops", "pathfinder"]) if r.metric == "accuracy_avg"}
+    assert averages == {"standard": 40.0}
+
 @pytest.mark.parametrize("task, source, splits", [("lra_listops", "fixture", ["val_accuracy", "test_accuracy"]),
                                                   ("lra_image", "fixture", ["val_accuracy", "test_accuracy"]),
                                                   ("lra_text", "hub", ["val_accuracy"])])
