@@ -97,6 +97,20 @@ def test_flash_matches_standard_attention_with_padding():
     torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
 
 
+def test_block_sparse_attention_is_standard_attention_under_the_butterfly_mask():
+    """Three blocks of 16 over 40 tokens: query block 1 skips key block 2 and 2 skips 1 (a dense kernel would not),
+    and the last block is cut short, with padding in it."""
+    from effrepro_kernels import attention_reference, block_mask_to_dense
+
+    attend = ATTENTIONS["effrepro_sparse"](seq_len=40, block_size=16).to(DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, 2, 40, 16, generator=gen).to(DEVICE) for _ in range(3))
+    real = batch()["real"]
+    allowed = block_mask_to_dense(attend.block_mask, 40, 40, 16)
+    assert not allowed.all()
+    expected = attention_reference(q, k, v, key_padding_mask=real, attn_mask=allowed)
+    torch.testing.assert_close(attend(q, k, v, real), expected, rtol=2e-3, atol=2e-3)
+
 def test_linformer_with_identity_projections_matches_standard_attention_with_padding():
     ref = model("standard").eval()
     torch.manual_seed(0)
