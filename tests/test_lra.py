@@ -383,3 +383,14 @@ def test_retrieval_from_the_hub_needs_the_aan_files_a_run_reads(compose, tmp_pat
             validate(cfg)
         (tmp_path / AAN_FILES[split]).write_text("")
     validate(cfg)
+
+
+def test_pretraining_on_a_larger_image_than_a_task_is_refused(compose):
+    """Pre-training grows the position table to the task's image: from Path-256 to Path-X it shrank it instead."""
+    from repro.context import ConfigError
+    from tasks.lra.train_lra import validate
+
+    with pytest.raises(ConfigError, match=r"lra.pretrain.task='path256' \(256x256\) is larger than .*'pathx' "
+                                          r"\(128x128\)"):
+        validate(compose("task=pathx", "lra.attention=[standard]", "lra.pretrain={task: path256, steps: 1}"))
+    validate(compose("task=pathx", "lra.attention=[standard]", "lra.pretrain={task: path64, steps: 1}"))

@@ -333,6 +333,13 @@ def validate(cfg: DictConfig) -> None:
         if first not in PATH_SIZES or any(t not in PATH_SIZES for t in tasks):
             raise ConfigError(f"lra.pretrain.task={first!r}: pre-training grows a Pathfinder "
                               f"model's position table, so it and lra.tasks must be among {list(PATH_SIZES)}")
+        smaller = [t for t in tasks if PATH_SIZES[t] < PATH_SIZES[first]]
+        if smaller:
+            side = PATH_SIZES[first]
+            raise ConfigError(f"lra.pretrain.task={first!r} ({side}x{side}) is larger than lra.tasks' "
+                              + ", ".join(f"{t!r} ({PATH_SIZES[t]}x{PATH_SIZES[t]})" for t in smaller)
+                              + ": pre-training grows the position table to the task's image; pre-train on one no "
+                              "larger (path64 for Path-X and Path-256)")
         if "linformer" in attentions:
             raise ConfigError("lra.pretrain cannot carry Linformer's length-bound projections to another length")
         checks.number("lra.pretrain.steps", spec.pretrain.steps, at_least=1)
