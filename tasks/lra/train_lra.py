@@ -192,7 +192,8 @@ def candidates(cfg: DictConfig, ctx: RunContext, cache: Path) -> Iterator[Candid
     for name in as_list(spec.tasks):
         for attention in as_list(spec.attention):
             extra = dict(lra_task=name, seq_len=split(name)["seq_len"], series=f"{name} N={split(name)['seq_len']}")
-            build = lambda name=name, attention=attention: _trainee(cfg, ctx, name, attention, split(name))  # noqa: E731
+            build = lambda name=name, attention=attention: (  # noqa: E731
+                _trainee(cfg, ctx, name, attention, split(name)))
             if not spec.pretrain:
                 yield Candidate(attention, extra, build)
                 continue
