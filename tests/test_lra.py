@@ -394,3 +394,27 @@ def test_pretraining_on_a_larger_image_than_a_task_is_refused(compose):
                                           r"\(128x128\)"):
         validate(compose("task=pathx", "lra.attention=[standard]", "lra.pretrain={task: path256, steps: 1}"))
     validate(compose("task=pathx", "lra.attention=[standard]", "lra.pretrain={task: path64, steps: 1}"))
+
+
+@pytest.mark.parametrize("claim_id", ["table3_lra_text_accuracy", "table3_lra_retrieval_accuracy",
+                                      "table3_lra_image_accuracy", "table3_lra_average_accuracy"])
+def test_the_accuracy_claims_read_no_rows_of_fixture_data(claim_id):
+    """Fixture examples carry random labels: their accuracy is chance, and no claim of the paper reads it."""
+    from pathlib import Path
+
+    from repro.claims import load_paper
+    from repro.records import RunRecord
+    from repro.report import claim_value
+    path = Path(__file__).resolve().parents[1] / "results" / "published" / "flashattention.yaml"
+    claim = next(c for c in load_paper(path)[2] if c.id == claim_id)
+
+    def value(data):
+        if claim_id.endswith("average_accuracy"):
+            rows = [Row("effrepro", "tasks", 5, "accuracy_avg", "%", 60.0,
+                        extra={"tasks": "a,b,c,d,e", "fixture_tasks": "" if data == "hub" else "text"})]
+        else:
+            rows = [Row("effrepro", "step", 100, "test_accuracy", "%", 60.0, extra={"data": data})]
+        record = RunRecord(task=claim.task, paper="flashattention", scale="paper", claim_ids=[], config={},
+                           overrides=[], env={}, started="2026-12-07T00:00:00+00:00", status="ok", rows=rows)
+        return claim_value(claim, record)[0]
+    assert value("hub") == 60.0 and value("fixture") is None
