@@ -49,12 +49,13 @@ def known_models() -> list[str]:
 
 def require_model(cfg: DictConfig, what: str) -> None:
     """For a task's validate: a model chosen, and all that loading it on the scale's device needs short of
-    reading a weight (packages, files, a Hub name, a GPU to train it on), and no data.* set for a model with a
-    corpus of its own; else a ConfigError naming it, before any work. `what` says what the task does with the
-    model."""
+    reading a weight (its dtype, packages, files, a Hub name, a GPU to train it on), and no data.* set for a model
+    with a corpus of its own; else a ConfigError naming it, before any work. `what` says what the task does with
+    the model."""
     if cfg.get("model") is None:
         raise ConfigError(f"task={cfg.task.name} {what}: choose one with model=<name>, one of {known_models()}")
     model_cfg, source = cfg.model, _source(cfg.model)
+    check_dtype(model_cfg.get("dtype", "auto"))  # load_model refused a bad one only once the run had begun
     if source in ("random", "trained"):  # a Llama this suite builds
         check_arch(model_cfg.arch)
     if source == "gguf":
@@ -103,13 +104,18 @@ def load_model(model_cfg: DictConfig, device: torch.device | str, dtype: torch.d
     return model.eval(), tokenizer
 
 
+def check_dtype(value: str) -> None:
+    """A model.dtype's name: auto or one of DTYPES; else a ConfigError naming them."""
+    if value not in ("auto", *DTYPES):
+        raise ConfigError(f"model.dtype={value!r} is not one of {['auto', *DTYPES]}")
+
+
 def resolve_dtype(value: torch.dtype | str, device: torch.device) -> torch.dtype:
     if isinstance(value, torch.dtype):
         return value
+    check_dtype(value)
     if value == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if value not in DTYPES:
-        raise ConfigError(f"model.dtype={value!r} is not one of {['auto', *DTYPES]}")
     return DTYPES[value]
 
 

@@ -66,6 +66,13 @@ def test_an_unknown_dtype_is_a_config_error_naming_the_valid_ones():
         load_model(model_config("tiny_llama", "model.dtype=fp8"), "cpu")
 
 
+@pytest.mark.parametrize("model", ["tiny_llama", "smollm2", "hf"])
+def test_an_unknown_dtype_is_refused_before_any_work(refusal, model):
+    """It was refused only by load_model, once the run had begun (and had written a failed record)."""
+    assert refusal("task=lm_eval", f"model={model}", "model.name=org/model", "model.dtype=fp64") == \
+        "model.dtype='fp64' is not one of ['auto', 'fp32', 'bf16', 'fp16']"
+
+
 def test_heads_that_do_not_divide_are_a_config_error():
     with pytest.raises(ConfigError, match=r"hidden=64 must be a multiple of heads=5"):
         load_model(model_config("tiny_llama", "model.arch.heads=5"), "cpu")
