@@ -143,6 +143,13 @@ def test_bad_input_is_an_error_naming_it(rank, only, message):
     assert all(isinstance(m, nn.Linear) for m in model)  # nothing was changed
 
 
+def test_a_rank_at_the_limit_is_refused_naming_the_limit_not_a_weight_saving_it_would_make():
+    """Linear(3, 5) at rank 1 saves weights (8 < 15) but sits at greenformer's limit, 15 // 8 = 1: the error said a
+    factorisation needs r·(in+out) < in·out, which rank 1 meets."""
+    with pytest.raises(ValueError, match=r"1 <= r < in·out // \(in\+out\).*\(here: \{'0': 'rank 1, limit 1'\}\)"):
+        factorize(nn.Sequential(nn.Linear(3, 5)), 1)
+
+
 def test_an_unknown_init_or_a_rank_above_the_layer_is_an_error():
     with pytest.raises(ValueError, match="init='nmf'"):
         factorize(nn.Sequential(nn.Linear(24, 30)), 4, init="nmf")

@@ -151,8 +151,13 @@ def factorize(model: nn.Module, rank: int | float, *, only: Callable[[str], bool
         else:
             report.kept.append(name)
     if not plan:
-        raise ValueError(f"rank={rank} factorises none of the {len(report.kept)} selected linear layers: a "
-                         "factorisation needs 1 <= r <= min(in, out) and must save weights, r·(in+out) < in·out")
+        # the limit itself is named: r·(in+out) < in·out holds at some ranks that greenformer's floor still skips
+        layers = {name: f"rank {layer_rank(rank, linears[name].in_features, linears[name].out_features)}, limit "
+                        f"{rank_limit(linears[name].in_features, linears[name].out_features)}"
+                  for name in report.kept[:4]}
+        raise ValueError(f"rank={rank} factorises none of the {len(report.kept)} selected linear layers: a layer is "
+                         "factorised at a rank r with 1 <= r < in·out // (in+out), greenformer's limit, and a weight "
+                         f"shared with another module never is (here: {layers})")
     for name, r in plan.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, LowRankLinear.from_linear(linears[name], r, init))
