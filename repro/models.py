@@ -65,6 +65,10 @@ def require_model(cfg: DictConfig, what: str) -> None:
     elif source == "trained":
         checks.number("model.batch.sequences", model_cfg.batch.sequences, at_least=1)
         checks.number("model.eval.chunks", model_cfg.eval.chunks, at_least=1)
+        try:  # else refused only as it trains, once the run has begun, naming the task's train.* keys
+            TrainSpec.from_config(model_cfg.train)
+        except ConfigError as exc:
+            raise ConfigError(f"model.train: {exc}") from None
         _check_trainable(model_cfg, resolve_device(cfg.scale))
     if model_cfg.get("data") is not None:
         _check_no_data_set(cfg)

@@ -93,6 +93,17 @@ def test_a_built_models_sizes_are_checked_before_any_work_naming_their_keys(refu
     assert refusal("task=lm_eval", f"model={model}", setting) == message
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("model.train.lr=-1", "model.train: train.lr=-1 must be a finite number > 0"),
+    ("+model.train.stpes=3", "model.train: unknown train keys ['stpes']"),
+])
+def test_a_trained_models_training_settings_are_checked_before_any_work_naming_model_train(refusal, setting,
+                                                                                           message):
+    """They were refused only as the model trained, once the run had begun, as `train.*`: compress_then_prompt
+    has a train block of its own."""
+    assert refusal("task=compress_then_prompt", "model=trained_tiny", setting).startswith(message)
+
+
 def test_a_model_too_large_for_the_device_is_refused_before_it_is_built(monkeypatch):
     monkeypatch.setattr(repro.models, "_seeded_llama", lambda *a: pytest.fail("the model was built"))
     cfg = model_config("tiny_llama", "model.arch.layers=64", "model.arch.hidden=16384",
