@@ -34,10 +34,11 @@ class EffreproLM(TemplateLM):
 
     A context is tokenized as the tokenizer does by default, as lm-eval's own HF model does: with a BOS where
     the tokenizer adds one (OPT's and Llama's; SmolLM2's and this suite's own add none), as `eval_text` has it,
-    and a special token's string read as that token (`eval_text` reads it as text). An empty context is the
-    tokenizer's end-of-sequence token (TemplateLM's prefix; SmolLM2's is `<|im_end|>`), where lm-eval's HF model
-    takes the BOS if the tokenizer has one: this suite's trained models never saw their BOS, as their documents
-    follow an end-of-text."""
+    and a special token's string read as that token (`eval_text` reads it as text). An empty context is what
+    every other context starts with: the BOS where the tokenizer adds one, as lm-eval's HF model has it, else the
+    end-of-sequence token (TemplateLM's prefix; SmolLM2's is `<|im_end|>`), where lm-eval's HF model takes a BOS
+    the tokenizer has but never adds: this suite's trained models never saw their BOS, as their documents follow
+    an end-of-text."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, score: Forward | None = None, batch_size: int = 8,
                  equal_lengths: bool = False):
@@ -54,6 +55,13 @@ class EffreproLM(TemplateLM):
     @property
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # what every context begins with: a BOS-adding tokenizer's (Llama's) empty context was its end-of-text
+        bos = self.tokenizer.bos_token_id
+        adds_bos = bos is not None and self.tokenizer.encode("", add_special_tokens=True)[:1] == [bos]
+        return bos if adds_bos else self.eot_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         # as lm-eval's own HF model: unless told, the tokenizer's default (its BOS where it adds one, as

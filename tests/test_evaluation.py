@@ -269,6 +269,22 @@ def test_a_context_gets_the_bos_its_tokenizer_adds_once_as_in_lm_eval(tiny):
     assert [x for x, _ in got] == pytest.approx([expected, expected], rel=1e-5)
 
 
+def test_an_empty_context_is_the_bos_where_the_tokenizer_adds_one_else_the_end_of_text(tiny):
+    """As every other context begins: with a tokenizer that adds a BOS (Llama's) it was the end-of-text."""
+    from tokenizers import processors
+
+    model, tok = tiny
+    with_bos = byte_tokenizer()
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", with_bos.bos_token_id)])
+    target = tok.encode(" blue sky", add_special_tokens=False)
+    for tokenizer, prefix in ((with_bos, tok.bos_token_id), (tok, tok.eos_token_id)):
+        (got, _), = EffreproLM(model, tokenizer).loglikelihood(requests([("", " blue sky")]), disable_tqdm=True)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([[prefix] + target])).logits[0].double(), -1)
+        assert got == pytest.approx(sum(log_probs[j, t].item() for j, t in enumerate(target)), rel=1e-5)
+
+
 def test_with_equal_lengths_a_score_sees_no_padding_and_the_same_answers(tiny):
     """A KV budget taken as a fraction of the batch's length must see each request's own length."""
     model, tok = tiny
