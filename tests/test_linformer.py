@@ -136,6 +136,17 @@ def test_bert_padding_changes_no_real_token():
     assert not torch.allclose(a[real], c[real])
 
 
+def test_a_mask_other_than_key_padding_is_refused_naming_linformer():
+    """It was refused as effrepro's attention, which 'supports causal and key-padding masks'."""
+    model = bert()
+    apply_linformer(model, k=8, seq_len=24)
+    ids, _ = batch()
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()[None, None].expand(2, 1, 24, 24)
+    with pytest.raises(ValueError, match=r"^linformer takes key-padding masks only \(Linformer has no causal form\), "
+                                         r"not this torch.bool \(2, 1, 24, 24\) mask"):
+        model(input_ids=ids, attention_mask=causal)
+
+
 def test_bert_bad_settings_are_errors():
     from transformers import GPT2Config, GPT2Model
 

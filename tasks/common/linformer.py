@@ -79,7 +79,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       **kwargs):
     """transformers' attention signature: (batch, heads, seq, head_dim) in, (batch, seq, heads, head_dim) out;
     the projections are the calling attention module's own (`module.linformer`)."""
-    real = key_padding_mask_of(attention_mask, causal=False) if attention_mask is not None else None
+    try:
+        real = key_padding_mask_of(attention_mask, causal=False) if attention_mask is not None else None
+    except ValueError:  # its message names effrepro's attention, which has the causal form Linformer lacks
+        raise ValueError(f"{NAME} takes key-padding masks only (Linformer has no causal form), not this "
+                         f"{attention_mask.dtype} {tuple(attention_mask.shape)} mask of another pattern") from None
     out = module.linformer(query, key, value, real, scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
 
