@@ -509,7 +509,9 @@ def test_the_copy_stream_waits_on_events_that_record_no_time(monkeypatch, strate
     torch.cuda.synchronize()
     assert waited
     for event in waited:
-        with pytest.raises(RuntimeError):  # what an event without timing answers
+        # what an event without timing answers (ValueError in torch 2.11; RuntimeError also taken, as other builds
+        # may raise it from C++)
+        with pytest.raises((RuntimeError, ValueError), match="enable_timing"):
             event.elapsed_time(event)
 
 
