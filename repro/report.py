@@ -208,7 +208,8 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
             [r for r in failures if all(v is None or v == g for v, g in zip(_group_of(claim, r), group))]
         values.append(largest_x_within(points, sum(reference) / len(reference),
                                        quality["tolerance"], quality["higher_is_better"]))
-    without = f"; not judged, with no {quality['reference']} row: {', '.join(unjudged)}" if unjudged else ""
+    named = ", ".join(group for group in unjudged if group)  # a claim with no list of settings has one, unnamed
+    without = f"; not judged, with no {quality['reference']} row" + (f": {named}" if named else "") if unjudged else ""
     value = None if not values or None in values else min(values)
     if value is None:
         return None, "", f"no {provider} row of {mine[0].metric} within {quality['tolerance']:.0%} of " \

@@ -653,7 +653,7 @@ def test_largest_x_within_quality_of_the_reference():
     # where none can judge it, the detail says what the best of them lacks, not what the oldest did
     bare = rec("kv", "paper", [], started="2026-11-01T00:00:00+00:00")
     outcome = evaluate(claim, [(Path("bare.json"), bare), (Path("u.json"), unjudged)])
-    assert outcome.status == "not yet run" and outcome.detail.endswith("not judged, with no full row: ")
+    assert outcome.status == "not yet run" and outcome.detail.endswith("not judged, with no full row")
     raw = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_better": True, "hardware": "n/a",
            "setting": "s", "source": "s", "verified": True, "task": "kv",
            "compare": {"kind": "ratio", "metric": "perplexity", "providers": ["ours"], "aggregate": "largest_x_within"}}
