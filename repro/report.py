@@ -607,6 +607,9 @@ def load_retracted(runs: Path) -> dict[str, list[Retraction]]:
         raise ValueError(f"{_rel(path)}: expected lines 'path/of/record.json: why it is retracted', or for some of "
                          "its rows 'path/of/record.json: {metrics: [metric, ...], where: {key: value}, why: ...}' "
                          "(where: optional), or a list of those")
+    twice = sorted({key.removesuffix(".gz") for key in found if key.endswith(".gz") and key[:-3] in found})
+    if twice:  # one would silently replace the other's entries
+        raise ValueError(f"{_rel(path)} names {twice} both with and without .gz: give each record once, without .gz")
     return {key.removesuffix(".gz"): entry for key, entry in found.items()}
 
 

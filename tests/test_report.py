@@ -220,7 +220,8 @@ def test_a_retracted_record_is_listed_with_its_reason_and_used_for_nothing(tree,
     assert [p for p in problems if "retracted.yaml" in p] == \
         ["retracted.yaml: the entry of toy/bench/wrong.json for its rows of peak_memroy, mode=fwd retracts no row of "
          "any record it names"]  # also.json's entry retracts rows the pattern's retracted first: no problem either
-    for bad in ("- toy/bench/wrong.json\n", "toy/bench/wrong.json: {metrics: [], why: none}\n"):
+    for bad in ("- toy/bench/wrong.json\n", "toy/bench/wrong.json: {metrics: [], why: none}\n",
+                "toy/bench/wrong.json: one\ntoy/bench/wrong.json.gz: the other replaced it\n"):
         (runs / "retracted.yaml").write_text(bad)
         with pytest.raises(ValueError, match="retracted.yaml"):
             build_report(runs, tree / "published", tree / "out", tree / "README.md")
