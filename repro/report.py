@@ -288,8 +288,9 @@ def evaluate_by_card(claim: Claim, records: list[tuple[Path, RunRecord]]) -> lis
     """The claim judged on each card that measured it beyond smoke scale, each from that card's best record:
     first the card `evaluate` chooses among all (the one the README shows), then the others by name."""
     best = evaluate(claim, records)
-    cards = {r.gpu_name for _, r in records if r.task == claim.task and r.status in USABLE and r.scale != "smoke"}
-    others = [evaluate(claim, [pr for pr in records if pr[1].gpu_name == card])
+    beyond_smoke = [pr for pr in records if pr[1].scale != "smoke"]
+    cards = {r.gpu_name for _, r in beyond_smoke if r.task == claim.task and r.status in USABLE}
+    others = [evaluate(claim, [pr for pr in beyond_smoke if pr[1].gpu_name == card])
               for card in sorted(cards - {best.gpu})]
     return [best] + [o for o in others if o.status != NOT_RUN]
 

@@ -609,6 +609,13 @@ def test_a_claim_only_its_own_card_can_judge_is_judged_on_that_card_where_a_reco
     assert [o.record for o in evaluate_by_card(claims["abs_time"], [(Path("h100.json"), h100),
                                                                    (Path("a100.json"), a100)])] == \
         [Path("a100.json"), Path("h100.json")]
+    # another card's row comes from its records beyond smoke scale, not from a smoke run that happens to have it
+    h100_small_other = rec("bench", "small", [row("time", 5.0, provider="base")])
+    h100_smoke = rec("bench", "smoke", [row("time", 5.0)], started="2026-12-03T00:00:00+00:00")
+    assert [o.record for o in evaluate_by_card(claims["abs_time"], [(Path("a100.json"), a100),
+                                                                   (Path("small.json"), h100_small_other),
+                                                                   (Path("smoke.json"), h100_smoke)])] == \
+        [Path("a100.json")]
     # an unknown card is not the claim's, nor is a claim's unstated hardware any card's
     l40s = rec("bench", "small", [row("time", 5.0)], env={"gpu_name": "NVIDIA L40S"})
     assert evaluate(claims["abs_time"], [(Path("l40s.json"), l40s)]).status == OTHER_HARDWARE
