@@ -167,12 +167,13 @@ def test_a_few_training_steps_lower_the_loss(pregate):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_active_params_count_top_k_of_the_experts():
+def test_active_params_count_top_k_of_the_experts_and_the_tied_output_layer():
     model = build(top_k=2)
     one_expert = model.moe_layers[0].w_in[0].numel() + model.moe_layers[0].w_out[0].numel()
     dense = sum(p.numel() for n, p in model.named_parameters() if "w_in" not in n and "w_out" not in n)
-    embeddings = model.embed.weight.numel() + model.position.weight.numel()
-    assert model.non_embedding_params() == dense - embeddings + 3 * 2 * one_expert
+    # the tied embedding is the output layer's weight, a product every token pays for, as model_flops_per_token
+    # counts it for a model without the method: only the position table is left out
+    assert model.non_embedding_params() == dense - model.position.weight.numel() + 3 * 2 * one_expert
 
 
 # --- loading transformers' Switch weights --------------------------------------------------------------------------

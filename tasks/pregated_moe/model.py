@@ -307,12 +307,13 @@ class SwitchLM(nn.Module):
 
     def non_embedding_params(self) -> int:
         """The weights one token multiplies (what `repro.train.model_flops_per_token` counts): all but the
-        embeddings, with only top_k of the n_experts experts of each MoE block."""
+        position table, with only top_k of the n_experts experts of each MoE block. The token embedding stays: it
+        is the tied output layer's weight too, a product every token pays for (as the rule counts it for a model
+        without this method)."""
         cfg = self.config
-        embeddings = self.embed.weight.numel() + self.position.weight.numel()
         experts = sum(f.w_in.numel() + f.w_out.numel() for f in self.moe_layers)
-        total = sum(p.numel() for p in self.parameters())
-        return total - embeddings - experts + experts * cfg.top_k // cfg.n_experts
+        total = sum(p.numel() for p in self.parameters())  # the tied embedding once
+        return total - self.position.weight.numel() - experts + experts * cfg.top_k // cfg.n_experts
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None,
                 offload=None) -> SimpleNamespace:
