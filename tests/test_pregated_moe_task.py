@@ -464,6 +464,27 @@ def test_the_quality_runs_differ_only_in_pre_gating():
     assert math.isfinite(out_pregate.lm_loss.item()) and out_gate.lm_loss.item() != out_pregate.lm_loss.item()
 
 
+def test_the_perplexity_change_compares_only_models_that_finished_training():
+    """One that ran out of memory at step 400 had evaluated at step 300: that perplexity is not the final model's."""
+    def ppl(provider, step, value):
+        return Row(provider, "step", step, "val_perplexity", "ppl", value, n=1, extra={"model": "moe"})
+
+    def tps(provider):
+        return Row(provider, "step", 500, "tokens_per_s", "tokens/s", 1.0, n=1, extra={"model": "moe"})
+
+    def finished(provider, final):
+        return [ppl(provider, 300, 90.0), ppl(provider, 500, final), tps(provider)]
+
+    def stopped(provider):
+        failure = Row(provider, "step", 0, "loss", "nats", status="oom", extra={"model": "moe"})
+        return [ppl(provider, 300, 91.0), failure]
+    assert list(quality.change_rows(finished("gate", 70.0) + stopped("pregate"))) == []
+    assert list(quality.change_rows(stopped("gate") + finished("pregate", 70.0))) == []
+    change, = quality.change_rows(finished("gate", 70.0) + finished("pregate", 77.0))
+    assert (change.x_value, change.extra["baseline"]) == (500, "gate")
+    assert change.p50 == pytest.approx(10.0)
+
+
 # --- on a GPU ----------------------------------------------------------------------------------------------------
 
 @gpu
