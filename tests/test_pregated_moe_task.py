@@ -3,6 +3,7 @@ work, a gpu_only that runs out of memory recorded while the sweep goes on, rando
 quality experiment's two models differing only in pre-gating."""
 import json
 import math
+import re
 import weakref
 
 import pytest
@@ -358,6 +359,23 @@ def test_checkpoint_weights_come_from_the_folder_and_an_unreachable_one_leaves_r
     assert isinstance(switch_state_dict(str(tmp_path / "tiny-8")), LazyTensors)  # read a tensor at a time
     model, weights = serving.build("tiny-8", spec(checkpoint=f"{tmp_path}/missing/{{model}}"), torch.device("cpu"), 0)
     assert weights.startswith(f"random: {tmp_path}/missing/tiny-8 could not be read")
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ({"dense_act_fn": "gelu"}, "is not a tiny-4: dense_act_fn='gelu' where tiny-4 has 'relu'"),
+    ({"router_bias": True}, "is not a tiny-4: router_bias=True where tiny-4 has False"),
+])
+def test_a_checkpoint_whose_experts_or_routers_compute_otherwise_is_refused(setting, expected):
+    """SwitchLM's experts are ReLU and its routers have no bias: such weights would compute something else."""
+    from transformers import SwitchTransformersConfig
+
+    from tasks.pregated_moe.weights import check_switch_config
+
+    config = SwitchTransformersConfig(d_model=32, d_ff=64, num_decoder_layers=4, num_experts=4, decoder_sparse_step=2)
+    cfg = MoEConfig.of_size("tiny", n_experts=4, vocab_size=97)
+    check_switch_config(config, "ckpt", "tiny-4", cfg)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint 'ckpt' {expected}")):
+        check_switch_config(SwitchTransformersConfig(**{**config.to_dict(), **setting}), "ckpt", "tiny-4", cfg)
 
 
 def test_experts_read_from_a_checkpoint_are_not_drawn_at_random_first(tmp_path, monkeypatch):

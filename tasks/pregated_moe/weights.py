@@ -57,11 +57,14 @@ def decoder_moe_blocks(config) -> int:
 
 
 def check_switch_config(config, path: str, name: str, cfg: MoEConfig) -> None:
-    """A checkpoint of another model (expert count, widths or number of decoder MoE blocks) is refused with a
-    ValueError naming both."""
-    found = {"num_experts": config.num_experts, "d_model": config.d_model, "d_ff": config.d_ff}
-    wanted = {"num_experts": cfg.n_experts, "d_model": cfg.d_model, "d_ff": cfg.d_ff}
-    wrong = [f"{key}={found[key]} where {name} has {wanted[key]}" for key in found if found[key] != wanted[key]]
+    """A checkpoint of another model (expert count, widths, number of decoder MoE blocks, or experts and routers
+    other than `SwitchLM`'s: its experts are ReLU, its routers have no bias) is refused with a ValueError naming
+    both."""
+    found = {"num_experts": config.num_experts, "d_model": config.d_model, "d_ff": config.d_ff,
+             "dense_act_fn": config.dense_act_fn, "router_bias": config.router_bias}
+    wanted = {"num_experts": cfg.n_experts, "d_model": cfg.d_model, "d_ff": cfg.d_ff, "dense_act_fn": "relu",
+              "router_bias": False}  # else the loaded experts would compute, and the routers route, otherwise
+    wrong = [f"{key}={found[key]!r} where {name} has {wanted[key]!r}" for key in found if found[key] != wanted[key]]
     blocks, wanted_blocks = decoder_moe_blocks(config), len(cfg.moe_blocks)
     if blocks != wanted_blocks:  # else every row would fail when the weights are copied in
         wrong.append(f"{blocks} decoder MoE blocks (num_decoder_layers={config.num_decoder_layers}, "
