@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=12, help="host calls listed per strategy")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("profiling the MoE serving step needs a CUDA GPU")
     device = torch.device("cuda")
     size, experts = parse_model(args.model)
     cfg = MoEConfig.of_size(size, n_experts=experts, pregate=True, max_len=2 * args.steps + 4)

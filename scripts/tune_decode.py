@@ -257,6 +257,8 @@ def main():
     parser.add_argument("--quantized", action="store_true", help="only the levers over a quantized cache")
     parser.add_argument("--short", action="store_true", help="only B = 1 at short contexts, against cuDNN")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("timing decode attention's launch levers needs a CUDA GPU")
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB, "
           f"shared memory per block {getattr(props, 'shared_memory_per_block_optin', 0) >> 10} KB")

@@ -118,6 +118,8 @@ def main():
     parser.add_argument("--key-padding", action="store_true",
                         help="the forward's configurations for calls with a key padding mask instead")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("timing the Gluon kernels' configurations needs a CUDA GPU (Hopper)")
     with sdpa_kernel(SDPA_BACKENDS["sdpa_cudnn"]):  # cuDNN's attention, the baseline, set once for every call
         tables(args)
 

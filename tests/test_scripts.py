@@ -2,9 +2,11 @@
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("git") is None,
@@ -108,3 +110,13 @@ def test_each_python_script_imports(script):
     import importlib.util
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), SCRIPTS / script)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+@pytest.mark.parametrize("script", ["host_cost.py", "profile_moe.py", "tune_decode.py", "tune_flash_gluon.py"])
+def test_a_gpu_probe_on_a_machine_without_one_says_so_in_one_line(script):
+    """profile_moe, tune_decode and tune_flash_gluon stopped in a traceback from deep in torch.cuda (or from the
+    CUDA generator's linker message) rather than saying they need a GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("the machine has a GPU")
+    ran = subprocess.run([sys.executable, SCRIPTS / script], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 2 and "needs a CUDA GPU" in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
