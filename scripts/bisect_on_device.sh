@@ -6,7 +6,8 @@
 # There:            scripts/bisect_on_device.sh run FILE PYTEST_ARGS...
 #   tries the versions in binary search (v0 taken as good, vN as bad), prints each verdict and the first bad
 #   commit, and leaves the newest good version in place, its commit in .bisect/good (for REPRO_GIT_SHA). It stops
-#   (exit 2) at a version pytest cannot judge (a collection error, no test selected).
+#   (exit 2) at a version pytest cannot judge (a collection error, no test selected), and before any where .bisect/
+#   is missing or was prepared for another file.
 set -u
 usage="usage: $0 prepare FILE GOOD_COMMIT | $0 run FILE PYTEST_ARGS..."
 [ $# -ge 3 ] || { echo "$usage" >&2; exit 2; }
@@ -14,6 +15,7 @@ mode=$1 file=$2; shift 2
 case $mode in prepare|run) ;; *) echo "unknown mode '$mode': $usage" >&2; exit 2 ;; esac
 if [ "$mode" = prepare ]; then
   rm -rf .bisect && mkdir .bisect
+  echo "$file" > .bisect/file
   n=0
   for commit in "$1" $(git log --reverse --format=%h "$1"..HEAD -- "$file"); do
     # a commit that deleted the file has no version of it to try
@@ -26,6 +28,12 @@ if [ "$mode" = prepare ]; then
   echo "$(( n - 1 )) later versions of $file after $1 in .bisect/"
   exit 0
 fi
+# unchecked, a .bisect/ left out of the call gave an empty first bad commit and exit 0, and one prepared for
+# another file had its versions copied over FILE
+prepared=$(cat .bisect/file 2>/dev/null)
+[ -s .bisect/commits ] ||
+  { echo "no .bisect/commits here: run '$0 prepare $file GOOD_COMMIT' where git is, and send .bisect" >&2; exit 2; }
+[ "$prepared" = "$file" ] || { echo ".bisect/ holds versions of '$prepared', not of '$file'" >&2; exit 2; }
 commit() { awk -v n="$1" '$1 == n {print $2}' .bisect/commits; }
 lo=0 hi=$(( $(wc -l < .bisect/commits) - 1 ))
 while [ $(( hi - lo )) -gt 1 ]; do

@@ -104,6 +104,19 @@ def test_bisect_refuses_what_it_cannot_judge(history, tmp_path):
     assert stopped.returncode == 2 and "could not run the tests" in stopped.stderr
 
 
+def test_bisect_run_refuses_a_missing_bisect_folder_or_one_prepared_for_another_file(history, tmp_path):
+    """Either was a silent exit 0: an empty first bad commit, or another file's versions copied over FILE."""
+    repo, commits = history
+    env = stand_ins(tmp_path / "bin", "exit 0")
+    unprepared = bisect(repo, env, "run", "check.txt", "tests/test_gpu.py")
+    assert unprepared.returncode == 2 and "prepare check.txt" in unprepared.stderr, unprepared.stdout
+    assert bisect(repo, os.environ, "prepare", "check.txt", commits[0]).returncode == 0
+    (repo / "other.txt").write_text("mine")
+    other = bisect(repo, env, "run", "other.txt", "tests/test_gpu.py")
+    assert other.returncode == 2 and "'check.txt', not of 'other.txt'" in other.stderr, other.stdout
+    assert (repo / "other.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("*.py")))
 def test_each_python_script_imports(script):
     """What the GPU notes tell a session to run must at least load (tune_flash_gluon.py imported a removed helper)."""
