@@ -34,8 +34,10 @@ for command in "$@"; do
   [ "$status" -eq 0 ] || worst=$status
   echo "== [$i] exit $status after $(( $(date +%s) - begun )) s: $command"
   grep -E "^\[repro\]|passed|failed|Error|error:" "$OUT/logs/$i.log" | tail -6
-  # and the records jobs save while they run (outputs/), which are all that is left of one that dies silently
-  find results/runs outputs -name '*.json' -newer "$start" 2>/dev/null | tar czf "$OUT/records.tgz" -T -
+  # and the records jobs save while they run (outputs/), which are all that is left of one that dies silently;
+  # packed beside and then moved over the last archive, so a call cut short while packing still has that one
+  find results/runs outputs -name '*.json' -newer "$start" 2>/dev/null | tar czf "$OUT/records.tgz.part" -T - &&
+    mv "$OUT/records.tgz.part" "$OUT/records.tgz"
 done
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -r "$OUT/logs"
 exit "$worst"

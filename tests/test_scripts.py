@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,25 @@ def test_on_device_exits_with_a_failed_commands_status_and_runs_the_rest(tmp_pat
     assert failed.returncode == 3 and "exit 3 after" in failed.stdout and (tmp_path / "ran_after").exists()
     assert (out / "logs.tgz").exists()
     assert run("true", "true").returncode == 0
+
+
+def test_on_device_keeps_the_last_records_archive_when_packing_the_next_one_dies(tmp_path):
+    """The archive was written in place: a call cut short while packing lost the records of every command before."""
+    env = stand_ins(tmp_path / "bin", "exit 0")
+    # the second packing writes half an archive and dies; every other call of tar is the real one
+    (tmp_path / "bin" / "tar").write_text(f"""#!/usr/bin/env bash
+echo x >> {tmp_path}/tar_calls
+if [ "$(wc -l < {tmp_path}/tar_calls)" -eq 2 ]; then echo partial > "$2"; exit 1; fi
+exec {shutil.which("tar")} "$@"
+""")
+    (tmp_path / "bin" / "tar").chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_record = "mkdir -p outputs/{0} && echo {{}} > outputs/{0}/record.json"
+    subprocess.run(["bash", SCRIPTS / "on_device.sh", write_record.format("first"), write_record.format("second")],
+                   cwd=tmp_path, capture_output=True, text=True, env={**env, "OUT": str(out), "DEADLINE_S": "60"})
+    with tarfile.open(out / "records.tgz") as packed:
+        assert packed.getnames() == ["outputs/first/record.json"]
 
 
 def test_on_device_hides_a_git_from_the_commands_when_told_the_commit(tmp_path):
