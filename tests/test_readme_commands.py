@@ -1,5 +1,6 @@
-"""Every `repro` command the READMEs show composes, each value of a sweep too, and where it needs neither the Hub
-nor a GPU, passes its task's validate: a renamed key or group would otherwise leave the guide's commands broken."""
+"""Every `repro` command the READMEs and `repro --help` show composes, each value of a sweep too, and where it needs
+neither the Hub nor a GPU, passes its task's validate: a renamed key or group would otherwise leave the guide's
+commands broken."""
 import itertools
 import os
 import re
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
-from conftest import ROOT
+from conftest import CONF, ROOT
 
 READMES = [ROOT / "README.md", *sorted((ROOT / "tasks").glob("*/README.md"))]
 # what a validate refuses on a machine without a GPU or the Hub, which the tests run on
@@ -29,6 +31,14 @@ def readme_commands(readme: Path) -> list[list[str]]:
     return commands
 
 
+def help_commands() -> list[list[str]]:
+    """The overrides of each example of `repro --help` (conf/config.yaml) that has no <placeholder>."""
+    template = OmegaConf.load(CONF / "config.yaml").hydra.help.template
+    examples = [re.split(r"\s{2,}", line.strip())[0] for line in template.splitlines()]  # less its description
+    return [[word for word in shlex.split(example)[1:] if "=" in word] for example in examples
+            if example.startswith("repro ") and "<" not in example]
+
+
 def jobs(overrides: list[str]) -> list[list[str]]:
     """A sweep's jobs, as Hydra's basic sweeper makes them: one per combination of the swept values."""
     choices = [[f"{o.key_or_group}={value}" for value in o.sweep_string_iterator()] if o.is_sweep_override()
@@ -37,11 +47,12 @@ def jobs(overrides: list[str]) -> list[list[str]]:
 
 
 COMMANDS = [(readme.relative_to(ROOT).as_posix(), overrides) for readme in READMES
-            for overrides in readme_commands(readme)]
+            for overrides in readme_commands(readme)] + [("repro --help", o) for o in help_commands()]
 
 
 def test_the_readmes_show_commands():
     assert sum(readme == "README.md" for readme, _ in COMMANDS) >= 8, COMMANDS
+    assert any(readme == "repro --help" for readme, _ in COMMANDS), COMMANDS
 
 
 @pytest.mark.parametrize("overrides", [o for _, o in COMMANDS], ids=[f"{r}: {' '.join(o)}" for r, o in COMMANDS])
