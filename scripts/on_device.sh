@@ -10,6 +10,8 @@
 # (the tool's 10 minutes, or less where less device time is left, minus the install): the records found so far are
 # packed after every command, so a call cut short still brings back those of the commands that ended.
 set -u
+# checked before the install, which takes a minute of the call's time
+[ -n "${OUT:-}" ] || { echo "OUT is not set: the folder whose files come back (the device tool sets it)" >&2; exit 2; }
 deadline=$(( $(date +%s) + ${DEADLINE_S:-540} ))
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
 # resolved against what the machine has; where that fails (a pin the image cannot meet), every wheel as it is

@@ -37,6 +37,14 @@ def test_on_device_exits_with_a_failed_commands_status_and_runs_the_rest(tmp_pat
     assert run("true", "true").returncode == 0
 
 
+def test_on_device_without_out_says_so_before_installing(tmp_path):
+    env = stand_ins(tmp_path / "bin", f"touch {tmp_path}/installed")
+    env.pop("OUT", None)
+    ran = subprocess.run(["bash", SCRIPTS / "on_device.sh", "true"], cwd=tmp_path, capture_output=True, text=True,
+                         env=env)
+    assert ran.returncode == 2 and "OUT is not set" in ran.stderr and not (tmp_path / "installed").exists()
+
+
 def test_on_device_keeps_the_last_records_archive_when_packing_the_next_one_dies(tmp_path):
     """The archive was written in place: a call cut short while packing lost the records of every command before."""
     env = stand_ins(tmp_path / "bin", "exit 0")
