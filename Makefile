@@ -30,7 +30,7 @@ smoke: install  ## run the default reproduction at smoke scale (CPU, offline) an
 test: install  ## run the whole test suite (a worker per core; a test file's tests stay on one worker)
 	$(BIN)/pytest -q -n auto --dist loadfile
 
-report: install  ## rebuild results/REPORT.md, the CSV, the plots and the README table from results/runs/ (gzipping records over 1 MB)
+report: install  ## rebuild results/REPORT.md, its CSV and plots and the README table from results/runs/
 	$(BIN)/repro-report
 
 clean:  ## remove run outputs (not results/)

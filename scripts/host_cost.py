@@ -48,7 +48,8 @@ def python_only():
     qkv = torch.randn(16, 1024, 3, 12, 64, dtype=torch.bfloat16)
     out, lse = flash._forward_packed(qkv, None, True, 0.125, 0.0, 0)
     grad = torch.randn_like(out)
-    forward = host_us_per_call(lambda: torch.ops.effrepro.flash_attn_packed.default(qkv, None, True, 0.125, 0.0, 0), 3000)
+    forward = host_us_per_call(
+        lambda: torch.ops.effrepro.flash_attn_packed.default(qkv, None, True, 0.125, 0.0, 0), 3000)
     backward = host_us_per_call(lambda: torch.ops.effrepro.flash_attn_backward_packed.default(
         grad, None, qkv, out, lse, None, True, 0.125, 0.0, 0), 3000)
     print(f"python only (launches stubbed): forward operator {forward:.1f} us, backward operator {backward:.1f} us")
