@@ -202,8 +202,13 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 def final_rows(rows: Iterable[Row], metric: str, by: str) -> dict[tuple[str, object], Row]:
-    """The good rows of `metric`, keyed by (provider, the `by` extra): one per trainee, the last if several."""
-    return {(r.provider, r.extra[by]): r for r in rows if r.metric == metric and r.status == "ok"}
+    """The good rows of `metric`, keyed by (provider, the `by` extra): one per trainee, the last if several, and
+    none of a trainee that failed (its `failure_row`): what it left, an evaluation before it ran out of memory or an
+    earlier stage's throughput, is not its final model's."""
+    rows = list(rows)
+    failed = {(r.provider, r.extra.get(by)) for r in rows if r.status != "ok"}
+    return {(r.provider, r.extra[by]): r for r in rows
+            if r.metric == metric and r.status == "ok" and (r.provider, r.extra[by]) not in failed}
 
 
 def throughput_ratios(rows: list[Row], by: str, baseline: str | Callable[[str], str | None], metric: str

@@ -723,3 +723,19 @@ def test_off_the_gpu_a_step_is_timed_by_the_wall_clock():
         time.sleep(0.01)
     timed = clock.timed()
     assert timed["step"] == timed["host"] and 0.01 <= timed["host"][0] < 1.0
+
+
+def test_final_rows_leave_out_a_trainee_that_failed_after_an_evaluation_or_an_earlier_stage():
+    """What a failed trainee left (an evaluation before it ran out of memory, a finished stage's throughput) is
+    not its final model's: no ratio, average or change may read it."""
+    from repro.train import failure_row, final_rows
+
+    def row(provider, metric, value, length):
+        return Row(provider, "step", 100, metric, "x", value, extra={"seq_len": length})
+    def out_of_memory(provider):
+        return failure_row(provider, {"seq_len": 512}, torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    rows = [row("a", "val_perplexity", 9.0, 512), row("a", "tokens_per_s", 5.0, 512),
+            row("b", "val_perplexity", 8.0, 512), out_of_memory("b"),  # evaluated, then out of memory
+            row("c", "tokens_per_s", 6.0, 512), out_of_memory("c")]  # its first stage finished, its second did not
+    assert list(final_rows(rows, "val_perplexity", "seq_len")) == [("a", 512)]
+    assert list(final_rows(rows, "tokens_per_s", "seq_len")) == [("a", 512)]

