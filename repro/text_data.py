@@ -25,7 +25,7 @@ from .context import ConfigError, fingerprint
 from .records import replace_atomically, write_json_atomic
 from .train import step_generator
 
-CACHE_VERSION = 2  # 2: special tokens' strings in a document are text
+CACHE_VERSION = 3  # 2: special tokens' strings in a document are text; 3: BPE trained on the training part only
 TOKENIZE_BATCH = 1024  # documents
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
 BYTES = 256  # the byte-level BPE's first tokens, one for each byte
@@ -146,7 +146,7 @@ def _corpus(spec) -> tuple[str, Callable[[], list[str]]]:
     return f"{spec.source}:{spec.name}:{spec.split}:{spec.text_column}:{len(ds)}", lambda: list(ds[spec.text_column])
 
 
-def _tokenizer(spec, documents: Callable[[], list[str]], cache: Path):
+def _tokenizer(spec, training_documents: Callable[[], list[str]], cache: Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if spec.tokenizer != "bpe":
@@ -167,7 +167,8 @@ def _tokenizer(spec, documents: Callable[[], list[str]], cache: Path):
         bpe.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        bpe.train_from_iterator(documents(), trainer=trainer)
+        # never on the held-out part: merges fitted to the validation text would flatter its perplexity
+        bpe.train_from_iterator(training_documents(), trainer=trainer)
         replace_atomically(path, lambda tmp: bpe.save(str(tmp)))
     return PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
@@ -190,7 +191,7 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
     corpus, read = _corpus(spec)
 
     @functools.cache
-    def documents() -> list[str]:
+    def parts() -> tuple[list[str], list[str]]:
         texts = read()
         if len(texts) < 2:  # refused before a tokenizer is trained on it
             where = (f"data.folder={str(spec.folder or default_corpus())!r}, data.pattern={spec.pattern!r}, "
@@ -199,19 +200,19 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
             raise ConfigError(f"the corpus ({where}) holds {len(texts)} non-empty document(s): too few to hold out "
                               f"the last data.val_fraction={spec.val_fraction} of them (one at least) for "
                               "validation and train on the rest; use a larger corpus")
-        return texts
+        n_val = max(1, int(len(texts) * spec.val_fraction))
+        return texts[:-n_val], texts[-n_val:]
     settings = dict(version=CACHE_VERSION, corpus=corpus, tokenizer=spec.tokenizer, vocab_size=spec.vocab_size,
                     val_fraction=spec.val_fraction)
     key = fingerprint(settings)
     cache = Path(cache_root) / f"tokens-{key}"
     cache.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(spec, documents, cache)
+    tokenizer = _tokenizer(spec, lambda: parts()[0], cache)
     ids_path = cache / "ids.pt"
     if ids_path.exists():
         ids = torch.load(ids_path)
     else:
-        texts = documents()
-        n_val = max(1, int(len(texts) * spec.val_fraction))
+        train, val = parts()
         eos = document_separator(tokenizer)
         if eos is None:
             raise ConfigError(f"data.tokenizer={spec.tokenizer!r} has neither an end-of-text nor a separator token "
@@ -231,7 +232,7 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
                     batch += enc + [eos]
                 pieces.append(torch.tensor(batch, dtype=torch.int32))
             return torch.cat(pieces)
-        ids = {"train": join(texts[:-n_val], "train"), "val": join(texts[-n_val:], "val")}
+        ids = {"train": join(train, "train"), "val": join(val, "val")}
         replace_atomically(ids_path, lambda tmp: torch.save(ids, tmp))
         write_json_atomic(cache / "settings.json", settings)
     return TokenStream(ids["train"], ids["val"], tokenizer, key)

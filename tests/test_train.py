@@ -580,6 +580,17 @@ def test_a_special_tokens_string_in_a_document_is_text_not_that_token(tmp_path):
     assert tok.decode(stream.train.tolist()) == "".join(d + "</s>" for d in documents[:4])
 
 
+def test_the_bpe_tokenizer_learns_no_merge_from_the_held_out_documents(tmp_path):
+    from repro.text_data import load_token_stream
+
+    held_out_word = "qzxjvk"
+    documents = [f"line {i} of a training document\n" * 20 for i in range(4)] + [f"{held_out_word} " * 200]
+    spec = local_corpus(tmp_path / "corpus", documents, val_fraction=0.2)
+    tok = load_token_stream(spec, tmp_path / "cache").tokenizer
+    assert len(tok.tokenize(" training")) == 1  # the trainer did merge what the training part repeats
+    assert len(tok.tokenize(held_out_word)) == len(held_out_word)
+
+
 def test_a_corpus_tokenised_in_batches_gives_the_ids_of_one_pass(tmp_path, monkeypatch):
     from repro import text_data
 
