@@ -356,7 +356,7 @@ def _check_corpus(cfg, folder: Path) -> None:
     `stdlib` evaluation text, which could otherwise hold files the model trained on (a cached folder copied from
     a machine with another standard library, or a corpus changed since)."""
     trained_on = trained_metadata(cfg)["stream"]
-    here = load_token_stream(cfg.data, cfg.cache).content
+    here = load_token_stream(cfg.data, cfg.cache, "model.data").content
     if here != trained_on:
         raise ConfigError(f"model={cfg.name} in {folder} was trained on the token stream {trained_on}, and its corpus "
                           f"(model.data) gives {here} here: other text, so its held-out part would not be the "
@@ -369,7 +369,7 @@ def train_model(cfg, device: torch.device, folder: Path) -> None:
     commit that made it, the fingerprint of the corpus's token stream (`stream`), the validation perplexity of the
     model and of a unigram model on the same tokens (all of the held-out part, in chunks of the model's context),
     and the training rows. A killed run resumes from its checkpoint beside `folder` (the training loop's)."""
-    stream = load_token_stream(cfg.data, cfg.cache)
+    stream = load_token_stream(cfg.data, cfg.cache, "model.data")
     seqlen, sequences = cfg.arch.context, cfg.batch.sequences
     stream.check_fits(seqlen, "model.arch.context", "model.data")
     val = stream.val.long()

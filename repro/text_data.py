@@ -100,10 +100,10 @@ def lm_batches(ids: torch.Tensor, sequences: int, seqlen: int, grad_accum: int, 
     return batches
 
 
-def _local_files(folder: str | None, pattern: str, max_files: int | None) -> list[Path]:
+def _local_files(folder: str | None, pattern: str, max_files: int | None, group: str = "data") -> list[Path]:
     root = Path(folder).expanduser() if folder else default_corpus()
     if not root.is_dir():
-        raise ConfigError(f"data.folder={str(root)!r} is not a folder; give a folder of text files")
+        raise ConfigError(f"{group}.folder={str(root)!r} is not a folder; give a folder of text files")
     # the standard library's folder also holds installed packages, and pydoc_data, the source of the `pydoc`
     # evaluation text (repro/evaluation.py), which would otherwise be trained on
     left_out = {"site-packages", "dist-packages"} | ({"pydoc_data"} if not folder else set())
@@ -115,16 +115,16 @@ def _local_files(folder: str | None, pattern: str, max_files: int | None) -> lis
     if max_files:
         files = files[:max_files]
     if not files:
-        raise ConfigError(f"data.folder={str(root)!r} holds no non-empty files matching {pattern!r}; give a "
-                          "folder of text files (data.pattern sets which)")
+        raise ConfigError(f"{group}.folder={str(root)!r} holds no non-empty files matching {pattern!r}; give a "
+                          f"folder of text files ({group}.pattern sets which)")
     return files
 
 
-def _corpus(spec) -> tuple[str, Callable[[], list[str]]]:
+def _corpus(spec, group: str) -> tuple[str, Callable[[], list[str]]]:
     """A fingerprint of the corpus, and how to read it as a list of documents (done only when the cache lacks
     the tokenizer or the ids)."""
     if spec.source == "local":
-        files = _local_files(spec.folder, spec.pattern, spec.max_files)
+        files = _local_files(spec.folder, spec.pattern, spec.max_files, group)
 
         def read():
             import datasets  # here: its import takes most of a second, and a cached corpus is never read
@@ -139,22 +139,22 @@ def _corpus(spec) -> tuple[str, Callable[[], list[str]]]:
     try:
         ds = datasets.load_dataset(spec.source, spec.name, split=spec.split)
     except Exception as exc:  # noqa: BLE001 - offline, or a name the hub does not know
-        raise ConfigError(f"data.source={spec.source!r} could not be loaded ({type(exc).__name__}: {exc}). "
-                          "Offline, use data.source=local (a folder of text files)") from None
+        raise ConfigError(f"{group}.source={spec.source!r} could not be loaded ({type(exc).__name__}: {exc}). "
+                          f"Offline, use {group}.source=local (a folder of text files)") from None
     if spec.max_documents:
         ds = ds.select(range(min(len(ds), spec.max_documents)))
     return f"{spec.source}:{spec.name}:{spec.split}:{spec.text_column}:{len(ds)}", lambda: list(ds[spec.text_column])
 
 
-def _tokenizer(spec, training_documents: Callable[[], list[str]], cache: Path):
+def _tokenizer(spec, training_documents: Callable[[], list[str]], cache: Path, group: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if spec.tokenizer != "bpe":
         try:
             tok = AutoTokenizer.from_pretrained(spec.tokenizer)
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"data.tokenizer={spec.tokenizer!r} could not be loaded ({exc}); offline, use "
-                              "data.tokenizer=bpe (trained on the corpus)") from None
+            raise ConfigError(f"{group}.tokenizer={spec.tokenizer!r} could not be loaded ({exc}); offline, use "
+                              f"{group}.tokenizer=bpe (trained on the corpus)") from None
         missing = {k: v for k, v in (("pad_token", "<pad>"), ("mask_token", "<mask>")) if getattr(tok, k) is None}
         tok.add_special_tokens(missing)
         return tok
@@ -174,31 +174,32 @@ def _tokenizer(spec, training_documents: Callable[[], list[str]], cache: Path):
                                    unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
 
 
-def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
+def load_token_stream(spec, cache_root: str | Path, group: str = "data") -> TokenStream:
     """Tokenise the corpus once (documents joined by the end-of-text token) and cache the ids; the last
     `val_fraction` of the documents are the validation part. The cache is keyed by what was read, the
-    tokenizer settings and CACHE_VERSION, so a changed corpus or setting is tokenised afresh."""
-    checks.number("data.val_fraction", spec.val_fraction, integer=False, above=0, below=1)
+    tokenizer settings and CACHE_VERSION, so a changed corpus or setting is tokenised afresh. Errors name the
+    settings under `group`, the config group `spec` came from."""
+    checks.number(f"{group}.val_fraction", spec.val_fraction, integer=False, above=0, below=1)
     # null reads the whole corpus; a count out of bounds would quietly read another one (max_files=-3 every file
     # but the last three, 0 every file)
     limit = "max_files" if spec.source == "local" else "max_documents"
     if getattr(spec, limit) is not None:
-        checks.number(f"data.{limit}", getattr(spec, limit), at_least=1)
+        checks.number(f"{group}.{limit}", getattr(spec, limit), at_least=1)
     if spec.tokenizer == "bpe":
         # the byte-level alphabet and the special tokens are always in the vocabulary: a smaller size is not an
         # error to the trainer, which quietly gives that many
-        checks.number("data.vocab_size", spec.vocab_size, at_least=BYTES + len(SPECIAL_TOKENS))
-    corpus, read = _corpus(spec)
+        checks.number(f"{group}.vocab_size", spec.vocab_size, at_least=BYTES + len(SPECIAL_TOKENS))
+    corpus, read = _corpus(spec, group)
 
     @functools.cache
     def parts() -> tuple[list[str], list[str]]:
         texts = read()
         if len(texts) < 2:  # refused before a tokenizer is trained on it
-            where = (f"data.folder={str(spec.folder or default_corpus())!r}, data.pattern={spec.pattern!r}, "
-                     f"data.max_files={spec.max_files}" if spec.source == "local" else
-                     f"data.source={spec.source!r}, data.max_documents={spec.max_documents}")
+            where = (f"{group}.folder={str(spec.folder or default_corpus())!r}, {group}.pattern={spec.pattern!r}, "
+                     f"{group}.max_files={spec.max_files}" if spec.source == "local" else
+                     f"{group}.source={spec.source!r}, {group}.max_documents={spec.max_documents}")
             raise ConfigError(f"the corpus ({where}) holds {len(texts)} non-empty document(s): too few to hold out "
-                              f"the last data.val_fraction={spec.val_fraction} of them (one at least) for "
+                              f"the last {group}.val_fraction={spec.val_fraction} of them (one at least) for "
                               "validation and train on the rest; use a larger corpus")
         n_val = max(1, int(len(texts) * spec.val_fraction))
         return texts[:-n_val], texts[-n_val:]
@@ -207,7 +208,7 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
     key = fingerprint(settings)
     cache = Path(cache_root) / f"tokens-{key}"
     cache.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(spec, lambda: parts()[0], cache)
+    tokenizer = _tokenizer(spec, lambda: parts()[0], cache, group)
     ids_path = cache / "ids.pt"
     if ids_path.exists():
         ids = torch.load(ids_path)
@@ -215,7 +216,7 @@ def load_token_stream(spec, cache_root: str | Path) -> TokenStream:
         train, val = parts()
         eos = document_separator(tokenizer)
         if eos is None:
-            raise ConfigError(f"data.tokenizer={spec.tokenizer!r} has neither an end-of-text nor a separator token "
+            raise ConfigError(f"{group}.tokenizer={spec.tokenizer!r} has neither an end-of-text nor a separator token "
                               "to put between documents")
 
         def join(docs, part):

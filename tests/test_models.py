@@ -4,6 +4,7 @@ that says what is wrong and what is allowed, before any work."""
 import importlib.util
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -288,6 +289,16 @@ def test_a_corpus_too_small_for_the_trained_models_context_is_refused_naming_the
     cfg = model_config("trained_tiny", f"model.cache={tmp_path}", f"model.data.folder={corpus}")
     with pytest.raises(ConfigError, match=r"too few for sequences of model.arch.context=64; use a larger corpus "
                                           r"\(model.data.folder, model.data.max_files\), a larger model.data.val_"):
+        load_model(cfg, "cpu")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.data.folder=/no/such/corpus", "model.data.folder='/no/such/corpus' is not a folder"),
+    ("model.data.max_files=-3", "model.data.max_files=-3"),
+    ("model.data.val_fraction=1.5", "model.data.val_fraction=1.5")])
+def test_a_bad_setting_of_the_trained_models_corpus_is_named_under_model_data(tmp_path, setting, message):
+    cfg = model_config("trained_tiny", f"model.cache={tmp_path}", setting)
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_model(cfg, "cpu")
 
 
