@@ -299,6 +299,19 @@ def test_each_provider_is_checked_against_the_baselines_output_on_the_same_input
     assert [r.extra["matches_baseline"] for r in rows if r.provider == "same"] == [None]
 
 
+@pytest.mark.parametrize("dtype, matches", [("float32", False), ("float16", True), ("bfloat16", True), (None, True)])
+def test_the_tolerance_a_provider_is_held_to_is_its_points_dtypes(dtype, matches):
+    """An error of 5e-3 is more than float32's rounding allows (2e-3) and within float16's and bfloat16's; a point
+    that names no dtype is held to the loosest. (The checks above pass under any one tolerance.)"""
+    x = torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    point = Point("n", 8, {} if dtype is None else {"dtype": dtype})
+    rows = run([Provider("base", lambda p: Call(lambda: None, result=lambda: x), baseline=True),
+                Provider("off", lambda p: Call(lambda: None, result=lambda: x * 1.005))], [point])
+    (error,) = [r for r in rows if r.metric == "rel_error"]
+    assert error.p50 == pytest.approx(5e-3)
+    assert all(r.extra["matches_baseline"] is matches for r in rows if r.provider == "off")
+
+
 def test_the_baselines_result_is_kept_without_its_autograd_graph():
     """A forward's graph (standard attention's N x N scores) must not stay alive while the others are measured."""
     import gc
