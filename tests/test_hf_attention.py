@@ -6,24 +6,26 @@ from conftest import DEVICE
 from effrepro_kernels.hf_attention import NAME, register
 
 
-def build(kind: str, implementation: str):
-    """As a user builds one: `attn_implementation=` at construction (which also checks the name). Without dropout,
-    so that in training mode too ours and eager give the same numbers."""
+def build(kind: str, implementation: str, attention_dropout: float = 0.0):
+    """As a user builds one: `attn_implementation=` at construction (which also checks the name). Without dropout
+    unless `attention_dropout` (the attention's alone), so that in training mode too ours and eager give the same
+    numbers."""
     from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig
 
     torch.manual_seed(0)
     if kind == "gpt2":
         config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=97, n_positions=64, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0)
+                            embd_pdrop=0.0, attn_pdrop=attention_dropout)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     elif kind == "bert":
         config = BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128,
                             vocab_size=97, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0)
+                            attention_probs_dropout_prob=attention_dropout)
         model = AutoModel.from_config(config, attn_implementation=implementation, add_pooling_layer=False)
     else:
         config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=128,
-                             intermediate_size=128, vocab_size=97, max_position_embeddings=64)
+                             intermediate_size=128, vocab_size=97, max_position_embeddings=64,
+                             attention_dropout=attention_dropout)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     assert model.config._attn_implementation == implementation
     return model.to(DEVICE).eval()
@@ -54,6 +56,23 @@ def test_matches_eager_with_padding(kind, side, training):
     for a, b in zip(ours_grads, ref_grads):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+def test_a_models_attention_dropout_reaches_the_kernel_in_training_and_none_in_eval(kind, monkeypatch):
+    """transformers hands the attention its dropout probability in training and 0 in eval; the comparisons above run
+    without dropout, so they would pass were it dropped on the way to the kernel."""
+    from effrepro_kernels import hf_attention
+
+    seen, kernel = [], hf_attention.flash_attn
+    monkeypatch.setattr(hf_attention, "flash_attn", lambda *a, **k: seen.append(k["dropout_p"]) or kernel(*a, **k))
+    register()
+    model = build(kind, NAME, attention_dropout=0.3)
+    ids = torch.randint(0, 97, (2, 21), device=DEVICE)
+    for training, expected in ((True, 0.3), (False, 0.0)):
+        seen.clear()
+        model.train(training)(input_ids=ids)
+        assert seen == [expected] * 2, (training, seen)  # each of the two layers
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
