@@ -145,9 +145,13 @@ def test_nbytes_counts_codes_scales_and_zeros():
     (dict(group_size=8.0), "group_size=8.0 must be an integer"),
     (dict(bits="4"), r"bits='4' is not one of"),
     (dict(shape=(16, 24)), "batch, kv_heads, n, head_dim"),
+    (dict(dtype=torch.float64), r"x has dtype torch.float64; use one of"),
+    (dict(shape=(1, 2, 16, 48), every_other_channel=True), r"x needs a contiguous last \(head_dim\) dimension"),
 ])
 def test_bad_input_is_a_clear_value_error(args, match):
-    x = torch.randn(*args.get("shape", (1, 2, 16, 24)), device=DEVICE, dtype=torch.float16)
+    x = torch.randn(*args.get("shape", (1, 2, 16, 24)), device=DEVICE, dtype=args.get("dtype", torch.float16))
+    if args.get("every_other_channel"):  # 24 channels 2 apart: the kernel reads a row's channels as neighbours
+        x = x[..., ::2]
     with pytest.raises(ValueError, match=match):
         quantize_kv(x, args.get("bits", 4), args.get("group_size", 8), args.get("axis", "channel"))
 
@@ -183,6 +187,10 @@ def test_packed_data_of_another_width_or_off_word_rows_is_a_clear_value_error():
     off_word = QuantizedKV(wide[..., :12], q.scale, q.zero, 4, 8, "channel", q.shape)  # rows 13 bytes apart
     with pytest.raises(ValueError, match="rows on 4-byte boundaries"):
         dequantize_kv(off_word)
+    shifted = torch.zeros(q.data.numel() + 1, dtype=torch.uint8, device=DEVICE)[1:].view(q.data.shape)
+    shifted.copy_(q.data)  # rows 12 bytes apart, a byte past a word: the kernel reads whole words
+    with pytest.raises(ValueError, match="rows on 4-byte boundaries"):
+        dequantize_kv(dataclasses.replace(q, data=shifted))
 
 
 @pytest.mark.parametrize("change, match", [
