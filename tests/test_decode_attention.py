@@ -269,9 +269,13 @@ def test_merging_parts_of_other_shapes_dtypes_or_devices_is_a_clear_value_error(
     (dict(q=(0, 4, 64), cache=(0, 2, 16, 64), lengths=torch.zeros(0, dtype=torch.int64)), "a batch of 0 sequences"),
     (dict(q=(2, 0, 64)), r"q has 0 query heads \(2, 0, 64\)"),
     (dict(cache_device="meta"), r"decode_attention takes its tensors on one device; got q on .*, k_cache on meta"),
+    (dict(lengths=[5]), r"lengths must have shape \(batch,\)=\(2,\), got \(1,\)"),
+    (dict(q=(2, 4, 128), every_other_channel=True), "q and the caches .* need a contiguous last dimension"),
 ])
 def test_bad_input_is_a_clear_value_error(change, match):
     q = torch.randn(*change.get("q", (2, 4, 64)), device=DEVICE, dtype=torch.float16)
+    if change.get("every_other_channel"):  # 64 channels 2 apart: the kernel reads a head's channels as neighbours
+        q = q[..., ::2]
     shape = change.get("cache", (2, 2, 16, 64))
     k = torch.randn(*shape, device=change.get("cache_device", DEVICE), dtype=change.get("cache_dtype", torch.float16))
     v = torch.randn(*change.get("v", shape), device=k.device, dtype=k.dtype)
