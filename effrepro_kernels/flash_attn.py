@@ -99,12 +99,15 @@ def _configs(pairs):
 SHARED_SLACK = 2048
 
 
-def _shared_bytes(config, block_d: int, itemsize: int, streamed: str, kept_tiles: int) -> int:
+def _shared_bytes(config, block_d: int, itemsize: int, streamed: str, kept_tiles: int, dropout: bool) -> int:
     """A config's shared memory, about: `num_stages` buffers of the two tiles a program streams (`streamed` rows
-    each), and `kept_tiles` tiles it holds throughout (rows of the other block)."""
+    each), and `kept_tiles` tiles it holds throughout (rows of the other block). With dropout, a byte per element
+    of a (BLOCK_M × BLOCK_N) tile besides: its keep-mask changes layout through shared memory (`_keep`'s reshape;
+    Triton 3.9, sm_90), which at head_dim 256 took every config kept without it past Hopper's 227 KB."""
     kept = "BLOCK_M" if streamed == "BLOCK_N" else "BLOCK_N"
     rows = config.num_stages * 2 * config.kwargs[streamed] + kept_tiles * config.kwargs[kept]
-    return rows * block_d * itemsize + SHARED_SLACK
+    keep_mask = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] if dropout else 0
+    return rows * block_d * itemsize + keep_mask + SHARED_SLACK
 
 
 def _prune(configs, named_args, streamed: str, kept_tiles: int, **kwargs):
@@ -117,7 +120,7 @@ def _prune(configs, named_args, streamed: str, kept_tiles: int, **kwargs):
     kept = [c for c in configs if not block or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= block]
     kept = kept or [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
     size = functools.partial(_shared_bytes, block_d=args["BLOCK_D"], itemsize=args["Q"].element_size(),
-                             streamed=streamed, kept_tiles=kept_tiles)
+                             streamed=streamed, kept_tiles=kept_tiles, dropout=args["DROPOUT"])
     fitting = [c for c in kept if size(c) <= block_shared_memory(args["Q"].device)]
     if not fitting:
         smallest = min(kept, key=size)

@@ -274,7 +274,7 @@ def test_pruning_keeps_tiles_within_the_mask_blocks_and_the_shared_memory():
     module = flash_attn_module
     configs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=3),
                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_stages=3)]
-    args = dict(Q=torch.empty(0, dtype=torch.bfloat16), BLOCK_D=128)  # no GPU asked: Hopper's 227 KB
+    args = dict(Q=torch.empty(0, dtype=torch.bfloat16), BLOCK_D=128, DROPOUT=False)  # no GPU: Hopper's 227 KB
     first = configs if module.AUTOTUNE else configs[:1]
     assert module._prune_forward(configs, args, SPARSE_BLOCK=64) == configs[1:]
     assert module._prune_forward(configs, args, SPARSE_BLOCK=0) == first
@@ -282,6 +282,9 @@ def test_pruning_keeps_tiles_within_the_mask_blocks_and_the_shared_memory():
     assert small.kwargs == {"BLOCK_M": 32, "BLOCK_N": 32}
     # head_dim 256: 128-row query tiles' K and V buffers (3 x 2 x 64 x 256 x 2 bytes, and Q's 64 KB) pass 227 KB
     assert module._prune_forward(configs, {**args, "BLOCK_D": 256}, SPARSE_BLOCK=0) == configs[1:]
+    # with dropout, its (64 x 64)-byte keep-mask takes the 64-row tiles' three stages past it too
+    (fallback,) = module._prune_forward(configs, {**args, "BLOCK_D": 256, "DROPOUT": True}, SPARSE_BLOCK=0)
+    assert fallback.kwargs == configs[1].kwargs and fallback.num_stages == 1
     # where none fits, the smallest in one stage
     (alone,) = module._prune_forward(configs, {**args, "BLOCK_D": 512}, SPARSE_BLOCK=0)
     assert alone.kwargs == configs[1].kwargs and alone.num_stages == 1
@@ -289,14 +292,16 @@ def test_pruning_keeps_tiles_within_the_mask_blocks_and_the_shared_memory():
 
 def test_every_kept_config_fits_hoppers_shared_memory_as_estimated():
     """The tl kernels compiled for sm_90 (flash_attn_offline.py) in each config the pruning keeps at head_dim 128
-    and 256 with 128-key sparse blocks: what each takes is within the estimate the pruning went by, and so within
-    Hopper's 227 KB (a block-sparse backward once took 258 KB there: its pipeline held whole sparse blocks)."""
+    and 256 with 128-key sparse blocks, and at 256 with dropout: what each takes is within the estimate the pruning
+    went by, and so within Hopper's 227 KB (a block-sparse backward once took 258 KB there: its pipeline held whole
+    sparse blocks; with dropout every kernel's first config at 256 took 228 KB, its keep-mask unestimated)."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "flash_attn_offline.py")], cwd=ROOT,
                           env={**env, "EFFREPRO_AUTOTUNE": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert {name.split()[0] for name in report} == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    assert {name.split()[2] for name in report} == {"sparse", "dropout"}
     assert any(name.startswith("_attn_fwd d=256") for name in report)
     for name, found in report.items():
         assert found["shared"] <= found["estimate"] <= 227 * 1024, (name, found)
@@ -305,8 +310,10 @@ def test_every_kept_config_fits_hoppers_shared_memory_as_estimated():
 @gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_head_dim_256_dense_and_block_sparse(causal):
-    """head_dim 256 on a GPU, untuned (the tests' first fitting config), dense and with 128-key sparse blocks."""
+    """head_dim 256 on a GPU, untuned (the tests' first fitting config), dense, with dropout (whose keep-mask took
+    the first configs past Hopper's shared memory) and with 128-key sparse blocks."""
     run_both(1, 2, 1, 300, 700, 256, torch.bfloat16, causal=causal)
+    run_both(1, 2, 1, 300, 700, 256, torch.bfloat16, causal=causal, dropout_p=0.1)
     mask = random_block_mask(3, 6, 0.5, device=DEVICE)
     run_both(1, 2, 1, 300, 700, 256, torch.bfloat16, causal=causal, block_mask=mask, block_size=128)
 
