@@ -6,26 +6,26 @@ from conftest import DEVICE
 from effrepro_kernels.hf_attention import NAME, register
 
 
-def build(kind: str, implementation: str, attention_dropout: float = 0.0):
+def build(kind: str, implementation: str, attention_dropout: float = 0.0, **config_options):
     """As a user builds one: `attn_implementation=` at construction (which also checks the name). Without dropout
     unless `attention_dropout` (the attention's alone), so that in training mode too ours and eager give the same
-    numbers."""
+    numbers; `config_options` for the kind's config."""
     from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPT2Config, LlamaConfig
 
     torch.manual_seed(0)
     if kind == "gpt2":
         config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=97, n_positions=64, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=attention_dropout)
+                            embd_pdrop=0.0, attn_pdrop=attention_dropout, **config_options)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     elif kind == "bert":
         config = BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128,
                             vocab_size=97, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=attention_dropout)
+                            attention_probs_dropout_prob=attention_dropout, **config_options)
         model = AutoModel.from_config(config, attn_implementation=implementation, add_pooling_layer=False)
     else:
         config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=128,
                              intermediate_size=128, vocab_size=97, max_position_embeddings=64,
-                             attention_dropout=attention_dropout)
+                             attention_dropout=attention_dropout, **config_options)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     assert model.config._attn_implementation == implementation
     return model.to(DEVICE).eval()
@@ -56,6 +56,22 @@ def test_matches_eager_with_padding(kind, side, training):
     for a, b in zip(ours_grads, ref_grads):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-4)
+
+
+def test_a_models_own_softmax_scale_is_the_kernels():
+    """GPT-2 unscaled (scale_attn_weights=False) and scaled by the inverse of the layer's number hands the attention
+    scalings of 1 and 1/2; every model above scales by 1/sqrt(head_dim), the kernel's default, so they would pass
+    were `scaling` dropped."""
+    register()
+    ids = torch.randint(0, 97, (2, 21), device=DEVICE)
+    mask = torch.ones(2, 21, dtype=torch.long, device=DEVICE)
+    mask[1, :6] = 0
+    options = dict(scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True)
+    (ours, ours_grads), (ref, ref_grads) = (outputs(build("gpt2", implementation, **options), ids, mask)
+                                            for implementation in (NAME, "eager"))
+    torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-4)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
