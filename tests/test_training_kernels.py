@@ -373,9 +373,10 @@ def test_packed_attention_in_training_fills_a_kv_cache_and_goes_on_from_one():
     torch.testing.assert_close(torch.cat([prefix, rest], dim=1), full, rtol=1e-4, atol=1e-5)
 
 
-def test_packed_attention_in_training_hands_the_kernel_the_models_attention_dropout(monkeypatch):
-    """GPT-2's attn_pdrop reaches flash_attn_qkvpacked in every layer: the tests above run without dropout, so they
-    would pass were it dropped."""
+def test_packed_attention_in_training_hands_the_kernel_the_models_attention_dropout_and_scale(monkeypatch):
+    """GPT-2's attn_pdrop and each layer's own scaling (here by the inverse of its number) reach
+    flash_attn_qkvpacked: the tests above run without dropout, at 1/sqrt(head_dim) (the kernel's default), so they
+    would pass were either dropped."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from effrepro_kernels import hf_gpt2
@@ -383,13 +384,13 @@ def test_packed_attention_in_training_hands_the_kernel_the_models_attention_drop
 
     seen, kernel = [], hf_gpt2.flash_attn_qkvpacked
     monkeypatch.setattr(hf_gpt2, "flash_attn_qkvpacked",
-                        lambda *a, **k: seen.append(k["dropout_p"]) or kernel(*a, **k))
+                        lambda *a, **k: seen.append((k["dropout_p"], k["softmax_scale"])) or kernel(*a, **k))
     config = GPT2Config(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.3)
+                        embd_pdrop=0.0, attn_pdrop=0.3, scale_attn_by_inverse_layer_idx=True)
     model = GPT2LMHeadModel(config).to(DEVICE)
     model.set_attn_implementation(register())
     hf_gpt2.pack_attention(model).train()(torch.randint(97, (2, 12), device=DEVICE))
-    assert seen == [0.3, 0.3]
+    assert seen == [(0.3, 32 ** -0.5), (0.3, 32 ** -0.5 / 2)]
 
 
 def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_graph_break():
