@@ -467,6 +467,24 @@ def test_the_kernels_are_pytorch_operators_that_torch_compile_traces_without_a_g
         torch.testing.assert_close(got, want)
 
 
+def test_packed_qkv_with_dropout_and_a_scale_of_the_callers_keeps_both_in_the_backward():
+    """flash_attn_qkvpacked with dropout, as GPT-2 trains with it, and a scale of its own (a layer's scaling):
+    output and gradient against the reference under the mask the seed gives (the packed operator saves its own
+    settings for the backward, apart from flash_attn's)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(43)
+    x = torch.randn(2, 29, 3 * 2 * 32, device=DEVICE, generator=gen, requires_grad=True)
+    out = flash_attn_qkvpacked(x.view(2, 29, 3, 2, 32), causal=True, softmax_scale=0.3, dropout_p=0.2, seed=77)
+    dout = torch.randn(out.shape, device=DEVICE, generator=gen)
+    out.backward(dout)
+    x64 = x.detach().double().requires_grad_()
+    q, k, v = (t.view(2, 29, 2, 32).transpose(1, 2) for t in x64.split(64, dim=2))
+    keep = dropout_keep_mask_reference(77, 2, 2, 29, 29, 0.2, DEVICE)
+    want = attention_reference(q, k, v, causal=True, softmax_scale=0.3, dropout_p=0.2,
+                               dropout_mask=keep).transpose(1, 2)
+    want.backward(dout.double())
+    assert rel_err(out, want) < TOL[torch.float32] and rel_err(x.grad, x64.grad) < 2 * TOL[torch.float32]
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_packed_qkv_gives_its_gradient_whole_and_exact(padded):
     """flash_attn_qkvpacked: q, k and v in one (batch, seq, 3, heads, head_dim) tensor, as GPT-2's c_attn gives
