@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from . import flash_attn_gluon
-from .runtime import (AUTOTUNE, INTERPRET, KeptLaunches, block_shared_memory, cdiv, check_attention_heads,
-                      check_tensors, int8_mask, launch, next_pow2, real_number)
+from .runtime import (AUTOTUNE, INTERPRET, MAX_GRID_Y, KeptLaunches, block_shared_memory, cdiv,
+                      check_attention_heads, check_tensors, int8_mask, launch, next_pow2, real_number)
 from .torch_op import differentiable, kernel_op
 
 # forward_kernel="auto" takes the Gluon forward (warp-specialised, TMA and wgmma) where it covers the inputs and was
@@ -497,6 +497,9 @@ def _check(q, k, v, key_padding_mask, block_mask, block_size, dropout_p, layout)
         raise ValueError(f"k must match q in batch and head_dim: as (batch, heads, seq, head_dim), q is "
                          f"{tuple(q.shape)} and k {tuple(k.shape)} (layout {layout!r})")
     check_attention_heads(h, k.shape[1], d, "k")
+    if b * h > MAX_GRID_Y:  # a program per (batch, head) on the grid's second dimension
+        raise ValueError(f"batch * heads = {b} * {h} = {b * h} is more than the kernels launch, {MAX_GRID_Y}; "
+                         "split the batch into calls of fewer sequences")
     if q.dtype == torch.float32 and q.device.type == "cuda" and d > 64:
         raise ValueError(f"head_dim={d} with float32 on a GPU is not supported (its tiles overflow shared "
                          "memory); use float16 or bfloat16, or head_dim <= 64")

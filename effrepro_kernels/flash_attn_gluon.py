@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import torch
 import triton
 
-from .runtime import INTERPRET, KeptLaunches, capability, cdiv, int8_mask, launch, sm_count
+from .runtime import INTERPRET, MAX_GRID_Y, KeptLaunches, capability, cdiv, int8_mask, launch, sm_count
 
 try:
     from triton.experimental import gluon
@@ -547,8 +547,8 @@ def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         return "q, k and v must be contiguous (batch, heads, seq, head_dim) tensors"
     if min(n_q, k.shape[2], b * h) == 0:
         return "an empty input"
-    if b * h > 65535:
-        return f"batch·heads {b * h} > 65535 (the grid's second dimension)"
+    if b * h > MAX_GRID_Y:
+        return f"batch·heads {b * h} > {MAX_GRID_Y} (the grid's second dimension)"
     if not _GLUON_OK or not triton.__version__.startswith(TRITON_VERSIONS):
         return (f"Triton {triton.__version__} has no Gluon that this kernel knows (it was written for "
                 f"{', '.join(v.rstrip('.') for v in TRITON_VERSIONS)})")

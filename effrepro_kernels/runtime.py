@@ -46,6 +46,7 @@ def capability(device) -> tuple[int, int]:
 
 HOPPER_BLOCK_SMEM = 227 * 1024  # the shared memory a block may opt into on Hopper
 HOPPER_SM_SMEM = 228 * 1024  # the shared memory of a Hopper SM, which the blocks resident on it share
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third dimensions (the first takes 2**31 - 1)
 
 
 @functools.cache

@@ -355,6 +355,7 @@ def _qkv(*shape, dtype=torch.float16):
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), dropout_p=0.1, seed=1.5), r"seed=1.5 must be an integer"),
     (lambda: flash_attn(*_qkv(1, 2, 8, 32), dropout_p=0.1, seed=2**31),
      r"seed=2147483648 must be in \[0, 2\*\*31\)"),
+    (lambda: flash_attn(*_qkv(32768, 2, 1, 16)), r"batch \* heads = 32768 \* 2 = 65536 is more than the kernels launch"),
 ])
 def test_bad_input_is_a_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):
