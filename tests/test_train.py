@@ -97,6 +97,27 @@ def test_no_throughput_rows_when_no_step_follows_the_untimed_ones(capsys):
     assert "no step ran after the 2 untimed ones" in capsys.readouterr().out
 
 
+def test_throughput_rows_are_a_steps_tokens_and_flops_over_its_timed_seconds(monkeypatch):
+    """No other test read the values: tokens/s and TFLOP/s are the claims' numbers. Two ranks: tokens/s is the
+    job's, TFLOP/s one GPU's. The 20th percentile of a rate is that of the slow steps (the 80th of the times)."""
+    from repro.train import throughput_rows
+
+    monkeypatch.setattr("repro.train.world", lambda: (0, 2))
+    clock = StepClock(torch.device("cpu"), skip=2, earlier={"step": [0.5], "host": [0.5]})  # a resumed run's
+    clock.host = [9.0, 9.0, 0.1, 0.2, 0.4, 0.8]  # its first two steps untimed
+    # timed: 0.1 0.2 0.4 0.5 0.8 s; median 0.4, 20th 0.1 + 0.8 * 0.1 = 0.18, 80th 0.5 + 0.2 * 0.3 = 0.56
+    rows = {r.metric: r for r in throughput_rows(trainee(), clock, SPEC, torch.device("cpu"))}
+    assert set(rows) == {"tokens_per_s", "model_tflops", "step_time"}
+    tokens = 16 * 2  # tokens_per_step on each of two ranks
+    expected = {"tokens_per_s": [tokens / s for s in (0.4, 0.56, 0.18)],
+                "model_tflops": [16 * 30.0 / 1e12 / s for s in (0.4, 0.56, 0.18)],
+                "step_time": [400.0, 180.0, 560.0]}
+    for metric, values in expected.items():
+        assert [rows[metric].p50, rows[metric].p20, rows[metric].p80] == pytest.approx(values, rel=1e-9), metric
+        assert rows[metric].n == 5 and (rows[metric].x_value, rows[metric].extra["series"]) == (8, "s")
+    assert rows["tokens_per_s"].extra["timed_steps"] == 5 and rows["tokens_per_s"].extra["world_size"] == 2
+
+
 def test_a_profiled_run_profiles_its_last_untimed_step_once_and_trains_as_an_unprofiled_one(monkeypatch):
     profiled_steps = []
 
