@@ -45,6 +45,20 @@ def test_a_run_that_began_in_the_same_second_as_another_gets_a_record_of_its_own
     assert committed_copy(make_record(started="2026-11-26T10:00:01+00:00"), path) is None
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_name_taken_after_it_was_seen_free_is_not_written_over(tmp_path, monkeypatch, hard_links):
+    """Two runs ending together both find the name free; the one that takes it second must take the next (the
+    test above never reaches the taking: the name is seen taken first)."""
+    if not hard_links:
+        monkeypatch.setattr(os, "link", lambda source, target: (_ for _ in ()).throw(OSError(95, "not supported")))
+    monkeypatch.setattr("repro.records._taken", lambda target: False)  # another run took it since the look
+    path = tmp_path / "r.json"
+    assert save_new_record(make_record(status="ok"), path) == path
+    assert save_new_record(make_record(status="killed"), path) == tmp_path / "r_dup2.json"
+    assert load_record(path).status == "ok" and load_record(tmp_path / "r_dup2.json").status == "killed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r_dup2.json"]  # no temporary file left
+
+
 def test_a_record_is_saved_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
     def no_links(source, target):
         raise OSError(95, "Operation not supported")
