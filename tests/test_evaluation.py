@@ -212,6 +212,22 @@ def test_ptb_is_read_from_the_hubs_parquet_conversion(monkeypatch):
     assert asked == [dict(path="ptb-text-only/ptb_text_only", revision="refs/convert/parquet", split="test")]
 
 
+def test_c4_is_the_first_1100_documents_of_one_validation_shard_as_gptq_reads_it(monkeypatch):
+    """The number Compress-then-Prompt's C4 perplexity is measured on (GPTQ's datautils): no test held it."""
+    import datasets
+
+    asked = []
+
+    def load_dataset(**kwargs):
+        asked.append(kwargs)
+        return datasets.Dataset.from_dict({"text": [f"doc{i}" for i in range(1200)], "url": ["u"] * 1200})
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    tok = byte_tokenizer()
+    assert tok.decode(eval_text("c4", tok)) == " ".join(f"doc{i}" for i in range(1100))
+    assert asked == [dict(path="allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                          split="validation")]
+
+
 def test_a_hub_text_that_fails_otherwise_than_by_the_hub_blames_no_hub(monkeypatch):
     import datasets
 
