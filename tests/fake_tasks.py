@@ -33,6 +33,10 @@ def all_ok(cfg, ctx):
     yield from _rows(["ok", "ok"])
 
 
+def yields_nothing(cfg, ctx):
+    yield from _rows([])
+
+
 def crash(cfg, ctx):
     yield from _rows(["ok"])
     raise RuntimeError("the task crashed half-way")

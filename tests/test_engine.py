@@ -278,6 +278,13 @@ def test_a_run_whose_points_all_failed_exits_non_zero_and_says_so(tmp_path):
     assert "[repro] error: 3 rows (2 of 3 rows failed: error or oom; 1 unsupported, e.g. point 2 unsupported)" in out
 
 
+def test_a_run_that_yielded_no_rows_fails_and_says_so(tmp_path):
+    code, _, err = run_inline(FAKE + "yields_nothing", "logger=none", "scale.commit_records=true",
+                              f"paths.records={tmp_path}/runs", f"hydra.run.dir={tmp_path}/job")
+    assert code == 1 and "the task measured nothing (it yielded no rows)" in err, err[-2000:]
+    assert record(tmp_path / "job")["status"] == "error" and not (tmp_path / "runs").exists()
+
+
 def test_a_run_whose_every_failed_point_ran_out_of_memory_is_an_oom_run(tmp_path):
     code, out, err = run_inline(FAKE + "all_oom", "logger=none", f"hydra.run.dir={tmp_path}")
     assert code == 1 and record(tmp_path)["status"] == "oom" and "all 3 points failed" in err
