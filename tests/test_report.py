@@ -133,7 +133,8 @@ def test_a_provider_whose_output_differed_from_the_baseline_failed_at_that_point
     save_record(newer, tree / "runs" / "toy" / "bench" / "newer.json")
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", tree / "README.md")
     line = next(l for l in report.splitlines() if "toy:fast," in l)
-    assert "3x" in line and "ours, mean of 1; 1 more failed (1 with output unlike the baseline's)" in line
+    # the value's cell (a bare "3x" is in every line of this claim: its text and published value)
+    assert "| 3x <br><sub>ours, mean of 1; 1 more failed (1 with output unlike the baseline's)" in line
 
 
 def test_a_report_of_a_subfolder_of_the_runs_applies_the_retraction_list_of_the_folder_above(tree, no_plots):
@@ -585,7 +586,8 @@ def test_a_newer_run_with_fewer_of_a_claims_points_never_displaces_one_with_more
     save_record(rec("bench", "small", [row("speedup", 9.0)], started="2026-12-01T00:00:00+00:00"),
                 runs / "narrowed.json")
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
-    assert "3x" in next(line for line in report.splitlines() if "toy:fast," in line)  # the mean of 2.0 and 4.0
+    fast = next(line for line in report.splitlines() if "toy:fast," in line)
+    assert "| 3x <br><sub>ours, mean of 2</sub>" in fast  # 2.0 and 4.0 (the claim's text and value say "3x" too)
     save_record(rec("bench", "small", [row("speedup", 5.0), row("speedup", 7.0)],
                     started="2026-12-02T00:00:00+00:00"), runs / "newer_two_points.json")
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
