@@ -631,6 +631,22 @@ def test_a_claim_only_its_own_card_can_judge_is_judged_on_that_card_where_a_reco
     assert (outcome.status, outcome.value) == (OTHER_HARDWARE, None) and "failed at all 1" in outcome.detail
 
 
+def test_a_record_at_a_scale_the_claim_is_comparable_at_outranks_one_on_the_claims_own_card(tmp_path):
+    """`preference`'s first key: the claims' scales always include the largest, which no test told apart from it."""
+    (tmp_path / "toy.yaml").write_text(CLAIMS)
+    abs_time = {c.id: c for c in load_paper(tmp_path / "toy.yaml")[2]}["abs_time"]
+    small_only = dataclasses.replace(abs_time, compare=dataclasses.replace(abs_time.compare, comparable_at=("small",)))
+    a100 = rec("bench", "small", [row("time", 6.5)], env={"gpu_name": "NVIDIA A100-SXM4-40GB"})
+    paper = rec("bench", "paper", [row("time", 6.9)], env={"gpu_name": "NVIDIA A100-SXM4-40GB"})
+    outcome = evaluate(small_only, [(Path("small.json"), a100), (Path("paper.json"), paper)])
+    assert (outcome.record, outcome.status, outcome.value) == (Path("small.json"), "reproduced", 6.5)
+    # comparable at the paper's scale alone: the paper-scale run on another card, not the small one on its own
+    paper_only = dataclasses.replace(abs_time, compare=dataclasses.replace(abs_time.compare, comparable_at=("paper",)))
+    h100 = rec("bench", "paper", [row("time", 5.0)])
+    outcome = evaluate(paper_only, [(Path("small.json"), a100), (Path("h100.json"), h100)])
+    assert (outcome.record, outcome.status, outcome.value) == (Path("h100.json"), OTHER_HARDWARE, 5.0)
+
+
 def test_largest_x_within_quality_of_the_reference():
     from repro.claims import _parse_claim
     from repro.report import claim_value, evaluate
