@@ -97,6 +97,19 @@ def test_no_throughput_rows_when_no_step_follows_the_untimed_ones(capsys):
     assert "no step ran after the 2 untimed ones" in capsys.readouterr().out
 
 
+def test_the_logged_loss_is_the_mean_over_a_steps_micro_batches_and_the_lr_the_steps_own():
+    """The first step's loss, on the initial weights, by hand; the rows of resumed runs were only ever compared with
+    other runs of the same loop."""
+    t = trainee()
+    t.model.drop.p = 0.0  # no masks to draw: the loss is a function of the weights and the batch alone
+    with torch.no_grad():  # before training changes the weights
+        by_hand = sum(t.model(**b).loss.item() for b in t.batches(0, 0, 1)) / 2  # two micro-batches
+    rows = list(train(t, dataclass_replace(SPEC, steps=3), torch.device("cpu"), None, progress=False))
+    logged = {(r.metric, r.x_value): r.p50 for r in rows if r.metric in ("loss", "lr")}
+    assert logged["loss", 1] == pytest.approx(by_hand, rel=1e-6)
+    assert [logged["lr", s] for s in (1, 2, 3)] == pytest.approx([5e-3, 1e-2, 1e-2])  # warm-up of 2, then cosine
+
+
 def test_throughput_rows_are_a_steps_tokens_and_flops_over_its_timed_seconds(monkeypatch):
     """No other test read the values: tokens/s and TFLOP/s are the claims' numbers. Two ranks: tokens/s is the
     job's, TFLOP/s one GPU's. The 20th percentile of a rate is that of the slow steps (the 80th of the times)."""
