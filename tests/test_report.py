@@ -858,6 +858,11 @@ GOOD_CLAIM = {"id": "c", "claim": "x", "value": 5, "unit": "x", "higher_is_bette
     ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "aggregate": "largest_x_within",
                   "quality": {"reference": ["full"], "tolerance": 0.02, "higher_is_better": True}}},
      r"compare.quality.reference=\['full'\] is not a provider's name"),
+    ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "aggregate": "median"}},
+     r"compare.aggregate='median' is not one of"),  # was no test: the report's KeyError, at judging time
+    ({"compare": {"kind": "ratio", "metric": "speedup", "providers": ["ours"], "aggregate": "largest_x_within",
+                  "quality": {"reference": "full", "tolerance": -0.02, "higher_is_better": True}}},
+     r"compare.quality.tolerance=-0.02 must be >= 0"),
 ])
 def test_a_bad_claim_is_refused_naming_its_key(change, message):
     from repro.claims import _parse_claim
@@ -890,6 +895,9 @@ def test_an_exact_figure_is_missed_far_on_either_side(higher_is_better):
 def test_a_claims_file_without_a_list_of_claims_is_refused(tmp_path):
     (tmp_path / "toy.yaml").write_text("paper: toy\ntitle: t\n")
     with pytest.raises(ValueError, match="'claims' must be a list"):
+        load_paper(tmp_path / "toy.yaml")
+    (tmp_path / "toy.yaml").write_text("paper: other\nclaims: []\n")  # its claims would be filed under another paper
+    with pytest.raises(ValueError, match="top-level key 'paper' must equal the file name 'toy'"):
         load_paper(tmp_path / "toy.yaml")
     (tmp_path / "toy.yaml").write_text("paper: toy\nclaims: ['a claim as a string']\n")
     with pytest.raises(ValueError, match=r"claims\[0\]='a claim as a string' must be a mapping"):
