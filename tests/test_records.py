@@ -70,7 +70,8 @@ def test_a_record_is_saved_where_the_filesystem_has_no_hard_links(tmp_path, monk
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
 
 
-def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed_in", ["fsync", "replace"])  # writing the temporary file, or renaming it
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch, killed_in):
     path = tmp_path / "r.json"
     save_record(make_record(), path)
     before = path.read_text()
@@ -78,7 +79,7 @@ def test_a_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     def crash(*_):
         raise KeyboardInterrupt  # the run is killed in the middle of writing
 
-    monkeypatch.setattr(os, "fsync", crash)
+    monkeypatch.setattr(os, killed_in, crash)
     with pytest.raises(KeyboardInterrupt):
         save_record(make_record(status="error"), path)
     assert path.read_text() == before
