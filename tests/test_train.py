@@ -222,6 +222,13 @@ def test_only_trainable_parameters_are_optimised_and_checkpointed(tmp_path):
     assert any(r.metric == "tokens_per_s" for r in rows)
 
 
+def test_a_model_with_nothing_to_train_is_refused_before_any_step():
+    frozen = trainee()
+    frozen.model.requires_grad_(False)
+    with pytest.raises(ConfigError, match="the model has no parameter that requires gradients: nothing to train"):
+        next(iter(train(frozen, SPEC, torch.device("cpu"), None, progress=False)))
+
+
 def test_a_stage_starts_from_the_model_the_stage_before_trained():
     seen = []
 
