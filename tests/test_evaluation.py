@@ -471,6 +471,9 @@ def unserved_tasks(local_task):
     task_variant(local_task, "effrepro_gen", (kind, "output_type: generate_until"))
     task_variant(local_task, "effrepro_rolling", (kind, "output_type: loglikelihood_rolling"))
     task_variant(local_task, "effrepro_norm", (acc, ""))
+    # a tag (lm-eval's name for several tasks that is no group): each of its tasks is checked
+    task_variant(local_task, "effrepro_tagged_gen", (kind, "output_type: generate_until"),
+                 ("task: effrepro_tagged_gen\n", "task: effrepro_tagged_gen\ntag: effrepro_tag\n"))
     # the right answer's log-likelihood alone (acc: whether it is the greedy continuation)
     task_variant(local_task, "effrepro_single", (kind, "output_type: loglikelihood"), ("doc_to_choice: choices\n", ""),
                  ("doc_to_target: answer", "doc_to_target: \"{{' ' + choices[answer]}}\""), (acc_norm, ""))
@@ -490,6 +493,7 @@ def unserved_tasks(local_task):
     (["effrepro_norm"], "lm-eval task 'effrepro_norm' has no 'acc' metric (its metrics: ['acc_norm'])"),
     (["effrepro_mixed"], "lm-eval task 'effrepro_gen' (of 'effrepro_mixed') has output_type='generate_until'"),
     (["effrepro_pinned"], "lm-eval task 'effrepro_mc' (of 'effrepro_pinned') has no 'acc' metric"),
+    (["effrepro_tag"], "lm-eval task 'effrepro_tagged_gen' (of 'effrepro_tag') has output_type='generate_until'"),
 ])
 def test_a_task_the_model_cannot_score_is_refused_before_any_work(unserved_tasks, monkeypatch, tasks, refusal):
     """A generation task passed the checks, then failed the run after every perplexity was measured
