@@ -590,6 +590,11 @@ def test_a_hub_corpus_read_from_another_text_column_is_tokenised_afresh(tmp_path
     assert body.tokenizer.decode(body.train.tolist()).startswith("body of document 0")
     assert titles.tokenizer.decode(titles.train.tolist()).startswith("title 0</s>title 1")
     assert titles.fingerprint != body.fingerprint
+    # data.max_documents: the first documents alone (no test had read a hub corpus cut short)
+    first = load_token_stream(SimpleNamespace(**{**vars(spec), "max_documents": 3}), tmp_path / "cache")
+    text = first.tokenizer.decode(torch.cat([first.train, first.val]).tolist())
+    assert [f"body of document {i}" in text for i in range(6)] == [True] * 3 + [False] * 3
+    assert first.fingerprint != body.fingerprint
 
 
 def test_documents_are_separated_by_the_separator_where_the_tokenizer_has_no_end_of_text(tmp_path, monkeypatch):
