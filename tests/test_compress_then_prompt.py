@@ -117,6 +117,8 @@ def test_the_hard_prompt_is_read_before_the_input_and_cut_from_the_logits():
 def test_a_saved_prompt_reloads_as_it_was_and_only_for_its_own_model(tmp_path):
     model = tiny_llama()
     prompted = add_soft_prompt(model, tokens=4, init="random")
+    with torch.no_grad():  # as if trained: a fresh prompt, drawn after the same seeded model, is not this one
+        prompt_embedding(prompted).add_(torch.randn(4, HIDDEN, generator=torch.Generator().manual_seed(7)))
     save_prompt(prompted, tmp_path, {**IDENTITY, "level": "joint_8x", "tokens": 4})
     ids = random_ids(2, 10)
     again = load_prompt(tiny_llama(), tmp_path, IDENTITY)
