@@ -78,6 +78,7 @@ def test_the_prompt_starts_from_the_first_rows_of_the_vocabulary_or_from_sampled
     assert torch.equal(prompt_embedding(add_soft_prompt(tiny_llama(), tokens=7)), vocabulary[:7])
     sampled = prompt_embedding(add_soft_prompt(tiny_llama(), tokens=7, init="sample_vocab"))
     assert all((row == vocabulary).all(1).any() for row in sampled)
+    assert not torch.equal(sampled, vocabulary[:7])  # drawn, not the first rows
     with pytest.raises(ValueError, match="init='text' is not one of"):
         add_soft_prompt(tiny_llama(), tokens=7, init="text")
 
