@@ -47,7 +47,8 @@ def test_eager_sdpa_and_our_kernel_follow_the_same_loss_curve():
     compared = ("sdpa", "effrepro") + (("effrepro+fused",) if has_gpu() else ())
     curves = {a: losses(a, device, precision) for a in ("eager", *compared)}
     assert len(curves["eager"]) == STEPS and curves["eager"][-1] < curves["eager"][0]  # it learns
-    tolerance = 2e-2 if precision == "bf16" else 1e-3
+    # fp32 curves agree to ~1e-7 on a CPU; at 1e-3 a softmax scale 1.25x too large passed (4e-5 apart)
+    tolerance = 2e-2 if precision == "bf16" else 1e-5
     for attention in compared:
         for step, (a, b) in enumerate(zip(curves["eager"], curves[attention], strict=True)):
             assert abs(a - b) <= tolerance * abs(a), (attention, step, a, b)
