@@ -41,7 +41,7 @@ def test_the_generator_puts_each_labels_evidence_where_it_says():
 def test_generation_is_the_same_whatever_the_number_of_workers():
     one = data.generate(2 * data.CHUNK + 5, seed=1, spec=SPEC, workers=1)
     two = data.generate(2 * data.CHUNK + 5, seed=1, spec=SPEC, workers=2)
-    assert len(one) == 2 * data.CHUNK + 5
+    assert len(one) == len(two) == 2 * data.CHUNK + 5
     assert all((a["input_ids"] == b["input_ids"]).all() and a["labels"] == b["labels"] for a, b in zip(one, two))
     other = data.generate(5, seed=2, spec=SPEC, workers=1)
     assert any(len(a["input_ids"]) != len(b["input_ids"]) or (a["input_ids"] != b["input_ids"]).any()
