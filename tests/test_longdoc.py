@@ -48,11 +48,13 @@ def test_generation_is_the_same_whatever_the_number_of_workers():
                for a, b in zip(one, other))
 
 
-def test_a_generated_split_is_cached_and_a_reader_at_the_boundary_misses_exactly_the_late_labels(tmp_path):
+def test_a_generated_split_is_cached_and_a_reader_at_the_boundary_misses_exactly_the_late_labels(tmp_path, capsys):
     docs = data.load_or_generate("validation", 40, 0, SPEC, tmp_path, workers=1)
     (meta,) = tmp_path.glob("*.json")
     assert json.loads(meta.read_text())["spec"]["boundary"] == 20
+    assert "generating" in capsys.readouterr().out
     again = data.load_or_generate("validation", 40, 0, SPEC, tmp_path, workers=1)
+    assert "generating" not in capsys.readouterr().out  # read back, not made again (the same seed gives the same)
     assert torch.equal(docs.labels, again.labels) and len(list(tmp_path.glob("*.json"))) == 1
     late = torch.tensor([SPEC.is_late(j) for j in range(SPEC.labels)])
     at_boundary = data.visible_labels(docs, SPEC.boundary + data.SPECIAL_TOKENS)
