@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import ATTENTION_TOL, rel_err
 from repro.records import Row
 from tasks.lra.model import ATTENTIONS, LRAClassifier, upsample_positions
 from tasks.lra.train_lra import derived_rows
@@ -91,10 +92,20 @@ def test_a_forward_reads_nothing_back_from_the_device(attention):
 
 
 def test_flash_matches_standard_attention_with_padding():
-    ref, ours = model("standard").eval(), model("effrepro").eval()
-    with torch.no_grad():
-        a, b = ref(**batch()).logits, ours(**batch()).logits
-    torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+    """Each real token's output of the last block, before pooling, with the q, k and v projections doubled for
+    more peaked attention: the pooled logits (near 0.2, at atol 2e-3) let a softmax scale 1.25x too large pass
+    (6e-4 apart)."""
+    inputs, tokens = batch(), {}
+    for attention in ("standard", "effrepro"):
+        m = model(attention).eval()
+        m.norm.register_forward_hook(lambda _, args, out, attention=attention: tokens.__setitem__(attention, out))
+        with torch.no_grad():
+            for block in m.blocks:
+                block.attn.qkv.weight.mul_(2.0)
+            m(**inputs)
+    real = inputs["real"]
+    # measured on a CPU: 1e-7, and 1e-2 at a softmax scale 1.05x
+    assert rel_err(tokens["effrepro"][real], tokens["standard"][real].double()) < ATTENTION_TOL[torch.float32]
 
 
 def test_block_sparse_attention_is_standard_attention_under_the_butterfly_mask():
