@@ -120,6 +120,18 @@ def test_hf_offline_stops_before_any_work_naming_the_model(monkeypatch):
         load_model(cfg, "cpu")
 
 
+def test_a_model_folder_without_a_causal_lm_is_a_config_error_naming_it(tmp_path):
+    """An encoder-decoder's folder (T5: no AutoModelForCausalLM) is refused before any weight is read."""
+    from transformers import T5Config
+
+    T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=300).save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=rf"^model.name='{re.escape(str(tmp_path))}' is not a causal language "
+                                          r"model transformers can build \(Unrecognized configuration class "
+                                          r".*T5Config"):
+        load_model(model_config("hf", f"model.name={tmp_path}"), "cpu")
+
+
 def test_hf_without_a_name_asks_for_one():
     with pytest.raises(ConfigError, match=r"model=hf needs a Hub name: model.name="):
         load_model(model_config("hf"), "cpu")
