@@ -221,6 +221,16 @@ def test_the_smoke_run_measures_dense_compressed_and_each_recovery_at_each_level
         else:  # a random model may lose nothing to a level: no gap, and no ratio read backwards
             assert gap["status"] == "unsupported" and gap["p50"] is None and "no gap to close" in gap["message"]
         assert gap["extra"]["better_than_compressed"] == (prompt < compressed)
+        # the rows the paper's claims read: each model's perplexity over dense's, its accuracy as a share of dense's
+        (dense_acc,) = rows_of(record, "dense", "accuracy", level=level, benchmark="effrepro_mc")
+        for provider in ("compressed", "compressed_prompt", "compressed_hard_prompt"):
+            (ppl,) = rows_of(record, provider, "perplexity", level=level)
+            (ratio,) = rows_of(record, provider, "ppl_ratio_to_dense", level=level)
+            assert ratio["p50"] == pytest.approx(ppl["p50"] / dense)
+            (acc,) = rows_of(record, provider, "accuracy", level=level, benchmark="effrepro_mc")
+            recovery = rows_of(record, provider, "accuracy_recovery", level=level, benchmark="effrepro_mc")
+            assert [r["p50"] for r in recovery] == \
+                ([pytest.approx(100 * acc["p50"] / dense_acc["p50"])] if dense_acc["p50"] else [])
     (ratio,) = rows_of(record, "compressed", "compression_ratio", level="joint_8x")
     assert ratio["p50"] == 8 and 1 < ratio["extra"]["measured_ratio"] < 8  # masks and scales cost bytes
     (count,) = rows_of(record, "compressed_prompt", "trainable_params", level="joint_8x")
