@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, ROOT, run_inline
+from conftest import ATTENTION_TOL, DEVICE, ROOT, rel_err, run_inline
 from repro.records import Row
 from tasks.flashattention import longdoc_data as data
 from tasks.flashattention.longdoc import derived_rows, extend_position_table, f1_scores
@@ -229,10 +229,14 @@ def test_our_kernel_gives_the_classifier_standard_attentions_logits_on_padded_do
     for attention in ("eager", "effrepro"):
         torch.manual_seed(0)
         model = build_classifier(shape, labels=2, vocab_size=40, positions=16, seq_len=24, attention=attention)
+        with torch.no_grad():  # RoBERTa's weights of 0.02 give near-uniform attention, which hides a wrong softmax
+            for weight in (p for p in model.roberta.encoder.parameters() if p.dim() > 1):
+                weight.mul_(5.0)
         model.to(DEVICE)
         logits[attention] = model(**batch).logits
-    ours, eager = logits["effrepro"].double(), logits["eager"].double()
-    assert (ours - eager).norm() / eager.norm() < 2e-3  # the kernel tests' float32 bound: tf32 products on a GPU
+    # the kernel tests' float32 bound (tf32 products on a GPU). Measured on a CPU: 5e-7; 1e-3 at a softmax scale
+    # 1.05x (3e-5 at 1.25x with RoBERTa's own weights), 0.1 where the padding is not masked
+    assert rel_err(logits["effrepro"], logits["eager"].double()) < ATTENTION_TOL[torch.float32]
 
 
 def test_the_table5_claims_read_only_rows_of_their_own_data_set():
