@@ -132,6 +132,12 @@ def test_quantizer_codes_are_in_range_and_within_half_a_step(bits):
     assert (error[on_grid] <= scale[on_grid] / 2 * (1 + 1e-5)).all()
     assert (error <= scale).all()  # past the grid's ends (the zero point is rounded) by less than a step
     assert (dequantize(zeros, scales, zeros) == 0).all()  # zero is exact: pruned weights stay zero
+    # the grid spans each group's range widened to 0, to within a step at either end (the zero point is rounded to
+    # a code, the scale to fp16): a grid twice as wide, half its codes unused, kept every error within half a step
+    lo, hi = (torch.stack([extreme(g, 1) for g in w.split(16, dim=1)], 1) for extreme in (torch.amin, torch.amax))
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    assert ((dequantize(0, scales, zeros) - lo).abs() <= scales).all()
+    assert ((dequantize(2**bits - 1, scales, zeros) - hi).abs() <= scales).all()
     assert (zeros[0] == 0).all() and (scales == scales.half().float()).all()
 
 
