@@ -451,13 +451,16 @@ def test_switch_weights_read_lazily_are_read_once_each(tmp_path, monkeypatch):
 
 # --- the quality experiment --------------------------------------------------------------------------------------
 
+QUALITY_VAL = torch.randint(0, 50, (1000,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+
+
 def quality_setup():
     cfg = OmegaConf.create({
         "seed": 5, "quality": {"d_model": 32, "d_ff": 64, "n_layer": 6, "n_head": 2, "n_experts": 4, "top_k": 1,
-                               "seq_len": 16, "batch_tokens": 64, "eval_batches": 1},
+                               "seq_len": 16, "batch_tokens": 64, "eval_batches": 2},
         "train": {"steps": 2, "lr": 1e-3}})
-    ids = torch.randint(0, 50, (4000,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    data = TokenStream(ids[:3000], ids[3000:], tokenizer=[None] * 50, fingerprint="fake")
+    train = torch.randint(0, 50, (3000,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    data = TokenStream(train, QUALITY_VAL, tokenizer=[None] * 50, fingerprint="fake")
     ctx = type("Ctx", (), {"device": torch.device("cpu")})()
     return [c.build() for c in quality.candidates(cfg, ctx, data)]
 
@@ -480,6 +483,21 @@ def test_the_quality_runs_differ_only_in_pre_gating():
     x = gate.batches(0, 0, 1)[0]["input_ids"]
     out_gate, out_pregate = gate.model(x, labels=x), pregate.model(x, labels=x)
     assert math.isfinite(out_pregate.lm_loss.item()) and out_gate.lm_loss.item() != out_pregate.lm_loss.item()
+
+
+def test_the_quality_is_the_language_model_loss_on_the_same_validation_windows_for_both_models():
+    """The load-balancing loss is a training term, which pre-gating changes: it is no part of the perplexity."""
+    from repro.text_data import windows
+
+    gate, pregate = quality_setup()
+    got = {r.metric: r.p50 for r in gate.evaluate(gate.model)}
+    assert {r.metric: r.p50 for r in pregate.evaluate(gate.model)} == got  # either's evaluation, the same windows
+    generator = torch.Generator().manual_seed(5 + 1)  # seed + 1, apart from the training batches' seeds
+    with torch.no_grad():
+        out = [gate.model(x, labels=x) for x in (windows(QUALITY_VAL, 4, 16, generator) for _ in range(2))]
+    assert all(o.aux_loss > 0 for o in out)
+    assert got["val_loss"] == pytest.approx(sum(o.lm_loss.item() for o in out) / 2, rel=1e-6)
+    assert got["val_perplexity"] == pytest.approx(math.exp(got["val_loss"]))
 
 
 def test_the_perplexity_change_compares_only_models_that_finished_training():
