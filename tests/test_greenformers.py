@@ -310,6 +310,22 @@ def test_the_generated_set_labels_the_more_frequent_marker():
     assert torch.equal(counting_set(200, 40, 20, seed=3)["input_ids"], ids)
 
 
+def test_accuracy_is_the_percent_classified_right_over_every_batch():
+    from tasks.greenformers.quality import accuracy
+
+    class EvenFirstToken(torch.nn.Module):  # class 1 where the first token is even
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, input_ids):
+            even = (input_ids[:, 0] % 2 == 0).float()
+            return SimpleNamespace(logits=torch.stack([1 - even, even], -1))
+    ids = torch.arange(7)[:, None].expand(7, 3)  # predicted 1, 0, 1, 0, 1, 0, 1
+    labels = torch.tensor([1, 1, 1, 0, 0, 0, 1])  # right at 0, 2, 3, 5, 6
+    assert accuracy(EvenFirstToken(), {"input_ids": ids, "labels": labels}, batch=3) == pytest.approx(500 / 7)
+
+
 @pytest.mark.parametrize("accum", [1, 3])
 def test_a_quality_step_draws_grad_accum_micro_batches_and_counts_their_tokens(compose, accum):
     cfg = compose("task=greenformers", f"train.grad_accum={accum}")
