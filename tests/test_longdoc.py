@@ -98,6 +98,32 @@ def test_a_document_longer_than_the_model_is_cut_and_counted():
     assert "attention_mask" not in data.encode(docs, [2, 1], 7)  # none padded: no mask (our kernel's unmasked path)
 
 
+def test_the_validation_f1_and_loss_cover_every_document_of_the_split(compose, tmp_path):
+    """A reader that predicts the labels whose words it reads scores the evidence reader's F1 at its length; the
+    loss is the mean over documents, of micro-batches of 4, 4, 4 and 1."""
+    from types import SimpleNamespace
+
+    from tasks.flashattention.longdoc import _synthetic, _trainee
+
+    cfg = compose(*SMOKE)
+    spec = _synthetic(cfg.longdoc)
+    val = data.load_or_generate("validation", 13, 0, spec, tmp_path, workers=1)
+    trainee = _trainee(cfg, SimpleNamespace(device=torch.device("cpu")), "synthetic", val, val, 32, "eager", 0, {},
+                       False)
+    words = torch.tensor([spec.word(label) for label in range(spec.labels)])
+
+    class Reader(torch.nn.Module):
+        def forward(self, input_ids, labels, attention_mask=None):
+            read = (input_ids[:, :, None] == words).any(1)
+            # logits of 1/4 where read, -3/4 elsewhere: a threshold of 0.5, or on probabilities, scores otherwise
+            return SimpleNamespace(logits=read.float() - 0.75, loss=torch.tensor(float(len(labels))))
+    rows = {r.metric: r.p50 for r in trainee.evaluate(Reader())}
+    micro, macro = f1_scores(data.visible_labels(val, 32), val.labels)
+    assert 0 < micro < 1  # late labels are out of its sight
+    assert rows["val_micro_f1"] == pytest.approx(100 * micro) and rows["val_macro_f1"] == pytest.approx(100 * macro)
+    assert rows["val_loss"] == pytest.approx((3 * 4 * 4 + 1) / 13)
+
+
 def test_the_position_table_grows_by_copying_its_learned_rows():
     from transformers import AutoModelForSequenceClassification, RobertaConfig
 
