@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from repro.claims import load_paper
 from repro.evaluation import perplexity
-from repro.records import RunRecord
+from repro.records import Row, RunRecord
 from repro.report import claim_value
 from repro.text_data import lm_batches, windows
 from repro.train import Trainee, TrainSpec, train
@@ -463,3 +463,22 @@ def test_a_soft_prompt_trains_on_the_tokens_perplexity_scores(tmp_path, monkeypa
         logits = trainee.model(input_ids=batch["input_ids"]).logits[:, tokens:-1]  # token t from position t-1
     scored = F.cross_entropy(logits.flatten(0, 1), batch["input_ids"][:, 1:].flatten())
     torch.testing.assert_close(loss, scored)
+
+
+def test_a_reused_training_reports_no_train_time_or_memory_of_its_own(tmp_path, monkeypatch):
+    """A finished training reused from its checkpoint (rows tagged reused_from) is not trained by this job: its
+    train_time was the checkpoint's load, and on a GPU its train_memory the job's peak before it (train() returns
+    before resetting the peak), compression included."""
+    from tasks.compress_then_prompt import task
+
+    def reused(trainee, spec, *args, **kwargs):
+        yield Row(trainee.name, "step", spec.steps, "loss", "nats", 1.0, n=1,
+                  extra={**trainee.extra, "reused_from": "an earlier job"})
+    monkeypatch.setattr(task, "train", reused)
+    code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs",
+                              "experiments=[perplexity]", "compression.levels=[joint_8x]", "lora.levels=[]",
+                              "hard_prompt=null")
+    assert code == 0, err[-3000:]
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert rows_of(record, "compressed_prompt", "loss") and rows_of(record, "compressed_prompt", "trainable_params")
+    assert not rows_of(record, "compressed_prompt", "train_time")
