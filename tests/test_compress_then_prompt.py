@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, check_smoke_record, run_inline
+from conftest import DEVICE, ROOT, check_smoke_record, run_inline
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from repro.claims import load_paper
@@ -475,10 +475,11 @@ def test_a_reused_training_reports_no_train_time_or_memory_of_its_own(tmp_path, 
         yield Row(trainee.name, "step", spec.steps, "loss", "nats", 1.0, n=1,
                   extra={**trainee.extra, "reused_from": "an earlier job"})
     monkeypatch.setattr(task, "train", reused)
+    # on a GPU machine on the GPU, where train_memory is measured
     code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs",
-                              "experiments=[perplexity]", "compression.levels=[joint_8x]", "lora.levels=[]",
-                              "hard_prompt=null")
+                              f"scale.device={DEVICE}", "experiments=[perplexity]", "compression.levels=[joint_8x]",
+                              "lora.levels=[]", "hard_prompt=null")
     assert code == 0, err[-3000:]
     record = json.loads((tmp_path / "record.json").read_text())
     assert rows_of(record, "compressed_prompt", "loss") and rows_of(record, "compressed_prompt", "trainable_params")
-    assert not rows_of(record, "compressed_prompt", "train_time")
+    assert not rows_of(record, "compressed_prompt", "train_time") + rows_of(record, "compressed_prompt", "train_memory")
