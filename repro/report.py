@@ -114,8 +114,20 @@ def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | Non
             mine = [r for r in rows if r.provider == provider]
             if mine:
                 return provider, mine, rows
-    failed = next((p for p in cmp.providers if _failed_points(claim, record, p)), None)
+    failed = next((p for p in cmp.providers if _failed_points(claim, record, p) or _valueless(claim, record, p)),
+                  None)
     return None if failed is None else (failed, [], [])
+
+
+def _valueless(claim: Claim, record: RunRecord, provider: str) -> list[Row]:
+    """The claim's rows of `provider` in which the task measured and found no value to give, each saying why in its
+    message (greenformers' crossover where Linformer never gets ahead): the claim did not hold there. Not for
+    `largest_x_within`, whose rows without a value are points never tried."""
+    cmp = claim.compare
+    if cmp.aggregate == "largest_x_within":
+        return []
+    return [r for r in record.rows if r.provider == provider and r.metric in cmp.metrics and r.status == "ok"
+            and r.p50 is None and _matches(r, cmp.where)]
 
 
 def _failed_points(claim: Claim, record: RunRecord, provider: str) -> dict[tuple, bool]:
@@ -168,7 +180,7 @@ def _points(claim: Claim, record: RunRecord) -> tuple[int, int]:
     # the same point may be measured under two settings of one sweep (rows that differ only in `extra`)
     distinct = {(r.x_name, r.x_value, r.p50) for r in mine}
     return (len(claim.compare.providers) - claim.compare.providers.index(provider) - 1,
-            len(distinct) + len(_failed_points(claim, record, provider)))
+            len(distinct) + len(_failed_points(claim, record, provider)) + len(_valueless(claim, record, provider)))
 
 
 def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str]:
@@ -181,6 +193,9 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
     provider, mine, rows = found
     failed = _failed_points(claim, record, provider)
     if not mine:
+        if not failed:
+            return None, "", "; ".join(r.message or f"{provider} measured, with no value"
+                                       for r in _valueless(claim, record, provider))
         return None, "", f"{provider} failed at all {len(failed)} of the claim's points ({_how_failed(failed)})"
     if cmp.aggregate != "largest_x_within":
         if cmp.aggregate == "last" and all(isinstance(r.x_value, (int, float)) for r in mine):
@@ -273,7 +288,7 @@ def evaluate(claim: Claim, records: list[tuple[Path, RunRecord]]) -> Outcome:
     # another card's failure says no more of the claim than another card's value does
     if card_bound and not same_gpu_family(claim.hardware, record.env.get("gpu_name")):
         return Outcome(claim, OTHER_HARDWARE, **found)
-    if value is None:  # measured, and no point within the claim's quality tolerance
+    if value is None:  # measured, and no point within the claim's quality tolerance, or none with a value
         return Outcome(claim, NOT_REPRODUCED, **found)
     if claim.compare.kind == "peak_fraction":
         peak = peak_tflops(record.env.get("gpu_name"))
