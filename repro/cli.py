@@ -20,6 +20,7 @@ import itertools
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -488,14 +489,32 @@ HYDRA_OPTIONS_THAT_RUN_NOTHING = {"--cfg", "-c", "--info", "-i", "--help", "-h",
 def check_overrides(args: list[str]) -> str | None:
     """Name a bad override before Hydra runs: an unknown config-group option (task=, scale=, ...) with the known
     ones, an unknown key (with the known ones, which Hydra does not list) or a value whose type differs from the
-    key's default."""
+    key's default; then overrides on both sides of an option (`task=x --cfg job scale=small`)."""
+    is_option = [arg.startswith("-") or (before in HYDRA_OPTIONS_WITH_VALUES and "=" not in arg)
+                 for before, arg in zip([""] + args, args)]
+    problem = _override_problem(args, is_option)
+    at = [i for i, option in enumerate(is_option) if not option]
+    split = next((i for i in range(at[0], at[-1]) if is_option[i]), None) if at else None
+    if problem is not None or split is None:
+        return problem
+    # Hydra's argparse takes the overrides as one run of arguments, and stops at the rest with "unrecognized
+    # arguments", naming no reason
+    later = next(i for i in at if i > split)
+    grouped = [arg for arg, option in zip(args, is_option) if option] + [args[i] for i in at]
+    return (f"{args[later]!r} comes after {args[split]}, which follows other overrides: give the overrides "
+            f"together, before or after the options, e.g. repro {shlex.join(grouped)}")
+
+
+def _override_problem(args: list[str], is_option: list[bool]) -> str | None:
+    """`check_overrides`' checks of what the overrides say; `is_option`: which of `args` are Hydra's options or
+    their values."""
     from hydra import initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import MissingConfigException
 
     parser, overrides = OverridesParser.create(), []
-    for before, arg in zip([""] + args, args):
-        if arg.startswith("-") or (before in HYDRA_OPTIONS_WITH_VALUES and "=" not in arg):
+    for arg, option in zip(args, is_option):
+        if option:
             continue
         try:
             overrides += parser.parse_overrides([arg])

@@ -165,6 +165,13 @@ def test_overrides_are_checked_before_hydra_runs():
     assert check_overrides(["task=nosuch"]).startswith("task='nosuch' is not one of ['compress_then_prompt', ")
     assert check_overrides(["scale=huge"]) == "scale='huge' is not one of ['paper', 'small', 'smoke']"
     assert check_overrides(["flash_kernel"]).startswith("cannot read 'flash_kernel': an override is key=value")
+    # overrides on both sides of an option: Hydra's argparse stopped with "unrecognized arguments: scale=small"
+    assert check_overrides(["task=greenformers", "--cfg", "job", "scale=small"]) == (
+        "'scale=small' comes after --cfg, which follows other overrides: give the overrides together, before or after "
+        "the options, e.g. repro --cfg job task=greenformers scale=small")
+    assert check_overrides(["task=pregated_moe", "-m", "moe.new_tokens=2,4"]).endswith(
+        "e.g. repro -m task=pregated_moe moe.new_tokens=2,4")
+    assert check_overrides(["task=greenformers", "scale=smoke", "--cfg", "job"]) is None
     assert check_overrides(["paper=scissorhands", "task=flash_kernel"]).startswith(
         "task=flash_kernel is not a task of paper=scissorhands (its tasks: scissorhands_kv)")
     assert check_overrides(["paper=scissorhands", "task=scissorhands_kv", "model=tiny_llama"]) is None
