@@ -43,8 +43,8 @@ from . import checks
 from .claims import claims_for_task, load_published
 from .context import (PROJECT_ROOT, ConfigError, RunContext, capture_environment, check_device,
                       reset_device_memory, resolve_device, seed_everything, utc_now, world)
-from .records import (FAILED_ROW_STATUSES, RunRecord, committed_copy, load_record, save_new_record, save_record,
-                      write_json_atomic)
+from .records import (FAILED_ROW_STATUSES, JOB_RECORD, RunRecord, committed_copy, load_record, save_new_record,
+                      save_record, write_json_atomic)
 from .report import console_table, evaluate
 from .timing import is_out_of_memory
 from .train import running_job
@@ -76,7 +76,7 @@ def _slug(text: str) -> str:
 
 def record_paths(cfg, record: RunRecord, output_dir: Path, job_num: int | None) -> list[Path]:
     """The job folder's record, then, at scales whose records are committed, its copy under results/runs/."""
-    paths = [output_dir / "record.json"]
+    paths = [output_dir / JOB_RECORD]
     if cfg["scale"]["commit_records"]:
         stamp = record.started.replace("-", "").replace(":", "").replace("+0000", "")[:15]
         name = f"{stamp}_{record.scale}_{_slug(record.gpu_name)}" + (f"_{job_num}" if job_num is not None else "")
@@ -431,11 +431,11 @@ def _job_outcome(job: Path, number: int, began: float) -> tuple[str, str]:
         return "refused", ("its folder was an earlier job's, whose record it left as it was: it ran nothing (give the "
                            "sweep a new hydra.sweep.dir)")
     try:
-        record = load_record(job / "record.json")
+        record = load_record(job / JOB_RECORD)
     except (OSError, ValueError):
         return "missing", f"no record: it stopped before its run began (see {_rel(job)})"
     committed = committed_copy(record, record_paths(record.config, record, job, number)[-1])
-    where = committed if record.status != "error" and committed else job / "record.json"
+    where = committed if record.status != "error" and committed else job / JOB_RECORD
     why = f"  ({record.error.splitlines()[0][:100]})" if record.error else \
         "  (saved while it ran: it was killed outright, or runs on)" if record.status == "running" else ""
     return record.status, f"{len(record.rows):5} rows  {_rel(where)}{why}"
@@ -701,7 +701,7 @@ def _folder_problem(choices: list[str], overrides: list, mode: str) -> str | Non
             if _earlier_run(folder) else None
     # (the sweep's jobs, not its multirun.yaml: under torchrun another rank of this sweep may have written that
     # already, and where no job began there is no run to keep)
-    earlier = next((job for mark in (JOB_MARK, "record.json") for job in sorted(p.parent for p in folder.rglob(mark))
+    earlier = next((job for mark in (JOB_MARK, JOB_RECORD) for job in sorted(p.parent for p in folder.rglob(mark))
                     if _earlier_run(job)), None)
     return None if earlier is None else (
         f"{setting} holds the jobs of an earlier sweep ({earlier}): give this one a new folder, to keep theirs as "
@@ -714,7 +714,7 @@ def _earlier_run(folder: Path) -> bool:
     marker = folder / JOB_MARK
     if marker.exists():
         return not _own_mark(marker)
-    return (folder / "record.json").exists()
+    return (folder / JOB_RECORD).exists()
 
 
 def _forms(o) -> list[str]:

@@ -315,6 +315,7 @@ def committed_copy(record: RunRecord, path: Path) -> Path | None:
 
 
 RECORD_SUFFIXES = (".json", ".json.gz")  # a record as written, or packed (`pack_records`)
+JOB_RECORD = "record.json"  # a job's record in its Hydra folder (`repro.cli`)
 PACK_ABOVE_BYTES = 1 << 20
 
 
@@ -326,10 +327,15 @@ def load_record(path: Path) -> RunRecord:
 
 def load_records(root: Path) -> tuple[list[tuple[Path, RunRecord]], list[tuple[Path, str]]]:
     """All run records under `root` (`RECORD_SUFFIXES`), oldest first, and (file, why) for each file that could
-    not be used."""
+    not be used. Below a job's folder (one holding its `JOB_RECORD`) the files are what the job wrote beside its
+    record (a saved prompt's PEFT config, W&B's), not records: a report of an outputs folder does not name them."""
+    root = Path(root)
     records, problems = [], []
-    for path in sorted(p for p in Path(root).rglob("*") if p.name.endswith(RECORD_SUFFIXES) and p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.name.endswith(RECORD_SUFFIXES) and p.is_file()):
         if path.with_name(path.name + ".gz").is_file():  # packed (`pack_records`), the plain copy not yet removed
+            continue
+        if any((folder / name).is_file() for folder in path.parents[1:] if folder.is_relative_to(root)
+               for name in (JOB_RECORD, JOB_RECORD + ".gz")):  # a record as written, or packed by an earlier report
             continue
         try:
             records.append((path, load_record(path)))

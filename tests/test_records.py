@@ -142,6 +142,24 @@ def test_load_records_skips_corrupt_and_foreign_files_by_name(tmp_path):
     assert all(field in why[name] for name, (_, field) in nested.items())
 
 
+def test_load_records_takes_an_outputs_folder_whose_jobs_saved_files_beside_their_records(tmp_path):
+    """A job folder's subfolders hold what the job saved (compress_then_prompt's prompts: PEFT's adapter_config.json
+    and effrepro_prompt.json), which a report of `outputs/` named as problems and exited 1 for."""
+    job = tmp_path / "compress_then_prompt" / "smoke" / "2026-12-07_21-23-37"
+    save_record(make_record(), job / "record.json")
+    write_json_atomic(job / "prompts" / "joint_8x" / "adapter_config.json", {"peft_type": "PROMPT_TUNING"})
+    write_json_atomic(tmp_path / "stray.json", {"hello": "world"})  # beside no record: still named
+    write_json_atomic(job / "foreign.json", {"hello": "world"})  # in the job's own folder too
+    records, problems = load_records(tmp_path)
+    assert [p.relative_to(tmp_path) for p, _ in records] == [job.relative_to(tmp_path) / "record.json"]
+    assert sorted(p.name for p, _ in problems) == ["foreign.json", "stray.json"]
+    # a report packs a record over its threshold (`pack_records`): the job's files are still its own
+    assert pack_records(tmp_path, above_bytes=0) == [job / "record.json.gz"]
+    records, problems = load_records(tmp_path)
+    assert [p.name for p, _ in records] == ["record.json.gz"]
+    assert sorted(p.name for p, _ in problems) == ["foreign.json", "stray.json"]
+
+
 def test_large_records_are_packed_and_still_load(tmp_path):
     """`pack_records` gzips the records above its size beside themselves and removes the plain files; it leaves
     the small ones and files that are not records; `load_records` reads both kinds."""
