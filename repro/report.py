@@ -345,14 +345,16 @@ def claims_table(outcomes: list[Outcome], links_from: Path) -> str:
 
 
 def console_table(outcomes: list[Outcome]) -> str:
-    """A plain table for the terminal, one line per claim."""
-    head = f"{'claim':44} {'published':>10} {'reproduced':>10}  status"
+    """A plain table for the terminal, one line per claim, its columns as wide as their widest cell (a claim's
+    whole id, which names it in results/published/)."""
+    cells = [(o.claim.id, _fmt(o.claim.value, o.claim.unit), _fmt(o.value, o.unit)) for o in outcomes]
+    widths = [max(len(cell) for cell in column) for column in zip(("claim", "published", "reproduced"), *cells)]
+    head = f"{'claim':{widths[0]}} {'published':>{widths[1]}} {'reproduced':>{widths[2]}}  status"
     lines = [head, "-" * len(head)]
-    for o in outcomes:
+    for o, (claim, published, reproduced) in zip(outcomes, cells):
         how = f"  [{o.detail}]" if o.value is not None else ""
         killed = f" ({cut_short(o.record_status)})" if o.record_status != "ok" else ""
-        lines.append(f"{o.claim.id[:44]:44} {_fmt(o.claim.value, o.claim.unit):>10} {_fmt(o.value, o.unit):>10}  "
-                     f"{o.status}{killed}{how}")
+        lines.append(f"{claim:{widths[0]}} {published:>{widths[1]}} {reproduced:>{widths[2]}}  {o.status}{killed}{how}")
     return "\n".join(lines)
 
 

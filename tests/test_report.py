@@ -117,6 +117,21 @@ def test_statuses_from_fixture_records(tree, no_plots):
     assert _rel(PROJECT_ROOT / "results" / "runs" / "x.json") == "results/runs/x.json"  # no local paths in the report
 
 
+def test_the_console_table_names_each_claim_whole_in_columns_as_wide_as_their_cells(tree):
+    """It cut ids at 44 characters (llama7b_8x_soft_prompt_matches_dense_accurac), and a published value wider
+    than 10 ("0.706 accuracy") pushed its row's later columns out of line."""
+    from repro.report import console_table
+    claims = {c.id: c for c in load_paper(tree / "published" / "toy.yaml")[2]}
+    long = dataclasses.replace(claims["fast"], id="a_claim_whose_id_is_longer_than_forty_four_characters", value=0.706,
+                               unit="accuracy")
+    record = rec("bench", "small", [row("speedup", 3.5)])
+    outcomes = [evaluate(c, [(Path("a.json"), record)]) for c in (long, claims["slow"])]
+    lines = console_table(outcomes).splitlines()
+    assert lines[2].startswith("a_claim_whose_id_is_longer_than_forty_four_characters 0.706 accuracy")
+    assert [line.index(f"  {o.status}") + 2 for line, o in zip(lines[2:], outcomes)] == [lines[0].index("status")] * 2
+    assert len(lines[1]) == len(lines[0])
+
+
 def test_a_provider_whose_output_differed_from_the_baseline_failed_at_that_point(tree, no_plots):
     """Its rows measured another function: no value, and a failed point of the claim, as one out of memory is."""
     def point(x, provider="ours", matches=None):
