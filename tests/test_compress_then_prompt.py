@@ -3,6 +3,7 @@ tokens only (held to a hand computation), prompts save and reload for their own 
 layers, the smoke run end to end with its rows and claims, and bad input refused before any work."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -128,8 +129,14 @@ def test_a_saved_prompt_reloads_as_it_was_and_only_for_its_own_model(tmp_path):
         load_prompt(tiny_llama(), tmp_path, {**IDENTITY, "model": "other"})
     with pytest.raises(ValueError, match=r"hidden_size 48 \(this one: 64\)"):
         load_prompt(tiny_llama(hidden=64), tmp_path, {**IDENTITY, "hidden_size": 64})
-    with pytest.raises(ValueError, match="not a prompt saved by this suite"):
+    # a folder mistyped, and the run's prompts/ folder for one of its levels: each named with what to give
+    with pytest.raises(ValueError, match=r"missing is no folder here: give the folder of a prompt a run saved, "
+                                         r"<its output>/prompts/<level>"):
         load_prompt(tiny_llama(), tmp_path / "missing", IDENTITY)
+    save_prompt(prompted, tmp_path / "prompts" / "joint_8x", {**IDENTITY, "level": "joint_8x", "tokens": 4})
+    with pytest.raises(ValueError, match=r"it has no effrepro_prompt.json \(it holds the prompts \['joint_8x'\]: "
+                                         f"name one, {re.escape(str(tmp_path))}/prompts/joint_8x\\)"):
+        load_prompt(tiny_llama(), tmp_path / "prompts", IDENTITY)
     with pytest.raises(ValueError, match=r"must say \['tokens'\]"):
         save_prompt(prompted, tmp_path / "unsaid", {**IDENTITY, "level": "joint_8x"})
     (tmp_path / "adapter_model.safetensors").unlink()  # metadata without the prompt it describes

@@ -109,8 +109,13 @@ def read_prompt_metadata(folder: str | Path) -> dict:
     """The metadata `save_prompt` wrote into `folder`; ValueError if there is none, if it lacks a key, or if
     PEFT's files beside it are missing (before a run compresses anything, not when it comes to load them)."""
     path = Path(folder) / METADATA
+    if not Path(folder).is_dir():
+        raise ValueError(f"{folder} is no folder here: give the folder of a prompt a run saved, "
+                         "<its output>/prompts/<level>")
     if not path.is_file():
-        raise ValueError(f"{folder} is not a prompt saved by this suite: it has no {METADATA}")
+        saved = sorted(p.parent.name for p in Path(folder).glob(f"*/{METADATA}"))
+        within = f" (it holds the prompts {saved}: name one, {Path(folder) / saved[0]})" if saved else ""
+        raise ValueError(f"{folder} is not a prompt saved by this suite: it has no {METADATA}{within}")
     try:
         metadata = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
