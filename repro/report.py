@@ -793,8 +793,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for problem in problems:
         print(f"repro-report: {problem}", file=sys.stderr)
-    print(f"wrote {_rel(args.out / 'REPORT.md')}, {_rel(args.out / 'report' / 'rows.csv.gz')}, the plots in "
-          f"{_rel(args.out / 'report' / 'plots')}" + (f" and the table of {_rel(readme)}" if readme else ""))
+    plots = args.out / "report" / "plots"
+    drawn = len(list(plots.glob("*.png")))  # what this build drew: it removes the plots it did not draw again
+    print(f"wrote {_rel(args.out / 'REPORT.md')}, {_rel(args.out / 'report' / 'rows.csv.gz')}, "
+          + (f"{drawn} plots in {_rel(plots)}" if drawn else "no plots (they are drawn from small and paper records)")
+          + (f" and the table of {_rel(readme)}" if readme else ""))
     if problems and not args.allow_skipped:
         print(f"repro-report: {len(problems)} problem(s) above; --allow-skipped to accept them", file=sys.stderr)
         return 1
