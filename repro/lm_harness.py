@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 from pathlib import Path
 
 import torch
@@ -23,6 +24,12 @@ from .evaluation import Forward, context_length, first_line, hub_error, model_de
 from .records import Row
 
 LOCAL_TASKS = Path(__file__).parent / "lm_tasks"
+# Every evaluation (a sweep makes dozens) logged lm-eval's INFO lines and, for our effrepro_mc, its advice on
+# `--metadata`, a flag of lm-eval's own CLI (the task reads its questions through a function); its warnings about a
+# task stay. evaluate()'s `verbosity` that did this is a no-op since lm-eval 0.4.
+METADATA_ADVICE = "Custom kwargs can be passed to `--metadata`"
+logging.getLogger("lm_eval").setLevel(logging.WARNING)
+logging.getLogger("lm_eval.api.task").addFilter(lambda record: METADATA_ADVICE not in record.getMessage())
 
 
 class EffreproLM(TemplateLM):
@@ -280,7 +287,7 @@ def evaluate_multiple_choice(lm: EffreproLM, tasks: list[str], num_fewshot: int 
         if task.get_config("num_fewshot") != 0:
             task.set_config(key="num_fewshot", value=num_fewshot)
         task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
-    results = lm_eval.evaluator.evaluate(lm, loaded, limit=limit, log_samples=False, verbosity="WARNING")
+    results = lm_eval.evaluator.evaluate(lm, loaded, limit=limit, log_samples=False)
     return {task: {"acc": results["results"][task]["acc,none"],
                    "acc_norm": results["results"][task].get("acc_norm,none"),
                    # lm-eval's "N/A" where it has no standard error: a string among a record's numbers

@@ -1,6 +1,7 @@
 """Evaluation text, perplexity by the papers' protocol, and few-shot multiple choice through lm-evaluation-harness:
 held to hand computations on a tiny random Llama (fp32, fresh random ids, odd sizes)."""
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -419,6 +420,16 @@ def test_a_local_task_that_cannot_be_loaded_says_why_and_blames_no_hub(tiny, loc
         evaluate_multiple_choice(EffreproLM(*tiny), ["effrepro_mc"])
     assert "lm-eval tasks ['effrepro_mc'] (ours, in" in str(error.value) and "Hub" not in str(error.value)
     assert "JSON parse error" in str(error.value)  # what datasets said: its exception's cause
+
+
+def test_an_evaluation_logs_neither_lm_evals_progress_nor_its_advice_on_its_own_cli(tiny, caplog):
+    """Each evaluation (dozens in a sweep) logged 'Building contexts ...', 'Running loglikelihood requests' and,
+    for effrepro_mc, lm-eval's advice on the `--metadata` flag of its CLI: evaluate()'s verbosity is a no-op."""
+    evaluate_multiple_choice(EffreproLM(*tiny), ["effrepro_mc"], limit=1)
+    logging.getLogger("lm_eval.api.task").warning("effrepro_mc: a warning about a task still shows")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")] == [
+        "effrepro_mc: a warning about a task still shows"]
+    assert not logging.getLogger("lm_eval.evaluator").isEnabledFor(logging.INFO)
 
 
 def test_the_standard_error_of_a_single_question_is_none(tiny):
