@@ -99,13 +99,16 @@ def test_a_run_killed_at_a_later_batch_keeps_the_ratios_of_the_batches_done(monk
     assert len(speedup) == 1 and speedup[0].extra["batch"] == 1
 
 
-def test_every_row_names_the_expert_cache_and_the_tokens_generated():
+def test_every_row_names_the_expert_cache_and_the_tokens_generated(capsys):
     spec = OmegaConf.create(dict(top_k=1, new_tokens=2, warmup_tokens=1, weights="random", slots=4, cache="lru",
                                  strategy=["on_demand", "pregated"]))
     ctx = type("Context", (), dict(device=torch.device("cpu"), env={"models": {}}))()
-    rows = list(serving.serve_model("tiny-4", [1], spec, ctx, 0, None))
+    rows = list(serving.serve_model("tiny-4", [1, 2], spec, ctx, 0, None))
     assert any(r.metric == "speedup" for r in rows)  # the ratios' rows too
     assert all(r.extra["cache"] == "lru" and r.extra["new_tokens"] == 2 for r in rows)
+    # each batch said as it ends (the paper's grid printed nothing for hours)
+    assert re.findall(r"\[pregated_moe\] tiny-4 at batch (\d): 2 strategies \(\d+\.\d s\)\n",
+                      capsys.readouterr().out) == ["1", "2"]
 
 
 def test_a_groups_runtimes_are_let_go_before_the_next_group_starts(monkeypatch):

@@ -400,8 +400,13 @@ def serve_model(name: str, batches: list[int], spec, ctx: RunContext, seed: int,
         if pin_warning:
             ctx.env["pin_warning"] = pin_warning
         for batch in batches:
+            measuring = time.perf_counter()
             rows = measure_batch(model, list(as_list(spec.strategy)), batch, spec, device, seed, pinned_gb_s,
                                  lambda strategy, batch=batch: maker(strategy, batch, weights), pin_warning)
+            # the paper's grid takes hours and the rows go only to the record: say where the run is
+            failed = sorted({f"{r.provider} {r.status}" for r in rows if r.status != "ok"})
+            print(f"[pregated_moe] {name} at batch {batch}: {len(as_list(spec.strategy))} strategies "
+                  f"({time.perf_counter() - measuring:.1f} s)" + "".join(f", {f}" for f in failed), flush=True)
             yield from rows
             yield from ratio_rows(rows)
         del model
