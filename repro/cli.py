@@ -407,14 +407,19 @@ class SweepSummary(Callback):
             began = (sweep / "multirun.yaml").stat().st_mtime
         except FileNotFoundError:  # stopped before Hydra began the sweep
             began = math.inf
-        numbers = {p.parent.parent: OmegaConf.load(p).hydra.job.num for p in sweep.glob("**/.hydra/hydra.yaml")
-                   if p.stat().st_mtime >= began}
-        jobs = sorted(numbers, key=numbers.get)
+        accounts = {p.parent.parent: OmegaConf.load(p).hydra for p in sweep.glob("**/.hydra/hydra.yaml")
+                    if p.stat().st_mtime >= began}
+        jobs = sorted(accounts, key=lambda job: accounts[job].job.num)
+        # the folders are numbered: each line names the settings its job does not share with every other
+        given = {job: list(accounts[job].overrides.task) for job in jobs}
+        shared = set.intersection(*map(set, given.values())) if jobs else set()
+        swept = {job: " ".join(o for o in given[job] if o not in shared) for job in jobs}
+        width = max((len(s) + 1 for s in swept.values() if s), default=0)
         lines, not_ok = [], 0
         for job in jobs:
-            status, text = _job_outcome(job, numbers[job], began)
+            status, text = _job_outcome(job, accounts[job].job.num, began)
             not_ok += status != "ok"
-            lines.append(f"  {job.relative_to(sweep).as_posix():28} {status:8} {text}")
+            lines.append(f"  {job.relative_to(sweep).as_posix():28} {status:8} {swept[job]:{width}}{text}")
         SweepSummary.failed = not_ok > 0
         begun = f"stopped after {len(jobs)} jobs begun (those not begun are not listed)" if stopped else \
             f"multirun of {len(jobs)} jobs"

@@ -387,6 +387,9 @@ def test_a_sweep_runs_every_job_lists_them_all_and_fails_if_one_did(tmp_path, su
     lines = [line.split() for line in summary.splitlines()[1:] if line.strip()]
     assert [(line[0], line[1]) for line in lines] == [(folder.format(0), "ok"), (folder.format(1), "error"),
                                                       (folder.format(2), "error"), (folder.format(3), "ok")]
+    # each job named by what it was given that the others were not (the folders are numbered), as Hydra gave it
+    assert [line[2] for line in lines] == [f"{FAKE[:-1]}\\:{task}" for task in ("all_ok", "bad_input", "all_fail",
+                                                                                "some_fail")]
     assert "fake.size=-1" in summary and "all 3 points failed" in summary
     assert all((tmp_path / folder.format(i) / "record.json").exists() for i in range(4))
 
@@ -851,8 +854,9 @@ def test_a_sweep_job_that_died_outright_ends_the_sweep_with_its_jobs_listed(tmp_
                                 f"{FAKE}all_ok,{entry}killed_outright")
     assert code == 1 and "repro: a job of the sweep ended without finishing (Job " in err, err[-3000:]
     summary = out[out.index("[repro] stopped after 2 jobs begun"):]
-    lines = [line.split()[:3] for line in summary.splitlines()[1:] if line.strip()]
-    assert lines == [["0_flash_kernel", "ok", "2"], ["1_flash_kernel", "running", "1"]], summary
+    lines = [line.split()[:4] for line in summary.splitlines()[1:] if line.strip()]
+    assert lines == [["0_flash_kernel", "ok", f"{FAKE[:-1]}\\:all_ok", "2"],
+                     ["1_flash_kernel", "running", f"{FAKE[:-1]}\\:killed_outright", "1"]], summary
     assert "killed outright" in summary
 
 
