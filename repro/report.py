@@ -775,13 +775,20 @@ def main(argv: list[str] | None = None) -> int:
                              "are the defaults; else none); --readme '' leaves it alone")
     parser.add_argument("--allow-skipped", action="store_true",
                         help="exit 0 even when some records could not be used (they are still listed)")
-    parser.add_argument("--pack-above-mb", type=float, default=PACK_ABOVE_BYTES / 2**20,
-                        help="first gzip the records larger than this (NAME.json.gz); 0 packs none")
+    parser.add_argument("--pack-above-mb", type=float, default=None,
+                        help="first gzip the records larger than this (NAME.json.gz); 0 packs none (default: "
+                             f"{PACK_ABOVE_BYTES // 2**20} below the project's results/runs, whose records are "
+                             "committed; none elsewhere, where a job's folder keeps its record.json)")
     args = parser.parse_args(argv)
     if args.readme is None:  # the project's table shows the committed records alone, not a report built elsewhere
         own = all(getattr(args, key).resolve() == parser.get_default(key) for key in ("runs", "out"))
         args.readme = str(PROJECT_ROOT / "README.md") if own else ""
     readme = Path(args.readme) if args.readme else None
+    if args.pack_above_mb is None:
+        # a packed record.json in outputs/ would no longer mark its job's folder as taken, nor be found by the summary
+        # of its sweep
+        committed = DEFAULT_RECORDS in (args.runs.resolve(), *args.runs.resolve().parents)
+        args.pack_above_mb = PACK_ABOVE_BYTES / 2**20 if committed else 0
     try:
         load_published(args.published)  # a claims file that fails to load stops the build before records move
         if args.pack_above_mb > 0:

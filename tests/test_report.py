@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from repro.claims import load_paper, load_published
-from repro.context import PROJECT_ROOT
-from repro.records import Row, RunRecord, save_record, write_json_atomic
+from repro.context import DEFAULT_RECORDS, PROJECT_ROOT
+from repro.records import PACK_ABOVE_BYTES, Row, RunRecord, save_record, write_json_atomic
 from repro.report import OTHER_HARDWARE, README_END, README_START, build_report, evaluate, main
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3"}
@@ -359,6 +359,19 @@ def test_the_projects_readme_is_refreshed_only_from_the_committed_records_unless
     main(["--pack-above-mb", "0", "--runs", str(tree / "runs"), "--out", str(tree / "out")])  # a user's smoke runs
     main(["--pack-above-mb", "0", "--out", str(tree / "out"), "--readme", str(tree / "README.md")])
     assert built == [PROJECT_ROOT / "README.md", None, tree / "README.md"]
+
+
+def test_only_the_committed_records_are_packed_unless_asked(tree, monkeypatch):
+    """A report of outputs/ packed a large job's record.json, after which its folder no longer read as taken."""
+    packed = []
+    monkeypatch.setattr("repro.report.pack_records", lambda runs, above: packed.append((runs, above)) or [])
+    monkeypatch.setattr("repro.report.build_report", lambda *args: ("", []))
+    main(["--readme", ""])
+    main(["--runs", str(PROJECT_ROOT / "results" / "runs" / "toy"), "--readme", ""])
+    main(["--runs", str(tree / "runs"), "--out", str(tree / "out")])
+    main(["--runs", str(tree / "runs"), "--out", str(tree / "out"), "--pack-above-mb", "2"])
+    toy = PROJECT_ROOT / "results" / "runs" / "toy"
+    assert packed == [(DEFAULT_RECORDS, PACK_ABOVE_BYTES), (toy, PACK_ABOVE_BYTES), (tree / "runs", 2 * 2**20)]
 
 
 def test_claim_files_are_strict(tmp_path):
