@@ -229,8 +229,9 @@ def claim_value(claim: Claim, record: RunRecord) -> tuple[float | None, str, str
     if value is None:
         return None, "", f"no {provider} row of {mine[0].metric} within {quality['tolerance']:.0%} of " \
                          f"{quality['reference']}'s" + without
-    return value, claim.unit, f"{provider}, largest {mine[0].x_name} of {len(mine)} within " \
-                              f"{quality['tolerance']:.0%} of {quality['reference']}" + without
+    points = f"{len(mine)} point" + ("s" if len(mine) > 1 else "")
+    return value, claim.unit, f"{provider}, largest {mine[0].x_name} within {quality['tolerance']:.0%} of " \
+                              f"{quality['reference']} ({points})" + without
 
 
 def _made(record: RunRecord) -> str:
