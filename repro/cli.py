@@ -503,11 +503,12 @@ def check_overrides(args: list[str]) -> str | None:
     if problem is not None or split is None:
         return problem
     # Hydra's argparse takes the overrides as one run of arguments, and stops at the rest with "unrecognized
-    # arguments", naming no reason
+    # arguments", naming no reason. Before the options, not after: --info's value is optional, and it would take
+    # the first override for one ("invalid choice")
     later = next(i for i in at if i > split)
-    grouped = [arg for arg, option in zip(args, is_option) if option] + [args[i] for i in at]
+    grouped = [args[i] for i in at] + [arg for arg, option in zip(args, is_option) if option]
     return (f"{args[later]!r} comes after {args[split]}, which follows other overrides: give the overrides "
-            f"together, before or after the options, e.g. repro {shlex.join(grouped)}")
+            f"together, before the options, e.g. repro {shlex.join(grouped)}")
 
 
 def _override_problem(args: list[str], is_option: list[bool]) -> str | None:

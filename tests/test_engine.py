@@ -2,6 +2,7 @@
 failed points counted, runs that measured nothing failing, sweeps that run every job and list them all."""
 import json
 import os
+import shlex
 
 import pytest
 import torch
@@ -167,10 +168,15 @@ def test_overrides_are_checked_before_hydra_runs():
     assert check_overrides(["flash_kernel"]).startswith("cannot read 'flash_kernel': an override is key=value")
     # overrides on both sides of an option: Hydra's argparse stopped with "unrecognized arguments: scale=small"
     assert check_overrides(["task=greenformers", "--cfg", "job", "scale=small"]) == (
-        "'scale=small' comes after --cfg, which follows other overrides: give the overrides together, before or after "
-        "the options, e.g. repro --cfg job task=greenformers scale=small")
+        "'scale=small' comes after --cfg, which follows other overrides: give the overrides together, before the "
+        "options, e.g. repro task=greenformers scale=small --cfg job")
     assert check_overrides(["task=pregated_moe", "-m", "moe.new_tokens=2,4"]).endswith(
-        "e.g. repro -m task=pregated_moe moe.new_tokens=2,4")
+        "e.g. repro task=pregated_moe moe.new_tokens=2,4 -m")
+    # the order given must be one Hydra reads: --info's optional value would take an override put after it
+    from hydra._internal.utils import get_args_parser
+    refused = check_overrides(["task=greenformers", "--info", "scale=small"])
+    assert refused.endswith("e.g. repro task=greenformers scale=small --info")
+    get_args_parser().parse_args(shlex.split(refused.split("e.g. repro ")[1]))  # no SystemExit
     assert check_overrides(["task=greenformers", "scale=smoke", "--cfg", "job"]) is None
     assert check_overrides(["paper=scissorhands", "task=flash_kernel"]).startswith(
         "task=flash_kernel is not a task of paper=scissorhands (its tasks: scissorhands_kv)")
