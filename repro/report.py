@@ -803,8 +803,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"repro-report: {problem}", file=sys.stderr)
     plots = args.out / "report" / "plots"
     drawn = len(list(plots.glob("*.png")))  # what this build drew: it removes the plots it did not draw again
+    # none drawn: records of smoke scale alone, or of tasks that name no metric to plot (`task.plot`), or whose
+    # rows of those metrics all failed; this says which records count rather than guess which of these it was
+    none = "no plots (drawn from small and paper records alone, of the metrics their task.plot names: none here)"
     print(f"wrote {_rel(args.out / 'REPORT.md')}, {_rel(args.out / 'report' / 'rows.csv.gz')}, "
-          + (f"{drawn} plots in {_rel(plots)}" if drawn else "no plots (they are drawn from small and paper records)")
+          + (f"{drawn} plots in {_rel(plots)}" if drawn else none)
           + (f" and the table of {_rel(readme)}" if readme else ""))
     if problems and not args.allow_skipped:
         print(f"repro-report: {len(problems)} problem(s) above; --allow-skipped to accept them", file=sys.stderr)
