@@ -103,8 +103,9 @@ def _aggregate(values: list[float], how: str) -> float:
 def _claim_rows(claim: Claim, record: RunRecord) -> tuple[str, list, list] | None:
     """The rows `claim`'s value comes from in `record`: those of the first of its metrics, then the first of its
     providers, that the record has (with the provider, and all of that metric's rows, for a quality reference).
-    Where no provider has one, the first provider that failed at the claim's points (`_failed_points`), with no
-    rows: the record measured the claim, and the claim did not hold there."""
+    Where no provider has one, the first provider that failed at the claim's points (`_failed_points`) or measured
+    them and found no value (`_valueless`), with no rows: the record measured the claim, and the claim did not hold
+    there."""
     cmp = claim.compare
     for metric in cmp.metrics:
         # a provider whose output differed from the baseline's measured something else: a failed point, no value
