@@ -65,13 +65,13 @@ class TokenStream:
         """The token between documents in both parts (`document_separator`)."""
         return document_separator(self.tokenizer)
 
-    def check_fits(self, seq_len: int, key: str, data: str = "data") -> None:
-        """ConfigError, naming the config `key` of the sequence length and the corpus's keys (under `data`), where
+    def check_fits(self, seq_len: int, key: str, data_key: str = "data") -> None:
+        """ConfigError, naming the config `key` of the sequence length and the corpus's keys (under `data_key`), where
         either part is too short for `windows` of `seq_len` tokens (or one perplexity chunk of them)."""
         if min(len(self.train), len(self.val)) <= seq_len:
             raise ConfigError(f"the corpus gives {len(self.train)} training and {len(self.val)} validation tokens, "
-                              f"too few for sequences of {key}={seq_len}; use a larger corpus ({data}.folder, "
-                              f"{data}.max_files), a larger {data}.val_fraction, or a shorter {key}")
+                              f"too few for sequences of {key}={seq_len}; use a larger corpus ({data_key}.folder, "
+                              f"{data_key}.max_files), a larger {data_key}.val_fraction, or a shorter {key}")
 
 
 def document_separator(tokenizer) -> int | None:
@@ -100,10 +100,10 @@ def lm_batches(ids: torch.Tensor, sequences: int, seqlen: int, grad_accum: int, 
     return batches
 
 
-def _local_files(folder: str | None, pattern: str, max_files: int | None, group: str = "data") -> list[Path]:
+def _local_files(folder: str | None, pattern: str, max_files: int | None, data_key: str = "data") -> list[Path]:
     root = Path(folder).expanduser() if folder else default_corpus()
     if not root.is_dir():
-        raise ConfigError(f"{group}.folder={str(root)!r} is not a folder; give a folder of text files")
+        raise ConfigError(f"{data_key}.folder={str(root)!r} is not a folder; give a folder of text files")
     # the standard library's folder also holds installed packages, and pydoc_data, the source of the `pydoc`
     # evaluation text (repro/evaluation.py), which would otherwise be trained on
     left_out = {"site-packages", "dist-packages"} | ({"pydoc_data"} if not folder else set())
@@ -115,16 +115,16 @@ def _local_files(folder: str | None, pattern: str, max_files: int | None, group:
     if max_files:
         files = files[:max_files]
     if not files:
-        raise ConfigError(f"{group}.folder={str(root)!r} holds no non-empty files matching {pattern!r}; give a "
-                          f"folder of text files ({group}.pattern sets which)")
+        raise ConfigError(f"{data_key}.folder={str(root)!r} holds no non-empty files matching {pattern!r}; give a "
+                          f"folder of text files ({data_key}.pattern sets which)")
     return files
 
 
-def _corpus(spec, group: str) -> tuple[str, Callable[[], list[str]]]:
+def _corpus(spec, data_key: str) -> tuple[str, Callable[[], list[str]]]:
     """A fingerprint of the corpus, and how to read it as a list of documents (done only when the cache lacks
     the tokenizer or the ids)."""
     if spec.source == "local":
-        files = _local_files(spec.folder, spec.pattern, spec.max_files, group)
+        files = _local_files(spec.folder, spec.pattern, spec.max_files, data_key)
 
         def read():
             import datasets  # here: its import takes most of a second, and a cached corpus is never read
@@ -139,22 +139,22 @@ def _corpus(spec, group: str) -> tuple[str, Callable[[], list[str]]]:
     try:
         ds = datasets.load_dataset(spec.source, spec.name, split=spec.split)
     except Exception as exc:  # noqa: BLE001 - offline, or a name the hub does not know
-        raise ConfigError(f"{group}.source={spec.source!r} could not be loaded ({type(exc).__name__}: {exc}). "
-                          f"Offline, use {group}.source=local (a folder of text files)") from None
+        raise ConfigError(f"{data_key}.source={spec.source!r} could not be loaded ({type(exc).__name__}: {exc}). "
+                          f"Offline, use {data_key}.source=local (a folder of text files)") from None
     if spec.max_documents:
         ds = ds.select(range(min(len(ds), spec.max_documents)))
     return f"{spec.source}:{spec.name}:{spec.split}:{spec.text_column}:{len(ds)}", lambda: list(ds[spec.text_column])
 
 
-def _tokenizer(spec, training_documents: Callable[[], list[str]], cache: Path, group: str):
+def _tokenizer(spec, training_documents: Callable[[], list[str]], cache: Path, data_key: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if spec.tokenizer != "bpe":
         try:
             tok = AutoTokenizer.from_pretrained(spec.tokenizer)
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"{group}.tokenizer={spec.tokenizer!r} could not be loaded ({exc}); offline, use "
-                              f"{group}.tokenizer=bpe (trained on the corpus)") from None
+            raise ConfigError(f"{data_key}.tokenizer={spec.tokenizer!r} could not be loaded ({exc}); offline, use "
+                              f"{data_key}.tokenizer=bpe (trained on the corpus's training documents)") from None
         missing = {k: v for k, v in (("pad_token", "<pad>"), ("mask_token", "<mask>")) if getattr(tok, k) is None}
         tok.add_special_tokens(missing)
         return tok
@@ -174,32 +174,33 @@ def _tokenizer(spec, training_documents: Callable[[], list[str]], cache: Path, g
                                    unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
 
 
-def load_token_stream(spec, cache_root: str | Path, group: str = "data") -> TokenStream:
+def load_token_stream(spec, cache_root: str | Path, data_key: str = "data") -> TokenStream:
     """Tokenise the corpus once (documents joined by the end-of-text token) and cache the ids; the last
     `val_fraction` of the documents are the validation part. The cache is keyed by what was read, the
     tokenizer settings and CACHE_VERSION, so a changed corpus or setting is tokenised afresh. Errors name the
-    settings under `group`, the config group `spec` came from."""
-    checks.number(f"{group}.val_fraction", spec.val_fraction, integer=False, above=0, below=1)
+    settings under `data_key`, the config key `spec` came from (`data`, or `model.data`)."""
+    checks.number(f"{data_key}.val_fraction", spec.val_fraction, integer=False, above=0, below=1)
     # null reads the whole corpus; a count out of bounds would quietly read another one (max_files=-3 every file
     # but the last three, 0 every file)
     limit = "max_files" if spec.source == "local" else "max_documents"
     if getattr(spec, limit) is not None:
-        checks.number(f"{group}.{limit}", getattr(spec, limit), at_least=1)
+        checks.number(f"{data_key}.{limit}", getattr(spec, limit), at_least=1)
     if spec.tokenizer == "bpe":
         # the byte-level alphabet and the special tokens are always in the vocabulary: a smaller size is not an
         # error to the trainer, which quietly gives that many
-        checks.number(f"{group}.vocab_size", spec.vocab_size, at_least=BYTES + len(SPECIAL_TOKENS))
-    corpus, read = _corpus(spec, group)
+        checks.number(f"{data_key}.vocab_size", spec.vocab_size, at_least=BYTES + len(SPECIAL_TOKENS))
+    corpus, read = _corpus(spec, data_key)
 
     @functools.cache
     def parts() -> tuple[list[str], list[str]]:
         texts = read()
         if len(texts) < 2:  # refused before a tokenizer is trained on it
-            where = (f"{group}.folder={str(spec.folder or default_corpus())!r}, {group}.pattern={spec.pattern!r}, "
-                     f"{group}.max_files={spec.max_files}" if spec.source == "local" else
-                     f"{group}.source={spec.source!r}, {group}.max_documents={spec.max_documents}")
+            folder = str(spec.folder or default_corpus())
+            where = (f"{data_key}.folder={folder!r}, {data_key}.pattern={spec.pattern!r}, "
+                     f"{data_key}.max_files={spec.max_files}" if spec.source == "local" else
+                     f"{data_key}.source={spec.source!r}, {data_key}.max_documents={spec.max_documents}")
             raise ConfigError(f"the corpus ({where}) holds {len(texts)} non-empty document(s): too few to hold out "
-                              f"the last {group}.val_fraction={spec.val_fraction} of them (one at least) for "
+                              f"the last {data_key}.val_fraction={spec.val_fraction} of them (one at least) for "
                               "validation and train on the rest; use a larger corpus")
         n_val = max(1, int(len(texts) * spec.val_fraction))
         return texts[:-n_val], texts[-n_val:]
@@ -208,7 +209,7 @@ def load_token_stream(spec, cache_root: str | Path, group: str = "data") -> Toke
     key = fingerprint(settings)
     cache = Path(cache_root) / f"tokens-{key}"
     cache.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(spec, lambda: parts()[0], cache, group)
+    tokenizer = _tokenizer(spec, lambda: parts()[0], cache, data_key)
     ids_path = cache / "ids.pt"
     if ids_path.exists():
         ids = torch.load(ids_path)
@@ -216,8 +217,8 @@ def load_token_stream(spec, cache_root: str | Path, group: str = "data") -> Toke
         train, val = parts()
         eos = document_separator(tokenizer)
         if eos is None:
-            raise ConfigError(f"{group}.tokenizer={spec.tokenizer!r} has neither an end-of-text nor a separator token "
-                              "to put between documents")
+            raise ConfigError(f"{data_key}.tokenizer={spec.tokenizer!r} has neither an end-of-text nor a separator "
+                              "token to put between documents")
 
         def join(docs, part):
             # a batch at a time into int32: the ids of a paper-scale corpus as one Python list would take
