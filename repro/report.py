@@ -779,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit 0 even when some records could not be used (they are still listed)")
     parser.add_argument("--pack-above-mb", type=float, default=None,
                         help="first gzip the records larger than this (NAME.json.gz); 0 packs none (default: "
-                             f"{PACK_ABOVE_BYTES // 2**20} below the project's results/runs, whose records are "
+                             f"{PACK_ABOVE_BYTES // 2**20} MB under the project's results/runs, whose records are "
                              "committed; none elsewhere, where a job's folder keeps its record.json)")
     args = parser.parse_args(argv)
     if args.readme is None:  # the project's table shows the committed records alone, not a report built elsewhere

@@ -404,9 +404,10 @@ def serve_model(name: str, batches: list[int], spec, ctx: RunContext, seed: int,
             rows = measure_batch(model, list(as_list(spec.strategy)), batch, spec, device, seed, pinned_gb_s,
                                  lambda strategy, batch=batch: maker(strategy, batch, weights), pin_warning)
             # the paper's grid takes hours and the rows go only to the record: say where the run is
-            failed = sorted({f"{r.provider} {r.status}" for r in rows if r.status != "ok"})
-            print(f"[pregated_moe] {name} at batch {batch}: {len(as_list(spec.strategy))} strategies "
-                  f"({time.perf_counter() - measuring:.1f} s)" + "".join(f", {f}" for f in failed), flush=True)
+            not_ok = sorted({f"{r.provider} {r.status}" for r in rows if r.status != "ok"})
+            strategies = len(as_list(spec.strategy))
+            print(f"[pregated_moe] {name} at batch {batch}: {strategies} strateg{'y' if strategies == 1 else 'ies'} "
+                  f"({time.perf_counter() - measuring:.1f} s)" + "".join(f", {f}" for f in not_ok), flush=True)
             yield from rows
             yield from ratio_rows(rows)
         del model
