@@ -354,7 +354,8 @@ def console_table(outcomes: list[Outcome]) -> str:
     head = f"{'claim':{widths[0]}} {'published':>{widths[1]}} {'reproduced':>{widths[2]}}  status"
     lines = [head, "-" * len(head)]
     for o, (claim, published, reproduced) in zip(outcomes, cells):
-        how = f"  [{o.detail}]" if o.value is not None else ""
+        # a claim measured and not held with no value to show (no point within tolerance, all failed) says why
+        how = f"  [{o.detail}]" if o.value is not None or o.status == NOT_REPRODUCED else ""
         killed = f" ({cut_short(o.record_status)})" if o.record_status != "ok" else ""
         lines.append(f"{claim:{widths[0]}} {published:>{widths[1]}} {reproduced:>{widths[2]}}  {o.status}{killed}{how}")
     return "\n".join(lines)

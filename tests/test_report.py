@@ -130,6 +130,13 @@ def test_the_console_table_names_each_claim_whole_in_columns_as_wide_as_their_ce
     assert lines[2].startswith("a_claim_whose_id_is_longer_than_forty_four_characters 0.706 accuracy")
     assert [line.index(f"  {o.status}") + 2 for line, o in zip(lines[2:], outcomes)] == [lines[0].index("status")] * 2
     assert len(lines[1]) == len(lines[0])
+    # a claim measured and not held, with no value, says why; one not yet run does not list what it lacks
+    oom = Row("ours", "n", 1024, "time", "ms", status="oom", extra={"mode": "fwd", "series": "a"})
+    failed = rec("bench", "small", [oom, row("time", 1.0, provider="base")])
+    lines = console_table([evaluate(claims["fast"], [(Path("f.json"), failed)]),
+                           evaluate(claims["fast"], [])]).splitlines()
+    assert lines[2].endswith("not reproduced  [ours failed at all 1 of the claim's points (out of memory or an error)]")
+    assert lines[3].endswith("not yet run")
 
 
 def test_a_provider_whose_output_differed_from_the_baseline_failed_at_that_point(tree, no_plots):
