@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Generator, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -645,7 +645,7 @@ def _finite_loss(name: str, loss: torch.Tensor, step: int) -> float:
 
 
 def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_dir: Path | None,
-          resume: bool = True, progress: bool = True, reuse_finished: bool = False) -> Iterator[Row]:
+          resume: bool = True, progress: bool = True, reuse_finished: bool = False) -> Generator[Row, None, int]:
     """Train the trainable parameters of `trainee.model` for `spec.steps` optimizer steps and yield rows: loss
     and learning rate every `log_every` steps, evaluation every `eval_every` steps and at the end, then
     throughput and peak memory; with `spec.profile`, on a GPU, the device time by kernel family of the last
@@ -657,7 +657,8 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     re-yields the rows it had produced, so a kill loses at most one interval (and `log_every` steps). A finished
     checkpoint is loaded and its rows re-yielded too until the job that finished it completed (`Job`: a job run
     again after a kill does not train again what it had finished), or with `reuse_finished` (an earlier stage of a
-    candidate, which a rerun need not train again)."""
+    candidate, which a rerun need not train again). Returns the step this call went on from (`spec.steps` for a
+    finished run reused): a caller that times the training times only the steps after it."""
     init_distributed(device)  # for a task that calls train itself, not through train_all
     model = trainee.model.to(device)
     identity = run_identity(trainee, spec, device)
@@ -675,7 +676,7 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     start, rows, timed = checkpoint.resume(reuse_finished) if resume else (0, [], None)
     yield from rows
     if start == spec.steps:  # a finished run, reused
-        return
+        return start
     shared_rng = None
     if parallel.size > 1:
         # Every rank was seeded alike, for the same initial weights; but each GPU of a real run draws dropout masks
@@ -737,6 +738,7 @@ def train(trainee: Trainee, spec: TrainSpec, device: torch.device, checkpoint_di
     rows += summary
     checkpoint.save(spec.steps, rows, finished=True, timed=clock.timed())
     yield from summary
+    return start
 
 
 @dataclass

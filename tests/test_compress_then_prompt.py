@@ -472,21 +472,33 @@ def test_a_soft_prompt_trains_on_the_tokens_perplexity_scores(tmp_path, monkeypa
     torch.testing.assert_close(loss, scored)
 
 
-def test_a_reused_training_reports_no_train_time_or_memory_of_its_own(tmp_path, monkeypatch):
-    """A finished training reused from its checkpoint (rows tagged reused_from) is not trained by this job: its
-    train_time was the checkpoint's load, and on a GPU its train_memory the job's peak before it (train() returns
-    before resetting the peak), compression included."""
+@pytest.mark.parametrize("went_on_from", ["all", "half", 0])
+def test_train_time_covers_the_steps_this_job_trained_and_none_for_a_reused_training(tmp_path, monkeypatch,
+                                                                                      went_on_from):
+    """A finished training reused from its checkpoint ("all": another job's, or this job's before a kill) is not
+    trained by this job: its train_time would be the checkpoint's load, and on a GPU its train_memory the job's peak
+    before it (train() returns before resetting the peak), compression included. One resumed partway is timed over
+    the steps this job ran, and says where it went on from."""
     from tasks.compress_then_prompt import task
 
-    def reused(trainee, spec, *args, **kwargs):
-        yield Row(trainee.name, "step", spec.steps, "loss", "nats", 1.0, n=1,
-                  extra={**trainee.extra, "reused_from": "an earlier job"})
-    monkeypatch.setattr(task, "train", reused)
+    def resumed(trainee, spec, *args, **kwargs):
+        start = {"all": spec.steps, "half": spec.steps // 2}.get(went_on_from, went_on_from)
+        yield Row(trainee.name, "step", spec.steps, "loss", "nats", 1.0, n=1, extra=dict(trainee.extra))
+        return start
+    monkeypatch.setattr(task, "train", resumed)
     # on a GPU machine on the GPU, where train_memory is measured
     code, _, err = run_inline(*TINY, f"hydra.run.dir={tmp_path}", f"paths.outputs={tmp_path}/outputs",
                               f"scale.device={DEVICE}", "experiments=[perplexity]", "compression.levels=[joint_8x]",
-                              "lora.levels=[]", "hard_prompt=null")
+                              "lora.levels=[]", "hard_prompt=null", "train.steps=6")
     assert code == 0, err[-3000:]
     record = json.loads((tmp_path / "record.json").read_text())
     assert rows_of(record, "compressed_prompt", "loss") and rows_of(record, "compressed_prompt", "trainable_params")
-    assert not rows_of(record, "compressed_prompt", "train_time") + rows_of(record, "compressed_prompt", "train_memory")
+    timed = rows_of(record, "compressed_prompt", "train_time")
+    memory = rows_of(record, "compressed_prompt", "train_memory")
+    if went_on_from == "all":
+        assert not timed + memory
+        return
+    (row,) = timed
+    steps = 3 if went_on_from == "half" else 6
+    assert row["n"] == row["extra"]["steps"] == steps and row["extra"].get("resumed_at", 0) == 6 - steps
+    assert len(memory) == (DEVICE == "cuda")

@@ -45,16 +45,29 @@ def trainee(fingerprint="f1"):
                    16, 6 * 5.0, extra={"series": "s"}, fingerprint=fingerprint)
 
 
+def drain(training):
+    """The rows of a `train` call, and what it returns."""
+    rows = []
+    while True:
+        try:
+            rows.append(next(training))
+        except StopIteration as stop:
+            return rows, stop.value
+
+
 def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_unbroken_one(tmp_path):
     whole = trainee()
-    unbroken = list(train(whole, SPEC, torch.device("cpu"), None, progress=False))
+    unbroken, went_on_from = drain(train(whole, SPEC, torch.device("cpu"), None, progress=False))
+    assert went_on_from == 0
 
     first = trainee()
     for row in train(first, SPEC, torch.device("cpu"), tmp_path, progress=False):
         if row.metric == "loss" and row.x_value == 5:
             break  # killed: the checkpoint of step 4 is on disk, step 5's is not
     resumed = trainee()
-    rows = list(train(resumed, SPEC, torch.device("cpu"), tmp_path, progress=False))
+    rows, went_on_from = drain(train(resumed, SPEC, torch.device("cpu"), tmp_path, progress=False))
+    assert went_on_from == 4  # for a caller that times the training: this call trained steps 5-8
+    assert drain(train(trainee(), SPEC, torch.device("cpu"), tmp_path, progress=False, reuse_finished=True))[1] == 8
     for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     losses = lambda rs: [(r.x_value, r.p50) for r in rs if r.metric == "loss"]  # noqa: E731

@@ -455,16 +455,16 @@ class CompressThenPrompt:
         checkpoints = Path(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
         device = self.ctx.device
         resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        start, reused = time.monotonic(), False
-        for row in train(trainee, self.spec, device, checkpoints, self.cfg.checkpoint.resume):
-            reused = reused or "reused_from" in row.extra
-            yield row
-        # a finished run another job trained (its rows reused_from) took this job the checkpoint's load, and train()
-        # returned before resetting the device's peak, which is the job's so far (compression included): neither is
-        # its training's
-        if not reused:
-            yield Row(provider, X, state.x, "train_time", "s", time.monotonic() - start, n=self.spec.steps,
-                      extra={**extra, "steps": self.spec.steps})
+        start = time.monotonic()
+        went_on_from = yield from train(trainee, self.spec, device, checkpoints, self.cfg.checkpoint.resume)
+        # a training resumed after a kill is timed over the steps this job ran; one finished and reused (another
+        # job's, or this job's before a kill) took this job only the checkpoint's load, and train() returned before
+        # resetting the device's peak, which is the job's so far (compression included): neither is its training's
+        steps = self.spec.steps - went_on_from
+        if steps:
+            resumed = {"resumed_at": went_on_from} if went_on_from else {}
+            yield Row(provider, X, state.x, "train_time", "s", time.monotonic() - start, n=steps,
+                      extra={**extra, "steps": steps, **resumed})
             if device.type == "cuda":  # the loop's peak_memory counts every model the run holds; this, training's own
                 added = (torch.cuda.max_memory_allocated(device) - resident) / 2**20
                 yield Row(provider, X, state.x, "train_memory", "MB", added, n=1,
