@@ -28,7 +28,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -47,7 +47,7 @@ from .records import (FAILED_ROW_STATUSES, JOB_RECORD, RunRecord, committed_copy
                       save_record, write_json_atomic)
 from .report import console_table, evaluate
 from .timing import is_out_of_memory
-from .train import running_job
+from .train import running_job, unread_training_keys
 from .wandb_logger import WANDB_MODES, NullLogger, make_logger
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -59,13 +59,14 @@ class RunFailed(Exception):
     """A job ran but measured nothing: every point it tried failed."""
 
 
-def load_task(spec: str) -> tuple[Callable, Callable | None]:
-    """The task's `run` (`package.module:function`, as its config names it) and the module's `validate`, if
-    it has one: checked before any work."""
+def load_task(spec: str) -> tuple[Callable, Callable | None, Callable | None]:
+    """The task's `run` (`package.module:function`, as its config names it), and the module's `validate` and
+    `unread_keys`, if it has them: checked before any work. `unread_keys(cfg)` gives the keys of `cfg` that the
+    task, as `cfg` sets it up, never reads (dotted key -> why, and what to set instead)."""
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-        return getattr(module, attr or "run"), getattr(module, "validate", None)
+        return getattr(module, attr or "run"), getattr(module, "validate", None), getattr(module, "unread_keys", None)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"task.entry={spec!r} cannot be loaded: {exc}") from None
 
@@ -162,8 +163,9 @@ def _collect(entry, cfg, ctx, record: RunRecord, logger, checkpoint: Path | None
             saver.close()
 
 
-def check_job(cfg: DictConfig) -> Callable:
-    """A job's own checks, the task's among them (a ConfigError naming the key); returns the task's entry."""
+def check_job(cfg: DictConfig, overrides: Sequence[str] = ()) -> Callable:
+    """A job's own checks, the task's among them (a ConfigError naming the key), and of its `overrides` (the
+    command line's), none of which may set a key the job never reads; returns the task's entry."""
     checks.number("record_every_s", cfg.record_every_s, integer=False, at_least=0, at_most=86400, finite=True)
     checks.number("seed", cfg.seed, at_least=0)
     checks.choice("logger.name", cfg.logger.name, ("wandb", "none"))
@@ -175,10 +177,33 @@ def check_job(cfg: DictConfig) -> Callable:
                               f"{list(WANDB_MODES)}: set it to one of those, or give logger.mode=<mode>")
         checks.choice("logger.mode", cfg.logger.mode, WANDB_MODES)
         checks.number("logger.init_timeout_s", cfg.logger.init_timeout_s, integer=False, at_least=1)
-    entry, validate = load_task(cfg.task.entry)
+    entry, validate, task_unread_keys = load_task(cfg.task.entry)
     if validate is not None:
         validate(cfg)
+    unread = {**unread_training_keys(cfg), **(task_unread_keys(cfg) if task_unread_keys else {})}
+    refuse_unread(overrides, unread)
     return entry
+
+
+def refuse_unread(overrides: Sequence[str], unread: dict[str, str]) -> None:
+    """Refuse an override that sets a key of `unread` (key -> why nothing reads it), or one inside it: the job
+    would accept it and run as if it were not given. A null, or a key removed (`~key`), sets nothing: let be."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        if o.is_delete():
+            continue
+        for key, value in _leaves(o.key_or_group, o.value()):
+            hit = next((k for k in unread if key == k or key.startswith(k + ".")), None)
+            if hit is not None and value is not None:
+                raise ConfigError(f"{key}={value!r} would have no effect: {unread[hit]}")
+
+
+def _leaves(key: str, value: Any) -> list[tuple[str, Any]]:
+    """The dotted keys an override's value sets, with their values (a mapping's each)."""
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(f"{key}.{k}", v)]
+    return [(key, value)]
 
 
 def _start(cfg: DictConfig, record: RunRecord, output_dir: Path):
@@ -186,7 +211,7 @@ def _start(cfg: DictConfig, record: RunRecord, output_dir: Path):
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     device = resolve_device(cfg.scale)
-    entry = check_job(cfg)
+    entry = check_job(cfg, hc.overrides.task)
     # found unwritable at the end, the run's work would be lost with the error (the folder is made then)
     why = cfg.scale.commit_records and cannot_make(Path(cfg.paths.records).absolute())
     if why:
@@ -772,7 +797,7 @@ def _refused_job(jobs: list, keys: list) -> str | None:
     with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
         for overrides in configs[:MAX_CONFIGS_CHECKED]:
             try:
-                check_job(compose("config", overrides=overrides))
+                check_job(compose("config", overrides=overrides), overrides)
             except ConfigError as exc:
                 return f"{exc} (in the job {' '.join(overrides)}; no job was run)"
             except Exception:  # noqa: BLE001 - what only the job itself can check (Hydra's runtime values)

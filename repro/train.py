@@ -23,6 +23,7 @@ from typing import Callable, Generator, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from . import checks
@@ -178,6 +179,19 @@ class TrainSpec:
         for name, allowed in (("precision", PRECISIONS), ("optimizer", OPTIMIZERS), ("parallel", PARALLEL),
                               ("schedule", SCHEDULES)):
             checks.choice(f"train.{name}", getattr(self, name), allowed)
+
+
+def unread_training_keys(cfg) -> dict[str, str]:
+    """The settings of `cfg`'s training blocks (a task's `train`, a trained model's `model.train`) that its other
+    settings leave unread, for `repro.cli.refuse_unread`."""
+    unread = {}
+    for block in ("train", "model.train"):
+        schedule = OmegaConf.select(cfg, f"{block}.schedule")
+        if schedule == "rsqrt":
+            unread[f"{block}.min_lr_ratio"] = (
+                f"{block}.schedule={schedule} decays the learning rate as lr·sqrt(warmup_steps / step), with no "
+                "floor; min_lr_ratio is where the cosine and linear schedules end")
+    return unread
 
 
 @dataclass

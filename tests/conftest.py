@@ -61,12 +61,27 @@ def refusal(compose):
 
     def _refusal(*overrides: str) -> str:
         cfg = compose(*overrides)
-        _, validate = load_task(cfg.task.entry)
+        _, validate, _ = load_task(cfg.task.entry)
         with pytest.raises(ConfigError) as error:
             validate(cfg)
         return str(error.value)
 
     return _refusal
+
+
+@pytest.fixture
+def job_refusal(compose):
+    """The error a job's checks (repro.cli.check_job: its task's validate, then the keys the job would not read)
+    refuse the command line's `overrides` with, on a composed config: what the command line prints, exit status 2."""
+    from repro.cli import check_job
+    from repro.context import ConfigError
+
+    def _job_refusal(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as error:
+            check_job(compose(*overrides), overrides)
+        return str(error.value)
+
+    return _job_refusal
 
 
 def run_repro(*args: str, timeout: float = 300, interpret: bool = False, fake_tasks: bool = False

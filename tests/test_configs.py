@@ -28,7 +28,7 @@ def test_every_task_composes_at_every_scale(compose, task, scale):
 def test_every_tasks_own_config_passes_its_validate(compose, task, scale):
     from repro.cli import load_task
     cfg = compose(f"task={task}", f"scale={scale}")
-    _, validate = load_task(cfg.task.entry)
+    _, validate, _ = load_task(cfg.task.entry)
     if validate is not None:
         validate(cfg)
 

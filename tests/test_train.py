@@ -809,3 +809,14 @@ def test_final_rows_leave_out_a_trainee_that_failed_after_an_evaluation_or_an_ea
             row("c", "tokens_per_s", 6.0, 512), out_of_memory("c")]  # its first stage finished, its second did not
     assert list(final_rows(rows, "val_perplexity", "seq_len")) == [("a", 512)]
     assert list(final_rows(rows, "tokens_per_s", "seq_len")) == [("a", 512)]
+
+
+@pytest.mark.parametrize("block, task", [("train", "task=lra_listops"),
+                                         ("model.train", "task=lm_eval model=trained_tiny")])
+def test_a_floor_given_to_the_rsqrt_schedule_which_has_none_is_refused(job_refusal, compose, block, task):
+    """min_lr_ratio is where the cosine and linear schedules end; rsqrt would take it and decay as before."""
+    from repro.cli import check_job
+    given = [*task.split(), "scale=smoke", f"++{block}.min_lr_ratio=0.2"]  # ++: set, or add where it is left out
+    message = job_refusal(*given, f"++{block}.schedule=rsqrt")
+    assert message.startswith(f"{block}.min_lr_ratio=0.2 would have no effect: {block}.schedule=rsqrt decays"), message
+    check_job(compose(*given, f"++{block}.schedule=linear"), given)
