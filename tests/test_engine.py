@@ -434,6 +434,16 @@ def test_a_sweep_with_a_job_its_checks_refuse_runs_no_job(sweep, expected, tmp_p
     assert not list(tmp_path.glob("*"))
 
 
+@pytest.mark.parametrize("args", [["task=lra_listops"], ["-m", "task=lra_pathfinder,lra_listops"]])
+def test_a_key_the_job_would_not_read_is_bad_input_saying_why(args, tmp_path):
+    """Set up as its other settings say, a job that would not read a key given would run as if it were not:
+    refused as one run starts, and in a sweep before any job runs."""
+    code, out, err = run_inline(*args, "scale=smoke", "lra.difficulty=easy", "logger=none",
+                                f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}")
+    assert code == 2, (out, err[-2000:])
+    assert "lra.difficulty='easy' would have no effect: only the Pathfinder tasks read it" in err, err[-2000:]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_a_sweep_for_slurm_is_not_refused_for_what_this_machine_lacks(monkeypatch):
     """SLURM runs the jobs on its GPU nodes: a job's checks that ask for the device run there, not here."""

@@ -413,6 +413,48 @@ def test_pretraining_on_a_larger_image_than_a_task_is_refused(compose):
     validate(compose("task=pathx", "lra.attention=[standard]", "lra.pretrain={task: path64, steps: 1}"))
 
 
+# settings the tasks, pre-training task and attentions chosen never read: accepted, they would change nothing
+@pytest.mark.parametrize("overrides, expected", [
+    ("task=lra_listops lra.difficulty=easy", "lra.difficulty='easy' would have no effect: only the Pathfinder tasks"),
+    ("task=lra_pathfinder lra.listops_max_length=900", "lra.listops_max_length=900 would have no effect: only ListOps"),
+    ("task=lra_image lra.max_bytes=100", "lra.max_bytes=100 would have no effect: only the byte-level tasks"),
+    ("task=lra_listops lra.source=hub", "lra.source='hub' would have no effect: only the tasks read from data"),
+    ("task=lra_text lra.data_dir=/tmp", "lra.data_dir='/tmp' would have no effect: only Retrieval with lra.source=hub"),
+    ("task=lra_listops lra.micro_batch.text=4", "lra.micro_batch.text=4 would have no effect: text is not among"),
+    ("task=lra_listops lra.micro_batch={text:4}", "lra.micro_batch.text=4 would have no effect"),
+    ("task=lra_listops lra.attention=[standard] +lra.model.block_size=32",
+     "lra.model.block_size=32 would have no effect: only effrepro_sparse reads it"),
+    ("task=lra_listops lra.attention=[standard] lra.model={dim:32,linformer_k:8}",
+     "lra.model.linformer_k=8 would have no effect: only linformer reads it"),
+])
+def test_a_setting_no_chosen_task_or_attention_reads_is_refused(job_refusal, overrides, expected):
+    message = job_refusal(*overrides.split(), "scale=smoke")
+    assert message.startswith(expected), message
+
+
+@pytest.mark.parametrize("overrides", [
+    "task=lra_pathfinder lra.difficulty=easy",
+    "task=lra lra.tasks=[listops,text] lra.max_bytes=100 lra.listops_max_length=90",
+    "task=lra_retrieval lra.micro_batch.retrieval=2 lra.n_train=20 lra.seed=1",  # a fixture's
+    "task=pathx lra.attention=[standard] lra.pretrain={task:path64,steps:1} lra.micro_batch.path64=1",
+    "task=lra_listops lra.attention=[linformer] lra.model.linformer_k=8",
+    "task=lra_listops lra.data_dir=null",  # sets nothing
+])
+def test_a_setting_a_chosen_task_or_attention_reads_is_taken(compose, overrides):
+    from repro.cli import check_job
+    check_job(compose(*overrides.split(), "scale=smoke"), [*overrides.split(), "scale=smoke"])
+
+
+def test_a_hub_set_is_read_whole_so_its_size_and_seed_are_not_settings(compose):
+    from tasks.lra.train_lra import unread_keys
+
+    unread = unread_keys(compose("task=lra_text", "lra.source=hub"))
+    assert {"lra.n_train", "lra.n_val", "lra.seed"} <= set(unread)
+    assert "reads every example from the hub" in unread["lra.n_train"]
+    # ListOps and Pathfinder are generated whatever lra.source says
+    assert not {"lra.n_train", "lra.n_val", "lra.seed"} & set(unread_keys(compose("task=lra", "lra.source=hub")))
+
+
 @pytest.mark.parametrize("claim_id", ["table3_lra_text_accuracy", "table3_lra_retrieval_accuracy",
                                       "table3_lra_image_accuracy", "table3_lra_average_accuracy"])
 def test_the_accuracy_claims_read_no_rows_of_fixture_data(claim_id):

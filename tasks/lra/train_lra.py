@@ -27,8 +27,8 @@ from repro.records import Row
 from repro.train import (Candidate, Stage, Trainee, TrainSpec, final_rows, model_flops_per_token,
                          step_generator, throughput_ratios, train_from_config)
 
-from .data import (AAN_FILES, HUB_SPLITS, LISTOPS_VOCAB, MAX_BYTES, SPLITS, check_hub_reachable, encode_listops,
-                   generator_params, load_lra_hub, load_or_generate, tiny_fixture)
+from .data import (AAN_FILES, DATA_TASKS, HUB_SPLITS, LISTOPS_VOCAB, MAX_BYTES, SPLITS, check_hub_reachable,
+                   encode_listops, generator_params, load_lra_hub, load_or_generate, tiny_fixture)
 from .model import ATTENTIONS, LINFORMER_K, LRAClassifier, upsample_positions
 
 # The LRA repository's base configs per task (dim / heads / layers / mlp). Pathfinder's qkv width is
@@ -345,6 +345,39 @@ def validate(cfg: DictConfig) -> None:
         if cfg.train.parallel == "fsdp":
             raise ConfigError("lra.pretrain hands the pre-trained model itself to the next stage, which "
                               "train.parallel=fsdp would have sharded; use train.parallel=ddp")
+
+
+def unread_keys(cfg: DictConfig) -> dict[str, str]:
+    """The lra.* settings that the tasks (and the pre-training task) and attentions chosen never read, each with
+    why: `repro.cli` refuses them on the command line, where they would be accepted and change nothing."""
+    spec = cfg.lra
+    tasks = as_list(spec.tasks) + ([spec.pretrain.task] if spec.pretrain else [])
+    attentions = as_list(spec.attention)
+    chosen = f"lra.tasks={as_list(spec.tasks)}" + (f" (and lra.pretrain.task={spec.pretrain.task})"
+                                                   if spec.pretrain else "")
+    unread = {}
+
+    def read_by(keys, readers, what):
+        if not set(tasks) & set(readers):
+            unread.update(dict.fromkeys(keys, f"only {what} read it ({', '.join(readers)}), and {chosen} has none"))
+
+    read_by(["lra.difficulty"], PATH_SIZES, "the Pathfinder tasks")
+    read_by(["lra.listops_min_length", "lra.listops_max_length"], ["listops"], "ListOps")
+    read_by(["lra.max_bytes"], MAX_BYTES, "the byte-level tasks")
+    read_by(["lra.source"], DATA_TASKS, "the tasks read from data, not generated,")
+    if "retrieval" not in tasks or spec.source != "hub":
+        unread["lra.data_dir"] = f"only Retrieval with lra.source=hub reads it ({chosen}, lra.source={spec.source})"
+    if all(data_source(task, spec) == "hub" for task in tasks):
+        # a hub split is read whole, and needs no seed
+        unread.update(dict.fromkeys(["lra.n_train", "lra.n_val", "lra.seed"], (
+            f"{chosen} reads every example from the hub (lra.source=hub): only generated tasks (listops, "
+            f"{', '.join(PATH_SIZES)}) and fixtures (lra.source=fixture) read it")))
+    for task in set(LRA_TASKS) - set(tasks):
+        unread[f"lra.micro_batch.{task}"] = f"{task} is not among the tasks trained: {chosen}"
+    for key, attention in (("linformer_k", "linformer"), ("block_size", "effrepro_sparse")):
+        if attention not in attentions:
+            unread[f"lra.model.{key}"] = f"only {attention} reads it, and lra.attention={attentions} has no {attention}"
+    return unread
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
