@@ -94,6 +94,17 @@ def flag(key: str, value: Any, many: bool = False) -> None:
         raise ConfigError(f"{key}={value!r} must be true or false" + (", or a list of them" if many else ""))
 
 
+def unread_unless_chosen(read_by: Mapping[str, Iterable], chosen: Iterable, setting: str) -> dict[str, str]:
+    """For a task's `unread_keys`: the keys of `read_by` (key -> the choices that read it: the task's parts, LRA's
+    tasks) that none of `chosen` reads, each with why; `setting`: what chose them, as the message shows it."""
+    unread = {}
+    for key, readers in read_by.items():
+        readers = list(readers)
+        if not set(readers) & set(chosen):
+            unread[key] = f"it is read only for {' or '.join(map(str, readers))}, and {setting} has none of them"
+    return unread
+
+
 def names_a_path(name: str) -> bool:
     """Whether a model or checkpoint `name` means a folder here, not a Hub name (organisation/model, or a bare one
     such as gpt2): it starts with /, . or ~, has more than one /, or its organisation is a folder here."""

@@ -441,7 +441,7 @@ def test_a_key_the_job_would_not_read_is_bad_input_saying_why(args, tmp_path):
     code, out, err = run_inline(*args, "scale=smoke", "lra.difficulty=easy", "logger=none",
                                 f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}")
     assert code == 2, (out, err[-2000:])
-    assert "lra.difficulty='easy' would have no effect: only the Pathfinder tasks read it" in err, err[-2000:]
+    assert "lra.difficulty='easy' would have no effect: it is read only for pathfinder" in err, err[-2000:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

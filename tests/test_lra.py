@@ -414,22 +414,27 @@ def test_pretraining_on_a_larger_image_than_a_task_is_refused(compose):
 
 
 # settings the tasks, pre-training task and attentions chosen never read: accepted, they would change nothing
-@pytest.mark.parametrize("overrides, expected", [
-    ("task=lra_listops lra.difficulty=easy", "lra.difficulty='easy' would have no effect: only the Pathfinder tasks"),
-    ("task=lra_pathfinder lra.listops_max_length=900", "lra.listops_max_length=900 would have no effect: only ListOps"),
-    ("task=lra_image lra.max_bytes=100", "lra.max_bytes=100 would have no effect: only the byte-level tasks"),
-    ("task=lra_listops lra.source=hub", "lra.source='hub' would have no effect: only the tasks read from data"),
-    ("task=lra_text lra.data_dir=/tmp", "lra.data_dir='/tmp' would have no effect: only Retrieval with lra.source=hub"),
-    ("task=lra_listops lra.micro_batch.text=4", "lra.micro_batch.text=4 would have no effect: text is not among"),
-    ("task=lra_listops lra.micro_batch={text:4}", "lra.micro_batch.text=4 would have no effect"),
-    ("task=lra_listops lra.attention=[standard] +lra.model.block_size=32",
-     "lra.model.block_size=32 would have no effect: only effrepro_sparse reads it"),
-    ("task=lra_listops lra.attention=[standard] lra.model={dim:32,linformer_k:8}",
-     "lra.model.linformer_k=8 would have no effect: only linformer reads it"),
+@pytest.mark.parametrize("overrides, setting, readers", [
+    ("task=lra_listops lra.difficulty=easy", "lra.difficulty='easy'", "pathfinder or path64 or pathx or path256"),
+    ("task=lra_pathfinder lra.listops_max_length=900", "lra.listops_max_length=900", "listops"),
+    ("task=lra_image lra.max_bytes=100", "lra.max_bytes=100", "text or retrieval"),
+    ("task=lra_listops lra.source=hub", "lra.source='hub'", "text or retrieval or image"),
+    ("task=lra_listops lra.micro_batch.text=4", "lra.micro_batch.text=4", "text"),
+    ("task=lra_listops lra.micro_batch={text:4}", "lra.micro_batch.text=4", "text"),
+    ("task=lra_listops lra.attention=[standard] +lra.model.block_size=32", "lra.model.block_size=32",
+     "effrepro_sparse"),
+    ("task=lra_listops lra.attention=[standard] lra.model={dim:32,linformer_k:8}", "lra.model.linformer_k=8",
+     "linformer"),
 ])
-def test_a_setting_no_chosen_task_or_attention_reads_is_refused(job_refusal, overrides, expected):
+def test_a_setting_no_chosen_task_or_attention_reads_is_refused(job_refusal, overrides, setting, readers):
     message = job_refusal(*overrides.split(), "scale=smoke")
-    assert message.startswith(expected), message
+    assert message.startswith(f"{setting} would have no effect: it is read only for {readers}, and lra."), message
+
+
+def test_lra_data_dir_is_read_only_for_retrieval_from_the_hub(job_refusal):
+    message = job_refusal("task=lra_text", "scale=smoke", "lra.data_dir=/tmp")
+    assert message.startswith("lra.data_dir='/tmp' would have no effect: only Retrieval with lra.source=hub reads "
+                              "it (lra.tasks=['text'], lra.source=fixture)"), message
 
 
 @pytest.mark.parametrize("overrides", [

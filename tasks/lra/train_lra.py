@@ -355,16 +355,12 @@ def unread_keys(cfg: DictConfig) -> dict[str, str]:
     attentions = as_list(spec.attention)
     chosen = f"lra.tasks={as_list(spec.tasks)}" + (f" (and lra.pretrain.task={spec.pretrain.task})"
                                                    if spec.pretrain else "")
-    unread = {}
-
-    def read_by(keys, readers, what):
-        if not set(tasks) & set(readers):
-            unread.update(dict.fromkeys(keys, f"only {what} read it ({', '.join(readers)}), and {chosen} has none"))
-
-    read_by(["lra.difficulty"], PATH_SIZES, "the Pathfinder tasks")
-    read_by(["lra.listops_min_length", "lra.listops_max_length"], ["listops"], "ListOps")
-    read_by(["lra.max_bytes"], MAX_BYTES, "the byte-level tasks")
-    read_by(["lra.source"], DATA_TASKS, "the tasks read from data, not generated,")
+    read_by_tasks = {"lra.difficulty": PATH_SIZES, "lra.listops_min_length": ["listops"],
+                     "lra.listops_max_length": ["listops"], "lra.max_bytes": MAX_BYTES, "lra.source": DATA_TASKS,
+                     **{f"lra.micro_batch.{task}": [task] for task in LRA_TASKS}}
+    read_by_attentions = {"lra.model.linformer_k": ["linformer"], "lra.model.block_size": ["effrepro_sparse"]}
+    unread = {**checks.unread_unless_chosen(read_by_tasks, tasks, chosen),
+              **checks.unread_unless_chosen(read_by_attentions, attentions, f"lra.attention={attentions}")}
     if "retrieval" not in tasks or spec.source != "hub":
         unread["lra.data_dir"] = f"only Retrieval with lra.source=hub reads it ({chosen}, lra.source={spec.source})"
     if all(data_source(task, spec) == "hub" for task in tasks):
@@ -372,11 +368,6 @@ def unread_keys(cfg: DictConfig) -> dict[str, str]:
         unread.update(dict.fromkeys(["lra.n_train", "lra.n_val", "lra.seed"], (
             f"{chosen} reads every example from the hub (lra.source=hub): only generated tasks (listops, "
             f"{', '.join(PATH_SIZES)}) and fixtures (lra.source=fixture) read it")))
-    for task in set(LRA_TASKS) - set(tasks):
-        unread[f"lra.micro_batch.{task}"] = f"{task} is not among the tasks trained: {chosen}"
-    for key, attention in (("linformer_k", "linformer"), ("block_size", "effrepro_sparse")):
-        if attention not in attentions:
-            unread[f"lra.model.{key}"] = f"only {attention} reads it, and lra.attention={attentions} has no {attention}"
     return unread
 
 
