@@ -553,3 +553,16 @@ def test_each_quality_variant_trains_alone_with_base_factorised_before_the_next(
     providers = [r.provider for r in rows]
     assert providers.index("lrt_svd") > max(i for i, p in enumerate(providers) if p == "base")
     assert providers.index("lrt_svd") < providers.index("lrt_r8")
+
+
+@pytest.mark.parametrize("parts, given, readers", [
+    ("[crossover]", "train.steps=5", "quality"),
+    ("[crossover,notebook]", "greenformers.quality.n_train=64", "quality"),
+    ("[quality]", "greenformers.dtype=float32", "crossover"),  # the notebook's is greenformers.notebook.dtype
+    ("[quality]", "greenformers.model.hidden_size=64", "crossover or notebook"),
+    ("[notebook]", "greenformers.crossover.tokens=64", "crossover"),
+])
+def test_a_setting_of_a_part_not_run_is_refused(job_refusal, parts, given, readers):
+    message = job_refusal("task=greenformers", "scale=smoke", f"greenformers.parts={parts}", given)
+    assert message.startswith(f"{given.split('=')[0]}=") and f"would have no effect: it is read only for {readers}, " \
+        f"and greenformers.parts=" in message, message

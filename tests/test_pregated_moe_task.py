@@ -585,3 +585,14 @@ def test_on_a_gpu_every_strategy_records_memory_hidden_copies_and_the_copy_bandw
     expert = 2 * d_model * d_ff * 4  # w_in and w_out, float32
     assert peak["pregated"] - peak["on_demand"] == pytest.approx(expert, abs=expert / 4)
     assert peak["prefetch_all"] - peak["on_demand"] == pytest.approx(31 * expert, abs=expert / 4)
+
+
+@pytest.mark.parametrize("parts, given, readers", [
+    ("[serving]", "train.steps=3", "quality"),
+    ("[serving]", "quality.n_layer=2", "quality"),
+    ("[serving]", "data.max_files=4", "quality"),
+    ("[quality]", "moe.top_k=2", "serving"),
+])
+def test_a_setting_of_a_part_not_run_is_refused(job_refusal, parts, given, readers):
+    message = job_refusal("task=pregated_moe", "scale=smoke", f"parts={parts}", given)
+    assert message.startswith(f"{given} would have no effect: it is read only for {readers}, and parts="), message

@@ -132,6 +132,19 @@ def validate(cfg: DictConfig) -> None:
                               "train.parallel=fsdp would have sharded; use train.parallel=ddp, or svd_ranks=[]")
 
 
+# the settings only some parts read (greenformers.attention and the seed are every part's)
+READ_BY_PARTS = {"greenformers.crossover": ["crossover"], "greenformers.notebook": ["notebook"],
+                 "greenformers.dtype": ["crossover"],  # the notebook has its own, greenformers.notebook.dtype
+                 "greenformers.model": ["crossover", "notebook"], "greenformers.warmup_ms": ["crossover", "notebook"],
+                 "greenformers.rep_ms": ["crossover", "notebook"], "greenformers.quality": ["quality"],
+                 "train": ["quality"]}
+
+
+def unread_keys(cfg: DictConfig) -> dict[str, str]:
+    parts = as_list(cfg.greenformers.parts)
+    return checks.unread_unless_chosen(READ_BY_PARTS, parts, f"greenformers.parts={parts}")
+
+
 def _point(ctx: RunContext, setting: str, seq_len: int, mode: str, batch: int, dtype: str, model: str) -> Point:
     device_name = ctx.env["gpu_name"] if ctx.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return Point("seq_len", seq_len, dict(setting=setting, mode=mode, batch=batch, dtype=dtype, model=model,

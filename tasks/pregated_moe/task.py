@@ -23,6 +23,12 @@ def validate(cfg) -> None:
         quality.validate(cfg)
 
 
+def unread_keys(cfg) -> dict[str, str]:
+    parts = as_list(cfg.parts)
+    return checks.unread_unless_chosen({"moe": ["serving"], "quality": ["quality"], "train": ["quality"],
+                                        "data": ["quality"]}, parts, f"parts={parts}")
+
+
 def run(cfg, ctx: RunContext) -> Iterator[Row]:
     parts = list(as_list(cfg.parts))
     if "serving" in parts:
