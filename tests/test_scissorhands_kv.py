@@ -11,12 +11,13 @@ from omegaconf import OmegaConf
 from conftest import DEVICE, ROOT, run_inline
 from repro.bench import Unsupported
 from repro.claims import load_paper
+from repro.context import ConfigError
 from repro.records import Row, RunRecord
 from repro.report import claim_value
 from tasks.scissorhands.generate import FloatStore, QuantizedStore
 from tasks.scissorhands.memory import bits_compression, cache_bytes, largest_batch, table_rows
 from tasks.scissorhands.policies import Full, Scissorhands, policy_at_budget
-from tasks.scissorhands.task import FittedPolicy, Setting, budget, min_fraction_rows, sweep
+from tasks.scissorhands.task import FittedPolicy, Setting, budget, checked_model, min_fraction_rows, sweep
 
 TINY = ["task=scissorhands_kv", "model=tiny_llama", "logger=none"]
 # The 4-bit cache and the decode benchmark on the least that runs them: 8 tokens, one chunk, groups of 4, in
@@ -539,3 +540,41 @@ def test_bookkeeping_times_attention_and_counting_over_whole_rounds_of_their_cop
     attention = 2 * 8 * 16 * 4 * 2 + 4 * 8 * 4 + 4 * 4  # keys and values, scores, lse
     counting = 4 * 8 * (4 + 4 + 1) + 4 * 4  # scores, counts, one byte-plane of the ring, lse
     assert cycles == [1, -(-4096 // attention), -(-4096 // counting), 1, 1, 1]
+
+
+@pytest.mark.parametrize("experiments, given, readers", [
+    ("[quality]", "mc.limit=4", "multiple_choice"),
+    ("[quality,persistence]", "decode.batch=2", "decode"),
+    ("[table1,decode]", "eval.seqlen=32", "persistence or quality"),
+    ("[persistence]", "kv.quality_tolerance=0.1", "quality"),
+    ("[persistence,decode]", "kv.compressions=[2]", "quality or multiple_choice"),
+    ("[table1]", "kv.scissorhands.recent=2", "quality or multiple_choice or decode"),
+])
+def test_a_setting_of_an_experiment_not_run_is_refused(job_refusal, experiments, given, readers):
+    message = job_refusal(*TINY, f"kv.experiments={experiments}", given)
+    assert message.startswith(f"{given.split('=')[0]}=") and f"would have no effect: it is read only for {readers}, " \
+        f"and kv.experiments=" in message, message
+
+
+@pytest.mark.parametrize("overrides", [
+    # mc.* at this scale names its own policies: quality's alone may change
+    ["kv.experiments=[quality]", "kv.policies=[full,h2o]", "kv.quantized_policies=[h2o]"],
+    # multiple choice reads no evaluation text: eval.seqlen, longer than the model's context here, is not its limit
+    ["scale=small", "kv.experiments=[table1,multiple_choice]"],
+])
+def test_a_setting_checked_only_where_an_experiment_run_reads_it(compose, overrides):
+    """Such a setting could not be set right: the command line refuses it, as no experiment run reads it."""
+    from repro.cli import check_job
+    if "kv.experiments=[table1,multiple_choice]" in overrides:
+        pytest.importorskip("lm_eval", reason="the multiple-choice experiment needs lm-evaluation-harness")
+    check_job(compose(*TINY, *overrides), [*TINY, *overrides])
+
+
+def test_a_loaded_model_is_held_to_the_evaluation_text_only_where_an_experiment_reads_it(compose):
+    """A Hub model's context is known once loaded: multiple choice alone reads no text of eval.seqlen tokens."""
+    from types import SimpleNamespace
+
+    cfg, ctx = compose(*TINY, "scale=small"), SimpleNamespace(device=torch.device("cpu"))  # eval.seqlen=512 > 256
+    assert checked_model(cfg, ctx, ["multiple_choice"]).n_layers == 2
+    with pytest.raises(ConfigError, match="eval.seqlen=512 is longer than model=tiny_llama's context of 256 tokens"):
+        checked_model(cfg, ctx, ["persistence"])

@@ -46,6 +46,15 @@ from .simulate import persistence_ratio, simulate
 
 EXPERIMENTS = ("table1", "persistence", "quality", "multiple_choice", "decode")
 MODEL_EXPERIMENTS = ("persistence", "quality", "multiple_choice")
+TEXT_EXPERIMENTS = ("persistence", "quality")  # those that read the evaluation text, eval.*
+SWEEPS = ("quality", "multiple_choice")  # those that run the policies of kv.* (mc.* takes kv.*'s by default)
+# the settings only some experiments read (kv.experiments)
+READ_BY_EXPERIMENTS = {
+    "eval": TEXT_EXPERIMENTS, "mc": ["multiple_choice"], "decode": ["decode"], "kv.quality_tolerance": ["quality"],
+    **dict.fromkeys(["kv.mode", "kv.policies", "kv.compressions", "kv.bits", "kv.quantized_policies",
+                     "kv.scissorhands_released", "kv.h2o", "kv.streaming", "kv.tova"], SWEEPS),
+    # the decode experiment's bookkeeping is Scissorhands', on its kernel
+    **dict.fromkeys(["kv.scissorhands", "kv.group_size", "kv.schedule"], [*SWEEPS, "decode"])}
 MODES = ("simulate", "generate")
 
 
@@ -180,9 +189,24 @@ def validate(cfg: DictConfig) -> None:
     checks.number("kv.quality_tolerance", kv.quality_tolerance, integer=False, finite=True, at_least=0)
     _check_params(kv)
     _check_generate(kv, sweep(kv, policies, checks.as_list(kv.compressions), checks.as_list(kv.bits)), "kv.policies")
-    e, mc = cfg.eval, cfg.mc
-    validate_texts(e)
-    checks.choices("mc.policies", mc.policies, policies)
+    validate_texts(cfg.eval)
+    # mc.* and eval.seqlen are checked only where read: a run without them could not set them right (unread_keys)
+    if "multiple_choice" in experiments:
+        validate_multiple_choice(cfg)
+    if set(TEXT_EXPERIMENTS) & set(experiments):
+        check_seqlen(cfg)
+    arch = cfg.model.get("arch")  # the models built here say their shape; a Hub model's is checked once loaded
+    if "quality" in experiments:
+        check_budgets(cfg, arch.layers if arch is not None else None)
+    if arch is not None:
+        check_group_size(cfg, experiments, arch.hidden // arch.heads)
+    if "decode" in experiments:
+        bench.validate(cfg)
+
+
+def validate_multiple_choice(cfg: DictConfig) -> None:
+    kv, mc = cfg.kv, cfg.mc
+    checks.choices("mc.policies", mc.policies, checks.as_list(kv.policies))
     _check_compressions("mc.compressions", mc.compressions)
     checks.choices("mc.bits", mc.bits, KV_BITS)
     checks.number("mc.num_fewshot", mc.num_fewshot, at_least=0)
@@ -191,16 +215,12 @@ def validate(cfg: DictConfig) -> None:
         checks.number("mc.limit", mc.limit, at_least=1)
     _check_generate(kv, sweep(kv, checks.as_list(mc.policies), checks.as_list(mc.compressions),
                               checks.as_list(mc.bits)), "mc.policies")
-    if "multiple_choice" in experiments:
-        check_tasks("mc.tasks", mc.tasks)
-    check_seqlen(cfg)
-    arch = cfg.model.get("arch")  # the models built here say their shape; a Hub model's is checked once loaded
-    if "quality" in experiments:
-        check_budgets(cfg, arch.layers if arch is not None else None)
-    if arch is not None:
-        check_group_size(cfg, experiments, arch.hidden // arch.heads)
-    if "decode" in experiments:
-        bench.validate(cfg)
+    check_tasks("mc.tasks", mc.tasks)
+
+
+def unread_keys(cfg: DictConfig) -> dict[str, str]:
+    experiments = checks.as_list(cfg.kv.experiments)
+    return checks.unread_unless_chosen(READ_BY_EXPERIMENTS, experiments, f"kv.experiments={experiments}")
 
 
 def check_group_size(cfg: DictConfig, experiments: list[str], head_dim: int) -> None:
@@ -465,7 +485,7 @@ def checked_model(cfg: DictConfig, ctx: RunContext, experiments: list[str]) -> M
     except ValueError as exc:
         raise ConfigError(f"model={cfg.model.name}: {exc}") from None
     limit, seqlen = context_length(module), cfg.eval.seqlen
-    if limit is not None and seqlen > limit:
+    if set(TEXT_EXPERIMENTS) & set(experiments) and limit is not None and seqlen > limit:
         raise ConfigError(f"eval.seqlen={seqlen} is longer than model={cfg.model.name}'s context of {limit} tokens; "
                           f"use eval.seqlen <= {limit}")
     config = module.config
@@ -486,7 +506,7 @@ def checked_model(cfg: DictConfig, ctx: RunContext, experiments: list[str]) -> M
 
 def model_rows(cfg: DictConfig, ctx: RunContext, m: Model, experiments: list[str]) -> Iterator[Row]:
     # every text read before the first is measured: one that cannot be loaded fails the run before its work
-    texts = checks.as_list(cfg.eval.texts) if {"persistence", "quality"} & set(experiments) else []
+    texts = checks.as_list(cfg.eval.texts) if set(TEXT_EXPERIMENTS) & set(experiments) else []
     for name, chunks in {name: evaluation_chunks(cfg, m, name, ctx.device) for name in texts}.items():
         if "persistence" in experiments:
             yield from bench.guarded(persistence_rows(cfg, m, name, chunks), "full", "text", "mean_persistence_ratio",
