@@ -285,3 +285,27 @@ def test_the_table5_claims_read_only_rows_of_their_own_data_set():
     synthetic_only = RunRecord("longdoc", "flashattention", "paper", [], {}, [], {}, "now",
                                rows=list(derived_rows(rows[:3], first_seed=0)))
     assert all(claim_value(c, synthetic_only)[0] is None for c in claims.values())
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["longdoc.mimic_path=/data/mimic"],
+     "longdoc.mimic_path='/data/mimic' would have no effect: it is read only for mimic-iii, and longdoc.datasets="),
+    (["longdoc.datasets=[ecthr]", "longdoc.model.pretrained=roberta-base", "longdoc.synthetic.labels=8"],
+     "longdoc.synthetic.labels=8 would have no effect: it is read only for synthetic, and longdoc.datasets="),
+    (["longdoc.datasets=[ecthr]", "longdoc.model.pretrained=roberta-base", "longdoc.model.hidden=768"],
+     "longdoc.model.hidden=768 would have no effect: it sizes a model from scratch, and longdoc.model.pretrained="),
+    (["longdoc.timed=[]", "longdoc.timed_steps=5"],
+     "longdoc.timed_steps=5 would have no effect: it is how long the implementations of longdoc.timed train"),
+])
+def test_a_setting_the_run_would_not_read_is_refused(job_refusal, monkeypatch, overrides, expected):
+    from tasks.flashattention import longdoc
+    monkeypatch.setattr(longdoc, "_pretrained_positions", lambda name: 512)  # roberta-base's, without the Hub
+    message = job_refusal("task=longdoc", "logger=none", *overrides)
+    assert message.startswith(expected), message
+
+
+def test_timed_steps_is_checked_only_where_an_implementation_is_timed(compose):
+    """Unread without one, it could not be set right: the command line refuses it."""
+    from repro.cli import check_job
+    given = ["task=longdoc", "longdoc.timed=[]", "train.timing_skip_steps=3"]  # timed_steps=3 at scale=smoke
+    check_job(compose(*given), given)

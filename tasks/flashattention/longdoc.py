@@ -44,6 +44,7 @@ from . import longdoc_data as data
 ATTENTION = (OURS, "sdpa", "eager")
 # on generated data: the reader that predicts exactly the labels whose evidence a length shows
 EVIDENCE_READER = "evidence_reader"
+MODEL_SIZES = ("layers", "hidden", "heads", "intermediate")  # of a model from scratch
 PAPER_DATASETS = ("ecthr", "mimic-iii")  # Table 5's: their mean lift is the abstract's "6.4 points"
 # per-run metrics summarised per length over the seeds: (the run's metric, the summary's, unit)
 SUMMARIES = (("val_micro_f1", "micro_f1", "%"), ("val_macro_f1", "macro_f1", "%"),
@@ -338,14 +339,15 @@ def validate(cfg: DictConfig) -> None:
     for key in ("n_train", "n_val"):
         if spec[key] is not None or "synthetic" in datasets:
             checks.number(f"longdoc.{key}", spec[key], at_least=1)
-    for key in ("layers", "hidden", "heads", "intermediate"):
+    for key in MODEL_SIZES:
         checks.number(f"longdoc.model.{key}", model[key], at_least=1)
     checks.number("longdoc.model.dropout", model.dropout, integer=False, at_least=0, below=1)
     training = TrainSpec.from_config(cfg.train)
     if cfg.train.grad_accum != 1:
         raise ConfigError(f"train.grad_accum={cfg.train.grad_accum!r}: longdoc makes each step of longdoc.batch "
                           "documents (in forwards of longdoc.micro_tokens); set the step's size there, not here")
-    checks.number("longdoc.timed_steps", spec.timed_steps, at_least=training.timing_skip_steps + 1)
+    if timed:  # else unread: a run without it could not set it right (unread_keys)
+        checks.number("longdoc.timed_steps", spec.timed_steps, at_least=training.timing_skip_steps + 1)
     for seq_len in as_list(spec.seq_len):
         if spec.batch % _micro(spec, seq_len):
             raise ConfigError(f"longdoc.micro_tokens={spec.micro_tokens} gives {_micro(spec, seq_len)} documents per "
@@ -405,6 +407,19 @@ def _validate_model(spec: DictConfig, datasets: list[str]) -> None:
         raise ConfigError(f"longdoc.seq_len={too_long} is beyond the model's {table} positions and "
                           "longdoc.model.extend_positions=false; set it true to grow the table by copying, or "
                           "shorten the sequences")
+
+
+def unread_keys(cfg: DictConfig) -> dict[str, str]:
+    spec = cfg.longdoc
+    datasets = as_list(spec.datasets)
+    unread = checks.unread_unless_chosen({"longdoc.mimic_path": ["mimic-iii"], "longdoc.synthetic": ["synthetic"]},
+                                         datasets, f"longdoc.datasets={datasets}")
+    if spec.model.pretrained:
+        unread.update({f"longdoc.model.{key}": f"it sizes a model from scratch, and longdoc.model.pretrained="
+                       f"{spec.model.pretrained!r} is the checkpoint's size" for key in MODEL_SIZES})
+    if not as_list(spec.timed):
+        unread["longdoc.timed_steps"] = "it is how long the implementations of longdoc.timed train, and it is []"
+    return unread
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
