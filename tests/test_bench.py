@@ -209,6 +209,17 @@ def test_a_head_count_that_would_round_down_is_refused():
             if p.extra["setting"] == "mid"} == {5}
 
 
+def test_densities_without_a_block_sparse_provider_are_refused(job_refusal, compose):
+    from repro.cli import check_job
+    message = job_refusal("kernel.providers=[standard,effrepro]", "kernel.sparse_densities=[0.1]")
+    assert message.startswith("kernel.sparse_densities=[0.1] would have no effect: only the block-sparse providers "
+                              "(effrepro_sparse, flex_sparse) read it, and kernel.providers=['standard', 'effrepro'] "
+                              "has none"), message
+    for sparse in ("effrepro_sparse", "flex_sparse_0.1"):  # a family, or one of its densities by name
+        given = [f"kernel.providers=[standard,{sparse}]", "kernel.sparse_densities=[0.1]"]
+        check_job(compose(*given), given)
+
+
 @pytest.mark.parametrize("n_q, n_k, causal, density", [(256, 384, False, 0.5), (384, 384, True, 0.5),
                                                      (200, 300, True, None), (130, 130, False, 1.0)])
 def test_flex_attention_on_a_points_block_mask_computes_what_flash_attn_does(n_q, n_k, causal, density):

@@ -323,6 +323,15 @@ def validate(cfg: DictConfig) -> None:
     provider_names(kernel)
 
 
+def unread_keys(cfg: DictConfig) -> dict[str, str]:
+    given = as_list(OmegaConf.to_container(cfg.kernel.providers))
+    sparse = (f"{OURS}_sparse", f"{FLEX}_sparse")  # each alone, or at one density: effrepro_sparse_0.5
+    if any(name.startswith(sparse) for name in given):
+        return {}
+    return {"kernel.sparse_densities": f"only the block-sparse providers ({', '.join(sparse)}) read it, and "
+                                      f"kernel.providers={given} has none"}
+
+
 def provider_names(kernel: DictConfig) -> list[str]:
     """The providers asked for, `effrepro_sparse` and `flex_sparse` each expanded to one per density; unknown
     ones are an error."""
