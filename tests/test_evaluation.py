@@ -127,6 +127,24 @@ def test_an_eval_seqlen_longer_than_a_built_models_context_is_refused_before_loa
         "task=lm_eval", "model=tiny_llama", "eval.seqlen=1000")
 
 
+@pytest.mark.parametrize("given, expected", [
+    ("eval.seqlen=128", "eval.seqlen=128 would have no effect: it is how the evaluation texts are cut, and "
+                        "eval.texts=[] measures none"),
+    ("eval.limit=5", "eval.limit=5 would have no effect: it is how the multiple-choice tasks are asked, and "
+                     "eval.tasks=[] runs none"),
+])
+def test_lm_eval_refuses_a_setting_of_what_it_does_not_measure(job_refusal, given, expected):
+    message = job_refusal("task=lm_eval", "model=tiny_llama", "eval.texts=[]", "eval.tasks=[]", given)
+    assert message.startswith(expected), message
+
+
+def test_lm_eval_without_texts_is_not_held_to_their_length(compose):
+    """eval.seqlen, unread, could not be set right: the command line refuses it."""
+    from repro.cli import check_job
+    given = ["task=lm_eval", "model=tiny_llama", "scale=small", "eval.texts=[]", "eval.tasks=[]"]  # seqlen 1024 > 256
+    check_job(compose(*given), given)
+
+
 def test_the_trained_models_own_validation_rows_count_the_tokens_scored(tmp_path):
     code, _, err = run_inline("task=lm_eval", "model=trained_tiny", f"model.cache={tmp_path}", "eval.texts=[]",
                               "eval.tasks=[]", "logger=none", f"hydra.run.dir={tmp_path}/job")

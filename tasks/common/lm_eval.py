@@ -20,8 +20,20 @@ from repro.records import Row
 def validate(cfg: DictConfig) -> None:
     require_model(cfg, "evaluates a pretrained model")
     validate_eval(cfg.eval)
-    check_seqlen(cfg)
+    if checks.as_list(cfg.eval.texts):  # else eval.seqlen is unread: a run without texts could not set it right
+        check_seqlen(cfg)
     check_tasks("eval.tasks", cfg.eval.tasks)
+
+
+def unread_keys(cfg: DictConfig) -> dict[str, str]:
+    unread = {}
+    if not checks.as_list(cfg.eval.texts):
+        unread.update(dict.fromkeys(["eval.seqlen", "eval.max_chunks"],
+                                    "it is how the evaluation texts are cut, and eval.texts=[] measures none"))
+    if not checks.as_list(cfg.eval.tasks):
+        unread.update(dict.fromkeys(["eval.num_fewshot", "eval.limit"],
+                                    "it is how the multiple-choice tasks are asked, and eval.tasks=[] runs none"))
+    return unread
 
 
 def check_seqlen(cfg: DictConfig) -> None:
