@@ -334,6 +334,21 @@ def test_bad_input_is_refused(refusal, overrides, message):
     assert message in refusal(*TINY, *overrides)
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    ("experiments=[perplexity,accuracy] cost.rep_ms=50", "cost.rep_ms=50 would have no effect: it is read only for "
+                                                         "cost, and experiments=['perplexity', 'accuracy']"),
+    ("experiments=[perplexity,cost] eval.num_fewshot=5", "eval.num_fewshot=5 would have no effect: it is read only "
+                                                         "for accuracy"),
+    ("prompt.levels=[] prompt.tokens=8", "prompt.tokens=8 would have no effect: it shapes what is trained at "
+                                         "prompt.levels, and prompt.levels=[] names none of compression.levels="),
+    ("compression.levels=[gptq_4bit] lora.rank=8", "lora.rank=8 would have no effect: it shapes what is trained at "
+                                                   "lora.levels, and lora.levels=['joint_8x'] names none of"),
+])
+def test_a_setting_of_what_the_run_does_not_do_is_refused(job_refusal, overrides, expected):
+    message = job_refusal(*TINY, *overrides.split())
+    assert message.startswith(expected), message
+
+
 def test_no_saved_prompts_may_be_written_null(compose):
     from types import SimpleNamespace
 

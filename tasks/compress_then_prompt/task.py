@@ -249,6 +249,21 @@ def validate(cfg: DictConfig) -> None:
         check_context(cfg, context)
 
 
+def unread_keys(cfg: DictConfig) -> dict[str, str]:
+    experiments = checks.as_list(cfg.experiments)
+    read_by = {"cost": ["cost"], **dict.fromkeys(["eval.tasks", "eval.num_fewshot", "eval.limit"], ["accuracy"])}
+    unread = checks.unread_unless_chosen(read_by, experiments, f"experiments={experiments}")
+    # the settings of what is trained: the hard prompt and the transfer read neither
+    for block, keys in (("prompt", ["tokens", "init"]), ("lora", ["rank", "alpha", "dropout", "targets"])):
+        levels = cfg[block].levels
+        if not levels_at(f"{block}.levels", levels, cfg):
+            unread.update(dict.fromkeys([f"{block}.{key}" for key in keys], (
+                f"it shapes what is trained at {block}.levels, and {block}.levels="
+                f"{None if levels is None else checks.as_list(levels)} names none of compression.levels="
+                f"{checks.as_list(cfg.compression.levels)}")))
+    return unread
+
+
 def gap_closed_row(provider: str, x: float, extra: dict, result, dense: float, compressed: float) -> Row:
     """The share of the compressed model's perplexity gap to dense that a recovery (`result`) won back: 0 none,
     1 all of it, above 1 better than dense. Where compression cost nothing (compressed no worse than dense) there
