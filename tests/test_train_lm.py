@@ -151,6 +151,20 @@ def test_a_misspelt_compile_backend_is_refused_before_any_implementation_trains(
     validate(compose("task=flash_gpt2", "scale=smoke", "attention=[sdpa]", "compile.backend=inductr"))  # unused
 
 
+@pytest.mark.parametrize("attention, given, expected", [
+    ("[sdpa,effrepro]", "compile.backend=aot_eager", "compile.backend='aot_eager' would have no effect: only the "
+                                                     "implementations with +compile read it"),
+    ("[sdpa,sdpa+compile+graphs]", "compile.mode=reduce-overhead",
+     "compile.mode='reduce-overhead' would have no effect: +graphs compiles with mode reduce-overhead"),
+])
+def test_a_compile_setting_no_implementation_reads_is_refused(job_refusal, compose, attention, given, expected):
+    from repro.cli import check_job
+    message = job_refusal("task=flash_gpt2", "scale=smoke", f"attention={attention}", given)
+    assert message.startswith(expected), message
+    taken = ["task=flash_gpt2", "scale=smoke", "attention=[sdpa,sdpa+compile,sdpa+compile+graphs]", given]
+    check_job(compose(*taken), taken)
+
+
 def test_the_bert_paper_recipe_decays_the_learning_rate_linearly_to_zero_as_mlperfs(compose):
     from repro.train import TrainSpec, _lr_at
 

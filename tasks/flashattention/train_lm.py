@@ -223,6 +223,17 @@ def _validate_compile_backend(backend) -> None:
     choice("compile.backend", backend, torch._dynamo.list_backends(exclude_tags=()))
 
 
+def unread_keys(cfg: DictConfig) -> dict[str, str]:
+    names = as_list(cfg.attention)
+    compiled = [name for name in names if "compile" in parse_implementation(name)[1]]
+    if not compiled:
+        return {"compile": f"only the implementations with +compile read it, and attention={names} has none"}
+    if all("graphs" in parse_implementation(name)[1] for name in compiled):
+        return {"compile.mode": f"+graphs compiles with mode reduce-overhead, and every +compile of attention={names} "
+                                "has +graphs"}
+    return {}
+
+
 def run(cfg: DictConfig, ctx: RunContext) -> Iterator[Row]:
     if any(parse_implementation(name)[0] == OURS for name in as_list(cfg.attention)):
         from effrepro_kernels.hf_attention import register
