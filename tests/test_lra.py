@@ -413,6 +413,15 @@ def test_pretraining_on_a_larger_image_than_a_task_is_refused(compose):
     validate(compose("task=pathx", "lra.attention=[standard]", "lra.pretrain={task: path64, steps: 1}"))
 
 
+def test_the_pretraining_tasks_micro_batch_is_checked_as_a_tasks(compose):
+    from repro.context import ConfigError
+    from tasks.lra.train_lra import validate
+
+    with pytest.raises(ConfigError, match=r"lra.micro_batch.path64=3 must be null or a positive divisor"):
+        validate(compose("task=pathx", "lra.attention=[standard]", "lra.pretrain={task: path64, steps: 1}",
+                         "lra.batch=4", "lra.micro_batch.path64=3"))
+
+
 # settings the tasks, pre-training task and attentions chosen never read: accepted, they would change nothing
 @pytest.mark.parametrize("overrides, setting, readers", [
     ("task=lra_listops lra.difficulty=easy", "lra.difficulty='easy'", "pathfinder or path64 or pathx or path256"),

@@ -278,7 +278,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("n_train", "n_val", "batch", "listops_min_length"):
         checks.number(f"lra.{key}", spec[key], at_least=1)
     checks.number("lra.listops_max_length", spec.listops_max_length, at_least=spec.listops_min_length)
-    for task in tasks:
+    # the pre-training task trains too (its own checks are below)
+    trained = tasks + ([spec.pretrain.task] if isinstance(spec.pretrain, DictConfig) and "task" in spec.pretrain
+                       else [])
+    for task in trained:
         if generator := generated(task, spec):  # what the generator would refuse once the run has started
             try:
                 generator_params(*generator)
@@ -288,7 +291,7 @@ def validate(cfg: DictConfig) -> None:
     step = spec.batch * cfg.train.grad_accum
     if spec.micro_batch is not None and not isinstance(spec.micro_batch, DictConfig):
         raise ConfigError(f"lra.micro_batch={spec.micro_batch!r} must be a mapping of task to micro-batch, or null")
-    for task in tasks:
+    for task in trained:
         micro = (spec.micro_batch or {}).get(task)
         if micro is None:
             continue
