@@ -309,3 +309,16 @@ def test_timed_steps_is_checked_only_where_an_implementation_is_timed(compose):
     from repro.cli import check_job
     given = ["task=longdoc", "longdoc.timed=[]", "train.timing_skip_steps=3"]  # timed_steps=3 at scale=smoke
     check_job(compose(*given), given)
+
+
+def test_timed_steps_set_to_null_is_not_read_when_nothing_is_timed(compose):
+    """The command line lets a null through for a key the run does not read (it sets nothing), and validate checks
+    timed_steps only where an implementation is timed: the run must not read it then either."""
+    from repro.cli import check_job
+    from tasks.flashattention.longdoc import candidates
+
+    given = ["task=longdoc", "longdoc.timed=[]", "longdoc.timed_steps=null"]
+    cfg = compose(*given)
+    check_job(cfg, given)
+    trained = list(candidates(cfg, None, {}))
+    assert trained and all(c.spec is None for c in trained)  # each trained to the end, none timed alone

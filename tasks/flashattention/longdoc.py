@@ -232,13 +232,15 @@ def candidates(cfg: DictConfig, ctx: RunContext, documents: dict) -> Iterator[Ca
     `timed_steps` steps at each length, for its step time and memory only."""
     spec = cfg.longdoc
     train_spec = TrainSpec.from_config(cfg.train)
+    timed = as_list(spec.timed)
+    # with nothing timed, timed_steps is unread: validate leaves it unchecked and the command line lets a null through
     timed_spec = dataclasses.replace(train_spec, steps=spec.timed_steps, eval_every=0,
-                                     log_every=min(train_spec.log_every, spec.timed_steps))
+                                     log_every=min(train_spec.log_every, spec.timed_steps)) if timed else None
     first_seed = as_list(spec.seeds)[0]
     for dataset, seed, seq_len in itertools.product(as_list(spec.datasets), as_list(spec.seeds),
                                                     as_list(spec.seq_len)):
         runs = [(attention, False) for attention in as_list(spec.attention)]
-        runs += [(attention, True) for attention in as_list(spec.timed) if seed == first_seed]
+        runs += [(attention, True) for attention in timed if seed == first_seed]
         for attention, timed_only in runs:
             steps = (timed_spec if timed_only else train_spec).steps
             extra = dict(dataset=dataset, seq_len=seq_len, seed=seed, steps=steps,
