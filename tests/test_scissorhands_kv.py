@@ -578,3 +578,16 @@ def test_a_loaded_model_is_held_to_the_evaluation_text_only_where_an_experiment_
     assert checked_model(cfg, ctx, ["multiple_choice"]).n_layers == 2
     with pytest.raises(ConfigError, match="eval.seqlen=512 is longer than model=tiny_llama's context of 256 tokens"):
         checked_model(cfg, ctx, ["persistence"])
+
+
+def test_mc_set_to_null_is_not_read_by_a_run_without_multiple_choice(compose):
+    """The command line lets a null through for a key no experiment chosen reads (it sets nothing), and validate
+    checks mc.* only for multiple choice: the run must not read it then either."""
+    from types import SimpleNamespace
+
+    from repro.cli import check_job
+
+    given = [*TINY, "kv.experiments=[quality]", "mc.compressions=null"]
+    cfg = compose(*given)
+    check_job(cfg, given)
+    assert checked_model(cfg, SimpleNamespace(device=torch.device("cpu")), ["quality"]).n_layers == 2
