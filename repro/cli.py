@@ -947,6 +947,24 @@ def _interrupt(signum, frame):
     raise Stopped(signum)
 
 
+def stop_on_sigterm() -> None:
+    """`timeout`, SLURM and torchrun stop a job with SIGTERM: turn it into an interrupt, so that the record is
+    written with what was measured instead of being left half-way."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    sys.unraisablehook = _stop_swallowed_by_a_finalizer
+
+
+def _stop_swallowed_by_a_finalizer(unraisable) -> None:
+    """A signal that comes while Python runs a finalizer (a `__del__`, a weakref's callback: the garbage
+    collector's work, at any moment of a training step) raises Stopped there, where Python prints it and goes on,
+    and the run went on (the SIGTERM test's run once trained on past its timeout, after printing that traceback).
+    Send the signal again, to be raised in the code that runs a moment later."""
+    if isinstance(unraisable.exc_value, Stopped):
+        threading.Timer(0.05, os.kill, (os.getpid(), unraisable.exc_value.signum)).start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 class SubmititStop(KeyboardInterrupt):
     """What submitit's signal handler raised (its exit after a requeue, or the error that ends a job it cannot
     requeue), carried as an interrupt past every per-point guard to `run_job`, which writes the record as killed
@@ -998,9 +1016,7 @@ def stop_after_submitit_signal() -> None:
 
 
 def main() -> None:
-    # `timeout`, SLURM and torchrun stop a job with SIGTERM: turn it into an interrupt, so that the record is
-    # written with what was measured instead of being left half-way.
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     # an earlier multirun in this process (tests run several) says nothing of this one
     SweepSummary.failed, SweepSummary.running = False, None
     error = check_overrides(sys.argv[1:])

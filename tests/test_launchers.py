@@ -146,6 +146,33 @@ def test_a_run_stopped_by_sigterm_keeps_its_rows_as_killed_and_says_so_in_one_li
     assert saved_while_running  # the record of a run that dies without a word (SIGKILL) still holds its rows
 
 
+FINALIZER_GETS_SIGTERM = """
+import os, signal, time
+from repro.cli import Stopped, stop_on_sigterm
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100_000):  # the handler runs here, in the finalizer, which Python lets raise nothing
+            pass
+
+stop_on_sigterm()
+try:
+    Finalized()
+    for _ in range(100):
+        time.sleep(0.05)
+    print("went on")
+except Stopped as exc:
+    print(exc)
+"""
+
+
+def test_a_sigterm_that_comes_during_a_finalizer_still_stops_the_run():
+    out = subprocess.run([sys.executable, "-c", FINALIZER_GETS_SIGTERM], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "stopped by SIGTERM" and "Traceback" not in out.stderr, (out.stdout, out.stderr)
+
+
 @pytest.mark.parametrize("submitit_does", ["give up", "requeue"])
 def test_a_submitit_time_limit_stops_the_job_past_every_point_guard(monkeypatch, submitit_does):
     """submitit's handler of SLURM's warning raises an Exception (timed out, not checkpointable) or requeues and
