@@ -264,10 +264,21 @@ def _check_model(spec: DictConfig, task: str) -> dict:
     return model
 
 
+def trained_tasks(spec: DictConfig) -> list[str]:
+    """lra.tasks, and lra.pretrain's task where there is one: every task a run trains on."""
+    return as_list(spec.tasks) + ([spec.pretrain.task] if spec.pretrain else [])
+
+
 def validate(cfg: DictConfig) -> None:
     spec = cfg.lra
     tasks = checks.choices("lra.tasks", spec.tasks, LRA_TASKS)
     attentions = checks.choices("lra.attention", spec.attention, ATTENTIONS)
+    if spec.pretrain is not None:  # its task is checked as lra.tasks' are; the rest of it below
+        if not isinstance(spec.pretrain, DictConfig) or sorted(spec.pretrain) != ["steps", "task"]:
+            raise ConfigError(f"lra.pretrain={spec.pretrain!r} must be null or a mapping of exactly task (one of "
+                              f"{list(PATH_SIZES)}) and steps (an integer >= 1), e.g. {{task: path64, steps: 1000}}; "
+                              "another key would be ignored")
+    trained = trained_tasks(spec)
     if spec.max_bytes is not None:
         checks.number("lra.max_bytes", spec.max_bytes, at_least=1)
         for task in set(tasks) & set(MAX_BYTES):  # the documents are stored cut there
@@ -278,9 +289,6 @@ def validate(cfg: DictConfig) -> None:
     for key in ("n_train", "n_val", "batch", "listops_min_length"):
         checks.number(f"lra.{key}", spec[key], at_least=1)
     checks.number("lra.listops_max_length", spec.listops_max_length, at_least=spec.listops_min_length)
-    # the pre-training task trains too (its own checks are below)
-    trained = tasks + ([spec.pretrain.task] if isinstance(spec.pretrain, DictConfig) and "task" in spec.pretrain
-                       else [])
     for task in trained:
         if generator := generated(task, spec):  # what the generator would refuse once the run has started
             try:
@@ -326,10 +334,6 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"lra.model: heads of {head} dimensions ({task}: dim={model['dim']}, "
                               f"heads={model['heads']}); {ours} take {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
     if spec.pretrain is not None:
-        if not isinstance(spec.pretrain, DictConfig) or sorted(spec.pretrain) != ["steps", "task"]:
-            raise ConfigError(f"lra.pretrain={spec.pretrain!r} must be null or a mapping of exactly task (one of "
-                              f"{list(PATH_SIZES)}) and steps (an integer >= 1), e.g. {{task: path64, steps: 1000}}; "
-                              "another key would be ignored")
         first = spec.pretrain.task
         if first not in PATH_SIZES or any(t not in PATH_SIZES for t in tasks):
             raise ConfigError(f"lra.pretrain.task={first!r}: pre-training grows a Pathfinder "
@@ -354,7 +358,7 @@ def unread_keys(cfg: DictConfig) -> dict[str, str]:
     """The lra.* settings that the tasks (and the pre-training task) and attentions chosen never read, each with
     why: `repro.cli` refuses them on the command line, where they would be accepted and change nothing."""
     spec = cfg.lra
-    tasks = as_list(spec.tasks) + ([spec.pretrain.task] if spec.pretrain else [])
+    tasks = trained_tasks(spec)
     attentions = as_list(spec.attention)
     chosen = f"lra.tasks={as_list(spec.tasks)}" + (f" (and lra.pretrain.task={spec.pretrain.task})"
                                                    if spec.pretrain else "")
