@@ -185,6 +185,15 @@ def check_job(cfg: DictConfig, overrides: Sequence[str] = ()) -> Callable:
     return entry
 
 
+class UnreadKey(ConfigError):
+    """`refuse_unread`'s refusal: `given` (an override, as the command line gives it) sets `key`, which the job
+    never reads."""
+
+    def __init__(self, message: str, key: str, given: str):
+        super().__init__(message)
+        self.key, self.given = key, given
+
+
 def refuse_unread(overrides: Sequence[str], unread: dict[str, str]) -> None:
     """Refuse an override that sets a key of `unread` (key -> why nothing reads it), or one inside it: the job
     would accept it and run as if it were not given. A null, or a key removed (`~key`), sets nothing: let be."""
@@ -196,7 +205,7 @@ def refuse_unread(overrides: Sequence[str], unread: dict[str, str]) -> None:
         for key, value in _leaves(o.key_or_group, o.value()):
             hit = next((k for k in unread if key == k or key.startswith(k + ".")), None)
             if hit is not None and value is not None:
-                raise ConfigError(f"{key}={value!r} would have no effect: {unread[hit]}")
+                raise UnreadKey(f"{key}={value!r} would have no effect: {unread[hit]}", key, o.input_line)
 
 
 def _leaves(key: str, value: Any) -> list[tuple[str, Any]]:
@@ -790,19 +799,46 @@ def _refused_job(jobs: list, keys: list) -> str | None:
         return None
     first = [axis[0] for axis in axes]
     variants = [first] + [first[:i] + [value] + first[i + 1:] for i, axis in enumerate(axes) for value in axis[1:]]
-    configs = [[*choices, *more] for choices, _, swept in jobs if not swept for more in variants]
+    configs = [(choices, [*choices, *more]) for choices, _, swept in jobs if not swept for more in variants]
     if len(configs) > MAX_CONFIGS_CHECKED:
         print(f"[repro] checking {MAX_CONFIGS_CHECKED} of this sweep's {len(configs)} settings before it starts; "
               "the others are checked as their jobs start", flush=True)
+    checked = configs[:MAX_CONFIGS_CHECKED]
     with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
-        for overrides in configs[:MAX_CONFIGS_CHECKED]:
+        for _, overrides in checked:
             try:
                 check_job(compose("config", overrides=overrides), overrides)
             except ConfigError as exc:
-                return f"{exc} (in the job {' '.join(overrides)}; no job was run)"
+                return f"{exc} (in the job {' '.join(overrides)}; no job was run)" + (
+                    _readers_hint(exc, checked) if isinstance(exc, UnreadKey) else "")
             except Exception:  # noqa: BLE001 - what only the job itself can check (Hydra's runtime values)
                 continue
     return None
+
+
+def _readers_hint(refused: UnreadKey, checked: list[tuple[list[str], list[str]]]) -> str:
+    """For a sweep refused for a key that some of its jobs read and others not (a task's own key, given to several
+    tasks): which read it, to run on their own. The jobs are named by the group choices they differ in (task=...),
+    from `checked` (each job's choices, and its overrides); nothing is said where those do not tell them apart."""
+    from hydra import compose
+
+    everywhere = set.intersection(*(set(choices) for choices, _ in checked))
+    reads: dict[str, set] = {}  # a job's name -> whether its settings read the key (None: not known)
+    for choices, overrides in checked:
+        try:
+            check_job(compose("config", overrides=overrides), [refused.given])
+            read = True
+        except UnreadKey as exc:
+            read = None if exc.key != refused.key else False
+        except Exception:  # noqa: BLE001 - refused for something else (said once this is fixed): not known
+            read = None
+        reads.setdefault(" ".join(c for c in choices if c not in everywhere), set()).add(read)
+    readers = [name for name, read in reads.items() if read == {True}]
+    others = [name for name, read in reads.items() if read == {False}]
+    if "" in reads or not readers or len(readers) + len(others) < len(reads):
+        return ""
+    return (f". In this sweep, {refused.key} is read by {', '.join(readers)}, not by {', '.join(others)}: run "
+            f"{', '.join(readers)} on {'its' if len(readers) == 1 else 'their'} own with {refused.given}")
 
 
 def _unused_model(conf: Path, jobs: list) -> str | None:

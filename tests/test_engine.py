@@ -444,6 +444,21 @@ def test_a_key_the_job_would_not_read_is_bad_input_saying_why(args, tmp_path):
     assert "lra.difficulty='easy' would have no effect: it is read only for pathfinder" in err, err[-2000:]
 
 
+def test_a_sweep_refused_for_a_key_some_of_its_jobs_read_names_those_to_run_on_their_own():
+    """The sweep is refused as a whole, and says which of its jobs read the key: those can run it on their own."""
+    from repro.cli import check_overrides
+    sweep = ["-m", "scale=smoke", "logger=none", "lra.difficulty=hard"]
+    message = check_overrides([*sweep, "task=lra_listops,lra_pathfinder,lra_text"])
+    assert message.startswith("lra.difficulty='hard' would have no effect: it is read only for pathfinder"), message
+    assert message.endswith("; no job was run). In this sweep, lra.difficulty is read by task=lra_pathfinder, not by "
+                            "task=lra_listops, task=lra_text: run task=lra_pathfinder on its own with "
+                            "lra.difficulty=hard"), message
+    # where none of the jobs reads it, or nothing but the key's own setting tells them apart, nothing to run alone
+    for jobs in ("task=lra_listops,lra_text", "task=lra_listops lra.tasks=[listops],[pathfinder]"):
+        message = check_overrides([*sweep, *jobs.split()])
+        assert message.endswith("; no job was run)") and "on its own" not in message, message
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_a_sweep_for_slurm_is_not_refused_for_what_this_machine_lacks(monkeypatch):
     """SLURM runs the jobs on its GPU nodes: a job's checks that ask for the device run there, not here."""
