@@ -469,6 +469,21 @@ def test_a_configs_drop_fraction_scales_with_each_layers_budget(schedule):
     assert policy_at_budget("scissorhands", {"drop_fraction": 0.25}, 100).amount(100) == 25
 
 
+@pytest.mark.parametrize("name, fraction, count", [("scissorhands", "drop_fraction", "amount"),
+                                                    ("h2o", "recent_fraction", "recent_tokens")])
+def test_a_fraction_of_the_budget_rounds_down_at_every_layer_as_at_b(name, fraction, count):
+    """Under budget_schedule=growing a layer's share rounds down, as the fraction of B does: rounded to nearest,
+    0.5 of layer 1's 83 tokens was 42, not the default half (83 // 2), and 0.3 of it 25."""
+    budgets = [50, 83, 117, 150]
+    assert list(layer_budgets(100, "growing", 4)) == budgets
+    default = make_policy(name, budget=100, budget_schedule="growing")
+    for share, expected in ((0.5, [b // 2 for b in budgets]), (0.3, [15, 24, 35, 45])):
+        policy = policy_at_budget(name, {fraction: share, "budget_schedule": "growing"}, 100)
+        policy.budgets(4)  # every layer's share fits its budget
+        assert [getattr(policy, count)(b) for b in budgets] == expected
+    assert [getattr(default, count)(b) for b in budgets] == [b // 2 for b in budgets]
+
+
 @pytest.mark.parametrize("schedule", ["uniform", "growing"])
 def test_h2os_recent_fraction_is_a_share_of_each_layers_budget(schedule):
     """recent_fraction=0.5 is half of every layer's budget: a count taken from B would fill layer 0's B/2 with

@@ -125,8 +125,10 @@ class _Budgeted(Policy):
 
     def scaled(self, count: int, budget: int) -> int:
         """`count`, set for the policy's budget B, scaled to a layer's `budget`: the same share of it, so that a
-        budget_schedule keeps each layer's parameters in proportion to what it holds."""
-        return round(count * budget / self.budget)
+        budget_schedule keeps each layer's parameters in proportion to what it holds. Rounded down, as a config's
+        fraction of B is (`policy_at_budget`) and the default half (budget // 2): a config's 0.5 is then that half
+        at every layer."""
+        return count * budget // self.budget
 
     def budgets(self, n_layers: int) -> list[int | None]:
         budgets = layer_budgets(self.budget, self.budget_schedule, n_layers)
