@@ -871,6 +871,13 @@ def _unused_model(conf: Path, jobs: list) -> str | None:
 OPEN_MAPPINGS = ("train", "model.train", "lra.model", "lra.pretrain", "kv.*", "kernel.settings", "kernel.settings.*",
                  "compression.catalog", "compression.catalog.*")
 
+# The mappings of the config that may be null, which the task reads as "none": kernel.settings (the main grid
+# alone), lra.micro_batch (each task's whole batch at once), lra.pretrain (no pre-training stage) and
+# task.plot_lines (a colour per provider). Any other mapping set to null, or removed with `~`, leaves the job
+# reading settings that are not there (a traceback), unless it is an entry of one of OPEN_MAPPINGS (a named kernel
+# grid, a compression level), which the task that reads it checks by name.
+NULLABLE_MAPPINGS = ("kernel.settings", "lra.micro_batch", "lra.pretrain", "task.plot_lines")
+
 
 def _added_where_nothing_reads(cfg: DictConfig, overrides: list) -> str | None:
     """A `+key=value` (or `++`) that would be ignored: added where no OPEN_MAPPINGS is; or a `+` on a key that is
@@ -931,7 +938,7 @@ def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
         default = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
         values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
         for value in values:
-            error = _unresolved(cfg, o.key_or_group, value)
+            error = _unresolved(cfg, o.key_or_group, value) or _removed_mapping(cfg, o, value)
             if error:
                 return error
             if not _fits(value, default):
@@ -945,6 +952,32 @@ def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
             if new_keys:  # Hydra would refuse it with "not in struct", naming neither the key nor the known ones
                 return (f"unknown config key '{o.key_or_group}.{new_keys[0]}': {o.key_or_group} has no "
                         f"{new_keys[0]!r}; its keys are: {', '.join(map(str, default))}")
+    return None
+
+
+def _removed_mapping(cfg: DictConfig, o, value) -> str | None:
+    """A mapping of `cfg` (a block of settings) that the override `o` sets to null (`value`, or a null inside it)
+    or removes (`~key`): the task would fail at the first key it reads there, with a traceback. One of
+    NULLABLE_MAPPINGS may be null (not removed: some tasks read it as a key that is there), and an entry of one of
+    OPEN_MAPPINGS either: the task checks each entry it reads."""
+    removed = [o.key_or_group] if o.is_delete() else [key for key, v in _leaves(o.key_or_group, value) if v is None]
+    for key in removed:
+        node, path, lacking = _walk(cfg, key)
+        parent = ".".join(path[:-1])
+        if lacking is not None or not OmegaConf.is_dict(node) or \
+                any(fnmatch.fnmatchcase(parent, pattern) for pattern in OPEN_MAPPINGS):
+            continue
+        nullable = any(fnmatch.fnmatchcase(key, pattern) for pattern in NULLABLE_MAPPINGS)
+        if nullable and not o.is_delete():
+            continue
+        given = f"~{key}" if o.is_delete() else f"{key}=null"
+        if nullable:
+            return f"{given}: {key} is not removed, but set to null: {key}=null"
+        keys = list(map(str, node.keys()))
+        if not keys:
+            return f"{given}: {key} must be a mapping, as its default {{}} is: leave {key} out for its default"
+        return (f"{given}: {key} must be a mapping, as its default is, of {', '.join(keys)}: set those one by one "
+                f"({key}.{keys[0]}=...), or leave {key} out for its default")
     return None
 
 

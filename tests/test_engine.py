@@ -259,6 +259,48 @@ def test_a_key_added_to_a_mapping_that_takes_them_is_left_to_its_task_which_chec
     assert refused in refusal(*overrides)
 
 
+@pytest.mark.parametrize("overrides, refused", [
+    # each was a traceback at the task's first setting of the block (an AttributeError on None)
+    (["task=scissorhands_kv", "eval=null"], "eval=null: eval must be a mapping, as its default is, of texts, seqlen, "
+     "max_chunks, batch_size: set those one by one (eval.texts=...), or leave eval out for its default"),
+    (["task=flash_gpt2", "compile=null"], "compile=null: compile must be a mapping, as its default is, of backend, "
+     "mode:"),
+    (["task=scissorhands_kv", "mc=null"], "mc=null: mc must be a mapping, as its default is, of tasks, "),
+    (["task=flash_kernel", "paths=null"], "paths=null: paths must be a mapping"),  # the engine's own block
+    (["task=longdoc", "longdoc.model=null"], "longdoc.model=null: longdoc.model must be a mapping"),  # a nested one
+    (["task=scissorhands_kv", "kv={tova:null}"], "kv.tova=null: kv.tova must be a mapping, as its default {} is"),
+    (["task=lm_eval", "model=trained", "model.train=null"], "model.train=null: model.train must be a mapping"),
+    # removed, it is not there at all (a ConfigAttributeError): a nullable one is set to null instead
+    (["task=scissorhands_kv", "~mc"], "~mc: mc must be a mapping"),
+    (["task=lra_listops", "~lra.micro_batch"], "~lra.micro_batch: lra.micro_batch is not removed, but set to null: "
+     "lra.micro_batch=null"),
+    (["-m", "task=lm_eval,scissorhands_kv", "eval=null"], "eval=null: eval must be a mapping"),
+])
+def test_a_block_of_settings_set_to_null_or_removed_is_refused_naming_its_keys(overrides, refused):
+    from repro.cli import check_overrides
+    assert check_overrides(overrides).startswith(refused)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["kernel.settings=null"], ["kernel.settings.long=null"], ["~kernel.settings.long"],  # documented
+    ["task=lra_listops", "lra.micro_batch=null"],  # null: each task's whole batch at once
+    ["task=pathx", "scale=paper", "scale.device=cpu", "lra.pretrain=null"],  # no pre-training (as at other scales)
+    ["task=scissorhands_kv", "task.plot_lines=null"],  # a colour per provider, as other tasks' plots
+    # an entry of a catalog, which the task checks where compression.levels chooses it
+    ["task=compress_then_prompt", "compression.catalog.rtn_4bit=null"],
+    ["task=scissorhands_kv", "eval.max_chunks=null"],  # one setting, not a block
+])
+def test_a_block_that_may_be_null_is_not_refused(overrides):
+    from repro.cli import check_overrides
+    assert check_overrides(overrides) is None
+
+
+def test_a_block_set_to_null_is_bad_input_before_any_work(tmp_path):
+    code, out, err = run_inline("task=scissorhands_kv", "eval=null", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert code == 2 and err.startswith("repro: error: eval=null: eval must be a mapping")
+    assert "Traceback" not in err + out and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("args, refused", [
     ("task=flash_kernel model=tiny_llama", "task=flash_kernel"),
     ("model=tiny_llama", "task=flash_kernel"),  # the default task
