@@ -587,9 +587,11 @@ def _override_problem(args: list[str], is_option: list[bool]) -> str | None:
                 papers = "repro paper=<name> ..."
             return (f"{o.input_line!r}: a paper is a sweep of its own tasks, and papers are not swept; run one "
                     "paper= at a time: " + papers)
-        if o.is_delete() and not o.key_or_group.startswith("hydra"):  # Hydra's would be a traceback
+        # Hydra's would be a traceback (for a null: "Config group override must be a string or a list")
+        if (o.is_delete() or o.value() is None) and not o.key_or_group.startswith("hydra"):
             names = sorted(p.stem for p in (conf / o.key_or_group).glob("*.yaml"))
-            return (f"~{o.key_or_group}: a config group is not removed; choose one with {o.key_or_group}=<name> "
+            given, done = (f"~{o.key_or_group}", "removed") if o.is_delete() else (o.input_line, "set to null")
+            return (f"{given}: a config group is not {done}; choose one with {o.key_or_group}=<name> "
                     f"({', '.join(names)}), or leave {o.key_or_group} out for its default")
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf)):

@@ -235,6 +235,9 @@ def test_overrides_are_checked_before_hydra_runs():
     # Hydra would fail on the missing ${task.name} with a traceback
     assert check_overrides(["~task"]).startswith("~task: a config group is not removed; choose one with task=<name> "
                                                  "(compress_then_prompt, ")
+    assert check_overrides(["task=lm_eval", "model=null"]).startswith(
+        "model=null: a config group is not set to null; choose one with model=<name> (hf, smollm2, ")
+    assert check_overrides(["paper=null"]).startswith("paper=null: a config group is not set to null")
     # a hydra key whose default resolves in a job alone (${hydra.job.num}) is one hydra has
     assert check_overrides(["-m", "hydra.sweep.subdir=job-${hydra.job.num}", "seed=0,1"]) is None
 
