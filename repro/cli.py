@@ -880,6 +880,13 @@ OPEN_MAPPINGS = ("train", "model.train", "lra.model", "lra.pretrain", "kv.*", "k
 # grid, a compression level), which the task that reads it checks by name.
 NULLABLE_MAPPINGS = ("kernel.settings", "lra.micro_batch", "lra.pretrain", "task.plot_lines")
 
+# The mappings whose entries may be removed (`~key`), each an addition to, or an override of, what the task falls
+# back to: lra.model's of the LRA model's sizes, lra.micro_batch's of all of `batch`, kernel.settings' grids and
+# their fields (of the main grid's), compression.catalog's levels and their fields. Any other setting removed leaves
+# a key that the job reads missing.
+REMOVABLE_SETTINGS = ("lra.model", "lra.micro_batch", "kernel.settings", "kernel.settings.*", "compression.catalog",
+                      "compression.catalog.*")
+
 
 def _added_where_nothing_reads(cfg: DictConfig, overrides: list) -> str | None:
     """A `+key=value` (or `++`) that would be ignored: added where no OPEN_MAPPINGS is; or a `+` on a key that is
@@ -935,12 +942,16 @@ def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
         node, path, lacking = _walk(cfg, o.key_or_group)
         if lacking is not None:
             return _unknown_key(o, node, path, lacking)
+        if o.is_delete():
+            error = _removed_setting(cfg, o, None)
+            if error:
+                return error
         if node is None:
             continue
         default = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
         values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
         for value in values:
-            error = _unresolved(cfg, o.key_or_group, value) or _removed_mapping(cfg, o, value)
+            error = _unresolved(cfg, o.key_or_group, value) or (not o.is_delete() and _removed_setting(cfg, o, value))
             if error:
                 return error
             if not _fits(value, default):
@@ -957,15 +968,24 @@ def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
     return None
 
 
-def _removed_mapping(cfg: DictConfig, o, value) -> str | None:
-    """A mapping of `cfg` (a block of settings) that the override `o` sets to null (`value`, or a null inside it)
-    or removes (`~key`): the task would fail at the first key it reads there, with a traceback. One of
-    NULLABLE_MAPPINGS may be null (not removed: some tasks read it as a key that is there), and an entry of one of
-    OPEN_MAPPINGS either: the task checks each entry it reads."""
+def _removed_setting(cfg: DictConfig, o, value) -> str | None:
+    """What the override `o` takes away that the job reads: a setting removed (`~key`), where it is not one of
+    REMOVABLE_SETTINGS, or a mapping (a block of settings) removed or set to null (`value`, or a null inside it):
+    the task would fail at the first key it reads there, with a traceback. One of NULLABLE_MAPPINGS may be null
+    (not removed: some tasks read it as a key that is there), and an entry of one of OPEN_MAPPINGS either: the task
+    checks each entry it reads."""
     removed = [o.key_or_group] if o.is_delete() else [key for key, v in _leaves(o.key_or_group, value) if v is None]
     for key in removed:
         node, path, lacking = _walk(cfg, key)
         parent = ".".join(path[:-1])
+        if lacking is None and o.is_delete() and not OmegaConf.is_dict(node):
+            if not any(fnmatch.fnmatchcase(parent, pattern) for pattern in REMOVABLE_SETTINGS):
+                default = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+                shown = "null" if default is None else repr(default)
+                return (f"~{key}: a setting is not removed; set it ({key}={shown} is its default), or leave it out "
+                        "for its default")
+            if node is None:  # Hydra would say it "does not exist"
+                return f"~{key}: {key} is null, which is what removing it would give: leave it out"
         if lacking is not None or not OmegaConf.is_dict(node) or \
                 any(fnmatch.fnmatchcase(parent, pattern) for pattern in OPEN_MAPPINGS):
             continue

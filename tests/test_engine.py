@@ -285,7 +285,8 @@ def test_a_block_of_settings_set_to_null_or_removed_is_refused_naming_its_keys(o
 
 
 @pytest.mark.parametrize("overrides", [
-    ["kernel.settings=null"], ["kernel.settings.long=null"], ["~kernel.settings.long"],  # documented
+    ["kernel.settings=null"], ["kernel.settings.long=null"],  # documented
+    ["scale=small", "scale.device=cpu", "~kernel.settings.long"],  # a grid (null at smoke scale: refused below)
     ["task=lra_listops", "lra.micro_batch=null"],  # null: each task's whole batch at once
     ["task=pathx", "scale=paper", "scale.device=cpu", "lra.pretrain=null"],  # no pre-training (as at other scales)
     ["task=scissorhands_kv", "task.plot_lines=null"],  # a colour per provider, as other tasks' plots
@@ -294,6 +295,38 @@ def test_a_block_of_settings_set_to_null_or_removed_is_refused_naming_its_keys(o
     ["task=scissorhands_kv", "eval.max_chunks=null"],  # one setting, not a block
 ])
 def test_a_block_that_may_be_null_is_not_refused(overrides):
+    from repro.cli import check_overrides
+    assert check_overrides(overrides) is None
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    # each was a traceback (a TypeError in TrainSpec, a ConfigAttributeError where the task reads it) or ran with a
+    # library default the config did not choose
+    (["task=lra_listops", "~train.steps"], "~train.steps: a setting is not removed; set it (train.steps=3 is its "
+     "default), or leave it out for its default"),
+    (["task=lra_listops", "~train.weight_decay"], "~train.weight_decay: a setting is not removed; set it "
+     "(train.weight_decay=0.0 is its default)"),
+    (["task=scissorhands_kv", "~kv.scissorhands.recent"], "~kv.scissorhands.recent: a setting is not removed"),
+    (["~seed"], "~seed: a setting is not removed; set it (seed=0 is its default)"),
+    (["task=lra_listops", "~lra.pretrain"], "~lra.pretrain: a setting is not removed; set it (lra.pretrain=null "
+     "is its default)"),
+    # where a setting may be removed, a null one: Hydra said it "does not exist"
+    (["task=lra_listops", "~lra.micro_batch.listops"], "~lra.micro_batch.listops: lra.micro_batch.listops is null, "
+     "which is what removing it would give: leave it out"),
+    (["~kernel.settings.long"], "~kernel.settings.long: kernel.settings.long is null, which is what removing it"),
+])
+def test_a_setting_removed_is_refused_but_where_its_block_falls_back_to_a_default(overrides, refused):
+    from repro.cli import check_overrides
+    assert check_overrides(overrides).startswith(refused)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["task=lra_listops", "~lra.micro_batch.retrieval"],  # all of retrieval's batch at once
+    ["task=lra_listops", "~lra.model.depth"],  # the LRA repo's depth for the task
+    ["~kernel.settings.paper_fig3.heads"],  # the main grid's heads
+    ["task=compress_then_prompt", "~compression.catalog.wanda_50"],  # a level not chosen
+])
+def test_a_setting_whose_block_falls_back_to_a_default_may_be_removed(overrides):
     from repro.cli import check_overrides
     assert check_overrides(overrides) is None
 
