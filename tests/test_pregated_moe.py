@@ -46,6 +46,31 @@ def test_load_balancing_loss_matches_transformers_switch_for_top1():
     torch.testing.assert_close(ours, load_balancing_loss_func(probs[None], experts[None]), rtol=1e-5, atol=1e-6)
 
 
+def test_load_balancing_loss_trains_the_gate_as_transformers_switch_does():
+    """Its gradient reaches the gate through the mean probabilities P, as Switch's does (f is a count)."""
+    from transformers.models.switch_transformers.modeling_switch_transformers import load_balancing_loss_func
+
+    logits = torch.randn(37, 7, requires_grad=True)
+    experts = logits.argmax(-1)
+    ours, = torch.autograd.grad(load_balancing_loss(logits.softmax(-1), experts[:, None]), logits)
+    theirs, = torch.autograd.grad(load_balancing_loss_func(logits.softmax(-1)[None], experts[None]), logits)
+    assert ours.abs().sum() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("pregate", [False, True])
+def test_the_aux_loss_counts_each_gate_that_ran_once(pregate):
+    """A pre-gate's routing is carried to the next MoE block: its loss counts where it was chosen, not again there."""
+    model = build(pregate=pregate).train()
+    gates = [g for f in model.moe_layers for g in (f.gate, f.pregate) if g is not None]
+    losses = []
+    for g in gates:
+        g.register_forward_hook(lambda module, args, routing: losses.append(routing.aux_loss))
+    out = model(tokens(3, 10), labels=tokens(3, 10))
+    assert len(losses) == len(gates) == 3  # gate, gate, gate; or gate + pre-gate, pre-gate, none
+    torch.testing.assert_close(out.aux_loss, sum(losses))
+
+
 @pytest.mark.parametrize("top_k, n_experts", [(2, 5), (1, 5), (1, 1)])  # (1, 1): every token to one expert
 def test_mixing_experts_matches_a_dense_reference(top_k, n_experts):
     torch.manual_seed(2)
