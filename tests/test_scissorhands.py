@@ -89,6 +89,7 @@ def reference_drops(policy, rows, held, t, b, kv, group):
     Scissorhands(budget=10, recent=3, window=5),  # w < steps: the window slides; not a multiple of 8
     Scissorhands(budget=12, recent=2, window=11),  # two bytes of history
     Scissorhands(budget=12, recent=2, window=11, score="non_pivotal"),  # tokens seen by 3 to 11 queries of w
+    Scissorhands(budget=12, recent=2, window=4, score="non_pivotal"),  # tokens seen by more queries than w
     ScissorhandsReleased(recent=2, window=4, layers=(0, 1), start=6),
     H2O(budget=9), TOVA(budget=7), StreamingLLM(budget=8, n_sink=3)], ids=lambda p: p.name)
 def test_each_policy_drops_the_tokens_its_rule_names(policy):
