@@ -591,7 +591,9 @@ def test_named_points_and_points_at_zero_plot_without_warnings(tmp_path):
 @pytest.mark.parametrize("ended, marked", [("killed", "killed run"), ("oom", "oom run"), ("running", "unfinished run")])
 def test_a_run_cut_short_never_displaces_a_complete_one_and_is_used_where_none_is(tree, no_plots, ended, marked):
     runs = tree / "runs" / "toy" / "bench"
-    cut_short = rec("bench", "small", [row("speedup", 0.5)], started="2026-12-01T00:00:00+00:00", status=ended)
+    # newer, and with more of the claim's points
+    cut_short = rec("bench", "small", [row("speedup", 0.5), row("speedup", 0.7)], started="2026-12-01T00:00:00+00:00",
+                    status=ended)
     save_record(cut_short, runs / "killed.json")
     report, _ = build_report(tree / "runs", tree / "published", tree / "out", None)
     fast = next(line for line in report.splitlines() if "toy:fast," in line)
