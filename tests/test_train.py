@@ -509,6 +509,18 @@ def test_grad_clip_0_trains_unclipped():
     assert all(not torch.equal(a, b) for a, b in zip(start, unclipped.model.parameters(), strict=True))
 
 
+def test_grad_clip_bounds_the_gradients_norm():
+    """Clipped to a norm far below Adam's eps, each step is about a tenth of an unclipped one (g / (|g| + eps))."""
+    moved = []
+    for grad_clip in (0.0, 1e-9):
+        model = trainee()
+        start = [p.detach().clone() for p in model.model.parameters()]
+        spec = dataclass_replace(SPEC, grad_clip=grad_clip, weight_decay=0.0, eval_every=0)
+        list(train(model, spec, torch.device("cpu"), None, progress=False))
+        moved.append(sum((a - b).norm() for a, b in zip(start, model.model.parameters(), strict=True)))
+    assert moved[1] < 0.5 * moved[0]
+
+
 @pytest.mark.parametrize("betas", [0.9, "0.9", [0.9], [0.9, 1.0]])
 def test_betas_other_than_two_numbers_below_one_are_refused_by_name(betas):
     with pytest.raises(ConfigError, match=r"train\.betas=.*0\.9.* must be two numbers in \[0, 1\)"):
@@ -730,6 +742,12 @@ def test_lamb_takes_adams_step_scaled_by_the_trust_ratio():
     opt.step()
     adam = torch.tensor([1.0, -1.0])  # the first bias-corrected Adam step is sign(g)
     torch.testing.assert_close(w.detach(), torch.tensor([3.0, 4.0]) - 0.1 * adam * 5 / adam.norm())
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = Lamb([w], lr=0.1, betas=(0.9, 0.999), eps=0.0, weight_decay=0.5)  # decay turns the step, not only scales it
+    w.grad = torch.tensor([1.0, -2.0])
+    opt.step()
+    step = adam + 0.5 * torch.tensor([3.0, 4.0])
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0, 4.0]) - 0.1 * step * 5 / step.norm())
     run = dataclass_replace(SPEC, optimizer="lamb", steps=30, lr=0.05)
     rows = list(train(trainee(), run, torch.device("cpu"), None, progress=False))
     losses = [r.p50 for r in rows if r.metric == "loss"]
