@@ -942,7 +942,7 @@ def _bad_value(cfg: DictConfig, overrides: list) -> str | None:
         node, path, lacking = _walk(cfg, o.key_or_group)
         if lacking is not None:
             return _unknown_key(o, node, path, lacking)
-        if o.is_delete():
+        if o.is_delete():  # before the null check: a setting that is null by default is not removed either
             error = _removed_setting(cfg, o, None)
             if error:
                 return error
