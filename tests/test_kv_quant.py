@@ -116,6 +116,35 @@ def test_a_group_of_subnormal_range_stays_in_range_and_leaves_its_word_neighbour
     assert (ours <= 15).all() and ((dequantize_kv(q)[0, 0, 0, :4] - x[0, 0, 0, :4]).abs() <= 3e-38).all()
 
 
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_a_group_whose_fp16_scale_rounds_far_down_keeps_its_codes_in_range(axis):
+    """fp16 values spanning 4 subnormal steps (4 · 2^-24), at 2 bits: the scale 4/3 · 2^-24 is stored as 2^-24,
+    so the group's maximum is 4 steps above its zero-point, a code past the top level 3. It is clamped to 3, and
+    its neighbours in the packed word keep their codes (an unclamped 4 carries into the next channel's bits)."""
+    tiny = 2.0**-24
+    x = random_cache((1, 1, 4, 16), torch.float16, seed=6)
+    if axis == "token":
+        x[0, 0, 0, :4] = torch.tensor([0, tiny, 2 * tiny, 4 * tiny])  # one token's group of 4 channels
+    else:
+        x[0, 0, :, 0] = torch.tensor([0, tiny, 2 * tiny, 4 * tiny])  # channel 0's group of 4 tokens
+    q = quantize_kv(x, 2, 4, axis)
+    codes, scale, _ = quantize_kv_reference(x, 2, 4, axis)
+    assert scale.flatten()[0] == tiny  # the case named: 4/3 of a step, rounded down to one
+    assert torch.equal(unpack_codes(q.data, 2, 16), codes)
+
+
+def test_a_token_group_shorter_than_its_program_leaves_the_padding_rows_out_of_its_statistics():
+    """Keys per channel in groups of 12 tokens at head_dim 64: a program's 16 rows hold 4 past its group, and no
+    padding lanes (CASES' groups of 12 come with padding lanes, which mask the rows' minimum and maximum anyway).
+    The values are all positive, so a padding row's 0 would pull every zero-point down to 0."""
+    x = random_cache((1, 2, 24, 64), torch.float16, seed=7).abs() + 1
+    q = quantize_kv(x, 4, 12, "channel")
+    codes, scale, zero = quantize_kv_reference(x, 4, 12, "channel")
+    assert torch.equal(q.zero, zero) and (zero >= 1).all()
+    torch.testing.assert_close(q.scale, scale, rtol=1e-3, atol=0)
+    assert (unpack_codes(q.data, 4, 64) != codes).float().mean() <= 1e-2
+
+
 def test_a_view_of_the_oldest_groups_dequantizes_like_the_whole_cache():
     """A cache preallocated for more tokens than it holds: the kernels follow the views' strides."""
     x = random_cache((2, 3, 32, 24), torch.float16, seed=2)
