@@ -433,13 +433,14 @@ def test_copy_time_hidden_counts_only_overlap_with_compute_not_stalls():
 
 
 @pytest.mark.parametrize("policy,expected", [
-    ("lru", [False, True, True, False, False, False, False]),  # D evicts A (least recent), so A misses
-    ("lfu", [False, True, True, False, False, False, True]),  # D evicts B (A was asked for three times)
+    ("lru", [False, True, True, False, False, False, False, True]),  # D evicts A (least recent), so A misses
+    # D evicts B: A was asked for three times, B and C once each, and B less recently, so C stays
+    ("lfu", [False, True, True, False, False, False, True, True]),
 ])
 def test_the_cache_policy_decides_the_hits(policy, expected):
     a, b, c, d = (0, 0), (0, 1), (0, 2), (1, 0)
     cache = SlotCache(3, policy)
-    assert [cache.request(key, in_use=set())[1] for key in (a, a, a, b, c, d, a)] == expected
+    assert [cache.request(key, in_use=set())[1] for key in (a, a, a, b, c, d, a, c)] == expected
     assert (cache.hits, cache.misses) == (sum(expected), len(expected) - sum(expected))
 
 
