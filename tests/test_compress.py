@@ -62,8 +62,10 @@ def reference_obs(w, h, *, bits=None, group_size=None, sparsity=None, n_m=None, 
     -(w_k - q_k) / [H_F⁻¹]_kk · [H_F⁻¹]_k,:, with H_F⁻¹ inverted afresh for every k (no Cholesky, no lazy
     batches). Unstructured masks are chosen per block of `blocksize` columns by w² / [H_F⁻¹]_jj, and a group's
     scale from its columns as they were when its first column's block began (as the reference GPTQ code)."""
-    w = w.clone()
+    w, h = w.clone(), h.clone()
     rows, cols = w.shape
+    dead = h.diagonal() == 0  # as GPTQ's and SparseGPT's code: an input never active weighs nothing, H_jj = 1
+    h[dead, dead], w[:, dead] = 1, 0
     h = h + percdamp * h.diagonal().mean() * torch.eye(cols, dtype=h.dtype)
     free_inverse_diagonal = lambda j: torch.linalg.inv(h[j:, j:])[0, 0]  # noqa: E731
     out, keep = torch.zeros_like(w), torch.ones_like(w, dtype=torch.bool)
@@ -105,6 +107,19 @@ def test_obs_sweep_matches_the_one_column_at_a_time_reference(case):
     torch.testing.assert_close(got.weight, want)
     if "sparsity" in case or "n_m" in case:
         assert torch.equal(got.keep, keep)
+
+
+@pytest.mark.parametrize("case", [dict(bits=3, group_size=8), dict(sparsity=0.5)])
+def test_an_input_never_active_on_the_calibration_data_is_zeroed_as_the_reference_code_does(case):
+    """Inputs 0 in every calibration token (H_jj = 0): their weights are set to 0 and H_jj to 1, before the
+    damping, which that 1 shifts."""
+    w, x, _ = layer_case(rows=7, cols=48, tokens=200, seed=3)
+    x[:, [5, 20]] = 0
+    w, h = w.double(), (2 * x.T @ x / len(x)).double()
+    got = obs_sweep(w, h, blocksize=16, **case)
+    want, _ = reference_obs(w, h, blocksize=16, **case)
+    assert (got.weight[:, [5, 20]] == 0).all()
+    torch.testing.assert_close(got.weight, want)
 
 
 def test_act_order_sweep_is_the_reference_on_permuted_columns():
