@@ -134,6 +134,18 @@ def test_act_order_sweep_is_the_reference_on_permuted_columns():
 # --- quantizer, masks, packing ---------------------------------------------------------------------------------
 
 
+def test_a_group_of_zeros_or_of_a_range_below_fp16s_resolution_rounds_to_zero_not_nan():
+    """Its scale would be 0 (0/0 codes): it is taken as 1, every weight then code `zero`, dequantized to 0."""
+    w = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    w[1, :16] = 0
+    w[2, 16:] = torch.linspace(-1e-9, 1e-9, 16)
+    scales, zeros = group_params(w, 4, 16)
+    scale, zero = per_column(scales, 16, 32), per_column(zeros, 16, 32)
+    assert scales[1, 0] == scales[2, 1] == 1
+    error = dequantize(quantize(w, scale, zero, 4), scale, zero) - w
+    assert (error[1, :16] == 0).all() and (error[2, 16:].abs() <= 1e-9).all() and error.isfinite().all()
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quantizer_codes_are_in_range_and_within_half_a_step(bits):
     w = torch.randn(13, 50, generator=torch.Generator().manual_seed(bits))
