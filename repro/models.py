@@ -104,7 +104,14 @@ def load_model(model_cfg: DictConfig, device: torch.device | str, dtype: torch.d
     source = _source(model_cfg)
     device = torch.device(device)
     dtype = resolve_dtype(model_cfg.get("dtype", "auto") if dtype is None else dtype, device)
+    # a GGUF is dequantised and a Hub model read from disk: tens of seconds without a word otherwise
+    name = OmegaConf.select(model_cfg, "name", default="?")  # hf's is mandatory; its loader says so
+    print(f"[models] loading model={name} ({source}) on {device} in {str(dtype).removeprefix('torch.')}",
+          flush=True)
+    begun = time.perf_counter()
     model, tokenizer = LOADERS[source](model_cfg, device, dtype)
+    print(f"[models] model={name}: {count_parameters(model) / 1e6:.1f}M parameters, loaded in "
+          f"{time.perf_counter() - begun:.1f} s", flush=True)
     return model.eval(), tokenizer
 
 

@@ -35,6 +35,15 @@ def test_tiny_llama_is_a_grouped_query_llama_in_eval_mode_on_the_device_and_dtyp
     assert load_model(model_config("tiny_llama", "model.dtype=fp16"), "cpu")[0].dtype == torch.float16
 
 
+def test_loading_says_what_it_loads_and_how_long_it_took(capsys):
+    """A GGUF or Hub model takes tens of seconds to load: a run said nothing while it did."""
+    model, _ = load_model(model_config("tiny_llama"), "cpu", dtype="bf16")
+    before, after = capsys.readouterr().out.splitlines()
+    assert before == "[models] loading model=tiny_llama (random) on cpu in bfloat16"
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert re.fullmatch(rf"\[models\] model=tiny_llama: {count:.1f}M parameters, loaded in \d+\.\d s", after)
+
+
 def test_tiny_llama_is_the_same_model_on_every_load_and_leaves_the_random_stream_alone():
     state = torch.random.get_rng_state()
     first, _ = load_model(model_config("tiny_llama"), "cpu")
